@@ -1,0 +1,47 @@
+// pybind11 glue for exact kNN and row norms: check buffers, drop the GIL, call ops/.
+#include <pybind11/pybind11.h>
+
+#include "bindings/arrays.h"
+#include "ops/knn.h"
+#include "ops/norms.h"
+
+namespace latentspace::bindings {
+
+void bind_knn(py::module_& m) {
+  m.def(
+      "knn",
+      [](py::array queries, py::array database, int64_t k, int metric, py::array distances,
+         py::array indices) {
+        const float* q = checked_data<float>(queries, "queries", 2, false);
+        const float* x = checked_data<float>(database, "database", 2, false);
+        float* d = checked_data<float>(distances, "distances", 2, true);
+        int64_t* i = checked_data<int64_t>(indices, "indices", 2, true);
+        const int64_t nq = dim_of(queries, 0), dim = dim_of(queries, 1), nb = dim_of(database, 0);
+        LS_CHECK_VALUE(dim_of(database, 1) == dim, "database: expected ", dim,
+                       " columns (the queries' dimension), got ", dim_of(database, 1));
+        LS_CHECK_VALUE(dim_of(distances, 0) == nq && dim_of(distances, 1) == k &&
+                           dim_of(indices, 0) == nq && dim_of(indices, 1) == k,
+                       "distances, indices: expected shape (", nq, ", ", k, ")");
+        LS_CHECK_VALUE(metric >= 0 && metric <= 2, "metric: expected 0 (l2), 1 (ip) or 2 (cosine), got ", metric);
+        py::gil_scoped_release release;
+        knn_cpu(q, nq, x, nb, dim, k, static_cast<Metric>(metric), d, i);
+      },
+      py::arg("queries"), py::arg("database"), py::arg("k"), py::arg("metric"),
+      py::arg("distances"), py::arg("indices"),
+      "Exact kNN into preallocated (Q, k) float32 distances and int64 indices.");
+
+  m.def(
+      "sq_norms",
+      [](py::array x, py::array out) {
+        const float* data = checked_data<float>(x, "x", 2, false);
+        float* norms = checked_data<float>(out, "out", 1, true);
+        LS_CHECK_VALUE(dim_of(out, 0) == dim_of(x, 0), "out: expected ", dim_of(x, 0), " entries");
+        py::gil_scoped_release release;
+        return sq_norms_cpu(data, dim_of(x, 0), dim_of(x, 1), norms);
+      },
+      py::arg("x"), py::arg("out"),
+      "Squared L2 norms of the rows of x into out; returns the first unusable row (NaN, Inf, "
+      "or too large) or -1.");
+}
+
+}  // namespace latentspace::bindings

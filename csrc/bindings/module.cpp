@@ -1,0 +1,25 @@
+// latentspace._native: the one extension module. Each bind_* lives beside its op.
+#include <pybind11/pybind11.h>
+
+#include "core/check.h"
+
+namespace py = pybind11;
+
+namespace latentspace::bindings {
+void bind_info(py::module_& m);
+void bind_knn(py::module_& m);
+}  // namespace latentspace::bindings
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "latentspace native kernels (CPU: OpenMP + runtime-dispatched SIMD; CUDA when built with it)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const latentspace::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+  // latentspace::ValueError derives from std::invalid_argument, which pybind11 maps to ValueError.
+  latentspace::bindings::bind_info(m);
+  latentspace::bindings::bind_knn(m);
+}

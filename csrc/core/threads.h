@@ -1,0 +1,15 @@
+// The thread count every OpenMP region of latentspace uses.
+//
+// Kept here rather than in OpenMP's global state because torch's libgomp is shared with
+// ours in one process (shared/TOOLCHAIN.md): torch.set_num_threads must not change our
+// count, so every region passes num_threads(num_threads()) explicitly.
+#pragma once
+
+namespace latentspace {
+
+// Defaults to omp_get_max_threads() at first use, so OMP_NUM_THREADS is honoured.
+int num_threads();
+// Throws ValueError unless n >= 1.
+void set_num_threads(int n);
+
+}  // namespace latentspace

@@ -1,0 +1,42 @@
+#include "ops/norms.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "core/threads.h"
+#include "cpu/simd/knn_kernels.h"
+
+namespace latentspace {
+
+int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out) {
+  // The norms come from the search kernels' own packing routine so that they match, bit
+  // for bit, the norms the search computes on the fly.
+  const cpu::KnnKernels& kernels = cpu::knn_kernels(active_simd_level());
+  const int64_t width = kernels.panel_width;
+  const int64_t groups = (rows + width - 1) / width;
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), groups)));
+  std::vector<std::vector<float>> scratch(threads, std::vector<float>(static_cast<size_t>(width * dim)));
+  std::atomic<int64_t> first_bad{rows};
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = g * width;
+    const int64_t count = std::min(width, rows - first);
+    kernels.pack_rows(x + first * dim, count, dim, scratch[omp_get_thread_num()].data(), out + first);
+    for (int64_t i = 0; i < count; ++i) {
+      if (!usable_squared_norm(out[first + i])) {
+        int64_t seen = first_bad.load();
+        while (first + i < seen && !first_bad.compare_exchange_weak(seen, first + i)) {
+        }
+        break;
+      }
+    }
+  }
+  const int64_t bad = first_bad.load();
+  return bad < rows ? bad : -1;
+}
+
+}  // namespace latentspace

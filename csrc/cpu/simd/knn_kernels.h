@@ -1,0 +1,73 @@
+// The per-instruction-set pieces of exact kNN search, behind one table of function pointers.
+//
+// The search driver (cpu/knn.cpp) is written once; it asks knn_kernels(level) for the
+// table of the SIMD level in use. Each table lives in its own translation unit
+// (knn_scalar.cpp, knn_avx2.cpp, knn_avx512.cpp) compiled with its own flags; the shared
+// tile code is knn_tile_impl.h, included by each of them.
+//
+// Data layout ("panels", as in a GEMM's packed operands):
+//   database panel: panel_width vectors stored column-wise, [dim][panel_width], zero padded;
+//   query panel:    rows (<= max_panel_rows) queries stored column-wise, [dim][rows].
+// The kernel computes all panel_width x rows inner products of a query panel and a
+// database panel in registers, turns them into keys (smaller is better) and offers only
+// the keys that beat each query's current k-th best to the heaps.
+#pragma once
+
+#include <cstdint>
+
+#include "core/cpu_features.h"
+#include "core/topk.h"
+
+namespace latentspace::cpu {
+
+// Query panels of one block, packed one after another (see pack_query_block()).
+struct QueryPanels {
+  const float* packed = nullptr;
+  int64_t num_rows = 0;    // queries in the block
+  int64_t num_panels = 0;  // ceil(num_rows / max_panel_rows), rows balanced between panels
+  int64_t dim = 0;
+};
+
+// Rows of panel p and the first query row it holds, when num_rows queries are split as
+// evenly as possible into num_panels panels. Static (internal linkage): each translation
+// unit, whatever its ISA flags, keeps its own copy.
+static inline int64_t panel_rows(const QueryPanels& q, int64_t p) {
+  return q.num_rows / q.num_panels + (p < q.num_rows % q.num_panels ? 1 : 0);
+}
+static inline int64_t panel_first_row(const QueryPanels& q, int64_t p) {
+  const int64_t extra = q.num_rows % q.num_panels;
+  return p * (q.num_rows / q.num_panels) + (p < extra ? p : extra);
+}
+
+// One packed database panel and how its inner products become keys:
+// key[j] = inner_product[j] * key_scale[j] + key_offset[j].
+struct DatabasePanel {
+  const float* packed = nullptr;      // [dim][panel_width]
+  const float* key_scale = nullptr;   // [panel_width]
+  const float* key_offset = nullptr;  // [panel_width]
+  int64_t valid = 0;                  // leading columns that hold real vectors
+  int64_t first_id = 0;               // database index of column 0
+};
+
+struct KnnKernels {
+  SimdLevel level;
+  int panel_width;     // database vectors per panel
+  int max_panel_rows;  // queries per query panel
+  // Packs rows (<= panel_width) row-major vectors x[rows][dim] into panel [dim][panel_width],
+  // zero padded, and writes their squared L2 norms (float32, summed over d in order) to
+  // sq_norms[0..rows).
+  void (*pack_rows)(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms);
+  // Packs rows (<= max_panel_rows) queries q[rows][dim] into [dim][rows].
+  void (*pack_query_panel)(const float* q, int64_t rows, int64_t dim, float* panel);
+  // Scores every query panel against one database panel; heap row i is query row i.
+  void (*scan)(const QueryPanels& queries, const DatabasePanel& database, const TopKHeaps& heaps);
+};
+
+const KnnKernels& knn_kernels_scalar();
+const KnnKernels& knn_kernels_avx2();
+const KnnKernels& knn_kernels_avx512();
+
+// The table for `level` (which must be <= the hardware level).
+const KnnKernels& knn_kernels(SimdLevel level);
+
+}  // namespace latentspace::cpu

@@ -1,0 +1,46 @@
+// Portable kNN tile kernels: plain C++ for any CPU (compiled with the baseline flags only).
+// Same panel scheme as the SIMD versions, with narrow panels the compiler can keep in
+// SSE registers.
+#include <cstdint>
+
+#include "cpu/simd/knn_kernels.h"
+
+namespace latentspace::cpu {
+namespace {
+
+using Vec = float;
+constexpr int kLanes = 1;
+constexpr int kPanelWidth = 8;
+constexpr int kMaxPanelRows = 4;
+
+inline Vec vec_zero() { return 0.0f; }
+inline Vec vec_load(const float* p) { return *p; }
+inline void vec_store(float* p, Vec v) { *p = v; }
+inline Vec vec_set1(float x) { return x; }
+inline Vec vec_broadcast(const float* p) { return *p; }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
+inline uint32_t vec_less_mask(Vec a, Vec b) { return a < b ? 1u : 0u; }
+
+void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
+  for (int64_t i = 0; i < kPanelWidth; ++i) {
+    float norm = 0.0f;
+    for (int64_t d = 0; d < dim; ++d) {
+      const float v = i < rows ? x[i * dim + d] : 0.0f;
+      panel[d * kPanelWidth + i] = v;
+      norm += v * v;
+    }
+    if (i < rows) sq_norms[i] = norm;
+  }
+}
+
+#include "cpu/simd/knn_tile_impl.h"
+
+}  // namespace
+
+const KnnKernels& knn_kernels_scalar() {
+  static const KnnKernels kernels{SimdLevel::kScalar, kPanelWidth, kMaxPanelRows,
+                                  &pack_rows, &pack_query_panel, &scan};
+  return kernels;
+}
+
+}  // namespace latentspace::cpu

@@ -1,0 +1,98 @@
+// Tile code shared by every instruction set: the register-blocked inner-product kernel, its
+// key epilogue, and query packing.
+//
+// Include this inside an anonymous namespace of the ISA translation unit, after defining:
+//   Vec, kLanes, kPanelWidth, kMaxPanelRows,
+//   vec_zero(), vec_load(p), vec_store(p, v), vec_set1(x), vec_broadcast(p),
+//   vec_fmadd(a, b, c) (= a*b + c), vec_less_mask(a, b) (bit j set where a[j] < b[j]),
+//   pack_rows(...) (the ISA's transposing pack).
+// Everything here then has internal linkage, so nothing compiled with one ISA's flags can be
+// shared with, or substituted for, another's by the linker.
+// No #pragma once: each ISA translation unit includes it exactly once, in its own namespace.
+
+constexpr int kVecsPerRow = kPanelWidth / kLanes;
+static_assert(kPanelWidth % kLanes == 0, "panel width must be a multiple of the vector width");
+static_assert(kPanelWidth <= 32, "candidate masks are 32-bit");
+
+// rows x panel_width inner products of one query panel and one database panel, kept in
+// registers over the whole dimension, then turned into keys and offered to the heaps.
+template <int kRows>
+inline void scan_query_panel(const float* query_panel, int64_t dim, const DatabasePanel& db,
+                             const TopKHeaps& heaps, int64_t first_heap_row) {
+  Vec acc[kRows][kVecsPerRow];
+#pragma GCC unroll 32
+  for (int i = 0; i < kRows; ++i)
+#pragma GCC unroll 8
+    for (int w = 0; w < kVecsPerRow; ++w) acc[i][w] = vec_zero();
+
+  const float* x = db.packed;
+  const float* q = query_panel;
+  for (int64_t d = 0; d < dim; ++d, x += kPanelWidth, q += kRows) {
+    Vec xv[kVecsPerRow];
+#pragma GCC unroll 8
+    for (int w = 0; w < kVecsPerRow; ++w) xv[w] = vec_load(x + w * kLanes);
+#pragma GCC unroll 32
+    for (int i = 0; i < kRows; ++i) {
+      const Vec qv = vec_broadcast(q + i);
+#pragma GCC unroll 8
+      for (int w = 0; w < kVecsPerRow; ++w) acc[i][w] = vec_fmadd(qv, xv[w], acc[i][w]);
+    }
+  }
+
+  Vec scale[kVecsPerRow], offset[kVecsPerRow];
+#pragma GCC unroll 8
+  for (int w = 0; w < kVecsPerRow; ++w) {
+    scale[w] = vec_load(db.key_scale + w * kLanes);
+    offset[w] = vec_load(db.key_offset + w * kLanes);
+  }
+  const uint32_t valid_mask =
+      db.valid >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << db.valid) - 1u);
+
+#pragma GCC unroll 32
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t row = first_heap_row + i;
+    const Vec threshold = vec_set1(heaps.thresholds[row]);
+    Vec key[kVecsPerRow];
+    uint32_t candidates = 0;
+#pragma GCC unroll 8
+    for (int w = 0; w < kVecsPerRow; ++w) {
+      key[w] = vec_fmadd(acc[i][w], scale[w], offset[w]);
+      candidates |= vec_less_mask(key[w], threshold) << (w * kLanes);
+    }
+    candidates &= valid_mask;
+    if (candidates) {  // rare once the heaps have filled up
+      alignas(64) float keys[kPanelWidth];
+#pragma GCC unroll 8
+      for (int w = 0; w < kVecsPerRow; ++w) vec_store(keys + w * kLanes, key[w]);
+      topk_offer(heaps, row, keys, candidates, db.first_id);
+    }
+  }
+}
+
+// Picks the kernel instantiated for exactly `rows` query rows (1..kMaxPanelRows).
+template <int kRows>
+inline void scan_query_panel_dispatch(int64_t rows, const float* query_panel, int64_t dim,
+                                      const DatabasePanel& db, const TopKHeaps& heaps,
+                                      int64_t first_heap_row) {
+  if constexpr (kRows > 0) {
+    if (rows == kRows) {
+      scan_query_panel<kRows>(query_panel, dim, db, heaps, first_heap_row);
+    } else {
+      scan_query_panel_dispatch<kRows - 1>(rows, query_panel, dim, db, heaps, first_heap_row);
+    }
+  }
+}
+
+void scan(const QueryPanels& queries, const DatabasePanel& db, const TopKHeaps& heaps) {
+  for (int64_t p = 0; p < queries.num_panels; ++p) {
+    const int64_t first_row = panel_first_row(queries, p);
+    scan_query_panel_dispatch<kMaxPanelRows>(panel_rows(queries, p),
+                                             queries.packed + first_row * queries.dim,
+                                             queries.dim, db, heaps, first_row);
+  }
+}
+
+void pack_query_panel(const float* q, int64_t rows, int64_t dim, float* panel) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < dim; ++d) panel[d * rows + i] = q[i * dim + d];
+}

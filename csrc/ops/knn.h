@@ -1,0 +1,23 @@
+// Exact k-nearest-neighbour search: one declaration per backend, same signature.
+//
+// Conventions (faiss's): results per query are best first; "l2" is the squared Euclidean
+// distance (ascending), "ip" the inner product and "cosine" the cosine similarity
+// (descending). Ties go to the lower database index. Rows past the database size get
+// index -1 and distance +inf (l2) or -inf (ip, cosine).
+#pragma once
+
+#include <cstdint>
+
+namespace latentspace {
+
+enum class Metric : int { kL2 = 0, kInnerProduct = 1, kCosine = 2 };
+
+// queries [num_queries][dim] and database [num_database][dim]: C-contiguous float32.
+// out_distances, out_indices: [num_queries][k]. Releases nothing itself: callers drop the
+// GIL. Throws ValueError naming "queries" or "database" when a row holds NaN or Inf or
+// values so large that squared distances would overflow float32.
+void knn_cpu(const float* queries, int64_t num_queries, const float* database,
+             int64_t num_database, int64_t dim, int64_t k, Metric metric,
+             float* out_distances, int64_t* out_indices);
+
+}  // namespace latentspace

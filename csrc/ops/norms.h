@@ -1,0 +1,19 @@
+// Squared L2 norms of rows, and the check that rows are usable for search.
+#pragma once
+
+#include <cstdint>
+
+namespace latentspace {
+
+// Largest squared norm a vector may have: with |q|^2 and |x|^2 below FLT_MAX / 8, every
+// key and distance the search computes (|x|^2 - 2<q,x> + |q|^2) stays finite.
+constexpr float kMaxSquaredNorm = 3.4028234e38f / 8.0f;
+
+// True when a squared norm is finite and at most kMaxSquaredNorm (false for NaN).
+inline bool usable_squared_norm(float n) { return n <= kMaxSquaredNorm; }
+
+// out[i] = sum_d x[i][d]^2 in float32 (the same arithmetic the search kernels use).
+// Returns the first row whose norm is not usable (NaN, Inf, or too large), or -1.
+int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out);
+
+}  // namespace latentspace

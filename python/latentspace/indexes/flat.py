@@ -1,0 +1,184 @@
+"""FlatIndex: exact search over vectors held in one contiguous float32 array."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from .. import _native
+from .._arrays import METRICS, as_matrix, check_k, check_metric, empty_results
+from .io import IndexFileError, load_index_file, save_index_file
+
+_GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
+
+
+class FlatIndex:
+    """Exact (brute-force) index, faiss-style: add vectors, search the k nearest.
+
+    Args:
+        dim: vector dimension, >= 1.
+        metric: "l2" (squared Euclidean, ascending), "ip" (inner product, descending) or
+            "cosine" (cosine similarity, descending; zero vectors score 0).
+
+    Memory: the vectors are held once, as (ntotal, dim) float32 (dim * 4 bytes per
+    vector, see `bytes_per_vector`), in a buffer that grows by 1.5x (see `nbytes`). Search
+    computes norms on the fly: no other per-vector state is kept.
+
+    Thread safety: any number of threads may search at once (the GIL is released during
+    the native search), also while another thread adds; add() and reset() serialise
+    among themselves. A search sees the vectors present when it started.
+    """
+
+    def __init__(self, dim: int, metric: str = "l2"):
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
+        check_metric(metric)
+        self._dim = int(dim)
+        self._metric = metric
+        self._lock = threading.Lock()
+        self._buffer = np.empty((0, self._dim), dtype=np.float32)
+        self._ntotal = 0
+        self._read_only = False
+
+    # -- properties ---------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def metric(self) -> str:
+        return self._metric
+
+    @property
+    def ntotal(self) -> int:
+        return self._ntotal
+
+    def __len__(self) -> int:
+        return self._ntotal
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes of storage per vector (float32 components; nothing else is stored)."""
+        return self._dim * 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for vectors now, including spare capacity (0 extra after load)."""
+        return int(self._buffer.nbytes)
+
+    @property
+    def is_mmap(self) -> bool:
+        """True when the vectors are memory-mapped from a file (read-only)."""
+        return self._read_only
+
+    def __repr__(self) -> str:
+        extra = ", mmap" if self._read_only else ""
+        return f"FlatIndex(dim={self._dim}, metric={self._metric!r}, ntotal={self._ntotal}{extra})"
+
+    # -- contents -----------------------------------------------------------------------
+    def add(self, x: Any) -> None:
+        """Appends the rows of x, (n, dim), numpy or torch. Raises ValueError for NaN / Inf."""
+        array, _ = as_matrix(x, "x", dim=self._dim)
+        if array.shape[0] == 0:
+            return
+        bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
+        if bad >= 0:
+            raise ValueError(
+                f"x: row {bad} contains NaN or Inf, or values so large that squared distances "
+                "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
+            )
+        with self._lock:
+            if self._read_only:
+                raise ValueError(
+                    "add: this index is memory-mapped read-only (load_index(..., mmap=True)); "
+                    "load it with mmap=False to add vectors"
+                )
+            n, m = self._ntotal, array.shape[0]
+            if n + m > self._buffer.shape[0]:
+                capacity = max(n + m, int(self._buffer.shape[0] * _GROWTH), 16)
+                grown = np.empty((capacity, self._dim), dtype=np.float32)
+                grown[:n] = self._buffer[:n]
+                self._buffer = grown  # searches in flight keep the old buffer alive
+            self._buffer[n : n + m] = array
+            self._ntotal = n + m
+
+    def reset(self) -> None:
+        """Removes all vectors (and drops a memory map)."""
+        with self._lock:
+            self._buffer = np.empty((0, self._dim), dtype=np.float32)
+            self._ntotal = 0
+            self._read_only = False
+
+    def reconstruct(self, ids: Any) -> np.ndarray:
+        """The stored vectors for integer ids (a copy), shape (len(ids), dim)."""
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids: expected integers, got {ids.dtype}")
+        vectors = self.vectors()
+        if ids.size and (ids.min() < 0 or ids.max() >= vectors.shape[0]):
+            raise ValueError(f"ids: expected values in [0, {vectors.shape[0]}), got {ids.min()}..{ids.max()}")
+        return np.array(vectors[ids.reshape(-1)], dtype=np.float32)
+
+    def vectors(self) -> np.ndarray:
+        """A read-only view of the stored vectors, (ntotal, dim) float32 (no copy)."""
+        with self._lock:
+            view = self._buffer[: self._ntotal].view()
+        view.flags.writeable = False
+        return view
+
+    # -- search -------------------------------------------------------------------------
+    def search(self, queries: Any, k: int):
+        """k nearest stored vectors of each query: (distances, indices), each (Q, k).
+
+        Same conventions as latentspace.knn (best first, ties to the lower index, -1 and
+        +-inf padding when k > ntotal); an empty index returns only padding.
+        """
+        q, kind = as_matrix(queries, "queries", dim=self._dim)
+        k = check_k(k)
+        with self._lock:
+            database = self._buffer[: self._ntotal]
+        distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
+        _native.knn(q, database, k, METRICS[self._metric], d_view, i_view)
+        return distances, indices
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the index to `path` atomically (versioned, checksummed; see indexes/io.py)."""
+        with self._lock:
+            database = self._buffer[: self._ntotal]
+        header = {"type": "FlatIndex", "metric": self._metric, "dim": self._dim,
+                  "ntotal": int(database.shape[0]), "writer": _native.__version__}
+        save_index_file(path, header, database)
+
+    @classmethod
+    def _from_file(cls, header: dict, data: np.ndarray, mmap: bool) -> "FlatIndex":
+        metric = header.get("metric")
+        if metric not in METRICS:
+            raise IndexFileError(f"corrupted index header (unknown metric {metric!r})")
+        index = cls(int(header["dim"]), metric)
+        index._buffer = data
+        index._ntotal = data.shape[0]
+        index._read_only = bool(mmap) and data.shape[0] > 0
+        return index
+
+
+def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
+    """Loads an index saved with `index.save(path)`.
+
+    Args:
+        mmap: map the vectors read-only instead of reading them, so an index larger than
+            RAM can still be searched (pages are read on demand).
+        verify: check the CRC-32 of the vectors (reads the whole file once; the header is
+            always checked). Pass False to open a huge mapped index without a full read.
+
+    Raises IndexFileError (a ValueError) for a foreign, truncated, corrupted or too-new
+    file, FileNotFoundError when there is none.
+    """
+    header, data = load_index_file(path, mmap=mmap, verify=verify)
+    kind = header.get("type")
+    if kind == "FlatIndex":
+        return FlatIndex._from_file(header, data, mmap)
+    raise IndexFileError(f"{path}: unknown index type {kind!r}")

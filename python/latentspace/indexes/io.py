@@ -1,0 +1,161 @@
+"""Index files: versioned, checksummed, written atomically, optionally memory-mapped.
+
+Layout (little-endian):
+
+    offset  size  field
+    0       8     magic b"LSPACEIX"
+    8       4     format version (uint32)
+    12      4     header length H (uint32)
+    16      4     CRC-32 of the header bytes (uint32)
+    20      4     reserved, zero
+    24      H     header: UTF-8 JSON (index type, metric, dim, ntotal, dtype, data offset,
+                  data size, CRC-32 of the data, writer's version)
+    ...           zero padding up to a 64-byte boundary (so a mapped array is aligned)
+    data_offset   the vectors, (ntotal, dim) float32, row-major
+
+Saving writes a temporary file beside the target, fsyncs it, renames it over the target
+and fsyncs the folder: a crash at any point leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"LSPACEIX"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIII4x")  # magic, version, header length, header CRC
+_DATA_ALIGNMENT = 64
+_CHUNK_BYTES = 64 << 20
+_MAX_HEADER_BYTES = 1 << 20
+
+
+class IndexFileError(ValueError):
+    """The file is not a latentspace index, or it is truncated, corrupted or too new."""
+
+
+def _crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes, in chunks (works on memory maps larger than RAM)."""
+    flat = array.reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.size, _CHUNK_BYTES):
+        crc = zlib.crc32(flat[start : start + _CHUNK_BYTES], crc)
+    return crc
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening folders; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.ndarray) -> None:
+    """Writes header + data (C-contiguous float32) to `path` atomically."""
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
+    data = np.ascontiguousarray(data, dtype="<f4")
+    header = dict(header, dtype="float32", data_nbytes=int(data.nbytes), data_crc32=_crc32(data))
+    # The data offset depends on the header length, which depends on the offset's digits:
+    # reserve a fixed-width field and fill it in.
+    header["data_offset"] = 0
+    encoded = json.dumps(header, sort_keys=True).encode()
+    offset = _PREFIX.size + len(encoded) + 32
+    offset += -offset % _DATA_ALIGNMENT
+    header["data_offset"] = offset
+    encoded = json.dumps(header, sort_keys=True).encode()
+    if _PREFIX.size + len(encoded) > offset:
+        raise AssertionError("index header outgrew its reserved space")  # cannot happen: 32 spare bytes
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded))
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(prefix)
+            f.write(encoded)
+            f.write(b"\0" * (offset - _PREFIX.size - len(encoded)))
+            flat = data.reshape(-1).view(np.uint8)
+            for start in range(0, flat.size, _CHUNK_BYTES):
+                f.write(flat[start : start + _CHUNK_BYTES])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(path.parent)
+
+
+def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
+    """Reads an index file; returns (header dict, data (ntotal, dim) float32).
+
+    mmap=True maps the vectors read-only instead of reading them into memory. verify=True
+    (the default) checks the data's CRC-32 too (a full read); the header is always checked.
+    Raises IndexFileError for a foreign, truncated, corrupted or too-new file.
+    """
+    path = Path(os.fspath(path))
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if len(prefix) < _PREFIX.size or not prefix.startswith(MAGIC):
+            if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix) and prefix:
+                raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
+            raise IndexFileError(f"{path}: not a latentspace index file (bad magic bytes)")
+        _, version, header_len, header_crc = _PREFIX.unpack(prefix)
+        if version > FORMAT_VERSION:
+            raise IndexFileError(
+                f"{path}: index format v{version} was written by a newer latentspace "
+                f"(this one reads up to v{FORMAT_VERSION}); upgrade latentspace"
+            )
+        if version < 1 or header_len > _MAX_HEADER_BYTES:
+            raise IndexFileError(f"{path}: corrupted index header (version {version}, length {header_len})")
+        encoded = f.read(header_len)
+        if len(encoded) < header_len:
+            raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
+        if zlib.crc32(encoded) != header_crc:
+            raise IndexFileError(f"{path}: corrupted index header (checksum mismatch)")
+        try:
+            header = json.loads(encoded)
+            ntotal, dim = int(header["ntotal"]), int(header["dim"])
+            offset, nbytes = int(header["data_offset"]), int(header["data_nbytes"])
+            data_crc = int(header["data_crc32"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise IndexFileError(f"{path}: corrupted index header ({error})") from None
+        if header.get("dtype") != "float32" or ntotal < 0 or dim < 1 or nbytes != ntotal * dim * 4:
+            raise IndexFileError(f"{path}: corrupted index header (inconsistent shape or dtype)")
+        if size < offset + nbytes:
+            raise IndexFileError(
+                f"{path}: truncated index file ({size} bytes, expected {offset + nbytes})"
+            )
+        if size > offset + nbytes:
+            raise IndexFileError(f"{path}: corrupted index file ({size - offset - nbytes} unexpected trailing bytes)")
+        if ntotal == 0:
+            data = np.empty((0, dim), dtype=np.float32)
+        elif mmap:
+            data = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(ntotal, dim))
+        else:
+            f.seek(offset)
+            data = np.empty((ntotal, dim), dtype=np.float32)
+            got = f.readinto(memoryview(data.reshape(-1).view(np.uint8)))
+            if got != nbytes:
+                raise IndexFileError(f"{path}: truncated index file while reading data")
+    if verify and _crc32(data) != data_crc:
+        raise IndexFileError(f"{path}: corrupted index data (checksum mismatch)")
+    return header, data

@@ -1,0 +1,88 @@
+"""Build and runtime information, thread count and SIMD level."""
+
+from __future__ import annotations
+
+import operator
+import os
+import warnings
+from typing import Any
+
+from . import _native
+
+__all__ = [
+    "build_info",
+    "cuda_available",
+    "get_num_threads",
+    "set_num_threads",
+    "set_simd_level",
+    "simd_level",
+]
+
+_SIMD_ENV = "LATENTSPACE_SIMD"
+
+
+def _warn_about_bad_simd_env() -> None:
+    value = os.environ.get(_SIMD_ENV)
+    if value is not None and value not in ("scalar", "avx2", "avx512"):
+        warnings.warn(
+            f"{_SIMD_ENV}={value!r} is not one of 'scalar', 'avx2', 'avx512'; ignoring it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def get_num_threads() -> int:
+    """Threads the native CPU kernels use (default: OpenMP's, so OMP_NUM_THREADS counts)."""
+    return _native.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the thread count of latentspace's kernels only (torch's is separate)."""
+    if isinstance(n, bool):
+        raise TypeError(f"n: expected an integer >= 1, got {n!r}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n: expected an integer >= 1, got {n!r}") from None
+    if n < 1:
+        raise ValueError(f"n: expected an integer >= 1, got {n}")
+    _native.set_num_threads(n)
+
+
+def simd_level() -> str:
+    """SIMD instruction set the CPU kernels use now: 'avx512', 'avx2' or 'scalar'."""
+    return _native.simd_level()
+
+
+def set_simd_level(level: str) -> None:
+    """Caps the SIMD level ('scalar', 'avx2', 'avx512'), e.g. to compare or test paths.
+
+    The LATENTSPACE_SIMD environment variable sets the same cap at import. Raises ValueError
+    for an unknown level or one this CPU lacks.
+    """
+    if not isinstance(level, str):
+        raise TypeError(f"level: expected 'scalar', 'avx2' or 'avx512', got {level!r}")
+    _native.set_simd_level(level)
+
+
+def cuda_available() -> bool:
+    """True when this build has CUDA and a GPU is visible now."""
+    return bool(_native.cuda_compiled() and _native.cuda_devices())
+
+
+def build_info() -> dict[str, Any]:
+    """How this latentspace was built and what it can use on this machine now."""
+    devices = _native.cuda_devices()
+    architectures = _native.cuda_architectures()
+    return {
+        "version": _native.__version__,
+        "simd_level": _native.simd_level(),
+        "hardware_simd_level": _native.hardware_simd_level(),
+        "num_threads": _native.num_threads(),
+        "openmp": True,
+        "cuda_compiled": _native.cuda_compiled(),
+        "cuda_architectures": [a for a in architectures.split(";") if a],
+        "gpu_visible": bool(devices),
+        "cuda_devices": devices,
+        "cuda_unavailable_reason": "" if devices else _native.cuda_unavailable_reason(),
+    }
