@@ -113,14 +113,22 @@ void record_bad_row(std::atomic<int64_t>& first_bad, int64_t row) {
   }
 }
 
-// Offers database panels [panel_begin, panel_end) to the heaps of a packed query block.
-// Stops early once any thread has found an unusable database row.
-void scan_database(const KnnKernels& kernels, const QueryPanels& queries, const float* database,
-                   int64_t num_database, int64_t panel_begin, int64_t panel_end, Metric metric,
+// Offers database panels [panel_begin, panel_end) to the heaps of one query block: through
+// the row path for one to a few queries, else through packed panels. Stops early once any
+// thread has found an unusable database row.
+void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_rows,
+                   const QueryPanels* packed_queries, const float* database, int64_t num_database,
+                   int64_t dim, int64_t panel_begin, int64_t panel_end, Metric metric,
                    ThreadScratch& scratch, const TopKHeaps& heaps,
                    std::atomic<int64_t>& first_bad_row) {
   const int64_t width = kernels.panel_width;
-  const int64_t dim = queries.dim;
+  if (packed_queries == nullptr) {
+    const int64_t bad = kernels.scan_rows(queries, num_rows, database, panel_begin * width,
+                                          std::min(panel_end * width, num_database), dim, metric,
+                                          heaps);
+    if (bad >= 0) record_bad_row(first_bad_row, bad);
+    return;
+  }
   DatabasePanel panel;
   panel.packed = scratch.panel.data();
   panel.key_scale = scratch.key_scale.data();
@@ -139,7 +147,7 @@ void scan_database(const KnnKernels& kernels, const QueryPanels& queries, const 
     }
     set_key_transform(metric, scratch.sq_norms.data(), panel.valid, width,
                       scratch.key_scale.data(), scratch.key_offset.data());
-    kernels.scan(queries, panel, heaps);
+    kernels.scan(*packed_queries, panel, heaps);
   }
 }
 
@@ -225,6 +233,8 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
                               num_queries < kQueriesPerThreadToSplitQueries * threads &&
                               num_panels >= kMinPanelsPerThread * threads;
   std::atomic<int64_t> first_bad_row{num_database};
+  // Blocks never mix paths: a batch this small is one block.
+  const bool use_rows = num_queries <= kernels.max_row_queries;
 
   if (!split_database) {
     // Each thread owns a contiguous range of queries and scans the whole database.
@@ -241,12 +251,13 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
       const int64_t end = num_queries * (t + 1) / team;
       for (int64_t first = begin; first < end; first += block_rows) {
         const int64_t rows = std::min(block_rows, end - first);
-        const QueryPanels panels = pack_query_block(kernels, queries + first * dim, rows, dim,
-                                                    mine.packed_queries.data());
+        const float* block = queries + first * dim;
+        QueryPanels panels;
+        if (!use_rows) panels = pack_query_block(kernels, block, rows, dim, mine.packed_queries.data());
         mine.heaps.reset(rows, kept);
         const TopKHeaps heaps = mine.heaps.view();
-        scan_database(kernels, panels, database, num_database, 0, num_panels, metric, mine,
-                      heaps, first_bad_row);
+        scan_database(kernels, block, rows, use_rows ? nullptr : &panels, database, num_database,
+                      dim, 0, num_panels, metric, mine, heaps, first_bad_row);
         if (first_bad_row.load() < num_database) break;
         for (int64_t i = 0; i < rows; ++i) {
           write_results(metric, &heaps, 1, i, k, query_sq_norms[first + i], mine.merge.data(),
@@ -265,16 +276,17 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 
     for (int64_t first = 0; first < num_queries; first += block_rows) {
       const int64_t rows = std::min(block_rows, num_queries - first);
-      const QueryPanels panels =
-          pack_query_block(kernels, queries + first * dim, rows, dim, packed_queries.data());
+      const float* block = queries + first * dim;
+      QueryPanels panels;
+      if (!use_rows) panels = pack_query_block(kernels, block, rows, dim, packed_queries.data());
 #pragma omp parallel num_threads(threads)
       {
         const int t = omp_get_thread_num();
         scratch[t].heaps.reset(rows, kept);
         parts[t] = scratch[t].heaps.view();
-        scan_database(kernels, panels, database, num_database, num_panels * t / threads,
-                      num_panels * (t + 1) / threads, metric, scratch[t], parts[t],
-                      first_bad_row);
+        scan_database(kernels, block, rows, use_rows ? nullptr : &panels, database, num_database,
+                      dim, num_panels * t / threads, num_panels * (t + 1) / threads, metric,
+                      scratch[t], parts[t], first_bad_row);
 #pragma omp barrier
         if (first_bad_row.load() == num_database) {
 #pragma omp for schedule(static)

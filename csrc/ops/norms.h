@@ -10,7 +10,8 @@ namespace latentspace {
 constexpr float kMaxSquaredNorm = 3.4028234e38f / 8.0f;
 
 // True when a squared norm is finite and at most kMaxSquaredNorm (false for NaN).
-inline bool usable_squared_norm(float n) { return n <= kMaxSquaredNorm; }
+// static: internal linkage, so the SIMD translation units keep their own copies.
+static inline bool usable_squared_norm(float n) { return n <= kMaxSquaredNorm; }
 
 // out[i] = sum_d x[i][d]^2 in float32 (the same arithmetic the search kernels use).
 // Returns the first row whose norm is not usable (NaN, Inf, or too large), or -1.

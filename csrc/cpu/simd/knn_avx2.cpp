@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/simd/knn_kernels.h"
+#include "ops/norms.h"
 
 namespace latentspace::cpu {
 namespace {
@@ -14,6 +15,7 @@ using Vec = __m256;
 constexpr int kLanes = 8;
 constexpr int kPanelWidth = 16;
 constexpr int kMaxPanelRows = 6;
+constexpr int kMaxRowQueries = 3;  // measured crossover with packing (docs/benchmarks.md)
 
 inline Vec vec_zero() { return _mm256_setzero_ps(); }
 inline Vec vec_load(const float* p) { return _mm256_loadu_ps(p); }
@@ -23,6 +25,32 @@ inline Vec vec_broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline uint32_t vec_less_mask(Vec a, Vec b) {
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)));
+}
+// Mask with the sign bit set in lanes j < n.
+inline __m256i first_lanes_mask(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec vec_load_partial(const float* p, int64_t n) {
+  return n >= kLanes ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first_lanes_mask(n));
+}
+inline void prefetch_ahead(const float* p, uintptr_t bytes) {
+  // Integer arithmetic: the address may lie past the end of the data (prefetch never faults).
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
+}
+
+// Lane i of the result = sum of v[i]'s 8 lanes: pairwise shuffles and adds.
+inline Vec reduce_lanes(const Vec v[8]) {
+  __m256 s[4], t[2];
+  for (int m = 0; m < 4; ++m) {
+    s[m] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * m], v[2 * m + 1]),
+                         _mm256_unpackhi_ps(v[2 * m], v[2 * m + 1]));
+  }
+  for (int p = 0; p < 2; ++p) {
+    const __m256d a = _mm256_castps_pd(s[2 * p]), b = _mm256_castps_pd(s[2 * p + 1]);
+    t[p] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                         _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(t[0], t[1], 0x20), _mm256_permute2f128_ps(t[0], t[1], 0x31));
 }
 
 // In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i].
@@ -45,26 +73,51 @@ inline void transpose_8x8(__m256 r[8]) {
   }
 }
 
-void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
-  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
-    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
-    __m256 norms = _mm256_setzero_ps();
-    for (int64_t c = 0; c < dim; c += kLanes) {
-      const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
-      // Lane j is loaded when its sign bit is set, i.e. when j < cols.
-      const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(cols)),
-                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-      __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        r[i] = i < count ? _mm256_maskload_ps(x + (first + i) * dim + c, col_mask)
-                         : _mm256_setzero_ps();
+// Packs 8 rows (the first `count` real, the rest zero) into 8 columns of a panel whose rows
+// are kPanelWidth floats apart, and returns their squared norms (summed over d in order).
+// kFull (count == 8) drops the per-row branches from the hot loop.
+template <bool kFull>
+inline __m256 pack_8_rows(const float* x, int64_t count, int64_t dim, float* panel,
+                          uintptr_t prefetch_distance) {
+  __m256 norms = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
+    const __m256i col_mask = first_lanes_mask(cols);
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      const float* row = x + i * dim + c;
+      if (kFull) {
+        prefetch_ahead(row, prefetch_distance);
+        r[i] = cols == kLanes ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, col_mask);
+      } else {
+        r[i] = i < count ? _mm256_maskload_ps(row, col_mask) : _mm256_setzero_ps();
       }
-      transpose_8x8(r);
+    }
+    transpose_8x8(r);
+    if (cols == kLanes) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        _mm256_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
+        norms = _mm256_fmadd_ps(r[j], r[j], norms);
+      }
+    } else {
       for (int64_t j = 0; j < cols; ++j) {
-        _mm256_storeu_ps(panel + (c + j) * kPanelWidth + first, r[j]);
+        _mm256_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
         norms = _mm256_fmadd_ps(r[j], r[j], norms);
       }
     }
+  }
+  return norms;
+}
+
+void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
+  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kPanelWidth);
+  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
+    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
+    const __m256 norms =
+        count == kLanes ? pack_8_rows<true>(x + first * dim, count, dim, panel + first, prefetch_distance)
+                        : pack_8_rows<false>(x + first * dim, count, dim, panel + first, 0);
     alignas(32) float lane_norms[kLanes];
     _mm256_store_ps(lane_norms, norms);
     for (int64_t i = 0; i < count; ++i) sq_norms[first + i] = lane_norms[i];
@@ -77,7 +130,8 @@ void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* s
 
 const KnnKernels& knn_kernels_avx2() {
   static const KnnKernels kernels{SimdLevel::kAvx2, kPanelWidth, kMaxPanelRows,
-                                  &pack_rows, &pack_query_panel, &scan};
+                                  &pack_rows, &pack_query_panel, &scan,
+                                  kMaxRowQueries, &scan_rows};
   return kernels;
 }
 

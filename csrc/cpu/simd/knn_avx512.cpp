@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/simd/knn_kernels.h"
+#include "ops/norms.h"
 
 namespace latentspace::cpu {
 namespace {
@@ -14,6 +15,7 @@ using Vec = __m512;
 constexpr int kLanes = 16;
 constexpr int kPanelWidth = 32;
 constexpr int kMaxPanelRows = 12;
+constexpr int kMaxRowQueries = 3;  // measured crossover with packing (docs/benchmarks.md)
 
 inline Vec vec_zero() { return _mm512_setzero_ps(); }
 inline Vec vec_load(const float* p) { return _mm512_loadu_ps(p); }
@@ -22,6 +24,31 @@ inline Vec vec_set1(float x) { return _mm512_set1_ps(x); }
 inline Vec vec_broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline uint32_t vec_less_mask(Vec a, Vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline Vec vec_load_partial(const float* p, int64_t n) {
+  return n >= kLanes ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+}
+inline void prefetch_ahead(const float* p, uintptr_t bytes) {
+  // Integer arithmetic: the address may lie past the end of the data (prefetch never faults).
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + bytes), _MM_HINT_T0);
+}
+
+// Lane i of the result = sum of v[i]'s 16 lanes: a tree of pairwise shuffles and adds
+// (pairs of rows, then pairs of pairs, then across 128-bit lanes), 45 instructions.
+inline Vec reduce_lanes(const Vec v[16]) {
+  __m512 s[8], t[4];
+  for (int m = 0; m < 8; ++m) {  // even lanes: partial sums of v[2m], odd lanes: v[2m+1]
+    s[m] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * m], v[2 * m + 1]),
+                         _mm512_unpackhi_ps(v[2 * m], v[2 * m + 1]));
+  }
+  for (int p = 0; p < 4; ++p) {  // 128-bit lane L: partial sums of v[4p..4p+3]
+    const __m512d a = _mm512_castps_pd(s[2 * p]), b = _mm512_castps_pd(s[2 * p + 1]);
+    t[p] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(t[0], t[1], 0x44), _mm512_shuffle_f32x4(t[0], t[1], 0xEE));
+  const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(t[2], t[3], 0x44), _mm512_shuffle_f32x4(t[2], t[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+}
 
 // In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i].
 inline void transpose_16x16(__m512 r[16]) {
@@ -51,24 +78,51 @@ inline void transpose_16x16(__m512 r[16]) {
   }
 }
 
-void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
-  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
-    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
-    __m512 norms = _mm512_setzero_ps();
-    for (int64_t c = 0; c < dim; c += kLanes) {
-      const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
-      const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
-      __m512 r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = i < count ? _mm512_maskz_loadu_ps(col_mask, x + (first + i) * dim + c)
-                         : _mm512_setzero_ps();
+// Packs 16 rows (the first `count` real, the rest zero) into 16 columns of a panel whose
+// rows are kPanelWidth floats apart, and returns their squared norms (summed over d in order).
+// kFull (count == 16) drops the per-row branches from the hot loop.
+template <bool kFull>
+inline __m512 pack_16_rows(const float* x, int64_t count, int64_t dim, float* panel,
+                           uintptr_t prefetch_distance) {
+  __m512 norms = _mm512_setzero_ps();
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
+    const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      const float* row = x + i * dim + c;
+      if (kFull) {
+        prefetch_ahead(row, prefetch_distance);
+        r[i] = _mm512_maskz_loadu_ps(col_mask, row);
+      } else {
+        r[i] = i < count ? _mm512_maskz_loadu_ps(col_mask, row) : _mm512_setzero_ps();
       }
-      transpose_16x16(r);
+    }
+    transpose_16x16(r);
+    if (cols == kLanes) {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        _mm512_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
+        norms = _mm512_fmadd_ps(r[j], r[j], norms);
+      }
+    } else {
       for (int64_t j = 0; j < cols; ++j) {
-        _mm512_storeu_ps(panel + (c + j) * kPanelWidth + first, r[j]);
+        _mm512_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
         norms = _mm512_fmadd_ps(r[j], r[j], norms);
       }
     }
+  }
+  return norms;
+}
+
+void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
+  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kPanelWidth);
+  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
+    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
+    const __m512 norms =
+        count == kLanes ? pack_16_rows<true>(x + first * dim, count, dim, panel + first, prefetch_distance)
+                        : pack_16_rows<false>(x + first * dim, count, dim, panel + first, 0);
     alignas(64) float lane_norms[kLanes];
     _mm512_store_ps(lane_norms, norms);
     for (int64_t i = 0; i < count; ++i) sq_norms[first + i] = lane_norms[i];
@@ -81,7 +135,8 @@ void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* s
 
 const KnnKernels& knn_kernels_avx512() {
   static const KnnKernels kernels{SimdLevel::kAvx512, kPanelWidth, kMaxPanelRows,
-                                  &pack_rows, &pack_query_panel, &scan};
+                                  &pack_rows, &pack_query_panel, &scan,
+                                  kMaxRowQueries, &scan_rows};
   return kernels;
 }
 

@@ -8,6 +8,12 @@
 // Data layout ("panels", as in a GEMM's packed operands):
 //   database panel: panel_width vectors stored column-wise, [dim][panel_width], zero padded;
 //   query panel:    rows (<= max_panel_rows) queries stored column-wise, [dim][rows].
+// For one to a few queries, packing costs more than it saves: scan_rows reads the database
+// rows in place instead, kLanes rows at a time, and reduces each row's vector of partial
+// sums horizontally (a transposing add tree). Both paths sum in float32; their rounding
+// differs in the last bits, so a query's distances may differ by an ulp between a batch
+// of 1 and a batch of 100 (as in faiss). Duplicate vectors still tie exactly.
+//
 // The kernel computes all panel_width x rows inner products of a query panel and a
 // database panel in registers, turns them into keys (smaller is better) and offers only
 // the keys that beat each query's current k-th best to the heaps.
@@ -17,6 +23,7 @@
 
 #include "core/cpu_features.h"
 #include "core/topk.h"
+#include "ops/knn.h"
 
 namespace latentspace::cpu {
 
@@ -37,6 +44,16 @@ static inline int64_t panel_rows(const QueryPanels& q, int64_t p) {
 static inline int64_t panel_first_row(const QueryPanels& q, int64_t p) {
   const int64_t extra = q.num_rows % q.num_panels;
   return p * (q.num_rows / q.num_panels) + (p < extra ? p : extra);
+}
+
+// pack_rows reads a panel's rows column block by column block, an order the hardware
+// prefetchers follow poorly; it prefetches the same spot this many bytes ahead instead:
+// at least one panel, and at least kPrefetchMinBytes so small dimensions hide latency too.
+constexpr int64_t kPrefetchMinBytes = 8192;
+static inline uintptr_t prefetch_distance_bytes(int64_t dim, int64_t panel_width) {
+  const int64_t panel_bytes = panel_width * dim * 4;
+  const int64_t panels = (kPrefetchMinBytes + panel_bytes - 1) / panel_bytes;
+  return static_cast<uintptr_t>(panels * panel_bytes);
 }
 
 // One packed database panel and how its inner products become keys:
@@ -61,6 +78,14 @@ struct KnnKernels {
   void (*pack_query_panel)(const float* q, int64_t rows, int64_t dim, float* panel);
   // Scores every query panel against one database panel; heap row i is query row i.
   void (*scan)(const QueryPanels& queries, const DatabasePanel& database, const TopKHeaps& heaps);
+  // Batches of at most this many queries use scan_rows instead of packing.
+  int max_row_queries;
+  // Scores queries[num_queries][dim] (row-major) against database rows [begin, end), with
+  // heap row i for query i. Returns the first database row whose squared norm is not usable
+  // (see ops/norms.h), without scanning past it, or -1.
+  int64_t (*scan_rows)(const float* queries, int64_t num_queries, const float* database,
+                       int64_t begin, int64_t end, int64_t dim, Metric metric,
+                       const TopKHeaps& heaps);
 };
 
 const KnnKernels& knn_kernels_scalar();

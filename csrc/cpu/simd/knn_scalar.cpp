@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cpu/simd/knn_kernels.h"
+#include "ops/norms.h"
 
 namespace latentspace::cpu {
 namespace {
@@ -12,6 +13,7 @@ using Vec = float;
 constexpr int kLanes = 1;
 constexpr int kPanelWidth = 8;
 constexpr int kMaxPanelRows = 4;
+constexpr int kMaxRowQueries = 3;
 
 inline Vec vec_zero() { return 0.0f; }
 inline Vec vec_load(const float* p) { return *p; }
@@ -20,6 +22,9 @@ inline Vec vec_set1(float x) { return x; }
 inline Vec vec_broadcast(const float* p) { return *p; }
 inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
 inline uint32_t vec_less_mask(Vec a, Vec b) { return a < b ? 1u : 0u; }
+inline Vec vec_load_partial(const float* p, int64_t) { return *p; }
+inline void prefetch_ahead(const float*, uintptr_t) {}
+inline Vec reduce_lanes(const Vec v[1]) { return v[0]; }
 
 void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
   for (int64_t i = 0; i < kPanelWidth; ++i) {
@@ -39,7 +44,8 @@ void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* s
 
 const KnnKernels& knn_kernels_scalar() {
   static const KnnKernels kernels{SimdLevel::kScalar, kPanelWidth, kMaxPanelRows,
-                                  &pack_rows, &pack_query_panel, &scan};
+                                  &pack_rows, &pack_query_panel, &scan,
+                                  kMaxRowQueries, &scan_rows};
   return kernels;
 }
 

@@ -5,6 +5,8 @@
 //   Vec, kLanes, kPanelWidth, kMaxPanelRows,
 //   vec_zero(), vec_load(p), vec_store(p, v), vec_set1(x), vec_broadcast(p),
 //   vec_fmadd(a, b, c) (= a*b + c), vec_less_mask(a, b) (bit j set where a[j] < b[j]),
+//   vec_load_partial(p, n) (first n lanes, the rest zero, never reading past p + n),
+//   reduce_lanes(v[kLanes]) (lane i = sum of v[i]'s lanes), prefetch_ahead(p, bytes),
 //   pack_rows(...) (the ISA's transposing pack).
 // Everything here then has internal linkage, so nothing compiled with one ISA's flags can be
 // shared with, or substituted for, another's by the linker.
@@ -95,4 +97,101 @@ void scan(const QueryPanels& queries, const DatabasePanel& db, const TopKHeaps& 
 void pack_query_panel(const float* q, int64_t rows, int64_t dim, float* panel) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t d = 0; d < dim; ++d) panel[d * rows + i] = q[i * dim + d];
+}
+
+// ---------------------------------------------------------------------------------------
+// Row path for one to a few queries: no packing, database rows read where they are.
+// ---------------------------------------------------------------------------------------
+
+constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
+
+// acc[i] = per-lane partial sums of rows[i] . other for a full block of kRowBlock rows
+// (kSelf: rows[i] . rows[i], prefetching ahead, as this is the rows' first touch).
+// Chunk-major over the rows, so kRowBlock independent FMA chains run side by side; no
+// per-row branches, which cost more than the FMAs at this size.
+template <bool kSelf>
+inline void full_row_block_dots(const float* rows, int64_t dim, const float* other,
+                                uintptr_t prefetch_distance, Vec acc[kRowBlock]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kRowBlock; ++i) acc[i] = vec_zero();
+  int64_t c = 0;
+  for (; c + kLanes <= dim; c += kLanes) {
+    const Vec b = kSelf ? vec_zero() : vec_load(other + c);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRowBlock; ++i) {
+      const float* row = rows + i * dim + c;
+      if (kSelf) prefetch_ahead(row, prefetch_distance);
+      const Vec a = vec_load(row);
+      acc[i] = vec_fmadd(a, kSelf ? a : b, acc[i]);
+    }
+  }
+  if (c < dim) {
+    const Vec b = kSelf ? vec_zero() : vec_load_partial(other + c, dim - c);
+#pragma GCC unroll 16
+    for (int i = 0; i < kRowBlock; ++i) {
+      const Vec a = vec_load_partial(rows + i * dim + c, dim - c);
+      acc[i] = vec_fmadd(a, kSelf ? a : b, acc[i]);
+    }
+  }
+}
+
+// The same for the last, partial block (count < kRowBlock rows; the rest read as zero).
+inline void partial_row_block_dots(const float* rows, int64_t count, int64_t dim,
+                                   const float* other, Vec acc[kRowBlock]) {
+  for (int i = 0; i < kRowBlock; ++i) acc[i] = vec_zero();
+  for (int64_t i = 0; i < count; ++i) {
+    for (int64_t c = 0; c < dim; c += kLanes) {
+      const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
+      const Vec a = vec_load_partial(rows + i * dim + c, cols);
+      acc[i] = vec_fmadd(a, other ? vec_load_partial(other + c, cols) : a, acc[i]);
+    }
+  }
+}
+
+int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
+                  int64_t begin, int64_t end, int64_t dim, Metric metric, const TopKHeaps& heaps) {
+  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kRowBlock);
+  Vec acc[kRowBlock];
+  alignas(64) float norms[kRowBlock], scale[kRowBlock], offset[kRowBlock], keys[kRowBlock];
+  for (int64_t first = begin; first < end; first += kRowBlock) {
+    const int64_t count = end - first < kRowBlock ? end - first : kRowBlock;
+    const float* rows = database + first * dim;
+    // Squared norms first: they validate the rows and give the key transform. This pass
+    // is the first touch of the rows, so it carries the prefetches.
+    if (count == kRowBlock) {
+      full_row_block_dots<true>(rows, dim, nullptr, prefetch_distance, acc);
+    } else {
+      partial_row_block_dots(rows, count, dim, nullptr, acc);
+    }
+    vec_store(norms, reduce_lanes(acc));
+    for (int64_t i = 0; i < count; ++i) {
+      if (!usable_squared_norm(norms[i])) return first + i;
+      // Same transform as the packed path's set_key_transform (cpu/knn.cpp).
+      switch (metric) {
+        case Metric::kL2: scale[i] = -2.0f; offset[i] = norms[i]; break;
+        case Metric::kInnerProduct: scale[i] = -1.0f; offset[i] = 0.0f; break;
+        case Metric::kCosine:
+          scale[i] = norms[i] > 0.0f ? -1.0f / __builtin_sqrtf(norms[i]) : 0.0f;
+          offset[i] = 0.0f;
+          break;
+      }
+    }
+    for (int64_t i = count; i < kRowBlock; ++i) scale[i] = offset[i] = 0.0f;
+    const uint32_t valid = count >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << count) - 1u);
+    const Vec scale_v = vec_load(scale), offset_v = vec_load(offset);
+    for (int64_t r = 0; r < num_queries; ++r) {
+      if (count == kRowBlock) {
+        full_row_block_dots<false>(rows, dim, queries + r * dim, 0, acc);
+      } else {
+        partial_row_block_dots(rows, count, dim, queries + r * dim, acc);
+      }
+      const Vec key = vec_fmadd(reduce_lanes(acc), scale_v, offset_v);
+      const uint32_t candidates = vec_less_mask(key, vec_set1(heaps.thresholds[r])) & valid;
+      if (candidates) {
+        vec_store(keys, key);
+        topk_offer(heaps, r, keys, candidates, first);
+      }
+    }
+  }
+  return -1;
 }
