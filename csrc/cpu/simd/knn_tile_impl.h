@@ -105,65 +105,52 @@ void pack_query_panel(const float* q, int64_t rows, int64_t dim, float* panel) {
 
 constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
 
-// acc[i] = per-lane partial sums of rows[i] . other for a full block of kRowBlock rows
-// (kSelf: rows[i] . rows[i], prefetching ahead, as this is the rows' first touch).
-// Chunk-major over the rows, so kRowBlock independent FMA chains run side by side; no
-// per-row branches, which cost more than the FMAs at this size.
-template <bool kSelf>
-inline void full_row_block_dots(const float* rows, int64_t dim, const float* other,
-                                uintptr_t prefetch_distance, Vec acc[kRowBlock]) {
-#pragma GCC unroll 16
-  for (int i = 0; i < kRowBlock; ++i) acc[i] = vec_zero();
+// One row against up to kMaxRowQueries queries in a single pass: the row's squared norm and
+// its inner products, as per-lane partial sums (lane j sums the components d = j mod kLanes,
+// in order of d). Row by row, front to back, so memory is read in address order, which the
+// hardware prefetchers follow.
+template <int kQueries>
+inline void row_dots(const float* row, const float* queries, int64_t dim, Vec* norm, Vec* dots) {
+  Vec n = vec_zero();
+  Vec p[kQueries];
+#pragma GCC unroll 4
+  for (int r = 0; r < kQueries; ++r) p[r] = vec_zero();
   int64_t c = 0;
   for (; c + kLanes <= dim; c += kLanes) {
-    const Vec b = kSelf ? vec_zero() : vec_load(other + c);
-#pragma GCC unroll 16
-    for (int i = 0; i < kRowBlock; ++i) {
-      const float* row = rows + i * dim + c;
-      if (kSelf) prefetch_ahead(row, prefetch_distance);
-      const Vec a = vec_load(row);
-      acc[i] = vec_fmadd(a, kSelf ? a : b, acc[i]);
-    }
+    const Vec a = vec_load(row + c);
+    n = vec_fmadd(a, a, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < kQueries; ++r) p[r] = vec_fmadd(a, vec_load(queries + r * dim + c), p[r]);
   }
   if (c < dim) {
-    const Vec b = kSelf ? vec_zero() : vec_load_partial(other + c, dim - c);
-#pragma GCC unroll 16
-    for (int i = 0; i < kRowBlock; ++i) {
-      const Vec a = vec_load_partial(rows + i * dim + c, dim - c);
-      acc[i] = vec_fmadd(a, kSelf ? a : b, acc[i]);
+    const Vec a = vec_load_partial(row + c, dim - c);
+    n = vec_fmadd(a, a, n);
+#pragma GCC unroll 4
+    for (int r = 0; r < kQueries; ++r) {
+      p[r] = vec_fmadd(a, vec_load_partial(queries + r * dim + c, dim - c), p[r]);
     }
   }
+  *norm = n;
+#pragma GCC unroll 4
+  for (int r = 0; r < kQueries; ++r) dots[r * kRowBlock] = p[r];
 }
 
-// The same for the last, partial block (count < kRowBlock rows; the rest read as zero).
-inline void partial_row_block_dots(const float* rows, int64_t count, int64_t dim,
-                                   const float* other, Vec acc[kRowBlock]) {
-  for (int i = 0; i < kRowBlock; ++i) acc[i] = vec_zero();
-  for (int64_t i = 0; i < count; ++i) {
-    for (int64_t c = 0; c < dim; c += kLanes) {
-      const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
-      const Vec a = vec_load_partial(rows + i * dim + c, cols);
-      acc[i] = vec_fmadd(a, other ? vec_load_partial(other + c, cols) : a, acc[i]);
-    }
-  }
-}
-
-int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
-                  int64_t begin, int64_t end, int64_t dim, Metric metric, const TopKHeaps& heaps) {
-  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kRowBlock);
-  Vec acc[kRowBlock];
+template <int kQueries>
+int64_t scan_rows_for(const float* queries, const float* database, int64_t begin, int64_t end,
+                      int64_t dim, Metric metric, const TopKHeaps& heaps) {
+  Vec norm_parts[kRowBlock], dot_parts[kQueries * kRowBlock];
   alignas(64) float norms[kRowBlock], scale[kRowBlock], offset[kRowBlock], keys[kRowBlock];
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t count = end - first < kRowBlock ? end - first : kRowBlock;
     const float* rows = database + first * dim;
-    // Squared norms first: they validate the rows and give the key transform. This pass
-    // is the first touch of the rows, so it carries the prefetches.
-    if (count == kRowBlock) {
-      full_row_block_dots<true>(rows, dim, nullptr, prefetch_distance, acc);
-    } else {
-      partial_row_block_dots(rows, count, dim, nullptr, acc);
+    for (int64_t i = 0; i < count; ++i) {
+      row_dots<kQueries>(rows + i * dim, queries, dim, &norm_parts[i], &dot_parts[i]);
     }
-    vec_store(norms, reduce_lanes(acc));
+    for (int64_t i = count; i < kRowBlock; ++i) {
+      norm_parts[i] = vec_zero();
+      for (int r = 0; r < kQueries; ++r) dot_parts[r * kRowBlock + i] = vec_zero();
+    }
+    vec_store(norms, reduce_lanes(norm_parts));
     for (int64_t i = 0; i < count; ++i) {
       if (!usable_squared_norm(norms[i])) return first + i;
       // Same transform as the packed path's set_key_transform (cpu/knn.cpp).
@@ -179,13 +166,8 @@ int64_t scan_rows(const float* queries, int64_t num_queries, const float* databa
     for (int64_t i = count; i < kRowBlock; ++i) scale[i] = offset[i] = 0.0f;
     const uint32_t valid = count >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << count) - 1u);
     const Vec scale_v = vec_load(scale), offset_v = vec_load(offset);
-    for (int64_t r = 0; r < num_queries; ++r) {
-      if (count == kRowBlock) {
-        full_row_block_dots<false>(rows, dim, queries + r * dim, 0, acc);
-      } else {
-        partial_row_block_dots(rows, count, dim, queries + r * dim, acc);
-      }
-      const Vec key = vec_fmadd(reduce_lanes(acc), scale_v, offset_v);
+    for (int r = 0; r < kQueries; ++r) {
+      const Vec key = vec_fmadd(reduce_lanes(dot_parts + r * kRowBlock), scale_v, offset_v);
       const uint32_t candidates = vec_less_mask(key, vec_set1(heaps.thresholds[r])) & valid;
       if (candidates) {
         vec_store(keys, key);
@@ -194,4 +176,14 @@ int64_t scan_rows(const float* queries, int64_t num_queries, const float* databa
     }
   }
   return -1;
+}
+
+int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
+                  int64_t begin, int64_t end, int64_t dim, Metric metric, const TopKHeaps& heaps) {
+  static_assert(kMaxRowQueries == 3, "scan_rows instantiates 1..3 queries");
+  switch (num_queries) {
+    case 1: return scan_rows_for<1>(queries, database, begin, end, dim, metric, heaps);
+    case 2: return scan_rows_for<2>(queries, database, begin, end, dim, metric, heaps);
+    default: return scan_rows_for<3>(queries, database, begin, end, dim, metric, heaps);
+  }
 }
