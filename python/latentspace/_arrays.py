@@ -19,10 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from . import _native
+
 __all__ = [
     "ArrayKind",
     "as_matrix",
+    "check_dim",
     "check_k",
+    "check_rows_usable",
     "check_metric",
     "empty_results",
     "is_torch_tensor",
@@ -95,6 +99,25 @@ def _rank_message(name: str, ndim: int, shape: tuple, dim: int | None) -> str:
     want = f"(n, {dim})" if dim is not None else "(n, dim)"
     hint = " (for one vector use x.reshape(1, -1))" if ndim == 1 else ""
     return f"{name}: expected a 2-d array of shape {want}, got {ndim}-d shape {tuple(shape)}{hint}"
+
+
+def check_rows_usable(array: np.ndarray, name: str) -> None:
+    """Raises ValueError naming `name` and the first bad row when a row of a float32 matrix
+    holds NaN or Inf, or values so large that squared distances overflow float32. (Search
+    checks this itself while it computes norms; indexes check it once, when vectors are added.)"""
+    bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
+    if bad >= 0:
+        raise ValueError(
+            f"{name}: row {bad} contains NaN or Inf, or values so large that squared distances "
+            "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
+        )
+
+
+def check_dim(dim: Any) -> int:
+    """A vector dimension: an integer >= 1."""
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
+    return int(dim)
 
 
 def check_k(k: Any) -> int:

@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from .. import _native
-from .._arrays import METRICS, as_matrix, check_k, check_metric, empty_results
+from .._arrays import (
+    METRICS,
+    as_matrix,
+    check_dim,
+    check_k,
+    check_metric,
+    check_rows_usable,
+    empty_results,
+)
 from .io import IndexFileError, load_index_file, save_index_file
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
@@ -33,10 +41,8 @@ class FlatIndex:
     """
 
     def __init__(self, dim: int, metric: str = "l2"):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
         check_metric(metric)
-        self._dim = int(dim)
+        self._dim = check_dim(dim)
         self._metric = metric
         self._lock = threading.Lock()
         self._buffer = np.empty((0, self._dim), dtype=np.float32)
@@ -84,12 +90,7 @@ class FlatIndex:
         array, _ = as_matrix(x, "x", dim=self._dim)
         if array.shape[0] == 0:
             return
-        bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
-        if bad >= 0:
-            raise ValueError(
-                f"x: row {bad} contains NaN or Inf, or values so large that squared distances "
-                "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
-            )
+        check_rows_usable(array, "x")
         with self._lock:
             if self._read_only:
                 raise ValueError(

@@ -7,10 +7,10 @@ Layout (little-endian):
     8       4     format version (uint32)
     12      4     header length H (uint32)
     16      4     CRC-32 of the header bytes (uint32)
-    20      4     reserved, zero
+    20      4     reserved, zero (checked)
     24      H     header: UTF-8 JSON (index type, metric, dim, ntotal, dtype, data offset,
                   data size, CRC-32 of the data, writer's version)
-    ...           zero padding up to a 64-byte boundary (so a mapped array is aligned)
+    ...           zero padding up to a 64-byte boundary (so a mapped array is aligned; checked)
     data_offset   the vectors, (ntotal, dim) float32, row-major
 
 Saving writes a temporary file beside the target, fsyncs it, renames it over the target
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import secrets
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import numpy as np
 
 MAGIC = b"LSPACEIX"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<8sIII4x")  # magic, version, header length, header CRC
+_PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header CRC, reserved (0)
 _DATA_ALIGNMENT = 64
 _CHUNK_BYTES = 64 << 20
 _MAX_HEADER_BYTES = 1 << 20
@@ -80,9 +80,11 @@ def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.nd
     encoded = json.dumps(header, sort_keys=True).encode()
     if _PREFIX.size + len(encoded) > offset:
         raise AssertionError("index header outgrew its reserved space")  # cannot happen: 32 spare bytes
-    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded))
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded), 0)
 
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
+    tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(prefix)
@@ -114,17 +116,18 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
-        if len(prefix) < _PREFIX.size or not prefix.startswith(MAGIC):
-            if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix) and prefix:
-                raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
+        looks_like_ours = prefix.startswith(MAGIC) or (prefix and MAGIC.startswith(prefix))
+        if not looks_like_ours:
             raise IndexFileError(f"{path}: not a latentspace index file (bad magic bytes)")
-        _, version, header_len, header_crc = _PREFIX.unpack(prefix)
+        if len(prefix) < _PREFIX.size:
+            raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
+        _, version, header_len, header_crc, reserved = _PREFIX.unpack(prefix)
         if version > FORMAT_VERSION:
             raise IndexFileError(
                 f"{path}: index format v{version} was written by a newer latentspace "
                 f"(this one reads up to v{FORMAT_VERSION}); upgrade latentspace"
             )
-        if version < 1 or header_len > _MAX_HEADER_BYTES:
+        if version < 1 or header_len > _MAX_HEADER_BYTES or reserved != 0:
             raise IndexFileError(f"{path}: corrupted index header (version {version}, length {header_len})")
         encoded = f.read(header_len)
         if len(encoded) < header_len:
@@ -144,6 +147,10 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
             raise IndexFileError(
                 f"{path}: truncated index file ({size} bytes, expected {offset + nbytes})"
             )
+        # Everything between the header and the data is zero padding: no byte goes unchecked.
+        padding = f.read(offset - _PREFIX.size - header_len) if offset >= _PREFIX.size + header_len else b"x"
+        if padding.strip(b"\0"):
+            raise IndexFileError(f"{path}: corrupted index file (bad padding before the data)")
         if size > offset + nbytes:
             raise IndexFileError(f"{path}: corrupted index file ({size - offset - nbytes} unexpected trailing bytes)")
         if ntotal == 0:
