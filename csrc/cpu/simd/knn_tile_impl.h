@@ -113,25 +113,25 @@ template <int kQueries>
 inline void row_dots(const float* row, const float* queries, int64_t dim, Vec* norm, Vec* dots) {
   Vec n = vec_zero();
   Vec p[kQueries];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
   for (int r = 0; r < kQueries; ++r) p[r] = vec_zero();
   int64_t c = 0;
   for (; c + kLanes <= dim; c += kLanes) {
     const Vec a = vec_load(row + c);
     n = vec_fmadd(a, a, n);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int r = 0; r < kQueries; ++r) p[r] = vec_fmadd(a, vec_load(queries + r * dim + c), p[r]);
   }
   if (c < dim) {
     const Vec a = vec_load_partial(row + c, dim - c);
     n = vec_fmadd(a, a, n);
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int r = 0; r < kQueries; ++r) {
       p[r] = vec_fmadd(a, vec_load_partial(queries + r * dim + c, dim - c), p[r]);
     }
   }
   *norm = n;
-#pragma GCC unroll 4
+#pragma GCC unroll 16
   for (int r = 0; r < kQueries; ++r) dots[r * kRowBlock] = p[r];
 }
 
@@ -178,12 +178,21 @@ int64_t scan_rows_for(const float* queries, const float* database, int64_t begin
   return -1;
 }
 
+template <int kQueries>
+inline int64_t scan_rows_dispatch(const float* queries, int64_t num_queries,
+                                  const float* database, int64_t begin, int64_t end, int64_t dim,
+                                  Metric metric, const TopKHeaps& heaps) {
+  if constexpr (kQueries > 1) {
+    if (num_queries < kQueries) {
+      return scan_rows_dispatch<kQueries - 1>(queries, num_queries, database, begin, end, dim,
+                                              metric, heaps);
+    }
+  }
+  return scan_rows_for<kQueries>(queries, database, begin, end, dim, metric, heaps);
+}
+
 int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
                   int64_t begin, int64_t end, int64_t dim, Metric metric, const TopKHeaps& heaps) {
-  static_assert(kMaxRowQueries == 3, "scan_rows instantiates 1..3 queries");
-  switch (num_queries) {
-    case 1: return scan_rows_for<1>(queries, database, begin, end, dim, metric, heaps);
-    case 2: return scan_rows_for<2>(queries, database, begin, end, dim, metric, heaps);
-    default: return scan_rows_for<3>(queries, database, begin, end, dim, metric, heaps);
-  }
+  return scan_rows_dispatch<kMaxRowQueries>(queries, num_queries, database, begin, end, dim,
+                                            metric, heaps);
 }
