@@ -55,7 +55,7 @@ inline Vec reduce_lanes(const Vec v[8]) {
 }
 
 // In-register transpose of an 8 x 8 block: r[i][j] -> r[j][i].
-inline void transpose_8x8(__m256 r[8]) {
+inline void transpose_block(__m256 r[8]) {
   __m256 a[8], b[8];
   for (int i = 0; i < 8; i += 2) {
     a[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
@@ -71,60 +71,6 @@ inline void transpose_8x8(__m256 r[8]) {
   for (int c = 0; c < 4; ++c) {
     r[c] = _mm256_permute2f128_ps(b[c], b[4 + c], 0x20);
     r[4 + c] = _mm256_permute2f128_ps(b[c], b[4 + c], 0x31);
-  }
-}
-
-// Packs 8 rows (the first `count` real, the rest zero) into 8 columns of a panel whose rows
-// are kPanelWidth floats apart, and returns their squared norms (summed over d in order).
-// kFull (count == 8) drops the per-row branches from the hot loop.
-template <bool kFull>
-inline __m256 pack_8_rows(const float* x, int64_t count, int64_t dim, float* panel,
-                          uintptr_t prefetch_distance) {
-  __m256 norms = _mm256_setzero_ps();
-  for (int64_t c = 0; c < dim; c += kLanes) {
-    const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
-    const __m256i col_mask = first_lanes_mask(cols);
-    __m256 r[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) {
-      const float* row = x + i * dim + c;
-      if (kFull) {
-        // The loads go column block by column block, an order the hardware prefetchers
-        // follow poorly; prefetch the block `prefetch_distance` ahead in address order
-        // instead, 4 lines per step, which covers it by the last step.
-        if (i < 4) prefetch_ahead(x + (c / kLanes * 4 + i) * 16, prefetch_distance);
-        r[i] = cols == kLanes ? _mm256_loadu_ps(row) : _mm256_maskload_ps(row, col_mask);
-      } else {
-        r[i] = i < count ? _mm256_maskload_ps(row, col_mask) : _mm256_setzero_ps();
-      }
-    }
-    transpose_8x8(r);
-    if (cols == kLanes) {
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        _mm256_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
-        norms = _mm256_fmadd_ps(r[j], r[j], norms);
-      }
-    } else {
-      for (int64_t j = 0; j < cols; ++j) {
-        _mm256_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
-        norms = _mm256_fmadd_ps(r[j], r[j], norms);
-      }
-    }
-  }
-  return norms;
-}
-
-void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
-  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kPanelWidth);
-  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
-    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
-    const __m256 norms =
-        count == kLanes ? pack_8_rows<true>(x + first * dim, count, dim, panel + first, prefetch_distance)
-                        : pack_8_rows<false>(x + first * dim, count, dim, panel + first, 0);
-    alignas(32) float lane_norms[kLanes];
-    _mm256_store_ps(lane_norms, norms);
-    for (int64_t i = 0; i < count; ++i) sq_norms[first + i] = lane_norms[i];
   }
 }
 

@@ -55,7 +55,7 @@ inline Vec reduce_lanes(const Vec v[16]) {
 }
 
 // In-register transpose of a 16 x 16 block: r[i][j] -> r[j][i].
-inline void transpose_16x16(__m512 r[16]) {
+inline void transpose_block(__m512 r[16]) {
   __m512 a[16], b[16];
   // Interleave row pairs within each 128-bit lane: columns 4L..4L+3 of rows i, i+1.
   for (int i = 0; i < 16; i += 2) {
@@ -79,60 +79,6 @@ inline void transpose_16x16(__m512 r[16]) {
     r[4 + c] = _mm512_shuffle_f32x4(e0, e2, 0xDD);
     r[8 + c] = _mm512_shuffle_f32x4(e1, e3, 0x88);
     r[12 + c] = _mm512_shuffle_f32x4(e1, e3, 0xDD);
-  }
-}
-
-// Packs 16 rows (the first `count` real, the rest zero) into 16 columns of a panel whose
-// rows are kPanelWidth floats apart, and returns their squared norms (summed over d in order).
-// kFull (count == 16) drops the per-row branches from the hot loop.
-template <bool kFull>
-inline __m512 pack_16_rows(const float* x, int64_t count, int64_t dim, float* panel,
-                           uintptr_t prefetch_distance) {
-  __m512 norms = _mm512_setzero_ps();
-  for (int64_t c = 0; c < dim; c += kLanes) {
-    const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
-    const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1u);
-    __m512 r[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) {
-      const float* row = x + i * dim + c;
-      if (kFull) {
-        // The loads go column block by column block, an order the hardware prefetchers
-        // follow poorly; prefetch the block `prefetch_distance` ahead in address order
-        // instead, 16 lines per step, which covers it by the last step.
-        if (i < 16) prefetch_ahead(x + (c / kLanes * 16 + i) * 16, prefetch_distance);
-        r[i] = _mm512_maskz_loadu_ps(col_mask, row);
-      } else {
-        r[i] = i < count ? _mm512_maskz_loadu_ps(col_mask, row) : _mm512_setzero_ps();
-      }
-    }
-    transpose_16x16(r);
-    if (cols == kLanes) {
-#pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) {
-        _mm512_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
-        norms = _mm512_fmadd_ps(r[j], r[j], norms);
-      }
-    } else {
-      for (int64_t j = 0; j < cols; ++j) {
-        _mm512_storeu_ps(panel + (c + j) * kPanelWidth, r[j]);
-        norms = _mm512_fmadd_ps(r[j], r[j], norms);
-      }
-    }
-  }
-  return norms;
-}
-
-void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
-  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kPanelWidth);
-  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
-    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
-    const __m512 norms =
-        count == kLanes ? pack_16_rows<true>(x + first * dim, count, dim, panel + first, prefetch_distance)
-                        : pack_16_rows<false>(x + first * dim, count, dim, panel + first, 0);
-    alignas(64) float lane_norms[kLanes];
-    _mm512_store_ps(lane_norms, norms);
-    for (int64_t i = 0; i < count; ++i) sq_norms[first + i] = lane_norms[i];
   }
 }
 

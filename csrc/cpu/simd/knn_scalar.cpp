@@ -25,18 +25,7 @@ inline uint32_t vec_less_mask(Vec a, Vec b) { return a < b ? 1u : 0u; }
 inline Vec vec_load_partial(const float* p, int64_t) { return *p; }
 inline void prefetch_ahead(const float*, uintptr_t) {}
 inline Vec reduce_lanes(const Vec v[1]) { return v[0]; }
-
-void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
-  for (int64_t i = 0; i < kPanelWidth; ++i) {
-    float norm = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) {
-      const float v = i < rows ? x[i * dim + d] : 0.0f;
-      panel[d * kPanelWidth + i] = v;
-      norm += v * v;
-    }
-    if (i < rows) sq_norms[i] = norm;
-  }
-}
+inline void transpose_block(Vec[1]) {}
 
 #include "cpu/simd/knn_tile_impl.h"
 

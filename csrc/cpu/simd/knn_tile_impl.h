@@ -7,7 +7,7 @@
 //   vec_fmadd(a, b, c) (= a*b + c), vec_less_mask(a, b) (bit j set where a[j] < b[j]),
 //   vec_load_partial(p, n) (first n lanes, the rest zero, never reading past p + n),
 //   reduce_lanes(v[kLanes]) (lane i = sum of v[i]'s lanes), prefetch_ahead(p, bytes),
-//   pack_rows(...) (the ISA's transposing pack).
+//   transpose_block(v[kLanes]) (in-register kLanes x kLanes transpose).
 // Everything here then has internal linkage, so nothing compiled with one ISA's flags can be
 // shared with, or substituted for, another's by the linker.
 // No #pragma once: each ISA translation unit includes it exactly once, in its own namespace.
@@ -15,6 +15,72 @@
 constexpr int kVecsPerRow = kPanelWidth / kLanes;
 static_assert(kPanelWidth % kLanes == 0, "panel width must be a multiple of the vector width");
 static_assert(kPanelWidth <= 32, "candidate masks are 32-bit");
+
+// ---------------------------------------------------------------------------------------
+// Packing database panels: kLanes x kLanes blocks transposed in registers.
+// ---------------------------------------------------------------------------------------
+
+// 64-byte lines in one kLanes x kLanes block: the prefetches issued per column step.
+constexpr int kPrefetchLinesPerStep = kLanes * kLanes / 16;
+
+// Packs kLanes rows (the first `count` real, the rest zero) into kLanes columns of a panel
+// whose rows are kPanelWidth floats apart; returns their squared norms (summed over d in
+// order). kFull (count == kLanes) drops the per-row branches from the hot loop and
+// prefetches the rows `prefetch_distance` ahead in address order, kPrefetchLinesPerStep
+// lines per column step, which covers them by the last step (the loads themselves go
+// column block by column block, which the hardware prefetchers follow poorly).
+template <bool kFull>
+inline Vec pack_block_rows(const float* x, int64_t count, int64_t dim, float* panel,
+                           uintptr_t prefetch_distance) {
+  Vec norms = vec_zero();
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const int64_t cols = dim - c < kLanes ? dim - c : kLanes;
+    Vec r[kLanes];
+#pragma GCC unroll 16
+    for (int i = 0; i < kLanes; ++i) {
+      if (kFull) {
+        if (i < kPrefetchLinesPerStep) {
+          prefetch_ahead(x + (c / kLanes * kPrefetchLinesPerStep + i) * 16, prefetch_distance);
+        }
+        r[i] = vec_load_partial(x + i * dim + c, cols);
+      } else {
+        r[i] = i < count ? vec_load_partial(x + i * dim + c, cols) : vec_zero();
+      }
+    }
+    transpose_block(r);
+    if (cols == kLanes) {
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) {
+        vec_store(panel + (c + j) * kPanelWidth, r[j]);
+        norms = vec_fmadd(r[j], r[j], norms);
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        vec_store(panel + (c + j) * kPanelWidth, r[j]);
+        norms = vec_fmadd(r[j], r[j], norms);
+      }
+    }
+  }
+  return norms;
+}
+
+void pack_rows(const float* x, int64_t rows, int64_t dim, float* panel, float* sq_norms) {
+  const uintptr_t prefetch_distance = prefetch_distance_bytes(dim, kPanelWidth);
+  for (int64_t first = 0; first < kPanelWidth; first += kLanes) {
+    const int64_t count = rows - first < 0 ? 0 : (rows - first > kLanes ? kLanes : rows - first);
+    const Vec norms =
+        count == kLanes
+            ? pack_block_rows<true>(x + first * dim, count, dim, panel + first, prefetch_distance)
+            : pack_block_rows<false>(x + first * dim, count, dim, panel + first, 0);
+    alignas(64) float lane_norms[kLanes];
+    vec_store(lane_norms, norms);
+    for (int64_t i = 0; i < count; ++i) sq_norms[first + i] = lane_norms[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed path: register-blocked inner products of query panels x database panels.
+// ---------------------------------------------------------------------------------------
 
 // rows x panel_width inner products of one query panel and one database panel, kept in
 // registers over the whole dimension, then turned into keys and offered to the heaps.
