@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import _native
-from ._arrays import as_matrix, check_k, check_metric, empty_results
+from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_results
 
 
 def knn(queries: Any, database: Any, k: int, metric: str = "l2"):
@@ -17,7 +17,8 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2"):
         k: neighbours per query, an integer >= 1 (may exceed N).
         metric: "l2" (squared Euclidean distance, ascending), "ip" (inner product,
             descending) or "cosine" (cosine similarity, descending; a zero vector has
-            similarity 0 with everything, so the output never holds NaN).
+            similarity 0 with everything, so the output never holds NaN; so does a vector
+            whose squared norm underflows float32, |x| < ~1e-19).
 
     Returns:
         (distances, indices): (Q, k) float32 and (Q, k) int64, each row best first, ties to
@@ -36,6 +37,8 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2"):
     code = check_metric(metric)
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % x.shape[1])
+    if q.shape[0] == 0:
+        check_rows_usable(x, "database")  # the search would have; say so even with no queries
     distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
     _native.knn(q, x, k, code, d_view, i_view)
     return distances, indices

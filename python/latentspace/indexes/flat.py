@@ -116,6 +116,8 @@ class FlatIndex:
     def reconstruct(self, ids: Any) -> np.ndarray:
         """The stored vectors for integer ids (a copy), shape (len(ids), dim)."""
         ids = np.asarray(ids)
+        if ids.size == 0:
+            return np.empty((0, self._dim), dtype=np.float32)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"ids: expected integers, got {ids.dtype}")
         vectors = self.vectors()

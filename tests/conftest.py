@@ -1,0 +1,260 @@
+"""Shared helpers for the latentspace test suite.
+
+* `reference_knn`: a float64 numpy reference with the package's exact conventions.
+* `assert_knn_matches`: compares a (distances, indices) result with the reference, robust to
+  float32 rounding near ties.
+* fixtures: `simd_level` (every SIMD level this CPU supports), `rng` (a freshly seeded numpy
+  Generator whose seed is printed, so a failure can be replayed with LATENTSPACE_TEST_SEED),
+  and an autouse guard that restores the SIMD level and the thread count after every test.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import latentspace
+
+# ---------------------------------------------------------------------------------------
+# Hypothesis: 40 examples per property test, no deadline (the first call of a kernel can be
+# slow), print the reproduction blob on failure. Failing examples are also kept in the .hypothesis/ example database.
+# HYPOTHESIS_PROFILE=thorough runs many more examples (for hunting bugs, not for CI).
+settings.register_profile(
+    "latentspace",
+    max_examples=40,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", parent=settings.get_profile("latentspace"), max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "latentspace"))
+
+# ---------------------------------------------------------------------------------------
+# SIMD levels
+
+SIMD_ORDER = ("scalar", "avx2", "avx512")
+HARDWARE_SIMD_LEVEL = latentspace.build_info()["hardware_simd_level"]
+SUPPORTED_SIMD_LEVELS = SIMD_ORDER[: SIMD_ORDER.index(HARDWARE_SIMD_LEVEL) + 1]
+METRICS = ("l2", "ip", "cosine")
+
+
+@pytest.fixture(params=SUPPORTED_SIMD_LEVELS)
+def simd_level(request):
+    """Runs the test once per SIMD level this CPU supports, restoring the level after."""
+    previous = latentspace.simd_level()
+    latentspace.set_simd_level(request.param)
+    assert latentspace.simd_level() == request.param
+    try:
+        yield request.param
+    finally:
+        latentspace.set_simd_level(previous)
+
+
+@pytest.fixture(autouse=True)
+def _restore_runtime_state():
+    """Safety net: no test may leak a SIMD level or thread count into the next one."""
+    level, threads = latentspace.simd_level(), latentspace.get_num_threads()
+    yield
+    latentspace.set_simd_level(level)
+    latentspace.set_num_threads(threads)
+
+
+@pytest.fixture
+def num_threads():
+    """Returns a setter for the thread count; the previous count is restored afterwards."""
+    previous = latentspace.get_num_threads()
+    yield latentspace.set_num_threads
+    latentspace.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------
+# Randomness: fresh per test, reproducible via the printed seed.
+
+
+@pytest.fixture
+def rng(request):
+    env = os.environ.get("LATENTSPACE_TEST_SEED")
+    seed = int(env) if env else secrets.randbits(64)
+    # Printed (shown by pytest for a failing test) and attached to the report.
+    print(f"\n[{request.node.nodeid}] numpy seed: {seed} (replay: LATENTSPACE_TEST_SEED={seed})")
+    request.node.user_properties.append(("numpy_seed", seed))
+    return np.random.default_rng(seed)
+
+
+def pytest_runtest_makereport(item, call):
+    """Puts the numpy seed of a failing test into its report header section too."""
+    if call.when == "call" and call.excinfo is not None:
+        for name, value in getattr(item, "user_properties", []):
+            if name == "numpy_seed":
+                item.add_report_section("call", "seed", f"LATENTSPACE_TEST_SEED={value}")
+
+
+# ---------------------------------------------------------------------------------------
+# Reference implementation
+
+
+def _as_float64(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_float32(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+
+
+def reference_scores(queries, database, metric: str) -> np.ndarray:
+    """(Q, N) float64 scores: squared L2 distance, inner product or cosine similarity
+    (a zero vector has similarity 0 with everything)."""
+    q, x = _as_float64(queries), _as_float64(database)
+    if metric == "l2":
+        scores = (q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)
+        return np.maximum(scores, 0.0)
+    if metric == "ip":
+        return q @ x.T
+    if metric == "cosine":
+        qn, xn = np.linalg.norm(q, axis=1), np.linalg.norm(x, axis=1)
+        qs = np.divide(1.0, qn, out=np.zeros_like(qn), where=qn > 0)
+        xs = np.divide(1.0, xn, out=np.zeros_like(xn), where=xn > 0)
+        return (q @ x.T) * qs[:, None] * xs[None, :]
+    raise ValueError(metric)
+
+
+def reference_knn(queries, database, k: int, metric: str = "l2"):
+    """Exact kNN in float64 with latentspace's conventions.
+
+    Returns (scores, order), each (Q, k): best first (l2 ascending, ip / cosine descending),
+    ties to the lower index (stable sort), padding -1 and +inf (l2) / -inf (ip, cosine)
+    when k > N. scores is float64, order int64.
+    """
+    all_scores = reference_scores(queries, database, metric)
+    nq, n = all_scores.shape
+    key = all_scores if metric == "l2" else -all_scores
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(all_scores, order, axis=1)
+    kept = min(k, n)
+    out_scores = np.full((nq, k), np.inf if metric == "l2" else -np.inf)
+    out_order = np.full((nq, k), -1, dtype=np.int64)
+    out_scores[:, :kept] = scores[:, :kept]
+    out_order[:, :kept] = order[:, :kept]
+    return out_scores, out_order
+
+
+def knn_tolerance(queries, database, metric: str) -> float:
+    """Absolute tolerance for float32 results, scaled to the data."""
+    q, x = _as_float64(queries), _as_float64(database)
+    if q.size == 0 or x.size == 0:
+        return 1e-12
+    q_sq = (q * q).sum(1).max()
+    x_sq = (x * x).sum(1).max()
+    if metric == "l2":
+        return 1e-5 * (q_sq + x_sq) + 1e-12
+    if metric == "ip":
+        return 1e-5 * np.sqrt(q_sq) * np.sqrt(x_sq) + 1e-12
+    # cosine: accumulation error grows like sqrt(dim)
+    return 2e-6 * max(1.0, np.sqrt(q.shape[1]) / 8.0)
+
+
+def _to_numpy(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def assert_knn_matches(D, I, queries, database, k: int, metric: str, *, exact: bool = False):
+    """Checks a knn result against the float64 reference.
+
+    (a) distances equal the reference's sorted scores within tolerance;
+    (b) each returned index's true score equals the reference score at that rank;
+    (c) indices in each row are distinct and valid;
+    (d) padding (k > N) is exactly -1 with +inf (l2) / -inf (ip, cosine);
+    (e) rows are sorted best first, and equal distances list the lower index first;
+    (f) among bit-identical database rows, the lower indices are returned, in order;
+    (g) l2 distances are >= 0, cosine similarities lie in [-1, 1].
+    exact=True additionally requires indices and distances to equal the reference exactly
+    (for data whose float32 arithmetic is exact, e.g. small integers with l2 / ip).
+    """
+    D, I = _to_numpy(D), _to_numpy(I)
+    q64, x64 = _as_float64(queries), _as_float64(database)
+    nq, n = q64.shape[0], x64.shape[0]
+    assert D.shape == (nq, k), D.shape
+    assert I.shape == (nq, k), I.shape
+    assert D.dtype == np.float32, D.dtype
+    assert I.dtype == np.int64, I.dtype
+    if nq == 0:
+        return
+    ref_scores, ref_order = reference_knn(q64, x64, k, metric)
+    atol = knn_tolerance(q64, x64, metric)
+    kept = min(k, n)
+    pad = np.inf if metric == "l2" else -np.inf
+
+    # (d) padding
+    if k > n:
+        assert (I[:, kept:] == -1).all(), f"padding indices must be -1:\n{I[:, kept:]}"
+        assert (D[:, kept:] == pad).all(), f"padding distances must be {pad}:\n{D[:, kept:]}"
+    Ik, Dk = I[:, :kept], D[:, :kept].astype(np.float64)
+
+    # (c) valid, distinct
+    assert ((Ik >= 0) & (Ik < n)).all(), f"indices out of range [0, {n}):\n{Ik}"
+    srt = np.sort(Ik, axis=1)
+    assert (srt[:, 1:] != srt[:, :-1]).all(), f"duplicate indices in a row:\n{Ik}"
+    assert np.isfinite(Dk).all(), f"non-finite distances:\n{Dk}"
+
+    # (g) ranges
+    if metric == "l2":
+        assert (Dk >= 0).all()
+    elif metric == "cosine":
+        assert (Dk >= -1.0).all() and (Dk <= 1.0).all(), "cosine similarity outside [-1, 1]"
+
+    # (a) distances vs reference sorted scores
+    diff = np.abs(Dk - ref_scores[:, :kept])
+    assert (diff <= atol).all(), (
+        f"distances differ from the reference by up to {diff.max():.3g} (atol {atol:.3g}) "
+        f"at {np.unravel_index(diff.argmax(), diff.shape)}"
+    )
+    # (b) true score of each returned index vs reference score at that rank
+    all_scores = reference_scores(q64, x64, metric)
+    true = np.take_along_axis(all_scores, Ik, axis=1)
+    diff = np.abs(true - ref_scores[:, :kept])
+    assert (diff <= atol).all(), (
+        f"a returned index's true score differs from the reference score at its rank by "
+        f"{diff.max():.3g} (atol {atol:.3g}) at {np.unravel_index(diff.argmax(), diff.shape)}"
+    )
+
+    # (e) sorted best first; equal distances: lower index first
+    if kept > 1:
+        a, b = D[:, : kept - 1], D[:, 1:kept]
+        better = a < b if metric == "l2" else a > b
+        assert (better | (a == b)).all(), f"row not sorted best first:\n{D}"
+        tie = a == b
+        assert (I[:, : kept - 1][tie] < I[:, 1:kept][tie]).all(), (
+            "equal distances must list the lower index first"
+        )
+
+    # (f) bit-identical database rows: the lower ones first
+    x32 = _as_float32(database)
+    if n > 1:
+        _, group = np.unique(x32.view(np.uint8).reshape(n, -1), axis=0, return_inverse=True)
+        group = group.reshape(-1)
+        if len(np.unique(group)) < n:
+            members = {g: np.flatnonzero(group == g) for g in np.unique(group)}
+            for r in range(nq):
+                seen: dict[int, list[int]] = {}
+                for idx in Ik[r]:
+                    seen.setdefault(int(group[idx]), []).append(int(idx))
+                for g, got in seen.items():
+                    want = list(members[g][: len(got)])
+                    assert got == want, (
+                        f"query {r}: identical database rows must be returned lowest index "
+                        f"first; got {got}, expected {want}"
+                    )
+
+    if exact:
+        np.testing.assert_array_equal(I, ref_order)
+        np.testing.assert_array_equal(D[:, :kept].astype(np.float64), ref_scores[:, :kept])

@@ -1,0 +1,351 @@
+"""latentspace.FlatIndex: contents, search, errors and thread safety."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace
+from conftest import METRICS, assert_knn_matches
+
+PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf}
+
+
+def _normal(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_chunked_add_equals_knn_on_concatenation(simd_level, metric, rng):
+    dim = 23
+    chunks = [_normal(rng, n, dim) for n in (1, 15, 16, 0, 100, 7, 300)]
+    index = latentspace.FlatIndex(dim, metric)
+    total = 0
+    for chunk in chunks:
+        index.add(chunk)
+        total += len(chunk)
+        assert index.ntotal == len(index) == total
+    data = np.concatenate(chunks)
+    queries = _normal(rng, 25, dim)
+    for k in (1, 10, total, total + 3):
+        D, I = index.search(queries, k)
+        D0, I0 = latentspace.knn(queries, data, k, metric)
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+        assert_knn_matches(D, I, queries, data, k, metric)
+    np.testing.assert_array_equal(index.vectors(), data)
+
+
+def test_add_mixed_input_types(rng):
+    dim = 6
+    a = _normal(rng, 4, dim)
+    b = _normal(rng, 3, dim).astype(np.float64)
+    c = torch.from_numpy(_normal(rng, 5, dim))
+    d = np.asfortranarray(_normal(rng, 2, dim))
+    e = torch.from_numpy(_normal(rng, 3, dim)).to(torch.bfloat16)
+    index = latentspace.FlatIndex(dim)
+    for part in (a, b, c, d, e):
+        index.add(part)
+    expected = np.concatenate([a, b.astype(np.float32), c.numpy(), d, e.float().numpy()])
+    np.testing.assert_array_equal(index.vectors(), expected)
+    # torch queries -> torch results
+    D, I = index.search(torch.from_numpy(a), 3)
+    assert isinstance(D, torch.Tensor) and isinstance(I, torch.Tensor)
+    assert D.dtype == torch.float32 and I.dtype == torch.int64
+    np.testing.assert_array_equal(I[:, 0].numpy(), np.arange(4))
+
+
+def test_add_own_vectors(rng):
+    index = latentspace.FlatIndex(5)
+    data = _normal(rng, 11, 5)
+    index.add(data)
+    for _ in range(4):  # with and without the buffer growing
+        index.add(index.vectors())
+        data = np.concatenate([data, data])
+        np.testing.assert_array_equal(index.vectors(), data)
+    index.add(index.vectors()[3:9])
+    np.testing.assert_array_equal(index.vectors(), np.concatenate([data, data[3:9]]))
+
+
+def test_add_copies_its_input(rng):
+    x = _normal(rng, 5, 4)
+    index = latentspace.FlatIndex(4)
+    index.add(x)
+    saved = x.copy()
+    x[:] = 99.0
+    np.testing.assert_array_equal(index.vectors(), saved)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_properties_and_repr(metric, rng):
+    index = latentspace.FlatIndex(12, metric=metric)
+    assert index.dim == 12 and index.metric == metric
+    assert index.ntotal == 0 and len(index) == 0
+    assert index.bytes_per_vector == 48
+    assert not index.is_mmap
+    assert repr(index) == f"FlatIndex(dim=12, metric={metric!r}, ntotal=0)"
+    index.add(_normal(rng, 40, 12))
+    assert repr(index) == f"FlatIndex(dim=12, metric={metric!r}, ntotal=40)"
+    assert index.ntotal == len(index) == 40
+    assert index.vectors().shape == (40, 12)
+
+
+def test_default_metric_is_l2():
+    assert latentspace.FlatIndex(3).metric == "l2"
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 130])
+def test_bytes_per_vector_and_nbytes(dim, rng):
+    index = latentspace.FlatIndex(dim)
+    assert index.bytes_per_vector == dim * 4
+    total = 0
+    for n in (1, 5, 30, 200, 3):
+        index.add(_normal(rng, n, dim))
+        total += n
+        # holds at least the vectors, in whole float32 rows, with bounded spare capacity
+        assert index.nbytes >= total * dim * 4
+        assert index.nbytes % (dim * 4) == 0
+        assert index.nbytes <= max(16, 2 * total) * dim * 4
+    assert index.vectors().nbytes == total * dim * 4
+
+
+def test_reset(rng):
+    index = latentspace.FlatIndex(5, "ip")
+    index.add(_normal(rng, 30, 5))
+    index.reset()
+    assert index.ntotal == 0 and len(index) == 0
+    assert index.vectors().shape == (0, 5)
+    assert index.dim == 5 and index.metric == "ip"
+    D, I = index.search(_normal(rng, 2, 5), 3)
+    assert (I == -1).all() and (D == -np.inf).all()
+    new = _normal(rng, 4, 5)
+    index.add(new)
+    np.testing.assert_array_equal(index.vectors(), new)
+    D, I = index.search(new, 4)
+    assert_knn_matches(D, I, new, new, 4, "ip")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_empty_index_returns_padding(metric, rng):
+    index = latentspace.FlatIndex(8, metric)
+    D, I = index.search(_normal(rng, 3, 8), 5)
+    assert D.shape == I.shape == (3, 5)
+    assert D.dtype == np.float32 and I.dtype == np.int64
+    assert (I == -1).all()
+    assert (D == PAD[metric]).all()
+    D, I = index.search(np.empty((0, 8), np.float32), 5)
+    assert D.shape == I.shape == (0, 5)
+
+
+def test_add_wrong_dim_raises(rng):
+    index = latentspace.FlatIndex(4)
+    index.add(_normal(rng, 2, 4))
+    with pytest.raises(ValueError, match="x"):
+        index.add(_normal(rng, 3, 5))
+    with pytest.raises(ValueError, match="x"):
+        index.add(_normal(rng, 4))  # 1-d
+    with pytest.raises(ValueError, match="x"):
+        index.add(_normal(rng, 1, 2, 4))
+    assert index.ntotal == 2
+
+
+def test_search_wrong_dim_and_bad_k(rng):
+    index = latentspace.FlatIndex(4)
+    index.add(_normal(rng, 10, 4))
+    with pytest.raises(ValueError, match="queries"):
+        index.search(_normal(rng, 2, 3), 1)
+    with pytest.raises(ValueError, match="k"):
+        index.search(_normal(rng, 2, 4), 0)
+    with pytest.raises(TypeError, match="k"):
+        index.search(_normal(rng, 2, 4), 1.5)
+    with pytest.raises(ValueError, match="queries"):
+        bad = _normal(rng, 2, 4)
+        bad[1, 1] = np.nan
+        index.search(bad, 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30])
+def test_add_bad_values_raises_and_leaves_index_unchanged(bad, rng):
+    index = latentspace.FlatIndex(6, "cosine")
+    first = _normal(rng, 10, 6)
+    index.add(first)
+    before_nbytes = index.nbytes
+    x = _normal(rng, 8, 6)
+    x[5, 2] = bad
+    with pytest.raises(ValueError, match=r"row 5\b"):
+        index.add(x)
+    assert index.ntotal == 10
+    assert index.nbytes == before_nbytes
+    np.testing.assert_array_equal(index.vectors(), first)
+    D, I = index.search(first, 10)
+    assert ((I >= 0) & (I < 10)).all()
+
+
+@pytest.mark.parametrize("make", [lambda a: a.astype(str), lambda a: a > 0, lambda a: a.astype(np.complex64)],
+                         ids=["str", "bool", "complex"])
+def test_add_non_numeric_raises(make, rng):
+    index = latentspace.FlatIndex(3)
+    with pytest.raises(TypeError, match="x"):
+        index.add(make(_normal(rng, 2, 3)))
+    assert index.ntotal == 0
+
+
+def test_vectors_is_read_only_view(rng):
+    index = latentspace.FlatIndex(3)
+    data = _normal(rng, 20, 3)
+    index.add(data)
+    view = index.vectors()
+    assert view.dtype == np.float32 and view.shape == (20, 3)
+    assert not view.flags.writeable
+    with pytest.raises(ValueError):
+        view[0, 0] = 1.0
+    with pytest.raises(ValueError):
+        view[:] = 0
+    np.testing.assert_array_equal(index.vectors(), data)
+
+
+def test_reconstruct(rng):
+    index = latentspace.FlatIndex(7)
+    data = _normal(rng, 50, 7)
+    index.add(data[:20])
+    index.add(data[20:])
+    ids = [0, 49, 20, 19, 3, 3]
+    got = index.reconstruct(ids)
+    assert got.shape == (6, 7) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, data[ids])
+    np.testing.assert_array_equal(index.reconstruct(np.array([5], np.int32)), data[[5]])
+    assert index.reconstruct(np.array([], dtype=np.int64)).shape == (0, 7)
+    assert index.reconstruct([]).shape == (0, 7)  # numpy makes [] float64; still no ids
+    # a copy: writing to it does not change the index
+    got[:] = 0.0
+    np.testing.assert_array_equal(index.reconstruct(ids), data[ids])
+
+
+@pytest.mark.parametrize("ids", [[50], [-1], [0, 100]])
+def test_reconstruct_out_of_range(ids, rng):
+    index = latentspace.FlatIndex(2)
+    index.add(_normal(rng, 50, 2))
+    with pytest.raises(ValueError, match="ids"):
+        index.reconstruct(ids)
+
+
+def test_reconstruct_non_integer_ids(rng):
+    index = latentspace.FlatIndex(2)
+    index.add(_normal(rng, 5, 2))
+    with pytest.raises(TypeError, match="ids"):
+        index.reconstruct([0.5])
+
+
+@pytest.mark.parametrize(
+    "args,exc",
+    [
+        ((0,), ValueError),
+        ((-3,), ValueError),
+        ((2.5,), (TypeError, ValueError)),
+        (("8",), (TypeError, ValueError)),
+        ((None,), (TypeError, ValueError)),
+        ((True,), (TypeError, ValueError)),
+        ((np.bool_(True),), (TypeError, ValueError)),
+        ((np.float32(4.0),), (TypeError, ValueError)),
+        ((8, "foo"), ValueError),
+        ((8, "L2"), ValueError),
+        ((8, None), ValueError),
+    ],
+)
+def test_constructor_errors(args, exc):
+    with pytest.raises(exc, match="dim" if len(args) == 1 else "metric"):
+        latentspace.FlatIndex(*args)
+
+
+def test_constructor_accepts_numpy_integer():
+    index = latentspace.FlatIndex(np.int64(5), "cosine")
+    assert index.dim == 5 and isinstance(index.dim, int)
+
+
+# ---------------------------------------------------------------------------------------
+# Threads
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_concurrent_searches_match_single_threaded(metric, rng):
+    index = latentspace.FlatIndex(32, metric)
+    index.add(_normal(rng, 5000, 32))
+    query_sets = [_normal(rng, n, 32) for n in (1, 3, 17, 64, 200, 5, 2, 90)]
+    expected = [index.search(q, 10) for q in query_sets]
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        return [index.search(query_sets[i], 10) for _ in range(3)]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(work, range(8)))
+    for i, runs in enumerate(results):
+        for D, I in runs:
+            np.testing.assert_array_equal(I, expected[i][1])
+            np.testing.assert_array_equal(D, expected[i][0])
+
+
+def test_concurrent_knn_calls_match_single_threaded(rng):
+    database = _normal(rng, 20000, 16)  # database-split path with > 1 thread
+    queries = [_normal(rng, 3, 16) for _ in range(8)]
+    expected = [latentspace.knn(q, database, 7) for q in queries]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda q: latentspace.knn(q, database, 7), queries))
+    for (D, I), (D0, I0) in zip(results, expected):
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_while_adding(metric, rng):
+    dim, chunk, chunks, k = 16, 37, 40, 5
+    data = _normal(rng, chunk * chunks, dim)
+    queries = _normal(rng, 4, dim)
+    index = latentspace.FlatIndex(dim, metric)
+    index.add(data[:chunk])
+    # every prefix a search may see, and its exact result
+    prefixes = {n: latentspace.knn(queries, data[:n], k, metric)
+                for n in range(chunk, chunk * chunks + 1, chunk)}
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    results = []
+
+    def writer():
+        try:
+            for c in range(1, chunks):
+                index.add(data[c * chunk : (c + 1) * chunk])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            stop.set()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                results.append(index.search(queries, k))
+            results.append(index.search(queries, k))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "threads did not finish"
+    assert not errors, errors
+    assert index.ntotal == chunk * chunks
+    np.testing.assert_array_equal(index.vectors(), data)
+    assert len(results) >= 3
+    for D, I in results:
+        assert ((I >= 0) & (I < index.ntotal)).all()
+        matches = [n for n, (D0, I0) in prefixes.items()
+                   if np.array_equal(I, I0) and np.array_equal(D, D0)]
+        assert matches, "a concurrent search result matches no prefix of the added data"
+    # the last searches ran after the writer finished: they see everything
+    np.testing.assert_array_equal(results[-1][1], prefixes[chunk * chunks][1])

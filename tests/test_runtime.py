@@ -1,0 +1,220 @@
+"""Build information, thread count, SIMD level (also via environment variables), datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import latentspace
+from conftest import HARDWARE_SIMD_LEVEL, SIMD_ORDER, SUPPORTED_SIMD_LEVELS
+
+
+def _run_python(code: str, **env_overrides: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for name in ("LATENTSPACE_SIMD", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    for name, value in env_overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+# ---------------------------------------------------------------------------------------
+# build_info
+
+
+def test_build_info_keys_and_types():
+    info = latentspace.build_info()
+    assert isinstance(info, dict)
+    assert isinstance(info["version"], str) and info["version"]
+    assert info["version"] == latentspace.__version__
+    assert info["simd_level"] in SIMD_ORDER
+    assert info["hardware_simd_level"] in SIMD_ORDER
+    assert SIMD_ORDER.index(info["simd_level"]) <= SIMD_ORDER.index(info["hardware_simd_level"])
+    assert info["simd_level"] == latentspace.simd_level()
+    assert type(info["num_threads"]) is int and info["num_threads"] >= 1
+    assert info["num_threads"] == latentspace.get_num_threads()
+    assert type(info["cuda_compiled"]) is bool
+    assert isinstance(info["cuda_architectures"], list)
+    assert all(isinstance(a, str) and a for a in info["cuda_architectures"])
+    if not info["cuda_compiled"]:
+        assert info["cuda_architectures"] == []
+    assert type(info["gpu_visible"]) is bool
+    assert isinstance(info["cuda_devices"], list)
+    assert info["gpu_visible"] == bool(info["cuda_devices"])
+    assert isinstance(info["cuda_unavailable_reason"], str)
+    if not info["gpu_visible"]:
+        assert info["cuda_unavailable_reason"], "an invisible GPU needs a reason"
+    json.dumps(info)  # JSON-serialisable (the CLI prints it)
+
+
+def test_build_info_reflects_current_settings(num_threads):
+    num_threads(1)
+    assert latentspace.build_info()["num_threads"] == 1
+    latentspace.set_simd_level("scalar")
+    assert latentspace.build_info()["simd_level"] == "scalar"
+    assert latentspace.build_info()["hardware_simd_level"] == HARDWARE_SIMD_LEVEL
+
+
+def test_cuda_available_consistent_with_build_info():
+    info = latentspace.build_info()
+    assert isinstance(latentspace.cuda_available(), bool)
+    assert latentspace.cuda_available() == (info["cuda_compiled"] and info["gpu_visible"])
+    if not info["gpu_visible"]:
+        assert latentspace.cuda_available() is False
+
+
+# ---------------------------------------------------------------------------------------
+# Threads
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, np.int32(4)])
+def test_set_get_num_threads_round_trip(n, num_threads):
+    num_threads(n)
+    assert latentspace.get_num_threads() == int(n)
+    assert type(latentspace.get_num_threads()) is int
+
+
+@pytest.mark.parametrize("n", [0, -1, -64])
+def test_set_num_threads_value_errors(n):
+    before = latentspace.get_num_threads()
+    with pytest.raises(ValueError, match="n"):
+        latentspace.set_num_threads(n)
+    assert latentspace.get_num_threads() == before
+
+
+@pytest.mark.parametrize("n", [1.5, 2.0, True, False, "2", None])
+def test_set_num_threads_type_errors(n):
+    before = latentspace.get_num_threads()
+    with pytest.raises(TypeError, match="n"):
+        latentspace.set_num_threads(n)
+    assert latentspace.get_num_threads() == before
+
+
+def test_omp_num_threads_sets_default():
+    for value in ("1", "3"):
+        result = _run_python("import latentspace; print(latentspace.get_num_threads())",
+                             OMP_NUM_THREADS=value)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == value
+
+
+# ---------------------------------------------------------------------------------------
+# SIMD level
+
+
+@pytest.mark.parametrize("level", SUPPORTED_SIMD_LEVELS)
+def test_set_simd_level_round_trip(level):
+    latentspace.set_simd_level(level)
+    assert latentspace.simd_level() == level
+
+
+@pytest.mark.parametrize("level", ["sse", "AVX2", "", "avx-512", "neon"])
+def test_set_simd_level_unknown_name(level):
+    before = latentspace.simd_level()
+    with pytest.raises(ValueError, match="level"):
+        latentspace.set_simd_level(level)
+    assert latentspace.simd_level() == before
+
+
+@pytest.mark.parametrize("level", [None, 2, b"avx2"])
+def test_set_simd_level_wrong_type(level):
+    with pytest.raises(TypeError, match="level"):
+        latentspace.set_simd_level(level)
+
+
+@pytest.mark.skipif(HARDWARE_SIMD_LEVEL == "avx512", reason="every level is supported here")
+def test_set_simd_level_above_hardware():  # pragma: no cover - depends on the CPU
+    above = SIMD_ORDER[SIMD_ORDER.index(HARDWARE_SIMD_LEVEL) + 1 :]
+    for level in above:
+        with pytest.raises(ValueError, match="level"):
+            latentspace.set_simd_level(level)
+        assert latentspace.simd_level() == HARDWARE_SIMD_LEVEL
+
+
+_PRINT_LEVEL = "import latentspace; print(latentspace.simd_level())"
+
+
+def test_default_simd_level_is_hardware_level():
+    result = _run_python(_PRINT_LEVEL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == HARDWARE_SIMD_LEVEL
+    assert "RuntimeWarning" not in result.stderr
+
+
+@pytest.mark.parametrize("level", SIMD_ORDER)
+def test_simd_env_var_caps_level(level):
+    result = _run_python(_PRINT_LEVEL, LATENTSPACE_SIMD=level)
+    assert result.returncode == 0, result.stderr
+    expected = SIMD_ORDER[min(SIMD_ORDER.index(level), SIMD_ORDER.index(HARDWARE_SIMD_LEVEL))]
+    assert result.stdout.strip() == expected
+    assert "Warning" not in result.stderr
+
+
+def test_simd_env_var_cap_can_be_raised_explicitly():
+    # the environment variable sets the starting level; set_simd_level may still go up to
+    # the hardware's level
+    code = (f"import latentspace; latentspace.set_simd_level({HARDWARE_SIMD_LEVEL!r}); "
+            "print(latentspace.simd_level())")
+    result = _run_python(code, LATENTSPACE_SIMD="scalar")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == HARDWARE_SIMD_LEVEL
+
+
+@pytest.mark.parametrize("value", ["bogus", "AVX2", ""])
+def test_invalid_simd_env_var_warns_and_falls_back(value):
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import latentspace\n"
+        "print(latentspace.simd_level())\n"
+        "print([(w.category.__name__, str(w.message)) for w in caught])\n"
+    )
+    result = _run_python(code, LATENTSPACE_SIMD=value)
+    assert result.returncode == 0, result.stderr
+    level, warnings_line = result.stdout.strip().splitlines()
+    assert level == HARDWARE_SIMD_LEVEL
+    caught = eval(warnings_line)  # a list of (category, message) tuples printed above
+    relevant = [m for c, m in caught if c == "RuntimeWarning" and "LATENTSPACE_SIMD" in m]
+    assert relevant, caught
+
+
+def test_knn_works_at_every_level_in_subprocess_env():
+    code = ("import numpy as np, latentspace; "
+            "D, I = latentspace.knn(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), 1); "
+            "print(latentspace.simd_level(), I.ravel().tolist())")
+    for level in SUPPORTED_SIMD_LEVELS:
+        result = _run_python(code, LATENTSPACE_SIMD=level)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"{level} [0, 1, 2]"
+
+
+# ---------------------------------------------------------------------------------------
+# Datasets
+
+
+def test_load_digits():
+    images, labels = latentspace.datasets.load_digits()
+    assert isinstance(images, np.ndarray) and isinstance(labels, np.ndarray)
+    assert images.shape == (1797, 64) and images.dtype == np.float32
+    assert images.flags.c_contiguous
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert images.max() == 1.0  # intensities 0..16 divided by 16
+    np.testing.assert_array_equal(np.unique(np.round(images * 16)), np.unique(images * 16))
+    assert labels.shape == (1797,) and labels.dtype == np.int64
+    assert set(np.unique(labels).tolist()) == set(range(10))
+
+
+def test_public_api():
+    for name in latentspace.__all__:
+        assert hasattr(latentspace, name), name
+    assert isinstance(latentspace.__version__, str)
