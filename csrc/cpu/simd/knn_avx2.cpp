@@ -15,7 +15,7 @@ using Vec = __m256;
 constexpr int kLanes = 8;
 constexpr int kPanelWidth = 16;
 constexpr int kMaxPanelRows = 6;
-constexpr int kMaxRowQueries = 3;  // measured crossover with packing (docs/benchmarks.md)
+constexpr int kMaxRowQueries = 3;  // the AVX-512 crossover (docs/benchmarks.md), not measured apart
 
 inline Vec vec_zero() { return _mm256_setzero_ps(); }
 inline Vec vec_load(const float* p) { return _mm256_loadu_ps(p); }
