@@ -8,6 +8,7 @@ namespace py = pybind11;
 namespace latentspace::bindings {
 void bind_info(py::module_& m);
 void bind_knn(py::module_& m);
+void bind_losses(py::module_& m);
 }  // namespace latentspace::bindings
 
 PYBIND11_MODULE(_native, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_native, m) {
   // latentspace::ValueError derives from std::invalid_argument, which pybind11 maps to ValueError.
   latentspace::bindings::bind_info(m);
   latentspace::bindings::bind_knn(m);
+  latentspace::bindings::bind_losses(m);
 }

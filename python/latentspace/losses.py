@@ -1,45 +1,190 @@
-"""Reconstruction and KL losses for training latent models.
+"""Reconstruction and KL losses with fused native forward + gradient (Liger-Kernel style).
 
-API (stable; the implementation is being moved onto fused native kernels):
+Each loss is one torch.autograd.Function: its forward runs a native kernel (OpenMP + SIMD,
+csrc/cpu/losses.cpp) that computes the loss and its gradient in one pass over the data; its
+backward only scales that saved gradient by the incoming one. float32 runs the SIMD
+kernels; float64 runs plain C++ (so torch.autograd.gradcheck can verify the gradients);
+float16 / bfloat16 are computed in float32 and the gradient is returned in the input dtype.
+CUDA tensors use torch's own ops for now (same values, same API).
 
 reconstruction_loss(recon, target, kind="mse", reduction="mean")
-    kind: "mse"        (recon - target)^2
-          "bce"        -(t log p + (1 - t) log(1 - p)), p = recon in [0, 1], logs clamped at -100
-          "bce_logits" the same with p = sigmoid(recon), computed stably from the logits
-    reduction: "mean" (over all elements, like torch), "sum", or "none": one value per
-    sample (row), the loss summed over that row's features.
+    kind  "mse":        (r - t)^2
+          "bce":        -(t log r + (1 - t) log(1 - r)), r in [0, 1]; the logs are clamped at
+                        -100 and the gradient is (r - t) / max(r (1 - r), 1e-12), as in torch
+          "bce_logits": the same with r = sigmoid(x), from the logits x, stably:
+                        max(x, 0) - x t + log(1 + exp(-|x|)); gradient sigmoid(x) - t
+    reduction "mean": over all elements (torch's convention); "sum"; "none": one value per
+          sample (row), the loss summed over that row's features (so .sum() equals "sum").
+    Rows are samples: recon and target are (N, ...) of the same shape; everything after the
+    first dimension is the sample's features.
 
 kl_normal(mu, logvar, reduction="mean")
     KL(N(mu, exp(logvar)) || N(0, 1)) = -0.5 * sum_j (1 + logvar_j - mu_j^2 - exp(logvar_j)),
-    summed over the latent dimensions of each row; reduction "mean" averages those per-row
-    values over the batch (torch's "batchmean"), "sum" adds them, "none" returns them.
+    summed over the latent dimensions of each row; "mean" averages the per-row values over
+    the batch (torch's "batchmean"), "sum" adds them, "none" returns them.
+
+NaN: propagates (the loss and the gradient become NaN where an input is NaN), the same for
+every loss; values of `recon` outside [0, 1] for "bce" raise ValueError (NaN excepted).
+Gradients flow to `recon` (and `mu`, `logvar`); to `target` for "mse" and "bce_logits" as
+well (torch does not support it for "bce" either: that raises).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_normal", "reconstruction_loss"]
+from . import _native
 
-_KINDS = ("mse", "bce", "bce_logits")
+__all__ = ["KLNormal", "ReconstructionLoss", "kl_normal", "reconstruction_loss"]
+
+_KINDS = {"mse": 0, "bce": 1, "bce_logits": 2}
 _REDUCTIONS = ("mean", "sum", "none")
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
-def _check(recon: torch.Tensor, target: torch.Tensor, kind: str, reduction: str) -> None:
-    if kind not in _KINDS:
-        raise ValueError(f"kind: expected one of {_KINDS}, got {kind!r}")
+def _check_reduction(reduction: str) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(recon, torch.Tensor) or not isinstance(target, torch.Tensor):
-        raise TypeError("recon, target: expected torch tensors")
-    if recon.shape != target.shape:
-        raise ValueError(f"recon, target: shapes differ, {tuple(recon.shape)} vs {tuple(target.shape)}")
+
+
+def _check_pair(a, b, names: str) -> None:
+    first, second = names.split(", ")
+    for value, name in ((a, first), (b, second)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
+        if value.dim() < 1:
+            raise ValueError(f"{name}: expected a tensor with a batch dimension, got a scalar")
+    if a.shape != b.shape:
+        raise ValueError(f"{names}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"{names}: on different devices, {a.device} vs {b.device}")
+
+
+def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """(N, ...) tensor -> C-contiguous (N, features) numpy view (a copy only if needed)."""
+    x = x.detach()
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    x = x.reshape(x.shape[0], -1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.numpy()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
+
+
+def _reduce(total: float, row_losses: np.ndarray | None, reduction: str, count: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    if reduction == "none":
+        return torch.from_numpy(row_losses).to(dtype)
+    value = total / count if reduction == "mean" else total
+    return torch.tensor(value, dtype=dtype)
+
+
+def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The saved d(loss)/d(input) times the incoming gradient (per row for "none")."""
+    if reduction == "none":
+        return grad * grad_output.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
+    if grad_output.numel() == 1 and float(grad_output) == 1.0:
+        return grad  # the usual loss.backward(): no extra pass over the gradient
+    return grad * grad_output.to(grad.dtype)
+
+
+class ReconstructionLoss(torch.autograd.Function):
+    """Native fused reconstruction loss; see the module docstring for the formulas."""
+
+    @staticmethod
+    def forward(ctx, recon, target, kind, reduction):
+        dtype = _compute_dtype(recon)
+        r, t = _as_rows(recon, dtype), _as_rows(target, dtype)
+        count = r.size
+        grad_scale = 1.0 / count if (reduction == "mean" and count) else 1.0
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad = np.empty_like(r) if needs_grad else None
+        row_losses = np.empty(r.shape[0], dtype=np.float64) if reduction == "none" else None
+        total = _native.reconstruction_loss(r, t, _KINDS[kind], grad_scale, grad, row_losses)
+        ctx.kind, ctx.reduction, ctx.input_dtype = kind, reduction, recon.dtype
+        if needs_grad:
+            ctx.save_for_backward(torch.from_numpy(grad).reshape(recon.shape), recon.detach())
+        return _reduce(total, row_losses, reduction, count, recon.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, recon = ctx.saved_tensors
+        grad_recon = _scale_saved(grad, grad_output, ctx.reduction)
+        grad_target = None
+        if ctx.needs_input_grad[1]:
+            if ctx.kind == "mse":
+                grad_target = -grad_recon
+            else:  # bce_logits: d/dt = -x
+                scale = 1.0 / recon.numel() if ctx.reduction == "mean" else 1.0
+                grad_target = _scale_saved(-recon.to(grad.dtype) * scale, grad_output, ctx.reduction)
+            grad_target = grad_target.to(ctx.input_dtype)
+        return (grad_recon.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None,
+                grad_target, None, None)
+
+
+class KLNormal(torch.autograd.Function):
+    """Native fused KL(N(mu, exp(logvar)) || N(0, 1)); see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, reduction):
+        dtype = _compute_dtype(mu)
+        m, lv = _as_rows(mu, dtype), _as_rows(logvar, dtype)
+        rows = m.shape[0]
+        grad_scale = 1.0 / rows if (reduction == "mean" and rows) else 1.0
+        grad_mu = np.empty_like(m) if ctx.needs_input_grad[0] else None
+        grad_logvar = np.empty_like(lv) if ctx.needs_input_grad[1] else None
+        row_losses = np.empty(rows, dtype=np.float64) if reduction == "none" else None
+        total = _native.kl_normal(m, lv, grad_scale, grad_mu, grad_logvar, row_losses)
+        ctx.reduction, ctx.input_dtype = reduction, mu.dtype
+        saved = [torch.from_numpy(g).reshape(mu.shape) if g is not None else torch.empty(0)
+                 for g in (grad_mu, grad_logvar)]
+        ctx.save_for_backward(*saved)
+        return _reduce(total, row_losses, reduction, rows, mu.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_mu, grad_logvar = ctx.saved_tensors
+        out = []
+        for needed, grad in zip(ctx.needs_input_grad[:2], (grad_mu, grad_logvar)):
+            out.append(_scale_saved(grad, grad_output, ctx.reduction).to(ctx.input_dtype) if needed else None)
+        return out[0], out[1], None
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
                         reduction: str = "mean") -> torch.Tensor:
-    _check(recon, target, kind, reduction)
+    """Reconstruction loss of `recon` against `target`; see the module docstring."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind: expected one of {tuple(_KINDS)}, got {kind!r}")
+    _check_reduction(reduction)
+    _check_pair(recon, target, "recon, target")
+    if kind == "bce" and target.requires_grad:
+        raise ValueError("target: kind='bce' has no gradient with respect to the target "
+                         "(as in torch); detach it or use kind='bce_logits'")
+    if recon.device.type != "cpu":
+        return _torch_reconstruction_loss(recon, target, kind, reduction)
+    return ReconstructionLoss.apply(recon, target, kind, reduction)
+
+
+def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL divergence of N(mu, exp(logvar)) from N(0, 1), per row; see the module docstring."""
+    _check_reduction(reduction)
+    _check_pair(mu, logvar, "mu, logvar")
+    if mu.device.type != "cpu":
+        per_row = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(mu.shape[0], -1).sum(1)
+        return {"mean": per_row.mean, "sum": per_row.sum}.get(reduction, lambda: per_row)()
+    return KLNormal.apply(mu, logvar, reduction)
+
+
+def _torch_reconstruction_loss(recon, target, kind, reduction):
+    """torch's own ops (the GPU path until the CUDA kernels land)."""
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":
@@ -53,14 +198,15 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     return elementwise.reshape(elementwise.shape[0], -1).sum(dim=1)
 
 
-def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
-    if mu.shape != logvar.shape:
-        raise ValueError(f"mu, logvar: shapes differ, {tuple(mu.shape)} vs {tuple(logvar.shape)}")
-    per_row = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(mu.shape[0], -1).sum(dim=1)
-    if reduction == "mean":
-        return per_row.mean()
-    if reduction == "sum":
-        return per_row.sum()
-    return per_row
+class ReconstructionLossModule(torch.nn.Module):
+    """nn.Module form of reconstruction_loss (kind and reduction fixed at construction)."""
+
+    def __init__(self, kind: str = "mse", reduction: str = "mean"):
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"kind: expected one of {tuple(_KINDS)}, got {kind!r}")
+        _check_reduction(reduction)
+        self.kind, self.reduction = kind, reduction
+
+    def forward(self, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return reconstruction_loss(recon, target, self.kind, self.reduction)

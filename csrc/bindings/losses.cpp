@@ -1,0 +1,80 @@
+// pybind11 glue for the fused losses: check buffers, drop the GIL, call ops/losses.h.
+#include <pybind11/pybind11.h>
+
+#include "bindings/arrays.h"
+#include "ops/losses.h"
+
+namespace latentspace::bindings {
+namespace {
+
+// Optional output: None -> nullptr, else a checked writable array of `rows` x `cols` (or rows).
+template <class T>
+T* optional_output(py::object array, const char* name, int ndim, int64_t rows, int64_t cols) {
+  if (array.is_none()) return nullptr;
+  py::array a = array.cast<py::array>();
+  T* data = checked_data<T>(a, name, ndim, true);
+  LS_CHECK_VALUE(dim_of(a, 0) == rows && (ndim == 1 || dim_of(a, 1) == cols), name,
+                 ": expected shape matching the inputs");
+  return data;
+}
+
+template <class T>
+double reconstruction(py::array recon, py::array target, int kind, double grad_scale,
+                      py::object grad, py::object row_losses) {
+  const T* r = checked_data<T>(recon, "recon", 2, false);
+  const T* t = checked_data<T>(target, "target", 2, false);
+  const int64_t rows = dim_of(recon, 0), cols = dim_of(recon, 1);
+  LS_CHECK_VALUE(dim_of(target, 0) == rows && dim_of(target, 1) == cols,
+                 "recon, target: shapes differ");
+  LS_CHECK_VALUE(kind >= 0 && kind <= 2, "kind: expected 0 (mse), 1 (bce) or 2 (bce_logits)");
+  T* g = optional_output<T>(grad, "grad", 2, rows, cols);
+  double* rl = optional_output<double>(row_losses, "row_losses", 1, rows, 0);
+  py::gil_scoped_release release;
+  return reconstruction_loss_cpu<T>(r, t, rows, cols, static_cast<ReconstructionKind>(kind),
+                                    static_cast<T>(grad_scale), g, rl);
+}
+
+template <class T>
+double kl(py::array mu, py::array logvar, double grad_scale, py::object grad_mu,
+          py::object grad_logvar, py::object row_losses) {
+  const T* m = checked_data<T>(mu, "mu", 2, false);
+  const T* lv = checked_data<T>(logvar, "logvar", 2, false);
+  const int64_t rows = dim_of(mu, 0), cols = dim_of(mu, 1);
+  LS_CHECK_VALUE(dim_of(logvar, 0) == rows && dim_of(logvar, 1) == cols, "mu, logvar: shapes differ");
+  T* gm = optional_output<T>(grad_mu, "grad_mu", 2, rows, cols);
+  T* glv = optional_output<T>(grad_logvar, "grad_logvar", 2, rows, cols);
+  double* rl = optional_output<double>(row_losses, "row_losses", 1, rows, 0);
+  py::gil_scoped_release release;
+  return kl_normal_cpu<T>(m, lv, rows, cols, static_cast<T>(grad_scale), gm, glv, rl);
+}
+
+bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+
+}  // namespace
+
+void bind_losses(py::module_& m) {
+  m.def(
+      "reconstruction_loss",
+      [](py::array recon, py::array target, int kind, double grad_scale, py::object grad,
+         py::object row_losses) {
+        return is_float64(recon) ? reconstruction<double>(recon, target, kind, grad_scale, grad, row_losses)
+                                 : reconstruction<float>(recon, target, kind, grad_scale, grad, row_losses);
+      },
+      py::arg("recon"), py::arg("target"), py::arg("kind"), py::arg("grad_scale"),
+      py::arg("grad") = py::none(), py::arg("row_losses") = py::none(),
+      "Sum of elementwise losses of (rows, cols) float32/float64 arrays; optionally writes "
+      "d/d(recon) * grad_scale and per-row sums (float64).");
+  m.def(
+      "kl_normal",
+      [](py::array mu, py::array logvar, double grad_scale, py::object grad_mu,
+         py::object grad_logvar, py::object row_losses) {
+        return is_float64(mu) ? kl<double>(mu, logvar, grad_scale, grad_mu, grad_logvar, row_losses)
+                              : kl<float>(mu, logvar, grad_scale, grad_mu, grad_logvar, row_losses);
+      },
+      py::arg("mu"), py::arg("logvar"), py::arg("grad_scale"), py::arg("grad_mu") = py::none(),
+      py::arg("grad_logvar") = py::none(), py::arg("row_losses") = py::none(),
+      "Sum over rows of KL(N(mu, exp(logvar)) || N(0, 1)); optionally gradients * grad_scale "
+      "and per-row values (float64).");
+}
+
+}  // namespace latentspace::bindings

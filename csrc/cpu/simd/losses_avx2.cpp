@@ -1,0 +1,21 @@
+// Fused float32 losses for the avx2 instruction set (see losses_impl.h).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/simd/losses_kernels.h"
+
+namespace latentspace::cpu {
+namespace {
+
+#include "cpu/simd/vec_avx2.h"
+#include "cpu/simd/losses_impl.h"
+
+}  // namespace
+
+const LossKernels& loss_kernels_avx2() {
+  static const LossKernels kernels{&segment_loss};
+  return kernels;
+}
+
+}  // namespace latentspace::cpu

@@ -1,0 +1,39 @@
+// Portable "vector" primitives (one lane) for the kernel templates (*_impl.h).
+// Include inside an anonymous namespace of a translation unit compiled with the baseline
+// flags, after <cstdint>. No #pragma once, on purpose.
+
+using Vec = float;
+constexpr int kLanes = 1;
+inline Vec vec_zero() { return 0.0f; }
+inline Vec vec_load(const float* p) { return *p; }
+inline void vec_store(float* p, Vec v) { *p = v; }
+inline Vec vec_set1(float x) { return x; }
+inline Vec vec_broadcast(const float* p) { return *p; }
+inline Vec vec_fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
+inline uint32_t vec_less_mask(Vec a, Vec b) { return a < b ? 1u : 0u; }
+inline Vec vec_load_partial(const float* p, int64_t) { return *p; }
+inline void prefetch_ahead(const float*, uintptr_t) {}
+inline Vec reduce_lanes(const Vec v[1]) { return v[0]; }
+inline void transpose_block(Vec[1]) {}
+
+// ---- elementwise math (losses) ----------------------------------------------------------
+inline Vec vec_add(Vec a, Vec b) { return a + b; }
+inline Vec vec_sub(Vec a, Vec b) { return a - b; }
+inline Vec vec_mul(Vec a, Vec b) { return a * b; }
+inline Vec vec_div(Vec a, Vec b) { return a / b; }
+inline Vec vec_max(Vec a, Vec b) { return a > b ? a : b; }
+inline Vec vec_min(Vec a, Vec b) { return a < b ? a : b; }
+inline Vec vec_abs(Vec a) { return __builtin_fabsf(a); }
+inline float vec_sum(Vec a) { return a; }
+inline Vec vec_select(uint32_t mask, Vec a, Vec b) { return mask & 1u ? a : b; }
+inline uint32_t vec_nan_mask(Vec a) { return a != a ? 1u : 0u; }
+inline uint32_t vec_equal_mask(Vec a, Vec b) { return a == b ? 1u : 0u; }
+inline void vec_store_partial(float* p, Vec v, int64_t n) { if (n > 0) *p = v; }
+inline Vec vec_round(Vec a) { return __builtin_nearbyintf(a); }
+inline Vec vec_scale_pow2(Vec y, Vec n) { return __builtin_ldexpf(y, static_cast<int>(n)); }
+inline Vec vec_split_exponent(Vec x, Vec* e) {
+  int exponent = 0;
+  const float m = __builtin_frexpf(x, &exponent);  // m in [0.5, 1)
+  *e = static_cast<float>(exponent - 1);
+  return 2.0f * m;
+}
