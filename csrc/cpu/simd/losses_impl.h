@@ -71,8 +71,10 @@ inline Vec element_loss(Vec r, Vec t, Vec* grad) {
   } else if constexpr (kKind == ReconstructionKind::kBce) {
     const Vec one = vec_set1(1.0f);
     const Vec q = vec_sub(one, r);
-    const Vec log_p = vec_max(vec_log(r), vec_set1(-100.0f));  // torch clamps the logs at -100
-    const Vec log_q = vec_max(vec_log(q), vec_set1(-100.0f));
+    // torch clamps the logs at -100. Operand order matters: vec_max returns its second
+    // operand when either is NaN, so a NaN log propagates.
+    const Vec log_p = vec_max(vec_set1(-100.0f), vec_log(r));
+    const Vec log_q = vec_max(vec_set1(-100.0f), vec_log(q));
     // torch: (p - t) / max(p (1 - p), 1e-12)
     *grad = vec_div(vec_sub(r, t), vec_max(vec_mul(r, q), vec_set1(1e-12f)));
     // -(t log p + (1 - t) log q) = -(t (log p - log q) + log q)
