@@ -9,6 +9,7 @@ namespace latentspace::bindings {
 void bind_info(py::module_& m);
 void bind_knn(py::module_& m);
 void bind_losses(py::module_& m);
+void bind_buffers(py::module_& m);
 }  // namespace latentspace::bindings
 
 PYBIND11_MODULE(_native, m) {
@@ -24,4 +25,5 @@ PYBIND11_MODULE(_native, m) {
   latentspace::bindings::bind_info(m);
   latentspace::bindings::bind_knn(m);
   latentspace::bindings::bind_losses(m);
+  latentspace::bindings::bind_buffers(m);
 }

@@ -75,6 +75,20 @@ def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return x.numpy()
 
 
+# Gradients at least this large go on huge pages (see csrc/bindings/buffers.cpp): faulting in
+# a fresh buffer 4 KiB at a time costs more than the loss kernel itself.
+_HUGE_PAGE_BYTES = 4 << 20
+
+
+def _empty_like(x: np.ndarray) -> np.ndarray:
+    if x.nbytes < _HUGE_PAGE_BYTES:
+        return np.empty_like(x)
+    rows, cols = x.shape
+    if x.dtype == np.float64:
+        return _native.empty_huge_float64(rows, cols)
+    return _native.empty_huge_float32(rows, cols)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
 
@@ -106,7 +120,7 @@ class ReconstructionLoss(torch.autograd.Function):
         count = r.size
         grad_scale = 1.0 / count if (reduction == "mean" and count) else 1.0
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad = np.empty_like(r) if needs_grad else None
+        grad = _empty_like(r) if needs_grad else None
         row_losses = np.empty(r.shape[0], dtype=np.float64) if reduction == "none" else None
         total = _native.reconstruction_loss(r, t, _KINDS[kind], grad_scale, grad, row_losses)
         ctx.kind, ctx.reduction, ctx.input_dtype = kind, reduction, recon.dtype
@@ -139,8 +153,8 @@ class KLNormal(torch.autograd.Function):
         m, lv = _as_rows(mu, dtype), _as_rows(logvar, dtype)
         rows = m.shape[0]
         grad_scale = 1.0 / rows if (reduction == "mean" and rows) else 1.0
-        grad_mu = np.empty_like(m) if ctx.needs_input_grad[0] else None
-        grad_logvar = np.empty_like(lv) if ctx.needs_input_grad[1] else None
+        grad_mu = _empty_like(m) if ctx.needs_input_grad[0] else None
+        grad_logvar = _empty_like(lv) if ctx.needs_input_grad[1] else None
         row_losses = np.empty(rows, dtype=np.float64) if reduction == "none" else None
         total = _native.kl_normal(m, lv, grad_scale, grad_mu, grad_logvar, row_losses)
         ctx.reduction, ctx.input_dtype = reduction, mu.dtype
