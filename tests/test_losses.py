@@ -243,3 +243,17 @@ def test_kl_float32_gradients_match_autograd(generator):
     (-0.5 * (1 + l2 - m2.pow(2) - l2.exp()).sum(1)).mean().backward()
     torch.testing.assert_close(m1.grad, m2.grad)
     torch.testing.assert_close(l1.grad, l2.grad)
+
+
+def test_large_gradients_live_on_huge_page_buffers(generator):
+    """Gradients >= 4 MiB come from 2 MiB-aligned native buffers that numpy/torch own."""
+    recon, target = make_inputs("mse", (1100, 1000), generator)
+    expected = 2 * (recon - target)
+    recon.requires_grad_()
+    reconstruction_loss(recon, target, "mse", "sum").backward()
+    grad = recon.grad
+    assert grad.data_ptr() % (2 << 20) == 0
+    del recon  # the gradient keeps its buffer alive on its own
+    torch.testing.assert_close(grad, expected)
+    latentspace_buffer = latentspace._native.empty_huge_float64(3, 5)
+    assert latentspace_buffer.shape == (3, 5) and latentspace_buffer.dtype == np.float64
