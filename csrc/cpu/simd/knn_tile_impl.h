@@ -1,13 +1,10 @@
-// Tile code shared by every instruction set: the register-blocked inner-product kernel, its
-// key epilogue, and query packing.
+// Tile code shared by every instruction set: database packing, the register-blocked
+// inner-product kernel with its key epilogue, query packing, and the row path.
 //
-// Include this inside an anonymous namespace of the ISA translation unit, after defining:
-//   Vec, kLanes, kPanelWidth, kMaxPanelRows,
-//   vec_zero(), vec_load(p), vec_store(p, v), vec_set1(x), vec_broadcast(p),
-//   vec_fmadd(a, b, c) (= a*b + c), vec_less_mask(a, b) (bit j set where a[j] < b[j]),
-//   vec_load_partial(p, n) (first n lanes, the rest zero, never reading past p + n),
-//   reduce_lanes(v[kLanes]) (lane i = sum of v[i]'s lanes), prefetch_ahead(p, bytes),
-//   transpose_block(v[kLanes]) (in-register kLanes x kLanes transpose).
+// Include this inside an anonymous namespace of the ISA translation unit, after its vector
+// primitives (vec_scalar.h / vec_avx2.h / vec_avx512.h: Vec, kLanes, vec_load, vec_fmadd,
+// vec_less_mask, vec_load_partial, reduce_lanes, transpose_block, prefetch_ahead, ...) and
+// its kPanelWidth, kMaxPanelRows and kMaxRowQueries.
 // Everything here then has internal linkage, so nothing compiled with one ISA's flags can be
 // shared with, or substituted for, another's by the linker.
 // No #pragma once: each ISA translation unit includes it exactly once, in its own namespace.
