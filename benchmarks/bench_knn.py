@@ -21,8 +21,6 @@ into tables.
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,82 +30,34 @@ import pytest
 import faiss
 import latentspace
 import torch
+from _common import (
+    READ_ROOFS,
+    SGEMM_LIBRARIES,
+    THREAD_COUNTS,
+    again_after,
+    measure_roof,
+    read_rate_nearby,
+    rounds_for,
+    timed_call,
+)
 
 METRICS = ("l2", "ip")
 QUERY_COUNTS = (1, 8, 64, 1024)
 KS = (10, 100)
 PEERS = ("latentspace.knn", "latentspace.FlatIndex", "faiss", "torch")
-# 1 thread and all cores: on this 2-core machine some peers are faster with 1 (faiss at Q=1).
-THREAD_COUNTS = sorted({1, len(os.sched_getaffinity(0))})
-
-# Timing: pedantic mode, one call per round. The verification call before timing is the
-# warm-up; rounds are sized so each benchmark times about BUDGET_S seconds of calls, but
-# never fewer than MIN_ROUNDS (Q=1024 at N=1M is ~1-5 s per call, so it gets 3).
-BUDGET_S = float(os.environ.get("LATENTSPACE_BENCH_BUDGET_S", "1.0"))
-MIN_ROUNDS = 3
-MAX_ROUNDS = 100
-
-
-def rounds_for(seconds_per_call: float) -> int:
-    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(BUDGET_S / max(seconds_per_call, 1e-9)))))
-
-
-def timed_call(fn, *args):
-    """One untimed-by-pytest call: returns its result and how long it took."""
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
+# Every peer at 1 thread and all cores (THREAD_COUNTS): on this 2-core machine some peers are
+# faster with 1 (faiss at Q=1). Timing: one call per round, about BUDGET_S seconds of rounds,
+# never fewer than MIN_ROUNDS (_common.py).
 
 
 # ============================================================================================
 # Roofs
 # ============================================================================================
-SGEMM_SIZE = 4096  # 2 * 4096^3 = 137 GFLOP per call: ~1 s, large enough for peak BLAS rate
-READ_BYTES = 1 << 30  # 1 GiB, 32x the L3: every byte comes from DRAM
-SGEMM_LIBRARIES = ("torch.mm", "numpy.matmul")  # numpy's OpenBLAS beats torch's MKL on this AMD CPU
-READ_LIBRARIES = ("torch.sum", "numpy.sum")
-# Cases as (roof, library, threads). numpy sums on one thread whatever the setting.
-ROOFS = [("sgemm", lib, t) for lib in SGEMM_LIBRARIES for t in THREAD_COUNTS] + [
-    ("read", lib, t) for lib in READ_LIBRARIES for t in THREAD_COUNTS if lib == "torch.sum" or t == 1
-]
+# Cases as (roof, library, threads): SGEMM at every thread count, then the read roofs.
+ROOFS = [("sgemm", lib, t) for lib in SGEMM_LIBRARIES for t in THREAD_COUNTS] + READ_ROOFS
 # After the cells, the roofs are measured again at all cores (the best case for both): the
 # memory bandwidth of this VM drifts with its neighbours, so the report uses the higher.
-ROOFS_AGAIN = [r for r in ROOFS if r[2] == max(THREAD_COUNTS) or r[1] == "numpy.sum"]
-
-
-def _sgemm_call(library: str, threads: int):
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((SGEMM_SIZE, SGEMM_SIZE), dtype=np.float32) for _ in range(2))
-    c = np.empty_like(a)
-    if library == "torch.mm":
-        ta, tb, tc = (torch.from_numpy(m) for m in (a, b, c))
-        return lambda: torch.mm(ta, tb, out=tc)
-    # numpy's OpenBLAS ignores torch/faiss thread settings: limit it with threadpoolctl.
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def call():
-        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
-            np.matmul(a, b, out=c)
-
-    return call
-
-
-def _read_call(library: str):
-    # Random values, not np.ones: pages of identical content could be merged (KSM) and then
-    # read from cache. numpy memory is on transparent huge pages, as the database is.
-    array = np.random.default_rng(0).random(READ_BYTES // 4, dtype=np.float32)
-    return torch.from_numpy(array).sum if library == "torch.sum" else array.sum
-
-
-def measure_roof(benchmark, foreign_load, roof: str, library: str, threads: int, when: str):
-    call = _sgemm_call(library, threads) if roof == "sgemm" else _read_call(library)
-    _, seconds = timed_call(call)  # warm-up: BLAS buffers, thread pool
-    work = {"flops": 2 * SGEMM_SIZE**3} if roof == "sgemm" else {"bytes": READ_BYTES}
-    benchmark.group = f"roof {roof}"
-    benchmark.extra_info.update(kind="roof", roof=roof, library=library, threads=threads, when=when, **work)
-    with foreign_load:
-        benchmark.pedantic(call, rounds=rounds_for(seconds), iterations=1, warmup_rounds=1 if seconds < 0.1 else 0)
-    benchmark.extra_info["foreign_cpus"] = foreign_load.cpus
+ROOFS_AGAIN = again_after(ROOFS)
 
 
 @pytest.mark.parametrize("roof,library,threads", ROOFS, ids=lambda v: f"{v}t" if isinstance(v, int) else v)
@@ -414,21 +364,7 @@ def test_knn(benchmark, metric, nq, k, peer, threads, dataset, peers, referee, s
     benchmark.extra_info["verified"] = True
 
 
-# Memory bandwidth on this VM drifts by tens of percent over seconds to minutes (the host's
-# other tenants; nothing in /proc shows it). For the memory-bound cells the read rate is also
-# measured on the database itself right before and after the timed rounds, and the report
-# holds the cell to the higher of that and the session's read roof.
-MEMORY_BOUND_BELOW_Q = 64
-NEARBY_READ_ROUNDS = 5
-
-
-def read_rate_nearby(database: np.ndarray, set_threads, threads: int) -> float:
-    """Best GB/s of a few all-core torch sums over the database; restores `threads`."""
-    set_threads(max(THREAD_COUNTS))  # torch.sum reads fastest on all cores (see the roofs)
-    x = torch.from_numpy(database)
-    best = min(timed_call(x.sum)[1] for _ in range(NEARBY_READ_ROUNDS))
-    set_threads(threads)
-    return database.nbytes / best / 1e9
+MEMORY_BOUND_BELOW_Q = 64  # these cells are also held to a read rate measured right beside them
 
 
 def _distinct(answers):

@@ -1,15 +1,20 @@
 """Shared set-up for the latentspace benchmarks: data, thread control, noise meter, machine info.
 
-Run (from the repository root; the full run takes ~10-15 minutes on 2 cores):
-  python -m pytest benchmarks/ --benchmark-json=bench.json
-  python benchmarks/report_knn.py bench.json
-Quick run (~3 minutes): LATENTSPACE_BENCH_N=100000 python -m pytest benchmarks/ ...
+Run (from the repository root), one JSON per benchmark file:
+  python -m pytest benchmarks/bench_knn.py --benchmark-json=knn.json      # ~10-15 min on 2 cores
+  python benchmarks/report_knn.py knn.json
+  python -m pytest benchmarks/bench_losses.py --benchmark-json=losses.json  # ~1 min
+  python benchmarks/report_losses.py losses.json
+Quick kNN run (~3 minutes): LATENTSPACE_BENCH_N=100000 python -m pytest benchmarks/bench_knn.py ...
 The project's own `pytest` run (testpaths = tests) does not collect these benchmarks.
+Plain helpers shared by the bench_*.py files (rounds, roofs, nearby read rate) are in _common.py.
 
 Environment:
-  LATENTSPACE_BENCH_N         database rows (default 1,000,000; e.g. 100000 for a quick run)
+  LATENTSPACE_BENCH_N         kNN database rows (default 1,000,000; e.g. 100000 for a quick run)
   LATENTSPACE_BENCH_BUDGET_S  seconds of timed calls per benchmark (default 1.0; at least
                               MIN_ROUNDS rounds are always timed)
+  LATENTSPACE_BENCH_QUIET_WAIT_S  longest wait for a quiet machine before a cell, in the
+                              benchmarks that wait (bench_losses.py; default 30)
 """
 
 from __future__ import annotations
@@ -161,6 +166,28 @@ class ForeignLoad:
 @pytest.fixture
 def foreign_load() -> ForeignLoad:
     return ForeignLoad()
+
+
+QUIET_WAIT_S = float(os.environ.get("LATENTSPACE_BENCH_QUIET_WAIT_S", "30"))
+QUIET_CPUS = 0.1
+
+
+def wait_for_quiet(max_wait_s: float = QUIET_WAIT_S, window_s: float = 0.5) -> float:
+    """Waits (at most max_wait_s) until other processes leave the CPUs alone for one window;
+    returns the seconds waited. On 2 cores, one busy neighbour ruins a 2-thread OpenMP run
+    (a descheduled thread stalls every barrier), so cells start in a quiet moment if one comes."""
+    start = time.monotonic()
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(window_s)
+        waited = time.monotonic() - start
+        if load.cpus < QUIET_CPUS or waited >= max_wait_s:
+            return waited
+
+
+@pytest.fixture(scope="session")
+def quiet():
+    return wait_for_quiet
 
 
 # -- machine info, recorded in the benchmark JSON ----------------------------------------------

@@ -120,7 +120,7 @@ def best(by_threads: dict[int, Run]) -> Run:
 
 
 def unverified(run: Run) -> bool:
-    """The benchmark checks every timed answer and sets verified=True only if all were right."""
+    """The benchmarks check every timed answer and set verified=True only if all were right."""
     return run.info.get("verified") is False
 
 
@@ -143,7 +143,7 @@ def read_roof(run: Run, roof: dict[str, Run]) -> float:
 
 
 def noise_mark(run: Run) -> str:
-    if run.info.get("kind") == "knn" and unverified(run):
+    if unverified(run):  # only benchmark cells record "verified"; roofs have nothing to check
         return " ✗ WRONG ANSWER"
     return " ⚠" if run.foreign > NOISY_CPUS else ""
 
@@ -278,9 +278,27 @@ def detail_table(table, thread_counts: list[int]) -> list[str]:
 # -- machine info ----------------------------------------------------------------------------
 def machine_lines(data: dict, runs: list[Run], stat: str) -> list[str]:
     m = data["machine_info"].get("latentspace_bench", {})
+    n, d = m.get("n"), m.get("d")
+    notes = []
+    l3 = m.get("l3_bytes")
+    if l3 and n * d * 4 < 4 * l3:
+        notes.append(
+            f"- **note**: the database ({mib(n * d * 4)}) is under 4x the L3 ({mib(l3)}): part of each "
+            "scan hits cache, so GB/s attainment can exceed what DRAM allows (quick mode)"
+        )
+    data_line = (
+        f"N={n:,} x D={d} float32 ({mib(n * d * 4)}), {m.get('clusters')}-cluster Gaussian "
+        f"mixture, seed {m.get('seed')}; queries from the same mixture"
+    )
+    return environment_lines(data, runs, stat, data_line, notes)
+
+
+def environment_lines(data: dict, runs: list[Run], stat: str, data_line: str, notes=()) -> list[str]:
+    """The machine, versions, threads, data and statistic of a run, then its notes, wrong
+    answers and noise: the top of every benchmark report."""
+    m = data["machine_info"].get("latentspace_bench", {})
     native = m.get("latentspace_native", {})
     threads = sorted({r.threads for r in runs})
-    n, d = m.get("n"), m.get("d")
     lines = [
         f"- **CPU**: {m.get('cpu_model')}, {m.get('cpus')} cores, L3 {mib(m.get('l3_bytes'))}",
         f"- **SIMD level in use** (latentspace): {m.get('simd_level')} (hardware: {m.get('hardware_simd_level')})",
@@ -289,17 +307,11 @@ def machine_lines(data: dict, runs: list[Run], stat: str) -> list[str]:
         f"torch {m.get('torch')} ({m.get('torch_blas')}), numpy {m.get('numpy')}, python {m.get('python')}",
         f"- **threads**: every peer measured at {', '.join(map(str, threads))} thread(s); tables use each "
         f"peer's best (shown as `(Nt)`); OMP_NUM_THREADS={m.get('omp_num_threads_env')}",
-        f"- **data**: N={n:,} x D={d} float32 ({mib(n * d * 4)}), {m.get('clusters')}-cluster Gaussian "
-        f"mixture, seed {m.get('seed')}; queries from the same mixture",
+        f"- **data**: {data_line}",
         f"- **statistic**: {stat} over rounds; run {data.get('datetime', '?')}",
+        *notes,
     ]
-    l3 = m.get("l3_bytes")
-    if l3 and n * d * 4 < 4 * l3:
-        lines.append(
-            f"- **note**: the database ({mib(n * d * 4)}) is under 4x the L3 ({mib(l3)}): part of each "
-            "scan hits cache, so GB/s attainment can exceed what DRAM allows (quick mode)"
-        )
-    wrong = [r for r in runs if r.info["kind"] == "knn" and unverified(r)]
+    wrong = [r for r in runs if unverified(r)]
     if wrong:
         lines.append(f"- **✗ WRONG ANSWERS**: {len(wrong)} runs returned a wrong answer in a timed round; "
                      "they are left out of the summary")
