@@ -3,13 +3,20 @@
 // A freshly allocated 25 MB gradient costs more to fault in, 4 KiB page by 4 KiB page, than
 // the loss kernel takes to fill it (measured: 3-20 ms of first-touch faults against ~1 ms of
 // writing). Buffers from here are 2 MiB aligned and marked MADV_HUGEPAGE, so the kernel
-// faults them in 2 MiB at a time; numpy owns them through a capsule that frees them.
+// faults them in 2 MiB at a time; numpy owns them through a capsule. A training loop asks
+// for the same size every step, and glibc would unmap and remap such a block each time
+// (faulting it in again), so freed buffers go to a small cache (kCachedBuffers blocks, at
+// most kCacheBytes in all) from which the next request of that size is served.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <utility>
+#include <vector>
 
 #include "core/check.h"
 
@@ -19,16 +26,69 @@ namespace py = pybind11;
 
 namespace {
 constexpr size_t kHugePage = size_t{2} << 20;
+constexpr size_t kCachedBuffers = 4;
+constexpr size_t kCacheBytes = size_t{512} << 20;
+
+// A block and its size, remembered so the capsule can hand it back to the cache.
+struct Block {
+  void* data;
+  size_t bytes;
+};
+
+class BlockCache {
+ public:
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < free_.size(); ++i) {
+      if (free_[i].bytes == bytes) {
+        void* data = free_[i].data;
+        cached_bytes_ -= bytes;
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+        return data;
+      }
+    }
+    return nullptr;
+  }
+  void give_back(Block block) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (free_.size() < kCachedBuffers && cached_bytes_ + block.bytes <= kCacheBytes) {
+        free_.push_back(block);
+        cached_bytes_ += block.bytes;
+        return;
+      }
+    }
+    std::free(block.data);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Block> free_;
+  size_t cached_bytes_ = 0;
+};
+
+BlockCache& cache() {
+  static BlockCache* instance = new BlockCache();  // never destroyed: capsules may outlive exit
+  return *instance;
+}
 
 template <class T>
 py::array_t<T> empty_huge(int64_t rows, int64_t cols) {
   LS_CHECK_VALUE(rows >= 0 && cols >= 0, "shape: expected non-negative sizes");
   const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * sizeof(T);
-  const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* data = rounded ? std::aligned_alloc(kHugePage, rounded) : std::malloc(1);
-  if (data == nullptr) throw std::bad_alloc();
-  if (rounded) madvise(data, rounded, MADV_HUGEPAGE);  // a hint: failure only costs speed
-  py::capsule owner(data, [](void* p) { std::free(p); });
+  const size_t rounded = std::max(kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage);
+  void* data = cache().take(rounded);
+  if (data == nullptr) {
+    data = std::aligned_alloc(kHugePage, rounded);
+    if (data == nullptr) throw std::bad_alloc();
+    madvise(data, rounded, MADV_HUGEPAGE);  // a hint: failure only costs speed
+  }
+  Block* block = new Block{data, rounded};
+  py::capsule owner(block, [](void* p) {
+    Block* b = static_cast<Block*>(p);
+    cache().give_back(*b);
+    delete b;
+  });
   return py::array_t<T>({rows, cols}, static_cast<T*>(data), owner);
 }
 }  // namespace

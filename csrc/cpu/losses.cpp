@@ -101,6 +101,27 @@ double reconstruction_loss_cpu(const T* recon, const T* target, int64_t rows, in
   return total;
 }
 
+namespace {
+
+// One row of the KL sum: float32 through the SIMD table, float64 in plain C++.
+double kl_row(const float* mu, const float* logvar, int64_t n, float grad_scale, float* grad_mu,
+              float* grad_logvar) {
+  return cpu::loss_kernels(active_simd_level()).kl_segment(mu, logvar, n, grad_scale, grad_mu, grad_logvar);
+}
+double kl_row(const double* mu, const double* logvar, int64_t n, double grad_scale,
+              double* grad_mu, double* grad_logvar) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double variance = std::exp(logvar[j]);
+    sum += 1.0 + logvar[j] - mu[j] * mu[j] - variance;
+    if (grad_mu) grad_mu[j] = mu[j] * grad_scale;
+    if (grad_logvar) grad_logvar[j] = 0.5 * (variance - 1.0) * grad_scale;
+  }
+  return sum;
+}
+
+}  // namespace
+
 template <class T>
 double kl_normal_cpu(const T* mu, const T* logvar, int64_t rows, int64_t cols, T grad_scale,
                      T* grad_mu, T* grad_logvar, double* row_losses) {
@@ -108,14 +129,10 @@ double kl_normal_cpu(const T* mu, const T* logvar, int64_t rows, int64_t cols, T
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), rows)));
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
-    double sum = 0.0;
-    for (int64_t j = row * cols; j < (row + 1) * cols; ++j) {
-      const T variance = std::exp(logvar[j]);
-      sum += static_cast<double>(T(1) + logvar[j] - mu[j] * mu[j] - variance);
-      if (grad_mu) grad_mu[j] = mu[j] * grad_scale;
-      if (grad_logvar) grad_logvar[j] = T(0.5) * (variance - T(1)) * grad_scale;
-    }
-    sums[row] = -0.5 * sum;
+    const int64_t offset = row * cols;
+    sums[row] = -0.5 * kl_row(mu + offset, logvar + offset, cols, grad_scale,
+                              grad_mu ? grad_mu + offset : nullptr,
+                              grad_logvar ? grad_logvar + offset : nullptr);
   }
   double total = 0.0;
   for (int64_t row = 0; row < rows; ++row) {

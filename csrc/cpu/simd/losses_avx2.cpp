@@ -14,7 +14,7 @@ namespace {
 }  // namespace
 
 const LossKernels& loss_kernels_avx2() {
-  static const LossKernels kernels{&segment_loss};
+  static const LossKernels kernels{&segment_loss, &kl_segment};
   return kernels;
 }
 

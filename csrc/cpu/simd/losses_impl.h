@@ -2,13 +2,13 @@
 // primitives of vec_*.h. Include inside the anonymous namespace of an ISA translation unit,
 // after the matching vec_*.h. No #pragma once, on purpose.
 //
-// exp and log are polynomial approximations on a reduced range (the classic Cephes
-// coefficients): about 1 ulp over the range the losses use, NaN in -> NaN out.
+// exp is a polynomial on a reduced range (the classic Cephes coefficients); log reduces to
+// m in [1, 2) and sums the atanh series. Both about 1 ulp over the range the losses use,
+// NaN in -> NaN out.
 
 constexpr float kLn2High = 0.693359375f;      // ln 2 split in two for an exact reduction
 constexpr float kLn2Low = -2.12194440e-4f;
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kSqrtHalf2 = 1.41421356237f;  // sqrt(2)
 
 inline Vec vec_polynomial(Vec x, const float* c, int count) {
   Vec p = vec_set1(c[0]);
@@ -16,49 +16,52 @@ inline Vec vec_polynomial(Vec x, const float* c, int count) {
   return p;
 }
 
-// Natural log for x >= 0: log(0) = -inf, log(inf) = inf, NaN -> NaN.
-inline Vec vec_log(Vec x) {
-  static constexpr float kCoefficients[9] = {
-      7.0376836292e-2f, -1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f,
-      -1.6668057665e-1f, 2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f};
-  Vec e;
-  Vec m = vec_split_exponent(x, &e);  // x = m * 2^e, m in [1, 2)
-  const uint32_t high = vec_less_mask(vec_set1(kSqrtHalf2), m);  // recentre: m in [sqrt(.5), sqrt(2))
-  m = vec_select(high, vec_mul(m, vec_set1(0.5f)), m);
-  e = vec_select(high, vec_add(e, vec_set1(1.0f)), e);
-  const Vec f = vec_sub(m, vec_set1(1.0f));
-  const Vec f2 = vec_mul(f, f);
-  Vec y = vec_mul(vec_mul(vec_polynomial(f, kCoefficients, 9), f), f2);  // f^3 P(f)
-  y = vec_fmadd(e, vec_set1(kLn2Low), y);
-  y = vec_fmadd(f2, vec_set1(-0.5f), y);
-  Vec result = vec_fmadd(e, vec_set1(kLn2High), vec_add(f, y));
-  result = vec_select(vec_equal_mask(x, vec_zero()), vec_set1(-__builtin_inff()), result);
-  result = vec_select(vec_equal_mask(x, vec_set1(__builtin_inff())), x, result);
-  return vec_select(vec_nan_mask(x), x, result);
+// Odd series of 2 atanh(s) = log((1 + s) / (1 - s)) for s in [0, 1/3], highest term first
+// (7 terms: the next is below 1.5e-8 relative).
+constexpr float kAtanhSeries[7] = {1.0f / 13, 1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f};
+
+// 2 atanh(s) for s in [0, 1/3].
+inline Vec twice_atanh(Vec s) {
+  return vec_mul(vec_add(s, s), vec_polynomial(vec_mul(s, s), kAtanhSeries, 7));
 }
 
-// e^x: 0 below -104 (float32 underflow), inf above 88.8, NaN -> NaN.
-inline Vec vec_exp(Vec x) {
+// log(m) + e ln 2 for m in [1, 2) and integral e: log(m) = 2 atanh((m - 1) / (m + 1)).
+inline Vec log_of_split(Vec m, Vec e) {
+  const Vec s = vec_mul(vec_sub(m, vec_set1(1.0f)), vec_reciprocal(vec_add(m, vec_set1(1.0f))));
+  return vec_fmadd(e, vec_set1(kLn2High), vec_fmadd(e, vec_set1(kLn2Low), twice_atanh(s)));
+}
+
+// Natural log for x in [0, 2^127]: log(0) comes out at or below -103 (callers clamp, as the
+// losses do at -100); NaN -> NaN. No special-case selects: this is the losses' hot path.
+inline Vec vec_log(Vec x) {
+  Vec e;
+  const Vec m = vec_split_exponent(x, &e);
+  return log_of_split(m, e);
+}
+
+// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) in [0, 1/3]. Exact in the limit
+// of tiny e (s -> e/2), with no exponent to extract.
+inline Vec vec_log1p_unit(Vec e) {
+  return twice_atanh(vec_mul(e, vec_reciprocal(vec_add(vec_set1(2.0f), e))));
+}
+
+// e^x for x <= 0 (and NaN -> NaN): below -104 it returns e^-104 ~ 7e-46 (float32 underflow).
+inline Vec vec_exp_nonpositive(Vec x) {
   static constexpr float kCoefficients[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
                                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-  const Vec clamped = vec_max(vec_min(x, vec_set1(89.0f)), vec_set1(-104.0f));
-  const Vec n = vec_round(vec_mul(clamped, vec_set1(kLog2e)));
-  Vec r = vec_fmadd(n, vec_set1(-kLn2High), clamped);
+  x = vec_max(vec_set1(-104.0f), x);  // operand order: NaN propagates
+  const Vec n = vec_round(vec_mul(x, vec_set1(kLog2e)));
+  Vec r = vec_fmadd(n, vec_set1(-kLn2High), x);
   r = vec_fmadd(n, vec_set1(-kLn2Low), r);
   const Vec y = vec_fmadd(vec_polynomial(r, kCoefficients, 6), vec_mul(r, r), vec_add(r, vec_set1(1.0f)));
-  Vec result = vec_scale_pow2(y, n);
-  result = vec_select(vec_less_mask(x, vec_set1(-104.0f)), vec_zero(), result);
-  result = vec_select(vec_less_mask(vec_set1(89.0f), x), vec_set1(__builtin_inff()), result);
-  return vec_select(vec_nan_mask(x), x, result);
+  return vec_scale_pow2(y, n);
 }
 
-// log(1 + e) for e in [0, 1], accurate for tiny e (u - 1 recovers the rounding of 1 + e).
-inline Vec vec_log1p_unit(Vec e) {
-  const Vec u = vec_add(vec_set1(1.0f), e);
-  const Vec d = vec_sub(u, vec_set1(1.0f));
-  const uint32_t exact = vec_equal_mask(d, vec_zero());  // 1 + e == 1: log1p(e) = e
-  const Vec safe_d = vec_select(exact, vec_set1(1.0f), d);
-  return vec_select(exact, e, vec_mul(vec_log(u), vec_div(e, safe_d)));
+// e^x for any x: e^x for x > 0 is 1 / e^-x; +inf above 88.7 (through the reciprocal of 0).
+inline Vec vec_exp(Vec x) {
+  const Vec small = vec_exp_nonpositive(vec_sub(vec_zero(), vec_abs(x)));
+  const uint32_t positive = vec_less_mask(vec_zero(), x);
+  return vec_select(positive, vec_div(vec_set1(1.0f), small), small);
 }
 
 // Loss and d(loss)/d(recon) of one vector of elements.
@@ -76,13 +79,14 @@ inline Vec element_loss(Vec r, Vec t, Vec* grad) {
     const Vec log_p = vec_max(vec_set1(-100.0f), vec_log(r));
     const Vec log_q = vec_max(vec_set1(-100.0f), vec_log(q));
     // torch: (p - t) / max(p (1 - p), 1e-12)
-    *grad = vec_div(vec_sub(r, t), vec_max(vec_mul(r, q), vec_set1(1e-12f)));
+    *grad = vec_mul(vec_sub(r, t), vec_reciprocal(vec_max(vec_mul(r, q), vec_set1(1e-12f))));
     // -(t log p + (1 - t) log q) = -(t (log p - log q) + log q)
     return vec_sub(vec_zero(), vec_fmadd(t, vec_sub(log_p, log_q), log_q));
   } else {
-    // x = logit: max(x, 0) - x t + log(1 + e^-|x|); d/dx = sigmoid(x) - t.
-    const Vec e = vec_exp(vec_sub(vec_zero(), vec_abs(r)));
-    const Vec inverse = vec_div(vec_set1(1.0f), vec_add(vec_set1(1.0f), e));
+    // x = logit: max(x, 0) - x t + log(1 + e), e = exp(-|x|); d/dx = sigmoid(x) - t.
+    const Vec e = vec_exp_nonpositive(vec_sub(vec_zero(), vec_abs(r)));
+    const Vec u = vec_add(vec_set1(1.0f), e);
+    const Vec inverse = vec_reciprocal(u);  // 1 / (1 + e)
     const uint32_t negative = vec_less_mask(r, vec_zero());
     const Vec sigmoid = vec_select(negative, vec_mul(e, inverse), inverse);
     *grad = vec_sub(sigmoid, t);
@@ -136,4 +140,23 @@ float segment_loss(const float* recon, const float* target, int64_t n, Reconstru
   }
   return grad ? segment_loss_for<ReconstructionKind::kBceLogits, true>(recon, target, n, grad_scale, grad, out_of_range)
               : segment_loss_for<ReconstructionKind::kBceLogits, false>(recon, target, n, grad_scale, grad, out_of_range);
+}
+
+float kl_segment(const float* mu, const float* logvar, int64_t n, float grad_scale,
+                 float* grad_mu, float* grad_logvar) {
+  const Vec scale = vec_set1(grad_scale), half_scale = vec_set1(0.5f * grad_scale);
+  Vec total = vec_zero();
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t count = n - i < kLanes ? n - i : kLanes;
+    const Vec m = vec_load_partial(mu + i, count);
+    const Vec lv = vec_load_partial(logvar + i, count);
+    const Vec variance = vec_exp(lv);
+    // 1 + lv - m^2 - variance; padding lanes (m = lv = 0) contribute 1 + 0 - 0 - 1 = 0.
+    total = vec_add(total, vec_sub(vec_sub(vec_add(vec_set1(1.0f), lv), vec_mul(m, m)), variance));
+    if (grad_mu) vec_store_partial(grad_mu + i, vec_mul(m, scale), count);
+    if (grad_logvar) {
+      vec_store_partial(grad_logvar + i, vec_mul(vec_sub(variance, vec_set1(1.0f)), half_scale), count);
+    }
+  }
+  return vec_sum(total);
 }

@@ -16,6 +16,11 @@ struct LossKernels {
   float (*segment_loss)(const float* recon, const float* target, int64_t n,
                         ReconstructionKind kind, float grad_scale, float* grad,
                         uint32_t* out_of_range);
+  // Sum over n elements of (1 + logvar - mu^2 - exp(logvar)); the gradients (nullable) get
+  // d(KL)/d(mu) * grad_scale = mu * grad_scale and d(KL)/d(logvar) * grad_scale =
+  // (exp(logvar) - 1) / 2 * grad_scale.
+  float (*kl_segment)(const float* mu, const float* logvar, int64_t n, float grad_scale,
+                      float* grad_mu, float* grad_logvar);
 };
 
 const LossKernels& loss_kernels_scalar();

@@ -12,7 +12,7 @@ namespace {
 }  // namespace
 
 const LossKernels& loss_kernels_scalar() {
-  static const LossKernels kernels{&segment_loss};
+  static const LossKernels kernels{&segment_loss, &kl_segment};
   return kernels;
 }
 

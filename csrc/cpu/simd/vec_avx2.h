@@ -107,7 +107,14 @@ inline Vec vec_scale_pow2(Vec y, Vec n) {
   };
   return _mm256_mul_ps(_mm256_mul_ps(y, pow2(half)), pow2(_mm256_sub_ps(n, half)));
 }
+// 1/x to about 1 ulp: the 12-bit estimate refined by two Newton steps (cheaper than a divide).
+inline Vec vec_reciprocal(Vec x) {
+  __m256 r = _mm256_rcp_ps(x);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0f)));
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(2.0f)));
+}
 // x = m * 2^e with m in [1, 2) (denormals included, scaled up first): returns m, sets e.
+// x = 0 gives e = -150 (so log(0) comes out below -103); NaN gives m = NaN.
 inline Vec vec_split_exponent(Vec x, Vec* e) {
   const __m256 denormal = _mm256_cmp_ps(x, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
   x = _mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), denormal);  // * 2^23
@@ -115,5 +122,6 @@ inline Vec vec_split_exponent(Vec x, Vec* e) {
   const __m256 exponent = _mm256_cvtepi32_ps(
       _mm256_sub_epi32(_mm256_srli_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7f800000)), 23), _mm256_set1_epi32(127)));
   *e = _mm256_sub_ps(exponent, _mm256_and_ps(denormal, _mm256_set1_ps(23.0f)));
-  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+  return _mm256_blendv_ps(m, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }

@@ -90,8 +90,16 @@ inline void vec_store_partial(float* p, Vec v, int64_t n) {
 // 2^n * y for integral n (any range: underflows to 0, overflows to inf, like ldexp).
 inline Vec vec_scale_pow2(Vec y, Vec n) { return _mm512_scalef_ps(y, n); }
 inline Vec vec_round(Vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-// x = m * 2^e with m in [1, 2) (denormals included): returns m, sets e.
+// 1/x to about 1 ulp: the 14-bit estimate refined by one Newton step (cheaper than a divide).
+inline Vec vec_reciprocal(Vec x) {
+  const __m512 r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.0f)));
+}
+// x = m * 2^e with m in [1, 2) (denormals included): returns m, sets e. x = 0 gives m = 1,
+// e = -150 (so log(0) comes out below -103, as on the other ISAs); NaN gives NaN.
 inline Vec vec_split_exponent(Vec x, Vec* e) {
-  *e = _mm512_getexp_ps(x);
-  return _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  *e = _mm512_mask_blend_ps(zero, _mm512_getexp_ps(x), _mm512_set1_ps(-150.0f));
+  return _mm512_mask_blend_ps(zero, _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src),
+                              _mm512_set1_ps(1.0f));
 }

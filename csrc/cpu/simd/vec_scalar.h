@@ -31,7 +31,14 @@ inline uint32_t vec_equal_mask(Vec a, Vec b) { return a == b ? 1u : 0u; }
 inline void vec_store_partial(float* p, Vec v, int64_t n) { if (n > 0) *p = v; }
 inline Vec vec_round(Vec a) { return __builtin_nearbyintf(a); }
 inline Vec vec_scale_pow2(Vec y, Vec n) { return __builtin_ldexpf(y, static_cast<int>(n)); }
+inline Vec vec_reciprocal(Vec x) { return 1.0f / x; }
+// x = m * 2^e with m in [1, 2): returns m, sets e. x = 0 gives e = -150 (log(0) below -103);
+// NaN gives NaN.
 inline Vec vec_split_exponent(Vec x, Vec* e) {
+  if (x == 0.0f) {
+    *e = -150.0f;
+    return 1.0f;
+  }
   int exponent = 0;
   const float m = __builtin_frexpf(x, &exponent);  // m in [0.5, 1)
   *e = static_cast<float>(exponent - 1);
