@@ -40,6 +40,8 @@ constexpr int64_t kHeapBytesPerThread = int64_t{64} << 20;
 constexpr int64_t kQueriesPerThreadToSplitQueries = 64;
 // Splitting the database needs enough panels for every thread.
 constexpr int64_t kMinPanelsPerThread = 4;
+// Multiply-adds below which a second thread does not pay for itself.
+constexpr double kMinWorkPerThread = 1 << 18;
 
 const char* const kBadRowMessage =
     " contains NaN or Inf, or values so large that squared distances overflow float32 "
@@ -228,7 +230,10 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
   const int64_t block_rows = std::max<int64_t>(
       1, std::min({num_queries, std::max<int64_t>(kernels.max_panel_rows, kQueryBlockBytes / (dim * 4)),
                    kHeapBytesPerThread / (kept * 12)}));
-  const int threads = num_threads();
+  // Tiny searches (a few thousand multiply-adds per thread) run on one thread: waking a
+  // second costs more than it saves, and far more on a busy machine.
+  const double work = static_cast<double>(num_queries) * static_cast<double>(num_database) * dim;
+  const int threads = work < kMinWorkPerThread * 2 ? 1 : num_threads();
   const bool split_database = threads > 1 &&
                               num_queries < kQueriesPerThreadToSplitQueries * threads &&
                               num_panels >= kMinPanelsPerThread * threads;
