@@ -16,6 +16,8 @@ import latentspace as ls
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, ModelFileError
 from latentspace.models import io as model_io
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _trained_like(model):
     """Non-default weights, so a round trip that silently re-initialised would show."""

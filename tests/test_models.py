@@ -11,6 +11,8 @@ import latentspace as ls
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, LatentModel
 from latentspace.models import pca as pca_module
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _models():
     """One small instance of every model kind, with its per-sample input shape."""

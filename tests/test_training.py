@@ -13,6 +13,8 @@ import latentspace as ls
 from latentspace import training
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def digits():

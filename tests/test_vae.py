@@ -13,6 +13,8 @@ import torch
 
 from latentspace.models import VAE
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _linear(layer, x):
     return x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
