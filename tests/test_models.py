@@ -81,6 +81,21 @@ def test_other_real_dtypes_are_converted(rng):
     np.testing.assert_array_equal(model.encode(x.T.copy().T.astype(np.float32)), expected)  # non-contiguous
 
 
+def test_numpy_inputs_are_processed_in_chunks(rng, monkeypatch):
+    from latentspace.models import base
+
+    model = VAE(12, 3, hidden=(8,))
+    x = rng.random((50, 12)).astype(np.float32)
+    whole, whole_recon = model.encode(x), model(x)
+    monkeypatch.setattr(base, "_NUMPY_CHUNK_ROWS", 7)
+    # equal up to float32 rounding (matmul blocking depends on the batch size)
+    np.testing.assert_allclose(model.encode(x), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(x), whole_recon, rtol=1e-5, atol=1e-6)
+    mu, logvar = model.posterior(x)
+    np.testing.assert_allclose(mu, whole, rtol=1e-5, atol=1e-6)
+    assert logvar.shape == (50, 3)
+
+
 def test_conv_accepts_flat_rows_and_answers_in_their_shape(rng):
     model = ConvAutoencoder((1, 8, 8), 4, channels=(4, 8))
     images = rng.random((6, 1, 8, 8)).astype(np.float32)

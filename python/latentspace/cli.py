@@ -96,7 +96,7 @@ def _command_demo(args: argparse.Namespace) -> int:
 
     rows = [("raw pixels", dim, 0.0, knn_label_agreement(x_test, y_test, k=args.k))]
     pca = PCA(args.latent_dim).fit(x_train)
-    rows.append((f"PCA", args.latent_dim, reconstruction_mse(x_test, pca(x_test)),
+    rows.append(("PCA", args.latent_dim, reconstruction_mse(x_test, pca(x_test)),
                   knn_label_agreement(pca.encode(x_test), y_test, k=args.k)))
     print(f"  PCA: {args.latent_dim} components, "
           f"{float(pca.explained_variance_ratio.sum()):.1%} of the variance")
@@ -109,12 +109,12 @@ def _command_demo(args: argparse.Namespace) -> int:
         history = train(model, x_train, epochs=epochs, batch_size=settings["batch_size"], lr=settings["lr"],
                         val_fraction=0.1, early_stopping=settings["patience"], seed=args.seed, device="cpu",
                         progress=sys.stderr.isatty())
+        if history.interrupted:
+            print("latentspace demo: interrupted", file=sys.stderr)
+            return 130
         print(f"  {settings['title']}: {history.epochs_run} epochs in {history.seconds:.1f} s "
               f"({history.samples_per_second:,.0f} samples/s), best validation loss "
               f"{history.best_loss:.3f} at epoch {history.best_epoch + 1}")
-        if history.interrupted:
-            print("  interrupted (Ctrl-C)", file=sys.stderr)
-            return 130
         rows.append((settings["title"], args.latent_dim, reconstruction_mse(x_test, model(x_test)),
                      knn_label_agreement(model.encode(x_test), y_test, k=args.k)))
         trained[kind] = model
