@@ -326,3 +326,18 @@ def test_history_to_dict_is_json_ready(digits):
     history = _fit(Autoencoder(64, 4, hidden=(8,)), x, epochs=2)
     data = json.loads(json.dumps(history.to_dict()))
     assert data["epochs_run"] == 2 and len(data["train_loss"]) == 2 and data["seed"] == 0
+
+
+def test_public_api_is_lazy_and_train_stays_a_function():
+    """`import latentspace` does not load torch; latentspace.train is the function even
+    after the modules behind it are imported in any order."""
+    import subprocess
+    import sys
+
+    code = ("import sys, latentspace as ls; assert 'torch' not in sys.modules; "
+            "import latentspace.cli, latentspace.training, latentspace.models; "
+            "assert callable(ls.train) and ls.train.__module__ == 'latentspace.training'; "
+            "assert ls.VAE is ls.models.VAE and ls.save_model is ls.models.save_model; "
+            "assert set(ls.__all__) <= set(dir(ls)); print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -256,7 +256,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     diverged: str | None = None
     started = time.perf_counter()
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     bar = tqdm(total=epochs * n_batches, unit="batch", desc=type(model).__name__, disable=not progress,
                file=sys.stderr, dynamic_ncols=True, leave=True)
