@@ -247,6 +247,19 @@ def test_memory_mapped_and_torch_data(digits, tmp_path):
         np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-6)
 
 
+def test_batches_gathered_from_large_data_match_resident_data(digits, monkeypatch):
+    x, _ = digits
+    torch.manual_seed(0)
+    resident = Autoencoder(64, 4, hidden=(16,))
+    _fit(resident, x.astype(np.float64), epochs=2)
+    monkeypatch.setattr(training, "_RESIDENT_MAX_BYTES", 0)  # float64 numpy and torch: gathered
+    for data in (x.astype(np.float64), torch.from_numpy(x).double()):
+        torch.manual_seed(0)
+        gathered = Autoencoder(64, 4, hidden=(16,))
+        _fit(gathered, data, epochs=2)
+        np.testing.assert_allclose(gathered.encode(x), resident.encode(x), rtol=1e-5, atol=1e-6)
+
+
 def test_conv_trains_on_images_and_flat_rows(digits):
     x, _ = digits
     for data in (x, x.reshape(-1, 1, 8, 8)):

@@ -84,9 +84,10 @@ def _resolve_device(device: Any) -> torch.device:
 class _Data:
     """The training rows, checked once, served in batches as float32 tensors on the device.
 
-    Small in-memory data is converted and moved once; a memory map (or data too large for
-    the device) stays where it is and each batch is gathered from it (rows in ascending
-    order, so a memory map is read front to back).
+    In-memory data up to 1 GiB (as float32) is converted and moved to the device once, and
+    float32 data in CPU memory is used in place for CPU training, whatever its size; a memory
+    map, or other data, stays where it is and each batch is gathered from it (rows in
+    ascending order, so a memory map is read front to back).
     """
 
     def __init__(self, X: Any, model: ReconstructionModel, loss: str, device: torch.device):
@@ -106,7 +107,11 @@ class _Data:
         self.device = device
         nbytes = self.n * int(np.prod(X.shape[1:])) * 4
         in_memory = is_torch_tensor(X) or not isinstance(X, np.memmap)
-        self.resident = in_memory and (device.type == "cpu" or nbytes <= _RESIDENT_MAX_BYTES)
+        # float32 data already in CPU memory is used in place, however large
+        zero_copy = device.type == "cpu" and (
+            (is_torch_tensor(X) and X.device.type == "cpu" and X.dtype == torch.float32)
+            or (not is_torch_tensor(X) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable))
+        self.resident = in_memory and (zero_copy or nbytes <= _RESIDENT_MAX_BYTES)
         if self.resident:
             tensor = X if is_torch_tensor(X) else numpy_to_tensor(X)
             self.tensor = tensor.to(device=device, dtype=torch.float32)
