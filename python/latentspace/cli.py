@@ -71,14 +71,15 @@ def _parse_models(text: str) -> list[str]:
 
 
 def _command_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    kinds = _parse_models(args.models)  # before the imports: a typo fails at once
+
     import torch
 
     from .metrics import knn_label_agreement, reconstruction_mse, self_dropped
     from .models import PCA
     from .training import train
 
-    started = time.perf_counter()
-    kinds = _parse_models(args.models)
     if args.threads is not None:
         set_num_threads(args.threads)
     get_num_threads()  # fixes latentspace's default (OpenMP's) before torch's setting below
