@@ -3,7 +3,7 @@
 * `reference_knn`: a float64 numpy reference with the package's exact conventions.
 * `assert_knn_matches`: compares a (distances, indices) result with the reference, robust to
   float32 rounding near ties.
-* fixtures: `simd_level` (every SIMD level this CPU supports), `one_torch_thread`, `rng` (a freshly seeded numpy
+* fixtures: `simd_level` (every SIMD level this CPU supports), `single_threaded`, `rng` (a freshly seeded numpy
   Generator whose seed is printed, so a failure can be replayed with LATENTSPACE_TEST_SEED),
   and an autouse guard that restores the SIMD level and the thread count after every test.
 """
@@ -64,17 +64,18 @@ def _restore_runtime_state():
 
 
 @pytest.fixture
-def one_torch_thread():
-    """torch on one thread for the test (restored after): the models trained in tests are
-    tiny, and torch's thread team slows down many times over when another process shares
-    the 2 CPU cores, where one thread does not. latentspace's own count is unaffected."""
+def single_threaded():
+    """torch and latentspace on one thread for the test (restored after): the models trained
+    in tests are tiny, and a team of two threads slows down many times over when another
+    process shares the 2 CPU cores, where one thread does not."""
     import torch
 
-    latentspace.get_num_threads()  # fixes latentspace's default before torch's change
-    previous = torch.get_num_threads()
+    previous = latentspace.get_num_threads(), torch.get_num_threads()
     torch.set_num_threads(1)
+    latentspace.set_num_threads(1)
     yield
-    torch.set_num_threads(previous)
+    latentspace.set_num_threads(previous[0])
+    torch.set_num_threads(previous[1])
 
 
 @pytest.fixture

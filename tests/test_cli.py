@@ -146,7 +146,7 @@ def _main(capsys, *args: str) -> tuple[int, str, str]:
 
     previous = torch.get_num_threads()
     try:
-        code = main(list(args) + ["--threads", "1"])  # tiny models: see conftest.one_torch_thread
+        code = main(list(args) + ["--threads", "1"])  # tiny models: see conftest.single_threaded
     finally:
         torch.set_num_threads(previous)
     captured = capsys.readouterr()

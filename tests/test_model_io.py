@@ -16,7 +16,7 @@ import latentspace as ls
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, ModelFileError
 from latentspace.models import io as model_io
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _trained_like(model):

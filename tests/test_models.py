@@ -11,7 +11,7 @@ import latentspace as ls
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, LatentModel
 from latentspace.models import pca as pca_module
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _models():

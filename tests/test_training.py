@@ -13,7 +13,7 @@ import latentspace as ls
 from latentspace import training
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 @pytest.fixture(scope="module")

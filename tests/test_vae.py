@@ -13,7 +13,7 @@ import torch
 
 from latentspace.models import VAE
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
 def _linear(layer, x):

@@ -82,10 +82,12 @@ def _command_demo(args: argparse.Namespace) -> int:
 
     if args.threads is not None:
         set_num_threads(args.threads)
-    get_num_threads()  # fixes latentspace's default (OpenMP's) before torch's setting below
-    # These models are small: one torch thread trains them faster than two on 2 cores (no
-    # fork-join per tiny matmul) and does not collapse when another process shares the CPU.
+    search_threads = get_num_threads()  # (read before torch's setting: OpenMP's default)
+    # These models are small: one thread trains them faster than two on 2 cores (no fork-join
+    # per tiny matmul or loss) and does not collapse when another process shares the CPU
+    # (two threads, torch's or latentspace's, made the demo 3x slower beside one busy process).
     torch.set_num_threads(args.threads or 1)
+    set_num_threads(args.threads or 1)
     images, labels = datasets.load_digits()
     n, dim = images.shape
     train_rows, test_rows = datasets.stratified_split(labels, test_fraction=0.3, seed=0)
@@ -126,6 +128,7 @@ def _command_demo(args: argparse.Namespace) -> int:
     print()
 
     # An index over the first learned model's codes of all digits, and a few neighbourhoods.
+    set_num_threads(search_threads)
     kind = kinds[0]
     title = _DEMO_MODELS[kind]["title"]
     codes = trained[kind].encode(images)
@@ -285,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--show", type=int, default=4, help="neighbours drawn per digit (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="weights, training and shown digits (default 0)")
     demo.add_argument("--threads", type=int, default=None,
-                      help="threads for search and training (default: OpenMP's for search, 1 for training)")
+                      help="threads for training and search (default: 1 for training, OpenMP's for search)")
     demo.set_defaults(run=_command_demo)
 
     trainer = sub.add_parser("train", help="train a latent model on digits or a data file, save it")
