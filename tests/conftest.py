@@ -3,7 +3,7 @@
 * `reference_knn`: a float64 numpy reference with the package's exact conventions.
 * `assert_knn_matches`: compares a (distances, indices) result with the reference, robust to
   float32 rounding near ties.
-* fixtures: `simd_level` (every SIMD level this CPU supports), `rng` (a freshly seeded numpy
+* fixtures: `simd_level` (every SIMD level this CPU supports), `single_threaded`, `rng` (a freshly seeded numpy
   Generator whose seed is printed, so a failure can be replayed with LATENTSPACE_TEST_SEED),
   and an autouse guard that restores the SIMD level and the thread count after every test.
 """
@@ -61,6 +61,21 @@ def _restore_runtime_state():
     yield
     latentspace.set_simd_level(level)
     latentspace.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_threaded():
+    """torch and latentspace on one thread for the test (restored after): the models trained
+    in tests are tiny, and a team of two threads slows down many times over when another
+    process shares the 2 CPU cores, where one thread does not."""
+    import torch
+
+    previous = latentspace.get_num_threads(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    latentspace.set_num_threads(1)
+    yield
+    latentspace.set_num_threads(previous[0])
+    torch.set_num_threads(previous[1])
 
 
 @pytest.fixture

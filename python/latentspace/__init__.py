@@ -1,7 +1,12 @@
 """latentspace: learn compact latent spaces from data and search them fast.
 
-The public API, re-exported from the modules that implement it.
+The public API, re-exported from the modules that implement it. The torch-based parts
+(models, train, losses, metrics) are imported on first use, so `import latentspace` for
+search alone does not load torch.
 """
+
+from importlib import import_module
+from typing import Any
 
 from . import datasets
 from ._native import __version__
@@ -20,17 +25,63 @@ from .search import knn
 _warn_about_bad_simd_env()
 del _warn_about_bad_simd_env
 
+# name -> module that defines it, imported on first access (PEP 562). The training loop
+# lives in training.py, not train.py: a submodule named train would be bound over the
+# function latentspace.train by the import system whenever it is first imported.
+_LAZY = {
+    "Autoencoder": ".models",
+    "ConvAutoencoder": ".models",
+    "History": ".training",
+    "ModelFileError": ".models",
+    "PCA": ".models",
+    "VAE": ".models",
+    "load_model": ".models",
+    "save_model": ".models",
+    "train": ".training",
+    "knn_label_agreement": ".metrics",
+    "losses": ".losses",
+    "metrics": ".metrics",
+    "models": ".models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = import_module(_LAZY[name], __name__)
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'latentspace' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    "Autoencoder",
+    "ConvAutoencoder",
     "FlatIndex",
+    "History",
     "IndexFileError",
+    "ModelFileError",
+    "PCA",
+    "VAE",
     "__version__",
     "build_info",
     "cuda_available",
     "datasets",
     "get_num_threads",
     "knn",
+    "knn_label_agreement",
     "load_index",
+    "load_model",
+    "losses",
+    "metrics",
+    "models",
+    "save_model",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
+    "train",
 ]

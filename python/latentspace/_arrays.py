@@ -23,7 +23,14 @@ from . import _native
 
 __all__ = [
     "ArrayKind",
+    "as_labels",
     "as_matrix",
+    "as_model_input",
+    "as_output",
+    "check_float",
+    "check_int",
+    "check_real_dtype",
+    "numpy_to_tensor",
     "check_dim",
     "check_k",
     "check_rows_usable",
@@ -152,3 +159,122 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
     distances = np.empty((rows, k), dtype=np.float32)
     indices = np.empty((rows, k), dtype=np.int64)
     return distances, indices, distances, indices
+
+
+# ---------------------------------------------------------------------------------------
+# Models and training: tensors in the model's dtype and device, scalar arguments.
+
+
+def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], ...],
+                   dtype: Any, device: Any) -> tuple[Any, ArrayKind]:
+    """Returns x as a torch tensor of `dtype` on `device`, and whether it came as numpy or
+    torch.
+
+    x must be a numpy array or torch tensor of shape (n, *s) for one of the accepted
+    per-sample shapes `s` (the first is the one named in errors). Other real dtypes are
+    converted; a torch tensor keeps its autograd graph (the conversion is differentiable).
+    A torch tensor must already be on `device` (as in torch, nothing moves silently);
+    numpy arrays are copied there. Raises TypeError / ValueError naming `name`.
+    """
+    import torch
+
+    if is_torch_tensor(x):
+        kind: ArrayKind = "torch"
+        if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
+            raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+        if x.device != torch.device(device):
+            raise ValueError(
+                f"{name}: expected a tensor on the model's device '{torch.device(device)}', got one "
+                f"on '{x.device}'; pass {name}.to('{torch.device(device)}')"
+            )
+        tensor = x
+    else:
+        kind = "numpy"
+        if isinstance(x, (str, bytes)) or x is None:
+            raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+        array = np.asarray(x)
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}")
+        if array.dtype.kind in "iu" or array.dtype.itemsize > 8:
+            array = array.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
+        tensor = numpy_to_tensor(array)
+    if tensor.dim() == 0 or tuple(tensor.shape[1:]) not in sample_shapes:
+        want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in sample_shapes)
+        hint = " (for one sample use x.reshape(1, -1))" if tensor.dim() == 1 else ""
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(tensor.shape)}{hint}")
+    return tensor.to(device=device, dtype=dtype), kind
+
+
+def numpy_to_tensor(array: np.ndarray):
+    """A torch CPU tensor sharing the array's memory when it is C-contiguous and writable;
+    a copy otherwise (torch has no read-only tensors: a read-only array, such as a memory
+    map opened with mode "r", is never exposed as a writable tensor)."""
+    import torch
+
+    if not array.flags.writeable:
+        return torch.from_numpy(np.array(array, order="C"))
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def check_real_dtype(x: Any, name: str) -> None:
+    """Refuses booleans, complex numbers, strings and objects (numpy arrays or torch tensors)."""
+    if is_torch_tensor(x):
+        ok = x.dtype != _torch_bool() and not x.is_complex() and (x.is_floating_point() or _is_torch_int(x))
+    else:
+        ok = x.dtype.kind in "fiu"
+    if not ok:
+        raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+
+
+def _torch_bool():
+    import torch
+
+    return torch.bool
+
+
+def as_output(tensor: Any, kind: ArrayKind):
+    """A model's result in the caller's type: a float32 numpy array (on the CPU, detached)
+    for numpy callers, the tensor itself for torch callers."""
+    if kind == "torch":
+        return tensor
+    return tensor.detach().to("cpu").numpy()
+
+
+def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
+    """An integer >= minimum (Python or numpy int; bool is refused)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__} {value!r}") from None
+    if result < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {result}")
+    return result
+
+
+def check_float(value: Any, name: str, *, minimum: float = 0.0, maximum: float = float("inf"),
+                include_minimum: bool = True, include_maximum: bool = True) -> float:
+    """A finite real number in the given range (bool is refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    result = float(value)
+    low_ok = result >= minimum if include_minimum else result > minimum
+    high_ok = result <= maximum if include_maximum else result < maximum
+    if not (np.isfinite(result) and low_ok and high_ok):
+        low = "[" if include_minimum else "("
+        high = "]" if include_maximum else ")"
+        raise ValueError(f"{name}: expected a finite number in {low}{minimum:g}, {maximum:g}{high}, got {value!r}")
+    return result
+
+
+def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
+    """Class labels: a 1-d integer array (numpy or torch) of length n, returned as int64 numpy."""
+    if is_torch_tensor(labels):
+        labels = labels.detach().to("cpu").numpy()
+    array = np.asarray(labels)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer class labels, got dtype {array.dtype}")
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {array.shape}")
+    return array.astype(np.int64, copy=False)

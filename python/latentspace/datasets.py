@@ -1,10 +1,34 @@
-"""Datasets. The default is embedded: the handwritten digits bundled with scikit-learn."""
+"""Datasets. The default is embedded: the handwritten digits bundled with scikit-learn.
+
+Files: .npy and .npz arrays (memory-mapped when large, so data bigger than RAM can be
+trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h5py:
+`pip install "latentspace[hdf5]"`).
+"""
 
 from __future__ import annotations
 
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-__all__ = ["load_digits"]
+from ._arrays import check_float, check_int
+
+__all__ = [
+    "AnnBenchmark",
+    "load_ann_benchmarks",
+    "load_array",
+    "load_digits",
+    "load_npy",
+    "load_npz",
+    "stratified_split",
+]
+
+# Files (or archive members) at least this large are memory-mapped when mmap=None.
+MMAP_THRESHOLD_BYTES = 256 << 20
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -21,3 +45,228 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     images = (np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)).astype(np.float32)
     labels = np.asarray(bunch.target, dtype=np.int64)
     return np.ascontiguousarray(images), labels
+
+
+def stratified_split(labels: Any, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test), each sorted, holding out round(test_fraction * n_c) rows of
+    every class c, chosen at random from `seed` (numpy's default_rng)."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ValueError(f"labels: expected a 1-d integer array, got {y.dtype} shape {y.shape}")
+    test_fraction = check_float(test_fraction, "test_fraction", include_minimum=False, maximum=1.0,
+                                include_maximum=False)
+    rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
+    test = []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        test.append(members[: int(round(test_fraction * len(members)))])
+    test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    mask = np.ones(len(y), dtype=bool)
+    mask[test_rows] = False
+    return np.flatnonzero(mask), test_rows.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# .npy / .npz
+
+
+def _check_mmap(mmap: Any) -> None:
+    if mmap is not None and not isinstance(mmap, bool):
+        raise TypeError(f"mmap: expected True, False or None (automatic), got {mmap!r}")
+
+
+def _checked(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: {what} has dtype {array.dtype}; expected real numbers (float32 preferred)")
+    if array.ndim < 1:
+        raise ValueError(f"{path}: {what} is a scalar; expected an array of rows")
+    return array
+
+
+def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray:
+    """An array from a .npy file, as stored (no dtype conversion, so no copy).
+
+    mmap: True maps the file read-only (np.memmap: pages are read on demand, the data can
+    exceed RAM); False reads it; None (default) maps files of MMAP_THRESHOLD_BYTES (256 MiB)
+    or more. Never unpickles: object arrays are refused. Raises ValueError for a file that
+    is not a .npy array of real numbers.
+    """
+    _check_mmap(mmap)
+    path = Path(os.fspath(path))
+    if mmap is None:
+        mmap = path.stat().st_size >= MMAP_THRESHOLD_BYTES
+    if zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+    return _checked(array, path, "the array")
+
+
+def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
+    """One array from a .npz archive: `key`, or the only one when the archive holds one.
+
+    mmap: as for load_npy. An uncompressed member (np.savez) can be memory-mapped straight
+    from the archive; a compressed one (np.savez_compressed) must be read (mmap=True then
+    raises ValueError, None reads it). Never unpickles.
+    """
+    _check_mmap(mmap)
+    path = Path(os.fspath(path))
+    if not zipfile.is_zipfile(path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
+    with zipfile.ZipFile(path) as archive:
+        names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+        if key is None:
+            if len(names) != 1:
+                raise ValueError(f"key: {path} holds {len(names)} arrays ({', '.join(names) or 'none'}); "
+                                 "pass key= to pick one")
+            key = names[0]
+        elif key not in names:
+            raise ValueError(f"key: {path} has no array {key!r} (it holds: {', '.join(names) or 'none'})")
+        info = archive.getinfo(key + ".npy")
+        stored = info.compress_type == zipfile.ZIP_STORED
+        if mmap is True and not stored:
+            raise ValueError(f"mmap: array {key!r} of {path} is compressed and cannot be memory-mapped; "
+                             "pass mmap=False (or save it with np.savez, uncompressed)")
+        if mmap is None:
+            mmap = stored and info.file_size >= MMAP_THRESHOLD_BYTES
+        if mmap:
+            return _checked(_map_member(path, archive, info), path, f"array {key!r}")
+        try:
+            with archive.open(info) as member:
+                array = np.lib.format.read_array(member, allow_pickle=False)
+        except ValueError as error:
+            raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
+    return _checked(array, path, f"array {key!r}")
+
+
+def _read_npy_header(stream, version):
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+def _map_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """np.memmap of an uncompressed .npy member inside a zip archive."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra lengths can differ
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: corrupted .npz archive (bad local header)")
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        shape, fortran, dtype = _read_npy_header(f, version)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: object arrays are not loaded (they would need unpickling)")
+        offset = f.tell()
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")
+
+
+def load_array(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
+    """An array from .npy, .npz or ann-benchmarks .hdf5 / .h5 (its "train" set, or `key`),
+    chosen by the file's suffix."""
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if suffix == ".npy":
+        if key is not None:
+            raise ValueError(f"key: a .npy file holds one array; got key={key!r}")
+        return load_npy(path, mmap=mmap)
+    if suffix == ".npz":
+        return load_npz(path, key, mmap=mmap)
+    if suffix in (".hdf5", ".h5"):
+        data = load_ann_benchmarks(path, mmap=mmap)
+        part = key or "train"
+        if part not in ("train", "test", "neighbors", "distances"):
+            raise ValueError(f"key: expected 'train', 'test', 'neighbors' or 'distances' for an HDF5 file, got {key!r}")
+        return getattr(data, part)
+    raise ValueError(f"path: expected a .npy, .npz, .hdf5 or .h5 file, got {path!s}")
+
+
+# ---------------------------------------------------------------------------------------
+# ann-benchmarks HDF5
+
+# ann-benchmarks' distance names -> latentspace metrics ("angular" is cosine similarity).
+_ANN_METRICS = {"euclidean": "l2", "angular": "cosine", "dot": "ip", "ip": "ip", "cosine": "cosine"}
+
+
+@dataclass
+class AnnBenchmark:
+    """An ann-benchmarks dataset: vectors to index, queries and their true neighbours.
+
+    train: (n, d) vectors; test: (q, d) queries; neighbors: (q, k) int indices into train,
+    nearest first; distances: (q, k) their distances; distance: the file's "distance"
+    attribute ("euclidean", "angular", ...); metric: the matching latentspace metric
+    ("l2", "cosine", "ip") or None when there is none.
+    """
+
+    train: np.ndarray
+    test: np.ndarray
+    neighbors: np.ndarray
+    distances: np.ndarray
+    distance: str
+    metric: str | None
+
+
+def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) -> AnnBenchmark:
+    """Reads an ann-benchmarks HDF5 file (datasets train, test, neighbors, distances and the
+    attribute "distance"), as published at ann-benchmarks.com. Needs h5py.
+
+    mmap: as for load_npy; a contiguous, uncompressed dataset (the usual layout) is mapped
+    straight from the file, a chunked or compressed one is read.
+    """
+    _check_mmap(mmap)
+    try:
+        import h5py
+    except ImportError:
+        raise ImportError("load_ann_benchmarks needs h5py: pip install 'latentspace[hdf5]' "
+                          "(or pip install h5py)") from None
+    path = Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
+    with handle as f:
+        missing = [name for name in ("train", "test", "neighbors", "distances") if name not in f]
+        if missing:
+            raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
+        arrays = {name: _h5_array(path, f[name], mmap) for name in ("train", "test", "neighbors", "distances")}
+        distance = f.attrs.get("distance", "")
+    if isinstance(distance, bytes):
+        distance = distance.decode()
+    distance = str(distance)
+    for name in ("train", "test"):
+        if arrays[name].ndim != 2:
+            raise ValueError(f"{path}: {name} must be 2-d (rows of vectors), got shape {arrays[name].shape}")
+    if arrays["train"].shape[1] != arrays["test"].shape[1]:
+        raise ValueError(f"{path}: train and test dimensions differ, {arrays['train'].shape} vs {arrays['test'].shape}")
+    if arrays["neighbors"].shape[0] != arrays["test"].shape[0]:
+        raise ValueError(f"{path}: neighbors has {arrays['neighbors'].shape[0]} rows for {arrays['test'].shape[0]} queries")
+    return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
+
+
+def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
+    if dataset.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: dataset {dataset.name} has dtype {dataset.dtype}; expected numbers")
+    offset = dataset.id.get_offset()
+    mappable = dataset.chunks is None and dataset.compression is None and offset is not None
+    nbytes = int(np.prod(dataset.shape)) * dataset.dtype.itemsize
+    if mmap is True and not mappable:
+        raise ValueError(f"mmap: dataset {dataset.name} of {path} is chunked or compressed and cannot be "
+                         "memory-mapped; pass mmap=False")
+    if mmap is None:
+        mmap = mappable and nbytes >= MMAP_THRESHOLD_BYTES
+    if mmap and nbytes:
+        return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+    return np.asarray(dataset[()])

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import secrets
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .._atomic import atomic_write
 
 MAGIC = b"LSPACEIX"
 FORMAT_VERSION = 1
@@ -50,24 +51,8 @@ def _crc32(array: np.ndarray) -> int:
     return crc
 
 
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening folders; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.ndarray) -> None:
     """Writes header + data (C-contiguous float32) to `path` atomically."""
-    path = Path(os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
     data = np.ascontiguousarray(data, dtype="<f4")
     header = dict(header, dtype="float32", data_nbytes=int(data.nbytes), data_crc32=_crc32(data))
     # The data offset depends on the header length, which depends on the offset's digits:
@@ -82,27 +67,13 @@ def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.nd
         raise AssertionError("index header outgrew its reserved space")  # cannot happen: 32 spare bytes
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded), 0)
 
-    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
-    tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(prefix)
-            f.write(encoded)
-            f.write(b"\0" * (offset - _PREFIX.size - len(encoded)))
-            flat = data.reshape(-1).view(np.uint8)
-            for start in range(0, flat.size, _CHUNK_BYTES):
-                f.write(flat[start : start + _CHUNK_BYTES])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_folder(path.parent)
+    with atomic_write(path) as f:
+        f.write(prefix)
+        f.write(encoded)
+        f.write(b"\0" * (offset - _PREFIX.size - len(encoded)))
+        flat = data.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _CHUNK_BYTES):
+            f.write(flat[start : start + _CHUNK_BYTES])
 
 
 def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):

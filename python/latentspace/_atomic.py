@@ -1,0 +1,61 @@
+"""Atomic file writes, shared by every file latentspace saves (indexes, models, histories).
+
+The data goes to a temporary file beside the target (same folder, so the same filesystem),
+which is flushed, fsynced and renamed over the target; then the folder is fsynced so the
+rename itself is durable. A crash or an exception at any point leaves either the old file or
+the new one, never a mix, and never a stray temporary file after an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_write", "fsync_folder"]
+
+
+def fsync_folder(folder: Path) -> None:
+    """fsyncs a folder so that a rename inside it survives a crash (best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening folders; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Opens a temporary file for binary writing; on a clean exit it replaces `path`.
+
+    Usage: `with atomic_write(path) as f: f.write(...)`. If the block raises (including
+    KeyboardInterrupt), the temporary file is removed, `path` is left as it was and the
+    exception propagates. Raises IsADirectoryError when `path` is a folder.
+    """
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
+    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
+    tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_folder(path.parent)

@@ -1,0 +1,230 @@
+"""The interface every latent model shares, and the pieces the learned models are built from.
+
+Every model is a torch.nn.Module with
+
+    encode(x) -> z          (n, *input_shape) -> (n, latent_dim)
+    decode(z) -> x_hat      (n, latent_dim) -> (n, *input_shape)
+    forward(x) -> x_hat     decode(encode(x)), in the shape x came in
+    latent_dim, input_shape, config()
+
+encode / decode / forward take numpy arrays or torch tensors. numpy in: the work runs without
+autograd, in chunks, and a float32 numpy array comes back. torch in: a tensor on the model's
+device comes back, differentiable. Inputs are checked and converted in `_arrays.py` (other
+real dtypes are converted to the model's dtype; bool, complex and object arrays are refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import losses
+from .._arrays import as_model_input, as_output, check_int, is_torch_tensor
+
+__all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS"]
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+    "tanh": nn.Tanh,
+}
+OUTPUTS = ("linear", "sigmoid")
+LOSSES = ("mse", "bce")
+_NUMPY_CHUNK_ROWS = 8192  # numpy inputs are encoded in chunks so memory stays bounded
+
+
+def check_activation(activation: Any) -> str:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def check_output(output: Any) -> str:
+    if not isinstance(output, str) or output not in OUTPUTS:
+        raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
+    return output
+
+
+def check_sizes(sizes: Any, name: str, *, allow_empty: bool = True) -> tuple[int, ...]:
+    """A tuple of layer widths (an int is taken as a one-element tuple)."""
+    if isinstance(sizes, (str, bytes)) or sizes is None:
+        raise TypeError(f"{name}: expected a tuple of integers >= 1, got {sizes!r}")
+    if not isinstance(sizes, (tuple, list)):
+        sizes = (sizes,)
+    result = tuple(check_int(size, f"{name}[{i}]") for i, size in enumerate(sizes))
+    if not result and not allow_empty:
+        raise ValueError(f"{name}: expected at least one layer, got {sizes!r}")
+    return result
+
+
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (autocast activations) -> float32; float32 and float64 unchanged.
+    The losses are always computed in full precision."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
+    """Linear layers of the given widths with `activation` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class LatentModel(nn.Module):
+    """Base class: the shared interface (see the module docstring). Subclasses implement
+    `_encode(x)` and `_decode(z)` on tensors already checked and converted, and `config()`."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self._latent_dim = check_int(latent_dim, "latent_dim")
+
+    # -- what a subclass provides -------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one sample, e.g. (64,) or (1, 28, 28)."""
+        raise NotImplementedError
+
+    def _sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample shapes encode() and forward() accept (the first is the canonical one)."""
+        return (self.input_shape,)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-serialisable (saved beside the weights)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "LatentModel":
+        """A fresh (untrained) model built from `config()`'s output."""
+        return cls(**config)
+
+    @property
+    def warmup_epochs(self) -> float:
+        """Epochs during which the training objective is still ramping up (0: none)."""
+        return 0.0
+
+    # -- the shared interface -----------------------------------------------------------
+    @property
+    def latent_dim(self) -> int:
+        return self._latent_dim
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        for tensor in self.parameters():
+            return tensor.device, tensor.dtype
+        for tensor in self.buffers():
+            return tensor.device, tensor.dtype
+        return torch.device("cpu"), torch.float32
+
+    def _run(self, function, x: Any, name: str, sample_shapes) -> Any:
+        """Checks and converts x, applies function. numpy (or a memory map) is converted and
+        processed chunk by chunk, without autograd, so memory stays bounded."""
+        device, dtype = self._device_dtype()
+        if is_torch_tensor(x):
+            tensor, _ = as_model_input(x, name, sample_shapes=sample_shapes, dtype=dtype, device=device)
+            return function(tensor)
+        if not isinstance(x, np.ndarray) and not isinstance(x, (str, bytes)) and x is not None:
+            x = np.asarray(x)
+        if not isinstance(x, np.ndarray) or x.ndim == 0 or x.shape[0] <= _NUMPY_CHUNK_ROWS:
+            tensor, kind = as_model_input(x, name, sample_shapes=sample_shapes, dtype=dtype, device=device)
+            with torch.no_grad():
+                return as_output(function(tensor), kind)
+        parts = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], _NUMPY_CHUNK_ROWS):
+                tensor, kind = as_model_input(x[start : start + _NUMPY_CHUNK_ROWS], name,
+                                              sample_shapes=sample_shapes, dtype=dtype, device=device)
+                parts.append(as_output(function(tensor), kind))
+        return np.concatenate(parts)
+
+    def encode(self, x: Any) -> Any:
+        """Latent codes of x: (n, *input_shape) -> (n, latent_dim)."""
+        return self._run(self._encode, x, "x", self._sample_shapes())
+
+    def decode(self, z: Any) -> Any:
+        """Reconstructions from latent codes: (n, latent_dim) -> (n, *input_shape)."""
+        return self._run(self._decode, z, "z", ((self.latent_dim,),))
+
+    def forward(self, x: Any) -> Any:
+        """decode(encode(x)), returned in the shape x came in."""
+        return self._run(lambda t: self._decode(self._encode(t)).reshape(t.shape), x, "x",
+                         self._sample_shapes())
+
+
+class ReconstructionModel(LatentModel):
+    """A learned model trained to reconstruct its input: its decoder ends in `output`
+    ("linear", or "sigmoid" for data in [0, 1]) and it knows its training objective."""
+
+    def __init__(self, latent_dim: int, output: str):
+        super().__init__(latent_dim)
+        self._output = check_output(output)
+
+    @property
+    def output(self) -> str:
+        return self._output
+
+    @property
+    def default_loss(self) -> str:
+        """"bce" for a sigmoid output (data in [0, 1]), "mse" for a linear one."""
+        return "bce" if self._output == "sigmoid" else "mse"
+
+    def check_loss(self, loss: Any) -> str:
+        """Resolves loss=None to the default; refuses an unknown loss or "bce" on a linear output."""
+        if loss is None:
+            return self.default_loss
+        if not isinstance(loss, str) or loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {LOSSES} or None (the model's default), got {loss!r}")
+        if loss == "bce" and self._output != "sigmoid":
+            raise ValueError(
+                "loss: 'bce' needs a model whose output is a probability (output='sigmoid'); "
+                "this one's output is linear: use loss='mse' or build it with output='sigmoid'"
+            )
+        return loss
+
+    def _decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output before the output function, (n, *input_shape)."""
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        logits = self._decode_logits(z)
+        return torch.sigmoid(logits) if self._output == "sigmoid" else logits
+
+    def reconstruction_term(self, logits: torch.Tensor, x: torch.Tensor, loss: str) -> torch.Tensor:
+        """Per-sample reconstruction loss, (n,): summed over features, in float32 (float64
+        for a float64 model; bf16 / fp16 activations under autocast are cast up first).
+
+        loss="bce" is computed from the logits (kind "bce_logits": stable, and equal to
+        "bce" on sigmoid(logits)); loss="mse" on the output, sigmoid(logits) or logits.
+        """
+        n = x.shape[0]
+        logits = full_precision(logits).reshape(n, -1)
+        target = x.to(logits.dtype).reshape(n, -1)
+        if loss == "bce":
+            return losses.reconstruction_loss(logits, target, kind="bce_logits", reduction="none")
+        output = torch.sigmoid(logits) if self._output == "sigmoid" else logits
+        return losses.reconstruction_loss(output, target, kind="mse", reduction="none")
+
+    def objective(self, x: torch.Tensor, *, loss: str | None = None, progress: float | None = None,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The training loss on a batch x (a tensor on the model's device).
+
+        loss = mean over the batch of the per-sample reconstruction loss (summed over
+        features). `progress` and `generator` are accepted for a uniform signature (a
+        deterministic autoencoder ignores them). Returns {"loss", "reconstruction"}.
+        """
+        loss = self.check_loss(loss)
+        reconstruction = self.reconstruction_term(self._decode_logits(self._encode(x)), x, loss).mean()
+        return {"loss": reconstruction, "reconstruction": reconstruction.detach()}

@@ -1,0 +1,163 @@
+"""Model files: the weights in safetensors, the config as JSON in the same file's metadata.
+
+A model file is a plain safetensors file (readable by any safetensors reader) whose
+`__metadata__` holds three strings:
+
+    "latentspace"         JSON {"format": "latentspace-model", "format_version": 1,
+                          "class": "VAE", "config": {constructor arguments}, "writer": version}
+    "latentspace_crc32"   CRC-32 of that JSON string (8 hex digits)
+    "tensors_crc32"       CRC-32 of the tensors: name, dtype, shape and bytes, in name order
+
+One file, so the config and the weights can never disagree; written atomically (temporary
+file, fsync, rename: see _atomic.py). Loading never unpickles anything: the header is parsed
+as JSON and the tensors by safetensors; the model is rebuilt from its registered class and
+config and the weights loaded strictly (every tensor present, none extra, shapes equal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._atomic import atomic_write
+from .autoencoder import Autoencoder
+from .base import LatentModel
+from .conv import ConvAutoencoder
+from .pca import PCA
+from .vae import VAE
+
+__all__ = ["ModelFileError", "load_model", "save_model"]
+
+FORMAT = "latentspace-model"
+FORMAT_VERSION = 1
+MODEL_CLASSES: dict[str, type[LatentModel]] = {
+    cls.__name__: cls for cls in (PCA, Autoencoder, VAE, ConvAutoencoder)
+}
+_CONFIG_KEY, _CONFIG_CRC_KEY, _TENSORS_CRC_KEY = "latentspace", "latentspace_crc32", "tensors_crc32"
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+class ModelFileError(ValueError):
+    """The file is not a latentspace model, or it is truncated, corrupted or too new."""
+
+
+def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        crc = zlib.crc32(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode(), crc)
+        crc = zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    return crc
+
+
+def save_model(model: LatentModel, path: str | os.PathLike) -> None:
+    """Writes `model` (PCA, Autoencoder, VAE, ConvAutoencoder) to `path` atomically.
+
+    The weights go in safetensors format, the class and constructor arguments in the same
+    file's metadata. A crash mid-save leaves the previous file intact. Raises TypeError for
+    a model latentspace cannot rebuild, ValueError for an unfitted PCA.
+    """
+    import safetensors.torch
+
+    name = type(model).__name__
+    if MODEL_CLASSES.get(name) is not type(model):
+        raise TypeError(f"model: expected one of {', '.join(MODEL_CLASSES)}, got {type(model).__name__}")
+    config = model.config()
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
+    from .. import _native
+
+    header = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "class": name,
+                         "config": config, "writer": _native.__version__}, sort_keys=True)
+    metadata = {_CONFIG_KEY: header, _CONFIG_CRC_KEY: f"{zlib.crc32(header.encode()):08x}",
+                _TENSORS_CRC_KEY: f"{_tensors_crc32(tensors):08x}"}
+    blob = safetensors.torch.save(tensors, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(blob)
+
+
+def _read_header(path: Path, data: bytes) -> dict[str, Any]:
+    """The safetensors JSON header; ModelFileError when the file is not one."""
+    if len(data) < 8:
+        raise ModelFileError(f"{path}: not a latentspace model file (only {len(data)} bytes)")
+    length = int.from_bytes(data[:8], "little")
+    if length > _MAX_HEADER_BYTES or data[8:9] != b"{":
+        raise ModelFileError(f"{path}: not a latentspace model file (not in safetensors format)")
+    if 8 + length > len(data):
+        raise ModelFileError(f"{path}: truncated model file ({len(data)} bytes)")
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (UnicodeDecodeError, ValueError):
+        raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)")
+    return header
+
+
+def _read_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The checked latentspace config from the header's metadata."""
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or _CONFIG_KEY not in metadata:
+        raise ModelFileError(
+            f"{path}: a safetensors file without a latentspace model config (saved by another "
+            "program?); latentspace.load_model reads files written by latentspace.save_model"
+        )
+    text = metadata[_CONFIG_KEY]
+    if not isinstance(text, str) or metadata.get(_CONFIG_CRC_KEY) != f"{zlib.crc32(text.encode()):08x}":
+        raise ModelFileError(f"{path}: corrupted model file (config checksum mismatch)")
+    try:
+        info = json.loads(text)
+        version, name, config = int(info["format_version"]), info["class"], info["config"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelFileError(f"{path}: corrupted model file (unreadable config)") from None
+    if info.get("format") != FORMAT or not isinstance(config, dict):
+        raise ModelFileError(f"{path}: not a latentspace model file (format {info.get('format')!r})")
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: model format v{version} was written by a newer latentspace (this one reads "
+            f"up to v{FORMAT_VERSION}); upgrade latentspace"
+        )
+    if name not in MODEL_CLASSES:
+        raise ModelFileError(f"{path}: unknown model type {name!r} (known: {', '.join(MODEL_CLASSES)})")
+    return info
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LatentModel:
+    """Loads a model written by save_model, on `device` (default the CPU), in eval mode.
+
+    Never unpickles. Raises ModelFileError (a ValueError) for a file that is not a
+    latentspace model (a foreign safetensors file, a pickle, random bytes), or that is
+    truncated, corrupted, of an unknown model type or written by a newer version;
+    FileNotFoundError when there is none.
+    """
+    import safetensors
+    import safetensors.torch
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    path = Path(os.fspath(path))
+    data = path.read_bytes()
+    header = _read_header(path, data)
+    info = _read_info(path, header)
+    try:
+        tensors = safetensors.torch.load(data)
+    except safetensors.SafetensorError as error:
+        raise ModelFileError(f"{path}: corrupted or truncated model file ({error})") from None
+    if f"{_tensors_crc32(tensors):08x}" != header["__metadata__"].get(_TENSORS_CRC_KEY):
+        raise ModelFileError(f"{path}: corrupted model file (weights checksum mismatch)")
+    cls = MODEL_CLASSES[info["class"]]
+    try:
+        model = cls.from_config(info["config"])
+    except (ValueError, TypeError, KeyError) as error:
+        raise ModelFileError(f"{path}: corrupted model file (bad {cls.__name__} config: {error})") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: corrupted model file (weights do not match the config: {error})") from None
+    return model.to(device).eval()

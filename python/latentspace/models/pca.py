@@ -1,0 +1,172 @@
+"""PCA: the closed-form linear latent model, the baseline every learned model is compared with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._arrays import as_model_input, check_int, is_torch_tensor
+from .base import LatentModel
+
+__all__ = ["PCA"]
+
+# Up to this many matrix elements the centred data is decomposed by SVD in one piece (float64:
+# 128 MiB); beyond it, X^T X is accumulated in chunks and eigendecomposed (its eigenvectors
+# are the right singular vectors), so the data can be a memory map larger than RAM.
+_SVD_MAX_ELEMENTS = 1 << 24
+_CHUNK_ROWS = 65536
+
+
+class PCA(LatentModel):
+    """Principal component analysis, fitted in closed form (SVD), never by gradient descent.
+
+    Args:
+        latent_dim: components kept, 1 <= latent_dim <= min(n_samples, n_features) at fit.
+        whiten: scale each component to unit variance in the latent space (decode undoes it).
+
+    encode(x) = (x - mean) @ components.T [/ sqrt(explained_variance) when whitening];
+    decode(z) = z [* sqrt(explained_variance)] @ components + mean. Each component's sign is
+    fixed so that its largest-magnitude entry is positive (deterministic across runs).
+    Computed in float64, stored as float32 buffers (saved by latentspace.save_model).
+    """
+
+    def __init__(self, latent_dim: int, whiten: bool = False):
+        super().__init__(latent_dim)
+        if not isinstance(whiten, (bool, np.bool_)):
+            raise TypeError(f"whiten: expected True or False, got {whiten!r}")
+        self.whiten = bool(whiten)
+        self._allocate(0)
+        self._fitted = False
+
+    def _allocate(self, input_dim: int) -> None:
+        k = self.latent_dim
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("components", torch.zeros(k, input_dim))
+        self.register_buffer("explained_variance", torch.zeros(k if input_dim else 0))
+        self.register_buffer("explained_variance_ratio", torch.zeros(k if input_dim else 0))
+        self.register_buffer("singular_values", torch.zeros(k if input_dim else 0))
+
+    # -- LatentModel --------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self._check_fitted()
+        return (int(self.mean.shape[0]),)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    def config(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"latent_dim": self.latent_dim, "whiten": self.whiten, "input_dim": int(self.mean.shape[0])}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "PCA":
+        config = dict(config)
+        input_dim = check_int(config.pop("input_dim"), "input_dim")
+        model = cls(**config)
+        model._allocate(input_dim)
+        model._fitted = True  # the buffers are filled by load_state_dict
+        return model
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise ValueError("PCA is not fitted: call fit(X) first")
+
+    def _scale(self) -> torch.Tensor:
+        # Whitening divides by the components' standard deviations; a (numerically) zero
+        # variance is floored so that constant directions map to 0 rather than inf / NaN.
+        floor = torch.finfo(torch.float32).eps * self.explained_variance.max().clamp_min(1e-30)
+        return self.explained_variance.clamp_min(floor).sqrt()
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean) @ self.components.T
+        return z / self._scale() if self.whiten else z
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.whiten:
+            z = z * self._scale()
+        return z @ self.components + self.mean
+
+    def encode(self, x: Any) -> Any:
+        self._check_fitted()
+        return super().encode(x)
+
+    def decode(self, z: Any) -> Any:
+        self._check_fitted()
+        return super().decode(z)
+
+    def forward(self, x: Any) -> Any:
+        self._check_fitted()
+        return super().forward(x)
+
+    # -- fitting ------------------------------------------------------------------------
+    def fit(self, X: Any) -> "PCA":
+        """Fits the components to X, (n, d) numpy array (a memory map is fine) or torch tensor,
+        n >= 2 and latent_dim <= min(n, d). Returns self.
+
+        Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows.
+        """
+        if is_torch_tensor(X):
+            X = X.detach().cpu()
+        elif not isinstance(X, np.ndarray):  # a np.memmap is an ndarray: never copied whole
+            if isinstance(X, (str, bytes)) or X is None:
+                raise TypeError(f"X: expected a numpy array or torch tensor, got {type(X).__name__}")
+            X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"X: expected a 2-d array of shape (n, d), got shape {tuple(X.shape)}")
+        n, d = X.shape
+        k = self.latent_dim
+        if k > d:
+            raise ValueError(f"latent_dim: PCA(latent_dim={k}) cannot exceed the input dimension; "
+                             f"X has {d} columns")
+        if n < 2 or k > n:
+            raise ValueError(f"X: PCA(latent_dim={k}) needs at least max(2, {k}) rows, got {n}")
+
+        def chunks():
+            for start in range(0, n, _CHUNK_ROWS):
+                chunk, _ = as_model_input(X[start : start + _CHUNK_ROWS], "X", sample_shapes=((d,),),
+                                          dtype=torch.float64, device="cpu")
+                if not torch.isfinite(chunk).all():
+                    row = start + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
+                    raise ValueError(f"X: row {row} contains NaN or Inf; clean the data before fitting")
+                yield chunk.detach()
+
+        mean = sum(chunk.sum(dim=0) for chunk in chunks()) / n
+        if n * d <= _SVD_MAX_ELEMENTS:
+            centred = torch.cat(list(chunks())) - mean
+            _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+            singular, vectors = s[:k], vt[:k]
+            total_variance = (centred * centred).sum() / (n - 1)
+        else:
+            gram = torch.zeros(d, d, dtype=torch.float64)
+            for chunk in chunks():
+                centred = chunk - mean
+                gram += centred.T @ centred
+            eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+            order = torch.argsort(eigenvalues, descending=True)[:k]
+            singular = eigenvalues[order].clamp_min(0).sqrt()
+            vectors = eigenvectors[:, order].T
+            total_variance = torch.diagonal(gram).sum() / (n - 1)
+        # Deterministic signs: each component's largest-magnitude entry is positive.
+        biggest = vectors.abs().argmax(dim=1)
+        signs = torch.sign(vectors[torch.arange(k), biggest])
+        vectors = vectors * torch.where(signs == 0, 1.0, signs)[:, None]
+        variance = singular**2 / (n - 1)
+        ratio = variance / total_variance if total_variance > 0 else torch.zeros_like(variance)
+
+        device = self._device_dtype()[0]
+        self._allocate(d)
+        self.mean = mean.to(device=device, dtype=torch.float32)
+        self.components = vectors.to(device=device, dtype=torch.float32).contiguous()
+        self.explained_variance = variance.to(device=device, dtype=torch.float32)
+        self.explained_variance_ratio = ratio.to(device=device, dtype=torch.float32)
+        self.singular_values = singular.to(device=device, dtype=torch.float32)
+        self._fitted = True
+        return self
+
+    def extra_repr(self) -> str:
+        fitted = f", input_dim={int(self.mean.shape[0])}" if self._fitted else ", not fitted"
+        return f"latent_dim={self.latent_dim}, whiten={self.whiten}{fitted}"

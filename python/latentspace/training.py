@@ -1,0 +1,360 @@
+"""The training loop for the learned latent models: thin Python over model.objective.
+
+    history = latentspace.train(model, X, epochs=100, batch_size=128, lr=1e-3, seed=0)
+
+AdamW minimises the model's objective (reconstruction + beta * KL for a VAE, computed by
+latentspace.losses), with a held-out validation split, early stopping, the best weights kept
+(in memory and, with `checkpoint=path`, on disk), a tqdm progress bar, bf16 autocast on the
+GPU, and Ctrl-C handled: see train()'s docstring.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ._arrays import check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor
+from .models.base import ReconstructionModel
+from .models.io import save_model
+from .models.pca import PCA
+
+__all__ = ["History", "train"]
+
+_CHECK_CHUNK_ROWS = 65536  # rows per pass when checking the data (works on memory maps)
+_RESIDENT_MAX_BYTES = 1 << 30  # data up to this size is moved to the device once, whole
+_VAL_BATCH_MIN = 1024  # validation batches (no gradients) can be larger than training ones
+
+
+@dataclass
+class History:
+    """What train() did.
+
+    Losses are per sample: the objective summed over features (plus beta * KL for a VAE) and
+    averaged over samples; train_loss[e] is the mean over epoch e's batches (with the KL
+    warm-up weight in force then), val_loss[e] the full objective on the validation rows
+    after epoch e (empty without validation).
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    monitor: str = "val_loss"  # the loss that picks the best epoch: "val_loss" or "train_loss"
+    best_epoch: int | None = None  # 0-based; the model holds this epoch's weights at the end
+    best_loss: float | None = None
+    epochs_run: int = 0  # completed epochs
+    stopped_early: bool = False
+    interrupted: bool = False  # Ctrl-C (KeyboardInterrupt) ended training
+    seconds: float = 0.0
+    samples_per_second: float = 0.0  # training samples per second of training time
+    device: str = "cpu"
+    seed: int = 0
+    checkpoint: str | None = None  # the file holding the best weights, when one was asked for
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return resolved
+
+
+class _Data:
+    """The training rows, checked once, served in batches as float32 tensors on the device.
+
+    In-memory data up to 1 GiB (as float32) is converted and moved to the device once, and
+    float32 data in CPU memory is used in place for CPU training, whatever its size; a memory
+    map, or other data, stays where it is and each batch is gathered from it (rows in
+    ascending order, so a memory map is read front to back).
+    """
+
+    def __init__(self, X: Any, model: ReconstructionModel, loss: str, device: torch.device):
+        shapes = model._sample_shapes()
+        if is_torch_tensor(X):
+            X = X.detach()
+        elif not isinstance(X, np.ndarray):  # a np.memmap is an ndarray: never copied whole
+            if isinstance(X, (str, bytes)) or X is None:
+                raise TypeError(f"X: expected a numpy array or torch tensor, got {type(X).__name__}")
+            X = np.asarray(X)
+        check_real_dtype(X, "X")
+        if X.ndim < 2 or tuple(X.shape[1:]) not in shapes:
+            want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in shapes)
+            raise ValueError(f"X: expected shape {want} for this {type(model).__name__}, got {tuple(X.shape)}")
+        self.n = int(X.shape[0])
+        self._check_values(X, loss)
+        self.device = device
+        nbytes = self.n * int(np.prod(X.shape[1:])) * 4
+        in_memory = is_torch_tensor(X) or not isinstance(X, np.memmap)
+        # float32 data already in CPU memory is used in place, however large
+        zero_copy = device.type == "cpu" and (
+            (is_torch_tensor(X) and X.device.type == "cpu" and X.dtype == torch.float32)
+            or (not is_torch_tensor(X) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable))
+        self.resident = in_memory and (zero_copy or nbytes <= _RESIDENT_MAX_BYTES)
+        if self.resident:
+            tensor = X if is_torch_tensor(X) else numpy_to_tensor(X)
+            self.tensor = tensor.to(device=device, dtype=torch.float32)
+        else:
+            self.source = X
+
+    @staticmethod
+    def _check_values(X: Any, loss: str) -> None:
+        low, high = math.inf, -math.inf
+        for start in range(0, X.shape[0], _CHECK_CHUNK_ROWS):
+            chunk = X[start : start + _CHECK_CHUNK_ROWS]
+            if is_torch_tensor(chunk):
+                chunk = chunk.to("cpu", torch.float64).numpy()
+            finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+            if not finite.all():
+                row = start + int(np.flatnonzero(~finite)[0])
+                raise ValueError(f"X: row {row} contains NaN or Inf; clean the data before training")
+            if chunk.size:
+                low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+        if loss == "bce" and (low < 0 or high > 1):
+            raise ValueError(
+                f"X: loss='bce' needs data in [0, 1] (probabilities, such as pixel intensities), got "
+                f"values in [{low:g}, {high:g}]; rescale the data or use loss='mse' (with output='linear')"
+            )
+
+    def batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows: int64 CPU tensor of row numbers."""
+        if self.resident:
+            return self.tensor[rows.to(self.device)]
+        ordered = np.sort(rows.numpy())
+        chunk = self.source[torch.from_numpy(ordered)] if is_torch_tensor(self.source) else self.source[ordered]
+        tensor = chunk if is_torch_tensor(chunk) else torch.from_numpy(np.asarray(chunk))
+        return tensor.to(device=self.device, dtype=torch.float32)
+
+
+def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused when this torch has the fused kernel for the device (CPU: torch >= 2.4;
+    3.5x faster steps than the default on the small models here, measured on 2 cores)."""
+    try:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: int = 128,
+          lr: float = 1e-3, weight_decay: float = 0.01, val_fraction: float = 0.1,
+          early_stopping: int | None = 10, seed: int | None = 0, device: Any = "auto",
+          loss: str | None = None, autocast: bool | None = None,
+          checkpoint: str | os.PathLike | None = None, progress: bool = True,
+          callback: Callable[[dict[str, Any]], None] | None = None) -> History:
+    """Trains a learned latent model (Autoencoder, VAE, ConvAutoencoder) on X with AdamW.
+
+    Args:
+        model: the model; trained in place, moved to `device`, left in eval mode holding the
+            best epoch's weights.
+        X: (n, *model.input_shape) numpy array, memory map or torch tensor (a
+            ConvAutoencoder also takes flattened rows). Checked once for NaN / Inf (and for
+            values outside [0, 1] when the loss is "bce").
+        epochs: at most this many passes over the training rows.
+        batch_size: rows per optimizer step (the last batch of an epoch may be smaller).
+        lr, weight_decay: AdamW's learning rate and decoupled weight decay.
+        val_fraction: share of X's rows held out (at random, from `seed`) for validation,
+            0 <= val_fraction < 1. The validation loss picks the best epoch and drives early
+            stopping; with val_fraction=0 the training loss does.
+        early_stopping: stop after this many epochs without a better monitored loss; None
+            (or 0) trains all `epochs`.
+        seed: seeds the split, the shuffling and the VAE's noise (None: a fresh random
+            seed, recorded in the History). On the CPU, two runs with the same seed and the
+            same initial weights give identical weights (seed the weights with
+            torch.manual_seed before building the model).
+        device: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda", "cuda:N".
+        loss: "mse" or "bce" (the model's default when None: "bce" for output="sigmoid").
+        autocast: bf16 autocast of the forward pass (the losses stay float32); None: on
+            for CUDA, off on the CPU.
+        checkpoint: a file path; each new best epoch is saved there with
+            latentspace.save_model (atomically: an interrupted write keeps the previous file).
+        progress: show a tqdm bar (epoch, train and validation loss, samples per second).
+        callback: called after every epoch with a dict (epoch, train_loss, val_loss,
+            best_epoch, seconds, samples_per_second).
+
+    Best epoch: the lowest monitored loss. The KL warm-up of a VAE changes the objective
+    while it lasts, so epochs before it is over are neither picked as best nor counted by
+    early stopping (a run shorter than the warm-up keeps its last epoch).
+
+    Ctrl-C: a KeyboardInterrupt during training (from the keyboard or from `callback`) stops
+    it cleanly: the best weights so far are restored into the model, written to
+    `checkpoint` if given, and train returns the History with interrupted=True (it does not
+    re-raise; check `history.interrupted`). If it comes before the first epoch ends, the model
+    keeps its weights of that moment and no checkpoint is written.
+
+    Raises TypeError / ValueError naming the argument for bad arguments (and TypeError for a
+    PCA, which is fitted in closed form: PCA.fit(X)); FloatingPointError when the loss
+    becomes NaN or Inf (the best weights so far are restored and checkpointed first).
+    """
+    if isinstance(model, PCA):
+        raise TypeError("model: PCA is fitted in closed form, not trained: call model.fit(X)")
+    if not isinstance(model, ReconstructionModel):
+        raise TypeError(f"model: expected an Autoencoder, VAE or ConvAutoencoder, got {type(model).__name__}")
+    epochs = check_int(epochs, "epochs")
+    batch_size = check_int(batch_size, "batch_size")
+    lr = check_float(lr, "lr", include_minimum=False)
+    weight_decay = check_float(weight_decay, "weight_decay")
+    val_fraction = check_float(val_fraction, "val_fraction", maximum=1.0, include_maximum=False)
+    early_stopping = 0 if early_stopping is None else check_int(early_stopping, "early_stopping", minimum=0)
+    seed = secrets.randbits(63) if seed is None else check_int(seed, "seed", minimum=0)
+    if autocast is not None and not isinstance(autocast, bool):
+        raise TypeError(f"autocast: expected True, False or None, got {autocast!r}")
+    if checkpoint is not None:
+        checkpoint = Path(os.fspath(checkpoint))
+        if checkpoint.is_dir():
+            raise ValueError(f"checkpoint: {checkpoint} is a folder; pass a file path")
+        if not checkpoint.parent.is_dir():
+            raise ValueError(f"checkpoint: folder {checkpoint.parent} does not exist")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+    device = _resolve_device(device)
+    loss = model.check_loss(loss)
+    data = _Data(X, model, loss, device)
+
+    # Split and generators, all from the seed.
+    split = torch.Generator().manual_seed(seed)
+    order = torch.randperm(data.n, generator=split)
+    n_val = max(1, round(val_fraction * data.n)) if val_fraction > 0 else 0
+    if data.n - n_val < 1:
+        raise ValueError(f"X: {data.n} rows leave none for training with val_fraction={val_fraction}")
+    val_rows, train_rows = order[:n_val], order[n_val:]
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    val_noise = torch.Generator(device=device)
+
+    model.to(device)
+    optimizer = _adamw(model, lr, weight_decay)
+    use_autocast = (device.type == "cuda") if autocast is None else autocast
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
+    n_batches = math.ceil(len(train_rows) / batch_size)
+    warmup = float(model.warmup_epochs)
+
+    history = History(monitor="val_loss" if n_val else "train_loss", device=str(device), seed=seed,
+                      checkpoint=None)
+    best_state: dict[str, torch.Tensor] | None = None
+    written_epoch: int | None = None
+    bad_epochs = 0
+    train_seconds = 0.0
+    diverged: str | None = None
+    started = time.perf_counter()
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=epochs * n_batches, unit="batch", desc=type(model).__name__, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def evaluate() -> float:
+        val_noise.manual_seed(seed + 2)  # the same noise every epoch: comparable values
+        total = torch.zeros((), device=device)
+        step = max(batch_size, _VAL_BATCH_MIN)
+        with torch.no_grad(), amp():
+            for start in range(0, n_val, step):
+                rows = val_rows[start : start + step]
+                out = model.objective(data.batch(rows), loss=loss, progress=None, generator=val_noise)
+                total += out["loss"].float() * len(rows)
+        return float(total) / n_val
+
+    try:
+        for epoch in range(epochs):
+            model.train()
+            epoch_start = time.perf_counter()
+            shuffled = train_rows[torch.randperm(len(train_rows), generator=split)]
+            total = torch.zeros((), device=device)
+            for b in range(n_batches):
+                rows = shuffled[b * batch_size : (b + 1) * batch_size]
+                with amp():
+                    out = model.objective(data.batch(rows), loss=loss, progress=epoch + (b + 1) / n_batches,
+                                          generator=noise)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                optimizer.step()
+                total += out["loss"].detach().float() * len(rows)
+                bar.update(1)
+            train_loss = float(total) / len(train_rows)  # one device sync per epoch
+            seconds = time.perf_counter() - epoch_start
+            train_seconds += seconds
+            if not math.isfinite(train_loss):
+                diverged = f"the training loss became {train_loss} in epoch {epoch}"
+                break
+            model.eval()
+            val_loss = evaluate() if n_val else None
+            history.train_loss.append(train_loss)
+            if val_loss is not None:
+                history.val_loss.append(val_loss)
+            history.epochs_run = epoch + 1
+
+            monitored = val_loss if n_val else train_loss
+            if monitored is not None and not math.isfinite(monitored):
+                diverged = f"the validation loss became {monitored} in epoch {epoch}"
+                break
+            if epoch + 1 >= warmup:  # the objective is final from here on
+                if history.best_loss is None or monitored < history.best_loss:
+                    history.best_epoch, history.best_loss = epoch, monitored
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    bad_epochs = 0
+                    if checkpoint is not None:
+                        save_model(model, checkpoint)
+                        written_epoch = epoch
+                else:
+                    bad_epochs += 1
+            speed = len(train_rows) / seconds if seconds > 0 else float("inf")
+            val_text = f" val {val_loss:.5g}" if val_loss is not None else ""
+            bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} train {train_loss:.5g}{val_text} "
+                                f"{speed:,.0f} samples/s", refresh=False)
+            if callback is not None:
+                callback({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                          "best_epoch": history.best_epoch, "seconds": seconds,
+                          "samples_per_second": speed})
+            if early_stopping and bad_epochs >= early_stopping:
+                history.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        history.interrupted = True
+    finally:
+        bar.close()
+
+    # The best weights back into the model (a run that never got past the warm-up keeps its
+    # last completed epoch), and on disk if that has not happened yet.
+    if best_state is None and history.epochs_run and diverged is None:
+        history.best_epoch = history.epochs_run - 1
+        history.best_loss = (history.val_loss or history.train_loss)[-1]
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        if checkpoint is not None:
+            if written_epoch != history.best_epoch:
+                save_model(model, checkpoint)
+            history.checkpoint = str(checkpoint)
+    model.eval()
+    history.seconds = time.perf_counter() - started
+    trained = history.epochs_run * len(train_rows)
+    history.samples_per_second = trained / train_seconds if train_seconds > 0 else 0.0
+    if diverged is not None:
+        kept = (f"the weights of epoch {history.best_epoch} were restored" if best_state is not None
+                else "there was no best epoch to restore")
+        raise FloatingPointError(f"training diverged: {diverged}; {kept}. Lower lr (was {lr:g}) "
+                                 "or check the data's scale")
+    return history

@@ -1,0 +1,219 @@
+"""Datasets: the bundled digits, a stratified split, .npy / .npz files (memory-mapped when
+large) and the ann-benchmarks HDF5 layout (skipped without h5py)."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+
+from latentspace import datasets
+
+
+def test_load_digits():
+    images, labels = datasets.load_digits()
+    assert images.shape == (1797, 64) and images.dtype == np.float32
+    assert images.min() == 0.0 and images.max() == 1.0 and images.flags.c_contiguous
+    assert labels.shape == (1797,) and labels.dtype == np.int64
+    assert set(np.unique(labels)) == set(range(10))
+    np.testing.assert_array_equal(np.unique(images * 16), np.arange(17))  # 0..16 / 16
+
+
+def test_stratified_split():
+    _, labels = datasets.load_digits()
+    train, test = datasets.stratified_split(labels, test_fraction=0.3, seed=0)
+    assert len(train) + len(test) == 1797
+    assert np.intersect1d(train, test).size == 0
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
+    for label in range(10):
+        members = np.sum(labels == label)
+        assert np.sum(labels[test] == label) == round(0.3 * members)
+    again = datasets.stratified_split(labels, test_fraction=0.3, seed=0)
+    np.testing.assert_array_equal(again[1], test)
+    other = datasets.stratified_split(labels, test_fraction=0.3, seed=1)
+    assert not np.array_equal(other[1], test)
+    with pytest.raises(ValueError, match=r"test_fraction: expected a finite number in \(0, 1\)"):
+        datasets.stratified_split(labels, test_fraction=1.0)
+    with pytest.raises(ValueError, match="labels: expected a 1-d integer array"):
+        datasets.stratified_split(labels.astype(float))
+
+
+# ---------------------------------------------------------------------------------------
+# .npy / .npz
+
+
+@pytest.mark.parametrize("mmap", [None, True, False])
+def test_load_npy(tmp_path, rng, mmap):
+    x = rng.random((50, 7)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    loaded = datasets.load_npy(tmp_path / "x.npy", mmap=mmap)
+    np.testing.assert_array_equal(loaded, x)
+    assert isinstance(loaded, np.memmap) == bool(mmap)
+
+
+def test_large_npy_is_mapped_automatically(tmp_path, rng, monkeypatch):
+    x = rng.random((50, 7))
+    np.save(tmp_path / "x.npy", x)
+    monkeypatch.setattr(datasets, "MMAP_THRESHOLD_BYTES", 1000)
+    loaded = datasets.load_npy(tmp_path / "x.npy")
+    assert isinstance(loaded, np.memmap) and not loaded.flags.writeable
+    np.testing.assert_array_equal(loaded, x)
+
+
+@pytest.mark.parametrize("mmap", [None, True, False])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_load_npz_uncompressed(tmp_path, rng, mmap, order):
+    x = np.asarray(rng.random((40, 5)), order=order)
+    labels = rng.integers(0, 3, 40)
+    np.savez(tmp_path / "d.npz", x=x, labels=labels)
+    loaded = datasets.load_npz(tmp_path / "d.npz", "x", mmap=mmap)
+    np.testing.assert_array_equal(loaded, x)
+    assert isinstance(loaded, np.memmap) == bool(mmap)
+    np.testing.assert_array_equal(datasets.load_npz(tmp_path / "d.npz", "labels", mmap=mmap), labels)
+
+
+def test_large_npz_member_is_mapped_automatically(tmp_path, rng, monkeypatch):
+    x = rng.random((60, 9)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", only=x)
+    monkeypatch.setattr(datasets, "MMAP_THRESHOLD_BYTES", 1000)
+    loaded = datasets.load_npz(tmp_path / "d.npz")  # the only array: no key needed
+    assert isinstance(loaded, np.memmap)
+    np.testing.assert_array_equal(loaded, x)
+
+
+def test_compressed_npz(tmp_path, rng):
+    x = rng.random((30, 4))
+    np.savez_compressed(tmp_path / "c.npz", x=x)
+    np.testing.assert_array_equal(datasets.load_npz(tmp_path / "c.npz"), x)
+    with pytest.raises(ValueError, match="mmap: array 'x' of .* is compressed and cannot be memory-mapped"):
+        datasets.load_npz(tmp_path / "c.npz", mmap=True)
+
+
+def test_mapped_npz_member_with_zip_extra_fields(tmp_path, rng):
+    """The local header's extra field can differ from the central directory's: the offset of
+    the data must come from the local header."""
+    x = rng.random((20, 3))
+    np.save(tmp_path / "x.npy", x)
+    with zipfile.ZipFile(tmp_path / "e.npz", "w", zipfile.ZIP_STORED) as archive:
+        info = zipfile.ZipInfo("x.npy")
+        info.extra = b"\xfe\xca\x04\x00abcd"  # an unknown 8-byte extra block
+        archive.writestr(info, (tmp_path / "x.npy").read_bytes())
+    np.testing.assert_array_equal(datasets.load_npz(tmp_path / "e.npz", mmap=True), x)
+
+
+def test_npy_npz_errors(tmp_path, rng):
+    np.savez(tmp_path / "two.npz", a=np.zeros(3), b=np.ones(3))
+    with pytest.raises(ValueError, match=r"key: .* holds 2 arrays \(a, b\); pass key="):
+        datasets.load_npz(tmp_path / "two.npz")
+    with pytest.raises(ValueError, match=r"key: .* has no array 'c' \(it holds: a, b\)"):
+        datasets.load_npz(tmp_path / "two.npz", "c")
+    with pytest.raises(ValueError, match="an .npz archive, not a .npy array; use load_npz"):
+        datasets.load_npy(tmp_path / "two.npz")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a readable .npy array"):
+        datasets.load_npy(tmp_path / "objects.npy")
+    np.savez(tmp_path / "objects.npz", o=np.array([{"a": 1}], dtype=object))
+    for mmap in (False, True):
+        with pytest.raises(ValueError, match="(not readable|object arrays are not loaded)"):
+            datasets.load_npz(tmp_path / "objects.npz", mmap=mmap)
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="has dtype <U1; expected real numbers"):
+        datasets.load_npy(tmp_path / "text.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match="not a readable .npy array"):
+        datasets.load_npy(tmp_path / "junk.npy")
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        datasets.load_npz(tmp_path / "junk.npy")
+    with pytest.raises(FileNotFoundError):
+        datasets.load_npy(tmp_path / "missing.npy")
+    with pytest.raises(FileNotFoundError):
+        datasets.load_npz(tmp_path / "missing.npz")
+    with pytest.raises(TypeError, match="mmap: expected True, False or None"):
+        datasets.load_npy(tmp_path / "junk.npy", mmap="yes")
+
+
+def test_load_array_dispatches_on_suffix(tmp_path, rng):
+    x = rng.random((10, 3))
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", data=x)
+    np.testing.assert_array_equal(datasets.load_array(tmp_path / "x.npy"), x)
+    np.testing.assert_array_equal(datasets.load_array(tmp_path / "x.npz"), x)
+    with pytest.raises(ValueError, match="path: expected a .npy, .npz, .hdf5 or .h5 file"):
+        datasets.load_array(tmp_path / "x.csv")
+    with pytest.raises(ValueError, match="key: a .npy file holds one array"):
+        datasets.load_array(tmp_path / "x.npy", key="data")
+
+
+# ---------------------------------------------------------------------------------------
+# ann-benchmarks HDF5
+
+
+def _ann_file(path, rng, *, chunked=False, distance="angular"):
+    h5py = pytest.importorskip("h5py")
+    train = rng.random((100, 8)).astype(np.float32)
+    test = rng.random((5, 8)).astype(np.float32)
+    neighbors = rng.integers(0, 100, (5, 10)).astype(np.int32)
+    distances = rng.random((5, 10)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = distance
+        options = dict(chunks=True, compression="gzip") if chunked else {}
+        f.create_dataset("train", data=train, **options)
+        f.create_dataset("test", data=test)
+        f.create_dataset("neighbors", data=neighbors)
+        f.create_dataset("distances", data=distances)
+    return train, test, neighbors, distances
+
+
+@pytest.mark.parametrize("mmap", [None, True, False])
+def test_load_ann_benchmarks(tmp_path, rng, mmap):
+    train, test, neighbors, distances = _ann_file(tmp_path / "a.hdf5", rng)
+    data = datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
+    np.testing.assert_array_equal(data.train, train)
+    np.testing.assert_array_equal(data.test, test)
+    np.testing.assert_array_equal(data.neighbors, neighbors)
+    np.testing.assert_array_equal(data.distances, distances)
+    assert data.distance == "angular" and data.metric == "cosine"
+    assert isinstance(data.train, np.memmap) == bool(mmap)
+    np.testing.assert_array_equal(datasets.load_array(tmp_path / "a.hdf5"), train)
+    np.testing.assert_array_equal(datasets.load_array(tmp_path / "a.hdf5", key="test"), test)
+
+
+def test_ann_benchmarks_chunked_and_euclidean(tmp_path, rng):
+    train, *_ = _ann_file(tmp_path / "c.h5", rng, chunked=True, distance="euclidean")
+    data = datasets.load_ann_benchmarks(tmp_path / "c.h5")
+    np.testing.assert_array_equal(data.train, train)
+    assert data.metric == "l2"
+    with pytest.raises(ValueError, match="mmap: dataset /train of .* is chunked or compressed"):
+        datasets.load_ann_benchmarks(tmp_path / "c.h5", mmap=True)
+
+
+def test_ann_benchmarks_errors(tmp_path, rng):
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "partial.hdf5", "w") as f:
+        f.create_dataset("train", data=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="not in the ann-benchmarks layout \\(missing datasets: test, neighbors, distances\\)"):
+        datasets.load_ann_benchmarks(tmp_path / "partial.hdf5")
+    (tmp_path / "junk.hdf5").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable HDF5 file"):
+        datasets.load_ann_benchmarks(tmp_path / "junk.hdf5")
+    with pytest.raises(FileNotFoundError):
+        datasets.load_ann_benchmarks(tmp_path / "missing.hdf5")
+    _ann_file(tmp_path / "a.hdf5", rng)
+    with pytest.raises(ValueError, match="key: expected 'train', 'test', 'neighbors' or 'distances'"):
+        datasets.load_array(tmp_path / "a.hdf5", key="queries")
+
+
+def test_ann_benchmarks_without_h5py(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_h5py(name, *args, **kwargs):
+        if name == "h5py":
+            raise ImportError("No module named 'h5py'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_h5py)
+    with pytest.raises(ImportError, match=r"needs h5py: pip install 'latentspace\[hdf5\]'"):
+        datasets.load_ann_benchmarks(tmp_path / "a.hdf5")

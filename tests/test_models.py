@@ -1,0 +1,322 @@
+"""The latent models: one interface (encode, decode, forward, latent_dim), PCA against
+scikit-learn, the convolutional model on 8x8 and 28x28 images, and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace as ls
+from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, LatentModel
+from latentspace.models import pca as pca_module
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+def _models():
+    """One small instance of every model kind, with its per-sample input shape."""
+    torch.manual_seed(0)
+    return [
+        (Autoencoder(12, 3, hidden=(16,)), (12,)),
+        (Autoencoder(12, 3, hidden=(), output="sigmoid"), (12,)),
+        (VAE(12, 3, hidden=(16, 8)), (12,)),
+        (ConvAutoencoder((1, 8, 8), 4, channels=(4, 8)), (1, 8, 8)),
+        (ConvAutoencoder((3, 7, 5), 2, channels=(4,)), (3, 7, 5)),
+    ]
+
+
+@pytest.fixture
+def fitted_pca(rng):
+    return PCA(3).fit(rng.random((40, 12)))
+
+
+# ---------------------------------------------------------------------------------------
+# The shared interface
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_interface_shapes_and_types(rng, index):
+    model, shape = _models()[index]
+    assert isinstance(model, LatentModel) and isinstance(model, torch.nn.Module)
+    assert model.input_shape == shape
+    x = rng.random((7, *shape)).astype(np.float32)
+    z = model.encode(x)
+    assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (7, model.latent_dim)
+    x_hat = model.decode(z)
+    assert isinstance(x_hat, np.ndarray) and x_hat.shape == (7, *shape)
+    recon = model(x)
+    assert isinstance(recon, np.ndarray) and recon.shape == x.shape
+    np.testing.assert_allclose(recon, x_hat, rtol=1e-5, atol=1e-6)
+
+    # torch in, torch out, differentiable
+    xt = torch.from_numpy(x).requires_grad_(True)
+    zt = model.encode(xt)
+    assert isinstance(zt, torch.Tensor) and zt.requires_grad
+    np.testing.assert_allclose(zt.detach().numpy(), z, rtol=1e-5, atol=1e-6)
+    model(xt).sum().backward()
+    assert xt.grad is not None and torch.isfinite(xt.grad).all()
+
+
+def test_pca_interface(fitted_pca, rng):
+    x = rng.random((5, 12))
+    z = fitted_pca.encode(x)
+    assert z.shape == (5, 3) and z.dtype == np.float32
+    assert fitted_pca.decode(z).shape == (5, 12)
+    assert fitted_pca.latent_dim == 3 and fitted_pca.input_shape == (12,)
+    zt = fitted_pca.encode(torch.from_numpy(x).float())
+    assert isinstance(zt, torch.Tensor)
+    np.testing.assert_allclose(zt.numpy(), z, rtol=1e-5, atol=1e-6)
+
+
+def test_other_real_dtypes_are_converted(rng):
+    model, _ = _models()[0]
+    x = rng.random((4, 12))
+    expected = model.encode(x.astype(np.float32))
+    np.testing.assert_allclose(model.encode(x), expected, rtol=1e-6)  # float64
+    np.testing.assert_allclose(model.encode(x.astype(np.float16)), model.encode(x.astype(np.float16).astype(np.float32)))
+    ints = (x * 10).astype(np.int64)
+    np.testing.assert_array_equal(model.encode(ints), model.encode(ints.astype(np.float32)))
+    np.testing.assert_allclose(model.encode(torch.from_numpy(x)).detach().numpy(), expected, rtol=1e-6)
+    np.testing.assert_array_equal(model.encode(x.T.copy().T.astype(np.float32)), expected)  # non-contiguous
+
+
+def test_numpy_inputs_are_processed_in_chunks(rng, monkeypatch):
+    from latentspace.models import base
+
+    model = VAE(12, 3, hidden=(8,))
+    x = rng.random((50, 12)).astype(np.float32)
+    whole, whole_recon = model.encode(x), model(x)
+    monkeypatch.setattr(base, "_NUMPY_CHUNK_ROWS", 7)
+    # equal up to float32 rounding (matmul blocking depends on the batch size)
+    np.testing.assert_allclose(model.encode(x), whole, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(x), whole_recon, rtol=1e-5, atol=1e-6)
+    mu, logvar = model.posterior(x)
+    np.testing.assert_allclose(mu, whole, rtol=1e-5, atol=1e-6)
+    assert logvar.shape == (50, 3)
+
+
+def test_conv_accepts_flat_rows_and_answers_in_their_shape(rng):
+    model = ConvAutoencoder((1, 8, 8), 4, channels=(4, 8))
+    images = rng.random((6, 1, 8, 8)).astype(np.float32)
+    flat = images.reshape(6, 64)
+    np.testing.assert_array_equal(model.encode(flat), model.encode(images))
+    assert model(flat).shape == (6, 64)
+    assert model(images).shape == (6, 1, 8, 8)
+    np.testing.assert_array_equal(model(flat), model(images).reshape(6, 64))
+    assert model.decode(model.encode(flat)).shape == (6, 1, 8, 8)
+
+
+@pytest.mark.parametrize("shape,channels", [((1, 28, 28), (8, 16)), ((1, 8, 8), (4, 8, 8)),
+                                            ((3, 9, 6), (4, 4)), ((1, 1, 1), (2,))])
+def test_conv_reconstructs_exact_image_shapes(rng, shape, channels):
+    model = ConvAutoencoder(shape, 5, channels=channels)
+    x = torch.rand(2, *shape)
+    assert model(x).shape == x.shape
+    assert model.decode(torch.zeros(3, 5)).shape == (3, *shape)
+
+
+def test_outputs_follow_the_output_function(rng):
+    x = rng.random((20, 12)).astype(np.float32) * 10 - 5
+    sigmoid = Autoencoder(12, 3, output="sigmoid")
+    out = sigmoid(x)
+    assert out.min() >= 0 and out.max() <= 1
+    vae = VAE(12, 3)
+    assert vae.output == "sigmoid" and vae.default_loss == "bce"
+    linear = Autoencoder(12, 3)
+    assert linear.output == "linear" and linear.default_loss == "mse"
+
+
+def test_vae_encode_returns_mean_unless_sampling(rng):
+    torch.manual_seed(0)
+    model = VAE(12, 3, hidden=(16,))
+    x = rng.random((5, 12)).astype(np.float32)
+    mu, logvar = model.posterior(x)
+    np.testing.assert_array_equal(model.encode(x), mu)
+    np.testing.assert_array_equal(model.encode(x), model.encode(x))
+    a = model.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    b = model.encode(x, sample=True, generator=torch.Generator().manual_seed(1))
+    c = model.encode(x, sample=True, generator=torch.Generator().manual_seed(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, mu)
+    # the draw is mu + sigma * eps with the generator's standard normals
+    eps = torch.randn((5, 3), generator=torch.Generator().manual_seed(1)).numpy()
+    np.testing.assert_allclose(a, mu + np.exp(0.5 * logvar) * eps, rtol=1e-5, atol=1e-6)
+
+
+def test_vae_samples_have_the_posterior_spread():
+    torch.manual_seed(0)
+    model = VAE(4, 2, hidden=(8,))
+    x = torch.rand(1, 4).expand(20000, 4)
+    with torch.no_grad():
+        draws = model.encode(x, sample=True, generator=torch.Generator().manual_seed(0))
+        mu, logvar = model.posterior(x[:1])
+    torch.testing.assert_close(draws.mean(0), mu[0], atol=0.05, rtol=0)
+    torch.testing.assert_close(draws.std(0), torch.exp(0.5 * logvar[0]), atol=0, rtol=0.05)
+
+
+def test_model_moves_with_to_and_checks_tensor_device(rng):
+    model, _ = _models()[0]
+    model = model.double()
+    z = model.encode(rng.random((3, 12)))
+    assert z.dtype == np.float64  # numpy callers get the model's dtype
+    meta = torch.empty(3, 12, device="meta")
+    with pytest.raises(ValueError, match="x: expected a tensor on the model's device 'cpu'"):
+        model.encode(meta)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad inputs
+
+
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_bad_inputs(index):
+    model, shape = _models()[index]
+    good = np.zeros((2, *shape), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"x: expected shape \(n, "):
+        model.encode(good[0])  # one sample without its batch axis
+    with pytest.raises(ValueError, match=r"x: expected shape"):
+        model.encode(np.zeros((2, 5), dtype=np.float32))
+    with pytest.raises(TypeError, match="x: expected a real numeric dtype"):
+        model.encode(good.astype(bool))
+    with pytest.raises(TypeError, match="x: expected a real numeric dtype"):
+        model.encode(good.astype(np.complex64))
+    with pytest.raises(TypeError, match="x: expected a real numeric dtype"):
+        model.encode(torch.zeros(2, *shape, dtype=torch.bool))
+    with pytest.raises(TypeError, match="x: expected a numpy array or torch tensor"):
+        model.encode("pixels")
+    with pytest.raises(ValueError, match=rf"z: expected shape \(n, {model.latent_dim}\)"):
+        model.decode(np.zeros((2, model.latent_dim + 1), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"x: expected shape"):
+        model(good.reshape(-1))
+
+
+def test_one_sample_hint():
+    model, _ = _models()[0]
+    with pytest.raises(ValueError, match=r"reshape\(1, -1\)"):
+        model.encode(np.zeros(12, dtype=np.float32))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: Autoencoder(0, 3), "input_dim: expected an integer >= 1, got 0"),
+    (lambda: Autoencoder(12, 0), "latent_dim: expected an integer >= 1, got 0"),
+    (lambda: Autoencoder(12, 3.5), "latent_dim: expected an integer >= 1"),
+    (lambda: Autoencoder(12, 3, hidden=(16, 0)), r"hidden\[1\]: expected an integer >= 1, got 0"),
+    (lambda: Autoencoder(12, 3, hidden="16"), "hidden: expected a tuple of integers"),
+    (lambda: Autoencoder(12, 3, activation="sigmoidal"), "activation: expected one of"),
+    (lambda: Autoencoder(12, 3, output="softmax"), "output: expected one of"),
+    (lambda: VAE(12, 3, beta=-1), r"beta: expected a finite number in \[0, inf\]"),
+    (lambda: VAE(12, 3, beta=float("nan")), "beta: expected a finite number"),
+    (lambda: VAE(12, 3, kl_warmup=-2), "kl_warmup: expected a finite number"),
+    (lambda: ConvAutoencoder((8, 8), 3), r"input_shape: expected \(C, H, W\)"),
+    (lambda: ConvAutoencoder((1, 0, 8), 3), r"input_shape\[1\]: expected an integer >= 1"),
+    (lambda: ConvAutoencoder((1, 8, 8), 3, channels=()), "channels: expected at least one layer"),
+    (lambda: PCA(0), "latent_dim: expected an integer >= 1"),
+    (lambda: PCA(2, whiten="yes"), "whiten: expected True or False"),
+])
+def test_bad_constructor_arguments(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_objective_rejects_bce_on_a_linear_output():
+    model = Autoencoder(12, 3)
+    with pytest.raises(ValueError, match="loss: 'bce' needs a model whose output is a probability"):
+        model.objective(torch.rand(4, 12), loss="bce")
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        model.objective(torch.rand(4, 12), loss="l1")
+
+
+# ---------------------------------------------------------------------------------------
+# PCA
+
+
+def test_pca_matches_scikit_learn(rng):
+    from sklearn.decomposition import PCA as SkPCA
+
+    x = rng.normal(size=(200, 10)) @ rng.normal(size=(10, 10)) + rng.normal(size=10)
+    ours = PCA(4).fit(x)
+    theirs = SkPCA(4, svd_solver="full").fit(x)
+    np.testing.assert_allclose(ours.explained_variance.numpy(), theirs.explained_variance_, rtol=1e-5)
+    np.testing.assert_allclose(ours.explained_variance_ratio.numpy(), theirs.explained_variance_ratio_, rtol=1e-5)
+    np.testing.assert_allclose(ours.singular_values.numpy(), theirs.singular_values_, rtol=1e-5)
+    np.testing.assert_allclose(ours.mean.numpy(), theirs.mean_, rtol=1e-5, atol=1e-6)
+    # components agree up to sign; ours has each component's largest entry positive
+    components = ours.components.numpy()
+    signs = np.sign((components * theirs.components_).sum(1))
+    np.testing.assert_allclose(components, signs[:, None] * theirs.components_, atol=1e-5)
+    assert (components[np.arange(4), np.abs(components).argmax(1)] > 0).all()
+    z = ours.encode(x)
+    np.testing.assert_allclose(z, theirs.transform(x) * signs, atol=1e-4)
+    np.testing.assert_allclose(ours.decode(z), theirs.inverse_transform(theirs.transform(x)), atol=1e-4)
+
+
+def test_pca_whitening(rng):
+    from sklearn.decomposition import PCA as SkPCA
+
+    x = rng.normal(size=(300, 6)) * np.array([5, 3, 2, 1, 0.5, 0.1])
+    model = PCA(3, whiten=True).fit(x)
+    z = model.encode(x)
+    np.testing.assert_allclose(z.std(0, ddof=1), 1.0, rtol=1e-4)
+    theirs = SkPCA(3, whiten=True, svd_solver="full").fit(x)
+    np.testing.assert_allclose(np.abs(z), np.abs(theirs.transform(x)), atol=1e-4)
+    # decode undoes the whitening: the same reconstruction as without it
+    plain = PCA(3).fit(x)
+    np.testing.assert_allclose(model(x), plain(x), atol=1e-4)
+
+
+def test_pca_whitening_of_a_constant_direction_stays_finite():
+    x = np.zeros((10, 3))
+    x[:, 0] = np.arange(10)
+    z = PCA(2, whiten=True).fit(x).encode(x)
+    assert np.isfinite(z).all()
+
+
+def test_pca_full_rank_reconstructs_exactly(rng):
+    x = rng.normal(size=(30, 5))
+    np.testing.assert_allclose(PCA(5).fit(x)(x), x, atol=1e-5)
+
+
+def test_pca_chunked_covariance_path_matches_svd(rng, monkeypatch):
+    x = rng.normal(size=(500, 8)) @ rng.normal(size=(8, 8))
+    exact = PCA(3).fit(x)
+    monkeypatch.setattr(pca_module, "_SVD_MAX_ELEMENTS", 10)
+    monkeypatch.setattr(pca_module, "_CHUNK_ROWS", 64)
+    chunked = PCA(3).fit(x)
+    for name in ("mean", "components", "explained_variance", "explained_variance_ratio", "singular_values"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(exact, name), rtol=1e-4, atol=1e-5)
+
+
+def test_pca_fits_a_memory_map(tmp_path, rng):
+    x = rng.random((50, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    torch.testing.assert_close(PCA(2).fit(mapped).components, PCA(2).fit(x).components)
+
+
+def test_pca_explains_the_digits_like_known_figures():
+    x, _ = ls.datasets.load_digits()
+    ratio = PCA(8).fit(x).explained_variance_ratio.numpy()
+    assert np.all(np.diff(ratio) <= 0)
+    assert 0.6 < ratio.sum() < 0.75  # 8 of 64 components hold about two thirds of the variance
+
+
+def test_pca_errors(rng):
+    with pytest.raises(ValueError, match=r"latent_dim: PCA\(latent_dim=13\) cannot exceed the input dimension; X has 12 columns"):
+        PCA(13).fit(rng.random((40, 12)))
+    with pytest.raises(ValueError, match=r"X: PCA\(latent_dim=5\) needs at least max\(2, 5\) rows, got 4"):
+        PCA(5).fit(rng.random((4, 12)))
+    with pytest.raises(ValueError, match="X: expected a 2-d array"):
+        PCA(2).fit(rng.random(12))
+    bad = rng.random((10, 4))
+    bad[7, 2] = np.nan
+    with pytest.raises(ValueError, match="X: row 7 contains NaN or Inf"):
+        PCA(2).fit(bad)
+    with pytest.raises(TypeError, match="X: expected a real numeric dtype"):
+        PCA(2).fit(np.zeros((10, 4), dtype=bool))
+    with pytest.raises(ValueError, match="PCA is not fitted: call fit"):
+        PCA(2).encode(rng.random((3, 4)))
+    with pytest.raises(ValueError, match="PCA is not fitted"):
+        PCA(2).decode(rng.random((3, 2)))
+    with pytest.raises(ValueError, match=r"x: expected shape \(n, 12\)"):
+        PCA(2).fit(rng.random((10, 12))).encode(rng.random((3, 11)))

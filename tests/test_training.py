@@ -1,0 +1,356 @@
+"""latentspace.train: lowers the loss, is reproducible with a seed on the CPU, keeps the best
+checkpoint (also on Ctrl-C), stops early, shows progress, and refuses bad arguments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace as ls
+from latentspace import training
+from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = ls.datasets.load_digits()
+    return x[:400], y[:400]
+
+
+def _fit(model, x, **kwargs):
+    settings = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False, device="cpu")
+    settings.update(kwargs)
+    return ls.train(model, x, **settings)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Autoencoder(64, 4, hidden=(32,), output="sigmoid"),
+    lambda: Autoencoder(64, 4, hidden=(32,)),
+    lambda: VAE(64, 4, hidden=(32,)),
+    lambda: ConvAutoencoder((1, 8, 8), 4, channels=(8,)),
+], ids=["ae-bce", "ae-mse", "vae", "conv"])
+def test_training_lowers_the_loss(digits, make):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = make()
+    before = model.objective(torch.from_numpy(x), generator=torch.Generator().manual_seed(0))["loss"].item()
+    history = _fit(model, x, epochs=8, early_stopping=None)
+    after = model.objective(torch.from_numpy(x), generator=torch.Generator().manual_seed(0))["loss"].item()
+    assert len(history.train_loss) == len(history.val_loss) == history.epochs_run == 8
+    assert after < 0.8 * before
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.val_loss[-1] < history.val_loss[0]
+    assert history.best_epoch is not None and history.best_loss == min(history.val_loss)
+    assert history.val_loss[history.best_epoch] == history.best_loss
+    assert not model.training
+    assert history.samples_per_second > 0 and history.seconds > 0 and history.device == "cpu"
+
+
+def test_same_seed_same_weights(digits):
+    x, _ = digits
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model = VAE(64, 3, hidden=(16,), kl_warmup=1)
+        history = _fit(model, x, epochs=3, seed=5)
+        runs.append((model.state_dict(), history))
+    (a, ha), (b, hb) = runs
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert ha.train_loss == hb.train_loss and ha.val_loss == hb.val_loss
+
+    torch.manual_seed(7)
+    other = VAE(64, 3, hidden=(16,), kl_warmup=1)
+    _fit(other, x, epochs=3, seed=6)
+    assert not all(torch.equal(a[key], other.state_dict()[key]) for key in a)
+
+
+def test_best_weights_are_restored_and_checkpointed(digits, tmp_path):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,), output="sigmoid")
+    states = {}
+
+    def remember_then_spoil(record):
+        states[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        if record["epoch"] == 4:  # wreck the weights: the epochs after this one are worse
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn_like(parameter) * 3)
+
+    path = tmp_path / "best.safetensors"
+    history = _fit(model, x, epochs=8, early_stopping=None, checkpoint=path, callback=remember_then_spoil)
+    assert history.best_epoch == 4 and history.epochs_run == 8
+    best = history.best_epoch
+    assert history.best_loss == min(history.val_loss)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, states[best][key]), key
+    saved = ls.load_model(path)
+    np.testing.assert_array_equal(saved.encode(x), model.encode(x))
+    assert history.checkpoint == str(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
+
+
+def test_early_stopping_stops_after_patience(digits):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,))
+    history = _fit(model, x, epochs=200, lr=0.3, early_stopping=2)  # diverging steps: no progress
+    assert history.stopped_early
+    assert history.epochs_run < 200
+    assert history.epochs_run - 1 - history.best_epoch == 2
+    assert all(v >= history.best_loss for v in history.val_loss[history.best_epoch + 1:])
+
+
+def test_without_validation_the_training_loss_is_monitored(digits):
+    x, _ = digits
+    history = _fit(Autoencoder(64, 4, hidden=(16,)), x, epochs=3, val_fraction=0.0)
+    assert history.monitor == "train_loss" and history.val_loss == []
+    assert history.best_loss == min(history.train_loss)
+
+
+def test_warmup_epochs_are_not_picked_as_best(digits):
+    x, _ = digits
+    torch.manual_seed(0)
+    history = _fit(VAE(64, 3, hidden=(16,), kl_warmup=3), x, epochs=5, early_stopping=1)
+    assert history.best_epoch >= 2  # epochs 0 and 1 end before the warm-up is over
+    assert history.epochs_run >= 4  # patience only counts after the warm-up
+    short = _fit(VAE(64, 3, hidden=(16,), kl_warmup=10), x, epochs=2)
+    assert short.best_epoch == 1  # a run shorter than the warm-up keeps its last epoch
+
+
+def test_ctrl_c_keeps_the_best_checkpoint_and_returns(digits, tmp_path):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,), output="sigmoid")
+    path = tmp_path / "best.safetensors"
+    seen = []
+
+    def interrupt_at_epoch_3(record):
+        seen.append(record["epoch"])
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    history = _fit(model, x, epochs=50, early_stopping=None, checkpoint=path, callback=interrupt_at_epoch_3)
+    assert history.interrupted and not history.stopped_early
+    assert seen == [0, 1, 2, 3] and history.epochs_run == 4
+    assert history.best_epoch == int(np.argmin(history.val_loss))
+    saved = ls.load_model(path)
+    np.testing.assert_array_equal(saved.encode(x), model.encode(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
+
+
+def test_ctrl_c_mid_epoch(digits, tmp_path, monkeypatch):
+    """KeyboardInterrupt from inside a batch (as from the keyboard): the epoch in progress is
+    dropped, the best completed one is kept."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,))
+    steps = {"n": 0}
+    real_objective = model.objective
+
+    def objective(*args, **kwargs):
+        steps["n"] += torch.is_grad_enabled()  # training batches only, not validation
+        if steps["n"] == 14:  # 6 batches per epoch: in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real_objective(*args, **kwargs)
+
+    monkeypatch.setattr(model, "objective", objective)
+    path = tmp_path / "m.safetensors"
+    history = _fit(model, x, epochs=10, checkpoint=path)
+    assert history.interrupted and history.epochs_run == 2
+    assert history.best_epoch in (0, 1)
+    np.testing.assert_array_equal(ls.load_model(path).encode(x), model.encode(x))
+
+
+def test_ctrl_c_during_a_checkpoint_write_keeps_the_previous_one(digits, tmp_path, monkeypatch):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,), output="sigmoid")
+    path = tmp_path / "m.safetensors"
+    real_save = training.save_model
+    calls = {"n": 0}
+
+    def flaky_save(m, p):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second best epoch's write is interrupted
+            raise KeyboardInterrupt
+        real_save(m, p)
+
+    monkeypatch.setattr(training, "save_model", flaky_save)
+    history = _fit(model, x, epochs=10, early_stopping=None, checkpoint=path)
+    assert history.interrupted
+    # the interrupted write was redone at the end: the file holds the model's final weights
+    np.testing.assert_array_equal(ls.load_model(path).encode(x), model.encode(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_ctrl_c_before_the_first_epoch_writes_nothing(digits, tmp_path):
+    x, _ = digits
+
+    class Stop(Autoencoder):
+        def objective(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    path = tmp_path / "m.safetensors"
+    history = _fit(Stop(64, 4, hidden=(8,)), x, checkpoint=path)
+    assert history.interrupted and history.epochs_run == 0 and history.best_epoch is None
+    assert not path.exists() and history.checkpoint is None
+
+
+def test_divergence_raises_after_restoring_the_best(digits, tmp_path):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(16,))
+    calls = {"n": 0}
+    real = model.objective
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()  # training batches only, not validation
+        out = real(*args, **kwargs)
+        if calls["n"] > 18:  # 6 batches per epoch: from epoch 3 on
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    model.objective = poisoned
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(FloatingPointError, match="training diverged: the training loss became nan in epoch 3"):
+        _fit(model, x, epochs=10, checkpoint=path)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    np.testing.assert_array_equal(ls.load_model(path).encode(x), model.encode(x))
+
+
+def test_progress_bar_shows_epoch_losses_and_speed(digits, capsys):
+    x, _ = digits
+    _fit(Autoencoder(64, 4, hidden=(16,)), x, epochs=2, progress=True)
+    err = capsys.readouterr().err
+    assert "Autoencoder" in err and "epoch 2/2" in err
+    assert "train " in err and "val " in err and "samples/s" in err
+
+
+def test_memory_mapped_and_torch_data(digits, tmp_path):
+    x, _ = digits
+    np.save(tmp_path / "x.npy", x)
+    mapped = ls.datasets.load_npy(tmp_path / "x.npy", mmap=True)
+    results = []
+    for data in (x, mapped, torch.from_numpy(x), x.astype(np.float64)):
+        torch.manual_seed(0)
+        model = Autoencoder(64, 4, hidden=(16,))
+        _fit(model, data, epochs=2)
+        results.append(model.encode(x))
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_batches_gathered_from_large_data_match_resident_data(digits, monkeypatch):
+    x, _ = digits
+    torch.manual_seed(0)
+    resident = Autoencoder(64, 4, hidden=(16,))
+    _fit(resident, x.astype(np.float64), epochs=2)
+    monkeypatch.setattr(training, "_RESIDENT_MAX_BYTES", 0)  # float64 numpy and torch: gathered
+    for data in (x.astype(np.float64), torch.from_numpy(x).double()):
+        torch.manual_seed(0)
+        gathered = Autoencoder(64, 4, hidden=(16,))
+        _fit(gathered, data, epochs=2)
+        np.testing.assert_allclose(gathered.encode(x), resident.encode(x), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_trains_on_images_and_flat_rows(digits):
+    x, _ = digits
+    for data in (x, x.reshape(-1, 1, 8, 8)):
+        torch.manual_seed(0)
+        history = _fit(ConvAutoencoder((1, 8, 8), 4, channels=(4,)), data, epochs=2)
+        assert history.epochs_run == 2 and all(map(math.isfinite, history.train_loss))
+
+
+def test_bf16_autocast_on_the_cpu(digits):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, 4, hidden=(32,))
+    history = _fit(model, x, epochs=3, autocast=True, early_stopping=None)
+    assert all(map(math.isfinite, history.train_loss))
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert next(model.parameters()).dtype == torch.float32  # weights stay float32
+
+
+def test_bad_arguments(digits, tmp_path):
+    x, _ = digits
+    model = Autoencoder(64, 4, hidden=(8,))
+    cases = [
+        (dict(epochs=0), ValueError, "epochs: expected an integer >= 1, got 0"),
+        (dict(epochs=2.5), TypeError, "epochs: expected an integer"),
+        (dict(batch_size=0), ValueError, "batch_size: expected an integer >= 1"),
+        (dict(lr=0.0), ValueError, r"lr: expected a finite number in \(0, inf\]"),
+        (dict(lr=float("nan")), ValueError, "lr: expected a finite number"),
+        (dict(weight_decay=-1.0), ValueError, "weight_decay: expected a finite number"),
+        (dict(val_fraction=1.0), ValueError, r"val_fraction: expected a finite number in \[0, 1\)"),
+        (dict(early_stopping=-1), ValueError, "early_stopping: expected an integer >= 0"),
+        (dict(seed=-1), ValueError, "seed: expected an integer >= 0"),
+        (dict(device="tpu"), ValueError, "device: expected 'auto', 'cpu', 'cuda'"),
+        (dict(loss="l1"), ValueError, "loss: expected one of"),
+        (dict(loss="bce"), ValueError, "loss: 'bce' needs a model whose output is a probability"),
+        (dict(autocast="yes"), TypeError, "autocast: expected True, False or None"),
+        (dict(checkpoint=tmp_path), ValueError, "checkpoint: .* is a folder"),
+        (dict(checkpoint=tmp_path / "no" / "m.st"), ValueError, "checkpoint: folder .* does not exist"),
+        (dict(callback=3), TypeError, "callback: expected a callable"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            _fit(model, x, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            _fit(model, x, device="cuda")
+
+
+def test_bad_data(digits):
+    x, _ = digits
+    model = Autoencoder(64, 4, hidden=(8,))
+    with pytest.raises(ValueError, match=r"X: expected shape \(n, 64\) for this Autoencoder, got \(400, 63\)"):
+        _fit(model, x[:, :63])
+    with pytest.raises(ValueError, match=r"X: expected shape \(n, 64\)"):
+        _fit(model, x[0])
+    with pytest.raises(TypeError, match="X: expected a real numeric dtype"):
+        _fit(model, x > 0.5)
+    with pytest.raises(TypeError, match="X: expected a numpy array or torch tensor"):
+        _fit(model, "digits.npy")
+    bad = x.copy()
+    bad[123, 5] = np.inf
+    with pytest.raises(ValueError, match="X: row 123 contains NaN or Inf"):
+        _fit(model, bad)
+    with pytest.raises(ValueError, match=r"X: loss='bce' needs data in \[0, 1\].*values in \[-1, 1\]"):
+        _fit(VAE(64, 4, hidden=(8,)), x * 2 - 1)
+    with pytest.raises(ValueError, match="X: 1 rows leave none for training"):
+        _fit(model, x[:1])
+    with pytest.raises(TypeError, match=r"PCA is fitted in closed form.*model.fit\(X\)"):
+        _fit(PCA(4), x)
+    with pytest.raises(TypeError, match="model: expected an Autoencoder, VAE or ConvAutoencoder"):
+        _fit(torch.nn.Linear(64, 4), x)
+
+
+def test_history_to_dict_is_json_ready(digits):
+    import json
+
+    x, _ = digits
+    history = _fit(Autoencoder(64, 4, hidden=(8,)), x, epochs=2)
+    data = json.loads(json.dumps(history.to_dict()))
+    assert data["epochs_run"] == 2 and len(data["train_loss"]) == 2 and data["seed"] == 0
+
+
+def test_public_api_is_lazy_and_train_stays_a_function():
+    """`import latentspace` does not load torch; latentspace.train is the function even
+    after the modules behind it are imported in any order."""
+    import subprocess
+    import sys
+
+    code = ("import sys, latentspace as ls; assert 'torch' not in sys.modules; "
+            "import latentspace.cli, latentspace.training, latentspace.models; "
+            "assert callable(ls.train) and ls.train.__module__ == 'latentspace.training'; "
+            "assert ls.VAE is ls.models.VAE and ls.save_model is ls.models.save_model; "
+            "assert set(ls.__all__) <= set(dir(ls)); print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
