@@ -74,6 +74,16 @@ def _is_torch_int(x: Any) -> bool:
     return x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
+    """np.asarray(x), refusing strings, None and non-real dtypes with a TypeError naming `name`."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
+    array = np.asarray(x)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}")
+    return array
+
+
 def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray, ArrayKind]:
     """Returns x as a C-contiguous float32 (rows, dim) numpy array (a view when possible)
     and whether it came as numpy or torch. Raises TypeError / ValueError naming `name`."""
@@ -84,13 +94,7 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray,
         array = _torch_to_numpy(x, name)
     else:
         kind = "numpy"
-        if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"{name}: expected a 2-d numpy array or torch tensor, got {type(x).__name__}")
-        array = np.asarray(x)
-        if array.dtype.kind not in "fiu":
-            raise TypeError(
-                f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}"
-            )
+        array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
         if array.ndim != 2:
             raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
         if array.dtype != np.float32 or not array.flags.c_contiguous:
@@ -190,11 +194,7 @@ def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], .
         tensor = x
     else:
         kind = "numpy"
-        if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
-        array = np.asarray(x)
-        if array.dtype.kind not in "fiu":
-            raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}")
+        array = _real_numpy(x, name, "a numpy array or torch tensor")
         if array.dtype.kind in "iu" or array.dtype.itemsize > 8:
             array = array.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
         tensor = numpy_to_tensor(array)
