@@ -93,8 +93,8 @@ def test_demo():
     assert len(neighbour_labels) == int(queries[0][2]) == 4
     assert all(0 <= int(label) <= 9 for label in neighbour_labels)
     assert "d=" in out
-    seconds = float(re.search(r"demo finished in ([0-9.]+) s", out).group(1))
-    assert seconds < 60
+    # its duration is reported (the < 60 s goal is measured in benchmarks/bench_demo.py)
+    assert re.search(r"demo finished in [0-9.]+ s", out)
 
 
 def test_demo_options():
