@@ -126,22 +126,12 @@ def check_rows_usable(array: np.ndarray, name: str) -> None:
 
 def check_dim(dim: Any) -> int:
     """A vector dimension: an integer >= 1."""
-    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
-    return int(dim)
+    return check_int(dim, "dim")
 
 
 def check_k(k: Any) -> int:
     """k must be an integer >= 1 (Python or numpy int; bool is refused)."""
-    if isinstance(k, (bool, np.bool_)):
-        raise TypeError(f"k: expected an integer >= 1, got {k!r}")
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k: expected an integer >= 1, got {type(k).__name__} {k!r}") from None
-    if value < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {value}")
-    return value
+    return check_int(k, "k")
 
 
 def check_metric(metric: Any) -> int:

@@ -192,8 +192,7 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     _check_reduction(reduction)
     _check_pair(mu, logvar, "mu, logvar")
     if mu.device.type != "cpu":
-        per_row = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).reshape(mu.shape[0], -1).sum(1)
-        return {"mean": per_row.mean, "sum": per_row.sum}.get(reduction, lambda: per_row)()
+        return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
     return KLNormal.apply(mu, logvar, reduction)
 
 
@@ -205,11 +204,18 @@ def _torch_reconstruction_loss(recon, target, kind, reduction):
         elementwise = F.binary_cross_entropy(recon, target, reduction="none")
     else:
         elementwise = F.binary_cross_entropy_with_logits(recon, target, reduction="none")
-    if reduction == "mean":
-        return elementwise.mean()
+    return _reduce_rows(elementwise, reduction, mean_over="elements")
+
+
+def _reduce_rows(elementwise: torch.Tensor, reduction: str, mean_over: str) -> torch.Tensor:
+    """torch-side reductions with the native ones' conventions: "none" sums each row's
+    features; "mean" averages over all elements (reconstruction) or over rows (KL)."""
+    per_row = elementwise.reshape(elementwise.shape[0], -1).sum(dim=1)
+    if reduction == "none":
+        return per_row
     if reduction == "sum":
-        return elementwise.sum()
-    return elementwise.reshape(elementwise.shape[0], -1).sum(dim=1)
+        return per_row.sum()
+    return elementwise.mean() if mean_over == "elements" else per_row.mean()
 
 
 class ReconstructionLossModule(torch.nn.Module):

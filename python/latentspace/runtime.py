@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 import os
 import warnings
 from typing import Any
 
 from . import _native
+from ._arrays import check_int
 
 __all__ = [
     "build_info",
@@ -38,14 +38,7 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Sets the thread count of latentspace's kernels only (torch's is separate)."""
-    if isinstance(n, bool):
-        raise TypeError(f"n: expected an integer >= 1, got {n!r}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"n: expected an integer >= 1, got {n!r}") from None
-    if n < 1:
-        raise ValueError(f"n: expected an integer >= 1, got {n}")
+    n = check_int(n, "n")
     _native.set_num_threads(n)
 
 
