@@ -10,6 +10,7 @@ void bind_info(py::module_& m);
 void bind_knn(py::module_& m);
 void bind_losses(py::module_& m);
 void bind_buffers(py::module_& m);
+void bind_encode(py::module_& m);
 }  // namespace latentspace::bindings
 
 PYBIND11_MODULE(_native, m) {
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_native, m) {
   latentspace::bindings::bind_knn(m);
   latentspace::bindings::bind_losses(m);
   latentspace::bindings::bind_buffers(m);
+  latentspace::bindings::bind_encode(m);
 }

@@ -47,6 +47,15 @@ SimdLevel hardware_simd_level() {
   return level;
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = hardware_simd_level() == SimdLevel::kAvx512 && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 SimdLevel active_simd_level() {
   return static_cast<SimdLevel>(active_level_storage().load(std::memory_order_relaxed));
 }

@@ -18,6 +18,9 @@ SimdLevel active_simd_level();
 // Caps the level in use; throws ValueError if the CPU lacks the requested level.
 void set_simd_level(SimdLevel level);
 
+// Whether the CPU has the AVX512_BF16 dot product (VDPBF16PS), for the opt-in bf16 encoder.
+bool cpu_has_avx512_bf16();
+
 const char* simd_level_name(SimdLevel level);
 // Parses "scalar" / "avx2" / "avx512"; throws ValueError naming `argument` otherwise.
 SimdLevel parse_simd_level(const std::string& name, const char* argument);

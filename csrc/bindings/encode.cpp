@@ -1,0 +1,88 @@
+// pybind11 glue for the batched MLP encoder: check buffers, drop the GIL, call ops/encode.h.
+// python/latentspace/encode.py exports a model's layers into this object and streams rows.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "bindings/arrays.h"
+#include "ops/encode.h"
+
+namespace latentspace::bindings {
+namespace {
+
+EncodePrecision parse_precision(const std::string& name) {
+  if (name == "fp32") return EncodePrecision::kFloat32;
+  if (name == "bf16") return EncodePrecision::kBfloat16;
+  throw ValueError(concat("precision: expected 'fp32' or 'bf16', got '", name, "'"));
+}
+
+std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std::vector<py::object> biases,
+                                            std::vector<std::string> activations,
+                                            std::vector<double> activation_params, py::object input_offset,
+                                            const std::string& precision) {
+  const size_t count = weights.size();
+  LS_CHECK_VALUE(biases.size() == count && activations.size() == count && activation_params.size() == count,
+                 "weights, biases, activations, activation_params: expected one entry per layer, got ", count,
+                 ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
+  std::vector<LayerWeights> layers(count);
+  for (size_t l = 0; l < count; ++l) {
+    const std::string name = concat("weights[", l, "]");
+    layers[l].weights = checked_data<float>(weights[l], name.c_str(), 2, false);
+    layers[l].columns = dim_of(weights[l], 0);
+    layers[l].depth = dim_of(weights[l], 1);
+    if (!biases[l].is_none()) {
+      const std::string bias_name = concat("biases[", l, "]");
+      py::array bias = biases[l].cast<py::array>();
+      layers[l].bias = checked_data<float>(bias, bias_name.c_str(), 1, false);
+      LS_CHECK_VALUE(dim_of(bias, 0) == layers[l].columns, bias_name, ": expected ", layers[l].columns,
+                     " values (the layer's outputs), got ", dim_of(bias, 0));
+    }
+    layers[l].activation = parse_activation(activations[l], concat("activations[", l, "]"));
+    layers[l].parameter = static_cast<float>(activation_params[l]);
+  }
+  const float* offset = nullptr;
+  py::array offset_array;
+  if (!input_offset.is_none()) {
+    offset_array = input_offset.cast<py::array>();
+    offset = checked_data<float>(offset_array, "input_offset", 1, false);
+    LS_CHECK_VALUE(count == 0 || dim_of(offset_array, 0) == layers[0].depth, "input_offset: expected ",
+                   layers[0].depth, " values (the input dimension), got ", dim_of(offset_array, 0));
+  }
+  // The constructor copies and packs everything it needs: the arrays may go after it returns.
+  return std::make_unique<CpuMlpEncoder>(layers, offset, parse_precision(precision));
+}
+
+void encode(const CpuMlpEncoder& encoder, py::array x, py::array out) {
+  const float* in = checked_data<float>(x, "x", 2, false);
+  float* result = checked_data<float>(out, "out", 2, true);
+  LS_CHECK_VALUE(dim_of(x, 1) == encoder.input_dim(), "x: expected ", encoder.input_dim(),
+                 " features per row, got ", dim_of(x, 1));
+  LS_CHECK_VALUE(dim_of(out, 0) == dim_of(x, 0) && dim_of(out, 1) == encoder.output_dim(), "out: expected shape (",
+                 dim_of(x, 0), ", ", encoder.output_dim(), "), got (", dim_of(out, 0), ", ", dim_of(out, 1), ")");
+  py::gil_scoped_release release;
+  encoder.encode(in, dim_of(x, 0), result);
+}
+
+}  // namespace
+
+void bind_encode(py::module_& m) {
+  py::class_<CpuMlpEncoder>(m, "MlpEncoder",
+                            "An MLP encoder exported to native code: weights packed once, rows encoded "
+                            "block by block through every layer (OpenMP + SIMD).")
+      .def(py::init(&make_encoder), py::arg("weights"), py::arg("biases"), py::arg("activations"),
+           py::arg("activation_params"), py::arg("input_offset") = py::none(), py::arg("precision") = "fp32")
+      .def_property_readonly("input_dim", &CpuMlpEncoder::input_dim)
+      .def_property_readonly("output_dim", &CpuMlpEncoder::output_dim)
+      .def_property_readonly("num_layers", &CpuMlpEncoder::num_layers)
+      .def_property_readonly("precision", [](const CpuMlpEncoder& e) {
+        return e.precision() == EncodePrecision::kBfloat16 ? "bf16" : "fp32";
+      })
+      .def_property_readonly("kernel", &CpuMlpEncoder::kernel_name)
+      .def("encode", &encode, py::arg("x"), py::arg("out"),
+           "out[r] = encoder(x[r]); x (n, input_dim), out (n, output_dim), float32 C-contiguous. "
+           "Raises ValueError naming the lowest row holding NaN or Inf.");
+}
+
+}  // namespace latentspace::bindings

@@ -1,0 +1,83 @@
+// Batched encoding through a multilayer perceptron: x -> act_L(... act_1(x W_1^T + b_1) ...).
+//
+// The weights are exported once into an encoder object (packed for the kernel in use); encode()
+// then carries each block of rows through all layers while the activations stay in cache, so
+// no full-size intermediate array is ever allocated. One declaration per backend, same shape
+// (the CUDA encoder comes with the CUDA losses-and-encoder issue).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace latentspace {
+
+// Elementwise activation applied after a layer's bias. The formulas are torch's
+// (torch.nn.ReLU, LeakyReLU(negative_slope), GELU(), GELU(approximate="tanh"), Tanh, Sigmoid,
+// SiLU, ELU(alpha)).
+enum class Activation : int {
+  kIdentity = 0,
+  kRelu = 1,
+  kLeakyRelu = 2,  // parameter: negative_slope
+  kGelu = 3,       // x * Phi(x), Phi the standard normal CDF (erf form)
+  kGeluTanh = 4,   // x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2
+  kTanh = 5,
+  kSigmoid = 6,
+  kSilu = 7,       // x * sigmoid(x)
+  kElu = 8,        // parameter: alpha
+};
+
+// Parses "identity", "relu", ... (the names above in snake_case); throws ValueError naming
+// `argument` otherwise.
+Activation parse_activation(const std::string& name, const std::string& argument);
+
+enum class EncodePrecision : int {
+  kFloat32 = 0,
+  // Weights and layer inputs rounded to bfloat16 (round to nearest even), products summed in
+  // float32. Uses the AVX512_BF16 dot-product instruction where the CPU has it; elsewhere the
+  // same rounding feeds the float32 kernels (same accuracy, no speed-up).
+  kBfloat16 = 1,
+};
+
+// One layer as the caller holds it: weights (columns x depth) row-major, i.e. torch's
+// nn.Linear.weight (out_features x in_features); bias (columns) or nullptr.
+struct LayerWeights {
+  const float* weights = nullptr;
+  const float* bias = nullptr;
+  int64_t depth = 0;    // inputs (in_features)
+  int64_t columns = 0;  // outputs (out_features)
+  Activation activation = Activation::kIdentity;
+  float parameter = 0.0f;
+};
+
+class CpuMlpEncoder {
+ public:
+  // Copies and packs the weights (for the SIMD level active now). input_offset (depth of the
+  // first layer, nullable) is subtracted from every input row first: PCA's mean, kept apart
+  // from the bias so that x - mean is formed before the products (no cancellation).
+  // Throws ValueError for inconsistent shapes or non-finite weights.
+  CpuMlpEncoder(const std::vector<LayerWeights>& layers, const float* input_offset,
+                EncodePrecision precision);
+  ~CpuMlpEncoder();
+  CpuMlpEncoder(const CpuMlpEncoder&) = delete;
+  CpuMlpEncoder& operator=(const CpuMlpEncoder&) = delete;
+
+  int64_t input_dim() const;
+  int64_t output_dim() const;
+  int64_t num_layers() const;
+  EncodePrecision precision() const;
+  // The kernel that runs: "scalar", "avx2", "avx512" or "avx512_bf16".
+  const char* kernel_name() const;
+
+  // out[r] = encoder(x[r]) for r < rows; x is (rows x input_dim), out (rows x output_dim), both
+  // C-contiguous. Thread-safe (any number of concurrent calls). Throws ValueError naming the
+  // lowest row of x that holds NaN or Inf (out is then partly written).
+  void encode(const float* x, int64_t rows, float* out) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace latentspace
