@@ -30,6 +30,35 @@ void bind_knn(py::module_& m) {
       py::arg("distances"), py::arg("indices"),
       "Exact kNN into preallocated (Q, k) float32 distances and int64 indices.");
 
+  // CUDA: torch tensors cross as device pointers (integers) from python/latentspace/_cuda_search.py,
+  // which checks devices, dtypes, shapes and finiteness first; the stream is torch's current one.
+  m.def(
+      "knn_cuda_workspace_bytes",
+      [](int64_t num_queries, int64_t num_database, int64_t k, int device) {
+        LS_CHECK_VALUE(num_queries >= 0 && num_database >= 1 && k >= 1,
+                       "num_queries, num_database, k: expected >= 0, >= 1, >= 1");
+        return knn_cuda_workspace_bytes(num_queries, num_database, k, device);
+      },
+      py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
+      "Bytes of device workspace knn_cuda needs for these sizes on this device.");
+  m.def(
+      "knn_cuda",
+      [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,
+         int metric, uintptr_t distances, uintptr_t indices, uintptr_t workspace, size_t workspace_bytes,
+         uintptr_t stream) {
+        LS_CHECK_VALUE(metric >= 0 && metric <= 2, "metric: expected 0 (l2), 1 (ip) or 2 (cosine), got ", metric);
+        LS_CHECK_VALUE(dim >= 1 && num_queries >= 0, "dim, num_queries: expected dim >= 1 and num_queries >= 0");
+        py::gil_scoped_release release;
+        knn_cuda(reinterpret_cast<const float*>(queries), num_queries, reinterpret_cast<const float*>(database),
+                 num_database, dim, k, static_cast<Metric>(metric), reinterpret_cast<float*>(distances),
+                 reinterpret_cast<int64_t*>(indices), reinterpret_cast<void*>(workspace), workspace_bytes, stream);
+      },
+      py::arg("queries"), py::arg("num_queries"), py::arg("database"), py::arg("num_database"), py::arg("dim"),
+      py::arg("k"), py::arg("metric"), py::arg("distances"), py::arg("indices"), py::arg("workspace"),
+      py::arg("workspace_bytes"), py::arg("stream"),
+      "Exact kNN on the current CUDA device into preallocated (Q, k) float32 / int64 device arrays; "
+      "queued on `stream`, returns before the work is done.");
+
   m.def(
       "sq_norms",
       [](py::array x, py::array out) {

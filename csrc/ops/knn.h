@@ -6,6 +6,7 @@
 // index -1 and distance +inf (l2) or -inf (ip, cosine).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace latentspace {
@@ -19,5 +20,16 @@ enum class Metric : int { kL2 = 0, kInnerProduct = 1, kCosine = 2 };
 void knn_cpu(const float* queries, int64_t num_queries, const float* database,
              int64_t num_database, int64_t dim, int64_t k, Metric metric,
              float* out_distances, int64_t* out_indices);
+
+// The same search on the current CUDA device (csrc/cuda/knn.cu; a CPU-only build throws
+// RuntimeError). Same arguments and results, plus what a GPU call needs: all pointers are
+// device memory, `stream` is a cudaStream_t (torch's current stream, as an integer) that every
+// kernel is queued on, and `workspace` is device memory of knn_cuda_workspace_bytes(...)
+// bytes, allocated by the caller (torch's caching allocator): nothing is allocated here.
+// Returns when the work is queued, not done. Inputs must be finite (the caller checks).
+size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
+void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database,
+              int64_t dim, int64_t k, Metric metric, float* out_distances, int64_t* out_indices,
+              void* workspace, size_t workspace_bytes, uintptr_t stream);
 
 }  // namespace latentspace

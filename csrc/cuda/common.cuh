@@ -1,0 +1,49 @@
+// Error checks and small launch helpers shared by the CUDA sources.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "core/check.h"
+
+namespace latentspace::cuda {
+
+// Every CUDA call and every launch is checked; failures become RuntimeError in Python with
+// the call's name and the runtime's message (never an abort).
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // clear a non-sticky error so the next call starts clean
+    throw std::runtime_error(concat("CUDA error in ", what, ": ", cudaGetErrorString(status)));
+  }
+}
+
+// After a kernel launch: configuration errors show up here at once (execution errors at the
+// next synchronising call, which is checked too).
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Carves aligned pieces out of one workspace allocation (torch's caching allocator hands the
+// whole block down from Python; nothing here allocates device memory).
+class WorkspaceCarver {
+ public:
+  static constexpr size_t kAlignment = 256;
+  explicit WorkspaceCarver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(size_t count) {
+    T* p = reinterpret_cast<T*>(base_ ? base_ + used_ : nullptr);
+    used_ += (count * sizeof(T) + kAlignment - 1) / kAlignment * kAlignment;
+    return p;
+  }
+  void* take_bytes(size_t bytes) { return take<char>(bytes); }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  size_t used_ = 0;
+};
+
+}  // namespace latentspace::cuda

@@ -1,0 +1,341 @@
+// Exact kNN on the GPU: distances computed tile by tile and filtered into per-query candidate
+// lists right where they are computed, so the Q x N distance matrix never reaches device memory.
+//
+//   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
+//   2. scan_kernel      grid (query tiles, database splits): a block computes 64 x 64 score
+//                       tiles (float32 FMA, 4 x 4 per thread) and appends each candidate whose
+//                       key beats its query's current k-th best to that query's list; a list
+//                       near its capacity is cut back to its k best by a block radix select
+//                       (knn_select.cuh), which also tightens the threshold
+//   3. merge_kernel     per query, the k best keys over all splits (radix select again)
+//   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
+//
+// Keys (knn_select.cuh) order candidates by score, then index: ties go to the lower index, as
+// on the CPU. All temporary memory is one workspace the caller allocates (torch's caching
+// allocator), sized by knn_cuda_workspace_bytes.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cub/device/device_segmented_radix_sort.cuh>
+#include <limits>
+
+#include "core/check.h"
+#include "cuda/common.cuh"
+#include "cuda/knn_select.cuh"
+#include "ops/knn.h"
+
+namespace latentspace {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = kSelectThreads;  // 256: 16 x 16 threads, each 4 queries x 4 vectors
+constexpr int kQueryTile = 64;
+constexpr int kDatabaseTile = 64;
+constexpr int kDepthChunk = 32;            // dimensions staged in shared memory at a time
+constexpr int kMinTilesPerSplit = 4;
+constexpr int kExtraCapacityTiles = 4;     // list room beyond k: fewer cut-backs early on
+static_assert(kQueryTile == kDatabaseTile, "the staging loop fills both tiles with one index");
+static_assert(kThreads == 256 && kQueryTile == 16 * 4, "16 x 16 threads, 4 x 4 scores each");
+
+struct Plan {
+  int64_t query_tiles = 0;
+  int splits = 1;
+  int64_t split_length = 0;
+  int capacity = 0;
+  size_t cub_bytes = 0;
+  size_t workspace_bytes = 0;
+};
+
+struct Workspace {
+  float* query_norms;
+  float* database_norms;
+  uint64_t* candidates;  // [query][split][capacity]
+  int* counts;           // [query][split]
+  uint64_t* keys;        // [query][k]
+  uint64_t* sorted;      // [query][k]
+  int* offsets;          // num_queries + 1 segment starts: i * k
+  void* cub_temp;
+};
+
+Workspace carve(void* base, int64_t nq, int64_t nb, int64_t k, const Plan& plan, WorkspaceCarver* carver) {
+  Workspace w{};
+  w.query_norms = carver->take<float>(nq);
+  w.database_norms = carver->take<float>(nb);
+  w.candidates = carver->take<uint64_t>(static_cast<size_t>(nq) * plan.splits * plan.capacity);
+  w.counts = carver->take<int>(static_cast<size_t>(nq) * plan.splits);
+  w.keys = carver->take<uint64_t>(static_cast<size_t>(nq) * k);
+  w.sorted = carver->take<uint64_t>(static_cast<size_t>(nq) * k);
+  w.offsets = carver->take<int>(nq + 1);
+  w.cub_temp = carver->take_bytes(plan.cub_bytes);
+  (void)base;
+  return w;
+}
+
+int multiprocessor_count(int device) {
+  int count = 0;
+  check_cuda(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return count;
+}
+
+Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
+  LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
+  LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
+                 nq, " * ", k, " (search the queries in chunks)");
+  Plan plan;
+  plan.query_tiles = ceil_div(nq, kQueryTile);
+  const int64_t database_tiles = ceil_div(nb, kDatabaseTile);
+  // Enough blocks for two waves over the multiprocessors, but each split scans a few tiles.
+  const int64_t wanted = ceil_div(2 * int64_t{multiprocessors}, std::max<int64_t>(plan.query_tiles, 1));
+  const int64_t most = std::max<int64_t>(1, database_tiles / kMinTilesPerSplit);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 65535));
+  plan.split_length = ceil_div(database_tiles, splits) * kDatabaseTile;
+  plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
+  plan.capacity = static_cast<int>(k + std::max<int64_t>(k, kExtraCapacityTiles * kDatabaseTile));
+  const int items = static_cast<int>(nq * k);
+  LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, plan.cub_bytes, static_cast<const uint64_t*>(nullptr),
+                                                         static_cast<uint64_t*>(nullptr), items,
+                                                         static_cast<int>(nq), static_cast<const int*>(nullptr),
+                                                         static_cast<const int*>(nullptr), 0, 64) == cudaSuccess,
+                 "k: CUB could not size the sort");
+  WorkspaceCarver sizer(nullptr);
+  carve(nullptr, nq, nb, k, plan, &sizer);
+  plan.workspace_bytes = sizer.used();
+  return plan;
+}
+
+// ---- kernels ------------------------------------------------------------------------------
+
+// One warp per row: squared norm (l2) or 1 / norm, 0 for a zero vector (cosine).
+__global__ void norms_kernel(const float* rows, int64_t count, int64_t dim, bool inverse, float* out) {
+  const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= count) return;
+  float sum = 0.0f;
+  for (int64_t d = lane; d < dim; d += 32) {
+    const float v = rows[row * dim + d];
+    sum = fmaf(v, v, sum);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
+  if (lane == 0) out[row] = inverse ? (sum > 0.0f ? 1.0f / sqrtf(sum) : 0.0f) : sum;
+}
+
+struct ScanArgs {
+  const float* queries;
+  const float* database;
+  const float* query_norms;
+  const float* database_norms;
+  int64_t num_queries, num_database, dim;
+  int k, capacity, splits;
+  int64_t split_length;
+  uint64_t* candidates;
+  int* counts;
+};
+
+// Score to minimise: the squared distance, or minus the similarity.
+template <Metric kMetric>
+__device__ inline float score_of(float dot, float query_norm, float database_norm) {
+  if constexpr (kMetric == Metric::kL2) {
+    return fmaxf(query_norm + database_norm - 2.0f * dot, 0.0f);
+  } else if constexpr (kMetric == Metric::kInnerProduct) {
+    return -dot;
+  } else {
+    return -(dot * query_norm * database_norm);  // inverse norms, 0 for zero vectors
+  }
+}
+
+struct ScanShared {
+  float queries[kDepthChunk][kQueryTile + 1];  // +1: transposed stores hit distinct banks
+  float database[kDepthChunk][kDatabaseTile + 1];
+  uint64_t threshold[kQueryTile];
+  int count[kQueryTile];
+  SelectShared select;
+};
+
+// Cuts query qi's list back to its k best keys and sets its threshold to the k-th. All
+// threads of the block call it.
+__device__ void cut_back(ScanShared& s, uint64_t* list, int qi, int k) {
+  const CandidateLists one{list, &s.count[qi], 1, 0};
+  const uint64_t kth = block_select(one, k, s.select);
+  const int kept = block_compact(one, kth, list, s.select);
+  if (threadIdx.x == 0) {
+    s.count[qi] = kept;  // == k: keys are unique
+    s.threshold[qi] = kth;
+  }
+  __syncthreads();
+}
+
+template <Metric kMetric>
+__global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
+  __shared__ ScanShared s;
+  const int64_t q0 = int64_t{blockIdx.x} * kQueryTile;
+  const int split = blockIdx.y;
+  const int64_t n_begin = split * a.split_length;
+  const int64_t n_end = min(a.num_database, n_begin + a.split_length);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  auto list_of = [&](int qi) { return a.candidates + ((q0 + qi) * a.splits + split) * int64_t{a.capacity}; };
+  for (int i = threadIdx.x; i < kQueryTile; i += blockDim.x) {
+    s.threshold[i] = kEmptyKey;  // accepts everything until the list first fills
+    s.count[i] = 0;
+  }
+  __syncthreads();
+
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
+    float acc[4][4] = {};
+    for (int64_t d0 = 0; d0 < a.dim; d0 += kDepthChunk) {
+      for (int e = threadIdx.x; e < kQueryTile * kDepthChunk; e += blockDim.x) {
+        const int row = e / kDepthChunk, col = e % kDepthChunk;  // a warp reads one row: coalesced
+        const int64_t q = q0 + row, n = n0 + row, d = d0 + col;
+        s.queries[col][row] = q < a.num_queries && d < a.dim ? a.queries[q * a.dim + d] : 0.0f;
+        s.database[col][row] = n < n_end && d < a.dim ? a.database[n * a.dim + d] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int c = 0; c < kDepthChunk; ++c) {
+        float qv[4], xv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qv[i] = s.queries[c][ty * 4 + i];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) xv[j] = s.database[c][tx * 4 + j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(qv[i], xv[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+    // Offer the tile's scores: only keys below the query's threshold enter its list.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int qi = ty * 4 + i;
+      const int64_t q = q0 + qi;
+      if (q >= a.num_queries) continue;
+      const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t n = n0 + tx * 4 + j;
+        if (n >= n_end) continue;
+        const float database_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.database_norms[n];
+        const uint64_t key = make_key(score_of<kMetric>(acc[i][j], query_norm, database_norm), static_cast<uint32_t>(n));
+        if (key < s.threshold[qi]) {
+          const int position = atomicAdd(&s.count[qi], 1);  // < capacity: see the cut-back below
+          list_of(qi)[position] = key;
+        }
+      }
+    }
+    __syncthreads();
+    // A list that might overflow with the next tile (up to kDatabaseTile more keys) is cut
+    // back to k; capacity >= k + kDatabaseTile, so there is room again afterwards.
+    for (int qi = 0; qi < kQueryTile; ++qi) {
+      if (s.count[qi] > a.capacity - kDatabaseTile) cut_back(s, list_of(qi), qi, a.k);
+    }
+  }
+  for (int qi = 0; qi < kQueryTile; ++qi) {
+    if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k);
+  }
+  for (int qi = threadIdx.x; qi < kQueryTile; qi += blockDim.x) {
+    if (q0 + qi < a.num_queries) a.counts[(q0 + qi) * a.splits + split] = s.count[qi];
+  }
+}
+
+// One block per query: its k best keys over all splits into keys[q][0..k), padded with empty keys.
+__global__ void __launch_bounds__(kThreads) merge_kernel(const uint64_t* candidates, const int* counts, int splits,
+                                                         int capacity, int k, uint64_t* keys) {
+  __shared__ SelectShared shared;
+  const int64_t q = blockIdx.x;
+  const CandidateLists lists{const_cast<uint64_t*>(candidates) + q * splits * int64_t{capacity}, counts + q * splits,
+                             splits, capacity};
+  int total = 0;
+  for (int s = 0; s < splits; ++s) total += counts[q * splits + s];
+  const uint64_t limit = total <= k ? kEmptyKey : block_select(lists, k, shared);
+  uint64_t* out = keys + q * k;
+  const int kept = block_compact(lists, limit, out, shared);
+  for (int i = kept + threadIdx.x; i < k; i += blockDim.x) out[i] = kEmptyKey;
+}
+
+__global__ void segment_offsets_kernel(int* offsets, int64_t segments, int k) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i <= segments) offsets[i] = static_cast<int>(i * k);
+}
+
+__global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool similarity, float* distances,
+                              int64_t* indices) {
+  const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const uint64_t key = sorted[i];
+  if (key == kEmptyKey) {
+    indices[i] = -1;
+    distances[i] = similarity ? -INFINITY : INFINITY;
+    return;
+  }
+  indices[i] = static_cast<int64_t>(key & 0xFFFFFFFFu);
+  const float score = from_order_preserving_bits(static_cast<uint32_t>(key >> 32));
+  distances[i] = similarity ? -score : score;
+}
+
+template <Metric kMetric>
+void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.splits));
+  scan_kernel<kMetric><<<grid, kThreads, 0, stream>>>(args);
+  check_launch("scan_kernel");
+}
+
+unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
+
+}  // namespace
+}  // namespace cuda
+
+size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device) {
+  if (num_queries == 0) return 0;
+  return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device)).workspace_bytes;
+}
+
+void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database, int64_t dim,
+              int64_t k, Metric metric, float* out_distances, int64_t* out_indices, void* workspace,
+              size_t workspace_bytes, uintptr_t stream_handle) {
+  using namespace cuda;
+  if (num_queries == 0) return;
+  LS_CHECK_VALUE(num_database >= 1, "database: expected at least one row");
+  LS_CHECK_VALUE(k >= 1, "k: expected an integer >= 1, got ", k);
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const Plan plan = make_plan(num_queries, num_database, k, multiprocessor_count(device));
+  LS_CHECK_VALUE(workspace_bytes >= plan.workspace_bytes, "workspace: expected at least ", plan.workspace_bytes,
+                 " bytes, got ", workspace_bytes);
+  WorkspaceCarver carver(workspace);
+  const Workspace w = carve(workspace, num_queries, num_database, k, plan, &carver);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+
+  if (metric != Metric::kInnerProduct) {
+    const bool inverse = metric == Metric::kCosine;
+    norms_kernel<<<blocks_for(num_queries * 32, kThreads), kThreads, 0, stream>>>(queries, num_queries, dim, inverse,
+                                                                                   w.query_norms);
+    check_launch("norms_kernel (queries)");
+    norms_kernel<<<blocks_for(num_database * 32, kThreads), kThreads, 0, stream>>>(database, num_database, dim,
+                                                                                    inverse, w.database_norms);
+    check_launch("norms_kernel (database)");
+  }
+  const ScanArgs args{queries,   database, w.query_norms, w.database_norms, num_queries,       num_database, dim,
+                      static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
+  switch (metric) {
+    case Metric::kL2: launch_scan<Metric::kL2>(args, plan, stream); break;
+    case Metric::kInnerProduct: launch_scan<Metric::kInnerProduct>(args, plan, stream); break;
+    case Metric::kCosine: launch_scan<Metric::kCosine>(args, plan, stream); break;
+  }
+  merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
+                                                                            plan.capacity, static_cast<int>(k), w.keys);
+  check_launch("merge_kernel");
+  segment_offsets_kernel<<<blocks_for(num_queries + 1, kThreads), kThreads, 0, stream>>>(w.offsets, num_queries,
+                                                                                         static_cast<int>(k));
+  check_launch("segment_offsets_kernel");
+  size_t cub_bytes = plan.cub_bytes;
+  check_cuda(cub::DeviceSegmentedRadixSort::SortKeys(w.cub_temp, cub_bytes, w.keys, w.sorted,
+                                                     static_cast<int>(num_queries * k), static_cast<int>(num_queries),
+                                                     w.offsets, w.offsets + 1, 0, 64, stream),
+             "cub::DeviceSegmentedRadixSort::SortKeys");
+  decode_kernel<<<blocks_for(num_queries * k, kThreads), kThreads, 0, stream>>>(
+      w.sorted, num_queries * k, metric != Metric::kL2, out_distances, out_indices);
+  check_launch("decode_kernel");
+}
+
+}  // namespace latentspace

@@ -1,0 +1,119 @@
+// Top-k selection pieces of the CUDA kNN: candidate keys, and a thread block's radix select and
+// in-place compaction over candidate lists in device memory.
+//
+// A candidate is one 64-bit key: the high 32 bits are the score mapped to an unsigned integer
+// with the same order ("smaller is better": the squared distance, or minus the similarity), the
+// low 32 bits the database index. Keys are unique and their order is exactly the result order
+// (score, then lower index first), so selecting the k smallest keys gives faiss's result with
+// ties to the lower index, and no comparison ever looks at a float.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+namespace latentspace::cuda {
+
+constexpr uint64_t kEmptyKey = ~uint64_t{0};  // sorts last; decodes to index -1
+
+__host__ __device__ inline uint32_t order_preserving_bits(float value) {
+  value += 0.0f;  // -0 -> +0: equal scores must differ only by index
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__host__ __device__ inline float from_order_preserving_bits(uint32_t ordered) {
+  const uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7FFFFFFFu) : ~ordered;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+__host__ __device__ inline uint64_t make_key(float score, uint32_t index) {
+  return (uint64_t{order_preserving_bits(score)} << 32) | index;
+}
+
+constexpr int kSelectThreads = 256;  // every block that selects has exactly this many threads
+
+struct SelectShared {
+  unsigned int histogram[256];
+  uint64_t prefix;
+  int remaining;
+  typename cub::BlockScan<int, kSelectThreads>::TempStorage scan;
+};
+
+// Candidate lists of one query: `segments` lists, segment s at keys + s * stride, lengths[s]
+// keys long (one list in the scan kernel, one per database split in the merge kernel).
+struct CandidateLists {
+  uint64_t* keys;
+  const int* lengths;
+  int segments;
+  int64_t stride;
+  __device__ int length(int s) const { return lengths[s]; }
+  __device__ uint64_t* segment(int s) const { return keys + s * stride; }
+};
+
+// The rank-th smallest key (1-based) of the lists, rank <= total length; all threads of the
+// block call it and get the same key. Eight passes of 8-bit digits from the top: each pass
+// counts, among the keys that share the digits found so far, how many have each next digit.
+__device__ inline uint64_t block_select(const CandidateLists& lists, int rank, SelectShared& shared) {
+  uint64_t prefix = 0, mask = 0;
+  int remaining = rank;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) shared.histogram[i] = 0;
+    __syncthreads();
+    for (int s = 0; s < lists.segments; ++s) {
+      const uint64_t* keys = lists.segment(s);
+      const int length = lists.length(s);
+      for (int i = threadIdx.x; i < length; i += blockDim.x) {
+        const uint64_t key = keys[i];
+        if ((key & mask) == prefix) atomicAdd(&shared.histogram[(key >> shift) & 0xFF], 1u);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int below = 0, digit = 0;
+      for (; digit < 255; ++digit) {
+        if (below + static_cast<int>(shared.histogram[digit]) >= remaining) break;
+        below += shared.histogram[digit];
+      }
+      shared.prefix = prefix | (uint64_t(digit) << shift);
+      shared.remaining = remaining - below;
+    }
+    __syncthreads();
+    prefix = shared.prefix;
+    remaining = shared.remaining;
+    mask |= uint64_t{0xFF} << shift;
+    __syncthreads();  // everyone has read shared.prefix before the next pass may write it
+  }
+  return prefix;
+}
+
+// Moves the keys <= limit of the lists to out[0..), in list order; returns how many. With a
+// single list, out may be that list (in place): a key is written at or before where it was
+// read, and a chunk is read completely before any of it is written.
+__device__ inline int block_compact(const CandidateLists& lists, uint64_t limit, uint64_t* out,
+                                    SelectShared& shared) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  int written = 0;
+  for (int s = 0; s < lists.segments; ++s) {
+    const uint64_t* keys = lists.segment(s);
+    const int length = lists.length(s);
+    for (int start = 0; start < length; start += kSelectThreads) {
+      const int i = start + static_cast<int>(threadIdx.x);
+      const uint64_t key = i < length ? keys[i] : kEmptyKey;
+      const int keep = i < length && key <= limit ? 1 : 0;
+      int offset, total;
+      Scan(shared.scan).ExclusiveSum(keep, offset, total);
+      __syncthreads();  // the chunk is read (and the scan storage free) before writes
+      if (keep) out[written + offset] = key;
+      written += total;
+      __syncthreads();
+    }
+  }
+  return written;
+}
+
+}  // namespace latentspace::cuda

@@ -1,0 +1,22 @@
+// The CUDA kNN entry points for builds without CUDA: clear errors instead of missing symbols.
+#include <stdexcept>
+
+#include "ops/knn.h"
+
+namespace latentspace {
+namespace {
+[[noreturn]] void no_cuda() {
+  throw std::runtime_error(
+      "latentspace was built without CUDA: device='cuda' needs a build with nvcc available "
+      "(or -C cmake.define.LATENTSPACE_CUDA=ON)");
+}
+}  // namespace
+
+size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int) { no_cuda(); }
+
+void knn_cuda(const float*, int64_t, const float*, int64_t, int64_t, int64_t, Metric, float*, int64_t*, void*,
+              size_t, uintptr_t) {
+  no_cuda();
+}
+
+}  // namespace latentspace
