@@ -35,7 +35,8 @@ __host__ __device__ inline uint64_t make_key(float score, uint32_t index) {
   return (uint64_t{order_preserving_bits(score)} << 32) | index;
 }
 
-constexpr int kSelectThreads = 256;  // every block that selects has exactly this many threads
+// Every block that selects has exactly this many threads: one per 8-bit digit.
+constexpr int kSelectThreads = 256;
 
 struct SelectShared {
   unsigned int histogram[256];
@@ -62,7 +63,7 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
   uint64_t prefix = 0, mask = 0;
   int remaining = rank;
   for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) shared.histogram[i] = 0;
+    shared.histogram[threadIdx.x] = 0;
     __syncthreads();
     for (int s = 0; s < lists.segments; ++s) {
       const uint64_t* keys = lists.segment(s);
@@ -73,13 +74,13 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
       }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      int below = 0, digit = 0;
-      for (; digit < 255; ++digit) {
-        if (below + static_cast<int>(shared.histogram[digit]) >= remaining) break;
-        below += shared.histogram[digit];
-      }
-      shared.prefix = prefix | (uint64_t(digit) << shift);
+    // Thread t owns digit t: the prefix sum over the bins finds the one digit whose range holds
+    // the remaining rank (exactly one thread sees below < remaining <= below + count).
+    const int count = static_cast<int>(shared.histogram[threadIdx.x]);
+    int below;
+    cub::BlockScan<int, kSelectThreads>(shared.scan).ExclusiveSum(count, below);
+    if (below < remaining && remaining <= below + count) {
+      shared.prefix = prefix | (uint64_t(threadIdx.x) << shift);
       shared.remaining = remaining - below;
     }
     __syncthreads();
