@@ -3,7 +3,8 @@
 //
 //   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
 //   2. scan_kernel      grid (query tiles, database splits): a block computes 64 x 64 score
-//                       tiles (float32 FMA, 4 x 4 per thread) and appends each candidate whose
+//                       tiles (knn_tiles.cuh: float32 FMA, or tensor cores for tf32 / bf16 /
+//                       fp16) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
 //                       (knn_select.cuh), which also tightens the threshold
@@ -22,20 +23,17 @@
 #include "core/check.h"
 #include "cuda/common.cuh"
 #include "cuda/knn_select.cuh"
+#include "cuda/knn_tiles.cuh"
 #include "ops/knn.h"
 
 namespace latentspace {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = kSelectThreads;  // 256: 16 x 16 threads, each 4 queries x 4 vectors
-constexpr int kQueryTile = 64;
-constexpr int kDatabaseTile = 64;
-constexpr int kDepthChunk = 32;            // dimensions staged in shared memory at a time
+constexpr int kThreads = kSelectThreads;
+static_assert(kThreads == kTileThreads, "the scan's tiles and selection share one block");
 constexpr int kMinTilesPerSplit = 4;
-constexpr int kExtraCapacityTiles = 4;     // list room beyond k: fewer cut-backs early on
-static_assert(kQueryTile == kDatabaseTile, "the staging loop fills both tiles with one index");
-static_assert(kThreads == 256 && kQueryTile == 16 * 4, "16 x 16 threads, 4 x 4 scores each");
+constexpr int kExtraCapacityTiles = 4;  // list room beyond k: fewer cut-backs early on
 
 struct Plan {
   int64_t query_tiles = 0;
@@ -143,9 +141,20 @@ __device__ inline float score_of(float dot, float query_norm, float database_nor
   }
 }
 
+// The tile staging of a precision: registers + transposed staging (float32), or the WMMA
+// staging with its shared score tile.
+template <KnnPrecision kPrecision>
+struct StagingFor {
+  using type = WmmaStaging<kPrecision>;
+};
+template <>
+struct StagingFor<KnnPrecision::kFloat32> {
+  using type = SimtStaging;
+};
+
+template <KnnPrecision kPrecision>
 struct ScanShared {
-  float queries[kDepthChunk][kQueryTile + 1];  // +1: transposed stores hit distinct banks
-  float database[kDepthChunk][kDatabaseTile + 1];
+  typename StagingFor<kPrecision>::type staging;
   uint64_t threshold[kQueryTile];
   int count[kQueryTile];
   SelectShared select;
@@ -153,7 +162,8 @@ struct ScanShared {
 
 // Cuts query qi's list back to its k best keys and sets its threshold to the k-th. All
 // threads of the block call it.
-__device__ void cut_back(ScanShared& s, uint64_t* list, int qi, int k) {
+template <class Shared>
+__device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
   const CandidateLists one{list, &s.count[qi], 1, 0};
   const uint64_t kth = block_select(one, k, s.select);
   const int kept = block_compact(one, kth, list, s.select);
@@ -164,9 +174,9 @@ __device__ void cut_back(ScanShared& s, uint64_t* list, int qi, int k) {
   __syncthreads();
 }
 
-template <Metric kMetric>
+template <Metric kMetric, KnnPrecision kPrecision>
 __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
-  __shared__ ScanShared s;
+  __shared__ ScanShared<kPrecision> s;
   const int64_t q0 = int64_t{blockIdx.x} * kQueryTile;
   const int split = blockIdx.y;
   const int64_t n_begin = split * a.split_length;
@@ -180,29 +190,17 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
   __syncthreads();
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
-    float acc[4][4] = {};
-    for (int64_t d0 = 0; d0 < a.dim; d0 += kDepthChunk) {
-      for (int e = threadIdx.x; e < kQueryTile * kDepthChunk; e += blockDim.x) {
-        const int row = e / kDepthChunk, col = e % kDepthChunk;  // a warp reads one row: coalesced
-        const int64_t q = q0 + row, n = n0 + row, d = d0 + col;
-        s.queries[col][row] = q < a.num_queries && d < a.dim ? a.queries[q * a.dim + d] : 0.0f;
-        s.database[col][row] = n < n_end && d < a.dim ? a.database[n * a.dim + d] : 0.0f;
+    const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim};
+    float acc[4][4];
+    if constexpr (kPrecision == KnnPrecision::kFloat32) {
+      simt_tile(bounds, s.staging, acc);
+    } else {
+      wmma_tile<kPrecision>(bounds, s.staging);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = s.staging.scores[ty * 4 + i][tx * 4 + j];
       }
-      __syncthreads();
-#pragma unroll 8
-      for (int c = 0; c < kDepthChunk; ++c) {
-        float qv[4], xv[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) qv[i] = s.queries[c][ty * 4 + i];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xv[j] = s.database[c][tx * 4 + j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(qv[i], xv[j], acc[i][j]);
-        }
-      }
-      __syncthreads();
     }
     // Offer the tile's scores: only keys below the query's threshold enter its list.
 #pragma unroll
@@ -273,11 +271,22 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   distances[i] = similarity ? -score : score;
 }
 
-template <Metric kMetric>
+template <Metric kMetric, KnnPrecision kPrecision>
 void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.splits));
-  scan_kernel<kMetric><<<grid, kThreads, 0, stream>>>(args);
+  scan_kernel<kMetric, kPrecision><<<grid, kThreads, 0, stream>>>(args);
   check_launch("scan_kernel");
+}
+
+// The one switch from run-time choices to template parameters.
+template <Metric kMetric>
+void launch_scan_for(KnnPrecision precision, const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
+  switch (precision) {
+    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32>(args, plan, stream); break;
+    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32>(args, plan, stream); break;
+    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16>(args, plan, stream); break;
+    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16>(args, plan, stream); break;
+  }
 }
 
 unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
@@ -291,8 +300,8 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
 }
 
 void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database, int64_t dim,
-              int64_t k, Metric metric, float* out_distances, int64_t* out_indices, void* workspace,
-              size_t workspace_bytes, uintptr_t stream_handle) {
+              int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
+              void* workspace, size_t workspace_bytes, uintptr_t stream_handle) {
   using namespace cuda;
   if (num_queries == 0) return;
   LS_CHECK_VALUE(num_database >= 1, "database: expected at least one row");
@@ -318,9 +327,9 @@ void knn_cuda(const float* queries, int64_t num_queries, const float* database, 
   const ScanArgs args{queries,   database, w.query_norms, w.database_norms, num_queries,       num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {
-    case Metric::kL2: launch_scan<Metric::kL2>(args, plan, stream); break;
-    case Metric::kInnerProduct: launch_scan<Metric::kInnerProduct>(args, plan, stream); break;
-    case Metric::kCosine: launch_scan<Metric::kCosine>(args, plan, stream); break;
+    case Metric::kL2: launch_scan_for<Metric::kL2>(precision, args, plan, stream); break;
+    case Metric::kInnerProduct: launch_scan_for<Metric::kInnerProduct>(precision, args, plan, stream); break;
+    case Metric::kCosine: launch_scan_for<Metric::kCosine>(precision, args, plan, stream); break;
   }
   merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
                                                                             plan.capacity, static_cast<int>(k), w.keys);

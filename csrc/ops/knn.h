@@ -13,6 +13,11 @@ namespace latentspace {
 
 enum class Metric : int { kL2 = 0, kInnerProduct = 1, kCosine = 2 };
 
+// How the GPU computes dot products: exact float32 (CUDA cores), or the inputs rounded to
+// tf32 / bf16 / fp16 and multiplied on tensor cores with float32 sums (opt-in; the CPU has
+// float32 only).
+enum class KnnPrecision : int { kFloat32 = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
+
 // queries [num_queries][dim] and database [num_database][dim]: C-contiguous float32.
 // out_distances, out_indices: [num_queries][k]. Releases nothing itself: callers drop the
 // GIL. Throws ValueError naming "queries" or "database" when a row holds NaN or Inf or
@@ -29,7 +34,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 // Returns when the work is queued, not done. Inputs must be finite (the caller checks).
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
 void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database,
-              int64_t dim, int64_t k, Metric metric, float* out_distances, int64_t* out_indices,
-              void* workspace, size_t workspace_bytes, uintptr_t stream);
+              int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
+              int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream);
 
 }  // namespace latentspace
