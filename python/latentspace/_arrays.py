@@ -345,7 +345,8 @@ def rows_as_tensor(x: Any, dtype: Any, device: Any):
 
 def first_nonfinite_row(tensor: Any) -> int:
     """Index of the first row of a (n, ...) tensor holding NaN or Inf, -1 when there is none."""
-    bad = ~tensor.reshape(tensor.shape[0], -1).isfinite().all(dim=1)
+    width = int(np.prod(tensor.shape[1:]))  # explicit: reshape(0, -1) is ambiguous to torch
+    bad = ~tensor.reshape(tensor.shape[0], width).isfinite().all(dim=1)
     if not bool(bad.any()):
         return -1
     return int(bad.nonzero()[0, 0])

@@ -72,23 +72,23 @@ class Source:
                                  f"like the first chunk, got {tuple(chunk.shape)}")
         return chunk
 
-    def chunks(self, batch_size: int) -> Iterator[tuple[int, Any, str]]:
-        """(start row, chunk, name for errors). An empty array yields one empty chunk (so a
-        module of unknown output width can still be asked for it)."""
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, Any, tuple[int, int] | None]]:
+        """(start row within X, piece, origin): origin is None for an array, (i, first row of
+        chunk i) for the i-th chunk of an iterable, so errors can name both. An empty array
+        yields one empty piece (a module of unknown output width can still be asked for it)."""
         if self._array is not None:
             n = self.rows
             if n == 0:
-                yield 0, self._array, "X"
+                yield 0, self._array, None
             for start in range(0, n, batch_size):
-                yield start, self._array[start : start + batch_size], "X"
+                yield start, self._array[start : start + batch_size], None
             return
         start = 0
         i = 0
         pending = self._first
         while pending is not None:
             for offset in range(0, max(int(pending.shape[0]), 1), batch_size):
-                piece = pending[offset : offset + batch_size]
-                yield start + offset, piece, f"X[{i}]"
+                yield start + offset, pending[offset : offset + batch_size], (i, start)
             start += int(pending.shape[0])
             i += 1
             following = next(self._chunks, None)

@@ -56,8 +56,9 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _nonfinite_message(name: str, row: int) -> str:
-    return (f"{name}: row {row} contains NaN or Inf (or a value too large for float32); "
+def _nonfinite_message(row: int, origin: tuple[int, int] | None) -> str:
+    where = "" if origin is None else f" (row {row - origin[1]} of chunk X[{origin[0]}])"
+    return (f"X: row {row}{where} contains NaN or Inf (or a value too large for float32); "
             "clean the data before encoding")
 
 
@@ -172,20 +173,20 @@ class Encoder:
         written = 0
         with tqdm(total=source.rows, unit="row", unit_scale=True, desc="encode", disable=not progress,
                   file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
-            for start, chunk, name in source.chunks(batch_size):
+            for start, chunk, origin in source.chunks(batch_size):
                 rows = int(chunk.shape[0])
                 if rows == 0 and self.latent_dim is not None:
                     continue  # nothing to write (an empty chunk only teaches an unknown width)
                 if self.backend == "native":
-                    self._run_native(chunk, name, start, destination.reserve(start, rows, self.latent_dim))
+                    self._run_native(chunk, start, origin, destination.reserve(start, rows, self.latent_dim))
                 else:
-                    codes = self._run_torch(chunk, name, start)
+                    codes = self._run_torch(chunk, start, origin)
                     self._write(destination.reserve(start, rows, self.latent_dim), codes)
                 written = start + rows
                 bar.update(rows)
         return destination.finish(written, self.latent_dim)
 
-    def _run_native(self, chunk: Any, name: str, start: int, target: Any) -> None:
+    def _run_native(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
         x = rows_as_float32(chunk)  # no copy for C-contiguous float32 numpy or CPU tensors
         staging = target if isinstance(target, np.ndarray) else np.empty(tuple(target.shape), np.float32)
         try:
@@ -195,17 +196,17 @@ class Encoder:
             message = str(error)
             bad = _NATIVE_BAD_ROW.search(message)
             if bad and ("NaN" in message or "Inf" in message):
-                raise ValueError(_nonfinite_message(name, start + int(bad.group(1)))) from None
+                raise ValueError(_nonfinite_message(start + int(bad.group(1)), origin)) from None
             raise
         if staging is not target:  # the result goes to a GPU tensor
             target.copy_(torch.from_numpy(staging))
 
-    def _run_torch(self, chunk: Any, name: str, start: int) -> torch.Tensor:
+    def _run_torch(self, chunk: Any, start: int, origin: tuple[int, int] | None) -> torch.Tensor:
         model = self._torch_model
         x = rows_as_tensor(chunk, self._torch_dtype, self.device)
         bad = first_nonfinite_row(x)
         if bad >= 0:
-            raise ValueError(_nonfinite_message(name, start + bad))
+            raise ValueError(_nonfinite_message(start + bad, origin))
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                else nullcontext())
         with torch.no_grad(), amp:
