@@ -159,15 +159,17 @@ class FlatIndex:
                 "load it with mmap=False to add vectors"
             )
 
-    def _grow(self, rows: int, *, exact: bool = False) -> None:
+    def _grow(self, rows: int, *, exact: bool = False, keep: int | None = None) -> None:
         """Capacity for `rows` vectors: geometric growth (many small adds stay linear), or
-        exactly `rows` when asked (reserve). Call with _write_lock held."""
+        exactly `rows` when asked (reserve). The first `keep` rows are carried over (default
+        ntotal; add_encoded also keeps the rows it has written so far). Call with
+        _write_lock held."""
         capacity = self._buffer.shape[0]
         if rows <= capacity:
             return
         if not exact:
             rows = max(rows, int(capacity * _GROWTH), 16)
-        n = self._ntotal
+        n = self._ntotal if keep is None else keep
         grown = np.empty((rows, self._dim), dtype=np.float32)
         grown[:n] = self._buffer[:n]
         with self._lock:
@@ -248,7 +250,7 @@ class _IndexRows:
             raise ValueError(f"model: its codes have {dim} dimensions but this index holds "
                              f"{self._index._dim}-dimensional vectors")
         row = self._first + start
-        self._index._grow(row + rows)
+        self._index._grow(row + rows, keep=row)  # the codes written so far move with the buffer
         return self._index._buffer[row : row + rows]
 
     def finish(self, rows: int, dim: int | None) -> int:
