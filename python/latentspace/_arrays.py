@@ -114,14 +114,15 @@ def _rank_message(name: str, ndim: int, shape: tuple, dim: int | None) -> str:
     return f"{name}: expected a 2-d array of shape {want}, got {ndim}-d shape {tuple(shape)}{hint}"
 
 
-def check_rows_usable(array: np.ndarray, name: str) -> None:
+def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0) -> None:
     """Raises ValueError naming `name` and the first bad row when a row of a float32 matrix
     holds NaN or Inf, or values so large that squared distances overflow float32. (Search
-    checks this itself while it computes norms; indexes check it once, when vectors are added.)"""
+    checks this itself while it computes norms; indexes check it once, when vectors are added.)
+    first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message."""
     bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
     if bad >= 0:
         raise ValueError(
-            f"{name}: row {bad} contains NaN or Inf, or values so large that squared distances "
+            f"{name}: row {first_row + bad} contains NaN or Inf, or values so large that squared distances "
             "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
         )
 

@@ -172,7 +172,7 @@ class Encoder:
 
         written = 0
         with tqdm(total=source.rows, unit="row", unit_scale=True, desc="encode", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True, leave=False) as bar:
+                  file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
             for start, chunk, origin in source.chunks(batch_size):
                 rows = int(chunk.shape[0])
                 if rows == 0 and self.latent_dim is not None:
