@@ -11,6 +11,7 @@ Three kinds of checks:
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -178,7 +179,7 @@ def _sequential(activation: str, depth: int, shift: int = 0, *, last_activation:
 
 
 def _torch64(model: nn.Module, x: np.ndarray, method: str = "forward") -> np.ndarray:
-    double = __import__("copy").deepcopy(model).double()
+    double = copy.deepcopy(model).double()
     with torch.no_grad():
         z = getattr(double, method)(torch.from_numpy(np.asarray(x, dtype=np.float64)))
     return z.numpy()
