@@ -246,3 +246,216 @@ def test_train_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _main(capsys, "train", "digits", "--model", "gan", "--out", str(tmp_path / "o"))
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline: latentspace encode -> index build -> search (in-process, like train's tests)
+
+
+@pytest.fixture
+def pipeline_files(tmp_path):
+    """A small saved Autoencoder on the digits, the data and raw queries as .npy files."""
+    import numpy as np
+    import torch
+
+    images, _ = latentspace.datasets.load_digits()
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(64, 4, hidden=(16,)).eval()
+    latentspace.save_model(model, tmp_path / "model.safetensors")
+    np.save(tmp_path / "x.npy", images[:300])
+    np.save(tmp_path / "q.npy", images[300:311])
+    return tmp_path, model, images[:300], images[300:311]
+
+
+def _files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_pipeline_matches_the_python_api(pipeline_files, capsys, single_threaded):
+    """Bit-identical to the Python API run the same way (one thread, as _main runs the CLI:
+    a matmul split over two threads may round its last bit differently)."""
+    import numpy as np
+
+    tmp, model, x, q = pipeline_files
+    code, out, err = _main(capsys, "encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"),
+                           "--out", str(tmp / "z.npy"))
+    assert code == 0, err
+    encoder = latentspace.Encoder(model)
+    assert f"300 rows of {tmp / 'x.npy'} -> {tmp / 'z.npy'}, (300, 4) float32" in out
+    assert f"backend: {encoder.backend}" in out and re.search(r"[0-9,]+ rows/s", out)
+    z = np.load(tmp / "z.npy")
+    np.testing.assert_array_equal(z, latentspace.encode(model, x))
+
+    code, out, err = _main(capsys, "index", "build", str(tmp / "z.npy"), "--out", str(tmp / "z.lsidx"),
+                           "--metric", "cosine", "--batch-size", "64")
+    assert code == 0, err
+    assert "FlatIndex(dim=4, metric='cosine', ntotal=300)" in out
+    index = latentspace.load_index(tmp / "z.lsidx")
+    np.testing.assert_array_equal(index.vectors(), z)
+
+    code, out, err = _main(capsys, "search", str(tmp / "z.lsidx"), str(tmp / "q.npy"), "-k", "7",
+                           "--model", str(tmp / "model.safetensors"), "--out", str(tmp / "r.npz"),
+                           "--batch-size", "4")
+    assert code == 0, err
+    assert "11 queries" in out and "k=7" in out and "queries encoded first" in out
+    expected = latentspace.FlatIndex(4, "cosine")
+    expected.add(latentspace.encode(model, x))
+    codes = latentspace.encode(model, q)
+    # searched in the same chunks of 4 (the kernel's path, and its last bits, depend on the count)
+    D, I = (np.concatenate(parts) for parts in zip(*(expected.search(codes[s : s + 4], 7) for s in (0, 4, 8))))
+    with np.load(tmp / "r.npz") as result:
+        assert sorted(result.files) == ["distances", "indices"]
+        np.testing.assert_array_equal(result["indices"], I)
+        np.testing.assert_array_equal(result["distances"], D)
+        assert result["indices"].dtype == np.int64 and result["distances"].dtype == np.float32
+
+    # queries already in the latent space: no --model
+    np.save(tmp / "zq.npy", latentspace.encode(model, q))
+    code, out, err = _main(capsys, "search", str(tmp / "z.lsidx"), str(tmp / "zq.npy"), "-k", "7",
+                           "--out", str(tmp / "r2.npz"), "--mmap")
+    assert code == 0, err
+    with np.load(tmp / "r2.npz") as result:
+        np.testing.assert_array_equal(result["indices"], I)
+    assert _files(tmp) == ["model.safetensors", "q.npy", "r.npz", "r2.npz", "x.npy", "z.lsidx", "z.npy",
+                           "zq.npy"]  # no temporary files left behind
+
+
+def test_pipeline_as_subprocesses(pipeline_files):
+    import numpy as np
+
+    tmp, model, x, _ = pipeline_files
+    result = _cli("encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"), "--out", str(tmp / "z.npy"),
+                  "--batch-size", "100", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no bar when stderr is not a terminal
+    result = _cli("index", "build", str(tmp / "z.npy"), "--out", str(tmp / "z.lsidx"))
+    assert result.returncode == 0, result.stderr
+    result = _cli("search", str(tmp / "z.lsidx"), str(tmp / "z.npy"), "-k", "1", "--out", str(tmp / "r.npz"))
+    assert result.returncode == 0, result.stderr
+    with np.load(tmp / "r.npz") as r:  # every code finds itself (or an identical code) first
+        assert (r["distances"][:, 0] == 0).all()
+    result = _cli("index", "build", str(tmp / "missing.npy"), "--out", str(tmp / "i"))
+    assert result.returncode == 2 and "latentspace index build: error:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_encode_npz_hdf5_and_images(tmp_path, capsys, single_threaded):
+    import numpy as np
+    import torch
+
+    images, _ = latentspace.datasets.load_digits()
+    torch.manual_seed(0)
+    mlp = latentspace.Autoencoder(64, 3, hidden=(8,)).eval()
+    conv = latentspace.ConvAutoencoder((1, 8, 8), 2, channels=(4,)).eval()
+    latentspace.save_model(mlp, tmp_path / "mlp.safetensors")
+    latentspace.save_model(conv, tmp_path / "conv.safetensors")
+    stack = images[:50].reshape(50, 8, 8)
+    np.savez(tmp_path / "d.npz", rows=images[:50], stack=stack)
+
+    code, out, err = _main(capsys, "encode", str(tmp_path / "mlp.safetensors"), str(tmp_path / "d.npz"),
+                           "--key", "rows", "--out", str(tmp_path / "a.npy"))
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), latentspace.encode(mlp, images[:50]))
+    # (n, 8, 8) images: flattened for an MLP, given a channel axis for a ConvAutoencoder
+    code, out, err = _main(capsys, "encode", str(tmp_path / "mlp.safetensors"), str(tmp_path / "d.npz"),
+                           "--key", "stack", "--out", str(tmp_path / "b.npy"))
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"))
+    code, out, err = _main(capsys, "encode", str(tmp_path / "conv.safetensors"), str(tmp_path / "d.npz"),
+                           "--key", "stack", "--out", str(tmp_path / "c.npy"))
+    assert code == 0, err
+    assert "backend: torch" in out and "not native: ConvAutoencoder" in out
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), conv.encode(stack[:, None]), rtol=1e-5, atol=1e-6)
+
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "ann.hdf5", "w") as f:
+        f.create_dataset("train", data=images[:40])
+        f.create_dataset("test", data=images[40:45])
+        f.create_dataset("neighbors", data=np.zeros((5, 1), dtype=np.int64))
+        f.create_dataset("distances", data=np.zeros((5, 1), dtype=np.float32))
+        f.attrs["distance"] = "euclidean"
+    code, out, err = _main(capsys, "encode", str(tmp_path / "mlp.safetensors"), str(tmp_path / "ann.hdf5"),
+                           "--key", "test", "--out", str(tmp_path / "h.npy"))
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "h.npy"), latentspace.encode(mlp, images[40:45]))
+
+
+def test_pipeline_progress_bar_only_on_a_terminal(pipeline_files, capsys, monkeypatch):
+    tmp, _, _, _ = pipeline_files
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, out, err = _main(capsys, "encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"),
+                           "--out", str(tmp / "z.npy"), "--batch-size", "64")
+    assert code == 0, err
+    assert "encode" in err and "300/300" in err  # tqdm's bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, out, err = _main(capsys, "index", "build", str(tmp / "z.npy"), "--out", str(tmp / "i"), "--quiet")
+    assert code == 0 and err == ""
+
+
+def _pipeline_error(capsys, command: str, *args: str) -> str:
+    code, out, err = _main(capsys, *args)
+    assert code == 2, (out, err)
+    assert err.startswith(f"latentspace {command}: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_pipeline_errors(pipeline_files, capsys):
+    import numpy as np
+
+    tmp, model, x, _ = pipeline_files
+    m, data = str(tmp / "model.safetensors"), str(tmp / "x.npy")
+    before = _files(tmp)
+    err = _pipeline_error(capsys, "encode", "encode", m, str(tmp / "nope.npy"), "--out", str(tmp / "z.npy"))
+    assert "No such file" in err
+    err = _pipeline_error(capsys, "encode", "encode", str(tmp / "nope.safetensors"), data, "--out", str(tmp / "z.npy"))
+    assert "No such file" in err
+    err = _pipeline_error(capsys, "encode", "encode", data, data, "--out", str(tmp / "z.npy"))
+    assert "not a latentspace model file" in err
+    err = _pipeline_error(capsys, "encode", "encode", m, data, "--out", str(tmp / "z.txt"))
+    assert "--out: expected a file name ending in .npy" in err
+    err = _pipeline_error(capsys, "encode", "encode", m, data, "--out", str(tmp / "z.npy"), "--batch-size", "0")
+    assert "--batch-size: expected an integer >= 1" in err
+    err = _pipeline_error(capsys, "encode", "encode", m, data, "--out", str(tmp / "z.npy"), "--device", "tpu")
+    assert "device: expected 'cpu', 'cuda' or 'cuda:N'" in err
+    np.save(tmp / "wide.npy", np.zeros((5, 65), dtype=np.float32))
+    err = _pipeline_error(capsys, "encode", "encode", m, str(tmp / "wide.npy"), "--out", str(tmp / "z.npy"))
+    assert f"{tmp / 'wide.npy'}: expected shape (n, 64), got (5, 65)" in err
+    bad = x.copy()
+    bad[9, 5] = np.nan
+    np.save(tmp / "bad.npy", bad)
+    err = _pipeline_error(capsys, "encode", "encode", m, str(tmp / "bad.npy"), "--out", str(tmp / "z.npy"),
+                          "--batch-size", "4")
+    assert f"{tmp / 'bad.npy'}: row 9 contains NaN or Inf" in err  # the file's row, not the chunk's
+    assert not (tmp / "z.npy").exists()
+
+    np.save(tmp / "codes.npy", latentspace.encode(model, x))
+    err = _pipeline_error(capsys, "index build", "index", "build", str(tmp / "bad.npy"), "--out", str(tmp / "i"),
+                          "--batch-size", "4")
+    assert f"{tmp / 'bad.npy'}: row 9 contains NaN or Inf" in err
+    np.save(tmp / "flat.npy", np.zeros(5, dtype=np.float32))
+    err = _pipeline_error(capsys, "index build", "index", "build", str(tmp / "flat.npy"), "--out", str(tmp / "i"))
+    assert "expected a 2-d array of vectors (n, dim), got shape (5,)" in err
+    assert not (tmp / "i").exists()
+
+    code, _, err = _main(capsys, "index", "build", str(tmp / "codes.npy"), "--out", str(tmp / "c.lsidx"))
+    assert code == 0, err
+    idx = str(tmp / "c.lsidx")
+    err = _pipeline_error(capsys, "search", "search", idx, data, "--out", str(tmp / "r.npz"))
+    assert "expected queries of shape (n, 4) (the index's dim), got (300, 64); pass --model MODEL" in err
+    latentspace.save_model(latentspace.Autoencoder(64, 6, hidden=(8,)), tmp / "six.safetensors")
+    err = _pipeline_error(capsys, "search", "search", idx, data, "--model", str(tmp / "six.safetensors"),
+                          "--out", str(tmp / "r.npz"))
+    assert "--model: its codes have 6 dimensions but" in err and "holds 4-dimensional vectors" in err
+    err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "bad.npy"), "--model", m,
+                          "--out", str(tmp / "r.npz"))
+    assert f"{tmp / 'bad.npy'}: row 9 contains NaN or Inf" in err
+    err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), "-k", "0",
+                          "--out", str(tmp / "r.npz"))
+    assert "k: expected an integer >= 1" in err
+    err = _pipeline_error(capsys, "search", "search", data, str(tmp / "codes.npy"), "--out", str(tmp / "r.npz"))
+    assert "not a latentspace index file" in err
+    err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), "--out", str(tmp / "r.npy"))
+    assert "--out: expected a file name ending in .npz" in err
+    assert set(_files(tmp)) - set(before) == {"bad.npy", "c.lsidx", "codes.npy", "flat.npy", "six.safetensors",
+                                              "wide.npy"}  # no outputs, no temporary files

@@ -349,3 +349,179 @@ def test_search_while_adding(metric, rng):
         assert matches, "a concurrent search result matches no prefix of the added data"
     # the last searches ran after the writer finished: they see everything
     np.testing.assert_array_equal(results[-1][1], prefixes[chunk * chunks][1])
+
+
+# ---------------------------------------------------------------------------------------
+# add_encoded: encode straight into the index (test_encode.py covers encoding itself)
+
+from test_encode import FakeMlpEncoder, backend  # noqa: E402,F401  (a fixture, used by name)
+
+
+def _model(latent_dim=5, input_dim=12):
+    torch.manual_seed(0)
+    return latentspace.Autoencoder(input_dim, latent_dim, hidden=(9,)).eval()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_add_encoded_equals_add_of_encode(backend, single_threaded, metric, rng):
+    model, x = _model(), _normal(rng, 300, 12)
+    first = _normal(rng, 7, 5)
+    expected = latentspace.FlatIndex(5, metric)
+    expected.add(first)
+    expected.add(latentspace.encode(model, x, batch_size=64))
+    index = latentspace.FlatIndex(5, metric)
+    index.add(first)
+    assert index.add_encoded(model, x, batch_size=64) == 300
+    assert index.ntotal == 307
+    np.testing.assert_array_equal(index.vectors(), expected.vectors())
+    queries = _normal(rng, 4, 5)
+    for got, want in zip(index.search(queries, 9), expected.search(queries, 9)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_add_encoded_streams_an_iterable(backend, single_threaded, rng):
+    model = _model()
+    chunks = [_normal(rng, n, 12) for n in (3, 0, 40, 1, 17)]
+    index = latentspace.FlatIndex(5)
+    assert index.add_encoded(model, (c for c in chunks), batch_size=16) == 61
+    # the same chunks through encode: the same torch batches, so bit-identical codes
+    np.testing.assert_array_equal(index.vectors(), latentspace.encode(model, iter(chunks), batch_size=16))
+    assert index.add_encoded(model, iter([])) == 0 and index.ntotal == 61
+
+
+def test_add_encoded_writes_into_the_index_buffer_grown_once(monkeypatch, single_threaded, rng):
+    monkeypatch.setattr(latentspace._native, "MlpEncoder", FakeMlpEncoder, raising=False)
+    FakeMlpEncoder.instances.clear()
+    model, x = _model(), _normal(rng, 100, 12)
+    index = latentspace.FlatIndex(5)
+    index.add(_normal(rng, 4, 5))
+    index.add_encoded(model, x, batch_size=30)
+    buffer = index._buffer  # white-box: the codes must not be staged anywhere else
+    assert buffer.shape[0] == 104  # grown once, to exactly the rows needed (from 16)
+    calls = FakeMlpEncoder.instances[-1].calls
+    assert [rows for _, _, rows in calls] == [30, 30, 30, 10]
+    assert [out for _, out, _ in calls] == [buffer.ctypes.data + (4 + s) * 5 * 4 for s in (0, 30, 60, 90)]
+
+
+def test_add_encoded_accepts_an_encoder(backend, single_threaded, rng):
+    model, x = _model(), _normal(rng, 20, 12)
+    encoder = latentspace.Encoder(model)
+    index = latentspace.FlatIndex(5)
+    index.add_encoded(encoder, x)
+    np.testing.assert_array_equal(index.vectors(), encoder.encode(x))
+    with pytest.raises(ValueError, match="an Encoder already has them"):
+        index.add_encoded(encoder, x, precision="bf16")
+
+
+def _unchanged(index, before):
+    assert index.ntotal == before.shape[0]
+    np.testing.assert_array_equal(index.vectors(), before)
+
+
+def test_add_encoded_errors_leave_the_index_unchanged(backend, single_threaded, rng):
+    model = _model()
+    index = latentspace.FlatIndex(5)
+    index.add(_normal(rng, 6, 5))
+    before = index.vectors().copy()
+    with pytest.raises(ValueError, match=r"model: its codes have 5 dimensions \(latent_dim\) but this index holds "
+                                         "4-dimensional vectors"):
+        latentspace.FlatIndex(4).add_encoded(model, _normal(rng, 3, 12))
+    x = _normal(rng, 90, 12)
+    x[71, 2] = np.nan
+    with pytest.raises(ValueError, match="X: row 71 contains NaN or Inf"):
+        index.add_encoded(model, x, batch_size=20)
+    _unchanged(index, before)
+    chunks = iter([_normal(rng, 10, 12), _normal(rng, 4, 11)])
+    with pytest.raises(ValueError, match=r"X\[1\]: expected shape \(n, 12\)"):
+        index.add_encoded(model, chunks)
+    _unchanged(index, before)
+    with pytest.raises(ValueError, match="batch_size"):
+        index.add_encoded(model, x, batch_size=0)
+    index.add_encoded(model, x[:10])  # still usable, and the lock was released
+    assert index.ntotal == 16
+
+
+def test_add_encoded_refuses_unusable_codes_and_width_mismatch(single_threaded, rng):
+    class Huge(torch.nn.Module):  # finite inputs, codes whose squared norms overflow float32
+        def forward(self, x):
+            return x[:, :3] * 1e20
+
+    index = latentspace.FlatIndex(3)
+    index.add(_normal(rng, 2, 3))
+    before = index.vectors().copy()
+    x = _normal(rng, 8, 4) * 1e-30
+    x[5] = 1.0
+    with pytest.raises(ValueError, match="the codes of X: row 5 contains NaN or Inf, or values so large"):
+        index.add_encoded(Huge(), x)
+    _unchanged(index, before)
+    with pytest.raises(ValueError, match="model: its codes have 3 dimensions but this index holds 2-dimensional"):
+        latentspace.FlatIndex(2).add_encoded(Huge(), x)
+
+
+def test_add_encoded_interrupted_adds_nothing(single_threaded, rng):
+    class StopsOnSecondChunk(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            StopsOnSecondChunk.calls += 1
+            if StopsOnSecondChunk.calls == 2:
+                raise KeyboardInterrupt
+            return x[:, :2]
+
+    index = latentspace.FlatIndex(2)
+    with pytest.raises(KeyboardInterrupt):
+        index.add_encoded(StopsOnSecondChunk(), _normal(rng, 10, 3), batch_size=4)
+    assert index.ntotal == 0
+    index.add(_normal(rng, 1, 2))  # the write lock was released
+    assert index.ntotal == 1
+
+
+def test_add_encoded_on_a_mapped_index_is_refused(tmp_path, rng):
+    index = latentspace.FlatIndex(5)
+    index.add(_normal(rng, 3, 5))
+    index.save(tmp_path / "i.lsidx")
+    mapped = latentspace.load_index(tmp_path / "i.lsidx", mmap=True)
+    with pytest.raises(ValueError, match="add_encoded: this index is memory-mapped read-only"):
+        mapped.add_encoded(_model(), _normal(rng, 2, 12))
+    with pytest.raises(ValueError, match="reserve: this index is memory-mapped read-only"):
+        mapped.reserve(10)
+
+
+def test_searches_do_not_wait_for_add_encoded(single_threaded, rng):
+    """add_encoded holds the write lock while it encodes; searches must not wait for it."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            started.set()
+            assert release.wait(timeout=30), "the search never finished while encoding ran"
+            return x[:, :4]
+
+    index = latentspace.FlatIndex(4)
+    data = _normal(rng, 50, 4)
+    index.add(data)
+    worker = threading.Thread(target=index.add_encoded, args=(Slow(), _normal(rng, 10, 6)))
+    worker.start()
+    try:
+        assert started.wait(timeout=30)
+        D, I = index.search(data[:3], 1)  # while the encoding is blocked inside the model
+        np.testing.assert_array_equal(I[:, 0], [0, 1, 2])
+        assert index.ntotal == 50  # the rows being added are not visible yet
+    finally:
+        release.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive() and index.ntotal == 60
+
+
+def test_reserve_avoids_reallocation(rng):
+    index = latentspace.FlatIndex(3)
+    index.add(_normal(rng, 5, 3))
+    index.reserve(100)
+    assert index.nbytes == 105 * 3 * 4
+    buffer = index._buffer
+    for _ in range(10):
+        index.add(_normal(rng, 10, 3))
+    assert index._buffer is buffer and index.ntotal == 105
+    index.reserve(0)
+    with pytest.raises(ValueError, match="rows: expected an integer >= 0"):
+        index.reserve(-1)

@@ -1,7 +1,7 @@
 """latentspace: learn compact latent spaces from data and search them fast.
 
 The public API, re-exported from the modules that implement it. The torch-based parts
-(models, train, losses, metrics) are imported on first use, so `import latentspace` for
+(models, train, encode, losses, metrics) are imported on first use, so `import latentspace` for
 search alone does not load torch.
 """
 
@@ -31,10 +31,12 @@ del _warn_about_bad_simd_env
 _LAZY = {
     "Autoencoder": ".models",
     "ConvAutoencoder": ".models",
+    "Encoder": ".encoding",
     "History": ".training",
     "ModelFileError": ".models",
     "PCA": ".models",
     "VAE": ".models",
+    "encode": ".encoding",
     "load_model": ".models",
     "save_model": ".models",
     "train": ".training",
@@ -61,6 +63,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Autoencoder",
     "ConvAutoencoder",
+    "Encoder",
     "FlatIndex",
     "History",
     "IndexFileError",
@@ -71,6 +74,7 @@ __all__ = [
     "build_info",
     "cuda_available",
     "datasets",
+    "encode",
     "get_num_threads",
     "knn",
     "knn_label_agreement",

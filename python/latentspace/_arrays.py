@@ -30,6 +30,8 @@ __all__ = [
     "check_float",
     "check_int",
     "check_real_dtype",
+    "check_sample_shape",
+    "resolve_device",
     "numpy_to_tensor",
     "check_dim",
     "check_k",
@@ -112,14 +114,15 @@ def _rank_message(name: str, ndim: int, shape: tuple, dim: int | None) -> str:
     return f"{name}: expected a 2-d array of shape {want}, got {ndim}-d shape {tuple(shape)}{hint}"
 
 
-def check_rows_usable(array: np.ndarray, name: str) -> None:
+def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0) -> None:
     """Raises ValueError naming `name` and the first bad row when a row of a float32 matrix
     holds NaN or Inf, or values so large that squared distances overflow float32. (Search
-    checks this itself while it computes norms; indexes check it once, when vectors are added.)"""
+    checks this itself while it computes norms; indexes check it once, when vectors are added.)
+    first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message."""
     bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
     if bad >= 0:
         raise ValueError(
-            f"{name}: row {bad} contains NaN or Inf, or values so large that squared distances "
+            f"{name}: row {first_row + bad} contains NaN or Inf, or values so large that squared distances "
             "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
         )
 
@@ -188,11 +191,17 @@ def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], .
         if array.dtype.kind in "iu" or array.dtype.itemsize > 8:
             array = array.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
         tensor = numpy_to_tensor(array)
-    if tensor.dim() == 0 or tuple(tensor.shape[1:]) not in sample_shapes:
-        want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in sample_shapes)
-        hint = " (for one sample use x.reshape(1, -1))" if tensor.dim() == 1 else ""
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(tensor.shape)}{hint}")
+    check_sample_shape(tuple(tensor.shape), name, sample_shapes)
     return tensor.to(device=device, dtype=dtype), kind
+
+
+def check_sample_shape(shape: tuple[int, ...], name: str, sample_shapes: tuple[tuple[int, ...], ...]) -> None:
+    """Refuses a shape other than (n, *s) for one of the per-sample shapes (the first is the
+    one named in the error)."""
+    if len(shape) == 0 or tuple(shape[1:]) not in sample_shapes:
+        want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in sample_shapes)
+        hint = " (for one sample use x.reshape(1, -1))" if len(shape) == 1 else ""
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(shape)}{hint}")
 
 
 def numpy_to_tensor(array: np.ndarray):
@@ -268,3 +277,111 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
     if array.ndim != 1 or array.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {array.shape}")
     return array.astype(np.int64, copy=False)
+
+
+def resolve_device(device: Any, *, allow_auto: bool = True):
+    """A torch.device from 'cpu', 'cuda', 'cuda:N', a torch.device, or 'auto' (CUDA when
+    torch sees a GPU, else the CPU). Refuses CUDA when torch sees no GPU."""
+    import torch
+
+    expected = ("'auto', " if allow_auto else "") + "'cpu', 'cuda' or 'cuda:N'"
+    if allow_auto and isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected {expected}, got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected {expected}, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        alternatives = "'auto' or 'cpu'" if allow_auto else "'cpu'"
+        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use {alternatives}")
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding: chunks of rows in (numpy or torch, any real dtype), float32 codes out.
+
+
+def check_rows(x: Any, name: str, sample_shapes: tuple[tuple[int, ...], ...] | None) -> None:
+    """Refuses a chunk that is not a numpy array or torch tensor of real numbers shaped
+    (n, *s) for one of `sample_shapes` (None: any shape with rows first, at least 2-d)."""
+    if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    check_real_dtype(x, name)
+    shape = tuple(x.shape)
+    if sample_shapes is not None:
+        check_sample_shape(shape, name, sample_shapes)
+    elif len(shape) < 2:
+        raise ValueError(f"{name}: expected rows of samples (at least 2-d, shape (n, ...)), got shape {shape}")
+
+
+def rows_as_float32(x: Any) -> np.ndarray:
+    """A checked chunk as a C-contiguous float32 numpy array: the chunk itself when it is
+    one (a numpy array or a CPU tensor's memory), else a converted copy (a CUDA tensor is
+    copied to the CPU). Values beyond float32's range become +-inf (and are then refused)."""
+    if is_torch_tensor(x):
+        import torch
+
+        x = x.detach()
+        if x.device.type != "cpu":
+            x = x.to("cpu")
+        if x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        return x.contiguous().numpy()
+    if x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
+    with np.errstate(over="ignore"):
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def rows_as_tensor(x: Any, dtype: Any, device: Any):
+    """A checked chunk as a torch tensor of `dtype` on `device`, detached (no autograd)."""
+    if is_torch_tensor(x):
+        return x.detach().to(device=device, dtype=dtype)
+    if x.dtype.kind in "iu" or x.dtype.itemsize > 8:
+        x = x.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
+    return numpy_to_tensor(x).to(device=device, dtype=dtype)
+
+
+def first_nonfinite_row(tensor: Any) -> int:
+    """Index of the first row of a (n, ...) tensor holding NaN or Inf, -1 when there is none."""
+    width = int(np.prod(tensor.shape[1:]))  # explicit: reshape(0, -1) is ambiguous to torch
+    bad = ~tensor.reshape(tensor.shape[0], width).isfinite().all(dim=1)
+    if not bool(bad.any()):
+        return -1
+    return int(bad.nonzero()[0, 0])
+
+
+def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
+    """The writable float32 numpy view of an `out` argument: a numpy array (or memory map
+    opened for writing) or a CPU torch tensor, float32, C-contiguous, shaped (rows, dim).
+    rows / dim None: not known yet (checked by the caller as the codes arrive)."""
+    want = f"({'n' if rows is None else rows}, {'latent_dim' if dim is None else dim})"
+    if is_torch_tensor(out):
+        import torch
+
+        if out.device.type != "cpu":
+            raise ValueError(f"out: expected a numpy array or a CPU tensor, got a tensor on '{out.device}'")
+        if out.dtype != torch.float32:
+            raise TypeError(f"out: expected float32, got {out.dtype}")
+        if out.requires_grad:
+            raise ValueError("out: expected a tensor that does not require grad (encoding has no autograd)")
+        if out.dim() != 2 or not out.is_contiguous():
+            raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
+                             f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
+        view = out.numpy()
+    elif isinstance(out, np.ndarray):
+        if out.dtype != np.float32:
+            raise TypeError(f"out: expected float32, got {out.dtype}")
+        if out.ndim != 2 or not out.flags.c_contiguous:
+            raise ValueError(f"out: expected a C-contiguous 2-d array of shape {want}, got shape {out.shape}"
+                             + ("" if out.flags.c_contiguous else ", non-contiguous"))
+        if not out.flags.writeable:
+            raise ValueError("out: the array is read-only; pass a writable one")
+        view = out
+    else:
+        raise TypeError(f"out: expected a float32 numpy array or CPU torch tensor, got {type(out).__name__}")
+    if (rows is not None and view.shape[0] != rows) or (dim is not None and view.shape[1] != dim):
+        raise ValueError(f"out: expected shape {want}, got {tuple(view.shape)}")
+    return view

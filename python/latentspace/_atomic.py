@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "fsync_folder"]
+__all__ = ["atomic_path", "atomic_write", "fsync_folder"]
 
 
 def fsync_folder(folder: Path) -> None:
@@ -32,6 +32,10 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def _temporary_name(path: Path) -> str:
+    return str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Opens a temporary file for binary writing; on a clean exit it replaces `path`.
@@ -44,13 +48,41 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     if path.is_dir():
         raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
     # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
-    tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp_name = _temporary_name(path)
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_folder(path.parent)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Like atomic_write, for writers that need a file name rather than a file object (such
+    as np.lib.format.open_memmap): yields a temporary path beside `path` for the block to
+    create and fill; on a clean exit that file is fsynced and renamed over `path`, on an
+    exception it is removed. (Close or flush memory maps of it inside the block.)
+    """
+    path = Path(os.fspath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
+    tmp_name = Path(_temporary_name(path))
+    try:
+        yield tmp_name
+        fd = os.open(tmp_name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp_name, path)
     except BaseException:
         try:

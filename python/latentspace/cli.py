@@ -1,4 +1,5 @@
-"""The `latentspace` command line: `latentspace info`, `latentspace demo`, `latentspace train`."""
+"""The `latentspace` command line: `latentspace info`, `latentspace demo`, `latentspace train`, and
+the pipeline commands `encode`, `index build`, `search` (in cli_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
+from .cli_pipeline import add_commands as _add_pipeline_commands
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
 
@@ -319,21 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--threads", type=int, default=None, help="torch and search threads")
     trainer.add_argument("--no-progress", action="store_true", help="no progress bar")
     trainer.set_defaults(run=_command_train)
+
+    _add_pipeline_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = getattr(args, "error_name", args.command)  # "index build", not just "index"
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
-        print(f"latentspace {args.command}: error: {error}", file=sys.stderr)
+        print(f"latentspace {command}: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:  # training diverged
-        print(f"latentspace {args.command}: error: {error}", file=sys.stderr)
+        print(f"latentspace {command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"latentspace {args.command}: interrupted", file=sys.stderr)
+        print(f"latentspace {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ._arrays import check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor
+from ._arrays import check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor, resolve_device
 from .models.base import ReconstructionModel
 from .models.io import save_model
 from .models.pca import PCA
@@ -64,21 +64,7 @@ class History:
 
 
 # ---------------------------------------------------------------------------------------
-# Arguments
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return resolved
+# Data
 
 
 class _Data:
@@ -231,7 +217,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             raise ValueError(f"checkpoint: folder {checkpoint.parent} does not exist")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     loss = model.check_loss(loss)
     data = _Data(X, model, loss, device)
 

@@ -13,6 +13,7 @@ from .._arrays import (
     METRICS,
     as_matrix,
     check_dim,
+    check_int,
     check_k,
     check_metric,
     check_rows_usable,
@@ -36,14 +37,19 @@ class FlatIndex:
     computes norms on the fly: no other per-vector state is kept.
 
     Thread safety: any number of threads may search at once (the GIL is released during
-    the native search), also while another thread adds; add() and reset() serialise
-    among themselves. A search sees the vectors present when it started.
+    the native search), also while another thread adds; add(), add_encoded(), reserve()
+    and reset() serialise among themselves. A search sees the vectors present when it
+    started (rows being added become visible together, when the add returns).
     """
 
     def __init__(self, dim: int, metric: str = "l2"):
         check_metric(metric)
         self._dim = check_dim(dim)
         self._metric = metric
+        # _write_lock serialises the writers for the whole of their work (add_encoded holds it
+        # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
+        # so searches never wait for an encoding to finish.
+        self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._buffer = np.empty((0, self._dim), dtype=np.float32)
         self._ntotal = 0
@@ -91,24 +97,87 @@ class FlatIndex:
         if array.shape[0] == 0:
             return
         check_rows_usable(array, "x")
-        with self._lock:
-            if self._read_only:
-                raise ValueError(
-                    "add: this index is memory-mapped read-only (load_index(..., mmap=True)); "
-                    "load it with mmap=False to add vectors"
-                )
+        with self._write_lock:
+            self._check_writable("add")
             n, m = self._ntotal, array.shape[0]
-            if n + m > self._buffer.shape[0]:
-                capacity = max(n + m, int(self._buffer.shape[0] * _GROWTH), 16)
-                grown = np.empty((capacity, self._dim), dtype=np.float32)
-                grown[:n] = self._buffer[:n]
-                self._buffer = grown  # searches in flight keep the old buffer alive
-            self._buffer[n : n + m] = array
-            self._ntotal = n + m
+            self._grow(n + m)
+            self._buffer[n : n + m] = array  # rows past ntotal: no search reads them yet
+            with self._lock:
+                self._ntotal = n + m
+
+    def reserve(self, rows: int) -> None:
+        """Makes room for `rows` more vectors, so that adding them (in any number of calls)
+        does not reallocate; e.g. before adding a large file chunk by chunk."""
+        rows = check_int(rows, "rows", minimum=0)
+        with self._write_lock:
+            self._check_writable("reserve")
+            self._grow(self._ntotal + rows, exact=True)
+
+    def add_encoded(self, model: Any, X: Any, *, batch_size: int | None = None, precision: str = "fp32",
+                    device: Any = None, progress: bool = False) -> int:
+        """Encodes X with `model` and appends the codes: latentspace.encode(model, X) then
+        add(), without holding the codes twice.
+
+        The buffer grows once by len(X) rows and the encoder writes straight into them (an
+        iterable X: grown chunk by chunk). model: a latentspace model, nn.Module or
+        Encoder (see latentspace.Encoder; its latent_dim must equal this index's dim).
+        X, batch_size, precision, device, progress: as for latentspace.encode.
+
+        All or nothing: if encoding fails (NaN in row r of X, a bad chunk, Ctrl-C), no row
+        is added. Returns the number of rows added.
+        """
+        # encode sits above the indexes on the data path; importing it here, when asked,
+        # keeps `import latentspace` for search free of torch and the path one-way at import.
+        from .._encode_stream import Source
+        from ..encoding import as_encoder
+
+        encoder = as_encoder(model, device=device, precision=precision)
+        if encoder.latent_dim is not None and encoder.latent_dim != self._dim:
+            raise ValueError(f"model: its codes have {encoder.latent_dim} dimensions (latent_dim) but this "
+                             f"index holds {self._dim}-dimensional vectors")
+        if batch_size is None:
+            batch_size = encoder.default_batch_size
+        batch_size = check_int(batch_size, "batch_size")
+        source = Source(X, encoder._sample_shapes)
+        with self._write_lock:
+            self._check_writable("add_encoded")
+            if source.rows is not None:
+                self._grow(self._ntotal + source.rows)
+            first = self._ntotal
+            added = encoder._encode_to(source, _IndexRows(self), batch_size, progress)
+            # As add() does for its input: codes that search could not use (an overflow in
+            # the model on huge but finite inputs) are refused before anyone sees them.
+            check_rows_usable(self._buffer[first : first + added], "the codes of X")
+            with self._lock:
+                self._ntotal += added
+        return added
+
+    def _check_writable(self, what: str) -> None:
+        if self._read_only:
+            raise ValueError(
+                f"{what}: this index is memory-mapped read-only (load_index(..., mmap=True)); "
+                "load it with mmap=False to add vectors"
+            )
+
+    def _grow(self, rows: int, *, exact: bool = False, keep: int | None = None) -> None:
+        """Capacity for `rows` vectors: geometric growth (many small adds stay linear), or
+        exactly `rows` when asked (reserve). The first `keep` rows are carried over (default
+        ntotal; add_encoded also keeps the rows it has written so far). Call with
+        _write_lock held."""
+        capacity = self._buffer.shape[0]
+        if rows <= capacity:
+            return
+        if not exact:
+            rows = max(rows, int(capacity * _GROWTH), 16)
+        n = self._ntotal if keep is None else keep
+        grown = np.empty((rows, self._dim), dtype=np.float32)
+        grown[:n] = self._buffer[:n]
+        with self._lock:
+            self._buffer = grown  # searches in flight keep the old buffer alive
 
     def reset(self) -> None:
         """Removes all vectors (and drops a memory map)."""
-        with self._lock:
+        with self._write_lock, self._lock:
             self._buffer = np.empty((0, self._dim), dtype=np.float32)
             self._ntotal = 0
             self._read_only = False
@@ -166,6 +235,26 @@ class FlatIndex:
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0
         return index
+
+
+class _IndexRows:
+    """add_encoded's destination: the rows after ntotal in the index's own buffer, grown
+    as chunks arrive (held under the index's write lock; ntotal moves only at the end)."""
+
+    def __init__(self, index: FlatIndex):
+        self._index = index
+        self._first = index._ntotal
+
+    def reserve(self, start: int, rows: int, dim: int) -> np.ndarray:
+        if dim != self._index._dim:  # a module whose width was unknown before its first chunk
+            raise ValueError(f"model: its codes have {dim} dimensions but this index holds "
+                             f"{self._index._dim}-dimensional vectors")
+        row = self._first + start
+        self._index._grow(row + rows, keep=row)  # the codes written so far move with the buffer
+        return self._index._buffer[row : row + rows]
+
+    def finish(self, rows: int, dim: int | None) -> int:
+        return rows
 
 
 def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):

@@ -1,0 +1,173 @@
+"""Where encode's rows come from and where its codes go.
+
+Sources cut X into chunks of at most batch_size rows without converting or copying it (a
+memory map is read chunk by chunk as the encoder gets to it). Destinations hand out, for
+each chunk, the rows its codes are written into: a slice of the caller's `out`, of a new
+array, or (FlatIndex.add_encoded) of an index's own buffer. Codes are never held twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from ._arrays import ArrayKind, check_encode_out, check_rows, is_torch_tensor
+
+__all__ = ["Destination", "NewArray", "Source", "UserOut"]
+
+
+class Source:
+    """X as (start, chunk, name) pieces: the numpy array / memory map / torch tensor cut
+    into slices, or each array an iterable yields (split when bigger than a batch).
+
+    rows: the row count when X says it up front (an array), None for an iterable.
+    kind: "numpy" or "torch" (of X, or of an iterable's first chunk), for the result's type.
+    device: the torch device of a torch X (its first chunk), None for numpy.
+    """
+
+    def __init__(self, X: Any, sample_shapes: tuple[tuple[int, ...], ...] | None):
+        self._sample_shapes = sample_shapes
+        self._first: Any = None
+        if isinstance(X, (str, bytes, Mapping)) or X is None or np.isscalar(X):
+            raise TypeError("X: expected a numpy array, a torch tensor or an iterable of 2-d chunks, "
+                            f"got {type(X).__name__}")
+        if isinstance(X, (list, tuple)):  # nested lists are one array, as everywhere in latentspace
+            try:
+                X = np.asarray(X)
+            except ValueError as error:
+                raise ValueError(f"X: a list or tuple is read as one array and this one is not ({error}); "
+                                 "pass iter(chunks) to encode a list of chunks") from None
+        if isinstance(X, np.ndarray) or is_torch_tensor(X):
+            check_rows(X, "X", sample_shapes)
+            self._array, self._chunks = X, None
+            self.rows: int | None = int(X.shape[0])
+            self.kind: ArrayKind = "torch" if is_torch_tensor(X) else "numpy"
+            self.device = X.device if self.kind == "torch" else None
+            return
+        try:
+            iterator = iter(X)
+        except TypeError:
+            raise TypeError("X: expected a numpy array, a torch tensor or an iterable of 2-d chunks, "
+                            f"got {type(X).__name__}") from None
+        self._array, self._chunks, self.rows = None, iterator, None
+        # The first chunk decides the result's type: read it now.
+        self._first = next(iterator, None)
+        if self._first is not None:
+            self._first = self._checked_chunk(self._first, 0)
+        first_is_torch = self._first is not None and is_torch_tensor(self._first)
+        self.kind = "torch" if first_is_torch else "numpy"
+        self.device = self._first.device if first_is_torch else None
+
+    def _checked_chunk(self, chunk: Any, i: int) -> Any:
+        name = f"X[{i}]"  # the i-th chunk the iterable yielded
+        if isinstance(chunk, (list, tuple)):
+            chunk = np.asarray(chunk)
+        check_rows(chunk, name, self._sample_shapes)
+        if self._sample_shapes is None:
+            # A module of unknown input shape: every chunk must look like the first.
+            if self._first is not None and tuple(chunk.shape[1:]) != tuple(self._first.shape[1:]):
+                raise ValueError(f"{name}: expected shape (n, {', '.join(map(str, self._first.shape[1:]))}) "
+                                 f"like the first chunk, got {tuple(chunk.shape)}")
+        return chunk
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, Any, tuple[int, int] | None]]:
+        """(start row within X, piece, origin): origin is None for an array, (i, first row of
+        chunk i) for the i-th chunk of an iterable, so errors can name both. An empty array
+        yields one empty piece (a module of unknown output width can still be asked for it)."""
+        if self._array is not None:
+            n = self.rows
+            if n == 0:
+                yield 0, self._array, None
+            for start in range(0, n, batch_size):
+                yield start, self._array[start : start + batch_size], None
+            return
+        start = 0
+        i = 0
+        pending = self._first
+        while pending is not None:
+            for offset in range(0, max(int(pending.shape[0]), 1), batch_size):
+                yield start + offset, pending[offset : offset + batch_size], (i, start)
+            start += int(pending.shape[0])
+            i += 1
+            following = next(self._chunks, None)
+            pending = None if following is None else self._checked_chunk(following, i)
+
+
+class Destination(Protocol):
+    """Where codes go: reserve() gives the (rows, dim) block for the chunk starting at row
+    `start` (a writable float32 numpy view, or a torch tensor on a GPU); finish() gives the
+    result once `rows` rows are written (raising if they do not fill it)."""
+
+    def reserve(self, start: int, rows: int, dim: int) -> Any: ...
+
+    def finish(self, rows: int, dim: int | None) -> Any: ...
+
+
+class UserOut:
+    """The caller's `out`: checked up front, filled in place, returned as given."""
+
+    def __init__(self, out: Any, rows: int | None, dim: int | None):
+        self._out = out
+        self._view = check_encode_out(out, rows, dim)
+
+    def reserve(self, start: int, rows: int, dim: int) -> np.ndarray:
+        capacity, width = self._view.shape
+        if width != dim:
+            raise ValueError(f"out: expected shape (n, {dim}) (the model's latent_dim), got {tuple(self._view.shape)}")
+        if start + rows > capacity:
+            raise ValueError(f"out: has room for {capacity} rows, but X holds more (at least {start + rows})")
+        return self._view[start : start + rows]
+
+    def finish(self, rows: int, dim: int | None) -> Any:
+        if rows != self._view.shape[0]:
+            raise ValueError(f"out: has {self._view.shape[0]} rows, but X held only {rows}; "
+                             f"pass out[:{rows}] (its contents are unspecified now)")
+        return self._out
+
+
+class NewArray:
+    """A new result of the input's type: one (rows, dim) allocation when the row count is
+    known, else one block per chunk, joined at the end."""
+
+    def __init__(self, rows: int | None, kind: ArrayKind, device: Any):
+        self._rows, self._kind, self._device = rows, kind, device
+        self._whole: Any = None
+        self._parts: list[Any] = []
+
+    def _allocate(self, rows: int, dim: int) -> Any:
+        if self._kind == "numpy":
+            return np.empty((rows, dim), dtype=np.float32)
+        import torch
+
+        return torch.empty((rows, dim), dtype=torch.float32, device=self._device)
+
+    @staticmethod
+    def _writable(block: Any) -> Any:
+        # CPU tensors are written through their numpy view (shared memory), GPU ones directly.
+        return block.numpy() if is_torch_tensor(block) and block.device.type == "cpu" else block
+
+    def reserve(self, start: int, rows: int, dim: int) -> Any:
+        if self._rows is None:
+            self._parts.append(self._allocate(rows, dim))
+            return self._writable(self._parts[-1])
+        if self._whole is None:
+            self._whole = self._allocate(self._rows, dim)
+        return self._writable(self._whole[start : start + rows])
+
+    def finish(self, rows: int, dim: int | None) -> Any:
+        if self._whole is not None:
+            return self._whole
+        if dim is None:
+            raise ValueError("X: holds no rows, and this module's output width is unknown until it has "
+                             "encoded some; pass out= of shape (0, latent_dim) for an empty result")
+        if self._rows is not None or not self._parts:
+            return self._allocate(rows, dim)
+        if len(self._parts) == 1:
+            return self._parts[0]
+        if self._kind == "numpy":
+            return np.concatenate(self._parts)
+        import torch
+
+        return torch.cat(self._parts)

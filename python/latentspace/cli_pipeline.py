@@ -1,0 +1,259 @@
+"""The pipeline commands, files in and files out:
+
+    latentspace encode MODEL DATA --out Z.npy            rows -> latent codes
+    latentspace index build Z.npy --out IDX              codes -> a FlatIndex file
+    latentspace search IDX QUERIES.npy -k 10 --out R.npz  queries -> distances, indices
+
+Inputs are read in chunks (a .npy is memory-mapped), outputs are written atomically (a
+temporary file beside the target, renamed over it at the end). A tqdm bar shows progress on
+stderr when it is a terminal (never with --quiet). Bad input raises ValueError / OSError,
+which cli.main turns into one error line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import datasets
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable
+from ._atomic import atomic_path, atomic_write
+from .indexes import FlatIndex, load_index
+from .runtime import set_num_threads
+
+__all__ = ["add_commands"]
+
+_ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
+_QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        set_num_threads(args.threads)
+        if "torch" in sys.modules:  # only the encoding commands load torch
+            sys.modules["torch"].set_num_threads(args.threads)
+
+
+def _check_suffix(path: str, suffix: str, option: str) -> Path:
+    if not path.lower().endswith(suffix):
+        raise ValueError(f"{option}: expected a file name ending in {suffix}, got {path!r}")
+    return Path(path)
+
+
+def _load_rows(path: str, key: str | None) -> np.ndarray:
+    """An array from .npy (memory-mapped: read as it is used), .npz or HDF5 (--key)."""
+    if Path(path).suffix.lower() == ".npy":
+        if key is not None:
+            raise ValueError(f"--key: a .npy file holds one array; got --key {key!r}")
+        return datasets.load_npy(path, mmap=True)
+    return datasets.load_array(path, key)
+
+
+def _model_rows(X: np.ndarray, input_shape: tuple[int, ...], path: str) -> np.ndarray:
+    """X shaped for the model, as `latentspace train` shaped it: images (n, H, W) gain a
+    channel axis for a ConvAutoencoder, image rows are flattened for an MLP (views, no copy)."""
+    if X.ndim < 2:
+        raise ValueError(f"{path}: expected rows of samples (n, ...), got shape {X.shape}")
+    if len(input_shape) == 3 and X.ndim == 3:
+        return X[:, None]
+    if len(input_shape) == 1 and X.ndim > 2:
+        return X.reshape(X.shape[0], -1)
+    return X
+
+
+def _backend_line(encoder: Any) -> str:
+    if encoder.backend == "native":
+        return f"backend: native ({encoder.kernel} kernel, {encoder.precision})"
+    return f"backend: torch on {encoder.device}, {encoder.precision} (not native: {encoder.reason})"
+
+
+def _encoder(args: argparse.Namespace) -> Any:
+    from .encoding import Encoder
+    from .models import load_model
+
+    return Encoder(load_model(args.model), device=args.device, precision=args.precision)
+
+
+def _in_file(path: str, error: ValueError) -> ValueError:
+    """The encoder's error about its input X, told about the file instead."""
+    message = str(error)
+    return ValueError(f"{path}: {message[3:] if message.startswith('X: ') else message}")
+
+
+def _rate(count: int, seconds: float, unit: str) -> str:
+    return f"{seconds:.2f} s, {count / seconds:,.0f} {unit}/s" if seconds > 0 and count else f"{seconds:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------
+# latentspace encode
+
+
+def _command_encode(args: argparse.Namespace) -> int:
+    out_path = _check_suffix(args.out, ".npy", "--out")
+    batch_size = None if args.batch_size is None else check_int(args.batch_size, "--batch-size")
+    X = _load_rows(args.data, args.key)
+    encoder = _encoder(args)
+    _set_threads(args)
+    X = _model_rows(X, encoder.input_shape, args.data)
+    n = int(X.shape[0])
+    started = time.perf_counter()
+    with atomic_path(out_path) as tmp:
+        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.latent_dim))
+        try:
+            encoder.encode(X, out=codes, batch_size=batch_size, progress=_show_progress(args))
+        except ValueError as error:
+            raise _in_file(args.data, error) from None
+        codes.flush()
+        del codes  # unmapped before the file is fsynced and renamed
+    seconds = time.perf_counter() - started
+    print(f"latentspace encode: {n:,} rows of {args.data} -> {out_path}, ({n}, {encoder.latent_dim}) float32")
+    print(f"  {_backend_line(encoder)}")
+    print(f"  {_rate(n, seconds, 'rows')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# latentspace index build
+
+
+def _command_index_build(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    _set_threads(args)
+    batch_size = check_int(args.batch_size, "--batch-size")
+    Z = _load_rows(args.vectors, args.key)
+    if Z.ndim != 2 or Z.shape[1] < 1:
+        raise ValueError(f"{args.vectors}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
+    n, dim = (int(s) for s in Z.shape)
+    started = time.perf_counter()
+    index = FlatIndex(dim, args.metric)
+    index.reserve(n)  # one allocation; the chunks are copied in as they are read
+    with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
+              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
+        for start in range(0, n, batch_size):
+            chunk, _ = as_matrix(Z[start : start + batch_size], args.vectors, dim=dim)
+            check_rows_usable(chunk, args.vectors, first_row=start)  # row numbers of the file
+            index.add(chunk)
+            bar.update(chunk.shape[0])
+    index.save(args.out)
+    seconds = time.perf_counter() - started
+    print(f"latentspace index build: {index!r} from {args.vectors} -> {args.out} "
+          f"({os.path.getsize(args.out):,} bytes)")
+    print(f"  {_rate(n, seconds, 'rows')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# latentspace search
+
+
+def _command_search(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    out_path = _check_suffix(args.out, ".npz", "--out")
+    k = check_k(args.k)
+    batch_size = check_int(args.batch_size, "--batch-size")
+    index = load_index(args.index, mmap=args.mmap)
+    Q = _load_rows(args.queries, args.key)
+    encoder = None
+    if args.model is not None:
+        encoder = _encoder(args)
+        if encoder.latent_dim != index.dim:
+            raise ValueError(f"--model: its codes have {encoder.latent_dim} dimensions but {args.index} holds "
+                             f"{index.dim}-dimensional vectors")
+        Q = _model_rows(Q, encoder.input_shape, args.queries)
+    elif Q.ndim != 2 or Q.shape[1] != index.dim:
+        hint = "; pass --model MODEL to encode raw queries first" if Q.ndim == 2 else ""
+        raise ValueError(f"{args.queries}: expected queries of shape (n, {index.dim}) (the index's dim), "
+                         f"got {Q.shape}{hint}")
+    _set_threads(args)
+    nq = int(Q.shape[0])
+    started = time.perf_counter()
+    if encoder is not None:
+        try:  # all queries at once: (q, latent_dim) codes are small, and rows keep their numbers
+            Q = encoder.encode(Q, progress=_show_progress(args))
+        except ValueError as error:
+            raise _in_file(args.queries, error) from None
+    name = f"{args.queries} (encoded)" if encoder is not None else args.queries
+    distances = np.empty((nq, k), dtype=np.float32)
+    indices = np.empty((nq, k), dtype=np.int64)
+    with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
+              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
+        for start in range(0, nq, batch_size):
+            chunk, _ = as_matrix(Q[start : start + batch_size], name, dim=index.dim)
+            check_rows_usable(chunk, name, first_row=start)  # row numbers of the file
+            stop = start + chunk.shape[0]
+            distances[start:stop], indices[start:stop] = index.search(chunk, k)
+            bar.update(chunk.shape[0])
+    with atomic_write(out_path) as f:
+        np.savez(f, distances=distances, indices=indices)
+    seconds = time.perf_counter() - started
+    print(f"latentspace search: {nq:,} queries of {args.queries}, k={k}, in {index!r} -> {out_path} "
+          "(distances, indices)")
+    if encoder is not None:
+        print(f"  queries encoded first, {_backend_line(encoder)}")
+    print(f"  {_rate(nq, seconds, 'queries')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Parsers
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", default=None, help="array in an .npz, or hdf5 part (default: the only one / train)")
+    parser.add_argument("--threads", type=int, default=None, help="threads (latentspace and torch)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _encoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 (default) or bf16 (weights and activations rounded to bfloat16)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default cpu; the native encoder runs on the CPU)")
+
+
+def add_commands(sub: Any) -> None:
+    """Adds `encode`, `index build` and `search` to cli.py's subparsers."""
+    encode = sub.add_parser("encode", help="encode the rows of a data file with a saved model, into a .npy")
+    encode.add_argument("model", help="a model file written by latentspace train / save_model")
+    encode.add_argument("data", help="a .npy (memory-mapped), .npz (--key) or ann-benchmarks .hdf5 file")
+    encode.add_argument("--out", required=True, help="the codes, (n, latent_dim) float32 .npy (written atomically)")
+    encode.add_argument("--batch-size", type=int, default=None,
+                        help="rows per chunk (default 65536 native, 4096 torch)")
+    _encoding_options(encode)
+    _common(encode)
+    encode.set_defaults(run=_command_encode)
+
+    index = sub.add_parser("index", help="build an index file from vectors")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build", help="a FlatIndex over the rows of a .npy of vectors (e.g. codes)")
+    build.add_argument("vectors", help="(n, dim) vectors: .npy (memory-mapped), .npz (--key) or .hdf5")
+    build.add_argument("--out", required=True, help="the index file (written atomically)")
+    build.add_argument("--metric", choices=("l2", "ip", "cosine"), default="l2", help="default l2")
+    build.add_argument("--batch-size", type=int, default=_ROWS_PER_CHUNK, help="rows per chunk (default 65536)")
+    _common(build)
+    build.set_defaults(run=_command_index_build, error_name="index build")
+
+    search = sub.add_parser("search", help="the k nearest indexed vectors of each query, into an .npz")
+    search.add_argument("index", help="an index file written by latentspace index build / index.save")
+    search.add_argument("queries", help="(q, dim) queries (or raw rows with --model): .npy, .npz, .hdf5")
+    search.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("--out", required=True, help="an .npz with distances (q, k) float32 and indices (q, k) int64")
+    search.add_argument("--model", default=None, help="encode the queries with this model file first")
+    search.add_argument("--batch-size", type=int, default=_QUERIES_PER_CHUNK,
+                        help="queries searched per chunk (default 4096)")
+    search.add_argument("--mmap", action="store_true", help="map the index instead of reading it")
+    _encoding_options(search)
+    _common(search)
+    search.set_defaults(run=_command_search)

@@ -1,0 +1,252 @@
+"""Batched encoding of any number of rows, native where the model allows, torch elsewhere.
+
+    Z = latentspace.encode(model, X)                      # numpy in, numpy out
+    encoder = latentspace.Encoder(model)                  # reuse: weights exported once
+    encoder.backend, encoder.kernel                       # "native", "avx2" (or "torch", why)
+    encoder.encode(X, out=Z)                              # writes into Z, returns it
+
+Models whose encoder is a chain of Linear layers and elementwise activations (Autoencoder,
+the VAE's mean head, fitted PCA, a plain nn.Sequential MLP) run on the native encoder
+(latentspace._native.MlpEncoder: OpenMP + SIMD, the GIL released) when the work runs on the
+CPU; every other model, and any work on a GPU, runs the model's own torch code under the
+same API. `Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
+them on the "latentspace" logger at INFO.
+
+(The module is encoding.py, not encode.py: a submodule named encode would be bound over
+the function latentspace.encode when first imported, as train.py would over train.)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _native
+from ._arrays import check_int, first_nonfinite_row, resolve_device, rows_as_float32, rows_as_tensor
+from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
+from ._encode_stream import Destination, NewArray, Source, UserOut
+from .models.base import LatentModel
+
+__all__ = ["Encoder", "MlpLayer", "MlpSpec", "NotExportable", "encode", "export_layers"]
+
+logger = logging.getLogger("latentspace")
+
+PRECISIONS = ("fp32", "bf16")
+# Rows per chunk. The native encoder blocks rows for its threads internally, so it gets
+# large slices (fewer calls, and conversion of non-float32 input stays bounded: 16 MiB at
+# 64 features); torch materialises every layer's activations, so it gets smaller ones.
+NATIVE_BATCH_ROWS = 65536
+TORCH_BATCH_ROWS = 4096
+_NATIVE_BAD_ROW = re.compile(r"\brow (\d+)\b")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in model.parameters():
+        return tensor.device, tensor.dtype
+    for tensor in model.buffers():
+        return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _nonfinite_message(row: int, origin: tuple[int, int] | None) -> str:
+    where = "" if origin is None else f" (row {row - origin[1]} of chunk X[{origin[0]}])"
+    return (f"X: row {row}{where} contains NaN or Inf (or a value too large for float32); "
+            "clean the data before encoding")
+
+
+class Encoder:
+    """A model's encoder, ready to encode any number of rows with bounded memory.
+
+    Args:
+        model: a latentspace model (Autoencoder, VAE, PCA, ConvAutoencoder), any other
+            torch.nn.Module (called as model(x)), or an nn.Sequential. A VAE encodes to
+            its posterior mean.
+        device: where the work runs: None (the model's device), "cpu", "cuda", "cuda:N" or
+            a torch.device. The native encoder runs on the CPU only.
+        precision: "fp32" (default) or "bf16": weights and activations rounded to bfloat16,
+            accumulation in float32 (native), or torch.autocast(bfloat16) on the torch backend.
+
+    The weights are snapshotted here (exported to native, or a private copy of the model in
+    eval mode): train the model further and build a new Encoder to see the change.
+
+    Attributes: backend ("native" or "torch"), reason (why torch; None for native), kernel
+    (the native SIMD kernel, e.g. "avx2", or "torch"), device, precision, latent_dim (None
+    for a module of unknown output width until it has encoded a chunk).
+    """
+
+    def __init__(self, model: Any, *, device: Any = None, precision: str = "fp32"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a latentspace model or a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(precision, str) or precision not in PRECISIONS:
+            raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        model_device, _ = _model_device_dtype(model)
+        self.device = model_device if device is None else resolve_device(device, allow_auto=False)
+        self._model_name = type(model).__name__
+        self._native: Any = None
+        self._torch_model: nn.Module | None = None
+        self.reason: str | None = None
+        try:
+            spec = export_layers(model)  # ValueError (unfitted PCA, NaN weights) propagates
+        except NotExportable as why:
+            spec, self.reason = None, why.reason
+        if spec is not None and self.device.type != "cpu":
+            self.reason = f"the work runs on '{self.device}' and the native encoder runs on the CPU"
+        elif spec is not None and not hasattr(_native, "MlpEncoder"):
+            self.reason = "this build of latentspace has no native encoder (_native.MlpEncoder)"
+        if self.reason is None:
+            self._native = _native.MlpEncoder([layer.weight for layer in spec.layers],
+                                              [layer.bias for layer in spec.layers],
+                                              [layer.activation for layer in spec.layers],
+                                              [float(layer.param) for layer in spec.layers],
+                                              spec.input_offset, precision)
+            self.backend, self.kernel = "native", str(self._native.kernel)
+            self.latent_dim: int | None = spec.output_dim
+            self._sample_shapes: tuple[tuple[int, ...], ...] | None = ((spec.input_dim,),)
+        else:
+            self.backend, self.kernel = "torch", "torch"
+            # A private copy, on the device, in eval mode: the snapshot, and the caller's
+            # model is neither moved nor switched out of training mode.
+            self._torch_model = copy.deepcopy(model).to(self.device).eval()
+            self._torch_dtype = _model_device_dtype(self._torch_model)[1]
+            if isinstance(model, LatentModel):
+                self.latent_dim, self._sample_shapes = model.latent_dim, model._sample_shapes()
+            elif spec is not None:
+                self.latent_dim, self._sample_shapes = spec.output_dim, ((spec.input_dim,),)
+            else:
+                self.latent_dim, self._sample_shapes = None, None
+        logger.debug("Encoder(%s): backend=%s kernel=%s%s", self._model_name, self.backend, self.kernel,
+                     f" ({self.reason})" if self.reason else "")
+
+    @property
+    def default_batch_size(self) -> int:
+        return NATIVE_BATCH_ROWS if self.backend == "native" else TORCH_BATCH_ROWS
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample (the first accepted one), None when the module does not say."""
+        return None if self._sample_shapes is None else self._sample_shapes[0]
+
+    def __repr__(self) -> str:
+        why = f", reason={self.reason!r}" if self.reason else ""
+        return (f"Encoder({self._model_name}, backend={self.backend!r}, kernel={self.kernel!r}, "
+                f"latent_dim={self.latent_dim}, device='{self.device}', precision={self.precision!r}{why})")
+
+    # -- encoding -----------------------------------------------------------------------
+    def encode(self, X: Any, *, batch_size: int | None = None, out: Any = None, progress: bool = False) -> Any:
+        """Codes of X's rows, (n, latent_dim) float32.
+
+        X: a numpy array (any real dtype; converted chunk by chunk, never whole), a memory
+            map (read chunk by chunk), a torch tensor (CPU or CUDA), or an iterable of such
+            chunks (a generator, or iter(list_of_chunks): a list itself is read as one
+            array). Rows of shape model.input_shape (ConvAutoencoder: images or flat rows).
+        batch_size: rows per chunk (default 65,536 native, 4,096 torch).
+        out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
+            shape (n, latent_dim) to write into; it is returned. For an iterable X the
+            chunks must fill it exactly.
+        progress: show a tqdm bar on stderr.
+
+        Returns numpy for numpy input, a torch tensor on the input's device for torch input
+        (an iterable: the type of its first chunk), `out` when given. No autograd (use
+        model.encode for differentiable codes). Raises ValueError naming X and the row for
+        NaN / Inf, TypeError / ValueError for a bad shape, dtype or out.
+        """
+        batch_size = check_int(self.default_batch_size if batch_size is None else batch_size, "batch_size")
+        source = Source(X, self._sample_shapes)
+        destination = (NewArray(source.rows, source.kind, source.device) if out is None
+                       else UserOut(out, source.rows, self.latent_dim))
+        return self._encode_to(source, destination, batch_size, progress)
+
+    def _encode_to(self, source: Source, destination: Destination, batch_size: int, progress: bool) -> Any:
+        """Encodes the source's chunks into the destination's blocks; returns its result.
+        (FlatIndex.add_encoded passes its own buffer as the destination.)"""
+        from tqdm import tqdm
+
+        written = 0
+        with tqdm(total=source.rows, unit="row", unit_scale=True, desc="encode", disable=not progress,
+                  file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
+            for start, chunk, origin in source.chunks(batch_size):
+                rows = int(chunk.shape[0])
+                if rows == 0 and self.latent_dim is not None:
+                    continue  # nothing to write (an empty chunk only teaches an unknown width)
+                if self.backend == "native":
+                    self._run_native(chunk, start, origin, destination.reserve(start, rows, self.latent_dim))
+                else:
+                    codes = self._run_torch(chunk, start, origin)
+                    self._write(destination.reserve(start, rows, self.latent_dim), codes)
+                written = start + rows
+                bar.update(rows)
+        return destination.finish(written, self.latent_dim)
+
+    def _run_native(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
+        x = rows_as_float32(chunk)  # no copy for C-contiguous float32 numpy or CPU tensors
+        staging = target if isinstance(target, np.ndarray) else np.empty(tuple(target.shape), np.float32)
+        try:
+            self._native.encode(x, staging)
+        except ValueError as error:
+            # The native check reports the row within this chunk; say it within X.
+            message = str(error)
+            bad = _NATIVE_BAD_ROW.search(message)
+            if bad and ("NaN" in message or "Inf" in message):
+                raise ValueError(_nonfinite_message(start + int(bad.group(1)), origin)) from None
+            raise
+        if staging is not target:  # the result goes to a GPU tensor
+            target.copy_(torch.from_numpy(staging))
+
+    def _run_torch(self, chunk: Any, start: int, origin: tuple[int, int] | None) -> torch.Tensor:
+        model = self._torch_model
+        x = rows_as_tensor(chunk, self._torch_dtype, self.device)
+        bad = first_nonfinite_row(x)
+        if bad >= 0:
+            raise ValueError(_nonfinite_message(start + bad, origin))
+        amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+               else nullcontext())
+        with torch.no_grad(), amp:
+            codes = model.encode(x) if isinstance(model, LatentModel) else model(x)
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != x.shape[0]:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"model: {self._model_name} returned {shape} for {x.shape[0]} rows; "
+                             "expected codes of shape (rows, latent_dim)")
+        if self.latent_dim is None:
+            self.latent_dim = int(codes.shape[1])
+        elif codes.shape[1] != self.latent_dim:
+            raise ValueError(f"model: {self._model_name} returned {codes.shape[1]} values per row, "
+                             f"{self.latent_dim} before")
+        return codes
+
+    @staticmethod
+    def _write(target: Any, codes: torch.Tensor) -> None:
+        if isinstance(target, np.ndarray):
+            target[...] = codes.to("cpu", torch.float32).numpy()
+        else:
+            target.copy_(codes)
+
+
+def encode(model: Any, X: Any, *, batch_size: int | None = None, device: Any = None, out: Any = None,
+           precision: str = "fp32", progress: bool = False) -> Any:
+    """Encoder(model, device=device, precision=precision).encode(X, batch_size=..., out=...,
+    progress=...): see Encoder. `model` may also be an Encoder (reused as it is; device and
+    precision must then be left at their defaults). Logs the backend (and why torch) on the
+    "latentspace" logger at INFO."""
+    encoder = as_encoder(model, device=device, precision=precision)
+    logger.info("encode: backend=%s kernel=%s model=%s%s", encoder.backend, encoder.kernel,
+                encoder._model_name, f" reason={encoder.reason}" if encoder.reason else "")
+    return encoder.encode(X, batch_size=batch_size, out=out, progress=progress)
+
+
+def as_encoder(model: Any, *, device: Any = None, precision: str = "fp32") -> Encoder:
+    """`model` as an Encoder: an Encoder as it is, anything else wrapped."""
+    if isinstance(model, Encoder):
+        if device is not None or precision != "fp32":
+            raise ValueError("device, precision: an Encoder already has them; build a new "
+                             "Encoder(model, device=..., precision=...) to change them")
+        return model
+    return Encoder(model, device=device, precision=precision)

@@ -1,0 +1,80 @@
+"""latentspace.encode with CUDA: models and tensors on the GPU run the torch backend there,
+results come back where the input lives, and the native (CPU) encoder takes CUDA tensors
+when asked to. Marked "cuda": skipped where torch sees no GPU (run with `pytest -m cuda`)."""
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace as ls
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")]
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return ls.Autoencoder(64, 4, hidden=(32,)).eval()
+
+
+@pytest.fixture
+def digits():
+    return ls.datasets.load_digits()[0][:500]
+
+
+def _close(actual, expected, rtol=1e-4):
+    expected = np.asarray(expected, dtype=np.float64)
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol,
+                               atol=rtol * np.abs(expected).max())
+
+
+def test_a_model_on_the_gpu_runs_torch_there(model, digits):
+    expected = model.encode(digits)
+    gpu = model.cuda()
+    encoder = ls.Encoder(gpu)
+    assert encoder.backend == "torch" and encoder.device.type == "cuda"
+    assert "native encoder runs on the CPU" in encoder.reason
+    z = encoder.encode(digits, batch_size=128)
+    assert isinstance(z, np.ndarray)
+    _close(z, expected)
+    zt = encoder.encode(torch.from_numpy(digits).cuda())
+    assert zt.device.type == "cuda" and zt.dtype == torch.float32
+    _close(zt.cpu().numpy(), expected)
+    chunks = iter([torch.from_numpy(digits[:100]).cuda(), torch.from_numpy(digits[100:]).cuda()])
+    zc = encoder.encode(chunks)
+    assert zc.device.type == "cuda"
+    _close(zc.cpu().numpy(), expected)
+
+
+def test_device_argument_moves_a_private_copy(model, digits):
+    encoder = ls.Encoder(model, device="cuda")
+    assert encoder.backend == "torch" and encoder.device.type == "cuda"
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model stays
+    _close(encoder.encode(digits), model.encode(digits))
+
+
+def test_cuda_tensors_through_the_cpu_encoder(model, digits):
+    encoder = ls.Encoder(model, device="cpu")
+    z = encoder.encode(torch.from_numpy(digits).cuda(), batch_size=64)
+    assert z.device.type == "cuda"  # the result goes back where the input was
+    _close(z.cpu().numpy(), model.encode(digits), rtol=1e-5)
+
+
+def test_bf16_autocast_and_nan_rows_on_the_gpu(model, digits):
+    gpu = model.cuda()
+    exact = ls.encode(gpu, digits)
+    low = ls.encode(gpu, digits, precision="bf16")
+    error = np.abs(low - exact).max() / np.abs(exact).max()
+    assert 0 < error < 3e-2
+    x = torch.from_numpy(digits).cuda()
+    x[321, 5] = float("nan")
+    with pytest.raises(ValueError, match="X: row 321 contains NaN or Inf"):
+        ls.encode(gpu, x, batch_size=100)
+
+
+def test_add_encoded_from_a_gpu_model(model, digits):
+    gpu = model.cuda()
+    index = ls.FlatIndex(4)
+    assert index.add_encoded(gpu, digits, batch_size=100) == 500
+    np.testing.assert_array_equal(index.vectors(), ls.encode(gpu, digits, batch_size=100))

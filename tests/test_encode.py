@@ -1,0 +1,755 @@
+"""latentspace.encode / Encoder: export to the native layer chain, backend choice, every
+input kind, out=, bad input, and (when the build has it) the native encoder against torch.
+
+Three kinds of checks:
+* export: the exported layer spec, evaluated by a float64 numpy reference, equals the
+  model's own encode in float64 (runs everywhere: it needs no native code);
+* plumbing: chunking, conversion, out=, NaN rows, through the torch backend and through
+  FakeMlpEncoder, a numpy stand-in for _native.MlpEncoder that enforces its contract;
+* native: the real _native.MlpEncoder against the torch forward (skipped until it exists).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import erf
+from torch import nn
+
+import latentspace
+from latentspace import _native
+from latentspace.encoding import NotExportable, export_layers
+
+HAS_NATIVE = hasattr(_native, "MlpEncoder")
+needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="this build has no _native.MlpEncoder yet")
+
+WIDTHS = (1, 3, 97, 130)  # odd sizes: SIMD tails, a single column, more than a 128 block
+# name -> module factory; "identity" is a chain of Linear layers with nothing between.
+ACTIVATIONS = {
+    "identity": lambda: nn.Identity(),
+    "relu": lambda: nn.ReLU(),
+    "leaky_relu": lambda: nn.LeakyReLU(0.07),
+    "gelu": lambda: nn.GELU(),
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "tanh": lambda: nn.Tanh(),
+    "sigmoid": lambda: nn.Sigmoid(),
+    "silu": lambda: nn.SiLU(),
+    "elu": lambda: nn.ELU(alpha=0.6),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(single_threaded):
+    """Tiny models: one thread each for torch and latentspace (see conftest.single_threaded)."""
+
+
+# ---------------------------------------------------------------------------------------
+# References
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32)).to(torch.bfloat16).double().numpy()
+
+
+def _apply(name: str, z: np.ndarray, param: float) -> np.ndarray:
+    if name == "identity":
+        return z
+    if name == "relu":
+        return np.maximum(z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z >= 0, z, param * z)
+    if name == "gelu":
+        return 0.5 * z * (1.0 + erf(z / np.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3)))
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    if name == "elu":
+        return np.where(z > 0, z, param * np.expm1(np.minimum(z, 0.0)))
+    raise AssertionError(f"unknown activation {name}")
+
+
+def _reference_forward(spec, x, precision: str = "fp32") -> np.ndarray:
+    """The exported layer chain in float64: z = layers(x - input_offset). precision "bf16"
+    rounds each layer's input and weights to bfloat16 first (the native bf16 contract)."""
+    h = np.asarray(x, dtype=np.float64)
+    if spec.input_offset is not None:
+        h = h - spec.input_offset.astype(np.float64)
+    for layer in spec.layers:
+        w = layer.weight.astype(np.float64)
+        if precision == "bf16":
+            h, w = _bf16(h), _bf16(w)
+        h = h @ w.T
+        if layer.bias is not None:
+            h = h + layer.bias.astype(np.float64)
+        h = _apply(layer.activation, h, layer.param)
+    return h
+
+
+class FakeMlpEncoder:
+    """_native.MlpEncoder's contract in numpy: the same arguments, checked as strictly as
+    the contract states, and float32 results from the float64 reference. Records every
+    encode call's buffers, so tests can see what was passed (and that nothing was copied)."""
+
+    NAMES = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu", "elu")
+    instances: list["FakeMlpEncoder"] = []
+
+    def __init__(self, weights, biases, activations, activation_params, input_offset, precision):
+        from latentspace.encoding import MlpLayer, MlpSpec
+
+        if not (len(weights) == len(biases) == len(activations) == len(activation_params) >= 1):
+            raise ValueError("weights, biases, activations, activation_params: one entry per layer")
+        for i, w in enumerate(weights):
+            self._check_array(w, f"weights[{i}]", 2)
+            if i and w.shape[1] != weights[i - 1].shape[0]:
+                raise ValueError(f"weights[{i}]: does not chain")
+            if biases[i] is not None:
+                self._check_array(biases[i], f"biases[{i}]", 1)
+                if biases[i].shape != (w.shape[0],):
+                    raise ValueError(f"biases[{i}]: wrong length")
+            if activations[i] not in self.NAMES:
+                raise ValueError(f"activations[{i}]: unknown {activations[i]!r}")
+            if not isinstance(activation_params[i], float):
+                raise TypeError(f"activation_params[{i}]: expected a float")
+        if input_offset is not None:
+            self._check_array(input_offset, "input_offset", 1)
+            if input_offset.shape != (weights[0].shape[1],):
+                raise ValueError("input_offset: wrong length")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError("precision: expected 'fp32' or 'bf16'")
+        layers = tuple(MlpLayer(w.copy(), None if b is None else b.copy(), a, p)
+                       for w, b, a, p in zip(weights, biases, activations, activation_params))
+        self.spec = MlpSpec(layers, None if input_offset is None else input_offset.copy())
+        self.input_dim, self.output_dim = self.spec.input_dim, self.spec.output_dim
+        self.num_layers, self.precision, self.kernel = len(layers), precision, "fake"
+        self.calls: list[tuple[int, int, int]] = []  # (x data pointer, out data pointer, rows)
+        FakeMlpEncoder.instances.append(self)
+
+    @staticmethod
+    def _check_array(a, name, ndim):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != ndim or not a.flags.c_contiguous:
+            raise ValueError(f"{name}: expected a C-contiguous {ndim}-d float32 array")
+
+    def encode(self, x, out):
+        self._check_array(x, "x", 2)
+        self._check_array(out, "out", 2)
+        if not out.flags.writeable or x.shape[1] != self.input_dim or out.shape != (x.shape[0], self.output_dim):
+            raise ValueError("x, out: wrong shapes or read-only out")
+        self.calls.append((x.ctypes.data, out.ctypes.data, x.shape[0]))
+        finite = np.isfinite(x).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"x: row {int(np.flatnonzero(~finite)[0])} contains NaN or Inf; clean the data")
+        out[...] = _reference_forward(self.spec, x, self.precision).astype(np.float32)
+
+
+@pytest.fixture(params=["fake-native", "torch"])
+def backend(request, monkeypatch):
+    """Runs a test through both paths of encoding.py: the native one (with FakeMlpEncoder
+    standing in for the extension) and the torch fallback (no MlpEncoder at all)."""
+    if request.param == "fake-native":
+        monkeypatch.setattr(_native, "MlpEncoder", FakeMlpEncoder, raising=False)
+        return "native"
+    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
+    return "torch"
+
+
+@pytest.fixture
+def fake_native(monkeypatch):
+    FakeMlpEncoder.instances.clear()
+    monkeypatch.setattr(_native, "MlpEncoder", FakeMlpEncoder, raising=False)
+    return FakeMlpEncoder
+
+
+def _sequential(activation: str, depth: int, shift: int = 0, *, last_activation: bool = True) -> nn.Sequential:
+    widths = [WIDTHS[(j + shift) % len(WIDTHS)] for j in range(depth + 1)]
+    modules: list[nn.Module] = []
+    for j in range(depth):
+        modules.append(nn.Linear(widths[j], widths[j + 1], bias=(j + shift) % 3 != 2))
+        if last_activation or j < depth - 1:
+            modules.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*modules)
+
+
+def _torch64(model: nn.Module, x: np.ndarray, method: str = "forward") -> np.ndarray:
+    double = copy.deepcopy(model).double()
+    with torch.no_grad():
+        z = getattr(double, method)(torch.from_numpy(np.asarray(x, dtype=np.float64)))
+    return z.numpy()
+
+
+def _rows(rng, n, d, scale=1.5):
+    return (rng.standard_normal((n, d)) * scale).astype(np.float32)
+
+
+def _close(actual, expected, rtol=1e-5):
+    expected = np.asarray(expected, dtype=np.float64)
+    atol = rtol * max(float(np.abs(expected).max(initial=0.0)), 1e-30)
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), expected, rtol=rtol, atol=atol)
+
+
+@pytest.fixture
+def autoencoder():
+    torch.manual_seed(0)
+    return latentspace.Autoencoder(10, 3, hidden=(7,), activation="gelu").eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Export: the spec, evaluated in float64, is the model's encode in float64
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_export_sequential_matches_float64_forward(activation, depth, rng):
+    torch.manual_seed(depth)
+    shift = list(ACTIVATIONS).index(activation)
+    model = _sequential(activation, depth, shift)
+    spec = export_layers(model)
+    assert len(spec.layers) == depth and spec.input_offset is None
+    assert all(layer.activation == activation for layer in spec.layers)
+    x = _rows(rng, 33, spec.input_dim, scale=3.0)
+    np.testing.assert_allclose(_reference_forward(spec, x), _torch64(model, x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "elu", "leaky_relu", "tanh"])
+def test_export_autoencoder_and_vae_mean_head(activation, rng):
+    torch.manual_seed(1)
+    x = _rows(rng, 20, 13)
+    ae = latentspace.Autoencoder(13, 5, hidden=(97, 3), activation=activation)
+    spec = export_layers(ae)
+    assert [layer.activation for layer in spec.layers] == [activation, activation, "identity"]
+    np.testing.assert_allclose(_reference_forward(spec, x), _torch64(ae, x, "encode"), rtol=1e-12, atol=1e-12)
+
+    vae = latentspace.VAE(13, 4, hidden=(9,), activation=activation)
+    spec = export_layers(vae)
+    assert spec.output_dim == 4 and spec.layers[-1].weight.shape == (4, 9)
+    mean = _torch64(vae, x, "encode")
+    np.testing.assert_allclose(_reference_forward(spec, x), mean, rtol=1e-12, atol=1e-12)
+    # the mean head, not logvar: the other half of the last layer differs
+    full = _torch64(vae.encoder, x)
+    assert not np.allclose(full[:, 4:], mean)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_export_pca(whiten, rng):
+    data = rng.standard_normal((300, 97)) @ rng.standard_normal((97, 97)) + 5.0
+    pca = latentspace.PCA(7, whiten=whiten).fit(data)
+    spec = export_layers(pca)
+    assert len(spec.layers) == 1 and spec.layers[0].bias is None and spec.layers[0].activation == "identity"
+    np.testing.assert_array_equal(spec.input_offset, pca.mean.numpy())
+    x = data[:50]
+    # the weights are rounded to float32 once (components / scale): float32-level agreement
+    _close(_reference_forward(spec, x), _torch64(pca, x, "encode"), rtol=1e-6)
+
+
+def test_export_activation_parameters_and_bias_free_layers():
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.LeakyReLU(0.31), nn.Linear(4, 2), nn.ELU(alpha=0.25),
+                          nn.Sequential(nn.Identity(), nn.Linear(2, 5)), nn.GELU(approximate="tanh"))
+    spec = export_layers(model)
+    assert [(layer.activation, layer.param) for layer in spec.layers] == [
+        ("leaky_relu", pytest.approx(0.31)), ("elu", 0.25), ("gelu_tanh", 0.0)]
+    assert spec.layers[0].bias is None and spec.layers[1].bias is not None
+    for layer in spec.layers:
+        assert layer.weight.dtype == np.float32 and layer.weight.flags.c_contiguous
+
+
+def test_export_is_a_snapshot():
+    model = nn.Sequential(nn.Linear(3, 2))
+    spec = export_layers(model)
+    before = spec.layers[0].weight.copy()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    np.testing.assert_array_equal(spec.layers[0].weight, before)
+
+
+class _ShiftedAutoencoder(latentspace.Autoencoder):
+    def _encode(self, x):
+        return super()._encode(x) + 1.0
+
+
+class _ScaledVAE(latentspace.VAE):
+    def encode(self, x, **kwargs):
+        return super().encode(x, **kwargs) * 2.0
+
+
+class _ReLUPlus(nn.ReLU):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def _hooked():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    model[0].register_forward_hook(lambda module, args, out: out * 3.0)
+    return model
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: latentspace.ConvAutoencoder((1, 8, 8), 3, channels=(2,)), "not a chain of Linear layers"),
+    (lambda: _ShiftedAutoencoder(4, 3, hidden=(5,)), "overrides _encode()"),
+    (lambda: _ScaledVAE(4, 3, hidden=(5,)), "overrides encode()"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Tanh()), "Tanh right after ReLU"),
+    (lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 3)), "ReLU right after the input"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5)), "holds a Dropout"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), _ReLUPlus()), "holds a _ReLUPlus"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.Softplus()), "holds a Softplus"),
+    (lambda: nn.Sequential(nn.Identity()), "no Linear layer"),
+    (_hooked, "forward hooks"),
+    (lambda: nn.Sequential(nn.Linear(4, 3)).double(), "is float64"),
+    (lambda: latentspace.Autoencoder(4, 3, hidden=(5,)).half(), "is float16"),
+    (lambda: nn.Linear(4, 3), "Linear is not a model the native encoder knows"),
+])
+def test_not_exportable_falls_back_to_torch_with_the_reason(make, reason, fake_native, rng):
+    torch.manual_seed(0)
+    model = make().eval()
+    with pytest.raises(NotExportable, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        export_layers(model)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and encoder.kernel == "torch" and reason in encoder.reason
+    assert not fake_native.instances
+    x = rng.random((9, 64 if isinstance(model, latentspace.ConvAutoencoder) else 4))
+    z = encoder.encode(x)
+    dtype = next(model.parameters(), torch.zeros(())).dtype
+    with torch.no_grad():
+        tensor = torch.from_numpy(x).to(dtype)
+        expected = model.encode(tensor) if isinstance(model, latentspace.models.LatentModel) else model(tensor)
+    assert z.dtype == np.float32
+    _close(z, expected.float().numpy(), rtol=1e-2 if dtype == torch.float16 else 1e-6)
+
+
+def test_export_refuses_an_unfitted_pca_and_nan_weights():
+    with pytest.raises(ValueError, match="PCA is not fitted"):
+        latentspace.Encoder(latentspace.PCA(2))
+    with pytest.raises(ValueError, match="PCA is not fitted"):
+        latentspace.encode(latentspace.PCA(2), np.zeros((3, 4)))
+    model = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="model: layer 0's weight contains NaN or Inf"):
+        latentspace.Encoder(model)
+
+
+# ---------------------------------------------------------------------------------------
+# Backend choice, reason, logging, snapshot
+
+
+def test_native_backend_when_available(fake_native, autoencoder, rng, caplog):
+    encoder = latentspace.Encoder(autoencoder)
+    assert (encoder.backend, encoder.kernel, encoder.reason) == ("native", "fake", None)
+    assert encoder.latent_dim == 3 and encoder.input_shape == (10,) and encoder.device == torch.device("cpu")
+    (native,) = fake_native.instances
+    assert native.precision == "fp32" and native.num_layers == 2
+    x = _rows(rng, 50, 10)
+    with caplog.at_level(logging.INFO, logger="latentspace"):
+        z = latentspace.encode(autoencoder, x)
+    assert "backend=native kernel=fake model=Autoencoder" in caplog.text
+    _close(z, _torch64(autoencoder, x, "encode"))
+
+
+def test_torch_backend_without_native_says_why(monkeypatch, autoencoder, rng, caplog):
+    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
+    encoder = latentspace.Encoder(autoencoder)
+    assert encoder.backend == "torch" and "no native encoder" in encoder.reason
+    assert "backend='torch'" in repr(encoder) and "no native encoder" in repr(encoder)
+    with caplog.at_level(logging.INFO, logger="latentspace"):
+        latentspace.encode(autoencoder, _rows(rng, 5, 10))
+    assert "backend=torch" in caplog.text and "reason=this build of latentspace has no native encoder" in caplog.text
+
+
+def test_bf16_is_passed_to_native(fake_native, autoencoder):
+    encoder = latentspace.Encoder(autoencoder, precision="bf16")
+    assert encoder.precision == "bf16" and fake_native.instances[-1].precision == "bf16"
+
+
+def test_bf16_on_the_torch_backend_uses_autocast(monkeypatch, rng):
+    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(97, 8, hidden=(130,))
+    x = _rows(rng, 64, 97)
+    exact = latentspace.encode(model, x)
+    low = latentspace.encode(model, x, precision="bf16")
+    assert low.dtype == np.float32
+    error = np.abs(low - exact).max() / np.abs(exact).max()
+    assert 0 < error < 3e-2  # bfloat16 has 8 significant bits: it must differ, a little
+
+
+@pytest.mark.parametrize("precision", ["fp16", "FP32", None, 32])
+def test_bad_precision(precision, autoencoder):
+    with pytest.raises(ValueError, match="precision: expected 'fp32' or 'bf16'"):
+        latentspace.Encoder(autoencoder, precision=precision)
+
+
+def test_bad_model_and_device(autoencoder):
+    with pytest.raises(TypeError, match="model: expected a latentspace model or a torch.nn.Module"):
+        latentspace.encode(lambda x: x, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N'"):
+        latentspace.Encoder(autoencoder, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            latentspace.Encoder(autoencoder, device="cuda")
+
+
+def test_an_encoder_can_be_reused_by_encode(fake_native, autoencoder, rng):
+    encoder = latentspace.Encoder(autoencoder)
+    x = _rows(rng, 8, 10)
+    np.testing.assert_array_equal(latentspace.encode(encoder, x), encoder.encode(x))
+    assert len(fake_native.instances) == 1  # not exported again
+    with pytest.raises(ValueError, match="an Encoder already has them"):
+        latentspace.encode(encoder, x, precision="bf16")
+
+
+def test_weights_are_snapshotted_and_the_model_left_alone(backend, rng):
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(10, 3, hidden=(7,)).train()
+    x = _rows(rng, 12, 10)
+    encoder = latentspace.Encoder(model)
+    before = encoder.encode(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)
+    np.testing.assert_array_equal(encoder.encode(x), before)
+    assert model.training  # the caller's model keeps its mode
+    _close(latentspace.Encoder(model).encode(x), _torch64(model, x, "encode"))  # a new one sees the change
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, np.int32, np.uint8])
+def test_numpy_dtypes(backend, autoencoder, dtype, rng):
+    x = (rng.standard_normal((37, 10)) * 4).astype(dtype)
+    z = latentspace.encode(autoencoder, x, batch_size=8)
+    assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (37, 3)
+    _close(z, _torch64(autoencoder, x.astype(np.float32), "encode"))
+
+
+def test_memmap_is_read_in_chunks(backend, autoencoder, rng, tmp_path):
+    x = _rows(rng, 1000, 10)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    z = latentspace.encode(autoencoder, mapped, batch_size=99)
+    _close(z, _torch64(autoencoder, x, "encode"))
+
+
+def test_c_contiguous_float32_goes_to_native_without_a_copy(fake_native, autoencoder, rng):
+    x = _rows(rng, 100, 10)
+    out = np.empty((100, 3), dtype=np.float32)
+    latentspace.encode(autoencoder, x, batch_size=40, out=out)
+    calls = fake_native.instances[-1].calls
+    assert [rows for _, _, rows in calls] == [40, 40, 20]
+    assert [x_ptr for x_ptr, _, _ in calls] == [x.ctypes.data + s * 40 for s in (0, 40, 80)]
+    assert [o_ptr for _, o_ptr, _ in calls] == [out.ctypes.data + s * 12 for s in (0, 40, 80)]
+    tensor = torch.from_numpy(_rows(rng, 30, 10))
+    latentspace.encode(autoencoder, tensor)
+    assert fake_native.instances[-1].calls[0][0] == tensor.data_ptr()
+
+
+def test_torch_tensors_in_torch_tensors_out(backend, autoencoder, rng):
+    x = _rows(rng, 21, 10)
+    tensor = torch.from_numpy(x).requires_grad_(True)
+    z = latentspace.encode(autoencoder, tensor, batch_size=5)
+    assert isinstance(z, torch.Tensor) and z.dtype == torch.float32 and z.device.type == "cpu"
+    assert not z.requires_grad
+    _close(z.numpy(), _torch64(autoencoder, x, "encode"))
+    z = latentspace.encode(autoencoder, torch.from_numpy(x).double())
+    _close(z.numpy(), _torch64(autoencoder, x, "encode"))
+
+
+def test_non_contiguous_inputs(backend, autoencoder, rng):
+    wide = _rows(rng, 30, 20)
+    for x in (wide[:, ::2], np.asfortranarray(wide[:, :10]), wide[::-1, 5:15]):
+        _close(latentspace.encode(autoencoder, x, batch_size=7), _torch64(autoencoder, x, "encode"))
+    t = torch.from_numpy(wide)[:, 1::2]
+    _close(latentspace.encode(autoencoder, t).numpy(), _torch64(autoencoder, t.numpy(), "encode"))
+
+
+def test_iterable_of_uneven_chunks(backend, autoencoder, rng):
+    sizes = (1, 0, 17, 64, 5, 130, 3)
+    chunks = [_rows(rng, n, 10) for n in sizes]
+    expected = _torch64(autoencoder, np.concatenate(chunks), "encode")
+    z = latentspace.encode(autoencoder, (c for c in chunks), batch_size=16)  # splits the big ones
+    assert isinstance(z, np.ndarray) and z.shape == (sum(sizes), 3)
+    _close(z, expected)
+    z = latentspace.encode(autoencoder, iter([torch.from_numpy(c) for c in chunks]))
+    assert isinstance(z, torch.Tensor)
+    _close(z.numpy(), expected)
+    # mixed chunk types and dtypes: converted one by one; the first decides the result's type
+    mixed = iter([chunks[2].astype(np.float64), torch.from_numpy(chunks[3]), chunks[4].tolist()])
+    z = latentspace.encode(autoencoder, mixed)
+    assert isinstance(z, np.ndarray)
+    _close(z, _torch64(autoencoder, np.concatenate(chunks[2:5]), "encode"))
+
+
+def test_a_list_is_one_array(backend, autoencoder, rng):
+    x = _rows(rng, 4, 10)
+    _close(latentspace.encode(autoencoder, x.tolist()), _torch64(autoencoder, x, "encode"))
+    with pytest.raises(ValueError, match=r"pass iter\(chunks\)"):
+        latentspace.encode(autoencoder, [_rows(rng, 3, 10), _rows(rng, 2, 10)])
+
+
+def test_empty_inputs(backend, autoencoder):
+    z = latentspace.encode(autoencoder, np.empty((0, 10), dtype=np.float64))
+    assert isinstance(z, np.ndarray) and z.shape == (0, 3) and z.dtype == np.float32
+    z = latentspace.encode(autoencoder, torch.empty((0, 10)))
+    assert isinstance(z, torch.Tensor) and z.shape == (0, 3)
+    z = latentspace.encode(autoencoder, iter([]))
+    assert isinstance(z, np.ndarray) and z.shape == (0, 3)
+    out = np.empty((0, 3), dtype=np.float32)
+    assert latentspace.encode(autoencoder, iter([np.empty((0, 10))]), out=out) is out
+
+
+def test_conv_autoencoder_takes_images_or_rows(rng):
+    torch.manual_seed(0)
+    model = latentspace.ConvAutoencoder((1, 8, 8), 3, channels=(4,)).eval()
+    images = rng.random((23, 1, 8, 8)).astype(np.float32)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and encoder.input_shape == (1, 8, 8)
+    expected = model.encode(images)
+    _close(encoder.encode(images, batch_size=5), expected)
+    _close(encoder.encode(images.reshape(23, 64), batch_size=5), expected)
+    with pytest.raises(ValueError, match=r"X: expected shape \(n, 1, 8, 8\) or \(n, 64\), got \(23, 65\)"):
+        encoder.encode(rng.random((23, 65)))
+
+
+def test_module_of_unknown_width_learns_it_from_the_first_chunk(rng):
+    class FirstTwoDoubled(nn.Module):
+        def forward(self, x):
+            return x[:, :2] * 2.0
+
+    encoder = latentspace.Encoder(FirstTwoDoubled())
+    assert encoder.backend == "torch" and encoder.latent_dim is None and encoder.input_shape is None
+    x = _rows(rng, 10, 5)
+    np.testing.assert_array_equal(encoder.encode(iter([x[:4], x[4:]])), x[:, :2] * 2)
+    assert encoder.latent_dim == 2
+    fresh = latentspace.Encoder(FirstTwoDoubled())
+    assert fresh.encode(np.empty((0, 5))).shape == (0, 2)  # asked once, on no rows
+    with pytest.raises(ValueError, match="output width is unknown"):
+        latentspace.Encoder(FirstTwoDoubled()).encode(iter([]))
+    with pytest.raises(ValueError, match=r"X\[1\]: expected shape \(n, 5\) like the first chunk"):
+        latentspace.Encoder(FirstTwoDoubled()).encode(iter([x, _rows(rng, 3, 6)]))
+
+
+def test_model_returning_the_wrong_shape(rng):
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.sum()
+
+    with pytest.raises(ValueError, match=r"model: Flat returned \(\) for 4 rows"):
+        latentspace.encode(Flat(), _rows(rng, 4, 3))
+
+
+# ---------------------------------------------------------------------------------------
+# out=
+
+
+def test_out_is_filled_and_returned(backend, autoencoder, rng, tmp_path):
+    x = _rows(rng, 50, 10)
+    expected = _torch64(autoencoder, x, "encode")
+    out = np.full((50, 3), np.nan, dtype=np.float32)
+    assert latentspace.encode(autoencoder, x, out=out, batch_size=16) is out
+    _close(out, expected)
+    out_t = torch.full((50, 3), float("nan"))
+    assert latentspace.encode(autoencoder, torch.from_numpy(x), out=out_t) is out_t
+    _close(out_t.numpy(), expected)
+    mapped = np.lib.format.open_memmap(tmp_path / "z.npy", mode="w+", dtype=np.float32, shape=(50, 3))
+    latentspace.encode(autoencoder, x, out=mapped, batch_size=7)
+    mapped.flush()
+    _close(np.load(tmp_path / "z.npy"), expected)
+    out = np.full((50, 3), np.nan, dtype=np.float32)
+    chunks = iter([x[:20], x[20:21], x[21:]])
+    assert latentspace.encode(autoencoder, chunks, out=out, batch_size=8) is out
+    _close(out, expected)
+
+
+@pytest.mark.parametrize("make_out, error, message", [
+    (lambda: np.empty((49, 3), np.float32), ValueError, r"out: expected shape \(50, 3\), got \(49, 3\)"),
+    (lambda: np.empty((50, 4), np.float32), ValueError, r"out: expected shape \(50, 3\), got \(50, 4\)"),
+    (lambda: np.empty(150, np.float32), ValueError, r"out: expected a C-contiguous 2-d array of shape \(50, 3\)"),
+    (lambda: np.empty((50, 3), np.float64), TypeError, "out: expected float32, got float64"),
+    (lambda: np.empty((3, 50), np.float32).T, ValueError, "non-contiguous"),
+    (lambda: torch.empty((50, 3), dtype=torch.float64), TypeError, "out: expected float32, got torch.float64"),
+    (lambda: torch.empty((50, 3), requires_grad=True), ValueError, "does not require grad"),
+    (lambda: torch.empty((3, 50)).T, ValueError, "non-contiguous"),
+    (lambda: [[0.0] * 3] * 50, TypeError, "out: expected a float32 numpy array or CPU torch tensor, got list"),
+])
+def test_bad_out(backend, autoencoder, rng, make_out, error, message):
+    with pytest.raises(error, match=message):
+        latentspace.encode(autoencoder, _rows(rng, 50, 10), out=make_out())
+
+
+def test_read_only_out(backend, autoencoder, rng):
+    out = np.empty((5, 3), dtype=np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: the array is read-only"):
+        latentspace.encode(autoencoder, _rows(rng, 5, 10), out=out)
+
+
+def test_out_with_chunks_that_overflow_or_underfill_it(backend, autoencoder, rng):
+    x = _rows(rng, 30, 10)
+    with pytest.raises(ValueError, match=r"out: has room for 25 rows, but X holds more \(at least 30\)"):
+        latentspace.encode(autoencoder, iter([x[:20], x[20:]]), out=np.empty((25, 3), np.float32))
+    with pytest.raises(ValueError, match=r"out: has 40 rows, but X held only 30; pass out\[:30\]"):
+        latentspace.encode(autoencoder, iter([x[:20], x[20:]]), out=np.empty((40, 3), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(n, 3\)"):
+        latentspace.encode(autoencoder, iter([x]), out=np.empty((30, 2), np.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize("bad_row", [0, 6, 7, 8, 20, 49])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_row_is_reported_within_X(backend, autoencoder, rng, bad_row, bad_value):
+    x = _rows(rng, 50, 10)
+    x[bad_row, 3] = bad_value
+    x[min(bad_row + 9, 49), 0] = np.nan  # a later bad row: the first is reported
+    with pytest.raises(ValueError, match=rf"X: row {bad_row} contains NaN or Inf"):
+        latentspace.encode(autoencoder, x, batch_size=7)
+
+
+def test_nonfinite_row_in_an_iterable_names_row_and_chunk(backend, autoencoder, rng):
+    chunks = [_rows(rng, n, 10) for n in (5, 12, 9)]
+    chunks[2][4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"X: row 21 \(row 4 of chunk X\[2\]\) contains NaN or Inf"):
+        latentspace.encode(autoencoder, iter(chunks), batch_size=3)
+
+
+def test_float64_beyond_float32_range_is_refused(backend, autoencoder, rng):
+    x = rng.standard_normal((10, 10))
+    x[6, 2] = 1e300
+    with pytest.raises(ValueError, match="X: row 6 contains NaN or Inf \\(or a value too large for float32\\)"):
+        latentspace.encode(autoencoder, x)
+
+
+@pytest.mark.parametrize("X, error, message", [
+    (None, TypeError, "X: expected a numpy array, a torch tensor or an iterable of 2-d chunks, got NoneType"),
+    ("x.npy", TypeError, "got str"),
+    (5, TypeError, "got int"),
+    ({"a": 1}, TypeError, "got dict"),
+    (np.zeros(10), ValueError, r"X: expected shape \(n, 10\), got \(10,\) \(for one sample use x.reshape\(1, -1\)\)"),
+    (np.zeros((4, 11)), ValueError, r"X: expected shape \(n, 10\), got \(4, 11\)"),
+    (np.zeros((4, 10), dtype=bool), TypeError, "X: expected a real numeric dtype"),
+    (np.zeros((4, 10), dtype=complex), TypeError, "X: expected a real numeric dtype"),
+    (torch.zeros((4, 10), dtype=torch.bool), TypeError, "X: expected a real numeric dtype"),
+    (lambda: iter([np.zeros((2, 10)), np.zeros((2, 9))]), ValueError,
+     r"X\[1\]: expected shape \(n, 10\), got \(2, 9\)"),
+    (lambda: iter([np.zeros((2, 10)), "rows"]), TypeError, r"X\[1\]: expected a numpy array or torch tensor, got str"),
+])
+def test_bad_X(backend, autoencoder, X, error, message):
+    with pytest.raises(error, match=message):
+        latentspace.encode(autoencoder, X() if callable(X) else X)  # iterators: fresh per run
+
+
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError),
+                                                (True, TypeError), ("8", TypeError)])
+def test_bad_batch_size(backend, autoencoder, batch_size, error):
+    with pytest.raises(error, match="batch_size: expected an integer >= 1"):
+        latentspace.encode(autoencoder, np.zeros((3, 10)), batch_size=batch_size)
+
+
+def test_numpy_integer_batch_size(backend, autoencoder, rng):
+    x = _rows(rng, 9, 10)
+    _close(latentspace.encode(autoencoder, x, batch_size=np.int64(2)), _torch64(autoencoder, x, "encode"))
+
+
+def test_public_api_is_lazy_and_encode_stays_a_function():
+    import subprocess
+    import sys
+
+    code = ("import sys, latentspace as ls; assert 'torch' not in sys.modules; "
+            "import latentspace.encoding; assert callable(ls.encode) and "
+            "ls.encode.__module__ == 'latentspace.encoding' and ls.Encoder.__name__ == 'Encoder'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# The native encoder itself (runs once the build has _native.MlpEncoder)
+
+
+def _torch_forward32(model, x, method="forward"):
+    with torch.no_grad():
+        return getattr(model, method)(torch.from_numpy(x)).numpy()
+
+
+@needs_native
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_native_matches_torch_forward(activation, depth, rng):
+    torch.manual_seed(10 + depth)
+    shift = list(ACTIVATIONS).index(activation) + 1
+    model = _sequential(activation, depth, shift).eval()
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native", encoder.reason
+    for rows in (1, 7, 1024):
+        x = _rows(rng, rows, encoder.input_shape[0], scale=2.0)
+        expected = torch.from_numpy(_torch_forward32(model, x))
+        torch.testing.assert_close(torch.from_numpy(encoder.encode(x)), expected, rtol=1e-5,
+                                   atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("make", [
+    lambda: latentspace.Autoencoder(97, 8, hidden=(130, 3), activation="elu"),
+    lambda: latentspace.VAE(97, 5, hidden=(64,), activation="leaky_relu"),
+])
+def test_native_models_match_their_encode(make, rng):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = rng.random((333, 97)).astype(np.float32)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native", encoder.reason
+    expected = torch.from_numpy(model.encode(x))
+    torch.testing.assert_close(torch.from_numpy(encoder.encode(x, batch_size=100)), expected, rtol=1e-5,
+                               atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("whiten", [False, True])
+def test_native_pca_matches_its_encode(whiten, rng):
+    data = (rng.standard_normal((500, 130)) @ rng.standard_normal((130, 130)) + 3.0).astype(np.float32)
+    pca = latentspace.PCA(9, whiten=whiten).fit(data)
+    encoder = latentspace.Encoder(pca)
+    assert encoder.backend == "native", encoder.reason
+    expected = torch.from_numpy(pca.encode(data))
+    torch.testing.assert_close(torch.from_numpy(encoder.encode(data)), expected, rtol=1e-5,
+                               atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_native
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_native_bf16_follows_the_bf16_reference(activation, rng):
+    torch.manual_seed(3)
+    model = _sequential(activation, 3, 2).eval()
+    encoder = latentspace.Encoder(model, precision="bf16")
+    assert encoder.backend == "native" and encoder.precision == "bf16"
+    x = _rows(rng, 257, encoder.input_shape[0])
+    z = encoder.encode(x).astype(np.float64)
+    spec = export_layers(model)
+    low, exact = _reference_forward(spec, x, "bf16"), _reference_forward(spec, x)
+    scale = np.abs(exact).max()
+    # within a few bf16 steps of the bf16 reference (rounding order may differ), and
+    # measurably closer to it than a float32 result would be where the two differ
+    assert np.abs(z - low).max() <= 2e-2 * scale
+    assert np.abs(z - exact).max() <= 4e-2 * scale
+
+
+@needs_native
+def test_native_reports_the_nonfinite_row_within_X(rng):
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(10, 3, hidden=(7,))
+    x = _rows(rng, 300, 10)
+    x[211, 4] = np.inf
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native"
+    with pytest.raises(ValueError, match="X: row 211 contains NaN or Inf"):
+        encoder.encode(x, batch_size=50)
+    assert isinstance(encoder.kernel, str) and encoder.kernel
