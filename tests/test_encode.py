@@ -24,8 +24,6 @@ import latentspace
 from latentspace import _native
 from latentspace.encoding import NotExportable, export_layers
 
-HAS_NATIVE = hasattr(_native, "MlpEncoder")
-needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="this build has no _native.MlpEncoder yet")
 
 WIDTHS = (1, 3, 97, 130)  # odd sizes: SIMD tails, a single column, more than a 128 block
 # name -> module factory; "identity" is a chain of Linear layers with nothing between.
@@ -153,11 +151,16 @@ class FakeMlpEncoder:
 @pytest.fixture(params=["fake-native", "torch"])
 def backend(request, monkeypatch):
     """Runs a test through both paths of encoding.py: the native one (with FakeMlpEncoder
-    standing in for the extension) and the torch fallback (no MlpEncoder at all)."""
+    standing in for the extension) and the torch fallback (the export refused, as it is for
+    a model the native encoder cannot run)."""
     if request.param == "fake-native":
         monkeypatch.setattr(_native, "MlpEncoder", FakeMlpEncoder, raising=False)
         return "native"
-    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
+
+    def refuse(model):
+        raise NotExportable("the test takes the torch path")
+
+    monkeypatch.setattr(latentspace.encoding, "export_layers", refuse)
     return "torch"
 
 
@@ -352,25 +355,15 @@ def test_native_backend_when_available(fake_native, autoencoder, rng, caplog):
     _close(z, _torch64(autoencoder, x, "encode"))
 
 
-def test_torch_backend_without_native_says_why(monkeypatch, autoencoder, rng, caplog):
-    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
-    encoder = latentspace.Encoder(autoencoder)
-    assert encoder.backend == "torch" and "no native encoder" in encoder.reason
-    assert "backend='torch'" in repr(encoder) and "no native encoder" in repr(encoder)
-    with caplog.at_level(logging.INFO, logger="latentspace"):
-        latentspace.encode(autoencoder, _rows(rng, 5, 10))
-    assert "backend=torch" in caplog.text and "reason=this build of latentspace has no native encoder" in caplog.text
-
-
 def test_bf16_is_passed_to_native(fake_native, autoencoder):
     encoder = latentspace.Encoder(autoencoder, precision="bf16")
     assert encoder.precision == "bf16" and fake_native.instances[-1].precision == "bf16"
 
 
 def test_bf16_on_the_torch_backend_uses_autocast(monkeypatch, rng):
-    monkeypatch.delattr(_native, "MlpEncoder", raising=False)
     torch.manual_seed(0)
-    model = latentspace.Autoencoder(97, 8, hidden=(130,))
+    model = nn.Sequential(nn.Linear(97, 130), nn.ReLU(), nn.Linear(130, 8), nn.Softplus())  # not exportable
+    assert latentspace.Encoder(model).backend == "torch"
     x = _rows(rng, 64, 97)
     exact = latentspace.encode(model, x)
     low = latentspace.encode(model, x, precision="bf16")
@@ -680,7 +673,6 @@ def _torch_forward32(model, x, method="forward"):
         return getattr(model, method)(torch.from_numpy(x)).numpy()
 
 
-@needs_native
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_native_matches_torch_forward(activation, depth, rng):
@@ -696,7 +688,6 @@ def test_native_matches_torch_forward(activation, depth, rng):
                                    atol=1e-5 * float(expected.abs().max()))
 
 
-@needs_native
 @pytest.mark.parametrize("make", [
     lambda: latentspace.Autoencoder(97, 8, hidden=(130, 3), activation="elu"),
     lambda: latentspace.VAE(97, 5, hidden=(64,), activation="leaky_relu"),
@@ -712,7 +703,6 @@ def test_native_models_match_their_encode(make, rng):
                                atol=1e-5 * float(expected.abs().max()))
 
 
-@needs_native
 @pytest.mark.parametrize("whiten", [False, True])
 def test_native_pca_matches_its_encode(whiten, rng):
     data = (rng.standard_normal((500, 130)) @ rng.standard_normal((130, 130)) + 3.0).astype(np.float32)
@@ -724,7 +714,6 @@ def test_native_pca_matches_its_encode(whiten, rng):
                                atol=1e-5 * float(expected.abs().max()))
 
 
-@needs_native
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 def test_native_bf16_follows_the_bf16_reference(activation, rng):
     torch.manual_seed(3)
@@ -742,7 +731,6 @@ def test_native_bf16_follows_the_bf16_reference(activation, rng):
     assert np.abs(z - exact).max() <= 4e-2 * scale
 
 
-@needs_native
 def test_native_reports_the_nonfinite_row_within_X(rng):
     torch.manual_seed(0)
     model = latentspace.Autoencoder(10, 3, hidden=(7,))

@@ -1,5 +1,5 @@
 // pybind11 glue for the batched MLP encoder: check buffers, drop the GIL, call ops/encode.h.
-// python/latentspace/encode.py exports a model's layers into this object and streams rows.
+// python/latentspace/encoding.py exports a model's layers into this object and streams rows.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -100,8 +100,6 @@ class Encoder:
             spec, self.reason = None, why.reason
         if spec is not None and self.device.type != "cpu":
             self.reason = f"the work runs on '{self.device}' and the native encoder runs on the CPU"
-        elif spec is not None and not hasattr(_native, "MlpEncoder"):
-            self.reason = "this build of latentspace has no native encoder (_native.MlpEncoder)"
         if self.reason is None:
             self._native = _native.MlpEncoder([layer.weight for layer in spec.layers],
                                               [layer.bias for layer in spec.layers],
