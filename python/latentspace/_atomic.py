@@ -37,40 +37,12 @@ def _temporary_name(path: Path) -> str:
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Opens a temporary file for binary writing; on a clean exit it replaces `path`.
-
-    Usage: `with atomic_write(path) as f: f.write(...)`. If the block raises (including
-    KeyboardInterrupt), the temporary file is removed, `path` is left as it was and the
-    exception propagates. Raises IsADirectoryError when `path` is a folder.
-    """
-    path = Path(os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
-    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
-    tmp_name = _temporary_name(path)
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_folder(path.parent)
-
-
-@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Like atomic_write, for writers that need a file name rather than a file object (such
-    as np.lib.format.open_memmap): yields a temporary path beside `path` for the block to
-    create and fill; on a clean exit that file is fsynced and renamed over `path`, on an
-    exception it is removed. (Close or flush memory maps of it inside the block.)
+    """Yields a temporary path beside `path` for the block to create and fill (for writers
+    that need a file name, such as np.lib.format.open_memmap); on a clean exit that file is
+    fsynced and renamed over `path`, on an exception (including KeyboardInterrupt) it is
+    removed, `path` is left as it was and the exception propagates. (Close or flush memory
+    maps of it inside the block.) Raises IsADirectoryError when `path` is a folder.
     """
     path = Path(os.fspath(path))
     if path.is_dir():
@@ -91,3 +63,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             pass
         raise
     fsync_folder(path.parent)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Opens a temporary file for binary writing; on a clean exit it replaces `path`.
+
+    Usage: `with atomic_write(path) as f: f.write(...)`. Same guarantees as atomic_path.
+    """
+    with atomic_path(path) as tmp_name:
+        # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            yield f
