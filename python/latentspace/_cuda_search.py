@@ -308,7 +308,14 @@ class CpuBackend:
         self.workspace_of = workspace_of or (lambda nq, nb, k: 256 + nq * k * 16 + nb * 4)
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
-        _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy())
+        try:
+            _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy())
+        except ValueError:
+            # The CPU kernel checks its inputs, the CUDA one trusts its caller and returns
+            # meaningless results for NaN / Inf: so does the stand-in, and the caller's own
+            # check must report the bad row.
+            distances.fill_(float("nan"))
+            indices.fill_(-1)
 
     def upload(self, array: np.ndarray):
         return host_to_tensor(np.ascontiguousarray(array, dtype=np.float32))
