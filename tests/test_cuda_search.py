@@ -675,3 +675,19 @@ def test_flat_index_on_cuda_refused_cleanly_here():
         latentspace.FlatIndex(8, device="cuda")
     with pytest.raises(ValueError, match="device: expected"):
         latentspace.FlatIndex(8, device="tpu")
+
+
+def test_cosine_is_clamped_and_reordered_like_the_cpu():
+    # knn.cu does not clamp cosine similarities: rounding can give 1.0000001. The Python side
+    # clamps to [-1, 1] and restores "equal similarities: lower index first", as the CPU does.
+    class UnclampedBackend(CpuBackend):
+        def search(self, queries, database, k, code, distances, indices, workspace):
+            distances.copy_(torch.tensor([[1.0000001, 1.0, 0.5, -1.0, -1.0000001]]))
+            indices.copy_(torch.tensor([[4, 2, 0, 3, 1]]))
+
+    D, I = search_resident(UnclampedBackend(), torch.zeros(1, 2), torch.zeros(5, 2), 5, "cosine", 1 << 20)
+    assert D.tolist() == [[1.0, 1.0, 0.5, -1.0, -1.0]]
+    assert I.tolist() == [[2, 4, 0, 1, 3]]
+    D, I = search_resident(UnclampedBackend(), torch.zeros(1, 2), torch.zeros(5, 2), 7, "cosine", 1 << 20)
+    assert D.tolist() == [[1.0, 1.0, 0.5, -1.0, -1.0, -np.inf, -np.inf]]
+    assert I.tolist() == [[2, 4, 0, 1, 3, -1, -1]]
