@@ -312,6 +312,7 @@ def test_small_cuda_tensors_are_used_in_place_on_the_current_stream(monkeypatch,
     queries, database = _randn(gen, 9, 16), _randn(gen, 500, 16)
     q0, x0 = queries.clone(), database.clone()
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
     with torch.cuda.stream(stream):
         D, I = latentspace.knn(queries, database, 5, "l2")
     stream.synchronize()

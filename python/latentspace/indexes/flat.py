@@ -186,8 +186,12 @@ class FlatIndex:
         a torch.device); always a copy, also to the same device (a memory-mapped index
         becomes one held in memory)."""
         index = FlatIndex(self._dim, self._metric, device=device)
-        if self._ntotal:
-            index.add(self._gpu_buffer[: self._ntotal] if self._device is not None else self.vectors())
+        if self._device is not None:
+            with self._lock:
+                stored = self._gpu_buffer[: self._ntotal]
+        else:
+            stored = self.vectors()
+        index.add(stored)
         return index
 
     def _init_cuda(self) -> None:
