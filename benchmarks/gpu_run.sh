@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool): build, run the CUDA tests and the GPU
-# benchmarks, and write everything to one log. Usage, from the repository root:
+# One call on a GPU machine (the device tool): build, run the CUDA tests, the small GPU kNN
+# tests again under compute-sanitizer (memcheck, racecheck), and the GPU benchmarks, and write
+# everything to one log (sanitizer logs beside it). Usage, from the repository root:
 #   bash benchmarks/gpu_run.sh            # log in $OUT (device tool) or ./gpu_run.log
 # The device image has no internet: build without isolation, with what it ships.
 set -uo pipefail
@@ -18,16 +19,54 @@ pip install --no-build-isolation --no-deps . 2>&1 | tail -3 || { echo "BUILD FAI
 echo "build seconds: $(( $(date +%s) - start ))"
 python -m latentspace info
 
-echo "== pytest -m cuda"
-python -m pytest -m cuda -q -rs tests 2>&1 | tail -20
-status=${PIPESTATUS[0]}
+# Stages, each under its own time limit so that one overrun cannot eat the session's device
+# time (budget: ~8 minutes in all with the build). GPU_RUN_STAGES picks some, e.g.
+#   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
+STAGES="${GPU_RUN_STAGES:-tests sanitizer bench}"
+status=0
 
-echo "== GPU benchmarks"
-gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
-if [ -n "$gpu_benchmarks" ]; then
-  python -m pytest $gpu_benchmarks -q --benchmark-json="${OUT:-.}/gpu_bench.json" 2>&1 | tail -40
-else
-  echo "no GPU benchmarks yet"
+if [[ " $STAGES " == *" tests "* ]]; then
+  echo "== pytest -m cuda"
+  start=$(date +%s)
+  timeout 180 python -m pytest -m cuda -q -rs tests 2>&1 | tail -30
+  status=${PIPESTATUS[0]}
+  echo "pytest seconds: $(( $(date +%s) - start )) (exit $status; 124: timed out)"
 fi
-echo "== done (pytest exit $status)"
+
+if [[ " $STAGES " == *" sanitizer "* ]]; then
+  # compute-sanitizer over the small GPU kNN tests (named "small"): memcheck (out-of-bounds
+  # and misaligned accesses, API errors) and racecheck (shared-memory hazards). torch's
+  # caching allocator is off so that memcheck sees every allocation's true bounds.
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -z "$SANITIZER" ]; then
+    echo "== compute-sanitizer: not found, skipped"
+  else
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k small)"
+      start=$(date +%s)
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 110 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
+        --print-limit 20 python -m pytest -q -p no:cacheprovider -m cuda -k small tests/gpu/test_knn_cuda.py \
+        > "${OUT:-.}/sanitizer_$tool.log" 2>&1
+      code=$?
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
+      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: timed out) in $(( $(date +%s) - start )) s;" \
+        "log: sanitizer_$tool.log"
+      if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
+    done
+  fi
+fi
+
+if [[ " $STAGES " == *" bench "* ]]; then
+  echo "== GPU benchmarks"
+  gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
+  if [ -n "$gpu_benchmarks" ]; then
+    start=$(date +%s)
+    timeout 220 python -m pytest $gpu_benchmarks -q --benchmark-json="${OUT:-.}/gpu_bench.json" 2>&1 | tail -60
+    code=${PIPESTATUS[0]}
+    echo "benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out)"
+  else
+    echo "no GPU benchmarks yet"
+  fi
+fi
+echo "== done (exit $status)"
 exit "$status"

@@ -1,6 +1,6 @@
 """Every input check and conversion, in one place.
 
-Arrays enter latentspace as numpy arrays or torch CPU tensors and leave as the same type.
+Arrays enter latentspace as numpy arrays or torch tensors and leave as the same type.
 A C-contiguous float32 input is handed to native code as is (torch tensors as a zero-copy
 numpy view of the same memory); anything else is converted once:
 
@@ -9,6 +9,10 @@ numpy view of the same memory); anything else is converted once:
 
 Booleans, complex numbers, strings and objects are refused with a TypeError. NaN and Inf
 are refused by the native code, which checks them in the same pass that computes norms.
+
+A search on the CPU of CUDA tensors (device="cpu") copies them to the host first. A search
+on a GPU (_cuda_search.py) takes its inputs as float32 tensors on the device
+(as_device_matrix, same checks and messages) and checks NaN / Inf there (unusable_row_flag).
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ __all__ = [
     "check_metric",
     "empty_results",
     "is_torch_tensor",
+    "as_device_matrix",
+    "as_host_matrix",
+    "check_rows_usable_flags",
+    "host_to_tensor",
+    "unusable_row_flag",
 ]
 
 # What the caller passed, so results can be returned as the same type.
@@ -55,14 +64,13 @@ def is_torch_tensor(x: Any) -> bool:
 def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
     import torch
 
-    if x.device.type != "cpu":
-        raise ValueError(
-            f"{name}: expected a CPU tensor, got one on '{x.device}'; "
-            f"the CUDA backend is not available yet, pass {name}.cpu()"
-        )
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
     if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
         raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
     x = x.detach()
+    if x.device.type == "cuda":
+        x = x.cpu()  # a search on the CPU (device="cpu") of CUDA tensors: copied to the host
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
     if not x.is_contiguous():
@@ -156,6 +164,104 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
     distances = np.empty((rows, k), dtype=np.float32)
     indices = np.empty((rows, k), dtype=np.int64)
     return distances, indices, distances, indices
+
+
+# ---------------------------------------------------------------------------------------
+# Search on a GPU: the same checks, with the data held as torch tensors on a device.
+
+# The largest squared norm a row may have (csrc/ops/norms.h kMaxSquaredNorm = FLT_MAX / 8):
+# below it, every distance the search computes stays finite.
+MAX_SQUARED_NORM = float(np.float32(3.4028234e38) / np.float32(8.0))
+_NORM_ROWS_PER_STEP = 1 << 22  # rows whose norms are computed at once (16 MiB of norms)
+
+
+def as_host_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
+    """x as a 2-d numpy array of a real dtype, checked like as_matrix but NOT converted: a
+    numpy array (or memory map) is returned as is, so that a caller streaming it in chunks
+    converts one chunk at a time; a torch tensor becomes float32 numpy (a CPU tensor's own
+    memory when it is float32 and contiguous)."""
+    if is_torch_tensor(x):
+        return as_matrix(x, name, dim=dim)[0]
+    array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
+    if array.ndim != 2:
+        raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
+    if array.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(array.shape)}")
+    return array
+
+
+def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None):
+    """Returns (tensor, kind): x as a C-contiguous float32 (rows, dim) torch tensor on
+    `device`, and whether it came as numpy or torch. Same checks and messages as as_matrix.
+
+    A float32 contiguous tensor already on `device` is used as is (no copy). Anything else
+    is copied once: to the device, and / or to float32 (float16, bfloat16, float64 and
+    integer tensors), and / or to contiguous memory (slices, transposes)."""
+    import torch
+
+    if not is_torch_tensor(x):
+        array, kind = as_matrix(x, name, dim=dim)
+        return host_to_tensor(array).to(device), kind
+    if x.dim() != 2:
+        raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
+    if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
+        raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(x.shape)}")
+    tensor = x.detach().to(device=device, dtype=torch.float32)  # no-op when already there
+    return tensor.contiguous(), "torch"
+
+
+def host_to_tensor(array: np.ndarray):
+    """A torch CPU tensor over a float32 numpy array's memory, for copying elsewhere (to a
+    device or a pinned buffer): never written through, so a read-only array (a memory map)
+    is wrapped without a copy and without torch's warning about non-writable arrays."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def unusable_row_flag(tensor: Any, first_row: int = 0):
+    """The index (first_row + r) of the first unusable row r of a float32 (n, dim) tensor,
+    or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
+    with .item() when it is needed). Unusable as in check_rows_usable: NaN, Inf, or a squared
+    norm above MAX_SQUARED_NORM."""
+    import torch
+
+    none = torch.iinfo(torch.int64).max
+    first = torch.full((), none, dtype=torch.int64, device=tensor.device)
+    for start in range(0, tensor.shape[0], _NORM_ROWS_PER_STEP):
+        rows = tensor[start : start + _NORM_ROWS_PER_STEP]
+        # NaN compares false, and an overflowing square is +inf: both count as unusable.
+        bad = ~(torch.linalg.vector_norm(rows, dim=1).square() <= MAX_SQUARED_NORM)
+        position = torch.arange(start, start + rows.shape[0], device=tensor.device)
+        first = torch.minimum(first, torch.where(bad, position, none).min())
+    return torch.where(first == none, -1, first + first_row)
+
+
+def check_rows_usable_flags(flags: list, names: list[str]) -> None:
+    """Reads unusable_row_flag results (one wait for the device) and raises ValueError, as
+    check_rows_usable does, for the first name whose flag found an unusable row."""
+    import torch
+
+    if not flags:
+        return
+    for row, name in zip(torch.stack(flags).tolist(), names):
+        if row >= 0:
+            raise ValueError(
+                f"{name}: row {row} contains NaN or Inf, or values so large that squared distances "
+                "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
+            )
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,8 +59,13 @@ def set_simd_level(level: str) -> None:
 
 
 def cuda_available() -> bool:
-    """True when this build has CUDA and a GPU is visible now."""
-    return bool(_native.cuda_compiled() and _native.cuda_devices())
+    """True when device="cuda" works here: this build has CUDA, a GPU is visible now, and the
+    installed torch has CUDA too (torch is imported only when the first two hold)."""
+    if not (_native.cuda_compiled() and _native.cuda_devices()):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def build_info() -> dict[str, Any]:

@@ -4,33 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _native
+from . import _cuda_search, _native
 from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_results
 
 
-def knn(queries: Any, database: Any, k: int, metric: str = "l2"):
+def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any = None,
+        workspace_bytes: int | None = None, gpu_memory_bytes: int | None = None):
     """Exact k nearest neighbours of each query among the database rows (faiss conventions).
 
     Args:
-        queries: (Q, D) numpy array or torch CPU tensor.
-        database: (N, D) numpy array or torch CPU tensor, N >= 1.
+        queries: (Q, D) numpy array or torch tensor (CPU or CUDA).
+        database: (N, D) numpy array or torch tensor (CPU or CUDA), N >= 1.
         k: neighbours per query, an integer >= 1 (may exceed N).
         metric: "l2" (squared Euclidean distance, ascending), "ip" (inner product,
             descending) or "cosine" (cosine similarity, descending; a zero vector has
             similarity 0 with everything, so the output never holds NaN; so does a vector
             whose squared norm underflows float32, |x| < ~1e-19).
+        device: where to search. None: on a CUDA GPU when queries or database is a CUDA
+            tensor (the queries' device first; the other input is copied there), else on the
+            CPU. "cpu": on the CPU (CUDA tensors are copied to the host; results come back as
+            CPU tensors). "cuda", "cuda:N" or a torch.device: on that GPU (docs/gpu.md); a
+            RuntimeError names why when CUDA is unusable here.
+        workspace_bytes: GPU only (checked, unused on the CPU): the most temporary device
+            memory one native call may take (default 1 GiB); the queries are searched in as
+            many calls as that needs. ValueError when one query alone needs more.
+        gpu_memory_bytes: GPU only (checked, unused on the CPU): device memory for streaming
+            a host (numpy or CPU tensor) database: its chunks, a block of queries and their
+            results (default: 2 GiB or half the free memory, the smaller).
 
     Returns:
         (distances, indices): (Q, k) float32 and (Q, k) int64, each row best first, ties to
         the lower index. When k > N the missing entries are index -1 with distance +inf
         (l2) or -inf (ip, cosine). numpy in, numpy out; torch in, torch out (following
-        `queries`).
+        `queries`): CPU tensors for CPU queries, tensors on the searching GPU for CUDA
+        queries.
 
     C-contiguous float32 inputs are used in place; other real dtypes and non-contiguous
     inputs are converted to a float32 copy first. Raises TypeError / ValueError naming the
     argument for wrong rank, dtype, dimension, k, NaN / Inf values or an empty database.
-    Runs on latentspace.get_num_threads() threads with the GIL released.
+    On the CPU: runs on latentspace.get_num_threads() threads with the GIL released. On a
+    GPU: CUDA tensors are used in place and the search is queued on torch's current stream;
+    host data streams through pinned buffers (docs/gpu.md).
     """
+    workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
+    gpu_memory_bytes = _cuda_search.check_budget(gpu_memory_bytes, "gpu_memory_bytes")
+    target = _cuda_search.resolve_device(device, (queries, "queries"), (database, "database"))
+    if target is not None:
+        return _cuda_search.knn_on_device(queries, database, k, metric, target, workspace_bytes=workspace_bytes,
+                                          gpu_memory_bytes=gpu_memory_bytes)
     q, kind = as_matrix(queries, "queries")
     x, _ = as_matrix(database, "database", dim=q.shape[1])
     k = check_k(k)

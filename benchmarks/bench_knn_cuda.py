@@ -1,0 +1,251 @@
+"""Exact kNN on a CUDA GPU: latentspace against torch on the same device, plus the device's roofs.
+
+Run on a GPU machine (benchmarks/gpu_run.sh collects bench_*cuda*.py), from the repository root:
+  python -m pytest benchmarks/bench_knn_cuda.py -q --benchmark-json=knn_cuda.json
+Skipped where latentspace.cuda_available() is False. About 2 minutes on one H100 (budget: 3).
+
+Cells (l2, float32 everywhere; torch's TF32 matmul left off, its default, so that both
+sides compute float32 products):
+  big        Q = 10,000, N = 1,000,000, D = 128, k in {10, 100, 1024}
+  faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045)
+  q1         Q = 1 over the big database, k = 10: latency, against the time to read the
+             database once (torch.sum over it, the "read" roof)
+  streamed   Q = 10,000, k = 100, the big database in host memory (numpy), device="cuda":
+             the pinned double-buffered upload and search, against one plain upload
+             (torch.Tensor.to from pinned memory: the "h2d" roof)
+
+Peers:
+  latentspace.knn          latentspace.knn(queries, database, k) on CUDA tensors
+  latentspace.FlatIndex    FlatIndex(D, device="cuda").search (q1 only: rows checked at add)
+  torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
+                           block, a final topk over the blocks' winners (|q|^2 added last)
+  torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
+
+Every peer's answer is checked before it is timed against a float64 reference computed on the
+GPU for a sample of queries (distances within tolerance, and the true distance of every
+returned index within tolerance of the reference at its rank: near-ties may go either way).
+Each timed call ends with torch.cuda.synchronize(). Roofs (FP32 GEMM rate, read bandwidth,
+host-to-device bandwidth) are measured in the same session.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+import latentspace
+import torch
+
+if not latentspace.cuda_available():
+    pytest.skip("no usable CUDA GPU (latentspace.cuda_available())", allow_module_level=True)
+
+DEVICE = torch.device("cuda", torch.cuda.current_device())
+SEED = 20240611
+N, D, NQ = 1_000_000, 128, 10_000
+KS = (10, 100, 1024)
+TORCH_BLOCK_ROWS = 65_536  # scores of one block: 10,000 x 65,536 float32 = 2.6 GB
+TRUTH_ROWS = 32  # queries checked against the float64 reference
+BUDGET_S = 1.0  # seconds of timed calls per benchmark, at least MIN_ROUNDS
+MIN_ROUNDS, MAX_ROUNDS = 3, 50
+
+
+def rounds_for(seconds: float) -> int:
+    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(BUDGET_S / max(seconds, 1e-6)))))
+
+
+def synced(fn, *args, **kwargs):
+    def call():
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return result
+
+    return call
+
+
+def timed(call):
+    start = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - start
+
+
+# ============================================================================================
+# Data (generated on the GPU): the Gaussian mixture of benchmarks/conftest.py, in torch
+# ============================================================================================
+def mixture(generator, n: int, dim: int, centres, scales, weights):
+    labels = torch.multinomial(weights, n, replacement=True, generator=generator)
+    x = torch.randn(n, dim, generator=generator, device=DEVICE)
+    return x.mul_(scales[labels, None]).add_(centres[labels])
+
+
+@pytest.fixture(scope="session")
+def big():
+    g = torch.Generator(device=DEVICE).manual_seed(SEED)
+    centres = torch.randn(100, D, generator=g, device=DEVICE)
+    scales = torch.rand(100, generator=g, device=DEVICE) * 0.3 + 0.2
+    weights = torch.rand(100, generator=g, device=DEVICE) + 0.1
+    return {"database": mixture(g, N, D, centres, scales, weights), "queries": mixture(g, NQ, D, centres, scales, weights)}
+
+
+@pytest.fixture(scope="session")
+def faiss3045():
+    g = torch.Generator(device=DEVICE).manual_seed(SEED + 1)
+    return {"database": torch.randn(8192, 2048, generator=g, device=DEVICE),
+            "queries": torch.randn(5000, 2048, generator=g, device=DEVICE)}
+
+
+# ============================================================================================
+# torch peers
+# ============================================================================================
+def torch_mm_topk(queries, database, k, *, norms=None, block_rows=TORCH_BLOCK_ROWS):
+    """Blocked |x|^2 - 2 q.x by addmm, topk per block, topk of the winners, + |q|^2."""
+    if norms is None:
+        norms = database.square().sum(1)
+    winners_d, winners_i = [], []
+    for start in range(0, database.shape[0], block_rows):
+        block = database[start : start + block_rows]
+        scores = torch.addmm(norms[start : start + block_rows], queries, block.T, alpha=-2)
+        d, i = torch.topk(scores, min(k, block.shape[0]), dim=1, largest=False, sorted=False)
+        winners_d.append(d)
+        winners_i.append(i + start)
+    d, position = torch.topk(torch.cat(winners_d, 1), k, dim=1, largest=False, sorted=True)
+    i = torch.cat(winners_i, 1).gather(1, position)
+    return (d + queries.square().sum(1, keepdim=True)).clamp_(min=0), i
+
+
+def torch_cdist_topk(queries, database, k, *, block_rows=TORCH_BLOCK_ROWS):
+    winners_d, winners_i = [], []
+    for start in range(0, database.shape[0], block_rows):
+        block = database[start : start + block_rows]
+        d, i = torch.topk(torch.cdist(queries, block), min(k, block.shape[0]), dim=1, largest=False, sorted=False)
+        winners_d.append(d)
+        winners_i.append(i + start)
+    d, position = torch.topk(torch.cat(winners_d, 1), k, dim=1, largest=False, sorted=True)
+    return d.square(), torch.cat(winners_i, 1).gather(1, position)
+
+
+# ============================================================================================
+# The referee
+# ============================================================================================
+def check_answer(answer, queries, database, k) -> dict:
+    """Raises AssertionError unless the answer's distances and indices match a float64 l2
+    reference on TRUTH_ROWS queries (near-ties may differ in index, not in distance)."""
+    distances, indices = (torch.as_tensor(a).to(DEVICE) for a in answer)
+    assert distances.shape == (queries.shape[0], k) and indices.shape == distances.shape
+    rows = torch.linspace(0, queries.shape[0] - 1, min(TRUTH_ROWS, queries.shape[0]), device=DEVICE).round().long()
+    rows = torch.unique(rows)
+    q, x = queries[rows].double(), database.double()
+    scores = ((q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)).clamp_(min=0.0)
+    reference = torch.topk(scores, k, dim=1, largest=False, sorted=True).values
+    # float32 |q|^2 + |x|^2 - 2 q.x is off by up to ~D * eps of the norms' scale (as in
+    # bench_knn.py and tests/conftest.py's knn_tolerance); real errors are far smaller.
+    tolerance = 1e-5 * float((q * q).sum(1).max() + (x * x).sum(1).max())
+    error_d = float((distances[rows].double() - reference).abs().max())
+    error_i = float((scores.gather(1, indices[rows]) - reference).abs().max())
+    assert error_d <= tolerance, f"distances off the float64 reference by {error_d:.3g} (tolerance {tolerance:.3g})"
+    assert error_i <= tolerance, f"a returned neighbour is off its rank's distance by {error_i:.3g}"
+    return {"checked_rows": int(rows.numel()), "max_distance_error": error_d, "max_neighbour_error": error_i,
+            "tolerance": tolerance}
+
+
+def run_cell(benchmark, group: str, peer: str, call, check, **info):
+    """Checks the peer's answer (untimed warm-up), then times it."""
+    answer, seconds = timed(call)
+    benchmark.extra_info.update(check(answer))
+    benchmark.group = group
+    benchmark.extra_info.update(peer=peer, device=torch.cuda.get_device_name(DEVICE),
+                                tf32_matmul=torch.backends.cuda.matmul.allow_tf32, **info)
+    del answer
+    benchmark.pedantic(call, rounds=rounds_for(seconds), iterations=1, warmup_rounds=0)
+    benchmark.extra_info["verified"] = True
+
+
+# ============================================================================================
+# Roofs
+# ============================================================================================
+def test_roof_sgemm(benchmark):
+    a = torch.randn(8192, 8192, device=DEVICE)
+    b = torch.randn(8192, 8192, device=DEVICE)
+    call = synced(torch.mm, a, b)
+    call()
+    benchmark.group = "roof"
+    benchmark.extra_info.update(kind="roof", roof="sgemm fp32", flops=2 * 8192**3)
+    benchmark.pedantic(call, rounds=10, iterations=1)
+
+
+def test_roof_read(benchmark, big):
+    call = synced(big["database"].sum)
+    call()
+    benchmark.group = "roof"
+    benchmark.extra_info.update(kind="roof", roof="read", bytes=big["database"].numel() * 4)
+    benchmark.pedantic(call, rounds=20, iterations=1)
+
+
+def test_roof_h2d(benchmark):
+    host = torch.empty(N, D, pin_memory=True)
+    host.normal_()
+    call = synced(host.to, DEVICE, non_blocking=True)
+    call()
+    benchmark.group = "roof"
+    benchmark.extra_info.update(kind="roof", roof="h2d pinned", bytes=host.numel() * 4)
+    benchmark.pedantic(call, rounds=5, iterations=1)
+
+
+# ============================================================================================
+# Cells
+# ============================================================================================
+BIG_PEERS = ("latentspace.knn", "torch.mm+topk", "torch.cdist+topk")
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("peer", BIG_PEERS)
+def test_big(benchmark, big, peer, k):
+    q, x = big["queries"], big["database"]
+    if peer == "latentspace.knn":
+        call = synced(latentspace.knn, q, x, k)
+    elif peer == "torch.mm+topk":
+        norms = x.square().sum(1)  # index state, outside the timed region
+        call = synced(lambda: torch_mm_topk(q, x, k, norms=norms))
+    else:
+        call = synced(torch_cdist_topk, q, x, k)
+    run_cell(benchmark, f"big Q={NQ} N={N} D={D} k={k}", peer, call, lambda a: check_answer(a, q, x, k),
+             nq=NQ, n=N, d=D, k=k, flops=2 * NQ * N * D)
+
+
+@pytest.mark.parametrize("peer", BIG_PEERS)
+def test_faiss3045(benchmark, faiss3045, peer):
+    q, x, k = faiss3045["queries"], faiss3045["database"], 32
+    if peer == "latentspace.knn":
+        call = synced(latentspace.knn, q, x, k)
+    elif peer == "torch.mm+topk":
+        call = synced(torch_mm_topk, q, x, k)
+    else:
+        call = synced(torch_cdist_topk, q, x, k)
+    run_cell(benchmark, "faiss3045 Q=5000 N=8192 D=2048 k=32", peer, call, lambda a: check_answer(a, q, x, k),
+             nq=5000, n=8192, d=2048, k=k, flops=2 * 5000 * 8192 * 2048)
+
+
+@pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.FlatIndex", "torch.mm+topk"))
+def test_q1(benchmark, big, peer):
+    q, x, k = big["queries"][:1], big["database"], 10
+    if peer == "latentspace.knn":
+        call = synced(latentspace.knn, q, x, k)
+    elif peer == "latentspace.FlatIndex":
+        index = latentspace.FlatIndex(D, device=DEVICE)
+        index.add(x)
+        call = synced(index.search, q, k)
+    else:
+        norms = x.square().sum(1)
+        call = synced(lambda: torch_mm_topk(q, x, k, norms=norms, block_rows=N))
+    run_cell(benchmark, f"q1 N={N} D={D} k=10", peer, call, lambda a: check_answer(a, q, x, k),
+             nq=1, n=N, d=D, k=k, bytes=N * D * 4)
+
+
+def test_streamed_from_host(benchmark, big):
+    q = big["queries"].cpu().numpy()
+    x = big["database"].cpu().numpy()
+    k = 100
+    call = lambda: latentspace.knn(q, x, k, device=DEVICE)  # noqa: E731 (results come back to the host)
+    run_cell(benchmark, f"streamed Q={NQ} N={N} D={D} k={k}", "latentspace.knn(numpy, device='cuda')", call,
+             lambda a: check_answer(a, big["queries"], big["database"], k), nq=NQ, n=N, d=D, k=k, bytes=N * D * 4)

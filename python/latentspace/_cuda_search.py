@@ -1,0 +1,612 @@
+"""Exact kNN on a CUDA GPU: the device argument, chunking, host streaming, the top-k merge.
+
+The native kernel (csrc/cuda/knn.cu, `_native.knn_cuda`) searches C-contiguous float32
+queries (Q, D) against a float32 database (N, D), both on the current CUDA device, into
+preallocated (Q, k) float32 / int64 outputs, queued on a stream, with a workspace its caller
+allocates. It trusts its caller for: finite inputs, N < 2^31 and Q * k < 2^31 per call. This
+module is that caller:
+
+* resolve_device: None / "cpu" / "cuda" / "cuda:N" / torch.device -> None (the CPU) or a
+  torch.device; a RuntimeError naming every reason when CUDA is asked for and unusable.
+* plan_query_chunks, plan_database_chunks, plan_host_stream: pure functions that split a
+  search into native calls (each call's workspace at most `workspace_bytes`, Q * k < 2^31)
+  and a host database into chunks that fit a GPU memory budget.
+* merge_topk: the running top-k merged with one database chunk's top-k (a stable sort, so
+  ties keep the lower index). Pure torch: works on CPU tensors as on CUDA ones.
+* search_resident: database already on the device (queries chunked, the database split
+  only past what one call takes).
+* search_streamed: database in host memory, copied chunk by chunk through two pinned
+  buffers on a side stream while the previous chunk is searched, results merged.
+
+The searches run on a "backend": CudaBackend (the native CUDA kernel on torch's current
+stream) or CpuBackend, a stand-in running the same orchestration on CPU tensors with the
+CPU kernel, so that chunking, streaming and merging are tested on machines without a GPU.
+
+Memory (all from torch's caching allocator, nothing hidden):
+* workspace: one `torch.empty(bytes, uint8)` per native call, at most `workspace_bytes`
+  (default DEFAULT_WORKSPACE_BYTES); queries are searched in as many calls as that takes.
+* host streaming: about `gpu_memory_bytes` (default: DEFAULT_GPU_MEMORY_BYTES or half the
+  free device memory, whichever is smaller) for two database chunks, a block of queries and
+  its results, plus the workspace; two pinned host buffers of one chunk each.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _native, runtime
+from ._arrays import (
+    METRICS,
+    as_device_matrix,
+    as_host_matrix,
+    as_matrix,
+    check_int,
+    check_k,
+    check_metric,
+    check_rows_usable,
+    check_rows_usable_flags,
+    host_to_tensor,
+    is_torch_tensor,
+    unusable_row_flag,
+)
+
+__all__ = [
+    "DEFAULT_GPU_MEMORY_BYTES",
+    "DEFAULT_WORKSPACE_BYTES",
+    "CpuBackend",
+    "CudaBackend",
+    "check_budget",
+    "cuda_unavailable_reasons",
+    "knn_on_device",
+    "merge_topk",
+    "plan_database_chunks",
+    "plan_host_stream",
+    "plan_query_chunks",
+    "require_cuda",
+    "resolve_device",
+    "search_resident",
+    "search_streamed",
+]
+
+DEFAULT_WORKSPACE_BYTES = 1 << 30  # per native call; a search takes as many calls as needed
+DEFAULT_GPU_MEMORY_BYTES = 2 << 30  # host streaming: chunks + queries + results (see above)
+HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinned, x2 device)
+MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
+# Database rows per native call. knn.cu takes < 2^31, but sizes its candidate lists as
+# k + max(k, 256) in an int; with k capped at the rows of the call (k > N is padded here),
+# rows < 2^30 keep that below 2^31.
+MAX_ROWS_PER_CALL = (1 << 30) - 1
+# Device bytes per query and neighbour while a host database streams: the running top-k,
+# one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
+RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
+_PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf")}
+_DEVICE_PATTERN = re.compile(r"cuda(?::(\d+))?")
+
+
+# ---------------------------------------------------------------------------------------
+# The device argument
+
+
+def cuda_unavailable_reasons() -> list[str]:
+    """Why device="cuda" cannot be used here: empty when it can."""
+    reasons = []
+    info = runtime.build_info()
+    if not info["cuda_compiled"]:
+        reasons.append("latentspace was built without CUDA (reinstall it where nvcc is found, "
+                       "or with -C cmake.define.LATENTSPACE_CUDA=ON)")
+    elif not info["gpu_visible"]:
+        reasons.append(f"latentspace finds no usable CUDA GPU ({info['cuda_unavailable_reason'] or 'none visible'})")
+    import torch
+
+    if torch.version.cuda is None:
+        reasons.append(f"the installed torch {torch.__version__} has no CUDA support (install a CUDA "
+                       "build of torch, see https://pytorch.org/get-started/locally/)")
+    elif not torch.cuda.is_available():
+        reasons.append("torch sees no CUDA GPU")
+    return reasons
+
+
+def require_cuda(what: str, fix: str) -> None:
+    """Raises RuntimeError '<what>, but CUDA is unavailable here: <reasons>. <fix>'."""
+    reasons = cuda_unavailable_reasons()
+    if reasons:
+        raise RuntimeError(f"{what}, but CUDA is unavailable here: {'; '.join(reasons)}. {fix}")
+
+
+def resolve_device(device: Any, *inputs: tuple[Any, str]):
+    """The device a search runs on: None for the CPU, else a torch.device('cuda', index).
+
+    device: None, "cpu", "cuda" (torch's current device), "cuda:N" or a torch.device. None
+    picks CUDA when one of `inputs` ((value, name) pairs) is a CUDA tensor (the first such
+    input's device), else the CPU; torch is not imported for numpy inputs.
+
+    Raises TypeError / ValueError for a malformed device, RuntimeError (naming every reason)
+    when CUDA is asked for, or a CUDA tensor given, and CUDA is unusable.
+    """
+    if device is None:
+        for value, name in inputs:
+            if is_torch_tensor(value) and value.device.type == "cuda":
+                require_cuda(f"{name} is a CUDA tensor",
+                             "Pass device='cpu' to copy the inputs to the CPU and search there.")
+                return _cuda_device(value.device.index, repr(str(value.device)))
+        return None
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(device, torch.device):
+        text = str(device)
+    elif isinstance(device, str):
+        text = device
+    else:
+        raise TypeError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, "
+                        f"got {type(device).__name__} {device!r}")
+    if text == "cpu":
+        return None
+    match = _DEVICE_PATTERN.fullmatch(text)
+    if match is None:
+        raise ValueError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}")
+    require_cuda(f"device={text!r} asked for", "Use device='cpu' (or None with CPU data) to search on the CPU.")
+    return _cuda_device(None if match.group(1) is None else int(match.group(1)), repr(text))
+
+
+def _cuda_device(index: int | None, asked: str):
+    import torch
+
+    count = torch.cuda.device_count()
+    if index is None:
+        index = torch.cuda.current_device()
+    if index >= count:
+        raise ValueError(f"device: {asked} asked for, but {count} CUDA GPU{'s are' if count != 1 else ' is'} "
+                         f"visible (cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
+def check_budget(value: Any, name: str) -> int | None:
+    """None (the default) or a byte count >= 1 (workspace_bytes, gpu_memory_bytes)."""
+    return None if value is None else check_int(value, name)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning (pure functions)
+
+
+def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], int],
+                      workspace_bytes: int) -> list[tuple[int, int, int]]:
+    """Splits queries [0, num_queries) into consecutive native calls.
+
+    Each call's chunk of c queries satisfies c * k <= MAX_ITEMS_PER_CALL and needs at most
+    `workspace_bytes` of workspace, workspace_of(c). The workspace does not grow
+    monotonically with c (knn.cu splits the database more finely for fewer queries), so
+    every chunk, the last included, is sized by itself. Returns [(start, stop, workspace
+    bytes)]. Raises ValueError naming workspace_bytes when one query alone needs more.
+    """
+    chunks: list[tuple[int, int, int]] = []
+    size = max(1, min(num_queries, MAX_ITEMS_PER_CALL // k))
+    start = 0
+    while start < num_queries:
+        count = min(size, num_queries - start)
+        need = workspace_of(count)
+        while need > workspace_bytes and count > 1:
+            count = max(1, min(count // 2, count * workspace_bytes // need))
+            need = workspace_of(count)
+        if need > workspace_bytes:
+            raise ValueError(
+                f"workspace_bytes: one query with k={k} needs {need} bytes of GPU workspace against this "
+                f"database, more than the bound of {workspace_bytes}; pass workspace_bytes={need} or more, "
+                "or use a smaller k"
+            )
+        chunks.append((start, start + count, need))
+        start += count
+        size = count
+    return chunks
+
+
+def rows_per_call(workspace_bytes: int) -> int:
+    """Database rows one native call takes: below 2^30 (see MAX_ROWS_PER_CALL), and few
+    enough that their norms (4 bytes a row, in the workspace) take at most half of it."""
+    return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
+
+
+def plan_database_chunks(num_database: int, rows: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `rows` rows covering [0, num_database)."""
+    return [(start, min(start + rows, num_database)) for start in range(0, num_database, rows)]
+
+
+def plan_host_stream(num_queries: int, num_database: int, dim: int, k: int, memory_bytes: int,
+                     workspace_bytes: int) -> tuple[int, int]:
+    """(query rows per block, database rows per chunk) for streaming a host database.
+
+    Device memory, about memory_bytes in all (the workspace comes on top): a block of queries
+    with their results and merge temporaries takes at most half (all the queries when they fit),
+    two database chunks the rest. A chunk is also at most HOST_CHUNK_BYTES (it is pinned
+    twice on the host) and rows_per_call(workspace_bytes) rows. Never below one row of each:
+    a budget smaller than one query and one database row is exceeded, not refused.
+    """
+    k = min(k, num_database)
+    per_query = dim * 4 + RESULT_BYTES_PER_NEIGHBOUR * k
+    query_rows = max(1, min(num_queries, (memory_bytes // 2) // per_query))
+    left = max(0, memory_bytes - query_rows * per_query)
+    database_rows = min(num_database, left // (2 * dim * 4), HOST_CHUNK_BYTES // (dim * 4),
+                        rows_per_call(workspace_bytes))
+    return query_rows, max(1, database_rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Merging
+
+
+def merge_topk(running, chunk, k: int, metric: str, offset: int = 0):
+    """Merges a database chunk's top-k into the running top-k of the chunks before it.
+
+    running: None (no chunk yet) or (distances, indices), each (Q, r), as merge_topk returns.
+    chunk: (distances, indices), (Q, c), best first, ties to the lower index, indices local
+    to the chunk (-1 for padding; they get `offset`, the chunk's first row, added). Chunks
+    must come in increasing order of offset. Returns the k best (or fewer: r + c) of both,
+    best first (l2 ascending, ip / cosine descending); a stable sort keeps equal distances
+    in the order running-then-chunk, that is, lower index first. Padding (+inf for l2,
+    -inf for ip / cosine, index -1) sorts last. Works on CPU and CUDA tensors alike.
+    """
+    import torch
+
+    distances, indices = chunk
+    if offset:
+        indices = torch.where(indices >= 0, indices + offset, indices)
+    if running is None:
+        return distances[:, :k], indices[:, :k]
+    distances = torch.cat([running[0], distances], dim=1)
+    indices = torch.cat([running[1], indices], dim=1)
+    order = torch.sort(distances, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
+    return distances.gather(1, order), indices.gather(1, order)
+
+
+def _pad(distances, indices, kept: int, metric: str) -> None:
+    if kept < distances.shape[1]:
+        distances[:, kept:] = _PAD[metric]
+        indices[:, kept:] = -1
+
+
+# ---------------------------------------------------------------------------------------
+# Backends: where a block of queries meets a block of the database
+
+
+class CudaBackend:
+    """The native CUDA kernel on `device`, queued on torch's current stream for it. Use
+    under `torch.cuda.device(device)`: the kernel runs on the current device."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.current_stream(device)
+
+    def workspace_of(self, num_queries: int, num_database: int, k: int) -> int:
+        return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index)
+
+    def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
+        _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
+                         database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
+                         workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream)
+
+    def upload(self, array: np.ndarray):
+        return host_to_tensor(array).to(self.device)
+
+    def host_chunks(self, database: np.ndarray, rows: int) -> "_PinnedChunks":
+        return _PinnedChunks(database, rows, self.device, self.stream)
+
+
+class CpuBackend:
+    """A stand-in for CudaBackend on CPU tensors with the CPU kernel: the orchestration
+    (query chunks, database chunks, streaming, merging) runs as it does on a GPU.
+    workspace_of(num_queries, num_database, k) -> bytes models the kernel's workspace."""
+
+    def __init__(self, workspace_of: Callable[[int, int, int], int] | None = None):
+        import torch
+
+        self.device = torch.device("cpu")
+        self.workspace_of = workspace_of or (lambda nq, nb, k: 256 + nq * k * 16 + nb * 4)
+
+    def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
+        try:
+            _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy())
+        except ValueError:
+            # The CPU kernel checks its inputs, the CUDA one trusts its caller and returns
+            # meaningless results for NaN / Inf: so does the stand-in, and the caller's own
+            # check must report the bad row.
+            distances.fill_(float("nan"))
+            indices.fill_(-1)
+
+    def upload(self, array: np.ndarray):
+        return host_to_tensor(np.ascontiguousarray(array, dtype=np.float32))
+
+    def host_chunks(self, database: np.ndarray, rows: int) -> "_HostChunks":
+        return _HostChunks(database)
+
+
+class _PinnedChunks:
+    """Database chunks from host memory to the device through two pinned buffers.
+
+    start(j, ...) fills pinned buffer j % 2 from the host array (converting to float32 as it
+    copies) and queues its copy to device buffer j % 2 on a side stream; take(j, ...) makes
+    the compute stream wait for that copy; release(j) marks the device buffer free again once
+    the compute stream's work queued so far (the search of chunk j) is done. With start(j + 1)
+    issued right after chunk j's search is queued, the host copy and the transfer of the
+    next chunk overlap the search of this one.
+    """
+
+    def __init__(self, database: np.ndarray, rows: int, device, compute_stream):
+        import torch
+
+        dim = database.shape[1]
+        self._database = database
+        self._host = [torch.empty((rows, dim), dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        self._host_views = [buffer.numpy() for buffer in self._host]
+        self._device_buffers = [torch.empty((rows, dim), dtype=torch.float32, device=device) for _ in range(2)]
+        self._copy_stream = torch.cuda.Stream(device)
+        for buffer in self._device_buffers:
+            buffer.record_stream(self._copy_stream)  # freed only after the copies into it
+        self._compute = compute_stream
+        self._copied: list[Any] = [None, None]
+        self._searched: list[Any] = [None, None]
+
+    def start(self, j: int, start: int, stop: int) -> None:
+        import torch
+
+        slot, rows = j % 2, stop - start
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # the pinned buffer's previous copy has left it
+        with np.errstate(over="ignore", invalid="ignore"):  # too large -> inf, refused later
+            np.copyto(self._host_views[slot][:rows], self._database[start:stop], casting="unsafe")
+        with torch.cuda.stream(self._copy_stream):
+            if self._searched[slot] is not None:
+                self._copy_stream.wait_event(self._searched[slot])  # the device buffer is free
+            self._device_buffers[slot][:rows].copy_(self._host[slot][:rows], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        self._copied[slot] = copied
+
+    def take(self, j: int, rows: int):
+        slot = j % 2
+        self._compute.wait_event(self._copied[slot])
+        return self._device_buffers[slot][:rows]
+
+    def release(self, j: int) -> None:
+        import torch
+
+        searched = torch.cuda.Event()
+        searched.record(self._compute)
+        self._searched[j % 2] = searched
+
+
+class _HostChunks:
+    """_PinnedChunks's stand-in for CpuBackend: float32 chunks of the host array."""
+
+    def __init__(self, database: np.ndarray):
+        self._database = database
+        self._slots: list[Any] = [None, None]
+
+    def start(self, j: int, start: int, stop: int) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            chunk = np.ascontiguousarray(self._database[start:stop], dtype=np.float32)
+        self._slots[j % 2] = host_to_tensor(chunk)
+
+    def take(self, j: int, rows: int):
+        return self._slots[j % 2][:rows]
+
+    def release(self, j: int) -> None:
+        self._slots[j % 2] = None
+
+
+# ---------------------------------------------------------------------------------------
+# Searches
+
+
+def _search_block(backend, queries, database, k: int, code: int, workspace_bytes: int, out=None):
+    """Top-k of `queries` among all rows of `database` (k <= its rows, N < 2^30), both on
+    the backend's device: one native call per chunk of queries, each with its own
+    workspace. Writes into out = (distances, indices), (Q, k) contiguous, or new tensors."""
+    import torch
+
+    num_queries, num_database = queries.shape[0], database.shape[0]
+    if out is None:
+        out = (torch.empty((num_queries, k), dtype=torch.float32, device=backend.device),
+               torch.empty((num_queries, k), dtype=torch.int64, device=backend.device))
+    distances, indices = out
+    plan = plan_query_chunks(num_queries, k, lambda n: backend.workspace_of(n, num_database, k), workspace_bytes)
+    for start, stop, need in plan:
+        workspace = torch.empty(need, dtype=torch.uint8, device=backend.device)
+        backend.search(queries[start:stop], database, k, code, distances[start:stop], indices[start:stop], workspace)
+        del workspace  # back to the caching allocator before the next call takes its own
+    if code != METRICS["l2"]:
+        # knn.cu decodes a zero similarity as -0.0 (minus a +0 score); the CPU returns +0.
+        distances.masked_fill_(distances == 0, 0.0)
+    if code == METRICS["cosine"]:
+        _clamp_cosine(distances, indices)
+    return distances, indices
+
+
+def _clamp_cosine(distances, indices) -> None:
+    """As the CPU does (csrc/cpu/knn.cpp write_results): cosine similarities clamped to
+    [-1, 1], then each row put back in the documented order, since clamping can make
+    different similarities equal: best first, equal ones by lower index. In place."""
+    import torch
+
+    distances.copy_(torch.where(torch.isinf(distances), distances, distances.clamp(-1.0, 1.0)))  # padding stays
+    by_index = torch.sort(indices, dim=1, stable=True).indices
+    d, i = distances.gather(1, by_index), indices.gather(1, by_index)
+    by_similarity = torch.sort(d, dim=1, descending=True, stable=True).indices
+    distances.copy_(d.gather(1, by_similarity))
+    indices.copy_(i.gather(1, by_similarity))
+
+
+def search_resident(backend, queries, database, k: int, metric: str, workspace_bytes: int):
+    """(distances, indices), each (Q, k) on the backend's device, of queries (Q, D) among the
+    database (N, D), N >= 1, both float32 contiguous tensors on that device and checked."""
+    import torch
+
+    num_queries, num_database = queries.shape[0], database.shape[0]
+    code, kept = METRICS[metric], min(k, num_database)
+    distances = torch.empty((num_queries, k), dtype=torch.float32, device=backend.device)
+    indices = torch.empty((num_queries, k), dtype=torch.int64, device=backend.device)
+    pieces = plan_database_chunks(num_database, rows_per_call(workspace_bytes))
+    if len(pieces) == 1 and kept == k:
+        _search_block(backend, queries, database, k, code, workspace_bytes, out=(distances, indices))
+        return distances, indices
+    running = None
+    for start, stop in pieces:
+        chunk = _search_block(backend, queries, database[start:stop], min(kept, stop - start), code, workspace_bytes)
+        running = merge_topk(running, chunk, kept, metric, offset=start)
+    distances[:, :kept] = running[0]
+    indices[:, :kept] = running[1]
+    _pad(distances, indices, kept, metric)
+    return distances, indices
+
+
+def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str, *, workspace_bytes: int,
+                    memory_bytes: int, query_flags: list | None = None):
+    """Search of a host database (N, D), N >= 1, a numpy array of any real dtype (a memory
+    map too), streamed to the device in chunks (plan_host_stream).
+
+    queries: a float32 contiguous tensor on the device, already checked (its flag may be
+    passed in query_flags, read with the database's at the end), or a float32 numpy array,
+    uploaded and checked one block at a time. Results: (Q, k) tensors on the device for
+    tensor queries, numpy arrays for numpy queries. NaN / Inf found in the database (or
+    queries) raise ValueError at the end, naming the first bad row, as the CPU search does:
+    the chunks are checked on the device as they land, and read once, at the end.
+    """
+    import torch
+
+    host_queries = isinstance(queries, np.ndarray)
+    num_queries, dim = queries.shape
+    num_database = database.shape[0]
+    code, kept = METRICS[metric], min(k, num_database)
+    query_rows, database_rows = plan_host_stream(num_queries, num_database, dim, k, memory_bytes, workspace_bytes)
+    if host_queries:
+        distances = np.empty((num_queries, k), dtype=np.float32)
+        indices = np.empty((num_queries, k), dtype=np.int64)
+    else:
+        distances = torch.empty((num_queries, k), dtype=torch.float32, device=backend.device)
+        indices = torch.empty((num_queries, k), dtype=torch.int64, device=backend.device)
+    pieces = plan_database_chunks(num_database, database_rows)
+    blocks = plan_database_chunks(num_queries, query_rows)
+    jobs = [(block, piece) for block in blocks for piece in pieces]
+    query_flags = list(query_flags or [])
+    database_flags = []
+    chunks = backend.host_chunks(database, database_rows)
+    if jobs:
+        chunks.start(0, *jobs[0][1])
+    running, block_queries = None, None
+    for j, ((first, last), (start, stop)) in enumerate(jobs):
+        if start == 0:  # a new block of queries: the database streams again
+            if host_queries:
+                block_queries = backend.upload(queries[first:last])
+                query_flags.append(unusable_row_flag(block_queries, first))
+            else:
+                block_queries = queries[first:last]
+        rows = chunks.take(j, stop - start)
+        if first == 0:
+            database_flags.append(unusable_row_flag(rows, start))
+        chunk = _search_block(backend, block_queries, rows, min(kept, stop - start), code, workspace_bytes)
+        chunks.release(j)
+        if j + 1 < len(jobs):
+            chunks.start(j + 1, *jobs[j + 1][1])  # overlaps the search just queued
+        running = merge_topk(running, chunk, kept, metric, offset=start)
+        if stop == num_database:
+            if host_queries:
+                distances[first:last, :kept] = running[0].cpu().numpy()
+                indices[first:last, :kept] = running[1].cpu().numpy()
+            else:
+                distances[first:last, :kept] = running[0]
+                indices[first:last, :kept] = running[1]
+            running = None
+    if host_queries:
+        distances[:, kept:] = _PAD[metric]
+        indices[:, kept:] = -1
+    else:
+        _pad(distances, indices, kept, metric)
+    check_rows_usable_flags(query_flags + database_flags,
+                            ["queries"] * len(query_flags) + ["database"] * len(database_flags))
+    return distances, indices
+
+
+# ---------------------------------------------------------------------------------------
+# latentspace.knn(..., device="cuda")
+
+
+def knn_on_device(queries: Any, database: Any, k: Any, metric: Any, device, *, workspace_bytes: int | None,
+                  gpu_memory_bytes: int | None):
+    """latentspace.knn on a CUDA device (resolved by resolve_device). See search.knn."""
+    import torch
+
+    with torch.cuda.device(device):
+        backend = CudaBackend(device)
+        return _knn(backend, queries, database, k, metric, workspace_bytes=workspace_bytes,
+                    gpu_memory_bytes=gpu_memory_bytes)
+
+
+def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace_bytes: int | None,
+         gpu_memory_bytes: int | None):
+    """knn_on_device on any backend (tests run it on CpuBackend): checks in the CPU search's
+    order and words, then a resident or a streamed search, results in the caller's type."""
+    import torch
+
+    device = backend.device
+    device_queries = is_torch_tensor(queries) and queries.device.type != "cpu"
+    if device_queries:
+        q, kind = as_device_matrix(queries, "queries", device)
+    else:
+        q, kind = as_matrix(queries, "queries")  # host: uploaded by the search
+    dim = q.shape[1]
+    resident = is_torch_tensor(database) and database.device.type != "cpu"
+    if resident:
+        x, _ = as_device_matrix(database, "database", device, dim=dim)
+    else:
+        x = as_host_matrix(database, "database", dim=dim)
+    k = check_k(k)
+    check_metric(metric)
+    if x.shape[0] == 0:
+        raise ValueError("database: expected at least one row, got shape (0, %d)" % dim)
+    workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
+
+    if resident:
+        if isinstance(q, np.ndarray):
+            q = backend.upload(q)
+        check_rows_usable_flags([unusable_row_flag(q), unusable_row_flag(x)], ["queries", "database"])
+        distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
+    elif q.shape[0] == 0:
+        # as on the CPU: the database is checked even without queries
+        check_rows_usable(np.ascontiguousarray(x, dtype=np.float32), "database")
+        distances = torch.empty((0, k), dtype=torch.float32, device=device)
+        indices = torch.empty((0, k), dtype=torch.int64, device=device)
+    else:
+        flags = [] if isinstance(q, np.ndarray) else [unusable_row_flag(q)]
+        memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)
+        distances, indices = search_streamed(backend, q, x, k, metric, workspace_bytes=workspace_bytes,
+                                             memory_bytes=memory_bytes, query_flags=flags)
+    return as_caller_results(distances, indices, kind, device_queries)
+
+
+def _default_memory_bytes(device) -> int:
+    import torch
+
+    if device.type != "cuda":
+        return DEFAULT_GPU_MEMORY_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(DEFAULT_GPU_MEMORY_BYTES, free // 2))
+
+
+def as_caller_results(distances, indices, kind: str, device_queries: bool):
+    """Results in the caller's type: numpy for numpy queries, CPU tensors for CPU tensor
+    queries, tensors on the device that searched for CUDA tensor queries."""
+    import torch
+
+    if isinstance(distances, np.ndarray):
+        if kind == "numpy":
+            return distances, indices
+        return torch.from_numpy(distances), torch.from_numpy(indices)
+    if kind == "numpy":
+        return distances.cpu().numpy(), indices.cpu().numpy()
+    if not device_queries:
+        return distances.cpu(), indices.cpu()
+    return distances, indices

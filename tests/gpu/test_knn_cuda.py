@@ -1,0 +1,566 @@
+"""latentspace.knn and FlatIndex on a CUDA GPU (csrc/cuda/knn.cu through _cuda_search.py).
+
+Marked "cuda": skipped where no usable GPU is visible (latentspace.cuda_available()). Run on
+a GPU machine with `pytest -m cuda tests/gpu`; benchmarks/gpu_run.sh runs them, and runs the
+tests named "small" again under compute-sanitizer (memcheck, racecheck).
+
+Large searches are checked against a float64 reference computed on the GPU for a sample of
+queries (every row is checked for shape, padding, order and ties); small ones against
+tests/conftest.py's assert_knn_matches on all rows.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import latentspace
+from conftest import METRICS, assert_knn_matches, reference_knn
+from latentspace import _cuda_search, _native
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not latentspace.cuda_available(), reason="no usable CUDA GPU (latentspace.cuda_available())"),
+]
+
+PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf}
+DEVICE = "cuda"
+
+
+@pytest.fixture
+def gen(rng):
+    """A torch generator on the GPU seeded from the test's numpy seed (printed on failure)."""
+    return torch.Generator(device=DEVICE).manual_seed(int(rng.integers(0, 2**63)))
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, device=DEVICE)
+
+
+def _integers(rng, *shape, high=2):
+    return rng.integers(-high, high + 1, shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# A float64 reference on the GPU, for searches too large for conftest's numpy reference
+
+
+def _scores64(queries, database, metric):
+    """(S, N) float64 scores, conftest.reference_scores's formulas, on the GPU."""
+    q, x = queries.double(), database.double()
+    if metric == "l2":
+        return ((q * q).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * (q @ x.T)).clamp_(min=0.0)
+    if metric == "ip":
+        return q @ x.T
+    qn, xn = q.norm(dim=1), x.norm(dim=1)
+    qs = torch.where(qn > 0, 1.0 / qn, torch.zeros_like(qn))
+    xs = torch.where(xn > 0, 1.0 / xn, torch.zeros_like(xn))
+    return (q @ x.T) * qs[:, None] * xs[None, :]
+
+
+def _tolerance(queries, database, metric):
+    """conftest.knn_tolerance, on the GPU."""
+    q_sq = float(queries.double().square().sum(1).max())
+    x_sq = float(database.double().square().sum(1).max())
+    if metric == "l2":
+        return 1e-5 * (q_sq + x_sq) + 1e-12
+    if metric == "ip":
+        return 1e-5 * np.sqrt(q_sq) * np.sqrt(x_sq) + 1e-12
+    return 2e-6 * max(1.0, np.sqrt(queries.shape[1]) / 8.0)
+
+
+def assert_matches_reference(D, I, queries, database, k, metric, *, sample=24, raw=False):
+    """conftest.assert_knn_matches's checks (a)-(e), (g) for a GPU result: every row for
+    shape, dtype, padding, validity, order and ties; a sample of rows (first, last, random)
+    against the float64 reference. raw: the native kernel's own output (cosine unclamped)."""
+    nq, n = queries.shape[0], database.shape[0]
+    assert D.shape == (nq, k) and I.shape == (nq, k), (D.shape, I.shape)
+    assert D.dtype == torch.float32 and I.dtype == torch.int64
+    if nq == 0:
+        return
+    kept = min(k, n)
+    if k > n:  # (d)
+        assert (I[:, kept:] == -1).all(), "padding indices must be -1"
+        assert (D[:, kept:] == PAD[metric]).all(), "padding distances must be +-inf"
+    Dk, Ik = D[:, :kept], I[:, :kept]
+    assert ((Ik >= 0) & (Ik < n)).all(), "index out of range"  # (c)
+    if kept > 1:
+        ordered = Ik.sort(dim=1).values
+        assert (ordered[:, 1:] != ordered[:, :-1]).all(), "duplicate index in a row"
+    assert torch.isfinite(Dk).all(), "non-finite distance"
+    if metric == "l2":  # (g)
+        assert (Dk >= 0).all()
+    elif metric == "cosine" and not raw:
+        assert ((Dk >= -1) & (Dk <= 1)).all(), "cosine similarity outside [-1, 1]"
+    if kept > 1:  # (e)
+        a, b = Dk[:, :-1], Dk[:, 1:]
+        better = a < b if metric == "l2" else a > b
+        assert (better | (a == b)).all(), "row not sorted best first"
+        tie = a == b
+        assert (Ik[:, :-1][tie] < Ik[:, 1:][tie]).all(), "equal distances must list the lower index first"
+    rows = torch.unique(torch.linspace(0, nq - 1, min(nq, sample)).round().long()).to(queries.device)
+    scores = _scores64(queries[rows], database, metric)
+    key = scores if metric == "l2" else -scores
+    order = torch.sort(key, dim=1, stable=True).indices[:, :kept]
+    ref = scores.gather(1, order)
+    atol = _tolerance(queries, database, metric)
+    diff = (Dk[rows].double() - ref).abs()  # (a)
+    assert (diff <= atol).all(), f"distances off the reference by {float(diff.max()):.3g} (atol {atol:.3g})"
+    true = scores.gather(1, Ik[rows])  # (b)
+    diff = (true - ref).abs()
+    assert (diff <= atol).all(), f"a returned index's true score is off by {float(diff.max()):.3g} (atol {atol:.3g})"
+
+
+# ---------------------------------------------------------------------------------------
+# Against the reference: every metric x N x D, each with Q in {1, 7, 1000} and every k
+
+
+KS = (1, 10, 100, 1024, 4096, 16384)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n", [1, 100, 100_003])
+@pytest.mark.parametrize("dim", [1, 3, 128, 2048])
+def test_knn_matches_reference(metric, n, dim, gen):
+    database = _randn(gen, n, dim)
+    queries = _randn(gen, 1000, dim)
+    for nq in (1, 7, 1000):
+        q = queries[:nq]
+        for k in KS + (n + 3,):
+            if nq * k > 20_000_000:
+                continue  # 1000 x (100,003 + 3): 1.2 GB of results, chunked to 2 queries a call
+            D, I = latentspace.knn(q, database, k, metric)
+            assert D.device == q.device and I.device == q.device
+            assert_matches_reference(D, I, q, database, k, metric)
+            if n <= 100 and nq <= 7:
+                assert_knn_matches(D, I, q, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (5, 300, 33, 40), (3, 64, 17, 70),
+                                        (7, 129, 128, 128), (2, 5, 2048, 3)])
+def test_small_knn_matches_reference(metric, nq, n, dim, k, rng):
+    # Small shapes at tile edges (64), for compute-sanitizer too (-k small).
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    database = rng.standard_normal((n, dim)).astype(np.float32)
+    D, I = latentspace.knn(torch.from_numpy(queries).to(DEVICE), torch.from_numpy(database).to(DEVICE), k, metric)
+    assert_knn_matches(D, I, queries, database, k, metric)
+    D2, I2 = latentspace.knn(queries, database, k, metric, device=DEVICE)  # streamed from the host
+    assert isinstance(D2, np.ndarray)
+    np.testing.assert_array_equal(I2, I.cpu().numpy())
+    np.testing.assert_array_equal(D2, D.cpu().numpy())
+
+
+# ---------------------------------------------------------------------------------------
+# Ties, zero vectors, exact arithmetic
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k", [(50, 10), (20_000, 100), (20_000, 2000), (100_003, 16384)])
+def test_identical_rows_tie_to_lower_index(metric, n, k, gen):
+    # Identical rows across tiles, database splits and the split merge.
+    vector = _randn(gen, 1, 24)
+    database = vector.repeat(n, 1)
+    queries = _randn(gen, 5, 24)
+    D, I = latentspace.knn(queries, database, k, metric)
+    assert (I == torch.arange(k, device=DEVICE)).all()
+    assert (D == D[:, :1]).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_interleaved_duplicates_tie_to_lower_index(metric, gen):
+    a, b = _randn(gen, 1, 40), _randn(gen, 1, 40)
+    database = torch.cat([a, b] * 40)
+    D, I = latentspace.knn(a * 2.0, database, 45, metric)
+    assert I[0, :40].tolist() == list(range(0, 80, 2))
+    assert I[0, 40:].tolist() == list(range(1, 10, 2))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("n", [100, 5000, 70_001])
+@pytest.mark.parametrize("k", [1, 10, 100, 5000, 70_004])
+def test_integer_data_equals_the_cpu_exactly(metric, n, k, rng):
+    # Small integers: every distance is exact in float32 on both devices, with ties
+    # everywhere, so indices and distances must equal the CPU search's bit for bit.
+    queries, database = _integers(rng, 50, 3), _integers(rng, n, 3)
+    D0, I0 = latentspace.knn(queries, database, k, metric)
+    D, I = latentspace.knn(queries, database, k, metric, device=DEVICE)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
+    Dt, It = latentspace.knn(torch.from_numpy(queries).to(DEVICE), torch.from_numpy(database).to(DEVICE), k, metric)
+    np.testing.assert_array_equal(It.cpu().numpy(), I0)
+    np.testing.assert_array_equal(Dt.cpu().numpy(), D0)
+
+
+@pytest.mark.parametrize("k", [1, 7, 30, 35])
+def test_small_cosine_zero_query(k, gen):
+    database = _randn(gen, 30, 16)
+    D, I = latentspace.knn(torch.zeros(3, 16, device=DEVICE), database, k, "cosine")
+    kept = min(k, 30)
+    assert not torch.isnan(D).any()
+    assert (I[:, :kept] == torch.arange(kept, device=DEVICE)).all()
+    assert (D[:, :kept] == 0).all()
+    assert not torch.signbit(D[:, :kept]).any(), "similarity of a zero query must be +0, not -0"
+    assert (I[:, kept:] == -1).all() and (D[:, kept:] == -np.inf).all()
+
+
+def test_small_cosine_zero_database_rows(gen):
+    database = _randn(gen, 40, 12)
+    zero_rows = [0, 7, 8, 39]
+    database[zero_rows] = 0.0
+    queries = _randn(gen, 10, 12)
+    D, I = latentspace.knn(queries, database, 40, "cosine")
+    assert not torch.isnan(D).any()
+    for r in range(10):
+        positions = torch.isin(I[r], torch.tensor(zero_rows, device=DEVICE)).nonzero().flatten()
+        assert (D[r, positions] == 0).all() and not torch.signbit(D[r, positions]).any()
+        assert I[r, positions].tolist() == zero_rows
+    assert_knn_matches(D, I, queries, database, 40, "cosine")
+
+
+def test_small_cosine_zero_query_and_zero_database():
+    D, I = latentspace.knn(torch.zeros(2, 5, device=DEVICE), torch.zeros(4, 5, device=DEVICE), 6, "cosine")
+    assert I.tolist() == [[0, 1, 2, 3, -1, -1]] * 2
+    assert D.tolist() == [[0, 0, 0, 0, -np.inf, -np.inf]] * 2
+
+
+def test_cosine_one_dimension_is_clamped_and_ordered(gen):
+    # D = 1: every similarity is +-1 in exact arithmetic; float32 rounding gives 1 +- ulp.
+    database, queries = _randn(gen, 5000, 1), _randn(gen, 20, 1)
+    D, I = latentspace.knn(queries, database, 3000, "cosine")
+    assert_matches_reference(D, I, queries, database, 3000, "cosine")
+
+
+def test_cosine_is_scale_invariant(gen):
+    database, queries = _randn(gen, 1000, 20), _randn(gen, 8, 20)
+    D, I = latentspace.knn(queries, database, 100, "cosine")
+    D2, _ = latentspace.knn(queries * 1000.0, database * 0.001, 100, "cosine")
+    torch.testing.assert_close(D2, D, atol=2e-6, rtol=0)
+    D3, I3 = latentspace.knn(database, database * 3.0, 1, "cosine")
+    assert (I3[:, 0] == torch.arange(1000, device=DEVICE)).all()
+    assert (D3 <= 1.0).all() and (D3 > 1.0 - 1e-5).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The native entry point itself: every output written, nothing past it
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (3, 5, 8, 9), (65, 300, 33, 64),
+                                        (2, 1000, 2048, 1000), (130, 4099, 16, 257)])
+def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen):
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    guard = 4096
+    distances_buffer = torch.full((nq * k + guard,), float("nan"), device=DEVICE)
+    indices_buffer = torch.full((nq * k + guard,), -7, dtype=torch.int64, device=DEVICE)
+    distances, indices = distances_buffer[: nq * k].view(nq, k), indices_buffer[: nq * k].view(nq, k)
+    device = torch.device(DEVICE, torch.cuda.current_device())
+    need = _native.knn_cuda_workspace_bytes(nq, n, k, device.index)
+    workspace = torch.full((need + guard,), 0xAB, dtype=torch.uint8, device=DEVICE)
+    _native.knn_cuda(queries.data_ptr(), nq, database.data_ptr(), n, dim, k, {"l2": 0, "ip": 1, "cosine": 2}[metric],
+                     distances.data_ptr(), indices.data_ptr(), workspace.data_ptr(), need,
+                     torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert not torch.isnan(distances).any(), "an output distance was not written"
+    assert (indices != -7).all(), "an output index was not written"
+    assert torch.isnan(distances_buffer[nq * k :]).all() and (indices_buffer[nq * k :] == -7).all(), \
+        "written past the outputs"
+    assert (workspace[need:] == 0xAB).all(), "written past the workspace"
+    assert_matches_reference(distances, indices, queries, database, k, metric, raw=True)
+
+
+def test_small_native_refuses_what_it_cannot_do():
+    device = torch.cuda.current_device()
+    with pytest.raises(ValueError, match="database: at most 2\\^31 - 1 rows"):
+        _native.knn_cuda_workspace_bytes(1, 2**31, 1, device)
+    with pytest.raises(ValueError, match="num_queries \\* k must stay below 2\\^31"):
+        _native.knn_cuda_workspace_bytes(2**16, 100, 2**15, device)
+    q = torch.zeros(4, 3, device=DEVICE)
+    d = torch.empty(4, 2, device=DEVICE)
+    i = torch.empty(4, 2, dtype=torch.int64, device=DEVICE)
+    need = _native.knn_cuda_workspace_bytes(4, 4, 2, device)
+    workspace = torch.empty(need, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="workspace: expected at least"):
+        _native.knn_cuda(q.data_ptr(), 4, q.data_ptr(), 4, 3, 2, 0, d.data_ptr(), i.data_ptr(),
+                         workspace.data_ptr(), need - 1, torch.cuda.current_stream().cuda_stream)
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors in place, torch's current stream, devices
+
+
+class _Spy:
+    """Records the pointers and stream each native call gets."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = _native.knn_cuda
+
+        def spy(*args):
+            self.calls.append(args)
+            return real(*args)
+
+        monkeypatch.setattr(_native, "knn_cuda", spy)
+
+
+def test_small_cuda_tensors_are_used_in_place_on_the_current_stream(monkeypatch, gen):
+    spy = _Spy(monkeypatch)
+    queries, database = _randn(gen, 9, 16), _randn(gen, 500, 16)
+    q0, x0 = queries.clone(), database.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
+    with torch.cuda.stream(stream):
+        D, I = latentspace.knn(queries, database, 5, "l2")
+    stream.synchronize()
+    assert len(spy.calls) == 1
+    args = spy.calls[0]
+    assert args[0] == queries.data_ptr() and args[2] == database.data_ptr(), "inputs were copied"
+    assert args[7] == D.data_ptr() and args[8] == I.data_ptr(), "results were copied"
+    assert args[11] == stream.cuda_stream, "not queued on torch's current stream"
+    assert D.device == queries.device and I.device == queries.device
+    assert torch.equal(queries, q0) and torch.equal(database, x0)
+    assert_knn_matches(D, I, queries, database, 5, "l2")
+
+
+def test_small_converted_inputs(gen):
+    queries, database = _randn(gen, 6, 10), _randn(gen, 80, 10)
+    for q, x in [(queries.double(), database), (queries, database.t().contiguous().t()),
+                 (queries, torch.cat([database, database], 1)[:, :10]), (queries.half().float(), database.half())]:
+        D, I = latentspace.knn(q, x, 4, "ip")
+        D1, I1 = latentspace.knn(q.float().contiguous(), x.float().contiguous(), 4, "ip")
+        assert torch.equal(I, I1) and torch.equal(D, D1)
+
+
+def test_mixed_placements_follow_the_queries(gen):
+    queries, database = _randn(gen, 7, 12), _randn(gen, 300, 12)
+    D0, I0 = latentspace.knn(queries.cpu().numpy(), database.cpu().numpy(), 6, "l2")
+    cases = [
+        (queries, database.cpu().numpy(), "cuda"),  # host database streamed, CUDA queries
+        (queries.cpu().numpy(), database, "numpy"),  # numpy queries, CUDA database
+        (queries.cpu(), database, "cpu tensor"),
+        (queries, database.cpu(), "cuda"),
+    ]
+    for q, x, expect in cases:
+        D, I = latentspace.knn(q, x, 6, "l2")  # device=None: CUDA because one input is
+        if expect == "numpy":
+            assert isinstance(D, np.ndarray)
+        else:
+            assert isinstance(D, torch.Tensor) and D.device.type == ("cuda" if expect == "cuda" else "cpu")
+        D, I = (a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in (D, I))
+        assert_knn_matches(D, I, queries.cpu().numpy(), database.cpu().numpy(), 6, "l2")
+    # device="cpu" with CUDA tensors: copied to the host, CPU tensors back
+    D, I = latentspace.knn(queries, database, 6, "l2", device="cpu")
+    assert D.device.type == "cpu"
+    np.testing.assert_array_equal(I.numpy(), I0)
+    np.testing.assert_array_equal(D.numpy(), D0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="one GPU")
+def test_second_gpu(gen):
+    queries = torch.randn(5, 8, device="cuda:1")
+    database = torch.randn(100, 8, device="cuda:1")
+    D, I = latentspace.knn(queries, database, 3)
+    assert D.device == torch.device("cuda", 1)
+    assert_knn_matches(D, I, queries, database, 3, "l2")
+    D, I = latentspace.knn(queries.cpu().numpy(), database.cpu().numpy(), 3, device="cuda:1")
+    assert_knn_matches(D, I, queries, database, 3, "l2")
+
+
+# ---------------------------------------------------------------------------------------
+# Host data streamed through pinned buffers; workspace chunks
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("memory_bytes", [256 << 10, 4 << 20, None])
+def test_host_streaming_equals_the_cpu(metric, memory_bytes, rng):
+    queries = _integers(rng, 300, 16) if metric != "cosine" else rng.standard_normal((300, 16)).astype(np.float32)
+    database = _integers(rng, 40_000, 16) if metric != "cosine" else rng.standard_normal((40_000, 16)).astype(np.float32)
+    D0, I0 = latentspace.knn(queries, database, 50, metric)
+    D, I = latentspace.knn(queries, database, 50, metric, device=DEVICE, gpu_memory_bytes=memory_bytes)
+    if metric == "cosine":
+        assert_knn_matches(D, I, queries, database, 50, metric)
+    else:
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+
+
+def test_small_host_streaming_many_chunks(rng):
+    _host_streaming_many_chunks(5, 300, rng)  # 2 blocks of queries x 9 chunks
+
+
+def test_host_streaming_many_more_chunks(rng):
+    _host_streaming_many_chunks(20, 3000, rng)  # 7 x 89
+
+
+def _host_streaming_many_chunks(nq, n, rng):
+    queries, database = _integers(rng, nq, 8), _integers(rng, n, 8)
+    query_rows, rows = _cuda_search.plan_host_stream(nq, n, 8, 7, 4096, 1 << 30)
+    assert query_rows < nq and rows < n // 8  # blocks of queries, many database chunks
+    D0, I0 = latentspace.knn(queries, database, 7, "l2")
+    D, I = latentspace.knn(queries, database, 7, "l2", device=DEVICE, gpu_memory_bytes=4096)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int8])
+def test_host_streaming_converts_chunks(dtype, rng, tmp_path):
+    queries = _integers(rng, 10, 32)
+    database = _integers(rng, 10_000, 32).astype(dtype)
+    D0, I0 = latentspace.knn(queries, database, 9, "ip")
+    D, I = latentspace.knn(queries, database, 9, "ip", device=DEVICE, gpu_memory_bytes=1 << 18)
+    np.testing.assert_array_equal(I, I0)
+    np.save(tmp_path / "x.npy", database)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    D, I = latentspace.knn(queries, mapped, 9, "ip", device=DEVICE, gpu_memory_bytes=1 << 18)
+    np.testing.assert_array_equal(I, I0)
+
+
+def test_bad_rows_are_named_as_on_the_cpu(rng):
+    queries, database = rng.standard_normal((30, 8)).astype(np.float32), rng.standard_normal((5000, 8)).astype(np.float32)
+    database[3210, 2] = np.nan
+    with pytest.raises(ValueError) as cpu:
+        latentspace.knn(queries, database, 3)
+    for x in (database, torch.from_numpy(database).to(DEVICE)):
+        with pytest.raises(ValueError) as gpu:
+            latentspace.knn(queries, x, 3, device=DEVICE, gpu_memory_bytes=1 << 16)
+        assert str(gpu.value) == str(cpu.value)
+    queries[17, 0] = np.inf
+    with pytest.raises(ValueError, match="queries: row 17 contains NaN or Inf"):
+        latentspace.knn(torch.from_numpy(queries).to(DEVICE), database, 3)
+
+
+@pytest.mark.parametrize("workspace_bytes", [2 << 20, 16 << 20])
+def test_workspace_bound_chunks_the_queries(workspace_bytes, monkeypatch, gen):
+    spy = _Spy(monkeypatch)
+    queries, database = _randn(gen, 2000, 32), _randn(gen, 50_000, 32)
+    D, I = latentspace.knn(queries, database, 256, "l2", workspace_bytes=workspace_bytes)
+    assert len(spy.calls) > 1
+    assert all(call[10] <= workspace_bytes for call in spy.calls)
+    D0, I0 = latentspace.knn(queries, database, 256, "l2")
+    assert torch.equal(I, I0) and torch.equal(D, D0)
+    with pytest.raises(ValueError, match="workspace_bytes: one query with k=256 needs"):
+        latentspace.knn(queries, database, 256, "l2", workspace_bytes=1000)
+
+
+def test_cpu_and_cuda_agree(rng):
+    queries = rng.standard_normal((200, 64)).astype(np.float32)
+    database = rng.standard_normal((20_000, 64)).astype(np.float32)
+    for metric in METRICS:
+        Dc, Ic = latentspace.knn(queries, database, 20, metric)
+        Dg, Ig = latentspace.knn(queries, database, 20, metric, device=DEVICE)
+        np.testing.assert_allclose(Dg, Dc, atol=1e-4, rtol=1e-5)
+        assert (Ig == Ic).mean() > 0.99  # only near-ties may differ
+        assert_knn_matches(Dg, Ig, queries, database, 20, metric)
+
+
+# ---------------------------------------------------------------------------------------
+# FlatIndex on the GPU
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_flat_index_round_trip(metric, rng, tmp_path):
+    dim = 23
+    chunks = [rng.standard_normal((m, dim)).astype(np.float32) for m in (1, 15, 0, 300, 7)]
+    index = latentspace.FlatIndex(dim, metric, device=DEVICE)
+    assert index.device.startswith("cuda") and "device='cuda" in repr(index)
+    for chunk, kind in zip(chunks, ["numpy", "torch", "cuda", "float64", "cuda"]):
+        if kind == "torch":
+            chunk = torch.from_numpy(chunk)
+        elif kind == "cuda":
+            chunk = torch.from_numpy(chunk).to(DEVICE)
+        elif kind == "float64":
+            chunk = chunk.astype(np.float64)
+        index.add(chunk)
+    data = np.concatenate(chunks)
+    assert index.ntotal == len(data) and index.nbytes >= data.nbytes
+    np.testing.assert_array_equal(index.vectors(), data)
+    np.testing.assert_array_equal(index.reconstruct([5, 0, 322]), data[[5, 0, 322]])
+    queries = rng.standard_normal((25, dim)).astype(np.float32)
+    for k in (1, 10, len(data), len(data) + 3):
+        D, I = index.search(queries, k)
+        assert isinstance(D, np.ndarray)
+        assert_knn_matches(D, I, queries, data, k, metric)
+        Dt, It = index.search(torch.from_numpy(queries).to(DEVICE), k)
+        assert Dt.device.type == "cuda"
+        np.testing.assert_array_equal(It.cpu().numpy(), I)
+    index.save(tmp_path / "gpu.lsx")
+    cpu_index = latentspace.load_index(tmp_path / "gpu.lsx")
+    np.testing.assert_array_equal(cpu_index.vectors(), data)
+    D_cpu, I_cpu = cpu_index.search(queries, 10)
+    assert_knn_matches(D_cpu, I_cpu, queries, data, 10, metric)
+    for loaded in (latentspace.load_index(tmp_path / "gpu.lsx", device=DEVICE),
+                   latentspace.load_index(tmp_path / "gpu.lsx", mmap=True, device=DEVICE),
+                   cpu_index.to(DEVICE)):
+        assert loaded.device.startswith("cuda") and loaded.metric == metric
+        D, I = loaded.search(queries, 10)
+        D0, I0 = index.search(queries, 10)
+        np.testing.assert_array_equal(I, I0)
+    back = index.to("cpu")
+    assert back.device == "cpu"
+    np.testing.assert_array_equal(back.vectors(), data)
+    index.reset()
+    assert index.ntotal == 0
+    D, I = index.search(queries, 4)
+    assert (I == -1).all() and (D == PAD[metric]).all()
+
+
+def test_flat_index_refuses_bad_rows_and_keeps_its_vectors(rng):
+    index = latentspace.FlatIndex(4, device=DEVICE)
+    good = rng.standard_normal((10, 4)).astype(np.float32)
+    index.add(good)
+    bad = good.copy()
+    bad[6, 1] = np.inf
+    with pytest.raises(ValueError, match="x: row 6 contains NaN or Inf"):
+        index.add(torch.from_numpy(bad).to(DEVICE))
+    assert index.ntotal == 10
+    with pytest.raises(ValueError, match="queries: row 6 contains NaN or Inf"):
+        index.search(bad, 2)
+    with pytest.raises(ValueError, match="queries: expected 4 columns"):
+        index.search(np.zeros((2, 5), np.float32), 2)
+
+
+def test_flat_index_searches_while_adding(rng):
+    dim = 16
+    index = latentspace.FlatIndex(dim, device=DEVICE)
+    first = rng.standard_normal((1000, dim)).astype(np.float32)
+    index.add(first)
+    queries = first[:50]
+    errors = []
+
+    def search():
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                for _ in range(20):
+                    D, I = index.search(queries, 1)
+                    if not (I[:, 0] == np.arange(50)).all():
+                        errors.append("a query did not find itself")
+        except Exception as error:  # noqa: BLE001
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=search) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for _ in range(20):
+        index.add(rng.standard_normal((500, dim)).astype(np.float32) + 100.0)  # far away: never the nearest
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert index.ntotal == 11_000
+
+
+def test_reference_helpers_agree_with_conftest(rng):
+    # The GPU reference above is conftest's, moved: check them against each other once.
+    queries = rng.standard_normal((6, 9)).astype(np.float32)
+    database = rng.standard_normal((40, 9)).astype(np.float32)
+    for metric in METRICS:
+        ref_scores, ref_order = reference_knn(queries, database, 40, metric)
+        scores = _scores64(torch.from_numpy(queries).to(DEVICE), torch.from_numpy(database).to(DEVICE), metric)
+        key = scores if metric == "l2" else -scores
+        order = torch.sort(key, dim=1, stable=True).indices.cpu().numpy()
+        np.testing.assert_array_equal(order, ref_order)
+        np.testing.assert_allclose(np.take_along_axis(scores.cpu().numpy(), order, 1), ref_scores, rtol=1e-12)

@@ -1,0 +1,693 @@
+"""The Python side of GPU search, on the CPU: device resolution and every error path without
+a GPU, the chunk planners, the top-k merge against the CPU kNN, and the whole chunked /
+streamed orchestration run on CPU tensors (CpuBackend stands in for the CUDA kernel).
+
+The GPU itself is tested in tests/gpu/test_knn_cuda.py (marked "cuda").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace
+from conftest import METRICS, assert_knn_matches
+from latentspace import _arrays, _cuda_search, runtime
+from latentspace._cuda_search import (
+    MAX_ITEMS_PER_CALL,
+    CpuBackend,
+    merge_topk,
+    plan_database_chunks,
+    plan_host_stream,
+    plan_query_chunks,
+    resolve_device,
+    search_resident,
+    search_streamed,
+)
+
+GPU_VISIBLE = latentspace.cuda_available()
+needs_no_gpu = pytest.mark.skipif(GPU_VISIBLE, reason="a usable GPU is visible here")
+PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf}
+
+
+def _integers(rng, *shape, high=2):
+    """Small integers: float32 arithmetic is exact for l2 / ip, and exact ties abound."""
+    return rng.integers(-high, high + 1, shape).astype(np.float32)
+
+
+def _normal(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# The device argument
+
+
+@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")])
+def test_cpu_devices_resolve_to_none(device, rng):
+    assert resolve_device(device) is None
+    assert resolve_device(device, (_normal(rng, 2, 3), "queries"), (torch.zeros(4, 3), "database")) is None
+
+
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda 0", "", "mps", "meta"])
+def test_malformed_device_strings(device):
+    with pytest.raises(ValueError, match=r"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device"):
+        resolve_device(device)
+
+
+@pytest.mark.parametrize("device", [0, 1.5, True, object(), ["cuda"]])
+def test_device_of_the_wrong_type(device):
+    with pytest.raises(TypeError, match=r"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, got"):
+        resolve_device(device)
+
+
+def test_foreign_torch_device():
+    with pytest.raises(ValueError, match="device: expected"):
+        resolve_device(torch.device("meta"))
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"), torch.device("cuda", 1)])
+def test_cuda_unavailable_names_every_reason(device):
+    with pytest.raises(RuntimeError) as error:
+        resolve_device(device)
+    message = str(error.value)
+    assert "asked for, but CUDA is unavailable here" in message
+    assert "Use device='cpu'" in message
+    for reason in _cuda_search.cuda_unavailable_reasons():
+        assert reason in message
+    info = latentspace.build_info()
+    if not info["cuda_compiled"]:
+        assert "built without CUDA" in message
+    elif not info["gpu_visible"]:
+        assert info["cuda_unavailable_reason"] in message
+    if torch.version.cuda is None:
+        assert f"torch {torch.__version__} has no CUDA support" in message
+
+
+def _fake_build(monkeypatch, *, compiled: bool, visible: bool, reason: str = ""):
+    info = dict(runtime.build_info(), cuda_compiled=compiled, gpu_visible=visible,
+                cuda_unavailable_reason="" if visible else reason)
+    monkeypatch.setattr(runtime, "build_info", lambda: info)
+
+
+def _fake_torch(monkeypatch, *, cuda: str | None, available: bool, count: int = 0):
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_reason_cpu_only_build(monkeypatch):
+    _fake_build(monkeypatch, compiled=False, visible=False, reason="built without CUDA")
+    _fake_torch(monkeypatch, cuda="12.4", available=True, count=1)
+    assert _cuda_search.cuda_unavailable_reasons() == [
+        "latentspace was built without CUDA (reinstall it where nvcc is found, or with "
+        "-C cmake.define.LATENTSPACE_CUDA=ON)"
+    ]
+    with pytest.raises(RuntimeError, match="latentspace was built without CUDA"):
+        latentspace.knn(np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), 1, device="cuda")
+
+
+def test_reason_no_gpu_for_latentspace(monkeypatch):
+    _fake_build(monkeypatch, compiled=True, visible=False, reason="no CUDA-capable device is detected")
+    _fake_torch(monkeypatch, cuda="12.4", available=True, count=1)
+    with pytest.raises(RuntimeError, match=r"latentspace finds no usable CUDA GPU \(no CUDA-capable device is detected\)"):
+        latentspace.FlatIndex(4, device="cuda")
+
+
+def test_reason_torch_without_cuda(monkeypatch):
+    _fake_build(monkeypatch, compiled=True, visible=True)
+    _fake_torch(monkeypatch, cuda=None, available=False)
+    reasons = _cuda_search.cuda_unavailable_reasons()
+    assert len(reasons) == 1 and f"the installed torch {torch.__version__} has no CUDA support" in reasons[0]
+    with pytest.raises(RuntimeError, match="has no CUDA support"):
+        resolve_device("cuda:0")
+
+
+def test_reason_torch_sees_no_gpu(monkeypatch):
+    _fake_build(monkeypatch, compiled=True, visible=True)
+    _fake_torch(monkeypatch, cuda="12.4", available=False)
+    assert _cuda_search.cuda_unavailable_reasons() == ["torch sees no CUDA GPU"]
+
+
+def test_cuda_index_resolution(monkeypatch):
+    _fake_build(monkeypatch, compiled=True, visible=True)
+    _fake_torch(monkeypatch, cuda="12.4", available=True, count=2)
+    assert _cuda_search.cuda_unavailable_reasons() == []
+    assert resolve_device("cuda") == torch.device("cuda", 0)  # torch's current device
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device: 'cuda:2' asked for, but 2 CUDA GPUs are visible \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+
+
+def test_cuda_available_agrees_with_the_reasons():
+    assert latentspace.cuda_available() == (not _cuda_search.cuda_unavailable_reasons())
+
+
+@needs_no_gpu
+def test_public_api_refuses_cuda_cleanly(rng, tmp_path):
+    q, x = _normal(rng, 3, 4), _normal(rng, 10, 4)
+    assert latentspace.cuda_available() is False
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(RuntimeError, match="CUDA is unavailable here"):
+            latentspace.knn(q, x, 2, device=device)
+        with pytest.raises(RuntimeError, match="CUDA is unavailable here"):
+            latentspace.FlatIndex(4, "ip", device=device)
+    index = latentspace.FlatIndex(4)
+    index.add(x)
+    with pytest.raises(RuntimeError, match="CUDA is unavailable here"):
+        index.to("cuda")
+    index.save(tmp_path / "index.lsx")
+    with pytest.raises(RuntimeError, match="CUDA is unavailable here"):
+        latentspace.load_index(tmp_path / "index.lsx", device="cuda")
+    # the device is checked before the file is read
+    with pytest.raises(RuntimeError, match="CUDA is unavailable here"):
+        latentspace.load_index(tmp_path / "missing.lsx", device="cuda")
+
+
+def test_cpu_device_is_the_cpu_search(rng):
+    q, x = _normal(rng, 6, 9), _normal(rng, 50, 9)
+    D0, I0 = latentspace.knn(q, x, 4, "cosine")
+    for device in ("cpu", torch.device("cpu")):
+        D, I = latentspace.knn(q, x, 4, "cosine", device=device, workspace_bytes=1, gpu_memory_bytes=1)
+        np.testing.assert_array_equal(D, D0)
+        np.testing.assert_array_equal(I, I0)
+    index = latentspace.FlatIndex(9, "cosine", device="cpu")
+    index.add(x)
+    assert index.device == "cpu" and "device" not in repr(index)
+    D, I = index.search(q, 4, workspace_bytes=1)
+    np.testing.assert_array_equal(I, I0)
+
+
+@pytest.mark.parametrize("name", ["workspace_bytes", "gpu_memory_bytes"])
+@pytest.mark.parametrize("value,error", [(0, ValueError), (-5, ValueError), ("1GB", TypeError),
+                                         (True, TypeError), (1.5, TypeError)])
+def test_byte_bounds_are_checked_on_the_cpu_too(name, value, error, rng):
+    q, x = _normal(rng, 2, 3), _normal(rng, 5, 3)
+    with pytest.raises(error, match=f"{name}: expected an integer >= 1"):
+        latentspace.knn(q, x, 1, **{name: value})
+    if name == "workspace_bytes":
+        index = latentspace.FlatIndex(3)
+        index.add(x)
+        with pytest.raises(error, match=f"{name}: expected an integer >= 1"):
+            index.search(q, 1, workspace_bytes=value)
+
+
+def test_search_on_numpy_keeps_torch_unloaded():
+    code = ("import sys, numpy as np, latentspace as ls; x = np.ones((5, 3), np.float32); "
+            "ls.knn(x, x, 2); ls.knn(x, x, 2, device='cpu', workspace_bytes=10); "
+            "i = ls.FlatIndex(3, device=None); i.add(x); i.search(x, 1); assert i.device == 'cpu'; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Input checks on tensors: the CPU's messages
+
+
+def _bad_inputs():
+    yield torch.zeros(5), "1-d"
+    yield torch.zeros(2, 3, 4), "3-d"
+    yield torch.zeros(4, 3, dtype=torch.bool), "bool"
+    yield torch.zeros(4, 3, dtype=torch.complex64), "complex"
+    yield torch.zeros(4, 0), "no columns"
+    yield torch.zeros(4, 5), "wrong dimension"
+
+
+@pytest.mark.parametrize("value,label", list(_bad_inputs()), ids=[label for _, label in _bad_inputs()])
+def test_device_matrix_errors_equal_the_cpu_ones(value, label):
+    with pytest.raises((TypeError, ValueError)) as cpu:
+        _arrays.as_matrix(value, "queries", dim=3)
+    with pytest.raises(type(cpu.value)) as device:
+        _arrays.as_device_matrix(value, "queries", torch.device("cpu"), dim=3)
+    assert str(device.value) == str(cpu.value)
+    array = value.numpy()
+    with pytest.raises((TypeError, ValueError)) as cpu:
+        _arrays.as_matrix(array, "database", dim=3)
+    with pytest.raises(type(cpu.value)) as host:
+        _arrays.as_host_matrix(array, "database", dim=3)
+    assert str(host.value) == str(cpu.value)
+
+
+def test_device_matrix_copies_only_when_needed(rng):
+    x = torch.from_numpy(_normal(rng, 6, 4))
+    same, kind = _arrays.as_device_matrix(x, "x", torch.device("cpu"))
+    assert kind == "torch" and same.data_ptr() == x.data_ptr()
+    for other in (x.double(), x.half(), x.t().contiguous().t(), x[:, ::2]):
+        converted, _ = _arrays.as_device_matrix(other, "x", torch.device("cpu"))
+        assert converted.dtype == torch.float32 and converted.is_contiguous()
+        np.testing.assert_array_equal(converted.numpy(), other.float().numpy())
+    array = _normal(rng, 3, 4)
+    array.flags.writeable = False  # a read-only memory map, say: no warning, no copy on the host
+    tensor, kind = _arrays.as_device_matrix(array, "x", torch.device("cpu"))
+    assert kind == "numpy"
+    np.testing.assert_array_equal(tensor.numpy(), array)
+    wide = rng.standard_normal((5, 3))  # float64 stays float64 on the host, for chunked conversion
+    assert _arrays.as_host_matrix(wide, "x") is wide
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf, 1e19, 3e38])
+@pytest.mark.parametrize("bad_row", [0, 5, 12])
+def test_device_row_check_equals_the_cpu_one(bad_value, bad_row, rng, monkeypatch):
+    monkeypatch.setattr(_arrays, "_NORM_ROWS_PER_STEP", 4)  # several steps
+    x = _normal(rng, 13, 1 if bad_value == 1e19 else 6)
+    x[bad_row, 0] = bad_value
+    x[12, -1] = np.nan  # a later bad row: the first is named
+    with pytest.raises(ValueError) as cpu:
+        _arrays.check_rows_usable(x, "database")
+    flag = _arrays.unusable_row_flag(torch.from_numpy(x))
+    assert flag.dtype == torch.int64 and int(flag) == bad_row
+    with pytest.raises(ValueError) as device:
+        _arrays.check_rows_usable_flags([flag], ["database"])
+    assert str(device.value) == str(cpu.value)
+    assert int(_arrays.unusable_row_flag(torch.from_numpy(x), first_row=100)) == 100 + bad_row
+
+
+def test_device_row_check_passes_usable_rows(rng):
+    x = _normal(rng, 9, 3)
+    x[2] = 0.0
+    x[4, 0] = np.sqrt(_arrays.MAX_SQUARED_NORM) * 0.999  # just below the limit
+    _arrays.check_rows_usable(x, "x")
+    assert int(_arrays.unusable_row_flag(torch.from_numpy(x))) == -1
+    assert int(_arrays.unusable_row_flag(torch.zeros(0, 3))) == -1
+    _arrays.check_rows_usable_flags([], [])
+
+
+# ---------------------------------------------------------------------------------------
+# Planners
+
+
+def knn_cu_workspace(num_queries: int, num_database: int, k: int, multiprocessors: int = 132) -> int:
+    """The workspace size of csrc/cuda/knn.cu (make_plan / carve), modelled in Python, so that
+    the planner meets the real kernel's shape: fewer queries -> more database splits, so the
+    bytes are not monotonic in the number of queries (CUB's temporary storage estimated)."""
+    if num_queries == 0:
+        return 0
+
+    def ceil_div(a, b):
+        return -(-a // b)
+
+    def aligned(n):
+        return ceil_div(n, 256) * 256
+
+    query_tiles = ceil_div(num_queries, 64)
+    database_tiles = ceil_div(num_database, 64)
+    wanted = ceil_div(2 * multiprocessors, max(query_tiles, 1))
+    most = max(1, database_tiles // 4)
+    splits = min(max(wanted, 1), min(most, 65535))
+    split_length = ceil_div(database_tiles, splits) * 64
+    splits = max(1, ceil_div(num_database, split_length))
+    capacity = k + max(k, 4 * 64)
+    cub = 2 * num_queries * k * 8 + 4096
+    return (aligned(num_queries * 4) + aligned(num_database * 4) + aligned(num_queries * splits * capacity * 8)
+            + aligned(num_queries * splits * 4) + 2 * aligned(num_queries * k * 8) + aligned((num_queries + 1) * 4)
+            + aligned(cub))
+
+
+def _check_query_plan(plan, num_queries, k, workspace_of, bound):
+    if num_queries == 0:
+        assert plan == []
+        return
+    assert [start for start, _, _ in plan] == [0] + [stop for _, stop, _ in plan[:-1]]
+    assert (plan[-1][1] if plan else 0) == num_queries
+    for start, stop, need in plan:
+        assert stop > start
+        assert (stop - start) * k <= MAX_ITEMS_PER_CALL
+        assert need == workspace_of(stop - start) <= bound
+
+
+@pytest.mark.parametrize("num_queries", [0, 1, 7, 63, 64, 65, 1000, 100_000])
+@pytest.mark.parametrize("num_database", [1, 100, 100_003, 10_000_000])
+@pytest.mark.parametrize("k", [1, 10, 1024, 16384])
+def test_query_plan_meets_the_bound_with_the_kernels_workspace(num_queries, num_database, k):
+    k = min(k, num_database)  # the searches cap k at the rows of the call
+    bound = 1 << 30
+    workspace_of = lambda n: knn_cu_workspace(n, num_database, k)  # noqa: E731
+    plan = plan_query_chunks(num_queries, k, workspace_of, bound)
+    _check_query_plan(plan, num_queries, k, workspace_of, bound)
+    if num_queries and workspace_of(num_queries) <= bound:
+        assert len(plan) == 1  # no splitting when it is not needed
+
+
+def test_query_plan_handles_a_non_monotonic_workspace():
+    # Chunks of 64 need more than chunks of 65 (as in knn.cu); the tail is sized by itself.
+    workspace_of = lambda n: 10 * n if n != 64 else 10_000  # noqa: E731
+    plan = plan_query_chunks(130, 1, workspace_of, 1000)
+    _check_query_plan(plan, 130, 1, workspace_of, 1000)
+    plan = plan_query_chunks(64, 1, workspace_of, 1000)
+    _check_query_plan(plan, 64, 1, workspace_of, 1000)
+
+
+def test_query_plan_respects_the_item_limit():
+    plan = plan_query_chunks(5000, 1 << 20, lambda n: 0, 1)
+    assert max(stop - start for start, stop, _ in plan) == MAX_ITEMS_PER_CALL // (1 << 20)
+    _check_query_plan(plan, 5000, 1 << 20, lambda n: 0, 1)
+
+
+def test_query_plan_refuses_a_bound_below_one_query():
+    with pytest.raises(ValueError, match=r"workspace_bytes: one query with k=7 needs 500 bytes of GPU workspace "
+                                         r"against this database, more than the bound of 499; pass "
+                                         r"workspace_bytes=500 or more, or use a smaller k"):
+        plan_query_chunks(10, 7, lambda n: 500 * n, 499)
+
+
+@pytest.mark.parametrize("n,rows", [(1, 1), (10, 3), (10, 10), (10, 100), (100_003, 4096)])
+def test_database_plan_covers_the_rows(n, rows):
+    pieces = plan_database_chunks(n, rows)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(b[0] == a[1] for a, b in zip(pieces, pieces[1:]))
+    assert all(0 < stop - start <= rows for start, stop in pieces)
+
+
+def test_rows_per_call():
+    assert _cuda_search.rows_per_call(1) == 1
+    assert _cuda_search.rows_per_call(8000) == 1000
+    assert _cuda_search.rows_per_call(1 << 40) == _cuda_search.MAX_ROWS_PER_CALL < 1 << 30
+
+
+@pytest.mark.parametrize("num_queries", [1, 7, 10_000, 10_000_000])
+@pytest.mark.parametrize("num_database", [1, 1000, 100_000_000])
+@pytest.mark.parametrize("dim", [1, 128, 2048])
+@pytest.mark.parametrize("k", [1, 100, 16384])
+@pytest.mark.parametrize("memory_bytes", [1, 1 << 20, 2 << 30])
+def test_host_stream_plan_fits_the_budget(num_queries, num_database, dim, k, memory_bytes):
+    workspace_bytes = 1 << 30
+    query_rows, rows = plan_host_stream(num_queries, num_database, dim, k, memory_bytes, workspace_bytes)
+    assert 1 <= query_rows <= num_queries and 1 <= rows <= num_database
+    assert rows <= max(1, _cuda_search.HOST_CHUNK_BYTES // (dim * 4))
+    assert rows <= _cuda_search.rows_per_call(workspace_bytes)
+    kept = min(k, num_database)
+    used = query_rows * (dim * 4 + _cuda_search.RESULT_BYTES_PER_NEIGHBOUR * kept) + 2 * rows * dim * 4
+    if query_rows > 1 or rows > 1:  # below one query and one row, the budget is exceeded, not refused
+        assert used <= memory_bytes
+    if used <= memory_bytes // 2 and query_rows == num_queries:
+        assert rows == min(num_database, _cuda_search.HOST_CHUNK_BYTES // (dim * 4)) or rows > 1
+
+
+# ---------------------------------------------------------------------------------------
+# merge_topk against the CPU search
+
+
+def _chunk_results(queries, database, k, metric, bounds):
+    """latentspace.knn of each database chunk (k may exceed a chunk: -1 / inf padding)."""
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        D, I = latentspace.knn(queries, database[start:stop], k, metric)
+        yield start, torch.from_numpy(D), torch.from_numpy(I)
+
+
+def _merged(queries, database, k, metric, bounds):
+    running = None
+    for start, D, I in _chunk_results(queries, database, k, metric, bounds):
+        running = merge_topk(running, (D, I), k, metric, offset=start)
+    return running
+
+
+def _random_bounds(rng, n, pieces):
+    cuts = np.sort(rng.choice(np.arange(1, n), size=min(pieces - 1, n - 1), replace=False)) if n > 1 else []
+    return [0, *map(int, cuts), n]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 5), (40, 1), (40, 7), (40, 40), (40, 45), (300, 64), (300, 310)])
+@pytest.mark.parametrize("pieces", [1, 2, 5, 40])
+def test_merge_of_chunks_equals_knn_of_the_whole(metric, n, k, pieces, rng):
+    queries, database = _integers(rng, 17, 5), _integers(rng, n, 5)  # exact arithmetic, many ties
+    database[rng.integers(0, n, n // 4)] = 0.0  # zero rows: cosine ties at 0
+    D, I = _merged(queries, database, k, metric, _random_bounds(rng, n, pieces))
+    D0, I0 = latentspace.knn(queries, database, k, metric)
+    assert D.shape == I.shape == (17, k) and D.dtype == torch.float32 and I.dtype == torch.int64
+    if metric == "cosine":  # rounding differs between kernel paths: compare with the reference
+        assert_knn_matches(D, I, queries, database, k, metric)
+        np.testing.assert_allclose(D.numpy(), D0, atol=1e-6)
+    else:
+        np.testing.assert_array_equal(I.numpy(), I0)
+        np.testing.assert_array_equal(D.numpy(), D0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_merge_keeps_ties_on_the_lower_index_across_chunks(metric, rng):
+    vector = _normal(rng, 1, 8)
+    database = np.repeat(vector, 30, axis=0)
+    queries = _normal(rng, 4, 8)
+    for bounds in ([0, 30], [0, 1, 30], [0, 7, 8, 20, 30], list(range(31))):
+        D, I = _merged(queries, database, 12, metric, bounds)
+        np.testing.assert_array_equal(I.numpy(), np.tile(np.arange(12), (4, 1)))
+        assert (D == D[:, :1]).all()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_merge_pads_like_knn_when_k_exceeds_the_database(metric, rng):
+    queries, database = _normal(rng, 3, 4), _normal(rng, 6, 4)
+    D, I = _merged(queries, database, 10, metric, [0, 2, 3, 6])
+    assert (I[:, 6:] == -1).all() and (D[:, 6:] == PAD[metric]).all()
+    np.testing.assert_array_equal(np.sort(I[:, :6].numpy(), axis=1), np.tile(np.arange(6), (3, 1)))
+    assert_knn_matches(D, I, queries, database, 10, metric)
+
+
+def test_merge_offsets_indices_but_not_padding():
+    chunk = (torch.tensor([[1.0, 2.0, np.inf]]), torch.tensor([[1, 0, -1]]))
+    D, I = merge_topk(None, chunk, 3, "l2", offset=10)
+    assert I.tolist() == [[11, 10, -1]] and D.tolist() == [[1.0, 2.0, np.inf]]
+    D, I = merge_topk((D, I), (torch.tensor([[2.0, 0.5]]), torch.tensor([[0, 1]])), 4, "l2", offset=20)
+    assert I.tolist() == [[21, 11, 10, 20]] and D.tolist() == [[0.5, 1.0, 2.0, 2.0]]
+    D, I = merge_topk((torch.tensor([[3.0, -np.inf]]), torch.tensor([[4, -1]])),
+                      (torch.tensor([[3.0, 5.0]]), torch.tensor([[0, 1]])), 3, "ip", offset=9)
+    assert I.tolist() == [[10, 4, 9]] and D.tolist() == [[5.0, 3.0, 3.0]]
+
+
+# ---------------------------------------------------------------------------------------
+# The orchestration on CPU tensors (CpuBackend): query chunks, database chunks, streaming
+
+
+def _exact(metric):
+    return metric in ("l2", "ip")
+
+
+def _assert_same_search(D, I, queries, database, k, metric):
+    D0, I0 = latentspace.knn(np.asarray(queries, dtype=np.float32), np.asarray(database, dtype=np.float32), k, metric)
+    D, I = (a.numpy() if hasattr(a, "numpy") else a for a in (D, I))
+    if _exact(metric):
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+    else:
+        assert_knn_matches(D, I, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 3), (50, 1), (50, 8), (50, 50), (50, 57), (1000, 100)])
+@pytest.mark.parametrize("memory_bytes", [1, 4000, 1 << 30])
+@pytest.mark.parametrize("queries_as", ["numpy", "tensor"])
+def test_streamed_search_equals_the_cpu_search(metric, n, k, memory_bytes, queries_as, rng):
+    queries, database = _integers(rng, 23, 6), _integers(rng, n, 6)
+    q = queries if queries_as == "numpy" else torch.from_numpy(queries)
+    backend = CpuBackend()
+    D, I = search_streamed(backend, q, database, k, metric, workspace_bytes=1 << 20, memory_bytes=memory_bytes)
+    assert isinstance(D, np.ndarray) == (queries_as == "numpy")
+    _assert_same_search(D, I, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_streamed_search_with_tiny_chunks_and_query_chunks(metric, rng):
+    # Every level of chunking at once: query blocks (budget), native calls per block
+    # (workspace), database chunks; against the whole search.
+    queries, database = _integers(rng, 40, 3), _integers(rng, 211, 3)
+    calls = []
+
+    def workspace_of(nq, nb, k):
+        calls.append((nq, nb, k))
+        return nq * 100
+
+    backend = CpuBackend(workspace_of)
+    D, I = search_streamed(backend, queries, database, 9, metric, workspace_bytes=700, memory_bytes=2500)
+    _assert_same_search(D, I, queries, database, 9, metric)
+    assert max(nb for _, nb, _ in calls) < 211 and max(nq for nq, _, _ in calls) <= 7
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int16, np.uint8, ">f4"])
+def test_streamed_database_converts_chunk_by_chunk(dtype, rng):
+    queries = _integers(rng, 5, 4)
+    database = rng.integers(0, 3, (97, 4)).astype(dtype)
+    D, I = search_streamed(CpuBackend(), queries, database, 6, "l2", workspace_bytes=1 << 20, memory_bytes=600)
+    _assert_same_search(D, I, queries, database.astype(np.float32), 6, "l2")
+    strided = np.repeat(database, 2, axis=1)[:, ::2]  # non-contiguous
+    D2, I2 = search_streamed(CpuBackend(), queries, strided, 6, "l2", workspace_bytes=1 << 20, memory_bytes=600)
+    np.testing.assert_array_equal(I2, I)
+
+
+def test_streamed_memory_map(rng, tmp_path):
+    database = _integers(rng, 300, 8)
+    np.save(tmp_path / "x.npy", database)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    queries = _integers(rng, 9, 8)
+    D, I = search_streamed(CpuBackend(), queries, mapped, 5, "ip", workspace_bytes=1 << 20, memory_bytes=3000)
+    _assert_same_search(D, I, queries, database, 5, "ip")
+
+
+@pytest.mark.parametrize("bad_row", [0, 77, 299])
+def test_streamed_search_names_the_first_bad_database_row(bad_row, rng):
+    queries, database = _normal(rng, 30, 8), _normal(rng, 300, 8)
+    database[bad_row, 3] = np.nan
+    database[299, 0] = np.inf
+    with pytest.raises(ValueError) as cpu:
+        latentspace.knn(queries, database, 3)
+    with pytest.raises(ValueError) as streamed:
+        search_streamed(CpuBackend(), queries, database, 3, "l2", workspace_bytes=1 << 20, memory_bytes=2000)
+    assert str(streamed.value) == str(cpu.value)
+    assert f"database: row {bad_row} contains NaN or Inf" in str(cpu.value)
+
+
+def test_streamed_search_names_bad_queries_first(rng):
+    queries, database = _normal(rng, 30, 8), _normal(rng, 300, 8)
+    queries[21, 0] = np.inf  # in a later block of queries
+    database[5, 5] = np.nan
+    with pytest.raises(ValueError) as cpu:
+        latentspace.knn(queries, database, 3)
+    with pytest.raises(ValueError) as streamed:
+        search_streamed(CpuBackend(), queries, database, 3, "l2", workspace_bytes=1 << 20, memory_bytes=2000)
+    assert str(streamed.value) == str(cpu.value) and "queries: row 21" in str(cpu.value)
+
+
+def test_streamed_float64_beyond_float32_is_refused(rng):
+    queries, database = _normal(rng, 2, 3), rng.standard_normal((20, 3))
+    database[11, 1] = 1e300  # inf in float32
+    with pytest.raises(ValueError, match="database: row 11 contains NaN or Inf"):
+        search_streamed(CpuBackend(), queries, database, 2, "l2", workspace_bytes=1 << 20, memory_bytes=100)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("n,k", [(1, 2), (64, 5), (64, 64), (64, 70), (500, 33)])
+@pytest.mark.parametrize("workspace_bytes", [100, 1000, 1 << 30])
+def test_resident_search_chunks_queries_and_database(metric, n, k, workspace_bytes, rng):
+    queries, database = _integers(rng, 19, 4), _integers(rng, n, 4)
+    backend = CpuBackend(lambda nq, nb, k: nq * 10 + nb // 4)
+    if workspace_bytes < 10 + min(n, _cuda_search.rows_per_call(workspace_bytes)) // 4:
+        with pytest.raises(ValueError, match="workspace_bytes: one query with"):
+            search_resident(backend, torch.from_numpy(queries), torch.from_numpy(database), k, metric, workspace_bytes)
+        return
+    D, I = search_resident(backend, torch.from_numpy(queries), torch.from_numpy(database), k, metric,
+                           workspace_bytes)
+    _assert_same_search(D, I, queries, database, k, metric)
+
+
+def test_zero_similarity_is_positive_zero(rng):
+    # knn.cu decodes a zero similarity as -0.0; the Python side returns +0, as the CPU does.
+    class NegativeZeroBackend(CpuBackend):
+        def search(self, queries, database, k, code, distances, indices, workspace):
+            super().search(queries, database, k, code, distances, indices, workspace)
+            distances.masked_fill_(distances == 0, -0.0)
+
+    queries = np.zeros((2, 3), np.float32)
+    database = _normal(rng, 7, 3)
+    for metric in ("ip", "cosine"):
+        D, I = search_resident(NegativeZeroBackend(), torch.from_numpy(queries), torch.from_numpy(database), 5,
+                               metric, 1 << 20)
+        assert (D == 0).all() and not torch.signbit(D).any()
+        np.testing.assert_array_equal(I.numpy(), np.tile(np.arange(5), (2, 1)))
+
+
+# --- latentspace.knn's GPU entry on the stand-in: the CPU's checks, order and types -----
+
+
+def _knn(queries, database, k, metric="l2", **bounds):
+    bounds = {"workspace_bytes": None, "gpu_memory_bytes": None, **bounds}
+    return _cuda_search._knn(CpuBackend(), queries, database, k, metric, **bounds)
+
+
+def _bad_calls(rng):
+    x = _normal(rng, 10, 4)
+    yield "queries rank", (np.zeros(4, np.float32), x, 1)
+    yield "queries dtype", (np.zeros((2, 4), bool), x, 1)
+    yield "queries torch dtype", (torch.zeros(2, 4, dtype=torch.complex64), x, 1)
+    yield "database columns", (_normal(rng, 2, 4), _normal(rng, 10, 5), 1)
+    yield "database torch rank", (_normal(rng, 2, 4), torch.zeros(3, 4, 1), 1)
+    yield "k zero", (_normal(rng, 2, 4), x, 0)
+    yield "k float", (_normal(rng, 2, 4), x, 2.0)
+    yield "metric", (_normal(rng, 2, 4), x, 1, "dot")
+    yield "empty database", (_normal(rng, 2, 4), np.zeros((0, 4), np.float32), 1)
+    nan = x.copy()
+    nan[3, 1] = np.nan
+    yield "nan database", (_normal(rng, 2, 4), nan, 1)
+    yield "nan database, no queries", (np.zeros((0, 4), np.float32), nan, 1)
+    yield "nan queries", (nan, x, 1)
+    yield "bad k before a bad metric", (_normal(rng, 2, 4), x, -1, "dot")
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_gpu_entry_raises_what_the_cpu_raises(case, rng):
+    label, args = list(_bad_calls(rng))[case]
+    with pytest.raises((TypeError, ValueError)) as cpu:
+        latentspace.knn(*args)
+    with pytest.raises(type(cpu.value)) as gpu:
+        _knn(*args)
+    assert str(gpu.value) == str(cpu.value), label
+
+
+@pytest.mark.parametrize("queries_as", ["numpy", "torch"])
+@pytest.mark.parametrize("database_as", ["numpy", "torch"])
+def test_gpu_entry_returns_the_callers_type(queries_as, database_as, rng):
+    queries, database = _integers(rng, 8, 5), _integers(rng, 40, 5)
+    q = torch.from_numpy(queries) if queries_as == "torch" else queries
+    x = torch.from_numpy(database) if database_as == "torch" else database
+    D, I = _knn(q, x, 6, "ip", gpu_memory_bytes=3000)
+    assert isinstance(D, np.ndarray) == (queries_as == "numpy")
+    assert isinstance(I, np.ndarray) == (queries_as == "numpy")
+    _assert_same_search(D, I, queries, database, 6, "ip")
+    D, I = _knn(q[:0], x, 6)
+    assert tuple(D.shape) == tuple(I.shape) == (0, 6)
+
+
+# ---------------------------------------------------------------------------------------
+# FlatIndex
+
+
+def test_flat_index_device_and_to_on_the_cpu(rng, tmp_path):
+    x = _normal(rng, 30, 6)
+    index = latentspace.FlatIndex(6, "ip")
+    assert index.device == "cpu"
+    index.add(x)
+    copy = index.to("cpu")
+    assert copy is not index and copy.device == "cpu" and copy.metric == "ip" and copy.ntotal == 30
+    np.testing.assert_array_equal(copy.vectors(), x)
+    copy.add(x[:2])
+    assert index.ntotal == 30  # a copy, not a view
+    assert latentspace.FlatIndex(6).to(None).ntotal == 0
+    index.save(tmp_path / "i.lsx")
+    for mmap in (False, True):
+        loaded = latentspace.load_index(tmp_path / "i.lsx", mmap=mmap, device="cpu")
+        assert loaded.device == "cpu" and loaded.is_mmap == mmap
+        np.testing.assert_array_equal(loaded.vectors(), x)
+    in_memory = latentspace.load_index(tmp_path / "i.lsx", mmap=True).to("cpu")
+    assert not in_memory.is_mmap
+    in_memory.add(x[:1])
+
+
+@needs_no_gpu
+def test_flat_index_on_cuda_refused_cleanly_here():
+    with pytest.raises(RuntimeError, match=r"device='cuda' asked for, but CUDA is unavailable here: .+\. "
+                                           r"Use device='cpu'"):
+        latentspace.FlatIndex(8, device="cuda")
+    with pytest.raises(ValueError, match="device: expected"):
+        latentspace.FlatIndex(8, device="tpu")
+
+
+def test_cosine_is_clamped_and_reordered_like_the_cpu():
+    # knn.cu does not clamp cosine similarities: rounding can give 1.0000001. The Python side
+    # clamps to [-1, 1] and restores "equal similarities: lower index first", as the CPU does.
+    class UnclampedBackend(CpuBackend):
+        def search(self, queries, database, k, code, distances, indices, workspace):
+            distances.copy_(torch.tensor([[1.0000001, 1.0, 0.5, -1.0, -1.0000001]]))
+            indices.copy_(torch.tensor([[4, 2, 0, 3, 1]]))
+
+    D, I = search_resident(UnclampedBackend(), torch.zeros(1, 2), torch.zeros(5, 2), 5, "cosine", 1 << 20)
+    assert D.tolist() == [[1.0, 1.0, 0.5, -1.0, -1.0]]
+    assert I.tolist() == [[2, 4, 0, 1, 3]]
+    D, I = search_resident(UnclampedBackend(), torch.zeros(1, 2), torch.zeros(5, 2), 7, "cosine", 1 << 20)
+    assert D.tolist() == [[1.0, 1.0, 0.5, -1.0, -1.0, -np.inf, -np.inf]]
+    assert I.tolist() == [[2, 4, 0, 1, 3, -1, -1]]
