@@ -77,6 +77,7 @@ int multiprocessor_count(int device) {
 
 Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
   LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
+  LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
   LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
                  nq, " * ", k, " (search the queries in chunks)");
   Plan plan;
@@ -88,7 +89,10 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
   const int64_t splits = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 65535));
   plan.split_length = ceil_div(database_tiles, splits) * kDatabaseTile;
   plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
-  plan.capacity = static_cast<int>(k + std::max<int64_t>(k, kExtraCapacityTiles * kDatabaseTile));
+  // A list never holds more keys than its split has rows, so no capacity beyond that is needed
+  // (small query batches get many short splits: this keeps their workspace small).
+  plan.capacity = static_cast<int>(
+      std::min<int64_t>(k + std::max<int64_t>(k, kExtraCapacityTiles * kDatabaseTile), plan.split_length));
   const int items = static_cast<int>(nq * k);
   LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, plan.cub_bytes, static_cast<const uint64_t*>(nullptr),
                                                          static_cast<uint64_t*>(nullptr), items,
@@ -137,7 +141,9 @@ __device__ inline float score_of(float dot, float query_norm, float database_nor
   } else if constexpr (kMetric == Metric::kInnerProduct) {
     return -dot;
   } else {
-    return -(dot * query_norm * database_norm);  // inverse norms, 0 for zero vectors
+    // Inverse norms, 0 for zero vectors; clamped like the CPU's (rounding can pass 1), before
+    // the key is formed, so values clamped together still order by index.
+    return -fminf(fmaxf(dot * query_norm * database_norm, -1.0f), 1.0f);
   }
 }
 
@@ -223,9 +229,11 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
     }
     __syncthreads();
     // A list that might overflow with the next tile (up to kDatabaseTile more keys) is cut
-    // back to k; capacity >= k + kDatabaseTile, so there is room again afterwards.
+    // back to k: capacity is k + max(k, 256), so there is room again afterwards, or the
+    // split's length, which the list cannot outgrow (then it is cut only when above k).
     for (int qi = 0; qi < kQueryTile; ++qi) {
-      if (s.count[qi] > a.capacity - kDatabaseTile) cut_back(s, list_of(qi), qi, a.k);
+      const int count = s.count[qi];
+      if (count > a.capacity - kDatabaseTile && count > a.k) cut_back(s, list_of(qi), qi, a.k);
     }
   }
   for (int qi = 0; qi < kQueryTile; ++qi) {
@@ -268,7 +276,7 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   }
   indices[i] = static_cast<int64_t>(key & 0xFFFFFFFFu);
   const float score = from_order_preserving_bits(static_cast<uint32_t>(key >> 32));
-  distances[i] = similarity ? -score : score;
+  distances[i] = similarity ? 0.0f - score : score;  // 0 - (+0) = +0, as on the CPU (-score gives -0)
 }
 
 template <Metric kMetric, KnnPrecision kPrecision>

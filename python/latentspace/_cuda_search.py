@@ -418,26 +418,7 @@ def _search_block(backend, queries, database, k: int, code: int, workspace_bytes
         workspace = torch.empty(need, dtype=torch.uint8, device=backend.device)
         backend.search(queries[start:stop], database, k, code, distances[start:stop], indices[start:stop], workspace)
         del workspace  # back to the caching allocator before the next call takes its own
-    if code != METRICS["l2"]:
-        # knn.cu decodes a zero similarity as -0.0 (minus a +0 score); the CPU returns +0.
-        distances.masked_fill_(distances == 0, 0.0)
-    if code == METRICS["cosine"]:
-        _clamp_cosine(distances, indices)
     return distances, indices
-
-
-def _clamp_cosine(distances, indices) -> None:
-    """As the CPU does (csrc/cpu/knn.cpp write_results): cosine similarities clamped to
-    [-1, 1], then each row put back in the documented order, since clamping can make
-    different similarities equal: best first, equal ones by lower index. In place."""
-    import torch
-
-    distances.copy_(torch.where(torch.isinf(distances), distances, distances.clamp(-1.0, 1.0)))  # padding stays
-    by_index = torch.sort(indices, dim=1, stable=True).indices
-    d, i = distances.gather(1, by_index), indices.gather(1, by_index)
-    by_similarity = torch.sort(d, dim=1, descending=True, stable=True).indices
-    distances.copy_(d.gather(1, by_similarity))
-    indices.copy_(i.gather(1, by_similarity))
 
 
 def search_resident(backend, queries, database, k: int, metric: str, workspace_bytes: int):
