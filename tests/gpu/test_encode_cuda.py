@@ -78,3 +78,24 @@ def test_add_encoded_from_a_gpu_model(model, digits):
     index = ls.FlatIndex(4)
     assert index.add_encoded(gpu, digits, batch_size=100) == 500
     np.testing.assert_array_equal(index.vectors(), ls.encode(gpu, digits, batch_size=100))
+
+
+@pytest.mark.skipif(not ls.cuda_available(), reason="latentspace's CUDA search is not usable here")
+@pytest.mark.parametrize("iterable", [False, True])
+def test_add_encoded_into_a_gpu_index(model, digits, iterable):
+    """The codes go straight into the index's device tensor (grown as chunks arrive for an
+    iterable) and search there equals a CPU index built from the same codes."""
+    cpu = ls.FlatIndex(4)
+    cpu.add(np.zeros((3, 4), np.float32))
+    cpu.add(model.encode(digits))
+    gpu = ls.FlatIndex(4, device="cuda")
+    gpu.add(np.zeros((3, 4), np.float32))  # rows already present stay in place
+    source = iter([digits[:123], digits[123:124], digits[124:]]) if iterable else digits
+    assert gpu.add_encoded(model, source, batch_size=64) == len(digits)
+    assert gpu.ntotal == cpu.ntotal == len(digits) + 3
+    _close(gpu.vectors(), cpu.vectors())
+    queries = cpu.vectors()[::50]
+    D_cpu, I_cpu = cpu.search(queries, 7)
+    D_gpu, I_gpu = gpu.search(queries, 7)
+    _close(D_gpu, D_cpu)
+    assert (I_gpu[:, 0] == I_cpu[:, 0]).mean() > 0.9  # codes agree to rounding: near-ties may swap
