@@ -661,3 +661,27 @@ def test_flat_index_on_cuda_refused_cleanly_here():
         latentspace.FlatIndex(8, device="tpu")
 
 
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_tensor_core_precisions_are_refused_on_the_cpu(precision):
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match=f"precision: '{precision}' runs on CUDA tensor cores only"):
+        latentspace.knn(x, x, 1, precision=precision)
+    index = latentspace.FlatIndex(4)
+    index.add(x)
+    with pytest.raises(ValueError, match="runs on CUDA tensor cores only"):
+        index.search(x, 1, precision=precision)
+
+
+@pytest.mark.parametrize("precision", ["FP32", "int8", None, 16])
+def test_unknown_precision(precision):
+    x = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="precision: expected one of 'fp32', 'tf32', 'bf16', 'fp16'"):
+        latentspace.knn(x, x, 1, precision=precision)
+
+
+def test_fp32_precision_is_the_default(rng):
+    x = rng.standard_normal((20, 5)).astype(np.float32)
+    for a, b in zip(latentspace.knn(x, x, 3), latentspace.knn(x, x, 3, precision="fp32")):
+        np.testing.assert_array_equal(a, b)

@@ -271,14 +271,32 @@ def _pad(distances, indices, kept: int, metric: str) -> None:
 # Backends: where a block of queries meets a block of the database
 
 
+# How the GPU kernel computes dot products (csrc/ops/knn.h KnnPrecision): exact float32 on
+# CUDA cores, or inputs rounded to tf32 / bf16 / fp16 on tensor cores with float32 sums.
+PRECISIONS = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3}
+
+
+def check_precision(precision: Any, on_gpu: bool) -> int:
+    """The native code of a search precision. The CPU computes in float32 only: the others
+    are refused there, with the fix."""
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of 'fp32', 'tf32', 'bf16', 'fp16', got {precision!r}")
+    if precision != "fp32" and not on_gpu:
+        raise ValueError(f"precision: {precision!r} runs on CUDA tensor cores only; the CPU search computes "
+                         "in float32 (precision='fp32'); pass device='cuda' or CUDA tensors")
+    return PRECISIONS[precision]
+
+
 class CudaBackend:
     """The native CUDA kernel on `device`, queued on torch's current stream for it. Use
-    under `torch.cuda.device(device)`: the kernel runs on the current device."""
+    under `torch.cuda.device(device)`: the kernel runs on the current device. precision:
+    a PRECISIONS code."""
 
-    def __init__(self, device):
+    def __init__(self, device, precision: int = 0):
         import torch
 
         self.device = device
+        self.precision = precision
         self.stream = torch.cuda.current_stream(device)
 
     def workspace_of(self, num_queries: int, num_database: int, k: int) -> int:
@@ -287,7 +305,7 @@ class CudaBackend:
     def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
                          database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
-                         workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream)
+                         workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream, self.precision)
 
     def upload(self, array: np.ndarray):
         return host_to_tensor(array).to(self.device)
@@ -516,12 +534,12 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
 
 
 def knn_on_device(queries: Any, database: Any, k: Any, metric: Any, device, *, workspace_bytes: int | None,
-                  gpu_memory_bytes: int | None):
+                  gpu_memory_bytes: int | None, precision: int = 0):
     """latentspace.knn on a CUDA device (resolved by resolve_device). See search.knn."""
     import torch
 
     with torch.cuda.device(device):
-        backend = CudaBackend(device)
+        backend = CudaBackend(device, precision)
         return _knn(backend, queries, database, k, metric, workspace_bytes=workspace_bytes,
                     gpu_memory_bytes=gpu_memory_bytes)
 

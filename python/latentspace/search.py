@@ -9,7 +9,7 @@ from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_
 
 
 def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any = None,
-        workspace_bytes: int | None = None, gpu_memory_bytes: int | None = None):
+        precision: str = "fp32", workspace_bytes: int | None = None, gpu_memory_bytes: int | None = None):
     """Exact k nearest neighbours of each query among the database rows (faiss conventions).
 
     Args:
@@ -25,6 +25,9 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any 
             CPU. "cpu": on the CPU (CUDA tensors are copied to the host; results come back as
             CPU tensors). "cuda", "cuda:N" or a torch.device: on that GPU (docs/gpu.md); a
             RuntimeError names why when CUDA is unusable here.
+        precision: "fp32" (default: exact float32). GPU only: "tf32", "bf16" or "fp16" round
+            the inputs to that precision and multiply on tensor cores, summing in float32
+            (faster, less exact: docs/gpu.md); the CPU refuses them with a ValueError.
         workspace_bytes: GPU only (checked, unused on the CPU): the most temporary device
             memory one native call may take (default 1 GiB); the queries are searched in as
             many calls as that needs. ValueError when one query alone needs more.
@@ -49,9 +52,10 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any 
     workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
     gpu_memory_bytes = _cuda_search.check_budget(gpu_memory_bytes, "gpu_memory_bytes")
     target = _cuda_search.resolve_device(device, (queries, "queries"), (database, "database"))
+    precision_code = _cuda_search.check_precision(precision, target is not None)
     if target is not None:
         return _cuda_search.knn_on_device(queries, database, k, metric, target, workspace_bytes=workspace_bytes,
-                                          gpu_memory_bytes=gpu_memory_bytes)
+                                          gpu_memory_bytes=gpu_memory_bytes, precision=precision_code)
     q, kind = as_matrix(queries, "queries")
     x, _ = as_matrix(database, "database", dim=q.shape[1])
     k = check_k(k)

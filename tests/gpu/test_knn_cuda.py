@@ -565,3 +565,44 @@ def test_reference_helpers_agree_with_conftest(rng):
         order = torch.sort(key, dim=1, stable=True).indices.cpu().numpy()
         np.testing.assert_array_equal(order, ref_order)
         np.testing.assert_allclose(np.take_along_axis(scores.cpu().numpy(), order, 1), ref_scores, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# Tensor-core precisions (tf32 / bf16 / fp16): inputs rounded, float32 sums
+
+
+# Unit roundoff of each input precision: tf32 and fp16 keep 10 mantissa bits, bf16 7.
+ROUNDOFF = {"tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(3, 5, 8, 9), (70, 3000, 128, 10), (9, 20_000, 40, 300)])
+def test_small_tensor_core_precisions(precision, metric, nq, n, dim, k, gen):
+    """Results keep every convention (order, padding, distinct valid indices); each distance
+    is the exact score of its returned index to within the precision's rounding; the
+    neighbours found are nearly the exact ones (recall vs float32)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    D, I = latentspace.knn(queries, database, k, metric, precision=precision)
+    kept = min(k, n)
+    assert D.shape == (nq, k) and (I[:, kept:] == -1).all() and (D[:, kept:] == PAD[metric]).all()
+    Ik = I[:, :kept]
+    assert ((Ik >= 0) & (Ik < n)).all()
+    exact = _scores64(queries, database, metric).gather(1, Ik)
+    # |error| <= a few roundoffs of the terms summed: |q||x| (and |q|^2 + |x|^2 for l2).
+    qn, xn = queries.double().norm(dim=1)[:, None], database.double().norm(dim=1)[Ik]
+    scale = (qn**2 + xn**2) if metric == "l2" else (torch.ones_like(xn) if metric == "cosine" else qn * xn)
+    assert ((D[:, :kept].double() - exact).abs() <= 8 * ROUNDOFF[precision] * scale + 1e-6).all()
+    D32, I32 = latentspace.knn(queries, database, k, metric)
+    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / kept for a, b in zip(Ik.cpu(), I32[:, :kept].cpu())])
+    assert recall >= (0.99 if precision != "bf16" else 0.9)
+
+
+def test_precision_reaches_the_flat_index(gen):
+    index = latentspace.FlatIndex(64, device="cuda")
+    index.add(_randn(gen, 1000, 64))
+    queries = _randn(gen, 5, 64)
+    exact = index.search(queries, 10)
+    rounded = index.search(queries, 10, precision="bf16")
+    assert not torch.equal(exact[0], rounded[0])  # bf16 rounding changes distances
+    assert (rounded[0] - exact[0]).abs().max() < 0.5

@@ -229,18 +229,20 @@ class FlatIndex:
         return view
 
     # -- search -------------------------------------------------------------------------
-    def search(self, queries: Any, k: int, *, workspace_bytes: int | None = None):
+    def search(self, queries: Any, k: int, *, precision: str = "fp32", workspace_bytes: int | None = None):
         """k nearest stored vectors of each query: (distances, indices), each (Q, k).
 
         Same conventions as latentspace.knn (best first, ties to the lower index, -1 and
         +-inf padding when k > ntotal); an empty index returns only padding. Results follow
         the queries' type (numpy or torch); on a GPU index CUDA tensor queries get results on
-        the index's device, other queries results in host memory. workspace_bytes: as for
-        latentspace.knn (GPU only; checked, unused on the CPU).
+        the index's device, other queries results in host memory. precision, workspace_bytes:
+        as for latentspace.knn (GPU only: "tf32" / "bf16" / "fp16" are refused on a CPU index;
+        workspace_bytes is checked but unused there).
         """
         workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
+        precision_code = _cuda_search.check_precision(precision, self._device is not None)
         if self._device is not None:
-            return self._search_cuda(queries, k, workspace_bytes)
+            return self._search_cuda(queries, k, workspace_bytes, precision_code)
         q, kind = as_matrix(queries, "queries", dim=self._dim)
         k = check_k(k)
         with self._lock:
@@ -351,7 +353,7 @@ class FlatIndex:
         rows = torch.from_numpy(ids.reshape(-1).astype(np.int64)).to(self._device)
         return stored.index_select(0, rows).cpu().numpy()
 
-    def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None):
+    def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None, precision: int = 0):
         import torch
 
         with torch.cuda.device(self._device):
@@ -361,7 +363,7 @@ class FlatIndex:
             with self._lock:
                 database = self._gpu_buffer[: self._ntotal]
             check_rows_usable_flags([unusable_row_flag(q)], ["queries"])
-            backend = _cuda_search.CudaBackend(self._device)
+            backend = _cuda_search.CudaBackend(self._device, precision)
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
