@@ -459,3 +459,37 @@ def test_pipeline_errors(pipeline_files, capsys):
     assert "--out: expected a file name ending in .npz" in err
     assert set(_files(tmp)) - set(before) == {"bad.npy", "c.lsidx", "codes.npy", "flat.npy", "six.safetensors",
                                               "wide.npy"}  # no outputs, no temporary files
+
+
+def test_weighted_index_from_the_shell(tmp_path, rng, capsys):
+    """index build --metric weighted_l2 --weights stores the default; search --weights
+    overrides it per search; both equal the Python API's answers."""
+    import numpy as np
+
+    Z = rng.standard_normal((300, 4)).astype(np.float32)
+    Q = rng.standard_normal((6, 4)).astype(np.float32)
+    w_build, w_search = np.array([1, 0, 2, 1], np.float32), np.array([0, 1, 1, 3], np.float32)
+    for name, array in (("Z.npy", Z), ("Q.npy", Q), ("wb.npy", w_build), ("ws.npy", w_search)):
+        np.save(tmp_path / name, array)
+    code, _, err = _main(capsys, "index", "build", str(tmp_path / "Z.npy"), "--out", str(tmp_path / "i.lsidx"),
+                         "--metric", "weighted_l2", "--weights", str(tmp_path / "wb.npy"))
+    assert code == 0, err
+    for weights, extra in ((w_build, []), (w_search, ["--weights", str(tmp_path / "ws.npy")])):
+        code, _, err = _main(capsys, "search", str(tmp_path / "i.lsidx"), str(tmp_path / "Q.npy"), "-k", "5",
+                             "--out", str(tmp_path / "r.npz"), *extra)
+        assert code == 0, err
+        result = np.load(tmp_path / "r.npz")
+        D, I = latentspace.knn(Q, Z, 5, "weighted_l2", weights=weights)
+        np.testing.assert_array_equal(result["indices"], I)
+        np.testing.assert_array_equal(result["distances"], D)
+
+
+def test_weights_for_an_unweighted_index_are_refused(tmp_path, rng, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "Z.npy", rng.standard_normal((10, 3)).astype(np.float32))
+    np.save(tmp_path / "w.npy", np.ones(3, np.float32))
+    code, _, err = _main(capsys, "index", "build", str(tmp_path / "Z.npy"), "--out", str(tmp_path / "i.lsidx"),
+                         "--weights", str(tmp_path / "w.npy"))
+    assert code == 2
+    assert "--weights: only the weighted_l2 metric takes weights" in err

@@ -685,3 +685,15 @@ def test_fp32_precision_is_the_default(rng):
     x = rng.standard_normal((20, 5)).astype(np.float32)
     for a, b in zip(latentspace.knn(x, x, 3), latentspace.knn(x, x, 3, precision="fp32")):
         np.testing.assert_array_equal(a, b)
+
+
+def test_weighted_l2_through_the_stand_in_backend(rng):
+    """The GPU orchestration passes the weights down (the stand-in runs the CPU kernel)."""
+    q = rng.standard_normal((7, 5)).astype(np.float32)
+    x = rng.standard_normal((400, 5)).astype(np.float32)
+    w = np.array([0, 1, 2, 0.5, 1], np.float32)
+    D, I = _cuda_search._knn(CpuBackend(), q, x, 9, "weighted_l2", workspace_bytes=None, gpu_memory_bytes=1 << 14,
+                             weights=w)
+    D_cpu, I_cpu = latentspace.knn(q, x, 9, "weighted_l2", weights=w)
+    np.testing.assert_array_equal(I, I_cpu)
+    np.testing.assert_array_equal(D, D_cpu)

@@ -11,7 +11,7 @@ void bind_knn(py::module_& m) {
   m.def(
       "knn",
       [](py::array queries, py::array database, int64_t k, int metric, py::array distances,
-         py::array indices) {
+         py::array indices, py::object weights) {
         const float* q = checked_data<float>(queries, "queries", 2, false);
         const float* x = checked_data<float>(database, "database", 2, false);
         float* d = checked_data<float>(distances, "distances", 2, true);
@@ -23,12 +23,21 @@ void bind_knn(py::module_& m) {
                            dim_of(indices, 0) == nq && dim_of(indices, 1) == k,
                        "distances, indices: expected shape (", nq, ", ", k, ")");
         LS_CHECK_VALUE(metric >= 0 && metric <= 2, "metric: expected 0 (l2), 1 (ip) or 2 (cosine), got ", metric);
+        const float* w = nullptr;
+        py::array weight_array;
+        if (!weights.is_none()) {
+          weight_array = weights.cast<py::array>();
+          w = checked_data<float>(weight_array, "weights", 1, false);
+          LS_CHECK_VALUE(dim_of(weight_array, 0) == dim, "weights: expected ", dim, " values (one per dimension), got ",
+                         dim_of(weight_array, 0));
+        }
         py::gil_scoped_release release;
-        knn_cpu(q, nq, x, nb, dim, k, static_cast<Metric>(metric), d, i);
+        knn_cpu(q, nq, x, nb, dim, k, static_cast<Metric>(metric), d, i, w);
       },
       py::arg("queries"), py::arg("database"), py::arg("k"), py::arg("metric"),
-      py::arg("distances"), py::arg("indices"),
-      "Exact kNN into preallocated (Q, k) float32 distances and int64 indices.");
+      py::arg("distances"), py::arg("indices"), py::arg("weights") = py::none(),
+      "Exact kNN into preallocated (Q, k) float32 distances and int64 indices; weights (dim "
+      "float32 values, metric l2 only): the weighted squared distance.");
 
   // CUDA: torch tensors cross as device pointers (integers) from python/latentspace/_cuda_search.py,
   // which checks devices, dtypes, shapes and finiteness first; the stream is torch's current one.
@@ -45,7 +54,7 @@ void bind_knn(py::module_& m) {
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,
          int metric, uintptr_t distances, uintptr_t indices, uintptr_t workspace, size_t workspace_bytes,
-         uintptr_t stream, int precision) {
+         uintptr_t stream, int precision, uintptr_t weights) {
         LS_CHECK_VALUE(metric >= 0 && metric <= 2, "metric: expected 0 (l2), 1 (ip) or 2 (cosine), got ", metric);
         LS_CHECK_VALUE(precision >= 0 && precision <= 3,
                        "precision: expected 0 (fp32), 1 (tf32), 2 (bf16) or 3 (fp16), got ", precision);
@@ -54,13 +63,15 @@ void bind_knn(py::module_& m) {
         knn_cuda(reinterpret_cast<const float*>(queries), num_queries, reinterpret_cast<const float*>(database),
                  num_database, dim, k, static_cast<Metric>(metric), static_cast<KnnPrecision>(precision),
                  reinterpret_cast<float*>(distances),
-                 reinterpret_cast<int64_t*>(indices), reinterpret_cast<void*>(workspace), workspace_bytes, stream);
+                 reinterpret_cast<int64_t*>(indices), reinterpret_cast<void*>(workspace), workspace_bytes, stream,
+                 reinterpret_cast<const float*>(weights));
       },
       py::arg("queries"), py::arg("num_queries"), py::arg("database"), py::arg("num_database"), py::arg("dim"),
       py::arg("k"), py::arg("metric"), py::arg("distances"), py::arg("indices"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("stream"), py::arg("precision") = 0,
+      py::arg("workspace_bytes"), py::arg("stream"), py::arg("precision") = 0, py::arg("weights") = 0,
       "Exact kNN on the current CUDA device into preallocated (Q, k) float32 / int64 device arrays; "
-      "queued on `stream`, returns before the work is done.");
+      "queued on `stream`, returns before the work is done. weights: a device pointer to dim "
+      "float32 values (0: none; metric l2 only), the weighted squared distance.");
 
   m.def(
       "sq_norms",

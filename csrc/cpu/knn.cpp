@@ -108,6 +108,18 @@ QueryPanels pack_query_block(const KnnKernels& kernels, const float* queries, in
   return panels;
 }
 
+// sum_d w_d x_d^2 of a packed panel's first `valid` vectors ([dim][width], in L1 right after
+// packing): the weighted metric's |x|_w^2, in place of pack_rows' plain norms.
+void weighted_panel_norms(const float* panel, int64_t valid, int64_t width, int64_t dim, const float* weights,
+                          float* norms) {
+  for (int64_t j = 0; j < valid; ++j) norms[j] = 0.0f;
+  for (int64_t d = 0; d < dim; ++d) {
+    const float w = weights[d];
+    const float* column = panel + d * width;
+    for (int64_t j = 0; j < valid; ++j) norms[j] += w * column[j] * column[j];
+  }
+}
+
 // Lowers `first_bad` to `row` if it is smaller (first_bad starts at the database size).
 void record_bad_row(std::atomic<int64_t>& first_bad, int64_t row) {
   int64_t seen = first_bad.load();
@@ -121,7 +133,7 @@ void record_bad_row(std::atomic<int64_t>& first_bad, int64_t row) {
 void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_rows,
                    const QueryPanels* packed_queries, const float* database, int64_t num_database,
                    int64_t dim, int64_t panel_begin, int64_t panel_end, Metric metric,
-                   ThreadScratch& scratch, const TopKHeaps& heaps,
+                   const float* weights, ThreadScratch& scratch, const TopKHeaps& heaps,
                    std::atomic<int64_t>& first_bad_row) {
   const int64_t width = kernels.panel_width;
   if (packed_queries == nullptr) {
@@ -147,6 +159,7 @@ void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_
         return;
       }
     }
+    if (weights) weighted_panel_norms(scratch.panel.data(), panel.valid, width, dim, weights, scratch.sq_norms.data());
     set_key_transform(metric, scratch.sq_norms.data(), panel.valid, width,
                       scratch.key_scale.data(), scratch.key_offset.data());
     kernels.scan(*packed_queries, panel, heaps);
@@ -205,15 +218,38 @@ void write_results(Metric metric, const TopKHeaps* parts, int num_parts, int64_t
 
 void knn_cpu(const float* queries, int64_t num_queries, const float* database,
              int64_t num_database, int64_t dim, int64_t k, Metric metric,
-             float* out_distances, int64_t* out_indices) {
+             float* out_distances, int64_t* out_indices, const float* weights) {
   LS_CHECK_VALUE(k >= 1, "k: expected an integer >= 1, got ", k);
   LS_CHECK_VALUE(dim >= 1, "dim: expected >= 1, got ", dim);
+  LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
+  if (weights) {
+    for (int64_t d = 0; d < dim; ++d) {
+      LS_CHECK_VALUE(std::isfinite(weights[d]) && weights[d] >= 0.0f, "weights: expected finite values >= 0, got ",
+                     weights[d], " at index ", d);
+    }
+  }
   if (num_queries == 0) return;
 
   const KnnKernels& kernels = cpu::knn_kernels(active_simd_level());
   std::vector<float> query_sq_norms(static_cast<size_t>(num_queries));
   const int64_t bad_query = sq_norms_cpu(queries, num_queries, dim, query_sq_norms.data());
   LS_CHECK_VALUE(bad_query < 0, "queries: row ", bad_query, kBadRowMessage);
+  // Weighted: sum w (q - x)^2 = |q|_w^2 - 2 <w q, x> + |x|_w^2. The kernels see the queries
+  // scaled by w (a copy of the queries only) and, per packed panel, the weighted norms.
+  std::vector<float> scaled_queries;
+  if (weights) {
+    scaled_queries.resize(static_cast<size_t>(num_queries * dim));
+    for (int64_t i = 0; i < num_queries; ++i) {
+      float norm = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float q = queries[i * dim + d];
+        scaled_queries[i * dim + d] = weights[d] * q;
+        norm += weights[d] * q * q;
+      }
+      query_sq_norms[i] = norm;
+    }
+    queries = scaled_queries.data();
+  }
 
   const int64_t kept = std::min(k, num_database);  // heap capacity; the rest is padding
   if (kept == 0) {
@@ -238,8 +274,9 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
                               num_queries < kQueriesPerThreadToSplitQueries * threads &&
                               num_panels >= kMinPanelsPerThread * threads;
   std::atomic<int64_t> first_bad_row{num_database};
-  // Blocks never mix paths: a batch this small is one block.
-  const bool use_rows = num_queries <= kernels.max_row_queries;
+  // Blocks never mix paths: a batch this small is one block. The row path computes plain
+  // norms as it reads: weighted searches take the packed path whatever their size.
+  const bool use_rows = num_queries <= kernels.max_row_queries && weights == nullptr;
 
   if (!split_database) {
     // Each thread owns a contiguous range of queries and scans the whole database.
@@ -262,7 +299,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
         mine.heaps.reset(rows, kept);
         const TopKHeaps heaps = mine.heaps.view();
         scan_database(kernels, block, rows, use_rows ? nullptr : &panels, database, num_database,
-                      dim, 0, num_panels, metric, mine, heaps, first_bad_row);
+                      dim, 0, num_panels, metric, weights, mine, heaps, first_bad_row);
         if (first_bad_row.load() < num_database) break;
         for (int64_t i = 0; i < rows; ++i) {
           write_results(metric, &heaps, 1, i, k, query_sq_norms[first + i], mine.merge.data(),
@@ -290,7 +327,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
         scratch[t].heaps.reset(rows, kept);
         parts[t] = scratch[t].heaps.view();
         scan_database(kernels, block, rows, use_rows ? nullptr : &panels, database, num_database,
-                      dim, num_panels * t / threads, num_panels * (t + 1) / threads, metric,
+                      dim, num_panels * t / threads, num_panels * (t + 1) / threads, metric, weights,
                       scratch[t], parts[t], first_bad_row);
 #pragma omp barrier
         if (first_bad_row.load() == num_database) {

@@ -107,21 +107,24 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
 
 // ---- kernels ------------------------------------------------------------------------------
 
-// One warp per row: squared norm (l2) or 1 / norm, 0 for a zero vector (cosine).
-__global__ void norms_kernel(const float* rows, int64_t count, int64_t dim, bool inverse, float* out) {
+// One warp per row: squared norm (l2; weighted, sum w x^2, when weights is not null) or
+// 1 / norm, 0 for a zero vector (cosine).
+__global__ void norms_kernel(const float* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
+                             float* out) {
   const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= count) return;
   float sum = 0.0f;
   for (int64_t d = lane; d < dim; d += 32) {
     const float v = rows[row * dim + d];
-    sum = fmaf(v, v, sum);
+    sum = fmaf(weights ? weights[d] * v : v, v, sum);
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
   if (lane == 0) out[row] = inverse ? (sum > 0.0f ? 1.0f / sqrtf(sum) : 0.0f) : sum;
 }
 
 struct ScanArgs {
+  const float* weights;  // nullable (weighted l2)
   const float* queries;
   const float* database;
   const float* query_norms;
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
   __syncthreads();
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
-    const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim};
+    const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
     float acc[4][4];
     if constexpr (kPrecision == KnnPrecision::kFloat32) {
       simt_tile(bounds, s.staging, acc);
@@ -309,8 +312,9 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
 
 void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
-              void* workspace, size_t workspace_bytes, uintptr_t stream_handle) {
+              void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights) {
   using namespace cuda;
+  LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
   if (num_queries == 0) return;
   LS_CHECK_VALUE(num_database >= 1, "database: expected at least one row");
   LS_CHECK_VALUE(k >= 1, "k: expected an integer >= 1, got ", k);
@@ -326,13 +330,13 @@ void knn_cuda(const float* queries, int64_t num_queries, const float* database, 
   if (metric != Metric::kInnerProduct) {
     const bool inverse = metric == Metric::kCosine;
     norms_kernel<<<blocks_for(num_queries * 32, kThreads), kThreads, 0, stream>>>(queries, num_queries, dim, inverse,
-                                                                                   w.query_norms);
+                                                                                   weights, w.query_norms);
     check_launch("norms_kernel (queries)");
     norms_kernel<<<blocks_for(num_database * 32, kThreads), kThreads, 0, stream>>>(database, num_database, dim,
-                                                                                    inverse, w.database_norms);
+                                                                                    inverse, weights, w.database_norms);
     check_launch("norms_kernel (database)");
   }
-  const ScanArgs args{queries,   database, w.query_norms, w.database_norms, num_queries,       num_database, dim,
+  const ScanArgs args{weights,  queries, database, w.query_norms, w.database_norms, num_queries, num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {
     case Metric::kL2: launch_scan_for<Metric::kL2>(precision, args, plan, stream); break;

@@ -30,7 +30,14 @@ struct TileBounds {
   int64_t q0, num_queries;  // query rows [q0, num_queries) exist
   int64_t n0, n_end;        // database rows [n0, n_end) belong to this block
   int64_t dim;
+  const float* weights;  // nullable: query values are multiplied by weights[d] when staged
 };
+
+__device__ inline float staged_query(const TileBounds& t, int64_t q, int64_t d) {
+  if (q >= t.num_queries || d >= t.dim) return 0.0f;
+  const float value = t.queries[q * t.dim + d];
+  return t.weights ? value * t.weights[d] : value;
+}
 
 // ---- float32 on CUDA cores ----------------------------------------------------------------
 
@@ -51,7 +58,7 @@ __device__ inline void simt_tile(const TileBounds& t, SimtStaging& s, float acc[
     for (int e = threadIdx.x; e < kQueryTile * kDepthChunk; e += kTileThreads) {
       const int row = e / kDepthChunk, col = e % kDepthChunk;  // a warp reads one row: coalesced
       const int64_t q = t.q0 + row, n = t.n0 + row, d = d0 + col;
-      s.queries[col][row] = q < t.num_queries && d < t.dim ? t.queries[q * t.dim + d] : 0.0f;
+      s.queries[col][row] = staged_query(t, q, d);
       s.database[col][row] = n < t.n_end && d < t.dim ? t.database[n * t.dim + d] : 0.0f;
     }
     __syncthreads();
@@ -128,7 +135,7 @@ __device__ inline void wmma_tile(const TileBounds& t, WmmaStaging<kPrecision>& s
     for (int e = threadIdx.x; e < kQueryTile * kDepthChunk; e += kTileThreads) {
       const int row = e / kDepthChunk, col = e % kDepthChunk;
       const int64_t q = t.q0 + row, n = t.n0 + row, d = d0 + col;
-      s.queries[row][col] = Traits::convert(q < t.num_queries && d < t.dim ? t.queries[q * t.dim + d] : 0.0f);
+      s.queries[row][col] = Traits::convert(staged_query(t, q, d));
       s.database[row][col] = Traits::convert(n < t.n_end && d < t.dim ? t.database[n * t.dim + d] : 0.0f);
     }
     __syncthreads();

@@ -22,9 +22,13 @@ enum class KnnPrecision : int { kFloat32 = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
 // out_distances, out_indices: [num_queries][k]. Releases nothing itself: callers drop the
 // GIL. Throws ValueError naming "queries" or "database" when a row holds NaN or Inf or
 // values so large that squared distances would overflow float32.
+//
+// weights (nullable, dim values, finite and >= 0; metric must be kL2): the weighted squared
+// distance sum_d w_d (q_d - x_d)^2 ("weighted_l2"): a weight of 0 drops a dimension. The
+// database is read as it is (never scaled or copied), so weights may change per search.
 void knn_cpu(const float* queries, int64_t num_queries, const float* database,
              int64_t num_database, int64_t dim, int64_t k, Metric metric,
-             float* out_distances, int64_t* out_indices);
+             float* out_distances, int64_t* out_indices, const float* weights = nullptr);
 
 // The same search on the current CUDA device (csrc/cuda/knn.cu; a CPU-only build throws
 // RuntimeError). Same arguments and results, plus what a GPU call needs: all pointers are
@@ -35,6 +39,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
 void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database,
               int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
-              int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream);
+              int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
+              const float* weights = nullptr);
 
 }  // namespace latentspace

@@ -53,7 +53,8 @@ __all__ = [
 # What the caller passed, so results can be returned as the same type.
 ArrayKind = str  # "numpy" or "torch"
 
-METRICS = {"l2": 0, "ip": 1, "cosine": 2}
+# Metric name -> native code. "weighted_l2" is the l2 kernel given per-dimension weights.
+METRICS = {"l2": 0, "ip": 1, "cosine": 2, "weighted_l2": 0}
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -146,10 +147,46 @@ def check_k(k: Any) -> int:
 
 
 def check_metric(metric: Any) -> int:
-    """Returns the native code of 'l2', 'ip' or 'cosine'."""
+    """Returns the native code of 'l2', 'ip', 'cosine' or 'weighted_l2'."""
     if not isinstance(metric, str) or metric not in METRICS:
-        raise ValueError(f"metric: expected one of 'l2', 'ip', 'cosine', got {metric!r}")
+        raise ValueError(f"metric: expected one of 'l2', 'ip', 'cosine', 'weighted_l2', got {metric!r}")
     return METRICS[metric]
+
+
+def is_ascending(metric: str) -> bool:
+    """Distances (l2, weighted_l2) sort ascending, similarities (ip, cosine) descending."""
+    return METRICS[metric] == 0
+
+
+def check_weights(weights: Any, dim: int) -> np.ndarray:
+    """Per-dimension influence weights: (dim,) real, finite, >= 0; returns a float32 copy (so
+    that changing the caller's array later changes nothing here)."""
+    if is_torch_tensor(weights):
+        weights = weights.detach().cpu().numpy()
+    array = _real_numpy(weights, "weights", "a 1-d array of per-dimension weights")
+    if array.ndim != 1 or array.shape[0] != dim:
+        raise ValueError(f"weights: expected {dim} values (one per dimension), got shape {tuple(array.shape)}")
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused below
+        array = np.array(array, dtype=np.float32)  # always a copy
+    bad = ~np.isfinite(array) | (array < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"weights: expected finite values >= 0, got {array[i]} at index {i}")
+    return array
+
+
+def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None = None) -> np.ndarray | None:
+    """The weights a search uses: for metric 'weighted_l2', `weights` checked (or `default`,
+    an index's own); None for the other metrics, which refuse weights."""
+    if metric != "weighted_l2":
+        if weights is not None:
+            raise ValueError(f"weights: only metric='weighted_l2' takes weights (this search uses {metric!r})")
+        return None
+    if weights is None:
+        if default is None:
+            raise ValueError("weights: metric='weighted_l2' needs weights, one non-negative value per dimension")
+        return default
+    return check_weights(weights, dim)
 
 
 def empty_results(kind: ArrayKind, rows: int, k: int):

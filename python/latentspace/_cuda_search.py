@@ -50,8 +50,10 @@ from ._arrays import (
     check_rows_usable,
     check_rows_usable_flags,
     host_to_tensor,
+    is_ascending,
     is_torch_tensor,
     unusable_row_flag,
+    weights_for,
 )
 
 __all__ = [
@@ -83,7 +85,7 @@ MAX_ROWS_PER_CALL = (1 << 30) - 1
 # Device bytes per query and neighbour while a host database streams: the running top-k,
 # one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
 RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
-_PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf")}
+_PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf"), "weighted_l2": float("inf")}
 _DEVICE_PATTERN = re.compile(r"cuda(?::(\d+))?")
 
 
@@ -257,7 +259,7 @@ def merge_topk(running, chunk, k: int, metric: str, offset: int = 0):
         return distances[:, :k], indices[:, :k]
     distances = torch.cat([running[0], distances], dim=1)
     indices = torch.cat([running[1], indices], dim=1)
-    order = torch.sort(distances, dim=1, descending=metric != "l2", stable=True).indices[:, :k]
+    order = torch.sort(distances, dim=1, descending=not is_ascending(metric), stable=True).indices[:, :k]
     return distances.gather(1, order), indices.gather(1, order)
 
 
@@ -292,12 +294,20 @@ class CudaBackend:
     under `torch.cuda.device(device)`: the kernel runs on the current device. precision:
     a PRECISIONS code."""
 
-    def __init__(self, device, precision: int = 0):
+    def __init__(self, device, precision: int = 0, weights: np.ndarray | None = None):
         import torch
 
         self.device = device
         self.precision = precision
         self.stream = torch.cuda.current_stream(device)
+        self.set_weights(weights)
+
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """weighted_l2: checked weights, put on the device for the kernel (a few bytes, copied
+        per search), or None."""
+        import torch
+
+        self.weights = None if weights is None else torch.from_numpy(weights).to(self.device)
 
     def workspace_of(self, num_queries: int, num_database: int, k: int) -> int:
         return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index)
@@ -305,7 +315,8 @@ class CudaBackend:
     def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
                          database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
-                         workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream, self.precision)
+                         workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream, self.precision,
+                         0 if self.weights is None else self.weights.data_ptr())
 
     def upload(self, array: np.ndarray):
         return host_to_tensor(array).to(self.device)
@@ -319,15 +330,19 @@ class CpuBackend:
     (query chunks, database chunks, streaming, merging) runs as it does on a GPU.
     workspace_of(num_queries, num_database, k) -> bytes models the kernel's workspace."""
 
-    def __init__(self, workspace_of: Callable[[int, int, int], int] | None = None):
+    def __init__(self, workspace_of: Callable[[int, int, int], int] | None = None, weights: np.ndarray | None = None):
         import torch
 
         self.device = torch.device("cpu")
         self.workspace_of = workspace_of or (lambda nq, nb, k: 256 + nq * k * 16 + nb * 4)
+        self.set_weights(weights)
+
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        self.weights = weights
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
         try:
-            _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy())
+            _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy(), self.weights)
         except ValueError:
             # The CPU kernel checks its inputs, the CUDA one trusts its caller and returns
             # meaningless results for NaN / Inf: so does the stand-in, and the caller's own
@@ -534,18 +549,18 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
 
 
 def knn_on_device(queries: Any, database: Any, k: Any, metric: Any, device, *, workspace_bytes: int | None,
-                  gpu_memory_bytes: int | None, precision: int = 0):
+                  gpu_memory_bytes: int | None, precision: int = 0, weights: Any = None):
     """latentspace.knn on a CUDA device (resolved by resolve_device). See search.knn."""
     import torch
 
     with torch.cuda.device(device):
         backend = CudaBackend(device, precision)
         return _knn(backend, queries, database, k, metric, workspace_bytes=workspace_bytes,
-                    gpu_memory_bytes=gpu_memory_bytes)
+                    gpu_memory_bytes=gpu_memory_bytes, weights=weights)
 
 
 def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace_bytes: int | None,
-         gpu_memory_bytes: int | None):
+         gpu_memory_bytes: int | None, weights: Any = None):
     """knn_on_device on any backend (tests run it on CpuBackend): checks in the CPU search's
     order and words, then a resident or a streamed search, results in the caller's type."""
     import torch
@@ -564,6 +579,9 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         x = as_host_matrix(database, "database", dim=dim)
     k = check_k(k)
     check_metric(metric)
+    w = weights_for(metric, weights, dim)
+    if w is not None:
+        backend.set_weights(w)
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % dim)
     workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights
 from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
@@ -126,6 +126,15 @@ def _command_encode(args: argparse.Namespace) -> int:
 # latentspace index build
 
 
+def _load_weights(path: str | None, metric: str, dim: int):
+    """--weights W.npy: per-dimension weights for metric weighted_l2 (checked like the API's)."""
+    if path is None:
+        return None
+    if metric != "weighted_l2":
+        raise ValueError(f"--weights: only the weighted_l2 metric takes weights (this index uses {metric})")
+    return check_weights(np.load(path, allow_pickle=False), dim)
+
+
 def _command_index_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -136,7 +145,8 @@ def _command_index_build(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.vectors}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
     n, dim = (int(s) for s in Z.shape)
     started = time.perf_counter()
-    index = FlatIndex(dim, args.metric)
+    weights = _load_weights(args.weights, args.metric, dim)
+    index = FlatIndex(dim, args.metric, weights=weights)
     index.reserve(n)  # one allocation; the chunks are copied in as they are read
     with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
@@ -164,6 +174,7 @@ def _command_search(args: argparse.Namespace) -> int:
     k = check_k(args.k)
     batch_size = check_int(args.batch_size, "--batch-size")
     index = load_index(args.index, mmap=args.mmap)
+    weights = _load_weights(args.weights, index.metric, index.dim)
     Q = _load_rows(args.queries, args.key)
     encoder = None
     if args.model is not None:
@@ -193,7 +204,7 @@ def _command_search(args: argparse.Namespace) -> int:
             chunk, _ = as_matrix(Q[start : start + batch_size], name, dim=index.dim)
             check_rows_usable(chunk, name, first_row=start)  # row numbers of the file
             stop = start + chunk.shape[0]
-            distances[start:stop], indices[start:stop] = index.search(chunk, k)
+            distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
             bar.update(chunk.shape[0])
     with atomic_write(out_path) as f:
         np.savez(f, distances=distances, indices=indices)
@@ -240,7 +251,10 @@ def add_commands(sub: Any) -> None:
     build = index_sub.add_parser("build", help="a FlatIndex over the rows of a .npy of vectors (e.g. codes)")
     build.add_argument("vectors", help="(n, dim) vectors: .npy (memory-mapped), .npz (--key) or .hdf5")
     build.add_argument("--out", required=True, help="the index file (written atomically)")
-    build.add_argument("--metric", choices=("l2", "ip", "cosine"), default="l2", help="default l2")
+    build.add_argument("--metric", choices=("l2", "ip", "cosine", "weighted_l2"), default="l2", help="default l2")
+    build.add_argument("--weights", default=None,
+                       help="weighted_l2: a .npy of dim non-negative weights, stored as the index's default "
+                            "(default: all ones)")
     build.add_argument("--batch-size", type=int, default=_ROWS_PER_CHUNK, help="rows per chunk (default 65536)")
     _common(build)
     build.set_defaults(run=_command_index_build, error_name="index build")
@@ -254,6 +268,9 @@ def add_commands(sub: Any) -> None:
     search.add_argument("--batch-size", type=int, default=_QUERIES_PER_CHUNK,
                         help="queries searched per chunk (default 4096)")
     search.add_argument("--mmap", action="store_true", help="map the index instead of reading it")
+    search.add_argument("--weights", default=None,
+                        help="weighted_l2 index: a .npy of per-dimension weights for this search "
+                             "(default: the index's own)")
     _encoding_options(search)
     _common(search)
     search.set_defaults(run=_command_search)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from . import _cuda_search, _native
-from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_results
+from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_results, weights_for
 
 
-def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any = None,
+def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any = None, device: Any = None,
         precision: str = "fp32", workspace_bytes: int | None = None, gpu_memory_bytes: int | None = None):
     """Exact k nearest neighbours of each query among the database rows (faiss conventions).
 
@@ -19,7 +19,11 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any 
         metric: "l2" (squared Euclidean distance, ascending), "ip" (inner product,
             descending) or "cosine" (cosine similarity, descending; a zero vector has
             similarity 0 with everything, so the output never holds NaN; so does a vector
-            whose squared norm underflows float32, |x| < ~1e-19).
+            whose squared norm underflows float32, |x| < ~1e-19), or "weighted_l2": the
+            weighted squared distance sum_d weights[d] * (q_d - x_d)^2, ascending.
+        weights: for "weighted_l2" only (required there): (D,) finite values >= 0, one
+            influence factor per dimension; 0 drops a dimension. The database is read as it is,
+            never scaled or copied, so weights can change from one search to the next.
         device: where to search. None: on a CUDA GPU when queries or database is a CUDA
             tensor (the queries' device first; the other input is copied there), else on the
             CPU. "cpu": on the CPU (CUDA tensors are copied to the host; results come back as
@@ -55,15 +59,17 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, device: Any 
     precision_code = _cuda_search.check_precision(precision, target is not None)
     if target is not None:
         return _cuda_search.knn_on_device(queries, database, k, metric, target, workspace_bytes=workspace_bytes,
-                                          gpu_memory_bytes=gpu_memory_bytes, precision=precision_code)
+                                          gpu_memory_bytes=gpu_memory_bytes, precision=precision_code,
+                                          weights=weights)
     q, kind = as_matrix(queries, "queries")
     x, _ = as_matrix(database, "database", dim=q.shape[1])
     k = check_k(k)
     code = check_metric(metric)
+    w = weights_for(metric, weights, q.shape[1])
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % x.shape[1])
     if q.shape[0] == 0:
         check_rows_usable(x, "database")  # the search would have; say so even with no queries
     distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
-    _native.knn(q, x, k, code, d_view, i_view)
+    _native.knn(q, x, k, code, d_view, i_view, w)
     return distances, indices

@@ -606,3 +606,25 @@ def test_precision_reaches_the_flat_index(gen):
     rounded = index.search(queries, 10, precision="bf16")
     assert not torch.equal(exact[0], rounded[0])  # bf16 rounding changes distances
     assert (rounded[0] - exact[0]).abs().max() < 0.5
+
+
+# ---------------------------------------------------------------------------------------
+# metric="weighted_l2"
+
+
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 50, 4, 5), (70, 3000, 17, 10), (9, 20_000, 64, 300)])
+def test_small_weighted_l2_matches_the_cpu(nq, n, dim, k, rng):
+    q = rng.standard_normal((nq, dim)).astype(np.float32)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    w = (rng.random(dim) * 3).astype(np.float32)
+    w[0] = 0
+    D, I = latentspace.knn(torch.from_numpy(q).cuda(), torch.from_numpy(x).cuda(), k, "weighted_l2", weights=w)
+    scaled = np.sqrt(w.astype(np.float64))
+    assert_knn_matches(D.cpu(), I.cpu(), q * scaled, x * scaled, k, "l2")
+    # host streaming and the GPU index take the same weights
+    D2, I2 = latentspace.knn(q, x, k, "weighted_l2", weights=w, device="cuda", gpu_memory_bytes=1 << 20)
+    assert_knn_matches(D2, I2, q * scaled, x * scaled, k, "l2")
+    index = latentspace.FlatIndex(dim, "weighted_l2", device="cuda")
+    index.add(x)
+    D3, I3 = index.search(q, k, weights=w)
+    assert_knn_matches(D3, I3, q * scaled, x * scaled, k, "l2")

@@ -17,13 +17,15 @@ from .._arrays import (
     check_k,
     check_metric,
     check_rows_usable,
+    check_weights,
     empty_results,
+    weights_for,
 )
 from .._arrays import as_device_matrix, check_rows_usable_flags, is_torch_tensor, unusable_row_flag
 from .io import IndexFileError, load_index_file, save_index_file
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
-_PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf}
+_PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf, "weighted_l2": np.inf}
 
 
 class FlatIndex:
@@ -32,7 +34,12 @@ class FlatIndex:
     Args:
         dim: vector dimension, >= 1.
         metric: "l2" (squared Euclidean, ascending), "ip" (inner product, descending) or
-            "cosine" (cosine similarity, descending; zero vectors score 0).
+            "cosine" (cosine similarity, descending; zero vectors score 0) or "weighted_l2"
+            (sum_d w_d (q_d - x_d)^2, ascending: see weights).
+        weights: "weighted_l2" only: the index's default per-dimension weights, (dim,) finite
+            values >= 0 (None: all ones). search(..., weights=w) overrides them for one
+            search; `index.weights = w` changes the default. The stored vectors are never
+            scaled or copied for either.
         device: None or "cpu" (vectors in host memory), or "cuda", "cuda:N", a torch.device:
             vectors in a torch tensor on that GPU, searched there (docs/gpu.md). vectors()
             and reconstruct() then return host copies; save() writes the same file format.
@@ -47,10 +54,15 @@ class FlatIndex:
     started (rows being added become visible together, when the add returns).
     """
 
-    def __init__(self, dim: int, metric: str = "l2", device: Any = None):
+    def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None):
         check_metric(metric)
         self._dim = check_dim(dim)
         self._metric = metric
+        self._weights = None
+        if metric == "weighted_l2":
+            self._weights = np.ones(self._dim, np.float32) if weights is None else check_weights(weights, self._dim)
+        elif weights is not None:
+            raise ValueError(f"weights: only metric='weighted_l2' takes weights (this index uses {metric!r})")
         self._device = _cuda_search.resolve_device(device)  # None: the CPU
         # _write_lock serialises the writers for the whole of their work (add_encoded holds it
         # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
@@ -67,6 +79,17 @@ class FlatIndex:
     @property
     def dim(self) -> int:
         return self._dim
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """The default per-dimension weights of a "weighted_l2" index (a copy), else None."""
+        return None if self._weights is None else self._weights.copy()
+
+    @weights.setter
+    def weights(self, weights: Any) -> None:
+        if self._metric != "weighted_l2":
+            raise ValueError(f"weights: only metric='weighted_l2' takes weights (this index uses {self._metric!r})")
+        self._weights = check_weights(weights, self._dim)  # one reference swap: searches see old or new
 
     @property
     def metric(self) -> str:
@@ -229,26 +252,29 @@ class FlatIndex:
         return view
 
     # -- search -------------------------------------------------------------------------
-    def search(self, queries: Any, k: int, *, precision: str = "fp32", workspace_bytes: int | None = None):
+    def search(self, queries: Any, k: int, *, weights: Any = None, precision: str = "fp32",
+               workspace_bytes: int | None = None):
         """k nearest stored vectors of each query: (distances, indices), each (Q, k).
 
         Same conventions as latentspace.knn (best first, ties to the lower index, -1 and
         +-inf padding when k > ntotal); an empty index returns only padding. Results follow
         the queries' type (numpy or torch); on a GPU index CUDA tensor queries get results on
-        the index's device, other queries results in host memory. precision, workspace_bytes:
-        as for latentspace.knn (GPU only: "tf32" / "bf16" / "fp16" are refused on a CPU index;
-        workspace_bytes is checked but unused there).
+        the index's device, other queries results in host memory. weights ("weighted_l2"
+        only): this search's per-dimension weights instead of the index's. precision,
+        workspace_bytes: as for latentspace.knn (GPU only: "tf32" / "bf16" / "fp16" are
+        refused on a CPU index; workspace_bytes is checked but unused there).
         """
         workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
         precision_code = _cuda_search.check_precision(precision, self._device is not None)
+        w = weights_for(self._metric, weights, self._dim, default=self._weights)
         if self._device is not None:
-            return self._search_cuda(queries, k, workspace_bytes, precision_code)
+            return self._search_cuda(queries, k, workspace_bytes, precision_code, w)
         q, kind = as_matrix(queries, "queries", dim=self._dim)
         k = check_k(k)
         with self._lock:
             database = self._buffer[: self._ntotal]
         distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
-        _native.knn(q, database, k, METRICS[self._metric], d_view, i_view)
+        _native.knn(q, database, k, METRICS[self._metric], d_view, i_view, w)
         return distances, indices
 
     # -- on a GPU (device="cuda"): the vectors in a torch tensor on the device ------------
@@ -261,7 +287,7 @@ class FlatIndex:
         """A new index with the same vectors on `device` (None / "cpu", "cuda", "cuda:N",
         a torch.device); always a copy, also to the same device (a memory-mapped index
         becomes one held in memory)."""
-        index = FlatIndex(self._dim, self._metric, device=device)
+        index = FlatIndex(self._dim, self._metric, device=device, weights=self._weights)
         if self._device is not None:
             with self._lock:
                 stored = self._gpu_buffer[: self._ntotal]
@@ -353,7 +379,8 @@ class FlatIndex:
         rows = torch.from_numpy(ids.reshape(-1).astype(np.int64)).to(self._device)
         return stored.index_select(0, rows).cpu().numpy()
 
-    def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None, precision: int = 0):
+    def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None, precision: int = 0,
+                     weights: np.ndarray | None = None):
         import torch
 
         with torch.cuda.device(self._device):
@@ -363,7 +390,7 @@ class FlatIndex:
             with self._lock:
                 database = self._gpu_buffer[: self._ntotal]
             check_rows_usable_flags([unusable_row_flag(q)], ["queries"])
-            backend = _cuda_search.CudaBackend(self._device, precision)
+            backend = _cuda_search.CudaBackend(self._device, precision, weights)
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
@@ -387,6 +414,8 @@ class FlatIndex:
                 database = self._buffer[: self._ntotal]
         header = {"type": "FlatIndex", "metric": self._metric, "dim": self._dim,
                   "ntotal": int(database.shape[0]), "writer": _native.__version__}
+        if self._weights is not None:
+            header["weights"] = [float(w) for w in self._weights]  # float32 values: exact in JSON
         save_index_file(path, header, database)
 
     @classmethod
@@ -394,7 +423,10 @@ class FlatIndex:
         metric = header.get("metric")
         if metric not in METRICS:
             raise IndexFileError(f"corrupted index header (unknown metric {metric!r})")
-        index = cls(int(header["dim"]), metric)
+        try:
+            index = cls(int(header["dim"]), metric, weights=header.get("weights"))
+        except (TypeError, ValueError) as error:
+            raise IndexFileError(f"corrupted index header ({error})") from None
         index._buffer = data
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0

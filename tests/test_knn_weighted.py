@@ -1,0 +1,159 @@
+"""metric="weighted_l2": sum_d w_d (q_d - x_d)^2, in knn and FlatIndex (CPU; the GPU tests are
+in tests/gpu/test_knn_cuda.py).
+
+The reference is the plain l2 reference on the data scaled by sqrt(w) in float64 (the same
+distances), checked with conftest's assert_knn_matches at every SIMD level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import latentspace
+from conftest import assert_knn_matches
+
+
+def _data(rng, n, dim):
+    return rng.standard_normal((n, dim)).astype(np.float32)
+
+
+def _weights(rng, dim, zeros=1):
+    w = rng.random(dim).astype(np.float32) * 3
+    w[rng.choice(dim, size=min(zeros, dim), replace=False)] = 0  # a dropped dimension
+    return w
+
+
+def _scaled(x, w):
+    return x.astype(np.float64) * np.sqrt(w.astype(np.float64))
+
+
+@pytest.mark.parametrize("nq", [1, 2, 3, 4, 31, 200])
+@pytest.mark.parametrize("n,dim,k", [(1, 1, 1), (100, 3, 10), (1000, 17, 7), (3000, 64, 100), (50, 8, 70)])
+def test_matches_the_scaled_reference(simd_level, nq, n, dim, k, rng, num_threads):
+    q, x, w = _data(rng, nq, dim), _data(rng, n, dim), _weights(rng, dim)
+    for threads in (1, 2):
+        num_threads(threads)
+        D, I = latentspace.knn(q, x, k, "weighted_l2", weights=w)
+        assert_knn_matches(D, I, _scaled(q, w), _scaled(x, w), k, "l2")
+
+
+def test_zero_weight_drops_a_dimension(rng):
+    q, x = _data(rng, 20, 5), _data(rng, 500, 5)
+    w = np.array([1, 1, 0, 1, 1], np.float32)
+    noisy = x.copy()
+    noisy[:, 2] = rng.standard_normal(500) * 1e6  # huge differences in the dropped dimension
+    D1, I1 = latentspace.knn(q, x, 10, "weighted_l2", weights=w)
+    D2, I2 = latentspace.knn(q, noisy, 10, "weighted_l2", weights=w)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_allclose(D1, D2, rtol=1e-6, atol=1e-6)
+    D3, I3 = latentspace.knn(np.delete(q, 2, 1), np.delete(x, 2, 1), 10)
+    np.testing.assert_array_equal(I1, I3)
+
+
+def test_unit_weights_equal_l2(rng):
+    q, x = _data(rng, 50, 16), _data(rng, 2000, 16)
+    Dw, Iw = latentspace.knn(q, x, 8, "weighted_l2", weights=np.ones(16))
+    D, I = latentspace.knn(q, x, 8, "l2")
+    np.testing.assert_array_equal(Iw, I)
+    np.testing.assert_allclose(Dw, D, rtol=1e-5, atol=1e-5)
+
+
+def test_integer_data_is_exact(rng):
+    q = rng.integers(-3, 4, (30, 6)).astype(np.float32)
+    x = rng.integers(-3, 4, (400, 6)).astype(np.float32)
+    w = rng.integers(0, 4, 6).astype(np.float32)
+    D, I = latentspace.knn(q, x, 12, "weighted_l2", weights=w)
+    assert_knn_matches(D, I, _scaled(q, w), _scaled(x, w), 12, "l2")
+    exact = ((q[:, None, :] - x[None]) ** 2 * w).sum(-1)
+    np.testing.assert_array_equal(D, np.take_along_axis(exact, I, 1))
+
+
+def test_torch_inputs_and_weights(rng):
+    torch = pytest.importorskip("torch")
+    q, x, w = _data(rng, 5, 8), _data(rng, 100, 8), _weights(rng, 8)
+    D, I = latentspace.knn(torch.from_numpy(q), torch.from_numpy(x), 3, "weighted_l2", weights=torch.from_numpy(w))
+    assert isinstance(D, torch.Tensor)
+    Dn, In = latentspace.knn(q, x, 3, "weighted_l2", weights=w)
+    np.testing.assert_array_equal(I.numpy(), In)
+
+
+@pytest.mark.parametrize(
+    "weights, metric, message",
+    [
+        (None, "weighted_l2", "weighted_l2' needs weights"),
+        (np.ones(3), "l2", "only metric='weighted_l2' takes weights"),
+        (np.ones(3), "cosine", "only metric='weighted_l2' takes weights"),
+        (np.ones(4), "weighted_l2", r"weights: expected 3 values \(one per dimension\), got shape \(4,\)"),
+        (np.ones((3, 1)), "weighted_l2", "weights: expected 3 values"),
+        (np.array([1, -1, 1]), "weighted_l2", "weights: expected finite values >= 0, got -1.0 at index 1"),
+        (np.array([1, np.nan, 1]), "weighted_l2", "at index 1"),
+        (np.array([1, 1, np.inf]), "weighted_l2", "at index 2"),
+        (np.array([1e39, 1, 1]), "weighted_l2", "at index 0"),  # beyond float32
+        (np.array([True, False, True]), "weighted_l2", "weights"),
+    ],
+)
+def test_bad_weights(weights, metric, message):
+    x = np.ones((4, 3), np.float32)
+    with pytest.raises((ValueError, TypeError), match=message):
+        latentspace.knn(x, x, 2, metric, weights=weights)
+
+
+def test_weights_change_per_search_without_touching_the_index(rng):
+    x, q = _data(rng, 1000, 6), _data(rng, 10, 6)
+    index = latentspace.FlatIndex(6, "weighted_l2")
+    np.testing.assert_array_equal(index.weights, np.ones(6, np.float32))  # the default
+    index.add(x)
+    buffer, nbytes = index.vectors(), index.nbytes
+    for _ in range(3):
+        w = _weights(rng, 6, zeros=2)
+        D, I = index.search(q, 5, weights=w)
+        assert_knn_matches(D, I, _scaled(q, w), _scaled(x, w), 5, "l2")
+        np.testing.assert_array_equal(index.vectors(), x)  # never scaled in place
+        assert index.nbytes == nbytes and np.shares_memory(index.vectors(), buffer)  # nor copied
+    w = _weights(rng, 6)
+    index.weights = w
+    w[:] = 7  # the index holds its own copy
+    D, I = index.search(q, 5)
+    assert_knn_matches(D, I, _scaled(q, index.weights), _scaled(x, index.weights), 5, "l2")
+
+
+def test_index_weights_errors(rng):
+    with pytest.raises(ValueError, match="only metric='weighted_l2' takes weights"):
+        latentspace.FlatIndex(3, "l2", weights=np.ones(3))
+    with pytest.raises(ValueError, match="weights: expected 3 values"):
+        latentspace.FlatIndex(3, "weighted_l2", weights=np.ones(2))
+    index = latentspace.FlatIndex(3, "ip")
+    assert index.weights is None
+    with pytest.raises(ValueError, match="only metric='weighted_l2' takes weights"):
+        index.weights = np.ones(3)
+    with pytest.raises(ValueError, match="only metric='weighted_l2' takes weights"):
+        index.search(np.ones((1, 3), np.float32), 1, weights=np.ones(3))
+    weighted = latentspace.FlatIndex(3, "weighted_l2")
+    with pytest.raises(ValueError, match="at index 2"):
+        weighted.weights = np.array([1, 1, -2])
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_weights_survive_save_and_load(rng, tmp_path, mmap):
+    x, q, w = _data(rng, 300, 5), _data(rng, 4, 5), _weights(rng, 5)
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=w)
+    index.add(x)
+    index.save(tmp_path / "w.lsidx")
+    loaded = latentspace.load_index(tmp_path / "w.lsidx", mmap=mmap)
+    assert loaded.metric == "weighted_l2"
+    np.testing.assert_array_equal(loaded.weights, w)
+    for a, b in zip(index.search(q, 7), loaded.search(q, 7)):
+        np.testing.assert_array_equal(a, b)
+    copy = loaded.to("cpu")
+    np.testing.assert_array_equal(copy.weights, w)
+
+
+def test_weighted_index_with_empty_and_padding(rng):
+    index = latentspace.FlatIndex(4, "weighted_l2", weights=np.array([1, 2, 0, 1]))
+    D, I = index.search(np.ones((2, 4), np.float32), 3)
+    assert (I == -1).all() and np.isinf(D).all() and (D > 0).all()
+    index.add(np.zeros((2, 4), np.float32))
+    D, I = index.search(np.ones((1, 4), np.float32), 3)
+    np.testing.assert_array_equal(I, [[0, 1, -1]])
+    np.testing.assert_array_equal(D, [[4.0, 4.0, np.inf]])
