@@ -5,9 +5,9 @@
 AdamW minimises the model's objective (reconstruction + beta * KL for a VAE, computed by
 latentspace.losses), plus, given class labels, a weighted metric-learning term on the latent
 codes (latentspace.metric_learning: supervised contrastive or batch-hard triplet), with a
-held-out validation split (stratified by label when there are labels), early stopping, the best weights kept
-(in memory and, with `checkpoint=path`, on disk), a tqdm progress bar, bf16 autocast on the
-GPU, and Ctrl-C handled: see train()'s docstring.
+held-out validation split (stratified by label when there are labels), early stopping, the
+best weights kept (in memory and, with `checkpoint=path`, on disk), a tqdm progress bar, bf16
+autocast on the GPU, and Ctrl-C handled: see train()'s docstring.
 """
 
 from __future__ import annotations
