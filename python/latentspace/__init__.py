@@ -42,6 +42,7 @@ _LAZY = {
     "train": ".training",
     "knn_label_agreement": ".metrics",
     "losses": ".losses",
+    "metric_learning": ".metric_learning",
     "metrics": ".metrics",
     "models": ".models",
 }
@@ -81,6 +82,7 @@ __all__ = [
     "load_index",
     "load_model",
     "losses",
+    "metric_learning",
     "metrics",
     "models",
     "save_model",

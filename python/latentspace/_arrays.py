@@ -416,7 +416,13 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
         labels = labels.detach().to("cpu").numpy()
     array = np.asarray(labels)
     if array.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer class labels, got dtype {array.dtype}")
+        hint = ""
+        if array.dtype.kind == "f" and array.ndim == 1 and np.isnan(array).any():
+            hint = (f" containing NaN (row {int(np.flatnonzero(np.isnan(array))[0])}): drop the "
+                    "unlabelled rows, or give them a class of their own")
+        elif array.dtype.kind == "f":
+            hint = f"; convert whole-number labels with {name}.astype(np.int64)"
+        raise TypeError(f"{name}: expected integer class labels, got dtype {array.dtype}{hint}")
     if array.ndim != 1 or array.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {array.shape}")
     return array.astype(np.int64, copy=False)

@@ -3,9 +3,11 @@
     history = latentspace.train(model, X, epochs=100, batch_size=128, lr=1e-3, seed=0)
 
 AdamW minimises the model's objective (reconstruction + beta * KL for a VAE, computed by
-latentspace.losses), with a held-out validation split, early stopping, the best weights kept
-(in memory and, with `checkpoint=path`, on disk), a tqdm progress bar, bf16 autocast on the
-GPU, and Ctrl-C handled: see train()'s docstring.
+latentspace.losses), plus, given class labels, a weighted metric-learning term on the latent
+codes (latentspace.metric_learning: supervised contrastive or batch-hard triplet), with a
+held-out validation split (stratified by label when there are labels), early stopping, the
+best weights kept (in memory and, with `checkpoint=path`, on disk), a tqdm progress bar, bf16
+autocast on the GPU, and Ctrl-C handled: see train()'s docstring.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ._arrays import check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor, resolve_device
+from ._arrays import (as_labels, check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor,
+                      resolve_device)
+from .metric_learning import METRIC_LOSSES, supcon_loss, triplet_loss
 from .models.base import ReconstructionModel
 from .models.io import save_model
 from .models.pca import PCA
@@ -33,6 +37,9 @@ __all__ = ["History", "train"]
 _CHECK_CHUNK_ROWS = 65536  # rows per pass when checking the data (works on memory maps)
 _RESIDENT_MAX_BYTES = 1 << 30  # data up to this size is moved to the device once, whole
 _VAL_BATCH_MIN = 1024  # validation batches (no gradients) can be larger than training ones
+# Defaults of the metric-learning terms (docs/metric_learning.md: how they were chosen).
+DEFAULT_METRIC_TEMPERATURE = 1.0  # supcon: similarities are -||z_i - z_j||^2 / temperature
+DEFAULT_METRIC_MARGIN = 1.0  # triplet: in units of squared latent distance
 
 
 @dataclass
@@ -42,7 +49,10 @@ class History:
     Losses are per sample: the objective summed over features (plus beta * KL for a VAE) and
     averaged over samples; train_loss[e] is the mean over epoch e's batches (with the KL
     warm-up weight in force then), val_loss[e] the full objective on the validation rows
-    after epoch e (empty without validation).
+    after epoch e (empty without validation). With labels and a metric_loss, both include
+    metric_weight * the metric term, and train_metric[e] / val_metric[e] record the metric
+    term itself (unweighted; mean over the batches, each weighted by its rows; validation
+    batches have batch_size rows, as in training, so the two are comparable).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -58,6 +68,10 @@ class History:
     device: str = "cpu"
     seed: int = 0
     checkpoint: str | None = None  # the file holding the best weights, when one was asked for
+    metric_loss: str | None = None  # "supcon", "triplet", or None (no labels)
+    metric_weight: float = 0.0
+    train_metric: list[float] = field(default_factory=list)
+    val_metric: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +157,68 @@ def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.opti
 
 
 # ---------------------------------------------------------------------------------------
+# Labels: the metric-learning term and the stratified split
+
+
+def _metric_term(labels: Any, n: int, metric_loss: Any, metric_weight: Any, metric_margin: Any,
+                 metric_temperature: Any) -> tuple[Callable | None, np.ndarray | None, float]:
+    """(term(codes, labels) -> scalar or None, the labels as int64 numpy or None, weight),
+    after checking that the metric options come together and make sense."""
+    if labels is None and metric_loss is None:
+        for value, name in ((metric_margin, "metric_margin"), (metric_temperature, "metric_temperature")):
+            if value is not None:
+                raise ValueError(f"{name}: set only with labels and metric_loss (metric learning is off)")
+        if isinstance(metric_weight, (int, float)) and not isinstance(metric_weight, bool) and metric_weight == 1.0:
+            return None, None, 0.0
+        raise ValueError(f"metric_weight: set only with labels and metric_loss (metric learning is off), "
+                         f"got {metric_weight!r}")
+    if metric_loss is None:
+        raise ValueError(f"metric_loss: labels were given; choose how they shape the latent space, "
+                         f"one of {METRIC_LOSSES}")
+    if not isinstance(metric_loss, str) or metric_loss not in METRIC_LOSSES:
+        raise ValueError(f"metric_loss: expected one of {METRIC_LOSSES} or None, got {metric_loss!r}")
+    if labels is None:
+        raise ValueError(f"labels: metric_loss={metric_loss!r} needs labels, one integer class label "
+                         "per row of X")
+    y = as_labels(labels, "labels", n)
+    weight = check_float(metric_weight, "metric_weight")
+    if metric_loss == "supcon":
+        if metric_margin is not None:
+            raise ValueError("metric_margin: applies to metric_loss='triplet'; 'supcon' has metric_temperature")
+        temperature = DEFAULT_METRIC_TEMPERATURE if metric_temperature is None else check_float(
+            metric_temperature, "metric_temperature", include_minimum=False)
+        return (lambda codes, y_batch: supcon_loss(codes, y_batch, temperature)), y, weight
+    if metric_temperature is not None:
+        raise ValueError("metric_temperature: applies to metric_loss='supcon'; 'triplet' has metric_margin")
+    margin = DEFAULT_METRIC_MARGIN if metric_margin is None else check_float(metric_margin, "metric_margin")
+    return (lambda codes, y_batch: triplet_loss(codes, y_batch, margin)), y, weight
+
+
+def _split(n: int, n_val: int, labels: np.ndarray | None,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation rows, training rows), n_val of them held out at random from `generator`;
+    with labels, stratified: each class gives its share n_val * n_c / n, rounded so that the
+    shares add up to n_val (largest remainders first, ties to the smaller label)."""
+    if labels is None:
+        order = torch.randperm(n, generator=generator)
+        return order[:n_val], order[n_val:]
+    classes, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    exact = n_val * sizes / n
+    quota = np.floor(exact).astype(np.int64)
+    extra = np.argsort(-(exact - quota), kind="stable")[: n_val - int(quota.sum())]
+    quota[extra] += 1
+    val, train = [], []
+    for c in range(len(classes)):
+        members = torch.from_numpy(np.flatnonzero(inverse == c))
+        members = members[torch.randperm(len(members), generator=generator)]
+        val.append(members[: quota[c]])
+        train.append(members[quota[c] :])
+    val_rows = torch.cat(val)
+    # mixed classes in every validation batch, as in the shuffled training batches
+    return val_rows[torch.randperm(len(val_rows), generator=generator)], torch.cat(train)
+
+
+# ---------------------------------------------------------------------------------------
 # The loop
 
 
@@ -151,7 +227,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
           early_stopping: int | None = 10, seed: int | None = 0, device: Any = "auto",
           loss: str | None = None, autocast: bool | None = None,
           checkpoint: str | os.PathLike | None = None, progress: bool = True,
-          callback: Callable[[dict[str, Any]], None] | None = None) -> History:
+          callback: Callable[[dict[str, Any]], None] | None = None, labels: Any = None,
+          metric_loss: str | None = None, metric_weight: float = 1.0, metric_margin: float | None = None,
+          metric_temperature: float | None = None) -> History:
     """Trains a learned latent model (Autoencoder, VAE, ConvAutoencoder) on X with AdamW.
 
     Args:
@@ -164,8 +242,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         batch_size: rows per optimizer step (the last batch of an epoch may be smaller).
         lr, weight_decay: AdamW's learning rate and decoupled weight decay.
         val_fraction: share of X's rows held out (at random, from `seed`) for validation,
-            0 <= val_fraction < 1. The validation loss picks the best epoch and drives early
-            stopping; with val_fraction=0 the training loss does.
+            0 <= val_fraction < 1; with labels, stratified (each class gives its share). The
+            validation loss picks the best epoch and drives early stopping; with
+            val_fraction=0 the training loss does.
         early_stopping: stop after this many epochs without a better monitored loss; None
             (or 0) trains all `epochs`.
         seed: seeds the split, the shuffling and the VAE's noise (None: a fresh random
@@ -180,8 +259,19 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             latentspace.save_model (atomically: an interrupted write keeps the previous file).
         progress: show a tqdm bar (epoch, train and validation loss, samples per second).
         callback: called after every epoch with a dict (epoch, train_loss, val_loss,
-            best_epoch, seconds, samples_per_second).
-
+            train_metric, val_metric, best_epoch, seconds, samples_per_second).
+        labels: (n,) integer class labels of X's rows (numpy or torch), for supervised
+            shaping of the latent space; needs metric_loss. Floats, NaN, booleans or another
+            length raise TypeError / ValueError naming `labels`.
+        metric_loss: "supcon" or "triplet" (needs labels): the batch objective becomes
+                model objective + metric_weight * metric term(codes of the batch, their labels)
+            on the codes encode() returns (a VAE's posterior mean mu). "supcon": supervised
+            contrastive, with similarity -||z_i - z_j||^2 / metric_temperature (default
+            1.0); "triplet": batch-hard triplet margin loss on squared L2 distances,
+            margin metric_margin (default 1.0). Formulas: latentspace.metric_learning.
+        metric_weight: >= 0, the weight of the metric term against the reconstruction
+            objective (which is summed over features, per sample).
+        metric_margin, metric_temperature: as above; each only with its loss.
     Best epoch: the lowest monitored loss. The KL warm-up of a VAE changes the objective
     while it lasts, so epochs before it is over are neither picked as best nor counted by
     early stopping (a run shorter than the warm-up keeps its last epoch).
@@ -220,14 +310,16 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     device = resolve_device(device)
     loss = model.check_loss(loss)
     data = _Data(X, model, loss, device)
+    metric, y, metric_weight = _metric_term(labels, data.n, metric_loss, metric_weight, metric_margin,
+                                            metric_temperature)
+    label_tensor = None if y is None else torch.from_numpy(y).to(device)
 
     # Split and generators, all from the seed.
     split = torch.Generator().manual_seed(seed)
-    order = torch.randperm(data.n, generator=split)
     n_val = max(1, round(val_fraction * data.n)) if val_fraction > 0 else 0
     if data.n - n_val < 1:
         raise ValueError(f"X: {data.n} rows leave none for training with val_fraction={val_fraction}")
-    val_rows, train_rows = order[:n_val], order[n_val:]
+    val_rows, train_rows = _split(data.n, n_val, y, split)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     val_noise = torch.Generator(device=device)
 
@@ -239,7 +331,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     warmup = float(model.warmup_epochs)
 
     history = History(monitor="val_loss" if n_val else "train_loss", device=str(device), seed=seed,
-                      checkpoint=None)
+                      checkpoint=None, metric_loss=metric_loss if metric else None, metric_weight=metric_weight)
     best_state: dict[str, torch.Tensor] | None = None
     written_epoch: int | None = None
     bad_epochs = 0
@@ -252,16 +344,32 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     bar = tqdm(total=epochs * n_batches, unit="batch", desc=type(model).__name__, disable=not progress,
                file=sys.stderr, dynamic_ncols=True, leave=True)
 
-    def evaluate() -> float:
+    def batch_objective(rows: torch.Tensor, progress: float | None,
+                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the batch's training objective, its metric term or None)."""
+        with amp():
+            out = model.objective(data.batch(rows), loss=loss, progress=progress, generator=generator)
+        if metric is None:
+            return out["loss"], None
+        if "codes" not in out:
+            raise TypeError(f"labels: {type(model).__name__}.objective returns no 'codes' for the metric term")
+        term = metric(out["codes"], label_tensor[rows.to(device)])  # float32, outside autocast
+        return out["loss"] + metric_weight * term, term
+
+    def evaluate() -> tuple[float, float | None]:
         val_noise.manual_seed(seed + 2)  # the same noise every epoch: comparable values
         total = torch.zeros((), device=device)
-        step = max(batch_size, _VAL_BATCH_MIN)
-        with torch.no_grad(), amp():
+        metric_total = torch.zeros((), device=device)
+        # the metric term depends on the batch: validate in training-sized batches then
+        step = batch_size if metric is not None else max(batch_size, _VAL_BATCH_MIN)
+        with torch.no_grad():
             for start in range(0, n_val, step):
                 rows = val_rows[start : start + step]
-                out = model.objective(data.batch(rows), loss=loss, progress=None, generator=val_noise)
-                total += out["loss"].float() * len(rows)
-        return float(total) / n_val
+                objective, term = batch_objective(rows, None, val_noise)
+                total += objective.float() * len(rows)
+                if term is not None:
+                    metric_total += term * len(rows)
+        return float(total) / n_val, (float(metric_total) / n_val if metric is not None else None)
 
     try:
         for epoch in range(epochs):
@@ -269,27 +377,33 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             epoch_start = time.perf_counter()
             shuffled = train_rows[torch.randperm(len(train_rows), generator=split)]
             total = torch.zeros((), device=device)
+            metric_total = torch.zeros((), device=device)
             for b in range(n_batches):
                 rows = shuffled[b * batch_size : (b + 1) * batch_size]
-                with amp():
-                    out = model.objective(data.batch(rows), loss=loss, progress=epoch + (b + 1) / n_batches,
-                                          generator=noise)
+                objective, term = batch_objective(rows, epoch + (b + 1) / n_batches, noise)
                 optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
+                objective.backward()
                 optimizer.step()
-                total += out["loss"].detach().float() * len(rows)
+                total += objective.detach().float() * len(rows)
+                if term is not None:
+                    metric_total += term.detach() * len(rows)
                 bar.update(1)
             train_loss = float(total) / len(train_rows)  # one device sync per epoch
+            train_metric = float(metric_total) / len(train_rows) if metric is not None else None
             seconds = time.perf_counter() - epoch_start
             train_seconds += seconds
             if not math.isfinite(train_loss):
                 diverged = f"the training loss became {train_loss} in epoch {epoch}"
                 break
             model.eval()
-            val_loss = evaluate() if n_val else None
+            val_loss, val_metric = evaluate() if n_val else (None, None)
             history.train_loss.append(train_loss)
             if val_loss is not None:
                 history.val_loss.append(val_loss)
+            if train_metric is not None:
+                history.train_metric.append(train_metric)
+            if val_metric is not None:
+                history.val_metric.append(val_metric)
             history.epochs_run = epoch + 1
 
             monitored = val_loss if n_val else train_loss
@@ -308,10 +422,13 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
                     bad_epochs += 1
             speed = len(train_rows) / seconds if seconds > 0 else float("inf")
             val_text = f" val {val_loss:.5g}" if val_loss is not None else ""
+            if train_metric is not None:
+                val_text += f" {metric_loss} {train_metric:.4g}"
             bar.set_postfix_str(f"epoch {epoch + 1}/{epochs} train {train_loss:.5g}{val_text} "
                                 f"{speed:,.0f} samples/s", refresh=False)
             if callback is not None:
                 callback({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                          "train_metric": train_metric, "val_metric": val_metric,
                           "best_epoch": history.best_epoch, "seconds": seconds,
                           "samples_per_second": speed})
             if early_stopping and bad_epochs >= early_stopping:

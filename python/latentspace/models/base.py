@@ -223,8 +223,11 @@ class ReconstructionModel(LatentModel):
 
         loss = mean over the batch of the per-sample reconstruction loss (summed over
         features). `progress` and `generator` are accepted for a uniform signature (a
-        deterministic autoencoder ignores them). Returns {"loss", "reconstruction"}.
+        deterministic autoencoder ignores them). Returns {"loss", "reconstruction", "codes"}:
+        "codes" are the batch's latent codes, (n, latent_dim), with their gradients (the
+        training loop adds a metric-learning term on them when given labels).
         """
         loss = self.check_loss(loss)
-        reconstruction = self.reconstruction_term(self._decode_logits(self._encode(x)), x, loss).mean()
-        return {"loss": reconstruction, "reconstruction": reconstruction.detach()}
+        codes = self._encode(x)
+        reconstruction = self.reconstruction_term(self._decode_logits(codes), x, loss).mean()
+        return {"loss": reconstruction, "reconstruction": reconstruction.detach(), "codes": codes}

@@ -117,7 +117,9 @@ class VAE(ReconstructionModel):
         reduction="mean")). `generator` draws eps (a seeded one makes it reproducible).
 
         Returns {"loss", "reconstruction", "kl", "kl_weight"} (scalars; only "loss" carries
-        gradients).
+        gradients) and "codes": the posterior means mu, (n, latent_dim), with their
+        gradients (what encode() returns, so a metric-learning term in training shapes the
+        codes that are searched; the noisy draw z is for the reconstruction only).
         """
         loss = self.check_loss(loss)
         mu, logvar = self._posterior(x)
@@ -127,7 +129,7 @@ class VAE(ReconstructionModel):
         weight = self.kl_weight(progress)
         total = reconstruction + weight * kl
         return {"loss": total, "reconstruction": reconstruction.detach(), "kl": kl.detach(),
-                "kl_weight": torch.tensor(weight)}
+                "kl_weight": torch.tensor(weight), "codes": mu}
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, kl_warmup={self.kl_warmup}, output={self.output!r}"

@@ -1,0 +1,143 @@
+"""Metric-learning losses on latent codes: supervised contrastive and batch-hard triplet.
+
+Plain torch functions (autograd does the gradients), used by latentspace.train(...,
+labels=..., metric_loss=...) to shape the latent space so that squared-L2 distance follows
+the labels. Both take a batch of codes z, (n, d) floating point, and integer labels, (n,),
+and return a scalar.
+
+supcon_loss(z, labels, temperature=1.0)
+    Supervised contrastive loss (Khosla et al. 2020, "L_out"), with the similarity of two
+    codes their negative squared Euclidean distance over the temperature:
+
+        s_ij = -||z_i - z_j||^2 / temperature
+        A(i) = {a != i},  P(i) = {p != i : y_p = y_i}
+        L_i  = -1/|P(i)| * sum_{p in P(i)} [ s_ip - log sum_{a in A(i)} exp(s_ia) ]
+        loss = mean of L_i over the anchors i with |P(i)| > 0
+
+    Khosla et al. use the cosine similarity of L2-normalised codes; that shapes angles only
+    and leaves the norm of each code free, which the decoder then uses for reconstruction,
+    so squared-L2 neighbours in the raw codes do not follow. With s = -d^2 / t the softmax
+    over the batch is the one of neighbourhood components analysis (Goldberger et al. 2004):
+    it directly asks each code's nearest codes, by the same squared L2 that knn and
+    FlatIndex(metric="l2") use, to share its label. (similarity="cosine" gives the original
+    loss, s_ij = cos(z_i, z_j) / temperature; docs/metric_learning.md compares the two.)
+
+triplet_loss(z, labels, margin=1.0)
+    Batch-hard triplet margin loss (Hermans et al. 2017) on squared Euclidean distances:
+
+        d_ij = ||z_i - z_j||^2
+        L_i  = max(0, max_{p in P(i)} d_ip - min_{n : y_n != y_i} d_in + margin)
+        loss = mean of L_i over the anchors i with a positive and a negative in the batch
+
+Anchors without a positive (a class with one sample in the batch) or, for the triplet
+loss, without a negative (a batch of one class) have no term; a batch where no anchor has
+one gives 0, still connected to z so that backward() works. Computed in float32 (float64
+for float64 codes; bf16 / fp16 codes are cast up first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ._arrays import check_float
+
+__all__ = ["METRIC_LOSSES", "pairwise_sq_l2", "supcon_loss", "triplet_loss"]
+
+METRIC_LOSSES = ("supcon", "triplet")
+SIMILARITIES = ("sq_l2", "cosine")
+
+
+def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"z: expected a torch tensor, got {type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"z: expected a floating-point tensor, got {z.dtype}")
+    if z.dim() != 2:
+        raise ValueError(f"z: expected shape (n, d), got {tuple(z.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected a torch tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
+    if labels.shape != (z.shape[0],):
+        raise ValueError(f"labels: expected shape ({z.shape[0]},) (one label per row of z), "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != z.device:
+        raise ValueError(f"labels: on {labels.device}, z on {z.device}; move them to the same device")
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return z, labels
+
+
+def pairwise_sq_l2(z: torch.Tensor) -> torch.Tensor:
+    """||z_i - z_j||^2 for all pairs, (n, n), as ||z_i||^2 + ||z_j||^2 - 2 z_i.z_j clamped at
+    0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0."""
+    squared = (z * z).sum(dim=1)
+    d = (squared[:, None] + squared[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
+    return d.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0)
+
+
+def _zero(z: torch.Tensor) -> torch.Tensor:
+    return (z * 0.0).sum()  # 0, differentiable (its gradient is 0)
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                similarity: str = "sq_l2") -> torch.Tensor:
+    """Supervised contrastive loss of a batch of codes (module docstring for the formula).
+
+    Args:
+        z: (n, d) codes.
+        labels: (n,) integer class labels, on z's device.
+        temperature: > 0; divides the similarities.
+        similarity: "sq_l2" (default: -||z_i - z_j||^2) or "cosine" (cos(z_i, z_j), the
+            original loss on L2-normalised codes).
+    """
+    z, labels = _check_batch(z, labels)
+    temperature = check_float(temperature, "temperature", include_minimum=False)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
+    n = z.shape[0]
+    if similarity == "sq_l2":
+        s = -pairwise_sq_l2(z) / temperature
+    else:
+        unit = torch.nn.functional.normalize(z, dim=1)
+        s = (unit @ unit.T) / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    counts = positives.sum(dim=1)
+    anchors = counts > 0
+    if not bool(anchors.any()):
+        return _zero(z)
+    log_denominator = torch.logsumexp(s.masked_fill(self_mask, -math.inf), dim=1)
+    log_prob = s - log_denominator[:, None]
+    mean_positive = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
+    per_anchor = -mean_positive[anchors] / counts[anchors].to(z.dtype)
+    return per_anchor.mean()
+
+
+def triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """Batch-hard triplet margin loss of a batch of codes on squared L2 distances (module
+    docstring for the formula).
+
+    Args:
+        z: (n, d) codes.
+        labels: (n,) integer class labels, on z's device.
+        margin: >= 0, in units of squared distance.
+    """
+    z, labels = _check_batch(z, labels)
+    margin = check_float(margin, "margin")
+    n = z.shape[0]
+    d = pairwise_sq_l2(z)
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    same = labels[:, None] == labels[None, :]
+    positives = same & ~self_mask
+    negatives = ~same
+    anchors = positives.any(dim=1) & negatives.any(dim=1)
+    if not bool(anchors.any()):
+        return _zero(z)
+    hardest_positive = d.masked_fill(~positives, -math.inf).amax(dim=1)
+    hardest_negative = d.masked_fill(~negatives, math.inf).amin(dim=1)
+    per_anchor = torch.relu(hardest_positive[anchors] - hardest_negative[anchors] + margin)
+    return per_anchor.mean()

@@ -1,0 +1,359 @@
+"""Metric learning: the losses against loop references (values, gradients, edge cases), and
+latentspace.train(..., labels=..., metric_loss=...): runs, reproducible, records the metric
+term, stratifies the validation split, shapes the latent space, refuses bad arguments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace as ls
+from latentspace import training
+from latentspace.metric_learning import pairwise_sq_l2, supcon_loss, triplet_loss
+from latentspace.models import VAE, Autoencoder, ConvAutoencoder
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+# ---------------------------------------------------------------------------------------
+# References: the formulas of metric_learning's docstring, one anchor at a time, float64
+
+
+def _similarity(a: np.ndarray, b: np.ndarray, similarity: str) -> float:
+    if similarity == "sq_l2":
+        return -float(((a - b) ** 2).sum())
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def supcon_reference(z: np.ndarray, y: np.ndarray, temperature: float, similarity: str = "sq_l2") -> float:
+    n = len(z)
+    per_anchor = []
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and y[p] == y[i]]
+        if not positives:
+            continue
+        s = {a: _similarity(z[i], z[a], similarity) / temperature for a in range(n) if a != i}
+        log_denominator = math.log(sum(math.exp(v) for v in s.values()))
+        per_anchor.append(-sum(s[p] - log_denominator for p in positives) / len(positives))
+    return float(np.mean(per_anchor)) if per_anchor else 0.0
+
+
+def triplet_reference(z: np.ndarray, y: np.ndarray, margin: float) -> float:
+    n = len(z)
+    per_anchor = []
+    for i in range(n):
+        d_pos = [((z[i] - z[p]) ** 2).sum() for p in range(n) if p != i and y[p] == y[i]]
+        d_neg = [((z[i] - z[q]) ** 2).sum() for q in range(n) if y[q] != y[i]]
+        if d_pos and d_neg:
+            per_anchor.append(max(0.0, max(d_pos) - min(d_neg) + margin))
+    return float(np.mean(per_anchor)) if per_anchor else 0.0
+
+
+LABELINGS = {
+    "mixed": [0, 0, 1, 1, 1, 2, 2],
+    "singleton": [0, 0, 1, 1, 1, 2, 0],  # class 2 has one sample: no positives for it
+    "one_class": [3, 3, 3, 3, 3, 3, 3],  # no negatives anywhere
+    "all_distinct": [0, 1, 2, 3, 4, 5, 6],  # no positives anywhere
+    "negative_labels": [-5, -5, 7, 7, 0, 0, 0],
+}
+
+
+def _batch(labeling: str, seed: int = 0, dim: int = 3):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((len(LABELINGS[labeling]), dim))
+    return z, np.array(LABELINGS[labeling])
+
+
+@pytest.mark.parametrize("labeling", LABELINGS)
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 2.0])
+@pytest.mark.parametrize("similarity", ["sq_l2", "cosine"])
+def test_supcon_matches_reference(labeling, temperature, similarity):
+    z, y = _batch(labeling)
+    got = supcon_loss(torch.from_numpy(z), torch.from_numpy(y), temperature, similarity=similarity)
+    assert got.dtype == torch.float64 and got.shape == ()
+    assert got.item() == pytest.approx(supcon_reference(z, y, temperature, similarity), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("labeling", LABELINGS)
+@pytest.mark.parametrize("margin", [0.0, 0.5, 3.0])
+def test_triplet_matches_reference(labeling, margin):
+    z, y = _batch(labeling)
+    got = triplet_loss(torch.from_numpy(z), torch.from_numpy(y), margin)
+    assert got.item() == pytest.approx(triplet_reference(z, y, margin), rel=1e-10, abs=1e-12)
+
+
+def test_edge_cases_have_the_expected_values():
+    z, y = _batch("all_distinct")
+    assert supcon_loss(torch.from_numpy(z), torch.from_numpy(y)).item() == 0.0
+    assert triplet_loss(torch.from_numpy(z), torch.from_numpy(y)).item() == 0.0
+    z, y = _batch("one_class")
+    assert triplet_loss(torch.from_numpy(z), torch.from_numpy(y)).item() == 0.0
+    # all one class: every other code is a positive; the loss is still defined, and at least
+    # log(n - 1) (equal similarities reach it)
+    assert supcon_loss(torch.from_numpy(z), torch.from_numpy(y)).item() > math.log(len(y) - 1)
+    same = torch.zeros(5, 2, dtype=torch.float64)
+    assert supcon_loss(same, torch.zeros(5, dtype=torch.int64)).item() == pytest.approx(math.log(4))
+    # a batch of one
+    one = torch.ones(1, 4, requires_grad=True)
+    for loss in (supcon_loss(one, torch.zeros(1, dtype=torch.int64)),
+                 triplet_loss(one, torch.zeros(1, dtype=torch.int64))):
+        assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("loss, labeling", [(supcon_loss, "all_distinct"), (triplet_loss, "all_distinct"),
+                                             (triplet_loss, "one_class")])  # (supcon has a term for one class)
+def test_no_term_still_backpropagates_zero(loss, labeling):
+    z, y = _batch(labeling)
+    tensor = torch.from_numpy(z).requires_grad_()
+    loss(tensor, torch.from_numpy(y)).backward()
+    assert torch.equal(tensor.grad, torch.zeros_like(tensor))
+
+
+@pytest.mark.parametrize("labeling", ["mixed", "singleton", "one_class"])
+@pytest.mark.parametrize("similarity", ["sq_l2", "cosine"])
+def test_supcon_gradcheck(labeling, similarity):
+    z, y = _batch(labeling, seed=1)
+    tensor = torch.from_numpy(z).requires_grad_()
+    labels = torch.from_numpy(y)
+    assert torch.autograd.gradcheck(lambda t: supcon_loss(t, labels, 0.7, similarity=similarity), (tensor,))
+
+
+@pytest.mark.parametrize("labeling", ["mixed", "singleton"])
+def test_triplet_gradcheck(labeling):
+    z, y = _batch(labeling, seed=2)  # random codes: no ties among the hardest pairs
+    tensor = torch.from_numpy(z).requires_grad_()
+    labels = torch.from_numpy(y)
+    assert torch.autograd.gradcheck(lambda t: triplet_loss(t, labels, 5.0), (tensor,))
+
+
+def test_pairwise_sq_l2_and_low_precision_inputs():
+    z = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(pairwise_sq_l2(z), torch.cdist(z, z) ** 2, rtol=1e-10, atol=1e-10)
+    assert torch.all(pairwise_sq_l2(z).diagonal() == 0)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 1, 2])
+    for loss in (supcon_loss, triplet_loss):
+        reference = loss(z.bfloat16().double(), labels)
+        got = loss(z.bfloat16(), labels)
+        assert got.dtype == torch.float32  # computed in float32
+        assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_loss_arguments_are_checked():
+    z, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            supcon_loss(z, y, bad)
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="temperature"):
+            supcon_loss(z, y, bad)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="margin"):
+            triplet_loss(z, y, bad)
+    assert triplet_loss(z, y, 0).item() >= 0
+    with pytest.raises(ValueError, match="similarity"):
+        supcon_loss(z, y, similarity="dot")
+    for loss in (supcon_loss, triplet_loss):
+        with pytest.raises(TypeError, match="labels"):
+            loss(z, y.float())
+        with pytest.raises(TypeError, match="labels"):
+            loss(z, y.bool())
+        with pytest.raises(ValueError, match="labels"):
+            loss(z, y[:3])
+        with pytest.raises(ValueError, match="z"):
+            loss(z[0], y)
+        with pytest.raises(TypeError, match="z"):
+            loss(z.numpy(), y)
+        with pytest.raises(TypeError, match="z"):
+            loss(y[:, None], y)
+
+
+# ---------------------------------------------------------------------------------------
+# Training with labels
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = ls.datasets.load_digits()
+    return x[:400], y[:400]
+
+
+def _fit(model, x, **kwargs):
+    settings = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False, device="cpu")
+    settings.update(kwargs)
+    return ls.train(model, x, **settings)
+
+
+@pytest.mark.parametrize("metric_loss", ["supcon", "triplet"])
+@pytest.mark.parametrize("make", [
+    lambda: Autoencoder(64, 4, hidden=(32,), output="sigmoid"),
+    lambda: VAE(64, 4, hidden=(32,)),
+    lambda: ConvAutoencoder((1, 8, 8), 4, channels=(8,)),
+], ids=["ae", "vae", "conv"])
+def test_train_with_labels_records_the_metric_term(digits, make, metric_loss):
+    x, y = digits
+    torch.manual_seed(0)
+    model = make()
+    seen = []
+    history = _fit(model, x, epochs=6, labels=y, metric_loss=metric_loss, metric_weight=2.0,
+                   callback=lambda record: seen.append(record))
+    assert history.metric_loss == metric_loss and history.metric_weight == 2.0
+    assert len(history.train_metric) == len(history.val_metric) == len(history.train_loss) == 6
+    assert all(math.isfinite(v) and v >= 0 for v in history.train_metric + history.val_metric)
+    assert [r["train_metric"] for r in seen] == history.train_metric
+    assert [r["val_metric"] for r in seen] == history.val_metric
+    assert history.to_dict()["train_metric"] == history.train_metric
+    # the term is minimised: lower than in the same run with weight 0 (the code's scale grows
+    # with training, so a triplet term on squared distances need not fall in absolute terms)
+    torch.manual_seed(0)
+    unshaped = _fit(make(), x, epochs=6, labels=y, metric_loss=metric_loss, metric_weight=0.0)
+    assert history.val_metric[-1] < unshaped.val_metric[-1]
+
+
+def test_without_labels_the_history_has_no_metric(digits):
+    x, _ = digits
+    history = _fit(Autoencoder(64, 4, hidden=(16,)), x, epochs=2)
+    assert history.metric_loss is None and history.train_metric == [] and history.val_metric == []
+    assert history.metric_weight == 0.0
+
+
+def test_objective_returns_the_codes_the_metric_term_uses():
+    x = torch.rand(6, 10)
+    vae = VAE(10, 3, hidden=(8,))
+    out = vae.objective(x, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out["codes"], torch.from_numpy(vae.posterior(x.numpy())[0]))
+    assert out["codes"].requires_grad  # the posterior mean, not the noisy draw, with gradients
+    ae = Autoencoder(10, 3, hidden=(8,))
+    torch.testing.assert_close(ae.objective(x)["codes"], ae.encode(x))
+
+
+def test_same_seed_same_weights_with_labels(digits):
+    x, y = digits
+    runs = []
+    for seed in (3, 3, 4):
+        torch.manual_seed(7)
+        model = Autoencoder(64, 4, hidden=(16,), output="sigmoid")
+        history = _fit(model, x, seed=seed, labels=y, metric_loss="supcon")
+        runs.append((model.state_dict(), history))
+    (a, ha), (b, hb), (c, _) = runs
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert ha.train_loss == hb.train_loss and ha.train_metric == hb.train_metric
+    assert ha.val_metric == hb.val_metric
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+def test_metric_weight_zero_leaves_the_objective_alone(digits):
+    """weight 0: the same weights as a run whose term is computed but not used; the loss is
+    then the reconstruction alone (the stratified split and shuffling are the labelled ones)."""
+    x, y = digits
+    states = []
+    for metric_loss in ("supcon", "triplet"):
+        torch.manual_seed(0)
+        model = Autoencoder(64, 4, hidden=(16,))
+        _fit(model, x, labels=y, metric_loss=metric_loss, metric_weight=0.0)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_stratified_split():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, 7], [50, 30, 19, 1])
+    rng.shuffle(labels)
+    gen = torch.Generator().manual_seed(0)
+    val, train = training._split(len(labels), 10, labels, gen)
+    assert len(val) == 10 and len(train) == 90
+    assert sorted(torch.cat([val, train]).tolist()) == list(range(100))
+    counts = np.bincount(labels[val.numpy()], minlength=8)
+    assert counts[[0, 1, 2, 7]].tolist() == [5, 3, 2, 0]  # 5, 3, 1.9 -> 2, 0.1 -> 0
+    again = training._split(len(labels), 10, labels, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], val) and torch.equal(again[1], train)
+    # remainders decide when the floors fall short: 4 classes of 25, 10 held out -> 3, 3, 2, 2
+    even = np.repeat([0, 1, 2, 3], 25)
+    val, _ = training._split(100, 10, even, torch.Generator().manual_seed(1))
+    assert sorted(np.bincount(even[val.numpy()]).tolist()) == [2, 2, 3, 3]
+    # one held out of a singleton-heavy set
+    val, train = training._split(3, 1, np.array([4, 5, 6]), torch.Generator().manual_seed(0))
+    assert len(val) == 1 and len(train) == 2
+
+
+def test_unlabelled_split_is_unchanged():
+    """Without labels the split draws exactly what train() drew before labels existed."""
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(9))
+    val, train = training._split(50, 5, None, torch.Generator().manual_seed(9))
+    assert torch.equal(val, order[:5]) and torch.equal(train, order[5:])
+
+
+def _nuisance_data(n: int, seed: int):
+    """4 classes told apart by 2 low-variance features (class means +-0.3, noise 0.05), hidden
+    among 8 features of variance 1 that carry no label. A 2-d code that reconstructs best
+    spends itself on the loud nuisance features; only supervision puts the labels in it."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    signal = 0.3 * np.stack([np.where(y & 1, 1.0, -1.0), np.where(y & 2, 1.0, -1.0)], axis=1)
+    x = np.concatenate([signal + 0.05 * rng.standard_normal((n, 2)), rng.standard_normal((n, 8))], axis=1)
+    return x.astype(np.float32), y
+
+
+# The weights are where each term wins the trade-off against the 8 loud features' squared
+# error (supcon at 5 and triplet at 20-50 tip over, seeds 0-2; at 1 neither does).
+@pytest.mark.parametrize("metric_loss, metric_weight", [("supcon", 10.0), ("triplet", 50.0)])
+def test_metric_term_puts_the_labels_into_the_latent_space(metric_loss, metric_weight):
+    x, y = _nuisance_data(600, seed=0)
+    x_new, y_new = _nuisance_data(300, seed=1)  # new points, encoded by the trained encoder
+    agreement = {}
+    for shaped in (False, True):
+        torch.manual_seed(0)
+        model = Autoencoder(10, 2, hidden=(32,))
+        extra = dict(labels=y, metric_loss=metric_loss, metric_weight=metric_weight) if shaped else {}
+        _fit(model, x, epochs=40, batch_size=64, lr=3e-3, early_stopping=None, **extra)
+        agreement[shaped] = ls.knn_label_agreement(model.encode(x_new), y_new, k=5)
+    assert agreement[False] < 0.5  # near chance (0.25): the code holds nuisance
+    assert agreement[True] > 0.9
+    assert agreement[True] > agreement[False] + 0.4
+
+
+# ---------------------------------------------------------------------------------------
+# Bad arguments
+
+
+def test_bad_label_arguments(digits):
+    x, y = digits
+    model = Autoencoder(64, 2, hidden=(8,))
+    cases = [
+        (dict(labels=y[:-1], metric_loss="supcon"), ValueError, r"labels: expected shape \(400,\)"),
+        (dict(labels=y[:, None], metric_loss="supcon"), ValueError, "labels: expected shape"),
+        (dict(labels=y.astype(np.float64), metric_loss="supcon"), TypeError, "labels: expected integer"),
+        (dict(labels=np.where(np.arange(400) == 3, np.nan, y), metric_loss="triplet"), TypeError,
+         r"labels: .*NaN \(row 3\)"),
+        (dict(labels=y > 4, metric_loss="supcon"), TypeError, "labels: expected integer"),
+        (dict(labels=list(map(str, y)), metric_loss="supcon"), TypeError, "labels: expected integer"),
+        (dict(labels=y), ValueError, "metric_loss: labels were given"),
+        (dict(metric_loss="supcon"), ValueError, "labels: metric_loss='supcon' needs labels"),
+        (dict(labels=y, metric_loss="contrastive"), ValueError, "metric_loss: expected one of"),
+        (dict(labels=y, metric_loss="supcon", metric_weight=-1), ValueError, "metric_weight"),
+        (dict(labels=y, metric_loss="supcon", metric_weight=float("nan")), ValueError, "metric_weight"),
+        (dict(labels=y, metric_loss="supcon", metric_margin=1.0), ValueError, "metric_margin: applies to"),
+        (dict(labels=y, metric_loss="triplet", metric_temperature=1.0), ValueError,
+         "metric_temperature: applies to"),
+        (dict(labels=y, metric_loss="supcon", metric_temperature=0), ValueError, "metric_temperature"),
+        (dict(labels=y, metric_loss="triplet", metric_margin=-1), ValueError, "metric_margin"),
+        (dict(metric_weight=2.0), ValueError, "metric_weight: set only with"),
+        (dict(metric_margin=1.0), ValueError, "metric_margin: set only with"),
+        (dict(metric_temperature=1.0), ValueError, "metric_temperature: set only with"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            _fit(model, x, epochs=1, **kwargs)
+    _fit(model, x, epochs=1, labels=torch.from_numpy(y).int(), metric_loss="triplet")  # torch ints work
+
+
+def test_a_model_without_codes_is_refused_with_labels(digits, monkeypatch):
+    x, y = digits
+    model = Autoencoder(64, 2, hidden=(8,))
+    real = model.objective
+    monkeypatch.setattr(model, "objective", lambda *a, **k: {key: v for key, v in real(*a, **k).items()
+                                                             if key != "codes"})
+    with pytest.raises(TypeError, match="codes"):
+        _fit(model, x, epochs=1, labels=y, metric_loss="supcon")
