@@ -273,3 +273,20 @@ def assert_knn_matches(D, I, queries, database, k: int, metric: str, *, exact: b
     if exact:
         np.testing.assert_array_equal(I, ref_order)
         np.testing.assert_array_equal(D[:, :kept].astype(np.float64), ref_scores[:, :kept])
+
+
+# ---------------------------------------------------------------------------------------
+# Training: a small slice of the digits and a short, reproducible fit (test_training.py,
+# test_metric_learning.py).
+
+
+@pytest.fixture(scope="module")
+def digits_400():
+    x, y = latentspace.datasets.load_digits()
+    return x[:400], y[:400]
+
+
+def fit_briefly(model, x, **kwargs):
+    settings = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False, device="cpu")
+    settings.update(kwargs)
+    return latentspace.train(model, x, **settings)

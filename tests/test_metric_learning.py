@@ -174,16 +174,8 @@ def test_loss_arguments_are_checked():
 # Training with labels
 
 
-@pytest.fixture(scope="module")
-def digits():
-    x, y = ls.datasets.load_digits()
-    return x[:400], y[:400]
-
-
-def _fit(model, x, **kwargs):
-    settings = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False, device="cpu")
-    settings.update(kwargs)
-    return ls.train(model, x, **settings)
+from conftest import digits_400 as digits  # noqa: E402,F401  (a fixture, used by name)
+from conftest import fit_briefly as _fit  # noqa: E402
 
 
 @pytest.mark.parametrize("metric_loss", ["supcon", "triplet"])

@@ -14,22 +14,8 @@ def knn(
     metric: int,
     distances: npt.NDArray[np.float32],
     indices: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float32] | None = None,
 ) -> None: ...
-def knn_cuda_workspace_bytes(num_queries: int, num_database: int, k: int, device: int) -> int: ...
-def knn_cuda(
-    queries: int,
-    num_queries: int,
-    database: int,
-    num_database: int,
-    dim: int,
-    k: int,
-    metric: int,
-    distances: int,
-    indices: int,
-    workspace: int,
-    workspace_bytes: int,
-    stream: int,
-) -> None: ...  # device pointers and a cudaStream_t as integers (see _cuda_search.py)
 def sq_norms(x: npt.NDArray[np.float32], out: npt.NDArray[np.float32]) -> int: ...
 def hardware_simd_level() -> str: ...
 def simd_level() -> str: ...
@@ -71,7 +57,8 @@ def knn_cuda(
     workspace_bytes: int,
     stream: int,
     precision: int = 0,
-) -> None: ...
+    weights: int = 0,
+) -> None: ...  # device pointers and a cudaStream_t as integers (see _cuda_search.py)
 
 class MlpEncoder:
     def __init__(
