@@ -25,7 +25,10 @@ for every peer.
 
 Peak memory: each peer runs once more in a fresh process (this file run as a script), with
 input and output allocated and touched and a small warm-up call made; VmHWM is reset
-(/proc/self/clear_refs) and read after one full encode. working set = peak - RSS before.
+(/proc/self/clear_refs) and read after one full encode. working set = peak - RSS before. glibc's
+mmap threshold is pinned there, so buffers of 128 KiB and more freed by the warm-up are not
+silently reused; the kernel counts RSS in per-CPU batches (Linux 6.2+: ~128 KiB per CPU), so
+working sets under ~0.25 MiB read as noise around zero.
 
 The SGEMM roof (_common.py) is measured before and after the cells; benchmarks/report_encode.py
 turns the JSON into tables and applies the issue's bars.

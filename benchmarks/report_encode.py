@@ -234,8 +234,9 @@ def main(argv=None) -> int:
         "the session's SGEMM roof. 'vs torch best chunk' / 'vs torch one call': the peer's rows/s "
         "over torch's at the same thread count (torch's best chunk size chosen per thread count). "
         "Peak working set: peak RSS of one call above the RSS before it, in a fresh process with "
-        "input and output already allocated (torch's one call also allocates its output). Errors: "
-        "against the float64 forward of the same weights.",
+        "input and output already allocated (torch's one call also allocates its output); the "
+        "kernel counts RSS in per-CPU batches, so figures under about 0.25 MiB only say 'too small "
+        "to see'. Errors: against the float64 forward of the same weights.",
         "",
     ]
     for shape, peers in table.items():
