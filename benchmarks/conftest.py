@@ -5,16 +5,20 @@ Run (from the repository root), one JSON per benchmark file:
   python benchmarks/report_knn.py knn.json
   python -m pytest benchmarks/bench_losses.py --benchmark-json=losses.json  # ~1 min
   python benchmarks/report_losses.py losses.json
+  python -m pytest benchmarks/bench_encode.py --benchmark-json=encode.json  # ~5 min
+  python benchmarks/report_encode.py encode.json
 Quick kNN run (~3 minutes): LATENTSPACE_BENCH_N=100000 python -m pytest benchmarks/bench_knn.py ...
+Quick encode run: LATENTSPACE_BENCH_ENCODE_ROWS=8192 LATENTSPACE_BENCH_BUDGET_S=0.2 python -m pytest benchmarks/bench_encode.py ...
 The project's own `pytest` run (testpaths = tests) does not collect these benchmarks.
 Plain helpers shared by the bench_*.py files (rounds, roofs, nearby read rate) are in _common.py.
 
 Environment:
   LATENTSPACE_BENCH_N         kNN database rows (default 1,000,000; e.g. 100000 for a quick run)
+  LATENTSPACE_BENCH_ENCODE_ROWS  rows encoded per call in bench_encode.py (default 65,536)
   LATENTSPACE_BENCH_BUDGET_S  seconds of timed calls per benchmark (default 1.0; at least
                               MIN_ROUNDS rounds are always timed)
   LATENTSPACE_BENCH_QUIET_WAIT_S  longest wait for a quiet machine before a cell, in the
-                              benchmarks that wait (bench_losses.py; default 30)
+                              benchmarks that wait (bench_losses.py, bench_encode.py; default 30)
 """
 
 from __future__ import annotations
