@@ -51,7 +51,6 @@ import pytest
 import latentspace
 import torch
 from _common import SGEMM_LIBRARIES, THREAD_COUNTS, again_after, measure_roof, rounds_for, timed_call
-from latentspace import _native
 from torch import nn
 
 ROWS = int(os.environ.get("LATENTSPACE_BENCH_ENCODE_ROWS", "65536"))
@@ -182,20 +181,17 @@ def check(shape: str, precision: str, out: np.ndarray, rows=slice(None)) -> None
 # ============================================================================================
 # Peers: each returns the (ROWS, out) float32 output of one call
 # ============================================================================================
-@lru_cache(maxsize=None)
-def native_encoder(model: nn.Module, precision: str) -> _native.MlpEncoder:
-    return _native.MlpEncoder(*layer_arrays(model), None, precision)
-
-
 def latentspace_encode(model: nn.Module, x: np.ndarray, out: np.ndarray, precision: str) -> np.ndarray:
-    """latentspace's peer. The Python layer latentspace.encode (issue 5) is not in this tree yet,
-    so this calls the native encoder, exported once per model and precision (not timed). When
-    it lands, the body becomes one line:
+    """latentspace's peer: the public one-shot call, so each timed call includes exporting
+    the weights (copy and pack, well under a millisecond here) as a user's call does."""
+    return latentspace.encode(model, x, out=out, precision=precision)
 
-        return latentspace.encode(model, x, out=out, precision=precision)
-    """
-    native_encoder(model, precision).encode(x, out)
-    return out
+
+def encoder_kernel(model: nn.Module, precision: str) -> str:
+    """The native kernel latentspace.encode runs for this model and precision."""
+    encoder = latentspace.Encoder(model, precision=precision)
+    assert encoder.backend == "native", encoder.reason
+    return encoder.kernel
 
 
 def torch_forward(model: nn.Module, x: torch.Tensor, out: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -229,7 +225,7 @@ def make_peer(shape: str, label: str, x: np.ndarray, out: np.ndarray):
 def skip_reason(label: str, shape: str) -> str | None:
     if PEERS[label][1] != "bf16":
         return None
-    kernel = native_encoder(make_model(shape), "bf16").kernel
+    kernel = encoder_kernel(make_model(shape), "bf16")
     if kernel != "avx512_bf16":
         return (f"precision='bf16' runs on the '{kernel}' kernel here (the CPU has no AVX512_BF16, "
                 f"/proc/cpuinfo flag: {has_avx512_bf16()}): same rounding, no speed-up to measure")
@@ -320,7 +316,7 @@ def test_encode(benchmark, shape, threads, label, set_threads, foreign_load, qui
         input_bytes=x.nbytes, output_bytes=out.nbytes, verified=False,
     )
     if library == "latentspace":
-        benchmark.extra_info["kernel"] = native_encoder(make_model(shape), precision).kernel
+        benchmark.extra_info["kernel"] = encoder_kernel(make_model(shape), precision)
 
     set_threads(threads)
     result, seconds = timed_call(call)  # also the warm-up
