@@ -144,7 +144,8 @@ def _is_model(model: Any) -> bool:
 
 def _input_shape(model: Any) -> tuple[int, ...]:
     if not _is_model(model):
-        raise TypeError(f"model: expected a latentspace model (encode, decode, input_shape), got {type(model).__name__}")
+        raise TypeError("model: expected a latentspace model (encode, decode, input_shape), "
+                        f"got {type(model).__name__}")
     return tuple(model.input_shape)
 
 
