@@ -502,7 +502,7 @@ def test_plot_every_kind_on_the_digits(plot_files, capsys):
         assert out.startswith(f"latentspace plot {kind}: {path} (") and err == ""
         assert _png_size(path) == size
         if kind == "map":
-            assert "1,797 codes of the scikit-learn digits" in out
+            assert "1,797 codes of the scikit-learn digits, PCA" in out
         if kind == "relevance":  # the digits come with labels: Fisher scores by default
             assert "fisher scores of 6 latent dimensions" in out
 
@@ -521,7 +521,7 @@ def test_plot_files_labels_and_options(plot_files, capsys):
     assert (tmp / "m1.png").read_bytes() == (tmp / "m2.png").read_bytes()
     code, out, err = _main(capsys, "plot", "map", pca, str(tmp / "x.npy"), "--method", "pca", "--limit", "50",
                            "--out", str(tmp / "m3.png"))
-    assert code == 0 and "50 codes of" in out and "(no labels: one colour)" in out, err
+    assert code == 0 and "50 codes of" in out and ", no labels: one colour" in out, err
     # a VAE's active units; mutual information; options of the image kinds
     code, out, err = _main(capsys, "plot", "relevance", vae, str(tmp / "x.npy"), "--method", "kl",
                            "--out", str(tmp / "kl.png"))

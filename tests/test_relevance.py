@@ -167,6 +167,10 @@ def test_top_dimensions_and_keep_top():
     keep = ls.keep_top(scores, 3)
     assert keep.dtype == np.float32
     np.testing.assert_array_equal(keep, [0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(ls.top_dimensions([1.0, np.inf, 5.0], 2), [1, 2])  # +inf: the best
+    np.testing.assert_array_equal(ls.keep_top([1.0, np.inf, 5.0], 1), [0, 1, 0])
+    with pytest.raises(ValueError, match="scores: dimension 1 has a non-finite score .nan."):
+        ls.top_dimensions([1.0, np.nan], 1)
     with pytest.raises(ValueError, match="n: expected at most 5 .the number of scores., got 6"):
         ls.top_dimensions(scores, 6)
     with pytest.raises(ValueError, match="n: expected an integer >= 1"):

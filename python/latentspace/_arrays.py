@@ -525,9 +525,9 @@ def as_float64_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarra
     return array
 
 
-def as_scores(scores: Any, name: str = "scores") -> np.ndarray:
-    """One score per dimension: a non-empty 1-d array of real numbers, none NaN or +-Inf,
-    returned as float64 numpy."""
+def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> np.ndarray:
+    """One score per dimension: a non-empty 1-d array of real numbers, none NaN (nor +-Inf
+    unless allow_inf: for ranking, where +inf is simply the best), returned as float64 numpy."""
     if is_torch_tensor(scores):
         check_real_dtype(scores, name)
         scores = scores.detach().to("cpu").double().numpy()
@@ -535,7 +535,7 @@ def as_scores(scores: Any, name: str = "scores") -> np.ndarray:
     if array.ndim != 1 or array.shape[0] < 1:
         raise ValueError(f"{name}: expected a non-empty 1-d array (one score per dimension), got shape {array.shape}")
     array = array.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(array))
+    bad = np.flatnonzero(np.isnan(array) if allow_inf else ~np.isfinite(array))
     if bad.size:
         raise ValueError(f"{name}: dimension {bad[0]} has a non-finite score ({array[bad[0]]}); "
                          "replace it (e.g. np.nan_to_num(scores, posinf=scores[np.isfinite(scores)].max()))")

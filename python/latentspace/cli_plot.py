@@ -118,8 +118,12 @@ def _command_plot(args: argparse.Namespace) -> int:
         rows = plots._model_rows(model, np.asarray(X), str(args.data))
         if kind == "map":
             method = args.method or "auto"
-            plots.plot_latent_map(model.encode(rows), labels, args.out, method=method)
-            what = f"{X.shape[0]:,} codes of {name}" + ("" if labels is not None else " (no labels: one colour)")
+            codes = model.encode(rows)
+            plots.plot_latent_map(codes, labels, args.out, method=method)
+            umap = method == "umap" or (method == "auto" and plots._umap_installed())
+            projection = "UMAP" if umap else "PCA" if codes.shape[1] > 2 else "2 dims as they are"
+            what = (f"{X.shape[0]:,} codes of {name}, {projection}"
+                    + ("" if labels is not None else ", no labels: one colour"))
         else:
             method = args.method or ("fisher" if labels is not None else "variance")
             if method in ("fisher", "mutual_info") and labels is None:

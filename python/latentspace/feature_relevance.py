@@ -180,8 +180,9 @@ def relevance_weights(scores: Any, *, power: float = 1.0, normalize: str = "mean
 
 def top_dimensions(scores: Any, n: int) -> np.ndarray:
     """The indices of the n highest scores, best first, (n,) int64; equal scores go to the
-    lower index. 1 <= n <= len(scores)."""
-    s = as_scores(scores)
+    lower index, and a score of +inf (a Fisher score that separates the classes alone) is
+    the best. 1 <= n <= len(scores)."""
+    s = as_scores(scores, allow_inf=True)
     n = check_int(n, "n")
     if n > s.size:
         raise ValueError(f"n: expected at most {s.size} (the number of scores), got {n}")
@@ -191,6 +192,6 @@ def top_dimensions(scores: Any, n: int) -> np.ndarray:
 def keep_top(scores: Any, n: int) -> np.ndarray:
     """Weights that keep the n best dimensions: 1.0 on top_dimensions(scores, n), 0.0
     elsewhere, (d,) float32."""
-    weights = np.zeros(as_scores(scores).size, dtype=np.float32)
+    weights = np.zeros(as_scores(scores, allow_inf=True).size, dtype=np.float32)
     weights[top_dimensions(scores, n)] = 1.0
     return weights
