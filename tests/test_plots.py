@@ -157,6 +157,11 @@ def test_interpolation(tmp_path, digits, pca, single_threaded):
     vae = ls.VAE(64, 3, hidden=(16,))
     assert _png_size(plots.plot_interpolation(vae, x[:1], torch.from_numpy(x[2]).reshape(8, 8),
                                               tmp_path / "v.png")) == (1320, 170)
+    wide = ls.Autoencoder(100, 2, hidden=(8,))  # 10x10 images: the shape of x0 is kept on screen
+    assert _png_size(plots.plot_interpolation(wide, np.zeros((10, 10)), np.ones((1, 10, 10)), tmp_path / "w.png",
+                                              steps=3)) == (550, 170)
+    with pytest.raises(ValueError, match="image_shape: cannot tell how a sample of shape"):
+        plots.plot_interpolation(wide, np.zeros(100), np.ones(100), tmp_path / "w.png")
     with pytest.raises(ValueError, match="steps: expected an integer >= 2"):
         plots.plot_interpolation(pca, x[0], x[1], tmp_path / "i.png", steps=1)
     with pytest.raises(ValueError, match=r"x1: expected one sample of the model's input shape \(64,\) \(64 values\), "

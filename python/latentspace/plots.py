@@ -81,12 +81,13 @@ def _save(figure: Any, path: Path) -> Path:
 # Samples as images
 
 
-def _rows(x: Any, name: str) -> np.ndarray:
-    """Samples (n, ...) as float32 numpy (numpy or torch in)."""
+def _rows(x: Any, name: str, limit: int | None = None) -> np.ndarray:
+    """Samples (n, ...), or the first `limit` of them, as float32 numpy (numpy or torch in;
+    only the rows kept are converted, so a large memory map is not read whole)."""
     if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
         x = np.asarray(x)
     check_rows(x, name, None)
-    return rows_as_float32(x)
+    return rows_as_float32(x if limit is None else x[:limit])
 
 
 def _image_shape(image_shape: Any, *sample_shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -261,10 +262,9 @@ def plot_reconstructions(model: Any, X: Any, path: str | os.PathLike, n: int = 1
     """
     path = _check_path(path)
     n = check_int(n, "n")
-    x = _rows(X, "X")
+    x = _rows(X, "X", limit=n)
     if x.shape[0] < 1:
         raise ValueError("X: expected at least one sample, got none")
-    x = x[:n]
     recon = np.asarray(model(_model_rows(model, x, "X")))
     shape = _image_shape(image_shape, tuple(x.shape[1:]), _input_shape(model))
     originals, rebuilt = _as_images(x, shape), _as_images(recon, shape)
@@ -301,7 +301,10 @@ def plot_interpolation(model: Any, x0: Any, x1: Any, path: str | os.PathLike, st
     path = _check_path(path)
     steps = check_int(steps, "steps", minimum=2)
     pair = np.concatenate([_one_sample(x0, "x0", model), _one_sample(x1, "x1", model)])
-    shape = _image_shape(image_shape, tuple(pair.shape[1:]))
+    given = tuple(np.shape(x0))  # x0 passed as an image, (H, W) or (1, H, W), is drawn so
+    if len(given) >= 2 and given[0] == 1:  # a batch of one
+        given = given[1:]
+    shape = _image_shape(image_shape, tuple(pair.shape[1:]), given)
     codes = np.asarray(model.encode(pair), dtype=np.float64)
     t = np.linspace(0.0, 1.0, steps)[:, None]
     path_codes = ((1.0 - t) * codes[0] + t * codes[1]).astype(np.float32)
