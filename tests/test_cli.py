@@ -493,3 +493,137 @@ def test_weights_for_an_unweighted_index_are_refused(tmp_path, rng, capsys):
                          "--weights", str(tmp_path / "w.npy"))
     assert code == 2
     assert "--weights: only the weighted_l2 metric takes weights" in err
+
+
+# ---------------------------------------------------------------------------------------
+# latentspace plot (in-process, like the pipeline's tests; one subprocess run)
+
+
+def _png_size(path) -> tuple[int, int]:
+    import struct
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG file"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture
+def plot_files(tmp_path):
+    """A PCA of the digits and a small VAE, saved; 200 digits in an .npz (x, y), as .npy too."""
+    import numpy as np
+    import torch
+
+    pytest.importorskip("matplotlib")
+    images, labels = latentspace.datasets.load_digits()
+    latentspace.save_model(latentspace.PCA(6).fit(images), tmp_path / "pca.safetensors")
+    torch.manual_seed(0)
+    latentspace.save_model(latentspace.VAE(64, 3, hidden=(16,)), tmp_path / "vae.safetensors")
+    np.savez(tmp_path / "d.npz", x=images[:200], y=labels[:200])
+    np.save(tmp_path / "x.npy", images[:200])
+    np.save(tmp_path / "y.npy", labels[:200])
+    return tmp_path
+
+
+def test_plot_every_kind_on_the_digits(plot_files, capsys):
+    tmp = plot_files
+    model = str(tmp / "pca.safetensors")
+    cases = {"map": (["--method", "pca"], (700, 600)), "reconstructions": ([], (1100, 270)),
+             "interpolation": ([], (1320, 170)), "neighbors": ([], (990, 460)), "relevance": ([], (400, 350))}
+    for kind, (options, size) in cases.items():
+        path = tmp / f"{kind}.png"
+        code, out, err = _main(capsys, "plot", kind, model, "digits", "--out", str(path), *options)
+        assert code == 0, err
+        assert out.startswith(f"latentspace plot {kind}: {path} (") and err == ""
+        assert _png_size(path) == size
+        if kind == "map":
+            assert "1,797 codes of the scikit-learn digits, PCA" in out
+        if kind == "relevance":  # the digits come with labels: Fisher scores by default
+            assert "fisher scores of 6 latent dimensions" in out
+
+
+def test_plot_files_labels_and_options(plot_files, capsys):
+    tmp = plot_files
+    pca, vae = str(tmp / "pca.safetensors"), str(tmp / "vae.safetensors")
+    # labels from the data's own .npz, or from a separate file
+    code, out, err = _main(capsys, "plot", "map", pca, str(tmp / "d.npz"), "--key", "x", "--labels-key", "y",
+                           "--method", "pca", "--out", str(tmp / "m1.png"))
+    assert code == 0, err
+    assert "200 codes of" in out and "no labels" not in out
+    code, out, err = _main(capsys, "plot", "map", pca, str(tmp / "x.npy"), "--labels", str(tmp / "y.npy"),
+                           "--method", "pca", "--out", str(tmp / "m2.png"))
+    assert code == 0, err
+    assert (tmp / "m1.png").read_bytes() == (tmp / "m2.png").read_bytes()
+    code, out, err = _main(capsys, "plot", "map", pca, str(tmp / "x.npy"), "--method", "pca", "--limit", "50",
+                           "--out", str(tmp / "m3.png"))
+    assert code == 0 and "50 codes of" in out and ", no labels: one colour" in out, err
+    # a VAE's active units; mutual information; options of the image kinds
+    code, out, err = _main(capsys, "plot", "relevance", vae, str(tmp / "x.npy"), "--method", "kl",
+                           "--out", str(tmp / "kl.png"))
+    assert code == 0 and "kl scores of 3 latent dimensions" in out, err
+    code, out, err = _main(capsys, "plot", "relevance", pca, "digits", "--method", "mutual_info",
+                           "--limit", "300", "--out", str(tmp / "mi.png"))
+    assert code == 0 and "mutual_info scores of 6 latent dimensions" in out, err
+    code, out, err = _main(capsys, "plot", "relevance", pca, str(tmp / "x.npy"), "--out", str(tmp / "var.png"))
+    assert code == 0 and "variance scores" in out, err  # no labels: variance
+    code, out, err = _main(capsys, "plot", "reconstructions", vae, str(tmp / "x.npy"), "-n", "4",
+                           "--out", str(tmp / "r.png"))
+    assert code == 0 and _png_size(tmp / "r.png") == (440, 270), err
+    code, out, err = _main(capsys, "plot", "interpolation", vae, "digits", "--pair", "5,17", "--steps", "3",
+                           "--out", str(tmp / "i.png"))
+    assert code == 0 and "3 steps from row 5 to row 17" in out, err
+    code, out, err = _main(capsys, "plot", "neighbors", vae, str(tmp / "d.npz"), "--key", "x", "--labels-key", "y",
+                           "--queries", "7", "-k", "3", "--image-shape", "8,8", "--out", str(tmp / "n.png"))
+    assert code == 0 and "the 3 nearest neighbours of 1 rows" in out, err
+    assert _png_size(tmp / "n.png") == (440, 180)
+
+
+def test_plot_errors(plot_files, capsys):
+    import numpy as np
+
+    tmp = plot_files
+    pca, x = str(tmp / "pca.safetensors"), str(tmp / "x.npy")
+    before = _files(tmp)
+    out = ["--out", str(tmp / "m.png")]
+    err = _pipeline_error(capsys, "plot", "plot", "map", pca, x, "--out", str(tmp / "m.jpg"))
+    assert "path: expected a file name ending in .png" in err
+    err = _pipeline_error(capsys, "plot", "plot", "map", str(tmp / "nope.safetensors"), x, *out)
+    assert "No such file" in err
+    err = _pipeline_error(capsys, "plot", "plot", "relevance", pca, x, "--method", "fisher", *out)
+    assert "--labels: method 'fisher' needs class labels; pass --labels FILE" in err
+    err = _pipeline_error(capsys, "plot", "plot", "relevance", pca, x, "--method", "anova", *out)
+    assert "method: expected one of 'fisher', 'mutual_info', 'variance', 'kl'" in err
+    err = _pipeline_error(capsys, "plot", "plot", "relevance", pca, x, "--method", "kl", *out)
+    assert "model: method='kl' needs a VAE" in err and "got PCA" in err
+    err = _pipeline_error(capsys, "plot", "plot", "map", pca, x, "--method", "tsne", *out)
+    assert "method: expected 'auto', 'pca' or 'umap'" in err
+    np.save(tmp / "short.npy", np.arange(10))
+    err = _pipeline_error(capsys, "plot", "plot", "map", pca, x, "--labels", str(tmp / "short.npy"), *out)
+    assert "--labels: expected 200 labels (one per row of" in err
+    err = _pipeline_error(capsys, "plot", "plot", "map", pca, "digits", "--labels-key", "y", *out)
+    assert "--labels-key: the digits come with their labels" in err
+    err = _pipeline_error(capsys, "plot", "plot", "interpolation", pca, x, "--pair", "0", *out)
+    assert "--pair: expected 2 comma-separated row numbers such as 0,1, got '0'" in err
+    err = _pipeline_error(capsys, "plot", "plot", "interpolation", pca, x, "--pair", "0,200", *out)
+    assert "--pair: row 200 is out of range for the data's 200 rows" in err
+    err = _pipeline_error(capsys, "plot", "plot", "neighbors", pca, x, "--queries", "a", *out)
+    assert "--queries: expected comma-separated row numbers" in err
+    err = _pipeline_error(capsys, "plot", "plot", "neighbors", pca, x, "-k", "0", *out)
+    assert "k: expected an integer >= 1" in err
+    np.save(tmp / "wide.npy", np.zeros((5, 65), dtype=np.float32))
+    err = _pipeline_error(capsys, "plot", "plot", "map", pca, str(tmp / "wide.npy"), *out)
+    assert f"{tmp / 'wide.npy'}: expected samples of the model's input shape (64,)" in err
+    err = _pipeline_error(capsys, "plot", "plot", "reconstructions", pca, x, "--image-shape", "4,4", *out)
+    assert "image_shape: (4, 4) holds 16 values, but each sample has 64" in err
+    assert set(_files(tmp)) - set(before) == {"short.npy", "wide.npy"}  # no pictures, no temporary files
+
+
+def test_plot_as_a_subprocess(plot_files):
+    tmp = plot_files
+    result = _cli("plot", "relevance", str(tmp / "pca.safetensors"), "digits", "--out", str(tmp / "r.png"),
+                  "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "fisher scores of 6 latent dimensions on the scikit-learn digits (best: z" in result.stdout
+    assert _png_size(tmp / "r.png") == (400, 350)
+    result = _cli("plot", "map", str(tmp / "pca.safetensors"), str(tmp / "missing.npy"), "--out", str(tmp / "m.png"))
+    assert result.returncode == 2 and result.stderr.startswith("latentspace plot: error: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

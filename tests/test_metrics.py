@@ -98,3 +98,179 @@ def test_reconstruction_mse(rng):
     assert reconstruction_mse(images, torch.from_numpy(x_hat).reshape(8, 1, 2, 3)) == pytest.approx(0.25, rel=1e-6)
     with pytest.raises(ValueError, match="X, X_hat: shapes differ"):
         reconstruction_mse(x, x[:, :5])
+
+
+# ---------------------------------------------------------------------------------------
+# Weighted squared L2 in knn_label_agreement
+
+
+def test_weights_zero_drops_a_dimension(rng):
+    # small integers: every distance is exact in float32, so neighbour sets compare exactly
+    z = rng.integers(0, 20, size=(80, 3)).astype(np.float32)
+    y = rng.integers(0, 3, size=80)
+    before = z.copy()
+    dropped = knn_label_agreement(z, y, k=5, weights=np.array([1.0, 0.0, 1.0]))
+    assert dropped == knn_label_agreement(z[:, [0, 2]], y, k=5)
+    np.testing.assert_array_equal(z, before)  # the caller's codes are not scaled in place
+
+
+def test_weights_equal_scaled_codes(rng):
+    z = rng.integers(0, 20, size=(90, 3)).astype(np.float32)
+    y = rng.integers(0, 3, size=90)
+    w = np.array([4.0, 1.0, 9.0])  # exact square roots: the scaled codes are exact too
+    scaled = z * np.sqrt(w).astype(np.float32)
+    for k in (1, 4):
+        weighted = knn_label_agreement(z, y, k=k, weights=w)
+        assert weighted == knn_label_agreement(scaled, y, k=k)
+        assert weighted == pytest.approx(_reference_agreement(scaled, y, k), abs=1e-12)
+    assert knn_label_agreement(z, y, k=3, weights=np.ones(3)) == knn_label_agreement(z, y, k=3)
+    assert knn_label_agreement(torch.from_numpy(z), torch.from_numpy(y), k=3, weights=torch.tensor(w)) == \
+        knn_label_agreement(z, y, k=3, weights=w)
+
+
+def test_weights_from_relevance_help_on_noisy_codes(rng):
+    # two informative dimensions and six of loud noise: weighting by relevance finds the classes
+    # (over 30 seeds: plain 0.52-0.62, weighted 0.38-0.48 higher)
+    y = np.repeat(np.arange(4), 50)
+    centres = np.array([[0, 0], [6, 0], [0, 6], [6, 6]])
+    z = np.concatenate([centres[y] + rng.normal(size=(200, 2)), rng.normal(size=(200, 6)) * 5], 1)
+    plain = knn_label_agreement(z, y, k=5)
+    scores = ls.relevance(z, y)
+    assert set(ls.top_dimensions(scores, 2)) == {0, 1}
+    assert knn_label_agreement(z, y, k=5, weights=ls.relevance_weights(scores)) > plain + 0.25
+    assert knn_label_agreement(z, y, k=5, weights=ls.keep_top(scores, 2)) > plain + 0.25
+
+
+def test_weights_errors(rng):
+    z = rng.random((12, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 12)
+    with pytest.raises(ValueError, match=r"weights: expected shape \(3,\) \(one weight per dimension\), got \(2,\)"):
+        knn_label_agreement(z, y, k=3, weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="weights: expected finite weights >= 0, got -1.0 for dimension 1"):
+        knn_label_agreement(z, y, k=3, weights=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="weights: expected finite weights >= 0, got nan for dimension 2"):
+        knn_label_agreement(z, y, k=3, weights=[1.0, 1.0, np.nan])
+    with pytest.raises(ValueError, match="weights: every weight is 0"):
+        knn_label_agreement(z, y, k=3, weights=np.zeros(3))
+    with pytest.raises(ValueError, match="weights: per-dimension weights define a weighted squared L2; use metric"):
+        knn_label_agreement(z, y, k=3, metric="cosine", weights=np.ones(3))
+    with pytest.raises(TypeError, match="weights: expected a real numeric dtype"):
+        knn_label_agreement(z, y, k=3, weights=np.array(["a", "b", "c"]))
+
+
+# ---------------------------------------------------------------------------------------
+# Trustworthiness and neighbour recall
+
+
+def _untied(make):
+    """make() until it returns integer points whose squared distances (exact in float32 when
+    the coordinates stay below 1,100 in 3 dimensions or fewer) all differ from every point,
+    so neighbour ranks do not depend on how ties are broken."""
+    while True:
+        points = make().astype(np.float64)
+        squared = ((points[:, None] - points[None]) ** 2).sum(-1)
+        if all(np.unique(row).size == len(points) for row in squared):
+            return points
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_trustworthiness_matches_sklearn(rng, k):
+    from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+    x = _untied(lambda: rng.integers(0, 1000, size=(60, 3)))
+    unrelated = _untied(lambda: rng.integers(0, 1000, size=(60, 2)))  # a low score
+    projected = _untied(lambda: x[:, :2] + rng.integers(0, 50, size=(60, 2)))  # a high one
+    for embedding in (unrelated, projected, x):
+        expected = sklearn_trustworthiness(x, embedding, n_neighbors=k)
+        assert ls.trustworthiness(x, embedding, k=k) == pytest.approx(expected, abs=1e-6)
+    assert ls.trustworthiness(x, x, k=k) == 1.0
+    assert ls.trustworthiness(x, unrelated, k=k) < ls.trustworthiness(x, projected, k=k)
+
+
+def test_trustworthiness_of_the_digits_close_to_sklearn():
+    """Real data, with ties in pixel space (their order may differ from sklearn's)."""
+    from sklearn.manifold import trustworthiness as sklearn_trustworthiness
+
+    x, _ = ls.datasets.load_digits()
+    x = x[:400]
+    z = ls.PCA(4).fit(x).encode(x)
+    assert ls.trustworthiness(x, z, k=7) == pytest.approx(sklearn_trustworthiness(x, z, n_neighbors=7), abs=1e-4)
+    images = torch.from_numpy(x).reshape(400, 1, 8, 8)  # images are flattened
+    assert ls.trustworthiness(images, z, k=7) == ls.trustworthiness(x, z, k=7)
+
+
+def test_trustworthiness_in_chunks(rng, monkeypatch):
+    from latentspace import metrics
+
+    x = rng.normal(size=(150, 5))
+    z = x[:, :2] + 0.3 * rng.normal(size=(150, 2))
+    whole = ls.trustworthiness(x, z, k=6)
+    monkeypatch.setattr(metrics, "_RANK_ENTRIES_PER_STEP", 7 * 150 + 3)  # 7 queries per step, a ragged end
+    assert ls.trustworthiness(x, z, k=6) == whole
+
+
+def test_trustworthiness_errors(rng):
+    x = rng.random((10, 4))
+    with pytest.raises(ValueError, match=r"k: trustworthiness needs k < n / 2 \(n = 10 rows\), got k=5"):
+        ls.trustworthiness(x, x[:, :2], k=5)
+    with pytest.raises(ValueError, match="X, Z: expected one code per row of X, got 10 rows in X and 9 in Z"):
+        ls.trustworthiness(x, x[:9, :2], k=2)
+    x[3, 1] = np.inf
+    with pytest.raises(ValueError, match="row 3 contains NaN or Inf"):
+        ls.trustworthiness(x, rng.random((10, 2)), k=2)
+
+
+def _reference_recall(x, z, k):
+    """Brute force in float64: each point's k nearest others in both spaces (ties to the
+    lower index), the shared share."""
+    def nearest(a):
+        d = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        return np.argsort(d, axis=1, kind="stable")[:, :k]
+    nx, nz = nearest(np.asarray(x, np.float64)), nearest(np.asarray(z, np.float64))
+    return np.mean([len(set(a) & set(b)) / k for a, b in zip(nx, nz)])
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_neighbor_recall_matches_brute_force(rng, k):
+    x = rng.integers(0, 30, size=(70, 4)).astype(np.float32)  # exact distances, many ties
+    z = x[:, :2] + rng.integers(0, 3, size=(70, 2))
+    assert ls.neighbor_recall(x, z, k=k) == pytest.approx(_reference_recall(x, z, k), abs=1e-12)
+
+
+def test_neighbor_recall_perfect_and_permuted(rng):
+    x = rng.integers(0, 10, size=(50, 6)).astype(np.float32)
+    assert ls.neighbor_recall(x, x, k=5) == 1.0
+    assert ls.neighbor_recall(x, x[:, ::-1].copy(), k=5) == 1.0  # the dimensions permuted: same distances
+    assert ls.neighbor_recall(x, 3 * x + 7, k=5) == 1.0  # scaled and shifted
+    shuffled = x[rng.permutation(50)]  # the points permuted: codes of other points
+    assert ls.neighbor_recall(x, shuffled, k=5) < 0.5
+    assert ls.neighbor_recall(x, shuffled, k=5) == pytest.approx(_reference_recall(x, shuffled, 5), abs=1e-12)
+
+
+def test_neighbor_recall_hand_made():
+    # points on a line; in Z the last two swap places
+    x = np.array([[0.0], [1.0], [3.0], [6.0], [10.0]])
+    z = np.array([[0.0], [1.0], [3.0], [10.0], [6.0]])
+    # k=1: X: 0->1, 1->0, 2->1, 3->2, 4->3;  Z: 0->1, 1->0, 2->1, 3->4, 4->2: 3 of 5 kept
+    assert ls.neighbor_recall(x, z, k=1) == pytest.approx(3 / 5)
+    # k=2, ties to the lower index (point 2 has two others at distance 3 in each space, 0 wins):
+    # X: {1,2} {0,2} {1,0} {2,4} {3,2};  Z: {1,2} {0,2} {1,0} {4,2} {2,3}: all kept
+    assert ls.neighbor_recall(x, z, k=2) == 1.0
+
+
+def test_neighbor_recall_errors(rng):
+    x = rng.random((6, 3))
+    with pytest.raises(ValueError, match="X: k=6 neighbours per point need at least 7 rows, got 6"):
+        ls.neighbor_recall(x, x, k=6)
+    with pytest.raises(ValueError, match="X, Z: expected one code per row of X"):
+        ls.neighbor_recall(x, x[:5], k=2)
+    with pytest.raises(ValueError, match="k: expected an integer >= 1"):
+        ls.neighbor_recall(x, x, k=0)
+
+
+def test_metrics_are_exported():
+    from latentspace import metrics
+
+    for name in ("knn_label_agreement", "trustworthiness", "neighbor_recall"):
+        assert getattr(ls, name) is getattr(metrics, name)

@@ -1,8 +1,8 @@
 """latentspace: learn compact latent spaces from data and search them fast.
 
 The public API, re-exported from the modules that implement it. The torch-based parts
-(models, train, encode, losses, metrics) are imported on first use, so `import latentspace` for
-search alone does not load torch.
+(models, train, encode, losses, metrics), the relevance scores and the plots (matplotlib) are
+imported on first use, so `import latentspace` for search alone does not load torch.
 """
 
 from importlib import import_module
@@ -41,10 +41,17 @@ _LAZY = {
     "save_model": ".models",
     "train": ".training",
     "knn_label_agreement": ".metrics",
+    "neighbor_recall": ".metrics",
+    "trustworthiness": ".metrics",
+    "keep_top": ".feature_relevance",
+    "relevance": ".feature_relevance",
+    "relevance_weights": ".feature_relevance",
+    "top_dimensions": ".feature_relevance",
     "losses": ".losses",
     "metric_learning": ".metric_learning",
     "metrics": ".metrics",
     "models": ".models",
+    "plots": ".plots",
 }
 
 
@@ -77,6 +84,7 @@ __all__ = [
     "datasets",
     "encode",
     "get_num_threads",
+    "keep_top",
     "knn",
     "knn_label_agreement",
     "load_index",
@@ -85,9 +93,15 @@ __all__ = [
     "metric_learning",
     "metrics",
     "models",
+    "neighbor_recall",
+    "plots",
+    "relevance",
+    "relevance_weights",
     "save_model",
     "set_num_threads",
     "set_simd_level",
     "simd_level",
+    "top_dimensions",
     "train",
+    "trustworthiness",
 ]

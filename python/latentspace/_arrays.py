@@ -48,6 +48,9 @@ __all__ = [
     "check_rows_usable_flags",
     "host_to_tensor",
     "unusable_row_flag",
+    "as_float64_matrix",
+    "as_scores",
+    "as_dimension_weights",
 ]
 
 # What the caller passed, so results can be returned as the same type.
@@ -534,3 +537,68 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
     if (rows is not None and view.shape[0] != rows) or (dim is not None and view.shape[1] != dim):
         raise ValueError(f"out: expected shape {want}, got {tuple(view.shape)}")
     return view
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring a latent space (metrics.py, feature_relevance.py, plots.py): statistics in
+# float64, per-dimension scores and weights.
+
+
+def as_float64_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
+    """x as a (rows, dim) float64 numpy array (statistics are summed in float64), checked
+    like as_matrix (rank, real dtype, dim) and refused with a ValueError naming the first
+    row that holds NaN or Inf."""
+    if is_torch_tensor(x):
+        if x.dim() != 2:
+            raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
+        check_real_dtype(x, name)
+        array = x.detach().to("cpu").double().numpy()
+    else:
+        array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
+        if array.ndim != 2:
+            raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
+        array = np.asarray(array, dtype=np.float64)
+    if array.shape[1] < 1:
+        raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(array.shape)}")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad.size:
+        raise ValueError(f"{name}: row {bad[0]} contains NaN or Inf; clean the data first")
+    return array
+
+
+def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> np.ndarray:
+    """One score per dimension: a non-empty 1-d array of real numbers, none NaN (nor +-Inf
+    unless allow_inf: for ranking, where +inf is simply the best), returned as float64 numpy."""
+    if is_torch_tensor(scores):
+        check_real_dtype(scores, name)
+        scores = scores.detach().to("cpu").double().numpy()
+    array = _real_numpy(scores, name, "a 1-d array of per-dimension scores")
+    if array.ndim != 1 or array.shape[0] < 1:
+        raise ValueError(f"{name}: expected a non-empty 1-d array (one score per dimension), got shape {array.shape}")
+    array = array.astype(np.float64)
+    bad = np.flatnonzero(np.isnan(array) if allow_inf else ~np.isfinite(array))
+    if bad.size:
+        raise ValueError(f"{name}: dimension {bad[0]} has a non-finite score ({array[bad[0]]}); "
+                         "replace it (e.g. np.nan_to_num(scores, posinf=scores[np.isfinite(scores)].max()))")
+    return array
+
+
+def as_dimension_weights(weights: Any, name: str, dim: int) -> np.ndarray:
+    """Per-dimension weights for a weighted squared L2, sum_d w_d (a_d - b_d)^2: a 1-d array
+    of `dim` finite, non-negative numbers, not all zero, returned as float32 numpy."""
+    if is_torch_tensor(weights):
+        check_real_dtype(weights, name)
+        weights = weights.detach().to("cpu").double().numpy()
+    array = _real_numpy(weights, name, "a 1-d array of per-dimension weights")
+    if array.ndim != 1 or array.shape[0] != dim:
+        raise ValueError(f"{name}: expected shape ({dim},) (one weight per dimension), got {array.shape}")
+    array = array.astype(np.float64)
+    bad = np.flatnonzero(~(np.isfinite(array) & (array >= 0)))
+    if bad.size:
+        raise ValueError(f"{name}: expected finite weights >= 0, got {array[bad[0]]} for dimension {bad[0]}")
+    if not array.any():
+        raise ValueError(f"{name}: every weight is 0, so every distance would be 0; give at least one "
+                         "dimension a positive weight")
+    return array.astype(np.float32)

@@ -1,5 +1,6 @@
-"""The `latentspace` command line: `latentspace info`, `latentspace demo`, `latentspace train`, and
-the pipeline commands `encode`, `index build`, `search` (in cli_pipeline.py)."""
+"""The `latentspace` command line: `latentspace info`, `latentspace demo`, `latentspace train`,
+the pipeline commands `encode`, `index build`, `search` (in cli_pipeline.py), and `plot`
+(in cli_plot.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from . import datasets
 from .cli_pipeline import add_commands as _add_pipeline_commands
+from .cli_plot import add_commands as _add_plot_commands
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
 
@@ -323,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.set_defaults(run=_command_train)
 
     _add_pipeline_commands(sub)
+    _add_plot_commands(sub)
     return parser
 
 

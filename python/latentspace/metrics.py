@@ -1,4 +1,6 @@
-"""How good a latent space is: neighbour label agreement and reconstruction error."""
+"""How good a latent space is: neighbour label agreement, trustworthiness, neighbour
+recall, reconstruction error. Every neighbourhood comes from the exact native search
+(latentspace.knn)."""
 
 from __future__ import annotations
 
@@ -6,13 +8,17 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_labels, as_matrix, check_k, check_metric
+from ._arrays import as_dimension_weights, as_labels, as_matrix, check_k, check_metric
 from .search import knn
 
-__all__ = ["knn_label_agreement", "reconstruction_mse", "self_dropped"]
+__all__ = ["knn_label_agreement", "neighbor_recall", "reconstruction_mse", "self_dropped", "trustworthiness"]
+
+# trustworthiness ranks every point for a chunk of queries at a time: (chunk, n) distances,
+# indices and positions, 20 bytes each, so one step holds at most this many entries (40 MiB).
+_RANK_ENTRIES_PER_STEP = 1 << 21
 
 
-def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2") -> float:
+def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2", weights: Any = None) -> float:
     """The share of each point's k nearest neighbours (itself excluded) that carry its label,
     averaged over all points: 1.0 when every neighbourhood is pure.
 
@@ -21,17 +27,29 @@ def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2") ->
         labels: (n,) integer class labels.
         k: neighbours per point.
         metric: "l2", "ip" or "cosine", as for latentspace.knn.
+        weights: None, or (d,) non-negative per-dimension weights (not all 0) for a weighted
+            squared L2, sum_j w_j (a_j - b_j)^2 (metric must be "l2"): e.g. from
+            latentspace.relevance_weights or keep_top. A zero weight drops its dimension.
 
     Computed with the exact native search (latentspace.knn), the set queried against itself
     with k + 1 neighbours and each point's own index dropped. Exact duplicates tie to the
     lower index, so a point can come second in its own list: it is dropped wherever it is
     (and the (k+1)-th neighbour dropped when it is absent, behind k lower-index duplicates).
+    With weights, the search runs on a float32 copy of Z scaled by sqrt(w) per column: its
+    squared L2 distances are the weighted ones, so the neighbours are the same. (knn and
+    FlatIndex get a native weighted metric of their own.)
     """
     vectors, _ = as_matrix(Z, "Z")
     n = vectors.shape[0]
     y = as_labels(labels, "labels", n)
     k = check_k(k)
     check_metric(metric)
+    if weights is not None:
+        if metric != "l2":
+            raise ValueError(f"weights: per-dimension weights define a weighted squared L2; use metric='l2' "
+                             f"(got metric={metric!r})")
+        w = as_dimension_weights(weights, "weights", vectors.shape[1])
+        vectors = vectors * np.sqrt(w)  # a new array: the caller's Z is left as it was
     if n < k + 1:
         raise ValueError(f"Z: k={k} neighbours per point need at least {k + 1} rows, got {n}")
     _, indices = knn(vectors, vectors, k + 1, metric=metric)
@@ -39,11 +57,100 @@ def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2") ->
     return float((y[neighbours] == y[:, None]).mean())
 
 
-def self_dropped(indices: np.ndarray) -> np.ndarray:
+def _nearest_others(vectors: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) indices of each row's k nearest other rows (squared L2, ties to the lower index)."""
+    _, indices = knn(vectors, vectors, k + 1)
+    return np.take_along_axis(indices, self_dropped(indices), axis=1)
+
+
+def _paired(X: Any, Z: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Data X (rows, or images flattened to rows) and its codes Z, as float32 matrices with
+    one row each per point."""
+    x, _ = as_matrix(_flat(X), "X")
+    z, _ = as_matrix(Z, "Z")
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"X, Z: expected one code per row of X, got {x.shape[0]} rows in X and {z.shape[0]} in Z")
+    return x, z
+
+
+def trustworthiness(X: Any, Z: Any, k: int = 5) -> float:
+    """How far the latent space can be trusted not to invent neighbours (Venna and Kaski,
+    2001), in [0, 1]; 1.0 when each point's k nearest neighbours in Z are also among its k
+    nearest in X:
+
+        T(k) = 1 - 2 / (n k (2n - 3k - 1)) * sum_i sum_{j in N_k^Z(i)} max(0, r(i, j) - k)
+
+    where N_k^Z(i) is i's k nearest neighbours in Z and r(i, j) the rank of j among i's
+    neighbours in X (1 = nearest), both itself excluded. The same definition and value as
+    sklearn.manifold.trustworthiness(X, Z, n_neighbors=k) with the Euclidean metric.
+
+    Args:
+        X: (n, D) data (numpy or torch; images (n, ...) are flattened).
+        Z: (n, d) its codes, one per row of X.
+        k: neighbours per point, 1 <= k < n / 2 (the normalisation needs it).
+
+    Every neighbour and rank comes from the exact native search in float32, ties to the
+    lower index (sklearn sorts float64 distances, its tie order unspecified: the two can
+    differ where distances tie or differ by float32 rounding). The ranks in X are found for
+    a chunk of points at a time (each against all n), so memory stays at about 40 MiB
+    whatever n; the time grows like n^2 (every pair's distance is needed).
+    """
+    x, z = _paired(X, Z)
+    n = x.shape[0]
+    k = check_k(k)
+    if not k < n / 2:
+        raise ValueError(f"k: trustworthiness needs k < n / 2 (n = {n} rows), got k={k}")
+    latent = _nearest_others(z, k)
+    chunk = max(1, _RANK_ENTRIES_PER_STEP // n)
+    penalty = 0
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        rows = np.arange(stop - start)[:, None]
+        _, order = knn(x[start:stop], x, n)  # every point, nearest first
+        position = np.empty_like(order)
+        position[rows, order] = np.arange(n)
+        # rank among the others: the point itself (usually first) does not count
+        mine = position[rows, latent[start:stop]]
+        own = position[rows[:, 0], np.arange(start, stop)][:, None]
+        rank = mine + 1 - (own < mine)
+        penalty += int(np.maximum(rank - k, 0).sum())
+    return 1.0 - 2.0 * penalty / (n * k * (2.0 * n - 3.0 * k - 1.0))
+
+
+def neighbor_recall(X: Any, Z: Any, k: int = 10) -> float:
+    """The share of each point's k nearest neighbours in input space that are also among its
+    k nearest in the latent space, averaged over the points: mean_i |N_k^X(i) & N_k^Z(i)| / k,
+    itself excluded. 1.0 when the latent space keeps every neighbourhood.
+
+    Args:
+        X: (n, D) data (numpy or torch; images (n, ...) are flattened).
+        Z: (n, d) its codes, one per row of X; n >= k + 1.
+        k: neighbours per point.
+
+    Both neighbourhoods come from the exact native search (squared L2, float32), ties to
+    the lower index: where several points tie at the k-th distance only the lower indices
+    count, so a tie resolved differently in the two spaces (or float32 rounding of nearly
+    equal distances) can lower the recall although the spaces agree up to ties.
+    """
+    x, z = _paired(X, Z)
+    n = x.shape[0]
+    k = check_k(k)
+    if n < k + 1:
+        raise ValueError(f"X: k={k} neighbours per point need at least {k + 1} rows, got {n}")
+    # Each list holds distinct indices, so a value seen twice in the merged row is shared.
+    both = np.sort(np.concatenate([_nearest_others(x, k), _nearest_others(z, k)], axis=1), axis=1)
+    shared = int((both[:, 1:] == both[:, :-1]).sum())
+    return shared / (n * k)
+
+
+def self_dropped(indices: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
     """For a set searched against itself with k + 1 neighbours, (n, k + 1) indices: the
     (n, k) positions to keep so that each row loses its own index wherever it stands (or
-    its last entry when its own index is absent). Use with np.take_along_axis."""
-    not_self = indices != np.arange(indices.shape[0])[:, None]
+    its last entry when its own index is absent). Use with np.take_along_axis.
+    ids: each row's own index, when the queries were rows `ids` of the set (default: row i
+    is point i, the whole set queried)."""
+    own = np.arange(indices.shape[0]) if ids is None else np.asarray(ids)
+    not_self = indices != own[:, None]
     # A stable sort moves the (at most one) self-match to the end of the row, keeping order.
     return np.argsort(~not_self, axis=1, kind="stable")[:, : indices.shape[1] - 1]
 

@@ -1,0 +1,197 @@
+"""Which latent dimensions matter: one score per dimension, and weights made from scores.
+
+    relevance(Z, y)                    Fisher / ANOVA F score per dimension (labels given)
+    relevance(Z, y, method="mutual_info")   mutual information with the labels, in nats
+    relevance(Z)                       variance per dimension (no labels)
+    relevance(None, model=vae, X=X, method="kl")   mean KL(q(z|x) || N(0, 1)) per dimension
+    relevance_weights(scores)          non-negative weights for a weighted squared L2
+    top_dimensions(scores, n), keep_top(scores, n)   the n best dimensions
+
+The weights plug into metrics.knn_label_agreement(..., weights=w) (and, natively, into the
+weighted metric of knn / FlatIndex). Formulas and examples: docs/similarity.md.
+
+(This module is feature_relevance.py, not relevance.py: a submodule named `relevance` would
+be bound over the function latentspace.relevance by the import system when first imported,
+as training.py explains for `train`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._arrays import as_float64_matrix, as_labels, as_scores, check_float, check_int
+
+__all__ = ["ACTIVE_UNIT_THRESHOLD", "MUTUAL_INFO_RANDOM_STATE", "METHODS", "keep_top", "relevance",
+           "relevance_weights", "top_dimensions"]
+
+METHODS = ("fisher", "mutual_info", "variance", "kl")
+# Burda et al. (2016) call a VAE's latent dimension "active" when its posterior mean varies
+# with x; the mean KL to the prior measures the same thing. Above 0.01 nats we count it active.
+ACTIVE_UNIT_THRESHOLD = 0.01
+# mutual_info_classif adds a little noise to continuous features (to break ties) from this
+# seed, so the scores are reproducible run to run.
+MUTUAL_INFO_RANDOM_STATE = 0
+
+
+def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = None, X: Any = None) -> np.ndarray:
+    """One relevance score per latent dimension, (latent_dim,) float64; higher is more relevant.
+
+    Args:
+        Z: (n, d) latent codes (numpy or torch); may be None for method="kl".
+        y: (n,) integer class labels, for "fisher" and "mutual_info" (ignored by the others).
+        method: "fisher" (default when y is given), "mutual_info", "variance" (default
+            without y) or "kl".
+        model: for "kl": a VAE (a model with posterior(x) -> (mu, logvar)).
+        X: for "kl": the inputs whose posteriors are averaged, (n, *model.input_shape).
+
+    Methods (computed in float64):
+        "fisher": the one-way ANOVA F statistic of each dimension against the classes, as
+            sklearn.feature_selection.f_classif: F = [sum_c n_c (m_c - m)^2 / (K - 1)] /
+            [sum_c sum_{i in c} (z_i - m_c)^2 / (n - K)] (between-class over within-class
+            variance, K classes). Every class needs two samples or more: a class with one
+            sample has no within-class spread to measure, and raises ValueError naming it
+            (drop or merge it). A constant dimension scores 0; one with no within-class
+            spread but different class means scores +inf (it separates the classes alone).
+        "mutual_info": sklearn.feature_selection.mutual_info_classif (k-NN estimator, 3
+            neighbours), in nats, with random_state=MUTUAL_INFO_RANDOM_STATE (0) so the
+            result is reproducible.
+        "variance": the variance of each dimension over the rows (ddof=0).
+        "kl": mean over the rows of KL(q(z_j|x) || N(0, 1)) = (mu_j^2 + exp(logvar_j) - 1 -
+            logvar_j) / 2 in nats, from model.posterior(X). Dimensions above
+            ACTIVE_UNIT_THRESHOLD (0.01 nats) are the VAE's "active units"; the rest carry
+            (almost) no information about x. Z, when given, must have the model's latent_dim.
+
+    Raises ValueError naming the argument for: an unknown method, y of the wrong length,
+    fewer than two classes, a one-sample class ("fisher"), NaN / Inf in Z, a missing y
+    ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method.
+    """
+    method = _resolve_method(method, y)
+    if method == "kl":
+        return _kl_scores(Z, model, X)
+    if model is not None or X is not None:
+        raise ValueError(f"model, X: used only by method='kl' (got method={method!r}); pass Z instead")
+    if Z is None:
+        raise ValueError(f"Z: method={method!r} needs the codes Z, (n, latent_dim); got None")
+    z = as_float64_matrix(Z, "Z")
+    if method == "variance":
+        if z.shape[0] < 1:
+            raise ValueError(f"Z: expected at least one row, got shape {z.shape}")
+        return z.var(axis=0)
+    if y is None:
+        raise ValueError(f"y: method={method!r} needs class labels, (n,) integers; pass y or use "
+                         "method='variance' (or 'kl' for a VAE)")
+    labels = as_labels(y, "y", z.shape[0])
+    classes, counts = np.unique(labels, return_counts=True)
+    if classes.size < 2:
+        raise ValueError(f"y: expected at least 2 classes, got {classes.size}"
+                         + (f" (every label is {classes[0]})" if classes.size else ""))
+    if method == "fisher":
+        return _fisher_scores(z, labels, classes, counts)
+    return _mutual_info_scores(z, labels)
+
+
+def _resolve_method(method: Any, y: Any) -> str:
+    if method is None:
+        return "fisher" if y is not None else "variance"
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(repr(m) for m in METHODS)} or None, got {method!r}")
+    return method
+
+
+def _fisher_scores(z: np.ndarray, labels: np.ndarray, classes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    single = classes[counts < 2]
+    if single.size:
+        raise ValueError(f"y: class {single[0]} has a single sample ({single.size} such classes); the Fisher score "
+                         "needs two or more per class to measure within-class spread: drop or merge it, or use "
+                         "method='mutual_info'")
+    n, k = z.shape[0], classes.size
+    mean = z.mean(axis=0)
+    between = np.zeros(z.shape[1])
+    within = np.zeros(z.shape[1])
+    for label, count in zip(classes, counts):
+        members = z[labels == label]
+        centre = members.mean(axis=0)
+        between += count * (centre - mean) ** 2
+        within += ((members - centre) ** 2).sum(axis=0)
+    between /= k - 1
+    within /= n - k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scores = between / within
+    # 0 / 0: a dimension constant within every class and across them tells nothing apart
+    scores[(within == 0) & (between == 0)] = 0.0
+    return scores
+
+
+def _mutual_info_scores(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from sklearn.feature_selection import mutual_info_classif
+
+    return np.asarray(mutual_info_classif(z, labels, discrete_features=False,
+                                          random_state=MUTUAL_INFO_RANDOM_STATE), dtype=np.float64)
+
+
+def _kl_scores(Z: Any, model: Any, X: Any) -> np.ndarray:
+    if model is None or not callable(getattr(model, "posterior", None)):
+        got = "no model" if model is None else type(model).__name__
+        raise ValueError(f"model: method='kl' needs a VAE (a model with posterior(x) -> (mu, logvar)), got {got}")
+    if X is None:
+        raise ValueError("X: method='kl' needs the inputs X whose posteriors q(z|x) are averaged; got None")
+    mu, logvar = model.posterior(X)
+    mu = as_float64_matrix(mu, "model.posterior(X) mu")
+    logvar = as_float64_matrix(logvar, "model.posterior(X) logvar", dim=mu.shape[1])
+    if mu.shape[0] < 1:
+        raise ValueError("X: expected at least one row, got none")
+    if Z is not None:
+        z = as_float64_matrix(Z, "Z")
+        if z.shape[1] != mu.shape[1]:
+            raise ValueError(f"Z: expected {mu.shape[1]} columns (the model's latent_dim), got shape {z.shape}")
+    return 0.5 * (mu * mu + np.exp(logvar) - 1.0 - logvar).mean(axis=0)
+
+
+# ---------------------------------------------------------------------------------------
+# From scores to weights
+
+
+_NORMALIZE = ("mean", "max")
+
+
+def relevance_weights(scores: Any, *, power: float = 1.0, normalize: str = "mean") -> np.ndarray:
+    """Per-dimension weights from relevance scores, (d,) float32, all >= 0:
+
+        w_j = max(0, s_j) ** power,  then scaled so that mean(w) = 1 ("mean") or max(w) = 1 ("max")
+
+    Negative scores count as 0 (irrelevant). power > 1 sharpens the contrast between
+    dimensions, power < 1 flattens it. "mean" keeps the average scale of distances (a
+    weighted squared L2 with weights all 1 is the plain one); "max" keeps the best
+    dimension's scale. Raises ValueError for non-finite scores (a Fisher score of +inf:
+    use keep_top, or clip it) and for scores all <= 0.
+    """
+    s = as_scores(scores)
+    power = check_float(power, "power", include_minimum=False)
+    if not isinstance(normalize, str) or normalize not in _NORMALIZE:
+        raise ValueError(f"normalize: expected 'mean' or 'max', got {normalize!r}")
+    w = np.maximum(s, 0.0) ** power
+    scale = w.mean() if normalize == "mean" else w.max()
+    if not scale > 0:
+        raise ValueError("scores: every score is <= 0, so every weight would be 0; nothing to weight by")
+    return (w / scale).astype(np.float32)
+
+
+def top_dimensions(scores: Any, n: int) -> np.ndarray:
+    """The indices of the n highest scores, best first, (n,) int64; equal scores go to the
+    lower index, and a score of +inf (a Fisher score that separates the classes alone) is
+    the best. 1 <= n <= len(scores)."""
+    s = as_scores(scores, allow_inf=True)
+    n = check_int(n, "n")
+    if n > s.size:
+        raise ValueError(f"n: expected at most {s.size} (the number of scores), got {n}")
+    return np.argsort(-s, kind="stable")[:n].astype(np.int64)
+
+
+def keep_top(scores: Any, n: int) -> np.ndarray:
+    """Weights that keep the n best dimensions: 1.0 on top_dimensions(scores, n), 0.0
+    elsewhere, (d,) float32."""
+    weights = np.zeros(as_scores(scores, allow_inf=True).size, dtype=np.float32)
+    weights[top_dimensions(scores, n)] = 1.0
+    return weights

@@ -1,0 +1,408 @@
+"""Pictures of a latent space, written as PNG files (matplotlib: pip install "latentspace[plot]").
+
+    plot_latent_map(Z, y, path)                       2-D map of the codes, coloured by label
+    plot_reconstructions(model, X, path)              originals over their reconstructions
+    plot_interpolation(model, x0, x1, path)           decoded points on the line from x0's code to x1's
+    plot_neighbors(model_or_Z, X, queries, path)      query images and their k nearest in latent space
+    plot_relevance(scores, path)                      a bar per latent dimension
+
+Each draws on its own matplotlib Figure with the Agg canvas (no pyplot, so no window opens
+and the caller's pyplot backend and state are left alone), writes the PNG atomically (a
+temporary file beside `path`, renamed over it) and returns `path` as a pathlib.Path.
+matplotlib is imported on the first call, so this module imports without it.
+
+Images: a sample of shape (H, W), (1, H, W) or (3, H, W) is drawn as it is; flat rows of 64
+or 784 values are drawn as 8x8 or 28x28 (the digits, MNIST); any other flat size needs
+image_shape=(H, W) (or (C, H, W), C = 1 or 3).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._arrays import (
+    as_float64_matrix,
+    as_labels,
+    as_matrix,
+    as_scores,
+    check_int,
+    check_k,
+    check_rows,
+    is_torch_tensor,
+    rows_as_float32,
+)
+from ._atomic import atomic_path
+
+__all__ = ["plot_interpolation", "plot_latent_map", "plot_neighbors", "plot_reconstructions", "plot_relevance"]
+
+_DPI = 100
+_CELL_INCHES = 1.1  # one image in a grid
+_MIN_WIDTH_INCHES = 4.0  # room for the title above a short grid
+_KNOWN_IMAGE_SHAPES = {64: (8, 8), 784: (28, 28)}
+_MAX_LEGEND_CLASSES = 20  # more classes get a colour bar instead of a legend
+MAP_METHODS = ("auto", "pca", "umap")
+
+
+# ---------------------------------------------------------------------------------------
+# Figures and files
+
+
+def _check_path(path: Any) -> Path:
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path).lower().endswith(".png"):
+        return Path(os.fspath(path))
+    raise ValueError(f"path: expected a file name ending in .png, got {path!r}")
+
+
+def _figure(width: float, height: float):
+    """A Figure on the Agg canvas, outside pyplot."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("latentspace.plots needs matplotlib: pip install 'latentspace[plot]' "
+                          "(or pip install matplotlib)") from None
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:  # the temporary name has no .png suffix: say the format
+        figure.savefig(tmp, format="png", dpi=_DPI)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Samples as images
+
+
+def _rows(x: Any, name: str, limit: int | None = None) -> np.ndarray:
+    """Samples (n, ...), or the first `limit` of them, as float32 numpy (numpy or torch in;
+    only the rows kept are converted, so a large memory map is not read whole)."""
+    if not isinstance(x, np.ndarray) and not is_torch_tensor(x):
+        x = np.asarray(x)
+    check_rows(x, name, None)
+    return rows_as_float32(x if limit is None else x[:limit])
+
+
+def _image_shape(image_shape: Any, *sample_shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """(H, W) or (C, H, W) to draw one sample: image_shape when given, else the first of
+    `sample_shapes` (the data's, then the model's) that is already an image, else a known
+    flat size."""
+    size = math.prod(sample_shapes[0])
+    if image_shape is not None:
+        if isinstance(image_shape, (str, bytes)) or not hasattr(image_shape, "__len__"):
+            raise TypeError(f"image_shape: expected (H, W) or (C, H, W), got {image_shape!r}")
+        shape = tuple(check_int(v, f"image_shape[{i}]") for i, v in enumerate(image_shape))
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[0] not in (1, 3)):
+            raise ValueError(f"image_shape: expected (H, W) or (C, H, W) with C = 1 or 3, got {shape}")
+        if math.prod(shape) != size:
+            raise ValueError(f"image_shape: {shape} holds {math.prod(shape)} values, but each sample has {size}")
+        return shape
+    for shape in sample_shapes:
+        if len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3)):
+            return tuple(shape)
+    if size in _KNOWN_IMAGE_SHAPES:
+        return _KNOWN_IMAGE_SHAPES[size]
+    raise ValueError(f"image_shape: cannot tell how a sample of shape {tuple(sample_shapes[0])} makes an image; "
+                     "pass image_shape=(H, W) (or (C, H, W))")
+
+
+def _as_images(batch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(m, ...) samples -> (m, H, W) grey or (m, H, W, 3) colour images."""
+    images = np.asarray(batch, dtype=np.float32).reshape(batch.shape[0], *shape)
+    if len(shape) == 3:
+        images = images[:, 0] if shape[0] == 1 else images.transpose(0, 2, 3, 1)
+    return images
+
+
+def _draw(ax: Any, image: np.ndarray, low: float, high: float, caption: str | None = None) -> None:
+    if image.ndim == 3:  # colour: imshow takes RGB in [0, 1]
+        image = np.clip((image - low) / max(high - low, 1e-12), 0.0, 1.0)
+        ax.imshow(image, interpolation="nearest")
+    else:
+        ax.imshow(image, cmap="gray_r", vmin=low, vmax=high, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if caption:
+        ax.set_title(caption, fontsize=8)
+
+
+def _display_range(images: np.ndarray) -> tuple[float, float]:
+    low, high = float(np.nanmin(images)), float(np.nanmax(images))
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _is_model(model: Any) -> bool:
+    return callable(getattr(model, "encode", None)) and callable(getattr(model, "decode", None)) \
+        and bool(getattr(model, "input_shape", None))
+
+
+def _input_shape(model: Any) -> tuple[int, ...]:
+    if not _is_model(model):
+        raise TypeError("model: expected a latentspace model (encode, decode, input_shape), "
+                        f"got {type(model).__name__}")
+    return tuple(model.input_shape)
+
+
+def _model_rows(model: Any, x: np.ndarray, name: str) -> np.ndarray:
+    """Samples shaped for the model: (m, *model.input_shape), a view when only the shape
+    differs (flat rows for a ConvAutoencoder, (n, H, W) images for an MLP)."""
+    shape = _input_shape(model)
+    if math.prod(x.shape[1:]) != math.prod(shape):
+        raise ValueError(f"{name}: expected samples of the model's input shape {shape} "
+                         f"({math.prod(shape)} values each), got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], *shape)
+
+
+# ---------------------------------------------------------------------------------------
+# The pictures
+
+
+def plot_latent_map(Z: Any, y: Any, path: str | os.PathLike, *, method: str = "auto") -> Path:
+    """A scatter plot of the codes Z, (n, d), projected to 2-D and coloured by the labels y,
+    (n,) integers (None: one colour).
+
+    method: "pca" (the top two principal components, each axis labelled with its share of
+    the variance), "umap" (umap-learn's UMAP, random_state=0; pip install umap-learn), or
+    "auto" (default: UMAP when umap-learn is installed, else PCA). Codes with d = 2 are drawn
+    on their own axes unless method="umap".
+    """
+    path = _check_path(path)
+    if not isinstance(method, str) or method not in MAP_METHODS:
+        raise ValueError(f"method: expected 'auto', 'pca' or 'umap', got {method!r}")
+    z = as_float64_matrix(Z, "Z")
+    n, d = z.shape
+    if d < 2:
+        raise ValueError(f"Z: a 2-D map needs codes of 2 or more dimensions, got shape {z.shape}")
+    if n < 3:
+        raise ValueError(f"Z: a map needs at least 3 rows, got {n}")
+    labels = None if y is None else as_labels(y, "y", n)
+    if method == "auto":
+        method = "umap" if _umap_installed() else "pca"
+    if method == "umap":
+        xy, axes = _umap(z), ("UMAP 1", "UMAP 2")
+        title = f"{n:,} codes ({d} dims), UMAP"
+    elif d == 2:
+        xy, axes, title = z, ("z0", "z1"), f"{n:,} codes (2 dims)"
+    else:
+        xy, ratio = _pca_2d(z)
+        axes = (f"PC1 ({ratio[0]:.0%} of the variance)", f"PC2 ({ratio[1]:.0%})")
+        title = f"{n:,} codes ({d} dims), PCA"
+
+    figure = _figure(7.0, 6.0)
+    ax = figure.add_subplot()
+    size = float(np.clip(12000.0 / n, 3.0, 30.0))  # smaller dots as the points crowd
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=size, color="tab:blue", alpha=0.7, linewidths=0)
+    else:
+        classes = np.unique(labels)
+        if classes.size <= _MAX_LEGEND_CLASSES:
+            palette = _colours(figure, classes.size)
+            for colour, label in zip(palette, classes):
+                rows = labels == label
+                ax.scatter(xy[rows, 0], xy[rows, 1], s=size, color=colour, alpha=0.8, linewidths=0, label=str(label))
+            ax.legend(title="label", markerscale=max(1.0, 30.0 / size) ** 0.5, fontsize=8, loc="best")
+        else:
+            points = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=labels, cmap="viridis", alpha=0.8, linewidths=0)
+            figure.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(title)
+    return _save(figure, path)
+
+
+def _colours(figure: Any, count: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i) for i in range(count)]
+
+
+def _umap_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("umap") is not None
+
+
+def _umap(z: np.ndarray) -> np.ndarray:
+    try:
+        import umap
+    except ImportError:
+        raise ImportError("method: 'umap' needs umap-learn: pip install umap-learn (or use method='pca')") from None
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, z.shape[0] - 1), random_state=0)
+    return np.asarray(reducer.fit_transform(z), dtype=np.float64)
+
+
+def _pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The codes on their top two principal axes (signs fixed: each axis's largest loading
+    positive, so the picture is the same run to run), and those axes' shares of the variance."""
+    centred = z - z.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
+    axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
+    variance = singular**2
+    ratio = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
+    return centred @ axes.T, ratio
+
+
+def plot_reconstructions(model: Any, X: Any, path: str | os.PathLike, n: int = 10,
+                         image_shape: Any = None) -> Path:
+    """The first n samples of X (all when fewer) in the top row, model(X) below them.
+
+    model: a latentspace model (PCA, Autoencoder, VAE, ConvAutoencoder). X: samples in the
+    model's input shape, or flat rows / images of the same size. Both rows share one grey
+    scale (the originals' range).
+    """
+    path = _check_path(path)
+    n = check_int(n, "n")
+    x = _rows(X, "X", limit=n)
+    if x.shape[0] < 1:
+        raise ValueError("X: expected at least one sample, got none")
+    recon = np.asarray(model(_model_rows(model, x, "X")))
+    shape = _image_shape(image_shape, tuple(x.shape[1:]), _input_shape(model))
+    originals, rebuilt = _as_images(x, shape), _as_images(recon, shape)
+    low, high = _display_range(originals)
+    m = x.shape[0]
+    figure = _figure(max(_MIN_WIDTH_INCHES, _CELL_INCHES * m), 2 * _CELL_INCHES + 0.5)
+    grid = figure.subplots(2, m, squeeze=False)
+    for j in range(m):
+        _draw(grid[0, j], originals[j], low, high)
+        _draw(grid[1, j], rebuilt[j], low, high)
+    grid[0, 0].set_ylabel("original", fontsize=8)
+    grid[1, 0].set_ylabel("reconstruction", fontsize=8)
+    figure.suptitle(f"{type(model).__name__}: originals and reconstructions", fontsize=10)
+    return _save(figure, path)
+
+
+def _one_sample(x: Any, name: str, model: Any) -> np.ndarray:
+    """One sample (its own shape, or with a leading 1) as (1, *model.input_shape)."""
+    array = x.detach().to("cpu").numpy() if is_torch_tensor(x) else np.asarray(x)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected a real numeric sample, got dtype {array.dtype}")
+    shape = _input_shape(model)
+    if array.size != math.prod(shape) or array.ndim == 0:
+        raise ValueError(f"{name}: expected one sample of the model's input shape {shape} "
+                         f"({math.prod(shape)} values), got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(1, *shape)
+
+
+def plot_interpolation(model: Any, x0: Any, x1: Any, path: str | os.PathLike, steps: int = 10,
+                       image_shape: Any = None) -> Path:
+    """A strip: x0, then decode((1 - t) * encode(x0) + t * encode(x1)) for `steps` values of
+    t evenly spaced from 0 to 1, then x1 (steps >= 2). For a VAE the codes are the posterior
+    means. x0, x1: one sample each (the model's input shape, flat, or with a leading 1)."""
+    path = _check_path(path)
+    steps = check_int(steps, "steps", minimum=2)
+    pair = np.concatenate([_one_sample(x0, "x0", model), _one_sample(x1, "x1", model)])
+    given = tuple(np.shape(x0))  # x0 passed as an image, (H, W) or (1, H, W), is drawn so
+    if len(given) >= 2 and given[0] == 1:  # a batch of one
+        given = given[1:]
+    shape = _image_shape(image_shape, tuple(pair.shape[1:]), given)
+    codes = np.asarray(model.encode(pair), dtype=np.float64)
+    t = np.linspace(0.0, 1.0, steps)[:, None]
+    path_codes = ((1.0 - t) * codes[0] + t * codes[1]).astype(np.float32)
+    decoded = _as_images(np.asarray(model.decode(path_codes)), shape)
+    ends = _as_images(pair, shape)
+    low, high = _display_range(ends)
+    figure = _figure(max(_MIN_WIDTH_INCHES, _CELL_INCHES * (steps + 2)), _CELL_INCHES + 0.6)
+    grid = figure.subplots(1, steps + 2, squeeze=False)[0]
+    _draw(grid[0], ends[0], low, high, "x0")
+    for j in range(steps):
+        _draw(grid[j + 1], decoded[j], low, high, f"t={t[j, 0]:.2f}")
+    _draw(grid[-1], ends[1], low, high, "x1")
+    figure.suptitle(f"{type(model).__name__}: decoded along the line between two codes", fontsize=10)
+    return _save(figure, path)
+
+
+def plot_neighbors(model_or_Z: Any, X: Any, queries: Any, path: str | os.PathLike, k: int = 8,
+                   image_shape: Any = None, *, labels: Any = None) -> Path:
+    """One row per query: the query's image, then its k nearest neighbours in the latent
+    space (itself excluded; squared L2, exact search with latentspace.knn), captioned with
+    their row number, distance and (with labels) label.
+
+    model_or_Z: a latentspace model (X is encoded with it) or the codes Z, (n, d), one per
+    row of X. X: the n samples to draw. queries: a row number or a list of them.
+    labels: optional (n,) integer labels for the captions.
+    """
+    from .metrics import self_dropped
+    from .search import knn
+
+    path = _check_path(path)
+    x = _rows(X, "X")
+    n = x.shape[0]
+    sample_shapes = [tuple(x.shape[1:])]
+    if _is_model(model_or_Z):
+        z, _ = as_matrix(model_or_Z.encode(_model_rows(model_or_Z, x, "X")), "codes")
+        sample_shapes.append(_input_shape(model_or_Z))
+    else:
+        z, _ = as_matrix(model_or_Z, "model_or_Z")
+        if z.shape[0] != n:
+            raise ValueError(f"model_or_Z: expected one code per sample of X ({n}), got shape {z.shape}")
+    rows = _query_rows(queries, n)
+    k = check_k(k)
+    if k + 1 > n:
+        raise ValueError(f"k: {k} neighbours besides the query need at least {k + 1} samples, got {n}")
+    y = None if labels is None else as_labels(labels, "labels", n)
+    shape = _image_shape(image_shape, *sample_shapes)
+    distances, indices = knn(z[rows], z, k + 1)
+    keep = self_dropped(indices, rows)
+    indices = np.take_along_axis(indices, keep, axis=1)
+    distances = np.take_along_axis(distances, keep, axis=1)
+    images = _as_images(x, shape)
+    low, high = _display_range(images[np.concatenate([rows, indices.ravel()])])
+    figure = _figure(max(_MIN_WIDTH_INCHES, _CELL_INCHES * (k + 1)), (_CELL_INCHES + 0.3) * rows.size + 0.4)
+    grid = figure.subplots(rows.size, k + 1, squeeze=False)
+    for r, query in enumerate(rows):
+        tag = "" if y is None else f" ({y[query]})"
+        _draw(grid[r, 0], images[query], low, high, f"query #{query}{tag}")
+        for j in range(k):
+            other = indices[r, j]
+            tag = "" if y is None else f" ({y[other]})"
+            _draw(grid[r, j + 1], images[other], low, high, f"#{other}{tag}\nd={distances[r, j]:.3g}")
+    figure.suptitle(f"nearest neighbours in the latent space ({z.shape[1]} dims)", fontsize=10)
+    return _save(figure, path)
+
+
+def _query_rows(queries: Any, n: int) -> np.ndarray:
+    rows = np.atleast_1d(queries.detach().cpu().numpy() if is_torch_tensor(queries) else np.asarray(queries))
+    if rows.dtype.kind not in "iu" or rows.ndim != 1 or rows.size < 1:
+        raise TypeError(f"queries: expected a row number or a 1-d list of them, got {queries!r}")
+    bad = rows[(rows < 0) | (rows >= n)]
+    if bad.size:
+        raise ValueError(f"queries: row {bad[0]} is out of range for X's {n} samples")
+    return rows.astype(np.int64)
+
+
+def plot_relevance(scores: Any, path: str | os.PathLike, labels: Any = None, *, title: str | None = None) -> Path:
+    """A bar per latent dimension, its height the score (latentspace.relevance's output, or
+    any per-dimension numbers), the best one highlighted. labels: a name per dimension
+    (default z0, z1, ...). title: the picture's title (default: how many dimensions, and
+    the best)."""
+    path = _check_path(path)
+    s = as_scores(scores)
+    if labels is None:
+        names = [f"z{j}" for j in range(s.size)]
+    else:
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+            raise TypeError(f"labels: expected a list of {s.size} names, got {labels!r}")
+        names = [str(name) for name in labels]
+        if len(names) != s.size:
+            raise ValueError(f"labels: expected {s.size} names (one per score), got {len(names)}")
+    figure = _figure(max(4.0, 0.4 * s.size + 1.5), 3.5)
+    ax = figure.add_subplot()
+    best = int(np.argmax(s))
+    colours = ["tab:orange" if j == best else "tab:blue" for j in range(s.size)]
+    ax.bar(np.arange(s.size), s, color=colours)
+    ax.set_xticks(np.arange(s.size), names, rotation=90 if s.size > 16 else 0, fontsize=8)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("relevance score")
+    ax.set_title(title if title is not None else f"relevance of {s.size} latent dimensions (best: {names[best]})")
+    return _save(figure, path)

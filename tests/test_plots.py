@@ -1,0 +1,241 @@
+"""Pictures (latentspace.plots): each writes a valid PNG of the expected pixel size,
+atomically, without pyplot; bad shapes, labels and paths raise errors naming the argument."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+import latentspace as ls  # noqa: E402
+from latentspace import plots  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's header, after checking its signature and that its image
+    data is there."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, "not a PNG file"
+    assert data[12:16] == b"IHDR" and b"IDAT" in data and data.rstrip(b"\x00").endswith(b"IEND\xaeB`\x82")
+    width, height = struct.unpack(">II", data[16:24])
+    assert len(data) > 2000, f"suspiciously small PNG: {len(data)} bytes"
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = ls.datasets.load_digits()
+    return x[:300], y[:300]
+
+
+@pytest.fixture(scope="module")
+def pca(digits):
+    return ls.PCA(6).fit(digits[0])
+
+
+# ---------------------------------------------------------------------------------------
+# The latent map
+
+
+def test_latent_map_pca(tmp_path, digits, pca):
+    x, y = digits
+    out = plots.plot_latent_map(pca.encode(x), y, tmp_path / "map.png", method="pca")
+    assert out == tmp_path / "map.png"
+    assert _png_size(out) == (700, 600)
+    # torch in, string path, no labels, many classes (a colour bar instead of a legend)
+    assert _png_size(plots.plot_latent_map(torch.from_numpy(pca.encode(x)), None, str(tmp_path / "a.png"),
+                                           method="pca")) == (700, 600)
+    assert _png_size(plots.plot_latent_map(pca.encode(x), np.arange(300) % 37, tmp_path / "b.png",
+                                           method="pca")) == (700, 600)
+    assert _png_size(plots.plot_latent_map(pca.encode(x)[:, :2], y, tmp_path / "c.png")) == (700, 600)  # 2-d as is
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "map.png"]  # no temporaries
+
+
+def test_latent_map_projection_is_pca_by_default_without_umap(tmp_path, digits, pca, monkeypatch):
+    monkeypatch.setattr(plots, "_umap_installed", lambda: False)
+    z = pca.encode(digits[0])
+    plots.plot_latent_map(z, digits[1], tmp_path / "auto.png")
+    plots.plot_latent_map(z, digits[1], tmp_path / "pca.png", method="pca")
+    assert (tmp_path / "auto.png").read_bytes() == (tmp_path / "pca.png").read_bytes()
+
+
+def test_latent_map_umap(tmp_path, digits, pca):
+    z = pca.encode(digits[0])
+    try:
+        import umap  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="method: 'umap' needs umap-learn: pip install umap-learn"):
+            plots.plot_latent_map(z, digits[1], tmp_path / "u.png", method="umap")
+        assert not (tmp_path / "u.png").exists()
+        return
+    assert _png_size(plots.plot_latent_map(z, digits[1], tmp_path / "u.png", method="umap")) == (700, 600)
+
+
+def test_latent_map_errors(tmp_path, digits, pca):
+    z = pca.encode(digits[0])
+    with pytest.raises(ValueError, match="path: expected a file name ending in .png"):
+        plots.plot_latent_map(z, digits[1], tmp_path / "map.jpg")
+    with pytest.raises(ValueError, match="method: expected 'auto', 'pca' or 'umap'"):
+        plots.plot_latent_map(z, digits[1], tmp_path / "m.png", method="tsne")
+    with pytest.raises(ValueError, match=r"y: expected shape \(300,\) \(one label per row\)"):
+        plots.plot_latent_map(z, digits[1][:10], tmp_path / "m.png")
+    with pytest.raises(ValueError, match="Z: a 2-D map needs codes of 2 or more dimensions"):
+        plots.plot_latent_map(z[:, :1], digits[1], tmp_path / "m.png")
+    with pytest.raises(ValueError, match="Z: expected a 2-d array"):
+        plots.plot_latent_map(z[0], None, tmp_path / "m.png")
+    bad = z.copy()
+    bad[7, 0] = np.nan
+    with pytest.raises(ValueError, match="Z: row 7 contains NaN or Inf"):
+        plots.plot_latent_map(bad, None, tmp_path / "m.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(IsADirectoryError):
+        plots.plot_latent_map(z, None, tmp_path / "folder.png", method="pca")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png"]
+
+
+# ---------------------------------------------------------------------------------------
+# Reconstructions, interpolation, neighbours
+
+
+def test_reconstructions(tmp_path, digits, pca):
+    x = digits[0]
+    assert _png_size(plots.plot_reconstructions(pca, x, tmp_path / "r.png")) == (1100, 270)
+    assert _png_size(plots.plot_reconstructions(pca, x[:3], tmp_path / "r3.png", n=10)) == (400, 270)  # all 3
+    assert _png_size(plots.plot_reconstructions(pca, x.reshape(-1, 8, 8), tmp_path / "img.png", n=4)) == (440, 270)
+    torch.manual_seed(0)
+    conv = ls.ConvAutoencoder((1, 8, 8), 2, channels=(4,))
+    assert _png_size(plots.plot_reconstructions(conv, torch.from_numpy(x), tmp_path / "c.png", n=2)) == (400, 270)
+
+
+def test_reconstructions_image_shape(tmp_path, rng):
+    torch.manual_seed(0)
+    model = ls.Autoencoder(100, 3, hidden=(8,))
+    x = rng.random((5, 100)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"image_shape: cannot tell how a sample of shape \(100,\) makes an image; "
+                                         r"pass image_shape=\(H, W\)"):
+        plots.plot_reconstructions(model, x, tmp_path / "r.png")
+    assert _png_size(plots.plot_reconstructions(model, x, tmp_path / "r.png", image_shape=(10, 10))) == (550, 270)
+    assert _png_size(plots.plot_reconstructions(model, x.reshape(5, 10, 10), tmp_path / "s.png")) == (550, 270)
+    with pytest.raises(ValueError, match=r"image_shape: \(3, 5\) holds 15 values, but each sample has 100"):
+        plots.plot_reconstructions(model, x, tmp_path / "r.png", image_shape=(3, 5))
+    with pytest.raises(ValueError, match=r"image_shape: expected \(H, W\) or \(C, H, W\) with C = 1 or 3"):
+        plots.plot_reconstructions(model, x, tmp_path / "r.png", image_shape=(4, 5, 5))
+    # colour: (3, H, W)
+    colour = ls.Autoencoder(48, 2, hidden=(8,))
+    assert _png_size(plots.plot_reconstructions(colour, rng.random((2, 3, 4, 4)), tmp_path / "rgb.png")) == (400, 270)
+
+
+def test_reconstructions_errors(tmp_path, digits, pca):
+    x = digits[0]
+    with pytest.raises(ValueError, match=r"X: expected samples of the model's input shape \(64,\) \(64 values each\), "
+                                         r"got shape \(10, 63\)"):
+        plots.plot_reconstructions(pca, x[:10, :63], tmp_path / "r.png")
+    with pytest.raises(TypeError, match="model: expected a latentspace model"):
+        plots.plot_reconstructions(object(), x, tmp_path / "r.png")
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
+        plots.plot_reconstructions(pca, x, tmp_path / "r.png", n=0)
+    with pytest.raises(ValueError, match="X: expected at least one sample"):
+        plots.plot_reconstructions(pca, x[:0], tmp_path / "r.png")
+    with pytest.raises(TypeError, match="X: expected a real numeric dtype"):
+        plots.plot_reconstructions(pca, x.astype(complex), tmp_path / "r.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interpolation(tmp_path, digits, pca, single_threaded):
+    x = digits[0]
+    out = plots.plot_interpolation(pca, x[0], x[1], tmp_path / "i.png", steps=5)
+    assert _png_size(out) == (770, 170)
+    torch.manual_seed(0)
+    vae = ls.VAE(64, 3, hidden=(16,))
+    assert _png_size(plots.plot_interpolation(vae, x[:1], torch.from_numpy(x[2]).reshape(8, 8),
+                                              tmp_path / "v.png")) == (1320, 170)
+    wide = ls.Autoencoder(100, 2, hidden=(8,))  # 10x10 images: the shape of x0 is kept on screen
+    assert _png_size(plots.plot_interpolation(wide, np.zeros((10, 10)), np.ones((1, 10, 10)), tmp_path / "w.png",
+                                              steps=3)) == (550, 170)
+    with pytest.raises(ValueError, match="image_shape: cannot tell how a sample of shape"):
+        plots.plot_interpolation(wide, np.zeros(100), np.ones(100), tmp_path / "w.png")
+    with pytest.raises(ValueError, match="steps: expected an integer >= 2"):
+        plots.plot_interpolation(pca, x[0], x[1], tmp_path / "i.png", steps=1)
+    with pytest.raises(ValueError, match=r"x1: expected one sample of the model's input shape \(64,\) \(64 values\), "
+                                         r"got shape \(2, 64\)"):
+        plots.plot_interpolation(pca, x[0], x[1:3], tmp_path / "i.png")
+    with pytest.raises(TypeError, match="x0: expected a real numeric sample"):
+        plots.plot_interpolation(pca, np.array(["a"] * 64), x[1], tmp_path / "i.png")
+
+
+def test_neighbors(tmp_path, digits, pca):
+    x, y = digits
+    out = plots.plot_neighbors(pca, x, [0, 5, 9], tmp_path / "n.png", k=4, labels=y)
+    assert _png_size(out) == (550, 460)
+    z = pca.encode(x)
+    assert _png_size(plots.plot_neighbors(z, x, 3, tmp_path / "z.png")) == (990, 180)  # codes given, one query
+    assert _png_size(plots.plot_neighbors(torch.from_numpy(z), torch.from_numpy(x), np.array([1, 2]),
+                                          tmp_path / "t.png", k=2)) == (400, 320)
+
+
+def test_neighbors_errors(tmp_path, digits, pca):
+    x, y = digits
+    z = pca.encode(x)
+    with pytest.raises(ValueError, match="queries: row 300 is out of range for X's 300 samples"):
+        plots.plot_neighbors(z, x, [0, 300], tmp_path / "n.png")
+    with pytest.raises(TypeError, match="queries: expected a row number or a 1-d list of them"):
+        plots.plot_neighbors(z, x, 1.5, tmp_path / "n.png")
+    with pytest.raises(ValueError, match=r"model_or_Z: expected one code per sample of X \(300\)"):
+        plots.plot_neighbors(z[:10], x, 0, tmp_path / "n.png")
+    with pytest.raises(ValueError, match="k: 5 neighbours besides the query need at least 6 samples, got 5"):
+        plots.plot_neighbors(z[:5], x[:5], 0, tmp_path / "n.png", k=5)
+    with pytest.raises(ValueError, match=r"labels: expected shape \(300,\)"):
+        plots.plot_neighbors(z, x, 0, tmp_path / "n.png", labels=y[:3])
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Relevance bars, files, no pyplot
+
+
+def test_relevance_bars(tmp_path, digits, pca):
+    scores = ls.relevance(pca.encode(digits[0]), digits[1])
+    assert _png_size(plots.plot_relevance(scores, tmp_path / "r.png")) == (400, 350)
+    named = plots.plot_relevance(scores, tmp_path / "named.png", labels=[f"pc{i}" for i in range(6)],
+                                 title="Fisher score")
+    assert _png_size(named) == (400, 350)
+    assert _png_size(plots.plot_relevance(np.linspace(-1, 1, 40), tmp_path / "wide.png")) == (1750, 350)
+    with pytest.raises(ValueError, match="labels: expected 6 names .one per score., got 2"):
+        plots.plot_relevance(scores, tmp_path / "x.png", labels=["a", "b"])
+    with pytest.raises(ValueError, match="scores: dimension 1 has a non-finite score"):
+        plots.plot_relevance([1.0, np.inf], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="scores: expected a non-empty 1-d array"):
+        plots.plot_relevance(np.ones((2, 3)), tmp_path / "x.png")
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    target = tmp_path / "r.png"
+    plots.plot_relevance([1.0, 2.0], target)
+    before = target.read_bytes()
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        plots.plot_relevance([3.0, 1.0], target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.png"]
+
+
+def test_no_pyplot_and_matplotlib_loaded_lazily(tmp_path):
+    code = ("import sys, latentspace as ls, latentspace.plots; assert 'matplotlib' not in sys.modules; "
+            f"ls.plots.plot_relevance([1.0, 2.0], {str(tmp_path / 'r.png')!r}); "
+            "assert 'matplotlib.pyplot' not in sys.modules; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -1,0 +1,183 @@
+"""Relevance of latent dimensions: Fisher scores against scikit-learn's f_classif, mutual
+information against mutual_info_classif, variance against numpy, a VAE's KL per dimension
+against a hand computation; the weight helpers; the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.feature_selection import f_classif, mutual_info_classif
+
+import latentspace as ls
+from latentspace import feature_relevance
+
+
+def _labelled(rng, n=240, d=6, classes=4):
+    """Codes whose first dimensions depend on the class (more for lower dimensions) and
+    whose last is noise."""
+    y = rng.integers(0, classes, size=n)
+    z = rng.normal(size=(n, d))
+    z[:, : d - 1] += y[:, None] * np.linspace(2.0, 0.2, d - 1)[None, :]
+    return z, y
+
+
+def test_fisher_matches_f_classif(rng):
+    z, y = _labelled(rng)
+    expected, _ = f_classif(z, y)
+    scores = ls.relevance(z, y, method="fisher")
+    assert scores.dtype == np.float64 and scores.shape == (6,)
+    np.testing.assert_allclose(scores, expected, rtol=1e-10)
+    np.testing.assert_array_equal(ls.relevance(z, y), scores)  # the default with labels
+    np.testing.assert_allclose(ls.relevance(torch.from_numpy(z), torch.from_numpy(y)), scores, rtol=1e-12)
+    assert np.argmax(scores) == 0 and np.argmin(scores) == 5
+
+
+def test_fisher_constant_and_separating_dimensions():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    z = np.stack([np.full(6, 3.0),                      # constant: tells nothing apart -> 0
+                  np.array([0, 0, 1, 1, 2, 2.0]),        # no spread within a class -> +inf
+                  np.array([0, 1, 0, 1, 0, 1.0])], 1)    # same means in every class -> 0
+    scores = ls.relevance(z, y)
+    assert scores[0] == 0.0 and scores[1] == np.inf and scores[2] == 0.0
+
+
+def test_fisher_refuses_a_one_sample_class(rng):
+    z = rng.normal(size=(7, 3))
+    y = np.array([0, 0, 0, 1, 1, 1, 5])
+    with pytest.raises(ValueError, match="y: class 5 has a single sample .* drop or merge it"):
+        ls.relevance(z, y)
+    ls.relevance(z[:6], y[:6])  # without it: fine
+    assert ls.relevance(np.tile(z, (4, 1)), np.tile(y, 4), method="mutual_info").shape == (3,)
+
+
+def test_mutual_info_matches_sklearn_with_the_fixed_seed(rng):
+    z, y = _labelled(rng, n=300)
+    scores = ls.relevance(z, y, method="mutual_info")
+    expected = mutual_info_classif(z, y, random_state=feature_relevance.MUTUAL_INFO_RANDOM_STATE)
+    assert feature_relevance.MUTUAL_INFO_RANDOM_STATE == 0
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    np.testing.assert_array_equal(ls.relevance(z, y, method="mutual_info"), scores)  # reproducible
+    assert scores[0] > 0.3 and scores[-1] < 0.1  # informative against noise
+
+
+def test_variance_matches_numpy(rng):
+    z = rng.normal(size=(50, 5)) * np.arange(1, 6)
+    np.testing.assert_allclose(ls.relevance(z), z.var(axis=0), rtol=1e-12)  # the default without labels
+    np.testing.assert_allclose(ls.relevance(z, np.arange(50) % 2, method="variance"), z.var(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(ls.relevance(z[:1]), np.zeros(5))
+    z32 = z.astype(np.float32)
+    np.testing.assert_allclose(ls.relevance(z32), z32.astype(np.float64).var(axis=0), rtol=1e-12)
+
+
+def test_kl_per_dimension_of_a_vae(rng, single_threaded):
+    torch.manual_seed(0)
+    vae = ls.VAE(10, 4, hidden=(16,))
+    x = rng.random((40, 10)).astype(np.float32)
+    scores = ls.relevance(None, model=vae, X=x, method="kl")
+    mu, logvar = (a.astype(np.float64) for a in vae.posterior(x))
+    hand = np.mean(0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar), axis=0)
+    np.testing.assert_allclose(scores, hand, rtol=1e-12)
+    prior = torch.distributions.Normal(0.0, 1.0)
+    posterior = torch.distributions.Normal(torch.from_numpy(mu), torch.from_numpy(np.exp(0.5 * logvar)))
+    np.testing.assert_allclose(scores, torch.distributions.kl_divergence(posterior, prior).mean(0).numpy(),
+                               rtol=1e-10)
+    assert (scores >= 0).all()
+    # Z, when given, is checked against the latent size (and otherwise unused)
+    np.testing.assert_array_equal(ls.relevance(vae.encode(x), model=vae, X=x, method="kl"), scores)
+    with pytest.raises(ValueError, match=r"Z: expected 4 columns \(the model's latent_dim\)"):
+        ls.relevance(np.zeros((40, 3)), model=vae, X=x, method="kl")
+    assert feature_relevance.ACTIVE_UNIT_THRESHOLD == 0.01
+
+
+def test_relevance_errors(rng):
+    z, y = _labelled(rng, n=20)
+    with pytest.raises(ValueError, match="method: expected one of 'fisher', 'mutual_info', 'variance', 'kl'"):
+        ls.relevance(z, y, method="anova")
+    with pytest.raises(ValueError, match=r"y: expected shape \(20,\) \(one label per row\)"):
+        ls.relevance(z, y[:19])
+    with pytest.raises(TypeError, match="y: expected integer class labels"):
+        ls.relevance(z, y.astype(float))
+    with pytest.raises(ValueError, match="y: expected at least 2 classes, got 1 .every label is 7."):
+        ls.relevance(z, np.full(20, 7))
+    with pytest.raises(ValueError, match="y: method='mutual_info' needs class labels"):
+        ls.relevance(z, method="mutual_info")
+    bad = z.copy()
+    bad[13, 2] = np.nan
+    with pytest.raises(ValueError, match="Z: row 13 contains NaN or Inf"):
+        ls.relevance(bad, y)
+    with pytest.raises(ValueError, match="Z: row 13 contains NaN or Inf"):
+        ls.relevance(bad)
+    with pytest.raises(ValueError, match="Z: expected a 2-d array"):
+        ls.relevance(z[:, 0], y)
+    with pytest.raises(ValueError, match="Z: method='variance' needs the codes Z"):
+        ls.relevance(None)
+    with pytest.raises(ValueError, match="model: method='kl' needs a VAE .*, got no model"):
+        ls.relevance(z, method="kl", X=z)
+    pca = ls.PCA(2).fit(rng.random((10, 4)))
+    with pytest.raises(ValueError, match="model: method='kl' needs a VAE .*, got PCA"):
+        ls.relevance(None, method="kl", model=pca, X=rng.random((10, 4)))
+    with pytest.raises(ValueError, match="X: method='kl' needs the inputs X"):
+        ls.relevance(None, method="kl", model=ls.VAE(4, 2, hidden=(4,)))
+    with pytest.raises(ValueError, match="model, X: used only by method='kl'"):
+        ls.relevance(z, y, model=pca)
+
+
+# ---------------------------------------------------------------------------------------
+# From scores to weights
+
+
+def test_relevance_weights():
+    scores = np.array([4.0, -1.0, 0.0, 2.0])
+    w = ls.relevance_weights(scores)
+    assert w.dtype == np.float32 and w.shape == (4,)
+    np.testing.assert_allclose(w, [8 / 3, 0, 0, 4 / 3], rtol=1e-6)  # negative clipped, mean 1
+    assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(ls.relevance_weights(scores, normalize="max"), [1, 0, 0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(ls.relevance_weights(scores, power=2.0, normalize="max"), [1, 0, 0, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(ls.relevance_weights(scores, power=0.5, normalize="max"),
+                               [1, 0, 0, np.sqrt(0.5)], rtol=1e-6)
+    np.testing.assert_allclose(ls.relevance_weights(torch.tensor([1.0, 3.0])), [0.5, 1.5], rtol=1e-6)
+
+
+def test_relevance_weights_errors():
+    with pytest.raises(ValueError, match="scores: every score is <= 0"):
+        ls.relevance_weights(np.zeros(3))
+    with pytest.raises(ValueError, match="scores: every score is <= 0"):
+        ls.relevance_weights([-1.0, 0.0])
+    with pytest.raises(ValueError, match=r"scores: dimension 1 has a non-finite score \(inf\)"):
+        ls.relevance_weights([1.0, np.inf])
+    with pytest.raises(ValueError, match="scores: dimension 0 has a non-finite score"):
+        ls.relevance_weights([np.nan, 1.0])
+    with pytest.raises(ValueError, match="scores: expected a non-empty 1-d array"):
+        ls.relevance_weights(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="power: expected a finite number in"):
+        ls.relevance_weights([1.0, 2.0], power=0)
+    with pytest.raises(ValueError, match="normalize: expected 'mean' or 'max'"):
+        ls.relevance_weights([1.0, 2.0], normalize="sum")
+
+
+def test_top_dimensions_and_keep_top():
+    scores = np.array([1.0, 3.0, 3.0, 2.0, -5.0])
+    top = ls.top_dimensions(scores, 2)
+    assert top.dtype == np.int64
+    np.testing.assert_array_equal(top, [1, 2])  # a tie goes to the lower index, best first
+    np.testing.assert_array_equal(ls.top_dimensions(scores, 5), [1, 2, 3, 0, 4])
+    np.testing.assert_array_equal(ls.top_dimensions([2.0, 2.0, 2.0], 1), [0])
+    keep = ls.keep_top(scores, 3)
+    assert keep.dtype == np.float32
+    np.testing.assert_array_equal(keep, [0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(ls.top_dimensions([1.0, np.inf, 5.0], 2), [1, 2])  # +inf: the best
+    np.testing.assert_array_equal(ls.keep_top([1.0, np.inf, 5.0], 1), [0, 1, 0])
+    with pytest.raises(ValueError, match="scores: dimension 1 has a non-finite score .nan."):
+        ls.top_dimensions([1.0, np.nan], 1)
+    with pytest.raises(ValueError, match="n: expected at most 5 .the number of scores., got 6"):
+        ls.top_dimensions(scores, 6)
+    with pytest.raises(ValueError, match="n: expected an integer >= 1"):
+        ls.keep_top(scores, 0)
+
+
+def test_public_names():
+    for name in ("relevance", "relevance_weights", "top_dimensions", "keep_top"):
+        assert getattr(ls, name) is getattr(feature_relevance, name)
+    assert callable(ls.relevance)  # a function, not the module behind it
