@@ -144,11 +144,11 @@ def test_weights_from_relevance_help_on_noisy_codes(rng):
 def test_weights_errors(rng):
     z = rng.random((12, 3)).astype(np.float32)
     y = rng.integers(0, 2, 12)
-    with pytest.raises(ValueError, match=r"weights: expected shape \(3,\) \(one weight per dimension\), got \(2,\)"):
+    with pytest.raises(ValueError, match=r"weights: expected 3 values \(one per dimension\), got shape \(2,\)"):
         knn_label_agreement(z, y, k=3, weights=[1.0, 1.0])
-    with pytest.raises(ValueError, match="weights: expected finite weights >= 0, got -1.0 for dimension 1"):
+    with pytest.raises(ValueError, match="weights: expected finite values >= 0, got -1.0 at index 1"):
         knn_label_agreement(z, y, k=3, weights=[1.0, -1.0, 1.0])
-    with pytest.raises(ValueError, match="weights: expected finite weights >= 0, got nan for dimension 2"):
+    with pytest.raises(ValueError, match="weights: expected finite values >= 0, got nan at index 2"):
         knn_label_agreement(z, y, k=3, weights=[1.0, 1.0, np.nan])
     with pytest.raises(ValueError, match="weights: every weight is 0"):
         knn_label_agreement(z, y, k=3, weights=np.zeros(3))

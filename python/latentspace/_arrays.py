@@ -50,7 +50,6 @@ __all__ = [
     "unusable_row_flag",
     "as_float64_matrix",
     "as_scores",
-    "as_dimension_weights",
 ]
 
 # What the caller passed, so results can be returned as the same type.
@@ -585,20 +584,3 @@ def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> 
     return array
 
 
-def as_dimension_weights(weights: Any, name: str, dim: int) -> np.ndarray:
-    """Per-dimension weights for a weighted squared L2, sum_d w_d (a_d - b_d)^2: a 1-d array
-    of `dim` finite, non-negative numbers, not all zero, returned as float32 numpy."""
-    if is_torch_tensor(weights):
-        check_real_dtype(weights, name)
-        weights = weights.detach().to("cpu").double().numpy()
-    array = _real_numpy(weights, name, "a 1-d array of per-dimension weights")
-    if array.ndim != 1 or array.shape[0] != dim:
-        raise ValueError(f"{name}: expected shape ({dim},) (one weight per dimension), got {array.shape}")
-    array = array.astype(np.float64)
-    bad = np.flatnonzero(~(np.isfinite(array) & (array >= 0)))
-    if bad.size:
-        raise ValueError(f"{name}: expected finite weights >= 0, got {array[bad[0]]} for dimension {bad[0]}")
-    if not array.any():
-        raise ValueError(f"{name}: every weight is 0, so every distance would be 0; give at least one "
-                         "dimension a positive weight")
-    return array.astype(np.float32)

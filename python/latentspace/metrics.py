@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_dimension_weights, as_labels, as_matrix, check_k, check_metric
+from ._arrays import as_labels, as_matrix, check_k, check_metric, check_weights
 from .search import knn
 
 __all__ = ["knn_label_agreement", "neighbor_recall", "reconstruction_mse", "self_dropped", "trustworthiness"]
@@ -35,24 +35,25 @@ def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2", we
     with k + 1 neighbours and each point's own index dropped. Exact duplicates tie to the
     lower index, so a point can come second in its own list: it is dropped wherever it is
     (and the (k+1)-th neighbour dropped when it is absent, behind k lower-index duplicates).
-    With weights, the search runs on a float32 copy of Z scaled by sqrt(w) per column: its
-    squared L2 distances are the weighted ones, so the neighbours are the same. (knn and
-    FlatIndex get a native weighted metric of their own.)
+    With weights, the search is knn's metric "weighted_l2" (Z is read as it is, not scaled).
     """
     vectors, _ = as_matrix(Z, "Z")
     n = vectors.shape[0]
     y = as_labels(labels, "labels", n)
     k = check_k(k)
     check_metric(metric)
+    w = None
     if weights is not None:
-        if metric != "l2":
+        if metric not in ("l2", "weighted_l2"):
             raise ValueError(f"weights: per-dimension weights define a weighted squared L2; use metric='l2' "
                              f"(got metric={metric!r})")
-        w = as_dimension_weights(weights, "weights", vectors.shape[1])
-        vectors = vectors * np.sqrt(w)  # a new array: the caller's Z is left as it was
+        metric, w = "weighted_l2", check_weights(weights, vectors.shape[1])
+        if not w.any():
+            raise ValueError("weights: every weight is 0, so every distance would be 0; give at least one "
+                             "dimension a positive weight")
     if n < k + 1:
         raise ValueError(f"Z: k={k} neighbours per point need at least {k + 1} rows, got {n}")
-    _, indices = knn(vectors, vectors, k + 1, metric=metric)
+    _, indices = knn(vectors, vectors, k + 1, metric=metric, weights=w)
     neighbours = np.take_along_axis(indices, self_dropped(indices), axis=1)
     return float((y[neighbours] == y[:, None]).mean())
 
