@@ -62,26 +62,34 @@ def test_console_script_info_json():
     assert json.loads(result.stdout)["version"] == latentspace.__version__
 
 
-def _table(out: str) -> dict[str, tuple[int, float, float]]:
-    """The demo's held-out table: name -> (dims, reconstruction MSE, k-NN agreement)."""
-    rows = re.findall(r"^    (raw pixels|PCA|VAE|Autoencoder|ConvAutoencoder)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)$",
-                      out, flags=re.M)
-    return {name: (int(d), float(m), float(a)) for name, d, m, a in rows}
+_TABLE_ROW = re.compile(r"^    (raw pixels|PCA|VAE|Autoencoder|ConvAutoencoder|VAE \+ relevance|Autoencoder \+ relevance|"
+                        r"ConvAutoencoder \+ relevance|metric-learned AE)\s+(\d+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$",
+                        flags=re.M)
 
 
-def test_demo():
-    """The default demo (a VAE trained as shipped): it meets the bars of docs/models.md."""
-    result = _cli("demo", "--examples", "1")
+def _table(out: str) -> dict[str, tuple[int, float, float, float]]:
+    """The demo's held-out table: name -> (dims, reconstruction MSE, k-NN agreement, trustworthiness)."""
+    return {name: (int(d), float(m), float(a), float(t)) for name, d, m, a, t in _TABLE_ROW.findall(out)}
+
+
+def test_demo(tmp_path):
+    """The default demo (a VAE and a metric-learned autoencoder trained as shipped): it meets
+    the bars of docs/models.md and docs/similarity.md, and writes its pictures."""
+    result = _cli("demo", "--examples", "1", "--out", str(tmp_path / "pictures"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "1,797" in out and "1,258 training / 539 held-out" in out
     table = _table(out)
-    assert set(table) == {"raw pixels", "PCA", "VAE"}, out
-    assert table["PCA"][0] == table["VAE"][0] == 8 and table["raw pixels"][0] == 64
+    assert set(table) == {"raw pixels", "PCA", "VAE", "VAE + relevance", "metric-learned AE"}, out
+    assert table["PCA"][0] == table["VAE"][0] == table["metric-learned AE"][0] == 8 and table["raw pixels"][0] == 64
     # the bars: lower held-out MSE than PCA at 8 dims, 10-NN agreement at least PCA's
     assert table["VAE"][1] < table["PCA"][1], out
     assert table["VAE"][2] >= table["PCA"][2], out
-    assert re.search(r"held-out digits \(539\).*10-NN label agreement", out)
+    # issue 7's bars: relevance weighting beats the plain space; metric learning reaches 0.95
+    assert table["VAE + relevance"][2] > table["VAE"][2], out
+    assert table["metric-learned AE"][2] >= 0.95, out
+    assert all(0.5 < row[3] <= 1.0 for row in table.values()), out
+    assert re.search(r"held-out digits \(539\).*10-NN label agreement.*trustworthiness \(10\)", out)
     assert 0.88 < table["raw pixels"][2] < 0.9
     match = re.search(r"10-NN label agreement in the VAE's latent space \(all digits\): ([0-9.]+)", out)
     assert match and float(match.group(1)) > 0.85
@@ -93,17 +101,25 @@ def test_demo():
     assert len(neighbour_labels) == int(queries[0][2]) == 4
     assert all(0 <= int(label) <= 9 for label in neighbour_labels)
     assert "d=" in out
+    # the pictures, where it says
+    names = ["latent_map.png", "reconstructions.png", "interpolation.png", "neighbors.png", "relevance.png"]
+    assert f"pictures: 5 PNG files in {(tmp_path / 'pictures').resolve()}" in out
+    for name in names:
+        data = (tmp_path / "pictures" / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000, name
     # its duration is reported (the < 60 s goal is measured in benchmarks/bench_demo.py)
     assert re.search(r"demo finished in [0-9.]+ s", out)
 
 
-def test_demo_options():
+def test_demo_options(tmp_path):
     result = _cli("demo", "--examples", "2", "-k", "3", "--show", "2", "--seed", "5",
-                  "--threads", "1", "--epochs", "2", "--models", "autoencoder,conv", "--latent-dim", "4")
+                  "--threads", "1", "--epochs", "2", "--models", "autoencoder,conv", "--latent-dim", "4",
+                  "--no-metric-learning", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     table = _table(out)
-    assert set(table) == {"raw pixels", "PCA", "Autoencoder", "ConvAutoencoder"}, out
+    assert set(table) == {"raw pixels", "PCA", "Autoencoder", "Autoencoder + relevance", "ConvAutoencoder",
+                          "ConvAutoencoder + relevance"}, out
     assert table["PCA"][0] == table["Autoencoder"][0] == 4
     assert "3-NN label agreement" in out
     assert "2 epochs" in out
@@ -111,6 +127,14 @@ def test_demo_options():
     assert "over the Autoencoder codes" in out
     assert len(re.findall(r"digit #\d+ \(label \d\)", out)) == 2
     assert len(re.findall(r"#\d+ label \d", out)) == 4
+    assert len(list(tmp_path.glob("*.png"))) == 5
+
+
+def test_demo_out_must_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = _cli("demo", "--out", str(tmp_path / "file"))
+    assert result.returncode == 2
+    assert "--out:" in result.stderr and "is not a folder" in result.stderr
 
 
 def test_demo_bad_models_reports_error():

@@ -1,31 +1,21 @@
-"""The `latentspace` command line: `latentspace info`, `latentspace demo`, `latentspace train`,
-the pipeline commands `encode`, `index build`, `search` (in cli_pipeline.py), and `plot`
-(in cli_plot.py)."""
+"""The `latentspace` command line: `latentspace info`, `latentspace train`, `latentspace demo`
+(in cli_demo.py), the pipeline commands `encode`, `index build`, `search` (in cli_pipeline.py),
+and `plot` (in cli_plot.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import datasets
+from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
 from .cli_plot import add_commands as _add_plot_commands
-from .indexes import FlatIndex
-from .runtime import build_info, get_num_threads, set_num_threads
-
-_SHADES = " .:-=+*#%@"
-
-
-def _digit_rows(image: np.ndarray) -> list[str]:
-    """An 8x8 image in [0, 1] as 8 lines of ASCII shading (two characters per pixel)."""
-    levels = np.minimum((image.reshape(8, 8) * (len(_SHADES) - 1)).round().astype(int), len(_SHADES) - 1)
-    return ["".join(_SHADES[v] * 2 for v in row) for row in levels]
-
+from .runtime import build_info, set_num_threads
 
 def _command_info(args: argparse.Namespace) -> int:
     info = build_info()
@@ -44,129 +34,6 @@ def _command_info(args: argparse.Namespace) -> int:
                   f"{device['total_memory_bytes'] / 2**30:.0f} GiB)")
     else:
         print(f"  GPU visible now   : no ({info['cuda_unavailable_reason']})")
-    return 0
-
-
-# Demo settings per model kind: sized so that `latentspace demo` (VAE) finishes well under a
-# minute on 2 cores, and measured to beat PCA at 8 dims on the held-out digits (docs/models.md).
-_DEMO_MODELS = {
-    "vae": dict(title="VAE", epochs=300, batch_size=32, lr=2e-3, patience=None),
-    "autoencoder": dict(title="Autoencoder", epochs=150, batch_size=64, lr=2e-3, patience=30),
-    "conv": dict(title="ConvAutoencoder", epochs=60, batch_size=64, lr=2e-3, patience=None),
-}
-
-
-def _demo_model(kind: str, latent_dim: int):
-    from .models import VAE, Autoencoder, ConvAutoencoder
-
-    if kind == "vae":
-        return VAE(64, latent_dim, hidden=(256, 128), kl_warmup=20)
-    if kind == "autoencoder":
-        return Autoencoder(64, latent_dim, hidden=(256, 128), output="sigmoid")
-    return ConvAutoencoder((1, 8, 8), latent_dim, channels=(32, 64))
-
-
-def _parse_models(text: str) -> list[str]:
-    kinds = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [k for k in kinds if k not in _DEMO_MODELS]
-    if not kinds or unknown:
-        raise ValueError(f"--models: expected a comma-separated list of {', '.join(_DEMO_MODELS)}, got {text!r}")
-    return list(dict.fromkeys(kinds))
-
-
-def _command_demo(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    kinds = _parse_models(args.models)  # before the imports: a typo fails at once
-
-    import torch
-
-    from .metrics import knn_label_agreement, reconstruction_mse, self_dropped
-    from .models import PCA
-    from .training import train
-
-    if args.threads is not None:
-        set_num_threads(args.threads)
-    search_threads = get_num_threads()  # (read before torch's setting: OpenMP's default)
-    # These models are small: one thread trains them faster than two on 2 cores (no fork-join
-    # per tiny matmul or loss) and does not collapse when another process shares the CPU
-    # (two threads, torch's or latentspace's, made the demo 3x slower beside one busy process).
-    torch.set_num_threads(args.threads or 1)
-    set_num_threads(args.threads or 1)
-    images, labels = datasets.load_digits()
-    n, dim = images.shape
-    train_rows, test_rows = datasets.stratified_split(labels, test_fraction=0.3, seed=0)
-    x_train, x_test, y_test = images[train_rows], images[test_rows], labels[test_rows]
-    print(f"latentspace demo: latent spaces of the {n:,} handwritten digits bundled with "
-          f"scikit-learn ({dim} pixels each)")
-    print(f"  split: {len(train_rows):,} training / {len(test_rows):,} held-out digits "
-          "(stratified 70/30, seed 0)")
-
-    rows = [("raw pixels", dim, 0.0, knn_label_agreement(x_test, y_test, k=args.k))]
-    pca = PCA(args.latent_dim).fit(x_train)
-    rows.append(("PCA", args.latent_dim, reconstruction_mse(x_test, pca(x_test)),
-                  knn_label_agreement(pca.encode(x_test), y_test, k=args.k)))
-    print(f"  PCA: {args.latent_dim} components, "
-          f"{float(pca.explained_variance_ratio.sum()):.1%} of the variance")
-    trained = {}
-    for kind in kinds:
-        settings = _DEMO_MODELS[kind]
-        epochs = args.epochs or settings["epochs"]
-        torch.manual_seed(args.seed)
-        model = _demo_model(kind, args.latent_dim)
-        history = train(model, x_train, epochs=epochs, batch_size=settings["batch_size"], lr=settings["lr"],
-                        val_fraction=0.1, early_stopping=settings["patience"], seed=args.seed, device="cpu",
-                        progress=sys.stderr.isatty())
-        if history.interrupted:
-            print("latentspace demo: interrupted", file=sys.stderr)
-            return 130
-        print(f"  {settings['title']}: {history.epochs_run} epochs in {history.seconds:.1f} s "
-              f"({history.samples_per_second:,.0f} samples/s), best validation loss "
-              f"{history.best_loss:.3f} at epoch {history.best_epoch + 1}")
-        rows.append((settings["title"], args.latent_dim, reconstruction_mse(x_test, model(x_test)),
-                     knn_label_agreement(model.encode(x_test), y_test, k=args.k)))
-        trained[kind] = model
-
-    print(f"\n  held-out digits ({len(test_rows)})   dims   reconstruction MSE   {args.k}-NN label agreement")
-    for title, dims, mse, agreement in rows:
-        print(f"    {title:<20} {dims:>5}   {mse:>18.4f}   {agreement:>20.3f}")
-    print()
-
-    # An index over the first learned model's codes of all digits, and a few neighbourhoods.
-    set_num_threads(search_threads)
-    kind = kinds[0]
-    title = _DEMO_MODELS[kind]["title"]
-    codes = trained[kind].encode(images)
-    index = FlatIndex(codes.shape[1], metric="l2")
-    index.add(codes)
-    print(f"  index: {index!r} over the {title} codes of all {n:,} digits, "
-          f"{index.bytes_per_vector} bytes per vector")
-    k = args.k + 1  # the first neighbour is the digit itself
-    start = time.perf_counter()
-    distances, indices = index.search(codes, k)
-    elapsed = time.perf_counter() - start
-    print(f"  searched all {n:,} digits for {args.k} neighbours each in {elapsed * 1e3:.1f} ms "
-          f"({build_info()['simd_level']}, {get_num_threads()} threads)")
-    print(f"  {args.k}-NN label agreement in the {title}'s latent space (all digits): "
-          f"{knn_label_agreement(codes, labels, k=args.k):.3f}\n")
-
-    keep = self_dropped(np.asarray(indices))
-    neighbours = np.take_along_axis(indices, keep, axis=1)
-    distances = np.take_along_axis(distances, keep, axis=1)
-    rng = np.random.default_rng(args.seed)
-    for query in rng.choice(n, size=args.examples, replace=False):
-        shown = neighbours[query, : args.show]
-        print(f"  digit #{query} (label {labels[query]}) and its {len(shown)} nearest neighbours "
-              f"in the {title}'s latent space:")
-        columns = [_digit_rows(images[query])] + [_digit_rows(images[j]) for j in shown]
-        for line in zip(*columns):
-            print("    " + "  |  ".join(line))
-        captions = [f"query {labels[query]}".ljust(16)] + [
-            f"#{j} label {labels[j]}".ljust(16) for j in shown
-        ]
-        dists = [" " * 16] + [f"d={distances[query, i]:.2f}".ljust(16) for i in range(len(shown))]
-        print("    " + "  |  ".join(captions))
-        print("    " + "  |  ".join(dists) + "\n")
-    print(f"  demo finished in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -286,14 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="learned models to train, comma-separated: vae, autoencoder, conv (default vae)")
     demo.add_argument("--latent-dim", type=int, default=8, help="latent dimensions (default 8)")
     demo.add_argument("--epochs", type=int, default=None,
-                      help="training epochs (default per model: vae 300, autoencoder 150, conv 60)")
+                      help="training epochs (default per model: vae 300, autoencoder 150, conv 60; "
+                           "the metric-learned autoencoder 100)")
     demo.add_argument("-k", type=int, default=10, help="neighbours per digit (default 10)")
     demo.add_argument("--examples", type=int, default=3, help="digits to show (default 3)")
     demo.add_argument("--show", type=int, default=4, help="neighbours drawn per digit (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="weights, training and shown digits (default 0)")
     demo.add_argument("--threads", type=int, default=None,
                       help="threads for training and search (default: 1 for training, OpenMP's for search)")
-    demo.set_defaults(run=_command_demo)
+    demo.add_argument("--out", default="latentspace-demo",
+                      help="folder for the pictures (default ./latentspace-demo; created if missing)")
+    demo.add_argument("--no-metric-learning", action="store_true",
+                      help="skip the metric-learned autoencoder (a few seconds)")
+    demo.set_defaults(run=command_demo)
 
     trainer = sub.add_parser("train", help="train a latent model on digits or a data file, save it")
     trainer.add_argument("data", help="'digits' (bundled) or a .npy, .npz or ann-benchmarks .hdf5 file")
