@@ -143,8 +143,8 @@ def _command_plot(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Adds `plot` to the `latentspace` parser's subcommands."""
     plot = sub.add_parser("plot", help="draw a picture of a model's latent space into a PNG",
-                          description="Pictures of a saved model's latent space (matplotlib: "
-                          "pip install 'latentspace[plot]'). See docs/similarity.md.")
+                          description="Pictures of a saved model's latent space (matplotlib PNG files). "
+                          "See docs/similarity.md.")
     plot.add_argument("kind", choices=KINDS, help="which picture")
     plot.add_argument("model", help="a model file written by latentspace train / save_model")
     plot.add_argument("data", help="'digits' (bundled, with labels) or a .npy, .npz (--key) or .hdf5 file")

@@ -1,4 +1,4 @@
-"""Pictures of a latent space, written as PNG files (matplotlib: pip install "latentspace[plot]").
+"""Pictures of a latent space, written as PNG files (matplotlib, a dependency of latentspace).
 
     plot_latent_map(Z, y, path)                       2-D map of the codes, coloured by label
     plot_reconstructions(model, X, path)              originals over their reconstructions
@@ -64,7 +64,7 @@ def _figure(width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError("latentspace.plots needs matplotlib: pip install 'latentspace[plot]' "
+        raise ImportError("latentspace.plots needs matplotlib: reinstall latentspace "
                           "(or pip install matplotlib)") from None
     figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
