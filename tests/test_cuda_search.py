@@ -697,3 +697,28 @@ def test_weighted_l2_through_the_stand_in_backend(rng):
     D_cpu, I_cpu = latentspace.knn(q, x, 9, "weighted_l2", weights=w)
     np.testing.assert_array_equal(I, I_cpu)
     np.testing.assert_array_equal(D, D_cpu)
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+def test_half_storage_is_a_gpu_index_option(storage):
+    with pytest.raises(ValueError, match=f"storage: '{storage}' is for an index on a GPU"):
+        latentspace.FlatIndex(4, storage=storage)
+    assert latentspace.FlatIndex(4, storage="fp32").storage == "fp32"
+
+
+@pytest.mark.parametrize("storage", ["FP16", "int8", None])
+def test_unknown_storage(storage):
+    with pytest.raises(ValueError, match="storage: expected one of 'fp32', 'fp16', 'bf16'"):
+        latentspace.FlatIndex(4, storage=storage)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_database_through_the_stand_in_backend(dtype, rng):
+    """A float16 / bfloat16 database tensor is searched as stored (the stand-in widens it)."""
+    q = rng.standard_normal((5, 6)).astype(np.float32)
+    x = rng.standard_normal((300, 6)).astype(np.float32)
+    half = torch.from_numpy(x).to(getattr(torch, dtype))
+    D, I = _cuda_search.search_resident(CpuBackend(), torch.from_numpy(q), half, 7, "l2", 1 << 20)
+    D_ref, I_ref = latentspace.knn(q, half.float().numpy(), 7)
+    np.testing.assert_array_equal(I.numpy(), I_ref)
+    np.testing.assert_allclose(D.numpy(), D_ref, rtol=1e-6)

@@ -105,18 +105,21 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
   return plan;
 }
 
+unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
+
 // ---- kernels ------------------------------------------------------------------------------
 
 // One warp per row: squared norm (l2; weighted, sum w x^2, when weights is not null) or
-// 1 / norm, 0 for a zero vector (cosine).
-__global__ void norms_kernel(const float* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
+// 1 / norm, 0 for a zero vector (cosine), of rows stored as kStorage.
+template <KnnStorage kStorage>
+__global__ void norms_kernel(const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
                              float* out) {
   const int64_t row = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= count) return;
   float sum = 0.0f;
   for (int64_t d = lane; d < dim; d += 32) {
-    const float v = rows[row * dim + d];
+    const float v = load_element<kStorage>(rows, row * dim + d);
     sum = fmaf(weights ? weights[d] * v : v, v, sum);
   }
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
@@ -126,7 +129,7 @@ __global__ void norms_kernel(const float* rows, int64_t count, int64_t dim, bool
 struct ScanArgs {
   const float* weights;  // nullable (weighted l2)
   const float* queries;
-  const float* database;
+  const void* database;  // elements of the scan's storage type
   const float* query_norms;
   const float* database_norms;
   int64_t num_queries, num_database, dim;
@@ -183,7 +186,7 @@ __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
   __syncthreads();
 }
 
-template <Metric kMetric, KnnPrecision kPrecision>
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
 __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
   __shared__ ScanShared<kPrecision> s;
   const int64_t q0 = int64_t{blockIdx.x} * kQueryTile;
@@ -202,9 +205,9 @@ __global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
     const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
     float acc[4][4];
     if constexpr (kPrecision == KnnPrecision::kFloat32) {
-      simt_tile(bounds, s.staging, acc);
+      simt_tile<kStorage>(bounds, s.staging, acc);
     } else {
-      wmma_tile<kPrecision>(bounds, s.staging);
+      wmma_tile<kPrecision, kStorage>(bounds, s.staging);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -282,25 +285,50 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   distances[i] = similarity ? 0.0f - score : score;  // 0 - (+0) = +0, as on the CPU (-score gives -0)
 }
 
-template <Metric kMetric, KnnPrecision kPrecision>
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
 void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.splits));
-  scan_kernel<kMetric, kPrecision><<<grid, kThreads, 0, stream>>>(args);
+  scan_kernel<kMetric, kPrecision, kStorage><<<grid, kThreads, 0, stream>>>(args);
   check_launch("scan_kernel");
 }
 
-// The one switch from run-time choices to template parameters.
-template <Metric kMetric>
+// Run-time choices become template parameters: precision here, storage below, metric in knn_cuda.
+template <Metric kMetric, KnnStorage kStorage>
 void launch_scan_for(KnnPrecision precision, const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
   switch (precision) {
-    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32>(args, plan, stream); break;
-    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32>(args, plan, stream); break;
-    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16>(args, plan, stream); break;
-    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16>(args, plan, stream); break;
+    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32, kStorage>(args, plan, stream); break;
+    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32, kStorage>(args, plan, stream); break;
+    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16, kStorage>(args, plan, stream); break;
+    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16, kStorage>(args, plan, stream); break;
   }
 }
 
-unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
+template <Metric kMetric>
+void launch_scan_for(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, const Plan& plan,
+                     cudaStream_t stream) {
+  switch (storage) {
+    case KnnStorage::kFloat32: launch_scan_for<kMetric, KnnStorage::kFloat32>(precision, args, plan, stream); break;
+    case KnnStorage::kFloat16: launch_scan_for<kMetric, KnnStorage::kFloat16>(precision, args, plan, stream); break;
+    case KnnStorage::kBfloat16: launch_scan_for<kMetric, KnnStorage::kBfloat16>(precision, args, plan, stream); break;
+  }
+}
+
+void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
+                  float* out, cudaStream_t stream, const char* what) {
+  const unsigned blocks = blocks_for(count * 32, kThreads);
+  switch (storage) {
+    case KnnStorage::kFloat32:
+      norms_kernel<KnnStorage::kFloat32><<<blocks, kThreads, 0, stream>>>(rows, count, dim, inverse, weights, out);
+      break;
+    case KnnStorage::kFloat16:
+      norms_kernel<KnnStorage::kFloat16><<<blocks, kThreads, 0, stream>>>(rows, count, dim, inverse, weights, out);
+      break;
+    case KnnStorage::kBfloat16:
+      norms_kernel<KnnStorage::kBfloat16><<<blocks, kThreads, 0, stream>>>(rows, count, dim, inverse, weights, out);
+      break;
+  }
+  check_launch(what);
+}
 
 }  // namespace
 }  // namespace cuda
@@ -310,9 +338,10 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
   return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device)).workspace_bytes;
 }
 
-void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database, int64_t dim,
+void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
-              void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights) {
+              void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights,
+              KnnStorage storage) {
   using namespace cuda;
   LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
   if (num_queries == 0) return;
@@ -329,19 +358,17 @@ void knn_cuda(const float* queries, int64_t num_queries, const float* database, 
 
   if (metric != Metric::kInnerProduct) {
     const bool inverse = metric == Metric::kCosine;
-    norms_kernel<<<blocks_for(num_queries * 32, kThreads), kThreads, 0, stream>>>(queries, num_queries, dim, inverse,
-                                                                                   weights, w.query_norms);
-    check_launch("norms_kernel (queries)");
-    norms_kernel<<<blocks_for(num_database * 32, kThreads), kThreads, 0, stream>>>(database, num_database, dim,
-                                                                                    inverse, weights, w.database_norms);
-    check_launch("norms_kernel (database)");
+    launch_norms(KnnStorage::kFloat32, queries, num_queries, dim, inverse, weights, w.query_norms, stream,
+                 "norms_kernel (queries)");
+    launch_norms(storage, database, num_database, dim, inverse, weights, w.database_norms, stream,
+                 "norms_kernel (database)");
   }
   const ScanArgs args{weights,  queries, database, w.query_norms, w.database_norms, num_queries, num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {
-    case Metric::kL2: launch_scan_for<Metric::kL2>(precision, args, plan, stream); break;
-    case Metric::kInnerProduct: launch_scan_for<Metric::kInnerProduct>(precision, args, plan, stream); break;
-    case Metric::kCosine: launch_scan_for<Metric::kCosine>(precision, args, plan, stream); break;
+    case Metric::kL2: launch_scan_for<Metric::kL2>(storage, precision, args, plan, stream); break;
+    case Metric::kInnerProduct: launch_scan_for<Metric::kInnerProduct>(storage, precision, args, plan, stream); break;
+    case Metric::kCosine: launch_scan_for<Metric::kCosine>(storage, precision, args, plan, stream); break;
   }
   merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
                                                                             plan.capacity, static_cast<int>(k), w.keys);

@@ -23,10 +23,22 @@ constexpr int kDatabaseTile = 64;
 constexpr int kDepthChunk = 32;  // dimensions staged in shared memory at a time
 static_assert(kQueryTile == kDatabaseTile, "the staging loops fill both tiles with one index");
 
+// One database element widened to float32, for each storage type.
+template <KnnStorage kStorage>
+__device__ inline float load_element(const void* base, int64_t i) {
+  if constexpr (kStorage == KnnStorage::kFloat16) {
+    return __half2float(static_cast<const __half*>(base)[i]);
+  } else if constexpr (kStorage == KnnStorage::kBfloat16) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+  } else {
+    return static_cast<const float*>(base)[i];
+  }
+}
+
 // Where a tile starts and how much of it is real.
 struct TileBounds {
   const float* queries;
-  const float* database;
+  const void* database;  // elements of the scan's storage type
   int64_t q0, num_queries;  // query rows [q0, num_queries) exist
   int64_t n0, n_end;        // database rows [n0, n_end) belong to this block
   int64_t dim;
@@ -46,7 +58,13 @@ struct SimtStaging {
   float database[kDepthChunk][kDatabaseTile + 1];
 };
 
+template <KnnStorage kStorage>
+__device__ inline float staged_database(const TileBounds& t, int64_t n, int64_t d) {
+  return n < t.n_end && d < t.dim ? load_element<kStorage>(t.database, n * t.dim + d) : 0.0f;
+}
+
 // acc[i][j] = dot(query q0 + 4 ty + i, vector n0 + 4 tx + j), with tx, ty = thread % 16, / 16.
+template <KnnStorage kStorage>
 __device__ inline void simt_tile(const TileBounds& t, SimtStaging& s, float acc[4][4]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
@@ -59,7 +77,7 @@ __device__ inline void simt_tile(const TileBounds& t, SimtStaging& s, float acc[
       const int row = e / kDepthChunk, col = e % kDepthChunk;  // a warp reads one row: coalesced
       const int64_t q = t.q0 + row, n = t.n0 + row, d = d0 + col;
       s.queries[col][row] = staged_query(t, q, d);
-      s.database[col][row] = n < t.n_end && d < t.dim ? t.database[n * t.dim + d] : 0.0f;
+      s.database[col][row] = staged_database<kStorage>(t, n, d);
     }
     __syncthreads();
 #pragma unroll 8
@@ -121,7 +139,7 @@ struct WmmaStaging {
 
 // scores[i][j] = dot(query q0 + i, vector n0 + j) with rounded inputs, float32 sums. Warp w
 // owns the fragments in row w / 2, columns 2 (w % 2) and 2 (w % 2) + 1 of the 4 x 4 grid.
-template <KnnPrecision kPrecision>
+template <KnnPrecision kPrecision, KnnStorage kStorage>
 __device__ inline void wmma_tile(const TileBounds& t, WmmaStaging<kPrecision>& s) {
   namespace wmma = nvcuda::wmma;
   using Traits = WmmaTraits<kPrecision>;
@@ -136,7 +154,7 @@ __device__ inline void wmma_tile(const TileBounds& t, WmmaStaging<kPrecision>& s
       const int row = e / kDepthChunk, col = e % kDepthChunk;
       const int64_t q = t.q0 + row, n = t.n0 + row, d = d0 + col;
       s.queries[row][col] = Traits::convert(staged_query(t, q, d));
-      s.database[row][col] = Traits::convert(n < t.n_end && d < t.dim ? t.database[n * t.dim + d] : 0.0f);
+      s.database[row][col] = Traits::convert(staged_database<kStorage>(t, n, d));
     }
     __syncthreads();
 #pragma unroll

@@ -18,6 +18,10 @@ enum class Metric : int { kL2 = 0, kInnerProduct = 1, kCosine = 2 };
 // float32 only).
 enum class KnnPrecision : int { kFloat32 = 0, kTf32 = 1, kBf16 = 2, kFp16 = 3 };
 
+// The element type the GPU reads the database in: float32, or float16 / bfloat16 storage
+// (half the memory and the bandwidth; values widened to float32 as they are loaded).
+enum class KnnStorage : int { kFloat32 = 0, kFloat16 = 1, kBfloat16 = 2 };
+
 // queries [num_queries][dim] and database [num_database][dim]: C-contiguous float32.
 // out_distances, out_indices: [num_queries][k]. Releases nothing itself: callers drop the
 // GIL. Throws ValueError naming "queries" or "database" when a row holds NaN or Inf or
@@ -35,11 +39,12 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 // device memory, `stream` is a cudaStream_t (torch's current stream, as an integer) that every
 // kernel is queued on, and `workspace` is device memory of knn_cuda_workspace_bytes(...)
 // bytes, allocated by the caller (torch's caching allocator): nothing is allocated here.
+// `database` holds elements of type `storage` (float32, float16 or bfloat16).
 // Returns when the work is queued, not done. Inputs must be finite (the caller checks).
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
-void knn_cuda(const float* queries, int64_t num_queries, const float* database, int64_t num_database,
+void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database,
               int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
-              const float* weights = nullptr);
+              const float* weights = nullptr, KnnStorage storage = KnnStorage::kFloat32);
 
 }  // namespace latentspace

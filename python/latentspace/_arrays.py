@@ -231,13 +231,14 @@ def as_host_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
     return array
 
 
-def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None):
+def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, keep_half: bool = False):
     """Returns (tensor, kind): x as a C-contiguous float32 (rows, dim) torch tensor on
     `device`, and whether it came as numpy or torch. Same checks and messages as as_matrix.
 
     A float32 contiguous tensor already on `device` is used as is (no copy). Anything else
     is copied once: to the device, and / or to float32 (float16, bfloat16, float64 and
-    integer tensors), and / or to contiguous memory (slices, transposes)."""
+    integer tensors), and / or to contiguous memory (slices, transposes). keep_half: float16
+    and bfloat16 tensors keep their dtype (a GPU database read in its stored precision)."""
     import torch
 
     if not is_torch_tensor(x):
@@ -253,7 +254,8 @@ def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None):
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(x.shape)}")
-    tensor = x.detach().to(device=device, dtype=torch.float32)  # no-op when already there
+    keep = keep_half and x.dtype in (torch.float16, torch.bfloat16)
+    tensor = x.detach().to(device=device, dtype=x.dtype if keep else torch.float32)  # no-op when already there
     return tensor.contiguous(), "torch"
 
 
@@ -271,7 +273,8 @@ def host_to_tensor(array: np.ndarray):
 
 
 def unusable_row_flag(tensor: Any, first_row: int = 0):
-    """The index (first_row + r) of the first unusable row r of a float32 (n, dim) tensor,
+    """The index (first_row + r) of the first unusable row r of an (n, dim) tensor (float32, or
+    float16 / bfloat16 storage, checked in float32),
     or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
     with .item() when it is needed). Unusable as in check_rows_usable: NaN, Inf, or a squared
     norm above MAX_SQUARED_NORM."""
@@ -280,7 +283,7 @@ def unusable_row_flag(tensor: Any, first_row: int = 0):
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
     for start in range(0, tensor.shape[0], _NORM_ROWS_PER_STEP):
-        rows = tensor[start : start + _NORM_ROWS_PER_STEP]
+        rows = tensor[start : start + _NORM_ROWS_PER_STEP].float()  # half storage: norms in float32
         # NaN compares false, and an overflowing square is +inf: both count as unusable.
         bad = ~(torch.linalg.vector_norm(rows, dim=1).square() <= MAX_SQUARED_NORM)
         position = torch.arange(start, start + rows.shape[0], device=tensor.device)

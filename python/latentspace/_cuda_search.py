@@ -289,6 +289,34 @@ def check_precision(precision: Any, on_gpu: bool) -> int:
     return PRECISIONS[precision]
 
 
+# Database storage of a GPU index (csrc/ops/knn.h KnnStorage): torch dtype name -> native code.
+STORAGES = {"fp32": 0, "fp16": 1, "bf16": 2}
+
+
+def storage_dtype(storage: str):
+    """The torch dtype of a storage name ("fp32", "fp16", "bf16")."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
+
+
+def storage_code(dtype) -> int:
+    """The native storage code of a database tensor's dtype (float32, float16, bfloat16)."""
+    import torch
+
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+
+
+def check_storage(storage: Any, on_gpu: bool) -> str:
+    """A FlatIndex storage: "fp32" anywhere; "fp16" / "bf16" on a GPU index only."""
+    if not isinstance(storage, str) or storage not in STORAGES:
+        raise ValueError(f"storage: expected one of 'fp32', 'fp16', 'bf16', got {storage!r}")
+    if storage != "fp32" and not on_gpu:
+        raise ValueError(f"storage: {storage!r} is for an index on a GPU (device='cuda'); "
+                         "a CPU index stores float32 (storage='fp32')")
+    return storage
+
+
 class CudaBackend:
     """The native CUDA kernel on `device`, queued on torch's current stream for it. Use
     under `torch.cuda.device(device)`: the kernel runs on the current device. precision:
@@ -316,7 +344,7 @@ class CudaBackend:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
                          database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
                          workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream, self.precision,
-                         0 if self.weights is None else self.weights.data_ptr())
+                         0 if self.weights is None else self.weights.data_ptr(), storage_code(database.dtype))
 
     def upload(self, array: np.ndarray):
         return host_to_tensor(array).to(self.device)
@@ -342,7 +370,8 @@ class CpuBackend:
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
         try:
-            _native.knn(queries.numpy(), database.numpy(), k, code, distances.numpy(), indices.numpy(), self.weights)
+            _native.knn(queries.numpy(), database.float().numpy(), k, code, distances.numpy(), indices.numpy(),
+                        self.weights)
         except ValueError:
             # The CPU kernel checks its inputs, the CUDA one trusts its caller and returns
             # meaningless results for NaN / Inf: so does the stand-in, and the caller's own
@@ -573,8 +602,8 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         q, kind = as_matrix(queries, "queries")  # host: uploaded by the search
     dim = q.shape[1]
     resident = is_torch_tensor(database) and database.device.type != "cpu"
-    if resident:
-        x, _ = as_device_matrix(database, "database", device, dim=dim)
+    if resident:  # a float16 / bfloat16 database on the GPU is read as it is stored
+        x, _ = as_device_matrix(database, "database", device, dim=dim, keep_half=True)
     else:
         x = as_host_matrix(database, "database", dim=dim)
     k = check_k(k)

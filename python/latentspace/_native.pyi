@@ -58,6 +58,7 @@ def knn_cuda(
     stream: int,
     precision: int = 0,
     weights: int = 0,
+    storage: int = 0,
 ) -> None: ...  # device pointers and a cudaStream_t as integers (see _cuda_search.py)
 
 class MlpEncoder:

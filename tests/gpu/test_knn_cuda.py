@@ -628,3 +628,43 @@ def test_small_weighted_l2_matches_the_cpu(nq, n, dim, k, rng):
     index.add(x)
     D3, I3 = index.search(q, k, weights=w)
     assert_knn_matches(D3, I3, q * scaled, x * scaled, k, "l2")
+
+
+# ---------------------------------------------------------------------------------------
+# float16 / bfloat16 database storage
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_half_storage_index(storage, metric, rng, tmp_path):
+    """A GPU index storing fp16 / bf16 returns what float32 search over the rounded vectors
+    returns; half the bytes; the storage survives save / load onto a GPU."""
+    x = rng.standard_normal((3000, 33)).astype(np.float32)
+    q = rng.standard_normal((20, 33)).astype(np.float32)
+    index = latentspace.FlatIndex(33, metric, device="cuda", storage=storage)
+    index.add(x)
+    assert index.storage == storage and index.bytes_per_vector == 66
+    rounded = torch.from_numpy(x).to(torch.float16 if storage == "fp16" else torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(index.vectors(), rounded)
+    D, I = index.search(q, 10)
+    assert_knn_matches(D, I, q, rounded, 10, metric)
+    index.save(tmp_path / "half.lsidx")
+    loaded = latentspace.load_index(tmp_path / "half.lsidx", device="cuda")
+    assert loaded.storage == storage
+    for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    assert latentspace.load_index(tmp_path / "half.lsidx").storage == "fp32"  # a CPU index
+
+
+def test_small_half_tensor_database_is_read_as_stored(gen):
+    x = _randn(gen, 2000, 16).half()
+    q = _randn(gen, 9, 16)
+    D, I = latentspace.knn(q, x, 5)
+    assert_knn_matches(D.cpu(), I.cpu(), q.cpu().numpy(), x.float().cpu().numpy(), 5, "l2")
+
+
+def test_fp16_storage_refuses_values_out_of_range():
+    index = latentspace.FlatIndex(2, device="cuda", storage="fp16")
+    with pytest.raises(ValueError, match=r"x: row 1 has values beyond fp16's range"):
+        index.add(np.array([[1, 2], [7e4, 0]], np.float32))
+    assert index.ntotal == 0

@@ -43,6 +43,11 @@ class FlatIndex:
         device: None or "cpu" (vectors in host memory), or "cuda", "cuda:N", a torch.device:
             vectors in a torch tensor on that GPU, searched there (docs/gpu.md). vectors()
             and reconstruct() then return host copies; save() writes the same file format.
+        storage: "fp32" (default), or on a GPU index "fp16" / "bf16": vectors stored in half
+            precision (half the device memory and bandwidth; products and sums stay float32).
+            Added vectors are rounded to it, and rows beyond float16's range (|x| > 65504)
+            are refused. vectors(), reconstruct() and save() give float32 values; the file
+            records the storage, which load_index(..., device="cuda") restores.
 
     Memory: the vectors are held once, as (ntotal, dim) float32 (dim * 4 bytes per
     vector, see `bytes_per_vector`), in a buffer that grows by 1.5x (see `nbytes`). Search
@@ -54,7 +59,8 @@ class FlatIndex:
     started (rows being added become visible together, when the add returns).
     """
 
-    def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None):
+    def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None,
+                 storage: str = "fp32"):
         check_metric(metric)
         self._dim = check_dim(dim)
         self._metric = metric
@@ -64,6 +70,7 @@ class FlatIndex:
         elif weights is not None:
             raise ValueError(f"weights: only metric='weighted_l2' takes weights (this index uses {metric!r})")
         self._device = _cuda_search.resolve_device(device)  # None: the CPU
+        self._storage = _cuda_search.check_storage(storage, self._device is not None)
         # _write_lock serialises the writers for the whole of their work (add_encoded holds it
         # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
         # so searches never wait for an encoding to finish.
@@ -103,16 +110,21 @@ class FlatIndex:
         return self._ntotal
 
     @property
+    def storage(self) -> str:
+        """The stored element type: "fp32", or "fp16" / "bf16" on a GPU index."""
+        return self._storage
+
+    @property
     def bytes_per_vector(self) -> int:
-        """Bytes of storage per vector (float32 components; nothing else is stored)."""
-        return self._dim * 4
+        """Bytes of storage per vector (its components; nothing else is stored)."""
+        return self._dim * (4 if self._storage == "fp32" else 2)
 
     @property
     def nbytes(self) -> int:
         """Bytes held for vectors now, including spare capacity (0 extra after load); on a
         GPU index, device memory."""
         if self._device is not None:
-            return int(self._gpu_buffer.numel() * 4)
+            return int(self._gpu_buffer.numel() * self._gpu_buffer.element_size())
         return int(self._buffer.nbytes)
 
     @property
@@ -286,8 +298,10 @@ class FlatIndex:
     def to(self, device: Any) -> "FlatIndex":
         """A new index with the same vectors on `device` (None / "cpu", "cuda", "cuda:N",
         a torch.device); always a copy, also to the same device (a memory-mapped index
-        becomes one held in memory)."""
-        index = FlatIndex(self._dim, self._metric, device=device, weights=self._weights)
+        becomes one held in memory). A GPU target keeps the storage; a CPU one stores float32."""
+        target = _cuda_search.resolve_device(device)
+        index = FlatIndex(self._dim, self._metric, device=device, weights=self._weights,
+                          storage=self._storage if target is not None else "fp32")
         if self._device is not None:
             with self._lock:
                 stored = self._gpu_buffer[: self._ntotal]
@@ -301,7 +315,8 @@ class FlatIndex:
 
         # One storage, the tensor: the host buffer is dropped so that no host path uses it.
         self._buffer = None
-        self._gpu_buffer = torch.empty((0, self._dim), dtype=torch.float32, device=self._device)
+        self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
+                                       device=self._device)
 
     def _add_cuda(self, x: Any) -> None:
         import torch
@@ -311,11 +326,23 @@ class FlatIndex:
             if rows.shape[0] == 0:
                 return
             check_rows_usable_flags([unusable_row_flag(rows)], ["x"])
+            rows = self._to_storage(rows, "x")
             with self._write_lock:
                 n, m = self._ntotal, rows.shape[0]
                 self._grow_cuda(n + m)
                 self._gpu_buffer[n : n + m] = rows  # rows past ntotal: no search reads them yet
                 self._publish_cuda(n + m)
+
+    def _to_storage(self, rows: Any, name: str) -> Any:
+        """float32 rows rounded to the index's storage; a row that overflows it is refused."""
+        if self._storage == "fp32":
+            return rows
+        stored = rows.to(_cuda_search.storage_dtype(self._storage))
+        bad = int(unusable_row_flag(stored).item())
+        if bad >= 0:
+            raise ValueError(f"{name}: row {bad} has values beyond {self._storage}'s range (|x| > 65504 for fp16); "
+                             "rescale the data, or build the index with storage='bf16' or 'fp32'")
+        return stored
 
     def _grow_cuda(self, rows: int, *, exact: bool = False, keep: int | None = None) -> None:
         """_grow for the GPU buffer (same growth rule; call with the write lock held)."""
@@ -328,7 +355,7 @@ class FlatIndex:
         if not exact:
             rows = max(rows, int(capacity * _GROWTH), 16)
         n = self._ntotal if keep is None else keep
-        grown = torch.empty((rows, self._dim), dtype=torch.float32, device=self._device)
+        grown = torch.empty((rows, self._dim), dtype=buffer.dtype, device=self._device)
         grown[:n] = buffer[:n]
         with self._lock:
             self._gpu_buffer = grown  # searches in flight keep the old buffer alive
@@ -359,13 +386,14 @@ class FlatIndex:
         import torch
 
         with self._write_lock, self._lock:
-            self._gpu_buffer = torch.empty((0, self._dim), dtype=torch.float32, device=self._device)
+            self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
+                                       device=self._device)
             self._ntotal = 0
 
     def _vectors_cuda(self) -> np.ndarray:
         with self._lock:
             stored = self._gpu_buffer[: self._ntotal]
-        copy = stored.cpu().numpy()
+        copy = stored.float().cpu().numpy()
         copy.flags.writeable = False
         return copy
 
@@ -377,7 +405,7 @@ class FlatIndex:
         if ids.min() < 0 or ids.max() >= stored.shape[0]:
             raise ValueError(f"ids: expected values in [0, {stored.shape[0]}), got {ids.min()}..{ids.max()}")
         rows = torch.from_numpy(ids.reshape(-1).astype(np.int64)).to(self._device)
-        return stored.index_select(0, rows).cpu().numpy()
+        return stored.index_select(0, rows).float().cpu().numpy()
 
     def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None, precision: int = 0,
                      weights: np.ndarray | None = None):
@@ -416,6 +444,8 @@ class FlatIndex:
                   "ntotal": int(database.shape[0]), "writer": _native.__version__}
         if self._weights is not None:
             header["weights"] = [float(w) for w in self._weights]  # float32 values: exact in JSON
+        if self._storage != "fp32":
+            header["storage"] = self._storage  # restored when loaded onto a GPU
         save_index_file(path, header, database)
 
     @classmethod
@@ -425,6 +455,7 @@ class FlatIndex:
             raise IndexFileError(f"corrupted index header (unknown metric {metric!r})")
         try:
             index = cls(int(header["dim"]), metric, weights=header.get("weights"))
+            _cuda_search.check_storage(header.get("storage", "fp32"), True)
         except (TypeError, ValueError) as error:
             raise IndexFileError(f"corrupted index header ({error})") from None
         index._buffer = data
@@ -486,5 +517,10 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     kind = header.get("type")
     if kind == "FlatIndex":
         index = FlatIndex._from_file(header, data, mmap)
-        return index if target is None else index.to(target)
+        if target is None:
+            return index  # float32 on the CPU, whatever the saved GPU storage
+        gpu = FlatIndex(index.dim, index.metric, device=target, weights=index._weights,
+                        storage=header.get("storage", "fp32"))
+        gpu.add(index.vectors())
+        return gpu
     raise IndexFileError(f"{path}: unknown index type {kind!r}")
