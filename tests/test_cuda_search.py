@@ -722,3 +722,28 @@ def test_half_database_through_the_stand_in_backend(dtype, rng):
     D_ref, I_ref = latentspace.knn(q, half.float().numpy(), 7)
     np.testing.assert_array_equal(I.numpy(), I_ref)
     np.testing.assert_allclose(D.numpy(), D_ref, rtol=1e-6)
+
+
+def test_cached_norms_are_sliced_with_the_database(rng):
+    """search_resident hands each database chunk its own slice of the kept norms."""
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    q = rng.standard_normal((3, 4)).astype(np.float32)
+    norms = torch.from_numpy((x * x).sum(1))
+    seen = []
+
+    class Recording(CpuBackend):
+        def search(self, queries, database, k, code, distances, indices, workspace, norms=None):
+            seen.append((database.shape[0], None if norms is None else norms.shape[0]))
+            super().search(queries, database, k, code, distances, indices, workspace, norms)
+
+    monkey_rows = _cuda_search.rows_per_call
+    try:
+        _cuda_search.rows_per_call = lambda workspace_bytes: 16  # force 4 database chunks
+        D, I = search_resident(Recording(), torch.from_numpy(q), torch.from_numpy(x), 5, "l2", 1 << 20, norms=norms)
+    finally:
+        _cuda_search.rows_per_call = monkey_rows
+    assert [rows for rows, _ in seen] == [n for _, n in seen] and len(seen) == 4
+    np.testing.assert_array_equal(I.numpy(), latentspace.knn(q, x, 5)[1])
+    with pytest.raises(ValueError, match="norms: expected 50"):
+        CpuBackend().search(torch.from_numpy(q), torch.from_numpy(x), 2, 0, torch.empty(3, 2), torch.empty(3, 2, dtype=torch.int64),
+                            None, norms[:10])

@@ -54,7 +54,7 @@ void bind_knn(py::module_& m) {
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,
          int metric, uintptr_t distances, uintptr_t indices, uintptr_t workspace, size_t workspace_bytes,
-         uintptr_t stream, int precision, uintptr_t weights, int storage) {
+         uintptr_t stream, int precision, uintptr_t weights, int storage, uintptr_t database_norms) {
         LS_CHECK_VALUE(metric >= 0 && metric <= 2, "metric: expected 0 (l2), 1 (ip) or 2 (cosine), got ", metric);
         LS_CHECK_VALUE(precision >= 0 && precision <= 3,
                        "precision: expected 0 (fp32), 1 (tf32), 2 (bf16) or 3 (fp16), got ", precision);
@@ -66,16 +66,18 @@ void bind_knn(py::module_& m) {
                  num_database, dim, k, static_cast<Metric>(metric), static_cast<KnnPrecision>(precision),
                  reinterpret_cast<float*>(distances),
                  reinterpret_cast<int64_t*>(indices), reinterpret_cast<void*>(workspace), workspace_bytes, stream,
-                 reinterpret_cast<const float*>(weights), static_cast<KnnStorage>(storage));
+                 reinterpret_cast<const float*>(weights), static_cast<KnnStorage>(storage),
+                 reinterpret_cast<const float*>(database_norms));
       },
       py::arg("queries"), py::arg("num_queries"), py::arg("database"), py::arg("num_database"), py::arg("dim"),
       py::arg("k"), py::arg("metric"), py::arg("distances"), py::arg("indices"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"), py::arg("precision") = 0, py::arg("weights") = 0,
-      py::arg("storage") = 0,
+      py::arg("storage") = 0, py::arg("database_norms") = 0,
       "Exact kNN on the current CUDA device into preallocated (Q, k) float32 / int64 device arrays; "
       "queued on `stream`, returns before the work is done. weights: a device pointer to dim "
       "float32 values (0: none; metric l2 only), the weighted squared distance. storage: the "
-      "database's element type (0 float32, 1 float16, 2 bfloat16).");
+      "database's element type (0 float32, 1 float16, 2 bfloat16). database_norms: a device pointer "
+      "to the database's squared norms (l2) or inverse norms (cosine), 0: computed per call.");
 
   m.def(
       "sq_norms",

@@ -2,7 +2,7 @@
 // lists right where they are computed, so the Q x N distance matrix never reaches device memory.
 //
 //   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
-//   2. scan_kernel      grid (query tiles, database splits): a block computes 64 x 64 score
+//   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes 64 x 64 score
 //                       tiles (knn_tiles.cuh: float32 FMA, or tensor cores for tf32 / bf16 /
 //                       fp16) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
@@ -23,6 +23,8 @@
 #include "core/check.h"
 #include "cuda/common.cuh"
 #include "cuda/knn_select.cuh"
+#include "cuda/knn_rows.cuh"
+#include "cuda/knn_scan.cuh"
 #include "cuda/knn_tiles.cuh"
 #include "ops/knn.h"
 
@@ -126,130 +128,6 @@ __global__ void norms_kernel(const void* rows, int64_t count, int64_t dim, bool 
   if (lane == 0) out[row] = inverse ? (sum > 0.0f ? 1.0f / sqrtf(sum) : 0.0f) : sum;
 }
 
-struct ScanArgs {
-  const float* weights;  // nullable (weighted l2)
-  const float* queries;
-  const void* database;  // elements of the scan's storage type
-  const float* query_norms;
-  const float* database_norms;
-  int64_t num_queries, num_database, dim;
-  int k, capacity, splits;
-  int64_t split_length;
-  uint64_t* candidates;
-  int* counts;
-};
-
-// Score to minimise: the squared distance, or minus the similarity.
-template <Metric kMetric>
-__device__ inline float score_of(float dot, float query_norm, float database_norm) {
-  if constexpr (kMetric == Metric::kL2) {
-    return fmaxf(query_norm + database_norm - 2.0f * dot, 0.0f);
-  } else if constexpr (kMetric == Metric::kInnerProduct) {
-    return -dot;
-  } else {
-    // Inverse norms, 0 for zero vectors; clamped like the CPU's (rounding can pass 1), before
-    // the key is formed, so values clamped together still order by index.
-    return -fminf(fmaxf(dot * query_norm * database_norm, -1.0f), 1.0f);
-  }
-}
-
-// The tile staging of a precision: registers + transposed staging (float32), or the WMMA
-// staging with its shared score tile.
-template <KnnPrecision kPrecision>
-struct StagingFor {
-  using type = WmmaStaging<kPrecision>;
-};
-template <>
-struct StagingFor<KnnPrecision::kFloat32> {
-  using type = SimtStaging;
-};
-
-template <KnnPrecision kPrecision>
-struct ScanShared {
-  typename StagingFor<kPrecision>::type staging;
-  uint64_t threshold[kQueryTile];
-  int count[kQueryTile];
-  SelectShared select;
-};
-
-// Cuts query qi's list back to its k best keys and sets its threshold to the k-th. All
-// threads of the block call it.
-template <class Shared>
-__device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
-  const CandidateLists one{list, &s.count[qi], 1, 0};
-  const uint64_t kth = block_select(one, k, s.select);
-  const int kept = block_compact(one, kth, list, s.select);
-  if (threadIdx.x == 0) {
-    s.count[qi] = kept;  // == k: keys are unique
-    s.threshold[qi] = kth;
-  }
-  __syncthreads();
-}
-
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
-__global__ void __launch_bounds__(kThreads) scan_kernel(ScanArgs a) {
-  __shared__ ScanShared<kPrecision> s;
-  const int64_t q0 = int64_t{blockIdx.x} * kQueryTile;
-  const int split = blockIdx.y;
-  const int64_t n_begin = split * a.split_length;
-  const int64_t n_end = min(a.num_database, n_begin + a.split_length);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  auto list_of = [&](int qi) { return a.candidates + ((q0 + qi) * a.splits + split) * int64_t{a.capacity}; };
-  for (int i = threadIdx.x; i < kQueryTile; i += blockDim.x) {
-    s.threshold[i] = kEmptyKey;  // accepts everything until the list first fills
-    s.count[i] = 0;
-  }
-  __syncthreads();
-
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
-    const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
-    float acc[4][4];
-    if constexpr (kPrecision == KnnPrecision::kFloat32) {
-      simt_tile<kStorage>(bounds, s.staging, acc);
-    } else {
-      wmma_tile<kPrecision, kStorage>(bounds, s.staging);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = s.staging.scores[ty * 4 + i][tx * 4 + j];
-      }
-    }
-    // Offer the tile's scores: only keys below the query's threshold enter its list.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int qi = ty * 4 + i;
-      const int64_t q = q0 + qi;
-      if (q >= a.num_queries) continue;
-      const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + tx * 4 + j;
-        if (n >= n_end) continue;
-        const float database_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.database_norms[n];
-        const uint64_t key = make_key(score_of<kMetric>(acc[i][j], query_norm, database_norm), static_cast<uint32_t>(n));
-        if (key < s.threshold[qi]) {
-          const int position = atomicAdd(&s.count[qi], 1);  // < capacity: see the cut-back below
-          list_of(qi)[position] = key;
-        }
-      }
-    }
-    __syncthreads();
-    // A list that might overflow with the next tile (up to kDatabaseTile more keys) is cut
-    // back to k: capacity is k + max(k, 256), so there is room again afterwards, or the
-    // split's length, which the list cannot outgrow (then it is cut only when above k).
-    for (int qi = 0; qi < kQueryTile; ++qi) {
-      const int count = s.count[qi];
-      if (count > a.capacity - kDatabaseTile && count > a.k) cut_back(s, list_of(qi), qi, a.k);
-    }
-  }
-  for (int qi = 0; qi < kQueryTile; ++qi) {
-    if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k);
-  }
-  for (int qi = threadIdx.x; qi < kQueryTile; qi += blockDim.x) {
-    if (q0 + qi < a.num_queries) a.counts[(q0 + qi) * a.splits + split] = s.count[qi];
-  }
-}
-
 // One block per query: its k best keys over all splits into keys[q][0..k), padded with empty keys.
 __global__ void __launch_bounds__(kThreads) merge_kernel(const uint64_t* candidates, const int* counts, int splits,
                                                          int capacity, int k, uint64_t* keys) {
@@ -288,6 +166,12 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
 void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.splits));
+  if (use_row_scan(args.num_queries, args.dim)) {  // a handful of queries (precision moot: float32)
+    const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
+    row_scan_kernel<kMetric, kStorage><<<grid, kThreads, query_bytes, stream>>>(args);
+    check_launch("row_scan_kernel");
+    return;
+  }
   scan_kernel<kMetric, kPrecision, kStorage><<<grid, kThreads, 0, stream>>>(args);
   check_launch("scan_kernel");
 }
@@ -341,7 +225,7 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
               void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights,
-              KnnStorage storage) {
+              KnnStorage storage, const float* database_norms) {
   using namespace cuda;
   LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
   if (num_queries == 0) return;
@@ -360,10 +244,13 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
     const bool inverse = metric == Metric::kCosine;
     launch_norms(KnnStorage::kFloat32, queries, num_queries, dim, inverse, weights, w.query_norms, stream,
                  "norms_kernel (queries)");
-    launch_norms(storage, database, num_database, dim, inverse, weights, w.database_norms, stream,
-                 "norms_kernel (database)");
+    if (!database_norms) {
+      launch_norms(storage, database, num_database, dim, inverse, weights, w.database_norms, stream,
+                   "norms_kernel (database)");
+    }
   }
-  const ScanArgs args{weights,  queries, database, w.query_norms, w.database_norms, num_queries, num_database, dim,
+  const float* norms = database_norms ? database_norms : w.database_norms;
+  const ScanArgs args{weights,  queries, database, w.query_norms, norms, num_queries, num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {
     case Metric::kL2: launch_scan_for<Metric::kL2>(storage, precision, args, plan, stream); break;

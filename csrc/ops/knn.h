@@ -39,12 +39,16 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 // device memory, `stream` is a cudaStream_t (torch's current stream, as an integer) that every
 // kernel is queued on, and `workspace` is device memory of knn_cuda_workspace_bytes(...)
 // bytes, allocated by the caller (torch's caching allocator): nothing is allocated here.
-// `database` holds elements of type `storage` (float32, float16 or bfloat16).
+// `database` holds elements of type `storage` (float32, float16 or bfloat16). database_norms
+// (nullable, device memory): the database's squared norms (l2) or inverse norms, 0 for a zero
+// vector (cosine), kept by the caller (a GPU FlatIndex) so a search reads the database once;
+// null: computed here. Not for weighted l2 (its norms depend on the weights).
 // Returns when the work is queued, not done. Inputs must be finite (the caller checks).
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database,
               int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
-              const float* weights = nullptr, KnnStorage storage = KnnStorage::kFloat32);
+              const float* weights = nullptr, KnnStorage storage = KnnStorage::kFloat32,
+              const float* database_norms = nullptr);
 
 }  // namespace latentspace

@@ -340,11 +340,12 @@ class CudaBackend:
     def workspace_of(self, num_queries: int, num_database: int, k: int) -> int:
         return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index)
 
-    def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
+    def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
                          database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
                          workspace.data_ptr(), workspace.numel(), self.stream.cuda_stream, self.precision,
-                         0 if self.weights is None else self.weights.data_ptr(), storage_code(database.dtype))
+                         0 if self.weights is None else self.weights.data_ptr(), storage_code(database.dtype),
+                         0 if norms is None else norms.data_ptr())
 
     def upload(self, array: np.ndarray):
         return host_to_tensor(array).to(self.device)
@@ -368,7 +369,10 @@ class CpuBackend:
     def set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = weights
 
-    def search(self, queries, database, k: int, code: int, distances, indices, workspace) -> None:
+    def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:
+        # (norms: the CPU kernel computes its own; the stand-in only checks they line up)
+        if norms is not None and norms.shape[0] != database.shape[0]:
+            raise ValueError(f"norms: expected {database.shape[0]} (one per database row), got {norms.shape[0]}")
         try:
             _native.knn(queries.numpy(), database.float().numpy(), k, code, distances.numpy(), indices.numpy(),
                         self.weights)
@@ -464,10 +468,11 @@ class _HostChunks:
 # Searches
 
 
-def _search_block(backend, queries, database, k: int, code: int, workspace_bytes: int, out=None):
+def _search_block(backend, queries, database, k: int, code: int, workspace_bytes: int, out=None, norms=None):
     """Top-k of `queries` among all rows of `database` (k <= its rows, N < 2^30), both on
     the backend's device: one native call per chunk of queries, each with its own
-    workspace. Writes into out = (distances, indices), (Q, k) contiguous, or new tensors."""
+    workspace. Writes into out = (distances, indices), (Q, k) contiguous, or new tensors.
+    norms: the database's cached norms (see FlatIndex), or None to compute them per call."""
     import torch
 
     num_queries, num_database = queries.shape[0], database.shape[0]
@@ -478,14 +483,17 @@ def _search_block(backend, queries, database, k: int, code: int, workspace_bytes
     plan = plan_query_chunks(num_queries, k, lambda n: backend.workspace_of(n, num_database, k), workspace_bytes)
     for start, stop, need in plan:
         workspace = torch.empty(need, dtype=torch.uint8, device=backend.device)
-        backend.search(queries[start:stop], database, k, code, distances[start:stop], indices[start:stop], workspace)
+        backend.search(queries[start:stop], database, k, code, distances[start:stop], indices[start:stop], workspace,
+                       norms)
         del workspace  # back to the caching allocator before the next call takes its own
     return distances, indices
 
 
-def search_resident(backend, queries, database, k: int, metric: str, workspace_bytes: int):
+def search_resident(backend, queries, database, k: int, metric: str, workspace_bytes: int, norms=None):
     """(distances, indices), each (Q, k) on the backend's device, of queries (Q, D) among the
-    database (N, D), N >= 1, both float32 contiguous tensors on that device and checked."""
+    database (N, D), N >= 1, both contiguous tensors on that device and checked (queries
+    float32, the database float32 or half storage). norms: (N,) float32 on the device, the
+    database's squared norms (l2) or inverse norms (cosine), when the caller keeps them."""
     import torch
 
     num_queries, num_database = queries.shape[0], database.shape[0]
@@ -494,11 +502,12 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=backend.device)
     pieces = plan_database_chunks(num_database, rows_per_call(workspace_bytes))
     if len(pieces) == 1 and kept == k:
-        _search_block(backend, queries, database, k, code, workspace_bytes, out=(distances, indices))
+        _search_block(backend, queries, database, k, code, workspace_bytes, out=(distances, indices), norms=norms)
         return distances, indices
     running = None
     for start, stop in pieces:
-        chunk = _search_block(backend, queries, database[start:stop], min(kept, stop - start), code, workspace_bytes)
+        chunk = _search_block(backend, queries, database[start:stop], min(kept, stop - start), code, workspace_bytes,
+                              norms=None if norms is None else norms[start:stop])
         running = merge_topk(running, chunk, kept, metric, offset=start)
     distances[:, :kept] = running[0]
     indices[:, :kept] = running[1]

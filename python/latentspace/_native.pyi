@@ -59,6 +59,7 @@ def knn_cuda(
     precision: int = 0,
     weights: int = 0,
     storage: int = 0,
+    database_norms: int = 0,
 ) -> None: ...  # device pointers and a cudaStream_t as integers (see _cuda_search.py)
 
 class MlpEncoder:

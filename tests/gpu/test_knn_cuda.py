@@ -668,3 +668,37 @@ def test_fp16_storage_refuses_values_out_of_range():
     with pytest.raises(ValueError, match=r"x: row 1 has values beyond fp16's range"):
         index.add(np.array([[1, 2], [7e4, 0]], np.float32))
     assert index.ntotal == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Few queries (the row scan) and an index's kept norms
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,dim", [(1, 1), (1, 128), (3, 97), (8, 1408), (8, 1409), (9, 64), (1, 11264),
+                                    (1, 11265)])
+def test_small_row_scan_matches_the_reference(metric, nq, dim, rng):
+    """1-8 queries whose rows fit in 44 KiB take the row scan (8 x 1408, 1 x 11264: exactly);
+    9 queries or wider ones the tile scan: both agree with the reference (ties, padding, k > N)."""
+    x = rng.integers(-2, 3, (700, dim)).astype(np.float32)  # small integers: many exact ties
+    q = rng.integers(-2, 3, (nq, dim)).astype(np.float32)
+    for k in (1, 10, 800):
+        D, I = latentspace.knn(torch.from_numpy(q).cuda(), torch.from_numpy(x).cuda(), k, metric)
+        assert_knn_matches(D.cpu(), I.cpu(), q, x, k, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_small_index_keeps_norms_across_adds_and_resets(metric, rng):
+    index = latentspace.FlatIndex(16, metric, device="cuda")
+    parts = [rng.standard_normal((n, 16)).astype(np.float32) for n in (5, 300, 1)]
+    parts[1][7] = 0  # a zero vector: cosine similarity 0
+    for part in parts:
+        index.add(part)
+    x = np.concatenate(parts)
+    q = rng.standard_normal((4, 16)).astype(np.float32)
+    D, I = index.search(q, 20)
+    assert_knn_matches(D, I, q, x, 20, metric)
+    index.reset()
+    index.add(parts[2])
+    D, I = index.search(q, 3)
+    assert_knn_matches(D, I, q, parts[2], 3, metric)

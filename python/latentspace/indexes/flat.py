@@ -317,6 +317,11 @@ class FlatIndex:
         self._buffer = None
         self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
                                        device=self._device)
+        # The norms the kernel needs (l2: squared, cosine: inverse), kept beside the vectors so
+        # that a search reads the database once; None for ip (none needed) and weighted_l2
+        # (they depend on each search's weights).
+        self._gpu_norms = (torch.empty(0, dtype=torch.float32, device=self._device)
+                           if self._metric in ("l2", "cosine") else None)
 
     def _add_cuda(self, x: Any) -> None:
         import torch
@@ -331,6 +336,7 @@ class FlatIndex:
                 n, m = self._ntotal, rows.shape[0]
                 self._grow_cuda(n + m)
                 self._gpu_buffer[n : n + m] = rows  # rows past ntotal: no search reads them yet
+                self._update_norms_cuda(n, n + m)
                 self._publish_cuda(n + m)
 
     def _to_storage(self, rows: Any, name: str) -> Any:
@@ -357,8 +363,22 @@ class FlatIndex:
         n = self._ntotal if keep is None else keep
         grown = torch.empty((rows, self._dim), dtype=buffer.dtype, device=self._device)
         grown[:n] = buffer[:n]
+        norms = None
+        if self._gpu_norms is not None:
+            norms = torch.empty(rows, dtype=torch.float32, device=self._device)
+            norms[:n] = self._gpu_norms[:n]
         with self._lock:
             self._gpu_buffer = grown  # searches in flight keep the old buffer alive
+            self._gpu_norms = norms
+
+    def _update_norms_cuda(self, start: int, stop: int) -> None:
+        """The kept norms of rows [start, stop), from the stored (rounded) vectors."""
+        if self._gpu_norms is None:
+            return
+        squared = self._gpu_buffer[start:stop].float().square().sum(dim=1)
+        if self._metric == "cosine":  # inverse norms; a zero vector scores 0
+            squared = squared.rsqrt().where(squared > 0, squared.new_zeros(()))
+        self._gpu_norms[start:stop] = squared
 
     def _publish_cuda(self, ntotal: int) -> None:
         """Makes rows up to ntotal visible to searches. Searches on other threads run on other
@@ -379,6 +399,7 @@ class FlatIndex:
             added = encoder._encode_to(source, _GpuIndexRows(self), batch_size, progress)
             codes = self._gpu_buffer[first : first + added]
             check_rows_usable_flags([unusable_row_flag(codes)], ["the codes of X"])
+            self._update_norms_cuda(first, first + added)
             self._publish_cuda(first + added)
         return added
 
@@ -388,6 +409,8 @@ class FlatIndex:
         with self._write_lock, self._lock:
             self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
                                        device=self._device)
+            if self._gpu_norms is not None:
+                self._gpu_norms = torch.empty(0, dtype=torch.float32, device=self._device)
             self._ntotal = 0
 
     def _vectors_cuda(self) -> np.ndarray:
@@ -417,6 +440,7 @@ class FlatIndex:
             k = check_k(k)
             with self._lock:
                 database = self._gpu_buffer[: self._ntotal]
+                norms = None if self._gpu_norms is None else self._gpu_norms[: self._ntotal]
             check_rows_usable_flags([unusable_row_flag(q)], ["queries"])
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
             if database.shape[0] == 0:
@@ -426,9 +450,11 @@ class FlatIndex:
                 # The buffer may be replaced (add) and freed while this search is still queued
                 # on this thread's stream: the caching allocator must wait for the search.
                 database.record_stream(backend.stream)
+                if norms is not None:
+                    norms.record_stream(backend.stream)
                 distances, indices = _cuda_search.search_resident(
                     backend, q, database, k, self._metric,
-                    workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES)
+                    workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES, norms=norms)
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
