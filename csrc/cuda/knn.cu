@@ -228,6 +228,8 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
               KnnStorage storage, const float* database_norms) {
   using namespace cuda;
   LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
+  LS_CHECK_VALUE(weights == nullptr || database_norms == nullptr,
+                 "database_norms: kept norms are unweighted; a weighted search computes its own");
   if (num_queries == 0) return;
   LS_CHECK_VALUE(num_database >= 1, "database: expected at least one row");
   LS_CHECK_VALUE(k >= 1, "k: expected an integer >= 1, got ", k);

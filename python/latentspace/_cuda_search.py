@@ -78,10 +78,10 @@ DEFAULT_WORKSPACE_BYTES = 1 << 30  # per native call; a search takes as many cal
 DEFAULT_GPU_MEMORY_BYTES = 2 << 30  # host streaming: chunks + queries + results (see above)
 HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinned, x2 device)
 MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
-# Database rows per native call. knn.cu takes < 2^31, but sizes its candidate lists as
-# k + max(k, 256) in an int; with k capped at the rows of the call (k > N is padded here),
-# rows < 2^30 keep that below 2^31.
-MAX_ROWS_PER_CALL = (1 << 30) - 1
+# Database rows per native call. knn.cu takes < 2^31 rows and k < 2^29 (its candidate lists
+# hold k + max(k, 256) keys, counted in an int); with k capped at the rows of the call (k > N
+# is padded here), rows < 2^29 keep every call within both.
+MAX_ROWS_PER_CALL = (1 << 29) - 1
 # Device bytes per query and neighbour while a host database streams: the running top-k,
 # one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
 RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
@@ -206,7 +206,7 @@ def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], in
 
 
 def rows_per_call(workspace_bytes: int) -> int:
-    """Database rows one native call takes: below 2^30 (see MAX_ROWS_PER_CALL), and few
+    """Database rows one native call takes: below 2^29 (see MAX_ROWS_PER_CALL), and few
     enough that their norms (4 bytes a row, in the workspace) take at most half of it."""
     return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
 
@@ -410,6 +410,9 @@ class _PinnedChunks:
         self._host_views = [buffer.numpy() for buffer in self._host]
         self._device_buffers = [torch.empty((rows, dim), dtype=torch.float32, device=device) for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(device)
+        # The device buffers come from the compute stream's pool: memory that work queued there
+        # still uses may be handed out again, so the copies start only after that work.
+        self._copy_stream.wait_stream(compute_stream)
         for buffer in self._device_buffers:
             buffer.record_stream(self._copy_stream)  # freed only after the copies into it
         self._compute = compute_stream
@@ -469,7 +472,7 @@ class _HostChunks:
 
 
 def _search_block(backend, queries, database, k: int, code: int, workspace_bytes: int, out=None, norms=None):
-    """Top-k of `queries` among all rows of `database` (k <= its rows, N < 2^30), both on
+    """Top-k of `queries` among all rows of `database` (k <= its rows, N < 2^29), both on
     the backend's device: one native call per chunk of queries, each with its own
     workspace. Writes into out = (distances, indices), (Q, k) contiguous, or new tensors.
     norms: the database's cached norms (see FlatIndex), or None to compute them per call."""

@@ -367,6 +367,9 @@ class FlatIndex:
         if self._gpu_norms is not None:
             norms = torch.empty(rows, dtype=torch.float32, device=self._device)
             norms[:n] = self._gpu_norms[:n]
+        # Searches on other streams may see the new buffer as soon as it is swapped in, and the
+        # old one may be reused once released: both copies must have landed first.
+        torch.cuda.current_stream(self._device).synchronize()
         with self._lock:
             self._gpu_buffer = grown  # searches in flight keep the old buffer alive
             self._gpu_norms = norms
