@@ -651,3 +651,32 @@ def test_plot_as_a_subprocess(plot_files):
     result = _cli("plot", "map", str(tmp / "pca.safetensors"), str(tmp / "missing.npy"), "--out", str(tmp / "m.png"))
     assert result.returncode == 2 and result.stderr.startswith("latentspace plot: error: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_train_with_a_metric_loss(tmp_path, capsys):
+    """--metric-loss shapes the latent space with the labels (the digits' own here); the
+    history records the metric term."""
+    code, out, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--epochs", "2", "--metric-loss",
+                           "supcon", "--metric-weight", "2", "--out", str(tmp_path), "--no-progress")
+    assert code == 0, err
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["metric_loss"] == "supcon" and history["metric_weight"] == 2.0
+    assert len(history["train_metric"]) == 2 and all(v > 0 for v in history["train_metric"])
+
+
+def test_train_metric_loss_errors(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.arange(39) % 3)
+    cases = [
+        (["train", str(tmp_path / "x.npy"), "--model", "autoencoder", "--metric-loss", "supcon"],
+         "--metric-loss: needs --labels"),
+        (["train", str(tmp_path / "x.npy"), "--model", "autoencoder", "--metric-loss", "supcon",
+          "--labels", str(tmp_path / "y.npy")], "--labels: expected 40 labels"),
+        (["train", "digits", "--model", "pca", "--metric-loss", "triplet"], "--metric-loss: PCA is fitted"),
+        (["train", "digits", "--labels", str(tmp_path / "y.npy")], "--labels: only used with --metric-loss"),
+    ]
+    for args, message in cases:
+        code, _, err = _main(capsys, *args, "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress")
+        assert code == 2 and message in err, err

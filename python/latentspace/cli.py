@@ -55,6 +55,25 @@ def _load_training_data(args: argparse.Namespace):
     return X, None, args.data
 
 
+def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows: int):
+    """The labels of --metric-loss: the digits' own, or --labels FILE (.npy, one per row)."""
+    if args.metric_loss is None:
+        if args.labels is not None:
+            raise ValueError("--labels: only used with --metric-loss (supervised shaping of the latent space)")
+        return None
+    if args.model == "pca":
+        raise ValueError("--metric-loss: PCA is fitted in closed form; use --model autoencoder, vae or conv")
+    if args.labels is not None:
+        labels = np.load(args.labels, allow_pickle=False)
+    elif bundled is not None:
+        labels = bundled
+    else:
+        raise ValueError("--metric-loss: needs --labels LABELS.npy, one integer class per row of the data")
+    if labels.shape[:1] != (rows,):
+        raise ValueError(f"--labels: expected {rows} labels (one per row), got shape {labels.shape}")
+    return labels
+
+
 def _build_model(args: argparse.Namespace, X: np.ndarray, output: str):
     from .models import PCA, VAE, Autoencoder, ConvAutoencoder
 
@@ -94,7 +113,8 @@ def _command_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
-    X, _, name = _load_training_data(args)
+    X, bundled_labels, name = _load_training_data(args)
+    labels = _training_labels(args, bundled_labels, X.shape[0])
     output = args.output
     if output == "auto" and args.model != "pca":
         low, high = float(np.min(X)), float(np.max(X))
@@ -117,7 +137,9 @@ def _command_train(args: argparse.Namespace) -> int:
         history = train(model, X, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         val_fraction=args.val_fraction, early_stopping=args.patience or None,
                         seed=args.seed, device=args.device, loss=args.loss, checkpoint=model_path,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, labels=labels,
+                        metric_loss=args.metric_loss, **({"metric_weight": args.metric_weight}
+                                                         if args.metric_loss else {}))
         record = {"model": type(model).__name__, "config": model.config(), **history.to_dict()}
         interrupted = history.interrupted
         monitored = "validation" if history.monitor == "val_loss" else "training"
@@ -194,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     trainer.add_argument("--threads", type=int, default=None, help="torch and search threads")
     trainer.add_argument("--no-progress", action="store_true", help="no progress bar")
+    trainer.add_argument("--metric-loss", choices=("supcon", "triplet"), default=None,
+                         help="add a metric-learning term on the latent codes, with labels "
+                              "(docs/metric_learning.md)")
+    trainer.add_argument("--metric-weight", type=float, default=5.0,
+                         help="weight of the metric term against reconstruction (default 5)")
+    trainer.add_argument("--labels", default=None,
+                         help="with --metric-loss: a .npy of integer labels, one per row (digits: their own)")
     trainer.set_defaults(run=_command_train)
 
     _add_pipeline_commands(sub)
