@@ -157,3 +157,15 @@ def test_weighted_index_with_empty_and_padding(rng):
     D, I = index.search(np.ones((1, 4), np.float32), 3)
     np.testing.assert_array_equal(I, [[0, 1, -1]])
     np.testing.assert_array_equal(D, [[4.0, 4.0, np.inf]])
+
+
+@pytest.mark.parametrize("nq", [1, 3, 4, 40])  # the row path (1-3 queries) and the packed path
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_unusable_rows_are_reported_even_in_a_dropped_dimension(simd_level, nq, bad, rng):
+    """A weight of 0 does not hide NaN, Inf or overflowing values: the row is refused as with
+    the plain metric (the usable-row check uses the unweighted norm on both paths)."""
+    x = _data(rng, 300, 5)
+    x[123, 2] = bad
+    w = np.array([1, 1, 0, 1, 1], np.float32)
+    with pytest.raises(ValueError, match="database: row 123 contains NaN or Inf"):
+        latentspace.knn(_data(rng, nq, 5), x, 3, "weighted_l2", weights=w)

@@ -108,15 +108,17 @@ QueryPanels pack_query_block(const KnnKernels& kernels, const float* queries, in
   return panels;
 }
 
-// sum_d w_d x_d^2 of a packed panel's first `valid` vectors ([dim][width], in L1 right after
-// packing): the weighted metric's |x|_w^2, in place of pack_rows' plain norms.
-void weighted_panel_norms(const float* panel, int64_t valid, int64_t width, int64_t dim, const float* weights,
-                          float* norms) {
-  for (int64_t j = 0; j < valid; ++j) norms[j] = 0.0f;
+// sum_d w_d x_d^2 of a packed panel's vectors ([dim][width], in L1 right after packing): the
+// weighted metric's |x|_w^2, in place of pack_rows' plain norms. All `width` columns (padding
+// is zero): a fixed trip count, and __restrict, let the compiler vectorise the inner loop
+// (without them it ran scalar and slowed a 256-query search 1.8x).
+void weighted_panel_norms(const float* __restrict panel, int64_t width, int64_t dim,
+                          const float* __restrict weights, float* __restrict norms) {
+  for (int64_t j = 0; j < width; ++j) norms[j] = 0.0f;
   for (int64_t d = 0; d < dim; ++d) {
     const float w = weights[d];
-    const float* column = panel + d * width;
-    for (int64_t j = 0; j < valid; ++j) norms[j] += w * column[j] * column[j];
+    const float* __restrict column = panel + d * width;
+    for (int64_t j = 0; j < width; ++j) norms[j] += w * column[j] * column[j];
   }
 }
 
@@ -139,7 +141,7 @@ void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_
   if (packed_queries == nullptr) {
     const int64_t bad = kernels.scan_rows(queries, num_rows, database, panel_begin * width,
                                           std::min(panel_end * width, num_database), dim, metric,
-                                          heaps);
+                                          weights, heaps);
     if (bad >= 0) record_bad_row(first_bad_row, bad);
     return;
   }
@@ -159,7 +161,7 @@ void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_
         return;
       }
     }
-    if (weights) weighted_panel_norms(scratch.panel.data(), panel.valid, width, dim, weights, scratch.sq_norms.data());
+    if (weights) weighted_panel_norms(scratch.panel.data(), width, dim, weights, scratch.sq_norms.data());
     set_key_transform(metric, scratch.sq_norms.data(), panel.valid, width,
                       scratch.key_scale.data(), scratch.key_offset.data());
     kernels.scan(*packed_queries, panel, heaps);
@@ -274,9 +276,8 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
                               num_queries < kQueriesPerThreadToSplitQueries * threads &&
                               num_panels >= kMinPanelsPerThread * threads;
   std::atomic<int64_t> first_bad_row{num_database};
-  // Blocks never mix paths: a batch this small is one block. The row path computes plain
-  // norms as it reads: weighted searches take the packed path whatever their size.
-  const bool use_rows = num_queries <= kernels.max_row_queries && weights == nullptr;
+  // Blocks never mix paths: a batch this small is one block.
+  const bool use_rows = num_queries <= kernels.max_row_queries;
 
   if (!split_database) {
     // Each thread owns a contiguous range of queries and scans the whole database.

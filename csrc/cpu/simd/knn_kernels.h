@@ -84,9 +84,10 @@ struct KnnKernels {
   int max_row_queries;
   // Scores queries[num_queries][dim] (row-major) against database rows [begin, end), with
   // heap row i for query i. Returns the first database row whose squared norm is not usable
-  // (see ops/norms.h), without scanning past it, or -1.
+  // (see ops/norms.h), without scanning past it, or -1. weights (nullable, metric kL2): the
+  // weighted norms sum_d w_d x_d^2 key the rows (the queries come already scaled by w).
   int64_t (*scan_rows)(const float* queries, int64_t num_queries, const float* database,
-                       int64_t begin, int64_t end, int64_t dim, Metric metric,
+                       int64_t begin, int64_t end, int64_t dim, Metric metric, const float* weights,
                        const TopKHeaps& heaps);
 };
 

@@ -171,10 +171,12 @@ constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
 // One row against up to kMaxRowQueries queries in a single pass: the row's squared norm and
 // its inner products, as per-lane partial sums (lane j sums the components d = j mod kLanes,
 // in order of d). Row by row, front to back, so memory is read in address order, which the
-// hardware prefetchers follow.
-template <int kQueries>
-inline void row_dots(const float* row, const float* queries, int64_t dim, Vec* norm, Vec* dots) {
-  Vec n = vec_zero();
+// hardware prefetchers follow. kWeighted: also sum_d w_d x_d^2 (weighted_l2's norm) into
+// *weighted_norm; the plain norm still decides whether the row is usable, as on the packed path.
+template <int kQueries, bool kWeighted>
+inline void row_dots(const float* row, const float* queries, int64_t dim, const float* weights, Vec* norm,
+                     Vec* weighted_norm, Vec* dots) {
+  Vec n = vec_zero(), nw = vec_zero();
   Vec p[kQueries];
 #pragma GCC unroll 16
   for (int r = 0; r < kQueries; ++r) p[r] = vec_zero();
@@ -182,43 +184,49 @@ inline void row_dots(const float* row, const float* queries, int64_t dim, Vec* n
   for (; c + kLanes <= dim; c += kLanes) {
     const Vec a = vec_load(row + c);
     n = vec_fmadd(a, a, n);
+    if constexpr (kWeighted) nw = vec_fmadd(vec_mul(a, vec_load(weights + c)), a, nw);
 #pragma GCC unroll 16
     for (int r = 0; r < kQueries; ++r) p[r] = vec_fmadd(a, vec_load(queries + r * dim + c), p[r]);
   }
   if (c < dim) {
     const Vec a = vec_load_partial(row + c, dim - c);
     n = vec_fmadd(a, a, n);
+    if constexpr (kWeighted) nw = vec_fmadd(vec_mul(a, vec_load_partial(weights + c, dim - c)), a, nw);
 #pragma GCC unroll 16
     for (int r = 0; r < kQueries; ++r) {
       p[r] = vec_fmadd(a, vec_load_partial(queries + r * dim + c, dim - c), p[r]);
     }
   }
   *norm = n;
+  if constexpr (kWeighted) *weighted_norm = nw;
 #pragma GCC unroll 16
   for (int r = 0; r < kQueries; ++r) dots[r * kRowBlock] = p[r];
 }
 
-template <int kQueries>
+template <int kQueries, bool kWeighted>
 int64_t scan_rows_for(const float* queries, const float* database, int64_t begin, int64_t end,
-                      int64_t dim, Metric metric, const TopKHeaps& heaps) {
-  Vec norm_parts[kRowBlock], dot_parts[kQueries * kRowBlock];
-  alignas(64) float norms[kRowBlock], scale[kRowBlock], offset[kRowBlock], keys[kRowBlock];
+                      int64_t dim, Metric metric, const float* weights, const TopKHeaps& heaps) {
+  Vec norm_parts[kRowBlock], weighted_parts[kRowBlock], dot_parts[kQueries * kRowBlock];
+  alignas(64) float norms[kRowBlock], weighted_norms[kRowBlock], scale[kRowBlock], offset[kRowBlock],
+      keys[kRowBlock];
   for (int64_t first = begin; first < end; first += kRowBlock) {
     const int64_t count = end - first < kRowBlock ? end - first : kRowBlock;
     const float* rows = database + first * dim;
     for (int64_t i = 0; i < count; ++i) {
-      row_dots<kQueries>(rows + i * dim, queries, dim, &norm_parts[i], &dot_parts[i]);
+      row_dots<kQueries, kWeighted>(rows + i * dim, queries, dim, weights, &norm_parts[i], &weighted_parts[i],
+                                    &dot_parts[i]);
     }
     for (int64_t i = count; i < kRowBlock; ++i) {
-      norm_parts[i] = vec_zero();
+      norm_parts[i] = weighted_parts[i] = vec_zero();
       for (int r = 0; r < kQueries; ++r) dot_parts[r * kRowBlock + i] = vec_zero();
     }
     vec_store(norms, reduce_lanes(norm_parts));
+    if constexpr (kWeighted) vec_store(weighted_norms, reduce_lanes(weighted_parts));
     for (int64_t i = 0; i < count; ++i) {
       if (!usable_squared_norm(norms[i])) return first + i;
       // Same transform as the packed path's set_key_transform (cpu/knn.cpp).
       switch (metric) {
-        case Metric::kL2: scale[i] = -2.0f; offset[i] = norms[i]; break;
+        case Metric::kL2: scale[i] = -2.0f; offset[i] = kWeighted ? weighted_norms[i] : norms[i]; break;
         case Metric::kInnerProduct: scale[i] = -1.0f; offset[i] = 0.0f; break;
         case Metric::kCosine:
           scale[i] = norms[i] > 0.0f ? -1.0f / __builtin_sqrtf(norms[i]) : 0.0f;
@@ -244,18 +252,20 @@ int64_t scan_rows_for(const float* queries, const float* database, int64_t begin
 template <int kQueries>
 inline int64_t scan_rows_dispatch(const float* queries, int64_t num_queries,
                                   const float* database, int64_t begin, int64_t end, int64_t dim,
-                                  Metric metric, const TopKHeaps& heaps) {
+                                  Metric metric, const float* weights, const TopKHeaps& heaps) {
   if constexpr (kQueries > 1) {
     if (num_queries < kQueries) {
       return scan_rows_dispatch<kQueries - 1>(queries, num_queries, database, begin, end, dim,
-                                              metric, heaps);
+                                              metric, weights, heaps);
     }
   }
-  return scan_rows_for<kQueries>(queries, database, begin, end, dim, metric, heaps);
+  return weights ? scan_rows_for<kQueries, true>(queries, database, begin, end, dim, metric, weights, heaps)
+                 : scan_rows_for<kQueries, false>(queries, database, begin, end, dim, metric, weights, heaps);
 }
 
 int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
-                  int64_t begin, int64_t end, int64_t dim, Metric metric, const TopKHeaps& heaps) {
+                  int64_t begin, int64_t end, int64_t dim, Metric metric, const float* weights,
+                  const TopKHeaps& heaps) {
   return scan_rows_dispatch<kMaxRowQueries>(queries, num_queries, database, begin, end, dim,
-                                            metric, heaps);
+                                            metric, weights, heaps);
 }
