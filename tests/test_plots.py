@@ -69,9 +69,7 @@ def test_latent_map_projection_is_pca_by_default_without_umap(tmp_path, digits, 
 
 def test_latent_map_umap(tmp_path, digits, pca):
     z = pca.encode(digits[0])
-    try:
-        import umap  # noqa: F401
-    except ImportError:
+    if plots._umap_class() is None:
         with pytest.raises(ImportError, match="method: 'umap' needs umap-learn: pip install umap-learn"):
             plots.plot_latent_map(z, digits[1], tmp_path / "u.png", method="umap")
         assert not (tmp_path / "u.png").exists()
@@ -239,3 +237,17 @@ def test_no_pyplot_and_matplotlib_loaded_lazily(tmp_path):
             "assert 'matplotlib.pyplot' not in sys.modules; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_module_named_umap_without_umap_learn_is_not_umap(tmp_path, digits, pca, monkeypatch):
+    """The unrelated PyPI package "umap" (or an uninstall's leftovers) has no UMAP class:
+    "auto" falls back to PCA and "umap" says what to install, instead of an AttributeError."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "umap", types.ModuleType("umap"))
+    assert plots._umap_class() is None and not plots._umap_installed()
+    z = pca.encode(digits[0])
+    assert plots.plot_latent_map(z, digits[1], tmp_path / "auto.png").exists()
+    with pytest.raises(ImportError, match="needs umap-learn"):
+        plots.plot_latent_map(z, digits[1], tmp_path / "u.png", method="umap")

@@ -224,18 +224,25 @@ def _colours(figure: Any, count: int) -> list:
     return [cmap(i) for i in range(count)]
 
 
-def _umap_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("umap") is not None
-
-
-def _umap(z: np.ndarray) -> np.ndarray:
+def _umap_class():
+    """umap-learn's UMAP, or None when it is not installed. A module named umap without it
+    (the unrelated PyPI package "umap", or an uninstall's leftovers) counts as not installed."""
     try:
         import umap
     except ImportError:
-        raise ImportError("method: 'umap' needs umap-learn: pip install umap-learn (or use method='pca')") from None
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(15, z.shape[0] - 1), random_state=0)
+        return None
+    return getattr(umap, "UMAP", None)
+
+
+def _umap_installed() -> bool:
+    return _umap_class() is not None
+
+
+def _umap(z: np.ndarray) -> np.ndarray:
+    umap_class = _umap_class()
+    if umap_class is None:
+        raise ImportError("method: 'umap' needs umap-learn: pip install umap-learn (or use method='pca')")
+    reducer = umap_class(n_components=2, n_neighbors=min(15, z.shape[0] - 1), random_state=0)
     return np.asarray(reducer.fit_transform(z), dtype=np.float64)
 
 
