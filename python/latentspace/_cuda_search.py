@@ -289,22 +289,21 @@ def check_precision(precision: Any, on_gpu: bool) -> int:
     return PRECISIONS[precision]
 
 
-# Database storage of a GPU index (csrc/ops/knn.h KnnStorage): torch dtype name -> native code.
-STORAGES = {"fp32": 0, "fp16": 1, "bf16": 2}
+# Database storage of a GPU index, in the order of csrc/ops/knn.h's KnnStorage codes.
+STORAGES = ("fp32", "fp16", "bf16")
+_STORAGE_DTYPES = ("float32", "float16", "bfloat16")  # the torch dtype of each
 
 
 def storage_dtype(storage: str):
     """The torch dtype of a storage name ("fp32", "fp16", "bf16")."""
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
+    return getattr(torch, _STORAGE_DTYPES[STORAGES.index(storage)])
 
 
 def storage_code(dtype) -> int:
     """The native storage code of a database tensor's dtype (float32, float16, bfloat16)."""
-    import torch
-
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    return _STORAGE_DTYPES.index(str(dtype).removeprefix("torch."))
 
 
 def check_storage(storage: Any, on_gpu: bool) -> str:

@@ -37,10 +37,9 @@ DEMO_MODELS = {
 METRIC_LEARNED = dict(title="metric-learned AE", hidden=(128,), epochs=100, batch_size=64, lr=2e-3,
                       metric_loss="supcon", metric_weight=5.0)
 # Relevance weights from the training codes: Fisher scores (between-class over within-class
-# variance per dimension) raised to this power, mean 1 (docs/similarity.md). Measured on the
-# demo's VAE, seeds 0 / 1 / 2: power 0.5 lifts held-out 10-NN agreement by 0.008 / 0.008 /
-# 0.003; power 1 gains on one seed and loses on two, power 2 loses 0.03-0.04 (it all but
-# drops the weaker dimensions, which still carry neighbourhood information).
+# variance per dimension) raised to this power, mean 1. On the demo's VAE, seeds 0-2, power
+# 0.5 lifts held-out 10-NN agreement on every seed, power 1 on one of three, power 2 on none
+# (docs/similarity.md; benchmarks/relevance_weights_table.py).
 RELEVANCE_POWER = 0.5
 TRUSTWORTHINESS_K = 10
 
