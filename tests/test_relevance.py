@@ -58,7 +58,10 @@ def test_mutual_info_matches_sklearn_with_the_fixed_seed(rng):
     assert feature_relevance.MUTUAL_INFO_RANDOM_STATE == 0
     np.testing.assert_allclose(scores, expected, rtol=1e-12)
     np.testing.assert_array_equal(ls.relevance(z, y, method="mutual_info"), scores)  # reproducible
-    assert scores[0] > 0.3 and scores[-1] < 0.1  # informative against noise
+    # Informative against noise. The k-NN estimate of a noise dimension's MI scatters above 0
+    # (up to 0.15 over 1,000 seeds at n=300, which made a 0.1 bound fail 1 run in 75); the
+    # informative one stays above 0.7.
+    assert scores[0] > 0.5 and scores[-1] < 0.25 and scores[0] > 3 * scores[-1]
 
 
 def test_variance_matches_numpy(rng):
