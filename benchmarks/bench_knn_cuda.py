@@ -7,7 +7,10 @@ Skipped where latentspace.cuda_available() is False. About 2 minutes on one H100
 Cells (l2, float32 everywhere; torch's TF32 matmul left off, its default, so that both
 sides compute float32 products):
   big        Q = 10,000, N = 1,000,000, D = 128, k in {10, 100, 1024}
-  faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045)
+  big_tc     the big cells at k in {10, 100} with precision "tf32" and "bf16" (tensor cores),
+             against torch in the same precision (TF32 matmul on; bf16 operands)
+  faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045),
+             in fp32 and in bf16 (torch: F.linear-style mm on bf16 operands + topk)
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
              database once (torch.sum over it, the "read" roof)
   streamed   Q = 10,000, k = 100, the big database in host memory (numpy), device="cuda":
@@ -24,8 +27,9 @@ Peers:
 Every peer's answer is checked before it is timed against a float64 reference computed on the
 GPU for a sample of queries (distances within tolerance, and the true distance of every
 returned index within tolerance of the reference at its rank: near-ties may go either way).
-Each timed call ends with torch.cuda.synchronize(). Roofs (FP32 GEMM rate, read bandwidth,
-host-to-device bandwidth) are measured in the same session.
+Each timed call ends with torch.cuda.synchronize(). Roofs (GEMM rate in fp32, tf32 and bf16
+through torch.mm at 8192^3, read bandwidth, host-to-device bandwidth) are measured in the same
+session. benchmarks/report_knn_cuda.py turns the JSON into the table and the bars.
 """
 
 from __future__ import annotations
@@ -99,9 +103,12 @@ def faiss3045():
 # torch peers
 # ============================================================================================
 def torch_mm_topk(queries, database, k, *, norms=None, block_rows=TORCH_BLOCK_ROWS):
-    """Blocked |x|^2 - 2 q.x by addmm, topk per block, topk of the winners, + |q|^2."""
+    """Blocked |x|^2 - 2 q.x by addmm, topk per block, topk of the winners, + |q|^2.
+    bf16 queries and database: the products on bf16 operands (float32 accumulation inside
+    the matmul, bf16 scores out), norms in float32."""
     if norms is None:
-        norms = database.square().sum(1)
+        norms = database.float().square().sum(1)
+    norms = norms.to(queries.dtype)
     winners_d, winners_i = [], []
     for start in range(0, database.shape[0], block_rows):
         block = database[start : start + block_rows]
@@ -111,7 +118,7 @@ def torch_mm_topk(queries, database, k, *, norms=None, block_rows=TORCH_BLOCK_RO
         winners_i.append(i + start)
     d, position = torch.topk(torch.cat(winners_d, 1), k, dim=1, largest=False, sorted=True)
     i = torch.cat(winners_i, 1).gather(1, position)
-    return (d + queries.square().sum(1, keepdim=True)).clamp_(min=0), i
+    return (d.float() + queries.float().square().sum(1, keepdim=True)).clamp_(min=0), i
 
 
 def torch_cdist_topk(queries, database, k, *, block_rows=TORCH_BLOCK_ROWS):
@@ -128,7 +135,12 @@ def torch_cdist_topk(queries, database, k, *, block_rows=TORCH_BLOCK_ROWS):
 # ============================================================================================
 # The referee
 # ============================================================================================
-def check_answer(answer, queries, database, k) -> dict:
+# Relative rounding of the inputs per precision: fp32 products are exact to ~1e-5 of the norms'
+# scale (the float32 expansion |q|^2 + |x|^2 - 2 q.x); tf32 keeps 10 mantissa bits, bf16 7.
+RELATIVE_TOLERANCE = {"fp32": 1e-5, "tf32": 4e-3, "bf16": 3e-2}
+
+
+def check_answer(answer, queries, database, k, precision: str = "fp32") -> dict:
     """Raises AssertionError unless the answer's distances and indices match a float64 l2
     reference on TRUTH_ROWS queries (near-ties may differ in index, not in distance)."""
     distances, indices = (torch.as_tensor(a).to(DEVICE) for a in answer)
@@ -140,22 +152,22 @@ def check_answer(answer, queries, database, k) -> dict:
     reference = torch.topk(scores, k, dim=1, largest=False, sorted=True).values
     # float32 |q|^2 + |x|^2 - 2 q.x is off by up to ~D * eps of the norms' scale (as in
     # bench_knn.py and tests/conftest.py's knn_tolerance); real errors are far smaller.
-    tolerance = 1e-5 * float((q * q).sum(1).max() + (x * x).sum(1).max())
+    tolerance = RELATIVE_TOLERANCE[precision] * float((q * q).sum(1).max() + (x * x).sum(1).max())
     error_d = float((distances[rows].double() - reference).abs().max())
     error_i = float((scores.gather(1, indices[rows]) - reference).abs().max())
     assert error_d <= tolerance, f"distances off the float64 reference by {error_d:.3g} (tolerance {tolerance:.3g})"
     assert error_i <= tolerance, f"a returned neighbour is off its rank's distance by {error_i:.3g}"
     return {"checked_rows": int(rows.numel()), "max_distance_error": error_d, "max_neighbour_error": error_i,
-            "tolerance": tolerance}
+            "tolerance": tolerance, "precision": precision}
 
 
-def run_cell(benchmark, group: str, peer: str, call, check, **info):
+def run_cell(benchmark, group: str, peer: str, call, check, precision: str = "fp32", **info):
     """Checks the peer's answer (untimed warm-up), then times it."""
     answer, seconds = timed(call)
     benchmark.extra_info.update(check(answer))
     benchmark.group = group
     benchmark.extra_info.update(peer=peer, device=torch.cuda.get_device_name(DEVICE),
-                                tf32_matmul=torch.backends.cuda.matmul.allow_tf32, **info)
+                                tf32_matmul=torch.backends.cuda.matmul.allow_tf32, precision=precision, **info)
     del answer
     benchmark.pedantic(call, rounds=rounds_for(seconds), iterations=1, warmup_rounds=0)
     benchmark.extra_info["verified"] = True
@@ -164,13 +176,27 @@ def run_cell(benchmark, group: str, peer: str, call, check, **info):
 # ============================================================================================
 # Roofs
 # ============================================================================================
-def test_roof_sgemm(benchmark):
-    a = torch.randn(8192, 8192, device=DEVICE)
-    b = torch.randn(8192, 8192, device=DEVICE)
+@pytest.fixture
+def tf32_matmul():
+    """torch's TF32 matmul switched on for one benchmark (off again after it)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("precision", ("fp32", "tf32", "bf16"))
+def test_roof_gemm(benchmark, request, precision):
+    """The matmul rate in each precision (8192^3, random operands): the roof of the cells."""
+    if precision == "tf32":
+        request.getfixturevalue("tf32_matmul")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(8192, 8192, device=DEVICE).to(dtype)
+    b = torch.randn(8192, 8192, device=DEVICE).to(dtype)
     call = synced(torch.mm, a, b)
     call()
     benchmark.group = "roof"
-    benchmark.extra_info.update(kind="roof", roof="sgemm fp32", flops=2 * 8192**3)
+    benchmark.extra_info.update(kind="roof", roof=f"gemm {precision}", precision=precision, flops=2 * 8192**3)
     benchmark.pedantic(call, rounds=10, iterations=1)
 
 
@@ -213,17 +239,50 @@ def test_big(benchmark, big, peer, k):
              nq=NQ, n=N, d=D, k=k, flops=2 * NQ * N * D)
 
 
-@pytest.mark.parametrize("peer", BIG_PEERS)
-def test_faiss3045(benchmark, faiss3045, peer):
-    q, x, k = faiss3045["queries"], faiss3045["database"], 32
+def tensor_core_call(peer, q, x, k, precision):
+    """latentspace with precision=, or torch in the same precision (TF32 matmul switched on by
+    the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
+    a bf16 copy of the database)."""
     if peer == "latentspace.knn":
-        call = synced(latentspace.knn, q, x, k)
-    elif peer == "torch.mm+topk":
-        call = synced(torch_mm_topk, q, x, k)
+        return synced(latentspace.knn, q, x, k, precision=precision)
+    if precision == "bf16":
+        q16, x16 = q.to(torch.bfloat16), x.to(torch.bfloat16)
+        norms = x.square().sum(1)
+        return synced(lambda: torch_mm_topk(q16, x16, k, norms=norms))
+    norms = x.square().sum(1)
+    return synced(lambda: torch_mm_topk(q, x, k, norms=norms))
+
+
+@pytest.mark.parametrize("precision", ("tf32", "bf16"))
+@pytest.mark.parametrize("k", (10, 100))
+@pytest.mark.parametrize("peer", ("latentspace.knn", "torch.mm+topk"))
+def test_big_tensor_cores(benchmark, big, tf32_matmul, peer, k, precision):
+    q, x = big["queries"], big["database"]
+    call = tensor_core_call(peer, q, x, k, precision)
+    run_cell(benchmark, f"big {precision} Q={NQ} N={N} D={D} k={k}", peer, call,
+             lambda a: check_answer(a, q, x, k, precision), nq=NQ, n=N, d=D, k=k, flops=2 * NQ * N * D,
+             precision=precision)
+
+
+@pytest.mark.parametrize("precision", ("fp32", "bf16"))
+@pytest.mark.parametrize("peer", BIG_PEERS)
+def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
+    q, x, k = faiss3045["queries"], faiss3045["database"], 32
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 products on both sides
+        if peer == "latentspace.knn":
+            call = synced(latentspace.knn, q, x, k)
+        elif peer == "torch.mm+topk":
+            call = synced(torch_mm_topk, q, x, k)
+        else:
+            call = synced(torch_cdist_topk, q, x, k)
+    elif peer == "torch.cdist+topk":
+        pytest.skip("cdist has no bf16 mode")
     else:
-        call = synced(torch_cdist_topk, q, x, k)
-    run_cell(benchmark, "faiss3045 Q=5000 N=8192 D=2048 k=32", peer, call, lambda a: check_answer(a, q, x, k),
-             nq=5000, n=8192, d=2048, k=k, flops=2 * 5000 * 8192 * 2048)
+        call = tensor_core_call(peer, q, x, k, precision)
+    run_cell(benchmark, f"faiss3045 {precision} Q=5000 N=8192 D=2048 k=32", peer, call,
+             lambda a: check_answer(a, q, x, k, precision), nq=5000, n=8192, d=2048, k=k,
+             flops=2 * 5000 * 8192 * 2048, precision=precision)
 
 
 @pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.FlatIndex", "torch.mm+topk"))

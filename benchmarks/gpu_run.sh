@@ -26,14 +26,19 @@ python -m latentspace info
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
 # time (budget: ~8 minutes in all with the build). GPU_RUN_STAGES picks some, e.g.
 #   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
-STAGES="${GPU_RUN_STAGES:-tests sanitizer bench}"
+STAGES="${GPU_RUN_STAGES:-tests bench sanitizer}"
 status=0
 
 if [[ " $STAGES " == *" tests "* ]]; then
-  echo "== pytest -m cuda"
+  echo "== pytest -m cuda (full output: pytest_cuda.log)"
   start=$(date +%s)
-  timeout 180 python -m pytest -m cuda -q -rs tests 2>&1 | tail -30
-  status=${PIPESTATUS[0]}
+  # pytest-xdist, where installed, spreads the tests' float64 CPU references over the cores.
+  workers=""
+  python -c "import xdist" 2>/dev/null && workers="-n ${GPU_RUN_WORKERS:-6}"
+  timeout "${GPU_RUN_TEST_SECONDS:-150}" python -m pytest -m cuda -q -rfEs --tb=short $workers tests \
+    > "${OUT:-.}/pytest_cuda.log" 2>&1
+  status=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "${OUT:-.}/pytest_cuda.log" | head -40
   echo "pytest seconds: $(( $(date +%s) - start )) (exit $status; 124: timed out)"
 fi
 
@@ -48,7 +53,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     for tool in memcheck racecheck; do
       echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k small)"
       start=$(date +%s)
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 110 "$SANITIZER" --tool "$tool" --error-exitcode 99 \
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${GPU_RUN_SANITIZER_SECONDS:-110}" "$SANITIZER" --tool "$tool" --error-exitcode 99 \
         --print-limit 20 python -m pytest -q -p no:cacheprovider -m cuda -k small tests/gpu/test_knn_cuda.py \
         > "${OUT:-.}/sanitizer_$tool.log" 2>&1
       code=$?
@@ -65,9 +70,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
   if [ -n "$gpu_benchmarks" ]; then
     start=$(date +%s)
-    timeout 220 python -m pytest $gpu_benchmarks -q --benchmark-json="${OUT:-.}/gpu_bench.json" 2>&1 | tail -60
-    code=${PIPESTATUS[0]}
-    echo "benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out)"
+    timeout "${GPU_RUN_BENCH_SECONDS:-220}" python -m pytest $gpu_benchmarks -q -rfE --tb=short \
+      --benchmark-json="${OUT:-.}/gpu_bench.json" > "${OUT:-.}/gpu_bench.log" 2>&1
+    code=$?
+    grep -E "^(FAILED|ERROR)|passed|failed|Error" "${OUT:-.}/gpu_bench.log" | head -20
+    echo "benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
+    [ -s "${OUT:-.}/gpu_bench.json" ] && python benchmarks/report_knn_cuda.py "${OUT:-.}/gpu_bench.json"
   else
     echo "no GPU benchmarks yet"
   fi

@@ -1,0 +1,93 @@
+"""Table and bars of a GPU kNN benchmark run (benchmarks/bench_knn_cuda.py's JSON).
+
+  python benchmarks/report_knn_cuda.py knn_cuda.json
+
+Times are medians. Roofs come from the same run: GEMM rate per precision (torch.mm 8192^3),
+read bandwidth (torch.sum over the big database), host-to-device bandwidth (pinned upload).
+Bars (issue 6):
+  fp32 cells (big, faiss3045 fp32): latentspace at least 2x the faster torch peer;
+  tensor-core cells (tf32, bf16): latentspace within 1.5x of the roof time, 2*Q*N*D flops at
+    the measured GEMM rate of that precision;
+  q1: latentspace (knn and FlatIndex) within 1.5x of the time to read the database once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+LATENTSPACE = ("latentspace.knn", "latentspace.FlatIndex")
+
+
+def load(path: str):
+    with open(path) as handle:
+        data = json.load(handle)
+    roofs, cells = {}, defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info, median = bench["extra_info"], bench["stats"]["median"]
+        if info.get("kind") == "roof":
+            roofs[info["roof"]] = (median, info)
+        else:
+            cells[bench["group"]][info["peer"]] = (median, info)
+    return data, roofs, cells
+
+
+def main(path: str) -> int:
+    data, roofs, cells = load(path)
+    machine = data.get("machine_info", {})
+    print(f"# GPU kNN benchmark ({path}; python {machine.get('python_version', '?')})\n")
+    print("| roof | median ms | rate |")
+    print("|---|---:|---:|")
+    rates = {}
+    for name, (median, info) in sorted(roofs.items()):
+        if "flops" in info:
+            rates[name] = info["flops"] / median
+            print(f"| {name} | {median * 1e3:.2f} | {rates[name] / 1e12:.1f} TFLOP/s |")
+        else:
+            rates[name] = info["bytes"] / median
+            print(f"| {name} | {median * 1e3:.2f} | {rates[name] / 1e9:.0f} GB/s |")
+
+    print("\n| cell | peer | median ms | rate | vs faster torch | vs roof |")
+    print("|---|---|---:|---:|---:|---|")
+    bars = []
+    for group in sorted(cells):
+        peers = cells[group]
+        torch_times = [m for p, (m, _) in peers.items() if p.startswith("torch")]
+        best_torch = min(torch_times) if torch_times else None
+        for peer, (median, info) in sorted(peers.items()):
+            precision = info.get("precision", "fp32")
+            rate, roof_text = "", ""
+            if "flops" in info:
+                rate = f"{info['flops'] / median / 1e12:.1f} TFLOP/s"
+                roof = rates.get(f"gemm {precision}")
+                if roof:
+                    roof_seconds = info["flops"] / roof
+                    roof_text = f"{median / roof_seconds:.2f}x the {precision} GEMM time"
+                    if peer in LATENTSPACE and precision != "fp32":
+                        bars.append((f"{group}: within 1.5x of the {precision} roof", median / roof_seconds <= 1.5,
+                                     f"{median / roof_seconds:.2f}x"))
+            elif "bytes" in info:
+                rate = f"{info['bytes'] / median / 1e9:.0f} GB/s"
+                roof_name = "h2d pinned" if group.startswith("streamed") else "read"
+                roof = rates.get(roof_name)
+                if roof:
+                    ratio = median / (info["bytes"] / roof)
+                    roof_text = f"{ratio:.2f}x one {roof_name}"
+                    if peer in LATENTSPACE and group.startswith("q1"):
+                        bars.append((f"{group} {peer}: within 1.5x of one database read", ratio <= 1.5, f"{ratio:.2f}x"))
+            speedup = f"{best_torch / median:.2f}x" if best_torch and peer in LATENTSPACE else ""
+            if peer == "latentspace.knn" and best_torch and precision == "fp32" and not group.startswith(("q1", "streamed")):
+                bars.append((f"{group}: at least 2x the faster torch peer", best_torch / median >= 2.0,
+                             f"{best_torch / median:.2f}x"))
+            print(f"| {group} | {peer} | {median * 1e3:.2f} | {rate} | {speedup} | {roof_text} |")
+
+    print("\n| bar | passed | measured |")
+    print("|---|:---:|---:|")
+    for name, passed, measured in bars:
+        print(f"| {name} | {'yes' if passed else 'NO'} | {measured} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "knn_cuda.json"))
