@@ -19,9 +19,27 @@ echo "== build"
 export LATENTSPACE_CUDA_ARCHITECTURES="${LATENTSPACE_CUDA_ARCHITECTURES:-90}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 start=$(date +%s)
-pip install --no-build-isolation --no-deps . 2>&1 | tail -3 || { echo "BUILD FAILED"; exit 1; }
+python3 -m pip install --no-build-isolation --no-deps . 2>&1 | tail -3 || { echo "BUILD FAILED"; exit 1; }
 echo "build seconds: $(( $(date +%s) - start ))"
-python -m latentspace info
+python3 -m latentspace info
+python3 -c "import pybind11, torch; print('pybind11', pybind11.__version__, '| torch', torch.__version__)"
+
+# Smoke: native errors and a pybind11 class with torch loaded (a build sharing torch's pybind11
+# internals crashed here once). On a crash, a native backtrace through cuda-gdb when present.
+smoke='import torch, numpy as np, latentspace as ls
+q = np.ones((3, 4), np.float32); q[1, 2] = np.nan
+try:
+    ls.knn(q, q, 1)
+except ValueError as e:
+    print("smoke: ValueError as expected:", str(e)[:60])
+m = ls.Autoencoder(64, 4, hidden=(32,)).eval()
+print("smoke: encoder backend", ls.Encoder(m, device="cpu").backend)'
+python3 -c "$smoke"
+code=$?
+if [ "$code" -ne 0 ]; then
+  echo "SMOKE FAILED (exit $code)"
+  command -v cuda-gdb >/dev/null && timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "$smoke" 2>&1 | tail -40
+fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
 # time (budget: ~8 minutes in all with the build). GPU_RUN_STAGES picks some, e.g.
@@ -34,8 +52,8 @@ if [[ " $STAGES " == *" tests "* ]]; then
   start=$(date +%s)
   # pytest-xdist, where installed, spreads the tests' float64 CPU references over the cores.
   workers=""
-  python -c "import xdist" 2>/dev/null && workers="-n ${GPU_RUN_WORKERS:-6}"
-  timeout "${GPU_RUN_TEST_SECONDS:-150}" python -m pytest -m cuda -q -rfEs --tb=short $workers tests \
+  python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_RUN_WORKERS:-6}"
+  timeout "${GPU_RUN_TEST_SECONDS:-150}" python3 -m pytest -m cuda -q -rfEs --tb=short $workers tests \
     > "${OUT:-.}/pytest_cuda.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "${OUT:-.}/pytest_cuda.log" | head -40
@@ -54,7 +72,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
       echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k small)"
       start=$(date +%s)
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${GPU_RUN_SANITIZER_SECONDS:-110}" "$SANITIZER" --tool "$tool" --error-exitcode 99 \
-        --print-limit 20 python -m pytest -q -p no:cacheprovider -m cuda -k small tests/gpu/test_knn_cuda.py \
+        --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k small tests/gpu/test_knn_cuda.py \
         > "${OUT:-.}/sanitizer_$tool.log" 2>&1
       code=$?
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
@@ -70,12 +88,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
   if [ -n "$gpu_benchmarks" ]; then
     start=$(date +%s)
-    timeout "${GPU_RUN_BENCH_SECONDS:-220}" python -m pytest $gpu_benchmarks -q -rfE --tb=short \
+    timeout "${GPU_RUN_BENCH_SECONDS:-220}" python3 -m pytest $gpu_benchmarks -q -rfE --tb=short \
       --benchmark-json="${OUT:-.}/gpu_bench.json" > "${OUT:-.}/gpu_bench.log" 2>&1
     code=$?
     grep -E "^(FAILED|ERROR)|passed|failed|Error" "${OUT:-.}/gpu_bench.log" | head -20
     echo "benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
-    [ -s "${OUT:-.}/gpu_bench.json" ] && python benchmarks/report_knn_cuda.py "${OUT:-.}/gpu_bench.json"
+    [ -s "${OUT:-.}/gpu_bench.json" ] && python3 benchmarks/report_knn_cuda.py "${OUT:-.}/gpu_bench.json"
   else
     echo "no GPU benchmarks yet"
   fi

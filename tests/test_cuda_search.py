@@ -7,6 +7,7 @@ The GPU itself is tested in tests/gpu/test_knn_cuda.py (marked "cuda").
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -356,6 +357,18 @@ def test_query_plan_refuses_a_bound_below_one_query():
                                          r"against this database, more than the bound of 499; pass "
                                          r"workspace_bytes=500 or more, or use a smaller k"):
         plan_query_chunks(10, 7, lambda n: 500 * n, 499)
+
+
+def test_too_small_a_workspace_names_the_asked_k_and_a_bound_that_works():
+    """The database is cut into pieces of rows_per_call(bound) rows, each searched for
+    min(k, rows): the message still names the k asked for, and the bound it suggests works."""
+    workspace_of = lambda nq, nb, k: 64 * nq * k + 4 * nb  # noqa: E731
+    with pytest.raises(ValueError, match=r"workspace_bytes: one query with k=256 needs (\d+) bytes") as refused:
+        _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, 1000)
+    bound = int(re.search(r"needs (\d+) bytes", str(refused.value)).group(1))
+    assert bound > 1000
+    _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, bound)  # enough, as promised
+    _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, 1 << 30)
 
 
 @pytest.mark.parametrize("n,rows", [(1, 1), (10, 3), (10, 10), (10, 100), (100_003, 4096)])

@@ -218,3 +218,38 @@ def test_public_api():
     for name in latentspace.__all__:
         assert hasattr(latentspace, name), name
     assert isinstance(latentspace.__version__, str)
+
+
+# ---------------------------------------------------------------------------------------
+# pybind11 internals
+
+
+def test_the_extension_keeps_private_pybind11_internals():
+    """_native looks up its pybind11 internals under a key no other module uses, so an
+    extension built by another pybind11 release (torch's) cannot break its exception
+    translation (seen on the GPU machines: every C++ exception crashed the process)."""
+    from latentspace import _native
+
+    with open(_native.__file__, "rb") as handle:
+        binary = handle.read()
+    keys = {binary[start : binary.index(b"__", start + 22) + 2]
+            for start in _all_offsets(binary, b"__pybind11_internals_v")}
+    assert keys and all(b"latentspace" in key for key in keys), keys
+
+
+def test_native_errors_after_torch_is_imported():
+    """A C++ exception raised through the bindings with torch loaded first becomes a Python
+    ValueError (the failure mode private internals prevent is a segfault here)."""
+    code = ("import torch, numpy as np, latentspace as ls\n"
+            "q = np.ones((3, 4), np.float32); q[1, 2] = np.nan\n"
+            "try:\n    ls.knn(q, q, 1)\nexcept ValueError as e:\n    print('ValueError', e)\n")
+    result = _run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ValueError queries: row 1 contains NaN or Inf")
+
+
+def _all_offsets(data: bytes, needle: bytes):
+    start = data.find(needle)
+    while start != -1:
+        yield start
+        start = data.find(needle, start + 1)

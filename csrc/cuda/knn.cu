@@ -35,7 +35,7 @@ namespace {
 constexpr int kThreads = kSelectThreads;
 static_assert(kThreads == kTileThreads, "the scan's tiles and selection share one block");
 constexpr int kMinTilesPerSplit = 4;
-constexpr int kExtraCapacityTiles = 4;  // list room beyond k: fewer cut-backs early on
+constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {
   int64_t query_tiles = 0;
@@ -77,24 +77,40 @@ int multiprocessor_count(int device) {
   return count;
 }
 
+// Splits per query tile: at least two waves of blocks over the multiprocessors (assuming the
+// scan's two resident blocks per multiprocessor), the count among the next few that wastes
+// the least of the last wave, and each split a few tiles long.
+int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int multiprocessors) {
+  const int64_t resident = 2 * int64_t{multiprocessors};
+  const int64_t most = std::min<int64_t>(std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), 65535);
+  const int64_t least = std::clamp<int64_t>(ceil_div(2 * resident, query_tiles), 1, most);
+  int64_t best = least;
+  double best_use = 0.0;
+  for (int64_t splits = least; splits <= std::min<int64_t>(most, 2 * least); ++splits) {
+    const int64_t blocks = query_tiles * splits;
+    const double use = static_cast<double>(blocks) / static_cast<double>(ceil_div(blocks, resident) * resident);
+    if (use > best_use + 1e-9) best = splits, best_use = use;
+  }
+  return best;
+}
+
 Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
   LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
   LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
   LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
                  nq, " * ", k, " (search the queries in chunks)");
+  // The plan holds for every precision (the workspace size does not depend on it): splits
+  // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
   Plan plan;
-  plan.query_tiles = ceil_div(nq, kQueryTile);
-  const int64_t database_tiles = ceil_div(nb, kDatabaseTile);
-  // Enough blocks for two waves over the multiprocessors, but each split scans a few tiles.
-  const int64_t wanted = ceil_div(2 * int64_t{multiprocessors}, std::max<int64_t>(plan.query_tiles, 1));
-  const int64_t most = std::max<int64_t>(1, database_tiles / kMinTilesPerSplit);
-  const int64_t splits = std::clamp<int64_t>(wanted, 1, std::min<int64_t>(most, 65535));
-  plan.split_length = ceil_div(database_tiles, splits) * kDatabaseTile;
+  plan.query_tiles = ceil_div(nq, SimtTile::kQueries);
+  const int64_t database_tiles = ceil_div(nb, kPlanRows);
+  const int64_t splits = choose_splits(plan.query_tiles, database_tiles, multiprocessors);
+  plan.split_length = ceil_div(database_tiles, splits) * kPlanRows;
   plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
   // A list never holds more keys than its split has rows, so no capacity beyond that is needed
   // (small query batches get many short splits: this keeps their workspace small).
   plan.capacity = static_cast<int>(
-      std::min<int64_t>(k + std::max<int64_t>(k, kExtraCapacityTiles * kDatabaseTile), plan.split_length));
+      std::min<int64_t>(k + std::max<int64_t>(k, kExtraCapacityTiles * kPlanRows), plan.split_length));
   const int items = static_cast<int>(nq * k);
   LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, plan.cub_bytes, static_cast<const uint64_t*>(nullptr),
                                                          static_cast<uint64_t*>(nullptr), items,
@@ -163,17 +179,49 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   distances[i] = similarity ? 0.0f - score : score;  // 0 - (+0) = +0, as on the CPU (-score gives -0)
 }
 
+// Whether 4 consecutive elements can load at once everywhere (knn_tiles.cuh's kAligned): the
+// dimension a multiple of 4, the bases aligned to 4 elements.
+bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
+  const uintptr_t element = storage == KnnStorage::kFloat32 ? 4 : 2;
+  auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  return args.dim % 4 == 0 && aligned(args.queries, 16) && aligned(args.database, 4 * element) &&
+         (args.weights == nullptr || aligned(args.weights, 16));
+}
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned>
+void launch_row_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(1, static_cast<unsigned>(plan.splits));
+  const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
+  if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
+    row_scan_kernel<kMetric, kStorage, kAligned, true><<<grid, kThreads, query_bytes, stream>>>(args);
+  } else {
+    row_scan_kernel<kMetric, kStorage, kAligned, false><<<grid, kThreads, query_bytes, stream>>>(args);
+  }
+  check_launch("row_scan_kernel");
+}
+
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
+void launch_tile_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
+  using Tile = typename TileFor<kPrecision>::type;
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(plan.splits));
+  scan_kernel<kMetric, kPrecision, kStorage, kAligned><<<grid, kThreads, 0, stream>>>(args);
+  check_launch("scan_kernel");
+}
+
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
 void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(plan.splits));
+  const bool aligned = quads_aligned(args, kStorage);
   if (use_row_scan(args.num_queries, args.dim)) {  // a handful of queries (precision moot: float32)
-    const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
-    row_scan_kernel<kMetric, kStorage><<<grid, kThreads, query_bytes, stream>>>(args);
-    check_launch("row_scan_kernel");
-    return;
+    if (aligned) {
+      launch_row_scan<kMetric, kStorage, true>(args, plan, stream);
+    } else {
+      launch_row_scan<kMetric, kStorage, false>(args, plan, stream);
+    }
+  } else if (aligned) {
+    launch_tile_scan<kMetric, kPrecision, kStorage, true>(args, plan, stream);
+  } else {
+    launch_tile_scan<kMetric, kPrecision, kStorage, false>(args, plan, stream);
   }
-  scan_kernel<kMetric, kPrecision, kStorage><<<grid, kThreads, 0, stream>>>(args);
-  check_launch("scan_kernel");
 }
 
 // Run-time choices become template parameters: precision here, storage below, metric in knn_cuda.
@@ -246,12 +294,15 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
     const bool inverse = metric == Metric::kCosine;
     launch_norms(KnnStorage::kFloat32, queries, num_queries, dim, inverse, weights, w.query_norms, stream,
                  "norms_kernel (queries)");
-    if (!database_norms) {
+    // The row scan sums the norms of the rows it reads itself: the database is read once.
+    if (!database_norms && !use_row_scan(num_queries, dim)) {
       launch_norms(storage, database, num_database, dim, inverse, weights, w.database_norms, stream,
                    "norms_kernel (database)");
     }
   }
-  const float* norms = database_norms ? database_norms : w.database_norms;
+  const float* norms = database_norms ? database_norms
+                       : use_row_scan(num_queries, dim) ? nullptr  // summed in the row scan
+                                                        : w.database_norms;
   const ScanArgs args{weights,  queries, database, w.query_norms, norms, num_queries, num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {

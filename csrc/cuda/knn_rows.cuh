@@ -1,9 +1,11 @@
-// The row scan of the CUDA kNN, for a handful of queries (at most kRowQueries): a 64 x 64 tile
+// The row scan of the CUDA kNN, for a handful of queries (at most kRowQueries): a score tile
 // would compute mostly padding, so instead each warp reads whole database rows, front to back
 // and coalesced, and every lane multiplies its slice of the row with all the queries (held in
 // shared memory); a butterfly of shuffles sums each query's dot product. Memory-bound like the
-// search itself: the database is read once. Same lists, keys and results as the tile scan
-// (knn_scan.cuh); always exact float32 products (a reduced precision buys nothing here).
+// search itself: the database is read once, four rows per warp in flight at a time, and the
+// rows' norms are summed in the same pass when the caller keeps none (kOwnNorms). Same lists,
+// keys and results as the tile scan (knn_scan.cuh); always exact float32 products (a reduced
+// precision buys nothing here).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,8 +18,10 @@
 
 namespace latentspace::cuda {
 
-constexpr int kRowQueries = 8;           // queries per row scan
+constexpr int kRowQueries = 8;  // queries per row scan
 constexpr int kRowWarps = kScanThreads / 32;
+constexpr int kRowsInFlight = 4;                         // rows a warp reads at once
+constexpr int kRowRound = kRowWarps * kRowsInFlight * 2;  // rows between two list checks
 // The queries in dynamic shared memory: with RowShared (static, about 1.2 KiB) this stays under
 // the 48 KiB a block may use without opting in (cudaFuncSetAttribute).
 constexpr int kRowQueryBytes = 44 * 1024;
@@ -34,11 +38,21 @@ struct RowShared {
 };
 static_assert(kRowQueryBytes + sizeof(RowShared) <= 48 * 1024, "the row scan's shared memory must fit the default");
 
+// A row's norm as norms_kernel (knn.cu) gives it: the squared norm (l2: sum w x^2 with weights),
+// or 1 / norm, 0 for a zero vector (cosine).
+template <Metric kMetric>
+__device__ inline float finish_norm(float sum) {
+  if constexpr (kMetric == Metric::kCosine) return sum > 0.0f ? 1.0f / sqrtf(sum) : 0.0f;
+  return sum;
+}
+
 // grid (1, splits); dynamic shared memory: num_queries * dim floats (the queries, scaled by
-// the weights for weighted l2).
-template <Metric kMetric, KnnStorage kStorage>
+// the weights for weighted l2). kAligned: see knn_tiles.cuh. kOwnNorms: a.database_norms is
+// null and the scan sums each row's norm itself (l2, cosine).
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms>
 __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
-  extern __shared__ float queries[];  // [num_queries][dim]
+  extern __shared__ float4 query_quads[];  // [num_queries][dim] floats, 16-byte aligned
+  float* queries = reinterpret_cast<float*>(query_quads);
   __shared__ RowShared s;
   const int split = blockIdx.y;
   const int64_t n_begin = split * a.split_length;
@@ -52,38 +66,97 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   }
   start_lists(s, kRowQueries);  // (its barrier also publishes the queries)
 
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
-    // A round: kDatabaseTile rows, kDatabaseTile / kRowWarps per warp, so at most
-    // kDatabaseTile keys per query are offered between two cut-backs (as in the tile scan).
-    for (int r = warp; r < kDatabaseTile; r += kRowWarps) {
-      const int64_t n = n0 + r;
-      if (n >= n_end) break;  // uniform across the warp
-      float dot[kRowQueries];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowRound) {
+    // A round: kRowRound rows, two steps of kRowsInFlight consecutive rows per warp, so at
+    // most kRowRound keys per query are offered between two list checks.
+#pragma unroll 1
+    for (int step = 0; step < 2; ++step) {
+      const int64_t first = n0 + (step * kRowWarps + warp) * kRowsInFlight;
+      if (first >= n_end) break;  // uniform across the warp
+      float dot[kRowsInFlight][kRowQueries], norm[kRowsInFlight];
 #pragma unroll
-      for (int q = 0; q < kRowQueries; ++q) dot[q] = 0.0f;
-      for (int64_t d = lane; d < a.dim; d += 32) {
-        const float x = load_element<kStorage>(a.database, n * a.dim + d);
+      for (int r = 0; r < kRowsInFlight; ++r) {
+        norm[r] = 0.0f;
+#pragma unroll
+        for (int q = 0; q < kRowQueries; ++q) dot[r][q] = 0.0f;
+      }
+      // Lane l takes dimensions 4 l .. 4 l + 3 of every 128 (quads), or l of every 32.
+      constexpr int kPerLane = kAligned ? 4 : 1;
+      for (int64_t d = lane * kPerLane; d < a.dim; d += 32 * kPerLane) {
+        float4 x[kRowsInFlight];
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) {
+          const int64_t n = first + r;
+          if constexpr (kAligned) {
+            x[r] = load_quad<kStorage, true>(a.database, n, n < n_end, d, a.dim);
+          } else {
+            x[r] = make_float4(n < n_end ? load_element<kStorage>(a.database, n * a.dim + d) : 0.0f, 0.0f, 0.0f, 0.0f);
+          }
+        }
+        if constexpr (kOwnNorms) {
+          float4 w = make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+          if (a.weights) {
+            w = kAligned ? load_four<KnnStorage::kFloat32>(a.weights, d) : make_float4(a.weights[d], 0.0f, 0.0f, 0.0f);
+          }
+#pragma unroll
+          for (int r = 0; r < kRowsInFlight; ++r) {
+            norm[r] = fmaf(w.x * x[r].x, x[r].x, norm[r]);
+            norm[r] = fmaf(w.y * x[r].y, x[r].y, norm[r]);
+            norm[r] = fmaf(w.z * x[r].z, x[r].z, norm[r]);
+            norm[r] = fmaf(w.w * x[r].w, x[r].w, norm[r]);
+          }
+        }
 #pragma unroll
         for (int q = 0; q < kRowQueries; ++q) {
-          if (q < nq) dot[q] = fmaf(queries[q * a.dim + d], x, dot[q]);
+          if (q >= nq) break;  // uniform
+          float4 query;
+          if constexpr (kAligned) {
+            query = *reinterpret_cast<const float4*>(&queries[q * a.dim + d]);
+          } else {
+            query = make_float4(queries[q * a.dim + d], 0.0f, 0.0f, 0.0f);
+          }
+#pragma unroll
+          for (int r = 0; r < kRowsInFlight; ++r) {
+            dot[r][q] = fmaf(query.x, x[r].x, dot[r][q]);
+            dot[r][q] = fmaf(query.y, x[r].y, dot[r][q]);
+            dot[r][q] = fmaf(query.z, x[r].z, dot[r][q]);
+            dot[r][q] = fmaf(query.w, x[r].w, dot[r][q]);
+          }
         }
       }
 #pragma unroll
-      for (int q = 0; q < kRowQueries; ++q) {
-        for (int offset = 16; offset > 0; offset /= 2) dot[q] += __shfl_xor_sync(0xFFFFFFFFu, dot[q], offset);
-      }
-      const float database_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.database_norms[n];
+      for (int r = 0; r < kRowsInFlight; ++r) {
 #pragma unroll
-      for (int q = 0; q < kRowQueries; ++q) {
-        if (q < nq && lane == q) {  // lane q offers query q's key: constant register index
-          const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
-          offer(s, list_of(q), q, make_key(score_of<kMetric>(dot[q], query_norm, database_norm),
-                                           static_cast<uint32_t>(n)));
+        for (int q = 0; q < kRowQueries; ++q) {
+          if (q >= nq) break;
+          for (int offset = 16; offset > 0; offset /= 2) dot[r][q] += __shfl_xor_sync(0xFFFFFFFFu, dot[r][q], offset);
+        }
+        if constexpr (kOwnNorms) {
+          for (int offset = 16; offset > 0; offset /= 2) norm[r] += __shfl_xor_sync(0xFFFFFFFFu, norm[r], offset);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsInFlight; ++r) {
+        const int64_t n = first + r;
+        if (n >= n_end) break;
+        float database_norm = 0.0f;
+        if constexpr (kOwnNorms) {
+          database_norm = finish_norm<kMetric>(norm[r]);
+        } else if constexpr (kMetric != Metric::kInnerProduct) {
+          database_norm = a.database_norms[n];
+        }
+#pragma unroll
+        for (int q = 0; q < kRowQueries; ++q) {
+          if (q < nq && lane == q) {  // lane q offers query q's key: constant register index
+            const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
+            offer(s, list_of(q), q, make_key(score_of<kMetric>(dot[r][q], query_norm, database_norm),
+                                             static_cast<uint32_t>(n)));
+          }
         }
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, nq, a.capacity, a.k);
+    cut_back_full_lists(s, list_of, nq, a.capacity, a.k, kRowRound);
   }
   finish_lists(s, list_of, nq, a, 0, split);
 }

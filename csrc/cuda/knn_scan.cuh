@@ -42,22 +42,11 @@ __device__ inline float score_of(float dot, float query_norm, float database_nor
   }
 }
 
-// The tile staging of a precision: registers + transposed staging (float32), or the WMMA
-// staging with its shared score tile.
-template <KnnPrecision kPrecision>
-struct StagingFor {
-  using type = WmmaStaging<kPrecision>;
-};
-template <>
-struct StagingFor<KnnPrecision::kFloat32> {
-  using type = SimtStaging;
-};
-
-template <KnnPrecision kPrecision>
+template <class Tile>
 struct ScanShared {
-  typename StagingFor<kPrecision>::type staging;
-  uint64_t threshold[kQueryTile];
-  int count[kQueryTile];
+  typename Tile::Shared staging;
+  uint64_t threshold[Tile::kQueries];
+  int count[Tile::kQueries];
   SelectShared select;
 };
 
@@ -97,15 +86,21 @@ __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
   __syncthreads();
 }
 
-// After a round that offered at most kDatabaseTile keys per query (and a __syncthreads): a
-// list that might overflow with the next round is cut back to k. Capacity is k + max(k, 256),
-// so there is room again afterwards, or the split's length, which the list cannot outgrow
-// (then it is cut only when above k).
+// After a round that offered at most `round` keys per query (and a __syncthreads): a list
+// that might overflow with the next round is cut back to k. Capacity is k + max(k, 512), so
+// there is room again afterwards, or the split's length, which the list cannot outgrow (then
+// it is cut only when above k). One barrier tells the block whether any list needs it.
 template <class Shared, class ListOf>
-__device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int queries, int capacity, int k) {
+__device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int queries, int capacity, int k, int round) {
+  bool any = false;
+  for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
+    const int count = s.count[qi];
+    any |= count > capacity - round && count > k;
+  }
+  if (!__syncthreads_or(any)) return;
   for (int qi = 0; qi < queries; ++qi) {
     const int count = s.count[qi];
-    if (count > capacity - kDatabaseTile && count > k) cut_back(s, list_of(qi), qi, k);
+    if (count > capacity - round && count > k) cut_back(s, list_of(qi), qi, k);
   }
 }
 
@@ -120,51 +115,50 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
   }
 }
 
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(ScanArgs a) {
-  __shared__ ScanShared<kPrecision> s;
-  const int64_t q0 = int64_t{blockIdx.x} * kQueryTile;
+// grid (query tiles, database splits). kAligned: see knn_tiles.cuh.
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
+__global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
+  using Tile = typename TileFor<kPrecision>::type;
+  __shared__ ScanShared<Tile> s;
+  const int64_t q0 = int64_t{blockIdx.x} * Tile::kQueries;
   const int split = blockIdx.y;
   const int64_t n_begin = split * a.split_length;
   const int64_t n_end = min(a.num_database, n_begin + a.split_length);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   auto list_of = [&](int qi) { return a.candidates + ((q0 + qi) * a.splits + split) * int64_t{a.capacity}; };
-  start_lists(s, kQueryTile);
+  start_lists(s, Tile::kQueries);
 
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kDatabaseTile) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += Tile::kVectors) {
     const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
-    float acc[4][4];
-    if constexpr (kPrecision == KnnPrecision::kFloat32) {
-      simt_tile<kStorage>(bounds, s.staging, acc);
-    } else {
-      wmma_tile<kPrecision, kStorage>(bounds, s.staging);
+    float acc[Tile::kRows][Tile::kCols];
+    Tile::template compute<kStorage, kAligned>(bounds, s.staging, acc);
+    float database_norms[Tile::kCols];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = s.staging.scores[ty * 4 + i][tx * 4 + j];
-      }
+    for (int j = 0; j < Tile::kCols; ++j) {
+      const int64_t n = n0 + Tile::vector_of(j);
+      database_norms[j] = kMetric == Metric::kInnerProduct || n >= n_end ? 0.0f : a.database_norms[n];
     }
-    // Offer the tile's scores: only keys below the query's threshold enter its list.
+    // Offer the tile's scores: only keys below the query's threshold enter its list (the
+    // thresholds change only in cut-backs, behind barriers: one read per query row).
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int qi = ty * 4 + i;
-      const int64_t q = q0 + qi;
-      if (q >= a.num_queries) continue;
-      const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
+    for (int i = 0; i < Tile::kRows; ++i) {
+      const int qi = Tile::query_of(i);
+      if (q0 + qi >= a.num_queries) continue;
+      const uint64_t threshold = s.threshold[qi];
+      // (read here, not kept for the split: registers are scarce while the tile computes)
+      const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q0 + qi];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t n = n0 + tx * 4 + j;
+      for (int j = 0; j < Tile::kCols; ++j) {
+        const int64_t n = n0 + Tile::vector_of(j);
         if (n >= n_end) continue;
-        const float database_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.database_norms[n];
-        offer(s, list_of(qi), qi, make_key(score_of<kMetric>(acc[i][j], query_norm, database_norm),
-                                           static_cast<uint32_t>(n)));
+        const uint64_t key =
+            make_key(score_of<kMetric>(acc[i][j], query_norm, database_norms[j]), static_cast<uint32_t>(n));
+        if (key < threshold) list_of(qi)[atomicAdd(&s.count[qi], 1)] = key;
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, kQueryTile, a.capacity, a.k);
+    cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors);
   }
-  finish_lists(s, list_of, kQueryTile, a, q0, split);
+  finish_lists(s, list_of, Tile::kQueries, a, q0, split);
 }
-
 
 }  // namespace latentspace::cuda

@@ -211,6 +211,32 @@ def rows_per_call(workspace_bytes: int) -> int:
     return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
 
 
+def check_one_query_fits(workspace_of: Callable[[int, int, int], int], num_database: int, k: int,
+                         workspace_bytes: int) -> None:
+    """Raises ValueError naming workspace_bytes, the asked k and a bound that works, when
+    one query cannot be searched within workspace_bytes. workspace_of(queries, rows, k) is
+    the native call's need; a database is cut into rows_per_call(bound) pieces, each searched
+    for min(k, its rows), so the bound to suggest is the fixed point of bound -> need."""
+
+    def need(bound: int) -> int:
+        rows = min(num_database, rows_per_call(bound))
+        return workspace_of(1, rows, min(k, rows))
+
+    if need(workspace_bytes) <= workspace_bytes:
+        return
+    bound = need(workspace_bytes)
+    for _ in range(64):  # need grows about half as fast as the bound (norms take half): converges
+        more = need(bound)
+        if more <= bound:
+            break
+        bound = more
+    raise ValueError(
+        f"workspace_bytes: one query with k={k} needs {bound} bytes of GPU workspace against this database "
+        f"({num_database} rows), more than the bound of {workspace_bytes}; pass workspace_bytes={bound} or more, "
+        "or use a smaller k"
+    )
+
+
 def plan_database_chunks(num_database: int, rows: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of at most `rows` rows covering [0, num_database)."""
     return [(start, min(start + rows, num_database)) for start in range(0, num_database, rows)]
@@ -502,6 +528,7 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
     code, kept = METRICS[metric], min(k, num_database)
     distances = torch.empty((num_queries, k), dtype=torch.float32, device=backend.device)
     indices = torch.empty((num_queries, k), dtype=torch.int64, device=backend.device)
+    check_one_query_fits(backend.workspace_of, num_database, k, workspace_bytes)
     pieces = plan_database_chunks(num_database, rows_per_call(workspace_bytes))
     if len(pieces) == 1 and kept == k:
         _search_block(backend, queries, database, k, code, workspace_bytes, out=(distances, indices), norms=norms)
@@ -535,6 +562,7 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
     num_queries, dim = queries.shape
     num_database = database.shape[0]
     code, kept = METRICS[metric], min(k, num_database)
+    check_one_query_fits(backend.workspace_of, num_database, k, workspace_bytes)
     query_rows, database_rows = plan_host_stream(num_queries, num_database, dim, k, memory_bytes, workspace_bytes)
     if host_queries:
         distances = np.empty((num_queries, k), dtype=np.float32)
