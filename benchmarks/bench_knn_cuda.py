@@ -12,7 +12,8 @@ sides compute float32 products):
   faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045),
              in fp32 and in bf16 (torch: F.linear-style mm on bf16 operands + topk)
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
-             database once (torch.sum over it, the "read" roof)
+             database once (torch.sum over it, the "read" roof); q1 floor: the same search
+             against 4,096 rows, the fixed cost of one search
   streamed   Q = 10,000, k = 100, the big database in host memory (numpy), device="cuda":
              the pinned double-buffered upload and search, against one plain upload
              (torch.Tensor.to from pinned memory: the "h2d" roof)
@@ -299,6 +300,17 @@ def test_q1(benchmark, big, peer):
         call = synced(lambda: torch_mm_topk(q, x, k, norms=norms, block_rows=N))
     run_cell(benchmark, f"q1 N={N} D={D} k=10", peer, call, lambda a: check_answer(a, q, x, k),
              nq=1, n=N, d=D, k=k, bytes=N * D * 4)
+
+
+def test_q1_floor(benchmark, big):
+    """One query against 4,096 rows through FlatIndex.search: the fixed cost of a search
+    (Python checks, workspace, the kernels' launches) that the q1 cells pay on top of the read."""
+    x, k = big["database"][:4096].contiguous(), 10
+    q = big["queries"][:1]
+    index = latentspace.FlatIndex(D, device=DEVICE)
+    index.add(x)
+    run_cell(benchmark, "q1 floor N=4096 D=128 k=10", "latentspace.FlatIndex", synced(index.search, q, k),
+             lambda a: check_answer(a, q, x, k), nq=1, n=4096, d=D, k=k)
 
 
 def test_streamed_from_host(benchmark, big):

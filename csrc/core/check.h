@@ -5,9 +5,11 @@
 // Never throw from inside an OpenMP region: record the problem and throw after it.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <type_traits>
 
 namespace latentspace {
 
@@ -19,20 +21,37 @@ struct TypeError : std::runtime_error {
 };
 
 namespace detail {
-inline void append(std::ostringstream&) {}
-template <class T, class... Rest>
-void append(std::ostringstream& os, const T& first, const Rest&... rest) {
-  os << first;
-  append(os, rest...);
+// Messages are built with plain string appends, not iostreams: a stream's number formatting
+// goes through the C++ locale machinery, which crashed inside this module on one of the GPU
+// machines (the process's torch and its C++ runtime set up first); to_string / snprintf need
+// none of it.
+inline void append_one(std::string& out, const std::string& text) { out += text; }
+inline void append_one(std::string& out, const char* text) { out += text ? text : "(null)"; }
+inline void append_one(std::string& out, char c) { out += c; }
+inline void append_one(std::string& out, bool value) { out += value ? "true" : "false"; }
+template <class T>
+void append_one(std::string& out, const T& value) {
+  if constexpr (std::is_enum_v<T>) {
+    out += std::to_string(static_cast<long long>(value));
+  } else if constexpr (std::is_integral_v<T>) {
+    out += std::to_string(value);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%.6g", static_cast<double>(value));
+    out += buffer;
+  } else {
+    static_assert(std::is_convertible_v<const T&, std::string_view>, "concat: unsupported message piece");
+    out += std::string_view(value);
+  }
 }
 }  // namespace detail
 
-// Builds a message from any streamable pieces: concat("k must be >= 1, got ", k).
+// Builds a message from pieces (text, numbers): concat("k must be >= 1, got ", k).
 template <class... Parts>
 std::string concat(const Parts&... parts) {
-  std::ostringstream os;
-  detail::append(os, parts...);
-  return os.str();
+  std::string out;
+  (detail::append_one(out, parts), ...);
+  return out;
 }
 
 }  // namespace latentspace

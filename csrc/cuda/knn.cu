@@ -35,6 +35,7 @@ namespace {
 constexpr int kThreads = kSelectThreads;
 static_assert(kThreads == kTileThreads, "the scan's tiles and selection share one block");
 constexpr int kMinTilesPerSplit = 4;
+constexpr int64_t kRowsPerNeighbour = 32;
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {
@@ -79,10 +80,13 @@ int multiprocessor_count(int device) {
 
 // Splits per query tile: at least two waves of blocks over the multiprocessors (assuming the
 // scan's two resident blocks per multiprocessor), the count among the next few that wastes
-// the least of the last wave, and each split a few tiles long.
-int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int multiprocessors) {
+// the least of the last wave, and each split a few tiles long (and long against k).
+int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, int multiprocessors) {
   const int64_t resident = 2 * int64_t{multiprocessors};
-  const int64_t most = std::min<int64_t>(std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), 65535);
+  // Each split's list takes about k (1 + ln(split rows / k)) candidates, each paid for in
+  // cut-backs: for a large k, few long splits (at least kRowsPerNeighbour * k rows each).
+  const int64_t long_enough = std::max<int64_t>(1, database_tiles * kPlanRows / (kRowsPerNeighbour * k));
+  const int64_t most = std::min<int64_t>({std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), long_enough, 65535});
   const int64_t least = std::clamp<int64_t>(ceil_div(2 * resident, query_tiles), 1, most);
   int64_t best = least;
   double best_use = 0.0;
@@ -104,7 +108,7 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
   Plan plan;
   plan.query_tiles = ceil_div(nq, SimtTile::kQueries);
   const int64_t database_tiles = ceil_div(nb, kPlanRows);
-  const int64_t splits = choose_splits(plan.query_tiles, database_tiles, multiprocessors);
+  const int64_t splits = choose_splits(plan.query_tiles, database_tiles, k, multiprocessors);
   plan.split_length = ceil_div(database_tiles, splits) * kPlanRows;
   plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
   // A list never holds more keys than its split has rows, so no capacity beyond that is needed
@@ -149,10 +153,13 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const uint64_t* candida
                                                          int capacity, int k, uint64_t* keys) {
   __shared__ SelectShared shared;
   const int64_t q = blockIdx.x;
+  // finish_lists left every list at most k long.
   const CandidateLists lists{const_cast<uint64_t*>(candidates) + q * splits * int64_t{capacity}, counts + q * splits,
-                             splits, capacity};
-  int total = 0;
-  for (int s = 0; s < splits; ++s) total += counts[q * splits + s];
+                             splits, capacity, min(k, capacity)};
+  int mine = 0, before = 0, total = 0;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) mine += counts[q * splits + s];
+  cub::BlockScan<int, kSelectThreads>(shared.scan).ExclusiveSum(mine, before, total);
+  __syncthreads();  // the scan storage is reused by the select
   const uint64_t limit = total <= k ? kEmptyKey : block_select(lists, k, shared);
   uint64_t* out = keys + q * k;
   const int kept = block_compact(lists, limit, out, shared);

@@ -76,7 +76,7 @@ __device__ inline void offer(Shared& s, uint64_t* list, int qi, uint64_t key) {
 // threads of the block call it.
 template <class Shared>
 __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
-  const CandidateLists one{list, &s.count[qi], 1, 0};
+  const CandidateLists one{list, &s.count[qi], 1, 0, s.count[qi]};
   const uint64_t kth = block_select(one, k, s.select);
   const int kept = block_compact(one, kth, list, s.select);
   if (threadIdx.x == 0) {

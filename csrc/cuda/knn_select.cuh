@@ -46,14 +46,24 @@ struct SelectShared {
 };
 
 // Candidate lists of one query: `segments` lists, segment s at keys + s * stride, lengths[s]
-// keys long (one list in the scan kernel, one per database split in the merge kernel).
+// keys long, each at most max_length (one list in the scan kernel, one per database split in
+// the merge kernel). The block walks the flattened (segment, position) space, so many short
+// lists (a single query against hundreds of splits) keep every thread busy.
 struct CandidateLists {
   uint64_t* keys;
   const int* lengths;
   int segments;
   int64_t stride;
-  __device__ int length(int s) const { return lengths[s]; }
-  __device__ uint64_t* segment(int s) const { return keys + s * stride; }
+  int max_length;
+  // Below 2^32: the lists of one query hold at most about the database's rows (< 2^31).
+  __device__ uint32_t slots() const { return static_cast<uint32_t>(segments) * static_cast<uint32_t>(max_length); }
+  // The key in slot i (segment i / max_length, position i % max_length), or kEmptyKey when
+  // that position is past its segment's length.
+  __device__ uint64_t key_at(uint32_t i) const {
+    if (segments == 1) return static_cast<int>(i) < lengths[0] ? keys[i] : kEmptyKey;
+    const uint32_t s = i / static_cast<uint32_t>(max_length), position = i - s * static_cast<uint32_t>(max_length);
+    return static_cast<int>(position) < lengths[s] ? keys[s * stride + position] : kEmptyKey;
+  }
 };
 
 // The rank-th smallest key (1-based) of the lists, rank <= total length; all threads of the
@@ -65,12 +75,16 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
   for (int shift = 56; shift >= 0; shift -= 8) {
     shared.histogram[threadIdx.x] = 0;
     __syncthreads();
-    for (int s = 0; s < lists.segments; ++s) {
-      const uint64_t* keys = lists.segment(s);
-      const int length = lists.length(s);
-      for (int i = threadIdx.x; i < length; i += blockDim.x) {
-        const uint64_t key = keys[i];
-        if ((key & mask) == prefix) atomicAdd(&shared.histogram[(key >> shift) & 0xFF], 1u);
+    const uint32_t slots = lists.slots();
+    for (uint32_t i = threadIdx.x; i < slots; i += blockDim.x) {
+      const uint64_t key = lists.key_at(i);  // an empty slot never matches: rank <= total length
+      // Keys close in value share their leading digits: one atomic per digit per warp (the
+      // lowest lane of each group of equal digits adds the group's size), not one per key.
+      const unsigned digit = key != kEmptyKey && (key & mask) == prefix ? static_cast<unsigned>(key >> shift) & 0xFFu
+                                                                         : 0x100u;
+      const unsigned same = __match_any_sync(__activemask(), digit);
+      if (digit != 0x100u && (threadIdx.x % 32) == static_cast<unsigned>(__ffs(same) - 1)) {
+        atomicAdd(&shared.histogram[digit], static_cast<unsigned>(__popc(same)));
       }
     }
     __syncthreads();
@@ -92,27 +106,24 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
   return prefix;
 }
 
-// Moves the keys <= limit of the lists to out[0..), in list order; returns how many. With a
+// Moves the keys <= limit of the lists to out[0..), in slot order; returns how many. With a
 // single list, out may be that list (in place): a key is written at or before where it was
 // read, and a chunk is read completely before any of it is written.
 __device__ inline int block_compact(const CandidateLists& lists, uint64_t limit, uint64_t* out,
                                     SelectShared& shared) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
   int written = 0;
-  for (int s = 0; s < lists.segments; ++s) {
-    const uint64_t* keys = lists.segment(s);
-    const int length = lists.length(s);
-    for (int start = 0; start < length; start += kSelectThreads) {
-      const int i = start + static_cast<int>(threadIdx.x);
-      const uint64_t key = i < length ? keys[i] : kEmptyKey;
-      const int keep = i < length && key <= limit ? 1 : 0;
-      int offset, total;
-      Scan(shared.scan).ExclusiveSum(keep, offset, total);
-      __syncthreads();  // the chunk is read (and the scan storage free) before writes
-      if (keep) out[written + offset] = key;
-      written += total;
-      __syncthreads();
-    }
+  const uint32_t slots = lists.slots();
+  for (uint32_t start = 0; start < slots; start += kSelectThreads) {
+    const uint32_t i = start + threadIdx.x;
+    const uint64_t key = i < slots ? lists.key_at(i) : kEmptyKey;
+    const int keep = key != kEmptyKey && key <= limit ? 1 : 0;
+    int offset, total;
+    Scan(shared.scan).ExclusiveSum(keep, offset, total);
+    __syncthreads();  // the chunk is read (and the scan storage free) before writes
+    if (keep) out[written + offset] = key;
+    written += total;
+    __syncthreads();
   }
   return written;
 }
