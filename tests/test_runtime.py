@@ -225,9 +225,8 @@ def test_public_api():
 
 
 def test_the_extension_keeps_private_pybind11_internals():
-    """_native looks up its pybind11 internals under a key no other module uses, so an
-    extension built by another pybind11 release (torch's) cannot break its exception
-    translation (seen on the GPU machines: every C++ exception crashed the process)."""
+    """_native looks up its pybind11 internals under a key no other module uses: it never
+    joins the internals of another extension's pybind11 build (torch's)."""
     from latentspace import _native
 
     with open(_native.__file__, "rb") as handle:
@@ -238,8 +237,9 @@ def test_the_extension_keeps_private_pybind11_internals():
 
 
 def test_native_errors_after_torch_is_imported():
-    """A C++ exception raised through the bindings with torch loaded first becomes a Python
-    ValueError (the failure mode private internals prevent is a segfault here)."""
+    """A native error message with numbers in it (built in C++), raised with torch loaded
+    first, becomes a Python ValueError (on the GPU machine's image this once segfaulted
+    inside iostream number formatting)."""
     code = ("import torch, numpy as np, latentspace as ls\n"
             "q = np.ones((3, 4), np.float32); q[1, 2] = np.nan\n"
             "try:\n    ls.knn(q, q, 1)\nexcept ValueError as e:\n    print('ValueError', e)\n")

@@ -34,8 +34,8 @@ namespace {
 
 constexpr int kThreads = kSelectThreads;
 static_assert(kThreads == kTileThreads, "the scan's tiles and selection share one block");
-constexpr int kMinTilesPerSplit = 4;
-constexpr int64_t kRowsPerNeighbour = 32;
+constexpr int kMinTilesPerSplit = 2;
+constexpr int64_t kRowsPerNeighbour = 8;
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {

@@ -42,6 +42,7 @@ struct SelectShared {
   unsigned int histogram[256];
   uint64_t prefix;
   int remaining;
+  int matching;  // keys that share the prefix found so far
   typename cub::BlockScan<int, kSelectThreads>::TempStorage scan;
 };
 
@@ -68,7 +69,8 @@ struct CandidateLists {
 
 // The rank-th smallest key (1-based) of the lists, rank <= total length; all threads of the
 // block call it and get the same key. Eight passes of 8-bit digits from the top: each pass
-// counts, among the keys that share the digits found so far, how many have each next digit.
+// counts, among the keys that share the digits found so far, how many have each next digit;
+// once a single key has the digits found, one more pass fetches it.
 __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, SelectShared& shared) {
   uint64_t prefix = 0, mask = 0;
   int remaining = rank;
@@ -96,12 +98,26 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
     if (below < remaining && remaining <= below + count) {
       shared.prefix = prefix | (uint64_t(threadIdx.x) << shift);
       shared.remaining = remaining - below;
+      shared.matching = count;
     }
     __syncthreads();
     prefix = shared.prefix;
     remaining = shared.remaining;
     mask |= uint64_t{0xFF} << shift;
+    const bool unique = shared.matching == 1;
     __syncthreads();  // everyone has read shared.prefix before the next pass may write it
+    if (unique && shift > 0) {
+      // One key has these leading digits (distinct scores usually part within 3 digits): it
+      // is the answer, and one pass finds it instead of the remaining digit passes.
+      for (uint32_t i = threadIdx.x; i < lists.slots(); i += blockDim.x) {
+        const uint64_t key = lists.key_at(i);
+        if (key != kEmptyKey && (key & mask) == prefix) shared.prefix = key;  // the only writer
+      }
+      __syncthreads();
+      prefix = shared.prefix;
+      __syncthreads();  // read before anyone's next select may write it
+      return prefix;
+    }
   }
   return prefix;
 }

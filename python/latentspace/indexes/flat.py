@@ -444,7 +444,9 @@ class FlatIndex:
             with self._lock:
                 database = self._gpu_buffer[: self._ntotal]
                 norms = None if self._gpu_norms is None else self._gpu_norms[: self._ntotal]
-            check_rows_usable_flags([unusable_row_flag(q)], ["queries"])
+            # Read after the search is queued: the host waits for the check's few kernels only,
+            # while the search runs (a search over bad queries is harmless and discarded).
+            query_flag = unusable_row_flag(q)
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
@@ -458,6 +460,7 @@ class FlatIndex:
                 distances, indices = _cuda_search.search_resident(
                     backend, q, database, k, self._metric,
                     workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES, norms=norms)
+            check_rows_usable_flags([query_flag], ["queries"])
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
