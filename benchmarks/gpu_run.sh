@@ -42,7 +42,8 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time (budget: ~8 minutes in all with the build). GPU_RUN_STAGES picks some, e.g.
+# time. Measured on an H100 (2026-11-26): build 35-75 s, tests 32 s, memcheck 70 s, benchmarks
+# 33 s; about 5 minutes in all with the machine's start. GPU_RUN_STAGES picks some, e.g.
 #   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
 STAGES="${GPU_RUN_STAGES:-tests bench sanitizer}"
 status=0
@@ -53,7 +54,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   # pytest-xdist, where installed, spreads the tests' float64 CPU references over the cores.
   workers=""
   python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_RUN_WORKERS:-6}"
-  timeout "${GPU_RUN_TEST_SECONDS:-150}" python3 -m pytest -m cuda -q -rfEs --tb=short $workers tests \
+  timeout -k 10 "${GPU_RUN_TEST_SECONDS:-150}" python3 -m pytest -m cuda -q -rfEs --tb=short $workers tests \
     > "${OUT:-.}/pytest_cuda.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "${OUT:-.}/pytest_cuda.log" | head -40
@@ -68,12 +69,16 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
   if [ -z "$SANITIZER" ]; then
     echo "== compute-sanitizer: not found, skipped"
   else
-    # Both tools at once (separate processes on the one GPU): half the wall time.
+    # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
+    # about 5 s a test on an H100 (2026-11-26: 51 of the 112 "small" tests in 240 s), so it takes
+    # a subset that covers the tile scans (SIMT and WMMA), the row scan and the selection (l2
+    # only, 18 tests); memcheck (112 tests in 70 s) takes them all. timeout -k: the sanitizer does not always stop on SIGTERM.
     start=$(date +%s)
     for tool in memcheck racecheck; do
-      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k small), log: sanitizer_$tool.log"
-      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${GPU_RUN_SANITIZER_SECONDS:-150}" "$SANITIZER" --tool "$tool" \
-          --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k small \
+      if [ "$tool" = memcheck ]; then selection="small"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output or small_weighted_l2 or small_tensor_core_precisions) and l2}"; fi
+      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
+      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${GPU_RUN_SANITIZER_SECONDS:-150}" "$SANITIZER" --tool "$tool" \
+          --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k "$selection" \
           tests/gpu/test_knn_cuda.py > "${OUT:-.}/sanitizer_$tool.log" 2>&1
         echo $? > "/tmp/sanitizer_$tool.exit" ) &
     done
@@ -93,7 +98,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
   if [ -n "$gpu_benchmarks" ]; then
     start=$(date +%s)
-    timeout "${GPU_RUN_BENCH_SECONDS:-220}" python3 -m pytest $gpu_benchmarks -q -rfE --tb=short \
+    timeout -k 10 "${GPU_RUN_BENCH_SECONDS:-220}" python3 -m pytest $gpu_benchmarks -q -rfE --tb=short \
       --benchmark-json="${OUT:-.}/gpu_bench.json" > "${OUT:-.}/gpu_bench.log" 2>&1
     code=$?
     grep -E "^(FAILED|ERROR)|passed|failed|Error" "${OUT:-.}/gpu_bench.log" | head -20
