@@ -2,12 +2,13 @@
 // lists right where they are computed, so the Q x N distance matrix never reaches device memory.
 //
 //   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
-//   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes 64 x 64 score
-//                       tiles (knn_tiles.cuh: float32 FMA, or tensor cores for tf32 / bf16 /
-//                       fp16) and appends each candidate whose
+//   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes score
+//                       tiles (knn_tiles.cuh: 128 x 128 float32 FMA, or 64 x 64 on tensor cores
+//                       for tf32 / bf16 / fp16) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
-//                       (knn_select.cuh), which also tightens the threshold
+//                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries take
+//                       row_scan_kernel (knn_rows.cuh) instead, with the same lists
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
 //
