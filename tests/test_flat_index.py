@@ -525,3 +525,107 @@ def test_reserve_avoids_reallocation(rng):
     index.reserve(0)
     with pytest.raises(ValueError, match="rows: expected an integer >= 0"):
         index.reserve(-1)
+
+
+# -- the host buffer's alignment (csrc/bindings/buffers.cpp, docs/benchmarks.md) ------------
+
+_HUGE = 2 << 20
+_HAS_HUGE_ALLOCATOR = hasattr(latentspace._native, "empty_huge_float32")
+
+
+def _address(array):
+    return array.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("rows, dim", [(0, 8), (1, 3), (17, 23), (1000, 128), (8193, 128)])
+def test_vector_buffers_start_on_a_cache_line(rows, dim):
+    from latentspace._arrays import HUGE_BUFFER_BYTES, empty_vector_buffer
+
+    buffer = empty_vector_buffer(rows, dim)
+    assert buffer.shape == (rows, dim) and buffer.dtype == np.float32
+    assert buffer.flags.c_contiguous and buffer.flags.writeable
+    if rows:
+        assert _address(buffer) % 64 == 0
+        buffer[:] = np.arange(rows * dim, dtype=np.float32).reshape(rows, dim)
+        assert buffer[-1, -1] == rows * dim - 1
+    if rows * dim * 4 >= HUGE_BUFFER_BYTES and _HAS_HUGE_ALLOCATOR:
+        assert _address(buffer) % _HUGE == 0
+
+
+def test_large_index_buffer_is_huge_page_aligned_and_growth_keeps_the_rows(rng):
+    dim = 32
+    chunks = [_normal(rng, n, dim) for n in (5, 3000, 20000, 1, 16000)]  # crosses 4 MiB
+    index = latentspace.FlatIndex(dim)
+    buffers = []
+    for chunk in chunks:
+        index.add(chunk)
+        assert _address(index._buffer) % 64 == 0
+        if buffers and index._buffer is not buffers[-1]:
+            buffers.append(index._buffer)
+        elif not buffers:
+            buffers.append(index._buffer)
+    assert len(buffers) >= 3  # it did grow, several times
+    assert index.nbytes >= 4 << 20
+    if _HAS_HUGE_ALLOCATOR:
+        assert _address(index._buffer) % _HUGE == 0
+    data = np.concatenate(chunks)
+    np.testing.assert_array_equal(index.vectors(), data)
+    queries = _normal(rng, 3, dim)
+    for k in (1, 10, 100):
+        D, I = index.search(queries, k)
+        D0, I0 = latentspace.knn(queries, data, k)
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+
+
+def test_views_outlive_a_grown_or_dropped_huge_buffer(rng):
+    import gc
+
+    dim = 64
+    first = _normal(rng, 20000, dim)  # 5 MiB: a native buffer
+    index = latentspace.FlatIndex(dim)
+    index.add(first)
+    view = index.vectors()
+    index.add(_normal(rng, 20000, dim))  # grows: the old buffer lives on through the view
+    del index
+    gc.collect()
+    np.testing.assert_array_equal(view, first)
+
+
+def test_reserve_on_a_large_index_is_exact_and_aligned(rng):
+    dim = 128
+    index = latentspace.FlatIndex(dim)
+    index.add(_normal(rng, 10, dim))
+    index.reserve(10000)
+    assert index.nbytes == 10010 * dim * 4
+    if _HAS_HUGE_ALLOCATOR:
+        assert _address(index._buffer) % _HUGE == 0
+    buffer = index._buffer
+    index.add(_normal(rng, 10000, dim))
+    assert index._buffer is buffer and index.ntotal == 10010
+
+
+@pytest.mark.parametrize("rows", [5, 9000])  # below and above the huge-page size
+def test_loaded_buffer_is_aligned_and_a_mapped_one_still_mapped(tmp_path, rows, rng):
+    dim = 128
+    data = _normal(rng, rows, dim)
+    index = latentspace.FlatIndex(dim, "ip")
+    index.add(data)
+    index.save(tmp_path / "i.lsidx")
+    loaded = latentspace.load_index(tmp_path / "i.lsidx")
+    assert not loaded.is_mmap and loaded.nbytes == rows * dim * 4
+    assert _address(loaded._buffer) % 64 == 0
+    if rows * dim * 4 >= 4 << 20 and _HAS_HUGE_ALLOCATOR:
+        assert _address(loaded._buffer) % _HUGE == 0
+    np.testing.assert_array_equal(loaded.vectors(), data)
+    mapped = latentspace.load_index(tmp_path / "i.lsidx", mmap=True)
+    assert mapped.is_mmap and isinstance(mapped._buffer, np.memmap)
+    queries = _normal(rng, 2, dim)
+    D0, I0 = index.search(queries, 7)
+    for other in (loaded, mapped):
+        D, I = other.search(queries, 7)
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
+    loaded.add(data[:3])  # a loaded index grows as any other
+    assert _address(loaded._buffer) % 64 == 0
+    np.testing.assert_array_equal(loaded.vectors(), np.concatenate([data, data[:3]]))

@@ -7,6 +7,13 @@
 // for the same size every step, and glibc would unmap and remap such a block each time
 // (faulting it in again), so freed buffers go to a small cache (kCachedBuffers blocks, at
 // most kCacheBytes in all) from which the next request of that size is served.
+//
+// Long-lived buffers (FlatIndex's vectors) ask for cached=false: they are freed straight
+// away, since a cache would keep an index's old, outgrown buffers alive. What they gain is
+// mostly the alignment: numpy's own large arrays start 16 bytes past a page (and numpy
+// already asks for huge pages for them), so every 64-byte load of a row spans two cache
+// lines; a single-query search over such a buffer reads ~5% slower than over an aligned one
+// (docs/benchmarks.md, "Q = 1 and buffer alignment").
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <sys/mman.h>
@@ -73,15 +80,21 @@ BlockCache& cache() {
 }
 
 template <class T>
-py::array_t<T> empty_huge(int64_t rows, int64_t cols) {
+py::array_t<T> empty_huge(int64_t rows, int64_t cols, bool cached) {
   LS_CHECK_VALUE(rows >= 0 && cols >= 0, "shape: expected non-negative sizes");
   const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * sizeof(T);
   const size_t rounded = std::max(kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage);
-  void* data = cache().take(rounded);
+  void* data = cached ? cache().take(rounded) : nullptr;
   if (data == nullptr) {
     data = std::aligned_alloc(kHugePage, rounded);
     if (data == nullptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
     madvise(data, rounded, MADV_HUGEPAGE);  // a hint: failure only costs speed
+#endif
+  }
+  if (!cached) {
+    py::capsule owner(data, [](void* p) { std::free(p); });
+    return py::array_t<T>({rows, cols}, static_cast<T*>(data), owner);
   }
   Block* block = new Block{data, rounded};
   py::capsule owner(block, [](void* p) {
@@ -94,10 +107,12 @@ py::array_t<T> empty_huge(int64_t rows, int64_t cols) {
 }  // namespace
 
 void bind_buffers(py::module_& m) {
-  m.def("empty_huge_float32", &empty_huge<float>, py::arg("rows"), py::arg("cols"),
-        "Uninitialised (rows, cols) float32 array on 2 MiB-aligned, MADV_HUGEPAGE memory.");
-  m.def("empty_huge_float64", &empty_huge<double>, py::arg("rows"), py::arg("cols"),
-        "Uninitialised (rows, cols) float64 array on 2 MiB-aligned, MADV_HUGEPAGE memory.");
+  m.def("empty_huge_float32", &empty_huge<float>, py::arg("rows"), py::arg("cols"), py::arg("cached") = true,
+        "Uninitialised (rows, cols) float32 array on 2 MiB-aligned, MADV_HUGEPAGE memory "
+        "(cached=False: freed at once, never kept for reuse).");
+  m.def("empty_huge_float64", &empty_huge<double>, py::arg("rows"), py::arg("cols"), py::arg("cached") = true,
+        "Uninitialised (rows, cols) float64 array on 2 MiB-aligned, MADV_HUGEPAGE memory "
+        "(cached=False: freed at once, never kept for reuse).");
 }
 
 }  // namespace latentspace::bindings

@@ -50,6 +50,7 @@ __all__ = [
     "unusable_row_flag",
     "as_float64_matrix",
     "as_scores",
+    "empty_vector_buffer",
 ]
 
 # What the caller passed, so results can be returned as the same type.
@@ -587,3 +588,28 @@ def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> 
     return array
 
 
+
+
+# Host vector buffers at least this large come from 2 MiB-aligned MADV_HUGEPAGE memory.
+HUGE_BUFFER_BYTES = 4 << 20
+_CACHE_LINE = 64
+
+
+def empty_vector_buffer(rows: int, dim: int) -> np.ndarray:
+    """An uninitialised, writable (rows, dim) float32 array for vectors that stay in host
+    memory and are searched many times (FlatIndex's buffer). Its first element sits on a
+    64-byte cache line (numpy's own large arrays start 16 bytes past a page, so that every
+    64-byte load of a 512-byte row spans two lines); from HUGE_BUFFER_BYTES up it is 2 MiB
+    aligned and marked MADV_HUGEPAGE (csrc/bindings/buffers.cpp; freed with the array, never
+    cached). Without that allocator: a 64-byte aligned numpy array."""
+    rows, dim = int(rows), int(dim)
+    nbytes = rows * dim * 4
+    allocate = getattr(_native, "empty_huge_float32", None)
+    if nbytes >= HUGE_BUFFER_BYTES and allocate is not None:
+        return allocate(rows, dim, cached=False)
+    if nbytes == 0:
+        return np.empty((rows, dim), dtype=np.float32)
+    spare = _CACHE_LINE // 4
+    flat = np.empty(rows * dim + spare, dtype=np.float32)
+    first = (-flat.ctypes.data % _CACHE_LINE) // 4
+    return flat[first : first + rows * dim].reshape(rows, dim)

@@ -19,6 +19,7 @@ from .._arrays import (
     check_rows_usable,
     check_weights,
     empty_results,
+    empty_vector_buffer,
     weights_for,
 )
 from .._arrays import as_device_matrix, check_rows_usable_flags, is_torch_tensor, unusable_row_flag
@@ -51,7 +52,9 @@ class FlatIndex:
 
     Memory: the vectors are held once, as (ntotal, dim) float32 (dim * 4 bytes per
     vector, see `bytes_per_vector`), in a buffer that grows by 1.5x (see `nbytes`). Search
-    computes norms on the fly: no other per-vector state is kept.
+    computes norms on the fly: no other per-vector state is kept. The buffer starts on a
+    cache line; from 4 MiB up it is 2 MiB aligned, rounded up to whole 2 MiB pages (at most
+    2 MiB beyond `nbytes`) and offered to the kernel for transparent huge pages.
 
     Thread safety: any number of threads may search at once (the GIL is released during
     the native search), also while another thread adds; add(), add_encoded(), reserve()
@@ -225,7 +228,7 @@ class FlatIndex:
         if not exact:
             rows = max(rows, int(capacity * _GROWTH), 16)
         n = self._ntotal if keep is None else keep
-        grown = np.empty((rows, self._dim), dtype=np.float32)
+        grown = empty_vector_buffer(rows, self._dim)  # cache-line (large: 2 MiB) aligned
         grown[:n] = self._buffer[:n]
         with self._lock:
             self._buffer = grown  # searches in flight keep the old buffer alive

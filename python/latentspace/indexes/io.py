@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .._arrays import empty_vector_buffer
 from .._atomic import atomic_write
 
 MAGIC = b"LSPACEIX"
@@ -130,7 +131,7 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
             data = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(ntotal, dim))
         else:
             f.seek(offset)
-            data = np.empty((ntotal, dim), dtype=np.float32)
+            data = empty_vector_buffer(ntotal, dim)  # as FlatIndex grows its own buffer
             got = f.readinto(memoryview(data.reshape(-1).view(np.uint8)))
             if got != nbytes:
                 raise IndexFileError(f"{path}: truncated index file while reading data")
