@@ -15,20 +15,24 @@ namespace {
 
 constexpr int kPanelWidth = 32;
 constexpr int kMaxPanelRows = 12;
-// Up to 3 queries the row path wins; from 4 on, packing (measured on Zen 4, N = 1M, D = 128,
-// one thread: row path 20.5 / 23.5 / 27.3 / 35.6 ms for 1 / 2 / 3 / 4 queries, packed
-// 29.2 / 36.7 / 32.2 ms for 2 / 3 / 4).
-constexpr int kMaxRowQueries = 3;
-
 
 #include "cpu/simd/knn_tile_impl.h"
 
 }  // namespace
 
+// The row path (one to three queries) is the AVX2 one: it is bound by memory reads, and on
+// Zen 4 (which splits each 512-bit operation in two) 256-bit loads stream faster. Measured
+// side by side in one process with `python benchmarks/q1_simd_levels.py 80 avx512,avx2` on the
+// build before this choice, N = 1M, D = 128, L2, k = 10, as a share of torch.sum over the same
+// buffer, 256-bit against 512-bit: three queries 78% / 48% on one thread, 77% / 45% on two
+// in the VM's fast-bandwidth windows, 93% / 61% in slow ones; one query 85% / 81%, 84% / 83%,
+// 96% / 95% (docs/benchmarks.md, "Q = 1: 256-bit row path"). On CPUs with two full-width FMA
+// units the row path stays bound by memory: a row of D floats costs 2 * D / 8 FMAs per query
+// with 256-bit vectors, far fewer cycles than reading its 4 * D bytes from DRAM takes.
 const KnnKernels& knn_kernels_avx512() {
   static const KnnKernels kernels{SimdLevel::kAvx512, kPanelWidth, kMaxPanelRows,
                                   &pack_rows, &pack_query_panel, &scan,
-                                  kMaxRowQueries, &scan_rows};
+                                  knn_kernels_avx2().max_row_queries, knn_kernels_avx2().scan_rows};
   return kernels;
 }
 

@@ -17,6 +17,7 @@ constexpr int kMaxRowQueries = 3;
 
 
 #include "cpu/simd/knn_tile_impl.h"
+#include "cpu/simd/knn_rows_impl.h"
 
 }  // namespace
 

@@ -1,10 +1,11 @@
 // Tile code shared by every instruction set: database packing, the register-blocked
-// inner-product kernel with its key epilogue, query packing, and the row path.
+// inner-product kernel with its key epilogue, and query packing. The row path for one to a
+// few queries is in knn_rows_impl.h.
 //
 // Include this inside an anonymous namespace of the ISA translation unit, after its vector
 // primitives (vec_scalar.h / vec_avx2.h / vec_avx512.h: Vec, kLanes, vec_load, vec_fmadd,
 // vec_less_mask, vec_load_partial, reduce_lanes, transpose_block, prefetch_ahead, ...) and
-// its kPanelWidth, kMaxPanelRows and kMaxRowQueries.
+// its kPanelWidth and kMaxPanelRows.
 // Everything here then has internal linkage, so nothing compiled with one ISA's flags can be
 // shared with, or substituted for, another's by the linker.
 // No #pragma once: each ISA translation unit includes it exactly once, in its own namespace.
@@ -160,112 +161,4 @@ void scan(const QueryPanels& queries, const DatabasePanel& db, const TopKHeaps& 
 void pack_query_panel(const float* q, int64_t rows, int64_t dim, float* panel) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t d = 0; d < dim; ++d) panel[d * rows + i] = q[i * dim + d];
-}
-
-// ---------------------------------------------------------------------------------------
-// Row path for one to a few queries: no packing, database rows read where they are.
-// ---------------------------------------------------------------------------------------
-
-constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
-
-// One row against up to kMaxRowQueries queries in a single pass: the row's squared norm and
-// its inner products, as per-lane partial sums (lane j sums the components d = j mod kLanes,
-// in order of d). Row by row, front to back, so memory is read in address order, which the
-// hardware prefetchers follow. kWeighted: also sum_d w_d x_d^2 (weighted_l2's norm) into
-// *weighted_norm; the plain norm still decides whether the row is usable, as on the packed path.
-template <int kQueries, bool kWeighted>
-inline void row_dots(const float* row, const float* queries, int64_t dim, const float* weights, Vec* norm,
-                     Vec* weighted_norm, Vec* dots) {
-  Vec n = vec_zero(), nw = vec_zero();
-  Vec p[kQueries];
-#pragma GCC unroll 16
-  for (int r = 0; r < kQueries; ++r) p[r] = vec_zero();
-  int64_t c = 0;
-  for (; c + kLanes <= dim; c += kLanes) {
-    const Vec a = vec_load(row + c);
-    n = vec_fmadd(a, a, n);
-    if constexpr (kWeighted) nw = vec_fmadd(vec_mul(a, vec_load(weights + c)), a, nw);
-#pragma GCC unroll 16
-    for (int r = 0; r < kQueries; ++r) p[r] = vec_fmadd(a, vec_load(queries + r * dim + c), p[r]);
-  }
-  if (c < dim) {
-    const Vec a = vec_load_partial(row + c, dim - c);
-    n = vec_fmadd(a, a, n);
-    if constexpr (kWeighted) nw = vec_fmadd(vec_mul(a, vec_load_partial(weights + c, dim - c)), a, nw);
-#pragma GCC unroll 16
-    for (int r = 0; r < kQueries; ++r) {
-      p[r] = vec_fmadd(a, vec_load_partial(queries + r * dim + c, dim - c), p[r]);
-    }
-  }
-  *norm = n;
-  if constexpr (kWeighted) *weighted_norm = nw;
-#pragma GCC unroll 16
-  for (int r = 0; r < kQueries; ++r) dots[r * kRowBlock] = p[r];
-}
-
-template <int kQueries, bool kWeighted>
-int64_t scan_rows_for(const float* queries, const float* database, int64_t begin, int64_t end,
-                      int64_t dim, Metric metric, const float* weights, const TopKHeaps& heaps) {
-  Vec norm_parts[kRowBlock], weighted_parts[kRowBlock], dot_parts[kQueries * kRowBlock];
-  alignas(64) float norms[kRowBlock], weighted_norms[kRowBlock], scale[kRowBlock], offset[kRowBlock],
-      keys[kRowBlock];
-  for (int64_t first = begin; first < end; first += kRowBlock) {
-    const int64_t count = end - first < kRowBlock ? end - first : kRowBlock;
-    const float* rows = database + first * dim;
-    for (int64_t i = 0; i < count; ++i) {
-      row_dots<kQueries, kWeighted>(rows + i * dim, queries, dim, weights, &norm_parts[i], &weighted_parts[i],
-                                    &dot_parts[i]);
-    }
-    for (int64_t i = count; i < kRowBlock; ++i) {
-      norm_parts[i] = weighted_parts[i] = vec_zero();
-      for (int r = 0; r < kQueries; ++r) dot_parts[r * kRowBlock + i] = vec_zero();
-    }
-    vec_store(norms, reduce_lanes(norm_parts));
-    if constexpr (kWeighted) vec_store(weighted_norms, reduce_lanes(weighted_parts));
-    for (int64_t i = 0; i < count; ++i) {
-      if (!usable_squared_norm(norms[i])) return first + i;
-      // Same transform as the packed path's set_key_transform (cpu/knn.cpp).
-      switch (metric) {
-        case Metric::kL2: scale[i] = -2.0f; offset[i] = kWeighted ? weighted_norms[i] : norms[i]; break;
-        case Metric::kInnerProduct: scale[i] = -1.0f; offset[i] = 0.0f; break;
-        case Metric::kCosine:
-          scale[i] = norms[i] > 0.0f ? -1.0f / __builtin_sqrtf(norms[i]) : 0.0f;
-          offset[i] = 0.0f;
-          break;
-      }
-    }
-    for (int64_t i = count; i < kRowBlock; ++i) scale[i] = offset[i] = 0.0f;
-    const uint32_t valid = count >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << count) - 1u);
-    const Vec scale_v = vec_load(scale), offset_v = vec_load(offset);
-    for (int r = 0; r < kQueries; ++r) {
-      const Vec key = vec_fmadd(reduce_lanes(dot_parts + r * kRowBlock), scale_v, offset_v);
-      const uint32_t candidates = vec_less_mask(key, vec_set1(heaps.thresholds[r])) & valid;
-      if (candidates) {
-        vec_store(keys, key);
-        topk_offer(heaps, r, keys, candidates, first);
-      }
-    }
-  }
-  return -1;
-}
-
-template <int kQueries>
-inline int64_t scan_rows_dispatch(const float* queries, int64_t num_queries,
-                                  const float* database, int64_t begin, int64_t end, int64_t dim,
-                                  Metric metric, const float* weights, const TopKHeaps& heaps) {
-  if constexpr (kQueries > 1) {
-    if (num_queries < kQueries) {
-      return scan_rows_dispatch<kQueries - 1>(queries, num_queries, database, begin, end, dim,
-                                              metric, weights, heaps);
-    }
-  }
-  return weights ? scan_rows_for<kQueries, true>(queries, database, begin, end, dim, metric, weights, heaps)
-                 : scan_rows_for<kQueries, false>(queries, database, begin, end, dim, metric, weights, heaps);
-}
-
-int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
-                  int64_t begin, int64_t end, int64_t dim, Metric metric, const float* weights,
-                  const TopKHeaps& heaps) {
-  return scan_rows_dispatch<kMaxRowQueries>(queries, num_queries, database, begin, end, dim,
-                                            metric, weights, heaps);
 }

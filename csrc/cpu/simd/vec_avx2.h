@@ -67,6 +67,7 @@ inline Vec vec_add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline Vec vec_sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
 inline Vec vec_mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
 inline Vec vec_div(Vec a, Vec b) { return _mm256_div_ps(a, b); }
+inline Vec vec_sqrt(Vec a) { return _mm256_sqrt_ps(a); }
 inline Vec vec_max(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vec_min(Vec a, Vec b) { return _mm256_min_ps(a, b); }
 inline Vec vec_abs(Vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }

@@ -21,6 +21,7 @@ inline Vec vec_add(Vec a, Vec b) { return a + b; }
 inline Vec vec_sub(Vec a, Vec b) { return a - b; }
 inline Vec vec_mul(Vec a, Vec b) { return a * b; }
 inline Vec vec_div(Vec a, Vec b) { return a / b; }
+inline Vec vec_sqrt(Vec a) { return __builtin_sqrtf(a); }
 inline Vec vec_max(Vec a, Vec b) { return a > b ? a : b; }
 inline Vec vec_min(Vec a, Vec b) { return a < b ? a : b; }
 inline Vec vec_abs(Vec a) { return __builtin_fabsf(a); }
