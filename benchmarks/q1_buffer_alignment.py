@@ -21,22 +21,16 @@ fast when both roofs >= 45 GB/s, slow when < 40) and buffer.
 
 from __future__ import annotations
 
-import collections
 import ctypes
-import json
-import os
-import random
 import sys
-import time
 
 import numpy as np
-import torch
 
-import latentspace
 from latentspace import FlatIndex, _native
 
-N, D = 1_000_000, 128
-NBYTES = N * D * 4
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _q1_experiment import D, N, NBYTES, alternate, report  # noqa: E402
+
 MADV_NOHUGEPAGE = 15
 
 
@@ -70,25 +64,6 @@ def make_buffer(name: str, source: np.ndarray) -> np.ndarray:
     return buffer
 
 
-def best_rate(fn, repeats: int = 5) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return NBYTES / best / 1e9
-
-
-def busy_seconds() -> float:
-    fields = list(map(int, open("/proc/stat").readline().split()[1:]))
-    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def measure(names: list[str], rounds: int) -> list[dict]:
     source = np.random.default_rng(0).standard_normal((N, D), dtype=np.float32)
     indexes = {}
@@ -102,57 +77,17 @@ def measure(names: list[str], rounds: int) -> list[dict]:
     query = np.random.default_rng(1).standard_normal((1, D), dtype=np.float32)
     expected = indexes[names[0]].search(query, 100)[1]
     assert all(np.array_equal(index.search(query, 100)[1], expected) for index in indexes.values())
-    records, dropped = [], 0
-    for r in range(rounds):
-        order = list(names)
-        random.Random(r).shuffle(order)
-        for name in order:
-            tensor = torch.from_numpy(indexes[name]._buffer)
-            for threads in (2, 1):
-                torch.set_num_threads(threads)
-                latentspace.set_num_threads(threads)
-                busy0, own0, block = busy_seconds(), own_seconds(), []
-                roof = best_rate(lambda: torch.sum(tensor))
-                for k in (10, 100):
-                    search = best_rate(lambda: indexes[name].search(query, k))
-                    roof_after = best_rate(lambda: torch.sum(tensor))
-                    block.append(dict(round=r, buffer=name, threads=threads, k=k, search=search, roof_before=roof,
-                                      roof_after=roof_after))
-                    roof = roof_after
-                if (busy_seconds() - busy0) - (own_seconds() - own0) < 0.04:
-                    records.extend(block)
-                else:
-                    dropped += 1
-    print(f"records {len(records)}, blocks dropped (other processes on the CPUs) {dropped}")
-    return records
-
-
-def summarise(records: list[dict]) -> None:
-    groups = collections.defaultdict(list)
-    for x in records:
-        roof = max(x["roof_before"], x["roof_after"])
-        if x["threads"] == 1:
-            window = "any"
-        else:
-            window = "fast" if min(x["roof_before"], x["roof_after"]) >= 45 else ("slow" if roof < 40 else "mid")
-        groups[(x["threads"], x["k"], window, x["buffer"])].append((x["search"], roof, x["search"] / roof))
-    print(f'{"threads":>7} {"k":>4} {"window":6} {"buffer":8} {"n":>3} {"search GB/s":>11} {"roof GB/s":>9} '
-          f'{"ratio":>6} {"p25-p75":>11}')
-    for key in sorted(groups):
-        a = np.array(groups[key])
-        print(f"{key[0]:7d} {key[1]:4d} {key[2]:6} {key[3]:8} {len(a):3d} {np.median(a[:, 0]):11.1f} "
-              f"{np.median(a[:, 1]):9.1f} {np.median(a[:, 2]):6.3f} "
-              f"{np.percentile(a[:, 2], 25):.3f}-{np.percentile(a[:, 2], 75):.3f}")
+    return alternate(rounds, names, lambda r, name, threads: (indexes[name]._buffer, [
+        (dict(round=r, buffer=name, threads=threads, k=k), lambda k=k: indexes[name].search(query, k))
+        for k in (10, 100)
+    ]))
 
 
 def main() -> int:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     names = sys.argv[2].split(",") if len(sys.argv) > 2 else ["add(new)", "numpy", "numpy64", "huge", "huge+16"]
     records = measure(names, rounds)
-    if len(sys.argv) > 3:
-        with open(sys.argv[3], "w") as handle:
-            json.dump(records, handle)
-    summarise(records)
+    report(records, sys.argv[3] if len(sys.argv) > 3 else None, by="k", variant="buffer")
     return 0
 
 

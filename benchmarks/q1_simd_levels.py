@@ -15,19 +15,15 @@ roof, by threads, Q, window (2 threads: fast when both roofs >= 45 GB/s, slow wh
 
 from __future__ import annotations
 
-import collections
-import json
-import random
 import sys
 
 import numpy as np
-import torch
 
 import latentspace
 from latentspace import FlatIndex
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from q1_buffer_alignment import D, N, best_rate, busy_seconds, own_seconds  # noqa: E402
+from _q1_experiment import D, N, alternate, report  # noqa: E402
 
 QUERY_COUNTS = (1, 3)
 K = 10
@@ -36,7 +32,6 @@ K = 10
 def measure(levels: list[str], rounds: int) -> list[dict]:
     index = FlatIndex(D, "l2")
     index.add(np.random.default_rng(0).standard_normal((N, D), dtype=np.float32))
-    tensor = torch.from_numpy(index._buffer)
     queries = {q: np.random.default_rng(q).standard_normal((q, D), dtype=np.float32) for q in QUERY_COUNTS}
     default_level = latentspace.simd_level()
     database64 = index._buffer.astype(np.float64)
@@ -50,48 +45,18 @@ def measure(levels: list[str], rounds: int) -> list[dict]:
             assert np.allclose(distances, truth, rtol=1e-4, atol=1e-2), f"{level} is wrong at Q = {q}"
         latentspace.set_simd_level(default_level)
     del database64
-    records, dropped = [], 0
-    for r in range(rounds):
-        order = list(levels)
-        random.Random(r).shuffle(order)
-        for level in order:
-            for threads in (2, 1):
-                torch.set_num_threads(threads)
-                latentspace.set_num_threads(threads)
-                busy0, own0, block = busy_seconds(), own_seconds(), []
-                roof = best_rate(lambda: torch.sum(tensor))
-                for q in QUERY_COUNTS:
-                    latentspace.set_simd_level(level)
-                    search = best_rate(lambda: index.search(queries[q], K))
-                    latentspace.set_simd_level(default_level)
-                    roof_after = best_rate(lambda: torch.sum(tensor))
-                    block.append(dict(round=r, level=level, threads=threads, q=q, search=search, roof_before=roof,
-                                      roof_after=roof_after))
-                    roof = roof_after
-                if (busy_seconds() - busy0) - (own_seconds() - own0) < 0.04:
-                    records.extend(block)
-                else:
-                    dropped += 1
-    print(f"records {len(records)}, blocks dropped (other processes on the CPUs) {dropped}")
-    return records
 
+    def search_at(level: str, q: int) -> None:
+        latentspace.set_simd_level(level)
+        try:
+            index.search(queries[q], K)
+        finally:
+            latentspace.set_simd_level(default_level)
 
-def summarise(records: list[dict]) -> None:
-    groups = collections.defaultdict(list)
-    for x in records:
-        roof = max(x["roof_before"], x["roof_after"])
-        if x["threads"] == 1:
-            window = "any"
-        else:
-            window = "fast" if min(x["roof_before"], x["roof_after"]) >= 45 else ("slow" if roof < 40 else "mid")
-        groups[(x["threads"], x["q"], window, x["level"])].append((x["search"], roof, x["search"] / roof))
-    print(f'{"threads":>7} {"Q":>2} {"window":6} {"level":7} {"n":>3} {"search GB/s":>11} {"roof GB/s":>9} '
-          f'{"ratio":>6} {"p25-p75":>11}')
-    for key in sorted(groups):
-        a = np.array(groups[key])
-        print(f"{key[0]:7d} {key[1]:2d} {key[2]:6} {key[3]:7} {len(a):3d} {np.median(a[:, 0]):11.1f} "
-              f"{np.median(a[:, 1]):9.1f} {np.median(a[:, 2]):6.3f} "
-              f"{np.percentile(a[:, 2], 25):.3f}-{np.percentile(a[:, 2], 75):.3f}")
+    return alternate(rounds, levels, lambda r, level, threads: (index._buffer, [
+        (dict(round=r, level=level, threads=threads, q=q), lambda q=q: search_at(level, q))
+        for q in QUERY_COUNTS
+    ]))
 
 
 def main() -> int:
@@ -100,10 +65,7 @@ def main() -> int:
     levels = sys.argv[2].split(",") if len(sys.argv) > 2 else (["avx512", "avx2"] if supported == "avx512"
                                                                  else ["avx2", "scalar"])
     records = measure(levels, rounds)
-    if len(sys.argv) > 3:
-        with open(sys.argv[3], "w") as handle:
-            json.dump(records, handle)
-    summarise(records)
+    report(records, sys.argv[3] if len(sys.argv) > 3 else None, by="q", variant="level")
     return 0
 
 
