@@ -569,6 +569,31 @@ def test_k_wrong_type(good, k):
         latentspace.knn(q, x, k)
 
 
+@pytest.mark.parametrize("nq", [0, 1, 3])
+@pytest.mark.parametrize("k", [2**61, 2**62, 2**63 - 1])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_k_too_large_to_address(good, nq, k, as_torch):
+    """(Q, k) results larger than any address space: a ValueError naming k, not numpy's
+    'array is too big' or torch's 'Storage size calculation overflowed'."""
+    q, x = good
+    queries = torch.from_numpy(q[:nq]) if as_torch else q[:nq]
+    with pytest.raises(ValueError, match=f"k: .*{k}"):
+        latentspace.knn(queries, x, k)
+    index = latentspace.FlatIndex(q.shape[1])
+    with pytest.raises(ValueError, match=f"k: .*{k}"):
+        index.search(queries, k)
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_k_too_large_for_memory(good, as_torch):
+    """Results that fit in 64-bit sizes but exceed any address space in use (384 PiB): a
+    MemoryError naming k (torch's CPU allocator raises a bare RuntimeError)."""
+    q, x = good
+    queries = torch.from_numpy(q[:1]) if as_torch else q[:1]
+    with pytest.raises(MemoryError, match="k: "):
+        latentspace.knn(queries, x, 2**55)
+
+
 @pytest.mark.parametrize("nq", [1, 5])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30, -1e30, 7e18])
 @pytest.mark.parametrize("which", ["queries", "database"])

@@ -194,16 +194,25 @@ def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None 
 
 def empty_results(kind: ArrayKind, rows: int, k: int):
     """Allocates (rows, k) float32 distances and int64 indices of the caller's type; returns
-    them with numpy views of the same memory for native code to fill."""
-    if kind == "torch":
-        import torch
+    them with numpy views of the same memory for native code to fill. Raises ValueError
+    naming k when they could never be allocated, MemoryError naming k when they cannot now."""
+    nbytes = max(rows, 1) * k * 12  # max(rows, 1): numpy refuses a (0, 2**62) array too
+    if nbytes > sys.maxsize:
+        raise ValueError(f"k: {rows} queries x k={k} results need {nbytes:.3g} bytes, more than any "
+                         "address space; lower k")
+    try:
+        if kind == "torch":
+            import torch
 
-        distances = torch.empty((rows, k), dtype=torch.float32)
-        indices = torch.empty((rows, k), dtype=torch.int64)
-        return distances, indices, distances.numpy(), indices.numpy()
-    distances = np.empty((rows, k), dtype=np.float32)
-    indices = np.empty((rows, k), dtype=np.int64)
-    return distances, indices, distances, indices
+            distances = torch.empty((rows, k), dtype=torch.float32)
+            indices = torch.empty((rows, k), dtype=torch.int64)
+            return distances, indices, distances.numpy(), indices.numpy()
+        distances = np.empty((rows, k), dtype=np.float32)
+        indices = np.empty((rows, k), dtype=np.int64)
+        return distances, indices, distances, indices
+    except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises RuntimeError
+        raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, which cannot be "
+                          f"allocated; lower k ({error})") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
 from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
@@ -196,8 +196,7 @@ def _command_search(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise _in_file(args.queries, error) from None
     name = f"{args.queries} (encoded)" if encoder is not None else args.queries
-    distances = np.empty((nq, k), dtype=np.float32)
-    indices = np.empty((nq, k), dtype=np.int64)
+    distances, indices, _, _ = empty_results("numpy", nq, k)  # errors naming k when too large
     with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         for start in range(0, nq, batch_size):
