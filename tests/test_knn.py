@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import sys
 
@@ -670,6 +672,28 @@ def test_non_numeric_torch_dtypes(good, dtype):
         latentspace.knn(torch.from_numpy(q).to(dtype), x, 2)
     with pytest.raises(TypeError, match="database"):
         latentspace.knn(torch.from_numpy(q), torch.from_numpy(x).to(dtype), 2)
+
+
+@pytest.mark.parametrize("layout", ["sparse", "sparse_csr", "nested"])
+def test_non_dense_torch_tensors(good, layout):
+    """Sparse and nested tensors: a TypeError naming the argument (torch's own errors, a
+    RuntimeError or 'NestedTensorImpl doesn't support sizes', named nothing)."""
+    q, x = good
+    make = {"sparse": lambda t: t.to_sparse(), "sparse_csr": lambda t: t.to_sparse_csr(),
+            "nested": lambda t: torch.nested.nested_tensor(list(t))}[layout]
+    with pytest.warns(UserWarning) if layout != "sparse" else contextlib.nullcontext():  # beta / prototype
+        bad_q, bad_x = make(torch.from_numpy(q)), make(torch.from_numpy(x))
+    with pytest.raises(TypeError, match="queries: expected a dense tensor"):
+        latentspace.knn(bad_q, x, 2)
+    with pytest.raises(TypeError, match="database: expected a dense tensor"):
+        latentspace.knn(q, bad_x, 2)
+    index = latentspace.FlatIndex(q.shape[1])
+    with pytest.raises(TypeError, match="x: expected a dense tensor"):
+        index.add(bad_x)
+    with pytest.raises(TypeError, match="queries: expected a dense tensor"):
+        index.search(bad_q, 2)
+    with pytest.raises(TypeError, match="weights: expected a dense tensor"):
+        latentspace.knn(q, x, 2, "weighted_l2", weights=torch.ones(q.shape[1]).to_sparse())
 
 
 @pytest.mark.parametrize("value", ["abc", b"abc", None])
