@@ -410,6 +410,14 @@ def test_nested_lists_are_accepted(rng):
     np.testing.assert_array_equal(D, D0)
 
 
+def test_ragged_lists_are_refused_by_name(good):
+    q, x = good
+    with pytest.raises(ValueError, match="queries: expected rows of equal length"):
+        latentspace.knn([[1.0, 2.0], [1.0]], x, 2)
+    with pytest.raises(ValueError, match="database: expected rows of equal length"):
+        latentspace.knn(q, [list(row) for row in x[:-1]] + [[1.0]], 2)
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8]
 )

@@ -91,7 +91,10 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     """np.asarray(x), refusing strings, None and non-real dtypes with a TypeError naming `name`."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
-    array = np.asarray(x)
+    try:
+        array = np.asarray(x)
+    except ValueError as error:  # a ragged nested list: numpy's message names no argument
+        raise ValueError(f"{name}: expected rows of equal length ({error})") from None
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}")
     return array
