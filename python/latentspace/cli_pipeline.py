@@ -173,6 +173,9 @@ def _command_search(args: argparse.Namespace) -> int:
     out_path = _check_suffix(args.out, ".npz", "--out")
     k = check_k(args.k)
     batch_size = check_int(args.batch_size, "--batch-size")
+    if args.model is None and (args.device is not None or args.precision != "fp32"):
+        raise ValueError("--device, --precision: they choose how --model encodes the queries; without --model "
+                         "they would be ignored (the search runs on the CPU)")
     index = load_index(args.index, mmap=args.mmap)
     weights = _load_weights(args.weights, index.metric, index.dim)
     Q = _load_rows(args.queries, args.key)
