@@ -477,6 +477,15 @@ def test_pipeline_errors(pipeline_files, capsys):
     err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), "-k", "0",
                           "--out", str(tmp / "r.npz"))
     assert "k: expected an integer >= 1" in err
+    err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), "-k", str(2**62),
+                          "--out", str(tmp / "r.npz"))
+    assert f"k: 300 queries x k={2**62} results need" in err and "more than any address space" in err
+    code, _, err = _main(capsys, "search", idx, str(tmp / "codes.npy"), "-k", str(2**50), "--out", str(tmp / "r.npz"))
+    assert code == 1 and err.startswith("latentspace search: error: k: 300 queries x k=") and "Traceback" not in err
+    for option in (["--device", "cuda"], ["--device", "bogus"], ["--precision", "bf16"]):
+        err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), *option,
+                              "--out", str(tmp / "r.npz"))
+        assert "--device, --precision: they choose how --model encodes the queries" in err
     err = _pipeline_error(capsys, "search", "search", data, str(tmp / "codes.npy"), "--out", str(tmp / "r.npz"))
     assert "not a latentspace index file" in err
     err = _pipeline_error(capsys, "search", "search", idx, str(tmp / "codes.npy"), "--out", str(tmp / "r.npy"))

@@ -3,6 +3,7 @@ large) and the ann-benchmarks HDF5 layout (skipped without h5py)."""
 
 from __future__ import annotations
 
+import os
 import zipfile
 
 import numpy as np
@@ -131,6 +132,30 @@ def test_npy_npz_errors(tmp_path, rng):
         datasets.load_npz(tmp_path / "missing.npz")
     with pytest.raises(TypeError, match="mmap: expected True, False or None"):
         datasets.load_npy(tmp_path / "junk.npy", mmap="yes")
+
+
+@pytest.mark.parametrize("name", ["fifo.npy", "fifo.npz", "fifo.hdf5"])
+def test_a_fifo_is_refused_not_waited_on(tmp_path, name):
+    """Opening a FIFO with no writer blocks forever; no loader can use one (they seek and
+    stat): refused up front, as a folder is."""
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(ValueError, match=f"{name}: not a regular file"):
+        datasets.load_array(tmp_path / name)
+    folder = tmp_path / ("folder" + os.path.splitext(name)[1])
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError):
+        datasets.load_array(folder)
+
+
+def test_corrupted_npz_member_is_a_value_error(tmp_path, rng):
+    """A member whose bytes fail the zip CRC: ValueError naming the file (zipfile's BadZipFile
+    is no ValueError, so the CLI printed a traceback)."""
+    np.savez(tmp_path / "a.npz", a=rng.standard_normal((10, 4)))
+    raw = bytearray((tmp_path / "a.npz").read_bytes())
+    raw[100:110] = b"x" * 10  # inside the member's data
+    (tmp_path / "a.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="a.npz: array 'a' is not readable"):
+        datasets.load_npz(tmp_path / "a.npz", mmap=False)
 
 
 def test_load_array_dispatches_on_suffix(tmp_path, rng):

@@ -413,6 +413,18 @@ def test_missing_file(tmp_path):
         latentspace.load_index(tmp_path / "missing.lsx", mmap=True)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_load_from_a_folder_or_a_fifo_fails(tmp_path, mmap):
+    """Only a regular file can be an index: a folder is named as one, and a FIFO is refused
+    up front (opening one with no writer would block forever)."""
+    with pytest.raises(IsADirectoryError, match=f"path: {tmp_path} is a folder"):
+        latentspace.load_index(tmp_path, mmap=mmap)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(IndexFileError, match="not a regular file"):
+        latentspace.load_index(fifo, mmap=mmap)
+
+
 def test_save_to_directory_fails(tmp_path, rng):
     index = latentspace.FlatIndex(3)
     index.add(_normal(rng, 2, 3))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import sys
 
@@ -408,6 +410,14 @@ def test_nested_lists_are_accepted(rng):
     np.testing.assert_array_equal(D, D0)
 
 
+def test_ragged_lists_are_refused_by_name(good):
+    q, x = good
+    with pytest.raises(ValueError, match="queries: expected rows of equal length"):
+        latentspace.knn([[1.0, 2.0], [1.0]], x, 2)
+    with pytest.raises(ValueError, match="database: expected rows of equal length"):
+        latentspace.knn(q, [list(row) for row in x[:-1]] + [[1.0]], 2)
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float64, torch.bfloat16, torch.float16, torch.int32, torch.int64, torch.uint8]
 )
@@ -569,6 +579,31 @@ def test_k_wrong_type(good, k):
         latentspace.knn(q, x, k)
 
 
+@pytest.mark.parametrize("nq", [0, 1, 3])
+@pytest.mark.parametrize("k", [2**61, 2**62, 2**63 - 1])
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_k_too_large_to_address(good, nq, k, as_torch):
+    """(Q, k) results larger than any address space: a ValueError naming k, not numpy's
+    'array is too big' or torch's 'Storage size calculation overflowed'."""
+    q, x = good
+    queries = torch.from_numpy(q[:nq]) if as_torch else q[:nq]
+    with pytest.raises(ValueError, match=f"k: .*{k}"):
+        latentspace.knn(queries, x, k)
+    index = latentspace.FlatIndex(q.shape[1])
+    with pytest.raises(ValueError, match=f"k: .*{k}"):
+        index.search(queries, k)
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_k_too_large_for_memory(good, as_torch):
+    """Results that fit in 64-bit sizes but exceed any address space in use (384 PiB): a
+    MemoryError naming k (torch's CPU allocator raises a bare RuntimeError)."""
+    q, x = good
+    queries = torch.from_numpy(q[:1]) if as_torch else q[:1]
+    with pytest.raises(MemoryError, match="k: "):
+        latentspace.knn(queries, x, 2**55)
+
+
 @pytest.mark.parametrize("nq", [1, 5])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e30, -1e30, 7e18])
 @pytest.mark.parametrize("which", ["queries", "database"])
@@ -645,6 +680,28 @@ def test_non_numeric_torch_dtypes(good, dtype):
         latentspace.knn(torch.from_numpy(q).to(dtype), x, 2)
     with pytest.raises(TypeError, match="database"):
         latentspace.knn(torch.from_numpy(q), torch.from_numpy(x).to(dtype), 2)
+
+
+@pytest.mark.parametrize("layout", ["sparse", "sparse_csr", "nested"])
+def test_non_dense_torch_tensors(good, layout):
+    """Sparse and nested tensors: a TypeError naming the argument (torch's own errors, a
+    RuntimeError or 'NestedTensorImpl doesn't support sizes', named nothing)."""
+    q, x = good
+    make = {"sparse": lambda t: t.to_sparse(), "sparse_csr": lambda t: t.to_sparse_csr(),
+            "nested": lambda t: torch.nested.nested_tensor(list(t))}[layout]
+    with pytest.warns(UserWarning) if layout != "sparse" else contextlib.nullcontext():  # beta / prototype
+        bad_q, bad_x = make(torch.from_numpy(q)), make(torch.from_numpy(x))
+    with pytest.raises(TypeError, match="queries: expected a dense tensor"):
+        latentspace.knn(bad_q, x, 2)
+    with pytest.raises(TypeError, match="database: expected a dense tensor"):
+        latentspace.knn(q, bad_x, 2)
+    index = latentspace.FlatIndex(q.shape[1])
+    with pytest.raises(TypeError, match="x: expected a dense tensor"):
+        index.add(bad_x)
+    with pytest.raises(TypeError, match="queries: expected a dense tensor"):
+        index.search(bad_q, 2)
+    with pytest.raises(TypeError, match="weights: expected a dense tensor"):
+        latentspace.knn(q, x, 2, "weighted_l2", weights=torch.ones(q.shape[1]).to_sparse())
 
 
 @pytest.mark.parametrize("value", ["abc", b"abc", None])

@@ -169,3 +169,23 @@ def test_unusable_rows_are_reported_even_in_a_dropped_dimension(simd_level, nq, 
     w = np.array([1, 1, 0, 1, 1], np.float32)
     with pytest.raises(ValueError, match="database: row 123 contains NaN or Inf"):
         latentspace.knn(_data(rng, nq, 5), x, 3, "weighted_l2", weights=w)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 4, 40])  # the row path (1-3 queries) and the packed path
+def test_rows_whose_weighted_norm_overflows_are_refused(simd_level, nq, rng):
+    """Large weights can push a usable row's weighted squared norm past float32 (the search
+    would give NaN distances and -1 for rows that exist): refused, naming the row."""
+    x, q = _data(rng, 300, 5), _data(rng, nq, 5)
+    x[123] = 1e18  # plain squared norm 5e36: usable; weighted by 1e4, 5e40: not
+    w = np.array([1e4, 1, 1, 1, 1], np.float32)
+    with pytest.raises(ValueError, match="database: row 123 .*weights"):
+        latentspace.knn(q, x, 3, "weighted_l2", weights=w)
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=w)
+    index.add(x)  # usable with the plain norm; refused when searched with these weights
+    with pytest.raises(ValueError, match="database: row 123 .*weights"):
+        index.search(q, 3)
+    index.weights = np.ones(5)
+    assert (index.search(q, 3)[1] >= 0).all()
+    q[nq - 1] = 1e18
+    with pytest.raises(ValueError, match=f"queries: row {nq - 1} .*weights"):
+        latentspace.knn(q, x[:100], 3, "weighted_l2", weights=w)

@@ -199,6 +199,10 @@ def test_module_form(generator):
         (lambda: reconstruction_loss(torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool)), TypeError, "target"),
         (lambda: reconstruction_loss(np.random.rand(3, 4), torch.rand(3, 4)), TypeError, "recon"),
         (lambda: reconstruction_loss(torch.tensor(0.5), torch.tensor(0.5)), ValueError, "batch dimension"),
+        # empty batches: torch's reshape error, or a ZeroDivisionError for mean over 0 features
+        (lambda: reconstruction_loss(torch.rand(0, 4), torch.rand(0, 4)), ValueError, "recon: expected a non-empty"),
+        (lambda: reconstruction_loss(torch.rand(3, 0), torch.rand(3, 0)), ValueError, "recon: expected a non-empty"),
+        (lambda: kl_normal(torch.rand(0, 4), torch.rand(0, 4)), ValueError, "mu: expected a non-empty"),
         (lambda: kl_normal(torch.rand(3, 4), torch.rand(3, 2)), ValueError, "shapes differ"),
         (lambda: kl_normal(torch.rand(3, 4), torch.rand(3, 4), reduction="batch"), ValueError, "reduction"),
     ],

@@ -143,6 +143,15 @@ def test_relevance_weights():
     np.testing.assert_allclose(ls.relevance_weights(torch.tensor([1.0, 3.0])), [0.5, 1.5], rtol=1e-6)
 
 
+def test_relevance_weights_do_not_overflow_or_underflow():
+    """Scores raised to a large power overflow float64 (10 ** 400) or underflow to 0 (tiny
+    scores); the weights are scale-free, so they come out finite and exact all the same."""
+    np.testing.assert_array_equal(ls.relevance_weights([10.0, 1.0, 2.0], power=400), [3, 0, 0])
+    np.testing.assert_array_equal(ls.relevance_weights([0.1, 0.2], power=2000), [0, 2])
+    np.testing.assert_array_equal(ls.relevance_weights([5e-324, 0.0]), [2, 0])
+    np.testing.assert_allclose(ls.relevance_weights([1e300, 1e300, 1e290]), [1.5, 1.5, 0], atol=1e-9)
+
+
 def test_relevance_weights_errors():
     with pytest.raises(ValueError, match="scores: every score is <= 0"):
         ls.relevance_weights(np.zeros(3))

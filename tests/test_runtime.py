@@ -91,6 +91,14 @@ def test_set_num_threads_value_errors(n):
     assert latentspace.get_num_threads() == before
 
 
+@pytest.mark.parametrize("n", [2**31, 2**40, np.uint64(2**63)])
+def test_set_num_threads_beyond_int32(n):
+    before = latentspace.get_num_threads()
+    with pytest.raises(ValueError, match="n: expected an integer <= 2147483647"):
+        latentspace.set_num_threads(n)
+    assert latentspace.get_num_threads() == before
+
+
 @pytest.mark.parametrize("n", [1.5, 2.0, True, False, "2", None])
 def test_set_num_threads_type_errors(n):
     before = latentspace.get_num_threads()

@@ -46,6 +46,11 @@ constexpr double kMinWorkPerThread = 1 << 18;
 const char* const kBadRowMessage =
     " contains NaN or Inf, or values so large that squared distances overflow float32 "
     "(squared norm above 4.2e37); clean or rescale the data";
+// weighted_l2: the weighted squared norm sum_d w_d x_d^2 must be usable too.
+const char* const kBadWeightedRowMessage =
+    " contains NaN or Inf, or values so large that squared distances overflow float32 "
+    "(squared norm, plain or scaled by the weights, above 4.2e37); clean or rescale the data, "
+    "or lower the weights";
 
 // Everything one thread needs, allocated before any parallel region (nothing inside a
 // region may allocate or throw).
@@ -161,7 +166,15 @@ void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_
         return;
       }
     }
-    if (weights) weighted_panel_norms(scratch.panel.data(), width, dim, weights, scratch.sq_norms.data());
+    if (weights) {
+      weighted_panel_norms(scratch.panel.data(), width, dim, weights, scratch.sq_norms.data());
+      for (int64_t j = 0; j < panel.valid; ++j) {
+        if (!usable_squared_norm(scratch.sq_norms[j])) {
+          record_bad_row(first_bad_row, panel.first_id + j);
+          return;
+        }
+      }
+    }
     set_key_transform(metric, scratch.sq_norms.data(), panel.valid, width,
                       scratch.key_scale.data(), scratch.key_offset.data());
     kernels.scan(*packed_queries, panel, heaps);
@@ -248,6 +261,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
         scaled_queries[i * dim + d] = weights[d] * q;
         norm += weights[d] * q * q;
       }
+      LS_CHECK_VALUE(usable_squared_norm(norm), "queries: row ", i, kBadWeightedRowMessage);
       query_sq_norms[i] = norm;
     }
     queries = scaled_queries.data();
@@ -345,7 +359,8 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
   }
 
   const int64_t bad_row = first_bad_row.load();
-  LS_CHECK_VALUE(bad_row >= num_database, "database: row ", bad_row, kBadRowMessage);
+  LS_CHECK_VALUE(bad_row >= num_database, "database: row ", bad_row,
+                 weights ? kBadWeightedRowMessage : kBadRowMessage);
 }
 
 }  // namespace latentspace

@@ -70,8 +70,7 @@ def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
 
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
-    if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
-        raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+    check_real_dtype(x, name)
     x = x.detach()
     if x.device.type == "cuda":
         x = x.cpu()  # a search on the CPU (device="cpu") of CUDA tensors: copied to the host
@@ -92,7 +91,10 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     """np.asarray(x), refusing strings, None and non-real dtypes with a TypeError naming `name`."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
-    array = np.asarray(x)
+    try:
+        array = np.asarray(x)
+    except ValueError as error:  # a ragged nested list: numpy's message names no argument
+        raise ValueError(f"{name}: expected rows of equal length ({error})") from None
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {array.dtype}")
     return array
@@ -165,6 +167,7 @@ def check_weights(weights: Any, dim: int) -> np.ndarray:
     """Per-dimension influence weights: (dim,) real, finite, >= 0; returns a float32 copy (so
     that changing the caller's array later changes nothing here)."""
     if is_torch_tensor(weights):
+        check_dense(weights, "weights")
         weights = weights.detach().cpu().numpy()
     array = _real_numpy(weights, "weights", "a 1-d array of per-dimension weights")
     if array.ndim != 1 or array.shape[0] != dim:
@@ -194,16 +197,25 @@ def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None 
 
 def empty_results(kind: ArrayKind, rows: int, k: int):
     """Allocates (rows, k) float32 distances and int64 indices of the caller's type; returns
-    them with numpy views of the same memory for native code to fill."""
-    if kind == "torch":
-        import torch
+    them with numpy views of the same memory for native code to fill. Raises ValueError
+    naming k when they could never be allocated, MemoryError naming k when they cannot now."""
+    nbytes = max(rows, 1) * k * 12  # max(rows, 1): numpy refuses a (0, 2**62) array too
+    if nbytes > sys.maxsize:
+        raise ValueError(f"k: {rows} queries x k={k} results need {nbytes:.3g} bytes, more than any "
+                         "address space; lower k")
+    try:
+        if kind == "torch":
+            import torch
 
-        distances = torch.empty((rows, k), dtype=torch.float32)
-        indices = torch.empty((rows, k), dtype=torch.int64)
-        return distances, indices, distances.numpy(), indices.numpy()
-    distances = np.empty((rows, k), dtype=np.float32)
-    indices = np.empty((rows, k), dtype=np.int64)
-    return distances, indices, distances, indices
+            distances = torch.empty((rows, k), dtype=torch.float32)
+            indices = torch.empty((rows, k), dtype=torch.int64)
+            return distances, indices, distances.numpy(), indices.numpy()
+        distances = np.empty((rows, k), dtype=np.float32)
+        indices = np.empty((rows, k), dtype=np.int64)
+        return distances, indices, distances, indices
+    except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises RuntimeError
+        raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, which cannot be "
+                          f"allocated; lower k ({error})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,8 +261,7 @@ def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, 
         raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
-    if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
-        raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+    check_real_dtype(x, name)
     if x.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
@@ -326,8 +337,7 @@ def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], .
 
     if is_torch_tensor(x):
         kind: ArrayKind = "torch"
-        if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_torch_int(x)):
-            raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+        check_real_dtype(x, name)
         if x.device != torch.device(device):
             raise ValueError(
                 f"{name}: expected a tensor on the model's device '{torch.device(device)}', got one "
@@ -365,13 +375,27 @@ def numpy_to_tensor(array: np.ndarray):
 
 
 def check_real_dtype(x: Any, name: str) -> None:
-    """Refuses booleans, complex numbers, strings and objects (numpy arrays or torch tensors)."""
+    """Refuses booleans, complex numbers, strings and objects (numpy arrays or torch tensors),
+    and sparse or nested torch tensors."""
     if is_torch_tensor(x):
+        check_dense(x, name)
         ok = x.dtype != _torch_bool() and not x.is_complex() and (x.is_floating_point() or _is_torch_int(x))
     else:
         ok = x.dtype.kind in "fiu"
     if not ok:
         raise TypeError(f"{name}: expected a real numeric dtype (float32 preferred), got {x.dtype}")
+
+
+def check_dense(x: Any, name: str) -> None:
+    """Refuses torch tensors that are not plain strided ones (sparse, nested): torch's own
+    errors for them (from .contiguous(), .numpy(), or sizes) name no argument."""
+    import torch
+
+    if x.is_nested:
+        raise TypeError(f"{name}: expected a dense tensor, got a nested one")
+    if x.layout != torch.strided:
+        layout = str(x.layout).removeprefix("torch.")
+        raise TypeError(f"{name}: expected a dense tensor, got a {layout} one; pass {name}.to_dense()")
 
 
 def _torch_bool():

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"latentspace {command}: error: {error}", file=sys.stderr)
         return 2
-    except FloatingPointError as error:  # training diverged
+    except (FloatingPointError, MemoryError) as error:  # training diverged; too large for memory
         print(f"latentspace {command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
 from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
@@ -173,6 +173,9 @@ def _command_search(args: argparse.Namespace) -> int:
     out_path = _check_suffix(args.out, ".npz", "--out")
     k = check_k(args.k)
     batch_size = check_int(args.batch_size, "--batch-size")
+    if args.model is None and (args.device is not None or args.precision != "fp32"):
+        raise ValueError("--device, --precision: they choose how --model encodes the queries; without --model "
+                         "they would be ignored (the search runs on the CPU)")
     index = load_index(args.index, mmap=args.mmap)
     weights = _load_weights(args.weights, index.metric, index.dim)
     Q = _load_rows(args.queries, args.key)
@@ -196,8 +199,7 @@ def _command_search(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise _in_file(args.queries, error) from None
     name = f"{args.queries} (encoded)" if encoder is not None else args.queries
-    distances = np.empty((nq, k), dtype=np.float32)
-    indices = np.empty((nq, k), dtype=np.int64)
+    distances, indices, _, _ = empty_results("numpy", nq, k)  # errors naming k when too large
     with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         for start in range(0, nq, batch_size):

@@ -8,6 +8,7 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 from __future__ import annotations
 
 import os
+import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,19 @@ def _check_mmap(mmap: Any) -> None:
         raise TypeError(f"mmap: expected True, False or None (automatic), got {mmap!r}")
 
 
+def _regular_file(path: str | os.PathLike) -> Path:
+    """path as a Path to a regular file: FileNotFoundError when there is none,
+    IsADirectoryError for a folder, ValueError for a FIFO or device (opening a FIFO with no
+    writer blocks forever, and the loaders stat and seek)."""
+    path = Path(os.fspath(path))
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"path: {path} is a folder; pass a file")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO or a device); pass a file")
+    return path
+
+
 def _checked(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     if array.dtype.kind not in "fiu":
         raise ValueError(f"{path}: {what} has dtype {array.dtype}; expected real numbers (float32 preferred)")
@@ -92,7 +106,7 @@ def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray
     is not a .npy array of real numbers.
     """
     _check_mmap(mmap)
-    path = Path(os.fspath(path))
+    path = _regular_file(path)
     if mmap is None:
         mmap = path.stat().st_size >= MMAP_THRESHOLD_BYTES
     if zipfile.is_zipfile(path):
@@ -114,10 +128,8 @@ def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | No
     raises ValueError, None reads it). Never unpickles.
     """
     _check_mmap(mmap)
-    path = Path(os.fspath(path))
+    path = _regular_file(path)
     if not zipfile.is_zipfile(path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no such file")
         raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
     with zipfile.ZipFile(path) as archive:
         names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
@@ -140,7 +152,7 @@ def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | No
         try:
             with archive.open(info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
-        except ValueError as error:
+        except (ValueError, zipfile.BadZipFile, EOFError) as error:  # BadZipFile: a bad CRC
             raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
     return _checked(array, path, f"array {key!r}")
 
@@ -230,9 +242,7 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
     except ImportError:
         raise ImportError("load_ann_benchmarks needs h5py: pip install 'latentspace[hdf5]' "
                           "(or pip install h5py)") from None
-    path = Path(os.fspath(path))
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+    path = _regular_file(path)
     try:
         handle = h5py.File(path, "r")
     except OSError as error:

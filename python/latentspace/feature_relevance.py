@@ -171,10 +171,13 @@ def relevance_weights(scores: Any, *, power: float = 1.0, normalize: str = "mean
     power = check_float(power, "power", include_minimum=False)
     if not isinstance(normalize, str) or normalize not in _NORMALIZE:
         raise ValueError(f"normalize: expected 'mean' or 'max', got {normalize!r}")
-    w = np.maximum(s, 0.0) ** power
-    scale = w.mean() if normalize == "mean" else w.max()
-    if not scale > 0:
+    w = np.maximum(s, 0.0)
+    if not w.max() > 0:
         raise ValueError("scores: every score is <= 0, so every weight would be 0; nothing to weight by")
+    # The weights are scale-free: scaling the scores to max 1 first keeps s ** power from
+    # overflowing (10 ** 400) or underflowing to all zeros (0.1 ** 2000).
+    w = (w / w.max()) ** power
+    scale = w.mean() if normalize == "mean" else w.max()
     return (w / scale).astype(np.float32)
 
 

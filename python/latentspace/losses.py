@@ -58,6 +58,8 @@ def _check_pair(a, b, names: str) -> None:
             raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
         if value.dim() < 1:
             raise ValueError(f"{name}: expected a tensor with a batch dimension, got a scalar")
+        if value.numel() == 0:  # no rows (or no features): no loss to average
+            raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(value.shape)}")
     if a.shape != b.shape:
         raise ValueError(f"{names}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.device != b.device:

@@ -19,6 +19,7 @@ __all__ = [
 ]
 
 _SIMD_ENV = "LATENTSPACE_SIMD"
+_MAX_THREADS = 2**31 - 1
 
 
 def _warn_about_bad_simd_env() -> None:
@@ -39,6 +40,8 @@ def get_num_threads() -> int:
 def set_num_threads(n: int) -> None:
     """Sets the thread count of latentspace's kernels only (torch's is separate)."""
     n = check_int(n, "n")
+    if n > _MAX_THREADS:
+        raise ValueError(f"n: expected an integer <= {_MAX_THREADS} (the native thread count is an int), got {n}")
     _native.set_num_threads(n)
 
 

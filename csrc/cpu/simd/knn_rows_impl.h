@@ -12,7 +12,8 @@ constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
 // its inner products, as per-lane partial sums (lane j sums the components d = j mod kLanes,
 // in order of d). Row by row, front to back, so memory is read in address order, which the
 // hardware prefetchers follow. kWeighted: also sum_d w_d x_d^2 (weighted_l2's norm) into
-// *weighted_norm; the plain norm still decides whether the row is usable, as on the packed path.
+// *weighted_norm; the plain norm decides whether the row is usable (a zero weight hides no NaN)
+// and the weighted one must be usable too (large weights can overflow it), as on the packed path.
 template <int kQueries, bool kWeighted>
 inline void row_dots(const float* row, const float* queries, int64_t dim, const float* weights, Vec* norm,
                      Vec* weighted_norm, Vec* dots) {
@@ -63,7 +64,12 @@ int64_t scan_rows_for(const float* queries, const float* database, int64_t begin
     const uint32_t valid = count >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << count) - 1u);
     const Vec norms = reduce_lanes(norm_parts);
     // Unusable: NaN, or above kMaxSquaredNorm (ops/norms.h's usable_squared_norm).
-    const uint32_t unusable = (vec_nan_mask(norms) | vec_less_mask(vec_set1(kMaxSquaredNorm), norms)) & valid;
+    uint32_t unusable = (vec_nan_mask(norms) | vec_less_mask(vec_set1(kMaxSquaredNorm), norms)) & valid;
+    Vec l2_offsets = norms;  // |x|^2, or weighted_l2's |x|_w^2, which must be usable too
+    if constexpr (kWeighted) {
+      l2_offsets = reduce_lanes(weighted_parts);
+      unusable |= (vec_nan_mask(l2_offsets) | vec_less_mask(vec_set1(kMaxSquaredNorm), l2_offsets)) & valid;
+    }
     if (unusable) return first + __builtin_ctz(unusable);
     // Same transform as the packed path's set_key_transform (cpu/knn.cpp), one vector of rows
     // at a time: key = scale * <q, x> + offset. Padding lanes give keys the `valid` mask drops.
@@ -71,7 +77,7 @@ int64_t scan_rows_for(const float* queries, const float* database, int64_t begin
     switch (metric) {
       case Metric::kL2:
         scale_v = vec_set1(-2.0f);
-        offset_v = kWeighted ? reduce_lanes(weighted_parts) : norms;
+        offset_v = l2_offsets;
         break;
       case Metric::kInnerProduct:
         scale_v = vec_set1(-1.0f);

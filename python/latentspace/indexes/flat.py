@@ -545,7 +545,8 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
             vectors are read (or mapped, with mmap=True) and copied to that GPU.
 
     Raises IndexFileError (a ValueError) for a foreign, truncated, corrupted or too-new
-    file, FileNotFoundError when there is none.
+    file or one that is not a regular file (a FIFO), FileNotFoundError when there is none,
+    IsADirectoryError for a folder.
     """
     target = _cuda_search.resolve_device(device)  # before reading: a bad device fails fast
     header, data = load_index_file(path, mmap=mmap, verify=verify)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -85,7 +86,12 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     Raises IndexFileError for a foreign, truncated, corrupted or too-new file.
     """
     path = Path(os.fspath(path))
-    size = path.stat().st_size
+    status = path.stat()  # FileNotFoundError when there is none
+    if stat.S_ISDIR(status.st_mode):
+        raise IsADirectoryError(f"path: {path} is a folder; pass an index file")
+    if not stat.S_ISREG(status.st_mode):  # a FIFO with no writer would block open() forever
+        raise IndexFileError(f"{path}: not a latentspace index file (not a regular file)")
+    size = status.st_size
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
         looks_like_ours = prefix.startswith(MAGIC) or (prefix and MAGIC.startswith(prefix))
