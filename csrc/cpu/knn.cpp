@@ -160,20 +160,14 @@ void scan_database(const KnnKernels& kernels, const float* queries, int64_t num_
     panel.valid = std::min(width, num_database - panel.first_id);
     kernels.pack_rows(database + panel.first_id * dim, panel.valid, dim, scratch.panel.data(),
                       scratch.sq_norms.data());
-    for (int64_t j = 0; j < panel.valid; ++j) {
-      if (!usable_squared_norm(scratch.sq_norms[j])) {
-        record_bad_row(first_bad_row, panel.first_id + j);
-        return;
-      }
-    }
-    if (weights) {
+    int64_t bad = first_unusable_norm(scratch.sq_norms.data(), panel.valid);
+    if (bad < 0 && weights) {  // weighted_l2: its norms |x|_w^2 must be usable too
       weighted_panel_norms(scratch.panel.data(), width, dim, weights, scratch.sq_norms.data());
-      for (int64_t j = 0; j < panel.valid; ++j) {
-        if (!usable_squared_norm(scratch.sq_norms[j])) {
-          record_bad_row(first_bad_row, panel.first_id + j);
-          return;
-        }
-      }
+      bad = first_unusable_norm(scratch.sq_norms.data(), panel.valid);
+    }
+    if (bad >= 0) {
+      record_bad_row(first_bad_row, panel.first_id + bad);
+      return;
     }
     set_key_transform(metric, scratch.sq_norms.data(), panel.valid, width,
                       scratch.key_scale.data(), scratch.key_offset.data());

@@ -26,12 +26,10 @@ int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out) {
     const int64_t first = g * width;
     const int64_t count = std::min(width, rows - first);
     kernels.pack_rows(x + first * dim, count, dim, scratch[omp_get_thread_num()].data(), out + first);
-    for (int64_t i = 0; i < count; ++i) {
-      if (!usable_squared_norm(out[first + i])) {
-        int64_t seen = first_bad.load();
-        while (first + i < seen && !first_bad.compare_exchange_weak(seen, first + i)) {
-        }
-        break;
+    const int64_t bad = first_unusable_norm(out + first, count);
+    if (bad >= 0) {
+      int64_t seen = first_bad.load();
+      while (first + bad < seen && !first_bad.compare_exchange_weak(seen, first + bad)) {
       }
     }
   }

@@ -13,6 +13,14 @@ constexpr float kMaxSquaredNorm = 3.4028234e38f / 8.0f;
 // static: internal linkage, so the SIMD translation units keep their own copies.
 static inline bool usable_squared_norm(float n) { return n <= kMaxSquaredNorm; }
 
+// Index of the first of `count` squared norms that is not usable, or -1.
+static inline int64_t first_unusable_norm(const float* norms, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (!usable_squared_norm(norms[i])) return i;
+  }
+  return -1;
+}
+
 // out[i] = sum_d x[i][d]^2 in float32 (the same arithmetic the search kernels use).
 // Returns the first row whose norm is not usable (NaN, Inf, or too large), or -1.
 int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out);

@@ -8,7 +8,6 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 from __future__ import annotations
 
 import os
-import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import check_float, check_int
+from ._paths import stat_regular_file
 
 __all__ = [
     "AnnBenchmark",
@@ -77,16 +77,9 @@ def _check_mmap(mmap: Any) -> None:
 
 
 def _regular_file(path: str | os.PathLike) -> Path:
-    """path as a Path to a regular file: FileNotFoundError when there is none,
-    IsADirectoryError for a folder, ValueError for a FIFO or device (opening a FIFO with no
-    writer blocks forever, and the loaders stat and seek)."""
-    path = Path(os.fspath(path))
-    mode = path.stat().st_mode
-    if stat.S_ISDIR(mode):
-        raise IsADirectoryError(f"path: {path} is a folder; pass a file")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{path}: not a regular file (a FIFO or a device); pass a file")
-    return path
+    """path as a Path to a regular file (_paths.stat_regular_file says what else raises)."""
+    stat_regular_file(path, "a file")
+    return Path(os.fspath(path))
 
 
 def _checked(array: np.ndarray, path: Path, what: str) -> np.ndarray:

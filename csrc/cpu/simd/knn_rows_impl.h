@@ -45,6 +45,12 @@ inline void row_dots(const float* row, const float* queries, int64_t dim, const 
   for (int r = 0; r < kQueries; ++r) dots[r * kRowBlock] = p[r];
 }
 
+// Lanes whose squared norm is not usable: NaN, or above kMaxSquaredNorm (the vector form of
+// ops/norms.h's usable_squared_norm).
+inline uint32_t unusable_lanes(Vec squared_norms) {
+  return vec_nan_mask(squared_norms) | vec_less_mask(vec_set1(kMaxSquaredNorm), squared_norms);
+}
+
 template <int kQueries, bool kWeighted>
 int64_t scan_rows_for(const float* queries, const float* database, int64_t begin, int64_t end,
                       int64_t dim, Metric metric, const float* weights, const TopKHeaps& heaps) {
@@ -63,12 +69,11 @@ int64_t scan_rows_for(const float* queries, const float* database, int64_t begin
     }
     const uint32_t valid = count >= 32 ? 0xFFFFFFFFu : ((uint32_t{1} << count) - 1u);
     const Vec norms = reduce_lanes(norm_parts);
-    // Unusable: NaN, or above kMaxSquaredNorm (ops/norms.h's usable_squared_norm).
-    uint32_t unusable = (vec_nan_mask(norms) | vec_less_mask(vec_set1(kMaxSquaredNorm), norms)) & valid;
+    uint32_t unusable = unusable_lanes(norms) & valid;
     Vec l2_offsets = norms;  // |x|^2, or weighted_l2's |x|_w^2, which must be usable too
     if constexpr (kWeighted) {
       l2_offsets = reduce_lanes(weighted_parts);
-      unusable |= (vec_nan_mask(l2_offsets) | vec_less_mask(vec_set1(kMaxSquaredNorm), l2_offsets)) & valid;
+      unusable |= unusable_lanes(l2_offsets) & valid;
     }
     if (unusable) return first + __builtin_ctz(unusable);
     // Same transform as the packed path's set_key_transform (cpu/knn.cpp), one vector of rows

@@ -72,7 +72,6 @@ inline Vec vec_add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline Vec vec_sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
 inline Vec vec_mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
 inline Vec vec_div(Vec a, Vec b) { return _mm512_div_ps(a, b); }
-inline Vec vec_sqrt(Vec a) { return _mm512_sqrt_ps(a); }
 inline Vec vec_max(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec vec_min(Vec a, Vec b) { return _mm512_min_ps(a, b); }
 inline Vec vec_abs(Vec a) { return _mm512_abs_ps(a); }

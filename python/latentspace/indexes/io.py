@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
 import zlib
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from .._arrays import empty_vector_buffer
 from .._atomic import atomic_write
+from .._paths import stat_regular_file
 
 MAGIC = b"LSPACEIX"
 FORMAT_VERSION = 1
@@ -86,12 +86,7 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     Raises IndexFileError for a foreign, truncated, corrupted or too-new file.
     """
     path = Path(os.fspath(path))
-    status = path.stat()  # FileNotFoundError when there is none
-    if stat.S_ISDIR(status.st_mode):
-        raise IsADirectoryError(f"path: {path} is a folder; pass an index file")
-    if not stat.S_ISREG(status.st_mode):  # a FIFO with no writer would block open() forever
-        raise IndexFileError(f"{path}: not a latentspace index file (not a regular file)")
-    size = status.st_size
+    size = stat_regular_file(path, "an index file", IndexFileError).st_size
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
         looks_like_ours = prefix.startswith(MAGIC) or (prefix and MAGIC.startswith(prefix))
