@@ -8,7 +8,9 @@ Cells (l2, float32 everywhere; torch's TF32 matmul left off, its default, so tha
 sides compute float32 products):
   big        Q = 10,000, N = 1,000,000, D = 128, k in {10, 100, 1024}
   big_tc     the big cells at k in {10, 100} with precision "tf32" and "bf16" (tensor cores),
-             against torch in the same precision (TF32 matmul on; bf16 operands)
+             against torch in the same precision (TF32 matmul on; bf16 operands); latentspace
+             with each tensor-core tile (WMMA, the default; "[mma]": mma.sync, picked by
+             LATENTSPACE_CUDA_TENSOR_TILE=mma) and, in bf16, also on a bf16-stored FlatIndex
   faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045),
              in fp32 and in bf16 (torch: F.linear-style mm on bf16 operands + topk)
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
@@ -36,6 +38,7 @@ session. benchmarks/report_knn_cuda.py turns the JSON into the table and the bar
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -240,12 +243,43 @@ def test_big(benchmark, big, peer, k):
              nq=NQ, n=N, d=D, k=k, flops=2 * NQ * N * D)
 
 
+def with_tensor_tile(tile, call):
+    """call with LATENTSPACE_CUDA_TENSOR_TILE=tile for its duration (csrc/cuda/knn.cu reads it
+    at every search): "mma" picks the mma.sync tile, "wmma" (the default) the WMMA one."""
+    def run():
+        before = os.environ.get("LATENTSPACE_CUDA_TENSOR_TILE")
+        os.environ["LATENTSPACE_CUDA_TENSOR_TILE"] = tile
+        try:
+            return call()
+        finally:
+            if before is None:
+                del os.environ["LATENTSPACE_CUDA_TENSOR_TILE"]
+            else:
+                os.environ["LATENTSPACE_CUDA_TENSOR_TILE"] = before
+
+    return run
+
+
+# latentspace peers of the tensor-core cells: the tile (WMMA, the default, or mma.sync), and
+# whether the database is kept in the precision's own storage (a GPU FlatIndex with
+# storage="bf16": half the bytes read, as torch's bf16 operands).
+TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[mma]", "latentspace.FlatIndex[bf16 storage]",
+                "latentspace.FlatIndex[bf16 storage, mma]", "torch.mm+topk")
+
+
 def tensor_core_call(peer, q, x, k, precision):
     """latentspace with precision=, or torch in the same precision (TF32 matmul switched on by
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
-    if peer == "latentspace.knn":
-        return synced(latentspace.knn, q, x, k, precision=precision)
+    if peer.startswith("latentspace."):
+        tile = "mma" if "mma]" in peer else "wmma"
+        if "storage" in peer:
+            if precision != "bf16":
+                pytest.skip("bf16 storage is for the bf16 cells")
+            index = latentspace.FlatIndex(x.shape[1], device=DEVICE, storage="bf16")
+            index.add(x)  # index state, outside the timed region
+            return with_tensor_tile(tile, synced(index.search, q, k, precision=precision))
+        return with_tensor_tile(tile, synced(latentspace.knn, q, x, k, precision=precision))
     norms = x.square().sum(1)  # index state, outside the timed region
     if precision == "bf16":
         q, x = q.to(torch.bfloat16), x.to(torch.bfloat16)
@@ -254,7 +288,7 @@ def tensor_core_call(peer, q, x, k, precision):
 
 @pytest.mark.parametrize("precision", ("tf32", "bf16"))
 @pytest.mark.parametrize("k", (10, 100))
-@pytest.mark.parametrize("peer", ("latentspace.knn", "torch.mm+topk"))
+@pytest.mark.parametrize("peer", TENSOR_PEERS)
 def test_big_tensor_cores(benchmark, big, tf32_matmul, peer, k, precision):
     q, x = big["queries"], big["database"]
     call = tensor_core_call(peer, q, x, k, precision)
@@ -264,10 +298,12 @@ def test_big_tensor_cores(benchmark, big, tf32_matmul, peer, k, precision):
 
 
 @pytest.mark.parametrize("precision", ("fp32", "bf16"))
-@pytest.mark.parametrize("peer", BIG_PEERS)
+@pytest.mark.parametrize("peer", BIG_PEERS + TENSOR_PEERS[1:-1])
 def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
     q, x, k = faiss3045["queries"], faiss3045["database"], 32
     if precision == "fp32":
+        if peer not in BIG_PEERS:
+            pytest.skip("the tensor-core peers are for the bf16 cell")
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 products on both sides
         if peer == "latentspace.knn":
             call = synced(latentspace.knn, q, x, k)

@@ -42,7 +42,8 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time. Measured on an H100 (2026-11-26): build 35-75 s, tests 32 s, memcheck 70 s, benchmarks
+# time, in the order tests, benchmarks, sanitizer (the benchmarks were the stage a run lost to
+# the time limit before). Measured on an H100 (2026-11-26): build 35-75 s, tests 32 s, memcheck 70 s, benchmarks
 # 33 s; about 5 minutes in all with the machine's start. GPU_RUN_STAGES picks some, e.g.
 #   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
 STAGES="${GPU_RUN_STAGES:-tests bench sanitizer}"
@@ -61,38 +62,6 @@ if [[ " $STAGES " == *" tests "* ]]; then
   echo "pytest seconds: $(( $(date +%s) - start )) (exit $status; 124: timed out)"
 fi
 
-if [[ " $STAGES " == *" sanitizer "* ]]; then
-  # compute-sanitizer over the small GPU kNN tests (named "small"): memcheck (out-of-bounds
-  # and misaligned accesses, API errors) and racecheck (shared-memory hazards). torch's
-  # caching allocator is off so that memcheck sees every allocation's true bounds.
-  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-  if [ -z "$SANITIZER" ]; then
-    echo "== compute-sanitizer: not found, skipped"
-  else
-    # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
-    # about 5 s a test on an H100 (2026-11-26: 51 of the 112 "small" tests in 240 s), so it takes
-    # a subset that covers the tile scans (SIMT and WMMA), the row scan and the selection (l2
-    # only, 18 tests); memcheck (112 tests in 70 s) takes them all. timeout -k: the sanitizer does not always stop on SIGTERM.
-    start=$(date +%s)
-    for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then selection="small"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output or small_weighted_l2 or small_tensor_core_precisions) and l2}"; fi
-      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
-      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${GPU_RUN_SANITIZER_SECONDS:-150}" "$SANITIZER" --tool "$tool" \
-          --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k "$selection" \
-          tests/gpu/test_knn_cuda.py > "${OUT:-.}/sanitizer_$tool.log" 2>&1
-        echo $? > "/tmp/sanitizer_$tool.exit" ) &
-    done
-    wait
-    for tool in memcheck racecheck; do
-      code=$(cat "/tmp/sanitizer_$tool.exit")
-      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
-      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: timed out)"
-      if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
-    done
-    echo "sanitizer seconds: $(( $(date +%s) - start ))"
-  fi
-fi
-
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== GPU benchmarks"
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
@@ -108,5 +77,38 @@ if [[ " $STAGES " == *" bench "* ]]; then
     echo "no GPU benchmarks yet"
   fi
 fi
+if [[ " $STAGES " == *" sanitizer "* ]]; then
+  # compute-sanitizer over the small GPU kNN tests (named "small"): memcheck (out-of-bounds
+  # and misaligned accesses, API errors) and racecheck (shared-memory hazards). torch's
+  # caching allocator is off so that memcheck sees every allocation's true bounds.
+  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -z "$SANITIZER" ]; then
+    echo "== compute-sanitizer: not found, skipped"
+  else
+    # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
+    # about 5 s a test on an H100 (2026-11-26: 51 of the 112 "small" tests in 240 s), so it takes
+    # a subset that covers the tile scans (SIMT, WMMA and mma.sync, in bf16), the row scan and
+    # the selection (l2 only, about 20 tests); memcheck (112 tests in 70 s before the mma.sync
+    # tile's tests, about 180 now) takes them all. timeout -k: the sanitizer does not always stop on SIGTERM.
+    start=$(date +%s)
+    for tool in memcheck racecheck; do
+      if [ "$tool" = memcheck ]; then selection="small"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output or small_weighted_l2 or (small_tensor_core and bf16)) and l2}"; fi
+      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
+      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${GPU_RUN_SANITIZER_SECONDS:-200}" "$SANITIZER" --tool "$tool" \
+          --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k "$selection" \
+          tests/gpu/test_knn_cuda.py > "${OUT:-.}/sanitizer_$tool.log" 2>&1
+        echo $? > "/tmp/sanitizer_$tool.exit" ) &
+    done
+    wait
+    for tool in memcheck racecheck; do
+      code=$(cat "/tmp/sanitizer_$tool.exit")
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
+      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: timed out)"
+      if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
+    done
+    echo "sanitizer seconds: $(( $(date +%s) - start ))"
+  fi
+fi
+
 echo "== done (exit $status)"
 exit "$status"

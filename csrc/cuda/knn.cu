@@ -4,7 +4,8 @@
 //   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
 //   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes score
 //                       tiles (knn_tiles.cuh: 128 x 128 float32 FMA, or 64 x 64 on tensor cores
-//                       for tf32 / bf16 / fp16) and appends each candidate whose
+//                       for tf32 / bf16 / fp16 with WMMA; knn_mma_tile.cuh: 128 x 128 with
+//                       mma.sync, opt-in for now) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
 //                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries take
@@ -18,12 +19,16 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
+#include <string>
 
 #include "core/check.h"
 #include "cuda/common.cuh"
 #include "cuda/knn_select.cuh"
+#include "cuda/knn_mma_tile.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan.cuh"
 #include "cuda/knn_tiles.cuh"
@@ -208,12 +213,33 @@ void launch_row_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream
   check_launch("row_scan_kernel");
 }
 
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, class Tile>
+void launch_tile_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(plan.splits));
+  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile><<<grid, kThreads, 0, stream>>>(args);
+  check_launch("scan_kernel");
+}
+
+// The tensor-core tile for tf32 / bf16 / fp16: WmmaTile (knn_tiles.cuh), verified on an H100,
+// unless LATENTSPACE_CUDA_TENSOR_TILE=mma picks MmaTile (knn_mma_tile.cuh), which waits for its
+// first GPU run (docs/gpu-runs.md) before it may become the default. Read at every search.
+bool use_mma_tile() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "wmma") == 0) return false;
+  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got '",
+                 std::string(value), "'");
+  return true;
+}
+
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
 void launch_tile_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  using Tile = typename TileFor<kPrecision>::type;
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(plan.splits));
-  scan_kernel<kMetric, kPrecision, kStorage, kAligned><<<grid, kThreads, 0, stream>>>(args);
-  check_launch("scan_kernel");
+  if constexpr (kPrecision != KnnPrecision::kFloat32) {
+    if (use_mma_tile()) {
+      launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, MmaTile<kPrecision>>(args, plan, stream);
+      return;
+    }
+  }
+  launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, typename TileFor<kPrecision>::type>(args, plan, stream);
 }
 
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>

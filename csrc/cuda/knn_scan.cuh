@@ -115,10 +115,11 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
   }
 }
 
-// grid (query tiles, database splits). kAligned: see knn_tiles.cuh.
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
+// grid (query tiles, database splits). kAligned: see knn_tiles.cuh. Tile: the precision's
+// tile (TileFor), or another policy of the same precision (knn_mma_tile.cuh).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned,
+          class Tile = typename TileFor<kPrecision>::type>
 __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
-  using Tile = typename TileFor<kPrecision>::type;
   __shared__ ScanShared<Tile> s;
   const int64_t q0 = int64_t{blockIdx.x} * Tile::kQueries;
   const int split = blockIdx.y;

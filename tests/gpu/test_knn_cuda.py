@@ -576,10 +576,18 @@ def test_reference_helpers_agree_with_conftest(rng):
 ROUNDOFF = {"tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
+@pytest.fixture(params=["wmma", "mma"])
+def tensor_tile(request, monkeypatch):
+    """Each tensor-core tile of the scan (csrc/cuda/knn.cu, use_mma_tile): WmmaTile, the
+    default, and MmaTile, picked by LATENTSPACE_CUDA_TENSOR_TILE=mma."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(3, 5, 8, 9), (70, 3000, 128, 10), (9, 20_000, 40, 300)])
-def test_small_tensor_core_precisions(precision, metric, nq, n, dim, k, gen):
+def test_small_tensor_core_precisions(precision, metric, nq, n, dim, k, gen, tensor_tile):
     """Results keep every convention (order, padding, distinct valid indices); each distance
     is the exact score of its returned index to within the precision's rounding; the
     neighbours found are nearly the exact ones (recall vs float32)."""
@@ -597,6 +605,41 @@ def test_small_tensor_core_precisions(precision, metric, nq, n, dim, k, gen):
     D32, I32 = latentspace.knn(queries, database, k, metric)
     recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / kept for a, b in zip(Ik.cpu(), I32[:, :kept].cpu())])
     assert recall >= (0.99 if precision != "bf16" else 0.9)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq,n,dim", [(9, 100, 3), (130, 3000, 40), (300, 1000, 128)])
+def test_small_tensor_core_integer_data_is_exact(precision, metric, nq, n, dim, tensor_tile, rng):
+    """Small integers are exact in every precision and their sums exact in float32, so each
+    tile's scores, ties and indices must equal the CPU's float32 search bit for bit: any slip
+    in a fragment layout (a wrong row, column or depth offset) changes a score."""
+    queries, database = _integers(rng, nq, dim), _integers(rng, n, dim)
+    for k in (1, 10, 100):
+        D0, I0 = latentspace.knn(queries, database, k, metric)
+        D, I = latentspace.knn(torch.from_numpy(queries).to(DEVICE), torch.from_numpy(database).to(DEVICE), k, metric,
+                               precision=precision)
+        np.testing.assert_array_equal(I.cpu().numpy(), I0)
+        np.testing.assert_array_equal(D.cpu().numpy(), D0)
+
+
+@pytest.mark.parametrize("storage", ["fp16", "bf16"])
+def test_small_half_storage_on_tensor_cores_is_exact(storage, tensor_tile, rng):
+    x, q = _integers(rng, 4000, 64), _integers(rng, 50, 64)
+    index = latentspace.FlatIndex(64, device="cuda", storage=storage)
+    index.add(x)
+    D0, I0 = latentspace.knn(q, x, 20)
+    D, I = index.search(q, 20, precision=storage)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
+
+
+def test_bad_tensor_tile_setting_is_named(monkeypatch, gen):
+    monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "cutlass")
+    queries, database = _randn(gen, 20, 8), _randn(gen, 100, 8)
+    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'cutlass'"):
+        latentspace.knn(queries, database, 5, precision="bf16")
+    latentspace.knn(queries, database, 5)  # float32 never reads it
 
 
 def test_precision_reaches_the_flat_index(gen):

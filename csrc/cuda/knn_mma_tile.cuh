@@ -1,0 +1,225 @@
+// MmaTile: the tensor-core score tile of the CUDA kNN scan (knn_scan.cuh) written with
+// mma.sync instead of WMMA. Same policy interface as the tiles in knn_tiles.cuh (kQueries x
+// kVectors, acc[kRows][kCols], query_of / vector_of, Shared, compute), same contract as
+// WmmaTile: inputs rounded to the precision while they are staged (queries times the weights
+// first), float32 sums.
+//
+// Why a second tensor-core tile: WmmaTile (64 x 64) loads each query row once per 64 database
+// rows, stages one step at a time with the global loads exposed, and reads its scores back
+// through shared memory; on an H100 it ran no faster in bf16 than the float32 CUDA-core tile
+// (docs/benchmarks.md). MmaTile has SimtTile's shape and pipeline instead, so it reads half as
+// much per score:
+//   - 128 x 128 tile, 8 warps as 2 (queries) x 4 (vectors); each warp computes 64 x 32 scores
+//     as 4 x 4 mma.sync fragments (m16n8k16 for bf16 / fp16, m16n8k8 for tf32);
+//   - kDepth (16) dimensions staged per step, double-buffered: the next step's global loads are
+//     in flight during the current step's mma.sync (SimtTile's fetch / stash pipeline);
+//   - the scores stay in the fragment registers: acc[i][j] is an accumulator element, and
+//     query_of / vector_of are the fragment layout of the PTX ISA ("Matrix Fragments for mma").
+//
+// Fragment layouts used (PTX ISA, warp-level mma): lane = 4 g + t (g = lane / 4, t = lane % 4).
+//   A (16 x 16 bf16 / fp16, row-major): register r holds 2 elements of row g + 8 (r % 2), columns
+//     2 t + 8 (r / 2) and the next one (low half first).
+//   B (16 x 8, "col"): register r holds rows (depth) 2 t + 8 r and the next one, column g.
+//   A (16 x 8 tf32): register r is row g + 8 (r % 2), column t + 4 (r / 2).
+//   B (8 x 8 tf32): register r is row (depth) t + 4 r, column g.
+//   C (16 x 8 float32): element e is row g + 8 (e / 2), column 2 t + e % 2.
+// Staged rows are kDepth + padding elements long, so that the 32 lanes' 32-bit fragment loads
+// fall in 32 different banks (row stride 12 or 20 words: 12 g + t and 20 g + t are distinct
+// mod 32 for g < 8, t < 4).
+//
+// Status: selected by LATENTSPACE_CUDA_TENSOR_TILE=mma (knn.cu); WmmaTile stays the default
+// until a GPU run has verified and timed this tile (docs/gpu-runs.md).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda/knn_tiles.cuh"
+#include "ops/knn.h"
+
+namespace latentspace::cuda {
+
+// Per precision: the staged element type, how many depth elements one mma.sync consumes, and
+// the instruction itself (D = A B + D on the four accumulators).
+template <KnnPrecision kPrecision>
+struct MmaTraits;
+
+template <>
+struct MmaTraits<KnnPrecision::kTf32> {
+  using Stored = float;  // tf32 values are float32 bit patterns with the low 13 bits zero
+  static constexpr int kStepDepth = 8;
+  static constexpr int kPad = 4;  // row stride 20 words
+  __device__ static void store4(Stored* at, float4 v) {
+    using nvcuda::wmma::__float_to_tf32;  // round to nearest, as WmmaTile's staging
+    *reinterpret_cast<float4*>(at) =
+        make_float4(__float_to_tf32(v.x), __float_to_tf32(v.y), __float_to_tf32(v.z), __float_to_tf32(v.w));
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaTraits<KnnPrecision::kBf16> {
+  using Stored = __nv_bfloat16;
+  static constexpr int kStepDepth = 16;
+  static constexpr int kPad = 8;  // row stride 12 words
+  __device__ static void store4(Stored* at, float4 v) {
+    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+    uint2 packed;
+    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(at) = packed;
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <>
+struct MmaTraits<KnnPrecision::kFp16> {
+  using Stored = __half;
+  static constexpr int kStepDepth = 16;
+  static constexpr int kPad = 8;
+  __device__ static void store4(Stored* at, float4 v) {
+    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
+    uint2 packed;
+    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(at) = packed;
+  }
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+template <KnnPrecision kPrecision>
+struct MmaTile {
+  using Traits = MmaTraits<kPrecision>;
+  using Stored = typename Traits::Stored;
+  static constexpr int kQueries = 128, kVectors = 128;
+  static constexpr int kWarpQueries = 64, kWarpVectors = 32;  // 2 x 4 warps
+  static constexpr int kBlocksM = kWarpQueries / 16, kBlocksN = kWarpVectors / 8;  // fragments per warp
+  static constexpr int kRows = 2 * kBlocksM, kCols = 2 * kBlocksN;                 // 8 x 8 scores per thread
+  static constexpr int kDepth = 16;                                               // dimensions per step
+  static constexpr int kStride = kDepth + Traits::kPad;                           // staged row length
+  static constexpr int kQuadsPerThread = kQueries * kDepth / 4 / kTileThreads;    // per side, per step
+  static constexpr int kElementsPerWord = 4 / sizeof(Stored);                     // 2 (half), 1 (tf32)
+  static_assert(kQueries == kVectors && kQuadsPerThread * kTileThreads * 4 == kQueries * kDepth);
+  static_assert(kTileThreads == 32 * (kQueries / kWarpQueries) * (kVectors / kWarpVectors));
+  static_assert(kDepth % Traits::kStepDepth == 0);
+
+  struct Shared {
+    alignas(16) Stored queries[2][kQueries][kStride];   // row-major: [query][dimension]
+    alignas(16) Stored database[2][kVectors][kStride];  // [vector][dimension]: B column-major
+  };
+
+  // acc[i][j] is accumulator element 2 (i % 2) + j % 2 of fragment (i / 2, j / 2) of the warp.
+  __device__ static int query_of(int i) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    return (warp / 4) * kWarpQueries + (i / 2) * 16 + (i % 2) * 8 + lane / 4;
+  }
+  __device__ static int vector_of(int j) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    return (warp % 4) * kWarpVectors + (j / 2) * 8 + 2 * (lane % 4) + j % 2;
+  }
+
+  // The 32-bit word holding elements [column, column + kElementsPerWord) of a staged row.
+  __device__ static uint32_t word(const Stored* row, int column) {
+    return *reinterpret_cast<const uint32_t*>(row + column);
+  }
+
+  template <KnnStorage kStorage, bool kAligned>
+  __device__ static void compute(const TileBounds& t, Shared& s, float acc[kRows][kCols]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, tig = lane % 4;
+    const int warp_query = (warp / 4) * kWarpQueries, warp_vector = (warp % 4) * kWarpVectors;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) acc[i][j] = 0.0f;
+    }
+    float4 next_queries[kQuadsPerThread], next_database[kQuadsPerThread];
+    // Quad e of a step: tile row e / 4, dimensions 4 (e % 4) .. + 3 of the step.
+    auto fetch = [&](int64_t d0) {
+#pragma unroll
+      for (int h = 0; h < kQuadsPerThread; ++h) {
+        const int e = threadIdx.x + h * kTileThreads, row = e / 4;
+        const int64_t d = d0 + (e % 4) * 4;
+        next_queries[h] = staged_query_quad<kAligned>(t, t.q0 + row, d);
+        const int64_t n = t.n0 + row;
+        next_database[h] = load_quad<kStorage, kAligned>(t.database, n, n < t.n_end, d, t.dim);
+      }
+    };
+    auto stash = [&](int buffer) {
+#pragma unroll
+      for (int h = 0; h < kQuadsPerThread; ++h) {
+        const int e = threadIdx.x + h * kTileThreads, row = e / 4, c = (e % 4) * 4;
+        Traits::store4(&s.queries[buffer][row][c], next_queries[h]);
+        Traits::store4(&s.database[buffer][row][c], next_database[h]);
+      }
+    };
+    fetch(0);
+    stash(0);
+    __syncthreads();
+    int buffer = 0;
+    for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
+      const bool more = d0 + kDepth < t.dim;
+      if (more) fetch(d0 + kDepth);  // in flight during the mma.sync below
+#pragma unroll
+      for (int k0 = 0; k0 < kDepth; k0 += Traits::kStepDepth) {
+        // The B fragments of the warp's 4 vector blocks, then per query block its A fragment
+        // and 4 mma.sync (A loaded per block: fewer live registers beside the 64 scores).
+        // Column offsets of the layouts above, in elements: 8 r for half, 4 r for tf32.
+        constexpr int kHalfStep = Traits::kStepDepth / 2;
+        const int column = k0 + tig * kElementsPerWord;
+        uint32_t b[kBlocksN][2];
+#pragma unroll
+        for (int n = 0; n < kBlocksN; ++n) {
+          const Stored* vector = s.database[buffer][warp_vector + n * 8 + g];
+          b[n][0] = word(vector, column);
+          b[n][1] = word(vector, column + kHalfStep);
+        }
+#pragma unroll
+        for (int m = 0; m < kBlocksM; ++m) {
+          const Stored* top = s.queries[buffer][warp_query + m * 16 + g];
+          const Stored* bottom = s.queries[buffer][warp_query + m * 16 + g + 8];
+          const uint32_t a[4] = {word(top, column), word(bottom, column), word(top, column + kHalfStep),
+                                 word(bottom, column + kHalfStep)};
+#pragma unroll
+          for (int n = 0; n < kBlocksN; ++n) {
+            float c[4] = {acc[2 * m][2 * n], acc[2 * m][2 * n + 1], acc[2 * m + 1][2 * n], acc[2 * m + 1][2 * n + 1]};
+            Traits::mma(c, a, b[n]);
+            acc[2 * m][2 * n] = c[0], acc[2 * m][2 * n + 1] = c[1];
+            acc[2 * m + 1][2 * n] = c[2], acc[2 * m + 1][2 * n + 1] = c[3];
+          }
+        }
+      }
+      // As in SimtTile: the other buffer was last read in the previous step, before the
+      // barrier that ended it.
+      if (more) stash(buffer ^ 1);
+      __syncthreads();
+      buffer ^= 1;
+    }
+  }
+};
+
+static_assert(kPlanRows % MmaTile<KnnPrecision::kBf16>::kVectors == 0, "a plan's splits must hold whole tiles");
+
+}  // namespace latentspace::cuda
