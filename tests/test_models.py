@@ -265,11 +265,26 @@ def test_pca_whitening(rng):
     np.testing.assert_allclose(model(x), plain(x), atol=1e-4)
 
 
-def test_pca_whitening_of_a_constant_direction_stays_finite():
+def test_pca_whitening_of_a_constant_direction_maps_it_to_zero(rng):
     x = np.zeros((10, 3))
     x[:, 0] = np.arange(10)
-    z = PCA(2, whiten=True).fit(x).encode(x)
-    assert np.isfinite(z).all()
+    model = PCA(2, whiten=True).fit(x)
+    fresh = rng.normal(size=(5, 3)) * 100  # off the fitted line too
+    for data in (x, fresh):
+        z = model.encode(data)
+        assert np.isfinite(z).all() and (z[:, 1] == 0).all()
+        # the spread component is whitened as usual
+        np.testing.assert_allclose(z[:, 0], (data[:, 0] - 4.5) / np.std(np.arange(10), ddof=1), rtol=1e-5)
+    assert np.isfinite(model.decode(model.encode(fresh))).all()
+
+
+def test_pca_whitening_of_constant_data_gives_zeros(rng):
+    model = PCA(3, whiten=True).fit(np.full((50, 8), 3.0))
+    fresh = rng.normal(size=(4, 8)) * 1e3
+    assert (model.encode(fresh) == 0).all()
+    np.testing.assert_array_equal(model.decode(model.encode(fresh)), np.full((4, 8), 3.0, np.float32))
+    encoder = ls.Encoder(model)  # the native export: the same zeros
+    assert (encoder.encode(fresh.astype(np.float32)) == 0).all()
 
 
 def test_pca_full_rank_reconstructs_exactly(rng):

@@ -195,3 +195,23 @@ def test_public_names():
     for name in ("relevance", "relevance_weights", "top_dimensions", "keep_top"):
         assert getattr(ls, name) is getattr(feature_relevance, name)
     assert callable(ls.relevance)  # a function, not the module behind it
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e150, 1e300])
+def test_scale_free_scores_survive_extreme_magnitudes(scale, rng):
+    # Fisher's ratio and mutual information do not depend on a dimension's scale: codes near
+    # float64's limits give the scores of the unscaled codes (no overflow to inf / NaN).
+    z, y = _labelled(rng)
+    with np.errstate(all="raise"):  # any overflow or invalid operation fails the test
+        np.testing.assert_allclose(ls.relevance(z * scale, y), ls.relevance(z, y), rtol=1e-9)
+        np.testing.assert_allclose(ls.relevance(z * scale, y, method="mutual_info"),
+                                   ls.relevance(z, y, method="mutual_info"), rtol=1e-9, atol=1e-12)
+
+
+def test_variance_of_huge_codes(rng):
+    z = rng.normal(size=(50, 3))
+    np.testing.assert_allclose(ls.relevance(z * 1e150), z.var(axis=0) * 1e300, rtol=1e-12)
+    z[:, 1] *= 1e300  # its variance (about 1e600) has no float64 value
+    with pytest.raises(ValueError, match=r"Z: the variance of dimension 1 exceeds float64's range \(values up to"):
+        ls.relevance(z)
+

@@ -239,14 +239,14 @@ def _checked_input(model: LatentModel, spec: MlpSpec) -> MlpSpec:
 
 def _export_pca(model: PCA) -> MlpSpec:
     model._check_fitted()  # ValueError "PCA is not fitted: call fit(X) first"
-    _check_not_overridden(model, PCA, (*_ENCODE_PATH, "_scale"))
+    _check_not_overridden(model, PCA, (*_ENCODE_PATH, "_inverse_scale", "_spread"))
     for name in ("mean", "components", "explained_variance"):
         _check_dtype(getattr(model, name), f"PCA.{name}")
     components = model.components.detach().to("cpu", torch.float64)
     if model.whiten:
-        # torch computes ((x - mean) @ C.T) / scale; dividing the rows of C instead, in
-        # float64 and rounded once, agrees to float32 rounding.
-        components = components / model._scale().detach().to("cpu", torch.float64)[:, None]
+        # torch computes ((x - mean) @ C.T) * inverse_scale; scaling the rows of C instead,
+        # in float64 and rounded once, agrees to float32 rounding (a row without spread: 0).
+        components = components * model._inverse_scale().detach().to("cpu", torch.float64)[:, None]
     weight = np.ascontiguousarray(components.numpy(), dtype=np.float32)
     mean = _float32_copy(model.mean)
     _check_finite(weight, "PCA.components")

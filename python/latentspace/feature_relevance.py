@@ -64,7 +64,9 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
             (almost) no information about x. Z, when given, must have the model's latent_dim.
 
     Raises ValueError naming the argument for: an unknown method, y of the wrong length,
-    fewer than two classes, a one-sample class ("fisher"), NaN / Inf in Z, a missing y
+    fewer than two classes, a one-sample class ("fisher"), NaN / Inf in Z, a variance beyond
+    float64's range ("variance"; the scale-free "fisher" and "mutual_info" scale each dimension
+    by a power of two first, so codes up to float64's limits work), a missing y
     ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method.
     """
     method = _resolve_method(method, y)
@@ -74,11 +76,17 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
         raise ValueError(f"model, X: used only by method='kl' (got method={method!r}); pass Z instead")
     if Z is None:
         raise ValueError(f"Z: method={method!r} needs the codes Z, (n, latent_dim); got None")
-    z = as_float64_matrix(Z, "Z")
+    z, exponents = _scaled_columns(as_float64_matrix(Z, "Z"))
     if method == "variance":
         if z.shape[0] < 1:
             raise ValueError(f"Z: expected at least one row, got shape {z.shape}")
-        return z.var(axis=0)
+        with np.errstate(over="ignore"):  # an overflow is reported below, by name
+            variance = np.ldexp(z.var(axis=0), 2 * exponents)
+        if not np.isfinite(variance).all():
+            column = int(np.flatnonzero(~np.isfinite(variance))[0])
+            raise ValueError(f"Z: the variance of dimension {column} exceeds float64's range (values up to "
+                             f"{np.abs(np.ldexp(z[:, column], exponents[column])).max():.3g}); rescale Z")
+        return variance
     if y is None:
         raise ValueError(f"y: method={method!r} needs class labels, (n,) integers; pass y or use "
                          "method='variance' (or 'kl' for a VAE)")
@@ -90,6 +98,16 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
     if method == "fisher":
         return _fisher_scores(z, labels, classes, counts)
     return _mutual_info_scores(z, labels)
+
+
+def _scaled_columns(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z with each column scaled by a power of two to a largest magnitude in [0.5, 1), and the
+    exponents that undo it (z = ldexp(scaled, exponents)). Scaling by powers of two is exact,
+    so the scale-free scores (Fisher's ratio, mutual information) come out as from z itself,
+    and squares and sums of codes as large as 1e300 no longer overflow float64."""
+    largest = np.abs(z).max(axis=0, initial=0.0)
+    _, exponents = np.frexp(largest)  # largest = m * 2^e, 0.5 <= m < 1; e = 0 for 0
+    return np.ldexp(z, -exponents), exponents
 
 
 def _resolve_method(method: Any, y: Any) -> str:

@@ -27,7 +27,9 @@ class PCA(LatentModel):
         whiten: scale each component to unit variance in the latent space (decode undoes it).
 
     encode(x) = (x - mean) @ components.T [/ sqrt(explained_variance) when whitening];
-    decode(z) = z [* sqrt(explained_variance)] @ components + mean. Each component's sign is
+    decode(z) = z [* sqrt(explained_variance)] @ components + mean. Whitening maps a component
+    without spread (variance <= float32 eps times the largest; every one for constant data) to
+    0 for every input, and decode maps it back to 0: finite, never a division by zero. Each component's sign is
     fixed so that its largest-magnitude entry is positive (deterministic across runs).
     Computed in float64, stored as float32 buffers (saved by latentspace.save_model).
     """
@@ -75,15 +77,28 @@ class PCA(LatentModel):
         if not self._fitted:
             raise ValueError("PCA is not fitted: call fit(X) first")
 
+    def _spread(self) -> torch.Tensor:
+        """Whether each component has a (numerically) nonzero variance: above float32's eps
+        times the largest (all False for constant data)."""
+        floor = torch.finfo(torch.float32).eps * self.explained_variance.max()
+        return self.explained_variance > floor.clamp_min(torch.finfo(torch.float32).tiny)
+
     def _scale(self) -> torch.Tensor:
-        # Whitening divides by the components' standard deviations; a (numerically) zero
-        # variance is floored so that constant directions map to 0 rather than inf / NaN.
-        floor = torch.finfo(torch.float32).eps * self.explained_variance.max().clamp_min(1e-30)
-        return self.explained_variance.clamp_min(floor).sqrt()
+        """Whitening's per-component standard deviations, 0 for a component without spread."""
+        spread = self._spread()
+        return torch.where(spread, self.explained_variance, torch.zeros_like(self.explained_variance)).sqrt()
+
+    def _inverse_scale(self) -> torch.Tensor:
+        """What whitening multiplies codes by: 1 / standard deviation, and 0 for a component
+        without spread (the pseudo-inverse): the fitted data holds no information along it, so
+        every input, new ones included, maps to 0 there rather than to a huge or infinite value."""
+        spread = self._spread()
+        safe = torch.where(spread, self.explained_variance, torch.ones_like(self.explained_variance))
+        return torch.where(spread, safe.rsqrt(), torch.zeros_like(safe))
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) @ self.components.T
-        return z / self._scale() if self.whiten else z
+        return z * self._inverse_scale() if self.whiten else z
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         if self.whiten:
