@@ -150,22 +150,10 @@ struct MmaTile {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, tig = lane % 4;
     const int warp_query = (warp / 4) * kWarpQueries, warp_vector = (warp % 4) * kWarpVectors;
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) acc[i][j] = 0.0f;
-    }
+    zero_scores<kRows, kCols>(acc);
     float4 next_queries[kQuadsPerThread], next_database[kQuadsPerThread];
-    // Quad e of a step: tile row e / 4, dimensions 4 (e % 4) .. + 3 of the step.
     auto fetch = [&](int64_t d0) {
-#pragma unroll
-      for (int h = 0; h < kQuadsPerThread; ++h) {
-        const int e = threadIdx.x + h * kTileThreads, row = e / 4;
-        const int64_t d = d0 + (e % 4) * 4;
-        next_queries[h] = staged_query_quad<kAligned>(t, t.q0 + row, d);
-        const int64_t n = t.n0 + row;
-        next_database[h] = load_quad<kStorage, kAligned>(t.database, n, n < t.n_end, d, t.dim);
-      }
+      fetch_step<kQuadsPerThread, kStorage, kAligned>(t, d0, next_queries, next_database);
     };
     auto stash = [&](int buffer) {
 #pragma unroll

@@ -99,6 +99,31 @@ __device__ inline float4 staged_query_quad(const TileBounds& t, int64_t q, int64
   return v;
 }
 
+// One staging step's global loads for a 128-row tile pipeline (SimtTile, MmaTile): this
+// thread's quad h is tile row e / 4 (e = thread + h * kTileThreads), dimensions d0 + 4 (e % 4)
+// .. + 3 (four threads read one row's 16 consecutive dimensions), for queries and database.
+template <int kQuads, KnnStorage kStorage, bool kAligned>
+__device__ inline void fetch_step(const TileBounds& t, int64_t d0, float4 (&queries)[kQuads],
+                                  float4 (&database)[kQuads]) {
+#pragma unroll
+  for (int h = 0; h < kQuads; ++h) {
+    const int e = threadIdx.x + h * kTileThreads, row = e / 4;
+    const int64_t d = d0 + (e % 4) * 4;
+    queries[h] = staged_query_quad<kAligned>(t, t.q0 + row, d);
+    const int64_t n = t.n0 + row;
+    database[h] = load_quad<kStorage, kAligned>(t.database, n, n < t.n_end, d, t.dim);
+  }
+}
+
+template <int kRows, int kCols>
+__device__ inline void zero_scores(float (*acc)[kCols]) {
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+    for (int j = 0; j < kCols; ++j) acc[i][j] = 0.0f;
+  }
+}
+
 // ---- float32 on CUDA cores ----------------------------------------------------------------
 
 struct SimtTile {
@@ -124,23 +149,10 @@ struct SimtTile {
   template <KnnStorage kStorage, bool kAligned>
   __device__ static void compute(const TileBounds& t, Shared& s, float acc[kRows][kCols]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) acc[i][j] = 0.0f;
-    }
+    zero_scores<kRows, kCols>(acc);
     float4 next_queries[kQuadsPerThread], next_database[kQuadsPerThread];
-    // Quad e of a step: tile row e / 4, dimensions 4 (e % 4) .. + 3 of the step (four
-    // threads read one row's 64 contiguous bytes).
     auto fetch = [&](int64_t d0) {
-#pragma unroll
-      for (int h = 0; h < kQuadsPerThread; ++h) {
-        const int e = threadIdx.x + h * kTileThreads, row = e / 4;
-        const int64_t d = d0 + (e % 4) * 4;
-        next_queries[h] = staged_query_quad<kAligned>(t, t.q0 + row, d);
-        const int64_t n = t.n0 + row;
-        next_database[h] = load_quad<kStorage, kAligned>(t.database, n, n < t.n_end, d, t.dim);
-      }
+      fetch_step<kQuadsPerThread, kStorage, kAligned>(t, d0, next_queries, next_database);
     };
     auto stash = [&](int buffer) {
 #pragma unroll
