@@ -12,7 +12,7 @@
 //   - 128 x 128 tile, 8 warps as 2 (queries) x 4 (vectors); each warp computes 64 x 32 scores
 //     as 4 x 4 mma.sync fragments (m16n8k16 for bf16 / fp16, m16n8k8 for tf32);
 //   - kDepth (16) dimensions staged per step, double-buffered: the next step's global loads are
-//     in flight during the current step's mma.sync (SimtTile's fetch / stash pipeline);
+//     in flight during the current step's mma.sync (run_staged_steps, shared with SimtTile);
 //   - the scores stay in the fragment registers: acc[i][j] is an accumulator element, and
 //     query_of / vector_of are the fragment layout of the PTX ISA ("Matrix Fragments for mma").
 //
@@ -151,25 +151,15 @@ struct MmaTile {
     const int g = lane / 4, tig = lane % 4;
     const int warp_query = (warp / 4) * kWarpQueries, warp_vector = (warp % 4) * kWarpVectors;
     zero_scores<kRows, kCols>(acc);
-    float4 next_queries[kQuadsPerThread], next_database[kQuadsPerThread];
-    auto fetch = [&](int64_t d0) {
-      fetch_step<kQuadsPerThread, kStorage, kAligned>(t, d0, next_queries, next_database);
-    };
-    auto stash = [&](int buffer) {
+    auto stash = [&](int buffer, const float4 (&queries)[kQuadsPerThread], const float4 (&database)[kQuadsPerThread]) {
 #pragma unroll
       for (int h = 0; h < kQuadsPerThread; ++h) {
         const int e = threadIdx.x + h * kTileThreads, row = e / 4, c = (e % 4) * 4;
-        Traits::store4(&s.queries[buffer][row][c], next_queries[h]);
-        Traits::store4(&s.database[buffer][row][c], next_database[h]);
+        Traits::store4(&s.queries[buffer][row][c], queries[h]);
+        Traits::store4(&s.database[buffer][row][c], database[h]);
       }
     };
-    fetch(0);
-    stash(0);
-    __syncthreads();
-    int buffer = 0;
-    for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
-      const bool more = d0 + kDepth < t.dim;
-      if (more) fetch(d0 + kDepth);  // in flight during the mma.sync below
+    auto multiply = [&](int buffer) {
 #pragma unroll
       for (int k0 = 0; k0 < kDepth; k0 += Traits::kStepDepth) {
         // The B fragments of the warp's 4 vector blocks, then per query block its A fragment
@@ -199,12 +189,8 @@ struct MmaTile {
           }
         }
       }
-      // As in SimtTile: the other buffer was last read in the previous step, before the
-      // barrier that ended it.
-      if (more) stash(buffer ^ 1);
-      __syncthreads();
-      buffer ^= 1;
-    }
+    };
+    run_staged_steps<kQuadsPerThread, kDepth, kStorage, kAligned>(t, stash, multiply);
   }
 };
 

@@ -115,6 +115,30 @@ __device__ inline void fetch_step(const TileBounds& t, int64_t d0, float4 (&quer
   }
 }
 
+// The double-buffered staging pipeline of the 128-row tiles (SimtTile, MmaTile): step 0 is
+// loaded and stashed; then for each step of kDepth dimensions the next step's global loads are
+// issued, multiply(buffer) works on the current buffer while they are in flight, and they are
+// stashed into the other buffer. stash(buffer, queries, database) writes one step's quads
+// (fetch_step's layout) into shared memory.
+template <int kQuads, int kDepth, KnnStorage kStorage, bool kAligned, class Stash, class Multiply>
+__device__ inline void run_staged_steps(const TileBounds& t, Stash stash, Multiply multiply) {
+  float4 next_queries[kQuads], next_database[kQuads];
+  fetch_step<kQuads, kStorage, kAligned>(t, 0, next_queries, next_database);
+  stash(0, next_queries, next_database);
+  __syncthreads();
+  int buffer = 0;
+  for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
+    const bool more = d0 + kDepth < t.dim;
+    if (more) fetch_step<kQuads, kStorage, kAligned>(t, d0 + kDepth, next_queries, next_database);
+    multiply(buffer);
+    // The other buffer was last read in the previous step, which every thread finished
+    // before the barrier that ended it: writing it now races with nothing.
+    if (more) stash(buffer ^ 1, next_queries, next_database);
+    __syncthreads();
+    buffer ^= 1;
+  }
+}
+
 template <int kRows, int kCols>
 __device__ inline void zero_scores(float (*acc)[kCols]) {
 #pragma unroll
@@ -150,31 +174,22 @@ struct SimtTile {
   __device__ static void compute(const TileBounds& t, Shared& s, float acc[kRows][kCols]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     zero_scores<kRows, kCols>(acc);
-    float4 next_queries[kQuadsPerThread], next_database[kQuadsPerThread];
-    auto fetch = [&](int64_t d0) {
-      fetch_step<kQuadsPerThread, kStorage, kAligned>(t, d0, next_queries, next_database);
-    };
-    auto stash = [&](int buffer) {
+    // Transposed into shared memory ([dimension][row]): each thread's reads are float4s.
+    auto stash = [&](int buffer, const float4 (&queries)[kQuadsPerThread], const float4 (&database)[kQuadsPerThread]) {
 #pragma unroll
       for (int h = 0; h < kQuadsPerThread; ++h) {
         const int e = threadIdx.x + h * kTileThreads, row = e / 4, c = (e % 4) * 4;
-        s.queries[buffer][c][row] = next_queries[h].x;
-        s.queries[buffer][c + 1][row] = next_queries[h].y;
-        s.queries[buffer][c + 2][row] = next_queries[h].z;
-        s.queries[buffer][c + 3][row] = next_queries[h].w;
-        s.database[buffer][c][row] = next_database[h].x;
-        s.database[buffer][c + 1][row] = next_database[h].y;
-        s.database[buffer][c + 2][row] = next_database[h].z;
-        s.database[buffer][c + 3][row] = next_database[h].w;
+        s.queries[buffer][c][row] = queries[h].x;
+        s.queries[buffer][c + 1][row] = queries[h].y;
+        s.queries[buffer][c + 2][row] = queries[h].z;
+        s.queries[buffer][c + 3][row] = queries[h].w;
+        s.database[buffer][c][row] = database[h].x;
+        s.database[buffer][c + 1][row] = database[h].y;
+        s.database[buffer][c + 2][row] = database[h].z;
+        s.database[buffer][c + 3][row] = database[h].w;
       }
     };
-    fetch(0);
-    stash(0);
-    __syncthreads();
-    int buffer = 0;
-    for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
-      const bool more = d0 + kDepth < t.dim;
-      if (more) fetch(d0 + kDepth);  // in flight during the FMAs below
+    auto multiply = [&](int buffer) {
 #pragma unroll
       for (int c = 0; c < kDepth; ++c) {
         const float4 q_lo = *reinterpret_cast<const float4*>(&s.queries[buffer][c][ty * 4]);
@@ -189,12 +204,8 @@ struct SimtTile {
           for (int j = 0; j < kCols; ++j) acc[i][j] = fmaf(q[i], x[j], acc[i][j]);
         }
       }
-      // The other buffer was last read in the previous step, which every thread finished
-      // before the barrier that ended it: writing it now races with nothing.
-      if (more) stash(buffer ^ 1);
-      __syncthreads();
-      buffer ^= 1;
-    }
+    };
+    run_staged_steps<kQuadsPerThread, kDepth, kStorage, kAligned>(t, stash, multiply);
   }
 };
 
