@@ -55,7 +55,10 @@ def test_unit_weights_equal_l2(rng):
     q, x = _data(rng, 50, 16), _data(rng, 2000, 16)
     Dw, Iw = latentspace.knn(q, x, 8, "weighted_l2", weights=np.ones(16))
     D, I = latentspace.knn(q, x, 8, "l2")
-    np.testing.assert_array_equal(Iw, I)
+    # The weighted norms are summed apart from the plain ones, so distances may differ in the
+    # last bit and near-ties (about 1 seed in 3,000 here) swap: both must be the reference's
+    # answer to rounding, and the distances agree.
+    assert_knn_matches(Dw, Iw, q, x, 8, "l2")
     np.testing.assert_allclose(Dw, D, rtol=1e-5, atol=1e-5)
 
 
