@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import latentspace
+from latentspace import _native
 
 # ---------------------------------------------------------------------------------------
 # Hypothesis: 40 examples per property test, no deadline (the first call of a kernel can be
@@ -56,11 +57,26 @@ def simd_level(request):
 
 @pytest.fixture(autouse=True)
 def _restore_runtime_state():
-    """Safety net: no test may leak a SIMD level or thread count into the next one."""
+    """Safety net: no test may leak a SIMD level, thread count or row / packed cut-off into
+    the next one."""
     level, threads = latentspace.simd_level(), latentspace.get_num_threads()
     yield
     latentspace.set_simd_level(level)
     latentspace.set_num_threads(threads)
+    _native._set_row_query_limit(-1)
+
+
+ROW_QUERY_LIMITS = {"default cut-off": -1, "rows up to 8": 8, "all packed": 0}
+
+
+@pytest.fixture(params=list(ROW_QUERY_LIMITS))
+def row_query_limit(request):
+    """Runs the test with the CPU kNN's row / packed cut-off at its default, with every batch
+    of up to 8 queries on the row path, and with every batch packed
+    (latentspace._native._set_row_query_limit; restored after)."""
+    _native._set_row_query_limit(ROW_QUERY_LIMITS[request.param])
+    yield request.param
+    _native._set_row_query_limit(-1)
 
 
 @pytest.fixture

@@ -67,11 +67,11 @@ def test_knn_matches_reference(simd_level, metric, problem):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_few_queries_match_reference(simd_level, threads, num_threads, data):
-    # One to four queries take the row path (no packing) below a kernel-specific count;
-    # larger databases make the threads split the database.
+def test_few_queries_match_reference(simd_level, row_query_limit, threads, num_threads, data):
+    # A few queries take the row path (no packing) up to a cut-off, here also moved to 8 and
+    # to 0; larger databases make the threads split the database.
     num_threads(threads)
-    nq = data.draw(st.integers(1, 4), label="Q")
+    nq = data.draw(st.integers(1, 8), label="Q")
     n = data.draw(st.integers(1, 2000), label="N")
     dim = data.draw(st.sampled_from(DIMS), label="D")
     k = data.draw(st.one_of(st.integers(1, 12), st.integers(1, n + 5)), label="k")

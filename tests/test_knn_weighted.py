@@ -28,9 +28,9 @@ def _scaled(x, w):
     return x.astype(np.float64) * np.sqrt(w.astype(np.float64))
 
 
-@pytest.mark.parametrize("nq", [1, 2, 3, 4, 31, 200])
+@pytest.mark.parametrize("nq", [1, 2, 3, 4, 7, 31, 200])
 @pytest.mark.parametrize("n,dim,k", [(1, 1, 1), (100, 3, 10), (1000, 17, 7), (3000, 64, 100), (50, 8, 70)])
-def test_matches_the_scaled_reference(simd_level, nq, n, dim, k, rng, num_threads):
+def test_matches_the_scaled_reference(simd_level, row_query_limit, nq, n, dim, k, rng, num_threads):
     q, x, w = _data(rng, nq, dim), _data(rng, n, dim), _weights(rng, dim)
     for threads in (1, 2):
         num_threads(threads)
@@ -162,9 +162,9 @@ def test_weighted_index_with_empty_and_padding(rng):
     np.testing.assert_array_equal(D, [[4.0, 4.0, np.inf]])
 
 
-@pytest.mark.parametrize("nq", [1, 3, 4, 40])  # the row path (1-3 queries) and the packed path
+@pytest.mark.parametrize("nq", [1, 3, 4, 8, 40])  # the row path (up to the cut-off) and the packed path
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
-def test_unusable_rows_are_reported_even_in_a_dropped_dimension(simd_level, nq, bad, rng):
+def test_unusable_rows_are_reported_even_in_a_dropped_dimension(simd_level, row_query_limit, nq, bad, rng):
     """A weight of 0 does not hide NaN, Inf or overflowing values: the row is refused as with
     the plain metric (the usable-row check uses the unweighted norm on both paths)."""
     x = _data(rng, 300, 5)
@@ -174,8 +174,8 @@ def test_unusable_rows_are_reported_even_in_a_dropped_dimension(simd_level, nq, 
         latentspace.knn(_data(rng, nq, 5), x, 3, "weighted_l2", weights=w)
 
 
-@pytest.mark.parametrize("nq", [1, 3, 4, 40])  # the row path (1-3 queries) and the packed path
-def test_rows_whose_weighted_norm_overflows_are_refused(simd_level, nq, rng):
+@pytest.mark.parametrize("nq", [1, 3, 4, 8, 40])  # the row path (up to the cut-off) and the packed path
+def test_rows_whose_weighted_norm_overflows_are_refused(simd_level, row_query_limit, nq, rng):
     """Large weights can push a usable row's weighted squared norm past float32 (the search
     would give NaN distances and -1 for rows that exist): refused, naming the row."""
     x, q = _data(rng, 300, 5), _data(rng, nq, 5)

@@ -39,6 +39,11 @@ void bind_knn(py::module_& m) {
       "Exact kNN into preallocated (Q, k) float32 distances and int64 indices; weights (dim "
       "float32 values, metric l2 only): the weighted squared distance.");
 
+  // Experiments only (benchmarks/row_cutoff.py, tests): the CPU row / packed cut-off.
+  m.def("_set_row_query_limit", &knn_cpu_set_row_query_limit, py::arg("limit"),
+        "Batches of at most `limit` queries take the CPU row path (0-8); -1 restores the default.");
+  m.def("_row_query_limit", &knn_cpu_row_query_limit, "The CPU row / packed cut-off in use.");
+
   // CUDA: torch tensors cross as device pointers (integers) from python/latentspace/_cuda_search.py,
   // which checks devices, dtypes, shapes and finiteness first; the stream is torch's current one.
   m.def(

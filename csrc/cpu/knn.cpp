@@ -43,6 +43,14 @@ constexpr int64_t kMinPanelsPerThread = 4;
 // Multiply-adds below which a second thread does not pay for itself.
 constexpr double kMinWorkPerThread = 1 << 18;
 
+// knn_cpu_set_row_query_limit's override; -1: the kernel table's measured max_row_queries.
+std::atomic<int> g_row_query_limit{-1};
+
+int row_query_limit(const cpu::KnnKernels& kernels) {
+  const int limit = g_row_query_limit.load(std::memory_order_relaxed);
+  return limit < 0 ? kernels.max_row_queries : std::min(limit, kernels.row_path_capacity);
+}
+
 const char* const kBadRowMessage =
     " contains NaN or Inf, or values so large that squared distances overflow float32 "
     "(squared norm above 4.2e37); clean or rescale the data";
@@ -285,7 +293,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
                               num_panels >= kMinPanelsPerThread * threads;
   std::atomic<int64_t> first_bad_row{num_database};
   // Blocks never mix paths: a batch this small is one block.
-  const bool use_rows = num_queries <= kernels.max_row_queries;
+  const bool use_rows = num_queries <= row_query_limit(kernels);
 
   if (!split_database) {
     // Each thread owns a contiguous range of queries and scans the whole database.
@@ -356,5 +364,14 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
   LS_CHECK_VALUE(bad_row >= num_database, "database: row ", bad_row,
                  weights ? kBadWeightedRowMessage : kBadRowMessage);
 }
+
+void knn_cpu_set_row_query_limit(int limit) {
+  const int capacity = cpu::knn_kernels(SimdLevel::kScalar).row_path_capacity;  // the same at every level
+  LS_CHECK_VALUE(limit >= -1 && limit <= capacity, "limit: expected -1 (the measured default) or 0 to ", capacity,
+                 " queries, got ", limit);
+  g_row_query_limit.store(limit, std::memory_order_relaxed);
+}
+
+int knn_cpu_row_query_limit() { return row_query_limit(cpu::knn_kernels(active_simd_level())); }
 
 }  // namespace latentspace

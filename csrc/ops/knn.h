@@ -34,6 +34,12 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
              int64_t num_database, int64_t dim, int64_t k, Metric metric,
              float* out_distances, int64_t* out_indices, const float* weights = nullptr);
 
+// For experiments (benchmarks/row_cutoff.py): batches of at most `limit` queries take the row
+// path instead of packing, limit in [0, the row path's capacity (8)]; -1 restores the measured
+// default. Process-wide; takes effect at the next search. Throws ValueError for another limit.
+void knn_cpu_set_row_query_limit(int limit);
+int knn_cpu_row_query_limit();  // the cut-off in use at the active SIMD level
+
 // The same search on the current CUDA device (csrc/cuda/knn.cu; a CPU-only build throws
 // RuntimeError). Same arguments and results, plus what a GPU call needs: all pointers are
 // device memory, `stream` is a cudaStream_t (torch's current stream, as an integer) that every

@@ -15,11 +15,15 @@ namespace {
 
 constexpr int kPanelWidth = 16;
 constexpr int kMaxPanelRows = 6;
-// Up to 3 queries the row path wins; from 4 on, packing (measured on Zen 4 with the AVX-512
-// tiles and a 512-bit row path, N = 1M, D = 128, one thread: row path 20.5 / 23.5 / 27.3 /
-// 35.6 ms for 1 / 2 / 3 / 4 queries, packed 29.2 / 36.7 / 32.2 ms for 2 / 3 / 4). The AVX-512
-// table uses this row path and this count too.
-constexpr int kMaxRowQueries = 3;
+// Up to 5 queries the row path wins against these (AVX2) packed tiles; from 6 on, packing.
+// Measured with `python benchmarks/row_cutoff.py 16 avx2` (Zen 4, N = 1M, D = 128, L2, k = 10;
+// search read rate as a share of torch.sum over the same buffer, row / packed, one thread):
+// 5 queries 0.67 / 0.52, 6 queries 0.39 / 0.48 (two threads alike; docs/benchmarks.md,
+// "Row path or packed path"). The AVX-512 table uses this row path with its own cut-off.
+constexpr int kMaxRowQueries = 5;
+// The row path is compiled for up to 8 queries, so that benchmarks/row_cutoff.py can time it
+// against the packed path at 4-8 queries in one process (knn_cpu_set_row_query_limit).
+constexpr int kRowPathCapacity = 8;
 
 
 #include "cpu/simd/knn_tile_impl.h"
@@ -30,7 +34,7 @@ constexpr int kMaxRowQueries = 3;
 const KnnKernels& knn_kernels_avx2() {
   static const KnnKernels kernels{SimdLevel::kAvx2, kPanelWidth, kMaxPanelRows,
                                   &pack_rows, &pack_query_panel, &scan,
-                                  kMaxRowQueries, &scan_rows};
+                                  kMaxRowQueries, kRowPathCapacity, &scan_rows};
   return kernels;
 }
 

@@ -15,12 +15,18 @@ namespace {
 
 constexpr int kPanelWidth = 32;
 constexpr int kMaxPanelRows = 12;
+// Up to 6 queries the (AVX2) row path wins against these packed tiles; from 7 on, packing.
+// Measured with `python benchmarks/row_cutoff.py 16 avx512` (Zen 4, N = 1M, D = 128, L2,
+// k = 10; read rate as a share of torch.sum, row / packed): 6 queries 0.44 / 0.41 on one
+// thread, 0.49 / 0.27 and 0.63 / 0.54 on two (fast / slow bandwidth windows); 7 queries
+// 0.32 / 0.39 on one thread (docs/benchmarks.md, "Row path or packed path").
+constexpr int kMaxRowQueries = 6;
 
 #include "cpu/simd/knn_tile_impl.h"
 
 }  // namespace
 
-// The row path (one to three queries) is the AVX2 one: it is bound by memory reads, and on
+// The row path (up to kMaxRowQueries queries) is the AVX2 one: it is bound by memory reads, and on
 // Zen 4 (which splits each 512-bit operation in two) 256-bit loads stream faster. Measured
 // side by side in one process with `python benchmarks/q1_simd_levels.py 80 avx512,avx2` on the
 // build before this choice, N = 1M, D = 128, L2, k = 10, as a share of torch.sum over the same
@@ -32,7 +38,8 @@ constexpr int kMaxPanelRows = 12;
 const KnnKernels& knn_kernels_avx512() {
   static const KnnKernels kernels{SimdLevel::kAvx512, kPanelWidth, kMaxPanelRows,
                                   &pack_rows, &pack_query_panel, &scan,
-                                  knn_kernels_avx2().max_row_queries, knn_kernels_avx2().scan_rows};
+                                  kMaxRowQueries, knn_kernels_avx2().row_path_capacity,
+                                  knn_kernels_avx2().scan_rows};
   return kernels;
 }
 

@@ -80,8 +80,11 @@ struct KnnKernels {
   void (*pack_query_panel)(const float* q, int64_t rows, int64_t dim, float* panel);
   // Scores every query panel against one database panel; heap row i is query row i.
   void (*scan)(const QueryPanels& queries, const DatabasePanel& database, const TopKHeaps& heaps);
-  // Batches of at most this many queries use scan_rows instead of packing.
+  // Batches of at most this many queries use scan_rows instead of packing (the measured
+  // default; knn_cpu_set_row_query_limit overrides it for experiments).
   int max_row_queries;
+  // The most queries scan_rows takes in one pass (compiled in; >= max_row_queries).
+  int row_path_capacity;
   // Scores queries[num_queries][dim] (row-major) against database rows [begin, end), with
   // heap row i for query i. Returns the first database row whose squared norm is not usable
   // (see ops/norms.h), without scanning past it, or -1. weights (nullable, metric kL2): the

@@ -3,12 +3,12 @@
 // knn_avx512.cpp says why.)
 //
 // Include this inside an anonymous namespace of the ISA translation unit, after its vector
-// primitives (vec_*.h) and its kMaxRowQueries, like knn_tile_impl.h.
+// primitives (vec_*.h) and its kRowPathCapacity, like knn_tile_impl.h.
 // No #pragma once: each ISA translation unit includes it exactly once, in its own namespace.
 
 constexpr int kRowBlock = kLanes;  // rows per step: their keys fill one vector
 
-// One row against up to kMaxRowQueries queries in a single pass: the row's squared norm and
+// One row against up to kRowPathCapacity queries in a single pass: the row's squared norm and
 // its inner products, as per-lane partial sums (lane j sums the components d = j mod kLanes,
 // in order of d). Row by row, front to back, so memory is read in address order, which the
 // hardware prefetchers follow. kWeighted: also sum_d w_d x_d^2 (weighted_l2's norm) into
@@ -121,6 +121,6 @@ inline int64_t scan_rows_dispatch(const float* queries, int64_t num_queries,
 int64_t scan_rows(const float* queries, int64_t num_queries, const float* database,
                   int64_t begin, int64_t end, int64_t dim, Metric metric, const float* weights,
                   const TopKHeaps& heaps) {
-  return scan_rows_dispatch<kMaxRowQueries>(queries, num_queries, database, begin, end, dim,
+  return scan_rows_dispatch<kRowPathCapacity>(queries, num_queries, database, begin, end, dim,
                                             metric, weights, heaps);
 }
