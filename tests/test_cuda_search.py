@@ -712,6 +712,36 @@ def test_weighted_l2_through_the_stand_in_backend(rng):
     np.testing.assert_array_equal(D, D_cpu)
 
 
+@pytest.mark.parametrize("nq", [1, 40])
+def test_weighted_overflow_is_refused_through_the_stand_in(nq, rng):
+    """Rows whose weighted squared norm overflows float32 are refused before any result is
+    used, in the CPU search's words (the GPU kernel, like the stand-in, trusts its caller and
+    would return NaN distances); the database is streamed in chunks, so row numbers are global."""
+    x, q = rng.standard_normal((300, 5)).astype(np.float32), rng.standard_normal((nq, 5)).astype(np.float32)
+    x[123] = 1e18  # plain squared norm 5e36: usable; weighted by 1e4, 5e40: not
+    w = np.array([1e4, 1, 1, 1, 1], np.float32)
+
+    def words(call):
+        with pytest.raises(ValueError) as error:
+            call()
+        return str(error.value)
+
+    def stand_in(queries, database):
+        return _cuda_search._knn(CpuBackend(), queries, database, 3, "weighted_l2", workspace_bytes=None,
+                                 gpu_memory_bytes=1 << 14, weights=w)
+
+    expected = words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=w))
+    assert expected.startswith("database: row 123 ") and "lower the weights" in expected
+    assert words(lambda: stand_in(q, x)) == expected
+    q[nq - 1] = 1e18
+    expected = words(lambda: latentspace.knn(q, x[:100], 3, "weighted_l2", weights=w))
+    assert expected.startswith(f"queries: row {nq - 1} ") and "lower the weights" in expected
+    assert words(lambda: stand_in(q, x[:100])) == expected
+    q[nq - 1, 0] = np.nan  # unusable as it is: the plain words come first, as on the CPU
+    assert words(lambda: stand_in(q, x[:100])) == words(lambda: latentspace.knn(q, x[:100], 3, "weighted_l2",
+                                                                                weights=w))
+
+
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_half_storage_is_a_gpu_index_option(storage):
     with pytest.raises(ValueError, match=f"storage: '{storage}' is for an index on a GPU"):

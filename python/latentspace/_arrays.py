@@ -135,10 +135,15 @@ def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0) -> No
     first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message."""
     bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
     if bad >= 0:
-        raise ValueError(
-            f"{name}: row {first_row + bad} contains NaN or Inf, or values so large that squared distances "
-            "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
-        )
+        raise ValueError(f"{name}: row {first_row + bad} {_BAD_ROW}")
+
+
+# The CPU kernel's words (csrc/cpu/knn.cpp, kBadRowMessage / kBadWeightedRowMessage).
+_BAD_ROW = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm "
+            "above 4.2e37); clean or rescale the data")
+_BAD_WEIGHTED_ROW = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared "
+                     "norm, plain or scaled by the weights, above 4.2e37); clean or rescale the data, or lower "
+                     "the weights")
 
 
 def check_dim(dim: Any) -> int:
@@ -284,38 +289,42 @@ def host_to_tensor(array: np.ndarray):
         return torch.from_numpy(array)
 
 
-def unusable_row_flag(tensor: Any, first_row: int = 0):
+def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     """The index (first_row + r) of the first unusable row r of an (n, dim) tensor (float32, or
     float16 / bfloat16 storage, checked in float32),
     or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
     with .item() when it is needed). Unusable as in check_rows_usable: NaN, Inf, or a squared
-    norm above MAX_SQUARED_NORM."""
+    norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
+    squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
+    kernel trusts its caller: such a row would give NaN distances)."""
     import torch
 
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=tensor.device)
     for start in range(0, tensor.shape[0], _NORM_ROWS_PER_STEP):
         rows = tensor[start : start + _NORM_ROWS_PER_STEP].float()  # half storage: norms in float32
         # NaN compares false, and an overflowing square is +inf: both count as unusable.
         bad = ~(torch.linalg.vector_norm(rows, dim=1).square() <= MAX_SQUARED_NORM)
+        if w is not None:
+            bad |= ~((rows.square() @ w) <= MAX_SQUARED_NORM)
         position = torch.arange(start, start + rows.shape[0], device=tensor.device)
         first = torch.minimum(first, torch.where(bad, position, none).min())
     return torch.where(first == none, -1, first + first_row)
 
 
-def check_rows_usable_flags(flags: list, names: list[str]) -> None:
+def check_rows_usable_flags(flags: list, names: list[str], weighted: list[bool] | None = None) -> None:
     """Reads unusable_row_flag results (one wait for the device) and raises ValueError, as
-    check_rows_usable does, for the first name whose flag found an unusable row."""
+    check_rows_usable does, for the first name whose flag found an unusable row; in the CPU
+    kernel's weighted_l2 words where weighted[i] (flags computed with weights)."""
     import torch
 
     if not flags:
         return
-    for row, name in zip(torch.stack(flags).tolist(), names):
+    weighted = weighted or [False] * len(flags)
+    for row, name, scaled in zip(torch.stack(flags).tolist(), names, weighted):
         if row >= 0:
-            raise ValueError(
-                f"{name}: row {row} contains NaN or Inf, or values so large that squared distances "
-                "overflow float32 (squared norm above 4.2e37); clean or rescale the data"
-            )
+            raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if scaled else _BAD_ROW}")
 
 
 # ---------------------------------------------------------------------------------------

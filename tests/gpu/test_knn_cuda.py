@@ -674,6 +674,26 @@ def test_small_weighted_l2_matches_the_cpu(nq, n, dim, k, rng):
     assert_knn_matches(D3, I3, q * scaled, x * scaled, k, "l2")
 
 
+@pytest.mark.parametrize("nq", [1, 40])  # the row scan and the tile scan
+def test_small_weighted_overflow_is_refused_as_on_the_cpu(nq, rng):
+    x, q = rng.standard_normal((300, 5)).astype(np.float32), rng.standard_normal((nq, 5)).astype(np.float32)
+    x[123] = 1e18  # plain squared norm 5e36: usable; weighted by 1e4, 5e40: not
+    w = np.array([1e4, 1, 1, 1, 1], np.float32)
+    index = latentspace.FlatIndex(5, "weighted_l2", device="cuda")
+    index.add(x)  # usable with the plain norm: refused when searched with these weights
+    with pytest.raises(ValueError) as cpu:
+        latentspace.knn(q, x, 3, "weighted_l2", weights=w)
+    calls = [lambda: latentspace.knn(torch.from_numpy(q).cuda(), torch.from_numpy(x).cuda(), 3, "weighted_l2",
+                                     weights=w),
+             lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=w, device="cuda", gpu_memory_bytes=1 << 14),
+             lambda: index.search(q, 3, weights=w)]
+    for call in calls:
+        with pytest.raises(ValueError) as gpu:
+            call()
+        assert str(gpu.value) == str(cpu.value)
+    assert (index.search(q, 3, weights=np.ones(5))[1] >= 0).all()
+
+
 # ---------------------------------------------------------------------------------------
 # float16 / bfloat16 database storage
 

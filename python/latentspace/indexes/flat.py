@@ -449,8 +449,14 @@ class FlatIndex:
                 norms = None if self._gpu_norms is None else self._gpu_norms[: self._ntotal]
             # Read after the search is queued: the host waits for the check's few kernels only,
             # while the search runs (a search over bad queries is harmless and discarded).
-            query_flag = unusable_row_flag(q)
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
+            flags = _cuda_search.query_row_flags(q, backend.weights)
+            names = ["queries"] * len(flags)
+            if backend.weights is not None and database.shape[0]:
+                # Rows were checked at add, but these weights may push a row's weighted squared
+                # norm past float32 (the CPU kernel refuses it): one more read of the vectors.
+                flags.append((unusable_row_flag(database, 0, backend.weights), True))
+                names.append("database")
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
@@ -463,7 +469,7 @@ class FlatIndex:
                 distances, indices = _cuda_search.search_resident(
                     backend, q, database, k, self._metric,
                     workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES, norms=norms)
-            check_rows_usable_flags([query_flag], ["queries"])
+            check_rows_usable_flags([flag for flag, _ in flags], names, [scaled for _, scaled in flags])
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
