@@ -552,8 +552,9 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
 
     queries: a float32 contiguous tensor on the device, already checked (its flags may be
     passed in query_flags, (flag, weighted) pairs from query_row_flags, read with the
-    database's at the end), or a float32 numpy array, uploaded and checked one block at a time. Results: (Q, k) tensors on the device for
-    tensor queries, numpy arrays for numpy queries. NaN / Inf found in the database (or
+    database's at the end), or a float32 numpy array, uploaded and checked one block at a
+    time. Results: (Q, k) tensors on the device for tensor queries, numpy arrays for numpy
+    queries. NaN / Inf found in the database (or
     queries) raise ValueError at the end, naming the first bad row, as the CPU search does:
     the chunks are checked on the device as they land, and read once, at the end.
     """
