@@ -46,6 +46,9 @@ __all__ = [
     "as_device_matrix",
     "as_host_matrix",
     "check_rows_usable_flags",
+    "database_row_check",
+    "query_row_checks",
+    "raise_unusable_rows",
     "host_to_tensor",
     "unusable_row_flag",
     "as_float64_matrix",
@@ -313,18 +316,38 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     return torch.where(first == none, -1, first + first_row)
 
 
-def check_rows_usable_flags(flags: list, names: list[str], weighted: list[bool] | None = None) -> None:
+def check_rows_usable_flags(flags: list, names: list[str]) -> None:
     """Reads unusable_row_flag results (one wait for the device) and raises ValueError, as
-    check_rows_usable does, for the first name whose flag found an unusable row; in the CPU
-    kernel's weighted_l2 words where weighted[i] (flags computed with weights)."""
+    check_rows_usable does, for the first name whose flag found an unusable row."""
+    raise_unusable_rows([(flag, name, False) for flag, name in zip(flags, names)])
+
+
+def query_row_checks(queries: Any, weights: Any = None, first_row: int = 0) -> list[tuple]:
+    """(flag, "queries", weighted) checks for raise_unusable_rows, in the CPU kernel's order:
+    rows unusable as they are, then (weighted_l2) rows whose weighted squared norm is unusable."""
+    checks = [(unusable_row_flag(queries, first_row), "queries", False)]
+    if weights is not None:
+        checks.append((unusable_row_flag(queries, first_row, weights), "queries", True))
+    return checks
+
+
+def database_row_check(rows: Any, weights: Any = None, first_row: int = 0) -> tuple:
+    """The (flag, "database", weighted) check of database rows: with weights, one flag for rows
+    unusable as they are or weighted, named in the weighted words (as the CPU kernel does)."""
+    return unusable_row_flag(rows, first_row, weights), "database", weights is not None
+
+
+def raise_unusable_rows(checks: list[tuple]) -> None:
+    """Reads (flag, name, weighted) checks (one wait for the device) and raises ValueError, in
+    the CPU kernel's words (its weighted_l2 ones where weighted), for the first check whose
+    flag found an unusable row."""
     import torch
 
-    if not flags:
+    if not checks:
         return
-    weighted = weighted or [False] * len(flags)
-    for row, name, scaled in zip(torch.stack(flags).tolist(), names, weighted):
+    for row, (_, name, weighted) in zip(torch.stack([flag for flag, _, _ in checks]).tolist(), checks):
         if row >= 0:
-            raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if scaled else _BAD_ROW}")
+            raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if weighted else _BAD_ROW}")
 
 
 # ---------------------------------------------------------------------------------------

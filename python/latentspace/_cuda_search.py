@@ -48,11 +48,12 @@ from ._arrays import (
     check_k,
     check_metric,
     check_rows_usable,
-    check_rows_usable_flags,
+    database_row_check,
     host_to_tensor,
     is_ascending,
     is_torch_tensor,
-    unusable_row_flag,
+    query_row_checks,
+    raise_unusable_rows,
     weights_for,
 )
 
@@ -71,7 +72,6 @@ __all__ = [
     "require_cuda",
     "resolve_device",
     "search_resident",
-    "query_row_flags",
     "search_streamed",
 ]
 
@@ -546,13 +546,12 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
 
 
 def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str, *, workspace_bytes: int,
-                    memory_bytes: int, query_flags: list | None = None):
+                    memory_bytes: int, query_checks: list | None = None):
     """Search of a host database (N, D), N >= 1, a numpy array of any real dtype (a memory
     map too), streamed to the device in chunks (plan_host_stream).
 
-    queries: a float32 contiguous tensor on the device, already checked (its flags may be
-    passed in query_flags, (flag, weighted) pairs from query_row_flags, read with the
-    database's at the end), or a float32 numpy array, uploaded and checked one block at a
+    queries: a float32 contiguous tensor on the device, already checked (its checks may be
+    passed in query_checks, from query_row_checks, read with the database's at the end), or a float32 numpy array, uploaded and checked one block at a
     time. Results: (Q, k) tensors on the device for tensor queries, numpy arrays for numpy
     queries. NaN / Inf found in the database (or
     queries) raise ValueError at the end, naming the first bad row, as the CPU search does:
@@ -575,8 +574,7 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
     pieces = plan_database_chunks(num_database, database_rows)
     blocks = plan_database_chunks(num_queries, query_rows)
     jobs = [(block, piece) for block in blocks for piece in pieces]
-    query_flags = list(query_flags or [])  # (flag, weighted) pairs
-    database_flags = []
+    query_checks, database_checks = list(query_checks or []), []
     weights = backend.weights
     chunks = backend.host_chunks(database, database_rows)
     if jobs:
@@ -586,12 +584,12 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
         if start == 0:  # a new block of queries: the database streams again
             if host_queries:
                 block_queries = backend.upload(queries[first:last])
-                query_flags.extend(query_row_flags(block_queries, weights, first))
+                query_checks.extend(query_row_checks(block_queries, weights, first))
             else:
                 block_queries = queries[first:last]
         rows = chunks.take(j, stop - start)
         if first == 0:
-            database_flags.append(unusable_row_flag(rows, start, weights))
+            database_checks.append(database_row_check(rows, weights, start))
         chunk = _search_block(backend, block_queries, rows, min(kept, stop - start), code, workspace_bytes)
         chunks.release(j)
         if j + 1 < len(jobs):
@@ -610,19 +608,8 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
         indices[:, kept:] = -1
     else:
         _pad(distances, indices, kept, metric)
-    check_rows_usable_flags([flag for flag, _ in query_flags] + database_flags,
-                            ["queries"] * len(query_flags) + ["database"] * len(database_flags),
-                            [scaled for _, scaled in query_flags] + [weights is not None] * len(database_flags))
+    raise_unusable_rows(query_checks + database_checks)  # bad queries first, as on the CPU
     return distances, indices
-
-
-def query_row_flags(queries, weights=None, first_row: int = 0) -> list:
-    """(flag, weighted) pairs for check_rows_usable_flags, in the CPU kernel's order: rows
-    unusable as they are, then (weighted_l2) rows whose weighted squared norm is unusable."""
-    flags = [(unusable_row_flag(queries, first_row), False)]
-    if weights is not None:
-        flags.append((unusable_row_flag(queries, first_row, weights), True))
-    return flags
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,10 +657,7 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
     if resident:
         if isinstance(q, np.ndarray):
             q = backend.upload(q)
-        query_flags = query_row_flags(q, backend.weights)
-        check_rows_usable_flags([flag for flag, _ in query_flags] + [unusable_row_flag(x, 0, backend.weights)],
-                                ["queries"] * len(query_flags) + ["database"],
-                                [scaled for _, scaled in query_flags] + [backend.weights is not None])
+        raise_unusable_rows(query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)])
         distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
     elif q.shape[0] == 0:
         # as on the CPU: the database is checked even without queries
@@ -681,10 +665,10 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         distances = torch.empty((0, k), dtype=torch.float32, device=device)
         indices = torch.empty((0, k), dtype=torch.int64, device=device)
     else:
-        flags = [] if isinstance(q, np.ndarray) else query_row_flags(q, backend.weights)
+        checks = [] if isinstance(q, np.ndarray) else query_row_checks(q, backend.weights)
         memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)
         distances, indices = search_streamed(backend, q, x, k, metric, workspace_bytes=workspace_bytes,
-                                             memory_bytes=memory_bytes, query_flags=flags)
+                                             memory_bytes=memory_bytes, query_checks=checks)
     return as_caller_results(distances, indices, kind, device_queries)
 
 

@@ -22,7 +22,8 @@ from .._arrays import (
     empty_vector_buffer,
     weights_for,
 )
-from .._arrays import as_device_matrix, check_rows_usable_flags, is_torch_tensor, unusable_row_flag
+from .._arrays import (as_device_matrix, check_rows_usable_flags, database_row_check, is_torch_tensor,
+                       query_row_checks, raise_unusable_rows, unusable_row_flag)
 from .io import IndexFileError, load_index_file, save_index_file
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
@@ -450,13 +451,11 @@ class FlatIndex:
             # Read after the search is queued: the host waits for the check's few kernels only,
             # while the search runs (a search over bad queries is harmless and discarded).
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
-            flags = _cuda_search.query_row_flags(q, backend.weights)
-            names = ["queries"] * len(flags)
+            checks = query_row_checks(q, backend.weights)
             if backend.weights is not None and database.shape[0]:
                 # Rows were checked at add, but these weights may push a row's weighted squared
                 # norm past float32 (the CPU kernel refuses it): one more read of the vectors.
-                flags.append((unusable_row_flag(database, 0, backend.weights), True))
-                names.append("database")
+                checks.append(database_row_check(database, backend.weights))
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
@@ -469,7 +468,7 @@ class FlatIndex:
                 distances, indices = _cuda_search.search_resident(
                     backend, q, database, k, self._metric,
                     workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES, norms=norms)
-            check_rows_usable_flags([flag for flag, _ in flags], names, [scaled for _, scaled in flags])
+            raise_unusable_rows(checks)
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
