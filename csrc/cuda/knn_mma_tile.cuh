@@ -37,6 +37,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/knn_tiles.cuh"
 #include "ops/knn.h"
@@ -67,47 +68,47 @@ struct MmaTraits<KnnPrecision::kTf32> {
   }
 };
 
-template <>
-struct MmaTraits<KnnPrecision::kBf16> {
-  using Stored = __nv_bfloat16;
+// bf16 and fp16: 16-bit elements, m16n8k16, staged as pairs packed in 32-bit words.
+template <class Half>
+struct HalfMmaTraits {
+  using Stored = Half;
+  static constexpr bool kBf16 = std::is_same_v<Half, __nv_bfloat16>;
   static constexpr int kStepDepth = 16;
   static constexpr int kPad = 8;  // row stride 12 words
+  // Two floats rounded to nearest into one word, the first in the low half.
+  __device__ static uint32_t pack(float first, float second) {
+    if constexpr (kBf16) {
+      const __nv_bfloat162 pair = __floats2bfloat162_rn(first, second);
+      return *reinterpret_cast<const uint32_t*>(&pair);
+    } else {
+      const __half2 pair = __floats2half2_rn(first, second);
+      return *reinterpret_cast<const uint32_t*>(&pair);
+    }
+  }
   __device__ static void store4(Stored* at, float4 v) {
-    const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-    uint2 packed;
-    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(at) = packed;
+    *reinterpret_cast<uint2*>(at) = make_uint2(pack(v.x, v.y), pack(v.z, v.w));
   }
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    if constexpr (kBf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
   }
 };
 
 template <>
-struct MmaTraits<KnnPrecision::kFp16> {
-  using Stored = __half;
-  static constexpr int kStepDepth = 16;
-  static constexpr int kPad = 8;
-  __device__ static void store4(Stored* at, float4 v) {
-    const __half2 lo = __floats2half2_rn(v.x, v.y), hi = __floats2half2_rn(v.z, v.w);
-    uint2 packed;
-    packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-    packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-    *reinterpret_cast<uint2*>(at) = packed;
-  }
-  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
+struct MmaTraits<KnnPrecision::kBf16> : HalfMmaTraits<__nv_bfloat16> {};
+template <>
+struct MmaTraits<KnnPrecision::kFp16> : HalfMmaTraits<__half> {};
 
 template <KnnPrecision kPrecision>
 struct MmaTile {
