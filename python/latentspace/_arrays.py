@@ -308,9 +308,11 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     for start in range(0, tensor.shape[0], _NORM_ROWS_PER_STEP):
         rows = tensor[start : start + _NORM_ROWS_PER_STEP].float()  # half storage: norms in float32
         # NaN compares false, and an overflowing square is +inf: both count as unusable.
-        bad = ~(torch.linalg.vector_norm(rows, dim=1).square() <= MAX_SQUARED_NORM)
-        if w is not None:
-            bad |= ~((rows.square() @ w) <= MAX_SQUARED_NORM)
+        if w is None:
+            bad = ~(torch.linalg.vector_norm(rows, dim=1).square() <= MAX_SQUARED_NORM)
+        else:  # one pass of squares for both norms
+            squares = rows.square()
+            bad = ~(squares.sum(dim=1) <= MAX_SQUARED_NORM) | ~((squares @ w) <= MAX_SQUARED_NORM)
         position = torch.arange(start, start + rows.shape[0], device=tensor.device)
         first = torch.minimum(first, torch.where(bad, position, none).min())
     return torch.where(first == none, -1, first + first_row)
