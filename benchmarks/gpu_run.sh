@@ -42,11 +42,12 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time, in the order tests, benchmarks, sanitizer (the benchmarks were the stage a run lost to
-# the time limit before). Measured on an H100 (2026-11-26): build 35-75 s, tests 32 s, memcheck 70 s, benchmarks
-# 33 s; about 5 minutes in all with the machine's start. GPU_RUN_STAGES picks some, e.g.
+# time, in the order tests, benchmarks, profile, sanitizer (the benchmarks were the stage a
+# run lost to the time limit before). Measured on an H100 (2026-11-26, run 6): build 128 s,
+# tests 39 s, benchmarks 44 s, memcheck 111 s; the machine's start about 30 s. Give the call
+# 9 minutes. GPU_RUN_STAGES picks some, e.g.
 #   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
-STAGES="${GPU_RUN_STAGES:-tests bench sanitizer}"
+STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
 status=0
 
 if [[ " $STAGES " == *" tests "* ]]; then
@@ -77,6 +78,15 @@ if [[ " $STAGES " == *" bench "* ]]; then
     echo "no GPU benchmarks yet"
   fi
 fi
+if [[ " $STAGES " == *" profile "* ]]; then
+  # Where a search's time goes (scan / merge / sort kernels; a single query's host steps):
+  # benchmarks/profile_knn_cuda.py, about 30 s.
+  echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
+  start=$(date +%s)
+  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-90}" python3 benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  code=$?
+  echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
+fi
 if [[ " $STAGES " == *" sanitizer "* ]]; then
   # compute-sanitizer over the small GPU kNN tests (named "small"): memcheck (out-of-bounds
   # and misaligned accesses, API errors) and racecheck (shared-memory hazards). torch's
@@ -86,24 +96,34 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     echo "== compute-sanitizer: not found, skipped"
   else
     # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
-    # about 5 s a test on an H100 (2026-11-26: 51 of the 112 "small" tests in 240 s), so it takes
-    # a subset that covers the tile scans (SIMT, WMMA and mma.sync, in bf16), the row scan and
-    # the selection (l2 only, about 20 tests); memcheck (112 tests in 70 s before the mma.sync
-    # tile's tests, about 180 now) takes them all. timeout -k: the sanitizer does not always stop on SIGTERM.
+    # 5-10 s a test on an H100 (2026-11-26, run 6: 16 tests in 160 s), so it takes a subset
+    # that covers the tile scans (SIMT, WMMA and mma.sync, in bf16), the row scan and the
+    # selection (l2 only, 21 tests); memcheck takes all "small" tests (181 in 111 s, run 6).
+    # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
+    # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
+    # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
+    limit="${GPU_RUN_SANITIZER_SECONDS:-150}"
     start=$(date +%s)
+    pids=()
     for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then selection="small"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output or small_weighted_l2 or (small_tensor_core and bf16)) and l2}"; fi
+      if [ "$tool" = memcheck ]; then selection="${GPU_RUN_MEMCHECK_TESTS:-small}"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output or small_weighted_l2 or (small_tensor_core and bf16)) and l2}"; fi
       echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
-      ( PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "${GPU_RUN_SANITIZER_SECONDS:-200}" "$SANITIZER" --tool "$tool" \
-          --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider -m cuda -k "$selection" \
-          tests/gpu/test_knn_cuda.py > "${OUT:-.}/sanitizer_$tool.log" 2>&1
-        echo $? > "/tmp/sanitizer_$tool.exit" ) &
+      rm -f "/tmp/sanitizer_$tool.exit"
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c '"$1" --tool "$2" --error-exitcode 99 --print-limit 20 \
+          python3 -m pytest -q -p no:cacheprovider -m cuda -k "$3" tests/gpu/test_knn_cuda.py > "$4" 2>&1
+        echo $? > "/tmp/sanitizer_$2.exit"' _ "$SANITIZER" "$tool" "$selection" "${OUT:-.}/sanitizer_$tool.log" &
+      pids+=("$!")
     done
-    wait
+    for pid in "${pids[@]}"; do
+      while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 1; done
+      # setsid made the tool's process the leader of its own session: end all of that session.
+      pkill -KILL -s "$pid" 2>/dev/null || kill -KILL -- "-$pid" 2>/dev/null
+      wait "$pid" 2>/dev/null
+    done
     for tool in memcheck racecheck; do
-      code=$(cat "/tmp/sanitizer_$tool.exit")
+      code=$(cat "/tmp/sanitizer_$tool.exit" 2>/dev/null || echo 124)
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
-      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: timed out)"
+      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: stopped at the ${limit} s limit)"
       if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
     done
     echo "sanitizer seconds: $(( $(date +%s) - start ))"
