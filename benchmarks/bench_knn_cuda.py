@@ -9,8 +9,8 @@ sides compute float32 products):
   big        Q = 10,000, N = 1,000,000, D = 128, k in {10, 100, 1024}
   big_tc     the big cells at k in {10, 100} with precision "tf32" and "bf16" (tensor cores),
              against torch in the same precision (TF32 matmul on; bf16 operands); latentspace
-             with each tensor-core tile (WMMA, the default; "[mma]": mma.sync, picked by
-             LATENTSPACE_CUDA_TENSOR_TILE=mma) and, in bf16, also on a bf16-stored FlatIndex
+             with each tensor-core tile (mma.sync, the default; "[wmma]": WMMA, picked by
+             LATENTSPACE_CUDA_TENSOR_TILE=wmma) and, in bf16, also on a bf16-stored FlatIndex
   faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045),
              in fp32 and in bf16 (torch: F.linear-style mm on bf16 operands + topk)
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
@@ -245,7 +245,7 @@ def test_big(benchmark, big, peer, k):
 
 def with_tensor_tile(tile, call):
     """call with LATENTSPACE_CUDA_TENSOR_TILE=tile for its duration (csrc/cuda/knn.cu reads it
-    at every search): "mma" picks the mma.sync tile, "wmma" (the default) the WMMA one."""
+    at every search): "mma" (the default) picks the mma.sync tile, "wmma" the WMMA one."""
     def run():
         before = os.environ.get("LATENTSPACE_CUDA_TENSOR_TILE")
         os.environ["LATENTSPACE_CUDA_TENSOR_TILE"] = tile
@@ -260,11 +260,11 @@ def with_tensor_tile(tile, call):
     return run
 
 
-# latentspace peers of the tensor-core cells: the tile (WMMA, the default, or mma.sync), and
+# latentspace peers of the tensor-core cells: the tile (mma.sync, the default, or WMMA), and
 # whether the database is kept in the precision's own storage (a GPU FlatIndex with
 # storage="bf16": half the bytes read, as torch's bf16 operands).
-TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[mma]", "latentspace.FlatIndex[bf16 storage]",
-                "latentspace.FlatIndex[bf16 storage, mma]", "torch.mm+topk")
+TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.FlatIndex[bf16 storage]",
+                "latentspace.FlatIndex[bf16 storage, wmma]", "torch.mm+topk")
 
 
 def tensor_core_call(peer, q, x, k, precision):
@@ -272,7 +272,7 @@ def tensor_core_call(peer, q, x, k, precision):
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
-        tile = "mma" if "mma]" in peer else "wmma"
+        tile = "wmma" if "wmma]" in peer else "mma"
         if "storage" in peer:
             if precision != "bf16":
                 pytest.skip("bf16 storage is for the bf16 cells")

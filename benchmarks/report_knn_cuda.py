@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 
 def is_latentspace(peer: str) -> bool:
-    """latentspace.knn, latentspace.FlatIndex and their variants ("latentspace.knn[mma]", ...)."""
+    """latentspace.knn, latentspace.FlatIndex and their variants ("latentspace.knn[wmma]", ...)."""
     return peer.startswith("latentspace.")
 
 

@@ -4,12 +4,13 @@
 //   1. norms_kernel     squared norms (l2) or inverse norms (cosine) of queries and database
 //   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes score
 //                       tiles (knn_tiles.cuh: 128 x 128 float32 FMA, or 64 x 64 on tensor cores
-//                       for tf32 / bf16 / fp16 with WMMA; knn_mma_tile.cuh: 128 x 128 with
-//                       mma.sync, opt-in for now) and appends each candidate whose
+//                       for tf32 / bf16 / fp16 with WMMA, opt-in; knn_mma_tile.cuh: 128 x 128
+//                       with mma.sync, the default) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
 //                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries take
-//                       row_scan_kernel (knn_rows.cuh) instead, with the same lists
+//                       row_scan_kernel (knn_rows.cuh) instead, with the same lists; launched
+//                       through knn_scan_launch.cuh, one file per metric (knn_scan_l2.cu, ...)
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
 //
@@ -27,10 +28,9 @@
 
 #include "core/check.h"
 #include "cuda/common.cuh"
-#include "cuda/knn_select.cuh"
-#include "cuda/knn_mma_tile.cuh"
 #include "cuda/knn_rows.cuh"
-#include "cuda/knn_scan.cuh"
+#include "cuda/knn_scan_launch.cuh"
+#include "cuda/knn_select.cuh"
 #include "cuda/knn_tiles.cuh"
 #include "ops/knn.h"
 
@@ -192,93 +192,6 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   distances[i] = similarity ? 0.0f - score : score;  // 0 - (+0) = +0, as on the CPU (-score gives -0)
 }
 
-// Whether 4 consecutive elements can load at once everywhere (knn_tiles.cuh's kAligned): the
-// dimension a multiple of 4, the bases aligned to 4 elements.
-bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
-  const uintptr_t element = storage == KnnStorage::kFloat32 ? 4 : 2;
-  auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-  return args.dim % 4 == 0 && aligned(args.queries, 16) && aligned(args.database, 4 * element) &&
-         (args.weights == nullptr || aligned(args.weights, 16));
-}
-
-template <Metric kMetric, KnnStorage kStorage, bool kAligned>
-void launch_row_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  const dim3 grid(1, static_cast<unsigned>(plan.splits));
-  const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
-  if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
-    row_scan_kernel<kMetric, kStorage, kAligned, true><<<grid, kThreads, query_bytes, stream>>>(args);
-  } else {
-    row_scan_kernel<kMetric, kStorage, kAligned, false><<<grid, kThreads, query_bytes, stream>>>(args);
-  }
-  check_launch("row_scan_kernel");
-}
-
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, class Tile>
-void launch_tile_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(plan.splits));
-  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile><<<grid, kThreads, 0, stream>>>(args);
-  check_launch("scan_kernel");
-}
-
-// The tensor-core tile for tf32 / bf16 / fp16: WmmaTile (knn_tiles.cuh), verified on an H100,
-// unless LATENTSPACE_CUDA_TENSOR_TILE=mma picks MmaTile (knn_mma_tile.cuh), which waits for its
-// first GPU run (docs/gpu-runs.md) before it may become the default. Read at every search.
-bool use_mma_tile() {
-  const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "wmma") == 0) return false;
-  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got '",
-                 std::string(value), "'");
-  return true;
-}
-
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
-void launch_tile_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  if constexpr (kPrecision != KnnPrecision::kFloat32) {
-    if (use_mma_tile()) {
-      launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, MmaTile<kPrecision>>(args, plan, stream);
-      return;
-    }
-  }
-  launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, typename TileFor<kPrecision>::type>(args, plan, stream);
-}
-
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
-void launch_scan(const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  const bool aligned = quads_aligned(args, kStorage);
-  if (use_row_scan(args.num_queries, args.dim)) {  // a handful of queries (precision moot: float32)
-    if (aligned) {
-      launch_row_scan<kMetric, kStorage, true>(args, plan, stream);
-    } else {
-      launch_row_scan<kMetric, kStorage, false>(args, plan, stream);
-    }
-  } else if (aligned) {
-    launch_tile_scan<kMetric, kPrecision, kStorage, true>(args, plan, stream);
-  } else {
-    launch_tile_scan<kMetric, kPrecision, kStorage, false>(args, plan, stream);
-  }
-}
-
-// Run-time choices become template parameters: precision here, storage below, metric in knn_cuda.
-template <Metric kMetric, KnnStorage kStorage>
-void launch_scan_for(KnnPrecision precision, const ScanArgs& args, const Plan& plan, cudaStream_t stream) {
-  switch (precision) {
-    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32, kStorage>(args, plan, stream); break;
-    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32, kStorage>(args, plan, stream); break;
-    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16, kStorage>(args, plan, stream); break;
-    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16, kStorage>(args, plan, stream); break;
-  }
-}
-
-template <Metric kMetric>
-void launch_scan_for(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, const Plan& plan,
-                     cudaStream_t stream) {
-  switch (storage) {
-    case KnnStorage::kFloat32: launch_scan_for<kMetric, KnnStorage::kFloat32>(precision, args, plan, stream); break;
-    case KnnStorage::kFloat16: launch_scan_for<kMetric, KnnStorage::kFloat16>(precision, args, plan, stream); break;
-    case KnnStorage::kBfloat16: launch_scan_for<kMetric, KnnStorage::kBfloat16>(precision, args, plan, stream); break;
-  }
-}
-
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
                   float* out, cudaStream_t stream, const char* what) {
   const unsigned blocks = blocks_for(count * 32, kThreads);
@@ -340,9 +253,9 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
   const ScanArgs args{weights,  queries, database, w.query_norms, norms, num_queries, num_database, dim,
                       static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
   switch (metric) {
-    case Metric::kL2: launch_scan_for<Metric::kL2>(storage, precision, args, plan, stream); break;
-    case Metric::kInnerProduct: launch_scan_for<Metric::kInnerProduct>(storage, precision, args, plan, stream); break;
-    case Metric::kCosine: launch_scan_for<Metric::kCosine>(storage, precision, args, plan, stream); break;
+    case Metric::kL2: launch_scan_l2(storage, precision, args, stream); break;
+    case Metric::kInnerProduct: launch_scan_inner_product(storage, precision, args, stream); break;
+    case Metric::kCosine: launch_scan_cosine(storage, precision, args, stream); break;
   }
   merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
                                                                             plan.capacity, static_cast<int>(k), w.keys);

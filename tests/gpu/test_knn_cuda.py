@@ -578,8 +578,8 @@ ROUNDOFF = {"tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 @pytest.fixture(params=["wmma", "mma"])
 def tensor_tile(request, monkeypatch):
-    """Each tensor-core tile of the scan (csrc/cuda/knn.cu, use_mma_tile): WmmaTile, the
-    default, and MmaTile, picked by LATENTSPACE_CUDA_TENSOR_TILE=mma."""
+    """Each tensor-core tile of the scan (csrc/cuda/knn.cu, use_mma_tile): MmaTile, the
+    default, and WmmaTile, picked by LATENTSPACE_CUDA_TENSOR_TILE=wmma."""
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", request.param)
     return request.param
 
@@ -632,6 +632,23 @@ def test_small_half_storage_on_tensor_cores_is_exact(storage, tensor_tile, rng):
     D, I = index.search(q, 20, precision=storage)
     np.testing.assert_array_equal(I, I0)
     np.testing.assert_array_equal(D, D0)
+
+
+def test_default_tensor_tile_is_mma(monkeypatch, gen):
+    """Unset (or empty), the setting picks MmaTile: bit for bit its results, on data where the
+    two tiles' rounding differs (each sums the products in its own order)."""
+    queries, database = _randn(gen, 300, 96), _randn(gen, 5000, 96)
+    results = {}
+    for setting in ("wmma", "mma", "", None):
+        if setting is None:
+            monkeypatch.delenv("LATENTSPACE_CUDA_TENSOR_TILE", raising=False)
+        else:
+            monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", setting)
+        results[setting] = latentspace.knn(queries, database, 10, precision="bf16")
+    if torch.equal(results["wmma"][0], results["mma"][0]):
+        pytest.skip("both tiles rounded these inputs alike: nothing tells them apart")
+    for setting in ("", None):
+        assert torch.equal(results[setting][0], results["mma"][0]) and torch.equal(results[setting][1], results["mma"][1])
 
 
 def test_bad_tensor_tile_setting_is_named(monkeypatch, gen):

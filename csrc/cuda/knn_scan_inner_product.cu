@@ -1,0 +1,11 @@
+// The scan kernels of the inner product metric, in a file of their own so that the metrics
+// compile in parallel (knn_scan_launch.cuh).
+#include "cuda/knn_scan_launch.cuh"
+
+namespace latentspace::cuda {
+
+void launch_scan_inner_product(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
+  launch_scan_for<Metric::kInnerProduct>(storage, precision, args, stream);
+}
+
+}  // namespace latentspace::cuda

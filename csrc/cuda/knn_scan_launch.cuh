@@ -1,0 +1,121 @@
+// How the CUDA kNN launches its scan (knn.cu, step 2): the run-time choices (storage,
+// precision, row or tile scan, aligned loads, tensor-core tile) become the template parameters
+// of scan_kernel / row_scan_kernel.
+//
+// Each metric's instantiations are compiled in a translation unit of their own
+// (knn_scan_l2.cu, knn_scan_inner_product.cu, knn_scan_cosine.cu), through the three
+// launch_scan_* functions at the bottom: the scan kernels are most of the CUDA build, and
+// separate files compile in parallel (one file took 128 s of a GPU run's build, 2026-11-26).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/check.h"
+#include "cuda/common.cuh"
+#include "cuda/knn_mma_tile.cuh"
+#include "cuda/knn_rows.cuh"
+#include "cuda/knn_scan.cuh"
+#include "cuda/knn_tiles.cuh"
+#include "ops/knn.h"
+
+namespace latentspace::cuda {
+
+// Whether 4 consecutive elements can load at once everywhere (knn_tiles.cuh's kAligned): the
+// dimension a multiple of 4, the bases aligned to 4 elements.
+inline bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
+  const uintptr_t element = storage == KnnStorage::kFloat32 ? 4 : 2;
+  auto aligned = [](const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+  return args.dim % 4 == 0 && aligned(args.queries, 16) && aligned(args.database, 4 * element) &&
+         (args.weights == nullptr || aligned(args.weights, 16));
+}
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned>
+void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
+  const dim3 grid(1, static_cast<unsigned>(args.splits));
+  const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
+  if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
+    row_scan_kernel<kMetric, kStorage, kAligned, true><<<grid, kScanThreads, query_bytes, stream>>>(args);
+  } else {
+    row_scan_kernel<kMetric, kStorage, kAligned, false><<<grid, kScanThreads, query_bytes, stream>>>(args);
+  }
+  check_launch("row_scan_kernel");
+}
+
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, class Tile>
+void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
+  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile><<<grid, kScanThreads, 0, stream>>>(args);
+  check_launch("scan_kernel");
+}
+
+// The tensor-core tile for tf32 / bf16 / fp16: MmaTile (knn_mma_tile.cuh), 1.6-1.8x faster
+// than WmmaTile on an H100 (docs/benchmarks.md, GPU run 6); LATENTSPACE_CUDA_TENSOR_TILE=wmma
+// picks WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the tests. Read at
+// every search.
+inline bool use_mma_tile() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "mma") == 0) return true;
+  LS_CHECK_VALUE(std::strcmp(value, "wmma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got '",
+                 std::string(value), "'");
+  return false;
+}
+
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
+void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
+  if constexpr (kPrecision != KnnPrecision::kFloat32) {
+    if (use_mma_tile()) {
+      launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, MmaTile<kPrecision>>(args, stream);
+      return;
+    }
+  }
+  launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, typename TileFor<kPrecision>::type>(args, stream);
+}
+
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+void launch_scan(const ScanArgs& args, cudaStream_t stream) {
+  const bool aligned = quads_aligned(args, kStorage);
+  if (use_row_scan(args.num_queries, args.dim)) {  // a handful of queries (precision moot: float32)
+    if (aligned) {
+      launch_row_scan<kMetric, kStorage, true>(args, stream);
+    } else {
+      launch_row_scan<kMetric, kStorage, false>(args, stream);
+    }
+  } else if (aligned) {
+    launch_tile_scan<kMetric, kPrecision, kStorage, true>(args, stream);
+  } else {
+    launch_tile_scan<kMetric, kPrecision, kStorage, false>(args, stream);
+  }
+}
+
+// Run-time choices become template parameters: precision here, storage below, metric in knn_cuda.
+template <Metric kMetric, KnnStorage kStorage>
+void launch_scan_for(KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
+  switch (precision) {
+    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32, kStorage>(args, stream); break;
+    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32, kStorage>(args, stream); break;
+    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16, kStorage>(args, stream); break;
+    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16, kStorage>(args, stream); break;
+  }
+}
+
+template <Metric kMetric>
+void launch_scan_for(KnnStorage storage, KnnPrecision precision, const ScanArgs& args,
+                     cudaStream_t stream) {
+  switch (storage) {
+    case KnnStorage::kFloat32: launch_scan_for<kMetric, KnnStorage::kFloat32>(precision, args, stream); break;
+    case KnnStorage::kFloat16: launch_scan_for<kMetric, KnnStorage::kFloat16>(precision, args, stream); break;
+    case KnnStorage::kBfloat16: launch_scan_for<kMetric, KnnStorage::kBfloat16>(precision, args, stream); break;
+  }
+}
+
+// One per metric, each defined in its own file (see the top of this header).
+void launch_scan_l2(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream);
+void launch_scan_inner_product(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream);
+void launch_scan_cosine(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream);
+
+}  // namespace latentspace::cuda
