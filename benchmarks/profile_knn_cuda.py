@@ -27,7 +27,7 @@ import torch
 import latentspace
 from latentspace import _arrays, _cuda_search
 
-DEVICE = torch.device("cuda", torch.cuda.current_device())
+DEVICE = None  # the current CUDA device, set by main()
 REPEATS = 200
 
 
@@ -80,7 +80,7 @@ def q1_breakdown(report: dict) -> None:
         q = torch.randn(1, 128, generator=g, device=DEVICE)
         index = latentspace.FlatIndex(128, device=DEVICE)
         index.add(x)
-        backend = _cuda_search.CudaBackend(DEVICE)
+        backend = _cuda_search.CudaBackend(index._device)
         database, norms = index._gpu_buffer[:n], index._gpu_norms
         norms = None if norms is None else norms[:n]
         workspace = _cuda_search.DEFAULT_WORKSPACE_BYTES
@@ -91,7 +91,7 @@ def q1_breakdown(report: dict) -> None:
             "search_resident (native call, its planning)": lambda: _cuda_search.search_resident(
                 backend, q, database, 10, "l2", workspace, norms=norms),
             "workspace_of (native plan)": lambda: backend.workspace_of(1, n, 10),
-            "CudaBackend()": lambda: _cuda_search.CudaBackend(DEVICE),
+            "CudaBackend()": lambda: _cuda_search.CudaBackend(index._device),
             "empty sync": lambda: None,
         }
         timings = {name: median_ms(call) for name, call in steps.items()}
@@ -107,6 +107,8 @@ def q1_breakdown(report: dict) -> None:
 def main() -> None:
     if not latentspace.cuda_available():
         sys.exit("no usable CUDA GPU")
+    global DEVICE
+    DEVICE = torch.device("cuda", torch.cuda.current_device())
     print(f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}")
     report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
     q1_breakdown(report)
