@@ -41,7 +41,11 @@ namespace {
 constexpr int kThreads = kSelectThreads;
 static_assert(kThreads == kTileThreads, "the scan's tiles and selection share one block");
 constexpr int kMinTilesPerSplit = 2;
-constexpr int64_t kRowsPerNeighbour = 8;
+// Rows per split at least this many times k. 32 is the value GPU run 4 measured (k = 1024 in
+// 378 ms); commit 22c7a7a's 8 let a search chunked by its workspace (at k = 1024 the 1 GiB
+// default holds ~290 queries a call: 3 query tiles) take 122 splits instead of 30, and the
+// extra lists' cut-backs and merge took it to 595 ms (GPU runs 6-7: 35 calls, merge 74 ms).
+constexpr int64_t kRowsPerNeighbour = 32;
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {
@@ -216,6 +220,8 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
   if (num_queries == 0) return 0;
   return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device)).workspace_bytes;
 }
+
+const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma"; }
 
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
