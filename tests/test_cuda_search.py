@@ -254,9 +254,17 @@ def test_device_matrix_copies_only_when_needed(rng):
     assert _arrays.as_host_matrix(wide, "x") is wide
 
 
+@pytest.fixture(params=["device", "host"])
+def row_check_path(request, monkeypatch):
+    """unusable_row_flag's two paths: torch reductions on the tensor's device, or (small
+    tensors, _HOST_CHECK_ELEMENTS) a copy to the host and the CPU's check."""
+    monkeypatch.setattr(_arrays, "_HOST_CHECK_ELEMENTS", 0 if request.param == "device" else 1 << 14)
+    return request.param
+
+
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf, 1e19, 3e38])
 @pytest.mark.parametrize("bad_row", [0, 5, 12])
-def test_device_row_check_equals_the_cpu_one(bad_value, bad_row, rng, monkeypatch):
+def test_device_row_check_equals_the_cpu_one(bad_value, bad_row, rng, monkeypatch, row_check_path):
     monkeypatch.setattr(_arrays, "_NORM_ROWS_PER_STEP", 4)  # several steps
     x = _normal(rng, 13, 1 if bad_value == 1e19 else 6)
     x[bad_row, 0] = bad_value
@@ -271,7 +279,7 @@ def test_device_row_check_equals_the_cpu_one(bad_value, bad_row, rng, monkeypatc
     assert int(_arrays.unusable_row_flag(torch.from_numpy(x), first_row=100)) == 100 + bad_row
 
 
-def test_device_row_check_passes_usable_rows(rng):
+def test_device_row_check_passes_usable_rows(rng, row_check_path):
     x = _normal(rng, 9, 3)
     x[2] = 0.0
     x[4, 0] = np.sqrt(_arrays.MAX_SQUARED_NORM) * 0.999  # just below the limit
@@ -279,6 +287,22 @@ def test_device_row_check_passes_usable_rows(rng):
     assert int(_arrays.unusable_row_flag(torch.from_numpy(x))) == -1
     assert int(_arrays.unusable_row_flag(torch.zeros(0, 3))) == -1
     _arrays.check_rows_usable_flags([], [])
+
+
+def test_row_checks_of_both_paths_are_read_together(rng, monkeypatch):
+    """raise_unusable_rows reads host flags (small tensors) and device flags in one list, in
+    order: the first check that found a bad row is the one named."""
+    monkeypatch.setattr(_arrays, "_HOST_CHECK_ELEMENTS", 20)
+    small, large = _normal(rng, 2, 4), _normal(rng, 50, 4)  # 8 elements: host; 200: torch
+    large[7, 1] = np.inf
+    checks = [(_arrays.unusable_row_flag(torch.from_numpy(small)), "queries", False),
+              (_arrays.unusable_row_flag(torch.from_numpy(large)), "database", False)]
+    with pytest.raises(ValueError, match="database: row 7 contains NaN or Inf"):
+        _arrays.raise_unusable_rows(checks)
+    small[1, 0] = np.nan
+    checks[0] = (_arrays.unusable_row_flag(torch.from_numpy(small), first_row=40), "queries", False)
+    with pytest.raises(ValueError, match="queries: row 41 contains NaN or Inf"):
+        _arrays.raise_unusable_rows(checks)
 
 
 # ---------------------------------------------------------------------------------------
@@ -790,3 +814,21 @@ def test_cached_norms_are_sliced_with_the_database(rng):
     with pytest.raises(ValueError, match="norms: expected 50"):
         CpuBackend().search(torch.from_numpy(q), torch.from_numpy(x), 2, 0, torch.empty(3, 2), torch.empty(3, 2, dtype=torch.int64),
                             None, norms[:10])
+
+
+@pytest.mark.parametrize("setting,tile", [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma")])
+def test_tensor_tile_setting(monkeypatch, setting, tile):
+    """The tile a tensor-core search takes (csrc/cuda/knn_scan_launch.cuh, use_mma_tile): the
+    mma.sync tile unless LATENTSPACE_CUDA_TENSOR_TILE=wmma; read by the CUDA build, GPU or not."""
+    if not latentspace.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            latentspace._native._cuda_tensor_tile()
+        return
+    if setting is None:
+        monkeypatch.delenv("LATENTSPACE_CUDA_TENSOR_TILE", raising=False)
+    else:
+        monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", setting)
+    assert latentspace._native._cuda_tensor_tile() == tile
+    monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "WMMA")  # values are case-sensitive
+    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'WMMA'"):
+        latentspace._native._cuda_tensor_tile()

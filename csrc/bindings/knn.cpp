@@ -1,6 +1,8 @@
 // pybind11 glue for exact kNN and row norms: check buffers, drop the GIL, call ops/.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "bindings/arrays.h"
 #include "ops/knn.h"
 #include "ops/norms.h"
@@ -55,6 +57,9 @@ void bind_knn(py::module_& m) {
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
       "Bytes of device workspace knn_cuda needs for these sizes on this device.");
+  m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
+        "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
+        "(LATENTSPACE_CUDA_TENSOR_TILE).");
   m.def(
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,

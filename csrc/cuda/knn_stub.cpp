@@ -14,6 +14,8 @@ namespace {
 
 size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int) { no_cuda(); }
 
+const char* knn_cuda_tensor_tile() { no_cuda(); }
+
 void knn_cuda(const float*, int64_t, const void*, int64_t, int64_t, int64_t, Metric, KnnPrecision, float*, int64_t*,
               void*, size_t, uintptr_t, const float*, KnnStorage, const float*) {
   no_cuda();

@@ -56,5 +56,9 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
               const float* weights = nullptr, KnnStorage storage = KnnStorage::kFloat32,
               const float* database_norms = nullptr);
+// The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
+// "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
+// value throws the ValueError the search would. A CPU-only build throws RuntimeError.
+const char* knn_cuda_tensor_tile();
 
 }  // namespace latentspace

@@ -233,6 +233,11 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
 # below it, every distance the search computes stays finite.
 MAX_SQUARED_NORM = float(np.float32(3.4028234e38) / np.float32(8.0))
 _NORM_ROWS_PER_STEP = 1 << 22  # rows whose norms are computed at once (16 MiB of norms)
+# Tensors of at most this many elements (64 KiB of float32: a few queries) are checked on the
+# host: one copy and the CPU's check took about 20 us where the device check's dozen small
+# torch launches took 160-250 us of a single-query search's 380-860 us (GPU run 7's profile,
+# docs/benchmarks.md). Only without weights: the weighted check stays on the device.
+_HOST_CHECK_ELEMENTS = 1 << 14
 
 
 def as_host_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
@@ -296,12 +301,19 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     """The index (first_row + r) of the first unusable row r of an (n, dim) tensor (float32, or
     float16 / bfloat16 storage, checked in float32),
     or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
-    with .item() when it is needed). Unusable as in check_rows_usable: NaN, Inf, or a squared
+    with .item() when it is needed), except for a tensor of at most _HOST_CHECK_ELEMENTS
+    elements, checked on the host (its flag is a host tensor). Unusable as in check_rows_usable: NaN, Inf, or a squared
     norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
     squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
     kernel trusts its caller: such a row would give NaN distances)."""
     import torch
 
+    if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
+        # A few rows (a single query, say): read to the host and checked there, by the CPU's
+        # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds).
+        rows = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+        bad = _native.sq_norms(rows, np.empty(rows.shape[0], dtype=np.float32)) if rows.shape[0] else -1
+        return torch.tensor(-1 if bad < 0 else first_row + bad)
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=tensor.device)
@@ -347,7 +359,10 @@ def raise_unusable_rows(checks: list[tuple]) -> None:
 
     if not checks:
         return
-    for row, (_, name, weighted) in zip(torch.stack([flag for flag, _, _ in checks]).tolist(), checks):
+    on_device = [flag for flag, _, _ in checks if flag.device.type != "cpu"]
+    device_rows = iter(torch.stack(on_device).tolist() if on_device else [])  # one wait for the device
+    rows = [next(device_rows) if flag.device.type != "cpu" else int(flag) for flag, _, _ in checks]
+    for row, (_, name, weighted) in zip(rows, checks):
         if row >= 0:
             raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if weighted else _BAD_ROW}")
 
