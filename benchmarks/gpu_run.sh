@@ -10,6 +10,9 @@ LOG="${OUT:-.}/gpu_run.log"
 exec > >(tee "$LOG") 2>&1
 
 echo "== gpu_run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# The device tool's copy of .git can lag the working tree it sends (run 7 printed run 6's
+# commit): a non-empty line here means the code is that commit plus these changes.
+echo "changed since that commit: $(git diff --shortstat HEAD 2>/dev/null)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 nvcc --version | tail -1
 
@@ -96,7 +99,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     echo "== compute-sanitizer: not found, skipped"
   else
     # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
-    # 5-10 s a test on an H100 (2026-11-26, run 6: 16 tests in 160 s), so it takes a subset
+    # 5-70 s a test on an H100 (2026-11-26: 16 tests in 160 s in run 6, one mma.sync test on
+    # integer data took 70 s in run 7), so it takes a subset
     # that covers the tile scans (SIMT, WMMA and mma.sync, in bf16), the row scan and the
     # selection (l2 only, 21 tests); memcheck takes all "small" tests (181 in 111 s, run 6).
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
