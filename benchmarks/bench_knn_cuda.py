@@ -23,6 +23,8 @@ sides compute float32 products):
 Peers:
   latentspace.knn          latentspace.knn(queries, database, k) on CUDA tensors
   latentspace.FlatIndex    FlatIndex(D, device="cuda").search (q1 only: rows checked at add)
+  ...[fused finish]        the same with LATENTSPACE_CUDA_FUSED_FINISH=1 (the opt-in one-kernel
+                           merge + sort + decode, csrc/cuda/knn_finish.cuh)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -56,7 +58,10 @@ KS = (10, 100, 1024)
 TORCH_BLOCK_ROWS = 65_536  # scores of one block: 10,000 x 65,536 float32 = 2.6 GB
 TRUTH_ROWS = 32  # queries checked against the float64 reference
 BUDGET_S = 1.0  # seconds of timed calls per benchmark, at least MIN_ROUNDS
-MIN_ROUNDS, MAX_ROUNDS = 3, 50
+# Up to 500 rounds: a cell of ~1 ms spread by 2x over 50 rounds in GPU run 6 (the q1 floor read
+# 0.82 ms there, 0.38 ms over 200 calls in run 7's profile); such cells also get warm-up calls.
+MIN_ROUNDS, MAX_ROUNDS = 3, 500
+SMALL_CELL_S, SMALL_CELL_WARMUP = 0.01, 10
 
 
 def rounds_for(seconds: float) -> int:
@@ -173,7 +178,8 @@ def run_cell(benchmark, group: str, peer: str, call, check, precision: str = "fp
     benchmark.extra_info.update(peer=peer, device=torch.cuda.get_device_name(DEVICE),
                                 tf32_matmul=torch.backends.cuda.matmul.allow_tf32, precision=precision, **info)
     del answer
-    benchmark.pedantic(call, rounds=rounds_for(seconds), iterations=1, warmup_rounds=0)
+    warmup = SMALL_CELL_WARMUP if seconds < SMALL_CELL_S else 0
+    benchmark.pedantic(call, rounds=rounds_for(seconds), iterations=1, warmup_rounds=warmup)
     benchmark.extra_info["verified"] = True
 
 
@@ -225,15 +231,15 @@ def test_roof_h2d(benchmark):
 # ============================================================================================
 # Cells
 # ============================================================================================
-BIG_PEERS = ("latentspace.knn", "torch.mm+topk", "torch.cdist+topk")
+BIG_PEERS = ("latentspace.knn", "latentspace.knn[fused finish]", "torch.mm+topk", "torch.cdist+topk")
 
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("peer", BIG_PEERS)
 def test_big(benchmark, big, peer, k):
     q, x = big["queries"], big["database"]
-    if peer == "latentspace.knn":
-        call = synced(latentspace.knn, q, x, k)
+    if peer.startswith("latentspace.knn"):
+        call = knn_peer_call(peer, latentspace.knn, q, x, k)
     elif peer == "torch.mm+topk":
         norms = x.square().sum(1)  # index state, outside the timed region
         call = synced(lambda: torch_mm_topk(q, x, k, norms=norms))
@@ -243,21 +249,29 @@ def test_big(benchmark, big, peer, k):
              nq=NQ, n=N, d=D, k=k, flops=2 * NQ * N * D)
 
 
-def with_tensor_tile(tile, call):
-    """call with LATENTSPACE_CUDA_TENSOR_TILE=tile for its duration (csrc/cuda/knn.cu reads it
-    at every search): "mma" (the default) picks the mma.sync tile, "wmma" the WMMA one."""
+def with_env(name: str, value: str, call):
+    """call with the environment variable name=value for its duration: the CUDA kNN reads its
+    settings at every search (LATENTSPACE_CUDA_TENSOR_TILE: "mma", the default, or "wmma";
+    LATENTSPACE_CUDA_FUSED_FINISH: "1" for the opt-in one-kernel finish)."""
     def run():
-        before = os.environ.get("LATENTSPACE_CUDA_TENSOR_TILE")
-        os.environ["LATENTSPACE_CUDA_TENSOR_TILE"] = tile
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return call()
         finally:
             if before is None:
-                del os.environ["LATENTSPACE_CUDA_TENSOR_TILE"]
+                del os.environ[name]
             else:
-                os.environ["LATENTSPACE_CUDA_TENSOR_TILE"] = before
+                os.environ[name] = before
 
     return run
+
+
+def knn_peer_call(peer: str, search, *args, **kwargs):
+    """A latentspace peer's timed call: search(*args, **kwargs), under the peer's variant
+    ("[fused finish]": LATENTSPACE_CUDA_FUSED_FINISH=1)."""
+    call = synced(search, *args, **kwargs)
+    return with_env("LATENTSPACE_CUDA_FUSED_FINISH", "1", call) if "[fused finish]" in peer else call
 
 
 # latentspace peers of the tensor-core cells: the tile (mma.sync, the default, or WMMA), and
@@ -273,13 +287,14 @@ def tensor_core_call(peer, q, x, k, precision):
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
         tile = "wmma" if "wmma]" in peer else "mma"
+        search = latentspace.knn
         if "storage" in peer:
             if precision != "bf16":
                 pytest.skip("bf16 storage is for the bf16 cells")
             index = latentspace.FlatIndex(x.shape[1], device=DEVICE, storage="bf16")
             index.add(x)  # index state, outside the timed region
-            return with_tensor_tile(tile, synced(index.search, q, k, precision=precision))
-        return with_tensor_tile(tile, synced(latentspace.knn, q, x, k, precision=precision))
+            search = lambda q, x, k, precision: index.search(q, k, precision=precision)  # noqa: E731
+        return with_env("LATENTSPACE_CUDA_TENSOR_TILE", tile, knn_peer_call(peer, search, q, x, k, precision=precision))
     norms = x.square().sum(1)  # index state, outside the timed region
     if precision == "bf16":
         q, x = q.to(torch.bfloat16), x.to(torch.bfloat16)
@@ -305,8 +320,8 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
         if peer not in BIG_PEERS:
             pytest.skip("the tensor-core peers are for the bf16 cell")
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 products on both sides
-        if peer == "latentspace.knn":
-            call = synced(latentspace.knn, q, x, k)
+        if peer.startswith("latentspace.knn"):
+            call = knn_peer_call(peer, latentspace.knn, q, x, k)
         elif peer == "torch.mm+topk":
             call = synced(torch_mm_topk, q, x, k)
         else:
@@ -320,15 +335,16 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
              flops=2 * 5000 * 8192 * 2048, precision=precision)
 
 
-@pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.FlatIndex", "torch.mm+topk"))
+@pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.FlatIndex", "latentspace.FlatIndex[fused finish]",
+                                  "torch.mm+topk"))
 def test_q1(benchmark, big, peer):
     q, x, k = big["queries"][:1], big["database"], 10
     if peer == "latentspace.knn":
         call = synced(latentspace.knn, q, x, k)
-    elif peer == "latentspace.FlatIndex":
+    elif peer.startswith("latentspace.FlatIndex"):
         index = latentspace.FlatIndex(D, device=DEVICE)
         index.add(x)
-        call = synced(index.search, q, k)
+        call = knn_peer_call(peer, index.search, q, k)
     else:
         norms = x.square().sum(1)
         call = synced(lambda: torch_mm_topk(q, x, k, norms=norms, block_rows=N))
@@ -336,14 +352,15 @@ def test_q1(benchmark, big, peer):
              nq=1, n=N, d=D, k=k, bytes=N * D * 4)
 
 
-def test_q1_floor(benchmark, big):
+@pytest.mark.parametrize("peer", ("latentspace.FlatIndex", "latentspace.FlatIndex[fused finish]"))
+def test_q1_floor(benchmark, big, peer):
     """One query against 4,096 rows through FlatIndex.search: the fixed cost of a search
     (Python checks, workspace, the kernels' launches) that the q1 cells pay on top of the read."""
     x, k = big["database"][:4096].contiguous(), 10
     q = big["queries"][:1]
     index = latentspace.FlatIndex(D, device=DEVICE)
     index.add(x)
-    run_cell(benchmark, "q1 floor N=4096 D=128 k=10", "latentspace.FlatIndex", synced(index.search, q, k),
+    run_cell(benchmark, "q1 floor N=4096 D=128 k=10", peer, knn_peer_call(peer, index.search, q, k),
              lambda a: check_answer(a, q, x, k), nq=1, n=4096, d=D, k=k)
 
 

@@ -832,3 +832,21 @@ def test_tensor_tile_setting(monkeypatch, setting, tile):
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "WMMA")  # values are case-sensitive
     with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'WMMA'"):
         latentspace._native._cuda_tensor_tile()
+
+
+@pytest.mark.parametrize("setting,fused", [(None, False), ("", False), ("0", False), ("1", True)])
+def test_fused_finish_setting(monkeypatch, setting, fused):
+    """Whether a GPU search finishes in one kernel (csrc/cuda/knn.cu, use_fused_finish): only
+    with LATENTSPACE_CUDA_FUSED_FINISH=1; read by the CUDA build, GPU or not."""
+    if not latentspace.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            latentspace._native._cuda_fused_finish()
+        return
+    if setting is None:
+        monkeypatch.delenv("LATENTSPACE_CUDA_FUSED_FINISH", raising=False)
+    else:
+        monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", setting)
+    assert latentspace._native._cuda_fused_finish() is fused
+    monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", "yes")
+    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_FUSED_FINISH: expected '0' or '1', got 'yes'"):
+        latentspace._native._cuda_fused_finish()

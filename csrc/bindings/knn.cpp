@@ -60,6 +60,8 @@ void bind_knn(py::module_& m) {
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
         "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");
+  m.def("_cuda_fused_finish", &knn_cuda_fused_finish,
+        "Whether a GPU search finishes in one kernel (LATENTSPACE_CUDA_FUSED_FINISH=1, opt-in).");
   m.def(
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,

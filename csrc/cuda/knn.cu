@@ -13,6 +13,7 @@
 //                       through knn_scan_launch.cuh, one file per metric (knn_scan_l2.cu, ...)
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
+//      (knn_finish.cuh; opt-in for now, finish_kernel does 3-5 in one launch for k <= 1024)
 //
 // Keys (knn_select.cuh) order candidates by score, then index: ties go to the lower index, as
 // on the CPU. All temporary memory is one workspace the caller allocates (torch's caching
@@ -28,6 +29,7 @@
 
 #include "core/check.h"
 #include "cuda/common.cuh"
+#include "cuda/knn_finish.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan_launch.cuh"
 #include "cuda/knn_select.cuh"
@@ -163,17 +165,8 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const uint64_t* candida
                                                          int capacity, int k, uint64_t* keys) {
   __shared__ SelectShared shared;
   const int64_t q = blockIdx.x;
-  // finish_lists left every list at most k long.
-  const CandidateLists lists{const_cast<uint64_t*>(candidates) + q * splits * int64_t{capacity}, counts + q * splits,
-                             splits, capacity, min(k, capacity)};
-  int mine = 0, before = 0, total = 0;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) mine += counts[q * splits + s];
-  cub::BlockScan<int, kSelectThreads>(shared.scan).ExclusiveSum(mine, before, total);
-  __syncthreads();  // the scan storage is reused by the select
-  const uint64_t limit = total <= k ? kEmptyKey : block_select(lists, k, shared);
-  uint64_t* out = keys + q * k;
-  const int kept = block_compact(lists, limit, out, shared);
-  for (int i = kept + threadIdx.x; i < k; i += blockDim.x) out[i] = kEmptyKey;
+  const int kept = gather_best_keys(candidates, counts, splits, capacity, k, q, keys + q * k, shared);
+  for (int i = kept + threadIdx.x; i < k; i += blockDim.x) keys[q * k + i] = kEmptyKey;
 }
 
 __global__ void segment_offsets_kernel(int* offsets, int64_t segments, int k) {
@@ -185,15 +178,17 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
                               int64_t* indices) {
   const int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= count) return;
-  const uint64_t key = sorted[i];
-  if (key == kEmptyKey) {
-    indices[i] = -1;
-    distances[i] = similarity ? -INFINITY : INFINITY;
-    return;
-  }
-  indices[i] = static_cast<int64_t>(key & 0xFFFFFFFFu);
-  const float score = from_order_preserving_bits(static_cast<uint32_t>(key >> 32));
-  distances[i] = similarity ? 0.0f - score : score;  // 0 - (+0) = +0, as on the CPU (-score gives -0)
+  decode_key(sorted[i], similarity, distances + i, indices + i);
+}
+
+// Whether the fused finish (knn_finish.cuh) is asked for: LATENTSPACE_CUDA_FUSED_FINISH=1
+// (unset, empty or 0: the separate kernels). Read at every search.
+bool use_fused_finish() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_FUSED_FINISH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
+  LS_CHECK_VALUE(std::strcmp(value, "1") == 0, "LATENTSPACE_CUDA_FUSED_FINISH: expected '0' or '1', got '",
+                 std::string(value), "'");
+  return true;
 }
 
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
@@ -222,6 +217,8 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
 }
 
 const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma"; }
+
+bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
@@ -263,6 +260,21 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
     case Metric::kInnerProduct: launch_scan_inner_product(storage, precision, args, stream); break;
     case Metric::kCosine: launch_scan_cosine(storage, precision, args, stream); break;
   }
+  const bool similarity = metric != Metric::kL2;
+  if (k <= kFusedFinishMaxK && use_fused_finish()) {
+    const unsigned blocks = static_cast<unsigned>(num_queries);
+    if (k <= kFinishThreads) {
+      finish_kernel<1><<<blocks, kFinishThreads, 0, stream>>>(w.candidates, w.counts, plan.splits, plan.capacity,
+                                                              static_cast<int>(k), similarity, out_distances,
+                                                              out_indices);
+    } else {
+      finish_kernel<kFusedFinishItems><<<blocks, kFinishThreads, 0, stream>>>(
+          w.candidates, w.counts, plan.splits, plan.capacity, static_cast<int>(k), similarity, out_distances,
+          out_indices);
+    }
+    check_launch("finish_kernel");
+    return;
+  }
   merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
                                                                             plan.capacity, static_cast<int>(k), w.keys);
   check_launch("merge_kernel");
@@ -275,7 +287,7 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
                                                      w.offsets, w.offsets + 1, 0, 64, stream),
              "cub::DeviceSegmentedRadixSort::SortKeys");
   decode_kernel<<<blocks_for(num_queries * k, kThreads), kThreads, 0, stream>>>(
-      w.sorted, num_queries * k, metric != Metric::kL2, out_distances, out_indices);
+      w.sorted, num_queries * k, similarity, out_distances, out_indices);
   check_launch("decode_kernel");
 }
 

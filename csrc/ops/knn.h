@@ -60,5 +60,8 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
 // "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
+// Whether a search finishes in one kernel (csrc/cuda/knn_finish.cuh, opt-in):
+// LATENTSPACE_CUDA_FUSED_FINISH=1; unset, empty or 0: no; other values throw ValueError.
+bool knn_cuda_fused_finish();
 
 }  // namespace latentspace

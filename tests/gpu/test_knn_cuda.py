@@ -123,6 +123,14 @@ def assert_matches_reference(D, I, queries, database, k, metric, *, sample=24):
 KS = (1, 10, 100, 1024, 4096, 16384)
 
 
+@pytest.fixture(params=["separate", "fused"])
+def finish(request, monkeypatch):
+    """Both finishes of a search (csrc/cuda/knn_finish.cuh): merge, CUB sort and decode, and the
+    opt-in fused kernel (LATENTSPACE_CUDA_FUSED_FINISH=1; k > 1024 takes the separate one)."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n", [1, 100, 100_003])
 @pytest.mark.parametrize("dim", [1, 3, 128, 2048])
@@ -144,7 +152,7 @@ def test_knn_matches_reference(metric, n, dim, gen):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (5, 300, 33, 40), (3, 64, 17, 70),
                                         (7, 129, 128, 128), (2, 5, 2048, 3)])
-def test_small_knn_matches_reference(metric, nq, n, dim, k, rng):
+def test_small_knn_matches_reference(metric, nq, n, dim, k, rng, finish):
     # Small shapes at tile edges (64), for compute-sanitizer too (-k small).
     queries = rng.standard_normal((nq, dim)).astype(np.float32)
     database = rng.standard_normal((n, dim)).astype(np.float32)
@@ -162,7 +170,7 @@ def test_small_knn_matches_reference(metric, nq, n, dim, k, rng):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k", [(50, 10), (20_000, 100), (20_000, 2000), (100_003, 16384)])
-def test_identical_rows_tie_to_lower_index(metric, n, k, gen):
+def test_identical_rows_tie_to_lower_index(metric, n, k, gen, finish):
     # Identical rows across tiles, database splits and the split merge.
     vector = _randn(gen, 1, 24)
     database = vector.repeat(n, 1)
@@ -173,7 +181,7 @@ def test_identical_rows_tie_to_lower_index(metric, n, k, gen):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_small_interleaved_duplicates_tie_to_lower_index(metric, gen):
+def test_small_interleaved_duplicates_tie_to_lower_index(metric, gen, finish):
     a, b = _randn(gen, 1, 40), _randn(gen, 1, 40)
     database = torch.cat([a, b] * 40)
     D, I = latentspace.knn(a * 2.0, database, 45, metric)
@@ -184,7 +192,7 @@ def test_small_interleaved_duplicates_tie_to_lower_index(metric, gen):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("n", [100, 5000, 70_001])
 @pytest.mark.parametrize("k", [1, 10, 100, 5000, 70_004])
-def test_integer_data_equals_the_cpu_exactly(metric, n, k, rng):
+def test_integer_data_equals_the_cpu_exactly(metric, n, k, rng, finish):
     # Small integers: every distance is exact in float32 on both devices, with ties
     # everywhere, so indices and distances must equal the CPU search's bit for bit.
     queries, database = _integers(rng, 50, 3), _integers(rng, n, 3)
@@ -253,7 +261,7 @@ def test_cosine_is_scale_invariant(gen):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (3, 5, 8, 9), (65, 300, 33, 64),
                                         (2, 1000, 2048, 1000), (130, 4099, 16, 257)])
-def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen):
+def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen, finish):
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     guard = 4096
     distances_buffer = torch.full((nq * k + guard,), float("nan"), device=DEVICE)
@@ -735,13 +743,30 @@ def test_fp16_storage_refuses_values_out_of_range():
 
 
 # ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 1000, 16, 1), (1, 1000, 16, 256), (3, 5000, 32, 257),
+                                        (300, 20_000, 64, 1024), (50, 3000, 8, 1025), (7, 100, 3, 300)])
+def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, monkeypatch):
+    """The fused finish sorts and decodes the same keys as merge + CUB sort + decode, so the
+    results must be bit-identical: at k = 1 and 256 (one key a thread), 257 and 1024 (four),
+    1025 (the separate finish either way) and k > N (padding)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", setting)
+        results[setting] = latentspace.knn(queries, database, k, metric)
+    (d0, i0), (d1, i1) = results["0"], results["1"]
+    assert torch.equal(i0, i1) and torch.equal(d0, d1)
+    assert_matches_reference(d1, i1, queries, database, k, metric)
+
+
 # Few queries (the row scan) and an index's kept norms
 
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,dim", [(1, 1), (1, 128), (3, 97), (8, 1408), (8, 1409), (9, 64), (1, 11264),
                                     (1, 11265)])
-def test_small_row_scan_matches_the_reference(metric, nq, dim, rng):
+def test_small_row_scan_matches_the_reference(metric, nq, dim, rng, finish):
     """1-8 queries whose rows fit in 44 KiB take the row scan (8 x 1408, 1 x 11264: exactly);
     9 queries or wider ones the tile scan: both agree with the reference (ties, padding, k > N)."""
     x = rng.integers(-2, 3, (700, dim)).astype(np.float32)  # small integers: many exact ties
