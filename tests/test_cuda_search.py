@@ -816,37 +816,34 @@ def test_cached_norms_are_sliced_with_the_database(rng):
                             None, norms[:10])
 
 
-@pytest.mark.parametrize("setting,tile", [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma")])
-def test_tensor_tile_setting(monkeypatch, setting, tile):
-    """The tile a tensor-core search takes (csrc/cuda/knn_scan_launch.cuh, use_mma_tile): the
-    mma.sync tile unless LATENTSPACE_CUDA_TENSOR_TILE=wmma; read by the CUDA build, GPU or not."""
-    if not latentspace.build_info()["cuda_compiled"]:
-        with pytest.raises(RuntimeError, match="built without CUDA"):
-            latentspace._native._cuda_tensor_tile()
-        return
-    if setting is None:
-        monkeypatch.delenv("LATENTSPACE_CUDA_TENSOR_TILE", raising=False)
-    else:
-        monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", setting)
-    assert latentspace._native._cuda_tensor_tile() == tile
-    monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "WMMA")  # values are case-sensitive
-    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'WMMA'"):
-        latentspace._native._cuda_tensor_tile()
+# The CUDA search's environment settings, read by the native build at every search (and by
+# these private readers): variable -> (reader, [(value set, value read)], a bad value).
+CUDA_SETTINGS = {
+    # csrc/cuda/knn_scan_launch.cuh, use_mma_tile: the mma.sync tile unless "wmma"
+    "LATENTSPACE_CUDA_TENSOR_TILE": ("_cuda_tensor_tile",
+                                     [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma")], "WMMA"),
+    # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish only with "1"
+    "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, False), ("", False), ("0", False), ("1", True)],
+                                      "yes"),
+}
 
 
-@pytest.mark.parametrize("setting,fused", [(None, False), ("", False), ("0", False), ("1", True)])
-def test_fused_finish_setting(monkeypatch, setting, fused):
-    """Whether a GPU search finishes in one kernel (csrc/cuda/knn.cu, use_fused_finish): only
-    with LATENTSPACE_CUDA_FUSED_FINISH=1; read by the CUDA build, GPU or not."""
+@pytest.mark.parametrize("variable", sorted(CUDA_SETTINGS))
+def test_cuda_settings(monkeypatch, variable):
+    """Each setting's values and what they pick; a bad value (values are case-sensitive) is a
+    ValueError naming the variable. A CPU-only build refuses to read them."""
+    reader, cases, bad = CUDA_SETTINGS[variable]
+    read = getattr(latentspace._native, reader)
     if not latentspace.build_info()["cuda_compiled"]:
         with pytest.raises(RuntimeError, match="built without CUDA"):
-            latentspace._native._cuda_fused_finish()
+            read()
         return
-    if setting is None:
-        monkeypatch.delenv("LATENTSPACE_CUDA_FUSED_FINISH", raising=False)
-    else:
-        monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", setting)
-    assert latentspace._native._cuda_fused_finish() is fused
-    monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", "yes")
-    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_FUSED_FINISH: expected '0' or '1', got 'yes'"):
-        latentspace._native._cuda_fused_finish()
+    for value, expected in cases:
+        if value is None:
+            monkeypatch.delenv(variable, raising=False)
+        else:
+            monkeypatch.setenv(variable, value)
+        assert read() == expected and type(read()) is type(expected)
+    monkeypatch.setenv(variable, bad)
+    with pytest.raises(ValueError, match=f"{variable}: expected '.+' or '.+', got '{bad}'"):
+        read()
