@@ -25,6 +25,8 @@ Peers:
   latentspace.FlatIndex    FlatIndex(D, device="cuda").search (q1 only: rows checked at add)
   ...[fused finish]        the same with LATENTSPACE_CUDA_FUSED_FINISH=1 (the opt-in one-kernel
                            merge + sort + decode, csrc/cuda/knn_finish.cuh)
+  ...[early norms]         the same with LATENTSPACE_CUDA_EARLY_NORMS=1 (the opt-in row scan
+                           that loads its norms ahead, csrc/cuda/knn_rows.cuh; q1 cells)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -267,11 +269,18 @@ def with_env(name: str, value: str, call):
     return run
 
 
+# Opt-in variants a peer's label may name in its brackets, and the setting each one switches on.
+VARIANTS = {"fused finish": "LATENTSPACE_CUDA_FUSED_FINISH", "early norms": "LATENTSPACE_CUDA_EARLY_NORMS"}
+
+
 def knn_peer_call(peer: str, search, *args, **kwargs):
-    """A latentspace peer's timed call: search(*args, **kwargs), under the peer's variant
-    ("[fused finish]": LATENTSPACE_CUDA_FUSED_FINISH=1)."""
+    """A latentspace peer's timed call: search(*args, **kwargs), with the settings of the
+    variants its label names ("latentspace.FlatIndex[early norms, fused finish]")."""
     call = synced(search, *args, **kwargs)
-    return with_env("LATENTSPACE_CUDA_FUSED_FINISH", "1", call) if "[fused finish]" in peer else call
+    for variant, setting in VARIANTS.items():
+        if variant in peer:
+            call = with_env(setting, "1", call)
+    return call
 
 
 # latentspace peers of the tensor-core cells: the tile (mma.sync, the default, or WMMA), and
@@ -335,12 +344,16 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
              flops=2 * 5000 * 8192 * 2048, precision=precision)
 
 
-@pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.FlatIndex", "latentspace.FlatIndex[fused finish]",
-                                  "torch.mm+topk"))
+Q1_PEERS = ("latentspace.knn", "latentspace.knn[early norms, fused finish]", "latentspace.FlatIndex",
+            "latentspace.FlatIndex[fused finish]", "latentspace.FlatIndex[early norms]",
+            "latentspace.FlatIndex[early norms, fused finish]")
+
+
+@pytest.mark.parametrize("peer", Q1_PEERS + ("torch.mm+topk",))
 def test_q1(benchmark, big, peer):
     q, x, k = big["queries"][:1], big["database"], 10
-    if peer == "latentspace.knn":
-        call = synced(latentspace.knn, q, x, k)
+    if peer.startswith("latentspace.knn"):
+        call = knn_peer_call(peer, latentspace.knn, q, x, k)
     elif peer.startswith("latentspace.FlatIndex"):
         index = latentspace.FlatIndex(D, device=DEVICE)
         index.add(x)
@@ -352,7 +365,7 @@ def test_q1(benchmark, big, peer):
              nq=1, n=N, d=D, k=k, bytes=N * D * 4)
 
 
-@pytest.mark.parametrize("peer", ("latentspace.FlatIndex", "latentspace.FlatIndex[fused finish]"))
+@pytest.mark.parametrize("peer", ("latentspace.FlatIndex", "latentspace.FlatIndex[early norms, fused finish]"))
 def test_q1_floor(benchmark, big, peer):
     """One query against 4,096 rows through FlatIndex.search: the fixed cost of a search
     (Python checks, workspace, the kernels' launches) that the q1 cells pay on top of the read."""

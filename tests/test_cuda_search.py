@@ -825,6 +825,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish only with "1"
     "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, False), ("", False), ("0", False), ("1", True)],
                                       "yes"),
+    # csrc/cuda/knn_scan_launch.cuh, use_early_norms: the row scan's norms loaded ahead only with "1"
+    "LATENTSPACE_CUDA_EARLY_NORMS": ("_cuda_early_norms", [(None, False), ("", False), ("0", False), ("1", True)],
+                                     "true"),
 }
 
 

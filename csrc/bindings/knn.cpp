@@ -62,6 +62,8 @@ void bind_knn(py::module_& m) {
         "(LATENTSPACE_CUDA_TENSOR_TILE).");
   m.def("_cuda_fused_finish", &knn_cuda_fused_finish,
         "Whether a GPU search finishes in one kernel (LATENTSPACE_CUDA_FUSED_FINISH=1, opt-in).");
+  m.def("_cuda_early_norms", &knn_cuda_early_norms,
+        "Whether the GPU row scan loads its norms ahead (LATENTSPACE_CUDA_EARLY_NORMS=1, opt-in).");
   m.def(
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,

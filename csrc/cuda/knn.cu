@@ -220,6 +220,8 @@ const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma
 
 bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 
+bool knn_cuda_early_norms() { return cuda::use_early_norms(); }
+
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
               void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights,

@@ -49,7 +49,14 @@ __device__ inline float finish_norm(float sum) {
 // grid (1, splits); dynamic shared memory: num_queries * dim floats (the queries, scaled by
 // the weights for weighted l2). kAligned: see knn_tiles.cuh. kOwnNorms: a.database_norms is
 // null and the scan sums each row's norm itself (l2, cosine).
-template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms>
+// kEarlyNorms (opt-in, LATENTSPACE_CUDA_EARLY_NORMS=1, until a GPU run verifies and times it):
+// the norms are loaded ahead, not where a score needs them. Without it, the SASS (sm_90) loads
+// a row's kept norm and each query's norm from global memory right before its score, after the
+// previous candidate's store, so each row waits for two loads in turn; a FlatIndex's single
+// query read its database at 1.4 TB/s in GPU run 7, half of torch.sum's rate. With it, lane q
+// keeps query q's norm in a register (lane q offers query q's keys) and the kept norms of a
+// step's rows are loaded with the rows.
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false>
 __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   extern __shared__ float4 query_quads[];  // [num_queries][dim] floats, 16-byte aligned
   float* queries = reinterpret_cast<float*>(query_quads);
@@ -65,6 +72,10 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
     queries[i] = a.weights ? value * a.weights[i % a.dim] : value;
   }
   start_lists(s, kRowQueries);  // (its barrier also publishes the queries)
+  float lane_query_norm = 0.0f;  // kEarlyNorms: query `lane`'s norm
+  if constexpr (kEarlyNorms && kMetric != Metric::kInnerProduct) {
+    if (lane < nq) lane_query_norm = a.query_norms[lane];
+  }
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowRound) {
     // A round: kRowRound rows, two steps of kRowsInFlight consecutive rows per warp, so at
@@ -74,6 +85,11 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
       const int64_t first = n0 + (step * kRowWarps + warp) * kRowsInFlight;
       if (first >= n_end) break;  // uniform across the warp
       float dot[kRowsInFlight][kRowQueries], norm[kRowsInFlight];
+      float kept_norm[kRowsInFlight];  // kEarlyNorms: the rows' kept norms, loaded with the rows
+      if constexpr (kEarlyNorms && !kOwnNorms && kMetric != Metric::kInnerProduct) {
+#pragma unroll
+        for (int r = 0; r < kRowsInFlight; ++r) kept_norm[r] = first + r < n_end ? a.database_norms[first + r] : 0.0f;
+      }
 #pragma unroll
       for (int r = 0; r < kRowsInFlight; ++r) {
         norm[r] = 0.0f;
@@ -143,12 +159,14 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
         if constexpr (kOwnNorms) {
           database_norm = finish_norm<kMetric>(norm[r]);
         } else if constexpr (kMetric != Metric::kInnerProduct) {
-          database_norm = a.database_norms[n];
+          database_norm = kEarlyNorms ? kept_norm[r] : a.database_norms[n];
         }
 #pragma unroll
         for (int q = 0; q < kRowQueries; ++q) {
           if (q < nq && lane == q) {  // lane q offers query q's key: constant register index
-            const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q];
+            const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f
+                                     : kEarlyNorms                    ? lane_query_norm
+                                                                      : a.query_norms[q];
             offer(s, list_of(q), q, make_key(score_of<kMetric>(dot[r][q], query_norm, database_norm),
                                              static_cast<uint32_t>(n)));
           }

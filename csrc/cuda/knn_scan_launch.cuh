@@ -34,16 +34,35 @@ inline bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
          (args.weights == nullptr || aligned(args.weights, 16));
 }
 
-template <Metric kMetric, KnnStorage kStorage, bool kAligned>
+// Whether the row scan loads its norms ahead (knn_rows.cuh, kEarlyNorms; opt-in until a GPU
+// run verifies it): LATENTSPACE_CUDA_EARLY_NORMS=1 (unset, empty or 0: no). Read at every search.
+inline bool use_early_norms() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_EARLY_NORMS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
+  LS_CHECK_VALUE(std::strcmp(value, "1") == 0, "LATENTSPACE_CUDA_EARLY_NORMS: expected '0' or '1', got '",
+                 std::string(value), "'");
+  return true;
+}
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
   const dim3 grid(1, static_cast<unsigned>(args.splits));
   const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
   if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
-    row_scan_kernel<kMetric, kStorage, kAligned, true><<<grid, kScanThreads, query_bytes, stream>>>(args);
+    row_scan_kernel<kMetric, kStorage, kAligned, true, kEarlyNorms><<<grid, kScanThreads, query_bytes, stream>>>(args);
   } else {
-    row_scan_kernel<kMetric, kStorage, kAligned, false><<<grid, kScanThreads, query_bytes, stream>>>(args);
+    row_scan_kernel<kMetric, kStorage, kAligned, false, kEarlyNorms><<<grid, kScanThreads, query_bytes, stream>>>(args);
   }
   check_launch("row_scan_kernel");
+}
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned>
+void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
+  if (use_early_norms()) {
+    launch_row_scan<kMetric, kStorage, kAligned, true>(args, stream);
+  } else {
+    launch_row_scan<kMetric, kStorage, kAligned, false>(args, stream);
+  }
 }
 
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, class Tile>

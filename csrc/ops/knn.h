@@ -63,5 +63,8 @@ const char* knn_cuda_tensor_tile();
 // Whether a search finishes in one kernel (csrc/cuda/knn_finish.cuh, opt-in):
 // LATENTSPACE_CUDA_FUSED_FINISH=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_fused_finish();
+// Whether the row scan (1-8 queries) loads its norms ahead (csrc/cuda/knn_rows.cuh, opt-in):
+// LATENTSPACE_CUDA_EARLY_NORMS=1; unset, empty or 0: no; other values throw ValueError.
+bool knn_cuda_early_norms();
 
 }  // namespace latentspace

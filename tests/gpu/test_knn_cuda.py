@@ -764,9 +764,35 @@ def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, 
 
 
 @pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq", [1, 3, 8])
+def test_small_early_norms_equal_the_late_ones(metric, nq, gen, monkeypatch):
+    """The row scan with its norms loaded ahead uses the same values, so its results must be
+    bit-identical: through knn (norms summed in the scan) and a FlatIndex (norms kept), with
+    a row count that leaves a partial step (4 rows a warp) at a split's end."""
+    queries, database = _randn(gen, nq, 48), _randn(gen, 10_007, 48)
+    index = latentspace.FlatIndex(48, metric, device="cuda")
+    index.add(database)
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv("LATENTSPACE_CUDA_EARLY_NORMS", setting)
+        results[setting] = [latentspace.knn(queries, database, 20, metric), index.search(queries, 20)]
+    for (d0, i0), (d1, i1) in zip(results["0"], results["1"]):
+        assert torch.equal(i0, i1) and torch.equal(d0, d1)
+        assert_matches_reference(d1, i1, queries, database, 20, metric)
+
+
+@pytest.fixture(params=["late", "early"])
+def norms_loaded(request, monkeypatch):
+    """Both ways the row scan loads its norms (csrc/cuda/knn_rows.cuh): where a score needs
+    them, and ahead (LATENTSPACE_CUDA_EARLY_NORMS=1, opt-in)."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_EARLY_NORMS", "1" if request.param == "early" else "0")
+    return request.param
+
+
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,dim", [(1, 1), (1, 128), (3, 97), (8, 1408), (8, 1409), (9, 64), (1, 11264),
                                     (1, 11265)])
-def test_small_row_scan_matches_the_reference(metric, nq, dim, rng, finish):
+def test_small_row_scan_matches_the_reference(metric, nq, dim, rng, finish, norms_loaded):
     """1-8 queries whose rows fit in 44 KiB take the row scan (8 x 1408, 1 x 11264: exactly);
     9 queries or wider ones the tile scan: both agree with the reference (ties, padding, k > N)."""
     x = rng.integers(-2, 3, (700, dim)).astype(np.float32)  # small integers: many exact ties
@@ -777,7 +803,7 @@ def test_small_row_scan_matches_the_reference(metric, nq, dim, rng, finish):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_small_index_keeps_norms_across_adds_and_resets(metric, rng):
+def test_small_index_keeps_norms_across_adds_and_resets(metric, rng, norms_loaded):
     index = latentspace.FlatIndex(16, metric, device="cuda")
     parts = [rng.standard_normal((n, 16)).astype(np.float32) for n in (5, 300, 1)]
     parts[1][7] = 0  # a zero vector: cosine similarity 0
