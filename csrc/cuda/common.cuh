@@ -4,6 +4,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -25,6 +27,18 @@ inline void check_cuda(cudaError_t status, const char* what) {
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A two-way setting from the environment, read where it applies (every search): true when the
+// variable `name` holds `when_true`, false for `when_false`, `when_unset` when it is unset or
+// empty; any other value throws ValueError naming the variable and both values.
+inline bool environment_switch(const char* name, const char* when_true, const char* when_false, bool when_unset) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return when_unset;
+  if (std::strcmp(value, when_true) == 0) return true;
+  LS_CHECK_VALUE(std::strcmp(value, when_false) == 0, name, ": expected '", when_false, "' or '", when_true,
+                 "', got '", std::string(value), "'");
+  return false;
+}
 
 // Carves aligned pieces out of one workspace allocation (torch's caching allocator hands the
 // whole block down from Python; nothing here allocates device memory).

@@ -21,11 +21,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <cub/device/device_segmented_radix_sort.cuh>
 #include <limits>
-#include <string>
 
 #include "core/check.h"
 #include "cuda/common.cuh"
@@ -183,13 +180,7 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
 
 // Whether the fused finish (knn_finish.cuh) is asked for: LATENTSPACE_CUDA_FUSED_FINISH=1
 // (unset, empty or 0: the separate kernels). Read at every search.
-bool use_fused_finish() {
-  const char* value = std::getenv("LATENTSPACE_CUDA_FUSED_FINISH");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
-  LS_CHECK_VALUE(std::strcmp(value, "1") == 0, "LATENTSPACE_CUDA_FUSED_FINISH: expected '0' or '1', got '",
-                 std::string(value), "'");
-  return true;
-}
+bool use_fused_finish() { return environment_switch("LATENTSPACE_CUDA_FUSED_FINISH", "1", "0", false); }
 
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
                   float* out, cudaStream_t stream, const char* what) {

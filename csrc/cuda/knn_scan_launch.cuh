@@ -11,9 +11,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 
 #include "core/check.h"
 #include "cuda/common.cuh"
@@ -36,13 +33,7 @@ inline bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
 
 // Whether the row scan loads its norms ahead (knn_rows.cuh, kEarlyNorms; opt-in until a GPU
 // run verifies it): LATENTSPACE_CUDA_EARLY_NORMS=1 (unset, empty or 0: no). Read at every search.
-inline bool use_early_norms() {
-  const char* value = std::getenv("LATENTSPACE_CUDA_EARLY_NORMS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "0") == 0) return false;
-  LS_CHECK_VALUE(std::strcmp(value, "1") == 0, "LATENTSPACE_CUDA_EARLY_NORMS: expected '0' or '1', got '",
-                 std::string(value), "'");
-  return true;
-}
+inline bool use_early_norms() { return environment_switch("LATENTSPACE_CUDA_EARLY_NORMS", "1", "0", false); }
 
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
@@ -76,13 +67,7 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
 // than WmmaTile on an H100 (docs/benchmarks.md, GPU run 6); LATENTSPACE_CUDA_TENSOR_TILE=wmma
 // picks WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the tests. Read at
 // every search.
-inline bool use_mma_tile() {
-  const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "mma") == 0) return true;
-  LS_CHECK_VALUE(std::strcmp(value, "wmma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got '",
-                 std::string(value), "'");
-  return false;
-}
+inline bool use_mma_tile() { return environment_switch("LATENTSPACE_CUDA_TENSOR_TILE", "mma", "wmma", true); }
 
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
