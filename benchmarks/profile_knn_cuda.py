@@ -4,13 +4,14 @@ Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in 
 "profile" stage):
   python3 benchmarks/profile_knn_cuda.py [out.json]
 
-Two questions the benchmark's totals cannot answer:
+Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
      fused scan, the merge of the splits, the sort? k = 10 against k = 1024 (torch.profiler's
      CUDA kernel times, one profiled search each after a warm-up).
   2. One query (FlatIndex, N = 4,096 and 1,000,000, k = 10): the host's fixed cost per search,
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
+  3. A streamed search's host copy into pinned memory: its rate with 1 to 8 threads.
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs.
 """
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 import latentspace
@@ -104,6 +106,29 @@ def q1_breakdown(report: dict) -> None:
             print(f"  {ms:8.3f} ms  x{count:<3d} {name}")
 
 
+def host_copy_rates(report: dict) -> None:
+    """The host side of a streamed search (_cuda_search._PinnedChunks.start): one thread's
+    np.copyto of a 256 MiB chunk into pinned memory, against the same copy split over threads
+    (np.copyto releases the GIL). The streamed cell spent about 50 ms beyond the upload and the
+    search in GPU run 6; this says whether the single-threaded copy can be most of it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = (256 << 20) // (128 * 4)
+    source = torch.randn(rows, 128).numpy()
+    pinned = torch.empty((rows, 128), dtype=torch.float32, pin_memory=True).numpy()
+    rates = {}
+    for threads in (1, 2, 4, 8):
+        step = -(-rows // threads)
+        with ThreadPoolExecutor(threads) as pool:
+            def copy():
+                list(pool.map(lambda i: np.copyto(pinned[i : i + step], source[i : i + step]), range(0, rows, step)))
+
+            rates[threads] = source.nbytes / (median_ms(copy, repeats=10) / 1e3) / 1e9
+    report["host copy GB/s by threads"] = rates
+    print("\n== host copy of a 256 MiB chunk into pinned memory (GB/s read, by threads)")
+    print("  " + "  ".join(f"{t}: {rate:.1f}" for t, rate in rates.items()))
+
+
 def main() -> None:
     if not latentspace.cuda_available():
         sys.exit("no usable CUDA GPU")
@@ -113,6 +138,7 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
     q1_breakdown(report)
     big_search_breakdown(report)
+    host_copy_rates(report)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)
