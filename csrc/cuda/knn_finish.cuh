@@ -3,7 +3,7 @@
 //
 // Two ways, with the same results:
 //   - separate (the default): merge_kernel gathers each query's k best keys (unsorted), CUB's
-//     segmented radix sort orders them (about 10 launches), decode_kernel writes the results;
+//     segmented radix sort orders them (11 launches in GPU run 7), decode_kernel writes the results;
 //   - fused (opt-in, LATENTSPACE_CUDA_FUSED_FINISH=1, for k <= kFusedFinishMaxK, until a GPU run
 //     has verified and timed it): finish_kernel does all three in one block per query, sorting
 //     the k keys in registers and shared memory (cub::BlockRadixSort). GPU run 7 timed the

@@ -234,9 +234,10 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
 MAX_SQUARED_NORM = float(np.float32(3.4028234e38) / np.float32(8.0))
 _NORM_ROWS_PER_STEP = 1 << 22  # rows whose norms are computed at once (16 MiB of norms)
 # Tensors of at most this many elements (64 KiB of float32: a few queries) are checked on the
-# host: one copy and the CPU's check took about 20 us where the device check's dozen small
-# torch launches took 160-250 us of a single-query search's 380-860 us (GPU run 7's profile,
-# docs/benchmarks.md). Only without weights: the weighted check stays on the device.
+# host: one small copy and the CPU's check, instead of the device check's dozen small torch
+# launches, which took 160-250 us of a single-query search's 380-860 us (GPU run 7's profile,
+# docs/benchmarks.md; the host check's own time on a GPU is not yet measured). Only without
+# weights: the weighted check stays on the device.
 _HOST_CHECK_ELEMENTS = 1 << 14
 
 
@@ -302,8 +303,8 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     float16 / bfloat16 storage, checked in float32),
     or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
     with .item() when it is needed), except for a tensor of at most _HOST_CHECK_ELEMENTS
-    elements, checked on the host (its flag is a host tensor). Unusable as in check_rows_usable: NaN, Inf, or a squared
-    norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
+    elements, checked on the host (its flag is a host tensor). Unusable as in
+    check_rows_usable: NaN, Inf, or a squared norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
     squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
     kernel trusts its caller: such a row would give NaN distances)."""
     import torch
