@@ -79,9 +79,10 @@ def main(path: str) -> int:
                     if is_latentspace(peer) and group.startswith("q1"):
                         bars.append((f"{group} {peer}: within 1.5x of one database read", ratio <= 1.5, f"{ratio:.2f}x"))
             speedup = f"{best_torch / median:.2f}x" if best_torch and is_latentspace(peer) else ""
-            if peer == "latentspace.knn" and best_torch and precision == "fp32" and not group.startswith(("q1", "streamed")):
+            issue_cell = not group.startswith(("q1", "streamed", "large k"))  # the issue's 2x cells
+            if peer == "latentspace.knn" and best_torch and precision == "fp32" and issue_cell:
                 bars.append((f"{group}: at least 2x the faster torch peer", best_torch / median >= 2.0,
-                             f"{best_torch / median:.2f}x"))
+                             f"{best_torch / median:.3f}x"))  # 3 decimals: 1.996x must not read 2.00x
             print(f"| {group} | {peer} | {median * 1e3:.2f} | {rate} | {speedup} | {roof_text} |")
 
     print("\n| bar | passed | measured |")
