@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import math
 import os
-import time
 
 import pytest
+from _common import timed_call
 
 import latentspace
 import torch
@@ -62,8 +62,9 @@ KS = (10, 100, 1024)
 TORCH_BLOCK_ROWS = 65_536  # scores of one block: 10,000 x 65,536 float32 = 2.6 GB
 TRUTH_ROWS = 32  # queries checked against the float64 reference
 BUDGET_S = 1.0  # seconds of timed calls per benchmark, at least MIN_ROUNDS
-# Up to 500 rounds: a cell of ~1 ms spread by 2x over 50 rounds in GPU run 6 (the q1 floor read
-# 0.82 ms there, 0.38 ms over 200 calls in run 7's profile); such cells also get warm-up calls.
+# Up to 500 rounds, and warm-up calls for cells under 10 ms: the q1 floor read 0.82 ms over at
+# most 50 rounds in GPU run 6, against 0.38 ms for that shape over 200 calls in run 7's profile
+# (cause not found; docs/benchmarks.md).
 MIN_ROUNDS, MAX_ROUNDS = 3, 500
 SMALL_CELL_S, SMALL_CELL_WARMUP = 0.01, 10
 
@@ -79,12 +80,6 @@ def synced(fn, *args, **kwargs):
         return result
 
     return call
-
-
-def timed(call):
-    start = time.perf_counter()
-    result = call()
-    return result, time.perf_counter() - start
 
 
 # ============================================================================================
@@ -176,7 +171,7 @@ def check_answer(answer, queries, database, k, precision: str = "fp32") -> dict:
 
 def run_cell(benchmark, group: str, peer: str, call, check, precision: str = "fp32", **info):
     """Checks the peer's answer (untimed warm-up), then times it."""
-    answer, seconds = timed(call)
+    answer, seconds = timed_call(call)
     benchmark.extra_info.update(check(answer))
     benchmark.group = group
     benchmark.extra_info.update(peer=peer, device=torch.cuda.get_device_name(DEVICE),

@@ -136,9 +136,14 @@ def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0) -> No
     holds NaN or Inf, or values so large that squared distances overflow float32. (Search
     checks this itself while it computes norms; indexes check it once, when vectors are added.)
     first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message."""
-    bad = _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32))
+    bad = first_unusable_row(array)
     if bad >= 0:
         raise ValueError(f"{name}: row {first_row + bad} {_BAD_ROW}")
+
+
+def first_unusable_row(array: np.ndarray) -> int:
+    """The first row of a C-contiguous float32 matrix that check_rows_usable refuses, or -1."""
+    return _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32)) if array.shape[0] else -1
 
 
 # The CPU kernel's words (csrc/cpu/knn.cpp, kBadRowMessage / kBadWeightedRowMessage).
@@ -312,8 +317,7 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
         # A few rows (a single query, say): read to the host and checked there, by the CPU's
         # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds).
-        rows = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
-        bad = _native.sq_norms(rows, np.empty(rows.shape[0], dtype=np.float32)) if rows.shape[0] else -1
+        bad = first_unusable_row(np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy()))
         return torch.tensor(-1 if bad < 0 else first_row + bad)
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
