@@ -100,8 +100,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     echo "== compute-sanitizer: not found, skipped"
   else
     # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
-    # 5-70 s a test on an H100 (2026-11-26: 16 tests in 160 s in run 6, one mma.sync test on
-    # integer data took 70 s in run 7), so it takes a subset: the 10 tests not yet run under it
+    # slow on an H100 (2026-11-26: 16 tests in 160 s in run 6; in run 7 one mma.sync test on
+    # integer data in 70 s, and the next did not finish), so it takes a subset: the 10 tests not yet run under it
     # (runs 5-7 ran the float32 tile and row scans, the selection and both tensor-core tiles
     # without a hazard): the opt-in fused finish (shared-memory compaction and block sort),
     # weighted_l2, and one mma.sync test. memcheck takes all "small" tests (181 in 111 s in
