@@ -7,7 +7,8 @@ Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
      fused scan, the merge of the splits, the sort? k = 10 against k = 1024 (torch.profiler's
-     CUDA kernel times, one profiled search each after a warm-up).
+     CUDA kernel times, one profiled search each after a warm-up), each also with the opt-in
+     shared thresholds (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1).
   2. One query (FlatIndex, N = 4,096 and 1,000,000, k = 10): the host's fixed cost per search,
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
@@ -19,6 +20,7 @@ timed are those FlatIndex.search runs.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -68,11 +70,18 @@ def big_search_breakdown(report: dict) -> None:
     x = torch.randn(1_000_000, 128, generator=g, device=DEVICE)
     q = torch.randn(10_000, 128, generator=g, device=DEVICE)
     for k in (10, 1024):
-        rows = kernel_times(lambda: latentspace.knn(q, x, k))
-        report[f"big k={k}"] = rows
-        print(f"\n== knn Q=10000 N=1000000 D=128 k={k}: CUDA kernels of one search")
-        for name, count, ms in rows[:8]:
-            print(f"  {ms:9.2f} ms  x{count:<4d} {name}")
+        for shared in ("0", "1"):  # LATENTSPACE_CUDA_SHARED_THRESHOLDS: the opt-in shared bound
+            os.environ["LATENTSPACE_CUDA_SHARED_THRESHOLDS"] = shared
+            try:
+                rows = kernel_times(lambda: latentspace.knn(q, x, k))
+            finally:
+                del os.environ["LATENTSPACE_CUDA_SHARED_THRESHOLDS"]
+            label = f"big k={k}" + (" shared thresholds" if shared == "1" else "")
+            report[label] = rows
+            print(f"\n== knn Q=10000 N=1000000 D=128 k={k}{' [shared thresholds]' if shared == '1' else ''}: "
+                  "CUDA kernels of one search")
+            for name, count, ms in rows[:8]:
+                print(f"  {ms:9.2f} ms  x{count:<4d} {name}")
 
 
 def q1_breakdown(report: dict) -> None:

@@ -828,6 +828,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_early_norms: the row scan's norms loaded ahead only with "1"
     "LATENTSPACE_CUDA_EARLY_NORMS": ("_cuda_early_norms", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "true"),
+    # csrc/cuda/knn_scan_launch.cuh, use_shared_thresholds: a query's splits share one bound only with "1"
+    "LATENTSPACE_CUDA_SHARED_THRESHOLDS": ("_cuda_shared_thresholds",
+                                           [(None, False), ("", False), ("0", False), ("1", True)], "on"),
 }
 
 

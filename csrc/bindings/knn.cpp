@@ -64,6 +64,9 @@ void bind_knn(py::module_& m) {
         "Whether a GPU search finishes in one kernel (LATENTSPACE_CUDA_FUSED_FINISH=1, opt-in).");
   m.def("_cuda_early_norms", &knn_cuda_early_norms,
         "Whether the GPU row scan loads its norms ahead (LATENTSPACE_CUDA_EARLY_NORMS=1, opt-in).");
+  m.def("_cuda_shared_thresholds", &knn_cuda_shared_thresholds,
+        "Whether a GPU search's database splits share their thresholds (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, "
+        "opt-in).");
   m.def(
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,

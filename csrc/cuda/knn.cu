@@ -8,9 +8,11 @@
 //                       with mma.sync, the default) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
-//                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries take
+//                       (knn_select.cuh), which also tightens the threshold (opt-in: shared by
+//                       the query's splits, SharedThresholds); 1 to 8 queries take
 //                       row_scan_kernel (knn_rows.cuh) instead, with the same lists; launched
-//                       through knn_scan_launch.cuh, one file per metric (knn_scan_l2.cu, ...)
+//                       through knn_scan_launch.cuh, one file per metric and thresholds
+//                       (knn_scan_l2.cu, knn_scan_l2_shared.cu, ...)
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
 //      (knn_finish.cuh; opt-in for now, finish_kernel does 3-5 in one launch for k <= 1024)
@@ -64,6 +66,7 @@ struct Workspace {
   uint64_t* keys;        // [query][k]
   uint64_t* sorted;      // [query][k]
   int* offsets;          // num_queries + 1 segment starts: i * k
+  uint64_t* best_kth;    // [query]: the shared thresholds (knn_scan.cuh), when asked for
   void* cub_temp;
 };
 
@@ -76,6 +79,7 @@ Workspace carve(void* base, int64_t nq, int64_t nb, int64_t k, const Plan& plan,
   w.keys = carver->take<uint64_t>(static_cast<size_t>(nq) * k);
   w.sorted = carver->take<uint64_t>(static_cast<size_t>(nq) * k);
   w.offsets = carver->take<int>(nq + 1);
+  w.best_kth = carver->take<uint64_t>(nq);
   w.cub_temp = carver->take_bytes(plan.cub_bytes);
   (void)base;
   return w;
@@ -213,6 +217,8 @@ bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 
 bool knn_cuda_early_norms() { return cuda::use_early_norms(); }
 
+bool knn_cuda_shared_thresholds() { return cuda::use_shared_thresholds(); }
+
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
               void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights,
@@ -246,13 +252,15 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
   const float* norms = database_norms ? database_norms
                        : use_row_scan(num_queries, dim) ? nullptr  // summed in the row scan
                                                         : w.database_norms;
-  const ScanArgs args{weights,  queries, database, w.query_norms, norms, num_queries, num_database, dim,
-                      static_cast<int>(k), plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts};
-  switch (metric) {
-    case Metric::kL2: launch_scan_l2(storage, precision, args, stream); break;
-    case Metric::kInnerProduct: launch_scan_inner_product(storage, precision, args, stream); break;
-    case Metric::kCosine: launch_scan_cosine(storage, precision, args, stream); break;
+  // Shared thresholds (opt-in): every query's bound starts as the empty key, all bits set.
+  uint64_t* best_kth = use_shared_thresholds() ? w.best_kth : nullptr;
+  if (best_kth) {
+    check_cuda(cudaMemsetAsync(best_kth, 0xFF, static_cast<size_t>(num_queries) * sizeof(uint64_t), stream),
+               "cudaMemsetAsync (best_kth)");
   }
+  const ScanArgs args{weights, queries, database, w.query_norms, norms, num_queries, num_database, dim, static_cast<int>(k),
+                      plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts, best_kth};
+  launch_scan_of(metric, storage, precision, args, stream);
   const bool similarity = metric != Metric::kL2;
   if (k <= kFusedFinishMaxK && use_fused_finish()) {
     const unsigned blocks = static_cast<unsigned>(num_queries);

@@ -56,7 +56,9 @@ __device__ inline float finish_norm(float sum) {
 // query read its database at 1.4 TB/s in GPU run 7, half of torch.sum's rate. With it, lane q
 // keeps query q's norm in a register (lane q offers query q's keys) and the kept norms of a
 // step's rows are loaded with the rows.
-template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false>
+// kSharedThresholds: a.best_kth is set (SharedThresholds, knn_scan.cuh).
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false,
+          bool kSharedThresholds = false>
 __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   extern __shared__ float4 query_quads[];  // [num_queries][dim] floats, 16-byte aligned
   float* queries = reinterpret_cast<float*>(query_quads);
@@ -67,6 +69,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   const int nq = static_cast<int>(a.num_queries);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   auto list_of = [&](int qi) { return a.candidates + (int64_t{qi} * a.splits + split) * int64_t{a.capacity}; };
+  const auto thresholds = thresholds_of<kSharedThresholds>(a, 0);
   for (int64_t i = threadIdx.x; i < a.num_queries * a.dim; i += blockDim.x) {
     const float value = a.queries[i];
     queries[i] = a.weights ? value * a.weights[i % a.dim] : value;
@@ -78,6 +81,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   }
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowRound) {
+    thresholds.tighten(s, nq);  // (the previous barrier: start_lists' or the cut-backs')
     // A round: kRowRound rows, two steps of kRowsInFlight consecutive rows per warp, so at
     // most kRowRound keys per query are offered between two list checks.
 #pragma unroll 1
@@ -174,9 +178,9 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, nq, a.capacity, a.k, kRowRound);
+    cut_back_full_lists(s, list_of, nq, a.capacity, a.k, kRowRound, thresholds);
   }
-  finish_lists(s, list_of, nq, a, 0, split);
+  finish_lists(s, list_of, nq, a, 0, split, thresholds);
 }
 
 }  // namespace latentspace::cuda

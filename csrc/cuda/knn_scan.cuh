@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/knn_select.cuh"
 #include "cuda/knn_tiles.cuh"
@@ -26,6 +27,7 @@ struct ScanArgs {
   int64_t split_length;
   uint64_t* candidates;
   int* counts;
+  uint64_t* best_kth;  // [num_queries], or null: SharedThresholds below
 };
 
 // Score to minimise: the squared distance, or minus the similarity.
@@ -54,6 +56,56 @@ struct ScanShared {
 // Each block keeps, per query, a threshold and a count in shared memory (a Shared with members
 // threshold[], count[] and select) and appends candidates to the query's list in the workspace.
 
+// Where a list's threshold comes from. By default (SplitThresholds) each split's list knows only
+// its own rows: a split starts by accepting every row, and then about k ln(rows / k) more, so a
+// query searched in S splits collects S times the candidates (and cut-backs) of one long scan.
+//
+// SharedThresholds (opt-in, LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, until a GPU run verifies and
+// times it): every cut-back also lowers best_kth[query], the least k-th best key any split of
+// the query has cut its list back to, and the scans take it as their threshold whenever it is
+// lower than their own: at the start (blocks of later waves start with the bound earlier ones
+// published) and after every tile or round. Exact, because any k keys of the query's rows bound
+// its true k-th best key from above: a key above best_kth cannot be among the k best, and keys
+// are unique (score, then index), so no row ties with a bound from another split. A split may
+// then finish with fewer than k keys; the merge takes the k best over all of them.
+struct SplitThresholds {
+  __device__ void publish(int, uint64_t) const {}
+  template <class Shared>
+  __device__ void tighten(Shared&, int) const {}
+};
+
+struct SharedThresholds {
+  uint64_t* best_kth;  // from the block's first query
+  // Thread-safe across blocks: the bound only ever falls.
+  __device__ void publish(int qi, uint64_t kth) const {
+    atomicMin(reinterpret_cast<unsigned long long*>(best_kth + qi), static_cast<unsigned long long>(kth));
+  }
+  // Each of the block's first `queries` thresholds (those of real queries) to the shared bound
+  // when that is lower. The load skips L1 (another block's atomics land in L2); a value read
+  // late is only a looser bound. All threads call it; it ends with a barrier.
+  template <class Shared>
+  __device__ void tighten(Shared& s, int queries) const {
+    for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
+      const uint64_t bound = __ldcg(reinterpret_cast<const unsigned long long*>(best_kth + qi));
+      if (bound < s.threshold[qi]) s.threshold[qi] = bound;
+    }
+    __syncthreads();
+  }
+};
+
+template <bool kShared>
+using ThresholdsFor = std::conditional_t<kShared, SharedThresholds, SplitThresholds>;
+
+// The block's thresholds policy; q0 is its first query.
+template <bool kShared>
+__device__ inline ThresholdsFor<kShared> thresholds_of(const ScanArgs& a, int64_t q0) {
+  if constexpr (kShared) {
+    return SharedThresholds{a.best_kth + q0};
+  } else {
+    return SplitThresholds{};
+  }
+}
+
 template <class Shared>
 __device__ inline void start_lists(Shared& s, int queries) {
   for (int i = threadIdx.x; i < queries; i += blockDim.x) {
@@ -72,16 +124,17 @@ __device__ inline void offer(Shared& s, uint64_t* list, int qi, uint64_t key) {
   }
 }
 
-// Cuts query qi's list back to its k best keys and sets its threshold to the k-th. All
-// threads of the block call it.
-template <class Shared>
-__device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
+// Cuts query qi's list back to its k best keys and sets its threshold to the k-th (and offers
+// that to the shared bound, with SharedThresholds). All threads of the block call it.
+template <class Shared, class Thresholds>
+__device__ void cut_back(Shared& s, uint64_t* list, int qi, int k, const Thresholds& thresholds) {
   const CandidateLists one{list, &s.count[qi], 1, 0, s.count[qi]};
   const uint64_t kth = block_select(one, k, s.select);
   const int kept = block_compact(one, kth, list, s.select);
   if (threadIdx.x == 0) {
     s.count[qi] = kept;  // == k: keys are unique
     s.threshold[qi] = kth;
+    thresholds.publish(qi, kth);
   }
   __syncthreads();
 }
@@ -90,8 +143,9 @@ __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k) {
 // that might overflow with the next round is cut back to k. Capacity is k + max(k, 512), so
 // there is room again afterwards, or the split's length, which the list cannot outgrow (then
 // it is cut only when above k). One barrier tells the block whether any list needs it.
-template <class Shared, class ListOf>
-__device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int queries, int capacity, int k, int round) {
+template <class Shared, class ListOf, class Thresholds>
+__device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int queries, int capacity, int k, int round,
+                                           const Thresholds& thresholds) {
   bool any = false;
   for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
     const int count = s.count[qi];
@@ -100,15 +154,16 @@ __device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int querie
   if (!__syncthreads_or(any)) return;
   for (int qi = 0; qi < queries; ++qi) {
     const int count = s.count[qi];
-    if (count > capacity - round && count > k) cut_back(s, list_of(qi), qi, k);
+    if (count > capacity - round && count > k) cut_back(s, list_of(qi), qi, k, thresholds);
   }
 }
 
 // At the end of the block's split: every list cut to at most k, its length recorded.
-template <class Shared, class ListOf>
-__device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, const ScanArgs& a, int64_t q0, int split) {
+template <class Shared, class ListOf, class Thresholds>
+__device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, const ScanArgs& a, int64_t q0, int split,
+                                    const Thresholds& thresholds) {
   for (int qi = 0; qi < queries; ++qi) {
-    if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k);
+    if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k, thresholds);
   }
   for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
     if (q0 + qi < a.num_queries) a.counts[(q0 + qi) * a.splits + split] = s.count[qi];
@@ -117,8 +172,9 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
 
 // grid (query tiles, database splits). kAligned: see knn_tiles.cuh. Tile: the precision's
 // tile (TileFor), or another policy of the same precision (knn_mma_tile.cuh).
+// kSharedThresholds: a.best_kth is set (SharedThresholds above).
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned,
-          class Tile = typename TileFor<kPrecision>::type>
+          class Tile = typename TileFor<kPrecision>::type, bool kSharedThresholds = false>
 __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   __shared__ ScanShared<Tile> s;
   const int64_t q0 = int64_t{blockIdx.x} * Tile::kQueries;
@@ -126,9 +182,12 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   const int64_t n_begin = split * a.split_length;
   const int64_t n_end = min(a.num_database, n_begin + a.split_length);
   auto list_of = [&](int qi) { return a.candidates + ((q0 + qi) * a.splits + split) * int64_t{a.capacity}; };
+  const auto thresholds = thresholds_of<kSharedThresholds>(a, q0);
+  const int real_queries = static_cast<int>(min(int64_t{Tile::kQueries}, a.num_queries - q0));
   start_lists(s, Tile::kQueries);
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += Tile::kVectors) {
+    thresholds.tighten(s, real_queries);  // (the previous barrier: start_lists' or the cut-backs')
     const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
     float acc[Tile::kRows][Tile::kCols];
     Tile::template compute<kStorage, kAligned>(bounds, s.staging, acc);
@@ -139,7 +198,7 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
       database_norms[j] = kMetric == Metric::kInnerProduct || n >= n_end ? 0.0f : a.database_norms[n];
     }
     // Offer the tile's scores: only keys below the query's threshold enter its list (the
-    // thresholds change only in cut-backs, behind barriers: one read per query row).
+    // thresholds change only in cut-backs and tighten, behind barriers: one read per query row).
 #pragma unroll
     for (int i = 0; i < Tile::kRows; ++i) {
       const int qi = Tile::query_of(i);
@@ -157,9 +216,9 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors);
+    cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors, thresholds);
   }
-  finish_lists(s, list_of, Tile::kQueries, a, q0, split);
+  finish_lists(s, list_of, Tile::kQueries, a, q0, split, thresholds);
 }
 
 }  // namespace latentspace::cuda

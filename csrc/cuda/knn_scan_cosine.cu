@@ -1,11 +1,9 @@
-// The scan kernels of the cosine metric, in a file of their own so that the metrics
-// compile in parallel (knn_scan_launch.cuh).
+// The scan kernels of the cosine metric, each split with its own thresholds (the default): a file
+// of its own, so that the scan's instantiations compile in parallel (knn_scan_launch.cuh).
 #include "cuda/knn_scan_launch.cuh"
 
 namespace latentspace::cuda {
 
-void launch_scan_cosine(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
-  launch_scan_for<Metric::kCosine>(storage, precision, args, stream);
-}
+LATENTSPACE_SCAN_INSTANCE(Metric::kCosine, false);
 
 }  // namespace latentspace::cuda

@@ -1,11 +1,9 @@
-// The scan kernels of the inner product metric, in a file of their own so that the metrics
-// compile in parallel (knn_scan_launch.cuh).
+// The scan kernels of the inner product metric, each split with its own thresholds (the default):
+// a file of its own, so that the scan's instantiations compile in parallel (knn_scan_launch.cuh).
 #include "cuda/knn_scan_launch.cuh"
 
 namespace latentspace::cuda {
 
-void launch_scan_inner_product(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
-  launch_scan_for<Metric::kInnerProduct>(storage, precision, args, stream);
-}
+LATENTSPACE_SCAN_INSTANCE(Metric::kInnerProduct, false);
 
 }  // namespace latentspace::cuda

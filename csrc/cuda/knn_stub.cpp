@@ -20,6 +20,8 @@ bool knn_cuda_fused_finish() { no_cuda(); }
 
 bool knn_cuda_early_norms() { no_cuda(); }
 
+bool knn_cuda_shared_thresholds() { no_cuda(); }
+
 void knn_cuda(const float*, int64_t, const void*, int64_t, int64_t, int64_t, Metric, KnnPrecision, float*, int64_t*,
               void*, size_t, uintptr_t, const float*, KnnStorage, const float*) {
   no_cuda();

@@ -66,5 +66,8 @@ bool knn_cuda_fused_finish();
 // Whether the row scan (1-8 queries) loads its norms ahead (csrc/cuda/knn_rows.cuh, opt-in):
 // LATENTSPACE_CUDA_EARLY_NORMS=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_early_norms();
+// Whether a query's database splits share their thresholds (csrc/cuda/knn_scan.cuh, opt-in):
+// LATENTSPACE_CUDA_SHARED_THRESHOLDS=1; unset, empty or 0: no; other values throw ValueError.
+bool knn_cuda_shared_thresholds();
 
 }  // namespace latentspace

@@ -131,6 +131,14 @@ def finish(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["split", "shared"])
+def thresholds(request, monkeypatch):
+    """Both ways a query's database splits keep their thresholds (csrc/cuda/knn_scan.cuh): each
+    its own, and shared through the workspace (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, opt-in)."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1" if request.param == "shared" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n", [1, 100, 100_003])
 @pytest.mark.parametrize("dim", [1, 3, 128, 2048])
@@ -152,7 +160,7 @@ def test_knn_matches_reference(metric, n, dim, gen):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (5, 300, 33, 40), (3, 64, 17, 70),
                                         (7, 129, 128, 128), (2, 5, 2048, 3)])
-def test_small_knn_matches_reference(metric, nq, n, dim, k, rng, finish):
+def test_small_knn_matches_reference(metric, nq, n, dim, k, rng, finish, thresholds):
     # Small shapes at tile edges (64), for compute-sanitizer too (-k small).
     queries = rng.standard_normal((nq, dim)).astype(np.float32)
     database = rng.standard_normal((n, dim)).astype(np.float32)
@@ -170,7 +178,7 @@ def test_small_knn_matches_reference(metric, nq, n, dim, k, rng, finish):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("n,k", [(50, 10), (20_000, 100), (20_000, 2000), (100_003, 16384)])
-def test_identical_rows_tie_to_lower_index(metric, n, k, gen, finish):
+def test_identical_rows_tie_to_lower_index(metric, n, k, gen, finish, thresholds):
     # Identical rows across tiles, database splits and the split merge.
     vector = _randn(gen, 1, 24)
     database = vector.repeat(n, 1)
@@ -261,7 +269,7 @@ def test_cosine_is_scale_invariant(gen):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (3, 5, 8, 9), (65, 300, 33, 64),
                                         (2, 1000, 2048, 1000), (130, 4099, 16, 257)])
-def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen, finish):
+def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen, finish, thresholds):
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     guard = 4096
     distances_buffer = torch.full((nq * k + guard,), float("nan"), device=DEVICE)
@@ -743,6 +751,19 @@ def test_fp16_storage_refuses_values_out_of_range():
 
 
 # ---------------------------------------------------------------------------------------
+def _same_with_and_without(variable, monkeypatch, searches):
+    """searches() (a list of (distances, indices) results) with the opt-in setting `variable`
+    off ("0") and on ("1"): the results must be bit-identical. Returns those with it on."""
+    results = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(variable, setting)
+        results[setting] = searches()
+    assert len(results["0"]) == len(results["1"])
+    for (d0, i0), (d1, i1) in zip(results["0"], results["1"]):
+        assert torch.equal(i0, i1) and torch.equal(d0, d1)
+    return results["1"]
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1000, 16, 1), (1, 1000, 16, 256), (3, 5000, 32, 257),
                                         (300, 20_000, 64, 1024), (50, 3000, 8, 1025), (7, 100, 3, 300)])
@@ -751,13 +772,39 @@ def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, 
     results must be bit-identical: at k = 1 and 256 (one key a thread), 257 and 1024 (four),
     1025 (the separate finish either way) and k > N (padding)."""
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
-    results = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", setting)
-        results[setting] = latentspace.knn(queries, database, k, metric)
-    (d0, i0), (d1, i1) = results["0"], results["1"]
-    assert torch.equal(i0, i1) and torch.equal(d0, d1)
-    assert_matches_reference(d1, i1, queries, database, k, metric)
+    (d, i), = _same_with_and_without("LATENTSPACE_CUDA_FUSED_FINISH", monkeypatch,
+                                     lambda: [latentspace.knn(queries, database, k, metric)])
+    assert_matches_reference(d, i, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 10), (5, 100_003, 48, 300), (130, 300_000, 16, 100),
+                                        (257, 60_000, 64, 1024), (300, 50_000, 8, 2000), (129, 700, 16, 800),
+                                        (3, 20_000, 16, 10), (130, 20_000, 16, 100)])
+def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen, monkeypatch):
+    """With shared thresholds a split drops the rows above another split's k-th best key; the
+    keys kept are still exactly the k best, so the results must be bit-identical: through the
+    row scan (1 and 5 queries) and the tile scan (a partial last query tile: 130, 257, 129),
+    with many splits (a few hundred thousand rows), k past the fused finish (2000) and k > N;
+    the 20,000-row shapes are small enough for racecheck (62 and 6 splits)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    (d, i), = _same_with_and_without("LATENTSPACE_CUDA_SHARED_THRESHOLDS", monkeypatch,
+                                     lambda: [latentspace.knn(queries, database, k, metric)])
+    assert_matches_reference(d, i, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq", [3, 200])
+def test_small_shared_thresholds_on_integer_data_equal_the_cpu(metric, nq, rng, monkeypatch):
+    """Small integers: exact scores, ties across every split, so a bound taken from one split
+    meets equal scores in others; ties must still go to the lower index, as on the CPU."""
+    queries, database = _integers(rng, nq, 3), _integers(rng, 150_001, 3)
+    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1")
+    for k in (1, 64, 1500):
+        D0, I0 = latentspace.knn(queries, database, k, metric)
+        D, I = latentspace.knn(queries, database, k, metric, device=DEVICE)
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(D, D0)
 
 
 # Few queries (the row scan) and an index's kept norms
@@ -772,13 +819,11 @@ def test_small_early_norms_equal_the_late_ones(metric, nq, gen, monkeypatch):
     queries, database = _randn(gen, nq, 48), _randn(gen, 10_007, 48)
     index = latentspace.FlatIndex(48, metric, device="cuda")
     index.add(database)
-    results = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv("LATENTSPACE_CUDA_EARLY_NORMS", setting)
-        results[setting] = [latentspace.knn(queries, database, 20, metric), index.search(queries, 20)]
-    for (d0, i0), (d1, i1) in zip(results["0"], results["1"]):
-        assert torch.equal(i0, i1) and torch.equal(d0, d1)
-        assert_matches_reference(d1, i1, queries, database, 20, metric)
+    def searches():
+        return [latentspace.knn(queries, database, 20, metric), index.search(queries, 20)]
+
+    for d, i in _same_with_and_without("LATENTSPACE_CUDA_EARLY_NORMS", monkeypatch, searches):
+        assert_matches_reference(d, i, queries, database, 20, metric)
 
 
 @pytest.fixture(params=["late", "early"])
