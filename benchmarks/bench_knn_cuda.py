@@ -241,7 +241,7 @@ def test_roof_h2d(benchmark):
 # Cells
 # ============================================================================================
 BIG_PEERS = ("latentspace.knn", "latentspace.knn[fused finish]", "latentspace.knn[shared thresholds]",
-             "latentspace.knn[shared thresholds, fused finish]", "torch.mm+topk", "torch.cdist+topk")
+             "torch.mm+topk", "torch.cdist+topk")
 
 
 @pytest.mark.parametrize("k", KS)

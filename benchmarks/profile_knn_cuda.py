@@ -13,12 +13,15 @@ Questions the benchmark's totals cannot answer:
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
   3. A streamed search's host copy into pinned memory: its rate with 1 to 8 threads.
+  4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR) and the opt-in shared thresholds
+     against the search time at k = 1024, faiss #3045's shape and k = 16,384 (plan_sweep).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -29,14 +32,29 @@ import numpy as np
 import torch
 
 import latentspace
-from latentspace import _arrays, _cuda_search
+from latentspace import _arrays, _cuda_search, _native
 
 DEVICE = None  # the current CUDA device, set by main()
 REPEATS = 200
 
 
-def median_ms(call, repeats: int = REPEATS) -> float:
-    for _ in range(5):
+@contextlib.contextmanager
+def environment(**settings: str):
+    """The CUDA kNN's environment settings (read at every search) for the block's duration."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
+    for _ in range(warmup):
         call()
     torch.cuda.synchronize()
     times = []
@@ -71,11 +89,8 @@ def big_search_breakdown(report: dict) -> None:
     q = torch.randn(10_000, 128, generator=g, device=DEVICE)
     for k in (10, 1024):
         for shared in ("0", "1"):  # LATENTSPACE_CUDA_SHARED_THRESHOLDS: the opt-in shared bound
-            os.environ["LATENTSPACE_CUDA_SHARED_THRESHOLDS"] = shared
-            try:
+            with environment(LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
                 rows = kernel_times(lambda: latentspace.knn(q, x, k))
-            finally:
-                del os.environ["LATENTSPACE_CUDA_SHARED_THRESHOLDS"]
             label = f"big k={k}" + (" shared thresholds" if shared == "1" else "")
             report[label] = rows
             print(f"\n== knn Q=10000 N=1000000 D=128 k={k}{' [shared thresholds]' if shared == '1' else ''}: "
@@ -138,6 +153,54 @@ def host_copy_rates(report: dict) -> None:
     print("  " + "  ".join(f"{t}: {rate:.1f}" for t, rate in rates.items()))
 
 
+# The plan sweep: shape -> (Q, N, D, k, split rules tried). Rule 32 is the default.
+SWEEP_SHAPES = {
+    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, (8, 16, 32, 64)),
+    "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, (2, 8, 32)),
+    "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, (4, 32)),
+}
+SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
+
+
+def plan_sweep(report: dict) -> None:
+    """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long)
+    against the search time, with each split's own thresholds and with shared ones, float32.
+    The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms, rule 8
+    595 ms), a rule that scales with D (faiss #3045's shape ran 8.7 ms with 26 splits, 9.7 ms
+    with 8), and k past 1,024 (rule 32 leaves 8 blocks at k = 16,384, computed). Times: medians
+    of 3 calls after one warm-up (1 call where the warm-up took over SWEEP_SLOW_S), each ending
+    with torch.cuda.synchronize(); the native calls are the library's own chunking of the
+    queries to fit the 1 GiB default workspace (plan_query_chunks), the plan the first call's."""
+    g = torch.Generator(device=DEVICE).manual_seed(9)
+    report["plan sweep"] = rows = []
+    print("\n== plan sweep: split rule x thresholds (float32; ms, median of 3)")
+    for shape, (nq, n, dim, k, rules) in SWEEP_SHAPES.items():
+        x = torch.randn(n, dim, generator=g, device=DEVICE)
+        q = torch.randn(nq, dim, generator=g, device=DEVICE)
+        per_call = _cuda_search.DEFAULT_WORKSPACE_BYTES
+        for rule in rules:
+            for shared in ("0", "1"):
+                with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule),
+                                 LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
+                    start = time.perf_counter()
+                    latentspace.knn(q, x, k)  # the warm-up
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    search = lambda: latentspace.knn(q, x, k)  # noqa: E731
+                    ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
+                    # the native calls knn makes (the library's own chunking), and the first one's plan
+                    calls = _cuda_search.plan_query_chunks(
+                        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], per_call)
+                    first_queries = calls[0][1] - calls[0][0]
+                    plan = _native._cuda_plan(first_queries, n, k, DEVICE.index)
+                rows.append({"shape": shape, "rule": rule, "shared": shared == "1", "ms": ms, "plan": plan,
+                             "native_calls": len(calls), "first_call_queries": first_queries})
+                print(f"  {shape:38s} rule {rule:3d} {'shared' if shared == '1' else 'split ':6s} {ms:9.2f} ms  "
+                      f"{len(calls)} calls; the first: {first_queries} queries, {plan['query_tiles']} x "
+                      f"{plan['splits']} blocks, {plan['split_length']} rows a split")
+        del x, q
+
+
 def main() -> None:
     if not latentspace.cuda_available():
         sys.exit("no usable CUDA GPU")
@@ -148,6 +211,7 @@ def main() -> None:
     q1_breakdown(report)
     big_search_breakdown(report)
     host_copy_rates(report)
+    plan_sweep(report)  # last: its large-k searches have never run
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)

@@ -853,3 +853,24 @@ def test_cuda_settings(monkeypatch, variable):
     monkeypatch.setenv(variable, bad)
     with pytest.raises(ValueError, match=f"{variable}: expected '.+' or '.+', got '{bad}'"):
         read()
+
+
+def test_cuda_split_rule_setting(monkeypatch):
+    """LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (csrc/cuda/knn.cu, rows_per_neighbour): the split
+    rule for experiments, 32 unless set to a whole number from 1 to 65536; anything else is a
+    ValueError naming the variable and the range."""
+    variable, read = "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", latentspace._native._cuda_rows_per_neighbour
+    if not latentspace.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            read()
+        return
+    monkeypatch.delenv(variable, raising=False)
+    assert read() == 32
+    for value, expected in [("", 32), ("1", 1), ("8", 8), ("0064", 64), ("65536", 65536)]:
+        monkeypatch.setenv(variable, value)
+        assert read() == expected
+    for bad in ("0", "-3", "+8", " 8", "8 ", "65537", "8x", "eight", "1e3", "99999999999999999999"):
+        monkeypatch.setenv(variable, bad)
+        expected = f"{variable}: expected a whole number from 1 to 65536, got '{re.escape(bad)}'"
+        with pytest.raises(ValueError, match=expected):
+            read()

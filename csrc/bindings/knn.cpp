@@ -57,6 +57,25 @@ void bind_knn(py::module_& m) {
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
       "Bytes of device workspace knn_cuda needs for these sizes on this device.");
+  // Diagnostics (benchmarks/profile_knn_cuda.py, tests): a search's plan and the split rule.
+  m.def(
+      "_cuda_plan",
+      [](int64_t num_queries, int64_t num_database, int64_t k, int device) {
+        LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
+        const KnnCudaPlan plan = knn_cuda_plan(num_queries, num_database, k, device);
+        py::dict out;
+        out["query_tiles"] = plan.query_tiles;
+        out["splits"] = plan.splits;
+        out["split_length"] = plan.split_length;
+        out["capacity"] = plan.capacity;
+        out["workspace_bytes"] = plan.workspace_bytes;
+        return out;
+      },
+      py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
+      "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
+      "capacity, workspace_bytes.");
+  m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
+        "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR.");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
         "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");

@@ -40,6 +40,21 @@ inline bool environment_switch(const char* name, const char* when_true, const ch
   return false;
 }
 
+// An integer setting from the environment, read where it applies: `when_unset` when the
+// variable `name` is unset or empty, else its value, which must be a whole number in
+// [least, most] (anything else throws ValueError naming the variable and the range).
+inline int64_t environment_integer(const char* name, int64_t when_unset, int64_t least, int64_t most) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return when_unset;
+  const std::string text(value);
+  // Digits only (no sign, no spaces), and few enough that strtoll cannot overflow.
+  const bool digits = text.size() <= 18 && text.find_first_not_of("0123456789") == std::string::npos;
+  const long long parsed = digits ? std::strtoll(value, nullptr, 10) : -1;
+  LS_CHECK_VALUE(digits && parsed >= least && parsed <= most, name, ": expected a whole number from ", least, " to ",
+                 most, ", got '", text, "'");
+  return parsed;
+}
+
 // Carves aligned pieces out of one workspace allocation (torch's caching allocator hands the
 // whole block down from Python; nothing here allocates device memory).
 class WorkspaceCarver {

@@ -46,7 +46,14 @@ constexpr int kMinTilesPerSplit = 2;
 // 378 ms); commit 22c7a7a's 8 let a search chunked by its workspace (at k = 1024 the 1 GiB
 // default holds ~290 queries a call: 3 query tiles) take 122 splits instead of 30, and the
 // extra lists' cut-backs and merge took it to 595 ms (GPU runs 6-7: 35 calls, merge 74 ms).
+// LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR overrides it, for experiments (the profile's plan sweep:
+// benchmarks/profile_knn_cuda.py); read at every plan, so the workspace size and the search
+// agree as long as it does not change between them.
 constexpr int64_t kRowsPerNeighbour = 32;
+
+int64_t rows_per_neighbour() {
+  return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 1, 1 << 16);
+}
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {
@@ -97,8 +104,8 @@ int multiprocessor_count(int device) {
 int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, int multiprocessors) {
   const int64_t resident = 2 * int64_t{multiprocessors};
   // Each split's list takes about k (1 + ln(split rows / k)) candidates, each paid for in
-  // cut-backs: for a large k, few long splits (at least kRowsPerNeighbour * k rows each).
-  const int64_t long_enough = std::max<int64_t>(1, database_tiles * kPlanRows / (kRowsPerNeighbour * k));
+  // cut-backs: for a large k, few long splits (at least rows_per_neighbour() * k rows each).
+  const int64_t long_enough = std::max<int64_t>(1, database_tiles * kPlanRows / (rows_per_neighbour() * k));
   const int64_t most = std::min<int64_t>({std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), long_enough, 65535});
   const int64_t least = std::clamp<int64_t>(ceil_div(2 * resident, query_tiles), 1, most);
   int64_t best = least;
@@ -210,6 +217,14 @@ size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64
   if (num_queries == 0) return 0;
   return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device)).workspace_bytes;
 }
+
+KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device) {
+  LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
+  const cuda::Plan plan = cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device));
+  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
+}
+
+int64_t knn_cuda_rows_per_neighbour() { return cuda::rows_per_neighbour(); }
 
 const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma"; }
 

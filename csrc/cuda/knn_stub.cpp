@@ -14,6 +14,10 @@ namespace {
 
 size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int) { no_cuda(); }
 
+KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int) { no_cuda(); }
+
+int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
+
 const char* knn_cuda_tensor_tile() { no_cuda(); }
 
 bool knn_cuda_fused_finish() { no_cuda(); }

@@ -56,6 +56,17 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
               const float* weights = nullptr, KnnStorage storage = KnnStorage::kFloat32,
               const float* database_norms = nullptr);
+// A GPU search's plan (csrc/cuda/knn.cu), for diagnostics (benchmarks/profile_knn_cuda.py):
+// query tiles of 128, database splits per query tile (blocks = query_tiles * splits), rows
+// per split, candidate list capacity, workspace bytes (knn_cuda_workspace_bytes).
+struct KnnCudaPlan {
+  int64_t query_tiles, splits, split_length, capacity;
+  size_t workspace_bytes;
+};
+KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device);
+// The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
+// (a whole number from 1 to 65536; other values throw ValueError). For experiments.
+int64_t knn_cuda_rows_per_neighbour();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
 // "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.

@@ -290,6 +290,31 @@ def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k
     assert_matches_reference(distances, indices, queries, database, k, metric)
 
 
+def test_small_plan_follows_the_split_rule(gen, monkeypatch):
+    """_native._cuda_plan reports the plan knn_cuda_workspace_bytes sizes; the split rule
+    (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR, for experiments) changes the splits, never a result."""
+    device, variable = torch.cuda.current_device(), "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR"
+    monkeypatch.delenv(variable, raising=False)
+    # 300 queries (3 query tiles) at k = 1024: the rule, not the GPU's size, bounds the splits
+    plan = _native._cuda_plan(300, 1_000_000, 1024, device)
+    assert plan["workspace_bytes"] == _native.knn_cuda_workspace_bytes(300, 1_000_000, 1024, device)
+    assert plan["query_tiles"] == 3 and plan["split_length"] % 128 == 0 and plan["capacity"] == 2048
+    assert plan["split_length"] >= 32 * 1024 and plan["splits"] * plan["split_length"] >= 1_000_000
+    monkeypatch.setenv(variable, "4")
+    short = _native._cuda_plan(300, 1_000_000, 1024, device)
+    assert short["splits"] > plan["splits"] and short["split_length"] >= 4 * 1024
+    queries, database = _randn(gen, 300, 16), _randn(gen, 50_000, 16)
+    results = {}
+    for rule in ("1", "32", "4096"):  # about 180 splits, 15, 1
+        monkeypatch.setenv(variable, rule)
+        results[rule] = latentspace.knn(queries, database, 100)
+    for rule in ("1", "4096"):
+        assert torch.equal(results[rule][1], results["32"][1]) and torch.equal(results[rule][0], results["32"][0])
+    monkeypatch.setenv(variable, "0")
+    with pytest.raises(ValueError, match=f"{variable}: expected a whole number from 1 to 65536, got '0'"):
+        latentspace.knn(queries, database, 100)
+
+
 def test_small_native_refuses_what_it_cannot_do():
     device = torch.cuda.current_device()
     with pytest.raises(ValueError, match="database: at most 2\\^31 - 1 rows"):
