@@ -12,7 +12,7 @@ Questions the benchmark's totals cannot answer:
   2. One query (FlatIndex, N = 4,096 and 1,000,000, k = 10): the host's fixed cost per search,
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
-  3. A streamed search's host copy into pinned memory: its rate with 1 to 8 threads.
+  3. A streamed search's host copy into pinned memory: its rate with 1 thread and more.
   4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR) and the opt-in shared thresholds
      against the search time at k = 1024, faiss #3045's shape and k = 16,384 (plan_sweep).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
@@ -28,11 +28,10 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 import latentspace
-from latentspace import _arrays, _cuda_search, _native
+from latentspace import _arrays, _cuda_search, _host_copy, _native
 
 DEVICE = None  # the current CUDA device, set by main()
 REPEATS = 200
@@ -131,25 +130,20 @@ def q1_breakdown(report: dict) -> None:
 
 
 def host_copy_rates(report: dict) -> None:
-    """The host side of a streamed search (_cuda_search._PinnedChunks.start): one thread's
-    np.copyto of a 256 MiB chunk into pinned memory, against the same copy split over threads
-    (np.copyto releases the GIL). The streamed cell spent about 50 ms beyond the upload and the
-    search in GPU run 6; this says whether the single-threaded copy can be most of it."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """The host side of a streamed search (_cuda_search._PinnedChunks.start): a 256 MiB chunk
+    copied into pinned memory by _host_copy.copy_rows with 1 thread and with its pool's
+    threads (np.copyto releases the GIL). The streamed cell spent about 50 ms beyond the upload
+    and the search in GPU run 6, with one thread; this says whether threads pay there."""
     rows = (256 << 20) // (128 * 4)
     source = torch.randn(rows, 128).numpy()
     pinned = torch.empty((rows, 128), dtype=torch.float32, pin_memory=True).numpy()
     rates = {}
-    for threads in (1, 2, 4, 8):
-        step = -(-rows // threads)
-        with ThreadPoolExecutor(threads) as pool:
-            def copy():
-                list(pool.map(lambda i: np.copyto(pinned[i : i + step], source[i : i + step]), range(0, rows, step)))
-
-            rates[threads] = source.nbytes / (median_ms(copy, repeats=10) / 1e3) / 1e9
+    for threads in sorted({1, 2, _host_copy.POOL_THREADS}):
+        copy = lambda: _host_copy.copy_rows(pinned, source, threads)  # noqa: E731
+        rates[threads] = source.nbytes / (median_ms(copy, repeats=10) / 1e3) / 1e9
     report["host copy GB/s by threads"] = rates
-    print("\n== host copy of a 256 MiB chunk into pinned memory (GB/s read, by threads)")
+    print(f"\n== host copy of a 256 MiB chunk into pinned memory (GB/s read, by threads; the pool has "
+          f"{_host_copy.POOL_THREADS})")
     print("  " + "  ".join(f"{t}: {rate:.1f}" for t, rate in rates.items()))
 
 

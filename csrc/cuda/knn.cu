@@ -54,6 +54,7 @@ constexpr int64_t kRowsPerNeighbour = 32;
 int64_t rows_per_neighbour() {
   return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 1, 1 << 16);
 }
+
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 struct Plan {

@@ -56,6 +56,7 @@ from ._arrays import (
     raise_unusable_rows,
     weights_for,
 )
+from ._host_copy import copy_rows
 
 __all__ = [
     "DEFAULT_GPU_MEMORY_BYTES",
@@ -451,8 +452,8 @@ class _PinnedChunks:
         slot, rows = j % 2, stop - start
         if self._copied[slot] is not None:
             self._copied[slot].synchronize()  # the pinned buffer's previous copy has left it
-        with np.errstate(over="ignore", invalid="ignore"):  # too large -> inf, refused later
-            np.copyto(self._host_views[slot][:rows], self._database[start:stop], casting="unsafe")
+        # float32 from any float dtype over a few threads; too large -> inf, refused later
+        copy_rows(self._host_views[slot][:rows], self._database[start:stop])
         with torch.cuda.stream(self._copy_stream):
             if self._searched[slot] is not None:
                 self._copy_stream.wait_event(self._searched[slot])  # the device buffer is free
