@@ -90,7 +90,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
   # estimated 30-80 s.
   echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
   start=$(date +%s)
-  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-120}" python3 benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-120}" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
   code=$?
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi

@@ -147,51 +147,53 @@ def host_copy_rates(report: dict) -> None:
     print("  " + "  ".join(f"{t}: {rate:.1f}" for t, rate in rates.items()))
 
 
-# The plan sweep: shape -> (Q, N, D, k, split rules tried). Rule 32 is the default.
-SWEEP_SHAPES = {
-    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, (8, 16, 32, 64)),
-    "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, (2, 8, 32)),
-    "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, (4, 32)),
+# The plan sweep: shape -> (Q, N, D, k, [(split rule, workspace GiB), ...]), each tried with
+# each split's own thresholds and with shared ones. Rule 32 and 1 GiB are the defaults.
+SWEEP = {
+    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, [(8, 1), (16, 1), (32, 1), (64, 1), (16, 4), (32, 4)]),
+    "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, [(2, 1), (8, 1), (32, 1)]),
+    "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, [(4, 1), (32, 1), (4, 8)]),
 }
 SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
 
 
 def plan_sweep(report: dict) -> None:
     """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long)
-    against the search time, with each split's own thresholds and with shared ones, float32.
-    The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms, rule 8
-    595 ms), a rule that scales with D (faiss #3045's shape ran 8.7 ms with 26 splits, 9.7 ms
-    with 8), and k past 1,024 (rule 32 leaves 8 blocks at k = 16,384, computed). Times: medians
-    of 3 calls after one warm-up (1 call where the warm-up took over SWEEP_SLOW_S), each ending
-    with torch.cuda.synchronize(); the native calls are the library's own chunking of the
-    queries to fit the 1 GiB default workspace (plan_query_chunks), the plan the first call's."""
+    and the workspace bound (knn's workspace_bytes: how many queries a native call takes)
+    against the search time, each with each split's own thresholds and with shared ones,
+    float32. The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms,
+    rule 8 595 ms; a larger workspace gives a call more query tiles, so more waves whose
+    blocks start with a shared bound), a rule that scales with D (faiss #3045's shape ran
+    8.7 ms with 26 splits, 9.7 ms with 8), and k past 1,024 (rule 32 leaves 8 blocks at
+    k = 16,384, computed). Times: medians of 3 calls after one warm-up (1 call where the
+    warm-up took over SWEEP_SLOW_S), each ending with torch.cuda.synchronize(); the native
+    calls are the library's own chunking of the queries (plan_query_chunks), the plan is the
+    first call's."""
     g = torch.Generator(device=DEVICE).manual_seed(9)
     report["plan sweep"] = rows = []
-    print("\n== plan sweep: split rule x thresholds (float32; ms, median of 3)")
-    for shape, (nq, n, dim, k, rules) in SWEEP_SHAPES.items():
+    print("\n== plan sweep: split rule x workspace x thresholds (float32; ms, median of 3)")
+    for shape, (nq, n, dim, k, configurations) in SWEEP.items():
         x = torch.randn(n, dim, generator=g, device=DEVICE)
         q = torch.randn(nq, dim, generator=g, device=DEVICE)
-        per_call = _cuda_search.DEFAULT_WORKSPACE_BYTES
-        for rule in rules:
+        for rule, gib in configurations:
             for shared in ("0", "1"):
                 with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule),
                                  LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
+                    search = lambda: latentspace.knn(q, x, k, workspace_bytes=gib << 30)  # noqa: E731
                     start = time.perf_counter()
-                    latentspace.knn(q, x, k)  # the warm-up
+                    search()  # the warm-up
                     torch.cuda.synchronize()
                     first = time.perf_counter() - start
-                    search = lambda: latentspace.knn(q, x, k)  # noqa: E731
                     ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
-                    # the native calls knn makes (the library's own chunking), and the first one's plan
                     calls = _cuda_search.plan_query_chunks(
-                        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], per_call)
+                        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], gib << 30)
                     first_queries = calls[0][1] - calls[0][0]
                     plan = _native._cuda_plan(first_queries, n, k, DEVICE.index)
-                rows.append({"shape": shape, "rule": rule, "shared": shared == "1", "ms": ms, "plan": plan,
-                             "native_calls": len(calls), "first_call_queries": first_queries})
-                print(f"  {shape:38s} rule {rule:3d} {'shared' if shared == '1' else 'split ':6s} {ms:9.2f} ms  "
-                      f"{len(calls)} calls; the first: {first_queries} queries, {plan['query_tiles']} x "
-                      f"{plan['splits']} blocks, {plan['split_length']} rows a split")
+                rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "shared": shared == "1", "ms": ms,
+                             "plan": plan, "native_calls": len(calls), "first_call_queries": first_queries})
+                print(f"  {shape:36s} rule {rule:2d} {gib} GiB {'shared' if shared == '1' else 'split ':6s} "
+                      f"{ms:9.2f} ms  {len(calls)} calls; the first: {first_queries} queries, "
+                      f"{plan['query_tiles']} x {plan['splits']} blocks, {plan['split_length']} rows a split")
         del x, q
 
 
