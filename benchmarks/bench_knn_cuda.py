@@ -34,6 +34,10 @@ Peers:
   ...[shared thresholds]   the same with LATENTSPACE_CUDA_SHARED_THRESHOLDS=1 (the opt-in bound
                            shared by a query's database splits, csrc/cuda/knn_scan.cuh; every
                            cell but the q1 floor and streamed)
+  ...[tree merge, no split rule]  LATENTSPACE_CUDA_TREE_MERGE=1 (the opt-in tree merge of the
+                           splits' lists, csrc/cuda/knn_merge_tree.cuh) and
+                           LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0 (splits only to fill the GPU):
+                           the large-k plan it is written for (large k cells)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -277,18 +281,21 @@ def with_env(name: str, value: str, call):
     return run
 
 
-# Opt-in variants a peer's label may name in its brackets, and the setting each one switches on.
-VARIANTS = {"fused finish": "LATENTSPACE_CUDA_FUSED_FINISH", "early norms": "LATENTSPACE_CUDA_EARLY_NORMS",
-            "shared thresholds": "LATENTSPACE_CUDA_SHARED_THRESHOLDS"}
+# Opt-in variants a peer's label may name in its brackets, and the setting each one makes.
+VARIANTS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
+            "early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
+            "shared thresholds": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1"),
+            "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
+            "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")}
 
 
 def knn_peer_call(peer: str, search, *args, **kwargs):
     """A latentspace peer's timed call: search(*args, **kwargs), with the settings of the
     variants its label names ("latentspace.FlatIndex[early norms, fused finish]")."""
     call = synced(search, *args, **kwargs)
-    for variant, setting in VARIANTS.items():
+    for variant, (variable, value) in VARIANTS.items():
         if variant in peer:
-            call = with_env(setting, "1", call)
+            call = with_env(variable, value, call)
     return call
 
 
@@ -401,8 +408,12 @@ def test_streamed_from_host(benchmark, big):
 LARGE_KS, LARGE_K_QUERIES = (1024, 4096, 16384), 1000
 
 
+LARGE_K_PEERS = ("latentspace.knn", "latentspace.knn[shared thresholds]",
+                 "latentspace.knn[tree merge, no split rule]", "torch.mm+topk")
+
+
 @pytest.mark.parametrize("k", LARGE_KS)
-@pytest.mark.parametrize("peer", ("latentspace.knn", "latentspace.knn[shared thresholds]", "torch.mm+topk"))
+@pytest.mark.parametrize("peer", LARGE_K_PEERS)
 def test_large_k(benchmark, big, peer, k):
     q, x = big["queries"][:LARGE_K_QUERIES], big["database"]
     if peer.startswith("latentspace.knn"):

@@ -104,13 +104,14 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
   else
     # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
     # slow on an H100 (2026-11-26: 16 tests in 160 s in run 6; in run 7 one mma.sync test on
-    # integer data in 70 s, and the next did not finish), so it takes a subset: the 12 tests
+    # integer data in 70 s, and the next did not finish), so it takes a subset: the 15 tests
     # not yet run under it (runs 5-7 ran the float32 tile and row scans, the selection and both
     # tensor-core tiles without a hazard): the opt-in fused finish (shared-memory compaction
-    # and block sort), weighted_l2, one mma.sync test, and the opt-in shared thresholds (their
-    # two 20,000-row shapes). memcheck takes the "small" tests of the three opt-ins not yet run
-    # under it (fused finish, early norms, shared thresholds: 242 tests; 181 took 111 s in run
-    # 6); runs 6-7 found the rest clean. GPU_RUN_MEMCHECK_TESTS=small takes all 421.
+    # and block sort), weighted_l2, one mma.sync test, and the opt-in shared thresholds and tree
+    # merge (two 20,000-row shapes each). memcheck takes 150 "small" tests of the four opt-ins
+    # not yet run under it (fused finish, early norms, shared thresholds, tree merge: their
+    # own tests, and the native-output test with each alone; 181 tests took 111 s in run 6);
+    # runs 6-7 found the default kernels clean. GPU_RUN_MEMCHECK_TESTS=small takes all 550.
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
     # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
@@ -118,7 +119,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     start=$(date +%s)
     pids=()
     for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then selection="${GPU_RUN_MEMCHECK_TESTS:-small and (fused or early or shared)}"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output and fused and l2 and split) or small_weighted_l2 or (small_tensor_core_integer_data_is_exact and not wmma and l2 and bf16 and 300-1000) or (small_shared_thresholds_equal and l2 and -20000-)}"; fi
+      if [ "$tool" = memcheck ]; then selection="${GPU_RUN_MEMCHECK_TESTS:-small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))}"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output and fused and l2 and split and single) or small_weighted_l2 or (small_tensor_core_integer_data_is_exact and not wmma and l2 and bf16 and 300-1000) or ((small_shared_thresholds_equal or small_tree_merge_equals) and l2 and -20000-)}"; fi
       echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
       rm -f "/tmp/sanitizer_$tool.exit"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c '"$1" --tool "$2" --error-exitcode 99 --print-limit 20 \

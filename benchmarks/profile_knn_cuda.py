@@ -147,53 +147,62 @@ def host_copy_rates(report: dict) -> None:
     print("  " + "  ".join(f"{t}: {rate:.1f}" for t, rate in rates.items()))
 
 
-# The plan sweep: shape -> (Q, N, D, k, [(split rule, workspace GiB), ...]), each tried with
-# each split's own thresholds and with shared ones. Rule 32 and 1 GiB are the defaults.
+# The plan sweep: shape -> (Q, N, D, k, configurations), a configuration being (split rule,
+# workspace GiB, tree merge, shared thresholds), each "0" or "1" for the last two. The
+# defaults: rule 32, 1 GiB, no tree, thresholds per split. Rule 0: no rule (splits only to
+# fill the GPU), the plan the tree merge is for.
 SWEEP = {
-    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, [(8, 1), (16, 1), (32, 1), (64, 1), (16, 4), (32, 4)]),
-    "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, [(2, 1), (8, 1), (32, 1)]),
-    "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, [(4, 1), (32, 1), (4, 8)]),
+    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, [
+        (32, 1, "0", "0"), (32, 1, "0", "1"), (8, 1, "0", "0"), (8, 1, "0", "1"), (16, 1, "0", "0"),
+        (16, 1, "0", "1"), (64, 1, "0", "0"), (32, 4, "0", "0"), (32, 4, "0", "1"), (16, 4, "0", "1"),
+        (0, 1, "1", "0"), (0, 1, "1", "1")]),
+    "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, [
+        (32, 1, "0", "0"), (32, 1, "0", "1"), (8, 1, "0", "0"), (2, 1, "0", "0"), (2, 1, "0", "1"),
+        (0, 1, "1", "0"), (0, 1, "1", "1")]),
+    "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, [
+        (32, 1, "0", "0"), (4, 1, "0", "0"), (0, 1, "1", "0"), (0, 8, "1", "0"), (4, 8, "1", "0")]),
 }
 SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
 
 
 def plan_sweep(report: dict) -> None:
-    """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long)
-    and the workspace bound (knn's workspace_bytes: how many queries a native call takes)
-    against the search time, each with each split's own thresholds and with shared ones,
-    float32. The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms,
-    rule 8 595 ms; a larger workspace gives a call more query tiles, so more waves whose
-    blocks start with a shared bound), a rule that scales with D (faiss #3045's shape ran
-    8.7 ms with 26 splits, 9.7 ms with 8), and k past 1,024 (rule 32 leaves 8 blocks at
-    k = 16,384, computed). Times: medians of 3 calls after one warm-up (1 call where the
-    warm-up took over SWEEP_SLOW_S), each ending with torch.cuda.synchronize(); the native
-    calls are the library's own chunking of the queries (plan_query_chunks), the plan is the
-    first call's."""
+    """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long;
+    0: none), the workspace bound (knn's workspace_bytes: how many queries a native call
+    takes), the tree merge and shared thresholds (opt-ins) against the search time, float32.
+    The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms, rule 8
+    595 ms; a larger workspace gives a call more query tiles, so more waves whose blocks start
+    with a shared bound), a rule that scales with D (faiss #3045's shape ran 8.7 ms with 26
+    splits, 9.7 ms with 8), and k past 1,024 (rule 32 leaves 8 blocks at k = 16,384,
+    computed; no rule plus the tree merge fills the GPU). Times: medians of 3 calls after one
+    warm-up (1 call where the warm-up took over SWEEP_SLOW_S), each ending with
+    torch.cuda.synchronize(); the native calls are the library's own chunking of the queries
+    (plan_query_chunks), the plan is the first call's."""
     g = torch.Generator(device=DEVICE).manual_seed(9)
     report["plan sweep"] = rows = []
-    print("\n== plan sweep: split rule x workspace x thresholds (float32; ms, median of 3)")
+    print("\n== plan sweep: split rule, workspace, tree merge, thresholds (float32; ms, median of 3)")
     for shape, (nq, n, dim, k, configurations) in SWEEP.items():
         x = torch.randn(n, dim, generator=g, device=DEVICE)
         q = torch.randn(nq, dim, generator=g, device=DEVICE)
-        for rule, gib in configurations:
-            for shared in ("0", "1"):
-                with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule),
-                                 LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
-                    search = lambda: latentspace.knn(q, x, k, workspace_bytes=gib << 30)  # noqa: E731
-                    start = time.perf_counter()
-                    search()  # the warm-up
-                    torch.cuda.synchronize()
-                    first = time.perf_counter() - start
-                    ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
-                    calls = _cuda_search.plan_query_chunks(
-                        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], gib << 30)
-                    first_queries = calls[0][1] - calls[0][0]
-                    plan = _native._cuda_plan(first_queries, n, k, DEVICE.index)
-                rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "shared": shared == "1", "ms": ms,
-                             "plan": plan, "native_calls": len(calls), "first_call_queries": first_queries})
-                print(f"  {shape:36s} rule {rule:2d} {gib} GiB {'shared' if shared == '1' else 'split ':6s} "
-                      f"{ms:9.2f} ms  {len(calls)} calls; the first: {first_queries} queries, "
-                      f"{plan['query_tiles']} x {plan['splits']} blocks, {plan['split_length']} rows a split")
+        for rule, gib, tree, shared in configurations:
+            with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule), LATENTSPACE_CUDA_TREE_MERGE=tree,
+                             LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
+                search = lambda: latentspace.knn(q, x, k, workspace_bytes=gib << 30)  # noqa: E731
+                start = time.perf_counter()
+                search()  # the warm-up
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
+                calls = _cuda_search.plan_query_chunks(
+                    nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], gib << 30)
+                first_queries = calls[0][1] - calls[0][0]
+                plan = _native._cuda_plan(first_queries, n, k, DEVICE.index)
+            rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "tree_merge": tree == "1",
+                         "shared_thresholds": shared == "1", "ms": ms, "plan": plan, "native_calls": len(calls),
+                         "first_call_queries": first_queries})
+            print(f"  {shape:36s} rule {rule:2d} {gib} GiB {'tree' if tree == '1' else '    '} "
+                  f"{'shared' if shared == '1' else 'split '} {ms:9.2f} ms  {len(calls)} calls; the first: "
+                  f"{first_queries} queries, {plan['query_tiles']} x {plan['splits']} blocks, "
+                  f"{plan['split_length']} rows a split")
         del x, q
 
 

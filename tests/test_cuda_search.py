@@ -828,6 +828,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_early_norms: the row scan's norms loaded ahead only with "1"
     "LATENTSPACE_CUDA_EARLY_NORMS": ("_cuda_early_norms", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "true"),
+    # csrc/cuda/knn.cu, use_tree_merge: more than 8 splits merged as a tree only with "1"
+    "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, False), ("", False), ("0", False), ("1", True)],
+                                    "tree"),
     # csrc/cuda/knn_scan_launch.cuh, use_shared_thresholds: a query's splits share one bound only with "1"
     "LATENTSPACE_CUDA_SHARED_THRESHOLDS": ("_cuda_shared_thresholds",
                                            [(None, False), ("", False), ("0", False), ("1", True)], "on"),
@@ -857,8 +860,8 @@ def test_cuda_settings(monkeypatch, variable):
 
 def test_cuda_split_rule_setting(monkeypatch):
     """LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (csrc/cuda/knn.cu, rows_per_neighbour): the split
-    rule for experiments, 32 unless set to a whole number from 1 to 65536; anything else is a
-    ValueError naming the variable and the range."""
+    rule for experiments, 32 unless set to a whole number from 0 (no rule) to 65536; anything
+    else is a ValueError naming the variable and the range."""
     variable, read = "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", latentspace._native._cuda_rows_per_neighbour
     if not latentspace.build_info()["cuda_compiled"]:
         with pytest.raises(RuntimeError, match="built without CUDA"):
@@ -866,11 +869,11 @@ def test_cuda_split_rule_setting(monkeypatch):
         return
     monkeypatch.delenv(variable, raising=False)
     assert read() == 32
-    for value, expected in [("", 32), ("1", 1), ("8", 8), ("0064", 64), ("65536", 65536)]:
+    for value, expected in [("", 32), ("0", 0), ("1", 1), ("8", 8), ("0064", 64), ("65536", 65536)]:
         monkeypatch.setenv(variable, value)
         assert read() == expected
-    for bad in ("0", "-3", "+8", " 8", "8 ", "65537", "8x", "eight", "1e3", "99999999999999999999"):
+    for bad in ("-3", "+8", " 8", "8 ", "65537", "8x", "eight", "1e3", "99999999999999999999"):
         monkeypatch.setenv(variable, bad)
-        expected = f"{variable}: expected a whole number from 1 to 65536, got '{re.escape(bad)}'"
+        expected = f"{variable}: expected a whole number from 0 to 65536, got '{re.escape(bad)}'"
         with pytest.raises(ValueError, match=expected):
             read()

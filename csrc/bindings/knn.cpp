@@ -75,7 +75,9 @@ void bind_knn(py::module_& m) {
       "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
       "capacity, workspace_bytes.");
   m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
-        "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR.");
+        "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
+  m.def("_cuda_tree_merge", &knn_cuda_tree_merge,
+        "Whether a GPU search of more than 8 splits merges them as a tree (LATENTSPACE_CUDA_TREE_MERGE=1, opt-in).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
         "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");

@@ -13,7 +13,8 @@
 //                       row_scan_kernel (knn_rows.cuh) instead, with the same lists; launched
 //                       through knn_scan_launch.cuh, one file per metric and thresholds
 //                       (knn_scan_l2.cu, knn_scan_l2_shared.cu, ...)
-//   3. merge_kernel     per query, the k best keys over all splits (radix select again)
+//   3. merge_kernel     per query, the k best keys over all splits (radix select again); opt-in:
+//                       merge_level_kernel merges them as a tree (knn_merge_tree.cuh)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
 //      (knn_finish.cuh; opt-in for now, finish_kernel does 3-5 in one launch for k <= 1024)
 //
@@ -29,6 +30,7 @@
 #include "core/check.h"
 #include "cuda/common.cuh"
 #include "cuda/knn_finish.cuh"
+#include "cuda/knn_merge_tree.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan_launch.cuh"
 #include "cuda/knn_select.cuh"
@@ -47,12 +49,13 @@ constexpr int kMinTilesPerSplit = 2;
 // default holds ~290 queries a call: 3 query tiles) take 122 splits instead of 30, and the
 // extra lists' cut-backs and merge took it to 595 ms (GPU runs 6-7: 35 calls, merge 74 ms).
 // LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR overrides it, for experiments (the profile's plan sweep:
-// benchmarks/profile_knn_cuda.py); read at every plan, so the workspace size and the search
-// agree as long as it does not change between them.
+// benchmarks/profile_knn_cuda.py); 0: no such rule, splits only to fill the GPU (with the
+// tree merge, the plan for a large k). Read at every plan, so the workspace size and the
+// search agree as long as it does not change between them.
 constexpr int64_t kRowsPerNeighbour = 32;
 
 int64_t rows_per_neighbour() {
-  return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 1, 1 << 16);
+  return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 0, 1 << 16);
 }
 
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
@@ -75,6 +78,7 @@ struct Workspace {
   uint64_t* sorted;      // [query][k]
   int* offsets;          // num_queries + 1 segment starts: i * k
   uint64_t* best_kth;    // [query]: the shared thresholds (knn_scan.cuh), when asked for
+  int* tree_counts;      // [query][ceil(splits / kMergeGroup)]: the tree merge's (knn_merge_tree.cuh)
   void* cub_temp;
 };
 
@@ -88,6 +92,7 @@ Workspace carve(void* base, int64_t nq, int64_t nb, int64_t k, const Plan& plan,
   w.sorted = carver->take<uint64_t>(static_cast<size_t>(nq) * k);
   w.offsets = carver->take<int>(nq + 1);
   w.best_kth = carver->take<uint64_t>(nq);
+  w.tree_counts = carver->take<int>(static_cast<size_t>(nq) * ceil_div(plan.splits, kMergeGroup));
   w.cub_temp = carver->take_bytes(plan.cub_bytes);
   (void)base;
   return w;
@@ -106,7 +111,8 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
   const int64_t resident = 2 * int64_t{multiprocessors};
   // Each split's list takes about k (1 + ln(split rows / k)) candidates, each paid for in
   // cut-backs: for a large k, few long splits (at least rows_per_neighbour() * k rows each).
-  const int64_t long_enough = std::max<int64_t>(1, database_tiles * kPlanRows / (rows_per_neighbour() * k));
+  const int64_t rule = rows_per_neighbour();
+  const int64_t long_enough = rule == 0 ? database_tiles : std::max<int64_t>(1, database_tiles * kPlanRows / (rule * k));
   const int64_t most = std::min<int64_t>({std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), long_enough, 65535});
   const int64_t least = std::clamp<int64_t>(ceil_div(2 * resident, query_tiles), 1, most);
   int64_t best = least;
@@ -194,6 +200,30 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
 // (unset, empty or 0: the separate kernels). Read at every search.
 bool use_fused_finish() { return environment_switch("LATENTSPACE_CUDA_FUSED_FINISH", "1", "0", false); }
 
+// Whether a search of more than kMergeGroup splits merges them as a tree (knn_merge_tree.cuh):
+// LATENTSPACE_CUDA_TREE_MERGE=1 (unset, empty or 0: one block per query). Read at every search.
+bool use_tree_merge() { return environment_switch("LATENTSPACE_CUDA_TREE_MERGE", "1", "0", false); }
+
+// Each query's k best keys over its splits' lists into keys[q * k ...], padded, through the
+// levels of the tree merge; the lists are merged in place, and the counts of a level go to
+// the buffer the level before it read (w.counts, w.tree_counts alternately).
+void merge_as_tree(const Workspace& w, const Plan& plan, int64_t num_queries, int64_t k, cudaStream_t stream) {
+  ListLevel level{w.candidates, int64_t{plan.splits} * plan.capacity, plan.splits, plan.capacity,
+                  static_cast<int>(std::min<int64_t>(k, plan.capacity)), w.counts};
+  int* spare = w.tree_counts;
+  while (level.segments > kMergeGroup) {
+    const ListLevel next = next_level(level, static_cast<int>(k), spare);
+    const dim3 grid(static_cast<unsigned>(num_queries), static_cast<unsigned>(next.segments));
+    merge_level_kernel<<<grid, kThreads, 0, stream>>>(level, static_cast<int>(k), spare, nullptr);
+    check_launch("merge_level_kernel");
+    spare = level.counts;  // read by the launch just queued; the next launch runs after it
+    level = next;
+  }
+  merge_level_kernel<<<dim3(static_cast<unsigned>(num_queries), 1), kThreads, 0, stream>>>(level, static_cast<int>(k),
+                                                                                            nullptr, w.keys);
+  check_launch("merge_level_kernel (last)");
+}
+
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
                   float* out, cudaStream_t stream, const char* what) {
   const unsigned blocks = blocks_for(count * 32, kThreads);
@@ -234,6 +264,8 @@ bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 bool knn_cuda_early_norms() { return cuda::use_early_norms(); }
 
 bool knn_cuda_shared_thresholds() { return cuda::use_shared_thresholds(); }
+
+bool knn_cuda_tree_merge() { return cuda::use_tree_merge(); }
 
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
@@ -278,7 +310,8 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
                       plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts, best_kth};
   launch_scan_of(metric, storage, precision, args, stream);
   const bool similarity = metric != Metric::kL2;
-  if (k <= kFusedFinishMaxK && use_fused_finish()) {
+  const bool tree = plan.splits > kMergeGroup && use_tree_merge();
+  if (!tree && k <= kFusedFinishMaxK && use_fused_finish()) {
     const unsigned blocks = static_cast<unsigned>(num_queries);
     if (k <= kFinishThreads) {
       finish_kernel<1><<<blocks, kFinishThreads, 0, stream>>>(w.candidates, w.counts, plan.splits, plan.capacity,
@@ -292,9 +325,13 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
     check_launch("finish_kernel");
     return;
   }
-  merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
-                                                                            plan.capacity, static_cast<int>(k), w.keys);
-  check_launch("merge_kernel");
+  if (tree) {
+    merge_as_tree(w, plan, num_queries, k, stream);
+  } else {
+    merge_kernel<<<static_cast<unsigned>(num_queries), kThreads, 0, stream>>>(w.candidates, w.counts, plan.splits,
+                                                                              plan.capacity, static_cast<int>(k), w.keys);
+    check_launch("merge_kernel");
+  }
   segment_offsets_kernel<<<blocks_for(num_queries + 1, kThreads), kThreads, 0, stream>>>(w.offsets, num_queries,
                                                                                          static_cast<int>(k));
   check_launch("segment_offsets_kernel");

@@ -32,12 +32,7 @@ __device__ inline int gather_best_keys(const uint64_t* candidates, const int* co
                                        int64_t q, uint64_t* out, SelectShared& shared) {
   const CandidateLists lists{const_cast<uint64_t*>(candidates) + q * splits * int64_t{capacity}, counts + q * splits,
                              splits, capacity, min(k, capacity)};
-  int mine = 0, before = 0, total = 0;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) mine += counts[q * splits + s];
-  cub::BlockScan<int, kSelectThreads>(shared.scan).ExclusiveSum(mine, before, total);
-  __syncthreads();  // the scan storage is reused by the select
-  const uint64_t limit = total <= k ? kEmptyKey : block_select(lists, k, shared);
-  return block_compact(lists, limit, out, shared);
+  return select_best_keys(lists, k, out, shared);
 }
 
 // One result: index -1 and +-inf for an empty key (padding), else the key's index and score

@@ -122,9 +122,10 @@ __device__ inline uint64_t block_select(const CandidateLists& lists, int rank, S
   return prefix;
 }
 
-// Moves the keys <= limit of the lists to out[0..), in slot order; returns how many. With a
-// single list, out may be that list (in place): a key is written at or before where it was
-// read, and a chunk is read completely before any of it is written.
+// Moves the keys <= limit of the lists to out[0..), in slot order; returns how many. out may
+// be the first list's own storage (in place) when each list's stride is at least max_length
+// (always so for a single list): slot i lies at or after keys + i, a key is written at or
+// before its slot, and a chunk is read completely before any of it is written.
 __device__ inline int block_compact(const CandidateLists& lists, uint64_t limit, uint64_t* out,
                                     SelectShared& shared) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
@@ -142,6 +143,18 @@ __device__ inline int block_compact(const CandidateLists& lists, uint64_t limit,
     __syncthreads();
   }
   return written;
+}
+
+// The k best keys of the lists to out[0..kept), in slot order, unsorted; returns kept =
+// min(k, keys there). All threads of the block call it. out may be the first list's own
+// storage (in place, as block_compact allows: each list's stride is at least max_length).
+__device__ inline int select_best_keys(const CandidateLists& lists, int k, uint64_t* out, SelectShared& shared) {
+  int mine = 0, before = 0, total = 0;
+  for (int s = threadIdx.x; s < lists.segments; s += blockDim.x) mine += lists.lengths[s];
+  cub::BlockScan<int, kSelectThreads>(shared.scan).ExclusiveSum(mine, before, total);
+  __syncthreads();  // the scan storage is reused by the select
+  const uint64_t limit = total <= k ? kEmptyKey : block_select(lists, k, shared);
+  return block_compact(lists, limit, out, shared);
 }
 
 }  // namespace latentspace::cuda

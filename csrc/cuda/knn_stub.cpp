@@ -18,6 +18,8 @@ KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int) { no_cuda(); }
 
 int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
 
+bool knn_cuda_tree_merge() { no_cuda(); }
+
 const char* knn_cuda_tensor_tile() { no_cuda(); }
 
 bool knn_cuda_fused_finish() { no_cuda(); }

@@ -65,8 +65,11 @@ struct KnnCudaPlan {
 };
 KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device);
 // The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
-// (a whole number from 1 to 65536; other values throw ValueError). For experiments.
+// (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
 int64_t knn_cuda_rows_per_neighbour();
+// Whether a search of more than 8 database splits merges them as a tree (knn_merge_tree.cuh,
+// opt-in): LATENTSPACE_CUDA_TREE_MERGE=1; unset, empty or 0: no; other values throw ValueError.
+bool knn_cuda_tree_merge();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
 // "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.

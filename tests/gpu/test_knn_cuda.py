@@ -131,6 +131,26 @@ def finish(request, monkeypatch):
     return request.param
 
 
+# The tree merge's settings: the tree, and no split rule, so that splits are many (as for a
+# large k) even where the default rule would keep them few.
+TREE = {"LATENTSPACE_CUDA_TREE_MERGE": "1", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": "0"}
+OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE,
+           "shared+tree": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **TREE}}
+
+
+@pytest.fixture(params=["single", "tree"])
+def merge(request, monkeypatch):
+    """Both merges of the splits' lists: one block per query, and the opt-in tree
+    (LATENTSPACE_CUDA_TREE_MERGE=1, csrc/cuda/knn_merge_tree.cuh), here with the split rule off
+    (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0) so that splits are many."""
+    for variable, value in TREE.items():
+        if request.param == "tree":
+            monkeypatch.setenv(variable, value)
+        else:
+            monkeypatch.delenv(variable, raising=False)
+    return request.param
+
+
 @pytest.fixture(params=["split", "shared"])
 def thresholds(request, monkeypatch):
     """Both ways a query's database splits keep their thresholds (csrc/cuda/knn_scan.cuh): each
@@ -268,8 +288,8 @@ def test_cosine_is_scale_invariant(gen):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1, 1, 1), (7, 100, 3, 10), (3, 5, 8, 9), (65, 300, 33, 64),
-                                        (2, 1000, 2048, 1000), (130, 4099, 16, 257)])
-def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen, finish, thresholds):
+                                        (2, 1000, 2048, 1000), (130, 4099, 16, 257), (3, 20_000, 8, 50)])
+def test_small_native_writes_every_output_and_nothing_else(metric, nq, n, dim, k, gen, finish, thresholds, merge):
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     guard = 4096
     distances_buffer = torch.full((nq * k + guard,), float("nan"), device=DEVICE)
@@ -305,13 +325,13 @@ def test_small_plan_follows_the_split_rule(gen, monkeypatch):
     assert short["splits"] > plan["splits"] and short["split_length"] >= 4 * 1024
     queries, database = _randn(gen, 300, 16), _randn(gen, 50_000, 16)
     results = {}
-    for rule in ("1", "32", "4096"):  # about 180 splits, 15, 1
+    for rule in ("0", "1", "32", "4096"):  # about 190 splits, 180, 15, 1
         monkeypatch.setenv(variable, rule)
         results[rule] = latentspace.knn(queries, database, 100)
-    for rule in ("1", "4096"):
+    for rule in ("0", "1", "4096"):
         assert torch.equal(results[rule][1], results["32"][1]) and torch.equal(results[rule][0], results["32"][0])
-    monkeypatch.setenv(variable, "0")
-    with pytest.raises(ValueError, match=f"{variable}: expected a whole number from 1 to 65536, got '0'"):
+    monkeypatch.setenv(variable, "-1")
+    with pytest.raises(ValueError, match=f"{variable}: expected a whole number from 0 to 65536, got '-1'"):
         latentspace.knn(queries, database, 100)
 
 
@@ -820,16 +840,38 @@ def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("nq", [3, 200])
-def test_small_shared_thresholds_on_integer_data_equal_the_cpu(metric, nq, rng, monkeypatch):
-    """Small integers: exact scores, ties across every split, so a bound taken from one split
-    meets equal scores in others; ties must still go to the lower index, as on the CPU."""
+@pytest.mark.parametrize("opt_in", sorted(OPT_INS))
+def test_small_opt_ins_on_integer_data_equal_the_cpu(metric, nq, opt_in, rng, monkeypatch):
+    """Small integers: exact scores, ties across every split and merge group, so a bound taken
+    from one split meets equal scores in others, and a group's k-th best key ties with keys
+    of other groups; ties must still go to the lower index, as on the CPU."""
     queries, database = _integers(rng, nq, 3), _integers(rng, 150_001, 3)
-    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1")
+    for variable, value in OPT_INS[opt_in].items():
+        monkeypatch.setenv(variable, value)
     for k in (1, 64, 1500):
         D0, I0 = latentspace.knn(queries, database, k, metric)
         D, I = latentspace.knn(queries, database, k, metric, device=DEVICE)
         np.testing.assert_array_equal(I, I0)
         np.testing.assert_array_equal(D, D0)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 10), (5, 100_003, 48, 3000), (130, 300_000, 16, 100),
+                                        (257, 60_000, 64, 1024), (64, 100_000, 32, 16384), (129, 700, 16, 800),
+                                        (3, 20_000, 8, 50), (130, 20_000, 16, 100)])
+def test_small_tree_merge_equals_the_single_one(metric, nq, n, dim, k, gen, monkeypatch):
+    """The tree merge keeps, level by level, each group's k best keys, so the k best of all
+    are the single merge's and the results must be bit-identical: with the split rule off
+    (splits to fill the GPU: tens to hundreds, so two or three levels), through the row scan
+    (1 and 5 queries) and the tile scan, k past the rows of a split (3000, 16384; the lists
+    hold every row), and k > N; the 20,000-row shapes are small enough for racecheck."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    (d, i), = _same_with_and_without("LATENTSPACE_CUDA_TREE_MERGE", monkeypatch,
+                                     lambda: [latentspace.knn(queries, database, k, metric)])
+    assert_matches_reference(d, i, queries, database, k, metric)
+    plan = _native._cuda_plan(nq, n, k, torch.cuda.current_device())
+    assert plan["splits"] > 8 or n < 10_000, plan  # the tree had levels to run
 
 
 # Few queries (the row scan) and an index's kept norms
