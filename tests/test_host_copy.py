@@ -3,7 +3,10 @@ split into slices of rows over a thread pool. Runs on any machine (numpy only)."
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -77,6 +80,35 @@ def test_a_slice_error_reaches_the_caller(small_slices):
     source[333, 5] = "not a number"
     with pytest.raises(ValueError, match="not a number"):
         copy_rows(np.zeros((400, 8), np.float32), source, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_copies_with_a_pool_of_its_own(small_slices):
+    """The parent's pool threads do not exist in a forked child: the child must not hand its
+    slices to them (they would never run: a hang)."""
+    source = np.arange(4000, dtype=np.float64).reshape(1000, 4)
+    copy_rows(np.zeros((1000, 4), np.float32), source, 4)  # the parent's pool exists now
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork in a process with threads
+        pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the copy completes and is right
+        code = 1
+        try:
+            destination = np.zeros((1000, 4), np.float32)
+            copy_rows(destination, source, 4)
+            code = 0 if np.array_equal(destination, source.astype(np.float32)) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's copy did not finish in 30 s")
 
 
 def test_bad_arguments_are_named():

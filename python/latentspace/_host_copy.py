@@ -37,6 +37,17 @@ def _copy_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but none of its threads: work handed to it would
+    # never run. The child makes a pool of its own on first use instead.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _copy_slice(destination: np.ndarray, source: np.ndarray) -> None:
     # errstate is per thread: values beyond float32 become inf here (refused later, by the
     # search's row check), without a RuntimeWarning from the worker.
