@@ -48,10 +48,11 @@ fi
 # time, in the order tests, benchmarks, profile, sanitizer (the benchmarks were the stage a
 # run lost to the time limit before). Measured on an H100 (2026-11-26, run 6): build 128 s,
 # tests 39 s, benchmarks 44 s, memcheck 111 s; the machine's start about 30 s; run 7: build
-# 51 s (one CUDA file per metric), profile 11 s. Since, not yet measured: 724 GPU kNN tests
+# 51 s (one CUDA file per metric), profile 11 s. Since, not yet measured: 736 GPU tests
 # (300 in run 6: the opt-ins' fixtures and tests), more benchmark cells and the profile's plan
 # sweep; estimated 8-9 minutes in all with the sanitizer's 150 s, within the limits here
-# (tests 200 s, benchmarks 220 s, profile 120 s): give the call the full 600 s. GPU_RUN_STAGES picks some, e.g.
+# (tests 200 s, benchmarks 220 s, profile 120 s): give the call the full 600 s.
+# GPU_RUN_STAGES picks some, e.g.
 #   GPU_RUN_STAGES="tests sanitizer" bash benchmarks/gpu_run.sh
 STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
 status=0
