@@ -9,6 +9,8 @@ Bars (issue 6):
   tensor-core cells (tf32, bf16): latentspace within 1.5x of the roof time, 2*Q*N*D flops at
     the measured GEMM rate of that precision;
   q1: latentspace (knn and FlatIndex) within 1.5x of the time to read the database once.
+Opt-ins: each peer whose brackets name opt-in settings (bench_knn_cuda.py's VARIANTS) against
+the same peer without them in the same cell: the figures for choosing the defaults.
 """
 
 from __future__ import annotations
@@ -17,9 +19,37 @@ import json
 import sys
 from collections import defaultdict
 
+# The opt-in settings a peer's brackets may name (bench_knn_cuda.py's VARIANTS); other words
+# there ("wmma", "bf16 storage") describe the peer itself.
+OPT_INS = ("fused finish", "early norms", "shared thresholds", "tree merge", "no split rule")
+
+
 def is_latentspace(peer: str) -> bool:
     """latentspace.knn, latentspace.FlatIndex and their variants ("latentspace.knn[wmma]", ...)."""
     return peer.startswith("latentspace.")
+
+
+def without_opt_ins(peer: str) -> str:
+    """The peer's label without its opt-ins: "latentspace.FlatIndex[bf16 storage, fused finish]"
+    -> "latentspace.FlatIndex[bf16 storage]"; "latentspace.knn[fused finish]" -> "latentspace.knn"."""
+    if not peer.endswith("]") or "[" not in peer:
+        return peer
+    name, inside = peer[:-1].split("[", 1)
+    kept = [part.strip() for part in inside.split(",") if part.strip() not in OPT_INS]
+    return f"{name}[{', '.join(kept)}]" if kept else name
+
+
+def opt_in_rows(cells) -> list[tuple[str, str, float, str, float]]:
+    """(cell, opt-in peer, its median, peer without the opt-ins, its median) for every peer
+    that names an opt-in and whose plain peer ran in the same cell."""
+    rows = []
+    for group in sorted(cells):
+        peers = cells[group]
+        for peer, (median, _) in sorted(peers.items()):
+            base = without_opt_ins(peer)
+            if base != peer and base in peers:
+                rows.append((group, peer, median, base, peers[base][0]))
+    return rows
 
 
 def load(path: str):
@@ -89,6 +119,14 @@ def main(path: str) -> int:
     print("|---|:---:|---:|")
     for name, passed, measured in bars:
         print(f"| {name} | {'yes' if passed else 'NO'} | {measured} |")
+
+    rows = opt_in_rows(cells)
+    if rows:
+        print("\n| cell | with the opt-ins | median ms | without | median ms | speed-up |")
+        print("|---|---|---:|---|---:|---:|")
+        for group, peer, median, base, base_median in rows:
+            print(f"| {group} | {peer} | {median * 1e3:.2f} | {base} | {base_median * 1e3:.2f} | "
+                  f"{base_median / median:.3f}x |")
     return 0
 
 
