@@ -4,6 +4,7 @@ conftest.py). pytest puts benchmarks/ on sys.path, so the benchmark files `impor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -26,6 +27,32 @@ MAX_ROUNDS = 100
 
 def rounds_for(seconds_per_call: float) -> int:
     return int(min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(BUDGET_S / max(seconds_per_call, 1e-9)))))
+
+
+# The CUDA kNN's opt-in settings a GPU benchmark peer's label may name in its brackets
+# ("latentspace.FlatIndex[early norms, fused finish]"), and the environment setting each makes
+# (bench_knn_cuda.py sets them; report_knn_cuda.py compares such peers with the plain ones).
+CUDA_KNN_OPT_INS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
+                    "early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
+                    "shared thresholds": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1"),
+                    "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
+                    "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")}
+
+
+@contextlib.contextmanager
+def environment(**settings: str):
+    """Environment variables set for the block's duration, then restored (the CUDA kNN reads
+    its settings at every search)."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def timed_call(fn, *args):

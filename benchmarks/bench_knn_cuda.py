@@ -53,10 +53,9 @@ session. benchmarks/report_knn_cuda.py turns the JSON into the table and the bar
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
-from _common import timed_call
+from _common import CUDA_KNN_OPT_INS, environment, timed_call
 
 import latentspace
 import torch
@@ -265,35 +264,19 @@ def test_big(benchmark, big, peer, k):
 
 def with_env(name: str, value: str, call):
     """call with the environment variable name=value for its duration: the CUDA kNN reads its
-    settings at every search (LATENTSPACE_CUDA_TENSOR_TILE: "mma", the default, or "wmma";
-    LATENTSPACE_CUDA_FUSED_FINISH: "1" for the opt-in one-kernel finish)."""
+    settings at every search (LATENTSPACE_CUDA_TENSOR_TILE, _common.CUDA_KNN_OPT_INS)."""
     def run():
-        before = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with environment(**{name: value}):
             return call()
-        finally:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
 
     return run
-
-
-# Opt-in variants a peer's label may name in its brackets, and the setting each one makes.
-VARIANTS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
-            "early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
-            "shared thresholds": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1"),
-            "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
-            "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")}
 
 
 def knn_peer_call(peer: str, search, *args, **kwargs):
     """A latentspace peer's timed call: search(*args, **kwargs), with the settings of the
     variants its label names ("latentspace.FlatIndex[early norms, fused finish]")."""
     call = synced(search, *args, **kwargs)
-    for variant, (variable, value) in VARIANTS.items():
+    for variant, (variable, value) in CUDA_KNN_OPT_INS.items():
         if variant in peer:
             call = with_env(variable, value, call)
     return call

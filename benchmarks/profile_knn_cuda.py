@@ -21,35 +21,19 @@ timed are those FlatIndex.search runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
+from _common import environment  # benchmarks/ is the script's folder, first on sys.path
 
 import latentspace
 from latentspace import _arrays, _cuda_search, _host_copy, _native
 
 DEVICE = None  # the current CUDA device, set by main()
 REPEATS = 200
-
-
-@contextlib.contextmanager
-def environment(**settings: str):
-    """The CUDA kNN's environment settings (read at every search) for the block's duration."""
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
 
 
 def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:

@@ -9,7 +9,7 @@ Bars (issue 6):
   tensor-core cells (tf32, bf16): latentspace within 1.5x of the roof time, 2*Q*N*D flops at
     the measured GEMM rate of that precision;
   q1: latentspace (knn and FlatIndex) within 1.5x of the time to read the database once.
-Opt-ins: each peer whose brackets name opt-in settings (bench_knn_cuda.py's VARIANTS) against
+Opt-ins: each peer whose brackets name opt-in settings (_common.CUDA_KNN_OPT_INS) against
 the same peer without them in the same cell: the figures for choosing the defaults.
 """
 
@@ -19,9 +19,11 @@ import json
 import sys
 from collections import defaultdict
 
-# The opt-in settings a peer's brackets may name (bench_knn_cuda.py's VARIANTS); other words
-# there ("wmma", "bf16 storage") describe the peer itself.
-OPT_INS = ("fused finish", "early norms", "shared thresholds", "tree merge", "no split rule")
+from _common import CUDA_KNN_OPT_INS  # benchmarks/ is the script's folder, first on sys.path
+
+# The opt-in settings a peer's brackets may name; other words there ("wmma", "bf16 storage")
+# describe the peer itself.
+OPT_INS = tuple(CUDA_KNN_OPT_INS)
 
 
 def is_latentspace(peer: str) -> bool:
