@@ -403,6 +403,31 @@ def test_database_plan_covers_the_rows(n, rows):
     assert all(0 < stop - start <= rows for start, stop in pieces)
 
 
+@pytest.mark.parametrize("n,rows,first", [(1, 1, 1), (10, 3, 1), (10, 10, 10), (100, 64, 8), (1000, 64, 8),
+                                          (1000, 64, 0), (1000, 64, 500), (100_003, 4096, 512)])
+def test_stream_plan_starts_small_and_covers_the_rows(n, rows, first):
+    pieces = _cuda_search.plan_stream_chunks(n, rows, first)
+    sizes = [stop - start for start, stop in pieces]
+    assert pieces[0][0] == 0 and pieces[-1][1] == n
+    assert all(b[0] == a[1] for a, b in zip(pieces, pieces[1:]))
+    assert all(0 < size <= rows for size in sizes)
+    assert sizes[0] == min(n, rows, max(1, first))
+    # each chunk twice the one before it, up to `rows` (the last one may be cut short)
+    assert all(b == min(rows, 2 * a) for a, b in zip(sizes[:-2], sizes[1:-1]))
+    assert sizes[-1] <= min(rows, 2 * sizes[-2]) if len(sizes) > 1 else True
+
+
+@pytest.mark.parametrize("rows,dim,expected", [
+    (1 << 19, 128, 1 << 16),  # 256 MiB chunks (the largest): an eighth, 32 MiB
+    (1 << 16, 128, 1 << 14),  # 32 MiB: the 8 MiB floor (16,384 rows of 512 bytes), not 4 MiB
+    (1000, 128, 1000),        # a chunk below the floor: no smaller first chunk
+    (64, 1 << 20, 8),         # rows of 4 MiB: an eighth
+    (1, 1, 1),
+])
+def test_first_stream_chunk(rows, dim, expected):
+    assert _cuda_search.first_stream_rows(rows, dim) == expected
+
+
 def test_rows_per_call():
     assert _cuda_search.rows_per_call(1) == 1
     assert _cuda_search.rows_per_call(8000) == 1000
@@ -545,6 +570,30 @@ def test_streamed_search_with_tiny_chunks_and_query_chunks(metric, rng):
     D, I = search_streamed(backend, queries, database, 9, metric, workspace_bytes=700, memory_bytes=2500)
     _assert_same_search(D, I, queries, database, 9, metric)
     assert max(nb for _, nb, _ in calls) < 211 and max(nq for nq, _, _ in calls) <= 7
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("num_queries", [3, 40])
+def test_streamed_search_starts_with_small_chunks(metric, num_queries, monkeypatch, rng):
+    # With the floor lifted, a database of 1000 rows in chunks of at most 128 streams as
+    # 16, 32, 64, 128, 128, ... rows; every block of queries sees the same chunks.
+    monkeypatch.setattr(_cuda_search, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
+    queries, database = _integers(rng, num_queries, 4), _integers(rng, 1000, 4)
+    rows = []
+
+    class Spy(CpuBackend):
+        def search(self, queries, database, *args, **kwargs):
+            rows.append(database.shape[0])
+            super().search(queries, database, *args, **kwargs)
+
+    # two chunks of 128 rows of 16 bytes, and blocks of at most 9 queries with their results
+    memory_bytes = 2 * 128 * 16 + min(num_queries, 9) * (16 + _cuda_search.RESULT_BYTES_PER_NEIGHBOUR * 5)
+    query_rows, largest = plan_host_stream(num_queries, 1000, 4, 5, memory_bytes, 1 << 20)
+    assert largest == 128 and query_rows == min(num_queries, 9)
+    D, I = search_streamed(Spy(), queries, database, 5, metric, workspace_bytes=1 << 20, memory_bytes=memory_bytes)
+    _assert_same_search(D, I, queries, database, 5, metric)
+    one_pass = [16, 32, 64] + [128] * 6 + [120]  # 112 rows, then 888 = 6 x 128 + 120
+    assert rows == one_pass * -(-num_queries // query_rows)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int16, np.uint8, ">f4"])

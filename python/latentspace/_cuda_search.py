@@ -8,9 +8,10 @@ module is that caller:
 
 * resolve_device: None / "cpu" / "cuda" / "cuda:N" / torch.device -> None (the CPU) or a
   torch.device; a RuntimeError naming every reason when CUDA is asked for and unusable.
-* plan_query_chunks, plan_database_chunks, plan_host_stream: pure functions that split a
-  search into native calls (each call's workspace at most `workspace_bytes`, Q * k < 2^31)
-  and a host database into chunks that fit a GPU memory budget.
+* plan_query_chunks, plan_database_chunks, plan_host_stream, plan_stream_chunks: pure
+  functions that split a search into native calls (each call's workspace at most
+  `workspace_bytes`, Q * k < 2^31) and a host database into chunks that fit a GPU memory
+  budget, smaller ones first.
 * merge_topk: the running top-k merged with one database chunk's top-k (a stable sort, so
   ties keep the lower index). Pure torch: works on CPU tensors as on CUDA ones.
 * search_resident: database already on the device (queries chunked, the database split
@@ -70,6 +71,7 @@ __all__ = [
     "plan_database_chunks",
     "plan_host_stream",
     "plan_query_chunks",
+    "plan_stream_chunks",
     "require_cuda",
     "resolve_device",
     "search_resident",
@@ -79,6 +81,10 @@ __all__ = [
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # per native call; a search takes as many calls as needed
 DEFAULT_GPU_MEMORY_BYTES = 2 << 30  # host streaming: chunks + queries + results (see above)
 HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinned, x2 device)
+# A streamed database starts with smaller chunks (plan_stream_chunks): only the first chunk's
+# host copy and upload wait with the GPU idle, every later one overlaps the previous search.
+STREAM_RAMP_STEPS = 3  # the first chunk is 1/8 of the largest, then 1/4, 1/2, whole chunks
+STREAM_FIRST_CHUNK_MIN_BYTES = 8 << 20  # below this a smaller first chunk saves next to nothing
 MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
 # Database rows per native call. knn.cu takes < 2^31 rows and k < 2^29 (its candidate lists
 # hold k + max(k, 256) keys, counted in an int); with k capped at the rows of the call (k > N
@@ -242,6 +248,32 @@ def check_one_query_fits(workspace_of: Callable[[int, int, int], int], num_datab
 def plan_database_chunks(num_database: int, rows: int) -> list[tuple[int, int]]:
     """[start, stop) row ranges of at most `rows` rows covering [0, num_database)."""
     return [(start, min(start + rows, num_database)) for start in range(0, num_database, rows)]
+
+
+def plan_stream_chunks(num_database: int, rows: int, first_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering [0, num_database) for a streamed search: the first
+    chunk of `first_rows` rows (at most `rows`), each next one twice the size of the one
+    before it, up to `rows`.
+
+    Why: the first chunk's host copy and upload run while the GPU has nothing to search; every
+    later chunk's overlap the search of the chunk before it. A small first chunk shortens that
+    idle start, and doubling keeps each copy about as long as the search it hides behind (a
+    search takes at least as long per row as a copy whenever the queries are many enough for
+    the GPU to be the bottleneck). The cost: a few more native calls and top-k merges.
+    """
+    pieces: list[tuple[int, int]] = []
+    start, size = 0, max(1, min(rows, first_rows))
+    while start < num_database:
+        stop = min(num_database, start + size)
+        pieces.append((start, stop))
+        start, size = stop, min(rows, 2 * size)
+    return pieces
+
+
+def first_stream_rows(rows: int, dim: int) -> int:
+    """The first chunk of a streamed search (plan_stream_chunks): 1 / 2^STREAM_RAMP_STEPS of
+    the largest chunk, but not below STREAM_FIRST_CHUNK_MIN_BYTES (nor above `rows`)."""
+    return min(rows, max(rows >> STREAM_RAMP_STEPS, STREAM_FIRST_CHUNK_MIN_BYTES // (dim * 4), 1))
 
 
 def plan_host_stream(num_queries: int, num_database: int, dim: int, k: int, memory_bytes: int,
@@ -549,7 +581,8 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
 def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str, *, workspace_bytes: int,
                     memory_bytes: int, query_checks: list | None = None):
     """Search of a host database (N, D), N >= 1, a numpy array of any real dtype (a memory
-    map too), streamed to the device in chunks (plan_host_stream).
+    map too), streamed to the device in chunks (plan_host_stream sizes the largest,
+    plan_stream_chunks starts smaller).
 
     queries: a float32 contiguous tensor on the device, already checked (its checks may be
     passed in query_checks, from query_row_checks, read with the database's at the end), or a float32 numpy array, uploaded and checked one block at a
@@ -572,7 +605,7 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
     else:
         distances = torch.empty((num_queries, k), dtype=torch.float32, device=backend.device)
         indices = torch.empty((num_queries, k), dtype=torch.int64, device=backend.device)
-    pieces = plan_database_chunks(num_database, database_rows)
+    pieces = plan_stream_chunks(num_database, database_rows, first_stream_rows(database_rows, dim))
     blocks = plan_database_chunks(num_queries, query_rows)
     jobs = [(block, piece) for block in blocks for piece in pieces]
     query_checks, database_checks = list(query_checks or []), []

@@ -458,6 +458,13 @@ def test_host_streaming_many_more_chunks(rng):
     _host_streaming_many_chunks(20, 3000, rng)  # 7 x 89
 
 
+def test_small_host_streaming_starts_with_small_chunks(monkeypatch, rng):
+    # The floor lifted: chunks of 1/8, 1/4, 1/2 of the pinned buffers' rows first, each
+    # through the same two buffers (a chunk shorter than its buffer).
+    monkeypatch.setattr(_cuda_search, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
+    _host_streaming_many_chunks(5, 3000, rng)
+
+
 def _host_streaming_many_chunks(nq, n, rng):
     queries, database = _integers(rng, nq, 8), _integers(rng, n, 8)
     query_rows, rows = _cuda_search.plan_host_stream(nq, n, 8, 7, 4096, 1 << 30)
