@@ -38,6 +38,10 @@ Peers:
                            splits' lists, csrc/cuda/knn_merge_tree.cuh) and
                            LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0 (splits only to fill the GPU):
                            the large-k plan it is written for (large k cells)
+  ...[fitted plan]         LATENTSPACE_CUDA_FITTED_PLAN=1 (the opt-in plan that takes fewer
+                           splits, not fewer queries a call, when the filling one exceeds the
+                           workspace bound, csrc/cuda/knn.cu make_plan; big cells at k = 1024,
+                           the only ones where it changes the plan)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -244,12 +248,15 @@ def test_roof_h2d(benchmark):
 # Cells
 # ============================================================================================
 BIG_PEERS = ("latentspace.knn", "latentspace.knn[fused finish]", "latentspace.knn[shared thresholds]",
+             "latentspace.knn[fitted plan]", "latentspace.knn[fitted plan, shared thresholds]",
              "torch.mm+topk", "torch.cdist+topk")
 
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("peer", BIG_PEERS)
 def test_big(benchmark, big, peer, k):
+    if "fitted plan" in peer and k < 1024:
+        pytest.skip("the filling plan fits the default workspace here: the fitted plan is the same plan")
     q, x = big["queries"], big["database"]
     if peer.startswith("latentspace.knn"):
         call = knn_peer_call(peer, latentspace.knn, q, x, k)

@@ -132,19 +132,24 @@ def host_copy_rates(report: dict) -> None:
 
 
 # The plan sweep: shape -> (Q, N, D, k, configurations), a configuration being (split rule,
-# workspace GiB, tree merge, shared thresholds), each "0" or "1" for the last two. The
-# defaults: rule 32, 1 GiB, no tree, thresholds per split. Rule 0: no rule (splits only to
-# fill the GPU), the plan the tree merge is for.
+# workspace GiB, tree merge, shared thresholds, fitted plan), each "0" or "1" for the last
+# three. The defaults: rule 32, 1 GiB, no tree, thresholds per split, the filling plan. Rule
+# 0: no rule (splits only to fill the GPU), the plan the tree merge is for. The fitted plan
+# (LATENTSPACE_CUDA_FITTED_PLAN) changes only plans over their bound: at k = 1024 all 10,000
+# queries in one call of fewer splits (computed); at k = 16,384 with no rule, a few splits of
+# all 1,000 queries instead of 528 blocks of 66 (computed), the case against it for a large k.
 SWEEP = {
     "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, [
-        (32, 1, "0", "0"), (32, 1, "0", "1"), (8, 1, "0", "0"), (8, 1, "0", "1"), (16, 1, "0", "0"),
-        (16, 1, "0", "1"), (64, 1, "0", "0"), (32, 4, "0", "0"), (32, 4, "0", "1"), (16, 4, "0", "1"),
-        (0, 1, "1", "0"), (0, 1, "1", "1")]),
+        (32, 1, "0", "0", "0"), (32, 1, "0", "1", "0"), (32, 1, "0", "0", "1"), (32, 1, "0", "1", "1"),
+        (8, 1, "0", "0", "0"), (8, 1, "0", "1", "0"), (16, 1, "0", "0", "0"), (16, 1, "0", "1", "0"),
+        (64, 1, "0", "0", "0"), (32, 4, "0", "0", "0"), (32, 4, "0", "1", "0"), (16, 4, "0", "1", "0"),
+        (32, 2, "0", "1", "1"), (0, 1, "1", "0", "0"), (0, 1, "1", "1", "0")]),
     "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, [
-        (32, 1, "0", "0"), (32, 1, "0", "1"), (8, 1, "0", "0"), (2, 1, "0", "0"), (2, 1, "0", "1"),
-        (0, 1, "1", "0"), (0, 1, "1", "1")]),
+        (32, 1, "0", "0", "0"), (32, 1, "0", "1", "0"), (8, 1, "0", "0", "0"), (2, 1, "0", "0", "0"),
+        (2, 1, "0", "1", "0"), (0, 1, "1", "0", "0"), (0, 1, "1", "1", "0")]),
     "Q=1000 N=1M D=128 k=16384": (1000, 1_000_000, 128, 16384, [
-        (32, 1, "0", "0"), (4, 1, "0", "0"), (0, 1, "1", "0"), (0, 8, "1", "0"), (4, 8, "1", "0")]),
+        (32, 1, "0", "0", "0"), (4, 1, "0", "0", "0"), (0, 1, "1", "0", "0"), (0, 8, "1", "0", "0"),
+        (4, 8, "1", "0", "0"), (0, 1, "1", "0", "1")]),
 }
 SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
 
@@ -152,7 +157,8 @@ SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
 def plan_sweep(report: dict) -> None:
     """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long;
     0: none), the workspace bound (knn's workspace_bytes: how many queries a native call
-    takes), the tree merge and shared thresholds (opt-ins) against the search time, float32.
+    takes), the tree merge, shared thresholds and the fitted plan (opt-ins) against the search
+    time, float32.
     The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms, rule 8
     595 ms; a larger workspace gives a call more query tiles, so more waves whose blocks start
     with a shared bound), a rule that scales with D (faiss #3045's shape ran 8.7 ms with 26
@@ -163,13 +169,13 @@ def plan_sweep(report: dict) -> None:
     (plan_query_chunks), the plan is the first call's."""
     g = torch.Generator(device=DEVICE).manual_seed(9)
     report["plan sweep"] = rows = []
-    print("\n== plan sweep: split rule, workspace, tree merge, thresholds (float32; ms, median of 3)")
+    print("\n== plan sweep: split rule, workspace, tree merge, thresholds, fitted plan (float32; ms, median of 3)")
     for shape, (nq, n, dim, k, configurations) in SWEEP.items():
         x = torch.randn(n, dim, generator=g, device=DEVICE)
         q = torch.randn(nq, dim, generator=g, device=DEVICE)
-        for rule, gib, tree, shared in configurations:
+        for rule, gib, tree, shared, fitted in configurations:
             with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule), LATENTSPACE_CUDA_TREE_MERGE=tree,
-                             LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
+                             LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared, LATENTSPACE_CUDA_FITTED_PLAN=fitted):
                 search = lambda: latentspace.knn(q, x, k, workspace_bytes=gib << 30)  # noqa: E731
                 start = time.perf_counter()
                 search()  # the warm-up
@@ -177,14 +183,16 @@ def plan_sweep(report: dict) -> None:
                 first = time.perf_counter() - start
                 ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
                 calls = _cuda_search.plan_query_chunks(
-                    nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index)["workspace_bytes"], gib << 30)
+                    nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, gib << 30)["workspace_bytes"],
+                    gib << 30)
                 first_queries = calls[0][1] - calls[0][0]
-                plan = _native._cuda_plan(first_queries, n, k, DEVICE.index)
+                plan = _native._cuda_plan(first_queries, n, k, DEVICE.index, gib << 30)
             rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "tree_merge": tree == "1",
-                         "shared_thresholds": shared == "1", "ms": ms, "plan": plan, "native_calls": len(calls),
-                         "first_call_queries": first_queries})
+                         "shared_thresholds": shared == "1", "fitted_plan": fitted == "1", "ms": ms, "plan": plan,
+                         "native_calls": len(calls), "first_call_queries": first_queries})
             print(f"  {shape:36s} rule {rule:2d} {gib} GiB {'tree' if tree == '1' else '    '} "
-                  f"{'shared' if shared == '1' else 'split '} {ms:9.2f} ms  {len(calls)} calls; the first: "
+                  f"{'shared' if shared == '1' else 'split '} {'fitted ' if fitted == '1' else 'filling'} "
+                  f"{ms:9.2f} ms  {len(calls)} calls; the first: "
                   f"{first_queries} queries, {plan['query_tiles']} x {plan['splits']} blocks, "
                   f"{plan['split_length']} rows a split")
         del x, q

@@ -386,7 +386,7 @@ def test_query_plan_refuses_a_bound_below_one_query():
 def test_too_small_a_workspace_names_the_asked_k_and_a_bound_that_works():
     """The database is cut into pieces of rows_per_call(bound) rows, each searched for
     min(k, rows): the message still names the k asked for, and the bound it suggests works."""
-    workspace_of = lambda nq, nb, k: 64 * nq * k + 4 * nb  # noqa: E731
+    workspace_of = lambda nq, nb, k, bound: 64 * nq * k + 4 * nb  # noqa: E731
     with pytest.raises(ValueError, match=r"workspace_bytes: one query with k=256 needs (\d+) bytes") as refused:
         _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, 1000)
     bound = int(re.search(r"needs (\d+) bytes", str(refused.value)).group(1))
@@ -562,14 +562,40 @@ def test_streamed_search_with_tiny_chunks_and_query_chunks(metric, rng):
     queries, database = _integers(rng, 40, 3), _integers(rng, 211, 3)
     calls = []
 
-    def workspace_of(nq, nb, k):
-        calls.append((nq, nb, k))
+    def workspace_of(nq, nb, k, bound):
+        calls.append((nq, nb, k, bound))
         return nq * 100
 
     backend = CpuBackend(workspace_of)
     D, I = search_streamed(backend, queries, database, 9, metric, workspace_bytes=700, memory_bytes=2500)
     _assert_same_search(D, I, queries, database, 9, metric)
-    assert max(nb for _, nb, _ in calls) < 211 and max(nq for nq, _, _ in calls) <= 7
+    assert max(nb for _, nb, _, _ in calls) < 211 and max(nq for nq, _, _, _ in calls) <= 7
+    assert {bound for _, _, _, bound in calls} == {700}  # the plan is asked with the caller's bound
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_the_workspace_bound_reaches_the_plan(metric, rng):
+    # A model of the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN, knn.cu make_plan): the native
+    # plan takes fewer splits, so less workspace per query, to fit its bound; all 40 queries
+    # then fit one call, whose workspace is exactly what that plan needs.
+    queries, database = _integers(rng, 40, 4), _integers(rng, 300, 4)
+    asked, given = [], []
+
+    def workspace_of(nq, nb, k, bound):
+        asked.append(bound)
+        splits = max(1, min(8, (bound - 100) // (nq * k * 8)))  # 8 splits would fill the "GPU"
+        return 100 + nq * k * 8 * splits
+
+    class Spy(CpuBackend):
+        def search(self, q, x, k, code, distances, indices, workspace, norms=None):
+            given.append((q.shape[0], workspace.numel()))
+            super().search(q, x, k, code, distances, indices, workspace, norms)
+
+    bound = 100 + 40 * 5 * 8 * 3  # three splits for all 40 queries
+    D, I = search_resident(Spy(workspace_of), torch.from_numpy(queries), torch.from_numpy(database), 5, metric, bound)
+    _assert_same_search(D, I, queries, database, 5, metric)
+    assert set(asked) == {bound}
+    assert given == [(40, bound)]
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -652,7 +678,7 @@ def test_streamed_float64_beyond_float32_is_refused(rng):
 @pytest.mark.parametrize("workspace_bytes", [100, 1000, 1 << 30])
 def test_resident_search_chunks_queries_and_database(metric, n, k, workspace_bytes, rng):
     queries, database = _integers(rng, 19, 4), _integers(rng, n, 4)
-    backend = CpuBackend(lambda nq, nb, k: nq * 10 + nb // 4)
+    backend = CpuBackend(lambda nq, nb, k, bound: nq * 10 + nb // 4)
     if workspace_bytes < 10 + min(n, _cuda_search.rows_per_call(workspace_bytes)) // 4:
         with pytest.raises(ValueError, match="workspace_bytes: one query with"):
             search_resident(backend, torch.from_numpy(queries), torch.from_numpy(database), k, metric, workspace_bytes)
@@ -880,6 +906,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn.cu, use_tree_merge: more than 8 splits merged as a tree only with "1"
     "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, False), ("", False), ("0", False), ("1", True)],
                                     "tree"),
+    # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits only with "1"
+    "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, False), ("", False), ("0", False), ("1", True)],
+                                     "fit"),
     # csrc/cuda/knn_scan_launch.cuh, use_shared_thresholds: a query's splits share one bound only with "1"
     "LATENTSPACE_CUDA_SHARED_THRESHOLDS": ("_cuda_shared_thresholds",
                                            [(None, False), ("", False), ("0", False), ("1", True)], "on"),

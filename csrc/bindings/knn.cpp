@@ -1,6 +1,8 @@
 // pybind11 glue for exact kNN and row norms: check buffers, drop the GIL, call ops/.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
 
 #include "bindings/arrays.h"
@@ -50,19 +52,22 @@ void bind_knn(py::module_& m) {
   // which checks devices, dtypes, shapes and finiteness first; the stream is torch's current one.
   m.def(
       "knn_cuda_workspace_bytes",
-      [](int64_t num_queries, int64_t num_database, int64_t k, int device) {
+      [](int64_t num_queries, int64_t num_database, int64_t k, int device, std::optional<size_t> workspace_bound) {
         LS_CHECK_VALUE(num_queries >= 0 && num_database >= 1 && k >= 1,
                        "num_queries, num_database, k: expected >= 0, >= 1, >= 1");
-        return knn_cuda_workspace_bytes(num_queries, num_database, k, device);
+        return knn_cuda_workspace_bytes(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX));
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
-      "Bytes of device workspace knn_cuda needs for these sizes on this device.");
+      py::arg("workspace_bound") = py::none(),
+      "Bytes of device workspace knn_cuda needs for these sizes on this device; workspace_bound (None: "
+      "none): the most the caller gives, which the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1) fits.");
   // Diagnostics (benchmarks/profile_knn_cuda.py, tests): a search's plan and the split rule.
   m.def(
       "_cuda_plan",
-      [](int64_t num_queries, int64_t num_database, int64_t k, int device) {
+      [](int64_t num_queries, int64_t num_database, int64_t k, int device, std::optional<size_t> workspace_bound) {
         LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
-        const KnnCudaPlan plan = knn_cuda_plan(num_queries, num_database, k, device);
+        const KnnCudaPlan plan =
+            knn_cuda_plan(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX));
         py::dict out;
         out["query_tiles"] = plan.query_tiles;
         out["splits"] = plan.splits;
@@ -72,10 +77,14 @@ void bind_knn(py::module_& m) {
         return out;
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
+      py::arg("workspace_bound") = py::none(),
       "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
-      "capacity, workspace_bytes.");
+      "capacity, workspace_bytes (workspace_bound as for knn_cuda_workspace_bytes).");
   m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
         "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
+  m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,
+        "Whether a GPU plan that needs more workspace than its bound takes fewer splits "
+        "(LATENTSPACE_CUDA_FITTED_PLAN=1, opt-in).");
   m.def("_cuda_tree_merge", &knn_cuda_tree_merge,
         "Whether a GPU search of more than 8 splits merges them as a tree (LATENTSPACE_CUDA_TREE_MERGE=1, opt-in).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },

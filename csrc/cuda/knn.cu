@@ -125,32 +125,68 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
   return best;
 }
 
-Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors) {
-  LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
-  LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
-  LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
-                 nq, " * ", k, " (search the queries in chunks)");
-  // The plan holds for every precision (the workspace size does not depend on it): splits
-  // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
+// Whether a plan whose workspace exceeds its bound takes fewer splits instead (opt-in:
+// LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no). Read at every plan, like the split
+// rule: the workspace size and the search agree as long as it does not change between them.
+//
+// Why: the splits that fill the GPU are chosen per call, and each split of each query keeps a
+// list of `capacity` keys. At k = 1024 (capacity 2048, 16 KiB) the 1 GiB default bound holds
+// the lists of about 500 (query tile, split) blocks, whatever the split count. When the
+// filling plan does not fit, the caller searches fewer queries a call, each call asks for
+// more splits to fill the GPU, and a query's candidates grow with its splits (about
+// k (1 + ln(split rows / k)) each). Q = 10,000, N = 1M, k = 1024, the default plan: 30 splits
+// of about 1,200 queries a call (computed). Fitted, the same bound takes all 10,000 queries in
+// one call of 5 splits, 395 blocks against 300, with a quarter of the candidates and a sixth
+// of the keys to merge (computed with a model of this plan, not measured: docs/benchmarks.md).
+bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITTED_PLAN", "1", "0", false); }
+
+// The plan of `splits` splits per query tile (fewer when the rows run out first).
+Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t cub_bytes) {
   Plan plan;
   plan.query_tiles = ceil_div(nq, SimtTile::kQueries);
   const int64_t database_tiles = ceil_div(nb, kPlanRows);
-  const int64_t splits = choose_splits(plan.query_tiles, database_tiles, k, multiprocessors);
   plan.split_length = ceil_div(database_tiles, splits) * kPlanRows;
   plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
   // A list never holds more keys than its split has rows, so no capacity beyond that is needed
   // (small query batches get many short splits: this keeps their workspace small).
   plan.capacity = static_cast<int>(
       std::min<int64_t>(k + std::max<int64_t>(k, kExtraCapacityTiles * kPlanRows), plan.split_length));
+  plan.cub_bytes = cub_bytes;
+  WorkspaceCarver sizer(nullptr);
+  carve(nullptr, nq, nb, k, plan, &sizer);
+  plan.workspace_bytes = sizer.used();
+  return plan;
+}
+
+// The plan of a call: the splits that fill the GPU (choose_splits). With the fitted plan
+// (opt-in) and a workspace bound it exceeds: the most splits below those whose workspace fits
+// the bound, else the one-split plan (the caller then gives fewer queries).
+//
+// The search is planned again with its workspace's size as the bound, and gets the same plan
+// as the sizing with the caller's bound B gave: with S the splits chosen under B, every count
+// above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
+// need(S) either, and S does.
+Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound) {
+  LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
+  LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
+  LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
+                 nq, " * ", k, " (search the queries in chunks)");
+  // The plan holds for every precision (the workspace size does not depend on it): splits
+  // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
+  size_t cub_bytes = 0;
   const int items = static_cast<int>(nq * k);
-  LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, plan.cub_bytes, static_cast<const uint64_t*>(nullptr),
+  LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, cub_bytes, static_cast<const uint64_t*>(nullptr),
                                                          static_cast<uint64_t*>(nullptr), items,
                                                          static_cast<int>(nq), static_cast<const int*>(nullptr),
                                                          static_cast<const int*>(nullptr), 0, 64) == cudaSuccess,
                  "k: CUB could not size the sort");
-  WorkspaceCarver sizer(nullptr);
-  carve(nullptr, nq, nb, k, plan, &sizer);
-  plan.workspace_bytes = sizer.used();
+  const int64_t filling = choose_splits(ceil_div(nq, SimtTile::kQueries), ceil_div(nb, kPlanRows), k, multiprocessors);
+  Plan plan = plan_with_splits(nq, nb, k, filling, cub_bytes);
+  if (plan.workspace_bytes <= workspace_bound || !use_fitted_plan()) return plan;
+  for (int64_t splits = filling - 1; splits >= 1; --splits) {
+    plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
+    if (plan.workspace_bytes <= workspace_bound) break;
+  }
   return plan;
 }
 
@@ -224,6 +260,20 @@ void merge_as_tree(const Workspace& w, const Plan& plan, int64_t num_queries, in
   check_launch("merge_level_kernel (last)");
 }
 
+// Every setting read once before a search queues anything, so that a bad value is refused
+// on every path: each is read again where it applies, which some searches never reach (the
+// tree merge past 8 splits only, the tile in a tensor-core search only, the fitted plan over
+// a bound only).
+void refuse_bad_settings() {
+  (void)rows_per_neighbour();
+  (void)use_fitted_plan();
+  (void)use_fused_finish();
+  (void)use_tree_merge();
+  (void)use_early_norms();
+  (void)use_shared_thresholds();
+  (void)use_mma_tile();
+}
+
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
                   float* out, cudaStream_t stream, const char* what) {
   const unsigned blocks = blocks_for(count * 32, kThreads);
@@ -244,14 +294,17 @@ void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t d
 }  // namespace
 }  // namespace cuda
 
-size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device) {
+size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device,
+                                size_t workspace_bound) {
   if (num_queries == 0) return 0;
-  return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device)).workspace_bytes;
+  return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound)
+      .workspace_bytes;
 }
 
-KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device) {
+KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device, size_t workspace_bound) {
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
-  const cuda::Plan plan = cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device));
+  const cuda::Plan plan =
+      cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound);
   return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
 }
 
@@ -267,11 +320,14 @@ bool knn_cuda_shared_thresholds() { return cuda::use_shared_thresholds(); }
 
 bool knn_cuda_tree_merge() { return cuda::use_tree_merge(); }
 
+bool knn_cuda_fitted_plan() { return cuda::use_fitted_plan(); }
+
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
               int64_t k, Metric metric, KnnPrecision precision, float* out_distances, int64_t* out_indices,
               void* workspace, size_t workspace_bytes, uintptr_t stream_handle, const float* weights,
               KnnStorage storage, const float* database_norms) {
   using namespace cuda;
+  refuse_bad_settings();
   LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
   LS_CHECK_VALUE(weights == nullptr || database_norms == nullptr,
                  "database_norms: kept norms are unweighted; a weighted search computes its own");
@@ -280,7 +336,8 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
   LS_CHECK_VALUE(k >= 1, "k: expected an integer >= 1, got ", k);
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const Plan plan = make_plan(num_queries, num_database, k, multiprocessor_count(device));
+  // Planned with the workspace's size as the bound: the plan its size was asked for (make_plan).
+  const Plan plan = make_plan(num_queries, num_database, k, multiprocessor_count(device), workspace_bytes);
   LS_CHECK_VALUE(workspace_bytes >= plan.workspace_bytes, "workspace: expected at least ", plan.workspace_bytes,
                  " bytes, got ", workspace_bytes);
   WorkspaceCarver carver(workspace);

@@ -2,6 +2,7 @@
 // to per-query candidate lists, and the list helpers the row scan (knn_rows.cuh) shares.
 #pragma once
 
+#include <cuda/atomic>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -70,6 +71,8 @@ struct ScanShared {
 // then finish with fewer than k keys; the merge takes the k best over all of them.
 struct SplitThresholds {
   __device__ void publish(int, uint64_t) const {}
+  // The threshold after a cut-back to `kth`: the list's own k-th best.
+  __device__ uint64_t after_cut_back(uint64_t kth, uint64_t) const { return kth; }
   template <class Shared>
   __device__ void tighten(Shared&, int) const {}
 };
@@ -80,13 +83,19 @@ struct SharedThresholds {
   __device__ void publish(int qi, uint64_t kth) const {
     atomicMin(reinterpret_cast<unsigned long long*>(best_kth + qi), static_cast<unsigned long long>(kth));
   }
+  // The list's own k-th best, or the shared bound taken before when that is lower still: the
+  // bound may be tighter than what this split has seen, and a cut-back must not loosen it.
+  __device__ uint64_t after_cut_back(uint64_t kth, uint64_t current) const { return kth < current ? kth : current; }
   // Each of the block's first `queries` thresholds (those of real queries) to the shared bound
-  // when that is lower. The load skips L1 (another block's atomics land in L2); a value read
-  // late is only a looser bound. All threads call it; it ends with a barrier.
+  // when that is lower. A relaxed atomic load at device scope: other blocks' atomicMin race
+  // with it, and only an atomic load is sure to read a whole 64-bit key (the PTX memory model
+  // promises nothing for a plain load in a race); a value read late is only a looser bound.
+  // All threads call it; it ends with a barrier.
   template <class Shared>
   __device__ void tighten(Shared& s, int queries) const {
     for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
-      const uint64_t bound = __ldcg(reinterpret_cast<const unsigned long long*>(best_kth + qi));
+      const uint64_t bound = ::cuda::atomic_ref<uint64_t, ::cuda::thread_scope_device>(best_kth[qi]).load(
+          ::cuda::memory_order_relaxed);
       if (bound < s.threshold[qi]) s.threshold[qi] = bound;
     }
     __syncthreads();
@@ -133,7 +142,7 @@ __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k, const Thresho
   const int kept = block_compact(one, kth, list, s.select);
   if (threadIdx.x == 0) {
     s.count[qi] = kept;  // == k: keys are unique
-    s.threshold[qi] = kth;
+    s.threshold[qi] = thresholds.after_cut_back(kth, s.threshold[qi]);
     thresholds.publish(qi, kth);
   }
   __syncthreads();

@@ -12,13 +12,15 @@ namespace {
 }
 }  // namespace
 
-size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int) { no_cuda(); }
+size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }
 
-KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int) { no_cuda(); }
+KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }
 
 int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
 
 bool knn_cuda_tree_merge() { no_cuda(); }
+
+bool knn_cuda_fitted_plan() { no_cuda(); }
 
 const char* knn_cuda_tensor_tile() { no_cuda(); }
 

@@ -50,7 +50,11 @@ int knn_cpu_row_query_limit();  // the cut-off in use at the active SIMD level
 // vector (cosine), kept by the caller (a GPU FlatIndex) so a search reads the database once;
 // null: computed here. Not for weighted l2 (its norms depend on the weights).
 // Returns when the work is queued, not done. Inputs must be finite (the caller checks).
-size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device);
+// workspace_bound: the most bytes the caller will give; with the fitted plan (opt-in,
+// knn_cuda_fitted_plan) a plan that needs more takes fewer database splits. knn_cuda plans
+// with its workspace's size as the bound, which gives the plan that size was asked for.
+size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device,
+                                size_t workspace_bound = SIZE_MAX);
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database,
               int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
@@ -63,13 +67,18 @@ struct KnnCudaPlan {
   int64_t query_tiles, splits, split_length, capacity;
   size_t workspace_bytes;
 };
-KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device);
+KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device,
+                          size_t workspace_bound = SIZE_MAX);
 // The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
 // (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
 int64_t knn_cuda_rows_per_neighbour();
 // Whether a search of more than 8 database splits merges them as a tree (knn_merge_tree.cuh,
 // opt-in): LATENTSPACE_CUDA_TREE_MERGE=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_tree_merge();
+// Whether a plan that needs more workspace than its bound takes fewer database splits
+// (csrc/cuda/knn.cu, opt-in): LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no; other
+// values throw ValueError.
+bool knn_cuda_fitted_plan();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
 // "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.

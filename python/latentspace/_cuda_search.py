@@ -219,16 +219,16 @@ def rows_per_call(workspace_bytes: int) -> int:
     return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
 
 
-def check_one_query_fits(workspace_of: Callable[[int, int, int], int], num_database: int, k: int,
+def check_one_query_fits(workspace_of: Callable[[int, int, int, int], int], num_database: int, k: int,
                          workspace_bytes: int) -> None:
     """Raises ValueError naming workspace_bytes, the asked k and a bound that works, when
-    one query cannot be searched within workspace_bytes. workspace_of(queries, rows, k) is
-    the native call's need; a database is cut into rows_per_call(bound) pieces, each searched
-    for min(k, its rows), so the bound to suggest is the fixed point of bound -> need."""
+    one query cannot be searched within workspace_bytes. workspace_of(queries, rows, k, bound)
+    is the native call's need; a database is cut into rows_per_call(bound) pieces, each
+    searched for min(k, its rows), so the bound to suggest is the fixed point of bound -> need."""
 
     def need(bound: int) -> int:
         rows = min(num_database, rows_per_call(bound))
-        return workspace_of(1, rows, min(k, rows))
+        return workspace_of(1, rows, min(k, rows), bound)
 
     if need(workspace_bytes) <= workspace_bytes:
         return
@@ -396,8 +396,11 @@ class CudaBackend:
 
         self.weights = None if weights is None else torch.from_numpy(weights).to(self.device)
 
-    def workspace_of(self, num_queries: int, num_database: int, k: int) -> int:
-        return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index)
+    def workspace_of(self, num_queries: int, num_database: int, k: int, bound: int) -> int:
+        """The native call's workspace for these sizes, planned to fit `bound` bytes where the
+        fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1) is on; the search plans again with the
+        workspace's size as its bound, which gives the same plan (csrc/cuda/knn.cu make_plan)."""
+        return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound)
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
@@ -416,13 +419,15 @@ class CudaBackend:
 class CpuBackend:
     """A stand-in for CudaBackend on CPU tensors with the CPU kernel: the orchestration
     (query chunks, database chunks, streaming, merging) runs as it does on a GPU.
-    workspace_of(num_queries, num_database, k) -> bytes models the kernel's workspace."""
+    workspace_of(num_queries, num_database, k, bound) -> bytes models the kernel's workspace
+    (bound: the caller's workspace_bytes, which the native plan may fit)."""
 
-    def __init__(self, workspace_of: Callable[[int, int, int], int] | None = None, weights: np.ndarray | None = None):
+    def __init__(self, workspace_of: Callable[[int, int, int, int], int] | None = None,
+                 weights: np.ndarray | None = None):
         import torch
 
         self.device = torch.device("cpu")
-        self.workspace_of = workspace_of or (lambda nq, nb, k: 256 + nq * k * 16 + nb * 4)
+        self.workspace_of = workspace_of or (lambda nq, nb, k, bound: 256 + nq * k * 16 + nb * 4)
         self.set_weights(weights)
 
     def set_weights(self, weights: np.ndarray | None) -> None:
@@ -542,7 +547,8 @@ def _search_block(backend, queries, database, k: int, code: int, workspace_bytes
         out = (torch.empty((num_queries, k), dtype=torch.float32, device=backend.device),
                torch.empty((num_queries, k), dtype=torch.int64, device=backend.device))
     distances, indices = out
-    plan = plan_query_chunks(num_queries, k, lambda n: backend.workspace_of(n, num_database, k), workspace_bytes)
+    plan = plan_query_chunks(num_queries, k, lambda n: backend.workspace_of(n, num_database, k, workspace_bytes),
+                             workspace_bytes)
     for start, stop, need in plan:
         workspace = torch.empty(need, dtype=torch.uint8, device=backend.device)
         backend.search(queries[start:stop], database, k, code, distances[start:stop], indices[start:stop], workspace,

@@ -335,6 +335,74 @@ def test_small_plan_follows_the_split_rule(gen, monkeypatch):
         latentspace.knn(queries, database, 100)
 
 
+def test_small_fitted_plan_fits_its_bound(monkeypatch):
+    """The fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1): a plan over its workspace bound takes
+    fewer splits, up to the one-split plan; a search planned with the workspace's size as the
+    bound gets the same plan; off, the bound changes nothing."""
+    device, variable = torch.cuda.current_device(), "LATENTSPACE_CUDA_FITTED_PLAN"
+    monkeypatch.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", raising=False)
+    monkeypatch.setenv(variable, "0")
+    filling = _native._cuda_plan(10_000, 1_000_000, 1024, device)
+    assert _native._cuda_plan(10_000, 1_000_000, 1024, device, 1 << 20) == filling
+    assert _native._cuda_fitted_plan() is False
+    monkeypatch.setenv(variable, "1")
+    assert _native._cuda_fitted_plan() is True
+    assert _native._cuda_plan(10_000, 1_000_000, 1024, device) == filling  # no bound: nothing to fit
+    bound = filling["workspace_bytes"] // 3
+    fitted = _native._cuda_plan(10_000, 1_000_000, 1024, device, bound)
+    assert fitted["workspace_bytes"] <= bound and 1 <= fitted["splits"] < filling["splits"]
+    assert fitted["query_tiles"] == filling["query_tiles"] and fitted["capacity"] == filling["capacity"]
+    assert _native.knn_cuda_workspace_bytes(10_000, 1_000_000, 1024, device, bound) == fitted["workspace_bytes"]
+    assert _native._cuda_plan(10_000, 1_000_000, 1024, device, fitted["workspace_bytes"]) == fitted
+    one = _native._cuda_plan(10_000, 1_000_000, 1024, device, 1 << 20)  # not even one split fits
+    assert one["splits"] == 1 and one["workspace_bytes"] > 1 << 20
+    monkeypatch.setenv(variable, "yes")
+    with pytest.raises(ValueError, match=f"{variable}: expected '0' or '1', got 'yes'"):
+        _native._cuda_plan(10_000, 1_000_000, 1024, device, bound)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(300, 50_000, 16, 1024), (5, 30_000, 8, 2000), (260, 20_000, 32, 100)])
+def test_small_fitted_plan_equals_the_filling_one(metric, nq, n, dim, k, gen, monkeypatch):
+    """Under a workspace bound the filling plan exceeds, the fitted plan searches all queries in
+    fewer splits where the filling one searches fewer queries a call: the k best keys are the
+    same either way, so the results must be bit-identical (knn and a FlatIndex, which keeps its
+    norms). The split rule at 1 row per neighbour gives these small databases 10 to 50 splits."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "1")
+    monkeypatch.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "0")
+    device = torch.cuda.current_device()
+    filling = _native._cuda_plan(nq, n, k, device)
+    bound = filling["workspace_bytes"] * 2 // 3
+    monkeypatch.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "1")
+    assert filling["splits"] >= 6, filling
+    assert _native._cuda_plan(nq, n, k, device, bound)["splits"] < filling["splits"]
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    index = latentspace.FlatIndex(dim, metric, device="cuda")
+    index.add(database)
+
+    def searches():
+        return [latentspace.knn(queries, database, k, metric, workspace_bytes=bound),
+                index.search(queries, k, workspace_bytes=bound)]
+
+    for d, i in _same_with_and_without("LATENTSPACE_CUDA_FITTED_PLAN", monkeypatch, searches):
+        assert_matches_reference(d, i, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("variable", ["LATENTSPACE_CUDA_FUSED_FINISH", "LATENTSPACE_CUDA_EARLY_NORMS",
+                                      "LATENTSPACE_CUDA_SHARED_THRESHOLDS", "LATENTSPACE_CUDA_TREE_MERGE",
+                                      "LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_TENSOR_TILE"])
+def test_small_a_bad_setting_is_refused_on_every_path(variable, gen, monkeypatch):
+    """A float32 search of 200 queries over 300 rows reaches none of the settings but the fused
+    finish's (no row scan, tensor tile, tree merge or plan over its bound): a bad value of any
+    of them is still refused, before the search queues anything (knn.cu refuse_bad_settings)."""
+    queries, database = _randn(gen, 200, 8), _randn(gen, 300, 8)
+    monkeypatch.setenv(variable, "bad")
+    with pytest.raises(ValueError, match=f"{variable}: expected '.+' or '.+', got 'bad'"):
+        latentspace.knn(queries, database, 3)
+    monkeypatch.delenv(variable)
+    assert_matches_reference(*latentspace.knn(queries, database, 3), queries, database, 3, "l2")
+
+
 def test_small_native_refuses_what_it_cannot_do():
     device = torch.cuda.current_device()
     with pytest.raises(ValueError, match="database: at most 2\\^31 - 1 rows"):
@@ -832,13 +900,14 @@ def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 10), (5, 100_003, 48, 300), (130, 300_000, 16, 100),
                                         (257, 60_000, 64, 1024), (300, 50_000, 8, 2000), (129, 700, 16, 800),
-                                        (3, 20_000, 16, 10), (130, 20_000, 16, 100)])
+                                        (257, 200_000, 16, 1024), (3, 20_000, 16, 10), (130, 20_000, 16, 100)])
 def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen, monkeypatch):
     """With shared thresholds a split drops the rows above another split's k-th best key; the
     keys kept are still exactly the k best, so the results must be bit-identical: through the
     row scan (1 and 5 queries) and the tile scan (a partial last query tile: 130, 257, 129),
-    with many splits (a few hundred thousand rows), k past the fused finish (2000) and k > N;
-    the 20,000-row shapes are small enough for racecheck (62 and 6 splits)."""
+    with many splits (a few hundred thousand rows), k past the fused finish (2000) and k > N,
+    a bound shared at k = 1024 (200,000 rows: 6 splits, where 60,000 rows plan one); the
+    20,000-row shapes are small enough for racecheck (53 and 6 splits)."""
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     (d, i), = _same_with_and_without("LATENTSPACE_CUDA_SHARED_THRESHOLDS", monkeypatch,
                                      lambda: [latentspace.knn(queries, database, k, metric)])
@@ -865,13 +934,15 @@ def test_small_opt_ins_on_integer_data_equal_the_cpu(metric, nq, opt_in, rng, mo
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 10), (5, 100_003, 48, 3000), (130, 300_000, 16, 100),
                                         (257, 60_000, 64, 1024), (64, 100_000, 32, 16384), (129, 700, 16, 800),
-                                        (3, 20_000, 8, 50), (130, 20_000, 16, 100)])
+                                        (3, 3000, 8, 3001), (130, 5000, 16, 6000), (3, 20_000, 8, 50),
+                                        (130, 20_000, 16, 100)])
 def test_small_tree_merge_equals_the_single_one(metric, nq, n, dim, k, gen, monkeypatch):
     """The tree merge keeps, level by level, each group's k best keys, so the k best of all
     are the single merge's and the results must be bit-identical: with the split rule off
     (splits to fill the GPU: tens to hundreds, so two or three levels), through the row scan
     (1 and 5 queries) and the tile scan, k past the rows of a split (3000, 16384; the lists
-    hold every row), and k > N; the 20,000-row shapes are small enough for racecheck."""
+    hold every row), and k > N with a tree (3,000 and 5,000 rows: 12 and 20 splits, padding
+    after the last level); the 20,000-row shapes are small enough for racecheck."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     (d, i), = _same_with_and_without("LATENTSPACE_CUDA_TREE_MERGE", monkeypatch,
@@ -886,12 +957,14 @@ def test_small_tree_merge_equals_the_single_one(metric, nq, n, dim, k, gen, monk
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq", [1, 3, 8])
-def test_small_early_norms_equal_the_late_ones(metric, nq, gen, monkeypatch):
+@pytest.mark.parametrize("dim", [48, 97])
+def test_small_early_norms_equal_the_late_ones(metric, nq, dim, gen, monkeypatch):
     """The row scan with its norms loaded ahead uses the same values, so its results must be
     bit-identical: through knn (norms summed in the scan) and a FlatIndex (norms kept), with
-    a row count that leaves a partial step (4 rows a warp) at a split's end."""
-    queries, database = _randn(gen, nq, 48), _randn(gen, 10_007, 48)
-    index = latentspace.FlatIndex(48, metric, device="cuda")
+    a row count that leaves a partial step (4 rows a warp) at a split's end, and rows read
+    in quads (48) or one element a lane (97)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, 10_007, dim)
+    index = latentspace.FlatIndex(dim, metric, device="cuda")
     index.add(database)
     def searches():
         return [latentspace.knn(queries, database, 20, metric), index.search(queries, 20)]
