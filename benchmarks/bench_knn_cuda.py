@@ -38,6 +38,9 @@ Peers:
                            splits' lists, csrc/cuda/knn_merge_tree.cuh) and
                            LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0 (splits only to fill the GPU):
                            the large-k plan it is written for (large k cells)
+  ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the opt-in cut-backs of the tile
+                           scan's lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh;
+                           big and large k cells)
   ...[fitted plan]         LATENTSPACE_CUDA_FITTED_PLAN=1 (the opt-in plan that takes fewer
                            splits, not fewer queries a call, when the filling one exceeds the
                            workspace bound, csrc/cuda/knn.cu make_plan; big cells at k = 1024,
@@ -248,8 +251,9 @@ def test_roof_h2d(benchmark):
 # Cells
 # ============================================================================================
 BIG_PEERS = ("latentspace.knn", "latentspace.knn[fused finish]", "latentspace.knn[shared thresholds]",
-             "latentspace.knn[fitted plan]", "latentspace.knn[fitted plan, shared thresholds]",
-             "torch.mm+topk", "torch.cdist+topk")
+             "latentspace.knn[warp cut-backs]", "latentspace.knn[fitted plan]",
+             "latentspace.knn[fitted plan, shared thresholds]",
+             "latentspace.knn[fitted plan, shared thresholds, warp cut-backs]", "torch.mm+topk", "torch.cdist+topk")
 
 
 @pytest.mark.parametrize("k", KS)
@@ -399,6 +403,7 @@ LARGE_KS, LARGE_K_QUERIES = (1024, 4096, 16384), 1000
 
 
 LARGE_K_PEERS = ("latentspace.knn", "latentspace.knn[shared thresholds]",
+                 "latentspace.knn[shared thresholds, warp cut-backs]",
                  "latentspace.knn[tree merge, no split rule]", "torch.mm+topk")
 
 

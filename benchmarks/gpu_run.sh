@@ -104,29 +104,53 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
   if [ -z "$SANITIZER" ]; then
     echo "== compute-sanitizer: not found, skipped"
   else
-    # Both tools at once (separate processes on the one GPU): half the wall time. racecheck is
-    # slow on an H100 (2026-11-26: 16 tests in 160 s in run 6; in run 7 one mma.sync test on
-    # integer data in 70 s, and the next did not finish), so it takes a subset: the 15 tests
-    # not yet run under it (runs 5-7 ran the float32 tile and row scans, the selection and both
-    # tensor-core tiles without a hazard): the opt-in fused finish (shared-memory compaction
-    # and block sort), weighted_l2, one mma.sync test, and the opt-in shared thresholds and tree
-    # merge (two 20,000-row shapes each). memcheck takes 150 "small" tests of the four opt-ins
-    # not yet run under it (fused finish, early norms, shared thresholds, tree merge: their
-    # own tests, and the native-output test with each alone; 181 tests took 111 s in run 6);
-    # runs 6-7 found the default kernels clean. GPU_RUN_MEMCHECK_TESTS=small takes all 550.
+    # Both tools at once (separate processes on the one GPU): half the wall time.
+    # racecheck is slow on an H100 (2026-11-26: 16 tests in 160 s in run 6; in run 7 one
+    # mma.sync test on integer data in 70 s, and the next did not finish), so it takes 9 tests
+    # of code not yet run under it (runs 5-7 ran the float32 tile and row scans, the selection
+    # and both tensor-core tiles without a hazard), in order of need, since it reaches only the
+    # first few (pytest runs node ids in the order given): the opt-in warp cut-backs (their
+    # histograms are shared memory), the opt-in fused finish (shared-memory compaction and
+    # block sort), the opt-in shared thresholds and tree merge, weighted_l2, the mma.sync tile
+    # on integer data. tests/test_gpu_run_script.py checks that these ids exist.
+    # memcheck takes the "small" tests of the six opt-ins not yet run under it (fused finish,
+    # early norms, shared thresholds, tree merge, warp cut-backs, fitted plan: their own tests,
+    # and the native-output test with each alone: 229, where 181 tests took 111 s in run 6, so
+    # the limit may cut it short); runs 6-7 found the default kernels clean.
+    # GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
+    # selection instead of the list.
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
     # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
+    RACECHECK_TESTS=(
+      "tests/gpu/test_knn_cuda.py::test_small_warp_cut_backs_equal_the_block_ones[130-20000-16-100-fp32-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
+      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[3-20000-8-50-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_tensor_core_integer_data_is_exact[mma-300-1000-128-l2-bf16]"
+    )
+    MEMCHECK_SELECTION="small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or fitted_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
     limit="${GPU_RUN_SANITIZER_SECONDS:-150}"
     start=$(date +%s)
     pids=()
     for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then selection="${GPU_RUN_MEMCHECK_TESTS:-small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))}"; else selection="${GPU_RUN_RACECHECK_TESTS:-(small_native_writes_every_output and fused and l2 and split and single) or small_weighted_l2 or (small_tensor_core_integer_data_is_exact and not wmma and l2 and bf16 and 300-1000) or ((small_shared_thresholds_equal or small_tree_merge_equals) and l2 and -20000-)}"; fi
-      echo "== compute-sanitizer --tool $tool (tests/gpu/test_knn_cuda.py -k '$selection'), log: sanitizer_$tool.log"
+      if [ "$tool" = memcheck ]; then
+        tests=(-k "${GPU_RUN_MEMCHECK_TESTS:-$MEMCHECK_SELECTION}" tests/gpu/test_knn_cuda.py)
+      elif [ -n "${GPU_RUN_RACECHECK_TESTS:-}" ]; then
+        tests=(-k "$GPU_RUN_RACECHECK_TESTS" tests/gpu/test_knn_cuda.py)
+      else
+        tests=("${RACECHECK_TESTS[@]}")
+      fi
+      echo "== compute-sanitizer --tool $tool (pytest ${tests[*]}), log: sanitizer_$tool.log"
       rm -f "/tmp/sanitizer_$tool.exit"
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c '"$1" --tool "$2" --error-exitcode 99 --print-limit 20 \
-          python3 -m pytest -q -p no:cacheprovider -m cuda -k "$3" tests/gpu/test_knn_cuda.py > "$4" 2>&1
-        echo $? > "/tmp/sanitizer_$2.exit"' _ "$SANITIZER" "$tool" "$selection" "${OUT:-.}/sanitizer_$tool.log" &
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3; shift 3
+        "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+          python3 -m pytest -q -p no:cacheprovider -m cuda "$@" > "$log" 2>&1
+        echo $? > "/tmp/sanitizer_$tool.exit"' _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${tests[@]}" &
       pids+=("$!")
     done
     for pid in "${pids[@]}"; do

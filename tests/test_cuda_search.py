@@ -906,6 +906,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn.cu, use_tree_merge: more than 8 splits merged as a tree only with "1"
     "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, False), ("", False), ("0", False), ("1", True)],
                                     "tree"),
+    # csrc/cuda/knn_scan_launch.cuh, use_warp_cut_backs: the tile scan's cut-backs by warps only with "1"
+    "LATENTSPACE_CUDA_WARP_CUT_BACKS": ("_cuda_warp_cut_backs", [(None, False), ("", False), ("0", False), ("1", True)],
+                                        "warp"),
     # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits only with "1"
     "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "fit"),

@@ -85,6 +85,8 @@ void bind_knn(py::module_& m) {
   m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,
         "Whether a GPU plan that needs more workspace than its bound takes fewer splits "
         "(LATENTSPACE_CUDA_FITTED_PLAN=1, opt-in).");
+  m.def("_cuda_warp_cut_backs", &knn_cuda_warp_cut_backs,
+        "Whether a GPU search's tile scan cuts its lists back by warps (LATENTSPACE_CUDA_WARP_CUT_BACKS=1, opt-in).");
   m.def("_cuda_tree_merge", &knn_cuda_tree_merge,
         "Whether a GPU search of more than 8 splits merges them as a tree (LATENTSPACE_CUDA_TREE_MERGE=1, opt-in).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },

@@ -8,11 +8,12 @@
 //                       with mma.sync, the default) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
-//                       (knn_select.cuh), which also tightens the threshold (opt-in: shared by
-//                       the query's splits, SharedThresholds); 1 to 8 queries take
-//                       row_scan_kernel (knn_rows.cuh) instead, with the same lists; launched
-//                       through knn_scan_launch.cuh, one file per metric and thresholds
-//                       (knn_scan_l2.cu, knn_scan_l2_shared.cu, ...)
+//                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries
+//                       take row_scan_kernel (knn_rows.cuh) instead, with the same lists. The
+//                       opt-in family of these kernels adds thresholds shared by a query's
+//                       splits (SharedThresholds) and cut-backs by warps (warp_cut_back).
+//                       Launched through knn_scan_launch.cuh, one file per metric and family
+//                       (knn_scan_l2.cu, knn_scan_l2_opt_ins.cu, ...)
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again); opt-in:
 //                       merge_level_kernel merges them as a tree (knn_merge_tree.cuh)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
@@ -271,6 +272,7 @@ void refuse_bad_settings() {
   (void)use_tree_merge();
   (void)use_early_norms();
   (void)use_shared_thresholds();
+  (void)use_warp_cut_backs();
   (void)use_mma_tile();
 }
 
@@ -320,6 +322,8 @@ bool knn_cuda_shared_thresholds() { return cuda::use_shared_thresholds(); }
 
 bool knn_cuda_tree_merge() { return cuda::use_tree_merge(); }
 
+bool knn_cuda_warp_cut_backs() { return cuda::use_warp_cut_backs(); }
+
 bool knn_cuda_fitted_plan() { return cuda::use_fitted_plan(); }
 
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
@@ -359,12 +363,14 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
                                                         : w.database_norms;
   // Shared thresholds (opt-in): every query's bound starts as the empty key, all bits set.
   uint64_t* best_kth = use_shared_thresholds() ? w.best_kth : nullptr;
+  const bool warp_cut_backs = use_warp_cut_backs();
   if (best_kth) {
     check_cuda(cudaMemsetAsync(best_kth, 0xFF, static_cast<size_t>(num_queries) * sizeof(uint64_t), stream),
                "cudaMemsetAsync (best_kth)");
   }
   const ScanArgs args{weights, queries, database, w.query_norms, norms, num_queries, num_database, dim, static_cast<int>(k),
-                      plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts, best_kth};
+                      plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts, best_kth,
+                      warp_cut_backs};
   launch_scan_of(metric, storage, precision, args, stream);
   const bool similarity = metric != Metric::kL2;
   const bool tree = plan.splits > kMergeGroup && use_tree_merge();

@@ -56,9 +56,11 @@ __device__ inline float finish_norm(float sum) {
 // query read its database at 1.4 TB/s in GPU run 7, half of torch.sum's rate. With it, lane q
 // keeps query q's norm in a register (lane q offers query q's keys) and the kept norms of a
 // step's rows are loaded with the rows.
-// kSharedThresholds: a.best_kth is set (SharedThresholds, knn_scan.cuh).
+// kOptIns: the opt-in family (knn_scan.cuh, scan_kernel): thresholds shared across splits
+// where a.best_kth is set. Its cut-backs stay the block's (a.warp_cut_backs is the tile
+// scan's: the row scan has no staging buffer to count in, and 8 queries at most).
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false,
-          bool kSharedThresholds = false>
+          bool kOptIns = false>
 __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   extern __shared__ float4 query_quads[];  // [num_queries][dim] floats, 16-byte aligned
   float* queries = reinterpret_cast<float*>(query_quads);
@@ -69,7 +71,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
   const int nq = static_cast<int>(a.num_queries);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   auto list_of = [&](int qi) { return a.candidates + (int64_t{qi} * a.splits + split) * int64_t{a.capacity}; };
-  const auto thresholds = thresholds_of<kSharedThresholds>(a, 0);
+  const auto thresholds = thresholds_of<kOptIns>(a, 0);
   for (int64_t i = threadIdx.x; i < a.num_queries * a.dim; i += blockDim.x) {
     const float value = a.queries[i];
     queries[i] = a.weights ? value * a.weights[i % a.dim] : value;

@@ -29,6 +29,9 @@ struct ScanArgs {
   uint64_t* candidates;
   int* counts;
   uint64_t* best_kth;  // [num_queries], or null: SharedThresholds below
+  // The opt-in family's cut-backs by one warp per list (warp_cut_back below; the tile scan's).
+  // Last, so that the default kernels, which never read it, see the same parameter layout.
+  bool warp_cut_backs;
 };
 
 // Score to minimise: the squared distance, or minus the similarity.
@@ -61,7 +64,8 @@ struct ScanShared {
 // its own rows: a split starts by accepting every row, and then about k ln(rows / k) more, so a
 // query searched in S splits collects S times the candidates (and cut-backs) of one long scan.
 //
-// SharedThresholds (opt-in, LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, until a GPU run verifies and
+// SharedThresholds (the opt-in family's, kOptIns below; shared with
+// LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, which sets best_kth, until a GPU run verifies and
 // times it): every cut-back also lowers best_kth[query], the least k-th best key any split of
 // the query has cut its list back to, and the scans take it as their threshold whenever it is
 // lower than their own: at the start (blocks of later waves start with the bound earlier ones
@@ -78,10 +82,10 @@ struct SplitThresholds {
 };
 
 struct SharedThresholds {
-  uint64_t* best_kth;  // from the block's first query
+  uint64_t* best_kth;  // from the block's first query; null: not shared (each split its own)
   // Thread-safe across blocks: the bound only ever falls.
   __device__ void publish(int qi, uint64_t kth) const {
-    atomicMin(reinterpret_cast<unsigned long long*>(best_kth + qi), static_cast<unsigned long long>(kth));
+    if (best_kth) atomicMin(reinterpret_cast<unsigned long long*>(best_kth + qi), static_cast<unsigned long long>(kth));
   }
   // The list's own k-th best, or the shared bound taken before when that is lower still: the
   // bound may be tighter than what this split has seen, and a cut-back must not loosen it.
@@ -93,6 +97,7 @@ struct SharedThresholds {
   // All threads call it; it ends with a barrier.
   template <class Shared>
   __device__ void tighten(Shared& s, int queries) const {
+    if (!best_kth) return;  // (uniform: nothing written, so no barrier needed)
     for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
       const uint64_t bound = ::cuda::atomic_ref<uint64_t, ::cuda::thread_scope_device>(best_kth[qi]).load(
           ::cuda::memory_order_relaxed);
@@ -102,14 +107,15 @@ struct SharedThresholds {
   }
 };
 
-template <bool kShared>
-using ThresholdsFor = std::conditional_t<kShared, SharedThresholds, SplitThresholds>;
+template <bool kOptIns>
+using ThresholdsFor = std::conditional_t<kOptIns, SharedThresholds, SplitThresholds>;
 
-// The block's thresholds policy; q0 is its first query.
-template <bool kShared>
-__device__ inline ThresholdsFor<kShared> thresholds_of(const ScanArgs& a, int64_t q0) {
-  if constexpr (kShared) {
-    return SharedThresholds{a.best_kth + q0};
+// The block's thresholds policy; q0 is its first query. The opt-in family's shares its bounds
+// when the search set a.best_kth.
+template <bool kOptIns>
+__device__ inline ThresholdsFor<kOptIns> thresholds_of(const ScanArgs& a, int64_t q0) {
+  if constexpr (kOptIns) {
+    return SharedThresholds{a.best_kth ? a.best_kth + q0 : nullptr};
   } else {
     return SplitThresholds{};
   }
@@ -148,19 +154,60 @@ __device__ void cut_back(Shared& s, uint64_t* list, int qi, int k, const Thresho
   __syncthreads();
 }
 
+// Query qi's list cut back to its k best keys by one warp (opt-in, the tile scan's), the same
+// result as cut_back: the same radix select of the same keys (knn_select.cuh, warp_select).
+// Every lane of the warp calls it; histogram: the warp's 256 counters.
+template <class Shared, class Thresholds>
+__device__ void warp_cut_back(Shared& s, uint64_t* list, int qi, int k, const Thresholds& thresholds,
+                              unsigned* histogram) {
+  const int count = s.count[qi];
+  const uint64_t kth = warp_select(list, count, k, histogram);
+  const int kept = warp_compact(list, count, kth);
+  if (threadIdx.x % 32 == 0) {
+    s.count[qi] = kept;  // == k: keys are unique
+    s.threshold[qi] = thresholds.after_cut_back(kth, s.threshold[qi]);
+    thresholds.publish(qi, kth);
+  }
+  __syncwarp();
+}
+
+// The lists that need(count) cut back by the block's 8 warps, 8 lists at a time (opt-in,
+// LATENTSPACE_CUDA_WARP_CUT_BACKS=1, until a GPU run verifies and times it), instead of by
+// the whole block one after another (cut_back). Why: a block-wide select pays about 5 barriers
+// per digit pass and 2 per chunk of its compaction, and at k = 1024 a block cuts back its 128
+// queries' lists several times each (docs/benchmarks.md); a warp's select needs no block
+// barrier, and the lists of a tile tend to fill together. warp_histograms: 8 x 256 counters
+// in shared memory that is free during the cut-backs (the tile's staging buffer). All threads
+// call it; it ends with a barrier.
+template <class Shared, class ListOf, class Thresholds, class Needs>
+__device__ inline void warp_cut_back_lists(Shared& s, ListOf list_of, int queries, int k, const Thresholds& thresholds,
+                                           unsigned* warp_histograms, Needs needs) {
+  const int warp = threadIdx.x / 32;
+  for (int qi = warp; qi < queries; qi += kScanThreads / 32) {
+    if (needs(s.count[qi])) warp_cut_back(s, list_of(qi), qi, k, thresholds, warp_histograms + warp * kWarpHistogramBins);
+  }
+  __syncthreads();
+}
+
 // After a round that offered at most `round` keys per query (and a __syncthreads): a list
 // that might overflow with the next round is cut back to k. Capacity is k + max(k, 512), so
 // there is room again afterwards, or the split's length, which the list cannot outgrow (then
 // it is cut only when above k). One barrier tells the block whether any list needs it.
+// warp_histograms: null (the block cuts back), or the warps' (warp_cut_back_lists).
 template <class Shared, class ListOf, class Thresholds>
 __device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int queries, int capacity, int k, int round,
-                                           const Thresholds& thresholds) {
+                                           const Thresholds& thresholds, unsigned* warp_histograms = nullptr) {
   bool any = false;
   for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
     const int count = s.count[qi];
     any |= count > capacity - round && count > k;
   }
   if (!__syncthreads_or(any)) return;
+  if (warp_histograms) {
+    warp_cut_back_lists(s, list_of, queries, k, thresholds, warp_histograms,
+                        [=](int count) { return count > capacity - round && count > k; });
+    return;
+  }
   for (int qi = 0; qi < queries; ++qi) {
     const int count = s.count[qi];
     if (count > capacity - round && count > k) cut_back(s, list_of(qi), qi, k, thresholds);
@@ -170,9 +217,14 @@ __device__ inline void cut_back_full_lists(Shared& s, ListOf list_of, int querie
 // At the end of the block's split: every list cut to at most k, its length recorded.
 template <class Shared, class ListOf, class Thresholds>
 __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, const ScanArgs& a, int64_t q0, int split,
-                                    const Thresholds& thresholds) {
-  for (int qi = 0; qi < queries; ++qi) {
-    if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k, thresholds);
+                                    const Thresholds& thresholds, unsigned* warp_histograms = nullptr) {
+  if (warp_histograms) {
+    const int k = a.k;
+    warp_cut_back_lists(s, list_of, queries, k, thresholds, warp_histograms, [=](int count) { return count > k; });
+  } else {
+    for (int qi = 0; qi < queries; ++qi) {
+      if (s.count[qi] > a.k) cut_back(s, list_of(qi), qi, a.k, thresholds);
+    }
   }
   for (int qi = threadIdx.x; qi < queries; qi += blockDim.x) {
     if (q0 + qi < a.num_queries) a.counts[(q0 + qi) * a.splits + split] = s.count[qi];
@@ -181,9 +233,11 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
 
 // grid (query tiles, database splits). kAligned: see knn_tiles.cuh. Tile: the precision's
 // tile (TileFor), or another policy of the same precision (knn_mma_tile.cuh).
-// kSharedThresholds: a.best_kth is set (SharedThresholds above).
+// kOptIns: the opt-in family, compiled apart (knn_scan_<metric>_opt_ins.cu) so that the
+// default kernels stay as a GPU run verified them: thresholds shared across splits where
+// a.best_kth is set (SharedThresholds above), cut-backs by warps where a.warp_cut_backs.
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned,
-          class Tile = typename TileFor<kPrecision>::type, bool kSharedThresholds = false>
+          class Tile = typename TileFor<kPrecision>::type, bool kOptIns = false>
 __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   __shared__ ScanShared<Tile> s;
   const int64_t q0 = int64_t{blockIdx.x} * Tile::kQueries;
@@ -191,8 +245,17 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   const int64_t n_begin = split * a.split_length;
   const int64_t n_end = min(a.num_database, n_begin + a.split_length);
   auto list_of = [&](int qi) { return a.candidates + ((q0 + qi) * a.splits + split) * int64_t{a.capacity}; };
-  const auto thresholds = thresholds_of<kSharedThresholds>(a, q0);
+  const auto thresholds = thresholds_of<kOptIns>(a, q0);
   const int real_queries = static_cast<int>(min(int64_t{Tile::kQueries}, a.num_queries - q0));
+  // Warp cut-backs (opt-in family) count digits in the staging buffer: the tile's inputs are
+  // read by then (compute ends with a barrier), and the next tile's stash follows the barrier
+  // that ends the cut-backs.
+  unsigned* warp_histograms = nullptr;
+  if constexpr (kOptIns) {
+    static_assert(sizeof(typename Tile::Shared) >= kScanThreads / 32 * kWarpHistogramBins * sizeof(unsigned),
+                  "the warps' histograms must fit the staging buffer");
+    if (a.warp_cut_backs) warp_histograms = reinterpret_cast<unsigned*>(&s.staging);
+  }
   start_lists(s, Tile::kQueries);
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += Tile::kVectors) {
@@ -225,9 +288,9 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors, thresholds);
+    cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors, thresholds, warp_histograms);
   }
-  finish_lists(s, list_of, Tile::kQueries, a, q0, split, thresholds);
+  finish_lists(s, list_of, Tile::kQueries, a, q0, split, thresholds, warp_histograms);
 }
 
 }  // namespace latentspace::cuda

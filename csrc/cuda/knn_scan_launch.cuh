@@ -1,9 +1,9 @@
 // How the CUDA kNN launches its scan (knn.cu, step 2): the run-time choices (storage,
-// precision, row or tile scan, aligned loads, tensor-core tile, shared thresholds) become the
-// template parameters of scan_kernel / row_scan_kernel.
+// precision, row or tile scan, aligned loads, tensor-core tile, the default or the opt-in
+// family) become the template parameters of scan_kernel / row_scan_kernel.
 //
-// Each metric's instantiations, with its own or shared thresholds, are compiled in a
-// translation unit of their own (knn_scan_l2.cu, knn_scan_l2_shared.cu, ...: explicit
+// Each metric's instantiations, default and opt-in family, are compiled in a translation
+// unit of their own (knn_scan_l2.cu, knn_scan_l2_opt_ins.cu, ...: explicit
 // instantiations of launch_scan_for, declared extern at the bottom): the scan kernels are most
 // of the CUDA build, and separate files compile in parallel (one file took 128 s of a GPU
 // run's build, 2026-11-26).
@@ -43,33 +43,38 @@ inline bool use_shared_thresholds() {
   return environment_switch("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1", "0", false);
 }
 
-template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kShared>
+// Whether the tile scan cuts its lists back by warps (knn_scan.cuh, cut_back_lists; opt-in
+// until a GPU run verifies it): LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (unset, empty or 0: no).
+// knn.cu reads it at every search and then sets ScanArgs::warp_cut_backs.
+inline bool use_warp_cut_backs() { return environment_switch("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1", "0", false); }
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kOptIns>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
   const dim3 grid(1, static_cast<unsigned>(args.splits));
   const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
   if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
-    row_scan_kernel<kMetric, kStorage, kAligned, true, kEarlyNorms, kShared>
+    row_scan_kernel<kMetric, kStorage, kAligned, true, kEarlyNorms, kOptIns>
         <<<grid, kScanThreads, query_bytes, stream>>>(args);
   } else {
-    row_scan_kernel<kMetric, kStorage, kAligned, false, kEarlyNorms, kShared>
+    row_scan_kernel<kMetric, kStorage, kAligned, false, kEarlyNorms, kOptIns>
         <<<grid, kScanThreads, query_bytes, stream>>>(args);
   }
   check_launch("row_scan_kernel");
 }
 
-template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kShared>
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOptIns>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
   if (use_early_norms()) {
-    launch_row_scan<kMetric, kStorage, kAligned, true, kShared>(args, stream);
+    launch_row_scan<kMetric, kStorage, kAligned, true, kOptIns>(args, stream);
   } else {
-    launch_row_scan<kMetric, kStorage, kAligned, false, kShared>(args, stream);
+    launch_row_scan<kMetric, kStorage, kAligned, false, kOptIns>(args, stream);
   }
 }
 
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kShared, class Tile>
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns, class Tile>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
-  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kShared><<<grid, kScanThreads, 0, stream>>>(args);
+  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns><<<grid, kScanThreads, 0, stream>>>(args);
   check_launch("scan_kernel");
 }
 
@@ -79,58 +84,58 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
 // every search.
 inline bool use_mma_tile() { return environment_switch("LATENTSPACE_CUDA_TENSOR_TILE", "mma", "wmma", true); }
 
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kShared>
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
     if (use_mma_tile()) {
-      launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kShared, MmaTile<kPrecision>>(args, stream);
+      launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, MmaTile<kPrecision>>(args, stream);
       return;
     }
   }
-  launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kShared, typename TileFor<kPrecision>::type>(args, stream);
+  launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, typename TileFor<kPrecision>::type>(args, stream);
 }
 
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kShared>
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kOptIns>
 void launch_scan(const ScanArgs& args, cudaStream_t stream) {
   const bool aligned = quads_aligned(args, kStorage);
   if (use_row_scan(args.num_queries, args.dim)) {  // a handful of queries (precision moot: float32)
     if (aligned) {
-      launch_row_scan<kMetric, kStorage, true, kShared>(args, stream);
+      launch_row_scan<kMetric, kStorage, true, kOptIns>(args, stream);
     } else {
-      launch_row_scan<kMetric, kStorage, false, kShared>(args, stream);
+      launch_row_scan<kMetric, kStorage, false, kOptIns>(args, stream);
     }
   } else if (aligned) {
-    launch_tile_scan<kMetric, kPrecision, kStorage, true, kShared>(args, stream);
+    launch_tile_scan<kMetric, kPrecision, kStorage, true, kOptIns>(args, stream);
   } else {
-    launch_tile_scan<kMetric, kPrecision, kStorage, false, kShared>(args, stream);
+    launch_tile_scan<kMetric, kPrecision, kStorage, false, kOptIns>(args, stream);
   }
 }
 
 // Run-time choices become template parameters: precision here, storage below, metric and
-// shared thresholds in launch_scan_of.
-template <Metric kMetric, KnnStorage kStorage, bool kShared>
+// the kernel family in launch_scan_of.
+template <Metric kMetric, KnnStorage kStorage, bool kOptIns>
 void launch_scan_for(KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
   switch (precision) {
-    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32, kStorage, kShared>(args, stream); break;
-    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32, kStorage, kShared>(args, stream); break;
-    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16, kStorage, kShared>(args, stream); break;
-    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16, kStorage, kShared>(args, stream); break;
+    case KnnPrecision::kFloat32: launch_scan<kMetric, KnnPrecision::kFloat32, kStorage, kOptIns>(args, stream); break;
+    case KnnPrecision::kTf32: launch_scan<kMetric, KnnPrecision::kTf32, kStorage, kOptIns>(args, stream); break;
+    case KnnPrecision::kBf16: launch_scan<kMetric, KnnPrecision::kBf16, kStorage, kOptIns>(args, stream); break;
+    case KnnPrecision::kFp16: launch_scan<kMetric, KnnPrecision::kFp16, kStorage, kOptIns>(args, stream); break;
   }
 }
 
-template <Metric kMetric, bool kShared>
+template <Metric kMetric, bool kOptIns>
 void launch_scan_for(KnnStorage storage, KnnPrecision precision, const ScanArgs& args, cudaStream_t stream) {
   switch (storage) {
-    case KnnStorage::kFloat32: launch_scan_for<kMetric, KnnStorage::kFloat32, kShared>(precision, args, stream); break;
-    case KnnStorage::kFloat16: launch_scan_for<kMetric, KnnStorage::kFloat16, kShared>(precision, args, stream); break;
-    case KnnStorage::kBfloat16: launch_scan_for<kMetric, KnnStorage::kBfloat16, kShared>(precision, args, stream); break;
+    case KnnStorage::kFloat32: launch_scan_for<kMetric, KnnStorage::kFloat32, kOptIns>(precision, args, stream); break;
+    case KnnStorage::kFloat16: launch_scan_for<kMetric, KnnStorage::kFloat16, kOptIns>(precision, args, stream); break;
+    case KnnStorage::kBfloat16: launch_scan_for<kMetric, KnnStorage::kBfloat16, kOptIns>(precision, args, stream); break;
   }
 }
 
-// Each (metric, thresholds) pair is instantiated in a file of its own (see the top of this
-// header): knn_scan_l2.cu, knn_scan_l2_shared.cu, and so on.
-#define LATENTSPACE_SCAN_INSTANCE(kMetric, kShared) \
-  template void launch_scan_for<kMetric, kShared>(KnnStorage, KnnPrecision, const ScanArgs&, cudaStream_t)
+// Each (metric, family) pair is instantiated in a file of its own (see the top of this
+// header): knn_scan_l2.cu, knn_scan_l2_opt_ins.cu, and so on.
+#define LATENTSPACE_SCAN_INSTANCE(kMetric, kOptIns) \
+  template void launch_scan_for<kMetric, kOptIns>(KnnStorage, KnnPrecision, const ScanArgs&, cudaStream_t)
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kL2, false);
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kL2, true);
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kInnerProduct, false);
@@ -138,23 +143,23 @@ extern LATENTSPACE_SCAN_INSTANCE(Metric::kInnerProduct, true);
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kCosine, false);
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kCosine, true);
 
-// The scan of a search; shared thresholds (knn_scan.cuh, SharedThresholds) when the caller set
-// args.best_kth.
+// The scan of a search: the opt-in family's kernels (knn_scan.cuh, kOptIns) when the caller
+// asked for one of its opt-ins (args.best_kth set: shared thresholds; args.warp_cut_backs).
 inline void launch_scan_of(Metric metric, KnnStorage storage, KnnPrecision precision, const ScanArgs& args,
                            cudaStream_t stream) {
-  const bool shared = args.best_kth != nullptr;
+  const bool opt_ins = args.best_kth != nullptr || args.warp_cut_backs;
   switch (metric) {
     case Metric::kL2:
-      shared ? launch_scan_for<Metric::kL2, true>(storage, precision, args, stream)
-             : launch_scan_for<Metric::kL2, false>(storage, precision, args, stream);
+      opt_ins ? launch_scan_for<Metric::kL2, true>(storage, precision, args, stream)
+              : launch_scan_for<Metric::kL2, false>(storage, precision, args, stream);
       break;
     case Metric::kInnerProduct:
-      shared ? launch_scan_for<Metric::kInnerProduct, true>(storage, precision, args, stream)
-             : launch_scan_for<Metric::kInnerProduct, false>(storage, precision, args, stream);
+      opt_ins ? launch_scan_for<Metric::kInnerProduct, true>(storage, precision, args, stream)
+              : launch_scan_for<Metric::kInnerProduct, false>(storage, precision, args, stream);
       break;
     case Metric::kCosine:
-      shared ? launch_scan_for<Metric::kCosine, true>(storage, precision, args, stream)
-             : launch_scan_for<Metric::kCosine, false>(storage, precision, args, stream);
+      opt_ins ? launch_scan_for<Metric::kCosine, true>(storage, precision, args, stream)
+              : launch_scan_for<Metric::kCosine, false>(storage, precision, args, stream);
       break;
   }
 }

@@ -157,4 +157,89 @@ __device__ inline int select_best_keys(const CandidateLists& lists, int k, uint6
   return block_compact(lists, limit, out, shared);
 }
 
+// ---- one warp, one list (opt-in: LATENTSPACE_CUDA_WARP_CUT_BACKS, knn_scan.cuh) ----------
+// The same radix select and compaction as above, by the 32 lanes of one warp over one list, so
+// that the 8 warps of a block cut back 8 queries' lists at once with no block-wide barrier.
+
+constexpr int kWarpHistogramBins = 256;  // one 8-bit digit; a warp's histogram is 1 KiB
+
+// The rank-th smallest key (1-based) of keys[0, count), rank <= count; every lane of the warp
+// calls it and gets the same key. histogram: the warp's own 256 counters in shared memory.
+__device__ inline uint64_t warp_select(const uint64_t* keys, int count, int rank, unsigned* histogram) {
+  constexpr unsigned kAll = 0xFFFFFFFFu;
+  const int lane = threadIdx.x % 32;
+  uint64_t prefix = 0, mask = 0;
+  int remaining = rank;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int bin = lane; bin < kWarpHistogramBins; bin += 32) histogram[bin] = 0;
+    __syncwarp();
+    for (int i = lane; i < count; i += 32) {
+      const uint64_t key = keys[i];
+      const unsigned digit = (key & mask) == prefix ? static_cast<unsigned>(key >> shift) & 0xFFu : 0x100u;
+      const unsigned same = __match_any_sync(__activemask(), digit);  // (lanes past count left the loop)
+      if (digit != 0x100u && lane == __ffs(same) - 1) atomicAdd(&histogram[digit], static_cast<unsigned>(__popc(same)));
+    }
+    __syncwarp();
+    // Lane l owns bins 8 l .. 8 l + 7: a scan over the lanes' sums finds the lane, then the bin,
+    // whose range holds the remaining rank (exactly one lane's range holds it).
+    unsigned bins[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum += bins[j] = histogram[8 * lane + j];
+    unsigned through = sum;  // inclusive prefix sum over the lanes
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const unsigned before = __shfl_up_sync(kAll, through, offset);
+      if (lane >= offset) through += before;
+    }
+    unsigned below = through - sum;
+    const bool holds = below < static_cast<unsigned>(remaining) && static_cast<unsigned>(remaining) <= through;
+    int digit = 0, next_remaining = 0, matching = 0;
+    if (holds) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (matching == 0 && static_cast<unsigned>(remaining) <= below + bins[j]) {
+          digit = 8 * lane + j, next_remaining = remaining - static_cast<int>(below), matching = static_cast<int>(bins[j]);
+        }
+        below += bins[j];
+      }
+    }
+    const int owner = __ffs(__ballot_sync(kAll, holds)) - 1;
+    digit = __shfl_sync(kAll, digit, owner);
+    remaining = __shfl_sync(kAll, next_remaining, owner);
+    matching = __shfl_sync(kAll, matching, owner);
+    prefix |= uint64_t(digit) << shift;
+    mask |= uint64_t{0xFF} << shift;
+    __syncwarp();  // every lane has read the histogram before the next pass clears it
+    if (matching == 1 && shift > 0) {
+      // One key has these leading digits: it is the answer (as in block_select).
+      uint64_t found = 0;
+      bool mine = false;
+      for (int i = lane; i < count; i += 32) {
+        const uint64_t key = keys[i];
+        if ((key & mask) == prefix) found = key, mine = true;
+      }
+      return __shfl_sync(kAll, found, __ffs(__ballot_sync(kAll, mine)) - 1);
+    }
+  }
+  return prefix;
+}
+
+// Moves the keys <= limit of keys[0, count) to its front, in order, in place; returns how many.
+// Every lane of the warp calls it. In place is safe: a chunk of 32 is read (and voted on)
+// before any of it is written, and a key moves only towards the front.
+__device__ inline int warp_compact(uint64_t* keys, int count, uint64_t limit) {
+  const int lane = threadIdx.x % 32;
+  int written = 0;
+  for (int start = 0; start < count; start += 32) {
+    const int i = start + lane;
+    const uint64_t key = i < count ? keys[i] : kEmptyKey;
+    const bool keep = i < count && key <= limit;
+    const unsigned kept = __ballot_sync(0xFFFFFFFFu, keep);
+    if (keep) keys[written + __popc(kept & ((1u << lane) - 1u))] = key;
+    written += __popc(kept);
+  }
+  __syncwarp();  // the moved keys are visible to the whole warp
+  return written;
+}
+
 }  // namespace latentspace::cuda

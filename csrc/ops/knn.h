@@ -75,6 +75,10 @@ int64_t knn_cuda_rows_per_neighbour();
 // Whether a search of more than 8 database splits merges them as a tree (knn_merge_tree.cuh,
 // opt-in): LATENTSPACE_CUDA_TREE_MERGE=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_tree_merge();
+// Whether the tile scan cuts its candidate lists back by warps, 8 lists at a time
+// (csrc/cuda/knn_scan.cuh, opt-in): LATENTSPACE_CUDA_WARP_CUT_BACKS=1; unset, empty or 0: no;
+// other values throw ValueError.
+bool knn_cuda_warp_cut_backs();
 // Whether a plan that needs more workspace than its bound takes fewer database splits
 // (csrc/cuda/knn.cu, opt-in): LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no; other
 // values throw ValueError.

@@ -134,8 +134,10 @@ def finish(request, monkeypatch):
 # The tree merge's settings: the tree, and no split rule, so that splits are many (as for a
 # large k) even where the default rule would keep them few.
 TREE = {"LATENTSPACE_CUDA_TREE_MERGE": "1", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": "0"}
-OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE,
-           "shared+tree": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **TREE}}
+WARP = {"LATENTSPACE_CUDA_WARP_CUT_BACKS": "1"}
+OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE, "warp": WARP,
+           "shared+tree": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **TREE},
+           "shared+warp": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **WARP}}
 
 
 @pytest.fixture(params=["single", "tree"])
@@ -151,11 +153,14 @@ def merge(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["split", "shared"])
+@pytest.fixture(params=["split", "shared", "shared+warp"])
 def thresholds(request, monkeypatch):
-    """Both ways a query's database splits keep their thresholds (csrc/cuda/knn_scan.cuh): each
-    its own, and shared through the workspace (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, opt-in)."""
-    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1" if request.param == "shared" else "0")
+    """The ways a query's database splits keep their lists (csrc/cuda/knn_scan.cuh): each its
+    own threshold, cut back by the block (the default); thresholds shared through the workspace
+    (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, opt-in); and those with cut-backs by warps as well
+    (LATENTSPACE_CUDA_WARP_CUT_BACKS=1, opt-in): the opt-in family with all it has."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "0" if request.param == "split" else "1")
+    monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1" if request.param == "shared+warp" else "0")
     return request.param
 
 
@@ -912,6 +917,33 @@ def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen
     (d, i), = _same_with_and_without("LATENTSPACE_CUDA_SHARED_THRESHOLDS", monkeypatch,
                                      lambda: [latentspace.knn(queries, database, k, metric)])
     assert_matches_reference(d, i, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k,precision", [
+    (300, 50_000, 16, 1024, "fp32"), (257, 200_000, 16, 1024, "fp32"), (200, 30_000, 8, 5, "fp32"),
+    (129, 3000, 16, 3001, "fp32"), (300, 50_000, 64, 100, "bf16"), (300, 50_000, 64, 100, "tf32"),
+    (130, 20_000, 16, 100, "fp32")])
+def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precision, gen, monkeypatch):
+    """Cut-backs by warps select the same k best keys with the same radix select, so the
+    results must be bit-identical to the block's: at k = 1024 (lists cut back several times a
+    split), k = 5 (lists that fill once), k > N, with thresholds shared too, on the tensor-core
+    tiles (their staging buffers hold the warps' histograms), and the FlatIndex path; the
+    20,000-row shape is small enough for racecheck (the histograms are shared memory)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    index = latentspace.FlatIndex(dim, metric, device="cuda")
+    index.add(database)
+
+    def searches():
+        return [latentspace.knn(queries, database, k, metric, precision=precision),
+                index.search(queries, k, precision=precision)]
+
+    for shared in ("0", "1"):
+        monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", shared)
+        results = _same_with_and_without("LATENTSPACE_CUDA_WARP_CUT_BACKS", monkeypatch, searches)
+    if precision == "fp32":
+        for d, i in results:
+            assert_matches_reference(d, i, queries, database, k, metric)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
