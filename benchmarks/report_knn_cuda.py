@@ -1,6 +1,6 @@
 """Table and bars of a GPU kNN benchmark run (benchmarks/bench_knn_cuda.py's JSON).
 
-  python benchmarks/report_knn_cuda.py knn_cuda.json
+  python benchmarks/report_knn_cuda.py knn_cuda.json [more.json ...]   (one session's files, merged)
 
 Times are medians. Roofs come from the same run: GEMM rate per precision (torch.mm 8192^3),
 read bandwidth (torch.sum over the big database), host-to-device bandwidth (pinned upload).
@@ -54,23 +54,27 @@ def opt_in_rows(cells) -> list[tuple[str, str, float, str, float]]:
     return rows
 
 
-def load(path: str):
-    with open(path) as handle:
-        data = json.load(handle)
-    roofs, cells = {}, defaultdict(dict)
-    for bench in data["benchmarks"]:
-        info, median = bench["extra_info"], bench["stats"]["median"]
-        if info.get("kind") == "roof":
-            roofs[info["roof"]] = (median, info)
-        else:
-            cells[bench["group"]][info["peer"]] = (median, info)
-    return data, roofs, cells
+def load(*paths: str):
+    """The runs' roofs and cells, from one or more pytest-benchmark JSON files of one session
+    (gpu_run.sh runs the large-k cells apart); the first file's machine info."""
+    roofs, cells, first = {}, defaultdict(dict), None
+    for path in paths:
+        with open(path) as handle:
+            data = json.load(handle)
+        first = first or data
+        for bench in data["benchmarks"]:
+            info, median = bench["extra_info"], bench["stats"]["median"]
+            if info.get("kind") == "roof":
+                roofs[info["roof"]] = (median, info)
+            else:
+                cells[bench["group"]][info["peer"]] = (median, info)
+    return first, roofs, cells
 
 
-def main(path: str) -> int:
-    data, roofs, cells = load(path)
+def main(*paths: str) -> int:
+    data, roofs, cells = load(*paths)
     machine = data.get("machine_info", {})
-    print(f"# GPU kNN benchmark ({path}; python {machine.get('python_version', '?')})\n")
+    print(f"# GPU kNN benchmark ({', '.join(paths)}; python {machine.get('python_version', '?')})\n")
     print("| roof | median ms | rate |")
     print("|---|---:|---:|")
     rates = {}
@@ -133,4 +137,4 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "knn_cuda.json"))
+    sys.exit(main(*(sys.argv[1:] or ["knn_cuda.json"])))

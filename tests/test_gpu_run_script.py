@@ -4,6 +4,7 @@ so that a renamed test or a shell error does not waste the session's few minutes
 from __future__ import annotations
 
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -61,3 +62,48 @@ def test_memcheck_selection_takes_the_native_output_test_with_each_opt_in_alone(
     alone = {"shared": ("separate", "shared", "single"), "shared+warp": ("separate", "shared+warp", "single"),
              "tree": ("separate", "split", "tree"), "fused": ("fused", "split", "single")}[opt_in]
     assert alone in variants
+
+
+def _bench(group, peer, median, **info):
+    return {"group": group, "stats": {"median": median}, "extra_info": {"peer": peer, **info}}
+
+
+def test_the_report_merges_the_two_benchmark_runs(tmp_path):
+    """gpu_run.sh runs the large-k cells apart (two JSON files): the report reads both, roofs
+    from the first, and compares each opt-in peer with its plain one in either file."""
+    roof = {"group": "roof", "stats": {"median": 0.02},
+            "extra_info": {"kind": "roof", "roof": "gemm fp32", "flops": 2 * 8192**3}}
+    big = "big Q=10000 N=1000000 D=128 k=1024"
+    main = {"machine_info": {"python_version": "3.12"}, "benchmarks": [
+        roof, _bench(big, "latentspace.knn", 0.4, flops=2.56e15),
+        _bench(big, "latentspace.knn[fitted plan, warp cut-backs]", 0.1, flops=2.56e15),
+        _bench(big, "torch.mm+topk", 0.2, flops=2.56e15)]}
+    large = "large k Q=1000 N=1000000 D=128 k=16384"
+    large_k = {"machine_info": {}, "benchmarks": [
+        _bench(large, "latentspace.knn", 3.0, flops=2.56e14),
+        _bench(large, "latentspace.knn[shared thresholds, warp cut-backs]", 1.5, flops=2.56e14)]}
+    paths = []
+    for name, data in (("gpu_bench.json", main), ("gpu_bench_large_k.json", large_k)):
+        (tmp_path / name).write_text(json.dumps(data))
+        paths.append(str(tmp_path / name))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_knn_cuda.py"), *paths],
+                            capture_output=True, text=True, check=True)
+    out = result.stdout
+    assert "gemm fp32" in out and "python 3.12" in out
+    assert f"| {big} | latentspace.knn[fitted plan, warp cut-backs] | 100.00 | latentspace.knn | 400.00 | 4.000x |" in out
+    assert f"| {large} | latentspace.knn[shared thresholds, warp cut-backs] | 1500.00 | latentspace.knn | 3000.00 | 2.000x |" in out
+    assert f"{big}: at least 2x the faster torch peer | NO | 0.500x" in out
+
+
+def test_the_script_runs_its_preamble_without_stages(tmp_path):
+    """The part every call runs (machine info, the installed package's info and the smoke
+    test), with no build and no stage: what a second call (GPU_RUN_BUILD=0) starts with."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", "GPU_RUN_STAGES": "none",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    log = (tmp_path / "gpu_run.log").read_text()
+    assert result.returncode == 0, log
+    assert "skipped (GPU_RUN_BUILD=0)" in log and "smoke: ValueError as expected" in log
+    assert "SMOKE FAILED" not in log and log.rstrip().endswith("== done (exit 0)")
