@@ -38,7 +38,8 @@ CUDA_KNN_OPT_INS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
                     "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
                     "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0"),
                     "fitted plan": ("LATENTSPACE_CUDA_FITTED_PLAN", "1"),
-                    "warp cut-backs": ("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1")}
+                    "warp cut-backs": ("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1"),
+                    "float thresholds": ("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1")}
 
 
 @contextlib.contextmanager

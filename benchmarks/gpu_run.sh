@@ -128,10 +128,11 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # histograms are shared memory), the opt-in fused finish (shared-memory compaction and
     # block sort), the opt-in shared thresholds and tree merge, weighted_l2, the mma.sync tile
     # on integer data. tests/test_gpu_run_script.py checks that these ids exist.
-    # memcheck takes the "small" tests of the six opt-ins not yet run under it (fused finish,
-    # early norms, shared thresholds, tree merge, warp cut-backs, fitted plan: their own tests,
-    # and the native-output test with each alone: 229, where 181 tests took 111 s in run 6, so
-    # the limit may cut it short); runs 6-7 found the default kernels clean.
+    # memcheck takes the "small" tests of the seven opt-ins not yet run under it (fused
+    # finish, early norms, shared thresholds, tree merge, warp cut-backs, float thresholds,
+    # fitted plan: their own tests, and the native-output test with each alone: about 250,
+    # where 181 tests took 111 s in run 6, so the limit may cut it short); runs 6-7 found the
+    # default kernels clean.
     # GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
     # selection instead of the list.
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
@@ -148,7 +149,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
       "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[3-20000-8-50-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_tensor_core_integer_data_is_exact[mma-300-1000-128-l2-bf16]"
     )
-    MEMCHECK_SELECTION="small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or fitted_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
+    MEMCHECK_SELECTION="small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
     limit="${GPU_RUN_SANITIZER_SECONDS:-150}"
     start=$(date +%s)
     pids=()

@@ -7,8 +7,9 @@ Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
      fused scan, the merge of the splits, the sort? k = 10 against k = 1024 (torch.profiler's
-     CUDA kernel times, one profiled search each after a warm-up), each also with the opt-in
-     shared thresholds (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1).
+     CUDA kernel times, one profiled search each after a warm-up), each also with the scan's
+     opt-ins (float thresholds, shared thresholds, warp cut-backs) and, at k = 1024, the
+     fitted plan (BREAKDOWN_OPT_INS).
   2. One query (FlatIndex, N = 4,096 and 1,000,000, k = 10): the host's fixed cost per search,
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
@@ -27,7 +28,7 @@ import sys
 import time
 
 import torch
-from _common import environment  # benchmarks/ is the script's folder, first on sys.path
+from _common import CUDA_KNN_OPT_INS, environment  # benchmarks/ is the script's folder, first on sys.path
 
 import latentspace
 from latentspace import _arrays, _cuda_search, _host_copy, _native
@@ -66,18 +67,30 @@ def kernel_times(call) -> list[tuple[str, int, float]]:
     return sorted(rows, key=lambda row: -row[2])
 
 
+# The opt-ins whose kernels big_search_breakdown splits (_common.CUDA_KNN_OPT_INS names): each
+# of the scan's on its own (the family's float thresholds first: the others run the same
+# kernels), and at k = 1024 with the fitted plan.
+BREAKDOWN_OPT_INS = {
+    10: [(), ("float thresholds",), ("float thresholds", "shared thresholds"),
+         ("float thresholds", "warp cut-backs")],
+    1024: [(), ("float thresholds",), ("float thresholds", "shared thresholds"),
+           ("float thresholds", "warp cut-backs"), ("fitted plan",),
+           ("fitted plan", "float thresholds", "shared thresholds", "warp cut-backs")],
+}
+
+
 def big_search_breakdown(report: dict) -> None:
     g = torch.Generator(device=DEVICE).manual_seed(7)
     x = torch.randn(1_000_000, 128, generator=g, device=DEVICE)
     q = torch.randn(10_000, 128, generator=g, device=DEVICE)
     for k in (10, 1024):
-        for shared in ("0", "1"):  # LATENTSPACE_CUDA_SHARED_THRESHOLDS: the opt-in shared bound
-            with environment(LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared):
+        for opt_ins in BREAKDOWN_OPT_INS[k]:
+            settings = dict(CUDA_KNN_OPT_INS[name] for name in opt_ins)
+            with environment(**settings):
                 rows = kernel_times(lambda: latentspace.knn(q, x, k))
-            label = f"big k={k}" + (" shared thresholds" if shared == "1" else "")
+            label = f"big k={k}" + (f" [{', '.join(opt_ins)}]" if opt_ins else "")
             report[label] = rows
-            print(f"\n== knn Q=10000 N=1000000 D=128 k={k}{' [shared thresholds]' if shared == '1' else ''}: "
-                  "CUDA kernels of one search")
+            print(f"\n== knn Q=10000 N=1000000 D=128 {label[4:]}: CUDA kernels of one search")
             for name, count, ms in rows[:8]:
                 print(f"  {ms:9.2f} ms  x{count:<4d} {name}")
 
@@ -133,7 +146,8 @@ def host_copy_rates(report: dict) -> None:
 
 # The plan sweep: shape -> (Q, N, D, k, configurations), a configuration being (split rule,
 # workspace GiB, tree merge, shared thresholds, fitted plan), each "0" or "1" for the last
-# three. The defaults: rule 32, 1 GiB, no tree, thresholds per split, the filling plan. Rule
+# three (shared thresholds run the opt-in family's kernels, float thresholds included). The
+# defaults: rule 32, 1 GiB, no tree, thresholds per split, the filling plan. Rule
 # 0: no rule (splits only to fill the GPU), the plan the tree merge is for. The fitted plan
 # (LATENTSPACE_CUDA_FITTED_PLAN) changes only plans over their bound: at k = 1024 all 10,000
 # queries in one call of fewer splits (computed); at k = 16,384 with no rule, a few splits of

@@ -909,6 +909,9 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_warp_cut_backs: the tile scan's cut-backs by warps only with "1"
     "LATENTSPACE_CUDA_WARP_CUT_BACKS": ("_cuda_warp_cut_backs", [(None, False), ("", False), ("0", False), ("1", True)],
                                         "warp"),
+    # csrc/cuda/knn_scan_launch.cuh, use_float_thresholds: scores checked as floats first only with "1"
+    "LATENTSPACE_CUDA_FLOAT_THRESHOLDS": ("_cuda_float_thresholds",
+                                          [(None, False), ("", False), ("0", False), ("1", True)], "float"),
     # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits only with "1"
     "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "fit"),

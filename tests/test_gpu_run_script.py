@@ -47,7 +47,7 @@ def test_memcheck_selection_takes_every_opt_in():
     selection = re.search(r'MEMCHECK_SELECTION="([^"]+)"', text).group(1)
     collected = _collected("-k", selection, "tests/gpu/test_knn_cuda.py")
     for test in ("fused_finish_equals", "early_norms_equal", "shared_thresholds_equal", "tree_merge_equals",
-                 "warp_cut_backs_equal", "fitted_plan_equals", "fitted_plan_fits", "opt_ins_on_integer"):
+                 "warp_cut_backs_equal", "float_thresholds_equal", "fitted_plan_equals", "fitted_plan_fits", "opt_ins_on_integer"):
         assert any(test in node for node in collected), test
     assert 100 < len(collected) < 300  # about two minutes under memcheck, not all of them
 
@@ -107,3 +107,29 @@ def test_the_script_runs_its_preamble_without_stages(tmp_path):
     assert result.returncode == 0, log
     assert "skipped (GPU_RUN_BUILD=0)" in log and "smoke: ValueError as expected" in log
     assert "SMOKE FAILED" not in log and log.rstrip().endswith("== done (exit 0)")
+
+
+def test_every_benchmark_label_names_settings_the_benchmark_knows():
+    """A peer's brackets name the opt-in settings its call sets (_common.CUDA_KNN_OPT_INS) or
+    the benchmark's own variants: a misspelt setting would time the default and call it the
+    opt-in. Read from the source: the module skips itself where there is no GPU."""
+    import ast
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import CUDA_KNN_OPT_INS
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    tree = ast.parse((ROOT / "benchmarks" / "bench_knn_cuda.py").read_text())
+    groups = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id.endswith("_PEERS")}
+    assert {"BIG_PEERS", "TENSOR_PEERS", "Q1_PEERS", "LARGE_K_PEERS"} <= set(groups)
+    for peers in groups.values():
+        for peer in peers:
+            if peer.endswith("]"):
+                names = peer[peer.index("[") + 1 : -1].split(", ")
+                assert all(name in CUDA_KNN_OPT_INS or name in ("wmma", "bf16 storage") for name in names), peer
+                # the opt-in family's kernels always compare scores as floats: its peers say so
+                if {"shared thresholds", "warp cut-backs"} & set(names) and peer.startswith("latentspace.knn"):
+                    assert "float thresholds" in names, peer

@@ -87,6 +87,9 @@ void bind_knn(py::module_& m) {
         "(LATENTSPACE_CUDA_FITTED_PLAN=1, opt-in).");
   m.def("_cuda_warp_cut_backs", &knn_cuda_warp_cut_backs,
         "Whether a GPU search's tile scan cuts its lists back by warps (LATENTSPACE_CUDA_WARP_CUT_BACKS=1, opt-in).");
+  m.def("_cuda_float_thresholds", &knn_cuda_float_thresholds,
+        "Whether a GPU search's tile scan compares scores with a float threshold before forming their keys "
+        "(LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, opt-in).");
   m.def("_cuda_tree_merge", &knn_cuda_tree_merge,
         "Whether a GPU search of more than 8 splits merges them as a tree (LATENTSPACE_CUDA_TREE_MERGE=1, opt-in).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },

@@ -11,7 +11,8 @@
 //                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries
 //                       take row_scan_kernel (knn_rows.cuh) instead, with the same lists. The
 //                       opt-in family of these kernels adds thresholds shared by a query's
-//                       splits (SharedThresholds) and cut-backs by warps (warp_cut_back).
+//                       splits (SharedThresholds), cut-backs by warps (warp_cut_back) and
+//                       scores checked before their keys (offer_scores_first).
 //                       Launched through knn_scan_launch.cuh, one file per metric and family
 //                       (knn_scan_l2.cu, knn_scan_l2_opt_ins.cu, ...)
 //   3. merge_kernel     per query, the k best keys over all splits (radix select again); opt-in:
@@ -161,12 +162,15 @@ Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t 
 
 // The plan of a call: the splits that fill the GPU (choose_splits). With the fitted plan
 // (opt-in) and a workspace bound it exceeds: the most splits below those whose workspace fits
-// the bound, else the one-split plan (the caller then gives fewer queries).
+// the bound; where none fits, the plan of least workspace, the most splits among equals (the
+// caller then gives fewer queries).
 //
 // The search is planned again with its workspace's size as the bound, and gets the same plan
 // as the sizing with the caller's bound B gave: with S the splits chosen under B, every count
 // above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
-// need(S) either, and S does.
+// need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
+// more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
+// list holds at most its split's rows.)
 Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound) {
   LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
   LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
@@ -184,11 +188,13 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t wo
   const int64_t filling = choose_splits(ceil_div(nq, SimtTile::kQueries), ceil_div(nb, kPlanRows), k, multiprocessors);
   Plan plan = plan_with_splits(nq, nb, k, filling, cub_bytes);
   if (plan.workspace_bytes <= workspace_bound || !use_fitted_plan()) return plan;
+  Plan least = plan;
   for (int64_t splits = filling - 1; splits >= 1; --splits) {
     plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
-    if (plan.workspace_bytes <= workspace_bound) break;
+    if (plan.workspace_bytes <= workspace_bound) return plan;
+    if (plan.workspace_bytes < least.workspace_bytes) least = plan;
   }
-  return plan;
+  return least;
 }
 
 unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
@@ -273,6 +279,7 @@ void refuse_bad_settings() {
   (void)use_early_norms();
   (void)use_shared_thresholds();
   (void)use_warp_cut_backs();
+  (void)use_float_thresholds();
   (void)use_mma_tile();
 }
 
@@ -324,6 +331,8 @@ bool knn_cuda_tree_merge() { return cuda::use_tree_merge(); }
 
 bool knn_cuda_warp_cut_backs() { return cuda::use_warp_cut_backs(); }
 
+bool knn_cuda_float_thresholds() { return cuda::use_float_thresholds(); }
+
 bool knn_cuda_fitted_plan() { return cuda::use_fitted_plan(); }
 
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database, int64_t dim,
@@ -363,14 +372,14 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
                                                         : w.database_norms;
   // Shared thresholds (opt-in): every query's bound starts as the empty key, all bits set.
   uint64_t* best_kth = use_shared_thresholds() ? w.best_kth : nullptr;
-  const bool warp_cut_backs = use_warp_cut_backs();
+  const bool warp_cut_backs = use_warp_cut_backs(), float_thresholds = use_float_thresholds();
   if (best_kth) {
     check_cuda(cudaMemsetAsync(best_kth, 0xFF, static_cast<size_t>(num_queries) * sizeof(uint64_t), stream),
                "cudaMemsetAsync (best_kth)");
   }
   const ScanArgs args{weights, queries, database, w.query_norms, norms, num_queries, num_database, dim, static_cast<int>(k),
                       plan.capacity, plan.splits, plan.split_length, w.candidates, w.counts, best_kth,
-                      warp_cut_backs};
+                      warp_cut_backs, float_thresholds};
   launch_scan_of(metric, storage, precision, args, stream);
   const bool similarity = metric != Metric::kL2;
   const bool tree = plan.splits > kMergeGroup && use_tree_merge();

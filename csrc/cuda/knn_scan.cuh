@@ -29,9 +29,12 @@ struct ScanArgs {
   uint64_t* candidates;
   int* counts;
   uint64_t* best_kth;  // [num_queries], or null: SharedThresholds below
-  // The opt-in family's cut-backs by one warp per list (warp_cut_back below; the tile scan's).
-  // Last, so that the default kernels, which never read it, see the same parameter layout.
+  // The opt-in family's switches (last, so that the default kernels see the same parameter
+  // layout): cut-backs by one warp per list (warp_cut_back below, the tile scan's), and
+  // float_thresholds, which only picks the family: its tile scan always compares scores
+  // with a float threshold before forming their keys (offer_scores_first below).
   bool warp_cut_backs;
+  bool float_thresholds;
 };
 
 // Score to minimise: the squared distance, or minus the similarity.
@@ -231,11 +234,55 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
   }
 }
 
+// The score a threshold key stands for (its high 32 bits), so that a score can be compared
+// with the threshold before its 64-bit key is formed; +inf for the empty key (take every row).
+__device__ inline float threshold_score(uint64_t threshold) {
+  return threshold == kEmptyKey ? INFINITY : from_order_preserving_bits(static_cast<uint32_t>(threshold >> 32));
+}
+
+// A tile's scores offered to the lists, each first compared as a float with its query's
+// threshold score: the opt-in family's tile scan (picked by any of its settings, alone by
+// LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, until a GPU run verifies and times it). Why: the
+// default forms every score's key (order-preserving bits, 64-bit key, 64-bit compare: about
+// 10 instructions) though nearly all are rejected; on the tensor-core tile those instructions
+// outnumber the mma.sync's (docs/benchmarks.md, inferred). Here a rejected score costs its
+// score and one float compare. Exact: the order-preserving map is strictly increasing (with
+// -0 as +0), so a score below the threshold score has a smaller key, one above a larger key,
+// and only an equal score needs its key (the lower index wins), which the kept check
+// `key < threshold` decides (checked on the host over 20 million pairs, equal scores, -0,
+// denormals and the empty key among them). A full-tile version without the per-score row
+// bound spilled registers (ptxas), so the bound stays.
+template <Metric kMetric, class Tile, class ListOf>
+__device__ __forceinline__ void offer_scores_first(const ScanArgs& a, ScanShared<Tile>& s,
+                                                   const float (&acc)[Tile::kRows][Tile::kCols],
+                                                   const float (&database_norms)[Tile::kCols], int64_t q0, int64_t n0,
+                                                   int64_t n_end, ListOf list_of) {
+#pragma unroll
+  for (int i = 0; i < Tile::kRows; ++i) {
+    const int qi = Tile::query_of(i);
+    if (q0 + qi >= a.num_queries) continue;
+    const uint64_t threshold = s.threshold[qi];
+    const float bound = threshold_score(threshold);
+    const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q0 + qi];
+#pragma unroll
+    for (int j = 0; j < Tile::kCols; ++j) {
+      const int64_t n = n0 + Tile::vector_of(j);
+      if (n >= n_end) continue;
+      const float score = score_of<kMetric>(acc[i][j], query_norm, database_norms[j]);
+      if (!(score > bound)) {  // rare once the list has filled; a NaN score takes the key's way too
+        const uint64_t key = make_key(score, static_cast<uint32_t>(n));
+        if (key < threshold) list_of(qi)[atomicAdd(&s.count[qi], 1)] = key;
+      }
+    }
+  }
+}
+
 // grid (query tiles, database splits). kAligned: see knn_tiles.cuh. Tile: the precision's
 // tile (TileFor), or another policy of the same precision (knn_mma_tile.cuh).
 // kOptIns: the opt-in family, compiled apart (knn_scan_<metric>_opt_ins.cu) so that the
-// default kernels stay as a GPU run verified them: thresholds shared across splits where
-// a.best_kth is set (SharedThresholds above), cut-backs by warps where a.warp_cut_backs.
+// default kernels stay as a GPU run verified them: scores compared before their keys are
+// formed (offer_scores_first, always), thresholds shared across splits where a.best_kth is
+// set (SharedThresholds above), cut-backs by warps where a.warp_cut_backs.
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned,
           class Tile = typename TileFor<kPrecision>::type, bool kOptIns = false>
 __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
@@ -248,8 +295,8 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   const auto thresholds = thresholds_of<kOptIns>(a, q0);
   const int real_queries = static_cast<int>(min(int64_t{Tile::kQueries}, a.num_queries - q0));
   // Warp cut-backs (opt-in family) count digits in the staging buffer: the tile's inputs are
-  // read by then (compute ends with a barrier), and the next tile's stash follows the barrier
-  // that ends the cut-backs.
+  // read by then (the barrier after the offers), and the next tile's stash follows the
+  // barrier that ends the cut-backs.
   unsigned* warp_histograms = nullptr;
   if constexpr (kOptIns) {
     static_assert(sizeof(typename Tile::Shared) >= kScanThreads / 32 * kWarpHistogramBins * sizeof(unsigned),
@@ -271,21 +318,30 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
     }
     // Offer the tile's scores: only keys below the query's threshold enter its list (the
     // thresholds change only in cut-backs and tighten, behind barriers: one read per query row).
+    auto offer_keys = [&] {
 #pragma unroll
-    for (int i = 0; i < Tile::kRows; ++i) {
-      const int qi = Tile::query_of(i);
-      if (q0 + qi >= a.num_queries) continue;
-      const uint64_t threshold = s.threshold[qi];
-      // (read here, not kept for the split: registers are scarce while the tile computes)
-      const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q0 + qi];
+      for (int i = 0; i < Tile::kRows; ++i) {
+        const int qi = Tile::query_of(i);
+        if (q0 + qi >= a.num_queries) continue;
+        const uint64_t threshold = s.threshold[qi];
+        // (read here, not kept for the split: registers are scarce while the tile computes)
+        const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q0 + qi];
 #pragma unroll
-      for (int j = 0; j < Tile::kCols; ++j) {
-        const int64_t n = n0 + Tile::vector_of(j);
-        if (n >= n_end) continue;
-        const uint64_t key =
-            make_key(score_of<kMetric>(acc[i][j], query_norm, database_norms[j]), static_cast<uint32_t>(n));
-        if (key < threshold) list_of(qi)[atomicAdd(&s.count[qi], 1)] = key;
+        for (int j = 0; j < Tile::kCols; ++j) {
+          const int64_t n = n0 + Tile::vector_of(j);
+          if (n >= n_end) continue;
+          const uint64_t key =
+              make_key(score_of<kMetric>(acc[i][j], query_norm, database_norms[j]), static_cast<uint32_t>(n));
+          if (key < threshold) list_of(qi)[atomicAdd(&s.count[qi], 1)] = key;
+        }
       }
+    };
+    if constexpr (kOptIns) {
+      // Always in the opt-in family: with a run-time choice between the two ways the tile
+      // kernels spilled registers (ptxas, sm_90: 300 bytes in the float32 tile, none without).
+      offer_scores_first<kMetric, Tile>(a, s, acc, database_norms, q0, n0, n_end, list_of);
+    } else {
+      offer_keys();
     }
     __syncthreads();
     cut_back_full_lists(s, list_of, Tile::kQueries, a.capacity, a.k, Tile::kVectors, thresholds, warp_histograms);

@@ -43,10 +43,19 @@ inline bool use_shared_thresholds() {
   return environment_switch("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1", "0", false);
 }
 
-// Whether the tile scan cuts its lists back by warps (knn_scan.cuh, cut_back_lists; opt-in
+// Whether the tile scan cuts its lists back by warps (knn_scan.cuh, warp_cut_back_lists; opt-in
 // until a GPU run verifies it): LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (unset, empty or 0: no).
 // knn.cu reads it at every search and then sets ScanArgs::warp_cut_backs.
 inline bool use_warp_cut_backs() { return environment_switch("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1", "0", false); }
+
+// Whether the search takes the opt-in family's kernels for their own sake: their tile scan
+// compares each score with its query's threshold as a float before forming its key
+// (knn_scan.cuh, offer_scores_first; opt-in until a GPU run verifies it), which the family's
+// other settings get too: LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1 (unset, empty or 0: no). knn.cu
+// reads it at every search and then sets ScanArgs::float_thresholds.
+inline bool use_float_thresholds() {
+  return environment_switch("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1", "0", false);
+}
 
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kOptIns>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
@@ -144,10 +153,11 @@ extern LATENTSPACE_SCAN_INSTANCE(Metric::kCosine, false);
 extern LATENTSPACE_SCAN_INSTANCE(Metric::kCosine, true);
 
 // The scan of a search: the opt-in family's kernels (knn_scan.cuh, kOptIns) when the caller
-// asked for one of its opt-ins (args.best_kth set: shared thresholds; args.warp_cut_backs).
+// asked for one of its opt-ins (args.best_kth set: shared thresholds; args.warp_cut_backs;
+// args.float_thresholds).
 inline void launch_scan_of(Metric metric, KnnStorage storage, KnnPrecision precision, const ScanArgs& args,
                            cudaStream_t stream) {
-  const bool opt_ins = args.best_kth != nullptr || args.warp_cut_backs;
+  const bool opt_ins = args.best_kth != nullptr || args.warp_cut_backs || args.float_thresholds;
   switch (metric) {
     case Metric::kL2:
       opt_ins ? launch_scan_for<Metric::kL2, true>(storage, precision, args, stream)

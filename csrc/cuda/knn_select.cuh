@@ -164,7 +164,8 @@ __device__ inline int select_best_keys(const CandidateLists& lists, int k, uint6
 constexpr int kWarpHistogramBins = 256;  // one 8-bit digit; a warp's histogram is 1 KiB
 
 // The rank-th smallest key (1-based) of keys[0, count), rank <= count; every lane of the warp
-// calls it and gets the same key. histogram: the warp's own 256 counters in shared memory.
+// calls it and gets the same key. histogram: the warp's own 256 counters in shared memory,
+// 16-byte aligned.
 __device__ inline uint64_t warp_select(const uint64_t* keys, int count, int rank, unsigned* histogram) {
   constexpr unsigned kAll = 0xFFFFFFFFu;
   const int lane = threadIdx.x % 32;
@@ -181,10 +182,14 @@ __device__ inline uint64_t warp_select(const uint64_t* keys, int count, int rank
     }
     __syncwarp();
     // Lane l owns bins 8 l .. 8 l + 7: a scan over the lanes' sums finds the lane, then the bin,
-    // whose range holds the remaining rank (exactly one lane's range holds it).
-    unsigned bins[8], sum = 0;
+    // whose range holds the remaining rank (exactly one lane's range holds it). Read as two
+    // 16-byte loads: word by word, 8 lanes would hit each bank at once.
+    const uint4* mine = reinterpret_cast<const uint4*>(histogram + 8 * lane);  // (1 KiB aligned)
+    const uint4 low = mine[0], high = mine[1];
+    const unsigned bins[8] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
+    unsigned sum = 0;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) sum += bins[j] = histogram[8 * lane + j];
+    for (int j = 0; j < 8; ++j) sum += bins[j];
     unsigned through = sum;  // inclusive prefix sum over the lanes
 #pragma unroll
     for (int offset = 1; offset < 32; offset *= 2) {

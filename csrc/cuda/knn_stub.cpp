@@ -22,6 +22,8 @@ bool knn_cuda_tree_merge() { no_cuda(); }
 
 bool knn_cuda_warp_cut_backs() { no_cuda(); }
 
+bool knn_cuda_float_thresholds() { no_cuda(); }
+
 bool knn_cuda_fitted_plan() { no_cuda(); }
 
 const char* knn_cuda_tensor_tile() { no_cuda(); }

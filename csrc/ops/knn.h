@@ -79,6 +79,11 @@ bool knn_cuda_tree_merge();
 // (csrc/cuda/knn_scan.cuh, opt-in): LATENTSPACE_CUDA_WARP_CUT_BACKS=1; unset, empty or 0: no;
 // other values throw ValueError.
 bool knn_cuda_warp_cut_backs();
+// Whether the tile scan compares each score with its query's threshold as a float before it
+// forms the score's key (csrc/cuda/knn_scan.cuh, opt-in; the shared-threshold and warp
+// cut-back settings run the same kernels, so they get it too):
+// LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1; unset, empty or 0: no; other values throw ValueError.
+bool knn_cuda_float_thresholds();
 // Whether a plan that needs more workspace than its bound takes fewer database splits
 // (csrc/cuda/knn.cu, opt-in): LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no; other
 // values throw ValueError.

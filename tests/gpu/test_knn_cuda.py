@@ -136,6 +136,7 @@ def finish(request, monkeypatch):
 TREE = {"LATENTSPACE_CUDA_TREE_MERGE": "1", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": "0"}
 WARP = {"LATENTSPACE_CUDA_WARP_CUT_BACKS": "1"}
 OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE, "warp": WARP,
+           "float": {"LATENTSPACE_CUDA_FLOAT_THRESHOLDS": "1"},
            "shared+tree": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **TREE},
            "shared+warp": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **WARP}}
 
@@ -361,6 +362,12 @@ def test_small_fitted_plan_fits_its_bound(monkeypatch):
     assert _native._cuda_plan(10_000, 1_000_000, 1024, device, fitted["workspace_bytes"]) == fitted
     one = _native._cuda_plan(10_000, 1_000_000, 1024, device, 1 << 20)  # not even one split fits
     assert one["splits"] == 1 and one["workspace_bytes"] > 1 << 20
+    assert _native._cuda_plan(10_000, 1_000_000, 1024, device, one["workspace_bytes"]) == one
+    # where none fits: the least workspace, the most splits among equals, and the search plans
+    # the same again (lists as long as their splits: more splits, the same bytes)
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
+    tight = _native._cuda_plan(1, 1000, 1000, device, 1)
+    assert _native._cuda_plan(1, 1000, 1000, device, tight["workspace_bytes"]) == tight
     monkeypatch.setenv(variable, "yes")
     with pytest.raises(ValueError, match=f"{variable}: expected '0' or '1', got 'yes'"):
         _native._cuda_plan(10_000, 1_000_000, 1024, device, bound)
@@ -395,7 +402,8 @@ def test_small_fitted_plan_equals_the_filling_one(metric, nq, n, dim, k, gen, mo
 
 @pytest.mark.parametrize("variable", ["LATENTSPACE_CUDA_FUSED_FINISH", "LATENTSPACE_CUDA_EARLY_NORMS",
                                       "LATENTSPACE_CUDA_SHARED_THRESHOLDS", "LATENTSPACE_CUDA_TREE_MERGE",
-                                      "LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_TENSOR_TILE"])
+                                      "LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_TENSOR_TILE",
+                                      "LATENTSPACE_CUDA_WARP_CUT_BACKS", "LATENTSPACE_CUDA_FLOAT_THRESHOLDS"])
 def test_small_a_bad_setting_is_refused_on_every_path(variable, gen, monkeypatch):
     """A float32 search of 200 queries over 300 rows reaches none of the settings but the fused
     finish's (no row scan, tensor tile, tree merge or plan over its bound): a bad value of any
@@ -922,14 +930,18 @@ def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k,precision", [
     (300, 50_000, 16, 1024, "fp32"), (257, 200_000, 16, 1024, "fp32"), (200, 30_000, 8, 5, "fp32"),
-    (129, 3000, 16, 3001, "fp32"), (300, 50_000, 64, 100, "bf16"), (300, 50_000, 64, 100, "tf32"),
-    (130, 20_000, 16, 100, "fp32")])
+    (129, 3000, 16, 3001, "fp32"), (129, 5000, 16, 700, "fp32"), (300, 50_000, 64, 100, "bf16"),
+    (300, 50_000, 64, 100, "tf32"), (300, 50_000, 64, 100, "bf16 wmma"), (130, 20_000, 16, 100, "fp32")])
 def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precision, gen, monkeypatch):
     """Cut-backs by warps select the same k best keys with the same radix select, so the
     results must be bit-identical to the block's: at k = 1024 (lists cut back several times a
-    split), k = 5 (lists that fill once), k > N, with thresholds shared too, on the tensor-core
-    tiles (their staging buffers hold the warps' histograms), and the FlatIndex path; the
-    20,000-row shape is small enough for racecheck (the histograms are shared memory)."""
+    split), k = 5 (lists that fill once), k = 700 of 5,000 rows (cut back at the end), k > N
+    (padding), with thresholds shared too, on the tensor-core tiles mma.sync and WMMA (their
+    staging buffers hold the warps' histograms), and the FlatIndex path; the 20,000-row shape
+    is small enough for racecheck (the histograms are shared memory)."""
+    if precision.endswith(" wmma"):
+        precision = precision.split()[0]
+        monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "wmma")
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     index = latentspace.FlatIndex(dim, metric, device="cuda")
     index.add(database)
@@ -941,6 +953,31 @@ def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precis
     for shared in ("0", "1"):
         monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", shared)
         results = _same_with_and_without("LATENTSPACE_CUDA_WARP_CUT_BACKS", monkeypatch, searches)
+    if precision == "fp32":
+        for d, i in results:
+            assert_matches_reference(d, i, queries, database, k, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k,precision", [
+    (300, 50_003, 16, 10, "fp32"), (130, 20_000, 33, 100, "fp32"), (257, 60_000, 64, 1024, "fp32"),
+    (129, 700, 16, 800, "fp32"), (300, 50_003, 64, 10, "bf16"), (300, 50_003, 64, 100, "tf32"),
+    (200, 30_000, 64, 50, "fp16")])
+def test_small_float_thresholds_equal_the_key_compare(metric, nq, n, dim, k, precision, gen, monkeypatch):
+    """The opt-in family compares each score as a float with its query's threshold score
+    before it forms the key; exact, so the results must be bit-identical to the default
+    kernels': every metric, the float32 tile and the three tensor-core precisions (mma.sync),
+    a partial last database tile (50,003 rows), an odd dimension (33: the unaligned loads),
+    k past a tile, k > N, and the FlatIndex path (kept norms)."""
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    index = latentspace.FlatIndex(dim, metric, device="cuda")
+    index.add(database)
+
+    def searches():
+        return [latentspace.knn(queries, database, k, metric, precision=precision),
+                index.search(queries, k, precision=precision)]
+
+    results = _same_with_and_without("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", monkeypatch, searches)
     if precision == "fp32":
         for d, i in results:
             assert_matches_reference(d, i, queries, database, k, metric)
