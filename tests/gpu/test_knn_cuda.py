@@ -389,13 +389,7 @@ def test_small_fitted_plan_equals_the_filling_one(metric, nq, n, dim, k, gen, mo
     assert filling["splits"] >= 6, filling
     assert _native._cuda_plan(nq, n, k, device, bound)["splits"] < filling["splits"]
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
-    index = latentspace.FlatIndex(dim, metric, device="cuda")
-    index.add(database)
-
-    def searches():
-        return [latentspace.knn(queries, database, k, metric, workspace_bytes=bound),
-                index.search(queries, k, workspace_bytes=bound)]
-
+    searches = _knn_and_index(queries, database, k, metric, workspace_bytes=bound)
     for d, i in _same_with_and_without("LATENTSPACE_CUDA_FITTED_PLAN", monkeypatch, searches):
         assert_matches_reference(d, i, queries, database, k, metric)
 
@@ -897,6 +891,14 @@ def _same_with_and_without(variable, monkeypatch, searches):
     return results["1"]
 
 
+def _knn_and_index(queries, database, k, metric, **options):
+    """searches() for _same_with_and_without: latentspace.knn and a GPU FlatIndex (which keeps
+    its database's norms) over the same data, each with the same options."""
+    index = latentspace.FlatIndex(database.shape[1], metric, device="cuda")
+    index.add(database)
+    return lambda: [latentspace.knn(queries, database, k, metric, **options), index.search(queries, k, **options)]
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq,n,dim,k", [(1, 1000, 16, 1), (1, 1000, 16, 256), (3, 5000, 32, 257),
                                         (300, 20_000, 64, 1024), (50, 3000, 8, 1025), (7, 100, 3, 300)])
@@ -943,13 +945,7 @@ def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precis
         precision = precision.split()[0]
         monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "wmma")
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
-    index = latentspace.FlatIndex(dim, metric, device="cuda")
-    index.add(database)
-
-    def searches():
-        return [latentspace.knn(queries, database, k, metric, precision=precision),
-                index.search(queries, k, precision=precision)]
-
+    searches = _knn_and_index(queries, database, k, metric, precision=precision)
     for shared in ("0", "1"):
         monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", shared)
         results = _same_with_and_without("LATENTSPACE_CUDA_WARP_CUT_BACKS", monkeypatch, searches)
@@ -970,13 +966,7 @@ def test_small_float_thresholds_equal_the_key_compare(metric, nq, n, dim, k, pre
     a partial last database tile (50,003 rows), an odd dimension (33: the unaligned loads),
     k past a tile, k > N, and the FlatIndex path (kept norms)."""
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
-    index = latentspace.FlatIndex(dim, metric, device="cuda")
-    index.add(database)
-
-    def searches():
-        return [latentspace.knn(queries, database, k, metric, precision=precision),
-                index.search(queries, k, precision=precision)]
-
+    searches = _knn_and_index(queries, database, k, metric, precision=precision)
     results = _same_with_and_without("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", monkeypatch, searches)
     if precision == "fp32":
         for d, i in results:
@@ -1033,11 +1023,7 @@ def test_small_early_norms_equal_the_late_ones(metric, nq, dim, gen, monkeypatch
     a row count that leaves a partial step (4 rows a warp) at a split's end, and rows read
     in quads (48) or one element a lane (97)."""
     queries, database = _randn(gen, nq, dim), _randn(gen, 10_007, dim)
-    index = latentspace.FlatIndex(dim, metric, device="cuda")
-    index.add(database)
-    def searches():
-        return [latentspace.knn(queries, database, 20, metric), index.search(queries, 20)]
-
+    searches = _knn_and_index(queries, database, 20, metric)
     for d, i in _same_with_and_without("LATENTSPACE_CUDA_EARLY_NORMS", monkeypatch, searches):
         assert_matches_reference(d, i, queries, database, 20, metric)
 
