@@ -961,3 +961,84 @@ def test_cuda_split_rule_setting(monkeypatch):
         expected = f"{variable}: expected a whole number from 0 to 65536, got '{re.escape(bad)}'"
         with pytest.raises(ValueError, match=expected):
             read()
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU plan's own logic (csrc/cuda/knn.cu plan_for), run on the host: _native._cuda_plan_for
+# takes the multiprocessor count and CUB's temporary bytes a GPU would give (132: an H100 SXM
+# or H200; CUB's size estimated: its sort of Q x k keys needs about one more copy of them).
+
+needs_cuda_build = pytest.mark.skipif(not latentspace.build_info()["cuda_compiled"],
+                                      reason="a CPU-only build has no GPU plan")
+MULTIPROCESSORS = 132
+
+
+def _plan(nq, nb, k, bound=None):
+    return latentspace._native._cuda_plan_for(nq, nb, k, MULTIPROCESSORS, bound, nq * k * 8 + (1 << 20))
+
+
+@pytest.fixture
+def plan_settings(monkeypatch):
+    """The plan's settings as a test sets them, none inherited from the environment."""
+    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR"):
+        monkeypatch.delenv(variable, raising=False)
+    return monkeypatch
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 10), (10_000, 1_000_000, 1024), (300, 1_000_000, 1024),
+                                     (1, 1_000_000, 10), (5000, 8192, 32), (1000, 1_000_000, 16384)])
+def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, plan_settings):
+    plan = _plan(nq, nb, k)
+    assert plan["query_tiles"] == -(-nq // 128) and plan["split_length"] % 128 == 0
+    assert plan["splits"] * plan["split_length"] >= nb > (plan["splits"] - 1) * plan["split_length"]
+    assert plan["capacity"] == min(k + max(k, 512), plan["split_length"])
+    rule_splits = max(1, -(-nb // 128) * 128 // (32 * k))  # splits at least 32 k rows long
+    blocks = plan["query_tiles"] * plan["splits"]
+    assert plan["splits"] <= rule_splits
+    # two waves of the scan's two resident blocks per multiprocessor (splits rounded to whole
+    # tiles: a few blocks fewer), unless the rule or the rows allow no more splits
+    assert blocks >= 0.95 * 2 * 2 * MULTIPROCESSORS or plan["splits"] >= min(rule_splits, -(-nb // 128) // 2) - 1
+    assert _plan(nq, nb, k, bound=1) == plan  # the bound changes nothing without the fitted plan
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 1024), (2000, 1_000_000, 1024), (300, 50_000, 1024),
+                                     (5, 30_000, 2000), (260, 20_000, 100), (1, 1000, 1000), (1000, 1_000_000, 16384),
+                                     (64, 100_000, 16384), (129, 700, 800)])
+@pytest.mark.parametrize("rule", ["32", "4", "1", "0"])
+def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, plan_settings):
+    """The search plans again with its workspace's size as the bound (knn.cu make_plan): it must
+    get the plan that size was asked for, at every bound, fitting or not (the workspace is not
+    monotonic in the splits: a list holds at most its split's rows)."""
+    plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", rule)
+    filling = _plan(nq, nb, k)
+    plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "1")
+    assert _plan(nq, nb, k) == filling
+    for fraction in (1.0, 0.9, 0.6, 0.3, 0.1, 0.01, 0.0):
+        bound = int(filling["workspace_bytes"] * fraction)
+        plan = _plan(nq, nb, k, bound)
+        assert _plan(nq, nb, k, plan["workspace_bytes"]) == plan, (fraction, plan)
+        assert plan["splits"] <= filling["splits"] and plan["query_tiles"] == filling["query_tiles"]
+        assert plan["workspace_bytes"] <= filling["workspace_bytes"]
+        if fraction == 1.0:
+            assert plan == filling  # it fits: nothing to fit
+
+
+@needs_cuda_build
+def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
+    """The case the fitted plan is for (docs/gpu.md): Q = 10,000 over 1M rows at k = 1024 with
+    the 1 GiB default bound. Filling: about 1,200 queries a call in 30 splits, 9 calls of 300
+    blocks; fitted: all 10,000 queries in one call of 5 splits, 395 blocks."""
+    def calls(fitted):
+        plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", fitted)
+        bound = _cuda_search.DEFAULT_WORKSPACE_BYTES
+        chunks = plan_query_chunks(10_000, 1024, lambda c: _plan(c, 1_000_000, 1024, bound)["workspace_bytes"], bound)
+        first = chunks[0][1] - chunks[0][0]
+        return len(chunks), first, _plan(first, 1_000_000, 1024, bound)
+
+    count, first, plan = calls("0")
+    assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (9, 1188, 30, 300)
+    count, first, plan = calls("1")
+    assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (1, 10_000, 5, 395)
+    assert plan["workspace_bytes"] <= _cuda_search.DEFAULT_WORKSPACE_BYTES

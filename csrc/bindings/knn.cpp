@@ -62,24 +62,38 @@ void bind_knn(py::module_& m) {
       "Bytes of device workspace knn_cuda needs for these sizes on this device; workspace_bound (None: "
       "none): the most the caller gives, which the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1) fits.");
   // Diagnostics (benchmarks/profile_knn_cuda.py, tests): a search's plan and the split rule.
+  auto plan_dict = [](const KnnCudaPlan& plan) {
+    py::dict out;
+    out["query_tiles"] = plan.query_tiles;
+    out["splits"] = plan.splits;
+    out["split_length"] = plan.split_length;
+    out["capacity"] = plan.capacity;
+    out["workspace_bytes"] = plan.workspace_bytes;
+    return out;
+  };
   m.def(
       "_cuda_plan",
-      [](int64_t num_queries, int64_t num_database, int64_t k, int device, std::optional<size_t> workspace_bound) {
+      [plan_dict](int64_t num_queries, int64_t num_database, int64_t k, int device,
+                  std::optional<size_t> workspace_bound) {
         LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
-        const KnnCudaPlan plan =
-            knn_cuda_plan(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX));
-        py::dict out;
-        out["query_tiles"] = plan.query_tiles;
-        out["splits"] = plan.splits;
-        out["split_length"] = plan.split_length;
-        out["capacity"] = plan.capacity;
-        out["workspace_bytes"] = plan.workspace_bytes;
-        return out;
+        return plan_dict(knn_cuda_plan(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX)));
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
       py::arg("workspace_bound") = py::none(),
       "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
       "capacity, workspace_bytes (workspace_bound as for knn_cuda_workspace_bytes).");
+  m.def(
+      "_cuda_plan_for",
+      [plan_dict](int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
+                  std::optional<size_t> workspace_bound, size_t cub_bytes) {
+        LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
+        return plan_dict(knn_cuda_plan_for(num_queries, num_database, k, multiprocessors,
+                                           workspace_bound.value_or(SIZE_MAX), cub_bytes));
+      },
+      py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("multiprocessors"),
+      py::arg("workspace_bound") = py::none(), py::arg("cub_bytes") = 0,
+      "_cuda_plan's plan for a given multiprocessor count and CUB temporary size, computed on the host "
+      "alone: the plan's logic, testable without a GPU (a CUDA build is needed).");
   m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
         "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
   m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,

@@ -139,7 +139,8 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
 // k (1 + ln(split rows / k)) each). Q = 10,000, N = 1M, k = 1024, the default plan: 30 splits
 // of about 1,200 queries a call (computed). Fitted, the same bound takes all 10,000 queries in
 // one call of 5 splits, 395 blocks against 300, with a quarter of the candidates and a sixth
-// of the keys to merge (computed with a model of this plan, not measured: docs/benchmarks.md).
+// of the keys to merge (computed by this code on the host, knn_cuda_plan_for, with CUB's size
+// estimated; not measured: docs/benchmarks.md).
 bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITTED_PLAN", "1", "0", false); }
 
 // The plan of `splits` splits per query tile (fewer when the rows run out first).
@@ -171,20 +172,19 @@ Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t 
 // need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
 // more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
 // list holds at most its split's rows.)
-Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound) {
+void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
   LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
   LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
   LS_CHECK_VALUE(nq * k < (int64_t{1} << 31), "queries, k: num_queries * k must stay below 2^31 per GPU call, got ",
                  nq, " * ", k, " (search the queries in chunks)");
+}
+
+// make_plan for a given multiprocessor count and CUB temporary size: host arithmetic only, so
+// that the CPU tests run the plan's logic where there is no GPU (knn_cuda_plan_for).
+Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound, size_t cub_bytes) {
+  check_plan_sizes(nq, nb, k);
   // The plan holds for every precision (the workspace size does not depend on it): splits
   // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
-  size_t cub_bytes = 0;
-  const int items = static_cast<int>(nq * k);
-  LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, cub_bytes, static_cast<const uint64_t*>(nullptr),
-                                                         static_cast<uint64_t*>(nullptr), items,
-                                                         static_cast<int>(nq), static_cast<const int*>(nullptr),
-                                                         static_cast<const int*>(nullptr), 0, 64) == cudaSuccess,
-                 "k: CUB could not size the sort");
   const int64_t filling = choose_splits(ceil_div(nq, SimtTile::kQueries), ceil_div(nb, kPlanRows), k, multiprocessors);
   Plan plan = plan_with_splits(nq, nb, k, filling, cub_bytes);
   if (plan.workspace_bytes <= workspace_bound || !use_fitted_plan()) return plan;
@@ -195,6 +195,19 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t wo
     if (plan.workspace_bytes < least.workspace_bytes) least = plan;
   }
   return least;
+}
+
+// The plan of a call on this device (plan_for with CUB's size of the final sort).
+Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound) {
+  check_plan_sizes(nq, nb, k);
+  size_t cub_bytes = 0;
+  const int items = static_cast<int>(nq * k);
+  LS_CHECK_VALUE(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, cub_bytes, static_cast<const uint64_t*>(nullptr),
+                                                         static_cast<uint64_t*>(nullptr), items,
+                                                         static_cast<int>(nq), static_cast<const int*>(nullptr),
+                                                         static_cast<const int*>(nullptr), 0, 64) == cudaSuccess,
+                 "k: CUB could not size the sort");
+  return plan_for(nq, nb, k, multiprocessors, workspace_bound, cub_bytes);
 }
 
 unsigned blocks_for(int64_t items, int threads) { return static_cast<unsigned>(ceil_div(items, threads)); }
@@ -314,6 +327,14 @@ KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, 
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
   const cuda::Plan plan =
       cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound);
+  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
+}
+
+KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
+                              size_t workspace_bound, size_t cub_bytes) {
+  LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
+  LS_CHECK_VALUE(multiprocessors >= 1, "multiprocessors: expected >= 1, got ", multiprocessors);
+  const cuda::Plan plan = cuda::plan_for(num_queries, num_database, k, multiprocessors, workspace_bound, cub_bytes);
   return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
 }
 

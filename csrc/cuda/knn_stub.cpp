@@ -16,6 +16,8 @@ size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int, size_t) { no_cud
 
 KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }
 
+KnnCudaPlan knn_cuda_plan_for(int64_t, int64_t, int64_t, int, size_t, size_t) { no_cuda(); }
+
 int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
 
 bool knn_cuda_tree_merge() { no_cuda(); }

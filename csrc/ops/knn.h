@@ -69,6 +69,10 @@ struct KnnCudaPlan {
 };
 KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device,
                           size_t workspace_bound = SIZE_MAX);
+// The same plan for a given multiprocessor count and CUB temporary size, computed on the host
+// alone (no device is asked): for tests of the plan's logic on machines without a GPU.
+KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
+                              size_t workspace_bound, size_t cub_bytes);
 // The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
 // (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
 int64_t knn_cuda_rows_per_neighbour();
