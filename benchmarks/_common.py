@@ -42,6 +42,14 @@ CUDA_KNN_OPT_INS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
                     "float thresholds": ("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1")}
 
 
+def names_opt_in(peer: str) -> bool:
+    """Whether a peer's label names an opt-in setting: "latentspace.knn[fused finish]" yes,
+    "latentspace.FlatIndex[bf16 storage, wmma]" and "torch.mm+topk" no."""
+    if not peer.endswith("]") or "[" not in peer:
+        return False
+    return any(part.strip() in CUDA_KNN_OPT_INS for part in peer[peer.index("[") + 1 : -1].split(","))
+
+
 @contextlib.contextmanager
 def environment(**settings: str):
     """Environment variables set for the block's duration, then restored (the CUDA kNN reads

@@ -65,9 +65,10 @@ session. benchmarks/report_knn_cuda.py turns the JSON into the table and the bar
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
-from _common import CUDA_KNN_OPT_INS, environment, timed_call
+from _common import CUDA_KNN_OPT_INS, environment, names_opt_in, timed_call
 
 import latentspace
 import torch
@@ -90,6 +91,27 @@ SMALL_CELL_S, SMALL_CELL_WARMUP = 0.01, 10
 # A cell whose checked call took longer is timed once (the large-k cells have never run: a
 # cliff there must not eat the stage's time limit).
 SLOW_CELL_S = 3.0
+
+
+# gpu_run.sh times the plain peers (torch's, the defaults', the roofs) and the opt-in peers in
+# separate processes: LATENTSPACE_BENCH_PART=plain / opt-ins (default: all). A never-run opt-in
+# kernel that faults leaves its process's CUDA context unusable, and must not take the plain
+# peers' figures with it. report_knn_cuda.py reads both JSON files.
+BENCH_PART = os.environ.get("LATENTSPACE_BENCH_PART", "all")
+if BENCH_PART not in ("all", "plain", "opt-ins"):
+    raise ValueError(f"LATENTSPACE_BENCH_PART: expected 'all', 'plain' or 'opt-ins', got {BENCH_PART!r}")
+
+
+@pytest.fixture(autouse=True)
+def _this_part_only(request):
+    """Skips the peers LATENTSPACE_BENCH_PART leaves to the other process."""
+    if BENCH_PART == "all":
+        return
+    callspec = getattr(request.node, "callspec", None)
+    peer = callspec.params.get("peer") if callspec is not None else None
+    opt_in = peer is not None and names_opt_in(peer)
+    if opt_in != (BENCH_PART == "opt-ins"):
+        pytest.skip(f"LATENTSPACE_BENCH_PART={BENCH_PART}: the {'opt-in' if opt_in else 'plain'} peers run apart")
 
 
 def rounds_for(seconds: float) -> int:

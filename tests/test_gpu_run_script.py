@@ -68,22 +68,24 @@ def _bench(group, peer, median, **info):
     return {"group": group, "stats": {"median": median}, "extra_info": {"peer": peer, **info}}
 
 
-def test_the_report_merges_the_two_benchmark_runs(tmp_path):
-    """gpu_run.sh runs the large-k cells apart (two JSON files): the report reads both, roofs
-    from the first, and compares each opt-in peer with its plain one in either file."""
+def test_the_report_merges_the_benchmark_runs(tmp_path):
+    """gpu_run.sh runs the plain peers, the opt-in peers and the large-k cells apart (three
+    JSON files): the report reads them all, roofs from the first, and compares each opt-in peer
+    with its plain one across the files."""
     roof = {"group": "roof", "stats": {"median": 0.02},
             "extra_info": {"kind": "roof", "roof": "gemm fp32", "flops": 2 * 8192**3}}
     big = "big Q=10000 N=1000000 D=128 k=1024"
-    main = {"machine_info": {"python_version": "3.12"}, "benchmarks": [
-        roof, _bench(big, "latentspace.knn", 0.4, flops=2.56e15),
-        _bench(big, "latentspace.knn[fitted plan, warp cut-backs]", 0.1, flops=2.56e15),
-        _bench(big, "torch.mm+topk", 0.2, flops=2.56e15)]}
+    plain = {"machine_info": {"python_version": "3.12"}, "benchmarks": [
+        roof, _bench(big, "latentspace.knn", 0.4, flops=2.56e15), _bench(big, "torch.mm+topk", 0.2, flops=2.56e15)]}
+    opt_ins = {"machine_info": {}, "benchmarks": [
+        _bench(big, "latentspace.knn[fitted plan, warp cut-backs]", 0.1, flops=2.56e15)]}
     large = "large k Q=1000 N=1000000 D=128 k=16384"
     large_k = {"machine_info": {}, "benchmarks": [
         _bench(large, "latentspace.knn", 3.0, flops=2.56e14),
         _bench(large, "latentspace.knn[shared thresholds, warp cut-backs]", 1.5, flops=2.56e14)]}
     paths = []
-    for name, data in (("gpu_bench.json", main), ("gpu_bench_large_k.json", large_k)):
+    for name, data in (("gpu_bench_plain.json", plain), ("gpu_bench_opt-ins.json", opt_ins),
+                       ("gpu_bench_large_k.json", large_k)):
         (tmp_path / name).write_text(json.dumps(data))
         paths.append(str(tmp_path / name))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_knn_cuda.py"), *paths],
@@ -133,3 +135,19 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
                 # the opt-in family's kernels always compare scores as floats: its peers say so
                 if {"shared thresholds", "warp cut-backs"} & set(names) and peer.startswith("latentspace.knn"):
                     assert "float thresholds" in names, peer
+
+
+@pytest.mark.parametrize("peer,opt_in", [
+    ("latentspace.knn", False), ("torch.mm+topk", False), ("latentspace.knn[wmma]", False),
+    ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[fused finish]", True),
+    ("latentspace.FlatIndex[bf16 storage, float thresholds]", True), ("latentspace.knn[tree merge, no split rule]", True),
+    ("latentspace.knn(numpy, device='cuda')", False)])
+def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
+    """gpu_run.sh's opt-in process (LATENTSPACE_BENCH_PART=opt-ins) takes the peers whose
+    labels name an opt-in setting; the plain process all others."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _common import names_opt_in
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert names_opt_in(peer) is opt_in
