@@ -2,7 +2,8 @@
 
 Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in its
 "profile" stage):
-  python3 benchmarks/profile_knn_cuda.py [out.json]
+  python3 benchmarks/profile_knn_cuda.py [out.json]            # every section, one process each
+  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, copy, big, sweep
 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -212,21 +214,47 @@ def plan_sweep(report: dict) -> None:
         del x, q
 
 
-def main() -> None:
-    if not latentspace.cuda_available():
-        sys.exit("no usable CUDA GPU")
-    global DEVICE
-    DEVICE = torch.device("cuda", torch.cuda.current_device())
-    print(f"{torch.cuda.get_device_name(DEVICE)}, torch {torch.__version__}")
-    report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
-    q1_breakdown(report)
-    big_search_breakdown(report)
-    host_copy_rates(report)
-    plan_sweep(report)  # last: its large-k searches have never run
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(report, f, indent=1)
+# Each section runs in a process of its own, in this order: a never-run opt-in kernel that
+# faults leaves its process's CUDA context unusable, and must not take the sections after it
+# along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
+SECTIONS = {"q1": q1_breakdown, "copy": host_copy_rates, "big": big_search_breakdown,
+            "sweep": plan_sweep}  # the sweep last: its large-k searches have never run
+
+
+def main(argv: list[str]) -> int:
+    """profile_knn_cuda.py [out.json]: every section, each in its own process, merged into
+    out.json; profile_knn_cuda.py --section NAME [out.json]: that section here."""
+    if argv[:1] == ["--section"]:
+        if len(argv) < 2 or argv[1] not in SECTIONS:
+            sys.exit(f"--section: expected one of {', '.join(SECTIONS)}, got {argv[1:2]}")
+        if not latentspace.cuda_available():
+            sys.exit("no usable CUDA GPU")
+        global DEVICE
+        DEVICE = torch.device("cuda", torch.cuda.current_device())
+        report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
+        SECTIONS[argv[1]](report)
+        if len(argv) > 2:
+            with open(argv[2], "w") as f:
+                json.dump(report, f, indent=1)
+        return 0
+    out = argv[0] if argv else None
+    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
+    merged: dict = {}
+    failed = []
+    for name in SECTIONS:
+        part = f"{out}.{name}.json" if out else None
+        code = subprocess.run([sys.executable, "-u", __file__, "--section", name, *([part] if part else [])]).returncode
+        if code != 0:
+            failed.append(name)
+            print(f"\n== section {name} exited {code}")
+        elif part:
+            with open(part) as f:
+                merged.update(json.load(f))
+    if out:
+        with open(out, "w") as f:
+            json.dump(merged, f, indent=1)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

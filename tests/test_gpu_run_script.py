@@ -151,3 +151,15 @@ def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert names_opt_in(peer) is opt_in
+
+
+def test_the_profile_takes_known_sections_only():
+    """benchmarks/profile_knn_cuda.py runs each section in its own process (a faulting opt-in
+    kernel must not take the sections after it along): a section it does not know is refused
+    by name, and without a GPU every section says so and the run fails."""
+    script = str(ROOT / "benchmarks" / "profile_knn_cuda.py")
+    bad = subprocess.run([sys.executable, script, "--section", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--section: expected one of q1, copy, big, sweep, got ['nope']" in bad.stderr
+    if not __import__("latentspace").cuda_available():
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True)
+        assert run.returncode == 1 and run.stdout.count("exited 1") == 4
