@@ -161,17 +161,6 @@ Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t 
   return plan;
 }
 
-// The plan of a call: the splits that fill the GPU (choose_splits). With the fitted plan
-// (opt-in) and a workspace bound it exceeds: the most splits below those whose workspace fits
-// the bound; where none fits, the plan of least workspace, the most splits among equals (the
-// caller then gives fewer queries).
-//
-// The search is planned again with its workspace's size as the bound, and gets the same plan
-// as the sizing with the caller's bound B gave: with S the splits chosen under B, every count
-// above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
-// need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
-// more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
-// list holds at most its split's rows.)
 void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
   LS_CHECK_VALUE(nb < (int64_t{1} << 31), "database: at most 2^31 - 1 rows per search on the GPU, got ", nb);
   LS_CHECK_VALUE(k < (int64_t{1} << 29), "k: at most 2^29 - 1 per GPU call, got ", k);
@@ -179,8 +168,19 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
                  nq, " * ", k, " (search the queries in chunks)");
 }
 
-// make_plan for a given multiprocessor count and CUB temporary size: host arithmetic only, so
-// that the CPU tests run the plan's logic where there is no GPU (knn_cuda_plan_for).
+// The plan of a call (make_plan's, for a given multiprocessor count and CUB temporary size:
+// host arithmetic only, so that the CPU tests run it where there is no GPU, knn_cuda_plan_for):
+// the splits that fill the GPU (choose_splits). With the fitted plan (opt-in) and a workspace
+// bound it exceeds: the most splits below those whose workspace fits the bound; where none
+// fits, the plan of least workspace, the most splits among equals (the caller then gives
+// fewer queries).
+//
+// The search is planned again with its workspace's size as the bound, and gets the same plan
+// as the sizing with the caller's bound B gave: with S the splits chosen under B, every count
+// above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
+// need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
+// more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
+// list holds at most its split's rows.)
 Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound, size_t cub_bytes) {
   check_plan_sizes(nq, nb, k);
   // The plan holds for every precision (the workspace size does not depend on it): splits
