@@ -10,12 +10,14 @@ Bars (issue 6):
     the measured GEMM rate of that precision;
   q1: latentspace (knn and FlatIndex) within 1.5x of the time to read the database once.
 Opt-ins: each peer whose brackets name opt-in settings (_common.CUDA_KNN_OPT_INS) against
-the same peer without them in the same cell: the figures for choosing the defaults.
+the same peer without them in the same cell, then per set of opt-ins the geometric mean,
+least and most of those speed-ups: the figures for choosing the defaults.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 
@@ -39,6 +41,25 @@ def without_opt_ins(peer: str) -> str:
     name, inside = peer[:-1].split("[", 1)
     kept = [part.strip() for part in inside.split(",") if part.strip() not in OPT_INS]
     return f"{name}[{', '.join(kept)}]" if kept else name
+
+
+def opt_ins_of(peer: str) -> str:
+    """The opt-ins a peer's label names, in the label's order: "latentspace.FlatIndex[bf16
+    storage, float thresholds, shared thresholds]" -> "float thresholds, shared thresholds"."""
+    if not peer.endswith("]") or "[" not in peer:
+        return ""
+    return ", ".join(part.strip() for part in peer[:-1].split("[", 1)[1].split(",") if part.strip() in OPT_INS)
+
+
+def opt_in_summary(rows) -> list[tuple[str, int, float, float, float]]:
+    """Per set of opt-ins (as a label names them): (the set, cells, geometric mean, least and
+    most speed-up over the same peer without them), from opt_in_rows: what choosing a default
+    needs at a glance."""
+    by_set: dict[str, list[float]] = defaultdict(list)
+    for _, peer, median, _, base_median in rows:
+        by_set[opt_ins_of(peer)].append(base_median / median)
+    return [(name, len(speedups), math.exp(sum(map(math.log, speedups)) / len(speedups)), min(speedups),
+             max(speedups)) for name, speedups in sorted(by_set.items())]
 
 
 def opt_in_rows(cells) -> list[tuple[str, str, float, str, float]]:
@@ -133,6 +154,10 @@ def main(*paths: str) -> int:
         for group, peer, median, base, base_median in rows:
             print(f"| {group} | {peer} | {median * 1e3:.2f} | {base} | {base_median * 1e3:.2f} | "
                   f"{base_median / median:.3f}x |")
+        print("\n| opt-ins | cells | speed-up, geometric mean | least | most |")
+        print("|---|---:|---:|---:|---:|")
+        for name, count, mean, least, most in opt_in_summary(rows):
+            print(f"| {name} | {count} | {mean:.3f}x | {least:.3f}x | {most:.3f}x |")
     return 0
 
 

@@ -95,6 +95,23 @@ def test_the_report_merges_the_benchmark_runs(tmp_path):
     assert f"| {big} | latentspace.knn[fitted plan, warp cut-backs] | 100.00 | latentspace.knn | 400.00 | 4.000x |" in out
     assert f"| {large} | latentspace.knn[shared thresholds, warp cut-backs] | 1500.00 | latentspace.knn | 3000.00 | 2.000x |" in out
     assert f"{big}: at least 2x the faster torch peer | NO | 0.500x" in out
+    assert "| fitted plan, warp cut-backs | 1 | 4.000x | 4.000x | 4.000x |" in out
+    assert "| shared thresholds, warp cut-backs | 1 | 2.000x | 2.000x | 2.000x |" in out
+
+
+def test_the_report_summarises_each_set_of_opt_ins(tmp_path):
+    """Per set of opt-ins: the geometric mean, least and most of its speed-ups over the same
+    peers without it, across cells and across the peers it was added to."""
+    cells = []
+    for cell, plain, fast in (("big k=10", 0.4, 0.2), ("big k=100", 0.4, 0.8)):
+        cells += [_bench(cell, "latentspace.knn", plain), _bench(cell, "latentspace.knn[fused finish]", fast),
+                  _bench(cell, "latentspace.FlatIndex[bf16 storage]", 1.0),
+                  _bench(cell, "latentspace.FlatIndex[bf16 storage, fused finish]", 0.5)]
+    (tmp_path / "a.json").write_text(json.dumps({"machine_info": {}, "benchmarks": cells}))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_knn_cuda.py"), str(tmp_path / "a.json")],
+                         capture_output=True, text=True, check=True).stdout
+    # speed-ups 2, 0.5 (knn) and 2, 2 (FlatIndex): geometric mean 2^(2/4) = 1.414
+    assert "| fused finish | 4 | 1.414x | 0.500x | 2.000x |" in out
 
 
 def test_the_script_runs_its_preamble_without_stages(tmp_path):
