@@ -22,9 +22,13 @@ echo "== build"
 export LATENTSPACE_CUDA_ARCHITECTURES="${LATENTSPACE_CUDA_ARCHITECTURES:-90}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 start=$(date +%s)
-if [ "${GPU_RUN_BUILD:-1}" = 0 ]; then
+installed_cuda_build() {
+  python3 -c "import sys, latentspace; sys.exit(0 if latentspace.build_info()['cuda_compiled'] else 1)" 2>/dev/null
+}
+if [ "${GPU_RUN_BUILD:-1}" = 0 ] && installed_cuda_build; then
   # A second call on the same warm machine (the package the first call installed is kept):
-  # the stages the first call's time did not reach, without building again.
+  # the stages the first call's time did not reach, without building again. (A machine
+  # handed back while idle comes fresh, with no build: then it builds after all.)
   echo "skipped (GPU_RUN_BUILD=0): the installed package"
 else
   python3 -m pip install --no-build-isolation --no-deps . 2>&1 | tail -3 || { echo "BUILD FAILED"; exit 1; }
@@ -54,12 +58,14 @@ fi
 # time, in the order tests, benchmarks, profile, sanitizer (the benchmarks were the stage a
 # run lost to the time limit before). Measured on an H100 (2026-11-26, run 6): build 128 s,
 # tests 39 s, benchmarks 44 s, memcheck 111 s; the machine's start about 30 s; run 7: build
-# 51 s (one CUDA file per metric), profile 11 s. Since, not yet measured: 932 GPU kNN tests
+# 51 s (one CUDA file per metric), profile 11 s. Since, not yet measured: 977 GPU tests
 # (300 in run 6: the opt-ins' fixtures and tests), more benchmark cells (the opt-ins' peers,
-# the large-k cells apart) and the profile's plan sweep. Estimated 10 minutes in all, more
-# than one device call's 600 s: run it as two calls (docs/gpu-runs.md, "Owed"):
-#   GPU_RUN_STAGES="tests bench profile" bash benchmarks/gpu_run.sh            # timeout_s 600
-#   GPU_RUN_BUILD=0 GPU_RUN_STAGES=sanitizer bash benchmarks/gpu_run.sh        # timeout_s 200
+# in processes of their own) and the profile's plan sweep, one process per section.
+# Estimated 10 minutes in all, more than one device call's 600 s: run it as two calls on the
+# same warm machine, the second right after the first (an idle machine is handed back after
+# about 30 s; docs/gpu-runs.md, "Owed"):
+#   GPU_RUN_STAGES="tests bench" bash benchmarks/gpu_run.sh                        # timeout_s 600
+#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh  # what is left, <= 300
 # GPU_RUN_STAGES picks some stages; all four by default.
 STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
 status=0
@@ -81,18 +87,20 @@ if [[ " $STAGES " == *" bench "* ]]; then
   echo "== GPU benchmarks"
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
   if [ -n "$gpu_benchmarks" ]; then
-    # Three runs, each with its own JSON (pytest-benchmark writes its JSON only at the end, so a
+    # Four runs, each with its own JSON (pytest-benchmark writes its JSON only at the end, so a
     # run stopped at its limit leaves none): the plain peers (torch's, the defaults', the
     # roofs); the opt-in peers, none of which has run on a GPU (a kernel that faults leaves
     # its process's CUDA context unusable: apart, it cannot take the plain figures with it);
-    # the large-k cells, never run either (k = 16,384 may be the cliff the issue rules out).
-    for part in plain opt-ins large_k; do
+    # the large-k cells, never run either (k = 16,384 may be the cliff the issue rules out),
+    # plain and opt-in apart too.
+    for part in plain opt-ins large_k_plain large_k_opt-ins; do
       case $part in
-        plain) selection="not large_k"; limit="${GPU_RUN_BENCH_SECONDS:-110}" ;;
-        opt-ins) selection="not large_k"; limit="${GPU_RUN_OPT_IN_BENCH_SECONDS:-130}" ;;
-        large_k) selection="large_k"; limit="${GPU_RUN_LARGE_K_SECONDS:-70}" ;;
+        plain) selection="not large_k"; limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
+        opt-ins) selection="not large_k"; limit="${GPU_RUN_OPT_IN_BENCH_SECONDS:-110}" ;;
+        large_k_plain) selection="large_k"; limit="${GPU_RUN_LARGE_K_SECONDS:-35}" ;;
+        large_k_opt-ins) selection="large_k"; limit="${GPU_RUN_LARGE_K_OPT_IN_SECONDS:-55}" ;;
       esac
-      bench_part=$([ "$part" = large_k ] && echo all || echo "$part")
+      bench_part=${part#large_k_}
       start=$(date +%s)
       LATENTSPACE_BENCH_PART=$bench_part timeout -k 10 "$limit" python3 -m pytest $gpu_benchmarks -q -rfE \
         --tb=short -k "$selection" --benchmark-json="${OUT:-.}/gpu_bench_$part.json" > "${OUT:-.}/gpu_bench_$part.log" 2>&1
@@ -100,8 +108,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
       grep -E "^(FAILED|ERROR)|passed|failed|Error" "${OUT:-.}/gpu_bench_$part.log" | head -20
       echo "benchmark ($part) seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench_$part.log)"
     done
-    jsons=$(ls "${OUT:-.}"/gpu_bench_plain.json "${OUT:-.}"/gpu_bench_opt-ins.json "${OUT:-.}"/gpu_bench_large_k.json \
-      2>/dev/null || true)
+    jsons=$(ls "${OUT:-.}"/gpu_bench_*.json 2>/dev/null || true)
     [ -n "$jsons" ] && python3 benchmarks/report_knn_cuda.py $jsons
   else
     echo "no GPU benchmarks yet"

@@ -15,8 +15,9 @@ Questions the benchmark's totals cannot answer:
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
   3. A streamed search's host copy into pinned memory: its rate with 1 thread and more.
-  4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR) and the opt-in shared thresholds
-     against the search time at k = 1024, faiss #3045's shape and k = 16,384 (plan_sweep).
+  4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR), the workspace bound and the opt-in
+     tree merge, shared thresholds and fitted plan against the search time at k = 1024,
+     faiss #3045's shape and k = 16,384 (plan_sweep).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs.
 """
@@ -114,7 +115,7 @@ def q1_breakdown(report: dict) -> None:
             "query check (flag + .item())": lambda: _arrays.unusable_row_flag(q).item(),
             "search_resident (native call, its planning)": lambda: _cuda_search.search_resident(
                 backend, q, database, 10, "l2", workspace, norms=norms),
-            "workspace_of (native plan)": lambda: backend.workspace_of(1, n, 10),
+            "workspace_of (native plan)": lambda: backend.workspace_of(1, n, 10, workspace),
             "CudaBackend()": lambda: _cuda_search.CudaBackend(index._device),
             "empty sync": lambda: None,
         }
@@ -152,8 +153,8 @@ def host_copy_rates(report: dict) -> None:
 # defaults: rule 32, 1 GiB, no tree, thresholds per split, the filling plan. Rule
 # 0: no rule (splits only to fill the GPU), the plan the tree merge is for. The fitted plan
 # (LATENTSPACE_CUDA_FITTED_PLAN) changes only plans over their bound: at k = 1024 all 10,000
-# queries in one call of fewer splits (computed); at k = 16,384 with no rule, a few splits of
-# all 1,000 queries instead of 528 blocks of 66 (computed), the case against it for a large k.
+# queries in one call of fewer splits (computed); at k = 16,384 with no rule, one call of 2
+# splits (16 blocks) instead of 8 calls of 521 blocks (computed), the case against it there.
 SWEEP = {
     "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024, [
         (32, 1, "0", "0", "0"), (32, 1, "0", "1", "0"), (32, 1, "0", "0", "1"), (32, 1, "0", "1", "1"),

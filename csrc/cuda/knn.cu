@@ -128,8 +128,9 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
 }
 
 // Whether a plan whose workspace exceeds its bound takes fewer splits instead (opt-in:
-// LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no). Read at every plan, like the split
-// rule: the workspace size and the search agree as long as it does not change between them.
+// LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no). Read by every plan over its bound
+// (and by every search, refuse_bad_settings): the workspace size and the search agree as long
+// as it does not change between them.
 //
 // Why: the splits that fill the GPU are chosen per call, and each split of each query keeps a
 // list of `capacity` keys. At k = 1024 (capacity 2048, 16 KiB) the 1 GiB default bound holds

@@ -534,10 +534,22 @@ def test_host_streaming_many_more_chunks(rng):
 
 
 def test_small_host_streaming_starts_with_small_chunks(monkeypatch, rng):
-    # The floor lifted: chunks of 1/8, 1/4, 1/2 of the pinned buffers' rows first, each
-    # through the same two buffers (a chunk shorter than its buffer).
+    # The floor lifted: chunks of an eighth of the pinned buffers' rows, then twice and four
+    # times that, each through the same two buffers (a chunk shorter than its buffer).
     monkeypatch.setattr(_cuda_search, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
+    plans = []
+    plan_stream_chunks = _cuda_search.plan_stream_chunks
+
+    def spy(*args):
+        plans.append(plan_stream_chunks(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(_cuda_search, "plan_stream_chunks", spy)
     _host_streaming_many_chunks(5, 3000, rng)
+    sizes = [stop - start for start, stop in plans[0]]
+    _, rows = _cuda_search.plan_host_stream(5, 3000, 8, 7, 4096, 1 << 30)  # the pinned buffers' rows
+    first = rows // 8
+    assert len(plans) == 1 and sizes[:3] == [first, 2 * first, 4 * first] and max(sizes) == rows, sizes
 
 
 def _host_streaming_many_chunks(nq, n, rng):
@@ -949,9 +961,9 @@ def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precis
     for shared in ("0", "1"):
         monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", shared)
         results = _same_with_and_without("LATENTSPACE_CUDA_WARP_CUT_BACKS", monkeypatch, searches)
-    if precision == "fp32":
-        for d, i in results:
-            assert_matches_reference(d, i, queries, database, k, metric)
+        if precision == "fp32":
+            for d, i in results:
+                assert_matches_reference(d, i, queries, database, k, metric)
 
 
 @pytest.mark.parametrize("metric", METRICS)
