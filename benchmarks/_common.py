@@ -42,12 +42,22 @@ CUDA_KNN_OPT_INS = {"fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
                     "float thresholds": ("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1")}
 
 
+def split_label(peer: str) -> tuple[str, list[str], list[str]]:
+    """A peer's label cut into its name, the opt-ins its brackets name (CUDA_KNN_OPT_INS, in
+    the label's order) and its other bracket words, which describe the peer itself:
+    "latentspace.FlatIndex[bf16 storage, fused finish]" -> ("latentspace.FlatIndex",
+    ["fused finish"], ["bf16 storage"]); "torch.mm+topk" -> ("torch.mm+topk", [], [])."""
+    if not peer.endswith("]") or "[" not in peer:
+        return peer, [], []
+    name, inside = peer[:-1].split("[", 1)
+    parts = [part.strip() for part in inside.split(",")]
+    return name, [p for p in parts if p in CUDA_KNN_OPT_INS], [p for p in parts if p not in CUDA_KNN_OPT_INS]
+
+
 def names_opt_in(peer: str) -> bool:
     """Whether a peer's label names an opt-in setting: "latentspace.knn[fused finish]" yes,
     "latentspace.FlatIndex[bf16 storage, wmma]" and "torch.mm+topk" no."""
-    if not peer.endswith("]") or "[" not in peer:
-        return False
-    return any(part.strip() in CUDA_KNN_OPT_INS for part in peer[peer.index("[") + 1 : -1].split(","))
+    return bool(split_label(peer)[1])
 
 
 @contextlib.contextmanager

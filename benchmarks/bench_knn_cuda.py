@@ -70,7 +70,7 @@ import math
 import os
 
 import pytest
-from _common import CUDA_KNN_OPT_INS, environment, names_opt_in, timed_call
+from _common import CUDA_KNN_OPT_INS, environment, names_opt_in, split_label, timed_call
 
 import latentspace
 import torch
@@ -319,9 +319,8 @@ def knn_peer_call(peer: str, search, *args, **kwargs):
     """A latentspace peer's timed call: search(*args, **kwargs), with the settings of the
     variants its label names ("latentspace.FlatIndex[early norms, fused finish]")."""
     call = synced(search, *args, **kwargs)
-    for variant, (variable, value) in CUDA_KNN_OPT_INS.items():
-        if variant in peer:
-            call = with_env(variable, value, call)
+    for variant in split_label(peer)[1]:
+        call = with_env(*CUDA_KNN_OPT_INS[variant], call)
     return call
 
 

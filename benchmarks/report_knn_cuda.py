@@ -21,11 +21,7 @@ import math
 import sys
 from collections import defaultdict
 
-from _common import CUDA_KNN_OPT_INS  # benchmarks/ is the script's folder, first on sys.path
-
-# The opt-in settings a peer's brackets may name; other words there ("wmma", "bf16 storage")
-# describe the peer itself.
-OPT_INS = tuple(CUDA_KNN_OPT_INS)
+from _common import split_label  # benchmarks/ is the script's folder, first on sys.path
 
 
 def is_latentspace(peer: str) -> bool:
@@ -36,19 +32,16 @@ def is_latentspace(peer: str) -> bool:
 def without_opt_ins(peer: str) -> str:
     """The peer's label without its opt-ins: "latentspace.FlatIndex[bf16 storage, fused finish]"
     -> "latentspace.FlatIndex[bf16 storage]"; "latentspace.knn[fused finish]" -> "latentspace.knn"."""
-    if not peer.endswith("]") or "[" not in peer:
+    name, opt_ins, kept = split_label(peer)
+    if not opt_ins:
         return peer
-    name, inside = peer[:-1].split("[", 1)
-    kept = [part.strip() for part in inside.split(",") if part.strip() not in OPT_INS]
     return f"{name}[{', '.join(kept)}]" if kept else name
 
 
 def opt_ins_of(peer: str) -> str:
     """The opt-ins a peer's label names, in the label's order: "latentspace.FlatIndex[bf16
     storage, float thresholds, shared thresholds]" -> "float thresholds, shared thresholds"."""
-    if not peer.endswith("]") or "[" not in peer:
-        return ""
-    return ", ".join(part.strip() for part in peer[:-1].split("[", 1)[1].split(",") if part.strip() in OPT_INS)
+    return ", ".join(split_label(peer)[1])
 
 
 def opt_in_summary(rows) -> list[tuple[str, int, float, float, float]]:

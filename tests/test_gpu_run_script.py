@@ -24,6 +24,17 @@ def _racecheck_tests() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def _benchmark_common():
+    """benchmarks/_common.py, as the benchmark scripts import it (their folder on sys.path)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return _common
+
+
+@functools.lru_cache(maxsize=None)
 def _collected(*args: str) -> list[str]:
     """Node ids pytest collects for these arguments (the GPU tests are collected everywhere and
     skipped without a GPU)."""
@@ -134,11 +145,7 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
     opt-in. Read from the source: the module skips itself where there is no GPU."""
     import ast
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _common import CUDA_KNN_OPT_INS
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    split_label = _benchmark_common().split_label
     tree = ast.parse((ROOT / "benchmarks" / "bench_knn_cuda.py").read_text())
     groups = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
               if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
@@ -146,12 +153,11 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
     assert {"BIG_PEERS", "TENSOR_PEERS", "Q1_PEERS", "LARGE_K_PEERS"} <= set(groups)
     for peers in groups.values():
         for peer in peers:
-            if peer.endswith("]"):
-                names = peer[peer.index("[") + 1 : -1].split(", ")
-                assert all(name in CUDA_KNN_OPT_INS or name in ("wmma", "bf16 storage") for name in names), peer
-                # the opt-in family's kernels always compare scores as floats: its peers say so
-                if {"shared thresholds", "warp cut-backs"} & set(names) and peer.startswith("latentspace.knn"):
-                    assert "float thresholds" in names, peer
+            _, opt_ins, others = split_label(peer)
+            assert all(word in ("wmma", "bf16 storage") for word in others), peer
+            # the opt-in family's kernels always compare scores as floats: its peers say so
+            if {"shared thresholds", "warp cut-backs"} & set(opt_ins) and peer.startswith("latentspace.knn"):
+                assert "float thresholds" in opt_ins, peer
 
 
 @pytest.mark.parametrize("peer,opt_in", [
@@ -162,12 +168,7 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
 def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
     """gpu_run.sh's opt-in process (LATENTSPACE_BENCH_PART=opt-ins) takes the peers whose
     labels name an opt-in setting; the plain process all others."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _common import names_opt_in
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    assert names_opt_in(peer) is opt_in
+    assert _benchmark_common().names_opt_in(peer) is opt_in
 
 
 def test_the_profile_takes_known_sections_only():
