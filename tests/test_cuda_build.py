@@ -28,3 +28,23 @@ def test_no_gpu_is_reported_cleanly():
     assert ls.cuda_available() is False
     assert info["cuda_devices"] == []
     assert isinstance(info["cuda_unavailable_reason"], str) and info["cuda_unavailable_reason"]
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+def test_float_thresholds_keep_every_key_the_default_takes(tmp_path):
+    """The opt-in family compares a score as a float with threshold_score(threshold) before it
+    forms the score's key (knn_scan.cuh, offer_scores_first). Built from the real header and
+    run on the host (no GPU needed): over 2 million pairs, equal scores, -0, denormals, NaN and
+    the empty key among them, no key the default `key < threshold` takes may fail the float
+    compare."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    program = tmp_path / "float_threshold_check"
+    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", f"-I{root / 'csrc'}", "-x", "cu",
+                    str(root / "tests" / "cuda_host" / "float_threshold_check.cu"), "-o", str(program)],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([str(program), "2000000"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dropped wrongly 0" in result.stdout and "taken 0," not in result.stdout

@@ -236,7 +236,8 @@ __device__ inline void finish_lists(Shared& s, ListOf list_of, int queries, cons
 
 // The score a threshold key stands for (its high 32 bits), so that a score can be compared
 // with the threshold before its 64-bit key is formed; +inf for the empty key (take every row).
-__device__ inline float threshold_score(uint64_t threshold) {
+// Host too: tests/cuda_host/float_threshold_check.cu checks it where there is no GPU.
+__host__ __device__ inline float threshold_score(uint64_t threshold) {
   return threshold == kEmptyKey ? INFINITY : from_order_preserving_bits(static_cast<uint32_t>(threshold >> 32));
 }
 
@@ -249,9 +250,9 @@ __device__ inline float threshold_score(uint64_t threshold) {
 // score and one float compare. Exact: the order-preserving map is strictly increasing (with
 // -0 as +0), so a score below the threshold score has a smaller key, one above a larger key,
 // and only an equal score needs its key (the lower index wins), which the kept check
-// `key < threshold` decides (checked on the host over 20 million pairs, equal scores, -0,
-// denormals and the empty key among them). A full-tile version without the per-score row
-// bound spilled registers (ptxas), so the bound stays.
+// `key < threshold` decides (tests/cuda_host/float_threshold_check.cu checks it on the host:
+// equal scores, -0, denormals, NaN and the empty key among its pairs). A full-tile version
+// without the per-score row bound spilled registers (ptxas), so the bound stays.
 template <Metric kMetric, class Tile, class ListOf>
 __device__ __forceinline__ void offer_scores_first(const ScanArgs& a, ScanShared<Tile>& s,
                                                    const float (&acc)[Tile::kRows][Tile::kCols],
