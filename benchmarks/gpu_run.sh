@@ -102,11 +102,14 @@ if [[ " $STAGES " == *" bench "* ]]; then
       esac
       bench_part=${part#large_k_}
       start=$(date +%s)
+      # One log for the four parts: the device tool brings back at most 8 files from $OUT.
+      echo "==== part $part" >> "${OUT:-.}/gpu_bench.log"
       LATENTSPACE_BENCH_PART=$bench_part timeout -k 10 "$limit" python3 -m pytest $gpu_benchmarks -q -rfE \
-        --tb=short -k "$selection" --benchmark-json="${OUT:-.}/gpu_bench_$part.json" > "${OUT:-.}/gpu_bench_$part.log" 2>&1
+        --tb=short -k "$selection" --benchmark-json="${OUT:-.}/gpu_bench_$part.json" > "/tmp/gpu_bench_$part.log" 2>&1
       code=$?
-      grep -E "^(FAILED|ERROR)|passed|failed|Error" "${OUT:-.}/gpu_bench_$part.log" | head -20
-      echo "benchmark ($part) seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench_$part.log)"
+      cat "/tmp/gpu_bench_$part.log" >> "${OUT:-.}/gpu_bench.log"
+      grep -E "^(FAILED|ERROR)|passed|failed|Error" "/tmp/gpu_bench_$part.log" | head -20
+      echo "benchmark ($part) seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
     done
     jsons=$(ls "${OUT:-.}"/gpu_bench_*.json 2>/dev/null || true)
     [ -n "$jsons" ] && python3 benchmarks/report_knn_cuda.py $jsons
