@@ -215,11 +215,58 @@ def plan_sweep(report: dict) -> None:
         del x, q
 
 
+# The defaults GPU run 8 chose (docs/gpu-runs.md): shape -> (Q, N, D, k). Each is searched
+# with the defaults, with the large-k plan off (LATENTSPACE_CUDA_TREE_MERGE=0), and with the
+# defaults before run 8 (no fused finish, shared thresholds, fitted plan or large-k plan), to
+# check the flips and place the large-k plan's threshold (knn.cu plan_for: the split rule's
+# blocks under the multiprocessors' count; run 8 measured 8 and 56 blocks faster without the
+# rule, 240 slower), float32, 1 GiB workspace.
+DEFAULTS_SHAPES = {
+    "Q=1 N=1M D=128 k=10": (1, 1_000_000, 128, 10),
+    "Q=1 N=1M D=128 k=1024": (1, 1_000_000, 128, 1024),
+    "Q=100 N=1M D=128 k=4096": (100, 1_000_000, 128, 4096),
+    "Q=300 N=1M D=128 k=1024": (300, 1_000_000, 128, 1024),
+    "Q=1000 N=1M D=128 k=1024": (1000, 1_000_000, 128, 1024),
+    "Q=1000 N=1M D=128 k=2048": (1000, 1_000_000, 128, 2048),
+    "Q=1000 N=1M D=128 k=4096": (1000, 1_000_000, 128, 4096),
+    "Q=10000 N=1M D=128 k=100": (10_000, 1_000_000, 128, 100),
+    "Q=10000 N=1M D=128 k=1024": (10_000, 1_000_000, 128, 1024),
+}
+DEFAULTS_CONFIGURATIONS = {
+    "defaults": {},
+    "no large-k plan": {"LATENTSPACE_CUDA_TREE_MERGE": "0"},
+    "before run 8": {"LATENTSPACE_CUDA_TREE_MERGE": "0", "LATENTSPACE_CUDA_SHARED_THRESHOLDS": "0",
+                     "LATENTSPACE_CUDA_FUSED_FINISH": "0", "LATENTSPACE_CUDA_FITTED_PLAN": "0"},
+}
+
+
+def defaults_check(report: dict) -> None:
+    """Each DEFAULTS_SHAPES search under each DEFAULTS_CONFIGURATIONS (median ms of 5 after one
+    warm-up, each call ending with torch.cuda.synchronize()), with the first native call's plan
+    under the defaults."""
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    report["defaults"] = rows = []
+    print("\n== the defaults against the large-k plan off and the defaults before run 8 (float32; ms, median of 5)")
+    for shape, (nq, n, dim, k) in DEFAULTS_SHAPES.items():
+        x = torch.randn(n, dim, generator=g, device=DEVICE)
+        q = torch.randn(nq, dim, generator=g, device=DEVICE)
+        times = {}
+        for name, settings in DEFAULTS_CONFIGURATIONS.items():
+            unset = {v: "" for v in DEFAULTS_CONFIGURATIONS["before run 8"]}
+            with environment(**{**unset, **settings}):
+                times[name] = median_ms(lambda: latentspace.knn(q, x, k), repeats=5, warmup=1)
+        plan = _native._cuda_plan(min(nq, 10_000), n, k, DEVICE.index, _cuda_search.DEFAULT_WORKSPACE_BYTES)
+        rows.append({"shape": shape, "ms": times, "plan": plan})
+        print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
+              + f"  | plan: {plan['query_tiles']} x {plan['splits']} blocks{' tree' if plan['tree'] else ''}")
+        del x, q
+
+
 # Each section runs in a process of its own, in this order: a never-run opt-in kernel that
 # faults leaves its process's CUDA context unusable, and must not take the sections after it
 # along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
 SECTIONS = {"q1": q1_breakdown, "copy": host_copy_rates, "big": big_search_breakdown,
-            "sweep": plan_sweep}  # the sweep last: its large-k searches have never run
+            "sweep": plan_sweep, "defaults": defaults_check}
 
 
 def main(argv: list[str]) -> int:

@@ -897,27 +897,29 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_mma_tile: the mma.sync tile unless "wmma"
     "LATENTSPACE_CUDA_TENSOR_TILE": ("_cuda_tensor_tile",
                                      [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma")], "WMMA"),
-    # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish only with "1"
-    "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, False), ("", False), ("0", False), ("1", True)],
+    # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish unless "0"
+    "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, True), ("", True), ("0", False), ("1", True)],
                                       "yes"),
     # csrc/cuda/knn_scan_launch.cuh, use_early_norms: the row scan's norms loaded ahead only with "1"
     "LATENTSPACE_CUDA_EARLY_NORMS": ("_cuda_early_norms", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "true"),
-    # csrc/cuda/knn.cu, use_tree_merge: more than 8 splits merged as a tree only with "1"
-    "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, False), ("", False), ("0", False), ("1", True)],
-                                    "tree"),
+    # csrc/cuda/knn.cu, tree_merge_setting: "auto" (the large-k plan), "1" (past 8 splits), "0"
+    "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("0", "0"),
+                                                         ("1", "1")], "tree"),
     # csrc/cuda/knn_scan_launch.cuh, use_warp_cut_backs: the tile scan's cut-backs by warps only with "1"
     "LATENTSPACE_CUDA_WARP_CUT_BACKS": ("_cuda_warp_cut_backs", [(None, False), ("", False), ("0", False), ("1", True)],
                                         "warp"),
     # csrc/cuda/knn_scan_launch.cuh, use_float_thresholds: scores checked as floats first only with "1"
     "LATENTSPACE_CUDA_FLOAT_THRESHOLDS": ("_cuda_float_thresholds",
                                           [(None, False), ("", False), ("0", False), ("1", True)], "float"),
-    # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits only with "1"
-    "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, False), ("", False), ("0", False), ("1", True)],
+    # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits unless "0"
+    "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, True), ("", True), ("0", False), ("1", True)],
                                      "fit"),
-    # csrc/cuda/knn_scan_launch.cuh, use_shared_thresholds: a query's splits share one bound only with "1"
+    # csrc/cuda/knn_scan_launch.cuh, shared_thresholds_setting: "auto" (several splits, the tile
+    # scan), "1" (every search), "0" (none)
     "LATENTSPACE_CUDA_SHARED_THRESHOLDS": ("_cuda_shared_thresholds",
-                                           [(None, False), ("", False), ("0", False), ("1", True)], "on"),
+                                           [(None, "auto"), ("", "auto"), ("auto", "auto"), ("0", "0"), ("1", "1")],
+                                           "on"),
 }
 
 
@@ -980,26 +982,59 @@ def _plan(nq, nb, k, bound=None):
 @pytest.fixture
 def plan_settings(monkeypatch):
     """The plan's settings as a test sets them, none inherited from the environment."""
-    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR"):
+    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE"):
         monkeypatch.delenv(variable, raising=False)
     return monkeypatch
 
 
+def _rule_splits(nb, k):
+    return max(1, -(-nb // 128) * 128 // (32 * k))  # splits at least 32 k rows long
+
+
 @needs_cuda_build
-@pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 10), (10_000, 1_000_000, 1024), (300, 1_000_000, 1024),
-                                     (1, 1_000_000, 10), (5000, 8192, 32), (1000, 1_000_000, 16384)])
-def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, plan_settings):
+@pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 10), (10_000, 1_000_000, 1024), (1000, 1_000_000, 1024),
+                                     (1, 1_000_000, 10), (5000, 8192, 32), (20_000, 1_000_000, 16384)])
+@pytest.mark.parametrize("tree", ["", "0"])
+def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings):
+    """Where the split rule leaves at least a block per multiprocessor (and always with the
+    large-k plan off, LATENTSPACE_CUDA_TREE_MERGE=0): the splits that fill the GPU within the
+    rule, one merge block per query."""
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", tree)
     plan = _plan(nq, nb, k)
     assert plan["query_tiles"] == -(-nq // 128) and plan["split_length"] % 128 == 0
     assert plan["splits"] * plan["split_length"] >= nb > (plan["splits"] - 1) * plan["split_length"]
     assert plan["capacity"] == min(k + max(k, 512), plan["split_length"])
-    rule_splits = max(1, -(-nb // 128) * 128 // (32 * k))  # splits at least 32 k rows long
     blocks = plan["query_tiles"] * plan["splits"]
-    assert plan["splits"] <= rule_splits
+    assert plan["splits"] <= _rule_splits(nb, k) and not plan["tree"]
     # two waves of the scan's two resident blocks per multiprocessor (splits rounded to whole
     # tiles: a few blocks fewer), unless the rule or the rows allow no more splits
-    assert blocks >= 0.95 * 2 * 2 * MULTIPROCESSORS or plan["splits"] >= min(rule_splits, -(-nb // 128) // 2) - 1
+    assert blocks >= 0.95 * 2 * 2 * MULTIPROCESSORS or plan["splits"] >= min(_rule_splits(nb, k), -(-nb // 128) // 2) - 1
+    plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "0")
     assert _plan(nq, nb, k, bound=1) == plan  # the bound changes nothing without the fitted plan
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k", [(1, 1_000_000, 1024), (100, 1_000_000, 4096), (300, 1_000_000, 1024),
+                                     (1000, 1_000_000, 2048), (1000, 1_000_000, 4096), (1000, 1_000_000, 16384),
+                                     (127, 1_000_000, 16384)])
+def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
+    """Where the split rule leaves fewer blocks than multiprocessors (a large k over few query
+    tiles, knn.cu plan_for): the splits that fill the GPU without the rule, merged as a tree;
+    never fitted to a bound (its splits are its point); with LATENTSPACE_CUDA_TREE_MERGE=0 the
+    rule's plan; with "1" the rule's plan too, merged as a tree past 8 splits."""
+    plan = _plan(nq, nb, k)
+    assert plan["query_tiles"] * _rule_splits(nb, k) < MULTIPROCESSORS  # the case
+    assert plan["tree"] and plan["splits"] > max(8, _rule_splits(nb, k))
+    assert plan["query_tiles"] * plan["splits"] >= 0.95 * 2 * 2 * MULTIPROCESSORS
+    plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
+    assert {**_plan(nq, nb, k), "tree": True} == plan  # the plan without the rule, merged as a tree
+    plan_settings.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR")
+    assert _plan(nq, nb, k, bound=plan["workspace_bytes"] // 4) == plan  # never fitted
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+    rule = _plan(nq, nb, k)
+    assert rule["splits"] <= _rule_splits(nb, k) and not rule["tree"]
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "1")
+    assert _plan(nq, nb, k) == {**rule, "tree": rule["splits"] > 8}
 
 
 @needs_cuda_build
@@ -1032,6 +1067,8 @@ def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
     blocks; fitted: all 10,000 queries in one call of 5 splits, 395 blocks."""
     def calls(fitted):
         plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", fitted)
+        # the plans before GPU run 8 without it (no large-k plan for the last call's 4 query tiles)
+        plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0" if fitted == "0" else "")
         bound = _cuda_search.DEFAULT_WORKSPACE_BYTES
         chunks = plan_query_chunks(10_000, 1024, lambda c: _plan(c, 1_000_000, 1024, bound)["workspace_bytes"], bound)
         first = chunks[0][1] - chunks[0][0]

@@ -177,7 +177,7 @@ def test_the_profile_takes_known_sections_only():
     by name, and without a GPU every section says so and the run fails."""
     script = str(ROOT / "benchmarks" / "profile_knn_cuda.py")
     bad = subprocess.run([sys.executable, script, "--section", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "--section: expected one of q1, copy, big, sweep, got ['nope']" in bad.stderr
+    assert bad.returncode == 1 and "--section: expected one of q1, copy, big, sweep, defaults, got ['nope']" in bad.stderr
     if not __import__("latentspace").cuda_available():
         run = subprocess.run([sys.executable, script], capture_output=True, text=True)
-        assert run.returncode == 1 and run.stdout.count("exited 1") == 4
+        assert run.returncode == 1 and run.stdout.count("exited 1") == 5

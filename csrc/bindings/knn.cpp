@@ -60,7 +60,7 @@ void bind_knn(py::module_& m) {
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
       py::arg("workspace_bound") = py::none(),
       "Bytes of device workspace knn_cuda needs for these sizes on this device; workspace_bound (None: "
-      "none): the most the caller gives, which the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1) fits.");
+      "none): the most the caller gives, which the fitted plan (on unless LATENTSPACE_CUDA_FITTED_PLAN=0) fits.");
   // Diagnostics (benchmarks/profile_knn_cuda.py, tests): a search's plan and the split rule.
   auto plan_dict = [](const KnnCudaPlan& plan) {
     py::dict out;
@@ -69,6 +69,7 @@ void bind_knn(py::module_& m) {
     out["split_length"] = plan.split_length;
     out["capacity"] = plan.capacity;
     out["workspace_bytes"] = plan.workspace_bytes;
+    out["tree"] = plan.tree;
     return out;
   };
   m.def(
@@ -81,7 +82,7 @@ void bind_knn(py::module_& m) {
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
       py::arg("workspace_bound") = py::none(),
       "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
-      "capacity, workspace_bytes (workspace_bound as for knn_cuda_workspace_bytes).");
+      "capacity, workspace_bytes (workspace_bound as for knn_cuda_workspace_bytes), tree (the lists merged as a tree).");
   m.def(
       "_cuda_plan_for",
       [plan_dict](int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
@@ -98,24 +99,25 @@ void bind_knn(py::module_& m) {
         "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
   m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,
         "Whether a GPU plan that needs more workspace than its bound takes fewer splits "
-        "(LATENTSPACE_CUDA_FITTED_PLAN=1, opt-in).");
+        "(on unless LATENTSPACE_CUDA_FITTED_PLAN=0).");
   m.def("_cuda_warp_cut_backs", &knn_cuda_warp_cut_backs,
         "Whether a GPU search's tile scan cuts its lists back by warps (LATENTSPACE_CUDA_WARP_CUT_BACKS=1, opt-in).");
   m.def("_cuda_float_thresholds", &knn_cuda_float_thresholds,
         "Whether a GPU search's tile scan compares scores with a float threshold before forming their keys "
         "(LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, opt-in).");
-  m.def("_cuda_tree_merge", &knn_cuda_tree_merge,
-        "Whether a GPU search of more than 8 splits merges them as a tree (LATENTSPACE_CUDA_TREE_MERGE=1, opt-in).");
+  m.def("_cuda_tree_merge", [] { return std::string(knn_cuda_tree_merge()); },
+        "The GPU tree merge's setting, LATENTSPACE_CUDA_TREE_MERGE: 'auto' (the large-k plan), '1' (every search "
+        "of more than 8 splits) or '0' (never).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
         "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");
   m.def("_cuda_fused_finish", &knn_cuda_fused_finish,
-        "Whether a GPU search finishes in one kernel (LATENTSPACE_CUDA_FUSED_FINISH=1, opt-in).");
+        "Whether a GPU search of k <= 1024 finishes in one kernel (on unless LATENTSPACE_CUDA_FUSED_FINISH=0).");
   m.def("_cuda_early_norms", &knn_cuda_early_norms,
         "Whether the GPU row scan loads its norms ahead (LATENTSPACE_CUDA_EARLY_NORMS=1, opt-in).");
-  m.def("_cuda_shared_thresholds", &knn_cuda_shared_thresholds,
-        "Whether a GPU search's database splits share their thresholds (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, "
-        "opt-in).");
+  m.def("_cuda_shared_thresholds", [] { return std::string(knn_cuda_shared_thresholds()); },
+        "The GPU shared thresholds' setting, LATENTSPACE_CUDA_SHARED_THRESHOLDS: 'auto' (where a query has "
+        "several splits and the tile scan runs), '1' (every search) or '0' (none).");
   m.def(
       "knn_cuda",
       [](uintptr_t queries, int64_t num_queries, uintptr_t database, int64_t num_database, int64_t dim, int64_t k,

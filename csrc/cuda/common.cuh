@@ -40,6 +40,24 @@ inline bool environment_switch(const char* name, const char* when_true, const ch
   return false;
 }
 
+// A three-way setting from the environment: an opt-out default that the library applies
+// where GPU runs measured it to pay (kAuto, the variable unset, empty or "auto"), forced on
+// everywhere ("1": for tests and experiments) or off ("0"); any other value throws
+// ValueError naming the variable and the values.
+enum class Setting { kAuto, kOn, kOff };
+
+inline Setting environment_setting(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return Setting::kAuto;
+  if (std::strcmp(value, "1") == 0) return Setting::kOn;
+  LS_CHECK_VALUE(std::strcmp(value, "0") == 0, name, ": expected 'auto', '0' or '1', got '", std::string(value), "'");
+  return Setting::kOff;
+}
+
+inline const char* setting_name(Setting setting) {
+  return setting == Setting::kAuto ? "auto" : setting == Setting::kOn ? "1" : "0";
+}
+
 // An integer setting from the environment, read where it applies: `when_unset` when the
 // variable `name` is unset or empty, else its value, which must be a whole number in
 // [least, most] (anything else throws ValueError naming the variable and the range).

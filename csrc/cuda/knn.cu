@@ -69,6 +69,7 @@ struct Plan {
   int capacity = 0;
   size_t cub_bytes = 0;
   size_t workspace_bytes = 0;
+  bool tree = false;  // the splits' lists merged as a tree (knn_merge_tree.cuh), not one block per query
 };
 
 struct Workspace {
@@ -109,11 +110,11 @@ int multiprocessor_count(int device) {
 // Splits per query tile: at least two waves of blocks over the multiprocessors (assuming the
 // scan's two resident blocks per multiprocessor), the count among the next few that wastes
 // the least of the last wave, and each split a few tiles long (and long against k).
-int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, int multiprocessors) {
+// `rule`: rows_per_neighbour(), or 0 for the large-k plan (plan_for).
+int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, int multiprocessors, int64_t rule) {
   const int64_t resident = 2 * int64_t{multiprocessors};
   // Each split's list takes about k (1 + ln(split rows / k)) candidates, each paid for in
-  // cut-backs: for a large k, few long splits (at least rows_per_neighbour() * k rows each).
-  const int64_t rule = rows_per_neighbour();
+  // cut-backs: for a large k, few long splits (at least rule * k rows each).
   const int64_t long_enough = rule == 0 ? database_tiles : std::max<int64_t>(1, database_tiles * kPlanRows / (rule * k));
   const int64_t most = std::min<int64_t>({std::max<int64_t>(1, database_tiles / kMinTilesPerSplit), long_enough, 65535});
   const int64_t least = std::clamp<int64_t>(ceil_div(2 * resident, query_tiles), 1, most);
@@ -127,10 +128,11 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
   return best;
 }
 
-// Whether a plan whose workspace exceeds its bound takes fewer splits instead (opt-in:
-// LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no). Read by every plan over its bound
-// (and by every search, refuse_bad_settings): the workspace size and the search agree as long
-// as it does not change between them.
+// Whether a plan whose workspace exceeds its bound takes fewer splits instead: yes unless
+// LATENTSPACE_CUDA_FITTED_PLAN=0 (GPU run 8, H200: 2.49x at Q = 10,000, N = 1M, k = 1024,
+// 119 ms against 295 ms; "1" or unset: yes). Read by every plan over its bound (and by every
+// search, refuse_bad_settings): the workspace size and the search agree as long as it does
+// not change between them.
 //
 // Why: the splits that fill the GPU are chosen per call, and each split of each query keeps a
 // list of `capacity` keys. At k = 1024 (capacity 2048, 16 KiB) the 1 GiB default bound holds
@@ -141,8 +143,14 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
 // of about 1,200 queries a call (computed). Fitted, the same bound takes all 10,000 queries in
 // one call of 5 splits, 395 blocks against 300, with a quarter of the candidates and a sixth
 // of the keys to merge (computed by this code on the host, knn_cuda_plan_for, with CUB's size
-// estimated; not measured: docs/benchmarks.md).
-bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITTED_PLAN", "1", "0", false); }
+// estimated). Measured: 1 call, its scan 115 ms against 9 calls' 287 ms (docs/benchmarks.md).
+bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITTED_PLAN", "1", "0", true); }
+
+// Whether a search merges its splits' lists as a tree (knn_merge_tree.cuh):
+// LATENTSPACE_CUDA_TREE_MERGE. Unset or "auto": in the large-k plan (plan_for), where it
+// pays; "1": every plan of more than kMergeGroup splits, under the split rule too (tests,
+// experiments); "0": never, and no large-k plan. Read at every plan.
+Setting tree_merge_setting() { return environment_setting("LATENTSPACE_CUDA_TREE_MERGE"); }
 
 // The plan of `splits` splits per query tile (fewer when the rows run out first).
 Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t cub_bytes) {
@@ -171,27 +179,48 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 
 // The plan of a call (make_plan's, for a given multiprocessor count and CUB temporary size:
 // host arithmetic only, so that the CPU tests run it where there is no GPU, knn_cuda_plan_for):
-// the splits that fill the GPU (choose_splits). With the fitted plan (opt-in) and a workspace
-// bound it exceeds: the most splits below those whose workspace fits the bound; where none
-// fits, the plan of least workspace, the most splits among equals (the caller then gives
-// fewer queries).
+// the splits that fill the GPU within the split rule (choose_splits).
+//
+// The large-k plan: where the split rule leaves fewer blocks than multiprocessors (a large k
+// over few queries), the splits that fill the GPU without the rule, their lists merged as a
+// tree. GPU run 8 (H200, Q = 1000, N = 1M): 5.7x at k = 16,384 (67 ms against 385 ms: the
+// rule gave 8 blocks), 1.46x at k = 4096 (56 blocks); at k = 1024 (240 blocks) the same plan
+// lost, 0.43x, and the rule stays.
+//
+// The fitted plan, for a plan over its workspace bound (use_fitted_plan): the most splits
+// below the filling count whose workspace fits the bound; where none fits, the plan of least
+// workspace, the most splits among equals (the caller then gives fewer queries). Not for the
+// large-k plan, whose many splits are its point (run 8: fitted to 2 splits at k = 16,384,
+// 269 ms against 69 ms in 8 calls of the large-k plan).
 //
 // The search is planned again with its workspace's size as the bound, and gets the same plan
 // as the sizing with the caller's bound B gave: with S the splits chosen under B, every count
 // above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
 // need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
 // more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
-// list holds at most its split's rows.)
+// list holds at most its split's rows.) Whether the plan is the large-k one does not depend
+// on the bound.
 Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound, size_t cub_bytes) {
   check_plan_sizes(nq, nb, k);
   // The plan holds for every precision (the workspace size does not depend on it): splits
   // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
-  const int64_t filling = choose_splits(ceil_div(nq, SimtTile::kQueries), ceil_div(nb, kPlanRows), k, multiprocessors);
-  Plan plan = plan_with_splits(nq, nb, k, filling, cub_bytes);
-  if (plan.workspace_bytes <= workspace_bound || !use_fitted_plan()) return plan;
+  const int64_t query_tiles = ceil_div(nq, SimtTile::kQueries), database_tiles = ceil_div(nb, kPlanRows);
+  const int64_t rule = rows_per_neighbour();
+  const Setting tree = tree_merge_setting();
+  int64_t filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, rule);
+  const bool large_k = tree == Setting::kAuto && rule != 0 && query_tiles * filling < multiprocessors;
+  if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
+  const bool merge_as_tree = large_k || tree == Setting::kOn;
+  const auto with_splits = [&](int64_t splits) {
+    Plan plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
+    plan.tree = merge_as_tree && plan.splits > kMergeGroup;
+    return plan;
+  };
+  Plan plan = with_splits(filling);
+  if (plan.workspace_bytes <= workspace_bound || large_k || !use_fitted_plan()) return plan;
   Plan least = plan;
   for (int64_t splits = filling - 1; splits >= 1; --splits) {
-    plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
+    plan = with_splits(splits);
     if (plan.workspace_bytes <= workspace_bound) return plan;
     if (plan.workspace_bytes < least.workspace_bytes) least = plan;
   }
@@ -253,13 +282,19 @@ __global__ void decode_kernel(const uint64_t* sorted, int64_t count, bool simila
   decode_key(sorted[i], similarity, distances + i, indices + i);
 }
 
-// Whether the fused finish (knn_finish.cuh) is asked for: LATENTSPACE_CUDA_FUSED_FINISH=1
-// (unset, empty or 0: the separate kernels). Read at every search.
-bool use_fused_finish() { return environment_switch("LATENTSPACE_CUDA_FUSED_FINISH", "1", "0", false); }
+// Whether a search of k <= kFusedFinishMaxK without a tree merge finishes in one kernel
+// (knn_finish.cuh): yes unless LATENTSPACE_CUDA_FUSED_FINISH=0 (the merge, CUB sort and decode
+// kernels). GPU run 8 (H200): 1.005-1.07x over 6 cells (geometric mean 1.02x), never a loss.
+// Read at every search.
+bool use_fused_finish() { return environment_switch("LATENTSPACE_CUDA_FUSED_FINISH", "1", "0", true); }
 
-// Whether a search of more than kMergeGroup splits merges them as a tree (knn_merge_tree.cuh):
-// LATENTSPACE_CUDA_TREE_MERGE=1 (unset, empty or 0: one block per query). Read at every search.
-bool use_tree_merge() { return environment_switch("LATENTSPACE_CUDA_TREE_MERGE", "1", "0", false); }
+// Whether a query's splits share their thresholds in this search (shared_thresholds_setting):
+// by default where there is more than one split to share them and the tile scan runs.
+bool share_thresholds(const Plan& plan, int64_t num_queries, int64_t dim) {
+  const Setting setting = shared_thresholds_setting();
+  return setting == Setting::kOn ||
+         (setting == Setting::kAuto && plan.splits > 1 && !use_row_scan(num_queries, dim));
+}
 
 // Each query's k best keys over its splits' lists into keys[q * k ...], padded, through the
 // levels of the tree merge; the lists are merged in place, and the counts of a level go to
@@ -289,9 +324,9 @@ void refuse_bad_settings() {
   (void)rows_per_neighbour();
   (void)use_fitted_plan();
   (void)use_fused_finish();
-  (void)use_tree_merge();
+  (void)tree_merge_setting();
   (void)use_early_norms();
-  (void)use_shared_thresholds();
+  (void)shared_thresholds_setting();
   (void)use_warp_cut_backs();
   (void)use_float_thresholds();
   (void)use_mma_tile();
@@ -328,7 +363,7 @@ KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, 
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
   const cuda::Plan plan =
       cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound);
-  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
+  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes, plan.tree};
 }
 
 KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
@@ -336,7 +371,7 @@ KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
   LS_CHECK_VALUE(multiprocessors >= 1, "multiprocessors: expected >= 1, got ", multiprocessors);
   const cuda::Plan plan = cuda::plan_for(num_queries, num_database, k, multiprocessors, workspace_bound, cub_bytes);
-  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes};
+  return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes, plan.tree};
 }
 
 int64_t knn_cuda_rows_per_neighbour() { return cuda::rows_per_neighbour(); }
@@ -347,9 +382,9 @@ bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 
 bool knn_cuda_early_norms() { return cuda::use_early_norms(); }
 
-bool knn_cuda_shared_thresholds() { return cuda::use_shared_thresholds(); }
+const char* knn_cuda_shared_thresholds() { return cuda::setting_name(cuda::shared_thresholds_setting()); }
 
-bool knn_cuda_tree_merge() { return cuda::use_tree_merge(); }
+const char* knn_cuda_tree_merge() { return cuda::setting_name(cuda::tree_merge_setting()); }
 
 bool knn_cuda_warp_cut_backs() { return cuda::use_warp_cut_backs(); }
 
@@ -392,8 +427,8 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
   const float* norms = database_norms ? database_norms
                        : use_row_scan(num_queries, dim) ? nullptr  // summed in the row scan
                                                         : w.database_norms;
-  // Shared thresholds (opt-in): every query's bound starts as the empty key, all bits set.
-  uint64_t* best_kth = use_shared_thresholds() ? w.best_kth : nullptr;
+  // Shared thresholds: every query's bound starts as the empty key, all bits set.
+  uint64_t* best_kth = share_thresholds(plan, num_queries, dim) ? w.best_kth : nullptr;
   const bool warp_cut_backs = use_warp_cut_backs(), float_thresholds = use_float_thresholds();
   if (best_kth) {
     check_cuda(cudaMemsetAsync(best_kth, 0xFF, static_cast<size_t>(num_queries) * sizeof(uint64_t), stream),
@@ -404,7 +439,7 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
                       warp_cut_backs, float_thresholds};
   launch_scan_of(metric, storage, precision, args, stream);
   const bool similarity = metric != Metric::kL2;
-  const bool tree = plan.splits > kMergeGroup && use_tree_merge();
+  const bool tree = plan.tree;
   if (!tree && k <= kFusedFinishMaxK && use_fused_finish()) {
     const unsigned blocks = static_cast<unsigned>(num_queries);
     if (k <= kFinishThreads) {

@@ -36,12 +36,14 @@ inline bool quads_aligned(const ScanArgs& args, KnnStorage storage) {
 // run verifies it): LATENTSPACE_CUDA_EARLY_NORMS=1 (unset, empty or 0: no). Read at every search.
 inline bool use_early_norms() { return environment_switch("LATENTSPACE_CUDA_EARLY_NORMS", "1", "0", false); }
 
-// Whether a query's splits share their thresholds (knn_scan.cuh, SharedThresholds; opt-in until
-// a GPU run verifies it): LATENTSPACE_CUDA_SHARED_THRESHOLDS=1 (unset, empty or 0: no). knn.cu
-// reads it at every search and then sets ScanArgs::best_kth, which the launch follows.
-inline bool use_shared_thresholds() {
-  return environment_switch("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1", "0", false);
-}
+// Whether a query's splits share their thresholds (knn_scan.cuh, SharedThresholds):
+// LATENTSPACE_CUDA_SHARED_THRESHOLDS. Unset or "auto": where a query's database is cut into
+// more than one split and the tile scan runs (knn.cu, share_thresholds): GPU run 8 (H200)
+// measured 1.05-1.38x there (geometric mean 1.10x over 12 cells, k = 10 to 1024, fp32 / tf32
+// / bf16), and a loss where there is nothing to share: 0.97x at one split (k = 16,384), 0.92x
+// in the row scan of one query. "1": everywhere (tests), "0": nowhere. knn.cu reads it at
+// every search and then sets ScanArgs::best_kth, which the launch follows.
+inline Setting shared_thresholds_setting() { return environment_setting("LATENTSPACE_CUDA_SHARED_THRESHOLDS"); }
 
 // Whether the tile scan cuts its lists back by warps (knn_scan.cuh, warp_cut_back_lists; opt-in
 // until a GPU run verifies it): LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (unset, empty or 0: no).

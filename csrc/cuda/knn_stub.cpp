@@ -20,7 +20,7 @@ KnnCudaPlan knn_cuda_plan_for(int64_t, int64_t, int64_t, int, size_t, size_t) { 
 
 int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
 
-bool knn_cuda_tree_merge() { no_cuda(); }
+const char* knn_cuda_tree_merge() { no_cuda(); }
 
 bool knn_cuda_warp_cut_backs() { no_cuda(); }
 
@@ -34,7 +34,7 @@ bool knn_cuda_fused_finish() { no_cuda(); }
 
 bool knn_cuda_early_norms() { no_cuda(); }
 
-bool knn_cuda_shared_thresholds() { no_cuda(); }
+const char* knn_cuda_shared_thresholds() { no_cuda(); }
 
 void knn_cuda(const float*, int64_t, const void*, int64_t, int64_t, int64_t, Metric, KnnPrecision, float*, int64_t*,
               void*, size_t, uintptr_t, const float*, KnnStorage, const float*) {

@@ -50,7 +50,7 @@ int knn_cpu_row_query_limit();  // the cut-off in use at the active SIMD level
 // vector (cosine), kept by the caller (a GPU FlatIndex) so a search reads the database once;
 // null: computed here. Not for weighted l2 (its norms depend on the weights).
 // Returns when the work is queued, not done. Inputs must be finite (the caller checks).
-// workspace_bound: the most bytes the caller will give; with the fitted plan (opt-in,
+// workspace_bound: the most bytes the caller will give; with the fitted plan (the default,
 // knn_cuda_fitted_plan) a plan that needs more takes fewer database splits. knn_cuda plans
 // with its workspace's size as the bound, which gives the plan that size was asked for.
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device,
@@ -62,10 +62,12 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
               const float* database_norms = nullptr);
 // A GPU search's plan (csrc/cuda/knn.cu), for diagnostics (benchmarks/profile_knn_cuda.py):
 // query tiles of 128, database splits per query tile (blocks = query_tiles * splits), rows
-// per split, candidate list capacity, workspace bytes (knn_cuda_workspace_bytes).
+// per split, candidate list capacity, workspace bytes (knn_cuda_workspace_bytes), and whether
+// the lists are merged as a tree.
 struct KnnCudaPlan {
   int64_t query_tiles, splits, split_length, capacity;
   size_t workspace_bytes;
+  bool tree;
 };
 KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device,
                           size_t workspace_bound = SIZE_MAX);
@@ -76,9 +78,11 @@ KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t
 // The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
 // (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
 int64_t knn_cuda_rows_per_neighbour();
-// Whether a search of more than 8 database splits merges them as a tree (knn_merge_tree.cuh,
-// opt-in): LATENTSPACE_CUDA_TREE_MERGE=1; unset, empty or 0: no; other values throw ValueError.
-bool knn_cuda_tree_merge();
+// The tree merge's setting (knn_merge_tree.cuh), LATENTSPACE_CUDA_TREE_MERGE: "auto" (unset,
+// empty or auto: in the large-k plan, where the split rule would leave the GPU short of
+// blocks), "1" (every search of more than 8 database splits) or "0" (never); other values
+// throw ValueError.
+const char* knn_cuda_tree_merge();
 // Whether the tile scan cuts its candidate lists back by warps, 8 lists at a time
 // (csrc/cuda/knn_scan.cuh, opt-in): LATENTSPACE_CUDA_WARP_CUT_BACKS=1; unset, empty or 0: no;
 // other values throw ValueError.
@@ -89,21 +93,24 @@ bool knn_cuda_warp_cut_backs();
 // LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_float_thresholds();
 // Whether a plan that needs more workspace than its bound takes fewer database splits
-// (csrc/cuda/knn.cu, opt-in): LATENTSPACE_CUDA_FITTED_PLAN=1; unset, empty or 0: no; other
-// values throw ValueError.
+// (csrc/cuda/knn.cu): yes unless LATENTSPACE_CUDA_FITTED_PLAN=0 (unset, empty or 1: yes);
+// other values throw ValueError.
 bool knn_cuda_fitted_plan();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
 // "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
-// Whether a search finishes in one kernel (csrc/cuda/knn_finish.cuh, opt-in):
-// LATENTSPACE_CUDA_FUSED_FINISH=1; unset, empty or 0: no; other values throw ValueError.
+// Whether a search of k <= 1024 without a tree merge finishes in one kernel
+// (csrc/cuda/knn_finish.cuh): yes unless LATENTSPACE_CUDA_FUSED_FINISH=0 (unset, empty or 1:
+// yes); other values throw ValueError.
 bool knn_cuda_fused_finish();
 // Whether the row scan (1-8 queries) loads its norms ahead (csrc/cuda/knn_rows.cuh, opt-in):
 // LATENTSPACE_CUDA_EARLY_NORMS=1; unset, empty or 0: no; other values throw ValueError.
 bool knn_cuda_early_norms();
-// Whether a query's database splits share their thresholds (csrc/cuda/knn_scan.cuh, opt-in):
-// LATENTSPACE_CUDA_SHARED_THRESHOLDS=1; unset, empty or 0: no; other values throw ValueError.
-bool knn_cuda_shared_thresholds();
+// The shared thresholds' setting (csrc/cuda/knn_scan.cuh), LATENTSPACE_CUDA_SHARED_THRESHOLDS:
+// "auto" (unset, empty or auto: a query's database splits share their thresholds where there
+// are several and the tile scan runs), "1" (every search) or "0" (none); other values throw
+// ValueError.
+const char* knn_cuda_shared_thresholds();
 
 }  // namespace latentspace

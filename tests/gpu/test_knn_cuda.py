@@ -143,14 +143,16 @@ OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE, 
 
 @pytest.fixture(params=["single", "tree"])
 def merge(request, monkeypatch):
-    """Both merges of the splits' lists: one block per query, and the opt-in tree
-    (LATENTSPACE_CUDA_TREE_MERGE=1, csrc/cuda/knn_merge_tree.cuh), here with the split rule off
+    """Both merges of the splits' lists: one block per query (LATENTSPACE_CUDA_TREE_MERGE=0,
+    the split rule's plans only), and the tree (LATENTSPACE_CUDA_TREE_MERGE=1,
+    csrc/cuda/knn_merge_tree.cuh), here with the split rule off
     (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0) so that splits are many."""
-    for variable, value in TREE.items():
-        if request.param == "tree":
+    if request.param == "tree":
+        for variable, value in TREE.items():
             monkeypatch.setenv(variable, value)
-        else:
-            monkeypatch.delenv(variable, raising=False)
+    else:
+        monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+        monkeypatch.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", raising=False)
     return request.param
 
 
@@ -321,6 +323,7 @@ def test_small_plan_follows_the_split_rule(gen, monkeypatch):
     (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR, for experiments) changes the splits, never a result."""
     device, variable = torch.cuda.current_device(), "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR"
     monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # no large-k plan: the rule's alone
     # 300 queries (3 query tiles) at k = 1024: the rule, not the GPU's size, bounds the splits
     plan = _native._cuda_plan(300, 1_000_000, 1024, device)
     assert plan["workspace_bytes"] == _native.knn_cuda_workspace_bytes(300, 1_000_000, 1024, device)
@@ -794,7 +797,8 @@ def test_bad_tensor_tile_setting_is_named(monkeypatch, gen):
     queries, database = _randn(gen, 20, 8), _randn(gen, 100, 8)
     with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'cutlass'"):
         latentspace.knn(queries, database, 5, precision="bf16")
-    latentspace.knn(queries, database, 5)  # float32 never reads it
+    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'cutlass'"):
+        latentspace.knn(queries, database, 5)  # float32 never takes a tile, and still refuses a bad setting
 
 
 def test_precision_reaches_the_flat_index(gen):
@@ -1021,6 +1025,29 @@ def test_small_tree_merge_equals_the_single_one(metric, nq, n, dim, k, gen, monk
     assert_matches_reference(d, i, queries, database, k, metric)
     plan = _native._cuda_plan(nq, n, k, torch.cuda.current_device())
     assert plan["splits"] > 8 or n < 10_000, plan  # the tree had levels to run
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 1024), (5, 100_003, 48, 3000), (130, 300_000, 16, 2048),
+                                        (64, 100_000, 32, 16384), (3, 20_000, 8, 100)])
+def test_small_large_k_plan_equals_the_rule_plan(metric, nq, n, dim, k, gen, monkeypatch):
+    """Where the split rule would leave the GPU short of blocks (a large k over few queries),
+    the default plan drops the rule and merges its many splits as a tree (knn.cu plan_for);
+    it keeps the same k best keys, so the results must be bit-identical to the rule's plan
+    (LATENTSPACE_CUDA_TREE_MERGE=0): through the row scan (1, 3 and 5 queries) and the tile
+    scan, k past a split's rows (3000, 16384: the lists hold every row), knn and a FlatIndex;
+    the 20,000-row shape is small enough for the sanitizers."""
+    monkeypatch.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", raising=False)
+    queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
+    searches = _knn_and_index(queries, database, k, metric)
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+    rule_plan, rule_results = _native._cuda_plan(nq, n, k, torch.cuda.current_device()), searches()
+    monkeypatch.delenv("LATENTSPACE_CUDA_TREE_MERGE")
+    plan, results = _native._cuda_plan(nq, n, k, torch.cuda.current_device()), searches()
+    assert plan["tree"] and plan["splits"] > max(8, rule_plan["splits"]) and not rule_plan["tree"], (plan, rule_plan)
+    for (d0, i0), (d, i) in zip(rule_results, results):
+        assert torch.equal(i0, i) and torch.equal(d0, d)
+        assert_matches_reference(d, i, queries, database, k, metric)
 
 
 # Few queries (the row scan) and an index's kept norms
