@@ -29,29 +29,26 @@ sides compute float32 products):
 Peers:
   latentspace.knn          latentspace.knn(queries, database, k) on CUDA tensors
   latentspace.FlatIndex    FlatIndex(D, device="cuda").search (q1 only: rows checked at add)
-  ...[fused finish]        the same with LATENTSPACE_CUDA_FUSED_FINISH=1 (the opt-in one-kernel
-                           merge + sort + decode, csrc/cuda/knn_finish.cuh)
-  ...[early norms]         the same with LATENTSPACE_CUDA_EARLY_NORMS=1 (the opt-in row scan
-                           that loads its norms ahead, csrc/cuda/knn_rows.cuh; q1 cells)
-  ...[shared thresholds]   the same with LATENTSPACE_CUDA_SHARED_THRESHOLDS=1 (the opt-in bound
-                           shared by a query's database splits, csrc/cuda/knn_scan.cuh; every
-                           cell but the q1 floor and streamed)
-  ...[tree merge, no split rule]  LATENTSPACE_CUDA_TREE_MERGE=1 (the opt-in tree merge of the
-                           splits' lists, csrc/cuda/knn_merge_tree.cuh) and
-                           LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0 (splits only to fill the GPU):
-                           the large-k plan it is written for (large k cells)
+  The defaults since GPU run 8 (docs/gpu-runs.md), each against what it replaced:
+  ...[no fused finish]     LATENTSPACE_CUDA_FUSED_FINISH=0: merge, CUB sort and decode as
+                           separate kernels, not the one-kernel finish (csrc/cuda/knn_finish.cuh)
+  ...[thresholds per split]  LATENTSPACE_CUDA_SHARED_THRESHOLDS=0: no bound shared by a query's
+                           database splits (csrc/cuda/knn_scan.cuh)
+  ...[filling plan]        LATENTSPACE_CUDA_FITTED_PLAN=0: a plan over its workspace bound takes
+                           fewer queries a call, not fewer splits (csrc/cuda/knn.cu; big cells at
+                           k = 1024, the only ones where it changes the plan)
+  ...[no large-k plan]     LATENTSPACE_CUDA_TREE_MERGE=0: the split rule's plan where the rule
+                           leaves the GPU short of blocks (large k cells)
+  The opt-ins still waiting to pay:
+  ...[early norms]         LATENTSPACE_CUDA_EARLY_NORMS=1 (the row scan that loads its norms
+                           ahead, csrc/cuda/knn_rows.cuh; q1 cells)
   ...[float thresholds]    LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1 (the opt-in family of scan
                            kernels, whose tile scan compares each score as a float with its
                            query's threshold before forming its key, csrc/cuda/knn_scan.cuh;
-                           the family's other settings run the same kernels, so their peers
-                           name it too)
-  ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the opt-in cut-backs of the tile
-                           scan's lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh;
-                           big and large k cells)
-  ...[fitted plan]         LATENTSPACE_CUDA_FITTED_PLAN=1 (the opt-in plan that takes fewer
-                           splits, not fewer queries a call, when the filling one exceeds the
-                           workspace bound, csrc/cuda/knn.cu make_plan; big cells at k = 1024,
-                           the only ones where it changes the plan)
+                           the default takes them wherever thresholds are shared)
+  ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
+                           lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
+                           and large k cells)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -279,19 +276,17 @@ def test_roof_h2d(benchmark):
 # ============================================================================================
 # Cells
 # ============================================================================================
-# (The opt-in family's kernels always compare scores as floats first: every peer with shared
-# thresholds or warp cut-backs names "float thresholds" too, so that its label says what ran.)
-BIG_PEERS = ("latentspace.knn", "latentspace.knn[fused finish]", "latentspace.knn[float thresholds]",
-             "latentspace.knn[float thresholds, shared thresholds]", "latentspace.knn[float thresholds, warp cut-backs]",
-             "latentspace.knn[fitted plan]",
-             "latentspace.knn[fitted plan, float thresholds, shared thresholds, warp cut-backs]",
+# "[no fused finish, thresholds per split, filling plan]": the defaults before GPU run 8.
+BIG_PEERS = ("latentspace.knn", "latentspace.knn[no fused finish]", "latentspace.knn[thresholds per split]",
+             "latentspace.knn[warp cut-backs]", "latentspace.knn[filling plan]",
+             "latentspace.knn[no fused finish, thresholds per split, filling plan]",
              "torch.mm+topk", "torch.cdist+topk")
 
 
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("peer", BIG_PEERS)
 def test_big(benchmark, big, peer, k):
-    if "fitted plan" in peer and k < 1024:
+    if peer == "latentspace.knn[filling plan]" and k < 1024:
         pytest.skip("the filling plan fits the default workspace here: the fitted plan is the same plan")
     q, x = big["queries"], big["database"]
     if peer.startswith("latentspace.knn"):
@@ -327,10 +322,9 @@ def knn_peer_call(peer: str, search, *args, **kwargs):
 # latentspace peers of the tensor-core cells: the tile (mma.sync, the default, or WMMA), and
 # whether the database is kept in the precision's own storage (a GPU FlatIndex with
 # storage="bf16": half the bytes read, as torch's bf16 operands).
-TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[float thresholds]",
-                "latentspace.knn[float thresholds, shared thresholds]", "latentspace.FlatIndex[bf16 storage]",
-                "latentspace.FlatIndex[bf16 storage, float thresholds]", "latentspace.FlatIndex[bf16 storage, wmma]",
-                "torch.mm+topk")
+TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thresholds per split]",
+                "latentspace.FlatIndex[bf16 storage]", "latentspace.FlatIndex[bf16 storage, thresholds per split]",
+                "latentspace.FlatIndex[bf16 storage, wmma]", "torch.mm+topk")
 
 
 def tensor_core_call(peer, q, x, k, precision):
@@ -368,7 +362,7 @@ def test_big_tensor_cores(benchmark, big, tf32_matmul, peer, k, precision):
 @pytest.mark.parametrize("peer", BIG_PEERS + tuple(peer for peer in TENSOR_PEERS[1:-1] if peer not in BIG_PEERS))
 def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
     q, x, k = faiss3045["queries"], faiss3045["database"], 32
-    if "fitted plan" in peer:
+    if peer == "latentspace.knn[filling plan]":
         pytest.skip("the filling plan fits the default workspace here: the fitted plan is the same plan")
     if precision == "fp32":
         if peer not in BIG_PEERS:
@@ -389,10 +383,8 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
              flops=2 * 5000 * 8192 * 2048, precision=precision)
 
 
-Q1_PEERS = ("latentspace.knn", "latentspace.knn[early norms, fused finish]", "latentspace.FlatIndex",
-            "latentspace.FlatIndex[fused finish]", "latentspace.FlatIndex[early norms]",
-            "latentspace.FlatIndex[early norms, fused finish]", "latentspace.FlatIndex[shared thresholds]",
-            "latentspace.FlatIndex[shared thresholds, early norms, fused finish]")
+Q1_PEERS = ("latentspace.knn", "latentspace.knn[early norms]", "latentspace.knn[no fused finish]",
+            "latentspace.FlatIndex", "latentspace.FlatIndex[early norms]", "latentspace.FlatIndex[no fused finish]")
 
 
 @pytest.mark.parametrize("peer", Q1_PEERS + ("torch.mm+topk",))
@@ -411,7 +403,7 @@ def test_q1(benchmark, big, peer):
              nq=1, n=N, d=D, k=k, bytes=N * D * 4)
 
 
-@pytest.mark.parametrize("peer", ("latentspace.FlatIndex", "latentspace.FlatIndex[early norms, fused finish]"))
+@pytest.mark.parametrize("peer", ("latentspace.FlatIndex", "latentspace.FlatIndex[no fused finish]"))
 def test_q1_floor(benchmark, big, peer):
     """One query against 4,096 rows through FlatIndex.search: the fixed cost of a search
     (Python checks, workspace, the kernels' launches) that the q1 cells pay on top of the read."""
@@ -437,9 +429,8 @@ def test_streamed_from_host(benchmark, big):
 LARGE_KS, LARGE_K_QUERIES = (1024, 4096, 16384), 1000
 
 
-LARGE_K_PEERS = ("latentspace.knn", "latentspace.knn[float thresholds, shared thresholds]",
-                 "latentspace.knn[float thresholds, shared thresholds, warp cut-backs]",
-                 "latentspace.knn[tree merge, no split rule]", "torch.mm+topk")
+LARGE_K_PEERS = ("latentspace.knn", "latentspace.knn[no large-k plan]", "latentspace.knn[thresholds per split]",
+                 "latentspace.knn[warp cut-backs]", "torch.mm+topk")
 
 
 @pytest.mark.parametrize("k", LARGE_KS)

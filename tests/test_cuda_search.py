@@ -993,12 +993,14 @@ def _rule_splits(nb, k):
 
 @needs_cuda_build
 @pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 10), (10_000, 1_000_000, 1024), (1000, 1_000_000, 1024),
-                                     (1, 1_000_000, 10), (5000, 8192, 32), (20_000, 1_000_000, 16384)])
+                                     (1000, 1_000_000, 2048), (1, 1_000_000, 10), (5000, 8192, 32),
+                                     (20_000, 1_000_000, 16384)])
 @pytest.mark.parametrize("tree", ["", "0"])
 def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings):
-    """Where the split rule leaves at least a block per multiprocessor (and always with the
-    large-k plan off, LATENTSPACE_CUDA_TREE_MERGE=0): the splits that fill the GPU within the
-    rule, one merge block per query."""
+    """Where the split rule leaves blocks for at least three quarters of the multiprocessors
+    (1000 queries at k = 2048: 120 blocks, where GPU run 8 measured the large-k plan 0.90x),
+    and always with the large-k plan off (LATENTSPACE_CUDA_TREE_MERGE=0): the splits that
+    fill the GPU within the rule, one merge block per query."""
     plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", tree)
     plan = _plan(nq, nb, k)
     assert plan["query_tiles"] == -(-nq // 128) and plan["split_length"] % 128 == 0
@@ -1015,15 +1017,15 @@ def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings
 
 @needs_cuda_build
 @pytest.mark.parametrize("nq,nb,k", [(1, 1_000_000, 1024), (100, 1_000_000, 4096), (300, 1_000_000, 1024),
-                                     (1000, 1_000_000, 2048), (1000, 1_000_000, 4096), (1000, 1_000_000, 16384),
-                                     (127, 1_000_000, 16384)])
+                                     (1000, 1_000_000, 4096), (1000, 1_000_000, 16384), (127, 1_000_000, 16384)])
 def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
-    """Where the split rule leaves fewer blocks than multiprocessors (a large k over few query
-    tiles, knn.cu plan_for): the splits that fill the GPU without the rule, merged as a tree;
+    """Where the split rule leaves fewer blocks than three quarters of the multiprocessors (a
+    large k over few query tiles, knn.cu plan_for; GPU run 8 measured 1.5x to 10.7x at 7 to 90
+    blocks): the splits that fill the GPU without the rule, merged as a tree;
     never fitted to a bound (its splits are its point); with LATENTSPACE_CUDA_TREE_MERGE=0 the
     rule's plan; with "1" the rule's plan too, merged as a tree past 8 splits."""
     plan = _plan(nq, nb, k)
-    assert plan["query_tiles"] * _rule_splits(nb, k) < MULTIPROCESSORS  # the case
+    assert 4 * plan["query_tiles"] * _rule_splits(nb, k) < 3 * MULTIPROCESSORS  # the case
     assert plan["tree"] and plan["splits"] > max(8, _rule_splits(nb, k))
     assert plan["query_tiles"] * plan["splits"] >= 0.95 * 2 * 2 * MULTIPROCESSORS
     plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")

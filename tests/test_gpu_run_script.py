@@ -155,15 +155,13 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
         for peer in peers:
             _, opt_ins, others = split_label(peer)
             assert all(word in ("wmma", "bf16 storage") for word in others), peer
-            # the opt-in family's kernels always compare scores as floats: its peers say so
-            if {"shared thresholds", "warp cut-backs"} & set(opt_ins) and peer.startswith("latentspace.knn"):
-                assert "float thresholds" in opt_ins, peer
 
 
 @pytest.mark.parametrize("peer,opt_in", [
     ("latentspace.knn", False), ("torch.mm+topk", False), ("latentspace.knn[wmma]", False),
     ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[fused finish]", True),
     ("latentspace.FlatIndex[bf16 storage, float thresholds]", True), ("latentspace.knn[tree merge, no split rule]", True),
+    ("latentspace.knn[no large-k plan]", True), ("latentspace.FlatIndex[bf16 storage, thresholds per split]", True),
     ("latentspace.knn(numpy, device='cuda')", False)])
 def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
     """gpu_run.sh's opt-in process (LATENTSPACE_BENCH_PART=opt-ins) takes the peers whose

@@ -181,11 +181,15 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 // host arithmetic only, so that the CPU tests run it where there is no GPU, knn_cuda_plan_for):
 // the splits that fill the GPU within the split rule (choose_splits).
 //
-// The large-k plan: where the split rule leaves fewer blocks than multiprocessors (a large k
-// over few queries), the splits that fill the GPU without the rule, their lists merged as a
-// tree. GPU run 8 (H200, Q = 1000, N = 1M): 5.7x at k = 16,384 (67 ms against 385 ms: the
-// rule gave 8 blocks), 1.46x at k = 4096 (56 blocks); at k = 1024 (240 blocks) the same plan
-// lost, 0.43x, and the rule stays.
+// The large-k plan: where the split rule leaves fewer blocks than three quarters of the
+// multiprocessors (a large k over few queries), the splits that fill the GPU without the
+// rule, their lists merged as a tree. GPU run 8 (H200, 132 multiprocessors, N = 1M, D = 128,
+// float32), against the rule's plan of `blocks` blocks:
+//   faster: Q = 100, k = 4096, 7 blocks: 10.7x (5.3 ms against 56.9); Q = 1, k = 1024, 30
+//   blocks: 3.2x; Q = 300, k = 1024, 90 blocks: 1.75x; Q = 1000, k = 4096, 56 blocks: 1.5x;
+//   k = 16,384, 8 blocks: 5.7x (the benchmark's large-k cell);
+//   slower: Q = 1000, k = 2048, 120 blocks: 0.90x; Q = 1000, k = 1024, 240 blocks: 0.43x.
+// The threshold lies between 90 and 120 blocks (docs/benchmarks.md, "The defaults of run 8").
 //
 // The fitted plan, for a plan over its workspace bound (use_fitted_plan): the most splits
 // below the filling count whose workspace fits the bound; where none fits, the plan of least
@@ -208,7 +212,7 @@ Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t wor
   const int64_t rule = rows_per_neighbour();
   const Setting tree = tree_merge_setting();
   int64_t filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, rule);
-  const bool large_k = tree == Setting::kAuto && rule != 0 && query_tiles * filling < multiprocessors;
+  const bool large_k = tree == Setting::kAuto && rule != 0 && 4 * query_tiles * filling < 3 * int64_t{multiprocessors};
   if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
   const bool merge_as_tree = large_k || tree == Setting::kOn;
   const auto with_splits = [&](int64_t splits) {

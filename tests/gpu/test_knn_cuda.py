@@ -385,6 +385,7 @@ def test_small_fitted_plan_equals_the_filling_one(metric, nq, n, dim, k, gen, mo
     norms). The split rule at 1 row per neighbour gives these small databases 10 to 50 splits."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "1")
     monkeypatch.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "0")
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # the rule's plans (5 queries: the large-k plan, never fitted)
     device = torch.cuda.current_device()
     filling = _native._cuda_plan(nq, n, k, device)
     bound = filling["workspace_bytes"] * 2 // 3
