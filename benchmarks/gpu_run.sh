@@ -56,16 +56,13 @@ fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
 # time, in the order tests, benchmarks, profile, sanitizer (the benchmarks were the stage a
-# run lost to the time limit before). Measured on an H100 (2026-11-26, run 6): build 128 s,
-# tests 39 s, benchmarks 44 s, memcheck 111 s; the machine's start about 30 s; run 7: build
-# 51 s (one CUDA file per metric), profile 11 s. Since, not yet measured: 977 GPU tests
-# (300 in run 6: the opt-ins' fixtures and tests), more benchmark cells (the opt-ins' peers,
-# in processes of their own) and the profile's plan sweep, one process per section.
-# Estimated 10 minutes in all, more than one device call's 600 s: run it as two calls on the
-# same warm machine, the second right after the first (an idle machine is handed back after
-# about 30 s; docs/gpu-runs.md, "Owed"):
-#   GPU_RUN_STAGES="tests bench" bash benchmarks/gpu_run.sh                        # timeout_s 600
-#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh  # what is left, <= 300
+# run lost to the time limit before). Measured on an H200 (2026-11-26, run 8): build 94 s,
+# tests 58 s (977 tests, 6 xdist workers), benchmarks 130 s (four processes), profile 64 s;
+# the machine's start about 30 s. With the sanitizer's 150 s, about 500 s in all: one device
+# call of 600 s holds every stage; or two on the same warm machine, the second right after the
+# first (an idle machine is handed back after about 30 s; docs/gpu-runs.md):
+#   GPU_RUN_STAGES="tests bench" bash benchmarks/gpu_run.sh
+#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh
 # GPU_RUN_STAGES picks some stages; all four by default.
 STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
 status=0
@@ -137,34 +134,35 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     echo "== compute-sanitizer: not found, skipped"
   else
     # Both tools at once (separate processes on the one GPU): half the wall time.
-    # racecheck is slow on an H100 (2026-11-26: 16 tests in 160 s in run 6; in run 7 one
-    # mma.sync test on integer data in 70 s, and the next did not finish), so it takes 9 tests
-    # of code not yet run under it (runs 5-7 ran the float32 tile and row scans, the selection
-    # and both tensor-core tiles without a hazard), in order of need, since it reaches only the
-    # first few (pytest runs node ids in the order given): the opt-in warp cut-backs (their
-    # histograms are shared memory), the opt-in fused finish (shared-memory compaction and
-    # block sort), the opt-in shared thresholds and tree merge, weighted_l2, the mma.sync tile
-    # on integer data. tests/test_gpu_run_script.py checks that these ids exist.
-    # memcheck takes the "small" tests of the seven opt-ins not yet run under it (fused
-    # finish, early norms, shared thresholds, tree merge, warp cut-backs, float thresholds,
-    # fitted plan: their own tests, and the native-output test with each alone: about 250,
-    # where 181 tests took 111 s in run 6, so the limit may cut it short); runs 6-7 found the
-    # default kernels clean.
+    # racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7 one
+    # mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
+    # takes a list of tests of code not yet run under it, in order of need, since it reaches
+    # only the first few (pytest runs node ids in the order given): the large-k plan (the
+    # default since run 9: tree merge and shared thresholds), then the 5 tests run 8 did not
+    # reach (weighted_l2, the fused finish at k = 257, shared thresholds and the tree merge in
+    # the row scan, the mma.sync tile on integer data), then run 8's 4 (no hazard there: the
+    # warp cut-backs, the fused finish, shared thresholds and the tree merge at 130 queries).
+    # Runs 5-7 ran the float32 tile and row scans, the selection and both tensor-core tiles
+    # without a hazard. tests/test_gpu_run_script.py checks that these ids exist.
+    # memcheck takes the "small" tests of the run-8 opt-ins and the large-k plan (their own
+    # tests, and the native-output test with each alone: about 270; run 8 got through about
+    # 170 in 200 s without an error); runs 6-7 found the kernels of run 7 clean.
     # GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
     # selection instead of the list.
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
     # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
     RACECHECK_TESTS=(
-      "tests/gpu/test_knn_cuda.py::test_small_warp_cut_backs_equal_the_block_ones[130-20000-16-100-fp32-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[3-20000-8-100-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
       "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[3-20000-8-50-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_tensor_core_integer_data_is_exact[mma-300-1000-128-l2-bf16]"
+      "tests/gpu/test_knn_cuda.py::test_small_warp_cut_backs_equal_the_block_ones[130-20000-16-100-fp32-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
     )
     MEMCHECK_SELECTION="small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
     limit="${GPU_RUN_SANITIZER_SECONDS:-150}"

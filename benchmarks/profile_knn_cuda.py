@@ -70,15 +70,14 @@ def kernel_times(call) -> list[tuple[str, int, float]]:
     return sorted(rows, key=lambda row: -row[2])
 
 
-# The opt-ins whose kernels big_search_breakdown splits (_common.CUDA_KNN_OPT_INS names): each
-# of the scan's on its own (the family's float thresholds first: the others run the same
-# kernels), and at k = 1024 with the fitted plan.
+# The settings whose kernels big_search_breakdown splits (_common.CUDA_KNN_OPT_INS names): the
+# defaults, each default turned off (the defaults chosen in GPU run 8), and the opt-ins still
+# waiting, each on its own.
 BREAKDOWN_OPT_INS = {
-    10: [(), ("float thresholds",), ("float thresholds", "shared thresholds"),
-         ("float thresholds", "warp cut-backs")],
-    1024: [(), ("float thresholds",), ("float thresholds", "shared thresholds"),
-           ("float thresholds", "warp cut-backs"), ("fitted plan",),
-           ("fitted plan", "float thresholds", "shared thresholds", "warp cut-backs")],
+    10: [(), ("no fused finish",), ("thresholds per split",), ("warp cut-backs",),
+         ("float thresholds", "thresholds per split")],
+    1024: [(), ("no fused finish",), ("thresholds per split",), ("filling plan",), ("warp cut-backs",),
+           ("no fused finish", "thresholds per split", "filling plan")],
 }
 
 
@@ -149,8 +148,9 @@ def host_copy_rates(report: dict) -> None:
 
 # The plan sweep: shape -> (Q, N, D, k, configurations), a configuration being (split rule,
 # workspace GiB, tree merge, shared thresholds, fitted plan), each "0" or "1" for the last
-# three (shared thresholds run the opt-in family's kernels, float thresholds included). The
-# defaults: rule 32, 1 GiB, no tree, thresholds per split, the filling plan. Rule
+# three (shared thresholds run the opt-in family's kernels, float thresholds included). Each
+# configuration sets all three, so "0" rows are the defaults before GPU run 8 (rule 32,
+# 1 GiB, no tree, thresholds per split, the filling plan), whatever the defaults now. Rule
 # 0: no rule (splits only to fill the GPU), the plan the tree merge is for. The fitted plan
 # (LATENTSPACE_CUDA_FITTED_PLAN) changes only plans over their bound: at k = 1024 all 10,000
 # queries in one call of fewer splits (computed); at k = 16,384 with no rule, one call of 2
@@ -219,8 +219,9 @@ def plan_sweep(report: dict) -> None:
 # with the defaults, with the large-k plan off (LATENTSPACE_CUDA_TREE_MERGE=0), and with the
 # defaults before run 8 (no fused finish, shared thresholds, fitted plan or large-k plan), to
 # check the flips and place the large-k plan's threshold (knn.cu plan_for: the split rule's
-# blocks under the multiprocessors' count; run 8 measured 8 and 56 blocks faster without the
-# rule, 240 slower), float32, 1 GiB workspace.
+# blocks under three quarters of the multiprocessors' count since run 9, which measured 7 to
+# 90 blocks faster without the rule and 120 slower; run 8: 8 and 56 faster, 240 slower),
+# float32, 1 GiB workspace.
 DEFAULTS_SHAPES = {
     "Q=1 N=1M D=128 k=10": (1, 1_000_000, 128, 10),
     "Q=1 N=1M D=128 k=1024": (1, 1_000_000, 128, 1024),
@@ -242,8 +243,8 @@ DEFAULTS_CONFIGURATIONS = {
 
 def defaults_check(report: dict) -> None:
     """Each DEFAULTS_SHAPES search under each DEFAULTS_CONFIGURATIONS (median ms of 5 after one
-    warm-up, each call ending with torch.cuda.synchronize()), with the first native call's plan
-    under the defaults."""
+    warm-up, each call ending with torch.cuda.synchronize()), with the native calls under the
+    defaults and the first one's plan (the library's own chunking, plan_query_chunks)."""
     g = torch.Generator(device=DEVICE).manual_seed(11)
     report["defaults"] = rows = []
     print("\n== the defaults against the large-k plan off and the defaults before run 8 (float32; ms, median of 5)")
@@ -255,10 +256,14 @@ def defaults_check(report: dict) -> None:
             unset = {v: "" for v in DEFAULTS_CONFIGURATIONS["before run 8"]}
             with environment(**{**unset, **settings}):
                 times[name] = median_ms(lambda: latentspace.knn(q, x, k), repeats=5, warmup=1)
-        plan = _native._cuda_plan(min(nq, 10_000), n, k, DEVICE.index, _cuda_search.DEFAULT_WORKSPACE_BYTES)
-        rows.append({"shape": shape, "ms": times, "plan": plan})
+        bound = _cuda_search.DEFAULT_WORKSPACE_BYTES
+        calls = _cuda_search.plan_query_chunks(
+            nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound)["workspace_bytes"], bound)  # noqa: B023
+        plan = _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound)
+        rows.append({"shape": shape, "ms": times, "plan": plan, "native_calls": len(calls)})
         print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
-              + f"  | plan: {plan['query_tiles']} x {plan['splits']} blocks{' tree' if plan['tree'] else ''}")
+              + f"  | {len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"
+              + (" tree" if plan["tree"] else ""))
         del x, q
 
 

@@ -1031,7 +1031,16 @@ def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
     plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
     assert {**_plan(nq, nb, k), "tree": True} == plan  # the plan without the rule, merged as a tree
     plan_settings.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR")
-    assert _plan(nq, nb, k, bound=plan["workspace_bytes"] // 4) == plan  # never fitted
+    # Taken where the bound holds the large-k plan of 64 queries (knn.cu kLargeKFewQueries;
+    # planned with all nq queries' CUB bytes, estimated here as nq * k * 8 + 1 MiB), and then
+    # never fitted: the caller gives fewer queries a call instead.
+    few = min(nq, 64)
+    few_need = _plan(few, nb, k)["workspace_bytes"] + (nq - few) * k * 8
+    assert few_need <= plan["workspace_bytes"]
+    for bound in (few_need + 256, few_need + 256 + (plan["workspace_bytes"] - few_need) // 2):
+        assert _plan(nq, nb, k, bound=bound) == plan
+    tight = _plan(nq, nb, k, bound=few_need - 256)  # the rule's plan, fitted
+    assert not tight["tree"] and tight["splits"] <= _rule_splits(nb, k)
     plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
     rule = _plan(nq, nb, k)
     assert rule["splits"] <= _rule_splits(nb, k) and not rule["tree"]
@@ -1044,22 +1053,53 @@ def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
                                      (5, 30_000, 2000), (260, 20_000, 100), (1, 1000, 1000), (1000, 1_000_000, 16384),
                                      (64, 100_000, 16384), (129, 700, 800)])
 @pytest.mark.parametrize("rule", ["32", "4", "1", "0"])
-def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, plan_settings):
+@pytest.mark.parametrize("tree", ["", "0", "1"])
+def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, tree, plan_settings):
     """The search plans again with its workspace's size as the bound (knn.cu make_plan): it must
     get the plan that size was asked for, at every bound, fitting or not (the workspace is not
-    monotonic in the splits: a list holds at most its split's rows)."""
+    monotonic in the splits: a list holds at most its split's rows), with the large-k plan
+    (tree "", the default: taken or not by the bound) and without it."""
     plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", rule)
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", tree)
     filling = _plan(nq, nb, k)
     plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", "1")
     assert _plan(nq, nb, k) == filling
     for fraction in (1.0, 0.9, 0.6, 0.3, 0.1, 0.01, 0.0):
         bound = int(filling["workspace_bytes"] * fraction)
         plan = _plan(nq, nb, k, bound)
-        assert _plan(nq, nb, k, plan["workspace_bytes"]) == plan, (fraction, plan)
-        assert plan["splits"] <= filling["splits"] and plan["query_tiles"] == filling["query_tiles"]
-        assert plan["workspace_bytes"] <= filling["workspace_bytes"]
+        # A plan over its bound is never searched (the caller gives fewer queries, or refuses a
+        # query that does not fit alone), and with the large-k plan in play it may not be
+        # planned the same again: the large-k plan, not taken under the bound, can fit the
+        # size of the rule's plan that was over it.
+        if plan["workspace_bytes"] <= bound or tree != "" or rule == "0":
+            assert _plan(nq, nb, k, plan["workspace_bytes"]) == plan, (fraction, plan)
+        assert plan["query_tiles"] == filling["query_tiles"]
+        if plan["tree"] == filling["tree"]:  # a tighter bound may trade the large-k plan for the rule's
+            assert plan["splits"] <= filling["splits"] and plan["workspace_bytes"] <= filling["workspace_bytes"]
         if fraction == 1.0:
             assert plan == filling  # it fits: nothing to fit
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k,bound,most_calls", [
+    (1, 1_000_000, 1024, 12 << 20, 1), (2000, 50_000, 256, 2 << 20, 50), (2000, 50_000, 256, 16 << 20, 2),
+    (1, 1_000_000, 16384, 8 << 20, 1), (1000, 1_000_000, 16384, 1 << 30, 8)])
+def test_large_k_plan_leaves_tight_bounds_their_plan(nq, nb, k, bound, most_calls, plan_settings):
+    """Where the bound cannot hold the large-k plan of 64 queries, the rule's plan (fitted)
+    stays: a search under a tight bound is neither refused nor cut into many more calls
+    than without the large-k plan (found in a review: 1 query at k = 1024 over 1M rows under
+    12 MiB was refused, 2,000 queries at k = 256 under 2 MiB took 2,000 calls, under 16 MiB
+    100 calls instead of 2); at k = 16,384 over 1M rows the 1 GiB default still takes the
+    large-k plan, in 8 calls (GPU run 8: 69 ms, against 385 ms in the rule's one call)."""
+    def calls():
+        return plan_query_chunks(nq, k, lambda c: _plan(c, nb, k, bound)["workspace_bytes"], bound)
+
+    chunks = calls()
+    assert len(chunks) <= most_calls and all(need <= bound for _, _, need in chunks)
+    first = _plan(chunks[0][1] - chunks[0][0], nb, k, bound)
+    assert first["tree"] is (k == 16384 and bound == 1 << 30)  # the large-k plan where it fits
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+    assert len(chunks) <= max(len(calls()), most_calls)
 
 
 @needs_cuda_build

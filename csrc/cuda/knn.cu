@@ -62,6 +62,10 @@ int64_t rows_per_neighbour() {
 
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
+// The fewest queries a call of the large-k plan must be able to take within the workspace
+// bound (plan_for).
+constexpr int64_t kLargeKFewQueries = 64;  // list room beyond k (in kPlanRows): fewer cut-backs early on
+
 struct Plan {
   int64_t query_tiles = 0;
   int splits = 1;
@@ -191,6 +195,15 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 //   slower: Q = 1000, k = 2048, 120 blocks: 0.90x; Q = 1000, k = 1024, 240 blocks: 0.43x.
 // The threshold lies between 90 and 120 blocks (docs/benchmarks.md, "The defaults of run 8").
 //
+// The large-k plan keeps about every row of each split where k is large (8 bytes a row per
+// query), so it is taken only where the bound holds it for kLargeKFewQueries queries (or all
+// of them, if fewer): the caller then searches at least that many a call. Under a tighter
+// bound the rule's plan stays (before this check, 1 query at k = 1024 over 1M rows under a
+// 12 MiB bound was refused, and 2,000 queries at k = 256 over 50,000 rows took 2,000 calls
+// instead of 50 under 2 MiB, 100 instead of 2 under 16 MiB: computed on the host). 64 keeps
+// the measured large-k cases: at k = 16,384 over 1M rows the 1 GiB default holds 127 queries
+// a call (run 8: 69 ms in 8 calls, against 385 ms for the rule's plan).
+//
 // The fitted plan, for a plan over its workspace bound (use_fitted_plan): the most splits
 // below the filling count whose workspace fits the bound; where none fits, the plan of least
 // workspace, the most splits among equals (the caller then gives fewer queries). Not for the
@@ -202,8 +215,15 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 // above S (up to the filling one) needs more than B >= need(S) bytes, so none of them fits
 // need(S) either, and S does. Where none fit B, S needs the least, and the counts above it
 // more: none of those fits need(S) either. (The workspace is not monotonic in the splits: a
-// list holds at most its split's rows.) Whether the plan is the large-k one does not depend
-// on the bound.
+// list holds at most its split's rows.) The large-k plan: taken under B where the few
+// queries' large-k plan fits B; then the search's bound is need(large-k plan of all nq
+// queries), which is at least the few queries' need (one query tile: the same splits, more
+// lists; more tiles: fewer splits a tile, but queries x splits about as many, 129 x 261
+// against 64 x 521 at N = 1M and 132 multiprocessors, and every other part of the workspace
+// grows with the queries), so the search takes it too; were it to fall short somewhere, the
+// search would take the rule's plan within the same workspace: another plan, the same results. Not taken under B: the rule's plan needs at most B, less than the few
+// queries' large-k plan, so the search does not take it either. (A plan over its bound is never
+// searched: the caller gives fewer queries, or refuses one query that does not fit.)
 Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound, size_t cub_bytes) {
   check_plan_sizes(nq, nb, k);
   // The plan holds for every precision (the workspace size does not depend on it): splits
@@ -212,7 +232,12 @@ Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t wor
   const int64_t rule = rows_per_neighbour();
   const Setting tree = tree_merge_setting();
   int64_t filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, rule);
-  const bool large_k = tree == Setting::kAuto && rule != 0 && 4 * query_tiles * filling < 3 * int64_t{multiprocessors};
+  bool large_k = tree == Setting::kAuto && rule != 0 && 4 * query_tiles * filling < 3 * int64_t{multiprocessors};
+  if (large_k) {
+    const int64_t few = std::min<int64_t>(nq, kLargeKFewQueries);
+    const int64_t few_splits = choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0);
+    large_k = plan_with_splits(few, nb, k, few_splits, cub_bytes).workspace_bytes <= workspace_bound;
+  }
   if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
   const bool merge_as_tree = large_k || tree == Setting::kOn;
   const auto with_splits = [&](int64_t splits) {

@@ -397,9 +397,10 @@ class CudaBackend:
         self.weights = None if weights is None else torch.from_numpy(weights).to(self.device)
 
     def workspace_of(self, num_queries: int, num_database: int, k: int, bound: int) -> int:
-        """The native call's workspace for these sizes, planned to fit `bound` bytes where the
-        fitted plan (LATENTSPACE_CUDA_FITTED_PLAN=1) is on; the search plans again with the
-        workspace's size as its bound, which gives the same plan (csrc/cuda/knn.cu make_plan)."""
+        """The native call's workspace for these sizes, planned to fit `bound` bytes (the
+        fitted plan, on unless LATENTSPACE_CUDA_FITTED_PLAN=0, and the large-k plan's check);
+        the search plans again with the workspace's size as its bound, which gives the same
+        plan (csrc/cuda/knn.cu plan_for)."""
         return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound)
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:

@@ -125,9 +125,14 @@ KS = (1, 10, 100, 1024, 4096, 16384)
 
 @pytest.fixture(params=["separate", "fused"])
 def finish(request, monkeypatch):
-    """Both finishes of a search (csrc/cuda/knn_finish.cuh): merge, CUB sort and decode, and the
-    opt-in fused kernel (LATENTSPACE_CUDA_FUSED_FINISH=1; k > 1024 takes the separate one)."""
+    """Both finishes of a search (csrc/cuda/knn_finish.cuh): merge, CUB sort and decode
+    (LATENTSPACE_CUDA_FUSED_FINISH=0), and the fused kernel (the default; k > 1024 and a tree
+    merge take the separate one). "fused" turns the large-k plan off
+    (LATENTSPACE_CUDA_TREE_MERGE=0), whose tree merge would take the separate finish for few
+    queries at k up to 1024; "separate" leaves it as it is by default."""
     monkeypatch.setenv("LATENTSPACE_CUDA_FUSED_FINISH", "1" if request.param == "fused" else "0")
+    if request.param == "fused":
+        monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
     return request.param
 
 
@@ -159,8 +164,9 @@ def merge(request, monkeypatch):
 @pytest.fixture(params=["split", "shared", "shared+warp"])
 def thresholds(request, monkeypatch):
     """The ways a query's database splits keep their lists (csrc/cuda/knn_scan.cuh): each its
-    own threshold, cut back by the block (the default); thresholds shared through the workspace
-    (LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, opt-in); and those with cut-backs by warps as well
+    own threshold, cut back by the block (LATENTSPACE_CUDA_SHARED_THRESHOLDS=0); thresholds
+    shared through the workspace everywhere (=1; by default only where a query has several
+    splits in the tile scan); and those with cut-backs by warps as well
     (LATENTSPACE_CUDA_WARP_CUT_BACKS=1, opt-in): the opt-in family with all it has."""
     monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "0" if request.param == "split" else "1")
     monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1" if request.param == "shared+warp" else "0")
@@ -922,7 +928,9 @@ def _knn_and_index(queries, database, k, metric, **options):
 def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, monkeypatch):
     """The fused finish sorts and decodes the same keys as merge + CUB sort + decode, so the
     results must be bit-identical: at k = 1 and 256 (one key a thread), 257 and 1024 (four),
-    1025 (the separate finish either way) and k > N (padding)."""
+    1025 (the separate finish either way) and k > N (padding). The large-k plan is off
+    (LATENTSPACE_CUDA_TREE_MERGE=0): its tree merge takes the separate finish."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     (d, i), = _same_with_and_without("LATENTSPACE_CUDA_FUSED_FINISH", monkeypatch,
                                      lambda: [latentspace.knn(queries, database, k, metric)])
