@@ -23,8 +23,8 @@ sides compute float32 products):
              (torch.Tensor.to from pinned memory: the "h2d" roof)
   large k    Q = 1,000 over the big database, k in {1024, 4096, 16384}: no cliff past the fast
              path (latentspace and torch.mm+topk only; no bar of the issue's). Last in the file,
-             and a cell whose checked call took over 3 s is timed once: they have never run,
-             and a cliff must not eat the others' time
+             and a cell whose checked call took over 3 s is timed once, so that a slow setting
+             cannot eat the others' time (run 8, H200: 20-552 ms a call)
 
 Peers:
   latentspace.knn          latentspace.knn(queries, database, k) on CUDA tensors
@@ -42,10 +42,9 @@ Peers:
   The opt-ins still waiting to pay:
   ...[early norms]         LATENTSPACE_CUDA_EARLY_NORMS=1 (the row scan that loads its norms
                            ahead, csrc/cuda/knn_rows.cuh; q1 cells)
-  ...[float thresholds]    LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1 (the opt-in family of scan
-                           kernels, whose tile scan compares each score as a float with its
-                           query's threshold before forming its key, csrc/cuda/knn_scan.cuh;
-                           the default takes them wherever thresholds are shared)
+  (LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, the opt-in family's float compare alone, has no peer
+  any more: the defaults take that family wherever they share thresholds, and alone it lost
+  in run 8, 0.98x; the profile's k = 10 breakdown still times it.)
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)

@@ -86,10 +86,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
   if [ -n "$gpu_benchmarks" ]; then
     # Four runs, each with its own JSON (pytest-benchmark writes its JSON only at the end, so a
     # run stopped at its limit leaves none): the plain peers (torch's, the defaults', the
-    # roofs); the opt-in peers, none of which has run on a GPU (a kernel that faults leaves
-    # its process's CUDA context unusable: apart, it cannot take the plain figures with it);
-    # the large-k cells, never run either (k = 16,384 may be the cliff the issue rules out),
-    # plain and opt-in apart too.
+    # roofs); the peers that name a setting (an opt-in's kernel that faults would leave its
+    # process's CUDA context unusable: apart, it cannot take the plain figures with it); the
+    # large-k cells (the slowest), plain and with settings apart too. The JSONs go to /tmp
+    # and, after each run, into one archive in $OUT: the device tool brings back at most 8
+    # files (run 8's two calls brought back 7 and 8; one call of every stage makes 7).
+    rm -f /tmp/gpu_bench_*.json  # a warm machine's earlier call must not lend this one its figures
     for part in plain opt-ins large_k_plain large_k_opt-ins; do
       case $part in
         plain) selection="not large_k"; limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
@@ -102,13 +104,14 @@ if [[ " $STAGES " == *" bench "* ]]; then
       # One log for the four parts: the device tool brings back at most 8 files from $OUT.
       echo "==== part $part" >> "${OUT:-.}/gpu_bench.log"
       LATENTSPACE_BENCH_PART=$bench_part timeout -k 10 "$limit" python3 -m pytest $gpu_benchmarks -q -rfE \
-        --tb=short -k "$selection" --benchmark-json="${OUT:-.}/gpu_bench_$part.json" > "/tmp/gpu_bench_$part.log" 2>&1
+        --tb=short -k "$selection" --benchmark-json="/tmp/gpu_bench_$part.json" > "/tmp/gpu_bench_$part.log" 2>&1
       code=$?
+      (cd /tmp && ls gpu_bench_*.json >/dev/null 2>&1 && tar -czf "${OUT:-.}/gpu_bench_json.tar.gz" gpu_bench_*.json)
       cat "/tmp/gpu_bench_$part.log" >> "${OUT:-.}/gpu_bench.log"
       grep -E "^(FAILED|ERROR)|passed|failed|Error" "/tmp/gpu_bench_$part.log" | head -20
       echo "benchmark ($part) seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
     done
-    jsons=$(ls "${OUT:-.}"/gpu_bench_*.json 2>/dev/null || true)
+    jsons=$(ls /tmp/gpu_bench_*.json 2>/dev/null || true)
     [ -n "$jsons" ] && python3 benchmarks/report_knn_cuda.py $jsons
   else
     echo "no GPU benchmarks yet"
@@ -116,9 +119,9 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
-  # split rule against the search time): benchmarks/profile_knn_cuda.py, 11 s in run 7; its
-  # plan sweep since (k = 1024, faiss #3045's shape, k = 16,384, which has never run) adds an
-  # estimated 30-80 s.
+  # split rule against the search time; the defaults against their opt-outs):
+  # benchmarks/profile_knn_cuda.py, 64 s in run 8 (before its "defaults" section, about 20 s
+  # in run 9). One JSON, rewritten as each section ends.
   echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
   start=$(date +%s)
   timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-120}" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
@@ -137,8 +140,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7 one
     # mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
     # takes a list of tests of code not yet run under it, in order of need, since it reaches
-    # only the first few (pytest runs node ids in the order given): the large-k plan (the
-    # default since run 9: tree merge and shared thresholds), then the 5 tests run 8 did not
+    # only the first few (pytest runs node ids in the order given): the large-k plan in the
+    # tile scan (the default since run 9: tree merge and shared thresholds), then the 5 tests run 8 did not
     # reach (weighted_l2, the fused finish at k = 257, shared thresholds and the tree merge in
     # the row scan, the mma.sync tile on integer data), then run 8's 4 (no hazard there: the
     # warp cut-backs, the fused finish, shared thresholds and the tree merge at 130 queries).
@@ -153,7 +156,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
     RACECHECK_TESTS=(
-      "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[3-20000-8-100-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
       "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"

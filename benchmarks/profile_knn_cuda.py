@@ -3,21 +3,23 @@
 Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in its
 "profile" stage):
   python3 benchmarks/profile_knn_cuda.py [out.json]            # every section, one process each
-  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, copy, big, sweep
+  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, copy, big, sweep, defaults
 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
      fused scan, the merge of the splits, the sort? k = 10 against k = 1024 (torch.profiler's
-     CUDA kernel times, one profiled search each after a warm-up), each also with the scan's
-     opt-ins (float thresholds, shared thresholds, warp cut-backs) and, at k = 1024, the
-     fitted plan (BREAKDOWN_OPT_INS).
+     CUDA kernel times, one profiled search each after a warm-up), each also with a default
+     turned off (the fused finish, shared thresholds; at k = 1024 the fitted plan) and with
+     the warp cut-backs, an opt-in (BREAKDOWN_OPT_INS).
   2. One query (FlatIndex, N = 4,096 and 1,000,000, k = 10): the host's fixed cost per search,
      split into the steps FlatIndex.search takes (medians of timed repeats, each step ending
      with torch.cuda.synchronize()), and the kernels of one search.
   3. A streamed search's host copy into pinned memory: its rate with 1 thread and more.
-  4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR), the workspace bound and the opt-in
-     tree merge, shared thresholds and fitted plan against the search time at k = 1024,
+  4. The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR), the workspace bound, the tree
+     merge, shared thresholds and the fitted plan against the search time at k = 1024,
      faiss #3045's shape and k = 16,384 (plan_sweep).
+  5. The defaults against the large-k plan off and the defaults before GPU run 8, over shapes
+     that place the large-k plan's threshold (defaults_check).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs.
 """
@@ -25,9 +27,11 @@ timed are those FlatIndex.search runs.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -294,18 +298,22 @@ def main(argv: list[str]) -> int:
     print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
     merged: dict = {}
     failed = []
-    for name in SECTIONS:
-        part = f"{out}.{name}.json" if out else None
-        code = subprocess.run([sys.executable, "-u", __file__, "--section", name, *([part] if part else [])]).returncode
-        if code != 0:
-            failed.append(name)
-            print(f"\n== section {name} exited {code}")
-        elif part:
+    with tempfile.TemporaryDirectory() as parts:
+        for name in SECTIONS:
+            # Each section's JSON in a scratch folder, merged into out.json as it ends (the
+            # file written again each time, so a time limit keeps the finished sections, in
+            # one file: the device tool brings back at most 8 files from a run).
+            part = os.path.join(parts, f"{name}.json")
+            code = subprocess.run([sys.executable, "-u", __file__, "--section", name, part]).returncode
+            if code != 0:
+                failed.append(name)
+                print(f"\n== section {name} exited {code}")
+                continue
             with open(part) as f:
                 merged.update(json.load(f))
-    if out:
-        with open(out, "w") as f:
-            json.dump(merged, f, indent=1)
+            if out:
+                with open(out, "w") as f:
+                    json.dump(merged, f, indent=1)
     return 1 if failed else 0
 
 

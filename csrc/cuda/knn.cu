@@ -15,10 +15,10 @@
 //                       scores checked before their keys (offer_scores_first).
 //                       Launched through knn_scan_launch.cuh, one file per metric and family
 //                       (knn_scan_l2.cu, knn_scan_l2_opt_ins.cu, ...)
-//   3. merge_kernel     per query, the k best keys over all splits (radix select again); opt-in:
-//                       merge_level_kernel merges them as a tree (knn_merge_tree.cuh)
+//   3. merge_kernel     per query, the k best keys over all splits (radix select again); in the
+//                       large-k plan, merge_level_kernel merges them as a tree (knn_merge_tree.cuh)
 //   4. CUB segmented radix sort of each query's k keys; 5. decode_kernel writes the results
-//      (knn_finish.cuh; opt-in for now, finish_kernel does 3-5 in one launch for k <= 1024)
+//      (knn_finish.cuh; by default finish_kernel does 3-5 in one launch for k <= 1024)
 //
 // Keys (knn_select.cuh) order candidates by score, then index: ties go to the lower index, as
 // on the CPU. All temporary memory is one workspace the caller allocates (torch's caching
@@ -64,7 +64,7 @@ constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fe
 
 // The fewest queries a call of the large-k plan must be able to take within the workspace
 // bound (plan_for).
-constexpr int64_t kLargeKFewQueries = 64;  // list room beyond k (in kPlanRows): fewer cut-backs early on
+constexpr int64_t kLargeKFewQueries = 64;
 
 struct Plan {
   int64_t query_tiles = 0;
@@ -147,13 +147,14 @@ int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, in
 // of about 1,200 queries a call (computed). Fitted, the same bound takes all 10,000 queries in
 // one call of 5 splits, 395 blocks against 300, with a quarter of the candidates and a sixth
 // of the keys to merge (computed by this code on the host, knn_cuda_plan_for, with CUB's size
-// estimated). Measured: 1 call, its scan 115 ms against 9 calls' 287 ms (docs/benchmarks.md).
+// estimated). Measured: 1 call, its scan 115 ms against 9 calls' 282 ms (docs/benchmarks.md).
 bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITTED_PLAN", "1", "0", true); }
 
 // Whether a search merges its splits' lists as a tree (knn_merge_tree.cuh):
 // LATENTSPACE_CUDA_TREE_MERGE. Unset or "auto": in the large-k plan (plan_for), where it
-// pays; "1": every plan of more than kMergeGroup splits, under the split rule too (tests,
-// experiments); "0": never, and no large-k plan. Read at every plan.
+// pays; "1": every plan of more than kMergeGroup splits, the split rule's plans (no large-k
+// plan: with LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=0, the tests' way to many splits); "0":
+// never, and no large-k plan. Read at every plan.
 Setting tree_merge_setting() { return environment_setting("LATENTSPACE_CUDA_TREE_MERGE"); }
 
 // The plan of `splits` splits per query tile (fewer when the rows run out first).
@@ -187,12 +188,12 @@ void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 //
 // The large-k plan: where the split rule leaves fewer blocks than three quarters of the
 // multiprocessors (a large k over few queries), the splits that fill the GPU without the
-// rule, their lists merged as a tree. GPU run 8 (H200, 132 multiprocessors, N = 1M, D = 128,
-// float32), against the rule's plan of `blocks` blocks:
+// rule, their lists merged as a tree. GPU runs 8-9 (H200, 132 multiprocessors, N = 1M,
+// D = 128, float32), against the rule's plan of `blocks` blocks (run 9 unless named):
 //   faster: Q = 100, k = 4096, 7 blocks: 10.7x (5.3 ms against 56.9); Q = 1, k = 1024, 30
 //   blocks: 3.2x; Q = 300, k = 1024, 90 blocks: 1.75x; Q = 1000, k = 4096, 56 blocks: 1.5x;
-//   k = 16,384, 8 blocks: 5.7x (the benchmark's large-k cell);
-//   slower: Q = 1000, k = 2048, 120 blocks: 0.90x; Q = 1000, k = 1024, 240 blocks: 0.43x.
+//   Q = 1000, k = 16,384, 8 blocks: 5.7x (run 8's large-k cell);
+//   slower: Q = 1000, k = 2048, 120 blocks: 0.90x; Q = 1000, k = 1024, 240 blocks: 0.43x (run 8).
 // The threshold lies between 90 and 120 blocks (docs/benchmarks.md, "The defaults of run 8").
 //
 // The large-k plan keeps about every row of each split where k is large (8 bytes a row per

@@ -2,13 +2,14 @@
 // splits' candidate lists, sorted, decoded into (distance, index) results.
 //
 // Two ways, with the same results:
-//   - separate (the default): merge_kernel gathers each query's k best keys (unsorted), CUB's
-//     segmented radix sort orders them (11 launches in GPU run 7), decode_kernel writes the results;
-//   - fused (opt-in, LATENTSPACE_CUDA_FUSED_FINISH=1, for k <= kFusedFinishMaxK, until a GPU run
-//     has verified and timed it): finish_kernel does all three in one block per query, sorting
-//     the k keys in registers and shared memory (cub::BlockRadixSort). GPU run 7 timed the
-//     separate finish at 0.09 ms of a single query's 0.55 ms search and 1.9 ms of a k = 10
-//     search over 10,000 queries (docs/benchmarks.md).
+//   - separate (k > kFusedFinishMaxK, a tree merge, or LATENTSPACE_CUDA_FUSED_FINISH=0):
+//     merge_kernel gathers each query's k best keys (unsorted), CUB's segmented radix sort
+//     orders them (11 launches in GPU run 7), decode_kernel writes the results;
+//   - fused (the default since GPU run 8 for k <= kFusedFinishMaxK without a tree merge):
+//     finish_kernel does all three in one block per query, sorting the k keys in registers
+//     and shared memory (cub::BlockRadixSort). GPU run 7 timed the separate finish at 0.09 ms
+//     of a single query's 0.55 ms search and 1.9 ms of a k = 10 search over 10,000 queries;
+//     run 8 timed the fused one at 1.005-1.07x the separate one (docs/benchmarks.md).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -67,9 +67,9 @@ struct ScanShared {
 // its own rows: a split starts by accepting every row, and then about k ln(rows / k) more, so a
 // query searched in S splits collects S times the candidates (and cut-backs) of one long scan.
 //
-// SharedThresholds (the opt-in family's, kOptIns below; shared with
-// LATENTSPACE_CUDA_SHARED_THRESHOLDS=1, which sets best_kth, until a GPU run verifies and
-// times it): every cut-back also lowers best_kth[query], the least k-th best key any split of
+// SharedThresholds (the opt-in family's, kOptIns below; taken where knn.cu sets best_kth: by
+// default where a query has several splits in the tile scan, since GPU run 8,
+// LATENTSPACE_CUDA_SHARED_THRESHOLDS): every cut-back also lowers best_kth[query], the least k-th best key any split of
 // the query has cut its list back to, and the scans take it as their threshold whenever it is
 // lower than their own: at the start (blocks of later waves start with the bound earlier ones
 // published) and after every tile or round. Exact, because any k keys of the query's rows bound

@@ -38,10 +38,13 @@ inline bool use_early_norms() { return environment_switch("LATENTSPACE_CUDA_EARL
 
 // Whether a query's splits share their thresholds (knn_scan.cuh, SharedThresholds):
 // LATENTSPACE_CUDA_SHARED_THRESHOLDS. Unset or "auto": where a query's database is cut into
-// more than one split and the tile scan runs (knn.cu, share_thresholds): GPU run 8 (H200)
-// measured 1.05-1.38x there (geometric mean 1.10x over 12 cells, k = 10 to 1024, fp32 / tf32
-// / bf16), and a loss where there is nothing to share: 0.97x at one split (k = 16,384), 0.92x
-// in the row scan of one query. "1": everywhere (tests), "0": nowhere. knn.cu reads it at
+// more than one split and the tile scan runs (knn.cu, share_thresholds). GPU run 8 (H200),
+// with the float compare of the opt-in family: 1.05-1.38x over 10 cells at Q = 10,000 and
+// 5,000 (k = 10 to 1024, fp32 / tf32 / bf16, geometric mean 1.13x), 1.11x at Q = 1000,
+// k = 1024, but 0.97x at Q = 1000, k = 4096 (7 splits) and 16,384 (1 split), and 0.92x in
+// the row scan of one query (which auto leaves out). Those large k now take the large-k plan,
+// where run 9 timed the defaults (shared) at 44.4 ms against run 8's 45.1 ms without (k = 4096).
+// "1": everywhere (tests), "0": nowhere. knn.cu reads it at
 // every search and then sets ScanArgs::best_kth, which the launch follows.
 inline Setting shared_thresholds_setting() { return environment_setting("LATENTSPACE_CUDA_SHARED_THRESHOLDS"); }
 
