@@ -34,8 +34,8 @@ def rounds_for(seconds_per_call: float) -> int:
 # (bench_knn_cuda.py sets them; report_knn_cuda.py compares such peers with the plain ones):
 # the opt-ins still waiting to pay (early norms, warp cut-backs, float thresholds) and the
 # opt-outs of the defaults GPU run 8 chose (docs/gpu-runs.md), so that each default keeps
-# being measured against what it replaced. The names of run 8's opt-ins stay, so that its JSON
-# still reads ("fused finish" and "fitted plan" now set the default).
+# being measured against what it replaced, and the settings forced on for experiments (shared
+# thresholds everywhere; the tree merge with no split rule, run 8's large-k peer).
 CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "warp cut-backs": ("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1"),
                     "float thresholds": ("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1"),
@@ -43,19 +43,19 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "thresholds per split": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "0"),
                     "filling plan": ("LATENTSPACE_CUDA_FITTED_PLAN", "0"),
                     "no large-k plan": ("LATENTSPACE_CUDA_TREE_MERGE", "0"),
-                    # run 8's opt-in peers
-                    "fused finish": ("LATENTSPACE_CUDA_FUSED_FINISH", "1"),
                     "shared thresholds": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1"),
                     "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
-                    "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0"),
-                    "fitted plan": ("LATENTSPACE_CUDA_FITTED_PLAN", "1")}
+                    "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")}
+
+# The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
+BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")
 
 
 def split_label(peer: str) -> tuple[str, list[str], list[str]]:
     """A peer's label cut into its name, the opt-ins its brackets name (CUDA_KNN_OPT_INS, in
     the label's order) and its other bracket words, which describe the peer itself:
-    "latentspace.FlatIndex[bf16 storage, fused finish]" -> ("latentspace.FlatIndex",
-    ["fused finish"], ["bf16 storage"]); "torch.mm+topk" -> ("torch.mm+topk", [], [])."""
+    "latentspace.FlatIndex[bf16 storage, no fused finish]" -> ("latentspace.FlatIndex",
+    ["no fused finish"], ["bf16 storage"]); "torch.mm+topk" -> ("torch.mm+topk", [], [])."""
     if not peer.endswith("]") or "[" not in peer:
         return peer, [], []
     name, inside = peer[:-1].split("[", 1)
@@ -64,7 +64,7 @@ def split_label(peer: str) -> tuple[str, list[str], list[str]]:
 
 
 def names_opt_in(peer: str) -> bool:
-    """Whether a peer's label names an opt-in setting: "latentspace.knn[fused finish]" yes,
+    """Whether a peer's label names a setting: "latentspace.knn[no fused finish]" yes,
     "latentspace.FlatIndex[bf16 storage, wmma]" and "torch.mm+topk" no."""
     return bool(split_label(peer)[1])
 

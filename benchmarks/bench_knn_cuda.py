@@ -311,7 +311,7 @@ def with_env(name: str, value: str, call):
 
 def knn_peer_call(peer: str, search, *args, **kwargs):
     """A latentspace peer's timed call: search(*args, **kwargs), with the settings of the
-    variants its label names ("latentspace.FlatIndex[early norms, fused finish]")."""
+    variants its label names ("latentspace.FlatIndex[early norms, no fused finish]")."""
     call = synced(search, *args, **kwargs)
     for variant in split_label(peer)[1]:
         call = with_env(*CUDA_KNN_OPT_INS[variant], call)

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import torch
-from _common import CUDA_KNN_OPT_INS, environment  # benchmarks/ is the script's folder, first on sys.path
+from _common import BEFORE_RUN_8, CUDA_KNN_OPT_INS, environment  # benchmarks/ is the script's folder, first on sys.path
 
 import latentspace
 from latentspace import _arrays, _cuda_search, _host_copy, _native
@@ -55,6 +55,14 @@ def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def calls_and_first_plan(nq: int, n: int, k: int, bound: int) -> tuple[list, dict]:
+    """The native calls [(start, stop, workspace bytes)] a search of nq queries takes under
+    `bound` (the library's own chunking, plan_query_chunks) and the first call's plan."""
+    calls = _cuda_search.plan_query_chunks(
+        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound)["workspace_bytes"], bound)
+    return calls, _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound)
 
 
 def kernel_times(call) -> list[tuple[str, int, float]]:
@@ -203,11 +211,8 @@ def plan_sweep(report: dict) -> None:
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
                 ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
-                calls = _cuda_search.plan_query_chunks(
-                    nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, gib << 30)["workspace_bytes"],
-                    gib << 30)
+                calls, plan = calls_and_first_plan(nq, n, k, gib << 30)
                 first_queries = calls[0][1] - calls[0][0]
-                plan = _native._cuda_plan(first_queries, n, k, DEVICE.index, gib << 30)
             rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "tree_merge": tree == "1",
                          "shared_thresholds": shared == "1", "fitted_plan": fitted == "1", "ms": ms, "plan": plan,
                          "native_calls": len(calls), "first_call_queries": first_queries})
@@ -239,9 +244,8 @@ DEFAULTS_SHAPES = {
 }
 DEFAULTS_CONFIGURATIONS = {
     "defaults": {},
-    "no large-k plan": {"LATENTSPACE_CUDA_TREE_MERGE": "0"},
-    "before run 8": {"LATENTSPACE_CUDA_TREE_MERGE": "0", "LATENTSPACE_CUDA_SHARED_THRESHOLDS": "0",
-                     "LATENTSPACE_CUDA_FUSED_FINISH": "0", "LATENTSPACE_CUDA_FITTED_PLAN": "0"},
+    "no large-k plan": dict([CUDA_KNN_OPT_INS["no large-k plan"]]),
+    "before run 8": dict(CUDA_KNN_OPT_INS[name] for name in BEFORE_RUN_8),
 }
 
 
@@ -256,14 +260,11 @@ def defaults_check(report: dict) -> None:
         x = torch.randn(n, dim, generator=g, device=DEVICE)
         q = torch.randn(nq, dim, generator=g, device=DEVICE)
         times = {}
+        unset = {variable: "" for variable in DEFAULTS_CONFIGURATIONS["before run 8"]}  # the defaults
         for name, settings in DEFAULTS_CONFIGURATIONS.items():
-            unset = {v: "" for v in DEFAULTS_CONFIGURATIONS["before run 8"]}
             with environment(**{**unset, **settings}):
                 times[name] = median_ms(lambda: latentspace.knn(q, x, k), repeats=5, warmup=1)
-        bound = _cuda_search.DEFAULT_WORKSPACE_BYTES
-        calls = _cuda_search.plan_query_chunks(
-            nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound)["workspace_bytes"], bound)  # noqa: B023
-        plan = _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound)
+        calls, plan = calls_and_first_plan(nq, n, k, _cuda_search.DEFAULT_WORKSPACE_BYTES)
         rows.append({"shape": shape, "ms": times, "plan": plan, "native_calls": len(calls)})
         print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
               + f"  | {len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"

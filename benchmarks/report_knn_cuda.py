@@ -31,8 +31,9 @@ def is_latentspace(peer: str) -> bool:
 
 
 def without_opt_ins(peer: str) -> str:
-    """The peer's label without its opt-ins: "latentspace.FlatIndex[bf16 storage, fused finish]"
-    -> "latentspace.FlatIndex[bf16 storage]"; "latentspace.knn[fused finish]" -> "latentspace.knn"."""
+    """The peer's label without its settings: "latentspace.FlatIndex[bf16 storage, no fused
+    finish]" -> "latentspace.FlatIndex[bf16 storage]"; "latentspace.knn[no fused finish]" ->
+    "latentspace.knn"."""
     name, opt_ins, kept = split_label(peer)
     if not opt_ins:
         return peer

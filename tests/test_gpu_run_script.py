@@ -89,7 +89,7 @@ def test_the_report_merges_the_benchmark_runs(tmp_path):
     plain = {"machine_info": {"python_version": "3.12"}, "benchmarks": [
         roof, _bench(big, "latentspace.knn", 0.4, flops=2.56e15), _bench(big, "torch.mm+topk", 0.2, flops=2.56e15)]}
     opt_ins = {"machine_info": {}, "benchmarks": [
-        _bench(big, "latentspace.knn[fitted plan, warp cut-backs]", 0.1, flops=2.56e15)]}
+        _bench(big, "latentspace.knn[filling plan, warp cut-backs]", 0.1, flops=2.56e15)]}
     large = "large k Q=1000 N=1000000 D=128 k=16384"
     large_k = {"machine_info": {}, "benchmarks": [
         _bench(large, "latentspace.knn", 3.0, flops=2.56e14),
@@ -103,10 +103,10 @@ def test_the_report_merges_the_benchmark_runs(tmp_path):
                             capture_output=True, text=True, check=True)
     out = result.stdout
     assert "gemm fp32" in out and "python 3.12" in out
-    assert f"| {big} | latentspace.knn[fitted plan, warp cut-backs] | 100.00 | latentspace.knn | 400.00 | 4.000x |" in out
+    assert f"| {big} | latentspace.knn[filling plan, warp cut-backs] | 100.00 | latentspace.knn | 400.00 | 4.000x |" in out
     assert f"| {large} | latentspace.knn[shared thresholds, warp cut-backs] | 1500.00 | latentspace.knn | 3000.00 | 2.000x |" in out
     assert f"{big}: at least 2x the faster torch peer | NO | 0.500x" in out
-    assert "| fitted plan, warp cut-backs | 1 | 4.000x | 4.000x | 4.000x |" in out
+    assert "| filling plan, warp cut-backs | 1 | 4.000x | 4.000x | 4.000x |" in out
     assert "| shared thresholds, warp cut-backs | 1 | 2.000x | 2.000x | 2.000x |" in out
 
 
@@ -115,14 +115,14 @@ def test_the_report_summarises_each_set_of_opt_ins(tmp_path):
     peers without it, across cells and across the peers it was added to."""
     cells = []
     for cell, plain, fast in (("big k=10", 0.4, 0.2), ("big k=100", 0.4, 0.8)):
-        cells += [_bench(cell, "latentspace.knn", plain), _bench(cell, "latentspace.knn[fused finish]", fast),
+        cells += [_bench(cell, "latentspace.knn", plain), _bench(cell, "latentspace.knn[no fused finish]", fast),
                   _bench(cell, "latentspace.FlatIndex[bf16 storage]", 1.0),
-                  _bench(cell, "latentspace.FlatIndex[bf16 storage, fused finish]", 0.5)]
+                  _bench(cell, "latentspace.FlatIndex[bf16 storage, no fused finish]", 0.5)]
     (tmp_path / "a.json").write_text(json.dumps({"machine_info": {}, "benchmarks": cells}))
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report_knn_cuda.py"), str(tmp_path / "a.json")],
                          capture_output=True, text=True, check=True).stdout
     # speed-ups 2, 0.5 (knn) and 2, 2 (FlatIndex): geometric mean 2^(2/4) = 1.414
-    assert "| fused finish | 4 | 1.414x | 0.500x | 2.000x |" in out
+    assert "| no fused finish | 4 | 1.414x | 0.500x | 2.000x |" in out
 
 
 def test_the_script_runs_its_preamble_without_stages(tmp_path):
@@ -159,7 +159,7 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
 
 @pytest.mark.parametrize("peer,opt_in", [
     ("latentspace.knn", False), ("torch.mm+topk", False), ("latentspace.knn[wmma]", False),
-    ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[fused finish]", True),
+    ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[no fused finish]", True),
     ("latentspace.FlatIndex[bf16 storage, float thresholds]", True), ("latentspace.knn[tree merge, no split rule]", True),
     ("latentspace.knn[no large-k plan]", True), ("latentspace.FlatIndex[bf16 storage, thresholds per split]", True),
     ("latentspace.knn(numpy, device='cuda')", False)])
