@@ -119,12 +119,13 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 if [[ " $STAGES " == *" profile "* ]]; then
   # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
-  # split rule against the search time; the defaults against their opt-outs):
-  # benchmarks/profile_knn_cuda.py, 64 s in run 8 (before its "defaults" section, about 20 s
-  # in run 9). One JSON, rewritten as each section ends.
+  # split rule against the search time; the defaults against their opt-outs; one query's scan
+  # against one read of the database): benchmarks/profile_knn_cuda.py, 64 s in run 8 (before
+  # its "defaults" section, about 20 s in run 9, and "q1sweep", 21 settings of one query over
+  # 1M rows, not yet run). One JSON, rewritten as each section ends.
   echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
   start=$(date +%s)
-  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-120}" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-150}" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
   code=$?
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
@@ -141,15 +142,18 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
     # takes a list of tests of code not yet run under it, in order of need, since it reaches
     # only the first few (pytest runs node ids in the order given): the large-k plan in the
-    # tile scan (the default since run 9: tree merge and shared thresholds), then the 5 tests run 8 did not
+    # tile scan (the default since run 9: tree merge and shared thresholds), the single-query
+    # scan (an experiment of the tenth session: the row scan's lists, more rows in flight),
+    # then the 5 tests run 8 did not
     # reach (weighted_l2, the fused finish at k = 257, shared thresholds and the tree merge in
     # the row scan, the mma.sync tile on integer data), then run 8's 4 (no hazard there: the
     # warp cut-backs, the fused finish, shared thresholds and the tree merge at 130 queries).
     # Runs 5-7 ran the float32 tile and row scans, the selection and both tensor-core tiles
     # without a hazard. tests/test_gpu_run_script.py checks that these ids exist.
-    # memcheck takes the "small" tests of the run-8 opt-ins and the large-k plan (their own
-    # tests, and the native-output test with each alone: about 270; run 8 got through about
-    # 170 in 200 s without an error); runs 6-7 found the kernels of run 7 clean.
+    # memcheck takes the "small" tests of the run-8 opt-ins, the large-k plan and the
+    # single-query scan's settings (their own tests, and the native-output test with each
+    # alone: about 300; run 8 got through about 170 in 200 s without an error); runs 6-7 found
+    # the kernels of run 7 clean.
     # GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
     # selection instead of the list.
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
@@ -157,6 +161,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
     RACECHECK_TESTS=(
       "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
+      "tests/gpu/test_knn_cuda.py::test_small_single_query_scan_equals_the_row_scan[128-fp32-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
       "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"
@@ -167,7 +172,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
       "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
     )
-    MEMCHECK_SELECTION="small and (fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
+    MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
     limit="${GPU_RUN_SANITIZER_SECONDS:-150}"
     start=$(date +%s)
     pids=()

@@ -3,7 +3,7 @@
 Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in its
 "profile" stage):
   python3 benchmarks/profile_knn_cuda.py [out.json]            # every section, one process each
-  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, copy, big, sweep, defaults
+  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, q1sweep, copy, big, sweep, defaults
 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
@@ -20,6 +20,8 @@ Questions the benchmark's totals cannot answer:
      faiss #3045's shape and k = 16,384 (plan_sweep).
   5. The defaults against the large-k plan off and the defaults before GPU run 8, over shapes
      that place the large-k plan's threshold (defaults_check).
+  6. One query over 1M rows: the rows a warp reads at once and the splits, against one read of
+     the database (q1_sweep).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs.
 """
@@ -138,6 +140,51 @@ def q1_breakdown(report: dict) -> None:
         print("  kernels of one FlatIndex.search:")
         for name, count, ms in report[f"q1 N={n}"]["kernels"][:10]:
             print(f"  {ms:8.3f} ms  x{count:<3d} {name}")
+
+
+# The scan of one query, against one read of the database (issue 6's Q = 1 bar: within 1.5x).
+# GPU run 8 (H200): the row scan of FlatIndex's single query over 1M x 128 took 0.355 ms, 1.44
+# TB/s. Its blocks hold 80 registers a thread (ptxas, sm_90: 3 resident blocks of 8 warps a
+# multiprocessor), read 4 rows (2 KiB) a warp at a time, and the plan's 521 splits assume 2
+# resident blocks (1.3 waves at 3). Two experiment settings say which limit binds: the rows a
+# warp reads at once in the single-query scan (LATENTSPACE_CUDA_SINGLE_QUERY_ROWS: 4, the row
+# scan; 8 or 16) and the splits of the call (LATENTSPACE_CUDA_FEW_QUERY_SPLITS: the plan's own,
+# or whole waves of 1 to 8 blocks a multiprocessor).
+Q1_SWEEP_ROWS = ("4", "8", "16")
+Q1_SWEEP_WAVES = (1, 2, 3, 4, 6, 8)  # splits: this many times the multiprocessors
+
+
+def q1_sweep(report: dict) -> None:
+    """FlatIndex.search and knn of one query over 1M x 128 (float32, k = 10) under each
+    Q1_SWEEP_ROWS x splits setting: medians of 50 calls (each + synchronize), the row scan's
+    kernel time (torch.profiler, one search) and its read rate; beside a torch.sum over the
+    database (the read the bar counts), in the same process."""
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    n = 1_000_000
+    x = torch.randn(n, 128, generator=g, device=DEVICE)
+    q = torch.randn(1, 128, generator=g, device=DEVICE)
+    index = latentspace.FlatIndex(128, device=DEVICE)
+    index.add(x)
+    multiprocessors = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    read_ms = median_ms(lambda: torch.sum(x), repeats=50)
+    rows: list[dict] = []
+    report["q1 sweep"] = {"read_ms": read_ms, "multiprocessors": multiprocessors, "rows": rows}
+    print(f"\n== one query, N={n} D=128 k=10: rows a warp reads x splits (medians of 50; one read "
+          f"of the database, torch.sum: {read_ms:.3f} ms, {x.numel() * 4 / read_ms / 1e9:.0f} TB/s)")
+    for rows_setting in Q1_SWEEP_ROWS:
+        for splits in ("", *(str(waves * multiprocessors) for waves in Q1_SWEEP_WAVES)):
+            with environment(LATENTSPACE_CUDA_SINGLE_QUERY_ROWS=rows_setting,
+                             LATENTSPACE_CUDA_FEW_QUERY_SPLITS=splits):
+                index_ms = median_ms(lambda: index.search(q, 10), repeats=50)
+                knn_ms = median_ms(lambda: latentspace.knn(q, x, 10), repeats=50)
+                kernels = kernel_times(lambda: index.search(q, 10))
+                plan = _native._cuda_plan(1, n, 10, DEVICE.index)
+            scan_ms = sum(ms for name, _, ms in kernels if "row_scan_kernel" in name)
+            rows.append({"rows": int(rows_setting), "splits_set": splits, "splits": plan["splits"],
+                         "flat_index_ms": index_ms, "knn_ms": knn_ms, "scan_ms": scan_ms, "kernels": kernels})
+            print(f"  rows {rows_setting:>2s}  splits {plan['splits']:5d}{' (own)' if not splits else '      '}  "
+                  f"FlatIndex {index_ms:6.3f} ms ({index_ms / read_ms:4.2f}x one read)  knn {knn_ms:6.3f} ms  "
+                  f"scan {scan_ms:6.3f} ms ({x.numel() * 4 / scan_ms / 1e9 if scan_ms else 0:5.2f} TB/s)")
 
 
 def host_copy_rates(report: dict) -> None:
@@ -275,7 +322,8 @@ def defaults_check(report: dict) -> None:
 # Each section runs in a process of its own, in this order: a never-run opt-in kernel that
 # faults leaves its process's CUDA context unusable, and must not take the sections after it
 # along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
-SECTIONS = {"q1": q1_breakdown, "copy": host_copy_rates, "big": big_search_breakdown,
+# q1sweep second: the newest experiment, before the sections earlier runs have timed.
+SECTIONS = {"q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "big": big_search_breakdown,
             "sweep": plan_sweep, "defaults": defaults_check}
 
 

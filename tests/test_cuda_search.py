@@ -944,24 +944,57 @@ def test_cuda_settings(monkeypatch, variable):
         read()
 
 
-def test_cuda_split_rule_setting(monkeypatch):
-    """LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (csrc/cuda/knn.cu, rows_per_neighbour): the split
-    rule for experiments, 32 unless set to a whole number from 0 (no rule) to 65536; anything
-    else is a ValueError naming the variable and the range."""
-    variable, read = "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", latentspace._native._cuda_rows_per_neighbour
+# The CUDA search's whole-number settings (csrc/cuda/common.cuh, environment_integer):
+# variable -> (reader, value when unset, least, most).
+CUDA_INTEGER_SETTINGS = {
+    # csrc/cuda/knn.cu, rows_per_neighbour: the split rule (splits at least this many times k
+    # rows long; 0: no rule), for experiments
+    "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": ("_cuda_rows_per_neighbour", 32, 0, 65536),
+    # csrc/cuda/knn.cu, few_query_splits: the splits of a call of at most 8 queries (0: the
+    # plan's own), for experiments
+    "LATENTSPACE_CUDA_FEW_QUERY_SPLITS": ("_cuda_few_query_splits", 0, 0, 65535),
+}
+
+
+@pytest.mark.parametrize("variable", sorted(CUDA_INTEGER_SETTINGS))
+def test_cuda_integer_settings(monkeypatch, variable):
+    """Each whole-number setting: its default unless set to a whole number in its range;
+    anything else is a ValueError naming the variable and the range."""
+    reader, default, least, most = CUDA_INTEGER_SETTINGS[variable]
+    read = getattr(latentspace._native, reader)
     if not latentspace.build_info()["cuda_compiled"]:
         with pytest.raises(RuntimeError, match="built without CUDA"):
             read()
         return
     monkeypatch.delenv(variable, raising=False)
-    assert read() == 32
-    for value, expected in [("", 32), ("0", 0), ("1", 1), ("8", 8), ("0064", 64), ("65536", 65536)]:
+    assert read() == default
+    for value, expected in [("", default), (str(least), least), ("1", 1), ("8", 8), ("0064", 64), (str(most), most)]:
         monkeypatch.setenv(variable, value)
         assert read() == expected
-    for bad in ("-3", "+8", " 8", "8 ", "65537", "8x", "eight", "1e3", "99999999999999999999"):
+    for bad in ("-3", "+8", " 8", "8 ", str(most + 1), "8x", "eight", "1e3", "99999999999999999999"):
         monkeypatch.setenv(variable, bad)
-        expected = f"{variable}: expected a whole number from 0 to 65536, got '{re.escape(bad)}'"
+        expected = f"{variable}: expected a whole number from {least} to {most}, got '{re.escape(bad)}'"
         with pytest.raises(ValueError, match=expected):
+            read()
+
+
+def test_cuda_single_query_rows_setting(monkeypatch):
+    """LATENTSPACE_CUDA_SINGLE_QUERY_ROWS (csrc/cuda/knn_scan_launch.cuh, single_query_rows): the
+    rows a warp reads at once in the scan of one query, an experiment: 4 (the row scan) unless
+    8 or 16 (the single-query scan); any other value is a ValueError naming the variable."""
+    variable, read = "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", latentspace._native._cuda_single_query_rows
+    if not latentspace.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            read()
+        return
+    monkeypatch.delenv(variable, raising=False)
+    assert read() == 4
+    for value, expected in [("", 4), ("4", 4), ("8", 8), ("16", 16)]:
+        monkeypatch.setenv(variable, value)
+        assert read() == expected
+    for bad in ("2", "32", "08", " 8", "0", "eight"):
+        monkeypatch.setenv(variable, bad)
+        with pytest.raises(ValueError, match=f"{variable}: expected '4', '8' or '16', got '{re.escape(bad)}'"):
             read()
 
 
@@ -982,7 +1015,8 @@ def _plan(nq, nb, k, bound=None):
 @pytest.fixture
 def plan_settings(monkeypatch):
     """The plan's settings as a test sets them, none inherited from the environment."""
-    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE"):
+    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE",
+                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS"):
         monkeypatch.delenv(variable, raising=False)
     return monkeypatch
 
@@ -1078,6 +1112,32 @@ def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, tree, plan_setti
             assert plan["splits"] <= filling["splits"] and plan["workspace_bytes"] <= filling["workspace_bytes"]
         if fraction == 1.0:
             assert plan == filling  # it fits: nothing to fit
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k", [(1, 1_000_000, 10), (8, 1_000_000, 100), (1, 1_000_000, 1024), (3, 3000, 50),
+                                     (1, 100, 10), (9, 1_000_000, 10), (200, 50_000, 10)])
+def test_few_query_splits_set_the_plan_of_a_few_queries(nq, nb, k, plan_settings):
+    """LATENTSPACE_CUDA_FEW_QUERY_SPLITS (an experiment, knn.cu few_query_splits) gives a call of
+    at most 8 queries that many splits, cut in whole plan tiles of 128 rows (never more splits
+    than tiles); the rest of its plan is the plan's own (a tree merge where that plan merges as
+    a tree, past 8 splits); and a search planned again at the plan's size gets the same plan.
+    Calls of more queries keep their own plans."""
+    own = _plan(nq, nb, k)
+    tiles = -(-nb // 128)
+    for splits in (1, 7, 132, 396, 528, 1056, 65535):
+        plan_settings.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", str(splits))
+        plan = _plan(nq, nb, k)
+        if nq > 8:
+            assert plan == own
+            continue
+        length = -(-tiles // splits) * 128
+        assert plan["split_length"] == length and plan["splits"] == -(-nb // length) <= min(splits, tiles)
+        assert plan["capacity"] == min(k + max(k, 512), length) and plan["query_tiles"] == own["query_tiles"]
+        assert plan["tree"] == (own["tree"] and plan["splits"] > 8), (plan, own)
+        assert _plan(nq, nb, k, plan["workspace_bytes"]) == plan
+    plan_settings.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "0")
+    assert _plan(nq, nb, k) == own
 
 
 @needs_cuda_build

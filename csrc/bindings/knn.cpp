@@ -97,6 +97,12 @@ void bind_knn(py::module_& m) {
       "alone: the plan's logic, testable without a GPU (a CUDA build is needed).");
   m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
         "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
+  m.def("_cuda_few_query_splits", &knn_cuda_few_query_splits,
+        "The splits of a GPU call of at most 8 queries: 0 (the plan's own), or LATENTSPACE_CUDA_FEW_QUERY_SPLITS "
+        "(an experiment).");
+  m.def("_cuda_single_query_rows", &knn_cuda_single_query_rows,
+        "The rows a warp reads at once in the GPU scan of one query: 4 (the row scan), or 8 or 16 "
+        "(LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, an experiment).");
   m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,
         "Whether a GPU plan that needs more workspace than its bound takes fewer splits "
         "(on unless LATENTSPACE_CUDA_FITTED_PLAN=0).");

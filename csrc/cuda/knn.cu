@@ -60,6 +60,15 @@ int64_t rows_per_neighbour() {
   return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 0, 1 << 16);
 }
 
+// The splits of a call of at most kRowQueries queries (the row scan's count; a wider query
+// takes the tile scan with the same plan), for experiments (the profile's q1 sweep: whether
+// whole waves of the row scan's resident blocks read faster than the plan's own splits, which
+// assume the tile scan's 2 a multiprocessor): LATENTSPACE_CUDA_FEW_QUERY_SPLITS, 0 or unset:
+// the plan's own. Cut in whole plan tiles (never more splits than tiles); the rest of the
+// plan as it would be (the large-k plan's tree merge, its check against the bound made with
+// these splits; fitted to a bound it exceeds). Read at every plan, like the split rule.
+int64_t few_query_splits() { return environment_integer("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", 0, 0, 65535); }
+
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 // The fewest queries a call of the large-k plan must be able to take within the workspace
@@ -232,14 +241,18 @@ Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t wor
   const int64_t query_tiles = ceil_div(nq, SimtTile::kQueries), database_tiles = ceil_div(nb, kPlanRows);
   const int64_t rule = rows_per_neighbour();
   const Setting tree = tree_merge_setting();
+  // (few_query_splits: the splits an experiment forces on a call of at most 8 queries, or 0)
+  const int64_t forced = nq <= kRowQueries ? few_query_splits() : 0;
   int64_t filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, rule);
   bool large_k = tree == Setting::kAuto && rule != 0 && 4 * query_tiles * filling < 3 * int64_t{multiprocessors};
   if (large_k) {
     const int64_t few = std::min<int64_t>(nq, kLargeKFewQueries);
-    const int64_t few_splits = choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0);
+    const int64_t few_splits =
+        forced > 0 ? forced : choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0);
     large_k = plan_with_splits(few, nb, k, few_splits, cub_bytes).workspace_bytes <= workspace_bound;
   }
   if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
+  if (forced > 0) filling = forced;
   const bool merge_as_tree = large_k || tree == Setting::kOn;
   const auto with_splits = [&](int64_t splits) {
     Plan plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
@@ -352,6 +365,8 @@ void merge_as_tree(const Workspace& w, const Plan& plan, int64_t num_queries, in
 // a bound only).
 void refuse_bad_settings() {
   (void)rows_per_neighbour();
+  (void)few_query_splits();
+  (void)single_query_rows();
   (void)use_fitted_plan();
   (void)use_fused_finish();
   (void)tree_merge_setting();
@@ -405,6 +420,10 @@ KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t
 }
 
 int64_t knn_cuda_rows_per_neighbour() { return cuda::rows_per_neighbour(); }
+
+int64_t knn_cuda_few_query_splits() { return cuda::few_query_splits(); }
+
+int knn_cuda_single_query_rows() { return cuda::single_query_rows(); }
 
 const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma"; }
 

@@ -27,8 +27,8 @@
 // fall in 32 different banks (row stride 12 or 20 words: 12 g + t and 20 g + t are distinct
 // mod 32 for g < 8, t < 4).
 //
-// Status: selected by LATENTSPACE_CUDA_TENSOR_TILE=mma (knn.cu); WmmaTile stays the default
-// until a GPU run has verified and timed this tile (docs/gpu-runs.md).
+// Status: the default tensor-core tile since GPU run 6 (1.6-1.8x WmmaTile on an H100,
+// docs/gpu-runs.md); LATENTSPACE_CUDA_TENSOR_TILE=wmma picks WmmaTile (knn_scan_launch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -20,8 +20,7 @@ namespace latentspace::cuda {
 
 constexpr int kRowQueries = 8;  // queries per row scan
 constexpr int kRowWarps = kScanThreads / 32;
-constexpr int kRowsInFlight = 4;                         // rows a warp reads at once
-constexpr int kRowRound = kRowWarps * kRowsInFlight * 2;  // rows between two list checks
+constexpr int kRowsInFlight = 4;  // rows a warp reads at once (two steps of them a round)
 // The queries in dynamic shared memory: with RowShared (static, about 1.2 KiB) this stays under
 // the 48 KiB a block may use without opting in (cudaFuncSetAttribute).
 constexpr int kRowQueryBytes = 44 * 1024;
@@ -46,6 +45,16 @@ __device__ inline float finish_norm(float sum) {
   return sum;
 }
 
+// The blocks of a scan with `rows` rows a warp in flight that a multiprocessor must hold
+// (__launch_bounds__): the single-query scan's registers capped so that its rows in flight
+// add up. ptxas, sm_90, float32 rows with kept norms: uncapped, 87 registers a thread at 8
+// rows, which leaves 2 blocks (64 KiB of rows in flight a multiprocessor), and 154 at 16
+// rows, which leaves 1 (64 KiB); capped, 80 registers (4 bytes spilled) and 3 blocks (96 KiB),
+// and 128 (52 bytes spilled) and 2 blocks (128 KiB); the row scan: 80 registers, 3 blocks,
+// 48 KiB. The row scan's own (4 rows): 0, no cap, as GPU runs timed it (its SASS, sm_90, is
+// the same as with no second __launch_bounds__ argument; a 1 there reorders its instructions).
+constexpr int row_scan_min_blocks(int rows) { return rows > 8 ? 2 : rows > 4 ? 3 : 0; }
+
 // grid (1, splits); dynamic shared memory: num_queries * dim floats (the queries, scaled by
 // the weights for weighted l2). kAligned: see knn_tiles.cuh. kOwnNorms: a.database_norms is
 // null and the scan sums each row's norm itself (l2, cosine).
@@ -59,9 +68,20 @@ __device__ inline float finish_norm(float sum) {
 // kOptIns: the opt-in family (knn_scan.cuh, scan_kernel): thresholds shared across splits
 // where a.best_kth is set. Its cut-backs stay the block's (a.warp_cut_backs is the tile
 // scan's: the row scan has no staging buffer to count in, and 8 queries at most).
+// kQueries, kRows, kSteps: the queries a block can hold (registers for that many dot products
+// a row), the rows a warp reads at once, and the steps of kRows rows a warp takes between two
+// list checks. The row scan: kRowQueries, kRowsInFlight, 2. The single-query scan (an
+// experiment, LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, knn_scan_launch.cuh): 1 query, 8 or 16 rows,
+// 1 step, norms loaded ahead. Why: GPU run 8 timed the row scan of one query over 1M x 128 at
+// 1.44 TB/s, a third of what the H200 reads; with 80 registers a thread (ptxas, sm_90) a
+// multiprocessor holds 24 warps, each with 2 KiB of rows in flight at most, while registers
+// for 8 queries' dot products go unused. One query's registers hold 2 to 4 times the rows.
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false,
-          bool kOptIns = false>
-__global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
+          bool kOptIns = false, int kQueries = kRowQueries, int kRows = kRowsInFlight, int kSteps = 2>
+__global__ void __launch_bounds__(kScanThreads, row_scan_min_blocks(kRows)) row_scan_kernel(ScanArgs a) {
+  static_assert(kQueries >= 1 && kQueries <= kRowQueries, "RowShared holds kRowQueries queries' lists");
+  constexpr int kRound = kRowWarps * kRows * kSteps;  // rows between two list checks
+  static_assert(kRound <= 512, "a list has room for 512 keys beyond k (knn.cu, kExtraCapacityTiles)");
   extern __shared__ float4 query_quads[];  // [num_queries][dim] floats, 16-byte aligned
   float* queries = reinterpret_cast<float*>(query_quads);
   __shared__ RowShared s;
@@ -82,32 +102,32 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
     if (lane < nq) lane_query_norm = a.query_norms[lane];
   }
 
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRowRound) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kRound) {
     thresholds.tighten(s, nq);  // (the previous barrier: start_lists' or the cut-backs')
-    // A round: kRowRound rows, two steps of kRowsInFlight consecutive rows per warp, so at
-    // most kRowRound keys per query are offered between two list checks.
+    // A round: kRound rows, kSteps steps of kRows consecutive rows per warp, so at most kRound
+    // keys per query are offered between two list checks.
 #pragma unroll 1
-    for (int step = 0; step < 2; ++step) {
-      const int64_t first = n0 + (step * kRowWarps + warp) * kRowsInFlight;
+    for (int step = 0; step < kSteps; ++step) {
+      const int64_t first = n0 + (step * kRowWarps + warp) * kRows;
       if (first >= n_end) break;  // uniform across the warp
-      float dot[kRowsInFlight][kRowQueries], norm[kRowsInFlight];
-      float kept_norm[kRowsInFlight];  // kEarlyNorms: the rows' kept norms, loaded with the rows
+      float dot[kRows][kQueries], norm[kRows];
+      float kept_norm[kRows];  // kEarlyNorms: the rows' kept norms, loaded with the rows
       if constexpr (kEarlyNorms && !kOwnNorms && kMetric != Metric::kInnerProduct) {
 #pragma unroll
-        for (int r = 0; r < kRowsInFlight; ++r) kept_norm[r] = first + r < n_end ? a.database_norms[first + r] : 0.0f;
+        for (int r = 0; r < kRows; ++r) kept_norm[r] = first + r < n_end ? a.database_norms[first + r] : 0.0f;
       }
 #pragma unroll
-      for (int r = 0; r < kRowsInFlight; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         norm[r] = 0.0f;
 #pragma unroll
-        for (int q = 0; q < kRowQueries; ++q) dot[r][q] = 0.0f;
+        for (int q = 0; q < kQueries; ++q) dot[r][q] = 0.0f;
       }
       // Lane l takes dimensions 4 l .. 4 l + 3 of every 128 (quads), or l of every 32.
       constexpr int kPerLane = kAligned ? 4 : 1;
       for (int64_t d = lane * kPerLane; d < a.dim; d += 32 * kPerLane) {
-        float4 x[kRowsInFlight];
+        float4 x[kRows];
 #pragma unroll
-        for (int r = 0; r < kRowsInFlight; ++r) {
+        for (int r = 0; r < kRows; ++r) {
           const int64_t n = first + r;
           if constexpr (kAligned) {
             x[r] = load_quad<kStorage, true>(a.database, n, n < n_end, d, a.dim);
@@ -121,7 +141,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
             w = kAligned ? load_four<KnnStorage::kFloat32>(a.weights, d) : make_float4(a.weights[d], 0.0f, 0.0f, 0.0f);
           }
 #pragma unroll
-          for (int r = 0; r < kRowsInFlight; ++r) {
+          for (int r = 0; r < kRows; ++r) {
             norm[r] = fmaf(w.x * x[r].x, x[r].x, norm[r]);
             norm[r] = fmaf(w.y * x[r].y, x[r].y, norm[r]);
             norm[r] = fmaf(w.z * x[r].z, x[r].z, norm[r]);
@@ -129,7 +149,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
           }
         }
 #pragma unroll
-        for (int q = 0; q < kRowQueries; ++q) {
+        for (int q = 0; q < kQueries; ++q) {
           if (q >= nq) break;  // uniform
           float4 query;
           if constexpr (kAligned) {
@@ -138,7 +158,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
             query = make_float4(queries[q * a.dim + d], 0.0f, 0.0f, 0.0f);
           }
 #pragma unroll
-          for (int r = 0; r < kRowsInFlight; ++r) {
+          for (int r = 0; r < kRows; ++r) {
             dot[r][q] = fmaf(query.x, x[r].x, dot[r][q]);
             dot[r][q] = fmaf(query.y, x[r].y, dot[r][q]);
             dot[r][q] = fmaf(query.z, x[r].z, dot[r][q]);
@@ -147,9 +167,9 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsInFlight; ++r) {
+      for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-        for (int q = 0; q < kRowQueries; ++q) {
+        for (int q = 0; q < kQueries; ++q) {
           if (q >= nq) break;
           for (int offset = 16; offset > 0; offset /= 2) dot[r][q] += __shfl_xor_sync(0xFFFFFFFFu, dot[r][q], offset);
         }
@@ -158,7 +178,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsInFlight; ++r) {
+      for (int r = 0; r < kRows; ++r) {
         const int64_t n = first + r;
         if (n >= n_end) break;
         float database_norm = 0.0f;
@@ -168,7 +188,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
           database_norm = kEarlyNorms ? kept_norm[r] : a.database_norms[n];
         }
 #pragma unroll
-        for (int q = 0; q < kRowQueries; ++q) {
+        for (int q = 0; q < kQueries; ++q) {
           if (q < nq && lane == q) {  // lane q offers query q's key: constant register index
             const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f
                                      : kEarlyNorms                    ? lane_query_norm
@@ -180,7 +200,7 @@ __global__ void __launch_bounds__(kScanThreads) row_scan_kernel(ScanArgs a) {
       }
     }
     __syncthreads();
-    cut_back_full_lists(s, list_of, nq, a.capacity, a.k, kRowRound, thresholds);
+    cut_back_full_lists(s, list_of, nq, a.capacity, a.k, kRound, thresholds);
   }
   finish_lists(s, list_of, nq, a, 0, split, thresholds);
 }

@@ -12,6 +12,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "core/check.h"
 #include "cuda/common.cuh"
@@ -62,15 +65,32 @@ inline bool use_float_thresholds() {
   return environment_switch("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1", "0", false);
 }
 
-template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kOptIns>
-void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
+// The rows a warp reads at once in the scan of one query (knn_rows.cuh, row_scan_kernel's
+// kRows): LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, an experiment for the profile's q1 sweep (the
+// issue 6 bar for one query: within 1.5x of one read of the database; GPU run 8: 4.1x). Unset,
+// empty or "4": the row scan, as GPU runs have timed it; "8" or "16": the single-query scan
+// (one query's registers, 8 or 16 rows a warp in one step a round, norms loaded ahead) where
+// one query's rows load in quads (kAligned); any other value throws ValueError. Read at every
+// search.
+inline int single_query_rows() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "4") == 0) return kRowsInFlight;
+  if (std::strcmp(value, "8") == 0) return 8;
+  LS_CHECK_VALUE(std::strcmp(value, "16") == 0, "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS: expected '4', '8' or '16', got '",
+                 std::string(value), "'");
+  return 16;
+}
+
+template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kOptIns,
+          int kQueries = kRowQueries, int kRows = kRowsInFlight, int kSteps = 2>
+void launch_row_scan_kernel(const ScanArgs& args, cudaStream_t stream) {
   const dim3 grid(1, static_cast<unsigned>(args.splits));
   const size_t query_bytes = static_cast<size_t>(args.num_queries * args.dim) * sizeof(float);
   if (kMetric != Metric::kInnerProduct && args.database_norms == nullptr) {
-    row_scan_kernel<kMetric, kStorage, kAligned, true, kEarlyNorms, kOptIns>
+    row_scan_kernel<kMetric, kStorage, kAligned, true, kEarlyNorms, kOptIns, kQueries, kRows, kSteps>
         <<<grid, kScanThreads, query_bytes, stream>>>(args);
   } else {
-    row_scan_kernel<kMetric, kStorage, kAligned, false, kEarlyNorms, kOptIns>
+    row_scan_kernel<kMetric, kStorage, kAligned, false, kEarlyNorms, kOptIns, kQueries, kRows, kSteps>
         <<<grid, kScanThreads, query_bytes, stream>>>(args);
   }
   check_launch("row_scan_kernel");
@@ -78,10 +98,19 @@ void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
 
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOptIns>
 void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
+  if constexpr (kAligned) {
+    if (args.num_queries == 1) {
+      switch (single_query_rows()) {
+        case 8: launch_row_scan_kernel<kMetric, kStorage, true, true, kOptIns, 1, 8, 1>(args, stream); return;
+        case 16: launch_row_scan_kernel<kMetric, kStorage, true, true, kOptIns, 1, 16, 1>(args, stream); return;
+        default: break;  // the row scan
+      }
+    }
+  }
   if (use_early_norms()) {
-    launch_row_scan<kMetric, kStorage, kAligned, true, kOptIns>(args, stream);
+    launch_row_scan_kernel<kMetric, kStorage, kAligned, true, kOptIns>(args, stream);
   } else {
-    launch_row_scan<kMetric, kStorage, kAligned, false, kOptIns>(args, stream);
+    launch_row_scan_kernel<kMetric, kStorage, kAligned, false, kOptIns>(args, stream);
   }
 }
 

@@ -20,6 +20,10 @@ KnnCudaPlan knn_cuda_plan_for(int64_t, int64_t, int64_t, int, size_t, size_t) { 
 
 int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
 
+int64_t knn_cuda_few_query_splits() { no_cuda(); }
+
+int knn_cuda_single_query_rows() { no_cuda(); }
+
 const char* knn_cuda_tree_merge() { no_cuda(); }
 
 bool knn_cuda_warp_cut_backs() { no_cuda(); }

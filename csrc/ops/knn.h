@@ -78,6 +78,14 @@ KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t
 // The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
 // (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
 int64_t knn_cuda_rows_per_neighbour();
+// The splits of a call of at most 8 queries: 0 (the plan's own), or
+// LATENTSPACE_CUDA_FEW_QUERY_SPLITS (a whole number from 0 to 65535; other values throw
+// ValueError). For experiments.
+int64_t knn_cuda_few_query_splits();
+// The rows a warp reads at once in the scan of one query: 4 (the row scan), or 8 or 16 (the
+// single-query scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says (other values throw
+// ValueError). For experiments.
+int knn_cuda_single_query_rows();
 // The tree merge's setting (knn_merge_tree.cuh), LATENTSPACE_CUDA_TREE_MERGE: "auto" (unset,
 // empty or auto: in the large-k plan, where the split rule would leave the GPU short of
 // blocks), "1" (every search of more than 8 database splits) or "0" (never); other values

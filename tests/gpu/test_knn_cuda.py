@@ -1077,6 +1077,73 @@ def test_small_early_norms_equal_the_late_ones(metric, nq, dim, gen, monkeypatch
         assert_matches_reference(d, i, queries, database, 20, metric)
 
 
+def _single_query_searches(gen, metric, dim, storage, rows=10_007):
+    """searches() of one query: knn at k = 20 and k past the rows (padding) over a database in
+    `storage` (knn reads a half tensor as stored; norms summed in the scan), a FlatIndex of that
+    storage (norms kept) at k = 300, and weighted_l2 through knn; with the float64 reference's
+    database (the stored values)."""
+    half = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[storage]
+    queries, database = _randn(gen, 1, dim), _randn(gen, rows, dim).to(half)
+    weights = torch.rand(dim, generator=gen, device=DEVICE) + 0.5
+    index = latentspace.FlatIndex(dim, metric, device="cuda", storage=storage)
+    index.add(database.float())
+    checked = [(20, metric), (rows + 50, metric), (300, metric), (20, "weighted_l2")]
+
+    def searches():
+        return [latentspace.knn(queries, database, 20, metric), latentspace.knn(queries, database, rows + 50, metric),
+                index.search(queries, 300), latentspace.knn(queries, database, 20, "weighted_l2", weights=weights)]
+
+    return queries, database.float(), weights, checked, searches
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dim,storage", [(48, "fp32"), (128, "fp32"), (256, "fp16"), (128, "bf16"), (97, "fp32")])
+def test_small_single_query_scan_equals_the_row_scan(metric, dim, storage, gen, monkeypatch):
+    """One query with LATENTSPACE_CUDA_SINGLE_QUERY_ROWS = 8 or 16 takes the single-query scan
+    (knn_rows.cuh: that many rows in flight a warp, its norms loaded ahead, an experiment); it
+    offers every row to the same list checks, so the results must be bit-identical to the row
+    scan's (4, the default): knn (norms summed in the scan), a FlatIndex (norms kept) in each
+    storage, weighted_l2, k past the rows, 10,007 rows (a partial round at a split's end), and
+    in one split (LATENTSPACE_CUDA_FEW_QUERY_SPLITS=1: 30 rounds of cut-backs at k = 300).
+    97 columns read one element a lane: the row scan either way."""
+    queries, database, weights, checked, searches = _single_query_searches(gen, metric, dim, storage)
+    for splits in ("", "1"):
+        monkeypatch.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", splits)
+        results = {}
+        for rows in ("4", "8", "16"):
+            monkeypatch.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", rows)
+            results[rows] = searches()
+        for rows in ("8", "16"):
+            for (d0, i0), (d, i) in zip(results["4"], results[rows]):
+                assert torch.equal(i0, i) and torch.equal(d0, d), (rows, splits)
+    for (d, i), (k, name) in zip(results["16"], checked):
+        if name == "weighted_l2":  # the reference's l2 over the scaled rows
+            scale = weights.sqrt()
+            assert_matches_reference(d, i, queries * scale, database * scale, k, "l2")
+        else:
+            assert_matches_reference(d, i, queries, database, k, name)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq", [1, 3, 8])
+def test_small_few_query_splits_change_no_result(metric, nq, gen, monkeypatch):
+    """LATENTSPACE_CUDA_FEW_QUERY_SPLITS (an experiment: the splits of a call of at most 8
+    queries) changes the plan, never a result: 1 split, 7, and more splits than the database
+    has plan tiles (3,000 rows: 24 tiles of 128), against the plan's own, through knn and a
+    FlatIndex. The splits asked are cut in whole tiles: 7 gives splits of 4 tiles, so 6."""
+    queries, database = _randn(gen, nq, 32), _randn(gen, 3000, 32)
+    searches = _knn_and_index(queries, database, 50, metric)
+    monkeypatch.delenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", raising=False)
+    own_plan, expected = _native._cuda_plan(nq, 3000, 50, torch.cuda.current_device()), searches()
+    for splits, planned in (("1", 1), ("7", 6), ("500", 24)):
+        monkeypatch.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", splits)
+        plan = _native._cuda_plan(nq, 3000, 50, torch.cuda.current_device())
+        assert plan["splits"] == planned, (plan, own_plan)
+        for (d0, i0), (d, i) in zip(expected, searches()):
+            assert torch.equal(i0, i) and torch.equal(d0, d), splits
+            assert_matches_reference(d, i, queries, database, 50, metric)
+
+
 @pytest.fixture(params=["late", "early"])
 def norms_loaded(request, monkeypatch):
     """Both ways the row scan loads its norms (csrc/cuda/knn_rows.cuh): where a score needs
