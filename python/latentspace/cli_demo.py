@@ -160,10 +160,12 @@ def command_demo(args: argparse.Namespace) -> int:
         rows.append(_row(METRIC_LEARNED["title"], learned.encode(split.x_test), split, k,
                          reconstruction_mse(split.x_test, learned(split.x_test))))
 
-    print(f"\n  held-out digits ({len(split.test_rows)})   dims   reconstruction MSE   {k}-NN label agreement"
+    width = max(24, *(len(row[0]) for row in rows))  # the longest title ("ConvAutoencoder + relevance")
+    heading = f"held-out digits ({len(split.test_rows)})"
+    print(f"\n  {heading:<{width + 2}}  dims   reconstruction MSE   {k}-NN label agreement"
           f"   trustworthiness ({TRUSTWORTHINESS_K})")
     for title, dims, mse, agreement, trust in rows:
-        print(f"    {title:<24} {dims:>5}   {mse:>18.4f}   {agreement:>20.3f}   {trust:>19.3f}")
+        print(f"    {title:<{width}} {dims:>5}   {mse:>18.4f}   {agreement:>20.3f}   {trust:>19.3f}")
     print()
 
     set_num_threads(search_threads)

@@ -19,7 +19,8 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
         metric: "l2" (squared Euclidean distance, ascending), "ip" (inner product,
             descending) or "cosine" (cosine similarity, descending; a zero vector has
             similarity 0 with everything, so the output never holds NaN; so does a vector
-            whose squared norm underflows float32, |x| < ~1e-19), or "weighted_l2": the
+            whose squared norm underflows to zero in float32, every |x_d| below about
+            2.6e-23; subnormal norms still count), or "weighted_l2": the
             weighted squared distance sum_d weights[d] * (q_d - x_d)^2, ascending.
         weights: for "weighted_l2" only (required there): (D,) finite values >= 0, one
             influence factor per dimension; 0 drops a dimension. The database is read as it is,
