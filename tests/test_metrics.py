@@ -85,7 +85,7 @@ def test_errors(rng):
     with pytest.raises(ValueError, match="Z: expected a 2-d array"):
         knn_label_agreement(z[0], y, k=3)
     z[4, 1] = np.nan
-    with pytest.raises(ValueError, match="row 4 contains NaN"):
+    with pytest.raises(ValueError, match="^Z: row 4 contains NaN"):
         knn_label_agreement(z, y, k=3)
 
 
@@ -98,6 +98,25 @@ def test_reconstruction_mse(rng):
     assert reconstruction_mse(images, torch.from_numpy(x_hat).reshape(8, 1, 2, 3)) == pytest.approx(0.25, rel=1e-6)
     with pytest.raises(ValueError, match="X, X_hat: shapes differ"):
         reconstruction_mse(x, x[:, :5])
+
+
+def test_reconstruction_mse_keeps_float64_and_refuses_what_has_no_mean(rng):
+    """Computed in float64 from the values given: float64 data is not rounded to float32
+    first (0.01 exactly, not 0.0099999928; 1e-16, not 0); NaN / Inf rows and empty data
+    are ValueErrors naming the argument, not a NaN result."""
+    x = rng.random((5, 4))
+    assert reconstruction_mse(x + 0.1, x) == pytest.approx(0.01, rel=1e-12)
+    assert reconstruction_mse(np.array([[1 + 1e-8]]), np.array([[1.0]])) == pytest.approx(1e-16, rel=1e-6)
+    assert reconstruction_mse(torch.from_numpy(x + 0.1), torch.from_numpy(x)) == pytest.approx(0.01, rel=1e-12)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="^X: row 3 contains NaN or Inf"):
+        reconstruction_mse(bad, x)
+    bad[3, 2] = np.inf
+    with pytest.raises(ValueError, match="^X_hat: row 3 contains NaN or Inf"):
+        reconstruction_mse(x, bad)
+    with pytest.raises(ValueError, match=r"^X: expected at least one row, got shape \(0, 4\)"):
+        reconstruction_mse(x[:0], x[:0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,6 +286,17 @@ def test_neighbor_recall_errors(rng):
         ls.neighbor_recall(x, x[:5], k=2)
     with pytest.raises(ValueError, match="k: expected an integer >= 1"):
         ls.neighbor_recall(x, x, k=0)
+
+
+@pytest.mark.parametrize("metric", ["neighbor_recall", "trustworthiness"])
+@pytest.mark.parametrize("which", ["X", "Z"])
+def test_unusable_rows_are_named_by_their_argument(rng, metric, which):
+    """A NaN in X or Z is named as the caller passed it (the search inside would say
+    "queries")."""
+    x, z = rng.random((12, 5)), rng.random((12, 2))
+    (x if which == "X" else z)[7, 1] = np.nan
+    with pytest.raises(ValueError, match=f"^{which}: row 7 contains NaN or Inf"):
+        getattr(ls, metric)(x, z, k=3)
 
 
 def test_metrics_are_exported():

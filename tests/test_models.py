@@ -329,6 +329,27 @@ def test_pca_errors(rng):
         PCA(2).fit(bad)
     with pytest.raises(TypeError, match="X: expected a real numeric dtype"):
         PCA(2).fit(np.zeros((10, 4), dtype=bool))
+    with pytest.raises(ValueError, match="X: expected a CPU or CUDA tensor, got one on 'meta'"):
+        PCA(2).fit(torch.ones(10, 4, device="meta"))
+
+
+def test_pca_refuses_data_float32_cannot_hold(rng):
+    """The fitted buffers are float32: values beyond its range, variances beyond it, and (when
+    whitening divides by them) variances below its normal range are ValueErrors naming X, not
+    inf / NaN codes or all-zero whitened codes."""
+    x = rng.random((50, 6))
+    x[31, 4] = 1e39
+    with pytest.raises(ValueError, match=r"X: row 31 has values beyond float32's range"):
+        PCA(2).fit(x)
+    with pytest.raises(ValueError, match=r"X: the largest component's variance, .* is beyond float32's range"):
+        PCA(2).fit(rng.random((50, 6)) * 1e30)
+    tiny = rng.random((50, 6)) * 1e-20
+    with pytest.raises(ValueError, match=r"X: with whiten=True the components' variances .* below float32's smallest"):
+        PCA(2, whiten=True).fit(tiny)
+    codes = PCA(2).fit(tiny).encode(tiny)  # without whitening the projections are representable
+    assert np.isfinite(codes).all() and np.abs(codes).max() > 0
+    scaled = rng.random((50, 6)) * 1e18  # large but within range: fitted as usual
+    assert np.isfinite(PCA(2, whiten=True).fit(scaled).encode(scaled)).all()
     with pytest.raises(ValueError, match="PCA is not fitted: call fit"):
         PCA(2).encode(rng.random((3, 4)))
     with pytest.raises(ValueError, match="PCA is not fitted"):

@@ -282,7 +282,9 @@ def test_bad_arguments(digits, tmp_path):
         (dict(weight_decay=-1.0), ValueError, "weight_decay: expected a finite number"),
         (dict(val_fraction=1.0), ValueError, r"val_fraction: expected a finite number in \[0, 1\)"),
         (dict(early_stopping=-1), ValueError, "early_stopping: expected an integer >= 0"),
-        (dict(seed=-1), ValueError, "seed: expected an integer >= 0"),
+        (dict(seed=-1), ValueError, r"seed: expected an integer in \[0, 9223372036854775808\), got -1"),
+        (dict(seed=2**63), ValueError, r"seed: expected an integer in \[0, 9223372036854775808\)"),
+        (dict(seed=2**70), ValueError, r"seed: expected an integer in \[0, 9223372036854775808\)"),
         (dict(device="tpu"), ValueError, "device: expected 'auto', 'cpu', 'cuda'"),
         (dict(loss="l1"), ValueError, "loss: expected one of"),
         (dict(loss="bce"), ValueError, "loss: 'bce' needs a model whose output is a probability"),
@@ -314,6 +316,12 @@ def test_bad_data(digits):
     bad[123, 5] = np.inf
     with pytest.raises(ValueError, match="X: row 123 contains NaN or Inf"):
         _fit(model, bad)
+    huge = x.astype(np.float64)
+    huge[77, 3] = 1e39  # finite in float64, inf in the model's float32
+    with pytest.raises(ValueError, match=r"X: row 77 has values beyond float32's range \(\|x\| > 3\.403e\+38\)"):
+        _fit(model, huge)
+    with pytest.raises(ValueError, match="X: expected a CPU or CUDA tensor, got one on 'meta'"):
+        _fit(model, torch.ones(400, 64, device="meta"))
     with pytest.raises(ValueError, match=r"X: loss='bce' needs data in \[0, 1\].*values in \[-1, 1\]"):
         _fit(VAE(64, 4, hidden=(8,)), x * 2 - 1)
     with pytest.raises(ValueError, match="X: 1 rows leave none for training"):
@@ -322,6 +330,20 @@ def test_bad_data(digits):
         _fit(PCA(4), x)
     with pytest.raises(TypeError, match="model: expected an Autoencoder, VAE or ConvAutoencoder"):
         _fit(torch.nn.Linear(64, 4), x)
+
+
+@pytest.mark.parametrize("data", ["float32", "float64"])
+def test_a_float64_model_trains_in_float64(digits, data):
+    """A model converted with .double() gets its batches in float64 (not float32, which its
+    layers refuse), keeps float64 weights, and lowers its loss."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(16,)).double()
+    before = model.objective(torch.from_numpy(x).double())["loss"].item()
+    history = _fit(model, x.astype(data), epochs=4)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.objective(torch.from_numpy(x).double())["loss"].item() < before
+    assert all(np.isfinite(history.train_loss))
 
 
 def test_history_to_dict_is_json_ready(digits):

@@ -68,17 +68,16 @@ def is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
+def _torch_to_numpy(x: Any, name: str, dtype: Any = np.float32) -> np.ndarray:
     import torch
 
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
     check_real_dtype(x, name)
     x = x.detach()
     if x.device.type == "cuda":
         x = x.cpu()  # a search on the CPU (device="cpu") of CUDA tensors: copied to the host
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
+    wanted = torch.float64 if dtype == np.float64 else torch.float32
+    if x.dtype != wanted:
+        x = x.to(wanted)
     if not x.is_contiguous():
         x = x.contiguous()
     return x.numpy()  # shares memory with the tensor
@@ -87,7 +86,9 @@ def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
 def _is_torch_int(x: Any) -> bool:
     import torch
 
-    return x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    # (uint16 / uint32 / uint64 since torch 2.3: numpy's unsigned arrays are taken too)
+    unsigned = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
+    return x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *unsigned)
 
 
 def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
@@ -103,21 +104,22 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     return array
 
 
-def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray, ArrayKind]:
-    """Returns x as a C-contiguous float32 (rows, dim) numpy array (a view when possible)
-    and whether it came as numpy or torch. Raises TypeError / ValueError naming `name`."""
+def as_matrix(x: Any, name: str, *, dim: int | None = None, dtype: Any = np.float32) -> tuple[np.ndarray, ArrayKind]:
+    """Returns x as a C-contiguous (rows, dim) numpy array of `dtype` (float32, or float64
+    for sums that must not round; a view when possible) and whether it came as numpy or
+    torch. Raises TypeError / ValueError naming `name`."""
     if is_torch_tensor(x):
         kind: ArrayKind = "torch"
         if x.dim() != 2:
             raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
-        array = _torch_to_numpy(x, name)
+        array = _torch_to_numpy(x, name, dtype)
     else:
         kind = "numpy"
         array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
         if array.ndim != 2:
             raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
-        if array.dtype != np.float32 or not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.dtype != dtype or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=dtype)
     if array.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:
@@ -278,8 +280,6 @@ def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, 
         return host_to_tensor(array).to(device), kind
     if x.dim() != 2:
         raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'; pass {name}.cpu()")
     check_real_dtype(x, name)
     if x.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
@@ -391,12 +391,12 @@ def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], .
 
     if is_torch_tensor(x):
         kind: ArrayKind = "torch"
-        check_real_dtype(x, name)
         if x.device != torch.device(device):
             raise ValueError(
                 f"{name}: expected a tensor on the model's device '{torch.device(device)}', got one "
                 f"on '{x.device}'; pass {name}.to('{torch.device(device)}')"
             )
+        check_real_dtype(x, name)
         tensor = x
     else:
         kind = "numpy"
@@ -441,10 +441,14 @@ def check_real_dtype(x: Any, name: str) -> None:
 
 
 def check_dense(x: Any, name: str) -> None:
-    """Refuses torch tensors that are not plain strided ones (sparse, nested): torch's own
-    errors for them (from .contiguous(), .numpy(), or sizes) name no argument."""
+    """Refuses torch tensors that are not plain strided ones (sparse, nested), and tensors
+    elsewhere than in CPU or CUDA memory (a 'meta' tensor has no data to read): torch's own
+    errors for them (from .contiguous(), .numpy(), .cpu(), or sizes) name no argument."""
     import torch
 
+    if x.device.type not in ("cpu", "cuda"):
+        hint = " (a meta tensor holds no data)" if x.device.type == "meta" else f"; pass {name}.cpu()"
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on '{x.device}'{hint}")
     if x.is_nested:
         raise TypeError(f"{name}: expected a dense tensor, got a nested one")
     if x.layout != torch.strided:
@@ -466,16 +470,17 @@ def as_output(tensor: Any, kind: ArrayKind):
     return tensor.detach().to("cpu").numpy()
 
 
-def check_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    """An integer >= minimum (Python or numpy int; bool is refused)."""
+def check_int(value: Any, name: str, *, minimum: int = 1, below: int | None = None) -> int:
+    """An integer >= minimum, and < below when given (Python or numpy int; bool is refused)."""
+    wanted = f"an integer >= {minimum}" if below is None else f"an integer in [{minimum}, {below})"
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        raise TypeError(f"{name}: expected {wanted}, got {value!r}")
     try:
         result = operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected an integer >= {minimum}, got {type(value).__name__} {value!r}") from None
-    if result < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {result}")
+        raise TypeError(f"{name}: expected {wanted}, got {type(value).__name__} {value!r}") from None
+    if result < minimum or (below is not None and result >= below):
+        raise ValueError(f"{name}: expected {wanted}, got {result}")
     return result
 
 
@@ -497,6 +502,7 @@ def check_float(value: Any, name: str, *, minimum: float = 0.0, maximum: float =
 def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
     """Class labels: a 1-d integer array (numpy or torch) of length n, returned as int64 numpy."""
     if is_torch_tensor(labels):
+        check_dense(labels, name)
         labels = labels.detach().to("cpu").numpy()
     array = np.asarray(labels)
     if array.dtype.kind not in "iu":

@@ -42,11 +42,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     that need a file name, such as np.lib.format.open_memmap); on a clean exit that file is
     fsynced and renamed over `path`, on an exception (including KeyboardInterrupt) it is
     removed, `path` is left as it was and the exception propagates. (Close or flush memory
-    maps of it inside the block.) Raises IsADirectoryError when `path` is a folder.
+    maps of it inside the block.) Raises IsADirectoryError when `path` is a folder,
+    FileNotFoundError when its folder does not exist, and PermissionError when the folder
+    cannot be written (each naming `path`, not the temporary file).
     """
     path = Path(os.fspath(path))
     if path.is_dir():
         raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"path: cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"path: cannot write {path}: folder {folder} is not writable")
     tmp_name = Path(_temporary_name(path))
     try:
         yield tmp_name

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_labels, as_matrix, check_k, check_metric, check_weights
+from ._arrays import as_labels, as_matrix, check_k, check_metric, check_rows_usable, check_weights
 from .search import knn
 
 __all__ = ["knn_label_agreement", "neighbor_recall", "reconstruction_mse", "self_dropped", "trustworthiness"]
@@ -38,6 +38,7 @@ def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2", we
     With weights, the search is knn's metric "weighted_l2" (Z is read as it is, not scaled).
     """
     vectors, _ = as_matrix(Z, "Z")
+    check_rows_usable(vectors, "Z")  # (here: the search would name its "queries")
     n = vectors.shape[0]
     y = as_labels(labels, "labels", n)
     k = check_k(k)
@@ -71,6 +72,8 @@ def _paired(X: Any, Z: Any) -> tuple[np.ndarray, np.ndarray]:
     z, _ = as_matrix(Z, "Z")
     if x.shape[0] != z.shape[0]:
         raise ValueError(f"X, Z: expected one code per row of X, got {x.shape[0]} rows in X and {z.shape[0]} in Z")
+    check_rows_usable(x, "X")  # (here: the search would name its "queries")
+    check_rows_usable(z, "Z")
     return x, z
 
 
@@ -157,13 +160,21 @@ def self_dropped(indices: np.ndarray, ids: np.ndarray | None = None) -> np.ndarr
 
 
 def reconstruction_mse(X: Any, X_hat: Any) -> float:
-    """Mean squared error over all elements between data and its reconstruction, (n, d) each
-    (numpy or torch; computed in float64)."""
-    a, _ = as_matrix(_flat(X), "X")
-    b, _ = as_matrix(_flat(X_hat), "X_hat")
+    """Mean squared error over all elements between data and its reconstruction, (n, d) each,
+    n >= 1 (numpy or torch; images (n, ...) are flattened): computed in float64 from the
+    values as given (float64 data is not rounded to float32 first). NaN or Inf in either is a
+    ValueError naming it and the row."""
+    a, _ = as_matrix(_flat(X), "X", dtype=np.float64)
+    b, _ = as_matrix(_flat(X_hat), "X_hat", dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"X, X_hat: shapes differ, {a.shape} vs {b.shape}")
-    diff = a.astype(np.float64) - b.astype(np.float64)
+    if a.shape[0] == 0:
+        raise ValueError(f"X: expected at least one row, got shape {a.shape}")
+    for array, name in ((a, "X"), (b, "X_hat")):
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"{name}: row {int(np.flatnonzero(~finite)[0])} contains NaN or Inf")
+    diff = a - b
     return float(np.mean(diff * diff))
 
 

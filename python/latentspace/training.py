@@ -81,16 +81,30 @@ class History:
 # Data
 
 
-class _Data:
-    """The training rows, checked once, served in batches as float32 tensors on the device.
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype batches take: the model's floating-point parameters' (float32, unless the
+    model was converted, e.g. with model.double())."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
 
-    In-memory data up to 1 GiB (as float32) is converted and moved to the device once, and
-    float32 data in CPU memory is used in place for CPU training, whatever its size; a memory
-    map, or other data, stays where it is and each batch is gathered from it (rows in
+
+_NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+class _Data:
+    """The training rows, checked once, served in batches as tensors of the model's dtype
+    (float32 unless the model was converted) on the device.
+
+    In-memory data up to 1 GiB (in that dtype) is converted and moved to the device once, and
+    data of that dtype in CPU memory is used in place for CPU training, whatever its size; a
+    memory map, or other data, stays where it is and each batch is gathered from it (rows in
     ascending order, so a memory map is read front to back).
     """
 
     def __init__(self, X: Any, model: ReconstructionModel, loss: str, device: torch.device):
+        self.dtype = _model_dtype(model)
         shapes = model._sample_shapes()
         if is_torch_tensor(X):
             X = X.detach()
@@ -103,32 +117,44 @@ class _Data:
             want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in shapes)
             raise ValueError(f"X: expected shape {want} for this {type(model).__name__}, got {tuple(X.shape)}")
         self.n = int(X.shape[0])
-        self._check_values(X, loss)
+        self._check_values(X, loss, self.dtype)
         self.device = device
-        nbytes = self.n * int(np.prod(X.shape[1:])) * 4
+        nbytes = self.n * int(np.prod(X.shape[1:])) * self.dtype.itemsize
         in_memory = is_torch_tensor(X) or not isinstance(X, np.memmap)
-        # float32 data already in CPU memory is used in place, however large
+        # data of the model's dtype already in CPU memory is used in place, however large
         zero_copy = device.type == "cpu" and (
-            (is_torch_tensor(X) and X.device.type == "cpu" and X.dtype == torch.float32)
-            or (not is_torch_tensor(X) and X.dtype == np.float32 and X.flags.c_contiguous and X.flags.writeable))
+            (is_torch_tensor(X) and X.device.type == "cpu" and X.dtype == self.dtype)
+            or (not is_torch_tensor(X) and X.dtype == _NUMPY_OF.get(self.dtype) and X.flags.c_contiguous
+                and X.flags.writeable))
         self.resident = in_memory and (zero_copy or nbytes <= _RESIDENT_MAX_BYTES)
         if self.resident:
             tensor = X if is_torch_tensor(X) else numpy_to_tensor(X)
-            self.tensor = tensor.to(device=device, dtype=torch.float32)
+            self.tensor = tensor.to(device=device, dtype=self.dtype)
         else:
             self.source = X
 
     @staticmethod
-    def _check_values(X: Any, loss: str) -> None:
+    def _check_values(X: Any, loss: str, dtype: torch.dtype) -> None:
         low, high = math.inf, -math.inf
+        largest = torch.finfo(dtype).max  # the model's dtype: values beyond it become inf
         for start in range(0, X.shape[0], _CHECK_CHUNK_ROWS):
             chunk = X[start : start + _CHECK_CHUNK_ROWS]
             if is_torch_tensor(chunk):
                 chunk = chunk.to("cpu", torch.float64).numpy()
-            finite = np.isfinite(chunk.reshape(chunk.shape[0], -1)).all(axis=1)
+            rows = chunk.reshape(chunk.shape[0], -1)
+            finite = np.isfinite(rows).all(axis=1)
             if not finite.all():
                 row = start + int(np.flatnonzero(~finite)[0])
                 raise ValueError(f"X: row {row} contains NaN or Inf; clean the data before training")
+            # (only where the data's dtype reaches past the model's: a float32 array cannot
+            # exceed a float64 model's range, nor be compared with it without overflowing)
+            reaches = rows.dtype.kind != "f" or float(np.finfo(rows.dtype).max) > largest
+            beyond = (np.abs(rows) > largest).any(axis=1) if reaches else np.zeros(rows.shape[0], dtype=bool)
+            if beyond.any():
+                row = start + int(np.flatnonzero(beyond)[0])
+                name = str(dtype).removeprefix("torch.")
+                raise ValueError(f"X: row {row} has values beyond {name}'s range (|x| > {largest:.4g}), the model's "
+                                 "dtype; rescale the data")
             if chunk.size:
                 low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
         if loss == "bce" and (low < 0 or high > 1):
@@ -138,13 +164,19 @@ class _Data:
             )
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows: int64 CPU tensor of row numbers."""
+        """The batch's samples in the order of `rows` (an int64 CPU tensor of row numbers), as
+        the labels are gathered."""
         if self.resident:
             return self.tensor[rows.to(self.device)]
-        ordered = np.sort(rows.numpy())
+        # Read in ascending row order (a memory map pages forward), then put the samples back in
+        # the order asked: the metric term pairs them with labels[rows].
+        order = np.argsort(rows.numpy(), kind="stable")
+        ordered = rows.numpy()[order]
         chunk = self.source[torch.from_numpy(ordered)] if is_torch_tensor(self.source) else self.source[ordered]
         tensor = chunk if is_torch_tensor(chunk) else torch.from_numpy(np.asarray(chunk))
-        return tensor.to(device=self.device, dtype=torch.float32)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return tensor[torch.from_numpy(back)].to(device=self.device, dtype=self.dtype)
 
 
 def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -247,8 +279,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             val_fraction=0 the training loss does.
         early_stopping: stop after this many epochs without a better monitored loss; None
             (or 0) trains all `epochs`.
-        seed: seeds the split, the shuffling and the VAE's noise (None: a fresh random
-            seed, recorded in the History). On the CPU, two runs with the same seed and the
+        seed: an integer in [0, 2^63); seeds the split, the shuffling and the VAE's noise
+            (None: a fresh random seed, recorded in the History). On the CPU, two runs with the same seed and the
             same initial weights give identical weights (seed the weights with
             torch.manual_seed before building the model).
         device: "auto" (CUDA when torch sees a GPU, else the CPU), "cpu", "cuda", "cuda:N".
@@ -296,7 +328,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     weight_decay = check_float(weight_decay, "weight_decay")
     val_fraction = check_float(val_fraction, "val_fraction", maximum=1.0, include_maximum=False)
     early_stopping = 0 if early_stopping is None else check_int(early_stopping, "early_stopping", minimum=0)
-    seed = secrets.randbits(63) if seed is None else check_int(seed, "seed", minimum=0)
+    # (below 2^63: the generators are seeded with seed + 1 and seed + 2, which torch takes as
+    # 64-bit integers)
+    seed = secrets.randbits(63) if seed is None else check_int(seed, "seed", minimum=0, below=1 << 63)
     if autocast is not None and not isinstance(autocast, bool):
         raise TypeError(f"autocast: expected True, False or None, got {autocast!r}")
     if checkpoint is not None:

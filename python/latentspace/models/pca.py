@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._arrays import as_model_input, check_int, is_torch_tensor
+from .._arrays import as_model_input, check_dense, check_int, is_torch_tensor
 from .base import LatentModel
 
 __all__ = ["PCA"]
@@ -17,6 +17,7 @@ __all__ = ["PCA"]
 # are the right singular vectors), so the data can be a memory map larger than RAM.
 _SVD_MAX_ELEMENTS = 1 << 24
 _CHUNK_ROWS = 65536
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the fitted buffers' dtype
 
 
 class PCA(LatentModel):
@@ -122,9 +123,11 @@ class PCA(LatentModel):
         """Fits the components to X, (n, d) numpy array (a memory map is fine) or torch tensor,
         n >= 2 and latent_dim <= min(n, d). Returns self.
 
-        Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows.
+        Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows, and data
+        whose values or variances float32 (the fitted buffers' dtype) cannot hold.
         """
         if is_torch_tensor(X):
+            check_dense(X, "X")  # (a meta tensor has no data to copy to the CPU)
             X = X.detach().cpu()
         elif not isinstance(X, np.ndarray):  # a np.memmap is an ndarray: never copied whole
             if isinstance(X, (str, bytes)) or X is None:
@@ -147,6 +150,11 @@ class PCA(LatentModel):
                 if not torch.isfinite(chunk).all():
                     row = start + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
                     raise ValueError(f"X: row {row} contains NaN or Inf; clean the data before fitting")
+                beyond = (chunk.abs() > _FLOAT32_MAX).any(dim=1)
+                if beyond.any():  # the fitted mean and components are float32, as encode's input
+                    row = start + int(beyond.nonzero()[0, 0])
+                    raise ValueError(f"X: row {row} has values beyond float32's range (|x| > {_FLOAT32_MAX:.4g}); "
+                                     "rescale the data")
                 yield chunk.detach()
 
         mean = sum(chunk.sum(dim=0) for chunk in chunks()) / n
@@ -171,6 +179,7 @@ class PCA(LatentModel):
         vectors = vectors * torch.where(signs == 0, 1.0, signs)[:, None]
         variance = singular**2 / (n - 1)
         ratio = variance / total_variance if total_variance > 0 else torch.zeros_like(variance)
+        self._check_float32_variance(variance)
 
         device = self._device_dtype()[0]
         self._allocate(d)
@@ -181,6 +190,19 @@ class PCA(LatentModel):
         self.singular_values = singular.to(device=device, dtype=torch.float32)
         self._fitted = True
         return self
+
+    def _check_float32_variance(self, variance: torch.Tensor) -> None:
+        """The variances are stored as float32: refuse data whose spread does not survive that
+        (it would read as infinite, or, when whitening divides by it, as none at all)."""
+        largest = float(variance.max())
+        if largest > _FLOAT32_MAX:
+            raise ValueError(f"X: the largest component's variance, {largest:.4g}, is beyond float32's range "
+                             f"({_FLOAT32_MAX:.4g}); rescale the data")
+        tiny = torch.finfo(torch.float32).tiny
+        if self.whiten and 0 < largest < tiny:
+            raise ValueError(f"X: with whiten=True the components' variances (the largest {largest:.4g}) fall below "
+                             f"float32's smallest normal number ({tiny:.4g}), so whitening would map every input to "
+                             "0; rescale the data")
 
     def extra_repr(self) -> str:
         fitted = f", input_dim={int(self.mean.shape[0])}" if self._fitted else ", not fitted"
