@@ -689,3 +689,55 @@ def test_train_metric_loss_errors(tmp_path, capsys):
     for args, message in cases:
         code, _, err = _main(capsys, *args, "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress")
         assert code == 2 and message in err, err
+
+
+def test_train_labels_from_an_npz(tmp_path, capsys):
+    """--labels reads .npz as the data does (it raised AttributeError: 'NpzFile' object has
+    no attribute 'shape'); --labels-key picks the array of an archive holding several."""
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((40, 6)).astype(np.float32))
+    np.savez(tmp_path / "one.npz", y=np.arange(40) % 3)
+    np.savez(tmp_path / "two.npz", y=np.arange(40) % 3, other=np.zeros(7))
+    train = ["train", str(tmp_path / "x.npy"), "--model", "autoencoder", "--metric-loss", "supcon",
+             "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")]
+    for labels in (["--labels", str(tmp_path / "one.npz")],
+                   ["--labels", str(tmp_path / "two.npz"), "--labels-key", "y"]):
+        code, _, err = _main(capsys, *train, *labels)
+        assert code == 0, err
+        assert json.loads((tmp_path / "run" / "history.json").read_text())["metric_loss"] == "supcon"
+    for labels, message in (
+        (["--labels", str(tmp_path / "two.npz")], f"--labels: key: {tmp_path / 'two.npz'} holds 2 arrays"),
+        (["--labels", str(tmp_path / "two.npz"), "--labels-key", "other"], "--labels: expected 40 labels"),
+        (["--labels", str(tmp_path / "two.npz"), "--labels-key", "z"], "has no array 'z'"),
+        (["--labels-key", "y"], "--labels-key: picks the array in the --labels .npz; pass --labels FILE too"),
+    ):
+        code, _, err = _main(capsys, *train, *labels)
+        assert code == 2 and err.startswith("latentspace train: error: ") and err.count("\n") == 1, err
+        assert message in err, err
+
+
+def test_damaged_npz_inputs_are_one_line_errors(tmp_path, capsys):
+    """A damaged archive (here its first member's compression method) printed zipfile's
+    traceback, exit 1."""
+    import numpy as np
+
+    def damaged(name, **arrays):
+        np.savez(tmp_path / name, **arrays)
+        raw = bytearray((tmp_path / name).read_bytes())
+        raw[raw.index(b"PK\x01\x02") + 10] ^= 0xFF  # the central directory's compression method
+        (tmp_path / name).write_bytes(bytes(raw))
+        return str(tmp_path / name)
+
+    data = damaged("s.npz", a=np.ones((10, 3), np.float32), b=np.ones((10, 3)))
+    weights = damaged("w.npz", w=np.ones(3, np.float32))
+    np.save(tmp_path / "z.npy", np.ones((10, 3), np.float32))
+    for command, args, bad in (
+        ("index build", ["index", "build", data, "--key", "a", "--out", str(tmp_path / "i.lsidx")], data),
+        ("index build", ["index", "build", str(tmp_path / "z.npy"), "--metric", "weighted_l2",
+                         "--weights", weights, "--out", str(tmp_path / "i.lsidx")], weights),
+        ("train", ["train", data, "--key", "a", "--model", "pca", "--latent-dim", "2",
+                   "--out", str(tmp_path / "run")], data),
+    ):
+        err = _pipeline_error(capsys, command, *args)
+        assert f"{bad}: not a readable .npz file (NotImplementedError: " in err, err

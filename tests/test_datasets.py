@@ -158,6 +158,56 @@ def test_corrupted_npz_member_is_a_value_error(tmp_path, rng):
         datasets.load_npz(tmp_path / "a.npz", mmap=False)
 
 
+def _two_arrays(path, rng, compressed=False):
+    """An archive of two members, as in the bug report (np.savez: a float32, b float64)."""
+    save = np.savez_compressed if compressed else np.savez
+    save(path, a=rng.standard_normal((10, 3)).astype(np.float32), b=rng.standard_normal((10, 3)))
+    return bytearray(path.read_bytes())
+
+
+# What is damaged: (the structure's signature, the damaged byte's offset from it). The
+# central directory entry of "a.npy" comes first; the end record says where it starts.
+_ZIP_FIELDS = {"central directory signature": (b"PK\x01\x02", 0), "version needed": (b"PK\x01\x02", 6),
+               "encrypted flag": (b"PK\x01\x02", 8), "compression method": (b"PK\x01\x02", 10),
+               "central directory size": (b"PK\x05\x06", 13), "central directory offset": (b"PK\x05\x06", 17)}
+
+
+@pytest.mark.parametrize("field", list(_ZIP_FIELDS))
+@pytest.mark.parametrize("mmap", [None, False, True])
+def test_damaged_npz_archive_is_a_value_error(tmp_path, rng, field, mmap):
+    """A flipped byte in the archive's structure raised zipfile.BadZipFile, NotImplementedError
+    ('That compression method is not supported') or RuntimeError, which are no ValueErrors:
+    the CLI printed a traceback. Now: ValueError naming the file."""
+    raw = _two_arrays(tmp_path / "s.npz", rng)
+    signature, offset = _ZIP_FIELDS[field]
+    raw[(raw.rindex(signature) if signature == b"PK\x05\x06" else raw.index(signature)) + offset] ^= 0xFF
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    # mmap=True may refuse first, as the member no longer reads as uncompressed: also fine
+    expected = r"bad.npz" if mmap else r"bad.npz: not a readable .npz file \(\w+: "
+    with pytest.raises(ValueError, match=expected):
+        datasets.load_npz(tmp_path / "bad.npz", "a", mmap=mmap)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_every_flipped_npz_byte_is_a_value_error_or_loads(tmp_path, rng, compressed):
+    """Whatever byte is damaged, load_npz raises ValueError naming the file (a damaged stored
+    member that is memory-mapped cannot be CRC-checked and may load). Before: BadZipFile,
+    NotImplementedError, RuntimeError, OSError, zlib.error, SyntaxError, TokenError."""
+    raw = _two_arrays(tmp_path / "s.npz", rng, compressed)
+    path = tmp_path / "bad.npz"
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        for mmap in (False,) if compressed else (False, True):
+            try:
+                datasets.load_npz(path, "a", mmap=mmap)
+            except ValueError as error:
+                assert str(path) in str(error), (position, mmap, error)
+            except Exception as error:  # noqa: BLE001 - the test is that nothing else escapes
+                pytest.fail(f"byte {position} flipped, mmap={mmap}: {type(error).__name__}: {error}")
+
+
 def test_load_array_dispatches_on_suffix(tmp_path, rng):
     x = rng.random((10, 3))
     np.save(tmp_path / "x.npy", x)

@@ -392,6 +392,65 @@ def test_inconsistent_header_with_valid_checksum(tmp_path, rng, edit):
         latentspace.load_index(path)
 
 
+_WRONG_TYPES = {
+    "metric": [["l2"], {"l2": 1}, 2, None, True],  # a list was hashed: TypeError
+    "ntotal": [1e400, 5.0, 5.5, True, "5", [5], None, float("nan")],  # 1e400 is inf: OverflowError
+    "dim": [4.5, 3.0, 1e400, True, "3", [3], None, 2**70],  # 4.5 was truncated to 4
+    "data_offset": [64.0, 1e400, "64", True, None, -64],
+    "data_nbytes": [60.0, 1e400, "60", False, None],
+    "data_crc32": [1.0, 1e400, "0", True, None, -1, 2**32],
+    "weights": ["abc", [True, 1, 1], [1, None, 1], [[1, 1, 1]], {"a": 1}, 7, [1e400, 1, 1]],
+    "storage": [["fp32"], 16, None, "fp64"],
+    "writer": [1, ["0.1"], None],
+}
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, values in _WRONG_TYPES.items() for v in values],
+                         ids=lambda x: repr(x)[:16])
+@pytest.mark.parametrize("n", [0, 5])
+def test_header_field_of_the_wrong_type(tmp_path, rng, field, value, n):
+    """A crafted header (valid checksum) whose field has the wrong type or range: IndexFileError
+    naming the file and the field, never a TypeError or OverflowError from inside the
+    loader, nor a float such as 4.5 read as an int. n=0: no data for the shape to disagree with."""
+    index = latentspace.FlatIndex(3, "weighted_l2", weights=[1.0, 2.0, 0.5])
+    if n:
+        index.add(_normal(rng, n, 3))
+    path = tmp_path / "crafted.lsx"
+    index.save(path)
+    _rewrite_header(path, lambda h: h.update({field: value}))
+    for mmap in (False, True):
+        message = _load_error(path, mmap=mmap)
+        assert message.startswith("<path>: corrupted index"), message
+        if field not in ("ntotal", "dim", "data_nbytes", "data_offset"):  # these can also disagree first
+            assert f"{field}: " in message, message
+
+
+def test_header_integers_must_be_json_integers(tmp_path, rng):
+    """The messages name the field and what it should be."""
+    _, path = _saved(tmp_path, rng, "l2", n=0, dim=4)
+    _rewrite_header(path, lambda h: h.update(dim=4.5))
+    assert "corrupted index header (dim: expected an integer >= 1, got float 4.5)" in _load_error(path)
+    _rewrite_header(path, lambda h: h.update(dim=4, ntotal=1e400))
+    assert "corrupted index header (ntotal: expected an integer >= 0, got float inf)" in _load_error(path)
+    _rewrite_header(path, lambda h: h.update(ntotal=0, metric=["l2"]))
+    assert ("corrupted index header (metric: expected one of 'l2', 'ip', 'cosine', 'weighted_l2', "
+            "got ['l2'])") in _load_error(path)
+    _rewrite_header(path, lambda h: h.update(metric="l2", data_offset="64"))
+    assert "corrupted index header (data_offset: expected an integer >= 0, got str '64')" in _load_error(path)
+
+
+def test_deeply_nested_header_is_an_index_file_error(tmp_path, rng):
+    """json.loads recurses: a crafted header of nested brackets raised RecursionError."""
+    _, path = _saved(tmp_path, rng, "l2", n=5, dim=3)
+    raw = bytearray(path.read_bytes())
+    _, version, _, _ = PREFIX.unpack(raw[: PREFIX.size])
+    body = b"[" * 100_000
+    out = raw[: PREFIX.size] + body + b"\0" * (-(PREFIX.size + len(body)) % 64)
+    out[: PREFIX.size] = PREFIX.pack(b"LSPACEIX", version, len(body), zlib.crc32(body))
+    path.write_bytes(bytes(out))
+    assert "corrupted index header (unreadable JSON" in _load_error(path)
+
+
 def test_header_not_json_object(tmp_path, rng):
     _, path = _saved(tmp_path, rng, "l2", n=5, dim=3)
     raw = bytearray(path.read_bytes())

@@ -118,8 +118,34 @@ def test_load_on_a_device_and_errors_for_bad_devices(tmp_path, rng):
     path = tmp_path / "m.safetensors"
     ls.save_model(_models(rng)["Autoencoder"], path)
     assert next(ls.load_model(path, device=torch.device("cpu")).parameters()).device.type == "cpu"
-    with pytest.raises(ValueError, match="device: expected a torch device"):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
         ls.load_model(path, device="gpu")
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta"), "auto", "tpu"])
+def test_load_model_checks_the_device_as_encode_does(tmp_path, rng, device):
+    """The same check, and message, as encode(..., device=): 'meta' (weights without storage)
+    was accepted, and the check runs before the file is read."""
+    path = tmp_path / "m.safetensors"
+    ls.save_model(_models(rng)["Autoencoder"], path)
+    with pytest.raises(ValueError) as from_load:
+        ls.load_model(path, device=device)
+    with pytest.raises(ValueError) as from_encode:
+        ls.encode(ls.load_model(path), np.zeros((1, 12), np.float32), device=device)
+    assert str(from_load.value) == str(from_encode.value)
+    assert str(from_load.value).startswith("device: ")
+    with pytest.raises(ValueError, match="device: "):
+        ls.load_model(tmp_path / "missing.safetensors", device=device)  # not FileNotFoundError
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 1)])
+def test_load_model_on_cuda_without_a_gpu_is_a_clear_error(tmp_path, rng, device):
+    """Was torch's AssertionError 'Torch not compiled with CUDA enabled', after the file was read."""
+    path = tmp_path / "m.safetensors"
+    ls.save_model(_models(rng)["Autoencoder"], path)
+    with pytest.raises(ValueError, match="device: .* asked for, but torch sees no CUDA GPU; use 'cpu'"):
+        ls.load_model(path, device=device)
 
 
 def test_save_errors(tmp_path):
@@ -292,3 +318,20 @@ def test_too_new_unknown_and_mismatched(tmp_path, rng):
     path = _saved(tmp_path, rng)
     _rewrite_info(path, lambda info, t: t.update(extra=torch.zeros(2)))
     assert "weights do not match the config" in _error(path)
+
+
+@pytest.mark.parametrize("change", [
+    lambda info: info.update(format_version=1.5),  # int() read it as 1
+    lambda info: info.update(format_version=float("inf")),  # int(): OverflowError
+    lambda info: info.update(format_version=True),
+    lambda info: info.update(format_version="1"),
+    lambda info: info.update({"class": ["VAE"]}),  # unhashable: TypeError
+    lambda info: info.update({"class": {"VAE": 1}}),
+], ids=["version-1.5", "version-inf", "version-true", "version-str", "class-list", "class-dict"])
+def test_config_fields_of_the_wrong_type(tmp_path, rng, change):
+    """A crafted config with a valid checksum: ModelFileError, never a TypeError or an
+    OverflowError from inside the loader, nor a float version read as an int."""
+    path = _saved(tmp_path, rng)
+    _rewrite_info(path, lambda info, t: change(info))
+    message = _error(path)
+    assert "unreadable config" in message or "unknown model type" in message

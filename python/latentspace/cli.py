@@ -14,6 +14,7 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
+from .cli_pipeline import option_array
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -56,7 +57,10 @@ def _load_training_data(args: argparse.Namespace):
 
 
 def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows: int):
-    """The labels of --metric-loss: the digits' own, or --labels FILE (.npy, one per row)."""
+    """The labels of --metric-loss: the digits' own, or --labels FILE (.npy or .npz, one per
+    row; --labels-key picks the .npz array), read as `latentspace plot` reads its labels."""
+    if args.labels_key is not None and args.labels is None:
+        raise ValueError("--labels-key: picks the array in the --labels .npz; pass --labels FILE too")
     if args.metric_loss is None:
         if args.labels is not None:
             raise ValueError("--labels: only used with --metric-loss (supervised shaping of the latent space)")
@@ -64,12 +68,12 @@ def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows:
     if args.model == "pca":
         raise ValueError("--metric-loss: PCA is fitted in closed form; use --model autoencoder, vae or conv")
     if args.labels is not None:
-        labels = np.load(args.labels, allow_pickle=False)
+        labels = option_array(args.labels, "--labels", args.labels_key)
     elif bundled is not None:
         labels = bundled
     else:
         raise ValueError("--metric-loss: needs --labels LABELS.npy, one integer class per row of the data")
-    if labels.shape[:1] != (rows,):
+    if labels.shape[:1] != (rows,):  # train() checks the rest (1-d, integers), naming labels
         raise ValueError(f"--labels: expected {rows} labels (one per row), got shape {labels.shape}")
     return labels
 
@@ -222,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--metric-weight", type=float, default=5.0,
                          help="weight of the metric term against reconstruction (default 5)")
     trainer.add_argument("--labels", default=None,
-                         help="with --metric-loss: a .npy of integer labels, one per row (digits: their own)")
+                         help="with --metric-loss: a .npy or .npz of integer labels, one per row (digits: their own)")
+    trainer.add_argument("--labels-key", default=None,
+                         help="the labels' array in the --labels .npz (default: its only one)")
     trainer.set_defaults(run=_command_train)
 
     _add_pipeline_commands(sub)

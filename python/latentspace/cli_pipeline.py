@@ -59,6 +59,16 @@ def _load_rows(path: str, key: str | None) -> np.ndarray:
     return datasets.load_array(path, key)
 
 
+def option_array(path: str, option: str, key: str | None = None) -> np.ndarray:
+    """An array file named by a CLI option (--labels, --weights), read by the data's own loader:
+    it refuses a FIFO up front (np.load would block on one forever), reads .npz archives
+    safely and never unpickles. Its ValueErrors are prefixed with the option."""
+    try:
+        return datasets.load_array(path, key)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
+
+
 def _model_rows(X: np.ndarray, input_shape: tuple[int, ...], path: str) -> np.ndarray:
     """X shaped for the model, as `latentspace train` shaped it: images (n, H, W) gain a
     channel axis for a ConvAutoencoder, image rows are flattened for an MLP (views, no copy)."""
@@ -127,12 +137,13 @@ def _command_encode(args: argparse.Namespace) -> int:
 
 
 def _load_weights(path: str | None, metric: str, dim: int):
-    """--weights W.npy: per-dimension weights for metric weighted_l2 (checked like the API's)."""
+    """--weights W.npy (or a one-array .npz): per-dimension weights for metric weighted_l2,
+    checked like the API's."""
     if path is None:
         return None
     if metric != "weighted_l2":
         raise ValueError(f"--weights: only the weighted_l2 metric takes weights (this index uses {metric})")
-    return check_weights(np.load(path, allow_pickle=False), dim)
+    return check_weights(option_array(path, "--weights"), dim)
 
 
 def _command_index_build(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 from __future__ import annotations
 
 import os
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,15 @@ __all__ = [
 
 # Files (or archive members) at least this large are memory-mapped when mmap=None.
 MMAP_THRESHOLD_BYTES = 256 << 20
+
+# What zipfile raises for a damaged archive instead of a ValueError: BadZipFile (bad magic,
+# offsets, CRC), NotImplementedError (a flipped version, flag or compression method),
+# RuntimeError (a flipped "encrypted" flag), OSError (a seek to a negative offset).
+_ZIP_DAMAGE = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError)
+# ... and what reading a damaged member raises: zlib.error (a compressed member's bad
+# deflate stream), SyntaxError and TokenError (numpy parses the .npy header and its dtype
+# as Python literals).
+_NPY_DAMAGE = (ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -124,29 +135,46 @@ def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | No
     path = _regular_file(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
-    with zipfile.ZipFile(path) as archive:
-        names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
-        if key is None:
-            if len(names) != 1:
-                raise ValueError(f"key: {path} holds {len(names)} arrays ({', '.join(names) or 'none'}); "
-                                 "pass key= to pick one")
-            key = names[0]
-        elif key not in names:
-            raise ValueError(f"key: {path} has no array {key!r} (it holds: {', '.join(names) or 'none'})")
-        info = archive.getinfo(key + ".npy")
-        stored = info.compress_type == zipfile.ZIP_STORED
-        if mmap is True and not stored:
-            raise ValueError(f"mmap: array {key!r} of {path} is compressed and cannot be memory-mapped; "
-                             "pass mmap=False (or save it with np.savez, uncompressed)")
-        if mmap is None:
-            mmap = stored and info.file_size >= MMAP_THRESHOLD_BYTES
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _read_member(path, archive, key, mmap)
+    except _ZIP_DAMAGE as error:
+        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise  # about the path, not the archive: already clear
+        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+
+
+def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
+    """`key`, or the archive's only array when key is None; ValueError naming key otherwise."""
+    names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    if key is None:
+        if len(names) != 1:
+            raise ValueError(f"key: {path} holds {len(names)} arrays ({', '.join(names) or 'none'}); "
+                             "pass key= to pick one")
+        return names[0]
+    if key not in names:
+        raise ValueError(f"key: {path} has no array {key!r} (it holds: {', '.join(names) or 'none'})")
+    return key
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, key: str | None, mmap: bool | None) -> np.ndarray:
+    """load_npz's array from the open archive (its damage errors are translated by load_npz)."""
+    key = _member_name(path, archive, key)
+    info = archive.getinfo(key + ".npy")
+    stored = info.compress_type == zipfile.ZIP_STORED
+    if mmap is True and not stored:
+        raise ValueError(f"mmap: array {key!r} of {path} is compressed and cannot be memory-mapped; "
+                         "pass mmap=False (or save it with np.savez, uncompressed)")
+    if mmap is None:
+        mmap = stored and info.file_size >= MMAP_THRESHOLD_BYTES
+    try:
         if mmap:
-            return _checked(_map_member(path, archive, info), path, f"array {key!r}")
-        try:
+            array = _map_member(path, archive, info)
+        else:
             with archive.open(info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
-        except (ValueError, zipfile.BadZipFile, EOFError) as error:  # BadZipFile: a bad CRC
-            raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
+    except _NPY_DAMAGE as error:  # numpy's messages name no file
+        raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
     return _checked(array, path, f"array {key!r}")
 
 
@@ -157,12 +185,15 @@ def _read_npy_header(stream, version):
 
 
 def _map_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """np.memmap of an uncompressed .npy member inside a zip archive."""
+    """np.memmap of an uncompressed .npy member inside a zip archive (_read_member names the
+    file in its errors)."""
+    if info.flag_bits & 0x1:  # mapping an encrypted member would give its ciphertext as data
+        raise ValueError("the member is encrypted (latentspace reads only unencrypted archives)")
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)  # the local file header: its name and extra lengths can differ
         if local[:4] != b"PK\x03\x04":
-            raise ValueError(f"{path}: corrupted .npz archive (bad local header)")
+            raise ValueError("corrupted .npz archive (bad local header)")
         name_len = int.from_bytes(local[26:28], "little")
         extra_len = int.from_bytes(local[28:30], "little")
         start = info.header_offset + 30 + name_len + extra_len
@@ -170,7 +201,7 @@ def _map_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> 
         version = np.lib.format.read_magic(f)
         shape, fortran, dtype = _read_npy_header(f, version)
         if dtype.hasobject:
-            raise ValueError(f"{path}: object arrays are not loaded (they would need unpickling)")
+            raise ValueError("object arrays are not loaded (they would need unpickling)")
         offset = f.tell()
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dtype=dtype)

@@ -489,15 +489,20 @@ class FlatIndex:
         save_index_file(path, header, database)
 
     @classmethod
-    def _from_file(cls, header: dict, data: np.ndarray, mmap: bool) -> "FlatIndex":
-        metric = header.get("metric")
-        if metric not in METRICS:
-            raise IndexFileError(f"corrupted index header (unknown metric {metric!r})")
+    def _from_file(cls, header: dict, data: np.ndarray, mmap: bool, path: Any) -> "FlatIndex":
+        """The index of a loaded file; load_index_file checked the integer fields, the rest
+        (metric, weights, storage) are checked here as the constructor checks its arguments
+        (check_metric: a crafted ["l2"] is refused by type, not hashed)."""
+        weights = header.get("weights")
+        if weights is not None and not (isinstance(weights, list) and all(type(w) in (int, float) for w in weights)):
+            # numpy would read [true, 1] as integers: JSON's bools are no weights
+            raise IndexFileError(f"{path}: corrupted index header (weights: expected a list of numbers)")
         try:
-            index = cls(int(header["dim"]), metric, weights=header.get("weights"))
+            check_metric(header.get("metric"))
+            index = cls(header["dim"], header["metric"], weights=weights)
             _cuda_search.check_storage(header.get("storage", "fp32"), True)
         except (TypeError, ValueError) as error:
-            raise IndexFileError(f"corrupted index header ({error})") from None
+            raise IndexFileError(f"{path}: corrupted index header ({error})") from None
         index._buffer = data
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0
@@ -557,7 +562,7 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     header, data = load_index_file(path, mmap=mmap, verify=verify)
     kind = header.get("type")
     if kind == "FlatIndex":
-        index = FlatIndex._from_file(header, data, mmap)
+        index = FlatIndex._from_file(header, data, mmap, path)
         if target is None:
             return index  # float32 on the CPU, whatever the saved GPU storage
         gpu = FlatIndex(index.dim, index.metric, device=target, weights=index._weights,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import empty_vector_buffer
+from .._arrays import check_int, empty_vector_buffer
 from .._atomic import atomic_write
 from .._paths import stat_regular_file
 
@@ -38,6 +38,10 @@ _PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header CRC,
 _DATA_ALIGNMENT = 64
 _CHUNK_BYTES = 64 << 20
 _MAX_HEADER_BYTES = 1 << 20
+# The header's integer fields, each in [minimum, below). A row's bytes (dim * 4) must fit in
+# an int64, as numpy and the native kernels count them; a CRC-32 is 32 bits.
+_HEADER_INTS = {"ntotal": (0, None), "dim": (1, 1 << 61), "data_offset": (0, None),
+                "data_nbytes": (0, None), "data_crc32": (0, 1 << 32)}
 
 
 class IndexFileError(ValueError):
@@ -51,6 +55,36 @@ def _crc32(array: np.ndarray) -> int:
     for start in range(0, flat.size, _CHUNK_BYTES):
         crc = zlib.crc32(flat[start : start + _CHUNK_BYTES], crc)
     return crc
+
+
+def _header_int(path: Path, header: dict[str, Any], name: str) -> int:
+    """header[name] when it is an integer in its _HEADER_INTS range (not a bool, not a float:
+    int() would truncate 4.5 and raise OverflowError on 1e400, which JSON reads as inf)."""
+    minimum, below = _HEADER_INTS[name]
+    if name not in header:
+        raise IndexFileError(f"{path}: corrupted index header (no {name!r} field)")
+    try:
+        value = check_int(header[name], name, minimum=minimum)
+    except (TypeError, ValueError) as error:
+        raise IndexFileError(f"{path}: corrupted index header ({error})") from None
+    if below is not None and value >= below:
+        raise IndexFileError(f"{path}: corrupted index header ({name}: expected less than {below}, got {value})")
+    return value
+
+
+def _parse_header(path: Path, encoded: bytes) -> tuple[dict[str, Any], list[int]]:
+    """The JSON header and its integer fields (in _HEADER_INTS order), each checked by type and
+    range: the CRC only proves the bytes are as written, not that a trusted writer wrote them."""
+    try:
+        header = json.loads(encoded)
+    except (ValueError, RecursionError) as error:  # RecursionError: crafted deep nesting
+        raise IndexFileError(f"{path}: corrupted index header (unreadable JSON: {error})") from None
+    if not isinstance(header, dict):
+        raise IndexFileError(f"{path}: corrupted index header (not a JSON object)")
+    if not isinstance(header.get("writer", ""), str):
+        raise IndexFileError(f"{path}: corrupted index header (writer: expected a version string, "
+                             f"got {header['writer']!r})")
+    return header, [_header_int(path, header, name) for name in _HEADER_INTS]
 
 
 def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.ndarray) -> None:
@@ -107,14 +141,8 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
             raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
         if zlib.crc32(encoded) != header_crc:
             raise IndexFileError(f"{path}: corrupted index header (checksum mismatch)")
-        try:
-            header = json.loads(encoded)
-            ntotal, dim = int(header["ntotal"]), int(header["dim"])
-            offset, nbytes = int(header["data_offset"]), int(header["data_nbytes"])
-            data_crc = int(header["data_crc32"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise IndexFileError(f"{path}: corrupted index header ({error})") from None
-        if header.get("dtype") != "float32" or ntotal < 0 or dim < 1 or nbytes != ntotal * dim * 4:
+        header, (ntotal, dim, offset, nbytes, data_crc) = _parse_header(path, encoded)
+        if header.get("dtype") != "float32" or nbytes != ntotal * dim * 4:
             raise IndexFileError(f"{path}: corrupted index header (inconsistent shape or dtype)")
         if size < offset + nbytes:
             raise IndexFileError(

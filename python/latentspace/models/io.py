@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from .._arrays import check_int, resolve_device
 from .._atomic import atomic_write
+from .._paths import stat_regular_file
 from .autoencoder import Autoencoder
 from .base import LatentModel
 from .conv import ConvAutoencoder
@@ -91,7 +93,7 @@ def _read_header(path: Path, data: bytes) -> dict[str, Any]:
         raise ModelFileError(f"{path}: truncated model file ({len(data)} bytes)")
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # RecursionError: a crafted, deeply nested header
         raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)")
@@ -111,8 +113,9 @@ def _read_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         raise ModelFileError(f"{path}: corrupted model file (config checksum mismatch)")
     try:
         info = json.loads(text)
-        version, name, config = int(info["format_version"]), info["class"], info["config"]
-    except (ValueError, KeyError, TypeError):
+        # check_int, not int(): 1.5 would pass as 1 and 1e400 raise OverflowError
+        version, name, config = check_int(info["format_version"], "format_version"), info["class"], info["config"]
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise ModelFileError(f"{path}: corrupted model file (unreadable config)") from None
     if info.get("format") != FORMAT or not isinstance(config, dict):
         raise ModelFileError(f"{path}: not a latentspace model file (format {info.get('format')!r})")
@@ -121,7 +124,7 @@ def _read_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             f"{path}: model format v{version} was written by a newer latentspace (this one reads "
             f"up to v{FORMAT_VERSION}); upgrade latentspace"
         )
-    if name not in MODEL_CLASSES:
+    if not isinstance(name, str) or name not in MODEL_CLASSES:  # a list is unhashable
         raise ModelFileError(f"{path}: unknown model type {name!r} (known: {', '.join(MODEL_CLASSES)})")
     return info
 
@@ -132,16 +135,17 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     Never unpickles. Raises ModelFileError (a ValueError) for a file that is not a
     latentspace model (a foreign safetensors file, a pickle, random bytes), or that is
     truncated, corrupted, of an unknown model type or written by a newer version;
-    FileNotFoundError when there is none.
+    FileNotFoundError when there is none, IsADirectoryError for a folder; ModelFileError
+    for a FIFO or device too (reading one with no writer would block forever). `device` is
+    checked first, as train() and encode() check theirs: ValueError for one that is not
+    'cpu', 'cuda' or 'cuda:N', or CUDA when torch sees no GPU.
     """
     import safetensors
     import safetensors.torch
 
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda', got {device!r}") from None
+    device = resolve_device(device, allow_auto=False)  # before reading: a bad device fails fast
     path = Path(os.fspath(path))
+    stat_regular_file(path, "a model file", ModelFileError)  # before opening: a FIFO would block
     data = path.read_bytes()
     header = _read_header(path, data)
     info = _read_info(path, header)

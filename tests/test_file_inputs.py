@@ -1,0 +1,97 @@
+"""Every file a user names, to the Python API or the command line, is refused up front when it
+is a FIFO: opening one with no writer blocks forever. (load_index and the datasets loaders
+have their own FIFO tests; these cover load_model and the CLI's other file options.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import latentspace
+from latentspace.cli import main
+from latentspace.models import ModelFileError
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """make(name): a FIFO with no writer. A fixed loader never opens it; should one open it
+    (the bug), a watchdog opens and closes the write end, so the reader sees end-of-file
+    and the test fails instead of hanging."""
+    done = threading.Event()
+    paths = []
+
+    def unblock_readers():
+        while not done.wait(0.05):
+            for path in paths:
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only with a reader
+                except OSError as error:
+                    if error.errno != errno.ENXIO:  # ENXIO: no reader, nothing to unblock
+                        raise
+
+    def make(name: str):
+        path = tmp_path / name
+        os.mkfifo(path)
+        paths.append(path)
+        return path
+
+    watchdog = threading.Thread(target=unblock_readers, daemon=True)
+    watchdog.start()
+    yield make
+    done.set()
+    watchdog.join()
+
+
+def test_load_model_refuses_a_fifo(fifo):
+    path = fifo("model.safetensors")
+    with pytest.raises(ModelFileError, match="model.safetensors: not a regular file"):
+        latentspace.load_model(path)
+
+
+def test_load_model_names_a_folder(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"path: {tmp_path} is a folder; pass a model file"):
+        latentspace.load_model(tmp_path)
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A model, data rows, codes and a weighted_l2 index: the CLI's good inputs."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    latentspace.save_model(latentspace.Autoencoder(6, 3, hidden=(8,)), tmp_path / "model.safetensors")
+    np.save(tmp_path / "x.npy", rng.random((40, 6)).astype(np.float32))
+    np.save(tmp_path / "z.npy", rng.random((40, 3)).astype(np.float32))
+    index = latentspace.FlatIndex(3, "weighted_l2")
+    index.add(np.load(tmp_path / "z.npy"))
+    index.save(tmp_path / "w.lsidx")
+    return tmp_path
+
+
+@pytest.mark.parametrize("option", ["encode MODEL", "train --labels", "index build --weights", "search --weights"])
+def test_cli_refuses_a_fifo(files, fifo, capsys, option):
+    """One error line naming the FIFO, exit status 2; before, np.load / read_bytes blocked."""
+    tmp = str(files)
+    pipe = str(fifo("fifo.npy"))
+    argv = {
+        "encode MODEL": ["encode", pipe, f"{tmp}/x.npy", "--out", f"{tmp}/codes.npy"],
+        "train --labels": ["train", f"{tmp}/x.npy", "--model", "autoencoder", "--metric-loss", "supcon",
+                           "--labels", pipe, "--epochs", "1", "--no-progress", "--out", f"{tmp}/run"],
+        "index build --weights": ["index", "build", f"{tmp}/z.npy", "--metric", "weighted_l2", "--weights", pipe,
+                                  "--out", f"{tmp}/i.lsidx"],
+        "search --weights": ["search", f"{tmp}/w.lsidx", f"{tmp}/z.npy", "--weights", pipe,
+                             "--out", f"{tmp}/r.npz"],
+    }[option]
+    before = sorted(os.listdir(tmp))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{pipe}: not a regular file (a FIFO or a device)" in err, err
+    if "--" in option:
+        assert f"error: {option.split()[-1]}: " in err, err  # the option is named
+    assert sorted(os.listdir(tmp)) == before  # no output written
