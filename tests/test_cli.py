@@ -147,8 +147,23 @@ def test_demo_bad_models_reports_error():
 def test_demo_bad_threads_reports_error():
     result = _cli("demo", "--threads", "0")
     assert result.returncode == 2
-    assert "error" in result.stderr and "n: expected an integer >= 1" in result.stderr
+    assert "error: argument --threads: expected an integer >= 1, got '0'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "digits"], ["encode", "m.st", "x.npy"],
+                                     ["index", "build", "x.npy"], ["search", "i.lsidx", "q.npy"],
+                                     ["plot", "map", "m.st", "x.npy"]])
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_every_threads_option_is_checked_as_it_is_parsed(command, threads, capsys):
+    """Every command's --threads: a whole number >= 1, refused by name while parsing (one
+    line, exit 2; set_num_threads would have named its own argument, n)."""
+    from latentspace.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args([*command, "--threads", threads])
+    assert caught.value.code == 2
+    assert f"error: argument --threads: expected an integer >= 1, got '{threads}'" in capsys.readouterr().err
 
 
 def test_usage_errors():

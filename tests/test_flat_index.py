@@ -525,6 +525,12 @@ def test_reserve_avoids_reallocation(rng):
     index.reserve(0)
     with pytest.raises(ValueError, match="rows: expected an integer >= 0"):
         index.reserve(-1)
+    # more than any machine holds (2^50 rows: 12 PiB): a MemoryError naming rows and the size,
+    # not the allocator's "std::bad_alloc"; the index is left as it was
+    with pytest.raises(MemoryError, match=r"rows: cannot allocate 12,582,912\.0 GiB of host memory for "
+                                          r"1,125,899,906,842,729 vectors of dimension 3"):
+        index.reserve(2**50)
+    assert index._buffer is buffer and index.ntotal == 105
 
 
 # -- the host buffer's alignment (csrc/bindings/buffers.cpp, docs/benchmarks.md) ------------

@@ -65,6 +65,19 @@ def test_round_trip_gives_identical_outputs(tmp_path, rng, name):
                                    model.objective(torch.from_numpy(x), generator=gen())["loss"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["PCA", "Autoencoder", "VAE", "ConvAutoencoder"])
+def test_a_float64_model_comes_back_float64(tmp_path, rng, name):
+    """A model converted with .double() is saved in float64 and loaded in float64, its weights
+    exactly (built from its config in float32, it was cast down silently)."""
+    model = _models(rng)[name].double()
+    ls.save_model(model, tmp_path / "m.safetensors")
+    loaded = ls.load_model(tmp_path / "m.safetensors")
+    for key, value in model.state_dict().items():
+        assert loaded.state_dict()[key].dtype == torch.float64 and torch.equal(loaded.state_dict()[key], value), key
+    x = _input(name, rng).astype(np.float64)
+    np.testing.assert_array_equal(loaded.encode(x), model.encode(x))
+
+
 def test_file_is_plain_safetensors_with_the_config(tmp_path, rng):
     from safetensors import safe_open
 

@@ -685,9 +685,18 @@ def empty_vector_buffer(rows: int, dim: int) -> np.ndarray:
     64-byte cache line (numpy's own large arrays start 16 bytes past a page, so that every
     64-byte load of a 512-byte row spans two lines); from HUGE_BUFFER_BYTES up it is 2 MiB
     aligned and marked MADV_HUGEPAGE (csrc/bindings/buffers.cpp; freed with the array, never
-    cached). Without that allocator: a 64-byte aligned numpy array."""
+    cached). Without that allocator: a 64-byte aligned numpy array. MemoryError says how much
+    it asked for (the allocators' own say "std::bad_alloc" or less)."""
     rows, dim = int(rows), int(dim)
     nbytes = rows * dim * 4
+    try:
+        return _aligned_float32(rows, dim, nbytes)
+    except MemoryError:
+        raise MemoryError(f"cannot allocate {nbytes / 2**30:,.1f} GiB of host memory for {rows:,} vectors of "
+                          f"dimension {dim}") from None
+
+
+def _aligned_float32(rows: int, dim: int, nbytes: int) -> np.ndarray:
     allocate = getattr(_native, "empty_huge_float32", None)
     if nbytes >= HUGE_BUFFER_BYTES and allocate is not None:
         return allocate(rows, dim, cached=False)

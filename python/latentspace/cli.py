@@ -14,7 +14,7 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import option_array
+from .cli_pipeline import option_array, thread_count
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples", type=int, default=3, help="digits to show (default 3)")
     demo.add_argument("--show", type=int, default=4, help="neighbours drawn per digit (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="weights, training and shown digits (default 0)")
-    demo.add_argument("--threads", type=int, default=None,
+    demo.add_argument("--threads", type=thread_count, default=None,
                       help="threads for training and search (default: 1 for training, OpenMP's for search)")
     demo.add_argument("--out", default="latentspace-demo",
                       help="folder for the pictures (default ./latentspace-demo; created if missing)")
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="early stopping patience in epochs, 0 for none (default 10)")
     trainer.add_argument("--seed", type=int, default=0, help="weights, split, shuffling (default 0)")
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    trainer.add_argument("--threads", type=int, default=None, help="torch and search threads")
+    trainer.add_argument("--threads", type=thread_count, default=None, help="torch and search threads")
     trainer.add_argument("--no-progress", action="store_true", help="no progress bar")
     trainer.add_argument("--metric-loss", choices=("supcon", "triplet"), default=None,
                          help="add a metric-learning term on the latent codes, with labels "

@@ -27,7 +27,7 @@ from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "thread_count"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -35,6 +35,18 @@ _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k)
 
 def _show_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
+
+
+def thread_count(text: str) -> int:
+    """argparse type of every --threads: a whole number >= 1, refused while the command line
+    is parsed (one line, exit 2, naming --threads; set_num_threads would name its own `n`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -236,7 +248,7 @@ def _command_search(args: argparse.Namespace) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, help="array in an .npz, or hdf5 part (default: the only one / train)")
-    parser.add_argument("--threads", type=int, default=None, help="threads (latentspace and torch)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="threads (latentspace and torch)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import datasets
 from ._arrays import check_int
+from .cli_pipeline import thread_count
 from .runtime import set_num_threads
 
 __all__ = ["add_commands"]
@@ -164,5 +165,5 @@ def add_commands(sub: Any) -> None:
     plot.add_argument("-k", type=int, default=8, help="neighbors: neighbours per query (default 8)")
     plot.add_argument("--image-shape", default=None,
                       help="H,W (or C,H,W) of a sample, when not 8x8 (64 values) or 28x28 (784) or the data's shape")
-    plot.add_argument("--threads", type=int, default=None, help="threads (latentspace and torch)")
+    plot.add_argument("--threads", type=thread_count, default=None, help="threads (latentspace and torch)")
     plot.set_defaults(run=_command_plot)

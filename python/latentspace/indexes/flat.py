@@ -165,10 +165,13 @@ class FlatIndex:
         rows = check_int(rows, "rows", minimum=0)
         with self._write_lock:
             self._check_writable("reserve")
-            if self._device is not None:
-                self._grow_cuda(self._ntotal + rows, exact=True)
-            else:
-                self._grow(self._ntotal + rows, exact=True)
+            try:
+                if self._device is not None:
+                    self._grow_cuda(self._ntotal + rows, exact=True)
+                else:
+                    self._grow(self._ntotal + rows, exact=True)
+            except MemoryError as error:
+                raise MemoryError(f"rows: {error}") from None
 
     def add_encoded(self, model: Any, X: Any, *, batch_size: int | None = None, precision: str = "fp32",
                     device: Any = None, progress: bool = False) -> int:

@@ -160,6 +160,11 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         model = cls.from_config(info["config"])
     except (ValueError, TypeError, KeyError) as error:
         raise ModelFileError(f"{path}: corrupted model file (bad {cls.__name__} config: {error})") from None
+    # The saved weights' dtype (a model converted with .double() stays float64): from_config
+    # builds float32, and load_state_dict would cast into it.
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    if dtype is not None:
+        model = model.to(dtype)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
