@@ -48,13 +48,14 @@ def _normal(rng, *shape):
 # The device argument
 
 
-@pytest.mark.parametrize("device", [None, "cpu", torch.device("cpu")])
+@pytest.mark.parametrize("device", [None, "cpu", "cpu:0", torch.device("cpu"), torch.device("cpu", 0)])
 def test_cpu_devices_resolve_to_none(device, rng):
     assert resolve_device(device) is None
     assert resolve_device(device, (_normal(rng, 2, 3), "queries"), (torch.zeros(4, 3), "database")) is None
 
 
-@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda 0", "", "mps", "meta"])
+@pytest.mark.parametrize("device", ["gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda 0", "", "mps", "meta",
+                                    "cuda:\u0663", "cpu:", "cpu:x"])
 def test_malformed_device_strings(device):
     with pytest.raises(ValueError, match=r"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device"):
         resolve_device(device)
@@ -134,6 +135,41 @@ def test_reason_torch_sees_no_gpu(monkeypatch):
     _fake_build(monkeypatch, compiled=True, visible=True)
     _fake_torch(monkeypatch, cuda="12.4", available=False)
     assert _cuda_search.cuda_unavailable_reasons() == ["torch sees no CUDA GPU"]
+
+
+@pytest.mark.parametrize("architectures,capability,runs", [
+    (["80", "90"], (8, 0), True), (["80", "90"], (8, 6), True), (["80", "90"], (9, 0), True),
+    (["80", "90"], (7, 5), False),  # a T4: older than every entry
+    (["80", "90"], (12, 0), True),  # newer: the driver compiles compute_90's PTX
+    (["80-real", "90-real"], (12, 0), False), (["80-real"], (8, 9), True), (["86-real"], (8, 0), False),
+    (["80-virtual"], (8, 0), True), (["80-virtual"], (7, 5), False), (["90a"], (9, 0), True), (["90a"], (10, 0), False),
+    ([], (9, 0), False)])
+def test_kernels_run_on_the_capabilities_cuda_allows(architectures, capability, runs):
+    """CMake's architecture entries against a GPU's compute capability: machine code runs on
+    its major version at a minor at least its own, PTX on anything newer, "90a" on sm_90 alone."""
+    assert _cuda_search.kernels_run_on(architectures, capability) is runs
+
+
+def test_a_gpu_older_than_the_build_is_refused_by_name(monkeypatch):
+    """A GPU that none of the build's kernels run on (here a fake T4 against sm_80 / sm_90) is
+    refused when a search asks for it, not at its first launch ("no kernel image")."""
+    info = dict(runtime.build_info(), cuda_compiled=True, gpu_visible=True, cuda_architectures=["80", "90"],
+                cuda_devices=[{"index": 0, "name": "Tesla T4", "compute_capability": (7, 5),
+                               "total_memory_bytes": 16 << 30, "multiprocessors": 40}])
+    monkeypatch.setattr(runtime, "build_info", lambda: info)
+    _fake_torch(monkeypatch, cuda="12.4", available=True, count=1)
+    with pytest.raises(RuntimeError, match=r"device: 'cuda:0' asked for, but Tesla T4 \(compute capability 7\.5\) "
+                                           r"runs none of this build's kernels \(architectures 80;90\); reinstall "
+                                           r"latentspace with LATENTSPACE_CUDA_ARCHITECTURES=75"):
+        resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("value", [1 << 63, 1 << 64])
+def test_a_budget_beyond_a_size_t_is_refused_by_name(value):
+    """workspace_bytes and gpu_memory_bytes go to the native side as size_t: checked below
+    2^63 by name (pybind's own error names neither)."""
+    with pytest.raises(ValueError, match=r"workspace_bytes: expected an integer in \[1, 9223372036854775808\)"):
+        _cuda_search.check_budget(value, "workspace_bytes")
 
 
 def test_cuda_index_resolution(monkeypatch):

@@ -94,7 +94,9 @@ MAX_ROWS_PER_CALL = (1 << 29) - 1
 # one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
 RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
 _PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf"), "weighted_l2": float("inf")}
-_DEVICE_PATTERN = re.compile(r"cuda(?::(\d+))?")
+_DEVICE_PATTERN = re.compile(r"cuda(?::([0-9]+))?")  # [0-9], not \d: no other scripts' digits
+_CPU_PATTERN = re.compile(r"cpu(?::[0-9]+)?")  # torch.device("cpu", 0) prints as "cpu:0"
+_ARCHITECTURE_PATTERN = re.compile(r"([0-9]+)([a-z]?)(?:-(real|virtual))?")
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def resolve_device(device: Any, *inputs: tuple[Any, str]):
     else:
         raise TypeError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, "
                         f"got {type(device).__name__} {device!r}")
-    if text == "cpu":
+    if _CPU_PATTERN.fullmatch(text):
         return None
     match = _DEVICE_PATTERN.fullmatch(text)
     if match is None:
@@ -170,12 +172,52 @@ def _cuda_device(index: int | None, asked: str):
     if index >= count:
         raise ValueError(f"device: {asked} asked for, but {count} CUDA GPU{'s are' if count != 1 else ' is'} "
                          f"visible (cuda:0 to cuda:{count - 1})")
+    _require_kernels_for(index, asked)
     return torch.device("cuda", index)
 
 
+def kernels_run_on(architectures: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a build for these CUDA architectures (CMake's entries: "90", "80-real",
+    "86-virtual", "90a") has kernels a GPU of this compute capability runs: machine code
+    (sm_XY) runs on the same major version at minor >= Y; PTX (compute_XY) is compiled by the
+    driver for any capability >= X.Y; an arch-specific entry ("90a") runs on that GPU alone."""
+    major, minor = capability
+    for entry in architectures:
+        match = _ARCHITECTURE_PATTERN.fullmatch(entry)
+        if match is None:
+            continue
+        number, specific, kind = int(match.group(1)), match.group(2), match.group(3)
+        built = (number // 10, number % 10)
+        if specific:
+            if built == (major, minor) and kind != "virtual":
+                return True
+            continue
+        if kind != "virtual" and built[0] == major and minor >= built[1]:
+            return True
+        if kind != "real" and (major, minor) >= built:
+            return True
+    return False
+
+
+def _require_kernels_for(index: int, asked: str) -> None:
+    """RuntimeError naming the device when its compute capability is older than every
+    architecture this build has kernels for (the first launch would fail with "no kernel
+    image is available"). Skipped where latentspace's own device list lacks the index."""
+    info = runtime.build_info()
+    device = next((d for d in info["cuda_devices"] if d["index"] == index), None)
+    if device is None or kernels_run_on(info["cuda_architectures"], tuple(device["compute_capability"])):
+        return
+    major, minor = device["compute_capability"]
+    raise RuntimeError(
+        f"device: {asked} asked for, but {device['name']} (compute capability {major}.{minor}) runs none of this "
+        f"build's kernels (architectures {';'.join(info['cuda_architectures'])}); reinstall latentspace with "
+        f"LATENTSPACE_CUDA_ARCHITECTURES={major}{minor} set, or search on the CPU (device='cpu')")
+
+
 def check_budget(value: Any, name: str) -> int | None:
-    """None (the default) or a byte count >= 1 (workspace_bytes, gpu_memory_bytes)."""
-    return None if value is None else check_int(value, name)
+    """None (the default) or a byte count >= 1 (workspace_bytes, gpu_memory_bytes), below 2^63
+    (the native side takes it as a size_t)."""
+    return None if value is None else check_int(value, name, below=1 << 63)
 
 
 # ---------------------------------------------------------------------------------------
