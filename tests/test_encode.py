@@ -318,6 +318,14 @@ class _ReLUPlus(nn.ReLU):
         return super().forward(x) + 1.0
 
 
+def _replaced(model, name):
+    """The model with method `name` replaced on the instance by one that doubles its result
+    (Python calls the instance's attribute, whatever the class says)."""
+    original = getattr(model, name)
+    setattr(model, name, lambda x, **kwargs: original(x, **kwargs) * 2.0)
+    return model
+
+
 def _hooked():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     model[0].register_forward_hook(lambda module, args, out: out * 3.0)
@@ -338,7 +346,18 @@ def _hooked():
     (lambda: nn.Sequential(nn.Linear(4, 3)).double(), "is float64"),
     (lambda: latentspace.Autoencoder(4, 3, hidden=(5,)).half(), "is float16"),
     (lambda: nn.Linear(4, 3), "Linear is not a model the native encoder knows"),
+    (lambda: _replaced(latentspace.Autoencoder(4, 3, hidden=(5,)), "_encode"),
+     "Autoencoder's _encode() is replaced on the instance"),
+    (lambda: _replaced(latentspace.VAE(4, 3, hidden=(5,)), "encode"), "VAE's encode() is replaced on the instance"),
+    (lambda: _replaced(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), "forward"),
+     "the nn.Sequential's forward() is replaced on the instance"),
+    (lambda: nn.Sequential(_replaced(nn.Linear(4, 3), "forward"), nn.ReLU()),
+     "a Linear in the encoder's forward() is replaced on the instance"),
+    (lambda: nn.Sequential(nn.Linear(4, 0)), "layer 0 is nn.Linear(4, 0)"),
+    (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 0), nn.Linear(0, 3)),
+     "layer 1 is nn.Linear(5, 0)"),
 ])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")  # nn.Linear(n, 0)
 def test_not_exportable_falls_back_to_torch_with_the_reason(make, reason, fake_native, rng):
     torch.manual_seed(0)
     model = make().eval()
@@ -666,10 +685,181 @@ def test_float64_beyond_float32_range_is_refused(backend, autoencoder, rng):
     (lambda: iter([np.zeros((2, 10)), np.zeros((2, 9))]), ValueError,
      r"X\[1\]: expected shape \(n, 10\), got \(2, 9\)"),
     (lambda: iter([np.zeros((2, 10)), "rows"]), TypeError, r"X\[1\]: expected a numpy array or torch tensor, got str"),
+    # None is a bad chunk, not the end of the stream
+    (lambda: iter([np.zeros((2, 10)), None, np.zeros((2, 10))]), TypeError,
+     r"X\[1\]: expected a numpy array or torch tensor, got NoneType"),
+    (lambda: iter([None, np.zeros((2, 10))]), TypeError,
+     r"X\[0\]: expected a numpy array or torch tensor, got NoneType"),
 ])
 def test_bad_X(backend, autoencoder, X, error, message):
     with pytest.raises(error, match=message):
         latentspace.encode(autoencoder, X() if callable(X) else X)  # iterators: fresh per run
+
+
+def test_none_in_an_iterable_adds_nothing_to_an_index(backend, autoencoder, rng):
+    x = _rows(rng, 5, 10)
+    index = latentspace.FlatIndex(3)
+    with pytest.raises(TypeError, match=r"X\[1\]: expected a numpy array or torch tensor, got NoneType"):
+        index.add_encoded(autoencoder, iter([x, None, x]))
+    assert index.ntotal == 0
+
+
+def _square_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("batch_size", [None, 7])
+def test_out_overlapping_X_is_refused(backend, rng, batch_size):
+    model = _square_mlp()
+    y = rng.random((300, 4)).astype(np.float32)
+    before = y.copy()
+    for X, out in [(y[:-1], y[1:]), (y[1:], y[:-1]), (y, y), (y[:10], y[5:15])]:
+        with pytest.raises(ValueError, match="out: shares memory with X; pass a separate array"):
+            latentspace.encode(model, X, out=out, batch_size=batch_size)
+    t = torch.from_numpy(y)
+    with pytest.raises(ValueError, match="out: shares memory with X"):
+        latentspace.encode(model, t[:-1], out=t[1:], batch_size=batch_size)
+    with pytest.raises(ValueError, match="out: shares memory with X"):
+        latentspace.encode(model, y[:-1], out=t[1:], batch_size=batch_size)  # numpy X, a tensor over it
+    np.testing.assert_array_equal(y, before)  # refused before anything was written
+    # Disjoint rows of one buffer are fine.
+    codes = latentspace.encode(model, y[:100], out=y[100:200], batch_size=batch_size)
+    _close(codes, _torch64(model, before[:100]))
+    # An iterable's chunks are checked as they arrive (rows of out written before then
+    # hold codes, as after any error midway).
+    with pytest.raises(ValueError, match=r"out: shares memory with X\[1\]"):
+        latentspace.encode(model, iter([y[:5].copy(), y[5:10]]), out=y[:10], batch_size=batch_size)
+
+
+def test_numpy_input_is_never_written_by_an_in_place_model(rng, tmp_path):
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 2))  # torch: ReLU before any Linear
+    x = _rows(rng, 6, 4)
+    before = x.copy()
+    expected = _torch64(model, before)
+    _close(latentspace.encode(model, x), expected)
+    np.testing.assert_array_equal(x, before)
+    np.save(tmp_path / "x.npy", before)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    _close(latentspace.encode(model, mapped, batch_size=4), expected)
+    del mapped
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), before)
+    autoencoder = latentspace.Autoencoder(4, 2, hidden=(3,))
+    autoencoder.encoder.insert(0, nn.ReLU(inplace=True))
+    _close(latentspace.encode(autoencoder, x), _torch64(autoencoder, before, "encode"))
+    np.testing.assert_array_equal(x, before)
+
+
+def test_integer_buffers_do_not_set_the_input_dtype(rng):
+    class Pick(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("keep", torch.tensor([0, 2, 4]))
+
+        def forward(self, x):
+            return x[:, self.keep]
+
+    from latentspace.models.base import module_device_dtype
+
+    assert module_device_dtype(Pick()) == (torch.device("cpu"), torch.float32)
+    x = _rows(rng, 9, 6) * 3
+    np.testing.assert_array_equal(latentspace.encode(Pick(), x), x[:, [0, 2, 4]])  # not truncated to integers
+
+
+def test_nan_weights_on_the_torch_backend_are_refused(rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Dropout(0.1), nn.Linear(8, 3))  # torch: Dropout
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    x = _rows(rng, 10, 16)
+    message = (r"model: Sequential gave codes containing NaN or Inf for X's row 0, a finite row: its weights "
+               r"contain NaN or Inf \(a diverged training run\?\)")
+    with pytest.raises(ValueError, match=message):
+        latentspace.encode(model, x)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # FakeMlpEncoder
+def test_codes_beyond_float32_are_refused(backend, rng):
+    """A model whose computation overflows float32 on finite rows (here row 3): refused by
+    encode as add_encoded refuses such codes, on either backend."""
+    model = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)
+    x = np.ones((6, 4), dtype=np.float32)
+    x[3] = 1e20
+    with pytest.raises(ValueError, match="model: Sequential gave codes containing NaN or Inf for X's row 3"):
+        latentspace.encode(model, x, batch_size=2)
+    with pytest.raises(ValueError, match=r"for X's row 3 \(row 1 of chunk X\[1\]\), a finite row"):
+        latentspace.encode(model, iter([x[:2], x[2:]]))
+    index = latentspace.FlatIndex(2)
+    with pytest.raises(ValueError, match="model: Sequential gave codes containing NaN or Inf for X's row 3"):
+        index.add_encoded(model, x)
+    assert index.ntotal == 0
+
+
+def test_float64_model_overflowing_float32_codes_is_refused(rng):
+    model = nn.Sequential(nn.Linear(16, 3)).double()  # torch: float64 weights
+    with torch.no_grad():
+        model[0].weight.mul_(1e300)
+    with pytest.raises(ValueError, match="model: Sequential gave codes containing NaN or Inf for X's row 0"):
+        latentspace.encode(model, _rows(rng, 5, 16))
+
+
+def test_float16_model_names_its_dtype_when_rows_overflow_it(rng):
+    model = nn.Sequential(nn.Linear(16, 4), nn.Dropout(0.0)).half()
+    x = _rows(rng, 5, 16)
+    x[2] *= 1e5  # fits float32, not float16
+    with pytest.raises(ValueError, match=r"X: row 2 contains NaN or Inf \(or a value too large for float16, "
+                                         r"the model's dtype\)"):
+        latentspace.encode(model, x)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_weight_norm_model_is_copied_and_snapshotted(rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(torch.nn.utils.weight_norm(nn.Linear(16, 3)), nn.Tanh())
+    x = _rows(rng, 7, 16)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "forward hooks" in encoder.reason
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()  # (deepcopy, as _torch64 does, fails here)
+    _close(encoder.encode(x), expected)
+    with torch.no_grad():
+        model[0].weight_g.mul_(3.0)
+    _close(encoder.encode(x), expected)  # the snapshot: the caller's model changed, not the copy
+
+
+def test_a_model_that_cannot_be_copied_is_named():
+    import threading
+
+    model = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.0))
+    model.lock = threading.Lock()
+    with pytest.raises(TypeError, match="model: the torch backend runs a private copy of the model .* this "
+                                        "Sequential cannot be copied with copy.deepcopy"):
+        latentspace.Encoder(model)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i4", ">f2"])
+def test_big_endian_input(backend, autoencoder, rng, dtype):
+    x = (rng.standard_normal((9, 10)) * 4).astype(dtype)
+    _close(latentspace.encode(autoencoder, x, batch_size=4), _torch64(autoencoder, x.astype(np.float32), "encode"))
+
+
+def test_big_endian_input_to_a_torch_only_module(rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 4), nn.Dropout(0.0))
+    x = _rows(rng, 5, 16)
+    _close(latentspace.encode(model, x.astype(">f4")), _torch64(model, x))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
+def test_zero_input_linear_runs_on_torch(rng):
+    model = nn.Sequential(nn.Linear(0, 3))
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "layer 0 is nn.Linear(0, 3)" in encoder.reason
+    with torch.no_grad():
+        expected = model(torch.empty(4, 0)).numpy()
+    np.testing.assert_array_equal(encoder.encode(np.empty((4, 0), np.float32)), expected)
 
 
 @pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError),

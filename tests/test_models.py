@@ -165,6 +165,38 @@ def test_model_moves_with_to_and_checks_tensor_device(rng):
         model.encode(meta)
 
 
+def test_numpy_input_is_never_written_by_an_in_place_encoder(rng):
+    """A model that works in place gets a copy of numpy input (torch input: torch's semantics)."""
+    torch.manual_seed(0)
+    model = Autoencoder(4, 2, hidden=(3,))
+    model.encoder.insert(0, torch.nn.ReLU(inplace=True))
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    before = x.copy()
+    with torch.no_grad():
+        expected = model.encode(torch.from_numpy(before.copy())).numpy()
+    np.testing.assert_allclose(model.encode(x), expected, rtol=1e-6)
+    np.testing.assert_array_equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2"])
+def test_big_endian_numpy_input(rng, dtype):
+    model, _ = _models()[0]
+    x = (rng.standard_normal((5, 12)) * 3).astype(dtype)
+    np.testing.assert_allclose(model.encode(x), model.encode(x.astype(np.float32)), rtol=1e-6)
+
+
+def test_bfloat16_model_gives_numpy_callers_float32(rng):
+    model = Autoencoder(16, 3, hidden=(8,)).bfloat16()
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    z = model.encode(x)  # numpy has no bfloat16
+    assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (5, 3)
+    with torch.no_grad():
+        expected = model.encode(torch.from_numpy(x).bfloat16())
+    assert expected.dtype == torch.bfloat16  # torch callers keep the model's dtype
+    np.testing.assert_array_equal(z, expected.float().numpy())
+    assert model.decode(z).dtype == np.float32
+
+
 # ---------------------------------------------------------------------------------------
 # Bad inputs
 

@@ -37,6 +37,8 @@ __all__ = [
     "check_sample_shape",
     "resolve_device",
     "numpy_to_tensor",
+    "numpy_to_private_tensor",
+    "check_apart",
     "check_dim",
     "check_k",
     "check_rows_usable",
@@ -385,27 +387,23 @@ def as_model_input(x: Any, name: str, *, sample_shapes: tuple[tuple[int, ...], .
     per-sample shapes `s` (the first is the one named in errors). Other real dtypes are
     converted; a torch tensor keeps its autograd graph (the conversion is differentiable).
     A torch tensor must already be on `device` (as in torch, nothing moves silently);
-    numpy arrays are copied there. Raises TypeError / ValueError naming `name`.
+    numpy arrays are copied there (always a copy: the model may work in place, and a numpy
+    caller's array is never written to). Raises TypeError / ValueError naming `name`.
     """
     import torch
 
-    if is_torch_tensor(x):
-        kind: ArrayKind = "torch"
-        if x.device != torch.device(device):
-            raise ValueError(
-                f"{name}: expected a tensor on the model's device '{torch.device(device)}', got one "
-                f"on '{x.device}'; pass {name}.to('{torch.device(device)}')"
-            )
-        check_real_dtype(x, name)
-        tensor = x
-    else:
-        kind = "numpy"
+    if not is_torch_tensor(x):
         array = _real_numpy(x, name, "a numpy array or torch tensor")
-        if array.dtype.kind in "iu" or array.dtype.itemsize > 8:
-            array = array.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
-        tensor = numpy_to_tensor(array)
-    check_sample_shape(tuple(tensor.shape), name, sample_shapes)
-    return tensor.to(device=device, dtype=dtype), kind
+        check_sample_shape(tuple(array.shape), name, sample_shapes)
+        return numpy_to_private_tensor(array, dtype, device), "numpy"
+    if x.device != torch.device(device):
+        raise ValueError(
+            f"{name}: expected a tensor on the model's device '{torch.device(device)}', got one "
+            f"on '{x.device}'; pass {name}.to('{torch.device(device)}')"
+        )
+    check_real_dtype(x, name)
+    check_sample_shape(tuple(x.shape), name, sample_shapes)
+    return x.to(device=device, dtype=dtype), "torch"
 
 
 def check_sample_shape(shape: tuple[int, ...], name: str, sample_shapes: tuple[tuple[int, ...], ...]) -> None:
@@ -418,14 +416,26 @@ def check_sample_shape(shape: tuple[int, ...], name: str, sample_shapes: tuple[t
 
 
 def numpy_to_tensor(array: np.ndarray):
-    """A torch CPU tensor sharing the array's memory when it is C-contiguous and writable;
-    a copy otherwise (torch has no read-only tensors: a read-only array, such as a memory
-    map opened with mode "r", is never exposed as a writable tensor)."""
+    """A torch CPU tensor sharing the array's memory when it is C-contiguous, writable and
+    in the machine's byte order; a copy otherwise (torch has no read-only tensors: a
+    read-only array, such as a memory map opened with mode "r", is never exposed as a
+    writable tensor; and torch refuses big-endian arrays, which numpy converts)."""
     import torch
 
-    if not array.flags.writeable:
-        return torch.from_numpy(np.array(array, order="C"))
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if array.flags.writeable and array.flags.c_contiguous and array.dtype.isnative:
+        return torch.from_numpy(array)
+    return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
+
+
+def numpy_to_private_tensor(array: np.ndarray, dtype: Any, device: Any):
+    """A numpy array's values as a tensor of `dtype` on `device` that never shares the
+    array's memory: a model may work in place (nn.ReLU(inplace=True)), and a numpy caller's
+    array (or a memory map opened "r+") must not be written to. One copy at most.
+    Integers go through float64 (exact below 2**53); long double has no torch twin."""
+    converted = array.astype(np.float64) if array.dtype.kind in "iu" or array.dtype.itemsize > 8 else array
+    tensor = numpy_to_tensor(converted)
+    shared = tensor.numel() > 0 and tensor.data_ptr() == array.ctypes.data  # still the caller's memory
+    return tensor.to(device=device, dtype=dtype, copy=shared)
 
 
 def check_real_dtype(x: Any, name: str) -> None:
@@ -463,11 +473,15 @@ def _torch_bool():
 
 
 def as_output(tensor: Any, kind: ArrayKind):
-    """A model's result in the caller's type: a float32 numpy array (on the CPU, detached)
-    for numpy callers, the tensor itself for torch callers."""
+    """A model's result in the caller's type: the tensor itself for torch callers; for
+    numpy callers a numpy array on the CPU, detached, of the model's dtype, except that
+    bfloat16 (which numpy lacks) comes back as float32, which holds its values exactly."""
     if kind == "torch":
         return tensor
-    return tensor.detach().to("cpu").numpy()
+    import torch
+
+    tensor = tensor.detach().to("cpu")
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1, below: int | None = None) -> int:
@@ -577,10 +591,8 @@ def rows_as_float32(x: Any) -> np.ndarray:
 def rows_as_tensor(x: Any, dtype: Any, device: Any):
     """A checked chunk as a torch tensor of `dtype` on `device`, detached (no autograd)."""
     if is_torch_tensor(x):
-        return x.detach().to(device=device, dtype=dtype)
-    if x.dtype.kind in "iu" or x.dtype.itemsize > 8:
-        x = x.astype(np.float64)  # exact for ints < 2**53; long double has no torch twin
-    return numpy_to_tensor(x).to(device=device, dtype=dtype)
+        return x.detach().to(device=device, dtype=dtype)  # torch in: torch's semantics, no copy
+    return numpy_to_private_tensor(x, dtype, device)
 
 
 def first_nonfinite_row(tensor: Any) -> int:
@@ -590,6 +602,34 @@ def first_nonfinite_row(tensor: Any) -> int:
     if not bool(bad.any()):
         return -1
     return int(bad.nonzero()[0, 0])
+
+
+def _host_byte_span(x: Any) -> tuple[int, int] | None:
+    """The [first, last) host addresses a numpy array's or CPU tensor's elements lie within,
+    None when it has none there (empty, on a GPU, or not an array)."""
+    if is_torch_tensor(x):
+        if x.device.type != "cpu" or x.numel() == 0:
+            return None
+        start, shape, strides, itemsize = x.data_ptr(), x.shape, x.stride(), x.element_size()
+        strides = [stride * itemsize for stride in strides]  # torch counts elements, numpy bytes
+    elif isinstance(x, np.ndarray):
+        if x.size == 0:
+            return None
+        start, shape, strides, itemsize = x.ctypes.data, x.shape, x.strides, x.itemsize
+    else:
+        return None
+    reach = [(size - 1) * stride for size, stride in zip(shape, strides)]
+    return (start + sum(r for r in reach if r < 0), start + sum(r for r in reach if r > 0) + itemsize)
+
+
+def check_apart(x: Any, name: str, out: Any) -> None:
+    """Refuses an `out` whose memory overlaps the input's (a numpy array or torch tensor, as
+    given or a view of the same buffer): its codes would overwrite rows not yet read, and
+    even out=X only works by accident of row order. As np.may_share_memory, by the bounds
+    each occupies (an interleaving that never touches is refused too: never a wrong answer)."""
+    a, b = _host_byte_span(x), _host_byte_span(out)
+    if a is not None and b is not None and a[0] < b[1] and b[0] < a[1]:
+        raise ValueError(f"out: shares memory with {name}; pass a separate array")
 
 
 def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:

@@ -14,7 +14,8 @@ subtracted. This module turns a model into that chain, or says why it cannot:
 
 Anything else raises NotExportable with the reason, and the caller runs torch instead.
 The checks are strict on purpose: exact types (a subclass may override forward), no
-forward hooks, no class that overrides how it encodes. A wrong native answer would be
+forward hooks, no class that overrides how it encodes, no method replaced on an instance
+(model._encode = ..., module.forward = ...). A wrong native answer would be
 silent; a torch fallback is only slower.
 """
 
@@ -98,6 +99,16 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _check_no_instance_methods(module: nn.Module, what: str) -> None:
+    """Refuses a module with a method replaced on the instance (model._encode = f): Python
+    calls that attribute, not the class's method, so the exact-type checks do not see it.
+    Any method counts (encode, _encode, forward, _run, ...): a replaced one is the caller's
+    own code, which only torch can run."""
+    for name, value in vars(module).items():
+        if callable(value) and callable(getattr(type(module), name, None)):
+            raise NotExportable(f"{what}'s {name}() is replaced on the instance: its own code runs, under torch")
+
+
 def _global_hooks() -> bool:
     # torch's module-wide hooks (nn.modules.module.register_module_forward_hook) run on every
     # module call: the native encoder could not honour them.
@@ -128,6 +139,7 @@ def _flatten(sequential: nn.Sequential) -> list[nn.Module]:
     for module in sequential:
         if _has_hooks(module):
             raise NotExportable(f"a {type(module).__name__} in the encoder has forward hooks")
+        _check_no_instance_methods(module, f"a {type(module).__name__} in the encoder")
         if type(module) is nn.Sequential:
             modules.extend(_flatten(module))
         else:
@@ -141,6 +153,7 @@ def _sequential_layers(sequential: nn.Module, where: str) -> list[MlpLayer]:
         raise NotExportable(f"{where} is a {type(sequential).__name__}, not a plain nn.Sequential")
     if _has_hooks(sequential):
         raise NotExportable(f"{where} has forward hooks")
+    _check_no_instance_methods(sequential, where)
     layers: list[MlpLayer] = []
     pending: nn.Linear | None = None  # a Linear layer still waiting for its activation
     previous = "the input"
@@ -175,6 +188,9 @@ def _sequential_layers(sequential: nn.Module, where: str) -> list[MlpLayer]:
 
 
 def _linear(module: nn.Linear, activation: str, param: float, index: int) -> MlpLayer:
+    if module.weight.numel() == 0:  # torch gives bias-only (or empty) outputs; native has no such layer
+        raise NotExportable(f"layer {index} is nn.Linear({module.in_features}, {module.out_features}): "
+                            "the native encoder needs at least one input and one output per layer")
     _check_dtype(module.weight, f"layer {index}'s weight")
     weight = _float32_copy(module.weight)
     _check_finite(weight, f"layer {index}'s weight")
@@ -190,6 +206,7 @@ def _check_not_overridden(model: LatentModel, base: type, names: tuple[str, ...]
     for name in names:
         if getattr(type(model), name) is not getattr(base, name):
             raise NotExportable(f"{type(model).__name__} overrides {name}(): its own code runs, under torch")
+    _check_no_instance_methods(model, type(model).__name__)
 
 
 # How each known model encodes: the methods on that path, which a subclass must not override.

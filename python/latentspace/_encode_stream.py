@@ -13,9 +13,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._arrays import ArrayKind, check_encode_out, check_rows, is_torch_tensor
+from ._arrays import ArrayKind, check_apart, check_encode_out, check_rows, is_torch_tensor
 
 __all__ = ["Destination", "NewArray", "Source", "UserOut"]
+
+# What next() returns when an iterable X is exhausted: not None, which an iterable may
+# yield by mistake, and which must be refused as a bad chunk, not end the stream.
+_END = object()
 
 
 class Source:
@@ -25,10 +29,12 @@ class Source:
     rows: the row count when X says it up front (an array), None for an iterable.
     kind: "numpy" or "torch" (of X, or of an iterable's first chunk), for the result's type.
     device: the torch device of a torch X (its first chunk), None for numpy.
+    out: the caller's `out`, if any: X (every chunk of an iterable) must not overlap it.
     """
 
-    def __init__(self, X: Any, sample_shapes: tuple[tuple[int, ...], ...] | None):
+    def __init__(self, X: Any, sample_shapes: tuple[tuple[int, ...], ...] | None, *, out: Any = None):
         self._sample_shapes = sample_shapes
+        self._out = out
         self._first: Any = None
         if isinstance(X, (str, bytes, Mapping)) or X is None or np.isscalar(X):
             raise TypeError("X: expected a numpy array, a torch tensor or an iterable of 2-d chunks, "
@@ -41,6 +47,7 @@ class Source:
                                  "pass iter(chunks) to encode a list of chunks") from None
         if isinstance(X, np.ndarray) or is_torch_tensor(X):
             check_rows(X, "X", sample_shapes)
+            check_apart(X, "X", out)
             self._array, self._chunks = X, None
             self.rows: int | None = int(X.shape[0])
             self.kind: ArrayKind = "torch" if is_torch_tensor(X) else "numpy"
@@ -53,9 +60,8 @@ class Source:
                             f"got {type(X).__name__}") from None
         self._array, self._chunks, self.rows = None, iterator, None
         # The first chunk decides the result's type: read it now.
-        self._first = next(iterator, None)
-        if self._first is not None:
-            self._first = self._checked_chunk(self._first, 0)
+        first = next(iterator, _END)
+        self._first = None if first is _END else self._checked_chunk(first, 0)
         first_is_torch = self._first is not None and is_torch_tensor(self._first)
         self.kind = "torch" if first_is_torch else "numpy"
         self.device = self._first.device if first_is_torch else None
@@ -65,6 +71,7 @@ class Source:
         if isinstance(chunk, (list, tuple)):
             chunk = np.asarray(chunk)
         check_rows(chunk, name, self._sample_shapes)
+        check_apart(chunk, name, self._out)
         if self._sample_shapes is None:
             # A module of unknown input shape: every chunk must look like the first.
             if self._first is not None and tuple(chunk.shape[1:]) != tuple(self._first.shape[1:]):
@@ -91,8 +98,8 @@ class Source:
                 yield start + offset, pending[offset : offset + batch_size], (i, start)
             start += int(pending.shape[0])
             i += 1
-            following = next(self._chunks, None)
-            pending = None if following is None else self._checked_chunk(following, i)
+            following = next(self._chunks, _END)
+            pending = None if following is _END else self._checked_chunk(following, i)
 
 
 class Destination(Protocol):

@@ -33,7 +33,7 @@ from . import _native
 from ._arrays import check_int, first_nonfinite_row, resolve_device, rows_as_float32, rows_as_tensor
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
 from ._encode_stream import Destination, NewArray, Source, UserOut
-from .models.base import LatentModel
+from .models.base import LatentModel, module_device_dtype
 
 __all__ = ["Encoder", "MlpLayer", "MlpSpec", "NotExportable", "encode", "export_layers"]
 
@@ -48,18 +48,45 @@ TORCH_BATCH_ROWS = 4096
 _NATIVE_BAD_ROW = re.compile(r"\brow (\d+)\b")
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in model.parameters():
-        return tensor.device, tensor.dtype
-    for tensor in model.buffers():
-        return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
+def _where(row: int, origin: tuple[int, int] | None) -> str:
+    """Row `row` of X, and for an iterable X also the chunk and the row within it."""
+    return f"row {row}" + ("" if origin is None else f" (row {row - origin[1]} of chunk X[{origin[0]}])")
 
 
-def _nonfinite_message(row: int, origin: tuple[int, int] | None) -> str:
-    where = "" if origin is None else f" (row {row - origin[1]} of chunk X[{origin[0]}])"
-    return (f"X: row {row}{where} contains NaN or Inf (or a value too large for float32); "
-            "clean the data before encoding")
+def _nonfinite_message(row: int, origin: tuple[int, int] | None, dtype: torch.dtype = torch.float32) -> str:
+    # The check runs on the rows converted to the dtype the model computes in: a value may
+    # be finite as given and still overflow a float16 model, which the message must say.
+    if dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        return (f"X: {_where(row, origin)} contains NaN or Inf (or a value too large for {name}, the model's "
+                "dtype); clean or rescale the data, or encode with a float32 copy of the model")
+    too_large = " (or a value too large for float32)" if dtype == torch.float32 else ""
+    return f"X: {_where(row, origin)} contains NaN or Inf{too_large}; clean the data before encoding"
+
+
+def _nonfinite_codes_message(model_name: str, row: int, origin: tuple[int, int] | None) -> str:
+    # The input row was checked finite first, so the model made the NaN / Inf: the words
+    # of the export's weight check (model: ... contains NaN or Inf (a diverged training
+    # run?)) and of add_encoded's check of the codes.
+    return (f"model: {model_name} gave codes containing NaN or Inf for X's {_where(row, origin)}, a finite row: "
+            "its weights contain NaN or Inf (a diverged training run?), or its computation overflows float32; "
+            "it cannot encode this row")
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of the model (the torch backend's snapshot). A tensor that torch refuses
+    to deep-copy, one computed from the parameters and kept as a plain attribute (as
+    torch.nn.utils.weight_norm keeps `weight`, recomputed by a pre-hook before every
+    forward), is copied detached: it is derived state, and the copy recomputes its own."""
+    derived = {id(value): value.detach().clone()
+               for module in model.modules() for value in vars(module).values()
+               if isinstance(value, torch.Tensor) and not value.is_leaf}
+    try:
+        return copy.deepcopy(model, memo=derived)
+    except Exception as error:  # whatever the module holds (a lock, a file) decides the type
+        raise TypeError(f"model: the torch backend runs a private copy of the model (so that the caller's "
+                        f"model is neither moved nor switched to eval mode), and this {type(model).__name__} "
+                        f"cannot be copied with copy.deepcopy ({type(error).__name__}: {error})") from None
 
 
 class Encoder:
@@ -88,7 +115,7 @@ class Encoder:
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
-        model_device, _ = _model_device_dtype(model)
+        model_device, _ = module_device_dtype(model)
         self.device = model_device if device is None else resolve_device(device, allow_auto=False)
         self._model_name = type(model).__name__
         self._native: Any = None
@@ -113,8 +140,8 @@ class Encoder:
             self.backend, self.kernel = "torch", "torch"
             # A private copy, on the device, in eval mode: the snapshot, and the caller's
             # model is neither moved nor switched out of training mode.
-            self._torch_model = copy.deepcopy(model).to(self.device).eval()
-            self._torch_dtype = _model_device_dtype(self._torch_model)[1]
+            self._torch_model = _private_copy(model).to(self.device).eval()
+            self._torch_dtype = module_device_dtype(self._torch_model)[1]
             if isinstance(model, LatentModel):
                 self.latent_dim, self._sample_shapes = model.latent_dim, model._sample_shapes()
             elif spec is not None:
@@ -149,16 +176,19 @@ class Encoder:
         batch_size: rows per chunk (default 65,536 native, 4,096 torch).
         out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
             shape (n, latent_dim) to write into; it is returned. For an iterable X the
-            chunks must fill it exactly.
+            chunks must fill it exactly. It must not share memory with X (not even out=X).
         progress: show a tqdm bar on stderr.
 
         Returns numpy for numpy input, a torch tensor on the input's device for torch input
         (an iterable: the type of its first chunk), `out` when given. No autograd (use
-        model.encode for differentiable codes). Raises ValueError naming X and the row for
-        NaN / Inf, TypeError / ValueError for a bad shape, dtype or out.
+        model.encode for differentiable codes). numpy X is never written to, even by a model
+        that works in place. Raises ValueError naming X and the row for NaN / Inf (or values
+        the model's dtype cannot hold), ValueError naming model and the row when the model
+        turns a finite row into NaN / Inf codes, TypeError / ValueError for a bad shape,
+        dtype or out.
         """
         batch_size = check_int(self.default_batch_size if batch_size is None else batch_size, "batch_size")
-        source = Source(X, self._sample_shapes)
+        source = Source(X, self._sample_shapes, out=out)  # refuses an out that overlaps X
         destination = (NewArray(source.rows, source.kind, source.device) if out is None
                        else UserOut(out, source.rows, self.latent_dim))
         return self._encode_to(source, destination, batch_size, progress)
@@ -196,6 +226,7 @@ class Encoder:
             if bad and ("NaN" in message or "Inf" in message):
                 raise ValueError(_nonfinite_message(start + int(bad.group(1)), origin)) from None
             raise
+        self._check_codes(torch.from_numpy(staging), start, origin)  # an overflow inside the model
         if staging is not target:  # the result goes to a GPU tensor
             target.copy_(torch.from_numpy(staging))
 
@@ -204,7 +235,7 @@ class Encoder:
         x = rows_as_tensor(chunk, self._torch_dtype, self.device)
         bad = first_nonfinite_row(x)
         if bad >= 0:
-            raise ValueError(_nonfinite_message(start + bad, origin))
+            raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                else nullcontext())
         with torch.no_grad(), amp:
@@ -218,7 +249,16 @@ class Encoder:
         elif codes.shape[1] != self.latent_dim:
             raise ValueError(f"model: {self._model_name} returned {codes.shape[1]} values per row, "
                              f"{self.latent_dim} before")
+        codes = codes.to(torch.float32)  # the codes' dtype: a float64 model may overflow it
+        self._check_codes(codes, start, origin)
         return codes
+
+    def _check_codes(self, codes: torch.Tensor, start: int, origin: tuple[int, int] | None) -> None:
+        """Refuses NaN / Inf codes (from rows already checked finite), as the docs promise,
+        instead of returning them: NaN weights, or an overflow, inside the model."""
+        bad = first_nonfinite_row(codes)
+        if bad >= 0:
+            raise ValueError(_nonfinite_codes_message(self._model_name, start + bad, origin))
 
     @staticmethod
     def _write(target: Any, codes: torch.Tensor) -> None:

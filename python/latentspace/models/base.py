@@ -8,8 +8,10 @@ Every model is a torch.nn.Module with
     latent_dim, input_shape, config()
 
 encode / decode / forward take numpy arrays or torch tensors. numpy in: the work runs without
-autograd, in chunks, and a float32 numpy array comes back. torch in: a tensor on the model's
-device comes back, differentiable. Inputs are checked and converted in `_arrays.py` (other
+autograd, in chunks, on a copy (a model that works in place never writes into the caller's
+array), and a numpy array of the model's dtype comes back (float32 from a float32 model, and
+from a bfloat16 one: numpy has no bfloat16). torch in: a tensor on the model's device comes
+back, differentiable. Inputs are checked and converted in `_arrays.py` (other
 real dtypes are converted to the model's dtype; bool, complex and object arrays are refused).
 """
 
@@ -24,7 +26,7 @@ from torch import nn
 from .. import losses
 from .._arrays import as_model_input, as_output, check_int, is_torch_tensor
 
-__all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS"]
+__all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS", "module_device_dtype"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -79,6 +81,17 @@ def mlp(sizes: tuple[int, ...], activation: str) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a module computes and in which dtype its inputs are given: the device of its
+    first parameter or buffer, the dtype of its first floating-point one (an integer buffer,
+    such as a list of indices, must not turn the input into integers); the CPU and float32
+    for a module that holds neither."""
+    tensors = [*module.parameters(), *module.buffers()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return device, dtype
+
+
 class LatentModel(nn.Module):
     """Base class: the shared interface (see the module docstring). Subclasses implement
     `_encode(x)` and `_decode(z)` on tensors already checked and converted, and `config()`."""
@@ -123,11 +136,7 @@ class LatentModel(nn.Module):
         return self._latent_dim
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        for tensor in self.parameters():
-            return tensor.device, tensor.dtype
-        for tensor in self.buffers():
-            return tensor.device, tensor.dtype
-        return torch.device("cpu"), torch.float32
+        return module_device_dtype(self)
 
     def _run(self, function, x: Any, name: str, sample_shapes) -> Any:
         """Checks and converts x, applies function. numpy (or a memory map) is converted and
@@ -151,7 +160,9 @@ class LatentModel(nn.Module):
         return np.concatenate(parts)
 
     def encode(self, x: Any) -> Any:
-        """Latent codes of x: (n, *input_shape) -> (n, latent_dim)."""
+        """Latent codes of x: (n, *input_shape) -> (n, latent_dim). numpy in: a numpy array
+        of the model's dtype (float32 for a bfloat16 model: numpy has no bfloat16); torch in:
+        a tensor, differentiable."""
         return self._run(self._encode, x, "x", self._sample_shapes())
 
     def decode(self, z: Any) -> Any:
