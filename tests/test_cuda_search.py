@@ -315,6 +315,17 @@ def test_device_row_check_equals_the_cpu_one(bad_value, bad_row, rng, monkeypatc
     assert int(_arrays.unusable_row_flag(torch.from_numpy(x), first_row=100)) == 100 + bad_row
 
 
+def test_device_row_check_agrees_with_the_cpu_at_the_limit(rng, row_check_path):
+    """A row whose float32 sum of squares (4.2535296e37) lies just above the limit
+    (4.2535293e37): the CPU refuses it, and so must the device check (its norm, squared again,
+    rounded below the limit and let it through)."""
+    x = _normal(rng, 10000, 2)
+    x[7] = [6.498040602632913e18, -5.5746435247138406e17]
+    assert _arrays.first_unusable_row(x) == 7
+    assert int(_arrays.unusable_row_flag(torch.from_numpy(x))) == 7
+    assert int(_arrays.unusable_row_flag(torch.from_numpy(x[:16]))) == 7  # the host path's size too
+
+
 def test_device_row_check_passes_usable_rows(rng, row_check_path):
     x = _normal(rng, 9, 3)
     x[2] = 0.0
