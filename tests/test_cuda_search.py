@@ -224,15 +224,16 @@ def test_cpu_device_is_the_cpu_search(rng):
 
 @pytest.mark.parametrize("name", ["workspace_bytes", "gpu_memory_bytes"])
 @pytest.mark.parametrize("value,error", [(0, ValueError), (-5, ValueError), ("1GB", TypeError),
-                                         (True, TypeError), (1.5, TypeError)])
+                                         (True, TypeError), (1.5, TypeError), (1 << 63, ValueError)])
 def test_byte_bounds_are_checked_on_the_cpu_too(name, value, error, rng):
     q, x = _normal(rng, 2, 3), _normal(rng, 5, 3)
-    with pytest.raises(error, match=f"{name}: expected an integer >= 1"):
+    expected = rf"{name}: expected an integer in \[1, 9223372036854775808\)"
+    with pytest.raises(error, match=expected):
         latentspace.knn(q, x, 1, **{name: value})
     if name == "workspace_bytes":
         index = latentspace.FlatIndex(3)
         index.add(x)
-        with pytest.raises(error, match=f"{name}: expected an integer >= 1"):
+        with pytest.raises(error, match=expected):
             index.search(q, 1, workspace_bytes=value)
 
 
