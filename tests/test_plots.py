@@ -251,3 +251,57 @@ def test_a_module_named_umap_without_umap_learn_is_not_umap(tmp_path, digits, pc
     assert plots.plot_latent_map(z, digits[1], tmp_path / "auto.png").exists()
     with pytest.raises(ImportError, match="needs umap-learn"):
         plots.plot_latent_map(z, digits[1], tmp_path / "u.png", method="umap")
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions: errors name the plot function's own arguments; tensors of any float dtype;
+# codes of any scale
+
+
+def test_neighbors_name_their_own_arguments_for_unusable_rows(tmp_path, digits, pca):
+    """A NaN code or sample was refused as a row of knn's `queries` or `database`: here
+    `queries` are row numbers, and neither is an argument of plot_neighbors."""
+    x, _ = digits
+    with pytest.raises(ValueError, match="model_or_Z: row 0 contains NaN or Inf"):
+        plots.plot_neighbors(np.full((300, 4), np.nan), x, 0, tmp_path / "n.png", k=3)
+    z = pca.encode(x)
+    z[7] = np.inf
+    with pytest.raises(ValueError, match="model_or_Z: row 7 contains NaN or Inf"):
+        plots.plot_neighbors(z, x, 1, tmp_path / "n.png", k=3)
+    bad = x.copy()
+    bad[0, 5] = np.nan
+    for query in (0, 1):  # the bad sample as the query, and among the others
+        with pytest.raises(ValueError, match="X: row 0 contains NaN or Inf"):
+            plots.plot_neighbors(pca, bad, query, tmp_path / "n.png", k=3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interpolation_of_low_precision_tensors(tmp_path, pca):
+    """A bfloat16 sample raised torch's "Got unsupported ScalarType BFloat16"."""
+    torch.manual_seed(0)
+    x0, x1 = torch.rand(64), torch.rand(64)
+    out = plots.plot_interpolation(pca, x0.bfloat16(), x1, tmp_path / "b.png", steps=3)
+    assert _png_size(out) == (550, 170)
+    assert _png_size(plots.plot_interpolation(pca, x0.half(), x1.bfloat16().reshape(8, 8), tmp_path / "h.png",
+                                              steps=3)) == (550, 170)
+    with pytest.raises(TypeError, match="x0: expected a real numeric dtype"):
+        plots.plot_interpolation(pca, x0 > 0.5, x1, tmp_path / "x.png")
+    with pytest.raises(TypeError, match="x1: expected a real numeric dtype"):
+        plots.plot_interpolation(pca, x0, torch.complex(x1, x1), tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_pca_map_of_codes_of_any_scale(tmp_path, scale):
+    """Codes near 1e200 gave "PC1 (nan% of the variance)" and overflow warnings (their
+    squared singular values overflow); near 1e-200 they underflow to 0 (0%)."""
+    import warnings
+
+    z = np.random.default_rng(0).standard_normal((50, 3)) * [3.0, 2.0, 1.0]
+    xy, ratio = plots._pca_2d(z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled_xy, scaled_ratio = plots._pca_2d(z * scale)
+        assert _png_size(plots.plot_latent_map(z * scale, None, tmp_path / "m.png", method="pca")) == (700, 600)
+    np.testing.assert_allclose(scaled_ratio, ratio, rtol=1e-12)
+    np.testing.assert_allclose(scaled_xy / scale, xy, rtol=1e-9, atol=1e-12)
+    assert 0.5 < ratio[0] < 1.0 and 0.0 < ratio[1] < ratio[0]

@@ -14,9 +14,18 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import option_array, thread_count
+from .cli_pipeline import option_array, renamed, thread_count
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
+
+# The Python API's parameter names in train's and demo's errors -> their flags (see main).
+_TRAIN_NAMES = {"key": "--key", "latent_dim": "--latent-dim", "epochs": "--epochs", "batch_size": "--batch-size",
+                "lr": "--lr", "val_fraction": "--val-fraction", "early_stopping": "--patience",
+                "device": "--device", "loss": "--loss", "beta": "--beta", "kl_warmup": "--kl-warmup",
+                "metric_weight": "--metric-weight", "labels": "--labels", "hidden": "--hidden",
+                "channels": "--channels"}
+_DEMO_NAMES = {"k": "-k", "latent_dim": "--latent-dim"}
+
 
 def _command_info(args: argparse.Namespace) -> int:
     info = build_info()
@@ -68,7 +77,7 @@ def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows:
     if args.model == "pca":
         raise ValueError("--metric-loss: PCA is fitted in closed form; use --model autoencoder, vae or conv")
     if args.labels is not None:
-        labels = option_array(args.labels, "--labels", args.labels_key)
+        labels = option_array(args.labels, "--labels", args.labels_key, "--labels-key")
     elif bundled is not None:
         labels = bundled
     else:
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder for the pictures (default ./latentspace-demo; created if missing)")
     demo.add_argument("--no-metric-learning", action="store_true",
                       help="skip the metric-learned autoencoder (a few seconds)")
-    demo.set_defaults(run=command_demo)
+    demo.set_defaults(run=command_demo, api_names=_DEMO_NAMES)
 
     trainer = sub.add_parser("train", help="train a latent model on digits or a data file, save it")
     trainer.add_argument("data", help="'digits' (bundled) or a .npy, .npz or ann-benchmarks .hdf5 file")
@@ -229,11 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --metric-loss: a .npy or .npz of integer labels, one per row (digits: their own)")
     trainer.add_argument("--labels-key", default=None,
                          help="the labels' array in the --labels .npz (default: its only one)")
-    trainer.set_defaults(run=_command_train)
+    trainer.set_defaults(run=_command_train, api_names=_TRAIN_NAMES)
 
     _add_pipeline_commands(sub)
     _add_plot_commands(sub)
     return parser
+
+
+def _as_typed(error: BaseException, args: argparse.Namespace) -> str:
+    """The error's message naming what the user typed, not the Python API's parameter: each
+    command's `api_names` (set with its parser) maps those names to its flags, or to a
+    template of its arguments for a file ("{data}")."""
+    names = {name: typed.format_map(vars(args)) for name, typed in getattr(args, "api_names", {}).items()}
+    return renamed(str(error), names)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,10 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError, ImportError) as error:
-        print(f"latentspace {command}: error: {error}", file=sys.stderr)
+        print(f"latentspace {command}: error: {_as_typed(error, args)}", file=sys.stderr)
         return 2
     except (FloatingPointError, MemoryError) as error:  # training diverged; too large for memory
-        print(f"latentspace {command}: error: {error}", file=sys.stderr)
+        print(f"latentspace {command}: error: {_as_typed(error, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"latentspace {command}: interrupted", file=sys.stderr)

@@ -7,13 +7,16 @@
 Inputs are read in chunks (a .npy is memory-mapped), outputs are written atomically (a
 temporary file beside the target, renamed over it at the end). A tqdm bar shows progress on
 stderr when it is a terminal (never with --quiet). Bad input raises ValueError / OSError,
-which cli.main turns into one error line and exit status 2.
+which cli.main turns into one error line and exit status 2; it names the Python API's
+parameters in them as the flags the user typed, through each command's `api_names`
+(see renamed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,10 +30,18 @@ from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "thread_count"]
+__all__ = ["add_commands", "check_out", "option_array", "renamed", "thread_count"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
+INDEX_SUFFIX = ".lsidx"  # index build --out: the suffix of the docs' index files
+
+# The Python API's parameter names in each command's errors -> the flag the user typed
+# (cli.main renames them; see renamed). "path" is in none: the readers name an input file so
+# too, so --out is checked by the commands themselves (check_out).
+_ENCODE_NAMES = {"key": "--key", "device": "--device"}
+_INDEX_BUILD_NAMES = {"key": "--key", "weights": "--weights"}
+_SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device"}
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -56,10 +67,41 @@ def _set_threads(args: argparse.Namespace) -> None:
             sys.modules["torch"].set_num_threads(args.threads)
 
 
+def renamed(message: str, names: dict[str, str]) -> str:
+    """An API error's message in the command line's words: a leading "name: " (a Python
+    parameter) becomes names[name], what the user typed (a flag, or a file); for a flag,
+    "name=" in the rest of the message too ("pass key= to pick one" -> "pass --key to pick
+    one"). Messages that name something else are returned as they are."""
+    head, sep, rest = message.partition(": ")
+    if not sep or head not in names:
+        return message
+    typed = names[head]
+    if typed.startswith("-"):
+        rest = re.sub(rf"(?<!\S){re.escape(head)}= ?", f"{typed} ", rest)
+    return f"{typed}: {rest}"
+
+
 def _check_suffix(path: str, suffix: str, option: str) -> Path:
     if not path.lower().endswith(suffix):
         raise ValueError(f"{option}: expected a file name ending in {suffix}, got {path!r}")
     return Path(path)
+
+
+def check_out(path: str, suffix: str, *inputs: str | None) -> Path:
+    """--out, checked before any work, naming --out (atomic_path checks the folder again when
+    it writes, naming its own `path`): its suffix, its folder, and that it is none of the
+    command's input files, which the atomic rename would replace without a word."""
+    out = _check_suffix(path, suffix, "--out")
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; pass a file path")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out: cannot write {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: cannot write {out}: folder {out.parent} is not writable")
+    for given in inputs:
+        if given is not None and out.exists() and os.path.exists(given) and os.path.samefile(out, given):
+            raise ValueError(f"--out: {out} would replace the input {given}; write to another file")
+    return out
 
 
 def _load_rows(path: str, key: str | None) -> np.ndarray:
@@ -71,14 +113,18 @@ def _load_rows(path: str, key: str | None) -> np.ndarray:
     return datasets.load_array(path, key)
 
 
-def option_array(path: str, option: str, key: str | None = None) -> np.ndarray:
+def option_array(path: str, option: str, key: str | None = None, key_option: str | None = None) -> np.ndarray:
     """An array file named by a CLI option (--labels, --weights), read by the data's own loader:
     it refuses a FIFO up front (np.load would block on one forever), reads .npz archives
-    safely and never unpickles. Its ValueErrors are prefixed with the option."""
+    safely and never unpickles. Its ValueErrors are prefixed with the option, or name
+    key_option (--labels-key), the flag that picks the archive's array, when they are about it."""
     try:
         return datasets.load_array(path, key)
     except ValueError as error:
-        raise ValueError(f"{option}: {error}") from None
+        message = str(error)
+        if key_option is not None and message.startswith("key: "):
+            raise ValueError(renamed(message, {"key": key_option})) from None
+        raise ValueError(f"{option}: {message}") from None
 
 
 def _model_rows(X: np.ndarray, input_shape: tuple[int, ...], path: str) -> np.ndarray:
@@ -121,7 +167,7 @@ def _rate(count: int, seconds: float, unit: str) -> str:
 
 
 def _command_encode(args: argparse.Namespace) -> int:
-    out_path = _check_suffix(args.out, ".npy", "--out")
+    out_path = check_out(args.out, ".npy", args.model, args.data)
     batch_size = None if args.batch_size is None else check_int(args.batch_size, "--batch-size")
     X = _load_rows(args.data, args.key)
     encoder = _encoder(args)
@@ -161,6 +207,8 @@ def _load_weights(path: str | None, metric: str, dim: int):
 def _command_index_build(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    # .lsidx only: `index build Z.npy --out Z.npy` replaced the vectors with their index
+    check_out(args.out, INDEX_SUFFIX, args.vectors, args.weights)
     _set_threads(args)
     batch_size = check_int(args.batch_size, "--batch-size")
     Z = _load_rows(args.vectors, args.key)
@@ -193,7 +241,7 @@ def _command_index_build(args: argparse.Namespace) -> int:
 def _command_search(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    out_path = _check_suffix(args.out, ".npz", "--out")
+    out_path = check_out(args.out, ".npz", args.index, args.queries, args.model, args.weights)
     k = check_k(args.k)
     batch_size = check_int(args.batch_size, "--batch-size")
     if args.model is None and (args.device is not None or args.precision != "fp32"):
@@ -222,7 +270,7 @@ def _command_search(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise _in_file(args.queries, error) from None
     name = f"{args.queries} (encoded)" if encoder is not None else args.queries
-    distances, indices, _, _ = empty_results("numpy", nq, k)  # errors naming k when too large
+    distances, indices, _, _ = _results(nq, k)
     with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         for start in range(0, nq, batch_size):
@@ -240,6 +288,28 @@ def _command_search(args: argparse.Namespace) -> int:
         print(f"  queries encoded first, {_backend_line(encoder)}")
     print(f"  {_rate(nq, seconds, 'queries')}")
     return 0
+
+
+def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """empty_results for -k: one that could never fit is a usage error (exit 2), refused
+    before numpy's lazy allocation of a part of it succeeds and the search is killed."""
+    nbytes = max(nq, 1) * k * 12  # float32 distances and int64 indices
+    memory = _physical_memory()
+    if memory is not None and nbytes > memory:
+        raise ValueError(f"-k: {nq:,} queries x {k:,} neighbours need {nbytes / 2**30:,.1f} GiB of results, more "
+                         f"than this machine's {memory / 2**30:,.1f} GiB of memory; lower -k")
+    try:
+        return empty_results("numpy", nq, k)
+    except MemoryError as error:  # it fits the machine, not the memory free now: still -k's doing
+        raise ValueError(str(error)) from None
+
+
+def _physical_memory() -> int | None:
+    """Bytes of memory of this machine, or None where os.sysconf cannot tell (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,20 +339,20 @@ def add_commands(sub: Any) -> None:
                         help="rows per chunk (default 65536 native, 4096 torch)")
     _encoding_options(encode)
     _common(encode)
-    encode.set_defaults(run=_command_encode)
+    encode.set_defaults(run=_command_encode, api_names=_ENCODE_NAMES)
 
     index = sub.add_parser("index", help="build an index file from vectors")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="a FlatIndex over the rows of a .npy of vectors (e.g. codes)")
     build.add_argument("vectors", help="(n, dim) vectors: .npy (memory-mapped), .npz (--key) or .hdf5")
-    build.add_argument("--out", required=True, help="the index file (written atomically)")
+    build.add_argument("--out", required=True, help=f"the index file, a {INDEX_SUFFIX} (written atomically)")
     build.add_argument("--metric", choices=("l2", "ip", "cosine", "weighted_l2"), default="l2", help="default l2")
     build.add_argument("--weights", default=None,
                        help="weighted_l2: a .npy of dim non-negative weights, stored as the index's default "
                             "(default: all ones)")
     build.add_argument("--batch-size", type=int, default=_ROWS_PER_CHUNK, help="rows per chunk (default 65536)")
     _common(build)
-    build.set_defaults(run=_command_index_build, error_name="index build")
+    build.set_defaults(run=_command_index_build, error_name="index build", api_names=_INDEX_BUILD_NAMES)
 
     search = sub.add_parser("search", help="the k nearest indexed vectors of each query, into an .npz")
     search.add_argument("index", help="an index file written by latentspace index build / index.save")
@@ -298,4 +368,4 @@ def add_commands(sub: Any) -> None:
                              "(default: the index's own)")
     _encoding_options(search)
     _common(search)
-    search.set_defaults(run=_command_search)
+    search.set_defaults(run=_command_search, api_names=_SEARCH_NAMES)

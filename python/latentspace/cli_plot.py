@@ -9,7 +9,7 @@ labels).
     relevance        a bar per latent dimension (--method fisher | mutual_info | variance | kl)
 
 Bad input raises ValueError / TypeError / OSError / ImportError, which cli.main turns into
-one error line and exit status 2.
+one error line and exit status 2, naming the flags and files the user typed (_PLOT_NAMES).
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ import numpy as np
 
 from . import datasets
 from ._arrays import check_int
-from .cli_pipeline import thread_count
+from .cli_pipeline import check_out, option_array, thread_count
 from .runtime import set_num_threads
 
 __all__ = ["add_commands"]
 
 KINDS = ("map", "reconstructions", "interpolation", "neighbors", "relevance")
+# latentspace.plots' (and relevance's) parameter names in plot's errors -> the flag, or the
+# data file ({data}, formatted with the arguments), that the user typed. See cli.main.
+_PLOT_NAMES = {"key": "--key", "n": "-n", "steps": "--steps", "k": "-k", "queries": "--queries",
+               "method": "--method", "image_shape": "--image-shape", "labels": "--labels", "y": "--labels",
+               "X": "{data}", "x0": "{data}", "x1": "{data}", "Z": "{data} (encoded)",
+               "model_or_Z.encode(X)": "{data} (encoded)"}
 _RELEVANCE_TITLES = {"fisher": "Fisher score (ANOVA F) per latent dimension",
                      "mutual_info": "mutual information with the labels (nats) per latent dimension",
                      "variance": "variance per latent dimension",
@@ -60,7 +66,7 @@ def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]
         source = args.labels if args.labels is not None else args.data
         if source == "digits":
             raise ValueError("--labels-key: the digits come with their labels; pass --labels FILE for others")
-        labels = datasets.load_array(source, args.labels_key)
+        labels = option_array(source, "--labels", args.labels_key, "--labels-key")
         if labels.ndim != 1 or labels.shape[0] != X.shape[0]:
             raise ValueError(f"--labels: expected {X.shape[0]} labels (one per row of {name}), "
                              f"got shape {labels.shape}")
@@ -76,10 +82,14 @@ def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]
 def _image_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
     if args.image_shape is None:
         return None
-    shape = _int_list(args.image_shape, "--image-shape")
-    if len(shape) not in (2, 3):
-        raise ValueError(f"--image-shape: expected H,W or C,H,W, got {args.image_shape!r}")
-    return tuple(shape)
+    try:
+        shape = tuple(int(part) for part in args.image_shape.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) not in (2, 3) or min(shape) < 1:  # (C = 1 or 3 is plots' to check)
+        raise ValueError(f"--image-shape: expected H,W or C,H,W (sizes >= 1) such as 28,28 or 1,28,28, "
+                         f"got {args.image_shape!r}")
+    return shape
 
 
 def _row(X: np.ndarray, i: int, option: str) -> np.ndarray:
@@ -98,9 +108,10 @@ def _command_plot(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
-    plots._check_path(args.out)  # before any work: a wrong name fails at once
+    check_out(args.out, ".png", args.model, args.data, args.labels)  # before any work
     model = load_model(args.model).eval()
     X, labels, name = _data(args)
+    plots._check_finite_rows(X, name)  # else a NaN row is refused later, as a code or a search row
     image_shape = _image_shape(args)
     kind = args.kind
     if kind == "reconstructions":
@@ -166,4 +177,4 @@ def add_commands(sub: Any) -> None:
     plot.add_argument("--image-shape", default=None,
                       help="H,W (or C,H,W) of a sample, when not 8x8 (64 values) or 28x28 (784) or the data's shape")
     plot.add_argument("--threads", type=thread_count, default=None, help="threads (latentspace and torch)")
-    plot.set_defaults(run=_command_plot)
+    plot.set_defaults(run=_command_plot, api_names=_PLOT_NAMES)

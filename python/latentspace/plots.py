@@ -32,7 +32,9 @@ from ._arrays import (
     as_scores,
     check_int,
     check_k,
+    check_real_dtype,
     check_rows,
+    check_rows_usable,
     is_torch_tensor,
     rows_as_float32,
 )
@@ -248,15 +250,22 @@ def _umap(z: np.ndarray) -> np.ndarray:
 
 def _pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The codes on their top two principal axes (signs fixed: each axis's largest loading
-    positive, so the picture is the same run to run), and those axes' shares of the variance."""
-    centred = z - z.mean(axis=0)
+    positive, so the picture is the same run to run), and those axes' shares of the variance.
+
+    Computed on z / max|z| and scaled back: squared singular values of codes near 1e200
+    overflow float64 (nan shares), and of codes near 1e-200 underflow to 0; the shares are
+    scale-free and the axes the same."""
+    scale = float(np.abs(z).max())
+    scale = scale if scale > 0 else 1.0  # all-zero codes: no variance, nothing to scale
+    centred = z / scale
+    centred -= centred.mean(axis=0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     axes = vt[:2]
     signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
     axes = axes * np.where(signs == 0, 1.0, signs)[:, None]
     variance = singular**2
     ratio = variance[:2] / variance.sum() if variance.sum() > 0 else np.zeros(2)
-    return centred @ axes.T, ratio
+    return (centred @ axes.T) * scale, ratio
 
 
 def plot_reconstructions(model: Any, X: Any, path: str | os.PathLike, n: int = 10,
@@ -290,7 +299,12 @@ def plot_reconstructions(model: Any, X: Any, path: str | os.PathLike, n: int = 1
 
 def _one_sample(x: Any, name: str, model: Any) -> np.ndarray:
     """One sample (its own shape, or with a leading 1) as (1, *model.input_shape)."""
-    array = x.detach().to("cpu").numpy() if is_torch_tensor(x) else np.asarray(x)
+    if is_torch_tensor(x):
+        check_real_dtype(x, name)  # bool, complex, sparse or meta tensors: refused naming x0 / x1
+        # float32, what is drawn and encoded: a bfloat16 tensor has no numpy twin to convert
+        array = x.detach().to("cpu").float().numpy()
+    else:
+        array = np.asarray(x)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected a real numeric sample, got dtype {array.dtype}")
     shape = _input_shape(model)
@@ -345,13 +359,9 @@ def plot_neighbors(model_or_Z: Any, X: Any, queries: Any, path: str | os.PathLik
     x = _rows(X, "X")
     n = x.shape[0]
     sample_shapes = [tuple(x.shape[1:])]
+    z = _neighbor_codes(model_or_Z, x)
     if _is_model(model_or_Z):
-        z, _ = as_matrix(model_or_Z.encode(_model_rows(model_or_Z, x, "X")), "codes")
         sample_shapes.append(_input_shape(model_or_Z))
-    else:
-        z, _ = as_matrix(model_or_Z, "model_or_Z")
-        if z.shape[0] != n:
-            raise ValueError(f"model_or_Z: expected one code per sample of X ({n}), got shape {z.shape}")
     rows = _query_rows(queries, n)
     k = check_k(k)
     if k + 1 > n:
@@ -375,6 +385,31 @@ def plot_neighbors(model_or_Z: Any, X: Any, queries: Any, path: str | os.PathLik
             _draw(grid[r, j + 1], images[other], low, high, f"#{other}{tag}\nd={distances[r, j]:.3g}")
     figure.suptitle(f"nearest neighbours in the latent space ({z.shape[1]} dims)", fontsize=10)
     return _save(figure, path)
+
+
+def _neighbor_codes(model_or_Z: Any, x: np.ndarray) -> np.ndarray:
+    """The codes searched by plot_neighbors, one per sample of x, checked here, under this
+    function's names: knn would refuse a bad row as one of its own `queries` or `database`."""
+    if not _is_model(model_or_Z):
+        z, _ = as_matrix(model_or_Z, "model_or_Z")
+        if z.shape[0] != x.shape[0]:
+            raise ValueError(f"model_or_Z: expected one code per sample of X ({x.shape[0]}), got shape {z.shape}")
+        check_rows_usable(z, "model_or_Z")
+        return z
+    _check_finite_rows(x, "X")  # a NaN sample makes a NaN code: name the sample
+    name = "model_or_Z.encode(X)"
+    z, _ = as_matrix(model_or_Z.encode(_model_rows(model_or_Z, x, "X")), name)
+    check_rows_usable(z, name)  # finite samples, but codes too large to compare
+    return z
+
+
+def _check_finite_rows(x: np.ndarray, name: str) -> None:
+    """Refuses samples (n, ...) of which one holds NaN or Inf, naming `name` and its first
+    such row (latentspace plot checks its data file with it before encoding)."""
+    width = math.prod(x.shape[1:])  # explicit: reshape(0, -1) is ambiguous
+    finite = np.isfinite(x.reshape(x.shape[0], width)).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"{name}: row {int(np.argmin(finite))} contains NaN or Inf; clean the data first")
 
 
 def _query_rows(queries: Any, n: int) -> np.ndarray:
