@@ -137,6 +137,17 @@ def test_demo_out_must_be_a_folder(tmp_path):
     assert "--out:" in result.stderr and "is not a folder" in result.stderr
 
 
+@pytest.mark.parametrize("option,value,least", [("--epochs", "0", 1), ("--examples", "-1", 0), ("--show", "0", 1)])
+def test_demo_counts_are_checked_as_they_are_parsed(option, value, least, capsys):
+    """--epochs 0 meant the default, --examples -1 reached numpy's error: refused by name."""
+    from latentspace.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["demo", option, value])
+    assert caught.value.code == 2
+    assert f"error: argument {option}: expected an integer >= {least}, got '{value}'" in capsys.readouterr().err
+
+
 def test_demo_bad_models_reports_error():
     result = _cli("demo", "--models", "vae,gan")
     assert result.returncode == 2

@@ -14,7 +14,7 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import option_array, renamed, thread_count
+from .cli_pipeline import option_array, renamed, thread_count, whole_number
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -187,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--models", default="vae",
                       help="learned models to train, comma-separated: vae, autoencoder, conv (default vae)")
     demo.add_argument("--latent-dim", type=int, default=8, help="latent dimensions (default 8)")
-    demo.add_argument("--epochs", type=int, default=None,
+    demo.add_argument("--epochs", type=whole_number(1), default=None,
                       help="training epochs (default per model: vae 300, autoencoder 150, conv 60; "
                            "the metric-learned autoencoder 100)")
     demo.add_argument("-k", type=int, default=10, help="neighbours per digit (default 10)")
-    demo.add_argument("--examples", type=int, default=3, help="digits to show (default 3)")
-    demo.add_argument("--show", type=int, default=4, help="neighbours drawn per digit (default 4)")
+    demo.add_argument("--examples", type=whole_number(0), default=3, help="digits to show (default 3; 0: none)")
+    demo.add_argument("--show", type=whole_number(1), default=4, help="neighbours drawn per digit (default 4)")
     demo.add_argument("--seed", type=int, default=0, help="weights, training and shown digits (default 0)")
     demo.add_argument("--threads", type=thread_count, default=None,
                       help="threads for training and search (default: 1 for training, OpenMP's for search)")

@@ -30,7 +30,7 @@ from ._atomic import atomic_path, atomic_write
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "check_out", "option_array", "renamed", "thread_count"]
+__all__ = ["add_commands", "check_out", "option_array", "renamed", "thread_count", "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -48,16 +48,24 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def thread_count(text: str) -> int:
-    """argparse type of every --threads: a whole number >= 1, refused while the command line
-    is parsed (one line, exit 2, naming --threads; set_num_threads would name its own `n`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number >= minimum, refused while the command line is parsed
+    (one line, exit 2, naming the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Every --threads (set_num_threads would name its own `n`).
+thread_count = whole_number(1)
 
 
 def _set_threads(args: argparse.Namespace) -> None:
