@@ -170,6 +170,29 @@ def test_loss_arguments_are_checked():
             loss(y[:, None], y)
 
 
+
+def test_pairwise_sq_l2_checks_its_argument():
+    # torch's own errors: numpy's sum() has no dim=, IndexError, RuntimeError, NotImplementedError
+    with pytest.raises(TypeError, match=r"^z: expected a torch tensor, got ndarray"):
+        pairwise_sq_l2(np.zeros((3, 2)))
+    for bad in (torch.zeros(3), torch.zeros(2, 3, 4)):
+        with pytest.raises(ValueError, match=r"^z: expected shape \(n, d\)"):
+            pairwise_sq_l2(bad)
+    for bad in (torch.zeros(3, 2, dtype=torch.bool), torch.zeros(3, 2, dtype=torch.int64)):
+        with pytest.raises(TypeError, match=r"^z: expected a floating-point tensor"):
+            pairwise_sq_l2(bad)
+    with pytest.raises(TypeError, match=r"^z: expected a dense tensor"):
+        pairwise_sq_l2(torch.zeros(3, 2).to_sparse())
+    assert pairwise_sq_l2(torch.zeros(0, 3)).shape == (0, 0)
+
+
+def test_nan_codes_give_a_nan_loss():
+    # torch's convention for losses (documented in the module docstring); training stops on it
+    z, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    z[1, 0] = float("nan")
+    assert torch.isnan(supcon_loss(z, y)) and torch.isnan(triplet_loss(z, y))
+
+
 # ---------------------------------------------------------------------------------------
 # Training with labels
 

@@ -259,6 +259,82 @@ def test_objective_rejects_bce_on_a_linear_output():
         model.objective(torch.rand(4, 12), loss="l1")
 
 
+
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_objective_refuses_what_torch_would_fail_on(index):
+    # objective is the training loop's API: a tensor of the model's dtype and device, the
+    # right per-sample shape, rows; torch's own errors for the rest name no argument
+    model, shape = _models()[index]
+    good = torch.rand(2, *shape)
+    assert torch.isfinite(model.objective(good, progress=0.5, generator=torch.Generator())["loss"])
+    with pytest.raises(TypeError, match=r"^x: objective\(\) is a training API and expects a torch tensor"):
+        model.objective(good.numpy())
+    with pytest.raises(ValueError, match=r"^x: expected shape"):
+        model.objective(torch.rand(2, 5))
+    for dtype in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match=r"^x: expected a float32 tensor \(the model's dtype\)"):
+            model.objective(good.to(dtype))
+    with pytest.raises(ValueError, match=r"^x: expected at least one row"):
+        model.objective(good[:0])
+    with pytest.raises(TypeError, match=r"^x: expected a dense tensor"):
+        model.objective(good.reshape(2, -1).to_sparse() if index == 3 else good.to_sparse())
+    for bad in (3, "seed"):
+        with pytest.raises(TypeError, match=r"^generator: expected None or a torch.Generator"):
+            model.objective(good, generator=bad)
+    for bad in ("1", True, [1.0]):
+        with pytest.raises(TypeError, match=r"^progress: expected a number"):
+            model.objective(good, progress=bad)
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=r"^progress: expected a finite number"):
+            model.objective(good, progress=bad)
+
+
+def test_objective_takes_a_double_model_with_double_batches():
+    model = Autoencoder(6, 2, hidden=(4,)).double()
+    assert model.objective(torch.rand(3, 6, dtype=torch.float64))["loss"].dtype == torch.float64
+    with pytest.raises(TypeError, match=r"^x: expected a float64 tensor"):
+        model.objective(torch.rand(3, 6))
+
+
+def test_vae_sampling_refuses_a_bad_generator():
+    model = VAE(6, 2, hidden=(4,))
+    x = np.zeros((2, 6), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"^generator: expected None or a torch.Generator, got int 5"):
+        model.encode(x, sample=True, generator=5)
+    assert model.encode(x, sample=True, generator=torch.Generator().manual_seed(0)).shape == (2, 2)
+    with pytest.raises(TypeError, match=r"^progress: expected a number"):
+        model.kl_weight("1")
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: Autoencoder(10, 2**63), "latent_dim"),
+    (lambda: Autoencoder(10, 10**12), "latent_dim"),
+    (lambda: Autoencoder(10**12, 2), "input_dim"),
+    (lambda: Autoencoder(10, 2, hidden=(16, 10**400)), "hidden"),
+    (lambda: VAE(10**12, 3), "input_dim"),
+    (lambda: VAE(10, 2**63), "latent_dim"),
+    (lambda: ConvAutoencoder((1, 10**6, 10**6), 2), "input_shape"),
+    (lambda: ConvAutoencoder((1, 8, 8), 2**62), "latent_dim"),
+])
+def test_sizes_beyond_any_machine_are_refused_by_name(make, name):
+    # torch would fail with an int64 overflow or "can't allocate memory", naming nothing
+    with pytest.raises(ValueError, match=rf"^{name}: .* more than 2\*\*40 \(MAX_PARAMETERS"):
+        make()
+
+
+def test_the_parameter_bound_counts_the_real_parameters(monkeypatch):
+    import latentspace.models.autoencoder as ae_module
+    import latentspace.models.conv as conv_module
+    import latentspace.models.vae as vae_module
+
+    counted = []
+    for module in (ae_module, vae_module, conv_module):
+        monkeypatch.setattr(module, "check_parameter_count", lambda count, sizes: counted.append(count))
+    models = [Autoencoder(12, 3, hidden=(16, 5)), Autoencoder(12, 3, hidden=()), VAE(12, 3, hidden=(7,)),
+              ConvAutoencoder((3, 7, 5), 2, channels=(4, 6)), ConvAutoencoder((1, 8, 8), 4, channels=(4,))]
+    assert counted == [sum(p.numel() for p in model.parameters()) for model in models]
+
+
 # ---------------------------------------------------------------------------------------
 # PCA
 

@@ -215,3 +215,60 @@ def test_variance_of_huge_codes(rng):
     with pytest.raises(ValueError, match=r"Z: the variance of dimension 1 exceeds float64's range \(values up to"):
         ls.relevance(z)
 
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 1 / 3, 1.1, 2.2, 123.456, -0.9, 1e-5])
+@pytest.mark.parametrize("n", [7, 13, 30, 101])
+def test_constant_dimension_scores_exactly_zero(value, n):
+    # The class means and overall mean of n copies of 1.1 differ in the last bit; that must
+    # not make a constant dimension the best (+inf) or a good one (scores in the thousands).
+    rng = np.random.default_rng(n)
+    y = rng.integers(0, 3, n)
+    y[:6] = [0, 0, 1, 1, 2, 2]
+    z = np.c_[rng.normal(size=n), np.full(n, value)]
+    for method in ("fisher", "mutual_info"):
+        assert ls.relevance(z, y, method=method)[1] == 0.0, method
+    assert ls.relevance(z)[1] == 0.0
+
+
+def test_constant_dimension_is_not_picked_as_top():
+    z = np.c_[np.arange(7.0), np.full(7, 1.1)]
+    y = np.array([0, 0, 1, 1, 2, 2, 0])
+    scores = ls.relevance(z, y)
+    assert scores[1] == 0.0 and scores[0] > 0
+    assert ls.top_dimensions(scores, 1).tolist() == [0]
+    assert ls.keep_top(scores, 1).tolist() == [1.0, 0.0]
+
+
+def test_dimension_constant_inside_each_class_scores_inf():
+    # no within-class spread, different class means: +inf, even where the rounded class
+    # mean of 1.1s is not exactly 1.1
+    y = np.repeat([0, 1, 2], 7)
+    z = np.c_[np.repeat([1.1, 2.2, 0.3], 7), np.random.default_rng(0).normal(size=21)]
+    assert ls.relevance(z, y)[0] == np.inf
+
+
+def test_mutual_info_of_a_constant_dimension_is_zero():
+    # mutual_info_classif's tie-breaking noise gave a constant column a positive score
+    y = np.repeat([0, 1], 10)
+    z = np.random.default_rng(0).normal(size=(20, 3))
+    z[:, 1] = 3.0
+    scores = ls.relevance(z, y, method="mutual_info")
+    assert scores[1] == 0.0 and scores[0] >= 0
+    assert ls.relevance(np.ones((20, 3)), y, method="mutual_info").tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("n", [2, 20])
+def test_mutual_info_with_every_class_a_single_sample(n):
+    z = np.random.default_rng(0).normal(size=(n, 3))
+    with pytest.raises(ValueError, match=r"^y: every class has a single sample"):
+        ls.relevance(z, np.arange(n), method="mutual_info")
+
+
+def test_mutual_info_accepts_some_one_sample_classes():
+    # as documented: the lone samples are left out of the estimate, the rest is scored
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(20, 3))
+    y = np.r_[np.zeros(19, int), 1]
+    scores = ls.relevance(z, y, method="mutual_info")
+    assert scores.shape == (3,) and np.isfinite(scores).all()

@@ -144,3 +144,22 @@ def test_objective_gradients_reach_every_parameter():
     model.objective(torch.rand(8, 6))["loss"].backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_progress_and_generator_are_checked():
+    # float("1") took a string silently; torch.randn's TypeError for generator=3 named nothing
+    model = VAE(4, 2, kl_warmup=4)
+    x = torch.rand(3, 4)
+    for bad in ("1", True):
+        with pytest.raises(TypeError, match=r"^progress: expected a number"):
+            model.kl_weight(bad)
+        with pytest.raises(TypeError, match=r"^progress: expected a number"):
+            model.objective(x, progress=bad)
+    for bad in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=r"^progress: expected a finite number in \[0, inf\]"):
+            model.kl_weight(bad)
+    with pytest.raises(TypeError, match=r"^generator: expected None or a torch.Generator, got int 3"):
+        model.objective(x, generator=3)
+    with pytest.raises(TypeError, match=r"^x: objective\(\) is a training API"):
+        model.objective(x.numpy())
+    assert model.kl_weight(np.float32(2.0)) == 0.5

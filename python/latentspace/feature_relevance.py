@@ -56,15 +56,22 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
             spread but different class means scores +inf (it separates the classes alone).
         "mutual_info": sklearn.feature_selection.mutual_info_classif (k-NN estimator, 3
             neighbours), in nats, with random_state=MUTUAL_INFO_RANDOM_STATE (0) so the
-            result is reproducible.
+            result is reproducible. One-sample classes are accepted: the estimator leaves
+            their samples out (they have no same-class neighbour); when every class has a
+            single sample nothing is left, and ValueError names y.
         "variance": the variance of each dimension over the rows (ddof=0).
+
+    A constant dimension (all its values equal) scores exactly 0 for "fisher",
+    "mutual_info" and "variance", whatever rounding in the means or the estimator's noise
+    would give.
         "kl": mean over the rows of KL(q(z_j|x) || N(0, 1)) = (mu_j^2 + exp(logvar_j) - 1 -
             logvar_j) / 2 in nats, from model.posterior(X). Dimensions above
             ACTIVE_UNIT_THRESHOLD (0.01 nats) are the VAE's "active units"; the rest carry
             (almost) no information about x. Z, when given, must have the model's latent_dim.
 
     Raises ValueError naming the argument for: an unknown method, y of the wrong length,
-    fewer than two classes, a one-sample class ("fisher"), NaN / Inf in Z, a variance beyond
+    fewer than two classes, a one-sample class ("fisher"), every class a single sample
+    ("mutual_info"), NaN / Inf in Z, a variance beyond
     float64's range ("variance"; the scale-free "fisher" and "mutual_info" scale each dimension
     by a power of two first, so codes up to float64's limits work), a missing y
     ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method.
@@ -82,6 +89,8 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
             raise ValueError(f"Z: expected at least one row, got shape {z.shape}")
         with np.errstate(over="ignore"):  # an overflow is reported below, by name
             variance = np.ldexp(z.var(axis=0), 2 * exponents)
+        # the mean of n copies of 1.1 need not round to 1.1, which leaves a variance of ~1e-32
+        variance[_constant_columns(z)] = 0.0
         if not np.isfinite(variance).all():
             column = int(np.flatnonzero(~np.isfinite(variance))[0])
             raise ValueError(f"Z: the variance of dimension {column} exceeds float64's range (values up to "
@@ -96,8 +105,19 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
         raise ValueError(f"y: expected at least 2 classes, got {classes.size}"
                          + (f" (every label is {classes[0]})" if classes.size else ""))
     if method == "fisher":
-        return _fisher_scores(z, labels, classes, counts)
-    return _mutual_info_scores(z, labels)
+        scores = _fisher_scores(z, labels, classes, counts)
+    else:
+        scores = _mutual_info_scores(z, labels, counts)
+    # A constant dimension tells nothing apart, but rounding says otherwise: its class means
+    # and overall mean can differ in the last bit (Fisher: a tiny between over a zero within
+    # gives +inf), and mutual_info_classif's tie-breaking noise gives it random neighbours.
+    scores[_constant_columns(z)] = 0.0
+    return scores
+
+
+def _constant_columns(z: np.ndarray) -> np.ndarray:
+    """(d,) bool: the columns of z (at least one row) whose values are all equal."""
+    return z.max(axis=0, initial=-np.inf) == z.min(axis=0, initial=np.inf)
 
 
 def _scaled_columns(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +152,10 @@ def _fisher_scores(z: np.ndarray, labels: np.ndarray, classes: np.ndarray, count
         members = z[labels == label]
         centre = members.mean(axis=0)
         between += count * (centre - mean) ** 2
-        within += ((members - centre) ** 2).sum(axis=0)
+        # a column constant inside the class has no spread there, although its rounded mean
+        # may differ from its values: count exactly 0 so that the score is +inf, as documented
+        spread = ((members - centre) ** 2).sum(axis=0)
+        within += np.where(_constant_columns(members), 0.0, spread)
     between /= k - 1
     within /= n - k
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -142,7 +165,14 @@ def _fisher_scores(z: np.ndarray, labels: np.ndarray, classes: np.ndarray, count
     return scores
 
 
-def _mutual_info_scores(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _mutual_info_scores(z: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    # The k-NN estimator leaves out the samples of one-sample classes (they have no
+    # same-class neighbour); with every class a single sample nothing is left to estimate
+    # from, and scikit-learn's own error ("Found array with 0 sample(s)") names no argument.
+    if counts.max() < 2:
+        raise ValueError(f"y: every class has a single sample ({counts.size} classes, {labels.size} rows); "
+                         "mutual information needs at least one class with two or more samples "
+                         "(one-sample classes are left out of the estimate)")
     from sklearn.feature_selection import mutual_info_classif
 
     return np.asarray(mutual_info_classif(z, labels, discrete_features=False,

@@ -32,7 +32,8 @@ triplet_loss(z, labels, margin=1.0)
 Anchors without a positive (a class with one sample in the batch) or, for the triplet
 loss, without a negative (a batch of one class) have no term; a batch where no anchor has
 one gives 0, still connected to z so that backward() works. Computed in float32 (float64
-for float64 codes; bf16 / fp16 codes are cast up first).
+for float64 codes; bf16 / fp16 codes are cast up first). Codes holding NaN give a loss of
+NaN, as torch's losses do (training stops on a non-finite loss and says so).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ._arrays import check_float
+from ._arrays import check_dense, check_float
 
 __all__ = ["METRIC_LOSSES", "pairwise_sq_l2", "supcon_loss", "triplet_loss"]
 
@@ -50,13 +51,21 @@ METRIC_LOSSES = ("supcon", "triplet")
 SIMILARITIES = ("sq_l2", "cosine")
 
 
-def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_codes(z: Any) -> None:
+    """z: a dense floating-point torch tensor, (n, d); torch's own errors for others (numpy's
+    sum() has no dim=, 1-d an IndexError, bool a NotImplementedError) name no argument."""
     if not isinstance(z, torch.Tensor):
-        raise TypeError(f"z: expected a torch tensor, got {type(z).__name__}")
+        hint = "; pass torch.from_numpy(z)" if type(z).__module__ == "numpy" else ""
+        raise TypeError(f"z: expected a torch tensor, got {type(z).__name__}{hint}")
+    check_dense(z, "z")
     if not z.is_floating_point():
         raise TypeError(f"z: expected a floating-point tensor, got {z.dtype}")
     if z.dim() != 2:
         raise ValueError(f"z: expected shape (n, d), got {tuple(z.shape)}")
+
+
+def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_codes(z)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -73,7 +82,9 @@ def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pairwise_sq_l2(z: torch.Tensor) -> torch.Tensor:
     """||z_i - z_j||^2 for all pairs, (n, n), as ||z_i||^2 + ||z_j||^2 - 2 z_i.z_j clamped at
-    0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0."""
+    0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0. z: a floating-point torch
+    tensor, (n, d), computed in its own dtype (TypeError / ValueError naming z otherwise)."""
+    _check_codes(z)
     squared = (z * z).sum(dim=1)
     d = (squared[:, None] + squared[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
     return d.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0)

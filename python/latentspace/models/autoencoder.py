@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .._arrays import check_int
+from ._checks import check_parameter_count, mlp_parameters
 from .base import ReconstructionModel, check_activation, check_sizes, mlp
 
 __all__ = ["Autoencoder"]
@@ -26,6 +27,8 @@ class Autoencoder(ReconstructionModel):
             such as pixel intensities; default loss "bce").
 
     encoder: D -> hidden[0] -> ... -> latent_dim; decoder: latent_dim -> ... -> hidden[0] -> D.
+    Raises ValueError, naming the largest size, when the weights would number more than
+    2**40 (models._checks.MAX_PARAMETERS: 4 TiB of float32), sizes no machine holds.
     """
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: tuple[int, ...] = (256, 128),
@@ -34,6 +37,9 @@ class Autoencoder(ReconstructionModel):
         self.input_dim = check_int(input_dim, "input_dim")
         self.hidden = check_sizes(hidden, "hidden")
         self.activation = check_activation(activation)
+        widths = (self.input_dim, *self.hidden, self.latent_dim)
+        check_parameter_count(mlp_parameters(widths) + mlp_parameters(widths[::-1]),
+                               {"input_dim": self.input_dim, "latent_dim": self.latent_dim, "hidden": self.hidden})
         self.encoder = mlp((self.input_dim, *self.hidden, self.latent_dim), self.activation)
         self.decoder = mlp((self.latent_dim, *reversed(self.hidden), self.input_dim), self.activation)
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import losses
 from .._arrays import as_model_input, as_output, check_int, is_torch_tensor
+from ._checks import check_objective_arguments
 
 __all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS", "module_device_dtype"]
 
@@ -237,7 +238,13 @@ class ReconstructionModel(LatentModel):
         deterministic autoencoder ignores them). Returns {"loss", "reconstruction", "codes"}:
         "codes" are the batch's latent codes, (n, latent_dim), with their gradients (the
         training loop adds a metric-learning term on them when given labels).
+
+        A training API: x must be a torch tensor of the model's dtype, on its device, of the
+        model's per-sample shape, with n >= 1 rows (nothing is converted: encode() is the one
+        that takes numpy and other dtypes); progress None or a number >= 0; generator None or
+        a torch.Generator on the model's device. TypeError / ValueError naming the argument.
         """
+        check_objective_arguments(self, x, progress, generator)
         loss = self.check_loss(loss)
         codes = self._encode(x)
         reconstruction = self.reconstruction_term(self._decode_logits(codes), x, loss).mean()

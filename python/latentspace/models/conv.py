@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._arrays import check_int
+from ._checks import check_parameter_count
 from .base import ACTIVATIONS, ReconstructionModel, check_activation, check_sizes
 
 __all__ = ["ConvAutoencoder"]
@@ -32,6 +33,11 @@ class ConvAutoencoder(ReconstructionModel):
 
     Inputs may be (n, C, H, W) or flattened rows (n, C*H*W) (as datasets.load_digits()
     returns them); forward(x) answers in the shape x came in, decode(z) as (n, C, H, W).
+
+    Raises ValueError, naming the largest size, when the weights would number more than
+    2**40 (models._checks.MAX_PARAMETERS: 4 TiB of float32), sizes no machine holds (the
+    linear layers hold channels[-1] * ceil(H / 2**k) * ceil(W / 2**k) * latent_dim each,
+    k = len(channels)).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], latent_dim: int,
@@ -52,6 +58,8 @@ class ConvAutoencoder(ReconstructionModel):
             sizes.append(tuple((s + 2 * _PADDING - _KERNEL) // _STRIDE + 1 for s in sizes[-1]))
         self._bottleneck = (self.channels[-1], *sizes[-1])
         flat = self.channels[-1] * sizes[-1][0] * sizes[-1][1]
+        check_parameter_count(self._parameter_count(flat), {
+            "input_shape": self._input_shape, "latent_dim": self.latent_dim, "channels": self.channels})
 
         encoder: list[nn.Module] = []
         previous = c
@@ -72,6 +80,13 @@ class ConvAutoencoder(ReconstructionModel):
             if i > 0:
                 decoder.append(act())
         self.decoder = nn.Sequential(*decoder)
+
+    def _parameter_count(self, flat: int) -> int:
+        """Weights and biases of the layers built below, in Python integers (no overflow)."""
+        widths = (self._input_shape[0], *self.channels)
+        convs = sum(2 * a * b * _KERNEL * _KERNEL + a + b for a, b in zip(widths[:-1], widths[1:]))
+        linears = 2 * flat * self.latent_dim + flat + self.latent_dim
+        return convs + linears
 
     @property
     def input_shape(self) -> tuple[int, ...]:

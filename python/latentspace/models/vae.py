@@ -8,6 +8,7 @@ import torch
 
 from .. import losses
 from .._arrays import check_float, check_int
+from ._checks import check_generator, check_objective_arguments, check_parameter_count, mlp_parameters
 from .base import ReconstructionModel, check_activation, check_sizes, full_precision, mlp
 
 __all__ = ["VAE"]
@@ -32,6 +33,9 @@ class VAE(ReconstructionModel):
     `encode(x)` returns the posterior mean mu(x), deterministic; `encode(x, sample=True)`
     draws z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) (the reparameterisation trick).
     `forward(x)` = decode(mu(x)): the deterministic reconstruction.
+
+    Raises ValueError, naming the largest size, when the weights would number more than
+    2**40 (models._checks.MAX_PARAMETERS: 4 TiB of float32), sizes no machine holds.
     """
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: tuple[int, ...] = (256, 128),
@@ -43,6 +47,10 @@ class VAE(ReconstructionModel):
         self.beta = check_float(beta, "beta")
         self.kl_warmup = check_float(kl_warmup, "kl_warmup")
         self.activation = check_activation(activation)
+        count = (mlp_parameters((self.input_dim, *self.hidden, 2 * self.latent_dim))
+                 + mlp_parameters((self.latent_dim, *reversed(self.hidden), self.input_dim)))
+        check_parameter_count(count, {"input_dim": self.input_dim, "latent_dim": self.latent_dim,
+                                       "hidden": self.hidden})
         self.encoder = mlp((self.input_dim, *self.hidden, 2 * self.latent_dim), self.activation)
         self.decoder = mlp((self.latent_dim, *reversed(self.hidden), self.input_dim), self.activation)
 
@@ -80,11 +88,13 @@ class VAE(ReconstructionModel):
 
     def encode(self, x: Any, *, sample: bool = False, generator: torch.Generator | None = None) -> Any:
         """The posterior mean mu(x), (n, latent_dim); with sample=True a draw from q(z|x)
-        (reproducible with a seeded torch.Generator on the model's device)."""
+        (reproducible with a seeded torch.Generator on the model's device; generator is
+        None or a torch.Generator there, else TypeError / ValueError)."""
         if not isinstance(sample, bool):
             raise TypeError(f"sample: expected True or False, got {sample!r}")
         if not sample:
             return super().encode(x)
+        check_generator(generator, self._device_dtype()[0])
         return self._run(lambda t: self._sample(*self._posterior(t), generator), x, "x",
                          self._sample_shapes())
 
@@ -93,11 +103,12 @@ class VAE(ReconstructionModel):
 
     # -- objective ----------------------------------------------------------------------
     def kl_weight(self, progress: float | None) -> float:
-        """beta * min(1, progress / kl_warmup); progress (epochs done, fractional) None or no
-        warm-up: beta."""
-        if progress is None or self.kl_warmup == 0:
+        """beta * min(1, progress / kl_warmup); progress (epochs done, fractional: a number
+        >= 0, else TypeError / ValueError) None or no warm-up: beta."""
+        if progress is None:
             return self.beta
-        return self.beta * min(1.0, max(0.0, float(progress)) / self.kl_warmup)
+        progress = check_float(progress, "progress")  # float("1") would take a string silently
+        return self.beta if self.kl_warmup == 0 else self.beta * min(1.0, progress / self.kl_warmup)
 
     def objective(self, x: torch.Tensor, *, loss: str | None = None, progress: float | None = None,
                   generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -120,7 +131,13 @@ class VAE(ReconstructionModel):
         gradients) and "codes": the posterior means mu, (n, latent_dim), with their
         gradients (what encode() returns, so a metric-learning term in training shapes the
         codes that are searched; the noisy draw z is for the reconstruction only).
+
+        A training API: x must be a torch tensor of the model's dtype, on its device, shaped
+        (n, input_dim) with n >= 1 (nothing is converted: encode() is the one that takes numpy
+        and other dtypes); progress None or a number >= 0; generator None or a
+        torch.Generator on the model's device. TypeError / ValueError naming the argument.
         """
+        check_objective_arguments(self, x, progress, generator)
         loss = self.check_loss(loss)
         mu, logvar = self._posterior(x)
         z = self._sample(mu, logvar, generator)
