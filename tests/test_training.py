@@ -185,12 +185,10 @@ def test_ctrl_c_during_a_checkpoint_write_keeps_the_previous_one(digits, tmp_pat
 def test_ctrl_c_before_the_first_epoch_writes_nothing(digits, tmp_path):
     x, _ = digits
 
-    class Stop(Autoencoder):
-        def objective(self, *args, **kwargs):
-            raise KeyboardInterrupt
-
+    model = Autoencoder(64, 4, hidden=(8,))  # (not a subclass: checkpoint= needs a class save_model knows)
+    model.objective = lambda *args, **kwargs: _raise(KeyboardInterrupt)
     path = tmp_path / "m.safetensors"
-    history = _fit(Stop(64, 4, hidden=(8,)), x, checkpoint=path)
+    history = _fit(model, x, checkpoint=path)
     assert history.interrupted and history.epochs_run == 0 and history.best_epoch is None
     assert not path.exists() and history.checkpoint is None
 
@@ -215,6 +213,158 @@ def test_divergence_raises_after_restoring_the_best(digits, tmp_path):
         _fit(model, x, epochs=10, checkpoint=path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     np.testing.assert_array_equal(ls.load_model(path).encode(x), model.encode(x))
+
+
+def _interrupt_or_poison(model, when, action):
+    """Wraps model.objective: `action(out)` on the training batches (gradients on) for which
+    when(call number from 1, progress) holds."""
+    calls = {"n": 0}
+    real = model.objective
+
+    def objective(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()  # training batches only, not validation
+        out = real(*args, **kwargs)
+        if torch.is_grad_enabled() and when(calls["n"], kwargs.get("progress")):
+            action(out)
+        return out
+
+    model.objective = objective
+
+
+def _remember_epochs(model, states):
+    return lambda record: states.__setitem__(record["epoch"], {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _raise(error):
+    raise error
+
+
+def test_ctrl_c_mid_epoch_in_the_warm_up_keeps_the_last_finished_epoch(digits, tmp_path):
+    """Ctrl-C in epoch 3 of a VAE's KL warm-up: the model and checkpoint hold epoch 2's
+    weights as it ended, not the half-trained ones of the moment."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, 3, hidden=(16,), kl_warmup=10)
+    _interrupt_or_poison(model, lambda n, _: n == 3 * 6 + 4, lambda out: _raise(KeyboardInterrupt))  # 6 batches/epoch
+    states = {}
+    path = tmp_path / "m.safetensors"
+    history = _fit(model, x, epochs=20, checkpoint=path, callback=_remember_epochs(model, states))
+    assert history.interrupted and history.epochs_run == 3 and history.best_epoch == 2
+    assert history.best_loss == history.val_loss[2]
+    assert _same_weights(model.state_dict(), states[2])
+    assert _same_weights(ls.load_model(path).state_dict(), states[2])
+
+
+def test_divergence_in_the_warm_up_restores_the_last_finished_epoch(digits, tmp_path):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, 3, hidden=(16,), kl_warmup=5)
+    _interrupt_or_poison(model, lambda _, progress: progress > 2.0,  # from epoch 2 on
+                         lambda out: out.__setitem__("loss", out["loss"] * float("nan")))
+    states = {}
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(FloatingPointError, match="in epoch 2; the weights of epoch 1, the last finished one "
+                       r"\(the KL warm-up was not over\), were restored and checkpointed"):
+        _fit(model, x, epochs=10, checkpoint=path, callback=_remember_epochs(model, states))
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and not model.training
+    assert _same_weights(model.state_dict(), states[1])
+    assert _same_weights(ls.load_model(path).state_dict(), states[1])
+
+
+def test_an_error_in_callback_restores_the_best_then_propagates(digits, tmp_path):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,), output="sigmoid")
+    states = {}
+    error = ValueError("callback failed")
+
+    def spoil_then_fail(record):
+        states[record["epoch"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        if record["epoch"] == 4:  # the best is epoch 4 at the latest; the weights are wrecked, then it fails
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn_like(parameter) * 3)
+            raise error
+
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(ValueError) as raised:
+        _fit(model, x, epochs=8, early_stopping=None, checkpoint=path, callback=spoil_then_fail)
+    assert raised.value is error and not model.training
+    saved = ls.load_model(path).state_dict()
+    assert _same_weights(model.state_dict(), saved)
+    assert any(_same_weights(saved, state) for state in states.values())  # an epoch's weights, unspoilt
+
+
+def test_an_error_in_the_warm_up_keeps_the_last_epoch_and_a_failed_restore_hides_nothing(digits, tmp_path,
+                                                                                         monkeypatch):
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, 3, hidden=(16,), kl_warmup=10)
+    states = {}
+    remember = _remember_epochs(model, states)
+
+    def fail_at_epoch_1(record):
+        remember(record)
+        if record["epoch"] == 1:  # the weights are wrecked, then it fails
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(torch.randn_like(parameter) * 3)
+            raise RuntimeError("callback failed")
+
+    def full_disk(m, p):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(training, "save_model", full_disk)  # the restore's checkpoint write fails
+    with pytest.raises(RuntimeError, match="callback failed") as raised:
+        _fit(model, x, epochs=5, checkpoint=tmp_path / "m.safetensors", callback=fail_at_epoch_1)
+    assert _same_weights(model.state_dict(), states[1]) and not model.training
+    if hasattr(raised.value, "__notes__"):  # Python 3.11+
+        assert "OSError: disk full" in raised.value.__notes__[0]
+
+
+def test_a_copy_cut_short_is_completed_from_the_model():
+    model = Autoencoder(8, 2, hidden=(4,))
+    kept = training._Kept()
+    kept.keep(model, 0, 1.0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    real_state_dict = model.state_dict
+
+    class CutShort(dict):
+        def items(self):
+            yield from list(super().items())[:1]
+            raise KeyboardInterrupt
+
+    model.state_dict = lambda: CutShort(real_state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        kept.keep(model, 1, 0.5)
+    assert kept.epoch is None  # half copied: not labelled as either epoch
+    model.state_dict = real_state_dict
+    kept.settle(model)
+    assert (kept.epoch, kept.loss) == (1, 0.5) and _same_weights(kept.state, model.state_dict())
+
+
+def test_checkpoint_needs_a_model_save_model_can_write(digits, tmp_path):
+    x, _ = digits
+
+    class MyAE(Autoencoder):
+        calls = 0
+
+        def objective(self, *args, **kwargs):
+            MyAE.calls += 1
+            return super().objective(*args, **kwargs)
+
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(TypeError, match="model: checkpoint= saves with latentspace.save_model, which takes only "
+                       "PCA, Autoencoder, VAE, ConvAutoencoder, got MyAE"):
+        _fit(MyAE(64, 4, hidden=(8,)), x, checkpoint=path)
+    assert MyAE.calls == 0 and not path.exists()  # refused before any training
+    assert _fit(MyAE(64, 4, hidden=(8,)), x, epochs=1).epochs_run == 1  # without checkpoint= it trains
 
 
 def test_progress_bar_shows_epoch_losses_and_speed(digits, capsys):
@@ -291,6 +441,9 @@ def test_bad_arguments(digits, tmp_path):
         (dict(autocast="yes"), TypeError, "autocast: expected True, False or None"),
         (dict(checkpoint=tmp_path), ValueError, "checkpoint: .* is a folder"),
         (dict(checkpoint=tmp_path / "no" / "m.st"), ValueError, "checkpoint: folder .* does not exist"),
+        (dict(checkpoint=5), TypeError, r"checkpoint: expected a file path \(str or os.PathLike\), got int 5"),
+        (dict(checkpoint=str(tmp_path / "m.st").encode()), TypeError,
+         r"checkpoint: expected a file path \(str or os.PathLike\), got bytes b'"),
         (dict(callback=3), TypeError, "callback: expected a callable"),
     ]
     for kwargs, error, message in cases:

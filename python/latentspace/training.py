@@ -29,7 +29,7 @@ from ._arrays import (as_labels, check_float, check_int, check_real_dtype, is_to
                       resolve_device)
 from .metric_learning import METRIC_LOSSES, supcon_loss, triplet_loss
 from .models.base import ReconstructionModel
-from .models.io import save_model
+from .models.io import MODEL_CLASSES, save_model
 from .models.pca import PCA
 
 __all__ = ["History", "train"]
@@ -179,6 +179,63 @@ class _Data:
         return tensor[torch.from_numpy(back)].to(device=self.device, dtype=self.dtype)
 
 
+def _checkpoint_path(checkpoint: Any, model: ReconstructionModel) -> Path:
+    """`checkpoint` as a Path, checked before any training: a bad path or a model that
+    save_model cannot write would otherwise only fail at the first best epoch."""
+    path = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+    if not isinstance(path, str):  # bytes paths too: Path() takes only str
+        raise TypeError(f"checkpoint: expected a file path (str or os.PathLike), got "
+                        f"{type(checkpoint).__name__} {checkpoint!r}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint: {path} is a folder; pass a file path")
+    if not path.parent.is_dir():
+        raise ValueError(f"checkpoint: folder {path.parent} does not exist")
+    # save_model's own test: it rebuilds models by class name, so a subclass cannot be saved
+    name = type(model).__name__
+    if MODEL_CLASSES.get(name) is not type(model):
+        raise TypeError(f"model: checkpoint= saves with latentspace.save_model, which takes only "
+                        f"{', '.join(MODEL_CLASSES)}, got {name}; train without checkpoint= (and save "
+                        "model.state_dict() yourself)")
+    return path
+
+
+class _Kept:
+    """The weights train() ends with: the best epoch's or, while the KL warm-up lasts (no epoch
+    can be best yet), the last finished epoch's. Copied into buffers allocated once, so that
+    keeping every warm-up epoch costs a copy, not an allocation."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] | None = None
+        self.epoch: int | None = None
+        self.loss: float | None = None
+        self._copying: tuple[int, float] | None = None
+
+    def keep(self, model: torch.nn.Module, epoch: int, loss: float) -> None:
+        # Marked first: a copy cut short (Ctrl-C) is completed by settle() from the model,
+        # which still holds this epoch's weights then, never left half-overwritten.
+        self._copying = (epoch, loss)
+        self.epoch = self.loss = None
+        if self.state is None:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            for key, value in model.state_dict().items():
+                self.state[key].copy_(value.detach())
+        self.epoch, self.loss = epoch, loss
+        self._copying = None
+
+    def settle(self, model: torch.nn.Module) -> None:
+        """Completes a copy that an exception cut short."""
+        if self._copying is not None:
+            self.keep(model, *self._copying)
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """error.add_note where Python has it (3.11+)."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+
+
 def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW, fused when this torch has the fused kernel for the device (CPU: torch >= 2.4;
     3.5x faster steps than the default on the small models here, measured on 2 cores)."""
@@ -287,8 +344,10 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         loss: "mse" or "bce" (the model's default when None: "bce" for output="sigmoid").
         autocast: bf16 autocast of the forward pass (the losses stay float32); None: on
             for CUDA, off on the CPU.
-        checkpoint: a file path; each new best epoch is saved there with
+        checkpoint: a file path (str or os.PathLike); each new best epoch is saved there with
             latentspace.save_model (atomically: an interrupted write keeps the previous file).
+            The model must be one save_model can write (not a subclass): checked before
+            training.
         progress: show a tqdm bar (epoch, train and validation loss, samples per second).
         callback: called after every epoch with a dict (epoch, train_loss, val_loss,
             train_metric, val_metric, best_epoch, seconds, samples_per_second).
@@ -312,11 +371,17 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     it cleanly: the best weights so far are restored into the model, written to
     `checkpoint` if given, and train returns the History with interrupted=True (it does not
     re-raise; check `history.interrupted`). If it comes before the first epoch ends, the model
-    keeps its weights of that moment and no checkpoint is written.
+    keeps its weights of that moment and no checkpoint is written. Ctrl-C in the middle of an
+    epoch drops that epoch (during the warm-up too: the last finished epoch is kept).
+
+    Any other exception (from `callback`, say) leaves the model the same way (the kept weights
+    restored and checkpointed, eval mode), then propagates unchanged; should that restore fail
+    too, its error is added to the exception as a note (Python 3.11+), never raised instead.
 
     Raises TypeError / ValueError naming the argument for bad arguments (and TypeError for a
     PCA, which is fitted in closed form: PCA.fit(X)); FloatingPointError when the loss
-    becomes NaN or Inf (the best weights so far are restored and checkpointed first).
+    becomes NaN or Inf (the best weights so far, or during the warm-up the last finished
+    epoch's, are restored and checkpointed first; the message says which).
     """
     if isinstance(model, PCA):
         raise TypeError("model: PCA is fitted in closed form, not trained: call model.fit(X)")
@@ -334,11 +399,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     if autocast is not None and not isinstance(autocast, bool):
         raise TypeError(f"autocast: expected True, False or None, got {autocast!r}")
     if checkpoint is not None:
-        checkpoint = Path(os.fspath(checkpoint))
-        if checkpoint.is_dir():
-            raise ValueError(f"checkpoint: {checkpoint} is a folder; pass a file path")
-        if not checkpoint.parent.is_dir():
-            raise ValueError(f"checkpoint: folder {checkpoint.parent} does not exist")
+        checkpoint = _checkpoint_path(checkpoint, model)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
     device = resolve_device(device)
@@ -366,7 +427,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
 
     history = History(monitor="val_loss" if n_val else "train_loss", device=str(device), seed=seed,
                       checkpoint=None, metric_loss=metric_loss if metric else None, metric_weight=metric_weight)
-    best_state: dict[str, torch.Tensor] | None = None
+    kept = _Kept()
     written_epoch: int | None = None
     bad_epochs = 0
     train_seconds = 0.0
@@ -389,6 +450,22 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             raise TypeError(f"labels: {type(model).__name__}.objective returns no 'codes' for the metric term")
         term = metric(out["codes"], label_tensor[rows.to(device)])  # float32, outside autocast
         return out["loss"] + metric_weight * term, term
+
+    def restore() -> None:
+        """The kept weights (see _Kept) back into the model and, if that has not happened yet,
+        onto disk; the model in eval mode whatever happens."""
+        try:
+            kept.settle(model)
+            if kept.state is None:
+                return  # stopped before the first epoch ended: the model keeps its weights
+            history.best_epoch, history.best_loss = kept.epoch, kept.loss
+            model.load_state_dict(kept.state)
+            if checkpoint is not None:
+                if written_epoch != kept.epoch:
+                    save_model(model, checkpoint)
+                history.checkpoint = str(checkpoint)
+        finally:
+            model.eval()
 
     def evaluate() -> tuple[float, float | None]:
         val_noise.manual_seed(seed + 2)  # the same noise every epoch: comparable values
@@ -446,14 +523,16 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
                 break
             if epoch + 1 >= warmup:  # the objective is final from here on
                 if history.best_loss is None or monitored < history.best_loss:
+                    kept.keep(model, epoch, monitored)
                     history.best_epoch, history.best_loss = epoch, monitored
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     bad_epochs = 0
                     if checkpoint is not None:
                         save_model(model, checkpoint)
                         written_epoch = epoch
                 else:
                     bad_epochs += 1
+            else:  # a run that ends (or is stopped) in the warm-up keeps its last finished epoch
+                kept.keep(model, epoch, monitored)
             speed = len(train_rows) / seconds if seconds > 0 else float("inf")
             val_text = f" val {val_loss:.5g}" if val_loss is not None else ""
             if train_metric is not None:
@@ -470,28 +549,34 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
                 break
     except KeyboardInterrupt:
         history.interrupted = True
+    except BaseException as error:
+        # Any other exception (from callback, say) still leaves the model as documented, then
+        # propagates unchanged: a failure of the restore itself must not hide it.
+        try:
+            restore()
+        except BaseException as failure:
+            _add_note(error, f"latentspace.train: restoring the kept weights after this error failed "
+                             f"too: {type(failure).__name__}: {failure}")
+        raise
     finally:
         bar.close()
 
-    # The best weights back into the model (a run that never got past the warm-up keeps its
-    # last completed epoch), and on disk if that has not happened yet.
-    if best_state is None and history.epochs_run and diverged is None:
-        history.best_epoch = history.epochs_run - 1
-        history.best_loss = (history.val_loss or history.train_loss)[-1]
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        if checkpoint is not None:
-            if written_epoch != history.best_epoch:
-                save_model(model, checkpoint)
-            history.checkpoint = str(checkpoint)
-    model.eval()
+    restore()
     history.seconds = time.perf_counter() - started
     trained = history.epochs_run * len(train_rows)
     history.samples_per_second = trained / train_seconds if train_seconds > 0 else 0.0
     if diverged is not None:
-        kept = (f"the weights of epoch {history.best_epoch} were restored" if best_state is not None
-                else "there was no best epoch to restore")
-        raise FloatingPointError(f"training diverged: {diverged}; {kept}. Lower lr (was {lr:g}) "
-                                 "or check the data's scale")
+        raise FloatingPointError(f"training diverged: {diverged}; {_restored(kept, warmup, checkpoint)}. "
+                                 f"Lower lr (was {lr:g}) or check the data's scale")
     return history
+
+
+def _restored(kept: _Kept, warmup: float, checkpoint: Path | None) -> str:
+    """What the model holds after a divergence, for the error message."""
+    if kept.epoch is None:
+        return "no epoch finished cleanly, so there were no weights to restore (the model holds the diverged ones)"
+    where = " and checkpointed" if checkpoint is not None else ""
+    if kept.epoch + 1 < warmup:  # no epoch could be best yet
+        return (f"the weights of epoch {kept.epoch}, the last finished one (the KL warm-up was not over), "
+                f"were restored{where}")
+    return f"the weights of epoch {kept.epoch}, the best, were restored{where}"
