@@ -201,6 +201,16 @@ from conftest import digits_400 as digits  # noqa: E402,F401  (a fixture, used b
 from conftest import fit_briefly as _fit  # noqa: E402
 
 
+@pytest.mark.parametrize("weight", [1.0, 1, np.float32(1.0), np.float64(1.0), np.int64(1)])
+def test_the_default_metric_weight_is_taken_in_any_numeric_type_without_labels(digits, weight):
+    """metric_weight equal to its default (1) is no metric-learning setting, whatever its
+    numeric type (np.float32(1.0) was refused as 'set only with labels')."""
+    x, _ = digits
+    torch.manual_seed(0)
+    history = _fit(Autoencoder(64, 4, hidden=(8,)), x, epochs=1, metric_weight=weight)
+    assert history.metric_loss is None
+
+
 @pytest.mark.parametrize("metric_loss", ["supcon", "triplet"])
 def test_memory_mapped_data_meets_its_own_labels(digits, tmp_path, metric_loss):
     """Data too large to hold (a memory map here) is gathered batch by batch in ascending row

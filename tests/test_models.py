@@ -322,6 +322,14 @@ def test_sizes_beyond_any_machine_are_refused_by_name(make, name):
         make()
 
 
+@pytest.mark.parametrize("hidden", [np.array([16, 8]), range(16, 7, -8), [16, 8], (np.int64(16), 8)])
+def test_hidden_sizes_take_sequences_of_integers(hidden):
+    """A numpy array or range of widths is the widths (an array was read as one width and
+    refused with a misleading message)."""
+    assert Autoencoder(12, 3, hidden=hidden).hidden == (16, 8)
+    assert VAE(12, 3, hidden=hidden).hidden == (16, 8)
+
+
 def test_the_parameter_bound_counts_the_real_parameters(monkeypatch):
     import latentspace.models.autoencoder as ae_module
     import latentspace.models.conv as conv_module

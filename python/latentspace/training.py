@@ -257,7 +257,9 @@ def _metric_term(labels: Any, n: int, metric_loss: Any, metric_weight: Any, metr
         for value, name in ((metric_margin, "metric_margin"), (metric_temperature, "metric_temperature")):
             if value is not None:
                 raise ValueError(f"{name}: set only with labels and metric_loss (metric learning is off)")
-        if isinstance(metric_weight, (int, float)) and not isinstance(metric_weight, bool) and metric_weight == 1.0:
+        # (numpy scalars too: np.float32(1.0) is the default's value)
+        if isinstance(metric_weight, (int, float, np.integer, np.floating)) and not isinstance(
+                metric_weight, (bool, np.bool_)) and metric_weight == 1.0:
             return None, None, 0.0
         raise ValueError(f"metric_weight: set only with labels and metric_loss (metric learning is off), "
                          f"got {metric_weight!r}")

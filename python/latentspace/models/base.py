@@ -55,10 +55,13 @@ def check_output(output: Any) -> str:
 
 
 def check_sizes(sizes: Any, name: str, *, allow_empty: bool = True) -> tuple[int, ...]:
-    """A tuple of layer widths (an int is taken as a one-element tuple)."""
+    """A tuple of layer widths: a tuple, list, range or 1-d numpy array of integers (an int is
+    taken as a one-element tuple)."""
     if isinstance(sizes, (str, bytes)) or sizes is None:
         raise TypeError(f"{name}: expected a tuple of integers >= 1, got {sizes!r}")
-    if not isinstance(sizes, (tuple, list)):
+    if isinstance(sizes, np.ndarray) and sizes.ndim == 1:
+        sizes = sizes.tolist()  # (np.array([64, 32]) was read as one width, an array)
+    if not isinstance(sizes, (tuple, list, range)):
         sizes = (sizes,)
     result = tuple(check_int(size, f"{name}[{i}]") for i, size in enumerate(sizes))
     if not result and not allow_empty:
