@@ -142,7 +142,7 @@ def test_reason_torch_sees_no_gpu(monkeypatch):
     (["80", "90"], (7, 5), False),  # a T4: older than every entry
     (["80", "90"], (12, 0), True),  # newer: the driver compiles compute_90's PTX
     (["80-real", "90-real"], (12, 0), False), (["80-real"], (8, 9), True), (["86-real"], (8, 0), False),
-    (["80-virtual"], (8, 0), True), (["80-virtual"], (7, 5), False), (["90a"], (9, 0), True), (["90a"], (10, 0), False),
+    (["80-virtual"], (8, 0), True), (["80-virtual"], (7, 5), False), (["90a"], (9, 0), True), (["90a"], (10, 0), False), (["90a-virtual"], (9, 0), True),
     ([], (9, 0), False)])
 def test_kernels_run_on_the_capabilities_cuda_allows(architectures, capability, runs):
     """CMake's architecture entries against a GPU's compute capability: machine code runs on

@@ -70,16 +70,15 @@ def is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_to_numpy(x: Any, name: str, dtype: Any = np.float32) -> np.ndarray:
+def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
     import torch
 
     check_real_dtype(x, name)
     x = x.detach()
     if x.device.type == "cuda":
         x = x.cpu()  # a search on the CPU (device="cpu") of CUDA tensors: copied to the host
-    wanted = torch.float64 if dtype == np.float64 else torch.float32
-    if x.dtype != wanted:
-        x = x.to(wanted)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
     if not x.is_contiguous():
         x = x.contiguous()
     return x.numpy()  # shares memory with the tensor
@@ -106,22 +105,21 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     return array
 
 
-def as_matrix(x: Any, name: str, *, dim: int | None = None, dtype: Any = np.float32) -> tuple[np.ndarray, ArrayKind]:
-    """Returns x as a C-contiguous (rows, dim) numpy array of `dtype` (float32, or float64
-    for sums that must not round; a view when possible) and whether it came as numpy or
-    torch. Raises TypeError / ValueError naming `name`."""
+def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray, ArrayKind]:
+    """Returns x as a C-contiguous float32 (rows, dim) numpy array (a view when possible)
+    and whether it came as numpy or torch. Raises TypeError / ValueError naming `name`."""
     if is_torch_tensor(x):
         kind: ArrayKind = "torch"
         if x.dim() != 2:
             raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
-        array = _torch_to_numpy(x, name, dtype)
+        array = _torch_to_numpy(x, name)
     else:
         kind = "numpy"
         array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
         if array.ndim != 2:
             raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
-        if array.dtype != dtype or not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array, dtype=dtype)
+        if array.dtype != np.float32 or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=np.float32)
     if array.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:

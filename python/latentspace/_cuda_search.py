@@ -188,8 +188,8 @@ def kernels_run_on(architectures: list[str], capability: tuple[int, int]) -> boo
             continue
         number, specific, kind = int(match.group(1)), match.group(2), match.group(3)
         built = (number // 10, number % 10)
-        if specific:
-            if built == (major, minor) and kind != "virtual":
+        if specific:  # machine code or PTX, for that GPU alone
+            if built == (major, minor):
                 return True
             continue
         if kind != "virtual" and built[0] == major and minor >= built[1]:

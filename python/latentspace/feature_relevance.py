@@ -60,14 +60,14 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
             their samples out (they have no same-class neighbour); when every class has a
             single sample nothing is left, and ValueError names y.
         "variance": the variance of each dimension over the rows (ddof=0).
-
-    A constant dimension (all its values equal) scores exactly 0 for "fisher",
-    "mutual_info" and "variance", whatever rounding in the means or the estimator's noise
-    would give.
         "kl": mean over the rows of KL(q(z_j|x) || N(0, 1)) = (mu_j^2 + exp(logvar_j) - 1 -
             logvar_j) / 2 in nats, from model.posterior(X). Dimensions above
             ACTIVE_UNIT_THRESHOLD (0.01 nats) are the VAE's "active units"; the rest carry
             (almost) no information about x. Z, when given, must have the model's latent_dim.
+
+    A constant dimension (all its values equal) scores exactly 0 for "fisher",
+    "mutual_info" and "variance", whatever rounding in the means or the estimator's noise
+    would give.
 
     Raises ValueError naming the argument for: an unknown method, y of the wrong length,
     fewer than two classes, a one-sample class ("fisher"), every class a single sample

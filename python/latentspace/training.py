@@ -28,7 +28,7 @@ import torch
 from ._arrays import (as_labels, check_float, check_int, check_real_dtype, is_torch_tensor, numpy_to_tensor,
                       resolve_device)
 from .metric_learning import METRIC_LOSSES, supcon_loss, triplet_loss
-from .models.base import ReconstructionModel
+from .models.base import ReconstructionModel, module_device_dtype
 from .models.io import MODEL_CLASSES, save_model
 from .models.pca import PCA
 
@@ -81,15 +81,6 @@ class History:
 # Data
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype batches take: the model's floating-point parameters' (float32, unless the
-    model was converted, e.g. with model.double())."""
-    for parameter in model.parameters():
-        if parameter.is_floating_point():
-            return parameter.dtype
-    return torch.float32
-
-
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
@@ -104,7 +95,7 @@ class _Data:
     """
 
     def __init__(self, X: Any, model: ReconstructionModel, loss: str, device: torch.device):
-        self.dtype = _model_dtype(model)
+        self.dtype = module_device_dtype(model)[1]  # float32 unless the model was converted
         shapes = model._sample_shapes()
         if is_torch_tensor(X):
             X = X.detach()

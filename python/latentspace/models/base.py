@@ -17,6 +17,7 @@ real dtypes are converted to the model's dtype; bool, complex and object arrays 
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -90,10 +91,13 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     first parameter or buffer, the dtype of its first floating-point one (an integer buffer,
     such as a list of indices, must not turn the input into integers); the CPU and float32
     for a module that holds neither."""
-    tensors = [*module.parameters(), *module.buffers()]
-    device = tensors[0].device if tensors else torch.device("cpu")
-    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
-    return device, dtype
+    # Lazily, stopping at the first floating-point tensor: the training loop asks every batch.
+    device = None
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        device = tensor.device if device is None else device
+        if tensor.is_floating_point():
+            return device, tensor.dtype
+    return (device or torch.device("cpu")), torch.float32
 
 
 class LatentModel(nn.Module):
