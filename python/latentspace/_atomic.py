@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_path", "atomic_write", "fsync_folder"]
+__all__ = ["atomic_path", "atomic_write", "fsync_folder", "unwritable"]
 
 
 def fsync_folder(folder: Path) -> None:
@@ -30,6 +30,18 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unwritable(path: Path) -> tuple[type[OSError], str] | None:
+    """Why a file cannot be written at `path` (the error type and the reason, naming it), or
+    None: a folder there, its folder missing, or its folder not writable."""
+    if path.is_dir():
+        return IsADirectoryError, f"{path} is a folder; pass a file path"
+    if not path.parent.is_dir():
+        return FileNotFoundError, f"cannot write {path}: folder {path.parent} does not exist"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return PermissionError, f"cannot write {path}: folder {path.parent} is not writable"
+    return None
 
 
 def _temporary_name(path: Path) -> str:
@@ -47,13 +59,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     cannot be written (each naming `path`, not the temporary file).
     """
     path = Path(os.fspath(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"path: {path} is a folder; pass a file path")
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"path: cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"path: cannot write {path}: folder {folder} is not writable")
+    problem = unwritable(path)
+    if problem is not None:
+        error, reason = problem
+        raise error(f"path: {reason}")
     tmp_name = Path(_temporary_name(path))
     try:
         yield tmp_name

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import datasets
 from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
-from ._atomic import atomic_path, atomic_write
+from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
@@ -100,12 +100,9 @@ def check_out(path: str, suffix: str, *inputs: str | None) -> Path:
     it writes, naming its own `path`): its suffix, its folder, and that it is none of the
     command's input files, which the atomic rename would replace without a word."""
     out = _check_suffix(path, suffix, "--out")
-    if out.is_dir():
-        raise ValueError(f"--out: {out} is a folder; pass a file path")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out: cannot write {out}: folder {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: cannot write {out}: folder {out.parent} is not writable")
+    problem = unwritable(out)
+    if problem is not None:
+        raise ValueError(f"--out: {problem[1]}")
     for given in inputs:
         if given is not None and out.exists() and os.path.exists(given) and os.path.samefile(out, given):
             raise ValueError(f"--out: {out} would replace the input {given}; write to another file")

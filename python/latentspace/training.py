@@ -29,7 +29,7 @@ from ._arrays import (as_labels, check_float, check_int, check_real_dtype, is_to
                       resolve_device)
 from .metric_learning import METRIC_LOSSES, supcon_loss, triplet_loss
 from .models.base import ReconstructionModel, module_device_dtype
-from .models.io import MODEL_CLASSES, save_model
+from .models.io import MODEL_CLASSES, savable, save_model
 from .models.pca import PCA
 
 __all__ = ["History", "train"]
@@ -182,12 +182,10 @@ def _checkpoint_path(checkpoint: Any, model: ReconstructionModel) -> Path:
         raise ValueError(f"checkpoint: {path} is a folder; pass a file path")
     if not path.parent.is_dir():
         raise ValueError(f"checkpoint: folder {path.parent} does not exist")
-    # save_model's own test: it rebuilds models by class name, so a subclass cannot be saved
-    name = type(model).__name__
-    if MODEL_CLASSES.get(name) is not type(model):
+    if not savable(model):  # save_model's own test
         raise TypeError(f"model: checkpoint= saves with latentspace.save_model, which takes only "
-                        f"{', '.join(MODEL_CLASSES)}, got {name}; train without checkpoint= (and save "
-                        "model.state_dict() yourself)")
+                        f"{', '.join(MODEL_CLASSES)}, got {type(model).__name__}; train without checkpoint= "
+                        "(and save model.state_dict() yourself)")
     return path
 
 

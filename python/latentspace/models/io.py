@@ -57,6 +57,12 @@ def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     return crc
 
 
+def savable(model: Any) -> bool:
+    """Whether save_model can write `model`: one of MODEL_CLASSES exactly (a file rebuilds its
+    model by class name, so a subclass would come back as its base class)."""
+    return MODEL_CLASSES.get(type(model).__name__) is type(model)
+
+
 def save_model(model: LatentModel, path: str | os.PathLike) -> None:
     """Writes `model` (PCA, Autoencoder, VAE, ConvAutoencoder) to `path` atomically.
 
@@ -66,14 +72,13 @@ def save_model(model: LatentModel, path: str | os.PathLike) -> None:
     """
     import safetensors.torch
 
-    name = type(model).__name__
-    if MODEL_CLASSES.get(name) is not type(model):
+    if not savable(model):
         raise TypeError(f"model: expected one of {', '.join(MODEL_CLASSES)}, got {type(model).__name__}")
     config = model.config()
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
     from .. import _native
 
-    header = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "class": name,
+    header = json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "class": type(model).__name__,
                          "config": config, "writer": _native.__version__}, sort_keys=True)
     metadata = {_CONFIG_KEY: header, _CONFIG_CRC_KEY: f"{zlib.crc32(header.encode()):08x}",
                 _TENSORS_CRC_KEY: f"{_tensors_crc32(tensors):08x}"}
