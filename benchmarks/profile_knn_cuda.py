@@ -274,7 +274,7 @@ def plan_sweep(report: dict) -> None:
 # The defaults GPU run 8 chose (docs/gpu-runs.md): shape -> (Q, N, D, k). Each is searched
 # with the defaults, with the large-k plan off (LATENTSPACE_CUDA_TREE_MERGE=0), and with the
 # defaults before run 8 (no fused finish, shared thresholds, fitted plan or large-k plan), to
-# check the flips and place the large-k plan's threshold (knn.cu plan_for: the split rule's
+# check the flips and place the large-k plan's threshold (knn_plan.cuh plan_for: the split rule's
 # blocks under three quarters of the multiprocessors' count since run 9, which measured 7 to
 # 90 blocks faster without the rule and 120 slower; run 8: 8 and 56 faster, 240 slower),
 # float32, 1 GiB workspace.

@@ -358,7 +358,7 @@ def test_row_checks_of_both_paths_are_read_together(rng, monkeypatch):
 
 
 def knn_cu_workspace(num_queries: int, num_database: int, k: int, multiprocessors: int = 132) -> int:
-    """The workspace size of csrc/cuda/knn.cu (make_plan / carve), modelled in Python, so that
+    """The workspace size of csrc/cuda/knn_plan.cuh (make_plan / carve), modelled in Python, so that
     the planner meets the real kernel's shape: fewer queries -> more database splits, so the
     bytes are not monotonic in the number of queries (CUB's temporary storage estimated)."""
     if num_queries == 0:
@@ -623,7 +623,7 @@ def test_streamed_search_with_tiny_chunks_and_query_chunks(metric, rng):
 
 @pytest.mark.parametrize("metric", METRICS)
 def test_the_workspace_bound_reaches_the_plan(metric, rng):
-    # A model of the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN, knn.cu make_plan): the native
+    # A model of the fitted plan (LATENTSPACE_CUDA_FITTED_PLAN, knn_plan.cuh make_plan): the native
     # plan takes fewer splits, so less workspace per query, to fit its bound; all 40 queries
     # then fit one call, whose workspace is exactly what that plan needs.
     queries, database = _integers(rng, 40, 4), _integers(rng, 300, 4)
@@ -951,7 +951,7 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_early_norms: the row scan's norms loaded ahead only with "1"
     "LATENTSPACE_CUDA_EARLY_NORMS": ("_cuda_early_norms", [(None, False), ("", False), ("0", False), ("1", True)],
                                      "true"),
-    # csrc/cuda/knn.cu, tree_merge_setting: "auto" (the large-k plan), "1" (past 8 splits), "0"
+    # csrc/cuda/knn_plan.cuh, tree_merge_setting: "auto" (the large-k plan), "1" (past 8 splits), "0"
     "LATENTSPACE_CUDA_TREE_MERGE": ("_cuda_tree_merge", [(None, "auto"), ("", "auto"), ("auto", "auto"), ("0", "0"),
                                                          ("1", "1")], "tree"),
     # csrc/cuda/knn_scan_launch.cuh, use_warp_cut_backs: the tile scan's cut-backs by warps only with "1"
@@ -960,7 +960,7 @@ CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, use_float_thresholds: scores checked as floats first only with "1"
     "LATENTSPACE_CUDA_FLOAT_THRESHOLDS": ("_cuda_float_thresholds",
                                           [(None, False), ("", False), ("0", False), ("1", True)], "float"),
-    # csrc/cuda/knn.cu, use_fitted_plan: a plan over its workspace bound takes fewer splits unless "0"
+    # csrc/cuda/knn_plan.cuh, use_fitted_plan: a plan over its workspace bound takes fewer splits unless "0"
     "LATENTSPACE_CUDA_FITTED_PLAN": ("_cuda_fitted_plan", [(None, True), ("", True), ("0", False), ("1", True)],
                                      "fit"),
     # csrc/cuda/knn_scan_launch.cuh, shared_thresholds_setting: "auto" (several splits, the tile
@@ -995,10 +995,10 @@ def test_cuda_settings(monkeypatch, variable):
 # The CUDA search's whole-number settings (csrc/cuda/common.cuh, environment_integer):
 # variable -> (reader, value when unset, least, most).
 CUDA_INTEGER_SETTINGS = {
-    # csrc/cuda/knn.cu, rows_per_neighbour: the split rule (splits at least this many times k
+    # csrc/cuda/knn_plan.cuh, rows_per_neighbour: the split rule (splits at least this many times k
     # rows long; 0: no rule), for experiments
     "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": ("_cuda_rows_per_neighbour", 32, 0, 65536),
-    # csrc/cuda/knn.cu, few_query_splits: the splits of a call of at most 8 queries (0: the
+    # csrc/cuda/knn_plan.cuh, few_query_splits: the splits of a call of at most 8 queries (0: the
     # plan's own), for experiments
     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS": ("_cuda_few_query_splits", 0, 0, 65535),
 }
@@ -1047,7 +1047,7 @@ def test_cuda_single_query_rows_setting(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# The GPU plan's own logic (csrc/cuda/knn.cu plan_for), run on the host: _native._cuda_plan_for
+# The GPU plan's own logic (csrc/cuda/knn_plan.cuh plan_for), run on the host: _native._cuda_plan_for
 # takes the multiprocessor count and CUB's temporary bytes a GPU would give (132: an H100 SXM
 # or H200; CUB's size estimated: its sort of Q x k keys needs about one more copy of them).
 
@@ -1102,7 +1102,7 @@ def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings
                                      (1000, 1_000_000, 4096), (1000, 1_000_000, 16384), (127, 1_000_000, 16384)])
 def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
     """Where the split rule leaves fewer blocks than three quarters of the multiprocessors (a
-    large k over few query tiles, knn.cu plan_for; GPU run 8 measured 1.5x to 10.7x at 7 to 90
+    large k over few query tiles, knn_plan.cuh plan_for; GPU run 8 measured 1.5x to 10.7x at 7 to 90
     blocks): the splits that fill the GPU without the rule, merged as a tree;
     never fitted to a bound (its splits are its point); with LATENTSPACE_CUDA_TREE_MERGE=0 the
     rule's plan; with "1" the rule's plan too, merged as a tree past 8 splits."""
@@ -1113,7 +1113,7 @@ def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
     plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
     assert {**_plan(nq, nb, k), "tree": True} == plan  # the plan without the rule, merged as a tree
     plan_settings.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR")
-    # Taken where the bound holds the large-k plan of 64 queries (knn.cu kLargeKFewQueries;
+    # Taken where the bound holds the large-k plan of 64 queries (knn_plan.cuh kLargeKFewQueries;
     # planned with all nq queries' CUB bytes, estimated here as nq * k * 8 + 1 MiB), and then
     # never fitted: the caller gives fewer queries a call instead.
     few = min(nq, 64)
@@ -1137,7 +1137,7 @@ def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
 @pytest.mark.parametrize("rule", ["32", "4", "1", "0"])
 @pytest.mark.parametrize("tree", ["", "0", "1"])
 def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, tree, plan_settings):
-    """The search plans again with its workspace's size as the bound (knn.cu make_plan): it must
+    """The search plans again with its workspace's size as the bound (knn_plan.cuh make_plan): it must
     get the plan that size was asked for, at every bound, fitting or not (the workspace is not
     monotonic in the splits: a list holds at most its split's rows), with the large-k plan
     (tree "", the default: taken or not by the bound) and without it."""
@@ -1166,7 +1166,7 @@ def test_fitted_plan_is_planned_again_the_same(nq, nb, k, rule, tree, plan_setti
 @pytest.mark.parametrize("nq,nb,k", [(1, 1_000_000, 10), (8, 1_000_000, 100), (1, 1_000_000, 1024), (3, 3000, 50),
                                      (1, 100, 10), (9, 1_000_000, 10), (200, 50_000, 10)])
 def test_few_query_splits_set_the_plan_of_a_few_queries(nq, nb, k, plan_settings):
-    """LATENTSPACE_CUDA_FEW_QUERY_SPLITS (an experiment, knn.cu few_query_splits) gives a call of
+    """LATENTSPACE_CUDA_FEW_QUERY_SPLITS (an experiment, knn_plan.cuh few_query_splits) gives a call of
     at most 8 queries that many splits, cut in whole plan tiles of 128 rows (never more splits
     than tiles); the rest of its plan is the plan's own (a tree merge where that plan merges as
     a tree, past 8 splits); and a search planned again at the plan's size gets the same plan.

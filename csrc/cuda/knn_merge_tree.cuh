@@ -1,5 +1,5 @@
 // The tree merge of a CUDA kNN search's candidate lists (knn.cu, step 3): the large-k plan's
-// merge since GPU runs 8-9 (knn.cu plan_for; LATENTSPACE_CUDA_TREE_MERGE, docs/gpu.md).
+// merge since GPU runs 8-9 (knn_plan.cuh plan_for; LATENTSPACE_CUDA_TREE_MERGE, docs/gpu.md).
 //
 // The default merge gives each query one block, which selects the k best keys over all of the
 // query's splits. That is enough parallelism when a call has thousands of queries; it is not

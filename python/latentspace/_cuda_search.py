@@ -442,7 +442,7 @@ class CudaBackend:
         """The native call's workspace for these sizes, planned to fit `bound` bytes (the
         fitted plan, on unless LATENTSPACE_CUDA_FITTED_PLAN=0, and the large-k plan's check);
         the search plans again with the workspace's size as its bound, which gives the same
-        plan (csrc/cuda/knn.cu plan_for)."""
+        plan (csrc/cuda/knn_plan.cuh plan_for)."""
         return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound)
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:

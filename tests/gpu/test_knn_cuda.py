@@ -1041,7 +1041,7 @@ def test_small_tree_merge_equals_the_single_one(metric, nq, n, dim, k, gen, monk
                                         (64, 100_000, 32, 16384), (3, 20_000, 8, 100), (130, 20_000, 16, 1000)])
 def test_small_large_k_plan_equals_the_rule_plan(metric, nq, n, dim, k, gen, monkeypatch):
     """Where the split rule would leave the GPU short of blocks (a large k over few queries),
-    the default plan drops the rule and merges its many splits as a tree (knn.cu plan_for);
+    the default plan drops the rule and merges its many splits as a tree (knn_plan.cuh plan_for);
     it keeps the same k best keys, so the results must be bit-identical to the rule's plan
     (LATENTSPACE_CUDA_TREE_MERGE=0): through the row scan (1, 3 and 5 queries) and the tile
     scan, k past a split's rows (3000, 16384: the lists hold every row), knn and a FlatIndex;
