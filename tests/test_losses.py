@@ -266,3 +266,69 @@ def test_large_gradients_live_on_huge_page_buffers(generator):
     torch.testing.assert_close(grad, expected)
     latentspace_buffer = latentspace._native.empty_huge_float64(3, 5)
     assert latentspace_buffer.shape == (3, 5) and latentspace_buffer.dtype == np.float64
+
+
+# --- second derivatives, argument types, the torch (GPU) path ----------------------------
+
+
+@pytest.mark.parametrize("loss", [
+    lambda a, b: reconstruction_loss(a, b, "mse", "sum"),
+    lambda a, b: reconstruction_loss(a, b, "bce_logits", "mean"),
+    lambda a, b: kl_normal(a, b, "none"),
+])
+def test_second_derivatives_are_refused_not_silently_zero(loss, generator):
+    """The backward only scales a gradient saved by the native forward: it is not itself
+    differentiable. With create_graph=True the gradient came back as a constant, so a
+    second-order term (a gradient penalty, a Hessian-vector product) silently lost its
+    Hessian part: d/da sum(grad * a) gave grad alone, where torch's mse gives grad + 2a
+    (gradgradcheck: Jacobian mismatch). It must be an error instead."""
+    a = torch.rand(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(3, 4, generator=generator, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        (grad,) = torch.autograd.grad(loss(a, b).sum(), a, create_graph=True)
+        torch.autograd.grad((grad * a).sum(), a)
+    # a plain backward still works
+    (grad,) = torch.autograd.grad(loss(a, b).sum(), a)
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("call, exception, match", [
+    # (a list kind gave "unhashable type: 'list'", naming nothing)
+    (lambda: reconstruction_loss(torch.rand(3, 4), torch.rand(3, 4), kind=["mse"]), ValueError, "kind"),
+    (lambda: ReconstructionLossModule(["mse"]), ValueError, "kind"),
+    # (sparse tensors gave torch's "reshape is not implemented for sparse tensors")
+    (lambda: reconstruction_loss(torch.rand(3, 4).to_sparse(), torch.rand(3, 4)), TypeError, "recon"),
+    (lambda: reconstruction_loss(torch.rand(3, 4), torch.rand(3, 4).to_sparse()), TypeError, "target"),
+    (lambda: kl_normal(torch.rand(3, 4), torch.rand(3, 4).to_sparse()), TypeError, "logvar"),
+])
+def test_bad_argument_types_are_named(call, exception, match):
+    with pytest.raises(exception, match=match):
+        call()
+
+
+def test_torch_path_bce_refuses_values_outside_unit_interval():
+    """The non-CPU path (torch's own ops, CUDA) must refuse what the native one refuses, with
+    the same message: torch's CUDA binary_cross_entropy asserts inside the kernel instead
+    (a device-side assert, which leaves the CUDA context unusable). Checked here on CPU
+    tensors, where torch raises a RuntimeError naming nothing at the same spot."""
+    from latentspace.losses import _torch_reconstruction_loss
+
+    recon = torch.full((3, 5), 0.5)
+    recon[2, 4] = 1.5
+    with pytest.raises(ValueError, match="recon.*\\[0, 1\\]"):
+        _torch_reconstruction_loss(recon, torch.zeros(3, 5), "bce", "mean")
+
+
+def test_torch_path_bce_propagates_nan_like_the_native_one():
+    from latentspace.losses import _torch_reconstruction_loss
+
+    recon = torch.full((2, 5), 0.25)
+    recon[1, 3] = float("nan")
+    recon.requires_grad_()
+    per_row = _torch_reconstruction_loss(recon, torch.full((2, 5), 0.5), "bce", "none")
+    native = reconstruction_loss(recon.detach(), torch.full((2, 5), 0.5), "bce", "none")
+    assert torch.isnan(per_row[1]) and torch.isnan(native[1])
+    torch.testing.assert_close(per_row[0], native[0])
+    per_row.sum().backward()
+    assert torch.isnan(recon.grad[1, 3])
+    assert torch.isfinite(recon.grad[0]).all()

@@ -171,6 +171,30 @@ def test_loss_arguments_are_checked():
 
 
 
+def test_pairwise_sq_l2_keeps_small_distances_between_far_codes():
+    """||a||^2 + ||b||^2 - 2 a.b cancels away distances that are small beside the codes' norm:
+    float32 codes near 1000, 0.01 apart, all came out 0 (and so did the metric terms'
+    gradients). Distances do not change under translation: against float64 on the same codes."""
+    generator = torch.Generator().manual_seed(0)
+    z = (1000.0 + 0.01 * torch.randn(12, 3, generator=generator)).requires_grad_()
+    reference = torch.cdist(z.detach().double(), z.detach().double()) ** 2
+    torch.testing.assert_close(pairwise_sq_l2(z).double(), reference, rtol=1e-3, atol=1e-9)
+    labels = torch.tensor([0, 1, 2] * 4)
+    for loss in (lambda t: supcon_loss(t, labels, 1e-3), lambda t: triplet_loss(t, labels, 1e-4)):
+        z64 = z.detach().double().requires_grad_()
+        loss(z).backward()
+        loss(z64).backward()
+        torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-2, atol=1e-3 * z64.grad.abs().max().item())
+        z.grad = None
+    # a NaN or Inf code still spoils only its own row and column
+    bad = torch.randn(4, 2, generator=generator)
+    bad[1, 0] = float("nan")
+    bad[2, 1] = float("inf")
+    d = pairwise_sq_l2(bad)
+    assert torch.isfinite(d[0, 3]) and torch.isfinite(d[3, 0])
+    torch.testing.assert_close(d[0, 3], ((bad[0] - bad[3]) ** 2).sum())
+
+
 def test_pairwise_sq_l2_checks_its_argument():
     # torch's own errors: numpy's sum() has no dim=, IndexError, RuntimeError, NotImplementedError
     with pytest.raises(TypeError, match=r"^z: expected a torch tensor, got ndarray"):
@@ -389,6 +413,23 @@ def test_bad_label_arguments(digits):
         with pytest.raises(error, match=match):
             _fit(model, x, epochs=1, **kwargs)
     _fit(model, x, epochs=1, labels=torch.from_numpy(y).int(), metric_loss="triplet")  # torch ints work
+
+
+@pytest.mark.parametrize("metric_loss", training.METRIC_LOSSES)
+def test_labels_that_cannot_shape_anything_are_refused(digits, metric_loss):
+    """With one class the triplet term is 0 in every batch (no negatives) and supcon only
+    pulls every code together; with every class a single sample, or a batch of one row, no
+    code ever has a positive and both terms are 0 throughout. Training ran anyway, silently
+    without the metric learning asked for (a History of zeros, or a collapsed space)."""
+    x, y = digits
+    model = Autoencoder(64, 2, hidden=(8,))
+    with pytest.raises(ValueError, match=r"labels: .*2 classes.*every label is 7"):
+        _fit(model, x, epochs=1, labels=np.full(len(x), 7), metric_loss=metric_loss)
+    with pytest.raises(ValueError, match="labels: every class has a single sample"):
+        _fit(model, x, epochs=1, labels=np.arange(len(x)), metric_loss=metric_loss)
+    with pytest.raises(ValueError, match="batch_size: .*at least 2"):
+        _fit(model, x, epochs=1, batch_size=1, labels=y, metric_loss=metric_loss)
+    _fit(model, x[:40], epochs=1, batch_size=2, labels=y[:40], metric_loss=metric_loss)  # the least that works
 
 
 def test_a_model_without_codes_is_refused_with_labels(digits, monkeypatch):

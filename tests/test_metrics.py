@@ -3,6 +3,9 @@ reference, with duplicates; reconstruction MSE."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -304,3 +307,16 @@ def test_metrics_are_exported():
 
     for name in ("knn_label_agreement", "trustworthiness", "neighbor_recall"):
         assert getattr(ls, name) is getattr(metrics, name)
+
+
+def test_reconstruction_mse_of_large_errors_that_float64_holds():
+    """One error of 1e155 among 10,000 elements: an MSE of 1e306, which float64 holds, but its
+    square (1e310) does not: the plain mean of squares came back inf (with numpy's overflow
+    warning)."""
+    x = np.zeros((100, 100))
+    x[3, 7] = 1e155
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way
+        assert reconstruction_mse(x, np.zeros_like(x)) == pytest.approx(1e306, rel=1e-12)
+        assert reconstruction_mse(np.zeros_like(x), -x) == pytest.approx(1e306, rel=1e-12)
+    assert reconstruction_mse(np.full((2, 2), 1e300), np.full((2, 2), -1e300)) == math.inf  # 4e600: beyond float64

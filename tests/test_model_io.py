@@ -348,3 +348,39 @@ def test_config_fields_of_the_wrong_type(tmp_path, rng, change):
     _rewrite_info(path, lambda info, t: change(info))
     message = _error(path)
     assert "unreadable config" in message or "unknown model type" in message
+
+
+@pytest.mark.parametrize("name, change", [
+    ("PCA", lambda config: config.update(input_dim=2**61)),
+    ("PCA", lambda config: config.update(input_dim=10**12, latent_dim=10**6)),
+    ("Autoencoder", lambda config: config.update(input_dim=13)),
+    ("ConvAutoencoder", lambda config: config.update(input_shape=[1, 4000, 4000])),
+], ids=["pca-numel-overflow", "pca-exabytes", "ae-other-size", "conv-other-size"])
+def test_config_sizes_are_checked_against_the_weights_before_any_memory(tmp_path, rng, monkeypatch, name, change):
+    """A crafted config (valid checksums) whose sizes disagree with the file's own tensors:
+    ModelFileError, before the model's memory is allocated. The model used to be built first,
+    at the config's sizes: a PCA asking for 2**61 features leaked torch's RuntimeError, and a
+    1 KB file could make load_model allocate (and initialise) any amount of memory up to the
+    2**40-parameter cap."""
+    path = tmp_path / "m.safetensors"
+    ls.save_model(_models(rng)[name], path)
+    _rewrite_info(path, lambda info, t: change(info["config"]))
+    built_on = []
+    for layer in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d):
+        real = layer.reset_parameters
+        monkeypatch.setattr(layer, "reset_parameters",
+                            lambda self, real=real: built_on.append(self.weight.device.type) or real(self))
+    with pytest.raises(ModelFileError, match=r"corrupted model file \((weights do not match|bad PCA config)"):
+        ls.load_model(path)
+    assert set(built_on) <= {"meta"}
+
+
+@pytest.mark.parametrize("path", [None, 3, b"model.safetensors", ["m.safetensors"]])
+def test_a_path_that_is_not_one_is_named(tmp_path, path):
+    """os.fspath's own TypeError ("expected str, bytes or os.PathLike object, not NoneType")
+    named no argument; a bytes path reached pathlib's ("argument should be a str ...")."""
+    with pytest.raises(TypeError, match=r"^path: expected a file path \(str or os.PathLike\)"):
+        ls.load_model(path)
+    with pytest.raises(TypeError, match=r"^path: expected a file path \(str or os.PathLike\)"):
+        ls.save_model(Autoencoder(4, 2), path)
+    assert list(tmp_path.iterdir()) == []

@@ -116,6 +116,23 @@ def test_warmup_epochs_are_not_picked_as_best(digits):
     assert short.best_epoch == 1  # a run shorter than the warm-up keeps its last epoch
 
 
+def test_without_validation_an_epoch_trained_partly_in_the_warm_up_is_not_best(digits):
+    """With val_fraction=0 the training loss picks the best epoch, and it averages the epoch's
+    batches, each with the KL weight of its moment: an epoch that began in the warm-up has a
+    loss deflated by its lower weights. Epoch 1 of a 2-epoch warm-up (weights 0.5 to 1) was
+    picked as best, early stopping then ended the run, and the model came back with those
+    weights although every later epoch kept improving under the final objective."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = VAE(64, 4, hidden=(32,), kl_warmup=2)
+    with torch.no_grad():
+        model.encoder[-1].bias[:4] = 5.0  # a posterior far from the prior: a large KL term
+    history = _fit(model, x, epochs=8, lr=1e-4, val_fraction=0.0, early_stopping=3)
+    assert history.best_epoch >= 2  # epoch 2 is the first one trained at full weight throughout
+    final = history.train_loss[2:]
+    assert history.best_loss == min(final) and history.best_epoch == 2 + final.index(min(final))
+
+
 def test_ctrl_c_keeps_the_best_checkpoint_and_returns(digits, tmp_path):
     x, _ = digits
     torch.manual_seed(0)

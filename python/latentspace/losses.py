@@ -36,12 +36,18 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
+from ._arrays import check_dense
 
 __all__ = ["KLNormal", "ReconstructionLoss", "kl_normal", "reconstruction_loss"]
 
 _KINDS = {"mse": 0, "bce": 1, "bce_logits": 2}
 _REDUCTIONS = ("mean", "sum", "none")
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_kind(kind: str) -> None:
+    if not isinstance(kind, str) or kind not in _KINDS:  # (a list is unhashable: TypeError naming nothing)
+        raise ValueError(f"kind: expected one of {tuple(_KINDS)}, got {kind!r}")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -54,6 +60,7 @@ def _check_pair(a, b, names: str) -> None:
     for value, name in ((a, first), (b, second)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(value).__name__}")
+        check_dense(value, name)  # sparse / nested: torch's reshape errors name nothing
         if not value.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
         if value.dim() < 1:
@@ -112,6 +119,17 @@ def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
     return grad * grad_output.to(grad.dtype)
 
 
+def _refuse_create_graph() -> None:
+    """Grad mode is on inside a backward only under create_graph=True. The gradients here were
+    computed by the native forward and are constants to autograd, so a second derivative
+    through them (a gradient penalty, a Hessian-vector product) would come out silently
+    without its Hessian part. (torch's once_differentiable does not catch the usual case,
+    where the incoming gradient itself needs none.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError("latentspace.losses: the native losses cannot be differentiated twice "
+                           "(backward with create_graph=True); use torch's own losses for higher-order gradients")
+
+
 class ReconstructionLoss(torch.autograd.Function):
     """Native fused reconstruction loss; see the module docstring for the formulas."""
 
@@ -132,6 +150,7 @@ class ReconstructionLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        _refuse_create_graph()
         grad, recon = ctx.saved_tensors
         grad_recon = _scale_saved(grad, grad_output, ctx.reduction)
         grad_target = None
@@ -167,6 +186,7 @@ class KLNormal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        _refuse_create_graph()
         grad_mu, grad_logvar = ctx.saved_tensors
         out = []
         for needed, grad in zip(ctx.needs_input_grad[:2], (grad_mu, grad_logvar)):
@@ -177,8 +197,7 @@ class KLNormal(torch.autograd.Function):
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
                         reduction: str = "mean") -> torch.Tensor:
     """Reconstruction loss of `recon` against `target`; see the module docstring."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind: expected one of {tuple(_KINDS)}, got {kind!r}")
+    _check_kind(kind)
     _check_reduction(reduction)
     _check_pair(recon, target, "recon, target")
     if kind == "bce" and target.requires_grad:
@@ -203,7 +222,15 @@ def _torch_reconstruction_loss(recon, target, kind, reduction):
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":
-        elementwise = F.binary_cross_entropy(recon, target, reduction="none")
+        # torch's CUDA kernel asserts on the device for values outside [0, 1] and for NaN (which
+        # leaves the CUDA context unusable): refuse the former as the native path does, and
+        # keep NaN out of the kernel, putting it back in the loss and its gradient after.
+        nan = torch.isnan(recon)
+        if bool(((recon < 0) | (recon > 1)).any()):
+            raise ValueError("recon: kind='bce' expects probabilities in [0, 1], got values outside; "
+                             "pass logits with kind='bce_logits' instead")
+        elementwise = F.binary_cross_entropy(recon.masked_fill(nan, 0.5), target, reduction="none")
+        elementwise = torch.where(nan, recon * recon, elementwise)  # NaN, and a NaN gradient (2 * recon)
     else:
         elementwise = F.binary_cross_entropy_with_logits(recon, target, reduction="none")
     return _reduce_rows(elementwise, reduction, mean_over="elements")
@@ -225,8 +252,7 @@ class ReconstructionLossModule(torch.nn.Module):
 
     def __init__(self, kind: str = "mse", reduction: str = "mean"):
         super().__init__()
-        if kind not in _KINDS:
-            raise ValueError(f"kind: expected one of {tuple(_KINDS)}, got {kind!r}")
+        _check_kind(kind)
         _check_reduction(reduction)
         self.kind, self.reduction = kind, reduction
 

@@ -81,10 +81,18 @@ def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pairwise_sq_l2(z: torch.Tensor) -> torch.Tensor:
-    """||z_i - z_j||^2 for all pairs, (n, n), as ||z_i||^2 + ||z_j||^2 - 2 z_i.z_j clamped at
-    0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0. z: a floating-point torch
-    tensor, (n, d), computed in its own dtype (TypeError / ValueError naming z otherwise)."""
+    """||z_i - z_j||^2 for all pairs, (n, n), as ||z_i||^2 + ||z_j||^2 - 2 z_i.z_j of the
+    centred codes, clamped at 0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0.
+    z: a floating-point torch tensor, (n, d), computed in its own dtype (TypeError /
+    ValueError naming z otherwise)."""
     _check_codes(z)
+    # Distances do not change under translation: centring first keeps ||z||^2 down to the
+    # batch's spread, so the expansion does not cancel away distances that are small beside
+    # the codes' norm (float32 codes near 1000, 0.01 apart, all came out 0). The centre is a
+    # constant to autograd (the gradient is the same for any centre), finite (a NaN or Inf
+    # code still spoils only its own row and column), and averaged in float64 (no overflow).
+    centre = z.detach().double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).mean(dim=0)
+    z = z - centre.to(z.dtype)
     squared = (z * z).sum(dim=1)
     d = (squared[:, None] + squared[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
     return d.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0)

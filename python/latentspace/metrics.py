@@ -162,16 +162,23 @@ def self_dropped(indices: np.ndarray, ids: np.ndarray | None = None) -> np.ndarr
 def reconstruction_mse(X: Any, X_hat: Any) -> float:
     """Mean squared error over all elements between data and its reconstruction, (n, d) each,
     n >= 1 (numpy or torch; images (n, ...) are flattened): computed in float64 from the
-    values as given (float64 data is not rounded to float32 first). NaN or Inf in either is a
-    ValueError naming it and the row."""
+    values as given (float64 data is not rounded to float32 first), inf only when the MSE
+    itself exceeds float64's range. NaN or Inf in either is a ValueError naming it and the row."""
     a = as_float64_matrix(_flat(X), "X")
     b = as_float64_matrix(_flat(X_hat), "X_hat")
     if a.shape != b.shape:
         raise ValueError(f"X, X_hat: shapes differ, {a.shape} vs {b.shape}")
     if a.shape[0] == 0:
         raise ValueError(f"X: expected at least one row, got shape {a.shape}")
-    diff = a - b
-    return float(np.mean(diff * diff))
+    with np.errstate(over="ignore"):  # a difference beyond float64 (|a - b| > 1.8e308) is inf
+        diff = a - b
+    # Scaled by a power of two (exact) to a largest |difference| in [0.5, 1) first: squares of
+    # errors above 1e154 overflow float64 although their mean may not (1e155 once in 10,000
+    # elements: 1e306). An MSE beyond float64's range is inf.
+    _, exponent = np.frexp(np.abs(diff).max())
+    scaled = np.ldexp(diff, -exponent)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.ldexp(np.mean(scaled * scaled), 2 * exponent))
 
 
 def _flat(x: Any) -> Any:

@@ -239,7 +239,7 @@ def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.opti
 
 
 def _metric_term(labels: Any, n: int, metric_loss: Any, metric_weight: Any, metric_margin: Any,
-                 metric_temperature: Any) -> tuple[Callable | None, np.ndarray | None, float]:
+                 metric_temperature: Any, batch_size: int) -> tuple[Callable | None, np.ndarray | None, float]:
     """(term(codes, labels) -> scalar or None, the labels as int64 numpy or None, weight),
     after checking that the metric options come together and make sense."""
     if labels is None and metric_loss is None:
@@ -261,6 +261,7 @@ def _metric_term(labels: Any, n: int, metric_loss: Any, metric_weight: Any, metr
         raise ValueError(f"labels: metric_loss={metric_loss!r} needs labels, one integer class label "
                          "per row of X")
     y = as_labels(labels, "labels", n)
+    _check_labels_can_shape(y, batch_size)
     weight = check_float(metric_weight, "metric_weight")
     if metric_loss == "supcon":
         if metric_margin is not None:
@@ -272,6 +273,24 @@ def _metric_term(labels: Any, n: int, metric_loss: Any, metric_weight: Any, metr
         raise ValueError("metric_temperature: applies to metric_loss='supcon'; 'triplet' has metric_margin")
     margin = DEFAULT_METRIC_MARGIN if metric_margin is None else check_float(metric_margin, "metric_margin")
     return (lambda codes, y_batch: triplet_loss(codes, y_batch, margin)), y, weight
+
+
+def _check_labels_can_shape(y: np.ndarray, batch_size: int) -> None:
+    """Refuses labels (and batches) with which the metric term could never shape anything,
+    rather than training silently without it: with one class the triplet term has no
+    negatives and supcon only pulls every code together; with every class a single sample,
+    or batches of one row, no code has a positive in its batch and both terms stay 0."""
+    classes, counts = np.unique(y, return_counts=True)
+    if classes.size < 2:
+        every = f" (every label is {classes[0]})" if classes.size else ""
+        raise ValueError(f"labels: metric learning needs at least 2 classes, got {classes.size}{every}; "
+                         "train without labels and metric_loss")
+    if counts.max() < 2:
+        raise ValueError(f"labels: every class has a single sample ({classes.size} classes), so no code has a "
+                         "positive and the metric term would stay 0; give each class two or more rows")
+    if batch_size < 2:
+        raise ValueError(f"batch_size: metric learning compares the codes within a batch and needs at least 2 "
+                         f"rows in it, got batch_size={batch_size}")
 
 
 def _split(n: int, n_val: int, labels: np.ndarray | None,
@@ -344,7 +363,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             train_metric, val_metric, best_epoch, seconds, samples_per_second).
         labels: (n,) integer class labels of X's rows (numpy or torch), for supervised
             shaping of the latent space; needs metric_loss. Floats, NaN, booleans or another
-            length raise TypeError / ValueError naming `labels`.
+            length raise TypeError / ValueError naming `labels`; so do labels the metric term
+            could not learn from (one class, or every class a single sample), as does
+            batch_size=1 (ValueError naming batch_size): the term compares codes in a batch.
         metric_loss: "supcon" or "triplet" (needs labels): the batch objective becomes
                 model objective + metric_weight * metric term(codes of the batch, their labels)
             on the codes encode() returns (a VAE's posterior mean mu). "supcon": supervised
@@ -356,7 +377,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         metric_margin, metric_temperature: as above; each only with its loss.
     Best epoch: the lowest monitored loss. The KL warm-up of a VAE changes the objective
     while it lasts, so epochs before it is over are neither picked as best nor counted by
-    early stopping (a run shorter than the warm-up keeps its last epoch).
+    early stopping (a run shorter than the warm-up keeps its last epoch). Without validation
+    that includes an epoch whose first batches were still in it: its training loss averages
+    batches with a lower KL weight.
 
     Ctrl-C: a KeyboardInterrupt during training (from the keyboard or from `callback`) stops
     it cleanly: the best weights so far are restored into the model, written to
@@ -397,7 +420,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     loss = model.check_loss(loss)
     data = _Data(X, model, loss, device)
     metric, y, metric_weight = _metric_term(labels, data.n, metric_loss, metric_weight, metric_margin,
-                                            metric_temperature)
+                                            metric_temperature, batch_size)
     label_tensor = None if y is None else torch.from_numpy(y).to(device)
 
     # Split and generators, all from the seed.
@@ -415,6 +438,12 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast else nullcontext
     n_batches = math.ceil(len(train_rows) / batch_size)
     warmup = float(model.warmup_epochs)
+
+    def final(epoch: int) -> bool:
+        """Whether epoch's monitored loss is of the final objective, the KL warm-up over: the
+        validation loss is computed after the epoch, the training loss averages its batches,
+        each with the weight of its moment (its first batch's progress is the earliest)."""
+        return (epoch + 1 if n_val else epoch + 1 / n_batches) >= warmup
 
     history = History(monitor="val_loss" if n_val else "train_loss", device=str(device), seed=seed,
                       checkpoint=None, metric_loss=metric_loss if metric else None, metric_weight=metric_weight)
@@ -512,7 +541,7 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             if monitored is not None and not math.isfinite(monitored):
                 diverged = f"the validation loss became {monitored} in epoch {epoch}"
                 break
-            if epoch + 1 >= warmup:  # the objective is final from here on
+            if final(epoch):  # the objective is final from here on
                 if history.best_loss is None or monitored < history.best_loss:
                     kept.keep(model, epoch, monitored)
                     history.best_epoch, history.best_loss = epoch, monitored
@@ -557,17 +586,17 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     trained = history.epochs_run * len(train_rows)
     history.samples_per_second = trained / train_seconds if train_seconds > 0 else 0.0
     if diverged is not None:
-        raise FloatingPointError(f"training diverged: {diverged}; {_restored(kept, warmup, checkpoint)}. "
+        raise FloatingPointError(f"training diverged: {diverged}; {_restored(kept, final, checkpoint)}. "
                                  f"Lower lr (was {lr:g}) or check the data's scale")
     return history
 
 
-def _restored(kept: _Kept, warmup: float, checkpoint: Path | None) -> str:
+def _restored(kept: _Kept, final: Callable[[int], bool], checkpoint: Path | None) -> str:
     """What the model holds after a divergence, for the error message."""
     if kept.epoch is None:
         return "no epoch finished cleanly, so there were no weights to restore (the model holds the diverged ones)"
     where = " and checkpointed" if checkpoint is not None else ""
-    if kept.epoch + 1 < warmup:  # no epoch could be best yet
+    if not final(kept.epoch):  # no epoch could be best yet
         return (f"the weights of epoch {kept.epoch}, the last finished one (the KL warm-up was not over), "
                 f"were restored{where}")
     return f"the weights of epoch {kept.epoch}, the best, were restored{where}"

@@ -57,6 +57,15 @@ def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     return crc
 
 
+def _file_path(path: Any) -> Path:
+    """`path` as a Path; TypeError naming it for anything but a str or os.PathLike of a str
+    (os.fspath's and pathlib's own errors name no argument)."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    return Path(text)
+
+
 def savable(model: Any) -> bool:
     """Whether save_model can write `model`: one of MODEL_CLASSES exactly (a file rebuilds its
     model by class name, so a subclass would come back as its base class)."""
@@ -74,6 +83,7 @@ def save_model(model: LatentModel, path: str | os.PathLike) -> None:
 
     if not savable(model):
         raise TypeError(f"model: expected one of {', '.join(MODEL_CLASSES)}, got {type(model).__name__}")
+    path = _file_path(path)
     config = model.config()
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
     from .. import _native
@@ -149,7 +159,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     import safetensors.torch
 
     device = resolve_device(device, allow_auto=False)  # before reading: a bad device fails fast
-    path = Path(os.fspath(path))
+    path = _file_path(path)
     stat_regular_file(path, "a model file", ModelFileError)  # before opening: a FIFO would block
     data = path.read_bytes()
     header = _read_header(path, data)
@@ -162,16 +172,37 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
         raise ModelFileError(f"{path}: corrupted model file (weights checksum mismatch)")
     cls = MODEL_CLASSES[info["class"]]
     try:
-        model = cls.from_config(info["config"])
-    except (ValueError, TypeError, KeyError) as error:
+        # Built without memory first: the config's sizes are checked against the file's own
+        # tensors before anything is allocated (a crafted 1 KB config could otherwise ask for
+        # any amount, or for more than torch can count: a RuntimeError).
+        with torch.device("meta"):
+            model = cls.from_config(info["config"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
         raise ModelFileError(f"{path}: corrupted model file (bad {cls.__name__} config: {error})") from None
+    _check_shapes(path, model, tensors)
     # The saved weights' dtype (a model converted with .double() stays float64): from_config
     # builds float32, and load_state_dict would cast into it.
     dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
     if dtype is not None:
         model = model.to(dtype)
+    model = model.to_empty(device=device)  # memory at last; every tensor is overwritten below
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         raise ModelFileError(f"{path}: corrupted model file (weights do not match the config: {error})") from None
-    return model.to(device).eval()
+    return model.eval()
+
+
+def _check_shapes(path: Path, model: LatentModel, tensors: dict[str, torch.Tensor]) -> None:
+    """The file's tensors are exactly the model's, by name and shape (ModelFileError)."""
+    wanted = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in tensors.items()}
+    if wanted == found:
+        return
+    missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
+    if missing or extra:
+        detail = f"missing {missing}" if missing else f"unexpected {extra}"
+    else:
+        name = next(name for name in sorted(wanted) if wanted[name] != found[name])
+        detail = f"{name} has shape {found[name]} in the file, {wanted[name]} for the config"
+    raise ModelFileError(f"{path}: corrupted model file (weights do not match the config: {detail})")

@@ -17,7 +17,6 @@ __all__ = ["PCA"]
 # are the right singular vectors), so the data can be a memory map larger than RAM.
 _SVD_MAX_ELEMENTS = 1 << 24
 _CHUNK_ROWS = 65536
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the fitted buffers' dtype
 
 
 class PCA(LatentModel):
@@ -29,10 +28,13 @@ class PCA(LatentModel):
 
     encode(x) = (x - mean) @ components.T [/ sqrt(explained_variance) when whitening];
     decode(z) = z [* sqrt(explained_variance)] @ components + mean. Whitening maps a component
-    without spread (variance <= float32 eps times the largest; every one for constant data) to
+    without spread (variance <= the buffers' eps, float32's by default, times the largest;
+    every one for constant data) to
     0 for every input, and decode maps it back to 0: finite, never a division by zero. Each component's sign is
     fixed so that its largest-magnitude entry is positive (deterministic across runs).
-    Computed in float64, stored as float32 buffers (saved by latentspace.save_model).
+    Computed in float64, stored as float32 buffers, or in the model's dtype when it was
+    converted (PCA(k).double().fit(X) stays float64). Saved by latentspace.save_model; the
+    state_dict also loads into a fresh PCA of the same latent_dim, which it leaves fitted.
     """
 
     def __init__(self, latent_dim: int, whiten: bool = False):
@@ -43,13 +45,43 @@ class PCA(LatentModel):
         self._allocate(0)
         self._fitted = False
 
-    def _allocate(self, input_dim: int) -> None:
+    def _allocate(self, input_dim: int, **like: Any) -> None:
+        """Zeroed buffers for `input_dim` features (float32 on the CPU unless `like` gives
+        device= and dtype=)."""
         k = self.latent_dim
-        self.register_buffer("mean", torch.zeros(input_dim))
-        self.register_buffer("components", torch.zeros(k, input_dim))
-        self.register_buffer("explained_variance", torch.zeros(k if input_dim else 0))
-        self.register_buffer("explained_variance_ratio", torch.zeros(k if input_dim else 0))
-        self.register_buffer("singular_values", torch.zeros(k if input_dim else 0))
+        self.register_buffer("mean", torch.zeros(input_dim, **like))
+        self.register_buffer("components", torch.zeros(k, input_dim, **like))
+        self.register_buffer("explained_variance", torch.zeros(k if input_dim else 0, **like))
+        self.register_buffer("explained_variance_ratio", torch.zeros(k if input_dim else 0, **like))
+        self.register_buffer("singular_values", torch.zeros(k if input_dim else 0, **like))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """load_state_dict copies into the buffers as they are, and a fresh PCA's are empty (its
+        input dimension is known only at fit): sized first to a fitted state's dimension, when
+        every buffer's shape agrees with one, so that torch's round trip works. Any other state
+        meets torch's own size checks (an unfitted PCA stays unfitted)."""
+        d = self._fitted_dimension(state_dict, prefix)
+        if d is not None and d != self.mean.shape[0]:
+            self._allocate(d, device=self.mean.device, dtype=self.mean.dtype)
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if d is not None and len(error_msgs) == errors:
+            self._fitted = True
+
+    def _fitted_dimension(self, state_dict, prefix) -> int | None:
+        """d when the state holds a fitted PCA of this latent_dim: mean (d,), components (k, d),
+        the three per-component vectors (k,), d >= 1; None otherwise."""
+        k = self.latent_dim
+        shapes = {name: getattr(state_dict.get(prefix + name), "shape", None) for name in self._buffers}
+        mean = shapes.get("mean")
+        if mean is None or len(mean) != 1 or mean[0] < 1:
+            return None
+        d = int(mean[0])
+        wanted = {"mean": (d,), "components": (k, d), "explained_variance": (k,),
+                  "explained_variance_ratio": (k,), "singular_values": (k,)}
+        return d if all(tuple(shapes.get(name) or ()) == shape for name, shape in wanted.items()) else None
 
     # -- LatentModel --------------------------------------------------------------------
     @property
@@ -79,10 +111,11 @@ class PCA(LatentModel):
             raise ValueError("PCA is not fitted: call fit(X) first")
 
     def _spread(self) -> torch.Tensor:
-        """Whether each component has a (numerically) nonzero variance: above float32's eps
-        times the largest (all False for constant data)."""
-        floor = torch.finfo(torch.float32).eps * self.explained_variance.max()
-        return self.explained_variance > floor.clamp_min(torch.finfo(torch.float32).tiny)
+        """Whether each component has a (numerically) nonzero variance: above its dtype's eps
+        (float32's unless the model was converted) times the largest (all False for constant data)."""
+        info = torch.finfo(self.explained_variance.dtype)
+        floor = info.eps * self.explained_variance.max()
+        return self.explained_variance > floor.clamp_min(info.tiny)
 
     def _scale(self) -> torch.Tensor:
         """Whitening's per-component standard deviations, 0 for a component without spread."""
@@ -124,7 +157,8 @@ class PCA(LatentModel):
         n >= 2 and latent_dim <= min(n, d). Returns self.
 
         Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows, and data
-        whose values or variances float32 (the fitted buffers' dtype) cannot hold.
+        whose values or variances the fitted buffers' dtype (float32 unless the model was
+        converted) cannot hold.
         """
         if is_torch_tensor(X):
             check_dense(X, "X")  # (a meta tensor has no data to copy to the CPU)
@@ -137,6 +171,8 @@ class PCA(LatentModel):
             raise ValueError(f"X: expected a 2-d array of shape (n, d), got shape {tuple(X.shape)}")
         n, d = X.shape
         k = self.latent_dim
+        dtype = self.mean.dtype  # float32 unless the model was converted (.double()): kept
+        name, largest = str(dtype).removeprefix("torch."), float(torch.finfo(dtype).max)
         if k > d:
             raise ValueError(f"latent_dim: PCA(latent_dim={k}) cannot exceed the input dimension; "
                              f"X has {d} columns")
@@ -150,10 +186,10 @@ class PCA(LatentModel):
                 if not torch.isfinite(chunk).all():
                     row = start + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
                     raise ValueError(f"X: row {row} contains NaN or Inf; clean the data before fitting")
-                beyond = (chunk.abs() > _FLOAT32_MAX).any(dim=1)
-                if beyond.any():  # the fitted mean and components are float32, as encode's input
+                beyond = (chunk.abs() > largest).any(dim=1)
+                if beyond.any():  # the fitted mean and components have the model's dtype, as encode's input
                     row = start + int(beyond.nonzero()[0, 0])
-                    raise ValueError(f"X: row {row} has values beyond float32's range (|x| > {_FLOAT32_MAX:.4g}); "
+                    raise ValueError(f"X: row {row} has values beyond {name}'s range (|x| > {largest:.4g}); "
                                      "rescale the data")
                 yield chunk.detach()
 
@@ -179,30 +215,30 @@ class PCA(LatentModel):
         vectors = vectors * torch.where(signs == 0, 1.0, signs)[:, None]
         variance = singular**2 / (n - 1)
         ratio = variance / total_variance if total_variance > 0 else torch.zeros_like(variance)
-        self._check_float32_variance(variance)
+        self._check_variance(variance, dtype)
 
         device = self._device_dtype()[0]
         self._allocate(d)
-        self.mean = mean.to(device=device, dtype=torch.float32)
-        self.components = vectors.to(device=device, dtype=torch.float32).contiguous()
-        self.explained_variance = variance.to(device=device, dtype=torch.float32)
-        self.explained_variance_ratio = ratio.to(device=device, dtype=torch.float32)
-        self.singular_values = singular.to(device=device, dtype=torch.float32)
+        self.mean = mean.to(device=device, dtype=dtype)
+        self.components = vectors.to(device=device, dtype=dtype).contiguous()
+        self.explained_variance = variance.to(device=device, dtype=dtype)
+        self.explained_variance_ratio = ratio.to(device=device, dtype=dtype)
+        self.singular_values = singular.to(device=device, dtype=dtype)
         self._fitted = True
         return self
 
-    def _check_float32_variance(self, variance: torch.Tensor) -> None:
-        """The variances are stored as float32: refuse data whose spread does not survive that
-        (it would read as infinite, or, when whitening divides by it, as none at all)."""
-        largest = float(variance.max())
-        if largest > _FLOAT32_MAX:
-            raise ValueError(f"X: the largest component's variance, {largest:.4g}, is beyond float32's range "
-                             f"({_FLOAT32_MAX:.4g}); rescale the data")
-        tiny = torch.finfo(torch.float32).tiny
-        if self.whiten and 0 < largest < tiny:
+    def _check_variance(self, variance: torch.Tensor, dtype: torch.dtype) -> None:
+        """The variances are stored in `dtype` (float32 unless the model was converted): refuse
+        data whose spread does not survive that (it would read as infinite, or, when whitening
+        divides by it, as none at all)."""
+        largest, name, info = float(variance.max()), str(dtype).removeprefix("torch."), torch.finfo(dtype)
+        if largest > info.max:
+            raise ValueError(f"X: the largest component's variance, {largest:.4g}, is beyond {name}'s range "
+                             f"({info.max:.4g}); rescale the data")
+        if self.whiten and 0 < largest < info.tiny:
             raise ValueError(f"X: with whiten=True the components' variances (the largest {largest:.4g}) fall below "
-                             f"float32's smallest normal number ({tiny:.4g}), so whitening would map every input to "
-                             "0; rescale the data")
+                             f"{name}'s smallest normal number ({info.tiny:.4g}), so whitening would map every input "
+                             "to 0; rescale the data")
 
     def extra_repr(self) -> str:
         fitted = f", input_dim={int(self.mean.shape[0])}" if self._fitted else ", not fitted"
