@@ -92,6 +92,18 @@ def test_errors(rng):
         knn_label_agreement(z, y, k=3)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_float_torch_labels_get_a_torch_hint(rng, dtype):
+    # The hint is the caller's own conversion: a torch tensor has .long(), not .astype; a
+    # bfloat16 tensor (no numpy dtype) is refused by its own name, not by numpy's conversion.
+    z = rng.random((10, 3)).astype(np.float32)
+    y = torch.from_numpy(rng.integers(0, 2, 10)).to(dtype)
+    with pytest.raises(TypeError, match=rf"labels: expected integer class labels, got dtype {str(dtype)[6:]}; "
+                                        r"convert whole-number labels with labels\.long\(\)$"):
+        knn_label_agreement(z, y, k=3)
+    assert knn_label_agreement(z, y.long(), k=3) == knn_label_agreement(z, y.long().numpy(), k=3)
+
 def test_reconstruction_mse(rng):
     x = rng.random((8, 6)).astype(np.float32)
     x_hat = x + 0.5

@@ -516,9 +516,14 @@ def check_float(value: Any, name: str, *, minimum: float = 0.0, maximum: float =
 
 def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
     """Class labels: a 1-d integer array (numpy or torch) of length n, returned as int64 numpy."""
-    if is_torch_tensor(labels):
+    torch_input = is_torch_tensor(labels)
+    if torch_input:
         check_dense(labels, name)
-        labels = labels.detach().to("cpu").numpy()
+        dtype = str(labels.dtype).removeprefix("torch.")
+        labels = labels.detach().to("cpu")
+        if labels.is_floating_point():
+            labels = labels.double()  # (bfloat16 has no numpy dtype); refused below, by its own name
+        labels = labels.numpy()
     array = np.asarray(labels)
     if array.dtype.kind not in "iu":
         hint = ""
@@ -526,8 +531,10 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
             hint = (f" containing NaN (row {int(np.flatnonzero(np.isnan(array))[0])}): drop the "
                     "unlabelled rows, or give them a class of their own")
         elif array.dtype.kind == "f":
-            hint = f"; convert whole-number labels with {name}.astype(np.int64)"
-        raise TypeError(f"{name}: expected integer class labels, got dtype {array.dtype}{hint}")
+            hint = f"; convert whole-number labels with {name}.long()" if torch_input else \
+                f"; convert whole-number labels with {name}.astype(np.int64)"
+        shown = dtype if torch_input else array.dtype
+        raise TypeError(f"{name}: expected integer class labels, got dtype {shown}{hint}")
     if array.ndim != 1 or array.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},) (one label per row), got {array.shape}")
     return array.astype(np.int64, copy=False)
