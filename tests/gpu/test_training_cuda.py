@@ -47,3 +47,30 @@ def test_conv_trains_on_cuda_without_autocast(digits):
     model = ls.ConvAutoencoder((1, 8, 8), 4, channels=(8, 16))
     history = ls.train(model, digits, epochs=3, device="cuda", autocast=False, progress=False)
     assert history.device.startswith("cuda") and history.train_loss[-1] < history.train_loss[0]
+
+
+def test_bce_on_cuda_refuses_like_the_cpu_and_keeps_nan_out_of_torch_kernel():
+    """kind="bce" on CUDA tensors runs torch's kernel, which asserts on the device for values
+    outside [0, 1] and for NaN (the CUDA context is unusable after): refused first, with the
+    CPU's message, and NaN kept to its own row as on the CPU."""
+    from latentspace.losses import reconstruction_loss
+
+    target = torch.full((3, 5), 0.5)
+    recon = torch.full((3, 5), 0.25)
+    recon[2, 4] = 1.5
+    messages = []
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match=r"recon.*\[0, 1\]") as caught:
+            reconstruction_loss(recon.to(device), target.to(device), "bce", "none")
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    recon[2, 4] = float("nan")
+    cpu = reconstruction_loss(recon, target, "bce", "none")
+    gpu_recon = recon.cuda().requires_grad_()
+    gpu = reconstruction_loss(gpu_recon, target.cuda(), "bce", "none")
+    gpu.sum().backward()
+    torch.cuda.synchronize()  # a device-side assert would surface here
+    assert torch.isnan(gpu[2]) and torch.isnan(cpu[2])
+    torch.testing.assert_close(gpu[:2].cpu(), cpu[:2])
+    assert torch.isnan(gpu_recon.grad[2, 4]) and torch.isfinite(gpu_recon.grad[:2]).all()
+    assert float(torch.ones(4, device="cuda").sum()) == 4.0  # the context still works
