@@ -287,7 +287,7 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "--latent-dim: PCA(latent_dim=65) cannot exceed the input dimension" in err
     code, out, err = _main(capsys, "train", "digits", "--model", "conv", "--image-shape", "1,9,9",
                            "--out", str(tmp_path / "o"))
-    assert code == 2 and "X: expected shape" in err
+    assert code == 2 and "digits: expected shape" in err
     code, out, err = _main(capsys, "train", "digits", "--hidden", "32,x", "--out", str(tmp_path / "o"))
     assert code == 2 and "--hidden: expected comma-separated integers" in err
     code, out, err = _main(capsys, "train", "digits", "--loss", "bce", "--output", "linear",
@@ -885,3 +885,126 @@ def test_an_output_never_replaces_an_input(pipeline_files, capsys):
     assert "would replace the input" in err
     assert (tmp / "z.npy").read_bytes() == z_bytes and (tmp / "x.npy").read_bytes() == x_bytes
     assert (tmp / "q.npz").read_bytes() == q_bytes
+
+
+# ---------------------------------------------------------------------------------------
+# Review: flags refused late, or in the Python API's words
+
+
+@pytest.mark.parametrize("command", [["demo"], ["train", "digits"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**64)])
+def test_seed_is_checked_as_it_is_parsed(command, seed, capsys):
+    """--seed -1 said 'seed: ...' after PCA was fitted, and --seed 2**64 'Overflow when
+    unpacking long long' (torch.manual_seed's), naming nothing. Training takes [0, 2**63)."""
+    from latentspace.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args([*command, "--seed", seed])
+    assert caught.value.code == 2
+    expected = ">= 0" if seed == "-1" else f"<= {2**63 - 1}"
+    assert f"error: argument --seed: expected an integer {expected}, got '{seed}'" in capsys.readouterr().err
+
+
+def test_threads_past_the_native_limit_are_refused_by_name(capsys):
+    """--threads 2**31 passed parsing and was refused by set_num_threads as its own `n`."""
+    from latentspace.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(["demo", "--threads", str(2**31)])
+    assert caught.value.code == 2
+    assert f"error: argument --threads: expected an integer <= {2**31 - 1}, got '{2**31}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("-k", "539", "-k: 539 neighbours need at least 540 held-out digits, there are 539"),
+    ("--examples", "1798", "--examples: 1798 digits to show, but there are 1797"),
+])
+def test_demo_counts_past_the_digits_are_refused_before_training(tmp_path, capsys, option, value, message):
+    """-k past the held-out digits said 'Z: k=539 neighbours per point need...'; --examples
+    past the digits failed after every model was trained, with numpy's 'Cannot take a
+    larger sample than population when replace is False'."""
+    code, out, err = _main(capsys, "demo", "--models", "autoencoder", "--epochs", "1", "--no-metric-learning",
+                           "--out", str(tmp_path / "d"), option, value)
+    assert code == 2 and err == f"latentspace demo: error: {message}\n", err
+    assert "epochs in" not in out  # nothing was trained
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, capsys):
+    """--out under a file failed only when the pictures were written, after the training,
+    with '[Errno 20] Not a directory' naming no flag."""
+    (tmp_path / "file").write_text("x")
+    code, out, err = _main(capsys, "demo", "--models", "autoencoder", "--epochs", "1", "--no-metric-learning",
+                           "--out", str(tmp_path / "file" / "pictures"))
+    assert code == 2 and err.startswith("latentspace demo: error: --out: "), err
+    assert "epochs in" not in out
+
+
+def test_train_out_that_cannot_be_a_folder_names_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        code, _, err = _main(capsys, "train", "digits", "--model", "pca", "--out", str(out))
+        assert code == 2 and err.startswith(f"latentspace train: error: --out: {out}"), err
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (5, 0)])
+@pytest.mark.parametrize("model", ["pca", "autoencoder"])
+def test_train_on_no_data_names_the_file(tmp_path, capsys, shape, model):
+    """No rows, or rows of no values: numpy's 'zero-size array to reduction operation minimum
+    which has no identity' or 'cannot reshape array of size 0'."""
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros(shape, np.float32))
+    code, _, err = _main(capsys, "train", str(tmp_path / "x.npy"), "--model", model, "--latent-dim", "2",
+                         "--out", str(tmp_path / "run"))
+    assert code == 2, err
+    assert err == f"latentspace train: error: {tmp_path / 'x.npy'}: no data to train on, shape {shape}\n", err
+
+
+def test_train_names_the_data_file_for_a_nan_row(tmp_path, capsys):
+    """'X: row 3 contains NaN or Inf', naming the Python API's parameter."""
+    import numpy as np
+
+    x = np.random.default_rng(0).random((40, 8)).astype(np.float32)
+    x[3, 2] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    for model in ("pca", "autoencoder"):
+        code, _, err = _main(capsys, "train", str(tmp_path / "x.npy"), "--model", model, "--latent-dim", "2",
+                             "--out", str(tmp_path / "run"))
+        assert code == 2 and err.startswith(f"latentspace train: error: {tmp_path / 'x.npy'}: row 3 contains NaN"), err
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--hidden", "32,0"], "--hidden: item 1: expected an integer >= 1"),
+    (["--model", "conv", "--image-shape", "0,8,8"], "--image-shape: item 0: expected an integer >= 1"),
+    (["--model", "conv", "--image-shape", "1,8"], "--image-shape: expected (C, H, W)"),
+])
+def test_an_item_of_a_list_flag_is_named_by_the_flag(tmp_path, capsys, options, message):
+    """--hidden 32,0 said 'hidden[1]: expected an integer >= 1', --image-shape 0,8,8
+    'input_shape[0]: ...' and --image-shape 1,8 'input_shape: ...'."""
+    code, _, err = _main(capsys, "train", "digits", *options, "--out", str(tmp_path / "run"))
+    assert code == 2 and err.startswith(f"latentspace train: error: {message}"), err
+
+
+
+def test_weights_in_an_archive_of_several_arrays(tmp_path, rng, capsys):
+    """--weights W.npz of two arrays said 'pass key= to pick one': no flag picks one."""
+    import numpy as np
+
+    np.save(tmp_path / "z.npy", rng.random((20, 4)).astype(np.float32))
+    np.savez(tmp_path / "w.npz", a=np.ones(4, np.float32), b=np.ones(4, np.float32))
+    err = _pipeline_error(capsys, "index build", "index", "build", str(tmp_path / "z.npy"), "--metric", "weighted_l2",
+                          "--weights", str(tmp_path / "w.npz"), "--out", str(tmp_path / "i.lsidx"))
+    assert err == (f"latentspace index build: error: --weights: {tmp_path / 'w.npz'} holds 2 arrays (a, b); "
+                   "pass a .npy, or an .npz of one array\n"), err
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    """`latentspace demo | head -2`: the reader's exit made the next print fail, reported as
+    'error: [Errno 32] Broken pipe' with the usage errors' exit status 2. Now it stops
+    quietly, with the status of a tool killed by SIGPIPE (128 + 13), as `head` expects."""
+    process = subprocess.Popen([sys.executable, "-m", "latentspace", "info"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command prints
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=180) == 141 and err == "", err

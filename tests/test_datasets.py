@@ -292,3 +292,89 @@ def test_ann_benchmarks_without_h5py(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_h5py)
     with pytest.raises(ImportError, match=r"needs h5py: pip install 'latentspace\[hdf5\]'"):
         datasets.load_ann_benchmarks(tmp_path / "a.hdf5")
+
+
+# ---------------------------------------------------------------------------------------
+# Review: inputs that were misread or escaped as other errors
+
+
+def test_a_npy_holding_the_zip_end_signature_still_loads(tmp_path):
+    """A .npy whose last 64 KiB hold the bytes PK\\x05\\x06 (a zip's end record signature:
+    any uint8 or int32 data can) passed zipfile.is_zipfile and was refused as "an .npz
+    archive". What a file is is told by its first bytes, as np.load tells it."""
+    x = np.zeros((100, 16), dtype=np.float32)
+    x.view(np.uint8).reshape(-1)[-64:-60] = np.frombuffer(b"PK\x05\x06", np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    assert zipfile.is_zipfile(tmp_path / "x.npy")  # the trap: zipfile searches the tail
+    for mmap in (None, True, False):
+        np.testing.assert_array_equal(datasets.load_npy(tmp_path / "x.npy", mmap=mmap), x)
+    np.savez(tmp_path / "a.npz", a=x)
+    (tmp_path / "a.npy").write_bytes((tmp_path / "a.npz").read_bytes())
+    with pytest.raises(ValueError, match="an .npz archive, not a .npy array"):
+        datasets.load_npy(tmp_path / "a.npy")
+
+
+@pytest.mark.parametrize("rows", [5, 20])
+def test_mapped_npz_member_must_hold_the_data_its_header_claims(tmp_path, rng, rows):
+    """An uncompressed member whose .npy header claims more (or fewer) rows than the member
+    holds: memory-mapping it read the next member's bytes as data (or silently dropped
+    rows), where reading it (mmap=False) fails the CRC. Now both raise ValueError."""
+    np.savez(tmp_path / "s.npz", a=rng.standard_normal((10, 3)).astype(np.float32), b=rng.standard_normal((10, 3)))
+    raw = bytearray((tmp_path / "s.npz").read_bytes())
+    at = raw.index(b"'shape': (10, 3)")
+    raw[at : at + 16] = f"'shape': ({rows:2d}, 3)".encode()
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match="bad.npz: array 'a' is not readable"):
+            datasets.load_npz(tmp_path / "bad.npz", "a", mmap=mmap)
+
+
+def _ann_parts(rng):
+    return {"train": rng.random((6, 4)).astype(np.float32), "test": rng.random((2, 4)).astype(np.float32),
+            "neighbors": np.zeros((2, 3), np.int32), "distances": np.zeros((2, 3), np.float32)}
+
+
+@pytest.mark.parametrize("part", ["train", "neighbors"])
+@pytest.mark.parametrize("what", ["group", "null"])
+def test_ann_benchmarks_part_that_is_no_array(tmp_path, rng, part, what):
+    """A part that is an HDF5 group (AttributeError: 'Group' object has no attribute 'dtype')
+    or a dataset with a null dataspace (TypeError about int() and NoneType) escaped as
+    Python's errors: the CLI printed a traceback for the group. Now ValueError naming it."""
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        for name, value in _ann_parts(rng).items():
+            if name != part:
+                f.create_dataset(name, data=value)
+        if what == "group":
+            f.create_group(part)
+        else:
+            f.create_dataset(part, data=h5py.Empty("f4"))
+    for mmap in (None, True, False):
+        with pytest.raises(ValueError, match=f"a.hdf5: /{part} is not an array"):
+            datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
+
+
+def test_ann_benchmarks_empty_or_unwritten_parts(tmp_path, rng):
+    """mmap=True on a dataset of no rows was refused as "chunked or compressed", which it is
+    not (an empty .npy or .npz member loads so); a dataset never written (no storage in the
+    file) was refused by the same wrong reason."""
+    h5py = pytest.importorskip("h5py")
+    parts = _ann_parts(rng)
+    parts["train"] = np.zeros((0, 4), np.float32)
+    with h5py.File(tmp_path / "e.hdf5", "w") as f:
+        for name, value in parts.items():
+            f.create_dataset(name, data=value)
+    for mmap in (None, True, False):
+        data = datasets.load_ann_benchmarks(tmp_path / "e.hdf5", mmap=mmap)
+        assert data.train.shape == (0, 4) and data.train.dtype == np.float32
+    parts = _ann_parts(rng)
+    with h5py.File(tmp_path / "u.hdf5", "w") as f:
+        for name, value in parts.items():
+            if name == "train":
+                f.create_dataset(name, shape=(6, 4), dtype="f4")  # storage never allocated
+            else:
+                f.create_dataset(name, data=value)
+    np.testing.assert_array_equal(datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=False).train,
+                                  np.zeros((6, 4), np.float32))
+    with pytest.raises(ValueError, match="mmap: dataset /train of .* has no data stored in the file"):
+        datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=True)

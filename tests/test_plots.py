@@ -305,3 +305,48 @@ def test_pca_map_of_codes_of_any_scale(tmp_path, scale):
     np.testing.assert_allclose(scaled_ratio, ratio, rtol=1e-12)
     np.testing.assert_allclose(scaled_xy / scale, xy, rtol=1e-9, atol=1e-12)
     assert 0.5 < ratio[0] < 1.0 and 0.0 < ratio[1] < ratio[0]
+
+
+def test_reconstructions_and_interpolation_refuse_nan_samples(tmp_path, digits, pca):
+    """A NaN or Inf sample went through the model and was drawn as a blank reconstruction or
+    a blank strip (all-NaN samples with a RuntimeWarning and no display range), where
+    plot_neighbors refuses it by name: a sample the model cannot encode is refused here too."""
+    import warnings
+
+    x, _ = digits
+    bad = x[:5].copy()
+    bad[3, 10] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="X: row 3 contains NaN or Inf"):
+            plots.plot_reconstructions(pca, bad, tmp_path / "r.png")
+        with pytest.raises(ValueError, match="X: row 0 contains NaN or Inf"):
+            plots.plot_reconstructions(pca, np.full((2, 64), np.nan, np.float32), tmp_path / "r.png")
+        with pytest.raises(ValueError, match="x0: contains NaN or Inf"):
+            plots.plot_interpolation(pca, bad[3], x[0], tmp_path / "i.png")
+        with pytest.raises(ValueError, match="x1: contains NaN or Inf"):
+            plots.plot_interpolation(pca, x[0], np.full(64, np.inf), tmp_path / "i.png")
+    # a NaN past the first n samples is never read, let alone drawn
+    assert _png_size(plots.plot_reconstructions(pca, np.concatenate([x[:3], bad]), tmp_path / "r.png", n=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
+
+
+
+def test_large_grids_are_not_laid_out_by_the_constraint_solver(tmp_path, digits, pca, monkeypatch):
+    """Constrained layout's time grows much faster than the grid (kiwisolver): 160
+    reconstructions (320 images) took 21 s, 700 ran for over 15 minutes without an end
+    (`latentspace plot reconstructions -n 700`). Grids past _CONSTRAINED_LAYOUT_AXES
+    images use tight layout (5 s for 320 images), small ones keep their look."""
+    x, _ = digits
+    made = []
+    real = plots._figure
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(plots, "_figure", spy)
+    plots.plot_interpolation(pca, x[0], x[1], tmp_path / "small.png", steps=10)
+    plots.plot_interpolation(pca, x[0], x[1], tmp_path / "large.png", steps=plots._CONSTRAINED_LAYOUT_AXES)
+    assert [type(f.get_layout_engine()).__name__ for f in made] == ["ConstrainedLayoutEngine", "TightLayoutEngine"]
+    assert _png_size(tmp_path / "large.png")[0] == 110 * (plots._CONSTRAINED_LAYOUT_AXES + 2)

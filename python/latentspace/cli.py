@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import option_array, renamed, thread_count, whole_number
+from .cli_pipeline import make_folder, option_array, renamed, seed_number, thread_count, whole_number
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -23,7 +23,7 @@ _TRAIN_NAMES = {"key": "--key", "latent_dim": "--latent-dim", "epochs": "--epoch
                 "lr": "--lr", "val_fraction": "--val-fraction", "early_stopping": "--patience",
                 "device": "--device", "loss": "--loss", "beta": "--beta", "kl_warmup": "--kl-warmup",
                 "metric_weight": "--metric-weight", "labels": "--labels", "hidden": "--hidden",
-                "channels": "--channels"}
+                "channels": "--channels", "input_shape": "--image-shape", "X": "{data}"}
 _DEMO_NAMES = {"k": "-k", "latent_dim": "--latent-dim"}
 
 
@@ -62,6 +62,8 @@ def _load_training_data(args: argparse.Namespace):
     X = datasets.load_array(args.data, args.key)
     if X.ndim < 2:
         raise ValueError(f"{args.data}: expected rows of vectors (2-d) or images (3-d / 4-d), got shape {X.shape}")
+    if X.size == 0:  # else numpy's errors about a zero-size array, from the steps below
+        raise ValueError(f"{args.data}: no data to train on, shape {X.shape}")
     return X, None, args.data
 
 
@@ -134,8 +136,7 @@ def _command_train(args: argparse.Namespace) -> int:
         output = "sigmoid" if 0.0 <= low and high <= 1.0 else "linear"
     torch.manual_seed(args.seed)
     model, X = _build_model(args, X, output)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out)
     model_path = out / "model.safetensors"
     print(f"latentspace train: {type(model).__name__} (latent_dim {args.latent_dim}) on {name}, "
           f"{X.shape[0]:,} rows of shape {tuple(X.shape[1:])}")
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-k", type=int, default=10, help="neighbours per digit (default 10)")
     demo.add_argument("--examples", type=whole_number(0), default=3, help="digits to show (default 3; 0: none)")
     demo.add_argument("--show", type=whole_number(1), default=4, help="neighbours drawn per digit (default 4)")
-    demo.add_argument("--seed", type=int, default=0, help="weights, training and shown digits (default 0)")
+    demo.add_argument("--seed", type=seed_number, default=0, help="weights, training and shown digits (default 0)")
     demo.add_argument("--threads", type=thread_count, default=None,
                       help="threads for training and search (default: 1 for training, OpenMP's for search)")
     demo.add_argument("--out", default="latentspace-demo",
@@ -225,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--val-fraction", type=float, default=0.1, help="validation share (default 0.1)")
     trainer.add_argument("--patience", type=int, default=10,
                          help="early stopping patience in epochs, 0 for none (default 10)")
-    trainer.add_argument("--seed", type=int, default=0, help="weights, split, shuffling (default 0)")
+    trainer.add_argument("--seed", type=seed_number, default=0, help="weights, split, shuffling (default 0)")
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     trainer.add_argument("--threads", type=thread_count, default=None, help="torch and search threads")
     trainer.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -257,7 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = getattr(args, "error_name", args.command)  # "index build", not just "index"
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the try, not at the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # stdout's reader has gone (`latentspace demo | head`): stop quietly with the status of a
+        # tool killed by SIGPIPE, 128 + 13; stdout goes to devnull, or the exit's flush fails again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout with no file descriptor (captured in tests)
+            pass
+        return 141
     except (ValueError, TypeError, OSError, ImportError) as error:
         print(f"latentspace {command}: error: {_as_typed(error, args)}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
+from .cli_pipeline import make_folder
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
 
@@ -100,6 +101,15 @@ def _train(model, x: np.ndarray, settings: dict, args: argparse.Namespace, **ext
     return history
 
 
+def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
+    """-k and --examples against the digits (else errors after training, naming the API's Z
+    or numpy's sample); -k < 1 is the metrics' to refuse, by the same name."""
+    if args.k >= held_out:
+        raise ValueError(f"-k: {args.k} neighbours need at least {args.k + 1} held-out digits, there are {held_out}")
+    if args.examples > n:
+        raise ValueError(f"--examples: {args.examples} digits to show, but there are {n}")
+
+
 def command_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kinds = parse_models(args.models)  # before the imports: a typo fails at once
@@ -123,6 +133,8 @@ def command_demo(args: argparse.Namespace) -> int:
     set_num_threads(args.threads or 1)
     split = _Split()
     n, dim = split.images.shape
+    _check_counts(args, n, len(split.test_rows))  # before any training, as is --out:
+    make_folder(args.out)  # a file above it failed only when the pictures were written
     print(f"latentspace demo: latent spaces of the {n:,} handwritten digits bundled with "
           f"scikit-learn ({dim} pixels each)")
     print(f"  split: {len(split.train_rows):,} training / {len(split.test_rows):,} held-out digits "

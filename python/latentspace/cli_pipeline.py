@@ -30,7 +30,8 @@ from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "check_out", "option_array", "renamed", "thread_count", "whole_number"]
+__all__ = ["add_commands", "check_out", "make_folder", "option_array", "renamed", "seed_number", "thread_count",
+           "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -48,9 +49,9 @@ def _show_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
-def whole_number(minimum: int):
-    """An argparse type: a whole number >= minimum, refused while the command line is parsed
-    (one line, exit 2, naming the flag)."""
+def whole_number(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number >= minimum (and <= maximum), refused while the command
+    line is parsed (one line, exit 2, naming the flag)."""
 
     def parse(text: str) -> int:
         try:
@@ -59,13 +60,18 @@ def whole_number(minimum: int):
             value = minimum - 1
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {text!r}")
         return value
 
     return parse
 
 
-# Every --threads (set_num_threads would name its own `n`).
-thread_count = whole_number(1)
+# Every --threads (set_num_threads would name its own `n`; the native count is a C int).
+thread_count = whole_number(1, 2**31 - 1)
+# Every --seed: what training takes (torch.manual_seed gave 'Overflow when unpacking long
+# long' for 2**64, naming nothing, and train named its own `seed`).
+seed_number = whole_number(0, 2**63 - 1)
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -79,8 +85,12 @@ def renamed(message: str, names: dict[str, str]) -> str:
     """An API error's message in the command line's words: a leading "name: " (a Python
     parameter) becomes names[name], what the user typed (a flag, or a file); for a flag,
     "name=" in the rest of the message too ("pass key= to pick one" -> "pass --key to pick
-    one"). Messages that name something else are returned as they are."""
+    one"), and a leading "name[i]: " (one value of a list) becomes "FLAG: item i: ".
+    Messages that name something else are returned as they are."""
     head, sep, rest = message.partition(": ")
+    item = re.fullmatch(r"(\w+)\[(\d+)\]", head)  # "hidden[1]: ...", one value of a list flag
+    if sep and item and item[1] in names and names[item[1]].startswith("-"):
+        return f"{names[item[1]]}: item {item[2]}: {rest}"
     if not sep or head not in names:
         return message
     typed = names[head]
@@ -109,6 +119,17 @@ def check_out(path: str, suffix: str, *inputs: str | None) -> Path:
     return out
 
 
+def make_folder(path: str) -> Path:
+    """--out FOLDER, created (with its parents) if missing; an error naming --out when it
+    cannot be (a file there or above it: OSError's '[Errno 17] File exists' named nothing)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out: {out} cannot be made a folder ({error.strerror or error})") from None
+    return out
+
+
 def _load_rows(path: str, key: str | None) -> np.ndarray:
     """An array from .npy (memory-mapped: read as it is used), .npz or HDF5 (--key)."""
     if Path(path).suffix.lower() == ".npy":
@@ -129,6 +150,9 @@ def option_array(path: str, option: str, key: str | None = None, key_option: str
         message = str(error)
         if key_option is not None and message.startswith("key: "):
             raise ValueError(renamed(message, {"key": key_option})) from None
+        if message.startswith("key: "):  # an archive of several arrays, and no flag to pick one
+            held = message[len("key: "):].partition("; pass key=")[0]
+            raise ValueError(f"{option}: {held}; pass a .npy, or an .npz of one array") from None
         raise ValueError(f"{option}: {message}") from None
 
 

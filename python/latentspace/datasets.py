@@ -7,6 +7,7 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 
 from __future__ import annotations
 
+import math
 import os
 import tokenize
 import zipfile
@@ -41,6 +42,8 @@ _ZIP_DAMAGE = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, 
 # deflate stream), SyntaxError and TokenError (numpy parses the .npy header and its dtype
 # as Python literals).
 _NPY_DAMAGE = (ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError)
+# The first bytes of a zip archive (a local file header, or the end record of an empty one).
+_ZIP_PREFIXES = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +116,11 @@ def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray
     path = _regular_file(path)
     if mmap is None:
         mmap = path.stat().st_size >= MMAP_THRESHOLD_BYTES
-    if zipfile.is_zipfile(path):
+    # A zip archive by its first bytes, as np.load tells one (zipfile.is_zipfile searches the
+    # last 64 KiB for the bytes PK\x05\x06, which an array's data can hold)
+    with open(path, "rb") as f:
+        head = f.read(len(_ZIP_PREFIXES[0]))
+    if head.startswith(_ZIP_PREFIXES):
         raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -173,6 +180,10 @@ def _read_member(path: Path, archive: zipfile.ZipFile, key: str | None, mmap: bo
         else:
             with archive.open(info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
+                # read_array stops at the header's shape: reading to the end runs zipfile's
+                # CRC check, and bytes left over mean the header claims fewer rows than held
+                if member.read(1):
+                    raise ValueError("its header's shape does not match the member's size")
     except _NPY_DAMAGE as error:  # numpy's messages name no file
         raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
     return _checked(array, path, f"array {key!r}")
@@ -203,7 +214,11 @@ def _map_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> 
         if dtype.hasobject:
             raise ValueError("object arrays are not loaded (they would need unpickling)")
         offset = f.tell()
-    if int(np.prod(shape)) == 0:
+    # Not CRC-checked when mapped: at least the header's shape must fill the member exactly,
+    # or the map would read the next member's bytes (or drop rows) as data.
+    if offset - start + math.prod(shape) * dtype.itemsize != info.file_size:
+        raise ValueError("its header's shape does not match the member's size")
+    if math.prod(shape) == 0:
         return np.empty(shape, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
                      order="F" if fortran else "C")
@@ -220,11 +235,10 @@ def load_array(path: str | os.PathLike, key: str | None = None, *, mmap: bool | 
     if suffix == ".npz":
         return load_npz(path, key, mmap=mmap)
     if suffix in (".hdf5", ".h5"):
-        data = load_ann_benchmarks(path, mmap=mmap)
-        part = key or "train"
-        if part not in ("train", "test", "neighbors", "distances"):
+        part = "train" if key is None else key
+        if part not in ("train", "test", "neighbors", "distances"):  # before the file is read
             raise ValueError(f"key: expected 'train', 'test', 'neighbors' or 'distances' for an HDF5 file, got {key!r}")
-        return getattr(data, part)
+        return getattr(load_ann_benchmarks(path, mmap=mmap), part)
     raise ValueError(f"path: expected a .npy, .npz, .hdf5 or .h5 file, got {path!s}")
 
 
@@ -291,16 +305,27 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
 
 
 def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
+    import h5py
+
+    # A group, or a dataset of a null dataspace (shape None), has no dtype or shape to read
+    if not isinstance(dataset, h5py.Dataset) or dataset.shape is None:
+        what = "a dataset of no shape" if isinstance(dataset, h5py.Dataset) else f"an HDF5 {type(dataset).__name__}"
+        raise ValueError(f"{path}: {dataset.name} is not an array ({what}); expected a dataset of numbers")
     if dataset.dtype.kind not in "fiu":
         raise ValueError(f"{path}: dataset {dataset.name} has dtype {dataset.dtype}; expected numbers")
+    nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
+    if nbytes == 0:  # nothing to map (as an empty .npy or .npz member)
+        return np.empty(dataset.shape, dtype=dataset.dtype)
     offset = dataset.id.get_offset()
     mappable = dataset.chunks is None and dataset.compression is None and offset is not None
-    nbytes = int(np.prod(dataset.shape)) * dataset.dtype.itemsize
     if mmap is True and not mappable:
-        raise ValueError(f"mmap: dataset {dataset.name} of {path} is chunked or compressed and cannot be "
-                         "memory-mapped; pass mmap=False")
+        why = ("is stored in external files" if dataset.external is not None
+               else "is chunked or compressed" if offset is not None or dataset.chunks is not None
+               else "has no data stored in the file (never written)")
+        raise ValueError(f"mmap: dataset {dataset.name} of {path} {why} and cannot be memory-mapped; "
+                         "pass mmap=False")
     if mmap is None:
         mmap = mappable and nbytes >= MMAP_THRESHOLD_BYTES
-    if mmap and nbytes:
+    if mmap:
         return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
     return np.asarray(dataset[()])
