@@ -274,10 +274,71 @@ def test_train_interrupted_keeps_the_checkpoint_and_exits_130(tmp_path, capsys, 
     code, out, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--epochs", "50",
                            "--hidden", "8", "--out", str(tmp_path / "r"), "--no-progress")
     assert code == 130
-    assert "interrupted (Ctrl-C): the best checkpoint is kept" in err
+    assert "interrupted (Ctrl-C or SIGTERM): the best checkpoint is kept" in err
     assert isinstance(latentspace.load_model(tmp_path / "r" / "model.safetensors"), latentspace.Autoencoder)
     assert json.loads((tmp_path / "r" / "history.json").read_text())["interrupted"] is True
 
+
+
+def _send_sigterm_to_self():
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises in this thread at its next bytecode; never sleeps it out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_mid_write_removes_the_temporary_file_and_exits_143(pipeline_files, capsys, monkeypatch):
+    """SIGTERM (a scheduler, `timeout`) unwinds like Ctrl-C: the atomic write's temporary
+    file is removed (the default action killed the process and left it), nothing half-written
+    takes the output's name, the exit status is 128 + 15, and the handler before is restored."""
+    import signal
+
+    tmp, _, _, _ = pipeline_files
+    before = signal.getsignal(signal.SIGTERM)
+
+    def encode_until_terminated(self, *args, **kwargs):
+        assert any(name.endswith(".tmp") for name in _files(tmp))  # the codes' temporary file exists
+        _send_sigterm_to_self()
+
+    monkeypatch.setattr(latentspace.Encoder, "encode", encode_until_terminated)
+    files = _files(tmp)
+    code, out, err = _main(capsys, "encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"),
+                           "--out", str(tmp / "z.npy"))
+    assert code == 143 and "latentspace encode: terminated (SIGTERM)" in err
+    assert _files(tmp) == files  # no z.npy, no temporary file
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_while_training_keeps_the_checkpoint_and_exits_143(tmp_path, capsys, monkeypatch):
+    from latentspace import training
+
+    real_train = training.train
+
+    def terminated_after_two_epochs(*args, **kwargs):
+        def stop(record):
+            if record["epoch"] == 1:
+                _send_sigterm_to_self()
+        return real_train(*args, **{**kwargs, "callback": stop})
+
+    monkeypatch.setattr(training, "train", terminated_after_two_epochs)
+    code, out, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--epochs", "50",
+                           "--hidden", "8", "--out", str(tmp_path / "r"), "--no-progress")
+    assert code == 143
+    assert "interrupted (Ctrl-C or SIGTERM): the best checkpoint is kept" in err
+    assert json.loads((tmp_path / "r" / "history.json").read_text())["interrupted"] is True
+    assert isinstance(latentspace.load_model(tmp_path / "r" / "model.safetensors"), latentspace.Autoencoder)
+
+
+def test_values_past_float32_are_refused_without_numpy_warnings(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "big.npy", np.full((3, 4), 1e39))
+    result = _cli("index", "build", str(tmp_path / "big.npy"), "--out", str(tmp_path / "i.lsidx"))
+    assert result.returncode == 2 and "row 0 contains NaN or Inf, or values so large" in result.stderr
+    assert "Warning" not in result.stderr, result.stderr
 
 def test_train_errors(tmp_path, capsys):
     code, out, err = _main(capsys, "train", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "o"))

@@ -244,6 +244,7 @@ def test_one_sample_hint():
     (lambda: ConvAutoencoder((1, 0, 8), 3), r"input_shape\[1\]: expected an integer >= 1"),
     (lambda: ConvAutoencoder((1, 8, 8), 3, channels=()), "channels: expected at least one layer"),
     (lambda: PCA(0), "latent_dim: expected an integer >= 1"),
+    (lambda: PCA(10**23), r"latent_dim: a code of 100000000000000000000000 numbers needs at least as many parameters, more than 2\*\*40"),
     (lambda: PCA(2, whiten="yes"), "whiten: expected True or False"),
 ])
 def test_bad_constructor_arguments(make, message):

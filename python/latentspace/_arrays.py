@@ -119,7 +119,8 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray,
         if array.ndim != 2:
             raise ValueError(_rank_message(name, array.ndim, array.shape, dim))
         if array.dtype != np.float32 or not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array, dtype=np.float32)
+            with np.errstate(over="ignore"):  # values past float32 become inf: refused by the row checks, by name
+                array = np.ascontiguousarray(array, dtype=np.float32)
     if array.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -168,7 +170,7 @@ def _command_train(args: argparse.Namespace) -> int:
         f.write((json.dumps(record, indent=2) + "\n").encode())
     print(f"  model: {model_path}\n  history: {out / 'history.json'}")
     if interrupted:
-        print("  interrupted (Ctrl-C): the best checkpoint is kept", file=sys.stderr)
+        print("  interrupted (Ctrl-C or SIGTERM): the best checkpoint is kept", file=sys.stderr)
         return 130
     return 0
 
@@ -254,13 +256,38 @@ def _as_typed(error: BaseException, args: argparse.Namespace) -> str:
     return renamed(str(error), names)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `timeout`, `kill`) as an exception in the main thread. A
+    KeyboardInterrupt, so that it unwinds as Ctrl-C does: the temporary files of atomic
+    writes are removed (the default action would kill the process and leave them), and
+    training stops with its best weights kept."""
+
+
+_received = {"SIGTERM": False}  # whether this main() got one (train swallows the exception)
+
+
+def _raise_terminated(signum, frame) -> None:
+    _received["SIGTERM"] = True
+    raise _Terminated()
+
+
+def _on_sigterm_raise():
+    """Installs _raise_terminated for SIGTERM; returns the handler to restore, or None where
+    none can be installed (only the main thread may)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _received["SIGTERM"] = False
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = getattr(args, "error_name", args.command)  # "index build", not just "index"
+    previous = _on_sigterm_raise()
     try:
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe fails here, inside the try, not at the interpreter's exit
-        return code
+        return 143 if _received["SIGTERM"] else code  # (train keeps its best weights, then returns)
     except BrokenPipeError:
         # stdout's reader has gone (`latentspace demo | head`): stop quietly with the status of a
         # tool killed by SIGPIPE, 128 + 13; stdout goes to devnull, or the exit's flush fails again
@@ -275,9 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, MemoryError) as error:  # training diverged; too large for memory
         print(f"latentspace {command}: error: {_as_typed(error, args)}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print(f"latentspace {command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as for a process the signal killed
     except KeyboardInterrupt:
         print(f"latentspace {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

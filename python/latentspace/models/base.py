@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import losses
 from .._arrays import as_model_input, as_output, check_int, is_torch_tensor
-from ._checks import check_objective_arguments
+from ._checks import MAX_PARAMETERS, check_objective_arguments
 
 __all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS", "module_device_dtype"]
 
@@ -107,6 +107,11 @@ class LatentModel(nn.Module):
     def __init__(self, latent_dim: int):
         super().__init__()
         self._latent_dim = check_int(latent_dim, "latent_dim")
+        # A code of more than MAX_PARAMETERS numbers needs more weights than that in any model
+        # (PCA's buffers too, sized only at fit): refused here, by name, not by torch.
+        if self._latent_dim > MAX_PARAMETERS:
+            raise ValueError(f"latent_dim: a code of {self._latent_dim} numbers needs at least as many parameters, "
+                             "more than 2**40 (MAX_PARAMETERS, 4 TiB of float32 weights); use a smaller latent_dim")
 
     # -- what a subclass provides -------------------------------------------------------
     @property
