@@ -259,27 +259,6 @@ def test_train_npz_images_for_conv(tmp_path, capsys):
     assert latentspace.load_model(tmp_path / "c" / "model.safetensors").input_shape == (1, 12, 10)
 
 
-def test_train_interrupted_keeps_the_checkpoint_and_exits_130(tmp_path, capsys, monkeypatch):
-    from latentspace import training
-
-    real_train = training.train
-
-    def interrupted_after_two_epochs(*args, **kwargs):
-        def stop(record):
-            if record["epoch"] == 1:
-                raise KeyboardInterrupt
-        return real_train(*args, **{**kwargs, "callback": stop})
-
-    monkeypatch.setattr(training, "train", interrupted_after_two_epochs)
-    code, out, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--epochs", "50",
-                           "--hidden", "8", "--out", str(tmp_path / "r"), "--no-progress")
-    assert code == 130
-    assert "interrupted (Ctrl-C or SIGTERM): the best checkpoint is kept" in err
-    assert isinstance(latentspace.load_model(tmp_path / "r" / "model.safetensors"), latentspace.Autoencoder)
-    assert json.loads((tmp_path / "r" / "history.json").read_text())["interrupted"] is True
-
-
-
 def _send_sigterm_to_self():
     import signal
     import time
@@ -311,25 +290,30 @@ def test_sigterm_mid_write_removes_the_temporary_file_and_exits_143(pipeline_fil
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_while_training_keeps_the_checkpoint_and_exits_143(tmp_path, capsys, monkeypatch):
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop,status", [(_raise_keyboard_interrupt, 130), (_send_sigterm_to_self, 143)],
+                         ids=["ctrl-c", "sigterm"])
+def test_train_interrupted_keeps_the_checkpoint(stop, status, tmp_path, capsys, monkeypatch):
     from latentspace import training
 
     real_train = training.train
 
-    def terminated_after_two_epochs(*args, **kwargs):
-        def stop(record):
+    def stopped_after_two_epochs(*args, **kwargs):
+        def callback(record):
             if record["epoch"] == 1:
-                _send_sigterm_to_self()
-        return real_train(*args, **{**kwargs, "callback": stop})
+                stop()
+        return real_train(*args, **{**kwargs, "callback": callback})
 
-    monkeypatch.setattr(training, "train", terminated_after_two_epochs)
+    monkeypatch.setattr(training, "train", stopped_after_two_epochs)
     code, out, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--epochs", "50",
                            "--hidden", "8", "--out", str(tmp_path / "r"), "--no-progress")
-    assert code == 143
+    assert code == status
     assert "interrupted (Ctrl-C or SIGTERM): the best checkpoint is kept" in err
-    assert json.loads((tmp_path / "r" / "history.json").read_text())["interrupted"] is True
     assert isinstance(latentspace.load_model(tmp_path / "r" / "model.safetensors"), latentspace.Autoencoder)
+    assert json.loads((tmp_path / "r" / "history.json").read_text())["interrupted"] is True
 
 
 def test_values_past_float32_are_refused_without_numpy_warnings(tmp_path):
