@@ -254,6 +254,9 @@ def test_reconstruct_non_integer_ids(rng):
         ((8, "foo"), ValueError),
         ((8, "L2"), ValueError),
         ((8, None), ValueError),
+        # a row's bytes must fit in an int64 (numpy's "array is too big" named nothing)
+        ((2**61,), ValueError),
+        ((2**62,), ValueError),
     ],
 )
 def test_constructor_errors(args, exc):
@@ -531,6 +534,12 @@ def test_reserve_avoids_reallocation(rng):
                                           r"1,125,899,906,842,729 vectors of dimension 3"):
         index.reserve(2**50)
     assert index._buffer is buffer and index.ntotal == 105
+    # beyond any address space (the byte count overflowed 64 bits in the allocator, and numpy's
+    # "array is too big" named nothing): the same MemoryError
+    for rows in (2**61, 2**62, 2**63):
+        with pytest.raises(MemoryError, match=r"rows: cannot allocate .* GiB of host memory"):
+            index.reserve(rows)
+    assert index._buffer is buffer and index.ntotal == 105
 
 
 # -- the host buffer's alignment (csrc/bindings/buffers.cpp, docs/benchmarks.md) ------------
@@ -556,6 +565,16 @@ def test_vector_buffers_start_on_a_cache_line(rows, dim):
         assert buffer[-1, -1] == rows * dim - 1
     if rows * dim * 4 >= HUGE_BUFFER_BYTES and _HAS_HUGE_ALLOCATOR:
         assert _address(buffer) % _HUGE == 0
+
+
+@pytest.mark.skipif(not _HAS_HUGE_ALLOCATOR, reason="no huge-page allocator in this build")
+@pytest.mark.parametrize("rows, cols", [(2**62, 4), (2**61, 3), (2**63 - 1, 1), (1, 2**61)])
+@pytest.mark.parametrize("allocate", ["empty_huge_float32", "empty_huge_float64"])
+def test_huge_allocator_refuses_byte_counts_beyond_int64(allocate, rows, cols):
+    # the byte count used to wrap around 64 bits, so a 2 MiB block was allocated and numpy
+    # refused the shape with "array is too big"; now the allocator's own MemoryError
+    with pytest.raises(MemoryError):
+        getattr(latentspace._native, allocate)(rows, cols, cached=False)
 
 
 def test_large_index_buffer_is_huge_page_aligned_and_growth_keeps_the_rows(rng):

@@ -95,6 +95,35 @@ def test_round_trip(tmp_path, rng, metric, n, mmap):
     assert loaded.is_mmap == (mmap and n > 0)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_round_trip_of_weights_longer_than_a_mebibyte_of_header(tmp_path, rng, mmap):
+    # A weighted_l2 index keeps its weights in the JSON header, about 20 bytes a dimension:
+    # from about 50,000 dimensions save() wrote a file that load_index() refused as
+    # "corrupted index header" (the reader's 1 MiB header limit).
+    dim = 60000
+    index = latentspace.FlatIndex(dim, "weighted_l2", weights=rng.random(dim, dtype=np.float32))
+    index.add(_normal(rng, 3, dim))
+    path = tmp_path / "wide.lsidx"
+    index.save(path)
+    assert _layout(path)[0] > 1 << 20
+    loaded = latentspace.load_index(path, mmap=mmap)
+    np.testing.assert_array_equal(loaded.weights, index.weights)
+    _assert_same_index(loaded, index, _normal(rng, 2, dim))
+
+
+def test_header_beyond_the_readers_limit_is_refused_at_save(tmp_path, rng, monkeypatch):
+    # (the limit lowered, so that a small index exceeds it) save() must not write a file that
+    # load_index() refuses; the old file stays
+    index = latentspace.FlatIndex(100, "weighted_l2", weights=rng.random(100, dtype=np.float32))
+    index.add(_normal(rng, 2, 100))
+    path = tmp_path / "wide.lsidx"
+    path.write_bytes(b"old")
+    monkeypatch.setattr(index_io, "_MAX_HEADER_BYTES", 1000)
+    with pytest.raises(ValueError, match="index header would take .* bytes, more than the 1,000"):
+        index.save(path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["wide.lsidx"]
+
+
 def test_round_trip_accepts_str_path_and_overwrites(tmp_path, rng):
     a, path = _saved(tmp_path, rng, "ip", n=10, dim=3)
     b = latentspace.FlatIndex(5, "cosine")

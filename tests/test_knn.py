@@ -636,6 +636,45 @@ def test_bad_value_in_large_database_names_row(simd_level, nq, num_threads, rng)
         latentspace.knn(q2, x[:3000], 5)
 
 
+@pytest.mark.parametrize("nq", [1, 7, 20])
+def test_two_bad_database_rows_name_the_first(simd_level, nq, num_threads, rng):
+    # With threads splitting the database, a thread whose slice starts at a bad row used to
+    # stop the others early: the message named row 10016 instead of row 320, at random.
+    num_threads(2)
+    q, x = _normal(rng, nq, 16), _normal(rng, 20000, 16)
+    x[320, 0] = np.nan
+    x[10016, 5] = np.inf
+    for _ in range(10):
+        with pytest.raises(ValueError, match=r"database: row 320\b"):
+            latentspace.knn(q, x, 5)
+
+
+_MANY_THREADS_MEMORY_SCRIPT = """
+import resource
+import numpy as np
+import latentspace
+latentspace.set_num_threads(64)
+rng = np.random.default_rng(0)
+x = rng.random((2000, 8), dtype=np.float32)
+q = rng.random((640, 8), dtype=np.float32)
+latentspace.knn(q[:64], x, 1)  # starts the 64 threads: their stacks are address space too
+used = int(open("/proc/self/statm").read().split()[0]) * 4096
+resource.setrlimit(resource.RLIMIT_AS, (used + (600 << 20), resource.RLIM_INFINITY))
+D, I = latentspace.knn(q, x, 2000)  # 10 queries a thread; their results take 15 MB
+print("ok", I.shape)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_many_threads_take_scratch_for_their_own_queries_only():
+    # Threads splitting the queries each held heaps for min(all queries, 64 MiB / k): here
+    # 64 x 640 x 2000 x 12 bytes = 983 MB for 10 queries a thread (MemoryError under the limit).
+    result = subprocess.run([sys.executable, "-c", _MANY_THREADS_MEMORY_SCRIPT], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "(640,", "2000)"]
+
+
 def test_large_but_usable_values_are_accepted(rng):
     # squared norm 3.6e37 is below the documented 4.2e37 limit
     x = np.zeros((3, 2), np.float32)

@@ -107,6 +107,37 @@ def test_set_num_threads_type_errors(n):
     assert latentspace.get_num_threads() == before
 
 
+_SEARCH_IN_FORKED_CHILD = """
+import faulthandler, os, sys
+import numpy as np
+import latentspace
+latentspace.set_num_threads(2)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((20000, 16)).astype(np.float32)
+q = rng.standard_normal((300, 16)).astype(np.float32)
+expected = latentspace.knn(q, x, 5)[1]  # the parent runs a team of 2 threads
+pid = os.fork()
+if pid == 0:
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang becomes exit status 1
+    threads = latentspace.get_num_threads()
+    same = np.array_equal(latentspace.knn(q, x, 5)[1], expected)
+    print("child", threads, same, flush=True)
+    os._exit(0 if same else 3)
+_, status = os.waitpid(pid, 0)
+print("parent", latentspace.get_num_threads(), os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_search_in_a_forked_child_does_not_hang():
+    # GNU OpenMP cannot start threads in a child forked after the parent ran a team: the search
+    # waited forever for the parent's workers (multiprocessing's default start method on Linux).
+    # A forked child now starts with one thread; the parent keeps its count.
+    result = _run_python(_SEARCH_IN_FORKED_CHILD)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["child", "1", "True", "parent", "2", "0"], result.stdout + result.stderr
+
+
 def test_omp_num_threads_sets_default():
     for value in ("1", "3"):
         result = _run_python("import latentspace; print(latentspace.get_num_threads())",

@@ -82,6 +82,9 @@ BlockCache& cache() {
 template <class T>
 py::array_t<T> empty_huge(int64_t rows, int64_t cols, bool cached) {
   LS_CHECK_VALUE(rows >= 0 && cols >= 0, "shape: expected non-negative sizes");
+  // More bytes than an int64 counts (the product would wrap, and the rounding up below too):
+  // no allocator could give them, so say so as an allocator would.
+  if (cols > 0 && rows > static_cast<int64_t>((PTRDIFF_MAX - kHugePage) / sizeof(T)) / cols) throw std::bad_alloc();
   const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(cols) * sizeof(T);
   const size_t rounded = std::max(kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage);
   void* data = cached ? cache().take(rounded) : nullptr;

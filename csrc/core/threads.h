@@ -7,7 +7,8 @@
 
 namespace latentspace {
 
-// Defaults to omp_get_max_threads() at first use, so OMP_NUM_THREADS is honoured.
+// Defaults to omp_get_max_threads() at first use, so OMP_NUM_THREADS is honoured; 1 in a
+// process forked from one that loaded latentspace (threads.cpp says why).
 int num_threads();
 // Throws ValueError unless n >= 1.
 void set_num_threads(int n);

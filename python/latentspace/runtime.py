@@ -33,12 +33,18 @@ def _warn_about_bad_simd_env() -> None:
 
 
 def get_num_threads() -> int:
-    """Threads the native CPU kernels use (default: OpenMP's, so OMP_NUM_THREADS counts)."""
+    """Threads the native CPU kernels use (default: OpenMP's, so OMP_NUM_THREADS counts; 1 in a
+    process forked from one that had imported latentspace, see set_num_threads)."""
     return _native.num_threads()
 
 
 def set_num_threads(n: int) -> None:
-    """Sets the thread count of latentspace's kernels only (torch's is separate)."""
+    """Sets the thread count of latentspace's kernels only (torch's is separate).
+
+    A forked child (multiprocessing's default start method on Linux) starts with 1: GNU
+    OpenMP cannot start threads in a child forked after its parent ran some, and would wait
+    forever. Raise it there only in a child forked before its parent ran any threads (or use
+    the "spawn" or "forkserver" start method)."""
     n = check_int(n, "n")
     if n > _MAX_THREADS:
         raise ValueError(f"n: expected an integer <= {_MAX_THREADS} (the native thread count is an int), got {n}")

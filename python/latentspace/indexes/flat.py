@@ -12,7 +12,6 @@ from .. import _cuda_search, _native
 from .._arrays import (
     METRICS,
     as_matrix,
-    check_dim,
     check_int,
     check_k,
     check_metric,
@@ -27,6 +26,10 @@ from .._arrays import (as_device_matrix, check_rows_usable_flags, database_row_c
 from .io import IndexFileError, load_index_file, save_index_file
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
+# A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
+# them: the largest dimension (as in the file format, indexes/io.py) and the most bytes.
+_DIM_BELOW = 1 << 61
+_MAX_BUFFER_BYTES = 2**63 - 1
 _PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf, "weighted_l2": np.inf}
 
 
@@ -66,7 +69,7 @@ class FlatIndex:
     def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None,
                  storage: str = "fp32"):
         check_metric(metric)
-        self._dim = check_dim(dim)
+        self._dim = check_int(dim, "dim", below=_DIM_BELOW)
         self._metric = metric
         self._weights = None
         if metric == "weighted_l2":
@@ -169,7 +172,11 @@ class FlatIndex:
                 if self._device is not None:
                     self._grow_cuda(self._ntotal + rows, exact=True)
                 else:
-                    self._grow(self._ntotal + rows, exact=True)
+                    total = self._ntotal + rows
+                    if total * self._dim * 4 > _MAX_BUFFER_BYTES:  # no allocator can even be asked for it
+                        raise MemoryError(f"cannot allocate {total * self._dim * 4 / 2**30:,.1f} GiB of host memory "
+                                          f"for {total:,} vectors of dimension {self._dim}")
+                    self._grow(total, exact=True)
             except MemoryError as error:
                 raise MemoryError(f"rows: {error}") from None
 

@@ -37,7 +37,10 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIIII")  # magic, version, header length, header CRC, reserved (0)
 _DATA_ALIGNMENT = 64
 _CHUNK_BYTES = 64 << 20
-_MAX_HEADER_BYTES = 1 << 20
+# The header holds a weighted_l2 index's weights, about 20 bytes a dimension: room for some 10
+# million. (It was 1 MiB, so save() wrote files of 50,000 weights that load refused.) A corrupted
+# length reads no more than this, nor than the file holds, before the header's checksum fails.
+_MAX_HEADER_BYTES = 256 << 20
 # The header's integer fields, each in [minimum, below). A row's bytes (dim * 4) must fit in
 # an int64, as numpy and the native kernels count them; a CRC-32 is 32 bits.
 _HEADER_INTS = {"ntotal": (0, None), "dim": (1, 1 << 61), "data_offset": (0, None),
@@ -101,6 +104,10 @@ def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.nd
     encoded = json.dumps(header, sort_keys=True).encode()
     if _PREFIX.size + len(encoded) > offset:
         raise AssertionError("index header outgrew its reserved space")  # cannot happen: 32 spare bytes
+    if len(encoded) > _MAX_HEADER_BYTES:  # refused before anything is written: load would refuse it
+        raise ValueError(f"{path}: the index header would take {len(encoded):,} bytes, more than the "
+                         f"{_MAX_HEADER_BYTES:,} an index file holds (a weighted_l2 index's weights take "
+                         "about 20 bytes a dimension)")
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded), 0)
 
     with atomic_write(path) as f:
