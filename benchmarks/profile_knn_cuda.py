@@ -40,7 +40,7 @@ import torch
 from _common import BEFORE_RUN_8, CUDA_KNN_OPT_INS, environment  # benchmarks/ is the script's folder, first on sys.path
 
 import latentspace
-from latentspace import _arrays, _cuda_search, _host_copy, _native
+from latentspace import _arrays, _cuda_chunks, _cuda_search, _host_copy, _native
 
 DEVICE = None  # the current CUDA device, set by main()
 REPEATS = 200
@@ -62,7 +62,7 @@ def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
 def calls_and_first_plan(nq: int, n: int, k: int, bound: int) -> tuple[list, dict]:
     """The native calls [(start, stop, workspace bytes)] a search of nq queries takes under
     `bound` (the library's own chunking, plan_query_chunks) and the first call's plan."""
-    calls = _cuda_search.plan_query_chunks(
+    calls = _cuda_chunks.plan_query_chunks(
         nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound)["workspace_bytes"], bound)
     return calls, _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound)
 
@@ -121,7 +121,7 @@ def q1_breakdown(report: dict) -> None:
         backend = _cuda_search.CudaBackend(index._device)
         database, norms = index._gpu_buffer[:n], index._gpu_norms
         norms = None if norms is None else norms[:n]
-        workspace = _cuda_search.DEFAULT_WORKSPACE_BYTES
+        workspace = _cuda_chunks.DEFAULT_WORKSPACE_BYTES
         steps = {
             "FlatIndex.search": lambda: index.search(q, 10),
             "knn (tensors)": lambda: latentspace.knn(q, x, 10),
@@ -311,7 +311,7 @@ def defaults_check(report: dict) -> None:
         for name, settings in DEFAULTS_CONFIGURATIONS.items():
             with environment(**{**unset, **settings}):
                 times[name] = median_ms(lambda: latentspace.knn(q, x, k), repeats=5, warmup=1)
-        calls, plan = calls_and_first_plan(nq, n, k, _cuda_search.DEFAULT_WORKSPACE_BYTES)
+        calls, plan = calls_and_first_plan(nq, n, k, _cuda_chunks.DEFAULT_WORKSPACE_BYTES)
         rows.append({"shape": shape, "ms": times, "plan": plan, "native_calls": len(calls)})
         print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
               + f"  | {len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"

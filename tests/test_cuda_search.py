@@ -17,18 +17,10 @@ import torch
 
 import latentspace
 from conftest import METRICS, assert_knn_matches
-from latentspace import _arrays, _cuda_search, runtime
-from latentspace._cuda_search import (
-    MAX_ITEMS_PER_CALL,
-    CpuBackend,
-    merge_topk,
-    plan_database_chunks,
-    plan_host_stream,
-    plan_query_chunks,
-    resolve_device,
-    search_resident,
-    search_streamed,
-)
+from latentspace import _arrays, _cuda_chunks, _cuda_device, _cuda_search, runtime
+from latentspace._cuda_chunks import MAX_ITEMS_PER_CALL, plan_database_chunks, plan_host_stream, plan_query_chunks
+from latentspace._cuda_device import resolve_device
+from latentspace._cuda_search import CpuBackend, merge_topk, search_resident, search_streamed
 
 GPU_VISIBLE = latentspace.cuda_available()
 needs_no_gpu = pytest.mark.skipif(GPU_VISIBLE, reason="a usable GPU is visible here")
@@ -80,7 +72,7 @@ def test_cuda_unavailable_names_every_reason(device):
     message = str(error.value)
     assert "asked for, but CUDA is unavailable here" in message
     assert "Use device='cpu'" in message
-    for reason in _cuda_search.cuda_unavailable_reasons():
+    for reason in _cuda_device.cuda_unavailable_reasons():
         assert reason in message
     info = latentspace.build_info()
     if not info["cuda_compiled"]:
@@ -107,7 +99,7 @@ def _fake_torch(monkeypatch, *, cuda: str | None, available: bool, count: int = 
 def test_reason_cpu_only_build(monkeypatch):
     _fake_build(monkeypatch, compiled=False, visible=False, reason="built without CUDA")
     _fake_torch(monkeypatch, cuda="12.4", available=True, count=1)
-    assert _cuda_search.cuda_unavailable_reasons() == [
+    assert _cuda_device.cuda_unavailable_reasons() == [
         "latentspace was built without CUDA (reinstall it where nvcc is found, or with "
         "-C cmake.define.LATENTSPACE_CUDA=ON)"
     ]
@@ -125,7 +117,7 @@ def test_reason_no_gpu_for_latentspace(monkeypatch):
 def test_reason_torch_without_cuda(monkeypatch):
     _fake_build(monkeypatch, compiled=True, visible=True)
     _fake_torch(monkeypatch, cuda=None, available=False)
-    reasons = _cuda_search.cuda_unavailable_reasons()
+    reasons = _cuda_device.cuda_unavailable_reasons()
     assert len(reasons) == 1 and f"the installed torch {torch.__version__} has no CUDA support" in reasons[0]
     with pytest.raises(RuntimeError, match="has no CUDA support"):
         resolve_device("cuda:0")
@@ -134,7 +126,7 @@ def test_reason_torch_without_cuda(monkeypatch):
 def test_reason_torch_sees_no_gpu(monkeypatch):
     _fake_build(monkeypatch, compiled=True, visible=True)
     _fake_torch(monkeypatch, cuda="12.4", available=False)
-    assert _cuda_search.cuda_unavailable_reasons() == ["torch sees no CUDA GPU"]
+    assert _cuda_device.cuda_unavailable_reasons() == ["torch sees no CUDA GPU"]
 
 
 @pytest.mark.parametrize("architectures,capability,runs", [
@@ -147,7 +139,7 @@ def test_reason_torch_sees_no_gpu(monkeypatch):
 def test_kernels_run_on_the_capabilities_cuda_allows(architectures, capability, runs):
     """CMake's architecture entries against a GPU's compute capability: machine code runs on
     its major version at a minor at least its own, PTX on anything newer, "90a" on sm_90 alone."""
-    assert _cuda_search.kernels_run_on(architectures, capability) is runs
+    assert _cuda_device.kernels_run_on(architectures, capability) is runs
 
 
 def test_a_gpu_older_than_the_build_is_refused_by_name(monkeypatch):
@@ -169,13 +161,13 @@ def test_a_budget_beyond_a_size_t_is_refused_by_name(value):
     """workspace_bytes and gpu_memory_bytes go to the native side as size_t: checked below
     2^63 by name (pybind's own error names neither)."""
     with pytest.raises(ValueError, match=r"workspace_bytes: expected an integer in \[1, 9223372036854775808\)"):
-        _cuda_search.check_budget(value, "workspace_bytes")
+        _cuda_device.check_budget(value, "workspace_bytes")
 
 
 def test_cuda_index_resolution(monkeypatch):
     _fake_build(monkeypatch, compiled=True, visible=True)
     _fake_torch(monkeypatch, cuda="12.4", available=True, count=2)
-    assert _cuda_search.cuda_unavailable_reasons() == []
+    assert _cuda_device.cuda_unavailable_reasons() == []
     assert resolve_device("cuda") == torch.device("cuda", 0)  # torch's current device
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
@@ -184,7 +176,7 @@ def test_cuda_index_resolution(monkeypatch):
 
 
 def test_cuda_available_agrees_with_the_reasons():
-    assert latentspace.cuda_available() == (not _cuda_search.cuda_unavailable_reasons())
+    assert latentspace.cuda_available() == (not _cuda_device.cuda_unavailable_reasons())
 
 
 @needs_no_gpu
@@ -436,11 +428,11 @@ def test_too_small_a_workspace_names_the_asked_k_and_a_bound_that_works():
     min(k, rows): the message still names the k asked for, and the bound it suggests works."""
     workspace_of = lambda nq, nb, k, bound: 64 * nq * k + 4 * nb  # noqa: E731
     with pytest.raises(ValueError, match=r"workspace_bytes: one query with k=256 needs (\d+) bytes") as refused:
-        _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, 1000)
+        _cuda_chunks.check_one_query_fits(workspace_of, 50_000, 256, 1000)
     bound = int(re.search(r"needs (\d+) bytes", str(refused.value)).group(1))
     assert bound > 1000
-    _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, bound)  # enough, as promised
-    _cuda_search.check_one_query_fits(workspace_of, 50_000, 256, 1 << 30)
+    _cuda_chunks.check_one_query_fits(workspace_of, 50_000, 256, bound)  # enough, as promised
+    _cuda_chunks.check_one_query_fits(workspace_of, 50_000, 256, 1 << 30)
 
 
 @pytest.mark.parametrize("n,rows", [(1, 1), (10, 3), (10, 10), (10, 100), (100_003, 4096)])
@@ -454,7 +446,7 @@ def test_database_plan_covers_the_rows(n, rows):
 @pytest.mark.parametrize("n,rows,first", [(1, 1, 1), (10, 3, 1), (10, 10, 10), (100, 64, 8), (1000, 64, 8),
                                           (1000, 64, 0), (1000, 64, 500), (100_003, 4096, 512)])
 def test_stream_plan_starts_small_and_covers_the_rows(n, rows, first):
-    pieces = _cuda_search.plan_stream_chunks(n, rows, first)
+    pieces = _cuda_chunks.plan_stream_chunks(n, rows, first)
     sizes = [stop - start for start, stop in pieces]
     assert pieces[0][0] == 0 and pieces[-1][1] == n
     assert all(b[0] == a[1] for a, b in zip(pieces, pieces[1:]))
@@ -473,13 +465,13 @@ def test_stream_plan_starts_small_and_covers_the_rows(n, rows, first):
     (1, 1, 1),
 ])
 def test_first_stream_chunk(rows, dim, expected):
-    assert _cuda_search.first_stream_rows(rows, dim) == expected
+    assert _cuda_chunks.first_stream_rows(rows, dim) == expected
 
 
 def test_rows_per_call():
-    assert _cuda_search.rows_per_call(1) == 1
-    assert _cuda_search.rows_per_call(8000) == 1000
-    assert _cuda_search.rows_per_call(1 << 40) == _cuda_search.MAX_ROWS_PER_CALL < 1 << 29  # knn.cu: k < 2^29
+    assert _cuda_chunks.rows_per_call(1) == 1
+    assert _cuda_chunks.rows_per_call(8000) == 1000
+    assert _cuda_chunks.rows_per_call(1 << 40) == _cuda_chunks.MAX_ROWS_PER_CALL < 1 << 29  # knn.cu: k < 2^29
 
 
 @pytest.mark.parametrize("num_queries", [1, 7, 10_000, 10_000_000])
@@ -491,14 +483,14 @@ def test_host_stream_plan_fits_the_budget(num_queries, num_database, dim, k, mem
     workspace_bytes = 1 << 30
     query_rows, rows = plan_host_stream(num_queries, num_database, dim, k, memory_bytes, workspace_bytes)
     assert 1 <= query_rows <= num_queries and 1 <= rows <= num_database
-    assert rows <= max(1, _cuda_search.HOST_CHUNK_BYTES // (dim * 4))
-    assert rows <= _cuda_search.rows_per_call(workspace_bytes)
+    assert rows <= max(1, _cuda_chunks.HOST_CHUNK_BYTES // (dim * 4))
+    assert rows <= _cuda_chunks.rows_per_call(workspace_bytes)
     kept = min(k, num_database)
-    used = query_rows * (dim * 4 + _cuda_search.RESULT_BYTES_PER_NEIGHBOUR * kept) + 2 * rows * dim * 4
+    used = query_rows * (dim * 4 + _cuda_chunks.RESULT_BYTES_PER_NEIGHBOUR * kept) + 2 * rows * dim * 4
     if query_rows > 1 or rows > 1:  # below one query and one row, the budget is exceeded, not refused
         assert used <= memory_bytes
     if used <= memory_bytes // 2 and query_rows == num_queries:
-        assert rows == min(num_database, _cuda_search.HOST_CHUNK_BYTES // (dim * 4)) or rows > 1
+        assert rows == min(num_database, _cuda_chunks.HOST_CHUNK_BYTES // (dim * 4)) or rows > 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -651,7 +643,7 @@ def test_the_workspace_bound_reaches_the_plan(metric, rng):
 def test_streamed_search_starts_with_small_chunks(metric, num_queries, monkeypatch, rng):
     # With the floor lifted, a database of 1000 rows in chunks of at most 128 streams as
     # 16, 32, 64, 128, 128, ... rows; every block of queries sees the same chunks.
-    monkeypatch.setattr(_cuda_search, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(_cuda_chunks, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
     queries, database = _integers(rng, num_queries, 4), _integers(rng, 1000, 4)
     rows = []
 
@@ -661,7 +653,7 @@ def test_streamed_search_starts_with_small_chunks(metric, num_queries, monkeypat
             super().search(queries, database, *args, **kwargs)
 
     # two chunks of 128 rows of 16 bytes, and blocks of at most 9 queries with their results
-    memory_bytes = 2 * 128 * 16 + min(num_queries, 9) * (16 + _cuda_search.RESULT_BYTES_PER_NEIGHBOUR * 5)
+    memory_bytes = 2 * 128 * 16 + min(num_queries, 9) * (16 + _cuda_chunks.RESULT_BYTES_PER_NEIGHBOUR * 5)
     query_rows, largest = plan_host_stream(num_queries, 1000, 4, 5, memory_bytes, 1 << 20)
     assert largest == 128 and query_rows == min(num_queries, 9)
     D, I = search_streamed(Spy(), queries, database, 5, metric, workspace_bytes=1 << 20, memory_bytes=memory_bytes)
@@ -727,7 +719,7 @@ def test_streamed_float64_beyond_float32_is_refused(rng):
 def test_resident_search_chunks_queries_and_database(metric, n, k, workspace_bytes, rng):
     queries, database = _integers(rng, 19, 4), _integers(rng, n, 4)
     backend = CpuBackend(lambda nq, nb, k, bound: nq * 10 + nb // 4)
-    if workspace_bytes < 10 + min(n, _cuda_search.rows_per_call(workspace_bytes)) // 4:
+    if workspace_bytes < 10 + min(n, _cuda_chunks.rows_per_call(workspace_bytes)) // 4:
         with pytest.raises(ValueError, match="workspace_bytes: one query with"):
             search_resident(backend, torch.from_numpy(queries), torch.from_numpy(database), k, metric, workspace_bytes)
         return
@@ -914,7 +906,7 @@ def test_half_database_through_the_stand_in_backend(dtype, rng):
     np.testing.assert_allclose(D.numpy(), D_ref, rtol=1e-6)
 
 
-def test_cached_norms_are_sliced_with_the_database(rng):
+def test_cached_norms_are_sliced_with_the_database(rng, monkeypatch):
     """search_resident hands each database chunk its own slice of the kept norms."""
     x = rng.standard_normal((50, 4)).astype(np.float32)
     q = rng.standard_normal((3, 4)).astype(np.float32)
@@ -926,12 +918,8 @@ def test_cached_norms_are_sliced_with_the_database(rng):
             seen.append((database.shape[0], None if norms is None else norms.shape[0]))
             super().search(queries, database, k, code, distances, indices, workspace, norms)
 
-    monkey_rows = _cuda_search.rows_per_call
-    try:
-        _cuda_search.rows_per_call = lambda workspace_bytes: 16  # force 4 database chunks
-        D, I = search_resident(Recording(), torch.from_numpy(q), torch.from_numpy(x), 5, "l2", 1 << 20, norms=norms)
-    finally:
-        _cuda_search.rows_per_call = monkey_rows
+    monkeypatch.setattr(_cuda_search, "rows_per_call", lambda workspace_bytes: 16)  # force 4 database chunks
+    D, I = search_resident(Recording(), torch.from_numpy(q), torch.from_numpy(x), 5, "l2", 1 << 20, norms=norms)
     assert [rows for rows, _ in seen] == [n for _, n in seen] and len(seen) == 4
     np.testing.assert_array_equal(I.numpy(), latentspace.knn(q, x, 5)[1])
     with pytest.raises(ValueError, match="norms: expected 50"):
@@ -1219,7 +1207,7 @@ def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
         plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", fitted)
         # the plans before GPU run 8 without it (no large-k plan for the last call's 4 query tiles)
         plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0" if fitted == "0" else "")
-        bound = _cuda_search.DEFAULT_WORKSPACE_BYTES
+        bound = _cuda_chunks.DEFAULT_WORKSPACE_BYTES
         chunks = plan_query_chunks(10_000, 1024, lambda c: _plan(c, 1_000_000, 1024, bound)["workspace_bytes"], bound)
         first = chunks[0][1] - chunks[0][0]
         return len(chunks), first, _plan(first, 1_000_000, 1024, bound)
@@ -1228,4 +1216,4 @@ def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
     assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (9, 1188, 30, 300)
     count, first, plan = calls("1")
     assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (1, 10_000, 5, 395)
-    assert plan["workspace_bytes"] <= _cuda_search.DEFAULT_WORKSPACE_BYTES
+    assert plan["workspace_bytes"] <= _cuda_chunks.DEFAULT_WORKSPACE_BYTES

@@ -1,23 +1,27 @@
-"""Exact kNN on a CUDA GPU: the device argument, chunking, host streaming, the top-k merge.
+"""Exact kNN on a CUDA GPU: the searches that run a plan of native calls, and the top-k merge.
 
 The native kernel (csrc/cuda/knn.cu, `_native.knn_cuda`) searches C-contiguous float32
 queries (Q, D) against a float32 database (N, D), both on the current CUDA device, into
 preallocated (Q, k) float32 / int64 outputs, queued on a stream, with a workspace its caller
 allocates. It trusts its caller for: finite inputs, N < 2^31 and Q * k < 2^31 per call. This
-module is that caller:
+module is that caller, with two helpers beside it:
 
-* resolve_device: None / "cpu" / "cuda" / "cuda:N" / torch.device -> None (the CPU) or a
-  torch.device; a RuntimeError naming every reason when CUDA is asked for and unusable.
-* plan_query_chunks, plan_database_chunks, plan_host_stream, plan_stream_chunks: pure
-  functions that split a search into native calls (each call's workspace at most
-  `workspace_bytes`, Q * k < 2^31) and a host database into chunks that fit a GPU memory
-  budget, smaller ones first.
+* _cuda_device: the device argument (resolve_device: None / "cpu" / "cuda" / "cuda:N" /
+  torch.device -> None, the CPU, or a torch.device; a RuntimeError naming every reason when
+  CUDA is asked for and unusable) and the byte budgets (check_budget).
+* _cuda_chunks: pure functions that split a search into native calls (each call's workspace
+  at most `workspace_bytes`, Q * k < 2^31) and a host database into chunks that fit a GPU
+  memory budget, smaller ones first.
+
+Here:
 * merge_topk: the running top-k merged with one database chunk's top-k (a stable sort, so
   ties keep the lower index). Pure torch: works on CPU tensors as on CUDA ones.
 * search_resident: database already on the device (queries chunked, the database split
   only past what one call takes).
 * search_streamed: database in host memory, copied chunk by chunk through two pinned
   buffers on a side stream while the previous chunk is searched, results merged.
+* knn_on_device: search.knn's entry, from the caller's arguments to results of the
+  caller's kind.
 
 The searches run on a "backend": CudaBackend (the native CUDA kernel on torch's current
 stream) or CpuBackend, a stand-in running the same orchestration on CPU tensors with the
@@ -33,19 +37,16 @@ Memory (all from torch's caching allocator, nothing hidden):
 
 from __future__ import annotations
 
-import re
-import sys
 from typing import Any, Callable
 
 import numpy as np
 
-from . import _native, runtime
+from . import _native
 from ._arrays import (
     METRICS,
     as_device_matrix,
     as_host_matrix,
     as_matrix,
-    check_int,
     check_k,
     check_metric,
     check_rows_usable,
@@ -57,285 +58,22 @@ from ._arrays import (
     raise_unusable_rows,
     weights_for,
 )
+from ._cuda_chunks import (
+    DEFAULT_GPU_MEMORY_BYTES,
+    DEFAULT_WORKSPACE_BYTES,
+    check_one_query_fits,
+    first_stream_rows,
+    plan_database_chunks,
+    plan_host_stream,
+    plan_query_chunks,
+    plan_stream_chunks,
+    rows_per_call,
+)
 from ._host_copy import copy_rows
 
-__all__ = [
-    "DEFAULT_GPU_MEMORY_BYTES",
-    "DEFAULT_WORKSPACE_BYTES",
-    "CpuBackend",
-    "CudaBackend",
-    "check_budget",
-    "cuda_unavailable_reasons",
-    "knn_on_device",
-    "merge_topk",
-    "plan_database_chunks",
-    "plan_host_stream",
-    "plan_query_chunks",
-    "plan_stream_chunks",
-    "require_cuda",
-    "resolve_device",
-    "search_resident",
-    "search_streamed",
-]
+__all__ = ["CpuBackend", "CudaBackend", "knn_on_device", "merge_topk", "search_resident", "search_streamed"]
 
-DEFAULT_WORKSPACE_BYTES = 1 << 30  # per native call; a search takes as many calls as needed
-DEFAULT_GPU_MEMORY_BYTES = 2 << 30  # host streaming: chunks + queries + results (see above)
-HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinned, x2 device)
-# A streamed database starts with smaller chunks (plan_stream_chunks): only the first chunk's
-# host copy and upload wait with the GPU idle, every later one overlaps the previous search.
-STREAM_RAMP_STEPS = 3  # the first chunk is 1/8 of the largest, then 1/4, 1/2, whole chunks
-STREAM_FIRST_CHUNK_MIN_BYTES = 8 << 20  # below this a smaller first chunk saves next to nothing
-MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
-# Database rows per native call. knn.cu takes < 2^31 rows and k < 2^29 (its candidate lists
-# hold k + max(k, 256) keys, counted in an int); with k capped at the rows of the call (k > N
-# is padded here), rows < 2^29 keep every call within both.
-MAX_ROWS_PER_CALL = (1 << 29) - 1
-# Device bytes per query and neighbour while a host database streams: the running top-k,
-# one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
-RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
 _PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf"), "weighted_l2": float("inf")}
-_DEVICE_PATTERN = re.compile(r"cuda(?::([0-9]+))?")  # [0-9], not \d: no other scripts' digits
-_CPU_PATTERN = re.compile(r"cpu(?::[0-9]+)?")  # torch.device("cpu", 0) prints as "cpu:0"
-_ARCHITECTURE_PATTERN = re.compile(r"([0-9]+)([a-z]?)(?:-(real|virtual))?")
-
-
-# ---------------------------------------------------------------------------------------
-# The device argument
-
-
-def cuda_unavailable_reasons() -> list[str]:
-    """Why device="cuda" cannot be used here: empty when it can."""
-    reasons = []
-    info = runtime.build_info()
-    if not info["cuda_compiled"]:
-        reasons.append("latentspace was built without CUDA (reinstall it where nvcc is found, "
-                       "or with -C cmake.define.LATENTSPACE_CUDA=ON)")
-    elif not info["gpu_visible"]:
-        reasons.append(f"latentspace finds no usable CUDA GPU ({info['cuda_unavailable_reason'] or 'none visible'})")
-    import torch
-
-    if torch.version.cuda is None:
-        reasons.append(f"the installed torch {torch.__version__} has no CUDA support (install a CUDA "
-                       "build of torch, see https://pytorch.org/get-started/locally/)")
-    elif not torch.cuda.is_available():
-        reasons.append("torch sees no CUDA GPU")
-    return reasons
-
-
-def require_cuda(what: str, fix: str) -> None:
-    """Raises RuntimeError '<what>, but CUDA is unavailable here: <reasons>. <fix>'."""
-    reasons = cuda_unavailable_reasons()
-    if reasons:
-        raise RuntimeError(f"{what}, but CUDA is unavailable here: {'; '.join(reasons)}. {fix}")
-
-
-def resolve_device(device: Any, *inputs: tuple[Any, str]):
-    """The device a search runs on: None for the CPU, else a torch.device('cuda', index).
-
-    device: None, "cpu", "cuda" (torch's current device), "cuda:N" or a torch.device. None
-    picks CUDA when one of `inputs` ((value, name) pairs) is a CUDA tensor (the first such
-    input's device), else the CPU; torch is not imported for numpy inputs.
-
-    Raises TypeError / ValueError for a malformed device, RuntimeError (naming every reason)
-    when CUDA is asked for, or a CUDA tensor given, and CUDA is unusable.
-    """
-    if device is None:
-        for value, name in inputs:
-            if is_torch_tensor(value) and value.device.type == "cuda":
-                require_cuda(f"{name} is a CUDA tensor",
-                             "Pass device='cpu' to copy the inputs to the CPU and search there.")
-                return _cuda_device(value.device.index, repr(str(value.device)))
-        return None
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(device, torch.device):
-        text = str(device)
-    elif isinstance(device, str):
-        text = device
-    else:
-        raise TypeError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, "
-                        f"got {type(device).__name__} {device!r}")
-    if _CPU_PATTERN.fullmatch(text):
-        return None
-    match = _DEVICE_PATTERN.fullmatch(text)
-    if match is None:
-        raise ValueError(f"device: expected None, 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}")
-    require_cuda(f"device={text!r} asked for", "Use device='cpu' (or None with CPU data) to search on the CPU.")
-    return _cuda_device(None if match.group(1) is None else int(match.group(1)), repr(text))
-
-
-def _cuda_device(index: int | None, asked: str):
-    import torch
-
-    count = torch.cuda.device_count()
-    if index is None:
-        index = torch.cuda.current_device()
-    if index >= count:
-        raise ValueError(f"device: {asked} asked for, but {count} CUDA GPU{'s are' if count != 1 else ' is'} "
-                         f"visible (cuda:0 to cuda:{count - 1})")
-    _require_kernels_for(index, asked)
-    return torch.device("cuda", index)
-
-
-def kernels_run_on(architectures: list[str], capability: tuple[int, int]) -> bool:
-    """Whether a build for these CUDA architectures (CMake's entries: "90", "80-real",
-    "86-virtual", "90a") has kernels a GPU of this compute capability runs: machine code
-    (sm_XY) runs on the same major version at minor >= Y; PTX (compute_XY) is compiled by the
-    driver for any capability >= X.Y; an arch-specific entry ("90a") runs on that GPU alone."""
-    major, minor = capability
-    for entry in architectures:
-        match = _ARCHITECTURE_PATTERN.fullmatch(entry)
-        if match is None:
-            continue
-        number, specific, kind = int(match.group(1)), match.group(2), match.group(3)
-        built = (number // 10, number % 10)
-        if specific:  # machine code or PTX, for that GPU alone
-            if built == (major, minor):
-                return True
-            continue
-        if kind != "virtual" and built[0] == major and minor >= built[1]:
-            return True
-        if kind != "real" and (major, minor) >= built:
-            return True
-    return False
-
-
-def _require_kernels_for(index: int, asked: str) -> None:
-    """RuntimeError naming the device when its compute capability is older than every
-    architecture this build has kernels for (the first launch would fail with "no kernel
-    image is available"). Skipped where latentspace's own device list lacks the index."""
-    info = runtime.build_info()
-    device = next((d for d in info["cuda_devices"] if d["index"] == index), None)
-    if device is None or kernels_run_on(info["cuda_architectures"], tuple(device["compute_capability"])):
-        return
-    major, minor = device["compute_capability"]
-    raise RuntimeError(
-        f"device: {asked} asked for, but {device['name']} (compute capability {major}.{minor}) runs none of this "
-        f"build's kernels (architectures {';'.join(info['cuda_architectures'])}); reinstall latentspace with "
-        f"LATENTSPACE_CUDA_ARCHITECTURES={major}{minor} set, or search on the CPU (device='cpu')")
-
-
-def check_budget(value: Any, name: str) -> int | None:
-    """None (the default) or a byte count >= 1 (workspace_bytes, gpu_memory_bytes), below 2^63
-    (the native side takes it as a size_t)."""
-    return None if value is None else check_int(value, name, below=1 << 63)
-
-
-# ---------------------------------------------------------------------------------------
-# Planning (pure functions)
-
-
-def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], int],
-                      workspace_bytes: int) -> list[tuple[int, int, int]]:
-    """Splits queries [0, num_queries) into consecutive native calls.
-
-    Each call's chunk of c queries satisfies c * k <= MAX_ITEMS_PER_CALL and needs at most
-    `workspace_bytes` of workspace, workspace_of(c). The workspace does not grow
-    monotonically with c (knn.cu splits the database more finely for fewer queries), so
-    every chunk, the last included, is sized by itself. Returns [(start, stop, workspace
-    bytes)]. Raises ValueError naming workspace_bytes when one query alone needs more.
-    """
-    chunks: list[tuple[int, int, int]] = []
-    size = max(1, min(num_queries, MAX_ITEMS_PER_CALL // k))
-    start = 0
-    while start < num_queries:
-        count = min(size, num_queries - start)
-        need = workspace_of(count)
-        while need > workspace_bytes and count > 1:
-            count = max(1, min(count // 2, count * workspace_bytes // need))
-            need = workspace_of(count)
-        if need > workspace_bytes:
-            raise ValueError(
-                f"workspace_bytes: one query with k={k} needs {need} bytes of GPU workspace against this "
-                f"database, more than the bound of {workspace_bytes}; pass workspace_bytes={need} or more, "
-                "or use a smaller k"
-            )
-        chunks.append((start, start + count, need))
-        start += count
-        size = count
-    return chunks
-
-
-def rows_per_call(workspace_bytes: int) -> int:
-    """Database rows one native call takes: below 2^29 (see MAX_ROWS_PER_CALL), and few
-    enough that their norms (4 bytes a row, in the workspace) take at most half of it."""
-    return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
-
-
-def check_one_query_fits(workspace_of: Callable[[int, int, int, int], int], num_database: int, k: int,
-                         workspace_bytes: int) -> None:
-    """Raises ValueError naming workspace_bytes, the asked k and a bound that works, when
-    one query cannot be searched within workspace_bytes. workspace_of(queries, rows, k, bound)
-    is the native call's need; a database is cut into rows_per_call(bound) pieces, each
-    searched for min(k, its rows), so the bound to suggest is the fixed point of bound -> need."""
-
-    def need(bound: int) -> int:
-        rows = min(num_database, rows_per_call(bound))
-        return workspace_of(1, rows, min(k, rows), bound)
-
-    if need(workspace_bytes) <= workspace_bytes:
-        return
-    bound = need(workspace_bytes)
-    for _ in range(64):  # need grows about half as fast as the bound (norms take half): converges
-        more = need(bound)
-        if more <= bound:
-            break
-        bound = more
-    raise ValueError(
-        f"workspace_bytes: one query with k={k} needs {bound} bytes of GPU workspace against this database "
-        f"({num_database} rows), more than the bound of {workspace_bytes}; pass workspace_bytes={bound} or more, "
-        "or use a smaller k"
-    )
-
-
-def plan_database_chunks(num_database: int, rows: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of at most `rows` rows covering [0, num_database)."""
-    return [(start, min(start + rows, num_database)) for start in range(0, num_database, rows)]
-
-
-def plan_stream_chunks(num_database: int, rows: int, first_rows: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges covering [0, num_database) for a streamed search: the first
-    chunk of `first_rows` rows (at most `rows`), each next one twice the size of the one
-    before it, up to `rows`.
-
-    Why: the first chunk's host copy and upload run while the GPU has nothing to search; every
-    later chunk's overlap the search of the chunk before it. A small first chunk shortens that
-    idle start, and doubling keeps each copy about as long as the search it hides behind (a
-    search takes at least as long per row as a copy whenever the queries are many enough for
-    the GPU to be the bottleneck). The cost: a few more native calls and top-k merges.
-    """
-    pieces: list[tuple[int, int]] = []
-    start, size = 0, max(1, min(rows, first_rows))
-    while start < num_database:
-        stop = min(num_database, start + size)
-        pieces.append((start, stop))
-        start, size = stop, min(rows, 2 * size)
-    return pieces
-
-
-def first_stream_rows(rows: int, dim: int) -> int:
-    """The first chunk of a streamed search (plan_stream_chunks): 1 / 2^STREAM_RAMP_STEPS of
-    the largest chunk, but not below STREAM_FIRST_CHUNK_MIN_BYTES (nor above `rows`)."""
-    return min(rows, max(rows >> STREAM_RAMP_STEPS, STREAM_FIRST_CHUNK_MIN_BYTES // (dim * 4), 1))
-
-
-def plan_host_stream(num_queries: int, num_database: int, dim: int, k: int, memory_bytes: int,
-                     workspace_bytes: int) -> tuple[int, int]:
-    """(query rows per block, database rows per chunk) for streaming a host database.
-
-    Device memory, about memory_bytes in all (the workspace comes on top): a block of queries
-    with their results and merge temporaries takes at most half (all the queries when they fit),
-    two database chunks the rest. A chunk is also at most HOST_CHUNK_BYTES (it is pinned
-    twice on the host) and rows_per_call(workspace_bytes) rows. Never below one row of each:
-    a budget smaller than one query and one database row is exceeded, not refused.
-    """
-    k = min(k, num_database)
-    per_query = dim * 4 + RESULT_BYTES_PER_NEIGHBOUR * k
-    query_rows = max(1, min(num_queries, (memory_bytes // 2) // per_query))
-    left = max(0, memory_bytes - query_rows * per_query)
-    database_rows = min(num_database, left // (2 * dim * 4), HOST_CHUNK_BYTES // (dim * 4),
-                        rows_per_call(workspace_bytes))
-    return query_rows, max(1, database_rows)
-
 
 # ---------------------------------------------------------------------------------------
 # Merging

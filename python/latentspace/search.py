@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _cuda_search, _native
+from . import _cuda_device, _cuda_search, _native
 from ._arrays import as_matrix, check_k, check_metric, check_rows_usable, empty_results, weights_for
 
 
@@ -54,9 +54,9 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
     GPU: CUDA tensors are used in place and the search is queued on torch's current stream;
     host data streams through pinned buffers (docs/gpu.md).
     """
-    workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
-    gpu_memory_bytes = _cuda_search.check_budget(gpu_memory_bytes, "gpu_memory_bytes")
-    target = _cuda_search.resolve_device(device, (queries, "queries"), (database, "database"))
+    workspace_bytes = _cuda_device.check_budget(workspace_bytes, "workspace_bytes")
+    gpu_memory_bytes = _cuda_device.check_budget(gpu_memory_bytes, "gpu_memory_bytes")
+    target = _cuda_device.resolve_device(device, (queries, "queries"), (database, "database"))
     precision_code = _cuda_search.check_precision(precision, target is not None)
     if target is not None:
         return _cuda_search.knn_on_device(queries, database, k, metric, target, workspace_bytes=workspace_bytes,

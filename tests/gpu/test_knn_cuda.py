@@ -18,7 +18,7 @@ import pytest
 
 import latentspace
 from conftest import METRICS, assert_knn_matches, reference_knn
-from latentspace import _cuda_search, _native
+from latentspace import _cuda_chunks, _cuda_search, _native
 
 torch = pytest.importorskip("torch")
 
@@ -546,9 +546,9 @@ def test_host_streaming_many_more_chunks(rng):
 def test_small_host_streaming_starts_with_small_chunks(monkeypatch, rng):
     # The floor lifted: chunks of an eighth of the pinned buffers' rows, then twice and four
     # times that, each through the same two buffers (a chunk shorter than its buffer).
-    monkeypatch.setattr(_cuda_search, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(_cuda_chunks, "STREAM_FIRST_CHUNK_MIN_BYTES", 0)
     plans = []
-    plan_stream_chunks = _cuda_search.plan_stream_chunks
+    plan_stream_chunks = _cuda_chunks.plan_stream_chunks
 
     def spy(*args):
         plans.append(plan_stream_chunks(*args))
@@ -557,14 +557,14 @@ def test_small_host_streaming_starts_with_small_chunks(monkeypatch, rng):
     monkeypatch.setattr(_cuda_search, "plan_stream_chunks", spy)
     _host_streaming_many_chunks(5, 3000, rng)
     sizes = [stop - start for start, stop in plans[0]]
-    _, rows = _cuda_search.plan_host_stream(5, 3000, 8, 7, 4096, 1 << 30)  # the pinned buffers' rows
+    _, rows = _cuda_chunks.plan_host_stream(5, 3000, 8, 7, 4096, 1 << 30)  # the pinned buffers' rows
     first = rows // 8
     assert len(plans) == 1 and sizes[:3] == [first, 2 * first, 4 * first] and max(sizes) == rows, sizes
 
 
 def _host_streaming_many_chunks(nq, n, rng):
     queries, database = _integers(rng, nq, 8), _integers(rng, n, 8)
-    query_rows, rows = _cuda_search.plan_host_stream(nq, n, 8, 7, 4096, 1 << 30)
+    query_rows, rows = _cuda_chunks.plan_host_stream(nq, n, 8, 7, 4096, 1 << 30)
     assert query_rows < nq and rows < n // 8  # blocks of queries, many database chunks
     D0, I0 = latentspace.knn(queries, database, 7, "l2")
     D, I = latentspace.knn(queries, database, 7, "l2", device=DEVICE, gpu_memory_bytes=4096)

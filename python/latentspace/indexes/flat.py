@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _cuda_search, _native
+from .. import _cuda_chunks, _cuda_device, _cuda_search, _native
 from .._arrays import (
     METRICS,
     as_matrix,
@@ -76,7 +76,7 @@ class FlatIndex:
             self._weights = np.ones(self._dim, np.float32) if weights is None else check_weights(weights, self._dim)
         elif weights is not None:
             raise ValueError(f"weights: only metric='weighted_l2' takes weights (this index uses {metric!r})")
-        self._device = _cuda_search.resolve_device(device)  # None: the CPU
+        self._device = _cuda_device.resolve_device(device)  # None: the CPU
         self._storage = _cuda_search.check_storage(storage, self._device is not None)
         # _write_lock serialises the writers for the whole of their work (add_encoded holds it
         # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
@@ -290,7 +290,7 @@ class FlatIndex:
         workspace_bytes: as for latentspace.knn (GPU only: "tf32" / "bf16" / "fp16" are
         refused on a CPU index; workspace_bytes is checked but unused there).
         """
-        workspace_bytes = _cuda_search.check_budget(workspace_bytes, "workspace_bytes")
+        workspace_bytes = _cuda_device.check_budget(workspace_bytes, "workspace_bytes")
         precision_code = _cuda_search.check_precision(precision, self._device is not None)
         w = weights_for(self._metric, weights, self._dim, default=self._weights)
         if self._device is not None:
@@ -313,7 +313,7 @@ class FlatIndex:
         """A new index with the same vectors on `device` (None / "cpu", "cuda", "cuda:N",
         a torch.device); always a copy, also to the same device (a memory-mapped index
         becomes one held in memory). A GPU target keeps the storage; a CPU one stores float32."""
-        target = _cuda_search.resolve_device(device)
+        target = _cuda_device.resolve_device(device)
         index = FlatIndex(self._dim, self._metric, device=device, weights=self._weights,
                           storage=self._storage if target is not None else "fp32")
         if self._device is not None:
@@ -477,7 +477,7 @@ class FlatIndex:
                     norms.record_stream(backend.stream)
                 distances, indices = _cuda_search.search_resident(
                     backend, q, database, k, self._metric,
-                    workspace_bytes or _cuda_search.DEFAULT_WORKSPACE_BYTES, norms=norms)
+                    workspace_bytes or _cuda_chunks.DEFAULT_WORKSPACE_BYTES, norms=norms)
             raise_unusable_rows(checks)
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
@@ -568,7 +568,7 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     file or one that is not a regular file (a FIFO), FileNotFoundError when there is none,
     IsADirectoryError for a folder.
     """
-    target = _cuda_search.resolve_device(device)  # before reading: a bad device fails fast
+    target = _cuda_device.resolve_device(device)  # before reading: a bad device fails fast
     header, data = load_index_file(path, mmap=mmap, verify=verify)
     kind = header.get("type")
     if kind == "FlatIndex":

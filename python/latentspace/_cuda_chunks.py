@@ -1,0 +1,156 @@
+"""How a GPU search is cut into native calls: pure functions of sizes, no GPU needed.
+
+The native kernel (csrc/cuda/knn.cu) takes fewer than 2^31 database rows and Q * k < 2^31 a
+call, in a workspace its caller allocates (its size: _native.knn_cuda_workspace_bytes, which
+does not grow monotonically with the queries). These functions split a search into calls that
+hold within both and within the caller's workspace_bytes (plan_query_chunks, rows_per_call,
+check_one_query_fits, plan_database_chunks), and a database in host memory into chunks that
+fit a GPU memory budget, smaller ones first (plan_host_stream, plan_stream_chunks,
+first_stream_rows). _cuda_search runs the plans; tests/test_cuda_search.py checks them
+without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+__all__ = [
+    "DEFAULT_GPU_MEMORY_BYTES",
+    "DEFAULT_WORKSPACE_BYTES",
+    "check_one_query_fits",
+    "first_stream_rows",
+    "plan_database_chunks",
+    "plan_host_stream",
+    "plan_query_chunks",
+    "plan_stream_chunks",
+    "rows_per_call",
+]
+
+DEFAULT_WORKSPACE_BYTES = 1 << 30  # per native call; a search takes as many calls as needed
+DEFAULT_GPU_MEMORY_BYTES = 2 << 30  # host streaming: chunks + queries + results (see above)
+HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinned, x2 device)
+# A streamed database starts with smaller chunks (plan_stream_chunks): only the first chunk's
+# host copy and upload wait with the GPU idle, every later one overlaps the previous search.
+STREAM_RAMP_STEPS = 3  # the first chunk is 1/8 of the largest, then 1/4, 1/2, whole chunks
+STREAM_FIRST_CHUNK_MIN_BYTES = 8 << 20  # below this a smaller first chunk saves next to nothing
+MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
+# Database rows per native call. knn.cu takes < 2^31 rows and k < 2^29 (its candidate lists
+# hold k + max(k, 256) keys, counted in an int); with k capped at the rows of the call (k > N
+# is padded here), rows < 2^29 keep every call within both.
+MAX_ROWS_PER_CALL = (1 << 29) - 1
+# Device bytes per query and neighbour while a host database streams: the running top-k,
+# one chunk's top-k, and the merge's concatenation, sort and gather (float32 + int64 each).
+RESULT_BYTES_PER_NEIGHBOUR = 7 * 12
+
+
+def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], int],
+                      workspace_bytes: int) -> list[tuple[int, int, int]]:
+    """Splits queries [0, num_queries) into consecutive native calls.
+
+    Each call's chunk of c queries satisfies c * k <= MAX_ITEMS_PER_CALL and needs at most
+    `workspace_bytes` of workspace, workspace_of(c). The workspace does not grow
+    monotonically with c (knn.cu splits the database more finely for fewer queries), so
+    every chunk, the last included, is sized by itself. Returns [(start, stop, workspace
+    bytes)]. Raises ValueError naming workspace_bytes when one query alone needs more.
+    """
+    chunks: list[tuple[int, int, int]] = []
+    size = max(1, min(num_queries, MAX_ITEMS_PER_CALL // k))
+    start = 0
+    while start < num_queries:
+        count = min(size, num_queries - start)
+        need = workspace_of(count)
+        while need > workspace_bytes and count > 1:
+            count = max(1, min(count // 2, count * workspace_bytes // need))
+            need = workspace_of(count)
+        if need > workspace_bytes:
+            raise ValueError(
+                f"workspace_bytes: one query with k={k} needs {need} bytes of GPU workspace against this "
+                f"database, more than the bound of {workspace_bytes}; pass workspace_bytes={need} or more, "
+                "or use a smaller k"
+            )
+        chunks.append((start, start + count, need))
+        start += count
+        size = count
+    return chunks
+
+
+def rows_per_call(workspace_bytes: int) -> int:
+    """Database rows one native call takes: below 2^29 (see MAX_ROWS_PER_CALL), and few
+    enough that their norms (4 bytes a row, in the workspace) take at most half of it."""
+    return max(1, min(MAX_ROWS_PER_CALL, workspace_bytes // 8))
+
+
+def check_one_query_fits(workspace_of: Callable[[int, int, int, int], int], num_database: int, k: int,
+                         workspace_bytes: int) -> None:
+    """Raises ValueError naming workspace_bytes, the asked k and a bound that works, when
+    one query cannot be searched within workspace_bytes. workspace_of(queries, rows, k, bound)
+    is the native call's need; a database is cut into rows_per_call(bound) pieces, each
+    searched for min(k, its rows), so the bound to suggest is the fixed point of bound -> need."""
+
+    def need(bound: int) -> int:
+        rows = min(num_database, rows_per_call(bound))
+        return workspace_of(1, rows, min(k, rows), bound)
+
+    if need(workspace_bytes) <= workspace_bytes:
+        return
+    bound = need(workspace_bytes)
+    for _ in range(64):  # need grows about half as fast as the bound (norms take half): converges
+        more = need(bound)
+        if more <= bound:
+            break
+        bound = more
+    raise ValueError(
+        f"workspace_bytes: one query with k={k} needs {bound} bytes of GPU workspace against this database "
+        f"({num_database} rows), more than the bound of {workspace_bytes}; pass workspace_bytes={bound} or more, "
+        "or use a smaller k"
+    )
+
+
+def plan_database_chunks(num_database: int, rows: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `rows` rows covering [0, num_database)."""
+    return [(start, min(start + rows, num_database)) for start in range(0, num_database, rows)]
+
+
+def plan_stream_chunks(num_database: int, rows: int, first_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges covering [0, num_database) for a streamed search: the first
+    chunk of `first_rows` rows (at most `rows`), each next one twice the size of the one
+    before it, up to `rows`.
+
+    Why: the first chunk's host copy and upload run while the GPU has nothing to search; every
+    later chunk's overlap the search of the chunk before it. A small first chunk shortens that
+    idle start, and doubling keeps each copy about as long as the search it hides behind (a
+    search takes at least as long per row as a copy whenever the queries are many enough for
+    the GPU to be the bottleneck). The cost: a few more native calls and top-k merges.
+    """
+    pieces: list[tuple[int, int]] = []
+    start, size = 0, max(1, min(rows, first_rows))
+    while start < num_database:
+        stop = min(num_database, start + size)
+        pieces.append((start, stop))
+        start, size = stop, min(rows, 2 * size)
+    return pieces
+
+
+def first_stream_rows(rows: int, dim: int) -> int:
+    """The first chunk of a streamed search (plan_stream_chunks): 1 / 2^STREAM_RAMP_STEPS of
+    the largest chunk, but not below STREAM_FIRST_CHUNK_MIN_BYTES (nor above `rows`)."""
+    return min(rows, max(rows >> STREAM_RAMP_STEPS, STREAM_FIRST_CHUNK_MIN_BYTES // (dim * 4), 1))
+
+
+def plan_host_stream(num_queries: int, num_database: int, dim: int, k: int, memory_bytes: int,
+                     workspace_bytes: int) -> tuple[int, int]:
+    """(query rows per block, database rows per chunk) for streaming a host database.
+
+    Device memory, about memory_bytes in all (the workspace comes on top): a block of queries
+    with their results and merge temporaries takes at most half (all the queries when they fit),
+    two database chunks the rest. A chunk is also at most HOST_CHUNK_BYTES (it is pinned
+    twice on the host) and rows_per_call(workspace_bytes) rows. Never below one row of each:
+    a budget smaller than one query and one database row is exceeded, not refused.
+    """
+    k = min(k, num_database)
+    per_query = dim * 4 + RESULT_BYTES_PER_NEIGHBOUR * k
+    query_rows = max(1, min(num_queries, (memory_bytes // 2) // per_query))
+    left = max(0, memory_bytes - query_rows * per_query)
+    database_rows = min(num_database, left // (2 * dim * 4), HOST_CHUNK_BYTES // (dim * 4),
+                        rows_per_call(workspace_bytes))
+    return query_rows, max(1, database_rows)
