@@ -48,3 +48,32 @@ def test_unsigned_torch_tensors_are_searched_like_numpy_ones(dtype, rng):
     assert isinstance(found[0], torch.Tensor)
     np.testing.assert_array_equal(found[0].numpy(), expected[0])
     np.testing.assert_array_equal(found[1].numpy(), expected[1])
+
+
+def test_cpu_results_stay_on_the_cpu_whatever_torch_default_device_says(rng):
+    # The results are filled by the CPU kernels through numpy views: under
+    # torch.set_default_device("meta") (or "cuda") they were allocated there and failed.
+    q = torch.from_numpy(rng.standard_normal((5, 8)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((50, 8)).astype(np.float32))
+    expected = ls.knn(q.numpy(), x.numpy(), 3)
+    index = ls.FlatIndex(8)
+    index.add(x)
+    torch.set_default_device("meta")
+    try:
+        for distances, indices in (ls.knn(q, x, 3), index.search(q, 3)):
+            assert distances.device.type == indices.device.type == "cpu"
+            np.testing.assert_array_equal(indices.numpy(), expected[1])
+    finally:
+        torch.set_default_device(None)
+
+
+def test_masked_arrays_with_masked_entries_are_refused(rng):
+    # np.asarray drops the mask and keeps the hidden values: they would be searched as data.
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    q = np.ma.masked_array(rng.standard_normal((5, 8)).astype(np.float32))
+    np.testing.assert_array_equal(ls.knn(q, x, 2)[1], ls.knn(q.data, x, 2)[1])  # nothing masked: fine
+    q[0, 1] = np.ma.masked
+    with pytest.raises(TypeError, match=r"queries: a masked array with masked entries .* queries\.filled\(value\)"):
+        ls.knn(q, x, 2)
+    with pytest.raises(TypeError, match="database: a masked array"):
+        ls.knn(x[:5], np.ma.masked_invalid(np.where(x > 2, np.nan, x)), 2)

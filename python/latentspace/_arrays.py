@@ -96,6 +96,10 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     """np.asarray(x), refusing strings, None and non-real dtypes with a TypeError naming `name`."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+        # np.asarray keeps the masked entries' values and drops the mask: they would count
+        raise TypeError(f"{name}: a masked array with masked entries (its mask would be ignored); pass "
+                        f"{name}.filled(value), or only the rows without masked entries")
     try:
         array = np.asarray(x)
     except ValueError as error:  # a ragged nested list: numpy's message names no argument
@@ -223,8 +227,10 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
         if kind == "torch":
             import torch
 
-            distances = torch.empty((rows, k), dtype=torch.float32)
-            indices = torch.empty((rows, k), dtype=torch.int64)
+            # device="cpu": filled by the CPU kernels through numpy views, whatever
+            # torch.set_default_device says
+            distances = torch.empty((rows, k), dtype=torch.float32, device="cpu")
+            indices = torch.empty((rows, k), dtype=torch.int64, device="cpu")
             return distances, indices, distances.numpy(), indices.numpy()
         distances = np.empty((rows, k), dtype=np.float32)
         indices = np.empty((rows, k), dtype=np.int64)

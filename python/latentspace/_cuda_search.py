@@ -251,7 +251,7 @@ class _PinnedChunks:
 
         dim = database.shape[1]
         self._database = database
-        self._host = [torch.empty((rows, dim), dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        self._host = [torch.empty((rows, dim), dtype=torch.float32, device="cpu", pin_memory=True) for _ in range(2)]
         self._host_views = [buffer.numpy() for buffer in self._host]
         self._device_buffers = [torch.empty((rows, dim), dtype=torch.float32, device=device) for _ in range(2)]
         self._copy_stream = torch.cuda.Stream(device)
