@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,51 @@ def test_sigterm_mid_write_removes_the_temporary_file_and_exits_143(pipeline_fil
     assert code == 143 and "latentspace encode: terminated (SIGTERM)" in err
     assert _files(tmp) == files  # no z.npy, no temporary file
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_sigterm_the_process_ignores_stays_ignored(pipeline_files, capsys, monkeypatch):
+    """A process started with SIGTERM ignored (its parent's choice: SIG_IGN is inherited
+    across exec) was not stopped by one before the CLI's handler; main() installed its own
+    over it and the command ended with 143. As Python does for SIGINT, an ignored SIGTERM
+    is left ignored."""
+    import signal
+
+    tmp, _, _, _ = pipeline_files
+    real = latentspace.Encoder.encode
+
+    def encode_after_a_sigterm(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(latentspace.Encoder, "encode", encode_after_a_sigterm)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        code, out, err = _main(capsys, "encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"),
+                               "--out", str(tmp / "z.npy"))
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 0 and "terminated" not in err, err
+    assert (tmp / "z.npy").exists()
+
+
+def test_a_sigterm_of_an_earlier_run_does_not_end_a_later_one_in_a_thread(pipeline_files, capsys):
+    """The flag saying that main() got a SIGTERM was reset only where a handler was
+    installed (the main thread): after a run that train stopped on SIGTERM (143), a run
+    from another thread, which no SIGTERM can reach, also returned 143."""
+    import threading
+
+    from latentspace import cli
+
+    tmp, _, _, _ = pipeline_files
+    cli._received["SIGTERM"] = True  # as left by a training run that a SIGTERM stopped
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(_main(capsys, "encode", str(tmp / "model.safetensors"),
+                                                                str(tmp / "x.npy"), "--out", str(tmp / "z.npy"))[0]))
+    worker.start()
+    worker.join()
+    assert codes == [0]
 
 
 def _raise_keyboard_interrupt():
@@ -1053,3 +1099,14 @@ def test_a_closed_stdout_ends_the_command_quietly():
     process.stdout.close()  # before the command prints
     err = process.stderr.read().decode()
     assert process.wait(timeout=180) == 141 and err == "", err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX shell")
+def test_no_stdout_at_all_is_not_an_error():
+    """Started with file descriptor 1 closed (`latentspace info >&-`, some daemons), Python
+    sets sys.stdout to None and print() does nothing: the command ran, then main()'s flush
+    for a closed pipe raised AttributeError ('NoneType' object has no attribute 'flush') as
+    a traceback, exit status 1."""
+    result = subprocess.run(f"exec 1>&-; exec {shlex.quote(sys.executable)} -m latentspace info", shell=True,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

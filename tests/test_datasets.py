@@ -279,6 +279,27 @@ def test_ann_benchmarks_errors(tmp_path, rng):
         datasets.load_array(tmp_path / "a.hdf5", key="queries")
 
 
+def test_a_compact_hdf5_dataset_is_not_called_unwritten(tmp_path):
+    """A small dataset in HDF5's compact layout keeps its data in its object header: no offset
+    of its own, as an unwritten contiguous dataset. mmap=True said it had 'no data stored in
+    the file (never written)', and the data was there (mmap=False reads it)."""
+    h5py = pytest.importorskip("h5py")
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with h5py.File(tmp_path / "compact.hdf5", "w") as f:
+        create = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        create.set_layout(h5py.h5d.COMPACT)
+        dataset = h5py.h5d.create(f.id, b"train", h5py.h5t.NATIVE_FLOAT, h5py.h5s.create_simple(data.shape), dcpl=create)
+        dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, data)
+        f.create_dataset("test", data=data)
+        f.create_dataset("neighbors", data=np.zeros((3, 2), np.int64))
+        f.create_dataset("distances", data=np.zeros((3, 2), np.float32))
+        f.attrs["distance"] = "euclidean"
+    np.testing.assert_array_equal(datasets.load_array(tmp_path / "compact.hdf5", "train", mmap=False), data)
+    with pytest.raises(ValueError, match=r"mmap: dataset /train of .* is stored in its object header \(HDF5's "
+                                         r"compact layout\) and cannot be memory-mapped; pass mmap=False"):
+        datasets.load_array(tmp_path / "compact.hdf5", "train", mmap=True)
+
+
 def test_ann_benchmarks_without_h5py(tmp_path, monkeypatch):
     import builtins
 

@@ -332,3 +332,43 @@ def test_torch_path_bce_propagates_nan_like_the_native_one():
     per_row.sum().backward()
     assert torch.isnan(recon.grad[1, 3])
     assert torch.isfinite(recon.grad[0]).all()
+
+
+@pytest.mark.parametrize("loss", [
+    lambda a, b: reconstruction_loss(a, b, "mse", "none"),
+    lambda a, b: reconstruction_loss(a, b, "bce_logits", "mean"),
+    lambda a, b: kl_normal(a, b, "sum"),
+])
+def test_tensors_on_other_devices_still_take_torch_path(loss):
+    """Tensors off the CPU take torch's own ops, on any device torch has (MPS, XPU; 'meta'
+    for shapes alone, as torch's FLOP counters and dry runs use it). The check added for
+    sparse and nested tensors (check_dense) also refused every device but CPU and CUDA:
+    'recon: expected a CPU or CUDA tensor, got one on 'meta''."""
+    a = torch.empty(3, 4, device="meta", requires_grad=True)
+    b = torch.empty(3, 4, device="meta")
+    out = loss(a, b)
+    assert out.device.type == "meta" and out.shape == ((3,) if out.dim() else ())
+
+
+def test_torch_path_bce_takes_any_target_like_the_native_one(generator):
+    """torch's binary_cross_entropy checks the target as well: on the CPU a RuntimeError
+    naming nothing, and on CUDA a device-side assert ('target_val >= zero && target_val <=
+    one', NaN included) that leaves the CUDA context unusable; the fix for recon kept the
+    user's target in the kernel. The native path takes any target, NaN propagating to its
+    row; so must the torch path, with the same values and gradient."""
+    from latentspace.losses import _torch_reconstruction_loss
+
+    recon = torch.rand(4, 6, generator=generator, dtype=torch.float64)
+    recon[0, 0], recon[1, 1] = 0.0, 1.0  # the clamped logs
+    target = torch.rand(4, 6, generator=generator, dtype=torch.float64) * 3 - 1  # in [-1, 2]
+    target[3, 2] = float("nan")
+    results = []
+    for loss in (_torch_reconstruction_loss, reconstruction_loss):
+        r = recon.clone().requires_grad_()
+        per_row = loss(r, target, "bce", "none")
+        per_row[:3].sum().backward()
+        results.append((per_row.detach(), r.grad))
+    (torch_rows, torch_grad), (native_rows, native_grad) = results
+    assert torch.isnan(torch_rows[3]) and torch.isnan(native_rows[3])
+    torch.testing.assert_close(torch_rows[:3], native_rows[:3])
+    torch.testing.assert_close(torch_grad, native_grad, equal_nan=True)  # (NaN at the NaN target: 0 * NaN)

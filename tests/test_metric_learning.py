@@ -432,6 +432,21 @@ def test_labels_that_cannot_shape_anything_are_refused(digits, metric_loss):
     _fit(model, x[:40], epochs=1, batch_size=2, labels=y[:40], metric_loss=metric_loss)  # the least that works
 
 
+def test_labels_whose_training_rows_cannot_shape_anything_are_refused():
+    """The check above looked at all the labels, before validation rows are held out: ten
+    classes of two rows with val_fraction=0.5 leave each class one training row (the split is
+    stratified), so no training code had a positive and the metric term was 0 in every
+    epoch, silently, as it is for labels that are all single samples."""
+    x = np.random.default_rng(0).random((20, 8), dtype=np.float32)
+    y = np.repeat(np.arange(10), 2)
+    model = Autoencoder(8, 2, hidden=(8,))
+    for metric_loss in training.METRIC_LOSSES:
+        with pytest.raises(ValueError, match=r"labels: .*training rows.*val_fraction=0.5"):
+            _fit(model, x, epochs=1, batch_size=20, val_fraction=0.5, labels=y, metric_loss=metric_loss)
+    history = _fit(model, x, epochs=1, batch_size=20, val_fraction=0.0, labels=y, metric_loss="triplet")
+    assert history.train_metric[0] > 0  # the same labels, all rows training: the term is there
+
+
 def test_a_model_without_codes_is_refused_with_labels(digits, monkeypatch):
     x, y = digits
     model = Autoencoder(64, 2, hidden=(8,))

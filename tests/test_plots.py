@@ -350,3 +350,28 @@ def test_large_grids_are_not_laid_out_by_the_constraint_solver(tmp_path, digits,
     plots.plot_interpolation(pca, x[0], x[1], tmp_path / "large.png", steps=plots._CONSTRAINED_LAYOUT_AXES)
     assert [type(f.get_layout_engine()).__name__ for f in made] == ["ConstrainedLayoutEngine", "TightLayoutEngine"]
     assert _png_size(tmp_path / "large.png")[0] == 110 * (plots._CONSTRAINED_LAYOUT_AXES + 2)
+
+
+def test_a_tall_grid_under_tight_layout_keeps_its_title_clear_of_the_images(tmp_path, digits, pca, monkeypatch):
+    """Tight layout makes room for the suptitle's height but does not move it, and
+    suptitle's default place, 2% of the figure's height below its top, is lower than that
+    room in a tall figure: 12 queries' neighbours (108 images, 17 inches) had the title
+    written over the first row's captions. Constrained layout moved it up by itself."""
+    x, y = digits
+    made = []
+    real = plots._figure
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(plots, "_figure", spy)
+    for queries, engine in ((11, "ConstrainedLayoutEngine"), (12, "TightLayoutEngine")):  # 99, 108 images
+        plots.plot_neighbors(pca, x, list(range(queries)), tmp_path / f"n{queries}.png", k=8, labels=y)
+        figure = made[-1]
+        assert type(figure.get_layout_engine()).__name__ == engine
+        renderer = figure.canvas.get_renderer()  # as laid out when it was saved
+        title = figure._suptitle.get_window_extent(renderer)
+        for axes in figure.axes:
+            assert not title.overlaps(axes.title.get_window_extent(renderer)), axes.get_title()
+            assert not title.overlaps(axes.get_window_extent(renderer))

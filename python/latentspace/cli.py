@@ -273,10 +273,14 @@ def _raise_terminated(signum, frame) -> None:
 
 def _on_sigterm_raise():
     """Installs _raise_terminated for SIGTERM; returns the handler to restore, or None where
-    none can be installed (only the main thread may)."""
+    none is installed: outside the main thread (only it may), and where SIGTERM is ignored
+    (the parent's choice, inherited: left as it is, as Python leaves an ignored SIGINT) or
+    handled from C (not restorable)."""
+    _received["SIGTERM"] = False  # (also where none is installed: this run cannot get one)
     if threading.current_thread() is not threading.main_thread():
         return None
-    _received["SIGTERM"] = False
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_IGN, None):
+        return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
@@ -286,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = _on_sigterm_raise()
     try:
         code = args.run(args)
-        sys.stdout.flush()  # a closed pipe fails here, inside the try, not at the interpreter's exit
+        if sys.stdout is not None:  # (None when started with no stdout: print() did nothing)
+            sys.stdout.flush()  # a closed pipe fails here, inside the try, not at the interpreter's exit
         return 143 if _received["SIGTERM"] else code  # (train keeps its best weights, then returns)
     except BrokenPipeError:
         # stdout's reader has gone (`latentspace demo | head`): stop quietly with the status of a

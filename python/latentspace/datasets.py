@@ -319,8 +319,10 @@ def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
     offset = dataset.id.get_offset()
     mappable = dataset.chunks is None and dataset.compression is None and offset is not None
     if mmap is True and not mappable:
+        compact = dataset.id.get_create_plist().get_layout() == h5py.h5d.COMPACT  # no offset either
         why = ("is stored in external files" if dataset.external is not None
                else "is chunked or compressed" if offset is not None or dataset.chunks is not None
+               else "is stored in its object header (HDF5's compact layout)" if compact
                else "has no data stored in the file (never written)")
         raise ValueError(f"mmap: dataset {dataset.name} of {path} {why} and cannot be memory-mapped; "
                          "pass mmap=False")

@@ -26,7 +26,9 @@ kl_normal(mu, logvar, reduction="mean")
 NaN: propagates (the loss and the gradient become NaN where an input is NaN), the same for
 every loss; values of `recon` outside [0, 1] for "bce" raise ValueError (NaN excepted).
 Gradients flow to `recon` (and `mu`, `logvar`); to `target` for "mse" and "bce_logits" as
-well (torch does not support it for "bce" either: that raises).
+well (torch does not support it for "bce" either: that raises). First derivatives only on
+CPU tensors: a backward with create_graph=True (a gradient penalty, a Hessian-vector
+product) raises RuntimeError there; torch's ops, off the CPU, have second derivatives.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def _check_pair(a, b, names: str) -> None:
     for value, name in ((a, first), (b, second)):
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected a torch tensor, got {type(value).__name__}")
-        check_dense(value, name)  # sparse / nested: torch's reshape errors name nothing
+        # sparse / nested: torch's reshape errors name nothing. (Not check_dense for every
+        # tensor: it also refuses devices but CPU and CUDA, where torch's own ops run here.)
+        if value.is_nested or value.layout != torch.strided:
+            check_dense(value, name)
         if not value.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {value.dtype}")
         if value.dim() < 1:
@@ -222,14 +227,20 @@ def _torch_reconstruction_loss(recon, target, kind, reduction):
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":
-        # torch's CUDA kernel asserts on the device for values outside [0, 1] and for NaN (which
-        # leaves the CUDA context unusable): refuse the former as the native path does, and
-        # keep NaN out of the kernel, putting it back in the loss and its gradient after.
+        # torch's CUDA kernel asserts on the device for a recon or a target outside [0, 1] and
+        # for NaN in either (which leaves the CUDA context unusable). recon outside is refused
+        # as the native path does; NaN in it is kept out of the kernel and put back after. The
+        # target never enters it: the loss is linear in t, t bce(r, 1) + (1 - t) bce(r, 0),
+        # so any target (NaN, or outside [0, 1], which the native path takes too) gets the
+        # native path's value, and its gradient (r - t) / max(r (1 - r), 1e-12).
         nan = torch.isnan(recon)
         if bool(((recon < 0) | (recon > 1)).any()):
             raise ValueError("recon: kind='bce' expects probabilities in [0, 1], got values outside; "
                              "pass logits with kind='bce_logits' instead")
-        elementwise = F.binary_cross_entropy(recon.masked_fill(nan, 0.5), target, reduction="none")
+        safe = recon.masked_fill(nan, 0.5)
+        positive = F.binary_cross_entropy(safe, torch.ones_like(safe), reduction="none")
+        negative = F.binary_cross_entropy(safe, torch.zeros_like(safe), reduction="none")
+        elementwise = target * positive + (1 - target) * negative
         elementwise = torch.where(nan, recon * recon, elementwise)  # NaN, and a NaN gradient (2 * recon)
     else:
         elementwise = F.binary_cross_entropy_with_logits(recon, target, reduction="none")

@@ -293,6 +293,17 @@ def _check_labels_can_shape(y: np.ndarray, batch_size: int) -> None:
                          f"rows in it, got batch_size={batch_size}")
 
 
+def _check_training_labels(y_train: np.ndarray, val_fraction: float) -> None:
+    """As _check_labels_can_shape, for the rows left to train on once validation's share of
+    each class is held out (ten classes of two rows and val_fraction=0.5 leave single samples)."""
+    classes, counts = np.unique(y_train, return_counts=True)
+    if classes.size < 2 or counts.max() < 2:
+        what = "a single class" if classes.size < 2 else "every class a single sample"
+        raise ValueError(f"labels: the training rows left after holding out val_fraction={val_fraction} have "
+                         f"{what}, so the metric term could not shape the codes; lower val_fraction or give "
+                         "each class more rows")
+
+
 def _split(n: int, n_val: int, labels: np.ndarray | None,
            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(validation rows, training rows), n_val of them held out at random from `generator`;
@@ -364,7 +375,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         labels: (n,) integer class labels of X's rows (numpy or torch), for supervised
             shaping of the latent space; needs metric_loss. Floats, NaN, booleans or another
             length raise TypeError / ValueError naming `labels`; so do labels the metric term
-            could not learn from (one class, or every class a single sample), as does
+            could not learn from (one class, or every class a single sample, also among the
+            rows left to train on after val_fraction), as does
             batch_size=1 (ValueError naming batch_size): the term compares codes in a batch.
         metric_loss: "supcon" or "triplet" (needs labels): the batch objective becomes
                 model objective + metric_weight * metric term(codes of the batch, their labels)
@@ -429,6 +441,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     if data.n - n_val < 1:
         raise ValueError(f"X: {data.n} rows leave none for training with val_fraction={val_fraction}")
     val_rows, train_rows = _split(data.n, n_val, y, split)
+    if y is not None and n_val:  # the check above saw every row; the term sees the training rows only
+        _check_training_labels(y[train_rows.numpy()], val_fraction)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     val_noise = torch.Generator(device=device)
 

@@ -74,3 +74,24 @@ def test_bce_on_cuda_refuses_like_the_cpu_and_keeps_nan_out_of_torch_kernel():
     torch.testing.assert_close(gpu[:2].cpu(), cpu[:2])
     assert torch.isnan(gpu_recon.grad[2, 4]) and torch.isfinite(gpu_recon.grad[:2]).all()
     assert float(torch.ones(4, device="cuda").sum()) == 4.0  # the context still works
+
+
+def test_bce_on_cuda_takes_any_target_like_the_cpu():
+    """The target also reaches torch's CUDA kernel, which asserts 'target_val >= zero &&
+    target_val <= one' on the device (NaN included): the torch path keeps it out of the
+    kernel, and gives the native path's values and gradient (not yet run on a GPU)."""
+    from latentspace.losses import reconstruction_loss
+
+    recon = torch.full((3, 5), 0.25, dtype=torch.float64)
+    target = torch.full((3, 5), 0.5, dtype=torch.float64)
+    target[0, 1], target[2, 4] = 2.0, float("nan")
+    grads = []
+    for device in ("cpu", "cuda"):
+        r = recon.to(device).requires_grad_()
+        rows = reconstruction_loss(r, target.to(device), "bce", "none")
+        rows.sum().backward()
+        grads.append((rows.detach().cpu(), r.grad.cpu()))
+    torch.cuda.synchronize()  # a device-side assert would surface here
+    torch.testing.assert_close(grads[1][0], grads[0][0], equal_nan=True)
+    torch.testing.assert_close(grads[1][1], grads[0][1], equal_nan=True)
+    assert float(torch.ones(4, device="cuda").sum()) == 4.0  # the context still works
