@@ -1066,8 +1066,8 @@ def test_train_names_the_data_file_for_a_nan_row(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("options,message", [
-    (["--hidden", "32,0"], "--hidden: item 1: expected an integer >= 1"),
-    (["--model", "conv", "--image-shape", "0,8,8"], "--image-shape: item 0: expected an integer >= 1"),
+    (["--hidden", "32,0"], "--hidden: item 2: expected an integer >= 1"),
+    (["--model", "conv", "--image-shape", "0,8,8"], "--image-shape: item 1: expected an integer >= 1"),
     (["--model", "conv", "--image-shape", "1,8"], "--image-shape: expected (C, H, W)"),
 ])
 def test_an_item_of_a_list_flag_is_named_by_the_flag(tmp_path, capsys, options, message):

@@ -500,6 +500,20 @@ def test_pca_state_dict_loads_into_a_fresh_pca(rng):
     assert not unfitted.is_fitted
 
 
+
+def test_pca_state_dict_that_fails_to_load_leaves_the_pca_as_it_was(rng):
+    # The buffers are resized before torch copies into them: a copy that fails after that
+    # (a numpy array in the state) must not leave a fitted PCA with zeroed buffers.
+    x = rng.random((30, 7))
+    fitted = PCA(3).fit(x)
+    codes = fitted.encode(x)
+    state = PCA(3).fit(rng.random((30, 5))).state_dict()
+    state["components"] = state["components"].numpy()  # the right shape, not a tensor
+    with pytest.raises(RuntimeError, match="components"):
+        fitted.load_state_dict(state)
+    assert fitted.is_fitted and fitted.input_shape == (7,)
+    np.testing.assert_array_equal(fitted.encode(x), codes)
+
 def test_pca_fit_keeps_a_float64_model_float64(rng):
     """PCA(k).double().fit(X) came back float32: fit stored its buffers as float32 whatever
     the model's dtype, so a float64 model (which load_model and train keep float64) silently

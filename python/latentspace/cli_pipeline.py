@@ -85,12 +85,13 @@ def renamed(message: str, names: dict[str, str]) -> str:
     """An API error's message in the command line's words: a leading "name: " (a Python
     parameter) becomes names[name], what the user typed (a flag, or a file); for a flag,
     "name=" in the rest of the message too ("pass key= to pick one" -> "pass --key to pick
-    one"), and a leading "name[i]: " (one value of a list) becomes "FLAG: item i: ".
+    one"), and a leading "name[i]: " (one value of a list) becomes "FLAG: item i+1: " (counted
+    from 1, as a user counts the comma-separated values typed).
     Messages that name something else are returned as they are."""
     head, sep, rest = message.partition(": ")
     item = re.fullmatch(r"(\w+)\[(\d+)\]", head)  # "hidden[1]: ...", one value of a list flag
     if sep and item and item[1] in names and names[item[1]].startswith("-"):
-        return f"{names[item[1]]}: item {item[2]}: {rest}"
+        return f"{names[item[1]]}: item {int(item[2]) + 1}: {rest}"
     if not sep or head not in names:
         return message
     typed = names[head]

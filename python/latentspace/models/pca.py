@@ -60,14 +60,19 @@ class PCA(LatentModel):
         """load_state_dict copies into the buffers as they are, and a fresh PCA's are empty (its
         input dimension is known only at fit): sized first to a fitted state's dimension, when
         every buffer's shape agrees with one, so that torch's round trip works. Any other state
-        meets torch's own size checks (an unfitted PCA stays unfitted)."""
+        meets torch's own size checks (an unfitted PCA stays unfitted). A load that fails after
+        the resizing leaves the buffers the PCA had (not zeroed ones under a fitted flag).
+        `whiten` is a constructor argument, not state: build PCA(k, whiten=...) as saved."""
         d = self._fitted_dimension(state_dict, prefix)
+        before = dict(self._buffers)
         if d is not None and d != self.mean.shape[0]:
             self._allocate(d, device=self.mean.device, dtype=self.mean.dtype)
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if d is not None and len(error_msgs) == errors:
+        if len(error_msgs) > errors:
+            self._buffers.update(before)  # load_state_dict raises with these messages
+        elif d is not None:
             self._fitted = True
 
     def _fitted_dimension(self, state_dict, prefix) -> int | None:
