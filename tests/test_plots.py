@@ -331,13 +331,9 @@ def test_reconstructions_and_interpolation_refuse_nan_samples(tmp_path, digits, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.png"]
 
 
-
-def test_large_grids_are_not_laid_out_by_the_constraint_solver(tmp_path, digits, pca, monkeypatch):
-    """Constrained layout's time grows much faster than the grid (kiwisolver): 160
-    reconstructions (320 images) took 21 s, 700 ran for over 15 minutes without an end
-    (`latentspace plot reconstructions -n 700`). Grids past _CONSTRAINED_LAYOUT_AXES
-    images use tight layout (5 s for 320 images), small ones keep their look."""
-    x, _ = digits
+@pytest.fixture
+def figures_made(monkeypatch):
+    """The Figures the plot functions make, in order (plots._figure spied on)."""
     made = []
     real = plots._figure
 
@@ -346,26 +342,29 @@ def test_large_grids_are_not_laid_out_by_the_constraint_solver(tmp_path, digits,
         return made[-1]
 
     monkeypatch.setattr(plots, "_figure", spy)
+    return made
+
+
+def test_large_grids_are_not_laid_out_by_the_constraint_solver(tmp_path, digits, pca, figures_made):
+    """Constrained layout's time grows much faster than the grid (kiwisolver): 160
+    reconstructions (320 images) took 21 s, 700 ran for over 15 minutes without an end
+    (`latentspace plot reconstructions -n 700`). Grids past _CONSTRAINED_LAYOUT_AXES
+    images use tight layout (5 s for 320 images), small ones keep their look."""
+    x, _ = digits
+    made = figures_made
     plots.plot_interpolation(pca, x[0], x[1], tmp_path / "small.png", steps=10)
     plots.plot_interpolation(pca, x[0], x[1], tmp_path / "large.png", steps=plots._CONSTRAINED_LAYOUT_AXES)
     assert [type(f.get_layout_engine()).__name__ for f in made] == ["ConstrainedLayoutEngine", "TightLayoutEngine"]
     assert _png_size(tmp_path / "large.png")[0] == 110 * (plots._CONSTRAINED_LAYOUT_AXES + 2)
 
 
-def test_a_tall_grid_under_tight_layout_keeps_its_title_clear_of_the_images(tmp_path, digits, pca, monkeypatch):
+def test_a_tall_grid_under_tight_layout_keeps_its_title_clear_of_the_images(tmp_path, digits, pca, figures_made):
     """Tight layout makes room for the suptitle's height but does not move it, and
     suptitle's default place, 2% of the figure's height below its top, is lower than that
     room in a tall figure: 12 queries' neighbours (108 images, 17 inches) had the title
     written over the first row's captions. Constrained layout moved it up by itself."""
     x, y = digits
-    made = []
-    real = plots._figure
-
-    def spy(*args, **kwargs):
-        made.append(real(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(plots, "_figure", spy)
+    made = figures_made
     for queries, engine in ((11, "ConstrainedLayoutEngine"), (12, "TightLayoutEngine")):  # 99, 108 images
         plots.plot_neighbors(pca, x, list(range(queries)), tmp_path / f"n{queries}.png", k=8, labels=y)
         figure = made[-1]
