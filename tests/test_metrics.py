@@ -115,6 +115,19 @@ def test_reconstruction_mse(rng):
         reconstruction_mse(x, x[:, :5])
 
 
+def test_reconstruction_mse_refuses_images_of_another_shape(rng):
+    # (n, 2, 3) against (n, 3, 2): both flatten to (n, 6), and the pixels were compared with
+    # the wrong ones (a transposed or channels-last reconstruction) without a word
+    x = rng.random((4, 2, 3))
+    with pytest.raises(ValueError, match=r"^X, X_hat: shapes differ, \(4, 2, 3\) vs \(4, 3, 2\)"):
+        reconstruction_mse(x, x.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match=r"^X, X_hat: shapes differ, \(4, 1, 2, 3\) vs \(4, 2, 3, 1\)"):
+        reconstruction_mse(x[:, None], torch.from_numpy(x[..., None]))
+    # images against their flat rows, either way round, stay accepted
+    assert reconstruction_mse(x, x.reshape(4, 6) + 0.5) == pytest.approx(0.25, rel=1e-12)
+    assert reconstruction_mse(x.reshape(4, 6), x + 0.5) == pytest.approx(0.25, rel=1e-12)
+
+
 def test_reconstruction_mse_keeps_float64_and_refuses_what_has_no_mean(rng):
     """Computed in float64 from the values given: float64 data is not rounded to float32
     first (0.01 exactly, not 0.0099999928; 1e-16, not 0); NaN / Inf rows and empty data
@@ -190,6 +203,17 @@ def test_weights_errors(rng):
         knn_label_agreement(z, y, k=3, metric="cosine", weights=np.ones(3))
     with pytest.raises(TypeError, match="weights: expected a real numeric dtype"):
         knn_label_agreement(z, y, k=3, weights=np.array(["a", "b", "c"]))
+
+
+def test_rows_whose_weighted_norm_overflows_are_named_as_z(rng):
+    # usable as they are, but not scaled by the weights: the search refused them as its
+    # "queries", an argument the caller never passed
+    z = rng.normal(size=(40, 3)).astype(np.float32)
+    y = rng.integers(0, 2, 40)
+    z[7] = 1e17  # squared norm 3e34: usable; weighted by 1e10 in one dimension, 1e44: not
+    with pytest.raises(ValueError, match=r"^Z: row 7 contains NaN or Inf, .*lower the weights$"):
+        knn_label_agreement(z, y, k=3, weights=np.array([1e10, 1, 1], np.float32))
+    assert 0 <= knn_label_agreement(z, y, k=3, weights=np.ones(3)) <= 1
 
 
 # ---------------------------------------------------------------------------------------

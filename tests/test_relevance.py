@@ -272,3 +272,33 @@ def test_mutual_info_accepts_some_one_sample_classes():
     y = np.r_[np.zeros(19, int), 1]
     scores = ls.relevance(z, y, method="mutual_info")
     assert scores.shape == (3,) and np.isfinite(scores).all()
+
+
+def test_scores_do_not_depend_on_a_common_offset():
+    # Every score is shift-invariant. Codes 2**27 + m * 2**-25 (m small integers: exactly
+    # representable, so z is exactly m shifted and scaled) lost their class means' differences
+    # to rounding: Fisher 3.75 and 2.08 instead of 3.67 and 1.72, variances 1-2 % off.
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [11, 10, 10])
+    m = rng.integers(-8, 9, size=(31, 2)).astype(np.float64)
+    m[:, 0] += 3 * y
+    z = 2.0**27 + m * 2.0**-25
+    np.testing.assert_allclose(ls.relevance(z, y), ls.relevance(m, y), rtol=1e-12)
+    np.testing.assert_allclose(ls.relevance(z), m.var(axis=0) * 2.0**-50, rtol=1e-12)
+    np.testing.assert_allclose(ls.relevance(-z, y), ls.relevance(m, y), rtol=1e-12)
+
+
+def test_mutual_info_does_not_depend_on_a_common_offset():
+    # scikit-learn adds tie-breaking noise of 1e-10 times a column's mean magnitude (in units
+    # of its spread): an offset of 2**33 (~1e10) spreads made it as large as the spread itself
+    # and the informative dimension scored 0.13 instead of 0.58. The codes lie on a grid of
+    # 2**-19 so that adding 2**33 is exact.
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 301)
+    z = np.c_[y + rng.normal(size=301) * 0.5, rng.normal(size=301)]
+    z = np.round(z * 2.0**19) / 2.0**19
+    expected = ls.relevance(z, y, method="mutual_info")
+    assert expected[0] > 0.5
+    for offset in (2.0**20, 2.0**33):
+        np.testing.assert_allclose(ls.relevance(z + offset, y, method="mutual_info"), expected, rtol=1e-12,
+                                   atol=1e-15)

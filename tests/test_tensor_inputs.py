@@ -77,3 +77,14 @@ def test_masked_arrays_with_masked_entries_are_refused(rng):
         ls.knn(q, x, 2)
     with pytest.raises(TypeError, match="database: a masked array"):
         ls.knn(x[:5], np.ma.masked_invalid(np.where(x > 2, np.nan, x)), 2)
+
+
+
+def test_masked_labels_with_masked_entries_are_refused(rng):
+    z = rng.standard_normal((30, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 30)
+    masked = np.ma.masked_array(y, mask=y > 1)
+    for call in (lambda: ls.relevance(z, masked), lambda: ls.knn_label_agreement(z, masked, k=2)):
+        with pytest.raises(TypeError, match=r"^y: a masked array|^labels: a masked array"):
+            call()
+    assert ls.knn_label_agreement(z, np.ma.masked_array(y), k=2) == ls.knn_label_agreement(z, y, k=2)

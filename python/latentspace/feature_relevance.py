@@ -67,13 +67,16 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
 
     A constant dimension (all its values equal) scores exactly 0 for "fisher",
     "mutual_info" and "variance", whatever rounding in the means or the estimator's noise
-    would give.
+    would give. The three are computed from each column shifted by one of its middle values
+    (its lower median), so a common offset changes nothing: codes near 1e8 that vary by 1e-8
+    keep their scores, and mutual_info_classif's tie-breaking noise (1e-10 times a column's
+    mean magnitude in units of its spread) stays 1e-10 of the spread.
 
     Raises ValueError naming the argument for: an unknown method, y of the wrong length,
     fewer than two classes, a one-sample class ("fisher"), every class a single sample
     ("mutual_info"), NaN / Inf in Z, a variance beyond
     float64's range ("variance"; the scale-free "fisher" and "mutual_info" scale each dimension
-    by a power of two first, so codes up to float64's limits work), a missing y
+    by a power of two, so codes up to float64's limits work), a missing y
     ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method.
     """
     method = _resolve_method(method, y)
@@ -83,7 +86,8 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
         raise ValueError(f"model, X: used only by method='kl' (got method={method!r}); pass Z instead")
     if Z is None:
         raise ValueError(f"Z: method={method!r} needs the codes Z, (n, latent_dim); got None")
-    z, exponents = _scaled_columns(as_float64_matrix(Z, "Z"))
+    codes = as_float64_matrix(Z, "Z")
+    z, exponents = _scaled_columns(codes)
     if method == "variance":
         if z.shape[0] < 1:
             raise ValueError(f"Z: expected at least one row, got shape {z.shape}")
@@ -94,7 +98,7 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
         if not np.isfinite(variance).all():
             column = int(np.flatnonzero(~np.isfinite(variance))[0])
             raise ValueError(f"Z: the variance of dimension {column} exceeds float64's range (values up to "
-                             f"{np.abs(np.ldexp(z[:, column], exponents[column])).max():.3g}); rescale Z")
+                             f"{np.abs(codes[:, column]).max():.3g}); rescale Z")
         return variance
     if y is None:
         raise ValueError(f"y: method={method!r} needs class labels, (n,) integers; pass y or use "
@@ -121,13 +125,26 @@ def _constant_columns(z: np.ndarray) -> np.ndarray:
 
 
 def _scaled_columns(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """z with each column scaled by a power of two to a largest magnitude in [0.5, 1), and the
-    exponents that undo it (z = ldexp(scaled, exponents)). Scaling by powers of two is exact,
-    so the scale-free scores (Fisher's ratio, mutual information) come out as from z itself,
-    and squares and sums of codes as large as 1e300 no longer overflow float64."""
-    largest = np.abs(z).max(axis=0, initial=0.0)
-    _, exponents = np.frexp(largest)  # largest = m * 2^e, 0.5 <= m < 1; e = 0 for 0
-    return np.ldexp(z, -exponents), exponents
+    """z with each column shifted by one of its own middle values and scaled by a power of two
+    to a largest magnitude in [0.5, 1), and the exponents that undo the scaling (z - shift =
+    ldexp(scaled, exponents)). Every score is shift-invariant and Fisher's ratio and mutual
+    information are scale-free, so they come out as from z itself; but from z itself, codes
+    far from 0 compared with their spread (2**27 + small multiples of 2**-25) lose their class
+    means' differences to rounding, and scikit-learn's tie-breaking noise grows with a
+    column's mean magnitude (an offset of 1e10 spreads swamped the spread). Scaling by powers
+    of two is exact, so squares and sums of codes as large as 1e300 no longer overflow."""
+    def scaled(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, exponents = np.frexp(np.abs(x).max(axis=0, initial=0.0))  # largest = m * 2^e, 0.5 <= m < 1
+        return np.ldexp(x, -exponents), exponents
+
+    z, exponents = scaled(z)  # first, so that the shift below cannot overflow
+    if z.shape[0] == 0:
+        return z, exponents
+    # A data value (not an average of two), so that codes moved by an exact offset move their
+    # shift by the same offset; a subtraction is correctly rounded, so the differences keep
+    # their precision whatever the offset.
+    z, more = scaled(z - np.quantile(z, 0.5, axis=0, method="lower"))
+    return z, exponents + more
 
 
 def _resolve_method(method: Any, y: Any) -> str:

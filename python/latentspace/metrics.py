@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_float64_matrix, as_labels, as_matrix, check_k, check_metric, check_rows_usable, check_weights
+from ._arrays import (as_float64_matrix, as_labels, as_matrix, check_k, check_metric, check_rows_usable, check_weights,
+                      numpy_to_tensor, raise_unusable_rows, unusable_row_flag)
 from .search import knn
 
 __all__ = ["knn_label_agreement", "neighbor_recall", "reconstruction_mse", "self_dropped", "trustworthiness"]
@@ -52,6 +53,9 @@ def knn_label_agreement(Z: Any, labels: Any, k: int = 10, metric: str = "l2", we
         if not w.any():
             raise ValueError("weights: every weight is 0, so every distance would be 0; give at least one "
                              "dimension a positive weight")
+        # rows whose squared norm scaled by the weights overflows float32: the search would
+        # refuse them too, but as its "queries", an argument the caller never passed
+        raise_unusable_rows([(unusable_row_flag(numpy_to_tensor(vectors), 0, w), "Z", True)])
     if n < k + 1:
         raise ValueError(f"Z: k={k} neighbours per point need at least {k + 1} rows, got {n}")
     _, indices = knn(vectors, vectors, k + 1, metric=metric, weights=w)
@@ -163,7 +167,12 @@ def reconstruction_mse(X: Any, X_hat: Any) -> float:
     """Mean squared error over all elements between data and its reconstruction, (n, d) each,
     n >= 1 (numpy or torch; images (n, ...) are flattened): computed in float64 from the
     values as given (float64 data is not rounded to float32 first), inf only when the MSE
-    itself exceeds float64's range. NaN or Inf in either is a ValueError naming it and the row."""
+    itself exceeds float64's range. NaN or Inf in either is a ValueError naming it and the row.
+    Images are compared with images of the same shape or with their flat rows: (n, 2, 3)
+    against (n, 3, 2) (transposed, or channels last) is a ValueError, not pixels paired wrongly."""
+    x_shape, x_hat_shape = tuple(getattr(X, "shape", ())), tuple(getattr(X_hat, "shape", ()))
+    if len(x_shape) > 2 and len(x_hat_shape) > 2 and x_shape != x_hat_shape:
+        raise ValueError(f"X, X_hat: shapes differ, {x_shape} vs {x_hat_shape}")
     a = as_float64_matrix(_flat(X), "X")
     b = as_float64_matrix(_flat(X_hat), "X_hat")
     if a.shape != b.shape:
