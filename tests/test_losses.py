@@ -372,3 +372,21 @@ def test_torch_path_bce_takes_any_target_like_the_native_one(generator):
     assert torch.isnan(torch_rows[3]) and torch.isnan(native_rows[3])
     torch.testing.assert_close(torch_rows[:3], native_rows[:3])
     torch.testing.assert_close(torch_grad, native_grad, equal_nan=True)  # (NaN at the NaN target: 0 * NaN)
+
+
+
+@pytest.mark.parametrize("first,second", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                          (torch.bfloat16, torch.float32)])
+def test_mixed_dtypes_compute_in_the_common_dtype_like_torch(first, second):
+    # The native path computed in recon's dtype: float32 ones against float64 ones + 1e-9
+    # gave 0.0 where torch's F.mse_loss gives 1e-18.
+    recon = torch.ones(2, 3, dtype=first, requires_grad=True)
+    target = (torch.ones(2, 3, dtype=torch.float64) + 1e-9).to(second).requires_grad_()
+    loss = reconstruction_loss(recon, target, "mse", "sum")
+    expected = F.mse_loss(recon.detach(), target.detach(), reduction="sum")
+    assert loss.dtype == expected.dtype == torch.promote_types(first, second)
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert recon.grad.dtype == first and target.grad.dtype == second
+    mu, logvar = torch.zeros(2, 3, dtype=first), torch.zeros(2, 3, dtype=second)
+    assert kl_normal(mu, logvar).dtype == torch.promote_types(first, second)

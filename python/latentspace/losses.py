@@ -5,6 +5,8 @@ csrc/cpu/losses.cpp) that computes the loss and its gradient in one pass over th
 backward only scales that saved gradient by the incoming one. float32 runs the SIMD
 kernels; float64 runs plain C++ (so torch.autograd.gradcheck can verify the gradients);
 float16 / bfloat16 are computed in float32 and the gradient is returned in the input dtype.
+Two inputs of different dtypes are first brought to their common one (torch.promote_types),
+as torch's own losses do.
 CUDA tensors use torch's own ops for now (same values, same API).
 
 reconstruction_loss(recon, target, kind="mse", reduction="mean")
@@ -76,6 +78,15 @@ def _check_pair(a, b, names: str) -> None:
         raise ValueError(f"{names}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"{names}: on different devices, {a.device} vs {b.device}")
+
+
+def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in their common dtype, as torch's own losses compute (float32 against float64:
+    float64), so that the native path, which computes in its first input's dtype, does not
+    round the other one. The conversion is part of the graph: gradients return in each
+    input's own dtype."""
+    common = torch.promote_types(a.dtype, b.dtype)
+    return a.to(common), b.to(common)
 
 
 def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -208,6 +219,7 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     if kind == "bce" and target.requires_grad:
         raise ValueError("target: kind='bce' has no gradient with respect to the target "
                          "(as in torch); detach it or use kind='bce_logits'")
+    recon, target = _promoted(recon, target)
     if recon.device.type != "cpu":
         return _torch_reconstruction_loss(recon, target, kind, reduction)
     return ReconstructionLoss.apply(recon, target, kind, reduction)
@@ -217,6 +229,7 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     """KL divergence of N(mu, exp(logvar)) from N(0, 1), per row; see the module docstring."""
     _check_reduction(reduction)
     _check_pair(mu, logvar, "mu, logvar")
+    mu, logvar = _promoted(mu, logvar)
     if mu.device.type != "cpu":
         return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
     return KLNormal.apply(mu, logvar, reduction)
