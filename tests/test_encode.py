@@ -422,6 +422,17 @@ def test_bf16_on_the_torch_backend_uses_autocast(monkeypatch, rng):
     assert 0 < error < 3e-2  # bfloat16 has 8 significant bits: it must differ, a little
 
 
+def test_fp32_is_not_lowered_by_the_callers_autocast(backend, rng):
+    # precision="fp32" on the torch backend ran in bfloat16 inside a caller's torch.autocast
+    # (a training loop's), where the native backend stays float32: the two must agree.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(97, 130), nn.ReLU(), nn.Linear(130, 8))
+    x = _rows(rng, 64, 97)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = latentspace.encode(model, x)
+    _close(codes, _torch64(model, x))
+
+
 @pytest.mark.parametrize("precision", ["fp16", "FP32", None, 32])
 def test_bad_precision(precision, autoencoder):
     with pytest.raises(ValueError, match="precision: expected 'fp32' or 'bf16'"):
@@ -632,6 +643,16 @@ def test_read_only_out(backend, autoencoder, rng):
     out.flags.writeable = False
     with pytest.raises(ValueError, match="out: the array is read-only"):
         latentspace.encode(autoencoder, _rows(rng, 5, 10), out=out)
+
+
+def test_a_bad_out_is_refused_before_the_iterable_is_read(backend, autoencoder, rng):
+    # The first chunk was read (to learn the result's type) before out was checked: a retry
+    # with the same generator and a corrected out then silently lacked those rows.
+    x = _rows(rng, 6, 10)
+    chunks = iter([x[:3], x[3:]])
+    with pytest.raises(TypeError, match="out: expected float32, got float64"):
+        latentspace.encode(autoencoder, chunks, out=np.zeros((6, 3)))
+    assert len(list(chunks)) == 2  # both chunks still there
 
 
 def test_out_with_chunks_that_overflow_or_underfill_it(backend, autoencoder, rng):
@@ -872,6 +893,112 @@ def test_bad_batch_size(backend, autoencoder, batch_size, error):
 def test_numpy_integer_batch_size(backend, autoencoder, rng):
     x = _rows(rng, 9, 10)
     _close(latentspace.encode(autoencoder, x, batch_size=np.int64(2)), _torch64(autoencoder, x, "encode"))
+
+
+def test_unpickled_float32_arrays_reach_the_native_encoder(autoencoder, rng):
+    # An unpickled array (one received from another process) has a float32 dtype equal to,
+    # but not the same object as, np.dtype(np.float32); the native binding compared identity
+    # and refused X and out with "x: expected dtype float32, got float32".
+    import pickle
+
+    x = pickle.loads(pickle.dumps(_rows(rng, 20, 10)))
+    out = pickle.loads(pickle.dumps(np.zeros((20, 3), np.float32)))
+    assert x.dtype == np.float32 and x.dtype is not np.dtype(np.float32)
+    encoder = latentspace.Encoder(autoencoder)
+    assert encoder.backend == "native"
+    expected = encoder.encode(np.array(x, dtype=np.float32))
+    np.testing.assert_array_equal(encoder.encode(x), expected)
+    assert encoder.encode(x, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["native", "torch"])
+def test_an_encoder_can_be_pickled_and_deep_copied(dropout, autoencoder, rng):
+    # The native object cannot be pickled: an Encoder inside anything deep-copied, or sent to
+    # worker processes, failed with "cannot pickle 'latentspace._native.MlpEncoder' object".
+    import pickle
+
+    if dropout:  # not exportable: the torch backend
+        autoencoder.encoder.append(nn.Dropout(0.0))
+    encoder = latentspace.Encoder(autoencoder)
+    assert encoder.backend == ("torch" if dropout else "native")
+    x = _rows(rng, 20, 10)
+    expected = encoder.encode(x)
+    for clone in (pickle.loads(pickle.dumps(encoder)), copy.deepcopy(encoder)):
+        assert (clone.backend, clone.kernel, clone.latent_dim) == (encoder.backend, encoder.kernel, 3)
+        np.testing.assert_array_equal(clone.encode(x), expected)
+
+
+@pytest.mark.parametrize("progress", ["no", None, 0])
+def test_a_progress_flag_that_is_not_a_bool_is_named(backend, autoencoder, progress):
+    # "no" showed a bar (any truthy value did), None and 0 silently hid it
+    with pytest.raises(TypeError, match="progress: expected True or False"):
+        latentspace.encode(autoencoder, np.zeros((3, 10)), progress=progress)
+
+
+def test_an_hdf5_dataset_is_named_with_the_fix(backend, autoencoder, rng, tmp_path):
+    # An array-like that is not numpy or torch (h5py.Dataset, zarr) was iterated as chunks,
+    # its rows one by one, and refused as "X[0]: expected shape (n, 10), got (10,) (for one
+    # sample use x.reshape(1, -1))": advice about a chunk the caller never passed.
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "rows.h5", "w") as f:
+        f["x"] = _rows(rng, 6, 10)
+        with pytest.raises(TypeError, match=r"X: a Dataset of shape \(6, 10\) is neither a numpy array nor a torch "
+                                            r"tensor.*np.asarray\(X\)"):
+            latentspace.encode(autoencoder, f["x"])
+
+
+def test_masked_entries_are_refused_by_name(backend, autoencoder, rng):
+    # np.asarray (and the buffer the native encoder reads) keeps a masked entry's hidden
+    # value and drops the mask: the codes would silently use values the caller masked out.
+    x = _rows(rng, 6, 10)
+    masked = np.ma.masked_array(x, mask=np.zeros(x.shape, bool))
+    _close(latentspace.encode(autoencoder, masked), _torch64(autoencoder, x, "encode"))  # no entry masked: fine
+    masked[4, 2] = np.ma.masked
+    with pytest.raises(TypeError, match=r"X: a masked array with masked entries \(its mask would be ignored\)"):
+        latentspace.encode(autoencoder, masked)
+    with pytest.raises(TypeError, match=r"X\[1\]: a masked array with masked entries"):
+        latentspace.encode(autoencoder, iter([x, masked]))
+
+
+def test_a_ragged_chunk_is_named(backend, autoencoder):
+    with pytest.raises(ValueError, match=r"X\[1\]: a list or tuple is read as one array and this one is not"):
+        latentspace.encode(autoencoder, iter([np.zeros((2, 10)), [[0.0] * 10, [0.0] * 9]]))
+
+
+@pytest.mark.parametrize("activation, torch_runs_it", [(nn.LeakyReLU(float("nan")), True), (nn.LeakyReLU(1e40), False),
+                                                      (nn.ELU(float("inf")), True)],
+                         ids=["leaky-nan", "leaky-beyond-float32", "elu-inf"])
+def test_activation_parameter_float32_cannot_hold_runs_on_torch(activation, torch_runs_it, rng):
+    # The native encoder refused it with its own argument name ("activation_params[0]"), which
+    # the caller never passed; torch runs such a model (its codes checked like any other's).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 3), activation)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "layer 0's" in encoder.reason
+    if not torch_runs_it:  # in float32 torch refuses it too ("cannot be converted ... without overflow")
+        return
+    x = np.abs(_rows(rng, 4, 10))
+    with torch.no_grad():
+        positive = model[0](torch.from_numpy(x)) > 0
+    rows = positive.all(dim=1).numpy()
+    if rows.any():  # rows whose pre-activations are all positive never meet the parameter
+        _close(encoder.encode(x[rows]), _torch64(model[:1], x[rows]))
+
+
+def test_a_model_with_uninitialised_lazy_parameters_is_named(rng):
+    # The private copy initialised its own random weights on the first chunk: codes from
+    # weights the caller's model never has (its own are drawn later, differently).
+    model = nn.Sequential(nn.LazyLinear(3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"model: it has uninitialised \(lazy\) parameters"):
+        latentspace.Encoder(model)
+
+
+def test_a_model_on_the_meta_device_is_named():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(10, 3), nn.ReLU())
+    with pytest.raises(ValueError, match=r"model: its parameters are on the 'meta' device"):
+        latentspace.Encoder(model)
 
 
 def test_public_api_is_lazy_and_encode_stays_a_function():

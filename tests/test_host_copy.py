@@ -116,3 +116,11 @@ def test_bad_arguments_are_named():
         copy_rows(np.zeros((3, 2), np.float32), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="threads: expected an integer >= 1, got 0"):
         copy_rows(np.zeros((3, 2), np.float32), np.zeros((3, 2)), 0)
+
+
+@pytest.mark.parametrize("threads", [2.5, True, "2"])
+def test_a_thread_count_that_is_not_an_integer_is_named(threads, small_slices):
+    # 2.5 failed inside range() ("'float' object cannot be interpreted as an integer"), "2" in
+    # a comparison, and True copied on one thread as if it were 1.
+    with pytest.raises(TypeError, match="threads: expected an integer >= 1"):
+        copy_rows(np.zeros((64, 2), np.float32), np.zeros((64, 2)), threads)

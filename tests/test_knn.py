@@ -779,3 +779,21 @@ def test_non_cpu_tensor_refused(good):
 @pytest.mark.skip(reason="needs a CUDA tensor; no GPU on the test machine")
 def test_cuda_tensor_refused():  # pragma: no cover
     pass
+
+
+def test_unpickled_arrays_are_searched(rng):
+    # An array that came through pickle (from another process: multiprocessing, joblib) has
+    # a float32 dtype equal to numpy's but another object; the binding compared dtypes by
+    # identity and refused it as "queries: expected dtype float32, got float32".
+    import pickle
+
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    y = pickle.loads(pickle.dumps(x))
+    assert y.dtype == x.dtype and y.dtype is not x.dtype
+    expected = latentspace.knn(x, x, 3)
+    weights = pickle.loads(pickle.dumps(np.ones(6, np.float32)))
+    for found in (latentspace.knn(y, y, 3), latentspace.knn(y, x, 3, metric="weighted_l2", weights=weights)):
+        np.testing.assert_array_equal(found[1], expected[1])
+    index = latentspace.FlatIndex(6)
+    index.add(y)
+    np.testing.assert_array_equal(index.search(y, 3)[1], expected[1])

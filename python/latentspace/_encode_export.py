@@ -21,6 +21,7 @@ silent; a torch fallback is only slower.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,6 +174,7 @@ def _sequential_layers(sequential: nn.Module, where: str) -> list[MlpLayer]:
             if pending is None:
                 raise NotExportable(f"{where} applies {name} right after {previous}: the native encoder "
                                     "runs one activation after each Linear layer")
+            _check_parameter(activation[1], name, len(layers))
             layers.append(_linear(pending, *activation, len(layers)))
             pending = None
         previous = name
@@ -185,6 +187,14 @@ def _sequential_layers(sequential: nn.Module, where: str) -> list[MlpLayer]:
             raise NotExportable(f"{where}: layer {i} takes {layers[i].weight.shape[1]} inputs but layer "
                                 f"{i - 1} gives {layers[i - 1].weight.shape[0]}")
     return layers
+
+
+def _check_parameter(value: float, name: str, index: int) -> None:
+    # The native encoder holds the parameter (negative_slope, alpha) as a float32; torch runs
+    # one that float32 cannot hold (NaN, Inf, beyond its range), its codes checked as any others.
+    if not math.isfinite(value) or abs(value) > float(np.finfo(np.float32).max):
+        raise NotExportable(f"layer {index}'s {name} has the parameter {value!r}, which the native encoder "
+                            "cannot hold (it needs a finite float32)")
 
 
 def _linear(module: nn.Linear, activation: str, param: float, index: int) -> MlpLayer:

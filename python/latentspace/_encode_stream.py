@@ -22,6 +22,14 @@ __all__ = ["Destination", "NewArray", "Source", "UserOut"]
 _END = object()
 
 
+def _check_unmasked(x: Any, name: str) -> None:
+    # The rows are read through their buffer (or np.asarray), which keeps a masked entry's
+    # hidden value and drops the mask: the codes would use values the caller masked out.
+    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
+        raise TypeError(f"{name}: a masked array with masked entries (its mask would be ignored); pass "
+                        f"{name}.filled(value), or only the rows without masked entries")
+
+
 class Source:
     """X as (start, chunk, name) pieces: the numpy array / memory map / torch tensor cut
     into slices, or each array an iterable yields (split when bigger than a batch).
@@ -46,6 +54,7 @@ class Source:
                 raise ValueError(f"X: a list or tuple is read as one array and this one is not ({error}); "
                                  "pass iter(chunks) to encode a list of chunks") from None
         if isinstance(X, np.ndarray) or is_torch_tensor(X):
+            _check_unmasked(X, "X")
             check_rows(X, "X", sample_shapes)
             check_apart(X, "X", out)
             self._array, self._chunks = X, None
@@ -53,6 +62,13 @@ class Source:
             self.kind: ArrayKind = "torch" if is_torch_tensor(X) else "numpy"
             self.device = X.device if self.kind == "torch" else None
             return
+        shape = getattr(X, "shape", None)
+        if isinstance(shape, tuple) and len(shape) >= 2 and hasattr(X, "dtype"):
+            # An array-like (h5py.Dataset, zarr.Array) iterates row by row, so each row would be
+            # refused as a chunk "of shape (d,)": say what X is and the fix instead.
+            raise TypeError(f"X: a {type(X).__name__} of shape {shape} is neither a numpy array nor a torch tensor, "
+                            "and iterating it gives single rows, not chunks; pass np.asarray(X) (or a memory map), "
+                            "or chunks of rows: (X[i : i + n] for i in range(0, len(X), n))")
         try:
             iterator = iter(X)
         except TypeError:
@@ -69,7 +85,12 @@ class Source:
     def _checked_chunk(self, chunk: Any, i: int) -> Any:
         name = f"X[{i}]"  # the i-th chunk the iterable yielded
         if isinstance(chunk, (list, tuple)):
-            chunk = np.asarray(chunk)
+            try:
+                chunk = np.asarray(chunk)
+            except ValueError as error:
+                raise ValueError(f"{name}: a list or tuple is read as one array and this one is not "
+                                 f"({error})") from None
+        _check_unmasked(chunk, name)
         check_rows(chunk, name, self._sample_shapes)
         check_apart(chunk, name, self._out)
         if self._sample_shapes is None:

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
+from ._arrays import check_int
+
 # At most this many threads copy at once, and each takes at least SLICE_BYTES of the output:
 # below that, starting the slices costs more than they save.
 MAX_THREADS = 4
@@ -62,9 +64,7 @@ def copy_rows(destination: np.ndarray, source: np.ndarray, threads: int | None =
     if destination.shape != source.shape:
         raise ValueError(f"source: expected shape {destination.shape}, got {source.shape}")
     rows = destination.shape[0]
-    most = POOL_THREADS if threads is None else threads
-    if most < 1:
-        raise ValueError(f"threads: expected an integer >= 1, got {threads}")
+    most = POOL_THREADS if threads is None else check_int(threads, "threads")
     slices = max(1, min(most, rows, destination.nbytes // SLICE_BYTES))
     if slices == 1:
         _copy_slice(destination, source)

@@ -22,7 +22,6 @@ import copy
 import logging
 import re
 import sys
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,8 @@ import torch
 from torch import nn
 
 from . import _native
-from ._arrays import check_int, first_nonfinite_row, resolve_device, rows_as_float32, rows_as_tensor
+from ._arrays import (check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
+                      rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
 from ._encode_stream import Destination, NewArray, Source, UserOut
 from .models.base import LatentModel, module_device_dtype
@@ -102,7 +102,9 @@ class Encoder:
             accumulation in float32 (native), or torch.autocast(bfloat16) on the torch backend.
 
     The weights are snapshotted here (exported to native, or a private copy of the model in
-    eval mode): train the model further and build a new Encoder to see the change.
+    eval mode): train the model further and build a new Encoder to see the change. An Encoder
+    pickles and deep-copies with its snapshot (the native kernel is picked again on loading).
+    precision="fp32" holds inside a caller's torch.autocast too (both backends).
 
     Attributes: backend ("native" or "torch"), reason (why torch; None for native), kernel
     (the native SIMD kernel, e.g. "avx2", or "torch"), device, precision, latent_dim (None
@@ -115,6 +117,16 @@ class Encoder:
         if not isinstance(precision, str) or precision not in PRECISIONS:
             raise ValueError(f"precision: expected 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
+        if any(nn.parameter.is_lazy(tensor) for tensor in (*model.parameters(), *model.buffers())):
+            # The private copy would draw its own weights on the first chunk, which the
+            # caller's model never has.
+            raise ValueError("model: it has uninitialised (lazy) parameters (nn.LazyLinear, ...); "
+                             "run one forward pass, or load its weights, before encoding")
+        if any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers())):
+            # No data to export or copy: torch's own error ("Cannot copy out of meta tensor")
+            # would not say which argument, nor the fix.
+            raise ValueError("model: its parameters are on the 'meta' device (shapes without values); "
+                             "materialise them first, e.g. model.to_empty(device='cpu') then load_state_dict")
         model_device, _ = module_device_dtype(model)
         self.device = model_device if device is None else resolve_device(device, allow_auto=False)
         self._model_name = type(model).__name__
@@ -127,12 +139,10 @@ class Encoder:
             spec, self.reason = None, why.reason
         if spec is not None and self.device.type != "cpu":
             self.reason = f"the work runs on '{self.device}' and the native encoder runs on the CPU"
+        self._spec: MlpSpec | None = None  # kept for the native backend: pickling rebuilds from it
         if self.reason is None:
-            self._native = _native.MlpEncoder([layer.weight for layer in spec.layers],
-                                              [layer.bias for layer in spec.layers],
-                                              [layer.activation for layer in spec.layers],
-                                              [float(layer.param) for layer in spec.layers],
-                                              spec.input_offset, precision)
+            self._spec = spec
+            self._native = self._build_native()
             self.backend, self.kernel = "native", str(self._native.kernel)
             self.latent_dim: int | None = spec.output_dim
             self._sample_shapes: tuple[tuple[int, ...], ...] | None = ((spec.input_dim,),)
@@ -150,6 +160,23 @@ class Encoder:
                 self.latent_dim, self._sample_shapes = None, None
         logger.debug("Encoder(%s): backend=%s kernel=%s%s", self._model_name, self.backend, self.kernel,
                      f" ({self.reason})" if self.reason else "")
+
+    def _build_native(self) -> Any:
+        spec = self._spec
+        return _native.MlpEncoder([layer.weight for layer in spec.layers], [layer.bias for layer in spec.layers],
+                                  [layer.activation for layer in spec.layers],
+                                  [float(layer.param) for layer in spec.layers], spec.input_offset, self.precision)
+
+    # An Encoder pickles (and deep-copies) with its snapshot: the native object cannot be
+    # pickled, so it is rebuilt from the exported layers, for the SIMD level active there.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_native": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.backend == "native":
+            self._native = self._build_native()
+            self.kernel = str(self._native.kernel)
 
     @property
     def default_batch_size(self) -> int:
@@ -177,6 +204,9 @@ class Encoder:
         out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
             shape (n, latent_dim) to write into; it is returned. For an iterable X the
             chunks must fill it exactly. It must not share memory with X (not even out=X).
+            When encode raises (a bad row or chunk, or an exception from X's iterator), the
+            rows of the chunks encoded before it hold their codes and the rest of out is
+            unspecified.
         progress: show a tqdm bar on stderr.
 
         Returns numpy for numpy input, a torch tensor on the input's device for torch input
@@ -188,6 +218,12 @@ class Encoder:
         dtype or out.
         """
         batch_size = check_int(self.default_batch_size if batch_size is None else batch_size, "batch_size")
+        if not isinstance(progress, (bool, np.bool_)):
+            raise TypeError(f"progress: expected True or False, got {progress!r}")
+        if out is not None and not (isinstance(X, (np.ndarray, list, tuple)) or is_torch_tensor(X)):
+            # An iterable X gives Source its first chunk (the result's type): refuse a bad out
+            # before that, so that a retry with the same generator still sees every chunk.
+            check_encode_out(out, None, self.latent_dim)
         source = Source(X, self._sample_shapes, out=out)  # refuses an out that overlaps X
         destination = (NewArray(source.rows, source.kind, source.device) if out is None
                        else UserOut(out, source.rows, self.latent_dim))
@@ -237,8 +273,10 @@ class Encoder:
         bad = first_nonfinite_row(x)
         if bad >= 0:
             raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
+        # fp32 turns a caller's autocast off: the native backend ignores it, and the codes must
+        # not depend on the backend (nor on a training loop's context around encode).
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
-               else nullcontext())
+               else torch.autocast(self.device.type, enabled=False))
         with torch.no_grad(), amp:
             codes = model.encode(x) if isinstance(model, LatentModel) else model(x)
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != x.shape[0]:
