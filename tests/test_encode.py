@@ -1078,3 +1078,23 @@ def test_native_reports_the_nonfinite_row_within_X(rng):
     with pytest.raises(ValueError, match="X: row 211 contains NaN or Inf"):
         encoder.encode(x, batch_size=50)
     assert isinstance(encoder.kernel, str) and encoder.kernel
+
+
+def test_the_native_default_batch_is_bounded_in_bytes_for_wide_inputs():
+    # 65,536 rows of 20,000 float64 features converted to float32 took 5.2 GB at once: the
+    # default batch holds at most NATIVE_BATCH_BYTES of float32 input, and stays 65,536 rows
+    # up to 1,024 features.
+    from latentspace import encoding
+
+    for width, rows in ((64, 65536), (1024, 65536), (1025, 65472), (20_000, 3355)):
+        encoder = latentspace.Encoder(nn.Sequential(nn.Linear(width, 2)))
+        assert encoder.backend == "native"
+        assert encoder.default_batch_size == rows
+        assert rows * width * 4 <= encoding.NATIVE_BATCH_BYTES
+
+
+def test_add_encoded_checks_progress_like_encode(autoencoder):
+    index = latentspace.FlatIndex(autoencoder.latent_dim)
+    with pytest.raises(TypeError, match="progress: expected True or False, got 'no'"):
+        index.add_encoded(autoencoder, np.zeros((3, autoencoder.input_shape[0]), np.float32), progress="no")
+    assert index.ntotal == 0

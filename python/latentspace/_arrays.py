@@ -32,6 +32,7 @@ __all__ = [
     "as_model_input",
     "as_output",
     "check_float",
+    "check_bool",
     "check_int",
     "check_real_dtype",
     "check_sample_shape",
@@ -495,6 +496,14 @@ def as_output(tensor: Any, kind: ArrayKind):
 
     tensor = tensor.detach().to("cpu")
     return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """True or False (Python's or numpy's); anything else, 0 and None included, is a TypeError
+    naming `name` (a string "no" would read as true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 def check_int(value: Any, name: str, *, minimum: int = 1, below: int | None = None) -> int:

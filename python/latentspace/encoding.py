@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import _native
-from ._arrays import (check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
+from ._arrays import (check_bool, check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
                       rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
 from ._encode_stream import Destination, NewArray, Source, UserOut
@@ -41,9 +41,11 @@ logger = logging.getLogger("latentspace")
 
 PRECISIONS = ("fp32", "bf16")
 # Rows per chunk. The native encoder blocks rows for its threads internally, so it gets
-# large slices (fewer calls, and conversion of non-float32 input stays bounded: 16 MiB at
-# 64 features); torch materialises every layer's activations, so it gets smaller ones.
+# large slices (fewer calls), up to NATIVE_BATCH_BYTES of float32 input, which bounds the
+# conversion of non-float32 input (16 MiB at 64 features; at 20,000 features 65,536 rows
+# took 5.2 GB); torch materialises every layer's activations, so it gets smaller ones.
 NATIVE_BATCH_ROWS = 65536
+NATIVE_BATCH_BYTES = 256 << 20  # 65,536 rows up to 1,024 features
 TORCH_BATCH_ROWS = 4096
 _NATIVE_BAD_ROW = re.compile(r"\brow (\d+)\b")
 
@@ -180,7 +182,9 @@ class Encoder:
 
     @property
     def default_batch_size(self) -> int:
-        return NATIVE_BATCH_ROWS if self.backend == "native" else TORCH_BATCH_ROWS
+        if self.backend != "native":
+            return TORCH_BATCH_ROWS
+        return max(1, min(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES // (4 * self._spec.input_dim)))
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -218,8 +222,7 @@ class Encoder:
         dtype or out.
         """
         batch_size = check_int(self.default_batch_size if batch_size is None else batch_size, "batch_size")
-        if not isinstance(progress, (bool, np.bool_)):
-            raise TypeError(f"progress: expected True or False, got {progress!r}")
+        progress = check_bool(progress, "progress")
         if out is not None and not (isinstance(X, (np.ndarray, list, tuple)) or is_torch_tensor(X)):
             # An iterable X gives Source its first chunk (the result's type): refuse a bad out
             # before that, so that a retry with the same generator still sees every chunk.

@@ -12,6 +12,7 @@ from .. import _cuda_chunks, _cuda_device, _cuda_search, _native
 from .._arrays import (
     METRICS,
     as_matrix,
+    check_bool,
     check_int,
     check_k,
     check_metric,
@@ -205,6 +206,7 @@ class FlatIndex:
         if batch_size is None:
             batch_size = encoder.default_batch_size
         batch_size = check_int(batch_size, "batch_size")
+        progress = check_bool(progress, "progress")
         source = Source(X, encoder._sample_shapes)
         with self._write_lock:
             self._check_writable("add_encoded")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._arrays import as_model_input, check_dense, check_int, is_torch_tensor
+from .._arrays import as_model_input, check_bool, check_dense, check_int, is_torch_tensor
 from .base import LatentModel
 
 __all__ = ["PCA"]
@@ -39,9 +39,7 @@ class PCA(LatentModel):
 
     def __init__(self, latent_dim: int, whiten: bool = False):
         super().__init__(latent_dim)
-        if not isinstance(whiten, (bool, np.bool_)):
-            raise TypeError(f"whiten: expected True or False, got {whiten!r}")
-        self.whiten = bool(whiten)
+        self.whiten = check_bool(whiten, "whiten")
         self._allocate(0)
         self._fitted = False
 

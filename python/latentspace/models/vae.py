@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import losses
-from .._arrays import check_float, check_int
+from .._arrays import check_bool, check_float, check_int
 from ._checks import check_generator, check_objective_arguments, check_parameter_count, mlp_parameters
 from .base import ReconstructionModel, check_activation, check_sizes, full_precision, mlp
 
@@ -90,9 +90,7 @@ class VAE(ReconstructionModel):
         """The posterior mean mu(x), (n, latent_dim); with sample=True a draw from q(z|x)
         (reproducible with a seeded torch.Generator on the model's device; generator is
         None or a torch.Generator there, else TypeError / ValueError)."""
-        if not isinstance(sample, bool):
-            raise TypeError(f"sample: expected True or False, got {sample!r}")
-        if not sample:
+        if not check_bool(sample, "sample"):
             return super().encode(x)
         check_generator(generator, self._device_dtype()[0])
         return self._run(lambda t: self._sample(*self._posterior(t), generator), x, "x",
