@@ -52,6 +52,7 @@ __all__ = [
     "database_row_check",
     "query_row_checks",
     "raise_unusable_rows",
+    "refuse_masked",
     "host_to_tensor",
     "unusable_row_flag",
     "as_float64_matrix",
@@ -93,7 +94,7 @@ def _is_torch_int(x: Any) -> bool:
     return x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, *unsigned)
 
 
-def _refuse_masked(x: Any, name: str) -> None:
+def refuse_masked(x: Any, name: str) -> None:
     """TypeError naming `name` for a masked array with masked entries: np.asarray keeps the
     masked entries' values and drops the mask, so they would count as data."""
     if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
@@ -105,7 +106,7 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     """np.asarray(x), refusing strings, None and non-real dtypes with a TypeError naming `name`."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name}: expected {expected}, got {type(x).__name__}")
-    _refuse_masked(x, name)
+    refuse_masked(x, name)
     try:
         array = np.asarray(x)
     except ValueError as error:  # a ragged nested list: numpy's message names no argument
@@ -545,7 +546,7 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
         if labels.is_floating_point():
             labels = labels.double()  # (bfloat16 has no numpy dtype); refused below, by its own name
         labels = labels.numpy()
-    _refuse_masked(labels, name)
+    refuse_masked(labels, name)
     array = np.asarray(labels)
     if array.dtype.kind not in "iu":
         hint = ""

@@ -13,21 +13,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._arrays import ArrayKind, check_apart, check_encode_out, check_rows, is_torch_tensor
+from ._arrays import ArrayKind, check_apart, check_encode_out, check_rows, is_torch_tensor, refuse_masked
 
 __all__ = ["Destination", "NewArray", "Source", "UserOut"]
 
 # What next() returns when an iterable X is exhausted: not None, which an iterable may
 # yield by mistake, and which must be refused as a bad chunk, not end the stream.
 _END = object()
-
-
-def _check_unmasked(x: Any, name: str) -> None:
-    # The rows are read through their buffer (or np.asarray), which keeps a masked entry's
-    # hidden value and drops the mask: the codes would use values the caller masked out.
-    if isinstance(x, np.ma.MaskedArray) and np.ma.getmaskarray(x).any():
-        raise TypeError(f"{name}: a masked array with masked entries (its mask would be ignored); pass "
-                        f"{name}.filled(value), or only the rows without masked entries")
 
 
 class Source:
@@ -54,7 +46,7 @@ class Source:
                 raise ValueError(f"X: a list or tuple is read as one array and this one is not ({error}); "
                                  "pass iter(chunks) to encode a list of chunks") from None
         if isinstance(X, np.ndarray) or is_torch_tensor(X):
-            _check_unmasked(X, "X")
+            refuse_masked(X, "X")
             check_rows(X, "X", sample_shapes)
             check_apart(X, "X", out)
             self._array, self._chunks = X, None
@@ -90,7 +82,7 @@ class Source:
             except ValueError as error:
                 raise ValueError(f"{name}: a list or tuple is read as one array and this one is not "
                                  f"({error})") from None
-        _check_unmasked(chunk, name)
+        refuse_masked(chunk, name)
         check_rows(chunk, name, self._sample_shapes)
         check_apart(chunk, name, self._out)
         if self._sample_shapes is None:
