@@ -877,6 +877,23 @@ def test_renamed_maps_a_leading_parameter_and_its_keyword():
         "--latent-dim: PCA(latent_dim=5) is too large"  # only a keyword after a space is renamed
     for untouched in ("x.npy: pass key= to pick one", "no parameter here", "--key: already a flag"):
         assert renamed(untouched, names) == untouched
+    # another flag's keyword in the message is renamed too
+    assert renamed("labels: the rows left after val_fraction=0.5 hold one class",
+                   {"labels": "--labels", "val_fraction": "--val-fraction"}) == \
+        "--labels: the rows left after --val-fraction 0.5 hold one class"
+
+
+def test_train_labels_left_unusable_by_the_split_are_named_with_flags(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.random((20, 6)).astype(np.float32))
+    np.save(tmp_path / "y.npy", np.repeat(np.arange(10), 2))  # two rows a class: one left to train on
+    code, _, err = _main(capsys, "train", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                         "--metric-loss", "supcon", "--val-fraction", "0.5", "--epochs", "1", "--hidden", "4",
+                         "--latent-dim", "2", "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 2 and "--labels: the training rows left after holding out --val-fraction 0.5 have every " \
+        "class a single sample" in err, err
 
 
 def test_plot_names_the_data_file_for_a_nan_row(plot_files, capsys):

@@ -83,10 +83,11 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def renamed(message: str, names: dict[str, str]) -> str:
     """An API error's message in the command line's words: a leading "name: " (a Python
-    parameter) becomes names[name], what the user typed (a flag, or a file); for a flag,
+    parameter) becomes names[name], what the user typed (a flag, or a file); every flag's
     "name=" in the rest of the message too ("pass key= to pick one" -> "pass --key to pick
-    one"), and a leading "name[i]: " (one value of a list) becomes "FLAG: item i+1: " (counted
-    from 1, as a user counts the comma-separated values typed).
+    one", "val_fraction=0.5" -> "--val-fraction 0.5"), and a leading "name[i]: " (one value
+    of a list) becomes "FLAG: item i+1: " (counted from 1, as a user counts the
+    comma-separated values typed).
     Messages that name something else are returned as they are."""
     head, sep, rest = message.partition(": ")
     item = re.fullmatch(r"(\w+)\[(\d+)\]", head)  # "hidden[1]: ...", one value of a list flag
@@ -94,10 +95,10 @@ def renamed(message: str, names: dict[str, str]) -> str:
         return f"{names[item[1]]}: item {int(item[2]) + 1}: {rest}"
     if not sep or head not in names:
         return message
-    typed = names[head]
-    if typed.startswith("-"):
-        rest = re.sub(rf"(?<!\S){re.escape(head)}= ?", f"{typed} ", rest)
-    return f"{typed}: {rest}"
+    for name, flag in names.items():  # "val_fraction=0.5" -> "--val-fraction 0.5", for every flag
+        if flag.startswith("-"):
+            rest = re.sub(rf"(?<!\S){re.escape(name)}= ?", f"{flag} ", rest)
+    return f"{names[head]}: {rest}"
 
 
 def _check_suffix(path: str, suffix: str, option: str) -> Path:
