@@ -40,6 +40,7 @@ __all__ = [
     "numpy_to_tensor",
     "numpy_to_private_tensor",
     "check_apart",
+    "DIM_BELOW",
     "check_dim",
     "check_k",
     "check_rows_usable",
@@ -168,9 +169,14 @@ _BAD_WEIGHTED_ROW = ("contains NaN or Inf, or values so large that squared dista
                      "the weights")
 
 
+# A vector's bytes (dim * 4) times any row count must fit in an int64, as numpy, the native
+# kernels and the index file format (indexes/io.py) count them.
+DIM_BELOW = 1 << 61
+
+
 def check_dim(dim: Any) -> int:
-    """A vector dimension: an integer >= 1."""
-    return check_int(dim, "dim")
+    """A vector dimension: an integer in [1, DIM_BELOW)."""
+    return check_int(dim, "dim", below=DIM_BELOW)
 
 
 def check_k(k: Any) -> int:

@@ -13,6 +13,7 @@ from .._arrays import (
     METRICS,
     as_matrix,
     check_bool,
+    check_dim,
     check_int,
     check_k,
     check_metric,
@@ -28,8 +29,7 @@ from .io import IndexFileError, load_index_file, save_index_file
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
 # A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
-# them: the largest dimension (as in the file format, indexes/io.py) and the most bytes.
-_DIM_BELOW = 1 << 61
+# them (the largest dimension: _arrays.DIM_BELOW).
 _MAX_BUFFER_BYTES = 2**63 - 1
 _PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf, "weighted_l2": np.inf}
 
@@ -70,7 +70,7 @@ class FlatIndex:
     def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None,
                  storage: str = "fp32"):
         check_metric(metric)
-        self._dim = check_int(dim, "dim", below=_DIM_BELOW)
+        self._dim = check_dim(dim)
         self._metric = metric
         self._weights = None
         if metric == "weighted_l2":

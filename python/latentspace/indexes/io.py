@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .._arrays import check_int, empty_vector_buffer
+from .._arrays import DIM_BELOW, check_int, empty_vector_buffer
 from .._atomic import atomic_write
 from .._paths import stat_regular_file
 
@@ -43,7 +43,7 @@ _CHUNK_BYTES = 64 << 20
 _MAX_HEADER_BYTES = 256 << 20
 # The header's integer fields, each in [minimum, below). A row's bytes (dim * 4) must fit in
 # an int64, as numpy and the native kernels count them; a CRC-32 is 32 bits.
-_HEADER_INTS = {"ntotal": (0, None), "dim": (1, 1 << 61), "data_offset": (0, None),
+_HEADER_INTS = {"ntotal": (0, None), "dim": (1, DIM_BELOW), "data_offset": (0, None),
                 "data_nbytes": (0, None), "data_crc32": (0, 1 << 32)}
 
 
