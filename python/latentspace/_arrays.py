@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _native
+from ._host_memory import is_writable
 
 __all__ = [
     "ArrayKind",
@@ -687,6 +688,9 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
             raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
                              f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
         view = out.numpy()
+        if is_writable(view) is False:  # torch has no read-only flag: writing would fault
+            raise ValueError("out: the tensor's memory is read-only (e.g. torch.from_numpy of a read-only "
+                             "array or memory map); pass a writable one")
     elif isinstance(out, np.ndarray):
         if out.dtype != np.float32:
             raise TypeError(f"out: expected float32, got {out.dtype}")

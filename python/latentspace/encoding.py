@@ -207,8 +207,9 @@ class Encoder:
         batch_size: rows per chunk (default 65,536 native, 4,096 torch).
         out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
             shape (n, latent_dim) to write into; it is returned. For an iterable X the
-            chunks must fill it exactly. It must not share memory with X (not even out=X).
-            When encode raises (a bad row or chunk, or an exception from X's iterator), the
+            chunks must fill it exactly. It must not share memory with X (not even out=X),
+            nor be read-only (a tensor over a read-only memory map is refused, though torch
+            itself cannot flag one). When encode raises (a bad row or chunk, or an exception from X's iterator), the
             rows of the chunks encoded before it hold their codes and the rest of out is
             unspecified.
         progress: show a tqdm bar on stderr.
