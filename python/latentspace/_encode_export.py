@@ -12,6 +12,16 @@ subtracted. This module turns a model into that chain, or says why it cannot:
 * A plain nn.Sequential of nn.Linear and supported activations (nested Sequentials are
   flattened; nn.Identity is dropped).
 
+In any of these encoders, also (see _encode_modules):
+* dropout (nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout) is dropped: the
+  Encoder evaluates every model in eval mode (its torch backend runs an eval() copy, whatever
+  the caller's mode), where dropout is the identity;
+* nn.BatchNorm1d with running statistics (the ones eval mode uses) right after a Linear layer
+  is folded into that layer's weight and bias, and one before the first Linear layer into its
+  weight, its running mean becoming the input offset;
+* in an Autoencoder's or VAE's encoder, whose values are (rows, features) throughout, an
+  nn.Flatten that leaves such values as they are is dropped.
+
 Anything else raises NotExportable with the reason, and the caller runs torch instead.
 The checks are strict on purpose: exact types (a subclass may override forward), no
 forward hooks, no class that overrides how it encodes, no method replaced on an instance
@@ -29,20 +39,14 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_internals
 
+from ._encode_modules import (NotExportable, activation_of, check_dtype, check_finite, check_flatten, float32_copy,
+                              fold_batch_norms, is_dropout, type_name, unsupported)
 from .models.autoencoder import Autoencoder
 from .models.base import LatentModel
 from .models.pca import PCA
 from .models.vae import VAE
 
 __all__ = ["MlpLayer", "MlpSpec", "NotExportable", "export_layers"]
-
-
-class NotExportable(Exception):
-    """The model cannot run on the native encoder; `reason` says why (shown to the user)."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -76,26 +80,6 @@ class MlpSpec:
         return int(self.layers[-1].weight.shape[0])
 
 
-def _activation(module: nn.Module) -> tuple[str, float] | None:
-    """(native name, parameter) of a supported activation module, None for any other module.
-    Exact types only: a subclass may compute something else."""
-    kind = type(module)
-    if kind is nn.ReLU:
-        return "relu", 0.0
-    if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if kind is nn.GELU:
-        if module.approximate == "none":
-            return "gelu", 0.0
-        if module.approximate == "tanh":
-            return "gelu_tanh", 0.0
-        return None
-    if kind is nn.ELU:
-        return "elu", float(module.alpha)
-    simple = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu"}
-    return (simple[kind], 0.0) if kind in simple else None
-
-
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -117,76 +101,94 @@ def _global_hooks() -> bool:
                 or getattr(_module_internals, "_global_forward_pre_hooks", None))
 
 
-def _float32_copy(tensor: torch.Tensor) -> np.ndarray:
-    """A C-contiguous float32 numpy copy (the snapshot: later training does not reach it)."""
-    return np.array(tensor.detach().to("cpu").numpy(), dtype=np.float32, order="C", copy=True)
-
-
-def _check_dtype(tensor: torch.Tensor, what: str) -> None:
-    if tensor.dtype != torch.float32:
-        raise NotExportable(f"{what} is {str(tensor.dtype).replace('torch.', '')}; the native encoder "
-                            "computes in float32")
-
-
-def _check_finite(array: np.ndarray, what: str) -> None:
-    # Raised, not a fallback: torch would silently return NaN codes from such a model.
-    if not np.isfinite(array).all():
-        raise ValueError(f"model: {what} contains NaN or Inf (a diverged training run?); "
-                         "it cannot encode anything")
-
-
-def _flatten(sequential: nn.Sequential) -> list[nn.Module]:
-    modules: list[nn.Module] = []
-    for module in sequential:
+def _flatten(sequential: nn.Sequential, where: str) -> list[tuple[str, nn.Module]]:
+    """The modules, nested plain Sequentials opened, each with its label for reasons:
+    where[i], where[i][j] in a nested one (how the caller would index it)."""
+    modules: list[tuple[str, nn.Module]] = []
+    for i, module in enumerate(sequential):
+        label = f"{where}[{i}]"
         if _has_hooks(module):
-            raise NotExportable(f"a {type(module).__name__} in the encoder has forward hooks")
-        _check_no_instance_methods(module, f"a {type(module).__name__} in the encoder")
+            raise NotExportable(f"{label} ({type_name(type(module))}) has forward hooks")
+        _check_no_instance_methods(module, label)
         if type(module) is nn.Sequential:
-            modules.extend(_flatten(module))
+            modules.extend(_flatten(module, label))
         else:
-            modules.append(module)
+            modules.append((label, module))
     return modules
 
 
-def _sequential_layers(sequential: nn.Module, where: str) -> list[MlpLayer]:
-    """The native layers of an exact nn.Sequential of Linear layers and activations."""
+class _PendingLinear:
+    """A Linear layer waiting for its activation, with the nn.BatchNorm1d modules that fold
+    into it: one before it (the first layer only), those right after it."""
+
+    def __init__(self, module: nn.Linear, before: tuple[str, nn.BatchNorm1d] | None):
+        self.module, self.before = module, before
+        self.after: list[tuple[str, nn.BatchNorm1d]] = []
+
+    def layer(self, activation: str, param: float, index: int) -> MlpLayer:
+        weight, bias = _linear(self.module, index)
+        if self.before is not None or self.after:
+            weight, bias = fold_batch_norms(weight, bias, self.before, self.after, index)
+        return MlpLayer(weight, bias, activation, param)
+
+
+def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> MlpSpec:
+    """The native layers of an exact nn.Sequential of Linear layers and activations (with
+    the modules _encode_modules knows between them). rows_only: the model's samples are rows,
+    so the values in the Sequential are 2-d (Autoencoder, VAE; not a plain nn.Sequential,
+    which torch runs on samples of any shape)."""
     if type(sequential) is not nn.Sequential:
         raise NotExportable(f"{where} is a {type(sequential).__name__}, not a plain nn.Sequential")
     if _has_hooks(sequential):
         raise NotExportable(f"{where} has forward hooks")
     _check_no_instance_methods(sequential, where)
     layers: list[MlpLayer] = []
-    pending: nn.Linear | None = None  # a Linear layer still waiting for its activation
+    pending: _PendingLinear | None = None
+    leading_norm: tuple[str, nn.BatchNorm1d] | None = None  # a BatchNorm1d before any Linear layer
+    input_norm: nn.BatchNorm1d | None = None  # that one, folded into the first layer
     previous = "the input"
-    for module in _flatten(sequential):
-        name = type(module).__name__
-        if type(module) is nn.Identity:
+    for label, module in _flatten(sequential, where):
+        kind = type(module)
+        name = kind.__name__
+        if kind is nn.Identity or is_dropout(module, label):
             continue
-        if type(module) is nn.Linear:
+        if kind is nn.Flatten:
+            check_flatten(module, label, rows_only)
+            continue
+        if kind is nn.Linear:
             if pending is not None:
-                layers.append(_linear(pending, "identity", 0.0, len(layers)))
-            pending = module
+                layers.append(pending.layer("identity", 0.0, len(layers)))
+            pending, leading_norm = _PendingLinear(module, leading_norm), None
+        elif kind is nn.BatchNorm1d:
+            if pending is not None:
+                pending.after.append((label, module))
+            elif previous == "the input":
+                leading_norm, input_norm = (label, module), module
+            else:
+                raise NotExportable(f"{label} (nn.BatchNorm1d) comes right after {previous}: only one right after a "
+                                    "Linear layer, or before the first, folds into the native layers")
         else:
-            activation = _activation(module)
-            if activation is None:
-                raise NotExportable(f"{where} holds a {name}: the native encoder runs only Linear layers "
-                                    "and the activations ReLU, LeakyReLU, GELU, Tanh, Sigmoid, SiLU, ELU")
+            found = activation_of(module)
+            if found is None:
+                raise unsupported(module, label)
             if pending is None:
-                raise NotExportable(f"{where} applies {name} right after {previous}: the native encoder "
-                                    "runs one activation after each Linear layer")
-            _check_parameter(activation[1], name, len(layers))
-            layers.append(_linear(pending, *activation, len(layers)))
+                raise NotExportable(f"{label} applies {name} right after {previous}: the native encoder runs one "
+                                    "activation after each Linear layer")
+            _check_parameter(found[1], name, len(layers))
+            layers.append(pending.layer(*found, len(layers)))
             pending = None
         previous = name
     if pending is not None:
-        layers.append(_linear(pending, "identity", 0.0, len(layers)))
+        layers.append(pending.layer("identity", 0.0, len(layers)))
     if not layers:
         raise NotExportable(f"{where} has no Linear layer")
     for i in range(1, len(layers)):
         if layers[i].weight.shape[1] != layers[i - 1].weight.shape[0]:
             raise NotExportable(f"{where}: layer {i} takes {layers[i].weight.shape[1]} inputs but layer "
                                 f"{i - 1} gives {layers[i - 1].weight.shape[0]}")
-    return layers
+    # The first layer's fold checked the running mean; subtracted first, as torch does.
+    offset = None if input_norm is None else float32_copy(input_norm.running_mean)
+    return MlpSpec(tuple(layers), input_offset=offset)
 
 
 def _check_parameter(value: float, name: str, index: int) -> None:
@@ -197,19 +199,20 @@ def _check_parameter(value: float, name: str, index: int) -> None:
                             "cannot hold (it needs a finite float32)")
 
 
-def _linear(module: nn.Linear, activation: str, param: float, index: int) -> MlpLayer:
+def _linear(module: nn.Linear, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Linear layer's (weight, bias) as float32 snapshots."""
     if module.weight.numel() == 0:  # torch gives bias-only (or empty) outputs; native has no such layer
         raise NotExportable(f"layer {index} is nn.Linear({module.in_features}, {module.out_features}): "
                             "the native encoder needs at least one input and one output per layer")
-    _check_dtype(module.weight, f"layer {index}'s weight")
-    weight = _float32_copy(module.weight)
-    _check_finite(weight, f"layer {index}'s weight")
+    check_dtype(module.weight, f"layer {index}'s weight")
+    weight = float32_copy(module.weight)
+    check_finite(weight, f"layer {index}'s weight")
     bias = None
     if module.bias is not None:
-        _check_dtype(module.bias, f"layer {index}'s bias")
-        bias = _float32_copy(module.bias)
-        _check_finite(bias, f"layer {index}'s bias")
-    return MlpLayer(weight, bias, activation, param)
+        check_dtype(module.bias, f"layer {index}'s bias")
+        bias = float32_copy(module.bias)
+        check_finite(bias, f"layer {index}'s bias")
+    return weight, bias
 
 
 def _check_not_overridden(model: LatentModel, base: type, names: tuple[str, ...]) -> None:
@@ -235,7 +238,8 @@ def export_layers(model: nn.Module) -> MlpSpec:
         return _export_pca(model)
     if isinstance(model, VAE):
         _check_not_overridden(model, VAE, (*_ENCODE_PATH, "_posterior"))
-        layers = _sequential_layers(model.encoder, "VAE.encoder")
+        spec = _sequential_spec(model.encoder, "VAE.encoder", rows_only=True)
+        layers = spec.layers
         last = layers[-1]
         k = model.latent_dim
         if last.weight.shape[0] != 2 * k:
@@ -243,16 +247,16 @@ def export_layers(model: nn.Module) -> MlpSpec:
         # encoder(x).chunk(2) -> (mu, logvar): mu is the first half of the last layer's outputs.
         mean_head = MlpLayer(last.weight[:k].copy(), None if last.bias is None else last.bias[:k].copy(),
                              last.activation, last.param)
-        return _checked_input(model, MlpSpec((*layers[:-1], mean_head)))
+        return _checked_input(model, MlpSpec((*layers[:-1], mean_head), spec.input_offset))
     if isinstance(model, Autoencoder):
         _check_not_overridden(model, Autoencoder, _ENCODE_PATH)
-        return _checked_input(model, MlpSpec(tuple(_sequential_layers(model.encoder, "Autoencoder.encoder"))))
+        return _checked_input(model, _sequential_spec(model.encoder, "Autoencoder.encoder", rows_only=True))
     if isinstance(model, LatentModel):
         raise NotExportable(f"{type(model).__name__} is not a chain of Linear layers and elementwise "
                             "activations (the native encoder runs Autoencoder, VAE, PCA and plain "
                             "nn.Sequential MLPs)")
     if type(model) is nn.Sequential:
-        return MlpSpec(tuple(_sequential_layers(model, "the nn.Sequential")))
+        return _sequential_spec(model, "model", rows_only=False)
     raise NotExportable(f"{type(model).__name__} is not a model the native encoder knows (Autoencoder, "
                         "VAE, PCA, or a plain nn.Sequential of Linear layers and activations)")
 
@@ -268,14 +272,14 @@ def _export_pca(model: PCA) -> MlpSpec:
     model._check_fitted()  # ValueError "PCA is not fitted: call fit(X) first"
     _check_not_overridden(model, PCA, (*_ENCODE_PATH, "_inverse_scale", "_spread"))
     for name in ("mean", "components", "explained_variance"):
-        _check_dtype(getattr(model, name), f"PCA.{name}")
+        check_dtype(getattr(model, name), f"PCA.{name}")
     components = model.components.detach().to("cpu", torch.float64)
     if model.whiten:
         # torch computes ((x - mean) @ C.T) * inverse_scale; scaling the rows of C instead,
         # in float64 and rounded once, agrees to float32 rounding (a row without spread: 0).
         components = components * model._inverse_scale().detach().to("cpu", torch.float64)[:, None]
     weight = np.ascontiguousarray(components.numpy(), dtype=np.float32)
-    mean = _float32_copy(model.mean)
-    _check_finite(weight, "PCA.components")
-    _check_finite(mean, "PCA.mean")
+    mean = float32_copy(model.mean)
+    check_finite(weight, "PCA.components")
+    check_finite(mean, "PCA.mean")
     return MlpSpec((MlpLayer(weight, None, "identity", 0.0),), input_offset=mean)

@@ -1,0 +1,365 @@
+"""The native export of encoders users write (_encode_export, _encode_modules): dropout,
+nn.BatchNorm1d folded into the Linear layer beside it, nn.Flatten, and the reasons naming a
+module the native encoder cannot run.
+
+Every exported model is checked on the real native encoder (Encoder.backend == "native")
+against the model's float64 forward in eval mode, the mode the Encoder always encodes in:
+its torch backend runs an eval() copy of the model, so a model in training mode gives the
+same codes on both backends (checked too).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import latentspace
+from latentspace.encoding import NotExportable, export_layers
+from test_encode import _ReLUPlus  # a subclass of nn.ReLU, for a reason's wording
+
+WIDTHS = (97, 3, 1)  # odd widths: SIMD tails, a single column
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(single_threaded):
+    """Tiny models: one thread each for torch and latentspace (see conftest.single_threaded)."""
+
+
+def _eval64(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """The model's encode (or forward) in float64 and eval mode, on a copy."""
+    double = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        tensor = torch.from_numpy(np.asarray(x, dtype=np.float64))
+        z = double.encode(tensor) if isinstance(double, latentspace.models.LatentModel) else double(tensor)
+    return z.numpy()
+
+
+def _error_scale(spec, x) -> np.ndarray:
+    """Per output element, the size of the terms its float32 computation sums, starting from
+    |x - input_offset| (a BatchNorm1d's mean is subtracted first, as torch does; folding it
+    into the bias would lose to cancellation what this scale then catches)."""
+    m = np.abs(np.asarray(x, dtype=np.float64) - (0.0 if spec.input_offset is None else spec.input_offset))
+    for layer in spec.layers:
+        m = m @ np.abs(layer.weight.astype(np.float64)).T  # activations here are at most ~1.13-Lipschitz
+        if layer.bias is not None:
+            m = m + np.abs(layer.bias.astype(np.float64))
+    return m
+
+
+def _assert_native_exact(model: nn.Module, x: np.ndarray, **encode_args) -> latentspace.Encoder:
+    """The model runs on the native encoder, and its codes equal the float64 eval-mode
+    forward up to float32 rounding (within 4e-6 of the terms summed, as test_encode's
+    _assert_float32_exact). Returns the Encoder."""
+    encoder = latentspace.Encoder(model)
+    assert (encoder.backend, encoder.reason) == ("native", None), encoder.reason
+    assert encoder.kernel != "torch"
+    codes = encoder.encode(x, **encode_args)
+    expected = _eval64(model, x)
+    bound = 4e-6 * _error_scale(export_layers(model), x) + 1e-30
+    error = np.abs(codes.astype(np.float64) - expected)
+    worst = np.unravel_index(np.argmax(error / bound), error.shape)
+    assert np.all(error <= bound), (f"element {worst}: got {codes[worst]!r}, float64 {expected[worst]!r}, "
+                                    f"allowed error {bound[worst]:.3g}")
+    return encoder
+
+
+def _torch_backend_codes(model: nn.Module, x: np.ndarray, monkeypatch) -> np.ndarray:
+    """The codes of the torch backend (the export refused), for the same model."""
+    def refuse(model):
+        raise NotExportable("the test takes the torch path")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(latentspace.encoding, "export_layers", refuse)
+        encoder = latentspace.Encoder(model)
+        assert encoder.backend == "torch"
+        return encoder.encode(x)
+
+
+def _with_running_stats(norm: nn.BatchNorm1d, generator: torch.Generator, center: float = 0.0) -> nn.BatchNorm1d:
+    """Non-trivial running statistics (and affine parameters): a fold that ignores one of
+    them, swaps scale and shift or forgets eps gives other codes."""
+    n = norm.num_features
+    with torch.no_grad():
+        norm.running_mean.copy_(center + 3.0 * torch.randn(n, generator=generator))
+        norm.running_var.copy_(0.05 + 4.0 * torch.rand(n, generator=generator))
+        if norm.affine:
+            norm.weight.copy_(2.0 * torch.randn(n, generator=generator))
+            norm.bias.copy_(torch.randn(n, generator=generator))
+    norm.eps = 0.3  # large enough to matter
+    return norm
+
+
+def _rows(rng, n, d, scale=1.5, center=0.0):
+    return (center + rng.standard_normal((n, d)) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout: the identity when encoding, in either mode
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("dropout", DROPOUTS, ids=lambda kind: kind.__name__)
+def test_dropout_runs_natively_as_the_identity(dropout, mode, rng, monkeypatch):
+    torch.manual_seed(0)
+    a, b, c = WIDTHS
+    model = nn.Sequential(dropout(0.5), nn.Linear(a, b), dropout(0.3), nn.GELU(), nn.Linear(b, c), dropout(0.9))
+    model.train(mode == "train")
+    x = _rows(rng, 300, a)
+    for rows in (1, 7, 300):
+        encoder = _assert_native_exact(model, x[:rows])
+    assert [layer.activation for layer in export_layers(model).layers] == ["gelu", "identity"]
+    assert model.training == (mode == "train")  # the caller's model keeps its mode
+    # the same codes as the torch backend, which encodes an eval() copy of the model
+    np.testing.assert_allclose(encoder.encode(x), _torch_backend_codes(model, x, monkeypatch), rtol=1e-5, atol=1e-6)
+    if mode == "train":  # where dropout is not the identity: the test would see it applied
+        with torch.no_grad():
+            drawn = model(torch.from_numpy(x)).numpy()
+        assert not np.allclose(drawn, encoder.encode(x), rtol=1e-3, atol=1e-3)
+
+
+def test_a_dropout_probability_torch_refuses_is_not_exported():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    model[1].p = 1.5  # set after construction, which checks it; torch refuses it at every call
+    with pytest.raises(NotExportable, match=re.escape("model[1] (nn.Dropout) has p=1.5, which torch refuses")):
+        export_layers(model)
+
+
+# ---------------------------------------------------------------------------------------
+# nn.BatchNorm1d: folded in float64 into the Linear layer beside it
+
+
+def _norm_models(generator):
+    """name -> a model with BatchNorm1d modules where they fold, widths 97, 3, 1."""
+    a, b, c = WIDTHS
+    bn = lambda n, **kwargs: _with_running_stats(nn.BatchNorm1d(n, **kwargs), generator)  # noqa: E731
+    return {
+        "after-linear": nn.Sequential(nn.Linear(a, b), bn(b), nn.ReLU(), nn.Linear(b, c), bn(c)),
+        "not-affine": nn.Sequential(nn.Linear(a, b, bias=False), bn(b, affine=False), nn.Tanh(), nn.Linear(b, c)),
+        "two-and-dropout": nn.Sequential(nn.Linear(a, b), nn.Dropout(0.2), bn(b), bn(b, momentum=None), nn.SiLU(),
+                                         nn.Sequential(nn.Linear(b, c), bn(c)), nn.ELU(0.7)),
+        "leading": nn.Sequential(_with_running_stats(nn.BatchNorm1d(a), generator, center=40.0), nn.Linear(a, b),
+                                 nn.LeakyReLU(0.1), nn.Linear(b, c)),
+        "leading-not-affine": nn.Sequential(
+            _with_running_stats(nn.BatchNorm1d(a, affine=False), generator, center=40.0), nn.Dropout(0.1),
+            nn.Linear(a, b, bias=False), bn(b), nn.Sigmoid(), nn.Linear(b, c)),
+    }
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", ["after-linear", "not-affine", "two-and-dropout", "leading", "leading-not-affine"])
+def test_batch_norm_folds_into_the_linear_layer(name, mode, rng, monkeypatch):
+    torch.manual_seed(1)
+    model = _norm_models(torch.Generator().manual_seed(2))[name]
+    model.train(mode == "train")
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    leading = name.startswith("leading")
+    x = _rows(rng, 300, WIDTHS[0], center=40.0 if leading else 0.0)  # the leading norm's mean is near 40
+    for rows in (1, 7, 300):
+        encoder = _assert_native_exact(model, x[:rows], batch_size=128)
+    spec = export_layers(model)
+    assert len(spec.layers) == 2 and (spec.input_offset is not None) == leading
+    if leading:  # the running mean itself, subtracted first
+        np.testing.assert_array_equal(spec.input_offset, model[0].running_mean.numpy())
+    assert model.training == (mode == "train")
+    for key, value in model.state_dict().items():  # no running statistic moved
+        assert torch.equal(value, state[key]), key
+    # the same codes as the torch backend, which encodes an eval() copy: running statistics
+    torch_codes = _torch_backend_codes(model, x, monkeypatch)
+    scale = np.abs(_eval64(model, x)).max()
+    np.testing.assert_allclose(encoder.encode(x), torch_codes, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_batch_norm_in_the_models_encoders(rng):
+    """Autoencoder and VAE encoders (the VAE's mean head is cut after the fold)."""
+    torch.manual_seed(3)
+    generator = torch.Generator().manual_seed(4)
+    ae = latentspace.Autoencoder(97, 3, hidden=(5,), activation="relu")
+    ae.encoder.insert(1, _with_running_stats(nn.BatchNorm1d(5), generator))
+    ae.encoder.insert(0, _with_running_stats(nn.BatchNorm1d(97), generator, center=-7.0))
+    vae = latentspace.VAE(97, 1, hidden=(3,), activation="gelu")
+    vae.encoder.append(_with_running_stats(nn.BatchNorm1d(2), generator))  # after the (mu, logvar) layer
+    x = _rows(rng, 257, 97, center=-7.0)
+    for model in (ae.train(), vae.train()):
+        _assert_native_exact(model, x)
+    assert export_layers(vae).output_dim == 1 and export_layers(ae).input_offset is not None
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3)),
+     "model[2] (nn.BatchNorm1d) comes right after ReLU: only one right after a Linear layer"),
+    (lambda: nn.Sequential(nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)),
+     "model[1] applies ReLU right after BatchNorm1d"),
+    (lambda: nn.Sequential(nn.BatchNorm1d(4), nn.BatchNorm1d(4), nn.Linear(4, 3)),
+     "model[1] (nn.BatchNorm1d) comes right after BatchNorm1d"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, track_running_stats=False)),
+     "model[1] (nn.BatchNorm1d) keeps no running statistics (track_running_stats=False)"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(4)),
+     "model[1]'s running_mean has shape (4,), but 3 values reach it"),
+    (lambda: nn.Sequential(nn.BatchNorm1d(3), nn.Linear(4, 3)),
+     "model[0]'s running_mean has shape (3,), but 4 values reach it"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3).double()), "model[1]'s running_mean is float64"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.BatchNorm2d(3)), "model[1] is a nn.BatchNorm2d: the native encoder"),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.SyncBatchNorm(3)), "model[1] is a nn.SyncBatchNorm"),
+])
+def test_batch_norm_where_it_does_not_fold(make, reason):
+    with pytest.raises(NotExportable, match=re.escape(reason)):
+        export_layers(make().eval())
+    assert reason in latentspace.Encoder(make().eval()).reason
+
+
+def test_batch_norm_without_running_statistics_stays_on_torch(rng):
+    # eval mode normalises each batch by its own statistics: torch's codes, not a fold
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    x = _rows(rng, 40, 5)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "keeps no running statistics" in encoder.reason
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(encoder.encode(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_statistics_that_cannot_encode_are_refused():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    with torch.no_grad():
+        model[1].running_var[2] = float("nan")
+    with pytest.raises(ValueError, match=re.escape("model: model[1]'s running_var contains NaN or Inf")):
+        latentspace.Encoder(model)
+    with torch.no_grad():
+        model[1].running_var.fill_(-1.0)  # var + eps < 0: torch's codes would all be NaN
+    with pytest.raises(ValueError, match=re.escape("model[1]'s running_var + eps is -0.99999 for feature 0, not "
+                                                   "positive")):
+        latentspace.Encoder(model)
+
+
+def test_a_fold_beyond_float32_runs_on_torch():
+    # each factor fits float32, their product (the folded weight) does not
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)
+        model[1].weight.fill_(1e20)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "layer 0's weight or bias with the BatchNorm1d folded in exceeds" \
+        in encoder.reason
+
+
+# ---------------------------------------------------------------------------------------
+# nn.Flatten
+
+
+def _flatten_keeps_2d(start: int, end: int) -> bool:
+    """torch's answer: does Flatten(start, end) return a (rows, features) tensor as it is?"""
+    x = torch.zeros(2, 3)
+    try:
+        return nn.Flatten(start, end)(x).shape == x.shape
+    except (IndexError, RuntimeError):
+        return False
+
+
+@pytest.mark.parametrize("start, end", [(s, e) for s in range(-3, 3) for e in range(-3, 3)])
+def test_flatten_in_a_models_encoder(start, end, rng):
+    """An Autoencoder's or VAE's encoder sees rows (the model's input shape): a Flatten that
+    leaves them as they are is dropped, any other is refused."""
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(97, 1, hidden=(3,), activation="tanh").eval()
+    model.encoder.insert(0, nn.Flatten(start, end))
+    model.encoder.insert(3, nn.Flatten(start, end))
+    if _flatten_keeps_2d(start, end):
+        _assert_native_exact(model, _rows(rng, 33, 97))
+    else:
+        with pytest.raises(NotExportable, match=re.escape(f"Autoencoder.encoder[0] is nn.Flatten(start_dim={start}, "
+                                                          f"end_dim={end}), which changes")):
+            export_layers(model)
+
+
+def test_a_sequential_starting_with_flatten_still_takes_images(rng):
+    """A plain nn.Sequential with a Flatten takes samples of any shape on torch; the native
+    encoder takes rows only, so exporting it would refuse the images it encodes now."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.ReLU(), nn.Linear(3, 1)).eval()
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and "model[0] is an nn.Flatten" in encoder.reason
+    images = rng.random((9, 1, 8, 8)).astype(np.float32)
+    expected = _eval64(model, images)
+    np.testing.assert_allclose(encoder.encode(images), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(encoder.encode(images.reshape(9, 64)), expected, rtol=1e-5, atol=1e-6)
+    # the fix the reason names: without the Flatten, rows run natively
+    _assert_native_exact(model[1:], images.reshape(9, 64))
+
+
+# ---------------------------------------------------------------------------------------
+# Reasons that name the module and what would run natively
+
+
+def test_a_quantized_linear_is_named_with_its_full_type(rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(97, 3), nn.ReLU(), nn.Linear(3, 1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated
+        try:
+            quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        except (AttributeError, RuntimeError) as error:  # no quantization engine in this torch
+            pytest.skip(f"quantize_dynamic unavailable: {error}")
+    encoder = latentspace.Encoder(quantized)
+    assert encoder.backend == "torch"
+    # its class is also called Linear: the reason gives the full type, and the fix
+    assert encoder.reason.startswith(f"model[0] is a {type(quantized[0]).__module__}.Linear: a quantized module")
+    assert "encode with the float model" in encoder.reason
+    x = _rows(rng, 7, 97)
+    with torch.no_grad():
+        expected = quantized(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(encoder.encode(x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_parametrized_linear_names_the_fix_and_the_fix_runs_natively(rng):
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2.0 * weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(97, 3), nn.SiLU(), nn.Linear(3, 1))
+    parametrize.register_parametrization(model[2], "weight", Double())
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch"
+    assert encoder.reason.startswith("model[2] is a torch.nn.utils.parametrize.ParametrizedLinear: an nn.Linear whose "
+                                     "weight a parametrization computes")
+    assert "remove_parametrizations(module, 'weight')" in encoder.reason
+    x = _rows(rng, 7, 97)
+    before = _eval64(model, x)
+    parametrize.remove_parametrizations(model[2], "weight")  # what the reason says
+    _assert_native_exact(model, x)
+    np.testing.assert_allclose(_eval64(model, x), before, rtol=1e-12)
+
+
+def test_a_subclass_is_named_with_its_base_and_place_in_a_model():
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 3.0 * super().forward(x)
+
+    model = latentspace.Autoencoder(6, 2, hidden=(4,))
+    model.encoder[2] = ScaledLinear(4, 2)
+    with pytest.raises(NotExportable) as raised:
+        export_layers(model)
+    assert raised.value.reason == (
+        f"Autoencoder.encoder[2] is a {ScaledLinear.__module__}.{ScaledLinear.__qualname__}: a subclass of nn.Linear, "
+        "whose forward may compute something else; the native encoder takes exact types only (a plain nn.Linear "
+        "with the same parameters runs natively)")
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Identity(), _ReLUPlus()))
+    assert latentspace.Encoder(model).reason.startswith("model[1][1] is a ")
+    assert "._ReLUPlus: a subclass of nn.ReLU" in latentspace.Encoder(model).reason
+
+
+@pytest.mark.parametrize("module", [nn.Dropout2d(0.5), nn.Dropout3d(0.5)], ids=lambda m: type(m).__name__)
+def test_dropout_for_images_stays_on_torch(module):
+    # torch deprecates them on (rows, features) values, to become an error
+    model = nn.Sequential(nn.Linear(4, 3), module).eval()
+    assert latentspace.Encoder(model).reason.startswith(f"model[1] is a nn.{type(module).__name__}: ")
