@@ -264,9 +264,13 @@ def detail_table(table, thread_counts: list[int]) -> list[str]:
             by_threads = peers.get(peer, {})
             if not by_threads:
                 continue
-            b = best(by_threads)
+            # Bold: the run the summary shows, the best whose answers were all right; a run
+            # with a wrong answer keeps its time, marked (it is no one's best).
+            right = {t: r for t, r in by_threads.items() if not unverified(r)}
+            b = best(right or by_threads)
             times = [
                 ("**%s**" if by_threads.get(t) is b else "%s") % fmt_ms(by_threads[t].seconds)
+                + (" ✗" if unverified(by_threads[t]) else "")
                 if t in by_threads else "—"
                 for t in thread_counts
             ]
@@ -380,10 +384,11 @@ def main(argv=None) -> int:
         "",
         "## Every peer at every thread count",
         "",
-        "Best thread count in bold. median/min: spread of the rounds. Other CPUs busy: CPUs' worth "
-        "of time used by other processes during the timed rounds. Nearby read: best all-core sum over "
-        "the database just before / after the run (memory-bound cells). Same ids as fp64 truth: fraction "
-        "of neighbours shared with a float64 brute force (checked queries; near-ties may differ).",
+        "Best thread count in bold; ✗: a wrong answer in a timed round. median/min: spread of the "
+        "rounds. Other CPUs busy: CPUs' worth of time used by other processes during the timed rounds. "
+        "Nearby read: best all-core sum over the database just before / after the run (memory-bound "
+        "cells). Same ids as fp64 truth: fraction of neighbours shared with a float64 brute force "
+        "(checked queries; near-ties may differ).",
         "",
         *detail_table(table, thread_counts),
     ]

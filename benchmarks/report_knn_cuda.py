@@ -9,6 +9,9 @@ Bars (issue 6):
   tensor-core cells (tf32, bf16): latentspace within 1.5x of the roof time, 2*Q*N*D flops at
     the measured GEMM rate of that precision;
   q1: latentspace (knn and FlatIndex) within 1.5x of the time to read the database once.
+  A bar with nothing to judge (no latentspace or torch result in the cell: a wrong answer is
+  never timed; no roof) says NO, "not measured". A file with no results (a gpu_run.sh part
+  stopped at its time limit leaves an empty one) is named, and the exit status is 1.
 Settings: each peer whose brackets name settings (_common.CUDA_KNN_OPT_INS: the opt-ins, and
 the opt-outs of the defaults) against the same peer without them in the same cell, then per
 set of settings the geometric mean, least and most of those speed-ups: the figures for
@@ -21,6 +24,7 @@ import json
 import math
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from _common import split_label  # benchmarks/ is the script's folder, first on sys.path
 
@@ -70,13 +74,48 @@ def opt_in_rows(cells) -> list[tuple[str, str, float, str, float]]:
     return rows
 
 
+def issue_cell(group: str) -> bool:
+    """The issue's 2x cells (big and faiss3045 in fp32): not q1, streamed or large k."""
+    return not group.startswith(("q1", "streamed", "large k"))
+
+
+def unmeasured_bars(group: str, peers: dict, best_torch: float | None) -> list[tuple[str, bool, str]]:
+    """The bars of a cell that had nothing to judge, failed: a peer whose answer was wrong
+    never reaches the JSON (its check runs before it is timed), and a bar missing from the
+    table would read as judged."""
+    info = next(iter(peers.values()))[1]  # the cell's precision and work, the same for all its peers
+    precision = info.get("precision", "fp32")
+    if precision == "fp32" and issue_cell(group) and ("latentspace.knn" not in peers or not best_torch):
+        missing = "latentspace.knn" if "latentspace.knn" not in peers else "torch peer"
+        return [(f"{group}: at least 2x the faster torch peer", False, f"not measured: no {missing} result")]
+    if any(is_latentspace(peer) for peer in peers):
+        return []
+    if precision != "fp32" and "flops" in info:
+        return [(f"{group} latentspace: within 1.5x of the {precision} roof", False,
+                 "not measured: no latentspace result")]
+    if group.startswith("q1") and "bytes" in info:
+        return [(f"{group} latentspace: within 1.5x of one database read", False,
+                 "not measured: no latentspace result")]
+    return []
+
+
 def load(*paths: str):
     """The runs' roofs and cells, from one or more pytest-benchmark JSON files of one session
-    (gpu_run.sh runs the large-k cells apart); the first file's machine info."""
-    roofs, cells, first = {}, defaultdict(dict), None
+    (gpu_run.sh runs the large-k cells apart); the first file's machine info; and the files
+    that hold no results, each with the reason."""
+    roofs, cells, first, unread = {}, defaultdict(dict), None, []
     for path in paths:
-        with open(path) as handle:
-            data = json.load(handle)
+        # pytest-benchmark opens --benchmark-json as it starts and writes it at the end: a part
+        # stopped at its time limit (or that timed nothing) leaves an empty file beside the
+        # parts that finished, whose figures must still be reported.
+        text = ""
+        try:
+            text = Path(path).read_text()
+            data = json.loads(text)
+        except (OSError, ValueError) as error:
+            empty = isinstance(error, ValueError) and not text.strip()
+            unread.append((path, "empty: its run ended before pytest-benchmark wrote it" if empty else str(error)))
+            continue
         first = first or data
         for bench in data["benchmarks"]:
             info, median = bench["extra_info"], bench["stats"]["median"]
@@ -84,13 +123,15 @@ def load(*paths: str):
                 roofs[info["roof"]] = (median, info)
             else:
                 cells[bench["group"]][info["peer"]] = (median, info)
-    return first, roofs, cells
+    return first or {}, roofs, cells, unread
 
 
 def main(*paths: str) -> int:
-    data, roofs, cells = load(*paths)
+    data, roofs, cells, unread = load(*paths)
     machine = data.get("machine_info", {})
     print(f"# GPU kNN benchmark ({', '.join(paths)}; python {machine.get('python_version', '?')})\n")
+    for path, reason in unread:
+        print(f"- {path}: no results ({reason}); its cells are missing below\n")
     print("| roof | median ms | rate |")
     print("|---|---:|---:|")
     rates = {}
@@ -115,27 +156,34 @@ def main(*paths: str) -> int:
             if "flops" in info:
                 rate = f"{info['flops'] / median / 1e12:.1f} TFLOP/s"
                 roof = rates.get(f"gemm {precision}")
+                judged = is_latentspace(peer) and precision != "fp32"
+                bar = f"{group} {peer}: within 1.5x of the {precision} roof"
                 if roof:
                     roof_seconds = info["flops"] / roof
                     roof_text = f"{median / roof_seconds:.2f}x the {precision} GEMM time"
-                    if is_latentspace(peer) and precision != "fp32":
-                        bars.append((f"{group} {peer}: within 1.5x of the {precision} roof", median / roof_seconds <= 1.5,
-                                     f"{median / roof_seconds:.2f}x"))
+                    if judged:
+                        bars.append((bar, median / roof_seconds <= 1.5, f"{median / roof_seconds:.2f}x"))
+                elif judged:
+                    bars.append((bar, False, f"not measured: no gemm {precision} roof"))
             elif "bytes" in info:
                 rate = f"{info['bytes'] / median / 1e9:.0f} GB/s"
                 roof_name = "h2d pinned" if group.startswith("streamed") else "read"
                 roof = rates.get(roof_name)
+                judged = is_latentspace(peer) and group.startswith("q1")
+                bar = f"{group} {peer}: within 1.5x of one database read"
                 if roof:
                     ratio = median / (info["bytes"] / roof)
                     roof_text = f"{ratio:.2f}x one {roof_name}"
-                    if is_latentspace(peer) and group.startswith("q1"):
-                        bars.append((f"{group} {peer}: within 1.5x of one database read", ratio <= 1.5, f"{ratio:.2f}x"))
+                    if judged:
+                        bars.append((bar, ratio <= 1.5, f"{ratio:.2f}x"))
+                elif judged:
+                    bars.append((bar, False, "not measured: no read roof"))
             speedup = f"{best_torch / median:.2f}x" if best_torch and is_latentspace(peer) else ""
-            issue_cell = not group.startswith(("q1", "streamed", "large k"))  # the issue's 2x cells
-            if peer == "latentspace.knn" and best_torch and precision == "fp32" and issue_cell:
+            if peer == "latentspace.knn" and best_torch and precision == "fp32" and issue_cell(group):
                 bars.append((f"{group}: at least 2x the faster torch peer", best_torch / median >= 2.0,
                              f"{best_torch / median:.3f}x"))  # 3 decimals: 1.996x must not read 2.00x
             print(f"| {group} | {peer} | {median * 1e3:.2f} | {rate} | {speedup} | {roof_text} |")
+        bars += unmeasured_bars(group, peers, best_torch)
 
     print("\n| bar | passed | measured |")
     print("|---|:---:|---:|")
@@ -156,7 +204,7 @@ def main(*paths: str) -> int:
         print("|---|---:|---:|---:|---:|")
         for name, count, mean, least, most in opt_in_summary(rows):
             print(f"| {name} | {count} | {mean:.3f}x | {least:.3f}x | {most:.3f}x |")
-    return 0
+    return 1 if unread else 0  # a part's figures are missing
 
 
 if __name__ == "__main__":
