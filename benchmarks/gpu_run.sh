@@ -84,8 +84,8 @@ if [[ " $STAGES " == *" bench "* ]]; then
   echo "== GPU benchmarks"
   gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
   if [ -n "$gpu_benchmarks" ]; then
-    # Four runs, each with its own JSON (pytest-benchmark writes its JSON only at the end, so a
-    # run stopped at its limit leaves none): the plain peers (torch's, the defaults', the
+    # Four runs, each with its own JSON (pytest-benchmark fills its JSON only at the end, so a
+    # run stopped at its limit leaves an empty one, which the report names and skips): the plain peers (torch's, the defaults', the
     # roofs); the peers that name a setting (an opt-in's kernel that faults would leave its
     # process's CUDA context unusable: apart, it cannot take the plain figures with it); the
     # large-k cells (the slowest), plain and with settings apart too. The JSONs go to /tmp
