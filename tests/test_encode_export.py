@@ -45,7 +45,8 @@ def _error_scale(spec, x) -> np.ndarray:
     """Per output element, the size of the terms its float32 computation sums, starting from
     |x - input_offset| (a BatchNorm1d's mean is subtracted first, as torch does; folding it
     into the bias would lose to cancellation what this scale then catches)."""
-    m = np.abs(np.asarray(x, dtype=np.float64) - (0.0 if spec.input_offset is None else spec.input_offset))
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)  # a leading nn.Flatten: samples as rows
+    m = np.abs(x - (0.0 if spec.input_offset is None else spec.input_offset))
     for layer in spec.layers:
         m = m @ np.abs(layer.weight.astype(np.float64)).T  # activations here are at most ~1.13-Lipschitz
         if layer.bias is not None:
@@ -211,19 +212,35 @@ def test_batch_norm_in_the_models_encoders(rng):
 def test_batch_norm_where_it_does_not_fold(make, reason):
     with pytest.raises(NotExportable, match=re.escape(reason)):
         export_layers(make().eval())
-    assert reason in latentspace.Encoder(make().eval()).reason
+    if "keeps no running statistics" in reason:  # the Encoder refuses that model outright (below)
+        with pytest.raises(ValueError, match=re.escape(f"model: {reason}")):
+            latentspace.Encoder(make().eval())
+    else:
+        assert reason in latentspace.Encoder(make().eval()).reason
 
 
-def test_batch_norm_without_running_statistics_stays_on_torch(rng):
-    # eval mode normalises each batch by its own statistics: torch's codes, not a fold
+@pytest.mark.parametrize("where", ["sequential", "autoencoder"])
+def test_batch_norm_without_running_statistics_is_refused(where, rng):
+    """In eval mode such a BatchNorm normalises each batch by its own statistics: a row's
+    code would depend on the rows encoded beside it and on batch_size (the torch backend
+    gave codes 1.1 apart for batch_size 40 and 7, and torch's own error for a 1-row chunk)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
-    x = _rows(rng, 40, 5)
-    encoder = latentspace.Encoder(model)
-    assert encoder.backend == "torch" and "keeps no running statistics" in encoder.reason
-    with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(encoder.encode(x), expected, rtol=1e-6, atol=1e-6)
+    if where == "sequential":
+        model, label = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval(), "model[1]"
+    else:
+        model, label = latentspace.Autoencoder(5, 2, hidden=(3,)).eval(), "Autoencoder.encoder[1]"
+        model.encoder.insert(1, nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=re.escape(f"model: {label} (nn.BatchNorm1d) keeps no running statistics")):
+        latentspace.Encoder(model)
+    with pytest.raises(ValueError, match="depend on the rows encoded beside it"):
+        latentspace.encode(model, _rows(rng, 40, 5))
+
+
+def test_batch_norm_without_running_statistics_in_a_decoder_does_not_matter(rng):
+    torch.manual_seed(0)
+    model = latentspace.Autoencoder(5, 2, hidden=(3,)).eval()
+    model.decoder.insert(1, nn.BatchNorm1d(3, track_running_stats=False))
+    _assert_native_exact(model, _rows(rng, 40, 5))
 
 
 def test_batch_norm_statistics_that_cannot_encode_are_refused():
@@ -279,19 +296,43 @@ def test_flatten_in_a_models_encoder(start, end, rng):
             export_layers(model)
 
 
-def test_a_sequential_starting_with_flatten_still_takes_images(rng):
-    """A plain nn.Sequential with a Flatten takes samples of any shape on torch; the native
-    encoder takes rows only, so exporting it would refuse the images it encodes now."""
+@pytest.mark.parametrize("shape", [(1, 8, 8), (64,), (4, 16), (2, 2, 2, 8)])
+def test_a_sequential_starting_with_flatten_runs_natively_on_any_sample_shape(shape, rng):
+    """nn.Flatten() first makes each sample a row, whatever its shape: the Encoder reshapes
+    each chunk (a view) and runs the layers natively, as torch would on the same input."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.ReLU(), nn.Linear(3, 1)).eval()
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
+    samples = rng.random((9, *shape)).astype(np.float32)
+    encoder = _assert_native_exact(model, samples)
+    assert encoder.input_shape is None  # any shape holding 64 values
+    expected = encoder.encode(samples)
+    np.testing.assert_array_equal(encoder.encode(torch.from_numpy(samples)).numpy(), expected)
+    np.testing.assert_array_equal(encoder.encode(iter([samples[:4], samples[4:]]), batch_size=3), expected)
+    np.testing.assert_array_equal(encoder.encode(samples.astype(np.float64)), expected)
+
+
+def test_a_leading_flatten_names_samples_of_the_wrong_size(rng):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     encoder = latentspace.Encoder(model)
-    assert encoder.backend == "torch" and "model[0] is an nn.Flatten" in encoder.reason
-    images = rng.random((9, 1, 8, 8)).astype(np.float32)
-    expected = _eval64(model, images)
-    np.testing.assert_allclose(encoder.encode(images), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(encoder.encode(images.reshape(9, 64)), expected, rtol=1e-5, atol=1e-6)
-    # the fix the reason names: without the Flatten, rows run natively
-    _assert_native_exact(model[1:], images.reshape(9, 64))
+    assert encoder.backend == "native"
+    with pytest.raises(ValueError, match=re.escape("X: expected samples of 64 values (the model's leading "
+                                                   "nn.Flatten makes each a row of its first Linear layer's "
+                                                   "width), got shape (2, 7, 9)")):
+        encoder.encode(np.zeros((2, 7, 9), np.float32))
+    good = rng.random((3, 8, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=re.escape("X[0]: expected samples of 64 values")):
+        encoder.encode(iter([good[:, :4]]))
+    with pytest.raises(ValueError, match=re.escape("X[1]: expected shape (n, 8, 8) like the first chunk")):
+        encoder.encode(iter([good, good[:, :4]]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Flatten(2), nn.Linear(64, 3)),  # (n, c, h*w): not one row per sample
+    lambda: nn.Sequential(nn.Linear(8, 8), nn.Flatten(), nn.Linear(64, 3)),  # what the Linear gives may be n-d
+])
+def test_a_flatten_that_is_not_leading_and_whole_stays_on_torch(make):
+    encoder = latentspace.Encoder(make().eval())
+    assert encoder.backend == "torch" and "the native encoder runs only a leading nn.Flatten()" in encoder.reason
 
 
 # ---------------------------------------------------------------------------------------

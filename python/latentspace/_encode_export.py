@@ -66,10 +66,14 @@ class MlpLayer:
 
 @dataclass(frozen=True)
 class MlpSpec:
-    """A model's encoder as native layers: z = layers(x - input_offset)."""
+    """A model's encoder as native layers: z = layers(x - input_offset).
+
+    flattens_input: the model starts with nn.Flatten() (start_dim=1, end_dim=-1), so it takes
+    samples of any shape holding input_dim values (images too), each flattened to a row."""
 
     layers: tuple[MlpLayer, ...]
     input_offset: np.ndarray | None = None  # (input_dim,) float32, or None for no offset
+    flattens_input: bool = False
 
     @property
     def input_dim(self) -> int:
@@ -146,6 +150,7 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
     pending: _PendingLinear | None = None
     leading_norm: tuple[str, nn.BatchNorm1d] | None = None  # a BatchNorm1d before any Linear layer
     input_norm: nn.BatchNorm1d | None = None  # that one, folded into the first layer
+    flattens_input = False
     previous = "the input"
     for label, module in _flatten(sequential, where):
         kind = type(module)
@@ -153,7 +158,12 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
         if kind is nn.Identity or is_dropout(module, label):
             continue
         if kind is nn.Flatten:
-            check_flatten(module, label, rows_only)
+            if previous == "the input" and not rows_only and (module.start_dim, module.end_dim) == (1, -1):
+                # Samples of any shape become rows, as the native encoder takes them: the
+                # Encoder reshapes each chunk (a view) instead. Later values are 2-d.
+                flattens_input = True
+            else:
+                check_flatten(module, label, rows_only or flattens_input)
             continue
         if kind is nn.Linear:
             if pending is not None:
@@ -188,7 +198,7 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
                                 f"{i - 1} gives {layers[i - 1].weight.shape[0]}")
     # The first layer's fold checked the running mean; subtracted first, as torch does.
     offset = None if input_norm is None else float32_copy(input_norm.running_mean)
-    return MlpSpec(tuple(layers), input_offset=offset)
+    return MlpSpec(tuple(layers), input_offset=offset, flattens_input=flattens_input)
 
 
 def _check_parameter(value: float, name: str, index: int) -> None:

@@ -82,10 +82,11 @@ def check_flatten(module: nn.Flatten, label: str, rows_only: bool) -> None:
     """Refuses an nn.Flatten that is not the identity on the encoder's values. rows_only: the
     model's samples are rows (Autoencoder, VAE), so every value in its encoder is 2-d."""
     if not rows_only:
-        # Such an nn.Sequential takes samples of any shape (images too), the native encoder
-        # only rows: exporting it would refuse input that torch encodes.
-        raise NotExportable(f"{label} is an nn.Flatten: this nn.Sequential takes samples of any shape (images too), "
-                            "the native encoder only rows; remove the Flatten and pass rows to run natively")
+        # Before this Flatten the nn.Sequential's values may have any shape (images too); the
+        # native encoder flattens only the input, as a leading nn.Flatten() does.
+        raise NotExportable(f"{label} is nn.Flatten(start_dim={module.start_dim!r}, end_dim={module.end_dim!r}) "
+                            "where the values may have any shape (images too): the native encoder runs only a "
+                            "leading nn.Flatten() (start_dim=1, end_dim=-1), which makes each sample a row")
     start, end = module.start_dim, module.end_dim
     # On 2-d values a Flatten of one dimension returns them as they are; one of both
     # (start_dim=0) makes them 1-d, and dimensions outside [-2, 1] make torch raise.

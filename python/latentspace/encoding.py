@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import sys
 from typing import Any
@@ -129,6 +130,7 @@ class Encoder:
             # would not say which argument, nor the fix.
             raise ValueError("model: its parameters are on the 'meta' device (shapes without values); "
                              "materialise them first, e.g. model.to_empty(device='cpu') then load_state_dict")
+        _refuse_batch_statistics(model)
         model_device, _ = module_device_dtype(model)
         self.device = model_device if device is None else resolve_device(device, allow_auto=False)
         self._model_name = type(model).__name__
@@ -147,7 +149,7 @@ class Encoder:
             self._native = self._build_native()
             self.backend, self.kernel = "native", str(self._native.kernel)
             self.latent_dim: int | None = spec.output_dim
-            self._sample_shapes: tuple[tuple[int, ...], ...] | None = ((spec.input_dim,),)
+            self._sample_shapes: tuple[tuple[int, ...], ...] | None = _spec_sample_shapes(spec)
         else:
             self.backend, self.kernel = "torch", "torch"
             # A private copy, on the device, in eval mode: the snapshot, and the caller's
@@ -157,7 +159,7 @@ class Encoder:
             if isinstance(model, LatentModel):
                 self.latent_dim, self._sample_shapes = model.latent_dim, model._sample_shapes()
             elif spec is not None:
-                self.latent_dim, self._sample_shapes = spec.output_dim, ((spec.input_dim,),)
+                self.latent_dim, self._sample_shapes = spec.output_dim, _spec_sample_shapes(spec)
             else:
                 self.latent_dim, self._sample_shapes = None, None
         logger.debug("Encoder(%s): backend=%s kernel=%s%s", self._model_name, self.backend, self.kernel,
@@ -256,6 +258,13 @@ class Encoder:
 
     def _run_native(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
         x = rows_as_float32(chunk)  # no copy for C-contiguous float32 numpy or CPU tensors
+        if self._spec.flattens_input:  # the model's leading nn.Flatten(): each sample a row (a view)
+            if math.prod(x.shape[1:]) != self._spec.input_dim:
+                where = "X" if origin is None else f"X[{origin[0]}]"
+                raise ValueError(f"{where}: expected samples of {self._spec.input_dim} values (the model's leading "
+                                 f"nn.Flatten makes each a row of its first Linear layer's width), got shape "
+                                 f"{tuple(chunk.shape)}")
+            x = x.reshape(x.shape[0], -1)
         staging = target if isinstance(target, np.ndarray) else np.empty(tuple(target.shape), np.float32)
         try:
             self._native.encode(x, staging)
@@ -310,6 +319,29 @@ class Encoder:
             target[...] = codes.to("cpu", torch.float32).numpy()
         else:
             target.copy_(codes)
+
+
+def _refuse_batch_statistics(model: nn.Module) -> None:
+    """Refuses a BatchNorm without running statistics on the encode path: even in eval mode it
+    normalises each chunk by the chunk's own mean and variance, so a row's code would depend
+    on the rows encoded beside it and on batch_size (and a 1-row chunk fails in torch)."""
+    encoder = getattr(model, "encoder", None)
+    scope, where = ((encoder, f"{type(model).__name__}.encoder")
+                    if isinstance(model, LatentModel) and isinstance(encoder, nn.Module) else (model, "model"))
+    for name, module in scope.named_modules():
+        if (isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.running_mean is None and module.running_var is None):  # torch's own test
+            label = where + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in name.split(".") if part)
+            raise ValueError(f"model: {label} (nn.{type(module).__name__}) keeps no running statistics "
+                             "(track_running_stats=False), so it normalises each chunk by the chunk's own mean and "
+                             "variance: a row's code would depend on the rows encoded beside it and on batch_size; "
+                             "train it with running statistics, or call the model on the whole batch yourself")
+
+
+def _spec_sample_shapes(spec: MlpSpec) -> tuple[tuple[int, ...], ...] | None:
+    """The sample shapes an exported model takes: rows of its width, or (None) any shape
+    holding that many values when it starts with nn.Flatten() (checked per chunk)."""
+    return None if spec.flattens_input else ((spec.input_dim,),)
 
 
 def encode(model: Any, X: Any, *, batch_size: int | None = None, device: Any = None, out: Any = None,
