@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import latentspace as ls
-from latentspace import training
-from latentspace.metric_learning import pairwise_sq_l2, supcon_loss, triplet_loss
+from latentspace._training_split import split_rows
+from latentspace.metric_learning import METRIC_LOSSES, pairwise_sq_l2, supcon_loss, triplet_loss
 from latentspace.models import VAE, Autoencoder, ConvAutoencoder
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -328,26 +328,26 @@ def test_stratified_split():
     labels = np.repeat([0, 1, 2, 7], [50, 30, 19, 1])
     rng.shuffle(labels)
     gen = torch.Generator().manual_seed(0)
-    val, train = training._split(len(labels), 10, labels, gen)
+    val, train = split_rows(len(labels), 10, labels, gen)
     assert len(val) == 10 and len(train) == 90
     assert sorted(torch.cat([val, train]).tolist()) == list(range(100))
     counts = np.bincount(labels[val.numpy()], minlength=8)
     assert counts[[0, 1, 2, 7]].tolist() == [5, 3, 2, 0]  # 5, 3, 1.9 -> 2, 0.1 -> 0
-    again = training._split(len(labels), 10, labels, torch.Generator().manual_seed(0))
+    again = split_rows(len(labels), 10, labels, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], val) and torch.equal(again[1], train)
     # remainders decide when the floors fall short: 4 classes of 25, 10 held out -> 3, 3, 2, 2
     even = np.repeat([0, 1, 2, 3], 25)
-    val, _ = training._split(100, 10, even, torch.Generator().manual_seed(1))
+    val, _ = split_rows(100, 10, even, torch.Generator().manual_seed(1))
     assert sorted(np.bincount(even[val.numpy()]).tolist()) == [2, 2, 3, 3]
     # one held out of a singleton-heavy set
-    val, train = training._split(3, 1, np.array([4, 5, 6]), torch.Generator().manual_seed(0))
+    val, train = split_rows(3, 1, np.array([4, 5, 6]), torch.Generator().manual_seed(0))
     assert len(val) == 1 and len(train) == 2
 
 
 def test_unlabelled_split_is_unchanged():
     """Without labels the split draws exactly what train() drew before labels existed."""
     order = torch.randperm(50, generator=torch.Generator().manual_seed(9))
-    val, train = training._split(50, 5, None, torch.Generator().manual_seed(9))
+    val, train = split_rows(50, 5, None, torch.Generator().manual_seed(9))
     assert torch.equal(val, order[:5]) and torch.equal(train, order[5:])
 
 
@@ -415,7 +415,7 @@ def test_bad_label_arguments(digits):
     _fit(model, x, epochs=1, labels=torch.from_numpy(y).int(), metric_loss="triplet")  # torch ints work
 
 
-@pytest.mark.parametrize("metric_loss", training.METRIC_LOSSES)
+@pytest.mark.parametrize("metric_loss", METRIC_LOSSES)
 def test_labels_that_cannot_shape_anything_are_refused(digits, metric_loss):
     """With one class the triplet term is 0 in every batch (no negatives) and supcon only
     pulls every code together; with every class a single sample, or a batch of one row, no
@@ -440,7 +440,7 @@ def test_labels_whose_training_rows_cannot_shape_anything_are_refused():
     x = np.random.default_rng(0).random((20, 8), dtype=np.float32)
     y = np.repeat(np.arange(10), 2)
     model = Autoencoder(8, 2, hidden=(8,))
-    for metric_loss in training.METRIC_LOSSES:
+    for metric_loss in METRIC_LOSSES:
         with pytest.raises(ValueError, match=r"labels: .*training rows.*val_fraction=0.5"):
             _fit(model, x, epochs=1, batch_size=20, val_fraction=0.5, labels=y, metric_loss=metric_loss)
     history = _fit(model, x, epochs=1, batch_size=20, val_fraction=0.0, labels=y, metric_loss="triplet")

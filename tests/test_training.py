@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import latentspace as ls
-from latentspace import training
+from latentspace import _training_checkpoint, _training_data
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -182,7 +182,7 @@ def test_ctrl_c_during_a_checkpoint_write_keeps_the_previous_one(digits, tmp_pat
     torch.manual_seed(0)
     model = Autoencoder(64, 4, hidden=(32,), output="sigmoid")
     path = tmp_path / "m.safetensors"
-    real_save = training.save_model
+    real_save = _training_checkpoint.save_model
     calls = {"n": 0}
 
     def flaky_save(m, p):
@@ -191,7 +191,7 @@ def test_ctrl_c_during_a_checkpoint_write_keeps_the_previous_one(digits, tmp_pat
             raise KeyboardInterrupt
         real_save(m, p)
 
-    monkeypatch.setattr(training, "save_model", flaky_save)
+    monkeypatch.setattr(_training_checkpoint, "save_model", flaky_save)
     history = _fit(model, x, epochs=10, early_stopping=None, checkpoint=path)
     assert history.interrupted
     # the interrupted write was redone at the end: the file holds the model's final weights
@@ -258,6 +258,29 @@ def _same_weights(a, b):
 
 def _raise(error):
     raise error
+
+
+def test_nan_weights_left_by_an_epochs_last_step_are_not_kept_as_best(digits, tmp_path):
+    """Without validation the training loss, averaged over the batches before their steps,
+    picks the best epoch: a step with NaN gradients on an epoch's last batch left NaN weights
+    under a finite epoch loss. They were kept as the best and checkpointed, and the divergence
+    of the next epoch 'restored the best' NaN weights."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(16,))
+    weight = next(model.parameters())
+    # 400 rows in batches of 64: 7 steps per epoch, the 14th is epoch 1's last. sqrt(0 * w)
+    # adds 0 to the loss and NaN to the gradients (d sqrt(u)/du = inf at u = 0, times 0).
+    _interrupt_or_poison(model, lambda n, _: n == 14,
+                         lambda out: out.__setitem__("loss", out["loss"] + torch.sqrt(0 * weight.sum())))
+    states = {}
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(FloatingPointError, match=r"the weights became NaN or Inf in epoch 1 .*; the weights of "
+                       "epoch 0, the best, were restored and checkpointed"):
+        _fit(model, x, epochs=5, val_fraction=0.0, checkpoint=path, callback=_remember_epochs(model, states))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert _same_weights(model.state_dict(), states[0])
+    assert _same_weights(ls.load_model(path).state_dict(), states[0])
 
 
 def test_ctrl_c_mid_epoch_in_the_warm_up_keeps_the_last_finished_epoch(digits, tmp_path):
@@ -335,7 +358,7 @@ def test_an_error_in_the_warm_up_keeps_the_last_epoch_and_a_failed_restore_hides
     def full_disk(m, p):
         raise OSError("disk full")
 
-    monkeypatch.setattr(training, "save_model", full_disk)  # the restore's checkpoint write fails
+    monkeypatch.setattr(_training_checkpoint, "save_model", full_disk)  # the restore's checkpoint write fails
     with pytest.raises(RuntimeError, match="callback failed") as raised:
         _fit(model, x, epochs=5, checkpoint=tmp_path / "m.safetensors", callback=fail_at_epoch_1)
     assert _same_weights(model.state_dict(), states[1]) and not model.training
@@ -345,7 +368,7 @@ def test_an_error_in_the_warm_up_keeps_the_last_epoch_and_a_failed_restore_hides
 
 def test_a_copy_cut_short_is_completed_from_the_model():
     model = Autoencoder(8, 2, hidden=(4,))
-    kept = training._Kept()
+    kept = _training_checkpoint.KeptWeights()
     kept.keep(model, 0, 1.0)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -406,17 +429,57 @@ def test_memory_mapped_and_torch_data(digits, tmp_path):
         np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8", np.longdouble], ids=["big-endian-f4", "big-endian-f8",
+                                                                       "longdouble"])
+def test_data_torch_cannot_wrap_trains_as_in_memory(digits, tmp_path, dtype):
+    """Big-endian data (a .npy written on another machine) and long double: torch.from_numpy
+    takes neither. A memory map of big-endian data failed at the first batch with torch's
+    'given numpy array has byte order different from the native byte order' (naming no
+    argument), although the same array in memory trained; long double failed either way,
+    although encode() takes it."""
+    x, _ = digits
+    np.save(tmp_path / "x.npy", x.astype(dtype))
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    results = []
+    for data in (x, x.astype(dtype), mapped):
+        torch.manual_seed(0)
+        model = Autoencoder(64, 4, hidden=(16,))
+        _fit(model, data, epochs=2)
+        results.append(model.encode(x))
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-6)
+
+
 def test_batches_gathered_from_large_data_match_resident_data(digits, monkeypatch):
     x, _ = digits
     torch.manual_seed(0)
     resident = Autoencoder(64, 4, hidden=(16,))
     _fit(resident, x.astype(np.float64), epochs=2)
-    monkeypatch.setattr(training, "_RESIDENT_MAX_BYTES", 0)  # float64 numpy and torch: gathered
+    monkeypatch.setattr(_training_data, "RESIDENT_MAX_BYTES", 0)  # float64 numpy and torch: gathered
     for data in (x.astype(np.float64), torch.from_numpy(x).double()):
         torch.manual_seed(0)
         gathered = Autoencoder(64, 4, hidden=(16,))
         _fit(gathered, data, epochs=2)
         np.testing.assert_allclose(gathered.encode(x), resident.encode(x), rtol=1e-5, atol=1e-6)
+
+
+def test_checking_wide_data_needs_a_bounded_amount_of_memory():
+    """X is checked (finite, within the model's dtype) in chunks of 65,536 rows whatever their
+    width: float64 data for a float32 model took |X| of a whole chunk in float64 and a
+    boolean mask beside it, more memory than the data itself for 1,024 rows of 16,384
+    features (a torch tensor's chunk was copied to float64 too). Checked in chunks of a
+    fixed number of bytes, the temporaries stay well below the data's size."""
+    import tracemalloc
+
+    X = np.random.default_rng(0).random((1024, 16384))  # float64, 128 MiB
+    model = Autoencoder(16384, 2, hidden=(2,))
+    tracemalloc.start()  # numpy's allocations are traced; the data is used in place
+    try:
+        _training_data.TrainingData(X, model, "mse", torch.device("cpu"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.nbytes / 2
 
 
 def test_conv_trains_on_images_and_flat_rows(digits):
@@ -462,6 +525,8 @@ def test_bad_arguments(digits, tmp_path):
         (dict(checkpoint=str(tmp_path / "m.st").encode()), TypeError,
          r"checkpoint: expected a file path \(str or os.PathLike\), got bytes b'"),
         (dict(callback=3), TypeError, "callback: expected a callable"),
+        (dict(progress="no"), TypeError, "progress: expected True or False, got 'no'"),  # "no" showed a bar
+        (dict(progress=None), TypeError, "progress: expected True or False, got None"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -523,6 +588,30 @@ def test_history_to_dict_is_json_ready(digits):
     history = _fit(Autoencoder(64, 4, hidden=(8,)), x, epochs=2)
     data = json.loads(json.dumps(history.to_dict()))
     assert data["epochs_run"] == 2 and len(data["train_loss"]) == 2 and data["seed"] == 0
+
+
+def test_samples_per_second_counts_only_the_epochs_run(digits):
+    """Ctrl-C during an epoch's validation pass drops that epoch (epochs_run does not count
+    it), but its training time was counted: samples_per_second came out a third low after
+    two epochs."""
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(16,))
+    validations = {"n": 0}
+    real = model.objective
+
+    def objective(*args, **kwargs):
+        validations["n"] += not torch.is_grad_enabled()
+        if validations["n"] == 3:  # epoch 2's validation pass (40 rows: one batch)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    model.objective = objective
+    records = []
+    history = _fit(model, x, epochs=10, callback=records.append)
+    assert history.interrupted and history.epochs_run == len(records) == 2
+    trained_rows = len(x) - round(0.1 * len(x))
+    assert history.samples_per_second == 2 * trained_rows / sum(r["seconds"] for r in records)
 
 
 def test_public_api_is_lazy_and_train_stays_a_function():
