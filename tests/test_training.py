@@ -500,6 +500,21 @@ def test_bf16_autocast_on_the_cpu(digits):
     assert next(model.parameters()).dtype == torch.float32  # weights stay float32
 
 
+def test_a_float16_model_is_refused_before_training(digits):
+    # AdamW's float16 second moments underflow: the run diverged at once and the message
+    # blamed lr. bfloat16 trains (its range is float32's).
+    x, _ = digits
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(32,)).half()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"model: its parameters are float16, which AdamW cannot train .* "
+                                        r"convert with \.half\(\) afterwards"):
+        _fit(model, x, epochs=2)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    history = _fit(Autoencoder(64, 4, hidden=(32,)).to(torch.bfloat16), x, epochs=2, early_stopping=None)
+    assert all(map(math.isfinite, history.train_loss))
+
+
 def test_bad_arguments(digits, tmp_path):
     x, _ = digits
     model = Autoencoder(64, 4, hidden=(8,))

@@ -117,7 +117,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     too, its error is added to the exception as a note (Python 3.11+), never raised instead.
 
     Raises TypeError / ValueError naming the argument for bad arguments (and TypeError for a
-    PCA, which is fitted in closed form: PCA.fit(X)); FloatingPointError when the loss
+    PCA, which is fitted in closed form: PCA.fit(X), and for a float16 model, whose AdamW
+    moments would underflow: train in float32, convert after); FloatingPointError when the loss
     or, after an epoch, the weights become NaN or Inf (the best weights so far, or during the
     warm-up the last finished epoch's, are restored and checkpointed first; the message says
     which).
@@ -254,6 +255,12 @@ def _check_model(model: Any) -> None:
         raise TypeError("model: PCA is fitted in closed form, not trained: call model.fit(X)")
     if not isinstance(model, ReconstructionModel):
         raise TypeError(f"model: expected an Autoencoder, VAE or ConvAutoencoder, got {type(model).__name__}")
+    if any(parameter.dtype == torch.float16 for parameter in model.parameters()):
+        # AdamW keeps its moments in the parameters' dtype: float16 squared gradients underflow
+        # to 0 and the steps blow up (plain torch too), which read as a too-high lr before.
+        raise TypeError("model: its parameters are float16, which AdamW cannot train (its second moments "
+                        "underflow in float16 and the steps blow up); train it in float32 (autocast=True "
+                        "computes the forward in bfloat16) and convert with .half() afterwards")
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:
