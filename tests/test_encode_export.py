@@ -326,6 +326,25 @@ def test_a_leading_flatten_names_samples_of_the_wrong_size(rng):
         encoder.encode(iter([good, good[:, :4]]))
 
 
+
+def test_dropout1d_before_a_leading_flatten_stays_on_torch(rng):
+    """nn.Dropout1d refuses samples of more than 2 dimensions, in eval mode too (torch:
+    'Expected 2D or 3D input'): before a leading Flatten, where samples of any shape arrive,
+    the native encoder answered for images that torch (and the GPU) refuse."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout1d(0.5), nn.Flatten(), nn.Linear(64, 3)).eval()
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "torch" and encoder.reason.startswith("model[0] (nn.Dropout1d) comes before")
+    images = rng.random((5, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(RuntimeError, match="Expected 2D or 3D input"):
+        model(torch.from_numpy(images))
+    with pytest.raises(RuntimeError, match="Expected 2D or 3D input"):
+        encoder.encode(images)
+    rows = rng.random((5, 4, 16)).astype(np.float32)  # what torch takes: the same codes
+    np.testing.assert_allclose(encoder.encode(rows), _eval64(model, rows), rtol=1e-5, atol=1e-6)
+    # without the Flatten the samples are rows, which Dropout1d takes: native
+    _assert_native_exact(nn.Sequential(nn.Dropout1d(0.5), nn.Linear(64, 3)).eval(), rows.reshape(5, 64))
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Flatten(2), nn.Linear(64, 3)),  # (n, c, h*w): not one row per sample
     lambda: nn.Sequential(nn.Linear(8, 8), nn.Flatten(), nn.Linear(64, 3)),  # what the Linear gives may be n-d

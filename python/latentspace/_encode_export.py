@@ -151,14 +151,21 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
     leading_norm: tuple[str, nn.BatchNorm1d] | None = None  # a BatchNorm1d before any Linear layer
     input_norm: nn.BatchNorm1d | None = None  # that one, folded into the first layer
     flattens_input = False
+    input_dropout1d: str | None = None  # an nn.Dropout1d that sees the samples as they come
     previous = "the input"
     for label, module in _flatten(sequential, where):
         kind = type(module)
         name = kind.__name__
         if kind is nn.Identity or is_dropout(module, label):
+            if kind is nn.Dropout1d and previous == "the input" and not flattens_input:
+                input_dropout1d = input_dropout1d or label
             continue
         if kind is nn.Flatten:
             if previous == "the input" and not rows_only and (module.start_dim, module.end_dim) == (1, -1):
+                if input_dropout1d is not None:  # torch's rule, in eval mode too
+                    raise NotExportable(f"{input_dropout1d} (nn.Dropout1d) comes before the leading nn.Flatten(), "
+                                        "where samples of any shape arrive, and torch refuses samples of more than "
+                                        "2 dimensions there")
                 # Samples of any shape become rows, as the native encoder takes them: the
                 # Encoder reshapes each chunk (a view) instead. Later values are 2-d.
                 flattens_input = True
