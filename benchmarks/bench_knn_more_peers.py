@@ -28,10 +28,8 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-import faiss
-import latentspace
 from _common import THREAD_COUNTS, rounds_for, timed_call
-from bench_knn import Referee, _distinct
+from bench_knn import Referee, _distinct, peers  # noqa: F401 (peers: bench_knn.py's fixture, reused)
 
 hnswlib = pytest.importorskip("hnswlib")
 neighbors = pytest.importorskip("sklearn.neighbors")
@@ -81,25 +79,16 @@ def squared(answer):
 
 
 @pytest.fixture(scope="session")
-def more_peers(dataset):
-    """more_peers(metric) -> {peer: object with search(queries, k) and a threads setting}."""
+def more_peers(dataset, peers):
+    """more_peers(metric) -> {peer: search(queries, k), or an object with search and a threads
+    setting}: bench_knn.py's latentspace and faiss peers, then the two brute-force searches."""
 
     @lru_cache(maxsize=None)
     def build(metric: str):
-        database = dataset.database
-        dim = database.shape[1]
-        flat = latentspace.FlatIndex(dim, metric)
-        flat.add(database)
-        faiss_index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-        faiss_index.add(database)
-        found = {
-            "latentspace.knn": lambda q, k: latentspace.knn(q, database, k, metric=metric),
-            "latentspace.FlatIndex": flat.search,
-            "faiss": faiss_index.search,
-            "hnswlib.BFIndex": HnswlibBruteForce(database, metric),
-        }
+        found = {name: peers(metric)[name] for name in ("latentspace.knn", "latentspace.FlatIndex", "faiss")}
+        found["hnswlib.BFIndex"] = HnswlibBruteForce(dataset.database, metric)
         if metric == "l2":
-            found["sklearn.brute"] = SklearnBruteForce(database)
+            found["sklearn.brute"] = SklearnBruteForce(dataset.database)
         return found
 
     return build
