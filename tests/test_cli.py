@@ -756,6 +756,8 @@ def test_plot_errors(plot_files, capsys):
     assert "--pair: row 200 is out of range for the data's 200 rows" in err
     err = _pipeline_error(capsys, "plot", "plot", "neighbors", pca, x, "--queries", "a", *out)
     assert "--queries: expected comma-separated row numbers" in err
+    err = _pipeline_error(capsys, "plot", "plot", "neighbors", pca, x, "--queries", "3,200", *out)
+    assert "--queries: row 200 is out of range for the data's 200 rows" in err  # not "X's 200 samples"
     err = _pipeline_error(capsys, "plot", "plot", "neighbors", pca, x, "-k", "0", *out)
     assert "-k: expected an integer >= 1" in err
     np.save(tmp / "wide.npy", np.zeros((5, 65), dtype=np.float32))
@@ -1127,3 +1129,61 @@ def test_no_stdout_at_all_is_not_an_error():
     result = subprocess.run(f"exec 1>&-; exec {shlex.quote(sys.executable)} -m latentspace info", shell=True,
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_search_names_the_rows_that_its_weights_make_unusable(tmp_path, rng, capsys):
+    """Rows whose squared norm scaled by the weights overflows float32 are refused by the
+    search. The error named the API's "database" for a row of the index file and, for a query
+    in a later --batch-size chunk, "queries" with its row number inside the chunk (row 7 for
+    the file's row 37)."""
+    import numpy as np
+
+    Z = rng.standard_normal((100, 4)).astype(np.float32)
+    Q = rng.standard_normal((40, 4)).astype(np.float32)
+    np.save(tmp_path / "ones.npy", np.ones(4, np.float32))
+    np.save(tmp_path / "heavy.npy", np.full(4, 1e4, np.float32))
+    Q[37] = 1e18  # plain squared norm 4e36: usable; weighted by 1e4, 4e40: not
+    np.save(tmp_path / "Q.npy", Q)
+    idx, out = str(tmp_path / "i.lsidx"), str(tmp_path / "r.npz")
+    code, _, err = _main(capsys, "index", "build", _save(tmp_path / "Z.npy", Z), "--out", idx,
+                         "--metric", "weighted_l2", "--weights", str(tmp_path / "ones.npy"))
+    assert code == 0, err
+    err = _pipeline_error(capsys, "search", "search", idx, str(tmp_path / "Q.npy"), "--out", out,
+                          "--batch-size", "10", "--weights", str(tmp_path / "heavy.npy"))
+    assert err.startswith(f"latentspace search: error: {tmp_path / 'Q.npy'}: row 37 contains "), err
+    assert "scaled by the weights" in err and "lower the weights" in err
+    Z[99] = 1e18
+    code, _, err = _main(capsys, "index", "build", _save(tmp_path / "Z.npy", Z), "--out", idx,
+                         "--metric", "weighted_l2", "--weights", str(tmp_path / "heavy.npy"))
+    assert code == 0, err  # usable with the plain norm, and other weights may be given at search
+    err = _pipeline_error(capsys, "search", "search", idx, _save(tmp_path / "Q.npy", Q[:5]), "--out", out)
+    assert err.startswith(f"latentspace search: error: {idx}: row 99 contains NaN or Inf"), err
+    assert not os.path.exists(out)
+
+
+def _save(path, array) -> str:
+    import numpy as np
+
+    np.save(path, array)
+    return str(path)
+
+
+@pytest.mark.parametrize("options,flag", [
+    (["--model", "autoencoder", "--beta", "4"], "--beta"),
+    (["--model", "autoencoder", "--beta", "0"], "--beta"),
+    (["--model", "conv", "--kl-warmup", "5"], "--kl-warmup"),
+    (["--model", "vae", "--whiten"], "--whiten"),
+    (["--model", "pca", "--hidden", "32"], "--hidden"),
+    (["--model", "conv", "--hidden", "32"], "--hidden"),
+    (["--model", "vae", "--channels", "4"], "--channels"),
+    (["--model", "autoencoder", "--image-shape", "1,8,8"], "--image-shape"),
+    (["--model", "autoencoder", "--metric-weight", "2"], "--metric-weight"),
+])
+def test_train_refuses_a_flag_its_model_does_not_use(tmp_path, capsys, options, flag):
+    """Each was dropped without a word: `--model autoencoder --beta 4` trained and saved a
+    plain autoencoder, and --metric-weight without --metric-loss was ignored (the Python API
+    refuses metric_weight without metric_loss)."""
+    out = tmp_path / "run"
+    code, _, err = _main(capsys, "train", "digits", *options, "--epochs", "1", "--out", str(out), "--no-progress")
+    assert code == 2 and err.startswith(f"latentspace train: error: {flag}: "), err
+    assert not out.exists()  # refused before the folder is made

@@ -654,3 +654,36 @@ def test_loaded_buffer_is_aligned_and_a_mapped_one_still_mapped(tmp_path, rows, 
     loaded.add(data[:3])  # a loaded index grows as any other
     assert _address(loaded._buffer) % 64 == 0
     np.testing.assert_array_equal(loaded.vectors(), np.concatenate([data, data[:3]]))
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_copies_and_pickles_are_independent_indexes(how, mmap, tmp_path, rng):
+    """copy.copy shared the buffer (and the locks) with the original: rows added to one
+    overwrote the rows the other had added in the spare capacity, silently. deepcopy and
+    pickle (multiprocessing, joblib) failed with "cannot pickle '_thread.lock' object"."""
+    import copy
+    import pickle
+
+    x = rng.standard_normal((10, 3)).astype(np.float32)
+    w = np.array([1.0, 0.0, 2.0], np.float32)
+    index = latentspace.FlatIndex(3, "weighted_l2", weights=w)
+    index.add(x)
+    if mmap:
+        index.save(tmp_path / "i.lsidx")
+        index = latentspace.load_index(tmp_path / "i.lsidx", mmap=True)
+    make = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": lambda i: pickle.loads(pickle.dumps(i))}[how]
+    twin = make(index)
+    assert twin is not index and repr(twin).replace(", mmap", "") == repr(index).replace(", mmap", "")
+    np.testing.assert_array_equal(twin.weights, w)
+    np.testing.assert_array_equal(twin.vectors(), x)
+    q = rng.standard_normal((4, 3)).astype(np.float32)
+    for got, expected in zip(twin.search(q, 5), index.search(q, 5)):
+        np.testing.assert_array_equal(got, expected)
+    ones, sevens = np.ones((1, 3), np.float32), np.full((1, 3), 7, np.float32)
+    twin.add(ones)  # a copy of a mapped index holds its vectors in memory: it can add
+    if not mmap:
+        index.add(sevens)
+        np.testing.assert_array_equal(index.vectors()[10], sevens[0])
+    np.testing.assert_array_equal(twin.vectors()[10], ones[0])
+    assert twin.ntotal == 11 and index.ntotal == (10 if mmap else 11)

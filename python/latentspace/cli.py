@@ -120,6 +120,34 @@ def _build_model(args: argparse.Namespace, X: np.ndarray, output: str):
     return Autoencoder(X.shape[1], args.latent_dim, hidden=hidden, output=output), X
 
 
+# Flags that shape one kind of model -> (its attribute, the models that read it, its default).
+# Given to another model they were dropped without a word (`--model autoencoder --beta 4`
+# trained a plain autoencoder), so they are refused, as --labels is without --metric-loss.
+_MODEL_FLAGS = {"--hidden": ("hidden", ("autoencoder", "vae"), "256,128"),
+                "--channels": ("channels", ("conv",), "32,64"),
+                "--image-shape": ("image_shape", ("conv",), None),
+                "--beta": ("beta", ("vae",), 1.0),
+                "--kl-warmup": ("kl_warmup", ("vae",), 0.0),
+                "--whiten": ("whiten", ("pca",), False)}
+_METRIC_WEIGHT = 5.0  # --metric-weight's default (the API's is 1.0: docs/metric_learning.md)
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """Refuses a flag that args.model does not read, then fills in the defaults (None and
+    False stand for "not typed")."""
+    for flag, (name, models, default) in _MODEL_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None and value is not False and args.model not in models:  # (--beta 0 is typed)
+            users = " or ".join(f"--model {model}" for model in models)
+            raise ValueError(f"{flag}: only {users} uses it (this run trains --model {args.model})")
+        if value is None:
+            setattr(args, name, default)
+    if args.metric_weight is not None and args.metric_loss is None:
+        raise ValueError("--metric-weight: weighs the term of --metric-loss; pass --metric-loss too")
+    if args.metric_weight is None:
+        args.metric_weight = _METRIC_WEIGHT
+
+
 def _command_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -127,6 +155,7 @@ def _command_train(args: argparse.Namespace) -> int:
     from .models import save_model
     from .training import train
 
+    _check_model_flags(args)
     if args.threads is not None:
         set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
@@ -213,11 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--epochs", type=int, default=100, help="at most this many epochs (default 100)")
     trainer.add_argument("--out", required=True, help="output folder: model.safetensors, history.json")
     trainer.add_argument("--key", default=None, help="array in an .npz (or hdf5 part; default train)")
-    trainer.add_argument("--hidden", default="256,128", help="MLP hidden widths (default 256,128)")
-    trainer.add_argument("--channels", default="32,64", help="conv channels (default 32,64)")
+    trainer.add_argument("--hidden", default=None, help="MLP hidden widths (default 256,128)")
+    trainer.add_argument("--channels", default=None, help="conv channels (default 32,64)")
     trainer.add_argument("--image-shape", default=None, help="C,H,W of flattened images (conv)")
-    trainer.add_argument("--beta", type=float, default=1.0, help="VAE KL weight (default 1)")
-    trainer.add_argument("--kl-warmup", type=float, default=0.0, help="VAE KL warm-up epochs (default 0)")
+    trainer.add_argument("--beta", type=float, default=None, help="VAE KL weight (default 1)")
+    trainer.add_argument("--kl-warmup", type=float, default=None, help="VAE KL warm-up epochs (default 0)")
     trainer.add_argument("--whiten", action="store_true", help="PCA: unit-variance components")
     trainer.add_argument("--output", choices=("auto", "sigmoid", "linear"), default="auto",
                          help="decoder output (default auto: sigmoid when the data lie in [0, 1])")
@@ -235,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--metric-loss", choices=("supcon", "triplet"), default=None,
                          help="add a metric-learning term on the latent codes, with labels "
                               "(docs/metric_learning.md)")
-    trainer.add_argument("--metric-weight", type=float, default=5.0,
+    trainer.add_argument("--metric-weight", type=float, default=None,
                          help="weight of the metric term against reconstruction (default 5)")
     trainer.add_argument("--labels", default=None,
                          help="with --metric-loss: a .npy or .npz of integer labels, one per row (digits: their own)")

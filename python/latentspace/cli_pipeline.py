@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
+from ._arrays import MAX_SQUARED_NORM, as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
 from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
@@ -42,7 +42,8 @@ INDEX_SUFFIX = ".lsidx"  # index build --out: the suffix of the docs' index file
 # too, so --out is checked by the commands themselves (check_out).
 _ENCODE_NAMES = {"key": "--key", "device": "--device"}
 _INDEX_BUILD_NAMES = {"key": "--key", "weights": "--weights"}
-_SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device"}
+# ("database": the search's name for the index's vectors, which weights can make unusable.)
+_SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device", "database": "{index}"}
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -280,6 +281,7 @@ def _command_search(args: argparse.Namespace) -> int:
                          "they would be ignored (the search runs on the CPU)")
     index = load_index(args.index, mmap=args.mmap)
     weights = _load_weights(args.weights, index.metric, index.dim)
+    search_weights = index.weights if weights is None else weights  # None unless weighted_l2
     Q = _load_rows(args.queries, args.key)
     encoder = None
     if args.model is not None:
@@ -307,6 +309,8 @@ def _command_search(args: argparse.Namespace) -> int:
         for start in range(0, nq, batch_size):
             chunk, _ = as_matrix(Q[start : start + batch_size], name, dim=index.dim)
             check_rows_usable(chunk, name, first_row=start)  # row numbers of the file
+            if search_weights is not None:  # the search would name them "queries", numbered within the chunk
+                _check_weighted_rows(chunk, search_weights, name, start)
             stop = start + chunk.shape[0]
             distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
             bar.update(chunk.shape[0])
@@ -319,6 +323,18 @@ def _command_search(args: argparse.Namespace) -> int:
         print(f"  queries encoded first, {_backend_line(encoder)}")
     print(f"  {_rate(nq, seconds, 'queries')}")
     return 0
+
+
+def _check_weighted_rows(chunk: np.ndarray, weights: np.ndarray, name: str, first_row: int) -> None:
+    """Refuses, naming the file's row, a query whose squared norm scaled by the weights
+    overflows float32, as the weighted_l2 search does (its plain norm was checked already)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = np.flatnonzero(~((chunk * chunk) @ weights <= MAX_SQUARED_NORM))
+    if bad.size:
+        # (4.2e37: MAX_SQUARED_NORM, as the search's own message says it)
+        raise ValueError(f"{name}: row {first_row + int(bad[0])} contains values so large that their squared norm "
+                         "scaled by the weights overflows float32 (above 4.2e37); rescale the queries, or lower "
+                         "the weights")
 
 
 def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:

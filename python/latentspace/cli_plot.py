@@ -124,6 +124,8 @@ def _command_plot(args: argparse.Namespace) -> int:
         what = f"{args.steps} steps from row {i} to row {j} of {name}"
     elif kind == "neighbors":
         queries = _int_list(args.queries, "--queries")
+        for i in queries:  # (plots names its own X, which the user never typed)
+            _row(X, i, "--queries")
         plots.plot_neighbors(model, X, np.array(queries), args.out, k=args.k, image_shape=image_shape, labels=labels)
         what = f"the {args.k} nearest neighbours of {len(queries)} rows of {name}"
     else:

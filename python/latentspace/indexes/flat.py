@@ -485,6 +485,15 @@ class FlatIndex:
 
 
     # -- persistence --------------------------------------------------------------------
+    def __reduce__(self):
+        """Pickling (multiprocessing, joblib), copy.copy and copy.deepcopy: a new index with the
+        same metric, weights, storage, device and vectors, in a buffer and locks of its own (the
+        default shallow copy shared the buffer, so rows one added in its spare capacity
+        overwrote the other's; the locks cannot be pickled). A memory-mapped index becomes one
+        held in memory, as with to()."""
+        device = None if self._device is None else str(self._device)
+        return _rebuilt, (self._dim, self._metric, self._weights, self._storage, device, self.vectors())
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to `path` atomically (versioned, checksummed; see indexes/io.py)."""
         if self._device is not None:
@@ -519,6 +528,13 @@ class FlatIndex:
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0
         return index
+
+
+def _rebuilt(dim: int, metric: str, weights: Any, storage: str, device: Any, vectors: np.ndarray) -> FlatIndex:
+    """FlatIndex.__reduce__'s constructor: an index holding a copy of `vectors`."""
+    index = FlatIndex(dim, metric, device=device, weights=weights, storage=storage)
+    index.add(vectors)
+    return index
 
 
 class _IndexRows:
