@@ -199,6 +199,22 @@ def test_neighbors_errors(tmp_path, digits, pca):
 # Relevance bars, files, no pyplot
 
 
+def test_relevance_bars_with_a_dimension_that_separates_the_classes_alone(tmp_path, rng):
+    # relevance gives such a dimension +inf (the best score, as docs/similarity.md says); the
+    # plot refused it, naming a `scores` that `latentspace plot relevance` users never typed
+    y = np.repeat(np.arange(3), 10)
+    z = rng.standard_normal((30, 4))
+    z[:, 2] = y
+    scores = ls.relevance(z, y)
+    assert scores[2] == np.inf
+    assert _png_size(plots.plot_relevance(scores, tmp_path / "r.png")) == (400, 350)
+    heights, infinite = plots._bar_heights(np.array([2.0, np.inf, -1.0, -np.inf]))
+    np.testing.assert_array_equal(infinite, [False, True, False, True])
+    np.testing.assert_allclose(heights, [2.0, 2.4, -1.0, -1.4])  # a fifth of the reach (2) past the ends
+    heights, _ = plots._bar_heights(np.array([np.inf, np.inf]))
+    np.testing.assert_allclose(heights, [0.2, 0.2])  # no finite score: a reach of 1
+
+
 def test_relevance_bars(tmp_path, digits, pca):
     scores = ls.relevance(pca.encode(digits[0]), digits[1])
     assert _png_size(plots.plot_relevance(scores, tmp_path / "r.png")) == (400, 350)
@@ -209,7 +225,7 @@ def test_relevance_bars(tmp_path, digits, pca):
     with pytest.raises(ValueError, match="labels: expected 6 names .one per score., got 2"):
         plots.plot_relevance(scores, tmp_path / "x.png", labels=["a", "b"])
     with pytest.raises(ValueError, match="scores: dimension 1 has a non-finite score"):
-        plots.plot_relevance([1.0, np.inf], tmp_path / "x.png")
+        plots.plot_relevance([1.0, np.nan], tmp_path / "x.png")
     with pytest.raises(ValueError, match="scores: expected a non-empty 1-d array"):
         plots.plot_relevance(np.ones((2, 3)), tmp_path / "x.png")
 

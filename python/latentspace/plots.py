@@ -447,13 +447,27 @@ def _query_rows(queries: Any, n: int) -> np.ndarray:
     return rows.astype(np.int64)
 
 
+def _bar_heights(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bar heights for scores that may hold +-inf, and which are infinite: an infinite score's
+    bar reaches a fifth of the finite scores' reach past the farthest of them (its sign's
+    way), so it stands out without flattening the others."""
+    infinite = np.isinf(scores)
+    finite = scores[~infinite]
+    reach = float(np.abs(finite).max()) if finite.size and np.abs(finite).max() > 0 else 1.0
+    heights = scores.copy()
+    heights[scores == np.inf] = max(float(finite.max()) if finite.size else 0.0, 0.0) + 0.2 * reach
+    heights[scores == -np.inf] = min(float(finite.min()) if finite.size else 0.0, 0.0) - 0.2 * reach
+    return heights, infinite
+
+
 def plot_relevance(scores: Any, path: str | os.PathLike, labels: Any = None, *, title: str | None = None) -> Path:
     """A bar per latent dimension, its height the score (latentspace.relevance's output, or
-    any per-dimension numbers), the best one highlighted. labels: a name per dimension
-    (default z0, z1, ...). title: the picture's title (default: how many dimensions, and
-    the best)."""
+    any per-dimension numbers), the best one highlighted. An infinite score (relevance gives
+    +inf to a dimension that separates the classes alone) is drawn as a hatched bar past the
+    finite ones, marked with its sign and ∞. labels: a name per dimension (default z0, z1,
+    ...). title: the picture's title (default: how many dimensions, and the best)."""
     path = _check_path(path)
-    s = as_scores(scores)
+    s = as_scores(scores, allow_inf=True)
     if labels is None:
         names = [f"z{j}" for j in range(s.size)]
     else:
@@ -466,7 +480,12 @@ def plot_relevance(scores: Any, path: str | os.PathLike, labels: Any = None, *, 
     ax = figure.add_subplot()
     best = int(np.argmax(s))
     colours = ["tab:orange" if j == best else "tab:blue" for j in range(s.size)]
-    ax.bar(np.arange(s.size), s, color=colours)
+    heights, infinite = _bar_heights(s)
+    bars = ax.bar(np.arange(s.size), heights, color=colours)
+    for j in np.flatnonzero(infinite):
+        bars[j].set_hatch("//")
+        ax.annotate("∞" if s[j] > 0 else "-∞", (j, heights[j]), ha="center", va="bottom" if s[j] > 0 else "top",
+                    fontsize=9)
     ax.set_xticks(np.arange(s.size), names, rotation=90 if s.size > 16 else 0, fontsize=8)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("latent dimension")
