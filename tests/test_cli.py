@@ -1057,6 +1057,37 @@ def test_train_out_that_cannot_be_a_folder_names_out(tmp_path, capsys):
         assert code == 2 and err.startswith(f"latentspace train: error: --out: {out}"), err
 
 
+def test_a_failed_train_removes_the_folders_it_made_and_keeps_the_users(tmp_path, capsys, monkeypatch):
+    # the folder was made before PCA (or training) checked the data: a failed run left it empty
+    deep = tmp_path / "new" / "run"
+    code, _, err = _main(capsys, "train", "digits", "--model", "pca", "--latent-dim", "100", "--out", str(deep))
+    assert code == 2 and "--latent-dim: PCA(latent_dim=100) cannot exceed" in err
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    code, _, _ = _main(capsys, "train", "digits", "--model", "pca", "--latent-dim", "100", "--out", str(mine))
+    assert code == 2 and mine.is_dir()  # the user's own folder stays
+    from latentspace import training
+
+    real_train = training.train  # Ctrl-C before the first epoch ends: nothing saved
+    monkeypatch.setattr(training, "train", lambda *a, **k: _interrupt_first_batch(real_train, *a, **k))
+    code, _, err = _main(capsys, "train", "digits", "--model", "autoencoder", "--hidden", "8", "--out", str(deep),
+                         "--no-progress")
+    assert code == 130 and "nothing saved" in err
+    assert not (tmp_path / "new").exists()
+    code, _, _ = _main(capsys, "train", "digits", "--model", "pca", "--latent-dim", "4", "--out", str(deep))
+    assert code == 0 and sorted(p.name for p in deep.iterdir()) == ["history.json", "model.safetensors"]
+
+
+def _interrupt_first_batch(real_train, model, X, **kwargs):
+    """train with a KeyboardInterrupt from the model's first training batch."""
+    def objective(*args, **objective_kwargs):
+        raise KeyboardInterrupt
+
+    model.objective = objective
+    return real_train(model, X, **kwargs)
+
+
 @pytest.mark.parametrize("shape", [(0, 16), (5, 0)])
 @pytest.mark.parametrize("model", ["pca", "autoencoder"])
 def test_train_on_no_data_names_the_file(tmp_path, capsys, shape, model):

@@ -10,13 +10,15 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import make_folder, option_array, renamed, seed_number, thread_count, whole_number
+from .cli_pipeline import made_folder, option_array, renamed, seed_number, thread_count, whole_number
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -151,10 +153,6 @@ def _check_model_flags(args: argparse.Namespace) -> None:
 def _command_train(args: argparse.Namespace) -> int:
     import torch
 
-    from ._atomic import atomic_write
-    from .models import save_model
-    from .training import train
-
     _check_model_flags(args)
     if args.threads is not None:
         set_num_threads(args.threads)
@@ -167,7 +165,18 @@ def _command_train(args: argparse.Namespace) -> int:
         output = "sigmoid" if 0.0 <= low and high <= 1.0 else "linear"
     torch.manual_seed(args.seed)
     model, X = _build_model(args, X, output)
-    out = make_folder(args.out)
+    # A folder this run makes is removed again if it ends empty (the data or the model
+    # refused, or Ctrl-C before the first epoch): a failed run leaves nothing behind.
+    with made_folder(args.out) as out:
+        return _fit_and_save(args, model, X, labels, name, out)
+
+
+def _fit_and_save(args: argparse.Namespace, model: Any, X: Any, labels: Any, name: str, out: Path) -> int:
+    """Fits or trains the model on X, saving the best weights and the History into `out`."""
+    from ._atomic import atomic_write
+    from .models import save_model
+    from .training import train
+
     model_path = out / "model.safetensors"
     print(f"latentspace train: {type(model).__name__} (latent_dim {args.latent_dim}) on {name}, "
           f"{X.shape[0]:,} rows of shape {tuple(X.shape[1:])}")

@@ -15,12 +15,13 @@ parameters in them as the flags the user typed, through each command's `api_name
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "check_out", "make_folder", "option_array", "renamed", "seed_number", "thread_count",
+__all__ = ["add_commands", "check_out", "made_folder", "make_folder", "option_array", "renamed", "seed_number", "thread_count",
            "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
@@ -131,6 +132,23 @@ def make_folder(path: str) -> Path:
     except OSError as error:
         raise ValueError(f"--out: {out} cannot be made a folder ({error.strerror or error})") from None
     return out
+
+
+@contextlib.contextmanager
+def made_folder(path: str) -> Iterator[Path]:
+    """make_folder(path) for the block's work; the folders it made (the leaf and any missing
+    parents) are removed again when the block ends with them empty, however it ends."""
+    out = Path(path)
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    out = make_folder(path)
+    try:
+        yield out
+    finally:
+        for folder in missing:
+            try:
+                folder.rmdir()  # only an empty folder; a parent goes only once its child has
+            except OSError:
+                break
 
 
 def _load_rows(path: str, key: str | None) -> np.ndarray:
