@@ -2,7 +2,8 @@
 
 Every SIMD level, every activation, depths 1 to 4 with widths that reach the register tiles'
 tails (1, 3, 97, 130) and the depth blocking (> 256 and > 512 inputs), row counts around the
-96-row blocks, the bf16 precision, NaN reporting and bad arguments. The Python layer
+96-row blocks, the bf16 precision, the LayerNorm stages (norms=, input_norm=), NaN reporting and
+bad arguments. The Python layer
 (latentspace.encode) is tested in test_encode.py.
 """
 
@@ -269,3 +270,209 @@ def test_read_only_out_is_refused():
     out.flags.writeable = False
     with pytest.raises(ValueError, match="out: expected a writable array"):
         encoder.encode(np.ones((1, 4), np.float32), out)
+
+
+# ---------------------------------------------------------------------------------------
+# LayerNorm stages: norms=[(place, eps, weight, bias) or None per layer], input_norm=(eps, weight, bias)
+
+NORM_PLACES = ("before_activation", "after_activation")
+
+
+def layer_norm64(h, eps, weight, bias):
+    """torch's own LayerNorm over the last axis, in float64 (biased variance)."""
+    h = torch.as_tensor(h, dtype=torch.float64)
+    w = None if weight is None else torch.from_numpy(weight).double()
+    b = None if bias is None else torch.from_numpy(bias).double()
+    return F.layer_norm(h, (h.shape[-1],), w, b, eps).numpy()
+
+
+def make_norm(rng, width, kind="affine", eps=1e-5):
+    """(eps, weight, bias) with non-trivial terms: a norm that ignores or swaps one gives
+    other values. kind: "affine", "weight-only" (LayerNorm(bias=False)) or "plain" (no affine)."""
+    weight = (1.0 + rng.standard_normal(width)).astype(np.float32) if kind != "plain" else None
+    bias = rng.standard_normal(width).astype(np.float32) if kind == "affine" else None
+    return eps, weight, bias
+
+
+def reference_with_norms(x, weights, biases, activations, params, norms, input_norm=None, bf16=False):
+    """reference() with a LayerNorm stage per layer (None, or (place, eps, weight, bias)) and a
+    leading one; the norms run in float64 on the float64 layer outputs."""
+    h = np.asarray(x, dtype=np.float64)
+    if input_norm is not None:
+        h = layer_norm64(h, *input_norm).astype(np.float32)  # the kernel's float32 normalised rows
+    for w, b, act, p, norm in zip(weights, biases, activations, params, norms):
+        w = torch.from_numpy(w)
+        t = torch.from_numpy(np.asarray(h)).double()
+        if bf16:
+            w, t = w.bfloat16(), t.float().bfloat16()
+        t = t.double() @ w.double().T
+        if b is not None:
+            t = t + torch.from_numpy(b).double()
+        if norm is not None and norm[0] == "before_activation":
+            t = torch.from_numpy(layer_norm64(t, *norm[1:]))
+        t = ACTIVATIONS[act](t, p)
+        if norm is not None and norm[0] == "after_activation":
+            t = torch.from_numpy(layer_norm64(t, *norm[1:]))
+        h = t.numpy()
+    return h
+
+
+@pytest.mark.parametrize("kind", ["affine", "weight-only", "plain"])
+@pytest.mark.parametrize("width", [1, 3, 97, 300])
+@pytest.mark.parametrize("center, spread", [(0.0, 1.0), (1e3, 1e-3), (-1e3, 5.0)], ids=["centred", "tiny-spread",
+                                                                                        "far"])
+def test_layer_norm_is_the_float64_norm_of_its_input(simd_level, kind, width, center, spread, rng, num_threads):
+    """An identity layer hands the norm its input exactly: the output must be the float64
+    LayerNorm of the float32 rows to float32 rounding, however far from 0 the rows are
+    (a one-pass float32 variance, E[h^2] - E[h]^2, loses every digit at 1e3 +- 1e-3)."""
+    eps, weight, bias = make_norm(rng, width, kind, eps=float(rng.choice([1e-5, 1e-12, 0.3])))
+    identity = [np.eye(width, dtype=np.float32)]
+    for rows, threads in ((1, 1), (7, 1), (300, 2)):
+        num_threads(threads)
+        x = (center + spread * rng.standard_normal((rows, width))).astype(np.float32)
+        expected = layer_norm64(x, eps, weight, bias)
+        for place in NORM_PLACES:
+            encoder = _native.MlpEncoder(identity, [None], ["identity"], [0.0], None, "fp32",
+                                         norms=[(place, eps, weight, bias)])
+            out = encode(encoder, x)
+            assert np.isfinite(out).all()
+            # rounded once from a double result: within an ulp of the exact value, plus the
+            # double's own error relative to the terms (|weight| (1 + |normalised|) + |bias|):
+            # about 1e-16 |center| / spread from the double mean's rounding, far below float32's 6e-8
+            terms = (1.0 + np.abs(layer_norm64(x, eps, None, None))) * (1.0 if weight is None else np.abs(weight))
+            terms = terms + (0.0 if bias is None else np.abs(bias))
+            np.testing.assert_array_less(np.abs(out - expected), 2.0**-23 * np.abs(expected) + 1e-8 * terms + 1e-38)
+    # width 1 (and any constant row): var = 0, so (h - mean) / sqrt(eps) = 0, then the bias, as torch
+
+
+@pytest.mark.parametrize("place", NORM_PLACES)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_layer_norm_before_or_after_each_activation(simd_level, activation, place, rng):
+    dims = (97, 300, 3, 1)
+    layers = make_layers(rng, dims, activation)
+    layers[2][-1] = "identity"  # a ReLU there could zero every code, and zeros show no order
+    # (a norm over the last layer's single output would make every code its bias: kept out)
+    norms = [(place, *make_norm(rng, 300, "affine")), (place, *make_norm(rng, 3, "weight-only", eps=0.3)), None]
+    x = (3.0 + 2 * rng.standard_normal((230, dims[0]))).astype(np.float32)
+    encoder = _native.MlpEncoder(*layers, None, "fp32", norms=norms)
+    assert_close_to(encode(encoder, x), reference_with_norms(x, *layers, norms), 1e-5)
+    # the other order computes something else: the test sees where the norm runs
+    if activation not in ("identity", "leaky_relu", "elu"):  # nearly affine on normalised values
+        other = [("after_activation" if place == "before_activation" else "before_activation", *n[1:]) for n in norms[:2]]
+        other.append(None)
+        assert np.abs(encode(encoder, x) - reference_with_norms(x, *layers, other)).max() > 1e-2
+
+
+def test_layer_norm_on_some_layers_only(rng):
+    layers = make_layers(rng, (300, 129, 64, 10), "gelu")
+    norms = [None, ("after_activation", *make_norm(rng, 64)), None]
+    x = rng.standard_normal((150, 300)).astype(np.float32)
+    encoder = _native.MlpEncoder(*layers, None, "fp32", norms=norms)
+    assert_close_to(encode(encoder, x), reference_with_norms(x, *layers, norms), 1e-5)
+    # norms=None and a list of None: the chain without any norm
+    plain = encode(_native.MlpEncoder(*layers, None, "fp32"), x)
+    np.testing.assert_array_equal(encode(_native.MlpEncoder(*layers, None, "fp32", norms=[None] * 3), x), plain)
+
+
+@pytest.mark.parametrize("kind", ["affine", "weight-only", "plain"])
+def test_leading_layer_norm_then_offset(simd_level, kind, rng):
+    """input_norm normalises each input row first; the offset is subtracted from its result."""
+    layers = make_layers(rng, (300, 97, 3), "tanh")
+    input_norm = make_norm(rng, 300, kind)
+    offset = rng.standard_normal(300).astype(np.float32)
+    x = (1e3 + rng.standard_normal((200, 300))).astype(np.float32)  # far from 0
+    encoder = _native.MlpEncoder(*layers, offset, "fp32", input_norm=input_norm)
+    normalised = layer_norm64(x, *input_norm).astype(np.float32)
+    assert_close_to(encode(encoder, x), reference(normalised, *layers, offset=offset), 1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_leading_layer_norm_reports_non_finite_rows_lowest_first(simd_level, bad, rng, num_threads):
+    layers = make_layers(rng, (600, 20), "relu")
+    x = rng.standard_normal((500, 600)).astype(np.float32)
+    x[450, 599] = bad
+    x[130, 300] = bad
+    encoder = _native.MlpEncoder(*layers, None, "fp32", input_norm=make_norm(rng, 600))
+    num_threads(2)
+    with pytest.raises(ValueError, match=r"x: row 130 contains NaN or Inf"):
+        encoder.encode(x, np.empty((500, 20), np.float32))
+    x[130, 300] = 0
+    with pytest.raises(ValueError, match=r"x: row 450 "):
+        encoder.encode(x, np.empty((500, 20), np.float32))
+    # a constant (or huge but finite) row is finite: var = 0 gives the bias
+    x[450, :] = 3e38
+    assert np.isfinite(encode(encoder, x)).all()
+
+
+@pytest.mark.parametrize("place", NORM_PLACES)
+def test_layer_norm_bf16(rng, place, simd_level):
+    """bf16 rounds each layer's input and weights; the norm runs on the float32 layer output
+    (in double), its output rounded to bf16 only as the next layer's input."""
+    layers = make_layers(rng, (97, 300, 33), "silu")
+    norms = [(place, *make_norm(rng, 300)), (place, *make_norm(rng, 33, "weight-only"))]
+    x = rng.standard_normal((300, 97)).astype(np.float32)
+    encoder = _native.MlpEncoder(*layers, None, "bf16", norms=norms)
+    out = encode(encoder, x)
+    assert_close_to(out, reference_with_norms(x, *layers, norms, bf16=True), 2e-3)
+    assert np.abs(out - reference_with_norms(x, *layers, norms)).max() > 0  # it did round
+
+
+def test_threads_agree_bitwise_with_norms(rng, num_threads):
+    layers = make_layers(rng, (784, 256, 32), "gelu")
+    norms = [("before_activation", *make_norm(rng, 256)), ("after_activation", *make_norm(rng, 32))]
+    x = rng.random((1000, 784), dtype=np.float32)
+    encoder = _native.MlpEncoder(*layers, None, "fp32", norms=norms, input_norm=make_norm(rng, 784))
+    results = []
+    for threads in (1, 2):
+        num_threads(threads)
+        results.append(encode(encoder, x))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_norm_parameters_are_copied_at_construction(rng):
+    layers = make_layers(rng, (10, 4), "identity")
+    norm = make_norm(rng, 4)
+    encoder = _native.MlpEncoder(*layers, None, "fp32", norms=[("after_activation", *norm)])
+    x = rng.standard_normal((5, 10)).astype(np.float32)
+    before = encode(encoder, x)
+    norm[1][:] = 0
+    norm[2][:] = 0
+    np.testing.assert_array_equal(encode(encoder, x), before)
+
+
+_W = np.ones((3, 4), np.float32)
+_ONES3 = np.ones(3, np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(norms=[None]), ValueError, r"norms: expected one entry per layer \(None for none\), got 1 for 2"),
+        (dict(norms="before_activation"), TypeError, r"norms: expected a list with one entry per layer"),
+        (dict(norms=[("after", 1e-5, None, None), None]), ValueError,
+         r"norms\[0\]: expected the place 'before_activation' or 'after_activation', got 'after'"),
+        (dict(norms=[(1e-5, None, None), None]), TypeError, r"norms\[0\]: expected a tuple \(place, eps, weight, bias\)"),
+        (dict(norms=[(0, 1e-5, None, None), None]), TypeError, r"norms\[0\]: expected the place as a str"),
+        (dict(norms=[("before_activation", "1e-5", None, None), None]), TypeError, r"norms\[0\]: expected eps as a float"),
+        (dict(norms=[("before_activation", 0.0, None, None), None]), ValueError, r"norms\[0\]: expected eps > 0"),
+        (dict(norms=[("before_activation", float("nan"), None, None), None]), ValueError, r"norms\[0\]: expected eps > 0"),
+        (dict(norms=[("before_activation", 1e-5, np.ones(2, np.float32), None), None]), ValueError,
+         r"norms\[0\] weight: expected 3 values \(the features it normalises\), got 2"),
+        (dict(norms=[("before_activation", 1e-5, None, np.ones(3)), None]), TypeError,
+         r"norms\[0\] bias: expected dtype float32"),
+        (dict(norms=[None, ("after_activation", 1e-5, np.array([1, np.inf], np.float32), None)]), ValueError,
+         r"norms\[1\]: the scale \(weight\) contains NaN or Inf"),
+        (dict(norms=[("after_activation", 1e-5, None, np.array([0, np.nan, 0], np.float32)), None]), ValueError,
+         r"norms\[0\]: the shift \(bias\) contains NaN or Inf"),
+        (dict(input_norm=(1e-5, _ONES3, None)), ValueError, r"input_norm weight: expected 4 values"),
+        (dict(input_norm=(-1.0, None, None)), ValueError, r"input_norm: expected eps > 0 \(finite\), got -1"),
+        (dict(input_norm=("before_activation", 1e-5, None, None)), TypeError,
+         r"input_norm: expected a tuple \(eps, weight, bias\)"),
+    ],
+)
+def test_bad_norm_arguments(kwargs, error, message):
+    arguments = dict(weights=_layers(4, 3, 2), biases=[None, None], activations=["relu", "identity"],
+                     activation_params=[0.0, 0.0], input_offset=None, precision="fp32")
+    arguments.update(kwargs)
+    with pytest.raises(error, match=message):
+        _native.MlpEncoder(**arguments)

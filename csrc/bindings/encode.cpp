@@ -18,14 +18,57 @@ EncodePrecision parse_precision(const std::string& name) {
   throw ValueError(concat("precision: expected 'fp32' or 'bf16', got '", name, "'"));
 }
 
+NormPlace parse_place(const std::string& name, const std::string& argument) {
+  if (name == "before_activation") return NormPlace::kBeforeActivation;
+  if (name == "after_activation") return NormPlace::kAfterActivation;
+  throw ValueError(concat(argument, ": expected the place 'before_activation' or 'after_activation', got '", name, "'"));
+}
+
+// A LayerNorm's (eps, weight, bias) from Python, weight and bias float32 arrays of `width`
+// values or None. The arrays are kept in `alive` until the encoder has copied them.
+RowNorm parse_norm(const py::tuple& terms, size_t first, int64_t width, const std::string& name,
+                   std::vector<py::array>& alive) {
+  RowNorm norm;
+  const py::object eps = terms[first];
+  LS_CHECK_TYPE(py::isinstance<py::float_>(eps) || py::isinstance<py::int_>(eps), name,
+                ": expected eps as a float, got ", std::string(py::str(py::type::of(eps).attr("__name__"))));
+  norm.eps = eps.cast<double>();
+  const float** targets[2] = {&norm.scale, &norm.shift};
+  const char* labels[2] = {"weight", "bias"};
+  for (size_t i = 0; i < 2; ++i) {
+    const py::object value = terms[first + 1 + i];
+    if (value.is_none()) continue;
+    const std::string label = concat(name, " ", labels[i]);
+    alive.push_back(value.cast<py::array>());
+    *targets[i] = checked_data<float>(alive.back(), label.c_str(), 1, false);
+    LS_CHECK_VALUE(dim_of(alive.back(), 0) == width, label, ": expected ", width, " values (the features it "
+                   "normalises), got ", dim_of(alive.back(), 0));
+  }
+  return norm;
+}
+
+py::tuple norm_tuple(const py::object& value, size_t size, const std::string& name, const char* layout) {
+  LS_CHECK_TYPE(py::isinstance<py::tuple>(value) && py::len(value) == size, name, ": expected a tuple ", layout);
+  return value.cast<py::tuple>();
+}
+
 std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std::vector<py::object> biases,
                                             std::vector<std::string> activations,
                                             std::vector<double> activation_params, py::object input_offset,
-                                            const std::string& precision) {
+                                            const std::string& precision, py::object norms, py::object input_norm) {
   const size_t count = weights.size();
   LS_CHECK_VALUE(biases.size() == count && activations.size() == count && activation_params.size() == count,
                  "weights, biases, activations, activation_params: expected one entry per layer, got ", count,
                  ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
+  std::vector<py::object> norm_list;
+  if (!norms.is_none()) {
+    LS_CHECK_TYPE(py::isinstance<py::list>(norms) || py::isinstance<py::tuple>(norms),
+                  "norms: expected a list with one entry per layer (None for none)");
+    norm_list = norms.cast<std::vector<py::object>>();
+    LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
+                   norm_list.size(), " for ", count, " layers");
+  }
+  std::vector<py::array> alive;  // norm parameters converted here, until the encoder copied them
   std::vector<LayerWeights> layers(count);
   for (size_t l = 0; l < count; ++l) {
     const std::string name = concat("weights[", l, "]");
@@ -41,6 +84,13 @@ std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std:
     }
     layers[l].activation = parse_activation(activations[l], concat("activations[", l, "]"));
     layers[l].parameter = static_cast<float>(activation_params[l]);
+    if (!norm_list.empty() && !norm_list[l].is_none()) {
+      const std::string norm_name = concat("norms[", l, "]");
+      const py::tuple terms = norm_tuple(norm_list[l], 4, norm_name, "(place, eps, weight, bias)");
+      layers[l].norm = parse_norm(terms, 1, layers[l].columns, norm_name, alive);
+      LS_CHECK_TYPE(py::isinstance<py::str>(terms[0]), norm_name, ": expected the place as a str");
+      layers[l].norm.place = parse_place(terms[0].cast<std::string>(), norm_name);
+    }
   }
   const float* offset = nullptr;
   py::array offset_array;
@@ -50,8 +100,14 @@ std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std:
     LS_CHECK_VALUE(count == 0 || dim_of(offset_array, 0) == layers[0].depth, "input_offset: expected ",
                    layers[0].depth, " values (the input dimension), got ", dim_of(offset_array, 0));
   }
+  RowNorm leading;
+  if (!input_norm.is_none() && count > 0) {  // no layers: the constructor says so
+    const py::tuple terms = norm_tuple(input_norm, 3, "input_norm", "(eps, weight, bias)");
+    leading = parse_norm(terms, 0, layers[0].depth, "input_norm", alive);
+  }
   // The constructor copies and packs everything it needs: the arrays may go after it returns.
-  return std::make_unique<CpuMlpEncoder>(layers, offset, parse_precision(precision));
+  return std::make_unique<CpuMlpEncoder>(layers, offset, parse_precision(precision),
+                                         input_norm.is_none() ? nullptr : &leading);
 }
 
 void encode(const CpuMlpEncoder& encoder, py::array x, py::array out) {
@@ -72,7 +128,11 @@ void bind_encode(py::module_& m) {
                             "An MLP encoder exported to native code: weights packed once, rows encoded "
                             "block by block through every layer (OpenMP + SIMD).")
       .def(py::init(&make_encoder), py::arg("weights"), py::arg("biases"), py::arg("activations"),
-           py::arg("activation_params"), py::arg("input_offset") = py::none(), py::arg("precision") = "fp32")
+           py::arg("activation_params"), py::arg("input_offset") = py::none(), py::arg("precision") = "fp32",
+           py::arg("norms") = py::none(), py::arg("input_norm") = py::none(),
+           "norms: None, or per layer None or (place, eps, weight, bias), a LayerNorm over the layer's "
+           "outputs, place 'before_activation' or 'after_activation', weight and bias float32 (out,) or "
+           "None. input_norm: None or (eps, weight, bias), a LayerNorm over each input row, first.")
       .def_property_readonly("input_dim", &CpuMlpEncoder::input_dim)
       .def_property_readonly("output_dim", &CpuMlpEncoder::output_dim)
       .def_property_readonly("num_layers", &CpuMlpEncoder::num_layers)

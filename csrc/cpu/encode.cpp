@@ -1,6 +1,8 @@
 // The batched MLP encoder on the CPU: weights packed once for the SIMD kernel in use; encode()
 // hands blocks of rows to OpenMP threads, and each thread carries its block through every
 // layer in two small ping-pong buffers (L2-sized), so no full-size intermediate is allocated.
+// A layer's LayerNorm runs on the block right after the layer's kernel wrote it
+// (encode_row_norm.h).
 #include "ops/encode.h"
 
 #include <omp.h>
@@ -12,12 +14,14 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/check.h"
 #include "core/cpu_features.h"
 #include "core/threads.h"
+#include "cpu/encode_row_norm.h"
 #include "cpu/simd/encode_kernels.h"
 
 namespace latentspace {
@@ -60,11 +64,21 @@ Activation parse_activation(const std::string& name, const std::string& argument
                           "leaky_relu, gelu, gelu_tanh, tanh, sigmoid, silu, elu"));
 }
 
+// What runs on a layer's block after its kernel: the LayerNorm, then, when the norm comes
+// before the activation, the activation (the kernel ran that layer with the identity).
+struct NormStep {
+  cpu::RowNormStage norm;  // place kNone: nothing
+  Activation activation = Activation::kIdentity;
+  float parameter = 0.0f;
+};
+
 struct CpuMlpEncoder::Impl {
   const cpu::EncodeKernels* kernels = nullptr;
   EncodePrecision precision = EncodePrecision::kFloat32;
   bool round_to_bf16 = false;  // bf16 emulated on float32 kernels
   std::vector<cpu::PackedLayer> layers;
+  std::vector<NormStep> norms;      // one per layer
+  std::optional<cpu::RowNormStage> input_norm;
   std::vector<AlignedBuffer> panels;
   std::vector<AlignedBuffer> biases;
   std::vector<float> input_offset;  // empty: none
@@ -73,7 +87,7 @@ struct CpuMlpEncoder::Impl {
 };
 
 CpuMlpEncoder::CpuMlpEncoder(const std::vector<LayerWeights>& layers, const float* input_offset,
-                             EncodePrecision precision)
+                             EncodePrecision precision, const RowNorm* input_norm)
     : impl_(std::make_unique<Impl>()) {
   LS_CHECK_VALUE(!layers.empty(), "weights: expected at least one layer");
   Impl& m = *impl_;
@@ -103,8 +117,20 @@ CpuMlpEncoder::CpuMlpEncoder(const std::vector<LayerWeights>& layers, const floa
       check_finite(layer.bias, layer.columns, concat("biases[", l, "]"));
       std::copy(layer.bias, layer.bias + layer.columns, bias);
     }
+    NormStep step;
+    const NormPlace place = layer.norm.place;
+    LS_CHECK_VALUE(place == NormPlace::kNone || place == NormPlace::kBeforeActivation ||
+                       place == NormPlace::kAfterActivation,
+                   "norms[", l, "]: unknown place ", static_cast<int>(place));
+    if (place != NormPlace::kNone) step.norm = cpu::copy_row_norm(layer.norm, layer.columns, concat("norms[", l, "]"));
+    const bool norm_first = place == NormPlace::kBeforeActivation;
+    if (norm_first) {
+      step.activation = layer.activation;
+      step.parameter = layer.parameter;
+    }
+    m.norms.push_back(std::move(step));
     m.layers.push_back(cpu::PackedLayer{m.panels.back().get(), bias, layer.depth, layer.columns,
-                                        layer.activation, layer.parameter});
+                                        norm_first ? Activation::kIdentity : layer.activation, layer.parameter});
     if (l + 1 < layers.size()) m.hidden_ld = std::max(m.hidden_ld, round_up(layer.columns, 16));
     m.flops_per_row += 2.0 * static_cast<double>(layer.depth) * static_cast<double>(layer.columns);
   }
@@ -112,6 +138,7 @@ CpuMlpEncoder::CpuMlpEncoder(const std::vector<LayerWeights>& layers, const floa
     check_finite(input_offset, layers[0].depth, "input_offset");
     m.input_offset.assign(input_offset, input_offset + layers[0].depth);
   }
+  if (input_norm) m.input_norm = cpu::copy_row_norm(*input_norm, layers[0].depth, "input_norm");
 }
 
 CpuMlpEncoder::~CpuMlpEncoder() = default;
@@ -131,13 +158,17 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
   const int threads = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({num_threads(), blocks, static_cast<int64_t>(flops / kMinFlopsPerThread)})));
   // All scratch is allocated here, outside the parallel region (no throwing inside it): per
-  // thread, the packed depth block and two ping-pong activation buffers.
+  // thread, the packed depth block, two ping-pong activation buffers and, for a leading
+  // LayerNorm, the block's normalised input rows.
   const size_t pack_bytes = static_cast<size_t>(g.block_rows) * g.depth_block_units * 4;
   const size_t hidden_floats = static_cast<size_t>(g.block_rows * std::max<int64_t>(m.hidden_ld, 1));
-  const size_t per_thread = round_up(static_cast<int64_t>(pack_bytes + 2 * hidden_floats * sizeof(float)), kAlignment);
+  const int64_t in_dim = input_dim(), out_dim = output_dim();
+  const int64_t normed_ld = m.input_norm ? round_up(in_dim, 16) : 0;
+  const size_t normed_floats = static_cast<size_t>(g.block_rows * normed_ld);
+  const size_t per_thread =
+      round_up(static_cast<int64_t>(pack_bytes + (2 * hidden_floats + normed_floats) * sizeof(float)), kAlignment);
   AlignedBuffer scratch = aligned_buffer(per_thread * threads);
   const float* offset = m.input_offset.empty() ? nullptr : m.input_offset.data();
-  const int64_t in_dim = input_dim(), out_dim = output_dim();
   const size_t layer_count = m.layers.size();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
 
@@ -147,6 +178,7 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
     void* pack = mine;
     float* ping_pong[2] = {reinterpret_cast<float*>(mine + pack_bytes),
                            reinterpret_cast<float*>(mine + pack_bytes) + hidden_floats};
+    float* normed = reinterpret_cast<float*>(mine + pack_bytes) + 2 * hidden_floats;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t r0 = b * g.block_rows;
@@ -156,17 +188,37 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
       const int64_t block = std::min<int64_t>(g.block_rows, rows - r0);
       const float* in = x + r0 * in_dim;
       int64_t ld_in = in_dim;
+      const auto report = [&](int64_t bad) {
+        int64_t seen = first_bad.load(std::memory_order_relaxed);
+        while (r0 + bad < seen && !first_bad.compare_exchange_weak(seen, r0 + bad)) {
+        }
+      };
+      if (m.input_norm) {
+        // The norm reports the rows holding NaN or Inf (the first layer then sees normalised rows).
+        const int64_t bad = cpu::normalize_rows(*m.input_norm, in, ld_in, normed, normed_ld, block, in_dim);
+        if (bad >= 0) {
+          report(bad);
+          continue;
+        }
+        in = normed;
+        ld_in = normed_ld;
+      }
       for (size_t l = 0; l < layer_count; ++l) {
         const bool last = l + 1 == layer_count;
         float* dst = last ? out + r0 * out_dim : ping_pong[l % 2];
         const int64_t ld_out = last ? out_dim : m.hidden_ld;
-        const int64_t bad = m.kernels->run_layer(m.layers[l], in, ld_in, block, l == 0 ? offset : nullptr, l == 0,
+        const bool check = l == 0 && !m.input_norm;
+        const int64_t bad = m.kernels->run_layer(m.layers[l], in, ld_in, block, l == 0 ? offset : nullptr, check,
                                                  m.round_to_bf16, pack, dst, ld_out);
         if (bad >= 0) {
-          int64_t seen = first_bad.load(std::memory_order_relaxed);
-          while (r0 + bad < seen && !first_bad.compare_exchange_weak(seen, r0 + bad)) {
-          }
+          report(bad);
           break;
+        }
+        const NormStep& step = m.norms[l];
+        if (step.norm.place != NormPlace::kNone) {
+          // Hidden values that overflowed become NaN here, as on torch: no report.
+          cpu::normalize_rows(step.norm, dst, ld_out, dst, ld_out, block, m.layers[l].columns);
+          m.kernels->activate_rows(step.activation, step.parameter, dst, ld_out, block, m.layers[l].columns);
         }
         in = dst;
         ld_in = ld_out;

@@ -1,4 +1,5 @@
-// Batched encoding through a multilayer perceptron: x -> act_L(... act_1(x W_1^T + b_1) ...).
+// Batched encoding through a multilayer perceptron: x -> act_L(... act_1(x W_1^T + b_1) ...),
+// each layer optionally with a LayerNorm over its outputs, before or after its activation.
 //
 // The weights are exported once into an encoder object (packed for the kernel in use); encode()
 // then carries each block of rows through all layers while the activations stay in cache, so
@@ -40,8 +41,27 @@ enum class EncodePrecision : int {
   kBfloat16 = 1,
 };
 
+// Where a layer's row normalisation (torch.nn.LayerNorm over its outputs) runs.
+enum class NormPlace : int {
+  kNone = 0,
+  kBeforeActivation = 1,  // Linear -> LayerNorm -> activation
+  kAfterActivation = 2,   // Linear -> activation -> LayerNorm
+};
+
+// torch.nn.LayerNorm's eval forward over each row of n values (normalized_shape = (n,)):
+// y = (h - mean) / sqrt(var + eps) * scale + shift, var the biased variance of the row.
+// scale (torch's weight) and shift (its bias) hold n values, or are nullptr for 1 and 0
+// (elementwise_affine=False, bias=False). eps stays a double, as torch.nn.LayerNorm holds it.
+struct RowNorm {
+  NormPlace place = NormPlace::kNone;
+  double eps = 0.0;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+};
+
 // One layer as the caller holds it: weights (columns x depth) row-major, i.e. torch's
-// nn.Linear.weight (out_features x in_features); bias (columns) or nullptr.
+// nn.Linear.weight (out_features x in_features); bias (columns) or nullptr; an optional
+// LayerNorm over its columns outputs (norm.place kNone: none).
 struct LayerWeights {
   const float* weights = nullptr;
   const float* bias = nullptr;
@@ -49,6 +69,7 @@ struct LayerWeights {
   int64_t columns = 0;  // outputs (out_features)
   Activation activation = Activation::kIdentity;
   float parameter = 0.0f;
+  RowNorm norm;
 };
 
 class CpuMlpEncoder {
@@ -56,9 +77,11 @@ class CpuMlpEncoder {
   // Copies and packs the weights (for the SIMD level active now). input_offset (depth of the
   // first layer, nullable) is subtracted from every input row first: PCA's mean, kept apart
   // from the bias so that x - mean is formed before the products (no cancellation).
-  // Throws ValueError for inconsistent shapes or non-finite weights.
+  // input_norm (nullable; its place is ignored) is a LayerNorm over each input row, applied
+  // before the offset is subtracted (a model that starts with nn.LayerNorm).
+  // Throws ValueError for inconsistent shapes, non-finite weights or a bad eps.
   CpuMlpEncoder(const std::vector<LayerWeights>& layers, const float* input_offset,
-                EncodePrecision precision);
+                EncodePrecision precision, const RowNorm* input_norm = nullptr);
   ~CpuMlpEncoder();
   CpuMlpEncoder(const CpuMlpEncoder&) = delete;
   CpuMlpEncoder& operator=(const CpuMlpEncoder&) = delete;

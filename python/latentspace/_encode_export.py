@@ -1,8 +1,10 @@
 """Export of a model's encoder to the layer list the native encoder runs.
 
 The native encoder (latentspace._native.MlpEncoder) runs a chain of Linear layers, each
-followed by one elementwise activation, on rows from which an optional offset is first
-subtracted. This module turns a model into that chain, or says why it cannot:
+followed by one elementwise activation and optionally a LayerNorm over its outputs (before or
+after the activation), on rows that are optionally normalised (a leading LayerNorm) and from
+which an optional offset is then subtracted. This module turns a model into that chain, or
+says why it cannot:
 
 * Autoencoder: its `encoder` Sequential.
 * VAE: its `encoder` Sequential, the last layer cut to the mean head (the first
@@ -20,7 +22,10 @@ In any of these encoders, also (see _encode_modules):
   is folded into that layer's weight and bias, and one before the first Linear layer into its
   weight, its running mean becoming the input offset;
 * in an Autoencoder's or VAE's encoder, whose values are (rows, features) throughout, an
-  nn.Flatten that leaves such values as they are is dropped.
+  nn.Flatten that leaves such values as they are is dropped;
+* nn.LayerNorm over the features (normalized_shape = (width,)) right after a Linear layer
+  (before its activation), right after the activation, or before the first Linear layer, at
+  most one per Linear layer, runs natively as that layer's (or the input's) LayerNorm stage.
 
 Anything else raises NotExportable with the reason, and the caller runs torch instead.
 The checks are strict on purpose: exact types (a subclass may override forward), no
@@ -32,7 +37,7 @@ silent; a torch fallback is only slower.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,18 +45,36 @@ from torch import nn
 from torch.nn.modules import module as _module_internals
 
 from ._encode_modules import (NotExportable, activation_of, check_dtype, check_finite, check_flatten, float32_copy,
-                              fold_batch_norms, is_dropout, type_name, unsupported)
+                              fold_batch_norms, is_dropout, layer_norm_terms, type_name, unsupported)
 from .models.autoencoder import Autoencoder
 from .models.base import LatentModel
 from .models.pca import PCA
 from .models.vae import VAE
 
-__all__ = ["MlpLayer", "MlpSpec", "NotExportable", "export_layers"]
+__all__ = ["MlpLayer", "MlpSpec", "NotExportable", "RowNorm", "export_layers"]
+
+
+@dataclass(frozen=True)
+class RowNorm:
+    """An nn.LayerNorm over each row's n features, as torch computes it (eval and training
+    alike): y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias, var the biased variance.
+
+    eps: > 0, finite; weight, bias: (n,) float32, or None for 1 and 0 (elementwise_affine=False,
+    bias=False)."""
+
+    eps: float
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+
+    def native(self) -> tuple[float, np.ndarray | None, np.ndarray | None]:
+        """(eps, weight, bias), as _native.MlpEncoder takes a LayerNorm."""
+        return float(self.eps), self.weight, self.bias
 
 
 @dataclass(frozen=True)
 class MlpLayer:
-    """One native layer: y = activation(x @ weight.T + bias).
+    """One native layer: y = activation(x @ weight.T + bias), with norm (a LayerNorm over the
+    outputs, or None) applied before the activation, or after it when norm_after_activation.
 
     weight: (out, in) float32, C-contiguous (nn.Linear.weight's layout); bias: (out,)
     float32 or None; activation: a native activation name; param: negative_slope for
@@ -62,11 +85,19 @@ class MlpLayer:
     bias: np.ndarray | None
     activation: str
     param: float = 0.0
+    norm: RowNorm | None = None
+    norm_after_activation: bool = False
+
+    def native_norm(self) -> tuple[str, float, np.ndarray | None, np.ndarray | None] | None:
+        """(place, eps, weight, bias), as _native.MlpEncoder takes a layer's LayerNorm; None."""
+        if self.norm is None:
+            return None
+        return ("after_activation" if self.norm_after_activation else "before_activation", *self.norm.native())
 
 
 @dataclass(frozen=True)
 class MlpSpec:
-    """A model's encoder as native layers: z = layers(x - input_offset).
+    """A model's encoder as native layers: z = layers(input_norm(x) - input_offset).
 
     flattens_input: the model starts with nn.Flatten() (start_dim=1, end_dim=-1), so it takes
     samples of any shape holding input_dim values (images too), each flattened to a row."""
@@ -74,6 +105,11 @@ class MlpSpec:
     layers: tuple[MlpLayer, ...]
     input_offset: np.ndarray | None = None  # (input_dim,) float32, or None for no offset
     flattens_input: bool = False
+    input_norm: RowNorm | None = None  # a leading nn.LayerNorm, or None
+
+    @property
+    def has_norms(self) -> bool:
+        return self.input_norm is not None or any(layer.norm is not None for layer in self.layers)
 
     @property
     def input_dim(self) -> int:
@@ -123,17 +159,24 @@ def _flatten(sequential: nn.Sequential, where: str) -> list[tuple[str, nn.Module
 
 class _PendingLinear:
     """A Linear layer waiting for its activation, with the nn.BatchNorm1d modules that fold
-    into it: one before it (the first layer only), those right after it."""
+    into it (one before it, the first layer only; those right after it) and the nn.LayerNorm
+    between it and its activation, if any."""
 
     def __init__(self, module: nn.Linear, before: tuple[str, nn.BatchNorm1d] | None):
         self.module, self.before = module, before
         self.after: list[tuple[str, nn.BatchNorm1d]] = []
+        self.norm: tuple[str, nn.LayerNorm] | None = None
 
     def layer(self, activation: str, param: float, index: int) -> MlpLayer:
         weight, bias = _linear(self.module, index)
         if self.before is not None or self.after:
             weight, bias = fold_batch_norms(weight, bias, self.before, self.after, index)
-        return MlpLayer(weight, bias, activation, param)
+        norm = None if self.norm is None else _row_norm(*self.norm, int(weight.shape[0]))
+        return MlpLayer(weight, bias, activation, param, norm)
+
+
+def _row_norm(label: str, module: nn.LayerNorm, features: int) -> RowNorm:
+    return RowNorm(*layer_norm_terms(module, label, features))
 
 
 def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> MlpSpec:
@@ -150,6 +193,9 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
     pending: _PendingLinear | None = None
     leading_norm: tuple[str, nn.BatchNorm1d] | None = None  # a BatchNorm1d before any Linear layer
     input_norm: nn.BatchNorm1d | None = None  # that one, folded into the first layer
+    input_layer_norm: tuple[str, nn.LayerNorm] | None = None  # an nn.LayerNorm before any Linear layer
+    norm_labels: dict[int, str] = {}  # layer index -> the label of the LayerNorm on its outputs, for reasons
+    activated = False  # the last module (dropout aside) was an activation: a LayerNorm may follow it
     flattens_input = False
     input_dropout1d: str | None = None  # an nn.Dropout1d that sees the samples as they come
     previous = "the input"
@@ -176,7 +222,27 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
             if pending is not None:
                 layers.append(pending.layer("identity", 0.0, len(layers)))
             pending, leading_norm = _PendingLinear(module, leading_norm), None
+        elif kind is nn.LayerNorm:
+            if pending is not None or activated:  # on the outputs of the last Linear layer
+                index = len(layers) if pending is not None else len(layers) - 1
+                if index in norm_labels:
+                    raise NotExportable(f"{label} (nn.LayerNorm) comes after {norm_labels[index]} on the same Linear "
+                                        "layer's outputs: the native encoder runs one LayerNorm per Linear layer")
+                norm_labels[index] = label
+                if pending is not None:  # before the activation, if one follows
+                    pending.norm = (label, module)
+                else:
+                    width = int(layers[-1].weight.shape[0])
+                    layers[-1] = replace(layers[-1], norm=_row_norm(label, module, width), norm_after_activation=True)
+            elif previous == "the input":
+                input_layer_norm = (label, module)
+            else:
+                raise NotExportable(f"{label} (nn.LayerNorm) comes right after {previous}: only one right after a "
+                                    "Linear layer or its activation, or before the first, runs natively")
         elif kind is nn.BatchNorm1d:
+            if pending is not None and pending.norm is not None:
+                raise NotExportable(f"{label} (nn.BatchNorm1d) comes after {pending.norm[0]} (nn.LayerNorm): only a "
+                                    "BatchNorm1d right after a Linear layer, or before the first, folds into it")
             if pending is not None:
                 pending.after.append((label, module))
             elif previous == "the input":
@@ -194,6 +260,7 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
             _check_parameter(found[1], name, len(layers))
             layers.append(pending.layer(*found, len(layers)))
             pending = None
+        activated = activation_of(module) is not None
         previous = name
     if pending is not None:
         layers.append(pending.layer("identity", 0.0, len(layers)))
@@ -205,7 +272,8 @@ def _sequential_spec(sequential: nn.Module, where: str, *, rows_only: bool) -> M
                                 f"{i - 1} gives {layers[i - 1].weight.shape[0]}")
     # The first layer's fold checked the running mean; subtracted first, as torch does.
     offset = None if input_norm is None else float32_copy(input_norm.running_mean)
-    return MlpSpec(tuple(layers), input_offset=offset, flattens_input=flattens_input)
+    leading = None if input_layer_norm is None else _row_norm(*input_layer_norm, int(layers[0].weight.shape[1]))
+    return MlpSpec(tuple(layers), input_offset=offset, flattens_input=flattens_input, input_norm=leading)
 
 
 def _check_parameter(value: float, name: str, index: int) -> None:
@@ -259,12 +327,17 @@ def export_layers(model: nn.Module) -> MlpSpec:
         layers = spec.layers
         last = layers[-1]
         k = model.latent_dim
+        if last.norm is not None:
+            raise NotExportable("VAE.encoder ends with an nn.LayerNorm over mu and logvar together: the native "
+                                "encoder's mean head keeps the first latent_dim outputs, which that norm mixes "
+                                "with the others")
         if last.weight.shape[0] != 2 * k:
             raise NotExportable(f"VAE.encoder gives {last.weight.shape[0]} values, expected 2 * latent_dim")
         # encoder(x).chunk(2) -> (mu, logvar): mu is the first half of the last layer's outputs.
         mean_head = MlpLayer(last.weight[:k].copy(), None if last.bias is None else last.bias[:k].copy(),
                              last.activation, last.param)
-        return _checked_input(model, MlpSpec((*layers[:-1], mean_head), spec.input_offset))
+        return _checked_input(model, MlpSpec((*layers[:-1], mean_head), spec.input_offset,
+                                             input_norm=spec.input_norm))
     if isinstance(model, Autoencoder):
         _check_not_overridden(model, Autoencoder, _ENCODE_PATH)
         return _checked_input(model, _sequential_spec(model.encoder, "Autoencoder.encoder", rows_only=True))

@@ -3,8 +3,9 @@
 Each module is one of: a Linear layer (read by _encode_export), an activation (its native
 name and parameter), the identity when encoding (nn.Identity, dropout, a Flatten of 2-d
 values), an nn.BatchNorm1d with running statistics (an affine map, folded into the Linear
-layer beside it), or something the native encoder cannot run: NotExportable, whose reason
-names the module (its place, e.g. model[2], and its type) and what would run natively.
+layer beside it), an nn.LayerNorm over the features (a native per-row stage: its terms), or
+something the native encoder cannot run: NotExportable, whose reason names the module (its
+place, e.g. model[2], and its type) and what would run natively.
 
 Eval mode throughout: the Encoder encodes with every model in eval mode (its torch backend
 runs an eval() copy of the model, whatever mode the caller's model is in), so dropout is
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["NotExportable", "activation_of", "batch_norm_terms", "check_dtype", "check_finite", "check_flatten",
-           "float32_copy", "fold_batch_norms", "is_dropout", "type_name", "unsupported"]
+           "float32_copy", "fold_batch_norms", "is_dropout", "layer_norm_terms", "type_name", "unsupported"]
 
 
 class NotExportable(Exception):
@@ -32,8 +33,9 @@ class NotExportable(Exception):
 
 # What the native encoder runs, for reasons that name a module it does not.
 _SUPPORTED = ("the native encoder runs nn.Linear layers, each followed by at most one of the activations ReLU, "
-              "LeakyReLU, GELU, Tanh, Sigmoid, SiLU, ELU, with nn.Identity, dropout and nn.BatchNorm1d (right "
-              "after a Linear layer, or first) between them")
+              "LeakyReLU, GELU, Tanh, Sigmoid, SiLU, ELU, with nn.Identity, dropout, nn.BatchNorm1d (right "
+              "after a Linear layer, or first) and nn.LayerNorm (one per Linear layer, before or after its "
+              "activation, or first) between them")
 
 # The identity in eval mode. Not Dropout2d / Dropout3d: on (rows, features) values torch
 # warns that they are deprecated there and will become an error.
@@ -182,6 +184,38 @@ def fold_batch_norms(weight: np.ndarray, bias: np.ndarray | None, before: tuple[
     if not (np.isfinite(w32).all() and np.isfinite(b32).all()):  # torch's codes are checked as any others
         raise NotExportable(f"layer {index}'s weight or bias with the BatchNorm1d folded in exceeds float32's range")
     return w32, b32
+
+
+# ---------------------------------------------------------------------------------------
+# nn.LayerNorm: each row normalised by its own mean and variance, a native stage (not foldable)
+
+
+def layer_norm_terms(norm: nn.LayerNorm, label: str, features: int) -> tuple[float, np.ndarray | None,
+                                                                              np.ndarray | None]:
+    """(eps, weight, bias) of an nn.LayerNorm over rows of `features` values: weight and bias
+    (features,) float32 snapshots, None where it has none (elementwise_affine=False, bias=False).
+    Eval and training mode compute the same (no running statistics)."""
+    shape = tuple(norm.normalized_shape)
+    if shape != (features,):
+        raise NotExportable(f"{label} is nn.LayerNorm({shape}) where rows of {features} features reach it: the native "
+                            f"encoder normalises each row over its features only (normalized_shape=({features},))")
+    eps = float(norm.eps)
+    if not (np.isfinite(eps) and eps > 0):
+        # eps = 0 makes a constant row 0 / 0 (NaN codes, torch's answer); torch runs it as it is.
+        raise NotExportable(f"{label} (nn.LayerNorm) has eps={norm.eps!r}; the native encoder needs a finite eps > 0")
+    terms: list[np.ndarray | None] = []
+    for name in ("weight", "bias"):
+        tensor = getattr(norm, name, None)  # None without elementwise_affine, or with bias=False
+        if tensor is None:
+            terms.append(None)
+            continue
+        check_dtype(tensor, f"{label}'s {name}")
+        if tuple(tensor.shape) != shape:
+            raise NotExportable(f"{label}'s {name} has shape {tuple(tensor.shape)}, but it normalises {shape} "
+                                "(torch raises)")
+        terms.append(float32_copy(tensor))
+        check_finite(terms[-1], f"{label}'s {name}")
+    return eps, terms[0], terms[1]
 
 
 # ---------------------------------------------------------------------------------------

@@ -89,6 +89,9 @@ class MlpEncoder:
         activation_params: list[float],
         input_offset: npt.NDArray[np.float32] | None = None,
         precision: str = "fp32",
+        norms: list[tuple[str, float, npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None] | None]
+        | None = None,
+        input_norm: tuple[float, npt.NDArray[np.float32] | None, npt.NDArray[np.float32] | None] | None = None,
     ) -> None: ...
     @property
     def input_dim(self) -> int: ...

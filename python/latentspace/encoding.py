@@ -167,9 +167,16 @@ class Encoder:
 
     def _build_native(self) -> Any:
         spec = self._spec
+        # The LayerNorm stages are passed only where the model has one (the call is otherwise
+        # the plain chain of layers).
+        norms: dict[str, Any] = {}
+        if spec.has_norms:
+            norms = {"norms": [layer.native_norm() for layer in spec.layers],
+                     "input_norm": None if spec.input_norm is None else spec.input_norm.native()}
         return _native.MlpEncoder([layer.weight for layer in spec.layers], [layer.bias for layer in spec.layers],
                                   [layer.activation for layer in spec.layers],
-                                  [float(layer.param) for layer in spec.layers], spec.input_offset, self.precision)
+                                  [float(layer.param) for layer in spec.layers], spec.input_offset, self.precision,
+                                  **norms)
 
     # An Encoder pickles (and deep-copies) with its snapshot: the native object cannot be
     # pickled, so it is rebuilt from the exported layers, for the SIMD level active there.

@@ -171,6 +171,6 @@ int64_t run_layer(const PackedLayer& layer, const float* in, int64_t ld_in, int6
 const EncodeKernels& make_kernels(const char* name) {
   static const EncodeKernels kernels{
       EncodeGeometry{kTileRows, kPanelColumns, Dot::kDepthPerUnit, kDepthBlockUnits, kTileRows * kBlockTiles},
-      name, &pack_weights, &run_layer};
+      name, &pack_weights, &run_layer, &activate_rows};
   return kernels;
 }

@@ -49,6 +49,11 @@ struct EncodeKernels {
   int64_t (*run_layer)(const PackedLayer& layer, const float* in, int64_t ld_in, int64_t rows,
                        const float* offset, bool check_finite, bool round_to_bf16, void* pack,
                        float* out, int64_t ld_out);
+  // The activation run_layer applies, alone, in place on rows x columns values (row stride ld):
+  // for a layer whose LayerNorm comes before its activation, which runs its product with the
+  // identity and this after the norm (the same code, so both orders compute the same values).
+  void (*activate_rows)(Activation activation, float parameter, float* out, int64_t ld, int64_t rows,
+                        int64_t columns);
 };
 
 const EncodeKernels& encode_kernels_scalar();
