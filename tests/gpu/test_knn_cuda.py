@@ -886,6 +886,28 @@ def test_small_half_storage_index(storage, metric, rng, tmp_path):
     assert latentspace.load_index(tmp_path / "half.lsidx").storage == "fp32"  # a CPU index
 
 
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+def test_small_gpu_index_copies_and_pickles_into_an_independent_index(storage, rng):
+    """FlatIndex.__reduce__ (twelfth session, written without a GPU): a copy of a GPU index
+    is a GPU index of its own, with the same storage and answers; adding to one leaves the
+    other as it was."""
+    import copy
+    import pickle
+
+    x = rng.standard_normal((500, 12)).astype(np.float32)
+    q = rng.standard_normal((7, 12)).astype(np.float32)
+    index = latentspace.FlatIndex(12, "l2", device="cuda", storage=storage)
+    index.add(x)
+    before = index.vectors().copy()  # as stored (fp16: rounded)
+    for twin in (copy.copy(index), copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        assert (twin.device, twin.storage, twin.ntotal) == (index.device, storage, 500)
+        for a, b in zip(index.search(q, 5), twin.search(q, 5)):
+            np.testing.assert_array_equal(a, b)
+        twin.add(x[:3] + 100.0)
+        assert (twin.ntotal, index.ntotal) == (503, 500)
+        np.testing.assert_array_equal(index.vectors(), before)
+
+
 def test_small_half_tensor_database_is_read_as_stored(gen):
     x = _randn(gen, 2000, 16).half()
     q = _randn(gen, 9, 16)
