@@ -441,9 +441,12 @@ def numpy_to_tensor(array: np.ndarray):
     """A torch CPU tensor sharing the array's memory when it is C-contiguous, writable and
     in the machine's byte order; a copy otherwise (torch has no read-only tensors: a
     read-only array, such as a memory map opened with mode "r", is never exposed as a
-    writable tensor; and torch refuses big-endian arrays, which numpy converts)."""
+    writable tensor; and torch refuses big-endian arrays, which numpy converts). Long double,
+    which has no torch twin, becomes a float64 copy."""
     import torch
 
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+        array = array.astype(np.float64)
     if array.flags.writeable and array.flags.c_contiguous and array.dtype.isnative:
         return torch.from_numpy(array)
     return torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
@@ -453,8 +456,8 @@ def numpy_to_private_tensor(array: np.ndarray, dtype: Any, device: Any):
     """A numpy array's values as a tensor of `dtype` on `device` that never shares the
     array's memory: a model may work in place (nn.ReLU(inplace=True)), and a numpy caller's
     array (or a memory map opened "r+") must not be written to. One copy at most.
-    Integers go through float64 (exact below 2**53); long double has no torch twin."""
-    converted = array.astype(np.float64) if array.dtype.kind in "iu" or array.dtype.itemsize > 8 else array
+    Integers go through float64 (exact below 2**53)."""
+    converted = array.astype(np.float64) if array.dtype.kind in "iu" else array
     tensor = numpy_to_tensor(converted)
     shared = tensor.numel() > 0 and tensor.data_ptr() == array.ctypes.data  # still the caller's memory
     return tensor.to(device=device, dtype=dtype, copy=shared)

@@ -23,15 +23,6 @@ RESIDENT_MAX_BYTES = 1 << 30  # data up to this size is moved to the device once
 _NUMPY_OF = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
-def _numpy_as_tensor(array: np.ndarray) -> torch.Tensor:
-    """A CPU tensor of the array's values, for arrays torch.from_numpy refuses too: another
-    byte order (a big-endian .npy; numpy_to_tensor converts it) and long double (no torch
-    twin; through float64, as the models' encode() takes it)."""
-    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
-        array = array.astype(np.float64)
-    return numpy_to_tensor(array)
-
-
 class TrainingData:
     """The training rows, checked once, served in batches as tensors of the model's dtype
     (float32 unless the model was converted) on the device.
@@ -67,7 +58,7 @@ class TrainingData:
                 and X.flags.writeable))
         self.resident = in_memory and (zero_copy or nbytes <= RESIDENT_MAX_BYTES)
         if self.resident:
-            tensor = X if is_torch_tensor(X) else _numpy_as_tensor(X)
+            tensor = X if is_torch_tensor(X) else numpy_to_tensor(X)
             self.tensor = tensor.to(device=device, dtype=self.dtype)
         else:
             self.source = X
@@ -114,7 +105,7 @@ class TrainingData:
         order = np.argsort(rows.numpy(), kind="stable")
         ordered = rows.numpy()[order]
         chunk = self.source[torch.from_numpy(ordered)] if is_torch_tensor(self.source) else self.source[ordered]
-        tensor = chunk if is_torch_tensor(chunk) else _numpy_as_tensor(np.asarray(chunk))
+        tensor = chunk if is_torch_tensor(chunk) else numpy_to_tensor(np.asarray(chunk))
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         return tensor[torch.from_numpy(back)].to(device=self.device, dtype=self.dtype)
