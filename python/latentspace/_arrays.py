@@ -147,14 +147,21 @@ def _rank_message(name: str, ndim: int, shape: tuple, dim: int | None) -> str:
     return f"{name}: expected a 2-d array of shape {want}, got {ndim}-d shape {tuple(shape)}{hint}"
 
 
-def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0) -> None:
+def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0, weights: np.ndarray | None = None) -> None:
     """Raises ValueError naming `name` and the first bad row when a row of a float32 matrix
     holds NaN or Inf, or values so large that squared distances overflow float32. (Search
     checks this itself while it computes norms; indexes check it once, when vectors are added.)
-    first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message."""
+    first_row: the row number of array[0] in the caller's data (a chunk of a file), for the message.
+    weights: (dim,) float32 weighted_l2 weights: also a squared norm scaled by them above
+    MAX_SQUARED_NORM, in the CPU kernel's weighted words."""
     bad = first_unusable_row(array)
     if bad >= 0:
         raise ValueError(f"{name}: row {first_row + bad} {_BAD_ROW}")
+    if weights is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            heavy = np.flatnonzero(~((array * array) @ weights <= MAX_SQUARED_NORM))
+        if heavy.size:
+            raise ValueError(f"{name}: row {first_row + int(heavy[0])} {_BAD_WEIGHTED_ROW}")
 
 
 def first_unusable_row(array: np.ndarray) -> int:

@@ -26,13 +26,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import datasets
-from ._arrays import MAX_SQUARED_NORM, as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
 from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import FlatIndex, load_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "check_out", "made_folder", "make_folder", "option_array", "renamed", "seed_number", "thread_count",
-           "whole_number"]
+__all__ = ["add_commands", "check_out", "made_folder", "make_folder", "option_array", "renamed", "seed_number",
+           "thread_count", "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -326,9 +326,8 @@ def _command_search(args: argparse.Namespace) -> int:
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         for start in range(0, nq, batch_size):
             chunk, _ = as_matrix(Q[start : start + batch_size], name, dim=index.dim)
-            check_rows_usable(chunk, name, first_row=start)  # row numbers of the file
-            if search_weights is not None:  # the search would name them "queries", numbered within the chunk
-                _check_weighted_rows(chunk, search_weights, name, start)
+            # (row numbers of the file; the search would name "queries", numbered in the chunk)
+            check_rows_usable(chunk, name, first_row=start, weights=search_weights)
             stop = start + chunk.shape[0]
             distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
             bar.update(chunk.shape[0])
@@ -341,18 +340,6 @@ def _command_search(args: argparse.Namespace) -> int:
         print(f"  queries encoded first, {_backend_line(encoder)}")
     print(f"  {_rate(nq, seconds, 'queries')}")
     return 0
-
-
-def _check_weighted_rows(chunk: np.ndarray, weights: np.ndarray, name: str, first_row: int) -> None:
-    """Refuses, naming the file's row, a query whose squared norm scaled by the weights
-    overflows float32, as the weighted_l2 search does (its plain norm was checked already)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        bad = np.flatnonzero(~((chunk * chunk) @ weights <= MAX_SQUARED_NORM))
-    if bad.size:
-        # (4.2e37: MAX_SQUARED_NORM, as the search's own message says it)
-        raise ValueError(f"{name}: row {first_row + int(bad[0])} contains values so large that their squared norm "
-                         "scaled by the weights overflows float32 (above 4.2e37); rescale the queries, or lower "
-                         "the weights")
 
 
 def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
