@@ -156,3 +156,19 @@ def test_a_large_array_is_checked_in_bounded_memory():
     finally:
         tracemalloc.stop()
     assert peak < 64 << 10  # the old lists: 2 x 16,384 x 8 bytes, and their concatenation
+
+
+def test_torch_allocated_out_is_not_probed_and_wrapped_memory_is(monkeypatch):
+    # torch's own (resizable) storage is writable: the kernel is asked only about memory torch
+    # wraps. (Read before .numpy(), which marks any storage not resizable: the skip had never
+    # happened.)
+    import torch
+
+    from latentspace import _arrays
+
+    asked = []
+    monkeypatch.setattr(_arrays, "is_writable", lambda view: asked.append(view.shape) or True)
+    _arrays.check_encode_out(torch.empty(4, 3), 4, 3)
+    assert asked == []
+    _arrays.check_encode_out(torch.from_numpy(np.empty((4, 3), np.float32)), 4, 3)
+    assert asked == [(4, 3)]

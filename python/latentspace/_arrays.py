@@ -697,11 +697,13 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
         if out.dim() != 2 or not out.is_contiguous():
             raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
                              f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
-        view = out.numpy()
         # torch has no read-only flag: writing would fault. Its own allocations (resizable
         # storage: torch.empty, slices of it) are writable; memory it wraps (from_numpy,
-        # frombuffer, from_file, torch.load(mmap=True)) is asked of the kernel.
-        if not out.untyped_storage().resizable() and is_writable(view) is False:
+        # frombuffer, from_file, torch.load(mmap=True)) is asked of the kernel. (Read before
+        # .numpy(), which marks the storage not resizable.)
+        own_allocation = out.untyped_storage().resizable()
+        view = out.numpy()
+        if not own_allocation and is_writable(view) is False:
             raise ValueError("out: the tensor's memory is read-only (e.g. torch.from_numpy of a read-only "
                              "array or memory map); pass a writable one")
     elif isinstance(out, np.ndarray):
