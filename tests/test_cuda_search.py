@@ -1217,3 +1217,119 @@ def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
     count, first, plan = calls("1")
     assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (1, 10_000, 5, 395)
     assert plan["workspace_bytes"] <= _cuda_chunks.DEFAULT_WORKSPACE_BYTES
+
+
+# ---------------------------------------------------------------------------------------
+# The GPU tests' premises, checked here: a GPU run is a few minutes a session, and a test whose
+# shapes no longer reach the path it names passes there without testing it. The opt-ins'
+# equality tests in tests/gpu/test_knn_cuda.py compare a setting off and on; each shape must
+# reach, under the test's settings, the plan where the setting does something (plan_for's
+# plans, 132 multiprocessors as on the H100 / H200 lent, CUB's size estimated as above).
+
+
+def _gpu_knn_tests():
+    """tests/gpu/test_knn_cuda.py as a module, for its shapes and settings (its tests skip
+    here, without a GPU)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "gpu" / "test_knn_cuda.py"
+    spec = importlib.util.spec_from_file_location("_gpu_knn_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _plan_under(monkeypatch, settings: dict, nq: int, n: int, k: int) -> dict:
+    """The first native call's plan of a knn of nq queries over n rows at k (the 1 GiB default
+    bound; these shapes take one call) under exactly `settings` (no other CUDA setting)."""
+    for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE",
+                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "LATENTSPACE_CUDA_SHARED_THRESHOLDS",
+                     "LATENTSPACE_CUDA_WARP_CUT_BACKS", "LATENTSPACE_CUDA_FLOAT_THRESHOLDS"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in settings.items():
+        monkeypatch.setenv(variable, value)
+    return _plan(nq, n, min(k, n), _cuda_chunks.DEFAULT_WORKSPACE_BYTES)
+
+
+def _cut_back_mid_split(plan: dict) -> bool:
+    """Whether a split's list can fill its capacity before the split ends: cut back then, with
+    a threshold the rest of the split compares rows with (capacity: k + max(k, 512), or the
+    split's length, which the list cannot outgrow)."""
+    return plan["split_length"] > plan["capacity"]
+
+
+def _cut_back_at_the_end(plan: dict, k: int) -> bool:
+    """Whether a split's list holds more than k keys at the split's end: cut back to k then
+    (knn_scan.cuh finish_lists), which publishes a shared threshold."""
+    return plan["split_length"] > k
+
+
+def _shares_thresholds(plan: dict, nq: int, dim: int) -> bool:
+    """knn.cu share_thresholds: "1", or "auto" (unset) where the tile scan runs over several
+    splits; the search then runs the opt-in family's kernels (knn_scan_launch.cuh)."""
+    setting = latentspace._native._cuda_shared_thresholds()
+    row_scan = nq <= 8 and nq * dim * 4 <= 44 << 10  # knn_rows.cuh use_row_scan
+    return setting == "1" or (setting == "auto" and plan["splits"] > 1 and not row_scan)
+
+
+@needs_cuda_build
+def test_gpu_warp_cut_back_test_reaches_cut_backs(monkeypatch):
+    """test_small_warp_cut_backs_equal_the_block_ones: every shape with k < N cuts its lists
+    back (at a split's end at least), and the k = 1024 and 700 ones mid-split, which is where
+    the warps' select runs during the scan."""
+    gpu = _gpu_knn_tests()
+    for nq, n, _, k, _ in gpu.WARP_SHAPES:
+        if k >= n:
+            continue
+        plan = _plan_under(monkeypatch, gpu.RULE_PLAN, nq, n, k)
+        assert _cut_back_at_the_end(plan, k), ((nq, n, k), plan)
+        assert _cut_back_mid_split(plan) or k < 100, ((nq, n, k), plan)
+
+
+@needs_cuda_build
+def test_gpu_float_threshold_test_compares_with_the_default_kernels(monkeypatch):
+    """test_small_float_thresholds_equal_the_key_compare: with float thresholds off the search
+    must run the default kernels (no shared thresholds, which run the opt-in family), and each
+    shape with k < N must set a threshold mid-split, which later rows are compared with."""
+    gpu = _gpu_knn_tests()
+    for nq, n, dim, k, _ in gpu.FLOAT_SHAPES:
+        plan = _plan_under(monkeypatch, gpu.FLOAT_PLAN, nq, n, k)
+        assert not _shares_thresholds(plan, nq, dim), ((nq, n, k), plan)
+        assert _cut_back_mid_split(plan) or k >= n, ((nq, n, k), plan)
+
+
+@needs_cuda_build
+def test_gpu_shared_threshold_test_publishes_bounds(monkeypatch):
+    """test_small_shared_thresholds_equal_the_split_ones: each shape with k < N cuts its lists
+    back (a bound to publish), one at k = 1024 shares it across several splits cut back
+    mid-split; the shapes also searched in the default plan take the large-k plan there,
+    with bounds published at the splits' ends and more blocks than one wave holds."""
+    gpu = _gpu_knn_tests()
+    shared_mid_split_at_1024 = False
+    for nq, n, _, k in gpu.SHARED_SHAPES:
+        plan = _plan_under(monkeypatch, gpu.RULE_PLAN, nq, n, k)
+        assert _cut_back_at_the_end(plan, k) or k >= n, ((nq, n, k), plan)
+        shared_mid_split_at_1024 |= k == 1024 and plan["splits"] > 1 and _cut_back_mid_split(plan)
+    assert shared_mid_split_at_1024
+    for nq, n, _, k in gpu.SHARED_LARGE_K_SHAPES:
+        plan = _plan_under(monkeypatch, {}, nq, n, k)
+        assert plan["tree"] and _cut_back_at_the_end(plan, k), plan
+        # more blocks than one wave of the scan's 2 resident blocks a multiprocessor
+        assert plan["query_tiles"] * plan["splits"] > 2 * MULTIPROCESSORS, plan
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("opt_in", ["shared", "warp", "float", "shared+warp"])
+def test_gpu_opt_in_integer_test_cuts_lists_back(opt_in, monkeypatch):
+    """test_small_opt_ins_on_integer_data_equal_the_cpu: under each threshold or cut-back
+    opt-in, k = 64 and 1500 cut the lists back mid-split (the ties the bounds and selects meet),
+    for 3 queries (the row scan) and 200 (the tile scan); "float" alone runs the opt-in family
+    where the default would not (thresholds per split)."""
+    gpu = _gpu_knn_tests()
+    for nq in (3, 200):
+        for k in gpu.OPT_IN_INTEGER_KS:
+            plan = _plan_under(monkeypatch, gpu.OPT_INS[opt_in], nq, gpu.OPT_IN_INTEGER_ROWS, k)
+            assert _cut_back_mid_split(plan) or k < 64, (nq, k, plan)
+            if opt_in == "float":
+                assert not _shares_thresholds(plan, nq, 3), (nq, k, plan)

@@ -140,10 +140,37 @@ def finish(request, monkeypatch):
 # large k) even where the default rule would keep them few.
 TREE = {"LATENTSPACE_CUDA_TREE_MERGE": "1", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": "0"}
 WARP = {"LATENTSPACE_CUDA_WARP_CUT_BACKS": "1"}
-OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1"}, "tree": TREE, "warp": WARP,
-           "float": {"LATENTSPACE_CUDA_FLOAT_THRESHOLDS": "1"},
+# The split rule's plans, no large-k plan. Why: by default (since run 9) a large k over few
+# queries takes the large-k plan, whose splits are at most a few hundred rows, often no more
+# than k, so its lists are never cut back: no threshold to set, share or compare with, and
+# the thresholds' and cut-backs' tests would compare two runs that never reach them.
+RULE_PLAN = {"LATENTSPACE_CUDA_TREE_MERGE": "0"}
+# Thresholds per split and the split rule at 1024 rows per neighbour (a few long splits even
+# at k = 10, so lists fill and are cut back mid-split). Thresholds shared by default (auto:
+# the tile scan of several splits) run the opt-in family's kernels, which always compare
+# scores as floats first: with them on, "float thresholds off" would run those same kernels.
+FLOAT_PLAN = {**RULE_PLAN, "LATENTSPACE_CUDA_SHARED_THRESHOLDS": "0", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR": "1024"}
+OPT_INS = {"shared": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **RULE_PLAN}, "tree": TREE,
+           "warp": {**WARP, **RULE_PLAN}, "float": {"LATENTSPACE_CUDA_FLOAT_THRESHOLDS": "1", **FLOAT_PLAN},
            "shared+tree": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **TREE},
-           "shared+warp": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **WARP}}
+           "shared+warp": {"LATENTSPACE_CUDA_SHARED_THRESHOLDS": "1", **WARP, **RULE_PLAN}}
+# The shapes of the opt-ins' equality tests (nq, n, dim, k[, precision]) and, for the opt-in
+# integer test, the database rows and k: module constants so that the CPU tests check on the
+# host that each reaches the path it is there for under its settings
+# (tests/test_cuda_search.py, test_gpu_opt_in_tests_reach_their_paths).
+SHARED_SHAPES = [(1, 200_000, 16, 10), (5, 100_003, 48, 300), (130, 300_000, 16, 100), (257, 60_000, 64, 1024),
+                 (300, 50_000, 8, 2000), (129, 700, 16, 800), (257, 200_000, 16, 1024), (3, 20_000, 16, 10),
+                 (130, 20_000, 16, 100)]
+# ... also searched in the default plan, the large-k plan: 174 splits of 1,152 rows (more than
+# k: cut back at each split's end), 522 blocks, so later waves start with the bound.
+SHARED_LARGE_K_SHAPES = [(257, 200_000, 16, 1024)]
+WARP_SHAPES = [(300, 50_000, 16, 1024, "fp32"), (257, 200_000, 16, 1024, "fp32"), (200, 30_000, 8, 5, "fp32"),
+               (129, 3000, 16, 3001, "fp32"), (129, 5000, 16, 700, "fp32"), (300, 50_000, 64, 100, "bf16"),
+               (300, 50_000, 64, 100, "tf32"), (300, 50_000, 64, 100, "bf16 wmma"), (130, 20_000, 16, 100, "fp32")]
+FLOAT_SHAPES = [(300, 50_003, 16, 10, "fp32"), (130, 20_000, 33, 100, "fp32"), (257, 60_000, 64, 1024, "fp32"),
+                (129, 700, 16, 800, "fp32"), (300, 50_003, 64, 10, "bf16"), (300, 50_003, 64, 100, "tf32"),
+                (200, 30_000, 64, 50, "fp16")]
+OPT_IN_INTEGER_ROWS, OPT_IN_INTEGER_KS = 150_001, (1, 64, 1500)
 
 
 @pytest.fixture(params=["single", "tree"])
@@ -340,7 +367,7 @@ def test_small_plan_follows_the_split_rule(gen, monkeypatch):
     assert short["splits"] > plan["splits"] and short["split_length"] >= 4 * 1024
     queries, database = _randn(gen, 300, 16), _randn(gen, 50_000, 16)
     results = {}
-    for rule in ("0", "1", "32", "4096"):  # about 190 splits, 180, 15, 1
+    for rule in ("0", "1", "32", "4096"):  # 131 splits, 131, 15, 1 (computed on the host, 132 multiprocessors)
         monkeypatch.setenv(variable, rule)
         results[rule] = latentspace.knn(queries, database, 100)
     for rule in ("0", "1", "4096"):
@@ -960,34 +987,36 @@ def test_small_fused_finish_equals_the_separate_one(metric, nq, n, dim, k, gen, 
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("nq,n,dim,k", [(1, 200_000, 16, 10), (5, 100_003, 48, 300), (130, 300_000, 16, 100),
-                                        (257, 60_000, 64, 1024), (300, 50_000, 8, 2000), (129, 700, 16, 800),
-                                        (257, 200_000, 16, 1024), (3, 20_000, 16, 10), (130, 20_000, 16, 100)])
+@pytest.mark.parametrize("nq,n,dim,k", SHARED_SHAPES)
 def test_small_shared_thresholds_equal_the_split_ones(metric, nq, n, dim, k, gen, monkeypatch):
     """With shared thresholds a split drops the rows above another split's k-th best key; the
     keys kept are still exactly the k best, so the results must be bit-identical: through the
     row scan (1 and 5 queries) and the tile scan (a partial last query tile: 130, 257, 129),
     with many splits (a few hundred thousand rows), k past the fused finish (2000) and k > N,
     a bound shared at k = 1024 (200,000 rows: 6 splits, where 60,000 rows plan one); the
-    20,000-row shapes are small enough for racecheck (53 and 6 splits)."""
+    20,000-row shapes are small enough for racecheck (53 and 6 splits). In the split rule's
+    plans (RULE_PLAN: the large-k plan would cut these lists back never, or only at the end);
+    SHARED_LARGE_K_SHAPES in the default plan too."""
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
-    (d, i), = _same_with_and_without("LATENTSPACE_CUDA_SHARED_THRESHOLDS", monkeypatch,
-                                     lambda: [latentspace.knn(queries, database, k, metric)])
-    assert_matches_reference(d, i, queries, database, k, metric)
+    for tree in ("0", "") if (nq, n, dim, k) in SHARED_LARGE_K_SHAPES else ("0",):
+        monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", tree)  # "": the default (auto)
+        (d, i), = _same_with_and_without("LATENTSPACE_CUDA_SHARED_THRESHOLDS", monkeypatch,
+                                         lambda: [latentspace.knn(queries, database, k, metric)])
+        assert_matches_reference(d, i, queries, database, k, metric)
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("nq,n,dim,k,precision", [
-    (300, 50_000, 16, 1024, "fp32"), (257, 200_000, 16, 1024, "fp32"), (200, 30_000, 8, 5, "fp32"),
-    (129, 3000, 16, 3001, "fp32"), (129, 5000, 16, 700, "fp32"), (300, 50_000, 64, 100, "bf16"),
-    (300, 50_000, 64, 100, "tf32"), (300, 50_000, 64, 100, "bf16 wmma"), (130, 20_000, 16, 100, "fp32")])
+@pytest.mark.parametrize("nq,n,dim,k,precision", WARP_SHAPES)
 def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precision, gen, monkeypatch):
     """Cut-backs by warps select the same k best keys with the same radix select, so the
     results must be bit-identical to the block's: at k = 1024 (lists cut back several times a
     split), k = 5 (lists that fill once), k = 700 of 5,000 rows (cut back at the end), k > N
     (padding), with thresholds shared too, on the tensor-core tiles mma.sync and WMMA (their
     staging buffers hold the warps' histograms), and the FlatIndex path; the 20,000-row shape
-    is small enough for racecheck (the histograms are shared memory)."""
+    is small enough for racecheck (the histograms are shared memory). In the split rule's plans
+    (RULE_PLAN): in the large-k plan these lists would never be cut back mid-split."""
+    for variable, value in RULE_PLAN.items():
+        monkeypatch.setenv(variable, value)
     if precision.endswith(" wmma"):
         precision = precision.split()[0]
         monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "wmma")
@@ -1002,16 +1031,17 @@ def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precis
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("nq,n,dim,k,precision", [
-    (300, 50_003, 16, 10, "fp32"), (130, 20_000, 33, 100, "fp32"), (257, 60_000, 64, 1024, "fp32"),
-    (129, 700, 16, 800, "fp32"), (300, 50_003, 64, 10, "bf16"), (300, 50_003, 64, 100, "tf32"),
-    (200, 30_000, 64, 50, "fp16")])
+@pytest.mark.parametrize("nq,n,dim,k,precision", FLOAT_SHAPES)
 def test_small_float_thresholds_equal_the_key_compare(metric, nq, n, dim, k, precision, gen, monkeypatch):
     """The opt-in family compares each score as a float with its query's threshold score
     before it forms the key; exact, so the results must be bit-identical to the default
     kernels': every metric, the float32 tile and the three tensor-core precisions (mma.sync),
     a partial last database tile (50,003 rows), an odd dimension (33: the unaligned loads),
-    k past a tile, k > N, and the FlatIndex path (kept norms)."""
+    k past a tile, k > N, and the FlatIndex path (kept norms). Under FLOAT_PLAN: thresholds
+    per split (shared ones, the default, take the opt-in family either way) and long splits,
+    whose lists are cut back mid-split (a threshold for the rest of the split)."""
+    for variable, value in FLOAT_PLAN.items():
+        monkeypatch.setenv(variable, value)
     queries, database = _randn(gen, nq, dim), _randn(gen, n, dim)
     searches = _knn_and_index(queries, database, k, metric, precision=precision)
     results = _same_with_and_without("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", monkeypatch, searches)
@@ -1027,10 +1057,10 @@ def test_small_opt_ins_on_integer_data_equal_the_cpu(metric, nq, opt_in, rng, mo
     """Small integers: exact scores, ties across every split and merge group, so a bound taken
     from one split meets equal scores in others, and a group's k-th best key ties with keys
     of other groups; ties must still go to the lower index, as on the CPU."""
-    queries, database = _integers(rng, nq, 3), _integers(rng, 150_001, 3)
+    queries, database = _integers(rng, nq, 3), _integers(rng, OPT_IN_INTEGER_ROWS, 3)
     for variable, value in OPT_INS[opt_in].items():
         monkeypatch.setenv(variable, value)
-    for k in (1, 64, 1500):
+    for k in OPT_IN_INTEGER_KS:
         D0, I0 = latentspace.knn(queries, database, k, metric)
         D, I = latentspace.knn(queries, database, k, metric, device=DEVICE)
         np.testing.assert_array_equal(I, I0)
