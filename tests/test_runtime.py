@@ -146,6 +146,22 @@ def test_omp_num_threads_sets_default():
         assert result.stdout.strip() == value
 
 
+_THREADS_AFTER_TORCH_SET_ONE = ("import torch; torch.set_num_threads(1); import latentspace; "
+                                "print(latentspace.get_num_threads())")
+
+
+@pytest.mark.parametrize("omp_num_threads, expected", [
+    ("3", 3), (" 4 ", 4), ("3,2", 3), (None, len(os.sched_getaffinity(0))),
+    ("abc", len(os.sched_getaffinity(0))), ("0", len(os.sched_getaffinity(0))),
+])
+def test_torch_set_num_threads_before_first_use_leaves_openmps_default(omp_num_threads, expected):
+    # torch shares our libgomp: a torch.set_num_threads(1) at the top of a script became
+    # latentspace's default too (and overrode OMP_NUM_THREADS) when it came before our first use.
+    result = _run_python(_THREADS_AFTER_TORCH_SET_ONE, OMP_NUM_THREADS=omp_num_threads)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(expected)
+
+
 # ---------------------------------------------------------------------------------------
 # SIMD level
 

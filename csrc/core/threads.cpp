@@ -3,7 +3,11 @@
 #include <omp.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <cstdlib>
+#include <limits>
 
 #include "core/check.h"
 
@@ -21,14 +25,30 @@ void start_forked_child_with_one_thread() { g_count.store(1, std::memory_order_r
 
 // Registered when the module is loaded.
 const int g_fork_handler = pthread_atfork(nullptr, nullptr, &start_forked_child_with_one_thread);
+
+// The count OpenMP starts a program with: OMP_NUM_THREADS's first value (a list names one
+// count per nesting level) if it is a positive integer, else the processors this process may
+// run on. Read from those, not from omp_get_max_threads(): torch shares our libgomp, so a
+// torch.set_num_threads(1) made before our first use would otherwise become our default too.
+int openmp_default_thread_count() {
+  if (const char* value = std::getenv("OMP_NUM_THREADS")) {
+    const char* text = value;
+    while (std::isspace(static_cast<unsigned char>(*text))) ++text;
+    char* end = nullptr;
+    const long first = std::strtol(text, &end, 10);
+    while (end != text && std::isspace(static_cast<unsigned char>(*end))) ++end;
+    const bool whole = end != text && (*end == '\0' || *end == ',');
+    if (whole && first >= 1 && first <= std::numeric_limits<int>::max()) return static_cast<int>(first);
+  }
+  return std::max(1, omp_get_num_procs());
+}
 }  // namespace
 
 int num_threads() {
   (void)g_fork_handler;
   const int count = g_count.load(std::memory_order_relaxed);
   if (count > 0) return count;
-  // OpenMP's default (so OMP_NUM_THREADS counts), unless a set_num_threads came first.
-  const int initial = omp_get_max_threads() > 0 ? omp_get_max_threads() : 1;
+  const int initial = openmp_default_thread_count();
   int unset = 0;
   g_count.compare_exchange_strong(unset, initial, std::memory_order_relaxed);
   return g_count.load(std::memory_order_relaxed);

@@ -7,8 +7,9 @@
 
 namespace latentspace {
 
-// Defaults to omp_get_max_threads() at first use, so OMP_NUM_THREADS is honoured; 1 in a
-// process forked from one that loaded latentspace (threads.cpp says why).
+// Defaults, at first use, to OpenMP's own default: OMP_NUM_THREADS, else the processors this
+// process may run on (whatever torch.set_num_threads did before); 1 in a process forked from
+// one that loaded latentspace (threads.cpp says why).
 int num_threads();
 // Throws ValueError unless n >= 1.
 void set_num_threads(int n);
