@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "bindings/arrays.h"
+#include "bindings/interrupt.h"
 #include "ops/encode.h"
 
 namespace latentspace::bindings {
@@ -117,6 +118,7 @@ void encode(const CpuMlpEncoder& encoder, py::array x, py::array out) {
                  " features per row, got ", dim_of(x, 1));
   LS_CHECK_VALUE(dim_of(out, 0) == dim_of(x, 0) && dim_of(out, 1) == encoder.output_dim(), "out: expected shape (",
                  dim_of(x, 0), ", ", encoder.output_dim(), "), got (", dim_of(out, 0), ", ", dim_of(out, 1), ")");
+  PythonInterrupts interrupts;  // Ctrl-C stops a long chunk
   py::gil_scoped_release release;
   encoder.encode(in, dim_of(x, 0), result);
 }

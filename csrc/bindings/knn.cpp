@@ -6,6 +6,7 @@
 #include <string>
 
 #include "bindings/arrays.h"
+#include "bindings/interrupt.h"
 #include "ops/knn.h"
 #include "ops/norms.h"
 
@@ -35,6 +36,7 @@ void bind_knn(py::module_& m) {
           LS_CHECK_VALUE(dim_of(weight_array, 0) == dim, "weights: expected ", dim, " values (one per dimension), got ",
                          dim_of(weight_array, 0));
         }
+        PythonInterrupts interrupts;  // Ctrl-C stops a long search
         py::gil_scoped_release release;
         knn_cpu(q, nq, x, nb, dim, k, static_cast<Metric>(metric), d, i, w);
       },
@@ -159,6 +161,7 @@ void bind_knn(py::module_& m) {
         const float* data = checked_data<float>(x, "x", 2, false);
         float* norms = checked_data<float>(out, "out", 1, true);
         LS_CHECK_VALUE(dim_of(out, 0) == dim_of(x, 0), "out: expected ", dim_of(x, 0), " entries");
+        PythonInterrupts interrupts;  // Ctrl-C stops the check of a huge database
         py::gil_scoped_release release;
         return sq_norms_cpu(data, dim_of(x, 0), dim_of(x, 1), norms);
       },

@@ -1,6 +1,7 @@
 // latentspace._native: the one extension module. Each bind_* lives beside its op.
 #include <pybind11/pybind11.h>
 
+#include "bindings/interrupt.h"
 #include "core/check.h"
 
 namespace py = pybind11;
@@ -20,9 +21,12 @@ PYBIND11_MODULE(_native, m) {
       if (p) std::rethrow_exception(p);
     } catch (const latentspace::TypeError& e) {
       PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const latentspace::Interrupted&) {
+      latentspace::bindings::restore_interrupt_error();  // a signal handler's exception: Ctrl-C
     }
   });
   // latentspace::ValueError derives from std::invalid_argument, which pybind11 maps to ValueError.
+  latentspace::bindings::init_interrupts();
   latentspace::bindings::bind_info(m);
   latentspace::bindings::bind_knn(m);
   latentspace::bindings::bind_losses(m);

@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "core/cpu_features.h"
+#include "core/interrupt.h"
 #include "core/threads.h"
 #include "cpu/encode_row_norm.h"
 #include "cpu/simd/encode_kernels.h"
@@ -171,6 +172,7 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
   const float* offset = m.input_offset.empty() ? nullptr : m.input_offset.data();
   const size_t layer_count = m.layers.size();
   std::atomic<int64_t> first_bad{std::numeric_limits<int64_t>::max()};
+  Interruption interruption;  // Ctrl-C: the remaining blocks are skipped
 
 #pragma omp parallel num_threads(threads)
   {
@@ -184,7 +186,7 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
       const int64_t r0 = b * g.block_rows;
       // Blocks past a bad row are skipped; blocks before it still run, so the reported row
       // is the lowest bad one.
-      if (r0 > first_bad.load(std::memory_order_relaxed)) continue;
+      if (r0 > first_bad.load(std::memory_order_relaxed) || interruption.requested()) continue;
       const int64_t block = std::min<int64_t>(g.block_rows, rows - r0);
       const float* in = x + r0 * in_dim;
       int64_t ld_in = in_dim;
@@ -225,6 +227,7 @@ void CpuMlpEncoder::encode(const float* x, int64_t rows, float* out) const {
       }
     }
   }
+  interruption.throw_if_requested();  // the codes are incomplete
   const int64_t bad = first_bad.load();
   LS_CHECK_VALUE(bad == std::numeric_limits<int64_t>::max(), "x: row ", bad,
                  " contains NaN or Inf; clean the data before encoding");

@@ -1,0 +1,171 @@
+"""Ctrl-C (and any exception a Python signal handler raises) stops long native calls.
+
+The native kernels run with the GIL released, so Python cannot run its signal handlers until
+they return; they poll instead (csrc/core/interrupt.h). Each test here tells "stopped in the
+middle" from "finished, then the handler ran" without timing anything: the outputs are
+poisoned first, and a call that stopped early leaves some of them unwritten. Each call is
+sized to take at least half a second on the fastest machine seen (a Zen 4 core does about
+6e10 multiply-adds a second here), several times the signal's delay plus one poll interval.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import latentspace
+from latentspace import _native
+
+POISON_INDEX = -7
+L2 = 0  # _native.knn's metric code
+
+
+class HandlerStop(Exception):
+    """What the test's SIGALRM handler raises."""
+
+
+@pytest.fixture
+def alarm():
+    """Returns start(seconds, interval=0, handler=raise HandlerStop); restores SIGALRM after."""
+    previous = signal.getsignal(signal.SIGALRM)
+
+    def raise_stop(signum, frame):
+        raise HandlerStop()
+
+    def start(seconds, interval=0.0, handler=raise_stop):
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, seconds, interval)
+
+    yield start
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _poisoned_outputs(num_queries, k):
+    return np.full((num_queries, k), np.nan, np.float32), np.full((num_queries, k), POISON_INDEX, np.int64)
+
+
+def _normal(rng, *shape):
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_a_handlers_exception_stops_a_long_search(alarm, num_threads, threads, rng):
+    # 16 threads on 1,000 queries: the threads split the database (fewer than 64 queries
+    # each); 1 and 2 threads on 4,096 queries: they split the queries.
+    num_threads(threads)
+    num_queries = 1000 if threads == 16 else 4096
+    queries, database = _normal(rng, num_queries, 256), _normal(rng, 300_000 if threads == 16 else 200_000, 256)
+    distances, indices = _poisoned_outputs(num_queries, 10)
+    alarm(0.1)
+    with pytest.raises(HandlerStop):
+        _native.knn(queries, database, 10, L2, distances, indices, None)
+    unwritten = (indices == POISON_INDEX).all(axis=1)
+    assert unwritten.any(), "the search ran to its end before the handler's exception reached the caller"
+
+
+def test_handlers_that_return_run_during_a_search_and_change_nothing(alarm, num_threads, rng):
+    # A handler that does not raise lets the search go on: the results equal an undisturbed
+    # search's, bit for bit. It ran several times during the one call (signals that arrive
+    # while a call holds the interpreter up would run once, after it).
+    num_threads(2)
+    queries, database = _normal(rng, 4096, 256), _normal(rng, 200_000, 256)
+    expected = _poisoned_outputs(4096, 10)
+    _native.knn(queries, database, 10, L2, *expected, None)
+    calls = []
+    alarm(0.01, interval=0.01, handler=lambda signum, frame: calls.append(signum))
+    got = _poisoned_outputs(4096, 10)
+    _native.knn(queries, database, 10, L2, *got, None)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert len(calls) >= 3, f"the handler ran {len(calls)} times: the search did not poll"
+
+
+def test_a_search_on_another_thread_is_not_stopped_by_the_main_threads_signal(alarm, num_threads, rng):
+    # Only the main thread runs signal handlers: its exception is its own, and a search a
+    # worker thread runs meanwhile finishes with every result written.
+    num_threads(1)
+    queries, database = _normal(rng, 2048, 128), _normal(rng, 200_000, 128)
+    distances, indices = _poisoned_outputs(2048, 10)
+    worker = threading.Thread(target=_native.knn, args=(queries, database, 10, L2, distances, indices, None))
+    alarm(0.05)
+    worker.start()
+    with pytest.raises(HandlerStop):
+        worker.join()
+    worker.join()
+    reference = _poisoned_outputs(2048, 10)
+    _native.knn(queries, database, 10, L2, *reference, None)
+    np.testing.assert_array_equal(indices, reference[1])
+
+
+def test_the_row_path_scans_a_large_database_in_pieces_with_the_same_results(num_threads, rng):
+    # Few queries take the row path, which checks for a stop between pieces of 65,536 rows:
+    # results across the pieces' seams are those of the float64 reference, and a bad row past
+    # the first piece is still the one named.
+    num_threads(2)
+    queries, database = _normal(rng, 2, 8), _normal(rng, 200_003, 8)
+    database[131_072:131_080] = database[5]  # duplicates on a seam tie with row 5
+    queries[0] = database[5]
+    distances, indices = latentspace.knn(queries, database, 12)
+    exact = ((queries.astype(np.float64)[:, None, :] - database.astype(np.float64)[None]) ** 2).sum(-1)
+    order = np.lexsort((np.broadcast_to(np.arange(database.shape[0]), exact.shape), exact), axis=1)[:, :12]
+    np.testing.assert_array_equal(indices[0, :9], [5, *range(131_072, 131_080)])
+    np.testing.assert_allclose(distances, np.take_along_axis(exact, order, 1), rtol=1e-4, atol=1e-4)
+    database[150_001, 3] = np.inf
+    with pytest.raises(ValueError, match=r"database: row 150001\b"):
+        latentspace.knn(queries, database, 12)
+
+
+def test_a_handlers_exception_stops_a_long_native_encode(alarm, num_threads, rng):
+    num_threads(2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
+                                torch.nn.ReLU(), torch.nn.Linear(2048, 32))
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native", encoder.reason
+    rows = rng.random((30_000, 784), dtype=np.float32)
+    codes = np.full((30_000, 32), np.nan, np.float32)
+    alarm(0.1)
+    with pytest.raises(HandlerStop):
+        encoder.encode(rows, out=codes, batch_size=30_000)
+    assert np.isnan(codes).all(axis=1).any(), "the encoding ran to its end before the handler's exception"
+
+
+_CTRL_C_CHILD = textwrap.dedent("""
+    import numpy as np
+    from latentspace import _native
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((4096, 256), dtype=np.float32)
+    database = rng.standard_normal((300_000, 256), dtype=np.float32)
+    indices = np.full((4096, 10), -7, np.int64)
+    print("searching", flush=True)
+    try:
+        _native.knn(queries, database, 10, 0, np.empty((4096, 10), np.float32), indices, None)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt, unwritten rows:", int((indices == -7).all(axis=1).sum()), flush=True)
+        raise
+""")
+
+
+def test_ctrl_c_stops_a_long_search_with_keyboard_interrupt():
+    # The real thing: SIGINT with Python's default handler, in a process of its own.
+    child = subprocess.Popen([sys.executable, "-c", _CTRL_C_CHILD], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "searching"
+        threading.Event().wait(0.3)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert "KeyboardInterrupt" in err, err
+    unwritten = int(out.split(":")[-1])
+    assert unwritten > 0, "the search ran to its end before Ctrl-C reached it"
