@@ -9,6 +9,26 @@ cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_run.log"
 exec > >(tee "$LOG") 2>&1
 
+# The whole call's deadline, in seconds from here (GPU_RUN_DEADLINE_SECONDS; set it a little
+# under the device call's timeout_s). Every stage's own limit is capped by what is left of it,
+# and a stage that cannot start in time is skipped with a line saying so: the stages' own
+# limits add up to more than a 600 s call, and a call the device tool kills loses the summary
+# lines below (docs/gpu-runs.md).
+RUN_START=$(date +%s)
+DEADLINE="${GPU_RUN_DEADLINE_SECONDS:-580}"
+# within_deadline NAME LIMIT: sets $limit to LIMIT capped by the seconds left before the
+# deadline (10 s kept for the lines after the stage); false, with a line, when under 15 s are left.
+within_deadline() {
+  local left=$(( DEADLINE - ($(date +%s) - RUN_START) - 10 ))
+  if [ "$left" -lt 15 ]; then
+    echo "== $1: skipped, ${left} s left before the call's ${DEADLINE} s deadline"
+    return 1
+  fi
+  limit=$(( $2 < left ? $2 : left ))
+  [ "$limit" -lt "$2" ] && echo "($1: limit cut from $2 s to $limit s by the call's deadline)"
+  return 0
+}
+
 echo "== gpu_run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # The device tool's copy of .git can lag the working tree it sends (run 7 printed run 6's
 # commit): a non-empty line here means the code is that commit plus these changes.
@@ -63,17 +83,19 @@ fi
 # first (an idle machine is handed back after about 30 s; docs/gpu-runs.md):
 #   GPU_RUN_STAGES="tests bench" bash benchmarks/gpu_run.sh
 #   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh
-# GPU_RUN_STAGES picks some stages; all four by default.
+# GPU_RUN_STAGES picks some stages; all four by default. Each stage's limit is also capped by
+# the call's deadline (GPU_RUN_DEADLINE_SECONDS, above), so GPU_RUN_SANITIZER_SECONDS need not
+# be fitted by hand: the last stage takes what is left.
 STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
 status=0
 
-if [[ " $STAGES " == *" tests "* ]]; then
+if [[ " $STAGES " == *" tests "* ]] && within_deadline tests "${GPU_RUN_TEST_SECONDS:-200}"; then
   echo "== pytest -m cuda (full output: pytest_cuda.log)"
   start=$(date +%s)
   # pytest-xdist, where installed, spreads the tests' float64 CPU references over the cores.
   workers=""
   python3 -c "import xdist" 2>/dev/null && workers="-n ${GPU_RUN_WORKERS:-6}"
-  timeout -k 10 "${GPU_RUN_TEST_SECONDS:-200}" python3 -m pytest -m cuda -q -rfEs --tb=short $workers tests \
+  timeout -k 10 "$limit" python3 -m pytest -m cuda -q -rfEs --tb=short $workers tests \
     > "${OUT:-.}/pytest_cuda.log" 2>&1
   status=$?
   grep -E "^(FAILED|ERROR)|passed|failed" "${OUT:-.}/pytest_cuda.log" | head -40
@@ -94,11 +116,12 @@ if [[ " $STAGES " == *" bench "* ]]; then
     rm -f /tmp/gpu_bench_*.json  # a warm machine's earlier call must not lend this one its figures
     for part in plain opt-ins large_k_plain large_k_opt-ins; do
       case $part in
-        plain) selection="not large_k"; limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
-        opt-ins) selection="not large_k"; limit="${GPU_RUN_OPT_IN_BENCH_SECONDS:-110}" ;;
-        large_k_plain) selection="large_k"; limit="${GPU_RUN_LARGE_K_SECONDS:-35}" ;;
-        large_k_opt-ins) selection="large_k"; limit="${GPU_RUN_LARGE_K_OPT_IN_SECONDS:-55}" ;;
+        plain) selection="not large_k"; part_limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
+        opt-ins) selection="not large_k"; part_limit="${GPU_RUN_OPT_IN_BENCH_SECONDS:-110}" ;;
+        large_k_plain) selection="large_k"; part_limit="${GPU_RUN_LARGE_K_SECONDS:-35}" ;;
+        large_k_opt-ins) selection="large_k"; part_limit="${GPU_RUN_LARGE_K_OPT_IN_SECONDS:-55}" ;;
       esac
+      within_deadline "benchmark ($part)" "$part_limit" || continue
       bench_part=${part#large_k_}
       start=$(date +%s)
       # One log for the four parts: the device tool brings back at most 8 files from $OUT.
@@ -117,7 +140,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
     echo "no GPU benchmarks yet"
   fi
 fi
-if [[ " $STAGES " == *" profile "* ]]; then
+if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROFILE_SECONDS:-150}"; then
   # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
   # split rule against the search time; the defaults against their opt-outs; one query's scan
   # against one read of the database): benchmarks/profile_knn_cuda.py, 64 s in run 8 (before
@@ -125,7 +148,7 @@ if [[ " $STAGES " == *" profile "* ]]; then
   # 1M rows, not yet run). One JSON, rewritten as each section ends.
   echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
   start=$(date +%s)
-  timeout -k 10 "${GPU_RUN_PROFILE_SECONDS:-150}" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  timeout -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
   code=$?
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
@@ -136,6 +159,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -z "$SANITIZER" ]; then
     echo "== compute-sanitizer: not found, skipped"
+  elif ! within_deadline compute-sanitizer "${GPU_RUN_SANITIZER_SECONDS:-150}"; then
+    :
   else
     # Both tools at once (separate processes on the one GPU): half the wall time.
     # racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7 one
@@ -173,7 +198,6 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
       "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
     )
     MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
-    limit="${GPU_RUN_SANITIZER_SECONDS:-150}"
     start=$(date +%s)
     pids=()
     for tool in memcheck racecheck; do

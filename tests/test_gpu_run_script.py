@@ -139,6 +139,33 @@ def test_the_script_runs_its_preamble_without_stages(tmp_path):
     assert "SMOKE FAILED" not in log and log.rstrip().endswith("== done (exit 0)")
 
 
+def _run_script(tmp_path, **settings: str) -> str:
+    """Runs gpu_run.sh on the installed package (no build) and returns its log."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", **settings,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return (tmp_path / "gpu_run.log").read_text()
+
+
+def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printed(tmp_path):
+    # The stages' own limits add up to more than one 600 s device call: with the deadline
+    # spent by the preamble, each stage says it was skipped and the run still ends in order.
+    log = _run_script(tmp_path, GPU_RUN_STAGES="tests bench profile", GPU_RUN_DEADLINE_SECONDS="20")
+    for stage in ("tests", "benchmark (plain)", "benchmark (large_k_opt-ins)", "profile"):
+        assert f"== {stage}: skipped" in log, log
+    assert "pytest seconds" not in log and "profile seconds" not in log
+    assert log.rstrip().endswith("== done (exit 0)"), log
+
+
+def test_a_stage_limit_is_cut_to_what_the_deadline_leaves(tmp_path):
+    log = _run_script(tmp_path, GPU_RUN_STAGES="bench", GPU_RUN_DEADLINE_SECONDS="60")
+    cut = re.search(r"\(benchmark \(plain\): limit cut from 90 s to (\d+) s by the call's deadline\)", log)
+    assert cut and 15 <= int(cut.group(1)) < 50, log
+    assert "benchmark (plain) seconds" in log and log.rstrip().endswith("== done (exit 0)"), log
+
+
 def test_every_benchmark_label_names_settings_the_benchmark_knows():
     """A peer's brackets name the opt-in settings its call sets (_common.CUDA_KNN_OPT_INS) or
     the benchmark's own variants: a misspelt setting would time the default and call it the
