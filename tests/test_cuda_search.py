@@ -350,9 +350,12 @@ def test_row_checks_of_both_paths_are_read_together(rng, monkeypatch):
 
 
 def knn_cu_workspace(num_queries: int, num_database: int, k: int, multiprocessors: int = 132) -> int:
-    """The workspace size of csrc/cuda/knn_plan.cuh (make_plan / carve), modelled in Python, so that
-    the planner meets the real kernel's shape: fewer queries -> more database splits, so the
-    bytes are not monotonic in the number of queries (CUB's temporary storage estimated)."""
+    """A stand-in for the workspace size of csrc/cuda/knn_plan.cuh, with its shape but not its
+    figures: fewer queries -> more database splits, so the bytes are not monotonic in the number
+    of queries, which is what the Python planner must cope with. It is an older form of the
+    plan (64-row tiles, lists of k + max(k, 256), no split rule; the kernel's plan now has
+    128-row tiles, the split rule and the fitted and large-k plans): tests that need the real
+    figures ask `_native._cuda_plan_for`."""
     if num_queries == 0:
         return 0
 
