@@ -169,3 +169,162 @@ def test_ctrl_c_stops_a_long_search_with_keyboard_interrupt():
     assert "KeyboardInterrupt" in err, err
     unwritten = int(out.split(":")[-1])
     assert unwritten > 0, "the search ran to its end before Ctrl-C reached it"
+
+
+# ---------------------------------------------------------------------------------------
+# Python code that runs inside a native call: the poll runs signal handlers (and, on Python
+# 3.12+, the garbage collector's finalizers) on OpenMP thread 0, inside the call's parallel
+# region. A latentspace call made there opens a nested region, which OpenMP gives one thread.
+
+@pytest.mark.parametrize("num_queries, num_database", [(512, 20_000), (8, 200_000)],
+                         ids=["threads split the queries", "threads split the database"])
+def test_a_search_a_signal_handler_makes_during_a_search_is_complete(alarm, num_threads, rng, num_queries,
+                                                                     num_database):
+    # A handler that searches (a progress report, a watchdog) got results with some rows never
+    # written: the nested call asked for 2 threads, got 1, and thread 0 did only its share.
+    num_threads(2)
+    queries, database = _normal(rng, num_queries, 32), _normal(rng, num_database, 32)
+    expected = latentspace.knn(queries, database, 5)
+    nested = []
+
+    def search_then_stop(signum, frame):
+        nested.append(latentspace.knn(queries, database, 5))
+        raise HandlerStop()
+
+    outer_queries, outer_database = _normal(rng, 2048, 128), _normal(rng, 200_000, 128)
+    outer = _poisoned_outputs(2048, 10)
+    alarm(0.1, handler=search_then_stop)  # (everything is made first: the handler must run inside the search)
+    with pytest.raises(HandlerStop):
+        _native.knn(outer_queries, outer_database, 10, L2, *outer, None)
+    assert (outer[1] == POISON_INDEX).all(axis=1).any(), "the handler ran after the outer search, not inside it"
+    np.testing.assert_array_equal(nested[0][1], expected[1])
+    np.testing.assert_array_equal(nested[0][0], expected[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Through the public API: what a stopped call leaves behind.
+
+
+@pytest.fixture
+def poisoned_index_results(monkeypatch):
+    """FlatIndex.search's result arrays, poisoned before the native call fills them (the
+    list holds each search's (distances, indices))."""
+    from latentspace.indexes import flat
+
+    made = []
+
+    def poisoned(kind, rows, k):
+        distances, indices, d_view, i_view = flat_empty_results(kind, rows, k)
+        d_view[...] = np.nan
+        i_view[...] = POISON_INDEX
+        made.append((d_view, i_view))
+        return distances, indices, d_view, i_view
+
+    flat_empty_results = flat.empty_results
+    monkeypatch.setattr(flat, "empty_results", poisoned)
+    return made
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "weighted_l2"])
+def test_a_handlers_exception_stops_an_index_search_and_leaves_the_index_as_it_was(
+        alarm, num_threads, rng, poisoned_index_results, metric):
+    num_threads(2)
+    vectors = _normal(rng, 200_000, 128)
+    weights = rng.random(128, dtype=np.float32) if metric == "weighted_l2" else None
+    index = latentspace.FlatIndex(128, metric, weights=weights)
+    index.add(vectors)
+    queries = _normal(rng, 4096, 128)  # at least 0.8 s on 2 threads of a Zen 4
+    alarm(0.1)
+    with pytest.raises(HandlerStop):
+        index.search(queries, 10)
+    unwritten = (poisoned_index_results[-1][1] == POISON_INDEX).all(axis=1)
+    assert unwritten.any(), "the search ran to its end before the handler's exception reached the caller"
+    # Unchanged, and neither lock is left held: a search and an add both go ahead.
+    assert index.ntotal == 200_000
+    np.testing.assert_array_equal(index.vectors(), vectors)
+    distances, indices = index.search(vectors[7:9], 1)
+    if metric != "ip":  # (an inner product's best match need not be the vector itself)
+        np.testing.assert_array_equal(indices[:, 0], [7, 8])
+    index.add(vectors[:3])
+    assert index.ntotal == 200_003
+
+
+def _mlp_encoder():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(784, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 2048),
+                                torch.nn.ReLU(), torch.nn.Linear(2048, 32))
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native", encoder.reason
+    return encoder
+
+
+def test_a_handlers_exception_stops_add_encoded_and_adds_nothing(alarm, num_threads, rng):
+    # add_encoded writes the codes straight into the index's spare rows: the ones it never
+    # reached are still poisoned (a white-box look at the buffer), and none of them counts.
+    num_threads(2)
+    encoder = _mlp_encoder()
+    index = latentspace.FlatIndex(32)
+    first = _normal(rng, 5, 32)
+    index.add(first)
+    index.reserve(30_000)
+    index._buffer[5:] = np.nan
+    rows = rng.random((30_000, 784), dtype=np.float32)  # made first: the handler must run inside the encode
+    alarm(0.1)
+    with pytest.raises(HandlerStop):
+        index.add_encoded(encoder, rows, batch_size=30_000)
+    assert np.isnan(index._buffer[5 : 5 + 30_000]).all(axis=1).any(), "the encoding ran to its end"
+    assert index.ntotal == 5
+    np.testing.assert_array_equal(index.vectors(), first)
+    index.add(first[:1])  # the write lock was released
+    assert index.ntotal == 6
+
+
+_SIGTERM_CLI_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import latentspace
+    from latentspace import cli
+    from latentspace.indexes import flat
+
+    folder = sys.argv[1]
+    rng = np.random.default_rng(0)
+    index = latentspace.FlatIndex(128)
+    index.add(rng.standard_normal((200_000, 128), dtype=np.float32))
+    index.save(folder + "/vectors.lsidx")
+    np.save(folder + "/queries.npy", rng.standard_normal((4096, 128), dtype=np.float32))
+    latentspace.set_num_threads(2)
+    made = []
+    original = flat.empty_results
+
+    def poisoned(kind, rows, k):  # the search's own results, poisoned; says when it starts
+        results = original(kind, rows, k)
+        results[3][...] = -7
+        made.append(results[3])
+        print("searching", flush=True)
+        return results
+
+    flat.empty_results = poisoned
+    code = cli.main(["search", folder + "/vectors.lsidx", folder + "/queries.npy", "-k", "10",
+                     "--out", folder + "/found.npz"])
+    print("exit", code, "unwritten rows", int((made[0] == -7).all(axis=1).sum()), flush=True)
+""")
+
+
+def test_sigterm_stops_the_clis_search_mid_call_with_status_143_and_no_files(tmp_path):
+    # cli.py turns SIGTERM into an exception so that temporary files are removed: the poll
+    # must hand that very exception (not a KeyboardInterrupt) back out of the native search.
+    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CLI_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "searching"
+        threading.Event().wait(0.3)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert "terminated (SIGTERM)" in err, err
+    words = out.split()
+    assert words[:2] == ["exit", "143"], out
+    assert int(words[-1]) > 0, "the search ran to its end before the SIGTERM handler's exception reached it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["queries.npy", "vectors.lsidx"]

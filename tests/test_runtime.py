@@ -153,6 +153,8 @@ _THREADS_AFTER_TORCH_SET_ONE = ("import torch; torch.set_num_threads(1); import 
 @pytest.mark.parametrize("omp_num_threads, expected", [
     ("3", 3), (" 4 ", 4), ("3,2", 3), (None, len(os.sched_getaffinity(0))),
     ("abc", len(os.sched_getaffinity(0))), ("0", len(os.sched_getaffinity(0))),
+    ("+3", 3), ("4,abc", len(os.sched_getaffinity(0))), ("4,", len(os.sched_getaffinity(0))),
+    ("-2", len(os.sched_getaffinity(0))),
 ])
 def test_torch_set_num_threads_before_first_use_leaves_openmps_default(omp_num_threads, expected):
     # torch shares our libgomp: a torch.set_num_threads(1) at the top of a script became
@@ -160,6 +162,53 @@ def test_torch_set_num_threads_before_first_use_leaves_openmps_default(omp_num_t
     result = _run_python(_THREADS_AFTER_TORCH_SET_ONE, OMP_NUM_THREADS=omp_num_threads)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(expected)
+
+
+_FIRST_USE_FROM_A_PINNED_THREAD = """
+import os, threading
+import latentspace
+def pinned():  # Linux: sched_setaffinity(0, ...) pins the calling thread only
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    latentspace.get_num_threads()
+worker = threading.Thread(target=pinned)
+worker.start()
+worker.join()
+print(latentspace.get_num_threads(), len(os.sched_getaffinity(0)))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two processors to pin a thread to one")
+def test_default_thread_count_is_the_processes_even_when_a_pinned_thread_asks_first():
+    # A worker thread pinned to one CPU (a pool that pins its threads) that made the first
+    # latentspace call set every later call in the process to one thread; before e2bd3bd
+    # (omp_get_max_threads(): the count libgomp fixed at load) it did not.
+    result = _run_python(_FIRST_USE_FROM_A_PINNED_THREAD)
+    assert result.returncode == 0, result.stderr
+    threads, processors = result.stdout.split()
+    assert threads == processors
+
+
+_SEARCH_WITH_FEWER_THREADS_THAN_ASKED = """
+import numpy as np
+import latentspace
+rng = np.random.default_rng(0)
+latentspace.set_num_threads(4)
+for queries, rows in ((512, 20_000), (8, 200_000)):  # threads split the queries; the database
+    q = rng.standard_normal((queries, 16), dtype=np.float32)
+    x = rng.standard_normal((rows, 16), dtype=np.float32)
+    _, found = latentspace.knn(q, x, 1)
+    exact = ((q[:, None, :].astype(np.float64) - x[None].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    print(int((found[:, 0] != exact).sum()))
+"""
+
+
+@pytest.mark.parametrize("environment", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true", "OMP_THREAD_LIMIT": "2"}])
+def test_a_search_is_complete_when_openmp_starts_fewer_threads_than_asked(environment):
+    # OMP_THREAD_LIMIT (a batch scheduler's cap) gives a team fewer threads than
+    # set_num_threads asked for: the rows of the threads never started were left unwritten.
+    result = _run_python(_SEARCH_WITH_FEWER_THREADS_THAN_ASKED, **environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0"], result.stdout
 
 
 # ---------------------------------------------------------------------------------------

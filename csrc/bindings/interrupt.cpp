@@ -1,5 +1,6 @@
 #include "bindings/interrupt.h"
 
+#include <pthread.h>
 #include <pythread.h>
 
 namespace latentspace::bindings {
@@ -22,8 +23,13 @@ InterruptPoll poll_for_this_thread() {
 
 }  // namespace
 
+// A child forked from another thread continues on that thread, which Python makes its main
+// thread (PyOS_AfterFork_Child).
+void remember_the_forking_thread() { g_main_thread = PyThread_get_thread_ident(); }
+
 void init_interrupts() {
   g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  pthread_atfork(nullptr, nullptr, &remember_the_forking_thread);
 }
 
 PythonInterrupts::PythonInterrupts() : scope_(poll_for_this_thread()) {}

@@ -9,7 +9,7 @@ namespace {
 thread_local InterruptPoll t_poll = nullptr;
 
 // Nanoseconds on a monotonic clock. The coarse clock (a few ms of resolution, ample for a
-// 50 ms interval) reads in a few nanoseconds: the calling thread asks once per unit of work,
+// 100 ms interval) reads in a few nanoseconds: the calling thread asks once per unit of work,
 // and a unit can be as small as a microsecond (a packed panel of a few queries).
 int64_t coarse_now_ns() {
 #ifdef CLOCK_MONOTONIC_COARSE

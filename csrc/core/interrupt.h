@@ -45,8 +45,9 @@ class InterruptPollScope {
 class Interruption {
  public:
   // How often the calling thread polls: Ctrl-C answers within about this long (plus one unit
-  // of work), and a poll (which takes the GIL) costs far less than this much work.
-  static constexpr std::chrono::milliseconds kPollInterval{50};
+  // of work). A poll takes the GIL: uncontended that costs a microsecond, but a busy Python
+  // thread may hold it for its switch interval (5 ms), during which thread 0 does no work.
+  static constexpr std::chrono::milliseconds kPollInterval{100};
 
   Interruption();
 

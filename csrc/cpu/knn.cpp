@@ -326,12 +326,17 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 
 #pragma omp parallel num_threads(team)
     {
+      // OpenMP may start fewer threads than asked (OMP_THREAD_LIMIT, OMP_DYNAMIC, or a search
+      // nested in another parallel region: one a signal handler makes while the Ctrl-C poll
+      // runs it on thread 0): the work is shared among the threads started, and a thread's
+      // larger share goes in blocks of share_rows, the rows its scratch holds.
+      const int started = omp_get_num_threads();
       const int t = omp_get_thread_num();
       ThreadScratch& mine = scratch[t];
-      const int64_t begin = num_queries * t / team;
-      const int64_t end = num_queries * (t + 1) / team;
-      for (int64_t first = begin; first < end; first += block_rows) {
-        const int64_t rows = std::min(block_rows, end - first);
+      const int64_t begin = num_queries * t / started;
+      const int64_t end = num_queries * (t + 1) / started;
+      for (int64_t first = begin; first < end; first += share_rows) {
+        const int64_t rows = std::min(share_rows, end - first);
         const float* block = queries + first * dim;
         QueryPanels panels;
         if (!use_rows) panels = pack_query_block(kernels, block, rows, dim, mine.packed_queries.data());
@@ -362,17 +367,18 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
       if (!use_rows) panels = pack_query_block(kernels, block, rows, dim, packed_queries.data());
 #pragma omp parallel num_threads(threads)
       {
+        const int started = omp_get_num_threads();  // may be fewer than asked, as above
         const int t = omp_get_thread_num();
         scratch[t].heaps.reset(rows, kept);
         parts[t] = scratch[t].heaps.view();
         scan_database(kernels, block, rows, use_rows ? nullptr : &panels, database, num_database,
-                      dim, num_panels * t / threads, num_panels * (t + 1) / threads, metric, weights,
+                      dim, num_panels * t / started, num_panels * (t + 1) / started, metric, weights,
                       scratch[t], parts[t], first_bad_row, interruption);
 #pragma omp barrier
         if (first_bad_row.load() == num_database && !interruption.stopped()) {
 #pragma omp for schedule(static)
           for (int64_t i = 0; i < rows; ++i) {
-            write_results(metric, parts.data(), threads, i, k, query_sq_norms[first + i],
+            write_results(metric, parts.data(), started, i, k, query_sq_norms[first + i],
                           scratch[t].merge.data(), out_distances + (first + i) * k,
                           out_indices + (first + i) * k);
           }
