@@ -392,6 +392,40 @@ def test_add_encoded_streams_an_iterable(backend, single_threaded, rng):
     assert index.add_encoded(model, iter([])) == 0 and index.ntotal == 61
 
 
+@pytest.mark.parametrize("nested", ["add", "add_encoded", "reserve", "reset"])
+def test_a_write_from_inside_add_encoded_on_its_own_thread_raises_instead_of_hanging(backend, single_threaded,
+                                                                                   nested, rng):
+    # X's iterator (or a signal handler that runs inside the native encode) writing to the
+    # index being filled waited forever for the write lock its own thread held.
+    model = _model()
+    index = latentspace.FlatIndex(5)
+    index.add(_normal(rng, 4, 5))
+    writes = {"add": lambda: index.add(_normal(rng, 2, 5)), "reserve": lambda: index.reserve(10),
+              "reset": index.reset, "add_encoded": lambda: index.add_encoded(model, _normal(rng, 2, 12))}
+
+    def chunks():
+        yield _normal(rng, 10, 12)
+        writes[nested]()
+        yield _normal(rng, 10, 12)
+
+    outcome = []
+
+    def fill():
+        try:
+            index.add_encoded(model, chunks(), batch_size=8)
+        except RuntimeError as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=fill, daemon=True)  # a hang must fail the test, not the run
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the nested write waited for the lock its own thread held"
+    assert outcome and f"{nested}: this thread is already writing to this index" in str(outcome[0])
+    assert index.ntotal == 4  # all or nothing: the rows encoded before the error are not added
+    index.add(_normal(rng, 1, 5))  # and the write lock was released
+    assert index.ntotal == 5
+
+
 def test_add_encoded_writes_into_the_index_buffer_grown_once(monkeypatch, single_threaded, rng):
     monkeypatch.setattr(latentspace._native, "MlpEncoder", FakeMlpEncoder, raising=False)
     FakeMlpEncoder.instances.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any
@@ -83,6 +84,7 @@ class FlatIndex:
         # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
         # so searches never wait for an encoding to finish.
         self._write_lock = threading.Lock()
+        self._writer: int | None = None  # the thread holding _write_lock (see _writing)
         self._lock = threading.Lock()
         self._buffer = np.empty((0, self._dim), dtype=np.float32)
         self._ntotal = 0
@@ -155,7 +157,7 @@ class FlatIndex:
         if array.shape[0] == 0:
             return
         check_rows_usable(array, "x")
-        with self._write_lock:
+        with self._writing("add"):
             self._check_writable("add")
             n, m = self._ntotal, array.shape[0]
             self._grow(n + m)
@@ -167,7 +169,7 @@ class FlatIndex:
         """Makes room for `rows` more vectors, so that adding them (in any number of calls)
         does not reallocate; e.g. before adding a large file chunk by chunk."""
         rows = check_int(rows, "rows", minimum=0)
-        with self._write_lock:
+        with self._writing("reserve"):
             self._check_writable("reserve")
             try:
                 if self._device is not None:
@@ -208,7 +210,7 @@ class FlatIndex:
         batch_size = check_int(batch_size, "batch_size")
         progress = check_bool(progress, "progress")
         source = Source(X, encoder._sample_shapes)
-        with self._write_lock:
+        with self._writing("add_encoded"):
             self._check_writable("add_encoded")
             if self._device is not None:
                 return self._add_encoded_cuda(encoder, source, batch_size, progress)
@@ -222,6 +224,24 @@ class FlatIndex:
             with self._lock:
                 self._ntotal += added
         return added
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Holds _write_lock for one write. A write from the thread already writing (a signal
+        handler run inside add_encoded's native encode, or X's own iterator calling add) would
+        wait for itself forever: it raises instead."""
+        me = threading.get_ident()
+        if self._writer == me:
+            raise RuntimeError(
+                f"{what}: this thread is already writing to this index (an add, add_encoded, reserve or "
+                "reset further up its stack, e.g. a signal handler or X's iterator running inside "
+                "add_encoded); a write nested in another would wait for itself forever")
+        with self._write_lock:
+            self._writer = me
+            try:
+                yield
+            finally:
+                self._writer = None
 
     def _check_writable(self, what: str) -> None:
         if self._read_only:
@@ -250,7 +270,7 @@ class FlatIndex:
         """Removes all vectors (and drops a memory map)."""
         if self._device is not None:
             return self._reset_cuda()
-        with self._write_lock, self._lock:
+        with self._writing("reset"), self._lock:
             self._buffer = np.empty((0, self._dim), dtype=np.float32)
             self._ntotal = 0
             self._read_only = False
@@ -348,7 +368,7 @@ class FlatIndex:
                 return
             check_rows_usable_flags([unusable_row_flag(rows)], ["x"])
             rows = self._to_storage(rows, "x")
-            with self._write_lock:
+            with self._writing("add"):
                 n, m = self._ntotal, rows.shape[0]
                 self._grow_cuda(n + m)
                 self._gpu_buffer[n : n + m] = rows  # rows past ntotal: no search reads them yet
@@ -425,7 +445,7 @@ class FlatIndex:
     def _reset_cuda(self) -> None:
         import torch
 
-        with self._write_lock, self._lock:
+        with self._writing("reset"), self._lock:
             self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
                                        device=self._device)
             if self._gpu_norms is not None:
