@@ -218,9 +218,9 @@ class Encoder:
             shape (n, latent_dim) to write into; it is returned. For an iterable X the
             chunks must fill it exactly. It must not share memory with X (not even out=X),
             nor be read-only (a tensor over a read-only memory map is refused, though torch
-            itself cannot flag one). When encode raises (a bad row or chunk, or an exception from X's iterator), the
-            rows of the chunks encoded before it hold their codes and the rest of out is
-            unspecified.
+            itself cannot flag one). When encode raises (a bad row or chunk, an exception from
+            X's iterator, or Ctrl-C, which stops the native encoder mid-chunk), the rows of the
+            chunks encoded before it hold their codes and the rest of out is unspecified.
         progress: show a tqdm bar on stderr.
 
         Returns numpy for numpy input, a torch tensor on the input's device for torch input
