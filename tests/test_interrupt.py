@@ -155,17 +155,24 @@ _CTRL_C_CHILD = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_stops_a_long_search_with_keyboard_interrupt():
-    # The real thing: SIGINT with Python's default handler, in a process of its own.
-    child = subprocess.Popen([sys.executable, "-c", _CTRL_C_CHILD], stdout=subprocess.PIPE,
+def _signal_mid_search(script: str, signum: int, *args: str):
+    """Runs `script` in a child, sends it `signum` 0.3 s after it prints "searching" (the line
+    before its long search), and returns the child's (stdout, stderr, exit status)."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "searching"
         threading.Event().wait(0.3)
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signum)
         out, err = child.communicate(timeout=120)
     finally:
         child.kill()
+    return out, err, child.returncode
+
+
+def test_ctrl_c_stops_a_long_search_with_keyboard_interrupt():
+    # The real thing: SIGINT with Python's default handler, in a process of its own.
+    out, err, _ = _signal_mid_search(_CTRL_C_CHILD, signal.SIGINT)
     assert "KeyboardInterrupt" in err, err
     unwritten = int(out.split(":")[-1])
     assert unwritten > 0, "the search ran to its end before Ctrl-C reached it"
@@ -313,16 +320,8 @@ _SIGTERM_CLI_CHILD = textwrap.dedent("""
 def test_sigterm_stops_the_clis_search_mid_call_with_status_143_and_no_files(tmp_path):
     # cli.py turns SIGTERM into an exception so that temporary files are removed: the poll
     # must hand that very exception (not a KeyboardInterrupt) back out of the native search.
-    child = subprocess.Popen([sys.executable, "-c", _SIGTERM_CLI_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "searching"
-        threading.Event().wait(0.3)
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=120)
-    finally:
-        child.kill()
-    assert child.returncode == 0, err
+    out, err, status = _signal_mid_search(_SIGTERM_CLI_CHILD, signal.SIGTERM, str(tmp_path))
+    assert status == 0, err
     assert "terminated (SIGTERM)" in err, err
     words = out.split()
     assert words[:2] == ["exit", "143"], out
