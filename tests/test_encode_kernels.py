@@ -101,6 +101,32 @@ def test_mixed_activations_no_bias_and_input_offset(simd_level, rng):
     assert_close_to(encode(encoder, x), reference(x, weights, biases, activations, params, offset), 1e-5)
 
 
+def _misaligned(a):
+    """A C-contiguous copy of `a` one byte past an aligned address (float32 alignment broken)."""
+    view = np.zeros(a.nbytes + 1, np.uint8)[1:].view(np.float32).reshape(a.shape)
+    view[...] = a
+    assert not view.flags.aligned
+    return view
+
+
+def test_misaligned_arrays_encode_like_aligned_ones(simd_level, rng):
+    # Reading floats through misaligned pointers is undefined behaviour: the bindings take aligned
+    # copies of weights, biases, offset, LayerNorm parameters and rows, and keep each copy alive
+    # until the encoder has packed it (under ASan, a copy freed too early would be a use-after-free).
+    weights, biases, activations, params = make_layers(rng, (37, 19, 5), "tanh")
+    offset = rng.standard_normal(37).astype(np.float32)
+    norms = [("after_activation", 1e-5, rng.random(19).astype(np.float32) + 0.5,
+              rng.standard_normal(19).astype(np.float32)), None]
+    x = rng.standard_normal((50, 37)).astype(np.float32)
+    expected = encode(_native.MlpEncoder(weights, biases, activations, params, offset, "fp32", norms), x)
+    odd_norms = [(norms[0][0], norms[0][1], _misaligned(norms[0][2]), _misaligned(norms[0][3])), None]
+    encoder = _native.MlpEncoder([_misaligned(w) for w in weights], [_misaligned(b) for b in biases], activations,
+                                 params, _misaligned(offset), "fp32", odd_norms)
+    np.testing.assert_array_equal(encode(encoder, _misaligned(x)), expected)
+    with pytest.raises(ValueError, match="out: expected an aligned array"):
+        encoder.encode(x, _misaligned(np.empty((50, 5), np.float32)))
+
+
 def test_threads_and_levels_agree_to_rounding(rng, num_threads):
     layers = make_layers(rng, (784, 256, 32), "gelu")
     x = rng.random((1000, 784), dtype=np.float32)

@@ -373,6 +373,50 @@ def test_noncontiguous_inputs_equal_contiguous(simd_level, metric, rng):
         np.testing.assert_array_equal(D, D0, err_msg=f"database: {name}")
 
 
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of `a` one byte past an aligned address: its dtype's alignment broken."""
+    raw = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    view = raw[1:].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    assert not view.flags.aligned and view.flags.c_contiguous
+    return view
+
+
+def test_misaligned_inputs_reach_the_native_kernels_aligned(simd_level, rng):
+    # Reading a float through a misaligned pointer is undefined behaviour (UBSan reported it in
+    # pack_query_panel and the scalar pack_rows): the bindings copy such an input. The native
+    # functions are called directly, past the Python layer; the packed path (7 queries at every
+    # level), the row path (1 query) and the weights are all reached, and the inputs stay as they were.
+    q, x, w = _normal(rng, 7, 13), _normal(rng, 70, 13), rng.random(13).astype(np.float32)
+    q_odd, x_odd, w_odd = _misaligned(q), _misaligned(x), _misaligned(w)
+    for rows in (7, 1):
+        for weights, weights_odd in ((None, None), (w, w_odd)):
+            expected = np.empty((rows, 6), np.float32), np.empty((rows, 6), np.int64)
+            got = np.empty((rows, 6), np.float32), np.empty((rows, 6), np.int64)
+            latentspace._native.knn(q[:rows], x, 6, 0, *expected, weights)
+            latentspace._native.knn(q_odd[:rows], x_odd, 6, 0, *got, weights_odd)
+            np.testing.assert_array_equal(got[1], expected[1])
+            np.testing.assert_array_equal(got[0], expected[0])
+    norms, norms_odd = np.empty(70, np.float32), np.empty(70, np.float32)
+    assert latentspace._native.sq_norms(x, norms) == latentspace._native.sq_norms(x_odd, norms_odd) == -1
+    np.testing.assert_array_equal(norms_odd, norms)
+    np.testing.assert_array_equal(q_odd, q)
+    np.testing.assert_array_equal(x_odd, x)
+
+
+def test_misaligned_outputs_are_refused_by_name(rng):
+    # An output cannot be swapped for an aligned copy (the results would not reach the caller's
+    # array), so the bindings refuse it rather than write floats through a misaligned pointer.
+    q, x = _normal(rng, 3, 5), _normal(rng, 20, 5)
+    distances, indices = np.empty((3, 4), np.float32), np.empty((3, 4), np.int64)
+    with pytest.raises(ValueError, match="distances: expected an aligned array"):
+        latentspace._native.knn(q, x, 4, 0, _misaligned(distances), indices)
+    with pytest.raises(ValueError, match="indices: expected an aligned array"):
+        latentspace._native.knn(q, x, 4, 0, distances, _misaligned(indices))
+    with pytest.raises(ValueError, match="out: expected an aligned array"):
+        latentspace._native.sq_norms(x, _misaligned(np.empty(20, np.float32)))
+
+
 def test_noncontiguous_torch_inputs(rng):
     q, x = _normal(rng, 8, 12), _normal(rng, 50, 12)
     D0, I0 = latentspace.knn(q, x, 5)

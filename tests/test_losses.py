@@ -254,6 +254,21 @@ def test_kl_float32_gradients_match_autograd(generator):
     torch.testing.assert_close(l1.grad, l2.grad)
 
 
+def test_kl_nan_propagates(simd_level):
+    # exp(NaN) must give NaN without converting the NaN exponent to an int on the way (undefined
+    # behaviour that UBSan reported in the scalar kernels' vec_scale_pow2); 19 columns reach the
+    # vector tail at every level.
+    mu = torch.full((2, 19), 0.5)
+    logvar = torch.full((2, 19), -0.25)
+    logvar[1, 17] = float("nan")
+    logvar.requires_grad_()
+    per_row = kl_normal(mu, logvar, "none")
+    assert torch.isfinite(per_row[0]) and torch.isnan(per_row[1])
+    per_row.sum().backward()
+    assert torch.isnan(logvar.grad[1, 17])
+    assert torch.isfinite(logvar.grad[0]).all() and torch.isfinite(logvar.grad[1, :17]).all()
+
+
 def test_large_gradients_live_on_huge_page_buffers(generator):
     """Gradients >= 4 MiB come from 2 MiB-aligned native buffers that numpy/torch own."""
     recon, target = make_inputs("mse", (1100, 1000), generator)

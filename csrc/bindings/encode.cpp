@@ -69,7 +69,9 @@ std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std:
     LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
                    norm_list.size(), " for ", count, " layers");
   }
-  std::vector<py::array> alive;  // norm parameters converted here, until the encoder copied them
+  // Biases and norm parameters converted here (or their aligned copies, see checked_data), until
+  // the encoder copied them.
+  std::vector<py::array> alive;
   std::vector<LayerWeights> layers(count);
   for (size_t l = 0; l < count; ++l) {
     const std::string name = concat("weights[", l, "]");
@@ -78,7 +80,7 @@ std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std:
     layers[l].depth = dim_of(weights[l], 1);
     if (!biases[l].is_none()) {
       const std::string bias_name = concat("biases[", l, "]");
-      py::array bias = biases[l].cast<py::array>();
+      py::array& bias = alive.emplace_back(biases[l].cast<py::array>());
       layers[l].bias = checked_data<float>(bias, bias_name.c_str(), 1, false);
       LS_CHECK_VALUE(dim_of(bias, 0) == layers[l].columns, bias_name, ": expected ", layers[l].columns,
                      " values (the layer's outputs), got ", dim_of(bias, 0));

@@ -31,7 +31,15 @@ inline uint32_t vec_nan_mask(Vec a) { return a != a ? 1u : 0u; }
 inline uint32_t vec_equal_mask(Vec a, Vec b) { return a == b ? 1u : 0u; }
 inline void vec_store_partial(float* p, Vec v, int64_t n) { if (n > 0) *p = v; }
 inline Vec vec_round(Vec a) { return __builtin_nearbyintf(a); }
-inline Vec vec_scale_pow2(Vec y, Vec n) { return __builtin_ldexpf(y, static_cast<int>(n)); }
+// ldexp takes an int, and converting a float that has none (NaN, which a NaN input gives n and
+// y alike) is undefined behaviour (UBSan's float-cast-overflow, from test_nan_propagates): NaN
+// returns NaN without the conversion, and n is clamped as the AVX2 version does (the same
+// results: y is near 1, so 2^254 already overflows and 2^-252 underflows).
+inline Vec vec_scale_pow2(Vec y, Vec n) {
+  if (n != n) return y + n;
+  n = n < -252.0f ? -252.0f : (n > 254.0f ? 254.0f : n);
+  return __builtin_ldexpf(y, static_cast<int>(n));
+}
 inline Vec vec_reciprocal(Vec x) { return 1.0f / x; }
 // x = m * 2^e with m in [1, 2): returns m, sets e. x = 0 gives e = -150 (log(0) below -103);
 // NaN gives NaN.
