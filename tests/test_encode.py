@@ -740,6 +740,20 @@ def _square_mlp():
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
 
 
+def test_a_misaligned_out_is_refused_before_any_chunk_is_read(backend, rng):
+    # The native encoder cannot write floats through a misaligned pointer and refuses such an
+    # out, but only at its first chunk: a generator X would have lost that chunk by then.
+    model = _square_mlp()
+    out = np.zeros(300 * 4 * 4 + 1, np.uint8)[1:].view(np.float32).reshape(300, 4)
+    assert not out.flags.aligned
+    chunks = iter([rng.random((300, 4)).astype(np.float32)])
+    for X, tensor_out in ((rng.random((300, 4)).astype(np.float32), False), (chunks, False),
+                          (rng.random((300, 4)).astype(np.float32), True)):
+        with pytest.raises(ValueError, match="out: expected an aligned array"):
+            latentspace.encode(model, X, out=torch.from_numpy(out) if tensor_out else out)
+    assert next(chunks).shape == (300, 4)  # the generator's chunk is still there
+
+
 @pytest.mark.parametrize("batch_size", [None, 7])
 def test_out_overlapping_X_is_refused(backend, rng, batch_size):
     model = _square_mlp()

@@ -719,6 +719,9 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
         raise TypeError(f"out: expected a float32 numpy array or CPU torch tensor, got {type(out).__name__}")
     if (rows is not None and view.shape[0] != rows) or (dim is not None and view.shape[1] != dim):
         raise ValueError(f"out: expected shape {want}, got {tuple(view.shape)}")
+    if not view.flags.aligned:  # the native encoder refuses it too, but mid-stream: say so first
+        raise ValueError("out: expected an aligned array (its address a multiple of 4 bytes, as any "
+                         "allocation is; this one is a view at an odd byte offset); pass a freshly allocated one")
     return view
 
 
