@@ -1232,3 +1232,148 @@ def test_small_index_keeps_norms_across_adds_and_resets(metric, rng, norms_loade
     index.add(parts[2])
     D, I = index.search(q, 3)
     assert_knn_matches(D, I, q, parts[2], 3, metric)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs the tests above leave out (a static review of the kernels without a GPU): base
+# pointers a torch view leaves misaligned, weights on tensor cores, norms near the overflow
+# limit, and a database of more than 2^31 elements. Small integers (times a power of two)
+# make every score exact on every path, so the results must equal the CPU's bit for bit.
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _misaligned(values, dtype):
+    """A C-contiguous CUDA view of `values` (a float32 numpy matrix) in `dtype`, one element
+    past the start of its allocation: 4-byte aligned for float32, 2-byte for half types, so
+    never aligned for quad loads (16 and 8 bytes) whatever the dimension."""
+    rows, dim = values.shape
+    flat = torch.empty(rows * dim + 1, dtype=dtype, device=DEVICE)
+    view = flat[1:].view(rows, dim)
+    view.copy_(torch.from_numpy(values))
+    assert view.is_contiguous() and view.data_ptr() % (4 * view.element_size()) != 0
+    return view
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "bf16"])
+def test_small_misaligned_inputs_equal_the_cpu(storage, rng, monkeypatch):
+    """knn takes a contiguous CUDA view in place, at whatever offset it starts
+    (database[1:] of a flat tensor): the scan must see that the base cannot take 16-byte
+    (8-byte, half storage) quad loads although the dimension (64) is a multiple of 4
+    (knn_scan_launch.cuh quads_aligned), in the row scan (3 queries) and the tile scan (130;
+    float32 and bf16, both tensor-core tiles). Before this, only odd dimensions reached the
+    element-by-element loads; a misaligned quad load faults ("misaligned address")."""
+    spy = _Spy(monkeypatch)
+    x = _integers(rng, 3000, 64)
+    database = _misaligned(x, STORAGE_DTYPES[storage])
+    for nq in (3, 130):
+        q = _integers(rng, nq, 64)
+        queries = _misaligned(q, torch.float32)
+        cases = [("fp32", "mma")] + ([("bf16", "mma"), ("bf16", "wmma")] if nq > 8 else [])
+        for precision, tile in cases:
+            monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", tile)
+            for metric in ("l2", "ip"):
+                D0, I0 = latentspace.knn(q, x, 20, metric)
+                spy.calls.clear()
+                D, I = latentspace.knn(queries, database, 20, metric, precision=precision)
+                assert spy.calls[0][0] == queries.data_ptr() and spy.calls[0][2] == database.data_ptr(), "copied"
+                np.testing.assert_array_equal(I.cpu().numpy(), I0)
+                np.testing.assert_array_equal(D.cpu().numpy(), D0)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_small_weighted_l2_on_tensor_cores_is_exact(precision, rng, monkeypatch):
+    """weighted_l2 on tensor cores: the queries are scaled by the weights while they are
+    staged, then rounded (knn_tiles.cuh staged_query_quad), and the norms are weighted
+    (norms_kernel). Small integer values and weights (w q <= 6) are exact in every precision,
+    so the results must equal the CPU's: both tensor-core tiles, float32 / float16 / bfloat16
+    database storage, a dimension padded within a tile step (20) and an odd one (13), a zero
+    weight; 130 queries (the tile scan: a partial query tile). The weighted tests above search
+    in float32 only."""
+    for dim in (20, 13):
+        q, x = _integers(rng, 130, dim), _integers(rng, 3000, dim)
+        w = rng.integers(0, 4, dim).astype(np.float32)
+        w[0] = 0
+        D0, I0 = latentspace.knn(q, x, 50, "weighted_l2", weights=w)
+        queries = torch.from_numpy(q).to(DEVICE)
+        for tile in ("mma", "wmma"):
+            monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", tile)
+            for dtype in STORAGE_DTYPES.values():
+                database = torch.from_numpy(x).to(DEVICE, dtype)
+                D, I = latentspace.knn(queries, database, 50, "weighted_l2", weights=w, precision=precision)
+                np.testing.assert_array_equal(I.cpu().numpy(), I0, err_msg=f"{tile} {dtype}")
+                np.testing.assert_array_equal(D.cpu().numpy(), D0, err_msg=f"{tile} {dtype}")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_norms_near_the_overflow_limit_are_exact(metric, rng):
+    """Values of 2^59 (squared norms up to 2^124 = 2.1e37, half the documented limit of
+    4.2e37): small integers times a power of two, so every product, sum, norm and inverse
+    norm is exact or rounds exactly as at scale 1, with no overflow in qn + xn - 2 dot or in
+    the staged tf32 / bf16 values (fp16 overflows there by design: docs/gpu.md). l2 and ip
+    must equal the CPU's search bit for bit; cosine, scale-invariant, the same GPU search at
+    scale 1. Zero rows in both (cosine: similarity +0, never NaN); the row scan (3 queries,
+    norms summed in the scan) and the tile scan (130; float32, tf32, bf16)."""
+    scale = 2.0**59  # (a Python float: float32 times it stays float32, in numpy and torch)
+    x, q = _integers(rng, 2000, 16), _integers(rng, 130, 16)
+    x[[0, 777, 1999]] = 0.0
+    q[[1, 129]] = 0.0
+    for nq in (3, 130):
+        for precision in ("fp32",) if nq <= 8 else ("fp32", "tf32", "bf16"):
+            small = (torch.from_numpy(q[:nq]).to(DEVICE), torch.from_numpy(x).to(DEVICE))
+            large = (small[0] * scale, small[1] * scale)
+            D, I = latentspace.knn(*large, 40, metric, precision=precision)
+            assert torch.isfinite(D).all(), (nq, precision)
+            if metric == "cosine":
+                D1, I1 = latentspace.knn(*small, 40, metric, precision=precision)
+                assert torch.equal(I, I1) and torch.equal(D, D1), (nq, precision)
+                assert (D[1] == 0).all() and not torch.signbit(D[1]).any(), "a zero query's similarity must be +0"
+            else:
+                D0, I0 = latentspace.knn(q[:nq] * scale, x * scale, 40, metric)
+                np.testing.assert_array_equal(I.cpu().numpy(), I0, err_msg=f"{nq} {precision}")
+                np.testing.assert_array_equal(D.cpu().numpy(), D0, err_msg=f"{nq} {precision}")
+
+
+def test_database_past_2_to_31_elements_is_addressed_in_64_bits(rng):
+    """A float16 database of 2^21 + 5 rows x 1024 (2^31 + 5120 elements, 4 GiB) through the
+    native entry (the Python checks would make float32 copies of it): every element offset
+    (row * dim + d) must be computed in 64 bits, in the norms kernel, the row scan (1 query)
+    and the tile scan (9 queries; float32 and bf16). Zero rows but three: row 2^21, whose
+    first element sits at offset 2^31 exactly, equals the query; the last row and row
+    2^21 - 1 differ from it by 1 and 2 in one component. The expected results follow exactly
+    (small integers). Not "small": 4 GiB under the sanitizers would take too long."""
+    if torch.cuda.mem_get_info()[0] < 6 << 30:
+        pytest.skip("needs 6 GiB of free GPU memory")
+    dim, rows, k = 1024, (1 << 21) + 5, 4
+    middle, last = 1 << 21, rows - 1
+    assert rows * dim > 2**31 and middle * dim == 2**31
+    query = torch.from_numpy(_integers(rng, 1, dim)).to(DEVICE)
+    query[0, :2] = torch.tensor([1.0, 2.0], device=DEVICE)  # the inner products below stay apart
+    database = torch.zeros((rows, dim), dtype=torch.float16, device=DEVICE)
+    try:
+        database[middle] = query[0]
+        database[last] = query[0]
+        database[last, 0] += 1  # l2 1, ip |q|^2 + 1
+        database[middle - 1] = query[0]
+        database[middle - 1, 1] += 2  # l2 4, ip |q|^2 + 4
+        norm = float(query.square().sum())
+        expected = {"l2": ([middle, last, middle - 1, 0], [0.0, 1.0, 4.0, norm]),
+                    "ip": ([middle - 1, last, middle, 0], [norm + 4, norm + 1, norm, 0.0])}
+        device = torch.cuda.current_device()
+        for nq, precisions in ((1, (0,)), (9, (0, 2))):  # (the row scan computes in float32 only)
+            queries = query.repeat(nq, 1)
+            need = _native.knn_cuda_workspace_bytes(nq, rows, k, device)
+            workspace = torch.empty(need, dtype=torch.uint8, device=DEVICE)
+            for precision in precisions:
+                for metric, (indices, values) in expected.items():
+                    D = torch.full((nq, k), float("nan"), device=DEVICE)
+                    I = torch.full((nq, k), -7, dtype=torch.int64, device=DEVICE)
+                    _native.knn_cuda(queries.data_ptr(), nq, database.data_ptr(), rows, dim, k,
+                                     {"l2": 0, "ip": 1}[metric], D.data_ptr(), I.data_ptr(), workspace.data_ptr(),
+                                     need, torch.cuda.current_stream().cuda_stream, precision, 0, 1, 0)
+                    torch.cuda.synchronize()
+                    assert I.tolist() == [indices] * nq, (nq, precision, metric, I.tolist())
+                    assert D.tolist() == [values] * nq, (nq, precision, metric, D.tolist())
+    finally:
+        del database
+        torch.cuda.empty_cache()
