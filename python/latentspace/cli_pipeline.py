@@ -388,7 +388,7 @@ def add_commands(sub: Any) -> None:
     encode.add_argument("data", help="a .npy (memory-mapped), .npz (--key) or ann-benchmarks .hdf5 file")
     encode.add_argument("--out", required=True, help="the codes, (n, latent_dim) float32 .npy (written atomically)")
     encode.add_argument("--batch-size", type=int, default=None,
-                        help="rows per chunk (default 65536 native, 4096 torch)")
+                        help="rows per chunk (default 65536 native, 4096 torch; fewer for wide samples)")
     _encoding_options(encode)
     _common(encode)
     encode.set_defaults(run=_command_encode, api_names=_ENCODE_NAMES)

@@ -47,8 +47,16 @@ PRECISIONS = ("fp32", "bf16")
 # took 5.2 GB); torch materialises every layer's activations, so it gets smaller ones.
 NATIVE_BATCH_ROWS = 65536
 NATIVE_BATCH_BYTES = 256 << 20  # 65,536 rows up to 1,024 features
+# torch holds a chunk's private copy and every layer's activations: bounded by the chunk's
+# float32 input too, or 4,096 images of 3x128x128 took 5.9 GB in a ConvAutoencoder.
 TORCH_BATCH_ROWS = 4096
+TORCH_BATCH_BYTES = 16 << 20  # 4,096 rows up to 1,024 values a sample
 _NATIVE_BAD_ROW = re.compile(r"\brow (\d+)\b")
+
+
+def _rows_within(rows: int, nbytes: int, values_per_row: int) -> int:
+    """At most `rows` rows, and at most `nbytes` of them as float32 (at least one row)."""
+    return max(1, min(rows, nbytes // (4 * max(1, values_per_row))))
 
 
 def _where(row: int, origin: tuple[int, int] | None) -> str:
@@ -191,9 +199,11 @@ class Encoder:
 
     @property
     def default_batch_size(self) -> int:
-        if self.backend != "native":
+        if self.backend == "native":
+            return _rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, self._spec.input_dim)
+        if self._sample_shapes is None:  # a module of unknown input shape: rows alone
             return TORCH_BATCH_ROWS
-        return max(1, min(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES // (4 * self._spec.input_dim)))
+        return _rows_within(TORCH_BATCH_ROWS, TORCH_BATCH_BYTES, math.prod(self._sample_shapes[0]))
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
@@ -213,7 +223,8 @@ class Encoder:
             map (read chunk by chunk), a torch tensor (CPU or CUDA), or an iterable of such
             chunks (a generator, or iter(list_of_chunks): a list itself is read as one
             array). Rows of shape model.input_shape (ConvAutoencoder: images or flat rows).
-        batch_size: rows per chunk (default 65,536 native, 4,096 torch).
+        batch_size: rows per chunk (default 65,536 native, 4,096 torch; fewer for wide
+            samples: a chunk holds at most 256 MiB (native) or 16 MiB (torch) of float32 input).
         out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
             shape (n, latent_dim) to write into; it is returned. For an iterable X the
             chunks must fill it exactly. It must not share memory with X (not even out=X),

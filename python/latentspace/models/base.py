@@ -18,6 +18,7 @@ real dtypes are converted to the model's dtype; bool, complex and object arrays 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ ACTIVATIONS = {
 OUTPUTS = ("linear", "sigmoid")
 LOSSES = ("mse", "bce")
 _NUMPY_CHUNK_ROWS = 8192  # numpy inputs are encoded in chunks so memory stays bounded
+# ... of at most this many bytes of float32 samples (the larger of input and output: decode
+# makes images): 8,192 rows of 64x64 images held ~0.9 GB of copies and activations at once
+_NUMPY_CHUNK_BYTES = 16 << 20
 
 
 def check_activation(activation: Any) -> str:
@@ -160,17 +164,29 @@ class LatentModel(nn.Module):
             return function(tensor)
         if not isinstance(x, np.ndarray) and not isinstance(x, (str, bytes)) and x is not None:
             x = np.asarray(x)
-        if not isinstance(x, np.ndarray) or x.ndim == 0 or x.shape[0] <= _NUMPY_CHUNK_ROWS:
+        step = self._numpy_chunk_rows(x)
+        if not isinstance(x, np.ndarray) or x.ndim == 0 or x.shape[0] <= step:
             tensor, kind = as_model_input(x, name, sample_shapes=sample_shapes, dtype=dtype, device=device)
             with torch.no_grad():
                 return as_output(function(tensor), kind)
         parts = []
         with torch.no_grad():
-            for start in range(0, x.shape[0], _NUMPY_CHUNK_ROWS):
-                tensor, kind = as_model_input(x[start : start + _NUMPY_CHUNK_ROWS], name,
+            for start in range(0, x.shape[0], step):
+                tensor, kind = as_model_input(x[start : start + step], name,
                                               sample_shapes=sample_shapes, dtype=dtype, device=device)
                 parts.append(as_output(function(tensor), kind))
         return np.concatenate(parts)
+
+    def _numpy_chunk_rows(self, x: Any) -> int:
+        """Rows per chunk of a numpy x: _NUMPY_CHUNK_ROWS, fewer when they would hold more than
+        _NUMPY_CHUNK_BYTES of float32 samples, in or out (a sample of the data: input_shape)."""
+        shape = getattr(x, "shape", ())
+        values = math.prod(shape[1:]) if len(shape) > 1 else 1
+        try:
+            values = max(values, math.prod(self.input_shape))
+        except (NotImplementedError, ValueError):  # not known (yet): an unfitted PCA
+            pass
+        return max(1, min(_NUMPY_CHUNK_ROWS, _NUMPY_CHUNK_BYTES // (4 * max(1, values))))
 
     def encode(self, x: Any) -> Any:
         """Latent codes of x: (n, *input_shape) -> (n, latent_dim). numpy in: a numpy array

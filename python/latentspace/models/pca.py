@@ -17,6 +17,10 @@ __all__ = ["PCA"]
 # are the right singular vectors), so the data can be a memory map larger than RAM.
 _SVD_MAX_ELEMENTS = 1 << 24
 _CHUNK_ROWS = 65536
+# ... and at most this many bytes of them in float64 (the chunk is converted to float64, and a
+# few chunk-sized temporaries live at once): 65,536 rows of 1,024 features took 2.2 GB while
+# fitting a memory map
+_CHUNK_BYTES = 16 << 20
 
 
 class PCA(LatentModel):
@@ -182,9 +186,11 @@ class PCA(LatentModel):
         if n < 2 or k > n:
             raise ValueError(f"X: PCA(latent_dim={k}) needs at least max(2, {k}) rows, got {n}")
 
+        step = max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // (8 * d)))
+
         def chunks():
-            for start in range(0, n, _CHUNK_ROWS):
-                chunk, _ = as_model_input(X[start : start + _CHUNK_ROWS], "X", sample_shapes=((d,),),
+            for start in range(0, n, step):
+                chunk, _ = as_model_input(X[start : start + step], "X", sample_shapes=((d,),),
                                           dtype=torch.float64, device="cpu")
                 if not torch.isfinite(chunk).all():
                     row = start + int((~torch.isfinite(chunk)).any(dim=1).nonzero()[0, 0])
@@ -205,7 +211,7 @@ class PCA(LatentModel):
         else:
             gram = torch.zeros(d, d, dtype=torch.float64)
             for chunk in chunks():
-                centred = chunk - mean
+                centred = chunk.sub_(mean)  # in place: the chunk is a private copy
                 gram += centred.T @ centred
             eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
             order = torch.argsort(eigenvalues, descending=True)[:k]

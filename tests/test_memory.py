@@ -1,0 +1,129 @@
+"""Peak memory on inputs larger than a chunk: the docs promise bounded memory (a memory map is
+read chunk by chunk), so the memory a call takes must not grow with a chunk's row count times
+a large sample. Each case runs in a fresh subprocess whose anonymous memory (RssAnon: not the
+memory map's file pages, which the kernel can drop) the parent samples; the figure is its
+peak above the level after the imports and the data's set-up. The bounds leave a wide margin
+over the fixed figure and sit far below the one before the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+
+MiB = 1 << 20
+
+
+def _rss_anon(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc/PID/stat (T: stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def peak_anon_above_start(body: str, timeout: float = 60.0) -> int:
+    """Runs `body` (Python; it prints START after its set-up) in a fresh interpreter and
+    returns the peak of its anonymous memory after START, above the level at START."""
+    script = "import numpy as np, torch, latentspace as ls\n" + textwrap.dedent(body)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, bufsize=1)
+    # The child stops itself after START (SIGSTOP): the baseline is taken while it waits. Wait
+    # for it to have stopped: a SIGCONT sent before its SIGSTOP would leave it stopped for good.
+    assert child.stdout.readline().strip() == "START", child.stderr.read()
+    stopped_by = time.monotonic() + timeout
+    while _state(child.pid) != "T":
+        assert time.monotonic() < stopped_by, "the case never stopped after START"
+        time.sleep(0.001)
+    start = _rss_anon(child.pid)
+    peak = start
+    deadline = time.monotonic() + timeout
+    os.kill(child.pid, signal.SIGCONT)
+    while child.poll() is None:
+        value = _rss_anon(child.pid)
+        if value is not None:
+            peak = max(peak, value)
+        assert time.monotonic() < deadline, "the case ran too long"
+        time.sleep(0.002)
+    _, err = child.communicate()
+    assert child.returncode == 0, err
+    return peak - start
+
+
+_START = "print('START', flush=True); import os, signal; os.kill(os.getpid(), signal.SIGSTOP)\n"
+
+
+def _memmap(path, shape, seed=0) -> None:
+    data = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    rng = np.random.default_rng(seed)
+    step = max(1, (16 * MiB) // (4 * int(np.prod(shape[1:]))))
+    for start in range(0, shape[0], step):
+        data[start : start + step] = rng.random((min(step, shape[0] - start), *shape[1:]), dtype=np.float32)
+    data.flush()
+
+
+def test_torch_encoder_chunks_of_large_images_stay_small(tmp_path):
+    # 4,096 images of 64x64 (64 MiB): one default torch chunk held them all, their private
+    # copy and a ConvAutoencoder's activations for all of them (~0.7 GiB with 8 channels, 5.9
+    # GiB for 4,096 images of 3x128x128 with the default ones); a chunk is now bounded in bytes.
+    path = tmp_path / "images.npy"
+    _memmap(path, (4096, 1, 64, 64))
+    peak = peak_anon_above_start(f"""
+        torch.manual_seed(0)
+        X = np.load({str(path)!r}, mmap_mode="r")
+        encoder = ls.Encoder(ls.ConvAutoencoder((1, 64, 64), 8, channels=(8,)))
+        out = np.empty((len(X), 8), np.float32)
+        {_START}
+        encoder.encode(X, out=out)
+    """)
+    assert peak < 300 * MiB, f"peak {peak / MiB:.0f} MiB"
+
+
+def test_model_encode_numpy_chunks_of_large_images_stay_small(tmp_path):
+    # model.encode(memory map): chunks of 8,192 rows whatever a sample's size held 128 MiB of
+    # images, their private copy and the activations at once.
+    path = tmp_path / "images.npy"
+    _memmap(path, (8193, 1, 64, 64))
+    peak = peak_anon_above_start(f"""
+        torch.manual_seed(0)
+        X = np.load({str(path)!r}, mmap_mode="r")
+        model = ls.ConvAutoencoder((1, 64, 64), 8, channels=(8,))
+        {_START}
+        codes = model.encode(X)
+        assert codes.shape == (8193, 8)
+    """)
+    assert peak < 300 * MiB, f"peak {peak / MiB:.0f} MiB"
+
+
+def test_pca_fit_on_a_memory_map_of_wide_rows_stays_small(tmp_path):
+    # PCA.fit accumulates X^T X in chunks of 65,536 rows: 512 bytes a row in float64 made
+    # each chunk (and its centred copy) 128 MiB; a chunk is now bounded in bytes.
+    path = tmp_path / "rows.npy"
+    _memmap(path, (131072, 256))
+    peak = peak_anon_above_start(f"""
+        X = np.load({str(path)!r}, mmap_mode="r")
+        pca = ls.PCA(4)
+        {_START}
+        pca.fit(X)
+    """)
+    assert peak < 300 * MiB, f"peak {peak / MiB:.0f} MiB"
