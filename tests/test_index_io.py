@@ -234,6 +234,49 @@ def test_save_over_own_mmap_source(tmp_path, rng):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+@pytest.mark.parametrize("metric", ["l2", "weighted_l2"])
+@pytest.mark.parametrize("n", [0, 1, 1000])
+def test_a_streamed_index_file_is_the_saved_one_byte_for_byte(tmp_path, rng, metric, n):
+    # latentspace index build streams rows into the file (the CRC is known only at the end):
+    # the same bytes as FlatIndex.save, whatever the CRC's width, so either loads the same way.
+    vectors = rng.standard_normal((n, 7)).astype(np.float32)
+    weights = rng.random(7).astype(np.float32) if metric == "weighted_l2" else None
+    index = latentspace.FlatIndex(7, metric, weights=weights)
+    index.add(vectors)
+    index.save(tmp_path / "saved.lsidx")
+    chunks = (vectors[start : start + 300] for start in range(0, n, 300))
+    latentspace.indexes.flat.save_rows_as_index(tmp_path / "streamed.lsidx", n, chunks, 7, metric, weights=weights)
+    assert (tmp_path / "streamed.lsidx").read_bytes() == (tmp_path / "saved.lsidx").read_bytes()
+
+
+@pytest.mark.parametrize("crc", [0, 1, 0xFFFFFFFF])
+def test_a_streamed_file_lays_out_for_any_crc(tmp_path, rng, monkeypatch, crc):
+    # The space of the header is kept for the widest CRC before the data's is known: with a
+    # CRC of one digit or of ten the data starts at the same offset and the file loads.
+    real_crc32 = zlib.crc32
+    monkeypatch.setattr(index_io.zlib, "crc32", lambda data, value=0: crc if len(data) != 0 and
+                        not isinstance(data, bytes) else real_crc32(data, value))
+    vectors = rng.standard_normal((50, 3)).astype(np.float32)
+    header = {"type": "FlatIndex", "metric": "l2", "dim": 3, "ntotal": 50, "writer": "test"}
+    index_io.save_index_file_streaming(tmp_path / "x.lsidx", header, [vectors])
+    monkeypatch.setattr(index_io.zlib, "crc32", real_crc32)
+    loaded_header, data = index_io.load_index_file(tmp_path / "x.lsidx", verify=False)
+    assert loaded_header["data_crc32"] == crc and loaded_header["data_offset"] % 64 == 0
+    np.testing.assert_array_equal(data, vectors)
+
+
+@pytest.mark.parametrize("rows, match", [(49, "chunks: 49 rows, not the 50"), (51, "more than the 50 rows")])
+def test_a_streamed_file_with_the_wrong_row_count_is_refused_and_not_written(tmp_path, rng, rows, match):
+    target = tmp_path / "x.lsidx"
+    target.write_bytes(b"the old file")
+    header = {"type": "FlatIndex", "metric": "l2", "dim": 3, "ntotal": 50, "writer": "test"}
+    with pytest.raises(ValueError, match=match):
+        index_io.save_index_file_streaming(target, header, [rng.standard_normal((rows, 3)).astype(np.float32)])
+    assert target.read_bytes() == b"the old file" and sorted(p.name for p in tmp_path.iterdir()) == ["x.lsidx"]
+    with pytest.raises(ValueError, match=r"chunks: expected C-contiguous float32 \(m, 3\)"):
+        index_io.save_index_file_streaming(target, header, [np.zeros((50, 3))])
+
+
 def test_saved_file_permissions_follow_umask(tmp_path, rng):
     # An atomic save must not change what a plain open(path, "wb") would produce: the new
     # file gets the usual 0o666 & ~umask mode (mkstemp's private 0o600 must not leak).

@@ -127,3 +127,20 @@ def test_pca_fit_on_a_memory_map_of_wide_rows_stays_small(tmp_path):
         pca.fit(X)
     """)
     assert peak < 300 * MiB, f"peak {peak / MiB:.0f} MiB"
+
+
+def test_cli_index_build_streams_the_rows_into_the_file(tmp_path):
+    # index build held the whole index (dim * 4 bytes a row) before saving it, so a .npy
+    # larger than memory could not be indexed though search --mmap could search the result;
+    # it now writes each checked chunk straight into the file.
+    path = tmp_path / "vectors.npy"
+    _memmap(path, (393_216, 128))  # 192 MiB
+    peak = peak_anon_above_start(f"""
+        from latentspace import cli
+        {_START}
+        assert cli.main(["index", "build", {str(path)!r}, "--out", {str(tmp_path / 'v.lsidx')!r}, "--quiet"]) == 0
+    """)
+    assert peak < 96 * MiB, f"peak {peak / MiB:.0f} MiB"
+    import latentspace
+
+    np.testing.assert_array_equal(latentspace.load_index(tmp_path / "v.lsidx").vectors(), np.load(path))

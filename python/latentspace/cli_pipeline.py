@@ -28,7 +28,8 @@ import numpy as np
 from . import datasets
 from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
 from ._atomic import atomic_path, atomic_write, unwritable
-from .indexes import FlatIndex, load_index
+from .indexes import load_index
+from .indexes.flat import save_rows_as_index
 from .runtime import set_num_threads
 
 __all__ = ["add_commands", "check_out", "made_folder", "make_folder", "option_array", "renamed", "seed_number",
@@ -267,18 +268,23 @@ def _command_index_build(args: argparse.Namespace) -> int:
     n, dim = (int(s) for s in Z.shape)
     started = time.perf_counter()
     weights = _load_weights(args.weights, args.metric, dim)
-    index = FlatIndex(dim, args.metric, weights=weights)
-    index.reserve(n)  # one allocation; the chunks are copied in as they are read
-    with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
-              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
+
+    def checked_chunks():
         for start in range(0, n, batch_size):
             chunk, _ = as_matrix(Z[start : start + batch_size], args.vectors, dim=dim)
             check_rows_usable(chunk, args.vectors, first_row=start)  # row numbers of the file
-            index.add(chunk)
+            yield np.ascontiguousarray(chunk, dtype="<f4")
             bar.update(chunk.shape[0])
-    index.save(args.out)
+
+    # Streamed into the file chunk by chunk (the index is never held: a .npy larger than
+    # memory makes an index that search --mmap searches), the same bytes index.save writes.
+    with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
+              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
+        save_rows_as_index(args.out, n, checked_chunks(), dim, args.metric, weights=weights)
+    index = load_index(args.out, mmap=True, verify=False)  # the header as written, read back
     seconds = time.perf_counter() - started
-    print(f"latentspace index build: {index!r} from {args.vectors} -> {args.out} "
+    built = f"FlatIndex(dim={index.dim}, metric={index.metric!r}, ntotal={index.ntotal})"
+    print(f"latentspace index build: {built} from {args.vectors} -> {args.out} "
           f"({os.path.getsize(args.out):,} bytes)")
     print(f"  {_rate(n, seconds, 'rows')}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from .._arrays import (
 )
 from .._arrays import (as_device_matrix, check_rows_usable_flags, database_row_check, is_torch_tensor,
                        query_row_checks, raise_unusable_rows, unusable_row_flag)
-from .io import IndexFileError, load_index_file, save_index_file
+from .io import IndexFileError, load_index_file, save_index_file, save_index_file_streaming
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
 # A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
@@ -521,13 +521,17 @@ class FlatIndex:
         else:
             with self._lock:
                 database = self._buffer[: self._ntotal]
+        save_index_file(path, self._file_header(database.shape[0]), database)
+
+    def _file_header(self, ntotal: int) -> dict:
+        """The header of this index's file when it holds `ntotal` vectors (indexes/io.py)."""
         header = {"type": "FlatIndex", "metric": self._metric, "dim": self._dim,
-                  "ntotal": int(database.shape[0]), "writer": _native.__version__}
+                  "ntotal": int(ntotal), "writer": _native.__version__}
         if self._weights is not None:
             header["weights"] = [float(w) for w in self._weights]  # float32 values: exact in JSON
         if self._storage != "fp32":
             header["storage"] = self._storage  # restored when loaded onto a GPU
-        save_index_file(path, header, database)
+        return header
 
     @classmethod
     def _from_file(cls, header: dict, data: np.ndarray, mmap: bool, path: Any) -> "FlatIndex":
@@ -548,6 +552,16 @@ class FlatIndex:
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0
         return index
+
+
+def save_rows_as_index(path: str | os.PathLike, rows: int, chunks: Iterable[np.ndarray], dim: int,
+                       metric: str = "l2", *, weights: Any = None) -> None:
+    """Writes the file that FlatIndex(dim, metric, weights=weights) holding these rows would
+    save, without holding them: `chunks` yields (m, dim) float32 C-contiguous arrays, `rows`
+    in all, each already checked as add() checks its input. For data larger than memory
+    (`latentspace index build`); load_index(path, mmap=True) then searches it."""
+    header = FlatIndex(dim, metric, weights=weights)._file_header(rows)  # checks dim, metric, weights
+    save_index_file_streaming(path, header, chunks)
 
 
 def _rebuilt(dim: int, metric: str, weights: Any, storage: str, device: Any, vectors: np.ndarray) -> FlatIndex:

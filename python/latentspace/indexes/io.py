@@ -24,7 +24,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -90,18 +90,19 @@ def _parse_header(path: Path, encoded: bytes) -> tuple[dict[str, Any], list[int]
     return header, [_header_int(path, header, name) for name in _HEADER_INTS]
 
 
-def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.ndarray) -> None:
-    """Writes header + data (C-contiguous float32) to `path` atomically."""
-    data = np.ascontiguousarray(data, dtype="<f4")
-    header = dict(header, dtype="float32", data_nbytes=int(data.nbytes), data_crc32=_crc32(data))
-    # The data offset depends on the header length, which depends on the offset's digits:
-    # reserve a fixed-width field and fill it in.
-    header["data_offset"] = 0
-    encoded = json.dumps(header, sort_keys=True).encode()
+def _data_offset(header: dict[str, Any]) -> int:
+    """Where the data starts: past the prefix, the header as it will be written and 32 spare
+    bytes (the header's own offset field grows from 0 to its value), on a 64-byte boundary.
+    Sized for the widest CRC, so that a streamed file, whose CRC is known only at its end,
+    lays out the same as one written at once."""
+    encoded = json.dumps(dict(header, data_offset=0, data_crc32=0xFFFFFFFF), sort_keys=True).encode()
     offset = _PREFIX.size + len(encoded) + 32
-    offset += -offset % _DATA_ALIGNMENT
-    header["data_offset"] = offset
-    encoded = json.dumps(header, sort_keys=True).encode()
+    return offset + -offset % _DATA_ALIGNMENT
+
+
+def _prefix_and_header(path: Any, header: dict[str, Any], offset: int) -> bytes:
+    """The file's first `offset` bytes: prefix, header (with data_offset = offset), zero padding."""
+    encoded = json.dumps(dict(header, data_offset=offset), sort_keys=True).encode()
     if _PREFIX.size + len(encoded) > offset:
         raise AssertionError("index header outgrew its reserved space")  # cannot happen: 32 spare bytes
     if len(encoded) > _MAX_HEADER_BYTES:  # refused before anything is written: load would refuse it
@@ -109,14 +110,50 @@ def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.nd
                          f"{_MAX_HEADER_BYTES:,} an index file holds (a weighted_l2 index's weights take "
                          "about 20 bytes a dimension)")
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(encoded), zlib.crc32(encoded), 0)
+    return prefix + encoded + b"\0" * (offset - _PREFIX.size - len(encoded))
 
+
+def save_index_file(path: str | os.PathLike, header: dict[str, Any], data: np.ndarray) -> None:
+    """Writes header + data (C-contiguous float32) to `path` atomically."""
+    data = np.ascontiguousarray(data, dtype="<f4")
+    header = dict(header, dtype="float32", data_nbytes=int(data.nbytes), data_crc32=_crc32(data))
+    start = _prefix_and_header(path, header, _data_offset(header))
     with atomic_write(path) as f:
-        f.write(prefix)
-        f.write(encoded)
-        f.write(b"\0" * (offset - _PREFIX.size - len(encoded)))
+        f.write(start)
         flat = data.reshape(-1).view(np.uint8)
-        for start in range(0, flat.size, _CHUNK_BYTES):
-            f.write(flat[start : start + _CHUNK_BYTES])
+        for begin in range(0, flat.size, _CHUNK_BYTES):
+            f.write(flat[begin : begin + _CHUNK_BYTES])
+
+
+def save_index_file_streaming(path: str | os.PathLike, header: dict[str, Any], chunks: Iterable[np.ndarray]) -> None:
+    """save_index_file for data that arrives in chunks, none of it held after it is written:
+    the chunks ((m, dim) float32, C-contiguous, rows in order) must hold header["ntotal"] rows
+    of header["dim"] values in all. The data's CRC is known only at the end, so the space of
+    the prefix and header is kept (sized for the widest CRC) and they are written last. The
+    file is byte for byte the one save_index_file writes for the same rows."""
+    ntotal, dim = int(header["ntotal"]), int(header["dim"])
+    nbytes = ntotal * dim * 4
+    header = dict(header, dtype="float32", data_nbytes=nbytes)
+    offset = _data_offset(header)
+    crc, rows = 0, 0
+    with atomic_write(path) as f:
+        f.write(b"\0" * offset)
+        for chunk in chunks:
+            if chunk.dtype != np.dtype("<f4") or chunk.ndim != 2 or chunk.shape[1] != dim or not chunk.flags.c_contiguous:
+                raise ValueError(f"chunks: expected C-contiguous float32 (m, {dim}) arrays, got {chunk.dtype} "
+                                 f"{chunk.shape}")
+            rows += chunk.shape[0]
+            if rows > ntotal:
+                raise ValueError(f"chunks: more than the {ntotal:,} rows the header declares")
+            flat = chunk.reshape(-1).view(np.uint8)
+            for begin in range(0, flat.size, _CHUNK_BYTES):
+                crc = zlib.crc32(flat[begin : begin + _CHUNK_BYTES], crc)
+                f.write(flat[begin : begin + _CHUNK_BYTES])
+        if rows != ntotal:
+            raise ValueError(f"chunks: {rows:,} rows, not the {ntotal:,} the header declares")
+        start = _prefix_and_header(path, dict(header, data_crc32=crc), offset)
+        f.seek(0)
+        f.write(start)
 
 
 def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
