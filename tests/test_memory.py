@@ -115,6 +115,20 @@ def test_model_encode_numpy_chunks_of_large_images_stay_small(tmp_path):
     assert peak < 300 * MiB, f"peak {peak / MiB:.0f} MiB"
 
 
+def test_model_decode_of_numpy_holds_its_output_once():
+    # Chunked numpy outputs were kept as parts and then concatenated: twice the output at the
+    # end (512 MiB for these 256 MiB of images); the result is now filled chunk by chunk.
+    peak = peak_anon_above_start(f"""
+        torch.manual_seed(0)
+        model = ls.Autoencoder(2048, 8, hidden=(16,))
+        codes = np.random.default_rng(0).standard_normal((32768, 8)).astype(np.float32)
+        {_START}
+        images = model.decode(codes)
+        assert images.shape == (32768, 2048)
+    """)
+    assert peak < 400 * MiB, f"peak {peak / MiB:.0f} MiB for 256 MiB of output"
+
+
 def test_pca_fit_on_a_memory_map_of_wide_rows_stays_small(tmp_path):
     # PCA.fit accumulates X^T X in chunks of 65,536 rows: 512 bytes a row in float64 made
     # each chunk (and its centred copy) 128 MiB; a chunk is now bounded in bytes.

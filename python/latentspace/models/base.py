@@ -169,13 +169,16 @@ class LatentModel(nn.Module):
             tensor, kind = as_model_input(x, name, sample_shapes=sample_shapes, dtype=dtype, device=device)
             with torch.no_grad():
                 return as_output(function(tensor), kind)
-        parts = []
-        with torch.no_grad():
+        result = None  # allocated at the first chunk's output (its shape and dtype): the
+        with torch.no_grad():  # outputs are held once, not as parts and then their concatenation
             for start in range(0, x.shape[0], step):
                 tensor, kind = as_model_input(x[start : start + step], name,
                                               sample_shapes=sample_shapes, dtype=dtype, device=device)
-                parts.append(as_output(function(tensor), kind))
-        return np.concatenate(parts)
+                part = as_output(function(tensor), kind)
+                if result is None:
+                    result = np.empty((x.shape[0], *part.shape[1:]), dtype=part.dtype)
+                result[start : start + part.shape[0]] = part
+        return result
 
     def _numpy_chunk_rows(self, x: Any) -> int:
         """Rows per chunk of a numpy x: _NUMPY_CHUNK_ROWS, fewer when they would hold more than
