@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from typing import Any, Iterable
 
 import numpy as np
@@ -83,14 +84,19 @@ class FlatIndex:
         # _write_lock serialises the writers for the whole of their work (add_encoded holds it
         # while it encodes); _lock guards the (buffer, ntotal) pair and is held only briefly,
         # so searches never wait for an encoding to finish.
-        self._write_lock = threading.Lock()
-        self._writer: int | None = None  # the thread holding _write_lock (see _writing)
-        self._lock = threading.Lock()
+        self._new_locks()
+        _LIVE_INDEXES.add(self)
         self._buffer = np.empty((0, self._dim), dtype=np.float32)
         self._ntotal = 0
         self._read_only = False
         if self._device is not None:
             self._init_cuda()
+
+    def _new_locks(self) -> None:
+        """Fresh, free locks (at construction, and in a forked child: see _free_locks_in_child)."""
+        self._write_lock = threading.Lock()
+        self._writer: int | None = None  # the thread holding _write_lock (see _writing)
+        self._lock = threading.Lock()
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -271,8 +277,10 @@ class FlatIndex:
         if self._device is not None:
             return self._reset_cuda()
         with self._writing("reset"), self._lock:
-            self._buffer = np.empty((0, self._dim), dtype=np.float32)
+            # ntotal first: a child forked between these lines (no lock protects it there)
+            # sees an empty index, never an ntotal beyond its buffer.
             self._ntotal = 0
+            self._buffer = np.empty((0, self._dim), dtype=np.float32)
             self._read_only = False
 
     def reconstruct(self, ids: Any) -> np.ndarray:
@@ -552,6 +560,24 @@ class FlatIndex:
         index._ntotal = data.shape[0]
         index._read_only = bool(mmap) and data.shape[0] > 0
         return index
+
+
+# Every index alive in this process, for the fork handler below (weak: no index is kept alive).
+_LIVE_INDEXES: "weakref.WeakSet[FlatIndex]" = weakref.WeakSet()
+
+
+def _free_locks_in_child() -> None:
+    # A child forked (multiprocessing's default start method on Linux) while another thread
+    # was adding to an index inherits that thread's locks held, but not the thread that would
+    # release them: the child's first write waited forever. The child has no other thread, and
+    # the state it inherits is consistent (rows being added are unpublished until ntotal moves),
+    # so it starts with free locks.
+    for index in list(_LIVE_INDEXES):
+        index._new_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_free_locks_in_child)
 
 
 def save_rows_as_index(path: str | os.PathLike, rows: int, chunks: Iterable[np.ndarray], dim: int,

@@ -164,8 +164,13 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     Raises IndexFileError for a foreign, truncated, corrupted or too-new file.
     """
     path = Path(os.fspath(path))
-    size = stat_regular_file(path, "an index file", IndexFileError).st_size
+    stat_regular_file(path, "an index file", IndexFileError)  # before open: a FIFO would block it
     with open(path, "rb") as f:
+        # Everything below reads this one open file, never the path again: save() renames a
+        # new file over the path, and a load racing it mixed one file's header with the
+        # other's size or data (a valid file refused as truncated or corrupted, or mapped
+        # with the wrong shape).
+        size = os.fstat(f.fileno()).st_size
         prefix = f.read(_PREFIX.size)
         looks_like_ours = prefix.startswith(MAGIC) or (prefix and MAGIC.startswith(prefix))
         if not looks_like_ours:
@@ -201,7 +206,7 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
         if ntotal == 0:
             data = np.empty((0, dim), dtype=np.float32)
         elif mmap:
-            data = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=(ntotal, dim))
+            data = np.memmap(f, dtype="<f4", mode="r", offset=offset, shape=(ntotal, dim))  # outlives f
         else:
             f.seek(offset)
             data = empty_vector_buffer(ntotal, dim)  # as FlatIndex grows its own buffer
