@@ -180,6 +180,17 @@ def test_writes_from_many_threads_are_serialised_and_none_is_lost(rng):
         np.testing.assert_array_equal(np.sort(stored[:, 0]), np.sort(np.concatenate(blocks)[:, 0]))
 
 
+def _adding_in_parts(index, data, parts, done):
+    """A thread body that adds `data` to `index` in `parts` equal parts, then sets `done`."""
+    def writer():
+        try:
+            for part in np.split(data, parts):
+                index.add(part)
+        finally:
+            done.set()
+    return writer
+
+
 def test_copies_and_pickles_taken_while_adding_hold_a_prefix(rng):
     dim, chunk, chunks = 6, 25, 30
     data = _normal(rng, chunk * chunks, dim)
@@ -187,12 +198,7 @@ def test_copies_and_pickles_taken_while_adding_hold_a_prefix(rng):
     copies = []
     done = threading.Event()
 
-    def writer():
-        try:
-            for part in np.split(data, chunks):
-                index.add(part)
-        finally:
-            done.set()
+    writer = _adding_in_parts(index, data, chunks, done)
 
     def copier():
         for _ in range(10):  # at least these, whether or not the writer is still running
@@ -220,12 +226,7 @@ def test_saves_taken_while_adding_hold_a_prefix(tmp_path, rng):
     done = threading.Event()
     loaded = []
 
-    def writer():
-        try:
-            for part in np.split(data, chunks):
-                index.add(part)
-        finally:
-            done.set()
+    writer = _adding_in_parts(index, data, chunks, done)
 
     def saver(name):
         def run():
