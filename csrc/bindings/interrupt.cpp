@@ -21,11 +21,11 @@ InterruptPoll poll_for_this_thread() {
   return PyThread_get_thread_ident() == g_main_thread ? &python_exception_pending : nullptr;
 }
 
-}  // namespace
-
 // A child forked from another thread continues on that thread, which Python makes its main
 // thread (PyOS_AfterFork_Child).
 void remember_the_forking_thread() { g_main_thread = PyThread_get_thread_ident(); }
+
+}  // namespace
 
 void init_interrupts() {
   g_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();

@@ -281,9 +281,8 @@ def _command_index_build(args: argparse.Namespace) -> int:
     with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
         save_rows_as_index(args.out, n, checked_chunks(), dim, args.metric, weights=weights)
-    index = load_index(args.out, mmap=True, verify=False)  # the header as written, read back
     seconds = time.perf_counter() - started
-    built = f"FlatIndex(dim={index.dim}, metric={index.metric!r}, ntotal={index.ntotal})"
+    built = f"FlatIndex(dim={dim}, metric={args.metric!r}, ntotal={n})"
     print(f"latentspace index build: {built} from {args.vectors} -> {args.out} "
           f"({os.path.getsize(args.out):,} bytes)")
     print(f"  {_rate(n, seconds, 'rows')}")
