@@ -286,25 +286,188 @@ def test_large_gradients_live_on_huge_page_buffers(generator):
 # --- second derivatives, argument types, the torch (GPU) path ----------------------------
 
 
+def second_order_inputs(kind, generator, dtype=torch.float64):
+    """recon and target for a second-derivative check; recon for "bce" stays inside
+    (0.05, 0.95), where finite differences of its 1 / (r (1 - r)) stay accurate."""
+    recon, target = make_inputs(kind, (3, 5), generator, dtype)
+    if kind == "bce":
+        recon = recon * 0.9 + 0.05
+    return recon.requires_grad_(), target.requires_grad_(kind != "bce")  # (bce: no target gradient)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradgradcheck_float64(kind, reduction, generator):
+    """The backward only scaled a gradient saved by the native forward, a constant to autograd:
+    backward with create_graph=True raised RuntimeError (before that, the Hessian part of a
+    gradient penalty was silently dropped). Under create_graph it now recomputes the first
+    derivative with torch ops from the inputs: second derivatives with respect to recon,
+    target and the incoming gradient (gradgradcheck checks all three)."""
+    recon, target = second_order_inputs(kind, generator)
+    inputs = (recon, target) if target.requires_grad else (recon,)
+
+    def loss(*args):
+        return reconstruction_loss(args[0], args[1] if len(args) > 1 else target, kind, reduction)
+
+    assert torch.autograd.gradgradcheck(loss, inputs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_gradgradcheck_float64(reduction, generator):
+    mu = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(4, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda m, lv: kl_normal(m, lv, reduction), (mu, logvar))
+
+
+def torch_kl(mu, logvar, reduction):
+    per_row = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).reshape(mu.shape[0], -1).sum(dim=1)
+    return {"mean": per_row.mean(), "sum": per_row.sum(), "none": per_row}[reduction]
+
+
+def second_order_terms(loss, inputs, direction):
+    """A gradient penalty's gradient and a Hessian-vector product (along `direction`, with
+    respect to the first input), both through create_graph=True, for every input."""
+    grads = torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
+    penalty = sum((g.float() ** 2).sum() for g in grads)
+    penalty_grads = torch.autograd.grad(penalty, inputs, retain_graph=True)
+    # (KL: d/dmu does not depend on logvar; that part of the product is zero)
+    hvp = torch.autograd.grad((grads[0] * direction).sum(), inputs, allow_unused=True, materialize_grads=True)
+    return grads, penalty_grads, hvp
+
+
+@pytest.mark.parametrize("kind", KINDS + ("kl",))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradient_penalty_and_hvp_match_torch(kind, reduction, dtype, generator):
+    """float32 (and bfloat16, computed in float32 and returned in bfloat16, as the first
+    derivatives are): the same second-order terms as torch's own losses give."""
+    if kind == "kl":
+        a = torch.randn(6, 9, generator=generator).to(dtype).requires_grad_()
+        b = torch.randn(6, 9, generator=generator).to(dtype).requires_grad_()
+        ours, reference = (lambda m, lv: kl_normal(m, lv, reduction)), (lambda m, lv: torch_kl(m, lv, reduction))
+    else:
+        a, b = second_order_inputs(kind, generator, torch.float32)
+        a, b = a.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_(kind != "bce")
+        ours = lambda r, t: reconstruction_loss(r, t, kind, reduction)  # noqa: E731
+        reference = lambda r, t: torch_reference(r.float(), t.float(), kind, reduction)  # noqa: E731
+    inputs = (a, b) if b.requires_grad else (a,)
+    weights = torch.rand(6 if kind == "kl" else 3, generator=generator) + 0.5  # per row for "none"
+
+    def weighted(loss):
+        def call(*args):
+            out = loss(*(args + (b,))[:2]).float()
+            return (out * weights).sum() if reduction == "none" else out * 1.5  # grad_output != 1
+        return call
+
+    direction = torch.randn(a.shape, generator=generator)
+    got = second_order_terms(weighted(ours), inputs, direction)
+    reference_inputs = tuple(x.detach().float().requires_grad_() for x in inputs)
+    expected = second_order_terms(weighted(reference), reference_inputs, direction)
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 1e-3}
+    for got_terms, expected_terms in zip(got, expected):
+        for x, g, e in zip(inputs, got_terms, expected_terms):
+            assert g.dtype == x.dtype and g.shape == x.shape
+            torch.testing.assert_close(g.float(), e, **tolerance)
+
+
 @pytest.mark.parametrize("loss", [
-    lambda a, b: reconstruction_loss(a, b, "mse", "sum"),
-    lambda a, b: reconstruction_loss(a, b, "bce_logits", "mean"),
-    lambda a, b: kl_normal(a, b, "none"),
+    lambda a, b: reconstruction_loss(a, b, "mse", "mean"),
+    lambda a, b: reconstruction_loss(a, b, "bce_logits", "sum"),
+    lambda a, b: kl_normal(a, b, "mean"),
 ])
-def test_second_derivatives_are_refused_not_silently_zero(loss, generator):
-    """The backward only scales a gradient saved by the native forward: it is not itself
-    differentiable. With create_graph=True the gradient came back as a constant, so a
-    second-order term (a gradient penalty, a Hessian-vector product) silently lost its
-    Hessian part: d/da sum(grad * a) gave grad alone, where torch's mse gives grad + 2a
-    (gradgradcheck: Jacobian mismatch). It must be an error instead."""
+def test_incoming_gradient_of_one_stays_in_the_graph(loss, generator):
+    """The plain backward skips multiplying by an incoming gradient of exactly 1; under
+    create_graph that would drop the gradient's dependence on it (here: linear, so the
+    derivative of sum(grad) with respect to it is sum(grad) itself, not an error or zero)."""
     a = torch.rand(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
     b = torch.rand(3, 4, generator=generator, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="differentiated twice"):
-        (grad,) = torch.autograd.grad(loss(a, b).sum(), a, create_graph=True)
-        torch.autograd.grad((grad * a).sum(), a)
-    # a plain backward still works
-    (grad,) = torch.autograd.grad(loss(a, b).sum(), a)
-    assert torch.isfinite(grad).all()
+    one = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(a, b), a, grad_outputs=one, create_graph=True)
+    (d_one,) = torch.autograd.grad(grad.sum(), one)
+    torch.testing.assert_close(d_one, grad.sum().detach())
+
+
+def nan_second_derivatives(loss, kind):
+    """The gradient (create_graph=True) and the Hessian's diagonal, NaN at recon[1, 17]."""
+    recon = torch.full((2, 19), 0.25, dtype=torch.float64)
+    recon[1, 17] = float("nan")
+    recon.requires_grad_()
+    target = torch.full((2, 19), 0.5, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(loss(recon, target, kind, "none").sum(), recon, create_graph=True)
+    (hessian_diagonal,) = torch.autograd.grad(grad.sum(), recon)
+    return grad.detach(), hessian_diagonal
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_second_derivatives_propagate_nan(kind):
+    """Under create_graph the recomputed gradient is NaN where recon is, as the saved one is,
+    and only there. The second derivatives are torch's: NaN where they depend on recon (mse's
+    is the constant 2); torch's CPU "bce" refuses NaN, so there: NaN at that element alone."""
+    grad, hessian_diagonal = nan_second_derivatives(reconstruction_loss, kind)
+    assert torch.isnan(grad[1, 17]) and torch.isfinite(grad[0]).all() and torch.isfinite(grad[1, :17]).all()
+    if kind == "bce":
+        assert torch.isnan(hessian_diagonal[1, 17])
+        assert torch.isfinite(hessian_diagonal[0]).all() and torch.isfinite(hessian_diagonal[1, :17]).all()
+        return
+    torch_grad, torch_hessian_diagonal = nan_second_derivatives(torch_reference, kind)
+    torch.testing.assert_close(grad, torch_grad, equal_nan=True)
+    torch.testing.assert_close(hessian_diagonal, torch_hessian_diagonal, equal_nan=True)
+
+
+def native_reconstruction_gradient(recon, target, kind, scale):
+    """The native kernel's own gradient buffer, called directly (not through autograd)."""
+    r, t = recon.detach().numpy().copy(), target.detach().numpy().copy()
+    grad = np.empty_like(r)
+    latentspace._native.reconstruction_loss(r, t, {"mse": 0, "bce": 1, "bce_logits": 2}[kind], scale, grad, None)
+    return torch.from_numpy(grad)
+
+
+def refuse_recompute(monkeypatch):
+    """Makes the create_graph recomputation an error: a plain backward must never reach it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the create_graph recomputation ran in a plain backward")
+    for name in ("_reconstruction_grads", "_kl_grads"):
+        monkeypatch.setattr(latentspace.losses, name, refuse)
+
+
+def backward_weighted(loss, row_weights):
+    """A plain backward with an incoming gradient other than 1 (per row for "none")."""
+    if loss.dim():
+        (loss * row_weights).sum().backward()
+    else:
+        (loss * 1.5).backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_plain_backward_returns_the_native_gradient_exactly(kind, reduction, generator, monkeypatch):
+    """Without create_graph the backward is the fast path it was: the native forward's gradient
+    times the incoming one, bit for bit (the torch recomputation never runs)."""
+    refuse_recompute(monkeypatch)
+    recon, target = make_inputs(kind, (7, 13), generator)
+    weights = torch.rand(7, generator=generator) + 0.5
+    r, t = recon.clone().requires_grad_(), target.clone().requires_grad_(kind != "bce")
+    backward_weighted(reconstruction_loss(r, t, kind, reduction), weights)
+    native = native_reconstruction_gradient(recon, target, kind, 1.0 / recon.numel() if reduction == "mean" else 1.0)
+    expected = native * weights[:, None] if reduction == "none" else native * torch.tensor(1.5)
+    assert torch.equal(r.grad, expected)
+    if kind == "mse":
+        assert torch.equal(t.grad, -expected)
+    ref_in = recon.clone().requires_grad_()
+    backward_weighted(torch_reference(ref_in, target, kind, reduction), weights)
+    torch.testing.assert_close(r.grad, ref_in.grad, rtol=2e-5, atol=1e-6)
+
+
+def test_kl_plain_backward_returns_the_native_gradient_exactly(generator, monkeypatch):
+    refuse_recompute(monkeypatch)
+    mu = torch.randn(9, 5, generator=generator)
+    logvar = torch.randn(9, 5, generator=generator)
+    m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    kl_normal(m, lv, "mean").backward()
+    grad_mu, grad_logvar = np.empty((9, 5), np.float32), np.empty((9, 5), np.float32)
+    latentspace._native.kl_normal(mu.numpy().copy(), logvar.numpy().copy(), 1.0 / 9, grad_mu, grad_logvar, None)
+    assert torch.equal(m.grad, torch.from_numpy(grad_mu)) and torch.equal(lv.grad, torch.from_numpy(grad_logvar))
+    torch.testing.assert_close(lv.grad, 0.5 * (logvar.exp() - 1) / 9)
 
 
 @pytest.mark.parametrize("call, exception, match", [

@@ -2,7 +2,8 @@
 
 Each loss is one torch.autograd.Function: its forward runs a native kernel (OpenMP + SIMD,
 csrc/cpu/losses.cpp) that computes the loss and its gradient in one pass over the data; its
-backward only scales that saved gradient by the incoming one. float32 runs the SIMD
+backward only scales that saved gradient by the incoming one (second derivatives: see
+below). float32 runs the SIMD
 kernels; float64 runs plain C++ (so torch.autograd.gradcheck can verify the gradients);
 float16 / bfloat16 are computed in float32 and the gradient is returned in the input dtype.
 Two inputs of different dtypes are first brought to their common one (torch.promote_types),
@@ -28,9 +29,13 @@ kl_normal(mu, logvar, reduction="mean")
 NaN: propagates (the loss and the gradient become NaN where an input is NaN), the same for
 every loss; values of `recon` outside [0, 1] for "bce" raise ValueError (NaN excepted).
 Gradients flow to `recon` (and `mu`, `logvar`); to `target` for "mse" and "bce_logits" as
-well (torch does not support it for "bce" either: that raises). First derivatives only on
-CPU tensors: a backward with create_graph=True (a gradient penalty, a Hessian-vector
-product) raises RuntimeError there; torch's ops, off the CPU, have second derivatives.
+well (torch does not support it for "bce" either: that raises). Second derivatives: a
+backward with create_graph=True (a gradient penalty, a Hessian-vector product) does not use
+the saved gradient, a constant to autograd, but recomputes the first derivative with torch
+ops from the saved inputs (in the same compute dtype, float32 for float16 / bfloat16), times
+the incoming gradient, so that autograd differentiates it again: with respect to recon,
+target, mu, logvar and the incoming gradient. A plain backward never runs that recomputation.
+torch's ops, off the CPU, have second derivatives as well.
 """
 
 from __future__ import annotations
@@ -126,24 +131,46 @@ def _reduce(total: float, row_losses: np.ndarray | None, reduction: str, count: 
     return torch.tensor(value, dtype=dtype)
 
 
-def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The saved d(loss)/d(input) times the incoming gradient (per row for "none")."""
+def _times_incoming(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """d(loss)/d(input) times the incoming gradient (per row for "none"); differentiable in both."""
     if reduction == "none":
         return grad * grad_output.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype)
-    if grad_output.numel() == 1 and float(grad_output) == 1.0:
-        return grad  # the usual loss.backward(): no extra pass over the gradient
     return grad * grad_output.to(grad.dtype)
 
 
-def _refuse_create_graph() -> None:
-    """Grad mode is on inside a backward only under create_graph=True. The gradients here were
-    computed by the native forward and are constants to autograd, so a second derivative
-    through them (a gradient penalty, a Hessian-vector product) would come out silently
-    without its Hessian part. (torch's once_differentiable does not catch the usual case,
-    where the incoming gradient itself needs none.)"""
-    if torch.is_grad_enabled():
-        raise RuntimeError("latentspace.losses: the native losses cannot be differentiated twice "
-                           "(backward with create_graph=True); use torch's own losses for higher-order gradients")
+def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The saved d(loss)/d(input) times the incoming gradient (per row for "none")."""
+    if reduction != "none" and grad_output.numel() == 1 and float(grad_output) == 1.0:
+        return grad  # the usual loss.backward(): no extra pass over the gradient
+    return _times_incoming(grad, grad_output, reduction)
+
+
+# Grad mode is on inside a backward only under create_graph=True (a gradient penalty, a
+# Hessian-vector product). The native forward's saved gradients are constants to autograd:
+# a second derivative through them would silently lose its Hessian part. So that backward
+# recomputes the first derivative with torch ops from the saved inputs instead (one more pass
+# over the data, paid only there), and autograd records how it depends on them.
+
+
+def _reconstruction_grads(recon: torch.Tensor, target: torch.Tensor, kind: str,
+                          grad_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(loss)/d(recon) and d(loss)/d(target) per element (None for "bce", which has no
+    target gradient), with torch ops in the native path's compute dtype."""
+    dtype = _compute_dtype(recon)
+    r, t = recon.to(dtype), target.to(dtype)
+    if kind == "mse":
+        grad_recon = 2 * (r - t) * grad_scale
+        return grad_recon, -grad_recon
+    if kind == "bce":  # torch's (and the kernel's) clamp of the denominator
+        return (r - t) / torch.clamp(r * (1 - r), min=1e-12) * grad_scale, None
+    return (torch.sigmoid(r) - t) * grad_scale, -r * grad_scale
+
+
+def _kl_grads(mu: torch.Tensor, logvar: torch.Tensor, grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(KL)/d(mu) and d(KL)/d(logvar) per element, with torch ops in the compute dtype."""
+    dtype = _compute_dtype(mu)
+    m, lv = mu.to(dtype), logvar.to(dtype)
+    return m * grad_scale, 0.5 * (torch.exp(lv) - 1) * grad_scale
 
 
 class ReconstructionLoss(torch.autograd.Function):
@@ -159,26 +186,36 @@ class ReconstructionLoss(torch.autograd.Function):
         grad = _empty_like(r) if needs_grad else None
         row_losses = np.empty(r.shape[0], dtype=np.float64) if reduction == "none" else None
         total = _native.reconstruction_loss(r, t, _KINDS[kind], grad_scale, grad, row_losses)
-        ctx.kind, ctx.reduction, ctx.input_dtype = kind, reduction, recon.dtype
+        ctx.kind, ctx.reduction, ctx.input_dtype, ctx.grad_scale = kind, reduction, recon.dtype, grad_scale
         if needs_grad:
-            ctx.save_for_backward(torch.from_numpy(grad).reshape(recon.shape), recon.detach())
+            # The inputs themselves (references, not copies): a backward with create_graph=True
+            # recomputes the gradient from them.
+            ctx.save_for_backward(torch.from_numpy(grad).reshape(recon.shape), recon, target)
         return _reduce(total, row_losses, reduction, count, recon.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        _refuse_create_graph()
-        grad, recon = ctx.saved_tensors
-        grad_recon = _scale_saved(grad, grad_output, ctx.reduction)
-        grad_target = None
-        if ctx.needs_input_grad[1]:
-            if ctx.kind == "mse":
-                grad_target = -grad_recon
-            else:  # bce_logits: d/dt = -x
-                scale = 1.0 / recon.numel() if ctx.reduction == "mean" else 1.0
-                grad_target = _scale_saved(-recon.to(grad.dtype) * scale, grad_output, ctx.reduction)
-            grad_target = grad_target.to(ctx.input_dtype)
+        grad, recon, target = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
+            grad_recon, grad_target = (
+                None if g is None else _times_incoming(g, grad_output, ctx.reduction)
+                for g in _reconstruction_grads(recon, target, ctx.kind, ctx.grad_scale))
+        else:
+            grad_recon, grad_target = ReconstructionLoss._from_saved(ctx, grad, recon, grad_output)
         return (grad_recon.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None,
-                grad_target, None, None)
+                grad_target.to(ctx.input_dtype) if ctx.needs_input_grad[1] and grad_target is not None else None,
+                None, None)
+
+    @staticmethod
+    def _from_saved(ctx, grad, recon, grad_output):
+        """The fast path: the native forward's gradient scaled; the target's only if needed."""
+        grad_recon = _scale_saved(grad, grad_output, ctx.reduction)
+        if not ctx.needs_input_grad[1]:
+            return grad_recon, None
+        if ctx.kind == "mse":
+            return grad_recon, -grad_recon
+        # bce_logits: d/dt = -x
+        return grad_recon, _scale_saved(-recon.to(grad.dtype) * ctx.grad_scale, grad_output, ctx.reduction)
 
 
 class KLNormal(torch.autograd.Function):
@@ -194,19 +231,23 @@ class KLNormal(torch.autograd.Function):
         grad_logvar = _empty_like(lv) if ctx.needs_input_grad[1] else None
         row_losses = np.empty(rows, dtype=np.float64) if reduction == "none" else None
         total = _native.kl_normal(m, lv, grad_scale, grad_mu, grad_logvar, row_losses)
-        ctx.reduction, ctx.input_dtype = reduction, mu.dtype
+        ctx.reduction, ctx.input_dtype, ctx.grad_scale = reduction, mu.dtype, grad_scale
         saved = [torch.from_numpy(g).reshape(mu.shape) if g is not None else torch.empty(0)
                  for g in (grad_mu, grad_logvar)]
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(*saved, mu, logvar)  # the inputs: for a create_graph=True backward
         return _reduce(total, row_losses, reduction, rows, mu.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        _refuse_create_graph()
-        grad_mu, grad_logvar = ctx.saved_tensors
+        grad_mu, grad_logvar, mu, logvar = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
+            grad_mu, grad_logvar = _kl_grads(mu, logvar, ctx.grad_scale)
+            scale = _times_incoming
+        else:
+            scale = _scale_saved
         out = []
         for needed, grad in zip(ctx.needs_input_grad[:2], (grad_mu, grad_logvar)):
-            out.append(_scale_saved(grad, grad_output, ctx.reduction).to(ctx.input_dtype) if needed else None)
+            out.append(scale(grad, grad_output, ctx.reduction).to(ctx.input_dtype) if needed else None)
         return out[0], out[1], None
 
 
