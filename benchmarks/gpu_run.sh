@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (the device tool): build, run the CUDA tests, the small GPU kNN
-# tests again under compute-sanitizer (memcheck, racecheck), and the GPU benchmarks, and write
-# everything to one log (sanitizer logs beside it). Usage, from the repository root:
+# One call on a GPU machine (the device tool): build, run the CUDA tests, the GPU losses
+# benchmark, the GPU kNN benchmarks and profile, and the new losses' GPU tests and the small
+# GPU kNN tests again under compute-sanitizer (memcheck, racecheck), and write everything to
+# one log (sanitizer logs beside it). Usage, from the repository root:
 #   bash benchmarks/gpu_run.sh            # log in $OUT (device tool) or ./gpu_run.log
 # The device image has no internet: build without isolation, with what it ships.
 set -uo pipefail
@@ -75,18 +76,21 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time, in the order tests, benchmarks, profile, sanitizer (the benchmarks were the stage a
-# run lost to the time limit before). Measured on an H200 (2026-11-26, run 8): build 94 s,
-# tests 58 s (977 tests, 6 xdist workers), benchmarks 130 s (four processes), profile 64 s;
-# the machine's start about 30 s. With the sanitizer's 150 s, about 500 s in all: one device
-# call of 600 s holds every stage; or two on the same warm machine, the second right after the
-# first (an idle machine is handed back after about 30 s; docs/gpu-runs.md):
-#   GPU_RUN_STAGES="tests bench" bash benchmarks/gpu_run.sh
+# time, in the order tests, losses (the GPU losses benchmark), bench (the kNN benchmarks),
+# profile, sanitizer (the benchmarks were the stage a run lost to the time limit before).
+# Measured on an H200 (2026-11-26, run 8): build 94 s, tests 58 s (977 tests, 6 xdist
+# workers; the losses' 189 GPU tests came after), benchmarks 130 s (four processes), profile
+# 64 s; the machine's start about 30 s. The losses benchmark has not run yet (estimated 30-60
+# s, limit 90 s). With the sanitizer's 150 s, about 560 s in all: one device call of 600 s
+# holds every stage, the sanitizer cut to what the deadline leaves; or two on the same warm
+# machine, the second right after the first (an idle machine is handed back after about 30 s;
+# docs/gpu-runs.md):
+#   GPU_RUN_STAGES="tests losses bench" bash benchmarks/gpu_run.sh
 #   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh
-# GPU_RUN_STAGES picks some stages; all four by default. Each stage's limit is also capped by
+# GPU_RUN_STAGES picks some stages; all five by default. Each stage's limit is also capped by
 # the call's deadline (GPU_RUN_DEADLINE_SECONDS, above), so GPU_RUN_SANITIZER_SECONDS need not
 # be fitted by hand: the last stage takes what is left.
-STAGES="${GPU_RUN_STAGES:-tests bench profile sanitizer}"
+STAGES="${GPU_RUN_STAGES:-tests losses bench profile sanitizer}"
 status=0
 
 if [[ " $STAGES " == *" tests "* ]] && within_deadline tests "${GPU_RUN_TEST_SECONDS:-200}"; then
@@ -102,9 +106,30 @@ if [[ " $STAGES " == *" tests "* ]] && within_deadline tests "${GPU_RUN_TEST_SEC
   echo "pytest seconds: $(( $(date +%s) - start )) (exit $status; 124: timed out)"
 fi
 
+if [[ " $STAGES " == *" losses "* ]] && within_deadline "losses benchmark" "${GPU_RUN_LOSSES_BENCH_SECONDS:-90}"; then
+  # The fused losses' kernels (csrc/cuda/losses.cu) against torch's ops and a copy of the same
+  # bytes: benchmarks/bench_losses_cuda.py, before the kNN benchmarks, whose parts take the
+  # deadline's time after it. Its JSON straight into $OUT (the 8th file of a call of every
+  # stage: the device tool brings back at most 8), its output appended to gpu_bench.log.
+  echo "== losses benchmark (benchmarks/bench_losses_cuda.py, json: losses_cuda.json; full output: gpu_bench.log)"
+  start=$(date +%s)
+  losses_json="${OUT:-.}/losses_cuda.json"
+  rm -f "$losses_json"  # a warm machine's earlier call (with OUT unset) must not lend this one its figures
+  timeout -k 10 "$limit" python3 -m pytest benchmarks/bench_losses_cuda.py -q -rfEs --tb=short \
+    --benchmark-json="$losses_json" > /tmp/gpu_bench_losses.log 2>&1
+  code=$?
+  { echo "==== losses"; cat /tmp/gpu_bench_losses.log; } >> "${OUT:-.}/gpu_bench.log"
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|Error" /tmp/gpu_bench_losses.log | head -20
+  echo "losses benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
+  # pytest-benchmark writes no JSON where nothing was timed (no GPU) and an empty one where
+  # the run was stopped: the report names either and carries on.
+  python3 benchmarks/report_losses_cuda.py "$losses_json"
+fi
+
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== GPU benchmarks"
-  gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null || true)
+  # The kNN benchmarks (the losses benchmark has its own stage, above, and report).
+  gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null | grep -v "bench_losses_cuda.py" || true)
   if [ -n "$gpu_benchmarks" ]; then
     # Four runs, each with its own JSON (pytest-benchmark fills its JSON only at the end, so a
     # run stopped at its limit leaves an empty one, which the report names and skips): the plain peers (torch's, the defaults', the
@@ -153,9 +178,10 @@ if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROF
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
 if [[ " $STAGES " == *" sanitizer "* ]]; then
-  # compute-sanitizer over the small GPU kNN tests (named "small"): memcheck (out-of-bounds
-  # and misaligned accesses, API errors) and racecheck (shared-memory hazards). torch's
-  # caching allocator is off so that memcheck sees every allocation's true bounds.
+  # compute-sanitizer over the fused losses' GPU tests (a subset), then the small GPU kNN
+  # tests (named "small"): memcheck (out-of-bounds and misaligned accesses, API errors) and
+  # racecheck (shared-memory hazards). torch's caching allocator is off so that memcheck sees
+  # every allocation's true bounds.
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -z "$SANITIZER" ]; then
     echo "== compute-sanitizer: not found, skipped"
@@ -184,6 +210,22 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
     # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
     # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
+    # Before the kNN tests, in the same process chain and log, each tool runs the fused
+    # losses' tests (csrc/cuda/losses.cu, never run under either; kNN memcheck never reaches
+    # its selection's end, so the losses go first): memcheck every kernel instantiation
+    # (float32, float64, each kind, the KL) over the tests' shapes at one reduction (the
+    # kernels do the same work for every reduction: only the gradient's scale differs), the
+    # outputs poisoned with NaN, the grid-stride and finish loops, the out-of-range flag, a
+    # side stream, half inputs, the target's gradient and strided inputs: 70 tests;
+    # racecheck the finish kernel (the only shared memory) with several segments a row and
+    # with more rows than its block has threads. GPU_RUN_MEMCHECK_LOSS_TESTS: a -k selection
+    # instead; GPU_RUN_SANITIZER_LOSSES=0 leaves the losses out. tests/test_gpu_run_script.py
+    # checks what these collect.
+    RACECHECK_LOSS_TESTS=(
+      "tests/gpu/test_losses_cuda.py::test_every_output_element_is_written[9000]"
+      "tests/gpu/test_losses_cuda.py::test_many_rows_loop_over_the_grid_and_the_finish_block"
+    )
+    MEMCHECK_LOSS_SELECTION="none or every_output_element_is_written or many_rows or outside_the_unit_interval or side_stream or half_inputs or target_gradient or non_contiguous"
     RACECHECK_TESTS=(
       "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
       "tests/gpu/test_knn_cuda.py::test_small_single_query_scan_equals_the_row_scan[128-fp32-l2]"
@@ -202,18 +244,40 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     pids=()
     for tool in memcheck racecheck; do
       if [ "$tool" = memcheck ]; then
+        loss_tests=(-k "${GPU_RUN_MEMCHECK_LOSS_TESTS:-$MEMCHECK_LOSS_SELECTION}" tests/gpu/test_losses_cuda.py)
         tests=(-k "${GPU_RUN_MEMCHECK_TESTS:-$MEMCHECK_SELECTION}" tests/gpu/test_knn_cuda.py)
       elif [ -n "${GPU_RUN_RACECHECK_TESTS:-}" ]; then
+        loss_tests=("${RACECHECK_LOSS_TESTS[@]}")
         tests=(-k "$GPU_RUN_RACECHECK_TESTS" tests/gpu/test_knn_cuda.py)
       else
+        loss_tests=("${RACECHECK_LOSS_TESTS[@]}")
         tests=("${RACECHECK_TESTS[@]}")
       fi
-      echo "== compute-sanitizer --tool $tool (pytest ${tests[*]}), log: sanitizer_$tool.log"
+      [ "${GPU_RUN_SANITIZER_LOSSES:-1}" = 0 ] && loss_tests=()
+      echo "== compute-sanitizer --tool $tool (losses: pytest ${loss_tests[*]:-(none)}; then kNN: pytest ${tests[*]}), log: sanitizer_$tool.log"
       rm -f "/tmp/sanitizer_$tool.exit"
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3; shift 3
-        "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-          python3 -m pytest -q -p no:cacheprovider -m cuda "$@" > "$log" 2>&1
-        echo $? > "/tmp/sanitizer_$tool.exit"' _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${tests[@]}" &
+      # Two pytest runs under the tool, the losses' first (their count of arguments, then
+      # theirs, then the kNN ones'); the exit file gets the first failure of the two.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3 count=$4; shift 4
+        run() {
+          "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+            python3 -m pytest -q -p no:cacheprovider -m cuda "$@"
+        }
+        losses=0
+        {
+          if [ "$count" -gt 0 ]; then
+            echo "---- losses: pytest ${*:1:count}"
+            run "${@:1:count}"
+            losses=$?
+            echo "---- losses exit $losses"
+          fi
+          echo "---- kNN: pytest ${*:count+1}"
+          run "${@:count+1}"
+          knn=$?
+          echo "---- kNN exit $knn"
+        } > "$log" 2>&1
+        echo $(( losses != 0 ? losses : knn )) > "/tmp/sanitizer_$tool.exit"' \
+        _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${#loss_tests[@]}" "${loss_tests[@]}" "${tests[@]}" &
       pids+=("$!")
     done
     for pid in "${pids[@]}"; do
@@ -224,7 +288,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     done
     for tool in memcheck racecheck; do
       code=$(cat "/tmp/sanitizer_$tool.exit" 2>/dev/null || echo 124)
-      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" "${OUT:-.}/sanitizer_$tool.log" | tail -8
+      grep -E "^---- (losses|kNN) exit|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" \
+        "${OUT:-.}/sanitizer_$tool.log" | tail -12
       echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: stopped at the ${limit} s limit)"
       if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
     done

@@ -485,6 +485,69 @@ def test_knn_cuda_report_takes_a_whole_run_in_gpu_run_sh_parts(tmp_path, capsys)
 
 
 # ============================================================================================
+# report_losses_cuda.py (GPU fused losses)
+# ============================================================================================
+def _gpu_loss(loss: str, rows: int, cols: int, peer: str, median: float, *, verified: bool = True) -> dict:
+    moved = (4 if loss == "kl_normal" else 3) * rows * cols * 4
+    info = {"kind": "loss", "loss": loss, "peer": peer, "rows": rows, "cols": cols, "dtype": "float32",
+            "reduction": "mean", "bytes": moved, "device": "NVIDIA H100 80GB HBM3", "verified": verified}
+    return {"group": f"{loss} {rows}x{cols}", "name": "test_loss", "extra_info": info,
+            "stats": {"min": median, "median": median, "mean": median, "max": median, "rounds": 50}}
+
+
+def test_losses_cuda_report_figures(tmp_path, capsys):
+    """Per cell: each peer's median; latentspace's speed-ups (torch's and the torch ops' time
+    over its own); its time over the copy roof's; GB/s from the bytes moved. Cells in the
+    order mse, bce, bce_logits, kl_normal, smaller first, whatever the JSON's order."""
+    big, small = (65536, 1024), (8192, 784)
+    moved_big = 3 * 65536 * 1024 * 4
+    runs = [_gpu_loss("kl_normal", 65536, 64, "latentspace", 0.0001),
+            _gpu_loss("kl_normal", 65536, 64, "latentspace[torch ops]", 0.0004),
+            _gpu_loss("mse", *big, "latentspace", 0.0004), _gpu_loss("mse", *big, "latentspace[torch ops]", 0.0012),
+            _gpu_loss("mse", *big, "torch", 0.0010), _gpu_loss("mse", *big, "copy roof", 0.00032),
+            _gpu_loss("mse", *small, "latentspace", 0.00005),
+            _gpu_loss("mse", *small, "latentspace[torch ops]", 0.00004),
+            _gpu_loss("mse", *small, "torch", 0.0001), _gpu_loss("mse", *small, "copy roof", 0.00002)]
+    code, out = _run("report_losses_cuda", [_gpu_file(tmp_path, "losses_cuda.json", runs)], capsys)
+    assert code == 0
+    assert "NVIDIA H100 80GB HBM3" in out and "python 3.12" in out
+    row = _row(out, "mse 65536x1024")
+    assert row[1:] == ["0.400", "1.200", "1.000", "0.320", "2.50x", "3.00x", "1.25x",
+                       f"{moved_big / 0.0004 / 1e9:.0f}", f"{moved_big / 0.00032 / 1e9:.0f}"]
+    assert _row(out, "mse 8192x784")[5:8] == ["2.00x", "0.80x", "2.50x"]
+    # kl_normal: no torch nor roof peer here, their columns empty rather than made up
+    kl_rate = f"{4 * 65536 * 64 * 4 / 0.0001 / 1e9:.0f}"
+    assert _row(out, "kl_normal 65536x64")[3:] == ["—", "—", "—", "4.00x", "—", kl_rate, "—"]
+    order = [out.index(f"| {cell} |") for cell in ("mse 8192x784", "mse 65536x1024", "kl_normal 65536x64")]
+    assert order == sorted(order)
+    # the native kernels beat the torch ops in 2 of 3 cells: 3x, 0.8x, 4x
+    assert "faster than the torch ops in 2 of 3 cells" in out
+    assert f"geometric mean {(3.0 * 0.8 * 4.0) ** (1 / 3):.2f}x, least 0.80x, most 4.00x" in out
+
+
+def test_losses_cuda_report_leaves_wrong_and_missing_peers_out_of_every_ratio(tmp_path, capsys):
+    """A latentspace peer whose check failed is missing (it never reaches the JSON) or, found
+    wrong after its timed rounds, marked: its cell has no ratio, and counts as not won. A file
+    a stopped run left empty is named, and the exit status says figures are missing."""
+    cell = (8192, 784)
+    runs = [_gpu_loss("bce", *cell, "latentspace", 0.00001, verified=False),
+            _gpu_loss("bce", *cell, "latentspace[torch ops]", 0.0002), _gpu_loss("bce", *cell, "torch", 0.0001),
+            _gpu_loss("bce", *cell, "copy roof", 0.00002),
+            _gpu_loss("bce_logits", *cell, "latentspace[torch ops]", 0.0002),
+            _gpu_loss("bce_logits", *cell, "torch", 0.0001)]
+    empty = tmp_path / "stopped.json"
+    empty.write_text("")
+    code, out = _run("report_losses_cuda", [_gpu_file(tmp_path, "a.json", runs), str(empty)], capsys)
+    assert _row(out, "bce 8192x784")[1:] == ["wrong", "0.200", "0.100", "0.020", "—", "—", "—", "—",
+                                            f"{3 * 8192 * 784 * 4 / 0.00002 / 1e9:.0f}"]
+    row = _row(out, "bce_logits 8192x784")
+    assert row[1] == "—" and row[5:8] == ["—", "—", "—"]
+    assert "not measured in any of the 2 cells" in out
+    assert f"{empty}: no results (empty" in out
+    assert code == 1
+
+
+# ============================================================================================
 # The correctness checks the benchmarks run before timing can fail
 # ============================================================================================
 def test_knn_referee_rejects_a_missed_neighbour_and_accepts_the_float64_answer():

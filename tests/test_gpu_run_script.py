@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 
 
-def _racecheck_tests() -> list[str]:
+def _racecheck_tests(name: str = "RACECHECK_TESTS") -> list[str]:
     text = SCRIPT.read_text()
-    block = re.search(r"RACECHECK_TESTS=\(\n(.*?)\n\s*\)", text, re.S)
-    assert block, "gpu_run.sh lost its RACECHECK_TESTS list"
+    block = re.search(rf"\b{name}=\(\n(.*?)\n\s*\)", text, re.S)
+    assert block, f"gpu_run.sh lost its {name} list"
     return re.findall(r'"([^"]+)"', block.group(1))
 
 
@@ -139,12 +139,14 @@ def test_the_script_runs_its_preamble_without_stages(tmp_path):
     assert "SMOKE FAILED" not in log and log.rstrip().endswith("== done (exit 0)")
 
 
-def _run_script(tmp_path, **settings: str) -> str:
-    """Runs gpu_run.sh on the installed package (no build) and returns its log."""
+def _run_script(tmp_path, path_first: Path | None = None, **settings: str) -> str:
+    """Runs gpu_run.sh on the installed package (no build) and returns its log; path_first:
+    a folder searched for commands before all others (a stand-in compute-sanitizer)."""
     import os
 
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", **settings,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    folders = [str(path_first)] if path_first else []
+    folders += [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", **settings, "PATH": os.pathsep.join(folders)}
     subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return (tmp_path / "gpu_run.log").read_text()
 
@@ -152,10 +154,14 @@ def _run_script(tmp_path, **settings: str) -> str:
 def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printed(tmp_path):
     # The stages' own limits add up to more than one 600 s device call: with the deadline
     # spent by the preamble, each stage says it was skipped and the run still ends in order.
-    log = _run_script(tmp_path, GPU_RUN_STAGES="tests bench profile", GPU_RUN_DEADLINE_SECONDS="20")
-    for stage in ("tests", "benchmark (plain)", "benchmark (large_k_opt-ins)", "profile"):
+    log = _run_script(tmp_path, GPU_RUN_STAGES="tests losses bench profile", GPU_RUN_DEADLINE_SECONDS="20")
+    stages = ("tests", "losses benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)", "profile")
+    for stage in stages:
         assert f"== {stage}: skipped" in log, log
-    assert "pytest seconds" not in log and "profile seconds" not in log
+    # in this order: the losses benchmark before the kNN benchmarks' long parts
+    positions = [log.index(f"== {stage}: skipped") for stage in stages]
+    assert positions == sorted(positions), log
+    assert "pytest seconds" not in log and "profile seconds" not in log and "losses benchmark seconds" not in log
     assert log.rstrip().endswith("== done (exit 0)"), log
 
 
@@ -206,3 +212,92 @@ def test_the_profile_takes_known_sections_only():
     if not __import__("latentspace").cuda_available():
         run = subprocess.run([sys.executable, script], capture_output=True, text=True)
         assert run.returncode == 1 and run.stdout.count("exited 1") == 6
+
+
+def test_every_stage_is_in_the_default_list_in_the_order_it_runs():
+    """A stage missing from the default GPU_RUN_STAGES would silently never run."""
+    text = SCRIPT.read_text()
+    default = re.search(r'STAGES="\$\{GPU_RUN_STAGES:-([^}]+)\}"', text).group(1).split()
+    assert default == ["tests", "losses", "bench", "profile", "sanitizer"]
+    tested = re.findall(r'\$STAGES " == \*" (\w+) "\*', text)
+    assert tested == default
+
+
+def test_the_knn_benchmark_stage_leaves_the_losses_benchmark_to_its_own_stage():
+    """bench_losses_cuda.py matches the kNN stage's bench_*cuda*.py: run there too, it would run
+    once per kNN part (with their -k selections) and mix its cells into the kNN report."""
+    line = re.search(r"^\s*gpu_benchmarks=(\$\(.*\))$", SCRIPT.read_text(), re.M).group(1)
+    listed = subprocess.run(["bash", "-c", f"echo {line}"], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert "benchmarks/bench_knn_cuda.py" in listed
+    assert "benchmarks/bench_losses_cuda.py" not in listed and (ROOT / "benchmarks" / "bench_losses_cuda.py").exists()
+
+
+def test_the_losses_stage_runs_its_benchmark_and_report_within_the_deadline(tmp_path):
+    """Without a GPU the benchmark skips itself and writes no JSON: the stage says so through
+    the report and the run still ends in order; its limit is cut by the deadline like the others'."""
+    log = _run_script(tmp_path, GPU_RUN_STAGES="losses", GPU_RUN_DEADLINE_SECONDS="60")
+    cut = re.search(r"\(losses benchmark: limit cut from 90 s to (\d+) s by the call's deadline\)", log)
+    assert cut and 15 <= int(cut.group(1)) < 50, log
+    # the module skips itself (no GPU here): pytest collected nothing, exit 5
+    assert re.search(r"losses benchmark seconds: \d+ \(exit [05];", log), log
+    assert "SKIPPED [1] benchmarks/bench_losses_cuda.py" in log and "no usable CUDA GPU" in log, log
+    assert f"{tmp_path}/losses_cuda.json: no results" in log, log
+    assert "==== losses" in (tmp_path / "gpu_bench.log").read_text()
+    assert log.rstrip().endswith("== done (exit 0)"), log
+
+
+def test_memcheck_takes_every_kernel_of_the_losses():
+    text = SCRIPT.read_text()
+    selection = re.search(r'MEMCHECK_LOSS_SELECTION="([^"]+)"', text).group(1)
+    collected = _collected("-m", "cuda", "-k", selection, "tests/gpu/test_losses_cuda.py")
+    names = [node.split("::", 1)[1] for node in collected]
+    # each dtype (dtype0 float32, dtype1 float64) and kind of the reconstruction kernels, and the KL's
+    for dtype in ("dtype0", "dtype1"):
+        for kind in ("mse", "bce", "bce_logits"):
+            assert any(name.startswith(f"test_loss_and_gradient_match_float64[{dtype}-{kind}-") for name in names)
+        assert any(name.startswith(f"test_kl_matches_float64[{dtype}-") for name in names)
+    for test in ("every_output_element_is_written[9000]", "many_rows", "outside_the_unit_interval",
+                 "side_stream", "half_inputs", "target_gradient", "non_contiguous"):
+        assert any(test in name for name in names), test
+    assert 40 < len(collected) < 100  # under a minute of memcheck before the kNN tests
+
+
+def test_racecheck_loss_tests_exist_in_the_order_given():
+    wanted = _racecheck_tests("RACECHECK_LOSS_TESTS")
+    assert wanted and len(set(wanted)) == len(wanted)
+    assert _collected(*wanted) == wanted
+
+
+FAKE_SANITIZER = """#!/bin/sh
+# compute-sanitizer's stand-in: drops "--tool T --error-exitcode 99 --print-limit 20", runs the
+# rest, and fails the losses' run with FAKE_LOSSES_EXIT where set.
+echo "fake sanitizer $2"
+shift 6
+"$@"
+code=$?
+case "$*" in *test_losses_cuda*) [ -n "$FAKE_LOSSES_EXIT" ] && exit "$FAKE_LOSSES_EXIT" ;; esac
+exit $code
+"""
+
+
+@pytest.mark.parametrize("losses", ["failing", "left out"])
+def test_the_sanitizer_runs_the_losses_tests_before_the_knn_ones(tmp_path, losses):
+    """Under each tool, the losses' tests then the kNN ones, in one log; a failure of the
+    losses' run is the tool's exit status (and the run's) even where the kNN run passes after it."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake = folder / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    settings = {"FAKE_LOSSES_EXIT": "99"} if losses == "failing" else {"GPU_RUN_SANITIZER_LOSSES": "0"}
+    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="sanitizer", **settings)
+    for tool in ("memcheck", "racecheck"):
+        tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
+        assert "---- kNN exit 0" in tool_log and "test_knn_cuda.py" in tool_log, tool_log
+        if losses == "failing":
+            assert tool_log.index("---- losses exit 99") < tool_log.index("---- kNN: pytest"), tool_log
+            assert f"{tool} exit 99" in log, log
+        else:
+            assert "---- losses" not in tool_log and f"{tool} exit 0" in log, log
+    assert log.rstrip().endswith(f"== done (exit {99 if losses == 'failing' else 0})"), log

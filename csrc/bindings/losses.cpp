@@ -50,6 +50,49 @@ double kl(py::array mu, py::array logvar, double grad_scale, py::object grad_mu,
 
 bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
 
+// CUDA: torch tensors cross as device pointers (integers) from python/latentspace/losses.py,
+// which checks devices, dtypes, shapes and contiguity; here only what a pointer cannot say.
+template <class T>
+const T* device_input(uintptr_t address, const char* name) {
+  LS_CHECK_VALUE(address != 0, name, ": expected a device pointer, got 0");
+  return reinterpret_cast<const T*>(address);
+}
+
+template <class T>
+T* device_output(uintptr_t address) {
+  return reinterpret_cast<T*>(address);  // 0: not wanted
+}
+
+void check_cuda_sizes(int64_t rows, int64_t cols) {
+  LS_CHECK_VALUE(rows >= 1 && cols >= 1, "rows, cols: expected at least 1 each, got ", rows, " x ", cols);
+}
+
+template <class T>
+void reconstruction_cuda(uintptr_t recon, uintptr_t target, int64_t rows, int64_t cols, int kind,
+                         double grad_scale, uintptr_t grad, uintptr_t row_losses, uintptr_t total,
+                         uintptr_t out_of_range, uintptr_t workspace, uintptr_t stream) {
+  const T* r = device_input<T>(recon, "recon");  // (checked in the order the arguments come)
+  const T* t = device_input<T>(target, "target");
+  py::gil_scoped_release release;
+  reconstruction_loss_cuda<T>(r, t, rows, cols,
+                              static_cast<ReconstructionKind>(kind), static_cast<T>(grad_scale),
+                              device_output<T>(grad), device_output<double>(row_losses),
+                              device_output<double>(total), device_output<uint32_t>(out_of_range),
+                              device_output<double>(workspace), stream);
+}
+
+template <class T>
+void kl_cuda(uintptr_t mu, uintptr_t logvar, int64_t rows, int64_t cols, double grad_scale, uintptr_t grad_mu,
+             uintptr_t grad_logvar, uintptr_t row_losses, uintptr_t total, uintptr_t workspace, uintptr_t stream) {
+  const T* m = device_input<T>(mu, "mu");
+  const T* lv = device_input<T>(logvar, "logvar");
+  py::gil_scoped_release release;
+  kl_normal_cuda<T>(m, lv, rows, cols,
+                    static_cast<T>(grad_scale), device_output<T>(grad_mu), device_output<T>(grad_logvar),
+                    device_output<double>(row_losses), device_output<double>(total),
+                    device_output<double>(workspace), stream);
+}
+
 }  // namespace
 
 void bind_losses(py::module_& m) {
@@ -75,6 +118,40 @@ void bind_losses(py::module_& m) {
       py::arg("grad_logvar") = py::none(), py::arg("row_losses") = py::none(),
       "Sum over rows of KL(N(mu, exp(logvar)) || N(0, 1)); optionally gradients * grad_scale "
       "and per-row values (float64).");
+
+  m.def("loss_cuda_workspace_doubles", &loss_cuda_workspace_doubles, py::arg("rows"), py::arg("cols"),
+        "float64 elements of workspace reconstruction_loss_cuda / kl_normal_cuda need for (rows, cols) inputs "
+        "(0: none).");
+  m.def(
+      "reconstruction_loss_cuda",
+      [](uintptr_t recon, uintptr_t target, int64_t rows, int64_t cols, int kind, double grad_scale,
+         uintptr_t grad, uintptr_t row_losses, uintptr_t total, uintptr_t out_of_range, uintptr_t workspace,
+         uintptr_t stream, bool float64) {
+        check_cuda_sizes(rows, cols);
+        LS_CHECK_VALUE(kind >= 0 && kind <= 2, "kind: expected 0 (mse), 1 (bce) or 2 (bce_logits)");
+        (float64 ? reconstruction_cuda<double> : reconstruction_cuda<float>)(
+            recon, target, rows, cols, kind, grad_scale, grad, row_losses, total, out_of_range, workspace, stream);
+      },
+      py::arg("recon"), py::arg("target"), py::arg("rows"), py::arg("cols"), py::arg("kind"),
+      py::arg("grad_scale"), py::arg("grad"), py::arg("row_losses"), py::arg("total"), py::arg("out_of_range"),
+      py::arg("workspace"), py::arg("stream"), py::arg("float64"),
+      "reconstruction_loss on the current CUDA device, queued on `stream`: device pointers to C-contiguous "
+      "(rows, cols) float32 (float64 if `float64`) inputs; writes row_losses (rows float64), total (one "
+      "float64), grad (0: none) and, for kind 1 (bce), sets the zeroed uint32 *out_of_range to 1 when a recon "
+      "value lies outside [0, 1]. workspace: loss_cuda_workspace_doubles(rows, cols) float64 (0 when none).");
+  m.def(
+      "kl_normal_cuda",
+      [](uintptr_t mu, uintptr_t logvar, int64_t rows, int64_t cols, double grad_scale, uintptr_t grad_mu,
+         uintptr_t grad_logvar, uintptr_t row_losses, uintptr_t total, uintptr_t workspace, uintptr_t stream,
+         bool float64) {
+        check_cuda_sizes(rows, cols);
+        (float64 ? kl_cuda<double> : kl_cuda<float>)(mu, logvar, rows, cols, grad_scale, grad_mu, grad_logvar,
+                                                      row_losses, total, workspace, stream);
+      },
+      py::arg("mu"), py::arg("logvar"), py::arg("rows"), py::arg("cols"), py::arg("grad_scale"),
+      py::arg("grad_mu"), py::arg("grad_logvar"), py::arg("row_losses"), py::arg("total"), py::arg("workspace"),
+      py::arg("stream"), py::arg("float64"),
+      "kl_normal on the current CUDA device, queued on `stream` (device pointers, as reconstruction_loss_cuda).");
 }
 
 }  // namespace latentspace::bindings

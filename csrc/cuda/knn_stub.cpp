@@ -1,15 +1,10 @@
 // The CUDA kNN entry points for builds without CUDA: clear errors instead of missing symbols.
-#include <stdexcept>
-
+#include "cuda/stub_error.h"
 #include "ops/knn.h"
 
 namespace latentspace {
 namespace {
-[[noreturn]] void no_cuda() {
-  throw std::runtime_error(
-      "latentspace was built without CUDA: device='cuda' needs a build with nvcc available "
-      "(or -C cmake.define.LATENTSPACE_CUDA=ON)");
-}
+[[noreturn]] void no_cuda() { throw_built_without_cuda(); }
 }  // namespace
 
 size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }

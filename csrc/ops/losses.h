@@ -1,6 +1,7 @@
 // Fused reconstruction losses and the Gaussian KL: value and gradient in one pass over the
-// data. One declaration per backend, same signature (the CUDA versions come with the CUDA
-// losses issue).
+// data. One declaration per backend: the CPU versions (cpu/losses.cpp) return the sum to the
+// host; the CUDA versions (cuda/losses.cu) take the same arguments as device pointers and
+// leave every result on the device, so a training step never waits for the GPU.
 //
 // Rows are samples: inputs are [rows][cols], C-contiguous, float32 or float64. The gradient
 // written is d(loss)/d(input) * grad_scale (1/numel for a mean, 1 for a sum), so autograd's
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstddef>
 
 namespace latentspace {
 
@@ -30,5 +32,28 @@ double reconstruction_loss_cpu(const T* recon, const T* target, int64_t rows, in
 template <class T>
 double kl_normal_cpu(const T* mu, const T* logvar, int64_t rows, int64_t cols, T grad_scale,
                      T* grad_mu, T* grad_logvar, double* row_losses);
+
+// --- CUDA -------------------------------------------------------------------------------
+// The same sums on the current CUDA device, queued on `stream` (a cudaStream_t); every pointer
+// is device memory. Results stay on the device: row_losses (rows doubles, required) and
+// total (one double) are written; kBce sets *out_of_range (one uint32 the caller zeroed) to
+// 1 when a recon value lies outside [0, 1] (the caller reads it and raises ValueError; it may
+// be null for the other kinds). Deterministic: each row is summed in a fixed order (per-lane
+// partials in T over segments of kCudaLossSegment elements, combined in double), then the
+// rows in a fixed tree, so two calls on the same inputs give the same bits.
+//
+// workspace: loss_cuda_workspace_doubles(rows, cols) doubles (the per-segment sums of rows
+// longer than one segment; 0, and null accepted, when every row fits one).
+constexpr int64_t kCudaLossSegment = 2048;
+int64_t loss_cuda_workspace_doubles(int64_t rows, int64_t cols);
+
+template <class T>
+void reconstruction_loss_cuda(const T* recon, const T* target, int64_t rows, int64_t cols,
+                              ReconstructionKind kind, T grad_scale, T* grad, double* row_losses,
+                              double* total, uint32_t* out_of_range, double* workspace, uintptr_t stream);
+
+template <class T>
+void kl_normal_cuda(const T* mu, const T* logvar, int64_t rows, int64_t cols, T grad_scale, T* grad_mu,
+                    T* grad_logvar, double* row_losses, double* total, double* workspace, uintptr_t stream);
 
 }  // namespace latentspace

@@ -1,14 +1,15 @@
 """Reconstruction and KL losses with fused native forward + gradient (Liger-Kernel style).
 
-Each loss is one torch.autograd.Function: its forward runs a native kernel (OpenMP + SIMD,
-csrc/cpu/losses.cpp) that computes the loss and its gradient in one pass over the data; its
-backward only scales that saved gradient by the incoming one (second derivatives: see
-below). float32 runs the SIMD
-kernels; float64 runs plain C++ (so torch.autograd.gradcheck can verify the gradients);
-float16 / bfloat16 are computed in float32 and the gradient is returned in the input dtype.
-Two inputs of different dtypes are first brought to their common one (torch.promote_types),
-as torch's own losses do.
-CUDA tensors use torch's own ops for now (same values, same API).
+Each loss is one torch.autograd.Function: its forward runs a native kernel (CPU: OpenMP +
+SIMD, csrc/cpu/losses.cpp; CUDA: csrc/cuda/losses.cu) that computes the loss and its gradient
+in one pass over the data; its backward only scales that saved gradient by the incoming one
+(second derivatives: see below). float32 runs the SIMD kernels on the CPU; float64 runs plain
+C++ (so torch.autograd.gradcheck can verify the gradients); float16 / bfloat16 are computed
+in float32 and the gradient is returned in the input dtype. Two inputs of different dtypes
+are first brought to their common one (torch.promote_types), as torch's own losses do.
+CUDA tensors: the CUDA kernels with LATENTSPACE_CUDA_LOSSES=native, torch's own ops (same
+values, same API) by default until a GPU run has checked and timed the kernels
+(_cuda_losses.py); tensors on other devices: torch's ops.
 
 reconstruction_loss(recon, target, kind="mse", reduction="mean")
     kind  "mse":        (r - t)^2
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _native
+from . import _cuda_losses, _native
 from ._arrays import check_dense
 
 __all__ = ["KLNormal", "ReconstructionLoss", "kl_normal", "reconstruction_loss"]
@@ -94,15 +95,19 @@ def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return a.to(common), b.to(common)
 
 
-def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """(N, ...) tensor -> C-contiguous (N, features) numpy view (a copy only if needed)."""
+def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, ...) tensor -> C-contiguous (N, features) tensor in `dtype`, detached, on its
+    device (a copy only if needed)."""
     x = x.detach()
     if x.dtype != dtype:
         x = x.to(dtype)
     x = x.reshape(x.shape[0], -1)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return x.numpy()
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _as_rows(x: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """_rows of a CPU tensor as a numpy view, for the CPU kernels."""
+    return _rows(x, dtype).numpy()
 
 
 # Gradients at least this large go on huge pages (see csrc/bindings/buffers.cpp): faulting in
@@ -123,11 +128,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
 
 
-def _reduce(total: float, row_losses: np.ndarray | None, reduction: str, count: int,
+def _reduce(total, row_losses: torch.Tensor | None, reduction: str, count: int,
             dtype: torch.dtype) -> torch.Tensor:
+    """The loss the caller sees, from the kernel's float64 sum (a float from the CPU kernels, a
+    0-d device tensor from the CUDA ones) or its per-row sums."""
     if reduction == "none":
-        return torch.from_numpy(row_losses).to(dtype)
+        return row_losses.to(dtype)
     value = total / count if reduction == "mean" else total
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
     return torch.tensor(value, dtype=dtype)
 
 
@@ -173,24 +182,61 @@ def _kl_grads(mu: torch.Tensor, logvar: torch.Tensor, grad_scale: float) -> tupl
     return m * grad_scale, 0.5 * (torch.exp(lv) - 1) * grad_scale
 
 
+# The native forwards, one per device, the same contract: (sum, per-row sums or None,
+# gradients * grad_scale or None). CPU: OpenMP + SIMD kernels on numpy views, the sum a float.
+# CUDA: csrc/cuda/losses.cu through _cuda_losses, everything left on the device.
+
+
+def _reconstruction_cpu(recon, target, kind, grad_scale, needs_grad, per_row):
+    dtype = _compute_dtype(recon)
+    r, t = _as_rows(recon, dtype), _as_rows(target, dtype)
+    grad = _empty_like(r) if needs_grad else None
+    row_losses = np.empty(r.shape[0], dtype=np.float64) if per_row else None
+    total = _native.reconstruction_loss(r, t, _KINDS[kind], grad_scale, grad, row_losses)
+    return total, _tensor_or_none(row_losses), _tensor_or_none(grad)
+
+
+def _reconstruction_cuda(recon, target, kind, grad_scale, needs_grad, per_row):
+    dtype = _compute_dtype(recon)
+    return _cuda_losses.reconstruction_forward(_rows(recon, dtype), _rows(target, dtype), _KINDS[kind],
+                                               grad_scale, needs_grad)
+
+
+def _kl_cpu(mu, logvar, grad_scale, needs_grad_mu, needs_grad_logvar, per_row):
+    dtype = _compute_dtype(mu)
+    m, lv = _as_rows(mu, dtype), _as_rows(logvar, dtype)
+    grad_mu = _empty_like(m) if needs_grad_mu else None
+    grad_logvar = _empty_like(lv) if needs_grad_logvar else None
+    row_losses = np.empty(m.shape[0], dtype=np.float64) if per_row else None
+    total = _native.kl_normal(m, lv, grad_scale, grad_mu, grad_logvar, row_losses)
+    return total, _tensor_or_none(row_losses), _tensor_or_none(grad_mu), _tensor_or_none(grad_logvar)
+
+
+def _kl_cuda(mu, logvar, grad_scale, needs_grad_mu, needs_grad_logvar, per_row):
+    dtype = _compute_dtype(mu)
+    return _cuda_losses.kl_forward(_rows(mu, dtype), _rows(logvar, dtype), grad_scale, needs_grad_mu,
+                                   needs_grad_logvar)
+
+
+def _tensor_or_none(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array)
+
+
 class ReconstructionLoss(torch.autograd.Function):
     """Native fused reconstruction loss; see the module docstring for the formulas."""
 
     @staticmethod
     def forward(ctx, recon, target, kind, reduction):
-        dtype = _compute_dtype(recon)
-        r, t = _as_rows(recon, dtype), _as_rows(target, dtype)
-        count = r.size
+        count = recon.numel()
         grad_scale = 1.0 / count if (reduction == "mean" and count) else 1.0
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad = _empty_like(r) if needs_grad else None
-        row_losses = np.empty(r.shape[0], dtype=np.float64) if reduction == "none" else None
-        total = _native.reconstruction_loss(r, t, _KINDS[kind], grad_scale, grad, row_losses)
+        run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
+        total, row_losses, grad = run(recon, target, kind, grad_scale, needs_grad, reduction == "none")
         ctx.kind, ctx.reduction, ctx.input_dtype, ctx.grad_scale = kind, reduction, recon.dtype, grad_scale
         if needs_grad:
             # The inputs themselves (references, not copies): a backward with create_graph=True
             # recomputes the gradient from them.
-            ctx.save_for_backward(torch.from_numpy(grad).reshape(recon.shape), recon, target)
+            ctx.save_for_backward(grad.reshape(recon.shape), recon, target)
         return _reduce(total, row_losses, reduction, count, recon.dtype)
 
     @staticmethod
@@ -223,17 +269,13 @@ class KLNormal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, logvar, reduction):
-        dtype = _compute_dtype(mu)
-        m, lv = _as_rows(mu, dtype), _as_rows(logvar, dtype)
-        rows = m.shape[0]
+        rows = mu.shape[0]
         grad_scale = 1.0 / rows if (reduction == "mean" and rows) else 1.0
-        grad_mu = _empty_like(m) if ctx.needs_input_grad[0] else None
-        grad_logvar = _empty_like(lv) if ctx.needs_input_grad[1] else None
-        row_losses = np.empty(rows, dtype=np.float64) if reduction == "none" else None
-        total = _native.kl_normal(m, lv, grad_scale, grad_mu, grad_logvar, row_losses)
+        run = _kl_cuda if mu.is_cuda else _kl_cpu
+        total, row_losses, grad_mu, grad_logvar = run(mu, logvar, grad_scale, ctx.needs_input_grad[0],
+                                                      ctx.needs_input_grad[1], reduction == "none")
         ctx.reduction, ctx.input_dtype, ctx.grad_scale = reduction, mu.dtype, grad_scale
-        saved = [torch.from_numpy(g).reshape(mu.shape) if g is not None else torch.empty(0)
-                 for g in (grad_mu, grad_logvar)]
+        saved = [g.reshape(mu.shape) if g is not None else torch.empty(0) for g in (grad_mu, grad_logvar)]
         ctx.save_for_backward(*saved, mu, logvar)  # the inputs: for a create_graph=True backward
         return _reduce(total, row_losses, reduction, rows, mu.dtype)
 
@@ -251,6 +293,12 @@ class KLNormal(torch.autograd.Function):
         return out[0], out[1], None
 
 
+def _runs_native(x: torch.Tensor) -> bool:
+    """The native kernels take CPU tensors always, CUDA ones when LATENTSPACE_CUDA_LOSSES picks
+    them (_cuda_losses.backend); any other device gets torch's own ops."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and _cuda_losses.backend() == "native")
+
+
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
                         reduction: str = "mean") -> torch.Tensor:
     """Reconstruction loss of `recon` against `target`; see the module docstring."""
@@ -261,7 +309,7 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
         raise ValueError("target: kind='bce' has no gradient with respect to the target "
                          "(as in torch); detach it or use kind='bce_logits'")
     recon, target = _promoted(recon, target)
-    if recon.device.type != "cpu":
+    if not _runs_native(recon):
         return _torch_reconstruction_loss(recon, target, kind, reduction)
     return ReconstructionLoss.apply(recon, target, kind, reduction)
 
@@ -271,13 +319,13 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     _check_reduction(reduction)
     _check_pair(mu, logvar, "mu, logvar")
     mu, logvar = _promoted(mu, logvar)
-    if mu.device.type != "cpu":
+    if not _runs_native(mu):
         return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
     return KLNormal.apply(mu, logvar, reduction)
 
 
 def _torch_reconstruction_loss(recon, target, kind, reduction):
-    """torch's own ops (the GPU path until the CUDA kernels land)."""
+    """torch's own ops (CUDA tensors unless LATENTSPACE_CUDA_LOSSES=native; other devices)."""
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":

@@ -1,0 +1,262 @@
+// Fused losses on a CUDA GPU: the loss, its gradient and the per-row sums in one pass over
+// the data, the same formulas as the CPU kernels (cpu/losses.cpp, cpu/simd/losses_impl.h).
+//
+// Two launches per call, both on the caller's stream:
+// 1. segment_sums_kernel: one warp per (row, segment of kCudaLossSegment elements). Each lane
+//    walks the segment with a stride of 32 (coalesced loads and stores), writes the gradient
+//    and keeps a partial sum in T; the 32 partials are added in double with a butterfly
+//    (the same order every time).
+// 2. finish_kernel: one block adds each row's segments in order (row_losses) and the rows in a
+//    fixed tree (total).
+// Memory-bound: the data is read once and the gradient written once; nothing is atomic
+// except the rare out-of-range flag, so results are the same bits from run to run.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "ops/losses.h"
+
+namespace latentspace {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kSegmentWarpsPerBlock = 8;
+constexpr int kFinishThreads = 1024;
+// Enough blocks to fill any current GPU many times over; larger inputs loop (grid stride).
+constexpr int64_t kMaxSegmentBlocks = int64_t{1} << 20;
+
+// libm by type (the float overloads: no silent promotion to double).
+__device__ inline float device_exp(float x) { return expf(x); }
+__device__ inline double device_exp(double x) { return exp(x); }
+__device__ inline float device_log(float x) { return logf(x); }
+__device__ inline double device_log(double x) { return log(x); }
+__device__ inline float device_abs(float x) { return fabsf(x); }
+__device__ inline double device_abs(double x) { return fabs(x); }
+__device__ inline float device_log1p(float x) { return log1pf(x); }
+__device__ inline double device_log1p(double x) { return log1p(x); }
+
+// max(value, floor) that keeps NaN (fmax would return the floor), as torch's clamps do.
+template <class T>
+__device__ inline T clamp_below(T value, T floor) {
+  return value < floor ? floor : value;
+}
+
+// Loss and d(loss)/d(recon) of one element.
+template <ReconstructionKind kKind, class T>
+__device__ inline T element_loss(T r, T t, T* grad) {
+  if constexpr (kKind == ReconstructionKind::kMse) {
+    const T d = r - t;
+    *grad = d + d;
+    return d * d;
+  } else if constexpr (kKind == ReconstructionKind::kBce) {
+    const T q = T(1) - r;
+    const T log_p = clamp_below(device_log(r), T(-100));  // torch clamps the logs at -100
+    const T log_q = clamp_below(device_log(q), T(-100));
+    *grad = (r - t) / clamp_below(r * q, T(1e-12));  // torch: (p - t) / max(p (1 - p), 1e-12)
+    return -(t * (log_p - log_q) + log_q);            // -(t log p + (1 - t) log q)
+  } else {
+    // r is a logit x: max(x, 0) - x t + log(1 + e), e = exp(-|x|); d/dx = sigmoid(x) - t.
+    const T e = device_exp(-device_abs(r));
+    const T inverse = T(1) / (T(1) + e);
+    const T sigmoid = r < T(0) ? e * inverse : inverse;
+    *grad = sigmoid - t;
+    return (r > T(0) ? r : T(0)) - r * t + device_log1p(e);
+  }
+}
+
+// The sum of a warp's 32 values in double, the same tree every time; every lane gets it.
+__device__ inline double warp_sum(double value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// Which (row, segment) a warp works on, and where that segment's elements lie.
+struct Segment {
+  int64_t row, first, count;
+};
+
+__device__ inline Segment segment_of(int64_t item, int64_t segments_per_row, int64_t cols) {
+  Segment s;
+  s.row = item / segments_per_row;
+  s.first = (item % segments_per_row) * kCudaLossSegment;
+  s.count = cols - s.first < kCudaLossSegment ? cols - s.first : kCudaLossSegment;
+  return s;
+}
+
+// Sums of the reconstruction loss per (row, segment) into segment_sums; gradient into grad.
+template <ReconstructionKind kKind, class T>
+__global__ void reconstruction_segments_kernel(const T* __restrict__ recon, const T* __restrict__ target,
+                                               int64_t cols, int64_t segments_per_row, int64_t items,
+                                               T grad_scale, T* __restrict__ grad,
+                                               double* __restrict__ segment_sums, uint32_t* out_of_range) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t{gridDim.x} * kSegmentWarpsPerBlock;
+  for (int64_t item = int64_t{blockIdx.x} * kSegmentWarpsPerBlock + threadIdx.x / kWarp; item < items;
+       item += warps) {
+    const Segment s = segment_of(item, segments_per_row, cols);
+    const int64_t base = s.row * cols + s.first;
+    T partial = T(0);
+    bool bad = false;
+    for (int64_t i = lane; i < s.count; i += kWarp) {
+      const T r = recon[base + i];
+      T g;
+      partial += element_loss<kKind>(r, target[base + i], &g);
+      if constexpr (kKind == ReconstructionKind::kBce) bad |= (r < T(0)) | (r > T(1));  // NaN is not bad
+      if (grad != nullptr) grad[base + i] = g * grad_scale;
+    }
+    const double sum = warp_sum(static_cast<double>(partial));
+    if constexpr (kKind == ReconstructionKind::kBce) {
+      if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(out_of_range, 1u);
+    }
+    if (lane == 0) segment_sums[item] = sum;
+  }
+}
+
+// KL(N(mu, exp(logvar)) || N(0, 1)) per (row, segment): -0.5 * sum(1 + lv - mu^2 - exp(lv)).
+template <class T>
+__global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict__ logvar, int64_t cols,
+                                   int64_t segments_per_row, int64_t items, T grad_scale,
+                                   T* __restrict__ grad_mu, T* __restrict__ grad_logvar,
+                                   double* __restrict__ segment_sums) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = int64_t{gridDim.x} * kSegmentWarpsPerBlock;
+  const T half_scale = T(0.5) * grad_scale;
+  for (int64_t item = int64_t{blockIdx.x} * kSegmentWarpsPerBlock + threadIdx.x / kWarp; item < items;
+       item += warps) {
+    const Segment s = segment_of(item, segments_per_row, cols);
+    const int64_t base = s.row * cols + s.first;
+    T partial = T(0);
+    for (int64_t i = lane; i < s.count; i += kWarp) {
+      const T m = mu[base + i], lv = logvar[base + i];
+      const T variance = device_exp(lv);
+      partial += T(1) + lv - m * m - variance;
+      if (grad_mu != nullptr) grad_mu[base + i] = m * grad_scale;
+      if (grad_logvar != nullptr) grad_logvar[base + i] = (variance - T(1)) * half_scale;
+    }
+    const double sum = warp_sum(static_cast<double>(partial));
+    if (lane == 0) segment_sums[item] = -0.5 * sum;
+  }
+}
+
+// row_losses[row] = the row's segment sums in order (skipped when the segments are the rows);
+// *total = the rows summed in a fixed tree. One block: rows are few next to their elements.
+__global__ void finish_kernel(const double* __restrict__ segment_sums, int64_t rows, int64_t segments_per_row,
+                              double* __restrict__ row_losses, double* __restrict__ total) {
+  __shared__ double warp_totals[kFinishThreads / kWarp];
+  double partial = 0.0;
+  for (int64_t row = threadIdx.x; row < rows; row += blockDim.x) {
+    double row_sum = segment_sums[row * segments_per_row];
+    if (segments_per_row > 1) {
+      for (int64_t s = 1; s < segments_per_row; ++s) row_sum += segment_sums[row * segments_per_row + s];
+      row_losses[row] = row_sum;
+    }
+    partial += row_sum;
+  }
+  partial = warp_sum(partial);
+  if (threadIdx.x % kWarp == 0) warp_totals[threadIdx.x / kWarp] = partial;
+  __syncthreads();
+  if (threadIdx.x < kWarp) {
+    const int warps = blockDim.x / kWarp;
+    double value = static_cast<int>(threadIdx.x) < warps ? warp_totals[threadIdx.x] : 0.0;
+    value = warp_sum(value);
+    if (threadIdx.x == 0) *total = value;
+  }
+}
+
+int64_t segments_per_row_of(int64_t cols) {
+  return cols <= kCudaLossSegment ? 1 : cuda::ceil_div(cols, kCudaLossSegment);
+}
+
+// Launch shape of the segment kernels: one warp per item, at most kMaxSegmentBlocks blocks.
+unsigned segment_blocks(int64_t items) {
+  const int64_t blocks = cuda::ceil_div(items, kSegmentWarpsPerBlock);
+  return static_cast<unsigned>(blocks < kMaxSegmentBlocks ? blocks : kMaxSegmentBlocks);
+}
+
+// Where the segment kernel writes: straight into row_losses when each row is one segment.
+double* segment_sums_of(int64_t rows, int64_t cols, double* row_losses, double* workspace) {
+  if (segments_per_row_of(cols) == 1) return row_losses;
+  LS_CHECK_VALUE(workspace != nullptr, "workspace: expected loss_cuda_workspace_doubles(", rows, ", ", cols,
+                 ") doubles, got none");
+  return workspace;
+}
+
+void check_sizes(int64_t rows, int64_t cols, const void* row_losses, const void* total) {
+  LS_CHECK_VALUE(rows >= 1 && cols >= 1, "rows, cols: expected at least 1 each, got ", rows, " x ", cols);
+  LS_CHECK_VALUE(row_losses != nullptr && total != nullptr, "row_losses, total: expected device buffers");
+}
+
+void launch_finish(const double* segment_sums, int64_t rows, int64_t cols, double* row_losses, double* total,
+                   cudaStream_t stream) {
+  finish_kernel<<<1, kFinishThreads, 0, stream>>>(segment_sums, rows, segments_per_row_of(cols), row_losses, total);
+  cuda::check_launch("loss finish_kernel");
+}
+
+template <ReconstructionKind kKind, class T>
+void launch_reconstruction(const T* recon, const T* target, int64_t rows, int64_t cols, T grad_scale, T* grad,
+                           double* segment_sums, uint32_t* out_of_range, cudaStream_t stream) {
+  const int64_t segments = segments_per_row_of(cols);
+  const int64_t items = rows * segments;
+  reconstruction_segments_kernel<kKind, T><<<segment_blocks(items), kSegmentWarpsPerBlock * kWarp, 0, stream>>>(
+      recon, target, cols, segments, items, grad_scale, grad, segment_sums, out_of_range);
+  cuda::check_launch("reconstruction_segments_kernel");
+}
+
+}  // namespace
+
+int64_t loss_cuda_workspace_doubles(int64_t rows, int64_t cols) {
+  const int64_t segments = segments_per_row_of(cols);
+  return segments == 1 ? 0 : rows * segments;
+}
+
+template <class T>
+void reconstruction_loss_cuda(const T* recon, const T* target, int64_t rows, int64_t cols,
+                              ReconstructionKind kind, T grad_scale, T* grad, double* row_losses,
+                              double* total, uint32_t* out_of_range, double* workspace, uintptr_t stream_handle) {
+  check_sizes(rows, cols, row_losses, total);
+  LS_CHECK_VALUE(kind != ReconstructionKind::kBce || out_of_range != nullptr,
+                 "out_of_range: kind='bce' needs a zeroed device flag");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  double* segment_sums = segment_sums_of(rows, cols, row_losses, workspace);
+  switch (kind) {
+    case ReconstructionKind::kMse:
+      launch_reconstruction<ReconstructionKind::kMse>(recon, target, rows, cols, grad_scale, grad, segment_sums,
+                                                      out_of_range, stream);
+      break;
+    case ReconstructionKind::kBce:
+      launch_reconstruction<ReconstructionKind::kBce>(recon, target, rows, cols, grad_scale, grad, segment_sums,
+                                                      out_of_range, stream);
+      break;
+    case ReconstructionKind::kBceLogits:
+      launch_reconstruction<ReconstructionKind::kBceLogits>(recon, target, rows, cols, grad_scale, grad,
+                                                            segment_sums, out_of_range, stream);
+      break;
+  }
+  launch_finish(segment_sums, rows, cols, row_losses, total, stream);
+}
+
+template <class T>
+void kl_normal_cuda(const T* mu, const T* logvar, int64_t rows, int64_t cols, T grad_scale, T* grad_mu,
+                    T* grad_logvar, double* row_losses, double* total, double* workspace, uintptr_t stream_handle) {
+  check_sizes(rows, cols, row_losses, total);
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  double* segment_sums = segment_sums_of(rows, cols, row_losses, workspace);
+  const int64_t segments = segments_per_row_of(cols);
+  const int64_t items = rows * segments;
+  kl_segments_kernel<T><<<segment_blocks(items), kSegmentWarpsPerBlock * kWarp, 0, stream>>>(
+      mu, logvar, cols, segments, items, grad_scale, grad_mu, grad_logvar, segment_sums);
+  cuda::check_launch("kl_segments_kernel");
+  launch_finish(segment_sums, rows, cols, row_losses, total, stream);
+}
+
+template void reconstruction_loss_cuda<float>(const float*, const float*, int64_t, int64_t, ReconstructionKind,
+                                              float, float*, double*, double*, uint32_t*, double*, uintptr_t);
+template void reconstruction_loss_cuda<double>(const double*, const double*, int64_t, int64_t, ReconstructionKind,
+                                               double, double*, double*, double*, uint32_t*, double*, uintptr_t);
+template void kl_normal_cuda<float>(const float*, const float*, int64_t, int64_t, float, float*, float*, double*,
+                                    double*, double*, uintptr_t);
+template void kl_normal_cuda<double>(const double*, const double*, int64_t, int64_t, double, double*, double*,
+                                     double*, double*, double*, uintptr_t);
+
+}  // namespace latentspace

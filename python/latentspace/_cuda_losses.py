@@ -1,0 +1,93 @@
+"""The fused losses' forward on a CUDA GPU: csrc/cuda/losses.cu behind losses.py's functions.
+
+Each call queues two kernels on torch's current stream for the inputs' device (the loss and
+its gradient in one pass, then the per-row sums and the total) and returns device tensors:
+nothing waits for the GPU, except kind "bce", which must read one flag back to refuse recon
+values outside [0, 1] with a ValueError (torch's own kernel stops the process's CUDA context
+with a device-side assert instead). Temporary memory comes from torch's caching allocator:
+the per-row sums (rows float64), and for rows longer than 2,048 elements the per-segment sums
+(rows x ceil(cols / 2048) float64).
+
+Which implementation CUDA tensors get: LATENTSPACE_CUDA_LOSSES, read at every call,
+"native" (these kernels), "torch" (torch's own ops, losses.py) or unset / "" / "auto" (the
+default, DEFAULT_BACKEND). The default stays "torch" until a GPU run has checked and timed the
+native kernels (docs/gpu-runs.md, "Owed"); that run makes "native" the default where it wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _native
+
+__all__ = ["BACKEND_VARIABLE", "DEFAULT_BACKEND", "BCE_RANGE_MESSAGE", "backend", "kl_forward",
+           "reconstruction_forward"]
+
+BACKEND_VARIABLE = "LATENTSPACE_CUDA_LOSSES"
+DEFAULT_BACKEND = "torch"
+BCE_RANGE_MESSAGE = ("recon: kind='bce' expects probabilities in [0, 1], got values outside; "
+                     "pass logits with kind='bce_logits' instead")
+_BCE = 1
+
+
+def backend() -> str:
+    """"native" or "torch": what CUDA tensors get now (see the module docstring)."""
+    value = os.environ.get(BACKEND_VARIABLE, "")
+    if value in ("", "auto"):
+        return DEFAULT_BACKEND
+    if value not in ("native", "torch"):
+        raise ValueError(f"{BACKEND_VARIABLE}: expected 'auto', 'native' or 'torch', got {value!r}")
+    return value
+
+
+def _sums(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row sums, the total, and the per-segment workspace (None when not needed)."""
+    row_losses = torch.empty(rows, dtype=torch.float64, device=device)
+    total = torch.empty((), dtype=torch.float64, device=device)
+    doubles = _native.loss_cuda_workspace_doubles(rows, cols)
+    workspace = torch.empty(doubles, dtype=torch.float64, device=device) if doubles else None
+    return row_losses, total, workspace
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def reconstruction_forward(recon: torch.Tensor, target: torch.Tensor, kind: int, grad_scale: float,
+                           needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """recon, target: C-contiguous (rows, cols) CUDA tensors of one dtype (float32 or float64)
+    on one device. Returns (total, row_losses, grad): the summed loss (0-d float64), the
+    per-row sums (float64) and d(loss)/d(recon) * grad_scale (recon's dtype; None unless
+    needs_grad). kind: 0 mse, 1 bce (ValueError for recon outside [0, 1]), 2 bce_logits."""
+    rows, cols = recon.shape
+    device = recon.device
+    with torch.cuda.device(device):
+        grad = torch.empty_like(recon) if needs_grad else None
+        row_losses, total, workspace = _sums(rows, cols, device)
+        out_of_range = torch.zeros(1, dtype=torch.int32, device=device) if kind == _BCE else None
+        _native.reconstruction_loss_cuda(
+            recon.data_ptr(), target.data_ptr(), rows, cols, kind, grad_scale, _address(grad),
+            row_losses.data_ptr(), total.data_ptr(), _address(out_of_range), _address(workspace),
+            torch.cuda.current_stream(device).cuda_stream, recon.dtype == torch.float64)
+    if out_of_range is not None and bool(out_of_range.item()):
+        raise ValueError(BCE_RANGE_MESSAGE)
+    return total, row_losses, grad
+
+
+def kl_forward(mu: torch.Tensor, logvar: torch.Tensor, grad_scale: float, needs_grad_mu: bool,
+               needs_grad_logvar: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """mu, logvar as recon, target above. Returns (total, row_losses, grad_mu, grad_logvar),
+    the gradients times grad_scale (None where not needed)."""
+    rows, cols = mu.shape
+    device = mu.device
+    with torch.cuda.device(device):
+        grad_mu = torch.empty_like(mu) if needs_grad_mu else None
+        grad_logvar = torch.empty_like(logvar) if needs_grad_logvar else None
+        row_losses, total, workspace = _sums(rows, cols, device)
+        _native.kl_normal_cuda(
+            mu.data_ptr(), logvar.data_ptr(), rows, cols, grad_scale, _address(grad_mu), _address(grad_logvar),
+            row_losses.data_ptr(), total.data_ptr(), _address(workspace),
+            torch.cuda.current_stream(device).cuda_stream, mu.dtype == torch.float64)
+    return total, row_losses, grad_mu, grad_logvar
