@@ -135,3 +135,75 @@ def test_the_cuda_forward_contract_gives_the_same_losses(monkeypatch, reduction)
         torch.testing.assert_close(value, expected, rtol=0, atol=0)
     for grad, expected in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("changes, match", [
+    (dict(rows=0), "rows, cols: expected at least 1 each"),
+    (dict(cols=0), "rows, cols: expected at least 1 each"),
+    (dict(grad=0), "grad, factors: expected device pointers"),
+    (dict(factors=0), "grad, factors: expected device pointers"),
+])
+def test_scaling_arguments_are_checked_before_any_launch(changes, match):
+    arguments = dict(grad=8, rows=3, cols=4, factors=8, per_row=False, stream=0, float64=False)
+    arguments.update(changes)
+    with pytest.raises(ValueError, match=match):
+        _native.scale_rows_unless_one_cuda(**arguments)
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce", "bce_logits"])
+def test_no_gradient_is_computed_without_autograd(monkeypatch, kind):
+    """Under torch.no_grad(), or for inputs that need no gradient, the native forward gets no
+    gradient buffer (ctx.needs_input_grad says True under no_grad; the buffer and its write
+    were paid for nothing in an evaluation loop)."""
+    from latentspace import losses
+
+    calls = []
+    native = _native.reconstruction_loss
+
+    def recording(recon, target, kind_code, grad_scale, grad=None, row_losses=None):
+        calls.append(grad)
+        return native(recon, target, kind_code, grad_scale, grad, row_losses)
+
+    monkeypatch.setattr(losses._native, "reconstruction_loss", recording)
+    recon = torch.rand(6, 5, requires_grad=True)
+    target = torch.rand(6, 5)
+    with torch.no_grad():
+        quiet = [reconstruction_loss(recon, target, kind, reduction) for reduction in ("mean", "sum", "none")]
+    plain = [reconstruction_loss(recon.detach(), target, kind, reduction) for reduction in ("mean", "sum", "none")]
+    assert calls == [None] * 6
+    graded = [reconstruction_loss(recon, target, kind, reduction) for reduction in ("mean", "sum", "none")]
+    assert all(grad is not None for grad in calls[6:]) and len(calls) == 9
+    for a, b, c in zip(quiet, plain, graded):
+        assert not a.requires_grad and not b.requires_grad and c.requires_grad
+        torch.testing.assert_close(a, c.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(b, c.detach(), rtol=0, atol=0)
+
+
+def test_kl_without_autograd_computes_no_gradient(monkeypatch):
+    from latentspace import losses
+
+    calls = []
+    native = _native.kl_normal
+
+    def recording(mu, logvar, grad_scale, grad_mu=None, grad_logvar=None, row_losses=None):
+        calls.append((grad_mu, grad_logvar))
+        return native(mu, logvar, grad_scale, grad_mu, grad_logvar, row_losses)
+
+    monkeypatch.setattr(losses._native, "kl_normal", recording)
+    mu, logvar = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    with torch.no_grad():
+        quiet = kl_normal(mu, logvar, "none")
+    graded = kl_normal(mu, logvar, "none")
+    assert calls[0] == (None, None) and all(g is not None for g in calls[1])
+    torch.testing.assert_close(quiet, graded.detach(), rtol=0, atol=0)
+
+
+def test_a_second_backward_through_the_same_graph_on_the_cpu():
+    recon = torch.rand(5, 7, requires_grad=True)
+    target = torch.rand(5, 7)
+    loss = 3 * reconstruction_loss(recon, target, "mse", "sum") + 2 * kl_normal(recon, target, "mean")
+    loss.backward(retain_graph=True)
+    once = recon.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(recon.grad, 2 * once)

@@ -152,6 +152,26 @@ void bind_losses(py::module_& m) {
       py::arg("grad_mu"), py::arg("grad_logvar"), py::arg("row_losses"), py::arg("total"), py::arg("workspace"),
       py::arg("stream"), py::arg("float64"),
       "kl_normal on the current CUDA device, queued on `stream` (device pointers, as reconstruction_loss_cuda).");
+  m.def(
+      "scale_rows_unless_one_cuda",
+      [](uintptr_t grad, int64_t rows, int64_t cols, uintptr_t factors, bool per_row, uintptr_t stream,
+         bool float64) {
+        check_cuda_sizes(rows, cols);
+        LS_CHECK_VALUE(grad != 0 && factors != 0, "grad, factors: expected device pointers, got 0");
+        py::gil_scoped_release release;
+        if (float64) {
+          scale_rows_unless_one_cuda<double>(reinterpret_cast<double*>(grad), rows, cols,
+                                             reinterpret_cast<const double*>(factors), per_row, stream);
+        } else {
+          scale_rows_unless_one_cuda<float>(reinterpret_cast<float*>(grad), rows, cols,
+                                            reinterpret_cast<const float*>(factors), per_row, stream);
+        }
+      },
+      py::arg("grad"), py::arg("rows"), py::arg("cols"), py::arg("factors"), py::arg("per_row"), py::arg("stream"),
+      py::arg("float64"),
+      "In place on the current CUDA device, queued on `stream`: grad[row][j] *= factors[row if per_row else 0] "
+      "for a C-contiguous (rows, cols) float32 (float64 if `float64`) grad; rows whose factor is exactly 1 "
+      "are not touched (nothing is read back).");
 }
 
 }  // namespace latentspace::bindings

@@ -25,6 +25,9 @@ constexpr int kSegmentWarpsPerBlock = 8;
 constexpr int kFinishThreads = 1024;
 // Enough blocks to fill any current GPU many times over; larger inputs loop (grid stride).
 constexpr int64_t kMaxSegmentBlocks = int64_t{1} << 20;
+// The in-place scaling: a grid-stride loop over the elements (its blocks mostly leave at once).
+constexpr int kScaleThreads = 256;
+constexpr int64_t kMaxScaleBlocks = 4096;
 
 // libm by type (the float overloads: no silent promotion to double).
 __device__ inline float device_exp(float x) { return expf(x); }
@@ -164,6 +167,19 @@ __global__ void finish_kernel(const double* __restrict__ segment_sums, int64_t r
   }
 }
 
+// grad[row][j] *= factors[row or 0], skipping rows whose factor is 1 (see ops/losses.h).
+template <class T>
+__global__ void scale_rows_unless_one_kernel(T* __restrict__ grad, int64_t rows, int64_t cols,
+                                             const T* __restrict__ factors, bool per_row) {
+  const int64_t elements = rows * cols;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  if (!per_row && factors[0] == T(1)) return;  // the usual case: every thread leaves at once
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < elements; i += stride) {
+    const T factor = factors[per_row ? i / cols : 0];
+    if (factor != T(1)) grad[i] *= factor;
+  }
+}
+
 int64_t segments_per_row_of(int64_t cols) {
   return cols <= kCudaLossSegment ? 1 : cuda::ceil_div(cols, kCudaLossSegment);
 }
@@ -250,6 +266,18 @@ void kl_normal_cuda(const T* mu, const T* logvar, int64_t rows, int64_t cols, T 
   launch_finish(segment_sums, rows, cols, row_losses, total, stream);
 }
 
+template <class T>
+void scale_rows_unless_one_cuda(T* grad, int64_t rows, int64_t cols, const T* factors, bool per_row,
+                                uintptr_t stream_handle) {
+  LS_CHECK_VALUE(rows >= 1 && cols >= 1, "rows, cols: expected at least 1 each, got ", rows, " x ", cols);
+  LS_CHECK_VALUE(grad != nullptr && factors != nullptr, "grad, factors: expected device pointers");
+  const int64_t blocks = cuda::ceil_div(rows * cols, kScaleThreads);
+  scale_rows_unless_one_kernel<T><<<static_cast<unsigned>(blocks < kMaxScaleBlocks ? blocks : kMaxScaleBlocks),
+                                    kScaleThreads, 0, reinterpret_cast<cudaStream_t>(stream_handle)>>>(
+      grad, rows, cols, factors, per_row);
+  cuda::check_launch("scale_rows_unless_one_kernel");
+}
+
 template void reconstruction_loss_cuda<float>(const float*, const float*, int64_t, int64_t, ReconstructionKind,
                                               float, float*, double*, double*, uint32_t*, double*, uintptr_t);
 template void reconstruction_loss_cuda<double>(const double*, const double*, int64_t, int64_t, ReconstructionKind,
@@ -258,5 +286,7 @@ template void kl_normal_cuda<float>(const float*, const float*, int64_t, int64_t
                                     double*, double*, uintptr_t);
 template void kl_normal_cuda<double>(const double*, const double*, int64_t, int64_t, double, double*, double*,
                                      double*, double*, double*, uintptr_t);
+template void scale_rows_unless_one_cuda<float>(float*, int64_t, int64_t, const float*, bool, uintptr_t);
+template void scale_rows_unless_one_cuda<double>(double*, int64_t, int64_t, const double*, bool, uintptr_t);
 
 }  // namespace latentspace

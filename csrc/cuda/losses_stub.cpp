@@ -17,6 +17,13 @@ void kl_normal_cuda(const T*, const T*, int64_t, int64_t, T, T*, T*, double*, do
   throw_built_without_cuda();
 }
 
+template <class T>
+void scale_rows_unless_one_cuda(T*, int64_t, int64_t, const T*, bool, uintptr_t) {
+  throw_built_without_cuda();
+}
+
+template void scale_rows_unless_one_cuda<float>(float*, int64_t, int64_t, const float*, bool, uintptr_t);
+template void scale_rows_unless_one_cuda<double>(double*, int64_t, int64_t, const double*, bool, uintptr_t);
 template void reconstruction_loss_cuda<float>(const float*, const float*, int64_t, int64_t, ReconstructionKind,
                                               float, float*, double*, double*, uint32_t*, double*, uintptr_t);
 template void reconstruction_loss_cuda<double>(const double*, const double*, int64_t, int64_t, ReconstructionKind,

@@ -56,4 +56,12 @@ template <class T>
 void kl_normal_cuda(const T* mu, const T* logvar, int64_t rows, int64_t cols, T grad_scale, T* grad_mu,
                     T* grad_logvar, double* row_losses, double* total, double* workspace, uintptr_t stream);
 
+// A backward's scaling of a saved gradient by the incoming one, on the device and in place,
+// without reading it back: grad[row][j] *= factors[per_row ? row : 0]. Rows whose factor is
+// exactly 1 (a plain loss.backward()) are neither read nor written, so the usual step costs
+// one launch and no pass over the gradient.
+template <class T>
+void scale_rows_unless_one_cuda(T* grad, int64_t rows, int64_t cols, const T* factors, bool per_row,
+                                uintptr_t stream);
+
 }  // namespace latentspace

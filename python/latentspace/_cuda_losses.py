@@ -23,7 +23,7 @@ import torch
 from . import _native
 
 __all__ = ["BACKEND_VARIABLE", "DEFAULT_BACKEND", "BCE_RANGE_MESSAGE", "backend", "kl_forward",
-           "reconstruction_forward"]
+           "reconstruction_forward", "scale_in_place"]
 
 BACKEND_VARIABLE = "LATENTSPACE_CUDA_LOSSES"
 DEFAULT_BACKEND = "torch"
@@ -36,7 +36,8 @@ def backend() -> str:
     """"native" or "torch": what CUDA tensors get now (see the module docstring)."""
     value = os.environ.get(BACKEND_VARIABLE, "")
     if value in ("", "auto"):
-        return DEFAULT_BACKEND
+        # (a build without CUDA has no kernels to default to)
+        return DEFAULT_BACKEND if _native.cuda_compiled() else "torch"
     if value not in ("native", "torch"):
         raise ValueError(f"{BACKEND_VARIABLE}: expected 'auto', 'native' or 'torch', got {value!r}")
     return value
@@ -91,3 +92,23 @@ def kl_forward(mu: torch.Tensor, logvar: torch.Tensor, grad_scale: float, needs_
             row_losses.data_ptr(), total.data_ptr(), _address(workspace),
             torch.cuda.current_stream(device).cuda_stream, mu.dtype == torch.float64)
     return total, row_losses, grad_mu, grad_logvar
+
+
+def scale_in_place(grad: torch.Tensor, incoming: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """A backward's `grad * incoming` for a gradient the forward computed, in place and without
+    reading `incoming` back (a plain loss.backward() passes a 1 that only the GPU knows):
+    grad's rows times incoming's one value, or one value per row (per_row, reduction "none");
+    rows whose factor is exactly 1 are not touched. grad: a C-contiguous (rows, ...) float32
+    or float64 CUDA tensor the caller owns. Returns grad."""
+    if not grad.is_contiguous():
+        raise ValueError("grad: expected a C-contiguous tensor")  # (the forward's own buffer always is)
+    rows = grad.shape[0]
+    factors = incoming.detach().to(grad.dtype).reshape(-1).contiguous()
+    if factors.numel() != (rows if per_row else 1):
+        raise ValueError(f"incoming: expected {rows if per_row else 1} values, got {factors.numel()}")
+    device = grad.device
+    with torch.cuda.device(device):
+        _native.scale_rows_unless_one_cuda(grad.data_ptr(), rows, grad.numel() // rows, factors.data_ptr(),
+                                           per_row, torch.cuda.current_stream(device).cuda_stream,
+                                           grad.dtype == torch.float64)
+    return grad

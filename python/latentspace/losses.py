@@ -148,10 +148,24 @@ def _times_incoming(grad: torch.Tensor, grad_output: torch.Tensor, reduction: st
 
 
 def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The saved d(loss)/d(input) times the incoming gradient (per row for "none")."""
+    """The saved d(loss)/d(input) times the incoming gradient (per row for "none"). On a GPU in
+    place (_cuda_losses.scale_in_place: the incoming gradient is not read back, and a factor
+    of 1 costs no pass), so the caller marks the saved gradient spent (see _recompute)."""
+    if grad.is_cuda:
+        if grad.is_contiguous():
+            return _cuda_losses.scale_in_place(grad, grad_output, per_row=reduction == "none")
+        return _times_incoming(grad, grad_output, reduction)  # (bce_logits' target gradient of a strided recon)
     if reduction != "none" and grad_output.numel() == 1 and float(grad_output) == 1.0:
         return grad  # the usual loss.backward(): no extra pass over the gradient
     return _times_incoming(grad, grad_output, reduction)
+
+
+def _recompute(ctx) -> bool:
+    """Whether this backward recomputes the gradient from the inputs: under create_graph=True
+    (grad mode is on inside a backward only then), or once a backward has scaled the saved
+    CUDA gradient in place (ctx.saved_gradient_spent), so that a second backward through the
+    same graph (retain_graph=True) does not scale it twice."""
+    return torch.is_grad_enabled() or ctx.saved_gradient_spent
 
 
 # Grad mode is on inside a backward only under create_graph=True (a gradient penalty, a
@@ -233,6 +247,7 @@ class ReconstructionLoss(torch.autograd.Function):
         run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
         total, row_losses, grad = run(recon, target, kind, grad_scale, needs_grad, reduction == "none")
         ctx.kind, ctx.reduction, ctx.input_dtype, ctx.grad_scale = kind, reduction, recon.dtype, grad_scale
+        ctx.saved_gradient_spent = False
         if needs_grad:
             # The inputs themselves (references, not copies): a backward with create_graph=True
             # recomputes the gradient from them.
@@ -242,12 +257,13 @@ class ReconstructionLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad, recon, target = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
+        if _recompute(ctx):  # see _reconstruction_grads
             grad_recon, grad_target = (
                 None if g is None else _times_incoming(g, grad_output, ctx.reduction)
                 for g in _reconstruction_grads(recon, target, ctx.kind, ctx.grad_scale))
         else:
             grad_recon, grad_target = ReconstructionLoss._from_saved(ctx, grad, recon, grad_output)
+            ctx.saved_gradient_spent = grad.is_cuda
         return (grad_recon.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None,
                 grad_target.to(ctx.input_dtype) if ctx.needs_input_grad[1] and grad_target is not None else None,
                 None, None)
@@ -275,6 +291,7 @@ class KLNormal(torch.autograd.Function):
         total, row_losses, grad_mu, grad_logvar = run(mu, logvar, grad_scale, ctx.needs_input_grad[0],
                                                       ctx.needs_input_grad[1], reduction == "none")
         ctx.reduction, ctx.input_dtype, ctx.grad_scale = reduction, mu.dtype, grad_scale
+        ctx.saved_gradient_spent = False
         saved = [g.reshape(mu.shape) if g is not None else torch.empty(0) for g in (grad_mu, grad_logvar)]
         ctx.save_for_backward(*saved, mu, logvar)  # the inputs: for a create_graph=True backward
         return _reduce(total, row_losses, reduction, rows, mu.dtype)
@@ -282,11 +299,12 @@ class KLNormal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_mu, grad_logvar, mu, logvar = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
+        if _recompute(ctx):  # see _reconstruction_grads
             grad_mu, grad_logvar = _kl_grads(mu, logvar, ctx.grad_scale)
             scale = _times_incoming
         else:
             scale = _scale_saved
+            ctx.saved_gradient_spent = mu.is_cuda
         out = []
         for needed, grad in zip(ctx.needs_input_grad[:2], (grad_mu, grad_logvar)):
             out.append(scale(grad, grad_output, ctx.reduction).to(ctx.input_dtype) if needed else None)
@@ -297,6 +315,12 @@ def _runs_native(x: torch.Tensor) -> bool:
     """The native kernels take CPU tensors always, CUDA ones when LATENTSPACE_CUDA_LOSSES picks
     them (_cuda_losses.backend); any other device gets torch's own ops."""
     return x.device.type == "cpu" or (x.device.type == "cuda" and _cuda_losses.backend() == "native")
+
+
+def _needs_gradient(*inputs: torch.Tensor) -> bool:
+    """Whether autograd will ask for a gradient: without one (evaluation, torch.no_grad()) the
+    native forward neither computes nor stores it."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
@@ -311,6 +335,10 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     recon, target = _promoted(recon, target)
     if not _runs_native(recon):
         return _torch_reconstruction_loss(recon, target, kind, reduction)
+    if not _needs_gradient(recon, target):  # (ctx.needs_input_grad ignores torch.no_grad())
+        run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
+        total, row_losses, _ = run(recon, target, kind, 1.0, False, reduction == "none")
+        return _reduce(total, row_losses, reduction, recon.numel(), recon.dtype)
     return ReconstructionLoss.apply(recon, target, kind, reduction)
 
 
@@ -321,6 +349,10 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     mu, logvar = _promoted(mu, logvar)
     if not _runs_native(mu):
         return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
+    if not _needs_gradient(mu, logvar):
+        run = _kl_cuda if mu.is_cuda else _kl_cpu
+        total, row_losses, _, _ = run(mu, logvar, 1.0, False, False, reduction == "none")
+        return _reduce(total, row_losses, reduction, mu.shape[0], mu.dtype)
     return KLNormal.apply(mu, logvar, reduction)
 
 

@@ -285,12 +285,95 @@ def test_every_output_element_is_written(cols, generator):
     _assert_close(grad_logvar, 0.5 * (t64.exp() - 1), 2e-5)
 
 
-def test_no_gradient_buffer_without_autograd(generator):
+def test_no_gradient_is_computed_without_autograd(monkeypatch, generator):
+    """Under torch.no_grad() (an evaluation loop) the kernel gets no gradient buffer to fill."""
     r64, t64 = _inputs("mse", (50, 300), generator)
     expected, _ = _reference("mse", "mean", r64, t64)
+    grads_passed = []
+    native = _native.reconstruction_loss_cuda
+
+    def recording(*args, **kwargs):
+        grads_passed.append(args[6])
+        return native(*args, **kwargs)
+
+    monkeypatch.setattr(_native, "reconstruction_loss_cuda", recording)
     with torch.no_grad():
         value = reconstruction_loss(r64.float().cuda().requires_grad_(True), t64.float().cuda())
-    _assert_close(value, expected, 2e-5)
+    _assert_close(value, expected, 2e-5, floor=1.0)
+    assert grads_passed == [0]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_an_incoming_gradient_other_than_one(reduction, generator):
+    """loss * 3 (or per-row weights for "none", some of them exactly 1): the saved gradient
+    is scaled on the device, in place, rows of factor 1 left as they are."""
+    r64, t64 = _inputs("bce_logits", (6, 3000), generator)
+    weights = torch.tensor([3.0, 1.0, -0.5, 1.0, 0.0, 2.5], dtype=torch.float64)
+    r = r64.clone().requires_grad_(True)
+    expected_value = _reference_elementwise("bce_logits", r, t64)
+    per_row = expected_value.sum(dim=1)
+    reference = {"none": (per_row * weights).sum(), "sum": 3 * per_row.sum(), "mean": 3 * expected_value.mean()}
+    reference[reduction].backward()
+    recon = r64.float().cuda().requires_grad_(True)
+    loss = reconstruction_loss(recon, t64.float().cuda(), "bce_logits", reduction)
+    (loss * weights.float().cuda()).sum().backward() if reduction == "none" else (3 * loss).backward()
+    _assert_close(recon.grad, r.grad, 2e-5, floor=_grad_scale(reduction, r64.numel()))
+    mu = torch.randn(6, 40, device="cuda", requires_grad=True)
+    logvar = torch.randn(6, 40, device="cuda", requires_grad=True)
+    value = kl_normal(mu, logvar, reduction)
+    (value * weights.float().cuda()).sum().backward() if reduction == "none" else (3 * value).backward()
+    factor = weights.float().cuda()[:, None] if reduction == "none" else 3.0
+    scale = 1.0 / 6 if reduction == "mean" else 1.0
+    torch.testing.assert_close(mu.grad, factor * scale * mu.detach())
+    torch.testing.assert_close(logvar.grad, factor * scale * 0.5 * (logvar.detach().exp() - 1))
+
+
+def test_a_second_backward_through_the_same_graph(generator):
+    """retain_graph=True: the first backward scaled the saved gradient in place; the second
+    recomputes it, so the gradients add up to twice the reference instead of 3 * 3."""
+    r64, t64 = _inputs("mse", (8, 2500), generator)
+    _, expected_grad = _reference("mse", "sum", r64, t64)
+    recon = r64.float().cuda().requires_grad_(True)
+    loss = 3 * reconstruction_loss(recon, t64.float().cuda(), "mse", "sum")
+    loss.backward(retain_graph=True)
+    loss.backward()
+    _assert_close(recon.grad, 6 * expected_grad, 2e-5, floor=1.0)
+
+
+def test_a_training_step_never_waits_for_the_gpu(generator):
+    """mse, bce_logits and the KL, forward and backward, under torch's sync debug mode (which
+    raises on any read-back through torch: a .item(), a float() of a CUDA tensor)."""
+    r64, t64 = _inputs("bce_logits", (64, 784), generator)
+    recon = r64.float().cuda().requires_grad_(True)
+    target = t64.float().cuda()
+    mu = torch.randn(64, 8, device="cuda", requires_grad=True)
+    logvar = torch.randn(64, 8, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = (reconstruction_loss(recon, target, "mse") + reconstruction_loss(recon, target, "bce_logits")
+                + 0.5 * kl_normal(mu, logvar))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(recon.grad).all() and torch.isfinite(logvar.grad).all()
+
+
+def test_the_in_place_scaling_directly(generator):
+    rows, cols = 5, 3001
+    grad = torch.randn(rows, cols, device="cuda", dtype=torch.float64)
+    original = grad.clone()
+    factors = torch.tensor([1.0, 2.0, 1.0, float("nan"), -3.0], device="cuda", dtype=torch.float64)
+    stream = torch.cuda.current_stream().cuda_stream
+    _native.scale_rows_unless_one_cuda(grad.data_ptr(), rows, cols, factors.data_ptr(), True, stream, True)
+    assert torch.equal(grad, original * factors[:, None])
+    one = torch.ones(1, device="cuda")
+    poisoned = torch.full((rows, cols), float("nan"), device="cuda")
+    _native.scale_rows_unless_one_cuda(poisoned.data_ptr(), rows, cols, one.data_ptr(), False, stream, False)
+    assert torch.isnan(poisoned).all()  # a factor of 1 leaves the buffer as it was: not even read
+    two = torch.full((1,), 2.0, device="cuda")
+    _native.scale_rows_unless_one_cuda(grad.data_ptr(), rows, cols, two.data_ptr(), False, stream, True)
+    assert torch.equal(grad, 2 * original * factors[:, None])
 
 
 def test_training_a_vae_on_the_gpu_with_the_native_losses():
