@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 
 import numpy as np
 import pytest
@@ -33,6 +34,12 @@ settings.register_profile(
 )
 settings.register_profile("thorough", parent=settings.get_profile("latentspace"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "latentspace"))
+
+# ---------------------------------------------------------------------------------------
+# nvcc, for the host-side checks of CUDA code (tests/cuda_host/*.cu); None where it is missing.
+NVCC = shutil.which("nvcc") or next(
+    (p for p in ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc") if os.path.exists(p)), None
+)
 
 # ---------------------------------------------------------------------------------------
 # SIMD levels

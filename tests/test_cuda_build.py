@@ -1,15 +1,11 @@
 """The CUDA build path: compiled in when nvcc was found, and harmless without a GPU."""
 
 import os
-import shutil
 
 import pytest
 
 import latentspace as ls
-
-NVCC = shutil.which("nvcc") or next(
-    (p for p in ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc") if os.path.exists(p)), None
-)
+from conftest import NVCC
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine, so the build had no CUDA")

@@ -15,10 +15,13 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/losses_math.cuh"
 #include "ops/losses.h"
 
 namespace latentspace {
 namespace {
+
+using namespace loss_math;  // the elementwise formulas and the segments (losses_math.cuh)
 
 constexpr int kWarp = 32;
 constexpr int kSegmentWarpsPerBlock = 8;
@@ -29,62 +32,10 @@ constexpr int64_t kMaxSegmentBlocks = int64_t{1} << 20;
 constexpr int kScaleThreads = 256;
 constexpr int64_t kMaxScaleBlocks = 4096;
 
-// libm by type (the float overloads: no silent promotion to double).
-__device__ inline float device_exp(float x) { return expf(x); }
-__device__ inline double device_exp(double x) { return exp(x); }
-__device__ inline float device_log(float x) { return logf(x); }
-__device__ inline double device_log(double x) { return log(x); }
-__device__ inline float device_abs(float x) { return fabsf(x); }
-__device__ inline double device_abs(double x) { return fabs(x); }
-__device__ inline float device_log1p(float x) { return log1pf(x); }
-__device__ inline double device_log1p(double x) { return log1p(x); }
-
-// max(value, floor) that keeps NaN (fmax would return the floor), as torch's clamps do.
-template <class T>
-__device__ inline T clamp_below(T value, T floor) {
-  return value < floor ? floor : value;
-}
-
-// Loss and d(loss)/d(recon) of one element.
-template <ReconstructionKind kKind, class T>
-__device__ inline T element_loss(T r, T t, T* grad) {
-  if constexpr (kKind == ReconstructionKind::kMse) {
-    const T d = r - t;
-    *grad = d + d;
-    return d * d;
-  } else if constexpr (kKind == ReconstructionKind::kBce) {
-    const T q = T(1) - r;
-    const T log_p = clamp_below(device_log(r), T(-100));  // torch clamps the logs at -100
-    const T log_q = clamp_below(device_log(q), T(-100));
-    *grad = (r - t) / clamp_below(r * q, T(1e-12));  // torch: (p - t) / max(p (1 - p), 1e-12)
-    return -(t * (log_p - log_q) + log_q);            // -(t log p + (1 - t) log q)
-  } else {
-    // r is a logit x: max(x, 0) - x t + log(1 + e), e = exp(-|x|); d/dx = sigmoid(x) - t.
-    const T e = device_exp(-device_abs(r));
-    const T inverse = T(1) / (T(1) + e);
-    const T sigmoid = r < T(0) ? e * inverse : inverse;
-    *grad = sigmoid - t;
-    return (r > T(0) ? r : T(0)) - r * t + device_log1p(e);
-  }
-}
-
 // The sum of a warp's 32 values in double, the same tree every time; every lane gets it.
 __device__ inline double warp_sum(double value) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
-}
-
-// Which (row, segment) a warp works on, and where that segment's elements lie.
-struct Segment {
-  int64_t row, first, count;
-};
-
-__device__ inline Segment segment_of(int64_t item, int64_t segments_per_row, int64_t cols) {
-  Segment s;
-  s.row = item / segments_per_row;
-  s.first = (item % segments_per_row) * kCudaLossSegment;
-  s.count = cols - s.first < kCudaLossSegment ? cols - s.first : kCudaLossSegment;
-  return s;
 }
 
 // Sums of the reconstruction loss per (row, segment) into segment_sums; gradient into grad.
@@ -131,9 +82,9 @@ __global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict
     const int64_t base = s.row * cols + s.first;
     T partial = T(0);
     for (int64_t i = lane; i < s.count; i += kWarp) {
-      const T m = mu[base + i], lv = logvar[base + i];
-      const T variance = device_exp(lv);
-      partial += T(1) + lv - m * m - variance;
+      const T m = mu[base + i];
+      T variance;
+      partial += kl_element_term(m, logvar[base + i], &variance);
       if (grad_mu != nullptr) grad_mu[base + i] = m * grad_scale;
       if (grad_logvar != nullptr) grad_logvar[base + i] = (variance - T(1)) * half_scale;
     }
@@ -178,10 +129,6 @@ __global__ void scale_rows_unless_one_kernel(T* __restrict__ grad, int64_t rows,
     const T factor = factors[per_row ? i / cols : 0];
     if (factor != T(1)) grad[i] *= factor;
   }
-}
-
-int64_t segments_per_row_of(int64_t cols) {
-  return cols <= kCudaLossSegment ? 1 : cuda::ceil_div(cols, kCudaLossSegment);
 }
 
 // Launch shape of the segment kernels: one warp per item, at most kMaxSegmentBlocks blocks.
