@@ -48,11 +48,22 @@ def test_info_json():
 
 
 def test_info_json_reflects_environment():
-    result = _cli("info", "--json", env={"LATENTSPACE_SIMD": "scalar", "OMP_NUM_THREADS": "1"})
+    result = _cli("info", "--json", env={"LATENTSPACE_SIMD": "scalar", "OMP_NUM_THREADS": "1",
+                                         "LATENTSPACE_CUDA_LOSSES": "native"})
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["simd_level"] == "scalar"
     assert info["num_threads"] == 1
+    assert info["cuda_losses"] == ("native" if info["cuda_compiled"] else "torch")
+
+
+def test_info_says_what_losses_run_on_a_gpu():
+    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "torch"})
+    assert result.returncode == 0, result.stderr
+    assert "losses on a GPU   : torch's ops (LATENTSPACE_CUDA_LOSSES" in result.stdout
+    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "bogus"})
+    assert result.returncode == 0, result.stderr
+    assert "losses on a GPU   : invalid (LATENTSPACE_CUDA_LOSSES: expected" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("latentspace") is None, reason="console script not on PATH")

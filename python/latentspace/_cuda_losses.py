@@ -12,15 +12,19 @@ Which implementation CUDA tensors get: LATENTSPACE_CUDA_LOSSES, read at every ca
 "native" (these kernels), "torch" (torch's own ops, losses.py) or unset / "" / "auto" (the
 default, DEFAULT_BACKEND). The default stays "torch" until a GPU run has checked and timed the
 native kernels (docs/gpu-runs.md, "Owed"); that run makes "native" the default where it wins.
+torch is imported by the functions that run kernels, not by this module: build_info() reports
+backend() without importing torch.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import _native
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["BACKEND_VARIABLE", "DEFAULT_BACKEND", "BCE_RANGE_MESSAGE", "backend", "kl_forward",
            "reconstruction_forward", "scale_in_place"]
@@ -45,6 +49,8 @@ def backend() -> str:
 
 def _sums(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row sums, the total, and the per-segment workspace (None when not needed)."""
+    import torch
+
     row_losses = torch.empty(rows, dtype=torch.float64, device=device)
     total = torch.empty((), dtype=torch.float64, device=device)
     doubles = _native.loss_cuda_workspace_doubles(rows, cols)
@@ -62,6 +68,8 @@ def reconstruction_forward(recon: torch.Tensor, target: torch.Tensor, kind: int,
     on one device. Returns (total, row_losses, grad): the summed loss (0-d float64), the
     per-row sums (float64) and d(loss)/d(recon) * grad_scale (recon's dtype; None unless
     needs_grad). kind: 0 mse, 1 bce (ValueError for recon outside [0, 1]), 2 bce_logits."""
+    import torch
+
     rows, cols = recon.shape
     device = recon.device
     with torch.cuda.device(device):
@@ -81,6 +89,8 @@ def kl_forward(mu: torch.Tensor, logvar: torch.Tensor, grad_scale: float, needs_
                needs_grad_logvar: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """mu, logvar as recon, target above. Returns (total, row_losses, grad_mu, grad_logvar),
     the gradients times grad_scale (None where not needed)."""
+    import torch
+
     rows, cols = mu.shape
     device = mu.device
     with torch.cuda.device(device):
@@ -100,6 +110,8 @@ def scale_in_place(grad: torch.Tensor, incoming: torch.Tensor, per_row: bool) ->
     grad's rows times incoming's one value, or one value per row (per_row, reduction "none");
     rows whose factor is exactly 1 are not touched. grad: a C-contiguous (rows, ...) float32
     or float64 CUDA tensor the caller owns. Returns grad."""
+    import torch
+
     if not grad.is_contiguous():
         raise ValueError("grad: expected a C-contiguous tensor")  # (the forward's own buffer always is)
     rows = grad.shape[0]

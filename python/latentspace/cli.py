@@ -48,6 +48,8 @@ def _command_info(args: argparse.Namespace) -> int:
                   f"{device['total_memory_bytes'] / 2**30:.0f} GiB)")
     else:
         print(f"  GPU visible now   : no ({info['cuda_unavailable_reason']})")
+    losses = {"native": "CUDA kernels", "torch": "torch's ops"}.get(info["cuda_losses"], info["cuda_losses"])
+    print(f"  losses on a GPU   : {losses} (LATENTSPACE_CUDA_LOSSES: native, torch or auto)")
     return 0
 
 

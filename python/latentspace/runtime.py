@@ -92,4 +92,17 @@ def build_info() -> dict[str, Any]:
         "gpu_visible": bool(devices),
         "cuda_devices": devices,
         "cuda_unavailable_reason": "" if devices else _native.cuda_unavailable_reason(),
+        "cuda_losses": _cuda_losses_setting(),
     }
+
+
+def _cuda_losses_setting() -> str:
+    """What latentspace.losses runs for CUDA tensors now: "native" (the CUDA kernels) or
+    "torch" (torch's ops), from LATENTSPACE_CUDA_LOSSES; a bad value is reported, not raised
+    (the losses raise it)."""
+    from . import _cuda_losses  # (imports no torch)
+
+    try:
+        return _cuda_losses.backend()
+    except ValueError as error:
+        return f"invalid ({error})"
