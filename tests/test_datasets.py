@@ -3,6 +3,7 @@ large) and the ann-benchmarks HDF5 layout (skipped without h5py)."""
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 
@@ -348,6 +349,25 @@ def test_mapped_npz_member_must_hold_the_data_its_header_claims(tmp_path, rng, r
     for mmap in (True, False):
         with pytest.raises(ValueError, match="bad.npz: array 'a' is not readable"):
             datasets.load_npz(tmp_path / "bad.npz", "a", mmap=mmap)
+
+
+def test_mapped_npz_member_past_the_end_of_the_file(tmp_path):
+    """A stored member whose .npy header and zip sizes agree on more bytes than the file
+    holds: the check is against the size of the open file (os.fstat), named in the error
+    (np.memmap said only "mmap length is greater than file size")."""
+    header = io.BytesIO()
+    np.lib.format.write_array(header, np.arange(30.0).reshape(10, 3))
+    npy = header.getvalue().replace(b"(10, 3)", b"(99, 3)")  # 99 rows claimed, 10 stored
+    with zipfile.ZipFile(tmp_path / "x.npz", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("x.npy", npy)
+    raw = bytearray((tmp_path / "x.npz").read_bytes())
+    claimed = len(npy) + (99 - 10) * 3 * 8
+    entry = raw.index(b"PK\x01\x02")  # the central directory's sizes, as the header's shape
+    raw[entry + 20 : entry + 28] = claimed.to_bytes(4, "little") * 2
+    (tmp_path / "x.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"x.npz: array 'x' is not readable \(its data runs past the end of "
+                                         rf"the file: \d+ bytes needed, the file has {len(raw)}\)"):
+        datasets.load_npz(tmp_path / "x.npz", mmap=True)
 
 
 def _ann_parts(rng):

@@ -114,21 +114,46 @@ def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray
     """
     _check_mmap(mmap)
     path = _regular_file(path)
-    if mmap is None:
-        mmap = path.stat().st_size >= MMAP_THRESHOLD_BYTES
-    # A zip archive by its first bytes, as np.load tells one (zipfile.is_zipfile searches the
-    # last 64 KiB for the bytes PK\x05\x06, which an array's data can hold)
+    # Everything below reads this one open file, never the path again: a file saved over the
+    # path meanwhile (os.replace) gave the new file's array, or, mapped, the old header's
+    # shape and dtype over the new file's bytes (np.load re-opens the path by name to map).
     with open(path, "rb") as f:
+        if mmap is None:
+            mmap = os.fstat(f.fileno()).st_size >= MMAP_THRESHOLD_BYTES
+        # A zip archive by its first bytes, as np.load tells one (zipfile.is_zipfile searches
+        # the last 64 KiB for the bytes PK\x05\x06, which an array's data can hold)
         head = f.read(len(_ZIP_PREFIXES[0]))
-    if head.startswith(_ZIP_PREFIXES):
-        raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
-    try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise
-        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+        if head.startswith(_ZIP_PREFIXES):
+            raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
+        f.seek(0)
+        try:
+            array = _map_npy(f) if mmap else np.load(f, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as error:
+            if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+                raise
+            raise ValueError(f"{path}: not a readable .npy array ({error})") from None
     return _checked(array, path, "the array")
+
+
+def _map_npy(f) -> np.memmap:
+    """np.memmap of the .npy file open as `f` (at its start), as np.load(mmap_mode="r") maps
+    one, with its errors, but from this file: np.load maps the path by name."""
+    if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+        f.seek(0)
+        return np.load(f, allow_pickle=False)  # not .npy: raises np.load's own error
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):  # numpy's own check and message
+        raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
+    # 3.0 is 2.0's layout with UTF-8 text, written only for field names latin-1 cannot hold:
+    # no array of numbers (load_npy refuses the others after reading the header)
+    shape, fortran, dtype = _read_npy_header(f, version)
+    if dtype.hasobject:
+        raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
+    # np.memmap takes the file's size from this same file (a seek to its end) and refuses a
+    # shape that does not fit in it
+    return np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                     order="F" if fortran else "C")  # outlives f: the map holds its own handle
 
 
 def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
@@ -140,15 +165,19 @@ def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | No
     """
     _check_mmap(mmap)
     path = _regular_file(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return _read_member(path, archive, key, mmap)
-    except _ZIP_DAMAGE as error:
-        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise  # about the path, not the archive: already clear
-        raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+    # One open file for the archive's directory, the member's header and its data (as in
+    # load_npy): opened by name each time, a file saved over the path meanwhile gave the new
+    # file's array, or the old member's offset and shape over the new file's bytes.
+    with open(path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return _read_member(path, f, archive, key, mmap)
+        except _ZIP_DAMAGE as error:
+            if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+                raise  # about the path, not the archive: already clear
+            raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
 
 
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
@@ -164,8 +193,9 @@ def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
     return key
 
 
-def _read_member(path: Path, archive: zipfile.ZipFile, key: str | None, mmap: bool | None) -> np.ndarray:
-    """load_npz's array from the open archive (its damage errors are translated by load_npz)."""
+def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap: bool | None) -> np.ndarray:
+    """load_npz's array from the archive open on the file `f` (its damage errors are
+    translated by load_npz)."""
     key = _member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
     stored = info.compress_type == zipfile.ZIP_STORED
@@ -176,7 +206,7 @@ def _read_member(path: Path, archive: zipfile.ZipFile, key: str | None, mmap: bo
         mmap = stored and info.file_size >= MMAP_THRESHOLD_BYTES
     try:
         if mmap:
-            array = _map_member(path, archive, info)
+            array = _map_member(f, info)
         else:
             with archive.open(info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
@@ -195,33 +225,37 @@ def _read_npy_header(stream, version):
     return np.lib.format.read_array_header_2_0(stream)
 
 
-def _map_member(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
-    """np.memmap of an uncompressed .npy member inside a zip archive (_read_member names the
-    file in its errors)."""
+def _map_member(f, info: zipfile.ZipInfo) -> np.ndarray:
+    """np.memmap of an uncompressed .npy member of the zip archive open as `f`
+    (_read_member names the file in its errors)."""
     if info.flag_bits & 0x1:  # mapping an encrypted member would give its ciphertext as data
         raise ValueError("the member is encrypted (latentspace reads only unencrypted archives)")
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # the local file header: its name and extra lengths can differ
-        if local[:4] != b"PK\x03\x04":
-            raise ValueError("corrupted .npz archive (bad local header)")
-        name_len = int.from_bytes(local[26:28], "little")
-        extra_len = int.from_bytes(local[28:30], "little")
-        start = info.header_offset + 30 + name_len + extra_len
-        f.seek(start)
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = _read_npy_header(f, version)
-        if dtype.hasobject:
-            raise ValueError("object arrays are not loaded (they would need unpickling)")
-        offset = f.tell()
+    size = os.fstat(f.fileno()).st_size
+    f.seek(info.header_offset)
+    local = f.read(30)  # the local file header: its name and extra lengths can differ
+    if local[:4] != b"PK\x03\x04":
+        raise ValueError("corrupted .npz archive (bad local header)")
+    name_len = int.from_bytes(local[26:28], "little")
+    extra_len = int.from_bytes(local[28:30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    f.seek(start)
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = _read_npy_header(f, version)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded (they would need unpickling)")
+    offset = f.tell()
+    nbytes = math.prod(shape) * dtype.itemsize
     # Not CRC-checked when mapped: at least the header's shape must fill the member exactly,
     # or the map would read the next member's bytes (or drop rows) as data.
-    if offset - start + math.prod(shape) * dtype.itemsize != info.file_size:
+    if offset - start + nbytes != info.file_size:
         raise ValueError("its header's shape does not match the member's size")
+    if offset + nbytes > size:  # the size of this open file, not of whatever the path is now
+        raise ValueError(f"its data runs past the end of the file: {offset + nbytes} bytes needed, "
+                         f"the file has {size}")
     if math.prod(shape) == 0:
         return np.empty(shape, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                     order="F" if fortran else "C")
+    return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape,
+                     order="F" if fortran else "C")  # outlives f: the map holds its own handle
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
@@ -282,7 +316,9 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
                           "(or pip install h5py)") from None
     path = _regular_file(path)
     try:
-        handle = h5py.File(path, "r")
+        # sec2 (HDF5's default, also on Windows) so that _map_h5_dataset can map the
+        # descriptor HDF5 reads the layout from; an HDF5_DRIVER setting would pick another
+        handle = h5py.File(path, "r", driver="sec2")
     except OSError as error:
         raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
     with handle as f:
@@ -329,5 +365,27 @@ def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
     if mmap is None:
         mmap = mappable and nbytes >= MMAP_THRESHOLD_BYTES
     if mmap:
-        return np.memmap(path, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+        return _map_h5_dataset(dataset, offset)
     return np.asarray(dataset[()])
+
+
+def _map_h5_dataset(dataset: Any, offset: int) -> np.memmap:
+    """np.memmap of a contiguous dataset from the very file h5py has open.
+
+    Mapping the path by name could map another file: one saved over the path (os.replace)
+    after h5py read the layout would give the old file's offsets and shapes over the new
+    file's bytes. Mapping h5py's own descriptor (a duplicate of it, the sec2 driver's file
+    handle) cannot, and needs no second open, no check of which file it got and no retry.
+    """
+    descriptor = dataset.file.id.get_vfd_handle()
+    # The duplicate shares the file position with HDF5's descriptor: np.memmap seeks to the
+    # end to learn the size, and a sec2 build without pread (Windows) trusts the position it
+    # last left, so put it back.
+    position = os.lseek(descriptor, 0, os.SEEK_CUR)
+    try:
+        with os.fdopen(os.dup(descriptor), "rb") as f:
+            # np.memmap refuses a map past the end of this file (HDF5 refuses such a dataset
+            # before: "invalid dataset size"); the map outlives f, holding its own handle
+            return np.memmap(f, dtype=dataset.dtype, mode="r", offset=offset, shape=dataset.shape)
+    finally:
+        os.lseek(descriptor, position, os.SEEK_SET)
