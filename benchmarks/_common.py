@@ -5,9 +5,11 @@ conftest.py). pytest puts benchmarks/ on sys.path, so the benchmark files `impor
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +51,19 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")
+
+
+def read_benchmark_json(path: str) -> tuple[dict | None, str]:
+    """A pytest-benchmark JSON file's data, or None and why it holds no results. pytest-benchmark
+    opens --benchmark-json as it starts and writes it at the end: a run stopped at its time
+    limit (gpu_run.sh's parts) leaves an empty file, named as such."""
+    text = ""
+    try:
+        text = Path(path).read_text()
+        return json.loads(text), ""
+    except (OSError, ValueError) as error:
+        empty = isinstance(error, ValueError) and not text.strip()
+        return None, "empty: its run ended before pytest-benchmark wrote it" if empty else str(error)
 
 
 def split_label(peer: str) -> tuple[str, list[str], list[str]]:

@@ -20,13 +20,11 @@ choosing the defaults. An opt-out below 1x means the default it turns off pays.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-from _common import split_label  # benchmarks/ is the script's folder, first on sys.path
+from _common import read_benchmark_json, split_label  # benchmarks/ is the script's folder, first on sys.path
 
 
 def is_latentspace(peer: str) -> bool:
@@ -105,16 +103,11 @@ def load(*paths: str):
     that hold no results, each with the reason."""
     roofs, cells, first, unread = {}, defaultdict(dict), None, []
     for path in paths:
-        # pytest-benchmark opens --benchmark-json as it starts and writes it at the end: a part
-        # stopped at its time limit (or that timed nothing) leaves an empty file beside the
-        # parts that finished, whose figures must still be reported.
-        text = ""
-        try:
-            text = Path(path).read_text()
-            data = json.loads(text)
-        except (OSError, ValueError) as error:
-            empty = isinstance(error, ValueError) and not text.strip()
-            unread.append((path, "empty: its run ended before pytest-benchmark wrote it" if empty else str(error)))
+        # (a part stopped at its time limit leaves an empty file beside the parts that
+        # finished, whose figures must still be reported)
+        data, why_not = read_benchmark_json(path)
+        if data is None:
+            unread.append((path, why_not))
             continue
         first = first or data
         for bench in data["benchmarks"]:

@@ -18,10 +18,10 @@ writes none) is named, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-from pathlib import Path
+
+from _common import read_benchmark_json  # benchmarks/ is the script's folder, first on sys.path
 
 NATIVE, TORCH_OPS, TORCH, ROOF = "latentspace", "latentspace[torch ops]", "torch", "copy roof"
 PEERS = (NATIVE, TORCH_OPS, TORCH, ROOF)
@@ -33,13 +33,11 @@ def load(paths: list[str]) -> tuple[dict, dict[str, dict[str, dict]], list[tuple
     files that held no results, each with the reason."""
     first, cells, unread = None, {}, []
     for path in paths:
-        text = ""
-        try:
-            text = Path(path).read_text()
-            data = json.loads(text)
-        except (OSError, ValueError) as error:
-            empty = isinstance(error, ValueError) and not text.strip()
-            unread.append((path, "empty: its run ended before pytest-benchmark wrote it" if empty else str(error)))
+        # (a part stopped at its time limit leaves an empty file beside the parts that
+        # finished, whose figures must still be reported)
+        data, why_not = read_benchmark_json(path)
+        if data is None:
+            unread.append((path, why_not))
             continue
         first = first or data
         for bench in data.get("benchmarks", []):

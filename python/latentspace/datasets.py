@@ -215,7 +215,8 @@ def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap:
                 if member.read(1):
                     raise ValueError("its header's shape does not match the member's size")
     except _NPY_DAMAGE as error:  # numpy's messages name no file
-        raise ValueError(f"{path}: array {key!r} is not readable ({error})") from None
+        # (a zip member shorter than its directory entry says raises EOFError with no text)
+        raise ValueError(f"{path}: array {key!r} is not readable ({error or type(error).__name__})") from None
     return _checked(array, path, f"array {key!r}")
 
 
