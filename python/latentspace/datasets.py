@@ -302,6 +302,9 @@ class AnnBenchmark:
     metric: str | None
 
 
+_H5_DAMAGE = (OSError, KeyError, RuntimeError, TypeError)
+
+
 def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) -> AnnBenchmark:
     """Reads an ann-benchmarks HDF5 file (datasets train, test, neighbors, distances and the
     attribute "distance"), as published at ann-benchmarks.com. Needs h5py.
@@ -323,11 +326,17 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
     except OSError as error:
         raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
     with handle as f:
-        missing = [name for name in ("train", "test", "neighbors", "distances") if name not in f]
-        if missing:
-            raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
-        arrays = {name: _h5_array(path, f[name], mmap) for name in ("train", "test", "neighbors", "distances")}
-        distance = f.attrs.get("distance", "")
+        try:
+            missing = [name for name in ("train", "test", "neighbors", "distances") if name not in f]
+            if missing:
+                raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
+            arrays = {name: _h5_array(path, f[name], mmap) for name in ("train", "test", "neighbors", "distances")}
+            distance = f.attrs.get("distance", "")
+        except _H5_DAMAGE as error:
+            # The file opened as HDF5: h5py reports damage inside it as any of these (bytes
+            # flipped one at a time in a small file gave each: "addr overflow", "actual len
+            # exceeds EOA", "bad object header version number", "Unknown string encoding")
+            raise ValueError(f"{path}: a damaged HDF5 file ({type(error).__name__}: {error})") from None
     if isinstance(distance, bytes):
         distance = distance.decode()
     distance = str(distance)
