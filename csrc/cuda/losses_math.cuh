@@ -68,6 +68,9 @@ struct Segment {
 };
 
 __host__ __device__ inline Segment segment_of(int64_t item, int64_t segments_per_row, int64_t cols) {
+  // Rows of one segment (the usual widths) skip the 64-bit division and remainder, which cost
+  // a short row (a VAE's 8 to 64 latent dimensions) more than its own elements do.
+  if (segments_per_row == 1) return Segment{item, 0, cols};
   Segment s;
   s.row = item / segments_per_row;
   s.first = (item % segments_per_row) * kCudaLossSegment;
