@@ -79,7 +79,7 @@ fi
 # time, in the order tests, losses (the GPU losses benchmark), bench (the kNN benchmarks),
 # profile, sanitizer (the benchmarks were the stage a run lost to the time limit before).
 # Measured on an H200 (2026-11-26, run 8): build 94 s, tests 58 s (977 tests, 6 xdist
-# workers; the losses' 189 GPU tests came after), benchmarks 130 s (four processes), profile
+# workers; the losses' GPU tests, about 195, came after), benchmarks 130 s (four processes), profile
 # 64 s; the machine's start about 30 s. The losses benchmark has not run yet (estimated 30-60
 # s, limit 90 s). With the sanitizer's 150 s, about 560 s in all: one device call of 600 s
 # holds every stage, the sanitizer cut to what the deadline leaves; or two on the same warm
@@ -216,7 +216,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # (float32, float64, each kind, the KL) over the tests' shapes at one reduction (the
     # kernels do the same work for every reduction: only the gradient's scale differs), the
     # outputs poisoned with NaN, the grid-stride and finish loops, the out-of-range flag, a
-    # side stream, half inputs, the target's gradient and strided inputs: 70 tests;
+    # side stream, half inputs, the target's gradient and strided inputs: 71 tests;
     # racecheck the finish kernel (the only shared memory) with several segments a row and
     # with more rows than its block has threads. GPU_RUN_MEMCHECK_LOSS_TESTS: a -k selection
     # instead; GPU_RUN_SANITIZER_LOSSES=0 leaves the losses out. tests/test_gpu_run_script.py

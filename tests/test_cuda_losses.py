@@ -227,3 +227,32 @@ def test_the_kernels_formulas_and_segments_on_the_host(tmp_path):
     result = subprocess.run([str(program)], capture_output=True, text=True)
     assert result.returncode == 0 and "failures 0" in result.stdout, result.stdout + result.stderr
     assert result.stdout.count("wrong 0") == 9  # four checks for each of two types, and the segments
+
+
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_forward_mode_ad_is_refused_not_given_a_wrong_tangent(no_grad):
+    """A dual tensor does not require grad: the no-gradient shortcut took it and returned a
+    loss without a tangent (a silently wrong jvp). It must reach the autograd.Function, which
+    refuses forward-mode AD with torch's clear error, as it did before the shortcut."""
+    import torch.autograd.forward_ad as forward_ad
+
+    recon, target = torch.rand(4, 3), torch.rand(4, 3)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(recon, torch.ones_like(recon))
+        with torch.no_grad() if no_grad else torch.enable_grad():
+            with pytest.raises(NotImplementedError, match="jvp"):
+                reconstruction_loss(dual, target)
+            with pytest.raises(NotImplementedError, match="jvp"):
+                kl_normal(dual, target)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "jvp"])
+def test_torch_func_transforms_get_torchs_own_error(transform):
+    """(The shortcut handed functorch's wrapped tensors to the kernel: "Cannot access data
+    pointer of Tensor that doesn't have storage".)"""
+    recon, target = torch.rand(4, 3), torch.rand(4, 3)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        if transform == "vmap":
+            torch.func.vmap(lambda r: reconstruction_loss(r, target))(recon[None].expand(2, 4, 3))
+        else:
+            torch.func.jvp(lambda r: kl_normal(r, target), (recon,), (torch.ones_like(recon),))

@@ -189,6 +189,31 @@ def test_damaged_npz_archive_is_a_value_error(tmp_path, rng, field, mmap):
         datasets.load_npz(tmp_path / "bad.npz", "a", mmap=mmap)
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_every_flipped_npy_byte_is_a_value_error_or_loads(tmp_path, rng, mmap):
+    """Whatever byte of a .npy file is damaged, load_npy raises ValueError naming the file or
+    loads. Before: a header byte turned into a quote or a bracket let numpy's
+    tokenize.TokenError (or SyntaxError) through."""
+    source = tmp_path / "a.npy"
+    np.save(source, rng.random((5, 3)).astype(np.float32))
+    raw = source.read_bytes()
+    path = tmp_path / "bad.npy"
+    header_end = raw.index(b"\n") + 1
+    for position in range(len(raw)):
+        replacements = (b"'", b'"', b"(", b"{", bytes([raw[position] ^ 0xFF])) if position < header_end \
+            else (bytes([raw[position] ^ 0xFF]),)
+        for replacement in replacements:
+            damaged = bytearray(raw)
+            damaged[position:position + 1] = replacement
+            path.write_bytes(bytes(damaged))
+            try:
+                datasets.load_npy(path, mmap=mmap)
+            except ValueError as error:
+                assert str(path) in str(error), (position, replacement, error)
+            except Exception as error:  # noqa: BLE001 - the test is that nothing else escapes
+                pytest.fail(f"byte {position} set to {replacement!r}, mmap={mmap}: {type(error).__name__}: {error}")
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_every_flipped_npz_byte_is_a_value_error_or_loads(tmp_path, rng, compressed):
     """Whatever byte is damaged, load_npz raises ValueError naming the file (a damaged stored

@@ -128,7 +128,9 @@ def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray
         f.seek(0)
         try:
             array = _map_npy(f) if mmap else np.load(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
+        # (SyntaxError, TokenError: numpy parses the header's dict as Python literals, and a
+        # damaged byte can leave an unclosed quote or bracket)
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
             if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
                 raise
             raise ValueError(f"{path}: not a readable .npy array ({error})") from None

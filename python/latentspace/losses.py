@@ -2,8 +2,9 @@
 
 Each loss is one torch.autograd.Function: its forward runs a native kernel (CPU: OpenMP +
 SIMD, csrc/cpu/losses.cpp; CUDA: csrc/cuda/losses.cu) that computes the loss and its gradient
-in one pass over the data; its backward only scales that saved gradient by the incoming one
-(second derivatives: see below). float32 runs the SIMD kernels on the CPU; float64 runs plain
+in one pass over the data (the loss alone where no gradient can be asked for: torch.no_grad(),
+or no input that requires grad); its backward scales that saved gradient by the incoming one
+(on a GPU in place; exceptions: see below). float32 runs the SIMD kernels on the CPU; float64 runs plain
 C++ (so torch.autograd.gradcheck can verify the gradients); float16 / bfloat16 are computed
 in float32 and the gradient is returned in the input dtype. Two inputs of different dtypes
 are first brought to their common one (torch.promote_types), as torch's own losses do.
@@ -35,8 +36,10 @@ backward with create_graph=True (a gradient penalty, a Hessian-vector product) d
 the saved gradient, a constant to autograd, but recomputes the first derivative with torch
 ops from the saved inputs (in the same compute dtype, float32 for float16 / bfloat16), times
 the incoming gradient, so that autograd differentiates it again: with respect to recon,
-target, mu, logvar and the incoming gradient. A plain backward never runs that recomputation.
-torch's ops, off the CPU, have second derivatives as well.
+target, mu, logvar and the incoming gradient. A plain backward runs that recomputation only
+for a second backward through the same graph (retain_graph=True) on a GPU, where the first
+scaled the saved gradient in place. torch's ops have second derivatives as well. Forward-mode
+AD and torch.func transforms are not supported (the autograd.Function refuses them).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from . import _cuda_losses, _native
 from ._arrays import check_dense
@@ -262,8 +266,8 @@ class ReconstructionLoss(torch.autograd.Function):
                 None if g is None else _times_incoming(g, grad_output, ctx.reduction)
                 for g in _reconstruction_grads(recon, target, ctx.kind, ctx.grad_scale))
         else:
+            ctx.saved_gradient_spent = grad.is_cuda  # (before it is scaled in place)
             grad_recon, grad_target = ReconstructionLoss._from_saved(ctx, grad, recon, grad_output)
-            ctx.saved_gradient_spent = grad.is_cuda
         return (grad_recon.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None,
                 grad_target.to(ctx.input_dtype) if ctx.needs_input_grad[1] and grad_target is not None else None,
                 None, None)
@@ -318,9 +322,19 @@ def _runs_native(x: torch.Tensor) -> bool:
 
 
 def _needs_gradient(*inputs: torch.Tensor) -> bool:
-    """Whether autograd will ask for a gradient: without one (evaluation, torch.no_grad()) the
-    native forward neither computes nor stores it."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    """Whether autograd may ask for a gradient: without one (evaluation, torch.no_grad()) the
+    native forward neither computes nor stores it. Forward-mode AD (dual tensors, which do not
+    require grad) and torch.func transforms (vmap, jvp) go through the autograd.Function too,
+    which refuses them with their own clear errors, instead of a shortcut that would drop a
+    tangent silently or reach a tensor without storage."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
+        return True
+    return any(forward_ad.unpack_dual(x).tangent is not None or _is_functorch_wrapped(x) for x in inputs)
+
+
+def _is_functorch_wrapped(x: torch.Tensor) -> bool:
+    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(check(x)) if check is not None else False
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
