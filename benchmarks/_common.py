@@ -66,6 +66,21 @@ def read_benchmark_json(path: str) -> tuple[dict | None, str]:
         return None, "empty: its run ended before pytest-benchmark wrote it" if empty else str(error)
 
 
+def read_benchmark_files(paths) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The data of each readable pytest-benchmark JSON file in `paths`, and the files that
+    held no results, each with the reason (read_benchmark_json). gpu_run.sh runs a benchmark
+    in parts: one stopped at its time limit leaves an empty file beside the parts that
+    finished, whose figures must still be reported."""
+    found, unread = [], []
+    for path in paths:
+        data, why_not = read_benchmark_json(path)
+        if data is None:
+            unread.append((path, why_not))
+        else:
+            found.append(data)
+    return found, unread
+
+
 def split_label(peer: str) -> tuple[str, list[str], list[str]]:
     """A peer's label cut into its name, the opt-ins its brackets name (CUDA_KNN_OPT_INS, in
     the label's order) and its other bracket words, which describe the peer itself:

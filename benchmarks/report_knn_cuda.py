@@ -24,7 +24,7 @@ import math
 import sys
 from collections import defaultdict
 
-from _common import read_benchmark_json, split_label  # benchmarks/ is the script's folder, first on sys.path
+from _common import read_benchmark_files, split_label  # benchmarks/ is the script's folder, first on sys.path
 
 
 def is_latentspace(peer: str) -> bool:
@@ -101,15 +101,9 @@ def load(*paths: str):
     """The runs' roofs and cells, from one or more pytest-benchmark JSON files of one session
     (gpu_run.sh runs the large-k cells apart); the first file's machine info; and the files
     that hold no results, each with the reason."""
-    roofs, cells, first, unread = {}, defaultdict(dict), None, []
-    for path in paths:
-        # (a part stopped at its time limit leaves an empty file beside the parts that
-        # finished, whose figures must still be reported)
-        data, why_not = read_benchmark_json(path)
-        if data is None:
-            unread.append((path, why_not))
-            continue
-        first = first or data
+    found, unread = read_benchmark_files(paths)
+    roofs, cells, first = {}, defaultdict(dict), (found[0] if found else None)
+    for data in found:
         for bench in data["benchmarks"]:
             info, median = bench["extra_info"], bench["stats"]["median"]
             if info.get("kind") == "roof":

@@ -21,7 +21,7 @@ import argparse
 import math
 import sys
 
-from _common import read_benchmark_json  # benchmarks/ is the script's folder, first on sys.path
+from _common import read_benchmark_files  # benchmarks/ is the script's folder, first on sys.path
 
 NATIVE, TORCH_OPS, TORCH, ROOF = "latentspace", "latentspace[torch ops]", "torch", "copy roof"
 PEERS = (NATIVE, TORCH_OPS, TORCH, ROOF)
@@ -31,15 +31,9 @@ LOSSES = ("mse", "bce", "bce_logits", "kl_normal")  # the table's order, then th
 def load(paths: list[str]) -> tuple[dict, dict[str, dict[str, dict]], list[tuple[str, str]]]:
     """The first readable file's data, {group: {peer: benchmark}} over all files, and the
     files that held no results, each with the reason."""
-    first, cells, unread = None, {}, []
-    for path in paths:
-        # (a part stopped at its time limit leaves an empty file beside the parts that
-        # finished, whose figures must still be reported)
-        data, why_not = read_benchmark_json(path)
-        if data is None:
-            unread.append((path, why_not))
-            continue
-        first = first or data
+    found, unread = read_benchmark_files(paths)
+    first, cells = (found[0] if found else None), {}
+    for data in found:
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
             if info.get("kind") == "loss":
