@@ -1229,3 +1229,44 @@ def test_train_refuses_a_flag_its_model_does_not_use(tmp_path, capsys, options, 
     code, _, err = _main(capsys, "train", "digits", *options, "--epochs", "1", "--out", str(out), "--no-progress")
     assert code == 2 and err.startswith(f"latentspace train: error: {flag}: "), err
     assert not out.exists()  # refused before the folder is made
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--latent-dim", "100"], "--latent-dim: PCA(latent_dim=100) cannot exceed"),
+    (["-k", "0"], "-k: expected an integer >= 1"),
+])
+def test_a_failed_demo_removes_the_folder_it_made_and_keeps_the_users(tmp_path, capsys, options, message):
+    """--out was made before PCA and the metrics checked --latent-dim and -k: a refused run
+    left an empty folder behind (as train did before made_folder)."""
+    deep = tmp_path / "new" / "pictures"
+    args = ["demo", "--models", "autoencoder", "--epochs", "1", "--no-metric-learning", "--examples", "0", *options]
+    code, _, err = _main(capsys, *args, "--out", str(deep))
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    code, _, _ = _main(capsys, *args, "--out", str(mine))
+    assert code == 2 and mine.is_dir()  # the user's own folder stays
+
+
+def test_an_input_of_the_wrong_kind_is_named_by_its_file_not_path(pipeline_files, capsys):
+    """The readers' 'path: ...' (the Python API's parameter, which no command has) reached the
+    shell as it was: 'error: path: expected a .npy, .npz, .hdf5 or .h5 file, got x.txt'."""
+    tmp, _, _, _ = pipeline_files
+    m, data, text = str(tmp / "model.safetensors"), str(tmp / "x.npy"), str(tmp / "x.txt")
+    (tmp / "x.txt").write_text("1 2 3\n")
+    for command, args in [("index build", ["index", "build", text, "--out", str(tmp / "i.lsidx")]),
+                          ("encode", ["encode", m, text, "--out", str(tmp / "z.npy")]),
+                          ("encode", ["encode", str(tmp), data, "--out", str(tmp / "z.npy")]),
+                          ("train", ["train", text, "--model", "pca", "--out", str(tmp / "run")])]:
+        err = _pipeline_error(capsys, command, *args)
+        assert "path: " not in err and (text in err or f"{tmp} is a folder" in err), err
+
+
+def test_plot_relevance_method_lists_only_what_can_be_typed(plot_files, capsys):
+    """relevance()'s 'expected one of ... or None' reached the shell: None is no --method."""
+    tmp = plot_files
+    err = _pipeline_error(capsys, "plot", "plot", "relevance", str(tmp / "pca.safetensors"), str(tmp / "x.npy"),
+                          "--method", "anova", "--out", str(tmp / "r.png"))
+    assert err == ("latentspace plot: error: --method: expected one of 'fisher', 'mutual_info', 'variance', 'kl' "
+                   "for relevance, got 'anova'\n"), err

@@ -293,7 +293,10 @@ def _as_typed(error: BaseException, args: argparse.Namespace) -> str:
     command's `api_names` (set with its parser) maps those names to its flags, or to a
     template of its arguments for a file ("{data}")."""
     names = {name: typed.format_map(vars(args)) for name, typed in getattr(args, "api_names", {}).items()}
-    return renamed(str(error), names)
+    message = str(error)
+    # The readers' and writers' "path: " is a parameter no command has; the rest of each such
+    # message names the file ("path: m is a folder; pass a model file"), as the user typed it.
+    return renamed(message.removeprefix("path: "), names)
 
 
 class _Terminated(KeyboardInterrupt):

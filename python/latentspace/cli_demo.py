@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
-from .cli_pipeline import make_folder
+from .cli_pipeline import made_folder
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
 
@@ -119,10 +119,6 @@ def command_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .feature_relevance import relevance, relevance_weights
-    from .metrics import reconstruction_mse
-    from .models import PCA, Autoencoder
-
     if args.threads is not None:
         set_num_threads(args.threads)
     search_threads = get_num_threads()  # (read before torch's setting: OpenMP's default)
@@ -132,9 +128,23 @@ def command_demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or 1)
     set_num_threads(args.threads or 1)
     split = _Split()
+    _check_counts(args, split.images.shape[0], len(split.test_rows))  # before any training, as is --out:
+    # made now (a file above it failed only when the pictures were written), and removed again
+    # if it ends empty: a run refused later (--latent-dim, -k < 1) or interrupted leaves nothing
+    with made_folder(args.out):
+        return _run_demo(args, kinds, split, out_dir, search_threads, started)
+
+
+def _run_demo(args: argparse.Namespace, kinds: list[str], split: _Split, out_dir: Path, search_threads: int,
+              started: float) -> int:
+    """The demo's work, once the digits are split and --out is a folder."""
+    import torch
+
+    from .feature_relevance import relevance, relevance_weights
+    from .metrics import reconstruction_mse
+    from .models import PCA, Autoencoder
+
     n, dim = split.images.shape
-    _check_counts(args, n, len(split.test_rows))  # before any training, as is --out:
-    make_folder(args.out)  # a file above it failed only when the pictures were written
     print(f"latentspace demo: latent spaces of the {n:,} handwritten digits bundled with "
           f"scikit-learn ({dim} pixels each)")
     print(f"  split: {len(split.train_rows):,} training / {len(split.test_rows):,} held-out digits "

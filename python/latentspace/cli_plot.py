@@ -140,6 +140,9 @@ def _command_plot(args: argparse.Namespace) -> int:
                     + ("" if labels is not None else ", no labels: one colour"))
         else:
             method = args.method or ("fisher" if labels is not None else "variance")
+            if method not in _RELEVANCE_TITLES:  # (relevance() would add "or None", which no one types)
+                choices = ", ".join(map(repr, _RELEVANCE_TITLES))
+                raise ValueError(f"--method: expected one of {choices} for relevance, got {method!r}")
             if method in ("fisher", "mutual_info") and labels is None:
                 raise ValueError(f"--labels: method {method!r} needs class labels; pass --labels FILE "
                                  "(or --labels-key KEY), or --method variance / kl")
