@@ -256,3 +256,20 @@ def test_torch_func_transforms_get_torchs_own_error(transform):
             torch.func.vmap(lambda r: reconstruction_loss(r, target))(recon[None].expand(2, 4, 3))
         else:
             torch.func.jvp(lambda r: kl_normal(r, target), (recon,), (torch.ones_like(recon),))
+
+
+def test_a_negated_view_is_read_as_its_values():
+    """torch's lazy negation (z.conj().imag, torch._neg_view) leaves the memory un-negated: the
+    kernels, which read memory (and on a GPU take the data pointer as it is), must get the
+    values. (The CPU path raised torch's "Can't call numpy() on Tensor that has negative bit
+    set", naming nothing.)"""
+    generator = torch.Generator().manual_seed(3)
+    recon = torch.randn(6, 5, generator=generator)
+    target = torch.rand(6, 5, generator=generator)
+    negated = torch._neg_view(recon)
+    assert negated.is_neg()
+    for kind in ("mse", "bce_logits"):
+        torch.testing.assert_close(reconstruction_loss(negated, target, kind, "none"),
+                                   reconstruction_loss(-recon, target, kind, "none"), rtol=0, atol=0)
+    torch.testing.assert_close(kl_normal(negated, target, "none"), kl_normal(-recon, target, "none"),
+                               rtol=0, atol=0)

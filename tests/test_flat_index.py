@@ -721,3 +721,17 @@ def test_copies_and_pickles_are_independent_indexes(how, mmap, tmp_path, rng):
         np.testing.assert_array_equal(index.vectors()[10], sevens[0])
     np.testing.assert_array_equal(twin.vectors()[10], ones[0])
     assert twin.ntotal == 11 and index.ntotal == (10 if mmap else 11)
+
+
+def test_reconstruct_takes_any_id_tensor_or_names_ids(rng):
+    """Tensor ids went through np.asarray: a negated view (neg bit set) raised torch's
+    'negative bit set', a sparse or meta one torch's own conversion error, naming no argument."""
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    index = latentspace.FlatIndex(3)
+    index.add(x)
+    negated = torch._neg_view(torch.tensor([-4, -1]))
+    np.testing.assert_array_equal(index.reconstruct(negated), x[[4, 1]])
+    with pytest.raises(TypeError, match="^ids: expected a dense tensor"):
+        index.reconstruct(torch.tensor([1, 2]).to_sparse())
+    with pytest.raises(ValueError, match="^ids: expected a CPU or CUDA tensor"):
+        index.reconstruct(torch.ones(2, dtype=torch.long, device="meta"))

@@ -642,3 +642,17 @@ def test_save_fsyncs_before_rename(tmp_path, rng, monkeypatch):
     index.add(_normal(rng, 4, 3))
     index.save(tmp_path / "x.lsx")
     assert "replace" in calls and "fsync" in calls[: calls.index("replace")]
+
+
+@pytest.mark.parametrize("argument", ["mmap", "verify"])
+@pytest.mark.parametrize("value", ["no", "False", 0, None])
+def test_load_index_flags_must_be_booleans(tmp_path, rng, argument, value):
+    """mmap="no" read as true: the index came back memory-mapped and read-only, and add()
+    then refused it for a reason the caller never asked for. A TypeError naming the flag."""
+    path = tmp_path / "a.lsidx"
+    index = latentspace.FlatIndex(4)
+    index.add(rng.standard_normal((10, 4)).astype(np.float32))
+    index.save(path)
+    with pytest.raises(TypeError, match=f"^{argument}: expected True or False"):
+        latentspace.load_index(path, **{argument: value})
+    assert latentspace.load_index(path, **{argument: np.bool_(True)}).ntotal == 10

@@ -841,3 +841,22 @@ def test_unpickled_arrays_are_searched(rng):
     index = latentspace.FlatIndex(6)
     index.add(y)
     np.testing.assert_array_equal(index.search(y, 3)[1], expected[1])
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_k_beyond_the_machines_memory_is_refused_before_the_search(good, as_torch, monkeypatch):
+    """Results larger than the machine's memory: numpy's and torch's lazy allocation of the two
+    (Q, k) arrays succeeds, and filling them got the process killed (k=2**31 on a 23 GiB
+    machine). A MemoryError naming k, before anything is filled."""
+    from latentspace import _arrays
+
+    monkeypatch.setattr(_arrays, "physical_memory", lambda: 1 << 20, raising=False)
+    q, x = good
+    queries = torch.from_numpy(q[:1]) if as_torch else q[:1]
+    with pytest.raises(MemoryError, match="k: .*machine's"):
+        latentspace.knn(queries, x, 1 << 17)  # 1.5 MiB of results
+    index = latentspace.FlatIndex(q.shape[1])
+    index.add(x)
+    with pytest.raises(MemoryError, match="k: .*machine's"):
+        index.search(queries, 1 << 17)
+    assert latentspace.knn(queries, x, 1 << 15)[1].shape == (1, 1 << 15)  # 384 KiB: searched

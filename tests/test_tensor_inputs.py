@@ -88,3 +88,69 @@ def test_masked_labels_with_masked_entries_are_refused(rng):
         with pytest.raises(TypeError, match=r"^y: a masked array|^labels: a masked array"):
             call()
     assert ls.knn_label_agreement(z, np.ma.masked_array(y), k=2) == ls.knn_label_agreement(z, y, k=2)
+
+
+def _negated(x):
+    """A tensor whose values are -x, held as a lazy negation of x's memory (torch's neg bit,
+    as z.conj().imag of a complex z gives): .numpy() refuses it, and code that reads its
+    memory directly sees x, not -x."""
+    view = torch._neg_view(torch.as_tensor(x))
+    assert view.is_neg()
+    return view
+
+
+def _same_result(found, expected):
+    for a, b in zip(found if isinstance(found, tuple) else (found,), expected if isinstance(expected, tuple) else (expected,)):
+        np.testing.assert_allclose(np.asarray(torch.as_tensor(a).detach()), np.asarray(torch.as_tensor(b).detach()),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def _model():
+    torch.manual_seed(0)
+    return ls.Autoencoder(6, 2, hidden=(5,))
+
+
+NEGATED = {  # name: call(x, labels, wrap), with wrap the identity or _negated applied to -x
+    "knn queries": lambda x, y, w: ls.knn(w(x[:5]), x, 3),
+    "knn database": lambda x, y, w: ls.knn(x[:5], w(x), 3),
+    "knn weights": lambda x, y, w: ls.knn(x[:5], x, 3, "weighted_l2", weights=w(np.linspace(0.5, 2, 6))),
+    "FlatIndex.add": lambda x, y, w: (lambda index: (index.add(w(x)), index.search(x[:5], 3))[1])(ls.FlatIndex(6)),
+    "FlatIndex.search": lambda x, y, w: (lambda index: (index.add(x), index.search(w(x[:5]), 3))[1])(ls.FlatIndex(6)),
+    "knn_label_agreement labels": lambda x, y, w: ls.knn_label_agreement(x, w(y), 3),
+    "trustworthiness": lambda x, y, w: ls.trustworthiness(w(x), x[:, :2], 3),
+    "neighbor_recall": lambda x, y, w: ls.neighbor_recall(x, w(x[:, :2]), 3),
+    "relevance float64": lambda x, y, w: ls.relevance(w(x.astype(np.float64)), y),
+    "relevance_weights": lambda x, y, w: ls.relevance_weights(w(np.linspace(0.1, 1, 6))),
+    "encode": lambda x, y, w: ls.encode(_model(), w(x)),
+    "PCA.fit": lambda x, y, w: ls.PCA(2).fit(w(x)).encode(x),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEGATED))
+def test_negated_views_are_read_as_their_values(case, rng):
+    """A tensor with torch's neg bit set holds -memory: every entry point takes its values
+    (as the same tensor materialised), never torch's 'negative bit set' RuntimeError."""
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    labels = np.arange(40) % 3
+    call = NEGATED[case]
+    plain = lambda a: torch.as_tensor(np.asarray(a)).clone()  # noqa: E731
+    negated = lambda a: _negated(-torch.as_tensor(np.asarray(a)))  # noqa: E731
+    _same_result(call(x, labels, negated), call(x, labels, plain))
+
+
+def test_a_device_matrix_is_never_a_negated_view(rng):
+    """The GPU search hands as_device_matrix's tensor to native code by address: a neg-bit
+    tensor must come back with its values in memory (on a GPU it was searched un-negated)."""
+    from latentspace._arrays import as_device_matrix
+
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    tensor, _ = as_device_matrix(_negated(torch.from_numpy(-x)), "queries", "cpu")
+    assert not tensor.is_neg()
+    np.testing.assert_array_equal(tensor.numpy(), x)
+
+
+def test_a_negated_out_tensor_is_refused_by_name(rng):
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    out = _negated(torch.zeros(10, 2))
+    with pytest.raises(ValueError, match="^out: "):
+        ls.encode(_model(), x, out=out)

@@ -18,6 +18,7 @@ on a GPU (_cuda_search.py) takes its inputs as float32 tensors on the device
 from __future__ import annotations
 
 import operator
+import os
 import sys
 from typing import Any
 
@@ -43,10 +44,12 @@ __all__ = [
     "check_apart",
     "DIM_BELOW",
     "check_dim",
+    "detached",
     "check_k",
     "check_rows_usable",
     "check_metric",
     "empty_results",
+    "physical_memory",
     "is_torch_tensor",
     "as_device_matrix",
     "as_host_matrix",
@@ -74,11 +77,18 @@ def is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def detached(x: Any):
+    """x.detach() holding its values in memory: a tensor with torch's neg bit set (z.conj().imag
+    of a complex z) is a lazy negation, which .numpy() refuses and native code reading its
+    memory (by address, on a GPU) would search un-negated; it is materialised (a copy)."""
+    return x.detach().resolve_neg()
+
+
 def _torch_to_numpy(x: Any, name: str) -> np.ndarray:
     import torch
 
     check_real_dtype(x, name)
-    x = x.detach()
+    x = detached(x)
     if x.device.type == "cuda":
         x = x.cpu()  # a search on the CPU (device="cpu") of CUDA tensors: copied to the host
     if x.dtype != torch.float32:
@@ -209,7 +219,7 @@ def check_weights(weights: Any, dim: int) -> np.ndarray:
     that changing the caller's array later changes nothing here)."""
     if is_torch_tensor(weights):
         check_dense(weights, "weights")
-        weights = weights.detach().cpu().numpy()
+        weights = detached(weights).cpu().numpy()
     array = _real_numpy(weights, "weights", "a 1-d array of per-dimension weights")
     if array.ndim != 1 or array.shape[0] != dim:
         raise ValueError(f"weights: expected {dim} values (one per dimension), got shape {tuple(array.shape)}")
@@ -239,11 +249,18 @@ def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None 
 def empty_results(kind: ArrayKind, rows: int, k: int):
     """Allocates (rows, k) float32 distances and int64 indices of the caller's type; returns
     them with numpy views of the same memory for native code to fill. Raises ValueError
-    naming k when they could never be allocated, MemoryError naming k when they cannot now."""
+    naming k when they could never be allocated, MemoryError naming k when they exceed this
+    machine's memory (numpy and torch allocate lazily: filling them got the process killed) or
+    cannot be allocated now."""
     nbytes = max(rows, 1) * k * 12  # max(rows, 1): numpy refuses a (0, 2**62) array too
     if nbytes > sys.maxsize:
         raise ValueError(f"k: {rows} queries x k={k} results need {nbytes:.3g} bytes, more than any "
                          "address space; lower k")
+    memory = physical_memory()
+    # (rows * k: no queries need no memory, whatever k)
+    if memory is not None and rows * k * 12 > memory:  # lazily allocated, then killed while being filled
+        raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, more than this "
+                          f"machine's {memory / 2**30:,.1f} GiB of memory; lower k")
     try:
         if kind == "torch":
             import torch
@@ -259,6 +276,14 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
     except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises RuntimeError
         raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, which cannot be "
                           f"allocated; lower k ({error})") from None
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory of this machine, or None where os.sysconf cannot tell (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -314,7 +339,7 @@ def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, 
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(x.shape)}")
     keep = keep_half and x.dtype in (torch.float16, torch.bfloat16)
-    tensor = x.detach().to(device=device, dtype=x.dtype if keep else torch.float32)  # no-op when already there
+    tensor = detached(x).to(device=device, dtype=x.dtype if keep else torch.float32)  # no-op when already there
     return tensor.contiguous(), "torch"
 
 
@@ -345,7 +370,7 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
         # A few rows (a single query, say): read to the host and checked there, by the CPU's
         # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds).
-        bad = first_unusable_row(np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy()))
+        bad = first_unusable_row(np.ascontiguousarray(detached(tensor).to("cpu", torch.float32).numpy()))
         return torch.tensor(-1 if bad < 0 else first_row + bad)
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
@@ -559,7 +584,7 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
     if torch_input:
         check_dense(labels, name)
         dtype = str(labels.dtype).removeprefix("torch.")
-        labels = labels.detach().to("cpu")
+        labels = detached(labels).to("cpu")
         if labels.is_floating_point():
             labels = labels.double()  # (bfloat16 has no numpy dtype); refused below, by its own name
         labels = labels.numpy()
@@ -624,7 +649,7 @@ def rows_as_float32(x: Any) -> np.ndarray:
     if is_torch_tensor(x):
         import torch
 
-        x = x.detach()
+        x = detached(x)
         if x.device.type != "cpu":
             x = x.to("cpu")
         if x.dtype != torch.float32:
@@ -694,6 +719,9 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
             raise TypeError(f"out: expected float32, got {out.dtype}")
         if out.requires_grad:
             raise ValueError("out: expected a tensor that does not require grad (encoding has no autograd)")
+        if out.is_neg():  # its memory holds -codes: writes through .numpy() would be negated
+            raise ValueError("out: expected a tensor holding its own values, got a negated view (neg bit set); "
+                             "pass a plain tensor")
         if out.dim() != 2 or not out.is_contiguous():
             raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
                              f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
@@ -738,7 +766,7 @@ def as_float64_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarra
         if x.dim() != 2:
             raise ValueError(_rank_message(name, x.dim(), tuple(x.shape), dim))
         check_real_dtype(x, name)
-        array = x.detach().to("cpu").double().numpy()
+        array = detached(x).to("cpu").double().numpy()
     else:
         array = _real_numpy(x, name, "a 2-d numpy array or torch tensor")
         if array.ndim != 2:
@@ -759,7 +787,7 @@ def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> 
     unless allow_inf: for ranking, where +inf is simply the best), returned as float64 numpy."""
     if is_torch_tensor(scores):
         check_real_dtype(scores, name)
-        scores = scores.detach().to("cpu").double().numpy()
+        scores = detached(scores).to("cpu").double().numpy()
     array = _real_numpy(scores, name, "a 1-d array of per-dimension scores")
     if array.ndim != 1 or array.shape[0] < 1:
         raise ValueError(f"{name}: expected a non-empty 1-d array (one score per dimension), got shape {array.shape}")

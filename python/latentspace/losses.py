@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from . import _cuda_losses, _native
-from ._arrays import check_dense
+from ._arrays import check_dense, detached
 
 __all__ = ["KLNormal", "ReconstructionLoss", "kl_normal", "reconstruction_loss"]
 
@@ -101,8 +101,10 @@ def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(N, ...) tensor -> C-contiguous (N, features) tensor in `dtype`, detached, on its
-    device (a copy only if needed)."""
-    x = x.detach()
+    device (a copy only if needed). A lazily negated view (torch's neg bit: z.conj().imag,
+    torch._neg_view) is materialised: its memory holds the values un-negated, which the
+    kernels would read as they are."""
+    x = detached(x)
     if x.dtype != dtype:
         x = x.to(dtype)
     x = x.reshape(x.shape[0], -1)

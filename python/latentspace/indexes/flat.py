@@ -25,8 +25,8 @@ from .._arrays import (
     empty_vector_buffer,
     weights_for,
 )
-from .._arrays import (as_device_matrix, check_rows_usable_flags, database_row_check, is_torch_tensor,
-                       query_row_checks, raise_unusable_rows, unusable_row_flag)
+from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
+                       is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag)
 from .io import IndexFileError, load_index_file, save_index_file, save_index_file_streaming
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
@@ -285,6 +285,9 @@ class FlatIndex:
 
     def reconstruct(self, ids: Any) -> np.ndarray:
         """The stored vectors for integer ids (a copy, in host memory), shape (len(ids), dim)."""
+        if is_torch_tensor(ids):  # np.asarray's torch errors (sparse, meta, neg bit) name no argument
+            check_dense(ids, "ids")
+            ids = detached(ids).cpu().numpy()
         ids = np.asarray(ids)
         if ids.size == 0:
             return np.empty((0, self._dim), dtype=np.float32)
@@ -647,6 +650,7 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     IsADirectoryError for a folder.
     """
     target = _cuda_device.resolve_device(device)  # before reading: a bad device fails fast
+    mmap, verify = check_bool(mmap, "mmap"), check_bool(verify, "verify")  # "no" would read as true
     header, data = load_index_file(path, mmap=mmap, verify=verify)
     kind = header.get("type")
     if kind == "FlatIndex":
