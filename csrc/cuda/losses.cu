@@ -52,8 +52,9 @@ __global__ void reconstruction_segments_kernel(const T* __restrict__ recon, cons
     const int64_t base = s.row * cols + s.first;
     T partial = T(0);
     bool bad = false;
-    // Unrolled so that each lane has several loads in flight (a memory-bound loop: 48 warps an
-    // SM with one load pair each cannot cover the memory latency).
+    // Unrolled so that each lane can have several loads in flight: the loop is memory-bound,
+    // and one load pair per lane at a time may not cover the memory latency (to be timed on a
+    // GPU: benchmarks/bench_losses_cuda.py).
 #pragma unroll 4
     for (int64_t i = lane; i < s.count; i += kWarp) {
       const T r = recon[base + i];
@@ -84,8 +85,9 @@ __global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict
     const Segment s = segment_of(item, segments_per_row, cols);
     const int64_t base = s.row * cols + s.first;
     T partial = T(0);
-    // Unrolled so that each lane has several loads in flight (a memory-bound loop: 48 warps an
-    // SM with one load pair each cannot cover the memory latency).
+    // Unrolled so that each lane can have several loads in flight: the loop is memory-bound,
+    // and one load pair per lane at a time may not cover the memory latency (to be timed on a
+    // GPU: benchmarks/bench_losses_cuda.py).
 #pragma unroll 4
     for (int64_t i = lane; i < s.count; i += kWarp) {
       const T m = mu[base + i];
