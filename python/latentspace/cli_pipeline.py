@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results
+from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results, physical_memory
 from ._atomic import atomic_path, atomic_write, unwritable
 from .indexes import load_index
 from .indexes.flat import save_rows_as_index
@@ -350,8 +350,8 @@ def _command_search(args: argparse.Namespace) -> int:
 def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
     """empty_results for -k: one that could never fit is a usage error (exit 2), refused
     before numpy's lazy allocation of a part of it succeeds and the search is killed."""
-    nbytes = max(nq, 1) * k * 12  # float32 distances and int64 indices
-    memory = _physical_memory()
+    nbytes = nq * k * 12  # float32 distances and int64 indices (no queries need none)
+    memory = physical_memory()
     if memory is not None and nbytes > memory:
         raise ValueError(f"-k: {nq:,} queries x {k:,} neighbours need {nbytes / 2**30:,.1f} GiB of results, more "
                          f"than this machine's {memory / 2**30:,.1f} GiB of memory; lower -k")
@@ -359,14 +359,6 @@ def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
         return empty_results("numpy", nq, k)
     except MemoryError as error:  # it fits the machine, not the memory free now: still -k's doing
         raise ValueError(str(error)) from None
-
-
-def _physical_memory() -> int | None:
-    """Bytes of memory of this machine, or None where os.sysconf cannot tell (Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------
