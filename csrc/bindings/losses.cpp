@@ -51,7 +51,8 @@ double kl(py::array mu, py::array logvar, double grad_scale, py::object grad_mu,
 bool is_float64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
 
 // CUDA: torch tensors cross as device pointers (integers) from python/latentspace/losses.py,
-// which checks devices, dtypes, shapes and contiguity; here only what a pointer cannot say.
+// which checks devices, dtypes, shapes and contiguity; the ops (cuda/losses.cu) check sizes
+// and buffers before any launch; here only the inputs' pointers and the kind's range.
 template <class T>
 const T* device_input(uintptr_t address, const char* name) {
   LS_CHECK_VALUE(address != 0, name, ": expected a device pointer, got 0");
@@ -61,10 +62,6 @@ const T* device_input(uintptr_t address, const char* name) {
 template <class T>
 T* device_output(uintptr_t address) {
   return reinterpret_cast<T*>(address);  // 0: not wanted
-}
-
-void check_cuda_sizes(int64_t rows, int64_t cols) {
-  LS_CHECK_VALUE(rows >= 1 && cols >= 1, "rows, cols: expected at least 1 each, got ", rows, " x ", cols);
 }
 
 template <class T>
@@ -127,7 +124,6 @@ void bind_losses(py::module_& m) {
       [](uintptr_t recon, uintptr_t target, int64_t rows, int64_t cols, int kind, double grad_scale,
          uintptr_t grad, uintptr_t row_losses, uintptr_t total, uintptr_t out_of_range, uintptr_t workspace,
          uintptr_t stream, bool float64) {
-        check_cuda_sizes(rows, cols);
         LS_CHECK_VALUE(kind >= 0 && kind <= 2, "kind: expected 0 (mse), 1 (bce) or 2 (bce_logits)");
         (float64 ? reconstruction_cuda<double> : reconstruction_cuda<float>)(
             recon, target, rows, cols, kind, grad_scale, grad, row_losses, total, out_of_range, workspace, stream);
@@ -144,7 +140,6 @@ void bind_losses(py::module_& m) {
       [](uintptr_t mu, uintptr_t logvar, int64_t rows, int64_t cols, double grad_scale, uintptr_t grad_mu,
          uintptr_t grad_logvar, uintptr_t row_losses, uintptr_t total, uintptr_t workspace, uintptr_t stream,
          bool float64) {
-        check_cuda_sizes(rows, cols);
         (float64 ? kl_cuda<double> : kl_cuda<float>)(mu, logvar, rows, cols, grad_scale, grad_mu, grad_logvar,
                                                       row_losses, total, workspace, stream);
       },
@@ -156,8 +151,6 @@ void bind_losses(py::module_& m) {
       "scale_rows_unless_one_cuda",
       [](uintptr_t grad, int64_t rows, int64_t cols, uintptr_t factors, bool per_row, uintptr_t stream,
          bool float64) {
-        check_cuda_sizes(rows, cols);
-        LS_CHECK_VALUE(grad != 0 && factors != 0, "grad, factors: expected device pointers, got 0");
         py::gil_scoped_release release;
         if (float64) {
           scale_rows_unless_one_cuda<double>(reinterpret_cast<double*>(grad), rows, cols,

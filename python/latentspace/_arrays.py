@@ -256,10 +256,9 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
     if nbytes > sys.maxsize:
         raise ValueError(f"k: {rows} queries x k={k} results need {nbytes:.3g} bytes, more than any "
                          "address space; lower k")
-    memory = physical_memory()
-    # (rows * k: no queries need no memory, whatever k)
-    if memory is not None and rows * k * 12 > memory:  # lazily allocated, then killed while being filled
-        raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, more than this "
+    memory, needed = physical_memory(), rows * k * 12  # (no queries need no memory, whatever k)
+    if memory is not None and needed > memory:  # lazily allocated, then killed while being filled
+        raise MemoryError(f"k: {rows} queries x k={k} results need {needed / 2**30:,.1f} GiB, more than this "
                           f"machine's {memory / 2**30:,.1f} GiB of memory; lower k")
     try:
         if kind == "torch":

@@ -238,6 +238,18 @@ def _kl_cuda(mu, logvar, grad_scale, needs_grad_mu, needs_grad_logvar, per_row):
                                    needs_grad_logvar)
 
 
+def _reconstruction_native(recon, target, kind, grad_scale, needs_grad, per_row):
+    """The native forward for recon's device."""
+    run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
+    return run(recon, target, kind, grad_scale, needs_grad, per_row)
+
+
+def _kl_native(mu, logvar, grad_scale, needs_grad_mu, needs_grad_logvar, per_row):
+    """The native KL forward for mu's device."""
+    run = _kl_cuda if mu.is_cuda else _kl_cpu
+    return run(mu, logvar, grad_scale, needs_grad_mu, needs_grad_logvar, per_row)
+
+
 def _tensor_or_none(array: np.ndarray | None) -> torch.Tensor | None:
     return None if array is None else torch.from_numpy(array)
 
@@ -250,8 +262,8 @@ class ReconstructionLoss(torch.autograd.Function):
         count = recon.numel()
         grad_scale = 1.0 / count if (reduction == "mean" and count) else 1.0
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
-        total, row_losses, grad = run(recon, target, kind, grad_scale, needs_grad, reduction == "none")
+        total, row_losses, grad = _reconstruction_native(recon, target, kind, grad_scale, needs_grad,
+                                                         reduction == "none")
         ctx.kind, ctx.reduction, ctx.input_dtype, ctx.grad_scale = kind, reduction, recon.dtype, grad_scale
         ctx.saved_gradient_spent = False
         if needs_grad:
@@ -293,9 +305,8 @@ class KLNormal(torch.autograd.Function):
     def forward(ctx, mu, logvar, reduction):
         rows = mu.shape[0]
         grad_scale = 1.0 / rows if (reduction == "mean" and rows) else 1.0
-        run = _kl_cuda if mu.is_cuda else _kl_cpu
-        total, row_losses, grad_mu, grad_logvar = run(mu, logvar, grad_scale, ctx.needs_input_grad[0],
-                                                      ctx.needs_input_grad[1], reduction == "none")
+        total, row_losses, grad_mu, grad_logvar = _kl_native(mu, logvar, grad_scale, ctx.needs_input_grad[0],
+                                                             ctx.needs_input_grad[1], reduction == "none")
         ctx.reduction, ctx.input_dtype, ctx.grad_scale = reduction, mu.dtype, grad_scale
         ctx.saved_gradient_spent = False
         saved = [g.reshape(mu.shape) if g is not None else torch.empty(0) for g in (grad_mu, grad_logvar)]
@@ -352,8 +363,7 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     if not _runs_native(recon):
         return _torch_reconstruction_loss(recon, target, kind, reduction)
     if not _needs_gradient(recon, target):  # (ctx.needs_input_grad ignores torch.no_grad())
-        run = _reconstruction_cuda if recon.is_cuda else _reconstruction_cpu
-        total, row_losses, _ = run(recon, target, kind, 1.0, False, reduction == "none")
+        total, row_losses, _ = _reconstruction_native(recon, target, kind, 1.0, False, reduction == "none")
         return _reduce(total, row_losses, reduction, recon.numel(), recon.dtype)
     return ReconstructionLoss.apply(recon, target, kind, reduction)
 
@@ -366,8 +376,7 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     if not _runs_native(mu):
         return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
     if not _needs_gradient(mu, logvar):
-        run = _kl_cuda if mu.is_cuda else _kl_cpu
-        total, row_losses, _, _ = run(mu, logvar, 1.0, False, False, reduction == "none")
+        total, row_losses, _, _ = _kl_native(mu, logvar, 1.0, False, False, reduction == "none")
         return _reduce(total, row_losses, reduction, mu.shape[0], mu.dtype)
     return KLNormal.apply(mu, logvar, reduction)
 
