@@ -53,7 +53,7 @@ def test_build_info_keys_and_types():
     assert isinstance(info["cuda_unavailable_reason"], str)
     if not info["gpu_visible"]:
         assert info["cuda_unavailable_reason"], "an invisible GPU needs a reason"
-    assert info["cuda_losses"] in ("native", "torch")
+    assert info["cuda_losses"] in ("native", "torch") and info["cuda_encoder"] in ("native", "torch")
     json.dumps(info)  # JSON-serialisable (the CLI prints it)
 
 
@@ -65,13 +65,15 @@ def test_build_info_reflects_current_settings(num_threads):
     assert latentspace.build_info()["hardware_simd_level"] == HARDWARE_SIMD_LEVEL
 
 
+@pytest.mark.parametrize("key, variable", [("cuda_losses", "LATENTSPACE_CUDA_LOSSES"),
+                                           ("cuda_encoder", "LATENTSPACE_CUDA_ENCODER")])
 @pytest.mark.parametrize("value, expected", [("native", "native"), ("torch", "torch"), ("Native", "invalid")])
-def test_build_info_reports_the_cuda_losses_setting(monkeypatch, value, expected):
-    monkeypatch.setenv("LATENTSPACE_CUDA_LOSSES", value)
-    reported = latentspace.build_info()["cuda_losses"]
+def test_build_info_reports_the_cuda_kernel_settings(monkeypatch, key, variable, value, expected):
+    monkeypatch.setenv(variable, value)
+    reported = latentspace.build_info()[key]
     assert reported.startswith(expected)
     if expected == "invalid":
-        assert "LATENTSPACE_CUDA_LOSSES: expected 'auto', 'native' or 'torch'" in reported
+        assert f"{variable}: expected 'auto', 'native' or 'torch'" in reported
 
 
 def test_cuda_available_consistent_with_build_info():

@@ -3,7 +3,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bindings/arrays.h"
@@ -125,6 +127,65 @@ void encode(const CpuMlpEncoder& encoder, py::array x, py::array out) {
   encoder.encode(in, dim_of(x, 0), result);
 }
 
+// ---- the CUDA encoder: device addresses (ints) from python/latentspace/_cuda_encoder.py ----
+
+const float* device_floats(const py::object& address) {
+  return address.is_none() ? nullptr : reinterpret_cast<const float*>(address.cast<uintptr_t>());
+}
+
+// A LayerNorm as (eps, weight address, bias address), the addresses 0 or None for none.
+RowNorm parse_device_norm(const py::tuple& terms, size_t first, const std::string& name) {
+  RowNorm norm;
+  LS_CHECK_TYPE(py::isinstance<py::float_>(terms[first]) || py::isinstance<py::int_>(terms[first]), name,
+                ": expected eps as a float");
+  norm.eps = terms[first].cast<double>();
+  norm.scale = device_floats(terms[first + 1]);
+  norm.shift = device_floats(terms[first + 2]);
+  return norm;
+}
+
+std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights,
+                                                  std::vector<std::pair<int64_t, int64_t>> shapes,
+                                                  std::vector<py::object> biases, std::vector<std::string> activations,
+                                                  std::vector<double> activation_params, py::object input_offset,
+                                                  const std::string& precision, py::object norms,
+                                                  py::object input_norm) {
+  const size_t count = weights.size();
+  LS_CHECK_VALUE(shapes.size() == count && biases.size() == count && activations.size() == count &&
+                     activation_params.size() == count,
+                 "weights, shapes, biases, activations, activation_params: expected one entry per layer, got ", count,
+                 ", ", shapes.size(), ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
+  std::vector<py::object> norm_list;
+  if (!norms.is_none()) {
+    norm_list = norms.cast<std::vector<py::object>>();
+    LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
+                   norm_list.size(), " for ", count, " layers");
+  }
+  std::vector<LayerWeights> layers(count);
+  for (size_t l = 0; l < count; ++l) {
+    layers[l].weights = reinterpret_cast<const float*>(weights[l]);
+    layers[l].columns = shapes[l].first;
+    layers[l].depth = shapes[l].second;
+    layers[l].bias = device_floats(biases[l]);
+    layers[l].activation = parse_activation(activations[l], concat("activations[", l, "]"));
+    layers[l].parameter = static_cast<float>(activation_params[l]);
+    if (!norm_list.empty() && !norm_list[l].is_none()) {
+      const std::string norm_name = concat("norms[", l, "]");
+      const py::tuple terms = norm_tuple(norm_list[l], 4, norm_name, "(place, eps, weight address, bias address)");
+      layers[l].norm = parse_device_norm(terms, 1, norm_name);
+      LS_CHECK_TYPE(py::isinstance<py::str>(terms[0]), norm_name, ": expected the place as a str");
+      layers[l].norm.place = parse_place(terms[0].cast<std::string>(), norm_name);
+    }
+  }
+  RowNorm leading;
+  if (!input_norm.is_none()) {
+    leading = parse_device_norm(norm_tuple(input_norm, 3, "input_norm", "(eps, weight address, bias address)"), 0,
+                                "input_norm");
+  }
+  return std::make_unique<CudaMlpEncoder>(layers, device_floats(input_offset), parse_precision(precision),
+                                          input_norm.is_none() ? nullptr : &leading);
+}
+
 }  // namespace
 
 void bind_encode(py::module_& m) {
@@ -147,6 +208,38 @@ void bind_encode(py::module_& m) {
       .def("encode", &encode, py::arg("x"), py::arg("out"),
            "out[r] = encoder(x[r]); x (n, input_dim), out (n, output_dim), float32 C-contiguous. "
            "Raises ValueError naming the lowest row holding NaN or Inf.");
+
+  py::class_<CudaMlpEncoder>(m, "CudaMlpEncoder",
+                             "The MLP encoder on the current CUDA device (cuda/encode.cu). Every address is "
+                             "device memory (a torch tensor's data_ptr()) that the caller keeps alive and "
+                             "unchanged while the encoder exists; nothing is copied.")
+      .def(py::init(&make_cuda_encoder), py::arg("weights"), py::arg("shapes"), py::arg("biases"),
+           py::arg("activations"), py::arg("activation_params"), py::arg("input_offset") = py::none(),
+           py::arg("precision") = "fp32", py::arg("norms") = py::none(), py::arg("input_norm") = py::none(),
+           "weights: per layer the address of its float32 (out, in) matrix, C-contiguous; shapes: per layer "
+           "(out, in); biases: addresses or None. norms: None, or per layer None or (place, eps, weight address, "
+           "bias address); input_norm: None or (eps, weight address, bias address); addresses None for none.")
+      .def_property_readonly("input_dim", &CudaMlpEncoder::input_dim)
+      .def_property_readonly("output_dim", &CudaMlpEncoder::output_dim)
+      .def_property_readonly("num_layers", &CudaMlpEncoder::num_layers)
+      .def_property_readonly("precision", [](const CudaMlpEncoder& e) {
+        return e.precision() == EncodePrecision::kBfloat16 ? "bf16" : "fp32";
+      })
+      .def_property_readonly("kernel", &CudaMlpEncoder::kernel_name)
+      .def("workspace_floats", &CudaMlpEncoder::workspace_floats, py::arg("rows"),
+           "float32 elements of device workspace encode() needs for `rows` rows (0: none).")
+      .def(
+          "encode",
+          [](const CudaMlpEncoder& e, uintptr_t x, int64_t rows, uintptr_t out, uintptr_t workspace,
+             uintptr_t stream) {
+            // Only launches: the GIL is kept (nothing here waits for the GPU).
+            e.encode(reinterpret_cast<const float*>(x), rows, reinterpret_cast<float*>(out),
+                     reinterpret_cast<float*>(workspace), stream);
+          },
+          py::arg("x"), py::arg("rows"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+          "Queues out[r] = encoder(x[r]) for r < rows on `stream` (a cudaStream_t as an int) of the current "
+          "device; x (rows, input_dim) and out (rows, output_dim) float32 C-contiguous device memory, workspace "
+          "workspace_floats(rows) floats (0 when that is 0). No NaN check.");
 }
 
 }  // namespace latentspace::bindings

@@ -65,6 +65,26 @@ Activation parse_activation(const std::string& name, const std::string& argument
                           "leaky_relu, gelu, gelu_tanh, tanh, sigmoid, silu, elu"));
 }
 
+void check_layer_chain(const std::vector<LayerWeights>& layers) {
+  LS_CHECK_VALUE(!layers.empty(), "weights: expected at least one layer");
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const LayerWeights& layer = layers[l];
+    const std::string name = concat("weights[", l, "]");
+    LS_CHECK_VALUE(layer.weights != nullptr, name, ": expected the layer's weights, got none");
+    LS_CHECK_VALUE(layer.depth >= 1 && layer.columns >= 1, name, ": expected a non-empty (out, in) matrix, got (",
+                   layer.columns, ", ", layer.depth, ")");
+    if (l > 0) {
+      LS_CHECK_VALUE(layer.depth == layers[l - 1].columns, name, ": expected ", layers[l - 1].columns,
+                     " inputs (the previous layer's outputs), got ", layer.depth);
+    }
+    LS_CHECK_VALUE(std::isfinite(layer.parameter), "activation_params[", l, "]: expected a finite number");
+    const NormPlace place = layer.norm.place;
+    LS_CHECK_VALUE(place == NormPlace::kNone || place == NormPlace::kBeforeActivation ||
+                       place == NormPlace::kAfterActivation,
+                   "norms[", l, "]: unknown place ", static_cast<int>(place));
+  }
+}
+
 // What runs on a layer's block after its kernel: the LayerNorm, then, when the norm comes
 // before the activation, the activation (the kernel ran that layer with the identity).
 struct NormStep {
@@ -90,22 +110,15 @@ struct CpuMlpEncoder::Impl {
 CpuMlpEncoder::CpuMlpEncoder(const std::vector<LayerWeights>& layers, const float* input_offset,
                              EncodePrecision precision, const RowNorm* input_norm)
     : impl_(std::make_unique<Impl>()) {
-  LS_CHECK_VALUE(!layers.empty(), "weights: expected at least one layer");
   Impl& m = *impl_;
   m.precision = precision;
   m.kernels = &cpu::encode_kernels(active_simd_level(), precision);
   const cpu::EncodeGeometry& g = m.kernels->geometry;
   m.round_to_bf16 = precision == EncodePrecision::kBfloat16 && g.depth_per_unit == 1;
+  check_layer_chain(layers);
   for (size_t l = 0; l < layers.size(); ++l) {
     const LayerWeights& layer = layers[l];
     const std::string name = concat("weights[", l, "]");
-    LS_CHECK_VALUE(layer.depth >= 1 && layer.columns >= 1, name, ": expected a non-empty (out, in) matrix, got (",
-                   layer.columns, ", ", layer.depth, ")");
-    if (l > 0) {
-      LS_CHECK_VALUE(layer.depth == layers[l - 1].columns, name, ": expected ", layers[l - 1].columns,
-                     " inputs (the previous layer's outputs), got ", layer.depth);
-    }
-    LS_CHECK_VALUE(std::isfinite(layer.parameter), "activation_params[", l, "]: expected a finite number");
     check_finite(layer.weights, layer.depth * layer.columns, name);
     const int64_t units = (layer.depth + g.depth_per_unit - 1) / g.depth_per_unit;
     const int64_t padded_columns = round_up(layer.columns, g.panel_columns);
@@ -120,9 +133,6 @@ CpuMlpEncoder::CpuMlpEncoder(const std::vector<LayerWeights>& layers, const floa
     }
     NormStep step;
     const NormPlace place = layer.norm.place;
-    LS_CHECK_VALUE(place == NormPlace::kNone || place == NormPlace::kBeforeActivation ||
-                       place == NormPlace::kAfterActivation,
-                   "norms[", l, "]: unknown place ", static_cast<int>(place));
     if (place != NormPlace::kNone) step.norm = cpu::copy_row_norm(layer.norm, layer.columns, concat("norms[", l, "]"));
     const bool norm_first = place == NormPlace::kBeforeActivation;
     if (norm_first) {

@@ -5,6 +5,8 @@
 //   query_of(i), vector_of(j)  which tile row / column the thread's acc[i][j] belongs to
 //   Shared                its shared memory
 //   compute<kStorage, kAligned>(bounds, shared, acc)
+// The CUDA encoder's layers (cuda/encode.cu) use the same tiles: inputs as the queries, the
+// layer's weights (outputs x inputs) as the database.
 // Policies:
 //   SimtTile      float32, exact: CUDA-core FMA, 128 x 128, 8 x 8 scores per thread in
 //                 registers, staged through double-buffered shared memory 16 dimensions at a
@@ -86,12 +88,21 @@ struct TileBounds {
   int64_t n0, n_end;        // database rows [n0, n_end) belong to this block
   int64_t dim;
   const float* weights;  // nullable: query values are multiplied by weights[d] when staged
+  // nullable: offset[d] is subtracted from query values when staged, before the weights (the
+  // CUDA encoder's PCA mean, cuda/encode.cu: x - mean is formed before the products).
+  const float* offset = nullptr;
 };
 
-// Queries d .. d + 3 of query row q as staged: zeros outside, times the weights when given.
+// Queries d .. d + 3 of query row q as staged: zeros outside, minus the offset and times the
+// weights when given. (Past the dimension the offset reads as 0 too; rows past the end may
+// stage -offset, and their scores are never used.)
 template <bool kAligned>
 __device__ inline float4 staged_query_quad(const TileBounds& t, int64_t q, int64_t d) {
   float4 v = load_quad<KnnStorage::kFloat32, kAligned>(t.queries, q, q < t.num_queries, d, t.dim);
+  if (t.offset) {
+    const float4 m = load_quad<KnnStorage::kFloat32, kAligned>(t.offset, 0, true, d, t.dim);
+    v.x -= m.x, v.y -= m.y, v.z -= m.z, v.w -= m.w;
+  }
   if (t.weights) {
     const float4 w = load_quad<KnnStorage::kFloat32, kAligned>(t.weights, 0, true, d, t.dim);
     v.x *= w.x, v.y *= w.y, v.z *= w.z, v.w *= w.w;

@@ -3,8 +3,8 @@
 //
 // The weights are exported once into an encoder object (packed for the kernel in use); encode()
 // then carries each block of rows through all layers while the activations stay in cache, so
-// no full-size intermediate array is ever allocated. One declaration per backend, same shape
-// (the CUDA encoder comes with the CUDA losses-and-encoder issue).
+// no full-size intermediate array is ever allocated. One class per backend, same constructor:
+// CpuMlpEncoder (cpu/encode.cpp) and CudaMlpEncoder (cuda/encode.cu).
 #pragma once
 
 #include <cstdint>
@@ -72,6 +72,11 @@ struct LayerWeights {
   RowNorm norm;
 };
 
+// The checks both encoders make of the layers as given: a non-empty chain of non-empty layers
+// whose depths match the previous layer's outputs, finite activation parameters, known norm
+// places. Throws ValueError naming weights[l], activation_params[l] or norms[l].
+void check_layer_chain(const std::vector<LayerWeights>& layers);
+
 class CpuMlpEncoder {
  public:
   // Copies and packs the weights (for the SIMD level active now). input_offset (depth of the
@@ -97,6 +102,44 @@ class CpuMlpEncoder {
   // C-contiguous. Thread-safe (any number of concurrent calls). Throws ValueError naming the
   // lowest row of x that holds NaN or Inf (out is then partly written).
   void encode(const float* x, int64_t rows, float* out) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The same encoder on a CUDA GPU. Every pointer given to the constructor (weights, biases,
+// norm scales and shifts, input_offset) is device memory that the caller keeps alive and
+// unchanged while the encoder exists: nothing is copied (python/latentspace/_cuda_encoder.py
+// holds them as torch tensors, checked finite before they were uploaded). Each layer is one
+// launch: a tile of rows x outputs per block, the products in registers (float32 FMA, or bf16
+// tensor cores with float32 sums for kBfloat16: the CPU's rounding), bias and activation applied
+// before the one store; a layer with a LayerNorm adds one row-wise launch. Throws ValueError for
+// inconsistent shapes, a bad eps, or a layer too wide for one launch's grid.
+class CudaMlpEncoder {
+ public:
+  CudaMlpEncoder(const std::vector<LayerWeights>& layers, const float* input_offset,
+                 EncodePrecision precision, const RowNorm* input_norm = nullptr);
+  ~CudaMlpEncoder();
+  CudaMlpEncoder(const CudaMlpEncoder&) = delete;
+  CudaMlpEncoder& operator=(const CudaMlpEncoder&) = delete;
+
+  int64_t input_dim() const;
+  int64_t output_dim() const;
+  int64_t num_layers() const;
+  EncodePrecision precision() const;
+  // "cuda_simt" (float32 on CUDA cores) or "cuda_wmma_bf16" (tensor cores).
+  const char* kernel_name() const;
+  // float32 elements of device workspace encode() needs for `rows` rows: the hidden layers'
+  // activations (two ping-pong buffers of rows x the widest hidden layer, for three layers or
+  // more) and a leading LayerNorm's normalised input (rows x input_dim). 0 for one layer.
+  int64_t workspace_floats(int64_t rows) const;
+
+  // out[r] = encoder(x[r]) for r < rows, queued on `stream` (a cudaStream_t of the current
+  // device); x (rows x input_dim), out (rows x output_dim) and workspace (workspace_floats(rows)
+  // floats) are device memory, x and out C-contiguous. No NaN / Inf check: the caller checks
+  // the rows (a non-finite row gives non-finite codes). Returns without waiting for the GPU.
+  void encode(const float* x, int64_t rows, float* out, float* workspace, uintptr_t stream) const;
 
  private:
   struct Impl;

@@ -18,10 +18,10 @@ backend() without importing torch.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from . import _native
+from ._cuda_switch import choose_backend
 
 if TYPE_CHECKING:
     import torch
@@ -38,13 +38,7 @@ _BCE = 1
 
 def backend() -> str:
     """"native" or "torch": what CUDA tensors get now (see the module docstring)."""
-    value = os.environ.get(BACKEND_VARIABLE, "")
-    if value in ("", "auto"):
-        # (a build without CUDA has no kernels to default to)
-        return DEFAULT_BACKEND if _native.cuda_compiled() else "torch"
-    if value not in ("native", "torch"):
-        raise ValueError(f"{BACKEND_VARIABLE}: expected 'auto', 'native' or 'torch', got {value!r}")
-    return value
+    return choose_backend(BACKEND_VARIABLE, DEFAULT_BACKEND)
 
 
 def _sums(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

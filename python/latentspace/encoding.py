@@ -8,8 +8,9 @@
 Models whose encoder is a chain of Linear layers and elementwise activations (Autoencoder,
 the VAE's mean head, fitted PCA, a plain nn.Sequential MLP) run on the native encoder
 (latentspace._native.MlpEncoder: OpenMP + SIMD, the GIL released) when the work runs on the
-CPU; every other model, and any work on a GPU, runs the model's own torch code under the
-same API. `Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
+CPU, and on a CUDA GPU (_native.CudaMlpEncoder, _cuda_encoder.py) when LATENTSPACE_CUDA_ENCODER
+is "native" (torch's is the default there until a GPU run has verified the kernels); every
+other model, and other work on a GPU, runs the model's own torch code under the same API. `Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
 them on the "latentspace" logger at INFO.
 
 (The module is encoding.py, not encode.py: a submodule named encode would be bound over
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from . import _native
+from . import _cuda_encoder
 from ._arrays import (check_bool, check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
                       rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
@@ -108,7 +110,8 @@ class Encoder:
             torch.nn.Module (called as model(x)), or an nn.Sequential. A VAE encodes to
             its posterior mean.
         device: where the work runs: None (the model's device), "cpu", "cuda", "cuda:N" or
-            a torch.device. The native encoder runs on the CPU only.
+            a torch.device. The native encoder runs on the CPU, and on a CUDA device when
+            LATENTSPACE_CUDA_ENCODER=native (read here; default "torch" for now).
         precision: "fp32" (default) or "bf16": weights and activations rounded to bfloat16,
             accumulation in float32 (native), or torch.autocast(bfloat16) on the torch backend.
 
@@ -150,11 +153,13 @@ class Encoder:
         except NotExportable as why:
             spec, self.reason = None, why.reason
         if spec is not None and self.device.type != "cpu":
-            self.reason = f"the work runs on '{self.device}' and the native encoder runs on the CPU"
+            self.reason = _gpu_refusal(self.device)  # None: the CUDA encoder takes it
         self._spec: MlpSpec | None = None  # kept for the native backend: pickling rebuilds from it
         if self.reason is None:
             self._spec = spec
             self._native = self._build_native()
+            if self.device.type == "cuda":
+                self.device = self._native.device  # with its index: the weights live there
             self.backend, self.kernel = "native", str(self._native.kernel)
             self.latent_dim: int | None = spec.output_dim
             self._sample_shapes: tuple[tuple[int, ...], ...] | None = _spec_sample_shapes(spec)
@@ -175,6 +180,8 @@ class Encoder:
 
     def _build_native(self) -> Any:
         spec = self._spec
+        if self.device.type == "cuda":
+            return _cuda_encoder.CudaEncoder(spec, self.device, self.precision)
         # The LayerNorm stages are passed only where the model has one (the call is otherwise
         # the plain chain of layers).
         norms: dict[str, Any] = {}
@@ -199,6 +206,10 @@ class Encoder:
 
     @property
     def default_batch_size(self) -> int:
+        if self.backend == "native" and self.device.type == "cuda":
+            # The chunk on the device, its hidden activations and its codes, within the bound.
+            per_row = self._spec.input_dim + self._native.workspace_bytes_per_row // 4 + self._spec.output_dim
+            return _rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, per_row)
         if self.backend == "native":
             return _rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, self._spec.input_dim)
         if self._sample_shapes is None:  # a module of unknown input shape: rows alone
@@ -274,15 +285,23 @@ class Encoder:
                 bar.update(rows)
         return destination.finish(written, self.latent_dim)
 
+    def _flat_rows(self, x: Any, origin: tuple[int, int] | None) -> Any:
+        """x (numpy or torch) as rows of the first layer's width: the model's leading
+        nn.Flatten() makes each sample a row (a view)."""
+        if not self._spec.flattens_input:
+            return x
+        if math.prod(x.shape[1:]) != self._spec.input_dim:
+            where = "X" if origin is None else f"X[{origin[0]}]"
+            raise ValueError(f"{where}: expected samples of {self._spec.input_dim} values (the model's leading "
+                             f"nn.Flatten makes each a row of its first Linear layer's width), got shape "
+                             f"{tuple(x.shape)}")
+        return x.reshape(x.shape[0], -1)
+
     def _run_native(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
-        x = rows_as_float32(chunk)  # no copy for C-contiguous float32 numpy or CPU tensors
-        if self._spec.flattens_input:  # the model's leading nn.Flatten(): each sample a row (a view)
-            if math.prod(x.shape[1:]) != self._spec.input_dim:
-                where = "X" if origin is None else f"X[{origin[0]}]"
-                raise ValueError(f"{where}: expected samples of {self._spec.input_dim} values (the model's leading "
-                                 f"nn.Flatten makes each a row of its first Linear layer's width), got shape "
-                                 f"{tuple(chunk.shape)}")
-            x = x.reshape(x.shape[0], -1)
+        if self.device.type == "cuda":
+            self._run_cuda(chunk, start, origin, target)
+            return
+        x = self._flat_rows(rows_as_float32(chunk), origin)  # no copy for C-contiguous float32 numpy or CPU tensors
         staging = target if isinstance(target, np.ndarray) else np.empty(tuple(target.shape), np.float32)
         try:
             self._native.encode(x, staging)
@@ -297,6 +316,26 @@ class Encoder:
             self._check_codes(torch.from_numpy(staging), start, origin)  # for torch's row search)
         if staging is not target:  # the result goes to a GPU tensor
             target.copy_(torch.from_numpy(staging))
+
+    def _run_cuda(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
+        # Host rows are copied to the device here; CUDA rows of another dtype, device or layout
+        # are converted by torch; C-contiguous float32 rows on the device are used as they are.
+        x = self._flat_rows(rows_as_tensor(chunk, torch.float32, self.device), origin).contiguous()
+        direct = (isinstance(target, torch.Tensor) and target.device == self.device
+                  and target.dtype == torch.float32 and target.is_contiguous())
+        codes = target if direct else torch.empty((x.shape[0], self.latent_dim), dtype=torch.float32,
+                                                  device=self.device)
+        rows_finite = torch.isfinite(x).all()
+        self._native.encode(x, codes)
+        # One wait for the GPU per chunk: the rows and the codes are checked together, and
+        # searched for the bad row only when one of them holds NaN / Inf.
+        if not bool(rows_finite & torch.isfinite(codes).all()):
+            bad = first_nonfinite_row(x)
+            if bad >= 0:
+                raise ValueError(_nonfinite_message(start + bad, origin))
+            self._check_codes(codes, start, origin)
+        if codes is not target:
+            self._write(target, codes)
 
     def _run_torch(self, chunk: Any, start: int, origin: tuple[int, int] | None) -> torch.Tensor:
         model = self._torch_model
@@ -337,6 +376,16 @@ class Encoder:
             target[...] = codes.to("cpu", torch.float32).numpy()
         else:
             target.copy_(codes)
+
+
+def _gpu_refusal(device: torch.device) -> str | None:
+    """Why an exported model runs torch on `device` (not the CPU), None when the CUDA encoder
+    takes it."""
+    if device.type == "cuda" and _cuda_encoder.backend() == "native":
+        return None
+    return (f"the work runs on '{device}': the native encoder runs on the CPU, and on CUDA only with "
+            f"{_cuda_encoder.BACKEND_VARIABLE}=native (torch stays the default on GPUs until a GPU run has "
+            "verified the CUDA encoder)")
 
 
 def _refuse_batch_statistics(model: nn.Module) -> None:

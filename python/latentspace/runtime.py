@@ -92,17 +92,19 @@ def build_info() -> dict[str, Any]:
         "gpu_visible": bool(devices),
         "cuda_devices": devices,
         "cuda_unavailable_reason": "" if devices else _native.cuda_unavailable_reason(),
-        "cuda_losses": _cuda_losses_setting(),
+        "cuda_losses": _cuda_setting("losses"),
+        "cuda_encoder": _cuda_setting("encoder"),
     }
 
 
-def _cuda_losses_setting() -> str:
-    """What latentspace.losses runs for CUDA tensors now: "native" (the CUDA kernels) or
-    "torch" (torch's ops), from LATENTSPACE_CUDA_LOSSES; a bad value is reported, not raised
-    (the losses raise it)."""
-    from . import _cuda_losses  # (imports no torch)
+def _cuda_setting(operation: str) -> str:
+    """What CUDA tensors get now for `operation`: "native" (latentspace's CUDA kernels) or
+    "torch" (torch's ops), from LATENTSPACE_CUDA_LOSSES ("losses": latentspace.losses) or
+    LATENTSPACE_CUDA_ENCODER ("encoder": latentspace.encode); a bad value is reported, not
+    raised (the operation raises it)."""
+    from . import _cuda_encoder, _cuda_losses  # (they import no torch)
 
     try:
-        return _cuda_losses.backend()
+        return {"losses": _cuda_losses, "encoder": _cuda_encoder}[operation].backend()
     except ValueError as error:
         return f"invalid ({error})"
