@@ -4,7 +4,9 @@
 // A layer is one launch of linear_layer_kernel: each block computes one tile of rows x outputs
 // with the kNN scan's tiles (knn_tiles.cuh: the layer's inputs play the queries, its weights
 // the database rows), then adds the bias, applies the activation and stores the tile once.
-// float32 runs SimtTile (CUDA-core FMA, exact float32 products as the CPU's kernels); bf16 runs
+// float32 runs SimtTile (CUDA-core FMA, exact float32 products as the CPU's kernels; 128 x 128),
+// or NarrowSimtTile (encode_narrow_tile.cuh, 128 x 32) for layers of at most 32 outputs, the
+// usual last layer, which the wide tile would compute 4 to 128 times over; bf16 runs
 // WmmaTile<bf16>, which rounds inputs and weights to bfloat16 while staging them and sums in
 // float32 on tensor cores: the CPU's bf16 mode. A layer with a LayerNorm adds one launch of
 // row_norm_kernel over its outputs (in place), which also applies the activation when the
@@ -20,6 +22,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/encode_math.cuh"
+#include "cuda/encode_narrow_tile.cuh"
 #include "cuda/knn_tiles.cuh"
 #include "ops/encode.h"
 
@@ -27,6 +30,7 @@ namespace latentspace {
 namespace {
 
 using cuda::kTileThreads;
+using cuda::NarrowSimtTile;
 using cuda::SimtTile;
 using cuda::TileBounds;
 using Bf16Tile = cuda::WmmaTile<KnnPrecision::kBf16>;
@@ -153,7 +157,8 @@ void check_eps(double eps, const std::string& name) {
   LS_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, name, ": expected eps > 0 (finite), got ", eps);
 }
 
-// The tile's outputs per block: a layer's outputs must fit grid.y.
+// The widest tile's outputs per block: a layer's outputs must fit grid.y (the narrow tile
+// takes only layers that fit one block).
 int64_t tile_columns(EncodePrecision precision) {
   return precision == EncodePrecision::kBfloat16 ? Bf16Tile::kVectors : SimtTile::kVectors;
 }
@@ -260,6 +265,8 @@ void CudaMlpEncoder::encode(const float* x, int64_t rows, float* out, float* wor
     a.vector_stores = layer.columns % 4 == 0 && aligned16(target);
     if (m.precision == EncodePrecision::kBfloat16) {
       launch_layer_with<Bf16Tile>(a, stream);
+    } else if (layer.columns <= NarrowSimtTile::kVectors) {
+      launch_layer_with<NarrowSimtTile>(a, stream);
     } else {
       launch_layer_with<SimtTile>(a, stream);
     }
