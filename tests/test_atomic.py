@@ -47,3 +47,48 @@ def test_saving_an_index_into_a_missing_folder_names_the_file(tmp_path):
     target = tmp_path / "missing" / "i.lsidx"
     with pytest.raises(FileNotFoundError, match=f"{target}: folder {target.parent} does not exist"):
         index.save(target)
+
+
+needs_pathconf = pytest.mark.skipif(not hasattr(os, "pathconf"), reason="the limits are read with os.pathconf")
+
+
+@needs_pathconf
+def test_a_file_name_too_long_for_the_file_system_is_named_by_the_path(tmp_path):
+    """atomic_write said "[Errno 36] File name too long: '...'" (the whole name), naming no argument."""
+    name = "a" * 300 + ".bin"
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(OSError, match=rf"^path: file name too long \(304 characters in one path component; "
+                                      rf"the file system allows {limit}\)$"):
+        with atomic_write(tmp_path / name) as f:
+            f.write(b"x")
+    with pytest.raises(OSError, match=r"^path: file name too long \(304 characters in one path component"):
+        with atomic_write(tmp_path / name / "inner.bin") as f:  # a folder's name, too
+            f.write(b"x")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_pathconf
+def test_a_path_too_long_for_the_file_system_is_named_by_the_path(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX")
+    target = tmp_path.joinpath(*["d" * 100] * (limit // 100 + 1), "f.bin")  # every part short
+    with pytest.raises(OSError, match=rf"^path: path too long \({len(str(target)):,} characters; at most "):
+        with atomic_write(target) as f:
+            f.write(b"x")
+
+
+@needs_pathconf
+def test_the_longest_name_the_file_system_allows_is_written(tmp_path):
+    """The temporary file's name (".NAME.<16 hex>.tmp") passed the limit for names within 22
+    characters of it: a valid target failed with "File name too long" naming the temporary file."""
+    target = tmp_path / ("b" * os.pathconf(tmp_path, "PC_NAME_MAX"))
+    with atomic_write(target) as f:
+        f.write(b"payload")
+    assert target.read_bytes() == b"payload"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@needs_pathconf
+def test_saving_an_index_under_a_name_too_long_names_the_path(tmp_path):
+    index = ls.FlatIndex(3)
+    with pytest.raises(OSError, match=r"^path: file name too long \(306 characters"):
+        index.save(tmp_path / ("i" * 300 + ".lsidx"))

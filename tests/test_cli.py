@@ -1196,11 +1196,27 @@ def test_search_names_the_rows_that_its_weights_make_unusable(tmp_path, rng, cap
     assert "scaled by the weights" in err and "lower the weights" in err
     Z[99] = 1e18
     code, _, err = _main(capsys, "index", "build", _save(tmp_path / "Z.npy", Z), "--out", idx,
-                         "--metric", "weighted_l2", "--weights", str(tmp_path / "heavy.npy"))
-    assert code == 0, err  # usable with the plain norm, and other weights may be given at search
-    err = _pipeline_error(capsys, "search", "search", idx, _save(tmp_path / "Q.npy", Q[:5]), "--out", out)
+                         "--metric", "weighted_l2", "--weights", str(tmp_path / "ones.npy"))
+    assert code == 0, err  # usable with the index's weights; not with the search's
+    err = _pipeline_error(capsys, "search", "search", idx, _save(tmp_path / "Q.npy", Q[:5]), "--out", out,
+                          "--weights", str(tmp_path / "heavy.npy"))
     assert err.startswith(f"latentspace search: error: {idx}: row 99 contains NaN or Inf"), err
     assert not os.path.exists(out)
+
+
+def test_index_build_refuses_rows_that_its_weights_make_unusable(tmp_path, rng, capsys):
+    """They were written into the index, whose every search with its own weights then failed."""
+    import numpy as np
+
+    Z = rng.standard_normal((100, 4)).astype(np.float32)
+    Z[77] = 1e18  # plain squared norm 4e36: usable; weighted by 1e4, 4e40: not
+    np.save(tmp_path / "heavy.npy", np.full(4, 1e4, np.float32))
+    idx = tmp_path / "i.lsidx"
+    err = _pipeline_error(capsys, "index build", "index", "build", _save(tmp_path / "Z.npy", Z), "--out", str(idx),
+                          "--metric", "weighted_l2", "--weights", str(tmp_path / "heavy.npy"), "--batch-size", "30")
+    assert err.startswith(f"latentspace index build: error: {tmp_path / 'Z.npy'}: row 77: its squared norm scaled "
+                          "by the index's weights"), err  # (the file's row, in the third chunk)
+    assert not idx.exists()
 
 
 def _save(path, array) -> str:
@@ -1270,3 +1286,95 @@ def test_plot_relevance_method_lists_only_what_can_be_typed(plot_files, capsys):
                           "--method", "anova", "--out", str(tmp / "r.png"))
     assert err == ("latentspace plot: error: --method: expected one of 'fisher', 'mutual_info', 'variance', 'kl' "
                    "for relevance, got 'anova'\n"), err
+
+
+# ---------------------------------------------------------------------------------------
+# Long values in errors, and output names too long for the file system
+
+
+def _clipped_value_in(err: str, value: str) -> None:
+    """err shows `value` clipped: its start and end, and its length, never the whole of it."""
+    assert value not in err and f"({len(value):,} characters)" in err, err[:500]
+    assert value[:100] in err and value[-40:] in err, err[:500]
+    assert len(err) < 600, len(err)
+
+
+def test_echoed_clips_long_values_only():
+    from latentspace.cli_pipeline import echoed
+
+    assert echoed("short") == "short" and echoed("short", quoted=True) == "'short'"
+    value = "a" * 150 + "b" * 9700 + "c" * 150
+    for quoted in (False, True):
+        shown = echoed(value, quoted=quoted)
+        assert len(shown) < 250 and shown.endswith(" (10,000 characters)"), shown
+        assert shown.startswith(("'" if quoted else "") + "a" * 100) and "...cc" in shown and "b" * 500 not in shown
+
+
+@pytest.mark.parametrize("case", ["index build --out", "train --hidden", "demo --models", "missing input",
+                                  "plot --queries", "plot --image-shape"])
+def test_long_values_are_clipped_in_errors(tmp_path, capsys, case):
+    """Each error printed the value whole: a 10,000-character --out or list filled the terminal."""
+    import numpy as np
+
+    np.save(tmp_path / "z.npy", np.ones((5, 3), np.float32))
+    long_list = ",".join(["1x"] * 3000)
+    deep = str(tmp_path / "/".join(["d" * 90] * 30) / "z.npy")  # short parts, none of them there
+    argv, command, value = {
+        "index build --out": (["index", "build", str(tmp_path / "z.npy"), "--out", "x" * 10000], "index build",
+                              "x" * 10000),
+        "train --hidden": (["train", "digits", "--hidden", long_list, "--out", str(tmp_path / "run")], "train",
+                           long_list),
+        "demo --models": (["demo", "--models", long_list, "--out", str(tmp_path / "d")], "demo", long_list),
+        "missing input": (["index", "build", deep, "--out", str(tmp_path / "i.lsidx")], "index build", deep),
+        "plot --queries": (["plot", "neighbors", "PCA", "digits", "--queries", long_list], "plot", long_list),
+        "plot --image-shape": (["plot", "reconstructions", "PCA", "digits", "--image-shape", long_list], "plot",
+                               long_list),
+    }[case]
+    if "PCA" in argv:
+        latentspace.save_model(latentspace.PCA(4).fit(latentspace.datasets.load_digits()[0]), tmp_path / "m.st")
+        argv[argv.index("PCA")] = str(tmp_path / "m.st")
+        argv += ["--out", str(tmp_path / "p.png")]
+    err = _pipeline_error(capsys, command, *argv)
+    _clipped_value_in(err, value)
+
+
+@pytest.mark.parametrize("argv", [["search", "i.lsidx", "q.npy", "--out", "r.npz", "-k", "x" * 5000],
+                                  ["index", "build", "z.npy", "--out", "i.lsidx", "--metric", "m" * 5000]])
+def test_long_values_are_clipped_in_usage_errors(capsys, argv):
+    """argparse's own messages (invalid int value, invalid choice) echoed them whole too."""
+    from latentspace.cli import build_parser
+
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args(argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    _clipped_value_in(err.splitlines()[-1], argv[-1])
+
+
+def _name_max(folder) -> int:
+    return os.pathconf(folder, "PC_NAME_MAX")
+
+
+@pytest.mark.skipif(not hasattr(os, "pathconf"), reason="the file system's limits are read with os.pathconf")
+@pytest.mark.parametrize("command", ["index build", "encode", "search", "plot", "train", "demo"])
+def test_an_output_name_too_long_names_the_option(pipeline_files, capsys, command):
+    """Each said "[Errno 36] File name too long: '...'" (the whole name), naming no option."""
+    import numpy as np
+
+    tmp, model, x, q = pipeline_files
+    m, data = str(tmp / "model.safetensors"), str(tmp / "x.npy")
+    np.save(tmp / "z.npy", latentspace.encode(model, x))
+    index = latentspace.FlatIndex(4)
+    index.add(np.load(tmp / "z.npy"))
+    index.save(tmp / "i.lsidx")
+    suffix = {"index build": ".lsidx", "encode": ".npy", "search": ".npz", "plot": ".png", "train": "",
+              "demo": ""}[command]
+    name = "n" * 300 + suffix
+    out = str(tmp / name)
+    argv = {"index build": ["index", "build", str(tmp / "z.npy")], "encode": ["encode", m, data],
+            "search": ["search", str(tmp / "i.lsidx"), str(tmp / "z.npy")], "plot": ["plot", "map", m, data],
+            "train": ["train", "digits", "--model", "pca"], "demo": ["demo", "--no-metric-learning"]}[command]
+    err = _pipeline_error(capsys, command, *argv, "--out", out)
+    assert (f"error: --out: file name too long ({len(name)} characters in one path component; the file system "
+            f"allows {_name_max(tmp)})") in err, err
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(("n", ".n"))) == []

@@ -183,12 +183,125 @@ def test_rows_whose_weighted_norm_overflows_are_refused(simd_level, row_query_li
     w = np.array([1e4, 1, 1, 1, 1], np.float32)
     with pytest.raises(ValueError, match="database: row 123 .*weights"):
         latentspace.knn(q, x, 3, "weighted_l2", weights=w)
-    index = latentspace.FlatIndex(5, "weighted_l2", weights=w)
-    index.add(x)  # usable with the plain norm; refused when searched with these weights
+    index = latentspace.FlatIndex(5, "weighted_l2")
+    index.add(x)  # usable with the index's unit weights; refused when searched with these
     with pytest.raises(ValueError, match="database: row 123 .*weights"):
-        index.search(q, 3)
-    index.weights = np.ones(5)
+        index.search(q, 3, weights=w)
     assert (index.search(q, 3)[1] >= 0).all()
     q[nq - 1] = 1e18
     with pytest.raises(ValueError, match=f"queries: row {nq - 1} .*weights"):
         latentspace.knn(q, x[:100], 3, "weighted_l2", weights=w)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows that the weights make unusable, refused when they meet: at add for an index (its
+# weights are known), when an index's weights are set, at call time for knn.
+
+_HEAVY = np.array([1e4, 1, 1, 1, 1], np.float32)  # 1e18 in dimension 0: plain 1e36, weighted 1e40
+
+
+def _with_heavy_row(rng, n=300, row=123):
+    x = _data(rng, n, 5)
+    x[row] = 1e18  # plain squared norm 5e36: usable; weighted by _HEAVY, 1e40 + 4e36: not
+    return x
+
+
+def test_add_refuses_rows_that_the_index_weights_make_unusable(rng):
+    """They were added, saved, and refused only by every later search (naming "database",
+    which is no argument of search)."""
+    torch = pytest.importorskip("torch")
+    x = _with_heavy_row(rng)
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    index.add(x[:100])
+    for rows in (x, torch.from_numpy(x)):
+        with pytest.raises(ValueError, match=r"^x: row 123: its squared norm scaled by the index's weights .* "
+                                             r"overflows float32 .*lower the weights"):
+            index.add(rows)
+        assert index.ntotal == 100  # all or nothing
+    huge = latentspace.FlatIndex(5, "weighted_l2", weights=np.full(5, 1e38, np.float32))
+    with pytest.raises(ValueError, match="^x: row 0: its squared norm scaled by the index's weights"):
+        huge.add(np.ones((3, 5), np.float32))  # ordinary rows, weights past any use: 5e38
+    huge.add(np.full((2, 5), 0.1, np.float32))  # 5e36: fine
+
+
+def test_the_add_check_is_exact_at_the_limit(rng):
+    """Only rows whose weighted squared norm passes the search's limit are refused: not rows
+    that a bound (largest weight x plain norm) would suspect."""
+    limit = float(np.float32(3.4028234e38) / np.float32(8.0))
+    w = np.array([4, 1e-6, 0, 1, 1], np.float32)
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=w)
+    suspect = np.zeros((1, 5), np.float32)
+    suspect[0, 1] = 6e18  # plain 3.6e37, usable; 4 x plain passes the limit, weighted 3.6e31 does not
+    below, above = np.zeros((1, 5), np.float32), np.zeros((1, 5), np.float32)
+    below[0, 0] = np.float32(np.sqrt(limit / 4) * (1 - 1e-6))
+    above[0, 0] = np.float32(np.sqrt(limit / 4) * (1 + 1e-6))
+    index.add(np.concatenate([_data(rng, 10, 5), suspect, below]))
+    with pytest.raises(ValueError, match="^x: row 1: "):
+        index.add(np.concatenate([below, above]))
+    assert index.ntotal == 12
+    for got, want in zip(index.search(below, 2), latentspace.knn(below, index.vectors(), 2, "weighted_l2", weights=w)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_add_still_names_plain_unusable_rows_first(rng):
+    """NaN, Inf and plain overflow in the plain words, before any weighted overflow (as
+    check_rows_usable orders them)."""
+    x = _with_heavy_row(rng)
+    x[200, 3] = np.nan
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    with pytest.raises(ValueError, match="^x: row 200 contains NaN or Inf"):
+        index.add(x)
+    assert index.ntotal == 0
+
+
+def test_add_encoded_refuses_codes_that_the_index_weights_make_unusable(rng):
+    torch = pytest.importorskip("torch")
+    encoder = torch.nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        encoder.weight.copy_(torch.eye(5) * 1e18)
+    X = np.zeros((40, 5), np.float32)
+    X[:, 1] = 1e-18  # codes 1: ordinary
+    X[29, 0] = 1  # its code: 1e18 in dimension 0
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    with pytest.raises(ValueError, match="^the codes of X: row 29: its squared norm scaled by the index's weights"):
+        index.add_encoded(encoder, X, batch_size=16)
+    assert index.ntotal == 0
+    assert index.add_encoded(encoder, np.delete(X, 29, axis=0)) == 39
+
+
+def test_weights_that_make_stored_rows_unusable_are_refused_when_set(rng):
+    """`index.weights = w` was taken, and every later search refused row 123."""
+    x = _with_heavy_row(rng)
+    index = latentspace.FlatIndex(5, "weighted_l2")
+    index.add(x)
+    with pytest.raises(ValueError, match=r"^weights: they scale the squared norm of the index's row 123 past "
+                                         r"float32's range .*lower them"):
+        index.weights = _HEAVY
+    np.testing.assert_array_equal(index.weights, np.ones(5, np.float32))  # kept
+    index.weights = _HEAVY / 1e4  # fine
+    assert (index.search(_data(rng, 2, 5), 3)[1] >= 0).all()
+
+
+def test_knn_without_queries_still_checks_the_weighted_database(rng):
+    """No queries: the database is checked as a search would (plain rows were; weighted not)."""
+    x = _with_heavy_row(rng)
+    with pytest.raises(ValueError, match="^database: row 123 .*weights"):
+        latentspace.knn(_data(rng, 0, 5), x, 3, "weighted_l2", weights=_HEAVY)
+
+
+def test_knn_of_many_queries_checks_the_weighted_database_before_searching(rng, monkeypatch):
+    """The kernel found the row while scanning, after a whole block of queries (up to 512 KiB
+    of them) had been searched; a batch that large now has the database checked first."""
+    from latentspace import search
+
+    x = _with_heavy_row(rng, n=5000, row=4999)
+    q = _data(rng, search.CHECK_FIRST_QUERIES, 5)
+
+    def searched(*args):
+        raise AssertionError("searched before the database was checked")
+
+    monkeypatch.setattr(latentspace._native, "knn", searched)
+    with pytest.raises(ValueError, match="^database: row 4999 .*weights"):
+        latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
+    with pytest.raises(AssertionError, match="searched"):  # fewer queries: the kernel's own check
+        latentspace.knn(q[:-1], x, 3, "weighted_l2", weights=_HEAVY)

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from ._paths import too_long
+
 __all__ = ["atomic_path", "atomic_write", "fsync_folder", "unwritable"]
 
 
@@ -33,19 +35,50 @@ def fsync_folder(folder: Path) -> None:
 
 
 def unwritable(path: Path) -> tuple[type[OSError], str] | None:
-    """Why a file cannot be written at `path` (the error type and the reason, naming it), or
-    None: a folder there, its folder missing, or its folder not writable."""
-    if path.is_dir():
-        return IsADirectoryError, f"{path} is a folder; pass a file path"
-    if not path.parent.is_dir():
-        return FileNotFoundError, f"cannot write {path}: folder {path.parent} does not exist"
+    """Why a file cannot be written at `path` (the error type and the reason), or None: a
+    name too long for the file system (the reason does not repeat it), a folder there, its
+    folder missing, or its folder not writable (naming it)."""
+    spare = len(os.fsencode(_temporary_name(path))) - len(os.fsencode(str(path)))
+    problem = too_long(path, spare=max(spare, 0))
+    if problem is not None:
+        return OSError, problem
+    try:
+        if path.is_dir():
+            return IsADirectoryError, f"{path} is a folder; pass a file path"
+        if not path.parent.is_dir():
+            return FileNotFoundError, f"cannot write {path}: folder {path.parent} does not exist"
+    except OSError as error:  # a folder on the way that cannot be searched, say: in words that name the path
+        return type(error), f"cannot write {path}: {error.strerror or error}"
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return PermissionError, f"cannot write {path}: folder {path.parent} is not writable"
     return None
 
 
+# A temporary name ".NAME.<16 hex>.tmp" is 22 bytes longer than NAME; past this length it keeps
+# only as much of NAME as leaves it no longer than NAME itself (which the file system holds):
+# a name within 22 bytes of the limit could be written, but not through its temporary file.
+_TEMPORARY_NAME_BYTES = 128
+
+
 def _temporary_name(path: Path) -> str:
-    return str(path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp")
+    name, extra = path.name, len(".." + "0" * 16 + ".tmp")
+    size = len(os.fsencode(name))
+    if size + extra > _TEMPORARY_NAME_BYTES:
+        name = _first_bytes(name, size - extra)
+    return str(path.parent / f".{name}.{secrets.token_hex(8)}.tmp")
+
+
+def _first_bytes(name: str, limit: int) -> str:
+    """The longest start of `name`, in whole characters (the name stays valid text), that
+    takes at most `limit` bytes in the file system's encoding."""
+    low, high = 0, min(len(name), limit)  # (a character takes a byte at least)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(os.fsencode(name[:middle])) <= limit:
+            low = middle
+        else:
+            high = middle - 1
+    return name[:low]
 
 
 @contextmanager
@@ -55,8 +88,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsynced and renamed over `path`, on an exception (including KeyboardInterrupt) it is
     removed, `path` is left as it was and the exception propagates. (Close or flush memory
     maps of it inside the block.) Raises IsADirectoryError when `path` is a folder,
-    FileNotFoundError when its folder does not exist, and PermissionError when the folder
-    cannot be written (each naming `path`, not the temporary file).
+    FileNotFoundError when its folder does not exist, PermissionError when the folder
+    cannot be written (each naming `path`, not the temporary file), and OSError when a part
+    of the path, or the whole, is too long for the file system (saying which, and its limit).
     """
     path = Path(os.fspath(path))
     problem = unwritable(path)

@@ -18,7 +18,8 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import made_folder, option_array, renamed, seed_number, thread_count, whole_number
+from .cli_pipeline import (clip_typed, echoed, made_folder, option_array, renamed, seed_number, thread_count,
+                           whole_number)
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -57,7 +58,8 @@ def _int_tuple(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"{name}: expected comma-separated integers such as 256,128, got {text!r}") from None
+        raise ValueError(f"{name}: expected comma-separated integers such as 256,128, got "
+                         f"{echoed(text, quoted=True)}") from None
 
 
 def _load_training_data(args: argparse.Namespace):
@@ -67,9 +69,10 @@ def _load_training_data(args: argparse.Namespace):
         return images, labels, "the scikit-learn digits"
     X = datasets.load_array(args.data, args.key)
     if X.ndim < 2:
-        raise ValueError(f"{args.data}: expected rows of vectors (2-d) or images (3-d / 4-d), got shape {X.shape}")
+        raise ValueError(f"{echoed(args.data)}: expected rows of vectors (2-d) or images (3-d / 4-d), "
+                         f"got shape {X.shape}")
     if X.size == 0:  # else numpy's errors about a zero-size array, from the steps below
-        raise ValueError(f"{args.data}: no data to train on, shape {X.shape}")
+        raise ValueError(f"{echoed(args.data)}: no data to train on, shape {X.shape}")
     return X, None, args.data
 
 
@@ -215,8 +218,20 @@ def _fit_and_save(args: argparse.Namespace, model: Any, X: Any, labels: Any, nam
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors ("invalid int value: '...'", "invalid choice:
+    '...'") show long values clipped (echoed). Its subcommands' parsers are of its class."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._typed = list(sys.argv[1:] if args is None else args)  # (a subcommand's: its own)
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        super().error(clip_typed(message, getattr(self, "_typed", sys.argv[1:])))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="latentspace", description="Learn compact latent spaces and search them fast."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -291,12 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _as_typed(error: BaseException, args: argparse.Namespace) -> str:
     """The error's message naming what the user typed, not the Python API's parameter: each
     command's `api_names` (set with its parser) maps those names to its flags, or to a
-    template of its arguments for a file ("{data}")."""
+    template of its arguments for a file ("{data}"). Long values it holds whole (the API's
+    and the OS's words: "[Errno 2] No such file or directory: '...'") are clipped (echoed)."""
     names = {name: typed.format_map(vars(args)) for name, typed in getattr(args, "api_names", {}).items()}
     message = str(error)
     # The readers' and writers' "path: " is a parameter no command has; the rest of each such
     # message names the file ("path: m is a folder; pass a model file"), as the user typed it.
-    return renamed(message.removeprefix("path: "), names)
+    return clip_typed(renamed(message.removeprefix("path: "), names), vars(args).values())
 
 
 class _Terminated(KeyboardInterrupt):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
-from .cli_pipeline import made_folder
+from .cli_pipeline import check_out_folder, echoed, made_folder
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
 
@@ -65,7 +65,8 @@ def parse_models(text: str) -> list[str]:
     kinds = [part.strip() for part in text.split(",") if part.strip()]
     unknown = [k for k in kinds if k not in DEMO_MODELS]
     if not kinds or unknown:
-        raise ValueError(f"--models: expected a comma-separated list of {', '.join(DEMO_MODELS)}, got {text!r}")
+        raise ValueError(f"--models: expected a comma-separated list of {', '.join(DEMO_MODELS)}, "
+                         f"got {echoed(text, quoted=True)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -113,9 +114,9 @@ def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
 def command_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kinds = parse_models(args.models)  # before the imports: a typo fails at once
-    out_dir = Path(args.out)
+    out_dir = check_out_folder(args.out)  # (a name too long to look up: named, before .exists() fails)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out: {out_dir} exists and is not a folder")
+        raise ValueError(f"--out: {echoed(out_dir)} exists and is not a folder")
 
     import torch
 

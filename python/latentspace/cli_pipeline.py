@@ -28,12 +28,13 @@ import numpy as np
 from . import datasets
 from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results, physical_memory
 from ._atomic import atomic_path, atomic_write, unwritable
+from ._paths import too_long
 from .indexes import load_index
-from .indexes.flat import save_rows_as_index
+from .indexes.flat import check_rows_for_index, save_rows_as_index
 from .runtime import set_num_threads
 
-__all__ = ["add_commands", "check_out", "made_folder", "make_folder", "option_array", "renamed", "seed_number",
-           "thread_count", "whole_number"]
+__all__ = ["add_commands", "check_out", "check_out_folder", "clip_typed", "echoed", "made_folder", "make_folder",
+           "option_array", "renamed", "seed_number", "thread_count", "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -46,6 +47,35 @@ _ENCODE_NAMES = {"key": "--key", "device": "--device"}
 _INDEX_BUILD_NAMES = {"key": "--key", "weights": "--weights"}
 # ("database": the search's name for the index's vectors, which weights can make unusable.)
 _SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device", "database": "{index}"}
+
+
+# The most of a value the user typed that an error message shows (a 10,000-character --out,
+# or a list of thousands of items, filled the terminal): its start and its end.
+ECHO_CHARS = 200
+_ECHO_HEAD = 150
+
+
+def echoed(value: Any, *, quoted: bool = False) -> str:
+    """A value the user typed, as an error message shows it: its text (its repr() when
+    quoted). One longer than ECHO_CHARS keeps its first and last characters (a path's file
+    name), with an ellipsis between and its whole length after."""
+    text = str(value)
+    shown = repr(text) if quoted else text
+    if len(text) <= ECHO_CHARS:
+        return shown
+    return f"{shown[:_ECHO_HEAD]}...{shown[_ECHO_HEAD - ECHO_CHARS:]} ({len(text):,} characters)"
+
+
+def clip_typed(message: str, typed: Any) -> str:
+    """The message with each long value of `typed` (the command line's strings) that it holds
+    whole clipped by echoed: for the messages latentspace's API, the OS and argparse word
+    themselves ("[Errno 2] No such file or directory: '...'", "invalid choice: '...'")."""
+    values = {str(v) for v in typed if isinstance(v, str) and len(v) > ECHO_CHARS}
+    values |= {str(Path(v)) for v in values}  # as a path reads it back ("a//b/" -> "a/b")
+    for value in sorted(values, key=len, reverse=True):
+        if len(value) > ECHO_CHARS:
+            message = message.replace(repr(value), echoed(value, quoted=True)).replace(value, echoed(value))
+    return message
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -62,9 +92,9 @@ def whole_number(minimum: int, maximum: int | None = None):
         except ValueError:
             value = minimum - 1
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {echoed(text, quoted=True)}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected an integer <= {maximum}, got {echoed(text, quoted=True)}")
         return value
 
     return parse
@@ -106,32 +136,42 @@ def renamed(message: str, names: dict[str, str]) -> str:
 
 def _check_suffix(path: str, suffix: str, option: str) -> Path:
     if not path.lower().endswith(suffix):
-        raise ValueError(f"{option}: expected a file name ending in {suffix}, got {path!r}")
+        raise ValueError(f"{option}: expected a file name ending in {suffix}, got {echoed(path, quoted=True)}")
     return Path(path)
 
 
 def check_out(path: str, suffix: str, *inputs: str | None) -> Path:
     """--out, checked before any work, naming --out (atomic_path checks the folder again when
-    it writes, naming its own `path`): its suffix, its folder, and that it is none of the
-    command's input files, which the atomic rename would replace without a word."""
+    it writes, naming its own `path`): its suffix, its length (a name too long for the file
+    system), its folder, and that it is none of the command's input files, which the atomic
+    rename would replace without a word."""
     out = _check_suffix(path, suffix, "--out")
     problem = unwritable(out)
     if problem is not None:
         raise ValueError(f"--out: {problem[1]}")
     for given in inputs:
         if given is not None and out.exists() and os.path.exists(given) and os.path.samefile(out, given):
-            raise ValueError(f"--out: {out} would replace the input {given}; write to another file")
+            raise ValueError(f"--out: {echoed(out)} would replace the input {echoed(given)}; write to another file")
     return out
+
+
+def check_out_folder(path: str) -> Path:
+    """--out FOLDER's name, checked against the file system's limits before it is looked at
+    (Path.exists raised '[Errno 36] File name too long' with the whole name, naming nothing)."""
+    problem = too_long(path)
+    if problem is not None:
+        raise ValueError(f"--out: {problem}")
+    return Path(path)
 
 
 def make_folder(path: str) -> Path:
     """--out FOLDER, created (with its parents) if missing; an error naming --out when it
     cannot be (a file there or above it: OSError's '[Errno 17] File exists' named nothing)."""
-    out = Path(path)
+    out = check_out_folder(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--out: {out} cannot be made a folder ({error.strerror or error})") from None
+        raise ValueError(f"--out: {echoed(out)} cannot be made a folder ({error.strerror or error})") from None
     return out
 
 
@@ -139,7 +179,7 @@ def make_folder(path: str) -> Path:
 def made_folder(path: str) -> Iterator[Path]:
     """make_folder(path) for the block's work; the folders it made (the leaf and any missing
     parents) are removed again when the block ends with them empty, however it ends."""
-    out = Path(path)
+    out = check_out_folder(path)
     missing = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     out = make_folder(path)
     try:
@@ -156,7 +196,7 @@ def _load_rows(path: str, key: str | None) -> np.ndarray:
     """An array from .npy (memory-mapped: read as it is used), .npz or HDF5 (--key)."""
     if Path(path).suffix.lower() == ".npy":
         if key is not None:
-            raise ValueError(f"--key: a .npy file holds one array; got --key {key!r}")
+            raise ValueError(f"--key: a .npy file holds one array; got --key {echoed(key, quoted=True)}")
         return datasets.load_npy(path, mmap=True)
     return datasets.load_array(path, key)
 
@@ -182,7 +222,7 @@ def _model_rows(X: np.ndarray, input_shape: tuple[int, ...], path: str) -> np.nd
     """X shaped for the model, as `latentspace train` shaped it: images (n, H, W) gain a
     channel axis for a ConvAutoencoder, image rows are flattened for an MLP (views, no copy)."""
     if X.ndim < 2:
-        raise ValueError(f"{path}: expected rows of samples (n, ...), got shape {X.shape}")
+        raise ValueError(f"{echoed(path)}: expected rows of samples (n, ...), got shape {X.shape}")
     if len(input_shape) == 3 and X.ndim == 3:
         return X[:, None]
     if len(input_shape) == 1 and X.ndim > 2:
@@ -206,7 +246,7 @@ def _encoder(args: argparse.Namespace) -> Any:
 def _in_file(path: str, error: ValueError) -> ValueError:
     """The encoder's error about its input X, told about the file instead."""
     message = str(error)
-    return ValueError(f"{path}: {message[3:] if message.startswith('X: ') else message}")
+    return ValueError(f"{echoed(path)}: {message[3:] if message.startswith('X: ') else message}")
 
 
 def _rate(count: int, seconds: float, unit: str) -> str:
@@ -264,15 +304,15 @@ def _command_index_build(args: argparse.Namespace) -> int:
     batch_size = check_int(args.batch_size, "--batch-size")
     Z = _load_rows(args.vectors, args.key)
     if Z.ndim != 2 or Z.shape[1] < 1:
-        raise ValueError(f"{args.vectors}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
+        raise ValueError(f"{echoed(args.vectors)}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
     n, dim = (int(s) for s in Z.shape)
     started = time.perf_counter()
     weights = _load_weights(args.weights, args.metric, dim)
 
     def checked_chunks():
         for start in range(0, n, batch_size):
-            chunk, _ = as_matrix(Z[start : start + batch_size], args.vectors, dim=dim)
-            check_rows_usable(chunk, args.vectors, first_row=start)  # row numbers of the file
+            chunk, _ = as_matrix(Z[start : start + batch_size], echoed(args.vectors), dim=dim)
+            check_rows_for_index(chunk, echoed(args.vectors), weights, first_row=start)  # row numbers of the file
             yield np.ascontiguousarray(chunk, dtype="<f4")
             bar.update(chunk.shape[0])
 
@@ -310,12 +350,12 @@ def _command_search(args: argparse.Namespace) -> int:
     if args.model is not None:
         encoder = _encoder(args)
         if encoder.latent_dim != index.dim:
-            raise ValueError(f"--model: its codes have {encoder.latent_dim} dimensions but {args.index} holds "
+            raise ValueError(f"--model: its codes have {encoder.latent_dim} dimensions but {echoed(args.index)} holds "
                              f"{index.dim}-dimensional vectors")
         Q = _model_rows(Q, encoder.input_shape, args.queries)
     elif Q.ndim != 2 or Q.shape[1] != index.dim:
         hint = "; pass --model MODEL to encode raw queries first" if Q.ndim == 2 else ""
-        raise ValueError(f"{args.queries}: expected queries of shape (n, {index.dim}) (the index's dim), "
+        raise ValueError(f"{echoed(args.queries)}: expected queries of shape (n, {index.dim}) (the index's dim), "
                          f"got {Q.shape}{hint}")
     _set_threads(args)
     nq = int(Q.shape[0])
@@ -325,7 +365,7 @@ def _command_search(args: argparse.Namespace) -> int:
             Q = encoder.encode(Q, progress=_show_progress(args))
         except ValueError as error:
             raise _in_file(args.queries, error) from None
-    name = f"{args.queries} (encoded)" if encoder is not None else args.queries
+    name = f"{echoed(args.queries)} (encoded)" if encoder is not None else echoed(args.queries)
     distances, indices, _, _ = _results(nq, k)
     with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
               file=sys.stderr, dynamic_ncols=True, leave=True) as bar:

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import datasets
 from ._arrays import check_int
-from .cli_pipeline import check_out, option_array, thread_count
+from .cli_pipeline import check_out, echoed, option_array, thread_count
 from .runtime import set_num_threads
 
 __all__ = ["add_commands"]
@@ -46,7 +46,8 @@ def _int_list(text: str, option: str, count: int | None = None) -> list[int]:
         values = []
     if not values or (count is not None and len(values) != count) or min(values) < 0:
         want = f"{count} comma-separated row numbers" if count else "comma-separated row numbers"
-        raise ValueError(f"{option}: expected {want} such as {','.join(map(str, range(count or 3)))}, got {text!r}")
+        raise ValueError(f"{option}: expected {want} such as {','.join(map(str, range(count or 3)))}, "
+                         f"got {echoed(text, quoted=True)}")
     return values
 
 
@@ -59,9 +60,9 @@ def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]
         X, labels = datasets.load_digits()
         name = "the scikit-learn digits"
     else:
-        X, labels, name = datasets.load_array(args.data, args.key), None, args.data
+        X, labels, name = datasets.load_array(args.data, args.key), None, echoed(args.data)
         if X.ndim < 2:
-            raise ValueError(f"{args.data}: expected rows of samples (n, ...), got shape {X.shape}")
+            raise ValueError(f"{name}: expected rows of samples (n, ...), got shape {X.shape}")
     if args.labels is not None or args.labels_key is not None:
         source = args.labels if args.labels is not None else args.data
         if source == "digits":
@@ -88,7 +89,7 @@ def _image_shape(args: argparse.Namespace) -> tuple[int, ...] | None:
         shape = ()
     if len(shape) not in (2, 3) or min(shape) < 1:  # (C = 1 or 3 is plots' to check)
         raise ValueError(f"--image-shape: expected H,W or C,H,W (sizes >= 1) such as 28,28 or 1,28,28, "
-                         f"got {args.image_shape!r}")
+                         f"got {echoed(args.image_shape, quoted=True)}")
     return shape
 
 
@@ -129,7 +130,7 @@ def _command_plot(args: argparse.Namespace) -> int:
         plots.plot_neighbors(model, X, np.array(queries), args.out, k=args.k, image_shape=image_shape, labels=labels)
         what = f"the {args.k} nearest neighbours of {len(queries)} rows of {name}"
     else:
-        rows = plots._model_rows(model, np.asarray(X), str(args.data))
+        rows = plots._model_rows(model, np.asarray(X), echoed(args.data))
         if kind == "map":
             method = args.method or "auto"
             codes = model.encode(rows)
@@ -142,7 +143,8 @@ def _command_plot(args: argparse.Namespace) -> int:
             method = args.method or ("fisher" if labels is not None else "variance")
             if method not in _RELEVANCE_TITLES:  # (relevance() would add "or None", which no one types)
                 choices = ", ".join(map(repr, _RELEVANCE_TITLES))
-                raise ValueError(f"--method: expected one of {choices} for relevance, got {method!r}")
+                raise ValueError(f"--method: expected one of {choices} for relevance, "
+                                 f"got {echoed(method, quoted=True)}")
             if method in ("fisher", "mutual_info") and labels is None:
                 raise ValueError(f"--labels: method {method!r} needs class labels; pass --labels FILE "
                                  "(or --labels-key KEY), or --method variance / kl")

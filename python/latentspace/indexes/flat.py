@@ -27,6 +27,7 @@ from .._arrays import (
 )
 from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
                        is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag)
+from ..search import weighted_overflow_row
 from .io import IndexFileError, load_index_file, save_index_file, save_index_file_streaming
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
@@ -47,7 +48,9 @@ class FlatIndex:
         weights: "weighted_l2" only: the index's default per-dimension weights, (dim,) finite
             values >= 0 (None: all ones). search(..., weights=w) overrides them for one
             search; `index.weights = w` changes the default. The stored vectors are never
-            scaled or copied for either.
+            scaled or copied for either. Rows whose squared norm scaled by them,
+            sum_d w_d x_d^2, is too large for float32 distances (above 4.2e37) are refused
+            when they are added, and weights that would make a stored row so when they are set.
         device: None or "cpu" (vectors in host memory), or "cuda", "cuda:N", a torch.device:
             vectors in a torch tensor on that GPU, searched there (docs/gpu.md). vectors()
             and reconstruct() then return host copies; save() writes the same file format.
@@ -110,9 +113,28 @@ class FlatIndex:
 
     @weights.setter
     def weights(self, weights: Any) -> None:
+        """New default weights, checked against the stored vectors (one read of them): weights
+        that scale a row's squared norm past what a search can use are refused."""
         if self._metric != "weighted_l2":
             raise ValueError(f"weights: only metric='weighted_l2' takes weights (this index uses {self._metric!r})")
-        self._weights = check_weights(weights, self._dim)  # one reference swap: searches see old or new
+        checked = check_weights(weights, self._dim)
+        with self._writing("weights"):  # no add can slip a row past the check before the swap
+            row = self._overweighted_stored_row(checked)
+            if row >= 0:
+                raise ValueError(f"weights: they scale the squared norm of the index's row {row} past float32's "
+                                 f"range (sum_d w_d x_d^2 above 4.2e37, the most a search can use); lower them, "
+                                 f"or rescale the vectors")
+            self._weights = checked  # one reference swap: searches see old or new
+
+    def _overweighted_stored_row(self, weights: np.ndarray) -> int:
+        """weighted_overflow_row of the stored vectors (call with the write lock held)."""
+        if self._device is not None:
+            with self._lock:
+                stored = self._gpu_buffer[: self._ntotal]
+            return int(unusable_row_flag(stored, weights=weights).item()) if stored.shape[0] else -1
+        with self._lock:
+            stored = self._buffer[: self._ntotal]
+        return weighted_overflow_row(stored, weights, "the index's vectors")
 
     @property
     def metric(self) -> str:
@@ -156,14 +178,19 @@ class FlatIndex:
 
     # -- contents -----------------------------------------------------------------------
     def add(self, x: Any) -> None:
-        """Appends the rows of x, (n, dim), numpy or torch. Raises ValueError for NaN / Inf."""
+        """Appends the rows of x, (n, dim), numpy or torch. Raises ValueError for NaN / Inf, and
+        for rows whose squared norm scaled by a weighted_l2 index's weights is too large for
+        float32 distances."""
         if self._device is not None:
             return self._add_cuda(x)
         array, _ = as_matrix(x, "x", dim=self._dim)
         if array.shape[0] == 0:
             return
-        check_rows_usable(array, "x")
+        if self._weights is None:  # (None for good: only a weighted_l2 index has weights)
+            check_rows_usable(array, "x")
         with self._writing("add"):
+            if self._weights is not None:  # checked against the weights in place when the rows go
+                check_rows_for_index(array, "x", self._weights)  # in (the setter holds this lock)
             self._check_writable("add")
             n, m = self._ntotal, array.shape[0]
             self._grow(n + m)
@@ -226,7 +253,7 @@ class FlatIndex:
             added = encoder._encode_to(source, _IndexRows(self), batch_size, progress)
             # As add() does for its input: codes that search could not use (an overflow in
             # the model on huge but finite inputs) are refused before anyone sees them.
-            check_rows_usable(self._buffer[first : first + added], "the codes of X")
+            check_rows_for_index(self._buffer[first : first + added], "the codes of X", self._weights)
             with self._lock:
                 self._ntotal += added
         return added
@@ -380,6 +407,7 @@ class FlatIndex:
             check_rows_usable_flags([unusable_row_flag(rows)], ["x"])
             rows = self._to_storage(rows, "x")
             with self._writing("add"):
+                self._refuse_overweighted_cuda(rows, "x")
                 n, m = self._ntotal, rows.shape[0]
                 self._grow_cuda(n + m)
                 self._gpu_buffer[n : n + m] = rows  # rows past ntotal: no search reads them yet
@@ -396,6 +424,15 @@ class FlatIndex:
             raise ValueError(f"{name}: row {bad} has values beyond {self._storage}'s range (|x| > 65504 for fp16); "
                              "rescale the data, or build the index with storage='bf16' or 'fp32'")
         return stored
+
+    def _refuse_overweighted_cuda(self, rows: Any, name: str) -> None:
+        """check_rows_for_index's weighted check of usable rows (as stored: float16 / bfloat16
+        rounding included) on their device: one pass of torch ops there, one read of the flag."""
+        if self._weights is None or rows.shape[0] == 0:
+            return
+        row = int(unusable_row_flag(rows, weights=self._weights).item())
+        if row >= 0:
+            raise ValueError(_overweighted_row(name, row))
 
     def _grow_cuda(self, rows: int, *, exact: bool = False, keep: int | None = None) -> None:
         """_grow for the GPU buffer (same growth rule; call with the write lock held)."""
@@ -449,6 +486,7 @@ class FlatIndex:
             added = encoder._encode_to(source, _GpuIndexRows(self), batch_size, progress)
             codes = self._gpu_buffer[first : first + added]
             check_rows_usable_flags([unusable_row_flag(codes)], ["the codes of X"])
+            self._refuse_overweighted_cuda(codes, "the codes of X")
             self._update_norms_cuda(first, first + added)
             self._publish_cuda(first + added)
         return added
@@ -583,12 +621,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_free_locks_in_child)
 
 
+def check_rows_for_index(rows: np.ndarray, name: str, weights: np.ndarray | None, first_row: int = 0) -> None:
+    """The check add() makes of rows going into an index (a C-contiguous float32 matrix):
+    check_rows_usable's, and with a weighted_l2 index's weights, a ValueError naming `name`
+    and the first row (first_row + r) whose weighted squared norm a search could not use."""
+    if weights is None:
+        check_rows_usable(rows, name, first_row=first_row)
+        return
+    row = weighted_overflow_row(rows, weights, name, first_row)
+    if row >= 0:
+        raise ValueError(_overweighted_row(name, first_row + row))
+
+
+def _overweighted_row(name: str, row: int) -> str:
+    return (f"{name}: row {row}: its squared norm scaled by the index's weights (sum_d w_d x_d^2) overflows "
+            "float32 distances (above 4.2e37, the most a search can use); rescale the data or lower the weights")
+
+
 def save_rows_as_index(path: str | os.PathLike, rows: int, chunks: Iterable[np.ndarray], dim: int,
                        metric: str = "l2", *, weights: Any = None) -> None:
     """Writes the file that FlatIndex(dim, metric, weights=weights) holding these rows would
     save, without holding them: `chunks` yields (m, dim) float32 C-contiguous arrays, `rows`
-    in all, each already checked as add() checks its input. For data larger than memory
-    (`latentspace index build`); load_index(path, mmap=True) then searches it."""
+    in all, each already checked as add() checks its input (check_rows_for_index). For data
+    larger than memory (`latentspace index build`); load_index(path, mmap=True) then searches it."""
     header = FlatIndex(dim, metric, weights=weights)._file_header(rows)  # checks dim, metric, weights
     save_index_file_streaming(path, header, chunks)
 
