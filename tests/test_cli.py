@@ -57,13 +57,15 @@ def test_info_json_reflects_environment():
     assert info["cuda_losses"] == "native"  # (asked for: even a build without CUDA says so, and its losses refuse CUDA tensors)
 
 
-def test_info_says_what_losses_run_on_a_gpu():
-    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "torch"})
+def test_info_says_what_losses_and_the_encoder_run_on_a_gpu():
+    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "torch", "LATENTSPACE_CUDA_ENCODER": "native"})
     assert result.returncode == 0, result.stderr
     assert "losses on a GPU   : torch's ops (LATENTSPACE_CUDA_LOSSES" in result.stdout
-    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "bogus"})
+    assert "encoder on a GPU  : CUDA kernels (LATENTSPACE_CUDA_ENCODER" in result.stdout
+    result = _cli("info", env={"LATENTSPACE_CUDA_LOSSES": "bogus", "LATENTSPACE_CUDA_ENCODER": "torch"})
     assert result.returncode == 0, result.stderr
     assert "losses on a GPU   : invalid (LATENTSPACE_CUDA_LOSSES: expected" in result.stdout
+    assert "encoder on a GPU  : the model's torch code (LATENTSPACE_CUDA_ENCODER" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("latentspace") is None, reason="console script not on PATH")

@@ -49,8 +49,11 @@ def _command_info(args: argparse.Namespace) -> int:
                   f"{device['total_memory_bytes'] / 2**30:.0f} GiB)")
     else:
         print(f"  GPU visible now   : no ({info['cuda_unavailable_reason']})")
-    losses = {"native": "CUDA kernels", "torch": "torch's ops"}.get(info["cuda_losses"], info["cuda_losses"])
+    meaning = {"native": "CUDA kernels", "torch": "torch's ops"}
+    losses = meaning.get(info["cuda_losses"], info["cuda_losses"])
     print(f"  losses on a GPU   : {losses} (LATENTSPACE_CUDA_LOSSES: native, torch or auto)")
+    encoder = {**meaning, "torch": "the model's torch code"}.get(info["cuda_encoder"], info["cuda_encoder"])
+    print(f"  encoder on a GPU  : {encoder} (LATENTSPACE_CUDA_ENCODER: native, torch or auto)")
     return 0
 
 
