@@ -535,7 +535,10 @@ def test_bad_arguments(digits, tmp_path):
         (dict(loss="bce"), ValueError, "loss: 'bce' needs a model whose output is a probability"),
         (dict(autocast="yes"), TypeError, "autocast: expected True, False or None"),
         (dict(checkpoint=tmp_path), ValueError, "checkpoint: .* is a folder"),
-        (dict(checkpoint=tmp_path / "no" / "m.st"), ValueError, "checkpoint: folder .* does not exist"),
+        (dict(checkpoint=tmp_path / "no" / "m.st"), ValueError, "checkpoint: cannot write .*: folder .* does not exist"),
+        # The OS said only "[Errno 36] File name too long", at the first best epoch's save.
+        (dict(checkpoint=tmp_path / ("m" * 300 + ".safetensors")), ValueError,
+         r"checkpoint: file name too long \(312 characters in one path component; the file system allows \d+\)"),
         (dict(checkpoint=5), TypeError, r"checkpoint: expected a file path \(str or os.PathLike\), got int 5"),
         (dict(checkpoint=str(tmp_path / "m.st").encode()), TypeError,
          r"checkpoint: expected a file path \(str or os.PathLike\), got bytes b'"),

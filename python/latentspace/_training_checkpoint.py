@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._atomic import unwritable
 from .models.base import ReconstructionModel
 from .models.io import MODEL_CLASSES, savable, save_model
 
@@ -23,10 +24,11 @@ def checkpoint_path(checkpoint: Any, model: ReconstructionModel) -> Path:
         raise TypeError(f"checkpoint: expected a file path (str or os.PathLike), got "
                         f"{type(checkpoint).__name__} {checkpoint!r}")
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint: {path} is a folder; pass a file path")
-    if not path.parent.is_dir():
-        raise ValueError(f"checkpoint: folder {path.parent} does not exist")
+    # save_model's own checks (a name too long for the file system, a folder there, a missing
+    # or read-only folder), made now: the OS's words at the first best epoch named no argument.
+    problem = unwritable(path)
+    if problem is not None:
+        raise ValueError(f"checkpoint: {problem[1]}")
     if not savable(model):  # save_model's own test
         raise TypeError(f"model: checkpoint= saves with latentspace.save_model, which takes only "
                         f"{', '.join(MODEL_CLASSES)}, got {type(model).__name__}; train without checkpoint= "
