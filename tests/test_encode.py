@@ -1122,3 +1122,21 @@ def test_add_encoded_checks_progress_like_encode(autoencoder):
     with pytest.raises(TypeError, match="progress: expected True or False, got 'no'"):
         index.add_encoded(autoencoder, np.zeros((3, autoencoder.input_shape[0]), np.float32), progress="no")
     assert index.ntotal == 0
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU(), nn.ELU(), nn.LeakyReLU(0.1)])
+def test_a_nan_made_inside_the_model_reaches_the_codes_check_as_under_torch(activation):
+    """A finite row whose first layer overflows to inf, then inf - inf = NaN in the second:
+    torch's ReLU / ELU / LeakyReLU keep the NaN, and so must the native activations, or the
+    native backend returns a code of 0 where the torch backend refuses the row."""
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), activation, nn.Linear(2, 2, bias=False), copy.deepcopy(activation))
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)
+        model[2].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+    x = np.ones((3, 2), np.float32)
+    encoder = latentspace.Encoder(model)
+    assert encoder.backend == "native"
+    with pytest.raises(ValueError, match="model: Sequential gave codes containing NaN or Inf for X's row 0"):
+        encoder.encode(x)
+    with torch.no_grad():
+        assert torch.isnan(model(torch.from_numpy(x))).all()  # torch's own answer

@@ -157,6 +157,8 @@ std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights
                  ", ", shapes.size(), ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
   std::vector<py::object> norm_list;
   if (!norms.is_none()) {
+    LS_CHECK_TYPE(py::isinstance<py::list>(norms) || py::isinstance<py::tuple>(norms),
+                  "norms: expected a list with one entry per layer (None for none)");
     norm_list = norms.cast<std::vector<py::object>>();
     LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
                    norm_list.size(), " for ", count, " layers");

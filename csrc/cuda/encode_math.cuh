@@ -28,7 +28,7 @@ __host__ __device__ inline float normal_cdf(float x) { return 0.5f * erfcf(-x * 
 __host__ __device__ inline float activate(Activation activation, float x, float parameter) {
   switch (activation) {
     case Activation::kIdentity: return x;
-    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
+    case Activation::kRelu: return x < 0.0f ? 0.0f : x;  // NaN stays NaN, as torch's
     case Activation::kLeakyRelu: return x < 0.0f ? x * parameter : x;
     case Activation::kGelu: return x * normal_cdf(x);
     case Activation::kGeluTanh: {

@@ -663,7 +663,9 @@ def rows_as_float32(x: Any) -> np.ndarray:
 def rows_as_tensor(x: Any, dtype: Any, device: Any):
     """A checked chunk as a torch tensor of `dtype` on `device`, detached (no autograd)."""
     if is_torch_tensor(x):
-        return x.detach().to(device=device, dtype=dtype)  # torch in: torch's semantics, no copy
+        # torch in: torch's semantics, no copy (but for a neg-bit view: native code on a GPU
+        # reads the memory by address; see detached)
+        return detached(x).to(device=device, dtype=dtype)
     return numpy_to_private_tensor(x, dtype, device)
 
 

@@ -75,6 +75,9 @@ class CudaEncoder:
                 [upload(layer.bias) for layer in layers], [layer.activation for layer in layers],
                 [float(layer.param) for layer in layers], upload(spec.input_offset), precision, norms,
                 norm(spec.input_norm))
+            # The uploads ran on the stream current now; encode() may run on another: wait for
+            # them once, here, so that no kernel can read a weight before it has arrived.
+            torch.cuda.current_stream(self.device).synchronize()
         self.kernel = str(self.native.kernel)
 
     @property
@@ -83,7 +86,9 @@ class CudaEncoder:
 
     def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Queues out = encoder(x) on the current stream. x: (rows, input_dim), out: (rows,
-        output_dim), both float32, C-contiguous, on this encoder's device (the caller checks)."""
+        output_dim), both float32, C-contiguous, on this encoder's device (the caller checks).
+        The caller keeps this object (its weights) alive until the stream has run the kernels
+        (Encoder waits for each chunk's codes)."""
         import torch
 
         rows = int(x.shape[0])

@@ -86,7 +86,9 @@ inline void tile_product(const Unit* a, const Unit* b, int64_t units, bool first
 inline Vec activate(Activation activation, Vec x, Vec parameter) {
   switch (activation) {
     case Activation::kIdentity: return x;
-    case Activation::kRelu: return vec_max(x, vec_zero());
+    // Operand order: vec_max / vec_min return their second operand when one is NaN, so a NaN
+    // (an inf - inf inside the model) comes out NaN, as torch's, and the codes check sees it.
+    case Activation::kRelu: return vec_max(vec_zero(), x);
     case Activation::kLeakyRelu: return vec_select(vec_less_mask(x, vec_zero()), vec_mul(x, parameter), x);
     case Activation::kGelu: return vec_mul(x, vec_normal_cdf(x));
     case Activation::kGeluTanh: {
@@ -99,7 +101,7 @@ inline Vec activate(Activation activation, Vec x, Vec parameter) {
     case Activation::kSigmoid: return vec_sigmoid(x);
     case Activation::kSilu: return vec_mul(x, vec_sigmoid(x));
     case Activation::kElu: {
-      const Vec negative = vec_mul(parameter, vec_expm1_nonpositive(vec_min(x, vec_zero())));
+      const Vec negative = vec_mul(parameter, vec_expm1_nonpositive(vec_min(vec_zero(), x)));
       return vec_select(vec_less_mask(vec_zero(), x), x, negative);
     }
   }
