@@ -1,7 +1,8 @@
 """Which implementation CUDA tensors get for an operation that has native CUDA kernels waiting
 for a GPU run's verdict (the fused losses, the encoder): an environment variable read at every
 call, "native" (latentspace's kernels), "torch" (torch's own ops) or unset / "" / "auto" (the
-operation's default). A build without CUDA always gets torch."""
+operation's default). A build without CUDA gets torch by default; asked for "native", it gets
+the operation's clear "built without CUDA" error where the kernels would run."""
 
 from __future__ import annotations
 

@@ -12,6 +12,14 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")]
 
 
+@pytest.fixture(autouse=True)
+def torch_encoder_on_the_gpu(monkeypatch):
+    """These tests are about the torch backend on a GPU (the default until the CUDA encoder is
+    verified; tests/gpu/test_encode_cuda_native.py covers it): pinned, so that neither the
+    environment nor a later default changes what they test."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_ENCODER", "torch")
+
+
 @pytest.fixture
 def model():
     torch.manual_seed(0)
