@@ -187,6 +187,13 @@ def _piece(floats: int) -> int:
     (dict(precision="fp16"), ValueError, r"^precision: expected 'fp32' or 'bf16', got 'fp16'"),
     (dict(precision="FP32"), ValueError, r"^precision: expected 'fp32' or 'bf16', got 'FP32'"),
     (dict(norms="before_activation"), TypeError, r"^norms: expected a list with one entry per layer"),
+    # addresses: ints (a tensor's data_ptr()) or None; pybind's own "Unable to cast" named nothing
+    (dict(biases=[None, "0x1000"]), TypeError, r"^biases\[1\]: expected a device address \(int\) or None, got str"),
+    (dict(input_offset=4096.0), TypeError, r"^input_offset: expected a device address \(int\) or None, got float"),
+    (dict(norms=[("before_activation", 1e-5, [4096], None), None]), TypeError,
+     r"^norms\[0\] weight: expected a device address \(int\) or None, got list"),
+    (dict(norms=[None, ("after_activation", 1e-5, None, b"x")]), TypeError,
+     r"^norms\[1\] bias: expected a device address \(int\) or None, got bytes"),
     (dict(norms=[None]), ValueError, r"^norms: expected one entry per layer \(None for none\), got 1 for 2 layers"),
     (dict(norms=[None, ("middle", 1e-5, None, None)]), ValueError,
      r"^norms\[1\]: expected the place 'before_activation' or 'after_activation', got 'middle'"),

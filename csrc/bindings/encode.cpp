@@ -129,8 +129,12 @@ void encode(const CpuMlpEncoder& encoder, py::array x, py::array out) {
 
 // ---- the CUDA encoder: device addresses (ints) from python/latentspace/_cuda_encoder.py ----
 
-const float* device_floats(const py::object& address) {
-  return address.is_none() ? nullptr : reinterpret_cast<const float*>(address.cast<uintptr_t>());
+// A device address (an int, a tensor's data_ptr()) or None; anything else is refused naming `name`.
+const float* device_floats(const py::object& address, const std::string& name) {
+  if (address.is_none()) return nullptr;
+  LS_CHECK_TYPE(py::isinstance<py::int_>(address), name, ": expected a device address (int) or None, got ",
+                std::string(py::str(py::type::of(address).attr("__name__"))));
+  return reinterpret_cast<const float*>(address.cast<uintptr_t>());
 }
 
 // A LayerNorm as (eps, weight address, bias address), the addresses 0 or None for none.
@@ -139,8 +143,8 @@ RowNorm parse_device_norm(const py::tuple& terms, size_t first, const std::strin
   LS_CHECK_TYPE(py::isinstance<py::float_>(terms[first]) || py::isinstance<py::int_>(terms[first]), name,
                 ": expected eps as a float");
   norm.eps = terms[first].cast<double>();
-  norm.scale = device_floats(terms[first + 1]);
-  norm.shift = device_floats(terms[first + 2]);
+  norm.scale = device_floats(terms[first + 1], concat(name, " weight"));
+  norm.shift = device_floats(terms[first + 2], concat(name, " bias"));
   return norm;
 }
 
@@ -168,7 +172,7 @@ std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights
     layers[l].weights = reinterpret_cast<const float*>(weights[l]);
     layers[l].columns = shapes[l].first;
     layers[l].depth = shapes[l].second;
-    layers[l].bias = device_floats(biases[l]);
+    layers[l].bias = device_floats(biases[l], concat("biases[", l, "]"));
     layers[l].activation = parse_activation(activations[l], concat("activations[", l, "]"));
     layers[l].parameter = static_cast<float>(activation_params[l]);
     if (!norm_list.empty() && !norm_list[l].is_none()) {
@@ -184,7 +188,7 @@ std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights
     leading = parse_device_norm(norm_tuple(input_norm, 3, "input_norm", "(eps, weight address, bias address)"), 0,
                                 "input_norm");
   }
-  return std::make_unique<CudaMlpEncoder>(layers, device_floats(input_offset), parse_precision(precision),
+  return std::make_unique<CudaMlpEncoder>(layers, device_floats(input_offset, "input_offset"), parse_precision(precision),
                                           input_norm.is_none() ? nullptr : &leading);
 }
 
