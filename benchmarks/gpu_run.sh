@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): build, run the CUDA tests, the GPU losses
-# benchmark, the GPU kNN benchmarks and profile, and the new losses' GPU tests and the small
-# GPU kNN tests again under compute-sanitizer (memcheck, racecheck), and write everything to
-# one log (sanitizer logs beside it). Usage, from the repository root:
+# benchmark, the GPU encoder benchmark, the GPU kNN benchmarks and profile, and the new
+# losses' GPU tests, the CUDA encoder's GPU tests and the small GPU kNN tests
+# again under compute-sanitizer (memcheck, racecheck), and write everything to one log
+# (sanitizer logs beside it). Usage, from the repository root:
 #   bash benchmarks/gpu_run.sh            # log in $OUT (device tool) or ./gpu_run.log
 # The device image has no internet: build without isolation, with what it ships.
 set -uo pipefail
@@ -28,6 +29,37 @@ within_deadline() {
   limit=$(( $2 < left ? $2 : left ))
   [ "$limit" -lt "$2" ] && echo "($1: limit cut from $2 s to $limit s by the call's deadline)"
   return 0
+}
+
+# Files this script writes to $OUT, 7 in a call of every stage (the device tool brings back at
+# most 8: run 8's two calls brought back 7 and 8): gpu_run.log, pytest_cuda.log (tests),
+# gpu_bench.log (every benchmark's output), gpu_bench_json.tar.gz (every benchmark's JSON),
+# profile_knn_cuda.json (profile), sanitizer_memcheck.log and sanitizer_racecheck.log.
+# The benchmarks' JSONs are written to a folder of this call's own (a warm machine's earlier
+# call must not lend this one its figures) and archived into $OUT after each benchmark run, so
+# that a call stopped later still brings back what finished.
+BENCH_JSON=$(mktemp -d /tmp/gpu_bench_json.XXXXXX)
+trap 'rm -rf "$BENCH_JSON"' EXIT  # its JSONs are in the archive
+archive_bench_json() {
+  (cd "$BENCH_JSON" && ls ./*.json >/dev/null 2>&1 && tar -czf "${OUT:-.}/gpu_bench_json.tar.gz" ./*.json)
+}
+
+# run_gpu_benchmark NAME FILE JSON REPORT: one benchmark file (losses, encoder) in a pytest
+# process of its own under $limit; its JSON into the archive, its output appended to
+# gpu_bench.log, its summary lines here, then its report (which names a JSON with no results:
+# pytest-benchmark writes none where nothing was timed, no GPU, and an empty one where the run
+# was stopped).
+run_gpu_benchmark() {
+  local name=$1 file=$2 json="$BENCH_JSON/$3" report=$4 log="$BENCH_JSON/$1.log" start code
+  echo "== $name benchmark ($file, json: $3 in gpu_bench_json.tar.gz; full output: gpu_bench.log)"
+  start=$(date +%s)
+  timeout -k 10 "$limit" python3 -m pytest "$file" -q -rfEs --tb=short --benchmark-json="$json" > "$log" 2>&1
+  code=$?
+  archive_bench_json
+  { echo "==== $name"; cat "$log"; } >> "${OUT:-.}/gpu_bench.log"
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|Error" "$log" | head -20
+  echo "$name benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
+  python3 "$report" "$json"
 }
 
 echo "== gpu_run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -76,24 +108,30 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time, in the order tests, losses (the GPU losses benchmark), bench (the kNN benchmarks),
-# profile, sanitizer (the benchmarks were the stage a run lost to the time limit before).
+# time, in the order tests, losses (the GPU losses benchmark), encode (the GPU encoder
+# benchmark), bench (the kNN benchmarks), profile, sanitizer (the benchmarks were the stage a
+# run lost to the time limit before; the two new kernels' benchmarks are short and go before
+# the kNN ones, whose parts take what the deadline leaves).
 # Measured on an H200 (2026-11-26, run 8): build 94 s, tests 58 s (977 tests, 6 xdist
-# workers; the losses' GPU tests, about 195, came after), benchmarks 130 s (four processes), profile
-# 64 s; the machine's start about 30 s. The losses benchmark has not run yet (estimated 30-60
-# s, limit 90 s). With the sanitizer's 150 s, about 560 s in all: one device call of 600 s
-# holds every stage, the sanitizer cut to what the deadline leaves; or two on the same warm
-# machine, the second right after the first (an idle machine is handed back after about 30 s;
-# docs/gpu-runs.md):
-#   GPU_RUN_STAGES="tests losses bench" bash benchmarks/gpu_run.sh
+# workers; the losses' GPU tests, about 195, and the CUDA encoder's came after), benchmarks
+# 130 s (four processes), profile 64 s; the machine's start about 30 s. The losses benchmark
+# (estimated 30-60 s, limit 90 s) and the encoder benchmark (estimated 20-40 s, limit 75 s)
+# have not run yet. With the sanitizer's 150 s, about 600 s in all: one device call of 600 s
+# holds every stage but the sanitizer, which is cut to what the deadline leaves; or two on
+# the same warm machine, the second right after the first (an idle machine is handed back
+# after about 30 s; docs/gpu-runs.md):
+#   GPU_RUN_STAGES="tests losses encode bench" bash benchmarks/gpu_run.sh
 #   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh
-# GPU_RUN_STAGES picks some stages; all five by default. Each stage's limit is also capped by
+# GPU_RUN_STAGES picks some stages; all six by default. Each stage's limit is also capped by
 # the call's deadline (GPU_RUN_DEADLINE_SECONDS, above), so GPU_RUN_SANITIZER_SECONDS need not
 # be fitted by hand: the last stage takes what is left.
-STAGES="${GPU_RUN_STAGES:-tests losses bench profile sanitizer}"
+STAGES="${GPU_RUN_STAGES:-tests losses encode bench profile sanitizer}"
 status=0
 
 if [[ " $STAGES " == *" tests "* ]] && within_deadline tests "${GPU_RUN_TEST_SECONDS:-200}"; then
+  # Every GPU test file marks its tests "cuda" (tests/gpu/, the CUDA encoder's
+  # test_encode_cuda_native.py included: tests/test_gpu_run_script.py checks that -m cuda takes
+  # all of that file).
   echo "== pytest -m cuda (full output: pytest_cuda.log)"
   start=$(date +%s)
   # pytest-xdist, where installed, spreads the tests' float64 CPU references over the cores.
@@ -109,36 +147,32 @@ fi
 if [[ " $STAGES " == *" losses "* ]] && within_deadline "losses benchmark" "${GPU_RUN_LOSSES_BENCH_SECONDS:-90}"; then
   # The fused losses' kernels (csrc/cuda/losses.cu) against torch's ops and a copy of the same
   # bytes: benchmarks/bench_losses_cuda.py, before the kNN benchmarks, whose parts take the
-  # deadline's time after it. Its JSON straight into $OUT (the 8th file of a call of every
-  # stage: the device tool brings back at most 8), its output appended to gpu_bench.log.
-  echo "== losses benchmark (benchmarks/bench_losses_cuda.py, json: losses_cuda.json; full output: gpu_bench.log)"
-  start=$(date +%s)
-  losses_json="${OUT:-.}/losses_cuda.json"
-  rm -f "$losses_json"  # a warm machine's earlier call (with OUT unset) must not lend this one its figures
-  timeout -k 10 "$limit" python3 -m pytest benchmarks/bench_losses_cuda.py -q -rfEs --tb=short \
-    --benchmark-json="$losses_json" > /tmp/gpu_bench_losses.log 2>&1
-  code=$?
-  { echo "==== losses"; cat /tmp/gpu_bench_losses.log; } >> "${OUT:-.}/gpu_bench.log"
-  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed|skipped|Error" /tmp/gpu_bench_losses.log | head -20
-  echo "losses benchmark seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
-  # pytest-benchmark writes no JSON where nothing was timed (no GPU) and an empty one where
-  # the run was stopped: the report names either and carries on.
-  python3 benchmarks/report_losses_cuda.py "$losses_json"
+  # deadline's time after it. (Until the fifteenth session its JSON went to $OUT as
+  # losses_cuda.json; it is in gpu_bench_json.tar.gz now, which left room for the encoder's.)
+  run_gpu_benchmark losses benchmarks/bench_losses_cuda.py losses_cuda.json benchmarks/report_losses_cuda.py
+fi
+
+if [[ " $STAGES " == *" encode "* ]] && within_deadline "encode benchmark" "${GPU_RUN_ENCODE_BENCH_SECONDS:-75}"; then
+  # The CUDA encoder (csrc/cuda/encode.cu, Encoder with LATENTSPACE_CUDA_ENCODER=native)
+  # against the model's torch code on the GPU, fp32 and bf16, and a copy of the PCA input:
+  # benchmarks/bench_encode_cuda.py (33 benchmarks, estimated 20-40 s), its report the
+  # figures that decide LATENTSPACE_CUDA_ENCODER's default. A stage of its own rather than a
+  # second run in the losses stage: its own limit and deadline line, and either can run alone
+  # (GPU_RUN_STAGES) on a call short of time.
+  run_gpu_benchmark encode benchmarks/bench_encode_cuda.py encode_cuda.json benchmarks/report_encode_cuda.py
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
   echo "== GPU benchmarks"
-  # The kNN benchmarks (the losses benchmark has its own stage, above, and report).
-  gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null | grep -v "bench_losses_cuda.py" || true)
+  # The kNN benchmarks (the losses and encoder benchmarks have their own stages, above, and reports).
+  gpu_benchmarks=$(ls benchmarks/bench_*cuda*.py benchmarks/bench_*gpu*.py 2>/dev/null | grep -vE "bench_(losses|encode)_cuda.py" || true)
   if [ -n "$gpu_benchmarks" ]; then
     # Four runs, each with its own JSON (pytest-benchmark fills its JSON only at the end, so a
     # run stopped at its limit leaves an empty one, which the report names and skips): the plain peers (torch's, the defaults', the
     # roofs); the peers that name a setting (an opt-in's kernel that faults would leave its
     # process's CUDA context unusable: apart, it cannot take the plain figures with it); the
-    # large-k cells (the slowest), plain and with settings apart too. The JSONs go to /tmp
-    # and, after each run, into one archive in $OUT: the device tool brings back at most 8
-    # files (run 8's two calls brought back 7 and 8; one call of every stage makes 7).
-    rm -f /tmp/gpu_bench_*.json  # a warm machine's earlier call must not lend this one its figures
+    # large-k cells (the slowest), plain and with settings apart too. The JSONs go to this
+    # call's folder and, after each run, into the archive in $OUT (above).
     for part in plain opt-ins large_k_plain large_k_opt-ins; do
       case $part in
         plain) selection="not large_k"; part_limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
@@ -152,14 +186,14 @@ if [[ " $STAGES " == *" bench "* ]]; then
       # One log for the four parts: the device tool brings back at most 8 files from $OUT.
       echo "==== part $part" >> "${OUT:-.}/gpu_bench.log"
       LATENTSPACE_BENCH_PART=$bench_part timeout -k 10 "$limit" python3 -m pytest $gpu_benchmarks -q -rfE \
-        --tb=short -k "$selection" --benchmark-json="/tmp/gpu_bench_$part.json" > "/tmp/gpu_bench_$part.log" 2>&1
+        --tb=short -k "$selection" --benchmark-json="$BENCH_JSON/gpu_bench_$part.json" > "/tmp/gpu_bench_$part.log" 2>&1
       code=$?
-      (cd /tmp && ls gpu_bench_*.json >/dev/null 2>&1 && tar -czf "${OUT:-.}/gpu_bench_json.tar.gz" gpu_bench_*.json)
+      archive_bench_json
       cat "/tmp/gpu_bench_$part.log" >> "${OUT:-.}/gpu_bench.log"
       grep -E "^(FAILED|ERROR)|passed|failed|Error" "/tmp/gpu_bench_$part.log" | head -20
       echo "benchmark ($part) seconds: $(( $(date +%s) - start )) (exit $code; 124: timed out; full output: gpu_bench.log)"
     done
-    jsons=$(ls /tmp/gpu_bench_*.json 2>/dev/null || true)
+    jsons=$(ls "$BENCH_JSON"/gpu_bench_*.json 2>/dev/null || true)
     [ -n "$jsons" ] && python3 benchmarks/report_knn_cuda.py $jsons
   else
     echo "no GPU benchmarks yet"
@@ -178,10 +212,10 @@ if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROF
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
 if [[ " $STAGES " == *" sanitizer "* ]]; then
-  # compute-sanitizer over the fused losses' GPU tests (a subset), then the small GPU kNN
-  # tests (named "small"): memcheck (out-of-bounds and misaligned accesses, API errors) and
-  # racecheck (shared-memory hazards). torch's caching allocator is off so that memcheck sees
-  # every allocation's true bounds.
+  # compute-sanitizer over the fused losses' GPU tests (a subset), the CUDA encoder's GPU
+  # tests (a subset), then the small GPU kNN tests (named "small"): memcheck
+  # (out-of-bounds and misaligned accesses, API errors) and racecheck (shared-memory hazards).
+  # torch's caching allocator is off so that memcheck sees every allocation's true bounds.
   SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -z "$SANITIZER" ]; then
     echo "== compute-sanitizer: not found, skipped"
@@ -221,6 +255,28 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # with more rows than its block has threads. GPU_RUN_MEMCHECK_LOSS_TESTS: a -k selection
     # instead; GPU_RUN_SANITIZER_LOSSES=0 leaves the losses out. tests/test_gpu_run_script.py
     # checks what these collect.
+    # Between the losses and the kNN tests, each tool runs some of the CUDA encoder's GPU tests
+    # (tests/gpu/test_encode_cuda_native.py; csrc/cuda/encode.cu, never run under either), at
+    # most GPU_RUN_SANITIZER_ENCODER_SECONDS (default 60 s: a timeout under the tool, which then
+    # reports what it saw; exit 124, or 137 where pytest had to be killed), so that a slow run
+    # cannot take the kNN tests' time. memcheck (--maxfail=3) the tests at the edges: depths,
+    # widths and rows around the tiles (both float32 tiles, loads of 4 and of 1, partial row
+    # and output tiles), six layers through the two hidden buffers, inputs off 16 bytes,
+    # every output written with vector stores and without (fp32, bf16), the LayerNorm kernel,
+    # PCA's mean, bf16's x - mean: about 55 small tests, in the file's order. racecheck the
+    # narrow tile's double-buffered shared memory (encode_narrow_tile.cuh, new; the wide and
+    # bf16 tiles are the kNN scan's, raced in runs 5-7 without a hazard; the LayerNorm kernel
+    # has none): 257 rows (3 row blocks), 64 inputs (4 staging steps) into 300 outputs (the
+    # wide tile) into 5 (the narrow one, 19 steps), then the six layers.
+    # GPU_RUN_MEMCHECK_ENCODER_TESTS, GPU_RUN_RACECHECK_ENCODER_TESTS: -k selections instead;
+    # GPU_RUN_SANITIZER_ENCODER=0 leaves them out. tests/test_gpu_run_script.py checks what
+    # these collect.
+    ENCODER_TESTS=tests/gpu/test_encode_cuda_native.py
+    MEMCHECK_ENCODER_SELECTION="depths_widths_and_rows or many_layers or off_16_bytes or every_output_element or layer_norms_to_the_last_bit or pca_subtracts or bf16_rounds_x_minus"
+    RACECHECK_ENCODER_TESTS=(
+      "tests/gpu/test_encode_cuda_native.py::test_depths_widths_and_rows[257-64-300]"
+      "tests/gpu/test_encode_cuda_native.py::test_many_layers"
+    )
     RACECHECK_LOSS_TESTS=(
       "tests/gpu/test_losses_cuda.py::test_every_output_element_is_written[9000]"
       "tests/gpu/test_losses_cuda.py::test_many_rows_loop_over_the_grid_and_the_finish_block"
@@ -242,7 +298,15 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
     start=$(date +%s)
     pids=()
+    encoder_limit="${GPU_RUN_SANITIZER_ENCODER_SECONDS:-60}"
     for tool in memcheck racecheck; do
+      if [ "$tool" = memcheck ]; then
+        encoder_tests=(--maxfail=3 -k "${GPU_RUN_MEMCHECK_ENCODER_TESTS:-$MEMCHECK_ENCODER_SELECTION}" "$ENCODER_TESTS")
+      elif [ -n "${GPU_RUN_RACECHECK_ENCODER_TESTS:-}" ]; then
+        encoder_tests=(-k "$GPU_RUN_RACECHECK_ENCODER_TESTS" "$ENCODER_TESTS")
+      else
+        encoder_tests=("${RACECHECK_ENCODER_TESTS[@]}")
+      fi
       if [ "$tool" = memcheck ]; then
         loss_tests=(-k "${GPU_RUN_MEMCHECK_LOSS_TESTS:-$MEMCHECK_LOSS_SELECTION}" tests/gpu/test_losses_cuda.py)
         tests=(-k "${GPU_RUN_MEMCHECK_TESTS:-$MEMCHECK_SELECTION}" tests/gpu/test_knn_cuda.py)
@@ -254,30 +318,51 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
         tests=("${RACECHECK_TESTS[@]}")
       fi
       [ "${GPU_RUN_SANITIZER_LOSSES:-1}" = 0 ] && loss_tests=()
-      echo "== compute-sanitizer --tool $tool (losses: pytest ${loss_tests[*]:-(none)}; then kNN: pytest ${tests[*]}), log: sanitizer_$tool.log"
+      [ "${GPU_RUN_SANITIZER_ENCODER:-1}" = 0 ] && encoder_tests=()
+      if [ "${#encoder_tests[@]}" -gt 0 ] && [ ! -f "$ENCODER_TESTS" ]; then
+        echo "($tool: $ENCODER_TESTS not found, the encoder's tests left out)"
+        encoder_tests=()
+      fi
+      echo "== compute-sanitizer --tool $tool (losses: pytest ${loss_tests[*]:-(none)}; then encoder: pytest ${encoder_tests[*]:-(none)}; then kNN: pytest ${tests[*]}), log: sanitizer_$tool.log"
       rm -f "/tmp/sanitizer_$tool.exit"
-      # Two pytest runs under the tool, the losses' first (their count of arguments, then
-      # theirs, then the kNN ones'); the exit file gets the first failure of the two.
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3 count=$4; shift 4
+      # Three pytest runs under the tool, the losses' first, then the encoder's (under its own
+      # timeout), then the kNN ones' (the count of the losses' arguments and of the encoder's,
+      # the encoder's limit, then the three lists of arguments); the exit file gets the first
+      # sanitizer error (99) of the three, else their first other failure.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3 losses_count=$4 encoder_count=$5 encoder_limit=$6; shift 6
         run() {
-          "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
-            python3 -m pytest -q -p no:cacheprovider -m cuda "$@"
+          "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
         }
-        losses=0
+        losses=0 encoder=0
         {
-          if [ "$count" -gt 0 ]; then
-            echo "---- losses: pytest ${*:1:count}"
-            run "${@:1:count}"
+          if [ "$losses_count" -gt 0 ]; then
+            echo "---- losses: pytest ${*:1:losses_count}"
+            run python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:losses_count}"
             losses=$?
             echo "---- losses exit $losses"
           fi
-          echo "---- kNN: pytest ${*:count+1}"
-          run "${@:count+1}"
+          shift "$losses_count"
+          if [ "$encoder_count" -gt 0 ]; then
+            echo "---- encoder: pytest ${*:1:encoder_count} (at most $encoder_limit s)"
+            # SIGINT first: pytest stops and prints its summary; the tool then exits with 124.
+            run timeout -s INT -k 10 "$encoder_limit" python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:encoder_count}"
+            encoder=$?
+            echo "---- encoder exit $encoder (124 or 137: stopped at its limit)"
+          fi
+          shift "$encoder_count"
+          echo "---- kNN: pytest $*"
+          run python3 -m pytest -q -p no:cacheprovider -m cuda "$@"
           knn=$?
           echo "---- kNN exit $knn"
         } > "$log" 2>&1
-        echo $(( losses != 0 ? losses : knn )) > "/tmp/sanitizer_$tool.exit"' \
-        _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${#loss_tests[@]}" "${loss_tests[@]}" "${tests[@]}" &
+        code=0
+        for part in $losses $encoder $knn; do
+          if [ "$part" -eq 99 ]; then code=99; break; fi
+          [ "$code" -eq 0 ] && code=$part
+        done
+        echo "$code" > "/tmp/sanitizer_$tool.exit"' \
+        _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${#loss_tests[@]}" "${#encoder_tests[@]}" \
+        "$encoder_limit" "${loss_tests[@]}" "${encoder_tests[@]}" "${tests[@]}" &
       pids+=("$!")
     done
     for pid in "${pids[@]}"; do
@@ -288,8 +373,8 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     done
     for tool in memcheck racecheck; do
       code=$(cat "/tmp/sanitizer_$tool.exit" 2>/dev/null || echo 124)
-      grep -E "^---- (losses|kNN) exit|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" \
-        "${OUT:-.}/sanitizer_$tool.log" | tail -12
+      grep -E "^---- (losses|encoder|kNN) exit|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" \
+        "${OUT:-.}/sanitizer_$tool.log" | tail -16
       echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: stopped at the ${limit} s limit)"
       if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
     done

@@ -548,6 +548,86 @@ def test_losses_cuda_report_leaves_wrong_and_missing_peers_out_of_every_ratio(tm
 
 
 # ============================================================================================
+# report_encode_cuda.py (the GPU encoder)
+# ============================================================================================
+ENCODE_CELLS = {"autoencoder": ((784, 256, 32), 65536), "PCA": ((784, 16), 65536), "small": ((64, 32, 4), 1000)}
+
+
+def _gpu_encode(cell: str, precision: str, peer: str, median: float, *, verified: bool = True) -> dict:
+    widths, rows = ENCODE_CELLS[cell]
+    products = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    shape = "-".join(map(str, widths))
+    info = {"kind": "encode", "cell": cell, "shape": shape, "widths": list(widths), "precision": precision,
+            "peer": peer, "rows": rows, "flops": 2 * rows * products,
+            "bytes": 4 * (rows * widths[0] + rows * widths[-1] + products), "device": "NVIDIA H100 80GB HBM3",
+            "torch": "2.11.0+cu130", "verified": verified}
+    return {"group": f"{cell} {shape} {precision}", "name": "test_encode", "extra_info": info,
+            "stats": {"min": median, "median": median, "mean": median, "max": median, "rounds": 20}}
+
+
+def _encode_roof(rows: int, cols: int, median: float) -> dict:
+    info = {"kind": "roof", "peer": "copy", "rows": rows, "cols": cols, "bytes": 2 * rows * cols * 4,
+            "input_bytes": rows * cols * 4, "device": "NVIDIA H100 80GB HBM3"}
+    return {"group": f"read roof {rows}x{cols}", "name": "test_read_roof", "extra_info": info,
+            "stats": {"min": median, "median": median, "mean": median, "max": median, "rounds": 20}}
+
+
+def test_encode_cuda_report_figures(tmp_path, capsys):
+    """Per cell: each peer's median; latentspace's speed-ups over torch and over the torch
+    backend (their time over its own); GFLOP/s of latentspace and torch; latentspace's GB/s; the
+    time to read the input once (half the copy roof's) where a roof of that input shape was
+    measured. Cells in the benchmark's order, fp32 before bf16, whatever the JSON's order."""
+    runs = [_gpu_encode("small", "fp32", "latentspace", 0.0001), _gpu_encode("small", "fp32", "torch", 0.00005),
+            _gpu_encode("PCA", "fp32", "latentspace", 0.0002), _gpu_encode("PCA", "fp32", "torch", 0.0003),
+            _encode_roof(65536, 784, 0.0002),
+            _gpu_encode("autoencoder", "bf16", "latentspace", 0.0004),
+            _gpu_encode("autoencoder", "bf16", "latentspace kernel", 0.0003),
+            _gpu_encode("autoencoder", "bf16", "latentspace[torch backend]", 0.0016),
+            _gpu_encode("autoencoder", "bf16", "torch", 0.0008),
+            _gpu_encode("autoencoder", "fp32", "latentspace", 0.001),
+            _gpu_encode("autoencoder", "fp32", "latentspace[torch backend]", 0.003),
+            _gpu_encode("autoencoder", "fp32", "torch", 0.0015)]
+    code, out = _run("report_encode_cuda", [_gpu_file(tmp_path, "encode_cuda.json", runs)], capsys)
+    assert code == 0
+    assert "NVIDIA H100 80GB HBM3" in out and "torch 2.11.0+cu130" in out and "python 3.12" in out
+    ae_flops, ae_bytes = 2 * 65536 * (784 * 256 + 256 * 32), 4 * (65536 * 784 + 65536 * 32 + 784 * 256 + 256 * 32)
+    assert _row(out, "autoencoder 784-256-32", "bf16")[2:] == [
+        "65,536", "0.400", "0.300", "1.600", "0.800", "2.00x", "4.00x", f"{ae_flops / 0.0004 / 1e9:.0f}",
+        f"{ae_flops / 0.0008 / 1e9:.0f}", f"{ae_bytes / 0.0004 / 1e9:.0f}", "0.100"]
+    assert _row(out, "autoencoder 784-256-32", "fp32")[3:9] == ["1.000", "—", "3.000", "1.500", "1.50x", "3.00x"]
+    pca = _row(out, "PCA 784-16", "fp32")
+    assert pca[7:9] == ["1.50x", "—"] and pca[-1] == "0.100"  # the roof's 0.2 ms copy: 0.1 ms to read once
+    assert _row(out, "small 64-32-4", "fp32")[7] == "0.50x" and _row(out, "small 64-32-4", "fp32")[-1] == "—"
+    order = [out.index(f"| {cell} |") for cell in ("autoencoder 784-256-32 | fp32", "autoencoder 784-256-32 | bf16",
+                                                     "PCA 784-16 | fp32", "small 64-32-4 | fp32")]
+    assert order == sorted(order)
+    # against torch: 1.5x, 2x, 1.5x, 0.5x; against the torch backend: 3x, 4x (the other cells lack it)
+    assert ("faster than the Encoder's torch backend (today's default on a GPU) in 2 of 4 cells "
+            f"(speed-up over the 2 measured: geometric mean {(3.0 * 4.0) ** 0.5:.2f}x, least 3.00x, most 4.00x)") in out
+    assert (f"faster than torch (the model's own forward) in 3 of 4 cells (speed-up over the 4 measured: "
+            f"geometric mean {(1.5 * 2.0 * 1.5 * 0.5) ** 0.25:.2f}x, least 0.50x, most 2.00x)") in out
+
+
+def test_encode_cuda_report_leaves_wrong_and_missing_peers_out_of_every_ratio(tmp_path, capsys):
+    """latentspace found wrong after its timed rounds is marked and in no ratio; a cell without
+    latentspace counts as not won; a file a stopped run left empty is named, exit status 1."""
+    runs = [_gpu_encode("PCA", "bf16", "latentspace", 0.00001, verified=False),
+            _gpu_encode("PCA", "bf16", "latentspace[torch backend]", 0.002), _gpu_encode("PCA", "bf16", "torch", 0.001),
+            _gpu_encode("small", "bf16", "torch", 0.00005)]
+    empty = tmp_path / "stopped.json"
+    empty.write_text("")
+    code, out = _run("report_encode_cuda", [_gpu_file(tmp_path, "a.json", runs), str(empty)], capsys)
+    assert _row(out, "PCA 784-16", "bf16")[3:10] == ["wrong", "—", "2.000", "1.000", "—", "—", "—"]
+    assert _row(out, "small 64-32-4", "bf16")[3] == "—"
+    assert "against the Encoder's torch backend (today's default on a GPU): not measured in any of the 2 cells" in out
+    assert f"{empty}: no results (empty" in out
+    assert code == 1
+    # nothing readable at all: said, and a failure
+    code, out = _run("report_encode_cuda", [str(empty)], capsys)
+    assert code == 1 and "No encoder benchmarks found." in out
+
+
+# ============================================================================================
 # The correctness checks the benchmarks run before timing can fail
 # ============================================================================================
 def test_knn_referee_rejects_a_missed_neighbour_and_accepts_the_float64_answer():

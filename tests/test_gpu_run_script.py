@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
+ENCODER_TESTS = "tests/gpu/test_encode_cuda_native.py"  # the CUDA encoder's GPU tests
+DEFAULT_STAGES = ["tests", "losses", "encode", "bench", "profile", "sanitizer"]
 
 
 def _racecheck_tests(name: str = "RACECHECK_TESTS") -> list[str]:
@@ -155,14 +157,15 @@ def _run_script(tmp_path, path_first: Path | None = None, **settings: str) -> st
 def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printed(tmp_path):
     # The stages' own limits add up to more than one 600 s device call: with the deadline
     # spent by the preamble, each stage says it was skipped and the run still ends in order.
-    log = _run_script(tmp_path, GPU_RUN_STAGES="tests losses bench profile", GPU_RUN_DEADLINE_SECONDS="20")
-    stages = ("tests", "losses benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)", "profile")
+    log = _run_script(tmp_path, GPU_RUN_STAGES="tests losses encode bench profile", GPU_RUN_DEADLINE_SECONDS="20")
+    stages = ("tests", "losses benchmark", "encode benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)",
+              "profile")
     for stage in stages:
         assert f"== {stage}: skipped" in log, log
-    # in this order: the losses benchmark before the kNN benchmarks' long parts
+    # in this order: the losses and encoder benchmarks before the kNN benchmarks' long parts
     positions = [log.index(f"== {stage}: skipped") for stage in stages]
     assert positions == sorted(positions), log
-    assert "pytest seconds" not in log and "profile seconds" not in log and "losses benchmark seconds" not in log
+    assert "pytest seconds" not in log and "profile seconds" not in log and "benchmark seconds" not in log
     assert log.rstrip().endswith("== done (exit 0)"), log
 
 
@@ -219,35 +222,69 @@ def test_every_stage_is_in_the_default_list_in_the_order_it_runs():
     """A stage missing from the default GPU_RUN_STAGES would silently never run."""
     text = SCRIPT.read_text()
     default = re.search(r'STAGES="\$\{GPU_RUN_STAGES:-([^}]+)\}"', text).group(1).split()
-    assert default == ["tests", "losses", "bench", "profile", "sanitizer"]
+    assert default == DEFAULT_STAGES
     tested = re.findall(r'\$STAGES " == \*" (\w+) "\*', text)
     assert tested == default
 
 
-def test_the_knn_benchmark_stage_leaves_the_losses_benchmark_to_its_own_stage():
-    """bench_losses_cuda.py matches the kNN stage's bench_*cuda*.py: run there too, it would run
-    once per kNN part (with their -k selections) and mix its cells into the kNN report."""
+def test_the_two_call_split_covers_every_stage_in_order():
+    """The script's comment gives the split for two calls on one warm machine (the second with
+    GPU_RUN_BUILD=0): together they must run every default stage, each once, in order."""
+    calls = re.findall(r'^#\s+(GPU_RUN_BUILD=0 )?GPU_RUN_STAGES="([^"]+)" bash benchmarks/gpu_run.sh$',
+                       SCRIPT.read_text(), re.M)
+    assert [bool(build) for build, _ in calls] == [False, True], calls
+    assert [stage for _, stages in calls for stage in stages.split()] == DEFAULT_STAGES
+
+
+def test_the_script_writes_at_most_8_files_to_out():
+    """The device tool brings back at most 8 files from $OUT: every path the script writes
+    there, as the comment near its top lists them."""
+    text = SCRIPT.read_text()
+    names = set()
+    for name in re.findall(r'\$\{OUT:-\.\}/([\w.$-]+)', text):
+        names |= {name.replace("$tool", tool) for tool in ("memcheck", "racecheck")}
+    assert names == {"gpu_run.log", "pytest_cuda.log", "gpu_bench.log", "gpu_bench_json.tar.gz",
+                     "profile_knn_cuda.json", "sanitizer_memcheck.log", "sanitizer_racecheck.log"}, names
+    assert 'LOG="${OUT:-.}/gpu_run.log"' in text
+
+
+def test_the_cuda_encoder_gpu_tests_are_all_selected_by_the_cuda_marker():
+    """The tests stage runs `pytest -m cuda tests`, and the sanitizer `-m cuda` over the file:
+    a test of it without the marker would never run on a GPU."""
+    assert (ROOT / ENCODER_TESTS).exists(), f"{ENCODER_TESTS}: gpu_run.sh runs it, and it is missing"
+    everything = _collected(ENCODER_TESTS)
+    assert everything and _collected("-m", "cuda", ENCODER_TESTS) == everything
+
+
+@pytest.mark.parametrize("own_stage", ["bench_losses_cuda.py", "bench_encode_cuda.py"])
+def test_the_knn_benchmark_stage_leaves_the_new_kernels_benchmarks_to_their_own_stages(own_stage):
+    """bench_losses_cuda.py and bench_encode_cuda.py match the kNN stage's bench_*cuda*.py: run
+    there too, each would run once per kNN part (with their -k selections) and mix its cells
+    into the kNN report."""
     line = re.search(r"^\s*gpu_benchmarks=(\$\(.*\))$", SCRIPT.read_text(), re.M).group(1)
     listed = subprocess.run(["bash", "-c", f"echo {line}"], cwd=ROOT, capture_output=True, text=True,
                             check=True).stdout.split()
     assert "benchmarks/bench_knn_cuda.py" in listed
-    assert "benchmarks/bench_losses_cuda.py" not in listed and (ROOT / "benchmarks" / "bench_losses_cuda.py").exists()
+    assert f"benchmarks/{own_stage}" not in listed and (ROOT / "benchmarks" / own_stage).exists()
 
 
-def test_the_losses_stage_runs_its_benchmark_and_report_within_the_deadline(tmp_path):
+@pytest.mark.parametrize("stage,name,limit", [("losses", "losses", 90), ("encode", "encode", 75)])
+def test_a_new_kernels_stage_runs_its_benchmark_and_report_within_the_deadline(tmp_path, stage, name, limit):
     """Without a GPU the benchmark skips itself and writes no JSON: the stage says so through
     the report and the run still ends in order; its limit is cut by the deadline like the others'."""
-    log = _run_script(tmp_path, GPU_RUN_STAGES="losses", GPU_RUN_DEADLINE_SECONDS="60")
-    cut = re.search(r"\(losses benchmark: limit cut from 90 s to (\d+) s by the call's deadline\)", log)
+    log = _run_script(tmp_path, GPU_RUN_STAGES=stage, GPU_RUN_DEADLINE_SECONDS="60")
+    cut = re.search(rf"\({name} benchmark: limit cut from {limit} s to (\d+) s by the call's deadline\)", log)
     assert cut and 15 <= int(cut.group(1)) < 50, log
     if importlib.util.find_spec("pytest_benchmark") is not None:  # (the "bench" extra; the GPU image has it)
         # the module skips itself (no GPU here): pytest collected nothing, exit 5
-        assert re.search(r"losses benchmark seconds: \d+ \(exit [05];", log), log
-        assert "SKIPPED [1] benchmarks/bench_losses_cuda.py" in log and "no usable CUDA GPU" in log, log
+        assert re.search(rf"{name} benchmark seconds: \d+ \(exit [05];", log), log
+        assert f"SKIPPED [1] benchmarks/bench_{name}_cuda.py" in log and "no usable CUDA GPU" in log, log
     else:  # pytest refuses --benchmark-json: the stage still ends, and the report says why
-        assert re.search(r"losses benchmark seconds: \d+ \(exit 4;", log), log
-    assert f"{tmp_path}/losses_cuda.json: no results" in log, log
-    assert "==== losses" in (tmp_path / "gpu_bench.log").read_text()
+        assert re.search(rf"{name} benchmark seconds: \d+ \(exit 4;", log), log
+    # the JSON's path is in this call's own folder (archived into $OUT where it holds results)
+    assert re.search(rf"/tmp/gpu_bench_json\.\w+/{name}_cuda\.json: no results", log), log
+    assert f"==== {name}" in (tmp_path / "gpu_bench.log").read_text()
+    assert not (tmp_path / "gpu_bench_json.tar.gz").exists()  # nothing to archive
     assert log.rstrip().endswith("== done (exit 0)"), log
 
 
@@ -267,41 +304,145 @@ def test_memcheck_takes_every_kernel_of_the_losses():
     assert 40 < len(collected) < 100  # under a minute of memcheck before the kNN tests
 
 
+def test_racecheck_encoder_tests_exist_in_the_order_given():
+    wanted = _racecheck_tests("RACECHECK_ENCODER_TESTS")
+    assert wanted and len(set(wanted)) == len(wanted)
+    assert _collected(*wanted) == wanted
+
+
+def test_memcheck_takes_the_encoder_tests_at_the_edges():
+    """Every kernel and path of the CUDA encoder (both float32 tiles and the bf16 one, loads of
+    4 and of 1, the LayerNorm kernel, PCA's mean, vector stores and not), in about a minute."""
+    selection = re.search(r'MEMCHECK_ENCODER_SELECTION="([^"]+)"', SCRIPT.read_text()).group(1)
+    collected = _collected("-m", "cuda", "-k", selection, ENCODER_TESTS)
+    names = [node.split("::", 1)[1] for node in collected]
+    for test in ("test_depths_widths_and_rows[257-64-300]", "test_depths_widths_and_rows[1-1001-7]",
+                 "test_many_layers", "test_a_cuda_input_that_starts_off_16_bytes",
+                 "test_every_output_element_is_written[bf16-5]", "test_every_output_element_is_written[fp32-8]",
+                 "test_layer_norms_to_the_last_bit", "test_pca_subtracts_the_mean_before_the_products",
+                 "test_bf16_rounds_x_minus_the_mean"):
+        assert any(name.startswith(test) for name in names), test
+    assert 30 < len(collected) < 90
+
+
 def test_racecheck_loss_tests_exist_in_the_order_given():
     wanted = _racecheck_tests("RACECHECK_LOSS_TESTS")
     assert wanted and len(set(wanted)) == len(wanted)
     assert _collected(*wanted) == wanted
 
 
+FAKE_BENCHMARK_PYTHON = """#!/bin/sh
+# python3's stand-in: a pytest run of a benchmark file given --benchmark-json=PATH writes one
+# synthetic result there (as a GPU would) and passes; everything else runs the real python.
+for arg in "$@"; do
+  case "$arg" in --benchmark-json=*) json="${arg#--benchmark-json=}" ;; esac
+done
+case "$*" in
+  *benchmarks/bench_*_cuda.py*) if [ -n "$json" ]; then cp "$FAKE_JSON" "$json"; echo "1 passed"; exit 0; fi ;;
+esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_the_new_kernels_stages_archive_their_json_and_report_it(tmp_path):
+    """With results (a stand-in for the GPU's pytest run), the losses and encode stages put
+    their JSONs into $OUT/gpu_bench_json.tar.gz, whose files come back, and print their reports."""
+    import os
+    import tarfile
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake = folder / "python3"
+    fake.write_text(FAKE_BENCHMARK_PYTHON)
+    fake.chmod(0o755)
+    info = {"kind": "encode", "cell": "small", "shape": "64-32-4", "widths": [64, 32, 4], "precision": "fp32",
+            "rows": 1000, "flops": 2 * 1000 * (64 * 32 + 32 * 4), "bytes": 1, "device": "a GPU", "verified": True}
+    benchmarks = [{"group": "small 64-32-4 fp32", "extra_info": {**info, "peer": peer}, "stats": {"median": median}}
+                  for peer, median in (("latentspace", 0.0001), ("torch", 0.0002))]
+    (tmp_path / "fake.json").write_text(json.dumps({"machine_info": {}, "benchmarks": benchmarks}))
+    out = tmp_path / "out"
+    out.mkdir()
+    log = _run_script(out, folder, GPU_RUN_STAGES="losses encode", FAKE_JSON=str(tmp_path / "fake.json"),
+                      REAL_PYTHON=sys.executable)
+    with tarfile.open(out / "gpu_bench_json.tar.gz") as archive:
+        assert sorted(os.path.basename(name) for name in archive.getnames()) == ["encode_cuda.json", "losses_cuda.json"]
+    assert "| small 64-32-4 | fp32 | 1,000 | 0.100 | — | — | 0.200 | 2.00x |" in log, log
+    assert "No loss benchmarks found." in log, log  # the losses' report reads only its own kind
+    assert sorted(path.name for path in out.iterdir()) == ["gpu_bench.log", "gpu_bench_json.tar.gz", "gpu_run.log"]
+
+
 FAKE_SANITIZER = """#!/bin/sh
 # compute-sanitizer's stand-in: drops "--tool T --error-exitcode 99 --print-limit 20", runs the
-# rest, and fails the losses' run with FAKE_LOSSES_EXIT where set.
+# rest, and fails the losses' or the encoder's run with FAKE_LOSSES_EXIT / FAKE_ENCODER_EXIT
+# where set.
 echo "fake sanitizer $2"
 shift 6
 "$@"
 code=$?
 case "$*" in *test_losses_cuda*) [ -n "$FAKE_LOSSES_EXIT" ] && exit "$FAKE_LOSSES_EXIT" ;; esac
+case "$*" in *test_encode_cuda_native*) [ -n "$FAKE_ENCODER_EXIT" ] && exit "$FAKE_ENCODER_EXIT" ;; esac
 exit $code
 """
+
+
+def _fake_sanitizer(tmp_path: Path) -> Path:
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    fake = folder / "compute-sanitizer"
+    fake.write_text(FAKE_SANITIZER)
+    fake.chmod(0o755)
+    return folder
 
 
 @pytest.mark.parametrize("losses", ["failing", "left out"])
 def test_the_sanitizer_runs_the_losses_tests_before_the_knn_ones(tmp_path, losses):
     """Under each tool, the losses' tests then the kNN ones, in one log; a failure of the
     losses' run is the tool's exit status (and the run's) even where the kNN run passes after it."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    fake = folder / "compute-sanitizer"
-    fake.write_text(FAKE_SANITIZER)
-    fake.chmod(0o755)
     settings = {"FAKE_LOSSES_EXIT": "99"} if losses == "failing" else {"GPU_RUN_SANITIZER_LOSSES": "0"}
-    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="sanitizer", **settings)
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer", GPU_RUN_SANITIZER_ENCODER="0",
+                      **settings)
     for tool in ("memcheck", "racecheck"):
         tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
         assert "---- kNN exit 0" in tool_log and "test_knn_cuda.py" in tool_log, tool_log
+        assert "---- encoder" not in tool_log, tool_log
         if losses == "failing":
             assert tool_log.index("---- losses exit 99") < tool_log.index("---- kNN: pytest"), tool_log
             assert f"{tool} exit 99" in log, log
         else:
             assert "---- losses" not in tool_log and f"{tool} exit 0" in log, log
     assert log.rstrip().endswith(f"== done (exit {99 if losses == 'failing' else 0})"), log
+
+
+@pytest.mark.skipif(not (ROOT / ENCODER_TESTS).exists(), reason=f"{ENCODER_TESTS} missing (a test above fails for it)")
+@pytest.mark.parametrize("encoder", ["failing", "stopped at its limit", "passing"])
+def test_the_sanitizer_runs_the_encoder_tests_between_the_losses_and_the_knn_ones(tmp_path, encoder):
+    """Each tool runs the encoder's GPU tests after the losses' and before the kNN ones, under
+    a timeout of their own. A sanitizer error there (99) is the tool's exit status even where a
+    later run passes; one stopped at its limit says 124 and still lets the kNN tests run."""
+    settings = {"failing": {"FAKE_ENCODER_EXIT": "99"}, "passing": {},
+                "stopped at its limit": {"GPU_RUN_SANITIZER_ENCODER_SECONDS": "1",
+                                         "GPU_RUN_MEMCHECK_ENCODER_TESTS": "nothing_at_all or true"}}[encoder]
+    folder = _fake_sanitizer(tmp_path)
+    if encoder == "stopped at its limit":  # a python3 first on PATH that sleeps where it runs the encoder's tests
+        slow = folder / "python3"
+        slow.write_text(f'#!/bin/sh\ncase "$*" in *test_encode_cuda_native*) sleep 30 ;; esac\n'
+                        f'exec {sys.executable} "$@"\n')
+        slow.chmod(0o755)
+    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="sanitizer", **settings)
+    expected = {"failing": 99, "stopped at its limit": 124, "passing": 0}[encoder]
+    for tool in ("memcheck", "racecheck"):
+        tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
+        parts = ("---- losses: pytest", "---- encoder: pytest", "---- kNN: pytest")
+        positions = [tool_log.index(part) for part in parts]
+        assert positions == sorted(positions), tool_log
+        encoder_line = tool_log[positions[1]:].split("\n", 1)[0]
+        if tool == "memcheck":
+            assert encoder_line.startswith("---- encoder: pytest --maxfail=3 -k ") and ENCODER_TESTS in encoder_line
+        else:
+            assert encoder_line.startswith(f"---- encoder: pytest {_racecheck_tests('RACECHECK_ENCODER_TESTS')[0]}")
+        assert "---- kNN exit 0" in tool_log, tool_log
+        if encoder == "stopped at its limit" and tool == "memcheck":
+            assert "-k nothing_at_all or true" in tool_log and "(at most 1 s)" in tool_log, tool_log
+        assert f"---- encoder exit {expected} " in tool_log, tool_log
+        assert f"{tool} exit {expected} " in log, log
+    assert log.rstrip().endswith(f"== done (exit {expected})"), log
