@@ -31,6 +31,7 @@ import latentspace as ls
 from conftest import NVCC
 from latentspace import _cuda_encoder, _native, encoding
 from latentspace.encoding import Encoder, export_layers
+from latentspace._arrays import first_nonfinite_row
 
 ROOT = Path(__file__).resolve().parent.parent
 MATH_HEADER = ROOT / "csrc" / "cuda" / "encode_math.cuh"
@@ -269,23 +270,23 @@ def test_negative_rows_are_refused():
     with pytest.raises(ValueError, match=r"^rows: expected a count >= 0, got -1"):
         encoder.workspace_floats(-1)
     with pytest.raises(ValueError, match=r"^rows: expected a count >= 0, got -5"):
-        encoder.encode(ADDRESS, -5, ADDRESS, ADDRESS, 0)
+        encoder.encode(ADDRESS, -5, ADDRESS, ADDRESS, 0, 0)
 
 
 @needs_cuda_build
 def test_encoding_no_rows_does_nothing():
     """rows = 0 returns before any pointer is looked at (no launch: none could run here)."""
-    assert _encoder().encode(0, 0, 0, 0, 0) is None
-    assert _encoder().encode(ADDRESS, 0, ADDRESS, 0, 0) is None
+    assert _encoder().encode(0, 0, 0, 0, 0, 0) is None
+    assert _encoder().encode(ADDRESS, 0, ADDRESS, 0, 0, 0) is None
 
 
 @needs_cuda_build
 @pytest.mark.parametrize("x, out", [(0, ADDRESS), (ADDRESS, 0), (0, 0)])
 def test_missing_input_or_output_is_refused_before_any_launch(x, out):
     with pytest.raises(ValueError, match=r"^x, out: expected device pointers"):
-        _encoder().encode(x, 3, out, ADDRESS, 0)
+        _encoder().encode(x, 3, out, ADDRESS, 0, 0)
     with pytest.raises(ValueError, match=r"^x, out: expected device pointers"):  # before the workspace's check
-        _encoder().encode(x, 3, out, 0, 0)
+        _encoder().encode(x, 3, out, 0, 0, 0)
 
 
 @needs_cuda_build
@@ -297,7 +298,7 @@ def test_a_missing_workspace_is_refused_before_any_launch(shapes, input_norm):
     assert floats > 0
     with pytest.raises(ValueError, match=rf"^workspace: expected {floats} float32 elements of device memory "
                                          rf"\(workspace_floats\(3\)\), got none"):
-        encoder.encode(ADDRESS, 3, ADDRESS, 0, 0)
+        encoder.encode(ADDRESS, 3, ADDRESS, 0, 0, 0)
 
 
 @pytest.mark.skipif(CUDA_BUILT, reason="the stubs exist only in a build without CUDA")
@@ -448,16 +449,18 @@ def test_an_exported_model_on_a_cuda_device_gets_the_cuda_encoder(cuda_without_a
     assert "backend='native'" in repr(encoder) and f"device='cuda:{index}'" in repr(encoder)
 
 
-@pytest.mark.parametrize("workspace_floats", [0, 2000, 300_000])
-def test_the_default_batch_on_a_gpu_counts_the_workspace(cuda_without_a_gpu, monkeypatch, workspace_floats):
-    """Rows per chunk on a GPU: the chunk's input, its hidden activations (the workspace) and its
-    codes, all float32, within NATIVE_BATCH_BYTES, at most NATIVE_BATCH_ROWS, at least one."""
+@pytest.mark.parametrize("workspace_floats, full", [(0, True), (2000, True), (4000, True), (4100, False),
+                                                    (300_000, False), (10**12, False)])
+def test_the_default_batch_on_a_gpu_counts_the_workspace(cuda_without_a_gpu, monkeypatch, workspace_floats, full):
+    """Rows per chunk on a GPU: the chunk's input within NATIVE_BATCH_BYTES (as on the CPU), and
+    its input, hidden activations (the workspace) and codes, all float32, within
+    CUDA_DEVICE_BATCH_BYTES on the device; at most NATIVE_BATCH_ROWS, at least one."""
     monkeypatch.setattr(RecordingCudaEncoder, "workspace_bytes_per_row", 4 * workspace_floats)
     encoder = Encoder(_mlp(), device="cuda")
     per_row = 4 * (6 + workspace_floats + 4)
-    expected = max(1, min(encoding.NATIVE_BATCH_ROWS, encoding.NATIVE_BATCH_BYTES // per_row))
+    expected = max(1, min(encoding.NATIVE_BATCH_ROWS, encoding.CUDA_DEVICE_BATCH_BYTES // per_row))
     assert encoder.default_batch_size == expected
-    assert (encoder.default_batch_size < encoding.NATIVE_BATCH_ROWS) == (workspace_floats > 0)
+    assert (encoder.default_batch_size == encoding.NATIVE_BATCH_ROWS) == full
 
 
 @pytest.mark.parametrize("clone", [lambda e: pickle.loads(pickle.dumps(e)), copy.deepcopy])
@@ -478,12 +481,14 @@ def test_a_cuda_encoder_is_rebuilt_when_unpickled(cuda_without_a_gpu, clone):
 # Encoder._run_cuda on CPU tensors, the CPU native encoder behind the CUDA encoder's contract
 
 class CudaContractOnTheCpu:
-    """CudaEncoder.encode's contract served by the CPU native encoder: x and out are float32
-    C-contiguous 2-d tensors on the encoder's device with matching rows, out is written, and
-    nothing checks the rows (a row holding NaN or Inf gives NaN codes, as on the GPU)."""
+    """CudaEncoder's contract served by the CPU native encoder: encode(x, out) takes float32
+    C-contiguous 2-d tensors on the encoder's device with matching rows, writes out (NaN codes
+    for a row holding NaN or Inf) and returns the 0-d int32 flag the first layer sets for such
+    rows; first_bad_row(x) names the lowest one (the models here have no input offset)."""
 
-    def __init__(self, cpu_native, device):
+    def __init__(self, cpu_native, device, bad_rows_give_nan=True):
         self._cpu, self.device, self.kernel = cpu_native, device, "cpu-stand-in"
+        self._bad_rows_give_nan = bad_rows_give_nan  # False: as a ReLU(-inf) = 0 hides them
         self.calls: list[tuple[int, int, int]] = []  # (x data pointer, out data pointer, rows)
 
     def encode(self, x, out):
@@ -496,15 +501,20 @@ class CudaContractOnTheCpu:
         finite = np.isfinite(rows).all(axis=1)
         codes = out.numpy()
         self._cpu.encode(np.where(finite[:, None], rows, 0).astype(np.float32), codes)
-        codes[~finite] = np.nan
+        if self._bad_rows_give_nan:
+            codes[~finite] = np.nan
+        return torch.tensor(int(not finite.all()), dtype=torch.int32)
+
+    def first_bad_row(self, x):
+        return first_nonfinite_row(x)
 
 
-def _through_run_cuda(monkeypatch, model):
+def _through_run_cuda(monkeypatch, model, bad_rows_give_nan=True):
     """An Encoder on the CPU whose chunks take _run_cuda (the CUDA path) with the CPU native
     encoder behind CudaEncoder's contract: what runs on a GPU, but with CPU tensors."""
     encoder = Encoder(model, device="cpu")
     assert encoder.backend == "native"
-    stand_in = CudaContractOnTheCpu(encoder._native, encoder.device)
+    stand_in = CudaContractOnTheCpu(encoder._native, encoder.device, bad_rows_give_nan)
     monkeypatch.setattr(encoder, "_native", stand_in)
     monkeypatch.setattr(encoder, "_run_native", encoder._run_cuda)  # _run_native's test of device.type == "cuda"
     return encoder, stand_in
@@ -554,12 +564,14 @@ def test_run_cuda_writes_a_contiguous_float32_target_in_place(monkeypatch, rng):
         np.testing.assert_array_equal(target.numpy(), expected)
 
 
+@pytest.mark.parametrize("bad_rows_give_nan", [True, False])
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
-def test_run_cuda_names_the_first_nonfinite_row(monkeypatch, rng, bad_value):
+def test_run_cuda_names_the_first_nonfinite_row(monkeypatch, rng, bad_value, bad_rows_give_nan):
+    """Named from the encode's flag, also when the codes of the bad row come out finite."""
     model = _mlp()
     x = rng.standard_normal((200, 6)).astype(np.float32)
     x[[137, 180], 2] = bad_value
-    encoder, _ = _through_run_cuda(monkeypatch, model)
+    encoder, _ = _through_run_cuda(monkeypatch, model, bad_rows_give_nan)
     with pytest.raises(ValueError, match=r"^X: row 137 contains NaN or Inf"):
         encoder.encode(x, batch_size=64)
     chunks = iter([x[:100], x[100:]])

@@ -237,15 +237,17 @@ void bind_encode(py::module_& m) {
       .def(
           "encode",
           [](const CudaMlpEncoder& e, uintptr_t x, int64_t rows, uintptr_t out, uintptr_t workspace,
-             uintptr_t stream) {
+             uintptr_t nonfinite, uintptr_t stream) {
             // Only launches: the GIL is kept (nothing here waits for the GPU).
             e.encode(reinterpret_cast<const float*>(x), rows, reinterpret_cast<float*>(out),
-                     reinterpret_cast<float*>(workspace), stream);
+                     reinterpret_cast<float*>(workspace), reinterpret_cast<uint32_t*>(nonfinite), stream);
           },
-          py::arg("x"), py::arg("rows"), py::arg("out"), py::arg("workspace"), py::arg("stream"),
+          py::arg("x"), py::arg("rows"), py::arg("out"), py::arg("workspace"), py::arg("nonfinite"),
+          py::arg("stream"),
           "Queues out[r] = encoder(x[r]) for r < rows on `stream` (a cudaStream_t as an int) of the current "
           "device; x (rows, input_dim) and out (rows, output_dim) float32 C-contiguous device memory, workspace "
-          "workspace_floats(rows) floats (0 when that is 0). No NaN check.");
+          "workspace_floats(rows) floats (0 when that is 0), nonfinite the address of a zeroed int32 the first "
+          "layer sets to 1 for an input (minus input_offset) holding NaN or Inf (0: no check).");
 }
 
 }  // namespace latentspace::bindings

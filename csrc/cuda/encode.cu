@@ -44,6 +44,7 @@ constexpr int64_t kMaxGridY = 65535;                  // the outputs' tiles go i
 struct LayerLaunch {
   const float* in;
   const float* offset;   // nullable (the first layer's input_offset)
+  uint32_t* nonfinite;   // nullable (the first layer's): set to 1 for a NaN / Inf input
   const float* weights;  // columns x depth
   const float* bias;     // nullable
   float* out;            // rows x columns
@@ -58,7 +59,7 @@ __global__ void __launch_bounds__(kTileThreads) linear_layer_kernel(LayerLaunch 
   __shared__ typename Tile::Shared shared;
   const int64_t r0 = int64_t{blockIdx.x} * Tile::kQueries;
   const int64_t c0 = int64_t{blockIdx.y} * Tile::kVectors;
-  const TileBounds bounds{a.in, a.weights, r0, a.rows, c0, a.columns, a.depth, nullptr, a.offset};
+  const TileBounds bounds{a.in, a.weights, r0, a.rows, c0, a.columns, a.depth, nullptr, a.offset, a.nonfinite};
   float acc[Tile::kRows][Tile::kCols];
   Tile::template compute<KnnStorage::kFloat32, kAligned>(bounds, shared, acc);
   // Both tiles give each thread its columns in runs of 4 consecutive ones (vector_of(4 g + m)
@@ -231,7 +232,8 @@ int64_t CudaMlpEncoder::workspace_floats(int64_t rows) const {
   return static_cast<int64_t>(impl_->carve(nullptr, rows).bytes / sizeof(float));
 }
 
-void CudaMlpEncoder::encode(const float* x, int64_t rows, float* out, float* workspace, uintptr_t stream_handle) const {
+void CudaMlpEncoder::encode(const float* x, int64_t rows, float* out, float* workspace, uint32_t* nonfinite,
+                            uintptr_t stream_handle) const {
   LS_CHECK_VALUE(rows >= 0, "rows: expected a count >= 0, got ", rows);
   if (rows == 0) return;
   const Impl& m = *impl_;
@@ -254,6 +256,7 @@ void CudaMlpEncoder::encode(const float* x, int64_t rows, float* out, float* wor
     LayerLaunch a{};
     a.in = in;
     a.offset = l == 0 ? m.input_offset : nullptr;
+    a.nonfinite = l == 0 ? nonfinite : nullptr;
     a.weights = layer.weights;
     a.bias = layer.bias;
     a.out = target;

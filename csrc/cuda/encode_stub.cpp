@@ -16,6 +16,8 @@ int64_t CudaMlpEncoder::num_layers() const { throw_built_without_cuda(); }
 EncodePrecision CudaMlpEncoder::precision() const { throw_built_without_cuda(); }
 const char* CudaMlpEncoder::kernel_name() const { throw_built_without_cuda(); }
 int64_t CudaMlpEncoder::workspace_floats(int64_t) const { throw_built_without_cuda(); }
-void CudaMlpEncoder::encode(const float*, int64_t, float*, float*, uintptr_t) const { throw_built_without_cuda(); }
+void CudaMlpEncoder::encode(const float*, int64_t, float*, float*, uint32_t*, uintptr_t) const {
+  throw_built_without_cuda();
+}
 
 }  // namespace latentspace

@@ -91,6 +91,9 @@ struct TileBounds {
   // nullable: offset[d] is subtracted from query values when staged, before the weights (the
   // CUDA encoder's PCA mean, cuda/encode.cu: x - mean is formed before the products).
   const float* offset = nullptr;
+  // nullable: set to 1 when a staged query value (minus the offset) is NaN or Inf, so that the
+  // CUDA encoder checks its inputs in the pass that reads them (nothing more is read).
+  uint32_t* nonfinite = nullptr;
 };
 
 // Queries d .. d + 3 of query row q as staged: zeros outside, minus the offset and times the
@@ -102,6 +105,9 @@ __device__ inline float4 staged_query_quad(const TileBounds& t, int64_t q, int64
   if (t.offset) {
     const float4 m = load_quad<KnnStorage::kFloat32, kAligned>(t.offset, 0, true, d, t.dim);
     v.x -= m.x, v.y -= m.y, v.z -= m.z, v.w -= m.w;
+  }
+  if (t.nonfinite != nullptr && !(isfinite(v.x) && isfinite(v.y) && isfinite(v.z) && isfinite(v.w))) {
+    atomicOr(t.nonfinite, 1u);  // (only ever for bad rows: no contention in the common case)
   }
   if (t.weights) {
     const float4 w = load_quad<KnnStorage::kFloat32, kAligned>(t.weights, 0, true, d, t.dim);

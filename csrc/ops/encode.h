@@ -137,9 +137,12 @@ class CudaMlpEncoder {
 
   // out[r] = encoder(x[r]) for r < rows, queued on `stream` (a cudaStream_t of the current
   // device); x (rows x input_dim), out (rows x output_dim) and workspace (workspace_floats(rows)
-  // floats) are device memory, x and out C-contiguous. No NaN / Inf check: the caller checks
-  // the rows (a non-finite row gives non-finite codes). Returns without waiting for the GPU.
-  void encode(const float* x, int64_t rows, float* out, float* workspace, uintptr_t stream) const;
+  // floats) are device memory, x and out C-contiguous. nonfinite (nullable): a device flag the
+  // caller zeroed, set to 1 when an input value (minus input_offset; after the input norm) is
+  // NaN or Inf, found while the first layer stages its inputs (no extra pass); the codes are
+  // then unspecified. Returns without waiting for the GPU.
+  void encode(const float* x, int64_t rows, float* out, float* workspace, uint32_t* nonfinite,
+              uintptr_t stream) const;
 
  private:
   struct Impl;

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _native
+from ._arrays import first_nonfinite_row
 from ._cuda_switch import choose_backend
 
 if TYPE_CHECKING:
@@ -54,16 +55,20 @@ class CudaEncoder:
         self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         self._tensors: list[torch.Tensor] = []  # the snapshot: alive as long as the native encoder
 
-        def upload(array: np.ndarray | None) -> int | None:
-            if array is None:
-                return None
+        def upload_tensor(array: np.ndarray) -> torch.Tensor:
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
             self._tensors.append(tensor)
-            return tensor.data_ptr()
+            return tensor
+
+        def upload(array: np.ndarray | None) -> int | None:
+            """The address of the array's copy on the device (None for None)."""
+            return None if array is None else upload_tensor(array).data_ptr()
 
         def norm(stage: Any) -> tuple[float, int | None, int | None] | None:
             return None if stage is None else (float(stage.eps), upload(stage.weight), upload(stage.bias))
 
+        # PCA's mean: its address goes to the kernels, the tensor to first_bad_row
+        self._offset = None if spec.input_offset is None else upload_tensor(spec.input_offset)
         layers = spec.layers
         norms = None
         if spec.has_norms:
@@ -73,7 +78,8 @@ class CudaEncoder:
             self.native = _native.CudaMlpEncoder(
                 [upload(layer.weight) for layer in layers], [tuple(layer.weight.shape) for layer in layers],
                 [upload(layer.bias) for layer in layers], [layer.activation for layer in layers],
-                [float(layer.param) for layer in layers], upload(spec.input_offset), precision, norms,
+                [float(layer.param) for layer in layers], None if self._offset is None else self._offset.data_ptr(),
+                precision, norms,
                 norm(spec.input_norm))
             # The uploads ran on the stream current now; encode() may run on another: wait for
             # them once, here, so that no kernel can read a weight before it has arrived.
@@ -84,18 +90,27 @@ class CudaEncoder:
     def workspace_bytes_per_row(self) -> int:
         return 4 * int(self.native.workspace_floats(1))
 
-    def encode(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def encode(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Queues out = encoder(x) on the current stream. x: (rows, input_dim), out: (rows,
         output_dim), both float32, C-contiguous, on this encoder's device (the caller checks).
-        The caller keeps this object (its weights) alive until the stream has run the kernels
-        (Encoder waits for each chunk's codes)."""
+        Returns a 0-d int32 device tensor, nonzero when an input value (minus the input offset)
+        is NaN or Inf (found as the first layer reads its inputs: the check costs no pass of its
+        own; first_bad_row then says which row). The caller keeps this object (its weights)
+        alive until the stream has run the kernels (Encoder waits for each chunk's codes)."""
         import torch
 
         rows = int(x.shape[0])
         with torch.cuda.device(self.device):
+            nonfinite = torch.zeros((), dtype=torch.int32, device=self.device)
             floats = int(self.native.workspace_floats(rows))
             workspace = torch.empty(floats, dtype=torch.float32, device=self.device) if floats else None
             self.native.encode(x.data_ptr(), rows, out.data_ptr(), 0 if workspace is None else workspace.data_ptr(),
-                               torch.cuda.current_stream(self.device).cuda_stream)
+                               nonfinite.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
+        return nonfinite
+
+    def first_bad_row(self, x: torch.Tensor) -> int:
+        """The lowest row of x holding NaN or Inf, or a value whose difference from the input
+        offset overflows float32 (what the encode's flag reports), -1 when there is none."""
+        return first_nonfinite_row(x if self._offset is None else x - self._offset)
         # The workspace goes back to torch's caching allocator here, on the stream its kernels
         # were queued on: a later allocation on that stream runs after them (stream order).

@@ -49,6 +49,11 @@ PRECISIONS = ("fp32", "bf16")
 # took 5.2 GB); torch materialises every layer's activations, so it gets smaller ones.
 NATIVE_BATCH_ROWS = 65536
 NATIVE_BATCH_BYTES = 256 << 20  # 65,536 rows up to 1,024 features
+# On a GPU the native encoder's chunk also bounds what it holds on the device: the chunk's
+# rows, the hidden layers' activations (the workspace) and the codes, within this many bytes
+# (65,536 rows of a 1024-1024-1024-128 MLP take 0.8 GiB). A GPU chunk costs one wait for the
+# GPU, so chunks are kept as large as the CPU's.
+CUDA_DEVICE_BATCH_BYTES = 1 << 30
 # torch holds a chunk's private copy and every layer's activations: bounded by the chunk's
 # float32 input too, or 4,096 images of 3x128x128 took 5.9 GB in a ConvAutoencoder.
 TORCH_BATCH_ROWS = 4096
@@ -207,9 +212,10 @@ class Encoder:
     @property
     def default_batch_size(self) -> int:
         if self.backend == "native" and self.device.type == "cuda":
-            # The chunk on the device, its hidden activations and its codes, within the bound.
-            per_row = self._spec.input_dim + self._native.workspace_bytes_per_row // 4 + self._spec.output_dim
-            return _rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, per_row)
+            # The chunk's rows as on the CPU, and what it holds on the device within its bound.
+            on_device = self._spec.input_dim + self._native.workspace_bytes_per_row // 4 + self._spec.output_dim
+            return min(_rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, self._spec.input_dim),
+                       _rows_within(NATIVE_BATCH_ROWS, CUDA_DEVICE_BATCH_BYTES, on_device))
         if self.backend == "native":
             return _rows_within(NATIVE_BATCH_ROWS, NATIVE_BATCH_BYTES, self._spec.input_dim)
         if self._sample_shapes is None:  # a module of unknown input shape: rows alone
@@ -325,12 +331,11 @@ class Encoder:
                   and target.dtype == torch.float32 and target.is_contiguous())
         codes = target if direct else torch.empty((x.shape[0], self.latent_dim), dtype=torch.float32,
                                                   device=self.device)
-        rows_finite = torch.isfinite(x).all()
-        self._native.encode(x, codes)
-        # One wait for the GPU per chunk: the rows and the codes are checked together, and
-        # searched for the bad row only when one of them holds NaN / Inf.
-        if not bool(rows_finite & torch.isfinite(codes).all()):
-            bad = first_nonfinite_row(x)
+        nonfinite_rows = self._native.encode(x, codes)  # (the first layer checks the rows as it reads them)
+        # One wait for the GPU per chunk: the rows' flag and the codes are checked together, and
+        # the bad row is searched for only when one of them holds NaN / Inf.
+        if not bool((nonfinite_rows == 0) & torch.isfinite(codes).all()):
+            bad = self._native.first_bad_row(x)
             if bad >= 0:
                 raise ValueError(_nonfinite_message(start + bad, origin))
             self._check_codes(codes, start, origin)

@@ -622,8 +622,9 @@ def test_the_same_codes_as_the_cpu_encoder(rng, precision):
 # ---------------------------------------------------------------------------------------
 # Bad rows, bad models
 
-@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_a_nonfinite_row_is_named_with_its_chunk(rng, bad_value):
+    """The first layer flags the row as it reads it (ReLU(-inf) = 0 would hide it in the codes)."""
     model = _mlp(rng, (8, 20, 3), ["relu", "identity"])
     encoder = ls.Encoder(model, device=DEVICE)
     x = _rows(rng, 300, 8)
@@ -634,6 +635,19 @@ def test_a_nonfinite_row_is_named_with_its_chunk(rng, bad_value):
             encoder.encode(X, batch_size=64)
     with pytest.raises(ValueError, match=r"^X: row 171 \(row 71 of chunk X\[1\]\) contains NaN or Inf"):
         encoder.encode(iter([rows[:100], rows[100:]]), batch_size=30)
+
+
+def test_a_row_whose_difference_from_the_pca_mean_overflows_is_named(rng):
+    """x - mean is formed while the first layer stages its inputs: a finite row whose
+    difference from the mean overflows float32 is a bad row (the CPU encoder's words)."""
+    pca = ls.PCA(3).fit(_rows(rng, 100, 8))
+    with torch.no_grad():
+        pca.mean.fill_(-3e38)
+    x = np.zeros((40, 8), np.float32)
+    x[17, 5] = 3e38
+    for device in (DEVICE, "cpu"):
+        with pytest.raises(ValueError, match=r"^X: row 17 contains NaN or Inf \(or a value too large for float32\)"):
+            ls.Encoder(pca, device=device).encode(x)
 
 
 def test_a_finite_row_that_overflows_names_the_model(rng):
