@@ -1380,3 +1380,195 @@ def test_an_output_name_too_long_names_the_option(pipeline_files, capsys, comman
     assert (f"error: --out: file name too long ({len(name)} characters in one path component; the file system "
             f"allows {_name_max(tmp)})") in err, err
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(("n", ".n"))) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Compressed and chunked inputs, streamed: a compressed .npz member or a chunked / compressed
+# HDF5 dataset was read whole before the first row was used (a 50 GB file: out of memory)
+
+_BIG_ROWS = 200_000  # x 64 float32: 48.8 MiB of rows (45 MiB as np.savez_compressed writes them)
+
+
+@pytest.fixture(scope="module")
+def big_inputs(tmp_path_factory):
+    """The same 200,000 x 64 float32 rows as a .npy, a compressed .npz and a chunked, gzip
+    compressed HDF5 train set; 100,000 of them as float64 (.npy and compressed .npz); a model
+    of 64 -> 8 and an index of 50 rows of 64 dimensions (for the rows as queries)."""
+    import numpy as np
+    import torch
+
+    tmp = tmp_path_factory.mktemp("big")
+    h5py = pytest.importorskip("h5py")
+    x = np.random.default_rng(7).standard_normal((_BIG_ROWS, 64)).astype(np.float32)
+    np.save(tmp / "x.npy", x)
+    np.savez_compressed(tmp / "x.npz", x=x)
+    with h5py.File(tmp / "x.hdf5", "w") as f:
+        f.attrs["distance"] = "euclidean"
+        f.create_dataset("train", data=x, chunks=(1000, 64), compression="gzip", compression_opts=1)
+        f.create_dataset("test", data=x[:5])
+        f.create_dataset("neighbors", data=np.zeros((5, 1), np.int64))
+        f.create_dataset("distances", data=np.zeros((5, 1), np.float32))
+    np.save(tmp / "x64.npy", x[: _BIG_ROWS // 2].astype(np.float64) * 1.5)
+    np.savez_compressed(tmp / "x64.npz", x=np.load(tmp / "x64.npy"))
+    torch.manual_seed(0)
+    latentspace.save_model(latentspace.Autoencoder(64, 8, hidden=(32,)).eval(), tmp / "model.safetensors")
+    index = latentspace.FlatIndex(64)
+    index.add(x[:50])
+    index.save(tmp / "small.lsidx")
+    return tmp
+
+
+def _traced_main(capsys, *args: str) -> tuple[int, str, str, int]:
+    """_main, and the peak of the memory allocated meanwhile by Python and numpy (whose data
+    buffers tracemalloc traces); memory maps and torch's buffers are not counted."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        code, out, err = _main(capsys, *args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return code, out, err, peak
+
+
+def _pipeline_run(tmp, command: str, data: str, out: str) -> list[str]:
+    return {"encode": ["encode", str(tmp / "model.safetensors"), str(tmp / data), "--out", str(tmp / f"{out}.npy")],
+            "index build": ["index", "build", str(tmp / data), "--out", str(tmp / f"{out}.lsidx")],
+            "search": ["search", str(tmp / "small.lsidx"), str(tmp / data), "-k", "1", "--out",
+                       str(tmp / f"{out}.npz")]}[command]
+
+
+def _same_output(tmp, command: str, a: str, b: str) -> None:
+    import numpy as np
+
+    if command == "encode":
+        np.testing.assert_array_equal(np.load(tmp / f"{a}.npy"), np.load(tmp / f"{b}.npy"))
+    elif command == "index build":  # the same bytes: rows, header and checksum
+        assert (tmp / f"{a}.lsidx").read_bytes() == (tmp / f"{b}.lsidx").read_bytes()
+    else:
+        with np.load(tmp / f"{a}.npz") as first, np.load(tmp / f"{b}.npz") as second:
+            for name in ("distances", "indices"):
+                np.testing.assert_array_equal(first[name], second[name])
+
+
+@pytest.mark.parametrize("data", ["x.npz", "x.hdf5"])
+@pytest.mark.parametrize("command", ["encode", "index build", "search"])
+def test_compressed_inputs_stream_with_bounded_memory(big_inputs, capsys, command, data):
+    """48.8 MiB of rows, read 4,096 rows (1 MiB) at a time: the peak stays under a quarter of
+    the rows (it was above all of them, 49 to 53 MiB), and the output is the one the .npy gives,
+    byte for byte. (The .npy runs first: it also loads what the command loads on first use.)"""
+    tmp = big_inputs
+    code, _, err = _main(capsys, *_pipeline_run(tmp, command, "x.npy", "mapped"), "--batch-size", "4096")
+    assert code == 0, err
+    code, _, err, peak = _traced_main(capsys, *_pipeline_run(tmp, command, data, "streamed"), "--batch-size", "4096")
+    assert code == 0, err
+    rows_bytes = _BIG_ROWS * 64 * 4
+    assert peak < rows_bytes / 4, f"{command} {data}: peak {peak / 2**20:.1f} MiB for {rows_bytes / 2**20:.1f} MiB"
+    _same_output(tmp, command, "streamed", "mapped")
+
+
+@pytest.mark.parametrize("command", ["encode", "index build"])
+def test_a_compressed_input_of_another_dtype_is_converted_block_by_block(big_inputs, capsys, command):
+    """float64 rows (48.8 MiB as float64) become float32 a block at a time, never whole: the
+    same codes, the same index as from the float64 .npy."""
+    tmp = big_inputs
+    code, _, err = _main(capsys, *_pipeline_run(tmp, command, "x64.npy", "mapped64"), "--batch-size", "4096")
+    assert code == 0, err
+    code, _, err, peak = _traced_main(capsys, *_pipeline_run(tmp, command, "x64.npz", "streamed64"),
+                                      "--batch-size", "4096")
+    assert code == 0, err
+    rows_bytes = _BIG_ROWS // 2 * 64 * 8
+    assert peak < rows_bytes / 4, f"{command}: peak {peak / 2**20:.1f} MiB for {rows_bytes / 2**20:.1f} MiB"
+    _same_output(tmp, command, "streamed64", "mapped64")
+
+
+def test_search_encodes_streamed_queries_as_it_encodes_mapped_ones(pipeline_files, capsys):
+    import numpy as np
+
+    tmp, model, x, q = pipeline_files
+    np.savez_compressed(tmp / "q.npz", q=q)
+    code, _, err = _main(capsys, "encode", str(tmp / "model.safetensors"), str(tmp / "x.npy"),
+                         "--out", str(tmp / "z.npy"))
+    assert code == 0, err
+    code, _, err = _main(capsys, "index", "build", str(tmp / "z.npy"), "--out", str(tmp / "z.lsidx"))
+    assert code == 0, err
+    for queries, out in (("q.npz", "a.npz"), ("q.npy", "b.npz")):
+        code, _, err = _main(capsys, "search", str(tmp / "z.lsidx"), str(tmp / queries), "-k", "5", "--model",
+                             str(tmp / "model.safetensors"), "--out", str(tmp / out), "--batch-size", "4")
+        assert code == 0, err
+    with np.load(tmp / "a.npz") as a, np.load(tmp / "b.npz") as b:
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_array_equal(a["distances"], b["distances"])
+
+
+def test_streamed_inputs_give_the_errors_of_mapped_ones(pipeline_files, capsys):
+    """A wrong shape or a NaN row reads as it does for the same rows in a .npy: the file's
+    shape and the file's row (not the block's)."""
+    import numpy as np
+
+    tmp, model, x, _ = pipeline_files
+    m = str(tmp / "model.safetensors")
+    bad = x.copy()
+    bad[9, 5] = np.nan
+    np.save(tmp / "codes.npy", latentspace.encode(model, x))
+    index = latentspace.FlatIndex(4)
+    index.add(np.load(tmp / "codes.npy"))
+    index.save(tmp / "i.lsidx")
+    arrays = {"wide": np.zeros((30, 65), np.float32), "bad": bad, "flat": np.zeros(5, np.float32),
+              "badcodes": np.where(np.arange(300)[:, None] == 9, np.nan, np.load(tmp / "codes.npy")).astype(np.float32)}
+    for name, array in arrays.items():
+        np.save(tmp / f"{name}.npy", array)
+        np.savez_compressed(tmp / f"{name}.npz", a=array)
+    cases = [("encode", ["encode", m, "{wide}", "--out", str(tmp / "z.npy"), "--batch-size", "4"]),
+             ("encode", ["encode", m, "{bad}", "--out", str(tmp / "z.npy"), "--batch-size", "4"]),
+             ("encode", ["encode", m, "{flat}", "--out", str(tmp / "z.npy")]),
+             ("index build", ["index", "build", "{badcodes}", "--out", str(tmp / "i2.lsidx"), "--batch-size", "4"]),
+             ("index build", ["index", "build", "{flat}", "--out", str(tmp / "i2.lsidx")]),
+             ("search", ["search", str(tmp / "i.lsidx"), "{bad}", "--model", m, "--out", str(tmp / "r.npz")]),
+             ("search", ["search", str(tmp / "i.lsidx"), "{badcodes}", "--out", str(tmp / "r.npz"),
+                         "--batch-size", "4"]),
+             ("search", ["search", str(tmp / "i.lsidx"), "{wide}", "--out", str(tmp / "r.npz")])]
+    for command, argv in cases:
+        errors = {}
+        for suffix in (".npy", ".npz"):
+            typed = [arg.format(**{name: str(tmp / f"{name}{suffix}") for name in arrays}) for arg in argv]
+            errors[suffix] = _pipeline_error(capsys, command, *typed)
+        assert errors[".npz"] == errors[".npy"].replace(".npy:", ".npz:"), errors
+    assert not (tmp / "z.npy").exists() and not (tmp / "i2.lsidx").exists() and not (tmp / "r.npz").exists()
+
+
+def test_damaged_compressed_inputs_are_one_line_errors(pipeline_files, capsys):
+    """A truncated archive, a damaged deflate stream, and a member that decompresses but fails
+    its CRC (its garbage holding a NaN row: the damage is named, not the row) are each one
+    error line naming the file, with no output left behind."""
+    import numpy as np
+
+    tmp, model, x, _ = pipeline_files
+    m = str(tmp / "model.safetensors")
+    np.savez_compressed(tmp / "x.npz", x=x)
+    raw = (tmp / "x.npz").read_bytes()
+    (tmp / "cut.npz").write_bytes(raw[: len(raw) // 2])
+    damaged = bytearray(raw)
+    start = raw.index(b"PK\x03\x04") + 30 + len("x.npy") + 200  # inside the deflate stream, past the header
+    damaged[start : start + 64] = bytes(64)
+    (tmp / "garbled.npz").write_bytes(bytes(damaged))
+    bad = x.copy()
+    bad[9, 5] = np.nan
+    np.savez_compressed(tmp / "crc.npz", x=bad)
+    crc = bytearray((tmp / "crc.npz").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
+        at = crc.index(signature) + offset
+        crc[at : at + 4] = bytes(4)
+    (tmp / "crc.npz").write_bytes(bytes(crc))
+    before = _files(tmp)
+    for name, message in [("cut.npz", "cut.npz: not an .npz archive"),
+                          ("garbled.npz", "garbled.npz: array 'x' is not readable ("),
+                          ("crc.npz", "crc.npz: array 'x' is not readable (Bad CRC-32")]:
+        for command, argv in [("encode", ["encode", m, str(tmp / name), "--out", str(tmp / "z.npy"),
+                                          "--batch-size", "4"]),
+                              ("index build", ["index", "build", str(tmp / name), "--out", str(tmp / "i.lsidx"),
+                                               "--batch-size", "4"])]:
+            err = _pipeline_error(capsys, command, *argv)
+            assert message in err, (name, err)
+    assert _files(tmp) == before

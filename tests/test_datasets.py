@@ -469,3 +469,261 @@ def test_ann_benchmarks_empty_or_unwritten_parts(tmp_path, rng):
                                   np.zeros((6, 4), np.float32))
     with pytest.raises(ValueError, match="mmap: dataset /train of .* has no data stored in the file"):
         datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows read block by block (the CLI's encode, index build and search): a compressed .npz
+# member or a chunked / compressed HDF5 dataset was read whole before the first row was used
+
+
+def _streamed(path, key=None, rows=4):
+    """(whether the rows were streamed, their blocks joined, each block's row count)."""
+    from latentspace._streamed_inputs import open_rows
+
+    with open_rows(path, key) as source:
+        blocks = list(source.blocks(rows))
+        streamed = source.array is None
+        shape, dtype = source.shape, source.dtype
+    assert all(block.dtype == dtype for block in blocks)  # as stored: the consumer converts
+    joined = np.concatenate(blocks).astype(dtype) if blocks else np.empty(shape, dtype)
+    assert joined.shape == shape
+    return streamed, joined, [len(block) for block in blocks]
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<i2", "u1"])
+@pytest.mark.parametrize("shape", [(23, 3), (23, 2, 3), (23,)])
+@pytest.mark.parametrize("rows", [1, 5, 23, 100])
+def test_compressed_member_is_read_block_by_block(tmp_path, rng, dtype, shape, rows):
+    """Each block holds `rows` rows (the last fewer), as stored (no dtype conversion: the
+    reader's consumer converts a block at a time), in order; together, load_npz's array."""
+    x = (rng.random(shape) * 100).astype(dtype)
+    np.savez_compressed(tmp_path / "c.npz", x=x, other=np.zeros(3))
+    streamed, joined, counts = _streamed(tmp_path / "c.npz", "x", rows)
+    assert streamed
+    assert counts == [min(rows, 23 - start) for start in range(0, 23, rows)]
+    np.testing.assert_array_equal(joined, datasets.load_npz(tmp_path / "c.npz", "x"))
+    assert joined.dtype == np.dtype(dtype)
+
+
+def test_only_compressed_c_ordered_members_with_data_are_streamed(tmp_path, rng):
+    """A Fortran-ordered member (its rows are not contiguous in the stream) and a member of no
+    data are read whole; a stored member and a .npy are arrays as load_npz / load_npy(mmap=True)
+    give them."""
+    x = rng.random((9, 4)).astype(np.float32)
+    np.savez_compressed(tmp_path / "f.npz", x=np.asfortranarray(x), empty=np.zeros((0, 4), np.float32))
+    np.savez(tmp_path / "s.npz", x=x)
+    np.save(tmp_path / "x.npy", x)
+    for path, key in [("f.npz", "x"), ("f.npz", "empty"), ("s.npz", None), ("x.npy", None)]:
+        streamed, joined, _ = _streamed(tmp_path / path, key)
+        assert not streamed, path
+        np.testing.assert_array_equal(joined, datasets.load_array(tmp_path / path, key))
+
+
+def test_streamed_rows_keep_the_loaders_errors(tmp_path, rng):
+    from latentspace._streamed_inputs import open_rows
+
+    x = rng.random((6, 2)).astype(np.float32)
+    np.savez_compressed(tmp_path / "two.npz", a=x, b=x)
+    np.savez_compressed(tmp_path / "bool.npz", a=np.ones((5, 2), bool))
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "x.csv").write_text("1,2\n")
+    cases = [(tmp_path / "two.npz", None, r"key: .*two.npz holds 2 arrays \(a, b\); pass key= to pick one"),
+             (tmp_path / "two.npz", "c", r"key: .*two.npz has no array 'c'"),
+             (tmp_path / "bool.npz", None, r"bool.npz: array 'a' has dtype bool; expected real numbers"),
+             (tmp_path / "x.npy", "a", "key: a .npy file holds one array"),
+             (tmp_path / "x.csv", None, "path: expected a .npy, .npz, .hdf5 or .h5 file"),
+             (tmp_path / "x.npy.npz", None, "not an .npz archive")]
+    (tmp_path / "x.npy.npz").write_bytes((tmp_path / "x.npy").read_bytes())
+    for path, key, message in cases:
+        with pytest.raises(ValueError, match=message):
+            with open_rows(path, key):
+                pass
+    with pytest.raises(FileNotFoundError):
+        with open_rows(tmp_path / "missing.npz"):
+            pass
+
+
+def _outcome(read, path):
+    """An array, or the ValueError naming `path` that reading raised (anything else fails)."""
+    try:
+        return read()
+    except ValueError as error:
+        assert str(path) in str(error), error
+        return ValueError
+
+
+def test_every_flipped_byte_of_a_compressed_archive_streams_as_load_npz_reads(tmp_path, rng):
+    """Whatever byte is damaged, the streamed rows are load_npz's array, or both raise a
+    ValueError naming the file: a damaged deflate stream, the CRC checked at the member's end
+    (before its last block is handed out), a header's shape that does not fill the member."""
+    raw = _two_arrays(tmp_path / "s.npz", rng, compressed=True)
+    path = tmp_path / "bad.npz"
+    for position in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        expected = _outcome(lambda: datasets.load_npz(path, "a", mmap=False), path)
+        got = _outcome(lambda: _streamed(path, "a", rows=3)[1], path)
+        if expected is ValueError or got is ValueError:
+            assert got is expected, (position, got, expected)
+        else:
+            np.testing.assert_array_equal(got, expected)
+
+
+def _member_bytes(array, claimed_rows=None):
+    """A .npy file's bytes; its header claiming `claimed_rows` rows when given."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array)
+    raw = buffer.getvalue()
+    if claimed_rows is not None:
+        width = len(str(array.shape[0]))  # the header keeps its length
+        raw = raw.replace(f"({array.shape[0]}, ".encode(), f"({claimed_rows:{width}d}, ".encode(), 1)
+    return raw
+
+
+@pytest.mark.parametrize("claimed, message", [(8, "its header's shape does not match the member's size"),
+                                              (12, "EOF: reading array data")])
+def test_compressed_member_must_hold_the_rows_its_header_claims(tmp_path, rng, claimed, message):
+    x = rng.random((10, 3)).astype(np.float32)
+    with zipfile.ZipFile(tmp_path / "c.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", _member_bytes(x, claimed))
+    with pytest.raises(ValueError, match=f"c.npz: array 'x' is not readable \\({message}"):
+        _streamed(tmp_path / "c.npz", rows=4)
+
+
+def _with_crc(path, crc):
+    """The archive at `path` with its (only) member's CRC-32 replaced, in both headers."""
+    raw = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
+        at = raw.index(signature) + offset
+        raw[at : at + 4] = crc.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+
+
+def test_a_member_failing_its_crc_is_refused_before_its_last_block(tmp_path, rng):
+    """The CRC is known only once the whole member is read: the last block is handed out only
+    after it has matched, so a consumer never finishes on a damaged member; one that stops
+    early (a bad row) can ask verify_rest() whether the member was damaged."""
+    from latentspace._streamed_inputs import open_rows
+
+    # (128 KiB of rows, so that reading the header does not already reach the member's end)
+    np.savez_compressed(tmp_path / "c.npz", x=rng.random((1000, 32)).astype(np.float32))
+    _with_crc(tmp_path / "c.npz", 0x12345678)
+    with open_rows(tmp_path / "c.npz") as source:
+        blocks = source.blocks(400)
+        assert len(next(blocks)) == 400 and len(next(blocks)) == 400
+        with pytest.raises(ValueError, match=r"c.npz: array 'x' is not readable \(Bad CRC-32"):
+            next(blocks)
+    with open_rows(tmp_path / "c.npz") as source:
+        next(source.blocks(400))
+        with pytest.raises(ValueError, match=r"c.npz: array 'x' is not readable \(Bad CRC-32"):
+            source.verify_rest()
+    np.savez_compressed(tmp_path / "good.npz", x=rng.random((1000, 32)).astype(np.float32))
+    with open_rows(tmp_path / "good.npz") as source:
+        next(source.blocks(400))
+        source.verify_rest()  # intact: returns
+
+
+def test_a_truncated_compressed_archive_is_a_value_error(tmp_path, rng):
+    """Cut anywhere, the archive is refused naming the file (its end record is gone)."""
+    np.savez_compressed(tmp_path / "c.npz", x=rng.random((300, 8)).astype(np.float32))
+    raw = (tmp_path / "c.npz").read_bytes()
+    for length in (0, 10, 100, len(raw) // 2, len(raw) - 30, len(raw) - 1):
+        (tmp_path / "cut.npz").write_bytes(raw[:length])
+        with pytest.raises(ValueError, match="cut.npz: not an .npz archive"):
+            _streamed(tmp_path / "cut.npz")
+
+
+@pytest.mark.parametrize("when", ["opened", "header read"])
+def test_streamed_member_is_from_the_file_opened_when_the_path_is_replaced(tmp_path, rng, monkeypatch, when):
+    """The archive's directory, the member's header and every block come from the one file
+    opened: a file saved over the path meanwhile (os.replace: just after the path is opened,
+    or while the member's header is read) changes nothing read."""
+    import builtins
+
+    original, other = rng.random((50, 7)).astype(np.float32), rng.random((80, 9))
+    np.savez_compressed(tmp_path / "d.npz", x=original)
+    np.savez_compressed(tmp_path / "other.npz", x=other)
+    done = []
+    real_open, real_header = builtins.open, np.lib.format.read_array_header_1_0
+
+    def opening(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if not done and not isinstance(file, int) and os.fspath(file) == os.fspath(tmp_path / "d.npz"):
+            os.replace(tmp_path / "other.npz", tmp_path / "d.npz")
+            done.append(file)
+        return handle
+
+    def reading_header(*args, **kwargs):
+        if not done:
+            os.replace(tmp_path / "other.npz", tmp_path / "d.npz")
+            done.append("header")
+        return real_header(*args, **kwargs)
+
+    if when == "opened":
+        monkeypatch.setattr(builtins, "open", opening)
+        monkeypatch.setattr(io, "open", opening)
+    else:
+        monkeypatch.setattr(np.lib.format, "read_array_header_1_0", reading_header)
+    streamed, joined, _ = _streamed(tmp_path / "d.npz", rows=16)
+    assert done and streamed
+    np.testing.assert_array_equal(joined, original)
+    assert joined.dtype == original.dtype
+
+
+def _chunked_ann_file(path, rng, n=100):
+    h5py = pytest.importorskip("h5py")
+    parts = {"train": rng.random((n, 8)).astype(np.float32), "test": rng.random((7, 8)),
+             "neighbors": np.zeros((7, 3), np.int32), "distances": np.zeros((7, 3), np.float32)}
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = "euclidean"
+        for name, value in parts.items():
+            f.create_dataset(name, data=value, chunks=(min(16, len(value)), value.shape[1]), compression="gzip")
+    return parts
+
+
+@pytest.mark.parametrize("key", [None, "train", "test"])
+@pytest.mark.parametrize("rows", [1, 10, 16, 1000])
+def test_chunked_hdf5_dataset_is_read_block_by_block(tmp_path, rng, key, rows):
+    parts = _chunked_ann_file(tmp_path / "c.hdf5", rng)
+    streamed, joined, counts = _streamed(tmp_path / "c.hdf5", key, rows)
+    expected = parts[key or "train"]
+    assert streamed and counts == [min(rows, len(expected) - s) for s in range(0, len(expected), rows)]
+    np.testing.assert_array_equal(joined, expected)
+    assert joined.dtype == expected.dtype
+
+
+def test_streamed_hdf5_keeps_the_loaders_checks(tmp_path, rng, monkeypatch):
+    """The layout is checked as load_ann_benchmarks checks it, without reading the other
+    parts; a contiguous dataset is an array (mapped when large); damage met while a block is
+    read is a ValueError naming the file."""
+    h5py = pytest.importorskip("h5py")
+    from latentspace._streamed_inputs import open_rows
+
+    parts = _chunked_ann_file(tmp_path / "c.hdf5", rng)
+    _ann_file(tmp_path / "plain.hdf5", rng)
+    streamed, joined, _ = _streamed(tmp_path / "plain.hdf5", "test")
+    assert not streamed
+    np.testing.assert_array_equal(joined, datasets.load_array(tmp_path / "plain.hdf5", "test"))
+    with h5py.File(tmp_path / "partial.hdf5", "w") as f:
+        f.create_dataset("train", data=parts["train"], chunks=True, compression="gzip")
+    with h5py.File(tmp_path / "wide.hdf5", "w") as f:
+        for name, value in parts.items():
+            f.create_dataset(name, data=value if name != "test" else np.zeros((7, 9)), compression="gzip")
+    for path, key, message in [
+            ("partial.hdf5", None,
+             r"not in the ann-benchmarks layout \(missing datasets: test, neighbors, distances\)"),
+            ("wide.hdf5", None, r"train and test dimensions differ, \(100, 8\) vs \(7, 9\)"),
+            ("c.hdf5", "queries", "key: expected 'train', 'test', 'neighbors' or 'distances'")]:
+        with pytest.raises(ValueError, match=message):
+            with open_rows(tmp_path / path, key):
+                pass
+
+    def fail(*args, **kwargs):
+        raise OSError("Can't synchronously read data (inflate() failed)")
+
+    with open_rows(tmp_path / "c.hdf5") as source:
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", fail)
+        monkeypatch.setattr(h5py.Dataset, "read_direct", fail)
+        with pytest.raises(ValueError, match=r"c.hdf5: a damaged HDF5 file \(OSError: Can't synchronously read"):
+            next(source.blocks(10))

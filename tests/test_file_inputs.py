@@ -95,3 +95,21 @@ def test_cli_refuses_a_fifo(files, fifo, capsys, option):
     if "--" in option:
         assert f"error: {option.split()[-1]}: " in err, err  # the option is named
     assert sorted(os.listdir(tmp)) == before  # no output written
+
+
+@pytest.mark.parametrize("name", ["fifo.npz", "fifo.hdf5", "fifo.npy"])
+@pytest.mark.parametrize("command", ["encode DATA", "index build VECTORS", "search QUERIES"])
+def test_cli_refuses_a_fifo_as_the_rows_it_reads(files, fifo, capsys, name, command):
+    """The rows encode, index build and search read (a block at a time when compressed or
+    chunked) are refused up front as a FIFO too, whatever the suffix."""
+    tmp = str(files)
+    pipe = str(fifo(name))
+    argv = {"encode DATA": ["encode", f"{tmp}/model.safetensors", pipe, "--out", f"{tmp}/codes.npy"],
+            "index build VECTORS": ["index", "build", pipe, "--out", f"{tmp}/i.lsidx"],
+            "search QUERIES": ["search", f"{tmp}/w.lsidx", pipe, "--out", f"{tmp}/r.npz"]}[command]
+    before = sorted(os.listdir(tmp))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{pipe}: not a regular file (a FIFO or a device)" in err, err
+    assert sorted(os.listdir(tmp)) == before

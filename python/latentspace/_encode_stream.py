@@ -36,6 +36,7 @@ class Source:
         self._sample_shapes = sample_shapes
         self._out = out
         self._first: Any = None
+        self._sample_shape: tuple[int, ...] | None = None  # an iterable's first chunk's, past the rows
         if isinstance(X, (str, bytes, Mapping)) or X is None or np.isscalar(X):
             raise TypeError("X: expected a numpy array, a torch tensor or an iterable of 2-d chunks, "
                             f"got {type(X).__name__}")
@@ -70,6 +71,8 @@ class Source:
         # The first chunk decides the result's type: read it now.
         first = next(iterator, _END)
         self._first = None if first is _END else self._checked_chunk(first, 0)
+        # (kept apart from the chunk, which chunks() lets go of once it is encoded)
+        self._sample_shape = None if self._first is None else tuple(self._first.shape[1:])
         first_is_torch = self._first is not None and is_torch_tensor(self._first)
         self.kind = "torch" if first_is_torch else "numpy"
         self.device = self._first.device if first_is_torch else None
@@ -87,8 +90,8 @@ class Source:
         check_apart(chunk, name, self._out)
         if self._sample_shapes is None:
             # A module of unknown input shape: every chunk must look like the first.
-            if self._first is not None and tuple(chunk.shape[1:]) != tuple(self._first.shape[1:]):
-                raise ValueError(f"{name}: expected shape (n, {', '.join(map(str, self._first.shape[1:]))}) "
+            if self._sample_shape is not None and tuple(chunk.shape[1:]) != self._sample_shape:
+                raise ValueError(f"{name}: expected shape (n, {', '.join(map(str, self._sample_shape))}) "
                                  f"like the first chunk, got {tuple(chunk.shape)}")
         return chunk
 
@@ -105,7 +108,7 @@ class Source:
             return
         start = 0
         i = 0
-        pending = self._first
+        pending, self._first = self._first, None  # held only while it is encoded, as any chunk
         while pending is not None:
             for offset in range(0, max(int(pending.shape[0]), 1), batch_size):
                 yield start + offset, pending[offset : offset + batch_size], (i, start)

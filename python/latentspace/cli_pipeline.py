@@ -4,8 +4,10 @@
     latentspace index build Z.npy --out IDX              codes -> a FlatIndex file
     latentspace search IDX QUERIES.npy -k 10 --out R.npz  queries -> distances, indices
 
-Inputs are read in chunks (a .npy is memory-mapped), outputs are written atomically (a
-temporary file beside the target, renamed over it at the end). A tqdm bar shows progress on
+Inputs are read in chunks, with memory bounded by a chunk: a .npy is memory-mapped, a
+compressed .npz member or a chunked / compressed HDF5 dataset is read a block at a time
+(_streamed_inputs). Outputs are written atomically (a temporary file beside the target,
+renamed over it at the end). A tqdm bar shows progress on
 stderr when it is a terminal (never with --quiet). Bad input raises ValueError / OSError,
 which cli.main turns into one error line and exit status 2; it names the Python API's
 parameters in them as the flags the user typed, through each command's `api_names`
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -29,6 +32,7 @@ from . import datasets
 from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results, physical_memory
 from ._atomic import atomic_path, atomic_write, unwritable
 from ._paths import too_long
+from ._streamed_inputs import ArrayRows, open_rows
 from .indexes import load_index
 from .indexes.flat import check_rows_for_index, save_rows_as_index
 from .runtime import set_num_threads
@@ -192,13 +196,27 @@ def made_folder(path: str) -> Iterator[Path]:
                 break
 
 
-def _load_rows(path: str, key: str | None) -> np.ndarray:
-    """An array from .npy (memory-mapped: read as it is used), .npz or HDF5 (--key)."""
-    if Path(path).suffix.lower() == ".npy":
-        if key is not None:
-            raise ValueError(f"--key: a .npy file holds one array; got --key {echoed(key, quoted=True)}")
-        return datasets.load_npy(path, mmap=True)
-    return datasets.load_array(path, key)
+@contextlib.contextmanager
+def _input_rows(path: str, key: str | None) -> Iterator[Any]:
+    """The rows of a .npy (memory-mapped: read as it is used), .npz or HDF5 (--key), for the
+    block: an array, or a compressed / chunked one read a block at a time (open_rows)."""
+    if Path(path).suffix.lower() == ".npy" and key is not None:
+        raise ValueError(f"--key: a .npy file holds one array; got --key {echoed(key, quoted=True)}")
+    with open_rows(path, key) as rows:
+        yield rows
+
+
+@contextlib.contextmanager
+def _damage_first(rows: Any) -> Iterator[None]:
+    """An error about the rows read so far (a NaN row) may be the garbage of a damaged
+    compressed member, whose CRC is known only at its end: the rest is read first (a block at a
+    time; a whole read took as long before any row was used), and damage reported instead.
+    (The rows' own damage errors are raised again as they are.)"""
+    try:
+        yield
+    except ValueError:
+        rows.verify_rest()
+        raise
 
 
 def option_array(path: str, option: str, key: str | None = None, key_option: str | None = None) -> np.ndarray:
@@ -218,16 +236,32 @@ def option_array(path: str, option: str, key: str | None = None, key_option: str
         raise ValueError(f"{option}: {message}") from None
 
 
-def _model_rows(X: np.ndarray, input_shape: tuple[int, ...], path: str) -> np.ndarray:
-    """X shaped for the model, as `latentspace train` shaped it: images (n, H, W) gain a
-    channel axis for a ConvAutoencoder, image rows are flattened for an MLP (views, no copy)."""
-    if X.ndim < 2:
-        raise ValueError(f"{echoed(path)}: expected rows of samples (n, ...), got shape {X.shape}")
-    if len(input_shape) == 3 and X.ndim == 3:
-        return X[:, None]
-    if len(input_shape) == 1 and X.ndim > 2:
-        return X.reshape(X.shape[0], -1)
-    return X
+def _model_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], path: str) -> tuple[int, ...]:
+    """The shape of the rows as the model takes them, as `latentspace train` shaped them:
+    images (n, H, W) gain a channel axis for a ConvAutoencoder, image rows are flattened for
+    an MLP."""
+    if len(shape) < 2:
+        raise ValueError(f"{echoed(path)}: expected rows of samples (n, ...), got shape {shape}")
+    if len(input_shape) == 3 and len(shape) == 3:
+        return (shape[0], 1, *shape[1:])
+    if len(input_shape) == 1 and len(shape) > 2:
+        return (shape[0], math.prod(shape[1:]))
+    return shape
+
+
+def _model_input(rows: Any, input_shape: tuple[int, ...], path: str, batch_size: int) -> tuple[Any, tuple[int, ...]]:
+    """(what the encoder reads, its shape, _model_shape): the rows' array reshaped (a view, no
+    copy, for C-ordered rows), or for rows read a block at a time, a generator of blocks of
+    batch_size rows, each reshaped (the encoder's own chunks: the codes are those of the array)."""
+    shape = _model_shape(tuple(rows.shape), input_shape, path)
+    if rows.array is not None:
+        return rows.array.reshape(shape), shape
+
+    def blocks():
+        for block in rows.blocks(batch_size):
+            yield block.reshape(len(block), *shape[1:])
+
+    return blocks(), shape
 
 
 def _backend_line(encoder: Any) -> str:
@@ -243,9 +277,16 @@ def _encoder(args: argparse.Namespace) -> Any:
     return Encoder(load_model(args.model), device=args.device, precision=args.precision)
 
 
-def _in_file(path: str, error: ValueError) -> ValueError:
-    """The encoder's error about its input X, told about the file instead."""
+def _in_file(path: str, error: ValueError, shape: tuple[int, ...] | None = None) -> ValueError:
+    """The encoder's error about its input X, told about the file instead. For rows read a
+    block at a time (shape: theirs, shaped for the model: see _model_input), the encoder named
+    its chunks ("row 9 (row 1 of chunk X[3])", "X[0]: ... got (4096, 65)" for the first
+    block's shape): the message is made the one the array would give."""
     message = str(error)
+    if shape is not None:
+        message = re.sub(r" \(row \d+ of chunk X\[\d+\]\)", "", message)  # the row within the file stays
+        if message.startswith("X[0]: "):  # about the rows' shape, seen on the first block: the file's rows
+            message = "X: " + re.sub(r"got \(\d+(?=[,)])", f"got ({shape[0]}", message[len("X[0]: "):], count=1)
     return ValueError(f"{echoed(path)}: {message[3:] if message.startswith('X: ') else message}")
 
 
@@ -260,20 +301,22 @@ def _rate(count: int, seconds: float, unit: str) -> str:
 def _command_encode(args: argparse.Namespace) -> int:
     out_path = check_out(args.out, ".npy", args.model, args.data)
     batch_size = None if args.batch_size is None else check_int(args.batch_size, "--batch-size")
-    X = _load_rows(args.data, args.key)
-    encoder = _encoder(args)
-    _set_threads(args)
-    X = _model_rows(X, encoder.input_shape, args.data)
-    n = int(X.shape[0])
-    started = time.perf_counter()
-    with atomic_path(out_path) as tmp:
-        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.latent_dim))
-        try:
-            encoder.encode(X, out=codes, batch_size=batch_size, progress=_show_progress(args))
-        except ValueError as error:
-            raise _in_file(args.data, error) from None
-        codes.flush()
-        del codes  # unmapped before the file is fsynced and renamed
+    with _input_rows(args.data, args.key) as rows:
+        encoder = _encoder(args)
+        _set_threads(args)
+        chunk_rows = encoder.default_batch_size if batch_size is None else batch_size
+        X, shape = _model_input(rows, encoder.input_shape, args.data, chunk_rows)
+        n = int(shape[0])
+        started = time.perf_counter()
+        with atomic_path(out_path) as tmp:
+            codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.latent_dim))
+            try:
+                encoder.encode(X, out=codes, batch_size=batch_size, progress=_show_progress(args))
+            except ValueError as error:
+                rows.verify_rest()  # the file's damage first (see _damage_first)
+                raise _in_file(args.data, error, shape if rows.array is None else None) from None
+            codes.flush()
+            del codes  # unmapped before the file is fsynced and renamed
     seconds = time.perf_counter() - started
     print(f"latentspace encode: {n:,} rows of {args.data} -> {out_path}, ({n}, {encoder.latent_dim}) float32")
     print(f"  {_backend_line(encoder)}")
@@ -302,25 +345,27 @@ def _command_index_build(args: argparse.Namespace) -> int:
     check_out(args.out, INDEX_SUFFIX, args.vectors, args.weights)
     _set_threads(args)
     batch_size = check_int(args.batch_size, "--batch-size")
-    Z = _load_rows(args.vectors, args.key)
-    if Z.ndim != 2 or Z.shape[1] < 1:
-        raise ValueError(f"{echoed(args.vectors)}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
-    n, dim = (int(s) for s in Z.shape)
-    started = time.perf_counter()
-    weights = _load_weights(args.weights, args.metric, dim)
+    with _input_rows(args.vectors, args.key) as Z:
+        if Z.ndim != 2 or Z.shape[1] < 1:
+            raise ValueError(f"{echoed(args.vectors)}: expected a 2-d array of vectors (n, dim), got shape {Z.shape}")
+        n, dim = (int(s) for s in Z.shape)
+        started = time.perf_counter()
+        weights = _load_weights(args.weights, args.metric, dim)
 
-    def checked_chunks():
-        for start in range(0, n, batch_size):
-            chunk, _ = as_matrix(Z[start : start + batch_size], echoed(args.vectors), dim=dim)
-            check_rows_for_index(chunk, echoed(args.vectors), weights, first_row=start)  # row numbers of the file
-            yield np.ascontiguousarray(chunk, dtype="<f4")
-            bar.update(chunk.shape[0])
+        def checked_chunks():
+            start = 0
+            for block in Z.blocks(batch_size):  # a block read, checked and converted at a time
+                chunk, _ = as_matrix(block, echoed(args.vectors), dim=dim)
+                check_rows_for_index(chunk, echoed(args.vectors), weights, first_row=start)  # row numbers of the file
+                yield np.ascontiguousarray(chunk, dtype="<f4")
+                bar.update(chunk.shape[0])
+                start += chunk.shape[0]
 
-    # Streamed into the file chunk by chunk (the index is never held: a .npy larger than
-    # memory makes an index that search --mmap searches), the same bytes index.save writes.
-    with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
-              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
-        save_rows_as_index(args.out, n, checked_chunks(), dim, args.metric, weights=weights)
+        # Streamed into the file chunk by chunk (the index is never held: an input larger than
+        # memory makes an index that search --mmap searches), the same bytes index.save writes.
+        with tqdm(total=n, unit="row", unit_scale=True, desc="index build", disable=not _show_progress(args),
+                  file=sys.stderr, dynamic_ncols=True, leave=True) as bar, _damage_first(Z):
+            save_rows_as_index(args.out, n, checked_chunks(), dim, args.metric, weights=weights)
     seconds = time.perf_counter() - started
     built = f"FlatIndex(dim={dim}, metric={args.metric!r}, ntotal={n})"
     print(f"latentspace index build: {built} from {args.vectors} -> {args.out} "
@@ -345,37 +390,35 @@ def _command_search(args: argparse.Namespace) -> int:
     index = load_index(args.index, mmap=args.mmap)
     weights = _load_weights(args.weights, index.metric, index.dim)
     search_weights = index.weights if weights is None else weights  # None unless weighted_l2
-    Q = _load_rows(args.queries, args.key)
-    encoder = None
-    if args.model is not None:
-        encoder = _encoder(args)
-        if encoder.latent_dim != index.dim:
-            raise ValueError(f"--model: its codes have {encoder.latent_dim} dimensions but {echoed(args.index)} holds "
-                             f"{index.dim}-dimensional vectors")
-        Q = _model_rows(Q, encoder.input_shape, args.queries)
-    elif Q.ndim != 2 or Q.shape[1] != index.dim:
-        hint = "; pass --model MODEL to encode raw queries first" if Q.ndim == 2 else ""
-        raise ValueError(f"{echoed(args.queries)}: expected queries of shape (n, {index.dim}) (the index's dim), "
-                         f"got {Q.shape}{hint}")
-    _set_threads(args)
-    nq = int(Q.shape[0])
-    started = time.perf_counter()
-    if encoder is not None:
-        try:  # all queries at once: (q, latent_dim) codes are small, and rows keep their numbers
-            Q = encoder.encode(Q, progress=_show_progress(args))
-        except ValueError as error:
-            raise _in_file(args.queries, error) from None
-    name = f"{echoed(args.queries)} (encoded)" if encoder is not None else echoed(args.queries)
-    distances, indices, _, _ = _results(nq, k)
-    with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
-              file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
-        for start in range(0, nq, batch_size):
-            chunk, _ = as_matrix(Q[start : start + batch_size], name, dim=index.dim)
-            # (row numbers of the file; the search would name "queries", numbered in the chunk)
-            check_rows_usable(chunk, name, first_row=start, weights=search_weights)
-            stop = start + chunk.shape[0]
-            distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
-            bar.update(chunk.shape[0])
+    with _input_rows(args.queries, args.key) as rows:
+        encoder = None
+        if args.model is not None:
+            encoder = _encoder(args)
+            if encoder.latent_dim != index.dim:
+                raise ValueError(f"--model: its codes have {encoder.latent_dim} dimensions but {echoed(args.index)} "
+                                 f"holds {index.dim}-dimensional vectors")
+            _model_shape(rows.shape, encoder.input_shape, args.queries)
+        elif rows.ndim != 2 or rows.shape[1] != index.dim:
+            hint = "; pass --model MODEL to encode raw queries first" if rows.ndim == 2 else ""
+            raise ValueError(f"{echoed(args.queries)}: expected queries of shape (n, {index.dim}) (the index's dim), "
+                             f"got {rows.shape}{hint}")
+        _set_threads(args)
+        nq = int(rows.shape[0])
+        started = time.perf_counter()
+        queries = rows if encoder is None else ArrayRows(_encoded_queries(args, rows, encoder, nq))
+        name = f"{echoed(args.queries)} (encoded)" if encoder is not None else echoed(args.queries)
+        distances, indices, _, _ = _results(nq, k)
+        with tqdm(total=nq, unit="query", unit_scale=True, desc="search", disable=not _show_progress(args),
+                  file=sys.stderr, dynamic_ncols=True, leave=True) as bar, _damage_first(queries):
+            start = 0
+            for block in queries.blocks(batch_size):
+                chunk, _ = as_matrix(block, name, dim=index.dim)
+                # (row numbers of the file; the search would name "queries", numbered in the chunk)
+                check_rows_usable(chunk, name, first_row=start, weights=search_weights)
+                stop = start + chunk.shape[0]
+                distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
+                bar.update(chunk.shape[0])
+                start = stop
     with atomic_write(out_path) as f:
         np.savez(f, distances=distances, indices=indices)
     seconds = time.perf_counter() - started
@@ -385,6 +428,18 @@ def _command_search(args: argparse.Namespace) -> int:
         print(f"  queries encoded first, {_backend_line(encoder)}")
     print(f"  {_rate(nq, seconds, 'queries')}")
     return 0
+
+
+def _encoded_queries(args: argparse.Namespace, rows: Any, encoder: Any, nq: int) -> np.ndarray:
+    """search --model: the codes of all the queries at once ((q, latent_dim) codes are small,
+    and rows keep their numbers), read as encode reads its rows."""
+    X, shape = _model_input(rows, encoder.input_shape, args.queries, encoder.default_batch_size)
+    codes = np.empty((nq, encoder.latent_dim), np.float32)
+    try:
+        return encoder.encode(X, out=codes, progress=_show_progress(args))
+    except ValueError as error:
+        rows.verify_rest()  # the file's damage first (see _damage_first)
+        raise _in_file(args.queries, error, shape if rows.array is None else None) from None
 
 
 def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:

@@ -144,12 +144,7 @@ def _map_npy(f) -> np.memmap:
         f.seek(0)
         return np.load(f, allow_pickle=False)  # not .npy: raises np.load's own error
     f.seek(0)
-    version = np.lib.format.read_magic(f)
-    if version not in ((1, 0), (2, 0), (3, 0)):  # numpy's own check and message
-        raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
-    # 3.0 is 2.0's layout with UTF-8 text, written only for field names latin-1 cannot hold:
-    # no array of numbers (load_npy refuses the others after reading the header)
-    shape, fortran, dtype = _read_npy_header(f, version)
+    shape, fortran, dtype = _npy_header(f)
     if dtype.hasobject:
         raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
     # np.memmap takes the file's size from this same file (a seek to its end) and refuses a
@@ -171,15 +166,33 @@ def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | No
     # load_npy): opened by name each time, a file saved over the path meanwhile gave the new
     # file's array, or the old member's offset and shape over the new file's bytes.
     with open(path, "rb") as f:
-        if not zipfile.is_zipfile(f):
-            raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
+        _check_zip(path, f)
         try:
             with zipfile.ZipFile(f) as archive:
                 return _read_member(path, f, archive, key, mmap)
         except _ZIP_DAMAGE as error:
-            if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
-                raise  # about the path, not the archive: already clear
-            raise ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})") from None
+            raise _zip_damage(path, error) from None
+
+
+def _check_zip(path: Path, f) -> None:
+    """Refuses the open file `f` unless it is a zip archive."""
+    if not zipfile.is_zipfile(f):
+        raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
+
+
+def _zip_damage(path: Path, error: BaseException) -> BaseException:
+    """What load_npz raises for one of _ZIP_DAMAGE met in the archive at `path`: a ValueError
+    naming the file, or the error itself when it is about the path (already clear)."""
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        return error
+    return ValueError(f"{path}: not a readable .npz file ({type(error).__name__}: {error})")
+
+
+def _member_damage(path: Path, key: str, error: BaseException) -> ValueError:
+    """What load_npz raises for one of _NPY_DAMAGE met in the member `key` (numpy's messages
+    name no file; a zip member shorter than its directory entry says raises EOFError with no
+    text)."""
+    return ValueError(f"{path}: array {key!r} is not readable ({error or type(error).__name__})")
 
 
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
@@ -217,9 +230,19 @@ def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap:
                 if member.read(1):
                     raise ValueError("its header's shape does not match the member's size")
     except _NPY_DAMAGE as error:  # numpy's messages name no file
-        # (a zip member shorter than its directory entry says raises EOFError with no text)
-        raise ValueError(f"{path}: array {key!r} is not readable ({error or type(error).__name__})") from None
+        raise _member_damage(path, key, error) from None
     return _checked(array, path, f"array {key!r}")
+
+
+def _npy_header(stream):
+    """(shape, fortran_order, dtype) of the .npy file (or zip member) read from `stream`'s
+    start, with numpy's checks and errors; the stream is left at the array's data."""
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0), (3, 0)):  # numpy's own check and message
+        raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
+    # 3.0 is 2.0's layout with UTF-8 text, written only for field names latin-1 cannot hold:
+    # no array of numbers (the loaders refuse the others after reading the header)
+    return _read_npy_header(stream, version)
 
 
 def _read_npy_header(stream, version):
@@ -305,6 +328,7 @@ class AnnBenchmark:
 
 
 _H5_DAMAGE = (OSError, KeyError, RuntimeError, TypeError)
+_ANN_PARTS = ("train", "test", "neighbors", "distances")
 
 
 def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) -> AnnBenchmark:
@@ -315,44 +339,71 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
     straight from the file, a chunked or compressed one is read.
     """
     _check_mmap(mmap)
+    h5py = _import_h5py()
+    path = _regular_file(path)
+    with _open_h5(h5py, path) as f:
+        try:
+            parts = _ann_datasets(path, f)
+            arrays = {name: _h5_array(path, parts[name], mmap) for name in _ANN_PARTS}
+            distance = f.attrs.get("distance", "")
+        except _H5_DAMAGE as error:
+            raise _h5_damage(path, error) from None
+    if isinstance(distance, bytes):
+        distance = distance.decode()
+    distance = str(distance)
+    _check_ann_shapes(path, {name: tuple(array.shape) for name, array in arrays.items()})
+    return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
+
+
+def _import_h5py():
     try:
         import h5py
     except ImportError:
         raise ImportError("load_ann_benchmarks needs h5py: pip install 'latentspace[hdf5]' "
                           "(or pip install h5py)") from None
-    path = _regular_file(path)
+    return h5py
+
+
+def _open_h5(h5py: Any, path: Path):
+    """The HDF5 file at `path`, open for reading; ValueError naming it when it is no HDF5 file."""
     try:
         # sec2 (HDF5's default, also on Windows) so that _map_h5_dataset can map the
         # descriptor HDF5 reads the layout from; an HDF5_DRIVER setting would pick another
-        handle = h5py.File(path, "r", driver="sec2")
+        return h5py.File(path, "r", driver="sec2")
     except OSError as error:
         raise ValueError(f"{path}: not a readable HDF5 file ({error})") from None
-    with handle as f:
-        try:
-            missing = [name for name in ("train", "test", "neighbors", "distances") if name not in f]
-            if missing:
-                raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
-            arrays = {name: _h5_array(path, f[name], mmap) for name in ("train", "test", "neighbors", "distances")}
-            distance = f.attrs.get("distance", "")
-        except _H5_DAMAGE as error:
-            # The file opened as HDF5: h5py reports damage inside it as any of these (bytes
-            # flipped one at a time in a small file gave each: "addr overflow", "actual len
-            # exceeds EOA", "bad object header version number", "Unknown string encoding")
-            raise ValueError(f"{path}: a damaged HDF5 file ({type(error).__name__}: {error})") from None
-    if isinstance(distance, bytes):
-        distance = distance.decode()
-    distance = str(distance)
+
+
+def _h5_damage(path: Path, error: BaseException) -> ValueError:
+    # The file opened as HDF5: h5py reports damage inside it as any of _H5_DAMAGE (bytes
+    # flipped one at a time in a small file gave each: "addr overflow", "actual len exceeds
+    # EOA", "bad object header version number", "Unknown string encoding")
+    return ValueError(f"{path}: a damaged HDF5 file ({type(error).__name__}: {error})")
+
+
+def _ann_datasets(path: Path, f: Any) -> dict[str, Any]:
+    """The four parts of the open ann-benchmarks file `f` (not read), each checked to be a
+    dataset of numbers. h5py's errors for a damaged file escape (see _h5_damage)."""
+    missing = [name for name in _ANN_PARTS if name not in f]
+    if missing:
+        raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
+    parts = {name: f[name] for name in _ANN_PARTS}
+    for dataset in parts.values():
+        _check_h5_dataset(path, dataset)
+    return parts
+
+
+def _check_ann_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     for name in ("train", "test"):
-        if arrays[name].ndim != 2:
-            raise ValueError(f"{path}: {name} must be 2-d (rows of vectors), got shape {arrays[name].shape}")
-    if arrays["train"].shape[1] != arrays["test"].shape[1]:
-        raise ValueError(f"{path}: train and test dimensions differ, {arrays['train'].shape} vs {arrays['test'].shape}")
-    if arrays["neighbors"].shape[0] != arrays["test"].shape[0]:
-        raise ValueError(f"{path}: neighbors has {arrays['neighbors'].shape[0]} rows for {arrays['test'].shape[0]} queries")
-    return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
+        if len(shapes[name]) != 2:
+            raise ValueError(f"{path}: {name} must be 2-d (rows of vectors), got shape {shapes[name]}")
+    if shapes["train"][1] != shapes["test"][1]:
+        raise ValueError(f"{path}: train and test dimensions differ, {shapes['train']} vs {shapes['test']}")
+    if shapes["neighbors"][0] != shapes["test"][0]:
+        raise ValueError(f"{path}: neighbors has {shapes['neighbors'][0]} rows for {shapes['test'][0]} queries")
 
 
-def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
+def _check_h5_dataset(path: Path, dataset: Any) -> None:
     import h5py
 
     # A group, or a dataset of a null dataspace (shape None), has no dtype or shape to read
@@ -361,11 +412,23 @@ def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
         raise ValueError(f"{path}: {dataset.name} is not an array ({what}); expected a dataset of numbers")
     if dataset.dtype.kind not in "fiu":
         raise ValueError(f"{path}: dataset {dataset.name} has dtype {dataset.dtype}; expected numbers")
+
+
+def _h5_mappable(dataset: Any) -> bool:
+    """Whether the dataset is contiguous and uncompressed, stored in the file itself (it can
+    be mapped), not chunked, compressed, compact, external or never written."""
+    return dataset.chunks is None and dataset.compression is None and dataset.id.get_offset() is not None
+
+
+def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
+    import h5py
+
+    _check_h5_dataset(path, dataset)
     nbytes = math.prod(dataset.shape) * dataset.dtype.itemsize
     if nbytes == 0:  # nothing to map (as an empty .npy or .npz member)
         return np.empty(dataset.shape, dtype=dataset.dtype)
     offset = dataset.id.get_offset()
-    mappable = dataset.chunks is None and dataset.compression is None and offset is not None
+    mappable = _h5_mappable(dataset)
     if mmap is True and not mappable:
         compact = dataset.id.get_create_plist().get_layout() == h5py.h5d.COMPACT  # no offset either
         why = ("is stored in external files" if dataset.external is not None

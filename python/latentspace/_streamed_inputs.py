@@ -1,0 +1,278 @@
+"""Input files read a block of rows at a time, for the commands that go through their rows in
+chunks (`latentspace encode`, `index build`, `search`): memory bounded by a block, not by the
+file.
+
+A .npy is memory-mapped; an uncompressed .npz member or a contiguous HDF5 dataset is what the
+datasets loaders give (mmap=None: mapped from 256 MiB, read below). Those are arrays, cut into
+blocks by slicing. Neither a compressed .npz member (np.savez_compressed) nor a chunked or
+compressed HDF5 dataset can be mapped, and both were read whole: now the member is read from
+its decompressing zip stream a block at a time, and the dataset a slice of rows at a time. A
+Fortran-ordered compressed member is still read whole (its rows are not contiguous in the
+stream), as is a member or dataset holding no data.
+
+Every read goes through the one file opened (as in the loaders): a file saved over the path
+meanwhile changes nothing read. Damage met while a block is read raises the loaders' ValueError
+naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import datasets
+
+__all__ = ["ArrayRows", "open_rows"]
+
+# What a compressed member's data is read in (a block is filled from these): zipfile's read(n)
+# holds n bytes of compressed input, its undecompressed tail and the output, and joins the
+# output's pieces into one bytes object (copying it once per piece).
+_PIECE_BYTES = 256 << 10
+
+
+class ArrayRows:
+    """An array (a memory map, or one read whole), cut into blocks by slicing."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive views of `rows` rows (the last fewer); none for an array of no rows."""
+        for start in range(0, self.shape[0], rows):
+            yield self.array[start : start + rows]
+
+    def verify_rest(self) -> None:
+        """Nothing is left unread that could be damaged (see _MemberRows.verify_rest)."""
+
+    def close(self) -> None:
+        """Nothing to close: a memory map holds its own handle."""
+
+
+class _MemberRows:
+    """A compressed, C-ordered .npy member of an .npz, read from the decompressing stream
+    `member` (left at the array's data) a block at a time."""
+
+    array = None
+
+    def __init__(self, path: Path, key: str, member: Any, shape: tuple[int, ...], dtype: np.dtype):
+        self._path, self._key, self._member = path, key, member
+        self.shape, self.dtype, self.ndim = shape, dtype, len(shape)
+        self._row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self.nbytes = math.prod(shape) * dtype.itemsize
+        self._left = self.nbytes  # the data's bytes not read yet
+        self._failed: ValueError | None = None
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive arrays of `rows` rows (the last fewer), as stored (the consumer converts
+        the dtype a block at a time). The last is handed out only once the member has passed
+        its CRC-32 and holds no more bytes than its header says: a consumer that reads every
+        block never finishes on a damaged member."""
+        n = self.shape[0]
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            block = self._read(count * self._row_bytes).view(self.dtype).reshape(count, *self.shape[1:])
+            if start + count == n:
+                self._check_end()
+            yield block
+
+    def verify_rest(self) -> None:
+        """Reads what is left of the member (a piece at a time), raising the ValueError naming
+        the file if it is damaged. The CRC covers the whole member, so a damaged one can hand
+        out garbage before it is caught: a consumer that stops early, on an error about a row,
+        asks here first whether the row was the file's damage."""
+        if self._failed is not None:
+            raise self._failed
+        while self._left:
+            self._read(min(self._left, _PIECE_BYTES))
+        self._check_end()
+
+    def close(self) -> None:
+        self._member.close()
+
+    def _read(self, nbytes: int) -> np.ndarray:
+        """The next nbytes of the data, as a new uint8 array."""
+        buffer = np.empty(nbytes, np.uint8)
+        filled = 0
+        with self._translated():
+            while filled < nbytes:
+                piece = self._member.read(min(_PIECE_BYTES, nbytes - filled))
+                if not piece:  # numpy's words for a member shorter than its header says
+                    raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {filled}")
+                buffer[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)
+                filled += len(piece)
+        self._left -= nbytes
+        return buffer
+
+    def _check_end(self) -> None:
+        # Reading past the data runs zipfile's CRC check (at the member's end); a byte left
+        # over means the header claims fewer rows than the member holds (as load_npz checks)
+        with self._translated():
+            if self._member.read(1):
+                raise ValueError("its header's shape does not match the member's size")
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Damage met in the member as load_npz reports it, remembered for verify_rest."""
+        try:
+            yield
+        except datasets._NPY_DAMAGE as error:
+            self._failed = datasets._member_damage(self._path, self._key, error)
+            raise self._failed from None
+        except datasets._ZIP_DAMAGE as error:  # (an OSError reading the file, as load_npz says it)
+            self._failed = datasets._zip_damage(self._path, error)
+            raise self._failed from None
+
+
+class _DatasetRows:
+    """A chunked or compressed HDF5 dataset (or one stored in its object header, or in
+    external files), read a slice of rows at a time."""
+
+    array = None
+
+    def __init__(self, path: Path, dataset: Any):
+        self._path, self._dataset = path, dataset
+        self.shape, self.dtype, self.ndim = tuple(dataset.shape), dataset.dtype, len(dataset.shape)
+        # HDF5 decompresses whole chunks: a read that ends inside a chunk, and the next read
+        # that starts there, would decompress it twice. Reads end on a chunk's first row.
+        self._chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+        self._failed: ValueError | None = None
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive arrays of `rows` rows (the last fewer), as stored. Each read runs to the
+        next chunk boundary; the rows it holds past the block start the next block."""
+        n = self.shape[0]
+        held = np.empty((0, *self.shape[1:]), self.dtype)  # rows read, not yet handed out
+        read_to = 0
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            if len(held) < count:
+                end = min(n, -(-(start + count) // self._chunk_rows) * self._chunk_rows)
+                # One new array for the rows held and those read (read_direct: no temporary copy)
+                joined = np.empty((len(held) + end - read_to, *self.shape[1:]), self.dtype)
+                joined[: len(held)] = held
+                self._read_into(joined[len(held) :], read_to, end)
+                held, read_to = joined, end
+            yield held[:count]
+            held = held[count:]
+
+    def verify_rest(self) -> None:
+        """Raises the damage a read met again; nothing else to verify: HDF5 checks each
+        chunk (its filters) as it is read."""
+        if self._failed is not None:
+            raise self._failed
+
+    def close(self) -> None:
+        """Nothing to close: the file is closed by open_rows."""
+
+    def _read_into(self, target: np.ndarray, start: int, stop: int) -> None:
+        try:
+            if len(target):
+                self._dataset.read_direct(target, np.s_[start:stop])
+        except datasets._H5_DAMAGE as error:
+            self._failed = datasets._h5_damage(self._path, error)
+            raise self._failed from None
+
+
+@contextlib.contextmanager
+def open_rows(path: str | os.PathLike, key: str | None = None) -> Iterator[Any]:
+    """The array of a .npy, .npz (`key`, or its only array) or ann-benchmarks .hdf5 / .h5
+    (its "train" set, or `key`) as an object with shape, dtype, ndim, array (the array, or None
+    when streamed) and blocks(rows), for the duration of the block. load_array's checks and
+    errors. Streamed rows come from the file held open until the block ends; an error about a
+    row from their consumer should call verify_rest() first (see _MemberRows.verify_rest)."""
+    suffix = Path(os.fspath(path)).suffix.lower()
+    if suffix == ".npy":
+        if key is not None:
+            raise ValueError(f"key: a .npy file holds one array; got key={key!r}")
+        yield ArrayRows(datasets.load_npy(path, mmap=True))
+    elif suffix == ".npz":
+        with _npz_rows(path, key) as rows:
+            yield rows
+    elif suffix in (".hdf5", ".h5"):
+        with _ann_rows(path, key) as rows:
+            yield rows
+    else:
+        raise ValueError(f"path: expected a .npy, .npz, .hdf5 or .h5 file, got {path!s}")
+
+
+@contextlib.contextmanager
+def _npz_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
+    path = datasets._regular_file(path)
+    with open(path, "rb") as f:  # the one open file (see datasets.load_npz)
+        datasets._check_zip(path, f)
+        try:
+            archive = zipfile.ZipFile(f)
+        except datasets._ZIP_DAMAGE as error:
+            raise datasets._zip_damage(path, error) from None
+        with archive:
+            try:
+                rows = _member_rows(path, f, archive, key)
+            except datasets._ZIP_DAMAGE as error:
+                raise datasets._zip_damage(path, error) from None
+            # (the consumer's own errors, raised here, are not the archive's: outside the try)
+            with contextlib.closing(rows):
+                yield rows
+
+
+def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) -> Any:
+    """The member's rows: streamed when it is compressed, C-ordered and holds data; else the
+    array load_npz gives (mmap=None). zipfile's errors escape (see _npz_rows)."""
+    key = datasets._member_name(path, archive, key)
+    info = archive.getinfo(key + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        member = archive.open(info)
+        try:
+            rows = _streamed_member(path, key, member)
+        except BaseException:
+            member.close()
+            raise
+        if rows is not None:
+            return rows
+        member.close()  # read whole below, with load_npz's own checks and errors
+    return ArrayRows(datasets._read_member(path, f, archive, key, None))
+
+
+def _streamed_member(path: Path, key: str, member: Any) -> _MemberRows | None:
+    """The open compressed member's rows, its header read and checked; None for one read
+    whole: Fortran-ordered, of objects (refused unread by numpy), or holding no data."""
+    try:
+        shape, fortran, dtype = datasets._npy_header(member)
+    except datasets._NPY_DAMAGE as error:
+        raise datasets._member_damage(path, key, error) from None
+    rows = _MemberRows(path, key, member, shape, dtype)
+    if len(shape) < 1 or (fortran and len(shape) > 1) or dtype.hasobject or not rows.nbytes:
+        return None
+    datasets._checked(rows, path, f"array {key!r}")  # its dtype, before any data is read
+    return rows
+
+
+@contextlib.contextmanager
+def _ann_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
+    part = "train" if key is None else key
+    if part not in datasets._ANN_PARTS:  # before the file is read
+        raise ValueError(f"key: expected 'train', 'test', 'neighbors' or 'distances' for an HDF5 file, got {key!r}")
+    h5py = datasets._import_h5py()
+    path = datasets._regular_file(path)
+    with datasets._open_h5(h5py, path) as f:
+        try:
+            # load_ann_benchmarks' checks of the layout, without reading the other parts
+            parts = datasets._ann_datasets(path, f)
+            datasets._check_ann_shapes(path, {name: tuple(dataset.shape) for name, dataset in parts.items()})
+            dataset = parts[part]
+            if datasets._h5_mappable(dataset) or math.prod(dataset.shape) == 0:
+                rows: Any = ArrayRows(datasets._h5_array(path, dataset, None))
+            else:
+                rows = _DatasetRows(path, dataset)
+        except datasets._H5_DAMAGE as error:
+            raise datasets._h5_damage(path, error) from None
+        yield rows  # (the consumer's errors, raised here, are not the file's: outside the try)
