@@ -81,6 +81,32 @@ def read_benchmark_files(paths) -> tuple[list[dict], list[tuple[str, str]]]:
     return found, unread
 
 
+def verified_median(bench: dict | None) -> float | None:
+    """A peer's median in seconds; None where it did not run or its timed rounds were wrong
+    (extra_info["verified"] False: the GPU reports' benchmarks check their last round)."""
+    if bench is None or bench["extra_info"].get("verified") is False:
+        return None
+    return bench["stats"]["median"]
+
+
+def fmt_median_ms(bench: dict | None) -> str:
+    """A peer's median in milliseconds for a report's table: "—" where it did not run,
+    "wrong" where its timed rounds were wrong."""
+    if bench is None:
+        return "—"
+    if bench["extra_info"].get("verified") is False:
+        return "wrong"
+    return f"{bench['stats']['median'] * 1e3:.3f}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
 def split_label(peer: str) -> tuple[str, list[str], list[str]]:
     """A peer's label cut into its name, the opt-ins its brackets name (CUDA_KNN_OPT_INS, in
     the label's order) and its other bracket words, which describe the peer itself:

@@ -25,7 +25,8 @@ import argparse
 import math
 import sys
 
-from _common import read_benchmark_files  # benchmarks/ is the script's folder, first on sys.path
+# (benchmarks/ is the script's folder, first on sys.path)
+from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, verified_median
 
 NATIVE, KERNEL, TORCH_BACKEND, TORCH = "latentspace", "latentspace kernel", "latentspace[torch backend]", "torch"
 PEERS = (NATIVE, KERNEL, TORCH_BACKEND, TORCH)
@@ -50,32 +51,9 @@ def load(paths: list[str]) -> tuple[dict, dict[str, dict[str, dict]], dict[tuple
     return (found[0] if found else {}), cells, roofs, unread
 
 
-def median(bench: dict | None) -> float | None:
-    """The peer's median in seconds; None where it did not run or its timed rounds were wrong."""
-    if bench is None or bench["extra_info"].get("verified") is False:
-        return None
-    return bench["stats"]["median"]
-
-
-def fmt_time(bench: dict | None) -> str:
-    if bench is None:
-        return "—"
-    if bench["extra_info"].get("verified") is False:
-        return "wrong"
-    return f"{bench['stats']['median'] * 1e3:.3f}"
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
 def per_second(bench: dict | None, key: str) -> str:
     """extra_info[key] (flops or bytes) over the median, in billions a second."""
-    seconds = median(bench)
+    seconds = verified_median(bench)
     return "—" if seconds is None else f"{bench['extra_info'][key] / seconds / 1e9:.0f}"
 
 
@@ -108,13 +86,13 @@ def cell_rows(cells: dict[str, dict[str, dict]], roofs: dict) -> tuple[list[str]
     speedups: dict[str, list[float]] = {TORCH: [], TORCH_BACKEND: []}
     for _, peers in sorted(cells.items(), key=order):
         info = cell_info(peers)
-        ours = median(peers.get(NATIVE))
+        ours = verified_median(peers.get(NATIVE))
         ratios = {}
         for peer in speedups:
-            ratios[peer] = ratio(median(peers.get(peer)), ours)
+            ratios[peer] = ratio(verified_median(peers.get(peer)), ours)
             if ratios[peer] is not None:
                 speedups[peer].append(ratios[peer])
-        times = " | ".join(fmt_time(peers.get(peer)) for peer in PEERS)
+        times = " | ".join(fmt_median_ms(peers.get(peer)) for peer in PEERS)
         lines.append(f"| {info.get('cell', '?')} {info.get('shape', '?')} | {info.get('precision', '?')} "
                      f"| {info.get('rows', '?'):,} | {times} | {fmt_ratio(ratios[TORCH])} "
                      f"| {fmt_ratio(ratios[TORCH_BACKEND])} | {per_second(peers.get(NATIVE), 'flops')} "

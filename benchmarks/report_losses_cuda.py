@@ -21,7 +21,8 @@ import argparse
 import math
 import sys
 
-from _common import read_benchmark_files  # benchmarks/ is the script's folder, first on sys.path
+# (benchmarks/ is the script's folder, first on sys.path)
+from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, verified_median
 
 NATIVE, TORCH_OPS, TORCH, ROOF = "latentspace", "latentspace[torch ops]", "torch", "copy roof"
 PEERS = (NATIVE, TORCH_OPS, TORCH, ROOF)
@@ -41,31 +42,8 @@ def load(paths: list[str]) -> tuple[dict, dict[str, dict[str, dict]], list[tuple
     return first or {}, cells, unread
 
 
-def median(bench: dict | None) -> float | None:
-    """The peer's median in seconds; None where it did not run or its timed rounds were wrong."""
-    if bench is None or bench["extra_info"].get("verified") is False:
-        return None
-    return bench["stats"]["median"]
-
-
-def fmt_time(bench: dict | None) -> str:
-    if bench is None:
-        return "—"
-    if bench["extra_info"].get("verified") is False:
-        return "wrong"
-    return f"{bench['stats']['median'] * 1e3:.3f}"
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return numerator / denominator if numerator and denominator else None
-
-
-def fmt_ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}x"
-
-
 def rate(bench: dict | None) -> str:
-    seconds = median(bench)
+    seconds = verified_median(bench)
     return "—" if seconds is None else f"{bench['extra_info']['bytes'] / seconds / 1e9:.0f}"
 
 
@@ -84,13 +62,13 @@ def cell_rows(cells: dict[str, dict[str, dict]]) -> tuple[list[str], list[float]
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     over_torch_ops = []
     for group, peers in sorted(cells.items(), key=order):
-        ours = median(peers.get(NATIVE))
-        versus_ops = ratio(median(peers.get(TORCH_OPS)), ours)
+        ours = verified_median(peers.get(NATIVE))
+        versus_ops = ratio(verified_median(peers.get(TORCH_OPS)), ours)
         if versus_ops is not None:
             over_torch_ops.append(versus_ops)
-        times = " | ".join(fmt_time(peers.get(peer)) for peer in PEERS)
-        lines.append(f"| {group} | {times} | {fmt_ratio(ratio(median(peers.get(TORCH)), ours))} "
-                     f"| {fmt_ratio(versus_ops)} | {fmt_ratio(ratio(ours, median(peers.get(ROOF))))} "
+        times = " | ".join(fmt_median_ms(peers.get(peer)) for peer in PEERS)
+        lines.append(f"| {group} | {times} | {fmt_ratio(ratio(verified_median(peers.get(TORCH)), ours))} "
+                     f"| {fmt_ratio(versus_ops)} | {fmt_ratio(ratio(ours, verified_median(peers.get(ROOF))))} "
                      f"| {rate(peers.get(NATIVE))} | {rate(peers.get(ROOF))} |")
     return lines, over_torch_ops
 

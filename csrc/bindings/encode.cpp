@@ -192,46 +192,45 @@ std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights
                                           input_norm.is_none() ? nullptr : &leading);
 }
 
+// The properties both encoders have (the same names and meanings in Python).
+template <class Encoder>
+void bind_encoder_properties(py::class_<Encoder>& cls) {
+  cls.def_property_readonly("input_dim", &Encoder::input_dim)
+      .def_property_readonly("output_dim", &Encoder::output_dim)
+      .def_property_readonly("num_layers", &Encoder::num_layers)
+      .def_property_readonly("precision",
+                             [](const Encoder& e) { return e.precision() == EncodePrecision::kBfloat16 ? "bf16" : "fp32"; })
+      .def_property_readonly("kernel", &Encoder::kernel_name);
+}
+
 }  // namespace
 
 void bind_encode(py::module_& m) {
-  py::class_<CpuMlpEncoder>(m, "MlpEncoder",
-                            "An MLP encoder exported to native code: weights packed once, rows encoded "
-                            "block by block through every layer (OpenMP + SIMD).")
-      .def(py::init(&make_encoder), py::arg("weights"), py::arg("biases"), py::arg("activations"),
+  py::class_<CpuMlpEncoder> cpu(m, "MlpEncoder",
+                                 "An MLP encoder exported to native code: weights packed once, rows encoded "
+                                 "block by block through every layer (OpenMP + SIMD).");
+  bind_encoder_properties(cpu);
+  cpu.def(py::init(&make_encoder), py::arg("weights"), py::arg("biases"), py::arg("activations"),
            py::arg("activation_params"), py::arg("input_offset") = py::none(), py::arg("precision") = "fp32",
            py::arg("norms") = py::none(), py::arg("input_norm") = py::none(),
            "norms: None, or per layer None or (place, eps, weight, bias), a LayerNorm over the layer's "
            "outputs, place 'before_activation' or 'after_activation', weight and bias float32 (out,) or "
            "None. input_norm: None or (eps, weight, bias), a LayerNorm over each input row, first.")
-      .def_property_readonly("input_dim", &CpuMlpEncoder::input_dim)
-      .def_property_readonly("output_dim", &CpuMlpEncoder::output_dim)
-      .def_property_readonly("num_layers", &CpuMlpEncoder::num_layers)
-      .def_property_readonly("precision", [](const CpuMlpEncoder& e) {
-        return e.precision() == EncodePrecision::kBfloat16 ? "bf16" : "fp32";
-      })
-      .def_property_readonly("kernel", &CpuMlpEncoder::kernel_name)
       .def("encode", &encode, py::arg("x"), py::arg("out"),
            "out[r] = encoder(x[r]); x (n, input_dim), out (n, output_dim), float32 C-contiguous. "
            "Raises ValueError naming the lowest row holding NaN or Inf.");
 
-  py::class_<CudaMlpEncoder>(m, "CudaMlpEncoder",
-                             "The MLP encoder on the current CUDA device (cuda/encode.cu). Every address is "
-                             "device memory (a torch tensor's data_ptr()) that the caller keeps alive and "
-                             "unchanged while the encoder exists; nothing is copied.")
-      .def(py::init(&make_cuda_encoder), py::arg("weights"), py::arg("shapes"), py::arg("biases"),
+  py::class_<CudaMlpEncoder> cuda(m, "CudaMlpEncoder",
+                                  "The MLP encoder on the current CUDA device (cuda/encode.cu). Every address is "
+                                  "device memory (a torch tensor's data_ptr()) that the caller keeps alive and "
+                                  "unchanged while the encoder exists; nothing is copied.");
+  bind_encoder_properties(cuda);
+  cuda.def(py::init(&make_cuda_encoder), py::arg("weights"), py::arg("shapes"), py::arg("biases"),
            py::arg("activations"), py::arg("activation_params"), py::arg("input_offset") = py::none(),
            py::arg("precision") = "fp32", py::arg("norms") = py::none(), py::arg("input_norm") = py::none(),
            "weights: per layer the address of its float32 (out, in) matrix, C-contiguous; shapes: per layer "
            "(out, in); biases: addresses or None. norms: None, or per layer None or (place, eps, weight address, "
            "bias address); input_norm: None or (eps, weight address, bias address); addresses None for none.")
-      .def_property_readonly("input_dim", &CudaMlpEncoder::input_dim)
-      .def_property_readonly("output_dim", &CudaMlpEncoder::output_dim)
-      .def_property_readonly("num_layers", &CudaMlpEncoder::num_layers)
-      .def_property_readonly("precision", [](const CudaMlpEncoder& e) {
-        return e.precision() == EncodePrecision::kBfloat16 ? "bf16" : "fp32";
-      })
-      .def_property_readonly("kernel", &CudaMlpEncoder::kernel_name)
       .def("workspace_floats", &CudaMlpEncoder::workspace_floats, py::arg("rows"),
            "float32 elements of device workspace encode() needs for `rows` rows (0: none).")
       .def(
