@@ -24,8 +24,8 @@ Peers (one timed call ends with torch.cuda.synchronize()):
                               LATENTSPACE_CUDA_ENCODER=native: encoder.encode(x), a new CUDA
                               tensor of codes; what a user gets, with its finiteness checks of
                               the rows and codes (one host sync a chunk) and its default chunks
-                              (extra_info "chunks": the CUDA path bounds a chunk's input plus
-                              activations to 256 MiB, so the autoencoder takes 2, the wide MLP 4)
+                              (extra_info "chunks": the CPU's 65,536 rows, within 1 GiB of input,
+                              activations and codes on the device: one chunk for each shape here)
   latentspace kernel          the same Encoder's kernels alone (its CudaEncoder.encode(x, out)
                               over all rows at once, into a kept output): what the checks and
                               chunks cost, by difference

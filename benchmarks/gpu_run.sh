@@ -263,7 +263,7 @@ if [[ " $STAGES " == *" sanitizer "* ]]; then
     # widths and rows around the tiles (both float32 tiles, loads of 4 and of 1, partial row
     # and output tiles), six layers through the two hidden buffers, inputs off 16 bytes,
     # every output written with vector stores and without (fp32, bf16), the LayerNorm kernel,
-    # PCA's mean, bf16's x - mean: about 55 small tests, in the file's order. racecheck the
+    # PCA's mean, bf16's x - mean: 66 small tests, in the file's order. racecheck the
     # narrow tile's double-buffered shared memory (encode_narrow_tile.cuh, new; the wide and
     # bf16 tiles are the kNN scan's, raced in runs 5-7 without a hazard; the LayerNorm kernel
     # has none): 257 rows (3 row blocks), 64 inputs (4 staging steps) into 300 outputs (the

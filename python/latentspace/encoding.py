@@ -126,7 +126,8 @@ class Encoder:
     precision="fp32" holds inside a caller's torch.autocast too (both backends).
 
     Attributes: backend ("native" or "torch"), reason (why torch; None for native), kernel
-    (the native SIMD kernel, e.g. "avx2", or "torch"), device, precision, latent_dim (None
+    (the native kernel: the CPU's SIMD level, e.g. "avx2", or on a GPU "cuda_simt" / "cuda_wmma_bf16";
+    "torch" for the torch backend), device, precision, latent_dim (None
     for a module of unknown output width until it has encoded a chunk).
     """
 

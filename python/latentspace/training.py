@@ -78,8 +78,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
             for CUDA, off on the CPU.
         checkpoint: a file path (str or os.PathLike); each new best epoch is saved there with
             latentspace.save_model (atomically: an interrupted write keeps the previous file).
-            The model must be one save_model can write (not a subclass): checked before
-            training.
+            The model must be one save_model can write (not a subclass), and the path one it
+            can write (its folder existing and writable, a name the file system takes): both
+            checked before training (ValueError / TypeError naming checkpoint or model).
         progress: True or False: show a tqdm bar (epoch, train and validation loss, samples
             per second).
         callback: called after every epoch with a dict (epoch, train_loss, val_loss,
