@@ -884,6 +884,196 @@ def test_weighted_overflow_is_refused_through_the_stand_in(nq, rng):
                                                                                 weights=w))
 
 
+# Rows that weighted_l2's weights make unusable, in the streamed search and without queries.
+
+_HEAVY = np.array([1e4, 1, 1, 1, 1], np.float32)  # 1e18 in dimension 0: plain 1e36, weighted 1e40
+
+
+def _words(call) -> str:
+    with pytest.raises(ValueError) as error:
+        call()
+    return str(error.value)
+
+
+def _spoil(x, row, bad):
+    """Row `row` of x made unusable: by the weights alone ("heavy": _HEAVY pushes its weighted
+    squared norm past float32) or as it is ("nan")."""
+    if bad == "heavy":
+        x[row] = 1e18
+    else:
+        x[row, 2] = np.nan
+
+
+@pytest.fixture
+def check_ahead(monkeypatch):
+    """The streamed weighted search's check ahead from any number of queries (it starts at
+    CHECK_AHEAD_QUERIES): the shapes here stay small."""
+    monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
+
+
+class _ChunkSpy(CpuBackend):
+    """The stand-in, recording for each database chunk searched whether it held an unusable row
+    (a squared norm past 1e30, or NaN: both fail the comparison)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.searched = []
+
+    def search(self, queries, database, *args, **kwargs):
+        self.searched.append(bool((~(database.float().square().sum(dim=1) < 1e30)).any()))
+        super().search(queries, database, *args, **kwargs)
+
+
+def _streamed(q, x, queries_as, backend=None):
+    """search_streamed with _HEAVY as knn calls it (k=3, 4000 bytes: blocks of 7 queries, chunks
+    of 52 rows): numpy queries checked block by block as they are uploaded, tensor queries (on
+    the device) checked by the caller, the checks passed in."""
+    backend = backend or CpuBackend(weights=_HEAVY)
+    if queries_as == "numpy":
+        return search_streamed(backend, q, x, 3, "weighted_l2", workspace_bytes=1 << 20, memory_bytes=4000)
+    queries = torch.from_numpy(q)
+    return search_streamed(backend, queries, x, 3, "weighted_l2", workspace_bytes=1 << 20, memory_bytes=4000,
+                           query_checks=_arrays.query_row_checks(queries, _HEAVY))
+
+
+@pytest.mark.parametrize("bad", ["heavy", "nan"])
+@pytest.mark.parametrize("queries_as", ["numpy", "tensor"])
+def test_streamed_weighted_search_refuses_a_row_before_its_chunk_is_searched(bad, queries_as, rng, check_ahead):
+    """A row the weights make unusable (or NaN) was found on the device as its chunk landed and
+    reported after the whole search (5 blocks of queries x 58 chunks here): its chunk is now never
+    searched, and the words are the CPU search's."""
+    x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
+    _spoil(x, 2345, bad)
+    backend = _ChunkSpy(weights=_HEAVY)
+    query_rows, rows = plan_host_stream(30, 3000, 5, 3, 4000, 1 << 20)
+    assert (query_rows, rows) == (7, 52)
+    expected = _words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY))
+    assert expected.startswith("database: row 2345 ") and "lower the weights" in expected
+    assert _words(lambda: _streamed(q, x, queries_as, backend)) == expected
+    assert backend.searched and not any(backend.searched)  # the chunks before it only
+    assert len(backend.searched) == 2345 // rows  # once each: no second block of queries began
+
+
+@pytest.mark.parametrize("queries_as", ["numpy", "tensor"])
+def test_few_queries_find_the_row_at_the_end_without_the_check_ahead(queries_as, rng):
+    """Below CHECK_AHEAD_QUERIES the chunks are not read on the host first (a search of few
+    queries costs about that read): the device's check names the row at the end, in the same
+    words, after the chunks past it were searched too."""
+    assert _cuda_search.CHECK_AHEAD_QUERIES == 2048
+    x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
+    _spoil(x, 2345, "heavy")
+    backend = _ChunkSpy(weights=_HEAVY)
+    expected = _words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY))
+    assert _words(lambda: _streamed(q, x, queries_as, backend)) == expected
+    assert any(backend.searched)  # the row's chunk was searched: no check ahead
+
+
+@pytest.mark.parametrize("queries_as", ["numpy", "tensor"])
+@pytest.mark.parametrize("bad_query", ["heavy", "nan"])
+def test_streamed_weighted_refusal_still_names_bad_queries_first(queries_as, bad_query, rng, check_ahead):
+    """Refused before the search ends, the database row still comes after any bad query, as on
+    the CPU: among them queries of blocks not yet uploaded (row 27 of 30, blocks of 7), and a NaN
+    query before a heavy one (the plain check over all queries comes first)."""
+    x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
+    _spoil(x, 400, "heavy")
+    _spoil(q, 27, bad_query)
+    if bad_query == "nan":
+        _spoil(q, 3, "heavy")  # an earlier query that only the weights make unusable
+    expected = _words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY))
+    assert expected.startswith("queries: row 27 ")
+    assert _words(lambda: _streamed(q, x, queries_as)) == expected
+    x[400] = 0  # the database usable: the queries are named at the end, in the same order
+    assert _words(lambda: _streamed(q, x, queries_as)) == expected
+
+
+def test_streamed_weighted_refusal_names_the_first_bad_row(rng, check_ahead):
+    """A NaN row after a heavy one in the same chunk (rows 988-1039), and the next chunk's: the
+    first is named. (Not within a few rows: the CPU kernel checks a panel of rows for NaN before
+    it weighs any, so it would name the NaN row.)"""
+    x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
+    _spoil(x, 1030, "nan")
+    _spoil(x, 1000, "heavy")
+    _spoil(x, 1100, "nan")
+    expected = _words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY))
+    assert expected.startswith("database: row 1000 ")
+    assert _words(lambda: search_streamed(CpuBackend(weights=_HEAVY), q, x, 3, "weighted_l2",
+                                          workspace_bytes=1 << 20, memory_bytes=4000)) == expected
+
+
+def test_streamed_weighted_refusal_reads_the_device_checks_of_earlier_chunks(rng, monkeypatch, check_ahead):
+    """The device's check of the chunks searched before (which sums in another order than the
+    host's, so it may refuse a row within an ulp of the limit that the host check let through)
+    still names its row first: here a stand-in flag for row 59, in the second chunk."""
+    device_check = _cuda_search.database_row_check
+
+    def disagreeing(rows, weights=None, first_row=0):
+        flag, name, weighted = device_check(rows, weights, first_row)
+        return (torch.tensor(59) if first_row == 52 else flag), name, weighted
+
+    monkeypatch.setattr(_cuda_search, "database_row_check", disagreeing)
+    x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
+    _spoil(x, 2345, "heavy")
+    with pytest.raises(ValueError, match="^database: row 59 .*lower the weights$"):
+        _streamed(q, x, "numpy")
+
+
+def test_streamed_weighted_search_of_usable_rows_is_unchanged(rng, check_ahead):
+    """A row near the limit that the weights keep usable: searched, as on the CPU (integer data,
+    exact distances)."""
+    x, q = _integers(rng, 3000, 5), _integers(rng, 30, 5)
+    x[2345, 1] = 5e18  # plain squared norm 2.5e37: usable, and weighted by 1 too
+    D, I = search_streamed(CpuBackend(weights=_HEAVY), q, x, 3, "weighted_l2", workspace_bytes=1 << 20,
+                           memory_bytes=4000)
+    D0, I0 = latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(D, D0)
+
+
+@pytest.mark.parametrize("bad", ["heavy", "nan", "nan after heavy", "heavy after nan"])
+@pytest.mark.parametrize("database_as", ["numpy", "torch", "float64", "float64 in chunks"])
+def test_gpu_entry_checks_the_weighted_database_without_queries(bad, database_as, rng, monkeypatch):
+    """No queries: the CPU checks the database against the weights (plain rows first, in the plain
+    words); the GPU entry checked a host database plainly, so a heavy row passed. ("in chunks": a
+    host database is checked a chunk at a time, never converted whole; a heavy row in an early
+    chunk still comes after a NaN row in a later one.)"""
+    x = _normal(rng, 300, 5)
+    first, second = (50, 200)
+    kinds = {"heavy": ("heavy",), "nan": ("nan",), "nan after heavy": ("heavy", "nan"),
+             "heavy after nan": ("nan", "heavy")}[bad]
+    for row, kind in zip((first, second), kinds):
+        _spoil(x, row, kind)
+    if database_as == "float64 in chunks":
+        monkeypatch.setattr(_cuda_search, "HOST_CHUNK_BYTES", 64 * 5 * 4)  # 5 chunks of 64 rows
+    database = {"numpy": x, "torch": torch.from_numpy(x)}.get(database_as, x.astype(np.float64))
+    no_queries = np.zeros((0, 5), np.float32)
+    expected = _words(lambda: latentspace.knn(no_queries, x, 3, "weighted_l2", weights=_HEAVY))
+    assert expected.startswith(f"database: row {first if bad != 'nan after heavy' else second} ")
+    assert _words(lambda: _knn(no_queries, database, 3, "weighted_l2", weights=_HEAVY)) == expected
+    assert _words(lambda: _knn(torch.from_numpy(no_queries), database, 3, "weighted_l2", weights=_HEAVY)) == expected
+
+
+@pytest.mark.parametrize("bad", ["heavy", "nan", "nan after heavy", "none"])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_device_database_without_queries_is_checked_as_on_the_cpu(bad, weighted, rng, monkeypatch):
+    """The check a resident (CUDA tensor) database gets without queries, on a CPU tensor: the
+    CPU's words, plain rows first (the search's own check names every row in the weighted words,
+    as the CPU kernel does once it searches)."""
+    x = _normal(rng, 300, 5)
+    for row, kind in {"heavy": [(50, "heavy")], "nan": [(50, "nan")], "nan after heavy": [(50, "heavy"), (200, "nan")],
+                      "none": []}[bad]:
+        _spoil(x, row, kind)
+    weights = _HEAVY if weighted else None
+    metric = "weighted_l2" if weighted else "l2"
+    for host_check in (0, 1 << 14):  # the flags' device path and (plain, small) host path
+        monkeypatch.setattr(_arrays, "_HOST_CHECK_ELEMENTS", host_check)
+        check = lambda: _cuda_search.check_database_without_queries(torch.from_numpy(x), weights)
+        if bad == "none" or (bad == "heavy" and not weighted):
+            check()
+            latentspace.knn(x[:0], x, 3, metric, weights=weights)
+            continue
+        assert _words(check) == _words(lambda: latentspace.knn(x[:0], x, 3, metric, weights=weights))
+
+
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_half_storage_is_a_gpu_index_option(storage):
     with pytest.raises(ValueError, match=f"storage: '{storage}' is for an index on a GPU"):

@@ -51,16 +51,19 @@ from ._arrays import (
     check_metric,
     check_rows_usable,
     database_row_check,
+    first_unusable_row,
     host_to_tensor,
     is_ascending,
     is_torch_tensor,
     query_row_checks,
     raise_unusable_rows,
+    unusable_row_flag,
     weights_for,
 )
 from ._cuda_chunks import (
     DEFAULT_GPU_MEMORY_BYTES,
     DEFAULT_WORKSPACE_BYTES,
+    HOST_CHUNK_BYTES,
     check_one_query_fits,
     first_stream_rows,
     plan_database_chunks,
@@ -71,7 +74,17 @@ from ._cuda_chunks import (
 )
 from ._host_copy import copy_rows
 
-__all__ = ["CpuBackend", "CudaBackend", "knn_on_device", "merge_topk", "search_resident", "search_streamed"]
+__all__ = ["CHECK_AHEAD_QUERIES", "CpuBackend", "CudaBackend", "check_database_without_queries", "knn_on_device",
+           "merge_topk", "search_resident", "search_streamed"]
+
+# From this many queries on, a weighted_l2 search streaming a host database checks each chunk on
+# the host before the chunk is searched (_start_chunk), as the CPU search checks its database
+# first from search.CHECK_FIRST_QUERIES queries: fewer queries search the database about as
+# fast as the host copies it, so the check (one more read of each chunk) could add up to half
+# the search again (its 256 MiB chunk's check took 0.4-1.5x the chunk's copy here, D = 256 to
+# 8) to save what a search that ends in an error costs anyway; the device's check, read at
+# the end, then names the row.
+CHECK_AHEAD_QUERIES = 2048
 
 _PAD = {"l2": float("inf"), "ip": float("-inf"), "cosine": float("-inf"), "weighted_l2": float("inf")}
 
@@ -171,9 +184,10 @@ class CudaBackend:
 
     def set_weights(self, weights: np.ndarray | None) -> None:
         """weighted_l2: checked weights, put on the device for the kernel (a few bytes, copied
-        per search), or None."""
+        per search), or None; host_weights keeps them in host memory for host-side checks."""
         import torch
 
+        self.host_weights = weights
         self.weights = None if weights is None else torch.from_numpy(weights).to(self.device)
 
     def workspace_of(self, num_queries: int, num_database: int, k: int, bound: int) -> int:
@@ -212,7 +226,7 @@ class CpuBackend:
         self.set_weights(weights)
 
     def set_weights(self, weights: np.ndarray | None) -> None:
-        self.weights = weights
+        self.weights = self.host_weights = weights
 
     def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:
         # (norms: the CPU kernel computes its own; the stand-in only checks they line up)
@@ -280,6 +294,11 @@ class _PinnedChunks:
             copied.record(self._copy_stream)
         self._copied[slot] = copied
 
+    def host_rows(self, j: int, rows: int) -> np.ndarray:
+        """Chunk j as start(j) left it in its pinned buffer: float32, the values its upload
+        reads (until start(j + 2) fills the buffer again)."""
+        return self._host_views[j % 2][:rows]
+
     def take(self, j: int, rows: int):
         slot = j % 2
         self._compute.wait_event(self._copied[slot])
@@ -304,6 +323,9 @@ class _HostChunks:
         with np.errstate(over="ignore", invalid="ignore"):
             chunk = np.ascontiguousarray(self._database[start:stop], dtype=np.float32)
         self._slots[j % 2] = host_to_tensor(chunk)
+
+    def host_rows(self, j: int, rows: int) -> np.ndarray:
+        return self._slots[j % 2][:rows].numpy()
 
     def take(self, j: int, rows: int):
         return self._slots[j % 2][:rows]
@@ -372,11 +394,15 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
     plan_stream_chunks starts smaller).
 
     queries: a float32 contiguous tensor on the device, already checked (its checks may be
-    passed in query_checks, from query_row_checks, read with the database's at the end), or a float32 numpy array, uploaded and checked one block at a
-    time. Results: (Q, k) tensors on the device for tensor queries, numpy arrays for numpy
-    queries. NaN / Inf found in the database (or
-    queries) raise ValueError at the end, naming the first bad row, as the CPU search does:
-    the chunks are checked on the device as they land, and read once, at the end.
+    passed in query_checks, from query_row_checks, read with the database's at the end), or a
+    float32 numpy array, uploaded and checked one block at a time. Results: (Q, k) tensors on
+    the device for tensor queries, numpy arrays for numpy queries. NaN / Inf found in the
+    database (or queries) raise ValueError at the end, naming the first bad row, as the CPU
+    search does: the chunks are checked on the device as they land, and read once, at the end.
+    weighted_l2 (the backend's weights), from CHECK_AHEAD_QUERIES queries: a database row the
+    search refuses (the weights make it unusable, or NaN / Inf) is refused before its chunk is
+    searched, checked on the host in the pinned buffer (_start_chunk); bad queries are still
+    named first.
     """
     import torch
 
@@ -397,11 +423,13 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
     jobs = [(block, piece) for block in blocks for piece in pieces]
     query_checks, database_checks = list(query_checks or []), []
     weights = backend.weights
+    host_weights = backend.host_weights if num_queries >= CHECK_AHEAD_QUERIES else None  # None: no check ahead
     chunks = backend.host_chunks(database, database_rows)
-    if jobs:
-        chunks.start(0, *jobs[0][1])
+    refused = _start_chunk(chunks, 0, jobs[0], host_weights) if jobs else -1
     running, block_queries = None, None
     for j, ((first, last), (start, stop)) in enumerate(jobs):
+        if refused >= 0:  # weighted_l2: a row in the chunk about to be searched
+            _refuse_database_row(refused, queries, query_checks, database_checks, host_weights)
         if start == 0:  # a new block of queries: the database streams again
             if host_queries:
                 block_queries = backend.upload(queries[first:last])
@@ -414,7 +442,7 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
         chunk = _search_block(backend, block_queries, rows, min(kept, stop - start), code, workspace_bytes)
         chunks.release(j)
         if j + 1 < len(jobs):
-            chunks.start(j + 1, *jobs[j + 1][1])  # overlaps the search just queued
+            refused = _start_chunk(chunks, j + 1, jobs[j + 1], host_weights)  # overlaps the search just queued
         running = merge_topk(running, chunk, kept, metric, offset=start)
         if stop == num_database:
             if host_queries:
@@ -429,8 +457,109 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
         indices[:, kept:] = -1
     else:
         _pad(distances, indices, kept, metric)
-    raise_unusable_rows(query_checks + database_checks)  # bad queries first, as on the CPU
+    raise_unusable_rows(_plain_first(query_checks) + database_checks)  # bad queries first, as on the CPU
     return distances, indices
+
+
+def _start_chunk(chunks, j: int, job: tuple, host_weights: np.ndarray | None) -> int:
+    """chunks.start(j, ...) for job ((first, last), (start, stop)), and for weighted_l2 (host
+    weights given) on the database's first pass (first == 0), the chunk's check: the first row
+    (start + r) the search refuses, or -1.
+
+    Why on the host, in the pinned buffer: the device's check of a chunk is read only at the end,
+    since reading it before the chunk's search would wait for the search queued before it (a
+    host sync per chunk, which the pipeline has none of: the host copies chunk j + 1 while the GPU
+    searches chunk j). The chunk's float32 values are in host memory anyway, where the CPU's
+    one-read check (_refused_row) runs while the GPU searches the chunk before it and the chunk
+    itself uploads. Its cost: a read of each chunk on the host, once; hidden while a chunk's
+    search takes longer than its host copy and this read (many queries), it lengthens each step
+    of the host's copy when the search is shorter (few queries)."""
+    (first, _), (start, stop) = job
+    chunks.start(j, start, stop)
+    if host_weights is None or first != 0:
+        return -1
+    row = _refused_row(chunks.host_rows(j, stop - start), host_weights)
+    return -1 if row < 0 else start + row
+
+
+def _refused_row(rows: np.ndarray, weights: np.ndarray) -> int:
+    """The first row of a float32 matrix that a weighted_l2 search refuses, or -1: unusable as
+    it is (NaN, Inf, a plain squared norm past MAX_SQUARED_NORM) or by its squared norm scaled
+    by the weights, the rows database_row_check's flag finds. One read of the rows when none is
+    (search.weighted_overflow_row: their plain norms, and only the rows whose bound passes the
+    limit summed again, exactly), no device memory."""
+    try:
+        return _weighted_overflow_row(rows, weights, "database")
+    except ValueError:  # it raises for a row unusable as it is; a heavy row may come before it
+        plain = first_unusable_row(rows)
+        heavy = _weighted_overflow_row(rows[:plain], weights, "database")
+        return heavy if heavy >= 0 else plain
+
+
+def _weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> int:
+    """search.weighted_overflow_row (the check the CPU search and FlatIndex.add make)."""
+    from .search import weighted_overflow_row  # here: search imports this module
+
+    return weighted_overflow_row(rows, weights, name, first_row)
+
+
+def _refuse_database_row(row: int, queries, query_checks: list, database_checks: list,
+                         weights: np.ndarray) -> None:
+    """Raises ValueError for a database row the weighted search refuses, found before its chunk
+    was searched, as the search would have at its end: a bad query first (numpy queries all
+    checked here, those of blocks not yet uploaded too, in the CPU kernel's order), then a row
+    the device's check found in an earlier chunk, then this one, in database_row_check's words."""
+    import torch
+
+    if isinstance(queries, np.ndarray):
+        _refuse_weighted_rows(np.ascontiguousarray(queries, dtype=np.float32), weights, "queries")
+        query_checks = []
+    raise_unusable_rows(_plain_first(query_checks) + database_checks + [(torch.tensor(row), "database", True)])
+
+
+def _plain_first(checks: list) -> list:
+    """(flag, name, weighted) checks with the plain ones first, each kind in its order: the CPU
+    kernel checks all queries as they are, then all of them weighted (the streamed search checks
+    a block of queries at a time, both ways)."""
+    return [check for check in checks if not check[2]] + [check for check in checks if check[2]]
+
+
+def _refuse_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> None:
+    """The CPU's weighted check of a float32 matrix (search._check_weighted_database's): a row
+    unusable as it is raises in the plain words, else the first row the weights make unusable
+    in the weighted words (naming first_row + r). One read of the rows."""
+    row = _weighted_overflow_row(rows, weights, name, first_row)
+    if row >= 0:
+        check_rows_usable(rows[row : row + 1], name, first_row=first_row + row, weights=weights)
+
+
+def check_database_without_queries(database, weights: np.ndarray | None) -> None:
+    """The check knn makes of a database it has no queries to search for, in the CPU's order and
+    words (search.knn): a row unusable as it is first, in the plain words, then (weights given)
+    the first row the weights make unusable, in the weighted ones. database: a tensor on the
+    device (its flags read once), or a host array of any real dtype, converted and checked one
+    chunk of HOST_CHUNK_BYTES at a time (as a streamed search does, never whole)."""
+    if not isinstance(database, np.ndarray):
+        checks = [(unusable_row_flag(database), "database", False)]
+        if weights is not None:
+            checks.append((unusable_row_flag(database, weights=weights), "database", True))
+        raise_unusable_rows(checks)
+        return
+    rows = max(1, HOST_CHUNK_BYTES // (database.shape[1] * 4))
+    heavy = -1  # the first row the weights make unusable; a plain bad row after it still comes first
+    for start in range(0, database.shape[0], rows):
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused as such
+            chunk = np.ascontiguousarray(database[start : start + rows], dtype=np.float32)
+        if weights is None:
+            check_rows_usable(chunk, "database", first_row=start)
+            continue
+        row = _weighted_overflow_row(chunk, weights, "database", start)  # raises for a plain bad row
+        if heavy < 0 and row >= 0:
+            heavy = start + row
+    if heavy >= 0:
+        with np.errstate(over="ignore", invalid="ignore"):
+            chunk = np.ascontiguousarray(database[heavy : heavy + 1], dtype=np.float32)
+        check_rows_usable(chunk, "database", first_row=heavy, weights=weights)
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,16 +604,16 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         raise ValueError("database: expected at least one row, got shape (0, %d)" % dim)
     workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
 
-    if resident:
+    if q.shape[0] == 0:
+        # as on the CPU: the database is checked even without queries, in its order and words
+        check_database_without_queries(x, w)
+        distances = torch.empty((0, k), dtype=torch.float32, device=device)
+        indices = torch.empty((0, k), dtype=torch.int64, device=device)
+    elif resident:
         if isinstance(q, np.ndarray):
             q = backend.upload(q)
         raise_unusable_rows(query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)])
         distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
-    elif q.shape[0] == 0:
-        # as on the CPU: the database is checked even without queries
-        check_rows_usable(np.ascontiguousarray(x, dtype=np.float32), "database")
-        distances = torch.empty((0, k), dtype=torch.float32, device=device)
-        indices = torch.empty((0, k), dtype=torch.int64, device=device)
     else:
         checks = [] if isinstance(q, np.ndarray) else query_row_checks(q, backend.weights)
         memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)

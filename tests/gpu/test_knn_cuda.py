@@ -887,6 +887,140 @@ def test_small_weighted_overflow_is_refused_as_on_the_cpu(nq, rng):
     assert (index.search(q, 3, weights=np.ones(5))[1] >= 0).all()
 
 
+# Rows that the weights make unusable, refused where they meet the weights (as on the CPU:
+# tests/test_knn_weighted.py; the same logic on the stand-in: tests/test_cuda_search.py).
+
+_HEAVY = np.array([1e4, 1, 1, 1, 1], np.float32)  # 1e18 in dimension 0: plain 1e36, weighted 1e40
+
+
+def _spoiled(rng, bad, n=300, row=123):
+    """Standard normal rows with row `row` made unusable by _HEAVY alone ("heavy") or as it is
+    ("nan")."""
+    x = rng.standard_normal((n, 5)).astype(np.float32)
+    if bad == "heavy":
+        x[row] = 1e18  # plain squared norm 5e36: usable
+    else:
+        x[row, 2] = np.nan
+    return x
+
+
+def _as_stored(x, storage):
+    return torch.from_numpy(x).to(_cuda_search.storage_dtype(storage)).float().numpy()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])  # (fp16 refuses 1e18 itself: beyond its range)
+def test_small_gpu_index_add_refuses_rows_the_weights_make_unusable(storage, rng):
+    """numpy and CUDA rows, all or nothing, bf16 rows checked as stored; NaN first, in the plain
+    words; weights past any use refuse ordinary rows."""
+    x = _spoiled(rng, "heavy")
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY, device=DEVICE, storage=storage)
+    index.add(x[:100])
+    for rows in (x, torch.from_numpy(x).to(DEVICE)):
+        with pytest.raises(ValueError, match=r"^x: row 123: its squared norm scaled by the index's weights .* "
+                                             r"overflows float32 .*lower the weights"):
+            index.add(rows)
+        assert index.ntotal == 100
+    nan = x.copy()
+    nan[200, 3] = np.nan
+    with pytest.raises(ValueError, match="^x: row 200 contains NaN or Inf"):
+        index.add(nan)
+    assert index.ntotal == 100
+    np.testing.assert_array_equal(index.vectors(), _as_stored(x[:100], storage))
+    huge = latentspace.FlatIndex(5, "weighted_l2", weights=np.full(5, 1e38, np.float32), device=DEVICE,
+                                 storage=storage)
+    with pytest.raises(ValueError, match="^x: row 0: its squared norm scaled by the index's weights"):
+        huge.add(np.ones((3, 5), np.float32))  # ordinary rows, weights past any use: 5e38
+    huge.add(np.full((2, 5), 0.1, np.float32))  # 5e36: fine
+    assert huge.ntotal == 2
+
+
+def test_small_gpu_index_add_encoded_refuses_codes_the_weights_make_unusable():
+    """The codes are written into the device buffer, checked there, and dropped when refused;
+    the row named is X's (3 rows were in the index before)."""
+    encoder = torch.nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        encoder.weight.copy_(torch.eye(5) * 1e18)
+    X = np.zeros((40, 5), np.float32)
+    X[:, 1] = 1e-18  # codes 1: ordinary
+    X[29, 0] = 1  # its code: 1e18 in dimension 0
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY, device=DEVICE)
+    index.add(np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="^the codes of X: row 29: its squared norm scaled by the index's weights"):
+        index.add_encoded(encoder, X, batch_size=16)
+    assert index.ntotal == 3
+    assert index.add_encoded(encoder, np.delete(X, 29, axis=0)) == 39
+    assert index.ntotal == 42
+    assert not index.vectors()[:3].any()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_small_gpu_index_refuses_weights_that_make_stored_rows_unusable(storage, rng):
+    """`index.weights = w` checks the stored vectors on the device: refused in the CPU index's
+    words, the old weights kept; weights that keep every row usable are taken."""
+    x = _spoiled(rng, "heavy")
+    index = latentspace.FlatIndex(5, "weighted_l2", device=DEVICE, storage=storage)
+    index.add(x)
+    with pytest.raises(ValueError) as gpu:
+        index.weights = _HEAVY
+    cpu_index = latentspace.FlatIndex(5, "weighted_l2")
+    cpu_index.add(_as_stored(x, storage))
+    with pytest.raises(ValueError) as cpu:
+        cpu_index.weights = _HEAVY
+    assert str(gpu.value) == str(cpu.value)
+    assert str(gpu.value).startswith("weights: they scale the squared norm of the index's row 123 past float32's")
+    np.testing.assert_array_equal(index.weights, np.ones(5, np.float32))  # kept
+    index.weights = _HEAVY / 1e4  # fine
+    np.testing.assert_array_equal(index.weights, _HEAVY / 1e4)
+    assert (index.search(rng.standard_normal((2, 5)).astype(np.float32), 3)[1] >= 0).all()
+
+
+@pytest.mark.parametrize("bad", ["heavy", "nan"])
+@pytest.mark.parametrize("queries_on", ["host", "cuda"])
+def test_small_streamed_weighted_search_refuses_a_row_before_its_chunk_is_searched(bad, queries_on, monkeypatch,
+                                                                                  rng):
+    """A host database streamed in chunks of 1,502 rows (one block of 20 queries): row 40,000
+    is refused, in the CPU's words, once the 26 chunks before it are searched (each in one native
+    call); it was found on the device and reported after all 34 chunks. (The check ahead starts
+    at CHECK_AHEAD_QUERIES queries: taken from any number here.)"""
+    monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
+    spy = _Spy(monkeypatch)
+    x, q = _spoiled(rng, bad, n=50_000, row=40_000), rng.standard_normal((20, 5)).astype(np.float32)
+    query_rows, rows = _cuda_chunks.plan_host_stream(20, 50_000, 5, 3, 1 << 16, _cuda_chunks.DEFAULT_WORKSPACE_BYTES)
+    assert (query_rows, rows) == (20, 1502)
+    with pytest.raises(ValueError) as cpu:
+        latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
+    queries = q if queries_on == "host" else torch.from_numpy(q).to(DEVICE)
+    with pytest.raises(ValueError) as gpu:
+        latentspace.knn(queries, x, 3, "weighted_l2", weights=_HEAVY, device=DEVICE, gpu_memory_bytes=1 << 16)
+    assert str(gpu.value) == str(cpu.value)
+    assert str(cpu.value).startswith("database: row 40000 ")
+    assert [call[3] for call in spy.calls] == [rows] * (40_000 // rows)  # database rows of each call
+
+
+@pytest.mark.parametrize("bad", ["heavy", "nan"])
+@pytest.mark.parametrize("database_as", ["host", "cuda", "cuda bf16"])
+def test_small_weighted_database_without_queries_is_checked_as_on_the_cpu(bad, database_as, rng):
+    """No queries: a host database was checked plainly (a heavy row passed), a CUDA one in the
+    weighted words (where the CPU names a NaN row in the plain ones): now both as on the CPU."""
+    x = _spoiled(rng, bad)
+    if database_as == "cuda bf16":
+        x = _as_stored(x, "bf16")  # the CPU's reference: the rows as the GPU reads them
+    database = {"host": x, "cuda": torch.from_numpy(x).to(DEVICE),
+                "cuda bf16": torch.from_numpy(x).to(DEVICE, torch.bfloat16)}[database_as]
+    no_queries = np.zeros((0, 5), np.float32)
+    for metric, weights in (("weighted_l2", _HEAVY), ("l2", None)):
+        if bad == "heavy" and weights is None:
+            continue  # a usable row without weights
+        with pytest.raises(ValueError) as cpu:
+            latentspace.knn(no_queries, x, 3, metric, weights=weights)
+        for queries in (no_queries, torch.zeros((0, 5), device=DEVICE)):
+            with pytest.raises(ValueError) as gpu:
+                latentspace.knn(queries, database, 3, metric, weights=weights, device=DEVICE)
+            assert str(gpu.value) == str(cpu.value)
+    D, I = latentspace.knn(no_queries, database[:100], 3, "weighted_l2", weights=_HEAVY, device=DEVICE)
+    assert tuple(D.shape) == tuple(I.shape) == (0, 3)
+
+
 # ---------------------------------------------------------------------------------------
 # float16 / bfloat16 database storage
 
