@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (the device tool): build, run the CUDA tests, the GPU losses
-# benchmark, the GPU encoder benchmark, the GPU kNN benchmarks and profile, and the new
-# losses' GPU tests, the CUDA encoder's GPU tests and the small GPU kNN tests
-# again under compute-sanitizer (memcheck, racecheck), and write everything to one log
+# benchmark, the GPU encoder benchmark, the new losses' and the CUDA encoder's GPU tests
+# again under compute-sanitizer (memcheck, racecheck), the GPU kNN profile and benchmarks,
+# then the small GPU kNN tests under compute-sanitizer, and write everything to one log
 # (sanitizer logs beside it). Usage, from the repository root:
 #   bash benchmarks/gpu_run.sh            # log in $OUT (device tool) or ./gpu_run.log
 # The device image has no internet: build without isolation, with what it ships.
@@ -63,6 +63,19 @@ run_gpu_benchmark() {
 }
 
 echo "== gpu_run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# A misspelt stage in GPU_RUN_STAGES would be skipped without a word while the call spends its
+# device time on the others: refused here, before the build (none: no stage, the preamble only).
+for stage in ${GPU_RUN_STAGES:-}; do
+  case "$stage" in
+    tests|losses|encode|sanitizer|sanitizer_new|sanitizer_knn|profile|bench|none) ;;
+    *)
+      echo "GPU_RUN_STAGES: unknown stage '$stage'; expected some of tests losses encode sanitizer_new" \
+        "profile bench sanitizer_knn (sanitizer: both sanitizer parts; none: no stage)"
+      echo "== done (exit 2)"
+      exit 2
+      ;;
+  esac
+done
 # The device tool's copy of .git can lag the working tree it sends (run 7 printed run 6's
 # commit): a non-empty line here means the code is that commit plus these changes.
 echo "changed since that commit: $(git diff --shortstat HEAD 2>/dev/null)"
@@ -107,25 +120,230 @@ if [ "$code" -ne 0 ]; then
   command -v cuda-gdb >/dev/null && timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "$smoke" 2>&1 | tail -40
 fi
 
+# compute-sanitizer, in two stages: sanitizer_new (the new kernels' tests, never run under it:
+# the fused losses', then the CUDA encoder's) and sanitizer_knn (the small GPU kNN tests, named
+# "small"); each runs memcheck (out-of-bounds and misaligned accesses, API errors) and racecheck
+# (shared-memory hazards) at once (separate processes on the one GPU: half the wall time),
+# under its own limit, and both append to the same two logs (started afresh by the call's
+# first sanitizer stage). torch's caching allocator is off so that memcheck sees every
+# allocation's true bounds.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+# The losses' tests (csrc/cuda/losses.cu): memcheck every kernel instantiation (float32,
+# float64, each kind, the KL) over the tests' shapes at one reduction (the kernels do the same
+# work for every reduction: only the gradient's scale differs), the outputs poisoned with NaN,
+# the grid-stride and finish loops, the out-of-range flag, a side stream, half inputs, the
+# target's gradient and strided inputs: 71 tests; racecheck the finish kernel (the only shared
+# memory) with several segments a row and with more rows than its block has threads.
+# GPU_RUN_MEMCHECK_LOSS_TESTS: a -k selection instead; GPU_RUN_SANITIZER_LOSSES=0 leaves the
+# losses out. tests/test_gpu_run_script.py checks what these collect.
+MEMCHECK_LOSS_SELECTION="none or every_output_element_is_written or many_rows or outside_the_unit_interval or side_stream or half_inputs or target_gradient or non_contiguous"
+RACECHECK_LOSS_TESTS=(
+  "tests/gpu/test_losses_cuda.py::test_every_output_element_is_written[9000]"
+  "tests/gpu/test_losses_cuda.py::test_many_rows_loop_over_the_grid_and_the_finish_block"
+)
+# After the losses, each tool runs some of the CUDA encoder's GPU tests
+# (tests/gpu/test_encode_cuda_native.py; csrc/cuda/encode.cu), at most
+# GPU_RUN_SANITIZER_ENCODER_SECONDS (default 60 s: a timeout under the tool, which then reports
+# what it saw; exit 124, or 137 where pytest had to be killed), so that slow losses' runs still
+# leave it time within the stage's limit. memcheck (--maxfail=3) the tests at the edges:
+# depths, widths and rows around the tiles (both float32 tiles, loads of 4 and of 1, partial
+# row and output tiles), six layers through the two hidden buffers, inputs off 16 bytes, every
+# output written with vector stores and without (fp32, bf16), the LayerNorm kernel, PCA's mean,
+# bf16's x - mean: 66 small tests, in the file's order. racecheck the narrow tile's
+# double-buffered shared memory (encode_narrow_tile.cuh, new; the wide and bf16 tiles are the
+# kNN scan's, raced in runs 5-7 without a hazard; the LayerNorm kernel has none): 257 rows (3
+# row blocks), 64 inputs (4 staging steps) into 300 outputs (the wide tile) into 5 (the narrow
+# one, 19 steps), then the six layers. GPU_RUN_MEMCHECK_ENCODER_TESTS,
+# GPU_RUN_RACECHECK_ENCODER_TESTS: -k selections instead; GPU_RUN_SANITIZER_ENCODER=0 leaves
+# them out. tests/test_gpu_run_script.py checks what these collect.
+ENCODER_TESTS=tests/gpu/test_encode_cuda_native.py
+MEMCHECK_ENCODER_SELECTION="depths_widths_and_rows or many_layers or off_16_bytes or every_output_element or layer_norms_to_the_last_bit or pca_subtracts or bf16_rounds_x_minus"
+RACECHECK_ENCODER_TESTS=(
+  "tests/gpu/test_encode_cuda_native.py::test_depths_widths_and_rows[257-64-300]"
+  "tests/gpu/test_encode_cuda_native.py::test_many_layers"
+)
+# The kNN tests. racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7
+# one mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
+# takes a list of tests of code not yet run under it, in order of need, since it reaches only
+# the first few (pytest runs node ids in the order given): the large-k plan in the tile scan
+# (the default since run 9: tree merge and shared thresholds), the single-query scan (an
+# experiment of the tenth session: the row scan's lists, more rows in flight), then the 5
+# tests run 8 did not reach (weighted_l2, the fused finish at k = 257, shared thresholds and
+# the tree merge in the row scan, the mma.sync tile on integer data), then run 8's 4 (no
+# hazard there: the warp cut-backs, the fused finish, shared thresholds and the tree merge at
+# 130 queries). Runs 5-7 ran the float32 tile and row scans, the selection and both
+# tensor-core tiles without a hazard. tests/test_gpu_run_script.py checks that these ids exist.
+# memcheck takes the "small" tests of the run-8 opt-ins, the large-k plan and the single-query
+# scan's settings (their own tests, and the native-output test with each alone: about 300; run
+# 8 got through about 170 in 200 s without an error); runs 6-7 found the kernels of run 7
+# clean. GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
+# selection instead of the list.
+RACECHECK_TESTS=(
+  "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_single_query_scan_equals_the_row_scan[128-fp32-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
+  "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[3-20000-8-50-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_tensor_core_integer_data_is_exact[mma-300-1000-128-l2-bf16]"
+  "tests/gpu/test_knn_cuda.py::test_small_warp_cut_backs_equal_the_block_ones[130-20000-16-100-fp32-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
+)
+MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
+
+# sanitizer_runs PART TOOL: sets $runs to PART's (new, knn) pytest runs under TOOL, each as
+# NAME LIMIT COUNT ARGS... (LIMIT 0: none of its own, only the stage's), and $described to
+# a line naming them.
+sanitizer_runs() {
+  local part=$1 tool=$2 args
+  runs=() described=""
+  if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_LOSSES:-1}" != 0 ]; then
+    if [ "$tool" = memcheck ]; then
+      args=(-k "${GPU_RUN_MEMCHECK_LOSS_TESTS:-$MEMCHECK_LOSS_SELECTION}" tests/gpu/test_losses_cuda.py)
+    else
+      args=("${RACECHECK_LOSS_TESTS[@]}")
+    fi
+    runs+=(losses 0 "${#args[@]}" "${args[@]}") described="losses: pytest ${args[*]}"
+  fi
+  if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_ENCODER:-1}" != 0 ]; then
+    if [ ! -f "$ENCODER_TESTS" ]; then
+      echo "($tool: $ENCODER_TESTS not found, the encoder's tests left out)"
+      return
+    elif [ "$tool" = memcheck ]; then
+      args=(--maxfail=3 -k "${GPU_RUN_MEMCHECK_ENCODER_TESTS:-$MEMCHECK_ENCODER_SELECTION}" "$ENCODER_TESTS")
+    elif [ -n "${GPU_RUN_RACECHECK_ENCODER_TESTS:-}" ]; then
+      args=(-k "$GPU_RUN_RACECHECK_ENCODER_TESTS" "$ENCODER_TESTS")
+    else
+      args=("${RACECHECK_ENCODER_TESTS[@]}")
+    fi
+    runs+=(encoder "${GPU_RUN_SANITIZER_ENCODER_SECONDS:-60}" "${#args[@]}" "${args[@]}")
+    described+="${described:+; then }encoder: pytest ${args[*]}"
+  fi
+  if [ "$part" = knn ]; then
+    if [ "$tool" = memcheck ]; then
+      args=(-k "${GPU_RUN_MEMCHECK_TESTS:-$MEMCHECK_SELECTION}" tests/gpu/test_knn_cuda.py)
+    elif [ -n "${GPU_RUN_RACECHECK_TESTS:-}" ]; then
+      args=(-k "$GPU_RUN_RACECHECK_TESTS" tests/gpu/test_knn_cuda.py)
+    else
+      args=("${RACECHECK_TESTS[@]}")
+    fi
+    runs+=(kNN 0 "${#args[@]}" "${args[@]}") described="kNN: pytest ${args[*]}"
+  fi
+}
+
+# A tool's exit status over the call's sanitizer stages, as when they were one: its first
+# sanitizer error (99), else its first other failure. Folded into the call's status at the end.
+declare -A sanitizer_exit=([memcheck]=0 [racecheck]=0)
+sanitizer_logs_started=0
+worse_sanitizer_exit() {
+  if [ "$1" -eq 99 ] || [ "$2" -eq 99 ]; then echo 99; elif [ "$1" -ne 0 ]; then echo "$1"; else echo "$2"; fi
+}
+
+# run_sanitizer PART LABEL LIMIT: PART's runs under both tools at once, within LIMIT (capped by
+# the deadline). Each tool runs in its own session (setsid), and a watchdog kills the whole
+# session at the limit: in runs 5 and 6 the stage outlived its limit until the device call's
+# own time limit (timeout alone did not end it, cause not found), so nothing after it ran.
+run_sanitizer() {
+  local part=$1 label=$2 tool pid code start pids=() launched=()
+  local -A from=()  # each log's length before this part: its summary lines are this part's
+  if [ -z "$SANITIZER" ]; then
+    echo "== compute-sanitizer ($label): not found, skipped"
+    return
+  fi
+  within_deadline "compute-sanitizer ($label)" "$3" || return
+  if [ "$sanitizer_logs_started" = 0 ]; then  # this call's logs, not an earlier call's
+    for tool in memcheck racecheck; do : > "${OUT:-.}/sanitizer_$tool.log"; done
+    sanitizer_logs_started=1
+  fi
+  start=$(date +%s)
+  for tool in memcheck racecheck; do
+    sanitizer_runs "$part" "$tool"
+    if [ "${#runs[@]}" -eq 0 ]; then
+      echo "== compute-sanitizer --tool $tool ($label): nothing to run"
+      continue
+    fi
+    echo "== compute-sanitizer --tool $tool, $label part ($described), log: sanitizer_$tool.log"
+    from[$tool]=$(wc -l < "${OUT:-.}/sanitizer_$tool.log")
+    rm -f "/tmp/sanitizer_$tool.exit"
+    # The runs one after another under the tool, each "NAME LIMIT COUNT ARGS..." (a LIMIT is a
+    # timeout of the run's own); the exit file gets the first sanitizer error (99) of the
+    # runs, else their first other failure.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3; shift 3
+      run() {
+        "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
+      }
+      code=0
+      {
+        while [ "$#" -gt 0 ]; do
+          name=$1 limit=$2 count=$3; shift 3
+          if [ "$limit" -gt 0 ]; then
+            echo "---- $name: pytest ${*:1:count} (at most $limit s)"
+            # SIGINT first: pytest stops and prints its summary; the tool then exits with 124.
+            run timeout -s INT -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:count}"
+            exit_code=$?
+            echo "---- $name exit $exit_code (124 or 137: stopped at its limit)"
+          else
+            echo "---- $name: pytest ${*:1:count}"
+            run python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:count}"
+            exit_code=$?
+            echo "---- $name exit $exit_code"
+          fi
+          shift "$count"
+          if [ "$exit_code" -eq 99 ]; then code=99; elif [ "$code" -eq 0 ]; then code=$exit_code; fi
+        done
+      } >> "$log" 2>&1
+      echo "$code" > "/tmp/sanitizer_$tool.exit"' \
+      _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${runs[@]}" &
+    pids+=("$!") launched+=("$tool")
+  done
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 1; done
+    # setsid made the tool's process the leader of its own session: end all of that session.
+    pkill -KILL -s "$pid" 2>/dev/null || kill -KILL -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  for tool in "${launched[@]}"; do
+    code=$(cat "/tmp/sanitizer_$tool.exit" 2>/dev/null || echo 124)
+    tail -n "+$(( ${from[$tool]} + 1 ))" "${OUT:-.}/sanitizer_$tool.log" \
+      | grep -E "^---- (losses|encoder|kNN) exit|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" | tail -16
+    echo "$tool exit $code ($label; 0: clean; 99: sanitizer errors; 124: stopped at the ${limit} s limit)"
+    sanitizer_exit[$tool]=$(worse_sanitizer_exit "${sanitizer_exit[$tool]}" "$code")
+  done
+  echo "sanitizer seconds ($label): $(( $(date +%s) - start ))"
+}
+
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time, in the order tests, losses (the GPU losses benchmark), encode (the GPU encoder
-# benchmark), bench (the kNN benchmarks), profile, sanitizer (the benchmarks were the stage a
-# run lost to the time limit before; the two new kernels' benchmarks are short and go before
-# the kNN ones, whose parts take what the deadline leaves).
+# time, in order of value, what has never run on a GPU first: tests; losses (the GPU losses
+# benchmark) and encode (the GPU encoder benchmark), short; sanitizer_new (the losses' and the
+# encoder's tests under compute-sanitizer, above: the only check of the two new kernels under
+# memcheck and racecheck); profile (its q1sweep section owed since the tenth session); bench
+# (the kNN benchmarks, run in full in run 8; the defaults since then in the profile); sanitizer_knn
+# (the kNN tests under compute-sanitizer) with what the deadline leaves. The stage blocks
+# below are in that order: it is the order they run in, whatever GPU_RUN_STAGES's order.
 # Measured on an H200 (2026-11-26, run 8): build 94 s, tests 58 s (977 tests, 6 xdist
-# workers; the losses' GPU tests, about 195, and the CUDA encoder's came after), benchmarks
-# 130 s (four processes), profile 64 s; the machine's start about 30 s. The losses benchmark
-# (estimated 30-60 s, limit 90 s) and the encoder benchmark (estimated 20-40 s, limit 75 s)
-# have not run yet. With the sanitizer's 150 s, about 600 s in all: one device call of 600 s
-# holds every stage but the sanitizer, which is cut to what the deadline leaves; or two on
-# the same warm machine, the second right after the first (an idle machine is handed back
-# after about 30 s; docs/gpu-runs.md):
-#   GPU_RUN_STAGES="tests losses encode bench" bash benchmarks/gpu_run.sh
-#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile sanitizer" bash benchmarks/gpu_run.sh
-# GPU_RUN_STAGES picks some stages; all six by default. Each stage's limit is also capped by
-# the call's deadline (GPU_RUN_DEADLINE_SECONDS, above), so GPU_RUN_SANITIZER_SECONDS need not
-# be fitted by hand: the last stage takes what is left.
-STAGES="${GPU_RUN_STAGES:-tests losses encode bench profile sanitizer}"
+# workers; about 90 s expected with the losses' GPU tests, about 195, and the CUDA encoder's),
+# benchmarks 130 s (four processes), profile 64 s (before its "defaults" and "q1sweep"
+# sections: up to its 150 s limit now); the machine's start about 30 s. Not yet run: the
+# losses benchmark (estimated 30-60 s, limit 90 s), the encoder benchmark (20-40 s, limit
+# 75 s), sanitizer_new (limit 120 s, GPU_RUN_SANITIZER_NEW_SECONDS). One device call of 600 s
+# (deadline 585 s): preamble and build about 105 s, tests 90, losses up to 60, encode up to
+# 40, sanitizer_new 120 (about 415 s so far), profile 100-150 (to about 515-565 s), then bench
+# takes what is left (its parts in turn, about 10-110 s of its 130) and sanitizer_knn (limit
+# 150 s, GPU_RUN_SANITIZER_SECONDS) most likely nothing. Two calls on the same warm machine
+# cover every stage once, the second right after the first (an idle machine is handed back
+# after about 30 s; docs/gpu-runs.md): the first about 415 s (480 s with both benchmarks at
+# their limits), the second profile, bench and the kNN sanitizer part with what the device
+# time leaves:
+#   GPU_RUN_STAGES="tests losses encode sanitizer_new" bash benchmarks/gpu_run.sh
+#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile bench sanitizer_knn" bash benchmarks/gpu_run.sh
+# GPU_RUN_STAGES picks some stages; all seven by default; "sanitizer" (one stage before this
+# split) names both sanitizer parts. Each stage's limit is also capped by the call's deadline
+# (GPU_RUN_DEADLINE_SECONDS, above), so no limit need be fitted by hand.
+STAGES="${GPU_RUN_STAGES:-tests losses encode sanitizer_new profile bench sanitizer_knn}"
+STAGES=" $STAGES "
+STAGES="${STAGES// sanitizer / sanitizer_new sanitizer_knn }"
 status=0
 
 if [[ " $STAGES " == *" tests "* ]] && within_deadline tests "${GPU_RUN_TEST_SECONDS:-200}"; then
@@ -146,9 +364,8 @@ fi
 
 if [[ " $STAGES " == *" losses "* ]] && within_deadline "losses benchmark" "${GPU_RUN_LOSSES_BENCH_SECONDS:-90}"; then
   # The fused losses' kernels (csrc/cuda/losses.cu) against torch's ops and a copy of the same
-  # bytes: benchmarks/bench_losses_cuda.py, before the kNN benchmarks, whose parts take the
-  # deadline's time after it. (Until the fifteenth session its JSON went to $OUT as
-  # losses_cuda.json; it is in gpu_bench_json.tar.gz now, which left room for the encoder's.)
+  # bytes: benchmarks/bench_losses_cuda.py. (Until the fifteenth session its JSON went to $OUT
+  # as losses_cuda.json; it is in gpu_bench_json.tar.gz now, which left room for the encoder's.)
   run_gpu_benchmark losses benchmarks/bench_losses_cuda.py losses_cuda.json benchmarks/report_losses_cuda.py
 fi
 
@@ -160,6 +377,25 @@ if [[ " $STAGES " == *" encode "* ]] && within_deadline "encode benchmark" "${GP
   # second run in the losses stage: its own limit and deadline line, and either can run alone
   # (GPU_RUN_STAGES) on a call short of time.
   run_gpu_benchmark encode benchmarks/bench_encode_cuda.py encode_cuda.json benchmarks/report_encode_cuda.py
+fi
+
+if [[ " $STAGES " == *" sanitizer_new "* ]]; then
+  # The two new kernels' tests under memcheck and racecheck (never run), before the profile
+  # and the kNN benchmarks: the losses' runs, then the encoder's under its own 60 s.
+  run_sanitizer new "new kernels" "${GPU_RUN_SANITIZER_NEW_SECONDS:-120}"
+fi
+
+if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROFILE_SECONDS:-150}"; then
+  # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
+  # split rule against the search time; the defaults against their opt-outs; one query's scan
+  # against one read of the database): benchmarks/profile_knn_cuda.py, 64 s in run 8 (before
+  # its "defaults" section, about 20 s in run 9, and "q1sweep", 21 settings of one query over
+  # 1M rows, not yet run). One JSON, rewritten as each section ends.
+  echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
+  start=$(date +%s)
+  timeout -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  code=$?
+  echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -199,188 +435,15 @@ if [[ " $STAGES " == *" bench "* ]]; then
     echo "no GPU benchmarks yet"
   fi
 fi
-if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROFILE_SECONDS:-150}"; then
-  # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
-  # split rule against the search time; the defaults against their opt-outs; one query's scan
-  # against one read of the database): benchmarks/profile_knn_cuda.py, 64 s in run 8 (before
-  # its "defaults" section, about 20 s in run 9, and "q1sweep", 21 settings of one query over
-  # 1M rows, not yet run). One JSON, rewritten as each section ends.
-  echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
-  start=$(date +%s)
-  timeout -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
-  code=$?
-  echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
-fi
-if [[ " $STAGES " == *" sanitizer "* ]]; then
-  # compute-sanitizer over the fused losses' GPU tests (a subset), the CUDA encoder's GPU
-  # tests (a subset), then the small GPU kNN tests (named "small"): memcheck
-  # (out-of-bounds and misaligned accesses, API errors) and racecheck (shared-memory hazards).
-  # torch's caching allocator is off so that memcheck sees every allocation's true bounds.
-  SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-  if [ -z "$SANITIZER" ]; then
-    echo "== compute-sanitizer: not found, skipped"
-  elif ! within_deadline compute-sanitizer "${GPU_RUN_SANITIZER_SECONDS:-150}"; then
-    :
-  else
-    # Both tools at once (separate processes on the one GPU): half the wall time.
-    # racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7 one
-    # mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
-    # takes a list of tests of code not yet run under it, in order of need, since it reaches
-    # only the first few (pytest runs node ids in the order given): the large-k plan in the
-    # tile scan (the default since run 9: tree merge and shared thresholds), the single-query
-    # scan (an experiment of the tenth session: the row scan's lists, more rows in flight),
-    # then the 5 tests run 8 did not
-    # reach (weighted_l2, the fused finish at k = 257, shared thresholds and the tree merge in
-    # the row scan, the mma.sync tile on integer data), then run 8's 4 (no hazard there: the
-    # warp cut-backs, the fused finish, shared thresholds and the tree merge at 130 queries).
-    # Runs 5-7 ran the float32 tile and row scans, the selection and both tensor-core tiles
-    # without a hazard. tests/test_gpu_run_script.py checks that these ids exist.
-    # memcheck takes the "small" tests of the run-8 opt-ins, the large-k plan and the
-    # single-query scan's settings (their own tests, and the native-output test with each
-    # alone: about 300; run 8 got through about 170 in 200 s without an error); runs 6-7 found
-    # the kernels of run 7 clean.
-    # GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
-    # selection instead of the list.
-    # Each tool runs in its own session (setsid), and a watchdog kills the whole session at
-    # the limit: in runs 5 and 6 the stage outlived its limit until the device call's own
-    # time limit (timeout alone did not end it, cause not found), so nothing after it ran.
-    # Before the kNN tests, in the same process chain and log, each tool runs the fused
-    # losses' tests (csrc/cuda/losses.cu, never run under either; kNN memcheck never reaches
-    # its selection's end, so the losses go first): memcheck every kernel instantiation
-    # (float32, float64, each kind, the KL) over the tests' shapes at one reduction (the
-    # kernels do the same work for every reduction: only the gradient's scale differs), the
-    # outputs poisoned with NaN, the grid-stride and finish loops, the out-of-range flag, a
-    # side stream, half inputs, the target's gradient and strided inputs: 71 tests;
-    # racecheck the finish kernel (the only shared memory) with several segments a row and
-    # with more rows than its block has threads. GPU_RUN_MEMCHECK_LOSS_TESTS: a -k selection
-    # instead; GPU_RUN_SANITIZER_LOSSES=0 leaves the losses out. tests/test_gpu_run_script.py
-    # checks what these collect.
-    # Between the losses and the kNN tests, each tool runs some of the CUDA encoder's GPU tests
-    # (tests/gpu/test_encode_cuda_native.py; csrc/cuda/encode.cu, never run under either), at
-    # most GPU_RUN_SANITIZER_ENCODER_SECONDS (default 60 s: a timeout under the tool, which then
-    # reports what it saw; exit 124, or 137 where pytest had to be killed), so that a slow run
-    # cannot take the kNN tests' time. memcheck (--maxfail=3) the tests at the edges: depths,
-    # widths and rows around the tiles (both float32 tiles, loads of 4 and of 1, partial row
-    # and output tiles), six layers through the two hidden buffers, inputs off 16 bytes,
-    # every output written with vector stores and without (fp32, bf16), the LayerNorm kernel,
-    # PCA's mean, bf16's x - mean: 66 small tests, in the file's order. racecheck the
-    # narrow tile's double-buffered shared memory (encode_narrow_tile.cuh, new; the wide and
-    # bf16 tiles are the kNN scan's, raced in runs 5-7 without a hazard; the LayerNorm kernel
-    # has none): 257 rows (3 row blocks), 64 inputs (4 staging steps) into 300 outputs (the
-    # wide tile) into 5 (the narrow one, 19 steps), then the six layers.
-    # GPU_RUN_MEMCHECK_ENCODER_TESTS, GPU_RUN_RACECHECK_ENCODER_TESTS: -k selections instead;
-    # GPU_RUN_SANITIZER_ENCODER=0 leaves them out. tests/test_gpu_run_script.py checks what
-    # these collect.
-    ENCODER_TESTS=tests/gpu/test_encode_cuda_native.py
-    MEMCHECK_ENCODER_SELECTION="depths_widths_and_rows or many_layers or off_16_bytes or every_output_element or layer_norms_to_the_last_bit or pca_subtracts or bf16_rounds_x_minus"
-    RACECHECK_ENCODER_TESTS=(
-      "tests/gpu/test_encode_cuda_native.py::test_depths_widths_and_rows[257-64-300]"
-      "tests/gpu/test_encode_cuda_native.py::test_many_layers"
-    )
-    RACECHECK_LOSS_TESTS=(
-      "tests/gpu/test_losses_cuda.py::test_every_output_element_is_written[9000]"
-      "tests/gpu/test_losses_cuda.py::test_many_rows_loop_over_the_grid_and_the_finish_block"
-    )
-    MEMCHECK_LOSS_SELECTION="none or every_output_element_is_written or many_rows or outside_the_unit_interval or side_stream or half_inputs or target_gradient or non_contiguous"
-    RACECHECK_TESTS=(
-      "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_single_query_scan_equals_the_row_scan[128-fp32-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
-      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[3-20000-16-10-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[3-20000-8-50-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_tensor_core_integer_data_is_exact[mma-300-1000-128-l2-bf16]"
-      "tests/gpu/test_knn_cuda.py::test_small_warp_cut_backs_equal_the_block_ones[130-20000-16-100-fp32-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
-      "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
-    )
-    MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
-    start=$(date +%s)
-    pids=()
-    encoder_limit="${GPU_RUN_SANITIZER_ENCODER_SECONDS:-60}"
-    for tool in memcheck racecheck; do
-      if [ "$tool" = memcheck ]; then
-        encoder_tests=(--maxfail=3 -k "${GPU_RUN_MEMCHECK_ENCODER_TESTS:-$MEMCHECK_ENCODER_SELECTION}" "$ENCODER_TESTS")
-      elif [ -n "${GPU_RUN_RACECHECK_ENCODER_TESTS:-}" ]; then
-        encoder_tests=(-k "$GPU_RUN_RACECHECK_ENCODER_TESTS" "$ENCODER_TESTS")
-      else
-        encoder_tests=("${RACECHECK_ENCODER_TESTS[@]}")
-      fi
-      if [ "$tool" = memcheck ]; then
-        loss_tests=(-k "${GPU_RUN_MEMCHECK_LOSS_TESTS:-$MEMCHECK_LOSS_SELECTION}" tests/gpu/test_losses_cuda.py)
-        tests=(-k "${GPU_RUN_MEMCHECK_TESTS:-$MEMCHECK_SELECTION}" tests/gpu/test_knn_cuda.py)
-      elif [ -n "${GPU_RUN_RACECHECK_TESTS:-}" ]; then
-        loss_tests=("${RACECHECK_LOSS_TESTS[@]}")
-        tests=(-k "$GPU_RUN_RACECHECK_TESTS" tests/gpu/test_knn_cuda.py)
-      else
-        loss_tests=("${RACECHECK_LOSS_TESTS[@]}")
-        tests=("${RACECHECK_TESTS[@]}")
-      fi
-      [ "${GPU_RUN_SANITIZER_LOSSES:-1}" = 0 ] && loss_tests=()
-      [ "${GPU_RUN_SANITIZER_ENCODER:-1}" = 0 ] && encoder_tests=()
-      if [ "${#encoder_tests[@]}" -gt 0 ] && [ ! -f "$ENCODER_TESTS" ]; then
-        echo "($tool: $ENCODER_TESTS not found, the encoder's tests left out)"
-        encoder_tests=()
-      fi
-      echo "== compute-sanitizer --tool $tool (losses: pytest ${loss_tests[*]:-(none)}; then encoder: pytest ${encoder_tests[*]:-(none)}; then kNN: pytest ${tests[*]}), log: sanitizer_$tool.log"
-      rm -f "/tmp/sanitizer_$tool.exit"
-      # Three pytest runs under the tool, the losses' first, then the encoder's (under its own
-      # timeout), then the kNN ones' (the count of the losses' arguments and of the encoder's,
-      # the encoder's limit, then the three lists of arguments); the exit file gets the first
-      # sanitizer error (99) of the three, else their first other failure.
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 setsid bash -c 'sanitizer=$1 tool=$2 log=$3 losses_count=$4 encoder_count=$5 encoder_limit=$6; shift 6
-        run() {
-          "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "$@"
-        }
-        losses=0 encoder=0
-        {
-          if [ "$losses_count" -gt 0 ]; then
-            echo "---- losses: pytest ${*:1:losses_count}"
-            run python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:losses_count}"
-            losses=$?
-            echo "---- losses exit $losses"
-          fi
-          shift "$losses_count"
-          if [ "$encoder_count" -gt 0 ]; then
-            echo "---- encoder: pytest ${*:1:encoder_count} (at most $encoder_limit s)"
-            # SIGINT first: pytest stops and prints its summary; the tool then exits with 124.
-            run timeout -s INT -k 10 "$encoder_limit" python3 -m pytest -q -p no:cacheprovider -m cuda "${@:1:encoder_count}"
-            encoder=$?
-            echo "---- encoder exit $encoder (124 or 137: stopped at its limit)"
-          fi
-          shift "$encoder_count"
-          echo "---- kNN: pytest $*"
-          run python3 -m pytest -q -p no:cacheprovider -m cuda "$@"
-          knn=$?
-          echo "---- kNN exit $knn"
-        } > "$log" 2>&1
-        code=0
-        for part in $losses $encoder $knn; do
-          if [ "$part" -eq 99 ]; then code=99; break; fi
-          [ "$code" -eq 0 ] && code=$part
-        done
-        echo "$code" > "/tmp/sanitizer_$tool.exit"' \
-        _ "$SANITIZER" "$tool" "${OUT:-.}/sanitizer_$tool.log" "${#loss_tests[@]}" "${#encoder_tests[@]}" \
-        "$encoder_limit" "${loss_tests[@]}" "${encoder_tests[@]}" "${tests[@]}" &
-      pids+=("$!")
-    done
-    for pid in "${pids[@]}"; do
-      while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 1; done
-      # setsid made the tool's process the leader of its own session: end all of that session.
-      pkill -KILL -s "$pid" 2>/dev/null || kill -KILL -- "-$pid" 2>/dev/null
-      wait "$pid" 2>/dev/null
-    done
-    for tool in memcheck racecheck; do
-      code=$(cat "/tmp/sanitizer_$tool.exit" 2>/dev/null || echo 124)
-      grep -E "^---- (losses|encoder|kNN) exit|ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|error" \
-        "${OUT:-.}/sanitizer_$tool.log" | tail -16
-      echo "$tool exit $code (0: clean; 99: sanitizer errors; 124: stopped at the ${limit} s limit)"
-      if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
-    done
-    echo "sanitizer seconds: $(( $(date +%s) - start ))"
-  fi
+
+if [[ " $STAGES " == *" sanitizer_knn "* ]]; then
+  # The small kNN tests under memcheck and racecheck, last: what the deadline leaves.
+  run_sanitizer knn kNN "${GPU_RUN_SANITIZER_SECONDS:-150}"
 fi
 
+for tool in memcheck racecheck; do
+  code=${sanitizer_exit[$tool]}
+  if [ "$code" -ne 0 ] && [ "$status" -eq 0 ]; then status=$code; fi
+done
 echo "== done (exit $status)"
 exit "$status"

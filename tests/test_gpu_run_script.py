@@ -16,7 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 ENCODER_TESTS = "tests/gpu/test_encode_cuda_native.py"  # the CUDA encoder's GPU tests
-DEFAULT_STAGES = ["tests", "losses", "encode", "bench", "profile", "sanitizer"]
+# By value: what has never run on a GPU first (the new kernels' tests, benchmarks and sanitizer
+# part), then the profile (its q1sweep section owed since the tenth session), the kNN benchmarks
+# (their kernels unchanged since their last timed run), and the kNN sanitizer part last.
+DEFAULT_STAGES = ["tests", "losses", "encode", "sanitizer_new", "profile", "bench", "sanitizer_knn"]
 
 
 def _racecheck_tests(name: str = "RACECHECK_TESTS") -> list[str]:
@@ -142,30 +145,49 @@ def test_the_script_runs_its_preamble_without_stages(tmp_path):
     assert "SMOKE FAILED" not in log and log.rstrip().endswith("== done (exit 0)")
 
 
+@pytest.mark.parametrize("stages", ["sanitizer-new", "tests benchmark", "Tests"])
+def test_an_unknown_stage_is_refused_before_the_build(tmp_path, stages):
+    """A misspelt stage ran nothing it named, without a word, while the call spent its device
+    time on the other stages: now the call stops at once, naming it, before any build."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_STAGES": stages,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "gpu_run.log").read_text()
+    assert result.returncode == 2, log
+    bad = next(stage for stage in stages.split() if stage not in ("tests",))
+    assert f"GPU_RUN_STAGES: unknown stage '{bad}'" in log and "== build" not in log
+    assert log.rstrip().endswith("== done (exit 2)")
+
+
 def _run_script(tmp_path, path_first: Path | None = None, **settings: str) -> str:
     """Runs gpu_run.sh on the installed package (no build) and returns its log; path_first:
-    a folder searched for commands before all others (a stand-in compute-sanitizer)."""
+    a folder searched for commands before all others (a stand-in compute-sanitizer). Without
+    GPU_RUN_STAGES in settings, the default stages."""
     import os
 
     folders = [str(path_first)] if path_first else []
     folders += [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
-    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", **settings, "PATH": os.pathsep.join(folders)}
+    env = {key: value for key, value in os.environ.items() if key != "GPU_RUN_STAGES"}
+    env = {**env, "OUT": str(tmp_path), "GPU_RUN_BUILD": "0", **settings, "PATH": os.pathsep.join(folders)}
     subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return (tmp_path / "gpu_run.log").read_text()
 
 
 def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printed(tmp_path):
     # The stages' own limits add up to more than one 600 s device call: with the deadline
-    # spent by the preamble, each stage says it was skipped and the run still ends in order.
-    log = _run_script(tmp_path, GPU_RUN_STAGES="tests losses encode bench profile", GPU_RUN_DEADLINE_SECONDS="20")
-    stages = ("tests", "losses benchmark", "encode benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)",
-              "profile")
+    # spent by the preamble, each default stage says it was skipped and the run still ends.
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_DEADLINE_SECONDS="20")
+    stages = ("tests", "losses benchmark", "encode benchmark", "compute-sanitizer (new kernels)", "profile",
+              "benchmark (plain)", "benchmark (large_k_opt-ins)", "compute-sanitizer (kNN)")
     for stage in stages:
         assert f"== {stage}: skipped" in log, log
-    # in this order: the losses and encoder benchmarks before the kNN benchmarks' long parts
+    # in the default list's order: what never ran on a GPU first, the kNN sanitizer part last
     positions = [log.index(f"== {stage}: skipped") for stage in stages]
     assert positions == sorted(positions), log
     assert "pytest seconds" not in log and "profile seconds" not in log and "benchmark seconds" not in log
+    assert "sanitizer seconds" not in log and not list(tmp_path.glob("sanitizer_*.log"))
     assert log.rstrip().endswith("== done (exit 0)"), log
 
 
@@ -373,14 +395,15 @@ def test_the_new_kernels_stages_archive_their_json_and_report_it(tmp_path):
 
 FAKE_SANITIZER = """#!/bin/sh
 # compute-sanitizer's stand-in: drops "--tool T --error-exitcode 99 --print-limit 20", runs the
-# rest, and fails the losses' or the encoder's run with FAKE_LOSSES_EXIT / FAKE_ENCODER_EXIT
-# where set.
+# rest, and fails the losses', the encoder's or the kNN run with FAKE_LOSSES_EXIT /
+# FAKE_ENCODER_EXIT / FAKE_KNN_EXIT where set.
 echo "fake sanitizer $2"
 shift 6
 "$@"
 code=$?
 case "$*" in *test_losses_cuda*) [ -n "$FAKE_LOSSES_EXIT" ] && exit "$FAKE_LOSSES_EXIT" ;; esac
 case "$*" in *test_encode_cuda_native*) [ -n "$FAKE_ENCODER_EXIT" ] && exit "$FAKE_ENCODER_EXIT" ;; esac
+case "$*" in *test_knn_cuda*) [ -n "$FAKE_KNN_EXIT" ] && exit "$FAKE_KNN_EXIT" ;; esac
 exit $code
 """
 
@@ -446,3 +469,43 @@ def test_the_sanitizer_runs_the_encoder_tests_between_the_losses_and_the_knn_one
         assert f"---- encoder exit {expected} " in tool_log, tool_log
         assert f"{tool} exit {expected} " in log, log
     assert log.rstrip().endswith(f"== done (exit {expected})"), log
+
+
+@pytest.mark.parametrize("stages,parts,limits", [
+    ("sanitizer_new", ["losses", "encoder"], [120]),
+    ("sanitizer_knn", ["kNN"], [150]),
+    ("sanitizer", ["losses", "encoder", "kNN"], [120, 150]),  # the one stage it was: both parts
+    ("sanitizer_knn sanitizer_new", ["losses", "encoder", "kNN"], [120, 150]),  # the script's order, not the list's
+])
+def test_the_sanitizer_parts_run_alone_or_together_into_the_same_two_logs(tmp_path, stages, parts, limits):
+    """sanitizer_new (the losses' and the encoder's tests, never run under either tool) and
+    sanitizer_knn (the kNN tests) each start under their own limit, capped by the deadline;
+    together they write one log per tool, the new kernels' part first. A log left in $OUT
+    by an earlier call is replaced, not appended to."""
+    for tool in ("memcheck", "racecheck"):
+        (tmp_path / f"sanitizer_{tool}.log").write_text("---- kNN: pytest stale\n")
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES=stages, GPU_RUN_DEADLINE_SECONDS="110")
+    cuts = [int(limit) for limit in re.findall(r"\(compute-sanitizer \((?:new kernels|kNN)\): limit cut from (\d+) s", log)]
+    assert cuts == limits, log
+    for tool in ("memcheck", "racecheck"):
+        tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
+        assert "stale" not in tool_log, tool_log
+        started = re.findall(r"^---- (losses|encoder|kNN): pytest", tool_log, re.M)
+        assert started == parts, tool_log
+        for part in parts:
+            assert f"---- {part} exit 0" in tool_log, tool_log
+        assert log.count(f"{tool} exit 0 ") == len(limits), log
+    assert log.rstrip().endswith("== done (exit 0)"), log
+
+
+def test_a_sanitizer_error_in_the_knn_part_outranks_another_failure_in_the_new_kernels_part(tmp_path):
+    """As when the two parts were one stage: under each tool the first sanitizer error (99)
+    of its runs is the tool's exit status, else their first other failure; the call's exit
+    status is the first failing tool's."""
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer", FAKE_ENCODER_EXIT="1",
+                      FAKE_KNN_EXIT="99")
+    for tool in ("memcheck", "racecheck"):
+        tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
+        assert "---- encoder exit 1 " in tool_log and "---- kNN exit 99" in tool_log, tool_log
+        assert f"{tool} exit 1 " in log and f"{tool} exit 99 " in log, log
+    assert log.rstrip().endswith("== done (exit 99)"), log
