@@ -107,6 +107,18 @@ def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}x"
 
 
+def speedup_verdict(subject: str, peer: str, cells: int, speedups: list[float]) -> str:
+    """In how many of `cells` cells `subject` beat `peer`, from the speed-ups measured (the
+    peer's time over the subject's; a cell without both times counts as not won)."""
+    if not speedups:
+        return f"{subject} against {peer}: not measured in any of the {cells} cells."
+    wins = sum(1 for s in speedups if s > 1.0)
+    mean = math.exp(sum(map(math.log, speedups)) / len(speedups))
+    return (f"{subject} faster than {peer} in {wins} of {cells} cells (speed-up over the "
+            f"{len(speedups)} measured: geometric mean {mean:.2f}x, least {min(speedups):.2f}x, "
+            f"most {max(speedups):.2f}x).")
+
+
 def split_label(peer: str) -> tuple[str, list[str], list[str]]:
     """A peer's label cut into its name, the opt-ins its brackets name (CUDA_KNN_OPT_INS, in
     the label's order) and its other bracket words, which describe the peer itself:

@@ -328,10 +328,10 @@ run_sanitizer() {
 # sections: up to its 150 s limit now); the machine's start about 30 s. Not yet run: the
 # losses benchmark (estimated 30-60 s, limit 90 s), the encoder benchmark (20-40 s, limit
 # 75 s), sanitizer_new (limit 120 s, GPU_RUN_SANITIZER_NEW_SECONDS). One device call of 600 s
-# (deadline 585 s): preamble and build about 105 s, tests 90, losses up to 60, encode up to
-# 40, sanitizer_new 120 (about 415 s so far), profile 100-150 (to about 515-565 s), then bench
-# takes what is left (its parts in turn, about 10-110 s of its 130) and sanitizer_knn (limit
-# 150 s, GPU_RUN_SANITIZER_SECONDS) most likely nothing. Two calls on the same warm machine
+# (GPU_RUN_DEADLINE_SECONDS=585): preamble and build about 105 s, tests 90, losses up to 60,
+# encode up to 40, sanitizer_new 120 (about 415 s so far), profile 100-150 (to about 515-565
+# s), then bench takes what is left (its parts in turn, about 10-110 s of its 130) and
+# sanitizer_knn (limit 150 s, GPU_RUN_SANITIZER_SECONDS) most likely nothing. Two calls on the same warm machine
 # cover every stage once, the second right after the first (an idle machine is handed back
 # after about 30 s; docs/gpu-runs.md): the first about 415 s (480 s with both benchmarks at
 # their limits), the second profile, bench and the kNN sanitizer part with what the device

@@ -22,11 +22,10 @@ false) is shown as "wrong", in no ratio: either way its ratios read "—". A fil
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 # (benchmarks/ is the script's folder, first on sys.path)
-from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, verified_median
+from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, speedup_verdict, verified_median
 
 NATIVE, KERNEL, TORCH_BACKEND, TORCH = "latentspace", "latentspace kernel", "latentspace[torch backend]", "torch"
 PEERS = (NATIVE, KERNEL, TORCH_BACKEND, TORCH)
@@ -102,15 +101,8 @@ def cell_rows(cells: dict[str, dict[str, dict]], roofs: dict) -> tuple[list[str]
 
 
 def verdict(count: int, speedups: list[float], name: str) -> str:
-    """In how many of the cells latentspace beat one torch peer (a cell without both times
-    counts as not won)."""
-    if not speedups:
-        return f"latentspace against {name}: not measured in any of the {count} cells."
-    wins = sum(1 for s in speedups if s > 1.0)
-    mean = math.exp(sum(map(math.log, speedups)) / len(speedups))
-    return (f"latentspace faster than {name} in {wins} of {count} cells (speed-up over the "
-            f"{len(speedups)} measured: geometric mean {mean:.2f}x, least {min(speedups):.2f}x, "
-            f"most {max(speedups):.2f}x).")
+    """In how many of the cells latentspace beat one torch peer."""
+    return speedup_verdict("latentspace", name, count, speedups)
 
 
 def main(argv: list[str] | None = None) -> int:

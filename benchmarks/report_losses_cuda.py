@@ -18,11 +18,10 @@ writes none) is named, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 # (benchmarks/ is the script's folder, first on sys.path)
-from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, verified_median
+from _common import fmt_median_ms, fmt_ratio, ratio, read_benchmark_files, speedup_verdict, verified_median
 
 NATIVE, TORCH_OPS, TORCH, ROOF = "latentspace", "latentspace[torch ops]", "torch", "copy roof"
 PEERS = (NATIVE, TORCH_OPS, TORCH, ROOF)
@@ -74,15 +73,8 @@ def cell_rows(cells: dict[str, dict[str, dict]]) -> tuple[list[str], list[float]
 
 
 def verdict(cells: dict, over_torch_ops: list[float]) -> str:
-    """In how many cells the native kernels beat the torch ops (every cell counts: one
-    without both times counts as not won)."""
-    wins = sum(1 for s in over_torch_ops if s > 1.0)
-    if not over_torch_ops:
-        return f"Native kernels against the torch ops: not measured in any of the {len(cells)} cells."
-    mean = math.exp(sum(map(math.log, over_torch_ops)) / len(over_torch_ops))
-    return (f"Native kernels faster than the torch ops in {wins} of {len(cells)} cells "
-            f"(speed-up over the {len(over_torch_ops)} measured: geometric mean {mean:.2f}x, "
-            f"least {min(over_torch_ops):.2f}x, most {max(over_torch_ops):.2f}x).")
+    """In how many cells the native kernels beat the torch ops."""
+    return speedup_verdict("Native kernels", "the torch ops", len(cells), over_torch_ops)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,15 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+constexpr int kWarp = 32;
+
+// The sum of a warp's 32 values in double, the same butterfly every time (so the same bits
+// from run to run); every lane gets it. All 32 lanes must call it.
+__device__ inline double warp_sum(double value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
 // A two-way setting from the environment, read where it applies (every search): true when the
 // variable `name` holds `when_true`, false for `when_false`, `when_unset` when it is unset or
 // empty; any other value throws ValueError naming the variable and both values.

@@ -30,12 +30,13 @@ namespace latentspace {
 namespace {
 
 using cuda::kTileThreads;
+using cuda::kWarp;
+using cuda::warp_sum;
 using cuda::NarrowSimtTile;
 using cuda::SimtTile;
 using cuda::TileBounds;
 using Bf16Tile = cuda::WmmaTile<KnnPrecision::kBf16>;
 
-constexpr int kWarp = 32;
 constexpr int kNormWarpsPerBlock = 8;
 constexpr int64_t kMaxNormBlocks = int64_t{1} << 16;  // larger inputs loop (grid stride)
 constexpr int64_t kMaxGridY = 65535;                  // the outputs' tiles go in grid.y
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(kTileThreads) linear_layer_kernel(LayerLaunch 
   const TileBounds bounds{a.in, a.weights, r0, a.rows, c0, a.columns, a.depth, nullptr, a.offset, a.nonfinite};
   float acc[Tile::kRows][Tile::kCols];
   Tile::template compute<KnnStorage::kFloat32, kAligned>(bounds, shared, acc);
-  // Both tiles give each thread its columns in runs of 4 consecutive ones (vector_of(4 g + m)
-  // = vector_of(4 g) + m), so a run is one 16-byte store where the layout allows.
+  // All three tiles give each thread its columns in runs of 4 consecutive ones (vector_of(4 g
+  // + m) = vector_of(4 g) + m), so a run is one 16-byte store where the layout allows.
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     const int64_t r = r0 + Tile::query_of(i);
@@ -88,12 +89,6 @@ __global__ void __launch_bounds__(kTileThreads) linear_layer_kernel(LayerLaunch 
       }
     }
   }
-}
-
-// The sum of a warp's 32 values, the same tree every time; every lane gets it.
-__device__ inline double warp_sum(double value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
 }
 
 // torch.nn.LayerNorm's eval forward over each row of `width` values, one warp per row, then the

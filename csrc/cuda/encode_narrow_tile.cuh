@@ -3,8 +3,8 @@
 // An encoder's last layer is usually narrow (a latent space of 2 to 32 dimensions; PCA is one
 // such layer): on the kNN scan's 128 x 128 SimtTile (knn_tiles.cuh) a 16-wide layer would
 // compute 8 times the products it keeps. This tile has the same shape as the scan's tiles
-// (kQueries x kVectors, query_of / vector_of, compute<kStorage, kAligned>) so that
-// linear_layer_kernel runs either:
+// (kQueries x kVectors, query_of / vector_of, compute<kStorage, kAligned>), so that
+// linear_layer_kernel runs any of them. Layout:
 //   - 256 threads; thread t owns rows 4 (t / 8) + {0..3} and outputs 4 (t % 8) + {0..3}: 4 x 4
 //     sums in registers, its shared reads one float4 of inputs and one of weights per input
 //     (16 FMAs for 2 loads; a warp reads 4 distinct input quads and 8 weight quads).
@@ -31,13 +31,17 @@ struct NarrowSimtTile {
   static_assert(kQueryQuads * kTileThreads * 4 == kQueries * kDepth && kWeightQuadThreads <= kTileThreads);
   static_assert((kQueries / kRows) * (kVectors / kCols) == kTileThreads);
 
+  // Rows padded by 4 floats: the 4 threads that stash one row's 16 inputs (transposed) then
+  // write two banks, not one (a 2-way conflict instead of 4-way), and row starts stay 16-byte
+  // aligned for the float4 reads.
   struct Shared {
     alignas(16) float queries[2][kDepth][kQueries + 4];  // transposed: [input][row]
     alignas(16) float weights[2][kDepth][kVectors + 4];  // transposed: [input][output]
   };
 
-  __device__ static int query_of(int i) { return (threadIdx.x / 8) * 4 + i; }
-  __device__ static int vector_of(int j) { return (threadIdx.x % 8) * 4 + j; }
+  static constexpr int kColumnQuads = kVectors / kCols;  // threads side by side over the outputs
+  __device__ static int query_of(int i) { return (threadIdx.x / kColumnQuads) * kRows + i; }
+  __device__ static int vector_of(int j) { return (threadIdx.x % kColumnQuads) * kCols + j; }
 
   template <KnnStorage kStorage, bool kAligned>
   __device__ static void compute(const TileBounds& t, Shared& s, float acc[kRows][kCols]) {
@@ -75,7 +79,7 @@ struct NarrowSimtTile {
         s.weights[buffer][c + 3][column] = next_weights.w;
       }
     };
-    const int row_quad = (threadIdx.x / 8) * 4, column_quad = (threadIdx.x % 8) * 4;
+    const int row_quad = query_of(0), column_quad = vector_of(0);
     fetch(0);
     stash(0);
     __syncthreads();

@@ -23,7 +23,8 @@ namespace {
 
 using namespace loss_math;  // the elementwise formulas and the segments (losses_math.cuh)
 
-constexpr int kWarp = 32;
+using cuda::kWarp;
+using cuda::warp_sum;
 constexpr int kSegmentWarpsPerBlock = 8;
 constexpr int kFinishThreads = 1024;
 // Enough blocks to fill any current GPU many times over; larger inputs loop (grid stride).
@@ -32,11 +33,6 @@ constexpr int64_t kMaxSegmentBlocks = int64_t{1} << 20;
 constexpr int kScaleThreads = 256;
 constexpr int64_t kMaxScaleBlocks = 4096;
 
-// The sum of a warp's 32 values in double, the same tree every time; every lane gets it.
-__device__ inline double warp_sum(double value) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 // Sums of the reconstruction loss per (row, segment) into segment_sums; gradient into grad.
 template <ReconstructionKind kKind, class T>

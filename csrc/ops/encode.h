@@ -132,7 +132,8 @@ class CudaMlpEncoder {
   const char* kernel_name() const;
   // float32 elements of device workspace encode() needs for `rows` rows: the hidden layers'
   // activations (two ping-pong buffers of rows x the widest hidden layer, for three layers or
-  // more) and a leading LayerNorm's normalised input (rows x input_dim). 0 for one layer.
+  // more) and a leading LayerNorm's normalised input (rows x input_dim). 0 for one layer
+  // without a leading LayerNorm.
   int64_t workspace_floats(int64_t rows) const;
 
   // out[r] = encoder(x[r]) for r < rows, queued on `stream` (a cudaStream_t of the current

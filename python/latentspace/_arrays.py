@@ -166,7 +166,7 @@ def check_rows_usable(array: np.ndarray, name: str, *, first_row: int = 0, weigh
     MAX_SQUARED_NORM, in the CPU kernel's weighted words."""
     bad = first_unusable_row(array)
     if bad >= 0:
-        raise ValueError(f"{name}: row {first_row + bad} {_BAD_ROW}")
+        raise ValueError(f"{name}: row {first_row + bad} {BAD_ROW_WORDS}")
     if weights is not None:
         with np.errstate(over="ignore", invalid="ignore"):
             heavy = np.flatnonzero(~((array * array) @ weights <= MAX_SQUARED_NORM))
@@ -180,7 +180,7 @@ def first_unusable_row(array: np.ndarray) -> int:
 
 
 # The CPU kernel's words (csrc/cpu/knn.cpp, kBadRowMessage / kBadWeightedRowMessage).
-_BAD_ROW = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm "
+BAD_ROW_WORDS = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm "
             "above 4.2e37); clean or rescale the data")
 _BAD_WEIGHTED_ROW = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared "
                      "norm, plain or scaled by the weights, above 4.2e37); clean or rescale the data, or lower "
@@ -424,7 +424,7 @@ def raise_unusable_rows(checks: list[tuple]) -> None:
     rows = [next(device_rows) if flag.device.type != "cpu" else int(flag) for flag, _, _ in checks]
     for row, (_, name, weighted) in zip(rows, checks):
         if row >= 0:
-            raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if weighted else _BAD_ROW}")
+            raise ValueError(f"{name}: row {row} {_BAD_WEIGHTED_ROW if weighted else BAD_ROW_WORDS}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class CudaEncoder:
             """The address of the array's copy on the device (None for None)."""
             return None if array is None else upload_tensor(array).data_ptr()
 
-        def norm(stage: Any) -> tuple[float, int | None, int | None] | None:
+        def device_norm(stage: Any) -> tuple[float, int | None, int | None] | None:
             return None if stage is None else (float(stage.eps), upload(stage.weight), upload(stage.bias))
 
         # PCA's mean: its address goes to the kernels, the tensor to first_bad_row
@@ -73,14 +73,14 @@ class CudaEncoder:
         norms = None
         if spec.has_norms:
             # (place, eps, weight address, bias address): the CPU encoder's tuple, uploaded
-            norms = [None if layer.norm is None else (layer.native_norm()[0], *norm(layer.norm)) for layer in layers]
+            norms = [None if layer.norm is None else (layer.native_norm()[0], *device_norm(layer.norm)) for layer in layers]
         with torch.cuda.device(self.device):
             self.native = _native.CudaMlpEncoder(
                 [upload(layer.weight) for layer in layers], [tuple(layer.weight.shape) for layer in layers],
                 [upload(layer.bias) for layer in layers], [layer.activation for layer in layers],
                 [float(layer.param) for layer in layers], None if self._offset is None else self._offset.data_ptr(),
                 precision, norms,
-                norm(spec.input_norm))
+                device_norm(spec.input_norm))
             # The uploads ran on the stream current now; encode() may run on another: wait for
             # them once, here, so that no kernel can read a weight before it has arrived.
             torch.cuda.current_stream(self.device).synchronize()
@@ -106,11 +106,11 @@ class CudaEncoder:
             workspace = torch.empty(floats, dtype=torch.float32, device=self.device) if floats else None
             self.native.encode(x.data_ptr(), rows, out.data_ptr(), 0 if workspace is None else workspace.data_ptr(),
                                nonfinite.data_ptr(), torch.cuda.current_stream(self.device).cuda_stream)
+        # The workspace goes back to torch's caching allocator on return, on the stream its
+        # kernels were queued on: a later allocation on that stream runs after them (stream order).
         return nonfinite
 
     def first_bad_row(self, x: torch.Tensor) -> int:
         """The lowest row of x holding NaN or Inf, or a value whose difference from the input
         offset overflows float32 (what the encode's flag reports), -1 when there is none."""
         return first_nonfinite_row(x if self._offset is None else x - self._offset)
-        # The workspace goes back to torch's caching allocator here, on the stream its kernels
-        # were queued on: a later allocation on that stream runs after them (stream order).

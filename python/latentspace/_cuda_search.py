@@ -51,7 +51,6 @@ from ._arrays import (
     check_metric,
     check_rows_usable,
     database_row_check,
-    first_unusable_row,
     host_to_tensor,
     is_ascending,
     is_torch_tensor,
@@ -488,12 +487,10 @@ def _refused_row(rows: np.ndarray, weights: np.ndarray) -> int:
     by the weights, the rows database_row_check's flag finds. One read of the rows when none is
     (search.weighted_overflow_row: their plain norms, and only the rows whose bound passes the
     limit summed again, exactly), no device memory."""
-    try:
-        return _weighted_overflow_row(rows, weights, "database")
-    except ValueError:  # it raises for a row unusable as it is; a heavy row may come before it
-        plain = first_unusable_row(rows)
-        heavy = _weighted_overflow_row(rows[:plain], weights, "database")
-        return heavy if heavy >= 0 else plain
+    from .search import refused_rows  # here: search imports this module
+
+    plain, heavy = refused_rows(rows, weights)
+    return heavy if heavy >= 0 else plain  # (heavy is before plain)
 
 
 def _weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> int:

@@ -10,7 +10,8 @@ the VAE's mean head, fitted PCA, a plain nn.Sequential MLP) run on the native en
 (latentspace._native.MlpEncoder: OpenMP + SIMD, the GIL released) when the work runs on the
 CPU, and on a CUDA GPU (_native.CudaMlpEncoder, _cuda_encoder.py) when LATENTSPACE_CUDA_ENCODER
 is "native" (torch's is the default there until a GPU run has verified the kernels); every
-other model, and other work on a GPU, runs the model's own torch code under the same API. `Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
+other model, and other work on a GPU, runs the model's own torch code under the same API.
+`Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
 them on the "latentspace" logger at INFO.
 
 (The module is encoding.py, not encode.py: a submodule named encode would be bound over
@@ -200,7 +201,8 @@ class Encoder:
                                   **norms)
 
     # An Encoder pickles (and deep-copies) with its snapshot: the native object cannot be
-    # pickled, so it is rebuilt from the exported layers, for the SIMD level active there.
+    # pickled, so it is rebuilt from the exported layers, for the SIMD level active there (or,
+    # on a GPU, uploaded again to the device it was built for).
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_native": None}
 
@@ -332,10 +334,10 @@ class Encoder:
                   and target.dtype == torch.float32 and target.is_contiguous())
         codes = target if direct else torch.empty((x.shape[0], self.latent_dim), dtype=torch.float32,
                                                   device=self.device)
-        nonfinite_rows = self._native.encode(x, codes)  # (the first layer checks the rows as it reads them)
+        inputs_nonfinite = self._native.encode(x, codes)  # (a flag: the first layer checks the rows as it reads them)
         # One wait for the GPU per chunk: the rows' flag and the codes are checked together, and
         # the bad row is searched for only when one of them holds NaN / Inf.
-        if not bool((nonfinite_rows == 0) & torch.isfinite(codes).all()):
+        if not bool((inputs_nonfinite == 0) & torch.isfinite(codes).all()):
             bad = self._native.first_bad_row(x)
             if bad >= 0:
                 raise ValueError(_nonfinite_message(start + bad, origin))

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from . import _cuda_device, _cuda_search, _native
-from ._arrays import (MAX_SQUARED_NORM, as_matrix, check_k, check_metric, check_rows_usable, empty_results,
-                      weights_for)
+from ._arrays import (BAD_ROW_WORDS, MAX_SQUARED_NORM, as_matrix, check_k, check_metric, check_rows_usable,
+                      empty_results, weights_for)
 
 # From this many queries on, a weighted_l2 knn on the CPU checks the database against the
 # weights before it searches: one read of the database, 0.7-1.9% of a search this large
@@ -99,18 +99,36 @@ def weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, firs
     """The first row of a C-contiguous float32 matrix whose squared norm scaled by `weights`,
     sum_d w_d x_d^2, is above what a search can use (MAX_SQUARED_NORM), or -1. A row unusable
     as it is (NaN, Inf, plain overflow) raises check_rows_usable's ValueError, naming `name`
-    and the row (first_row + r) first.
+    and the row (first_row + r) first."""
+    plain, heavy = refused_rows(rows, weights)
+    if plain >= 0:
+        raise ValueError(f"{name}: row {first_row + plain} {BAD_ROW_WORDS}")  # check_rows_usable's words
+    return heavy
+
+
+def refused_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[int, int]:
+    """(plain, heavy) for a C-contiguous float32 matrix and weighted_l2 weights: the first row
+    unusable as it is (NaN, Inf, a plain squared norm past MAX_SQUARED_NORM), and the first
+    row before it (before the end when there is none) whose squared norm scaled by the
+    weights, sum_d w_d x_d^2, is past MAX_SQUARED_NORM; -1 for none. Never raises.
 
     Costs one read of the rows (their plain squared norms, as check_rows_usable computes
     them) and a pass over the norms: |x|_w^2 <= max(w) |x|^2, so only the rows whose bound
     passes the limit can, and only they are summed again, exactly (float32 squares times w,
     as the GPU's check sums them)."""
     if rows.shape[0] == 0:
-        return -1
+        return -1, -1
     norms = np.empty(rows.shape[0], dtype=np.float32)
-    bad = _native.sq_norms(rows, norms)
-    if bad >= 0:  # the same check on that row alone raises, in check_rows_usable's words
-        check_rows_usable(rows[bad : bad + 1], name, first_row=first_row + bad)
+    plain = _native.sq_norms(rows, norms)
+    if plain >= 0:  # the rows after it do not matter: the search names this one first
+        rows, norms = rows[:plain], norms[:plain]
+    return plain, _first_heavy_row(rows, norms, weights)
+
+
+def _first_heavy_row(rows: np.ndarray, norms: np.ndarray, weights: np.ndarray) -> int:
+    """refused_rows' heavy row among usable rows, from their plain squared norms."""
+    if rows.shape[0] == 0:
+        return -1
     largest = float(weights.max(initial=0.0))
     if largest == 0.0:
         return -1
