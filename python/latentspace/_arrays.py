@@ -179,6 +179,73 @@ def first_unusable_row(array: np.ndarray) -> int:
     return _native.sq_norms(array, np.empty(array.shape[0], dtype=np.float32)) if array.shape[0] else -1
 
 
+# The bound that picks the rows weighted_overflow_row sums again allows for the rounding of
+# both float32 sums (relative error at most about dim * 2**-24 each) with a factor 2, which
+# covers it up to this many dimensions; wider rows are all summed again.
+_BOUND_DIMS = 1 << 20
+
+
+def weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> int:
+    """The first row of a C-contiguous float32 matrix whose squared norm scaled by `weights`,
+    sum_d w_d x_d^2, is above what a search can use (MAX_SQUARED_NORM), or -1. A row unusable
+    as it is (NaN, Inf, plain overflow) raises check_rows_usable's ValueError, naming `name`
+    and the row (first_row + r) first."""
+    plain, heavy = refused_rows(rows, weights)
+    if plain >= 0:
+        raise ValueError(f"{name}: row {first_row + plain} {BAD_ROW_WORDS}")  # check_rows_usable's words
+    return heavy
+
+
+def refused_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[int, int]:
+    """(plain, heavy) for a C-contiguous float32 matrix and weighted_l2 weights: the first row
+    unusable as it is (NaN, Inf, a plain squared norm past MAX_SQUARED_NORM), and the first
+    row before it (before the end when there is none) whose squared norm scaled by the
+    weights, sum_d w_d x_d^2, is past MAX_SQUARED_NORM; -1 for none. Never raises.
+
+    Costs one read of the rows (their plain squared norms, as check_rows_usable computes
+    them) and a pass over the norms: |x|_w^2 <= max(w) |x|^2, so only the rows whose bound
+    passes the limit can, and only they are summed again, exactly (float32 squares times w,
+    as the GPU's check sums them)."""
+    if rows.shape[0] == 0:
+        return -1, -1
+    norms = np.empty(rows.shape[0], dtype=np.float32)
+    plain = _native.sq_norms(rows, norms)
+    if plain >= 0:  # the rows after it do not matter: the search names this one first
+        rows, norms = rows[:plain], norms[:plain]
+    return plain, _first_heavy_row(rows, norms, weights)
+
+
+def _first_heavy_row(rows: np.ndarray, norms: np.ndarray, weights: np.ndarray) -> int:
+    """refused_rows' heavy row among usable rows, from their plain squared norms."""
+    if rows.shape[0] == 0:
+        return -1
+    largest = float(weights.max(initial=0.0))
+    if largest == 0.0:
+        return -1
+    slack = 2.0 if rows.shape[1] <= _BOUND_DIMS else np.inf
+    threshold = MAX_SQUARED_NORM / (largest * slack)  # (0 for an infinite slack: every row)
+    if threshold >= MAX_SQUARED_NORM:
+        return -1  # no usable plain norm passes it
+    suspects = np.flatnonzero(norms > np.float32(threshold))
+    if suspects.size == 0:
+        return -1
+    with np.errstate(over="ignore", invalid="ignore"):
+        weighted = np.square(rows[suspects]) @ weights
+    over = np.flatnonzero(~(weighted <= MAX_SQUARED_NORM))  # (an inf product passes too)
+    return int(suspects[over[0]]) if over.size else -1
+
+
+def check_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> None:
+    """The weighted search's check of a float32 matrix, in the CPU kernel's words: a row
+    unusable as it is raises in the plain words (check_rows_usable's), else the first row the
+    weights make unusable in the weighted ones, naming `name` and first_row + r. One read of
+    the rows (weighted_overflow_row)."""
+    row = weighted_overflow_row(rows, weights, name, first_row)
+    if row >= 0:  # (summed in another order, a row within an ulp of the limit may pass here:
+        # then the kernel, which has the last word, decides)
+        check_rows_usable(rows[row : row + 1], name, first_row=first_row + row, weights=weights)
+
+
 # The CPU kernel's words (csrc/cpu/knn.cpp, kBadRowMessage / kBadWeightedRowMessage).
 BAD_ROW_WORDS = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm "
             "above 4.2e37); clean or rescale the data")

@@ -50,13 +50,16 @@ from ._arrays import (
     check_k,
     check_metric,
     check_rows_usable,
+    check_weighted_rows,
     database_row_check,
     host_to_tensor,
     is_ascending,
     is_torch_tensor,
     query_row_checks,
     raise_unusable_rows,
+    refused_rows,
     unusable_row_flag,
+    weighted_overflow_row,
     weights_for,
 )
 from ._cuda_chunks import (
@@ -485,19 +488,10 @@ def _refused_row(rows: np.ndarray, weights: np.ndarray) -> int:
     """The first row of a float32 matrix that a weighted_l2 search refuses, or -1: unusable as
     it is (NaN, Inf, a plain squared norm past MAX_SQUARED_NORM) or by its squared norm scaled
     by the weights, the rows database_row_check's flag finds. One read of the rows when none is
-    (search.weighted_overflow_row: their plain norms, and only the rows whose bound passes the
+    (_arrays.refused_rows: their plain norms, and only the rows whose bound passes the
     limit summed again, exactly), no device memory."""
-    from .search import refused_rows  # here: search imports this module
-
     plain, heavy = refused_rows(rows, weights)
     return heavy if heavy >= 0 else plain  # (heavy is before plain)
-
-
-def _weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> int:
-    """search.weighted_overflow_row (the check the CPU search and FlatIndex.add make)."""
-    from .search import weighted_overflow_row  # here: search imports this module
-
-    return weighted_overflow_row(rows, weights, name, first_row)
 
 
 def _refuse_database_row(row: int, queries, query_checks: list, database_checks: list,
@@ -509,7 +503,7 @@ def _refuse_database_row(row: int, queries, query_checks: list, database_checks:
     import torch
 
     if isinstance(queries, np.ndarray):
-        _refuse_weighted_rows(np.ascontiguousarray(queries, dtype=np.float32), weights, "queries")
+        check_weighted_rows(np.ascontiguousarray(queries, dtype=np.float32), weights, "queries")
         query_checks = []
     raise_unusable_rows(_plain_first(query_checks) + database_checks + [(torch.tensor(row), "database", True)])
 
@@ -519,15 +513,6 @@ def _plain_first(checks: list) -> list:
     kernel checks all queries as they are, then all of them weighted (the streamed search checks
     a block of queries at a time, both ways)."""
     return [check for check in checks if not check[2]] + [check for check in checks if check[2]]
-
-
-def _refuse_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> None:
-    """The CPU's weighted check of a float32 matrix (search._check_weighted_database's): a row
-    unusable as it is raises in the plain words, else the first row the weights make unusable
-    in the weighted words (naming first_row + r). One read of the rows."""
-    row = _weighted_overflow_row(rows, weights, name, first_row)
-    if row >= 0:
-        check_rows_usable(rows[row : row + 1], name, first_row=first_row + row, weights=weights)
 
 
 def check_database_without_queries(database, weights: np.ndarray | None) -> None:
@@ -550,7 +535,7 @@ def check_database_without_queries(database, weights: np.ndarray | None) -> None
         if weights is None:
             check_rows_usable(chunk, "database", first_row=start)
             continue
-        row = _weighted_overflow_row(chunk, weights, "database", start)  # raises for a plain bad row
+        row = weighted_overflow_row(chunk, weights, "database", start)  # raises for a plain bad row
         if heavy < 0 and row >= 0:
             heavy = start + row
     if heavy >= 0:

@@ -26,8 +26,8 @@ from .._arrays import (
     weights_for,
 )
 from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
-                       is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag)
-from ..search import weighted_overflow_row
+                       is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag,
+                       weighted_overflow_row)
 from .io import IndexFileError, load_index_file, save_index_file, save_index_file_streaming
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
