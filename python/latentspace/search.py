@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from . import _cuda_device, _cuda_search, _native
 from ._arrays import (as_matrix, check_k, check_metric, check_rows_usable, check_weighted_rows, empty_results,
                       weights_for)
