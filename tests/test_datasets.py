@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -727,3 +728,23 @@ def test_streamed_hdf5_keeps_the_loaders_checks(tmp_path, rng, monkeypatch):
         monkeypatch.setattr(h5py.Dataset, "read_direct", fail)
         with pytest.raises(ValueError, match=r"c.hdf5: a damaged HDF5 file \(OSError: Can't synchronously read"):
             next(source.blocks(10))
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_load_npz_names_the_file_for_a_damaged_bzip2_or_lzma_member(tmp_path, method):
+    """np.load reads bzip2 and LZMA members too; their damage (lzma.LZMAError, or bz2's
+    OSError) escaped load_npz as a traceback instead of its ValueError naming the file."""
+    path = tmp_path / "d.npz"
+    rows = np.arange(20000, dtype=np.float32).reshape(-1, 8)
+    with zipfile.ZipFile(path, "w", compression=method) as archive, archive.open("x.npy", "w") as member:
+        np.lib.format.write_array(member, rows)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    middle = start + info.compress_size // 2
+    data[middle : middle + 64] = bytes(64)  # a run of zeros inside the compressed stream
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: (array 'x' is not readable|not a readable "
+                                         rf"\.npz file) \(.+\)$"):
+        datasets.load_npz(path, key="x", mmap=False)

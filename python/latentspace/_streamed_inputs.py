@@ -8,7 +8,11 @@ blocks by slicing. Neither a compressed .npz member (np.savez_compressed) nor a 
 compressed HDF5 dataset can be mapped, and both were read whole: now the member is read from
 its decompressing zip stream a block at a time, and the dataset a slice of rows at a time. A
 Fortran-ordered compressed member is still read whole (its rows are not contiguous in the
-stream), as is a member or dataset holding no data.
+stream), as is a member or dataset holding no data. A member whose header claims more data
+than it holds is refused before a row is read (a claim of terabytes was allocated for). bzip2
+and LZMA members (np.load reads them too) are decompressed here, the output bounded by each
+read: zipfile decompresses each piece of their input whole. A dataset's reads run on to a chunk
+boundary only within _READ_AHEAD_BYTES (chunks of one column of every row made a read of all).
 
 Every read goes through the one file opened (as in the loaders): a file saved over the path
 meanwhile changes nothing read. Damage met while a block is read raises the loaders' ValueError
@@ -18,6 +22,7 @@ naming the file.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import math
 import os
 import zipfile
@@ -28,13 +33,17 @@ from typing import Any
 import numpy as np
 
 from . import datasets
+from ._zip_member import PIECE_BYTES, UNBOUNDED_METHODS, BoundedMember
 
 __all__ = ["ArrayRows", "open_rows"]
 
-# What a compressed member's data is read in (a block is filled from these): zipfile's read(n)
-# holds n bytes of compressed input, its undecompressed tail and the output, and joins the
-# output's pieces into one bytes object (copying it once per piece).
-_PIECE_BYTES = 256 << 10
+# The most rows (in bytes) a read of an HDF5 dataset may hold past the block it completes. A read
+# runs on to the next chunk boundary (no chunk decompressed twice) only within this: chunks tall
+# and narrow (one column of every row, (n, 1)) put that boundary past the last row, and the read
+# held the whole dataset. Past it, reads end inside chunks, which HDF5 decompresses again for the
+# next read: slower, with memory bounded.
+_READ_AHEAD_BYTES = 8 << 20
+
 
 
 class ArrayRows:
@@ -93,7 +102,7 @@ class _MemberRows:
         if self._failed is not None:
             raise self._failed
         while self._left:
-            self._read(min(self._left, _PIECE_BYTES))
+            self._read(min(self._left, PIECE_BYTES))
         self._check_end()
 
     def close(self) -> None:
@@ -105,7 +114,7 @@ class _MemberRows:
         filled = 0
         with self._translated():
             while filled < nbytes:
-                piece = self._member.read(min(_PIECE_BYTES, nbytes - filled))
+                piece = self._member.read(min(PIECE_BYTES, nbytes - filled))
                 if not piece:  # numpy's words for a member shorter than its header says
                     raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {filled}")
                 buffer[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)
@@ -126,11 +135,32 @@ class _MemberRows:
         try:
             yield
         except datasets._NPY_DAMAGE as error:
-            self._failed = datasets._member_damage(self._path, self._key, error)
+            self._failed = datasets._member_damage(self._path, self._key, _worded(error))
             raise self._failed from None
         except datasets._ZIP_DAMAGE as error:  # (an OSError reading the file, as load_npz says it)
             self._failed = datasets._zip_damage(self._path, error)
             raise self._failed from None
+
+
+def _worded(error: BaseException) -> BaseException:
+    """The error, with words where it has none: zipfile's EOFError for a member whose data ends
+    before its directory entry says (the file cut while it is read) has no text, and the error
+    read "is not readable ()"."""
+    if isinstance(error, EOFError) and not str(error):
+        return EOFError("the file ends inside the member's data: cut short while it was read?")
+    return error
+
+
+class _Counted:
+    """A stream that counts the bytes read from it (the length of a member's .npy header)."""
+
+    def __init__(self, stream: Any):
+        self._stream, self.count = stream, 0
+
+    def read(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        self.count += len(data)
+        return data
 
 
 class _DatasetRows:
@@ -143,20 +173,22 @@ class _DatasetRows:
         self._path, self._dataset = path, dataset
         self.shape, self.dtype, self.ndim = tuple(dataset.shape), dataset.dtype, len(dataset.shape)
         # HDF5 decompresses whole chunks: a read that ends inside a chunk, and the next read
-        # that starts there, would decompress it twice. Reads end on a chunk's first row.
+        # that starts there, would decompress it twice. Reads end on a chunk's first row
+        # (within _READ_AHEAD_BYTES: see _read_end).
         self._chunk_rows = dataset.chunks[0] if dataset.chunks else 1
+        self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self._failed: ValueError | None = None
 
     def blocks(self, rows: int) -> Iterator[np.ndarray]:
-        """Consecutive arrays of `rows` rows (the last fewer), as stored. Each read runs to the
-        next chunk boundary; the rows it holds past the block start the next block."""
+        """Consecutive arrays of `rows` rows (the last fewer), as stored. Each read runs on
+        past the block (see _read_end); the rows it holds past the block start the next one."""
         n = self.shape[0]
         held = np.empty((0, *self.shape[1:]), self.dtype)  # rows read, not yet handed out
         read_to = 0
         for start in range(0, n, rows):
             count = min(rows, n - start)
             if len(held) < count:
-                end = min(n, -(-(start + count) // self._chunk_rows) * self._chunk_rows)
+                end = self._read_end(start + count)
                 # One new array for the rows held and those read (read_direct: no temporary copy)
                 joined = np.empty((len(held) + end - read_to, *self.shape[1:]), self.dtype)
                 joined[: len(held)] = held
@@ -164,6 +196,15 @@ class _DatasetRows:
                 held, read_to = joined, end
             yield held[:count]
             held = held[count:]
+
+    def _read_end(self, needed: int) -> int:
+        """Where the read that completes the block ending at row `needed` stops: the next chunk
+        boundary, unless the rows past the block to it exceed _READ_AHEAD_BYTES; then that
+        many rows past the block (inside a chunk: HDF5 decompresses it again next read)."""
+        n = self.shape[0]
+        boundary = -(-needed // self._chunk_rows) * self._chunk_rows
+        allowed = needed + _READ_AHEAD_BYTES // max(1, self._row_bytes)
+        return min(n, boundary if boundary <= allowed else allowed)
 
     def verify_rest(self) -> None:
         """Raises the damage a read met again; nothing else to verify: HDF5 checks each
@@ -217,7 +258,8 @@ def _npz_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
         with archive:
             try:
                 rows = _member_rows(path, f, archive, key)
-            except datasets._ZIP_DAMAGE as error:
+            # (LZMAError: a damaged LZMA member read whole, which load_npz lets escape)
+            except (*datasets._ZIP_DAMAGE, lzma.LZMAError) as error:
                 raise datasets._zip_damage(path, error) from None
             # (the consumer's own errors, raised here, are not the archive's: outside the try)
             with contextlib.closing(rows):
@@ -229,10 +271,13 @@ def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) 
     array load_npz gives (mmap=None). zipfile's errors escape (see _npz_rows)."""
     key = datasets._member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        member = archive.open(info)
+    if info.compress_type == zipfile.ZIP_STORED:
+        with archive.open(info) as member:  # (numpy allocates what the header claims, then reads)
+            _checked_header(path, key, member, info)
+    else:
+        member = BoundedMember(f, archive, info) if info.compress_type in UNBOUNDED_METHODS else archive.open(info)
         try:
-            rows = _streamed_member(path, key, member)
+            rows = _streamed_member(path, key, member, info)
         except BaseException:
             member.close()
             raise
@@ -242,18 +287,43 @@ def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) 
     return ArrayRows(datasets._read_member(path, f, archive, key, None))
 
 
-def _streamed_member(path: Path, key: str, member: Any) -> _MemberRows | None:
-    """The open compressed member's rows, its header read and checked; None for one read
-    whole: Fortran-ordered, of objects (refused unread by numpy), or holding no data."""
-    try:
-        shape, fortran, dtype = datasets._npy_header(member)
-    except datasets._NPY_DAMAGE as error:
-        raise datasets._member_damage(path, key, error) from None
+def _streamed_member(path: Path, key: str, member: Any, info: zipfile.ZipInfo) -> _MemberRows | None:
+    """The open compressed member's rows, its header read and checked (_checked_header); None
+    for one read whole: Fortran-ordered, of objects (refused unread by numpy), or holding no
+    data."""
+    shape, fortran, dtype = _checked_header(path, key, member, info)
     rows = _MemberRows(path, key, member, shape, dtype)
     if len(shape) < 1 or (fortran and len(shape) > 1) or dtype.hasobject or not rows.nbytes:
         return None
     datasets._checked(rows, path, f"array {key!r}")  # its dtype, before any data is read
     return rows
+
+
+def _checked_header(path: Path, key: str, member: Any, info: zipfile.ZipInfo) -> tuple[Any, bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy header read from the open `member`, which is
+    left at its data; the shape checked against the member's size (_check_size) unless the
+    dtype holds objects (numpy refuses those unread). Errors as load_npz words them."""
+    header = _Counted(member)
+    try:
+        shape, fortran, dtype = datasets._npy_header(header)
+        if not dtype.hasobject:
+            _check_size(shape, math.prod(shape) * dtype.itemsize, info.file_size - header.count)
+    except datasets._NPY_DAMAGE as error:
+        raise datasets._member_damage(path, key, _worded(error)) from None
+    return shape, fortran, dtype
+
+
+def _check_size(shape: tuple[int, ...], nbytes: int, held: int) -> None:
+    """The header's shape against the at most `held` bytes of data the member can give (the
+    stream stops at its directory entry's size), before a row is read, in the words load_npz
+    gives reading it whole: a claim of terabytes was allocated for a block (MemoryError, naming
+    nothing), or taken at its word for the command's output (encode's codes, search's results).
+    (A claim of fewer bytes is refused at the member's end, by _check_end: the entry's size can
+    be larger than the data, whose stream then ends first, as zipfile and load_npz accept.)"""
+    if any(size < 0 for size in shape):
+        raise ValueError("negative dimensions are not allowed")  # (numpy's words)
+    if nbytes > held:
+        raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {held}")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 
 from __future__ import annotations
 
+import lzma
 import math
 import os
 import tokenize
@@ -39,9 +40,10 @@ MMAP_THRESHOLD_BYTES = 256 << 20
 # RuntimeError (a flipped "encrypted" flag), OSError (a seek to a negative offset).
 _ZIP_DAMAGE = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError)
 # ... and what reading a damaged member raises: zlib.error (a compressed member's bad
-# deflate stream), SyntaxError and TokenError (numpy parses the .npy header and its dtype
-# as Python literals).
-_NPY_DAMAGE = (ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError)
+# deflate stream), LZMAError (an LZMA member's; a bzip2 member's is an OSError, which
+# _ZIP_DAMAGE words as the archive's), SyntaxError and TokenError (numpy parses the .npy
+# header and its dtype as Python literals).
+_NPY_DAMAGE = (ValueError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, SyntaxError, tokenize.TokenError)
 # The first bytes of a zip archive (a local file header, or the end record of an empty one).
 _ZIP_PREFIXES = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -192,7 +194,7 @@ def _member_damage(path: Path, key: str, error: BaseException) -> ValueError:
     """What load_npz raises for one of _NPY_DAMAGE met in the member `key` (numpy's messages
     name no file; a zip member shorter than its directory entry says raises EOFError with no
     text)."""
-    return ValueError(f"{path}: array {key!r} is not readable ({error or type(error).__name__})")
+    return ValueError(f"{path}: array {key!r} is not readable ({str(error) or type(error).__name__})")
 
 
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:

@@ -1,0 +1,313 @@
+"""Odd input files for the commands that read their rows a block at a time (`latentspace
+encode`, `index build`, `search`; python/latentspace/_streamed_inputs.py): each gives the
+output the same rows in a .npy give, or one error line naming the file, with memory bounded
+by a block, not by the file."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import latentspace
+from latentspace._streamed_inputs import open_rows
+
+_ROWS = 200_000  # x 64 float32: 48.8 MiB of rows, for the memory checks
+
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """cli.main in this process (one thread, no bar): (status, stdout, stderr)."""
+    from latentspace.cli import main
+
+    code = main([*args, "--threads", "1", "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _traced_main(capsys, *args: str) -> tuple[int, str, int]:
+    """_main and the peak of Python's and numpy's allocations meanwhile (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        code, _, err = _main(capsys, *args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return code, err, peak
+
+
+def _one_line_error(capsys, command: str, *args: str) -> str:
+    code, out, err = _main(capsys, *args)
+    assert code == 2, (out, err)
+    assert err.startswith(f"latentspace {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _npy_bytes(array: np.ndarray, shape: tuple[int, ...] | None = None) -> bytes:
+    """The .npy file of `array`; its header claiming `shape` when given (the data as it is)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array)
+    raw = buffer.getvalue()
+    if shape is None:
+        return raw
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
+    claimed = io.BytesIO()
+    np.lib.format.write_array_header_1_0(claimed, header)
+    return claimed.getvalue() + raw[raw.index(b"\n") + 1 :]
+
+
+def _archive(path, raw: bytes, method: int = zipfile.ZIP_DEFLATED, name: str = "x.npy") -> None:
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        archive.writestr(name, raw)
+
+
+def _member_data(path) -> tuple[int, int]:
+    """(offset, size) of the only member's compressed data in the archive at `path`."""
+    raw = path.read_bytes()
+    info = zipfile.ZipFile(path).infolist()[0]
+    local = raw[info.header_offset : info.header_offset + 30]
+    start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    return start, info.compress_size
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A model of 64 -> 4, an index of 50 rows of 64 dimensions, and 20 rows as a .npy."""
+    import torch
+
+    torch.manual_seed(0)
+    latentspace.save_model(latentspace.Autoencoder(64, 4, hidden=(16,)).eval(), tmp_path / "model.safetensors")
+    x = np.random.default_rng(3).standard_normal((20, 64)).astype(np.float32)
+    index = latentspace.FlatIndex(64)
+    index.add(x[:50])
+    index.save(tmp_path / "i.lsidx")
+    np.save(tmp_path / "x.npy", x)
+    return tmp_path, x
+
+
+def _commands(tmp, data: str, out: str = "out") -> dict[str, list[str]]:
+    return {"encode": ["encode", str(tmp / "model.safetensors"), str(tmp / data), "--out", str(tmp / f"{out}.npy")],
+            "index build": ["index", "build", str(tmp / data), "--out", str(tmp / f"{out}.lsidx")],
+            "search": ["search", str(tmp / "i.lsidx"), str(tmp / data), "-k", "3", "--out", str(tmp / f"{out}.npz")]}
+
+
+def _output(tmp, command: str, out: str):
+    if command == "encode":
+        return np.load(tmp / f"{out}.npy")
+    if command == "index build":
+        return (tmp / f"{out}.lsidx").read_bytes()
+    with np.load(tmp / f"{out}.npz") as results:
+        return results["distances"].tobytes() + results["indices"].tobytes()
+
+
+def _assert_same_output(tmp, command: str, a: str, b: str) -> None:
+    first, second = _output(tmp, command, a), _output(tmp, command, b)
+    if isinstance(first, np.ndarray):
+        np.testing.assert_array_equal(first, second)
+    else:
+        assert first == second
+
+
+# ---------------------------------------------------------------------------------------
+# A compressed member whose header's shape is not its data's
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((10**12, 64), "EOF: reading array data, expected 256000000000000 bytes got 5120"),  # search: "-k: ... lower -k"
+    ((20, 10**12), "EOF: reading array data, expected 80000000000000 bytes got 5120"),  # MemoryError, naming nothing
+    ((2**40, 2**40), "EOF: reading array data"),  # encode: "[Errno 22] Invalid argument"
+    ((-20, 64), "negative dimensions are not allowed"),  # named no file
+])
+@pytest.mark.parametrize("command", ["encode", "index build", "search"])
+def test_a_header_claiming_other_than_the_member_holds_is_one_error_naming_the_file(small, capsys, command, shape,
+                                                                                     message):
+    """The header's shape is checked against the most the member can give (its directory
+    entry's size, at which the stream stops) before a row is read, in load_npz's words; a claim
+    of terabytes was allocated (MemoryError, exit 1, naming no file), made encode's output
+    (`[Errno 22]`) or search's results ("lower -k") first."""
+    tmp, x = small
+    _archive(tmp / "c.npz", _npy_bytes(x, shape))
+    err = _one_line_error(capsys, command, *_commands(tmp, "c.npz")[command])
+    assert f"error: {tmp / 'c.npz'}: array 'x' is not readable ({message}" in err, err
+    assert not any(p.name.startswith("out") for p in tmp.iterdir())
+
+
+@pytest.mark.parametrize("stored, fortran", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("shape", [(10**12, 64), (20, 10**12)])
+def test_a_member_read_whole_claiming_terabytes_is_one_error_naming_the_file(small, capsys, stored, fortran, shape):
+    """An uncompressed member (read whole below 256 MiB) or a Fortran-ordered compressed one
+    (read whole) is checked against its size as a streamed one is: numpy allocated the claimed
+    array before reading a byte (MemoryError "Unable to allocate 233. TiB", exit 1, no file)."""
+    tmp, x = small
+    raw = _npy_bytes(np.asfortranarray(x) if fortran else x, shape)
+    if fortran:
+        raw = raw.replace(b"'fortran_order': False", b"'fortran_order': True ", 1)
+    _archive(tmp / "c.npz", raw, zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    err = _one_line_error(capsys, "index build", *_commands(tmp, "c.npz")["index build"])
+    assert f"error: {tmp / 'c.npz'}: array 'x' is not readable (EOF: reading array data, expected " in err, err
+
+
+def test_a_header_claiming_more_rows_is_refused_before_any_block_is_read(tmp_path, rng):
+    x = rng.random((10, 3)).astype(np.float32)
+    _archive(tmp_path / "c.npz", _npy_bytes(x, (1000, 3)))
+    with pytest.raises(ValueError, match="c.npz: array 'x' is not readable \\(EOF: reading array data, "
+                                         "expected 12000 bytes got 120\\)"):
+        with open_rows(tmp_path / "c.npz"):
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# A file truncated while its member is read
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_file_truncated_while_its_member_is_read_says_so(tmp_path, rng, method):
+    """Cut (in place: the same open file) after the first block: the member's data ends early,
+    which zipfile raises as an EOFError with no text; the error said "is not readable ()"."""
+    x = rng.standard_normal((16000, 64)).astype(np.float32)  # 4 MiB: bzip2 blocks of 900 kB, pieces of 256 KiB
+    _archive(tmp_path / "c.npz", _npy_bytes(x), method)
+    start, size = _member_data(tmp_path / "c.npz")
+    with pytest.raises(ValueError) as caught:
+        with open_rows(tmp_path / "c.npz") as rows:
+            blocks = rows.blocks(100)
+            np.testing.assert_array_equal(next(blocks), x[:100])
+            os.truncate(tmp_path / "c.npz", start + size // 2)
+            for _ in blocks:
+                pass
+    message = str(caught.value)
+    assert message.startswith(f"{tmp_path / 'c.npz'}: array 'x' is not readable (") and "()" not in message, message
+    assert "ends" in message, message
+
+
+# ---------------------------------------------------------------------------------------
+# Members compressed with bzip2 or LZMA (np.load reads them; np.savez_compressed writes deflate)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+@pytest.mark.parametrize("rows", [1, 7, 1000])
+def test_bzip2_and_lzma_members_stream_their_rows(tmp_path, rng, method, rows):
+    x = rng.standard_normal((300, 5)).astype(">f8")
+    _archive(tmp_path / "c.npz", _npy_bytes(x), method)
+    with np.load(tmp_path / "c.npz") as archive:
+        np.testing.assert_array_equal(archive["x"], x)  # numpy reads them
+    with open_rows(tmp_path / "c.npz") as source:
+        assert source.array is None
+        blocks = list(source.blocks(rows))
+    assert [len(b) for b in blocks] == [min(rows, 300 - s) for s in range(0, 300, rows)]
+    np.testing.assert_array_equal(np.concatenate(blocks), x)
+
+
+@pytest.fixture(scope="module")
+def sparse_rows(tmp_path_factory):
+    """200,000 x 64 float32 rows, nearly all zeros (bag-of-words counts, one-hot columns): a
+    .npy, and members compressed with bzip2 and LZMA, each a few KiB."""
+    tmp = tmp_path_factory.mktemp("sparse")
+    x = np.zeros((_ROWS, 64), np.float32)
+    x[::1000, 3] = 1
+    np.save(tmp / "x.npy", x)
+    raw = _npy_bytes(x)
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        _archive(tmp / f"x{method}.npz", raw, method)
+    return tmp
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_bzip2_and_lzma_members_stream_with_bounded_memory(sparse_rows, capsys, method):
+    """zipfile decompresses each piece of a bzip2 or LZMA member's input whole, with no bound
+    on its output: the whole member at once, held with copies of it (peaks of 126 MiB and
+    64 MiB for 48.8 MiB of rows)."""
+    tmp = sparse_rows
+    code, _, err = _main(capsys, "index", "build", str(tmp / "x.npy"), "--out", str(tmp / "a.lsidx"),
+                         "--batch-size", "4096")
+    assert code == 0, err
+    code, err, peak = _traced_main(capsys, "index", "build", str(tmp / f"x{method}.npz"), "--out",
+                                   str(tmp / "b.lsidx"), "--batch-size", "4096")
+    assert code == 0, err
+    rows_bytes = _ROWS * 64 * 4
+    assert peak < rows_bytes / 4, f"peak {peak / 2**20:.1f} MiB for {rows_bytes / 2**20:.1f} MiB of rows"
+    assert (tmp / "a.lsidx").read_bytes() == (tmp / "b.lsidx").read_bytes()
+
+
+@pytest.mark.parametrize("fortran", [False, True])
+def test_a_damaged_lzma_member_is_one_error_naming_the_file(small, capsys, fortran):
+    """liblzma's error for a damaged stream (lzma.LZMAError) escaped as a traceback, whether
+    the member was streamed or (Fortran-ordered) read whole."""
+    tmp, x = small
+    _archive(tmp / "c.npz", _npy_bytes(np.asfortranarray(x) if fortran else x), zipfile.ZIP_LZMA)
+    start, size = _member_data(tmp / "c.npz")
+    raw = bytearray((tmp / "c.npz").read_bytes())
+    raw[start + size // 2] ^= 0x5A  # (LZMAError: Corrupt input data)
+    (tmp / "c.npz").write_bytes(bytes(raw))
+    err = _one_line_error(capsys, "index build", *_commands(tmp, "c.npz")["index build"])
+    assert f"error: {tmp / 'c.npz'}: " in err and "Corrupt input data" in err, err
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_a_bzip2_or_lzma_member_failing_its_crc_is_refused(tmp_path, rng, method):
+    x = rng.standard_normal((1000, 32)).astype(np.float32)
+    _archive(tmp_path / "c.npz", _npy_bytes(x), method)
+    raw = bytearray((tmp_path / "c.npz").read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 14), (b"PK\x01\x02", 16)):
+        at = raw.index(signature) + offset
+        raw[at : at + 4] = bytes(4)
+    (tmp_path / "c.npz").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="c.npz: array 'x' is not readable \\(Bad CRC-32 for file 'x.npy'\\)"):
+        with open_rows(tmp_path / "c.npz") as rows:
+            for _ in rows.blocks(100):
+                pass
+
+
+# ---------------------------------------------------------------------------------------
+# HDF5 datasets chunked down their columns
+
+
+def _ann_file(path, train, **options) -> None:
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = "euclidean"
+        f.create_dataset("train", data=train, **options)
+        f.create_dataset("test", data=np.asarray(train[:5], np.float32))
+        f.create_dataset("neighbors", data=np.zeros((5, 1), np.int64))
+        f.create_dataset("distances", data=np.zeros((5, 1), np.float32))
+
+
+@pytest.mark.parametrize("chunks", [(300, 1), (7, 5), (100, 8), (1, 64), (299, 64)])
+@pytest.mark.parametrize("rows", [1, 4, 256, 1000])
+def test_chunked_datasets_give_their_rows_in_blocks(tmp_path, rng, monkeypatch, chunks, rows):
+    """Whatever the chunks' shape and the read-ahead (small here: chunks of 300 rows reach past
+    it), the blocks are the dataset's rows."""
+    from latentspace import _streamed_inputs
+
+    monkeypatch.setattr(_streamed_inputs, "_READ_AHEAD_BYTES", 4096)
+    x = rng.standard_normal((300, 64)).astype(np.float32)
+    _ann_file(tmp_path / "x.hdf5", x, chunks=chunks, compression="gzip")
+    with open_rows(tmp_path / "x.hdf5") as source:
+        assert source.array is None
+        blocks = list(source.blocks(rows))
+    assert [len(b) for b in blocks] == [min(rows, 300 - s) for s in range(0, 300, rows)]
+    np.testing.assert_array_equal(np.concatenate(blocks), x)
+
+
+@pytest.mark.parametrize("command", ["encode", "index build"])
+def test_a_dataset_chunked_by_column_is_read_with_bounded_memory(tmp_path, capsys, command):
+    """Chunks of one column of every row ((n, 1)): each read ran to the next chunk boundary,
+    past the last row, so the whole dataset was held (a 48.8 MiB peak for 48.8 MiB of rows)."""
+    import torch
+
+    torch.manual_seed(0)
+    latentspace.save_model(latentspace.Autoencoder(64, 4, hidden=(16,)).eval(), tmp_path / "model.safetensors")
+    x = np.random.default_rng(11).standard_normal((_ROWS, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    _ann_file(tmp_path / "x.hdf5", x, chunks=(_ROWS, 1), compression="gzip", compression_opts=1)
+    del x
+    code, _, err = _main(capsys, *_commands(tmp_path, "x.npy", "a")[command], "--batch-size", "4096")
+    assert code == 0, err
+    code, err, peak = _traced_main(capsys, *_commands(tmp_path, "x.hdf5", "b")[command], "--batch-size", "4096")
+    assert code == 0, err
+    rows_bytes = _ROWS * 64 * 4
+    assert peak < rows_bytes / 2, f"peak {peak / 2**20:.1f} MiB for {rows_bytes / 2**20:.1f} MiB of rows"
+    _assert_same_output(tmp_path, command, "a", "b")
