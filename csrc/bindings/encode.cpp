@@ -55,6 +55,17 @@ py::tuple norm_tuple(const py::object& value, size_t size, const std::string& na
   return value.cast<py::tuple>();
 }
 
+// The norms argument as one entry per layer (None for none); empty for norms=None.
+std::vector<py::object> per_layer_norms(const py::object& norms, size_t count) {
+  if (norms.is_none()) return {};
+  LS_CHECK_TYPE(py::isinstance<py::list>(norms) || py::isinstance<py::tuple>(norms),
+                "norms: expected a list with one entry per layer (None for none)");
+  std::vector<py::object> norm_list = norms.cast<std::vector<py::object>>();
+  LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
+                 norm_list.size(), " for ", count, " layers");
+  return norm_list;
+}
+
 std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std::vector<py::object> biases,
                                             std::vector<std::string> activations,
                                             std::vector<double> activation_params, py::object input_offset,
@@ -63,14 +74,7 @@ std::unique_ptr<CpuMlpEncoder> make_encoder(std::vector<py::array> weights, std:
   LS_CHECK_VALUE(biases.size() == count && activations.size() == count && activation_params.size() == count,
                  "weights, biases, activations, activation_params: expected one entry per layer, got ", count,
                  ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
-  std::vector<py::object> norm_list;
-  if (!norms.is_none()) {
-    LS_CHECK_TYPE(py::isinstance<py::list>(norms) || py::isinstance<py::tuple>(norms),
-                  "norms: expected a list with one entry per layer (None for none)");
-    norm_list = norms.cast<std::vector<py::object>>();
-    LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
-                   norm_list.size(), " for ", count, " layers");
-  }
+  const std::vector<py::object> norm_list = per_layer_norms(norms, count);
   // Biases and norm parameters converted here (or their aligned copies, see checked_data), until
   // the encoder copied them.
   std::vector<py::array> alive;
@@ -159,14 +163,7 @@ std::unique_ptr<CudaMlpEncoder> make_cuda_encoder(std::vector<uintptr_t> weights
                      activation_params.size() == count,
                  "weights, shapes, biases, activations, activation_params: expected one entry per layer, got ", count,
                  ", ", shapes.size(), ", ", biases.size(), ", ", activations.size(), ", ", activation_params.size());
-  std::vector<py::object> norm_list;
-  if (!norms.is_none()) {
-    LS_CHECK_TYPE(py::isinstance<py::list>(norms) || py::isinstance<py::tuple>(norms),
-                  "norms: expected a list with one entry per layer (None for none)");
-    norm_list = norms.cast<std::vector<py::object>>();
-    LS_CHECK_VALUE(norm_list.size() == count, "norms: expected one entry per layer (None for none), got ",
-                   norm_list.size(), " for ", count, " layers");
-  }
+  const std::vector<py::object> norm_list = per_layer_norms(norms, count);
   std::vector<LayerWeights> layers(count);
   for (size_t l = 0; l < count; ++l) {
     layers[l].weights = reinterpret_cast<const float*>(weights[l]);
