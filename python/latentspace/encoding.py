@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _native
-from . import _cuda_encoder
+from . import _cuda_encoder, _native
 from ._arrays import (check_bool, check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
                       rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
