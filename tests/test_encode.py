@@ -1140,3 +1140,15 @@ def test_a_nan_made_inside_the_model_reaches_the_codes_check_as_under_torch(acti
         encoder.encode(x)
     with torch.no_grad():
         assert torch.isnan(model(torch.from_numpy(x))).all()  # torch's own answer
+
+
+def test_the_progress_bar_of_an_iterable_into_out_knows_its_total(autoencoder, rng, capsys):
+    """An iterable has no length, but the out it must fill exactly has: the bar shows
+    "n/total" and a percentage, not a bare count."""
+    chunks = [_rows(rng, n, 10) for n in (300, 200)]
+    out = np.empty((500, 3), np.float32)
+    latentspace.encode(autoencoder, iter(chunks), out=out, progress=True)
+    bar = capsys.readouterr().err
+    assert "500/500" in bar and "100%" in bar, bar
+    latentspace.encode(autoencoder, iter(chunks), progress=True)  # no out: no total to show
+    assert "100%" not in capsys.readouterr().err

@@ -121,7 +121,9 @@ class Source:
 class Destination(Protocol):
     """Where codes go: reserve() gives the (rows, dim) block for the chunk starting at row
     `start` (a writable float32 numpy view, or a torch tensor on a GPU); finish() gives the
-    result once `rows` rows are written (raising if they do not fill it)."""
+    result once `rows` rows are written (raising if they do not fill it). A destination that
+    knows how many rows it takes before they come (a caller's out) says so in `expected_rows`
+    (optional; the progress bar's total for an iterable X, whose length is unknown)."""
 
     def reserve(self, start: int, rows: int, dim: int) -> Any: ...
 
@@ -134,6 +136,7 @@ class UserOut:
     def __init__(self, out: Any, rows: int | None, dim: int | None):
         self._out = out
         self._view = check_encode_out(out, rows, dim)
+        self.expected_rows = int(self._view.shape[0])  # X's chunks must fill it exactly
 
     def reserve(self, start: int, rows: int, dim: int) -> np.ndarray:
         capacity, width = self._view.shape

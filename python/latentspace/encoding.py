@@ -278,7 +278,8 @@ class Encoder:
         from tqdm import tqdm
 
         written = 0
-        with tqdm(total=source.rows, unit="row", unit_scale=True, desc="encode", disable=not progress,
+        total = source.rows if source.rows is not None else getattr(destination, "expected_rows", None)
+        with tqdm(total=total, unit="row", unit_scale=True, desc="encode", disable=not progress,
                   file=sys.stderr, dynamic_ncols=True, leave=True) as bar:
             for start, chunk, origin in source.chunks(batch_size):
                 rows = int(chunk.shape[0])
