@@ -232,15 +232,20 @@ def test_train_digits_vae(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "model.safetensors"]
 
 
-def test_train_npy_file_with_linear_output_and_progress(tmp_path, capsys):
+def test_train_npy_file_with_linear_output_and_progress(tmp_path, capsys, monkeypatch):
     import numpy as np
 
     data = np.random.default_rng(0).normal(size=(300, 10)).astype(np.float32)
     np.save(tmp_path / "x.npy", data)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar is for a terminal
     code, out, err = _main(capsys, "train", str(tmp_path / "x.npy"), "--model", "autoencoder", "--latent-dim", "2",
                            "--epochs", "2", "--hidden", "8", "--out", str(tmp_path / "ae"))
     assert code == 0, err
     assert "samples/s" in err and "epoch 2/2" in err  # the tqdm bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # a log file: no bar in it
+    code, out, err = _main(capsys, "train", str(tmp_path / "x.npy"), "--model", "autoencoder", "--latent-dim", "2",
+                           "--epochs", "1", "--hidden", "8", "--out", str(tmp_path / "ae2"))
+    assert code == 0 and "samples/s" not in err, err
     model = latentspace.load_model(tmp_path / "ae" / "model.safetensors")
     assert isinstance(model, latentspace.Autoencoder) and model.output == "linear"  # data not in [0, 1]
 

@@ -860,3 +860,13 @@ def test_k_beyond_the_machines_memory_is_refused_before_the_search(good, as_torc
     with pytest.raises(MemoryError, match="k: .*machine's"):
         index.search(queries, 1 << 17)
     assert latentspace.knn(queries, x, 1 << 15)[1].shape == (1, 1 << 15)  # 384 KiB: searched
+
+
+def test_a_dimension_mismatch_says_the_queries_set_the_dimension():
+    """Queries of 63 columns against a database of 64: the message named only the database,
+    which is the right one when the queries are the wrong ones; it now says whose dimension
+    it expected."""
+    q, x = np.zeros((3, 63), np.float32), np.zeros((10, 64), np.float32)
+    with pytest.raises(ValueError, match=r"^database: expected 63 columns \(the queries' dimension\), got shape "
+                                         r"\(10, 64\)$"):
+        latentspace.knn(q, x, 2)

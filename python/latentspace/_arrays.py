@@ -128,9 +128,11 @@ def _real_numpy(x: Any, name: str, expected: str) -> np.ndarray:
     return array
 
 
-def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray, ArrayKind]:
+def as_matrix(x: Any, name: str, *, dim: int | None = None,
+              dim_of: str = "the dimension") -> tuple[np.ndarray, ArrayKind]:
     """Returns x as a C-contiguous float32 (rows, dim) numpy array (a view when possible)
-    and whether it came as numpy or torch. Raises TypeError / ValueError naming `name`."""
+    and whether it came as numpy or torch. Raises TypeError / ValueError naming `name`
+    (dim_of: whose dimension dim is, for that message, e.g. "the queries' dimension")."""
     if is_torch_tensor(x):
         kind: ArrayKind = "torch"
         if x.dim() != 2:
@@ -147,7 +149,7 @@ def as_matrix(x: Any, name: str, *, dim: int | None = None) -> tuple[np.ndarray,
     if array.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(array.shape)}")
+        raise ValueError(f"{name}: expected {dim} columns ({dim_of}), got shape {tuple(array.shape)}")
     return array, kind
 
 
@@ -367,7 +369,7 @@ _NORM_ROWS_PER_STEP = 1 << 22  # rows whose norms are computed at once (16 MiB o
 _HOST_CHECK_ELEMENTS = 1 << 14
 
 
-def as_host_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
+def as_host_matrix(x: Any, name: str, *, dim: int | None = None, dim_of: str = "the dimension") -> np.ndarray:
     """x as a 2-d numpy array of a real dtype, checked like as_matrix but NOT converted: a
     numpy array (or memory map) is returned as is, so that a caller streaming it in chunks
     converts one chunk at a time; a torch tensor becomes float32 numpy (a CPU tensor's own
@@ -380,11 +382,12 @@ def as_host_matrix(x: Any, name: str, *, dim: int | None = None) -> np.ndarray:
     if array.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {array.shape}")
     if dim is not None and array.shape[1] != dim:
-        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(array.shape)}")
+        raise ValueError(f"{name}: expected {dim} columns ({dim_of}), got shape {tuple(array.shape)}")
     return array
 
 
-def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, keep_half: bool = False):
+def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, keep_half: bool = False,
+                     dim_of: str = "the dimension"):
     """Returns (tensor, kind): x as a C-contiguous float32 (rows, dim) torch tensor on
     `device`, and whether it came as numpy or torch. Same checks and messages as as_matrix.
 
@@ -403,7 +406,7 @@ def as_device_matrix(x: Any, name: str, device: Any, *, dim: int | None = None, 
     if x.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
-        raise ValueError(f"{name}: expected {dim} columns (the dimension), got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: expected {dim} columns ({dim_of}), got shape {tuple(x.shape)}")
     keep = keep_half and x.dtype in (torch.float16, torch.bfloat16)
     tensor = detached(x).to(device=device, dtype=x.dtype if keep else torch.float32)  # no-op when already there
     return tensor.contiguous(), "torch"

@@ -574,9 +574,10 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
     dim = q.shape[1]
     resident = is_torch_tensor(database) and database.device.type != "cpu"
     if resident:  # a float16 / bfloat16 database on the GPU is read as it is stored
-        x, _ = as_device_matrix(database, "database", device, dim=dim, keep_half=True)
+        x, _ = as_device_matrix(database, "database", device, dim=dim, keep_half=True,
+                                dim_of="the queries' dimension")
     else:
-        x = as_host_matrix(database, "database", dim=dim)
+        x = as_host_matrix(database, "database", dim=dim, dim_of="the queries' dimension")
     k = check_k(k)
     check_metric(metric)
     w = weights_for(metric, weights, dim)

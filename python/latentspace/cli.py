@@ -199,7 +199,7 @@ def _fit_and_save(args: argparse.Namespace, model: Any, X: Any, labels: Any, nam
         history = train(model, X, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                         val_fraction=args.val_fraction, early_stopping=args.patience or None,
                         seed=args.seed, device=args.device, loss=args.loss, checkpoint=model_path,
-                        progress=not args.no_progress, labels=labels,
+                        progress=not args.no_progress and sys.stderr.isatty(), labels=labels,
                         metric_loss=args.metric_loss, **({"metric_weight": args.metric_weight}
                                                          if args.metric_loss else {}))
         record = {"model": type(model).__name__, "config": model.config(), **history.to_dict()}
@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--seed", type=seed_number, default=0, help="weights, split, shuffling (default 0)")
     trainer.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     trainer.add_argument("--threads", type=thread_count, default=None, help="torch and search threads")
-    trainer.add_argument("--no-progress", action="store_true", help="no progress bar")
+    trainer.add_argument("--no-progress", action="store_true",
+                         help="no progress bar (drawn on stderr only when it is a terminal)")
     trainer.add_argument("--metric-loss", choices=("supcon", "triplet"), default=None,
                          help="add a metric-learning term on the latent codes, with labels "
                               "(docs/metric_learning.md)")

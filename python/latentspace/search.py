@@ -74,7 +74,7 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
                                           gpu_memory_bytes=gpu_memory_bytes, precision=precision_code,
                                           weights=weights)
     q, kind = as_matrix(queries, "queries")
-    x, _ = as_matrix(database, "database", dim=q.shape[1])
+    x, _ = as_matrix(database, "database", dim=q.shape[1], dim_of="the queries' dimension")
     k = check_k(k)
     code = check_metric(metric)
     w = weights_for(metric, weights, q.shape[1])
