@@ -92,3 +92,15 @@ def test_saving_an_index_under_a_name_too_long_names_the_path(tmp_path):
     index = ls.FlatIndex(3)
     with pytest.raises(OSError, match=r"^path: file name too long \(306 characters"):
         index.save(tmp_path / ("i" * 300 + ".lsidx"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_files_is_named_by_the_path_not_the_temporary_file():
+    """/proc exists and passes the folder checks, but creating the temporary file there fails:
+    the OS's error named '/proc/.x.<hex>.tmp', a file the caller never typed."""
+    target = "/proc/latentspace-atomic-test.bin"
+    with pytest.raises(OSError) as raised:
+        with atomic_write(target) as f:
+            f.write(b"x")
+    message = str(raised.value)
+    assert message.startswith(f"path: cannot write {target}: ") and ".tmp" not in message, message

@@ -1577,3 +1577,12 @@ def test_damaged_compressed_inputs_are_one_line_errors(pipeline_files, capsys):
             err = _pipeline_error(capsys, command, *argv)
             assert message in err, (name, err)
     assert _files(tmp) == before
+
+
+def test_a_missing_input_file_is_worded_as_the_shell_words_it(tmp_path, capsys):
+    """The OS's "[Errno 2] No such file or directory: 'm.npy'" becomes "m.npy: No such file or
+    directory", the file first, as any shell tool says it."""
+    missing = str(tmp_path / "m.npy")
+    code, out, err = _main(capsys, "index", "build", missing, "--out", str(tmp_path / "i.lsidx"))
+    assert code != 0
+    assert f"error: {missing}: No such file or directory" in err and "[Errno" not in err, err

@@ -106,11 +106,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.filename is not None and os.fsdecode(error.filename) == str(tmp_name):
+            # The OS named the temporary file, which the caller never typed (a folder that
+            # takes no new files, such as /proc): name the file asked for.
+            raise type(error)(f"path: cannot write {path}: {error.strerror or error}") from None
         raise
     fsync_folder(path.parent)
 

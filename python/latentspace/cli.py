@@ -314,6 +314,9 @@ def _as_typed(error: BaseException, args: argparse.Namespace) -> str:
     and the OS's words: "[Errno 2] No such file or directory: '...'") are clipped (echoed)."""
     names = {name: typed.format_map(vars(args)) for name, typed in getattr(args, "api_names", {}).items()}
     message = str(error)
+    if isinstance(error, OSError) and error.filename is not None and error.strerror and message.startswith("[Errno"):
+        # "[Errno 2] No such file or directory: 'x.npy'" as the shell words it: the file first.
+        message = f"{os.fsdecode(error.filename)}: {error.strerror}"
     # The readers' and writers' "path: " is a parameter no command has; the rest of each such
     # message names the file ("path: m is a folder; pass a model file"), as the user typed it.
     return clip_typed(renamed(message.removeprefix("path: "), names), vars(args).values())
