@@ -390,3 +390,24 @@ def test_a_tall_grid_under_tight_layout_keeps_its_title_clear_of_the_images(tmp_
         for axes in figure.axes:
             assert not title.overlaps(axes.title.get_window_extent(renderer)), axes.get_title()
             assert not title.overlaps(axes.get_window_extent(renderer))
+
+
+@pytest.mark.parametrize("dims", [2, 8, 40])
+def test_a_long_relevance_title_stays_inside_the_picture(tmp_path, monkeypatch, dims):
+    """`latentspace plot relevance --method kl` titles the bars "mean KL(q(z|x) || N(0, 1)) per
+    latent dimension (nats)": on an 8-dimension picture its end ran past the right edge."""
+    drawn = {}
+    save = plots._save
+
+    def keep(figure, path):
+        drawn["figure"] = figure
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    title = "mean KL(q(z|x) || N(0, 1)) per latent dimension (nats)"
+    plots.plot_relevance(np.linspace(0.1, 2.0, dims), tmp_path / "r.png", title=title)
+    figure = drawn["figure"]
+    renderer = figure.canvas.get_renderer()
+    box = figure.axes[0].title.get_window_extent(renderer)
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1, (box, figure.bbox)
+    assert " ".join(figure.axes[0].get_title().split()) == title  # the words all there, maybe on two lines

@@ -94,6 +94,21 @@ def _suptitle(figure: Any, text: str) -> None:
     figure.suptitle(text, fontsize=10, y=1 - pad_inches / figure.get_figheight())
 
 
+def _fitted(title: str, figure: Any) -> str:
+    """An axes title broken into lines that fit the figure's width: layouts make room for a
+    title's height, not its width (a long one, as `latentspace plot relevance --method kl`
+    gives, ran past the picture's edge). Characters of the default 12 pt title are taken as
+    0.6 of its size wide, on the safe side for the default font."""
+    import textwrap
+
+    from matplotlib import rcParams
+
+    size = rcParams["axes.titlesize"]
+    points = float(size) if isinstance(size, (int, float)) else 1.2 * float(rcParams["font.size"])  # "large"
+    characters = max(16, int(figure.get_figwidth() * 72 / (0.6 * points)) - 4)
+    return textwrap.fill(title, characters, break_long_words=False)
+
+
 def _save(figure: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:  # the temporary name has no .png suffix: say the format
         figure.savefig(tmp, format="png", dpi=_DPI)
@@ -490,5 +505,6 @@ def plot_relevance(scores: Any, path: str | os.PathLike, labels: Any = None, *, 
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("relevance score")
-    ax.set_title(title if title is not None else f"relevance of {s.size} latent dimensions (best: {names[best]})")
+    ax.set_title(_fitted(title if title is not None else f"relevance of {s.size} latent dimensions "
+                         f"(best: {names[best]})", figure))
     return _save(figure, path)
