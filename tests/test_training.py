@@ -645,3 +645,15 @@ def test_public_api_is_lazy_and_train_stays_a_function():
             "assert set(ls.__all__) <= set(dir(ls)); print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_history_prints_in_one_line(digits):
+    """print(history) showed every epoch's losses (the dataclass's repr): a hundred-epoch run
+    filled the screen. One line now; the lists are still its fields."""
+    x, _ = digits
+    history = _fit(Autoencoder(64, 4, hidden=(8,)), x, epochs=3)
+    text = repr(history)
+    assert "\n" not in text and len(text) < 250, text
+    assert text.startswith("History(3 epochs completed, best epoch ") and "samples/s" in text
+    assert "train_loss=[" not in text and "val_loss=[" not in text
+    assert len(history.train_loss) == 3

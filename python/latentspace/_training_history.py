@@ -41,3 +41,13 @@ class History:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def __repr__(self) -> str:
+        # The run in one line (the dataclass's own repr printed every epoch's losses: a
+        # hundred-epoch run filled the screen); the per-epoch lists stay in the fields.
+        best = ("none" if self.best_epoch is None
+                else f"epoch {self.best_epoch} ({self.monitor} {self.best_loss:.6g})")
+        how = "interrupted" if self.interrupted else "stopped early" if self.stopped_early else "completed"
+        metric = "" if self.metric_loss is None else f", metric_loss={self.metric_loss!r}"
+        return (f"History({self.epochs_run} epochs {how}, best {best}, {self.seconds:.1f} s on {self.device}, "
+                f"{self.samples_per_second:,.0f} samples/s{metric}; per-epoch losses in .train_loss / .val_loss)")
