@@ -135,20 +135,11 @@ class _MemberRows:
         try:
             yield
         except datasets._NPY_DAMAGE as error:
-            self._failed = datasets._member_damage(self._path, self._key, _worded(error))
+            self._failed = datasets._member_damage(self._path, self._key, error)
             raise self._failed from None
         except datasets._ZIP_DAMAGE as error:  # (an OSError reading the file, as load_npz says it)
             self._failed = datasets._zip_damage(self._path, error)
             raise self._failed from None
-
-
-def _worded(error: BaseException) -> BaseException:
-    """The error, with words where it has none: zipfile's EOFError for a member whose data ends
-    before its directory entry says (the file cut while it is read) has no text, and the error
-    read "is not readable ()"."""
-    if isinstance(error, EOFError) and not str(error):
-        return EOFError("the file ends inside the member's data: cut short while it was read?")
-    return error
 
 
 class _Counted:
@@ -309,7 +300,7 @@ def _checked_header(path: Path, key: str, member: Any, info: zipfile.ZipInfo) ->
         if not dtype.hasobject:
             _check_size(shape, math.prod(shape) * dtype.itemsize, info.file_size - header.count)
     except datasets._NPY_DAMAGE as error:
-        raise datasets._member_damage(path, key, _worded(error)) from None
+        raise datasets._member_damage(path, key, error) from None
     return shape, fortran, dtype
 
 

@@ -191,10 +191,14 @@ def _zip_damage(path: Path, error: BaseException) -> BaseException:
 
 
 def _member_damage(path: Path, key: str, error: BaseException) -> ValueError:
-    """What load_npz raises for one of _NPY_DAMAGE met in the member `key` (numpy's messages
-    name no file; a zip member shorter than its directory entry says raises EOFError with no
-    text)."""
-    return ValueError(f"{path}: array {key!r} is not readable ({str(error) or type(error).__name__})")
+    """What load_npz (and the CLI's streamed reads) raise for one of _NPY_DAMAGE met in the
+    member `key`: numpy's messages name no file, and zipfile's EOFError for a member whose data
+    ends before its directory entry says (the file cut while it is read) has no text at all."""
+    if isinstance(error, EOFError) and not str(error):
+        reason = "the file ends inside the member's data: cut short while it was read?"
+    else:
+        reason = str(error) or type(error).__name__
+    return ValueError(f"{path}: array {key!r} is not readable ({reason})")
 
 
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
