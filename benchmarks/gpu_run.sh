@@ -40,8 +40,14 @@ within_deadline() {
 # that a call stopped later still brings back what finished.
 BENCH_JSON=$(mktemp -d /tmp/gpu_bench_json.XXXXXX)
 trap 'rm -rf "$BENCH_JSON"' EXIT  # its JSONs are in the archive
+# Only JSONs with content: pytest-benchmark before 5.3 opens its --benchmark-json file while it
+# parses the options, so a run with nothing timed (no GPU) or stopped at its limit leaves an
+# empty file, which is not a result (the reports name it as such from its path).
 archive_bench_json() {
-  (cd "$BENCH_JSON" && ls ./*.json >/dev/null 2>&1 && tar -czf "${OUT:-.}/gpu_bench_json.tar.gz" ./*.json)
+  local found
+  found=$(cd "$BENCH_JSON" && find . -maxdepth 1 -name '*.json' -size +0c | sort)
+  [ -n "$found" ] || return 0
+  (cd "$BENCH_JSON" && echo "$found" | tar -czf "${OUT:-.}/gpu_bench_json.tar.gz" -T -)
 }
 
 # run_gpu_benchmark NAME FILE JSON REPORT: one benchmark file (losses, encoder) in a pytest
