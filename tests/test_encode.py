@@ -641,7 +641,7 @@ def test_out_is_filled_and_returned(backend, autoencoder, rng, tmp_path):
     (lambda: torch.empty((50, 3), dtype=torch.float64), TypeError, "out: expected float32, got torch.float64"),
     (lambda: torch.empty((50, 3), requires_grad=True), ValueError, "does not require grad"),
     (lambda: torch.empty((3, 50)).T, ValueError, "non-contiguous"),
-    (lambda: [[0.0] * 3] * 50, TypeError, "out: expected a float32 numpy array or CPU torch tensor, got list"),
+    (lambda: [[0.0] * 3] * 50, TypeError, "out: expected a float32 numpy array or torch tensor \\(CPU or CUDA\\), got list"),
 ])
 def test_bad_out(backend, autoencoder, rng, make_out, error, message):
     with pytest.raises(error, match=message):

@@ -815,7 +815,7 @@ def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
             raise ValueError("out: the array is read-only; pass a writable one")
         view = out
     else:
-        raise TypeError(f"out: expected a float32 numpy array or CPU torch tensor, got {type(out).__name__}")
+        raise TypeError(f"out: expected a float32 numpy array or torch tensor (CPU or CUDA), got {type(out).__name__}")
     if (rows is not None and view.shape[0] != rows) or (dim is not None and view.shape[1] != dim):
         raise ValueError(f"out: expected shape {want}, got {tuple(view.shape)}")
     if not view.flags.aligned:  # the native encoder refuses it too, but mid-stream: say so first

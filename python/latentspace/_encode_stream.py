@@ -14,12 +14,26 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._arrays import ArrayKind, check_apart, check_encode_out, check_rows, is_torch_tensor, refuse_masked
+from ._encode_device_out import check_apart_on_device, check_device_out, is_device_tensor
 
-__all__ = ["Destination", "NewArray", "Source", "UserOut"]
+__all__ = ["Destination", "NewArray", "Source", "UserOut", "checked_out", "check_apart_from_out"]
 
 # What next() returns when an iterable X is exhausted: not None, which an iterable may
 # yield by mistake, and which must be refused as a bad chunk, not end the stream.
 _END = object()
+
+
+def checked_out(out: Any, rows: int | None, dim: int | None) -> Any:
+    """What encode writes `out`'s rows through: a writable float32 numpy view of a host `out`
+    (numpy, memory map, CPU tensor), or a CUDA tensor itself; refused with a ValueError /
+    TypeError naming out when it cannot hold the codes. rows / dim None: not known yet."""
+    return check_device_out(out, rows, dim) if is_device_tensor(out) else check_encode_out(out, rows, dim)
+
+
+def check_apart_from_out(x: Any, name: str, out: Any) -> None:
+    """Refuses an `out` that overlaps the input x (named `name`), in host or in GPU memory."""
+    check_apart(x, name, out)
+    check_apart_on_device(x, name, out)
 
 
 class Source:
@@ -49,7 +63,7 @@ class Source:
         if isinstance(X, np.ndarray) or is_torch_tensor(X):
             refuse_masked(X, "X")
             check_rows(X, "X", sample_shapes)
-            check_apart(X, "X", out)
+            check_apart_from_out(X, "X", out)
             self._array, self._chunks = X, None
             self.rows: int | None = int(X.shape[0])
             self.kind: ArrayKind = "torch" if is_torch_tensor(X) else "numpy"
@@ -87,7 +101,7 @@ class Source:
                                  f"({error})") from None
         refuse_masked(chunk, name)
         check_rows(chunk, name, self._sample_shapes)
-        check_apart(chunk, name, self._out)
+        check_apart_from_out(chunk, name, self._out)
         if self._sample_shapes is None:
             # A module of unknown input shape: every chunk must look like the first.
             if self._sample_shape is not None and tuple(chunk.shape[1:]) != self._sample_shape:
@@ -131,14 +145,15 @@ class Destination(Protocol):
 
 
 class UserOut:
-    """The caller's `out`: checked up front, filled in place, returned as given."""
+    """The caller's `out`: checked up front, filled in place, returned as given. Its rows are
+    written through a numpy view on the host, or directly on a GPU."""
 
     def __init__(self, out: Any, rows: int | None, dim: int | None):
         self._out = out
-        self._view = check_encode_out(out, rows, dim)
+        self._view = checked_out(out, rows, dim)
         self.expected_rows = int(self._view.shape[0])  # X's chunks must fill it exactly
 
-    def reserve(self, start: int, rows: int, dim: int) -> np.ndarray:
+    def reserve(self, start: int, rows: int, dim: int) -> Any:
         capacity, width = self._view.shape
         if width != dim:
             raise ValueError(f"out: expected shape (n, {dim}) (the model's latent_dim), got {tuple(self._view.shape)}")

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from . import _cuda_encoder, _native
-from ._arrays import (check_bool, check_encode_out, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
+from ._arrays import (check_bool, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
                       rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
-from ._encode_stream import Destination, NewArray, Source, UserOut
+from ._encode_stream import Destination, NewArray, Source, UserOut, checked_out
 from .models.base import LatentModel, module_device_dtype
 
 __all__ = ["Encoder", "MlpLayer", "MlpSpec", "NotExportable", "encode", "export_layers"]
@@ -244,8 +244,8 @@ class Encoder:
             array). Rows of shape model.input_shape (ConvAutoencoder: images or flat rows).
         batch_size: rows per chunk (default 65,536 native, 4,096 torch; fewer for wide
             samples: a chunk holds at most 256 MiB (native) or 16 MiB (torch) of float32 input).
-        out: optional float32 C-contiguous numpy array (or memory map, or CPU tensor) of
-            shape (n, latent_dim) to write into; it is returned. For an iterable X the
+        out: optional float32 C-contiguous numpy array (or memory map, or CPU or CUDA
+            tensor) of shape (n, latent_dim) to write into; it is returned. For an iterable X the
             chunks must fill it exactly. It must not share memory with X (not even out=X),
             nor be read-only (a tensor over a read-only memory map is refused, though torch
             itself cannot flag one). When encode raises (a bad row or chunk, an exception from
@@ -266,7 +266,7 @@ class Encoder:
         if out is not None and not (isinstance(X, (np.ndarray, list, tuple)) or is_torch_tensor(X)):
             # An iterable X gives Source its first chunk (the result's type): refuse a bad out
             # before that, so that a retry with the same generator still sees every chunk.
-            check_encode_out(out, None, self.latent_dim)
+            checked_out(out, None, self.latent_dim)
         source = Source(X, self._sample_shapes, out=out)  # refuses an out that overlaps X
         destination = (NewArray(source.rows, source.kind, source.device) if out is None
                        else UserOut(out, source.rows, self.latent_dim))

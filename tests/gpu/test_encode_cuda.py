@@ -107,3 +107,15 @@ def test_add_encoded_into_a_gpu_index(model, digits, iterable):
     D_gpu, I_gpu = gpu.search(queries, 7)
     _close(D_gpu, D_cpu)
     assert (I_gpu[:, 0] == I_cpu[:, 0]).mean() > 0.9  # codes agree to rounding: near-ties may swap
+
+
+def test_out_on_the_gpu_takes_the_torch_encoders_codes(model, digits):
+    """torch on a GPU writes a CUDA out by a copy of each chunk's codes (a slice of a bigger
+    tensor here: the rows around it stay as they were)."""
+    gpu = model.cuda()
+    whole = torch.full((len(digits) + 2, 4), float("nan"), device="cuda")
+    out = whole[1:-1]
+    encoder = ls.Encoder(gpu)
+    assert encoder.encode(torch.from_numpy(digits).cuda(), out=out, batch_size=128) is out
+    _close(out.cpu().numpy(), model.cpu().encode(digits))
+    assert torch.isnan(whole[0]).all() and torch.isnan(whole[-1]).all()

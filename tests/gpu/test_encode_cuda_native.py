@@ -531,12 +531,65 @@ def test_out_is_filled(rng, kind):
     _assert_float32_codes(out, model, x)
 
 
-def test_out_on_the_gpu_is_refused(rng):
-    """out= takes numpy arrays and CPU tensors (the documented contract); a CUDA tensor is
-    refused before anything runs, and the result of a CUDA input is a CUDA tensor anyway."""
+@pytest.mark.parametrize("inputs", ["cuda tensor", "numpy", "chunks"])
+def test_out_on_the_gpu_is_written_in_place(rng, inputs):
+    """A CUDA out on the work's device is the kernels' own destination (its rows written
+    directly, chunk by chunk): poisoned first, so a row left unwritten shows; the rows around
+    it (out is a slice of a bigger tensor) are untouched."""
+    model = _mlp(rng, (12, 40, 7), ["gelu", "identity"])
+    x = _rows(rng, 99, 12)
+    whole = torch.full((101, 7), float("nan"), device="cuda")
+    out = whole[1:100]
+    X = {"cuda tensor": torch.from_numpy(x).cuda(), "numpy": x,
+         "chunks": iter([torch.from_numpy(x[:30]).cuda(), torch.from_numpy(x[30:]).cuda()])}[inputs]
+    encoder = ls.Encoder(model, device="cuda")
+    assert encoder.backend == "native"
+    assert encoder.encode(X, out=out, batch_size=40) is out
+    _assert_float32_codes(out, model, x)
+    assert torch.isnan(whole[0]).all() and torch.isnan(whole[100]).all()
+
+
+def test_out_on_another_device_or_the_cpu_encoder_gets_the_codes_copied(rng):
+    """The CPU encoder (and a CUDA out on another GPU than the work's) writes a CUDA out
+    through a copy of each chunk's codes: the same codes as a new result."""
+    model = _mlp(rng, (12, 40, 7), ["tanh", "identity"])
+    x = _rows(rng, 77, 12)
+    out = torch.full((77, 7), float("nan"), device="cuda")
+    assert ls.Encoder(model, device="cpu").encode(x, out=out, batch_size=30) is out
+    np.testing.assert_array_equal(_host(out), ls.Encoder(model, device="cpu").encode(x, batch_size=30))
+    if torch.cuda.device_count() > 1:
+        other = torch.full((77, 7), float("nan"), device="cuda:1")
+        assert ls.Encoder(model, device="cuda:0").encode(x, out=other, batch_size=30) is other
+        _assert_float32_codes(other, model, x)
+
+
+def test_a_bad_out_on_the_gpu_is_refused_before_anything_runs(rng):
     encoder = ls.Encoder(_mlp(rng, (4, 3), ["identity"]), device="cuda")
-    with pytest.raises(ValueError, match=r"^out: expected a numpy array or a CPU tensor, got a tensor on 'cuda"):
-        encoder.encode(torch.zeros((5, 4), device="cuda"), out=torch.zeros((5, 3), device="cuda"))
+    x = torch.zeros((5, 4), device="cuda")
+    cases = [
+        (torch.zeros((5, 3), device="cuda", dtype=torch.float64), TypeError, "out: expected float32, got torch.float64"),
+        (torch.zeros((5, 4), device="cuda"), ValueError, r"out: expected shape \(5, 3\), got \(5, 4\)"),
+        (torch.zeros((3, 5), device="cuda").T, ValueError, "non-contiguous"),
+        (torch.zeros((5, 3), device="cuda", requires_grad=True), ValueError, "does not require grad"),
+        (torch.zeros((5, 3), device="cuda")._neg_view(), ValueError, "negated view"),
+    ]
+    for out, error, message in cases:
+        with pytest.raises(error, match=message):
+            encoder.encode(x, out=out)
+
+
+def test_an_out_overlapping_X_on_the_gpu_is_refused(rng):
+    """Its codes would overwrite rows not yet read (the check is by the bounds each occupies,
+    as on the host)."""
+    model = _mlp(rng, (4, 4), ["identity"])
+    y = torch.from_numpy(_rows(rng, 300, 4)).cuda()
+    before = y.clone()
+    encoder = ls.Encoder(model, device="cuda")
+    for X, out in [(y[:-1], y[1:]), (y[1:], y[:-1]), (y, y)]:
+        with pytest.raises(ValueError, match="out: shares memory with X; pass a separate tensor"):
+            encoder.encode(X, out=out, batch_size=64)
+    assert torch.equal(y, before)  # refused before anything was written
+    _assert_float32_codes(encoder.encode(y[:100], out=y[100:200]), model, _host(before[:100]))
 
 
 def test_a_stream_other_than_the_default(rng):
