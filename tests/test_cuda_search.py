@@ -879,7 +879,7 @@ def test_weighted_overflow_is_refused_through_the_stand_in(nq, rng):
     expected = words(lambda: latentspace.knn(q, x[:100], 3, "weighted_l2", weights=w))
     assert expected.startswith(f"queries: row {nq - 1} ") and "lower the weights" in expected
     assert words(lambda: stand_in(q, x[:100])) == expected
-    q[nq - 1, 0] = np.nan  # unusable as it is: the plain words come first, as on the CPU
+    q[nq - 1, 0] = np.nan  # unusable as it is: the same row, in the same (weighted) words, as on the CPU
     assert words(lambda: stand_in(q, x[:100])) == words(lambda: latentspace.knn(q, x[:100], 3, "weighted_l2",
                                                                                 weights=w))
 
@@ -972,15 +972,15 @@ def test_few_queries_find_the_row_at_the_end_without_the_check_ahead(queries_as,
 @pytest.mark.parametrize("bad_query", ["heavy", "nan"])
 def test_streamed_weighted_refusal_still_names_bad_queries_first(queries_as, bad_query, rng, check_ahead):
     """Refused before the search ends, the database row still comes after any bad query, as on
-    the CPU: among them queries of blocks not yet uploaded (row 27 of 30, blocks of 7), and a NaN
-    query before a heavy one (the plain check over all queries comes first)."""
+    the CPU: among them queries of blocks not yet uploaded (row 27 of 30, blocks of 7); among
+    those, the first in row order, whichever its kind (a heavy query 3 before a NaN query 27)."""
     x, q = _normal(rng, 3000, 5), _normal(rng, 30, 5)
     _spoil(x, 400, "heavy")
     _spoil(q, 27, bad_query)
     if bad_query == "nan":
         _spoil(q, 3, "heavy")  # an earlier query that only the weights make unusable
     expected = _words(lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY))
-    assert expected.startswith("queries: row 27 ")
+    assert expected.startswith(f"queries: row {3 if bad_query == 'nan' else 27} ")
     assert _words(lambda: _streamed(q, x, queries_as)) == expected
     x[400] = 0  # the database usable: the queries are named at the end, in the same order
     assert _words(lambda: _streamed(q, x, queries_as)) == expected
@@ -1032,10 +1032,10 @@ def test_streamed_weighted_search_of_usable_rows_is_unchanged(rng, check_ahead):
 @pytest.mark.parametrize("bad", ["heavy", "nan", "nan after heavy", "heavy after nan"])
 @pytest.mark.parametrize("database_as", ["numpy", "torch", "float64", "float64 in chunks"])
 def test_gpu_entry_checks_the_weighted_database_without_queries(bad, database_as, rng, monkeypatch):
-    """No queries: the CPU checks the database against the weights (plain rows first, in the plain
-    words); the GPU entry checked a host database plainly, so a heavy row passed. ("in chunks": a
-    host database is checked a chunk at a time, never converted whole; a heavy row in an early
-    chunk still comes after a NaN row in a later one.)"""
+    """No queries: the CPU checks the database against the weights (the first refused row in row
+    order, whichever its kind); the GPU entry checked a host database plainly, so a heavy row
+    passed. ("in chunks": a host database is checked a chunk at a time, never converted whole; a
+    heavy row in an early chunk comes before a NaN row in a later one.)"""
     x = _normal(rng, 300, 5)
     first, second = (50, 200)
     kinds = {"heavy": ("heavy",), "nan": ("nan",), "nan after heavy": ("heavy", "nan"),
@@ -1047,7 +1047,7 @@ def test_gpu_entry_checks_the_weighted_database_without_queries(bad, database_as
     database = {"numpy": x, "torch": torch.from_numpy(x)}.get(database_as, x.astype(np.float64))
     no_queries = np.zeros((0, 5), np.float32)
     expected = _words(lambda: latentspace.knn(no_queries, x, 3, "weighted_l2", weights=_HEAVY))
-    assert expected.startswith(f"database: row {first if bad != 'nan after heavy' else second} ")
+    assert expected.startswith(f"database: row {first} ")
     assert _words(lambda: _knn(no_queries, database, 3, "weighted_l2", weights=_HEAVY)) == expected
     assert _words(lambda: _knn(torch.from_numpy(no_queries), database, 3, "weighted_l2", weights=_HEAVY)) == expected
 
@@ -1056,8 +1056,8 @@ def test_gpu_entry_checks_the_weighted_database_without_queries(bad, database_as
 @pytest.mark.parametrize("weighted", [True, False])
 def test_a_device_database_without_queries_is_checked_as_on_the_cpu(bad, weighted, rng, monkeypatch):
     """The check a resident (CUDA tensor) database gets without queries, on a CPU tensor: the
-    CPU's words, plain rows first (the search's own check names every row in the weighted words,
-    as the CPU kernel does once it searches)."""
+    CPU's row and words (the first refused row in row order; weighted: in the weighted words,
+    whichever its kind, as the search's own check and the CPU kernel name it)."""
     x = _normal(rng, 300, 5)
     for row, kind in {"heavy": [(50, "heavy")], "nan": [(50, "nan")], "nan after heavy": [(50, "heavy"), (200, "nan")],
                       "none": []}[bad]:

@@ -735,3 +735,37 @@ def test_reconstruct_takes_any_id_tensor_or_names_ids(rng):
         index.reconstruct(torch.tensor([1, 2]).to_sparse())
     with pytest.raises(ValueError, match="^ids: expected a CPU or CUDA tensor"):
         index.reconstruct(torch.ones(2, dtype=torch.long, device="meta"))
+
+
+# --- add's check on a GPU index, run on CPU tensors: the CPU add's row and words ----------
+
+_HEAVY = np.array([1e4, 1, 1, 1, 1], np.float32)  # 1e18 in dimension 0: plain 1e36, weighted 1e40
+
+
+@pytest.mark.parametrize("kinds", [("nan", "heavy"), ("heavy", "nan"), ("nan", "nan"), ("heavy", "heavy")])
+@pytest.mark.parametrize("host_check", [0, 1 << 14])
+def test_device_add_check_names_the_row_the_cpu_add_names(kinds, host_check, rng, monkeypatch):
+    """A GPU index's add (and add_encoded) checked every row as it is before it weighed any, so a
+    NaN row was named before an earlier heavy one; the CPU add names the first in row order."""
+    from latentspace import _arrays
+    from latentspace.indexes import flat
+
+    monkeypatch.setattr(_arrays, "_HOST_CHECK_ELEMENTS", host_check)  # the flags' device and host paths
+    x = _normal(rng, 300, 5)
+    rows = sorted(int(r) for r in rng.choice(300, size=2, replace=False))
+    for row, kind in zip(rows, kinds):
+        if kind == "heavy":
+            x[row] = 1e18
+        else:
+            x[row, 2] = np.nan
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    with pytest.raises(ValueError) as cpu:
+        index.add(x)
+    assert str(cpu.value).startswith(f"x: row {rows[0]}")
+    with pytest.raises(ValueError) as device:
+        flat.check_device_rows_for_index(torch.from_numpy(x), "x", _HEAVY)
+    assert str(device.value) == str(cpu.value)
+    if "heavy" not in kinds:  # an index without weights: the plain check, the same row
+        with pytest.raises(ValueError) as plain:
+            flat.check_device_rows_for_index(torch.from_numpy(x), "x", None)
+        assert str(plain.value) == str(cpu.value)

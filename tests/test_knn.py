@@ -870,3 +870,86 @@ def test_a_dimension_mismatch_says_the_queries_set_the_dimension():
     with pytest.raises(ValueError, match=r"^database: expected 63 columns \(the queries' dimension\), got shape "
                                          r"\(10, 64\)$"):
         latentspace.knn(q, x, 2)
+
+
+# --- Which bad row is named: the first in row order, queries first, on every path ---------
+
+_PLAIN_WORDS = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm "
+                "above 4.2e37); clean or rescale the data")
+_BAD_VALUES = (np.nan, np.inf, -np.inf, 1e30)
+
+
+def _unweighted_paths(metric, monkeypatch):
+    """name -> call(queries, database) naming a bad row, for every unweighted path reachable
+    without a GPU (the GPU orchestration on the CPU stand-in: chunks of 52 rows, blocks of 7
+    queries; a FlatIndex's add names its argument "x", so it is given the database as "x")."""
+    from latentspace import _cuda_search
+
+    def stand_in(q, x):
+        return _cuda_search._knn(_cuda_search.CpuBackend(), q, x, 3, metric, workspace_bytes=None,
+                                 gpu_memory_bytes=4000)
+
+    def index_search(q, x):
+        index = latentspace.FlatIndex(x.shape[1], metric)
+        index._buffer, index._ntotal = x, x.shape[0]  # stored as is: add would refuse it
+        return index.search(q, 3)
+
+    def host_chunks_without_queries(q, x):
+        monkeypatch.setattr(_cuda_search, "HOST_CHUNK_BYTES", 52 * x.shape[1] * 4)
+        try:
+            return stand_in(q[:0], x.astype(np.float64))
+        finally:
+            monkeypatch.undo()
+
+    return {"knn": lambda q, x: latentspace.knn(q, x, 3, metric), "FlatIndex.search": index_search,
+            "GPU entry (stand-in)": stand_in,
+            "streamed, device queries": lambda q, x: _cuda_search.search_streamed(
+                _cuda_search.CpuBackend(), torch.from_numpy(q), x, 3, metric, workspace_bytes=1 << 20,
+                memory_bytes=4000, query_checks=latentspace._arrays.query_row_checks(torch.from_numpy(q))),
+            "knn without queries": lambda q, x: latentspace.knn(q[:0], x, 3, metric),
+            "GPU entry without queries, host chunks": host_chunks_without_queries,
+            "without queries, device database": lambda q, x: _cuda_search.check_database_without_queries(
+                torch.from_numpy(x), None),
+            "FlatIndex.add": lambda q, x: latentspace.FlatIndex(x.shape[1], metric).add(x)}
+
+
+def _spoil_two(rng, target, placement):
+    """Two rows of target given bad values (NaN, Inf, overflow, at random): adjacent in one
+    kernel panel, on either side of a 52-row chunk's boundary, or anywhere. Returns the first."""
+    n = target.shape[0]
+    if placement == "one panel":
+        first = 32 * int(rng.integers(0, max(1, n // 32))) + 2 * int(rng.integers(0, min(15, (n - 2) // 2 + 1)))
+        rows = (first, first + 1)
+    elif placement == "chunk boundary":
+        boundary = 52 * int(rng.integers(1, n // 52))
+        rows = (boundary - 1, boundary)
+    else:
+        rows = tuple(sorted(int(r) for r in rng.choice(n, size=2, replace=False)))
+    for row in rows:
+        target[row, int(rng.integers(0, target.shape[1]))] = rng.choice(_BAD_VALUES)
+    return rows[0]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("placement", ["one panel", "chunk boundary", "anywhere"])
+@pytest.mark.parametrize("which", ["database", "queries", "both"])
+def test_every_path_names_the_first_bad_row_in_the_same_words(metric, placement, which, rng, monkeypatch):
+    q, x = _normal(rng, 40, 5), _normal(rng, 3000, 5)
+    row = None
+    if which != "queries":
+        row = _spoil_two(rng, x, placement)
+    if which != "database":
+        row = _spoil_two(rng, q, "anywhere" if placement == "chunk boundary" else placement)
+    name = "database" if which == "database" else "queries"
+    paths = _unweighted_paths(metric, monkeypatch)
+    got = {}
+    for path, call in paths.items():
+        if name == "queries" and ("without queries" in path or path == "FlatIndex.add"):
+            continue  # no queries searched
+        with pytest.raises(ValueError) as error:
+            call(q, x)
+        got[path] = str(error.value)
+    expected = f"{name}: row {row} {_PLAIN_WORDS}"
+    got = {path: words.replace("x: row", "database: row", 1) if path == "FlatIndex.add" else words
+           for path, words in got.items()}
+    assert got == dict.fromkeys(got, expected)

@@ -12,6 +12,7 @@ import pytest
 
 import latentspace
 from conftest import assert_knn_matches
+from latentspace import _arrays
 
 
 def _data(rng, n, dim):
@@ -243,13 +244,16 @@ def test_the_add_check_is_exact_at_the_limit(rng):
         np.testing.assert_array_equal(got, want)
 
 
-def test_add_still_names_plain_unusable_rows_first(rng):
-    """NaN, Inf and plain overflow in the plain words, before any weighted overflow (as
-    check_rows_usable orders them)."""
+def test_add_names_the_first_refused_row_whichever_its_kind(rng):
+    """A heavy row before a NaN row is named, in add's words (it was the NaN row: check_rows_usable
+    came first, so which row was named depended on the kinds, not on the order)."""
     x = _with_heavy_row(rng)
     x[200, 3] = np.nan
     index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
-    with pytest.raises(ValueError, match="^x: row 200 contains NaN or Inf"):
+    with pytest.raises(ValueError, match="^x: row 123: its squared norm scaled by the index's weights"):
+        index.add(x)
+    x[50, 3] = np.nan
+    with pytest.raises(ValueError, match="^x: row 50 contains NaN or Inf"):
         index.add(x)
     assert index.ntotal == 0
 
@@ -305,3 +309,191 @@ def test_knn_of_many_queries_checks_the_weighted_database_before_searching(rng, 
         latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
     with pytest.raises(AssertionError, match="searched"):  # fewer queries: the kernel's own check
         latentspace.knn(q[:-1], x, 3, "weighted_l2", weights=_HEAVY)
+
+
+# ---------------------------------------------------------------------------------------
+# Which refusal wins. The rule, on every path: the first refused row in row order, whichever
+# its kind (NaN / Inf / plain overflow, or a weighted squared norm past float32), the queries
+# before the database; a search names it in the weighted words, which cover both kinds.
+# Paths: knn (the kernel's check, the check first from CHECK_FIRST_QUERIES, no queries), a
+# FlatIndex's search and add, and the GPU orchestration on the CPU stand-in (streamed chunks of
+# 52 rows, blocks of 7 queries, the check ahead, the checks without queries).
+
+_WEIGHTED_WORDS = ("contains NaN or Inf, or values so large that squared distances overflow float32 (squared norm, "
+                   "plain or scaled by the weights, above 4.2e37); clean or rescale the data, or lower the weights")
+_CHUNK_ROWS = 52  # the stand-in's streamed chunks of 3000 x 5 rows with 4000 bytes (and the host checks' here)
+
+
+def _spoiled(x, row, kind):
+    if kind == "heavy":
+        x[row] = 1e18  # usable as it is; refused by _HEAVY's weights
+    else:
+        x[row, 2] = np.nan
+
+
+def _two_bad_rows(rng, n, placement, limit=None):
+    """Two row numbers of an n-row input: in one panel of the CPU kernel (adjacent, the first
+    even), on either side of a streamed chunk's boundary, or anywhere (in order)."""
+    if placement == "one panel":
+        first = 32 * int(rng.integers(0, n // 32)) + 2 * int(rng.integers(0, 15))
+        return first, first + 1
+    if placement == "chunk boundary":
+        boundary = _CHUNK_ROWS * int(rng.integers(1, n // _CHUNK_ROWS))
+        return boundary - 1, boundary
+    first, second = sorted(rng.choice(n if limit is None else limit, size=2, replace=False))
+    return int(first), int(second)
+
+
+def _weighted_search_paths(monkeypatch):
+    """name -> search(queries, database) for every weighted search path reachable without a GPU."""
+    torch = pytest.importorskip("torch")
+    from latentspace import _cuda_search, search
+
+    def knn(q, x):
+        return latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
+
+    def checked_first(q, x):
+        monkeypatch.setattr(search, "CHECK_FIRST_QUERIES", 1)
+        try:
+            return knn(q, x)
+        finally:
+            monkeypatch.undo()
+
+    def index_search(q, x):
+        index = latentspace.FlatIndex(5, "weighted_l2")
+        index._buffer, index._ntotal = x, x.shape[0]  # stored as is: add would refuse a NaN row
+        return index.search(q, 3, weights=_HEAVY)
+
+    def index_search_of_many(q, x):
+        return index_search(np.concatenate([q] + [np.zeros((1, 5), np.float32)] * 2048), x)
+
+    def stand_in(q, x):
+        return _cuda_search._knn(_cuda_search.CpuBackend(), q, x, 3, "weighted_l2", workspace_bytes=None,
+                                 gpu_memory_bytes=4000, weights=_HEAVY)
+
+    def checked_ahead(q, x):
+        monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
+        try:
+            return stand_in(q, x)
+        finally:
+            monkeypatch.undo()
+
+    def device_queries(q, x, ahead=False):
+        if ahead:
+            monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
+        try:
+            queries = torch.from_numpy(q)
+            return _cuda_search.search_streamed(_cuda_search.CpuBackend(weights=_HEAVY), queries, x, 3,
+                                                "weighted_l2", workspace_bytes=1 << 20, memory_bytes=4000,
+                                                query_checks=_arrays.query_row_checks(queries, _HEAVY))
+        finally:
+            monkeypatch.undo()
+
+    return {"knn": knn, "knn, database checked first": checked_first, "FlatIndex.search": index_search,
+            "FlatIndex.search of 2048+ queries": index_search_of_many, "GPU entry (stand-in)": stand_in,
+            "GPU entry, chunks checked ahead": checked_ahead, "streamed, device queries": device_queries,
+            "streamed, device queries, checked ahead": lambda q, x: device_queries(q, x, ahead=True)}
+
+
+def _database_checks_without_queries(monkeypatch):
+    """name -> check(database) of the paths that check a database with no queries to search."""
+    torch = pytest.importorskip("torch")
+    from latentspace import _cuda_search
+
+    no_queries = np.zeros((0, 5), np.float32)
+
+    def host_chunks(x):
+        monkeypatch.setattr(_cuda_search, "HOST_CHUNK_BYTES", _CHUNK_ROWS * 5 * 4)
+        try:
+            return _cuda_search._knn(_cuda_search.CpuBackend(), no_queries, x.astype(np.float64), 3, "weighted_l2",
+                                     workspace_bytes=None, gpu_memory_bytes=None, weights=_HEAVY)
+        finally:
+            monkeypatch.undo()
+
+    def device_database(x):
+        for host_check in (0, 1 << 14):
+            monkeypatch.setattr(_arrays, "_HOST_CHECK_ELEMENTS", host_check)
+            try:
+                _cuda_search.check_database_without_queries(torch.from_numpy(x), _HEAVY)
+            finally:
+                monkeypatch.undo()
+
+    return {"knn without queries": lambda x: latentspace.knn(no_queries, x, 3, "weighted_l2", weights=_HEAVY),
+            "GPU entry without queries, host chunks": host_chunks,
+            "without queries, device database": device_database}
+
+
+
+@pytest.mark.parametrize("placement", ["one panel", "chunk boundary", "anywhere"])
+@pytest.mark.parametrize("order", [("nan", "heavy"), ("heavy", "nan"), ("nan", "nan"), ("heavy", "heavy")])
+def test_every_weighted_search_names_the_first_refused_database_row(order, placement, rng, monkeypatch):
+    x, q = _data(rng, 3000, 5), _data(rng, 30, 5)
+    rows = _two_bad_rows(rng, 3000, placement)
+    for row, kind in zip(rows, order):
+        _spoiled(x, row, kind)
+    expected = f"database: row {rows[0]} {_WEIGHTED_WORDS}"
+    paths = _weighted_search_paths(monkeypatch)
+    checks = _database_checks_without_queries(monkeypatch)
+    got = {name: _refusal(lambda: search(q, x)) for name, search in paths.items()}
+    got.update({name: _refusal(lambda: check(x)) for name, check in checks.items()})
+    assert got == dict.fromkeys(got, expected)
+
+
+@pytest.mark.parametrize("placement", ["one panel", "anywhere"])
+@pytest.mark.parametrize("order", [("nan", "heavy"), ("heavy", "nan")])
+@pytest.mark.parametrize("database", ["usable", "refused"])
+def test_every_weighted_search_names_the_first_refused_query_first(order, placement, database, rng, monkeypatch):
+    """Queries come first, whatever the database holds; among them, the first in row order (the
+    CPU kernel checked them all as they are, then all weighted)."""
+    x, q = _data(rng, 3000, 5), _data(rng, 40, 5)
+    rows = _two_bad_rows(rng, 40, placement, limit=40)
+    for row, kind in zip(rows, order):
+        _spoiled(q, row, kind)
+    if database == "refused":
+        _spoiled(x, int(rng.integers(0, 3000)), str(rng.choice(["nan", "heavy"])))
+    expected = f"queries: row {rows[0]} {_WEIGHTED_WORDS}"
+    got = {name: _refusal(lambda: search(q, x)) for name, search in _weighted_search_paths(monkeypatch).items()}
+    assert got == dict.fromkeys(got, expected)
+
+
+@pytest.mark.parametrize("placement", ["one panel", "anywhere"])
+@pytest.mark.parametrize("order", [("nan", "heavy"), ("heavy", "nan")])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_add_names_the_first_refused_row_in_its_own_words(order, placement, as_tensor, rng):
+    """add refuses the first refused row in row order too, in the words of its kind: NaN / Inf
+    in the plain words, a row the index's weights make unusable in add's own."""
+    x = _data(rng, 3000, 5)
+    rows = _two_bad_rows(rng, 3000, placement)
+    for row, kind in zip(rows, order):
+        _spoiled(x, row, kind)
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    if as_tensor:
+        x = pytest.importorskip("torch").from_numpy(x)
+    words = " contains NaN or Inf" if order[0] == "nan" else ": its squared norm scaled by the index's weights"
+    with pytest.raises(ValueError, match=f"^x: row {rows[0]}{words}"):
+        index.add(x)
+    assert index.ntotal == 0
+
+
+@pytest.mark.parametrize("heavy_first", [True, False])
+def test_add_encoded_names_the_first_refused_code(heavy_first, rng):
+    torch = pytest.importorskip("torch")
+    encoder = torch.nn.Linear(5, 5, bias=False)
+    with torch.no_grad():
+        encoder.weight.copy_(torch.eye(5) * 1e18)
+    X = np.zeros((40, 5), np.float32)
+    X[:, 1] = 1e-18  # codes 1: ordinary
+    heavy, plain = sorted(int(row) for row in rng.choice(40, size=2, replace=False))[:: 1 if heavy_first else -1]
+    X[heavy, 0] = 1  # its code: 1e18 in dimension 0, heavy
+    X[plain, 3] = 10  # its code: 1e19, finite (the encoder passes it) but unusable as it is
+    index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
+    words = ": its squared norm scaled by the index's weights" if heavy < plain else " contains NaN or Inf"
+    with pytest.raises(ValueError, match=f"^the codes of X: row {min(heavy, plain)}{words}"):
+        index.add_encoded(encoder, X, batch_size=16)
+    assert index.ntotal == 0
+
+
+def _refusal(call) -> str:
+    with pytest.raises(ValueError) as error:
+        call()
+    return str(error.value)

@@ -54,6 +54,9 @@ __all__ = [
     "as_device_matrix",
     "as_host_matrix",
     "check_rows_usable_flags",
+    "check_weighted_rows",
+    "first_refused_row",
+    "native_knn",
     "database_row_check",
     "query_row_checks",
     "raise_unusable_rows",
@@ -189,13 +192,24 @@ _BOUND_DIMS = 1 << 20
 
 def weighted_overflow_row(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> int:
     """The first row of a C-contiguous float32 matrix whose squared norm scaled by `weights`,
-    sum_d w_d x_d^2, is above what a search can use (MAX_SQUARED_NORM), or -1. A row unusable
-    as it is (NaN, Inf, plain overflow) raises check_rows_usable's ValueError, naming `name`
-    and the row (first_row + r) first."""
+    sum_d w_d x_d^2, is above what a search can use (MAX_SQUARED_NORM), or -1, when no row
+    before it is unusable as it is (NaN, Inf, plain overflow): then that row raises
+    check_rows_usable's ValueError, naming `name` and the row (first_row + r). Either way the
+    first refused row in row order, whichever its kind."""
     plain, heavy = refused_rows(rows, weights)
+    if heavy >= 0:  # (refused_rows looks for it before the plain row only)
+        return heavy
     if plain >= 0:
         raise ValueError(f"{name}: row {first_row + plain} {BAD_ROW_WORDS}")  # check_rows_usable's words
-    return heavy
+    return -1
+
+
+def first_refused_row(rows: np.ndarray, weights: np.ndarray) -> int:
+    """The first row of a C-contiguous float32 matrix that a weighted_l2 search refuses, in row
+    order, whichever its kind (NaN, Inf, a plain or weighted squared norm past MAX_SQUARED_NORM),
+    or -1: the row a combined unusable_row_flag(..., weights=) names. Never raises."""
+    plain, heavy = refused_rows(rows, weights)
+    return heavy if heavy >= 0 else plain  # (heavy is before plain)
 
 
 def refused_rows(rows: np.ndarray, weights: np.ndarray) -> tuple[int, int]:
@@ -238,14 +252,35 @@ def _first_heavy_row(rows: np.ndarray, norms: np.ndarray, weights: np.ndarray) -
 
 
 def check_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_row: int = 0) -> None:
-    """The weighted search's check of a float32 matrix, in the CPU kernel's words: a row
-    unusable as it is raises in the plain words (check_rows_usable's), else the first row the
-    weights make unusable in the weighted ones, naming `name` and first_row + r. One read of
-    the rows (weighted_overflow_row)."""
-    row = weighted_overflow_row(rows, weights, name, first_row)
-    if row >= 0:  # (summed in another order, a row within an ulp of the limit may pass here:
-        # then the kernel, which has the last word, decides)
-        check_rows_usable(rows[row : row + 1], name, first_row=first_row + row, weights=weights)
+    """The weighted search's check of a float32 matrix: ValueError naming `name` and the first
+    refused row (first_row + r) in row order, whichever its kind, in the CPU kernel's weighted
+    words (they cover both kinds, as the device's combined check does). One read of the rows
+    (refused_rows)."""
+    row = first_refused_row(rows, weights)
+    if row < 0:
+        return
+    if first_unusable_row(rows[row : row + 1]) < 0:
+        # Only the weights refuse it. Summed in another order, a row within an ulp of the limit
+        # may pass here: then the kernel, which has the last word, decides.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if float((rows[row] * rows[row]) @ weights) <= MAX_SQUARED_NORM:
+                return
+    raise ValueError(f"{name}: row {first_row + row} {_BAD_WEIGHTED_ROW}")
+
+
+def native_knn(queries: np.ndarray, database: np.ndarray, k: int, code: int, distances: np.ndarray,
+               indices: np.ndarray, weights: np.ndarray | None) -> None:
+    """_native.knn, whose weighted refusal names the first refused row in row order, queries
+    first, in the weighted words, as every other path does. (The kernel checks all queries as
+    they are before it weighs any, and a panel of database rows for NaN before it weighs them:
+    it may name a later row. Read again only when it refuses one.)"""
+    try:
+        _native.knn(queries, database, k, code, distances, indices, weights)
+    except ValueError:
+        if weights is not None:
+            check_weighted_rows(queries, weights, "queries")
+            check_weighted_rows(database, weights, "database")
+        raise
 
 
 # The CPU kernel's words (csrc/cpu/knn.cpp, kBadRowMessage / kBadWeightedRowMessage).
@@ -467,12 +502,10 @@ def check_rows_usable_flags(flags: list, names: list[str]) -> None:
 
 
 def query_row_checks(queries: Any, weights: Any = None, first_row: int = 0) -> list[tuple]:
-    """(flag, "queries", weighted) checks for raise_unusable_rows, in the CPU kernel's order:
-    rows unusable as they are, then (weighted_l2) rows whose weighted squared norm is unusable."""
-    checks = [(unusable_row_flag(queries, first_row), "queries", False)]
-    if weights is not None:
-        checks.append((unusable_row_flag(queries, first_row, weights), "queries", True))
-    return checks
+    """The (flag, "queries", weighted) check of queries for raise_unusable_rows: with weights, one
+    flag for rows unusable as they are or weighted (the first in row order, whichever its kind),
+    named in the weighted words, as database_row_check's and the CPU search's."""
+    return [(unusable_row_flag(queries, first_row, weights), "queries", weights is not None)]
 
 
 def database_row_check(rows: Any, weights: Any = None, first_row: int = 0) -> tuple:

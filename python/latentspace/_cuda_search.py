@@ -52,14 +52,13 @@ from ._arrays import (
     check_rows_usable,
     check_weighted_rows,
     database_row_check,
+    first_refused_row,
     host_to_tensor,
     is_ascending,
     is_torch_tensor,
     query_row_checks,
     raise_unusable_rows,
-    refused_rows,
     unusable_row_flag,
-    weighted_overflow_row,
     weights_for,
 )
 from ._cuda_chunks import (
@@ -459,7 +458,7 @@ def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str,
         indices[:, kept:] = -1
     else:
         _pad(distances, indices, kept, metric)
-    raise_unusable_rows(_plain_first(query_checks) + database_checks)  # bad queries first, as on the CPU
+    raise_unusable_rows(query_checks + database_checks)  # bad queries first, as on the CPU
     return distances, indices
 
 
@@ -472,7 +471,7 @@ def _start_chunk(chunks, j: int, job: tuple, host_weights: np.ndarray | None) ->
     since reading it before the chunk's search would wait for the search queued before it (a
     host sync per chunk, which the pipeline has none of: the host copies chunk j + 1 while the GPU
     searches chunk j). The chunk's float32 values are in host memory anyway, where the CPU's
-    one-read check (_refused_row) runs while the GPU searches the chunk before it and the chunk
+    one-read check (first_refused_row) runs while the GPU searches the chunk before it and the chunk
     itself uploads. Its cost: a read of each chunk on the host, once; hidden while a chunk's
     search takes longer than its host copy and this read (many queries), it lengthens each step
     of the host's copy when the search is shorter (few queries)."""
@@ -480,68 +479,43 @@ def _start_chunk(chunks, j: int, job: tuple, host_weights: np.ndarray | None) ->
     chunks.start(j, start, stop)
     if host_weights is None or first != 0:
         return -1
-    row = _refused_row(chunks.host_rows(j, stop - start), host_weights)
+    # (first_refused_row: the row database_row_check's flag finds; one read of the rows when
+    # none is, no device memory)
+    row = first_refused_row(chunks.host_rows(j, stop - start), host_weights)
     return -1 if row < 0 else start + row
-
-
-def _refused_row(rows: np.ndarray, weights: np.ndarray) -> int:
-    """The first row of a float32 matrix that a weighted_l2 search refuses, or -1: unusable as
-    it is (NaN, Inf, a plain squared norm past MAX_SQUARED_NORM) or by its squared norm scaled
-    by the weights, the rows database_row_check's flag finds. One read of the rows when none is
-    (_arrays.refused_rows: their plain norms, and only the rows whose bound passes the
-    limit summed again, exactly), no device memory."""
-    plain, heavy = refused_rows(rows, weights)
-    return heavy if heavy >= 0 else plain  # (heavy is before plain)
 
 
 def _refuse_database_row(row: int, queries, query_checks: list, database_checks: list,
                          weights: np.ndarray) -> None:
     """Raises ValueError for a database row the weighted search refuses, found before its chunk
     was searched, as the search would have at its end: a bad query first (numpy queries all
-    checked here, those of blocks not yet uploaded too, in the CPU kernel's order), then a row
+    checked here, those of blocks not yet uploaded too, the first in row order), then a row
     the device's check found in an earlier chunk, then this one, in database_row_check's words."""
     import torch
 
     if isinstance(queries, np.ndarray):
         check_weighted_rows(np.ascontiguousarray(queries, dtype=np.float32), weights, "queries")
         query_checks = []
-    raise_unusable_rows(_plain_first(query_checks) + database_checks + [(torch.tensor(row), "database", True)])
-
-
-def _plain_first(checks: list) -> list:
-    """(flag, name, weighted) checks with the plain ones first, each kind in its order: the CPU
-    kernel checks all queries as they are, then all of them weighted (the streamed search checks
-    a block of queries at a time, both ways)."""
-    return [check for check in checks if not check[2]] + [check for check in checks if check[2]]
+    raise_unusable_rows(query_checks + database_checks + [(torch.tensor(row), "database", True)])
 
 
 def check_database_without_queries(database, weights: np.ndarray | None) -> None:
     """The check knn makes of a database it has no queries to search for, in the CPU's order and
-    words (search.knn): a row unusable as it is first, in the plain words, then (weights given)
-    the first row the weights make unusable, in the weighted ones. database: a tensor on the
-    device (its flags read once), or a host array of any real dtype, converted and checked one
-    chunk of HOST_CHUNK_BYTES at a time (as a streamed search does, never whole)."""
+    words (search.knn): the first refused row in row order, in the plain words, or with weights,
+    whichever its kind, in the weighted ones. database: a tensor on the device (its flag read
+    once), or a host array of any real dtype, converted and checked one chunk of HOST_CHUNK_BYTES
+    at a time (as a streamed search does, never whole), up to the first chunk holding one."""
     if not isinstance(database, np.ndarray):
-        checks = [(unusable_row_flag(database), "database", False)]
-        if weights is not None:
-            checks.append((unusable_row_flag(database, weights=weights), "database", True))
-        raise_unusable_rows(checks)
+        raise_unusable_rows([database_row_check(database, weights)])
         return
     rows = max(1, HOST_CHUNK_BYTES // (database.shape[1] * 4))
-    heavy = -1  # the first row the weights make unusable; a plain bad row after it still comes first
     for start in range(0, database.shape[0], rows):
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused as such
             chunk = np.ascontiguousarray(database[start : start + rows], dtype=np.float32)
         if weights is None:
             check_rows_usable(chunk, "database", first_row=start)
-            continue
-        row = weighted_overflow_row(chunk, weights, "database", start)  # raises for a plain bad row
-        if heavy < 0 and row >= 0:
-            heavy = start + row
-    if heavy >= 0:
-        with np.errstate(over="ignore", invalid="ignore"):
-            chunk = np.ascontiguousarray(database[heavy : heavy + 1], dtype=np.float32)
-        check_rows_usable(chunk, "database", first_row=heavy, weights=weights)
+        else:
+            check_weighted_rows(chunk, weights, "database", start)
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _cuda_device, _cuda_search, _native
+from . import _cuda_device, _cuda_search
 from ._arrays import (as_matrix, check_k, check_metric, check_rows_usable, check_weighted_rows, empty_results,
-                      weights_for)
+                      native_knn, weights_for)
 
 # From this many queries on, a weighted_l2 knn on the CPU checks the database against the
 # weights before it searches: one read of the database, 0.7-1.9% of a search this large
@@ -81,11 +81,21 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % x.shape[1])
     if w is not None and (q.shape[0] == 0 or q.shape[0] >= CHECK_FIRST_QUERIES):
-        check_weighted_rows(x, w, "database")  # before any work (see CHECK_FIRST_QUERIES)
+        _check_weighted_database_first(q, x, w)  # before any work (see CHECK_FIRST_QUERIES)
     elif q.shape[0] == 0:
         check_rows_usable(x, "database")  # the search would have; say so even with no queries
     distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
-    _native.knn(q, x, k, code, d_view, i_view, w)
+    native_knn(q, x, k, code, d_view, i_view, w)
     return distances, indices
 
 
+
+
+def _check_weighted_database_first(queries, database, weights) -> None:
+    """The weighted database's check before the search, which still names a refused query first,
+    as the search does (the queries are read only when the database holds a refused row)."""
+    try:
+        check_weighted_rows(database, weights, "database")
+    except ValueError:
+        check_weighted_rows(queries, weights, "queries")
+        raise

@@ -910,8 +910,9 @@ def _as_stored(x, storage):
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16"])  # (fp16 refuses 1e18 itself: beyond its range)
 def test_small_gpu_index_add_refuses_rows_the_weights_make_unusable(storage, rng):
-    """numpy and CUDA rows, all or nothing, bf16 rows checked as stored; NaN first, in the plain
-    words; weights past any use refuse ordinary rows."""
+    """numpy and CUDA rows, all or nothing, bf16 rows checked as stored; the first refused row in
+    row order, whichever its kind (NaN in the plain words; a NaN row after a heavy one was named
+    first); weights past any use refuse ordinary rows."""
     x = _spoiled(rng, "heavy")
     index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY, device=DEVICE, storage=storage)
     index.add(x[:100])
@@ -922,8 +923,13 @@ def test_small_gpu_index_add_refuses_rows_the_weights_make_unusable(storage, rng
         assert index.ntotal == 100
     nan = x.copy()
     nan[200, 3] = np.nan
-    with pytest.raises(ValueError, match="^x: row 200 contains NaN or Inf"):
-        index.add(nan)
+    for rows in (nan, torch.from_numpy(nan).to(DEVICE)):
+        with pytest.raises(ValueError, match="^x: row 123: its squared norm scaled by the index's weights"):
+            index.add(rows)
+    nan[50, 3] = np.nan
+    for rows in (nan, torch.from_numpy(nan).to(DEVICE)):
+        with pytest.raises(ValueError, match="^x: row 50 contains NaN or Inf"):
+            index.add(rows)
     assert index.ntotal == 100
     np.testing.assert_array_equal(index.vectors(), _as_stored(x[:100], storage))
     huge = latentspace.FlatIndex(5, "weighted_l2", weights=np.full(5, 1e38, np.float32), device=DEVICE,
@@ -1001,7 +1007,8 @@ def test_small_streamed_weighted_search_refuses_a_row_before_its_chunk_is_search
 @pytest.mark.parametrize("database_as", ["host", "cuda", "cuda bf16"])
 def test_small_weighted_database_without_queries_is_checked_as_on_the_cpu(bad, database_as, rng):
     """No queries: a host database was checked plainly (a heavy row passed), a CUDA one in the
-    weighted words (where the CPU names a NaN row in the plain ones): now both as on the CPU."""
+    weighted words (where the CPU named a NaN row in the plain ones): now both as on the CPU (the
+    weighted words for either kind)."""
     x = _spoiled(rng, bad)
     if database_as == "cuda bf16":
         x = _as_stored(x, "bf16")  # the CPU's reference: the rows as the GPU reads them

@@ -23,6 +23,7 @@ from .._arrays import (
     check_weights,
     empty_results,
     empty_vector_buffer,
+    native_knn,
     weights_for,
 )
 from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
@@ -360,7 +361,7 @@ class FlatIndex:
         with self._lock:
             database = self._buffer[: self._ntotal]
         distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
-        _native.knn(q, database, k, METRICS[self._metric], d_view, i_view, w)
+        native_knn(q, database, k, METRICS[self._metric], d_view, i_view, w)
         return distances, indices
 
     # -- on a GPU (device="cuda"): the vectors in a torch tensor on the device ------------
@@ -404,10 +405,14 @@ class FlatIndex:
             rows, _ = as_device_matrix(x, "x", self._device, dim=self._dim)
             if rows.shape[0] == 0:
                 return
-            check_rows_usable_flags([unusable_row_flag(rows)], ["x"])
-            rows = self._to_storage(rows, "x")
+            if self._weights is None:  # (None for good: only a weighted_l2 index has weights)
+                check_device_rows_for_index(rows, "x", None)
             with self._writing("add"):
-                self._refuse_overweighted_cuda(rows, "x")
+                if self._weights is not None:  # checked against the weights the rows go in with
+                    check_device_rows_for_index(rows, "x", self._weights)
+                rows = self._to_storage(rows, "x")
+                if self._storage != "fp32":  # rounded: a row may cross the limit
+                    self._refuse_overweighted_cuda(rows, "x")
                 n, m = self._ntotal, rows.shape[0]
                 self._grow_cuda(n + m)
                 self._gpu_buffer[n : n + m] = rows  # rows past ntotal: no search reads them yet
@@ -485,8 +490,7 @@ class FlatIndex:
             first = self._ntotal
             added = encoder._encode_to(source, _GpuIndexRows(self), batch_size, progress)
             codes = self._gpu_buffer[first : first + added]
-            check_rows_usable_flags([unusable_row_flag(codes)], ["the codes of X"])
-            self._refuse_overweighted_cuda(codes, "the codes of X")
+            check_device_rows_for_index(codes, "the codes of X", self._weights)
             self._update_norms_cuda(first, first + added)
             self._publish_cuda(first + added)
         return added
@@ -624,13 +628,28 @@ if hasattr(os, "register_at_fork"):
 def check_rows_for_index(rows: np.ndarray, name: str, weights: np.ndarray | None, first_row: int = 0) -> None:
     """The check add() makes of rows going into an index (a C-contiguous float32 matrix):
     check_rows_usable's, and with a weighted_l2 index's weights, a ValueError naming `name`
-    and the first row (first_row + r) whose weighted squared norm a search could not use."""
+    and the first row (first_row + r) in row order that a search could not use, whichever its
+    kind: NaN / Inf in check_rows_usable's words, a weighted squared norm in add's own."""
     if weights is None:
         check_rows_usable(rows, name, first_row=first_row)
         return
     row = weighted_overflow_row(rows, weights, name, first_row)
     if row >= 0:
         raise ValueError(_overweighted_row(name, first_row + row))
+
+
+def check_device_rows_for_index(rows: Any, name: str, weights: np.ndarray | None) -> None:
+    """check_rows_for_index of a tensor on its device (a GPU index's add and add_encoded): the
+    first refused row in row order, whichever its kind, in the words of its kind. One combined
+    flag read; only a refused row is looked at again, to tell its kind."""
+    if weights is None:
+        check_rows_usable_flags([unusable_row_flag(rows)], [name])
+        return
+    row = int(unusable_row_flag(rows, weights=weights).item())
+    if row < 0:
+        return
+    check_rows_usable_flags([unusable_row_flag(rows[row : row + 1], row)], [name])  # NaN, Inf: the plain words
+    raise ValueError(_overweighted_row(name, row))
 
 
 def _overweighted_row(name: str, row: int) -> str:
