@@ -210,6 +210,88 @@ def test_pairwise_sq_l2_checks_its_argument():
     assert pairwise_sq_l2(torch.zeros(0, 3)).shape == (0, 0)
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e20), (torch.float64, 1e155)])
+def test_squared_norms_past_the_dtype_do_not_turn_finite_distances_into_nan(dtype, scale):
+    """||a||^2 + ||b||^2 - 2 a.b overflows (inf - inf = NaN) once the codes' squared norms pass
+    the dtype's range, although a distance itself may not: float32 codes near +-1e20 whose
+    classes are 1e19 wide (1e38 < 3.4e38) gave NaN distances and NaN losses."""
+    z = torch.tensor([[1.0, 0.0], [1.1, 0.0], [-1.0, 0.0], [-1.1, 0.0]], dtype=torch.float64) * scale
+    d = pairwise_sq_l2(z.to(dtype))
+    reference = torch.cdist(z, z) ** 2
+    finite = reference < torch.finfo(dtype).max
+    assert finite.sum() == 8 and not torch.isnan(d).any()
+    # (rtol: the expansion cancels the squared norms, 100 times the distances here)
+    torch.testing.assert_close(d[finite].double(), reference[finite], rtol=1e-4, atol=0)
+    assert torch.all(d[~finite] == math.inf)  # distances beyond the dtype round to inf
+    # classes far apart, tight inside: both losses are 0 (exp(-inf) = 0, relu(-inf) = 0)
+    labels = torch.tensor([0, 0, 1, 1])
+    codes = z.to(dtype).requires_grad_()
+    for loss in (supcon_loss, triplet_loss):
+        value = loss(codes, labels)
+        assert value.item() == 0.0
+        value.backward()
+        assert torch.isfinite(codes.grad).all()
+        codes.grad = None
+
+
+@pytest.mark.parametrize("similarity", ["sq_l2", "cosine"])
+def test_similarities_over_a_tiny_temperature_do_not_give_nan(similarity):
+    """s / temperature past float32 (-inf for every pair, or +inf for cos = 1) gave
+    -inf - (-inf) = NaN where the loss is 0: each positive is its anchor's nearest by far.
+    The loss is shifted by each anchor's largest similarity, which changes neither it nor
+    its gradient; against float64."""
+    z = torch.tensor([[0.0, 1.0], [2.0, 1.0], [-3.0, -1.0], [-5.0, -1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    for temperature in (1e-38, 1e-45):
+        codes = z.clone().requires_grad_()
+        value = supcon_loss(codes, labels, temperature, similarity=similarity)
+        expected = supcon_loss(z.double(), labels, temperature, similarity=similarity)
+        assert not torch.isnan(value)
+        assert value.item() == pytest.approx(expected.item(), abs=1e-30)
+        value.backward()
+        assert torch.isfinite(codes.grad).all()
+    # where the float64 loss itself is past float32, inf (not NaN)
+    far = torch.tensor([[0.0, 1.0], [2.0, 1.0], [1.0, 1.0], [-5.0, -1.0]])
+    assert supcon_loss(far, labels, 1e-38).item() == math.inf
+    assert supcon_loss(far.double(), labels, 1e-38).item() > 1e38
+
+
+def test_distances_all_beyond_float32_still_give_the_loss():
+    """Every distance past float32 (codes 2**67 apart, powers of two so that float32 holds
+    them exactly): inf - inf gave NaN in both losses, though each term is a difference of
+    distances: the triplet term max(0, d_ip - d_in + 1) = 1 where d_ip = d_in, the supcon
+    term log 2 for an anchor whose two other codes are equally far. As in float64. (The
+    gradient, through a factor 2**134, may still overflow: a value, not a training regime.)"""
+    z = torch.tensor([[2.0**66], [-(2.0**66)], [3 * 2.0**66]])
+    labels = torch.tensor([0, 0, 1])
+    assert torch.all(pairwise_sq_l2(z)[~torch.eye(3, dtype=torch.bool)] == math.inf)
+    for loss, expected in ((triplet_loss, 0.5), (supcon_loss, math.log(2) / 2)):
+        assert loss(z, labels).item() == pytest.approx(expected, rel=1e-6)
+        assert loss(z.double(), labels).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_labels_must_be_dense():
+    # a sparse labels tensor reached torch's "Could not run 'aten::eq.Tensor' ... SparseCPU"
+    z, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    for loss in (supcon_loss, triplet_loss):
+        with pytest.raises(TypeError, match=r"^labels: expected a dense tensor"):
+            loss(z, y.to_sparse())
+
+
+@pytest.mark.parametrize("dtype", [name for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)])
+def test_float8_codes_are_computed_in_float32(dtype):
+    # "add_stub not implemented for 'Float8_e4m3fn'" escaped before: narrower floats are cast up
+    z, y = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    narrow = z.to(getattr(torch, dtype))
+    for loss in (supcon_loss, triplet_loss):
+        got = loss(narrow, y)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(loss(narrow.float(), y).item(), rel=1e-6)
+    # pairwise_sq_l2 computes in the codes' own dtype, which has no arithmetic in torch
+    with pytest.raises(TypeError, match=r"^z: .*float8.*z\.float\(\)"):
+        pairwise_sq_l2(narrow)
+
+
 def test_nan_codes_give_a_nan_loss():
     # torch's convention for losses (documented in the module docstring); training stops on it
     z, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])

@@ -356,3 +356,38 @@ def test_reconstruction_mse_of_large_errors_that_float64_holds():
         assert reconstruction_mse(x, np.zeros_like(x)) == pytest.approx(1e306, rel=1e-12)
         assert reconstruction_mse(np.zeros_like(x), -x) == pytest.approx(1e306, rel=1e-12)
     assert reconstruction_mse(np.full((2, 2), 1e300), np.full((2, 2), -1e300)) == math.inf  # 4e600: beyond float64
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_reconstruction_mse_of_integers_beyond_two_to_the_53(dtype):
+    """Integers are subtracted exactly before the difference is rounded to float64: through
+    float64 first, 2**62 + 1 and 2**62 (or 2**64 - 1 and 2**64 - 3) were equal, an MSE of 0."""
+    big = 2**62 if dtype is np.int64 else 2**64 - 3
+    x = np.array([[big + 1, 5], [big, 7]], dtype=dtype)
+    x_hat = np.array([[big, 5], [big + 2, 4]], dtype=dtype)
+    assert reconstruction_mse(x, x_hat) == (1 + 4 + 9) / 4
+    assert reconstruction_mse(torch.from_numpy(x.astype(np.int64)), x_hat.astype(np.int64)) == \
+        reconstruction_mse(x.astype(np.int64), x_hat.astype(np.int64))
+    # small unsigned images do not wrap around (10 - 200 is -190, not 66)
+    assert reconstruction_mse(np.full((2, 3), 10, np.uint8), np.full((2, 3), 200, np.uint8)) == 190.0**2
+    # int64 against uint64: the difference needs 65 bits
+    assert reconstruction_mse(np.array([[2**64 - 1]], np.uint64), np.array([[-(2**63)]], np.int64)) == \
+        float(2**64 - 1 + 2**63) ** 2
+
+
+def test_self_dropped_checks_its_arguments():
+    indices = np.array([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    # ids of one value (or a column) were broadcast over every row: row 2 "dropped" everywhere
+    for bad in ([2], np.zeros((3, 1), dtype=np.int64), [0, 1]):
+        with pytest.raises(ValueError, match=r"^ids: expected shape \(3,\) \(one index per row of indices\)"):
+            self_dropped(indices, ids=bad)
+    with pytest.raises(TypeError, match=r"^ids: expected integer"):
+        self_dropped(indices, ids=[0.0, 1.0, 2.0])
+    for bad in (np.array([0, 1]), np.zeros((2, 2, 2), dtype=np.int64)):
+        with pytest.raises(ValueError, match=r"^indices: expected a 2-d array"):
+            self_dropped(bad)
+    with pytest.raises(TypeError, match=r"^indices: expected integer"):
+        self_dropped(indices.astype(np.float32))
+    # lists are fine (positions to keep); rows 1 and 2 as the lists of points 2 and 0
+    np.testing.assert_array_equal(self_dropped(indices.tolist()), [[1, 2], [1, 2], [1, 2]])
+    np.testing.assert_array_equal(self_dropped(indices[1:], ids=[2, 0]), [[0, 2], [0, 2]])

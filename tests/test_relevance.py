@@ -128,6 +128,40 @@ def test_relevance_errors(rng):
         ls.relevance(z, y, model=pca)
 
 
+class _Posterior:
+    """A stand-in model whose posterior(x) returns what it was given."""
+
+    def __init__(self, result):
+        self.result = result
+
+    def posterior(self, x):
+        return self.result
+
+
+def test_kl_checks_what_the_model_returns():
+    x = np.zeros((5, 2))
+    mu, logvar = np.zeros((5, 3)), np.zeros((5, 3))
+    # logvar with one row was broadcast over mu's five (a silently wrong mean); with four,
+    # numpy's "operands could not be broadcast" named nothing
+    for rows in (1, 4):
+        with pytest.raises(ValueError, match=r"^model.posterior\(X\) logvar: expected shape \(5, 3\)"):
+            ls.relevance(None, method="kl", model=_Posterior((mu, np.zeros((rows, 3)))), X=x)
+    # a posterior of other rows than X's was averaged as if it were X's
+    with pytest.raises(ValueError, match=r"^model.posterior\(X\): returned 4 rows for the 5 rows of X"):
+        ls.relevance(None, method="kl", model=_Posterior((mu[:4], logvar[:4])), X=x)
+    # not a pair: "too many values to unpack (expected 2)"
+    for bad in (mu, (mu,), (mu, logvar, logvar), None):
+        with pytest.raises(TypeError, match=r"^model.posterior\(X\): expected a pair \(mu, logvar\)"):
+            ls.relevance(None, method="kl", model=_Posterior(bad), X=x)
+    # exp(logvar) past float64: inf with numpy's overflow warning; named like "variance"'s
+    huge = logvar.copy()
+    huge[2, 1] = 800.0
+    with pytest.raises(ValueError, match=r"^model.posterior\(X\) logvar: the KL of dimension 1 exceeds"):
+        ls.relevance(None, method="kl", model=_Posterior((mu, huge)), X=x)
+    np.testing.assert_allclose(ls.relevance(None, method="kl", model=_Posterior((mu + 1.0, logvar)), X=x.tolist()),
+                               [0.5, 0.5, 0.5], rtol=1e-15)
+
+
 # ---------------------------------------------------------------------------------------
 # From scores to weights
 

@@ -77,7 +77,9 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
     ("mutual_info"), NaN / Inf in Z, a variance beyond
     float64's range ("variance"; the scale-free "fisher" and "mutual_info" scale each dimension
     by a power of two, so codes up to float64's limits work), a missing y
-    ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method.
+    ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method;
+    for "kl" also a posterior that is not a pair (mu, logvar) of equal shapes with one row per
+    row of X (TypeError / ValueError), and a KL beyond float64's range (logvar above ~709).
     """
     method = _resolve_method(method, y)
     if method == "kl":
@@ -202,16 +204,48 @@ def _kl_scores(Z: Any, model: Any, X: Any) -> np.ndarray:
         raise ValueError(f"model: method='kl' needs a VAE (a model with posterior(x) -> (mu, logvar)), got {got}")
     if X is None:
         raise ValueError("X: method='kl' needs the inputs X whose posteriors q(z|x) are averaged; got None")
-    mu, logvar = model.posterior(X)
-    mu = as_float64_matrix(mu, "model.posterior(X) mu")
-    logvar = as_float64_matrix(logvar, "model.posterior(X) logvar", dim=mu.shape[1])
+    mu, logvar = _posterior_pair(model, X)
     if mu.shape[0] < 1:
         raise ValueError("X: expected at least one row, got none")
     if Z is not None:
         z = as_float64_matrix(Z, "Z")
         if z.shape[1] != mu.shape[1]:
             raise ValueError(f"Z: expected {mu.shape[1]} columns (the model's latent_dim), got shape {z.shape}")
-    return 0.5 * (mu * mu + np.exp(logvar) - 1.0 - logvar).mean(axis=0)
+    with np.errstate(over="ignore"):  # an overflow is reported below, by name
+        kl = 0.5 * (mu * mu + np.exp(logvar) - 1.0 - logvar).mean(axis=0)
+    if not np.isfinite(kl).all():
+        column = int(np.flatnonzero(~np.isfinite(kl))[0])
+        raise ValueError(f"model.posterior(X) logvar: the KL of dimension {column} exceeds float64's range "
+                         f"(logvar up to {logvar[:, column].max():.3g}, |mu| up to {np.abs(mu[:, column]).max():.3g})")
+    return kl
+
+
+def _posterior_pair(model: Any, X: Any) -> tuple[np.ndarray, np.ndarray]:
+    """model.posterior(X) as two float64 (n, latent_dim) matrices, one row per row of X: a
+    model of one's own returning something else would be averaged wrongly (a one-row logvar
+    broadcast over mu) or fail in numpy's words, naming nothing."""
+    result = model.posterior(X)
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        got = f"{len(result)} values" if isinstance(result, (tuple, list)) else type(result).__name__
+        raise TypeError(f"model.posterior(X): expected a pair (mu, logvar), got {got}")
+    mu = as_float64_matrix(result[0], "model.posterior(X) mu")
+    logvar = as_float64_matrix(result[1], "model.posterior(X) logvar", dim=mu.shape[1])
+    if logvar.shape != mu.shape:
+        raise ValueError(f"model.posterior(X) logvar: expected shape {mu.shape} (mu's), got {logvar.shape}")
+    rows = _row_count(X)
+    if rows is not None and rows != mu.shape[0]:
+        raise ValueError(f"model.posterior(X): returned {mu.shape[0]} rows for the {rows} rows of X")
+    return mu, logvar
+
+
+def _row_count(X: Any) -> int | None:
+    shape = getattr(X, "shape", None)
+    if shape is not None:
+        return int(shape[0]) if len(shape) else None
+    try:
+        return len(X)
+    except TypeError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------

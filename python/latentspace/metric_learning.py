@@ -32,8 +32,10 @@ triplet_loss(z, labels, margin=1.0)
 Anchors without a positive (a class with one sample in the batch) or, for the triplet
 loss, without a negative (a batch of one class) have no term; a batch where no anchor has
 one gives 0, still connected to z so that backward() works. Computed in float32 (float64
-for float64 codes; bf16 / fp16 codes are cast up first). Codes holding NaN give a loss of
-NaN, as torch's losses do (training stops on a non-finite loss and says so).
+for float64 codes; bf16 / fp16 / fp8 codes are cast up first). Codes holding NaN give a loss of
+NaN, as torch's losses do (training stops on a non-finite loss and says so). Finite codes give
+no NaN: a distance (or a similarity over the temperature) beyond the dtype's range counts as
+inf, so a loss beyond it is inf, and one within it (far classes, tight inside) comes out.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
     _check_codes(z)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch tensor, got {type(labels).__name__}")
+    check_dense(labels, "labels")  # (a sparse one reached torch's "Could not run 'aten::eq.Tensor'")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels: expected integer class labels, got {labels.dtype}")
     if labels.shape != (z.shape[0],):
@@ -75,7 +78,7 @@ def _check_batch(z: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
                          f"got {tuple(labels.shape)}")
     if labels.device != z.device:
         raise ValueError(f"labels: on {labels.device}, z on {z.device}; move them to the same device")
-    if z.dtype in (torch.float16, torch.bfloat16):
+    if torch.finfo(z.dtype).bits < 32:  # fp16, bf16, fp8 (whose arithmetic torch lacks)
         z = z.float()
     return z, labels
 
@@ -84,8 +87,19 @@ def pairwise_sq_l2(z: torch.Tensor) -> torch.Tensor:
     """||z_i - z_j||^2 for all pairs, (n, n), as ||z_i||^2 + ||z_j||^2 - 2 z_i.z_j of the
     centred codes, clamped at 0 (n^2 memory, not n^2 d); the diagonal is set to exactly 0.
     z: a floating-point torch tensor, (n, d), computed in its own dtype (TypeError /
-    ValueError naming z otherwise)."""
+    ValueError naming z otherwise; float8, which has no arithmetic in torch, a TypeError)."""
     _check_codes(z)
+    if torch.finfo(z.dtype).bits < 16:
+        raise TypeError(f"z: torch has no arithmetic for {z.dtype}; pass z.float()")
+    d, scale = _scaled_sq_l2(z)
+    return d * scale * scale  # (in two steps: scale * scale alone can overflow)
+
+
+def _scaled_sq_l2(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, scale): pairwise_sq_l2(z) = d * scale^2, d computed from the centred codes divided
+    by scale, a power of two (0-d tensor) that brings their entries below 2, so d is finite
+    for finite codes; the losses take differences of distances in these units, where two
+    distances past the dtype's range still have one."""
     # Distances do not change under translation: centring first keeps ||z||^2 down to the
     # batch's spread, so the expansion does not cancel away distances that are small beside
     # the codes' norm (float32 codes near 1000, 0.01 apart, all came out 0). The centre is a
@@ -93,9 +107,27 @@ def pairwise_sq_l2(z: torch.Tensor) -> torch.Tensor:
     # code still spoils only its own row and column), and averaged in float64 (no overflow).
     centre = z.detach().double().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).mean(dim=0)
     z = z - centre.to(z.dtype)
+    # Squared norms can pass the dtype's range although a distance does not (float32 codes
+    # +-1e20 whose classes are 1e19 wide): inf - inf gave NaN. Computed on the codes scaled by
+    # a power of two (exact) to entries below 2, the distances scaled back round to inf only
+    # where they pass the range themselves.
+    scale = _power_of_two_scale(z)
+    z = z / scale
     squared = (z * z).sum(dim=1)
     d = (squared[:, None] + squared[None, :] - 2.0 * (z @ z.T)).clamp_min(0.0)
-    return d.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0)
+    return d.masked_fill(torch.eye(z.shape[0], dtype=torch.bool, device=z.device), 0.0), scale
+
+
+def _power_of_two_scale(z: torch.Tensor) -> torch.Tensor:
+    """2^(e - 1) with the largest finite |entry| of z = m 2^e (0.5 <= m < 1), a 0-d tensor of z's
+    dtype on its device (no wait for the device); 1 for z without a nonzero finite entry.
+    2^(e - 1) rather than 2^e: it stays within the dtype (float32's largest is below 2^128)."""
+    if z.numel() == 0:
+        return torch.ones((), dtype=z.dtype, device=z.device)
+    largest = z.detach().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().amax()
+    _, exponent = torch.frexp(largest)
+    scale = torch.ldexp(torch.ones((), dtype=torch.float64, device=z.device), exponent - 1)
+    return torch.where(largest > 0, scale, torch.ones_like(scale)).to(z.dtype)
 
 
 def _zero(z: torch.Tensor) -> torch.Tensor:
@@ -119,21 +151,37 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
     n = z.shape[0]
     if similarity == "sq_l2":
-        s = -pairwise_sq_l2(z) / temperature
+        d, scale = _scaled_sq_l2(z)
+        s = -d
     else:
         unit = torch.nn.functional.normalize(z, dim=1)
-        s = (unit @ unit.T) / temperature
+        s, scale = unit @ unit.T, torch.ones((), dtype=z.dtype, device=z.device)
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     counts = positives.sum(dim=1)
     anchors = counts > 0
     if not bool(anchors.any()):
         return _zero(z)
+    # shifted in the scaled units, where every similarity of finite codes is finite
+    s = _shifted_by_row_max(s, self_mask) * scale * scale / temperature
     log_denominator = torch.logsumexp(s.masked_fill(self_mask, -math.inf), dim=1)
     log_prob = s - log_denominator[:, None]
     mean_positive = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1)
     per_anchor = -mean_positive[anchors] / counts[anchors].to(z.dtype)
     return per_anchor.mean()
+
+
+def _shifted_by_row_max(s: torch.Tensor, self_mask: torch.Tensor) -> torch.Tensor:
+    """s minus each row's largest similarity to another code (a constant to autograd), so that
+    s / temperature is at most 0 and its largest exactly 0, as torch's log_softmax shifts: a
+    term is s_ip minus the log-sum-exp of its row, which a shift of the row leaves alone (and
+    its gradient too), but unshifted the division could overflow every similarity of a row
+    (float32 distances of 4 over a temperature of 1e-38: -inf - (-inf) gave NaN where the loss
+    is 0), and similarities far from 0 absorbed the log-sum-exp's log(count) (two codes
+    equally far, 2**134 away in float64: a term of 0, not log 2). A row without a finite
+    maximum (a NaN or Inf code's) is left as it is."""
+    largest = s.detach().masked_fill(self_mask, -math.inf).amax(dim=1, keepdim=True)
+    return s - torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
 
 
 def triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
@@ -148,7 +196,7 @@ def triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> 
     z, labels = _check_batch(z, labels)
     margin = check_float(margin, "margin")
     n = z.shape[0]
-    d = pairwise_sq_l2(z)
+    d, scale = _scaled_sq_l2(z)
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
     same = labels[:, None] == labels[None, :]
     positives = same & ~self_mask
@@ -158,5 +206,7 @@ def triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> 
         return _zero(z)
     hardest_positive = d.masked_fill(~positives, -math.inf).amax(dim=1)
     hardest_negative = d.masked_fill(~negatives, math.inf).amin(dim=1)
-    per_anchor = torch.relu(hardest_positive[anchors] - hardest_negative[anchors] + margin)
+    # the difference in the scaled units (finite for finite codes), then scaled back
+    gap = (hardest_positive[anchors] - hardest_negative[anchors]) * scale * scale
+    per_anchor = torch.relu(gap + margin)
     return per_anchor.mean()

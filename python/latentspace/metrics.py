@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ._arrays import (as_float64_matrix, as_labels, as_matrix, check_k, check_metric, check_rows_usable, check_weights,
-                      numpy_to_tensor, raise_unusable_rows, unusable_row_flag)
+                      detached, is_torch_tensor, numpy_to_tensor, raise_unusable_rows, unusable_row_flag)
 from .search import knn
 
 __all__ = ["knn_label_agreement", "neighbor_recall", "reconstruction_mse", "self_dropped", "trustworthiness"]
@@ -157,16 +157,29 @@ def self_dropped(indices: np.ndarray, ids: np.ndarray | None = None) -> np.ndarr
     its last entry when its own index is absent). Use with np.take_along_axis.
     ids: each row's own index, when the queries were rows `ids` of the set (default: row i
     is point i, the whole set queried)."""
-    own = np.arange(indices.shape[0]) if ids is None else np.asarray(ids)
+    indices = _integer_array(indices, "indices")
+    if indices.ndim != 2:
+        raise ValueError(f"indices: expected a 2-d array (one row of neighbours per query), got shape {indices.shape}")
+    own = np.arange(indices.shape[0]) if ids is None else _integer_array(ids, "ids")
+    if own.shape != (indices.shape[0],):  # (one id, or a column, would be broadcast over every row)
+        raise ValueError(f"ids: expected shape ({indices.shape[0]},) (one index per row of indices), got {own.shape}")
     not_self = indices != own[:, None]
     # A stable sort moves the (at most one) self-match to the end of the row, keeping order.
     return np.argsort(~not_self, axis=1, kind="stable")[:, : indices.shape[1] - 1]
 
 
+def _integer_array(x: Any, name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer indices, got dtype {array.dtype}")
+    return array
+
+
 def reconstruction_mse(X: Any, X_hat: Any) -> float:
     """Mean squared error over all elements between data and its reconstruction, (n, d) each,
     n >= 1 (numpy or torch; images (n, ...) are flattened): computed in float64 from the
-    values as given (float64 data is not rounded to float32 first), inf only when the MSE
+    values as given (float64 data is not rounded to float32 first; two integer arrays are
+    subtracted exactly, so integers beyond 2**53 keep their differences), inf only when the MSE
     itself exceeds float64's range. NaN or Inf in either is a ValueError naming it and the row.
     Images are compared with images of the same shape or with their flat rows: (n, 2, 3)
     against (n, 3, 2) (transposed, or channels last) is a ValueError, not pixels paired wrongly."""
@@ -179,8 +192,12 @@ def reconstruction_mse(X: Any, X_hat: Any) -> float:
         raise ValueError(f"X, X_hat: shapes differ, {a.shape} vs {b.shape}")
     if a.shape[0] == 0:
         raise ValueError(f"X: expected at least one row, got shape {a.shape}")
-    with np.errstate(over="ignore"):  # a difference beyond float64 (|a - b| > 1.8e308) is inf
-        diff = a - b
+    integers = _integer_rows(X), _integer_rows(X_hat)
+    if integers[0] is not None and integers[1] is not None:
+        diff = _exact_integer_difference(*integers)
+    else:
+        with np.errstate(over="ignore"):  # a difference beyond float64 (|a - b| > 1.8e308) is inf
+            diff = a - b
     # Scaled by a power of two (exact) to a largest |difference| in [0.5, 1) first: squares of
     # errors above 1e154 overflow float64 although their mean may not (1e155 once in 10,000
     # elements: 1e306). An MSE beyond float64's range is inf.
@@ -188,6 +205,30 @@ def reconstruction_mse(X: Any, X_hat: Any) -> float:
     scaled = np.ldexp(diff, -exponent)
     with np.errstate(over="ignore", invalid="ignore"):
         return float(np.ldexp(np.mean(scaled * scaled), 2 * exponent))
+
+
+def _integer_rows(x: Any) -> np.ndarray | None:
+    """x (already checked by as_float64_matrix) as a flat-row integer numpy array when it holds
+    integers, else None."""
+    if is_torch_tensor(x):
+        if x.is_floating_point():
+            return None
+        return detached(x).to("cpu").reshape(x.shape[0], -1).numpy()
+    array = np.asarray(_flat(x))
+    return array if array.dtype.kind in "iu" else None
+
+
+def _exact_integer_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a - b for integer arrays, rounded once to float64: through float64 first, integers
+    beyond 2**53 lost their differences (2**62 + 1 - 2**62 was 0), and integer arithmetic
+    wraps (uint8 10 - 200) or overflows (uint64 against int64). Each value is split into
+    2**32 * high + low, low in [0, 2**32): both parts' differences are exact in float64."""
+    def split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        high, low = np.divmod(x.astype(np.uint64 if x.dtype == np.uint64 else np.int64), 1 << 32)
+        return high.astype(np.float64), low.astype(np.float64)
+
+    (a_high, a_low), (b_high, b_low) = split(a), split(b)
+    return (a_high - b_high) * float(1 << 32) + (a_low - b_low)
 
 
 def _flat(x: Any) -> Any:
