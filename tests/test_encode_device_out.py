@@ -113,3 +113,108 @@ def test_overlapping_device_memory_is_refused(fake_device_tensors):
     check_apart_on_device(on_gpu(y, "cuda:0"), "X", on_gpu(y, "cuda:1"))
     # A host tensor against a device one: host memory is check_apart's (by host addresses).
     check_apart_on_device(y, "X", on_gpu(y))
+
+
+# ---------------------------------------------------------------------------------------
+# Through encode, on the CPU: a CPU tensor that says it is on 'cuda:0' stands for a CUDA out.
+# The checks read only .device, dtype, layout and address; the CPU encoders write it by copy_,
+# as they write a real one. (The CUDA encoder's direct write needs a GPU.)
+
+
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor whose .device is 'cuda:0' (views of it too, through torch's subclassing)."""
+
+    @property
+    def device(self):
+        return torch.device("cuda:0")
+
+
+def _says_cuda(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(_SaysCuda)
+
+
+def test_the_stand_in_passes_for_a_cuda_tensor():
+    out = _says_cuda(torch.zeros((5, 3)))
+    assert is_device_tensor(out) and is_device_tensor(out[1:3]) and out[1:3].device.type == "cuda"
+    assert checked_out(out, 5, 3) is out  # a CUDA out is written as it is, not through numpy
+
+
+# The refusals tests/gpu/test_encode_cuda_native.py expects of a CUDA out, with its patterns
+# (an iterable X's row count is not known up front: "n").
+BAD_DEVICE_OUTS = {
+    "float64": (lambda: torch.zeros((5, 3), dtype=torch.float64), TypeError,
+                "out: expected float32, got torch.float64"),
+    "shape": (lambda: torch.zeros((5, 4)), ValueError, r"out: expected shape \((5|n), 3\), got \(5, 4\)"),
+    "transposed": (lambda: torch.zeros((3, 5)).T, ValueError, "non-contiguous"),
+    "grad": (lambda: torch.zeros((5, 3), requires_grad=True), ValueError, "does not require grad"),
+    "negated": (lambda: torch.zeros((5, 3))._neg_view(), ValueError, "negated view"),
+    "1-d": (lambda: torch.zeros(15), ValueError,
+            r"out: expected a C-contiguous 2-d tensor of shape \((5|n), 3\), got shape \(15,\)$"),
+    # 2 bytes into a buffer: an address no allocation has (bytearray's are 8-byte aligned)
+    "misaligned": (lambda: torch.frombuffer(bytearray(64), dtype=torch.float32, offset=2, count=15).reshape(5, 3),
+                   ValueError, r"^out: expected an aligned tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DEVICE_OUTS))
+@pytest.mark.parametrize("inputs", ["array", "chunks"])
+def test_a_bad_cuda_out_is_refused_before_anything_runs(case, inputs):
+    make, error, pattern = BAD_DEVICE_OUTS[case]
+    out = _says_cuda(make())
+    chunks = [np.zeros((2, 4), np.float32), np.zeros((3, 4), np.float32)]
+    X = np.zeros((5, 4), np.float32) if inputs == "array" else iter(chunks)
+    with pytest.raises(error, match=pattern):
+        latentspace.Encoder(nn.Sequential(nn.Linear(4, 3)), device="cpu").encode(X, out=out)
+    if inputs == "chunks":
+        assert len(list(X)) == 2  # refused before the first chunk was read
+
+
+class _NotExportable(nn.Module):
+    """A Linear layer behind a forward export_layers cannot read: the torch backend's."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x) * 1.0
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_cuda_out_gets_each_chunks_codes_copied(backend, rng):
+    """The CPU encoders write a CUDA out by a copy of each chunk's codes: the codes of a new
+    result, and (out a slice of a bigger tensor) the rows around it untouched."""
+    linear = nn.Linear(12, 7)
+    model = nn.Sequential(linear) if backend == "native" else _NotExportable(linear)
+    encoder = latentspace.Encoder(model, device="cpu")
+    assert encoder.backend == backend
+    x = rng.standard_normal((77, 12)).astype(np.float32)
+    whole = _says_cuda(torch.full((79, 7), float("nan")))
+    out = whole[1:78]
+    assert encoder.encode(x, out=out, batch_size=30) is out
+    np.testing.assert_array_equal(out.as_subclass(torch.Tensor).numpy(), encoder.encode(x, batch_size=30))
+    assert torch.isnan(whole[0]).all() and torch.isnan(whole[78]).all()
+
+
+def test_an_out_overlapping_a_cuda_x_is_refused_through_encode(rng):
+    """The case tests/gpu/test_encode_cuda_native.py runs on a GPU, here by the stand-in."""
+    y = _says_cuda(torch.from_numpy(rng.standard_normal((300, 4)).astype(np.float32)))
+    encoder = latentspace.Encoder(nn.Sequential(nn.Linear(4, 4)), device="cpu")
+    for X, out in [(y[:-1], y[1:]), (y[1:], y[:-1]), (y, y)]:
+        with pytest.raises(ValueError, match="^out: shares memory with X; pass a separate tensor"):
+            encoder.encode(X, out=out, batch_size=64)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_a_cuda_out_made_under_inference_mode_is_written(backend, rng):
+    """A tensor made under torch.inference_mode() takes no in-place write outside it: the
+    copies into a CUDA out are made inside it (they raised torch's RuntimeError, naming
+    nothing, after the first chunk)."""
+    linear = nn.Linear(12, 7)
+    model = nn.Sequential(linear) if backend == "native" else _NotExportable(linear)
+    encoder = latentspace.Encoder(model, device="cpu")
+    x = rng.standard_normal((50, 12)).astype(np.float32)
+    with torch.inference_mode():
+        out = _says_cuda(torch.full((50, 7), float("nan")))
+    assert encoder.encode(x, out=out, batch_size=20) is out
+    np.testing.assert_array_equal(out.as_subclass(torch.Tensor).numpy(), encoder.encode(x, batch_size=20))

@@ -497,3 +497,24 @@ def _refusal(call) -> str:
     with pytest.raises(ValueError) as error:
         call()
     return str(error.value)
+
+
+def test_a_row_the_kernel_decides_does_not_hide_a_later_refused_row(monkeypatch):
+    """A row the first check flags only by the weights, but which passes when summed again
+    (within an ulp of the limit: the kernel decides for it), must not end the check: a later
+    row the weights refuse is still named. (The flag is forced on a light row here: such
+    ulp cases depend on the summation order.)"""
+    rows = np.ones((8, 5), np.float32)
+    rows[5] = 1e10  # weighted: 5 * 1e20 * 1e18, refused
+    weights = np.full(5, 1e18, np.float32)
+    real = _arrays.first_refused_row
+
+    def flags_row_2_first(block, w):
+        found = real(block, w)
+        return 2 if block.shape[0] == rows.shape[0] else found  # the first call: row 2
+
+    monkeypatch.setattr(_arrays, "first_refused_row", flags_row_2_first)
+    with pytest.raises(ValueError, match=r"^database: row 5 "):
+        _arrays.check_weighted_rows(rows, weights, "database")
+    rows[5] = 1
+    _arrays.check_weighted_rows(rows, weights, "database")  # only row 2 flagged: the kernel decides

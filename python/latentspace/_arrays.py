@@ -256,16 +256,18 @@ def check_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_
     refused row (first_row + r) in row order, whichever its kind, in the CPU kernel's weighted
     words (they cover both kinds, as the device's combined check does). One read of the rows
     (refused_rows)."""
-    row = first_refused_row(rows, weights)
-    if row < 0:
-        return
-    if first_unusable_row(rows[row : row + 1]) < 0:
-        # Only the weights refuse it. Summed in another order, a row within an ulp of the limit
-        # may pass here: then the kernel, which has the last word, decides.
-        with np.errstate(over="ignore", invalid="ignore"):
-            if float((rows[row] * rows[row]) @ weights) <= MAX_SQUARED_NORM:
-                return
-    raise ValueError(f"{name}: row {first_row + row} {_BAD_WEIGHTED_ROW}")
+    start = 0
+    while (row := first_refused_row(rows[start:], weights)) >= 0:
+        row += start
+        if first_unusable_row(rows[row : row + 1]) < 0:
+            # Only the weights refuse it. Summed in another order, a row within an ulp of the
+            # limit may pass here: then the kernel, which has the last word, decides for it,
+            # and the rows after it are still checked.
+            with np.errstate(over="ignore", invalid="ignore"):
+                if float((rows[row] * rows[row]) @ weights) <= MAX_SQUARED_NORM:
+                    start = row + 1
+                    continue
+        raise ValueError(f"{name}: row {first_row + row} {_BAD_WEIGHTED_ROW}")
 
 
 def native_knn(queries: np.ndarray, database: np.ndarray, k: int, code: int, distances: np.ndarray,
@@ -809,26 +811,32 @@ def check_apart(x: Any, name: str, out: Any) -> None:
         raise ValueError(f"out: shares memory with {name}; pass a separate array")
 
 
+def check_out_tensor(out: Any, want: str) -> None:
+    """The checks of a torch tensor as encode's `out` on any device: float32, no autograd,
+    holding its own values, C-contiguous 2-d (`want`: the shape expected, for the message)."""
+    import torch
+
+    if out.dtype != torch.float32:
+        raise TypeError(f"out: expected float32, got {out.dtype}")
+    if out.requires_grad:
+        raise ValueError("out: expected a tensor that does not require grad (encoding has no autograd)")
+    if out.is_neg():  # its memory would hold -codes: written by address (or through .numpy())
+        raise ValueError("out: expected a tensor holding its own values, got a negated view (neg bit set); "
+                         "pass a plain tensor")
+    if out.dim() != 2 or not out.is_contiguous():
+        raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
+                         f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
+
+
 def check_encode_out(out: Any, rows: int | None, dim: int | None) -> np.ndarray:
     """The writable float32 numpy view of an `out` argument: a numpy array (or memory map
     opened for writing) or a CPU torch tensor, float32, C-contiguous, shaped (rows, dim).
     rows / dim None: not known yet (checked by the caller as the codes arrive)."""
     want = f"({'n' if rows is None else rows}, {'latent_dim' if dim is None else dim})"
     if is_torch_tensor(out):
-        import torch
-
-        if out.device.type != "cpu":
+        if out.device.type != "cpu":  # (encode hands those to _encode_device_out.check_device_out)
             raise ValueError(f"out: expected a numpy array or a CPU tensor, got a tensor on '{out.device}'")
-        if out.dtype != torch.float32:
-            raise TypeError(f"out: expected float32, got {out.dtype}")
-        if out.requires_grad:
-            raise ValueError("out: expected a tensor that does not require grad (encoding has no autograd)")
-        if out.is_neg():  # its memory holds -codes: writes through .numpy() would be negated
-            raise ValueError("out: expected a tensor holding its own values, got a negated view (neg bit set); "
-                             "pass a plain tensor")
-        if out.dim() != 2 or not out.is_contiguous():
-            raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
-                             f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
+        check_out_tensor(out, want)
         # torch has no read-only flag: writing would fault. Its own allocations (resizable
         # storage: torch.empty, slices of it) are writable; memory it wraps (from_numpy,
         # frombuffer, from_file, torch.load(mmap=True)) is asked of the kernel. (Read before

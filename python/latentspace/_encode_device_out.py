@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._arrays import is_torch_tensor
+from ._arrays import check_out_tensor, is_torch_tensor
 
 __all__ = ["check_device_out", "check_apart_on_device", "device_byte_span", "is_device_tensor"]
 
@@ -25,21 +25,10 @@ def check_device_out(out: Any, rows: int | None, dim: int | None) -> Any:
     C-contiguous, 2-d, shaped (rows, dim), no autograd, holding its own values. Only CUDA
     tensors: a 'meta' tensor has no memory to write, and other devices are not supported by
     the encoder."""
-    import torch
-
     want = f"({'n' if rows is None else rows}, {'latent_dim' if dim is None else dim})"
     if out.device.type != "cuda":
         raise ValueError(f"out: expected a numpy array, a CPU tensor or a CUDA tensor, got a tensor on '{out.device}'")
-    if out.dtype != torch.float32:
-        raise TypeError(f"out: expected float32, got {out.dtype}")
-    if out.requires_grad:
-        raise ValueError("out: expected a tensor that does not require grad (encoding has no autograd)")
-    if out.is_neg() or out.is_conj():  # its memory would hold -codes: the kernel writes by address
-        raise ValueError("out: expected a tensor holding its own values, got a negated view (neg bit set); "
-                         "pass a plain tensor")
-    if out.dim() != 2 or not out.is_contiguous():
-        raise ValueError(f"out: expected a C-contiguous 2-d tensor of shape {want}, "
-                         f"got shape {tuple(out.shape)}" + ("" if out.is_contiguous() else ", non-contiguous"))
+    check_out_tensor(out, want)
     if (rows is not None and out.shape[0] != rows) or (dim is not None and out.shape[1] != dim):
         raise ValueError(f"out: expected shape {want}, got {tuple(out.shape)}")
     if out.data_ptr() % 4:  # (a view at an odd byte offset of a byte tensor's storage)

@@ -324,7 +324,7 @@ class Encoder:
         if not np.isfinite(staging).all():  # an overflow inside the model (rare: 86 us against 5 ms
             self._check_codes(torch.from_numpy(staging), start, origin)  # for torch's row search)
         if staging is not target:  # the result goes to a GPU tensor
-            target.copy_(torch.from_numpy(staging))
+            Encoder._write(target, torch.from_numpy(staging))
 
     def _run_cuda(self, chunk: Any, start: int, origin: tuple[int, int] | None, target: Any) -> None:
         # Host rows are copied to the device here; CUDA rows of another dtype, device or layout
@@ -383,7 +383,10 @@ class Encoder:
         if isinstance(target, np.ndarray):
             target[...] = codes.to("cpu", torch.float32).numpy()
         else:
-            target.copy_(codes)
+            # Inside inference mode: a caller's out made under it takes no in-place write
+            # outside it (torch's RuntimeError), and any other tensor takes one either way.
+            with torch.inference_mode():
+                target.copy_(codes)
 
 
 def _gpu_refusal(device: torch.device) -> str | None:

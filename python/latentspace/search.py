@@ -89,8 +89,6 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
     return distances, indices
 
 
-
-
 def _check_weighted_database_first(queries, database, weights) -> None:
     """The weighted database's check before the search, which still names a refused query first,
     as the search does (the queries are read only when the database holds a refused row)."""
