@@ -336,3 +336,12 @@ def test_mutual_info_does_not_depend_on_a_common_offset():
     for offset in (2.0**20, 2.0**33):
         np.testing.assert_allclose(ls.relevance(z + offset, y, method="mutual_info"), expected, rtol=1e-12,
                                    atol=1e-15)
+
+
+def test_kl_names_X_for_inputs_of_the_wrong_shape():
+    """The VAE's own check named its argument 'x'; the caller passed X."""
+    vae = ls.VAE(6, 2, hidden=(8,))
+    for bad in (np.zeros((5, 7), np.float32), np.zeros(6, np.float32), torch.zeros((3, 2, 3))):
+        with pytest.raises(ValueError, match=r"^X: expected"):
+            ls.relevance(None, method="kl", model=vae, X=bad)
+    assert ls.relevance(None, method="kl", model=vae, X=np.zeros((4, 6), np.float32)).shape == (2,)

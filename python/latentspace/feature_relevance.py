@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_float64_matrix, as_labels, as_scores, check_float, check_int
+from ._arrays import as_float64_matrix, as_labels, as_scores, check_float, check_int, check_sample_shape
 
 __all__ = ["ACTIVE_UNIT_THRESHOLD", "MUTUAL_INFO_RANDOM_STATE", "METHODS", "keep_top", "relevance",
            "relevance_weights", "top_dimensions"]
@@ -204,6 +204,10 @@ def _kl_scores(Z: Any, model: Any, X: Any) -> np.ndarray:
         raise ValueError(f"model: method='kl' needs a VAE (a model with posterior(x) -> (mu, logvar)), got {got}")
     if X is None:
         raise ValueError("X: method='kl' needs the inputs X whose posteriors q(z|x) are averaged; got None")
+    sample_shapes = getattr(model, "_sample_shapes", None)  # a latentspace model: X checked by its name
+    shape = getattr(X, "shape", None)
+    if callable(sample_shapes) and isinstance(shape, tuple):
+        check_sample_shape(tuple(shape), "X", sample_shapes())
     mu, logvar = _posterior_pair(model, X)
     if mu.shape[0] < 1:
         raise ValueError("X: expected at least one row, got none")
