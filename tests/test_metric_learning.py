@@ -537,3 +537,32 @@ def test_a_model_without_codes_is_refused_with_labels(digits, monkeypatch):
                                                              if key != "codes"})
     with pytest.raises(TypeError, match="codes"):
         _fit(model, x, epochs=1, labels=y, metric_loss="supcon")
+
+
+@pytest.mark.parametrize("similarity", ["sq_l2", "cosine"])
+def test_a_learned_temperature_gets_its_gradient(similarity, rng):
+    """A 0-d tensor temperature (a learned one): the same loss as the number, and d loss / d t
+    matches a central difference of the float64 reference."""
+    z = rng.standard_normal((12, 3))
+    y = rng.integers(0, 3, 12)
+    log_t = torch.tensor(np.log(0.7), dtype=torch.float64, requires_grad=True)
+    loss = supcon_loss(torch.from_numpy(z), torch.from_numpy(y), log_t.exp(), similarity=similarity)
+    assert loss.item() == pytest.approx(supcon_reference(z, y, 0.7, similarity), rel=1e-10)
+    loss.backward()
+    h = 1e-6
+    slope = (supcon_reference(z, y, 0.7 + h, similarity) - supcon_reference(z, y, 0.7 - h, similarity)) / (2 * h)
+    assert log_t.grad.item() == pytest.approx(slope * 0.7, rel=1e-5)  # d/d log t = t d/dt
+
+
+def test_a_tensor_temperature_is_checked():
+    z, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    for bad, error, message in [
+        (torch.tensor([0.5]), TypeError, r"temperature: expected a number or a 0-d floating-point tensor"),
+        (torch.tensor(1), TypeError, r"temperature: expected a number or a 0-d floating-point tensor"),
+        (torch.tensor(0.0), ValueError, r"temperature: expected a finite number > 0, got 0.0"),
+        (torch.tensor(-1.0), ValueError, r"temperature: expected a finite number > 0"),
+        (torch.tensor(float("nan")), ValueError, r"temperature: expected a finite number > 0"),
+        (torch.tensor(1.0, device="meta"), ValueError, r"temperature: on meta, z on cpu"),
+    ]:
+        with pytest.raises(error, match=message):
+            supcon_loss(z, y, bad)

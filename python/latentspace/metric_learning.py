@@ -141,12 +141,14 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
     Args:
         z: (n, d) codes.
         labels: (n,) integer class labels, on z's device.
-        temperature: > 0; divides the similarities.
+        temperature: > 0; divides the similarities. A number, or a 0-d floating-point tensor
+            on z's device, which may require grad (a learned temperature, e.g.
+            log_t.exp() of an nn.Parameter): the loss is differentiable in it.
         similarity: "sq_l2" (default: -||z_i - z_j||^2) or "cosine" (cos(z_i, z_j), the
             original loss on L2-normalised codes).
     """
     z, labels = _check_batch(z, labels)
-    temperature = check_float(temperature, "temperature", include_minimum=False)
+    temperature = _check_temperature(temperature, z)
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
     n = z.shape[0]
@@ -182,6 +184,22 @@ def _shifted_by_row_max(s: torch.Tensor, self_mask: torch.Tensor) -> torch.Tenso
     maximum (a NaN or Inf code's) is left as it is."""
     largest = s.detach().masked_fill(self_mask, -math.inf).amax(dim=1, keepdim=True)
     return s - torch.where(torch.isfinite(largest), largest, torch.zeros_like(largest))
+
+
+def _check_temperature(temperature: Any, z: torch.Tensor) -> Any:
+    """A number > 0 (check_float's), or a 0-d floating-point tensor on z's device holding one
+    (read once to check it: one wait for a GPU)."""
+    if not isinstance(temperature, torch.Tensor):
+        return check_float(temperature, "temperature", include_minimum=False)
+    if temperature.dim() != 0 or not temperature.is_floating_point():
+        raise TypeError(f"temperature: expected a number or a 0-d floating-point tensor, got a {temperature.dtype} "
+                        f"tensor of shape {tuple(temperature.shape)}")
+    if temperature.device != z.device:
+        raise ValueError(f"temperature: on {temperature.device}, z on {z.device}; move them to the same device")
+    value = float(temperature.detach())
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature: expected a finite number > 0, got {value!r}")
+    return temperature
 
 
 def triplet_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
