@@ -384,3 +384,45 @@ def test_a_path_that_is_not_one_is_named(tmp_path, path):
     with pytest.raises(TypeError, match=r"^path: expected a file path \(str or os.PathLike\)"):
         ls.save_model(Autoencoder(4, 2), path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("header", [
+    b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',  # a foreign safetensors file
+    b"not json at all",
+])
+def test_a_large_file_that_is_not_a_model_is_refused_without_reading_it_whole(tmp_path, header):
+    """load_model read the whole file into memory before looking at its header: passing a
+    large data file by mistake took its size in memory (1 GiB for a 1 GiB file, and the
+    machine's memory for a larger one) only to refuse it."""
+    import tracemalloc
+
+    path = tmp_path / "data.bin"
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(64 << 20)  # (sparse: no disk taken)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError):
+            ls.load_model(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_a_model_file_of_the_wrong_size_is_refused_before_its_weights_are_read(tmp_path, rng, monkeypatch):
+    """The header says where the weights end: a file cut short or with bytes after them is
+    refused from its size, before the (possibly huge) rest is read."""
+    path = _saved(tmp_path, rng)
+    data = path.read_bytes()
+    reads = []
+    real = model_io._read_weights
+    monkeypatch.setattr(model_io, "_read_weights", lambda *args: reads.append(args) or real(*args))
+    for bad in (data[:-1], data + b"\x00" * (32 << 20)):
+        path.write_bytes(bad)
+        message = _error(path)
+        assert ("truncated" if len(bad) < len(data) else "bytes after its weights") in message, message
+    assert reads == []
+    path.write_bytes(data)
+    ls.load_model(path)
+    assert len(reads) == 1

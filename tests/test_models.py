@@ -532,3 +532,92 @@ def test_pca_fit_keeps_a_float64_model_float64(rng):
     # the default stays float32, and a float64 model takes data beyond float32's range
     assert PCA(2).fit(x).mean.dtype == torch.float32
     assert np.isfinite(PCA(2).double().fit(x * 1e100).encode(x * 1e100)).all()
+
+
+def test_pca_from_config_is_an_unfitted_pca_until_its_weights_load(rng, tmp_path):
+    """PCA.from_config(pca.config()) came back marked fitted with zeroed buffers: encode gave
+    every input the code 0 and decode the point 0, silently. It is a fresh PCA (as
+    from_config promises) of that input dimension, fitted once a state loads into it."""
+    x = rng.random((30, 7))
+    fitted = PCA(3, whiten=True).fit(x)
+    fresh = PCA.from_config(fitted.config())
+    assert not fresh.is_fitted and fresh.whiten and fresh.mean.shape == (7,)
+    with pytest.raises(ValueError, match="PCA is not fitted"):
+        fresh.encode(x)
+    fresh.load_state_dict(fitted.state_dict())
+    assert fresh.is_fitted
+    np.testing.assert_array_equal(fresh.encode(x), fitted.encode(x))
+    ls.save_model(fitted, tmp_path / "pca.safetensors")  # load_model builds with from_config
+    np.testing.assert_array_equal(ls.load_model(tmp_path / "pca.safetensors").encode(x), fitted.encode(x))
+
+
+@pytest.mark.parametrize("cls, config, message", [
+    (VAE, [64, 4], r"config: expected a dict of VAE's constructor arguments \(what config\(\) returns\), got list"),
+    (Autoencoder, {"input_dim": 64, "latent_dim": 4, "bogus": 1}, r"config: unknown key 'bogus' for Autoencoder"),
+    (PCA, {"latent_dim": 2, "whiten": False}, r"config: missing 'input_dim' for PCA"),
+    (PCA, {"latent_dim": 2, "input_dim": 5, "colour": 1}, r"config: unknown key 'colour' for PCA"),
+])
+def test_from_config_names_what_is_wrong_with_the_config(cls, config, message):
+    """Python's own errors ("argument after ** must be a mapping", "got an unexpected keyword
+    argument", KeyError('input_dim')) named no argument."""
+    with pytest.raises(TypeError, match=message):
+        cls.from_config(config)
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: Autoencoder(4096, 8, hidden=(1024,)), "input_dim"),
+    (lambda: VAE(64, 8, hidden=(512, 4096)), "hidden"),
+    (lambda: ConvAutoencoder((1, 256, 256), 8, channels=(32,)), "input_shape"),
+])
+def test_weights_larger_than_the_machines_memory_are_refused_by_name(monkeypatch, make, name):
+    """Autoencoder(10**7, 10**7) (7.7e9 parameters, 31 GB: under 2**40) was built, and the
+    kernel killed Python while its weights were initialised, on a 24 GB machine: no
+    exception at all. Weights beyond the machine's memory are refused, naming the largest
+    size; under a meta device (as load_model builds) nothing is allocated, so nothing is."""
+    from latentspace.models import _checks
+
+    monkeypatch.setattr(_checks, "physical_memory", lambda: 16 << 20)  # a 16 MiB machine
+    with pytest.raises(MemoryError, match=rf"^{name}: .* GiB of float32 weights, more than this machine's memory"):
+        make()
+    with torch.device("meta"):
+        make()
+    monkeypatch.setattr(_checks, "physical_memory", lambda: None)  # where it cannot be told
+    Autoencoder(4096, 8, hidden=(1024,))
+
+
+def test_pca_of_wide_data_never_builds_a_features_by_features_matrix(rng, monkeypatch):
+    """Past _SVD_MAX_ELEMENTS, fit accumulated X^T X, d x d in float64, whatever n: 300 rows
+    of 60,000 features (144 MB of data) asked for 29 GB, and the kernel killed Python. Data
+    wider than it is long is decomposed by SVD (the data's own size) instead."""
+    x = rng.normal(size=(20, 300))
+    exact = PCA(3).fit(x)
+    monkeypatch.setattr(pca_module, "_SVD_MAX_ELEMENTS", 100)
+    shapes = []
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh",
+                        lambda a, *args, **kw: shapes.append(tuple(a.shape)) or real(a, *args, **kw))
+    wide = PCA(3).fit(x)
+    assert shapes == []
+    for name in ("mean", "components", "explained_variance", "singular_values"):
+        torch.testing.assert_close(getattr(wide, name), getattr(exact, name))
+    PCA(3).fit(x[:, :15])  # long data (n >= d) still takes the chunked path
+    assert shapes == [(15, 15)]
+
+
+def test_pca_refuses_wide_data_whose_decomposition_exceeds_memory(rng, monkeypatch):
+    """Wide data is decomposed whole, in float64 (a copy, the centred copy, the SVD's): past
+    the machine's memory that was the kernel's kill; a MemoryError naming X now."""
+    monkeypatch.setattr(pca_module, "physical_memory", lambda: 100_000)
+    with pytest.raises(MemoryError, match=r"X: 20 rows of 300 features .* more than this machine's memory"):
+        PCA(3).fit(rng.normal(size=(20, 300)))
+    PCA(3).fit(rng.normal(size=(20, 30)))  # 14 KiB of work fits
+
+
+def test_pca_fit_names_data_that_is_no_array(rng):
+    """PCA.fit of a generator of rows said "expected a 2-d array ..., got shape ()" (np.asarray
+    wraps the generator in a 0-d object array): what X must be is said instead."""
+    x = rng.random((20, 4))
+    with pytest.raises(TypeError, match=r"X: expected a numpy array, memory map or torch tensor of shape \(n, d\), "
+                                        r"got generator"):
+        PCA(2).fit(row for row in x)
+    assert PCA(2).fit(x.tolist()).is_fitted  # nested lists of rows are arrays

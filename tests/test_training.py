@@ -657,3 +657,85 @@ def test_a_history_prints_in_one_line(digits):
     assert text.startswith("History(3 epochs completed, best epoch ") and "samples/s" in text
     assert "train_loss=[" not in text and "val_loss=[" not in text
     assert len(history.train_loss) == 3
+
+
+def test_a_model_with_nothing_to_train_is_refused_by_name(digits):
+    """A model whose parameters are all frozen (requires_grad=False) failed in the first
+    batch's backward with torch's "element 0 of tensors does not require grad", naming
+    nothing; frozen parts of a model still train the rest."""
+    x, _ = digits
+    model = Autoencoder(64, 4, hidden=(8,))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: none of its parameters requires grad"):
+        _fit(model, x)
+    model.decoder.requires_grad_(True)  # the encoder frozen, the decoder trained
+    before = model.encoder[0].weight.clone()
+    _fit(model, x, epochs=1)
+    assert torch.equal(model.encoder[0].weight, before)
+
+
+def test_masked_data_is_refused_as_pca_fit_and_encode_refuse_it(digits):
+    """A masked array trained on its masked entries' values (np.asarray drops the mask),
+    silently, where PCA.fit and encode refuse one."""
+    x, _ = digits
+    masked = np.ma.masked_array(x, mask=x > 0.9)
+    with pytest.raises(TypeError, match="X: a masked array with masked entries"):
+        _fit(Autoencoder(64, 4, hidden=(8,)), masked)
+    _fit(Autoencoder(64, 4, hidden=(8,)), np.ma.masked_array(x), epochs=1)  # nothing masked: its data
+
+
+@pytest.mark.parametrize("make", [lambda x: (row for row in x), lambda x: iter(x), lambda x: {0: x}],
+                         ids=["generator", "iterator", "dict"])
+def test_data_that_is_no_array_is_named_as_such(digits, make):
+    """A generator of rows read as "X: expected a real numeric dtype, got object": np.asarray
+    makes a 0-d object array of it. What X must be is said instead."""
+    x, _ = digits
+    with pytest.raises(TypeError, match=r"X: expected a numpy array, memory map or torch tensor of shape "
+                                        r"\(n, 64\), got (generator|iterator|dict)"):
+        _fit(Autoencoder(64, 4, hidden=(8,)), make(x))
+
+
+def test_a_checkpoint_over_the_memory_mapped_data_is_refused(digits, tmp_path):
+    """checkpoint= naming the file X is memory-mapped from replaced the user's data with the
+    model at the first best epoch."""
+    x, _ = digits
+    path = tmp_path / "digits.npy"
+    np.save(path, x)
+    data = np.load(path, mmap_mode="r")
+    for mapped in (data, data[:300]):  # a slice of the map is mapped from the same file
+        with pytest.raises(ValueError, match="checkpoint: .*digits.npy is the file X is memory-mapped from"):
+            _fit(Autoencoder(64, 4, hidden=(8,)), mapped, checkpoint=str(tmp_path / "." / "digits.npy"))
+    assert np.array_equal(np.load(path), x)
+    _fit(Autoencoder(64, 4, hidden=(8,)), data, epochs=1, checkpoint=tmp_path / "model.safetensors")
+
+
+def test_a_model_with_nan_weights_is_refused_before_training(digits):
+    """A model holding NaN weights (a failed run's, say) trained into "training diverged ...
+    Lower lr", an advice that could not help."""
+    x, _ = digits
+    model = Autoencoder(64, 4, hidden=(8,))
+    with torch.no_grad():
+        model.decoder[-1].bias[3] = float("nan")
+    with pytest.raises(ValueError, match=r"model: its weights hold NaN or Inf \(decoder.2.bias\) before training"):
+        _fit(model, x)
+
+
+def test_data_that_turns_nan_during_training_is_named(digits, tmp_path):
+    """A memory map written while the model trains on it (the rows are read each epoch) made
+    the loss NaN, reported as "Lower lr ... or check the data's scale": the row is named."""
+    x, _ = digits
+    path = tmp_path / "digits.npy"
+    np.save(path, x)
+    data = np.load(path, mmap_mode="r+")
+    torch.manual_seed(0)
+    model = Autoencoder(64, 4, hidden=(8,))
+
+    def spoil(record):
+        if record["epoch"] == 1:
+            data[123, 5] = np.nan
+
+    with pytest.raises(FloatingPointError, match=r"X: row 123 contains NaN or Inf now, not when training "
+                                                 r"started .*the weights of epoch 1, the best, were restored"):
+        _fit(model, data, epochs=5, callback=spoil)
+    assert not model.training and all(torch.isfinite(p).all() for p in model.parameters())

@@ -13,7 +13,7 @@ from ._atomic import unwritable
 from .models.base import ReconstructionModel
 from .models.io import MODEL_CLASSES, savable, save_model
 
-__all__ = ["checkpoint_path", "KeptWeights"]
+__all__ = ["checkpoint_path", "check_not_the_data", "KeptWeights"]
 
 
 def checkpoint_path(checkpoint: Any, model: ReconstructionModel) -> Path:
@@ -34,6 +34,20 @@ def checkpoint_path(checkpoint: Any, model: ReconstructionModel) -> Path:
                         f"{', '.join(MODEL_CLASSES)}, got {type(model).__name__}; train without checkpoint= "
                         "(and save model.state_dict() yourself)")
     return path
+
+
+def check_not_the_data(path: Path, mapped_file: str | None) -> None:
+    """Refuses a checkpoint path that is the file the training data is memory-mapped from:
+    the first best epoch would replace the user's data with the model."""
+    if mapped_file is None or not path.exists():
+        return
+    try:
+        same = os.path.samefile(path, mapped_file)
+    except OSError:  # the map's file gone or unreadable: not the checkpoint's file then
+        return
+    if same:
+        raise ValueError(f"checkpoint: {path} is the file X is memory-mapped from; saving the model there "
+                         "would replace the data: pass another path")
 
 
 class KeptWeights:

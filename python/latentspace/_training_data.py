@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._arrays import check_real_dtype, is_torch_tensor, numpy_to_tensor
+from ._arrays import check_real_dtype, is_torch_tensor, numpy_to_tensor, refuse_masked
 from .models.base import ReconstructionModel, module_device_dtype
 
 __all__ = ["TrainingData"]
@@ -36,17 +36,24 @@ class TrainingData:
     def __init__(self, X: Any, model: ReconstructionModel, loss: str, device: torch.device):
         self.dtype = module_device_dtype(model)[1]  # float32 unless the model was converted
         shapes = model._sample_shapes()
+        want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in shapes)
         if is_torch_tensor(X):
             X = X.detach()
         elif not isinstance(X, np.ndarray):  # a np.memmap is an ndarray: never copied whole
             if isinstance(X, (str, bytes)) or X is None:
                 raise TypeError(f"X: expected a numpy array or torch tensor, got {type(X).__name__}")
-            X = np.asarray(X)
+            given, X = type(X).__name__, np.asarray(X)
+            if X.ndim == 0 and X.dtype == object:  # a generator, a dict: np.asarray wraps it whole
+                raise TypeError(f"X: expected a numpy array, memory map or torch tensor of shape {want}, got {given} "
+                                "(make an array of its rows first, np.stack(list(X)) say)")
+        refuse_masked(X, "X")  # (np.asarray would train on the masked entries' values)
         check_real_dtype(X, "X")
         if X.ndim < 2 or tuple(X.shape[1:]) not in shapes:
-            want = " or ".join("(n, " + ", ".join(map(str, s)) + ")" for s in shapes)
             raise ValueError(f"X: expected shape {want} for this {type(model).__name__}, got {tuple(X.shape)}")
+        # the file a memory map reads, or None (checkpoint= must not overwrite it)
+        self.mapped_file: str | None = getattr(X, "filename", None) if isinstance(X, np.memmap) else None
         self.n = int(X.shape[0])
+        self._loss = loss
         self._check_values(X, loss, self.dtype)
         self.device = device
         nbytes = self.n * int(np.prod(X.shape[1:])) * self.dtype.itemsize
@@ -94,6 +101,16 @@ class TrainingData:
                 f"X: loss='bce' needs data in [0, 1] (probabilities, such as pixel intensities), got "
                 f"values in [{low:g}, {high:g}]; rescale the data or use loss='mse' (with output='linear')"
             )
+
+    def recheck(self) -> str | None:
+        """The checks of the data the batches are drawn from, made again after a divergence:
+        what they find now ("X: row 123 contains NaN or Inf", a memory map written during
+        training), or None."""
+        try:
+            self._check_values(self.tensor if self.resident else self.source, self._loss, self.dtype)
+        except ValueError as error:
+            return str(error).split(";")[0]
+        return None
 
     def batch(self, rows: torch.Tensor) -> torch.Tensor:
         """The batch's samples in the order of `rows` (an int64 CPU tensor of row numbers), as

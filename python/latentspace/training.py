@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ._arrays import check_bool, check_float, check_int, resolve_device
-from ._training_checkpoint import KeptWeights, checkpoint_path
+from ._training_checkpoint import KeptWeights, check_not_the_data, checkpoint_path
 from ._training_data import TrainingData
 from ._training_epoch import BatchObjective, adamw, batches_per_epoch, run_training_epoch, run_validation
 from ._training_history import History
@@ -57,7 +57,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         model: the model; trained in place, moved to `device`, left in eval mode holding the
             best epoch's weights.
         X: (n, *model.input_shape) numpy array, memory map or torch tensor (a
-            ConvAutoencoder also takes flattened rows). Checked once for NaN / Inf (and for
+            ConvAutoencoder also takes flattened rows; not a masked array with masked entries,
+            nor a generator). Checked once for NaN / Inf (and for
             values outside [0, 1] when the loss is "bce").
         epochs: at most this many passes over the training rows.
         batch_size: rows per optimizer step (the last batch of an epoch may be smaller).
@@ -79,8 +80,9 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         checkpoint: a file path (str or os.PathLike); each new best epoch is saved there with
             latentspace.save_model (atomically: an interrupted write keeps the previous file).
             The model must be one save_model can write (not a subclass), and the path one it
-            can write (its folder existing and writable, a name the file system takes): both
-            checked before training (ValueError / TypeError naming checkpoint or model).
+            can write (its folder existing and writable, a name the file system takes, not the
+            file X is memory-mapped from): checked before training (ValueError / TypeError
+            naming checkpoint or model).
         progress: True or False: show a tqdm bar (epoch, train and validation loss, samples
             per second).
         callback: called after every epoch with a dict (epoch, train_loss, val_loss,
@@ -119,10 +121,12 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
 
     Raises TypeError / ValueError naming the argument for bad arguments (and TypeError for a
     PCA, which is fitted in closed form: PCA.fit(X), and for a float16 model, whose AdamW
-    moments would underflow: train in float32, convert after); FloatingPointError when the loss
+    moments would underflow: train in float32, convert after; ValueError naming model for one
+    whose parameters are all frozen or hold NaN / Inf); FloatingPointError when the loss
     or, after an epoch, the weights become NaN or Inf (the best weights so far, or during the
     warm-up the last finished epoch's, are restored and checkpointed first; the message says
-    which).
+    which, and names X's row when the data itself holds NaN / Inf by then: a memory map
+    written during training).
     """
     _check_model(model)
     epochs = check_int(epochs, "epochs")
@@ -144,6 +148,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     device = resolve_device(device)
     loss = model.check_loss(loss)
     data = TrainingData(X, model, loss, device)
+    if checkpoint is not None:
+        check_not_the_data(checkpoint, data.mapped_file)
     metric = metric_term(labels, data.n, metric_loss, metric_weight, metric_margin, metric_temperature, batch_size)
 
     # Split and generators, all from the seed.
@@ -246,6 +252,10 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     trained = history.epochs_run * len(train_rows)
     history.samples_per_second = trained / train_seconds if train_seconds > 0 else 0.0
     if diverged is not None:
+        changed = data.recheck()  # data changed under the run (a memory map written) says so
+        if changed is not None:
+            raise FloatingPointError(f"{changed} now, not when training started (the data changed during training: a "
+                                     f"memory map written meanwhile?), and {diverged}; {_restored(kept, final)}")
         raise FloatingPointError(f"training diverged: {diverged}; {_restored(kept, final)}. "
                                  f"Lower lr (was {lr:g}) or check the data's scale")
     return history
@@ -262,6 +272,15 @@ def _check_model(model: Any) -> None:
         raise TypeError("model: its parameters are float16, which AdamW cannot train (its second moments "
                         "underflow in float16 and the steps blow up); train it in float32 (autocast=True "
                         "computes the forward in bfloat16) and convert with .half() afterwards")
+    spoiled = next((name for name, p in model.named_parameters()
+                    if p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+    if spoiled is not None:  # (it would train into "training diverged ... Lower lr")
+        raise ValueError(f"model: its weights hold NaN or Inf ({spoiled}) before training; build a fresh model "
+                         "or load finite weights")
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        # (torch's own error, at the first batch's backward, named nothing)
+        raise ValueError("model: none of its parameters requires grad (all frozen), so there is nothing to "
+                         "train; unfreeze some with parameter.requires_grad_(True)")
 
 
 def _weights_finite(model: torch.nn.Module) -> bool:

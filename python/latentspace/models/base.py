@@ -17,6 +17,7 @@ real dtypes are converted to the model's dtype; bool, complex and object arrays 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from typing import Any
@@ -29,7 +30,7 @@ from .. import losses
 from .._arrays import as_model_input, as_output, check_int, is_torch_tensor
 from ._checks import MAX_PARAMETERS, check_objective_arguments
 
-__all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS", "module_device_dtype"]
+__all__ = ["LatentModel", "ReconstructionModel", "LOSSES", "OUTPUTS", "checked_config", "module_device_dtype"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -104,6 +105,28 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (device or torch.device("cpu")), torch.float32
 
 
+def checked_config(cls: type, config: Any, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`config` as from_config takes it: a dict whose keys are cls's constructor arguments,
+    every required one present, plus the keys in `extra` (which from_config itself reads);
+    TypeError naming config otherwise (Python's "argument after ** must be a mapping" and
+    "unexpected keyword argument" named no argument)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config: expected a dict of {cls.__name__}'s constructor arguments (what config() returns), "
+                        f"got {type(config).__name__}")
+    parameters = [p for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"]
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return dict(config)
+    known = {p.name for p in parameters if p.kind != p.VAR_POSITIONAL} | set(extra)
+    unknown = [key for key in config if key not in known]
+    if unknown:
+        raise TypeError(f"config: unknown key {unknown[0]!r} for {cls.__name__} (it takes {', '.join(sorted(known))})")
+    required = [p.name for p in parameters if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,)]
+    missing = [key for key in (*required, *extra) if key not in config]
+    if missing:
+        raise TypeError(f"config: missing {missing[0]!r} for {cls.__name__}")
+    return dict(config)
+
+
 class LatentModel(nn.Module):
     """Base class: the shared interface (see the module docstring). Subclasses implement
     `_encode(x)` and `_decode(z)` on tensors already checked and converted, and `config()`."""
@@ -139,8 +162,9 @@ class LatentModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "LatentModel":
-        """A fresh (untrained) model built from `config()`'s output."""
-        return cls(**config)
+        """A fresh (untrained) model built from `config()`'s output (TypeError naming config
+        for anything but a dict of the constructor's arguments)."""
+        return cls(**checked_config(cls, config))
 
     @property
     def warmup_epochs(self) -> float:

@@ -20,7 +20,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -97,22 +97,58 @@ def save_model(model: LatentModel, path: str | os.PathLike) -> None:
         f.write(blob)
 
 
-def _read_header(path: Path, data: bytes) -> dict[str, Any]:
-    """The safetensors JSON header; ModelFileError when the file is not one."""
-    if len(data) < 8:
-        raise ModelFileError(f"{path}: not a latentspace model file (only {len(data)} bytes)")
-    length = int.from_bytes(data[:8], "little")
-    if length > _MAX_HEADER_BYTES or data[8:9] != b"{":
+def _read_header(path: Path, f: BinaryIO, size: int) -> tuple[dict[str, Any], int]:
+    """(the safetensors JSON header, its length in bytes), read from the start of the open
+    file `f` of `size` bytes, and nothing more of it; ModelFileError when the file is not one."""
+    start = f.read(8)
+    if len(start) < 8:
+        raise ModelFileError(f"{path}: not a latentspace model file (only {len(start)} bytes)")
+    length = int.from_bytes(start, "little")
+    if length > _MAX_HEADER_BYTES or f.read(1) != b"{":
         raise ModelFileError(f"{path}: not a latentspace model file (not in safetensors format)")
-    if 8 + length > len(data):
-        raise ModelFileError(f"{path}: truncated model file ({len(data)} bytes)")
+    if 8 + length > size:
+        raise ModelFileError(f"{path}: truncated model file ({size} bytes)")
+    f.seek(8)
     try:
-        header = json.loads(data[8 : 8 + length])
+        header = json.loads(f.read(length))
     except (ValueError, RecursionError):  # RecursionError: a crafted, deeply nested header
         raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{path}: corrupted model file (unreadable safetensors header)")
-    return header
+    return header, length
+
+
+def _check_size(path: Path, header: dict[str, Any], length: int, size: int) -> None:
+    """The file ends where the header says its last tensor does (ModelFileError otherwise),
+    checked before the weights are read: a file cut short, or with a large tail, is refused
+    without reading it. Offsets that are not a pair of integers are left to safetensors'
+    own checks."""
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(offset) is int and offset >= 0 for offset in offsets)):
+            return
+        ends.append(offsets[1])
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        raise ModelFileError(f"{path}: truncated model file ({size} bytes, its header describes {expected})")
+    if size > expected:
+        raise ModelFileError(f"{path}: corrupted model file ({size - expected} bytes after its weights)")
+
+
+def _read_weights(path: Path, f: BinaryIO) -> dict[str, torch.Tensor]:
+    """The tensors of the open model file `f` (its header checked), by safetensors."""
+    import safetensors
+    import safetensors.torch
+
+    f.seek(0)
+    try:
+        return safetensors.torch.load(f.read())
+    except safetensors.SafetensorError as error:
+        raise ModelFileError(f"{path}: corrupted or truncated model file ({error})") from None
 
 
 def _read_info(path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -155,19 +191,18 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     checked first, as train() and encode() check theirs: ValueError for one that is not
     'cpu', 'cuda' or 'cuda:N', or CUDA when torch sees no GPU.
     """
-    import safetensors
-    import safetensors.torch
-
     device = resolve_device(device, allow_auto=False)  # before reading: a bad device fails fast
     path = _file_path(path)
     stat_regular_file(path, "a model file", ModelFileError)  # before opening: a FIFO would block
-    data = path.read_bytes()
-    header = _read_header(path, data)
-    info = _read_info(path, header)
-    try:
-        tensors = safetensors.torch.load(data)
-    except safetensors.SafetensorError as error:
-        raise ModelFileError(f"{path}: corrupted or truncated model file ({error})") from None
+    # The header first, and the weights only once it is a latentspace model's of this size: a
+    # large data file passed by mistake was read whole (its size in memory) only to be refused.
+    # One open file throughout: a save_model replacing the file meanwhile is not seen.
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header, length = _read_header(path, f, size)
+        info = _read_info(path, header)
+        _check_size(path, header, length, size)
+        tensors = _read_weights(path, f)
     if f"{_tensors_crc32(tensors):08x}" != header["__metadata__"].get(_TENSORS_CRC_KEY):
         raise ModelFileError(f"{path}: corrupted model file (weights checksum mismatch)")
     cls = MODEL_CLASSES[info["class"]]

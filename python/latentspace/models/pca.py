@@ -7,20 +7,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._arrays import as_model_input, check_bool, check_dense, check_int, is_torch_tensor
-from .base import LatentModel
+from .._arrays import as_model_input, check_bool, check_dense, check_int, is_torch_tensor, physical_memory
+from .base import LatentModel, checked_config
 
 __all__ = ["PCA"]
 
 # Up to this many matrix elements the centred data is decomposed by SVD in one piece (float64:
 # 128 MiB); beyond it, X^T X is accumulated in chunks and eigendecomposed (its eigenvectors
-# are the right singular vectors), so the data can be a memory map larger than RAM.
+# are the right singular vectors), so the data can be a memory map larger than RAM, unless
+# the data has more features than rows (X^T X would be the larger): SVD in one piece then.
 _SVD_MAX_ELEMENTS = 1 << 24
 _CHUNK_ROWS = 65536
 # ... and at most this many bytes of them in float64 (the chunk is converted to float64, and a
 # few chunk-sized temporaries live at once): 65,536 rows of 1,024 features took 2.2 GB while
 # fitting a memory map
 _CHUNK_BYTES = 16 << 20
+
+
+def _check_memory(nbytes: int, n: int, d: int) -> None:
+    """MemoryError naming X when decomposing it whole needs more than the machine's memory
+    (torch allocates lazily: the kernel killed Python, with no exception)."""
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:
+        raise MemoryError(f"X: {n} rows of {d} features are decomposed whole, in float64, "
+                          f"which needs {nbytes / 2**30:,.2f} GiB, more than this machine's memory "
+                          f"({memory / 2**30:,.2f} GiB); use fewer features or fit a sample of them")
 
 
 class PCA(LatentModel):
@@ -106,11 +117,13 @@ class PCA(LatentModel):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "PCA":
-        config = dict(config)
+        """A fresh PCA with buffers for config's input_dim, not fitted: load_state_dict (as
+        load_model does) fills them and marks it fitted. (Marked fitted here, its zeroed
+        buffers encoded every input to 0, silently.)"""
+        config = checked_config(cls, config, extra=("input_dim",))
         input_dim = check_int(config.pop("input_dim"), "input_dim")
         model = cls(**config)
         model._allocate(input_dim)
-        model._fitted = True  # the buffers are filled by load_state_dict
         return model
 
     def _check_fitted(self) -> None:
@@ -165,7 +178,8 @@ class PCA(LatentModel):
 
         Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows, and data
         whose values or variances the fitted buffers' dtype (float32 unless the model was
-        converted) cannot hold.
+        converted) cannot hold; MemoryError for data with more features than rows (decomposed
+        whole) too large for the machine's memory.
         """
         if is_torch_tensor(X):
             check_dense(X, "X")  # (a meta tensor has no data to copy to the CPU)
@@ -173,7 +187,9 @@ class PCA(LatentModel):
         elif not isinstance(X, np.ndarray):  # a np.memmap is an ndarray: never copied whole
             if isinstance(X, (str, bytes)) or X is None:
                 raise TypeError(f"X: expected a numpy array or torch tensor, got {type(X).__name__}")
-            X = np.asarray(X)
+            given, X = type(X).__name__, np.asarray(X)
+            if X.ndim == 0 and X.dtype == object:  # a generator, a dict: np.asarray wraps it whole
+                raise TypeError(f"X: expected a numpy array, memory map or torch tensor of shape (n, d), got {given}")
         if X.ndim != 2:
             raise ValueError(f"X: expected a 2-d array of shape (n, d), got shape {tuple(X.shape)}")
         n, d = X.shape
@@ -203,7 +219,10 @@ class PCA(LatentModel):
                 yield chunk.detach()
 
         mean = sum(chunk.sum(dim=0) for chunk in chunks()) / n
-        if n * d <= _SVD_MAX_ELEMENTS:
+        # X^T X is d x d: for data wider than it is long, larger than the data itself (300 rows
+        # of 60,000 features asked for 29 GB), so such data is decomposed whole.
+        if n * d <= _SVD_MAX_ELEMENTS or d > n:
+            _check_memory(3 * 8 * n * d, n, d)  # float64: the chunks, the centred copy, the SVD's
             centred = torch.cat(list(chunks())) - mean
             _, s, vt = torch.linalg.svd(centred, full_matrices=False)
             singular, vectors = s[:k], vt[:k]
