@@ -258,13 +258,20 @@ def test_add_names_the_first_refused_row_whichever_its_kind(rng):
     assert index.ntotal == 0
 
 
-def test_add_encoded_refuses_codes_that_the_index_weights_make_unusable(rng):
+def _scaling_encoder_and_rows():
+    """A linear encoder multiplying by 1e18, and 40 rows whose codes are ordinary (1 in
+    dimension 1) until a test sets other values."""
     torch = pytest.importorskip("torch")
     encoder = torch.nn.Linear(5, 5, bias=False)
     with torch.no_grad():
         encoder.weight.copy_(torch.eye(5) * 1e18)
     X = np.zeros((40, 5), np.float32)
     X[:, 1] = 1e-18  # codes 1: ordinary
+    return encoder, X
+
+
+def test_add_encoded_refuses_codes_that_the_index_weights_make_unusable(rng):
+    encoder, X = _scaling_encoder_and_rows()
     X[29, 0] = 1  # its code: 1e18 in dimension 0
     index = latentspace.FlatIndex(5, "weighted_l2", weights=_HEAVY)
     with pytest.raises(ValueError, match="^the codes of X: row 29: its squared norm scaled by the index's weights"):
@@ -352,12 +359,15 @@ def _weighted_search_paths(monkeypatch):
     def knn(q, x):
         return latentspace.knn(q, x, 3, "weighted_l2", weights=_HEAVY)
 
-    def checked_first(q, x):
-        monkeypatch.setattr(search, "CHECK_FIRST_QUERIES", 1)
-        try:
-            return knn(q, x)
-        finally:
-            monkeypatch.undo()
+    def patched(module, name, value, run):
+        """run with module.name = value for the call only."""
+        def patched_run(q, x):
+            monkeypatch.setattr(module, name, value)
+            try:
+                return run(q, x)
+            finally:
+                monkeypatch.undo()
+        return patched_run
 
     def index_search(q, x):
         index = latentspace.FlatIndex(5, "weighted_l2")
@@ -371,28 +381,18 @@ def _weighted_search_paths(monkeypatch):
         return _cuda_search._knn(_cuda_search.CpuBackend(), q, x, 3, "weighted_l2", workspace_bytes=None,
                                  gpu_memory_bytes=4000, weights=_HEAVY)
 
-    def checked_ahead(q, x):
-        monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
-        try:
-            return stand_in(q, x)
-        finally:
-            monkeypatch.undo()
+    def device_queries(q, x):
+        queries = torch.from_numpy(q)
+        return _cuda_search.search_streamed(_cuda_search.CpuBackend(weights=_HEAVY), queries, x, 3,
+                                            "weighted_l2", workspace_bytes=1 << 20, memory_bytes=4000,
+                                            query_checks=_arrays.query_row_checks(queries, _HEAVY))
 
-    def device_queries(q, x, ahead=False):
-        if ahead:
-            monkeypatch.setattr(_cuda_search, "CHECK_AHEAD_QUERIES", 0)
-        try:
-            queries = torch.from_numpy(q)
-            return _cuda_search.search_streamed(_cuda_search.CpuBackend(weights=_HEAVY), queries, x, 3,
-                                                "weighted_l2", workspace_bytes=1 << 20, memory_bytes=4000,
-                                                query_checks=_arrays.query_row_checks(queries, _HEAVY))
-        finally:
-            monkeypatch.undo()
-
-    return {"knn": knn, "knn, database checked first": checked_first, "FlatIndex.search": index_search,
-            "FlatIndex.search of 2048+ queries": index_search_of_many, "GPU entry (stand-in)": stand_in,
-            "GPU entry, chunks checked ahead": checked_ahead, "streamed, device queries": device_queries,
-            "streamed, device queries, checked ahead": lambda q, x: device_queries(q, x, ahead=True)}
+    return {"knn": knn, "knn, database checked first": patched(search, "CHECK_FIRST_QUERIES", 1, knn),
+            "FlatIndex.search": index_search, "FlatIndex.search of 2048+ queries": index_search_of_many,
+            "GPU entry (stand-in)": stand_in,
+            "GPU entry, chunks checked ahead": patched(_cuda_search, "CHECK_AHEAD_QUERIES", 0, stand_in),
+            "streamed, device queries": device_queries,
+            "streamed, device queries, checked ahead": patched(_cuda_search, "CHECK_AHEAD_QUERIES", 0, device_queries)}
 
 
 def _database_checks_without_queries(monkeypatch):
@@ -477,12 +477,7 @@ def test_add_names_the_first_refused_row_in_its_own_words(order, placement, as_t
 
 @pytest.mark.parametrize("heavy_first", [True, False])
 def test_add_encoded_names_the_first_refused_code(heavy_first, rng):
-    torch = pytest.importorskip("torch")
-    encoder = torch.nn.Linear(5, 5, bias=False)
-    with torch.no_grad():
-        encoder.weight.copy_(torch.eye(5) * 1e18)
-    X = np.zeros((40, 5), np.float32)
-    X[:, 1] = 1e-18  # codes 1: ordinary
+    encoder, X = _scaling_encoder_and_rows()
     heavy, plain = sorted(int(row) for row in rng.choice(40, size=2, replace=False))[:: 1 if heavy_first else -1]
     X[heavy, 0] = 1  # its code: 1e18 in dimension 0, heavy
     X[plain, 3] = 10  # its code: 1e19, finite (the encoder passes it) but unusable as it is
