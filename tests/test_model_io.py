@@ -162,7 +162,7 @@ def test_load_model_on_cuda_without_a_gpu_is_a_clear_error(tmp_path, rng, device
 
 
 def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match="PCA is not fitted"):
+    with pytest.raises(ValueError, match="^model: PCA is not fitted: call fit"):
         ls.save_model(PCA(2), tmp_path / "p.safetensors")
     with pytest.raises(TypeError, match="model: expected one of PCA, Autoencoder, VAE, ConvAutoencoder, got Linear"):
         ls.save_model(torch.nn.Linear(2, 2), tmp_path / "l.safetensors")

@@ -83,6 +83,8 @@ def save_model(model: LatentModel, path: str | os.PathLike) -> None:
 
     if not savable(model):
         raise TypeError(f"model: expected one of {', '.join(MODEL_CLASSES)}, got {type(model).__name__}")
+    if getattr(model, "_fitted", True) is False:  # an unfitted PCA: no weights to save
+        raise ValueError("model: PCA is not fitted: call fit(X) first")
     path = _file_path(path)
     config = model.config()
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
