@@ -78,8 +78,9 @@ def relevance(Z: Any, y: Any = None, *, method: str | None = None, model: Any = 
     float64's range ("variance"; the scale-free "fisher" and "mutual_info" scale each dimension
     by a power of two, so codes up to float64's limits work), a missing y
     ("fisher", "mutual_info"), "kl" without a VAE and X, or model / X given to another method;
-    for "kl" also a posterior that is not a pair (mu, logvar) of equal shapes with one row per
-    row of X (TypeError / ValueError), and a KL beyond float64's range (logvar above ~709).
+    for "kl" also X of a shape a latentspace model does not take (naming X), a posterior that
+    is not a pair (mu, logvar) of equal shapes with one row per row of X (TypeError /
+    ValueError), and a KL beyond float64's range (logvar above ~709, or |mu| above ~1e154).
     """
     method = _resolve_method(method, y)
     if method == "kl":

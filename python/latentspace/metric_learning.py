@@ -5,7 +5,7 @@ labels=..., metric_loss=...) to shape the latent space so that squared-L2 distan
 the labels. Both take a batch of codes z, (n, d) floating point, and integer labels, (n,),
 and return a scalar.
 
-supcon_loss(z, labels, temperature=1.0)
+supcon_loss(z, labels, temperature=1.0, similarity="sq_l2")
     Supervised contrastive loss (Khosla et al. 2020, "L_out"), with the similarity of two
     codes their negative squared Euclidean distance over the temperature:
 

@@ -156,7 +156,8 @@ def self_dropped(indices: np.ndarray, ids: np.ndarray | None = None) -> np.ndarr
     (n, k) positions to keep so that each row loses its own index wherever it stands (or
     its last entry when its own index is absent). Use with np.take_along_axis.
     ids: each row's own index, when the queries were rows `ids` of the set (default: row i
-    is point i, the whole set queried)."""
+    is point i, the whole set queried). TypeError for indices or ids that are not integers,
+    ValueError for indices that are not 2-d or ids not of shape (n,)."""
     indices = _integer_array(indices, "indices")
     if indices.ndim != 2:
         raise ValueError(f"indices: expected a 2-d array (one row of neighbours per query), got shape {indices.shape}")

@@ -35,7 +35,9 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
             influence factor per dimension; 0 drops a dimension. The database is read as it is,
             never scaled or copied, so weights can change from one search to the next. A row
             whose squared norm scaled by them, sum_d w_d x_d^2, is above 4.2e37 is refused,
-            naming it (on the CPU, from CHECK_FIRST_QUERIES queries on, before the search).
+            naming it (on the CPU, from CHECK_FIRST_QUERIES queries on, before the search):
+            a refused query before the database, and in each the first refused row in row
+            order, whether NaN / Inf or a squared norm (plain or weighted) past the limit.
         device: where to search. None: on a CUDA GPU when queries or database is a CUDA
             tensor (the queries' device first; the other input is copied there), else on the
             CPU. "cpu": on the CPU (CUDA tensors are copied to the host; results come back as

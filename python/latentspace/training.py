@@ -125,8 +125,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     whose parameters are all frozen or hold NaN / Inf); FloatingPointError when the loss
     or, after an epoch, the weights become NaN or Inf (the best weights so far, or during the
     warm-up the last finished epoch's, are restored and checkpointed first; the message says
-    which, and names X's row when the data itself holds NaN / Inf by then: a memory map
-    written during training).
+    which, and says so when the data itself no longer passes X's checks by then, naming the
+    row that holds NaN / Inf: a memory map written during training).
     """
     _check_model(model)
     epochs = check_int(epochs, "epochs")

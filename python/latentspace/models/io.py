@@ -187,7 +187,9 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
 
     Never unpickles. Raises ModelFileError (a ValueError) for a file that is not a
     latentspace model (a foreign safetensors file, a pickle, random bytes), or that is
-    truncated, corrupted, of an unknown model type or written by a newer version;
+    truncated, corrupted (also bytes after its weights), of an unknown model type or written
+    by a newer version: the header, and the file's size against the one it describes, are
+    checked before the weights are read (a large file that is not a model is not read whole);
     FileNotFoundError when there is none, IsADirectoryError for a folder; ModelFileError
     for a FIFO or device too (reading one with no writer would block forever). `device` is
     checked first, as train() and encode() check theirs: ValueError for one that is not

@@ -178,8 +178,9 @@ class PCA(LatentModel):
 
         Raises ValueError for latent_dim > d (or > n), NaN / Inf values, too few rows, and data
         whose values or variances the fitted buffers' dtype (float32 unless the model was
-        converted) cannot hold; MemoryError for data with more features than rows (decomposed
-        whole) too large for the machine's memory.
+        converted) cannot hold; TypeError for X that is not an array (a generator, a string)
+        or a masked array with masked entries; MemoryError for data with more features than
+        rows (decomposed whole) too large for the machine's memory.
         """
         if is_torch_tensor(X):
             check_dense(X, "X")  # (a meta tensor has no data to copy to the CPU)
