@@ -158,6 +158,10 @@ def test_kl_checks_what_the_model_returns():
     huge[2, 1] = 800.0
     with pytest.raises(ValueError, match=r"^model.posterior\(X\) logvar: the KL of dimension 1 exceeds"):
         ls.relevance(None, method="kl", model=_Posterior((mu, huge)), X=x)
+    far = mu.copy()
+    far[3, 2] = 1e155  # its square past float64
+    with pytest.raises(ValueError, match=r"^model.posterior\(X\) mu: the KL of dimension 2 exceeds"):
+        ls.relevance(None, method="kl", model=_Posterior((far, logvar)), X=x)
     np.testing.assert_allclose(ls.relevance(None, method="kl", model=_Posterior((mu + 1.0, logvar)), X=x.tolist()),
                                [0.5, 0.5, 0.5], rtol=1e-15)
 

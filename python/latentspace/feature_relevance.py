@@ -220,7 +220,9 @@ def _kl_scores(Z: Any, model: Any, X: Any) -> np.ndarray:
         kl = 0.5 * (mu * mu + np.exp(logvar) - 1.0 - logvar).mean(axis=0)
     if not np.isfinite(kl).all():
         column = int(np.flatnonzero(~np.isfinite(kl))[0])
-        raise ValueError(f"model.posterior(X) logvar: the KL of dimension {column} exceeds float64's range "
+        with np.errstate(over="ignore"):  # which of the two overflows: exp(logvar), or mu^2
+            cause = "logvar" if not np.isfinite(np.exp(logvar[:, column])).all() else "mu"
+        raise ValueError(f"model.posterior(X) {cause}: the KL of dimension {column} exceeds float64's range "
                          f"(logvar up to {logvar[:, column].max():.3g}, |mu| up to {np.abs(mu[:, column]).max():.3g})")
     return kl
 
