@@ -352,6 +352,105 @@ def test_a_compact_hdf5_dataset_is_not_called_unwritten(tmp_path):
         datasets.load_array(tmp_path / "compact.hdf5", "train", mmap=True)
 
 
+def _part_elsewhere(f, h5py, how: str, other, train: np.ndarray) -> None:
+    """f["train"] with its data in the file `other`, as `how` says."""
+    if how == "external link":
+        f["train"] = h5py.ExternalLink(str(other), "/data")
+    elif how == "link through a group elsewhere":
+        f["group"] = h5py.ExternalLink(str(other), "/")
+        f["train"] = h5py.SoftLink("/group/data")
+    elif how == "soft link written with '.'":
+        f["elsewhere"] = h5py.ExternalLink(str(other), "/data")
+        f["train"] = h5py.SoftLink("/./elsewhere")
+    elif how == "external storage":
+        other.write_bytes(train.tobytes())
+        f.create_dataset("train", shape=train.shape, dtype=train.dtype, external=[(str(other), 0, train.nbytes)])
+    else:  # a virtual dataset
+        layout = h5py.VirtualLayout(shape=train.shape, dtype=train.dtype)
+        layout[:] = h5py.VirtualSource(str(other), "data", shape=train.shape)
+        f.create_virtual_dataset("train", layout, fillvalue=0)
+
+
+@pytest.mark.parametrize("how", ["external link", "link through a group elsewhere", "soft link written with '.'",
+                                 "external storage", "virtual"])
+def test_ann_benchmarks_data_in_another_file_is_refused(tmp_path, rng, how):
+    """A part whose data is in another file, named by the HDF5 file: HDF5 opened whatever it
+    names, and blocked forever on a FIFO (Ctrl-C did not stop it), read a device, or (a virtual
+    dataset whose file is missing) gave its fill value as rows without a word."""
+    from latentspace._streamed_inputs import open_rows
+
+    h5py = pytest.importorskip("h5py")
+    parts = _ann_parts(rng)
+    with h5py.File(tmp_path / "other.h5", "w") as other:
+        other.create_dataset("data", data=parts["train"])
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        _part_elsewhere(f, h5py, how, tmp_path / ("other.bin" if how == "external storage" else "other.h5"),
+                        parts["train"])
+        for name in ("test", "neighbors", "distances"):
+            f.create_dataset(name, data=parts[name])
+    message = (re.escape(f"{tmp_path / 'a.hdf5'}: ")
+               + r"(dataset /)?train .*another file.*; expected its data in this file")
+    for mmap in (None, False, True):
+        with pytest.raises(ValueError, match=message):
+            datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
+    with pytest.raises(ValueError, match=message):
+        with open_rows(tmp_path / "a.hdf5"):
+            pass
+
+
+@pytest.mark.parametrize("part, value, message", [
+    ("neighbors", np.int32(3), "neighbors must be 2-d (k neighbours of each query), got shape ()"),
+    ("neighbors", np.zeros(2, np.int32), "neighbors must be 2-d (k neighbours of each query), got shape (2,)"),
+    ("distances", np.float32(1), "distances must be 2-d (k neighbours of each query), got shape ()"),
+    ("distances", np.zeros((2, 4), np.float32), "distances has shape (2, 4) but neighbors (2, 3)"),
+])
+def test_ann_benchmarks_neighbors_and_distances_of_another_shape(tmp_path, rng, part, value, message):
+    """A scalar neighbors escaped as IndexError ('tuple index out of range': a traceback from the
+    CLI), and distances were not checked at all."""
+    from latentspace._streamed_inputs import open_rows
+
+    h5py = pytest.importorskip("h5py")
+    parts = {**_ann_parts(rng), part: value}
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        for name, data in parts.items():
+            f.create_dataset(name, data=data)
+    expected = re.escape(f"{tmp_path / 'a.hdf5'}: {message}")
+    with pytest.raises(ValueError, match=expected):
+        datasets.load_ann_benchmarks(tmp_path / "a.hdf5")
+    with pytest.raises(ValueError, match=expected):
+        with open_rows(tmp_path / "a.hdf5"):
+            pass
+
+
+def test_ann_benchmarks_part_compressed_with_a_filter_not_installed(tmp_path, rng):
+    """A dataset compressed with a filter this HDF5 has no plugin for (blosc, 32001: ann
+    datasets compressed with hdf5plugin) was called "a damaged HDF5 file (OSError: Can't
+    synchronously read data (can't open directory (/usr/local/lib/plugin)...))"."""
+    from latentspace._streamed_inputs import open_rows
+
+    h5py = pytest.importorskip("h5py")
+    if h5py.h5z.filter_avail(32001):
+        pytest.skip("this HDF5 has the blosc plugin")
+    parts = _ann_parts(rng)
+    with h5py.File(tmp_path / "a.hdf5", "w") as f:
+        create = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        create.set_chunk(parts["train"].shape)
+        create.set_filter(32001, h5py.h5z.FLAG_OPTIONAL, (0,))
+        space = h5py.h5s.create_simple(parts["train"].shape)
+        train = h5py.h5d.create(f.id, b"train", h5py.h5t.IEEE_F32LE, space, dcpl=create)
+        train.write_direct_chunk((0, 0), parts["train"].tobytes(), filter_mask=0)
+        for name in ("test", "neighbors", "distances"):
+            f.create_dataset(name, data=parts[name])
+    message = re.escape(f"{tmp_path / 'a.hdf5'}: dataset /train is compressed with HDF5 filter 32001, which this "
+                        "HDF5 cannot decode")
+    for mmap in (None, False, True):
+        with pytest.raises(ValueError, match=message):
+            datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
+    with pytest.raises(ValueError, match=message):
+        with open_rows(tmp_path / "a.hdf5"):
+            pass
+
+
 def test_ann_benchmarks_without_h5py(tmp_path, monkeypatch):
     import builtins
 
@@ -421,6 +520,69 @@ def test_mapped_npz_member_past_the_end_of_the_file(tmp_path):
         datasets.load_npz(tmp_path / "x.npz", mmap=True)
 
 
+@pytest.mark.parametrize("shape", [(10**12, 3), (10, 10**12), (2**40, 2**40)])
+@pytest.mark.parametrize("mmap", [None, False, True])
+def test_a_npy_header_claiming_more_than_the_file_holds_names_the_file(tmp_path, shape, mmap):
+    """Read (not mapped), numpy allocated the array the header claims before reading a byte:
+    a claim of terabytes raised MemoryError ("Unable to allocate 233. TiB"), naming no file,
+    and `latentspace train` exited 1 with it; mapped, the same file was a ValueError."""
+    raw = io.BytesIO()
+    np.lib.format.write_array(raw, np.arange(30.0, dtype=np.float32).reshape(10, 3))
+    claimed = raw.getvalue().replace(b"'shape': (10, 3)", f"'shape': {shape}".encode())
+    claimed = claimed.replace(b" " * (len(claimed) - len(raw.getvalue())) + b"\n", b"\n", 1)
+    (tmp_path / "x.npy").write_bytes(claimed)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'x.npy'}: not a readable .npy array (")):
+        datasets.load_npy(tmp_path / "x.npy", mmap=mmap)
+
+
+@pytest.mark.parametrize("key", [None, "x"])
+@pytest.mark.parametrize("methods", [(zipfile.ZIP_STORED, zipfile.ZIP_STORED),
+                                     (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)])
+def test_an_archive_holding_two_members_of_one_name_is_refused(tmp_path, rng, key, methods):
+    """Two members named x.npy (zipfile writes them, with a warning): key=None said the archive
+    "holds 2 arrays (x, x); pass key= to pick one", which no key can, and key="x" read the last
+    one, whichever a listing of the archive shows."""
+    from latentspace._streamed_inputs import open_rows
+
+    import warnings
+
+    for method, rows in zip(methods, (3, 5)):
+        with zipfile.ZipFile(tmp_path / "d.npz", "a", compression=method) as archive, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Duplicate name: 'x.npy'"
+            archive.writestr("x.npy", _npy_member(rng.random((rows, 2))))
+    message = re.escape(f"{tmp_path / 'd.npz'}: holds 2 members named 'x.npy'")
+    for mmap in (None, False):
+        with pytest.raises(ValueError, match=message):
+            datasets.load_npz(tmp_path / "d.npz", key, mmap=mmap)
+    with pytest.raises(ValueError, match=message):
+        with open_rows(tmp_path / "d.npz", key):
+            pass
+
+
+def _npy_member(array: np.ndarray) -> bytes:
+    raw = io.BytesIO()
+    np.lib.format.write_array(raw, array)
+    return raw.getvalue()
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+@pytest.mark.parametrize("shape", [(10**12, 3), (10, 10**12)])
+def test_a_member_header_claiming_terabytes_is_refused_before_it_is_read(tmp_path, method, shape):
+    """numpy allocates the array a member's header claims before reading its data: load_npz
+    (`latentspace train`, --labels, --weights) raised MemoryError ("Unable to allocate 233.
+    TiB"), naming no file. The claim is checked against the member's size first, as the CLI's
+    streamed reads check it."""
+    raw = _npy_member(np.arange(30.0, dtype=np.float32).reshape(10, 3))
+    claimed = raw.replace(b"'shape': (10, 3)", f"'shape': {shape}".encode())
+    claimed = claimed.replace(b" " * (len(claimed) - len(raw)) + b"\n", b"\n", 1)
+    with zipfile.ZipFile(tmp_path / "c.npz", "w", compression=method) as archive:
+        archive.writestr("x.npy", claimed)
+    for mmap in (None, False):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'c.npz'}: array 'x' is not readable "
+                                                       "(EOF: reading array data, expected ")):
+            datasets.load_npz(tmp_path / "c.npz", mmap=mmap)
+
+
 def _ann_parts(rng):
     return {"train": rng.random((6, 4)).astype(np.float32), "test": rng.random((2, 4)).astype(np.float32),
             "neighbors": np.zeros((2, 3), np.int32), "distances": np.zeros((2, 3), np.float32)}
@@ -446,10 +608,9 @@ def test_ann_benchmarks_part_that_is_no_array(tmp_path, rng, part, what):
             datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
 
 
-def test_ann_benchmarks_empty_or_unwritten_parts(tmp_path, rng):
+def test_ann_benchmarks_empty_parts(tmp_path, rng):
     """mmap=True on a dataset of no rows was refused as "chunked or compressed", which it is
-    not (an empty .npy or .npz member loads so); a dataset never written (no storage in the
-    file) was refused by the same wrong reason."""
+    not (an empty .npy or .npz member loads so). (A dataset never written: see below.)"""
     h5py = pytest.importorskip("h5py")
     parts = _ann_parts(rng)
     parts["train"] = np.zeros((0, 4), np.float32)
@@ -459,17 +620,35 @@ def test_ann_benchmarks_empty_or_unwritten_parts(tmp_path, rng):
     for mmap in (None, True, False):
         data = datasets.load_ann_benchmarks(tmp_path / "e.hdf5", mmap=mmap)
         assert data.train.shape == (0, 4) and data.train.dtype == np.float32
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "chunked, part written", "chunked, 10**12 rows"])
+def test_ann_benchmarks_rows_never_written_are_refused(tmp_path, rng, layout):
+    """Rows never written have no data in the file (HDF5 gives its fill value for them): they
+    were read as zeros without a word, and a tiny file declaring 10**12 such rows was a memory
+    bomb (train: MemoryError naming no file; encode wrote a 16 TB file for ever; search blamed
+    -k). mmap=True said "has no data stored in the file"; now every read says so."""
+    from latentspace._streamed_inputs import open_rows
+
+    h5py = pytest.importorskip("h5py")
     parts = _ann_parts(rng)
     with h5py.File(tmp_path / "u.hdf5", "w") as f:
         for name, value in parts.items():
-            if name == "train":
-                f.create_dataset(name, shape=(6, 4), dtype="f4")  # storage never allocated
-            else:
+            if name != "train":
                 f.create_dataset(name, data=value)
-    np.testing.assert_array_equal(datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=False).train,
-                                  np.zeros((6, 4), np.float32))
-    with pytest.raises(ValueError, match="mmap: dataset /train of .* has no data stored in the file"):
-        datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=True)
+            elif layout == "contiguous":
+                f.create_dataset(name, shape=(6, 4), dtype="f4")  # storage never allocated
+            elif layout == "chunked, part written":
+                f.create_dataset(name, shape=(6, 4), dtype="f4", chunks=(2, 4))[:2] = value[:2]
+            else:
+                f.create_dataset(name, shape=(10**12, 4), dtype="f4", chunks=(1000, 4), compression="gzip")
+    message = re.escape(f"{tmp_path / 'u.hdf5'}: dataset /train ") + r".*never written"
+    for mmap in (None, False, True):
+        with pytest.raises(ValueError, match=message):
+            datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=mmap)
+    with pytest.raises(ValueError, match=message):
+        with open_rows(tmp_path / "u.hdf5"):
+            pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,17 +685,20 @@ def test_compressed_member_is_read_block_by_block(tmp_path, rng, dtype, shape, r
     assert joined.dtype == np.dtype(dtype)
 
 
-def test_only_compressed_c_ordered_members_with_data_are_streamed(tmp_path, rng):
-    """A Fortran-ordered member (its rows are not contiguous in the stream) and a member of no
-    data are read whole; a stored member and a .npy are arrays as load_npz / load_npy(mmap=True)
-    give them."""
-    x = rng.random((9, 4)).astype(np.float32)
+def test_only_compressed_fortran_members_and_empty_ones_are_read_whole(tmp_path, rng):
+    """A Fortran-ordered compressed member (its rows are not contiguous in the stream) and a
+    member of no data are read whole; a stored member and a .npy (C or Fortran-ordered, read a
+    column at a time) are read a block at a time too (they were mapped: see
+    test_streamed_inputs.py), all as load_npz / load_npy give them."""
+    x = rng.random((9, 4, 3)).astype(np.float32)
     np.savez_compressed(tmp_path / "f.npz", x=np.asfortranarray(x), empty=np.zeros((0, 4), np.float32))
-    np.savez(tmp_path / "s.npz", x=x)
+    np.savez(tmp_path / "s.npz", x=x, f=np.asfortranarray(x))
     np.save(tmp_path / "x.npy", x)
-    for path, key in [("f.npz", "x"), ("f.npz", "empty"), ("s.npz", None), ("x.npy", None)]:
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    for path, key, streamed_expected in [("f.npz", "x", False), ("f.npz", "empty", False), ("s.npz", "f", True),
+                                         ("s.npz", "x", True), ("x.npy", None, True), ("f.npy", None, True)]:
         streamed, joined, _ = _streamed(tmp_path / path, key)
-        assert not streamed, path
+        assert streamed == streamed_expected, path
         np.testing.assert_array_equal(joined, datasets.load_array(tmp_path / path, key))
 
 
@@ -696,15 +878,15 @@ def test_chunked_hdf5_dataset_is_read_block_by_block(tmp_path, rng, key, rows):
 
 def test_streamed_hdf5_keeps_the_loaders_checks(tmp_path, rng, monkeypatch):
     """The layout is checked as load_ann_benchmarks checks it, without reading the other
-    parts; a contiguous dataset is an array (mapped when large); damage met while a block is
-    read is a ValueError naming the file."""
+    parts; a contiguous dataset is read a block at a time too (not mapped); damage met while a
+    block is read is a ValueError naming the file."""
     h5py = pytest.importorskip("h5py")
     from latentspace._streamed_inputs import open_rows
 
     parts = _chunked_ann_file(tmp_path / "c.hdf5", rng)
     _ann_file(tmp_path / "plain.hdf5", rng)
     streamed, joined, _ = _streamed(tmp_path / "plain.hdf5", "test")
-    assert not streamed
+    assert streamed
     np.testing.assert_array_equal(joined, datasets.load_array(tmp_path / "plain.hdf5", "test"))
     with h5py.File(tmp_path / "partial.hdf5", "w") as f:
         f.create_dataset("train", data=parts["train"], chunks=True, compression="gzip")

@@ -113,3 +113,35 @@ def test_cli_refuses_a_fifo_as_the_rows_it_reads(files, fifo, capsys, name, comm
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"{pipe}: not a regular file (a FIFO or a device)" in err, err
     assert sorted(os.listdir(tmp)) == before
+
+
+@pytest.mark.parametrize("how", ["external link", "external storage"])
+@pytest.mark.parametrize("command", ["encode DATA", "index build VECTORS", "search QUERIES", "train DATA"])
+def test_cli_refuses_an_hdf5_part_stored_in_another_file(files, capsys, how, command):
+    """An ann-benchmarks file whose train set is an external link to another file, or stored in
+    one (HDF5's external storage): HDF5 opened whatever that names, and on a FIFO blocked
+    forever, deaf to Ctrl-C (a regular file here: a FIFO would hang this test if it failed)."""
+    h5py = pytest.importorskip("h5py")
+    tmp = str(files)
+    x = np.load(f"{tmp}/x.npy")
+    with h5py.File(f"{tmp}/other.h5", "w") as other:
+        other.create_dataset("train", data=x)
+    with h5py.File(f"{tmp}/linked.hdf5", "w") as f:
+        if how == "external link":
+            f["train"] = h5py.ExternalLink(f"{tmp}/other.h5", "/train")
+        else:
+            f.create_dataset("train", shape=x.shape, dtype=x.dtype, external=[(f"{tmp}/x.npy", 128, x.nbytes)])
+        f.create_dataset("test", data=x[:2])
+        f.create_dataset("neighbors", data=np.zeros((2, 1), np.int64))
+        f.create_dataset("distances", data=np.zeros((2, 1), np.float32))
+    data = f"{tmp}/linked.hdf5"
+    argv = {"encode DATA": ["encode", f"{tmp}/model.safetensors", data, "--out", f"{tmp}/codes.npy"],
+            "index build VECTORS": ["index", "build", data, "--out", f"{tmp}/i.lsidx"],
+            "search QUERIES": ["search", f"{tmp}/w.lsidx", data, "--out", f"{tmp}/r.npz"],
+            "train DATA": ["train", data, "--model", "pca", "--latent-dim", "2", "--out", f"{tmp}/run"]}[command]
+    before = sorted(os.listdir(tmp))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"error: {data}: " in err and "another file" in err and "expected its data in this file" in err, err
+    assert sorted(os.listdir(tmp)) == before

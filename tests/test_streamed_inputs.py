@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -311,3 +312,143 @@ def test_a_dataset_chunked_by_column_is_read_with_bounded_memory(tmp_path, capsy
     rows_bytes = _ROWS * 64 * 4
     assert peak < rows_bytes / 2, f"peak {peak / 2**20:.1f} MiB for {rows_bytes / 2**20:.1f} MiB of rows"
     _assert_same_output(tmp_path, command, "a", "b")
+
+
+# ---------------------------------------------------------------------------------------
+# A file cut short (truncated in place) while its rows are read
+
+
+_CUT_WHILE_READ = """
+import os, sys
+import numpy as np
+from latentspace import datasets
+from latentspace._streamed_inputs import open_rows
+
+datasets.MMAP_THRESHOLD_BYTES = 0  # the loaders map what they can, as they do from 256 MiB
+path, size = sys.argv[1], int(sys.argv[2])
+try:
+    with open_rows(path) as rows:
+        blocks = rows.blocks(100)
+        next(blocks)
+        os.truncate(path, size)
+        for block in blocks:
+            float(np.asarray(block, np.float64).sum())  # every row used
+except ValueError as error:
+    print("ValueError:", error)
+"""
+
+
+@pytest.mark.parametrize("name", ["x.npy", "stored.npz", "contiguous.hdf5", "fortran.npy", "fortran_stored.npz"])
+def test_a_file_cut_short_while_its_rows_are_read_is_an_error_not_a_crash(tmp_path, rng, name):
+    """Mapped (a .npy, an uncompressed .npz member or a contiguous HDF5 dataset of 256 MiB or
+    more), a file truncated in place while read killed the process with SIGBUS at the first
+    page past its new end: no error, and encode's temporary output left behind."""
+    import subprocess
+    import sys
+
+    x = rng.standard_normal((20000, 64)).astype(np.float32)
+    path = tmp_path / name
+    if name == "x.npy":
+        np.save(path, x)
+    elif name == "fortran.npy":
+        np.save(path, np.asfortranarray(x))
+    elif name == "stored.npz":
+        np.savez(path, x=x)
+    elif name == "fortran_stored.npz":
+        np.savez(path, x=np.asfortranarray(x))
+    else:
+        _ann_file(path, x)
+    size = path.stat().st_size // 3
+    if name == "contiguous.hdf5":  # (cut inside train: the other parts follow it)
+        h5py = pytest.importorskip("h5py")
+        with h5py.File(path, "r") as f:
+            size = f["train"].id.get_offset() + x.nbytes // 3
+    done = subprocess.run([sys.executable, "-c", _CUT_WHILE_READ, str(path), str(size)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.startswith(f"ValueError: {path}: "), done.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C while the rows are read
+
+
+@pytest.mark.parametrize("data", ["x.npy", "c.npz", "c.hdf5"])
+@pytest.mark.parametrize("command", ["encode", "index build", "search"])
+def test_ctrl_c_mid_stream_keeps_the_output_saved_before(small, capsys, monkeypatch, data, command):
+    """Ctrl-C after the first block: exit 130 and one line; the output the user saved before
+    is as it was, and no temporary file is left beside it."""
+    from latentspace import _streamed_inputs
+
+    tmp, x = small
+    x = np.repeat(x, 10, axis=0)  # 200 rows: blocks of 16 leave some unread
+    np.save(tmp / "x.npy", x)
+    np.savez_compressed(tmp / "c.npz", x=x)
+    _ann_file(tmp / "c.hdf5", x, chunks=(16, 64), compression="gzip")
+    for kind in (_streamed_inputs._FileRows, _streamed_inputs._MemberRows, _streamed_inputs._DatasetRows):
+        def interrupted(self, rows, _blocks=kind.blocks):
+            for number, block in enumerate(_blocks(self, rows)):
+                if number == 1:
+                    raise KeyboardInterrupt
+                yield block
+        monkeypatch.setattr(kind, "blocks", interrupted)
+    out = _commands(tmp, data)[command][-1]
+    with open(out, "wb") as saved:
+        saved.write(b"saved before")
+    before = sorted(p.name for p in tmp.iterdir())
+    code, _, err = _main(capsys, *_commands(tmp, data)[command], "--batch-size", "16")
+    assert code == 130 and err == f"latentspace {command}: interrupted\n", (code, err)
+    assert open(out, "rb").read() == b"saved before"
+    assert sorted(p.name for p in tmp.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------
+# Rows the model cannot take, in a file that declares many
+
+
+@pytest.mark.parametrize("command", ["encode", "search --model"])
+def test_rows_the_model_cannot_take_are_refused_before_their_codes_are_made(small, capsys, command):
+    """A .npy of 10**12 rows of no values (its header alone: no data to hold): search --model
+    allocated the codes of all the queries first (MemoryError "Unable to allocate 14.6 TiB",
+    exit 1, naming nothing), encode a 16 TB output file, before the encoder saw a row."""
+    tmp, x = small
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 0)})
+    (tmp / "wide.npy").write_bytes(header.getvalue())
+    codes = latentspace.FlatIndex(4)
+    codes.add(np.ones((3, 4), np.float32))
+    codes.save(tmp / "codes.lsidx")
+    argv = (["encode", str(tmp / "model.safetensors"), str(tmp / "wide.npy"), "--out", str(tmp / "out.npy")]
+            if command == "encode" else
+            ["search", str(tmp / "codes.lsidx"), str(tmp / "wide.npy"), "--model", str(tmp / "model.safetensors"),
+             "--out", str(tmp / "out.npz")])
+    err = _one_line_error(capsys, command.split()[0], *argv)
+    assert f"error: {tmp / 'wide.npy'}: expected shape (n, 64), got (1000000000000, 0)" in err, err
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp.iterdir())
+
+
+@pytest.mark.parametrize("command", ["encode", "index build", "search"])
+def test_a_stored_member_claiming_more_than_the_file_holds_is_refused_before_a_row_is_read(small, capsys, command):
+    """A stored member whose directory entry (and header) claim 4 GB in a file of a few KiB:
+    the claim was taken at its word (search allocated 1.9 GB of results, encode a 256 MB output)
+    and the read then said "the file ends inside the member's data: cut short while it was
+    read?", which it was not. A stored member holds at most what the file holds."""
+    import struct
+
+    from latentspace import datasets
+
+    tmp, x = small
+    claimed = (16_000_000, 64)
+    _archive(tmp / "c.npz", _npy_bytes(x, claimed), zipfile.ZIP_STORED)
+    raw = bytearray((tmp / "c.npz").read_bytes())
+    entry = raw.index(b"PK\x01\x02")
+    raw[entry + 20 : entry + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)  # its sizes in the directory
+    (tmp / "c.npz").write_bytes(bytes(raw))
+    expected = f"{tmp / 'c.npz'}: array 'x' is not readable (EOF: reading array data, expected {16_000_000 * 256} bytes"
+    err = _one_line_error(capsys, command, *_commands(tmp, "c.npz")[command])
+    assert f"error: {expected}" in err, err
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp.iterdir())
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        datasets.load_npz(tmp / "c.npz", mmap=False)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp / 'c.npz'}: array 'x' is not readable (")):
+        datasets.load_npz(tmp / "c.npz")  # (mapped for its claimed size: its own checks)

@@ -2,16 +2,17 @@
 chunks (`latentspace encode`, `index build`, `search`): memory bounded by a block, not by the
 file.
 
-A .npy is memory-mapped; an uncompressed .npz member or a contiguous HDF5 dataset is what the
-datasets loaders give (mmap=None: mapped from 256 MiB, read below). Those are arrays, cut into
-blocks by slicing. Neither a compressed .npz member (np.savez_compressed) nor a chunked or
-compressed HDF5 dataset can be mapped, and both were read whole: now the member is read from
-its decompressing zip stream a block at a time, and the dataset a slice of rows at a time. A
-Fortran-ordered compressed member is still read whole (its rows are not contiguous in the
-stream), as is a member or dataset holding no data. A member whose header claims more data
-than it holds is refused before a row is read (a claim of terabytes was allocated for). bzip2
-and LZMA members (np.load reads them too) are decompressed here, the output bounded by each
-read: zipfile decompresses each piece of their input whole. A dataset's reads run on to a chunk
+Nothing is memory-mapped: a mapped file cut short while it is read (truncated in place) killed
+the process with SIGBUS at the first page past its new end. A .npy is read by offset from its
+open file (_FileRows; a Fortran-ordered one a column at a time); an .npz member, stored or
+compressed, from its zip stream (its CRC checked); an HDF5 dataset, contiguous, chunked or
+compressed, a slice of rows at a time (the file's size checked after each read: HDF5 reads past
+the end as zeros). A Fortran-ordered stored member is read by offset, as a .npy; a
+Fortran-ordered compressed member is read whole (its rows are not contiguous in the stream), as
+is a member or dataset holding no data. A member whose header claims more data than it holds
+is refused before a row is read (a claim of terabytes was allocated for). bzip2 and LZMA
+members (np.load reads them too) are decompressed here, the output bounded by each read:
+zipfile decompresses each piece of their input whole. A dataset's reads run on to a chunk
 boundary only within _READ_AHEAD_BYTES (chunks of one column of every row made a read of all).
 
 Every read goes through the one file opened (as in the loaders): a file saved over the path
@@ -47,7 +48,7 @@ _READ_AHEAD_BYTES = 8 << 20
 
 
 class ArrayRows:
-    """An array (a memory map, or one read whole), cut into blocks by slicing."""
+    """An array (one read whole, or a memory map), cut into blocks by slicing."""
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -67,9 +68,64 @@ class ArrayRows:
         """Nothing to close: a memory map holds its own handle."""
 
 
+class _FileRows:
+    """The array of a .npy file (or of a stored .npz member, which lies in the file as one),
+    read a block of rows at a time from the one file opened, by offset. Not mapped: a map of a
+    file cut short while it is read (truncated in place) killed the process with SIGBUS at the
+    first page past the new end; a read there ends early, an error naming the file. A
+    Fortran-ordered array's block is read a column at a time (each column's rows are
+    contiguous in the file)."""
+
+    array = None
+
+    def __init__(self, path: Path, f: Any, shape: tuple[int, ...], fortran: bool, dtype: np.dtype,
+                 unreadable: str = "not a readable .npy array"):
+        self._path, self._f, self._offset, self._unreadable = path, f, f.tell(), unreadable
+        self.shape, self.dtype, self.ndim = shape, dtype, len(shape)
+        self._columns = math.prod(shape[1:])
+        self._fortran = fortran and len(shape) > 1
+        self._failed: ValueError | None = None
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """Consecutive arrays of `rows` rows (the last fewer), as stored."""
+        n = self.shape[0]
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            block = np.empty((self._columns, count) if self._fortran else (count, self._columns), self.dtype)
+            raw = block.view(np.uint8)
+            if self._fortran:  # column j's rows start at row j * n of the data
+                for column in range(self._columns):
+                    self._read_into(raw[column], (column * n + start) * self.dtype.itemsize)
+                yield block.T.reshape((count, *self.shape[1:]), order="F")
+            else:
+                self._read_into(raw.reshape(-1), start * self._columns * self.dtype.itemsize)
+                yield block.reshape(count, *self.shape[1:])
+
+    def verify_rest(self) -> None:
+        """Raises a read's error again; nothing else to verify (a .npy has no checksum)."""
+        if self._failed is not None:
+            raise self._failed
+
+    def close(self) -> None:
+        """Nothing to close: the file is closed by open_rows."""
+
+    def _read_into(self, target: np.ndarray, at: int) -> None:
+        """Fills the contiguous uint8 `target` from the data's byte `at` on."""
+        self._f.seek(self._offset + at)
+        view, filled = memoryview(target), 0
+        while filled < len(view):
+            got = self._f.readinto(view[filled:])
+            if not got:  # (the header's size was checked against the file when it was opened)
+                self._failed = ValueError(f"{self._path}: {self._unreadable} (EOF: reading array data, "
+                                          f"expected {len(view)} bytes got {filled}: the file was cut short "
+                                          "while it was read?)")
+                raise self._failed
+            filled += got
+
+
 class _MemberRows:
-    """A compressed, C-ordered .npy member of an .npz, read from the decompressing stream
-    `member` (left at the array's data) a block at a time."""
+    """A C-ordered .npy member of an .npz, stored or compressed, read from its (decompressing)
+    zip stream `member` (left at the array's data) a block at a time."""
 
     array = None
 
@@ -142,21 +198,9 @@ class _MemberRows:
             raise self._failed from None
 
 
-class _Counted:
-    """A stream that counts the bytes read from it (the length of a member's .npy header)."""
-
-    def __init__(self, stream: Any):
-        self._stream, self.count = stream, 0
-
-    def read(self, n: int) -> bytes:
-        data = self._stream.read(n)
-        self.count += len(data)
-        return data
-
-
 class _DatasetRows:
-    """A chunked or compressed HDF5 dataset (or one stored in its object header, or in
-    external files), read a slice of rows at a time."""
+    """An HDF5 dataset (contiguous, chunked, compressed, or stored in its object header), read
+    a slice of rows at a time."""
 
     array = None
 
@@ -169,6 +213,11 @@ class _DatasetRows:
         self._chunk_rows = dataset.chunks[0] if dataset.chunks else 1
         self._row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
         self._failed: ValueError | None = None
+        # HDF5 (its sec2 driver) reads past the file's end as zeros: a file cut short while it
+        # is read gave zero rows. Its size now (HDF5 refused to open it shorter than its
+        # layout) is checked again after each read.
+        self._descriptor = dataset.file.id.get_vfd_handle()
+        self._size = os.fstat(self._descriptor).st_size
 
     def blocks(self, rows: int) -> Iterator[np.ndarray]:
         """Consecutive arrays of `rows` rows (the last fewer), as stored. Each read runs on
@@ -213,6 +262,11 @@ class _DatasetRows:
         except datasets._H5_DAMAGE as error:
             self._failed = datasets._h5_damage(self._path, error)
             raise self._failed from None
+        size = os.fstat(self._descriptor).st_size
+        if size < self._size:
+            self._failed = ValueError(f"{self._path}: the file was cut short while it was read ({self._size} bytes "
+                                      f"when opened, {size} now)")
+            raise self._failed
 
 
 @contextlib.contextmanager
@@ -226,7 +280,8 @@ def open_rows(path: str | os.PathLike, key: str | None = None) -> Iterator[Any]:
     if suffix == ".npy":
         if key is not None:
             raise ValueError(f"key: a .npy file holds one array; got key={key!r}")
-        yield ArrayRows(datasets.load_npy(path, mmap=True))
+        with _npy_rows(path) as rows:
+            yield rows
     elif suffix == ".npz":
         with _npz_rows(path, key) as rows:
             yield rows
@@ -235,6 +290,19 @@ def open_rows(path: str | os.PathLike, key: str | None = None) -> Iterator[Any]:
             yield rows
     else:
         raise ValueError(f"path: expected a .npy, .npz, .hdf5 or .h5 file, got {path!s}")
+
+
+@contextlib.contextmanager
+def _npy_rows(path: str | os.PathLike) -> Iterator[Any]:
+    """A .npy's rows, read a block at a time (_FileRows): load_npy(mmap=True)'s checks and errors."""
+    path = datasets._regular_file(path)
+    with open(path, "rb") as f:  # the one open file (see datasets.load_npy)
+        datasets._refuse_npz(path, f)
+        with datasets._npy_errors(path):
+            shape, fortran, dtype = datasets._npy_layout(f)
+        rows = _FileRows(path, f, shape, fortran, dtype)
+        datasets._checked(rows, path, "the array")
+        yield rows
 
 
 @contextlib.contextmanager
@@ -258,31 +326,46 @@ def _npz_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
 
 
 def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) -> Any:
-    """The member's rows: streamed when it is compressed, C-ordered and holds data; else the
-    array load_npz gives (mmap=None). zipfile's errors escape (see _npz_rows)."""
+    """The member's rows: streamed when it is C-ordered and holds data, stored or compressed;
+    else the array load_npz gives (mmap=None). zipfile's errors escape (see _npz_rows)."""
     key = datasets._member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
+    # (A stored member is streamed too, not mapped: see _FileRows; and its CRC is checked.)
+    member = BoundedMember(f, archive, info) if info.compress_type in UNBOUNDED_METHODS else archive.open(info)
+    try:
+        rows = _streamed_member(path, f, key, member, info)
+    except BaseException:
+        member.close()
+        raise
+    if rows is not None:
+        return rows
+    member.close()
     if info.compress_type == zipfile.ZIP_STORED:
-        with archive.open(info) as member:  # (numpy allocates what the header claims, then reads)
-            _checked_header(path, key, member, info)
-    else:
-        member = BoundedMember(f, archive, info) if info.compress_type in UNBOUNDED_METHODS else archive.open(info)
-        try:
-            rows = _streamed_member(path, key, member, info)
-        except BaseException:
-            member.close()
-            raise
+        rows = _stored_rows(path, f, key, info)
         if rows is not None:
             return rows
-        member.close()  # read whole below, with load_npz's own checks and errors
-    return ArrayRows(datasets._read_member(path, f, archive, key, None))
+    return ArrayRows(datasets._read_member(path, f, archive, key, None))  # read whole: load_npz's checks
 
 
-def _streamed_member(path: Path, key: str, member: Any, info: zipfile.ZipInfo) -> _MemberRows | None:
-    """The open compressed member's rows, its header read and checked (_checked_header); None
-    for one read whole: Fortran-ordered, of objects (refused unread by numpy), or holding no
-    data."""
-    shape, fortran, dtype = _checked_header(path, key, member, info)
+def _stored_rows(path: Path, f: Any, key: str, info: zipfile.ZipInfo) -> _FileRows | None:
+    """A stored member that _streamed_member does not stream (Fortran-ordered: load_npz maps
+    it from 256 MiB) read by offset from the file (_FileRows), as load_npz maps it; None for
+    one holding no data (read whole)."""
+    try:
+        shape, fortran, dtype = datasets._stored_member_layout(f, info)
+    except datasets._NPY_DAMAGE as error:
+        raise datasets._member_damage(path, key, error) from None
+    if len(shape) < 1 or math.prod(shape) == 0:
+        return None
+    rows = _FileRows(path, f, shape, fortran, dtype, f"array {key!r} is not readable")
+    datasets._checked(rows, path, f"array {key!r}")
+    return rows
+
+
+def _streamed_member(path: Path, f: Any, key: str, member: Any, info: zipfile.ZipInfo) -> _MemberRows | None:
+    """The open member's rows, its header read and checked (_checked_header); None for one
+    read otherwise: Fortran-ordered, of objects (refused unread by numpy), or holding no data."""
+    shape, fortran, dtype = _checked_header(path, f, key, member, info)
     rows = _MemberRows(path, key, member, shape, dtype)
     if len(shape) < 1 or (fortran and len(shape) > 1) or dtype.hasobject or not rows.nbytes:
         return None
@@ -290,31 +373,22 @@ def _streamed_member(path: Path, key: str, member: Any, info: zipfile.ZipInfo) -
     return rows
 
 
-def _checked_header(path: Path, key: str, member: Any, info: zipfile.ZipInfo) -> tuple[Any, bool, np.dtype]:
+def _checked_header(path: Path, f: Any, key: str, member: Any, info: zipfile.ZipInfo) -> tuple[Any, bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy header read from the open `member`, which is
-    left at its data; the shape checked against the member's size (_check_size) unless the
-    dtype holds objects (numpy refuses those unread). Errors as load_npz words them."""
-    header = _Counted(member)
+    left at its data; the shape checked against the most the member can give
+    (datasets._member_bytes: its directory entry's size, at which the stream stops) before a
+    row is read: a claim of terabytes was
+    allocated for a block (MemoryError, naming nothing), or taken at its word for the command's
+    output (encode's codes, search's results). Errors as load_npz words them. (A claim of fewer
+    bytes is refused at the member's end, by _check_end: the entry's size can be larger than
+    the data, whose stream then ends first, as zipfile and load_npz accept.)"""
+    header = datasets._CountedStream(member)
     try:
         shape, fortran, dtype = datasets._npy_header(header)
-        if not dtype.hasobject:
-            _check_size(shape, math.prod(shape) * dtype.itemsize, info.file_size - header.count)
+        datasets._check_claim(shape, dtype, datasets._member_bytes(f, info) - header.count)
     except datasets._NPY_DAMAGE as error:
         raise datasets._member_damage(path, key, error) from None
     return shape, fortran, dtype
-
-
-def _check_size(shape: tuple[int, ...], nbytes: int, held: int) -> None:
-    """The header's shape against the at most `held` bytes of data the member can give (the
-    stream stops at its directory entry's size), before a row is read, in the words load_npz
-    gives reading it whole: a claim of terabytes was allocated for a block (MemoryError, naming
-    nothing), or taken at its word for the command's output (encode's codes, search's results).
-    (A claim of fewer bytes is refused at the member's end, by _check_end: the entry's size can
-    be larger than the data, whose stream then ends first, as zipfile and load_npz accept.)"""
-    if any(size < 0 for size in shape):
-        raise ValueError("negative dimensions are not allowed")  # (numpy's words)
-    if nbytes > held:
-        raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {held}")
 
 
 @contextlib.contextmanager
@@ -330,7 +404,8 @@ def _ann_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
             parts = datasets._ann_datasets(path, f)
             datasets._check_ann_shapes(path, {name: tuple(dataset.shape) for name, dataset in parts.items()})
             dataset = parts[part]
-            if datasets._h5_mappable(dataset) or math.prod(dataset.shape) == 0:
+            # (a contiguous dataset is read a slice at a time too, not mapped: see _FileRows)
+            if math.prod(dataset.shape) == 0:
                 rows: Any = ArrayRows(datasets._h5_array(path, dataset, None))
             else:
                 rows = _DatasetRows(path, dataset)

@@ -7,6 +7,7 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 
 from __future__ import annotations
 
+import contextlib
 import lzma
 import math
 import os
@@ -122,37 +123,91 @@ def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray
     with open(path, "rb") as f:
         if mmap is None:
             mmap = os.fstat(f.fileno()).st_size >= MMAP_THRESHOLD_BYTES
-        # A zip archive by its first bytes, as np.load tells one (zipfile.is_zipfile searches
-        # the last 64 KiB for the bytes PK\x05\x06, which an array's data can hold)
-        head = f.read(len(_ZIP_PREFIXES[0]))
-        if head.startswith(_ZIP_PREFIXES):
-            raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
-        f.seek(0)
-        try:
-            array = _map_npy(f) if mmap else np.load(f, allow_pickle=False)
-        # (SyntaxError, TokenError: numpy parses the header's dict as Python literals, and a
-        # damaged byte can leave an unclosed quote or bracket)
-        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
-            if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
-                raise
-            raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+        _refuse_npz(path, f)
+        with _npy_errors(path):
+            array = _map_npy(f) if mmap else _read_npy(f)
     return _checked(array, path, "the array")
+
+
+def _refuse_npz(path: Path, f) -> None:
+    """Refuses the .npy file open as `f` (left at its start) when it is a zip archive, told by
+    its first bytes as np.load tells one (zipfile.is_zipfile searches the last 64 KiB for the
+    bytes PK\x05\x06, which an array's data can hold)."""
+    head = f.read(len(_ZIP_PREFIXES[0]))
+    f.seek(0)
+    if head.startswith(_ZIP_PREFIXES):
+        raise ValueError(f"{path}: an .npz archive, not a .npy array; use load_npz")
+
+
+@contextlib.contextmanager
+def _npy_errors(path: Path):
+    """numpy's errors reading the .npy file `path` as load_npy raises them: a ValueError naming
+    the file (the errors about the path itself as they are)."""
+    try:
+        yield
+    # (SyntaxError, TokenError: numpy parses the header's dict as Python literals, and a
+    # damaged byte can leave an unclosed quote or bracket)
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as error:
+        if isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+
+
+def _read_npy(f) -> np.ndarray:
+    """np.load of the .npy file open as `f` (at its start), its header's shape checked against
+    the file's size first (_checked_npy_header): numpy allocates the array the header claims
+    before reading a byte (a claim of terabytes was a MemoryError naming nothing)."""
+    if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+        f.seek(0)
+        _checked_npy_header(f)
+    f.seek(0)
+    return np.load(f, allow_pickle=False)  # (not .npy: raises np.load's own error)
+
+
+def _checked_npy_header(f):
+    """_npy_header of the .npy file open as `f` (at its start), refusing a shape whose data
+    the file cannot hold, in numpy's words (counted in Python's integers: numpy's own count
+    overflows for a claim of 2**80 elements)."""
+    shape, fortran, dtype = _npy_header(f)
+    _check_claim(shape, dtype, os.fstat(f.fileno()).st_size - f.tell())
+    return shape, fortran, dtype
+
+
+def _check_claim(shape: tuple[int, ...], dtype: np.dtype, held: int) -> None:
+    """A .npy header's shape against the at most `held` bytes of data its file or member can
+    give, in numpy's words, before any is read: numpy allocates the array a header claims
+    first. (Counted in Python's integers: numpy's count overflows for 2**80 elements. An
+    object array is left to numpy, which refuses those unread.)"""
+    if any(size < 0 for size in shape):
+        raise ValueError("negative dimensions are not allowed")  # (numpy's words)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and nbytes > held:
+        raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {held}")
 
 
 def _map_npy(f) -> np.memmap:
     """np.memmap of the .npy file open as `f` (at its start), as np.load(mmap_mode="r") maps
     one, with its errors, but from this file: np.load maps the path by name."""
-    if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-        f.seek(0)
-        return np.load(f, allow_pickle=False)  # not .npy: raises np.load's own error
-    f.seek(0)
-    shape, fortran, dtype = _npy_header(f)
-    if dtype.hasobject:
-        raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
+    shape, fortran, dtype = _npy_layout(f)
     # np.memmap takes the file's size from this same file (a seek to its end) and refuses a
     # shape that does not fit in it
     return np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                      order="F" if fortran else "C")  # outlives f: the map holds its own handle
+
+
+def _npy_layout(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy file open as `f` (at its start), left at its
+    data, with the checks and errors of np.load(mmap_mode="r"): its data must be in the file
+    and hold no Python objects (load_npy's mapping, and the CLI's reads a block at a time)."""
+    if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+        f.seek(0)
+        np.load(f, allow_pickle=False)  # not .npy: raises np.load's own error
+        raise ValueError("not a .npy file")  # (np.load read something else)
+    f.seek(0)
+    shape, fortran, dtype = _checked_npy_header(f)
+    if dtype.hasobject:
+        raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
+    return shape, fortran, dtype
 
 
 def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
@@ -204,6 +259,12 @@ def _member_damage(path: Path, key: str, error: BaseException) -> ValueError:
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
     """`key`, or the archive's only array when key is None; ValueError naming key otherwise."""
     names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    # Two members of one name: which is the array is not known (zipfile, and np.load, read the
+    # last; a listing of the archive may show the first), and no key picks one
+    chosen = key if key is not None else names[0] if len(set(names)) == 1 else None
+    if chosen is not None and names.count(chosen) > 1:
+        raise ValueError(f"{path}: holds {names.count(chosen)} members named {chosen + '.npy'!r}; "
+                         "expected one (which is the array is unknown)")
     if key is None:
         if len(names) != 1:
             raise ValueError(f"key: {path} holds {len(names)} arrays ({', '.join(names) or 'none'}); "
@@ -229,6 +290,7 @@ def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap:
         if mmap:
             array = _map_member(f, info)
         else:
+            _check_member_size(f, archive, info)
             with archive.open(info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
                 # read_array stops at the header's shape: reading to the end runs zipfile's
@@ -238,6 +300,38 @@ def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap:
     except _NPY_DAMAGE as error:  # numpy's messages name no file
         raise _member_damage(path, key, error) from None
     return _checked(array, path, f"array {key!r}")
+
+
+def _check_member_size(f, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Refuses a member of the archive open as `f` whose .npy header claims more data than the
+    member can hold (_member_bytes), from the header alone: numpy allocates the claimed array
+    before reading a byte (a claim of terabytes was a MemoryError naming nothing)."""
+    with archive.open(info) as member:
+        header = _CountedStream(member)
+        shape, _, dtype = _npy_header(header)
+    _check_claim(shape, dtype, _member_bytes(f, info) - header.count)
+
+
+def _member_bytes(f, info: zipfile.ZipInfo) -> int:
+    """The most bytes the member `info` of the archive open as `f` can give: its directory
+    entry's size (zipfile's stream stops there), and for a stored member no more than the file
+    holds past its local header (an entry claiming 4 GB in a file of a few KiB was believed,
+    the read then saying the file was cut short while it was read)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return info.file_size
+    return min(info.file_size, os.fstat(f.fileno()).st_size - info.header_offset - 30)
+
+
+class _CountedStream:
+    """A stream that counts the bytes read from it (the length of a member's .npy header)."""
+
+    def __init__(self, stream: Any):
+        self._stream, self.count = stream, 0
+
+    def read(self, n: int) -> bytes:
+        data = self._stream.read(n)
+        self.count += len(data)
+        return data
 
 
 def _npy_header(stream):
@@ -260,6 +354,18 @@ def _read_npy_header(stream, version):
 def _map_member(f, info: zipfile.ZipInfo) -> np.ndarray:
     """np.memmap of an uncompressed .npy member of the zip archive open as `f`
     (_read_member names the file in its errors)."""
+    shape, fortran, dtype = _stored_member_layout(f, info)
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.memmap(f, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                     order="F" if fortran else "C")  # outlives f: the map holds its own handle
+
+
+def _stored_member_layout(f, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of an uncompressed .npy member of the zip archive open as
+    `f`, left at the member's data: checked to be read from the file as it lies there, not
+    through zipfile (mapped, or by offset), with no CRC check (_read_member names the file in
+    its errors)."""
     if info.flag_bits & 0x1:  # mapping an encrypted member would give its ciphertext as data
         raise ValueError("the member is encrypted (latentspace reads only unencrypted archives)")
     size = os.fstat(f.fileno()).st_size
@@ -284,10 +390,7 @@ def _map_member(f, info: zipfile.ZipInfo) -> np.ndarray:
     if offset + nbytes > size:  # the size of this open file, not of whatever the path is now
         raise ValueError(f"its data runs past the end of the file: {offset + nbytes} bytes needed, "
                          f"the file has {size}")
-    if math.prod(shape) == 0:
-        return np.empty(shape, dtype=dtype)
-    return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape,
-                     order="F" if fortran else "C")  # outlives f: the map holds its own handle
+    return shape, fortran, dtype
 
 
 def load_array(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
@@ -390,6 +493,8 @@ def _h5_damage(path: Path, error: BaseException) -> ValueError:
 def _ann_datasets(path: Path, f: Any) -> dict[str, Any]:
     """The four parts of the open ann-benchmarks file `f` (not read), each checked to be a
     dataset of numbers. h5py's errors for a damaged file escape (see _h5_damage)."""
+    for name in _ANN_PARTS:  # before `name in f`, which opens the file an external link names
+        _check_in_file(path, f, name, name)
     missing = [name for name in _ANN_PARTS if name not in f]
     if missing:
         raise ValueError(f"{path}: not in the ann-benchmarks layout (missing datasets: {', '.join(missing)})")
@@ -399,12 +504,46 @@ def _ann_datasets(path: Path, f: Any) -> dict[str, Any]:
     return parts
 
 
+# The most soft links followed to a part (HDF5's own limit, H5L_NUM_LINKS, is 16).
+_MAX_SOFT_LINKS = 16
+
+
+def _check_in_file(path: Path, f: Any, name: str, target: str, followed: int = 0) -> None:
+    """Refuses the part `name` when reaching `target` (its path in `f`) goes through an external
+    link: HDF5 opens whatever file the link names, and blocked forever on a FIFO (Ctrl-C did not
+    stop it). Each component's link is looked at (getlink: not followed) before it is passed,
+    and a soft link's target before what lies past it."""
+    import h5py
+
+    walked = ""
+    for part in target.split("/"):
+        if part in ("", "."):  # ("a//b", "/./b": HDF5 reads them as "a/b", "/b"; h5py's get did not)
+            continue
+        parent, walked = walked, f"{walked}/{part}"
+        link = f.get(walked, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            raise ValueError(f"{path}: {name} is in another file (an external link to {link.filename}:{link.path}); "
+                             "expected its data in this file")
+        if isinstance(link, h5py.SoftLink):
+            if followed >= _MAX_SOFT_LINKS:
+                raise ValueError(f"{path}: {name} is reached through more than {_MAX_SOFT_LINKS} soft links")
+            _check_in_file(path, f, name, link.path if link.path.startswith("/") else f"{parent}/{link.path}",
+                           followed + 1)
+        if link is None:  # missing: reported as such by the caller
+            return
+
+
 def _check_ann_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     for name in ("train", "test"):
         if len(shapes[name]) != 2:
             raise ValueError(f"{path}: {name} must be 2-d (rows of vectors), got shape {shapes[name]}")
     if shapes["train"][1] != shapes["test"][1]:
         raise ValueError(f"{path}: train and test dimensions differ, {shapes['train']} vs {shapes['test']}")
+    for name in ("neighbors", "distances"):
+        if len(shapes[name]) != 2:
+            raise ValueError(f"{path}: {name} must be 2-d (k neighbours of each query), got shape {shapes[name]}")
+    if shapes["distances"] != shapes["neighbors"]:
+        raise ValueError(f"{path}: distances has shape {shapes['distances']} but neighbors {shapes['neighbors']}")
     if shapes["neighbors"][0] != shapes["test"][0]:
         raise ValueError(f"{path}: neighbors has {shapes['neighbors'][0]} rows for {shapes['test'][0]} queries")
 
@@ -418,6 +557,54 @@ def _check_h5_dataset(path: Path, dataset: Any) -> None:
         raise ValueError(f"{path}: {dataset.name} is not an array ({what}); expected a dataset of numbers")
     if dataset.dtype.kind not in "fiu":
         raise ValueError(f"{path}: dataset {dataset.name} has dtype {dataset.dtype}; expected numbers")
+    # Data in files the dataset names: HDF5 reads whatever they are (a FIFO blocked forever), and
+    # a virtual dataset's missing file gave its fill value as rows, without a word
+    if dataset.external is not None:
+        files = ", ".join(sorted({os.fsdecode(name) for name, _, _ in dataset.external}))
+        raise ValueError(f"{path}: dataset {dataset.name} is stored in another file (external storage: {files}); "
+                         "expected its data in this file")
+    if dataset.is_virtual:
+        raise ValueError(f"{path}: dataset {dataset.name} is a virtual dataset, mapped from another file; "
+                         "expected its data in this file")
+    _check_filters(path, dataset)
+    _check_written(path, dataset)
+
+
+def _check_filters(path: Path, dataset: Any) -> None:
+    """Refuses a dataset compressed with a filter this HDF5 cannot decode (a plugin it lacks:
+    blosc, zstd, lz4 as hdf5plugin writes them), which the first read called damage."""
+    import h5py
+
+    create = dataset.id.get_create_plist()
+    for number in range(create.get_nfilters()):
+        code = create.get_filter(number)[0]
+        if not h5py.h5z.filter_avail(code):  # (loads a plugin found on HDF5_PLUGIN_PATH)
+            raise ValueError(f"{path}: dataset {dataset.name} is compressed with HDF5 filter {code}, which this HDF5 "
+                             "cannot decode (no plugin for it: set HDF5_PLUGIN_PATH to a folder holding one)")
+
+
+def _check_written(path: Path, dataset: Any) -> None:
+    """Refuses a dataset with rows never written: they have no data in the file, and HDF5 gives
+    its fill value for them (they were read as zeros without a word; a tiny file declaring
+    10**12 such rows was a memory bomb). Counted from the layout, nothing read."""
+    import h5py
+
+    if math.prod(dataset.shape) == 0:
+        return
+    if dataset.chunks is None:  # contiguous storage is allocated whole or not at all; compact always
+        compact = dataset.id.get_create_plist().get_layout() == h5py.h5d.COMPACT
+        if not compact and dataset.id.get_storage_size() == 0:
+            raise ValueError(f"{path}: dataset {dataset.name} was never written (its shape {dataset.shape} has no "
+                             "data in the file)")
+        return
+    count_chunks = getattr(dataset.id, "get_num_chunks", None)  # (an h5py built on HDF5 < 1.10.5 has none)
+    if count_chunks is None:
+        return
+    chunks = math.prod(-(-size // chunk) for size, chunk in zip(dataset.shape, dataset.chunks))
+    written = count_chunks()
+    if written < chunks:
+        raise ValueError(f"{path}: dataset {dataset.name} has rows never written: {chunks - written:,} of its "
+                         f"{chunks:,} chunks have no data in the file")
 
 
 def _h5_mappable(dataset: Any) -> bool:
@@ -437,10 +624,8 @@ def _h5_array(path: Path, dataset: Any, mmap: bool | None) -> np.ndarray:
     mappable = _h5_mappable(dataset)
     if mmap is True and not mappable:
         compact = dataset.id.get_create_plist().get_layout() == h5py.h5d.COMPACT  # no offset either
-        why = ("is stored in external files" if dataset.external is not None
-               else "is chunked or compressed" if offset is not None or dataset.chunks is not None
-               else "is stored in its object header (HDF5's compact layout)" if compact
-               else "has no data stored in the file (never written)")
+        # (never written and external storage are refused by _check_h5_dataset)
+        why = "is stored in its object header (HDF5's compact layout)" if compact else "is chunked or compressed"
         raise ValueError(f"mmap: dataset {dataset.name} of {path} {why} and cannot be memory-mapped; "
                          "pass mmap=False")
     if mmap is None:
