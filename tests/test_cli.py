@@ -1211,6 +1211,29 @@ def test_search_names_the_rows_that_its_weights_make_unusable(tmp_path, rng, cap
     assert not os.path.exists(out)
 
 
+def test_search_names_the_first_refused_query_whichever_its_kind(tmp_path, rng, capsys):
+    """A query the weights refuse before a NaN one: the first in row order is named, in the
+    weighted words, as latentspace.knn names it (the NaN row was named first)."""
+    import numpy as np
+
+    Z = rng.standard_normal((30, 4)).astype(np.float32)
+    Q = rng.standard_normal((20, 4)).astype(np.float32)
+    np.save(tmp_path / "heavy.npy", np.full(4, 1e4, np.float32))
+    Q[11] = 1e18  # weighted by 1e4: 4e40
+    Q[13, 2] = np.nan
+    idx, out = str(tmp_path / "i.lsidx"), str(tmp_path / "r.npz")
+    code, _, err = _main(capsys, "index", "build", _save(tmp_path / "Z.npy", Z), "--out", idx,
+                         "--metric", "weighted_l2", "--weights", str(tmp_path / "heavy.npy"))
+    assert code == 0, err
+    with pytest.raises(ValueError) as api:
+        latentspace.knn(Q, Z, 3, "weighted_l2", weights=np.full(4, 1e4, np.float32))
+    assert str(api.value).startswith("queries: row 11 ")
+    err = _pipeline_error(capsys, "search", "search", idx, _save(tmp_path / "Q.npy", Q), "--out", out,
+                          "--batch-size", "8")
+    assert err.startswith(f"latentspace search: error: {tmp_path / 'Q.npy'}: row 11 "), err
+    assert err.split(": row 11 ", 1)[1] == str(api.value).split(": row 11 ", 1)[1] + "\n", err
+
+
 def test_index_build_refuses_rows_that_its_weights_make_unusable(tmp_path, rng, capsys):
     """They were written into the index, whose every search with its own weights then failed."""
     import numpy as np

@@ -4,9 +4,9 @@
     latentspace index build Z.npy --out IDX              codes -> a FlatIndex file
     latentspace search IDX QUERIES.npy -k 10 --out R.npz  queries -> distances, indices
 
-Inputs are read in chunks, with memory bounded by a chunk: a .npy is memory-mapped, a
-compressed .npz member or a chunked / compressed HDF5 dataset is read a block at a time
-(_streamed_inputs). Outputs are written atomically (a temporary file beside the target,
+Inputs are read in chunks, with memory bounded by a chunk: a .npy, an .npz member or an HDF5
+dataset is read a block of rows at a time (_streamed_inputs; not mapped: a mapped file cut
+short while read killed the process with SIGBUS). Outputs are written atomically (a temporary file beside the target,
 renamed over it at the end). A tqdm bar shows progress on
 stderr when it is a terminal (never with --quiet). Bad input raises ValueError / OSError,
 which cli.main turns into one error line and exit status 2; it names the Python API's
@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import datasets
-from ._arrays import as_matrix, check_int, check_k, check_rows_usable, check_weights, empty_results, physical_memory
+from ._arrays import (as_matrix, check_int, check_k, check_rows_usable, check_sample_shape, check_weighted_rows,
+                      check_weights, empty_results, physical_memory)
 from ._atomic import atomic_path, atomic_write, unwritable
 from ._paths import too_long
 from ._streamed_inputs import ArrayRows, open_rows
@@ -198,8 +199,8 @@ def made_folder(path: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _input_rows(path: str, key: str | None) -> Iterator[Any]:
-    """The rows of a .npy (memory-mapped: read as it is used), .npz or HDF5 (--key), for the
-    block: an array, or a compressed / chunked one read a block at a time (open_rows)."""
+    """The rows of a .npy, .npz or HDF5 (--key), for the block, read a block at a time
+    (open_rows; an array for the few it reads whole)."""
     if Path(path).suffix.lower() == ".npy" and key is not None:
         raise ValueError(f"--key: a .npy file holds one array; got --key {echoed(key, quoted=True)}")
     with open_rows(path, key) as rows:
@@ -249,11 +250,25 @@ def _model_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], path: str
     return shape
 
 
-def _model_input(rows: Any, input_shape: tuple[int, ...], path: str, batch_size: int) -> tuple[Any, tuple[int, ...]]:
+def _check_model_rows(encoder: Any, shape: tuple[int, ...], path: str) -> None:
+    """Refuses rows (shaped for the model: _model_shape) that the model cannot take before any
+    codes are made for them: the encoder sees them only with the first block, and the codes of
+    all the rows came first (search --model allocated them: "Unable to allocate 14.6 TiB" for a
+    file of 10**12 rows of no values, naming nothing; encode made a 16 TB output file)."""
+    sample_shapes = encoder._sample_shapes  # (None: a module of unknown input shape)
+    if sample_shapes is not None:
+        try:
+            check_sample_shape(shape, "X", sample_shapes)
+        except ValueError as error:
+            raise _in_file(path, error) from None
+
+
+def _model_input(rows: Any, encoder: Any, path: str, batch_size: int) -> tuple[Any, tuple[int, ...]]:
     """(what the encoder reads, its shape, _model_shape): the rows' array reshaped (a view, no
     copy, for C-ordered rows), or for rows read a block at a time, a generator of blocks of
     batch_size rows, each reshaped (the encoder's own chunks: the codes are those of the array)."""
-    shape = _model_shape(tuple(rows.shape), input_shape, path)
+    shape = _model_shape(tuple(rows.shape), encoder.input_shape, path)
+    _check_model_rows(encoder, shape, path)
     if rows.array is not None:
         return rows.array.reshape(shape), shape
 
@@ -305,7 +320,7 @@ def _command_encode(args: argparse.Namespace) -> int:
         encoder = _encoder(args)
         _set_threads(args)
         chunk_rows = encoder.default_batch_size if batch_size is None else batch_size
-        X, shape = _model_input(rows, encoder.input_shape, args.data, chunk_rows)
+        X, shape = _model_input(rows, encoder, args.data, chunk_rows)
         n = int(shape[0])
         started = time.perf_counter()
         with atomic_path(out_path) as tmp:
@@ -414,7 +429,10 @@ def _command_search(args: argparse.Namespace) -> int:
             for block in queries.blocks(batch_size):
                 chunk, _ = as_matrix(block, name, dim=index.dim)
                 # (row numbers of the file; the search would name "queries", numbered in the chunk)
-                check_rows_usable(chunk, name, first_row=start, weights=search_weights)
+                if search_weights is None:
+                    check_rows_usable(chunk, name, first_row=start)
+                else:  # the first refused row whichever its kind, in the words knn uses
+                    check_weighted_rows(chunk, search_weights, name, start)
                 stop = start + chunk.shape[0]
                 distances[start:stop], indices[start:stop] = index.search(chunk, k, weights=weights)
                 bar.update(chunk.shape[0])
@@ -433,7 +451,7 @@ def _command_search(args: argparse.Namespace) -> int:
 def _encoded_queries(args: argparse.Namespace, rows: Any, encoder: Any, nq: int) -> np.ndarray:
     """search --model: the codes of all the queries at once ((q, latent_dim) codes are small,
     and rows keep their numbers), read as encode reads its rows."""
-    X, shape = _model_input(rows, encoder.input_shape, args.queries, encoder.default_batch_size)
+    X, shape = _model_input(rows, encoder, args.queries, encoder.default_batch_size)
     codes = np.empty((nq, encoder.latent_dim), np.float32)
     try:
         return encoder.encode(X, out=codes, progress=_show_progress(args))
@@ -477,7 +495,7 @@ def add_commands(sub: Any) -> None:
     """Adds `encode`, `index build` and `search` to cli.py's subparsers."""
     encode = sub.add_parser("encode", help="encode the rows of a data file with a saved model, into a .npy")
     encode.add_argument("model", help="a model file written by latentspace train / save_model")
-    encode.add_argument("data", help="a .npy (memory-mapped), .npz (--key) or ann-benchmarks .hdf5 file")
+    encode.add_argument("data", help="a .npy, .npz (--key) or ann-benchmarks .hdf5 file (read a block at a time)")
     encode.add_argument("--out", required=True, help="the codes, (n, latent_dim) float32 .npy (written atomically)")
     encode.add_argument("--batch-size", type=int, default=None,
                         help="rows per chunk (default 65536 native, 4096 torch; fewer for wide samples)")
@@ -488,7 +506,7 @@ def add_commands(sub: Any) -> None:
     index = sub.add_parser("index", help="build an index file from vectors")
     index_sub = index.add_subparsers(dest="index_command", required=True)
     build = index_sub.add_parser("build", help="a FlatIndex over the rows of a .npy of vectors (e.g. codes)")
-    build.add_argument("vectors", help="(n, dim) vectors: .npy (memory-mapped), .npz (--key) or .hdf5")
+    build.add_argument("vectors", help="(n, dim) vectors: .npy, .npz (--key) or .hdf5 (read a block at a time)")
     build.add_argument("--out", required=True, help=f"the index file, a {INDEX_SUFFIX} (written atomically)")
     build.add_argument("--metric", choices=("l2", "ip", "cosine", "weighted_l2"), default="l2", help="default l2")
     build.add_argument("--weights", default=None,
