@@ -452,3 +452,56 @@ def test_a_stored_member_claiming_more_than_the_file_holds_is_refused_before_a_r
         datasets.load_npz(tmp / "c.npz", mmap=False)
     with pytest.raises(ValueError, match=re.escape(f"{tmp / 'c.npz'}: array 'x' is not readable (")):
         datasets.load_npz(tmp / "c.npz")  # (mapped for its claimed size: its own checks)
+
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+@pytest.mark.parametrize("command", ["encode", "search --model"])
+def test_a_bad_row_read_in_blocks_is_named_as_the_arrays_row(tmp_path, rng, capsys, monkeypatch, suffix, command):
+    """Rows read a block at a time are encoded as the array is, and a NaN row in a later block
+    is named in the very words encode gives the array (it named the chunk: "row 9 (row 1 of
+    chunk X[2])", which the CLI rewrote by pattern)."""
+    model = latentspace.Autoencoder(8, 3, hidden=(6,))
+    latentspace.save_model(model, tmp_path / "m.safetensors")
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    x[9, 5] = np.nan
+    with pytest.raises(ValueError) as api:
+        latentspace.encode(model, x, batch_size=4)
+    assert str(api.value).startswith("X: row 9 ")
+    data = tmp_path / f"x{suffix}"
+    np.save(data, x) if suffix == ".npy" else np.savez_compressed(data, x=x)
+    m = str(tmp_path / "m.safetensors")
+    if command == "encode":
+        args = ["encode", m, str(data), "--out", str(tmp_path / "z.npy"), "--batch-size", "4"]
+    else:  # its queries are read in blocks of the encoder's chunk
+        monkeypatch.setattr(latentspace.Encoder, "default_batch_size", property(lambda self: 4))
+        index = latentspace.FlatIndex(3)
+        index.add(np.zeros((5, 3), np.float32))
+        index.save(tmp_path / "i.lsidx")
+        args = ["search", str(tmp_path / "i.lsidx"), str(data), "--model", m, "--out", str(tmp_path / "r.npz")]
+    err = _one_line_error(capsys, command.split()[0], *args)
+    assert err == f"latentspace {command.split()[0]}: error: {data}: {str(api.value)[3:]}\n", err
+
+
+def test_a_block_reader_giving_other_rows_than_its_shape_is_refused():
+    """BlockSource checks what its reader hands over against the array's shape."""
+    from latentspace._encode_stream import BlockSource
+
+    encoder = latentspace.Encoder(latentspace.Autoencoder(4, 2, hidden=(3,)))
+    blocks = [np.zeros((3, 4), np.float32), np.zeros((3, 4), np.float32)]
+    for given, shape, message in [
+        (blocks, (5, 4), r"^X: its reader gave a block of shape \(3, 4\) at row 3 of an array of shape \(5, 4\)"),
+        (blocks, (7, 4), r"^X: its reader gave 6 rows of an array of shape \(7, 4\)"),
+        ([np.zeros((3, 5), np.float32)], (3, 4), r"^X: its reader gave a block of shape \(3, 5\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            list(BlockSource(iter(given), shape).chunks(2))
+    source = BlockSource(iter(blocks), (6, 4))
+    assert [(start, len(piece)) for start, piece, _ in source.chunks(2)] == [(0, 2), (2, 1), (3, 2), (5, 1)]
+    out = np.empty((6, 2), np.float32)
+    from latentspace._encode_stream import UserOut
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    codes = encoder._encode_to(BlockSource(iter([x[:4], x[4:]]), (6, 4)), UserOut(out, 6, 2), 3, False)
+    assert codes is out
+    np.testing.assert_array_equal(out, encoder.encode(x, batch_size=3))

@@ -16,7 +16,7 @@ import numpy as np
 from ._arrays import ArrayKind, check_apart, check_encode_out, check_rows, is_torch_tensor, refuse_masked
 from ._encode_device_out import check_apart_on_device, check_device_out, is_device_tensor
 
-__all__ = ["Destination", "NewArray", "Source", "UserOut", "checked_out", "check_apart_from_out"]
+__all__ = ["BlockSource", "Destination", "NewArray", "Source", "UserOut", "checked_out", "check_apart_from_out"]
 
 # What next() returns when an iterable X is exhausted: not None, which an iterable may
 # yield by mistake, and which must be refused as a bad chunk, not end the stream.
@@ -130,6 +130,35 @@ class Source:
             i += 1
             following = next(self._chunks, _END)
             pending = None if following is _END else self._checked_chunk(following, i)
+
+
+class BlockSource:
+    """The rows of one array of known shape, handed over a block at a time by a reader (the
+    CLI's files, read in blocks): encoded as Source encodes the array itself, and named as it,
+    "X: row 70000", not as an iterable's chunks ("row 70000 (row 4464 of chunk X[1])").
+
+    blocks: an iterator of (rows, *sample) numpy arrays, in order, whose row counts add up to
+    shape[0] (checked as they arrive); shape: the array's, already checked against the model."""
+
+    kind: ArrayKind = "numpy"
+    device = None
+
+    def __init__(self, blocks: Iterator[Any], shape: tuple[int, ...]):
+        self._blocks, self._shape = blocks, tuple(shape)
+        self.rows: int | None = int(shape[0])
+
+    def chunks(self, batch_size: int) -> Iterator[tuple[int, Any, tuple[int, int] | None]]:
+        start = 0
+        for block in self._blocks:
+            if tuple(block.shape[1:]) != self._shape[1:] or start + len(block) > self.rows:
+                raise ValueError(f"X: its reader gave a block of shape {tuple(block.shape)} at row {start} "
+                                 f"of an array of shape {self._shape}")
+            check_rows(block, "X", (self._shape[1:],))
+            for offset in range(0, len(block), batch_size):
+                yield start + offset, block[offset : offset + batch_size], None
+            start += len(block)
+        if start != self.rows:
+            raise ValueError(f"X: its reader gave {start} rows of an array of shape {self._shape}")
 
 
 class Destination(Protocol):

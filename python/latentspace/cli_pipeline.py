@@ -265,18 +265,27 @@ def _check_model_rows(encoder: Any, shape: tuple[int, ...], path: str) -> None:
 
 def _model_input(rows: Any, encoder: Any, path: str, batch_size: int) -> tuple[Any, tuple[int, ...]]:
     """(what the encoder reads, its shape, _model_shape): the rows' array reshaped (a view, no
-    copy, for C-ordered rows), or for rows read a block at a time, a generator of blocks of
-    batch_size rows, each reshaped (the encoder's own chunks: the codes are those of the array)."""
+    copy, for C-ordered rows), or for rows read a block at a time, a BlockSource of blocks of
+    batch_size rows, each reshaped (the encoder's own chunks: the codes and errors are those
+    of the array)."""
+    from ._encode_stream import BlockSource
+
     shape = _model_shape(tuple(rows.shape), encoder.input_shape, path)
     _check_model_rows(encoder, shape, path)
     if rows.array is not None:
         return rows.array.reshape(shape), shape
+    return BlockSource((block.reshape(len(block), *shape[1:]) for block in rows.blocks(batch_size)), shape), shape
 
-    def blocks():
-        for block in rows.blocks(batch_size):
-            yield block.reshape(len(block), *shape[1:])
 
-    return blocks(), shape
+def _encode_into(encoder: Any, X: Any, codes: np.ndarray, batch_size: int | None, progress: bool) -> np.ndarray:
+    """encoder.encode(X, out=codes, ...) for an array, or for a BlockSource (which encode does
+    not take: it is the CLI's own reader) the same steps on its blocks."""
+    from ._encode_stream import BlockSource, UserOut
+
+    if not isinstance(X, BlockSource):
+        return encoder.encode(X, out=codes, batch_size=batch_size, progress=progress)
+    batch_size = encoder.default_batch_size if batch_size is None else batch_size
+    return encoder._encode_to(X, UserOut(codes, X.rows, encoder.latent_dim), batch_size, progress)
 
 
 def _backend_line(encoder: Any) -> str:
@@ -292,16 +301,10 @@ def _encoder(args: argparse.Namespace) -> Any:
     return Encoder(load_model(args.model), device=args.device, precision=args.precision)
 
 
-def _in_file(path: str, error: ValueError, shape: tuple[int, ...] | None = None) -> ValueError:
-    """The encoder's error about its input X, told about the file instead. For rows read a
-    block at a time (shape: theirs, shaped for the model: see _model_input), the encoder named
-    its chunks ("row 9 (row 1 of chunk X[3])", "X[0]: ... got (4096, 65)" for the first
-    block's shape): the message is made the one the array would give."""
+def _in_file(path: str, error: ValueError) -> ValueError:
+    """The encoder's error about its input X, told about the file instead (rows read a block at
+    a time are named as the array's: _model_input's BlockSource)."""
     message = str(error)
-    if shape is not None:
-        message = re.sub(r" \(row \d+ of chunk X\[\d+\]\)", "", message)  # the row within the file stays
-        if message.startswith("X[0]: "):  # about the rows' shape, seen on the first block: the file's rows
-            message = "X: " + re.sub(r"got \(\d+(?=[,)])", f"got ({shape[0]}", message[len("X[0]: "):], count=1)
     return ValueError(f"{echoed(path)}: {message[3:] if message.startswith('X: ') else message}")
 
 
@@ -326,10 +329,10 @@ def _command_encode(args: argparse.Namespace) -> int:
         with atomic_path(out_path) as tmp:
             codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, encoder.latent_dim))
             try:
-                encoder.encode(X, out=codes, batch_size=batch_size, progress=_show_progress(args))
+                _encode_into(encoder, X, codes, batch_size, _show_progress(args))
             except ValueError as error:
                 rows.verify_rest()  # the file's damage first (see _damage_first)
-                raise _in_file(args.data, error, shape if rows.array is None else None) from None
+                raise _in_file(args.data, error) from None
             codes.flush()
             del codes  # unmapped before the file is fsynced and renamed
     seconds = time.perf_counter() - started
@@ -451,13 +454,13 @@ def _command_search(args: argparse.Namespace) -> int:
 def _encoded_queries(args: argparse.Namespace, rows: Any, encoder: Any, nq: int) -> np.ndarray:
     """search --model: the codes of all the queries at once ((q, latent_dim) codes are small,
     and rows keep their numbers), read as encode reads its rows."""
-    X, shape = _model_input(rows, encoder, args.queries, encoder.default_batch_size)
+    X, _ = _model_input(rows, encoder, args.queries, encoder.default_batch_size)
     codes = np.empty((nq, encoder.latent_dim), np.float32)
     try:
-        return encoder.encode(X, out=codes, progress=_show_progress(args))
+        return _encode_into(encoder, X, codes, None, _show_progress(args))
     except ValueError as error:
         rows.verify_rest()  # the file's damage first (see _damage_first)
-        raise _in_file(args.queries, error, shape if rows.array is None else None) from None
+        raise _in_file(args.queries, error) from None
 
 
 def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
