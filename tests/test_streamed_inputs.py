@@ -505,3 +505,29 @@ def test_a_block_reader_giving_other_rows_than_its_shape_is_refused():
     codes = encoder._encode_to(BlockSource(iter([x[:4], x[4:]]), (6, 4)), UserOut(out, 6, 2), 3, False)
     assert codes is out
     np.testing.assert_array_equal(out, encoder.encode(x, batch_size=3))
+
+
+@pytest.mark.parametrize("command", ["encode", "index build", "search"])
+def test_a_deflated_member_claiming_more_than_deflate_can_give_is_refused_before_a_row_is_read(small, capsys,
+                                                                                                command):
+    """A deflated member whose directory entry (and header) claim 4 GB from a few KiB of
+    compressed data was believed until the read failed (search allocating results for every
+    claimed query first): deflate expands at most 1032-fold, so the claim cannot be true."""
+    import struct
+
+    from latentspace import datasets
+
+    tmp, x = small
+    claimed = (16_000_000, 64)
+    _archive(tmp / "c.npz", _npy_bytes(x, claimed), zipfile.ZIP_DEFLATED)
+    raw = bytearray((tmp / "c.npz").read_bytes())
+    entry = raw.index(b"PK\x01\x02")
+    raw[entry + 24 : entry + 28] = struct.pack("<I", 0xFFFFFFF0)  # its uncompressed size in the directory
+    (tmp / "c.npz").write_bytes(bytes(raw))
+    most = 1032 * zipfile.ZipFile(tmp / "c.npz").infolist()[0].compress_size
+    expected = f"{tmp / 'c.npz'}: array 'x' is not readable (EOF: reading array data, expected {16_000_000 * 256} bytes"
+    err = _one_line_error(capsys, command, *_commands(tmp, "c.npz")[command])
+    assert f"error: {expected}" in err and int(re.search(r"got (\d+)", err).group(1)) <= most, err
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp.iterdir())
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        datasets.load_npz(tmp / "c.npz")

@@ -312,14 +312,25 @@ def _check_member_size(f, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> No
     _check_claim(shape, dtype, _member_bytes(f, info) - header.count)
 
 
+# The most bytes one byte of deflate data can give: a 258-byte match coded in about 2 bits
+# gives 1032 to 1 (zlib's documented limit of the format); a member claiming more is lying.
+DEFLATE_MOST_EXPANSION = 1032
+
+
 def _member_bytes(f, info: zipfile.ZipInfo) -> int:
     """The most bytes the member `info` of the archive open as `f` can give: its directory
     entry's size (zipfile's stream stops there), and for a stored member no more than the file
     holds past its local header (an entry claiming 4 GB in a file of a few KiB was believed,
     the read then saying the file was cut short while it was read)."""
+    in_file = os.fstat(f.fileno()).st_size - info.header_offset - 30
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        # Deflate expands at most DEFLATE_MOST_EXPANSION-fold: a directory entry claiming more
+        # (4 GB from a few KiB) was believed until the read failed, after the output or the
+        # results of every claimed row were made.
+        return min(info.file_size, DEFLATE_MOST_EXPANSION * min(info.compress_size, in_file))
     if info.compress_type != zipfile.ZIP_STORED:
-        return info.file_size
-    return min(info.file_size, os.fstat(f.fileno()).st_size - info.header_offset - 30)
+        return info.file_size  # (bzip2's and LZMA's expansion has no such small bound)
+    return min(info.file_size, in_file)
 
 
 class _CountedStream:
