@@ -14,6 +14,18 @@ import pytest
 from latentspace import datasets
 
 
+def _assert_every_reader_refuses(path, message: str) -> None:
+    """load_ann_benchmarks (mapped or not) and the CLI's block reader refuse the file alike."""
+    from latentspace._streamed_inputs import open_rows
+
+    for mmap in (None, False, True):
+        with pytest.raises(ValueError, match=message):
+            datasets.load_ann_benchmarks(path, mmap=mmap)
+    with pytest.raises(ValueError, match=message):
+        with open_rows(path):
+            pass
+
+
 def test_load_digits():
     images, labels = datasets.load_digits()
     assert images.shape == (1797, 64) and images.dtype == np.float32
@@ -377,8 +389,6 @@ def test_ann_benchmarks_data_in_another_file_is_refused(tmp_path, rng, how):
     """A part whose data is in another file, named by the HDF5 file: HDF5 opened whatever it
     names, and blocked forever on a FIFO (Ctrl-C did not stop it), read a device, or (a virtual
     dataset whose file is missing) gave its fill value as rows without a word."""
-    from latentspace._streamed_inputs import open_rows
-
     h5py = pytest.importorskip("h5py")
     parts = _ann_parts(rng)
     with h5py.File(tmp_path / "other.h5", "w") as other:
@@ -390,12 +400,7 @@ def test_ann_benchmarks_data_in_another_file_is_refused(tmp_path, rng, how):
             f.create_dataset(name, data=parts[name])
     message = (re.escape(f"{tmp_path / 'a.hdf5'}: ")
                + r"(dataset /)?train .*another file.*; expected its data in this file")
-    for mmap in (None, False, True):
-        with pytest.raises(ValueError, match=message):
-            datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
-    with pytest.raises(ValueError, match=message):
-        with open_rows(tmp_path / "a.hdf5"):
-            pass
+    _assert_every_reader_refuses(tmp_path / "a.hdf5", message)
 
 
 @pytest.mark.parametrize("part, value, message", [
@@ -426,8 +431,6 @@ def test_ann_benchmarks_part_compressed_with_a_filter_not_installed(tmp_path, rn
     """A dataset compressed with a filter this HDF5 has no plugin for (blosc, 32001: ann
     datasets compressed with hdf5plugin) was called "a damaged HDF5 file (OSError: Can't
     synchronously read data (can't open directory (/usr/local/lib/plugin)...))"."""
-    from latentspace._streamed_inputs import open_rows
-
     h5py = pytest.importorskip("h5py")
     if h5py.h5z.filter_avail(32001):
         pytest.skip("this HDF5 has the blosc plugin")
@@ -443,12 +446,7 @@ def test_ann_benchmarks_part_compressed_with_a_filter_not_installed(tmp_path, rn
             f.create_dataset(name, data=parts[name])
     message = re.escape(f"{tmp_path / 'a.hdf5'}: dataset /train is compressed with HDF5 filter 32001, which this "
                         "HDF5 cannot decode")
-    for mmap in (None, False, True):
-        with pytest.raises(ValueError, match=message):
-            datasets.load_ann_benchmarks(tmp_path / "a.hdf5", mmap=mmap)
-    with pytest.raises(ValueError, match=message):
-        with open_rows(tmp_path / "a.hdf5"):
-            pass
+    _assert_every_reader_refuses(tmp_path / "a.hdf5", message)
 
 
 def test_ann_benchmarks_without_h5py(tmp_path, monkeypatch):
@@ -628,8 +626,6 @@ def test_ann_benchmarks_rows_never_written_are_refused(tmp_path, rng, layout):
     were read as zeros without a word, and a tiny file declaring 10**12 such rows was a memory
     bomb (train: MemoryError naming no file; encode wrote a 16 TB file for ever; search blamed
     -k). mmap=True said "has no data stored in the file"; now every read says so."""
-    from latentspace._streamed_inputs import open_rows
-
     h5py = pytest.importorskip("h5py")
     parts = _ann_parts(rng)
     with h5py.File(tmp_path / "u.hdf5", "w") as f:
@@ -643,12 +639,7 @@ def test_ann_benchmarks_rows_never_written_are_refused(tmp_path, rng, layout):
             else:
                 f.create_dataset(name, shape=(10**12, 4), dtype="f4", chunks=(1000, 4), compression="gzip")
     message = re.escape(f"{tmp_path / 'u.hdf5'}: dataset /train ") + r".*never written"
-    for mmap in (None, False, True):
-        with pytest.raises(ValueError, match=message):
-            datasets.load_ann_benchmarks(tmp_path / "u.hdf5", mmap=mmap)
-    with pytest.raises(ValueError, match=message):
-        with open_rows(tmp_path / "u.hdf5"):
-            pass
+    _assert_every_reader_refuses(tmp_path / "u.hdf5", message)
 
 
 # ---------------------------------------------------------------------------------------
