@@ -369,3 +369,28 @@ def _all_offsets(data: bytes, needle: bytes):
     while start != -1:
         yield start
         start = data.find(needle, start + 1)
+
+
+def test_cuda_asked_for_where_it_cannot_run_is_one_error_type_everywhere():
+    """Search said RuntimeError and encode / train / load_model ValueError for the same cause;
+    one CudaUnavailableError, both a RuntimeError and a ValueError, so that either except
+    clause a caller wrote still catches it."""
+    import numpy as np
+    import torch
+
+    import latentspace as ls
+
+    if ls.cuda_available():
+        pytest.skip("CUDA runs here")
+    assert issubclass(ls.CudaUnavailableError, RuntimeError) and issubclass(ls.CudaUnavailableError, ValueError)
+    x = np.zeros((4, 3), np.float32)
+    calls = {
+        "knn": lambda: ls.knn(x, x, 1, device="cuda"),
+        "FlatIndex": lambda: ls.FlatIndex(3, device="cuda"),
+        "Encoder": lambda: ls.Encoder(torch.nn.Linear(3, 2), device="cuda"),
+        "encode": lambda: ls.encode(torch.nn.Linear(3, 2), x, device="cuda"),
+        "train": lambda: ls.train(ls.Autoencoder(3, 2, hidden=(4,)), x, epochs=1, device="cuda"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ls.CudaUnavailableError, match="cuda"):
+            call()

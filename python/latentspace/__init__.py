@@ -9,6 +9,7 @@ from importlib import import_module
 from typing import Any
 
 from . import datasets
+from ._arrays import CudaUnavailableError
 from ._native import __version__
 from .indexes import FlatIndex, IndexFileError, load_index
 from .runtime import (
@@ -71,6 +72,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Autoencoder",
     "ConvAutoencoder",
+    "CudaUnavailableError",
     "Encoder",
     "FlatIndex",
     "History",

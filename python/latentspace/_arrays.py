@@ -39,6 +39,7 @@ __all__ = [
     "check_real_dtype",
     "check_sample_shape",
     "resolve_device",
+    "CudaUnavailableError",
     "numpy_to_tensor",
     "numpy_to_private_tensor",
     "check_apart",
@@ -709,6 +710,13 @@ def as_labels(labels: Any, name: str, n: int) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+class CudaUnavailableError(RuntimeError, ValueError):
+    """CUDA asked for where it cannot run here (a build without CUDA, no usable GPU, torch
+    without CUDA or seeing no GPU), the message naming why. Both a RuntimeError (what search
+    raised) and a ValueError (what encode, train and load_model raised), so that either except
+    clause catches it."""
+
+
 def resolve_device(device: Any, *, allow_auto: bool = True):
     """A torch.device from 'cpu', 'cuda', 'cuda:N', a torch.device, or 'auto' (CUDA when
     torch sees a GPU, else the CPU). Refuses CUDA when torch sees no GPU."""
@@ -725,7 +733,7 @@ def resolve_device(device: Any, *, allow_auto: bool = True):
         raise ValueError(f"device: expected {expected}, got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         alternatives = "'auto' or 'cpu'" if allow_auto else "'cpu'"
-        raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use {alternatives}")
+        raise CudaUnavailableError(f"device: {device!r} asked for, but torch sees no CUDA GPU; use {alternatives}")
     return resolved
 
 

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from . import runtime
-from ._arrays import check_int, is_torch_tensor
+from ._arrays import CudaUnavailableError, check_int, is_torch_tensor
 
 __all__ = ["check_budget", "cuda_unavailable_reasons", "kernels_run_on", "require_cuda", "resolve_device"]
 
@@ -43,10 +43,11 @@ def cuda_unavailable_reasons() -> list[str]:
 
 
 def require_cuda(what: str, fix: str) -> None:
-    """Raises RuntimeError '<what>, but CUDA is unavailable here: <reasons>. <fix>'."""
+    """Raises CudaUnavailableError (a RuntimeError) '<what>, but CUDA is unavailable here:
+    <reasons>. <fix>'."""
     reasons = cuda_unavailable_reasons()
     if reasons:
-        raise RuntimeError(f"{what}, but CUDA is unavailable here: {'; '.join(reasons)}. {fix}")
+        raise CudaUnavailableError(f"{what}, but CUDA is unavailable here: {'; '.join(reasons)}. {fix}")
 
 
 def resolve_device(device: Any, *inputs: tuple[Any, str]):
