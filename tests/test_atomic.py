@@ -3,6 +3,7 @@ gave (never the hidden temporary file beside it), and nothing is left behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -104,3 +105,46 @@ def test_a_folder_that_takes_no_new_files_is_named_by_the_path_not_the_temporary
             f.write(b"x")
     message = str(raised.value)
     assert message.startswith(f"path: cannot write {target}: ") and ".tmp" not in message, message
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk (ENOSPC, an error that names no file)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._real.close()
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_a_full_disk_is_named_by_the_path_and_keeps_the_old_file(tmp_path, monkeypatch, where):
+    """ENOSPC from a write or the fsync names no file: `latentspace index build` printed only
+    "error: [Errno 28] No space left on device", not which file could not be written."""
+    import latentspace._atomic as atomic
+
+    index = ls.FlatIndex(3)
+    index.add(np.ones((4, 3), np.float32))
+    target = tmp_path / "i.lsidx"
+    index.save(target)
+    before = target.read_bytes()
+    index.add(np.zeros((100, 3), np.float32))
+    if where == "write":
+        real_fdopen = os.fdopen
+        monkeypatch.setattr(atomic.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode)))
+    else:
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(atomic.os, "fsync", full)
+    with pytest.raises(OSError, match=f"^path: cannot write {target}: No space left on device$") as raised:
+        index.save(target)
+    assert raised.value.errno == errno.ENOSPC  # still tells a full disk apart from other failures
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["i.lsidx"]

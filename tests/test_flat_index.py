@@ -233,6 +233,17 @@ def test_reconstruct_out_of_range(ids, rng):
         index.reconstruct(ids)
 
 
+@pytest.mark.parametrize("ids", [[[0, 1], [2, 3]], np.zeros((2, 0), np.int64)])
+def test_reconstruct_refuses_ids_of_two_dimensions(ids, rng):
+    """A (2, 2) array of ids gave 4 rows, (4, dim), read in an order the caller never chose,
+    not the (len(ids), dim) the docstring promises."""
+    index = latentspace.FlatIndex(2)
+    index.add(_normal(rng, 5, 2))
+    with pytest.raises(ValueError, match=r"^ids: expected an id or a 1-d list of ids, got shape \(2, "):
+        index.reconstruct(ids)
+    assert index.reconstruct(3).shape == (1, 2)  # one id: one row, as before
+
+
 def test_reconstruct_non_integer_ids(rng):
     index = latentspace.FlatIndex(2)
     index.add(_normal(rng, 5, 2))

@@ -198,9 +198,13 @@ def test_mmap_reads_the_file(tmp_path, rng):
     mapped = latentspace.load_index(path, mmap=True)
     copied = latentspace.load_index(path, mmap=False)
     before = copied.vectors()[0, 0]
+    loaded = os.stat(path)
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.float32(123.5).tobytes())
+    # (the mapped index refuses a file whose size or time changed since it was loaded: the
+    # time is put back, as a writer could, to see the pages read through the map)
+    os.utime(path, ns=(loaded.st_atime_ns, loaded.st_mtime_ns))
     assert mapped.vectors()[0, 0] == np.float32(123.5)
     assert copied.vectors()[0, 0] == before
 
@@ -231,6 +235,78 @@ def test_save_over_own_mmap_source(tmp_path, rng):
     _assert_same_index(latentspace.load_index(path), index, _normal(rng, 3, 6))
     _assert_same_index(mapped, index, _normal(rng, 3, 6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.lsx"]
+
+
+# A file truncated under a mapped index: reading the pages past its end kills the process with
+# SIGBUS, so the calls run in a child process (a regression fails the test, not the session).
+_TRUNCATED_UNDER_A_MAP = """
+import os, pickle, sys
+import numpy as np
+import latentspace
+from latentspace import IndexFileError
+
+path = sys.argv[1]
+index = latentspace.FlatIndex(6)
+index.add(np.arange(6000, dtype=np.float32).reshape(1000, 6))
+index.save(path)
+mapped = latentspace.load_index(path, mmap=True)
+mapped.search(np.zeros((1, 6), np.float32), 3)  # fine while the file is whole
+os.truncate(path, os.path.getsize(path) // 2)
+calls = {"search": lambda: mapped.search(np.zeros((1, 6), np.float32), 3),
+         "vectors": mapped.vectors, "reconstruct": lambda: mapped.reconstruct([999]),
+         "save": lambda: mapped.save(path + ".copy"), "pickle": lambda: pickle.dumps(mapped),
+         "to": lambda: mapped.to("cpu")}
+for name, call in calls.items():
+    try:
+        call()
+        print(name, "no error")
+    except IndexFileError as error:
+        print(name, str(error).replace(path, "<path>"))
+mapped.reset()  # drops the map: usable again
+mapped.add(np.ones((2, 6), np.float32))
+print("after reset", mapped.search(np.ones((1, 6), np.float32), 1)[1].tolist())
+"""
+
+
+def test_a_file_truncated_under_its_map_raises_instead_of_killing_the_process(tmp_path):
+    """The next search of an index mapped from a file truncated since (another process
+    rewriting it in place) read past the file's end: SIGBUS, the process killed (exit -7)."""
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _TRUNCATED_UNDER_A_MAP, str(tmp_path / "i.lsidx")],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    lines = child.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["search", "vectors", "reconstruct", "save", "pickle", "to"]
+    for line in lines[:-1]:
+        assert "<path>: the memory-mapped index file was truncated or rewritten in place since it was " \
+               "loaded" in line, line
+    assert lines[-1] == "after reset [[0]]"
+    assert not (tmp_path / "i.lsidx.copy").exists()
+
+
+def test_a_file_rewritten_in_place_under_its_map_is_refused(tmp_path, rng):
+    """Same size, other bytes (`cp other.lsidx index.lsidx` over a mapped file): the mapped
+    index silently searched the new file's vectors under the old header."""
+    index, path = _saved(tmp_path, rng, "l2", n=50, dim=4)
+    other, other_path = _saved(tmp_path, rng, "l2", n=50, dim=4, name="other.lsx")
+    mapped = latentspace.load_index(path, mmap=True)
+    with open(path, "r+b") as f:  # in place: the mapped inode itself changes
+        f.write(other_path.read_bytes())
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a clock tick later, whatever the fs's
+    with pytest.raises(IndexFileError, match="truncated or rewritten in place since it was loaded"):
+        mapped.search(_normal(rng, 1, 4), 2)
+
+
+def test_replacing_a_mapped_file_by_rename_keeps_the_map_searchable(tmp_path, rng):
+    index, path = _saved(tmp_path, rng, "ip", n=30, dim=4)
+    mapped = latentspace.load_index(path, mmap=True)
+    latentspace.FlatIndex(4, "ip").save(path)  # save() renames a new file over the path
+    other = tmp_path / "moved.lsx"
+    os.replace(path, other)
+    _assert_same_index(mapped, index, _normal(rng, 3, 4))
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")

@@ -411,3 +411,20 @@ def test_a_long_relevance_title_stays_inside_the_picture(tmp_path, monkeypatch, 
     box = figure.axes[0].title.get_window_extent(renderer)
     assert 0 <= box.x0 and box.x1 <= figure.bbox.x1 and box.y1 <= figure.bbox.y1, (box, figure.bbox)
     assert " ".join(figure.axes[0].get_title().split()) == title  # the words all there, maybe on two lines
+
+
+def test_relevance_of_thousands_of_dimensions_stays_a_picture_of_bounded_width(tmp_path):
+    """A bar of 0.4 inch each: 5,000 dimensions (a wide embedding) made a 200,150-pixel-wide PNG
+    in 22 s, and 20,000 one too large for most viewers to open."""
+    scores = np.linspace(0.0, 1.0, 5000)
+    names = [f"d{j}" for j in range(5000)]
+    assert _png_size(plots.plot_relevance(scores, tmp_path / "r.png", labels=names)) == (4000, 350)
+    assert _png_size(plots.plot_relevance(scores[:96], tmp_path / "s.png")) == (3990, 350)  # below it: as before
+
+
+@pytest.mark.parametrize("title", [5, b"bytes", ["a list"]])
+def test_a_relevance_title_that_is_no_string_is_refused_by_name(tmp_path, title):
+    """An int title raised AttributeError: 'int' object has no attribute 'expandtabs'."""
+    with pytest.raises(TypeError, match=r"^title: expected a string \(or None\), got "):
+        plots.plot_relevance([1.0, 2.0], tmp_path / "r.png", title=title)
+    assert not (tmp_path / "r.png").exists()

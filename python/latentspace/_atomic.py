@@ -8,6 +8,7 @@ the new one, never a mix, and never a stray temporary file after an exception.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterator
@@ -111,12 +112,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(error, OSError) and error.filename is not None and os.fsdecode(error.filename) == str(tmp_name):
-            # The OS named the temporary file, which the caller never typed (a folder that
-            # takes no new files, such as /proc): name the file asked for.
-            raise type(error)(f"path: cannot write {path}: {error.strerror or error}") from None
+        if isinstance(error, OSError) and _names_no_file_asked_for(error, tmp_name):
+            raise _naming(error, path) from None
         raise
     fsync_folder(path.parent)
+
+
+# Errors of a write or fsync that say why the data did not land, and name no file.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}  # (not EIO: a read fails so too)
+
+
+def _names_no_file_asked_for(error: OSError, tmp_name: Path) -> bool:
+    """Whether the error leaves the caller without the file it asked for: the OS named the
+    temporary file, which the caller never typed (a folder that takes no new files, such as
+    /proc), or a write or fsync failed naming no file at all (a full disk: `latentspace
+    index build` printed only "[Errno 28] No space left on device")."""
+    if error.filename is not None:
+        return os.fsdecode(error.filename) == str(tmp_name)
+    return error.errno in _WRITE_ERRNOS
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """The error, of its type and errno (a caller may still tell a full disk apart), naming `path`."""
+    named = type(error)(f"path: cannot write {path}: {error.strerror or error}")
+    named.errno = error.errno
+    return named
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from .._arrays import (
 from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
                        is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag,
                        weighted_overflow_row)
-from .io import IndexFileError, load_index_file, save_index_file, save_index_file_streaming
+from .io import IndexFileError, MappedFile, open_index_file, save_index_file, save_index_file_streaming
 
 _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls stay linear
 # A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
@@ -93,6 +93,7 @@ class FlatIndex:
         self._buffer = np.empty((0, self._dim), dtype=np.float32)
         self._ntotal = 0
         self._read_only = False
+        self._mapped: MappedFile | None = None  # the file under a memory-mapped buffer
         if self._device is not None:
             self._init_cuda()
 
@@ -133,9 +134,7 @@ class FlatIndex:
             with self._lock:
                 stored = self._gpu_buffer[: self._ntotal]
             return int(unusable_row_flag(stored, weights=weights).item()) if stored.shape[0] else -1
-        with self._lock:
-            stored = self._buffer[: self._ntotal]
-        return weighted_overflow_row(stored, weights, "the index's vectors")
+        return weighted_overflow_row(self._stored(), weights, "the index's vectors")
 
     @property
     def metric(self) -> str:
@@ -310,13 +309,17 @@ class FlatIndex:
             self._ntotal = 0
             self._buffer = np.empty((0, self._dim), dtype=np.float32)
             self._read_only = False
+            self._mapped = None
 
     def reconstruct(self, ids: Any) -> np.ndarray:
-        """The stored vectors for integer ids (a copy, in host memory), shape (len(ids), dim)."""
+        """The stored vectors for integer ids, an id or a 1-d list of them (a copy, in host
+        memory), shape (len(ids), dim)."""
         if is_torch_tensor(ids):  # np.asarray's torch errors (sparse, meta, neg bit) name no argument
             check_dense(ids, "ids")
             ids = detached(ids).cpu().numpy()
         ids = np.asarray(ids)
+        if ids.ndim > 1:  # else flattened: rows in an order the caller never chose
+            raise ValueError(f"ids: expected an id or a 1-d list of ids, got shape {ids.shape}")
         if ids.size == 0:
             return np.empty((0, self._dim), dtype=np.float32)
         if ids.dtype.kind not in "iu":
@@ -333,10 +336,18 @@ class FlatIndex:
         index, a read-only host copy."""
         if self._device is not None:
             return self._vectors_cuda()
-        with self._lock:
-            view = self._buffer[: self._ntotal].view()
+        view = self._stored().view()
         view.flags.writeable = False
         return view
+
+    def _stored(self) -> np.ndarray:
+        """The stored rows, a view of the buffer; of a memory-mapped one only once its file
+        is checked to hold them still (a read past the end of a truncated file is SIGBUS)."""
+        with self._lock:
+            stored, mapped = self._buffer[: self._ntotal], self._mapped
+        if mapped is not None:
+            mapped.check()
+        return stored
 
     # -- search -------------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, weights: Any = None, precision: str = "fp32",
@@ -358,8 +369,7 @@ class FlatIndex:
             return self._search_cuda(queries, k, workspace_bytes, precision_code, w)
         q, kind = as_matrix(queries, "queries", dim=self._dim)
         k = check_k(k)
-        with self._lock:
-            database = self._buffer[: self._ntotal]
+        database = self._stored()
         distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
         native_knn(q, database, k, METRICS[self._metric], d_view, i_view, w)
         return distances, indices
@@ -572,8 +582,7 @@ class FlatIndex:
         if self._device is not None:
             database = self._vectors_cuda()  # the same file from a GPU index: a host copy first
         else:
-            with self._lock:
-                database = self._buffer[: self._ntotal]
+            database = self._stored()
         save_index_file(path, self._file_header(database.shape[0]), database)
 
     def _file_header(self, ntotal: int) -> dict:
@@ -587,7 +596,7 @@ class FlatIndex:
         return header
 
     @classmethod
-    def _from_file(cls, header: dict, data: np.ndarray, mmap: bool, path: Any) -> "FlatIndex":
+    def _from_file(cls, header: dict, data: np.ndarray, mapped: MappedFile | None, path: Any) -> "FlatIndex":
         """The index of a loaded file; load_index_file checked the integer fields, the rest
         (metric, weights, storage) are checked here as the constructor checks its arguments
         (check_metric: a crafted ["l2"] is refused by type, not hashed)."""
@@ -603,7 +612,8 @@ class FlatIndex:
             raise IndexFileError(f"{path}: corrupted index header ({error})") from None
         index._buffer = data
         index._ntotal = data.shape[0]
-        index._read_only = bool(mmap) and data.shape[0] > 0
+        index._read_only = mapped is not None  # (an empty file maps nothing)
+        index._mapped = mapped
         return index
 
 
@@ -725,10 +735,10 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     """
     target = _cuda_device.resolve_device(device)  # before reading: a bad device fails fast
     mmap, verify = check_bool(mmap, "mmap"), check_bool(verify, "verify")  # "no" would read as true
-    header, data = load_index_file(path, mmap=mmap, verify=verify)
+    header, data, mapped = open_index_file(path, mmap=mmap, verify=verify)
     kind = header.get("type")
     if kind == "FlatIndex":
-        index = FlatIndex._from_file(header, data, mmap, path)
+        index = FlatIndex._from_file(header, data, mapped, path)
         if target is None:
             return index  # float32 on the CPU, whatever the saved GPU storage
         gpu = FlatIndex(index.dim, index.metric, device=target, weights=index._weights,

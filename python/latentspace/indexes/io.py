@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, Iterable
@@ -156,6 +157,34 @@ def save_index_file_streaming(path: str | os.PathLike, header: dict[str, Any], c
         f.write(start)
 
 
+class MappedFile:
+    """The file under a memory-mapped index, watched through a descriptor of its own: reading
+    a page past the end of a file truncated since it was mapped kills the process (SIGBUS),
+    and bytes rewritten in place are searched under the old header, so check() is called
+    before each read of the map. Not the path: save() renames a new file over it, which
+    leaves the mapped one whole (and this check passing). A truncation during a read is
+    still fatal; this check makes the next call raise instead."""
+
+    def __init__(self, f: Any, path: Path):
+        self._path = path
+        self._fd = os.dup(f.fileno())
+        weakref.finalize(self, os.close, self._fd)
+        self._loaded = self._state()
+
+    def _state(self) -> tuple[int, int]:
+        status = os.fstat(self._fd)
+        return status.st_size, status.st_mtime_ns
+
+    def check(self) -> None:
+        """Raises IndexFileError when the file's size or modification time has changed."""
+        now = self._state()
+        if now != self._loaded:
+            raise IndexFileError(
+                f"{self._path}: the memory-mapped index file was truncated or rewritten in place since it was "
+                f"loaded ({now[0]:,} bytes, {self._loaded[0]:,} then); load it again (index.save() replaces a "
+                "file safely: it renames a new one over it)")
+
+
 def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
     """Reads an index file; returns (header dict, data (ntotal, dim) float32).
 
@@ -163,6 +192,13 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
     (the default) checks the data's CRC-32 too (a full read); the header is always checked.
     Raises IndexFileError for a foreign, truncated, corrupted or too-new file.
     """
+    header, data, _ = open_index_file(path, mmap=mmap, verify=verify)
+    return header, data
+
+
+def open_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
+    """load_index_file's (header, data), and the MappedFile to check before reading a
+    mapped `data` (None when the data was read into memory or is empty)."""
     path = Path(os.fspath(path))
     stat_regular_file(path, "an index file", IndexFileError)  # before open: a FIFO would block it
     with open(path, "rb") as f:
@@ -203,9 +239,11 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
             raise IndexFileError(f"{path}: corrupted index file (bad padding before the data)")
         if size > offset + nbytes:
             raise IndexFileError(f"{path}: corrupted index file ({size - offset - nbytes} unexpected trailing bytes)")
+        mapped = None
         if ntotal == 0:
             data = np.empty((0, dim), dtype=np.float32)
         elif mmap:
+            mapped = MappedFile(f, path)  # the size and time the map is checked against
             data = np.memmap(f, dtype="<f4", mode="r", offset=offset, shape=(ntotal, dim))  # outlives f
         else:
             f.seek(offset)
@@ -215,4 +253,4 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
                 raise IndexFileError(f"{path}: truncated index file while reading data")
     if verify and _crc32(data) != data_crc:
         raise IndexFileError(f"{path}: corrupted index data (checksum mismatch)")
-    return header, data
+    return header, data, mapped
