@@ -780,3 +780,72 @@ def test_device_add_check_names_the_row_the_cpu_add_names(kinds, host_check, rng
         with pytest.raises(ValueError) as plain:
             flat.check_device_rows_for_index(torch.from_numpy(x), "x", None)
         assert str(plain.value) == str(cpu.value)
+
+
+# ---------------------------------------------------------------------------------------
+# remove_ids (faiss's IndexFlat.remove_ids: ids are positions, later vectors move down)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine", "weighted_l2"])
+def test_remove_ids_keeps_the_other_vectors_in_order(rng, metric):
+    x = rng.standard_normal((300, 7)).astype(np.float32)
+    weights = rng.random(7).astype(np.float32) + 0.5 if metric == "weighted_l2" else None
+    index = latentspace.FlatIndex(7, metric, weights=weights)
+    index.add(x)
+    doomed = rng.choice(300, size=40, replace=False)
+    asked = np.concatenate([doomed, doomed[:5], [300, 10**6, -1]])  # repeats and absent ids: ignored
+    assert index.remove_ids(asked) == 40
+    kept = np.delete(x, doomed, axis=0)
+    assert index.ntotal == 260
+    np.testing.assert_array_equal(index.vectors(), kept)
+    fresh = latentspace.FlatIndex(7, metric, weights=weights)
+    fresh.add(kept)
+    q = rng.standard_normal((9, 7)).astype(np.float32)
+    for got, want in zip(index.search(q, 12), fresh.search(q, 12)):
+        np.testing.assert_array_equal(got, want)
+    index.add(x[:3])  # adding after a removal appends after the kept rows
+    np.testing.assert_array_equal(index.vectors(), np.concatenate([kept, x[:3]]))
+
+
+def test_remove_ids_takes_ids_as_reconstruct_does(rng):
+    x = rng.standard_normal((10, 3)).astype(np.float32)
+    for ids, removed in [(4, 1), (np.int64(9), 1), ([], 0), (torch.tensor([0, 1]), 2), (np.array([2], np.uint8), 1)]:
+        index = latentspace.FlatIndex(3)
+        index.add(x)
+        assert index.remove_ids(ids) == removed
+        assert index.ntotal == 10 - removed
+    index = latentspace.FlatIndex(3)
+    index.add(x)
+    for ids, error, message in [
+        ([[0, 1]], ValueError, r"^ids: expected an id or a 1-d list of ids, got shape \(1, 2\)"),
+        ([0.5], TypeError, r"^ids: expected integers, got float64"),
+        (["a"], TypeError, r"^ids: expected integers"),
+    ]:
+        with pytest.raises(error, match=message):
+            index.remove_ids(ids)
+    assert index.ntotal == 10
+    assert index.remove_ids(range(10)) == 10 and index.ntotal == 0
+    assert index.vectors().shape == (0, 3)
+    assert index.search(x[:2], 3)[1].tolist() == [[-1, -1, -1]] * 2
+
+
+def test_remove_ids_of_a_mapped_index_is_refused(rng, tmp_path):
+    index = latentspace.FlatIndex(3)
+    index.add(rng.standard_normal((10, 3)).astype(np.float32))
+    index.save(tmp_path / "i.lsidx")
+    mapped = latentspace.load_index(tmp_path / "i.lsidx", mmap=True)
+    with pytest.raises(ValueError, match=r"^remove_ids: this index is memory-mapped read-only"):
+        mapped.remove_ids([1])
+    assert mapped.ntotal == 10
+
+
+def test_a_search_in_flight_sees_the_vectors_from_before_a_removal(rng):
+    """The removal writes a new buffer and swaps it in: a search that started before reads the
+    old one whole (as after add's growth), never rows moving under it."""
+    x = rng.standard_normal((2000, 16)).astype(np.float32)
+    index = latentspace.FlatIndex(16)
+    index.add(x)
+    before = index.vectors()  # a view of the buffer as it was
+    index.remove_ids(np.arange(0, 2000, 2))
+    np.testing.assert_array_equal(before, x)  # the old buffer is untouched
+    np.testing.assert_array_equal(index.vectors(), x[1::2])

@@ -1518,3 +1518,27 @@ def test_database_past_2_to_31_elements_is_addressed_in_64_bits(rng):
     finally:
         del database
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("storage", ["fp32", "fp16"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_small_gpu_index_remove_ids_equals_the_cpu_index(storage, metric, rng):
+    """remove_ids on a GPU index (sixteenth session, written without a GPU): the kept rows and
+    their kept norms gathered into new tensors; the same vectors and answers as a CPU index of
+    the same (stored) rows after the same removal, and adds append after them."""
+    x = rng.standard_normal((700, 12)).astype(np.float32)
+    q = rng.standard_normal((7, 12)).astype(np.float32)
+    index = latentspace.FlatIndex(12, metric, device="cuda", storage=storage)
+    index.add(x)
+    cpu = latentspace.FlatIndex(12, metric)
+    cpu.add(index.vectors())  # as stored (fp16: rounded)
+    doomed = np.concatenate([rng.choice(700, size=90, replace=False), [700, -5]])
+    assert index.remove_ids(torch.from_numpy(doomed)) == 90 == cpu.remove_ids(doomed)
+    assert index.ntotal == cpu.ntotal == 610
+    np.testing.assert_array_equal(index.vectors(), cpu.vectors())
+    D, I = index.search(q, 10)
+    assert_knn_matches(D, I, q, cpu.vectors(), 10, metric)  # (near ties may order apart from the CPU's)
+    index.add(x[:4])
+    assert index.ntotal == 614
+    assert index.remove_ids(np.arange(614)) == 614 and index.ntotal == 0
+    assert index.search(q, 2)[1].tolist() == [[-1, -1]] * 7

@@ -35,6 +35,8 @@ _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls sta
 # A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
 # them (the largest dimension: _arrays.DIM_BELOW).
 _MAX_BUFFER_BYTES = 2**63 - 1
+# remove_ids gathers the kept rows this many at a time (a gather makes a temporary copy).
+_GATHER_ROWS = 65536
 _PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf, "weighted_l2": np.inf}
 
 
@@ -266,7 +268,7 @@ class FlatIndex:
         me = threading.get_ident()
         if self._writer == me:
             raise RuntimeError(
-                f"{what}: this thread is already writing to this index (an add, add_encoded, reserve or "
+                f"{what}: this thread is already writing to this index (an add, add_encoded, reserve, remove_ids or "
                 "reset further up its stack, e.g. a signal handler or X's iterator running inside "
                 "add_encoded); a write nested in another would wait for itself forever")
         with self._write_lock:
@@ -280,7 +282,7 @@ class FlatIndex:
         if self._read_only:
             raise ValueError(
                 f"{what}: this index is memory-mapped read-only (load_index(..., mmap=True)); "
-                "load it with mmap=False to add vectors"
+                "load it with mmap=False to change it"
             )
 
     def _grow(self, rows: int, *, exact: bool = False, keep: int | None = None) -> None:
@@ -314,22 +316,44 @@ class FlatIndex:
     def reconstruct(self, ids: Any) -> np.ndarray:
         """The stored vectors for integer ids, an id or a 1-d list of them (a copy, in host
         memory), shape (len(ids), dim)."""
-        if is_torch_tensor(ids):  # np.asarray's torch errors (sparse, meta, neg bit) name no argument
-            check_dense(ids, "ids")
-            ids = detached(ids).cpu().numpy()
-        ids = np.asarray(ids)
-        if ids.ndim > 1:  # else flattened: rows in an order the caller never chose
-            raise ValueError(f"ids: expected an id or a 1-d list of ids, got shape {ids.shape}")
+        ids = _id_array(ids)
         if ids.size == 0:
             return np.empty((0, self._dim), dtype=np.float32)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids: expected integers, got {ids.dtype}")
         if self._device is not None:
             return self._reconstruct_cuda(ids)
         vectors = self.vectors()
         if ids.size and (ids.min() < 0 or ids.max() >= vectors.shape[0]):
             raise ValueError(f"ids: expected values in [0, {vectors.shape[0]}), got {ids.min()}..{ids.max()}")
         return np.array(vectors[ids.reshape(-1)], dtype=np.float32)
+
+    def remove_ids(self, ids: Any) -> int:
+        """Removes the vectors with these ids (an id, or a 1-d list, array or tensor of them)
+        and returns how many were removed, as faiss's IndexFlat.remove_ids: an id not in the
+        index is ignored and a repeated one counts once; ids are positions, so the vectors
+        after a removed one move down (a later vector's id drops by the number removed before
+        it). The kept vectors go into a new buffer swapped in at the end: a search already
+        running reads the vectors as they were (it holds the old buffer), and for that moment
+        both are held. A memory-mapped index refuses (load it with mmap=False)."""
+        ids = _id_array(ids).astype(np.int64, copy=False)
+        with self._writing("remove_ids"):
+            self._check_writable("remove_ids")
+            n = self._ntotal
+            keep = np.ones(n, dtype=bool)
+            keep[ids[(ids >= 0) & (ids < n)]] = False
+            positions = np.flatnonzero(keep)
+            kept = int(positions.size)
+            if kept == n:
+                return 0
+            if self._device is not None:
+                self._remove_cuda(positions)
+                return n - kept
+            fresh = empty_vector_buffer(kept, self._dim)
+            for start in range(0, kept, _GATHER_ROWS):  # a gather's temporary stays small
+                fresh[start : start + _GATHER_ROWS] = self._buffer[positions[start : start + _GATHER_ROWS]]
+            with self._lock:
+                self._ntotal = kept  # first: a child forked between these lines sees fewer rows, never more
+                self._buffer = fresh  # searches in flight keep the old buffer alive
+        return n - kept
 
     def vectors(self) -> np.ndarray:
         """A read-only view of the stored vectors, (ntotal, dim) float32 (no copy); on a GPU
@@ -505,6 +529,22 @@ class FlatIndex:
             self._publish_cuda(first + added)
         return added
 
+    def _remove_cuda(self, positions: np.ndarray) -> None:
+        """remove_ids on the GPU: the kept rows (and their norms) gathered into new tensors,
+        swapped in once the gather has landed (searches on other streams may see them at once)."""
+        import torch
+
+        with torch.cuda.device(self._device):
+            rows = torch.from_numpy(positions.astype(np.int64, copy=False)).to(self._device)
+            with self._lock:
+                buffer, norms = self._gpu_buffer, self._gpu_norms
+            fresh = buffer.index_select(0, rows)
+            fresh_norms = None if norms is None else norms.index_select(0, rows)
+            torch.cuda.current_stream(self._device).synchronize()
+            with self._lock:
+                self._ntotal = int(positions.size)
+                self._gpu_buffer, self._gpu_norms = fresh, fresh_norms
+
     def _reset_cuda(self) -> None:
         import torch
 
@@ -619,6 +659,20 @@ class FlatIndex:
 
 # Every index alive in this process, for the fork handler below (weak: no index is kept alive).
 _LIVE_INDEXES: "weakref.WeakSet[FlatIndex]" = weakref.WeakSet()
+
+
+def _id_array(ids: Any) -> np.ndarray:
+    """ids as a 1-d integer numpy array (an id, a list, an array or a tensor of them), named
+    `ids` in every refusal."""
+    if is_torch_tensor(ids):  # np.asarray's torch errors (sparse, meta, neg bit) name no argument
+        check_dense(ids, "ids")
+        ids = detached(ids).cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim > 1:  # else flattened: rows in an order the caller never chose
+        raise ValueError(f"ids: expected an id or a 1-d list of ids, got shape {ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
+        raise TypeError(f"ids: expected integers, got {ids.dtype}")
+    return ids.reshape(-1)
 
 
 def _free_locks_in_child() -> None:
