@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import struct
 import zlib
@@ -732,3 +733,26 @@ def test_load_index_flags_must_be_booleans(tmp_path, rng, argument, value):
     with pytest.raises(TypeError, match=f"^{argument}: expected True or False"):
         latentspace.load_index(path, **{argument: value})
     assert latentspace.load_index(path, **{argument: np.bool_(True)}).ntotal == 10
+
+
+@pytest.mark.parametrize("metric, bad", [("l2", "nan"), ("l2", "inf"), ("l2", "huge"), ("weighted_l2", "heavy")])
+def test_a_file_holding_rows_add_refuses_is_refused_at_load_when_verified(tmp_path, rng, metric, bad):
+    """save() never writes a row add() refuses, so such a row under a valid CRC is a crafted or
+    corrupted file: with verify=True (the full read) it is refused at load, naming the file and
+    the row, instead of loading and failing each search (naming 'database', no argument of
+    search). verify=False loads it as before (the search still refuses it)."""
+    from latentspace.indexes import io as index_io
+
+    index = latentspace.FlatIndex(4, metric, weights=np.full(4, 1e4, np.float32) if metric == "weighted_l2" else None)
+    index.add(_normal(rng, 30, 4))
+    header = index._file_header(30)
+    data = index.vectors().copy()
+    data[17] = {"nan": np.nan, "inf": np.inf, "huge": 1e19, "heavy": 1e18}[bad]
+    index_io.save_index_file(tmp_path / "x.lsidx", header, data)
+    for mmap in (False, True):
+        with pytest.raises(latentspace.IndexFileError, match=rf"^{re.escape(str(tmp_path / 'x.lsidx'))}: "
+                                                               r"corrupted index data \(row 17"):
+            latentspace.load_index(tmp_path / "x.lsidx", mmap=mmap)
+    loaded = latentspace.load_index(tmp_path / "x.lsidx", verify=False)
+    with pytest.raises(ValueError, match="row 17"):
+        loaded.search(_normal(rng, 2, 4), 3)

@@ -661,6 +661,18 @@ class FlatIndex:
 _LIVE_INDEXES: "weakref.WeakSet[FlatIndex]" = weakref.WeakSet()
 
 
+def _refuse_rows_add_refuses(index: FlatIndex, path: Any) -> None:
+    """IndexFileError naming the file and the first stored row add() would refuse (NaN, Inf,
+    a squared norm, plain or weighted by the index's weights, past what a search can use):
+    under a valid CRC only a crafted or corrupted file holds one, and it loaded only to fail
+    every search, naming 'database'."""
+    try:
+        check_rows_for_index(index._stored(), "data", index._weights)
+    except ValueError as error:
+        reason = str(error).removeprefix("data: ")
+        raise IndexFileError(f"{path}: corrupted index data ({reason})") from None
+
+
 def _id_array(ids: Any) -> np.ndarray:
     """ids as a 1-d integer numpy array (an id, a list, an array or a tensor of them), named
     `ids` in every refusal."""
@@ -793,6 +805,8 @@ def load_index(path: str | os.PathLike, *, mmap: bool = False, verify: bool = Tr
     kind = header.get("type")
     if kind == "FlatIndex":
         index = FlatIndex._from_file(header, data, mapped, path)
+        if verify:  # (a second read of the rows, as add() checks them: save never wrote such a row)
+            _refuse_rows_add_refuses(index, path)
         if target is None:
             return index  # float32 on the CPU, whatever the saved GPU storage
         gpu = FlatIndex(index.dim, index.metric, device=target, weights=index._weights,
