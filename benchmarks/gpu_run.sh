@@ -108,6 +108,20 @@ fi
 echo "build seconds: $(( $(date +%s) - start ))"
 python3 -m latentspace info
 python3 -c "import pybind11, torch; print('pybind11', pybind11.__version__, '| torch', torch.__version__)"
+# pytest-benchmark before 5.3 fails every benchmark under pytest 9.2 ("'Function' object has
+# no attribute '_nodeid'", seen on the CPU machine): said here, before the benchmark stages.
+python3 - <<'VERSIONS' || true
+from importlib.metadata import PackageNotFoundError, version
+try:
+    pytest_version, plugin = version("pytest"), version("pytest-benchmark")
+except PackageNotFoundError as missing:
+    print(f"benchmarks: {missing.name} is not installed: the benchmark stages will report no results")
+else:
+    numbers = lambda text: tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+    verdict = ("WILL FAIL (pytest-benchmark >= 5.3 is needed with pytest >= 9.2)"
+               if numbers(pytest_version) >= (9, 2) and numbers(plugin) < (5, 3) else "ok")
+    print(f"benchmarks: pytest {pytest_version}, pytest-benchmark {plugin}: {verdict}")
+VERSIONS
 
 # Smoke: native errors and a pybind11 class with torch loaded (a build sharing torch's pybind11
 # internals crashed here once). On a crash, a native backtrace through cuda-gdb when present.

@@ -509,3 +509,23 @@ def test_a_sanitizer_error_in_the_knn_part_outranks_another_failure_in_the_new_k
         assert "---- encoder exit 1 " in tool_log and "---- kNN exit 99" in tool_log, tool_log
         assert f"{tool} exit 1 " in log and f"{tool} exit 99 " in log, log
     assert log.rstrip().endswith("== done (exit 99)"), log
+
+
+def test_the_preamble_says_whether_the_benchmarks_can_run(tmp_path):
+    """pytest-benchmark before 5.3 fails every benchmark under pytest 9.2: the log says so
+    before any stage, from the versions installed (here: this interpreter's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    log = _run_script(tmp_path, GPU_RUN_STAGES="none")
+    try:
+        pytest_version, plugin = version("pytest"), version("pytest-benchmark")
+    except PackageNotFoundError:
+        assert "benchmarks: pytest-benchmark is not installed" in log, log
+        return
+
+    def numbers(text):
+        return tuple(int(part) for part in text.split(".")[:2])
+
+    fails = numbers(pytest_version) >= (9, 2) and numbers(plugin) < (5, 3)
+    verdict = "WILL FAIL (pytest-benchmark >= 5.3 is needed with pytest >= 9.2)" if fails else "ok"
+    assert f"benchmarks: pytest {pytest_version}, pytest-benchmark {plugin}: {verdict}\n" in log, log
