@@ -849,3 +849,31 @@ def test_a_search_in_flight_sees_the_vectors_from_before_a_removal(rng):
     index.remove_ids(np.arange(0, 2000, 2))
     np.testing.assert_array_equal(before, x)  # the old buffer is untouched
     np.testing.assert_array_equal(index.vectors(), x[1::2])
+
+
+def test_remove_ids_holds_no_copy_of_the_kept_rows_beside_the_new_buffer(rng):
+    """The kept rows go straight into the new buffer: the old and the new are held for a
+    moment, but no third copy of the kept rows (a fancy-indexing gather made one per
+    65,536 rows: as large as the new buffer below that, at any dimension)."""
+    import tracemalloc
+
+    index = latentspace.FlatIndex(1024)  # 2 MB: a numpy buffer, which tracemalloc sees
+    index.add(rng.standard_normal((500, 1024)).astype(np.float32))
+    tracemalloc.start()
+    try:
+        assert index.remove_ids([3, 400]) == 2
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert index.nbytes <= peak < 1.25 * index.nbytes
+
+
+def test_remove_ids_names_ids_beyond_int64_as_such(rng):
+    """A Python int past int64 (or a list mixing one with others) is no float: numpy makes the
+    list float64 or object, and the refusal said 'got float64'."""
+    index = latentspace.FlatIndex(3)
+    index.add(rng.standard_normal((10, 3)).astype(np.float32))
+    for ids in ([1, 2**63], [2**64], -(2**63) - 1):
+        with pytest.raises(TypeError, match=r"^ids: expected integers within int64's or uint64's range"):
+            index.remove_ids(ids)
+    assert index.ntotal == 10

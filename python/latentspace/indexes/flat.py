@@ -35,7 +35,8 @@ _GROWTH = 1.5  # capacity grows geometrically so that many small add() calls sta
 # A buffer's bytes (rows * dim * 4) must fit in an int64, as numpy and the native kernels count
 # them (the largest dimension: _arrays.DIM_BELOW).
 _MAX_BUFFER_BYTES = 2**63 - 1
-# remove_ids gathers the kept rows this many at a time (a gather makes a temporary copy).
+# remove_ids finds the kept rows of this many stored rows at a time (their positions, 8 bytes
+# each, are made per block, not for the whole index).
 _GATHER_ROWS = 65536
 _PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf, "weighted_l2": np.inf}
 
@@ -334,26 +335,38 @@ class FlatIndex:
         it). The kept vectors go into a new buffer swapped in at the end: a search already
         running reads the vectors as they were (it holds the old buffer), and for that moment
         both are held. A memory-mapped index refuses (load it with mmap=False)."""
+        # A uint64 id past int64 wraps to a negative one here: absent either way, so ignored.
         ids = _id_array(ids).astype(np.int64, copy=False)
         with self._writing("remove_ids"):
             self._check_writable("remove_ids")
             n = self._ntotal
             keep = np.ones(n, dtype=bool)
-            keep[ids[(ids >= 0) & (ids < n)]] = False
-            positions = np.flatnonzero(keep)
-            kept = int(positions.size)
+            keep[ids[(ids >= 0) & (ids < n)]] = False  # ids not in the index are ignored, as faiss does
+            kept = int(np.count_nonzero(keep))
             if kept == n:
                 return 0
             if self._device is not None:
-                self._remove_cuda(positions)
+                self._remove_cuda(np.flatnonzero(keep))
                 return n - kept
-            fresh = empty_vector_buffer(kept, self._dim)
-            for start in range(0, kept, _GATHER_ROWS):  # a gather's temporary stays small
-                fresh[start : start + _GATHER_ROWS] = self._buffer[positions[start : start + _GATHER_ROWS]]
+            fresh = self._kept_rows(keep, kept)
             with self._lock:
-                self._ntotal = kept  # first: a child forked between these lines sees fewer rows, never more
-                self._buffer = fresh  # searches in flight keep the old buffer alive
+                # Not reset's "ntotal first": the old buffer's first `kept` rows are not the kept
+                # ones, so neither order of two stores is safe to stop between. One statement:
+                # nothing (no call, no loop, so no thread switch or fork) runs between its stores.
+                self._buffer, self._ntotal = fresh, kept  # searches in flight keep the old buffer
         return n - kept
+
+    def _kept_rows(self, keep: np.ndarray, kept: int) -> np.ndarray:
+        """A new buffer of exactly the stored rows `keep` marks, in order, copied straight into
+        it (np.take with out= and mode="clip" writes in place: mode="raise", and fancy indexing,
+        make a temporary of the rows first). Call with _write_lock held."""
+        fresh = empty_vector_buffer(kept, self._dim)
+        written = 0
+        for start in range(0, keep.size, _GATHER_ROWS):
+            rows = start + np.flatnonzero(keep[start : start + _GATHER_ROWS])
+            np.take(self._buffer, rows, axis=0, out=fresh[written : written + rows.size], mode="clip")
+            written += rows.size
+        return fresh
 
     def vectors(self) -> np.ndarray:
         """A read-only view of the stored vectors, (ntotal, dim) float32 (no copy); on a GPU
@@ -679,12 +692,24 @@ def _id_array(ids: Any) -> np.ndarray:
     if is_torch_tensor(ids):  # np.asarray's torch errors (sparse, meta, neg bit) name no argument
         check_dense(ids, "ids")
         ids = detached(ids).cpu().numpy()
+    given = ids
     ids = np.asarray(ids)
     if ids.ndim > 1:  # else flattened: rows in an order the caller never chose
         raise ValueError(f"ids: expected an id or a 1-d list of ids, got shape {ids.shape}")
     if ids.size and ids.dtype.kind not in "iu":
+        values = _python_ints(given)
+        if values:  # numpy made them float64 or object: one is past int64 / uint64
+            raise TypeError(f"ids: expected integers within int64's or uint64's range, "
+                            f"got {min(values)}..{max(values)}")
         raise TypeError(f"ids: expected integers, got {ids.dtype}")
     return ids.reshape(-1)
+
+
+def _python_ints(ids: Any) -> list:
+    """ids as a list when they are an int (not a bool) or a list / tuple of them (numpy's own
+    integer scalars included), else an empty list."""
+    values = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return values if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) else []
 
 
 def _free_locks_in_child() -> None:
