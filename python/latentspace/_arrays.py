@@ -919,8 +919,6 @@ def as_scores(scores: Any, name: str = "scores", *, allow_inf: bool = False) -> 
     return array
 
 
-
-
 # Host vector buffers at least this large come from 2 MiB-aligned MADV_HUGEPAGE memory.
 HUGE_BUFFER_BYTES = 4 << 20
 _CACHE_LINE = 64

@@ -46,9 +46,9 @@ __all__ = ["ArrayRows", "open_rows"]
 _READ_AHEAD_BYTES = 8 << 20
 
 
-
 class ArrayRows:
-    """An array (one read whole, or a memory map), cut into blocks by slicing."""
+    """An array read whole (the few inputs that are, and search --model's codes), cut into
+    blocks by slicing."""
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -65,7 +65,7 @@ class ArrayRows:
         """Nothing is left unread that could be damaged (see _MemberRows.verify_rest)."""
 
     def close(self) -> None:
-        """Nothing to close: a memory map holds its own handle."""
+        """Nothing to close: the array holds no file."""
 
 
 class _FileRows:
