@@ -30,16 +30,19 @@ kl_normal(mu, logvar, reduction="mean")
 
 NaN: propagates (the loss and the gradient become NaN where an input is NaN), the same for
 every loss; values of `recon` outside [0, 1] for "bce" raise ValueError (NaN excepted).
-Gradients flow to `recon` (and `mu`, `logvar`); to `target` for "mse" and "bce_logits" as
-well (torch does not support it for "bce" either: that raises). Second derivatives: a
+Gradients flow to `recon` and `target` (and `mu`, `logvar`); for "bce" the target's is
+log(1 - r) - log(r) with the same -100 clamp of the logs, so finite at r = 0 or 1, where
+torch's (-logit(r)) is +-inf. Second derivatives: a
 backward with create_graph=True (a gradient penalty, a Hessian-vector product) does not use
 the saved gradient, a constant to autograd, but recomputes the first derivative with torch
 ops from the saved inputs (in the same compute dtype, float32 for float16 / bfloat16), times
 the incoming gradient, so that autograd differentiates it again: with respect to recon,
-target, mu, logvar and the incoming gradient. A plain backward runs that recomputation only
-for a second backward through the same graph (retain_graph=True) on a GPU, where the first
-scaled the saved gradient in place. torch's ops have second derivatives as well. Forward-mode
-AD and torch.func transforms are not supported (the autograd.Function refuses them).
+target, mu, logvar and the incoming gradient. A second plain backward through the same graph (retain_graph=True)
+reruns the native forward for its gradient (the same bits): the first handed the saved one
+out (scaled in place on a GPU; as it is on the CPU for an incoming 1), and the caller may
+have changed it in place since. torch's ops have second derivatives as well. Forward-mode
+AD (dual tensors) and torch.func transforms (grad, vmap, jvp, jacrev, ...) take torch's own
+ops, the same formulas (the autograd.Function has no jvp or vmap rule).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from torch.autograd import forward_ad
 from . import _cuda_losses, _native
 from ._arrays import check_dense, detached
 
-__all__ = ["KLNormal", "ReconstructionLoss", "kl_normal", "reconstruction_loss"]
+__all__ = ["KLNormal", "ReconstructionLoss", "ReconstructionLossModule", "kl_normal", "reconstruction_loss"]
 
 _KINDS = {"mse": 0, "bce": 1, "bce_logits": 2}
 _REDUCTIONS = ("mean", "sum", "none")
@@ -156,7 +159,8 @@ def _times_incoming(grad: torch.Tensor, grad_output: torch.Tensor, reduction: st
 def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """The saved d(loss)/d(input) times the incoming gradient (per row for "none"). On a GPU in
     place (_cuda_losses.scale_in_place: the incoming gradient is not read back, and a factor
-    of 1 costs no pass), so the caller marks the saved gradient spent (see _recompute)."""
+    of 1 costs no pass; on the CPU a factor of 1 returns the buffer itself), so the caller
+    hands the buffer out only once (see _take_saved)."""
     if grad.is_cuda:
         if grad.is_contiguous():
             return _cuda_losses.scale_in_place(grad, grad_output, per_row=reduction == "none")
@@ -166,12 +170,16 @@ def _scale_saved(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) 
     return _times_incoming(grad, grad_output, reduction)
 
 
-def _recompute(ctx) -> bool:
-    """Whether this backward recomputes the gradient from the inputs: under create_graph=True
-    (grad mode is on inside a backward only then), or once a backward has scaled the saved
-    CUDA gradient in place (ctx.saved_gradient_spent), so that a second backward through the
-    same graph (retain_graph=True) does not scale it twice."""
-    return torch.is_grad_enabled() or ctx.saved_gradient_spent
+def _take_saved(ctx) -> tuple[torch.Tensor | None, ...] | None:
+    """The native forward's saved gradients, the first time a backward asks; None after.
+    The fast path hands them out as they are (scaled in place on a GPU; on the CPU, for an
+    incoming 1, the buffer itself), and the caller may change what it got in place (an
+    in-place clip after torch.autograd.grad), so a second backward through the same graph
+    (retain_graph=True) must not read them again: it reruns the native forward instead (the
+    same bits). They live on ctx, not in save_for_backward, whose version check would refuse
+    that second backward outright; and leaving ctx frees them with the backward."""
+    saved, ctx.saved_gradients = ctx.saved_gradients, None
+    return saved
 
 
 # Grad mode is on inside a backward only under create_graph=True (a gradient penalty, a
@@ -181,17 +189,23 @@ def _recompute(ctx) -> bool:
 # over the data, paid only there), and autograd records how it depends on them.
 
 
+def _bce_target_grad(r: torch.Tensor) -> torch.Tensor:
+    """d(bce)/d(target) = log(1 - r) - log(r), each log clamped at -100 as in the loss: the
+    derivative of the value returned, finite at r = 0 or 1 (torch's -logit(r) is +-inf there)."""
+    return torch.log1p(-r).clamp(min=-100) - torch.log(r).clamp(min=-100)
+
+
 def _reconstruction_grads(recon: torch.Tensor, target: torch.Tensor, kind: str,
-                          grad_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """d(loss)/d(recon) and d(loss)/d(target) per element (None for "bce", which has no
-    target gradient), with torch ops in the native path's compute dtype."""
+                          grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(loss)/d(recon) and d(loss)/d(target) per element, with torch ops in the native
+    path's compute dtype."""
     dtype = _compute_dtype(recon)
     r, t = recon.to(dtype), target.to(dtype)
     if kind == "mse":
         grad_recon = 2 * (r - t) * grad_scale
         return grad_recon, -grad_recon
     if kind == "bce":  # torch's (and the kernel's) clamp of the denominator
-        return (r - t) / torch.clamp(r * (1 - r), min=1e-12) * grad_scale, None
+        return (r - t) / torch.clamp(r * (1 - r), min=1e-12) * grad_scale, _bce_target_grad(r) * grad_scale
     return (torch.sigmoid(r) - t) * grad_scale, -r * grad_scale
 
 
@@ -265,25 +279,26 @@ class ReconstructionLoss(torch.autograd.Function):
         total, row_losses, grad = _reconstruction_native(recon, target, kind, grad_scale, needs_grad,
                                                          reduction == "none")
         ctx.kind, ctx.reduction, ctx.input_dtype, ctx.grad_scale = kind, reduction, recon.dtype, grad_scale
-        ctx.saved_gradient_spent = False
-        if needs_grad:
-            # The inputs themselves (references, not copies): a backward with create_graph=True
-            # recomputes the gradient from them.
-            ctx.save_for_backward(grad.reshape(recon.shape), recon, target)
+        ctx.saved_gradients = (grad.reshape(recon.shape),) if needs_grad else None
+        # The inputs themselves (references, not copies): a backward with create_graph=True
+        # recomputes the gradient from them.
+        ctx.save_for_backward(recon, target)
         return _reduce(total, row_losses, reduction, count, recon.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad, recon, target = ctx.saved_tensors
-        if _recompute(ctx):  # see _reconstruction_grads
-            grad_recon, grad_target = (
-                None if g is None else _times_incoming(g, grad_output, ctx.reduction)
-                for g in _reconstruction_grads(recon, target, ctx.kind, ctx.grad_scale))
+        recon, target = ctx.saved_tensors
+        saved = _take_saved(ctx)
+        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
+            grad_recon, grad_target = (_times_incoming(g, grad_output, ctx.reduction)
+                                       for g in _reconstruction_grads(recon, target, ctx.kind, ctx.grad_scale))
         else:
-            ctx.saved_gradient_spent = grad.is_cuda  # (before it is scaled in place)
-            grad_recon, grad_target = ReconstructionLoss._from_saved(ctx, grad, recon, grad_output)
+            if saved is None:  # a second backward (see _take_saved)
+                saved = (_reconstruction_native(recon, target, ctx.kind, ctx.grad_scale, True, False)[2]
+                         .reshape(recon.shape),)
+            grad_recon, grad_target = ReconstructionLoss._from_saved(ctx, saved[0], recon, grad_output)
         return (grad_recon.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None,
-                grad_target.to(ctx.input_dtype) if ctx.needs_input_grad[1] and grad_target is not None else None,
+                grad_target.to(ctx.input_dtype) if ctx.needs_input_grad[1] else None,
                 None, None)
 
     @staticmethod
@@ -294,8 +309,11 @@ class ReconstructionLoss(torch.autograd.Function):
             return grad_recon, None
         if ctx.kind == "mse":
             return grad_recon, -grad_recon
-        # bce_logits: d/dt = -x
-        return grad_recon, _scale_saved(-recon.to(grad.dtype) * ctx.grad_scale, grad_output, ctx.reduction)
+        # Not from the saved gradient: bce_logits' d/dt = -x, bce's log(1 - r) - log(r) (one
+        # more pass over recon, only for a target that requires grad)
+        x = recon.to(grad.dtype)
+        per_element = _bce_target_grad(x) if ctx.kind == "bce" else -x
+        return grad_recon, _scale_saved(per_element * ctx.grad_scale, grad_output, ctx.reduction)
 
 
 class KLNormal(torch.autograd.Function):
@@ -308,20 +326,23 @@ class KLNormal(torch.autograd.Function):
         total, row_losses, grad_mu, grad_logvar = _kl_native(mu, logvar, grad_scale, ctx.needs_input_grad[0],
                                                              ctx.needs_input_grad[1], reduction == "none")
         ctx.reduction, ctx.input_dtype, ctx.grad_scale = reduction, mu.dtype, grad_scale
-        ctx.saved_gradient_spent = False
-        saved = [g.reshape(mu.shape) if g is not None else torch.empty(0) for g in (grad_mu, grad_logvar)]
-        ctx.save_for_backward(*saved, mu, logvar)  # the inputs: for a create_graph=True backward
+        ctx.saved_gradients = tuple(g.reshape(mu.shape) if g is not None else None for g in (grad_mu, grad_logvar))
+        ctx.save_for_backward(mu, logvar)  # the inputs: for a create_graph=True backward
         return _reduce(total, row_losses, reduction, rows, mu.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_mu, grad_logvar, mu, logvar = ctx.saved_tensors
-        if _recompute(ctx):  # see _reconstruction_grads
+        mu, logvar = ctx.saved_tensors
+        saved = _take_saved(ctx)
+        if torch.is_grad_enabled():  # create_graph=True: see _reconstruction_grads
             grad_mu, grad_logvar = _kl_grads(mu, logvar, ctx.grad_scale)
             scale = _times_incoming
         else:
+            if saved is None:  # a second backward (see _take_saved)
+                saved = tuple(None if g is None else g.reshape(mu.shape)
+                              for g in _kl_native(mu, logvar, ctx.grad_scale, *ctx.needs_input_grad[:2], False)[2:])
+            grad_mu, grad_logvar = saved
             scale = _scale_saved
-            ctx.saved_gradient_spent = mu.is_cuda
         out = []
         for needed, grad in zip(ctx.needs_input_grad[:2], (grad_mu, grad_logvar)):
             out.append(scale(grad, grad_output, ctx.reduction).to(ctx.input_dtype) if needed else None)
@@ -334,20 +355,38 @@ def _runs_native(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" or (x.device.type == "cuda" and _cuda_losses.backend() == "native")
 
 
+def _runs_native_here(*inputs: torch.Tensor) -> bool:
+    """The native kernels for this device (_runs_native), unless forward-mode AD (dual
+    tensors) or a torch.func transform (grad, vmap, jvp: wrapped tensors without storage)
+    reaches an input: the autograd.Function has neither a jvp nor a vmap rule, and the
+    kernels read memory, so those take torch's own ops (the same formulas), which support
+    them all."""
+    if not _runs_native(inputs[0]):
+        return False
+    return not any(forward_ad.unpack_dual(x).tangent is not None or _is_functorch_wrapped(x) for x in inputs)
+
+
 def _needs_gradient(*inputs: torch.Tensor) -> bool:
     """Whether autograd may ask for a gradient: without one (evaluation, torch.no_grad()) the
-    native forward neither computes nor stores it. Forward-mode AD (dual tensors, which do not
-    require grad) and torch.func transforms (vmap, jvp) go through the autograd.Function too,
-    which refuses them with their own clear errors, instead of a shortcut that would drop a
-    tangent silently or reach a tensor without storage."""
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return True
-    return any(forward_ad.unpack_dual(x).tangent is not None or _is_functorch_wrapped(x) for x in inputs)
+    native forward neither computes nor stores it."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+
+
+def _functorch():
+    return getattr(torch._C, "_functorch", None)
 
 
 def _is_functorch_wrapped(x: torch.Tensor) -> bool:
-    check = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    check = getattr(_functorch(), "is_functorch_wrapped_tensor", None)
     return bool(check(x)) if check is not None else False
+
+
+def _unwrapped(x: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func's wrappers (under vmap: every sample's values), so
+    that a value check can raise in Python, where vmap refuses data-dependent control flow."""
+    while _is_functorch_wrapped(x):
+        x = _functorch().get_unwrapped(x)
+    return x
 
 
 def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "mse",
@@ -356,11 +395,8 @@ def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, kind: str = "
     _check_kind(kind)
     _check_reduction(reduction)
     _check_pair(recon, target, "recon, target")
-    if kind == "bce" and target.requires_grad:
-        raise ValueError("target: kind='bce' has no gradient with respect to the target "
-                         "(as in torch); detach it or use kind='bce_logits'")
     recon, target = _promoted(recon, target)
-    if not _runs_native(recon):
+    if not _runs_native_here(recon, target):
         return _torch_reconstruction_loss(recon, target, kind, reduction)
     if not _needs_gradient(recon, target):  # (ctx.needs_input_grad ignores torch.no_grad())
         total, row_losses, _ = _reconstruction_native(recon, target, kind, 1.0, False, reduction == "none")
@@ -373,7 +409,7 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     _check_reduction(reduction)
     _check_pair(mu, logvar, "mu, logvar")
     mu, logvar = _promoted(mu, logvar)
-    if not _runs_native(mu):
+    if not _runs_native_here(mu, logvar):
         return _reduce_rows(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), reduction, mean_over="rows")
     if not _needs_gradient(mu, logvar):
         total, row_losses, _, _ = _kl_native(mu, logvar, 1.0, False, False, reduction == "none")
@@ -382,7 +418,8 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
 
 
 def _torch_reconstruction_loss(recon, target, kind, reduction):
-    """torch's own ops (CUDA tensors unless LATENTSPACE_CUDA_LOSSES=native; other devices)."""
+    """torch's own ops (CUDA tensors unless LATENTSPACE_CUDA_LOSSES=native; other devices;
+    forward-mode AD and torch.func transforms)."""
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":
@@ -393,7 +430,8 @@ def _torch_reconstruction_loss(recon, target, kind, reduction):
         # so any target (NaN, or outside [0, 1], which the native path takes too) gets the
         # native path's value, and its gradient (r - t) / max(r (1 - r), 1e-12).
         nan = torch.isnan(recon)
-        if bool(((recon < 0) | (recon > 1)).any()):
+        values = _unwrapped(recon)
+        if bool(((values < 0) | (values > 1)).any()):
             raise ValueError("recon: kind='bce' expects probabilities in [0, 1], got values outside; "
                              "pass logits with kind='bce_logits' instead")
         safe = recon.masked_fill(nan, 0.5)
