@@ -664,3 +664,22 @@ def test_every_public_name_is_exported():
     public = {name for name, value in vars(losses).items()
               if not name.startswith("_") and getattr(value, "__module__", None) == losses.__name__}
     assert public <= set(losses.__all__)
+
+
+@pytest.mark.parametrize("kind, value", [("mse", 3e18), ("bce_logits", 1e36)])
+def test_a_float32_mean_within_range_is_not_inf_when_its_sum_overflows(kind, value):
+    """float32 inputs whose segment sums pass float32's range (1000 elements of 9e36 or 1e36 a
+    row) but whose mean fits: the sums were float32 before moving to double, so "mean" came out
+    inf (torch's own does too); now such a segment is summed again in double."""
+    recon = torch.full((1000, 1000), value)
+    target = torch.zeros_like(recon)
+    mean = reconstruction_loss(recon, target, kind, "mean")
+    reference = reconstruction_loss(recon.double(), target.double(), kind, "mean")
+    assert torch.isfinite(mean) and mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), reference, rtol=1e-6, atol=0)
+    assert torch.isinf(reconstruction_loss(recon, target, kind, "sum"))  # 9e42: past float32 itself
+    rows = reconstruction_loss(recon, target, kind, "none")
+    assert torch.isinf(rows).all()  # each row's 9e39: past float32
+    x = recon.clone().requires_grad_()
+    reconstruction_loss(x, target, kind, "mean").backward()
+    assert torch.isfinite(x.grad).all()

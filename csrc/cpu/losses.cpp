@@ -60,10 +60,20 @@ double segment_loss_double(const double* recon, const double* target, int64_t n,
   return total;
 }
 
-float segment_loss(const float* recon, const float* target, int64_t n, ReconstructionKind kind,
-                   float grad_scale, float* grad, uint32_t* out_of_range) {
-  return cpu::loss_kernels(active_simd_level())
-      .segment_loss(recon, target, n, kind, grad_scale, grad, out_of_range);
+double segment_loss(const float* recon, const float* target, int64_t n, ReconstructionKind kind,
+                    float grad_scale, float* grad, uint32_t* out_of_range) {
+  const float sum = cpu::loss_kernels(active_simd_level())
+                        .segment_loss(recon, target, n, kind, grad_scale, grad, out_of_range);
+  if (std::isfinite(sum)) return sum;
+  // The float32 sum overflowed (or an element is NaN / Inf): the segment's losses summed again
+  // in double (the gradient is written already), so that a total past float32's range but a
+  // mean within it ("mean" over 1e6 elements of 9e36) is not inf. Rare: no cost otherwise.
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double unused_grad;
+    total += element_loss_double(kind, recon[i], target[i], &unused_grad);
+  }
+  return total;
 }
 double segment_loss(const double* recon, const double* target, int64_t n, ReconstructionKind kind,
                     double grad_scale, double* grad, uint32_t* out_of_range) {
