@@ -683,3 +683,17 @@ def test_a_float32_mean_within_range_is_not_inf_when_its_sum_overflows(kind, val
     x = recon.clone().requires_grad_()
     reconstruction_loss(x, target, kind, "mean").backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_a_float32_kl_within_range_is_not_inf_when_its_row_sum_overflows():
+    """A row's float32 sum of 1 + logvar - mu^2 - exp(logvar) past float32's range (two
+    dimensions of -2.25e38) while the row's KL (2.25e38) fits: it came out inf; now such a row
+    is summed again in double."""
+    mu = torch.full((4, 2), 1.5e19)
+    logvar = torch.zeros_like(mu)
+    rows = kl_normal(mu, logvar, "none")
+    reference = kl_normal(mu.double(), logvar.double(), "none")
+    assert torch.isfinite(rows).all() and rows.dtype == torch.float32
+    torch.testing.assert_close(rows.double(), reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(kl_normal(mu, logvar, "mean").double(), reference.mean(), rtol=1e-6, atol=0)
+    assert torch.isinf(kl_normal(mu, logvar, "sum"))  # 9e38: past float32 itself

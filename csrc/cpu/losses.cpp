@@ -124,7 +124,17 @@ namespace {
 // One row of the KL sum: float32 through the SIMD table, float64 in plain C++.
 double kl_row(const float* mu, const float* logvar, int64_t n, float grad_scale, float* grad_mu,
               float* grad_logvar) {
-  return cpu::loss_kernels(active_simd_level()).kl_segment(mu, logvar, n, grad_scale, grad_mu, grad_logvar);
+  const float sum =
+      cpu::loss_kernels(active_simd_level()).kl_segment(mu, logvar, n, grad_scale, grad_mu, grad_logvar);
+  if (std::isfinite(sum)) return sum;
+  // As segment_loss: the float32 sum overflowed (or an input is NaN / Inf), summed again in
+  // double (the gradients are written already), so that a row's KL within range is not inf.
+  double total = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double m = mu[j], lv = logvar[j];
+    total += 1.0 + lv - m * m - std::exp(lv);
+  }
+  return total;
 }
 double kl_row(const double* mu, const double* logvar, int64_t n, double grad_scale,
               double* grad_mu, double* grad_logvar) {
