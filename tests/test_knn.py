@@ -849,8 +849,9 @@ def test_k_beyond_the_machines_memory_is_refused_before_the_search(good, as_torc
     (Q, k) arrays succeeds, and filling them got the process killed (k=2**31 on a 23 GiB
     machine). A MemoryError naming k, before anything is filled."""
     from latentspace import _arrays
+    from latentspace._memory_limit import MemoryLimit
 
-    monkeypatch.setattr(_arrays, "physical_memory", lambda: 1 << 20, raising=False)
+    monkeypatch.setattr(_arrays, "memory_limit", lambda: MemoryLimit(1 << 20))
     q, x = good
     queries = torch.from_numpy(q[:1]) if as_torch else q[:1]
     with pytest.raises(MemoryError, match="k: .*machine's"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import latentspace as ls
+from latentspace._memory_limit import MemoryLimit
 from latentspace.models import PCA, VAE, Autoencoder, ConvAutoencoder, LatentModel
 from latentspace.models import pca as pca_module
 
@@ -576,12 +577,15 @@ def test_weights_larger_than_the_machines_memory_are_refused_by_name(monkeypatch
     size; under a meta device (as load_model builds) nothing is allocated, so nothing is."""
     from latentspace.models import _checks
 
-    monkeypatch.setattr(_checks, "physical_memory", lambda: 16 << 20)  # a 16 MiB machine
-    with pytest.raises(MemoryError, match=rf"^{name}: .* GiB of float32 weights, more than this machine's memory"):
+    monkeypatch.setattr(_checks, "memory_limit", lambda: MemoryLimit(16 << 20))  # a 16 MiB machine
+    with pytest.raises(MemoryError, match=rf"^{name}: .* GiB of float32 weights, more than this machine's 16.0 MiB of memory; use smaller sizes$"):
         make()
     with torch.device("meta"):
         make()
-    monkeypatch.setattr(_checks, "physical_memory", lambda: None)  # where it cannot be told
+    monkeypatch.setattr(_checks, "memory_limit", lambda: MemoryLimit(16 << 20, cgroup=True))  # a 16 MiB container
+    with pytest.raises(MemoryError, match=rf"^{name}: .* weights, more than the 16.0 MiB memory limit of this process's cgroup"):
+        make()
+    monkeypatch.setattr(_checks, "memory_limit", lambda: None)  # where it cannot be told
     Autoencoder(4096, 8, hidden=(1024,))
 
 
@@ -607,8 +611,8 @@ def test_pca_of_wide_data_never_builds_a_features_by_features_matrix(rng, monkey
 def test_pca_refuses_wide_data_whose_decomposition_exceeds_memory(rng, monkeypatch):
     """Wide data is decomposed whole, in float64 (a copy, the centred copy, the SVD's): past
     the machine's memory that was the kernel's kill; a MemoryError naming X now."""
-    monkeypatch.setattr(pca_module, "physical_memory", lambda: 100_000)
-    with pytest.raises(MemoryError, match=r"X: 20 rows of 300 features .* more than this machine's memory"):
+    monkeypatch.setattr(pca_module, "memory_limit", lambda: MemoryLimit(100_000))
+    with pytest.raises(MemoryError, match=r"X: 20 rows of 300 features .* more than this machine's 0.1 MiB of memory; use fewer"):
         PCA(3).fit(rng.normal(size=(20, 300)))
     PCA(3).fit(rng.normal(size=(20, 30)))  # 14 KiB of work fits
 

@@ -18,7 +18,6 @@ on a GPU (_cuda_search.py) takes its inputs as float32 tensors on the device
 from __future__ import annotations
 
 import operator
-import os
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from . import _native
 from ._host_memory import is_writable
+from ._memory_limit import memory_limit
 
 __all__ = [
     "ArrayKind",
@@ -50,7 +50,6 @@ __all__ = [
     "check_rows_usable",
     "check_metric",
     "empty_results",
-    "physical_memory",
     "is_torch_tensor",
     "as_device_matrix",
     "as_host_matrix",
@@ -356,17 +355,17 @@ def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None 
 def empty_results(kind: ArrayKind, rows: int, k: int):
     """Allocates (rows, k) float32 distances and int64 indices of the caller's type; returns
     them with numpy views of the same memory for native code to fill. Raises ValueError
-    naming k when they could never be allocated, MemoryError naming k when they exceed this
-    machine's memory (numpy and torch allocate lazily: filling them got the process killed) or
+    naming k when they could never be allocated, MemoryError naming k when they exceed the
+    memory this process may use (_memory_limit) (numpy and torch allocate lazily: filling them got the process killed) or
     cannot be allocated now."""
     nbytes = max(rows, 1) * k * 12  # max(rows, 1): numpy refuses a (0, 2**62) array too
     if nbytes > sys.maxsize:
         raise ValueError(f"k: {rows} queries x k={k} results need {nbytes:.3g} bytes, more than any "
                          "address space; lower k")
-    memory, needed = physical_memory(), rows * k * 12  # (no queries need no memory, whatever k)
-    if memory is not None and needed > memory:  # lazily allocated, then killed while being filled
-        raise MemoryError(f"k: {rows} queries x k={k} results need {needed / 2**30:,.1f} GiB, more than this "
-                          f"machine's {memory / 2**30:,.1f} GiB of memory; lower k")
+    memory, needed = memory_limit(), rows * k * 12  # (no queries need no memory, whatever k)
+    if memory is not None and needed > memory.nbytes:  # lazily allocated, then killed while being filled
+        raise MemoryError(f"k: {rows} queries x k={k} results need {needed / 2**30:,.1f} GiB, more than "
+                          f"{memory}; lower k")
     try:
         if kind == "torch":
             import torch
@@ -382,14 +381,6 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
     except (MemoryError, RuntimeError) as error:  # torch's CPU allocator raises RuntimeError
         raise MemoryError(f"k: {rows} queries x k={k} results need {nbytes / 2**30:,.1f} GiB, which cannot be "
                           f"allocated; lower k ({error})") from None
-
-
-def physical_memory() -> int | None:
-    """Bytes of memory of this machine, or None where os.sysconf cannot tell (Windows)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import numpy as np
 
 from . import datasets
 from ._arrays import (as_matrix, check_int, check_k, check_rows_usable, check_sample_shape, check_weighted_rows,
-                      check_weights, empty_results, physical_memory)
+                      check_weights, empty_results)
+from ._memory_limit import memory_limit
 from ._atomic import atomic_path, atomic_write, unwritable
 from ._paths import too_long
 from ._streamed_inputs import ArrayRows, open_rows
@@ -467,10 +468,10 @@ def _results(nq: int, k: int) -> tuple[np.ndarray, np.ndarray, Any, Any]:
     """empty_results for -k: one that could never fit is a usage error (exit 2), refused
     before numpy's lazy allocation of a part of it succeeds and the search is killed."""
     nbytes = nq * k * 12  # float32 distances and int64 indices (no queries need none)
-    memory = physical_memory()
-    if memory is not None and nbytes > memory:
+    memory = memory_limit()
+    if memory is not None and nbytes > memory.nbytes:
         raise ValueError(f"-k: {nq:,} queries x {k:,} neighbours need {nbytes / 2**30:,.1f} GiB of results, more "
-                         f"than this machine's {memory / 2**30:,.1f} GiB of memory; lower -k")
+                         f"than {memory}; lower -k")
     try:
         return empty_results("numpy", nq, k)
     except MemoryError as error:  # it fits the machine, not the memory free now: still -k's doing

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .._arrays import check_dense, check_float, check_sample_shape, physical_memory
+from .._arrays import check_dense, check_float, check_sample_shape
+from .._memory_limit import memory_limit
 
 # The most parameters a model may hold: 2**40 is 4 TiB of float32 weights, beyond any one
 # machine. Sizes past it would reach torch's allocator ("can't allocate memory") or overflow
@@ -23,7 +24,7 @@ def mlp_parameters(widths: tuple[int, ...]) -> int:
 
 def check_parameter_count(count: int, sizes: dict[str, Any]) -> None:
     """Refuses a model of more than MAX_PARAMETERS weights (ValueError), or whose weights the
-    machine's memory cannot hold (MemoryError), naming the largest of `sizes` (argument
+    memory this process may use cannot hold (_memory_limit) (MemoryError), naming the largest of `sizes` (argument
     name -> an int or a tuple of ints)."""
     name = max(sizes, key=lambda key: max((sizes[key],) if isinstance(sizes[key], int) else (*sizes[key], 0)))
     shown = ", ".join(f"{key}={value!r}" for key, value in sizes.items())
@@ -36,16 +37,15 @@ def check_parameter_count(count: int, sizes: dict[str, Any]) -> None:
 
 def _check_fits_in_memory(count: int, name: str, shown: str) -> None:
     """Weights built in CPU memory (the default device; not under a meta device, as
-    load_model builds) beyond the machine's memory: torch allocates them lazily and the
+    load_model builds) beyond the memory this process may use: torch allocates them lazily and the
     kernel killed Python as they were initialised, with no exception at all."""
-    memory = physical_memory()
+    memory = memory_limit()
     dtype = torch.get_default_dtype()
     nbytes = count * dtype.itemsize
-    if memory is None or nbytes <= memory or torch.empty(0).device.type != "cpu":
+    if memory is None or nbytes <= memory.nbytes or torch.empty(0).device.type != "cpu":
         return
     raise MemoryError(f"{name}: {shown} would need {nbytes / 2**30:,.1f} GiB of "
-                      f"{str(dtype).removeprefix('torch.')} weights, more than this machine's memory "
-                      f"({memory / 2**30:,.1f} GiB); use smaller sizes")
+                      f"{str(dtype).removeprefix('torch.')} weights, more than {memory}; use smaller sizes")
 
 
 def check_objective_arguments(model: Any, x: Any, progress: Any, generator: Any) -> None:

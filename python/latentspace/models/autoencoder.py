@@ -29,7 +29,8 @@ class Autoencoder(ReconstructionModel):
     encoder: D -> hidden[0] -> ... -> latent_dim; decoder: latent_dim -> ... -> hidden[0] -> D.
     Raises ValueError, naming the largest size, when the weights would number more than
     2**40 (models._checks.MAX_PARAMETERS: 4 TiB of float32), sizes no machine holds, and
-    MemoryError, naming it too, when they would take more than this machine's memory.
+    MemoryError, naming it too, when they would take more than the memory this process may use
+    (the machine's, or its cgroup's limit).
     """
 
     def __init__(self, input_dim: int, latent_dim: int, hidden: tuple[int, ...] = (256, 128),

@@ -37,8 +37,8 @@ class ConvAutoencoder(ReconstructionModel):
     Raises ValueError, naming the largest size, when the weights would number more than
     2**40 (models._checks.MAX_PARAMETERS: 4 TiB of float32), sizes no machine holds (the
     linear layers hold channels[-1] * ceil(H / 2**k) * ceil(W / 2**k) * latent_dim each,
-    k = len(channels)), and MemoryError, naming it too, when they would take more than this
-    machine's memory.
+    k = len(channels)), and MemoryError, naming it too, when they would take more than the
+    memory this process may use (the machine's, or its cgroup's limit).
     """
 
     def __init__(self, input_shape: tuple[int, int, int], latent_dim: int,

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._arrays import as_model_input, check_bool, check_dense, check_int, is_torch_tensor, physical_memory
+from .._arrays import as_model_input, check_bool, check_dense, check_int, is_torch_tensor
+from .._memory_limit import memory_limit
 from .base import LatentModel, checked_config
 
 __all__ = ["PCA"]
@@ -25,13 +26,14 @@ _CHUNK_BYTES = 16 << 20
 
 
 def _check_memory(nbytes: int, n: int, d: int) -> None:
-    """MemoryError naming X when decomposing it whole needs more than the machine's memory
+    """MemoryError naming X when decomposing it whole needs more than the memory
+    this process may use (_memory_limit)
     (torch allocates lazily: the kernel killed Python, with no exception)."""
-    memory = physical_memory()
-    if memory is not None and nbytes > memory:
+    memory = memory_limit()
+    if memory is not None and nbytes > memory.nbytes:
         raise MemoryError(f"X: {n} rows of {d} features are decomposed whole, in float64, "
-                          f"which needs {nbytes / 2**30:,.2f} GiB, more than this machine's memory "
-                          f"({memory / 2**30:,.2f} GiB); use fewer features or fit a sample of them")
+                          f"which needs {nbytes / 2**30:,.2f} GiB, more than {memory}; "
+                          "use fewer features or fit a sample of them")
 
 
 class PCA(LatentModel):
@@ -180,7 +182,7 @@ class PCA(LatentModel):
         whose values or variances the fitted buffers' dtype (float32 unless the model was
         converted) cannot hold; TypeError for X that is not an array (a generator, a string)
         or a masked array with masked entries; MemoryError for data with more features than
-        rows (decomposed whole) too large for the machine's memory.
+        rows (decomposed whole) too large for the memory this process may use.
         """
         if is_torch_tensor(X):
             check_dense(X, "X")  # (a meta tensor has no data to copy to the CPU)
