@@ -4,8 +4,11 @@
 // Two launches per call, both on the caller's stream:
 // 1. segment_sums_kernel: one warp per (row, segment of kCudaLossSegment elements). Each lane
 //    walks the segment with a stride of 32 (coalesced loads and stores), writes the gradient
-//    and keeps a partial sum in T; the 32 partials are added in double with a butterfly
-//    (the same order every time).
+//    and keeps a partial sum in double; the 32 partials are added with a butterfly (the same
+//    order every time). Double, not T: float32 elements within range can sum past it (64
+//    elements of 9e36 in one lane), and the CPU kernels sum such a segment again in double
+//    (cpu/losses.cpp), so a float32 mean within range must not come out inf here either. The
+//    loop is memory-bound; one double add per element is far below any GPU's FP64 rate.
 // 2. finish_kernel: one block adds each row's segments in order (row_losses) and the rows in a
 //    fixed tree (total).
 // Memory-bound: the data is read once and the gradient written once; nothing is atomic
@@ -46,7 +49,7 @@ __global__ void reconstruction_segments_kernel(const T* __restrict__ recon, cons
        item += warps) {
     const Segment s = segment_of(item, segments_per_row, cols);
     const int64_t base = s.row * cols + s.first;
-    T partial = T(0);
+    double partial = 0.0;
     bool bad = false;
     // Unrolled so that each lane can have several loads in flight: the loop is memory-bound,
     // and one load pair per lane at a time may not cover the memory latency (to be timed on a
@@ -55,11 +58,11 @@ __global__ void reconstruction_segments_kernel(const T* __restrict__ recon, cons
     for (int64_t i = lane; i < s.count; i += kWarp) {
       const T r = recon[base + i];
       T g;
-      partial += element_loss<kKind>(r, target[base + i], &g);
+      partial += static_cast<double>(element_loss<kKind>(r, target[base + i], &g));
       if constexpr (kKind == ReconstructionKind::kBce) bad |= (r < T(0)) | (r > T(1));  // NaN is not bad
       if (grad != nullptr) grad[base + i] = g * grad_scale;
     }
-    const double sum = warp_sum(static_cast<double>(partial));
+    const double sum = warp_sum(partial);
     if constexpr (kKind == ReconstructionKind::kBce) {
       if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(out_of_range, 1u);
     }
@@ -80,7 +83,7 @@ __global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict
        item += warps) {
     const Segment s = segment_of(item, segments_per_row, cols);
     const int64_t base = s.row * cols + s.first;
-    T partial = T(0);
+    double partial = 0.0;  // (double: see the reconstruction kernel)
     // Unrolled so that each lane can have several loads in flight: the loop is memory-bound,
     // and one load pair per lane at a time may not cover the memory latency (to be timed on a
     // GPU: benchmarks/bench_losses_cuda.py).
@@ -88,11 +91,11 @@ __global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict
     for (int64_t i = lane; i < s.count; i += kWarp) {
       const T m = mu[base + i];
       T variance;
-      partial += kl_element_term(m, logvar[base + i], &variance);
+      partial += static_cast<double>(kl_element_term(m, logvar[base + i], &variance));
       if (grad_mu != nullptr) grad_mu[base + i] = m * grad_scale;
       if (grad_logvar != nullptr) grad_logvar[base + i] = (variance - T(1)) * half_scale;
     }
-    const double sum = warp_sum(static_cast<double>(partial));
+    const double sum = warp_sum(partial);
     if (lane == 0) segment_sums[item] = -0.5 * sum;
   }
 }

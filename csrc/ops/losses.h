@@ -39,7 +39,7 @@ double kl_normal_cpu(const T* mu, const T* logvar, int64_t rows, int64_t cols, T
 // total (one double) are written; kBce sets *out_of_range (one uint32 the caller zeroed) to
 // 1 when a recon value lies outside [0, 1] (the caller reads it and raises ValueError; it may
 // be null for the other kinds). Deterministic: each row is summed in a fixed order (per-lane
-// partials in T over segments of kCudaLossSegment elements, combined in double), then the
+// partials in double over segments of kCudaLossSegment elements), then the
 // rows in a fixed tree, so two calls on the same inputs give the same bits.
 //
 // workspace: loss_cuda_workspace_doubles(rows, cols) doubles (the per-segment sums of rows
