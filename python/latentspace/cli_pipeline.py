@@ -34,6 +34,7 @@ from ._arrays import (as_matrix, check_int, check_k, check_rows_usable, check_sa
 from ._memory_limit import memory_limit
 from ._atomic import atomic_path, atomic_write, unwritable
 from ._paths import too_long
+from ._thread_stacks import stack_room_error
 from ._streamed_inputs import ArrayRows, open_rows
 from .indexes import load_index
 from .indexes.flat import check_rows_for_index, save_rows_as_index
@@ -106,8 +107,19 @@ def whole_number(minimum: int, maximum: int | None = None):
     return parse
 
 
-# Every --threads (set_num_threads would name its own `n`; the native count is a C int).
-thread_count = whole_number(1, 2**31 - 1)
+_whole_thread_count = whole_number(1, 2**31 - 1)
+
+
+def thread_count(text: str) -> int:
+    """Every --threads: a C int (the native count), whose stacks fit the address space a
+    `ulimit -v` leaves (set_num_threads would name its own `n` for both)."""
+    value = _whole_thread_count(text)
+    too_many = stack_room_error(value)
+    if too_many is not None:
+        raise argparse.ArgumentTypeError(too_many.removeprefix("n: "))  # argparse names --threads
+    return value
+
+
 # Every --seed: what training takes (torch.manual_seed gave 'Overflow when unpacking long
 # long' for 2**64, naming nothing, and train named its own `seed`).
 seed_number = whole_number(0, 2**63 - 1)

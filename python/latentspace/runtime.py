@@ -8,6 +8,7 @@ from typing import Any
 
 from . import _native
 from ._arrays import check_int
+from ._thread_stacks import stack_room_error
 
 __all__ = [
     "build_info",
@@ -44,10 +45,16 @@ def set_num_threads(n: int) -> None:
     A forked child (multiprocessing's default start method on Linux) starts with 1: GNU
     OpenMP cannot start threads in a child forked after its parent ran some, and would wait
     forever. Raise it there only in a child forked before its parent ran any threads (or use
-    the "spawn" or "forkserver" start method)."""
+    the "spawn" or "forkserver" start method). Raises ValueError naming n when the stacks of
+    n threads cannot fit the address space this process's limit leaves (`ulimit -v`), where
+    OpenMP would end the process at the next search."""
     n = check_int(n, "n")
     if n > _MAX_THREADS:
         raise ValueError(f"n: expected an integer <= {_MAX_THREADS} (the native thread count is an int), got {n}")
+    # (libgomp ends the process when it cannot create a thread: refused here, by name)
+    too_many = stack_room_error(n) if n > _native.num_threads() else None
+    if too_many is not None:
+        raise ValueError(too_many)
     _native.set_num_threads(n)
 
 

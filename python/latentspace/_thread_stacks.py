@@ -1,0 +1,76 @@
+"""Whether this process's address-space limit leaves room for the stacks of n OpenMP threads.
+
+GNU OpenMP creates its worker threads at the first parallel region that asks for them, each
+with a stack reserved in the address space. Under an address-space limit (`ulimit -v`,
+RLIMIT_AS: batch schedulers and shared login nodes set one) a thread count whose stacks do
+not fit makes libgomp print "Thread creation failed" and end the process, from inside the
+next search: no Python exception, nothing the caller can catch. set_num_threads asks this
+module first and refuses such a count, naming `n`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+__all__ = ["stack_room_error"]
+
+_DEFAULT_STACK_BYTES = 8 << 20  # glibc's thread stack where RLIMIT_STACK is unlimited (x86-64)
+_PER_THREAD_EXTRA_BYTES = 256 << 10  # guard page, TLS, libgomp's per-thread state: a margin
+_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def stack_room_error(n: int) -> str | None:
+    """Why n threads' stacks cannot fit the address space this process has left, in words
+    naming n, or None when they fit, there is no limit, or it cannot be told (not Linux)."""
+    try:
+        import resource
+    except ImportError:  # (Windows)
+        return None
+    soft_limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    used = _address_space_used()
+    if soft_limit == resource.RLIM_INFINITY or used is None:
+        return None
+    per_thread = _thread_stack_bytes(resource) + _PER_THREAD_EXTRA_BYTES
+    needed = (n - 1) * per_thread  # the calling thread has its own stack already
+    room = max(soft_limit - used, 0)
+    if needed <= room:
+        return None
+    fits = max(1, room // per_thread + 1)
+    return (f"n: {n} threads need about {needed / 2**30:,.2f} GiB of address space for their stacks "
+            f"({per_thread / 2**20:,.2f} MiB each), more than the {room / 2**30:,.2f} GiB this process's limit "
+            f"(ulimit -v, RLIMIT_AS) leaves; use at most about {fits} threads, or a smaller OMP_STACKSIZE")
+
+
+def _thread_stack_bytes(resource) -> int:
+    """The stack libgomp gives each worker: OMP_STACKSIZE / GOMP_STACKSIZE where set (as
+    libgomp reads them), otherwise glibc's default, the soft RLIMIT_STACK."""
+    for name in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
+        parsed = _parse_stack_size(os.environ.get(name))
+        if parsed is not None:
+            return parsed
+    soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    return _DEFAULT_STACK_BYTES if soft == resource.RLIM_INFINITY or soft <= 0 else soft
+
+
+def _parse_stack_size(text: str | None) -> int | None:
+    """OMP_STACKSIZE's value in bytes ("size" in KiB, or with a B / K / M / G suffix), None
+    for unset or a value libgomp would also ignore."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*([BKMGbkmg]?)\s*", text)
+    if match is None:
+        return None
+    return int(match.group(1)) * _UNITS[(match.group(2) or "K").upper()]
+
+
+def _address_space_used() -> int | None:
+    """This process's mapped address space now (VmSize), None where /proc cannot tell."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
