@@ -28,6 +28,7 @@ from ._host_memory import is_writable
 from ._memory_limit import memory_limit
 
 __all__ = [
+    "STORED_ROWS_NAME",
     "ArrayKind",
     "as_labels",
     "as_matrix",
@@ -270,18 +271,24 @@ def check_weighted_rows(rows: np.ndarray, weights: np.ndarray, name: str, first_
         raise ValueError(f"{name}: row {first_row + row} {_BAD_WEIGHTED_ROW}")
 
 
+# What a FlatIndex search names for a stored vector that the search's weights make unusable
+# (add refused any the index's own weights do): the argument to change, and where the row is.
+STORED_ROWS_NAME = "weights (the index's vectors)"
+
+
 def native_knn(queries: np.ndarray, database: np.ndarray, k: int, code: int, distances: np.ndarray,
-               indices: np.ndarray, weights: np.ndarray | None) -> None:
+               indices: np.ndarray, weights: np.ndarray | None, *, database_name: str = "database") -> None:
     """_native.knn, whose weighted refusal names the first refused row in row order, queries
     first, in the weighted words, as every other path does. (The kernel checks all queries as
     they are before it weighs any, and a panel of database rows for NaN before it weighs them:
-    it may name a later row. Read again only when it refuses one.)"""
+    it may name a later row. Read again only when it refuses one.) database_name: what the
+    refusal of a database row names (the kernel's own words say "database")."""
     try:
         _native.knn(queries, database, k, code, distances, indices, weights)
     except ValueError:
         if weights is not None:
             check_weighted_rows(queries, weights, "queries")
-            check_weighted_rows(database, weights, "database")
+            check_weighted_rows(database, weights, database_name)
         raise
 
 
@@ -502,10 +509,10 @@ def query_row_checks(queries: Any, weights: Any = None, first_row: int = 0) -> l
     return [(unusable_row_flag(queries, first_row, weights), "queries", weights is not None)]
 
 
-def database_row_check(rows: Any, weights: Any = None, first_row: int = 0) -> tuple:
-    """The (flag, "database", weighted) check of database rows: with weights, one flag for rows
+def database_row_check(rows: Any, weights: Any = None, first_row: int = 0, name: str = "database") -> tuple:
+    """The (flag, name, weighted) check of database rows: with weights, one flag for rows
     unusable as they are or weighted, named in the weighted words (as the CPU kernel does)."""
-    return unusable_row_flag(rows, first_row, weights), "database", weights is not None
+    return unusable_row_flag(rows, first_row, weights), name, weights is not None
 
 
 def raise_unusable_rows(checks: list[tuple]) -> None:

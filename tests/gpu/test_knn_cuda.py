@@ -876,14 +876,19 @@ def test_small_weighted_overflow_is_refused_as_on_the_cpu(nq, rng):
     index.add(x)  # usable with the plain norm: refused when searched with these weights
     with pytest.raises(ValueError) as cpu:
         latentspace.knn(q, x, 3, "weighted_l2", weights=w)
-    calls = [lambda: latentspace.knn(torch.from_numpy(q).cuda(), torch.from_numpy(x).cuda(), 3, "weighted_l2",
-                                     weights=w),
-             lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=w, device="cuda", gpu_memory_bytes=1 << 14),
-             lambda: index.search(q, 3, weights=w)]
-    for call in calls:
+    cpu_index = latentspace.FlatIndex(5, "weighted_l2")
+    cpu_index.add(x)
+    with pytest.raises(ValueError) as cpu_index_search:
+        cpu_index.search(q, 3, weights=w)
+    calls = [(lambda: latentspace.knn(torch.from_numpy(q).cuda(), torch.from_numpy(x).cuda(), 3, "weighted_l2",
+                                      weights=w), cpu),
+             (lambda: latentspace.knn(q, x, 3, "weighted_l2", weights=w, device="cuda", gpu_memory_bytes=1 << 14),
+              cpu),
+             (lambda: index.search(q, 3, weights=w), cpu_index_search)]  # (names the weights, not "database")
+    for call, expected in calls:
         with pytest.raises(ValueError) as gpu:
             call()
-        assert str(gpu.value) == str(cpu.value)
+        assert str(gpu.value) == str(expected.value)
     assert (index.search(q, 3, weights=np.ones(5))[1] >= 0).all()
 
 

@@ -26,8 +26,8 @@ from .._arrays import (
     native_knn,
     weights_for,
 )
-from .._arrays import (as_device_matrix, check_dense, check_rows_usable_flags, database_row_check, detached,
-                       is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag,
+from .._arrays import (STORED_ROWS_NAME, as_device_matrix, check_dense, check_rows_usable_flags, database_row_check,
+                       detached, is_torch_tensor, query_row_checks, raise_unusable_rows, unusable_row_flag,
                        weighted_overflow_row)
 from .io import IndexFileError, MappedFile, open_index_file, save_index_file, save_index_file_streaming
 
@@ -408,7 +408,7 @@ class FlatIndex:
         k = check_k(k)
         database = self._stored()
         distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
-        native_knn(q, database, k, METRICS[self._metric], d_view, i_view, w)
+        native_knn(q, database, k, METRICS[self._metric], d_view, i_view, w, database_name=STORED_ROWS_NAME)
         return distances, indices
 
     # -- on a GPU (device="cuda"): the vectors in a torch tensor on the device ------------
@@ -603,7 +603,7 @@ class FlatIndex:
             if backend.weights is not None and database.shape[0]:
                 # Rows were checked at add, but these weights may push a row's weighted squared
                 # norm past float32 (the CPU kernel refuses it): one more read of the vectors.
-                checks.append(database_row_check(database, backend.weights))
+                checks.append(database_row_check(database, backend.weights, name=STORED_ROWS_NAME))
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
