@@ -877,3 +877,25 @@ def test_remove_ids_names_ids_beyond_int64_as_such(rng):
         with pytest.raises(TypeError, match=r"^ids: expected integers within int64's or uint64's range"):
             index.remove_ids(ids)
     assert index.ntotal == 10
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape", [(1000, 6), (1000,)])
+@pytest.mark.parametrize("pattern", ["random", "none kept", "all kept", "first block empty", "one row"])
+def test_gpu_remove_ids_gathers_kept_rows_block_by_block(dtype, shape, pattern, rng):
+    """The GPU index's remove_ids gathers the kept rows (and norms) a block at a time into the
+    new tensor (positions of every kept row at once took 8 bytes a row on host and device).
+    The gather is torch code run here on CPU tensors: blocks of 7 rows against boolean
+    indexing, over a buffer with spare capacity past the rows that keep covers."""
+    torch = pytest.importorskip("torch")
+    from latentspace.indexes.flat import gather_kept_rows
+
+    buffer = torch.from_numpy(rng.standard_normal((1200, *shape[1:])).astype(np.float32)).to(getattr(torch, dtype))
+    keep = {"random": rng.random(shape[0]) < 0.6, "none kept": np.zeros(shape[0], bool),
+            "all kept": np.ones(shape[0], bool),
+            "first block empty": np.r_[np.zeros(7, bool), rng.random(shape[0] - 7) < 0.5],
+            "one row": np.eye(1, shape[0], 997, dtype=bool)[0]}[pattern]
+    fresh = gather_kept_rows(buffer, keep, int(keep.sum()), block_rows=7)
+    expected = buffer[: shape[0]][torch.from_numpy(keep)]
+    assert fresh.dtype == buffer.dtype and fresh.shape == expected.shape and fresh.is_contiguous()
+    assert torch.equal(fresh, expected)
