@@ -29,8 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import datasets
-from ._arrays import (as_matrix, check_int, check_k, check_rows_usable, check_sample_shape, check_weighted_rows,
-                      check_weights, empty_results)
+from ._arrays import (STORED_ROWS_NAME, as_matrix, check_int, check_k, check_rows_usable, check_sample_shape,
+                      check_weighted_rows, check_weights, empty_results)
 from ._memory_limit import memory_limit
 from ._atomic import atomic_path, atomic_write, unwritable
 from ._paths import too_long
@@ -52,8 +52,10 @@ INDEX_SUFFIX = ".lsidx"  # index build --out: the suffix of the docs' index file
 # too, so --out is checked by the commands themselves (check_out).
 _ENCODE_NAMES = {"key": "--key", "device": "--device"}
 _INDEX_BUILD_NAMES = {"key": "--key", "weights": "--weights"}
-# ("database": the search's name for the index's vectors, which weights can make unusable.)
-_SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device", "database": "{index}"}
+# (STORED_ROWS_NAME: FlatIndex.search's name for the index's vectors, which weights can make
+# unusable; "database": knn's.)
+_SEARCH_NAMES = {"key": "--key", "k": "-k", "weights": "--weights", "device": "--device", "database": "{index}",
+                 STORED_ROWS_NAME: "{index}"}
 
 
 # The most of a value the user typed that an error message shows (a 10,000-character --out,
