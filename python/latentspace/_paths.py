@@ -1,19 +1,38 @@
-"""Checks on a path: before it is read, a regular file, not a folder and not a FIFO or device
-(opening a FIFO with no writer blocks forever, and the readers stat and seek); before it is
-written, a name the file system can hold (too_long)."""
+"""Checks on a path: that it is one (as_path); before it is read, a regular file, not a folder
+and not a FIFO or device (opening a FIFO with no writer blocks forever, and the readers stat
+and seek); before it is written, a name the file system can hold (too_long)."""
 
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 
-def stat_regular_file(path: str | os.PathLike, what: str, error: type[Exception] = ValueError) -> os.stat_result:
+def as_path(path: Any, name: str = "path") -> Path:
+    """`path` (a str, an os.PathLike, or bytes as os.fsencode gives them, which np.load takes
+    too) as a Path. TypeError naming `name` for anything else (Python's own named no
+    argument); ValueError for "" (pathlib reads it as the current folder: "path: . is a
+    folder") and for a NUL character (the OS's "embedded null byte" named no argument)."""
+    try:
+        text = os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"{name}: expected a str or os.PathLike (a file's path), got {type(path).__name__}") from None
+    if not text:
+        raise ValueError(f"{name}: empty; expected a file's path")
+    if "\0" in text:
+        raise ValueError(f"{name}: {text!r} holds a NUL character, which no file name can")
+    return Path(text)
+
+
+def stat_regular_file(path: str | bytes | os.PathLike, what: str,
+                      error: type[Exception] = ValueError) -> os.stat_result:
     """os.stat of `path` when it is a regular file. FileNotFoundError when there is none,
     IsADirectoryError for a folder, `error` for anything else (a FIFO, a device); `what`
-    names the file the caller expected ("a file", "an index file")."""
-    path = Path(os.fspath(path))
+    names the file the caller expected ("a file", "an index file"). as_path's errors for
+    what is no path."""
+    path = as_path(path)
     status = path.stat()
     if stat.S_ISDIR(status.st_mode):
         raise IsADirectoryError(f"path: {path} is a folder; pass {what}")

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from . import datasets
-from ._zip_member import PIECE_BYTES, UNBOUNDED_METHODS, BoundedMember
+from ._paths import as_path
+from ._zip_member import PIECE_BYTES, open_member
 
 __all__ = ["ArrayRows", "open_rows"]
 
@@ -270,13 +271,13 @@ class _DatasetRows:
 
 
 @contextlib.contextmanager
-def open_rows(path: str | os.PathLike, key: str | None = None) -> Iterator[Any]:
+def open_rows(path: str | bytes | os.PathLike, key: str | None = None) -> Iterator[Any]:
     """The array of a .npy, .npz (`key`, or its only array) or ann-benchmarks .hdf5 / .h5
     (its "train" set, or `key`) as an object with shape, dtype, ndim, array (the array, or None
     when streamed) and blocks(rows), for the duration of the block. load_array's checks and
     errors. Streamed rows come from the file held open until the block ends; an error about a
     row from their consumer should call verify_rest() first (see _MemberRows.verify_rest)."""
-    suffix = Path(os.fspath(path)).suffix.lower()
+    suffix = as_path(path).suffix.lower()
     if suffix == ".npy":
         if key is not None:
             raise ValueError(f"key: a .npy file holds one array; got key={key!r}")
@@ -317,7 +318,7 @@ def _npz_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
         with archive:
             try:
                 rows = _member_rows(path, f, archive, key)
-            # (LZMAError: a damaged LZMA member read whole, which load_npz lets escape)
+            # (LZMAError: a damaged LZMA member read by zipfile, as load_npz did)
             except (*datasets._ZIP_DAMAGE, lzma.LZMAError) as error:
                 raise datasets._zip_damage(path, error) from None
             # (the consumer's own errors, raised here, are not the archive's: outside the try)
@@ -331,7 +332,7 @@ def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) 
     key = datasets._member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
     # (A stored member is streamed too, not mapped: see _FileRows; and its CRC is checked.)
-    member = BoundedMember(f, archive, info) if info.compress_type in UNBOUNDED_METHODS else archive.open(info)
+    member = open_member(f, archive, info)
     try:
         rows = _streamed_member(path, f, key, member, info)
     except BaseException:
@@ -364,10 +365,10 @@ def _stored_rows(path: Path, f: Any, key: str, info: zipfile.ZipInfo) -> _FileRo
 
 def _streamed_member(path: Path, f: Any, key: str, member: Any, info: zipfile.ZipInfo) -> _MemberRows | None:
     """The open member's rows, its header read and checked (_checked_header); None for one
-    read otherwise: Fortran-ordered, of objects (refused unread by numpy), or holding no data."""
+    read otherwise: Fortran-ordered, or holding no data. (One of objects was refused with its header.)"""
     shape, fortran, dtype = _checked_header(path, f, key, member, info)
     rows = _MemberRows(path, key, member, shape, dtype)
-    if len(shape) < 1 or (fortran and len(shape) > 1) or dtype.hasobject or not rows.nbytes:
+    if len(shape) < 1 or (fortran and len(shape) > 1) or not rows.nbytes:
         return None
     datasets._checked(rows, path, f"array {key!r}")  # its dtype, before any data is read
     return rows

@@ -1,4 +1,5 @@
-"""A bzip2 or LZMA member of a zip archive read with bounded memory (_streamed_inputs.py).
+"""A bzip2 or LZMA member of a zip archive read with bounded memory (load_npz and
+_streamed_inputs.py read every member through open_member).
 
 zipfile decompresses each piece of such a member's input whole, with no bound on the output:
 a piece of a member of zeros is the whole member, held with copies (126 MiB for 49 MiB of rows
@@ -15,7 +16,7 @@ import zipfile
 import zlib
 from typing import Any
 
-__all__ = ["PIECE_BYTES", "UNBOUNDED_METHODS", "BoundedMember"]
+__all__ = ["PIECE_BYTES", "UNBOUNDED_METHODS", "BoundedMember", "open_member"]
 
 # What a compressed member's data is read in (a block is filled from these): zipfile's read(n)
 # holds n bytes of compressed input, its undecompressed tail and the output, and joins the
@@ -25,6 +26,13 @@ PIECE_BYTES = 256 << 10
 # The compression methods whose zipfile decompressor has no bound on its output: each piece of
 # input is decompressed whole (a piece of a member of zeros is the whole member, held with copies).
 UNBOUNDED_METHODS = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA"}
+
+
+def open_member(f: Any, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Any:
+    """The member `info` of the archive open on the file `f`, open for reading: a BoundedMember
+    for bzip2 and LZMA (zipfile's own held the whole of a bomb's first piece: 1 GiB to read
+    the 12 bytes that start a .npy), zipfile's for the others."""
+    return BoundedMember(f, archive, info) if info.compress_type in UNBOUNDED_METHODS else archive.open(info)
 
 
 class BoundedMember:
@@ -60,6 +68,12 @@ class BoundedMember:
 
     def close(self) -> None:
         """Nothing to close: `f` is the archive's (see _npz_rows)."""
+
+    def __enter__(self) -> BoundedMember:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def _ended(self) -> bool:
         return self._decompressor is not None and self._decompressor.eof

@@ -8,6 +8,7 @@ trained on or indexed), and the ann-benchmarks HDF5 layout (needs the optional h
 from __future__ import annotations
 
 import contextlib
+import io
 import lzma
 import math
 import os
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from ._arrays import check_float, check_int
-from ._paths import stat_regular_file
+from ._paths import as_path, stat_regular_file
+from ._zip_member import open_member
 
 __all__ = [
     "AnnBenchmark",
@@ -41,9 +43,9 @@ MMAP_THRESHOLD_BYTES = 256 << 20
 # RuntimeError (a flipped "encrypted" flag), OSError (a seek to a negative offset).
 _ZIP_DAMAGE = (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, OSError)
 # ... and what reading a damaged member raises: zlib.error (a compressed member's bad
-# deflate stream), LZMAError (an LZMA member's; a bzip2 member's is an OSError, which
-# _ZIP_DAMAGE words as the archive's), SyntaxError and TokenError (numpy parses the .npy
-# header and its dtype as Python literals).
+# deflate stream), LZMAError (an LZMA member's, read by zipfile; the loaders read bzip2 and
+# LZMA members through _zip_member.BoundedMember, whose damage is a ValueError), SyntaxError
+# and TokenError (numpy parses the .npy header and its dtype as Python literals).
 _NPY_DAMAGE = (ValueError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, SyntaxError, tokenize.TokenError)
 # The first bytes of a zip archive (a local file header, or the end record of an empty one).
 _ZIP_PREFIXES = (b"PK\x03\x04", b"PK\x05\x06")
@@ -93,10 +95,10 @@ def _check_mmap(mmap: Any) -> None:
         raise TypeError(f"mmap: expected True, False or None (automatic), got {mmap!r}")
 
 
-def _regular_file(path: str | os.PathLike) -> Path:
+def _regular_file(path: str | bytes | os.PathLike) -> Path:
     """path as a Path to a regular file (_paths.stat_regular_file says what else raises)."""
     stat_regular_file(path, "a file")
-    return Path(os.fspath(path))
+    return as_path(path)
 
 
 def _checked(array: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -107,7 +109,7 @@ def _checked(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     return array
 
 
-def load_npy(path: str | os.PathLike, *, mmap: bool | None = None) -> np.ndarray:
+def load_npy(path: str | bytes | os.PathLike, *, mmap: bool | None = None) -> np.ndarray:
     """An array from a .npy file, as stored (no dtype conversion, so no copy).
 
     mmap: True maps the file read-only (np.memmap: pages are read on demand, the data can
@@ -157,11 +159,22 @@ def _read_npy(f) -> np.ndarray:
     """np.load of the .npy file open as `f` (at its start), its header's shape checked against
     the file's size first (_checked_npy_header): numpy allocates the array the header claims
     before reading a byte (a claim of terabytes was a MemoryError naming nothing)."""
-    if f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
-        f.seek(0)
-        _checked_npy_header(f)
+    _check_npy_magic(f)
+    _checked_npy_header(f)
     f.seek(0)
-    return np.load(f, allow_pickle=False)  # (not .npy: raises np.load's own error)
+    return np.load(f, allow_pickle=False)
+
+
+def _check_npy_magic(f) -> None:
+    """Refuses the file open as `f` (left at its start) unless it starts as a .npy does. np.load
+    takes any other file (not a zip) for a pickle, and said so for a CSV, a text file or a
+    .npy cut to a few bytes, with its advice to load it unsafely with allow_pickle, which
+    latentspace does not take."""
+    head = f.read(len(np.lib.format.MAGIC_PREFIX))
+    f.seek(0)
+    if head != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(f"it does not start with the .npy magic string {np.lib.format.MAGIC_PREFIX!r}, "
+                         f"but with {head!r}: not a .npy file (latentspace never loads pickles)")
 
 
 def _checked_npy_header(f):
@@ -176,12 +189,10 @@ def _checked_npy_header(f):
 def _check_claim(shape: tuple[int, ...], dtype: np.dtype, held: int) -> None:
     """A .npy header's shape against the at most `held` bytes of data its file or member can
     give, in numpy's words, before any is read: numpy allocates the array a header claims
-    first. (Counted in Python's integers: numpy's count overflows for 2**80 elements. An
-    object array is left to numpy, which refuses those unread.)"""
-    if any(size < 0 for size in shape):
-        raise ValueError("negative dimensions are not allowed")  # (numpy's words)
+    first. (Counted in Python's integers: numpy's count overflows for 2**80 elements. The
+    array is one numpy can make, of no Python objects: _read_npy_header checked it.)"""
     nbytes = math.prod(shape) * dtype.itemsize
-    if not dtype.hasobject and nbytes > held:
+    if nbytes > held:
         raise ValueError(f"EOF: reading array data, expected {nbytes} bytes got {held}")
 
 
@@ -198,19 +209,12 @@ def _map_npy(f) -> np.memmap:
 def _npy_layout(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) of the .npy file open as `f` (at its start), left at its
     data, with the checks and errors of np.load(mmap_mode="r"): its data must be in the file
-    and hold no Python objects (load_npy's mapping, and the CLI's reads a block at a time)."""
-    if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
-        f.seek(0)
-        np.load(f, allow_pickle=False)  # not .npy: raises np.load's own error
-        raise ValueError("not a .npy file")  # (np.load read something else)
-    f.seek(0)
-    shape, fortran, dtype = _checked_npy_header(f)
-    if dtype.hasobject:
-        raise ValueError("Array can't be memory-mapped: Python objects in dtype.")
-    return shape, fortran, dtype
+    (load_npy's mapping, and the CLI's reads a block at a time)."""
+    _check_npy_magic(f)
+    return _checked_npy_header(f)
 
 
-def load_npz(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
+def load_npz(path: str | bytes | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
     """One array from a .npz archive: `key`, or the only one when the archive holds one.
 
     mmap: as for load_npy. An uncompressed member (np.savez) can be memory-mapped straight
@@ -291,7 +295,7 @@ def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap:
             array = _map_member(f, info)
         else:
             _check_member_size(f, archive, info)
-            with archive.open(info) as member:
+            with open_member(f, archive, info) as member:
                 array = np.lib.format.read_array(member, allow_pickle=False)
                 # read_array stops at the header's shape: reading to the end runs zipfile's
                 # CRC check, and bytes left over mean the header claims fewer rows than held
@@ -306,7 +310,7 @@ def _check_member_size(f, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> No
     """Refuses a member of the archive open as `f` whose .npy header claims more data than the
     member can hold (_member_bytes), from the header alone: numpy allocates the claimed array
     before reading a byte (a claim of terabytes was a MemoryError naming nothing)."""
-    with archive.open(info) as member:
+    with open_member(f, archive, info) as member:
         header = _CountedStream(member)
         shape, _, dtype = _npy_header(header)
     _check_claim(shape, dtype, _member_bytes(f, info) - header.count)
@@ -348,18 +352,77 @@ class _CountedStream:
 def _npy_header(stream):
     """(shape, fortran_order, dtype) of the .npy file (or zip member) read from `stream`'s
     start, with numpy's checks and errors; the stream is left at the array's data."""
-    version = np.lib.format.read_magic(stream)
-    if version not in ((1, 0), (2, 0), (3, 0)):  # numpy's own check and message
-        raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
-    # 3.0 is 2.0's layout with UTF-8 text, written only for field names latin-1 cannot hold:
-    # no array of numbers (the loaders refuse the others after reading the header)
-    return _read_npy_header(stream, version)
+    return _read_npy_header(stream, np.lib.format.read_magic(stream))
+
+
+# The longest .npy header read: numpy's own bound (np.load's max_header_size). A header of an
+# array of numbers takes about 128 bytes.
+MAX_NPY_HEADER_BYTES = 10_000
 
 
 def _read_npy_header(stream, version):
+    """(shape, fortran_order, dtype) of the .npy header that follows the magic string of
+    `version` in `stream`, with numpy's checks and errors, and these before numpy's: the
+    header's length refused past MAX_NPY_HEADER_BYTES before the header is read (numpy read all
+    that it claimed, with a copy, only then to refuse it: 555 bytes of bzip2 claiming 512 MiB
+    held 1 GiB); and the array it describes, one numpy can make (_check_header_array)."""
+    if version not in ((1, 0), (2, 0), (3, 0)):  # numpy's own check and message
+        raise ValueError(f"we only support format version (1,0), (2,0), and (3,0), not {version}")
+    length_field = _read_exactly(stream, 2 if version == (1, 0) else 4, "array header")
+    length = int.from_bytes(length_field, "little")
+    if length > MAX_NPY_HEADER_BYTES:
+        raise ValueError(f"its .npy header claims {length:,} bytes; a header is at most "
+                         f"{MAX_NPY_HEADER_BYTES:,} (an array of numbers takes about 128)")
+    header = io.BytesIO(length_field + _read_exactly(stream, length, "array header"))
+    # 3.0 is 2.0's layout with UTF-8 text, written only for field names latin-1 cannot hold:
+    # no array of numbers (the loaders refuse the others after reading the header)
     if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(stream)
-    return np.lib.format.read_array_header_2_0(stream)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+    _check_header_array(shape, dtype)
+    return shape, fortran, dtype
+
+
+def _read_exactly(stream, size: int, what: str) -> bytes:
+    """The next `size` bytes of `stream` (a zip member's can come in pieces); numpy's words
+    when it ends first."""
+    data = b""
+    while len(data) < size:
+        piece = stream.read(size - len(data))
+        if not piece:
+            raise ValueError(f"EOF: reading {what}, expected {size} bytes got {len(data)}")
+        data += piece
+    return data
+
+
+def _check_header_array(shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Refuses, before any array is made (the block readers never make the whole), what a
+    .npy header describes that no reader takes, each in one wording:
+    - an array of Python objects (stored pickled; numpy's refusal spoke of an allow_pickle that
+      latentspace does not take, the CLI's reader of a map it does not make);
+    - a shape or dtype numpy would refuse when it made the array, in numpy's words: the block
+      readers took (2**62, 0) (no data, so no claim to refuse) for that many empty rows, handed
+      out without end; a bool as a dimension (numpy's check takes it for an int) was numpy's
+      bare TypeError, or one row;
+    - a subarray dtype (numpy writes none: an array of one takes its axes), which np.load
+      refused and the map read with those axes."""
+    if dtype.hasobject:
+        raise ValueError(f"an array of Python objects (dtype {dtype}), stored pickled: latentspace never "
+                         "unpickles; save an array of numbers")
+    if not all(type(size) is int for size in shape):
+        raise ValueError(f"shape is not valid: {shape!r}")
+    if dtype.subdtype is not None:
+        raise ValueError(f"its dtype {dtype} is a subarray dtype, which numpy never writes")
+    if any(size < 0 for size in shape):
+        raise ValueError("negative dimensions are not allowed")
+    np.empty((0,) * len(shape))  # numpy's limit on axes (32 before numpy 2, 64 since), in its words
+    most = np.iinfo(np.intp).max
+    if any(size > most for size in shape):
+        raise ValueError("Maximum allowed dimension exceeded")
+    # (numpy counts an empty axis as 1 here, so that the other axes' product cannot overflow)
+    if math.prod(max(size, 1) for size in shape) * max(dtype.itemsize, 1) > most:
+        raise ValueError("array is too big; `arr.size * arr.dtype.itemsize` is larger than the maximum possible size.")
 
 
 def _map_member(f, info: zipfile.ZipInfo) -> np.ndarray:
@@ -388,10 +451,7 @@ def _stored_member_layout(f, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bo
     extra_len = int.from_bytes(local[28:30], "little")
     start = info.header_offset + 30 + name_len + extra_len
     f.seek(start)
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = _read_npy_header(f, version)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not loaded (they would need unpickling)")
+    shape, fortran, dtype = _npy_header(f)
     offset = f.tell()
     nbytes = math.prod(shape) * dtype.itemsize
     # Not CRC-checked when mapped: at least the header's shape must fill the member exactly,
@@ -404,10 +464,10 @@ def _stored_member_layout(f, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bo
     return shape, fortran, dtype
 
 
-def load_array(path: str | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
+def load_array(path: str | bytes | os.PathLike, key: str | None = None, *, mmap: bool | None = None) -> np.ndarray:
     """An array from .npy, .npz or ann-benchmarks .hdf5 / .h5 (its "train" set, or `key`),
     chosen by the file's suffix."""
-    suffix = Path(os.fspath(path)).suffix.lower()
+    suffix = as_path(path).suffix.lower()
     if suffix == ".npy":
         if key is not None:
             raise ValueError(f"key: a .npy file holds one array; got key={key!r}")
@@ -451,7 +511,7 @@ _H5_DAMAGE = (OSError, KeyError, RuntimeError, TypeError)
 _ANN_PARTS = ("train", "test", "neighbors", "distances")
 
 
-def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) -> AnnBenchmark:
+def load_ann_benchmarks(path: str | bytes | os.PathLike, *, mmap: bool | None = None) -> AnnBenchmark:
     """Reads an ann-benchmarks HDF5 file (datasets train, test, neighbors, distances and the
     attribute "distance"), as published at ann-benchmarks.com. Needs h5py.
 
@@ -468,8 +528,8 @@ def load_ann_benchmarks(path: str | os.PathLike, *, mmap: bool | None = None) ->
             distance = f.attrs.get("distance", "")
         except _H5_DAMAGE as error:
             raise _h5_damage(path, error) from None
-    if isinstance(distance, bytes):
-        distance = distance.decode()
+    if isinstance(distance, bytes):  # (a fixed-length string; bytes that are no UTF-8 are no metric's name)
+        distance = distance.decode(errors="replace")
     distance = str(distance)
     _check_ann_shapes(path, {name: tuple(array.shape) for name, array in arrays.items()})
     return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
