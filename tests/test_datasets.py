@@ -612,6 +612,8 @@ def test_ann_benchmarks_empty_parts(tmp_path, rng):
     h5py = pytest.importorskip("h5py")
     parts = _ann_parts(rng)
     parts["train"] = np.zeros((0, 4), np.float32)
+    # no train row to name: every neighbour id is ann-benchmarks' -1 padding (an id of 0 is refused)
+    parts["neighbors"] = np.full(parts["neighbors"].shape, -1, parts["neighbors"].dtype)
     with h5py.File(tmp_path / "e.hdf5", "w") as f:
         for name, value in parts.items():
             f.create_dataset(name, data=value)

@@ -232,3 +232,224 @@ def test_empty_and_nul_paths_are_named(tmp_path):
             read("")
         with pytest.raises(ValueError, match="path: .* holds a NUL character"):
             read(f"{tmp_path}/x.npy\0.npy")
+
+
+def test_too_long_takes_what_as_path_takes(tmp_path):
+    """_paths.too_long (asked before a file is written) raised pathlib's TypeError for a bytes
+    path, which as_path, and so every loader, takes."""
+    from latentspace import _paths
+
+    assert _paths.too_long(os.fsencode(tmp_path / "x.npy")) is None
+    long_name = os.fsencode(tmp_path / ("x" * 300 + ".npy"))
+    assert _paths.too_long(long_name).startswith("file name too long (304 characters in one path component")
+    with pytest.raises(TypeError, match=r"path: expected a str or os\.PathLike"):
+        _paths.too_long(3)
+
+
+# ---------------------------------------------------------------------------------------
+# .npz archives: which member, and why it cannot be read
+
+
+def test_a_member_is_found_by_its_full_name_as_numpy_finds_it(tmp_path):
+    """np.load(path)["x.npy"] reads the member x.npy; load_npz(key="x.npy") said the archive had
+    no such array. numpy takes a member's full name before the name less ".npy": with members
+    x.npy and x.npy.npy, "x.npy" is the first, "x.npy.npy" the second."""
+    x, y = np.arange(6, dtype=np.float32).reshape(3, 2), np.ones((2, 2), np.float32)
+    np.savez(tmp_path / "a.npz", x=x)
+    with zipfile.ZipFile(tmp_path / "two.npz", "w") as archive:
+        for name, array in (("x.npy", x), ("x.npy.npy", y)):
+            with archive.open(name, "w") as member:
+                np.lib.format.write_array(member, array)
+    for path, key, expected in [("a.npz", "x.npy", x), ("two.npz", "x.npy", x), ("two.npz", "x.npy.npy", y),
+                                ("two.npz", "x", x)]:
+        np.testing.assert_array_equal(np.load(tmp_path / path)[key], expected)  # (numpy's own answer)
+        for mmap in (None, True, False):
+            np.testing.assert_array_equal(datasets.load_npz(tmp_path / path, key, mmap=mmap), expected)
+        np.testing.assert_array_equal(_streamed(tmp_path / path, key), expected)
+    with pytest.raises(ValueError, match=r"key: .*a.npz has no array 'y.npy' \(it holds: x\)"):
+        datasets.load_npz(tmp_path / "a.npz", "y.npy")
+
+
+def _patched_npz(path, offsets_and_values) -> None:
+    """An archive of one stored member x.npy whose local header and directory entry have the
+    bytes at `offsets_and_values` (offsets from each's signature) set."""
+    with zipfile.ZipFile(path, "w") as archive:
+        with archive.open("x.npy", "w") as member:
+            np.lib.format.write_array(member, np.arange(6, dtype=np.float32).reshape(3, 2))
+    blob = bytearray(path.read_bytes())
+    for signature, shift in ((b"PK\x03\x04", 0), (b"PK\x01\x02", 2)):  # (the entry has 2 more bytes first)
+        at = blob.index(signature) + shift
+        for offset, value in offsets_and_values:
+            blob[at + offset : at + offset + len(value)] = value
+    path.write_bytes(bytes(blob))
+
+
+def _every_npz_reader(path):
+    return {"read": lambda: datasets.load_npz(path, mmap=False), "mapped": lambda: datasets.load_npz(path, mmap=True),
+            "automatic": lambda: datasets.load_npz(path), "streamed": lambda: _streamed(path)}
+
+
+def test_a_member_of_a_compression_method_zipfile_cannot_read_is_named_so(tmp_path):
+    """A member compressed with Deflate64 (zip method 9, which 7-Zip and Windows write):
+    mmap=True said "compressed and cannot be memory-mapped; pass mmap=False", and mmap=False
+    then failed with zipfile's "That compression method is not supported"."""
+    path = tmp_path / "m.npz"
+    _patched_npz(path, [(8, (9).to_bytes(2, "little"))])
+    for reader, read in _every_npz_reader(path).items():
+        with pytest.raises(ValueError, match=r"m.npz: array 'x' is compressed with zip method 9 \(Deflate64\), "
+                                             r"which Python's zipfile cannot decompress") as error:
+            read()
+        assert "mmap" not in str(error.value), reader
+
+
+def test_an_encrypted_member_is_named_not_dumped(tmp_path):
+    """An encrypted member (flag bit 0): load_npz's error held zipfile's whole ZipInfo repr
+    ("File <ZipInfo filename='x.npy' filemode='?rw-------' file_size=160> is encrypted")."""
+    path = tmp_path / "e.npz"
+    _patched_npz(path, [(6, b"\x01")])
+    for reader, read in _every_npz_reader(path).items():
+        with pytest.raises(ValueError, match=r"e.npz: array 'x' \(member 'x.npy'\) is encrypted; latentspace "
+                                             r"reads only unencrypted archives") as error:
+            read()
+        assert "ZipInfo" not in str(error.value), reader
+
+
+_DIRECTORY_DAMAGE = {
+    "encrypted flag": (8, r"RuntimeError: member 'x.npy' is encrypted by the archive's directory, not by its local "
+                          r"header: damaged\?"),
+    "compression method": (10, r"NotImplementedError: That compression method is not supported \(member 'x.npy': "
+                               r"method 255 in the archive's directory, 0 in its local header: damaged\?\)"),
+}
+
+
+@pytest.mark.parametrize("field", list(_DIRECTORY_DAMAGE))
+def test_a_directory_entry_at_odds_with_its_local_header_is_damage(tmp_path, field):
+    """A byte flipped in the directory alone makes it say "encrypted" or "method 255" of a member
+    whose local header says neither: damage, reported as such (in the type zipfile raised for
+    it), not as an encrypted member nor as one of a method zipfile lacks; and without the
+    member's whole ZipInfo, or mmap=True's advice to pass mmap=False."""
+    offset, message = _DIRECTORY_DAMAGE[field]
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((3, 2), np.float32))
+    blob = bytearray(path.read_bytes())
+    blob[blob.index(b"PK\x01\x02") + offset] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    for reader, read in _every_npz_reader(path).items():
+        with pytest.raises(ValueError, match=rf"d.npz: not a readable .npz file \({message}"):
+            read()
+            pytest.fail(f"{reader} read it")
+
+
+_NO_ZIP = {
+    "empty": (b"", r" \(the file is empty\)"),
+    "a .npy": (None, r" \(a \.npy file: use load_npy\)"),
+    "HDF5": (b"\x89HDF\r\n\x1a\n" + bytes(100), r" \(an HDF5 file: use load_ann_benchmarks, or load_array with "
+                                                r"a \.hdf5 or \.h5 name\)"),
+    "cut short": (None, r" \(it starts as a zip archive but its end record is missing or damaged: cut short\?\)"),
+    "text": (b"1,2,3\n", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(_NO_ZIP))
+def test_a_file_that_is_no_zip_is_told_what_it_is(tmp_path, case):
+    """Any file that is no zip archive was told "not an .npz archive (a .npy file? use
+    load_npy)": an empty file, an HDF5 file, a text file. The hint now says what the file is
+    (its first bytes), and no hint where they say nothing."""
+    content, message = _NO_ZIP[case]
+    if case == "a .npy":
+        np.save(tmp_path / "x.npy", np.zeros(3, np.float32))
+        content = (tmp_path / "x.npy").read_bytes()
+    elif case == "cut short":
+        np.savez(tmp_path / "x.npz", x=np.zeros(300, np.float32))
+        content = (tmp_path / "x.npz").read_bytes()[:500]
+    path = tmp_path / "d.npz"
+    path.write_bytes(content)
+    for read in (lambda: datasets.load_npz(path), lambda: _streamed(path)):
+        with pytest.raises(ValueError, match=rf"d\.npz: not an \.npz archive{message}$"):
+            read()
+
+
+# ---------------------------------------------------------------------------------------
+# ann-benchmarks: neighbours and distances that no recall can use
+
+
+def _ann(path, neighbors, distances=None, distance="euclidean", n_train=5):
+    h5py = pytest.importorskip("h5py")
+    neighbors = np.asarray(neighbors)
+    with h5py.File(path, "w") as f:
+        f.attrs["distance"] = distance
+        f["train"], f["test"] = np.zeros((n_train, 3), np.float32), np.zeros((len(neighbors), 3), np.float32)
+        f["neighbors"] = neighbors
+        f["distances"] = np.zeros(neighbors.shape, np.float32) if distances is None else np.asarray(distances)
+
+
+def _every_ann_reader(path, part):
+    return {f"mmap={mmap}": (lambda mmap=mmap: datasets.load_ann_benchmarks(path, mmap=mmap))
+            for mmap in (None, True, False)} | {
+        "load_array": lambda: datasets.load_array(path, part), "streamed": lambda: _streamed(path, part)}
+
+
+_BAD_NEIGHBORS = {
+    "float ids": (np.array([[0.0, 1.0], [2.0, 3.0]], np.float32),
+                  r"dataset /neighbors has dtype float32; expected integers \(ids of train rows\)"),
+    "an id past train": (np.array([[0, 1], [4, 5]], np.int32),
+                         r"neighbors\[1, 1\] is 5, past the last train row \(train has 5 rows: ids 0 to 4\)"),
+    "a negative id": (np.array([[0, -2], [7, 1]], np.int64),
+                      r"neighbors\[0, 1\] is -2, a negative id \(only -1, padding, may end a row\)"),
+    "padding before an id": (np.array([[0, 1, 2], [3, -1, 4]], np.int32),
+                             r"neighbors\[1, 1\] is -1 \(padding\) followed by an id in its row"),
+    "an unsigned id past train": (np.array([[0, 1], [2, 2**40]], np.uint64),
+                                  r"neighbors\[1, 1\] is 1099511627776, past the last train row"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_NEIGHBORS))
+def test_ann_neighbors_that_name_no_train_row_are_refused(tmp_path, case):
+    """Float, negative or out-of-range neighbour ids were loaded without a word, and a recall
+    computed from them was silently wrong. Now refused naming the file, the dataset and the
+    first bad one (row-major)."""
+    neighbors, message = _BAD_NEIGHBORS[case]
+    _ann(tmp_path / "a.hdf5", neighbors)
+    for reader, read in _every_ann_reader(tmp_path / "a.hdf5", "neighbors").items():
+        with pytest.raises(ValueError, match=f"a.hdf5: {message}"):
+            read()
+            pytest.fail(f"{reader} read it")
+
+
+def test_ann_neighbors_padded_with_minus_one_are_read(tmp_path):
+    """ann-benchmarks pads a row of fewer than k neighbours with -1 (and its distances with +inf)
+    in the files it writes results to; a ground truth padded so is taken as it is."""
+    neighbors = np.array([[4, 0, 1], [2, -1, -1], [-1, -1, -1]], np.int32)
+    distances = np.array([[0, 1, 2], [0, np.inf, np.inf], [np.inf] * 3], np.float32)
+    _ann(tmp_path / "a.hdf5", neighbors, distances)
+    data = datasets.load_ann_benchmarks(tmp_path / "a.hdf5")
+    np.testing.assert_array_equal(data.neighbors, neighbors)
+    np.testing.assert_array_equal(data.distances, distances)
+
+
+_BAD_DISTANCES = {
+    "NaN, angular": ("angular", [[0.0, np.nan]], r"distances\[0, 1\] is nan; expected a distance"),
+    "negative, euclidean": ("euclidean", [[0.0, 0.5], [-0.1, 1.0]],  # (said in float32's digits, not -0.10000000149)
+                            r"distances\[1, 0\] is -0\.1; a euclidean distance is never negative"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_DISTANCES))
+def test_ann_distances_no_distance_can_be_are_refused(tmp_path, case):
+    """NaN is no distance of any metric; a euclidean distance is never negative. (An angular
+    distance, 1 - cos, can be a rounding error below 0, and an inner product's any number:
+    those are read, see below.)"""
+    distance, distances, message = _BAD_DISTANCES[case]
+    distances = np.array(distances, np.float32)
+    _ann(tmp_path / "a.hdf5", np.zeros(distances.shape, np.int32), distances, distance)
+    for reader, read in _every_ann_reader(tmp_path / "a.hdf5", "distances").items():
+        with pytest.raises(ValueError, match=f"a.hdf5: {message}"):
+            read()
+            pytest.fail(f"{reader} read it")
+
+
+@pytest.mark.parametrize("distance", ["angular", "dot"])
+def test_ann_negative_distances_of_other_metrics_are_read(tmp_path, distance):
+    distances = np.array([[-1e-7, 0.5], [-3.0, 1.0]], np.float32)
+    _ann(tmp_path / "a.hdf5", np.zeros((2, 2), np.int32), distances, distance)
+    np.testing.assert_array_equal(datasets.load_ann_benchmarks(tmp_path / "a.hdf5").distances, distances)

@@ -15,15 +15,20 @@ def as_path(path: Any, name: str = "path") -> Path:
     too) as a Path. TypeError naming `name` for anything else (Python's own named no
     argument); ValueError for "" (pathlib reads it as the current folder: "path: . is a
     folder") and for a NUL character (the OS's "embedded null byte" named no argument)."""
-    try:
-        text = os.fsdecode(path)
-    except TypeError:
-        raise TypeError(f"{name}: expected a str or os.PathLike (a file's path), got {type(path).__name__}") from None
+    text = _path_text(path, name)
     if not text:
         raise ValueError(f"{name}: empty; expected a file's path")
     if "\0" in text:
         raise ValueError(f"{name}: {text!r} holds a NUL character, which no file name can")
     return Path(text)
+
+
+def _path_text(path: Any, name: str) -> str:
+    """`path` (what as_path takes) as text, unchecked; as_path's TypeError for anything else."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"{name}: expected a str or os.PathLike (a file's path), got {type(path).__name__}") from None
 
 
 def stat_regular_file(path: str | bytes | os.PathLike, what: str,
@@ -41,14 +46,16 @@ def stat_regular_file(path: str | bytes | os.PathLike, what: str,
     return status
 
 
-def too_long(path: str | os.PathLike, *, spare: int = 0) -> str | None:
+def too_long(path: str | bytes | os.PathLike, *, spare: int = 0) -> str | None:
     """Why the file system would refuse `path` as too long, or None: one of its parts (a
     folder's or the file's name) longer than its NAME_MAX bytes, or the whole longer than
     PATH_MAX - 1 bytes less `spare` (what a writer adds to it: a temporary file's longer
     name). The OS said only "[Errno 36] File name too long" and the whole path, naming no
     argument. The limits are those of the nearest folder on the way that exists; where the
-    OS cannot tell them (Windows: no os.pathconf), None."""
-    text = os.fspath(path)
+    OS cannot tell them (Windows: no os.pathconf), None. `path` is what as_path takes (a str,
+    an os.PathLike, or bytes; as_path's TypeError for anything else), but "" and a NUL
+    character are left to as_path: neither is too long."""
+    text = _path_text(path, "path")  # (os.fspath left bytes as bytes, which Path refused)
     name_max, path_max = _limits(Path(text))
     if name_max is not None:
         for part in Path(text).parts:

@@ -331,6 +331,7 @@ def _member_rows(path: Path, f: Any, archive: zipfile.ZipFile, key: str | None) 
     else the array load_npz gives (mmap=None). zipfile's errors escape (see _npz_rows)."""
     key = datasets._member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
+    datasets._check_member_readable(path, f, key, info)
     # (A stored member is streamed too, not mapped: see _FileRows; and its CRC is checked.)
     member = open_member(f, archive, info)
     try:
@@ -405,6 +406,11 @@ def _ann_rows(path: str | os.PathLike, key: str | None) -> Iterator[Any]:
             parts = datasets._ann_datasets(path, f)
             datasets._check_ann_shapes(path, {name: tuple(dataset.shape) for name, dataset in parts.items()})
             dataset = parts[part]
+            # (the part asked for only, read a block at a time: a train or test stream reads no other)
+            if part == "neighbors":
+                datasets._check_ann_neighbors(path, dataset, parts["train"].shape[0])
+            elif part == "distances":
+                datasets._check_ann_distances(path, dataset, datasets._ann_distance(f))
             # (a contiguous dataset is read a slice at a time too, not mapped: see _FileRows)
             if math.prod(dataset.shape) == 0:
                 rows: Any = ArrayRows(datasets._h5_array(path, dataset, None))

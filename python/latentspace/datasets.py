@@ -236,9 +236,33 @@ def load_npz(path: str | bytes | os.PathLike, key: str | None = None, *, mmap: b
 
 
 def _check_zip(path: Path, f) -> None:
-    """Refuses the open file `f` unless it is a zip archive."""
+    """Refuses the open file `f` unless it is a zip archive, saying what it is instead where
+    its first bytes tell (_not_zip_hint)."""
     if not zipfile.is_zipfile(f):
-        raise ValueError(f"{path}: not an .npz archive (a .npy file? use load_npy)")
+        raise ValueError(f"{path}: not an .npz archive{_not_zip_hint(f)}")
+
+
+# The first bytes of an HDF5 file (its superblock's signature; HDF5 also looks for it at 512,
+# 1024, ... past a user block, which h5py does not write unless asked).
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _not_zip_hint(f) -> str:
+    """What the open file `f`, which is no zip archive, is, from its first bytes, as the end
+    of load_npz's refusal: "" where they tell nothing (its hint had said "a .npy file? use
+    load_npy" for any file, empty, HDF5 or text)."""
+    f.seek(0)
+    head = f.read(max(len(_HDF5_SIGNATURE), len(np.lib.format.MAGIC_PREFIX)))
+    f.seek(0)
+    if not head:
+        return " (the file is empty)"
+    if head.startswith(np.lib.format.MAGIC_PREFIX):
+        return " (a .npy file: use load_npy)"
+    if head.startswith(_HDF5_SIGNATURE):
+        return " (an HDF5 file: use load_ann_benchmarks, or load_array with a .hdf5 or .h5 name)"
+    if head.startswith(_ZIP_PREFIXES):  # (is_zipfile looks for the end record, which holds the directory)
+        return " (it starts as a zip archive but its end record is missing or damaged: cut short?)"
+    return ""
 
 
 def _zip_damage(path: Path, error: BaseException) -> BaseException:
@@ -261,8 +285,11 @@ def _member_damage(path: Path, key: str, error: BaseException) -> ValueError:
 
 
 def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
-    """`key`, or the archive's only array when key is None; ValueError naming key otherwise."""
+    """The name (less ".npy") of the member holding `key`, or the archive's only array when key
+    is None; ValueError naming key otherwise. `key` is an array's name or its member's full
+    name, as np.load's takes it (_key_name)."""
     names = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
+    key = _key_name(key, names)
     # Two members of one name: which is the array is not known (zipfile, and np.load, read the
     # last; a listing of the archive may show the first), and no key picks one
     chosen = key if key is not None else names[0] if len(set(names)) == 1 else None
@@ -279,11 +306,72 @@ def _member_name(path: Path, archive: zipfile.ZipFile, key: str | None) -> str:
     return key
 
 
+def _key_name(key: Any, names: list[str]) -> Any:
+    """`key` as the name of an array in `names` (its member's name less ".npy"): np.load's
+    archive takes a member's full name first ("x.npy" is the member x.npy, though another is
+    named x.npy.npy), then the name less ".npy"; load_npz refused the full name. Anything
+    else as it is (refused by _member_name)."""
+    if isinstance(key, str) and key.endswith(".npy") and key[: -len(".npy")] in names:
+        return key[: -len(".npy")]
+    return key
+
+
+# The zip compression methods zipfile decompresses (np.savez stores, np.savez_compressed
+# deflates; np.load reads bzip2 and LZMA members too, as do the loaders: _zip_member.py; Python
+# 3.14 added Zstandard), and the names of some others, for the error that refuses a member of
+# one (APPNOTE.TXT 4.4.5).
+_ZIP_METHODS_READ = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
+                     *([zipfile.ZIP_ZSTANDARD] if hasattr(zipfile, "ZIP_ZSTANDARD") else [])}
+_ZIP_METHOD_NAMES = {1: "Shrink", 6: "Implode", 9: "Deflate64", 93: "Zstandard", 95: "XZ", 97: "WavPack",
+                     98: "PPMd", 99: "WinZip AES encryption"}
+
+
+def _check_member_readable(path: Path, f, key: str, info: zipfile.ZipInfo) -> None:
+    """Refuses the member `info` (the array `key`) of the archive open as `f` before it is read
+    or mapped, naming it, when zipfile cannot read it: encrypted (zipfile's refusal printed the
+    member's whole ZipInfo), or compressed with a method zipfile has no decompressor for
+    (mmap=True was told to pass mmap=False, which then failed with "That compression method is
+    not supported"). Damage that only makes the directory say so is one of _ZIP_DAMAGE
+    (_check_local_header)."""
+    encrypted, method = bool(info.flag_bits & 0x1), info.compress_type
+    if not encrypted and method in _ZIP_METHODS_READ:
+        return
+    _check_local_header(f, info, encrypted, method)
+    if encrypted:
+        raise ValueError(f"{path}: array {key!r} (member {info.filename!r}) is encrypted; latentspace reads only "
+                         "unencrypted archives")
+    name = _ZIP_METHOD_NAMES.get(method, "not one zipfile knows")
+    raise ValueError(f"{path}: array {key!r} is compressed with zip method {method} ({name}), which Python's "
+                     "zipfile cannot decompress; save it with np.savez or np.savez_compressed")
+
+
+def _check_local_header(f, info: zipfile.ZipInfo, encrypted: bool, method: int) -> None:
+    """Damage, as load_npz reports it, when the member's local header, in the archive open as
+    `f`, is missing or says otherwise than its directory entry about its encryption or
+    compression method: both hold them, and a byte flipped in the directory is no encrypted
+    member, nor one of a method zipfile lacks. Raised as the type zipfile raises for it, in
+    its order (the CLI's users, and its tests, know the damage by it), with words that name
+    the member (zipfile's printed its whole ZipInfo)."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    name = info.filename
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"Bad magic number for the local header of member {name!r}")
+    if bool(local[6] & 0x1) != encrypted:
+        raise RuntimeError(f"member {name!r} is {'' if encrypted else 'not '}encrypted by the archive's directory, "
+                           f"{'not ' if encrypted else ''}by its local header: damaged?")
+    local_method = int.from_bytes(local[8:10], "little")
+    if local_method != method:
+        raise NotImplementedError(f"That compression method is not supported (member {name!r}: method {method} in the "
+                                  f"archive's directory, {local_method} in its local header: damaged?)")
+
+
 def _read_member(path: Path, f, archive: zipfile.ZipFile, key: str | None, mmap: bool | None) -> np.ndarray:
     """load_npz's array from the archive open on the file `f` (its damage errors are
     translated by load_npz)."""
     key = _member_name(path, archive, key)
     info = archive.getinfo(key + ".npy")
+    _check_member_readable(path, f, key, info)
     stored = info.compress_type == zipfile.ZIP_STORED
     if mmap is True and not stored:
         raise ValueError(f"mmap: array {key!r} of {path} is compressed and cannot be memory-mapped; "
@@ -494,9 +582,10 @@ class AnnBenchmark:
     """An ann-benchmarks dataset: vectors to index, queries and their true neighbours.
 
     train: (n, d) vectors; test: (q, d) queries; neighbors: (q, k) int indices into train,
-    nearest first; distances: (q, k) their distances; distance: the file's "distance"
-    attribute ("euclidean", "angular", ...); metric: the matching latentspace metric
-    ("l2", "cosine", "ip") or None when there is none.
+    nearest first, each in 0..n-1, or -1 as padding at the end of a row of fewer than k
+    (ann-benchmarks' own padding, written with +inf distances); distances: (q, k) their
+    distances; distance: the file's "distance" attribute ("euclidean", "angular", ...);
+    metric: the matching latentspace metric ("l2", "cosine", "ip") or None when there is none.
     """
 
     train: np.ndarray
@@ -517,6 +606,13 @@ def load_ann_benchmarks(path: str | bytes | os.PathLike, *, mmap: bool | None = 
 
     mmap: as for load_npy; a contiguous, uncompressed dataset (the usual layout) is mapped
     straight from the file, a chunked or compressed one is read.
+
+    Refused with a ValueError naming the file, the dataset and its first bad entry: neighbour
+    ids that are no integers, or name no train row (negative, or n or more, for n train rows;
+    -1 is taken as padding, as ann-benchmarks pads its result files, but only at the end of a
+    row); and distances that are NaN, or negative for "euclidean" (a norm): a recall computed
+    from them was silently wrong. (An "angular" distance, 1 - cos, can round to just below 0,
+    and a "dot" distance is any number: only NaN is refused for those.)
     """
     _check_mmap(mmap)
     h5py = _import_h5py()
@@ -525,14 +621,20 @@ def load_ann_benchmarks(path: str | bytes | os.PathLike, *, mmap: bool | None = 
         try:
             parts = _ann_datasets(path, f)
             arrays = {name: _h5_array(path, parts[name], mmap) for name in _ANN_PARTS}
-            distance = f.attrs.get("distance", "")
+            distance = _ann_distance(f)
         except _H5_DAMAGE as error:
             raise _h5_damage(path, error) from None
+    _check_ann_shapes(path, {name: tuple(array.shape) for name, array in arrays.items()})
+    _check_ann_answers(path, arrays, distance)
+    return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
+
+
+def _ann_distance(f: Any) -> str:
+    """The open ann-benchmarks file's "distance" attribute as text ("" when it has none)."""
+    distance = f.attrs.get("distance", "")
     if isinstance(distance, bytes):  # (a fixed-length string; bytes that are no UTF-8 are no metric's name)
         distance = distance.decode(errors="replace")
-    distance = str(distance)
-    _check_ann_shapes(path, {name: tuple(array.shape) for name, array in arrays.items()})
-    return AnnBenchmark(distance=distance, metric=_ANN_METRICS.get(distance.lower()), **arrays)
+    return str(distance)
 
 
 def _import_h5py():
@@ -617,6 +719,77 @@ def _check_ann_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         raise ValueError(f"{path}: distances has shape {shapes['distances']} but neighbors {shapes['neighbors']}")
     if shapes["neighbors"][0] != shapes["test"][0]:
         raise ValueError(f"{path}: neighbors has {shapes['neighbors'][0]} rows for {shapes['test'][0]} queries")
+
+
+# ann-benchmarks' distances that are never negative (a norm; the others: "angular" is 1 - cos,
+# which rounds to just below 0 for a vector's own direction, and "dot" is any number).
+_NONNEGATIVE_DISTANCES = {"euclidean"}
+# The rows of neighbors or distances checked at a time (ann-benchmarks' are 10,000 x 100: one
+# block), so that the comparisons' temporary arrays stay small for a file of any size.
+_ANSWER_BLOCK_BYTES = 4 << 20
+
+
+def _check_ann_answers(path: Path, parts: dict[str, Any], distance: str) -> None:
+    """Refuses neighbors and distances (arrays or h5py datasets of 2-d shapes checked by
+    _check_ann_shapes) that no recall can use, naming the first bad entry (row-major):
+    see load_ann_benchmarks."""
+    _check_ann_neighbors(path, parts["neighbors"], parts["train"].shape[0])
+    _check_ann_distances(path, parts["distances"], distance)
+
+
+def _check_ann_neighbors(path: Path, neighbors: Any, n_train: int) -> None:
+    """Refuses neighbour ids that are no integers, or name none of the n_train rows (-1 is
+    padding, at a row's end only)."""
+    if neighbors.dtype.kind not in "iu":
+        raise ValueError(f"{path}: dataset /neighbors has dtype {neighbors.dtype}; expected integers (ids of train "
+                         "rows)")
+    bad = _first_entry(neighbors, lambda block: _bad_neighbors(block, n_train))
+    if bad is not None:
+        (row, column), value = bad
+        where = f"{path}: neighbors[{row}, {column}] is {value}"
+        if value == -1:
+            raise ValueError(f"{where} (padding) followed by an id in its row; padding only ends a row")
+        if value < 0:
+            raise ValueError(f"{where}, a negative id (only -1, padding, may end a row)")
+        ids = f": ids 0 to {n_train - 1}" if n_train else ""
+        raise ValueError(f"{where}, past the last train row (train has {n_train} rows{ids})")
+
+
+def _check_ann_distances(path: Path, distances: Any, distance: str) -> None:
+    """Refuses a NaN distance, and a negative one where the metric `distance` (the file's
+    attribute) has none (_NONNEGATIVE_DISTANCES); +inf is ann-benchmarks' padding."""
+    if distances.dtype.kind != "f":  # (integers: neither NaN nor, for the non-negative metrics, checked)
+        return
+    nonnegative = distance.lower() in _NONNEGATIVE_DISTANCES
+    bad = _first_entry(distances, lambda block: np.isnan(block) | (nonnegative & (block < 0)))
+    if bad is not None:
+        (row, column), value = bad
+        why = "expected a distance" if np.isnan(value) else f"a {distance} distance is never negative"
+        raise ValueError(f"{path}: distances[{row}, {column}] is {value!s}; {why}")
+
+
+def _bad_neighbors(block: np.ndarray, n_train: int) -> np.ndarray:
+    """Where the rows of neighbour ids `block` name no train row: n_train or more, below -1,
+    or -1 (padding) with an id after it in its row."""
+    bad = block >= n_train
+    if block.dtype.kind == "i":  # (an unsigned id is never negative)
+        padding = block == -1
+        bad |= block < -1
+        bad[:, :-1] |= padding[:, :-1] & ~padding[:, 1:]
+    return bad
+
+
+def _first_entry(array: Any, is_bad: Any) -> tuple[tuple[int, int], Any] | None:
+    """((row, column), value) of the first entry of the 2-d `array` (or h5py dataset) where
+    is_bad(block of rows) is True, read a block of rows at a time; None where there is none."""
+    rows = max(1, _ANSWER_BLOCK_BYTES // max(1, array.shape[1] * array.dtype.itemsize))
+    for start in range(0, array.shape[0], rows):
+        block = np.asarray(array[start : start + rows])
+        found = np.flatnonzero(is_bad(block))
+        if len(found):
+            row, column = divmod(int(found[0]), block.shape[1])
+            return (start + row, column), block[row, column]  # (numpy's scalar: its str, float32's own digits)
+    return None
 
 
 def _check_h5_dataset(path: Path, dataset: Any) -> None:
