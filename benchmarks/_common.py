@@ -69,8 +69,10 @@ def read_benchmark_json(path: str) -> tuple[dict | None, str]:
 def read_benchmark_files(paths) -> tuple[list[dict], list[tuple[str, str]]]:
     """The data of each readable pytest-benchmark JSON file in `paths`, and the files that
     held no results, each with the reason (read_benchmark_json). gpu_run.sh runs a benchmark
-    in parts: one stopped at its time limit leaves an empty file beside the parts that
-    finished, whose figures must still be reported."""
+    in parts: one that failed to start, or a pytest-benchmark before 5.3 that had nothing
+    timed, leaves no file or an empty one beside the parts that finished, whose figures must
+    still be reported. (A part stopped at its time limit gets SIGINT and writes the
+    benchmarks it finished.)"""
     found, unread = [], []
     for path in paths:
         data, why_not = read_benchmark_json(path)

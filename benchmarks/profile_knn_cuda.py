@@ -23,13 +23,17 @@ Questions the benchmark's totals cannot answer:
   6. One query over 1M rows: the rows a warp reads at once and the splits, against one read of
      the database (q1_sweep).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
-timed are those FlatIndex.search runs.
+timed are those FlatIndex.search runs. A section stopped (SIGINT: gpu_run.sh's limit) or
+failing midway keeps what it had measured, named under "unfinished" in the JSON; after a stop
+no other section starts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,7 +72,8 @@ def calls_and_first_plan(nq: int, n: int, k: int, bound: int) -> tuple[list, dic
 
 
 def kernel_times(call) -> list[tuple[str, int, float]]:
-    """(kernel name, launches, total ms) of one call, from torch.profiler's CUDA activity."""
+    """(kernel name, launches, total ms) of one call, from torch.profiler's CUDA activity. The
+    names whole: their template arguments tell a family's kernels apart (printed lines cut them)."""
     call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -80,7 +85,7 @@ def kernel_times(call) -> list[tuple[str, int, float]]:
         if device_us is None:
             device_us = getattr(event, "cuda_time_total", 0.0)
         if device_us > 0:
-            rows.append((event.key[:90], event.count, device_us / 1e3))
+            rows.append((event.key, event.count, device_us / 1e3))
     return sorted(rows, key=lambda row: -row[2])
 
 
@@ -108,7 +113,7 @@ def big_search_breakdown(report: dict) -> None:
             report[label] = rows
             print(f"\n== knn Q=10000 N=1000000 D=128 {label[4:]}: CUDA kernels of one search")
             for name, count, ms in rows[:8]:
-                print(f"  {ms:9.2f} ms  x{count:<4d} {name}")
+                print(f"  {ms:9.2f} ms  x{count:<4d} {name[:90]}")
 
 
 def q1_breakdown(report: dict) -> None:
@@ -139,7 +144,7 @@ def q1_breakdown(report: dict) -> None:
             print(f"  {ms:8.3f} ms  {name}")
         print("  kernels of one FlatIndex.search:")
         for name, count, ms in report[f"q1 N={n}"]["kernels"][:10]:
-            print(f"  {ms:8.3f} ms  x{count:<3d} {name}")
+            print(f"  {ms:8.3f} ms  x{count:<3d} {name[:90]}")
 
 
 # The scan of one query, against one read of the database (issue 6's Q = 1 bar: within 1.5x).
@@ -152,6 +157,20 @@ def q1_breakdown(report: dict) -> None:
 # or whole waves of 1 to 8 blocks a multiprocessor).
 Q1_SWEEP_ROWS = ("4", "8", "16")
 Q1_SWEEP_WAVES = (1, 2, 3, 4, 6, 8)  # splits: this many times the multiprocessors
+Q1_SWEEP_N = 1_000_000
+
+
+def scan_rows(kernels: list[tuple[str, int, float]]) -> int | None:
+    """The rows a warp reads at once in the row scan among one search's kernels: row_scan_kernel's
+    kRows, its second-last template argument ("..., 1, 8, 1>"). None where no row scan ran or
+    its name does not show its arguments. The 8- and 16-row scans take only rows that load in
+    quads, and the 4-row scan runs otherwise: this says which one the times are of."""
+    for name, _, _ in kernels:
+        arguments = re.search(r"row_scan_kernel<([^<>]*)>", name)
+        if arguments:
+            value = arguments.group(1).split(",")[-2].strip().removeprefix("(int)")
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def q1_sweep(report: dict) -> None:
@@ -160,7 +179,7 @@ def q1_sweep(report: dict) -> None:
     kernel time (torch.profiler, one search) and its read rate; beside a torch.sum over the
     database (the read the bar counts), in the same process."""
     g = torch.Generator(device=DEVICE).manual_seed(12)
-    n = 1_000_000
+    n = Q1_SWEEP_N
     x = torch.randn(n, 128, generator=g, device=DEVICE)
     q = torch.randn(1, 128, generator=g, device=DEVICE)
     index = latentspace.FlatIndex(128, device=DEVICE)
@@ -170,7 +189,7 @@ def q1_sweep(report: dict) -> None:
     rows: list[dict] = []
     report["q1 sweep"] = {"read_ms": read_ms, "multiprocessors": multiprocessors, "rows": rows}
     print(f"\n== one query, N={n} D=128 k=10: rows a warp reads x splits (medians of 50; one read "
-          f"of the database, torch.sum: {read_ms:.3f} ms, {x.numel() * 4 / read_ms / 1e9:.0f} TB/s)")
+          f"of the database, torch.sum: {read_ms:.3f} ms, {x.numel() * 4 / read_ms / 1e9:.2f} TB/s)")
     for rows_setting in Q1_SWEEP_ROWS:
         for splits in ("", *(str(waves * multiprocessors) for waves in Q1_SWEEP_WAVES)):
             with environment(LATENTSPACE_CUDA_SINGLE_QUERY_ROWS=rows_setting,
@@ -180,11 +199,14 @@ def q1_sweep(report: dict) -> None:
                 kernels = kernel_times(lambda: index.search(q, 10))
                 plan = _native._cuda_plan(1, n, 10, DEVICE.index)
             scan_ms = sum(ms for name, _, ms in kernels if "row_scan_kernel" in name)
-            rows.append({"rows": int(rows_setting), "splits_set": splits, "splits": plan["splits"],
+            ran = scan_rows(kernels)
+            rows.append({"rows": int(rows_setting), "scan_rows": ran, "splits_set": splits, "splits": plan["splits"],
                          "flat_index_ms": index_ms, "knn_ms": knn_ms, "scan_ms": scan_ms, "kernels": kernels})
+            which = ("" if ran == int(rows_setting) else "  (which scan ran: not in its kernel's name)" if ran is None
+                     else f"  (not the {rows_setting}-row scan: the {ran}-row one ran)")
             print(f"  rows {rows_setting:>2s}  splits {plan['splits']:5d}{' (own)' if not splits else '      '}  "
                   f"FlatIndex {index_ms:6.3f} ms ({index_ms / read_ms:4.2f}x one read)  knn {knn_ms:6.3f} ms  "
-                  f"scan {scan_ms:6.3f} ms ({x.numel() * 4 / scan_ms / 1e9 if scan_ms else 0:5.2f} TB/s)")
+                  f"scan {scan_ms:6.3f} ms ({x.numel() * 4 / scan_ms / 1e9 if scan_ms else 0:5.2f} TB/s){which}")
 
 
 def host_copy_rates(report: dict) -> None:
@@ -208,8 +230,10 @@ def host_copy_rates(report: dict) -> None:
 # The plan sweep: shape -> (Q, N, D, k, configurations), a configuration being (split rule,
 # workspace GiB, tree merge, shared thresholds, fitted plan), each "0" or "1" for the last
 # three (shared thresholds run the opt-in family's kernels, float thresholds included). Each
-# configuration sets all three, so "0" rows are the defaults before GPU run 8 (rule 32,
-# 1 GiB, no tree, thresholds per split, the filling plan), whatever the defaults now. Rule
+# configuration sets all three, so "0" rows are the plans of the defaults before GPU run 8
+# (rule 32, 1 GiB, no tree, thresholds per split, the filling plan), whatever the defaults now;
+# but every row runs today's fused finish (LATENTSPACE_CUDA_FUSED_FINISH is not set here; off
+# before run 8), so their times are not run 4-8's sweep figures again. Rule
 # 0: no rule (splits only to fill the GPU), the plan the tree merge is for. The fitted plan
 # (LATENTSPACE_CUDA_FITTED_PLAN) changes only plans over their bound: at k = 1024 all 10,000
 # queries in one call of fewer splits (computed); at k = 16,384 with no rule, one call of 2
@@ -268,7 +292,7 @@ def plan_sweep(report: dict) -> None:
                   f"{ms:9.2f} ms  {len(calls)} calls; the first: "
                   f"{first_queries} queries, {plan['query_tiles']} x {plan['splits']} blocks, "
                   f"{plan['split_length']} rows a split")
-        del x, q
+        x = q = None  # this shape's tensors freed before the next one's are made
 
 
 # The defaults GPU run 8 chose (docs/gpu-runs.md): shape -> (Q, N, D, k). Each is searched
@@ -316,7 +340,7 @@ def defaults_check(report: dict) -> None:
         print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
               + f"  | {len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"
               + (" tree" if plan["tree"] else ""))
-        del x, q
+        x = q = None  # this shape's tensors freed before the next one's are made
 
 
 # Each section runs in a process of its own, in this order: a never-run opt-in kernel that
@@ -327,43 +351,92 @@ SECTIONS = {"q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "b
             "sweep": plan_sweep, "defaults": defaults_check}
 
 
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
+INTERRUPTED = 130  # a section's exit status when SIGINT stopped it (as a shell reports one)
+
+
+def run_section(name: str, path: str | None) -> int:
+    """One section here; its JSON to `path`. Stopped (SIGINT: KeyboardInterrupt) or failing
+    midway, what it had measured is written all the same, the section named under "unfinished"
+    with why (a stop returns INTERRUPTED, an error is raised again)."""
+    if not latentspace.cuda_available():
+        sys.exit("no usable CUDA GPU")
+    global DEVICE
+    DEVICE = torch.device("cuda", torch.cuda.current_device())
+    report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
+    try:
+        SECTIONS[name](report)
+    except (Exception, KeyboardInterrupt) as error:
+        report["unfinished"] = {name: f"{type(error).__name__}: {error}"[:300]}
+        if path:
+            write_json(path, report)
+        if isinstance(error, KeyboardInterrupt):
+            print(f"\n== section {name} stopped: what it measured is kept")
+            return INTERRUPTED
+        raise
+    if path:
+        write_json(path, report)
+    return 0
+
+
+def merge_section(merged: dict, section: dict) -> None:
+    """A section's JSON into the merged one ("unfinished" gathers every section's entry)."""
+    unfinished = {**merged.get("unfinished", {}), **section.pop("unfinished", {})}
+    merged.update(section)
+    if unfinished:
+        merged["unfinished"] = unfinished
+
+
+def run_all_sections(out: str | None) -> int:
+    """Every section, each in its own process, merged into `out` as each ends (the file written
+    again each time, so a time limit keeps the finished sections, in one file: the device tool
+    brings back at most 8 files from a run), a stopped or failed section's rows included. After
+    a stop (the section exits INTERRUPTED, or SIGINT reaches this process, which the sections
+    get too: gpu_run.sh's timeout signals the process group) no other section starts: the
+    timeout's SIGKILL would end it 10 s later."""
+    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
+    merged: dict = {}
+    failed = []
+    stop: list[bool] = []
+    # A handler that returns (not SIG_IGN): the sections' processes start with SIGINT's default,
+    # and this one's waits for them are resumed, not broken off.
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    try:
+        with tempfile.TemporaryDirectory() as parts:
+            names = list(SECTIONS)
+            for position, name in enumerate(names):
+                if stop:
+                    print(f"\n== stopped (SIGINT); not started: {', '.join(names[position:])}")
+                    break
+                part = os.path.join(parts, f"{name}.json")
+                code = subprocess.run([sys.executable, "-u", __file__, "--section", name, part]).returncode
+                if os.path.exists(part):
+                    with open(part) as f:
+                        merge_section(merged, json.load(f))
+                    if out:
+                        write_json(out, merged)
+                if code != 0:
+                    failed.append(name)
+                    print(f"\n== section {name} exited {code}")
+                if code in (INTERRUPTED, -signal.SIGINT):
+                    stop.append(True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 1 if failed else 0
+
+
 def main(argv: list[str]) -> int:
     """profile_knn_cuda.py [out.json]: every section, each in its own process, merged into
     out.json; profile_knn_cuda.py --section NAME [out.json]: that section here."""
     if argv[:1] == ["--section"]:
         if len(argv) < 2 or argv[1] not in SECTIONS:
             sys.exit(f"--section: expected one of {', '.join(SECTIONS)}, got {argv[1:2]}")
-        if not latentspace.cuda_available():
-            sys.exit("no usable CUDA GPU")
-        global DEVICE
-        DEVICE = torch.device("cuda", torch.cuda.current_device())
-        report: dict = {"device": torch.cuda.get_device_name(DEVICE)}
-        SECTIONS[argv[1]](report)
-        if len(argv) > 2:
-            with open(argv[2], "w") as f:
-                json.dump(report, f, indent=1)
-        return 0
-    out = argv[0] if argv else None
-    print(f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}")
-    merged: dict = {}
-    failed = []
-    with tempfile.TemporaryDirectory() as parts:
-        for name in SECTIONS:
-            # Each section's JSON in a scratch folder, merged into out.json as it ends (the
-            # file written again each time, so a time limit keeps the finished sections, in
-            # one file: the device tool brings back at most 8 files from a run).
-            part = os.path.join(parts, f"{name}.json")
-            code = subprocess.run([sys.executable, "-u", __file__, "--section", name, part]).returncode
-            if code != 0:
-                failed.append(name)
-                print(f"\n== section {name} exited {code}")
-                continue
-            with open(part) as f:
-                merged.update(json.load(f))
-            if out:
-                with open(out, "w") as f:
-                    json.dump(merged, f, indent=1)
-    return 1 if failed else 0
+        return run_section(argv[1], argv[2] if len(argv) > 2 else None)
+    return run_all_sections(argv[0] if argv else None)
 
 
 if __name__ == "__main__":

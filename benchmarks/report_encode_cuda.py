@@ -16,7 +16,7 @@ bandwidth. Then in how many cells latentspace beat each torch peer: the figures 
 LATENTSPACE_CUDA_ENCODER's default (docs/gpu-runs.md). A peer whose codes were wrong never
 reaches the JSON (checked before it is timed); one found wrong after its timed rounds (verified
 false) is shown as "wrong", in no ratio: either way its ratios read "—". A file with no results
-(a run stopped at its time limit writes none) is named, and the exit status is 1.
+(a run killed past its time limit writes none) is named, and the exit status is 1.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and the bytes latentspace and the roof move per second. Then in how many cells t
 kernels beat the torch ops, the figure that decides LATENTSPACE_CUDA_LOSSES's default.
 A peer whose answer was wrong never reaches the JSON (checked before it is timed), and one
 whose timed rounds were found wrong after (verified false) is shown as "wrong", in no ratio:
-either way its ratios read "—". A file with no results (a run stopped at its time limit
+either way its ratios read "—". A file with no results (a run killed past its time limit
 writes none) is named, and the exit status is 1.
 """
 

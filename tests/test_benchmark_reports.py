@@ -661,3 +661,23 @@ def test_knn_referee_rejects_a_missed_neighbour_and_accepts_the_float64_answer()
     shifted = (truth.costs[:, 1:].astype(np.float32), truth.indices[:, 1:].copy())
     with pytest.raises(AssertionError, match="brute force"):
         referee.check(shifted, "l2", len(queries), k)
+
+
+def test_knn_cuda_report_fails_the_default_s_bar_where_only_peers_with_settings_ran(tmp_path, capsys):
+    """gpu_run.sh times the plain peers and those that name a setting in separate runs, and a
+    run stopped at its limit keeps only the cells it finished: a q1 or tensor-core cell may hold
+    the opt-in peers' figures and not latentspace.knn's. The bar of the default then says NO,
+    "not measured", rather than vanish while the opt-ins' bars read as the cell's."""
+    q1 = "q1 N=1000000 D=128 k=10"
+    bf16 = "big bf16 Q=10000 N=1000000 D=128 k=10"
+    runs = [_gpu_roof("read", DB_BYTES / 3e12, bytes=DB_BYTES),
+            _gpu_roof("gemm bf16", 2 * 8192**3 / 800e12, flops=2 * 8192**3, precision="bf16"),
+            _gpu(q1, "latentspace.knn[early norms]", 1.2 * DB_BYTES / 3e12, bytes=DB_BYTES),
+            _gpu(q1, "latentspace.FlatIndex[no fused finish]", 1.3 * DB_BYTES / 3e12, bytes=DB_BYTES),
+            _gpu(bf16, "latentspace.knn[thresholds per split]", 1.2 * FLOPS_BIG / 800e12, flops=FLOPS_BIG,
+                 precision="bf16")]
+    _script("report_knn_cuda").main(_gpu_file(tmp_path, "gpu_bench_opt-ins.json", runs))
+    out = capsys.readouterr().out
+    assert _bar(out, f"{q1} latentspace.knn[early norms]:")[1] == "yes"  # the opt-in's own bar, judged
+    assert _bar(out, f"{q1} latentspace.knn:")[1:] == ["NO", "not measured: no latentspace.knn result"]
+    assert _bar(out, f"{bf16} latentspace.knn:")[1:] == ["NO", "not measured: no latentspace.knn result"]
