@@ -67,7 +67,9 @@ def set_simd_level(level: str) -> None:
     """Caps the SIMD level ('scalar', 'avx2', 'avx512'), e.g. to compare or test paths.
 
     The LATENTSPACE_SIMD environment variable sets the same cap at import. Raises ValueError
-    for an unknown level or one this CPU lacks.
+    for an unknown level or one this CPU lacks. Process-wide: a call running on another
+    thread meanwhile may use either level, and the losses (and knn's query norms) may use
+    both within one call, so its result may match neither level's in the last bits.
     """
     if not isinstance(level, str):
         raise TypeError(f"level: expected 'scalar', 'avx2' or 'avx512', got {level!r}")

@@ -90,9 +90,12 @@ class FlatIndex:
     2 MiB beyond `nbytes`) and offered to the kernel for transparent huge pages.
 
     Thread safety: any number of threads may search at once (the GIL is released during
-    the native search), also while another thread adds; add(), add_encoded(), reserve()
-    and reset() serialise among themselves. A search sees the vectors present when it
-    started (rows being added become visible together, when the add returns).
+    the native search), also while another thread writes; add(), add_encoded(), reserve(),
+    remove_ids(), reset() and the weights setter serialise among themselves. A search sees
+    the vectors present when it started (rows being added become visible together, when the
+    add returns), on the CPU with the default weights they were checked against, as do
+    save(), to() and copies, on a GPU index too. A signal handler may read the index while its
+    own thread writes it.
     """
 
     def __init__(self, dim: int, metric: str = "l2", device: Any = None, weights: Any = None,
@@ -123,7 +126,11 @@ class FlatIndex:
         """Fresh, free locks (at construction, and in a forked child: see _free_locks_in_child)."""
         self._write_lock = threading.Lock()
         self._writer: int | None = None  # the thread holding _write_lock (see _writing)
-        self._lock = threading.Lock()
+        # Reentrant: Python runs a signal handler at any call, also one made holding _lock
+        # (reset's np.empty), and a handler that searches or saves this index took it again
+        # on the same thread: it waited for itself for ever. Every state _lock guards is
+        # consistent between its statements (see reset), so a handler may read it there.
+        self._lock = threading.RLock()
 
     # -- properties ---------------------------------------------------------------------
     @property
@@ -148,7 +155,8 @@ class FlatIndex:
                 raise ValueError(f"weights: they scale the squared norm of the index's row {row} past float32's "
                                  f"range (sum_d w_d x_d^2 above 4.2e37, the most a search can use); lower them, "
                                  f"or rescale the vectors")
-            self._weights = checked  # one reference swap: searches see old or new
+            with self._lock:  # beside the rows, which _snapshot reads with them
+                self._weights = checked
 
     def _overweighted_stored_row(self, weights: np.ndarray) -> int:
         """weighted_overflow_row of the stored vectors (call with the write lock held)."""
@@ -399,11 +407,18 @@ class FlatIndex:
     def _stored(self) -> np.ndarray:
         """The stored rows, a view of the buffer; of a memory-mapped one only once its file
         is checked to hold them still (a read past the end of a truncated file is SIGBUS)."""
+        return self._snapshot()[0]
+
+    def _snapshot(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(_stored(), the default weights), read together: every stored row was checked
+        against these weights. Read apart, a change of weights and an add between the two
+        reads paired new rows with old weights, which may refuse them (a search raised for a
+        stored row; a saved file, a pickle or a copy could not be loaded)."""
         with self._lock:
-            stored, mapped = self._buffer[: self._ntotal], self._mapped
+            stored, weights, mapped = self._buffer[: self._ntotal], self._weights, self._mapped
         if mapped is not None:
             mapped.check()
-        return stored
+        return stored, weights
 
     # -- search -------------------------------------------------------------------------
     def search(self, queries: Any, k: int, *, weights: Any = None, precision: str = "fp32",
@@ -422,10 +437,13 @@ class FlatIndex:
         precision_code = _cuda_search.check_precision(precision, self._device is not None)
         w = weights_for(self._metric, weights, self._dim, default=self._weights)
         if self._device is not None:
-            return self._search_cuda(queries, k, workspace_bytes, precision_code, w)
+            # (no weights given: the index's own, read with the rows they were checked against)
+            return self._search_cuda(queries, k, workspace_bytes, precision_code, None if weights is None else w)
         q, kind = as_matrix(queries, "queries", dim=self._dim)
         k = check_k(k)
-        database = self._stored()
+        database, own_weights = self._snapshot()
+        if weights is None:
+            w = own_weights  # the weights these rows were checked against, not those read above
         distances, indices, d_view, i_view = empty_results(kind, q.shape[0], k)
         native_knn(q, database, k, METRICS[self._metric], d_view, i_view, w, database_name=STORED_ROWS_NAME)
         return distances, indices
@@ -441,13 +459,13 @@ class FlatIndex:
         a torch.device); always a copy, also to the same device (a memory-mapped index
         becomes one held in memory). A GPU target keeps the storage; a CPU one stores float32."""
         target = _cuda_device.resolve_device(device)
-        index = FlatIndex(self._dim, self._metric, device=device, weights=self._weights,
-                          storage=self._storage if target is not None else "fp32")
         if self._device is not None:
             with self._lock:
-                stored = self._gpu_buffer[: self._ntotal]
+                stored, weights = self._gpu_buffer[: self._ntotal], self._weights
         else:
-            stored = self.vectors()
+            stored, weights = self._snapshot()
+        index = FlatIndex(self._dim, self._metric, device=device, weights=weights,
+                          storage=self._storage if target is not None else "fp32")
         index.add(stored)
         return index
 
@@ -587,11 +605,16 @@ class FlatIndex:
             self._ntotal = 0
 
     def _vectors_cuda(self) -> np.ndarray:
+        return self._snapshot_cuda()[0]
+
+    def _snapshot_cuda(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """A read-only host copy of the stored rows, and the default weights, read together
+        (as _snapshot on the CPU: every stored row was checked against these weights)."""
         with self._lock:
-            stored = self._gpu_buffer[: self._ntotal]
+            stored, weights = self._gpu_buffer[: self._ntotal], self._weights
         copy = stored.float().cpu().numpy()
         copy.flags.writeable = False
-        return copy
+        return copy, weights
 
     def _reconstruct_cuda(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -605,6 +628,7 @@ class FlatIndex:
 
     def _search_cuda(self, queries: Any, k: Any, workspace_bytes: int | None, precision: int = 0,
                      weights: np.ndarray | None = None):
+        """search on the GPU; weights: the search's own (checked), or None for the index's."""
         import torch
 
         with torch.cuda.device(self._device):
@@ -614,13 +638,16 @@ class FlatIndex:
             with self._lock:
                 database = self._gpu_buffer[: self._ntotal]
                 norms = None if self._gpu_norms is None else self._gpu_norms[: self._ntotal]
+                own_weights = weights is None
+                weights = self._weights if own_weights else weights
             # Read after the search is queued: the host waits for the check's few kernels only,
             # while the search runs (a search over bad queries is harmless and discarded).
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
             checks = query_row_checks(q, backend.weights)
-            if backend.weights is not None and database.shape[0]:
-                # Rows were checked at add, but these weights may push a row's weighted squared
-                # norm past float32 (the CPU kernel refuses it): one more read of the vectors.
+            if backend.weights is not None and not own_weights and database.shape[0]:
+                # Rows were checked at add against the index's weights, but other weights may
+                # push a row's weighted squared norm past float32 (the CPU kernel refuses it):
+                # one more read of the vectors, for those only.
                 checks.append(database_row_check(database, backend.weights, name=STORED_ROWS_NAME))
             if database.shape[0] == 0:
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
@@ -646,22 +673,24 @@ class FlatIndex:
         overwrote the other's; the locks cannot be pickled). A memory-mapped index becomes one
         held in memory, as with to()."""
         device = None if self._device is None else str(self._device)
-        return _rebuilt, (self._dim, self._metric, self._weights, self._storage, device, self.vectors())
+        vectors, weights = self._snapshot() if self._device is None else self._snapshot_cuda()
+        return _rebuilt, (self._dim, self._metric, weights, self._storage, device, vectors)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index to `path` atomically (versioned, checksummed; see indexes/io.py)."""
-        if self._device is not None:
-            database = self._vectors_cuda()  # the same file from a GPU index: a host copy first
-        else:
-            database = self._stored()
-        save_index_file(path, self._file_header(database.shape[0]), database)
+        # (the same file from a GPU index: a host copy first)
+        database, weights = self._snapshot() if self._device is None else self._snapshot_cuda()
+        save_index_file(path, self._file_header(database.shape[0], weights), database)
 
-    def _file_header(self, ntotal: int) -> dict:
-        """The header of this index's file when it holds `ntotal` vectors (indexes/io.py)."""
+    def _file_header(self, ntotal: int, weights: np.ndarray | None = None) -> dict:
+        """The header of this index's file when it holds `ntotal` vectors (indexes/io.py), with
+        `weights` as its default weights (None: the index's own; save passes those it read
+        with the rows)."""
+        weights = self._weights if weights is None else weights
         header = {"type": "FlatIndex", "metric": self._metric, "dim": self._dim,
                   "ntotal": int(ntotal), "writer": _native.__version__}
-        if self._weights is not None:
-            header["weights"] = [float(w) for w in self._weights]  # float32 values: exact in JSON
+        if weights is not None:
+            header["weights"] = [float(w) for w in weights]  # float32 values: exact in JSON
         if self._storage != "fp32":
             header["storage"] = self._storage  # restored when loaded onto a GPU
         return header
