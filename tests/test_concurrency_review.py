@@ -550,10 +550,9 @@ def test_a_mapped_index_reset_while_threads_search_it_answers_from_the_map_or_no
 
 def test_encode_losses_and_knn_on_threads_give_single_threaded_results_while_settings_change(rng, fine_switching):
     # The thread count never changes a result (each kernel splits its work so); the SIMD level
-    # may change the last bits, so an encode, which reads the level once, when its native
-    # encoder is built, must give one level's codes. (The losses read the level again for each
-    # segment of rows, csrc/cpu/losses.cpp:65 and :128: a level changed during one call mixes two
-    # levels' sums in its result, so they are checked here only while the thread count changes.)
+    # may change the last bits, so each call, which reads the level once, must give one level's
+    # result. (The losses read the level again for each segment of rows, and knn again for the
+    # query norms: a level changed during one call mixed two levels' bits, 11 of 30 loss calls.)
     torch = pytest.importorskip("torch")
     torch.manual_seed(int(rng.integers(1 << 31)))
     model = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.ReLU(), torch.nn.Linear(48, 8))
@@ -570,11 +569,12 @@ def test_encode_losses_and_knn_on_threads_give_single_threaded_results_while_set
         total.backward()
         return total.detach().numpy(), r.grad.numpy(), t.grad.numpy()
 
-    codes = {}
+    codes, losses_of, knn_of = {}, {}, {}
+    latentspace.set_num_threads(1)
     for level in levels:
         latentspace.set_simd_level(level)
         codes[level] = latentspace.encode(model, inputs)
-    latentspace.set_num_threads(1)
+        losses_of[level], knn_of[level] = losses(), latentspace.knn(queries, database, 5)
     expected_losses, expected_knn = losses(), latentspace.knn(queries, database, 5)
     done, wrong = threading.Event(), []
 
@@ -610,7 +610,11 @@ def test_encode_losses_and_knn_on_threads_give_single_threaded_results_while_set
                            worker("encode", lambda: latentspace.encode(model, inputs),
                                   lambda got: any(np.array_equal(got, c) for c in codes.values())),
                            worker("encode", lambda: latentspace.encode(model, inputs, batch_size=97),
-                                  lambda got: any(np.array_equal(got, c) for c in codes.values()))])
+                                  lambda got: any(np.array_equal(got, c) for c in codes.values())),
+                           worker("losses, level changing", losses,
+                                  lambda got: any(_same(got, e) for e in losses_of.values())),
+                           worker("knn, level changing", lambda: latentspace.knn(queries, database, 5),
+                                  lambda got: any(_same(got, e) for e in knn_of.values()))])
     assert not errors, errors[:3]
     assert not wrong, f"results that match no single setting: {wrong[:5]} ({len(wrong)} in all)"
 

@@ -267,7 +267,7 @@ void knn_cpu(const float* queries, int64_t num_queries, const float* database,
 
   const KnnKernels& kernels = cpu::knn_kernels(active_simd_level());
   std::vector<float> query_sq_norms(static_cast<size_t>(num_queries));
-  const int64_t bad_query = sq_norms_cpu(queries, num_queries, dim, query_sq_norms.data());
+  const int64_t bad_query = sq_norms_cpu(kernels, queries, num_queries, dim, query_sq_norms.data());
   LS_CHECK_VALUE(bad_query < 0, "queries: row ", bad_query, kBadRowMessage);
   // Weighted: sum w (q - x)^2 = |q|_w^2 - 2 <w q, x> + |x|_w^2. The kernels see the queries
   // scaled by w (a copy of the queries only) and, per packed panel, the weighted norms.

@@ -60,10 +60,10 @@ double segment_loss_double(const double* recon, const double* target, int64_t n,
   return total;
 }
 
-double segment_loss(const float* recon, const float* target, int64_t n, ReconstructionKind kind,
-                    float grad_scale, float* grad, uint32_t* out_of_range) {
-  const float sum = cpu::loss_kernels(active_simd_level())
-                        .segment_loss(recon, target, n, kind, grad_scale, grad, out_of_range);
+// kernels: the SIMD table of the level the call read once (see reconstruction_loss_cpu).
+double segment_loss(const cpu::LossKernels& kernels, const float* recon, const float* target, int64_t n,
+                    ReconstructionKind kind, float grad_scale, float* grad, uint32_t* out_of_range) {
+  const float sum = kernels.segment_loss(recon, target, n, kind, grad_scale, grad, out_of_range);
   if (std::isfinite(sum)) return sum;
   // The float32 sum overflowed (or an element is NaN / Inf): the segment's losses summed again
   // in double (the gradient is written already), so that a total past float32's range but a
@@ -75,8 +75,8 @@ double segment_loss(const float* recon, const float* target, int64_t n, Reconstr
   }
   return total;
 }
-double segment_loss(const double* recon, const double* target, int64_t n, ReconstructionKind kind,
-                    double grad_scale, double* grad, uint32_t* out_of_range) {
+double segment_loss(const cpu::LossKernels&, const double* recon, const double* target, int64_t n,
+                    ReconstructionKind kind, double grad_scale, double* grad, uint32_t* out_of_range) {
   return segment_loss_double(recon, target, n, kind, grad_scale, grad, out_of_range);
 }
 
@@ -90,6 +90,9 @@ double reconstruction_loss_cpu(const T* recon, const T* target, int64_t rows, in
   std::vector<double> item_sums(static_cast<size_t>(items), 0.0);
   std::atomic<uint32_t> out_of_range{0};
   const int threads = threads_for(rows * cols, items);
+  // The SIMD level, read once: every segment of one call summed by the same kernels, even when
+  // another thread calls set_simd_level meanwhile (read per segment, a call mixed levels).
+  const cpu::LossKernels& kernels = cpu::loss_kernels(active_simd_level());
 
 #pragma omp parallel num_threads(threads)
   {
@@ -100,7 +103,7 @@ double reconstruction_loss_cpu(const T* recon, const T* target, int64_t rows, in
       const int64_t first = (item % segments_per_row) * kSegment;
       const int64_t count = std::min(kSegment, cols - first);
       const int64_t offset = row * cols + first;
-      item_sums[item] = segment_loss(recon + offset, target + offset, count, kind, grad_scale,
+      item_sums[item] = segment_loss(kernels, recon + offset, target + offset, count, kind, grad_scale,
                                      grad ? grad + offset : nullptr, &local_bad);
     }
     if (local_bad) out_of_range.fetch_or(1u);
@@ -122,10 +125,9 @@ double reconstruction_loss_cpu(const T* recon, const T* target, int64_t rows, in
 namespace {
 
 // One row of the KL sum: float32 through the SIMD table, float64 in plain C++.
-double kl_row(const float* mu, const float* logvar, int64_t n, float grad_scale, float* grad_mu,
-              float* grad_logvar) {
-  const float sum =
-      cpu::loss_kernels(active_simd_level()).kl_segment(mu, logvar, n, grad_scale, grad_mu, grad_logvar);
+double kl_row(const cpu::LossKernels& kernels, const float* mu, const float* logvar, int64_t n, float grad_scale,
+              float* grad_mu, float* grad_logvar) {
+  const float sum = kernels.kl_segment(mu, logvar, n, grad_scale, grad_mu, grad_logvar);
   if (std::isfinite(sum)) return sum;
   // As segment_loss: the float32 sum overflowed (or an input is NaN / Inf), summed again in
   // double (the gradients are written already), so that a row's KL within range is not inf.
@@ -136,7 +138,7 @@ double kl_row(const float* mu, const float* logvar, int64_t n, float grad_scale,
   }
   return total;
 }
-double kl_row(const double* mu, const double* logvar, int64_t n, double grad_scale,
+double kl_row(const cpu::LossKernels&, const double* mu, const double* logvar, int64_t n, double grad_scale,
               double* grad_mu, double* grad_logvar) {
   double sum = 0.0;
   for (int64_t j = 0; j < n; ++j) {
@@ -155,10 +157,11 @@ double kl_normal_cpu(const T* mu, const T* logvar, int64_t rows, int64_t cols, T
                      T* grad_mu, T* grad_logvar, double* row_losses) {
   std::vector<double> sums(static_cast<size_t>(rows), 0.0);
   const int threads = threads_for(rows * cols, rows);
+  const cpu::LossKernels& kernels = cpu::loss_kernels(active_simd_level());  // once: see reconstruction_loss_cpu
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t offset = row * cols;
-    sums[row] = -0.5 * kl_row(mu + offset, logvar + offset, cols, grad_scale,
+    sums[row] = -0.5 * kl_row(kernels, mu + offset, logvar + offset, cols, grad_scale,
                               grad_mu ? grad_mu + offset : nullptr,
                               grad_logvar ? grad_logvar + offset : nullptr);
   }

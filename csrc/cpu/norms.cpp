@@ -13,9 +13,12 @@
 namespace latentspace {
 
 int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out) {
+  return sq_norms_cpu(cpu::knn_kernels(active_simd_level()), x, rows, dim, out);
+}
+
+int64_t sq_norms_cpu(const cpu::KnnKernels& kernels, const float* x, int64_t rows, int64_t dim, float* out) {
   // The norms come from the search kernels' own packing routine so that they match, bit
   // for bit, the norms the search computes on the fly.
-  const cpu::KnnKernels& kernels = cpu::knn_kernels(active_simd_level());
   const int64_t width = kernels.panel_width;
   const int64_t groups = (rows + width - 1) / width;
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), groups)));

@@ -25,4 +25,11 @@ static inline int64_t first_unusable_norm(const float* norms, int64_t count) {
 // Returns the first row whose norm is not usable (NaN, Inf, or too large), or -1.
 int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out);
 
+namespace cpu {
+struct KnnKernels;
+}
+// The same with the kernels of a SIMD level the caller already chose: a search reads the level
+// once, so that another thread's set_simd_level cannot give its query norms another level's bits.
+int64_t sq_norms_cpu(const cpu::KnnKernels& kernels, const float* x, int64_t rows, int64_t dim, float* out);
+
 }  // namespace latentspace

@@ -68,8 +68,8 @@ def set_simd_level(level: str) -> None:
 
     The LATENTSPACE_SIMD environment variable sets the same cap at import. Raises ValueError
     for an unknown level or one this CPU lacks. Process-wide: a call running on another
-    thread meanwhile may use either level, and the losses (and knn's query norms) may use
-    both within one call, so its result may match neither level's in the last bits.
+    thread meanwhile uses either level, the one it read when it started (each kernel call
+    reads the level once, so its result is one level's, bit for bit).
     """
     if not isinstance(level, str):
         raise TypeError(f"level: expected 'scalar', 'avx2' or 'avx512', got {level!r}")
