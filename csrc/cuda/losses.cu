@@ -8,7 +8,9 @@
 //    order every time). Double, not T: float32 elements within range can sum past it (64
 //    elements of 9e36 in one lane), and the CPU kernels sum such a segment again in double
 //    (cpu/losses.cpp), so a float32 mean within range must not come out inf here either. The
-//    loop is memory-bound; one double add per element is far below any GPU's FP64 rate.
+//    loop is memory-bound; one double add per element is far below any GPU's FP64 rate. A
+//    segment whose sum still comes out inf or NaN (an element's own loss past float32, mse of
+//    2e19) is summed again with each element in double, as the CPU does.
 // 2. finish_kernel: one block adds each row's segments in order (row_losses) and the rows in a
 //    fixed tree (total).
 // Memory-bound: the data is read once and the gradient written once; nothing is atomic
@@ -37,6 +39,36 @@ constexpr int kScaleThreads = 256;
 constexpr int64_t kMaxScaleBlocks = 4096;
 
 
+// A warp's segment of losses summed again with each element's loss in double (its gradient is
+// written already): a float32 element whose own loss passes float32's range (mse of 2e19: 4e38)
+// is inf in T, while its segment's mean may fit, as the CPU's fallback finds
+// (cpu/losses.cpp, segment_loss). Called only where the sum came out inf or NaN, warp-uniformly
+// (warp_sum's butterfly leaves every lane the same bits): no cost otherwise.
+template <ReconstructionKind kKind, class T>
+__device__ double segment_sum_in_double(const T* __restrict__ recon, const T* __restrict__ target, int64_t base,
+                                        int64_t count, int lane) {
+  double partial = 0.0;
+  for (int64_t i = lane; i < count; i += kWarp) {
+    double unused_grad;
+    partial += element_loss<kKind>(static_cast<double>(recon[base + i]), static_cast<double>(target[base + i]),
+                                   &unused_grad);
+  }
+  return warp_sum(partial);
+}
+
+// The same for KL's terms (cpu/losses.cpp, kl_row).
+template <class T>
+__device__ double kl_sum_in_double(const T* __restrict__ mu, const T* __restrict__ logvar, int64_t base,
+                                   int64_t count, int lane) {
+  double partial = 0.0;
+  for (int64_t i = lane; i < count; i += kWarp) {
+    double unused_variance;
+    partial += kl_element_term(static_cast<double>(mu[base + i]), static_cast<double>(logvar[base + i]),
+                               &unused_variance);
+  }
+  return warp_sum(partial);
+}
+
 // Sums of the reconstruction loss per (row, segment) into segment_sums; gradient into grad.
 template <ReconstructionKind kKind, class T>
 __global__ void reconstruction_segments_kernel(const T* __restrict__ recon, const T* __restrict__ target,
@@ -62,7 +94,8 @@ __global__ void reconstruction_segments_kernel(const T* __restrict__ recon, cons
       if constexpr (kKind == ReconstructionKind::kBce) bad |= (r < T(0)) | (r > T(1));  // NaN is not bad
       if (grad != nullptr) grad[base + i] = g * grad_scale;
     }
-    const double sum = warp_sum(partial);
+    double sum = warp_sum(partial);
+    if (!isfinite(sum)) sum = segment_sum_in_double<kKind>(recon, target, base, s.count, lane);
     if constexpr (kKind == ReconstructionKind::kBce) {
       if (__any_sync(0xffffffffu, bad) && lane == 0) atomicOr(out_of_range, 1u);
     }
@@ -95,7 +128,8 @@ __global__ void kl_segments_kernel(const T* __restrict__ mu, const T* __restrict
       if (grad_mu != nullptr) grad_mu[base + i] = m * grad_scale;
       if (grad_logvar != nullptr) grad_logvar[base + i] = (variance - T(1)) * half_scale;
     }
-    const double sum = warp_sum(partial);
+    double sum = warp_sum(partial);
+    if (!isfinite(sum)) sum = kl_sum_in_double(mu, logvar, base, s.count, lane);
     if (lane == 0) segment_sums[item] = -0.5 * sum;
   }
 }

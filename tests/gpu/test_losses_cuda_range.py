@@ -60,3 +60,30 @@ def test_a_float32_kl_within_range_is_not_inf_when_its_row_sum_overflows():
     torch.testing.assert_close(rows.double().cpu(), reference, rtol=1e-6, atol=0)
     torch.testing.assert_close(kl_normal(mu, logvar, "mean").double().cpu(), reference.mean(), rtol=1e-6, atol=0)
     assert torch.isinf(kl_normal(mu, logvar, "sum")).item()  # 9e38: past float32 itself
+
+
+@pytest.mark.parametrize("cols", [2, 5000])  # one segment; a row of several, the big element in the second
+def test_an_element_whose_own_loss_passes_float32_keeps_its_finite_mean(cols):
+    """mse of one element of 2e19 (4e38, past float32 by itself) beside zeros: float32 gives
+    that element inf, so the segment is summed again with each element in double, as the CPU
+    does; the mean over the row's elements fits."""
+    recon = torch.zeros((3, cols), device="cuda")
+    recon[1, cols - 1] = 2e19
+    target = torch.zeros_like(recon)
+    mean = reconstruction_loss(recon, target, "mse", "mean")
+    cpu = reconstruction_loss(recon.cpu(), target.cpu(), "mse", "mean")
+    assert torch.isfinite(mean).item() and torch.isfinite(cpu)
+    torch.testing.assert_close(mean.double().cpu(), torch.tensor(4e38 / (3 * cols), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.cpu(), cpu, rtol=1e-6, atol=0)
+
+
+def test_a_kl_term_past_float32_keeps_its_finite_row():
+    """mu = 2e19: mu^2 (4e38) is inf in float32; the row's KL, 0.5 * 4e38 = 2e38, fits."""
+    mu = torch.zeros((2, 3), device="cuda")
+    mu[0, 1] = 2e19
+    logvar = torch.zeros_like(mu)
+    rows = kl_normal(mu, logvar, "none")
+    assert torch.isfinite(rows).all().item()
+    torch.testing.assert_close(rows.double().cpu(), torch.tensor([2e38, 0.0], dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(rows.cpu(), kl_normal(mu.cpu(), logvar.cpu(), "none"), rtol=1e-6, atol=0)
