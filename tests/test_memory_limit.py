@@ -97,17 +97,18 @@ def test_unreadable_membership_is_none(tmp_path, membership):
 
 
 def test_memory_limit_takes_the_lower_of_machine_and_cgroup(monkeypatch):
+    read = _memory_limit._read_memory_limit  # (memory_limit keeps what this read for a while)
     monkeypatch.setattr(_memory_limit, "_machine_memory", lambda: 24 * GIB)
     monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: 4 * GIB)
-    assert _memory_limit.memory_limit() == MemoryLimit(4 * GIB, cgroup=True)
+    assert read() == MemoryLimit(4 * GIB, cgroup=True)
     monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: 64 * GIB)
-    assert _memory_limit.memory_limit() == MemoryLimit(24 * GIB)
+    assert read() == MemoryLimit(24 * GIB)
     monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: None)
-    assert _memory_limit.memory_limit() == MemoryLimit(24 * GIB)
+    assert read() == MemoryLimit(24 * GIB)
     monkeypatch.setattr(_memory_limit, "_machine_memory", lambda: None)
-    assert _memory_limit.memory_limit() is None
+    assert read() is None
     monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: GIB)
-    assert _memory_limit.memory_limit() == MemoryLimit(GIB, cgroup=True)
+    assert read() == MemoryLimit(GIB, cgroup=True)
 
 
 def test_memory_limit_on_this_machine_is_at_most_its_memory():
@@ -132,8 +133,44 @@ def test_a_cgroup_limit_refuses_results_the_machine_could_hold(monkeypatch):
 
     monkeypatch.setattr(_memory_limit, "_machine_memory", lambda: 1 << 40)
     monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: 1 << 20)
+    monkeypatch.setattr(_memory_limit, "_cached", None)  # (read the limits above, not the last ones read)
     x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
     with pytest.raises(MemoryError, match=r"^k: 1 queries x k=131072 results need .* more than the 1.0 MiB "
                                           r"memory limit of this process's cgroup; lower k"):
         latentspace.knn(x[:1], x, 1 << 17)
     assert latentspace.knn(x[:1], x, 1 << 15)[1].shape == (1, 1 << 15)
+
+
+def test_a_search_does_not_read_the_cgroup_files_each_call(monkeypatch):
+    """memory_limit reads /proc/self/cgroup and a file per ancestor group (95 us here): every
+    knn and FlatIndex.search asks it (empty_results), so a 1-query search of 1,000 rows took
+    104 us instead of 7. The limit is read again only after _CACHE_SECONDS."""
+    import numpy as np
+
+    import latentspace
+
+    reads = []
+    monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: reads.append(1) or 64 * GIB)
+    monkeypatch.setattr(_memory_limit, "_cached", None)  # (nothing read yet)
+    x = np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32)
+    for _ in range(20):
+        latentspace.knn(x[:1], x, 3)
+    assert len(reads) == 1
+    later = _memory_limit._clock() + _memory_limit._CACHE_SECONDS + 0.01
+    monkeypatch.setattr(_memory_limit, "_clock", lambda: later)  # a limit changed at run time (a resized pod) is seen
+    monkeypatch.setattr(_memory_limit, "_cgroup_limit", lambda membership, root: reads.append(1) or 1 << 20)
+    with pytest.raises(MemoryError, match="memory limit of this process's cgroup"):
+        latentspace.knn(x[:1], x, 1 << 17)
+    assert len(reads) == 2
+
+
+def test_a_group_outside_the_namespace_root_reads_nothing_outside_the_mount(tmp_path):
+    """A process outside its cgroup namespace's root (moved after the namespace was made: the
+    kernel writes "/../sibling") is in a group this mount does not show. The walk read
+    `mount/../sibling` and `mount/..` (files outside the cgroup mount) and then the mount's
+    own limit, which is not this process's."""
+    proc, root = _tree(tmp_path, "0::/../sibling\n", {"memory.max": f"{GIB}\n"})
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "sibling" / "memory.max").write_text(f"{GIB // 2}\n")
+    (tmp_path / "memory.max").write_text(f"{GIB // 4}\n")
+    assert _cgroup_limit(proc, root) is None

@@ -2,6 +2,7 @@
 `ulimit -v`: GNU OpenMP would print "Thread creation failed" and end the process at the next
 search, with no Python exception."""
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -27,10 +28,10 @@ _SEARCH_AFTER = textwrap.dedent("""
 """)
 
 
-def _run_under_address_limit(n: int, limit_bytes: int) -> subprocess.CompletedProcess:
+def _run_under_address_limit(n: int, limit_bytes: int, stack_bytes: int = 8 << 20) -> subprocess.CompletedProcess:
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
-        resource.setrlimit(resource.RLIMIT_STACK, (8 << 20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+        resource.setrlimit(resource.RLIMIT_STACK, (stack_bytes, resource.getrlimit(resource.RLIMIT_STACK)[1]))
 
     return subprocess.run([sys.executable, "-c", _SEARCH_AFTER, str(n)], capture_output=True, text=True,
                           timeout=120, preexec_fn=limit, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
@@ -86,7 +87,7 @@ def test_the_room_left_and_the_stack_size_decide(monkeypatch):
     assert _thread_stacks.stack_room_error(1500) is None
     limits[resource.RLIMIT_AS] = (gib // 2, gib // 2)  # already past the limit: nothing fits
     monkeypatch.delenv("OMP_STACKSIZE")
-    assert "use at most about 1 threads" in _thread_stacks.stack_room_error(2)
+    assert "use at most about 1 thread, or" in _thread_stacks.stack_room_error(2)
     monkeypatch.setattr(_thread_stacks, "_address_space_used", lambda: None)  # cannot tell: no refusal
     assert _thread_stacks.stack_room_error(10**6) is None
 
@@ -102,3 +103,30 @@ def test_omp_stacksize_is_read_as_libgomp_reads_it(text, expected):
 def test_set_num_threads_in_this_process_still_takes_ordinary_counts(num_threads):
     num_threads(3)
     assert latentspace.get_num_threads() == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "aarch64"),
+                    reason="glibc's default thread stack of these machines")
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_STACK)[1] != resource.RLIM_INFINITY,
+                    reason="needs a hard RLIMIT_STACK of unlimited")
+def test_an_unlimited_stack_limit_gives_threads_glibcs_2_mib_stacks():
+    """`ulimit -s unlimited`: glibc gives each thread ARCH_STACK_DEFAULT_SIZE, 2 MiB on x86-64 and
+    aarch64, not 8. The check took 8 MiB and refused 400 threads under a 1.5 GiB limit, which
+    ran (400 stacks of 8 MiB would need 3.2 GiB: running shows they were not 8 MiB)."""
+    ran = _run_under_address_limit(400, 3 << 29, stack_bytes=resource.RLIM_INFINITY)
+    assert ran.returncode == 0 and ran.stdout.strip() == "searched 0", (ran.stdout, ran.stderr)
+
+
+def test_the_stack_of_an_unlimited_stack_limit_is_glibcs_default(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(_thread_stacks, "_address_space_used", lambda: gib)
+    limits = {resource.RLIMIT_AS: (3 * gib, 3 * gib), resource.RLIMIT_STACK: (resource.RLIM_INFINITY,) * 2}
+    monkeypatch.setattr(resource, "getrlimit", lambda which: limits[which])
+    monkeypatch.delenv("OMP_STACKSIZE", raising=False)
+    monkeypatch.delenv("GOMP_STACKSIZE", raising=False)
+    monkeypatch.setattr(_thread_stacks.platform, "machine", lambda: "x86_64")
+    # 2 GiB left, 2.25 MiB a thread: 910 workers fit beside the calling thread
+    assert _thread_stacks.stack_room_error(911) is None
+    assert "(2.25 MiB each)" in _thread_stacks.stack_room_error(912)
+    monkeypatch.setattr(_thread_stacks.platform, "machine", lambda: "ppc64le")  # 4 MiB there
+    assert "(4.25 MiB each)" in _thread_stacks.stack_room_error(912)

@@ -11,11 +11,16 @@ module first and refuses such a count, naming `n`.
 from __future__ import annotations
 
 import os
+import platform
 import re
 
 __all__ = ["stack_room_error"]
 
-_DEFAULT_STACK_BYTES = 8 << 20  # glibc's thread stack where RLIMIT_STACK is unlimited (x86-64)
+# glibc's thread stack where RLIMIT_STACK is unlimited (ARCH_STACK_DEFAULT_SIZE): 2 MiB on
+# x86-64, aarch64 and most others, more on a few (glibc's pthreaddef.h, by platform.machine()
+# prefix). Taken as 8 MiB, 400 threads that ran under a 1.5 GiB `ulimit -v` were refused.
+_DEFAULT_STACK_BYTES = 2 << 20
+_LARGER_DEFAULT_STACK = {"ppc": 4 << 20, "sparc64": 4 << 20, "alpha": 4 << 20, "parisc": 8 << 20, "ia64": 32 << 20}
 _PER_THREAD_EXTRA_BYTES = 256 << 10  # guard page, TLS, libgomp's per-thread state: a margin
 _UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -39,18 +44,26 @@ def stack_room_error(n: int) -> str | None:
     fits = max(1, room // per_thread + 1)
     return (f"n: {n} threads need about {needed / 2**30:,.2f} GiB of address space for their stacks "
             f"({per_thread / 2**20:,.2f} MiB each), more than the {room / 2**30:,.2f} GiB this process's limit "
-            f"(ulimit -v, RLIMIT_AS) leaves; use at most about {fits} threads, or a smaller OMP_STACKSIZE")
+            f"(ulimit -v, RLIMIT_AS) leaves; use at most about {fits} thread{'s' if fits > 1 else ''}, or a smaller OMP_STACKSIZE")
 
 
 def _thread_stack_bytes(resource) -> int:
     """The stack libgomp gives each worker: OMP_STACKSIZE / GOMP_STACKSIZE where set (as
-    libgomp reads them), otherwise glibc's default, the soft RLIMIT_STACK."""
+    libgomp reads them), otherwise glibc's default: the soft RLIMIT_STACK, or where that is
+    unlimited the machine's default (_unlimited_stack_default)."""
     for name in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
         parsed = _parse_stack_size(os.environ.get(name))
         if parsed is not None:
             return parsed
     soft = resource.getrlimit(resource.RLIMIT_STACK)[0]
-    return _DEFAULT_STACK_BYTES if soft == resource.RLIM_INFINITY or soft <= 0 else soft
+    return _unlimited_stack_default() if soft == resource.RLIM_INFINITY or soft <= 0 else soft
+
+
+def _unlimited_stack_default() -> int:
+    """glibc's thread stack on this machine where RLIMIT_STACK is unlimited."""
+    machine = platform.machine().lower()
+    return next((size for prefix, size in _LARGER_DEFAULT_STACK.items() if machine.startswith(prefix)),
+                _DEFAULT_STACK_BYTES)
 
 
 def _parse_stack_size(text: str | None) -> int | None:

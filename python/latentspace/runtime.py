@@ -45,9 +45,10 @@ def set_num_threads(n: int) -> None:
     A forked child (multiprocessing's default start method on Linux) starts with 1: GNU
     OpenMP cannot start threads in a child forked after its parent ran some, and would wait
     forever. Raise it there only in a child forked before its parent ran any threads (or use
-    the "spawn" or "forkserver" start method). Raises ValueError naming n when the stacks of
-    n threads cannot fit the address space this process's limit leaves (`ulimit -v`), where
-    OpenMP would end the process at the next search."""
+    the "spawn" or "forkserver" start method). Raises ValueError naming n when raising the
+    count to n needs thread stacks that cannot fit the address space this process's limit
+    leaves (`ulimit -v`), where OpenMP would end the process at the next search. (Lowering it
+    is not checked: the threads may exist already, their stacks in the address space used.)"""
     n = check_int(n, "n")
     if n > _MAX_THREADS:
         raise ValueError(f"n: expected an integer <= {_MAX_THREADS} (the native thread count is an int), got {n}")
