@@ -30,12 +30,15 @@ def _normal(rng, rows, dim):
 
 
 def _run_threads(targets):
-    """Starts one thread per target, joins them; returns the exceptions they raised."""
+    """Runs each target on a thread of its own, all starting together; returns the exceptions
+    they raised. Fails when one has not finished within JOIN_SECONDS (a deadlock)."""
     errors: list[BaseException] = []
+    start = threading.Barrier(len(targets))  # else the first could end before the last began
 
     def guarded(target):
         def run():
             try:
+                start.wait(JOIN_SECONDS)
                 target()
             except BaseException as error:  # reported by the caller
                 errors.append(error)

@@ -30,6 +30,7 @@ import pytest
 
 import latentspace
 from latentspace.losses import kl_normal, reconstruction_loss
+from test_concurrency import _run_threads
 
 JOIN_SECONDS = 20
 PACKAGE = os.path.dirname(latentspace.__file__)
@@ -37,30 +38,6 @@ PACKAGE = os.path.dirname(latentspace.__file__)
 
 def _normal(rng, rows, dim, scale=1.0):
     return (scale * rng.standard_normal((rows, dim))).astype(np.float32)
-
-
-def _run_threads(targets):
-    """Runs each target on a thread of its own, all starting together; returns the exceptions
-    they raised. Fails when one has not finished within JOIN_SECONDS (a deadlock)."""
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(targets))  # else the first could end before the last began
-
-    def guarded(target):
-        def run():
-            try:
-                start.wait(JOIN_SECONDS)
-                target()
-            except BaseException as error:  # reported by the caller
-                errors.append(error)
-        return run
-
-    threads = [threading.Thread(target=guarded(t), daemon=True) for t in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=JOIN_SECONDS)
-    assert not any(thread.is_alive() for thread in threads), "threads did not finish (a deadlock?)"
-    return errors
 
 
 def _outcome(action):
