@@ -220,7 +220,7 @@ def test_bytes_paths_are_read_as_numpy_reads_them(tmp_path):
 @pytest.mark.parametrize("path", [None, 3, 2.5])
 def test_a_path_of_another_type_is_a_type_error_naming_path(path):
     for read in (datasets.load_npy, datasets.load_npz, datasets.load_ann_benchmarks, datasets.load_array, _streamed):
-        with pytest.raises(TypeError, match=r"path: expected a str or os\.PathLike"):
+        with pytest.raises(TypeError, match=r"path: expected a str, bytes or os\.PathLike"):
             read(path)
 
 
@@ -242,7 +242,7 @@ def test_too_long_takes_what_as_path_takes(tmp_path):
     assert _paths.too_long(os.fsencode(tmp_path / "x.npy")) is None
     long_name = os.fsencode(tmp_path / ("x" * 300 + ".npy"))
     assert _paths.too_long(long_name).startswith("file name too long (304 characters in one path component")
-    with pytest.raises(TypeError, match=r"path: expected a str or os\.PathLike"):
+    with pytest.raises(TypeError, match=r"path: expected a str, bytes or os\.PathLike"):
         _paths.too_long(3)
 
 
@@ -453,3 +453,12 @@ def test_ann_negative_distances_of_other_metrics_are_read(tmp_path, distance):
     distances = np.array([[-1e-7, 0.5], [-3.0, 1.0]], np.float32)
     _ann(tmp_path / "a.hdf5", np.zeros((2, 2), np.int32), distances, distance)
     np.testing.assert_array_equal(datasets.load_ann_benchmarks(tmp_path / "a.hdf5").distances, distances)
+
+
+def test_an_empty_npy_file_is_called_empty(tmp_path):
+    """An empty .npy was "it does not start with the .npy magic string ..., but with b''"
+    where load_npz says "(the file is empty)"."""
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for mmap in (None, True, False):
+        with pytest.raises(ValueError, match=r"empty\.npy: not a readable \.npy array \(the file is empty\)$"):
+            datasets.load_npy(tmp_path / "empty.npy", mmap=mmap)

@@ -28,7 +28,7 @@ def _path_text(path: Any, name: str) -> str:
     try:
         return os.fsdecode(path)
     except TypeError:
-        raise TypeError(f"{name}: expected a str or os.PathLike (a file's path), got {type(path).__name__}") from None
+        raise TypeError(f"{name}: expected a str, bytes or os.PathLike (a file's path), got {type(path).__name__}") from None
 
 
 def stat_regular_file(path: str | bytes | os.PathLike, what: str,

@@ -172,6 +172,8 @@ def _check_npy_magic(f) -> None:
     latentspace does not take."""
     head = f.read(len(np.lib.format.MAGIC_PREFIX))
     f.seek(0)
+    if not head:
+        raise ValueError("the file is empty")
     if head != np.lib.format.MAGIC_PREFIX:
         raise ValueError(f"it does not start with the .npy magic string {np.lib.format.MAGIC_PREFIX!r}, "
                          f"but with {head!r}: not a .npy file (latentspace never loads pickles)")

@@ -591,18 +591,21 @@ class FlatIndex:
             fresh_norms = None if norms is None else gather_kept_rows(norms, keep, kept)
             torch.cuda.current_stream(self._device).synchronize()
             with self._lock:
-                self._ntotal = kept
-                self._gpu_buffer, self._gpu_norms = fresh, fresh_norms
+                # One statement: nothing (no call, so no signal handler) runs between its stores,
+                # and a reader never pairs the new row count with the old buffer.
+                self._ntotal, self._gpu_buffer, self._gpu_norms = kept, fresh, fresh_norms
 
     def _reset_cuda(self) -> None:
         import torch
 
-        with self._writing("reset"), self._lock:
-            self._gpu_buffer = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage),
-                                       device=self._device)
-            if self._gpu_norms is not None:
-                self._gpu_norms = torch.empty(0, dtype=torch.float32, device=self._device)
-            self._ntotal = 0
+        with self._writing("reset"):
+            empty = torch.empty((0, self._dim), dtype=_cuda_search.storage_dtype(self._storage), device=self._device)
+            empty_norms = None if self._gpu_norms is None else torch.empty(0, dtype=torch.float32, device=self._device)
+            with self._lock:
+                # One statement, as remove_ids's swap: a signal handler (the lock is reentrant)
+                # runs at a call, never between these stores, so it never sees the old norms
+                # beside the new buffer.
+                self._ntotal, self._gpu_buffer, self._gpu_norms = 0, empty, empty_norms
 
     def _vectors_cuda(self) -> np.ndarray:
         return self._snapshot_cuda()[0]
