@@ -762,7 +762,7 @@ def test_plot_errors(plot_files, capsys):
     err = _pipeline_error(capsys, "plot", "plot", "relevance", pca, x, "--method", "anova", *out)
     assert "--method: expected one of 'fisher', 'mutual_info', 'variance', 'kl'" in err
     err = _pipeline_error(capsys, "plot", "plot", "relevance", pca, x, "--method", "kl", *out)
-    assert "model: method='kl' needs a VAE" in err and "got PCA" in err
+    assert f"error: {pca}: --method 'kl' needs a VAE" in err and "got PCA" in err  # the MODEL file, not the API's model
     err = _pipeline_error(capsys, "plot", "plot", "map", pca, x, "--method", "tsne", *out)
     assert "--method: expected 'auto', 'pca' or 'umap'" in err
     np.save(tmp / "short.npy", np.arange(10))

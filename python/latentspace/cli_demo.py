@@ -12,6 +12,7 @@ a few digits' nearest neighbours, and writes the pictures (docs/similarity.md) i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
+from ._atomic import unwritable
 from .cli_pipeline import check_out_folder, echoed, made_folder
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
@@ -43,6 +45,16 @@ METRIC_LEARNED = dict(title="metric-learned AE", hidden=(128,), epochs=100, batc
 # (docs/similarity.md; benchmarks/relevance_weights_table.py).
 RELEVANCE_POWER = 0.5
 TRUSTWORTHINESS_K = 10
+# The pictures written into --out (docs/similarity.md), in the order they are drawn.
+PICTURES = ("latent_map.png", "reconstructions.png", "interpolation.png", "neighbors.png", "relevance.png")
+
+
+def printable(text: str) -> str:
+    """A line that holds paths, as printed: a file name's bytes that are no text in the file
+    system's encoding (a Latin-1 name under UTF-8) as \\xNN escapes, as `ls -b` shows them.
+    As they were, print() failed on a stdout that refuses them (a strict UTF-8 locale) after
+    all the work was done."""
+    return os.fsencode(text).decode(sys.getfilesystemencoding(), "backslashreplace")
 
 
 def digit_rows(image: np.ndarray) -> list[str]:
@@ -63,10 +75,12 @@ def demo_model(kind: str, latent_dim: int):
 
 def parse_models(text: str) -> list[str]:
     kinds = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [k for k in kinds if k not in DEMO_MODELS]
+    unknown = list(dict.fromkeys(k for k in kinds if k not in DEMO_MODELS))
     if not kinds or unknown:
+        # which items are wrong, in a long list too; "pca" is `latentspace train`'s, and the demo's own
+        named = echoed(", ".join(repr(k) + (" (PCA is always measured)" if k == "pca" else "") for k in unknown))
         raise ValueError(f"--models: expected a comma-separated list of {', '.join(DEMO_MODELS)}, "
-                         f"got {echoed(text, quoted=True)}")
+                         f"got {echoed(text, quoted=True)}" + (f": unknown {named}" if unknown else ""))
     return list(dict.fromkeys(kinds))
 
 
@@ -103,21 +117,44 @@ def _train(model, x: np.ndarray, settings: dict, args: argparse.Namespace, **ext
 
 
 def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
-    """-k and --examples against the digits (else errors after training, naming the API's Z
-    or numpy's sample); -k < 1 is the metrics' to refuse, by the same name."""
+    """-k and --examples against the digits, and --latent-dim against the latent map (else
+    errors after training, naming the API's Z or numpy's sample); -k < 1 is the metrics' to
+    refuse, by the same name."""
     if args.k >= held_out:
         raise ValueError(f"-k: {args.k} neighbours need at least {args.k + 1} held-out digits, there are {held_out}")
     if args.examples > n:
         raise ValueError(f"--examples: {args.examples} digits to show, but there are {n}")
+    if args.latent_dim == 1:  # (< 1 is the models' to refuse, by the same name)
+        raise ValueError("--latent-dim: the latent map needs at least 2 dimensions, got 1")
+
+
+def _check_pictures_writable(out_dir: Path) -> None:
+    """Each picture's path in --out, checked before any training (a folder of a picture's name,
+    or a path too long for the file system once the name is added, failed only as the
+    pictures were written, naming no flag)."""
+    for name in PICTURES:
+        path = out_dir / name
+        problem = unwritable(path)  # (its length first: is_dir() of a path too long raises)
+        if problem is None:
+            continue
+        if problem[0] is IsADirectoryError:
+            raise ValueError(f"--out: {echoed(path)} is a folder, where the demo writes a picture; "
+                             "move it, or pass another --out")
+        raise ValueError(f"--out: {echoed(out_dir)} cannot hold the demo's pictures: {problem[1]}")
 
 
 def command_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kinds = parse_models(args.models)  # before the imports: a typo fails at once
+    if not args.out:  # (Path("") is the current folder: an unset shell variable scattered the pictures there)
+        raise ValueError("--out: empty; expected a folder's path")
     out_dir = check_out_folder(args.out)  # (a name too long to look up: named, before .exists() fails)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out: {echoed(out_dir)} exists and is not a folder")
 
+    from . import plots
+
+    plots._require_matplotlib()  # missing, or a bad MPLBACKEND: refused now, not after the training
     import torch
 
     if args.threads is not None:
@@ -133,6 +170,7 @@ def command_demo(args: argparse.Namespace) -> int:
     # made now (a file above it failed only when the pictures were written), and removed again
     # if it ends empty: a run refused later (--latent-dim, -k < 1) or interrupted leaves nothing
     with made_folder(args.out):
+        _check_pictures_writable(out_dir)
         return _run_demo(args, kinds, split, out_dir, search_threads, started)
 
 
@@ -195,7 +233,8 @@ def _run_demo(args: argparse.Namespace, kinds: list[str], split: _Split, out_dir
     kind = kinds[0]
     _neighbourhoods(trained[kind], DEMO_MODELS[kind]["title"], split, args)
     pictures = _pictures(out_dir, trained[kind], DEMO_MODELS[kind]["title"], scores[kind], split, args)
-    print(f"  pictures: {len(pictures)} PNG files in {out_dir.resolve()}: " + ", ".join(p.name for p in pictures))
+    print(printable(f"  pictures: {len(pictures)} PNG files in {out_dir.resolve()}: "
+                    + ", ".join(p.name for p in pictures)))
     print(f"  demo finished in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -245,10 +284,11 @@ def _pictures(out_dir: Path, model, title: str, scores: np.ndarray, split: _Spli
     rng = np.random.default_rng(args.seed)
     first, second = (int(np.flatnonzero(y == digit)[0]) for digit in (3, 8))  # two digits to morph
     queries = rng.choice(len(x), size=4, replace=False).tolist()  # row numbers of x
+    latent_map, reconstructions, interpolation, neighbors, relevance = (out_dir / name for name in PICTURES)
     return [
-        plots.plot_latent_map(model.encode(x), y, out_dir / "latent_map.png"),
-        plots.plot_reconstructions(model, x, out_dir / "reconstructions.png", n=10),
-        plots.plot_interpolation(model, x[first], x[second], out_dir / "interpolation.png", steps=10),
-        plots.plot_neighbors(model, x, queries, out_dir / "neighbors.png", k=8, labels=y),
-        plots.plot_relevance(scores, out_dir / "relevance.png", title=f"Fisher score per {title} dimension"),
+        plots.plot_latent_map(model.encode(x), y, latent_map),
+        plots.plot_reconstructions(model, x, reconstructions, n=10),
+        plots.plot_interpolation(model, x[first], x[second], interpolation, steps=10),
+        plots.plot_neighbors(model, x, queries, neighbors, k=8, labels=y),
+        plots.plot_relevance(scores, relevance, title=f"Fisher score per {title} dimension"),
     ]

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import datasets
 from ._arrays import check_int
+from .cli_demo import printable
 from .cli_pipeline import check_out, echoed, option_array, thread_count
 from .runtime import set_num_threads
 
@@ -32,7 +33,7 @@ KINDS = ("map", "reconstructions", "interpolation", "neighbors", "relevance")
 _PLOT_NAMES = {"key": "--key", "n": "-n", "steps": "--steps", "k": "-k", "queries": "--queries",
                "method": "--method", "image_shape": "--image-shape", "labels": "--labels", "y": "--labels",
                "X": "{data}", "x0": "{data}", "x1": "{data}", "Z": "{data} (encoded)",
-               "model_or_Z.encode(X)": "{data} (encoded)"}
+               "model_or_Z.encode(X)": "{data} (encoded)", "model": "{model}"}
 _RELEVANCE_TITLES = {"fisher": "Fisher score (ANOVA F) per latent dimension",
                      "mutual_info": "mutual information with the labels (nats) per latent dimension",
                      "variance": "variance per latent dimension",
@@ -155,7 +156,7 @@ def _command_plot(args: argparse.Namespace) -> int:
             plots.plot_relevance(scores, args.out, title=_RELEVANCE_TITLES.get(method))
             top = ", ".join(f"z{d}" for d in np.argsort(-scores, kind="stable")[:3])
             what = f"{method} scores of {scores.size} latent dimensions on {name} (best: {top})"
-    print(f"latentspace plot {kind}: {args.out} ({what})")
+    print(printable(f"latentspace plot {kind}: {args.out} ({what})"))
     return 0
 
 

@@ -13,7 +13,8 @@ matplotlib is imported on the first call, so this module imports without it.
 
 Images: a sample of shape (H, W), (1, H, W) or (3, H, W) is drawn as it is; flat rows of 64
 or 784 values are drawn as 8x8 or 28x28 (the digits, MNIST); any other flat size needs
-image_shape=(H, W) (or (C, H, W), C = 1 or 3).
+image_shape=(H, W) (or (C, H, W), C = 1 or 3). A grid holds at most 2,000 images (n, steps, or
+queries times k + 1): more are refused, naming the argument, before any is drawn.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ _MAX_NAMED_BARS = 96
 # faster than the grid (320 images took 21 s against 5 s, 1,400 over 15 minutes), and
 # below this its cost is small (80 images: 1.9 s in all).
 _CONSTRAINED_LAYOUT_AXES = 100
+# The most images one picture draws: their time and memory grow with their count (700
+# interpolation steps took 13 s and made a 77,000-pixel-wide PNG; 100,000 ran for minutes
+# towards 11 million pixels), and past a few hundred no one sees them one by one.
+_MAX_IMAGES = 2000
 MAP_METHODS = ("auto", "pca", "umap")
 
 
@@ -69,14 +74,32 @@ def _check_path(path: Any) -> Path:
     raise ValueError(f"path: expected a file name ending in .png, got {path!r}")
 
 
-def _figure(width: float, height: float, axes: int = 1):
-    """A Figure on the Agg canvas, outside pyplot, for `axes` plots (images of a grid)."""
+def _require_matplotlib() -> None:
+    """Imports what the pictures draw with, or raises what each picture would: ImportError
+    when matplotlib is missing, ValueError naming MPLBACKEND when it holds no backend
+    (matplotlib then refuses to import, though these pictures use none; its own message
+    named neither the variable nor a way out). `latentspace demo` calls it before training."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
         raise ImportError("latentspace.plots needs matplotlib: reinstall latentspace "
                           "(or pip install matplotlib)") from None
+    except ValueError:
+        backend = os.environ.get("MPLBACKEND")
+        if not backend:
+            raise
+        raise ValueError(f"MPLBACKEND: {backend!r} is not a matplotlib backend, and matplotlib does not import "
+                         "with it; unset MPLBACKEND (these pictures need no backend) or set it to one "
+                         "such as agg") from None
+
+
+def _figure(width: float, height: float, axes: int = 1):
+    """A Figure on the Agg canvas, outside pyplot, for `axes` plots (images of a grid)."""
+    _require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     layout = "constrained" if axes <= _CONSTRAINED_LAYOUT_AXES else "tight"
     figure = Figure(figsize=(width, height), dpi=_DPI, layout=layout)
     FigureCanvasAgg(figure)
@@ -162,6 +185,13 @@ def _as_images(batch: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if len(shape) == 3:
         images = images[:, 0] if shape[0] == 1 else images.transpose(0, 2, 3, 1)
     return images
+
+
+def _check_image_count(count: int, name: str, what: str, remedy: str) -> None:
+    """Refuses a grid of more than _MAX_IMAGES images before it is laid out, naming `name`,
+    the argument that asked for them: "{name}: {what} make {count} images; ...: {remedy}"."""
+    if count > _MAX_IMAGES:
+        raise ValueError(f"{name}: {what} make {count:,} images; at most {_MAX_IMAGES:,} fit in one picture: {remedy}")
 
 
 def _draw(ax: Any, image: np.ndarray, low: float, high: float, caption: str | None = None) -> None:
@@ -322,6 +352,8 @@ def plot_reconstructions(model: Any, X: Any, path: str | os.PathLike, n: int = 1
     x = _rows(X, "X", limit=n)
     if x.shape[0] < 1:
         raise ValueError("X: expected at least one sample, got none")
+    _check_image_count(2 * x.shape[0], "n", f"{x.shape[0]:,} samples over their reconstructions",
+                       f"pass n={_MAX_IMAGES // 2} or less")
     _check_finite_rows(x, "X")  # else drawn as a blank reconstruction (as plot_neighbors refuses it)
     recon = np.asarray(model(_model_rows(model, x, "X")))
     shape = _image_shape(image_shape, tuple(x.shape[1:]), _input_shape(model))
@@ -365,6 +397,7 @@ def plot_interpolation(model: Any, x0: Any, x1: Any, path: str | os.PathLike, st
     means. x0, x1: one sample each (the model's input shape, flat, or with a leading 1)."""
     path = _check_path(path)
     steps = check_int(steps, "steps", minimum=2)
+    _check_image_count(steps + 2, "steps", f"{steps} steps", f"pass steps={_MAX_IMAGES - 2} or less")
     pair = np.concatenate([_one_sample(x0, "x0", model), _one_sample(x1, "x1", model)])
     given = tuple(np.shape(x0))  # x0 passed as an image, (H, W) or (1, H, W), is drawn so
     if len(given) >= 2 and given[0] == 1:  # a batch of one
@@ -410,6 +443,11 @@ def plot_neighbors(model_or_Z: Any, X: Any, queries: Any, path: str | os.PathLik
     k = check_k(k)
     if k + 1 > n:
         raise ValueError(f"k: {k} neighbours besides the query need at least {k + 1} samples, got {n}")
+    if k + 1 > _MAX_IMAGES:  # too many for even one query
+        _check_image_count(rows.size * (k + 1), "k", f"{k:,} neighbours of {rows.size:,} queries",
+                           f"pass k={_MAX_IMAGES - 1} or less")
+    _check_image_count(rows.size * (k + 1), "queries", f"{rows.size:,} queries with k={k} neighbours",
+                       f"pass at most {_MAX_IMAGES // (k + 1):,} queries at k={k}")
     y = None if labels is None else as_labels(labels, "labels", n)
     shape = _image_shape(image_shape, *sample_shapes)
     distances, indices = knn(z[rows], z, k + 1)
