@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 
 import latentspace
 from latentspace import _native
 
-
-def best_seconds(call, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
+from _timing import best_seconds
 
 
 def main() -> None:

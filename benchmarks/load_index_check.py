@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,7 @@ import numpy as np
 import latentspace as ls
 from latentspace.indexes import flat
 
-
-def _best(load, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        load()
-        best = min(best, time.perf_counter() - start)
-    return best
+from _timing import best_seconds
 
 
 def main() -> None:
@@ -38,12 +30,12 @@ def main() -> None:
         index.add(np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32))
         index.save(path)
         del index
-        checked = _best(lambda: ls.load_index(path))
-        unverified = _best(lambda: ls.load_index(path, verify=False))
+        checked = best_seconds(lambda: ls.load_index(path), 3)
+        unverified = best_seconds(lambda: ls.load_index(path, verify=False), 3)
         real = flat._refuse_rows_add_refuses
         flat._refuse_rows_add_refuses = lambda *_: None
         try:
-            unchecked = _best(lambda: ls.load_index(path))
+            unchecked = best_seconds(lambda: ls.load_index(path), 3)
         finally:
             flat._refuse_rows_add_refuses = real
     print(f"{args.rows:,} x {args.dim}: verify=True {checked:.3f} s, without the row check {unchecked:.3f} s, "

@@ -635,11 +635,7 @@ def test_knn_referee_rejects_a_missed_neighbour_and_accepts_the_float64_answer()
     returns the 2nd..(k+1)th neighbours, all real rows with their true distances, is refused."""
     np = pytest.importorskip("numpy")
     pytest.importorskip("faiss")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        bench_knn = importlib.import_module("bench_knn")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    bench_knn = _script("bench_knn")
     rng = np.random.default_rng(0)
     database = rng.standard_normal((2000, 16), dtype=np.float32)
     queries = rng.standard_normal((bench_knn.TRUTH_ROWS, 16), dtype=np.float32)

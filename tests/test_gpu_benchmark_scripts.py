@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import pytest
+from test_benchmark_reports import _script
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -116,11 +117,7 @@ def profile(monkeypatch):
 
     if not latentspace.build_info()["cuda_compiled"]:
         pytest.skip("the native plan's host arithmetic (_cuda_plan_for) needs a CUDA build")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        module = importlib.import_module("profile_knn_cuda")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    module = _script("profile_knn_cuda")
     monkeypatch.setattr(module, "DEVICE", torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=132))
@@ -292,11 +289,7 @@ def gpu_bench(monkeypatch):
 def _report(tmp_path, script: str, benchmarks: list[dict], capsys) -> str:
     path = tmp_path / f"{script}.json"
     path.write_text(json.dumps({"machine_info": {"python_version": "3.12"}, "benchmarks": benchmarks}))
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        code = importlib.import_module(script).main([str(path)])
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    code = _script(script).main([str(path)])
     assert code == 0
     return capsys.readouterr().out
 
