@@ -135,7 +135,12 @@ def reference_elementwise(kind: str, r: torch.Tensor, t: torch.Tensor) -> torch.
         return (r - t) ** 2
     if kind == "bce":
         return -(t * torch.clamp(torch.log(r), min=-100) + (1 - t) * torch.clamp(torch.log1p(-r), min=-100))
-    return torch.clamp(r, min=0) - r * t + torch.log1p(torch.exp(-r.abs()))
+    # softplus(r) - r t: its autograd derivative is sigmoid(r) - t everywhere. The stable
+    # max(r, 0) - r t + log1p(exp(-|r|)) has the same value, but autograd takes clamp's and
+    # abs's derivatives at r = 0 as 1 and 0, which gives 1 - t instead of 0.5 - t there
+    # (float32 randn draws exact zeros: GPU run 10's bce_logits cells hit 1 and 9 of them).
+    # threshold=50: log1p(exp(r)) up to r = 50, well inside float64.
+    return torch.nn.functional.softplus(r, threshold=50) - r * t
 
 
 @lru_cache(maxsize=1)

@@ -341,7 +341,7 @@ def test_the_encoder_setting_is_not_the_losses_setting(monkeypatch):
 
 @pytest.mark.parametrize("value", [None, "", "auto"])
 def test_a_build_without_cuda_gets_torch_whatever_the_default(monkeypatch, value):
-    """The default is torch today; were it native, a build without CUDA must still get torch."""
+    """The default is native (GPU run 10); a build without CUDA still gets torch, and says why."""
     _set_backend(monkeypatch, value)
     monkeypatch.setattr(_cuda_encoder, "DEFAULT_BACKEND", "native")
     if CUDA_BUILT:
@@ -349,7 +349,8 @@ def test_a_build_without_cuda_gets_torch_whatever_the_default(monkeypatch, value
     monkeypatch.setattr(_native, "cuda_compiled", lambda: False)
     assert _cuda_encoder.backend() == "torch"
     assert ls.build_info()["cuda_encoder"] == "torch"
-    assert "native encoder runs on the CPU" in encoding._gpu_refusal(torch.device("cuda"))
+    assert encoding._gpu_refusal(torch.device("cuda")) == \
+        "the work runs on 'cuda': this build of latentspace has no CUDA kernels"
 
 
 @needs_cuda_build
@@ -365,8 +366,9 @@ def test_the_reason_on_a_cuda_device_follows_the_setting(monkeypatch, value, nat
         if native:
             assert reason is None
         else:
-            assert reason.startswith(f"the work runs on {name}: the native encoder runs on the CPU, and on CUDA only "
-                                     "with LATENTSPACE_CUDA_ENCODER=native"), reason
+            why = ("LATENTSPACE_CUDA_ENCODER=torch asks for the model's torch code" if value == "torch" else
+                   "the model's torch code is the default on GPUs (LATENTSPACE_CUDA_ENCODER=native: the CUDA encoder)")
+            assert reason == f"the work runs on {name}: {why}"
 
 
 def test_the_setting_is_not_read_for_the_cpu(monkeypatch, rng):

@@ -333,6 +333,25 @@ def test_the_losses_check_refuses_a_loss_or_gradient_off_by_a_ten_thousandth(gpu
         bench.check(cell, loss_value.float(), (*(g.float() for g in grads[:-1]), wrong))
 
 
+@pytest.mark.parametrize("loss", ["mse", "bce", "bce_logits"])
+def test_the_losses_reference_gradient_is_right_where_a_logit_is_exactly_zero(gpu_bench, loss):
+    """The float64 reference's gradient against the closed forms, at r = 0 exactly (float32
+    randn draws such zeros: GPU run 10's bce_logits cells failed every peer, torch's too, on 1
+    and 9 of them while the reference took max(r, 0) and |r| through autograd) and beside it.
+    bce keeps r inside (0, 1)."""
+    import torch
+
+    bench = gpu_bench("bench_losses_cuda")
+    r = torch.tensor([0.0, 1e-3, -1e-3, 2.5, -40.0, 60.0], dtype=torch.float64)
+    if loss == "bce":
+        r = torch.tensor([0.5, 0.25, 0.75, 0.01, 0.99, 0.5], dtype=torch.float64)
+    t = torch.tensor([0.3, 0.0, 1.0, 0.5, 0.7, 0.2], dtype=torch.float64)
+    leaf = r.clone().requires_grad_()
+    bench.reference_elementwise(loss, leaf, t).sum().backward()
+    expected = {"mse": 2 * (r - t), "bce": (r - t) / (r * (1 - r)), "bce_logits": torch.sigmoid(r) - t}[loss]
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-15)
+
+
 def test_the_encoder_report_reads_what_the_encoder_benchmark_writes(gpu_bench, monkeypatch, tmp_path, capsys):
     """bench_encode_cuda.run_cell's checks pass for the model's torch forward and the Encoder
     (its CPU kernels stand in for the GPU's), in fp32 and bf16; the read roof's extra_info

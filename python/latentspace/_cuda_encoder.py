@@ -10,9 +10,9 @@ for a model that starts with a LayerNorm).
 
 Which encoder an exported model gets on a GPU: LATENTSPACE_CUDA_ENCODER, read when an Encoder
 is built, "native" (these kernels), "torch" (the model's own torch code) or unset / "" /
-"auto" (the default, DEFAULT_BACKEND). The default stays "torch" until a GPU run has checked
-and timed the kernels (docs/gpu-runs.md, "Owed"); that run makes "native" the default where it
-wins. torch is imported by the code that uploads and runs, not by this module: build_info()
+"auto" (the default, DEFAULT_BACKEND: "native" since GPU run 10 checked the kernels (tests,
+memcheck, racecheck) and timed them 1.3-20x faster than the torch backend in every cell,
+docs/gpu-runs.md; a build without CUDA kernels gets "torch"). torch is imported by the code that uploads and runs, not by this module: build_info()
 reports backend() without importing torch.
 """
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKEND_VARIABLE", "DEFAULT_BACKEND", "CudaEncoder", "backend"]
 
 BACKEND_VARIABLE = "LATENTSPACE_CUDA_ENCODER"
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "native"
 
 
 def backend() -> str:

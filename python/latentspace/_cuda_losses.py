@@ -10,8 +10,9 @@ the per-row sums (rows float64), and for rows longer than 2,048 elements the per
 
 Which implementation CUDA tensors get: LATENTSPACE_CUDA_LOSSES, read at every call,
 "native" (these kernels), "torch" (torch's own ops, losses.py) or unset / "" / "auto" (the
-default, DEFAULT_BACKEND). The default stays "torch" until a GPU run has checked and timed the
-native kernels (docs/gpu-runs.md, "Owed"); that run makes "native" the default where it wins.
+default, DEFAULT_BACKEND: "native" since GPU run 10 checked them (tests, memcheck, racecheck)
+and timed them faster than torch's ops through this library in every cell, docs/gpu-runs.md;
+a build without CUDA kernels gets "torch").
 torch is imported by the functions that run kernels, not by this module: build_info() reports
 backend() without importing torch.
 """
@@ -30,7 +31,7 @@ __all__ = ["BACKEND_VARIABLE", "DEFAULT_BACKEND", "BCE_RANGE_MESSAGE", "backend"
            "reconstruction_forward", "scale_in_place"]
 
 BACKEND_VARIABLE = "LATENTSPACE_CUDA_LOSSES"
-DEFAULT_BACKEND = "torch"
+DEFAULT_BACKEND = "native"
 BCE_RANGE_MESSAGE = ("recon: kind='bce' expects probabilities in [0, 1], got values outside; "
                      "pass logits with kind='bce_logits' instead")
 _BCE = 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import re
 import sys
 from typing import Any
@@ -394,9 +395,15 @@ def _gpu_refusal(device: torch.device) -> str | None:
     takes it."""
     if device.type == "cuda" and _cuda_encoder.backend() == "native":
         return None
-    return (f"the work runs on '{device}': the native encoder runs on the CPU, and on CUDA only with "
-            f"{_cuda_encoder.BACKEND_VARIABLE}=native (torch stays the default on GPUs until a GPU run has "
-            "verified the CUDA encoder)")
+    if device.type == "cuda" and not _native.cuda_compiled():
+        why = "this build of latentspace has no CUDA kernels"
+    elif device.type == "cuda" and os.environ.get(_cuda_encoder.BACKEND_VARIABLE) == "torch":
+        why = f"{_cuda_encoder.BACKEND_VARIABLE}=torch asks for the model's torch code"
+    elif device.type == "cuda":  # a default of "torch" (DEFAULT_BACKEND)
+        why = f"the model's torch code is the default on GPUs ({_cuda_encoder.BACKEND_VARIABLE}=native: the CUDA encoder)"
+    else:
+        why = "the native encoder runs on the CPU and on CUDA GPUs only"
+    return f"the work runs on '{device}': {why}"
 
 
 def _refuse_batch_statistics(model: nn.Module) -> None:

@@ -14,9 +14,9 @@ pytestmark = [pytest.mark.cuda,
 
 @pytest.fixture(autouse=True)
 def torch_encoder_on_the_gpu(monkeypatch):
-    """These tests are about the torch backend on a GPU (the default until the CUDA encoder is
-    verified; tests/gpu/test_encode_cuda_native.py covers it): pinned, so that neither the
-    environment nor a later default changes what they test."""
+    """These tests are about the torch backend on a GPU (the default was torch until GPU run
+    10 verified the CUDA encoder; tests/gpu/test_encode_cuda_native.py covers that one):
+    pinned, so that neither the environment nor the default changes what they test."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ENCODER", "torch")
 
 
@@ -42,7 +42,7 @@ def test_a_model_on_the_gpu_runs_torch_there(model, digits):
     gpu = model.cuda()
     encoder = ls.Encoder(gpu)
     assert encoder.backend == "torch" and encoder.device.type == "cuda"
-    assert "native encoder runs on the CPU" in encoder.reason
+    assert encoder.reason == "the work runs on 'cuda:0': LATENTSPACE_CUDA_ENCODER=torch asks for the model's torch code"
     z = encoder.encode(digits, batch_size=128)
     assert isinstance(z, np.ndarray)
     _close(z, expected)

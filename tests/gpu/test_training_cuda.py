@@ -13,6 +13,14 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA GPU")]
 
 
+@pytest.fixture(params=["native", "torch"])
+def losses_backend(request, monkeypatch):
+    """Both implementations of the losses on CUDA tensors (LATENTSPACE_CUDA_LOSSES; native is
+    the default since GPU run 10, torch's ops the other choice)."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_LOSSES", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def digits():
     return ls.datasets.load_digits()[0][:600]
@@ -49,10 +57,10 @@ def test_conv_trains_on_cuda_without_autocast(digits):
     assert history.device.startswith("cuda") and history.train_loss[-1] < history.train_loss[0]
 
 
-def test_bce_on_cuda_refuses_like_the_cpu_and_keeps_nan_out_of_torch_kernel():
-    """kind="bce" on CUDA tensors runs torch's kernel, which asserts on the device for values
-    outside [0, 1] and for NaN (the CUDA context is unusable after): refused first, with the
-    CPU's message, and NaN kept to its own row as on the CPU."""
+def test_bce_on_cuda_refuses_like_the_cpu_and_keeps_nan_out_of_torch_kernel(losses_backend):
+    """kind="bce" on CUDA tensors: torch's kernel asserts on the device for values outside
+    [0, 1] and for NaN (the CUDA context is unusable after), so the torch path refuses them
+    first; both paths give the CPU's message, and keep NaN to its own row as on the CPU."""
     from latentspace.losses import reconstruction_loss
 
     target = torch.full((3, 5), 0.5)
@@ -76,10 +84,10 @@ def test_bce_on_cuda_refuses_like_the_cpu_and_keeps_nan_out_of_torch_kernel():
     assert float(torch.ones(4, device="cuda").sum()) == 4.0  # the context still works
 
 
-def test_bce_on_cuda_takes_any_target_like_the_cpu():
+def test_bce_on_cuda_takes_any_target_like_the_cpu(losses_backend):
     """The target also reaches torch's CUDA kernel, which asserts 'target_val >= zero &&
     target_val <= one' on the device (NaN included): the torch path keeps it out of the
-    kernel, and gives the native path's values and gradient (not yet run on a GPU)."""
+    kernel; both paths give the CPU's values and gradient."""
     from latentspace.losses import reconstruction_loss
 
     recon = torch.full((3, 5), 0.25, dtype=torch.float64)
@@ -87,7 +95,9 @@ def test_bce_on_cuda_takes_any_target_like_the_cpu():
     target[0, 1], target[2, 4] = 2.0, float("nan")
     grads = []
     for device in ("cpu", "cuda"):
-        r = recon.to(device).requires_grad_()
+        # A leaf of its own on each device: recon.to("cpu") is recon itself, and once it
+        # requires grad, recon.to("cuda") would be a non-leaf whose .grad stays None.
+        r = recon.detach().to(device).requires_grad_()
         rows = reconstruction_loss(r, target.to(device), "bce", "none")
         rows.sum().backward()
         grads.append((rows.detach().cpu(), r.grad.cpu()))
