@@ -1209,16 +1209,17 @@ def test_cuda_integer_settings(monkeypatch, variable):
 
 def test_cuda_single_query_rows_setting(monkeypatch):
     """LATENTSPACE_CUDA_SINGLE_QUERY_ROWS (csrc/cuda/knn_scan_launch.cuh, single_query_rows): the
-    rows a warp reads at once in the scan of one query, an experiment: 4 (the row scan) unless
-    8 or 16 (the single-query scan); any other value is a ValueError naming the variable."""
+    rows a warp reads at once in the scan of one query: 8 (the single-query scan, the default
+    since GPU run 10) unless 16, or 4 (the row scan); any other value is a ValueError naming
+    the variable."""
     variable, read = "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", latentspace._native._cuda_single_query_rows
     if not latentspace.build_info()["cuda_compiled"]:
         with pytest.raises(RuntimeError, match="built without CUDA"):
             read()
         return
     monkeypatch.delenv(variable, raising=False)
-    assert read() == 4
-    for value, expected in [("", 4), ("4", 4), ("8", 8), ("16", 16)]:
+    assert read() == 8
+    for value, expected in [("", 8), ("4", 4), ("8", 8), ("16", 16)]:
         monkeypatch.setenv(variable, value)
         assert read() == expected
     for bad in ("2", "32", "08", " 8", "0", "eight"):

@@ -103,8 +103,8 @@ void bind_knn(py::module_& m) {
         "The splits of a GPU call of at most 8 queries: 0 (the plan's own), or LATENTSPACE_CUDA_FEW_QUERY_SPLITS "
         "(an experiment).");
   m.def("_cuda_single_query_rows", &knn_cuda_single_query_rows,
-        "The rows a warp reads at once in the GPU scan of one query: 4 (the row scan), or 8 or 16 "
-        "(LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, an experiment).");
+        "The rows a warp reads at once in the GPU scan of one query: 8 (the single-query scan, the "
+        "default), 16, or 4 (the row scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says.");
   m.def("_cuda_fitted_plan", &knn_cuda_fitted_plan,
         "Whether a GPU plan that needs more workspace than its bound takes fewer splits "
         "(on unless LATENTSPACE_CUDA_FITTED_PLAN=0).");

@@ -70,9 +70,9 @@ constexpr int row_scan_min_blocks(int rows) { return rows > 8 ? 2 : rows > 4 ? 3
 // scan's: the row scan has no staging buffer to count in, and 8 queries at most).
 // kQueries, kRows, kSteps: the queries a block can hold (registers for that many dot products
 // a row), the rows a warp reads at once, and the steps of kRows rows a warp takes between two
-// list checks. The row scan: kRowQueries, kRowsInFlight, 2. The single-query scan (an
-// experiment, LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, knn_scan_launch.cuh): 1 query, 8 or 16 rows,
-// 1 step, norms loaded ahead. Why: GPU run 8 timed the row scan of one query over 1M x 128 at
+// list checks. The row scan: kRowQueries, kRowsInFlight, 2. The single-query scan (the
+// default for one aligned query since GPU run 10, LATENTSPACE_CUDA_SINGLE_QUERY_ROWS,
+// knn_scan_launch.cuh): 1 query, 8 or 16 rows, 1 step, norms loaded ahead. Why: GPU run 8 timed the row scan of one query over 1M x 128 at
 // 1.44 TB/s, a third of what the H200 reads; with 80 registers a thread (ptxas, sm_90) a
 // multiprocessor holds 24 warps, each with 2 KiB of rows in flight at most, while registers
 // for 8 queries' dot products go unused. One query's registers hold 2 to 4 times the rows.

@@ -66,16 +66,17 @@ inline bool use_float_thresholds() {
 }
 
 // The rows a warp reads at once in the scan of one query (knn_rows.cuh, row_scan_kernel's
-// kRows): LATENTSPACE_CUDA_SINGLE_QUERY_ROWS, an experiment for the profile's q1 sweep (the
-// issue 6 bar for one query: within 1.5x of one read of the database; GPU run 8: 4.1x). Unset,
-// empty or "4": the row scan, as GPU runs have timed it; "8" or "16": the single-query scan
-// (one query's registers, 8 or 16 rows a warp in one step a round, norms loaded ahead) where
-// one query's rows load in quads (kAligned); any other value throws ValueError. Read at every
-// search.
+// kRows): LATENTSPACE_CUDA_SINGLE_QUERY_ROWS. Unset, empty or "8": the single-query scan (one
+// query's registers, 8 rows a warp in one step a round, norms loaded ahead) where one query's
+// rows load in quads (kAligned), the default since GPU run 10 (an H200, the profile's q1 sweep:
+// its scan of one query over 1M x 128 took 0.216 ms against the row scan's 0.356, a
+// FlatIndex search 0.450 ms against 0.556; bit-identical results in every GPU test); "16": 16
+// rows (no faster in run 10); "4": the row scan, as runs 1-9 timed it; any other value throws
+// ValueError. Read at every search.
 inline int single_query_rows() {
   const char* value = std::getenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "4") == 0) return kRowsInFlight;
-  if (std::strcmp(value, "8") == 0) return 8;
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "8") == 0) return 8;
+  if (std::strcmp(value, "4") == 0) return kRowsInFlight;
   LS_CHECK_VALUE(std::strcmp(value, "16") == 0, "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS: expected '4', '8' or '16', got '",
                  std::string(value), "'");
   return 16;

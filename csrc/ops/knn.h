@@ -82,9 +82,9 @@ int64_t knn_cuda_rows_per_neighbour();
 // LATENTSPACE_CUDA_FEW_QUERY_SPLITS (a whole number from 0 to 65535; other values throw
 // ValueError). For experiments.
 int64_t knn_cuda_few_query_splits();
-// The rows a warp reads at once in the scan of one query: 4 (the row scan), or 8 or 16 (the
-// single-query scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says (other values throw
-// ValueError). For experiments.
+// The rows a warp reads at once in the scan of one query: 8 (the single-query scan, the
+// default), 16, or 4 (the row scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says (other values
+// throw ValueError).
 int knn_cuda_single_query_rows();
 // The tree merge's setting (knn_merge_tree.cuh), LATENTSPACE_CUDA_TREE_MERGE: "auto" (unset,
 // empty or auto: in the large-k plan, where the split rule would leave the GPU short of

@@ -8,9 +8,9 @@
 Models whose encoder is a chain of Linear layers and elementwise activations (Autoencoder,
 the VAE's mean head, fitted PCA, a plain nn.Sequential MLP) run on the native encoder
 (latentspace._native.MlpEncoder: OpenMP + SIMD, the GIL released) when the work runs on the
-CPU, and on a CUDA GPU (_native.CudaMlpEncoder, _cuda_encoder.py) when LATENTSPACE_CUDA_ENCODER
-is "native" (torch's is the default there until a GPU run has verified the kernels); every
-other model, and other work on a GPU, runs the model's own torch code under the same API.
+CPU, and on a CUDA GPU (_native.CudaMlpEncoder, _cuda_encoder.py) unless LATENTSPACE_CUDA_ENCODER
+is "torch" (or the build has no CUDA kernels); every other model, and other work on a GPU,
+runs the model's own torch code under the same API.
 `Encoder.backend` and `Encoder.reason` say which and why, and `encode()` logs
 them on the "latentspace" logger at INFO.
 
@@ -116,8 +116,9 @@ class Encoder:
             torch.nn.Module (called as model(x)), or an nn.Sequential. A VAE encodes to
             its posterior mean.
         device: where the work runs: None (the model's device), "cpu", "cuda", "cuda:N" or
-            a torch.device. The native encoder runs on the CPU, and on a CUDA device when
-            LATENTSPACE_CUDA_ENCODER=native (read here; default "torch" for now).
+            a torch.device. The native encoder runs on the CPU, and on a CUDA device unless
+            LATENTSPACE_CUDA_ENCODER=torch (read here; unset, "auto" or "native": the CUDA
+            encoder).
         precision: "fp32" (default) or "bf16": weights and activations rounded to bfloat16,
             accumulation in float32 (native), or torch.autocast(bfloat16) on the torch backend.
 

@@ -8,8 +8,8 @@ or no input that requires grad); its backward scales that saved gradient by the 
 C++ (so torch.autograd.gradcheck can verify the gradients); float16 / bfloat16 are computed
 in float32 and the gradient is returned in the input dtype. Two inputs of different dtypes
 are first brought to their common one (torch.promote_types), as torch's own losses do.
-CUDA tensors: the CUDA kernels with LATENTSPACE_CUDA_LOSSES=native, torch's own ops (same
-values, same API) by default until a GPU run has checked and timed the kernels
+CUDA tensors: the CUDA kernels by default (LATENTSPACE_CUDA_LOSSES unset, "auto" or
+"native"), torch's own ops (same values, same API) with LATENTSPACE_CUDA_LOSSES=torch
 (_cuda_losses.py); tensors on other devices: torch's ops.
 
 reconstruction_loss(recon, target, kind="mse", reduction="mean")
@@ -418,8 +418,8 @@ def kl_normal(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
 
 
 def _torch_reconstruction_loss(recon, target, kind, reduction):
-    """torch's own ops (CUDA tensors unless LATENTSPACE_CUDA_LOSSES=native; other devices;
-    forward-mode AD and torch.func transforms)."""
+    """torch's own ops (CUDA tensors with LATENTSPACE_CUDA_LOSSES=torch or in a build without
+    CUDA kernels; other devices; forward-mode AD and torch.func transforms)."""
     if kind == "mse":
         elementwise = F.mse_loss(recon, target, reduction="none")
     elif kind == "bce":

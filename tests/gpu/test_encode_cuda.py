@@ -1,5 +1,6 @@
-"""latentspace.encode with CUDA: models and tensors on the GPU run the torch backend there,
-results come back where the input lives, and the native (CPU) encoder takes CUDA tensors
+"""latentspace.encode with CUDA: models and tensors on the GPU run the torch backend there
+(LATENTSPACE_CUDA_ENCODER=torch, pinned below: the default is the CUDA encoder since GPU run
+10), results come back where the input lives, and the native (CPU) encoder takes CUDA tensors
 when asked to. Marked "cuda": skipped where torch sees no GPU (run with `pytest -m cuda`)."""
 
 import numpy as np
@@ -18,6 +19,16 @@ def torch_encoder_on_the_gpu(monkeypatch):
     10 verified the CUDA encoder; tests/gpu/test_encode_cuda_native.py covers that one):
     pinned, so that neither the environment nor the default changes what they test."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ENCODER", "torch")
+
+
+@pytest.fixture(params=["torch", "native"])
+def encoder_backend(request, torch_encoder_on_the_gpu, monkeypatch):
+    """For the tests both backends must pass alike: the pinned torch, then the CUDA encoder
+    (the default since GPU run 10). Set after the module's pin, which it overrides."""
+    if request.param == "native" and not ls.build_info()["cuda_compiled"]:
+        pytest.skip("latentspace was built without CUDA")
+    monkeypatch.setenv("LATENTSPACE_CUDA_ENCODER", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -81,8 +92,11 @@ def test_bf16_autocast_and_nan_rows_on_the_gpu(model, digits):
         ls.encode(gpu, x, batch_size=100)
 
 
-def test_add_encoded_from_a_gpu_model(model, digits):
+def test_add_encoded_from_a_gpu_model(model, digits, encoder_backend):
+    """A GPU model's codes into a CPU index equal encode's, for either backend (the default,
+    native, copies each chunk's codes from the device into the index's rows)."""
     gpu = model.cuda()
+    assert ls.Encoder(gpu).backend == encoder_backend
     index = ls.FlatIndex(4)
     assert index.add_encoded(gpu, digits, batch_size=100) == 500
     np.testing.assert_array_equal(index.vectors(), ls.encode(gpu, digits, batch_size=100))

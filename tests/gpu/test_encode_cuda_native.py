@@ -1,8 +1,8 @@
 """The CUDA encoder's kernels (csrc/cuda/encode.cu, through _cuda_encoder.py and Encoder) against
 float64 references, on a GPU.
 
-Every test asks for the native CUDA encoder (LATENTSPACE_CUDA_ENCODER=native; the default stays
-torch's code until these pass on a GPU and are timed, docs/gpu-runs.md). Weights and inputs are
+Every test asks for the native CUDA encoder (LATENTSPACE_CUDA_ENCODER=native, the default since
+GPU run 10, docs/gpu-runs.md), so that the environment cannot change what they test. Weights and inputs are
 fresh random values each run, drawn from conftest's `rng` (its seed is printed; a failure
 replays with LATENTSPACE_TEST_SEED=<seed>). Buffers the kernels write directly are poisoned
 with NaN first, so an element they forget shows up.

@@ -1297,10 +1297,10 @@ def _single_query_searches(gen, metric, dim, storage, rows=10_007):
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("dim,storage", [(48, "fp32"), (128, "fp32"), (256, "fp16"), (128, "bf16"), (97, "fp32")])
 def test_small_single_query_scan_equals_the_row_scan(metric, dim, storage, gen, monkeypatch):
-    """One query with LATENTSPACE_CUDA_SINGLE_QUERY_ROWS = 8 or 16 takes the single-query scan
-    (knn_rows.cuh: that many rows in flight a warp, its norms loaded ahead, an experiment); it
-    offers every row to the same list checks, so the results must be bit-identical to the row
-    scan's (4, the default): knn (norms summed in the scan), a FlatIndex (norms kept) in each
+    """One query with LATENTSPACE_CUDA_SINGLE_QUERY_ROWS = 8 (the default since GPU run 10) or
+    16 takes the single-query scan (knn_rows.cuh: that many rows in flight a warp, its norms
+    loaded ahead); it offers every row to the same list checks, so the results must be
+    bit-identical to the row scan's (4): knn (norms summed in the scan), a FlatIndex (norms kept) in each
     storage, weighted_l2, k past the rows, 10,007 rows (a partial round at a split's end), and
     in one split (LATENTSPACE_CUDA_FEW_QUERY_SPLITS=1: 30 rounds of cut-backs at k = 300).
     97 columns read one element a lane: the row scan either way."""

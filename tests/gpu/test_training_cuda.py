@@ -26,7 +26,9 @@ def digits():
     return ls.datasets.load_digits()[0][:600]
 
 
-def test_auto_picks_cuda_and_trains_with_bf16_autocast(digits, tmp_path):
+def test_auto_picks_cuda_and_trains_with_bf16_autocast(digits, tmp_path, losses_backend):
+    # Both losses backends: native became the default in GPU run 10, and torch's ops (still
+    # a choice) would otherwise no longer run in a training loop on any GPU test.
     torch.manual_seed(0)
     model = ls.VAE(64, 4, hidden=(64,))
     history = ls.train(model, digits, epochs=5, batch_size=64, lr=3e-3, progress=False,
@@ -50,7 +52,7 @@ def test_cuda_tensor_inputs_stay_on_the_gpu(digits):
         model.encode(x.cpu())
 
 
-def test_conv_trains_on_cuda_without_autocast(digits):
+def test_conv_trains_on_cuda_without_autocast(digits, losses_backend):
     torch.manual_seed(0)
     model = ls.ConvAutoencoder((1, 8, 8), 4, channels=(8, 16))
     history = ls.train(model, digits, epochs=3, device="cuda", autocast=False, progress=False)
