@@ -47,7 +47,10 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "no large-k plan": ("LATENTSPACE_CUDA_TREE_MERGE", "0"),
                     "shared thresholds": ("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1"),
                     "tree merge": ("LATENTSPACE_CUDA_TREE_MERGE", "1"),
-                    "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")}
+                    "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0"),
+                    # one query: the row scan (4 rows a warp), the default until GPU run 10
+                    # made the single-query scan (8 rows) the default
+                    "row scan": ("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")}
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")

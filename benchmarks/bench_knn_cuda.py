@@ -39,9 +39,13 @@ Peers:
                            k = 1024, the only ones where it changes the plan)
   ...[no large-k plan]     LATENTSPACE_CUDA_TREE_MERGE=0: the split rule's plan where the rule
                            leaves the GPU short of blocks (large k cells)
+  ...[row scan]            LATENTSPACE_CUDA_SINGLE_QUERY_ROWS=4: one query in the row scan (4
+                           rows a warp), not the single-query scan (8 rows, norms loaded ahead;
+                           the default since GPU run 10; q1 cells)
   The opt-ins still waiting to pay:
-  ...[early norms]         LATENTSPACE_CUDA_EARLY_NORMS=1 (the row scan that loads its norms
-                           ahead, csrc/cuda/knn_rows.cuh; q1 cells)
+  ...[row scan, early norms]  LATENTSPACE_CUDA_EARLY_NORMS=1 too (the row scan that loads its
+                           norms ahead, csrc/cuda/knn_rows.cuh; the single-query scan always
+                           does; q1 cells)
   (LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, the opt-in family's float compare alone, has no peer
   any more: the defaults take that family wherever they share thresholds, and alone it lost
   in run 8, 0.98x; the profile's k = 10 breakdown still times it.)
@@ -383,8 +387,9 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
              flops=2 * 5000 * 8192 * 2048, precision=precision)
 
 
-Q1_PEERS = ("latentspace.knn", "latentspace.knn[early norms]", "latentspace.knn[no fused finish]",
-            "latentspace.FlatIndex", "latentspace.FlatIndex[early norms]", "latentspace.FlatIndex[no fused finish]")
+Q1_PEERS = ("latentspace.knn", "latentspace.knn[row scan]", "latentspace.knn[no fused finish]",
+            "latentspace.FlatIndex", "latentspace.FlatIndex[row scan]", "latentspace.FlatIndex[row scan, early norms]",
+            "latentspace.FlatIndex[no fused finish]")
 
 
 @pytest.mark.parametrize("peer", Q1_PEERS + ("torch.mm+topk",))
