@@ -1280,6 +1280,29 @@ def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k,large_k", [
+    (1, 4_096, 10, False), (50, 4_096, 10, False), (1, 20_000, 10, False),  # the rows bound the splits
+    (3, 20_000, 100, True), (8, 30_000, 50, True), (130, 20_000, 1000, True),  # k does: many more without the rule
+])
+def test_large_k_plan_only_where_it_doubles_the_splits(nq, nb, k, large_k, plan_settings):
+    """A small database leaves the GPU short of blocks whatever k is: the large-k plan (its
+    tree merge and CUB sort: 15 launches where the fused finish takes one) is taken only where
+    dropping the split rule at least doubles the splits (knn_plan.cuh plan_for); otherwise the
+    rule's plan, with the fused finish. One query over 20,000 rows at k = 10 gets 53 splits
+    either way."""
+    plan = _plan(nq, nb, k)
+    rule = _rule_splits(nb, k)
+    assert 4 * plan["query_tiles"] * min(plan["splits"], rule) < 3 * MULTIPROCESSORS  # short of blocks either way
+    plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0")
+    unruled = _plan(nq, nb, k)["splits"]
+    plan_settings.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR")
+    assert plan["tree"] is large_k and (unruled >= 2 * min(rule, unruled)) is large_k, (plan, rule, unruled)
+    if not large_k:
+        plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+        assert _plan(nq, nb, k) == plan  # the rule's plan, as with the large-k plan off
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("nq,nb,k", [(1, 1_000_000, 1024), (100, 1_000_000, 4096), (300, 1_000_000, 1024),
                                      (1000, 1_000_000, 4096), (1000, 1_000_000, 16384), (127, 1_000_000, 16384)])
 def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
