@@ -313,3 +313,24 @@ def fit_briefly(model, x, **kwargs):
     settings = dict(epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False, device="cpu")
     settings.update(kwargs)
     return latentspace.train(model, x, **settings)
+
+
+# The CLI in this process (tests of its refusals and outputs): the cheapest demo that trains
+# something (a refusal must come before its "... epochs in"), and main() on one thread with
+# torch's thread count put back after.
+CHEAP_DEMO = ["demo", "--models", "autoencoder", "--epochs", "1", "--no-metric-learning", "--examples", "0"]
+
+
+def run_cli_main(capsys, *args: str) -> tuple[int, str, str]:
+    """latentspace.cli.main(args + --threads 1): its exit code, stdout and stderr."""
+    import torch
+
+    from latentspace.cli import main
+
+    previous = torch.get_num_threads()
+    try:
+        code = main(list(args) + ["--threads", "1"])
+    finally:
+        torch.set_num_threads(previous)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

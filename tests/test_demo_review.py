@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CHEAP_DEMO, run_cli_main
 
 pytest.importorskip("matplotlib")
 
@@ -17,22 +18,9 @@ import latentspace as ls  # noqa: E402
 from latentspace import plots  # noqa: E402
 from latentspace.cli_demo import PICTURES  # noqa: E402
 
-# The cheapest demo that trains something: a refusal must come before its "... epochs in".
-CHEAP_DEMO = ["demo", "--models", "autoencoder", "--epochs", "1", "--no-metric-learning", "--examples", "0"]
 
 
-def _main(capsys, *args: str) -> tuple[int, str, str]:
-    import torch
-
-    from latentspace.cli import main
-
-    previous = torch.get_num_threads()
-    try:
-        code = main(list(args) + ["--threads", "1"])
-    finally:
-        torch.set_num_threads(previous)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+_main = run_cli_main
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -18,8 +18,8 @@ import numpy as np
 from . import datasets
 from .cli_demo import command_demo
 from .cli_pipeline import add_commands as _add_pipeline_commands
-from .cli_pipeline import (clip_typed, echoed, made_folder, option_array, renamed, seed_number, thread_count,
-                           whole_number)
+from .cli_pipeline import (check_out_folder, clip_typed, echoed, made_folder, option_labels, renamed, seed_number,
+                           thread_count, whole_number)
 from .cli_plot import add_commands as _add_plot_commands
 from .runtime import build_info, set_num_threads
 
@@ -79,9 +79,10 @@ def _load_training_data(args: argparse.Namespace):
     return X, None, args.data
 
 
-def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows: int):
-    """The labels of --metric-loss: the digits' own, or --labels FILE (.npy or .npz, one per
-    row; --labels-key picks the .npz array), read as `latentspace plot` reads its labels."""
+def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows: int, name: str):
+    """The labels of --metric-loss: the digits' own, or --labels FILE (.npy or .npz, one
+    integer per row; --labels-key picks the .npz array), read and checked as `latentspace
+    plot` reads its labels (option_labels)."""
     if args.labels_key is not None and args.labels is None:
         raise ValueError("--labels-key: picks the array in the --labels .npz; pass --labels FILE too")
     if args.metric_loss is None:
@@ -91,14 +92,10 @@ def _training_labels(args: argparse.Namespace, bundled: np.ndarray | None, rows:
     if args.model == "pca":
         raise ValueError("--metric-loss: PCA is fitted in closed form; use --model autoencoder, vae or conv")
     if args.labels is not None:
-        labels = option_array(args.labels, "--labels", args.labels_key, "--labels-key")
-    elif bundled is not None:
-        labels = bundled
-    else:
+        return option_labels(args.labels, rows, name, args.labels_key, "--labels-key")
+    if bundled is None:
         raise ValueError("--metric-loss: needs --labels LABELS.npy, one integer class per row of the data")
-    if labels.shape[:1] != (rows,):  # train() checks the rest (1-d, integers), naming labels
-        raise ValueError(f"--labels: expected {rows} labels (one per row), got shape {labels.shape}")
-    return labels
+    return bundled
 
 
 def _build_model(args: argparse.Namespace, X: np.ndarray, output: str):
@@ -162,11 +159,12 @@ def _command_train(args: argparse.Namespace) -> int:
     import torch
 
     _check_model_flags(args)
+    check_out_folder(args.out)  # before the data are read: '' (the current folder) is refused by name
     if args.threads is not None:
         set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     X, bundled_labels, name = _load_training_data(args)
-    labels = _training_labels(args, bundled_labels, X.shape[0])
+    labels = _training_labels(args, bundled_labels, X.shape[0], name)
     output = args.output
     if output == "auto" and args.model != "pca":
         low, high = float(np.min(X)), float(np.max(X))
@@ -253,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "the metric-learned autoencoder 100)")
     demo.add_argument("-k", type=int, default=10, help="neighbours per digit (default 10)")
     demo.add_argument("--examples", type=whole_number(0), default=3, help="digits to show (default 3; 0: none)")
-    demo.add_argument("--show", type=whole_number(1), default=4, help="neighbours drawn per digit (default 4)")
+    demo.add_argument("--show", type=whole_number(1), default=None,
+                      help="neighbours drawn per digit, at most -k (default 4, or -k when smaller)")
     demo.add_argument("--seed", type=seed_number, default=0, help="weights, training and shown digits (default 0)")
     demo.add_argument("--threads", type=thread_count, default=None,
                       help="threads for training and search (default: 1 for training, OpenMP's for search)")

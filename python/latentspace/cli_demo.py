@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import datasets
-from ._atomic import unwritable
+from ._atomic import atomic_file_set, file_set_unwritable
 from .cli_pipeline import check_out_folder, echoed, made_folder
 from .indexes import FlatIndex
 from .runtime import build_info, get_num_threads, set_num_threads
@@ -47,6 +47,9 @@ RELEVANCE_POWER = 0.5
 TRUSTWORTHINESS_K = 10
 # The pictures written into --out (docs/similarity.md), in the order they are drawn.
 PICTURES = ("latent_map.png", "reconstructions.png", "interpolation.png", "neighbors.png", "relevance.png")
+# The pictures are drawn into a hidden folder in --out, .latentspace-demo.<16 hex>.tmp, and
+# replace the earlier run's together once all five are drawn (_atomic.atomic_file_set).
+STAGING_TAG = "latentspace-demo"
 
 
 def printable(text: str) -> str:
@@ -116,12 +119,20 @@ def _train(model, x: np.ndarray, settings: dict, args: argparse.Namespace, **ext
     return history
 
 
+_SHOWN = 4  # --show's default: neighbours drawn per digit (fewer when -k searches fewer)
+
+
 def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
-    """-k and --examples against the digits, and --latent-dim against the latent map (else
-    errors after training, naming the API's Z or numpy's sample); -k < 1 is the metrics' to
-    refuse, by the same name."""
+    """-k and --examples against the digits, --show against -k, and --latent-dim against the
+    latent map (else errors after training, naming the API's Z or numpy's sample); -k < 1 is
+    the metrics' to refuse, by the same name."""
     if args.k >= held_out:
         raise ValueError(f"-k: {args.k} neighbours need at least {args.k + 1} held-out digits, there are {held_out}")
+    if args.show is None:  # not typed: the default, cut to what -k searches
+        args.show = min(_SHOWN, max(args.k, 1))
+    elif args.show > args.k >= 1:  # (a typed --show was cut to -k without a word)
+        raise ValueError(f"--show: {args.show} neighbours drawn per digit, but -k searches {args.k}; "
+                         "lower --show or raise -k")
     if args.examples > n:
         raise ValueError(f"--examples: {args.examples} digits to show, but there are {n}")
     if args.latent_dim == 1:  # (< 1 is the models' to refuse, by the same name)
@@ -131,12 +142,10 @@ def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
 def _check_pictures_writable(out_dir: Path) -> None:
     """Each picture's path in --out, checked before any training (a folder of a picture's name,
     or a path too long for the file system once the name is added, failed only as the
-    pictures were written, naming no flag)."""
-    for name in PICTURES:
-        path = out_dir / name
-        problem = unwritable(path)  # (its length first: is_dir() of a path too long raises)
-        if problem is None:
-            continue
+    pictures were written, naming no flag); their staged copies' paths too."""
+    found = file_set_unwritable(out_dir, PICTURES, tag=STAGING_TAG)  # (lengths first: is_dir() of one too long raises)
+    if found is not None:
+        path, problem = found
         if problem[0] is IsADirectoryError:
             raise ValueError(f"--out: {echoed(path)} is a folder, where the demo writes a picture; "
                              "move it, or pass another --out")
@@ -146,9 +155,8 @@ def _check_pictures_writable(out_dir: Path) -> None:
 def command_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kinds = parse_models(args.models)  # before the imports: a typo fails at once
-    if not args.out:  # (Path("") is the current folder: an unset shell variable scattered the pictures there)
-        raise ValueError("--out: empty; expected a folder's path")
-    out_dir = check_out_folder(args.out)  # (a name too long to look up: named, before .exists() fails)
+    # (refused empty, Path("") being the current folder, and too long to look up: named, before .exists() fails)
+    out_dir = check_out_folder(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out: {echoed(out_dir)} exists and is not a folder")
 
@@ -276,7 +284,13 @@ def _neighbourhoods(model, title: str, split: _Split, args: argparse.Namespace) 
 
 def _pictures(out_dir: Path, model, title: str, scores: np.ndarray, split: _Split,
               args: argparse.Namespace) -> list[Path]:
-    """The five pictures of docs/similarity.md for the first model, on the held-out digits."""
+    """The five pictures of docs/similarity.md for the first model, on the held-out digits.
+
+    They are one set, drawn by one run from one model: a run stopped while drawing them (Ctrl-C,
+    a full disk, an error) left the pictures drawn so far beside the earlier run's others, and
+    two runs into one --out could interleave theirs, with nothing to tell. So they are drawn
+    into a staging folder and published together: --out holds the earlier run's five or this
+    run's five, never a mix, and the user's other files there are never touched."""
     from . import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,11 +298,11 @@ def _pictures(out_dir: Path, model, title: str, scores: np.ndarray, split: _Spli
     rng = np.random.default_rng(args.seed)
     first, second = (int(np.flatnonzero(y == digit)[0]) for digit in (3, 8))  # two digits to morph
     queries = rng.choice(len(x), size=4, replace=False).tolist()  # row numbers of x
-    latent_map, reconstructions, interpolation, neighbors, relevance = (out_dir / name for name in PICTURES)
-    return [
-        plots.plot_latent_map(model.encode(x), y, latent_map),
-        plots.plot_reconstructions(model, x, reconstructions, n=10),
-        plots.plot_interpolation(model, x[first], x[second], interpolation, steps=10),
-        plots.plot_neighbors(model, x, queries, neighbors, k=8, labels=y),
-        plots.plot_relevance(scores, relevance, title=f"Fisher score per {title} dimension"),
-    ]
+    with atomic_file_set(out_dir, PICTURES, tag=STAGING_TAG) as staging:
+        latent_map, reconstructions, interpolation, neighbors, relevance = (staging / name for name in PICTURES)
+        plots.plot_latent_map(model.encode(x), y, latent_map)
+        plots.plot_reconstructions(model, x, reconstructions, n=10)
+        plots.plot_interpolation(model, x[first], x[second], interpolation, steps=10)
+        plots.plot_neighbors(model, x, queries, neighbors, k=8, labels=y)
+        plots.plot_relevance(scores, relevance, title=f"Fisher score per {title} dimension")
+    return [out_dir / name for name in PICTURES]

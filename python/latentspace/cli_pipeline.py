@@ -41,7 +41,7 @@ from .indexes.flat import check_rows_for_index, save_rows_as_index
 from .runtime import set_num_threads
 
 __all__ = ["add_commands", "check_out", "check_out_folder", "clip_typed", "echoed", "made_folder", "make_folder",
-           "option_array", "renamed", "seed_number", "thread_count", "whole_number"]
+           "option_array", "option_labels", "renamed", "seed_number", "thread_count", "whole_number"]
 
 _ROWS_PER_CHUNK = 65536  # index build: rows read, checked and copied per step
 _QUERIES_PER_CHUNK = 4096  # search: queries per native call (results are (Q, k): small)
@@ -155,6 +155,8 @@ def renamed(message: str, names: dict[str, str]) -> str:
 
 
 def _check_suffix(path: str, suffix: str, option: str) -> Path:
+    if not path:  # (an unset shell variable: "got ''" read as a wrong suffix, not a missing name)
+        raise ValueError(f"{option}: empty; expected a file name ending in {suffix}")
     if not path.lower().endswith(suffix):
         raise ValueError(f"{option}: expected a file name ending in {suffix}, got {echoed(path, quoted=True)}")
     return Path(path)
@@ -177,7 +179,11 @@ def check_out(path: str, suffix: str, *inputs: str | None) -> Path:
 
 def check_out_folder(path: str) -> Path:
     """--out FOLDER's name, checked against the file system's limits before it is looked at
-    (Path.exists raised '[Errno 36] File name too long' with the whole name, naming nothing)."""
+    (Path.exists raised '[Errno 36] File name too long' with the whole name, naming nothing),
+    and refused when empty: Path("") is the current folder, into which an unset shell variable
+    scattered the files."""
+    if not path:
+        raise ValueError("--out: empty; expected a folder's path")
     problem = too_long(path)
     if problem is not None:
         raise ValueError(f"--out: {problem}")
@@ -250,6 +256,42 @@ def option_array(path: str, option: str, key: str | None = None, key_option: str
             held = message[len("key: "):].partition("; pass key=")[0]
             raise ValueError(f"{option}: {held}; pass a .npy, or an .npz of one array") from None
         raise ValueError(f"{option}: {message}") from None
+
+
+# The loader's refusals of an array's dtype ("has dtype <U1; expected real numbers", "an array
+# of Python objects (dtype object)"), whose dtype option_labels names in its own words.
+_REFUSED_DTYPE = re.compile(r"has dtype (.+?); expected real numbers|\(dtype (.+?)\), stored pickled")
+
+
+def option_labels(path: str, rows: int, data: str, key: str | None = None,
+                  key_option: str | None = None) -> np.ndarray:
+    """--labels FILE (or the --labels-key array of the data's .npz, `path` then the data's):
+    one integer class label per row of the data (`rows` of them; `data` names it), read as
+    option_array reads it. Every other dtype is refused naming --labels, the dtype and the
+    file: the loader's own refusal asked strings for "real numbers" (floats, which are no
+    class labels either) and objects for "an array of numbers"."""
+    try:
+        labels = option_array(path, "--labels", key, key_option)
+    except ValueError as error:
+        refused = _REFUSED_DTYPE.search(str(error))
+        if refused is None:
+            raise
+        _refuse_label_dtype(refused[1] or refused[2], path)
+    if labels.ndim != 1 or labels.shape[0] != rows:
+        raise ValueError(f"--labels: expected {rows} labels (one per row of {data}), got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        _refuse_label_dtype(str(labels.dtype), path)
+    return labels
+
+
+def _refuse_label_dtype(dtype: str, path: str) -> None:
+    if dtype.startswith(("<U", ">U", "|S", "object")):  # class names: the user's step is to number them
+        hint = "; number the class names first, e.g. np.unique(names, return_inverse=True)[1]"
+    elif dtype.startswith("float"):
+        hint = "; save whole-number labels as integers, e.g. labels.astype(np.int64)"
+    else:
+        hint = ""
+    raise ValueError(f"--labels: expected integer class labels, got dtype {dtype} in {echoed(path)}{hint}")
 
 
 def _model_shape(shape: tuple[int, ...], input_shape: tuple[int, ...], path: str) -> tuple[int, ...]:

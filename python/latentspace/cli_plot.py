@@ -22,7 +22,7 @@ import numpy as np
 from . import datasets
 from ._arrays import check_int
 from .cli_demo import printable
-from .cli_pipeline import check_out, echoed, option_array, thread_count
+from .cli_pipeline import check_out, echoed, option_labels, thread_count
 from .runtime import set_num_threads
 
 __all__ = ["add_commands"]
@@ -68,12 +68,7 @@ def _data(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray | None, str]
         source = args.labels if args.labels is not None else args.data
         if source == "digits":
             raise ValueError("--labels-key: the digits come with their labels; pass --labels FILE for others")
-        labels = option_array(source, "--labels", args.labels_key, "--labels-key")
-        if labels.ndim != 1 or labels.shape[0] != X.shape[0]:
-            raise ValueError(f"--labels: expected {X.shape[0]} labels (one per row of {name}), "
-                             f"got shape {labels.shape}")
-        if labels.dtype.kind not in "iu":
-            raise ValueError(f"--labels: expected integer class labels, got dtype {labels.dtype}")
+        labels = option_labels(source, X.shape[0], name, args.labels_key, "--labels-key")
     if args.limit is not None:
         limit = check_int(args.limit, "--limit")
         X = X[:limit]
