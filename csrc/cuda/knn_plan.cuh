@@ -223,8 +223,9 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
   // query over 20,000 rows at k = 10 gets 53 splits either way, over 4,096 rows 11 under the
   // rule and 16 without, and the large-k plan's tree merge and CUB sort then take 15 launches
   // where the fused finish takes one (GPU run 10's profile of a FlatIndex search of one query
-  // over 4,096 rows: 17 kernels, 11 of them CUB's sort), for few or no more blocks. Every case runs 8-9 timed gained
-  // at least 5.8x the blocks (174 splits against 30 at Q = 300, k = 1024), and keeps its plan.
+  // over 4,096 rows: 17 kernels, 11 of them CUB's sort), for few or no more blocks. Every
+  // case runs 8-9 timed gained at least 5.8x the blocks (174 splits against 30 at Q = 300,
+  // k = 1024), and keeps its plan.
   if (large_k) large_k = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0) >= 2 * filling;
   if (large_k) {
     const int64_t few = std::min<int64_t>(nq, kLargeKFewQueries);

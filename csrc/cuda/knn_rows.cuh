@@ -72,8 +72,8 @@ constexpr int row_scan_min_blocks(int rows) { return rows > 8 ? 2 : rows > 4 ? 3
 // a row), the rows a warp reads at once, and the steps of kRows rows a warp takes between two
 // list checks. The row scan: kRowQueries, kRowsInFlight, 2. The single-query scan (the
 // default for one aligned query since GPU run 10, LATENTSPACE_CUDA_SINGLE_QUERY_ROWS,
-// knn_scan_launch.cuh): 1 query, 8 or 16 rows, 1 step, norms loaded ahead. Why: GPU run 8 timed the row scan of one query over 1M x 128 at
-// 1.44 TB/s, a third of what the H200 reads; with 80 registers a thread (ptxas, sm_90) a
+// knn_scan_launch.cuh): 1 query, 8 or 16 rows, 1 step, norms loaded ahead. Why: GPU run 8
+// timed the row scan of one query over 1M x 128 at 1.44 TB/s, a third of what the H200 reads; with 80 registers a thread (ptxas, sm_90) a
 // multiprocessor holds 24 warps, each with 2 KiB of rows in flight at most, while registers
 // for 8 queries' dot products go unused. One query's registers hold 2 to 4 times the rows.
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kOwnNorms, bool kEarlyNorms = false,

@@ -12,8 +12,9 @@ Which encoder an exported model gets on a GPU: LATENTSPACE_CUDA_ENCODER, read wh
 is built, "native" (these kernels), "torch" (the model's own torch code) or unset / "" /
 "auto" (the default, DEFAULT_BACKEND: "native" since GPU run 10 checked the kernels (tests,
 memcheck, racecheck) and timed them 1.3-20x faster than the torch backend in every cell,
-docs/gpu-runs.md; a build without CUDA kernels gets "torch"). torch is imported by the code that uploads and runs, not by this module: build_info()
-reports backend() without importing torch.
+docs/gpu-runs.md; a build without CUDA kernels gets "torch"). torch is imported by the code
+that uploads and runs, not by this module: build_info() reports backend() without importing
+torch.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ the per-row sums (rows float64), and for rows longer than 2,048 elements the per
 Which implementation CUDA tensors get: LATENTSPACE_CUDA_LOSSES, read at every call,
 "native" (these kernels), "torch" (torch's own ops, losses.py) or unset / "" / "auto" (the
 default, DEFAULT_BACKEND: "native" since GPU run 10 checked them (tests, memcheck, racecheck)
-and timed them faster than torch's ops through this library in every cell, docs/gpu-runs.md;
-a build without CUDA kernels gets "torch").
+and timed them faster than torch's ops through this library in every cell it timed (6 of 8;
+docs/gpu-runs.md); a build without CUDA kernels gets "torch").
 torch is imported by the functions that run kernels, not by this module: build_info() reports
 backend() without importing torch.
 """
