@@ -7,7 +7,7 @@ repository root:
   python -m pytest benchmarks/bench_encode_cuda.py -q --benchmark-json=encode_cuda.json
   python benchmarks/report_encode_cuda.py encode_cuda.json
 Skipped where torch sees no CUDA GPU or latentspace.cuda_available() is False. Estimated at
-20-40 s on one H100 (not yet run): 33 benchmarks of about BUDGET_S of timed calls each, plus
+20-40 s on one H100 (14 s on an H200 in GPU run 10): 33 benchmarks of about BUDGET_S of timed calls each, plus
 torch's import, the CUDA context and the float64 references.
 
 Cells (one group each, its peers back to back), each in precision fp32 and bf16:
@@ -30,8 +30,8 @@ Peers (one timed call ends with torch.cuda.synchronize()):
                               over all rows at once, into a kept output): what the checks and
                               chunks cost, by difference
   latentspace[torch backend]  Encoder built with LATENTSPACE_CUDA_ENCODER=torch: the library's
-                              path on a GPU by default today (the model's torch code in chunks of
-                              4,096 rows, each checked); the peer the default's switch replaces
+                              path on a GPU by default until GPU run 10 (the model's torch code
+                              in chunks of 4,096 rows, each checked); the peer the switch replaced
   torch                       the strongest alternative a user has: the model's own forward
                               (model._encode, i.e. model.encoder(x) or (x - mean) @ components.T)
                               on the GPU under torch.no_grad(), all rows in one call; fp32 with

@@ -6,7 +6,7 @@ repository root:
   python -m pytest benchmarks/bench_losses_cuda.py -q --benchmark-json=losses_cuda.json
   python benchmarks/report_losses_cuda.py losses_cuda.json
 Skipped where torch sees no CUDA GPU or latentspace.cuda_available() is False. Estimated at
-30-60 s on one H100 (not yet run): 32 benchmarks of about BUDGET_S of timed calls each, the
+30-60 s on one H100 (13 s on an H200 in GPU run 10): 32 benchmarks of about BUDGET_S of timed calls each, the
 inputs made on the GPU, the float64 references computed there too.
 
 Cells (float32, mean reduction; one cell a group, its peers back to back):
@@ -25,7 +25,8 @@ Peers:
                           LATENTSPACE_CUDA_LOSSES=native for the cell (the fused kernels: the
                           loss and the gradient in one pass); checked to reach them
   latentspace[torch ops]  the same functions with LATENTSPACE_CUDA_LOSSES=torch: what the
-                          library runs on a GPU by default today; checked not to reach them
+                          library ran on a GPU by default until GPU run 10; checked not to
+                          reach them
   torch                   F.mse_loss / F.binary_cross_entropy / F.binary_cross_entropy_with_logits;
                           kl: -0.5 * (1 + lv - mu^2 - exp(lv)).sum(1).mean()
   copy roof               torch ops that move the fused step's bytes and compute nothing: loss

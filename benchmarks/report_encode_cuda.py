@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     print("CUDA tensors in and out; one call ends with torch.cuda.synchronize(). Medians in ms. "
           "latentspace: Encoder(model, device=\"cuda\") with LATENTSPACE_CUDA_ENCODER=native, checks and "
           "default chunks included; latentspace kernel: its kernels alone, all rows at once; "
-          "latentspace[torch backend]: the Encoder's GPU path by default today; torch: the model's "
+          "latentspace[torch backend]: the Encoder's GPU path by default until GPU run 10; torch: the model's "
           "forward under no_grad (fp32 with TF32 off; bf16 under autocast, bfloat16 codes). Speed-ups: "
           "the other peer's time over latentspace's. GFLOP/s: 2 x rows x the layers' inputs x outputs "
           "over the time. GB/s: input, codes and weights moved once. Read once: half a copy of the "

@@ -5,7 +5,7 @@
 Times are medians of one forward + backward call each (ended by torch.cuda.synchronize()).
 Per cell (loss, shape): every peer's median; the speed-up of latentspace (the native kernels,
 LATENTSPACE_CUDA_LOSSES=native) over torch and over latentspace[torch ops] (the library's GPU
-path by default today), each the other's time over latentspace's; latentspace's time over the
+path by default until GPU run 10), each the other's time over latentspace's; latentspace's time over the
 copy roof's (a torch op moving the same bytes: 1.00x is that memory roof, under 1x beats it);
 and the bytes latentspace and the roof move per second. Then in how many cells the native
 kernels beat the torch ops, the figure that decides LATENTSPACE_CUDA_LOSSES's default.

@@ -51,6 +51,14 @@ class CudaEncoder:
     """
 
     def __init__(self, spec: MlpSpec, device: torch.device, precision: str):
+        # Refused by name where CUDA cannot run (an Encoder built on a GPU, the CUDA encoder's
+        # default there, then unpickled on a machine without one), not with torch's bare error
+        # from the first upload. (A new Encoder is refused before this, by resolve_device.)
+        from ._cuda_device import require_cuda
+
+        require_cuda(f"Encoder: the CUDA encoder on '{device}' asked for (an Encoder built on a GPU, or unpickled)",
+                     "Build or unpickle it where that GPU is usable, or build the Encoder with device='cpu' "
+                     "(the same model on the CPU's native encoder).")
         import torch
 
         self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)

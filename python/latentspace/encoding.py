@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import _cuda_encoder, _native
+from ._cuda_switch import kernels_run_everywhere
 from ._arrays import (check_bool, check_int, first_nonfinite_row, is_torch_tensor, resolve_device,
                       rows_as_float32, rows_as_tensor)
 from ._encode_export import MlpLayer, MlpSpec, NotExportable, export_layers
@@ -398,6 +399,10 @@ def _gpu_refusal(device: torch.device) -> str | None:
         return None
     if device.type == "cuda" and not _native.cuda_compiled():
         why = "this build of latentspace has no CUDA kernels"
+    elif device.type == "cuda" and os.environ.get(_cuda_encoder.BACKEND_VARIABLE, "") in ("", "auto") \
+            and not kernels_run_everywhere():  # the default's fallback (_cuda_switch.choose_backend)
+        why = (f"a GPU here runs none of this build's CUDA kernels (architectures {_native.cuda_architectures()}; "
+               f"reinstall with LATENTSPACE_CUDA_ARCHITECTURES set for it)")
     elif device.type == "cuda" and os.environ.get(_cuda_encoder.BACKEND_VARIABLE) == "torch":
         why = f"{_cuda_encoder.BACKEND_VARIABLE}=torch asks for the model's torch code"
     elif device.type == "cuda":  # a default of "torch" (DEFAULT_BACKEND)
