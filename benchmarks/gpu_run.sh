@@ -153,8 +153,8 @@ if [ "$code" -ne 0 ]; then
   command -v cuda-gdb >/dev/null && timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "$smoke" 2>&1 | tail -40
 fi
 
-# compute-sanitizer, in two stages: sanitizer_new (the new kernels' tests, never run under it:
-# the fused losses', then the CUDA encoder's) and sanitizer_knn (the small GPU kNN tests, named
+# compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests, clean under it in
+# run 10: the fused losses', then the CUDA encoder's) and sanitizer_knn (the small GPU kNN tests, named
 # "small"); each runs memcheck (out-of-bounds and misaligned accesses, API errors) and racecheck
 # (shared-memory hazards) at once (separate processes on the one GPU: half the wall time),
 # under its own limit, and both append to the same two logs (started afresh by the call's
@@ -198,13 +198,12 @@ RACECHECK_ENCODER_TESTS=(
 # The kNN tests. racecheck is slow (2026-11-26: 16 tests in 160 s in run 6 on an H100; in run 7
 # one mma.sync test on integer data in 70 s; in run 8, on an H200, 4 tests in 200 s), so it
 # takes a list of tests of code not yet run under it, in order of need, since it reaches only
-# the first few (pytest runs node ids in the order given): the large-k plan in the tile scan
-# (the default since run 9: tree merge and shared thresholds), the single-query scan (an
-# experiment of the tenth session: the row scan's lists, more rows in flight), then the 5
-# tests run 8 did not reach (weighted_l2, the fused finish at k = 257, shared thresholds and
-# the tree merge in the row scan, the mma.sync tile on integer data), then run 8's 4 (no
-# hazard there: the warp cut-backs, the fused finish, shared thresholds and the tree merge at
-# 130 queries). Runs 5-7 ran the float32 tile and row scans, the selection and both
+# the first few (pytest runs node ids in the order given): the single-query scan (the default
+# for one query since run 10: the row scan's lists, more rows in flight), then the 5 tests
+# run 8 did not reach (weighted_l2, the fused finish at k = 257, shared thresholds and the tree
+# merge in the row scan, the mma.sync tile on integer data), then run 8's 4 (no hazard there:
+# the warp cut-backs, the fused finish, shared thresholds and the tree merge at 130 queries),
+# then the large-k plan in the tile scan (no hazard in run 10). Runs 5-7 ran the float32 tile and row scans, the selection and both
 # tensor-core tiles without a hazard. tests/test_gpu_run_script.py checks that these ids exist.
 # memcheck takes the "small" tests of the run-8 opt-ins, the large-k plan and the single-query
 # scan's settings (their own tests, and the native-output test with each alone: about 300; run
@@ -212,7 +211,6 @@ RACECHECK_ENCODER_TESTS=(
 # clean. GPU_RUN_MEMCHECK_TESTS=small takes all the small tests, GPU_RUN_RACECHECK_TESTS a -k
 # selection instead of the list.
 RACECHECK_TESTS=(
-  "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
   "tests/gpu/test_knn_cuda.py::test_small_single_query_scan_equals_the_row_scan[128-fp32-l2]"
   "tests/gpu/test_knn_cuda.py::test_small_weighted_l2_matches_the_cpu[9-20000-64-300]"
   "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-130-4099-16-257-l2]"
@@ -223,6 +221,7 @@ RACECHECK_TESTS=(
   "tests/gpu/test_knn_cuda.py::test_small_native_writes_every_output_and_nothing_else[fused-split-single-3-20000-8-50-l2]"
   "tests/gpu/test_knn_cuda.py::test_small_shared_thresholds_equal_the_split_ones[130-20000-16-100-l2]"
   "tests/gpu/test_knn_cuda.py::test_small_tree_merge_equals_the_single_one[130-20000-16-100-l2]"
+  "tests/gpu/test_knn_cuda.py::test_small_large_k_plan_equals_the_rule_plan[130-20000-16-1000-l2]"
 )
 MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
 
@@ -348,33 +347,29 @@ run_sanitizer() {
 }
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
-# time, in order of value, what has never run on a GPU first: tests; losses (the GPU losses
-# benchmark) and encode (the GPU encoder benchmark), short; sanitizer_new (the losses' and the
-# encoder's tests under compute-sanitizer, above: the only check of the two new kernels under
-# memcheck and racecheck); profile (its q1sweep section owed since the tenth session); bench
-# (the kNN benchmarks, run in full in run 8; the defaults since then in the profile); sanitizer_knn
-# (the kNN tests under compute-sanitizer) with what the deadline leaves. The stage blocks
-# below are in that order: it is the order they run in, whatever GPU_RUN_STAGES's order.
-# Measured on an H200 (2026-11-26, run 8): build 94 s, tests 58 s (977 tests, 6 xdist
-# workers; about 90 s expected with the losses' GPU tests, about 195, and the CUDA encoder's),
-# benchmarks 130 s (four processes), profile 64 s (before its "defaults" and "q1sweep"
-# sections: up to its 150 s limit now); the machine's start about 30 s. Not yet run: the
-# losses benchmark (estimated 30-60 s, limit 90 s), the encoder benchmark (20-40 s, limit
-# 75 s), sanitizer_new (limit 120 s, GPU_RUN_SANITIZER_NEW_SECONDS). One device call of 600 s
-# (GPU_RUN_DEADLINE_SECONDS=585): preamble and build about 105 s, tests 90, losses up to 60,
-# encode up to 40, sanitizer_new 120 (about 415 s so far), profile 100-150 (to about 515-565
-# s), then bench takes what is left (its parts in turn, about 10-110 s of its 130) and
-# sanitizer_knn (limit 150 s, GPU_RUN_SANITIZER_SECONDS) most likely nothing. Two calls on the same warm machine
-# cover every stage once, the second right after the first (an idle machine is handed back
-# after about 30 s; docs/gpu-runs.md): the first about 415 s (480 s with both benchmarks at
-# their limits), the second profile, bench and the kNN sanitizer part with what the device
-# time leaves:
-#   GPU_RUN_STAGES="tests losses encode sanitizer_new" bash benchmarks/gpu_run.sh
-#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="profile bench sanitizer_knn" bash benchmarks/gpu_run.sh
+# time, in the order of what a GPU run still owes (docs/gpu-runs.md, "Owed"): tests (the
+# whole suite, under run 10's new defaults); losses (the GPU losses benchmark: its bce_logits
+# cells never timed); bench (the kNN benchmarks: the q1 cells against the row scan); then
+# sanitizer_knn (the kNN tests under compute-sanitizer: memcheck reached about 127 of its
+# selection in run 10, racecheck 1 of its list), the stage issue 6 still needs most of; and
+# what ran clean or complete in run 10 last: encode (the GPU encoder benchmark), sanitizer_new
+# (the losses' and the encoder's tests under compute-sanitizer) and profile (every section).
+# The stage blocks below are in that order: it is the order they run in, whatever
+# GPU_RUN_STAGES's order.
+# Measured on an H200 (2026-11-27, run 10, one call of 600 s, GPU_RUN_DEADLINE_SECONDS=585):
+# build 101 s, tests 82 s (1427 tests, 6 xdist workers), losses 13 s, encode 14 s,
+# sanitizer_new 37 s, profile 93 s, bench 126 s (four processes), sanitizer_knn the 82 s left;
+# the machine's start and the transfers about 40 s more. In this order one such call gives
+# sanitizer_knn its whole 150 s (about 325 s before it, 475 s after), then encode and
+# sanitizer_new (about 525 s), and the profile what is left (about 50 s of its 150).
+# Two calls on the same warm machine cover every stage with its whole limit, the second right
+# after the first (an idle machine is handed back after about 30 s; docs/gpu-runs.md):
+#   GPU_RUN_STAGES="tests losses bench sanitizer_knn" bash benchmarks/gpu_run.sh
+#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="encode sanitizer_new profile" bash benchmarks/gpu_run.sh
 # GPU_RUN_STAGES picks some stages; all seven by default; "sanitizer" (one stage before this
 # split) names both sanitizer parts. Each stage's limit is also capped by the call's deadline
 # (GPU_RUN_DEADLINE_SECONDS, above), so no limit need be fitted by hand.
-STAGES="${GPU_RUN_STAGES:-tests losses encode sanitizer_new profile bench sanitizer_knn}"
+STAGES="${GPU_RUN_STAGES:-tests losses bench sanitizer_knn encode sanitizer_new profile}"
 STAGES=" $STAGES "
 STAGES="${STAGES// sanitizer / sanitizer_new sanitizer_knn }"
 status=0
@@ -400,36 +395,6 @@ if [[ " $STAGES " == *" losses "* ]] && within_deadline "losses benchmark" "${GP
   # bytes: benchmarks/bench_losses_cuda.py. (Until the fifteenth session its JSON went to $OUT
   # as losses_cuda.json; it is in gpu_bench_json.tar.gz now, which left room for the encoder's.)
   run_gpu_benchmark losses benchmarks/bench_losses_cuda.py losses_cuda.json benchmarks/report_losses_cuda.py
-fi
-
-if [[ " $STAGES " == *" encode "* ]] && within_deadline "encode benchmark" "${GPU_RUN_ENCODE_BENCH_SECONDS:-75}"; then
-  # The CUDA encoder (csrc/cuda/encode.cu, Encoder with LATENTSPACE_CUDA_ENCODER=native)
-  # against the model's torch code on the GPU, fp32 and bf16, and a copy of the PCA input:
-  # benchmarks/bench_encode_cuda.py (33 benchmarks, estimated 20-40 s), its report the
-  # figures that decide LATENTSPACE_CUDA_ENCODER's default. A stage of its own rather than a
-  # second run in the losses stage: its own limit and deadline line, and either can run alone
-  # (GPU_RUN_STAGES) on a call short of time.
-  run_gpu_benchmark encode benchmarks/bench_encode_cuda.py encode_cuda.json benchmarks/report_encode_cuda.py
-fi
-
-if [[ " $STAGES " == *" sanitizer_new "* ]]; then
-  # The two new kernels' tests under memcheck and racecheck (never run), before the profile
-  # and the kNN benchmarks: the losses' runs, then the encoder's under its own 60 s.
-  run_sanitizer new "new kernels" "${GPU_RUN_SANITIZER_NEW_SECONDS:-120}"
-fi
-
-if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROFILE_SECONDS:-150}"; then
-  # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
-  # split rule against the search time; the defaults against their opt-outs; one query's scan
-  # against one read of the database): benchmarks/profile_knn_cuda.py, 64 s in run 8 (before
-  # its "defaults" section, about 20 s in run 9, and "q1sweep", 21 settings of one query over
-  # 1M rows, not yet run). One JSON, rewritten as each section ends.
-  echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
-  start=$(date +%s)
-  # (SIGINT: the section it stops keeps what it had measured, as the sections before it)
-  timeout -s INT -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
-  code=$?
-  echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
 
 if [[ " $STAGES " == *" bench "* ]]; then
@@ -475,8 +440,39 @@ if [[ " $STAGES " == *" bench "* ]]; then
 fi
 
 if [[ " $STAGES " == *" sanitizer_knn "* ]]; then
-  # The small kNN tests under memcheck and racecheck, last: what the deadline leaves.
+  # The small kNN tests under memcheck and racecheck, after the kNN benchmarks, under their
+  # whole limit in one 600 s call (run 10 gave them the 82 s its deadline left).
   run_sanitizer knn kNN "${GPU_RUN_SANITIZER_SECONDS:-150}"
+fi
+
+if [[ " $STAGES " == *" encode "* ]] && within_deadline "encode benchmark" "${GPU_RUN_ENCODE_BENCH_SECONDS:-75}"; then
+  # The CUDA encoder (csrc/cuda/encode.cu, Encoder with LATENTSPACE_CUDA_ENCODER=native)
+  # against the model's torch code on the GPU, fp32 and bf16, and a copy of the PCA input:
+  # benchmarks/bench_encode_cuda.py (33 benchmarks, estimated 20-40 s), its report the
+  # figures that decide LATENTSPACE_CUDA_ENCODER's default. A stage of its own rather than a
+  # second run in the losses stage: its own limit and deadline line, and either can run alone
+  # (GPU_RUN_STAGES) on a call short of time.
+  run_gpu_benchmark encode benchmarks/bench_encode_cuda.py encode_cuda.json benchmarks/report_encode_cuda.py
+fi
+
+if [[ " $STAGES " == *" sanitizer_new "* ]]; then
+  # The losses' and the encoder's tests under memcheck and racecheck (clean in run 10: 0
+  # errors, no hazard), before the profile: the losses' runs, then the encoder's under its own 60 s.
+  run_sanitizer new "new kernels" "${GPU_RUN_SANITIZER_NEW_SECONDS:-120}"
+fi
+
+if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROFILE_SECONDS:-150}"; then
+  # Where a search's time goes (scan / merge / sort kernels; a single query's host steps; the
+  # split rule against the search time; the defaults against their opt-outs; one query's scan
+  # against one read of the database): benchmarks/profile_knn_cuda.py, 93 s with every section
+  # in run 10 (its "q1sweep", 21 settings of one query over 1M rows, included). One JSON,
+  # rewritten as each section ends; last, with what the deadline leaves.
+  echo "== profile (benchmarks/profile_knn_cuda.py, json: profile_knn_cuda.json)"
+  start=$(date +%s)
+  # (SIGINT: the section it stops keeps what it had measured, as the sections before it)
+  timeout -s INT -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
+  code=$?
+  echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
 fi
 
 for tool in memcheck racecheck; do

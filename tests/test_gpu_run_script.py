@@ -16,10 +16,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 ENCODER_TESTS = "tests/gpu/test_encode_cuda_native.py"  # the CUDA encoder's GPU tests
-# By value: what has never run on a GPU first (the new kernels' tests, benchmarks and sanitizer
-# part), then the profile (its q1sweep section owed since the tenth session), the kNN benchmarks
-# (their kernels unchanged since their last timed run), and the kNN sanitizer part last.
-DEFAULT_STAGES = ["tests", "losses", "encode", "sanitizer_new", "profile", "bench", "sanitizer_knn"]
+# By what a GPU run owes (docs/gpu-runs.md, "Owed"): the tests, the losses' and the kNN
+# benchmarks and the kNN sanitizer part first, then what ran clean or complete in run 10 (the
+# encoder's benchmark, the new kernels' sanitizer part, the profile).
+DEFAULT_STAGES = ["tests", "losses", "bench", "sanitizer_knn", "encode", "sanitizer_new", "profile"]
 
 
 def _racecheck_tests(name: str = "RACECHECK_TESTS") -> list[str]:
@@ -179,11 +179,11 @@ def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printe
     # The stages' own limits add up to more than one 600 s device call: with the deadline
     # spent by the preamble, each default stage says it was skipped and the run still ends.
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_DEADLINE_SECONDS="20")
-    stages = ("tests", "losses benchmark", "encode benchmark", "compute-sanitizer (new kernels)", "profile",
-              "benchmark (plain)", "benchmark (large_k_opt-ins)", "compute-sanitizer (kNN)")
+    stages = ("tests", "losses benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)",
+              "compute-sanitizer (kNN)", "encode benchmark", "compute-sanitizer (new kernels)", "profile")
     for stage in stages:
         assert f"== {stage}: skipped" in log, log
-    # in the default list's order: what never ran on a GPU first, the kNN sanitizer part last
+    # in the default list's order: what a GPU run owes first, the profile last
     positions = [log.index(f"== {stage}: skipped") for stage in stages]
     assert positions == sorted(positions), log
     assert "pytest seconds" not in log and "profile seconds" not in log and "benchmark seconds" not in log
@@ -418,9 +418,10 @@ def _fake_sanitizer(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("losses", ["failing", "left out"])
-def test_the_sanitizer_runs_the_losses_tests_before_the_knn_ones(tmp_path, losses):
-    """Under each tool, the losses' tests then the kNN ones, in one log; a failure of the
-    losses' run is the tool's exit status (and the run's) even where the kNN run passes after it."""
+def test_the_sanitizer_runs_the_knn_tests_before_the_losses_ones(tmp_path, losses):
+    """Under each tool, the kNN tests then the losses' ones (the stages' order since run 10),
+    in one log; a failure of the losses' run is the tool's exit status (and the run's) even
+    where the kNN run before it passed."""
     settings = {"FAKE_LOSSES_EXIT": "99"} if losses == "failing" else {"GPU_RUN_SANITIZER_LOSSES": "0"}
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer", GPU_RUN_SANITIZER_ENCODER="0",
                       **settings)
@@ -429,7 +430,7 @@ def test_the_sanitizer_runs_the_losses_tests_before_the_knn_ones(tmp_path, losse
         assert "---- kNN exit 0" in tool_log and "test_knn_cuda.py" in tool_log, tool_log
         assert "---- encoder" not in tool_log, tool_log
         if losses == "failing":
-            assert tool_log.index("---- losses exit 99") < tool_log.index("---- kNN: pytest"), tool_log
+            assert tool_log.index("---- kNN exit 0") < tool_log.index("---- losses exit 99"), tool_log
             assert f"{tool} exit 99" in log, log
         else:
             assert "---- losses" not in tool_log and f"{tool} exit 0" in log, log
@@ -438,10 +439,10 @@ def test_the_sanitizer_runs_the_losses_tests_before_the_knn_ones(tmp_path, losse
 
 @pytest.mark.skipif(not (ROOT / ENCODER_TESTS).exists(), reason=f"{ENCODER_TESTS} missing (a test above fails for it)")
 @pytest.mark.parametrize("encoder", ["failing", "stopped at its limit", "passing"])
-def test_the_sanitizer_runs_the_encoder_tests_between_the_losses_and_the_knn_ones(tmp_path, encoder):
-    """Each tool runs the encoder's GPU tests after the losses' and before the kNN ones, under
-    a timeout of their own. A sanitizer error there (99) is the tool's exit status even where a
-    later run passes; one stopped at its limit says 124 and still lets the kNN tests run."""
+def test_the_sanitizer_runs_the_encoder_tests_after_the_knn_and_the_losses_ones(tmp_path, encoder):
+    """Each tool runs the encoder's GPU tests after the kNN ones and the losses', under a
+    timeout of their own. A sanitizer error there (99) is the tool's exit status even where an
+    earlier run passed; one stopped at its limit says 124."""
     settings = {"failing": {"FAKE_ENCODER_EXIT": "99"}, "passing": {},
                 "stopped at its limit": {"GPU_RUN_SANITIZER_ENCODER_SECONDS": "1",
                                          "GPU_RUN_MEMCHECK_ENCODER_TESTS": "nothing_at_all or true"}}[encoder]
@@ -455,10 +456,10 @@ def test_the_sanitizer_runs_the_encoder_tests_between_the_losses_and_the_knn_one
     expected = {"failing": 99, "stopped at its limit": 124, "passing": 0}[encoder]
     for tool in ("memcheck", "racecheck"):
         tool_log = (tmp_path / f"sanitizer_{tool}.log").read_text()
-        parts = ("---- losses: pytest", "---- encoder: pytest", "---- kNN: pytest")
+        parts = ("---- kNN: pytest", "---- losses: pytest", "---- encoder: pytest")
         positions = [tool_log.index(part) for part in parts]
         assert positions == sorted(positions), tool_log
-        encoder_line = tool_log[positions[1]:].split("\n", 1)[0]
+        encoder_line = tool_log[positions[2]:].split("\n", 1)[0]
         if tool == "memcheck":
             assert encoder_line.startswith("---- encoder: pytest --maxfail=3 -k ") and ENCODER_TESTS in encoder_line
         else:
@@ -474,13 +475,13 @@ def test_the_sanitizer_runs_the_encoder_tests_between_the_losses_and_the_knn_one
 @pytest.mark.parametrize("stages,parts,limits", [
     ("sanitizer_new", ["losses", "encoder"], [120]),
     ("sanitizer_knn", ["kNN"], [150]),
-    ("sanitizer", ["losses", "encoder", "kNN"], [120, 150]),  # the one stage it was: both parts
-    ("sanitizer_knn sanitizer_new", ["losses", "encoder", "kNN"], [120, 150]),  # the script's order, not the list's
+    ("sanitizer", ["kNN", "losses", "encoder"], [150, 120]),  # the one stage it was: both parts
+    ("sanitizer_new sanitizer_knn", ["kNN", "losses", "encoder"], [150, 120]),  # the script's order, not the list's
 ])
 def test_the_sanitizer_parts_run_alone_or_together_into_the_same_two_logs(tmp_path, stages, parts, limits):
-    """sanitizer_new (the losses' and the encoder's tests, never run under either tool) and
+    """sanitizer_new (the losses' and the encoder's tests, clean under both tools in run 10) and
     sanitizer_knn (the kNN tests) each start under their own limit, capped by the deadline;
-    together they write one log per tool, the new kernels' part first. A log left in $OUT
+    together they write one log per tool, the kNN part first. A log left in $OUT
     by an earlier call is replaced, not appended to."""
     for tool in ("memcheck", "racecheck"):
         (tmp_path / f"sanitizer_{tool}.log").write_text("---- kNN: pytest stale\n")
