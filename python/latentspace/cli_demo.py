@@ -50,6 +50,7 @@ PICTURES = ("latent_map.png", "reconstructions.png", "interpolation.png", "neigh
 # The pictures are drawn into a hidden folder in --out, .latentspace-demo.<16 hex>.tmp, and
 # replace the earlier run's together once all five are drawn (_atomic.atomic_file_set).
 STAGING_TAG = "latentspace-demo"
+_SHOWN = 4  # --show's default: neighbours drawn per digit (fewer when -k searches fewer)
 
 
 def printable(text: str) -> str:
@@ -117,9 +118,6 @@ def _train(model, x: np.ndarray, settings: dict, args: argparse.Namespace, **ext
           f"({history.samples_per_second:,.0f} samples/s), best validation loss "
           f"{history.best_loss:.3f} at epoch {history.best_epoch + 1}")
     return history
-
-
-_SHOWN = 4  # --show's default: neighbours drawn per digit (fewer when -k searches fewer)
 
 
 def _check_counts(args: argparse.Namespace, n: int, held_out: int) -> None:
