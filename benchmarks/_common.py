@@ -50,7 +50,9 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "no split rule": ("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "0"),
                     # one query: the row scan (4 rows a warp), the default until GPU run 10
                     # made the single-query scan (8 rows) the default
-                    "row scan": ("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")}
+                    "row scan": ("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4"),
+                    # the row check on latentspace's kernel, not torch's ops (opt-in)
+                    "native check": ("LATENTSPACE_CUDA_ROW_CHECK", "native")}
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")

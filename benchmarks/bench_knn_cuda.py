@@ -18,6 +18,8 @@ sides compute float32 products):
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
              database once (torch.sum over it, the "read" roof); q1 floor: the same search
              against 4,096 rows, the fixed cost of one search
+  row check  the check of the big database that every latentspace.knn of CUDA tensors makes
+             (NaN, Inf, norms too large), alone: against torch.isfinite(x).all() and the read roof
   streamed   Q = 10,000, k = 100, the big database in host memory (numpy), device="cuda":
              the pinned double-buffered upload and search, against one plain upload
              (torch.Tensor.to from pinned memory: the "h2d" roof)
@@ -49,6 +51,9 @@ Peers:
   (LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, the opt-in family's float compare alone, has no peer
   any more: the defaults take that family wherever they share thresholds, and alone it lost
   in run 8, 0.98x; the profile's k = 10 breakdown still times it.)
+  ...[native check]        LATENTSPACE_CUDA_ROW_CHECK=native: the row check on latentspace's
+                           kernel (csrc/cuda/norms.cu, one read), not torch's ops (big cells at
+                           k = 10, q1 cells, the row check cell: latentspace.check)
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)
@@ -74,7 +79,7 @@ from _common import CUDA_KNN_OPT_INS, environment, names_opt_in, split_label, ti
 
 import latentspace
 import torch
-from latentspace import _cuda_chunks, _native
+from latentspace import _arrays, _cuda_chunks, _native
 
 if not latentspace.cuda_available():
     pytest.skip("no usable CUDA GPU (latentspace.cuda_available())", allow_module_level=True)
@@ -282,7 +287,7 @@ def test_roof_h2d(benchmark):
 # ============================================================================================
 # "[no fused finish, thresholds per split, filling plan]": the defaults before GPU run 8.
 BIG_PEERS = ("latentspace.knn", "latentspace.knn[no fused finish]", "latentspace.knn[thresholds per split]",
-             "latentspace.knn[warp cut-backs]", "latentspace.knn[filling plan]",
+             "latentspace.knn[warp cut-backs]", "latentspace.knn[filling plan]", "latentspace.knn[native check]",
              "latentspace.knn[no fused finish, thresholds per split, filling plan]",
              "torch.mm+topk", "torch.cdist+topk")
 
@@ -292,6 +297,8 @@ BIG_PEERS = ("latentspace.knn", "latentspace.knn[no fused finish]", "latentspace
 def test_big(benchmark, big, peer, k):
     if peer == "latentspace.knn[filling plan]" and k < 1024:
         pytest.skip("the filling plan fits the default workspace here: the fitted plan is the same plan")
+    if peer == "latentspace.knn[native check]" and k != 10:
+        pytest.skip("the check's saving is the same at every k: timed where the search is shortest")
     q, x = big["queries"], big["database"]
     if peer.startswith("latentspace.knn"):
         call = knn_peer_call(peer, latentspace.knn, q, x, k)
@@ -388,6 +395,7 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
 
 
 Q1_PEERS = ("latentspace.knn", "latentspace.knn[row scan]", "latentspace.knn[no fused finish]",
+            "latentspace.knn[native check]",
             "latentspace.FlatIndex", "latentspace.FlatIndex[row scan]", "latentspace.FlatIndex[row scan, early norms]",
             "latentspace.FlatIndex[no fused finish]")
 
@@ -418,6 +426,31 @@ def test_q1_floor(benchmark, big, peer):
     index.add(x)
     run_cell(benchmark, "q1 floor N=4096 D=128 k=10", peer, knn_peer_call(peer, index.search, q, k),
              lambda a: check_answer(a, q, x, k), nq=1, n=4096, d=D, k=k)
+
+
+ROW_CHECK_PEERS = ("latentspace.check", "latentspace.check[native check]", "torch.isfinite.all")
+
+
+@pytest.mark.parametrize("peer", ROW_CHECK_PEERS)
+def test_row_check(benchmark, big, peer):
+    """The check every latentspace.knn of CUDA tensors makes of its database (NaN, Inf, squared
+    norms too large), alone: torch's ops (the default) or latentspace's kernel, against the
+    plain finiteness test a user would write, and one read of the database (the read roof)."""
+    x = big["database"]
+    if peer == "torch.isfinite.all":
+        call = synced(lambda: bool(torch.isfinite(x).all()))
+    else:
+        call = knn_peer_call(peer, lambda: int(_arrays.unusable_row_flag(x).item()))
+    run_cell(benchmark, f"row check N={N} D={D}", peer, call, lambda answer: check_no_bad_row(peer, answer),
+             n=N, d=D, bytes=N * D * 4)
+
+
+def check_no_bad_row(peer: str, answer) -> dict:
+    """The random database has no bad row: a check that finds one is wrong, and is not timed."""
+    expected = True if peer == "torch.isfinite.all" else -1
+    if type(answer) is not type(expected) or answer != expected:
+        pytest.fail(f"{peer}: reported a bad row in a database of normal values ({answer})")
+    return {}
 
 
 def test_streamed_from_host(benchmark, big):

@@ -153,8 +153,8 @@ if [ "$code" -ne 0 ]; then
   command -v cuda-gdb >/dev/null && timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "$smoke" 2>&1 | tail -40
 fi
 
-# compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests, clean under it in
-# run 10: the fused losses', then the CUDA encoder's) and sanitizer_knn (the small GPU kNN tests, named
+# compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests: the row check's,
+# never run; the fused losses' and the CUDA encoder's, clean in run 10) and sanitizer_knn (the small GPU kNN tests, named
 # "small"); each runs memcheck (out-of-bounds and misaligned accesses, API errors) and racecheck
 # (shared-memory hazards) at once (separate processes on the one GPU: half the wall time),
 # under its own limit, and both append to the same two logs (started afresh by the call's
@@ -225,19 +225,33 @@ RACECHECK_TESTS=(
 )
 MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
 
+# The row check's kernel (csrc/cuda/norms.cu, opt-in as LATENTSPACE_CUDA_ROW_CHECK=native;
+# tests/gpu/test_row_check_cuda.py): memcheck runs its tests of the kernel itself (not those
+# of the searches and the index over it) first in the new kernels' part, at most
+# GPU_RUN_SANITIZER_ROW_CHECK_SECONDS (default 40 s); racecheck has nothing to check there
+# (the kernel uses no shared memory). GPU_RUN_SANITIZER_ROW_CHECK=0 leaves it out.
+ROW_CHECK_TESTS=tests/gpu/test_row_check_cuda.py
+MEMCHECK_ROW_CHECK_SELECTION="not knn_refuses and not index_"
+
 # sanitizer_runs PART TOOL: sets $runs to PART's (new, knn) pytest runs under TOOL, each as
 # NAME LIMIT COUNT ARGS... (LIMIT 0: none of its own, only the stage's), and $described to
 # a line naming them.
 sanitizer_runs() {
   local part=$1 tool=$2 args
   runs=() described=""
+  if [ "$part" = new ] && [ "$tool" = memcheck ] && [ "${GPU_RUN_SANITIZER_ROW_CHECK:-1}" != 0 ]; then
+    args=(-k "$MEMCHECK_ROW_CHECK_SELECTION" "$ROW_CHECK_TESTS")
+    runs+=(row-check "${GPU_RUN_SANITIZER_ROW_CHECK_SECONDS:-40}" "${#args[@]}" "${args[@]}")
+    described="row check: pytest ${args[*]}"
+  fi
   if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_LOSSES:-1}" != 0 ]; then
     if [ "$tool" = memcheck ]; then
       args=(-k "${GPU_RUN_MEMCHECK_LOSS_TESTS:-$MEMCHECK_LOSS_SELECTION}" tests/gpu/test_losses_cuda.py)
     else
       args=("${RACECHECK_LOSS_TESTS[@]}")
     fi
-    runs+=(losses 0 "${#args[@]}" "${args[@]}") described="losses: pytest ${args[*]}"
+    runs+=(losses 0 "${#args[@]}" "${args[@]}")
+    described+="${described:+; then }losses: pytest ${args[*]}"
   fi
   if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_ENCODER:-1}" != 0 ]; then
     if [ ! -f "$ENCODER_TESTS" ]; then
@@ -349,11 +363,13 @@ run_sanitizer() {
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
 # time, in the order of what a GPU run still owes (docs/gpu-runs.md, "Owed"): tests (the
 # whole suite, under run 10's new defaults); losses (the GPU losses benchmark: its bce_logits
-# cells never timed); bench (the kNN benchmarks: the q1 cells against the row scan); then
+# cells never timed); bench (the kNN benchmarks: the q1 cells against the row scan, the row
+# check's kernel against torch's ops, "[native check]"); then
 # sanitizer_knn (the kNN tests under compute-sanitizer: memcheck reached about 127 of its
 # selection in run 10, racecheck 1 of its list), the stage issue 6 still needs most of; and
 # what ran clean or complete in run 10 last: encode (the GPU encoder benchmark), sanitizer_new
-# (the losses' and the encoder's tests under compute-sanitizer) and profile (every section).
+# (the row check's tests under memcheck, new since run 11, then the losses' and the encoder's
+# tests, clean in run 10) and profile (every section).
 # The stage blocks below are in that order: it is the order they run in, whatever
 # GPU_RUN_STAGES's order.
 # Measured on an H200 (2026-11-27, run 10, one call of 600 s, GPU_RUN_DEADLINE_SECONDS=585):

@@ -74,8 +74,8 @@ def opt_in_rows(cells) -> list[tuple[str, str, float, str, float]]:
 
 
 def issue_cell(group: str) -> bool:
-    """The issue's 2x cells (big and faiss3045 in fp32): not q1, streamed or large k."""
-    return not group.startswith(("q1", "streamed", "large k"))
+    """The issue's 2x cells (big and faiss3045 in fp32): not q1, streamed, large k or the row check."""
+    return not group.startswith(("q1", "streamed", "large k", "row check"))
 
 
 def unmeasured_bars(group: str, peers: dict, best_torch: float | None) -> list[tuple[str, bool, str]]:

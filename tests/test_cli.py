@@ -1611,3 +1611,12 @@ def test_a_missing_input_file_is_worded_as_the_shell_words_it(tmp_path, capsys):
     code, out, err = _main(capsys, "index", "build", missing, "--out", str(tmp_path / "i.lsidx"))
     assert code != 0
     assert f"error: {missing}: No such file or directory" in err and "[Errno" not in err, err
+
+
+def test_info_says_which_row_check_a_gpu_search_makes():
+    result = _cli("info", env={"LATENTSPACE_CUDA_ROW_CHECK": "native"})
+    assert result.returncode == 0, result.stderr
+    assert "row check on a GPU: CUDA kernels (LATENTSPACE_CUDA_ROW_CHECK" in result.stdout
+    result = _cli("info", env={"LATENTSPACE_CUDA_ROW_CHECK": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "row check on a GPU: invalid (LATENTSPACE_CUDA_ROW_CHECK: expected" in result.stdout

@@ -661,3 +661,26 @@ def test_the_knn_report_names_each_benchmark_part_that_left_no_json(tmp_path):
     for part in ("opt-ins", "large_k_plain", "large_k_opt-ins"):
         assert re.search(rf"gpu_bench_{part}\.json: no results", log), log
     assert "gpu_bench_plain.json: no results" not in log, log
+
+
+@pytest.mark.parametrize("row_check", ["on", "left out"])
+def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_path, row_check):
+    """The row check's kernel (csrc/cuda/norms.cu) is the newest: memcheck runs its GPU tests
+    of the kernel itself first in the new kernels' part, under a limit of its own; racecheck
+    does not (the kernel has no shared memory). GPU_RUN_SANITIZER_ROW_CHECK=0 leaves it out."""
+    settings = {"GPU_RUN_SANITIZER_ROW_CHECK": "0"} if row_check == "left out" else {}
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
+                      GPU_RUN_SANITIZER_ENCODER="0", **settings)
+    memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
+    racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
+    assert "row-check" not in racecheck and "test_row_check_cuda" not in racecheck, racecheck
+    if row_check == "left out":
+        assert "row-check" not in memcheck, memcheck
+    else:
+        assert (ROOT / "tests/gpu/test_row_check_cuda.py").exists()
+        selection = "-k not knn_refuses and not index_ tests/gpu/test_row_check_cuda.py"
+        assert f"---- row-check: pytest {selection} (at most 40 s)" in memcheck, memcheck
+        assert "---- row-check exit 0" in memcheck, memcheck
+        assert memcheck.index("---- row-check: pytest") < memcheck.index("---- losses: pytest"), memcheck
+        assert f"row check: pytest {selection}; then losses: pytest" in log, log
+    assert "---- losses exit 0" in memcheck and "---- losses exit 0" in racecheck

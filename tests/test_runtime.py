@@ -54,6 +54,7 @@ def test_build_info_keys_and_types():
     if not info["gpu_visible"]:
         assert info["cuda_unavailable_reason"], "an invisible GPU needs a reason"
     assert info["cuda_losses"] in ("native", "torch") and info["cuda_encoder"] in ("native", "torch")
+    assert info["cuda_row_check"] in ("native", "torch")
     json.dumps(info)  # JSON-serialisable (the CLI prints it)
 
 
@@ -66,7 +67,8 @@ def test_build_info_reflects_current_settings(num_threads):
 
 
 @pytest.mark.parametrize("key, variable", [("cuda_losses", "LATENTSPACE_CUDA_LOSSES"),
-                                           ("cuda_encoder", "LATENTSPACE_CUDA_ENCODER")])
+                                           ("cuda_encoder", "LATENTSPACE_CUDA_ENCODER"),
+                                           ("cuda_row_check", "LATENTSPACE_CUDA_ROW_CHECK")])
 @pytest.mark.parametrize("value, expected", [("native", "native"), ("torch", "torch"), ("Native", "invalid")])
 def test_build_info_reports_the_cuda_kernel_settings(monkeypatch, key, variable, value, expected):
     monkeypatch.setenv(variable, value)

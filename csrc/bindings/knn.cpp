@@ -168,6 +168,30 @@ void bind_knn(py::module_& m) {
       py::arg("x"), py::arg("out"),
       "Squared L2 norms of the rows of x into out; returns the first unusable row (NaN, Inf, "
       "or too large) or -1.");
+
+  m.def(
+      "sq_norms_cuda",
+      [](uintptr_t rows, int64_t count, int64_t dim, int storage, uintptr_t weights, int64_t first_row, uintptr_t out,
+         uintptr_t first_bad, uintptr_t stream) {
+        // Checked here, before any CUDA call: the same ValueError in a build without CUDA.
+        LS_CHECK_VALUE(storage >= 0 && storage <= 2,
+                       "storage: expected 0 (float32), 1 (float16) or 2 (bfloat16), got ", storage);
+        LS_CHECK_VALUE(count >= 0, "count: expected >= 0, got ", count);
+        LS_CHECK_VALUE(dim >= 1, "dim: expected >= 1, got ", dim);
+        LS_CHECK_VALUE(first_row >= 0, "first_row: expected >= 0, got ", first_row);
+        LS_CHECK_VALUE(first_bad != 0, "first_bad: expected a device pointer to one int64, got 0");
+        LS_CHECK_VALUE(count == 0 || rows != 0, "rows: expected a device pointer, got 0");
+        py::gil_scoped_release release;
+        sq_norms_cuda(reinterpret_cast<const void*>(rows), count, dim, static_cast<KnnStorage>(storage),
+                      reinterpret_cast<const float*>(weights), first_row, reinterpret_cast<float*>(out),
+                      reinterpret_cast<int64_t*>(first_bad), stream);
+      },
+      py::arg("rows"), py::arg("count"), py::arg("dim"), py::arg("storage"), py::arg("weights"), py::arg("first_row"),
+      py::arg("out"), py::arg("first_bad"), py::arg("stream"),
+      "The row check on the current CUDA device, queued on `stream` (device pointers as integers, 0 for "
+      "none): squared norms of `count` rows of `dim` elements of type `storage` (0 float32, 1 float16, "
+      "2 bfloat16) into out (optional), and first_row plus the first row that is unusable (NaN, Inf, or a "
+      "squared norm, or with weights a weighted one, too large) into the int64 at first_bad, or -1.");
 }
 
 }  // namespace latentspace::bindings

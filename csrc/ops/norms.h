@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "ops/knn.h"
+
 namespace latentspace {
 
 // Largest squared norm a vector may have: with |q|^2 and |x|^2 below FLT_MAX / 8, every
@@ -24,6 +26,19 @@ static inline int64_t first_unusable_norm(const float* norms, int64_t count) {
 // out[i] = sum_d x[i][d]^2 in float32 (the same arithmetic the search kernels use).
 // Returns the first row whose norm is not usable (NaN, Inf, or too large), or -1.
 int64_t sq_norms_cpu(const float* x, int64_t rows, int64_t dim, float* out);
+
+// The same check on the current CUDA device (csrc/cuda/norms.cu; a CPU-only build throws
+// RuntimeError), queued on `stream` (a cudaStream_t, torch's current stream as an integer);
+// returns when the work is queued. rows: [count][dim] elements of type `storage` in device
+// memory. out (nullable, device, count floats): the squared norms. weights (nullable, device,
+// dim floats): a row is also unusable when its weighted squared norm sum_d w_d x_d^2 is (as
+// the CPU search refuses for weighted_l2). first_bad (device, one int64): set to first_row
+// plus the first unusable row, or -1. Sums are float32 in another order than the CPU's, so a
+// norm within an ulp or two of kMaxSquaredNorm may be judged the other way. The arguments are
+// the caller's to check (the Python binding does): count >= 0, dim >= 1, first_row >= 0,
+// first_bad not null, rows not null when count > 0, storage one of KnnStorage's.
+void sq_norms_cuda(const void* rows, int64_t count, int64_t dim, KnnStorage storage, const float* weights,
+                   int64_t first_row, float* out, int64_t* first_bad, uintptr_t stream);
 
 namespace cpu {
 struct KnnKernels;

@@ -397,6 +397,9 @@ def empty_results(kind: ArrayKind, rows: int, k: int):
 # below it, every distance the search computes stays finite.
 MAX_SQUARED_NORM = float(np.float32(3.4028234e38) / np.float32(8.0))
 _NORM_ROWS_PER_STEP = 1 << 22  # rows whose norms are computed at once (16 MiB of norms)
+# ... and at most this many bytes of rows, whose squares torch's ops hold at once (a step of
+# 4 Mi rows of 1,024 dimensions squared 16 GiB at once before).
+NORM_BYTES_PER_STEP = 256 << 20
 # Tensors of at most this many elements (64 KiB of float32: a few queries) are checked on the
 # host: one small copy and the CPU's check, instead of the device check's dozen small torch
 # launches, which took 160-250 us of a single-query search's 380-860 us (GPU run 7's profile,
@@ -469,7 +472,10 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     elements, checked on the host (its flag is a host tensor). Unusable as in
     check_rows_usable: NaN, Inf, or a squared norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
     squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
-    kernel trusts its caller: such a row would give NaN distances)."""
+    kernel trusts its caller: such a row would give NaN distances). On a GPU, the check is
+    latentspace's kernel (one read of the rows) where _cuda_row_check.takes the tensor
+    (LATENTSPACE_CUDA_ROW_CHECK=native), or else torch's ops, at most NORM_BYTES_PER_STEP
+    bytes of rows squared at once."""
     import torch
 
     if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
@@ -477,11 +483,16 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
         # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds).
         bad = first_unusable_row(np.ascontiguousarray(detached(tensor).to("cpu", torch.float32).numpy()))
         return torch.tensor(-1 if bad < 0 else first_row + bad)
+    from . import _cuda_row_check  # (not at the top: it imports this module)
+
+    if _cuda_row_check.takes(tensor):
+        return _cuda_row_check.first_unusable_row(detached(tensor), first_row, weights)
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=tensor.device)
-    for start in range(0, tensor.shape[0], _NORM_ROWS_PER_STEP):
-        rows = tensor[start : start + _NORM_ROWS_PER_STEP].float()  # half storage: norms in float32
+    step = max(1, min(_NORM_ROWS_PER_STEP, NORM_BYTES_PER_STEP // (max(1, tensor.shape[1]) * 4)))
+    for start in range(0, tensor.shape[0], step):
+        rows = tensor[start : start + step].float()  # half storage: norms in float32
         # NaN compares false, and an overflowing square is +inf: both count as unusable. The
         # float32 sum of squares, as the CPU kernel checks it (a norm squared again rounded
         # 15-20% of rows within 3e-7 of the limit to the other side); the order of the sum

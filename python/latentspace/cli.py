@@ -54,6 +54,8 @@ def _command_info(args: argparse.Namespace) -> int:
     print(f"  losses on a GPU   : {losses} (LATENTSPACE_CUDA_LOSSES: native, torch or auto)")
     encoder = {**meaning, "torch": "the model's torch code"}.get(info["cuda_encoder"], info["cuda_encoder"])
     print(f"  encoder on a GPU  : {encoder} (LATENTSPACE_CUDA_ENCODER: native, torch or auto)")
+    row_check = meaning.get(info["cuda_row_check"], info["cuda_row_check"])
+    print(f"  row check on a GPU: {row_check} (LATENTSPACE_CUDA_ROW_CHECK: native, torch or auto)")
     return 0
 
 

@@ -104,17 +104,20 @@ def build_info() -> dict[str, Any]:
         "cuda_unavailable_reason": "" if devices else _native.cuda_unavailable_reason(),
         "cuda_losses": _cuda_setting("losses"),
         "cuda_encoder": _cuda_setting("encoder"),
+        "cuda_row_check": _cuda_setting("row_check"),
     }
 
 
 def _cuda_setting(operation: str) -> str:
     """What CUDA tensors get now for `operation`: "native" (latentspace's CUDA kernels) or
-    "torch" (torch's ops), from LATENTSPACE_CUDA_LOSSES ("losses": latentspace.losses) or
-    LATENTSPACE_CUDA_ENCODER ("encoder": latentspace.encode); a bad value is reported, not
-    raised (the operation raises it)."""
-    from . import _cuda_encoder, _cuda_losses  # (they import no torch)
+    "torch" (torch's ops), from LATENTSPACE_CUDA_LOSSES ("losses": latentspace.losses),
+    LATENTSPACE_CUDA_ENCODER ("encoder": latentspace.encode) or LATENTSPACE_CUDA_ROW_CHECK
+    ("row_check": the NaN / Inf / norm check of the rows a GPU search or index takes); a bad
+    value is reported, not raised (the operation raises it)."""
+    from . import _cuda_encoder, _cuda_losses, _cuda_row_check  # (they import no torch)
 
     try:
-        return {"losses": _cuda_losses, "encoder": _cuda_encoder}[operation].backend()
+        modules = {"losses": _cuda_losses, "encoder": _cuda_encoder, "row_check": _cuda_row_check}
+        return modules[operation].backend()
     except ValueError as error:
         return f"invalid ({error})"

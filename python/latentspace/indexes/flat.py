@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .. import _cuda_chunks, _cuda_device, _cuda_search, _native
+from .. import _cuda_chunks, _cuda_device, _cuda_row_check, _cuda_search, _native
 from .._arrays import (
     METRICS,
     as_matrix,
@@ -551,10 +551,11 @@ class FlatIndex:
         """The kept norms of rows [start, stop), from the stored (rounded) vectors."""
         if self._gpu_norms is None:
             return
-        squared = self._gpu_buffer[start:stop].float().square().sum(dim=1)
+        squared = self._gpu_norms[start:stop]
+        # (one read of the rows on latentspace's kernel, or torch's ops in bounded steps)
+        _cuda_row_check.squared_norms_into(self._gpu_buffer[start:stop], squared)
         if self._metric == "cosine":  # inverse norms; a zero vector scores 0
-            squared = squared.rsqrt().where(squared > 0, squared.new_zeros(()))
-        self._gpu_norms[start:stop] = squared
+            squared.copy_(squared.rsqrt().where(squared > 0, squared.new_zeros(())))
 
     def _publish_cuda(self, ntotal: int) -> None:
         """Makes rows up to ntotal visible to searches. Searches on other threads run on other
