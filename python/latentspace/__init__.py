@@ -13,6 +13,7 @@ from ._arrays import CudaUnavailableError
 from ._native import __version__
 from .indexes import FlatIndex, IndexFileError, load_index
 from .runtime import (
+    _fit_default_threads_to_address_limit,
     _warn_about_bad_simd_env,
     build_info,
     cuda_available,
@@ -24,7 +25,8 @@ from .runtime import (
 from .search import knn
 
 _warn_about_bad_simd_env()
-del _warn_about_bad_simd_env
+_fit_default_threads_to_address_limit()  # (libgomp would end the process at the first search)
+del _warn_about_bad_simd_env, _fit_default_threads_to_address_limit
 
 # name -> module that defines it, imported on first access (PEP 562). The training loop
 # lives in training.py, not train.py: a submodule named train would be bound over the

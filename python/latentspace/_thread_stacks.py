@@ -5,7 +5,8 @@ with a stack reserved in the address space. Under an address-space limit (`ulimi
 RLIMIT_AS: batch schedulers and shared login nodes set one) a thread count whose stacks do
 not fit makes libgomp print "Thread creation failed" and end the process, from inside the
 next search: no Python exception, nothing the caller can catch. set_num_threads asks this
-module first and refuses such a count, naming `n`.
+module first and refuses such a count, naming `n`; at import, a default count (OMP_NUM_THREADS
+or the CPU count) that cannot fit is lowered (lowered_default), with a warning.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import platform
 import re
 
-__all__ = ["stack_room_error"]
+__all__ = ["address_space_limited", "lowered_default", "stack_room_error"]
 
 # glibc's thread stack where RLIMIT_STACK is unlimited (ARCH_STACK_DEFAULT_SIZE): 2 MiB on
 # x86-64, aarch64 and most others, more on a few (glibc's pthreaddef.h, by platform.machine()
@@ -22,29 +23,73 @@ __all__ = ["stack_room_error"]
 _DEFAULT_STACK_BYTES = 2 << 20
 _LARGER_DEFAULT_STACK = {"ppc": 4 << 20, "sparc64": 4 << 20, "alpha": 4 << 20, "parisc": 8 << 20, "ia64": 32 << 20}
 _PER_THREAD_EXTRA_BYTES = 256 << 10  # guard page, TLS, libgomp's per-thread state: a margin
+_DEFAULT_STACK_SHARE = 2  # a lowered default's stacks take at most 1/2 of the room left (lowered_default)
 _UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def stack_room_error(n: int) -> str | None:
     """Why n threads' stacks cannot fit the address space this process has left, in words
     naming n, or None when they fit, there is no limit, or it cannot be told (not Linux)."""
+    room = _stack_room()
+    if room is None or _fits(n, *room):
+        return None
+    fits = _most_threads(*room)
+    return (f"n: {_shortfall(n, *room)}; use at most about {fits} thread{'s' if fits > 1 else ''}, "
+            f"or a smaller OMP_STACKSIZE")
+
+
+def address_space_limited() -> bool:
+    """Whether this process has an address-space limit (`ulimit -v`): one getrlimit call."""
     try:
         import resource
     except ImportError:  # (Windows)
+        return False
+    return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+
+
+def lowered_default(count: int) -> tuple[int, str] | None:
+    """For a default thread count (OMP_NUM_THREADS or the CPU count) whose stacks cannot fit
+    the address space left, the count to use instead and why `count` cannot, in words; None
+    when it fits, there is no limit, or it cannot be told.
+
+    The count used is the most whose stacks take at most half of what is left, not all of it:
+    the rest is for the data and the libraries loaded after import (the most that fit at
+    import no longer did after an `import torch`, about 0.5 GiB, and the first search ended
+    the process all the same). A count chosen by set_num_threads may still take it all."""
+    room = _stack_room()
+    if room is None or _fits(count, *room):
         return None
+    left, per_thread = room
+    return _most_threads(left // _DEFAULT_STACK_SHARE, per_thread), _shortfall(count, left, per_thread)
+
+
+def _fits(n: int, left: int, per_thread: int) -> bool:
+    return (n - 1) * per_thread <= left  # the calling thread has its own stack already
+
+
+def _most_threads(left: int, per_thread: int) -> int:
+    return max(1, left // per_thread + 1)
+
+
+def _shortfall(n: int, left: int, per_thread: int) -> str:
+    needed = (n - 1) * per_thread
+    return (f"{n} threads need about {needed / 2**30:,.2f} GiB of address space for their stacks "
+            f"({per_thread / 2**20:,.2f} MiB each), more than the {left / 2**30:,.2f} GiB this process's limit "
+            f"(ulimit -v, RLIMIT_AS) leaves")
+
+
+def _stack_room() -> tuple[int, int] | None:
+    """(address space left under the limit, bytes each worker thread takes), or None when
+    there is no limit or it cannot be told (not Linux, no /proc)."""
+    if not address_space_limited():  # the usual case: nothing more to read
+        return None
+    import resource
+
     soft_limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     used = _address_space_used()
-    if soft_limit == resource.RLIM_INFINITY or used is None:
+    if used is None:
         return None
-    per_thread = _thread_stack_bytes(resource) + _PER_THREAD_EXTRA_BYTES
-    needed = (n - 1) * per_thread  # the calling thread has its own stack already
-    room = max(soft_limit - used, 0)
-    if needed <= room:
-        return None
-    fits = max(1, room // per_thread + 1)
-    return (f"n: {n} threads need about {needed / 2**30:,.2f} GiB of address space for their stacks "
-            f"({per_thread / 2**20:,.2f} MiB each), more than the {room / 2**30:,.2f} GiB this process's limit "
-            f"(ulimit -v, RLIMIT_AS) leaves; use at most about {fits} thread{'s' if fits > 1 else ''}, or a smaller OMP_STACKSIZE")
+    return max(soft_limit - used, 0), _thread_stack_bytes(resource) + _PER_THREAD_EXTRA_BYTES
 
 
 def _thread_stack_bytes(resource) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _native
 from ._arrays import check_int
-from ._thread_stacks import stack_room_error
+from ._thread_stacks import address_space_limited, lowered_default, stack_room_error
 
 __all__ = [
     "build_info",
@@ -33,8 +33,42 @@ def _warn_about_bad_simd_env() -> None:
         )
 
 
+def _fit_default_threads_to_address_limit() -> None:
+    """Lowers a default thread count (OMP_NUM_THREADS, else the CPU count) whose stacks cannot
+    fit under an address-space limit (`ulimit -v`), with a RuntimeWarning: libgomp would end
+    the process at the first search ("Thread creation failed"), where set_num_threads would
+    have refused the same count. Run once, at import: without a limit it reads nothing, and
+    the default is read at first use, as before."""
+    if not address_space_limited():
+        return
+    asked = _native.num_threads()
+    lowered = lowered_default(asked)
+    if lowered is None:
+        return
+    used, why = lowered
+    _native.set_num_threads(used)
+    warnings.warn(
+        f"latentspace's default thread count, {asked} ({_default_count_source(asked)}), does not fit this "
+        f"process's address-space limit: {why}; the CPU kernels use {used} thread{'s' if used > 1 else ''} "
+        f"instead, whose stacks take at most half of that, the rest being left for data and for libraries "
+        f"imported later such as torch (GNU OpenMP would end the process at the first search: \"Thread "
+        f"creation failed\"). set_num_threads(n) or a smaller OMP_STACKSIZE choose otherwise",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _default_count_source(count: int) -> str:
+    """Where OpenMP's default count came from: OMP_NUM_THREADS where its first count is this
+    one (the native parse decides; a value it ignores leaves the CPU count), else the CPU count."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    first = (value or "").split(",")[0].strip().removeprefix("+")
+    return f"OMP_NUM_THREADS={value}" if first.isdigit() and int(first) == count else "the CPU count"
+
+
 def get_num_threads() -> int:
-    """Threads the native CPU kernels use (default: OpenMP's, so OMP_NUM_THREADS counts; 1 in a
+    """Threads the native CPU kernels use (default: OpenMP's, so OMP_NUM_THREADS counts, lowered
+    with a warning at import where a `ulimit -v` leaves no room for its thread stacks; 1 in a
     process forked from one that had imported latentspace, see set_num_threads)."""
     return _native.num_threads()
 
