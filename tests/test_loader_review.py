@@ -462,3 +462,18 @@ def test_an_empty_npy_file_is_called_empty(tmp_path):
     for mmap in (None, True, False):
         with pytest.raises(ValueError, match=r"empty\.npy: not a readable \.npy array \(the file is empty\)$"):
             datasets.load_npy(tmp_path / "empty.npy", mmap=mmap)
+
+
+@pytest.mark.parametrize("user_block", [512, 4096])
+def test_an_hdf5_file_with_a_user_block_is_told_what_it_is(tmp_path, user_block):
+    """HDF5 puts its signature at 0 or, past a user block, at 512, 1024, 2048, ... bytes: the
+    hint looked at offset 0 only, so an HDF5 file with a user block got no hint."""
+    h5py = pytest.importorskip("h5py")
+    path = tmp_path / "d.npz"
+    with h5py.File(path, "w", userblock_size=user_block) as f:
+        f["train"] = np.zeros((4, 3), np.float32)
+    assert not path.read_bytes().startswith(b"\x89HDF")
+    message = _NO_ZIP["HDF5"][1]
+    for read in (lambda: datasets.load_npz(path), lambda: _streamed(path)):
+        with pytest.raises(ValueError, match=rf"d\.npz: not an \.npz archive{message}$"):
+            read()

@@ -244,9 +244,23 @@ def _check_zip(path: Path, f) -> None:
         raise ValueError(f"{path}: not an .npz archive{_not_zip_hint(f)}")
 
 
-# The first bytes of an HDF5 file (its superblock's signature; HDF5 also looks for it at 512,
-# 1024, ... past a user block, which h5py does not write unless asked).
+# The first bytes of an HDF5 file's superblock (its signature): at offset 0, or past a user
+# block at 512, 1024, 2048, ... (h5py writes one when asked: userblock_size).
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HDF5_FIRST_USER_BLOCK = 512
+
+
+def _is_hdf5(f) -> bool:
+    """Whether the open file `f` holds an HDF5 superblock signature where HDF5 looks for one:
+    offset 0, then each power of two from 512 within the file (a few dozen reads at most)."""
+    size = f.seek(0, os.SEEK_END)
+    offset = 0
+    while offset + len(_HDF5_SIGNATURE) <= size:
+        f.seek(offset)
+        if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+            return True
+        offset = _HDF5_FIRST_USER_BLOCK if offset == 0 else offset * 2
+    return False
 
 
 def _not_zip_hint(f) -> str:
@@ -260,11 +274,11 @@ def _not_zip_hint(f) -> str:
         return " (the file is empty)"
     if head.startswith(np.lib.format.MAGIC_PREFIX):
         return " (a .npy file: use load_npy)"
-    if head.startswith(_HDF5_SIGNATURE):
-        return " (an HDF5 file: use load_ann_benchmarks, or load_array with a .hdf5 or .h5 name)"
     if head.startswith(_ZIP_PREFIXES):  # (is_zipfile looks for the end record, which holds the directory)
         return " (it starts as a zip archive but its end record is missing or damaged: cut short?)"
-    return ""
+    hdf5 = _is_hdf5(f)
+    f.seek(0)
+    return " (an HDF5 file: use load_ann_benchmarks, or load_array with a .hdf5 or .h5 name)" if hdf5 else ""
 
 
 def _zip_damage(path: Path, error: BaseException) -> BaseException:
