@@ -1550,3 +1550,64 @@ def test_gpu_opt_in_integer_test_cuts_lists_back(opt_in, monkeypatch):
             assert _cut_back_mid_split(plan) or k < 64, (nq, k, plan)
             if opt_in == "float":
                 assert not _shares_thresholds(plan, nq, 3), (nq, k, plan)
+
+
+# ---------------------------------------------------------------------------------------
+# search_then_check: the resident searches (knn of CUDA tensors, a GPU FlatIndex) queue the
+# search before they read the row checks
+
+
+def _resident_search_and_checks(rng, *, bad_query=None, bad_row=None, workspace_bytes=1 << 20):
+    queries, database = _normal(rng, 30, 8), _normal(rng, 5000, 8)
+    if bad_query is not None:
+        queries[bad_query, 3] = np.nan
+    if bad_row is not None:
+        database[bad_row, 2] = np.inf
+    q, x = torch.from_numpy(queries), torch.from_numpy(database)
+    backend = CpuBackend()
+    checks = _arrays.query_row_checks(q) + [_arrays.database_row_check(x)]
+    return (lambda: search_resident(backend, q, x, 4, "l2", workspace_bytes)), checks, backend, queries, database
+
+
+def test_search_then_check_queues_the_search_before_reading_the_checks(rng, monkeypatch):
+    search, checks, backend, queries, database = _resident_search_and_checks(rng)
+    order = []
+    native_search, read = backend.search, _cuda_search.raise_unusable_rows
+    monkeypatch.setattr(backend, "search", lambda *a, **kw: (order.append("search"), native_search(*a, **kw))[1])
+    monkeypatch.setattr(_cuda_search, "raise_unusable_rows", lambda c: (order.append("read"), read(c))[1])
+    D, I = _cuda_search.search_then_check(search, checks)
+    assert order == ["search", "read"]
+    _assert_same_search(D.numpy(), I.numpy(), queries, database, 4, "l2")
+
+
+@pytest.mark.parametrize("bad_query, bad_row, message", [
+    (None, 4321, r"^database: row 4321 contains NaN or Inf"),
+    (17, 4321, r"^queries: row 17 contains NaN or Inf"),  # queries first, as on the CPU
+])
+def test_search_then_check_raises_for_a_refused_row_after_the_search(rng, bad_query, bad_row, message):
+    search, checks, *_ = _resident_search_and_checks(rng, bad_query=bad_query, bad_row=bad_row)
+    with pytest.raises(ValueError, match=message):
+        _cuda_search.search_then_check(search, checks)
+
+
+def test_a_refused_row_outranks_the_searchs_own_error(rng):
+    # As when the checks were read first: the data's error, not the workspace's, and without
+    # the workspace's error shown as its context.
+    search, checks, *_ = _resident_search_and_checks(rng, bad_row=4321, workspace_bytes=100)
+    with pytest.raises(ValueError, match=r"^database: row 4321 contains NaN or Inf") as refused:
+        _cuda_search.search_then_check(search, checks)
+    assert refused.value.__suppress_context__
+    search, checks, *_ = _resident_search_and_checks(rng, workspace_bytes=100)
+    with pytest.raises(ValueError, match=r"^workspace_bytes: one query with k=4 needs"):
+        _cuda_search.search_then_check(search, checks)
+
+
+def test_other_errors_of_the_search_propagate_without_reading_the_checks(rng, monkeypatch):
+    _, checks, *_ = _resident_search_and_checks(rng, bad_row=4321)
+    monkeypatch.setattr(_cuda_search, "raise_unusable_rows", lambda c: pytest.fail("the checks were read"))
+
+    def failing_search():
+        raise RuntimeError("CUDA error in knn_cuda: an illegal memory access")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _cuda_search.search_then_check(failing_search, checks)

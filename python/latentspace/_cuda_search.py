@@ -17,7 +17,7 @@ Here:
 * merge_topk: the running top-k merged with one database chunk's top-k (a stable sort, so
   ties keep the lower index). Pure torch: works on CPU tensors as on CUDA ones.
 * search_resident: database already on the device (queries chunked, the database split
-  only past what one call takes).
+  only past what one call takes); search_then_check: a search, then the row checks read.
 * search_streamed: database in host memory, copied chunk by chunk through two pinned
   buffers on a side stream while the previous chunk is searched, results merged.
 * knn_on_device: search.knn's entry, from the caller's arguments to results of the
@@ -58,7 +58,6 @@ from ._arrays import (
     is_torch_tensor,
     query_row_checks,
     raise_unusable_rows,
-    unusable_row_flag,
     weights_for,
 )
 from ._cuda_chunks import (
@@ -76,7 +75,7 @@ from ._cuda_chunks import (
 from ._host_copy import copy_rows
 
 __all__ = ["CHECK_AHEAD_QUERIES", "CpuBackend", "CudaBackend", "check_database_without_queries", "knn_on_device",
-           "merge_topk", "search_resident", "search_streamed"]
+           "merge_topk", "search_resident", "search_streamed", "search_then_check"]
 
 # From this many queries on, a weighted_l2 search streaming a host database checks each chunk on
 # the host before the chunk is searched (_start_chunk), as the CPU search checks its database
@@ -388,6 +387,25 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
     return distances, indices
 
 
+def search_then_check(search: Callable[[], Any], checks: list) -> Any:
+    """search(), then the row checks (raise_unusable_rows: one wait for the device) read once
+    it is queued: the host does not wait for the checks' kernels before it queues the
+    search's. A search over rows the checks refuse is harmless (streamed searches have always
+    searched a chunk before its check is read) and its results are dropped. A refused row
+    outranks a ValueError of the search itself (a workspace too small for one query, say),
+    as when the checks were read first; other errors (CUDA's) propagate as they are."""
+    try:
+        results = search()
+    except ValueError:
+        try:
+            raise_unusable_rows(checks)
+        except ValueError as refused:
+            raise refused from None
+        raise
+    raise_unusable_rows(checks)
+    return results
+
+
 def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str, *, workspace_bytes: int,
                     memory_bytes: int, query_checks: list | None = None):
     """Search of a host database (N, D), N >= 1, a numpy array of any real dtype (a memory
@@ -569,8 +587,9 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
     elif resident:
         if isinstance(q, np.ndarray):
             q = backend.upload(q)
-        raise_unusable_rows(query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)])
-        distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
+        checks = query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)]
+        distances, indices = search_then_check(
+            lambda: search_resident(backend, q, x, k, metric, workspace_bytes), checks)
     else:
         checks = [] if isinstance(q, np.ndarray) else query_row_checks(q, backend.weights)
         memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)

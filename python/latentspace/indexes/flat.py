@@ -644,8 +644,8 @@ class FlatIndex:
                 norms = None if self._gpu_norms is None else self._gpu_norms[: self._ntotal]
                 own_weights = weights is None
                 weights = self._weights if own_weights else weights
-            # Read after the search is queued: the host waits for the check's few kernels only,
-            # while the search runs (a search over bad queries is harmless and discarded).
+            # Read after the search is queued (search_then_check): the host does not wait for
+            # the checks' kernels before queuing the search's.
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
             checks = query_row_checks(q, backend.weights)
             if backend.weights is not None and not own_weights and database.shape[0]:
@@ -654,6 +654,7 @@ class FlatIndex:
                 # one more read of the vectors, for those only.
                 checks.append(database_row_check(database, backend.weights, name=STORED_ROWS_NAME))
             if database.shape[0] == 0:
+                raise_unusable_rows(checks)
                 distances = torch.full((q.shape[0], k), float(_PAD[self._metric]), device=self._device)
                 indices = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self._device)
             else:
@@ -662,10 +663,10 @@ class FlatIndex:
                 database.record_stream(backend.stream)
                 if norms is not None:
                     norms.record_stream(backend.stream)
-                distances, indices = _cuda_search.search_resident(
-                    backend, q, database, k, self._metric,
-                    workspace_bytes or _cuda_chunks.DEFAULT_WORKSPACE_BYTES, norms=norms)
-            raise_unusable_rows(checks)
+                distances, indices = _cuda_search.search_then_check(
+                    lambda: _cuda_search.search_resident(
+                        backend, q, database, k, self._metric,
+                        workspace_bytes or _cuda_chunks.DEFAULT_WORKSPACE_BYTES, norms=norms), checks)
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
