@@ -31,10 +31,11 @@ within_deadline() {
   return 0
 }
 
-# Files this script writes to $OUT, 7 in a call of every stage (the device tool brings back at
+# Files this script writes to $OUT, 8 in a call of every stage (the device tool brings back at
 # most 8: run 8's two calls brought back 7 and 8): gpu_run.log, pytest_cuda.log (tests),
 # gpu_bench.log (every benchmark's output), gpu_bench_json.tar.gz (every benchmark's JSON),
-# profile_knn_cuda.json (profile), sanitizer_memcheck.log and sanitizer_racecheck.log.
+# profile_knn_cuda.json (profile), sanitizer_memcheck.log, sanitizer_racecheck.log and
+# ncu_knn.txt (ncu).
 # The benchmarks' JSONs are written to a folder of this call's own (a warm machine's earlier
 # call must not lend this one its figures) and archived into $OUT after each benchmark run, so
 # that a call stopped later still brings back what finished.
@@ -78,10 +79,10 @@ echo "== gpu_run $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/n
 # device time on the others: refused here, before the build (none: no stage, the preamble only).
 for stage in ${GPU_RUN_STAGES:-}; do
   case "$stage" in
-    tests|losses|encode|sanitizer|sanitizer_new|sanitizer_knn|profile|bench|none) ;;
+    tests|losses|encode|sanitizer|sanitizer_new|sanitizer_knn|profile|ncu|bench|none) ;;
     *)
       echo "GPU_RUN_STAGES: unknown stage '$stage'; expected some of tests losses encode sanitizer_new" \
-        "profile bench sanitizer_knn (sanitizer: both sanitizer parts; none: no stage)"
+        "profile ncu bench sanitizer_knn (sanitizer: both sanitizer parts; none: no stage)"
       echo "== done (exit 2)"
       exit 2
       ;;
@@ -369,7 +370,8 @@ run_sanitizer() {
 # selection in run 10, racecheck 1 of its list), the stage issue 6 still needs most of; and
 # what ran clean or complete in run 10 last: encode (the GPU encoder benchmark), sanitizer_new
 # (the row check's tests under memcheck, new since run 11, then the losses' and the encoder's
-# tests, clean in run 10) and profile (every section).
+# tests, clean in run 10) and profile (every section); then ncu (Nsight Compute over the kNN
+# scan at the missed bars' shapes, never run), with what is left.
 # The stage blocks below are in that order: it is the order they run in, whatever
 # GPU_RUN_STAGES's order.
 # Measured on an H200 (2026-11-27, run 10, one call of 600 s, GPU_RUN_DEADLINE_SECONDS=585):
@@ -381,11 +383,11 @@ run_sanitizer() {
 # Two calls on the same warm machine cover every stage with its whole limit, the second right
 # after the first (an idle machine is handed back after about 30 s; docs/gpu-runs.md):
 #   GPU_RUN_STAGES="tests losses bench sanitizer_knn" bash benchmarks/gpu_run.sh
-#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="encode sanitizer_new profile" bash benchmarks/gpu_run.sh
-# GPU_RUN_STAGES picks some stages; all seven by default; "sanitizer" (one stage before this
+#   GPU_RUN_BUILD=0 GPU_RUN_STAGES="encode sanitizer_new profile ncu" bash benchmarks/gpu_run.sh
+# GPU_RUN_STAGES picks some stages; all eight by default; "sanitizer" (one stage before this
 # split) names both sanitizer parts. Each stage's limit is also capped by the call's deadline
 # (GPU_RUN_DEADLINE_SECONDS, above), so no limit need be fitted by hand.
-STAGES="${GPU_RUN_STAGES:-tests losses bench sanitizer_knn encode sanitizer_new profile}"
+STAGES="${GPU_RUN_STAGES:-tests losses bench sanitizer_knn encode sanitizer_new profile ncu}"
 STAGES=" $STAGES "
 STAGES="${STAGES// sanitizer / sanitizer_new sanitizer_knn }"
 status=0
@@ -489,6 +491,41 @@ if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROF
   timeout -s INT -k 10 "$limit" python3 -u benchmarks/profile_knn_cuda.py "${OUT:-.}/profile_knn_cuda.json"
   code=$?
   echo "profile seconds: $(( $(date +%s) - start )) (exit $code)"
+fi
+
+# Nsight Compute over the kNN scan at the shapes of issue 6's missed bars (benchmarks/
+# ncu_knn_cuda.py: bf16 and fp32 at Q = 10,000 x 1M x 128, k = 10; fp32 at k = 1024; faiss
+# #3045's in bf16), one process each, the first scan launch of each: where the scan's time
+# goes (throughput against the chip's, warp stalls, occupancy, pipes), which torch.profiler's
+# kernel times cannot say. Never run yet; KINDS.md saw ncu read counters on the Firecracker
+# machines (--clock-control none: the card's clocks are left as they are). Diagnostic: its
+# exit status is not the call's. GPU_RUN_NCU_SHAPES: other shapes, in order.
+NCU_SECTIONS=(SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats ComputeWorkloadAnalysis
+  MemoryWorkloadAnalysis)
+if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:-120}"; then
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ -z "$NCU" ]; then
+    echo "== ncu: not found, skipped"
+  else
+    echo "== ncu ($NCU over benchmarks/ncu_knn_cuda.py's scans, report: ncu_knn.txt)"
+    start=$(date +%s)
+    : > "${OUT:-.}/ncu_knn.txt"
+    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 fp32 k1024 faiss3045}; do
+      left=$(( limit - ($(date +%s) - start) ))
+      if [ "$left" -lt 10 ]; then
+        echo "ncu $shape: skipped, ${left} s of the stage's limit left"
+        continue
+      fi
+      echo "---- ncu $shape" >> "${OUT:-.}/ncu_knn.txt"
+      sections=()
+      for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
+      timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
+        --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
+        python3 -u benchmarks/ncu_knn_cuda.py "$shape" >> "${OUT:-.}/ncu_knn.txt" 2>&1
+      echo "ncu $shape exit $? (124 or 137: stopped at the stage's limit)"
+    done
+    echo "ncu seconds: $(( $(date +%s) - start ))"
+  fi
 fi
 
 for tool in memcheck racecheck; do

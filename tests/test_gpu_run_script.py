@@ -19,7 +19,7 @@ ENCODER_TESTS = "tests/gpu/test_encode_cuda_native.py"  # the CUDA encoder's GPU
 # By what a GPU run owes (docs/gpu-runs.md, "Owed"): the tests, the losses' and the kNN
 # benchmarks and the kNN sanitizer part first, then what ran clean or complete in run 10 (the
 # encoder's benchmark, the new kernels' sanitizer part, the profile).
-DEFAULT_STAGES = ["tests", "losses", "bench", "sanitizer_knn", "encode", "sanitizer_new", "profile"]
+DEFAULT_STAGES = ["tests", "losses", "bench", "sanitizer_knn", "encode", "sanitizer_new", "profile", "ncu"]
 
 
 def _racecheck_tests(name: str = "RACECHECK_TESTS") -> list[str]:
@@ -180,7 +180,7 @@ def test_stages_past_the_calls_deadline_are_skipped_and_the_summary_still_printe
     # spent by the preamble, each default stage says it was skipped and the run still ends.
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_DEADLINE_SECONDS="20")
     stages = ("tests", "losses benchmark", "benchmark (plain)", "benchmark (large_k_opt-ins)",
-              "compute-sanitizer (kNN)", "encode benchmark", "compute-sanitizer (new kernels)", "profile")
+              "compute-sanitizer (kNN)", "encode benchmark", "compute-sanitizer (new kernels)", "profile", "ncu")
     for stage in stages:
         assert f"== {stage}: skipped" in log, log
     # in the default list's order: what a GPU run owes first, the profile last
@@ -266,7 +266,7 @@ def test_the_script_writes_at_most_8_files_to_out():
     for name in re.findall(r'\$\{OUT:-\.\}/([\w.$-]+)', text):
         names |= {name.replace("$tool", tool) for tool in ("memcheck", "racecheck")}
     assert names == {"gpu_run.log", "pytest_cuda.log", "gpu_bench.log", "gpu_bench_json.tar.gz",
-                     "profile_knn_cuda.json", "sanitizer_memcheck.log", "sanitizer_racecheck.log"}, names
+                     "profile_knn_cuda.json", "sanitizer_memcheck.log", "sanitizer_racecheck.log", "ncu_knn.txt"}, names
     assert 'LOG="${OUT:-.}/gpu_run.log"' in text
 
 
@@ -684,3 +684,62 @@ def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_pat
         assert memcheck.index("---- row-check: pytest") < memcheck.index("---- losses: pytest"), memcheck
         assert f"row check: pytest {selection}; then losses: pytest" in log, log
     assert "---- losses exit 0" in memcheck and "---- losses exit 0" in racecheck
+
+
+FAKE_NCU = """#!/bin/sh
+# a stand-in Nsight Compute: names its arguments, then runs the program it was given
+echo "fake ncu $*"
+while [ "$#" -gt 0 ] && [ "$1" != python3 ]; do shift; done
+"$@"
+"""
+
+
+def test_the_ncu_stage_profiles_each_shape_in_its_own_process(tmp_path):
+    """ncu (found on PATH) runs benchmarks/ncu_knn_cuda.py once a shape, the first scan launch
+    only, the card's clocks left alone, every section named, all into ncu_knn.txt; each run's
+    exit status is logged (without a GPU the driver says so and exits 1)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "ncu").write_text(FAKE_NCU)
+    (folder / "ncu").chmod(0o755)
+    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="ncu", GPU_RUN_NCU_SHAPES="bf16 k1024")
+    report = (tmp_path / "ncu_knn.txt").read_text()
+    assert re.findall(r"^---- ncu (\w+)$", report, re.M) == ["bf16", "k1024"], report
+    calls = re.findall(r"^fake ncu (.*)$", report, re.M)
+    assert len(calls) == 2, report
+    for call, shape in zip(calls, ("bf16", "k1024")):
+        assert call.startswith("--clock-control none --kernel-name-base function "
+                               "--kernel-name regex:^(row_)?scan_kernel --launch-count 1 --section SpeedOfLight"), call
+        assert call.endswith(f"python3 -u benchmarks/ncu_knn_cuda.py {shape}"), call
+        assert "--section WarpStateStats" in call and "--section MemoryWorkloadAnalysis" in call
+    gpu_visible = _installed_latentspace_sees_a_gpu()
+    expected = 0 if gpu_visible else 1
+    assert f"ncu bf16 exit {expected} " in log and f"ncu k1024 exit {expected} " in log, log
+    if not gpu_visible:
+        assert "no usable CUDA GPU here" in report, report
+    assert log.rstrip().endswith("== done (exit 0)"), log  # diagnostic: not the call's status
+
+
+def test_the_ncu_stage_without_ncu_says_so(tmp_path):
+    import glob
+    import shutil
+
+    if shutil.which("ncu") or glob.glob("/usr/local/cuda/bin/ncu") or glob.glob("/opt/nvidia/nsight-compute/*/ncu"):
+        pytest.skip("an ncu is installed on this machine")
+    log = _run_script(tmp_path, GPU_RUN_STAGES="ncu")
+    assert "== ncu: not found, skipped" in log, log
+    assert not (tmp_path / "ncu_knn.txt").exists()
+    assert log.rstrip().endswith("== done (exit 0)"), log
+
+
+def test_the_ncu_driver_refuses_an_unknown_shape():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ncu_knn_cuda.py"), "fp64"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "SHAPE one of bf16, fp32, k1024, faiss3045" in result.stderr
+
+
+def _installed_latentspace_sees_a_gpu() -> bool:
+    import latentspace
+
+    return latentspace.cuda_available()
