@@ -4,9 +4,10 @@
 // squared norm when there are weights, and the first row where either is not usable (NaN,
 // Inf, above kMaxSquaredNorm), found with an atomic minimum.
 //
-// It replaces a check built of torch ops (python/latentspace/_arrays.py, unusable_row_flag),
-// which wrote every row's squares to a temporary as large as the rows, read it back to sum it,
-// and launched six more kernels: about three reads of a database where this is one.
+// It stands in for a check built of torch ops (python/latentspace/_arrays.py,
+// unusable_row_flag), which writes the rows' squares to a temporary (256 MiB of rows at a
+// time), reads it back to sum it, and launches six more kernels: about three passes over a
+// database where this is one.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -4,14 +4,15 @@ row (NaN, Inf, a squared norm above MAX_SQUARED_NORM, or with weights a weighted
 a GPU index's kept norms, every row's squared norm.
 
 torch's ops do the same in several passes (_arrays.unusable_row_flag): they write the rows'
-squares to a temporary as large as the rows, read it back to sum it, and launch half a dozen
-more kernels, about three reads of a database and its size again in memory for each check. A
+squares to a temporary (NORM_BYTES_PER_STEP of rows at a time), read it back to sum it, and
+launch half a dozen more kernels, about three passes over a database for each check. A
 `latentspace.knn` of CUDA tensors checks its database at every call.
 
 Which implementation CUDA tensors get: LATENTSPACE_CUDA_ROW_CHECK, read at every check
 (_cuda_switch.choose_backend): "native" (the kernel), "torch" (torch's ops), unset / "" /
-"auto" DEFAULT_BACKEND: "torch" until a GPU run has verified the kernel (tests, memcheck,
-racecheck; docs/gpu-runs.md), as the fused losses and the CUDA encoder waited for GPU run 10.
+"auto" DEFAULT_BACKEND: "torch" until a GPU run has verified the kernel (its GPU tests,
+memcheck and the benchmark; docs/gpu-runs.md), as the fused losses and the CUDA encoder
+waited for GPU run 10.
 """
 
 from __future__ import annotations
