@@ -351,16 +351,25 @@ class Encoder:
     def _run_torch(self, chunk: Any, start: int, origin: tuple[int, int] | None) -> torch.Tensor:
         model = self._torch_model
         x = rows_as_tensor(chunk, self._torch_dtype, self.device)
-        bad = first_nonfinite_row(x)
-        if bad >= 0:
-            raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
         # fp32 turns a caller's autocast off: the native backend ignores it, and the codes must
         # not depend on the backend (nor on a training loop's context around encode).
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                else torch.autocast(self.device.type, enabled=False))
         with torch.no_grad(), amp:
             codes = model.encode(x) if isinstance(model, LatentModel) else model(x)
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.shape[0] != x.shape[0]:
+        shaped = isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[0] == x.shape[0]
+        if shaped:
+            codes = codes.to(torch.float32)  # the codes' dtype: a float64 model may overflow it
+        # One wait for the device a chunk, not two (the rows were checked before the model ran;
+        # in GPU run 10 a chunk of 1,000 rows took 0.67 ms on this backend against the bare
+        # forward's 0.15, not profiled): the rows and the codes are checked together, and the
+        # rows' bad row, which outranks any complaint about the codes, is searched for only then.
+        finite = shaped and bool(torch.isfinite(x).all() & torch.isfinite(codes).all())
+        if not finite:
+            bad = first_nonfinite_row(x)
+            if bad >= 0:
+                raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
+        if not shaped:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"model: {self._model_name} returned {shape} for {x.shape[0]} rows; "
                              "expected codes of shape (rows, latent_dim)")
@@ -369,8 +378,7 @@ class Encoder:
         elif codes.shape[1] != self.latent_dim:
             raise ValueError(f"model: {self._model_name} returned {codes.shape[1]} values per row, "
                              f"{self.latent_dim} before")
-        codes = codes.to(torch.float32)  # the codes' dtype: a float64 model may overflow it
-        if not bool(torch.isfinite(codes).all()):  # the row is searched for only then
+        if not finite:  # finite rows, and codes with NaN / Inf: the model made them
             self._check_codes(codes, start, origin)
         return codes
 
