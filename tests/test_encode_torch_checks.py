@@ -92,3 +92,28 @@ def test_codes_that_overflow_float32_from_a_float64_model_are_refused(rng):
     x = _rows(rng, 5, 16)
     with pytest.raises(ValueError, match=r"gave codes containing NaN or Inf for X's row 0"):
         latentspace.encode(model, x)
+
+
+class _RefusesNaN(nn.Module):
+    def forward(self, x):
+        if not torch.isfinite(x).all():
+            raise RuntimeError("this model refuses NaN")
+        return x
+
+
+def test_a_bad_row_outranks_the_models_own_refusal(rng):
+    encoder = latentspace.Encoder(nn.Sequential(nn.Linear(16, 4), _RefusesNaN()))
+    assert encoder.backend == "torch"
+    x = _rows(rng, 6, 16)
+    x[4, 3] = np.nan
+    with pytest.raises(ValueError, match=r"^X: row 4 contains NaN or Inf"):
+        encoder.encode(x)
+
+
+def test_the_models_own_errors_on_finite_rows_propagate(rng):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("broken model")
+
+    with pytest.raises(RuntimeError, match="broken model"):
+        latentspace.Encoder(nn.Sequential(nn.Linear(16, 4), Broken())).encode(_rows(rng, 3, 16))

@@ -355,8 +355,12 @@ class Encoder:
         # not depend on the backend (nor on a training loop's context around encode).
         amp = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                else torch.autocast(self.device.type, enabled=False))
-        with torch.no_grad(), amp:
-            codes = model.encode(x) if isinstance(model, LatentModel) else model(x)
+        try:
+            with torch.no_grad(), amp:
+                codes = model.encode(x) if isinstance(model, LatentModel) else model(x)
+        except Exception:
+            self._refuse_nonfinite_rows(x, start, origin)  # a model may refuse NaN itself: ours first
+            raise
         shaped = isinstance(codes, torch.Tensor) and codes.dim() == 2 and codes.shape[0] == x.shape[0]
         if shaped:
             codes = codes.to(torch.float32)  # the codes' dtype: a float64 model may overflow it
@@ -366,9 +370,7 @@ class Encoder:
         # rows' bad row, which outranks any complaint about the codes, is searched for only then.
         finite = shaped and bool(torch.isfinite(x).all() & torch.isfinite(codes).all())
         if not finite:
-            bad = first_nonfinite_row(x)
-            if bad >= 0:
-                raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
+            self._refuse_nonfinite_rows(x, start, origin)
         if not shaped:
             shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
             raise ValueError(f"model: {self._model_name} returned {shape} for {x.shape[0]} rows; "
@@ -381,6 +383,13 @@ class Encoder:
         if not finite:  # finite rows, and codes with NaN / Inf: the model made them
             self._check_codes(codes, start, origin)
         return codes
+
+    def _refuse_nonfinite_rows(self, x: torch.Tensor, start: int, origin: tuple[int, int] | None) -> None:
+        """Raises ValueError naming the first row of the chunk x (starting at X's row `start`)
+        that holds NaN or Inf, if any."""
+        bad = first_nonfinite_row(x)
+        if bad >= 0:
+            raise ValueError(_nonfinite_message(start + bad, origin, self._torch_dtype))
 
     def _check_codes(self, codes: torch.Tensor, start: int, origin: tuple[int, int] | None) -> None:
         """Refuses NaN / Inf codes (from rows already checked finite), as the docs promise,
