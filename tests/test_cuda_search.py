@@ -1553,8 +1553,7 @@ def test_gpu_opt_in_integer_test_cuts_lists_back(opt_in, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
-# search_then_check: the resident searches (knn of CUDA tensors, a GPU FlatIndex) queue the
-# search before they read the row checks
+# search_then_check: a GPU FlatIndex queues its search before it reads the queries' checks
 
 
 def _resident_search_and_checks(rng, *, bad_query=None, bad_row=None, workspace_bytes=1 << 20):
@@ -1611,3 +1610,16 @@ def test_other_errors_of_the_search_propagate_without_reading_the_checks(rng, mo
 
     with pytest.raises(RuntimeError, match="illegal memory access"):
         _cuda_search.search_then_check(failing_search, checks)
+
+
+def test_running_out_of_device_memory_comes_after_a_refused_row(rng):
+    _, checks, *_ = _resident_search_and_checks(rng, bad_row=4321)
+
+    def out_of_memory():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    with pytest.raises(ValueError, match=r"^database: row 4321 contains NaN or Inf"):
+        _cuda_search.search_then_check(out_of_memory, checks)
+    _, checks, *_ = _resident_search_and_checks(rng)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        _cuda_search.search_then_check(out_of_memory, checks)

@@ -38,8 +38,9 @@ def _torch_encoder():
 
 def test_finite_chunks_search_for_no_bad_row(monkeypatch, rng):
     searched = []
-    real = encoding.first_nonfinite_row
-    monkeypatch.setattr(encoding, "first_nonfinite_row", lambda t: (searched.append(t.shape), real(t))[1])
+    for name in ("first_nonfinite_row", "first_false_row"):  # the codes' row search, the rows'
+        real = getattr(encoding, name)
+        monkeypatch.setattr(encoding, name, lambda t, real=real: (searched.append(t.shape), real(t))[1])
     encoder = _torch_encoder()
     codes = encoder.encode(_rows(rng, 50, 16), batch_size=8)
     assert codes.shape == (50, 4) and np.isfinite(codes).all()
@@ -117,3 +118,30 @@ def test_the_models_own_errors_on_finite_rows_propagate(rng):
 
     with pytest.raises(RuntimeError, match="broken model"):
         latentspace.Encoder(nn.Sequential(nn.Linear(16, 4), Broken())).encode(_rows(rng, 3, 16))
+
+
+class _ClampsInPlace(nn.Module):
+    """Changes its input in place, as ReLU(inplace=True) or clamp_ do."""
+
+    def forward(self, x):
+        return x.clamp_(-10, 10)
+
+
+@pytest.mark.parametrize("model", [lambda: nn.Sequential(_ClampsInPlace(), nn.Linear(16, 4)),
+                                   lambda: nn.Sequential(nn.ReLU(inplace=True), nn.Linear(16, 4))])
+def test_a_model_that_changes_its_input_in_place_cannot_hide_a_bad_row(rng, model):
+    torch.manual_seed(0)
+    encoder = latentspace.Encoder(model())
+    x = _rows(rng, 7, 16)
+    x[3, 2] = -np.inf  # clamped to -10 or made 0 in place: finite codes
+    with pytest.raises(ValueError, match=r"^X: row 3 contains NaN or Inf"):
+        encoder.encode(torch.from_numpy(x.copy()) if encoder.backend == "torch" else x)
+
+
+def test_the_rows_error_does_not_carry_the_models_own_as_its_context(rng):
+    encoder = latentspace.Encoder(nn.Sequential(nn.Linear(16, 4), _RefusesNaN()))
+    x = _rows(rng, 6, 16)
+    x[4, 3] = np.nan
+    with pytest.raises(ValueError) as error:
+        encoder.encode(x)
+    assert error.value.__suppress_context__

@@ -793,8 +793,20 @@ def rows_as_tensor(x: Any, dtype: Any, device: Any):
 
 def first_nonfinite_row(tensor: Any) -> int:
     """Index of the first row of a (n, ...) tensor holding NaN or Inf, -1 when there is none."""
+    return first_false_row(finite_row_flags(tensor))
+
+
+def finite_row_flags(tensor: Any):
+    """Whether each row of a (n, ...) tensor is free of NaN and Inf: a bool tensor of n values
+    on the tensor's device, queued there (nothing waits for the device)."""
     width = int(np.prod(tensor.shape[1:]))  # explicit: reshape(0, -1) is ambiguous to torch
-    bad = ~tensor.reshape(tensor.shape[0], width).isfinite().all(dim=1)
+    return tensor.reshape(tensor.shape[0], width).isfinite().all(dim=1)
+
+
+def first_false_row(flags: Any) -> int:
+    """Index of the first False in a bool tensor of row flags, -1 when there is none (one wait
+    for the device, and a second only when there is one)."""
+    bad = ~flags
     if not bool(bad.any()):
         return -1
     return int(bad.nonzero()[0, 0])

@@ -17,7 +17,8 @@ Here:
 * merge_topk: the running top-k merged with one database chunk's top-k (a stable sort, so
   ties keep the lower index). Pure torch: works on CPU tensors as on CUDA ones.
 * search_resident: database already on the device (queries chunked, the database split
-  only past what one call takes); search_then_check: a search, then the row checks read.
+  only past what one call takes); search_then_check: a search, then the row checks read
+  (a GPU FlatIndex's).
 * search_streamed: database in host memory, copied chunk by chunk through two pinned
   buffers on a side stream while the previous chunk is searched, results merged.
 * knn_on_device: search.knn's entry, from the caller's arguments to results of the
@@ -388,15 +389,18 @@ def search_resident(backend, queries, database, k: int, metric: str, workspace_b
 
 
 def search_then_check(search: Callable[[], Any], checks: list) -> Any:
-    """search(), then the row checks (raise_unusable_rows: one wait for the device) read once
-    it is queued: the host does not wait for the checks' kernels before it queues the
-    search's. A search over rows the checks refuse is harmless (streamed searches have always
-    searched a chunk before its check is read) and its results are dropped. A refused row
-    outranks a ValueError of the search itself (a workspace too small for one query, say),
-    as when the checks were read first; other errors (CUDA's) propagate as they are."""
+    """search(), then the row checks (raise_unusable_rows: one wait for the device, if any
+    check is on it) read once it is queued: a GPU FlatIndex's search of queries checked on
+    the device. A search over rows the checks refuse is harmless (streamed searches have
+    always searched a chunk before its check is read) and its results are dropped. A refused
+    row outranks the search's own ValueError (a workspace too small for one query, say) or
+    running out of device memory, as when the checks were read first; other errors (CUDA's)
+    propagate as they are, the checks unread."""
     try:
         results = search()
-    except ValueError:
+    except Exception as error:
+        if not _refusal_or_out_of_memory(error):
+            raise
         try:
             raise_unusable_rows(checks)
         except ValueError as refused:
@@ -404,6 +408,15 @@ def search_then_check(search: Callable[[], Any], checks: list) -> Any:
         raise
     raise_unusable_rows(checks)
     return results
+
+
+def _refusal_or_out_of_memory(error: Exception) -> bool:
+    """Whether a search's error comes after its inputs' own in precedence: a ValueError (the
+    workspace bound, say) or torch's out-of-memory error; not a CUDA error, after which the
+    checks' flags may not be readable."""
+    import torch
+
+    return isinstance(error, (ValueError, torch.cuda.OutOfMemoryError))
 
 
 def search_streamed(backend, queries, database: np.ndarray, k: int, metric: str, *, workspace_bytes: int,
@@ -587,9 +600,12 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
     elif resident:
         if isinstance(q, np.ndarray):
             q = backend.upload(q)
-        checks = query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)]
-        distances, indices = search_then_check(
-            lambda: search_resident(backend, q, x, k, metric, workspace_bytes), checks)
+        # Read before the search is queued: the search then runs after the call returns, as
+        # torch's ops do (reading after it, as FlatIndex's search_then_check does, would save
+        # one host round trip of a single query's search but hold every call until its search
+        # is done).
+        raise_unusable_rows(query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)])
+        distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
     else:
         checks = [] if isinstance(q, np.ndarray) else query_row_checks(q, backend.weights)
         memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)
