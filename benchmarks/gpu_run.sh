@@ -503,13 +503,17 @@ fi
 NCU_SECTIONS=(SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats ComputeWorkloadAnalysis
   MemoryWorkloadAnalysis)
 if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:-120}"; then
-  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  # (on PATH, else CUDA's, else the newest Nsight Compute installed)
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null ||
+        ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
   if [ -z "$NCU" ]; then
     echo "== ncu: not found, skipped"
   else
     echo "== ncu ($NCU over benchmarks/ncu_knn_cuda.py's scans, report: ncu_knn.txt)"
     start=$(date +%s)
     : > "${OUT:-.}/ncu_knn.txt"
+    sections=()
+    for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
     for shape in ${GPU_RUN_NCU_SHAPES:-bf16 fp32 k1024 faiss3045}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
@@ -517,8 +521,6 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
         continue
       fi
       echo "---- ncu $shape" >> "${OUT:-.}/ncu_knn.txt"
-      sections=()
-      for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
       timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
         --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
         python3 -u benchmarks/ncu_knn_cuda.py "$shape" >> "${OUT:-.}/ncu_knn.txt" 2>&1

@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     distances, _ = search()
     seconds = time.perf_counter() - started
-    # Under ncu the second search's time is the replayed profile's, not the kernel's: for a run alone.
+    # (Under ncu the first search is the one profiled and replayed; the second runs unprofiled.)
     print(f"{argv[0]}: {shape}, second search {seconds * 1e3:.1f} ms; "
           f"mean best distance {distances[:, 0].mean().item():.4f}")
     return 0
