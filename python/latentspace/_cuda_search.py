@@ -394,7 +394,8 @@ def search_then_check(search: Callable[[], Any], checks: list) -> Any:
     the device. A search over rows the checks refuse is harmless (streamed searches have
     always searched a chunk before its check is read) and its results are dropped. A refused
     row outranks the search's own ValueError (a workspace too small for one query, say) or
-    running out of device memory, as when the checks were read first; other errors (CUDA's)
+    running out of device memory, as in knn, which reads its checks before its search (a
+    FlatIndex search let those errors win until the nineteenth session); other errors (CUDA's)
     propagate as they are, the checks unread."""
     try:
         results = search()
