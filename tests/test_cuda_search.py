@@ -1123,9 +1123,10 @@ def test_cached_norms_are_sliced_with_the_database(rng, monkeypatch):
 # The CUDA search's environment settings, read by the native build at every search (and by
 # these private readers): variable -> (reader, [(value set, value read)], a bad value).
 CUDA_SETTINGS = {
-    # csrc/cuda/knn_scan_launch.cuh, use_mma_tile: the mma.sync tile unless "wmma"
+    # csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting: the mma.sync tile unless "wmma" or "deep"
     "LATENTSPACE_CUDA_TENSOR_TILE": ("_cuda_tensor_tile",
-                                     [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma")], "WMMA"),
+                                     [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma"), ("deep", "deep")],
+                                     "WMMA"),
     # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish unless "0"
     "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, True), ("", True), ("0", False), ("1", True)],
                                       "yes"),

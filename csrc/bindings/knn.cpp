@@ -117,7 +117,7 @@ void bind_knn(py::module_& m) {
         "The GPU tree merge's setting, LATENTSPACE_CUDA_TREE_MERGE: 'auto' (the large-k plan), '1' (every search "
         "of more than 8 splits) or '0' (never).");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
-        "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma' or 'wmma' "
+        "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma', 'wmma' or 'deep' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");
   m.def("_cuda_fused_finish", &knn_cuda_fused_finish,
         "Whether a GPU search of k <= 1024 finishes in one kernel (on unless LATENTSPACE_CUDA_FUSED_FINISH=0).");

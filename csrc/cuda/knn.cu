@@ -145,7 +145,7 @@ void refuse_bad_settings() {
   (void)shared_thresholds_setting();
   (void)use_warp_cut_backs();
   (void)use_float_thresholds();
-  (void)use_mma_tile();
+  (void)tensor_tile_setting();
 }
 
 void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t dim, bool inverse, const float* weights,
@@ -196,7 +196,7 @@ int64_t knn_cuda_few_query_splits() { return cuda::few_query_splits(); }
 
 int knn_cuda_single_query_rows() { return cuda::single_query_rows(); }
 
-const char* knn_cuda_tensor_tile() { return cuda::use_mma_tile() ? "mma" : "wmma"; }
+const char* knn_cuda_tensor_tile() { return cuda::tensor_tile_name(cuda::tensor_tile_setting()); }
 
 bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 

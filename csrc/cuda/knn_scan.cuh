@@ -51,13 +51,36 @@ __device__ inline float score_of(float dot, float query_norm, float database_nor
   }
 }
 
+// Whether a tile's shared memory (Tile::Shared) is taken as dynamic shared memory: only
+// DeepMmaTile's (knn_deep_tile.cuh), which passes the 48 KiB static shared memory holds.
+// launch_tile_scan (knn_scan_launch.cuh) sizes the launch's dynamic shared memory to it.
+template <class Tile>
+struct StagingIsDynamic : std::false_type {};
+
+struct DynamicStaging {};  // ScanShared's placeholder for a tile whose staging is dynamic
+
+template <class Tile>
+using StaticStagingOf = std::conditional_t<StagingIsDynamic<Tile>::value, DynamicStaging, typename Tile::Shared>;
+
 template <class Tile>
 struct ScanShared {
-  typename Tile::Shared staging;
+  StaticStagingOf<Tile> staging;
   uint64_t threshold[Tile::kQueries];
   int count[Tile::kQueries];
   SelectShared select;
 };
+
+// The tile's staging: in the block's static ScanShared, or at the start of its dynamic shared
+// memory (StagingIsDynamic).
+template <class Tile>
+__device__ inline typename Tile::Shared& staging_of(ScanShared<Tile>& s) {
+  if constexpr (StagingIsDynamic<Tile>::value) {
+    extern __shared__ __align__(16) unsigned char scan_dynamic_shared[];
+    return *reinterpret_cast<typename Tile::Shared*>(scan_dynamic_shared);
+  } else {
+    return s.staging;
+  }
+}
 
 // ---- per-query candidate lists, shared by the tile scan and the row scan (knn_rows.cuh) ----
 // Each block keeps, per query, a threshold and a count in shared memory (a Shared with members
@@ -302,7 +325,11 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
   if constexpr (kOptIns) {
     static_assert(sizeof(typename Tile::Shared) >= kScanThreads / 32 * kWarpHistogramBins * sizeof(unsigned),
                   "the warps' histograms must fit the staging buffer");
-    if (a.warp_cut_backs) warp_histograms = reinterpret_cast<unsigned*>(&s.staging);
+    if constexpr (StagingIsDynamic<Tile>::value) {
+      if (a.warp_cut_backs) warp_histograms = reinterpret_cast<unsigned*>(&staging_of(s));
+    } else {
+      if (a.warp_cut_backs) warp_histograms = reinterpret_cast<unsigned*>(&s.staging);
+    }
   }
   start_lists(s, Tile::kQueries);
 
@@ -310,7 +337,11 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
     thresholds.tighten(s, real_queries);  // (the previous barrier: start_lists' or the cut-backs')
     const TileBounds bounds{a.queries, a.database, q0, a.num_queries, n0, n_end, a.dim, a.weights};
     float acc[Tile::kRows][Tile::kCols];
-    Tile::template compute<kStorage, kAligned>(bounds, s.staging, acc);
+    if constexpr (StagingIsDynamic<Tile>::value) {
+      Tile::template compute<kStorage, kAligned>(bounds, staging_of(s), acc);
+    } else {  // (s.staging named here, not through staging_of: the SASS stays as GPU runs verified it)
+      Tile::template compute<kStorage, kAligned>(bounds, s.staging, acc);
+    }
     float database_norms[Tile::kCols];
 #pragma unroll
     for (int j = 0; j < Tile::kCols; ++j) {

@@ -18,6 +18,7 @@
 
 #include "core/check.h"
 #include "cuda/common.cuh"
+#include "cuda/knn_deep_tile.cuh"
 #include "cuda/knn_mma_tile.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan.cuh"
@@ -118,20 +119,60 @@ void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns, class Tile>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
-  scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns><<<grid, kScanThreads, 0, stream>>>(args);
+  const auto kernel = scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns>;
+  size_t dynamic_bytes = 0;
+  if constexpr (StagingIsDynamic<Tile>::value) {
+    // Past 48 KiB a kernel must be allowed its dynamic shared memory (per device: set at
+    // every launch, a host-side attribute write).
+    dynamic_bytes = sizeof(typename Tile::Shared);
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
+               "cudaFuncSetAttribute(scan_kernel)");
+  }
+  kernel<<<grid, kScanThreads, dynamic_bytes, stream>>>(args);
   check_launch("scan_kernel");
 }
 
-// The tensor-core tile for tf32 / bf16 / fp16: MmaTile (knn_mma_tile.cuh), 1.6-1.8x faster
-// than WmmaTile on an H100 (docs/benchmarks.md, GPU run 6); LATENTSPACE_CUDA_TENSOR_TILE=wmma
-// picks WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the tests. Read at
-// every search.
-inline bool use_mma_tile() { return environment_switch("LATENTSPACE_CUDA_TENSOR_TILE", "mma", "wmma", true); }
+// Whether DeepMmaTile can take a search (knn_deep_tile.cuh): its 16-byte cp.async chunks need
+// the dimension a multiple of a chunk (4 float32, 8 halves) and 16-byte aligned bases, and it
+// does not scale the queries by weights while staging them (weighted l2 takes MmaTile).
+inline bool deep_tile_applies(const ScanArgs& args, KnnStorage storage) {
+  const int64_t chunk = storage == KnnStorage::kFloat32 ? 4 : 8;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return args.weights == nullptr && args.dim % chunk == 0 && aligned(args.queries) && aligned(args.database);
+}
+
+// The tensor-core tile for tf32 / bf16 / fp16, LATENTSPACE_CUDA_TENSOR_TILE, read at every
+// search: unset, empty or "mma": MmaTile (knn_mma_tile.cuh), 1.6-1.8x faster than WmmaTile on
+// an H100 (docs/benchmarks.md, GPU run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a
+// fallback and a reference for the tests; "deep": DeepMmaTile (knn_deep_tile.cuh; opt-in until
+// a GPU run verifies and times it) where it applies (deep_tile_applies: aligned rows, no
+// weights), MmaTile elsewhere; any other value throws ValueError.
+enum class TensorTile { kMma, kWmma, kDeep };
+
+inline TensorTile tensor_tile_setting() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "mma") == 0) return TensorTile::kMma;
+  if (std::strcmp(value, "wmma") == 0) return TensorTile::kWmma;
+  LS_CHECK_VALUE(std::strcmp(value, "deep") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got '",
+                 std::string(value), "'");
+  return TensorTile::kDeep;
+}
+
+inline const char* tensor_tile_name(TensorTile tile) {
+  return tile == TensorTile::kMma ? "mma" : tile == TensorTile::kWmma ? "wmma" : "deep";
+}
 
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
-    if (use_mma_tile()) {
+    const TensorTile tile = tensor_tile_setting();
+    if constexpr (kAligned) {
+      if (tile == TensorTile::kDeep && deep_tile_applies(args, kStorage)) {
+        launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, DeepMmaTile<kPrecision>>(args, stream);
+        return;
+      }
+    }
+    if (tile != TensorTile::kWmma) {
       launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, MmaTile<kPrecision>>(args, stream);
       return;
     }

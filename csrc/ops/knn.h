@@ -104,8 +104,9 @@ bool knn_cuda_float_thresholds();
 // (csrc/cuda/knn.cu): yes unless LATENTSPACE_CUDA_FITTED_PLAN=0 (unset, empty or 1: yes);
 // other values throw ValueError.
 bool knn_cuda_fitted_plan();
-// The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default) or
-// "wmma" (WmmaTile), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
+// The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default),
+// "wmma" (WmmaTile) or "deep" (DeepMmaTile for bf16 / fp16, opt-in), as the environment
+// variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
 // Whether a search of k <= 1024 without a tree merge finishes in one kernel

@@ -768,10 +768,11 @@ def test_reference_helpers_agree_with_conftest(rng):
 ROUNDOFF = {"tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
 
 
-@pytest.fixture(params=["wmma", "mma"])
+@pytest.fixture(params=["wmma", "mma", "deep"])
 def tensor_tile(request, monkeypatch):
-    """Each tensor-core tile of the scan (csrc/cuda/knn.cu, use_mma_tile): MmaTile, the
-    default, and WmmaTile, picked by LATENTSPACE_CUDA_TENSOR_TILE=wmma."""
+    """Each tensor-core tile of the scan (csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting):
+    MmaTile, the default, WmmaTile (LATENTSPACE_CUDA_TENSOR_TILE=wmma) and DeepMmaTile
+    ("deep", where it applies; MmaTile elsewhere)."""
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", request.param)
     return request.param
 
@@ -829,9 +830,10 @@ def test_small_half_storage_on_tensor_cores_is_exact(storage, tensor_tile, rng):
 def test_bad_tensor_tile_setting_is_named(monkeypatch, gen):
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "cutlass")
     queries, database = _randn(gen, 20, 8), _randn(gen, 100, 8)
-    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'cutlass'"):
+    expected = "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got 'cutlass'"
+    with pytest.raises(ValueError, match=expected):
         latentspace.knn(queries, database, 5, precision="bf16")
-    with pytest.raises(ValueError, match="LATENTSPACE_CUDA_TENSOR_TILE: expected 'wmma' or 'mma', got 'cutlass'"):
+    with pytest.raises(ValueError, match=expected):
         latentspace.knn(queries, database, 5)  # float32 never takes a tile, and still refuses a bad setting
 
 
@@ -1407,15 +1409,16 @@ def test_small_misaligned_inputs_equal_the_cpu(storage, rng, monkeypatch):
     (database[1:] of a flat tensor): the scan must see that the base cannot take 16-byte
     (8-byte, half storage) quad loads although the dimension (64) is a multiple of 4
     (knn_scan_launch.cuh quads_aligned), in the row scan (3 queries) and the tile scan (130;
-    float32 and bf16, both tensor-core tiles). Before this, only odd dimensions reached the
-    element-by-element loads; a misaligned quad load faults ("misaligned address")."""
+    float32 and bf16, every tensor-core tile; deep falls back to MmaTile there). Before this,
+    only odd dimensions reached the element-by-element loads; a misaligned quad load faults
+    ("misaligned address")."""
     spy = _Spy(monkeypatch)
     x = _integers(rng, 3000, 64)
     database = _misaligned(x, STORAGE_DTYPES[storage])
     for nq in (3, 130):
         q = _integers(rng, nq, 64)
         queries = _misaligned(q, torch.float32)
-        cases = [("fp32", "mma")] + ([("bf16", "mma"), ("bf16", "wmma")] if nq > 8 else [])
+        cases = [("fp32", "mma")] + ([("bf16", "mma"), ("bf16", "wmma"), ("bf16", "deep")] if nq > 8 else [])
         for precision, tile in cases:
             monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", tile)
             for metric in ("l2", "ip"):
@@ -1432,17 +1435,17 @@ def test_small_weighted_l2_on_tensor_cores_is_exact(precision, rng, monkeypatch)
     """weighted_l2 on tensor cores: the queries are scaled by the weights while they are
     staged, then rounded (knn_tiles.cuh staged_query_quad), and the norms are weighted
     (norms_kernel). Small integer values and weights (w q <= 6) are exact in every precision,
-    so the results must equal the CPU's: both tensor-core tiles, float32 / float16 / bfloat16
-    database storage, a dimension padded within a tile step (20) and an odd one (13), a zero
-    weight; 130 queries (the tile scan: a partial query tile). The weighted tests above search
-    in float32 only."""
+    so the results must equal the CPU's: every tensor-core tile (deep takes no weights: MmaTile
+    runs), float32 / float16 / bfloat16 database storage, a dimension padded within a tile step
+    (20) and an odd one (13), a zero weight; 130 queries (the tile scan: a partial query tile).
+    The weighted tests above search in float32 only."""
     for dim in (20, 13):
         q, x = _integers(rng, 130, dim), _integers(rng, 3000, dim)
         w = rng.integers(0, 4, dim).astype(np.float32)
         w[0] = 0
         D0, I0 = latentspace.knn(q, x, 50, "weighted_l2", weights=w)
         queries = torch.from_numpy(q).to(DEVICE)
-        for tile in ("mma", "wmma"):
+        for tile in ("mma", "wmma", "deep"):  # (deep takes no weights: MmaTile runs)
             monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", tile)
             for dtype in STORAGE_DTYPES.values():
                 database = torch.from_numpy(x).to(DEVICE, dtype)
