@@ -57,6 +57,9 @@ Peers:
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)
+  ...[deep tile]           LATENTSPACE_CUDA_TENSOR_TILE=deep: the tensor-core tile staged by
+                           cp.async and rounded once per block (csrc/cuda/knn_deep_tile.cuh;
+                           tf32 and bf16 cells, faiss #3045 in bf16)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -330,12 +333,14 @@ def knn_peer_call(peer: str, search, *args, **kwargs):
     return call
 
 
-# latentspace peers of the tensor-core cells: the tile (mma.sync, the default, or WMMA), and
-# whether the database is kept in the precision's own storage (a GPU FlatIndex with
-# storage="bf16": half the bytes read, as torch's bf16 operands).
+# latentspace peers of the tensor-core cells: the tile (mma.sync, the default; WMMA; or the
+# opt-in "deep tile", staged by cp.async), and whether the database is kept in the precision's
+# own storage (a GPU FlatIndex with storage="bf16": half the bytes read, as torch's bf16
+# operands).
 TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thresholds per split]",
-                "latentspace.FlatIndex[bf16 storage]", "latentspace.FlatIndex[bf16 storage, thresholds per split]",
-                "latentspace.FlatIndex[bf16 storage, wmma]", "torch.mm+topk")
+                "latentspace.knn[deep tile]", "latentspace.FlatIndex[bf16 storage]",
+                "latentspace.FlatIndex[bf16 storage, thresholds per split]", "latentspace.FlatIndex[bf16 storage, wmma]",
+                "latentspace.FlatIndex[bf16 storage, deep tile]", "torch.mm+topk")
 
 
 def tensor_core_call(peer, q, x, k, precision):
@@ -343,6 +348,8 @@ def tensor_core_call(peer, q, x, k, precision):
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
+        # (the "deep tile" opt-in sets the tile inside this default: knn_peer_call's settings
+        # are applied last)
         tile = "wmma" if "wmma]" in peer else "mma"
         search = latentspace.knn
         if "storage" in peer:

@@ -494,15 +494,17 @@ if [[ " $STAGES " == *" profile "* ]] && within_deadline profile "${GPU_RUN_PROF
 fi
 
 # Nsight Compute over the kNN scan at the shapes of issue 6's missed bars (benchmarks/
-# ncu_knn_cuda.py: bf16 and fp32 at Q = 10,000 x 1M x 128, k = 10; fp32 at k = 1024; faiss
-# #3045's in bf16), one process each, the first scan launch of each: where the scan's time
+# ncu_knn_cuda.py: bf16 at Q = 10,000 x 1M x 128, k = 10, and faiss #3045's, each on the
+# default tensor-core tile and on the opt-in deep tile; fp32 at k = 10 and 1024: in that order,
+# so that a stage cut short keeps the tensor-core shapes), one process each, the first scan
+# launch of each: where the scan's time
 # goes (throughput against the chip's, warp stalls, occupancy, pipes), which torch.profiler's
 # kernel times cannot say. Never run yet; KINDS.md saw ncu read counters on the Firecracker
 # machines (--clock-control none: the card's clocks are left as they are). Diagnostic: its
 # exit status is not the call's. GPU_RUN_NCU_SHAPES: other shapes, in order.
 NCU_SECTIONS=(SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats ComputeWorkloadAnalysis
   MemoryWorkloadAnalysis)
-if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:-120}"; then
+if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:-150}"; then
   # (on PATH, else CUDA's, else the newest Nsight Compute installed)
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null ||
         ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
@@ -514,7 +516,7 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
     : > "${OUT:-.}/ncu_knn.txt"
     sections=()
     for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
-    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 fp32 k1024 faiss3045}; do
+    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_deep faiss3045 faiss3045_deep fp32 k1024}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
         echo "ncu $shape: skipped, ${left} s of the stage's limit left"

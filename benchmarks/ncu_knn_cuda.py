@@ -18,10 +18,14 @@ Shapes (docs/benchmarks.md, GPU run 10 on an H200):
   fp32       the same in float32: 2.22x torch (bar 2x, met): the reference for the others
   k1024      the same in float32 at k = 1024: 1.75x torch (bar 2x)
   faiss3045  Q = 5,000 x N = 8,192 x D = 2,048, k = 32, bf16: 19.7x the bf16 roofline
+  bf16_deep, faiss3045_deep  bf16 and faiss3045 on the opt-in tile staged by cp.async
+             (LATENTSPACE_CUDA_TENSOR_TILE=deep, csrc/cuda/knn_deep_tile.cuh), which no GPU
+             has run yet: set in this process before the search
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -31,6 +35,9 @@ SHAPES = {
     "k1024": {"nq": 10_000, "n": 1_000_000, "d": 128, "k": 1024, "precision": "fp32"},
     "faiss3045": {"nq": 5_000, "n": 8_192, "d": 2_048, "k": 32, "precision": "bf16"},
 }
+DEEP_TILE = {"LATENTSPACE_CUDA_TENSOR_TILE": "deep"}
+SHAPES["bf16_deep"] = {**SHAPES["bf16"], "env": DEEP_TILE}
+SHAPES["faiss3045_deep"] = {**SHAPES["faiss3045"], "env": DEEP_TILE}
 SEED = 20261127
 USAGE = f"usage: python3 benchmarks/ncu_knn_cuda.py SHAPE, SHAPE one of {', '.join(SHAPES)}"
 
@@ -47,6 +54,7 @@ def main(argv: list[str]) -> int:
         print("ncu_knn_cuda.py: no usable CUDA GPU here (latentspace.cuda_available() is False)", file=sys.stderr)
         return 1
     shape = SHAPES[argv[0]]
+    os.environ.update(shape.get("env", {}))  # (the CUDA kNN reads its settings at every search)
     generator = torch.Generator(device="cuda").manual_seed(SEED)
     database = torch.randn(shape["n"], shape["d"], generator=generator, device="cuda")
     queries = torch.randn(shape["nq"], shape["d"], generator=generator, device="cuda")

@@ -221,6 +221,7 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
     ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[no fused finish]", True),
     ("latentspace.FlatIndex[bf16 storage, float thresholds]", True), ("latentspace.knn[tree merge, no split rule]", True),
     ("latentspace.knn[no large-k plan]", True), ("latentspace.FlatIndex[bf16 storage, thresholds per split]", True),
+    ("latentspace.knn[deep tile]", True), ("latentspace.FlatIndex[bf16 storage, deep tile]", True),
     ("latentspace.knn(numpy, device='cuda')", False)])
 def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
     """gpu_run.sh's opt-in process (LATENTSPACE_BENCH_PART=opt-ins) takes the peers whose
