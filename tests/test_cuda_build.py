@@ -44,3 +44,24 @@ def test_float_thresholds_keep_every_key_the_default_takes(tmp_path):
     result = subprocess.run([str(program), "2000000"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dropped wrongly 0" in result.stdout and "taken 0," not in result.stdout
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+def test_deep_tile_layout_feeds_the_mma_fragments(tmp_path):
+    """DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, opt-in LATENTSPACE_CUDA_TENSOR_TILE=deep) copies
+    a step in 16-byte chunks and reads its fragments with ldmatrix. Built from the real header
+    and run on the host (no GPU needed): every element of a step is copied once, and ldmatrix,
+    emulated as the PTX ISA describes it, hands every lane of every warp the registers of the
+    mma.m16n8k16 A and B layouts that MmaTile builds word by word; the row addresses fall on
+    distinct banks."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    program = tmp_path / "deep_tile_layout_check"
+    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", f"-I{root / 'csrc'}", "-x", "cu",
+                    str(root / "tests" / "cuda_host" / "deep_tile_layout_check.cu"), "-o", str(program)],
+                   check=True, capture_output=True, text=True)
+    result = subprocess.run([str(program)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "A and B fragments of 8 warps, banks: 0 mismatches" in result.stdout, result.stdout

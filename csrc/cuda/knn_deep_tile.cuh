@@ -29,12 +29,15 @@
 // scores per thread, the same query_of / vector_of), so the scan's epilogue is unchanged.
 // Shared memory: 72 KiB (bf16 / fp16) or 104 KiB (tf32), more than static shared memory holds,
 // so the scan takes it as dynamic shared memory (StagingIsDynamic; knn_scan_launch.cuh sets
-// the kernel's limit); two blocks a multiprocessor still fit an H100's 227 KiB.
+// the kernel's limit and the largest carveout); two blocks a multiprocessor fit an H100's
+// 228 KiB (an A100's 164 KiB holds two in bf16 / fp16, one in tf32).
 //
 // Where it applies (the launch checks; MmaTile otherwise): bf16 / fp16 / tf32, the dimension a
 // multiple of 4 (8 for 16-bit storage) with 16-byte aligned bases, no weights (weighted l2
-// scales the queries while they are staged), and no offset or nonfinite flag in the bounds
-// (the kNN's never have them; the CUDA encoder does not use this tile).
+// scales the queries while they are staged), a block's shared memory within what the device
+// allows one block (tf32's passes the 99 KiB of sm_86 / sm_89 cards), and no offset or
+// nonfinite flag in the bounds (the kNN's never have them; the CUDA encoder does not use this
+// tile).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -59,7 +62,10 @@ namespace latentspace::cuda {
 __device__ inline void copy_16_async(void* shared_destination, const void* global_source, bool exists) {
   const auto destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
   const int bytes = exists ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+  // ("memory": no shared access of the compiler's is moved across it; the barriers and
+  // wait_copies order the rest)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes)
+               : "memory");
 }
 
 // Closes this thread's copies issued since the last commit into one group.
@@ -77,8 +83,38 @@ __device__ inline void load_matrices_x4(uint32_t (&r)[4], const void* row) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
+               : "r"(address)
+               : "memory");
 }
+
+// Where DeepMmaTile's copies and fragment loads fall, as plain functions (host and device):
+// tests/cuda_host/deep_tile_layout_check.cu checks them on the host, with ldmatrix emulated as
+// the PTX ISA describes it, against the mma.sync fragment layouts of knn_mma_tile.cuh.
+namespace deep_tile_layout {
+
+constexpr int kDepth = 32;  // dimensions a step
+
+// Chunk c of a side's copies in a step (16 bytes: 4 float32 or 8 16-bit elements): its row
+// and first dimension within the step. Consecutive chunks run along a row, so the threads of a
+// warp copy whole 128-byte (float32) or 64-byte rows.
+// (Unsigned: a signed division costs a step several instructions more per chunk, sm_90 SASS.)
+__host__ __device__ constexpr int chunk_row(unsigned c, unsigned per_chunk) {
+  return static_cast<int>(c / (kDepth / per_chunk));
+}
+__host__ __device__ constexpr int chunk_column(unsigned c, unsigned per_chunk) {
+  return static_cast<int>(c % (kDepth / per_chunk) * per_chunk);
+}
+
+// ldmatrix.x4's row addresses: lane l gives row l % 8 of matrix l / 8. For an A fragment (16
+// rows of a query block from k0): rows 0-15 at k0 (matrices a0, a1), the same rows at k0 + 8
+// (a2, a3). For the B fragments of two 8-vector blocks (from k0): vectors 0-7 at k0 and at
+// k0 + 8 (b[2p][0], b[2p][1]), then vectors 8-15 likewise (b[2p + 1][0..1]).
+__host__ __device__ constexpr int a_row(int lane) { return lane % 16; }
+__host__ __device__ constexpr int a_column(int lane) { return (lane / 16) * 8; }
+__host__ __device__ constexpr int b_row(int lane) { return (lane / 16) * 8 + lane % 8; }
+__host__ __device__ constexpr int b_column(int lane) { return ((lane / 8) % 2) * 8; }
+
+}  // namespace deep_tile_layout
 
 // The staged element type of a storage.
 template <KnnStorage kStorage>
@@ -94,7 +130,7 @@ struct DeepMmaTile {
   static constexpr int kWarpQueries = Base::kWarpQueries, kWarpVectors = Base::kWarpVectors;
   static constexpr int kBlocksM = Base::kBlocksM, kBlocksN = Base::kBlocksN;
   static constexpr int kRows = Base::kRows, kCols = Base::kCols;
-  static constexpr int kDepth = 32;  // dimensions per step
+  static constexpr int kDepth = deep_tile_layout::kDepth;  // dimensions per step
   static constexpr bool kHalf = sizeof(Stored) == 2;
   // Rounded rows: 16-bit rows of 40 elements (80 bytes: ldmatrix's 8 row addresses of one
   // matrix fall on distinct banks, and rows start 16-byte aligned); tf32 rows of 36 words (a
@@ -120,6 +156,15 @@ struct DeepMmaTile {
   __device__ static int query_of(int i) { return Base::query_of(i); }
   __device__ static int vector_of(int j) { return Base::vector_of(j); }
 
+  // This thread's index, hidden from the compiler at each tile: the tile's shared and global
+  // addresses (all derived from it) are then worked out per tile instead of being hoisted out
+  // of the scan's loop over tiles and kept live, spilled, through its epilogue.
+  __device__ static int opaque_thread() {
+    int thread = threadIdx.x;
+    asm volatile("" : "+r"(thread));
+    return thread;
+  }
+
   // Whether the database's rows are copied straight into the rounded buffer: stored in the
   // precision's own 16-bit type, they need no rounding.
   template <KnnStorage kStorage>
@@ -140,16 +185,18 @@ struct DeepMmaTile {
     static constexpr int kDatabaseChunks = kVectors * kChunksPerRow / kTileThreads;
     const float* query;        // chunk 0's query row at the step's first dimension
     const Element* vector;     // chunk 0's database row likewise
-    int64_t query_step, vector_step;  // elements from chunk h to h + 1 (32 rows, or 64 of 16-bit rows)
+    int query_step, vector_step;  // elements from chunk h to h + 1 (32 or 64 rows: dim < 2^24, the launch's check)
     unsigned query_rows = 0, vector_rows = 0;  // bit h: chunk h's row exists
     int query_column, vector_column;           // this thread's first dimension within a step
 
-    __device__ Copies(const TileBounds& t) {
-      const int64_t q = t.q0 + threadIdx.x / kFloatChunksPerRow, n = t.n0 + threadIdx.x / kChunksPerRow;
-      query_column = (threadIdx.x % kFloatChunksPerRow) * 4;
-      vector_column = (threadIdx.x % kChunksPerRow) * kPerChunk;
-      query_step = int64_t{kTileThreads / kFloatChunksPerRow} * t.dim;
-      vector_step = int64_t{kTileThreads / kChunksPerRow} * t.dim;
+    __device__ Copies(const TileBounds& t, int thread) {
+      using namespace deep_tile_layout;
+      const int64_t q = t.q0 + chunk_row(thread, 4), n = t.n0 + chunk_row(thread, kPerChunk);
+      query_column = chunk_column(thread, 4);
+      vector_column = chunk_column(thread, kPerChunk);
+      // (chunk h + 1 is kTileThreads chunks on: the same column, kTileThreads / chunks-a-row rows on)
+      query_step = kTileThreads / kFloatChunksPerRow * static_cast<int>(t.dim);
+      vector_step = kTileThreads / kChunksPerRow * static_cast<int>(t.dim);
       query = t.queries + q * t.dim + query_column;
       vector = static_cast<const Element*>(t.database) + n * t.dim + vector_column;
 #pragma unroll
@@ -168,24 +215,24 @@ struct DeepMmaTile {
   // goes to.
   template <KnnStorage kStorage>
   __device__ static void issue_step(const TileBounds& t, const Copies<kStorage>& copies, Shared& s, int stage,
-                                    int64_t d0) {
+                                    int64_t d0, int thread) {
     using C = Copies<kStorage>;
     const bool query_dims = d0 + copies.query_column < t.dim;
     const float* query = copies.query + d0;
 #pragma unroll
     for (int h = 0; h < kChunksPerThread; ++h, query += copies.query_step) {
       const bool exists = query_dims && (copies.query_rows >> h & 1u);
-      copy_16_async(&s.landing_queries[(threadIdx.x + h * kTileThreads) * 4], exists ? query : t.queries, exists);
+      copy_16_async(&s.landing_queries[(thread + h * kTileThreads) * 4], exists ? query : t.queries, exists);
     }
     const bool vector_dims = d0 + copies.vector_column < t.dim;
     const typename C::Element* vector = copies.vector + d0;
 #pragma unroll
     for (int h = 0; h < C::kDatabaseChunks; ++h, vector += copies.vector_step) {
       const bool exists = vector_dims && (copies.vector_rows >> h & 1u);
-      const int c = threadIdx.x + h * kTileThreads;
+      const int c = thread + h * kTileThreads;
       void* destination;
       if constexpr (kDirect<kStorage>) {
-        destination = &s.database[stage][c / C::kChunksPerRow][copies.vector_column];
+        destination = &s.database[stage][deep_tile_layout::chunk_row(c, C::kPerChunk)][copies.vector_column];
       } else {
         destination = reinterpret_cast<unsigned char*>(s.landing_database) + c * 16;
       }
@@ -197,25 +244,25 @@ struct DeepMmaTile {
   // This thread's landed chunks of one step, rounded into the rounded buffer `stage` (to
   // nearest, as MmaTile rounds while it stages: MmaTraits::store4). Call after wait_copies.
   template <KnnStorage kStorage>
-  __device__ static void round_step(Shared& s, int stage) {
+  __device__ static void round_step(Shared& s, int stage, int thread) {
     using Element = StoredElement<kStorage>;
+    using deep_tile_layout::chunk_column, deep_tile_layout::chunk_row;
 #pragma unroll
     for (int h = 0; h < kChunksPerThread; ++h) {
-      const int c = threadIdx.x + h * kTileThreads, row = c / kFloatChunksPerRow, column = (c % kFloatChunksPerRow) * 4;
+      const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = chunk_column(c, 4);
       Traits::store4(&s.queries[stage][row][column], *reinterpret_cast<const float4*>(&s.landing_queries[c * 4]));
     }
     if constexpr (std::is_same_v<Element, float>) {
 #pragma unroll
       for (int h = 0; h < kChunksPerThread; ++h) {
-        const int c = threadIdx.x + h * kTileThreads, row = c / kFloatChunksPerRow, column = (c % kFloatChunksPerRow) * 4;
+        const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = chunk_column(c, 4);
         Traits::store4(&s.database[stage][row][column], *reinterpret_cast<const float4*>(&s.landing_database[c * 4]));
       }
     } else if constexpr (!kDirect<kStorage>) {
       // 16-bit rows of the other 16-bit type (or for tf32): 8 elements a chunk, widened and rounded.
-      constexpr int kChunksPerRow = kDepth / 8;
 #pragma unroll
-      for (int h = 0; h < kVectors * kChunksPerRow / kTileThreads; ++h) {
-        const int c = threadIdx.x + h * kTileThreads, row = c / kChunksPerRow, column = (c % kChunksPerRow) * 8;
+      for (int h = 0; h < kVectors * (kDepth / 8) / kTileThreads; ++h) {
+        const int c = thread + h * kTileThreads, row = chunk_row(c, 8), column = chunk_column(c, 8);
         const unsigned char* chunk = reinterpret_cast<const unsigned char*>(s.landing_database) + c * 16;
         Traits::store4(&s.database[stage][row][column], load_four<kStorage>(chunk, 0));
         Traits::store4(&s.database[stage][row][column + 4], load_four<kStorage>(chunk, 4));
@@ -226,13 +273,12 @@ struct DeepMmaTile {
   // The fragments of one mma.sync depth step (k0) of the rounded buffer `stage`, and the warp's
   // 4 x 4 mma.sync on them.
   __device__ static void multiply_step(const Shared& s, int stage, int k0, int warp_query, int warp_vector,
-                                       float acc[kRows][kCols]) {
-    const int lane = threadIdx.x % 32;
+                                       float acc[kRows][kCols], int thread) {
+    const int lane = thread % 32;
     uint32_t b[kBlocksN][2];
     if constexpr (kHalf) {
-      // ldmatrix: lanes 0-7 give vectors 0-7 of block 2p at k0, lanes 8-15 the same vectors
-      // at k0 + 8, lanes 16-31 block 2p + 1 likewise: b[2p][0..1], b[2p + 1][0..1].
-      const int row = (lane / 16) * 8 + lane % 8, column = k0 + ((lane / 8) % 2) * 8;
+      // ldmatrix (deep_tile_layout): b[2p][0..1], b[2p + 1][0..1] from one instruction.
+      const int row = deep_tile_layout::b_row(lane), column = k0 + deep_tile_layout::b_column(lane);
 #pragma unroll
       for (int p = 0; p < kBlocksN / 2; ++p) {
         uint32_t r[4];
@@ -253,9 +299,9 @@ struct DeepMmaTile {
     for (int m = 0; m < kBlocksM; ++m) {
       uint32_t a[4];
       if constexpr (kHalf) {
-        // ldmatrix: lanes 0-15 give rows 0-15 of the block at k0, lanes 16-31 the same rows at
-        // k0 + 8: matrices a0 (rows 0-7), a1 (8-15), a2, a3 of the A layout.
-        load_matrices_x4(a, &s.queries[stage][warp_query + m * 16 + lane % 16][k0 + (lane / 16) * 8]);
+        // ldmatrix (deep_tile_layout): a[0..3] of the A layout from one instruction.
+        load_matrices_x4(a, &s.queries[stage][warp_query + m * 16 + deep_tile_layout::a_row(lane)]
+                                      [k0 + deep_tile_layout::a_column(lane)]);
       } else {
         // tf32 A (16 x 8): register r is row g + 8 (r % 2), depth t + 4 (r / 2).
         const int g = lane / 4, t = lane % 4;
@@ -282,22 +328,25 @@ struct DeepMmaTile {
   template <KnnStorage kStorage, bool kAligned>
   __device__ static void compute(const TileBounds& t, Shared& s, float acc[kRows][kCols]) {
     static_assert(kAligned, "cp.async moves 16-byte chunks: the launch takes this tile for aligned rows only");
-    const int warp = threadIdx.x / 32;
+    const int thread = opaque_thread();
+    const int warp = thread / 32;
     const int warp_query = (warp / 4) * kWarpQueries, warp_vector = (warp % 4) * kWarpVectors;
     zero_scores<kRows, kCols>(acc);
     // The previous tile's last step read a rounded buffer that the first step may overwrite
     // (a direct copy): the scan's epilogue has barriers in between, and so does this.
     __syncthreads();
-    const Copies<kStorage> copies(t);
-    issue_step<kStorage>(t, copies, s, 0, 0);
+    const Copies<kStorage> copies(t, thread);
+    if (t.dim > 0) issue_step<kStorage>(t, copies, s, 0, 0, thread);  // (no copies left in flight past the tile)
     int stage = 0;
     for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
       wait_copies();
-      round_step<kStorage>(s, stage);
+      round_step<kStorage>(s, stage, thread);
       __syncthreads();
-      if (d0 + kDepth < t.dim) issue_step<kStorage>(t, copies, s, stage ^ 1, d0 + kDepth);
+      if (d0 + kDepth < t.dim) issue_step<kStorage>(t, copies, s, stage ^ 1, d0 + kDepth, thread);
 #pragma unroll
-      for (int k0 = 0; k0 < kDepth; k0 += Traits::kStepDepth) multiply_step(s, stage, k0, warp_query, warp_vector, acc);
+      for (int k0 = 0; k0 < kDepth; k0 += Traits::kStepDepth) {
+        multiply_step(s, stage, k0, warp_query, warp_vector, acc, thread);
+      }
       stage ^= 1;
     }
   }

@@ -122,23 +122,52 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   const auto kernel = scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns>;
   size_t dynamic_bytes = 0;
   if constexpr (StagingIsDynamic<Tile>::value) {
-    // Past 48 KiB a kernel must be allowed its dynamic shared memory (per device: set at
-    // every launch, a host-side attribute write).
+    // Past 48 KiB a kernel must be allowed its dynamic shared memory, and the largest
+    // shared-memory carveout lets two such blocks share a multiprocessor (per device: set at
+    // every launch, host-side attribute writes).
     dynamic_bytes = sizeof(typename Tile::Shared);
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
-               "cudaFuncSetAttribute(scan_kernel)");
+    check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
+        "cudaFuncSetAttribute(scan_kernel, dynamic shared memory)");
+    check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+        "cudaFuncSetAttribute(scan_kernel, carveout)");
   }
   kernel<<<grid, kScanThreads, dynamic_bytes, stream>>>(args);
   check_launch("scan_kernel");
 }
 
 // Whether DeepMmaTile can take a search (knn_deep_tile.cuh): its 16-byte cp.async chunks need
-// the dimension a multiple of a chunk (4 float32, 8 halves) and 16-byte aligned bases, and it
-// does not scale the queries by weights while staging them (weighted l2 takes MmaTile).
+// the dimension a multiple of a chunk (4 float32, 8 halves) and 16-byte aligned bases; it
+// does not scale the queries by weights while staging them (weighted l2 takes MmaTile); and
+// it steps between its rows in 32-bit offsets (64 rows of a dimension under 2^24).
 inline bool deep_tile_applies(const ScanArgs& args, KnnStorage storage) {
   const int64_t chunk = storage == KnnStorage::kFloat32 ? 4 : 8;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return args.weights == nullptr && args.dim % chunk == 0 && aligned(args.queries) && aligned(args.database);
+  return args.weights == nullptr && args.dim % chunk == 0 && args.dim < (int64_t{1} << 24) && aligned(args.queries) &&
+         aligned(args.database);
+}
+
+// Whether a block of `kernel` with `dynamic_bytes` of dynamic shared memory fits what the
+// current device lets one block take: DeepMmaTile's 104 KiB in tf32 passes the 99 KiB of
+// sm_86 / sm_89 cards (RTX 30 / 40, A10, L4, L40), which run the sm_80 build.
+template <class Kernel>
+bool fits_shared_memory(Kernel kernel, size_t dynamic_bytes) {
+  int device = 0, most = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(shared memory per block)");
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes(scan_kernel)");
+  return attributes.sharedSizeBytes + dynamic_bytes <= static_cast<size_t>(most);
+}
+
+// Whether DeepMmaTile's scan kernel fits the current device (fits_shared_memory).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kOptIns>
+bool deep_tile_fits() {
+  using Tile = DeepMmaTile<kPrecision>;
+  return fits_shared_memory(scan_kernel<kMetric, kPrecision, kStorage, true, Tile, kOptIns>,
+                            sizeof(typename Tile::Shared));
 }
 
 // The tensor-core tile for tf32 / bf16 / fp16, LATENTSPACE_CUDA_TENSOR_TILE, read at every
@@ -146,15 +175,16 @@ inline bool deep_tile_applies(const ScanArgs& args, KnnStorage storage) {
 // an H100 (docs/benchmarks.md, GPU run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a
 // fallback and a reference for the tests; "deep": DeepMmaTile (knn_deep_tile.cuh; opt-in until
 // a GPU run verifies and times it) where it applies (deep_tile_applies: aligned rows, no
-// weights), MmaTile elsewhere; any other value throws ValueError.
+// weights; deep_tile_fits: the device's shared memory), MmaTile elsewhere; any other value
+// throws ValueError.
 enum class TensorTile { kMma, kWmma, kDeep };
 
 inline TensorTile tensor_tile_setting() {
   const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "mma") == 0) return TensorTile::kMma;
   if (std::strcmp(value, "wmma") == 0) return TensorTile::kWmma;
-  LS_CHECK_VALUE(std::strcmp(value, "deep") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got '",
-                 std::string(value), "'");
+  LS_CHECK_VALUE(std::strcmp(value, "deep") == 0,
+                 "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got '", std::string(value), "'");
   return TensorTile::kDeep;
 }
 
@@ -167,7 +197,8 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
     const TensorTile tile = tensor_tile_setting();
     if constexpr (kAligned) {
-      if (tile == TensorTile::kDeep && deep_tile_applies(args, kStorage)) {
+      if (tile == TensorTile::kDeep && deep_tile_applies(args, kStorage) &&
+          deep_tile_fits<kMetric, kPrecision, kStorage, kOptIns>()) {
         launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, DeepMmaTile<kPrecision>>(args, stream);
         return;
       }
