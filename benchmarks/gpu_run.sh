@@ -154,8 +154,8 @@ if [ "$code" -ne 0 ]; then
   command -v cuda-gdb >/dev/null && timeout 120 cuda-gdb -batch -ex run -ex bt --args python3 -c "$smoke" 2>&1 | tail -40
 fi
 
-# compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests: the row check's,
-# never run; the fused losses' and the CUDA encoder's, clean in run 10) and sanitizer_knn (the small GPU kNN tests, named
+# compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests: the row check's and
+# the deep tile's, never run; the fused losses' and the CUDA encoder's, clean in run 10) and sanitizer_knn (the small GPU kNN tests, named
 # "small"); each runs memcheck (out-of-bounds and misaligned accesses, API errors) and racecheck
 # (shared-memory hazards) at once (separate processes on the one GPU: half the wall time),
 # under its own limit, and both append to the same two logs (started afresh by the call's
@@ -234,6 +234,22 @@ MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_fi
 ROW_CHECK_TESTS=tests/gpu/test_row_check_cuda.py
 MEMCHECK_ROW_CHECK_SELECTION="not knn_refuses and not index_"
 
+# DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, opt-in as LATENTSPACE_CUDA_TENSOR_TILE=deep, never
+# run; tests/gpu/test_knn_deep_tile.py): cp.async copies into a landing buffer and a
+# double-buffered rounded tile in dynamic shared memory. memcheck runs some of its tests (the
+# copies' sources, zero-filled edges, the dynamic shared memory's bounds) after the row
+# check's; racecheck runs two first in the new kernels' part: float32 rows landed and rounded
+# over two steps with a partial query tile, and 16-bit rows copied straight into the rounded
+# tile. Each at most GPU_RUN_SANITIZER_DEEP_TILE_SECONDS (default 40 s);
+# GPU_RUN_SANITIZER_DEEP_TILE=0 leaves them out. tests/test_gpu_run_script.py checks that these
+# collect.
+DEEP_TILE_TESTS=tests/gpu/test_knn_deep_tile.py
+MEMCHECK_DEEP_TILE_SELECTION="128-4096-128-10 or 130-3000-36-5 or half_index or falls_back or opt_in_family"
+RACECHECK_DEEP_TILE_TESTS=(
+  "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[130-3000-36-5-fp32-bf16]"
+  "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[300-5000-64-20-bf16-bf16]"
+)
+
 # sanitizer_runs PART TOOL: sets $runs to PART's (new, knn) pytest runs under TOOL, each as
 # NAME LIMIT COUNT ARGS... (LIMIT 0: none of its own, only the stage's), and $described to
 # a line naming them.
@@ -244,6 +260,15 @@ sanitizer_runs() {
     args=(-k "$MEMCHECK_ROW_CHECK_SELECTION" "$ROW_CHECK_TESTS")
     runs+=(row-check "${GPU_RUN_SANITIZER_ROW_CHECK_SECONDS:-40}" "${#args[@]}" "${args[@]}")
     described="row check: pytest ${args[*]}"
+  fi
+  if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_DEEP_TILE:-1}" != 0 ]; then
+    if [ "$tool" = memcheck ]; then
+      args=(-k "$MEMCHECK_DEEP_TILE_SELECTION" "$DEEP_TILE_TESTS")
+    else
+      args=("${RACECHECK_DEEP_TILE_TESTS[@]}")
+    fi
+    runs+=(deep-tile "${GPU_RUN_SANITIZER_DEEP_TILE_SECONDS:-40}" "${#args[@]}" "${args[@]}")
+    described+="${described:+; then }deep tile: pytest ${args[*]}"
   fi
   if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_LOSSES:-1}" != 0 ]; then
     if [ "$tool" = memcheck ]; then

@@ -671,7 +671,7 @@ def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_pat
     does not (the kernel has no shared memory). GPU_RUN_SANITIZER_ROW_CHECK=0 leaves it out."""
     settings = {"GPU_RUN_SANITIZER_ROW_CHECK": "0"} if row_check == "left out" else {}
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
-                      GPU_RUN_SANITIZER_ENCODER="0", **settings)
+                      GPU_RUN_SANITIZER_ENCODER="0", GPU_RUN_SANITIZER_DEEP_TILE="0", **settings)
     memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
     racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
     assert "row-check" not in racecheck and "test_row_check_cuda" not in racecheck, racecheck
@@ -686,6 +686,46 @@ def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_pat
         assert f"row check: pytest {selection}; then losses: pytest" in log, log
     assert "---- losses exit 0" in memcheck and "---- losses exit 0" in racecheck
 
+
+
+@pytest.mark.parametrize("deep_tile", ["on", "left out"])
+def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, deep_tile):
+    """DeepMmaTile (csrc/cuda/knn_deep_tile.cuh) is new: memcheck runs a selection of its GPU
+    tests after the row check's, racecheck two of them first, each under a limit of its own.
+    GPU_RUN_SANITIZER_DEEP_TILE=0 leaves them out."""
+    settings = {"GPU_RUN_SANITIZER_DEEP_TILE": "0"} if deep_tile == "left out" else {}
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
+                      GPU_RUN_SANITIZER_ENCODER="0", **settings)
+    memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
+    racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
+    if deep_tile == "left out":
+        assert "deep-tile" not in memcheck and "deep-tile" not in racecheck, memcheck + racecheck
+        return
+    selection = "-k 128-4096-128-10 or 130-3000-36-5 or half_index or falls_back or opt_in_family"
+    assert f"---- deep-tile: pytest {selection} tests/gpu/test_knn_deep_tile.py (at most 40 s)" in memcheck, memcheck
+    assert memcheck.index("---- row-check: pytest") < memcheck.index("---- deep-tile: pytest") \
+        < memcheck.index("---- losses: pytest"), memcheck
+    assert racecheck.index("---- deep-tile: pytest tests/gpu/test_knn_deep_tile.py::") \
+        < racecheck.index("---- losses: pytest"), racecheck
+    assert "---- deep-tile exit 0" in memcheck and "---- deep-tile exit 0" in racecheck
+
+
+def test_the_deep_tile_sanitizer_selections_collect():
+    """The deep tile's memcheck selection and racecheck ids name tests that exist (collected
+    here without a GPU: the module's tests are collected, then skipped)."""
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    selection = re.search(r'^MEMCHECK_DEEP_TILE_SELECTION="([^"]+)"', script, re.M).group(1)
+    ids = re.search(r"^RACECHECK_DEEP_TILE_TESTS=\(\n(.*?)\n\)", script, re.M | re.S).group(1)
+    ids = [line.strip().strip('"') for line in ids.splitlines()]
+    def collect(*args):
+        run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                             capture_output=True, text=True, cwd=ROOT)
+        return [line for line in run.stdout.splitlines() if "::" in line], run.stdout
+
+    named, output = collect(*ids)
+    assert named == ids, output
+    selected, output = collect("-k", selection, "tests/gpu/test_knn_deep_tile.py")
+    assert len(selected) >= 20 and any("falls_back" in name for name in selected), output
 
 FAKE_NCU = """#!/bin/sh
 # a stand-in Nsight Compute: names its arguments, then runs the program it was given
