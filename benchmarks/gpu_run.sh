@@ -244,7 +244,7 @@ MEMCHECK_ROW_CHECK_SELECTION="not knn_refuses and not index_"
 # GPU_RUN_SANITIZER_DEEP_TILE=0 leaves them out. tests/test_gpu_run_script.py checks that these
 # collect.
 DEEP_TILE_TESTS=tests/gpu/test_knn_deep_tile.py
-MEMCHECK_DEEP_TILE_SELECTION="128-4096-128-10 or 130-3000-36-5 or half_index or falls_back or opt_in_family"
+MEMCHECK_DEEP_TILE_SELECTION="128-4096-128-10 or 150-3000-40-9 or half_index or falls_back or opt_in_family"
 RACECHECK_DEEP_TILE_TESTS=(
   "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[130-3000-36-5-fp32-bf16]"
   "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[300-5000-64-20-bf16-bf16]"

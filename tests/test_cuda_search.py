@@ -1153,6 +1153,24 @@ CUDA_SETTINGS = {
 }
 
 
+def test_last_scan_reader_starts_at_none_on_each_thread():
+    """_native._cuda_last_scan (the tests' record of the tile of a thread's last native GPU
+    search call, csrc/cuda/knn_scan_launch.cuh last_scan_launched) reads "none" on a thread
+    that has searched nothing; a CPU-only build refuses it."""
+    import threading
+
+    read = latentspace._native._cuda_last_scan
+    if not latentspace.build_info()["cuda_compiled"]:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            read()
+        return
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(read()))
+    worker.start()
+    worker.join()
+    assert seen == ["none"]
+
+
 @pytest.mark.parametrize("variable", sorted(CUDA_SETTINGS))
 def test_cuda_settings(monkeypatch, variable):
     """Each setting's values and what they pick; a bad value (values are case-sensitive) is a

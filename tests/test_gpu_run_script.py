@@ -701,7 +701,7 @@ def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, de
     if deep_tile == "left out":
         assert "deep-tile" not in memcheck and "deep-tile" not in racecheck, memcheck + racecheck
         return
-    selection = "-k 128-4096-128-10 or 130-3000-36-5 or half_index or falls_back or opt_in_family"
+    selection = "-k 128-4096-128-10 or 150-3000-40-9 or half_index or falls_back or opt_in_family"
     assert f"---- deep-tile: pytest {selection} tests/gpu/test_knn_deep_tile.py (at most 40 s)" in memcheck, memcheck
     assert memcheck.index("---- row-check: pytest") < memcheck.index("---- deep-tile: pytest") \
         < memcheck.index("---- losses: pytest"), memcheck

@@ -116,6 +116,9 @@ void bind_knn(py::module_& m) {
   m.def("_cuda_tree_merge", [] { return std::string(knn_cuda_tree_merge()); },
         "The GPU tree merge's setting, LATENTSPACE_CUDA_TREE_MERGE: 'auto' (the large-k plan), '1' (every search "
         "of more than 8 splits) or '0' (never).");
+  m.def("_cuda_last_scan", [] { return std::string(knn_cuda_last_scan()); },
+        "The tile of the tile scan of this thread's last native GPU search call: 'simt', 'wmma', 'mma', "
+        "'deep', or 'none' (no call yet, or one that took the row scan); for tests.");
   m.def("_cuda_tensor_tile", [] { return std::string(knn_cuda_tensor_tile()); },
         "The tensor-core tile a tf32 / bf16 / fp16 GPU search takes now: 'mma', 'wmma' or 'deep' "
         "(LATENTSPACE_CUDA_TENSOR_TILE).");

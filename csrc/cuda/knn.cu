@@ -198,6 +198,8 @@ int knn_cuda_single_query_rows() { return cuda::single_query_rows(); }
 
 const char* knn_cuda_tensor_tile() { return cuda::tensor_tile_name(cuda::tensor_tile_setting()); }
 
+const char* knn_cuda_last_scan() { return cuda::last_scan_launched(); }
+
 bool knn_cuda_fused_finish() { return cuda::use_fused_finish(); }
 
 bool knn_cuda_early_norms() { return cuda::use_early_norms(); }
@@ -218,6 +220,7 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
               KnnStorage storage, const float* database_norms) {
   using namespace cuda;
   refuse_bad_settings();
+  last_scan_launched() = "none";  // (a call that takes no tile scan must not read as the last one's)
   LS_CHECK_VALUE(weights == nullptr || metric == Metric::kL2, "weights: only the weighted squared L2 metric takes weights");
   LS_CHECK_VALUE(weights == nullptr || database_norms == nullptr,
                  "database_norms: kept norms are unweighted; a weighted search computes its own");

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "core/check.h"
 #include "cuda/common.cuh"
@@ -116,8 +117,33 @@ void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
   }
 }
 
+// The tile of the calling thread's last native search call's tile scan ("simt", "wmma", "mma",
+// "deep"; "none" where that call took none, knn_cuda resets it): for the tests
+// (_native._cuda_last_scan), so that a search that falls back from an opt-in tile cannot pass
+// them unseen.
+inline const char*& last_scan_launched() {
+  thread_local const char* name = "none";
+  return name;
+}
+
+template <class Tile>
+constexpr const char* tile_name() {
+  if constexpr (std::is_same_v<Tile, SimtTile>) {
+    return "simt";
+  } else if constexpr (StagingIsDynamic<Tile>::value) {
+    return "deep";
+  } else if constexpr (std::is_same_v<Tile, WmmaTile<KnnPrecision::kTf32>> ||
+                       std::is_same_v<Tile, WmmaTile<KnnPrecision::kBf16>> ||
+                       std::is_same_v<Tile, WmmaTile<KnnPrecision::kFp16>>) {
+    return "wmma";
+  } else {
+    return "mma";
+  }
+}
+
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns, class Tile>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
+  last_scan_launched() = tile_name<Tile>();
   const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
   const auto kernel = scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns>;
   size_t dynamic_bytes = 0;

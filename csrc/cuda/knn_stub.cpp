@@ -28,6 +28,7 @@ bool knn_cuda_float_thresholds() { no_cuda(); }
 bool knn_cuda_fitted_plan() { no_cuda(); }
 
 const char* knn_cuda_tensor_tile() { no_cuda(); }
+const char* knn_cuda_last_scan() { no_cuda(); }
 
 bool knn_cuda_fused_finish() { no_cuda(); }
 

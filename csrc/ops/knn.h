@@ -109,6 +109,11 @@ bool knn_cuda_fitted_plan();
 // variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
+// The tile of the tile scan of this thread's last native GPU search call: "simt", "wmma",
+// "mma", "deep", or "none" (no call yet, or a call that took the row scan): the tests check
+// with it that an opt-in tile ran where it applies and that a fallback is the one documented.
+// A CPU-only build throws RuntimeError.
+const char* knn_cuda_last_scan();
 // Whether a search of k <= 1024 without a tree merge finishes in one kernel
 // (csrc/cuda/knn_finish.cuh): yes unless LATENTSPACE_CUDA_FUSED_FINISH=0 (unset, empty or 1:
 // yes); other values throw ValueError.

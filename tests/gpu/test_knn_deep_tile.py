@@ -8,7 +8,8 @@ they are the precision's own type), every metric, whole and partial tiles, dimen
 inside a step or are shorter than one, a depth of 2048, and with the opt-in family's cut-backs
 by warps (whose histograms live in this tile's dynamic shared memory). Where the tile does not
 apply (weights, rows that are not 16-byte aligned, 16-bit rows of a dimension that is not a
-multiple of 8) the search takes MmaTile, which must give the same results too.
+multiple of 8) the search takes MmaTile, which must give the same results too. Every search
+checks which scan ran (_native._cuda_last_scan), so a fallback cannot pass unseen.
 
 Exactness against the CPU's float32 search on small integers (every fragment layout) is in
 test_knn_cuda.py, whose tensor_tile fixture includes "deep"."""
@@ -30,6 +31,11 @@ DEVICE = "cuda"
 METRICS = ("l2", "ip", "cosine")
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TILE = "LATENTSPACE_CUDA_TENSOR_TILE"
+# Whether tf32's tile (104 KiB of dynamic shared memory, about 4 KiB static) fits what this
+# device lets one block take: not on sm_86 / sm_89 cards (99 KiB), where tf32 takes MmaTile.
+_OPTIN = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_optin", 232_448) \
+    if torch.cuda.is_available() else 0
+TF32_FITS = _OPTIN >= 104 * 1024 + 8 * 1024
 
 
 @pytest.fixture
@@ -42,14 +48,18 @@ def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 
 
-def _deep_equals_mma(monkeypatch, searches):
-    """searches() (a list of (distances, indices) results) under MmaTile and under DeepMmaTile:
-    bit-identical. Returns DeepMmaTile's."""
+def _deep_equals_mma(monkeypatch, searches, applies=True):
+    """searches() (a list of (distances, indices) results) under MmaTile and under the "deep"
+    setting: bit-identical. The setting's searches must have run DeepMmaTile where it
+    `applies`, MmaTile where it does not (the native layer's record of its last scan: a
+    fallback must not pass unseen). Returns the setting's results."""
     results = {}
     for tile in ("mma", "deep"):
         monkeypatch.setenv(TILE, tile)
         results[tile] = searches()
         torch.cuda.synchronize()
+        ran = latentspace._native._cuda_last_scan()
+        assert ran == ("deep" if tile == "deep" and applies else "mma"), f"{tile} setting ran the {ran} scan"
     for (d0, i0), (d1, i1) in zip(results["mma"], results["deep"], strict=True):
         assert torch.equal(i0, i1), "indices differ from MmaTile's"
         assert torch.equal(d0, d1), "distances differ from MmaTile's"
@@ -57,10 +67,11 @@ def _deep_equals_mma(monkeypatch, searches):
 
 
 # (queries, rows, dimension, k): whole tiles only; a partial query tile and database tiles
-# cut by the splits; a dimension that ends inside a 32-dimension step (and is no multiple of
-# 8: 16-bit rows take MmaTile); one shorter than a step; faiss #3045's depth; k = 100.
-SHAPES = [(128, 4096, 128, 10), (300, 5000, 64, 20), (130, 3000, 36, 5), (200, 2000, 8, 7), (64, 1000, 2048, 32),
-          (257, 10_000, 96, 100)]
+# cut by the splits; dimensions that end inside a 32-dimension step (36, no multiple of 8:
+# 16-bit rows take MmaTile; 40: every storage, the second step's copies zero-filled past the
+# dimension); one shorter than a step; faiss #3045's depth; k = 100.
+SHAPES = [(128, 4096, 128, 10), (300, 5000, 64, 20), (130, 3000, 36, 5), (150, 3000, 40, 9), (200, 2000, 8, 7),
+          (64, 1000, 2048, 32), (257, 10_000, 96, 100)]
 
 
 @pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
@@ -69,9 +80,12 @@ SHAPES = [(128, 4096, 128, 10), (300, 5000, 64, 20), (130, 3000, 36, 5), (200, 2
 def test_small_deep_tile_equals_mma_tile(precision, storage, nq, n, dim, k, gen, monkeypatch):
     queries = _randn(gen, nq, dim)
     database = _randn(gen, n, dim).to(STORAGE_DTYPES[storage])
+    applies = dim % (4 if storage == "fp32" else 8) == 0  # (16-bit rows: 8-element chunks)
+    applies = applies and (precision != "tf32" or TF32_FITS)
     for metric in METRICS:
         (d, i), = _deep_equals_mma(monkeypatch,
-                                   lambda: [latentspace.knn(queries, database, k, metric, precision=precision)])
+                                   lambda: [latentspace.knn(queries, database, k, metric, precision=precision)],
+                                   applies)
         kept = min(k, n)
         assert ((i[:, :kept] >= 0) & (i[:, :kept] < n)).all()
 
@@ -103,25 +117,33 @@ def test_small_deep_tile_with_the_opt_in_family_equals_mma_tile(precision, k, ge
     monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "1")
     queries, database = _randn(gen, 300, 64), _randn(gen, 50_000, 64)
     for metric in ("l2", "cosine"):
-        _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, database, k, metric, precision=precision)])
+        _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, database, k, metric, precision=precision)],
+                         precision != "tf32" or TF32_FITS)
 
 
 def test_small_deep_tile_falls_back_where_it_does_not_apply(gen, rng, monkeypatch):
-    """Weights (weighted l2), a database view one element past its allocation's start (not
-    16-byte aligned), and 16-bit rows of a dimension that is a multiple of 4 but not of 8:
-    the search takes MmaTile, the same results."""
+    """Weights (weighted l2); a float32 database view one element past its allocation's start
+    (not even the quad loads' alignment); a bf16 database 8 bytes past a 16-byte boundary (the
+    quad loads' alignment, not the cp.async chunks': only the deep tile's own check sees it);
+    and 16-bit rows of a dimension that is a multiple of 4 but not of 8: the search takes
+    MmaTile, the same results."""
     dim = 20
     queries, database = _randn(gen, 140, dim), _randn(gen, 3000, dim)
     weights = rng.uniform(0.0, 2.0, dim).astype(np.float32)
     _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, database, 10, "weighted_l2", weights=weights,
-                                                           precision="bf16")])
+                                                           precision="bf16")], applies=False)
     flat = torch.empty(3000 * 64 + 1, device=DEVICE)
     misaligned = flat[1:].view(3000, 64)
     misaligned.copy_(_randn(gen, 3000, 64))
     q64 = _randn(gen, 140, 64)
-    _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(q64, misaligned, 10, precision="bf16")])
+    _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(q64, misaligned, 10, precision="bf16")], applies=False)
+    flat_half = torch.empty(3000 * 64 + 4, dtype=torch.bfloat16, device=DEVICE)
+    half_off_16 = flat_half[4:].view(3000, 64)
+    half_off_16.copy_(_randn(gen, 3000, 64))
+    assert half_off_16.data_ptr() % 8 == 0 and half_off_16.data_ptr() % 16 != 0
+    _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(q64, half_off_16, 10, precision="bf16")], applies=False)
     half = database.to(torch.bfloat16)
-    _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, half, 10, precision="bf16")])
+    _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, half, 10, precision="bf16")], applies=False)
 
 
 def test_small_deep_tile_results_are_near_the_float64_ones(gen, monkeypatch):
@@ -130,6 +152,7 @@ def test_small_deep_tile_results_are_near_the_float64_ones(gen, monkeypatch):
     monkeypatch.setenv(TILE, "deep")
     queries, database = _randn(gen, 256, 128), _randn(gen, 8192, 128)
     d, i = latentspace.knn(queries, database, 16, precision="bf16")
+    assert latentspace._native._cuda_last_scan() == "deep"
     q, x = queries.double(), database.double()
     exact = ((q[:, None, :] - x[i]) ** 2).sum(-1)
     scale = (q * q).sum(1)[:, None] + (x * x).sum(1)[i]
