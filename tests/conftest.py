@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,30 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "latentspace"))
 NVCC = shutil.which("nvcc") or next(
     (p for p in ("/usr/local/cuda/bin/nvcc", "/opt/cuda/bin/nvcc") if os.path.exists(p)), None
 )
+CUDA_HOST_CHECKS = Path(__file__).resolve().parent / "cuda_host"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def build_cuda_host_check(name: str, directory: Path, include_first: Path | None = None) -> Path:
+    """tests/cuda_host/NAME.cu (a host program over the real CUDA headers) compiled with nvcc
+    into DIRECTORY/NAME; include_first: a folder searched before csrc/ (its headers then shadow
+    the real ones)."""
+    import subprocess
+
+    program = directory / name
+    includes = ([f"-I{include_first}"] if include_first is not None else []) + [f"-I{CSRC}"]
+    source = CUDA_HOST_CHECKS / f"{name}.cu"
+    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", *includes, "-x", "cu", str(source), "-o", str(program)],
+                   check=True, capture_output=True, text=True)
+    return program
+
+
+def run_cuda_host_check(name: str, directory: Path, *args: str):
+    """build_cuda_host_check, then the program run with ARGS: its CompletedProcess (text)."""
+    import subprocess
+
+    program = build_cuda_host_check(name, directory)
+    return subprocess.run([str(program), *args], capture_output=True, text=True, timeout=300)
 
 # ---------------------------------------------------------------------------------------
 # SIMD levels

@@ -5,7 +5,7 @@ import os
 import pytest
 
 import latentspace as ls
-from conftest import NVCC
+from conftest import NVCC, run_cuda_host_check
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine, so the build had no CUDA")
@@ -33,15 +33,7 @@ def test_float_thresholds_keep_every_key_the_default_takes(tmp_path):
     run on the host (no GPU needed): over 2 million pairs, equal scores, -0, denormals, NaN and
     the empty key among them, no key the default `key < threshold` takes may fail the float
     compare."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    program = tmp_path / "float_threshold_check"
-    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", f"-I{root / 'csrc'}", "-x", "cu",
-                    str(root / "tests" / "cuda_host" / "float_threshold_check.cu"), "-o", str(program)],
-                   check=True, capture_output=True, text=True)
-    result = subprocess.run([str(program), "2000000"], capture_output=True, text=True)
+    result = run_cuda_host_check("float_threshold_check", tmp_path, "2000000")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dropped wrongly 0" in result.stdout and "taken 0," not in result.stdout
 
@@ -54,14 +46,6 @@ def test_deep_tile_layout_feeds_the_mma_fragments(tmp_path):
     emulated as the PTX ISA describes it, hands every lane of every warp the registers of the
     mma.m16n8k16 A and B layouts that MmaTile builds word by word; the row addresses fall on
     distinct banks."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    program = tmp_path / "deep_tile_layout_check"
-    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", f"-I{root / 'csrc'}", "-x", "cu",
-                    str(root / "tests" / "cuda_host" / "deep_tile_layout_check.cu"), "-o", str(program)],
-                   check=True, capture_output=True, text=True)
-    result = subprocess.run([str(program)], capture_output=True, text=True)
+    result = run_cuda_host_check("deep_tile_layout_check", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "A and B fragments of 8 warps, banks: 0 mismatches" in result.stdout, result.stdout

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import latentspace as ls
-from conftest import NVCC
+from conftest import NVCC, build_cuda_host_check
 from latentspace import _cuda_encoder, _native, encoding
 from latentspace.encoding import Encoder, export_layers
 from latentspace._arrays import first_nonfinite_row
@@ -66,11 +66,7 @@ ACTIVATION_LINES = {"identity": 1, "relu": 1, "leaky_relu": 4, "gelu": 1, "gelu_
 def _build_math_check(directory: Path, include_first: Path | None = None) -> Path:
     """nvcc-compiles the check for the host; include_first: a folder searched before csrc/
     (its cuda/encode_math.cuh then shadows the real one)."""
-    program = directory / "encode_math_check"
-    includes = ([f"-I{include_first}"] if include_first is not None else []) + [f"-I{ROOT / 'csrc'}"]
-    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", *includes, "-x", "cu", str(MATH_CHECK),
-                    "-o", str(program)], check=True, capture_output=True, text=True)
-    return program
+    return build_cuda_host_check("encode_math_check", directory, include_first)
 
 
 def _run(program: Path) -> subprocess.CompletedProcess:

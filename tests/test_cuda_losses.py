@@ -2,14 +2,11 @@
 native entry points' argument checks, which run before anything reaches a GPU. (The kernels
 themselves: tests/gpu/test_losses_cuda.py, on a GPU.)"""
 
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 
 import latentspace as ls
-from conftest import NVCC
+from conftest import NVCC, run_cuda_host_check
 from latentspace import _cuda_losses, _native
 from latentspace.losses import kl_normal, reconstruction_loss
 
@@ -223,12 +220,7 @@ def test_the_kernels_formulas_and_segments_on_the_host(tmp_path):
     against long double references: every kind and the KL in float32 and float64 over edge
     values (0, 1, denormals, +-inf, NaN, logits of +-1e4) and random ones, NaN exactly where the
     formula gives it, and every element of a row in exactly one segment."""
-    root = Path(__file__).resolve().parent.parent
-    program = tmp_path / "losses_math_check"
-    subprocess.run([NVCC, "-std=c++17", "-O2", "-arch=sm_80", f"-I{root / 'csrc'}", "-x", "cu",
-                    str(root / "tests" / "cuda_host" / "losses_math_check.cu"), "-o", str(program)],
-                   check=True, capture_output=True, text=True)
-    result = subprocess.run([str(program)], capture_output=True, text=True)
+    result = run_cuda_host_check("losses_math_check", tmp_path)
     assert result.returncode == 0 and "failures 0" in result.stdout, result.stdout + result.stderr
     assert result.stdout.count("wrong 0") == 9  # four checks for each of two types, and the segments
 

@@ -310,13 +310,7 @@ struct DeepMmaTile {
         a[0] = __float_as_uint(top[k0 + t]), a[1] = __float_as_uint(bottom[k0 + t]);
         a[2] = __float_as_uint(top[k0 + t + 4]), a[3] = __float_as_uint(bottom[k0 + t + 4]);
       }
-#pragma unroll
-      for (int n = 0; n < kBlocksN; ++n) {
-        float c[4] = {acc[2 * m][2 * n], acc[2 * m][2 * n + 1], acc[2 * m + 1][2 * n], acc[2 * m + 1][2 * n + 1]};
-        Traits::mma(c, a, b[n]);
-        acc[2 * m][2 * n] = c[0], acc[2 * m][2 * n + 1] = c[1];
-        acc[2 * m + 1][2 * n] = c[2], acc[2 * m + 1][2 * n + 1] = c[3];
-      }
+      mma_query_block<Traits>(acc, m, a, b);
     }
   }
 

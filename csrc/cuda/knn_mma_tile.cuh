@@ -110,6 +110,21 @@ struct MmaTraits<KnnPrecision::kBf16> : HalfMmaTraits<__nv_bfloat16> {};
 template <>
 struct MmaTraits<KnnPrecision::kFp16> : HalfMmaTraits<__half> {};
 
+// The warp's mma.sync of its query block m (A fragment a) with each of its vector blocks n
+// (B fragments b[n]), into the accumulators acc[2 m .. 2 m + 1][2 n .. 2 n + 1] (the fragment
+// layout of MmaTile::query_of / vector_of). MmaTile and DeepMmaTile (knn_deep_tile.cuh) share it.
+template <class Traits, int kCols, int kBlocksN>
+__device__ __forceinline__ void mma_query_block(float (*acc)[kCols], int m, const uint32_t (&a)[4],
+                                                const uint32_t (&b)[kBlocksN][2]) {
+#pragma unroll
+  for (int n = 0; n < kBlocksN; ++n) {
+    float c[4] = {acc[2 * m][2 * n], acc[2 * m][2 * n + 1], acc[2 * m + 1][2 * n], acc[2 * m + 1][2 * n + 1]};
+    Traits::mma(c, a, b[n]);
+    acc[2 * m][2 * n] = c[0], acc[2 * m][2 * n + 1] = c[1];
+    acc[2 * m + 1][2 * n] = c[2], acc[2 * m + 1][2 * n + 1] = c[3];
+  }
+}
+
 template <KnnPrecision kPrecision>
 struct MmaTile {
   using Traits = MmaTraits<kPrecision>;
@@ -181,13 +196,7 @@ struct MmaTile {
           const Stored* bottom = s.queries[buffer][warp_query + m * 16 + g + 8];
           const uint32_t a[4] = {word(top, column), word(bottom, column), word(top, column + kHalfStep),
                                  word(bottom, column + kHalfStep)};
-#pragma unroll
-          for (int n = 0; n < kBlocksN; ++n) {
-            float c[4] = {acc[2 * m][2 * n], acc[2 * m][2 * n + 1], acc[2 * m + 1][2 * n], acc[2 * m + 1][2 * n + 1]};
-            Traits::mma(c, a, b[n]);
-            acc[2 * m][2 * n] = c[0], acc[2 * m][2 * n + 1] = c[1];
-            acc[2 * m + 1][2 * n] = c[2], acc[2 * m + 1][2 * n + 1] = c[3];
-          }
+          mma_query_block<Traits>(acc, m, a, b);
         }
       }
     };
