@@ -1,7 +1,7 @@
 // DeepMmaTile: a tensor-core score tile of the CUDA kNN scan (knn_scan.cuh) whose inputs reach
-// shared memory by cp.async, as they are stored, and are rounded to the precision only as the
-// fragments are read. Opt-in (LATENTSPACE_CUDA_TENSOR_TILE=deep, knn_scan_launch.cuh) until a
-// GPU run verifies and times it.
+// shared memory by cp.async, as they are stored, and are rounded to the precision there, once
+// per block. Opt-in (LATENTSPACE_CUDA_TENSOR_TILE=deep, knn_scan_launch.cuh) until a GPU run
+// verifies and times it.
 //
 // Why. MmaTile (knn_mma_tile.cuh) stages through registers: each step's global loads land in
 // registers, are rounded and stored to shared memory after the step's mma.sync. As compiled for
@@ -33,7 +33,7 @@
 // 228 KiB (an A100's 164 KiB holds two in bf16 / fp16, one in tf32).
 //
 // Where it applies (the launch checks; MmaTile otherwise): bf16 / fp16 / tf32, the dimension a
-// multiple of 4 (8 for 16-bit storage) with 16-byte aligned bases, no weights (weighted l2
+// multiple of 4 (8 for 16-bit storage) and below 2^24, with 16-byte aligned bases, no weights (weighted l2
 // scales the queries while they are staged), a block's shared memory within what the device
 // allows one block (tf32's passes the 99 KiB of sm_86 / sm_89 cards), and no offset or
 // nonfinite flag in the bounds (the kNN's never have them; the CUDA encoder does not use this
@@ -78,7 +78,8 @@ __device__ inline void wait_copies() { asm volatile("cp.async.wait_group 0;\n" :
 // Four 8 x 8 matrices of 16-bit elements from shared memory into one warp's fragments
 // (ldmatrix, sm_75 and later): lane l gives the address of row l % 8 of matrix l / 8 (16
 // bytes, 16-byte aligned) and receives in r[i] the two elements of matrix i at row l / 4,
-// columns 2 (l % 4) and the next one: the B fragment layout of knn_mma_tile.cuh.
+// columns 2 (l % 4) and the next one: with the row addresses of deep_tile_layout, the A and B
+// fragment layouts of knn_mma_tile.cuh.
 __device__ inline void load_matrices_x4(uint32_t (&r)[4], const void* row) {
   const auto address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
