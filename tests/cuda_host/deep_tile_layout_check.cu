@@ -56,14 +56,15 @@ void check_chunks(int per_chunk) {
 // An element id standing for (row, column) of a staged [row][dimension] tile.
 int id(int row, int column) { return row * 1000 + column; }
 
-// ldmatrix.x4 from a [row][dimension] tile of ids: the address lanes give (row, column) of
-// each matrix row; returns what lane `lane` receives in register i, as the pair's two ids.
+// ldmatrix.x4 from a [row][dimension] tile of ids, each lane giving the address of row
+// first_row + row_of(lane), column k0 + column_of(lane) (deep_tile_layout's a_ or b_
+// functions); returns what lane `lane` receives in register i, as the pair's two ids.
 struct Pair {
   int low, high;
 };
-Pair ldmatrix_receives(const int (&address_row)[32], const int (&address_column)[32], int lane, int i) {
+Pair ldmatrix_receives(int (*row_of)(int), int (*column_of)(int), int first_row, int k0, int lane, int i) {
   const int provider = 8 * i + lane / 4;  // the lane that gave this matrix row's address
-  const int row = address_row[provider], column = address_column[provider] + 2 * (lane % 4);
+  const int row = first_row + row_of(provider), column = k0 + column_of(provider) + 2 * (lane % 4);
   return {id(row, column), id(row, column + 1)};
 }
 
@@ -74,15 +75,11 @@ void check_a_fragments() {
     const int warp_query = (warp / 4) * Tile::kWarpQueries;
     for (int m = 0; m < Tile::kBlocksM; ++m) {
       for (int k0 = 0; k0 < deep_tile_layout::kDepth; k0 += 16) {
-        int rows[32], columns[32];
-        for (int lane = 0; lane < 32; ++lane) {
-          rows[lane] = warp_query + m * 16 + deep_tile_layout::a_row(lane);
-          columns[lane] = k0 + deep_tile_layout::a_column(lane);
-        }
         for (int lane = 0; lane < 32; ++lane) {
           const int g = lane / 4, t = lane % 4;
           for (int r = 0; r < 4; ++r) {
-            const Pair got = ldmatrix_receives(rows, columns, lane, r);
+            const Pair got = ldmatrix_receives(deep_tile_layout::a_row, deep_tile_layout::a_column, warp_query + m * 16,
+                                               k0, lane, r);
             const int row = warp_query + m * 16 + g + 8 * (r % 2), column = k0 + 2 * t + 8 * (r / 2);
             expect(got.low == id(row, column) && got.high == id(row, column + 1), "A fragment register", warp * 100 + m,
                    lane, r);
@@ -100,16 +97,12 @@ void check_b_fragments() {
     const int warp_vector = (warp % 4) * Tile::kWarpVectors;
     for (int p = 0; p < Tile::kBlocksN / 2; ++p) {
       for (int k0 = 0; k0 < deep_tile_layout::kDepth; k0 += 16) {
-        int rows[32], columns[32];
-        for (int lane = 0; lane < 32; ++lane) {
-          rows[lane] = warp_vector + p * 16 + deep_tile_layout::b_row(lane);
-          columns[lane] = k0 + deep_tile_layout::b_column(lane);
-        }
         for (int lane = 0; lane < 32; ++lane) {
           const int g = lane / 4, t = lane % 4;
           for (int i = 0; i < 4; ++i) {  // r[i] -> b[2p + i / 2][i % 2]
             const int n = 2 * p + i / 2, r = i % 2;
-            const Pair got = ldmatrix_receives(rows, columns, lane, i);
+            const Pair got = ldmatrix_receives(deep_tile_layout::b_row, deep_tile_layout::b_column, warp_vector + p * 16,
+                                               k0, lane, i);
             const int vector = warp_vector + 8 * n + g, column = k0 + 2 * t + 8 * r;
             expect(got.low == id(vector, column) && got.high == id(vector, column + 1), "B fragment register",
                    warp * 100 + p, lane, i);
