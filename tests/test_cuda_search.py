@@ -18,7 +18,8 @@ import torch
 import latentspace
 from conftest import METRICS, assert_knn_matches
 from latentspace import _arrays, _cuda_chunks, _cuda_device, _cuda_search, runtime
-from latentspace._cuda_chunks import MAX_ITEMS_PER_CALL, plan_database_chunks, plan_host_stream, plan_query_chunks
+from latentspace._cuda_chunks import (MAX_ITEMS_PER_CALL, QUERY_TILE, plan_database_chunks, plan_host_stream,
+                                      plan_query_chunks, even_chunk)
 from latentspace._cuda_device import resolve_device
 from latentspace._cuda_search import CpuBackend, merge_topk, search_resident, search_streamed
 
@@ -411,6 +412,69 @@ def test_query_plan_handles_a_non_monotonic_workspace():
     _check_query_plan(plan, 130, 1, workspace_of, 1000)
     plan = plan_query_chunks(64, 1, workspace_of, 1000)
     _check_query_plan(plan, 64, 1, workspace_of, 1000)
+
+
+def _tiles(sizes):
+    return sum(-(-size // QUERY_TILE) for size in sizes)
+
+
+def test_query_plan_calls_scan_the_fewest_query_tiles_in_as_many_calls():
+    workspace_of = lambda n: 1000 * n  # noqa: E731
+    # 300 fit a call: 1,000 queries in 4 calls either way; 256 a call scan 8 tiles, 300 10.
+    plan = plan_query_chunks(1000, 1, workspace_of, 300_000)
+    _check_query_plan(plan, 1000, 1, workspace_of, 300_000)
+    assert [stop - start for start, stop, _ in plan] == [256, 256, 256, 232]
+    # 5,000 fit: 10,000 in 2 calls (3 if cut to 4,992), 40 tiles each.
+    assert [stop - start for start, stop, _ in plan_query_chunks(10_000, 1, workspace_of, 5_000_000)] == [5000, 5000]
+    # Within one tile, and the whole rest in one call: as they fit.
+    assert [stop - start for start, stop, _ in plan_query_chunks(1000, 1, workspace_of, 100_000)] == [100] * 10
+    assert [stop - start for start, stop, _ in plan_query_chunks(300, 1, workspace_of, 300_000)] == [300]
+
+
+def _full_calls_plan(num_queries, workspace_of, bound):
+    """The planner before even_chunk (k = 1): each call as many queries as its search for a
+    fitting count finds, the last the rest."""
+    sizes, size, start = [], num_queries, 0
+    while start < num_queries:
+        count = min(size, num_queries - start)
+        while workspace_of(count) > bound and count > 1:
+            count = max(1, min(count // 2, count * bound // workspace_of(count)))
+        sizes.append(count)
+        start, size = start + count, count
+    return sizes
+
+
+@pytest.mark.parametrize("num_queries", [129, 1000, 3333, 10_000])
+@pytest.mark.parametrize("fit", [100, 129, 200, 300, 1000, 1500])
+def test_query_plan_never_takes_more_calls_or_tiles_than_full_calls(num_queries, fit):
+    """Against calls of as many queries as fit: no more calls, no more query tiles."""
+    workspace_of = lambda n: n  # noqa: E731
+    sizes = [stop - start for start, stop, _ in plan_query_chunks(num_queries, 1, workspace_of, fit)]
+    full = _full_calls_plan(num_queries, workspace_of, fit)
+    assert sum(sizes) == num_queries and max(sizes) <= fit
+    assert len(sizes) == len(full) and _tiles(sizes) <= _tiles(full)
+    assert _tiles(sizes) < _tiles(full) or (num_queries, fit) not in {(1000, 300), (10_000, 1500), (3333, 300)}
+
+
+def test_query_plan_keeps_a_last_call_that_fits():
+    """A short last call can need more workspace than the long ones (fewer query tiles, more
+    splits or the large-k plan): the calls are sized so that the last one fits too. Here any
+    call of 1,000 to 2,999 queries needs more than the bound: 10,000 queries in calls of the
+    3,100 that fit would leave 700 last, which fit, but 3 x 3,000 would leave 1,000."""
+    workspace_of = lambda n: 10 ** 6 if 1000 <= n < 3000 else n  # noqa: E731
+    plan = plan_query_chunks(10_000, 1, workspace_of, 3100)
+    _check_query_plan(plan, 10_000, 1, workspace_of, 3100)
+    assert len(plan) == 4
+
+
+def test_even_chunk_takes_only_sizes_that_fit():
+    # 700 queries, 389 fit: 2 calls; 384 then 316 scan 6 tiles, 389 then 311 7, 350 and 350
+    # 6. Sizes that need more than the bound are passed over.
+    assert even_chunk(3 * QUERY_TILE + 5, 389, 700, lambda n: n, 10 ** 6) == (384, 384)
+    assert even_chunk(3 * QUERY_TILE + 5, 389, 700, lambda n: 10 ** 9 if n == 384 else n, 10 ** 6) == (350, 350)
+    assert even_chunk(3 * QUERY_TILE + 5, 389, 700, lambda n: 10 ** 9 if n in (384, 350) else n, 10 ** 6) == (389, 389)
+    # No size leaves a last call that fits: the count as given.
+    assert even_chunk(300, 7, 1000, lambda n: 10 ** 9 if n < 300 else n, 10 ** 6) == (300, 7)
 
 
 def test_query_plan_respects_the_item_limit():
@@ -1435,6 +1499,14 @@ def test_large_k_plan_leaves_tight_bounds_their_plan(nq, nb, k, bound, most_call
 
 
 @needs_cuda_build
+def test_query_tile_is_the_plans():
+    """QUERY_TILE, the unit whole_query_tiles cuts calls to, is the query tile the native plan
+    counts (SimtTile::kQueries)."""
+    for nq in (1, QUERY_TILE - 1, QUERY_TILE, QUERY_TILE + 1, 10 * QUERY_TILE, 10 * QUERY_TILE + 1):
+        assert _plan(nq, 1_000_000, 10)["query_tiles"] == -(-nq // QUERY_TILE)
+
+
+@needs_cuda_build
 def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
     """The case the fitted plan is for (docs/gpu.md): Q = 10,000 over 1M rows at k = 1024 with
     the 1 GiB default bound. Filling: about 1,200 queries a call in 30 splits, 9 calls of 300
@@ -1449,7 +1521,8 @@ def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
         return len(chunks), first, _plan(first, 1_000_000, 1024, bound)
 
     count, first, plan = calls("0")
-    assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (9, 1188, 30, 300)
+    # 9 calls of 1,152 queries (9 query tiles, even_chunk), not 1,188 (10)
+    assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (9, 1152, 30, 270)
     count, first, plan = calls("1")
     assert (count, first, plan["splits"], plan["query_tiles"] * plan["splits"]) == (1, 10_000, 5, 395)
     assert plan["workspace_bytes"] <= _cuda_chunks.DEFAULT_WORKSPACE_BYTES

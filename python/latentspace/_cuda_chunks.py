@@ -3,21 +3,23 @@
 The native kernel (csrc/cuda/knn.cu) takes fewer than 2^31 database rows and Q * k < 2^31 a
 call, in a workspace its caller allocates (its size: _native.knn_cuda_workspace_bytes, which
 does not grow monotonically with the queries). These functions split a search into calls that
-hold within both and within the caller's workspace_bytes (plan_query_chunks, rows_per_call,
-check_one_query_fits, plan_database_chunks), and a database in host memory into chunks that
-fit a GPU memory budget, smaller ones first (plan_host_stream, plan_stream_chunks,
-first_stream_rows). _cuda_search runs the plans; tests/test_cuda_search.py checks them
-without a GPU.
+hold within both and within the caller's workspace_bytes (plan_query_chunks, its calls
+sized to scan few query tiles: even_chunk; rows_per_call, check_one_query_fits,
+plan_database_chunks), and a database in host memory into chunks that fit a GPU memory
+budget, smaller ones first (plan_host_stream, plan_stream_chunks, first_stream_rows).
+_cuda_search runs the plans; tests/test_cuda_search.py checks them without a GPU.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 __all__ = [
     "DEFAULT_GPU_MEMORY_BYTES",
     "DEFAULT_WORKSPACE_BYTES",
     "check_one_query_fits",
+    "even_chunk",
     "first_stream_rows",
     "plan_database_chunks",
     "plan_host_stream",
@@ -34,6 +36,9 @@ HOST_CHUNK_BYTES = 256 << 20  # largest database chunk streamed at once (x2 pinn
 STREAM_RAMP_STEPS = 3  # the first chunk is 1/8 of the largest, then 1/4, 1/2, whole chunks
 STREAM_FIRST_CHUNK_MIN_BYTES = 8 << 20  # below this a smaller first chunk saves next to nothing
 MAX_ITEMS_PER_CALL = (1 << 31) - 1  # num_queries * k per native call (knn.cu: int counts)
+# Queries one block of the kNN scan takes (knn_plan.cuh counts query tiles of SimtTile::kQueries;
+# tests/test_cuda_search.py checks this against the native plan): even_chunk's unit.
+QUERY_TILE = 128
 # Database rows per native call. knn.cu takes < 2^31 rows and k < 2^29 (its candidate lists
 # hold k + max(k, 256) keys, counted in an int); with k capped at the rows of the call (k > N
 # is padded here), rows < 2^29 keep every call within both.
@@ -50,9 +55,12 @@ def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], in
     Each call's chunk of c queries satisfies c * k <= MAX_ITEMS_PER_CALL and needs at most
     `workspace_bytes` of workspace, workspace_of(c). The workspace does not grow
     monotonically with c (knn.cu splits the database more finely for fewer queries), so
-    every chunk, the last included, is sized by itself. Returns [(start, stop, workspace
-    bytes)]. Raises ValueError naming workspace_bytes when one query alone needs more.
+    every chunk, the last included, is sized by itself. Where the queries take several calls,
+    each is sized to scan the fewest query tiles in as many calls (even_chunk).
+    Returns [(start, stop, workspace bytes)]. Raises ValueError naming workspace_bytes when
+    one query alone needs more.
     """
+    workspace_of = functools.lru_cache(maxsize=None)(workspace_of)  # even_chunk asks again for sizes seen
     chunks: list[tuple[int, int, int]] = []
     size = max(1, min(num_queries, MAX_ITEMS_PER_CALL // k))
     start = 0
@@ -68,10 +76,47 @@ def plan_query_chunks(num_queries: int, k: int, workspace_of: Callable[[int], in
                 f"database, more than the bound of {workspace_bytes}; pass workspace_bytes={need} or more, "
                 "or use a smaller k"
             )
+        if count < num_queries - start:
+            count, need = even_chunk(count, need, num_queries - start, workspace_of, workspace_bytes)
         chunks.append((start, start + count, need))
         start += count
         size = count
     return chunks
+
+
+def even_chunk(count: int, need: int, remaining: int, workspace_of: Callable[[int], int],
+               workspace_bytes: int) -> tuple[int, int]:
+    """(size, need) of the next call of a search with `remaining` queries left, of which
+    `count` fit a call (needing `need` bytes): among the sizes that take no more calls than
+    `count` does (count itself, count cut to whole query tiles, remaining / calls and that
+    rounded up to whole tiles), the one whose calls scan the fewest query tiles, the larger on
+    a tie, counting only sizes that fit the bound and leave a last call that fits it too (the
+    workspace is not monotonic in the queries). None such: `count`.
+
+    Why: the scan's blocks each take QUERY_TILE queries (knn_plan.cuh, SimtTile::kQueries;
+    the tensor-core tiles take as many or half), and a tile with one query in it costs a
+    block as much as a full one: 1,000 queries in calls of at most 300 scan 10 tiles as 300,
+    300, 300 and 100, 8 as 256, 256, 256 and 232. And a short last call can need more
+    workspace than the long ones (fewer query tiles, so more splits, or the large-k plan):
+    100,000 queries at k = 4,096 over 1M rows under the 1 GiB default took 30 calls of 3,275
+    and then, the last 1,750 not fitting, 17 calls of 107 or fewer; now 31 calls of 3,226
+    (host arithmetic with the native plan, knn_cuda_plan_for, 132 multiprocessors)."""
+    calls = -(-remaining // count)
+    even = -(-remaining // calls)
+    sizes = [count, count // QUERY_TILE * QUERY_TILE, -(-even // QUERY_TILE) * QUERY_TILE, even]
+
+    def tiles(size: int) -> int:
+        last = remaining - (calls - 1) * size
+        return (calls - 1) * -(-size // QUERY_TILE) + -(-last // QUERY_TILE)
+
+    best = None
+    for size in sizes:
+        if not 0 < size <= count or -(-remaining // size) != calls or (best is not None and tiles(size) >= tiles(best[0])):
+            continue
+        size_need = need if size == count else workspace_of(size)
+        if size_need <= workspace_bytes and workspace_of(remaining - (calls - 1) * size) <= workspace_bytes:
+            best = (size, size_need)
+    return best if best is not None else (count, need)
 
 
 def rows_per_call(workspace_bytes: int) -> int:
