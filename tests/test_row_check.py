@@ -43,6 +43,15 @@ def test_cpu_tensors_never_take_the_kernel(monkeypatch):
     assert not _cuda_row_check.takes(torch.zeros(5, 3))
 
 
+@pytest.mark.parametrize("tensor", [torch.zeros(5, 3), torch.zeros(5, 3, dtype=torch.float64), torch.zeros(15)],
+                         ids=["host", "float64", "1-d"])
+def test_the_kernel_entry_refuses_what_the_kernel_cannot_read(tensor):
+    # (a host pointer or strided rows handed to the kernel would fault or be read wrong; every
+    # caller asks takes() first, and first_unusable_row refuses them itself, naming them)
+    with pytest.raises(ValueError, match=r"tensor: expected a contiguous 2-d float32, float16 or bfloat16 CUDA tensor"):
+        _cuda_row_check.first_unusable_row(tensor)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"storage": 3}, r"storage: expected 0 \(float32\), 1 \(float16\) or 2 \(bfloat16\), got 3"),
     ({"storage": -1}, r"storage: expected 0 \(float32\)"),

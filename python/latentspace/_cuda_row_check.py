@@ -53,9 +53,19 @@ def first_unusable_row(tensor: Any, first_row: int = 0, weights: Any = None, nor
     which gets the rows' squared norms."""
     import torch
 
+    if not (tensor.device.type == "cuda" and tensor.dim() == 2 and tensor.is_contiguous()
+            and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        # (the kernel reads the pointer as packed rows on the GPU: a host or strided tensor
+        # would be read wrong or fault; every caller asks takes() first)
+        raise ValueError(f"tensor: expected a contiguous 2-d float32, float16 or bfloat16 CUDA tensor, got "
+                         f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+                         f"{'' if tensor.is_contiguous() else ', not contiguous'}")
     rows, dim = tensor.shape
     device = tensor.device
-    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device).contiguous()
+    # resolve_neg: a lazily negated view's storage holds the values un-negated (the kernel
+    # reads the storage; torch's ops apply the bit)
+    w = None if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float32, device=device).resolve_neg().contiguous()
     if w is not None and w.shape != (dim,):
         raise ValueError(f"weights: expected {dim} values (one per column), got shape {tuple(w.shape)}")
     if norms_out is not None:

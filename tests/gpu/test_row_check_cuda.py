@@ -114,6 +114,30 @@ def test_weighted_rows_too_large_only_when_weighted(rng, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aligned_weights", [True, False], ids=["aligned weights", "weights one past"])
+def test_weighted_check_on_every_storage_agrees_with_torch_ops(rng, monkeypatch, dtype, aligned_weights):
+    # Half storage widened before the weighted square; weights whose base is one float past a
+    # 16-byte boundary (a slice) take the element loads: both as torch's ops and float64 find.
+    dim, n = 12, 40_000
+    weights = np.abs(rng.standard_normal(dim + 1)).astype(np.float32)
+    weights[5] = 1e30  # 1e-3 squared weighs 1e24, usable; 1e4 (as float16 stores it) 1e38, too large
+    on_gpu = torch.from_numpy(weights).cuda()
+    w = on_gpu[1:] if not aligned_weights else on_gpu[:dim].clone()
+    assert (w.data_ptr() % 16 == 0) is aligned_weights
+    values = rng.standard_normal((n, dim))
+    values[:, 4] = 1e-3  # weights[5] is column 4 of the sliced weights, column 5 of the aligned ones
+    values[:, 5] = 1e-3
+    heavy = sorted(rng.choice(n, size=2, replace=False).tolist())
+    values[heavy, 4] = values[heavy, 5] = 1e4  # (bfloat16 keeps 9,984: 9.97e37 weighted, too large still)
+    rows = _on_gpu(values, dtype)
+    native = _check(rows, weights=w)
+    expected = _first_bad_float64(rows, w.cpu().numpy())
+    assert native == expected == heavy[0]
+    monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, "torch")
+    assert int(_arrays.unusable_row_flag(rows, weights=w).item()) == native
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_not_aligned_for_four_element_loads(rng, dtype):
     flat = _on_gpu(rng.standard_normal(1 + 600 * 8), dtype)
     rows = flat[1:].view(600, 8)  # contiguous, one element past an aligned base
