@@ -105,7 +105,7 @@ bool knn_cuda_float_thresholds();
 // other values throw ValueError.
 bool knn_cuda_fitted_plan();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default),
-// "wmma" (WmmaTile) or "deep" (DeepMmaTile for bf16 / fp16, opt-in), as the environment
+// "wmma" (WmmaTile) or "deep" (DeepMmaTile, opt-in), as the environment
 // variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
