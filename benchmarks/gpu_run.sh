@@ -457,7 +457,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
       case $part in
         plain) selection="not large_k"; part_limit="${GPU_RUN_BENCH_SECONDS:-90}" ;;
         opt-ins) selection="not large_k"; part_limit="${GPU_RUN_OPT_IN_BENCH_SECONDS:-110}" ;;
-        large_k_plain) selection="large_k"; part_limit="${GPU_RUN_LARGE_K_SECONDS:-35}" ;;
+        large_k_plain) selection="large_k"; part_limit="${GPU_RUN_LARGE_K_SECONDS:-45}" ;;  # (45 since k = 65,536 joined)
         large_k_opt-ins) selection="large_k"; part_limit="${GPU_RUN_LARGE_K_OPT_IN_SECONDS:-55}" ;;
       esac
       within_deadline "benchmark ($part)" "$part_limit" || continue
