@@ -468,8 +468,8 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     """The index (first_row + r) of the first unusable row r of an (n, dim) tensor (float32, or
     float16 / bfloat16 storage, checked in float32),
     or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
-    with .item() when it is needed), except for a tensor of at most _HOST_CHECK_ELEMENTS
-    elements, checked on the host (its flag is a host tensor). Unusable as in
+    with .item() when it is needed), except where torch's ops would check a tensor of at most
+    _HOST_CHECK_ELEMENTS elements: it is checked on the host (its flag is a host tensor). Unusable as in
     check_rows_usable: NaN, Inf, or a squared norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
     squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
     kernel trusts its caller: such a row would give NaN distances). On a GPU, the check is
@@ -478,15 +478,18 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     bytes of rows squared at once."""
     import torch
 
-    if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
-        # A few rows (a single query, say): read to the host and checked there, by the CPU's
-        # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds).
-        bad = first_unusable_row(np.ascontiguousarray(detached(tensor).to("cpu", torch.float32).numpy()))
-        return torch.tensor(-1 if bad < 0 else first_row + bad)
     from . import _cuda_row_check  # (not at the top: it imports this module)
 
     if _cuda_row_check.takes(tensor):
+        # One launch, nothing waits: even a single query's check is read only once the search
+        # is queued (search_then_check), where the host check below waits for its copy first.
         return _cuda_row_check.first_unusable_row(detached(tensor), first_row, weights)
+    if weights is None and tensor.numel() <= _HOST_CHECK_ELEMENTS:
+        # A few rows (a single query, say): read to the host and checked there, by the CPU's
+        # own check, as a 0-d tensor on the host (raise_unusable_rows reads both kinds): one
+        # copy and a wait, where torch's ops launch a dozen kernels for one row.
+        bad = first_unusable_row(np.ascontiguousarray(detached(tensor).to("cpu", torch.float32).numpy()))
+        return torch.tensor(-1 if bad < 0 else first_row + bad)
     none = torch.iinfo(torch.int64).max
     first = torch.full((), none, dtype=torch.int64, device=tensor.device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=tensor.device)

@@ -199,6 +199,24 @@ def test_agrees_with_torch_ops(rng, monkeypatch):
         monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, "native")
 
 
+def test_a_single_query_is_checked_on_the_gpu_under_the_kernel(rng, monkeypatch):
+    # Under the kernel a tensor of a few elements is checked by one launch (its flag on the
+    # GPU, read after the search is queued), not copied to the host first as under torch's ops.
+    query = _on_gpu(rng.standard_normal((1, 128)))
+    flag = _arrays.unusable_row_flag(query)
+    assert flag.device.type == "cuda" and int(flag.item()) == -1
+    query[0, 77] = float("nan")
+    assert int(_arrays.unusable_row_flag(query, first_row=9).item()) == 9
+    monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, "torch")
+    flag = _arrays.unusable_row_flag(query, first_row=9)
+    assert flag.device.type == "cpu" and int(flag) == 9
+    with pytest.raises(ValueError, match=r"queries: row 0 "):
+        ls.knn(query, _on_gpu(rng.standard_normal((500, 128))), 5)
+    monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, "native")
+    with pytest.raises(ValueError, match=r"queries: row 0 "):
+        ls.knn(query, _on_gpu(rng.standard_normal((500, 128))), 5)
+
+
 def test_queued_on_the_current_stream(rng):
     rows = _on_gpu(rng.standard_normal((200_000, 64)))
     side = torch.cuda.Stream()
