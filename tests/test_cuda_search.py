@@ -795,6 +795,76 @@ def test_resident_search_chunks_queries_and_database(metric, n, k, workspace_byt
     _assert_same_search(D, I, queries, database, k, metric)
 
 
+# --- the workspace bound of a search given none (default_workspace_bytes) ---------------
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("need, free, bound", [
+    (GIB // 2, 0, GIB),                 # one call fits 1 GiB: 1 GiB, the free memory not asked
+    (GIB, 0, GIB),
+    (3 * GIB, 80 * GIB, 3 * GIB),       # what one call needs
+    (20 * GIB, 140 * GIB, 8 * GIB),     # at most 8 GiB
+    (3 * GIB, 16 * GIB, 2 * GIB),       # at most an eighth of the free memory
+    (3 * GIB, 4 * GIB, GIB),            # never below 1 GiB
+])
+def test_default_workspace_bound(need, free, bound):
+    asked = []
+
+    def free_bytes():
+        asked.append(True)
+        return free
+
+    assert _cuda_chunks.default_workspace_bytes(lambda: need, free_bytes) == bound
+    assert bool(asked) == (need > GIB)
+
+
+def test_default_workspace_bound_takes_one_call_where_memory_allows(rng):
+    """A resident search whose queries need 4 GiB in one call (the stand-in's model) takes one
+    call on a device with 80 GiB free, calls of 1 GiB on one with 4 GiB free, and calls of the
+    bound it is given when given one; the results are the same. (knn and FlatIndex.search pass
+    resident_workspace_bytes where workspace_bytes is None; on the stand-in, whose tensors are
+    on the host, knn streams, so the resident search is called here directly.)"""
+    queries, database = _integers(rng, 64, 4), _integers(rng, 500, 4)
+    per_query = GIB // 16  # 64 queries: 4 GiB
+    asked = []
+
+    def workspace_of(nq, nb, k, bound):
+        asked.append((nq, nb, k, bound))
+        return nq * per_query
+
+    def run(free, workspace_bytes=None):
+        calls = []
+
+        class Spy(CpuBackend):
+            def search(self, q, x, k, code, distances, indices, workspace, norms=None):
+                calls.append((q.shape[0], workspace.numel()))  # (a host tensor, its pages never touched)
+                super().search(q, x, k, code, distances, indices, workspace, norms)
+
+        backend = Spy(workspace_of, free=free)
+        bound = workspace_bytes or _cuda_search.resident_workspace_bytes(backend, 64, 500, 5)
+        D, I = _cuda_search.search_resident(backend, torch.from_numpy(queries), torch.from_numpy(database), 5, "l2",
+                                            bound)
+        _assert_same_search(D, I, queries, database, 5, "l2")
+        return calls
+
+    assert run(80 * GIB) == [(64, 4 * GIB)]
+    assert (64, 500, 5, None) in asked  # the need of one call of all queries, asked without a bound
+    assert [nq for nq, _ in run(4 * GIB)] == [16] * 4
+    assert [nq for nq, _ in run(80 * GIB, GIB // 2)] == [8] * 8
+
+
+def test_default_workspace_bound_asks_within_the_native_limits():
+    """The one-call need is asked of sizes a native call takes: queries * k below 2^31, k at
+    most the rows, rows at most one call's under the largest default bound."""
+    asked = []
+    backend = CpuBackend(lambda nq, nb, k, bound: asked.append((nq, nb, k, bound)) or 0)
+    assert _cuda_search.resident_workspace_bytes(backend, 100_000_000, 50, 1000) == GIB
+    assert _cuda_search.resident_workspace_bytes(backend, 0, 3_000_000_000, 1 << 20) == GIB
+    rows = _cuda_chunks.rows_per_call(_cuda_chunks.MOST_DEFAULT_WORKSPACE_BYTES)
+    assert asked == [(MAX_ITEMS_PER_CALL // 50, 50, 50, None), (1, rows, 1 << 20, None)]
+
+
 # --- latentspace.knn's GPU entry on the stand-in: the CPU's checks, order and types -----
 
 

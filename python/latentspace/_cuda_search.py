@@ -30,7 +30,9 @@ CPU kernel, so that chunking, streaming and merging are tested on machines witho
 
 Memory (all from torch's caching allocator, nothing hidden):
 * workspace: one `torch.empty(bytes, uint8)` per native call, at most `workspace_bytes`
-  (default DEFAULT_WORKSPACE_BYTES); queries are searched in as many calls as that takes.
+  (default: DEFAULT_WORKSPACE_BYTES, or for a resident search what one call of all its
+  queries needs, within 8 GiB and an eighth of the free device memory:
+  resident_workspace_bytes); queries are searched in as many calls as that takes.
 * host streaming: about `gpu_memory_bytes` (default: DEFAULT_GPU_MEMORY_BYTES or half the
   free device memory, whichever is smaller) for two database chunks, a block of queries and
   its results, plus the workspace; two pinned host buffers of one chunk each.
@@ -65,7 +67,10 @@ from ._cuda_chunks import (
     DEFAULT_GPU_MEMORY_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     HOST_CHUNK_BYTES,
+    MAX_ITEMS_PER_CALL,
+    MOST_DEFAULT_WORKSPACE_BYTES,
     check_one_query_fits,
+    default_workspace_bytes,
     first_stream_rows,
     plan_database_chunks,
     plan_host_stream,
@@ -76,7 +81,7 @@ from ._cuda_chunks import (
 from ._host_copy import copy_rows
 
 __all__ = ["CHECK_AHEAD_QUERIES", "CpuBackend", "CudaBackend", "check_database_without_queries", "knn_on_device",
-           "merge_topk", "search_resident", "search_streamed", "search_then_check"]
+           "merge_topk", "resident_workspace_bytes", "search_resident", "search_streamed", "search_then_check"]
 
 # From this many queries on, a weighted_l2 search streaming a host database checks each chunk on
 # the host before the chunk is searched (_start_chunk), as the CPU search checks its database
@@ -198,6 +203,14 @@ class CudaBackend:
         plan (csrc/cuda/knn_plan.cuh plan_for)."""
         return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound)
 
+    def free_bytes(self) -> int:
+        """Device memory a new tensor can take now: the driver's free bytes and what torch's
+        caching allocator holds unused."""
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
     def search(self, queries, database, k: int, code: int, distances, indices, workspace, norms=None) -> None:
         _native.knn_cuda(queries.data_ptr(), queries.shape[0], database.data_ptr(), database.shape[0],
                          database.shape[1], k, code, distances.data_ptr(), indices.data_ptr(),
@@ -216,15 +229,21 @@ class CpuBackend:
     """A stand-in for CudaBackend on CPU tensors with the CPU kernel: the orchestration
     (query chunks, database chunks, streaming, merging) runs as it does on a GPU.
     workspace_of(num_queries, num_database, k, bound) -> bytes models the kernel's workspace
-    (bound: the caller's workspace_bytes, which the native plan may fit)."""
+    (bound: the caller's workspace_bytes, which the native plan may fit; None: no bound).
+    free: the device memory free_bytes() reports (0: a search given no workspace_bytes gets
+    DEFAULT_WORKSPACE_BYTES, as before default_workspace_bytes)."""
 
     def __init__(self, workspace_of: Callable[[int, int, int, int], int] | None = None,
-                 weights: np.ndarray | None = None):
+                 weights: np.ndarray | None = None, free: int = 0):
         import torch
 
         self.device = torch.device("cpu")
         self.workspace_of = workspace_of or (lambda nq, nb, k, bound: 256 + nq * k * 16 + nb * 4)
+        self.free = free
         self.set_weights(weights)
+
+    def free_bytes(self) -> int:
+        return self.free
 
     def set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = self.host_weights = weights
@@ -359,6 +378,16 @@ def _search_block(backend, queries, database, k: int, code: int, workspace_bytes
                        norms)
         del workspace  # back to the caching allocator before the next call takes its own
     return distances, indices
+
+
+def resident_workspace_bytes(backend, num_queries: int, num_database: int, k: int) -> int:
+    """The workspace bound of a resident search of these sizes given no workspace_bytes
+    (_cuda_chunks.default_workspace_bytes): the need of one call of all its queries (as many
+    as one call takes) over the rows one call takes under the largest such bound."""
+    rows = min(num_database, rows_per_call(MOST_DEFAULT_WORKSPACE_BYTES))
+    kept = max(1, min(k, rows))
+    queries = max(1, min(num_queries, MAX_ITEMS_PER_CALL // kept))
+    return default_workspace_bytes(lambda: backend.workspace_of(queries, rows, kept, None), backend.free_bytes)
 
 
 def search_resident(backend, queries, database, k: int, metric: str, workspace_bytes: int, norms=None):
@@ -591,8 +620,6 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         backend.set_weights(w)
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % dim)
-    workspace_bytes = workspace_bytes or DEFAULT_WORKSPACE_BYTES
-
     if q.shape[0] == 0:
         # as on the CPU: the database is checked even without queries, in its order and words
         check_database_without_queries(x, w)
@@ -606,11 +633,13 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
         # one host round trip of a single query's search but hold every call until its search
         # is done).
         raise_unusable_rows(query_row_checks(q, backend.weights) + [database_row_check(x, backend.weights)])
-        distances, indices = search_resident(backend, q, x, k, metric, workspace_bytes)
+        bound = workspace_bytes or resident_workspace_bytes(backend, q.shape[0], x.shape[0], k)
+        distances, indices = search_resident(backend, q, x, k, metric, bound)
     else:
         checks = [] if isinstance(q, np.ndarray) else query_row_checks(q, backend.weights)
         memory_bytes = gpu_memory_bytes or _default_memory_bytes(device)
-        distances, indices = search_streamed(backend, q, x, k, metric, workspace_bytes=workspace_bytes,
+        distances, indices = search_streamed(backend, q, x, k, metric,
+                                             workspace_bytes=workspace_bytes or DEFAULT_WORKSPACE_BYTES,
                                              memory_bytes=memory_bytes, query_checks=checks)
     return as_caller_results(distances, indices, kind, device_queries)
 

@@ -47,8 +47,10 @@ def knn(queries: Any, database: Any, k: int, metric: str = "l2", *, weights: Any
             the inputs to that precision and multiply on tensor cores, summing in float32
             (faster, less exact: docs/gpu.md); the CPU refuses them with a ValueError.
         workspace_bytes: GPU only (checked, unused on the CPU): the most temporary device
-            memory one native call may take (default 1 GiB); the queries are searched in as
-            many calls as that needs. ValueError when one query alone needs more.
+            memory one native call may take (default: 1 GiB, or for a database on the GPU what
+            one call of all the queries needs where that is more, up to 8 GiB and an eighth of
+            the GPU's free memory); the queries are searched in as many calls as that needs.
+            ValueError when one query alone needs more.
         gpu_memory_bytes: GPU only (checked, unused on the CPU): device memory for streaming
             a host (numpy or CPU tensor) database: its chunks, a block of queries and their
             results (default: 2 GiB or half the free memory, the smaller).

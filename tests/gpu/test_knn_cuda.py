@@ -218,6 +218,31 @@ def test_knn_matches_reference(metric, n, dim, gen):
                 assert_knn_matches(D, I, q, database, k, metric)
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_default_workspace_takes_one_call_where_it_fits_the_free_memory(metric, gen, monkeypatch):
+    """1,000 queries at k = 16,384 over 200,000 rows: one call needs 1.9 GiB (the large-k plan
+    of 8 query tiles; plan_for's host arithmetic), so without workspace_bytes the search takes
+    one call (_cuda_chunks.default_workspace_bytes, where the GPU has 8 x 1.9 GiB free), and
+    two under an explicit 1 GiB; the k best keys are the same, so are the results, bit for
+    bit, for knn and a FlatIndex."""
+    if _cuda_search.CudaBackend(torch.device(DEVICE, torch.cuda.current_device())).free_bytes() < 16 << 30:
+        pytest.skip("the GPU has less than 16 GiB free: the default bound would stay near 1 GiB")
+    spy = _Spy(monkeypatch)
+    database, queries = _randn(gen, 200_000, 16), _randn(gen, 1000, 16)
+    index = latentspace.FlatIndex(16, metric, device=DEVICE)
+    index.add(database)
+    results = {}
+    for bound in (None, 1 << 30):
+        spy.calls.clear()
+        results[bound] = (latentspace.knn(queries, database, 16384, metric, workspace_bytes=bound),
+                          index.search(queries, 16384, workspace_bytes=bound))
+        assert len(spy.calls) == (2 if bound is None else 4), len(spy.calls)  # knn's calls, then the index's
+        assert all(call[10] <= (8 << 30 if bound is None else bound) for call in spy.calls)
+    for (d0, i0), (d1, i1) in zip(results[None], results[1 << 30]):
+        assert torch.equal(i0, i1) and torch.equal(d0, d1)
+    assert_matches_reference(*results[None][0], queries, database, 16384, metric)
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq", [3, 300])
 def test_k_past_16384_matches_reference(metric, nq, gen):

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .. import _cuda_chunks, _cuda_device, _cuda_row_check, _cuda_search, _native
+from .. import _cuda_device, _cuda_row_check, _cuda_search, _native
 from .._arrays import (
     METRICS,
     as_matrix,
@@ -430,8 +430,9 @@ class FlatIndex:
         the queries' type (numpy or torch); on a GPU index CUDA tensor queries get results on
         the index's device, other queries results in host memory. weights ("weighted_l2"
         only): this search's per-dimension weights instead of the index's. precision,
-        workspace_bytes: as for latentspace.knn (GPU only: "tf32" / "bf16" / "fp16" are
-        refused on a CPU index; workspace_bytes is checked but unused there).
+        workspace_bytes: as for latentspace.knn with its database on the GPU (GPU only:
+        "tf32" / "bf16" / "fp16" are refused on a CPU index; workspace_bytes is checked but
+        unused there).
         """
         workspace_bytes = _cuda_device.check_budget(workspace_bytes, "workspace_bytes")
         precision_code = _cuda_search.check_precision(precision, self._device is not None)
@@ -666,7 +667,9 @@ class FlatIndex:
                 distances, indices = _cuda_search.search_then_check(
                     lambda: _cuda_search.search_resident(
                         backend, q, database, k, self._metric,
-                        workspace_bytes or _cuda_chunks.DEFAULT_WORKSPACE_BYTES, norms=norms), checks)
+                        workspace_bytes
+                        or _cuda_search.resident_workspace_bytes(backend, q.shape[0], database.shape[0], k),
+                        norms=norms), checks)
             return _cuda_search.as_caller_results(distances, indices, kind, device_queries)
 
 
