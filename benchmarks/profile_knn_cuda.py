@@ -63,12 +63,13 @@ def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
-def calls_and_first_plan(nq: int, n: int, k: int, bound: int) -> tuple[list, dict]:
-    """The native calls [(start, stop, workspace bytes)] a search of nq queries takes under
-    `bound` (the library's own chunking, plan_query_chunks) and the first call's plan."""
+def calls_and_first_plan(nq: int, n: int, k: int, bound: int, dim: int = 0) -> tuple[list, dict]:
+    """The native calls [(start, stop, workspace bytes)] a search of nq queries of dim
+    dimensions takes under `bound` (the library's own chunking, plan_query_chunks) and the
+    first call's plan."""
     calls = _cuda_chunks.plan_query_chunks(
-        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound)["workspace_bytes"], bound)
-    return calls, _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound)
+        nq, k, lambda c: _native._cuda_plan(c, n, k, DEVICE.index, bound, dim)["workspace_bytes"], bound)
+    return calls, _native._cuda_plan(calls[0][1] - calls[0][0], n, k, DEVICE.index, bound, dim)
 
 
 def kernel_times(call) -> list[tuple[str, int, float]]:
@@ -282,7 +283,7 @@ def plan_sweep(report: dict) -> None:
                 torch.cuda.synchronize()
                 first = time.perf_counter() - start
                 ms = 1e3 * first if first > SWEEP_SLOW_S else median_ms(search, repeats=3, warmup=0)
-                calls, plan = calls_and_first_plan(nq, n, k, gib << 30)
+                calls, plan = calls_and_first_plan(nq, n, k, gib << 30, dim)
                 first_queries = calls[0][1] - calls[0][0]
             rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "tree_merge": tree == "1",
                          "shared_thresholds": shared == "1", "fitted_plan": fitted == "1", "ms": ms, "plan": plan,
@@ -323,7 +324,8 @@ DEFAULTS_CONFIGURATIONS = {
 def defaults_check(report: dict) -> None:
     """Each DEFAULTS_SHAPES search under each DEFAULTS_CONFIGURATIONS (median ms of 5 after one
     warm-up, each call ending with torch.cuda.synchronize()), with the native calls under the
-    defaults and the first one's plan (the library's own chunking, plan_query_chunks)."""
+    defaults and the first one's plan (the library's own chunking, plan_query_chunks, under
+    the default bound, resident_workspace_bytes)."""
     g = torch.Generator(device=DEVICE).manual_seed(11)
     report["defaults"] = rows = []
     print("\n== the defaults against the large-k plan off and the defaults before run 8 (float32; ms, median of 5)")
@@ -335,8 +337,11 @@ def defaults_check(report: dict) -> None:
         for name, settings in DEFAULTS_CONFIGURATIONS.items():
             with environment(**{**unset, **settings}):
                 times[name] = median_ms(lambda: latentspace.knn(q, x, k), repeats=5, warmup=1)
-        calls, plan = calls_and_first_plan(nq, n, k, _cuda_chunks.DEFAULT_WORKSPACE_BYTES)
-        rows.append({"shape": shape, "ms": times, "plan": plan, "native_calls": len(calls)})
+        backend = _cuda_search.CudaBackend(DEVICE)
+        backend.set_dim(dim)
+        bound = _cuda_search.resident_workspace_bytes(backend, nq, n, k)  # the default bound (since session 21)
+        calls, plan = calls_and_first_plan(nq, n, k, bound, dim)
+        rows.append({"shape": shape, "ms": times, "plan": plan, "native_calls": len(calls), "workspace_bound": bound})
         print(f"  {shape:28s} " + "  ".join(f"{name} {ms:8.2f}" for name, ms in times.items())
               + f"  | {len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"
               + (" tree" if plan["tree"] else ""))

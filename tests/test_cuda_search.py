@@ -1391,8 +1391,8 @@ needs_cuda_build = pytest.mark.skipif(not latentspace.build_info()["cuda_compile
 MULTIPROCESSORS = 132
 
 
-def _plan(nq, nb, k, bound=None):
-    return latentspace._native._cuda_plan_for(nq, nb, k, MULTIPROCESSORS, bound, nq * k * 8 + (1 << 20))
+def _plan(nq, nb, k, bound=None, dim=0):
+    return latentspace._native._cuda_plan_for(nq, nb, k, MULTIPROCESSORS, bound, nq * k * 8 + (1 << 20), dim)
 
 
 @pytest.fixture
@@ -1566,6 +1566,37 @@ def test_large_k_plan_leaves_tight_bounds_their_plan(nq, nb, k, bound, most_call
     assert first["tree"] is (k == 16384 and bound == 1 << 30)  # the large-k plan where it fits
     plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
     assert len(chunks) <= max(len(calls()), most_calls)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("dim, rule", [(0, 32), (1, 32), (128, 32), (129, 31), (256, 16), (1000, 4), (2048, 2),
+                                       (4096, 2), (100_000, 2)])
+def test_split_rule_shrinks_past_128_dimensions(dim, rule, plan_settings):
+    """32 rows a split per neighbour up to 128 dimensions (0: not given), 32 * 128 / dim past
+    them, at least 2 (knn_plan.cuh default_rows_per_neighbour); the setting wins at any dim."""
+    assert latentspace._native._cuda_rows_per_neighbour(dim) == rule
+    plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "7")
+    assert latentspace._native._cuda_rows_per_neighbour(dim) == 7
+
+
+@needs_cuda_build
+def test_faiss_3045_shape_takes_more_splits_at_its_depth(plan_settings):
+    """faiss #3045's shape (5,000 queries, 8,192 rows of 2,048, k = 32): 22 splits a query
+    tile under the rule of 2,048 dimensions (2 rows per neighbour), the 8 of the rule of 32
+    without the dimension (GPU run 10's plan sweep, H200: 6.41 ms against 7.67 ms with shared
+    thresholds); at 128 dimensions the plan is the one without it. The workspace follows the
+    plan, so a search's size must be asked with its dim (CudaBackend.set_dim)."""
+    bound = _cuda_chunks.DEFAULT_WORKSPACE_BYTES
+    deep, plain, shallow = (_plan(5000, 8192, 32, bound, dim) for dim in (2048, 0, 128))
+    assert (deep["query_tiles"], deep["splits"]) == (40, 22)
+    assert (plain["query_tiles"], plain["splits"]) == (40, 8) and shallow == plain
+    assert deep["workspace_bytes"] > plain["workspace_bytes"]
+    plan_settings.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "32")
+    assert _plan(5000, 8192, 32, bound, 2048) == plain
+    with pytest.raises(ValueError, match=r"dim: expected >= 0 \(0: not given\), got -1"):
+        latentspace._native._cuda_plan_for(1, 10, 1, 132, None, 0, -1)
+    with pytest.raises(ValueError, match=r"dim: expected >= 0"):
+        latentspace._native._cuda_rows_per_neighbour(-5)
 
 
 @needs_cuda_build

@@ -54,15 +54,20 @@ void bind_knn(py::module_& m) {
   // which checks devices, dtypes, shapes and finiteness first; the stream is torch's current one.
   m.def(
       "knn_cuda_workspace_bytes",
-      [](int64_t num_queries, int64_t num_database, int64_t k, int device, std::optional<size_t> workspace_bound) {
+      [](int64_t num_queries, int64_t num_database, int64_t k, int device, std::optional<size_t> workspace_bound,
+         int64_t dim) {
         LS_CHECK_VALUE(num_queries >= 0 && num_database >= 1 && k >= 1,
                        "num_queries, num_database, k: expected >= 0, >= 1, >= 1");
-        return knn_cuda_workspace_bytes(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX));
+        LS_CHECK_VALUE(dim >= 0, "dim: expected >= 0 (0: not given), got ", dim);
+        return knn_cuda_workspace_bytes(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX),
+                                        dim);
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
-      py::arg("workspace_bound") = py::none(),
+      py::arg("workspace_bound") = py::none(), py::arg("dim") = 0,
       "Bytes of device workspace knn_cuda needs for these sizes on this device; workspace_bound (None: "
-      "none): the most the caller gives, which the fitted plan (on unless LATENTSPACE_CUDA_FITTED_PLAN=0) fits.");
+      "none): the most the caller gives, which the fitted plan (on unless LATENTSPACE_CUDA_FITTED_PLAN=0) fits; "
+      "dim: the rows' dimension, which the split rule reads (0: not given, the rule of 128 or fewer): a search's "
+      "own, for the plan the search will make.");
   // Diagnostics (benchmarks/profile_knn_cuda.py, tests): a search's plan and the split rule.
   auto plan_dict = [](const KnnCudaPlan& plan) {
     py::dict out;
@@ -77,28 +82,38 @@ void bind_knn(py::module_& m) {
   m.def(
       "_cuda_plan",
       [plan_dict](int64_t num_queries, int64_t num_database, int64_t k, int device,
-                  std::optional<size_t> workspace_bound) {
+                  std::optional<size_t> workspace_bound, int64_t dim) {
         LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
-        return plan_dict(knn_cuda_plan(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX)));
+        LS_CHECK_VALUE(dim >= 0, "dim: expected >= 0 (0: not given), got ", dim);
+        return plan_dict(
+            knn_cuda_plan(num_queries, num_database, k, device, workspace_bound.value_or(SIZE_MAX), dim));
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("device"),
-      py::arg("workspace_bound") = py::none(),
+      py::arg("workspace_bound") = py::none(), py::arg("dim") = 0,
       "The plan of one native GPU search call: query_tiles, splits (per query tile), split_length, "
       "capacity, workspace_bytes (workspace_bound as for knn_cuda_workspace_bytes), tree (the lists merged as a tree).");
   m.def(
       "_cuda_plan_for",
       [plan_dict](int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
-                  std::optional<size_t> workspace_bound, size_t cub_bytes) {
+                  std::optional<size_t> workspace_bound, size_t cub_bytes, int64_t dim) {
         LS_CHECK_VALUE(num_database >= 1 && k >= 1, "num_database, k: expected >= 1, >= 1");
+        LS_CHECK_VALUE(dim >= 0, "dim: expected >= 0 (0: not given), got ", dim);
         return plan_dict(knn_cuda_plan_for(num_queries, num_database, k, multiprocessors,
-                                           workspace_bound.value_or(SIZE_MAX), cub_bytes));
+                                           workspace_bound.value_or(SIZE_MAX), cub_bytes, dim));
       },
       py::arg("num_queries"), py::arg("num_database"), py::arg("k"), py::arg("multiprocessors"),
-      py::arg("workspace_bound") = py::none(), py::arg("cub_bytes") = 0,
+      py::arg("workspace_bound") = py::none(), py::arg("cub_bytes") = 0, py::arg("dim") = 0,
       "_cuda_plan's plan for a given multiprocessor count and CUB temporary size, computed on the host "
       "alone: the plan's logic, testable without a GPU (a CUDA build is needed).");
-  m.def("_cuda_rows_per_neighbour", &knn_cuda_rows_per_neighbour,
-        "The GPU split rule's rows per split per neighbour: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
+  m.def(
+      "_cuda_rows_per_neighbour",
+      [](int64_t dim) {
+        LS_CHECK_VALUE(dim >= 0, "dim: expected >= 0 (0: not given), got ", dim);
+        return knn_cuda_rows_per_neighbour(dim);
+      },
+      py::arg("dim") = 0,
+      "The GPU split rule's rows per split per neighbour for rows of `dim` dimensions (0: not given): 32 up "
+      "to 128, 32 * 128 / dim past them (at least 2), or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (0: no rule).");
   m.def("_cuda_few_query_splits", &knn_cuda_few_query_splits,
         "The splits of a GPU call of at most 8 queries: 0 (the plan's own), or LATENTSPACE_CUDA_FEW_QUERY_SPLITS "
         "(an experiment).");

@@ -169,28 +169,30 @@ void launch_norms(KnnStorage storage, const void* rows, int64_t count, int64_t d
 }  // namespace cuda
 
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device,
-                                size_t workspace_bound) {
+                                size_t workspace_bound, int64_t dim) {
   if (num_queries == 0) return 0;
-  return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound)
+  return cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound, dim)
       .workspace_bytes;
 }
 
-KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device, size_t workspace_bound) {
+KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device, size_t workspace_bound,
+                          int64_t dim) {
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
   const cuda::Plan plan =
-      cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound);
+      cuda::make_plan(num_queries, num_database, k, cuda::multiprocessor_count(device), workspace_bound, dim);
   return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes, plan.tree};
 }
 
 KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
-                              size_t workspace_bound, size_t cub_bytes) {
+                              size_t workspace_bound, size_t cub_bytes, int64_t dim) {
   LS_CHECK_VALUE(num_queries >= 1, "num_queries: expected >= 1, got ", num_queries);
   LS_CHECK_VALUE(multiprocessors >= 1, "multiprocessors: expected >= 1, got ", multiprocessors);
-  const cuda::Plan plan = cuda::plan_for(num_queries, num_database, k, multiprocessors, workspace_bound, cub_bytes);
+  const cuda::Plan plan =
+      cuda::plan_for(num_queries, num_database, k, multiprocessors, workspace_bound, cub_bytes, dim);
   return {plan.query_tiles, plan.splits, plan.split_length, plan.capacity, plan.workspace_bytes, plan.tree};
 }
 
-int64_t knn_cuda_rows_per_neighbour() { return cuda::rows_per_neighbour(); }
+int64_t knn_cuda_rows_per_neighbour(int64_t dim) { return cuda::rows_per_neighbour(dim); }
 
 int64_t knn_cuda_few_query_splits() { return cuda::few_query_splits(); }
 
@@ -230,7 +232,7 @@ void knn_cuda(const float* queries, int64_t num_queries, const void* database, i
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   // Planned with the workspace's size as the bound: the plan its size was asked for (make_plan).
-  const Plan plan = make_plan(num_queries, num_database, k, multiprocessor_count(device), workspace_bytes);
+  const Plan plan = make_plan(num_queries, num_database, k, multiprocessor_count(device), workspace_bytes, dim);
   LS_CHECK_VALUE(workspace_bytes >= plan.workspace_bytes, "workspace: expected at least ", plan.workspace_bytes,
                  " bytes, got ", workspace_bytes);
   WorkspaceCarver carver(workspace);

@@ -31,9 +31,22 @@ constexpr int kMinTilesPerSplit = 2;
 // tree merge, the plan for a large k). Read at every plan, so the workspace size and the
 // search agree as long as it does not change between them.
 constexpr int64_t kRowsPerNeighbour = 32;
+// Past kRuleDim dimensions the rule shrinks in proportion (kRowsPerNeighbour * kRuleDim / dim,
+// at least kLeastRowsPerNeighbour): a row's scan costs dim multiply-adds, its place in a list
+// the same whatever dim, so the lists' share of a split's time falls as dim grows and more,
+// shorter splits pay. GPU run 10's plan sweep (H200, float32, faiss #3045's shape: 5,000
+// queries, 8,192 rows of 2,048, k = 32, shared thresholds): 22 splits (rule 2, the rule
+// here at 2,048) 6.41 ms, against 7.67 ms in the 8 splits rule 32 gives.
+constexpr int64_t kRuleDim = 128, kLeastRowsPerNeighbour = 2;
 
-inline int64_t rows_per_neighbour() {
-  return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", kRowsPerNeighbour, 0, 1 << 16);
+// The rule's default for rows of `dim` dimensions (0: not given, the rule of kRuleDim).
+inline int64_t default_rows_per_neighbour(int64_t dim) {
+  if (dim <= kRuleDim) return kRowsPerNeighbour;
+  return std::max<int64_t>(kLeastRowsPerNeighbour, kRowsPerNeighbour * kRuleDim / dim);
+}
+
+inline int64_t rows_per_neighbour(int64_t dim = 0) {
+  return environment_integer("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", default_rows_per_neighbour(dim), 0, 1 << 16);
 }
 
 // The splits of a call of at most kRowQueries queries (the row scan's count; a wider query
@@ -93,7 +106,7 @@ inline Workspace carve(void* base, int64_t nq, int64_t nb, int64_t k, const Plan
 // Splits per query tile: at least two waves of blocks over the multiprocessors (assuming the
 // scan's two resident blocks per multiprocessor), the count among the next few that wastes
 // the least of the last wave, and each split a few tiles long (and long against k).
-// `rule`: rows_per_neighbour(), or 0 for the large-k plan (plan_for).
+// `rule`: rows_per_neighbour(dim), or 0 for the large-k plan (plan_for).
 inline int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_t k, int multiprocessors,
                              int64_t rule) {
   const int64_t resident = 2 * int64_t{multiprocessors};
@@ -207,12 +220,12 @@ inline void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 // so the search does not take it either. (A plan over its bound is never
 // searched: the caller gives fewer queries, or refuses one query that does not fit.)
 inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound,
-                     size_t cub_bytes) {
+                     size_t cub_bytes, int64_t dim) {
   check_plan_sizes(nq, nb, k);
   // The plan holds for every precision (the workspace size does not depend on it): splits
   // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
   const int64_t query_tiles = ceil_div(nq, SimtTile::kQueries), database_tiles = ceil_div(nb, kPlanRows);
-  const int64_t rule = rows_per_neighbour();
+  const int64_t rule = rows_per_neighbour(dim);
   const Setting tree = tree_merge_setting();
   // (few_query_splits: the splits an experiment forces on a call of at most 8 queries, or 0)
   const int64_t forced = nq <= kRowQueries ? few_query_splits() : 0;
@@ -253,7 +266,8 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
 }
 
 // The plan of a call on this device (plan_for with CUB's size of the final sort).
-inline Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound) {
+inline Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, size_t workspace_bound,
+                      int64_t dim) {
   check_plan_sizes(nq, nb, k);
   size_t cub_bytes = 0;
   const int items = static_cast<int>(nq * k);
@@ -262,7 +276,7 @@ inline Plan make_plan(int64_t nq, int64_t nb, int64_t k, int multiprocessors, si
                                                          static_cast<int>(nq), static_cast<const int*>(nullptr),
                                                          static_cast<const int*>(nullptr), 0, 64) == cudaSuccess,
                  "k: CUB could not size the sort");
-  return plan_for(nq, nb, k, multiprocessors, workspace_bound, cub_bytes);
+  return plan_for(nq, nb, k, multiprocessors, workspace_bound, cub_bytes, dim);
 }
 
 }  // namespace latentspace::cuda

@@ -7,13 +7,13 @@ namespace {
 [[noreturn]] void no_cuda() { throw_built_without_cuda(); }
 }  // namespace
 
-size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }
+size_t knn_cuda_workspace_bytes(int64_t, int64_t, int64_t, int, size_t, int64_t) { no_cuda(); }
 
-KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int, size_t) { no_cuda(); }
+KnnCudaPlan knn_cuda_plan(int64_t, int64_t, int64_t, int, size_t, int64_t) { no_cuda(); }
 
-KnnCudaPlan knn_cuda_plan_for(int64_t, int64_t, int64_t, int, size_t, size_t) { no_cuda(); }
+KnnCudaPlan knn_cuda_plan_for(int64_t, int64_t, int64_t, int, size_t, size_t, int64_t) { no_cuda(); }
 
-int64_t knn_cuda_rows_per_neighbour() { no_cuda(); }
+int64_t knn_cuda_rows_per_neighbour(int64_t) { no_cuda(); }
 
 int64_t knn_cuda_few_query_splits() { no_cuda(); }
 

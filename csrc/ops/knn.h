@@ -53,8 +53,10 @@ int knn_cpu_row_query_limit();  // the cut-off in use at the active SIMD level
 // workspace_bound: the most bytes the caller will give; with the fitted plan (the default,
 // knn_cuda_fitted_plan) a plan that needs more takes fewer database splits. knn_cuda plans
 // with its workspace's size as the bound, which gives the plan that size was asked for.
+// dim: the rows' dimension, which the plan's split rule reads (knn_plan.cuh); 0: not given,
+// the rule of 128 dimensions or fewer. A search's size must be asked with its own dim.
 size_t knn_cuda_workspace_bytes(int64_t num_queries, int64_t num_database, int64_t k, int device,
-                                size_t workspace_bound = SIZE_MAX);
+                                size_t workspace_bound = SIZE_MAX, int64_t dim = 0);
 void knn_cuda(const float* queries, int64_t num_queries, const void* database, int64_t num_database,
               int64_t dim, int64_t k, Metric metric, KnnPrecision precision, float* out_distances,
               int64_t* out_indices, void* workspace, size_t workspace_bytes, uintptr_t stream,
@@ -70,14 +72,16 @@ struct KnnCudaPlan {
   bool tree;
 };
 KnnCudaPlan knn_cuda_plan(int64_t num_queries, int64_t num_database, int64_t k, int device,
-                          size_t workspace_bound = SIZE_MAX);
+                          size_t workspace_bound = SIZE_MAX, int64_t dim = 0);
 // The same plan for a given multiprocessor count and CUB temporary size, computed on the host
 // alone (no device is asked): for tests of the plan's logic on machines without a GPU.
 KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t k, int multiprocessors,
-                              size_t workspace_bound, size_t cub_bytes);
-// The split rule's rows per split per neighbour in use: 32, or LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR
-// (a whole number from 0, no rule, to 65536; other values throw ValueError). For experiments.
-int64_t knn_cuda_rows_per_neighbour();
+                              size_t workspace_bound, size_t cub_bytes, int64_t dim = 0);
+// The split rule's rows per split per neighbour in use for rows of `dim` dimensions (0: not
+// given): 32 up to 128 dimensions, 32 * 128 / dim past them (at least 2), or
+// LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR (a whole number from 0, no rule, to 65536; other values
+// throw ValueError). For experiments.
+int64_t knn_cuda_rows_per_neighbour(int64_t dim = 0);
 // The splits of a call of at most 8 queries: 0 (the plan's own), or
 // LATENTSPACE_CUDA_FEW_QUERY_SPLITS (a whole number from 0 to 65535; other values throw
 // ValueError). For experiments.

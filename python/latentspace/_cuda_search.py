@@ -186,7 +186,13 @@ class CudaBackend:
         self.device = device
         self.precision = precision
         self.stream = torch.cuda.current_stream(device)
+        self.dim = 0  # the rows' dimension, which the plan's split rule reads (set_dim)
         self.set_weights(weights)
+
+    def set_dim(self, dim: int) -> None:
+        """The dimension of the rows this backend searches: the native plan's split rule reads
+        it (knn_plan.cuh), so the workspace is sized for the plan the search makes."""
+        self.dim = dim
 
     def set_weights(self, weights: np.ndarray | None) -> None:
         """weighted_l2: checked weights, put on the device for the kernel (a few bytes, copied
@@ -201,7 +207,7 @@ class CudaBackend:
         fitted plan, on unless LATENTSPACE_CUDA_FITTED_PLAN=0, and the large-k plan's check);
         the search plans again with the workspace's size as its bound, which gives the same
         plan (csrc/cuda/knn_plan.cuh plan_for)."""
-        return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound)
+        return _native.knn_cuda_workspace_bytes(num_queries, num_database, k, self.device.index, bound, self.dim)
 
     def free_bytes(self) -> int:
         """Device memory a new tensor can take now: the driver's free bytes and what torch's
@@ -244,6 +250,9 @@ class CpuBackend:
 
     def free_bytes(self) -> int:
         return self.free
+
+    def set_dim(self, dim: int) -> None:
+        self.dim = dim
 
     def set_weights(self, weights: np.ndarray | None) -> None:
         self.weights = self.host_weights = weights
@@ -618,6 +627,7 @@ def _knn(backend, queries: Any, database: Any, k: Any, metric: Any, *, workspace
     w = weights_for(metric, weights, dim)
     if w is not None:
         backend.set_weights(w)
+    backend.set_dim(dim)
     if x.shape[0] == 0:
         raise ValueError("database: expected at least one row, got shape (0, %d)" % dim)
     if q.shape[0] == 0:

@@ -244,6 +244,27 @@ def test_default_workspace_takes_one_call_where_it_fits_the_free_memory(metric, 
 
 
 @pytest.mark.parametrize("metric", METRICS)
+def test_deep_rows_take_more_splits_with_the_same_results(metric, gen, monkeypatch):
+    """Rows of 1,024 dimensions: the split rule of 4 rows per neighbour (32 * 128 / 1,024,
+    knn_plan.cuh) gives 2,000 queries over 8,192 rows at k = 32 more splits than the rule of
+    32 did (32 against 8 on 132 multiprocessors; at 1,000 queries the rule of 32 leaves too few
+    blocks and the large-k plan takes 32 too); the k best keys are the same, so the results are
+    bit for bit (knn, a FlatIndex), and the workspace asked with the search's dim is the one
+    the search checks it was given."""
+    monkeypatch.delenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", raising=False)
+    device = torch.cuda.current_device()
+    deep, plain = (_native._cuda_plan(2000, 8192, 32, device, None, dim) for dim in (1024, 0))
+    assert deep["splits"] > plain["splits"], (deep, plain)
+    queries, database = _randn(gen, 2000, 1024), _randn(gen, 8192, 1024)
+    searches = _knn_and_index(queries, database, 32, metric)
+    results = searches()
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "32")
+    for (d0, i0), (d1, i1) in zip(results, searches()):
+        assert torch.equal(i0, i1) and torch.equal(d0, d1)
+    assert_matches_reference(*results[0], queries, database, 32, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq", [3, 300])
 def test_k_past_16384_matches_reference(metric, nq, gen):
     """k = 65,536 of 200,003 rows: past the 16,384 the issue names (the benchmark's large-k

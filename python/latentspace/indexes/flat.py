@@ -648,6 +648,7 @@ class FlatIndex:
             # Read after the search is queued (search_then_check): the host does not wait for
             # the checks' kernels before queuing the search's.
             backend = _cuda_search.CudaBackend(self._device, precision, weights)
+            backend.set_dim(self._dim)
             checks = query_row_checks(q, backend.weights)
             if backend.weights is not None and not own_weights and database.shape[0]:
                 # Rows were checked at add against the index's weights, but other weights may
