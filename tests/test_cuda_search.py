@@ -1555,7 +1555,7 @@ def test_large_k_plan_leaves_tight_bounds_their_plan(nq, nb, k, bound, most_call
     stays: a search under a tight bound is neither refused nor cut into many more calls
     than without the large-k plan (found in a review: 1 query at k = 1024 over 1M rows under
     12 MiB was refused, 2,000 queries at k = 256 under 2 MiB took 2,000 calls, under 16 MiB
-    100 calls instead of 2); at k = 16,384 over 1M rows the 1 GiB default still takes the
+    100 calls instead of 2); at k = 16,384 over 1M rows a 1 GiB bound still takes the
     large-k plan, in 8 calls (GPU run 8: 69 ms, against 385 ms in the rule's one call)."""
     def calls():
         return plan_query_chunks(nq, k, lambda c: _plan(c, nb, k, bound)["workspace_bytes"], bound)
@@ -1610,7 +1610,7 @@ def test_query_tile_is_the_plans():
 @needs_cuda_build
 def test_fitted_plan_searches_k_1024_in_one_call(plan_settings):
     """The case the fitted plan is for (docs/gpu.md): Q = 10,000 over 1M rows at k = 1024 with
-    the 1 GiB default bound. Filling: about 1,200 queries a call in 30 splits, 9 calls of 300
+    a 1 GiB bound (the default's floor). Filling: about 1,200 queries a call in 30 splits, 9 calls of 300
     blocks; fitted: all 10,000 queries in one call of 5 splits, 395 blocks."""
     def calls(fitted):
         plan_settings.setenv("LATENTSPACE_CUDA_FITTED_PLAN", fitted)
@@ -1651,8 +1651,8 @@ def _gpu_knn_tests():
 
 
 def _plan_under(monkeypatch, settings: dict, nq: int, n: int, k: int) -> dict:
-    """The first native call's plan of a knn of nq queries over n rows at k (the 1 GiB default
-    bound; these shapes take one call) under exactly `settings` (no other CUDA setting)."""
+    """The first native call's plan of a knn of nq queries over n rows at k (a 1 GiB bound, the
+    default's floor; these shapes take one call) under exactly `settings` (no other CUDA setting)."""
     for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE",
                      "LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "LATENTSPACE_CUDA_SHARED_THRESHOLDS",
                      "LATENTSPACE_CUDA_WARP_CUT_BACKS", "LATENTSPACE_CUDA_FLOAT_THRESHOLDS"):

@@ -4,7 +4,7 @@
 // The default merge gives each query one block, which selects the k best keys over all of the
 // query's splits. That is enough parallelism when a call has thousands of queries; it is not
 // when a call has few: with splits enough to fill the GPU at a large k, each query's lists hold
-// about every row (8 MB at N = 1M), so the 1 GiB default workspace takes 127 queries a call
+// about every row (8 MB at N = 1M), so a 1 GiB workspace takes 127 queries a call
 // in 521 splits at k = 16,384 (computed by the plan's code, knn_cuda_plan_for), and one block
 // per query then reads hundreds of lists several times over.
 // The tree merges groups of kMergeGroup lists at once instead: a level's block (query, group)

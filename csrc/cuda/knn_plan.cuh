@@ -132,7 +132,7 @@ inline int64_t choose_splits(int64_t query_tiles, int64_t database_tiles, int64_
 // not change between them.
 //
 // Why: the splits that fill the GPU are chosen per call, and each split of each query keeps a
-// list of `capacity` keys. At k = 1024 (capacity 2048, 16 KiB) the 1 GiB default bound holds
+// list of `capacity` keys. At k = 1024 (capacity 2048, 16 KiB) a 1 GiB bound (the default's floor) holds
 // the lists of about 500 (query tile, split) blocks, whatever the split count. When the
 // filling plan does not fit, the caller searches fewer queries a call, each call asks for
 // more splits to fill the GPU, and a query's candidates grow with its splits (about
@@ -195,7 +195,7 @@ inline void check_plan_sizes(int64_t nq, int64_t nb, int64_t k) {
 // bound the rule's plan stays (before this check, 1 query at k = 1024 over 1M rows under a
 // 12 MiB bound was refused, and 2,000 queries at k = 256 over 50,000 rows took 2,000 calls
 // instead of 50 under 2 MiB, 100 instead of 2 under 16 MiB: computed on the host). 64 keeps
-// the measured large-k cases: at k = 16,384 over 1M rows the 1 GiB default holds 127 queries
+// the measured large-k cases: at k = 16,384 over 1M rows a 1 GiB bound holds 127 queries
 // a call (run 8: 69 ms in 8 calls, against 385 ms for the rule's plan).
 //
 // The fitted plan, for a plan over its workspace bound (use_fitted_plan): the most splits

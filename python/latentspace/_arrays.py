@@ -466,13 +466,13 @@ def host_to_tensor(array: np.ndarray):
 
 def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     """The index (first_row + r) of the first unusable row r of an (n, dim) tensor (float32, or
-    float16 / bfloat16 storage, checked in float32),
-    or -1, as a 0-d int64 tensor on the tensor's device: nothing waits for the device (read it
-    with .item() when it is needed), except where torch's ops would check a tensor of at most
-    _HOST_CHECK_ELEMENTS elements: it is checked on the host (its flag is a host tensor). Unusable as in
-    check_rows_usable: NaN, Inf, or a squared norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch), also a weighted
-    squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for weighted_l2 (the GPU
-    kernel trusts its caller: such a row would give NaN distances). On a GPU, the check is
+    float16 / bfloat16 storage, checked in float32), or -1, as a 0-d int64 tensor on the
+    tensor's device: nothing waits for the device (read it with .item() when it is needed),
+    except where torch's ops would check a tensor of at most _HOST_CHECK_ELEMENTS elements: it
+    is checked on the host (its flag is a host tensor). Unusable as in check_rows_usable: NaN,
+    Inf, or a squared norm above MAX_SQUARED_NORM; with weights (dim values, numpy or torch),
+    also a weighted squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for
+    weighted_l2 (the GPU kernel trusts its caller: such a row would give NaN distances). On a GPU, the check is
     latentspace's kernel (one read of the rows) where _cuda_row_check.takes the tensor
     (LATENTSPACE_CUDA_ROW_CHECK=native), or else torch's ops, at most NORM_BYTES_PER_STEP
     bytes of rows squared at once."""

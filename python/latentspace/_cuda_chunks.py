@@ -5,8 +5,9 @@ call, in a workspace its caller allocates (its size: _native.knn_cuda_workspace_
 does not grow monotonically with the queries). These functions split a search into calls that
 hold within both and within the caller's workspace_bytes (plan_query_chunks, its calls
 sized to scan few query tiles: even_chunk; rows_per_call, check_one_query_fits,
-plan_database_chunks; the bound of a search given none: default_workspace_bytes), and a database in host memory into chunks that fit a GPU memory
-budget, smaller ones first (plan_host_stream, plan_stream_chunks, first_stream_rows).
+plan_database_chunks; the bound of a search given none: default_workspace_bytes), and a
+database in host memory into chunks that fit a GPU memory budget, smaller ones first
+(plan_host_stream, plan_stream_chunks, first_stream_rows).
 _cuda_search runs the plans; tests/test_cuda_search.py checks them without a GPU.
 """
 
@@ -106,7 +107,7 @@ def even_chunk(count: int, need: int, remaining: int, workspace_of: Callable[[in
     block as much as a full one: 1,000 queries in calls of at most 300 scan 10 tiles as 300,
     300, 300 and 100, 8 as 256, 256, 256 and 232. And a short last call can need more
     workspace than the long ones (fewer query tiles, so more splits, or the large-k plan):
-    100,000 queries at k = 4,096 over 1M rows under the 1 GiB default took 30 calls of 3,275
+    100,000 queries at k = 4,096 over 1M rows under a 1 GiB bound took 30 calls of 3,275
     and then, the last 1,750 not fitting, 17 calls of 107 or fewer; now 31 calls of 3,226
     (host arithmetic with the native plan, knn_cuda_plan_for, 132 multiprocessors)."""
     calls = -(-remaining // count)

@@ -246,6 +246,7 @@ class CpuBackend:
         self.device = torch.device("cpu")
         self.workspace_of = workspace_of or (lambda nq, nb, k, bound: 256 + nq * k * 16 + nb * 4)
         self.free = free
+        self.dim = 0  # (set_dim: as CudaBackend's; the stand-in's workspace model ignores it)
         self.set_weights(weights)
 
     def free_bytes(self) -> int:
