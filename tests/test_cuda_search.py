@@ -458,13 +458,16 @@ def test_query_plan_never_takes_more_calls_or_tiles_than_full_calls(num_queries,
 
 def test_query_plan_keeps_a_last_call_that_fits():
     """A short last call can need more workspace than the long ones (fewer query tiles, more
-    splits or the large-k plan): the calls are sized so that the last one fits too. Here any
-    call of 1,000 to 2,999 queries needs more than the bound: 10,000 queries in calls of the
-    3,100 that fit would leave 700 last, which fit, but 3 x 3,000 would leave 1,000."""
-    workspace_of = lambda n: 10 ** 6 if 1000 <= n < 3000 else n  # noqa: E731
+    splits or the large-k plan): the calls are sized so that the last one fits too. Here a
+    call of 700 to 799 queries needs more than the bound: 10,000 queries in calls of the 3,100
+    that fit would leave 700 last, in calls of 3,072 (fewer tiles) 784, neither of which fits
+    (the planner before even_chunk cut the 700 into calls of 2: 353 calls); 3 x 2,560 leave
+    2,320."""
+    workspace_of = lambda n: 10 ** 6 if 700 <= n < 800 else n  # noqa: E731
     plan = plan_query_chunks(10_000, 1, workspace_of, 3100)
     _check_query_plan(plan, 10_000, 1, workspace_of, 3100)
-    assert len(plan) == 4
+    assert [stop - start for start, stop, _ in plan] == [2560, 2560, 2560, 2320]
+    assert len(_full_calls_plan(10_000, workspace_of, 3100)) == 353
 
 
 def test_even_chunk_takes_only_sizes_that_fit():

@@ -35,14 +35,19 @@ def backend() -> str:
     return choose_backend(BACKEND_VARIABLE, DEFAULT_BACKEND)
 
 
-def takes(tensor: Any) -> bool:
-    """Whether the kernel checks this tensor: a C-contiguous 2-d CUDA tensor of float32,
-    float16 or bfloat16 with at least one column, while the backend is "native"."""
+def _kernel_reads(tensor: Any) -> bool:
+    """Whether the kernel can read this tensor: a C-contiguous 2-d CUDA tensor of float32,
+    float16 or bfloat16 with at least one column (it reads the pointer as packed rows)."""
     import torch
 
     return (tensor.device.type == "cuda" and tensor.dim() == 2 and tensor.shape[1] >= 1
-            and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.is_contiguous()
-            and backend() == "native")
+            and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor.is_contiguous())
+
+
+def takes(tensor: Any) -> bool:
+    """Whether the kernel checks this tensor: one it can read (_kernel_reads), while the
+    backend is "native"."""
+    return _kernel_reads(tensor) and backend() == "native"
 
 
 def first_unusable_row(tensor: Any, first_row: int = 0, weights: Any = None, norms_out: Any = None) -> Any:
@@ -53,12 +58,10 @@ def first_unusable_row(tensor: Any, first_row: int = 0, weights: Any = None, nor
     which gets the rows' squared norms."""
     import torch
 
-    if not (tensor.device.type == "cuda" and tensor.dim() == 2 and tensor.is_contiguous()
-            and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-        # (the kernel reads the pointer as packed rows on the GPU: a host or strided tensor
-        # would be read wrong or fault; every caller asks takes() first)
-        raise ValueError(f"tensor: expected a contiguous 2-d float32, float16 or bfloat16 CUDA tensor, got "
-                         f"{tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
+    if not _kernel_reads(tensor):
+        # (a host or strided tensor would be read wrong or fault; every caller asks takes() first)
+        raise ValueError(f"tensor: expected a contiguous 2-d float32, float16 or bfloat16 CUDA tensor with at least "
+                         f"one column, got {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}"
                          f"{'' if tensor.is_contiguous() else ', not contiguous'}")
     rows, dim = tensor.shape
     device = tensor.device
