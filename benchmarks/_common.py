@@ -51,10 +51,12 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     # one query: the row scan (4 rows a warp), the default until GPU run 10
                     # made the single-query scan (8 rows) the default
                     "row scan": ("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4"),
-                    # the row check on latentspace's kernel, not torch's ops (opt-in)
-                    "native check": ("LATENTSPACE_CUDA_ROW_CHECK", "native"),
-                    # the tensor-core tile staged by cp.async (opt-in; knn_deep_tile.cuh)
-                    "deep tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "deep")}
+                    # the row check on torch's ops, the default until GPU run 12 made
+                    # latentspace's kernel (csrc/cuda/norms.cu) the default
+                    "torch check": ("LATENTSPACE_CUDA_ROW_CHECK", "torch"),
+                    # MmaTile, the tensor-core tile until GPU run 12 made the tile staged by
+                    # cp.async (knn_deep_tile.cuh) the default where it applies
+                    "mma tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "mma")}
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")

@@ -11,8 +11,9 @@ sides compute float32 products):
   big        Q = 10,000, N = 1,000,000, D = 128, k in {10, 100, 1024}
   big_tc     the big cells at k in {10, 100} with precision "tf32" and "bf16" (tensor cores),
              against torch in the same precision (TF32 matmul on; bf16 operands); latentspace
-             with each tensor-core tile (mma.sync, the default; "[wmma]": WMMA, picked by
-             LATENTSPACE_CUDA_TENSOR_TILE=wmma) and, in bf16, also on a bf16-stored FlatIndex
+             with each tensor-core tile (the tile staged by cp.async, the default since GPU run
+             12; "[mma tile]": mma.sync staged through registers, the default until then;
+             "[wmma]": WMMA) and, in bf16, also on a bf16-stored FlatIndex
   faiss3045  D = 2048, 5,000 queries x 8,192 keys, k = 32 (the shape of faiss issue #3045),
              in fp32 and in bf16 (torch: F.linear-style mm on bf16 operands + topk)
   q1         Q = 1 over the big database, k = 10: latency, against the time to read the
@@ -52,15 +53,17 @@ Peers:
   (LATENTSPACE_CUDA_FLOAT_THRESHOLDS=1, the opt-in family's float compare alone, has no peer
   any more: the defaults take that family wherever they share thresholds, and alone it lost
   in run 8, 0.98x; the profile's k = 10 breakdown still times it.)
-  ...[native check]        LATENTSPACE_CUDA_ROW_CHECK=native: the row check on latentspace's
-                           kernel (csrc/cuda/norms.cu, one read), not torch's ops (big cells at
-                           k = 10, q1 cells, the row check cell: latentspace.check)
+  ...[torch check]         LATENTSPACE_CUDA_ROW_CHECK=torch: the row check on torch's ops (about
+                           three passes), not latentspace's kernel (csrc/cuda/norms.cu, one read;
+                           the default since GPU run 12; big cells at k = 10, q1 cells, the row
+                           check cell: latentspace.check)
+  ...[mma tile]            LATENTSPACE_CUDA_TENSOR_TILE=mma: MmaTile (staged through registers),
+                           not the tile staged by cp.async and rounded once per block
+                           (csrc/cuda/knn_deep_tile.cuh; the default since GPU run 12; tf32 and
+                           bf16 cells, faiss #3045 in bf16)
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)
-  ...[deep tile]           LATENTSPACE_CUDA_TENSOR_TILE=deep: the tensor-core tile staged by
-                           cp.async and rounded once per block (csrc/cuda/knn_deep_tile.cuh;
-                           tf32 and bf16 cells, faiss #3045 in bf16)
   torch.mm+topk            blocks of TORCH_BLOCK_ROWS rows: addmm for |x|^2 - 2 q.x, topk per
                            block, a final topk over the blocks' winners (|q|^2 added last)
   torch.cdist+topk         the same blocks through torch.cdist (Euclidean, squared after)
@@ -291,7 +294,7 @@ def test_roof_h2d(benchmark):
 # ============================================================================================
 # "[no fused finish, thresholds per split, filling plan]": the defaults before GPU run 8.
 BIG_PEERS = ("latentspace.knn", "latentspace.knn[no fused finish]", "latentspace.knn[thresholds per split]",
-             "latentspace.knn[warp cut-backs]", "latentspace.knn[filling plan]", "latentspace.knn[native check]",
+             "latentspace.knn[warp cut-backs]", "latentspace.knn[filling plan]", "latentspace.knn[torch check]",
              "latentspace.knn[no fused finish, thresholds per split, filling plan]",
              "torch.mm+topk", "torch.cdist+topk")
 
@@ -301,7 +304,7 @@ BIG_PEERS = ("latentspace.knn", "latentspace.knn[no fused finish]", "latentspace
 def test_big(benchmark, big, peer, k):
     if peer == "latentspace.knn[filling plan]" and k < 1024:
         pytest.skip("the filling plan fits the default workspace here: the fitted plan is the same plan")
-    if peer == "latentspace.knn[native check]" and k != 10:
+    if peer == "latentspace.knn[torch check]" and k != 10:
         pytest.skip("the check's saving is the same at every k: timed where the search is shortest")
     q, x = big["queries"], big["database"]
     if peer.startswith("latentspace.knn"):
@@ -334,14 +337,14 @@ def knn_peer_call(peer: str, search, *args, **kwargs):
     return call
 
 
-# latentspace peers of the tensor-core cells: the tile (mma.sync, the default; WMMA; or the
-# opt-in "deep tile", staged by cp.async), and whether the database is kept in the precision's
+# latentspace peers of the tensor-core cells: the tile (staged by cp.async, the default; or
+# "mma tile", staged through registers; or WMMA), and whether the database is kept in the precision's
 # own storage (a GPU FlatIndex with storage="bf16": half the bytes read, as torch's bf16
 # operands).
 TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thresholds per split]",
-                "latentspace.knn[deep tile]", "latentspace.FlatIndex[bf16 storage]",
+                "latentspace.knn[mma tile]", "latentspace.FlatIndex[bf16 storage]",
                 "latentspace.FlatIndex[bf16 storage, thresholds per split]", "latentspace.FlatIndex[bf16 storage, wmma]",
-                "latentspace.FlatIndex[bf16 storage, deep tile]", "torch.mm+topk")
+                "latentspace.FlatIndex[bf16 storage, mma tile]", "torch.mm+topk")
 
 
 def tensor_core_call(peer, q, x, k, precision):
@@ -349,9 +352,9 @@ def tensor_core_call(peer, q, x, k, precision):
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
-        # (the "deep tile" opt-in sets the tile inside this default: knn_peer_call's settings
-        # are applied last)
-        tile = "wmma" if "wmma]" in peer else "mma"
+        # ("" is the default tile; the "mma tile" opt-out sets its tile inside this one:
+        # knn_peer_call's settings are applied last)
+        tile = "wmma" if "wmma]" in peer else ""
         search = latentspace.knn
         if "storage" in peer:
             if precision != "bf16":
@@ -403,7 +406,7 @@ def test_faiss3045(benchmark, faiss3045, tf32_matmul, peer, precision):
 
 
 Q1_PEERS = ("latentspace.knn", "latentspace.knn[row scan]", "latentspace.knn[no fused finish]",
-            "latentspace.knn[native check]",
+            "latentspace.knn[torch check]",
             "latentspace.FlatIndex", "latentspace.FlatIndex[row scan]", "latentspace.FlatIndex[row scan, early norms]",
             "latentspace.FlatIndex[no fused finish]")
 
@@ -436,13 +439,13 @@ def test_q1_floor(benchmark, big, peer):
              lambda a: check_answer(a, q, x, k), nq=1, n=4096, d=D, k=k)
 
 
-ROW_CHECK_PEERS = ("latentspace.check", "latentspace.check[native check]", "torch.isfinite.all")
+ROW_CHECK_PEERS = ("latentspace.check", "latentspace.check[torch check]", "torch.isfinite.all")
 
 
 @pytest.mark.parametrize("peer", ROW_CHECK_PEERS)
 def test_row_check(benchmark, big, peer):
     """The check every latentspace.knn of CUDA tensors makes of its database (NaN, Inf, squared
-    norms too large), alone: torch's ops (the default) or latentspace's kernel, against the
+    norms too large), alone: latentspace's kernel (the default since GPU run 12) or torch's ops, against the
     plain finiteness test a user would write, and one read of the database (the read roof)."""
     x = big["database"]
     if peer == "torch.isfinite.all":

@@ -40,7 +40,7 @@ def test_float_thresholds_keep_every_key_the_default_takes(tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 def test_deep_tile_layout_feeds_the_mma_fragments(tmp_path):
-    """DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, opt-in LATENTSPACE_CUDA_TENSOR_TILE=deep) copies
+    """DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, the default tensor-core tile since GPU run 12) copies
     a step in 16-byte chunks and reads its fragments with ldmatrix. Built from the real header
     and run on the host (no GPU needed): every element of a step is copied once, and ldmatrix,
     emulated as the PTX ISA describes it, hands every lane of every warp the registers of the

@@ -12,16 +12,26 @@ import pytest
 import torch
 
 import latentspace
-from latentspace import _arrays, _cuda_row_check, _native
+from latentspace import _arrays, _cuda_row_check, _cuda_switch, _native
 
 GPU_VISIBLE = latentspace.cuda_available()
 
 
-def test_the_default_is_torch_until_a_gpu_run_verifies_the_kernel(monkeypatch):
+def test_the_default_is_the_kernel_since_gpu_run_12_where_the_build_has_it(monkeypatch):
+    """Unset, "" and "auto": the kernel ("native") where the build has CUDA kernels that run
+    on every visible GPU, torch's ops elsewhere (a CPU-only build)."""
+    assert _cuda_row_check.DEFAULT_BACKEND == "native"
+    expected = "native" if _cuda_switch.kernels_run_everywhere() else "torch"
     monkeypatch.delenv(_cuda_row_check.BACKEND_VARIABLE, raising=False)
-    assert _cuda_row_check.DEFAULT_BACKEND == "torch"
-    assert _cuda_row_check.backend() == "torch"
-    monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, "auto")
+    assert _cuda_row_check.backend() == expected
+    for value in ("", "auto"):
+        monkeypatch.setenv(_cuda_row_check.BACKEND_VARIABLE, value)
+        assert _cuda_row_check.backend() == expected
+
+
+def test_a_build_without_cuda_kernels_checks_on_torchs_ops(monkeypatch):
+    monkeypatch.delenv(_cuda_row_check.BACKEND_VARIABLE, raising=False)
+    monkeypatch.setattr(_cuda_switch, "kernels_run_everywhere", lambda: False)
     assert _cuda_row_check.backend() == "torch"
 
 

@@ -27,8 +27,10 @@
 // fall in 32 different banks (row stride 12 or 20 words: 12 g + t and 20 g + t are distinct
 // mod 32 for g < 8, t < 4).
 //
-// Status: the default tensor-core tile since GPU run 6 (1.6-1.8x WmmaTile on an H100,
-// docs/gpu-runs.md); LATENTSPACE_CUDA_TENSOR_TILE=wmma picks WmmaTile (knn_scan_launch.cuh).
+// Status: the default tensor-core tile from GPU run 6 (1.6-1.8x WmmaTile on an H100,
+// docs/gpu-runs.md) to run 12, which made DeepMmaTile the default where it applies; MmaTile
+// takes every search DeepMmaTile does not (weights, unaligned rows) and
+// LATENTSPACE_CUDA_TENSOR_TILE=mma asks for it everywhere, =wmma for WmmaTile (knn_scan_launch.cuh).
 #pragma once
 
 #include <cuda_bf16.h>

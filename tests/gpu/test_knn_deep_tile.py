@@ -1,7 +1,7 @@
-"""DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, LATENTSPACE_CUDA_TENSOR_TILE=deep; opt-in until a
-GPU run verifies and times it): the tensor-core tile whose rows reach shared memory by cp.async
-and are rounded there, once per block. It rounds the same inputs the same way as MmaTile (the
-default) and runs the same mma.sync shapes in the same order, so every search must return
+"""DeepMmaTile (csrc/cuda/knn_deep_tile.cuh; the default tensor-core tile since GPU run 12,
+LATENTSPACE_CUDA_TENSOR_TILE unset, "" or "deep"): the tensor-core tile whose rows reach shared
+memory by cp.async and are rounded there, once per block. It rounds the same inputs the same
+way as MmaTile (the default until run 12, LATENTSPACE_CUDA_TENSOR_TILE=mma) and runs the same mma.sync shapes in the same order, so every search must return
 MmaTile's distances and indices bit for bit: in every precision (tf32, bf16, fp16), every
 storage (float32, and float16 / bfloat16 rows, copied straight into the rounded tile when
 they are the precision's own type), every metric, whole and partial tiles, dimensions that end
@@ -145,6 +145,28 @@ def test_small_deep_tile_falls_back_where_it_does_not_apply(gen, rng, monkeypatc
     _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(q64, half_off_16, 10, precision="bf16")], applies=False)
     half = database.to(torch.bfloat16)
     _deep_equals_mma(monkeypatch, lambda: [latentspace.knn(queries, half, 10, precision="bf16")], applies=False)
+
+
+@pytest.mark.parametrize("unset", [True, False])
+def test_small_the_default_tile_is_deep_where_it_applies(unset, gen, rng, monkeypatch):
+    """With LATENTSPACE_CUDA_TENSOR_TILE unset or empty, a tensor-core search takes DeepMmaTile
+    where it applies (aligned rows, no weights) and MmaTile where it does not (weighted l2), with
+    the results of the explicit settings bit for bit."""
+    queries, database = _randn(gen, 140, 64), _randn(gen, 3000, 64)
+    weights = rng.uniform(0.0, 2.0, 64).astype(np.float32)
+    for search, ran in ((lambda: latentspace.knn(queries, database, 10, precision="bf16"), "deep"),
+                        (lambda: latentspace.knn(queries, database, 10, "weighted_l2", weights=weights,
+                                                 precision="bf16"), "mma")):
+        monkeypatch.setenv(TILE, ran)
+        d0, i0 = search()
+        if unset:
+            monkeypatch.delenv(TILE)
+        else:
+            monkeypatch.setenv(TILE, "")
+        d, i = search()
+        torch.cuda.synchronize()
+        assert latentspace._native._cuda_last_scan() == ran
+        assert torch.equal(i, i0) and torch.equal(d, d0)
 
 
 def test_small_deep_tile_results_are_near_the_float64_ones(gen, monkeypatch):
