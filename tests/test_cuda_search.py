@@ -1260,9 +1260,10 @@ def test_cached_norms_are_sliced_with_the_database(rng, monkeypatch):
 # The CUDA search's environment settings, read by the native build at every search (and by
 # these private readers): variable -> (reader, [(value set, value read)], a bad value).
 CUDA_SETTINGS = {
-    # csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting: the mma.sync tile unless "wmma" or "deep"
+    # csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting: the cp.async-staged tile (since GPU
+    # run 12) unless "mma" or "wmma"
     "LATENTSPACE_CUDA_TENSOR_TILE": ("_cuda_tensor_tile",
-                                     [(None, "mma"), ("", "mma"), ("mma", "mma"), ("wmma", "wmma"), ("deep", "deep")],
+                                     [(None, "deep"), ("", "deep"), ("mma", "mma"), ("wmma", "wmma"), ("deep", "deep")],
                                      "WMMA"),
     # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish unless "0"
     "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, True), ("", True), ("0", False), ("1", True)],
@@ -1402,7 +1403,7 @@ def _plan(nq, nb, k, bound=None, dim=0):
 def plan_settings(monkeypatch):
     """The plan's settings as a test sets them, none inherited from the environment."""
     for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE",
-                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS"):
+                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS"):
         monkeypatch.delenv(variable, raising=False)
     return monkeypatch
 
@@ -1420,8 +1421,10 @@ def test_plan_fills_the_gpu_within_the_split_rule(nq, nb, k, tree, plan_settings
     """Where the split rule leaves blocks for at least three quarters of the multiprocessors
     (1000 queries at k = 2048: 120 blocks, where GPU run 8 measured the large-k plan 0.90x),
     and always with the large-k plan off (LATENTSPACE_CUDA_TREE_MERGE=0): the splits that
-    fill the GPU within the rule, one merge block per query."""
+    fill the GPU within the rule, one merge block per query. (One query's single-query scan
+    takes whole waves of its own blocks instead: test_one_query_takes_whole_waves_of_its_scan.)"""
     plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", tree)
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
     plan = _plan(nq, nb, k)
     assert plan["query_tiles"] == -(-nq // 128) and plan["split_length"] % 128 == 0
     assert plan["splits"] * plan["split_length"] >= nb > (plan["splits"] - 1) * plan["split_length"]
@@ -1466,7 +1469,9 @@ def test_large_k_plan_fills_the_gpu_without_the_rule(nq, nb, k, plan_settings):
     large k over few query tiles, knn_plan.cuh plan_for; GPU run 8 measured 1.5x to 10.7x at 7 to 90
     blocks): the splits that fill the GPU without the rule, merged as a tree;
     never fitted to a bound (its splits are its point); with LATENTSPACE_CUDA_TREE_MERGE=0 the
-    rule's plan; with "1" the rule's plan too, merged as a tree past 8 splits."""
+    rule's plan; with "1" the rule's plan too, merged as a tree past 8 splits. (One query's
+    single-query scan takes whole waves of its own blocks instead: as with the row scan here.)"""
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
     plan = _plan(nq, nb, k)
     assert 4 * plan["query_tiles"] * _rule_splits(nb, k) < 3 * MULTIPROCESSORS  # the case
     assert plan["tree"] and plan["splits"] > max(8, _rule_splits(nb, k))
@@ -1550,15 +1555,63 @@ def test_few_query_splits_set_the_plan_of_a_few_queries(nq, nb, k, plan_settings
 
 
 @needs_cuda_build
+@pytest.mark.parametrize("nb,k,own_splits", [(1_000_000, 10, 521), (1_000_000, 1024, 521), (2_000_000, 10, 521),
+                                             (250_000, 10, 489), (20_000, 10, 53), (4_096, 10, 11),
+                                             (1_000_000, 16384, 521)])
+@pytest.mark.parametrize("dim", [128, 0])
+def test_one_query_takes_whole_waves_of_its_scan(nb, k, own_splits, dim, plan_settings):
+    """One query's plan (knn_plan.cuh, single_query_wave): the splits the plan would take
+    (own_splits, as with the row scan), rounded down to whole waves of the single-query scan's
+    3 resident blocks a multiprocessor (396 on 132), then cut in whole plan tiles; fewer than
+    a wave stay. GPU runs 10 and 12 timed one query over 1M x 128 in 391 splits (one wave) at
+    0.165 / 0.163 ms of scan, against 0.216 / 0.218 ms in the plan's 521. Not with 4 or 16
+    rows a warp (another kernel, another occupancy), for more queries, or for a dimension
+    past the row scan's; an experiment's forced splits still win."""
+    wave = 3 * MULTIPROCESSORS
+    tiles = -(-nb // 128)
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
+    own = _plan(1, nb, k, dim=dim)
+    assert own["splits"] == own_splits
+    for rows in ("", "8"):
+        plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", rows)
+        plan = _plan(1, nb, k, dim=dim)
+        requested = own_splits // wave * wave if own_splits > wave else own_splits
+        length = -(-tiles // requested) * 128
+        assert plan["split_length"] == length and plan["splits"] == -(-nb // length) <= requested
+        assert plan["tree"] == own["tree"] and plan["capacity"] == min(k + max(k, 512), length)
+        assert _plan(1, nb, k, plan["workspace_bytes"], dim) == plan  # planned again the same
+        if (nb, k) == (1_000_000, 10):
+            assert plan["splits"] == 391  # the sweeps' one wave
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "16")
+    assert _plan(1, nb, k, dim=dim) == own
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "")
+    plan_settings.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "521")
+    assert _plan(1, nb, k, dim=dim)["splits"] == -(-nb // (-(-tiles // 521) * 128))
+
+
+@needs_cuda_build
+def test_whole_waves_are_for_one_query_within_the_row_scans_dimensions(plan_settings):
+    """Two queries (the row scan), and one query past the row scan's 44 KiB of queries in
+    shared memory (11,264 float32 dimensions: the tile scan), keep the plan's own splits."""
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
+    two, deep = _plan(2, 1_000_000, 10, dim=128), _plan(1, 100_000, 10, dim=12_000)
+    plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "")
+    assert _plan(2, 1_000_000, 10, dim=128) == two and two["splits"] == 521
+    assert _plan(1, 100_000, 10, dim=12_000) == deep
+    assert _plan(1, 100_000, 10, dim=11_264)["splits"] <= 3 * MULTIPROCESSORS
+
+
+@needs_cuda_build
 @pytest.mark.parametrize("nq,nb,k,bound,most_calls", [
-    (1, 1_000_000, 1024, 12 << 20, 1), (2000, 50_000, 256, 2 << 20, 50), (2000, 50_000, 256, 16 << 20, 2),
+    (1, 1_000_000, 1024, 10 << 20, 1), (2000, 50_000, 256, 2 << 20, 50), (2000, 50_000, 256, 16 << 20, 2),
     (1, 1_000_000, 16384, 8 << 20, 1), (1000, 1_000_000, 16384, 1 << 30, 8)])
 def test_large_k_plan_leaves_tight_bounds_their_plan(nq, nb, k, bound, most_calls, plan_settings):
     """Where the bound cannot hold the large-k plan of 64 queries, the rule's plan (fitted)
     stays: a search under a tight bound is neither refused nor cut into many more calls
     than without the large-k plan (found in a review: 1 query at k = 1024 over 1M rows under
     12 MiB was refused, 2,000 queries at k = 256 under 2 MiB took 2,000 calls, under 16 MiB
-    100 calls instead of 2); at k = 16,384 over 1M rows a 1 GiB bound still takes the
+    100 calls instead of 2; since one query takes whole waves, its large-k plan needs 11.5 MB
+    and fits 12 MiB, so 10 MiB is the tight bound here); at k = 16,384 over 1M rows a 1 GiB bound still takes the
     large-k plan, in 8 calls (GPU run 8: 69 ms, against 385 ms in the rule's one call)."""
     def calls():
         return plan_query_chunks(nq, k, lambda c: _plan(c, nb, k, bound)["workspace_bytes"], bound)

@@ -58,6 +58,12 @@ inline int64_t rows_per_neighbour(int64_t dim = 0) {
 // these splits; fitted to a bound it exceeds). Read at every plan, like the split rule.
 inline int64_t few_query_splits() { return environment_integer("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", 0, 0, 65535); }
 
+// `splits` rounded down to a whole number of waves of `wave` blocks (single_query_wave; 0: no
+// wave), where there is more than one wave: fewer splits than a wave stay as they are.
+inline int64_t whole_waves(int64_t splits, int64_t wave) {
+  return wave > 0 && splits > wave ? splits / wave * wave : splits;
+}
+
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
 // The fewest queries a call of the large-k plan must be able to take within the workspace
@@ -243,10 +249,14 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
   if (large_k) {
     const int64_t few = std::min<int64_t>(nq, kLargeKFewQueries);
     const int64_t few_splits =
-        forced > 0 ? forced : choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0);
+        forced > 0 ? forced
+                   : whole_waves(choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0),
+                                 single_query_wave(few, dim, multiprocessors));
     large_k = plan_with_splits(few, nb, k, few_splits, cub_bytes).workspace_bytes <= workspace_bound;
   }
   if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
+  // One query: whole waves of the single-query scan's resident blocks (single_query_wave).
+  filling = whole_waves(filling, single_query_wave(nq, dim, multiprocessors));
   if (forced > 0) filling = forced;
   const bool merge_as_tree = large_k || tree == Setting::kOn;
   const auto with_splits = [&](int64_t splits) {

@@ -11,7 +11,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
+#include "core/check.h"
 #include "cuda/knn_scan.cuh"
 #include "cuda/knn_tiles.cuh"
 #include "ops/knn.h"
@@ -54,6 +58,38 @@ __device__ inline float finish_norm(float sum) {
 // 48 KiB. The row scan's own (4 rows): 0, no cap, as GPU runs timed it (its SASS, sm_90, is
 // the same as with no second __launch_bounds__ argument; a 1 there reorders its instructions).
 constexpr int row_scan_min_blocks(int rows) { return rows > 8 ? 2 : rows > 4 ? 3 : 0; }
+
+// The rows a warp reads at once in the scan of one query (row_scan_kernel's kRows, launched
+// by knn_scan_launch.cuh): LATENTSPACE_CUDA_SINGLE_QUERY_ROWS. Unset, empty or "8": the single-query scan (one
+// query's registers, 8 rows a warp in one step a round, norms loaded ahead) where one query's
+// rows load in quads (kAligned), the default since GPU run 10 (an H200, the profile's q1 sweep:
+// its scan of one query over 1M x 128 took 0.216 ms against the row scan's 0.356, a
+// FlatIndex search 0.450 ms against 0.556; bit-identical results in every GPU test); "16": 16
+// rows (no faster in run 10); "4": the row scan, as runs 1-9 timed it; any other value throws
+// ValueError. Read at every search.
+inline int single_query_rows() {
+  const char* value = std::getenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "8") == 0) return 8;
+  if (std::strcmp(value, "4") == 0) return kRowsInFlight;
+  LS_CHECK_VALUE(std::strcmp(value, "16") == 0, "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS: expected '4', '8' or '16', got '",
+                 std::string(value), "'");
+  return 16;
+}
+
+// The splits of a call of one query (plan_for): a whole number of waves of the single-query
+// scan's resident blocks. Its launch bound (row_scan_min_blocks) holds 3 blocks of 8 rows a
+// warp on a multiprocessor, and ptxas (sm_90) gives the float32 kernels 80 registers, which
+// leaves exactly 3: the plan's own 521 splits over 1M rows on an H200's 132 multiprocessors
+// ran as a full wave of 396 and a tail of 125. Both q1 sweeps (GPU runs 10 and 12, the scan
+// kernel's time from torch.profiler) timed 391 splits, one wave, at 0.165 and 0.163 ms against
+// 0.216 and 0.218 ms for 521, and 782 (two waves) at 0.176 and 0.175 ms. 0 where the call
+// does not take the single-query scan at 8 rows (more queries, or another
+// LATENTSPACE_CUDA_SINGLE_QUERY_ROWS).
+inline int64_t single_query_wave(int64_t num_queries, int64_t dim, int multiprocessors) {
+  if (num_queries != 1 || (dim > 0 && !use_row_scan(num_queries, dim)) || single_query_rows() != 8) return 0;
+  return int64_t{row_scan_min_blocks(8)} * multiprocessors;
+}
+
 
 // grid (1, splits); dynamic shared memory: num_queries * dim floats (the queries, scaled by
 // the weights for weighted l2). kAligned: see knn_tiles.cuh. kOwnNorms: a.database_norms is

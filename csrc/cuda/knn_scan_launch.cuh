@@ -67,23 +67,6 @@ inline bool use_float_thresholds() {
   return environment_switch("LATENTSPACE_CUDA_FLOAT_THRESHOLDS", "1", "0", false);
 }
 
-// The rows a warp reads at once in the scan of one query (knn_rows.cuh, row_scan_kernel's
-// kRows): LATENTSPACE_CUDA_SINGLE_QUERY_ROWS. Unset, empty or "8": the single-query scan (one
-// query's registers, 8 rows a warp in one step a round, norms loaded ahead) where one query's
-// rows load in quads (kAligned), the default since GPU run 10 (an H200, the profile's q1 sweep:
-// its scan of one query over 1M x 128 took 0.216 ms against the row scan's 0.356, a
-// FlatIndex search 0.450 ms against 0.556; bit-identical results in every GPU test); "16": 16
-// rows (no faster in run 10); "4": the row scan, as runs 1-9 timed it; any other value throws
-// ValueError. Read at every search.
-inline int single_query_rows() {
-  const char* value = std::getenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "8") == 0) return 8;
-  if (std::strcmp(value, "4") == 0) return kRowsInFlight;
-  LS_CHECK_VALUE(std::strcmp(value, "16") == 0, "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS: expected '4', '8' or '16', got '",
-                 std::string(value), "'");
-  return 16;
-}
-
 template <Metric kMetric, KnnStorage kStorage, bool kAligned, bool kEarlyNorms, bool kOptIns,
           int kQueries = kRowQueries, int kRows = kRowsInFlight, int kSteps = 2>
 void launch_row_scan_kernel(const ScanArgs& args, cudaStream_t stream) {
@@ -197,21 +180,22 @@ bool deep_tile_fits() {
 }
 
 // The tensor-core tile for tf32 / bf16 / fp16, LATENTSPACE_CUDA_TENSOR_TILE, read at every
-// search: unset, empty or "mma": MmaTile (knn_mma_tile.cuh), 1.6-1.8x faster than WmmaTile on
-// an H100 (docs/benchmarks.md, GPU run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a
-// fallback and a reference for the tests; "deep": DeepMmaTile (knn_deep_tile.cuh; opt-in until
-// a GPU run verifies and times it) where it applies (deep_tile_applies: aligned rows, no
-// weights; deep_tile_fits: the device's shared memory), MmaTile elsewhere; any other value
-// throws ValueError.
+// search: unset, empty or "deep": DeepMmaTile (knn_deep_tile.cuh), the default since GPU run 12
+// (every test passed, memcheck clean; 1.06-1.75x MmaTile in all 8 cells timed, H200,
+// docs/benchmarks.md) where it applies (deep_tile_applies: aligned rows, no weights;
+// deep_tile_fits: the device's shared memory), MmaTile elsewhere; "mma": MmaTile
+// (knn_mma_tile.cuh) everywhere, the default until run 12 and 1.6-1.8x faster than WmmaTile on
+// an H100 (run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the
+// tests; any other value throws ValueError.
 enum class TensorTile { kMma, kWmma, kDeep };
 
 inline TensorTile tensor_tile_setting() {
   const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "mma") == 0) return TensorTile::kMma;
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "deep") == 0) return TensorTile::kDeep;
   if (std::strcmp(value, "wmma") == 0) return TensorTile::kWmma;
-  LS_CHECK_VALUE(std::strcmp(value, "deep") == 0,
+  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0,
                  "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got '", std::string(value), "'");
-  return TensorTile::kDeep;
+  return TensorTile::kMma;
 }
 
 inline const char* tensor_tile_name(TensorTile tile) {

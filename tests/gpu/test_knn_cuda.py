@@ -830,8 +830,8 @@ ROUNDOFF = {"tf32": 2.0**-11, "bf16": 2.0**-8, "fp16": 2.0**-11}
 @pytest.fixture(params=["wmma", "mma", "deep"])
 def tensor_tile(request, monkeypatch):
     """Each tensor-core tile of the scan (csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting):
-    MmaTile, the default, WmmaTile (LATENTSPACE_CUDA_TENSOR_TILE=wmma) and DeepMmaTile
-    ("deep", where it applies; MmaTile elsewhere)."""
+    MmaTile ("mma"), WmmaTile ("wmma") and DeepMmaTile ("deep", the default since GPU run 12,
+    where it applies; MmaTile elsewhere)."""
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", request.param)
     return request.param
 
@@ -1401,6 +1401,34 @@ def test_small_few_query_splits_change_no_result(metric, nq, gen, monkeypatch):
         for (d0, i0), (d, i) in zip(expected, searches()):
             assert torch.equal(i0, i) and torch.equal(d0, d), splits
             assert_matches_reference(d, i, queries, database, 50, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_small_one_query_takes_whole_waves_with_the_same_results(metric, gen, monkeypatch):
+    """One query's plan on this GPU (knn_plan.cuh, single_query_wave; twenty-second session):
+    its splits rounded down to whole waves of the single-query scan's 3 resident blocks a
+    multiprocessor, here 300,000 rows (2,344 plan tiles: more splits than a wave on any GPU of
+    at most 260 multiprocessors); the results bit-identical to those in the plan's own splits
+    (LATENTSPACE_CUDA_SINGLE_QUERY_ROWS=4 plans them; forced here on the single-query scan)."""
+    n, device = 300_000, torch.cuda.current_device()
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    wave = 3 * multiprocessors
+    monkeypatch.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
+    own = _native._cuda_plan(1, n, 10, device, None, 128)["splits"]
+    monkeypatch.delenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS")
+    plan = _native._cuda_plan(1, n, 10, device, None, 128)
+    if own <= wave:
+        pytest.skip(f"the plan's own {own} splits fit one wave of {wave} here")
+    tiles = -(-n // 128)
+    length = -(-tiles // (own // wave * wave)) * 128
+    assert plan["split_length"] == length and plan["splits"] == -(-n // length), (plan, own, wave)
+    queries, database = _randn(gen, 1, 128), _randn(gen, n, 128)
+    searches = _knn_and_index(queries, database, 10, metric)
+    waves = searches()
+    monkeypatch.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", str(own))
+    for (d0, i0), (d, i) in zip(waves, searches()):
+        assert torch.equal(i0, i) and torch.equal(d0, d)
+        assert_matches_reference(d, i, queries, database, 10, metric)
 
 
 @pytest.fixture(params=["late", "early"])
