@@ -155,7 +155,8 @@ if [ "$code" -ne 0 ]; then
 fi
 
 # compute-sanitizer, in two stages: sanitizer_new (the newest kernels' tests: the row check's and
-# the deep tile's, never run; the fused losses' and the CUDA encoder's, clean in run 10) and sanitizer_knn (the small GPU kNN tests, named
+# the deep tile's, memcheck clean in run 12 as far as it reached; the fused losses' and the
+# CUDA encoder's, clean in runs 10 and 12) and sanitizer_knn (the small GPU kNN tests, named
 # "small"); each runs memcheck (out-of-bounds and misaligned accesses, API errors) and racecheck
 # (shared-memory hazards) at once (separate processes on the one GPU: half the wall time),
 # under its own limit, and both append to the same two logs (started afresh by the call's
@@ -226,7 +227,7 @@ RACECHECK_TESTS=(
 )
 MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_finish_equals or early_norms_equal or shared_thresholds_equal or tree_merge_equals or warp_cut_backs_equal or float_thresholds_equal or fitted_plan or large_k_plan or opt_ins_on_integer or (native_writes and (fused or shared or tree) and not (fused and (shared or tree)) and not (shared and tree)))"
 
-# The row check's kernel (csrc/cuda/norms.cu, opt-in as LATENTSPACE_CUDA_ROW_CHECK=native;
+# The row check's kernel (csrc/cuda/norms.cu, the default since run 12;
 # tests/gpu/test_row_check_cuda.py): memcheck runs its tests of the kernel itself (not those
 # of the searches and the index over it) first in the new kernels' part, at most
 # GPU_RUN_SANITIZER_ROW_CHECK_SECONDS (default 40 s); racecheck has nothing to check there
@@ -234,8 +235,8 @@ MEMCHECK_SELECTION="small and (single_query_scan or few_query_splits or fused_fi
 ROW_CHECK_TESTS=tests/gpu/test_row_check_cuda.py
 MEMCHECK_ROW_CHECK_SELECTION="not knn_refuses and not index_"
 
-# DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, opt-in as LATENTSPACE_CUDA_TENSOR_TILE=deep, never
-# run; tests/gpu/test_knn_deep_tile.py): cp.async copies into a landing buffer and a
+# DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, the default tensor-core tile since run 12, whose
+# racecheck reached one of these two; tests/gpu/test_knn_deep_tile.py): cp.async copies into a landing buffer and a
 # double-buffered rounded tile in dynamic shared memory. memcheck runs some of its tests (the
 # copies' sources, zero-filled edges, the dynamic shared memory's bounds) after the row
 # check's; racecheck runs two first in the new kernels' part: float32 rows landed and rounded
@@ -388,15 +389,15 @@ run_sanitizer() {
 
 # Stages, each under its own time limit so that one overrun cannot eat the session's device
 # time, in the order of what a GPU run still owes (docs/gpu-runs.md, "Owed"): tests (the
-# whole suite, under run 10's new defaults); losses (the GPU losses benchmark: its bce_logits
-# cells never timed); bench (the kNN benchmarks: the q1 cells against the row scan, the row
-# check's kernel against torch's ops, "[native check]"); then
-# sanitizer_knn (the kNN tests under compute-sanitizer: memcheck reached about 127 of its
-# selection in run 10, racecheck 1 of its list), the stage issue 6 still needs most of; and
-# what ran clean or complete in run 10 last: encode (the GPU encoder benchmark), sanitizer_new
-# (the row check's tests under memcheck, new since run 11, then the losses' and the encoder's
-# tests, clean in run 10) and profile (every section); then ncu (Nsight Compute over the kNN
-# scan at the missed bars' shapes, never run), with what is left.
+# whole suite, under run 12's new defaults: the deep tile, the row check kernel); losses (the
+# GPU losses benchmark: its small cells to time again); bench (the kNN benchmarks: the q1
+# cells with one query's whole waves, the new defaults against "[mma tile]" and "[torch
+# check]"); then sanitizer_knn (the kNN tests under compute-sanitizer: memcheck reached about
+# 150 of its selection in run 12, racecheck 6 of its list), the stage issue 6 still needs
+# most of; and what ran clean or complete in run 12 last: encode (the GPU encoder benchmark),
+# sanitizer_new (the row check's and the deep tile's tests, then the losses' and the
+# encoder's) and profile (every section); then ncu (Nsight Compute over the kNN scan at the
+# missed bars' shapes, with the warps' stall reasons since run 12), with what is left.
 # The stage blocks below are in that order: it is the order they run in, whatever
 # GPU_RUN_STAGES's order.
 # Measured on an H200 (2026-11-27, run 10, one call of 600 s, GPU_RUN_DEADLINE_SECONDS=585):
@@ -520,15 +521,20 @@ fi
 
 # Nsight Compute over the kNN scan at the shapes of issue 6's missed bars (benchmarks/
 # ncu_knn_cuda.py: bf16 at Q = 10,000 x 1M x 128, k = 10, and faiss #3045's, each on the
-# default tensor-core tile and on the opt-in deep tile; fp32 at k = 10 and 1024: in that order,
-# so that a stage cut short keeps the tensor-core shapes), one process each, the first scan
-# launch of each: where the scan's time
-# goes (throughput against the chip's, warp stalls, occupancy, pipes), which torch.profiler's
-# kernel times cannot say. Never run yet; KINDS.md saw ncu read counters on the Firecracker
-# machines (--clock-control none: the card's clocks are left as they are). Diagnostic: its
-# exit status is not the call's. GPU_RUN_NCU_SHAPES: other shapes, in order.
+# default tensor-core tile (staged by cp.async since GPU run 12) and on MmaTile; fp32 at k = 10
+# and 1024: in that order, so that a stage cut short keeps the tensor-core shapes), one process
+# each, the first scan launch of each: where the scan's time goes (throughput against the
+# chip's, warp stalls, occupancy, pipes, spills), which torch.profiler's kernel times cannot
+# say. First run in run 12: 61 s for the six shapes (--clock-control none: the card's clocks
+# are left as they are). Diagnostic: its exit status is not the call's. GPU_RUN_NCU_SHAPES:
+# other shapes, in order.
 NCU_SECTIONS=(SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats ComputeWorkloadAnalysis
   MemoryWorkloadAnalysis)
+# Why warps wait (cycles a warp is stalled for each reason, per instruction issued): run 12's
+# sections printed the warp states' sums only (0.45-0.52 eligible warps a scheduler in the
+# tensor-core scans), and PC sampling, which names the reasons in the source view, was not
+# available on the lent machine.
+NCU_STALL_METRICS='regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$'
 if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:-150}"; then
   # (on PATH, else CUDA's, else the newest Nsight Compute installed)
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null ||
@@ -541,17 +547,31 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
     : > "${OUT:-.}/ncu_knn.txt"
     sections=()
     for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
-    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_deep faiss3045 faiss3045_deep fp32 k1024}; do
+    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_mma faiss3045 faiss3045_mma fp32 k1024}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
         echo "ncu $shape: skipped, ${left} s of the stage's limit left"
         continue
       fi
       echo "---- ncu $shape" >> "${OUT:-.}/ncu_knn.txt"
+      shape_log=$(mktemp)
       timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
         --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
-        python3 -u benchmarks/ncu_knn_cuda.py "$shape" >> "${OUT:-.}/ncu_knn.txt" 2>&1
-      echo "ncu $shape exit $? (124 or 137: stopped at the stage's limit)"
+        --metrics "$NCU_STALL_METRICS" \
+        python3 -u benchmarks/ncu_knn_cuda.py "$shape" > "$shape_log" 2>&1
+      code=$?
+      cat "$shape_log" >> "${OUT:-.}/ncu_knn.txt"
+      echo "ncu $shape exit $code (124 or 137: stopped at the stage's limit)"
+      left=$(( limit - ($(date +%s) - start) ))
+      if grep -q "^==ERROR==" "$shape_log" && [ "$left" -ge 10 ]; then
+        # (an ncu that refused the stall metrics: the sections alone, as run 12 had them)
+        echo "---- ncu $shape, sections only" >> "${OUT:-.}/ncu_knn.txt"
+        timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
+          --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
+          python3 -u benchmarks/ncu_knn_cuda.py "$shape" >> "${OUT:-.}/ncu_knn.txt" 2>&1
+        echo "ncu $shape, sections only, exit $?"
+      fi
+      rm -f "$shape_log"
     done
     echo "ncu seconds: $(( $(date +%s) - start ))"
   fi

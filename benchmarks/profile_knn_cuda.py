@@ -3,7 +3,7 @@
 Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in its
 "profile" stage):
   python3 benchmarks/profile_knn_cuda.py [out.json]            # every section, one process each
-  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, q1sweep, copy, big, sweep, defaults
+  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, q1sweep, copy, big, sweep, defaults, largek
 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
@@ -22,6 +22,10 @@ Questions the benchmark's totals cannot answer:
      that place the large-k plan's threshold (defaults_check).
   6. One query over 1M rows: the rows a warp reads at once and the splits, against one read of
      the database (q1_sweep).
+  7. Q = 1,000 over 1M rows at k = 4,096 and 16,384, where torch.mm+topk was 1.2-1.5x faster
+     in GPU run 12: the kernels of one search under the defaults (the large-k plan, one call
+     under the automatic workspace) and of torch's addmm + topk over the same rows
+     (large_k_breakdown).
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs. A section stopped (SIGINT: gpu_run.sh's limit) or
 failing midway keeps what it had measured, named under "unfinished" in the JSON; after a stop
@@ -352,8 +356,40 @@ def defaults_check(report: dict) -> None:
 # faults leaves its process's CUDA context unusable, and must not take the sections after it
 # along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
 # q1sweep second: the newest experiment, before the sections earlier runs have timed.
+LARGE_K_N = 1_000_000
+LARGE_K_QUERIES = 1000
+LARGE_K_KS = (4096, 16384)
+
+
+def large_k_breakdown(report: dict) -> None:
+    """The kernels of one search at a large k over 1,000 queries: latentspace.knn with the
+    defaults (its plan printed), against torch's addmm of the scores and topk over them, all
+    rows at once (4 GB of float32 scores), as torch.mm+topk's one block of the benchmark."""
+    g = torch.Generator(device=DEVICE).manual_seed(12)
+    x = torch.randn(LARGE_K_N, 128, generator=g, device=DEVICE)
+    q = torch.randn(LARGE_K_QUERIES, 128, generator=g, device=DEVICE)
+    norms = x.square().sum(1)
+    backend = _cuda_search.CudaBackend(DEVICE)
+    backend.set_dim(128)
+    for k in LARGE_K_KS:
+        bound = _cuda_search.resident_workspace_bytes(backend, LARGE_K_QUERIES, LARGE_K_N, k)
+        calls, plan = calls_and_first_plan(LARGE_K_QUERIES, LARGE_K_N, k, bound, 128)
+        peers = {"latentspace.knn": lambda: latentspace.knn(q, x, k),
+                 "torch addmm+topk": lambda: torch.topk(torch.addmm(norms, q, x.T, alpha=-2.0), k, largest=False)}
+        for peer, call in peers.items():
+            rows = kernel_times(call)
+            label = f"large k={k} {peer}"
+            report[label] = rows
+            where = (f" ({len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"
+                     f"{' tree' if plan['tree'] else ''}, workspace bound {bound / 2**30:.1f} GiB)"
+                     if peer == "latentspace.knn" else "")
+            print(f"\n== Q={LARGE_K_QUERIES} N={LARGE_K_N} D=128 k={k} {peer}: CUDA kernels of one search{where}")
+            for name, count, ms in rows[:8]:
+                print(f"  {ms:9.2f} ms  x{count:<4d} {name[:90]}")
+
+
 SECTIONS = {"q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "big": big_search_breakdown,
-            "sweep": plan_sweep, "defaults": defaults_check}
+            "sweep": plan_sweep, "defaults": defaults_check, "largek": large_k_breakdown}
 
 
 def write_json(path: str, data: dict) -> None:

@@ -187,6 +187,53 @@ def test_the_q1_sweep_says_which_scan_ran_and_reads_the_rate_to_two_places(profi
     assert not any("not the" in line for line in lines[:4]), out
 
 
+def test_the_large_k_section_times_both_peers_and_prints_the_plan(profile, monkeypatch, capsys):
+    """The "largek" section profiles latentspace.knn and torch's addmm + topk at each k, with
+    the plan latentspace takes under the workspace bound it would get (here a fixed 1 GiB:
+    the CPU has no free GPU memory to ask), and checks that both peers' calls run."""
+    import torch
+
+    from latentspace import _cuda_search
+
+    ran = []
+
+    def kernels(call):
+        ran.append(call())
+        return [("void latentspace::cuda::scan_kernel<...>", 1, 2.0)]
+
+    class Backend:
+        def __init__(self, device):
+            self.dims = []
+
+        def set_dim(self, dim):
+            self.dims.append(dim)
+
+    monkeypatch.setattr(profile, "kernel_times", kernels)
+    monkeypatch.setattr(profile, "LARGE_K_N", 3000)
+    monkeypatch.setattr(profile, "LARGE_K_QUERIES", 20)
+    monkeypatch.setattr(profile, "LARGE_K_KS", (64, 300))
+    monkeypatch.setattr(_cuda_search, "CudaBackend", Backend)
+    monkeypatch.setattr(_cuda_search, "resident_workspace_bytes", lambda backend, nq, n, k: 1 << 30)
+    monkeypatch.setattr(profile, "calls_and_first_plan", lambda nq, n, k, bound, dim: (
+        [(0, nq, 1 << 20)], latentspace_plan(nq, n, k, bound)))
+    report = {}
+    profile.large_k_breakdown(report)
+    out = capsys.readouterr().out
+    assert sorted(report) == ["large k=300 latentspace.knn", "large k=300 torch addmm+topk",
+                              "large k=64 latentspace.knn", "large k=64 torch addmm+topk"]
+    assert "== Q=20 N=3000 D=128 k=64 latentspace.knn: CUDA kernels of one search (1 calls, the first: 1 x" in out, out
+    assert "workspace bound 1.0 GiB)" in out and "k=300 torch addmm+topk: CUDA kernels of one search\n" in out, out
+    # each peer's answer: latentspace's (distances, indices) and torch's topk, k columns each
+    assert len(ran) == 4 and all(answer[1].shape == (20, k) for answer, k in zip(ran, (64, 64, 300, 300)))
+    assert isinstance(ran[1], torch.return_types.topk)
+
+
+def latentspace_plan(nq, n, k, bound):
+    from latentspace import _native
+
+    return _native._cuda_plan_for(nq, n, k, 132, bound, nq * k * 8 + (1 << 20), 128)
+
+
 def test_a_profile_section_stopped_or_failing_keeps_what_it_measured(profile, monkeypatch, tmp_path):
     """A section's JSON was written only when it ended: stopped at the profile's limit (gpu_run.sh
     sends SIGINT) or failing midway (a CUDA error in its twelfth setting), it lost every row it

@@ -221,7 +221,8 @@ def test_every_benchmark_label_names_settings_the_benchmark_knows():
     ("latentspace.FlatIndex[bf16 storage, wmma]", False), ("latentspace.knn[no fused finish]", True),
     ("latentspace.FlatIndex[bf16 storage, float thresholds]", True), ("latentspace.knn[tree merge, no split rule]", True),
     ("latentspace.knn[no large-k plan]", True), ("latentspace.FlatIndex[bf16 storage, thresholds per split]", True),
-    ("latentspace.knn[deep tile]", True), ("latentspace.FlatIndex[bf16 storage, deep tile]", True),
+    ("latentspace.knn[mma tile]", True), ("latentspace.FlatIndex[bf16 storage, mma tile]", True),
+    ("latentspace.check[torch check]", True),
     ("latentspace.knn(numpy, device='cuda')", False)])
 def test_which_peers_the_opt_in_benchmark_process_takes(peer, opt_in):
     """gpu_run.sh's opt-in process (LATENTSPACE_BENCH_PART=opt-ins) takes the peers whose
@@ -235,10 +236,11 @@ def test_the_profile_takes_known_sections_only():
     by name, and without a GPU every section says so and the run fails."""
     script = str(ROOT / "benchmarks" / "profile_knn_cuda.py")
     bad = subprocess.run([sys.executable, script, "--section", "nope"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "--section: expected one of q1, q1sweep, copy, big, sweep, defaults, got ['nope']" in bad.stderr
+    assert bad.returncode == 1 and \
+        "--section: expected one of q1, q1sweep, copy, big, sweep, defaults, largek, got ['nope']" in bad.stderr
     if not __import__("latentspace").cuda_available():
         run = subprocess.run([sys.executable, script], capture_output=True, text=True)
-        assert run.returncode == 1 and run.stdout.count("exited 1") == 6
+        assert run.returncode == 1 and run.stdout.count("exited 1") == 7
 
 
 def test_every_stage_is_in_the_default_list_in_the_order_it_runs():
@@ -708,6 +710,7 @@ def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, de
     assert racecheck.index("---- deep-tile: pytest tests/gpu/test_knn_deep_tile.py::") \
         < racecheck.index("---- losses: pytest"), racecheck
     assert "---- deep-tile exit 0" in memcheck and "---- deep-tile exit 0" in racecheck
+    assert "memcheck exit 0 (new kernels" in log and "racecheck exit 0 (new kernels" in log, log
 
 
 def test_the_deep_tile_sanitizer_selections_collect():
@@ -753,12 +756,38 @@ def test_the_ncu_stage_profiles_each_shape_in_its_own_process(tmp_path):
                                "--kernel-name regex:^(row_)?scan_kernel --launch-count 1 --section SpeedOfLight"), call
         assert call.endswith(f"python3 -u benchmarks/ncu_knn_cuda.py {shape}"), call
         assert "--section WarpStateStats" in call and "--section MemoryWorkloadAnalysis" in call
+        assert "--metrics regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$ " in call, call
     gpu_visible = _installed_latentspace_sees_a_gpu()
     expected = 0 if gpu_visible else 1
     assert f"ncu bf16 exit {expected} " in log and f"ncu k1024 exit {expected} " in log, log
     if not gpu_visible:
         assert "no usable CUDA GPU here" in report, report
+    assert "sections only" not in report and "sections only" not in log  # ncu took the metrics
     assert log.rstrip().endswith("== done (exit 0)"), log  # diagnostic: not the call's status
+
+
+FAKE_NCU_WITHOUT_METRICS = """#!/bin/sh
+# a stand-in Nsight Compute that refuses --metrics, as an ncu without those metrics would
+echo "fake ncu $*"
+case "$*" in *--metrics*) echo "==ERROR== Failed to find metric regex"; exit 1;; esac
+while [ "$#" -gt 0 ] && [ "$1" != python3 ]; do shift; done
+"$@"
+"""
+
+
+def test_the_ncu_stage_falls_back_to_the_sections_where_ncu_refuses_the_metrics(tmp_path):
+    """An ncu that refuses the stall metrics (==ERROR==) profiles the shape again with the
+    sections alone, so that the stage still reports what run 12's did."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "ncu").write_text(FAKE_NCU_WITHOUT_METRICS)
+    (folder / "ncu").chmod(0o755)
+    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="ncu", GPU_RUN_NCU_SHAPES="bf16")
+    report = (tmp_path / "ncu_knn.txt").read_text()
+    calls = re.findall(r"^fake ncu (.*)$", report, re.M)
+    assert len(calls) == 2 and "--metrics" in calls[0] and "--metrics" not in calls[1], report
+    assert "---- ncu bf16, sections only" in report and "ncu bf16, sections only, exit" in log, log
+    assert log.rstrip().endswith("== done (exit 0)"), log
 
 
 def test_the_ncu_stage_without_ncu_says_so(tmp_path):
