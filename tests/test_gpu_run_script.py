@@ -738,15 +738,20 @@ while [ "$#" -gt 0 ] && [ "$1" != python3 ]; do shift; done
 """
 
 
+def _fake_ncu(tmp_path, script: str):
+    """A folder holding an executable `ncu` with this text, to put first on PATH."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "ncu").write_text(script)
+    (folder / "ncu").chmod(0o755)
+    return folder
+
+
 def test_the_ncu_stage_profiles_each_shape_in_its_own_process(tmp_path):
     """ncu (found on PATH) runs benchmarks/ncu_knn_cuda.py once a shape, the first scan launch
     only, the card's clocks left alone, every section named, all into ncu_knn.txt; each run's
     exit status is logged (without a GPU the driver says so and exits 1)."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    (folder / "ncu").write_text(FAKE_NCU)
-    (folder / "ncu").chmod(0o755)
-    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="ncu", GPU_RUN_NCU_SHAPES="bf16 k1024")
+    log = _run_script(tmp_path, _fake_ncu(tmp_path, FAKE_NCU), GPU_RUN_STAGES="ncu", GPU_RUN_NCU_SHAPES="bf16 k1024")
     report = (tmp_path / "ncu_knn.txt").read_text()
     assert re.findall(r"^---- ncu (\w+)$", report, re.M) == ["bf16", "k1024"], report
     calls = re.findall(r"^fake ncu (.*)$", report, re.M)
@@ -778,11 +783,8 @@ while [ "$#" -gt 0 ] && [ "$1" != python3 ]; do shift; done
 def test_the_ncu_stage_falls_back_to_the_sections_where_ncu_refuses_the_metrics(tmp_path):
     """An ncu that refuses the stall metrics (==ERROR==) profiles the shape again with the
     sections alone, so that the stage still reports what run 12's did."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    (folder / "ncu").write_text(FAKE_NCU_WITHOUT_METRICS)
-    (folder / "ncu").chmod(0o755)
-    log = _run_script(tmp_path, folder, GPU_RUN_STAGES="ncu", GPU_RUN_NCU_SHAPES="bf16")
+    log = _run_script(tmp_path, _fake_ncu(tmp_path, FAKE_NCU_WITHOUT_METRICS), GPU_RUN_STAGES="ncu",
+                      GPU_RUN_NCU_SHAPES="bf16")
     report = (tmp_path / "ncu_knn.txt").read_text()
     calls = re.findall(r"^fake ncu (.*)$", report, re.M)
     assert len(calls) == 2 and "--metrics" in calls[0] and "--metrics" not in calls[1], report
