@@ -84,12 +84,13 @@ inline int single_query_rows() {
 // kernel's time from torch.profiler) timed 391 splits, one wave, at 0.165 and 0.163 ms against
 // 0.216 and 0.218 ms for 521, and 782 (two waves) at 0.176 and 0.175 ms. 0 where the call
 // does not take the single-query scan at 8 rows (more queries, or another
-// LATENTSPACE_CUDA_SINGLE_QUERY_ROWS).
+// LATENTSPACE_CUDA_SINGLE_QUERY_ROWS). (The plan does not know whether the query's rows load
+// in quads: one that does not takes the row scan, 3 or 4 resident blocks a multiprocessor by
+// ptxas, which these splits leave at one wave or less, no tail either.)
 inline int64_t single_query_wave(int64_t num_queries, int64_t dim, int multiprocessors) {
   if (num_queries != 1 || (dim > 0 && !use_row_scan(num_queries, dim)) || single_query_rows() != 8) return 0;
   return int64_t{row_scan_min_blocks(8)} * multiprocessors;
 }
-
 
 // grid (1, splits); dynamic shared memory: num_queries * dim floats (the queries, scaled by
 // the weights for weighted l2). kAligned: see knn_tiles.cuh. kOwnNorms: a.database_norms is
