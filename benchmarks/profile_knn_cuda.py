@@ -248,7 +248,8 @@ SWEEP = {
         (32, 1, "0", "0", "0"), (32, 1, "0", "1", "0"), (32, 1, "0", "0", "1"), (32, 1, "0", "1", "1"),
         (8, 1, "0", "0", "0"), (8, 1, "0", "1", "0"), (16, 1, "0", "0", "0"), (16, 1, "0", "1", "0"),
         (64, 1, "0", "0", "0"), (32, 4, "0", "0", "0"), (32, 4, "0", "1", "0"), (16, 4, "0", "1", "0"),
-        (32, 2, "0", "1", "1"), (0, 1, "1", "0", "0"), (0, 1, "1", "1", "0")]),
+        (32, 2, "0", "1", "1"), (0, 1, "1", "0", "0"), (0, 1, "1", "1", "0"),
+        (32, 4, "0", "1", "0", 2), (32, 4, "0", "1", "0", 3)]),
     "faiss3045 Q=5000 N=8192 D=2048 k=32": (5000, 8192, 2048, 32, [
         (32, 1, "0", "0", "0"), (32, 1, "0", "1", "0"), (8, 1, "0", "0", "0"), (2, 1, "0", "0", "0"),
         (2, 1, "0", "1", "0"), (0, 1, "1", "0", "0"), (0, 1, "1", "1", "0")]),
@@ -262,8 +263,9 @@ SWEEP_SLOW_S = 3.0  # a configuration whose first call took longer is timed once
 def plan_sweep(report: dict) -> None:
     """The split rule (LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR: splits at least rule * k rows long;
     0: none), the workspace bound (knn's workspace_bytes: how many queries a native call
-    takes), the tree merge, shared thresholds and the fitted plan (opt-ins) against the search
-    time, float32.
+    takes), the tree merge, shared thresholds, the fitted plan and, at k = 1024, the lists'
+    room beyond k (LATENTSPACE_CUDA_LIST_ROOM: fewer cut-backs) against the search time,
+    float32.
     The leads it serves (docs/benchmarks.md): k = 1024 (run 4's rule 32 ran 378 ms, rule 8
     595 ms; a larger workspace gives a call more query tiles, so more waves whose blocks start
     with a shared bound), a rule that scales with D (faiss #3045's shape ran 8.7 ms with 26
@@ -278,9 +280,11 @@ def plan_sweep(report: dict) -> None:
     for shape, (nq, n, dim, k, configurations) in SWEEP.items():
         x = torch.randn(n, dim, generator=g, device=DEVICE)
         q = torch.randn(nq, dim, generator=g, device=DEVICE)
-        for rule, gib, tree, shared, fitted in configurations:
+        for rule, gib, tree, shared, fitted, *room in configurations:
+            room = room[0] if room else 1  # (the list's room beyond k, in multiples of k)
             with environment(LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR=str(rule), LATENTSPACE_CUDA_TREE_MERGE=tree,
-                             LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared, LATENTSPACE_CUDA_FITTED_PLAN=fitted):
+                             LATENTSPACE_CUDA_SHARED_THRESHOLDS=shared, LATENTSPACE_CUDA_FITTED_PLAN=fitted,
+                             LATENTSPACE_CUDA_LIST_ROOM=str(room)):
                 search = lambda: latentspace.knn(q, x, k, workspace_bytes=gib << 30)  # noqa: E731
                 start = time.perf_counter()
                 search()  # the warm-up
@@ -290,13 +294,14 @@ def plan_sweep(report: dict) -> None:
                 calls, plan = calls_and_first_plan(nq, n, k, gib << 30, dim)
                 first_queries = calls[0][1] - calls[0][0]
             rows.append({"shape": shape, "rule": rule, "workspace_gib": gib, "tree_merge": tree == "1",
-                         "shared_thresholds": shared == "1", "fitted_plan": fitted == "1", "ms": ms, "plan": plan,
+                         "shared_thresholds": shared == "1", "fitted_plan": fitted == "1", "list_room": room,
+                         "ms": ms, "plan": plan,
                          "native_calls": len(calls), "first_call_queries": first_queries})
             print(f"  {shape:36s} rule {rule:2d} {gib} GiB {'tree' if tree == '1' else '    '} "
                   f"{'shared' if shared == '1' else 'split '} {'fitted ' if fitted == '1' else 'filling'} "
                   f"{ms:9.2f} ms  {len(calls)} calls; the first: "
                   f"{first_queries} queries, {plan['query_tiles']} x {plan['splits']} blocks, "
-                  f"{plan['split_length']} rows a split")
+                  f"{plan['split_length']} rows a split" + (f", list room {room} k" if room != 1 else ""))
         x = q = None  # this shape's tensors freed before the next one's are made
 
 

@@ -1339,6 +1339,8 @@ CUDA_INTEGER_SETTINGS = {
     # csrc/cuda/knn_plan.cuh, few_query_splits: the splits of a call of at most 8 queries (0: the
     # plan's own), for experiments
     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS": ("_cuda_few_query_splits", 0, 0, 65535),
+    # csrc/cuda/knn_plan.cuh, list_room: a list's room beyond k in multiples of k, for experiments
+    "LATENTSPACE_CUDA_LIST_ROOM": ("_cuda_list_room", 1, 1, 64),
 }
 
 
@@ -1403,7 +1405,8 @@ def _plan(nq, nb, k, bound=None, dim=0):
 def plan_settings(monkeypatch):
     """The plan's settings as a test sets them, none inherited from the environment."""
     for variable in ("LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_TREE_MERGE",
-                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS"):
+                     "LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "LATENTSPACE_CUDA_SINGLE_QUERY_ROWS",
+                     "LATENTSPACE_CUDA_LIST_ROOM"):
         monkeypatch.delenv(variable, raising=False)
     return monkeypatch
 
@@ -1587,6 +1590,27 @@ def test_one_query_takes_whole_waves_of_its_scan(nb, k, own_splits, dim, plan_se
     plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "")
     plan_settings.setenv("LATENTSPACE_CUDA_FEW_QUERY_SPLITS", "521")
     assert _plan(1, nb, k, dim=dim)["splits"] == -(-nb // (-(-tiles // 521) * 128))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("nq,nb,k", [(10_000, 1_000_000, 1024), (10_000, 1_000_000, 10), (1000, 1_000_000, 16384),
+                                     (1, 1_000_000, 1024), (300, 20_000, 1000)])
+def test_list_room_sets_the_lists_capacity(nq, nb, k, plan_settings):
+    """LATENTSPACE_CUDA_LIST_ROOM (an experiment, knn_plan.cuh list_room): a list holds k keys
+    and room for `room` k more (at least 512, at most its split's rows); the splits are
+    chosen as before, unless the workspace bound then calls for fewer (the fitted plan); a
+    search planned again at the plan's size gets the same plan."""
+    own = _plan(nq, nb, k, dim=128)
+    assert own["capacity"] == min(k + max(k, 512), own["split_length"])
+    for room in (2, 3, 64):
+        plan_settings.setenv("LATENTSPACE_CUDA_LIST_ROOM", str(room))
+        plan = _plan(nq, nb, k, dim=128)
+        assert plan["capacity"] == min(k + max(room * k, 512), plan["split_length"])
+        assert {**plan, "capacity": 0, "workspace_bytes": 0} == {**own, "capacity": 0, "workspace_bytes": 0}
+        assert plan["workspace_bytes"] >= own["workspace_bytes"]
+        assert _plan(nq, nb, k, plan["workspace_bytes"], 128) == plan
+        fitted = _plan(nq, nb, k, own["workspace_bytes"], 128)  # the room's plan under the old need
+        assert fitted["workspace_bytes"] <= own["workspace_bytes"] or fitted["tree"] or fitted["splits"] == 1
 
 
 @needs_cuda_build

@@ -228,6 +228,33 @@ def test_the_large_k_section_times_both_peers_and_prints_the_plan(profile, monke
     assert isinstance(ran[1], torch.return_types.topk)
 
 
+def test_the_plan_sweep_sets_each_rows_settings_the_list_room_included(profile, monkeypatch, capsys):
+    """Each configuration of the plan sweep runs under its own settings (the list's room beyond
+    k only where the row names one: 1 otherwise), which its JSON row and printed line name."""
+    import latentspace
+
+    seen = []
+
+    def search(q, x, k, workspace_bytes):
+        seen.append({name: os.environ.get(name) for name in (
+            "LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "LATENTSPACE_CUDA_LIST_ROOM", "LATENTSPACE_CUDA_SHARED_THRESHOLDS")})
+
+    monkeypatch.setattr(latentspace, "knn", search)
+    monkeypatch.setattr(profile, "SWEEP", {"tiny": (20, 3000, 8, 50, [(32, 1, "0", "1", "0"), (16, 2, "0", "0", "1", 3)])})
+    monkeypatch.setattr(profile, "median_ms", lambda call, repeats=0, warmup=0: (call(), 1.5)[1])
+    monkeypatch.setattr(profile, "calls_and_first_plan", lambda nq, n, k, bound, dim: (
+        [(0, nq, 1 << 20)], latentspace_plan(nq, n, k, bound)))
+    report = {}
+    profile.plan_sweep(report)
+    out = capsys.readouterr().out
+    rows = report["plan sweep"]
+    assert [(row["rule"], row["list_room"], row["shared_thresholds"]) for row in rows] == [(32, 1, True), (16, 3, False)]
+    assert len(seen) == 4 and {tuple(entry.values()) for entry in seen[:2]} == {("32", "1", "1")}, seen
+    assert {tuple(entry.values()) for entry in seen[2:]} == {("16", "3", "0")}, seen
+    lines = [line for line in out.splitlines() if line.lstrip().startswith("tiny")]
+    assert len(lines) == 2 and "list room" not in lines[0] and lines[1].endswith("list room 3 k"), out
+
+
 def latentspace_plan(nq, n, k, bound):
     from latentspace import _native
 

@@ -117,6 +117,9 @@ void bind_knn(py::module_& m) {
   m.def("_cuda_few_query_splits", &knn_cuda_few_query_splits,
         "The splits of a GPU call of at most 8 queries: 0 (the plan's own), or LATENTSPACE_CUDA_FEW_QUERY_SPLITS "
         "(an experiment).");
+  m.def("_cuda_list_room", &knn_cuda_list_room,
+        "A GPU candidate list's room beyond k, in multiples of k: 1, or LATENTSPACE_CUDA_LIST_ROOM (an "
+        "experiment).");
   m.def("_cuda_single_query_rows", &knn_cuda_single_query_rows,
         "The rows a warp reads at once in the GPU scan of one query: 8 (the single-query scan, the "
         "default), 16, or 4 (the row scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says.");

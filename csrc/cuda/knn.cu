@@ -137,6 +137,7 @@ void merge_as_tree(const Workspace& w, const Plan& plan, int64_t num_queries, in
 void refuse_bad_settings() {
   (void)rows_per_neighbour();
   (void)few_query_splits();
+  (void)list_room();
   (void)single_query_rows();
   (void)use_fitted_plan();
   (void)use_fused_finish();
@@ -195,6 +196,8 @@ KnnCudaPlan knn_cuda_plan_for(int64_t num_queries, int64_t num_database, int64_t
 int64_t knn_cuda_rows_per_neighbour(int64_t dim) { return cuda::rows_per_neighbour(dim); }
 
 int64_t knn_cuda_few_query_splits() { return cuda::few_query_splits(); }
+
+int64_t knn_cuda_list_room() { return cuda::list_room(); }
 
 int knn_cuda_single_query_rows() { return cuda::single_query_rows(); }
 

@@ -66,6 +66,15 @@ inline int64_t whole_waves(int64_t splits, int64_t wave) {
 
 constexpr int kExtraCapacityTiles = 4;  // list room beyond k (in kPlanRows): fewer cut-backs early on
 
+// A list's room beyond its k keys, in multiples of k (at least kExtraCapacityTiles plan tiles
+// of rows, at most the split's rows): a list that fills is cut back to k by a block radix
+// select (knn_scan.cuh), so more room means fewer, larger cut-backs and more workspace.
+// LATENTSPACE_CUDA_LIST_ROOM, a whole number from 1 (unset: the room every GPU run so far
+// timed, capacity 2 k at k >= 512) to 64; for experiments: GPU run 12 timed the scan of
+// Q = 10,000 over 1M x 128 at k = 1024 at 89.6 ms against 74.1 at k = 10, and the profile's
+// plan sweep times rooms 2 and 3 there. Read at every plan, like the split rule.
+inline int64_t list_room() { return environment_integer("LATENTSPACE_CUDA_LIST_ROOM", 1, 1, 64); }
+
 // The fewest queries a call of the large-k plan must be able to take within the workspace
 // bound (plan_for).
 constexpr int64_t kLargeKFewQueries = 64;
@@ -166,7 +175,7 @@ inline Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, 
   // A list never holds more keys than its split has rows, so no capacity beyond that is needed
   // (small query batches get many short splits: this keeps their workspace small).
   plan.capacity = static_cast<int>(
-      std::min<int64_t>(k + std::max<int64_t>(k, kExtraCapacityTiles * kPlanRows), plan.split_length));
+      std::min<int64_t>(k + std::max<int64_t>(list_room() * k, kExtraCapacityTiles * kPlanRows), plan.split_length));
   plan.cub_bytes = cub_bytes;
   WorkspaceCarver sizer(nullptr);
   carve(nullptr, nq, nb, k, plan, &sizer);

@@ -17,6 +17,8 @@ int64_t knn_cuda_rows_per_neighbour(int64_t) { no_cuda(); }
 
 int64_t knn_cuda_few_query_splits() { no_cuda(); }
 
+int64_t knn_cuda_list_room() { no_cuda(); }
+
 int knn_cuda_single_query_rows() { no_cuda(); }
 
 const char* knn_cuda_tree_merge() { no_cuda(); }

@@ -86,6 +86,9 @@ int64_t knn_cuda_rows_per_neighbour(int64_t dim = 0);
 // LATENTSPACE_CUDA_FEW_QUERY_SPLITS (a whole number from 0 to 65535; other values throw
 // ValueError). For experiments.
 int64_t knn_cuda_few_query_splits();
+// A candidate list's room beyond k, in multiples of k: 1, or LATENTSPACE_CUDA_LIST_ROOM (a
+// whole number from 1 to 64; other values throw ValueError). For experiments.
+int64_t knn_cuda_list_room();
 // The rows a warp reads at once in the scan of one query: 8 (the single-query scan, the
 // default), 16, or 4 (the row scan), as LATENTSPACE_CUDA_SINGLE_QUERY_ROWS says (other values
 // throw ValueError).

@@ -493,14 +493,15 @@ def test_small_fitted_plan_equals_the_filling_one(metric, nq, n, dim, k, gen, mo
 @pytest.mark.parametrize("variable", ["LATENTSPACE_CUDA_FUSED_FINISH", "LATENTSPACE_CUDA_EARLY_NORMS",
                                       "LATENTSPACE_CUDA_SHARED_THRESHOLDS", "LATENTSPACE_CUDA_TREE_MERGE",
                                       "LATENTSPACE_CUDA_FITTED_PLAN", "LATENTSPACE_CUDA_TENSOR_TILE",
-                                      "LATENTSPACE_CUDA_WARP_CUT_BACKS", "LATENTSPACE_CUDA_FLOAT_THRESHOLDS"])
+                                      "LATENTSPACE_CUDA_WARP_CUT_BACKS", "LATENTSPACE_CUDA_FLOAT_THRESHOLDS",
+                                      "LATENTSPACE_CUDA_LIST_ROOM"])
 def test_small_a_bad_setting_is_refused_on_every_path(variable, gen, monkeypatch):
     """A float32 search of 200 queries over 300 rows reaches none of the settings but the fused
     finish's (no row scan, tensor tile, tree merge or plan over its bound): a bad value of any
     of them is still refused, before the search queues anything (knn.cu refuse_bad_settings)."""
     queries, database = _randn(gen, 200, 8), _randn(gen, 300, 8)
     monkeypatch.setenv(variable, "bad")
-    with pytest.raises(ValueError, match=f"{variable}: expected '.+' or '.+', got 'bad'"):
+    with pytest.raises(ValueError, match=f"{variable}: expected ('.+' or '.+'|a whole number from .+), got 'bad'"):
         latentspace.knn(queries, database, 3)
     monkeypatch.delenv(variable)
     assert_matches_reference(*latentspace.knn(queries, database, 3), queries, database, 3, "l2")
@@ -1429,6 +1430,32 @@ def test_small_one_query_takes_whole_waves_with_the_same_results(metric, gen, mo
     for (d0, i0), (d, i) in zip(waves, searches()):
         assert torch.equal(i0, i) and torch.equal(d0, d)
         assert_matches_reference(d, i, queries, database, 10, metric)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq,n,k,warps", [(130, 60_000, 100, "0"), (300, 20_000, 1000, "0"), (3, 20_000, 300, "0"),
+                                          (130, 60_000, 100, "1")])
+def test_small_list_room_changes_no_result(metric, nq, n, k, warps, gen, monkeypatch):
+    """LATENTSPACE_CUDA_LIST_ROOM (an experiment, knn_plan.cuh list_room: a candidate list's
+    room beyond k, in multiples of k) changes how often lists are cut back, never a result:
+    rooms 1, 2 and 5 through knn and a FlatIndex, in the tile scan (130 and 300 queries, with
+    the block's cut-backs and the warps') and the row scan (3 queries), under the split rule's
+    plan so that lists fill and are cut back mid-split."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+    monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", warps)
+    queries, database = _randn(gen, nq, 32), _randn(gen, n, 32)
+    searches = _knn_and_index(queries, database, k, metric)
+    results = {}
+    for room in ("1", "2", "5"):
+        monkeypatch.setenv("LATENTSPACE_CUDA_LIST_ROOM", room)
+        plan = _native._cuda_plan(nq, n, k, torch.cuda.current_device(), None, 32)
+        assert plan["capacity"] == min(k + max(int(room) * k, 512), plan["split_length"])
+        results[room] = searches()
+    for room in ("2", "5"):
+        for (d0, i0), (d, i) in zip(results["1"], results[room]):
+            assert torch.equal(i0, i) and torch.equal(d0, d), room
+    for d, i in results["5"]:
+        assert_matches_reference(d, i, queries, database, k, metric)
 
 
 @pytest.fixture(params=["late", "early"])
