@@ -554,17 +554,19 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
         continue
       fi
       echo "---- ncu $shape" >> "${OUT:-.}/ncu_knn.txt"
+      # (into the report as it comes, and a copy to look for a refusal of the metrics in)
       shape_log=$(mktemp)
       timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
         --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
         --metrics "$NCU_STALL_METRICS" \
-        python3 -u benchmarks/ncu_knn_cuda.py "$shape" > "$shape_log" 2>&1
-      code=$?
-      cat "$shape_log" >> "${OUT:-.}/ncu_knn.txt"
+        python3 -u benchmarks/ncu_knn_cuda.py "$shape" 2>&1 | tee -a "${OUT:-.}/ncu_knn.txt" > "$shape_log"
+      code=${PIPESTATUS[0]}
       echo "ncu $shape exit $code (124 or 137: stopped at the stage's limit)"
       left=$(( limit - ($(date +%s) - start) ))
-      if grep -q "^==ERROR==" "$shape_log" && [ "$left" -ge 10 ]; then
-        # (an ncu that refused the stall metrics: the sections alone, as run 12 had them)
+      if grep -qi "^==ERROR==.*metric" "$shape_log" && [ "$left" -ge 10 ]; then
+        # (an ncu that refused the stall metrics: the sections alone, as run 12 had them; not
+        # for other errors, the program's own failure or the counters' permission, which the
+        # same call without the metrics would meet again)
         echo "---- ncu $shape, sections only" >> "${OUT:-.}/ncu_knn.txt"
         timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
           --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \

@@ -1614,15 +1614,30 @@ def test_list_room_sets_the_lists_capacity(nq, nb, k, plan_settings):
 
 
 @needs_cuda_build
+def test_list_room_keeps_the_capacity_an_int(plan_settings):
+    """One split of 2^31 - 1 rows at k = 2^28 and room 7 asks for 2^31 keys a list: the
+    capacity stays the largest int (found in a review: it wrapped to -2^31, and the workspace to
+    2^64 - 2^31), so that the plan's workspace is what such a list needs, and too large."""
+    plan_settings.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")
+    plan_settings.setenv("LATENTSPACE_CUDA_LIST_ROOM", "7")
+    plan = latentspace._native._cuda_plan_for(1, 2**31 - 1, 2**28, MULTIPROCESSORS, None, 1 << 20, 128)
+    assert plan["splits"] == 1 and plan["capacity"] == 2**31 - 1
+    assert 8 * (2**31 - 1) <= plan["workspace_bytes"] < 2**40
+
+
+@needs_cuda_build
 def test_whole_waves_are_for_one_query_within_the_row_scans_dimensions(plan_settings):
     """Two queries (the row scan), and one query past the row scan's 44 KiB of queries in
-    shared memory (11,264 float32 dimensions: the tile scan), keep the plan's own splits."""
+    shared memory (11,264 float32 dimensions: the tile scan), keep the plan's own splits, more
+    than a wave (396) here; one query of 11,264 dimensions takes whole waves."""
     plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "4")
-    two, deep = _plan(2, 1_000_000, 10, dim=128), _plan(1, 100_000, 10, dim=12_000)
+    two, deep = _plan(2, 1_000_000, 10, dim=128), _plan(1, 1_000_000, 10, dim=12_000)
+    widest = _plan(1, 1_000_000, 10, dim=11_264)
+    assert min(two["splits"], deep["splits"], widest["splits"]) > 3 * MULTIPROCESSORS  # (the premise)
     plan_settings.setenv("LATENTSPACE_CUDA_SINGLE_QUERY_ROWS", "")
     assert _plan(2, 1_000_000, 10, dim=128) == two and two["splits"] == 521
-    assert _plan(1, 100_000, 10, dim=12_000) == deep
-    assert _plan(1, 100_000, 10, dim=11_264)["splits"] <= 3 * MULTIPROCESSORS
+    assert _plan(1, 1_000_000, 10, dim=12_000) == deep
+    assert _plan(1, 1_000_000, 10, dim=11_264)["splits"] <= 3 * MULTIPROCESSORS
 
 
 @needs_cuda_build

@@ -780,6 +780,25 @@ while [ "$#" -gt 0 ] && [ "$1" != python3 ]; do shift; done
 """
 
 
+FAKE_NCU_WITHOUT_COUNTERS = """#!/bin/sh
+# a stand-in Nsight Compute on a machine whose counters it may not read
+echo "fake ncu $*"
+echo "==ERROR== ERR_NVGPUCTRPERM - The user does not have permission to access NVIDIA GPU Performance Counters"
+exit 1
+"""
+
+
+def test_the_ncu_stage_runs_a_shape_once_where_ncu_fails_for_another_reason(tmp_path):
+    """An ncu error that is not about the metrics (here the counters' permission) would meet
+    the sections-only call too: each shape runs once, its error in the report."""
+    log = _run_script(tmp_path, _fake_ncu(tmp_path, FAKE_NCU_WITHOUT_COUNTERS), GPU_RUN_STAGES="ncu",
+                      GPU_RUN_NCU_SHAPES="bf16 fp32")
+    report = (tmp_path / "ncu_knn.txt").read_text()
+    assert len(re.findall(r"^fake ncu ", report, re.M)) == 2 and "sections only" not in report + log, report
+    assert report.count("ERR_NVGPUCTRPERM") == 2 and "ncu bf16 exit 1 " in log and "ncu fp32 exit 1 " in log, log
+    assert log.rstrip().endswith("== done (exit 0)"), log
+
+
 def test_the_ncu_stage_falls_back_to_the_sections_where_ncu_refuses_the_metrics(tmp_path):
     """An ncu that refuses the stall metrics (==ERROR==) profiles the shape again with the
     sections alone, so that the stage still reports what run 12's did."""

@@ -5,7 +5,8 @@
 //   2. scan_kernel      (knn_scan.cuh) grid (query tiles, database splits): a block computes score
 //                       tiles (knn_tiles.cuh: 128 x 128 float32 FMA, or 64 x 64 on tensor cores
 //                       for tf32 / bf16 / fp16 with WMMA, opt-in; knn_mma_tile.cuh: 128 x 128
-//                       with mma.sync, the default) and appends each candidate whose
+//                       with mma.sync; knn_deep_tile.cuh: the same staged by cp.async, the
+//                       default since GPU run 12) and appends each candidate whose
 //                       key beats its query's current k-th best to that query's list; a list
 //                       near its capacity is cut back to its k best by a block radix select
 //                       (knn_select.cuh), which also tightens the threshold; 1 to 8 queries

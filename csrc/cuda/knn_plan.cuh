@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "core/check.h"
@@ -174,8 +175,10 @@ inline Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, 
   plan.splits = static_cast<int>(std::max<int64_t>(1, ceil_div(nb, plan.split_length)));
   // A list never holds more keys than its split has rows, so no capacity beyond that is needed
   // (small query batches get many short splits: this keeps their workspace small).
+  // (int: a split of 2^31 rows at room 64 would pass it; such a list never fits a workspace)
   plan.capacity = static_cast<int>(
-      std::min<int64_t>(k + std::max<int64_t>(list_room() * k, kExtraCapacityTiles * kPlanRows), plan.split_length));
+      std::min({k + std::max<int64_t>(list_room() * k, kExtraCapacityTiles * kPlanRows), plan.split_length,
+                int64_t{std::numeric_limits<int>::max()}}));
   plan.cub_bytes = cub_bytes;
   WorkspaceCarver sizer(nullptr);
   carve(nullptr, nq, nb, k, plan, &sizer);

@@ -111,8 +111,8 @@ bool knn_cuda_float_thresholds();
 // (csrc/cuda/knn.cu): yes unless LATENTSPACE_CUDA_FITTED_PLAN=0 (unset, empty or 1: yes);
 // other values throw ValueError.
 bool knn_cuda_fitted_plan();
-// The tensor-core tile a tf32 / bf16 / fp16 search takes now: "mma" (MmaTile, the default),
-// "wmma" (WmmaTile) or "deep" (DeepMmaTile, opt-in), as the environment
+// The tensor-core tile a tf32 / bf16 / fp16 search takes now: "deep" (DeepMmaTile where it
+// applies, the default since GPU run 12), "mma" (MmaTile) or "wmma" (WmmaTile), as the environment
 // variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();

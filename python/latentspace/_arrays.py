@@ -474,7 +474,7 @@ def unusable_row_flag(tensor: Any, first_row: int = 0, weights: Any = None):
     also a weighted squared norm sum_d w_d x_d^2 above it, as the CPU kernel refuses for
     weighted_l2 (the GPU kernel trusts its caller: such a row would give NaN distances). On a GPU, the check is
     latentspace's kernel (one read of the rows) where _cuda_row_check.takes the tensor
-    (LATENTSPACE_CUDA_ROW_CHECK=native), or else torch's ops, at most NORM_BYTES_PER_STEP
+    (LATENTSPACE_CUDA_ROW_CHECK native or, since GPU run 12, unset), or else torch's ops, at most NORM_BYTES_PER_STEP
     bytes of rows squared at once."""
     import torch
 

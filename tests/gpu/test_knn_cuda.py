@@ -1219,12 +1219,14 @@ def test_small_warp_cut_backs_equal_the_block_ones(metric, nq, n, dim, k, precis
     """Cut-backs by warps select the same k best keys with the same radix select, so the
     results must be bit-identical to the block's: at k = 1024 (lists cut back several times a
     split), k = 5 (lists that fill once), k = 700 of 5,000 rows (cut back at the end), k > N
-    (padding), with thresholds shared too, on the tensor-core tiles mma.sync and WMMA (their
+    (padding), with thresholds shared too, on the tensor-core tiles MmaTile (set here: the
+    default deep tile's cut-backs by warps are in test_knn_deep_tile.py) and WMMA (their
     staging buffers hold the warps' histograms), and the FlatIndex path; the 20,000-row shape
     is small enough for racecheck (the histograms are shared memory). In the split rule's plans
     (RULE_PLAN): in the large-k plan these lists would never be cut back mid-split."""
     for variable, value in RULE_PLAN.items():
         monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "mma")
     if precision.endswith(" wmma"):
         precision = precision.split()[0]
         monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "wmma")
@@ -1433,8 +1435,8 @@ def test_small_one_query_takes_whole_waves_with_the_same_results(metric, gen, mo
 
 
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("nq,n,k,warps", [(130, 60_000, 100, "0"), (300, 20_000, 1000, "0"), (3, 20_000, 300, "0"),
-                                          (130, 60_000, 100, "1")])
+@pytest.mark.parametrize("nq,n,k,warps", [(130, 60_000, 600, "0"), (300, 20_000, 1000, "0"), (3, 20_000, 600, "0"),
+                                          (130, 60_000, 600, "1")])
 def test_small_list_room_changes_no_result(metric, nq, n, k, warps, gen, monkeypatch):
     """LATENTSPACE_CUDA_LIST_ROOM (an experiment, knn_plan.cuh list_room: a candidate list's
     room beyond k, in multiples of k) changes how often lists are cut back, never a result:
@@ -1445,12 +1447,14 @@ def test_small_list_room_changes_no_result(metric, nq, n, k, warps, gen, monkeyp
     monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", warps)
     queries, database = _randn(gen, nq, 32), _randn(gen, n, 32)
     searches = _knn_and_index(queries, database, k, metric)
-    results = {}
+    results, capacities = {}, []
     for room in ("1", "2", "5"):
         monkeypatch.setenv("LATENTSPACE_CUDA_LIST_ROOM", room)
         plan = _native._cuda_plan(nq, n, k, torch.cuda.current_device(), None, 32)
         assert plan["capacity"] == min(k + max(int(room) * k, 512), plan["split_length"])
+        capacities.append(plan["capacity"])
         results[room] = searches()
+    assert capacities[0] < capacities[1] < capacities[2], capacities  # (k >= 512: each room its own)
     for room in ("2", "5"):
         for (d0, i0), (d, i) in zip(results["1"], results[room]):
             assert torch.equal(i0, i) and torch.equal(d0, d), room

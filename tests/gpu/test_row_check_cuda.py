@@ -1,7 +1,7 @@
 """The row check's CUDA kernel (csrc/cuda/norms.cu, through _cuda_row_check) against the CPU's
 check, float64 norms and torch's ops; then the searches and the GPU index under it.
 
-Every test forces the kernel (LATENTSPACE_CUDA_ROW_CHECK=native; opt-in until a GPU run has
+Every test forces the kernel (LATENTSPACE_CUDA_ROW_CHECK=native; the default since GPU run 12
 verified it, docs/gpu-runs.md), except where torch's ops are the reference. Inputs are fresh
 random values each run (the seed is printed); norms handed to the kernel are poisoned first, so
 a row it forgets shows up as NaN. Marked "cuda": skipped where torch sees no GPU (run with
