@@ -166,8 +166,10 @@ inline bool use_fitted_plan() { return environment_switch("LATENTSPACE_CUDA_FITT
 // never, and no large-k plan. Read at every plan.
 inline Setting tree_merge_setting() { return environment_setting("LATENTSPACE_CUDA_TREE_MERGE"); }
 
-// The plan of `splits` splits per query tile (fewer when the rows run out first).
-inline Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t cub_bytes) {
+// The plan of `splits` splits per query tile (fewer when the rows run out first), its lists
+// with `room` times k of room beyond k (list_room, read once by the caller: the fitted plan
+// tries up to hundreds of split counts).
+inline Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, size_t cub_bytes, int64_t room) {
   Plan plan;
   plan.query_tiles = ceil_div(nq, SimtTile::kQueries);
   const int64_t database_tiles = ceil_div(nb, kPlanRows);
@@ -177,7 +179,7 @@ inline Plan plan_with_splits(int64_t nq, int64_t nb, int64_t k, int64_t splits, 
   // (small query batches get many short splits: this keeps their workspace small).
   // (int: a split of 2^31 rows at room 64 would pass it; such a list never fits a workspace)
   plan.capacity = static_cast<int>(
-      std::min({k + std::max<int64_t>(list_room() * k, kExtraCapacityTiles * kPlanRows), plan.split_length,
+      std::min({k + std::max<int64_t>(room * k, kExtraCapacityTiles * kPlanRows), plan.split_length,
                 int64_t{std::numeric_limits<int>::max()}}));
   plan.cub_bytes = cub_bytes;
   WorkspaceCarver sizer(nullptr);
@@ -243,7 +245,7 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
   // The plan holds for every precision (the workspace size does not depend on it): splits
   // are counted in the largest tiles' units, and a smaller tile's grid covers the same splits.
   const int64_t query_tiles = ceil_div(nq, SimtTile::kQueries), database_tiles = ceil_div(nb, kPlanRows);
-  const int64_t rule = rows_per_neighbour(dim);
+  const int64_t rule = rows_per_neighbour(dim), room = list_room();
   const Setting tree = tree_merge_setting();
   // (few_query_splits: the splits an experiment forces on a call of at most 8 queries, or 0)
   const int64_t forced = nq <= kRowQueries ? few_query_splits() : 0;
@@ -264,7 +266,7 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
         forced > 0 ? forced
                    : whole_waves(choose_splits(ceil_div(few, SimtTile::kQueries), database_tiles, k, multiprocessors, 0),
                                  single_query_wave(few, dim, multiprocessors));
-    large_k = plan_with_splits(few, nb, k, few_splits, cub_bytes).workspace_bytes <= workspace_bound;
+    large_k = plan_with_splits(few, nb, k, few_splits, cub_bytes, room).workspace_bytes <= workspace_bound;
   }
   if (large_k) filling = choose_splits(query_tiles, database_tiles, k, multiprocessors, 0);
   // One query: whole waves of the single-query scan's resident blocks (single_query_wave).
@@ -272,7 +274,7 @@ inline Plan plan_for(int64_t nq, int64_t nb, int64_t k, int multiprocessors, siz
   if (forced > 0) filling = forced;
   const bool merge_as_tree = large_k || tree == Setting::kOn;
   const auto with_splits = [&](int64_t splits) {
-    Plan plan = plan_with_splits(nq, nb, k, splits, cub_bytes);
+    Plan plan = plan_with_splits(nq, nb, k, splits, cub_bytes, room);
     plan.tree = merge_as_tree && plan.splits > kMergeGroup;
     return plan;
   };
