@@ -545,8 +545,10 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
     echo "== ncu ($NCU over benchmarks/ncu_knn_cuda.py's scans, report: ncu_knn.txt)"
     start=$(date +%s)
     : > "${OUT:-.}/ncu_knn.txt"
-    sections=()
-    for section in "${NCU_SECTIONS[@]}"; do sections+=(--section "$section"); done
+    # (the first scan launch of a shape, every section: both calls below take these)
+    ncu_options=(--clock-control none --kernel-name-base function --kernel-name "regex:^(row_)?scan_kernel"
+      --launch-count 1)
+    for section in "${NCU_SECTIONS[@]}"; do ncu_options+=(--section "$section"); done
     for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_mma faiss3045 faiss3045_mma fp32 k1024}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
@@ -556,9 +558,7 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
       echo "---- ncu $shape" >> "${OUT:-.}/ncu_knn.txt"
       # (into the report as it comes, and a copy to look for a refusal of the metrics in)
       shape_log=$(mktemp)
-      timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
-        --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
-        --metrics "$NCU_STALL_METRICS" \
+      timeout -k 5 "$left" "$NCU" "${ncu_options[@]}" --metrics "$NCU_STALL_METRICS" \
         python3 -u benchmarks/ncu_knn_cuda.py "$shape" 2>&1 | tee -a "${OUT:-.}/ncu_knn.txt" > "$shape_log"
       code=${PIPESTATUS[0]}
       echo "ncu $shape exit $code (124 or 137: stopped at the stage's limit)"
@@ -568,8 +568,7 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
         # for other errors, the program's own failure or the counters' permission, which the
         # same call without the metrics would meet again)
         echo "---- ncu $shape, sections only" >> "${OUT:-.}/ncu_knn.txt"
-        timeout -k 5 "$left" "$NCU" --clock-control none --kernel-name-base function \
-          --kernel-name "regex:^(row_)?scan_kernel" --launch-count 1 "${sections[@]}" \
+        timeout -k 5 "$left" "$NCU" "${ncu_options[@]}" \
           python3 -u benchmarks/ncu_knn_cuda.py "$shape" >> "${OUT:-.}/ncu_knn.txt" 2>&1
         echo "ncu $shape, sections only, exit $?"
       fi

@@ -94,6 +94,13 @@ def kernel_times(call) -> list[tuple[str, int, float]]:
     return sorted(rows, key=lambda row: -row[2])
 
 
+def print_kernels(title: str, rows: list[tuple[str, int, float]]) -> None:
+    """A search's 8 slowest kernels (kernel_times' rows) under a "== title" line."""
+    print(f"\n== {title}")
+    for name, count, ms in rows[:8]:
+        print(f"  {ms:9.2f} ms  x{count:<4d} {name[:90]}")
+
+
 # The settings whose kernels big_search_breakdown splits (_common.CUDA_KNN_OPT_INS names): the
 # defaults, each default turned off (the defaults chosen in GPU run 8), and the opt-ins still
 # waiting, each on its own.
@@ -116,9 +123,7 @@ def big_search_breakdown(report: dict) -> None:
                 rows = kernel_times(lambda: latentspace.knn(q, x, k))
             label = f"big k={k}" + (f" [{', '.join(opt_ins)}]" if opt_ins else "")
             report[label] = rows
-            print(f"\n== knn Q=10000 N=1000000 D=128 {label[4:]}: CUDA kernels of one search")
-            for name, count, ms in rows[:8]:
-                print(f"  {ms:9.2f} ms  x{count:<4d} {name[:90]}")
+            print_kernels(f"knn Q=10000 N=1000000 D=128 {label[4:]}: CUDA kernels of one search", rows)
 
 
 def q1_breakdown(report: dict) -> None:
@@ -357,10 +362,6 @@ def defaults_check(report: dict) -> None:
         x = q = None  # this shape's tensors freed before the next one's are made
 
 
-# Each section runs in a process of its own, in this order: a never-run opt-in kernel that
-# faults leaves its process's CUDA context unusable, and must not take the sections after it
-# along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
-# q1sweep second: the newest experiment, before the sections earlier runs have timed.
 LARGE_K_N = 1_000_000
 LARGE_K_QUERIES = 1000
 LARGE_K_KS = (4096, 16384)
@@ -388,11 +389,14 @@ def large_k_breakdown(report: dict) -> None:
             where = (f" ({len(calls)} calls, the first: {plan['query_tiles']} x {plan['splits']} blocks"
                      f"{' tree' if plan['tree'] else ''}, workspace bound {bound / 2**30:.1f} GiB)"
                      if peer == "latentspace.knn" else "")
-            print(f"\n== Q={LARGE_K_QUERIES} N={LARGE_K_N} D=128 k={k} {peer}: CUDA kernels of one search{where}")
-            for name, count, ms in rows[:8]:
-                print(f"  {ms:9.2f} ms  x{count:<4d} {name[:90]}")
+            print_kernels(f"Q={LARGE_K_QUERIES} N={LARGE_K_N} D=128 k={k} {peer}: CUDA kernels of one search{where}",
+                          rows)
 
 
+# Each section runs in a process of its own, in this order: a never-run opt-in kernel that
+# faults leaves its process's CUDA context unusable, and must not take the sections after it
+# along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
+# q1sweep second: the newest experiment, before the sections earlier runs have timed.
 SECTIONS = {"q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "big": big_search_breakdown,
             "sweep": plan_sweep, "defaults": defaults_check, "largek": large_k_breakdown}
 
