@@ -56,7 +56,10 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "torch check": ("LATENTSPACE_CUDA_ROW_CHECK", "torch"),
                     # MmaTile, the tensor-core tile until GPU run 12 made the tile staged by
                     # cp.async (knn_deep_tile.cuh) the default where it applies
-                    "mma tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "mma")}
+                    "mma tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "mma"),
+                    # the deep tile with the next tile's first step and norms in flight between
+                    # tiles (knn_pipelined_tile.cuh; opt-in, where the opt-in family runs)
+                    "pipelined tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "pipelined")}
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")

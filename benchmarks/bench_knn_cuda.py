@@ -61,6 +61,11 @@ Peers:
                            not the tile staged by cp.async and rounded once per block
                            (csrc/cuda/knn_deep_tile.cuh; the default since GPU run 12; tf32 and
                            bf16 cells, faiss #3045 in bf16)
+  ...[pipelined tile]      LATENTSPACE_CUDA_TENSOR_TILE=pipelined: the deep tile with the next
+                           tile's first step and norms in flight between tiles, the norms read
+                           from shared memory (csrc/cuda/knn_pipelined_tile.cuh; the opt-in
+                           family's searches: these cells' several splits a query; tf32 and
+                           bf16 cells, faiss #3045 in bf16)
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)
@@ -338,13 +343,14 @@ def knn_peer_call(peer: str, search, *args, **kwargs):
 
 
 # latentspace peers of the tensor-core cells: the tile (staged by cp.async, the default; or
-# "mma tile", staged through registers; or WMMA), and whether the database is kept in the precision's
+# "mma tile", staged through registers; or "pipelined tile", opt-in; or WMMA), and whether the database is kept in the precision's
 # own storage (a GPU FlatIndex with storage="bf16": half the bytes read, as torch's bf16
 # operands).
 TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thresholds per split]",
-                "latentspace.knn[mma tile]", "latentspace.FlatIndex[bf16 storage]",
+                "latentspace.knn[mma tile]", "latentspace.knn[pipelined tile]", "latentspace.FlatIndex[bf16 storage]",
                 "latentspace.FlatIndex[bf16 storage, thresholds per split]", "latentspace.FlatIndex[bf16 storage, wmma]",
-                "latentspace.FlatIndex[bf16 storage, mma tile]", "torch.mm+topk")
+                "latentspace.FlatIndex[bf16 storage, mma tile]", "latentspace.FlatIndex[bf16 storage, pipelined tile]",
+                "torch.mm+topk")
 
 
 def tensor_core_call(peer, q, x, k, precision):
@@ -352,7 +358,8 @@ def tensor_core_call(peer, q, x, k, precision):
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
-        # ("" is the default tile; the "mma tile" opt-out sets its tile inside this one:
+        # ("" is the default tile; the "mma tile" opt-out and the "pipelined tile" opt-in set
+        # their tile inside this one:
         # knn_peer_call's settings are applied last)
         tile = "wmma" if "wmma]" in peer else ""
         search = latentspace.knn

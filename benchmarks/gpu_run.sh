@@ -251,16 +251,43 @@ RACECHECK_DEEP_TILE_TESTS=(
   "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[300-5000-64-20-bf16-bf16]"
 )
 
+# The pipelined deep tile (csrc/cuda/knn_pipelined_tile.cuh, opt-in, new and not yet run on a
+# GPU; tests/gpu/test_knn_pipelined_tile.py): the next tile's first step and norms copied by
+# cp.async between tiles, into buffers the current tile has finished with, so its hazards are
+# the ones to look for. Both tools run it first in the new kernels' part: memcheck a
+# selection (the copies' sources and zero-filled edges, the norm buffers, 16-bit rows, the
+# fallbacks), racecheck three searches of an odd step count a tile (the rounded buffers
+# alternate across tiles) with rows copied straight into the rounded tile, float32 rows landed
+# and rounded, and lists cut back mid-split. Each at most
+# GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS (default 40 s); GPU_RUN_SANITIZER_PIPELINED_TILE=0
+# leaves it out. tests/test_gpu_run_script.py checks that these collect.
+PIPELINED_TILE_TESTS=tests/gpu/test_knn_pipelined_tile.py
+MEMCHECK_PIPELINED_TILE_SELECTION="128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
+RACECHECK_PIPELINED_TILE_TESTS=(
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[140-6000-72-12-bf16-bf16]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[150-3000-40-9-fp32-bf16]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_cuts_lists_back_mid_split[1-bf16]"
+)
+
 # sanitizer_runs PART TOOL: sets $runs to PART's (new, knn) pytest runs under TOOL, each as
 # NAME LIMIT COUNT ARGS... (LIMIT 0: none of its own, only the stage's), and $described to
 # a line naming them.
 sanitizer_runs() {
   local part=$1 tool=$2 args
   runs=() described=""
+  if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_PIPELINED_TILE:-1}" != 0 ]; then
+    if [ "$tool" = memcheck ]; then
+      args=(-k "$MEMCHECK_PIPELINED_TILE_SELECTION" "$PIPELINED_TILE_TESTS")
+    else
+      args=("${RACECHECK_PIPELINED_TILE_TESTS[@]}")
+    fi
+    runs+=(pipelined-tile "${GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS:-40}" "${#args[@]}" "${args[@]}")
+    described="pipelined tile: pytest ${args[*]}"
+  fi
   if [ "$part" = new ] && [ "$tool" = memcheck ] && [ "${GPU_RUN_SANITIZER_ROW_CHECK:-1}" != 0 ]; then
     args=(-k "$MEMCHECK_ROW_CHECK_SELECTION" "$ROW_CHECK_TESTS")
     runs+=(row-check "${GPU_RUN_SANITIZER_ROW_CHECK_SECONDS:-40}" "${#args[@]}" "${args[@]}")
-    described="row check: pytest ${args[*]}"
+    described+="${described:+; then }row check: pytest ${args[*]}"
   fi
   if [ "$part" = new ] && [ "${GPU_RUN_SANITIZER_DEEP_TILE:-1}" != 0 ]; then
     if [ "$tool" = memcheck ]; then
@@ -521,8 +548,9 @@ fi
 
 # Nsight Compute over the kNN scan at the shapes of issue 6's missed bars (benchmarks/
 # ncu_knn_cuda.py: bf16 at Q = 10,000 x 1M x 128, k = 10, and faiss #3045's, each on the
-# default tensor-core tile (staged by cp.async since GPU run 12) and on MmaTile; fp32 at k = 10
-# and 1024: in that order, so that a stage cut short keeps the tensor-core shapes), one process
+# default tensor-core tile (staged by cp.async since GPU run 12), on the pipelined deep tile
+# (opt-in) and on MmaTile; fp32 at k = 10 and 1024: in that order, so that a stage cut short
+# keeps the tensor-core shapes), one process
 # each, the first scan launch of each: where the scan's time goes (throughput against the
 # chip's, warp stalls, occupancy, pipes, spills), which torch.profiler's kernel times cannot
 # say. First run in run 12: 61 s for the six shapes (--clock-control none: the card's clocks
@@ -546,10 +574,12 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
     start=$(date +%s)
     : > "${OUT:-.}/ncu_knn.txt"
     # (the first scan launch of a shape, every section: both calls below take these)
-    ncu_options=(--clock-control none --kernel-name-base function --kernel-name "regex:^(row_)?scan_kernel"
+    ncu_options=(--clock-control none --kernel-name-base function
+      --kernel-name "regex:^(row_|pipelined_)?scan_kernel"
       --launch-count 1)
     for section in "${NCU_SECTIONS[@]}"; do ncu_options+=(--section "$section"); done
-    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_mma faiss3045 faiss3045_mma fp32 k1024}; do
+    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_pipelined faiss3045 faiss3045_pipelined bf16_mma faiss3045_mma fp32 \
+                   k1024}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
         echo "ncu $shape: skipped, ${left} s of the stage's limit left"

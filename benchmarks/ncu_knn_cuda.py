@@ -1,9 +1,10 @@
 """One GPU kNN search at a shape of issue 6's missed bars, for Nsight Compute to read its scan.
 
 benchmarks/gpu_run.sh's "ncu" stage runs each shape in a process of its own under ncu, which
-profiles the first launch of the scan kernel (scan_kernel or row_scan_kernel) only:
+profiles the first launch of the scan kernel (scan_kernel, row_scan_kernel or
+pipelined_scan_kernel) only:
 
-  ncu --clock-control none --kernel-name-base function --kernel-name regex:^(row_)?scan_kernel \
+  ncu --clock-control none --kernel-name-base function --kernel-name regex:^(row_|pipelined_)?scan_kernel \
       --launch-count 1 --section SpeedOfLight ... python3 benchmarks/ncu_knn_cuda.py bf16
 
 No warm-up search first: ncu replays the profiled launch once per pass with the caches
@@ -21,6 +22,10 @@ Shapes (docs/benchmarks.md, GPU run 10 on an H200):
   bf16_mma, faiss3045_mma  bf16 and faiss3045 on MmaTile (LATENTSPACE_CUDA_TENSOR_TILE=mma,
              set in this process before the search), the tensor-core tile until GPU run 12
              made the tile staged by cp.async (csrc/cuda/knn_deep_tile.cuh) the default
+  bf16_pipelined, faiss3045_pipelined  the same on the pipelined deep tile
+             (LATENTSPACE_CUDA_TENSOR_TILE=pipelined, csrc/cuda/knn_pipelined_tile.cuh:
+             pipelined_scan_kernel; both shapes search several splits a query, so the opt-in
+             family it needs)
 
 GPU run 12 (H200, docs/benchmarks.md): both tensor-core tiles at their 128-register bound
 (two blocks of 256 threads a multiprocessor, occupancy 25%) and spilling (192 million local
@@ -43,6 +48,9 @@ SHAPES = {
 MMA_TILE = {"LATENTSPACE_CUDA_TENSOR_TILE": "mma"}
 SHAPES["bf16_mma"] = {**SHAPES["bf16"], "env": MMA_TILE}
 SHAPES["faiss3045_mma"] = {**SHAPES["faiss3045"], "env": MMA_TILE}
+PIPELINED_TILE = {"LATENTSPACE_CUDA_TENSOR_TILE": "pipelined"}
+SHAPES["bf16_pipelined"] = {**SHAPES["bf16"], "env": PIPELINED_TILE}
+SHAPES["faiss3045_pipelined"] = {**SHAPES["faiss3045"], "env": PIPELINED_TILE}
 SEED = 20261127
 USAGE = f"usage: python3 benchmarks/ncu_knn_cuda.py SHAPE, SHAPE one of {', '.join(SHAPES)}"
 

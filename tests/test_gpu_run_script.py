@@ -668,12 +668,14 @@ def test_the_knn_report_names_each_benchmark_part_that_left_no_json(tmp_path):
 
 @pytest.mark.parametrize("row_check", ["on", "left out"])
 def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_path, row_check):
-    """The row check's kernel (csrc/cuda/norms.cu) is the newest: memcheck runs its GPU tests
-    of the kernel itself first in the new kernels' part, under a limit of its own; racecheck
-    does not (the kernel has no shared memory). GPU_RUN_SANITIZER_ROW_CHECK=0 leaves it out."""
+    """The row check's kernel (csrc/cuda/norms.cu): memcheck runs its GPU tests of the kernel
+    itself first in the new kernels' part after the pipelined tile's (left out here), under a
+    limit of its own; racecheck does not (the kernel has no shared memory).
+    GPU_RUN_SANITIZER_ROW_CHECK=0 leaves it out."""
     settings = {"GPU_RUN_SANITIZER_ROW_CHECK": "0"} if row_check == "left out" else {}
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
-                      GPU_RUN_SANITIZER_ENCODER="0", GPU_RUN_SANITIZER_DEEP_TILE="0", **settings)
+                      GPU_RUN_SANITIZER_ENCODER="0", GPU_RUN_SANITIZER_DEEP_TILE="0",
+                      GPU_RUN_SANITIZER_PIPELINED_TILE="0", **settings)
     memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
     racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
     assert "row-check" not in racecheck and "test_row_check_cuda" not in racecheck, racecheck
@@ -685,7 +687,8 @@ def test_memcheck_runs_the_row_check_tests_first_in_the_new_kernels_part(tmp_pat
         assert f"---- row-check: pytest {selection} (at most 40 s)" in memcheck, memcheck
         assert "---- row-check exit 0" in memcheck, memcheck
         assert memcheck.index("---- row-check: pytest") < memcheck.index("---- losses: pytest"), memcheck
-        assert f"row check: pytest {selection}; then losses: pytest" in log, log
+        assert f"== compute-sanitizer --tool memcheck, new kernels part (row check: pytest {selection}; then losses: " \
+            "pytest" in log, log
     assert "---- losses exit 0" in memcheck and "---- losses exit 0" in racecheck
 
 
@@ -697,7 +700,7 @@ def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, de
     GPU_RUN_SANITIZER_DEEP_TILE=0 leaves them out."""
     settings = {"GPU_RUN_SANITIZER_DEEP_TILE": "0"} if deep_tile == "left out" else {}
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
-                      GPU_RUN_SANITIZER_ENCODER="0", **settings)
+                      GPU_RUN_SANITIZER_ENCODER="0", GPU_RUN_SANITIZER_PIPELINED_TILE="0", **settings)
     memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
     racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
     if deep_tile == "left out":
@@ -713,13 +716,41 @@ def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, de
     assert "memcheck exit 0 (new kernels" in log and "racecheck exit 0 (new kernels" in log, log
 
 
-def test_the_deep_tile_sanitizer_selections_collect():
-    """The deep tile's memcheck selection and racecheck ids name tests that exist (collected
-    here without a GPU: the module's tests are collected, then skipped)."""
+@pytest.mark.parametrize("pipelined_tile", ["on", "left out"])
+def test_both_tools_run_the_pipelined_tile_tests_first_in_the_new_kernels_part(tmp_path, pipelined_tile):
+    """The pipelined deep tile (csrc/cuda/knn_pipelined_tile.cuh) is the newest and not yet run
+    on a GPU: memcheck runs a selection of its GPU tests first in the new kernels' part,
+    racecheck three of them first, each under a limit of its own.
+    GPU_RUN_SANITIZER_PIPELINED_TILE=0 leaves them out."""
+    settings = {"GPU_RUN_SANITIZER_PIPELINED_TILE": "0"} if pipelined_tile == "left out" else {}
+    log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",
+                      GPU_RUN_SANITIZER_ENCODER="0", GPU_RUN_SANITIZER_LOSSES="0", **settings)
+    memcheck = (tmp_path / "sanitizer_memcheck.log").read_text()
+    racecheck = (tmp_path / "sanitizer_racecheck.log").read_text()
+    if pipelined_tile == "left out":
+        assert "pipelined-tile" not in memcheck + racecheck, memcheck + racecheck
+        return
+    selection = "-k 128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
+    assert f"---- pipelined-tile: pytest {selection} tests/gpu/test_knn_pipelined_tile.py (at most 40 s)" \
+        in memcheck, memcheck
+    assert memcheck.index("---- pipelined-tile: pytest") < memcheck.index("---- row-check: pytest") \
+        < memcheck.index("---- deep-tile: pytest"), memcheck
+    assert racecheck.index("---- pipelined-tile: pytest tests/gpu/test_knn_pipelined_tile.py::") \
+        < racecheck.index("---- deep-tile: pytest"), racecheck
+    assert "---- pipelined-tile exit 0" in memcheck and "---- pipelined-tile exit 0" in racecheck
+    assert f"new kernels part (pipelined tile: pytest {selection} tests/gpu/test_knn_pipelined_tile.py; then " \
+        "row check: pytest" in log, log
+
+
+@pytest.mark.parametrize("tile", ["DEEP_TILE", "PIPELINED_TILE"])
+def test_the_tile_sanitizer_selections_collect(tile):
+    """Each tile's memcheck selection and racecheck ids name tests that exist (collected here
+    without a GPU: the module's tests are collected, then skipped)."""
     script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
-    selection = re.search(r'^MEMCHECK_DEEP_TILE_SELECTION="([^"]+)"', script, re.M).group(1)
-    ids = re.search(r"^RACECHECK_DEEP_TILE_TESTS=\(\n(.*?)\n\)", script, re.M | re.S).group(1)
+    selection = re.search(rf'^MEMCHECK_{tile}_SELECTION="([^"]+)"', script, re.M).group(1)
+    ids = re.search(rf"^RACECHECK_{tile}_TESTS=\(\n(.*?)\n\)", script, re.M | re.S).group(1)
     ids = [line.strip().strip('"') for line in ids.splitlines()]
+    tests = re.search(rf"^{tile}_TESTS=(\S+)$", script, re.M).group(1)
     def collect(*args):
         run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
                              capture_output=True, text=True, cwd=ROOT)
@@ -727,8 +758,9 @@ def test_the_deep_tile_sanitizer_selections_collect():
 
     named, output = collect(*ids)
     assert named == ids, output
-    selected, output = collect("-k", selection, "tests/gpu/test_knn_deep_tile.py")
+    selected, output = collect("-k", selection, tests)
     assert len(selected) >= 20 and any("falls_back" in name for name in selected), output
+
 
 FAKE_NCU = """#!/bin/sh
 # a stand-in Nsight Compute: names its arguments, then runs the program it was given
@@ -758,7 +790,8 @@ def test_the_ncu_stage_profiles_each_shape_in_its_own_process(tmp_path):
     assert len(calls) == 2, report
     for call, shape in zip(calls, ("bf16", "k1024")):
         assert call.startswith("--clock-control none --kernel-name-base function "
-                               "--kernel-name regex:^(row_)?scan_kernel --launch-count 1 --section SpeedOfLight"), call
+                               "--kernel-name regex:^(row_|pipelined_)?scan_kernel --launch-count 1 "
+                               "--section SpeedOfLight"), call
         assert call.endswith(f"python3 -u benchmarks/ncu_knn_cuda.py {shape}"), call
         assert "--section WarpStateStats" in call and "--section MemoryWorkloadAnalysis" in call
         assert "--metrics regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio$ " in call, call

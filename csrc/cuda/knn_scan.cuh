@@ -276,18 +276,19 @@ __host__ __device__ inline float threshold_score(uint64_t threshold) {
 // `key < threshold` decides (tests/cuda_host/float_threshold_check.cu checks it on the host:
 // equal scores, -0, denormals, NaN and the empty key among its pairs). A full-tile version
 // without the per-score row bound spilled registers (ptxas), so the bound stays.
-template <Metric kMetric, class Tile, class ListOf>
+// query_norm_of(qi): the norm term of the block's query qi (not called for inner products).
+template <Metric kMetric, class Tile, class ListOf, class QueryNormOf>
 __device__ __forceinline__ void offer_scores_first(const ScanArgs& a, ScanShared<Tile>& s,
                                                    const float (&acc)[Tile::kRows][Tile::kCols],
                                                    const float (&database_norms)[Tile::kCols], int64_t q0, int64_t n0,
-                                                   int64_t n_end, ListOf list_of) {
+                                                   int64_t n_end, ListOf list_of, QueryNormOf query_norm_of) {
 #pragma unroll
   for (int i = 0; i < Tile::kRows; ++i) {
     const int qi = Tile::query_of(i);
     if (q0 + qi >= a.num_queries) continue;
     const uint64_t threshold = s.threshold[qi];
     const float bound = threshold_score(threshold);
-    const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : a.query_norms[q0 + qi];
+    const float query_norm = kMetric == Metric::kInnerProduct ? 0.0f : query_norm_of(qi);
 #pragma unroll
     for (int j = 0; j < Tile::kCols; ++j) {
       const int64_t n = n0 + Tile::vector_of(j);
@@ -371,7 +372,8 @@ __global__ void __launch_bounds__(kScanThreads, 2) scan_kernel(ScanArgs a) {
     if constexpr (kOptIns) {
       // Always in the opt-in family: with a run-time choice between the two ways the tile
       // kernels spilled registers (ptxas, sm_90: 300 bytes in the float32 tile, none without).
-      offer_scores_first<kMetric, Tile>(a, s, acc, database_norms, q0, n0, n_end, list_of);
+      offer_scores_first<kMetric, Tile>(a, s, acc, database_norms, q0, n0, n_end, list_of,
+                                        [&](int qi) { return a.query_norms[q0 + qi]; });
     } else {
       offer_keys();
     }

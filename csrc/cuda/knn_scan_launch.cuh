@@ -21,6 +21,7 @@
 #include "cuda/common.cuh"
 #include "cuda/knn_deep_tile.cuh"
 #include "cuda/knn_mma_tile.cuh"
+#include "cuda/knn_pipelined_tile.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan.cuh"
 #include "cuda/knn_tiles.cuh"
@@ -101,7 +102,7 @@ void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
 }
 
 // The tile of the calling thread's last native search call's tile scan ("simt", "wmma", "mma",
-// "deep"; "none" where that call took none, knn_cuda resets it): for the tests
+// "deep", "pipelined"; "none" where that call took none, knn_cuda resets it): for the tests
 // (_native._cuda_last_scan), so that a search that falls back from an opt-in tile cannot pass
 // them unseen.
 inline const char*& last_scan_launched() {
@@ -124,6 +125,17 @@ constexpr const char* tile_name() {
   }
 }
 
+// Past 48 KiB a kernel must be allowed its dynamic shared memory, and the largest shared-memory
+// carveout lets two such blocks share a multiprocessor (per device: set at every launch,
+// host-side attribute writes).
+template <class Kernel>
+void allow_dynamic_shared_memory(Kernel kernel, size_t dynamic_bytes) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
+             "cudaFuncSetAttribute(scan_kernel, dynamic shared memory)");
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
+             "cudaFuncSetAttribute(scan_kernel, carveout)");
+}
+
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns, class Tile>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   last_scan_launched() = tile_name<Tile>();
@@ -131,19 +143,23 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   const auto kernel = scan_kernel<kMetric, kPrecision, kStorage, kAligned, Tile, kOptIns>;
   size_t dynamic_bytes = 0;
   if constexpr (StagingIsDynamic<Tile>::value) {
-    // Past 48 KiB a kernel must be allowed its dynamic shared memory, and the largest
-    // shared-memory carveout lets two such blocks share a multiprocessor (per device: set at
-    // every launch, host-side attribute writes).
     dynamic_bytes = sizeof(typename Tile::Shared);
-    check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic_bytes)),
-        "cudaFuncSetAttribute(scan_kernel, dynamic shared memory)");
-    check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared),
-        "cudaFuncSetAttribute(scan_kernel, carveout)");
+    allow_dynamic_shared_memory(kernel, dynamic_bytes);
   }
   kernel<<<grid, kScanThreads, dynamic_bytes, stream>>>(args);
   check_launch("scan_kernel");
+}
+
+// The opt-in family's scan on the pipelined deep tile (knn_pipelined_tile.cuh).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+void launch_pipelined_scan(const ScanArgs& args, cudaStream_t stream) {
+  using Tile = PipelinedDeepTile<kPrecision>;
+  last_scan_launched() = "pipelined";
+  const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
+  const auto kernel = pipelined_scan_kernel<kMetric, kPrecision, kStorage>;
+  allow_dynamic_shared_memory(kernel, sizeof(typename Tile::Shared));
+  kernel<<<grid, kScanThreads, sizeof(typename Tile::Shared), stream>>>(args);
+  check_launch("pipelined_scan_kernel");
 }
 
 // Whether DeepMmaTile can take a search (knn_deep_tile.cuh): its 16-byte cp.async chunks need
@@ -171,6 +187,19 @@ bool fits_shared_memory(Kernel kernel, size_t dynamic_bytes) {
   return attributes.sharedSizeBytes + dynamic_bytes <= static_cast<size_t>(most);
 }
 
+// Whether the pipelined deep tile can take a search that the deep tile can (deep_tile_applies,
+// and the opt-in family: knn_pipelined_tile.cuh): not with cut-backs by warps, whose histograms
+// would overwrite the copies in flight between tiles, and not for a dimension of 0 (no step to
+// wait in).
+inline bool pipelined_tile_applies(const ScanArgs& args) { return !args.warp_cut_backs && args.dim > 0; }
+
+// Whether the pipelined tile's scan kernel fits the current device (fits_shared_memory).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+bool pipelined_tile_fits() {
+  return fits_shared_memory(pipelined_scan_kernel<kMetric, kPrecision, kStorage>,
+                            sizeof(typename PipelinedDeepTile<kPrecision>::Shared));
+}
+
 // Whether DeepMmaTile's scan kernel fits the current device (fits_shared_memory).
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kOptIns>
 bool deep_tile_fits() {
@@ -186,20 +215,29 @@ bool deep_tile_fits() {
 // deep_tile_fits: the device's shared memory), MmaTile elsewhere; "mma": MmaTile
 // (knn_mma_tile.cuh) everywhere, the default until run 12 and 1.6-1.8x faster than WmmaTile on
 // an H100 (run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the
-// tests; any other value throws ValueError.
-enum class TensorTile { kMma, kWmma, kDeep };
+// tests; "pipelined": the pipelined deep tile (knn_pipelined_tile.cuh; opt-in until a GPU run
+// verifies and times it) where the opt-in family runs and it applies (pipelined_tile_applies),
+// "deep" elsewhere; any other value throws ValueError.
+enum class TensorTile { kMma, kWmma, kDeep, kPipelined };
 
 inline TensorTile tensor_tile_setting() {
   const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "deep") == 0) return TensorTile::kDeep;
   if (std::strcmp(value, "wmma") == 0) return TensorTile::kWmma;
-  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0,
-                 "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma' or 'deep', got '", std::string(value), "'");
+  if (std::strcmp(value, "pipelined") == 0) return TensorTile::kPipelined;
+  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma', 'deep' or ",
+                 "'pipelined', got '", std::string(value), "'");
   return TensorTile::kMma;
 }
 
 inline const char* tensor_tile_name(TensorTile tile) {
-  return tile == TensorTile::kMma ? "mma" : tile == TensorTile::kWmma ? "wmma" : "deep";
+  switch (tile) {
+    case TensorTile::kMma: return "mma";
+    case TensorTile::kWmma: return "wmma";
+    case TensorTile::kDeep: return "deep";
+    case TensorTile::kPipelined: return "pipelined";
+  }
+  return "deep";
 }
 
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns>
@@ -207,10 +245,19 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
     const TensorTile tile = tensor_tile_setting();
     if constexpr (kAligned) {
-      if (tile == TensorTile::kDeep && deep_tile_applies(args, kStorage) &&
-          deep_tile_fits<kMetric, kPrecision, kStorage, kOptIns>()) {
-        launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, DeepMmaTile<kPrecision>>(args, stream);
-        return;
+      const bool deep = tile == TensorTile::kDeep || tile == TensorTile::kPipelined;
+      if (deep && deep_tile_applies(args, kStorage)) {
+        if constexpr (kOptIns) {
+          if (tile == TensorTile::kPipelined && pipelined_tile_applies(args) &&
+              pipelined_tile_fits<kMetric, kPrecision, kStorage>()) {
+            launch_pipelined_scan<kMetric, kPrecision, kStorage>(args, stream);
+            return;
+          }
+        }
+        if (deep_tile_fits<kMetric, kPrecision, kStorage, kOptIns>()) {
+          launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, DeepMmaTile<kPrecision>>(args, stream);
+          return;
+        }
       }
     }
     if (tile != TensorTile::kWmma) {
