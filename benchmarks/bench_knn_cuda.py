@@ -353,6 +353,20 @@ TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thr
                 "torch.mm+topk")
 
 
+def scan_named(call, expected: str):
+    """call, failing the cell unless its native search ran the `expected` tile scan
+    (_native._cuda_last_scan): an opt-in tile that falls back where it does not apply must not
+    be timed under its label."""
+    def run():
+        result = call()
+        ran = latentspace._native._cuda_last_scan()
+        if ran != expected:
+            raise RuntimeError(f"the {expected} tile did not run (the search's scan: {ran})")
+        return result
+
+    return run
+
+
 def tensor_core_call(peer, q, x, k, precision):
     """latentspace with precision=, or torch in the same precision (TF32 matmul switched on by
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
@@ -369,7 +383,8 @@ def tensor_core_call(peer, q, x, k, precision):
             index = latentspace.FlatIndex(x.shape[1], device=DEVICE, storage="bf16")
             index.add(x)  # index state, outside the timed region
             search = lambda q, x, k, precision: index.search(q, k, precision=precision)  # noqa: E731
-        return with_env("LATENTSPACE_CUDA_TENSOR_TILE", tile, knn_peer_call(peer, search, q, x, k, precision=precision))
+        call = with_env("LATENTSPACE_CUDA_TENSOR_TILE", tile, knn_peer_call(peer, search, q, x, k, precision=precision))
+        return scan_named(call, "pipelined") if "pipelined tile" in peer else call
     norms = x.square().sum(1)  # index state, outside the timed region
     if precision == "bf16":
         q, x = q.to(torch.bfloat16), x.to(torch.bfloat16)

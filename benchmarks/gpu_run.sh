@@ -256,14 +256,19 @@ RACECHECK_DEEP_TILE_TESTS=(
 # cp.async between tiles, into buffers the current tile has finished with, so its hazards are
 # the ones to look for. Both tools run it first in the new kernels' part: memcheck a
 # selection (the copies' sources and zero-filled edges, the norm buffers, 16-bit rows, the
-# fallbacks), racecheck three searches of an odd step count a tile (the rounded buffers
-# alternate across tiles) with rows copied straight into the rounded tile, float32 rows landed
-# and rounded, and lists cut back mid-split. Each at most
-# GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS (default 40 s); GPU_RUN_SANITIZER_PIPELINED_TILE=0
+# fallbacks, integer data against the CPU), racecheck first two searches sized for it (one
+# setting, 128 queries over one split of 9 tiles of 3 steps each, an odd count: the rounded
+# buffers alternate across tiles; lists cut back every few tiles), with bf16 rows copied
+# straight into the rounded tile and with float32 rows landed and rounded, then larger ones
+# if time is left (run 12's racecheck got through one deep tile test of 6 searches over
+# 3,000 rows in its 40 s). Each at most
+# GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS (default 60 s); GPU_RUN_SANITIZER_PIPELINED_TILE=0
 # leaves it out. tests/test_gpu_run_script.py checks that these collect.
 PIPELINED_TILE_TESTS=tests/gpu/test_knn_pipelined_tile.py
-MEMCHECK_PIPELINED_TILE_SELECTION="128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
+MEMCHECK_PIPELINED_TILE_SELECTION="integer_data or 128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
 RACECHECK_PIPELINED_TILE_TESTS=(
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[bf16-l2]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[fp32-l2]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[140-6000-72-12-bf16-bf16]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[150-3000-40-9-fp32-bf16]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_cuts_lists_back_mid_split[1-bf16]"
@@ -281,7 +286,7 @@ sanitizer_runs() {
     else
       args=("${RACECHECK_PIPELINED_TILE_TESTS[@]}")
     fi
-    runs+=(pipelined-tile "${GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS:-40}" "${#args[@]}" "${args[@]}")
+    runs+=(pipelined-tile "${GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS:-60}" "${#args[@]}" "${args[@]}")
     described="pipelined tile: pytest ${args[*]}"
   fi
   if [ "$part" = new ] && [ "$tool" = memcheck ] && [ "${GPU_RUN_SANITIZER_ROW_CHECK:-1}" != 0 ]; then

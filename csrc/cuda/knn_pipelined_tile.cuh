@@ -14,7 +14,9 @@
 // sm_90 (ptxas -v, 2026-11-28) the opt-in family's deep tile kernels over float32 rows spill
 // 188-240 bytes at their 128-register bound, the spill loads in that epilogue, and GPU run 12's
 // Nsight Compute report found the bf16 scan latency-bound: the issue slots a third busy, half
-// an eligible warp a scheduler, 161 million local-memory requests (docs/benchmarks.md).
+// an eligible warp a scheduler, 161 million local-memory requests, and the largest share of a
+// warp's wait between instructions (3.8 of 12.2 cycles, 31%) spent on data from local or
+// global memory (the L1TEX scoreboard; docs/benchmarks.md).
 //
 // Here:
 //   - the next tile's first step, and its database norms, are issued right after the barrier
@@ -144,7 +146,16 @@ struct StagingIsDynamic<PipelinedDeepTile<kPrecision>> : std::true_type {};
 // each score), and the split's end as one mask of the thread's columns instead of a 64-bit
 // compare per score. For l2, a score is rejected on fma(-2, dot, |q|^2 + |x|^2) > bound, the
 // unclamped score: the threshold's score is at least 0, so that holds exactly when the clamped
-// score exceeds it, and 2 dot is exact, so the fma rounds as score_of's subtraction does.
+// score exceeds it, and 2 dot is exact, so the fma rounds as score_of's subtraction does
+// (fused by the compiler or not). Neither 2 dot nor the sum can overflow: every row searched
+// passed the row check, squared norms at most FLT_MAX / 8 (ops/norms.h, kMaxSquaredNorm).
+//
+// (Not done, and why: a copy path without the per-chunk row and dimension tests for whole
+// tiles (DeepMmaTile::issue_step spends about 12 instructions a copy, 96 of a step's 220)
+// moved the compiler at the 128-register bound either to work the row masks out again every
+// step (about 40 instructions, a saving of 15 a step) or, with the step loop compiled once for
+// whole and once for edge tiles, to spill 8-108 bytes in every kernel: ptxas sm_90,
+// twenty-third session.)
 template <Metric kMetric, class Tile, class ListOf>
 __device__ __forceinline__ void offer_tile_scores(const ScanArgs& a, ScanShared<Tile>& s,
                                                   const typename Tile::Shared& staging,

@@ -7,12 +7,15 @@ epilogue, so every search must return the deep tile's distances and indices bit 
 precision, storage and metric; dimensions of 1, 2, 3 and 64 steps of 32 (the rounded buffers
 alternate across tiles, so an odd step count shifts them tile by tile); splits of many tiles
 and of one, partial tiles at a split's end; lists cut back mid-split (k = 1024); a FlatIndex's
-16-bit rows. Where it does not apply (the default family; cut-backs by warps; what the deep
-tile does not take) the search takes the deep tile, or MmaTile, and the same results. Every
-search checks which scan ran (_native._cuda_last_scan), so a fallback cannot pass unseen."""
+16-bit rows. On small integers, exact in bf16 with exact float32 sums, it must equal the CPU's
+float32 search bit for bit (ties by index). Where it does not apply (the default family;
+cut-backs by warps; what the deep tile does not take) the search takes the deep tile, or
+MmaTile, and the same results. Every search checks which scan ran
+(_native._cuda_last_scan), so a fallback cannot pass unseen."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,6 +145,44 @@ def test_small_pipelined_tile_falls_back_to_the_deep_tile(gen, monkeypatch):
     _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep")
     monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1")
     _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep")
+
+
+def test_small_pipelined_tile_falls_back_where_the_deep_tile_does(gen, rng, monkeypatch, opt_in_family):
+    """In the opt-in family, where neither deep tile applies (weighted l2; a float32 database
+    view one element past its allocation's start) both settings take MmaTile."""
+    queries = _randn(gen, 140, 64)
+    weights = rng.uniform(0.0, 2.0, 64).astype(np.float32)
+    database = _randn(gen, 3000, 64)
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, "weighted_l2", weights=weights,
+                                                                 precision="bf16")], "mma", "mma")
+    flat = torch.empty(3000 * 64 + 1, device=DEVICE)
+    misaligned = flat[1:].view(3000, 64)
+    misaligned.copy_(database)
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, misaligned, 10, precision="bf16")],
+                           "mma", "mma")
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_small_pipelined_tile_integer_data_is_exact(storage, metric, rng, monkeypatch, opt_in_family):
+    """Small integers are exact in bf16 and their sums exact in float32, so the pipelined
+    tile's distances and indices (ties by index) must equal the CPU's float32 search bit for
+    bit: 128 queries over one split of 9 tiles (the last of 76 rows), 72 dimensions (3 steps a
+    tile: the rounded buffers alternate tile by tile), k = 16 (lists of 528 cut back every few
+    tiles while the next tile's copies are in flight), float32 rows landed and rounded, and
+    bf16 rows copied straight into the rounded tile. Sized for racecheck: one setting only."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "65536")  # one split ...
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # ... not the large-k plan's
+    monkeypatch.setenv(TILE, "pipelined")
+    queries = rng.integers(-2, 3, (128, 72)).astype(np.float32)
+    database = rng.integers(-2, 3, (1100, 72)).astype(np.float32)
+    d0, i0 = latentspace.knn(queries, database, 16, metric)
+    gpu_database = torch.from_numpy(database).to(DEVICE).to(STORAGE_DTYPES[storage])
+    d, i = latentspace.knn(torch.from_numpy(queries).to(DEVICE), gpu_database, 16, metric, precision="bf16")
+    torch.cuda.synchronize()
+    assert latentspace._native._cuda_last_scan() == "pipelined"
+    assert torch.equal(i.cpu(), torch.from_numpy(i0)), "indices differ from the CPU's"
+    assert torch.equal(d.cpu(), torch.from_numpy(d0)), "distances differ from the CPU's"
 
 
 def test_small_pipelined_tile_results_are_near_the_float64_ones(gen, monkeypatch, opt_in_family):
