@@ -59,7 +59,10 @@ CUDA_KNN_OPT_INS = {"early norms": ("LATENTSPACE_CUDA_EARLY_NORMS", "1"),
                     "mma tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "mma"),
                     # the deep tile with the next tile's first step and norms in flight between
                     # tiles (knn_pipelined_tile.cuh; opt-in, where the opt-in family runs)
-                    "pipelined tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "pipelined")}
+                    "pipelined tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "pipelined"),
+                    # that tile with the block's queries rounded once into shared memory
+                    # (knn_resident_tile.cuh; opt-in; bf16 / fp16 up to D = 128)
+                    "resident tile": ("LATENTSPACE_CUDA_TENSOR_TILE", "resident")}
 
 # The defaults before GPU run 8, as CUDA_KNN_OPT_INS names them: each of run 8's defaults off.
 BEFORE_RUN_8 = ("no fused finish", "thresholds per split", "filling plan", "no large-k plan")

@@ -66,6 +66,10 @@ Peers:
                            from shared memory (csrc/cuda/knn_pipelined_tile.cuh; the opt-in
                            family's searches: these cells' several splits a query; tf32 and
                            bf16 cells, faiss #3045 in bf16)
+  ...[resident tile]       LATENTSPACE_CUDA_TENSOR_TILE=resident: the pipelined tile with the
+                           block's queries rounded once into shared memory for its split
+                           (csrc/cuda/knn_resident_tile.cuh; bf16 / fp16 up to D = 128: the
+                           bf16 big cells)
   ...[warp cut-backs]      LATENTSPACE_CUDA_WARP_CUT_BACKS=1 (the cut-backs of the tile scan's
                            lists by one warp each, 8 at a time, csrc/cuda/knn_scan.cuh; big
                            and large k cells)
@@ -350,7 +354,7 @@ TENSOR_PEERS = ("latentspace.knn", "latentspace.knn[wmma]", "latentspace.knn[thr
                 "latentspace.knn[mma tile]", "latentspace.knn[pipelined tile]", "latentspace.FlatIndex[bf16 storage]",
                 "latentspace.FlatIndex[bf16 storage, thresholds per split]", "latentspace.FlatIndex[bf16 storage, wmma]",
                 "latentspace.FlatIndex[bf16 storage, mma tile]", "latentspace.FlatIndex[bf16 storage, pipelined tile]",
-                "torch.mm+topk")
+                "latentspace.knn[resident tile]", "latentspace.FlatIndex[bf16 storage, resident tile]", "torch.mm+topk")
 
 
 def scan_named(call, expected: str):
@@ -372,6 +376,8 @@ def tensor_core_call(peer, q, x, k, precision):
     the caller's fixture; bf16: operands cast once outside the timed region, as a user keeps
     a bf16 copy of the database)."""
     if peer.startswith("latentspace."):
+        if "resident tile" in peer and (precision != "bf16" or x.shape[1] > 128):
+            pytest.skip("the resident-queries tile is for bf16 / fp16 up to D = 128")
         # ("" is the default tile; the "mma tile" opt-out and the "pipelined tile" opt-in set
         # their tile inside this one:
         # knn_peer_call's settings are applied last)
@@ -384,7 +390,10 @@ def tensor_core_call(peer, q, x, k, precision):
             index.add(x)  # index state, outside the timed region
             search = lambda q, x, k, precision: index.search(q, k, precision=precision)  # noqa: E731
         call = with_env("LATENTSPACE_CUDA_TENSOR_TILE", tile, knn_peer_call(peer, search, q, x, k, precision=precision))
-        return scan_named(call, "pipelined") if "pipelined tile" in peer else call
+        for tile in ("pipelined", "resident"):
+            if f"{tile} tile" in peer:
+                return scan_named(call, tile)
+        return call
     norms = x.square().sum(1)  # index state, outside the timed region
     if precision == "bf16":
         q, x = q.to(torch.bfloat16), x.to(torch.bfloat16)

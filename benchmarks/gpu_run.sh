@@ -251,15 +251,17 @@ RACECHECK_DEEP_TILE_TESTS=(
   "tests/gpu/test_knn_deep_tile.py::test_small_deep_tile_equals_mma_tile[300-5000-64-20-bf16-bf16]"
 )
 
-# The pipelined deep tile (csrc/cuda/knn_pipelined_tile.cuh, opt-in, new and not yet run on a
-# GPU; tests/gpu/test_knn_pipelined_tile.py): the next tile's first step and norms copied by
-# cp.async between tiles, into buffers the current tile has finished with, so its hazards are
-# the ones to look for. Both tools run it first in the new kernels' part: memcheck a
+# The pipelined deep tile and the resident-queries tile (csrc/cuda/knn_pipelined_tile.cuh,
+# knn_resident_tile.cuh; opt-in, new and not yet run on a GPU; tests/gpu/
+# test_knn_pipelined_tile.py): the next tile's first step and norms copied by cp.async between
+# tiles, into buffers the current tile has finished with (and the resident tile's queries
+# loaded through the database's landing chunks before the first), so their hazards are the
+# ones to look for. Both tools run it first in the new kernels' part: memcheck a
 # selection (the copies' sources and zero-filled edges, the norm buffers, 16-bit rows, the
-# fallbacks, integer data against the CPU), racecheck first two searches sized for it (one
+# fallbacks, integer data against the CPU), racecheck first four searches sized for it (one
 # setting, 128 queries over one split of 9 tiles of 3 steps each, an odd count: the rounded
-# buffers alternate across tiles; lists cut back every few tiles), with bf16 rows copied
-# straight into the rounded tile and with float32 rows landed and rounded, then larger ones
+# buffers alternate across tiles; lists cut back every few tiles), each tile with bf16 rows
+# copied straight into the rounded tile and with float32 rows landed and rounded, then larger ones
 # if time is left (run 12's racecheck got through one deep tile test of 6 searches over
 # 3,000 rows in its 40 s). Each at most
 # GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS (default 60 s); GPU_RUN_SANITIZER_PIPELINED_TILE=0
@@ -267,8 +269,10 @@ RACECHECK_DEEP_TILE_TESTS=(
 PIPELINED_TILE_TESTS=tests/gpu/test_knn_pipelined_tile.py
 MEMCHECK_PIPELINED_TILE_SELECTION="integer_data or 128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
 RACECHECK_PIPELINED_TILE_TESTS=(
-  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[bf16-l2]"
-  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[fp32-l2]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[pipelined-bf16-l2]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[resident-fp32-l2]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[pipelined-fp32-l2]"
+  "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[resident-bf16-l2]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[140-6000-72-12-bf16-bf16]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_equals_deep_tile[150-3000-40-9-fp32-bf16]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_cuts_lists_back_mid_split[1-bf16]"
@@ -554,7 +558,7 @@ fi
 # Nsight Compute over the kNN scan at the shapes of issue 6's missed bars (benchmarks/
 # ncu_knn_cuda.py: bf16 at Q = 10,000 x 1M x 128, k = 10, and faiss #3045's, each on the
 # default tensor-core tile (staged by cp.async since GPU run 12), on the pipelined deep tile
-# (opt-in) and on MmaTile; fp32 at k = 10 and 1024: in that order, so that a stage cut short
+# (opt-in; bf16 also on the resident-queries tile) and on MmaTile; fp32 at k = 10 and 1024: in that order, so that a stage cut short
 # keeps the tensor-core shapes), one process
 # each, the first scan launch of each: where the scan's time goes (throughput against the
 # chip's, warp stalls, occupancy, pipes, spills), which torch.profiler's kernel times cannot
@@ -583,8 +587,8 @@ if [[ " $STAGES " == *" ncu "* ]] && within_deadline ncu "${GPU_RUN_NCU_SECONDS:
       --kernel-name "regex:^(row_|pipelined_)?scan_kernel"
       --launch-count 1)
     for section in "${NCU_SECTIONS[@]}"; do ncu_options+=(--section "$section"); done
-    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_pipelined faiss3045 faiss3045_pipelined bf16_mma faiss3045_mma fp32 \
-                   k1024}; do
+    for shape in ${GPU_RUN_NCU_SHAPES:-bf16 bf16_pipelined bf16_resident faiss3045 faiss3045_pipelined bf16_mma \
+                   faiss3045_mma fp32 k1024}; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ "$left" -lt 10 ]; then
         echo "ncu $shape: skipped, ${left} s of the stage's limit left"

@@ -26,6 +26,8 @@ Shapes (docs/benchmarks.md, GPU run 10 on an H200):
              (LATENTSPACE_CUDA_TENSOR_TILE=pipelined, csrc/cuda/knn_pipelined_tile.cuh:
              pipelined_scan_kernel; both shapes search several splits a query, so the opt-in
              family it needs)
+  bf16_resident  bf16 on the resident-queries tile (LATENTSPACE_CUDA_TENSOR_TILE=resident,
+             csrc/cuda/knn_resident_tile.cuh; the same kernel; bf16 / fp16 up to D = 128 only)
 
 GPU run 12 (H200, docs/benchmarks.md): both tensor-core tiles at their 128-register bound
 (two blocks of 256 threads a multiprocessor, occupancy 25%) and spilling (192 million local
@@ -51,6 +53,7 @@ SHAPES["faiss3045_mma"] = {**SHAPES["faiss3045"], "env": MMA_TILE}
 PIPELINED_TILE = {"LATENTSPACE_CUDA_TENSOR_TILE": "pipelined"}
 SHAPES["bf16_pipelined"] = {**SHAPES["bf16"], "env": PIPELINED_TILE}
 SHAPES["faiss3045_pipelined"] = {**SHAPES["faiss3045"], "env": PIPELINED_TILE}
+SHAPES["bf16_resident"] = {**SHAPES["bf16"], "env": {"LATENTSPACE_CUDA_TENSOR_TILE": "resident"}}
 SEED = 20261127
 USAGE = f"usage: python3 benchmarks/ncu_knn_cuda.py SHAPE, SHAPE one of {', '.join(SHAPES)}"
 

@@ -1261,10 +1261,10 @@ def test_cached_norms_are_sliced_with_the_database(rng, monkeypatch):
 # these private readers): variable -> (reader, [(value set, value read)], a bad value).
 CUDA_SETTINGS = {
     # csrc/cuda/knn_scan_launch.cuh, tensor_tile_setting: the cp.async-staged tile (since GPU
-    # run 12) unless "mma", "wmma" or "pipelined" (opt-in)
+    # run 12) unless "mma", "wmma", "pipelined" or "resident" (opt-ins)
     "LATENTSPACE_CUDA_TENSOR_TILE": ("_cuda_tensor_tile",
                                      [(None, "deep"), ("", "deep"), ("mma", "mma"), ("wmma", "wmma"), ("deep", "deep"),
-                                      ("pipelined", "pipelined")],
+                                      ("pipelined", "pipelined"), ("resident", "resident")],
                                      "WMMA"),
     # csrc/cuda/knn.cu, use_fused_finish: the one-kernel finish unless "0"
     "LATENTSPACE_CUDA_FUSED_FINISH": ("_cuda_fused_finish", [(None, True), ("", True), ("0", False), ("1", True)],

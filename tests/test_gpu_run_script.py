@@ -720,7 +720,7 @@ def test_both_tools_run_the_deep_tile_tests_in_the_new_kernels_part(tmp_path, de
 def test_both_tools_run_the_pipelined_tile_tests_first_in_the_new_kernels_part(tmp_path, pipelined_tile):
     """The pipelined deep tile (csrc/cuda/knn_pipelined_tile.cuh) is the newest and not yet run
     on a GPU: memcheck runs a selection of its GPU tests first in the new kernels' part,
-    racecheck five of them first, each under a limit of its own.
+    racecheck seven of them first, each under a limit of its own.
     GPU_RUN_SANITIZER_PIPELINED_TILE=0 leaves them out."""
     settings = {"GPU_RUN_SANITIZER_PIPELINED_TILE": "0"} if pipelined_tile == "left out" else {}
     log = _run_script(tmp_path, _fake_sanitizer(tmp_path), GPU_RUN_STAGES="sanitizer_new",

@@ -202,11 +202,12 @@ __device__ __forceinline__ void offer_tile_scores(const ScanArgs& a, ScanShared<
 
 // The opt-in family's scan kernel (knn_scan.cuh, scan_kernel with kOptIns: thresholds shared
 // where a.best_kth is set, scores compared as floats first; not cut-backs by warps) on the
-// pipelined tile. grid (query tiles, database splits), like scan_kernel's; the dimension at
-// least 1, rows 16-byte aligned (the launch's checks).
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+// pipelined tile, or another tile of its contract (issue_split_start, compute, Shared with
+// query_norms and database_norms: ResidentQueriesTile, knn_resident_tile.cuh). grid (query
+// tiles, database splits), like scan_kernel's; the dimension at least 1, rows 16-byte aligned
+// (the launch's checks).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, class Tile = PipelinedDeepTile<kPrecision>>
 __global__ void __launch_bounds__(kScanThreads, 2) pipelined_scan_kernel(ScanArgs a) {
-  using Tile = PipelinedDeepTile<kPrecision>;
   __shared__ ScanShared<Tile> s;
   auto& staging = staging_of(s);
   const int64_t q0 = int64_t{blockIdx.x} * Tile::kQueries;

@@ -22,6 +22,7 @@
 #include "cuda/knn_deep_tile.cuh"
 #include "cuda/knn_mma_tile.cuh"
 #include "cuda/knn_pipelined_tile.cuh"
+#include "cuda/knn_resident_tile.cuh"
 #include "cuda/knn_rows.cuh"
 #include "cuda/knn_scan.cuh"
 #include "cuda/knn_tiles.cuh"
@@ -102,7 +103,7 @@ void launch_row_scan(const ScanArgs& args, cudaStream_t stream) {
 }
 
 // The tile of the calling thread's last native search call's tile scan ("simt", "wmma", "mma",
-// "deep", "pipelined"; "none" where that call took none, knn_cuda resets it): for the tests
+// "deep", "pipelined", "resident"; "none" where that call took none, knn_cuda resets it): for the tests
 // (_native._cuda_last_scan), so that a search that falls back from an opt-in tile cannot pass
 // them unseen.
 inline const char*& last_scan_launched() {
@@ -150,13 +151,13 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   check_launch("scan_kernel");
 }
 
-// The opt-in family's scan on the pipelined deep tile (knn_pipelined_tile.cuh).
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
-void launch_pipelined_scan(const ScanArgs& args, cudaStream_t stream) {
-  using Tile = PipelinedDeepTile<kPrecision>;
-  last_scan_launched() = "pipelined";
+// The opt-in family's scan on the pipelined deep tile (knn_pipelined_tile.cuh), or on the
+// resident-queries tile (knn_resident_tile.cuh); name: the tile, for last_scan_launched.
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, class Tile>
+void launch_pipelined_scan(const ScanArgs& args, cudaStream_t stream, const char* name) {
+  last_scan_launched() = name;
   const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
-  const auto kernel = pipelined_scan_kernel<kMetric, kPrecision, kStorage>;
+  const auto kernel = pipelined_scan_kernel<kMetric, kPrecision, kStorage, Tile>;
   allow_dynamic_shared_memory(kernel, sizeof(typename Tile::Shared));
   kernel<<<grid, kScanThreads, sizeof(typename Tile::Shared), stream>>>(args);
   check_launch("pipelined_scan_kernel");
@@ -193,11 +194,16 @@ bool fits_shared_memory(Kernel kernel, size_t dynamic_bytes) {
 // wait in).
 inline bool pipelined_tile_applies(const ScanArgs& args) { return !args.warp_cut_backs && args.dim > 0; }
 
-// Whether the pipelined tile's scan kernel fits the current device (fits_shared_memory).
-template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+// Whether the resident-queries tile can take a search that the pipelined tile can
+// (knn_resident_tile.cuh; bf16 / fp16, the launch's constexpr check): the block's queries fit
+// its 128 resident dimensions.
+inline bool resident_tile_applies(const ScanArgs& args) { return args.dim <= 128; }
+
+// Whether the scan kernel of the pipelined tile, or another Tile of its kernel, fits the
+// current device (fits_shared_memory).
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, class Tile = PipelinedDeepTile<kPrecision>>
 bool pipelined_tile_fits() {
-  return fits_shared_memory(pipelined_scan_kernel<kMetric, kPrecision, kStorage>,
-                            sizeof(typename PipelinedDeepTile<kPrecision>::Shared));
+  return fits_shared_memory(pipelined_scan_kernel<kMetric, kPrecision, kStorage, Tile>, sizeof(typename Tile::Shared));
 }
 
 // Whether DeepMmaTile's scan kernel fits the current device (fits_shared_memory).
@@ -217,16 +223,19 @@ bool deep_tile_fits() {
 // an H100 (run 6); "wmma": WmmaTile (knn_tiles.cuh), kept as a fallback and a reference for the
 // tests; "pipelined": the pipelined deep tile (knn_pipelined_tile.cuh; opt-in until a GPU run
 // verifies and times it) where the opt-in family runs and it applies (pipelined_tile_applies),
-// "deep" elsewhere; any other value throws ValueError.
-enum class TensorTile { kMma, kWmma, kDeep, kPipelined };
+// "deep" elsewhere; "resident": the resident-queries tile (knn_resident_tile.cuh; opt-in
+// likewise) where that applies (bf16 / fp16, dimension at most 128), "pipelined" elsewhere; any
+// other value throws ValueError.
+enum class TensorTile { kMma, kWmma, kDeep, kPipelined, kResident };
 
 inline TensorTile tensor_tile_setting() {
   const char* value = std::getenv("LATENTSPACE_CUDA_TENSOR_TILE");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "deep") == 0) return TensorTile::kDeep;
   if (std::strcmp(value, "wmma") == 0) return TensorTile::kWmma;
   if (std::strcmp(value, "pipelined") == 0) return TensorTile::kPipelined;
-  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma', 'deep' or ",
-                 "'pipelined', got '", std::string(value), "'");
+  if (std::strcmp(value, "resident") == 0) return TensorTile::kResident;
+  LS_CHECK_VALUE(std::strcmp(value, "mma") == 0, "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma', 'deep', ",
+                 "'pipelined' or 'resident', got '", std::string(value), "'");
   return TensorTile::kMma;
 }
 
@@ -236,6 +245,7 @@ inline const char* tensor_tile_name(TensorTile tile) {
     case TensorTile::kWmma: return "wmma";
     case TensorTile::kDeep: return "deep";
     case TensorTile::kPipelined: return "pipelined";
+    case TensorTile::kResident: return "resident";
   }
   return "deep";
 }
@@ -245,13 +255,23 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
     const TensorTile tile = tensor_tile_setting();
     if constexpr (kAligned) {
-      const bool deep = tile == TensorTile::kDeep || tile == TensorTile::kPipelined;
-      if (deep && deep_tile_applies(args, kStorage)) {
+      const bool pipelined = tile == TensorTile::kPipelined || tile == TensorTile::kResident;
+      if ((tile == TensorTile::kDeep || pipelined) && deep_tile_applies(args, kStorage)) {
         if constexpr (kOptIns) {
-          if (tile == TensorTile::kPipelined && pipelined_tile_applies(args) &&
-              pipelined_tile_fits<kMetric, kPrecision, kStorage>()) {
-            launch_pipelined_scan<kMetric, kPrecision, kStorage>(args, stream);
-            return;
+          if (pipelined && pipelined_tile_applies(args)) {
+            if constexpr (kPrecision == KnnPrecision::kBf16 || kPrecision == KnnPrecision::kFp16) {
+              using Resident = ResidentQueriesTile<kPrecision>;
+              if (tile == TensorTile::kResident && resident_tile_applies(args) &&
+                  pipelined_tile_fits<kMetric, kPrecision, kStorage, Resident>()) {
+                launch_pipelined_scan<kMetric, kPrecision, kStorage, Resident>(args, stream, "resident");
+                return;
+              }
+            }
+            if (pipelined_tile_fits<kMetric, kPrecision, kStorage>()) {
+              launch_pipelined_scan<kMetric, kPrecision, kStorage, PipelinedDeepTile<kPrecision>>(args, stream,
+                                                                                               "pipelined");
+              return;
+            }
           }
         }
         if (deep_tile_fits<kMetric, kPrecision, kStorage, kOptIns>()) {

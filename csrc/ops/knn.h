@@ -112,12 +112,13 @@ bool knn_cuda_float_thresholds();
 // other values throw ValueError.
 bool knn_cuda_fitted_plan();
 // The tensor-core tile a tf32 / bf16 / fp16 search takes now: "deep" (DeepMmaTile where it
-// applies, the default since GPU run 12), "mma" (MmaTile), "wmma" (WmmaTile) or "pipelined" (the
-// pipelined deep tile, opt-in), as the environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
+// applies, the default since GPU run 12), "mma" (MmaTile), "wmma" (WmmaTile), "pipelined" (the
+// pipelined deep tile, opt-in) or "resident" (its resident-queries variant, opt-in), as the
+// environment variable LATENTSPACE_CUDA_TENSOR_TILE says; a bad
 // value throws the ValueError the search would. A CPU-only build throws RuntimeError.
 const char* knn_cuda_tensor_tile();
 // The tile of the tile scan of this thread's last native GPU search call: "simt", "wmma",
-// "mma", "deep", "pipelined", or "none" (no call yet, or a call that took the row scan): the tests check
+// "mma", "deep", "pipelined", "resident", or "none" (no call yet, or a call that took the row scan): the tests check
 // with it that an opt-in tile ran where it applies and that a fallback is the one documented.
 // A CPU-only build throws RuntimeError.
 const char* knn_cuda_last_scan();

@@ -890,7 +890,7 @@ def test_small_half_storage_on_tensor_cores_is_exact(storage, tensor_tile, rng):
 def test_bad_tensor_tile_setting_is_named(monkeypatch, gen):
     monkeypatch.setenv("LATENTSPACE_CUDA_TENSOR_TILE", "cutlass")
     queries, database = _randn(gen, 20, 8), _randn(gen, 100, 8)
-    expected = "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma', 'deep' or 'pipelined', got 'cutlass'"
+    expected = "LATENTSPACE_CUDA_TENSOR_TILE: expected 'mma', 'wmma', 'deep', 'pipelined' or 'resident', got 'cutlass'"
     with pytest.raises(ValueError, match=expected):
         latentspace.knn(queries, database, 5, precision="bf16")
     with pytest.raises(ValueError, match=expected):

@@ -11,7 +11,13 @@ and of one, partial tiles at a split's end; lists cut back mid-split (k = 1024);
 float32 search bit for bit (ties by index). Where it does not apply (the default family;
 cut-backs by warps; what the deep tile does not take) the search takes the deep tile, or
 MmaTile, and the same results. Every search checks which scan ran
-(_native._cuda_last_scan), so a fallback cannot pass unseen."""
+(_native._cuda_last_scan), so a fallback cannot pass unseen.
+
+The resident-queries tile (csrc/cuda/knn_resident_tile.cuh; opt-in,
+LATENTSPACE_CUDA_TENSOR_TILE=resident: the pipelined kernel with the block's queries rounded
+once into shared memory for its split, bf16 / fp16 at a dimension of at most 128) is held to
+the same: the deep tile's results bit for bit where it applies, the CPU's on integers, the
+pipelined tile where it does not (tf32, dimensions past 128)."""
 
 from __future__ import annotations
 
@@ -54,21 +60,21 @@ def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 
 
-def _pipelined_equals_deep(monkeypatch, searches, ran="pipelined", deep_ran="deep"):
+def _pipelined_equals_deep(monkeypatch, searches, ran="pipelined", deep_ran="deep", setting="pipelined"):
     """searches() (a list of (distances, indices) results) under the "deep" setting and under
-    "pipelined": bit-identical. The pipelined setting's searches must have run the `ran` scan,
-    the deep setting's `deep_ran`. Returns the pipelined setting's results."""
+    `setting` ("pipelined" or "resident"): bit-identical. The setting's searches must have
+    run the `ran` scan, the deep setting's `deep_ran`. Returns the setting's results."""
     results = {}
-    for tile, expected in (("deep", deep_ran), ("pipelined", ran)):
+    for tile, expected in (("deep", deep_ran), (setting, ran)):
         monkeypatch.setenv(TILE, tile)
         results[tile] = searches()
         torch.cuda.synchronize()
         scan = latentspace._native._cuda_last_scan()
         assert scan == expected, f"the {tile} setting ran the {scan} scan, expected {expected}"
-    for (d0, i0), (d1, i1) in zip(results["deep"], results["pipelined"], strict=True):
-        assert torch.equal(i0, i1), "indices differ from the deep tile's"
-        assert torch.equal(d0, d1), "distances differ from the deep tile's"
-    return results["pipelined"]
+    for (d0, i0), (d1, i1) in zip(results["deep"], results[setting], strict=True):
+        assert torch.equal(i0, i1), f"indices differ from the deep tile's ({setting})"
+        assert torch.equal(d0, d1), f"distances differ from the deep tile's ({setting})"
+    return results[setting]
 
 
 # (queries, rows, dimension, k): whole tiles; a partial query tile and database tiles cut by
@@ -96,6 +102,29 @@ def test_small_pipelined_tile_equals_deep_tile(precision, storage, nq, n, dim, k
         assert ((i[:, :kept] >= 0) & (i[:, :kept] < n)).all()
 
 
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("storage", sorted(STORAGE_DTYPES))
+@pytest.mark.parametrize("nq,n,dim,k", [shape for shape in SHAPES if shape[2] <= 128] + [(130, 3000, 136, 5)])
+def test_small_resident_tile_equals_deep_tile(precision, storage, nq, n, dim, k, gen, monkeypatch, opt_in_family):
+    """The resident-queries setting: the resident tile for bf16 / fp16 up to 128 dimensions,
+    the pipelined tile for tf32 and past 128 (136: one more step than the resident rows
+    hold), MmaTile where neither deep tile applies; the deep tile's results throughout."""
+    queries = _randn(gen, nq, dim)
+    database = _randn(gen, n, dim).to(STORAGE_DTYPES[storage])
+    applies = dim % (4 if storage == "fp32" else 8) == 0
+    fits = precision != "tf32" or TF32_FITS
+    if not (applies and fits):
+        ran = deep_ran = "mma"
+    else:
+        ran, deep_ran = ("resident" if precision != "tf32" and dim <= 128 else "pipelined"), "deep"
+    for metric in METRICS:
+        (d, i), = _pipelined_equals_deep(
+            monkeypatch, lambda: [latentspace.knn(queries, database, k, metric, precision=precision)], ran, deep_ran,
+            setting="resident")
+        kept = min(k, n)
+        assert ((i[:, :kept] >= 0) & (i[:, :kept] < n)).all()
+
+
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("shared", ["0", "1"])
 def test_small_pipelined_tile_cuts_lists_back_mid_split(precision, shared, gen, monkeypatch, opt_in_family):
@@ -109,6 +138,10 @@ def test_small_pipelined_tile_cuts_lists_back_mid_split(precision, shared, gen, 
         _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 1024, metric,
                                                                      precision=precision)],
                                "pipelined" if fits else "mma", "deep" if fits else "mma")
+    if precision == "bf16":
+        _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 1024, "l2",
+                                                                     precision=precision)],
+                               "resident", setting="resident")
 
 
 @pytest.mark.parametrize("rule", ["2", "64"])
@@ -122,8 +155,9 @@ def test_small_pipelined_tile_over_short_and_long_splits(rule, gen, monkeypatch,
                                                                      precision="bf16")])
 
 
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_small_pipelined_tile_half_index_equals_deep_tile(precision, gen, monkeypatch, opt_in_family):
+def test_small_pipelined_tile_half_index_equals_deep_tile(precision, setting, gen, monkeypatch, opt_in_family):
     """A FlatIndex stored in the precision's own 16-bit type (rows copied straight into the
     rounded tile, the next tile's into the buffer the last step did not read) and in the other
     one, searched after two adds (1000 + 3000 rows)."""
@@ -134,7 +168,8 @@ def test_small_pipelined_tile_half_index_equals_deep_tile(precision, gen, monkey
         index = latentspace.FlatIndex(dim, "l2", device=DEVICE, storage=storage)
         for part in parts:
             index.add(part)
-        _pipelined_equals_deep(monkeypatch, lambda: [index.search(queries, 50, precision=precision)])
+        _pipelined_equals_deep(monkeypatch, lambda: [index.search(queries, 50, precision=precision)], setting,
+                               setting=setting)
 
 
 def test_small_pipelined_tile_falls_back_to_the_deep_tile(gen, monkeypatch):
@@ -164,23 +199,26 @@ def test_small_pipelined_tile_falls_back_where_the_deep_tile_does(gen, rng, monk
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("storage", ["fp32", "bf16"])
-def test_small_pipelined_tile_integer_data_is_exact(storage, metric, rng, monkeypatch, opt_in_family):
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
+def test_small_pipelined_tile_integer_data_is_exact(setting, storage, metric, rng, monkeypatch, opt_in_family):
     """Small integers are exact in bf16 and their sums exact in float32, so the pipelined
     tile's distances and indices (ties by index) must equal the CPU's float32 search bit for
     bit: 128 queries over one split of 9 tiles (the last of 76 rows), 72 dimensions (3 steps a
     tile: the rounded buffers alternate tile by tile), k = 16 (lists of 528 cut back every few
     tiles while the next tile's copies are in flight), float32 rows landed and rounded, and
-    bf16 rows copied straight into the rounded tile. Sized for racecheck: one setting only."""
+    bf16 rows copied straight into the rounded tile; on the pipelined and on the resident-queries
+    tile (whose queries are loaded and rounded once, before the first tile). Sized for
+    racecheck: one setting a test."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "65536")  # one split ...
     monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # ... not the large-k plan's
-    monkeypatch.setenv(TILE, "pipelined")
+    monkeypatch.setenv(TILE, setting)
     queries = rng.integers(-2, 3, (128, 72)).astype(np.float32)
     database = rng.integers(-2, 3, (1100, 72)).astype(np.float32)
     d0, i0 = latentspace.knn(queries, database, 16, metric)
     gpu_database = torch.from_numpy(database).to(DEVICE).to(STORAGE_DTYPES[storage])
     d, i = latentspace.knn(torch.from_numpy(queries).to(DEVICE), gpu_database, 16, metric, precision="bf16")
     torch.cuda.synchronize()
-    assert latentspace._native._cuda_last_scan() == "pipelined"
+    assert latentspace._native._cuda_last_scan() == setting
     assert torch.equal(i.cpu(), torch.from_numpy(i0)), "indices differ from the CPU's"
     assert torch.equal(d.cpu(), torch.from_numpy(d0)), "distances differ from the CPU's"
 
