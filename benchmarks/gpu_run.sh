@@ -267,7 +267,7 @@ RACECHECK_DEEP_TILE_TESTS=(
 # GPU_RUN_SANITIZER_PIPELINED_TILE_SECONDS (default 60 s); GPU_RUN_SANITIZER_PIPELINED_TILE=0
 # leaves it out. tests/test_gpu_run_script.py checks that these collect.
 PIPELINED_TILE_TESTS=tests/gpu/test_knn_pipelined_tile.py
-MEMCHECK_PIPELINED_TILE_SELECTION="integer_data or 128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
+MEMCHECK_PIPELINED_TILE_SELECTION="integer_data or falls_back or 128-4096-128-10-fp32-bf16 or 140-6000-72-12-bf16-bf16 or short_and_long or half_index"
 RACECHECK_PIPELINED_TILE_TESTS=(
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[pipelined-bf16-l2]"
   "tests/gpu/test_knn_pipelined_tile.py::test_small_pipelined_tile_integer_data_is_exact[resident-fp32-l2]"

@@ -148,6 +148,15 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def gen(rng):
+    """A torch generator on the GPU seeded from the test's numpy seed (printed on failure): for
+    the GPU tests (tests/gpu), which skip before fixtures are set up where there is no GPU."""
+    import torch
+
+    return torch.Generator(device="cuda").manual_seed(int(rng.integers(0, 2**63)))
+
+
 def pytest_runtest_makereport(item, call):
     """Puts the numpy seed of a failing test into its report header section too."""
     if call.when == "call" and call.excinfo is not None:

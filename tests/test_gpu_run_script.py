@@ -730,7 +730,8 @@ def test_both_tools_run_the_pipelined_tile_tests_first_in_the_new_kernels_part(t
     if pipelined_tile == "left out":
         assert "pipelined-tile" not in memcheck + racecheck, memcheck + racecheck
         return
-    selection = "-k integer_data or 128-4096-128-10 or 140-6000-72-12 or short_and_long or half_index or falls_back"
+    selection = "-k integer_data or falls_back or 128-4096-128-10-fp32-bf16 or 140-6000-72-12-bf16-bf16 or short_and_long " \
+        "or half_index"
     assert f"---- pipelined-tile: pytest {selection} tests/gpu/test_knn_pipelined_tile.py (at most 60 s)" \
         in memcheck, memcheck
     assert memcheck.index("---- pipelined-tile: pytest") < memcheck.index("---- row-check: pytest") \

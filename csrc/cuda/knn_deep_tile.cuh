@@ -212,20 +212,18 @@ struct DeepMmaTile {
     }
   };
 
-  // This thread's copies of the step at dimension d0, zero-filled past the rows and the
-  // dimension (a multiple of a chunk: see the top); `stage` is the rounded buffer a direct copy
-  // goes to.
+  // A step's rounded rows of one side (one stage of Shared::queries or ::database).
+  using Rounded = Stored[kQueries][kStride];
+
+  // This thread's copies of the database rows of the step at dimension d0, zero-filled past
+  // the rows and the dimension (a multiple of a chunk: see the top), into `landing` (this
+  // thread's chunks as stored, chunk c at [16 c bytes]) or, for a direct copy, into `rounded`.
+  // Not committed. issue_step's second half; the resident-queries tile's steps
+  // (knn_resident_tile.cuh).
   template <KnnStorage kStorage>
-  __device__ static void issue_step(const TileBounds& t, const Copies<kStorage>& copies, Shared& s, int stage,
-                                    int64_t d0, int thread) {
+  __device__ static void issue_database_chunks(const TileBounds& t, const Copies<kStorage>& copies, void* landing,
+                                               Rounded& rounded, int64_t d0, int thread) {
     using C = Copies<kStorage>;
-    const bool query_dims = d0 + copies.query_column < t.dim;
-    const float* query = copies.query + d0;
-#pragma unroll
-    for (int h = 0; h < kChunksPerThread; ++h, query += copies.query_step) {
-      const bool exists = query_dims && (copies.query_rows >> h & 1u);
-      copy_16_async(&s.landing_queries[(thread + h * kTileThreads) * 4], exists ? query : t.queries, exists);
-    }
     const bool vector_dims = d0 + copies.vector_column < t.dim;
     const typename C::Element* vector = copies.vector + d0;
 #pragma unroll
@@ -234,42 +232,84 @@ struct DeepMmaTile {
       const int c = thread + h * kTileThreads;
       void* destination;
       if constexpr (kDirect<kStorage>) {
-        destination = &s.database[stage][deep_tile_layout::chunk_row(c, C::kPerChunk)][copies.vector_column];
+        destination = &rounded[deep_tile_layout::chunk_row(c, C::kPerChunk)][copies.vector_column];
       } else {
-        destination = reinterpret_cast<unsigned char*>(s.landing_database) + c * 16;
+        destination = static_cast<unsigned char*>(landing) + c * 16;
       }
       copy_16_async(destination, exists ? vector : t.database, exists);
     }
+  }
+
+  // This thread's copies of the query rows of the step at dimension d0, zero-filled past the
+  // rows and the dimension, into `landing` (chunk c at [4 c floats]). Not committed.
+  // issue_step's first half; the resident-queries tile's loading of its queries.
+  template <KnnStorage kStorage>
+  __device__ static void issue_query_chunks(const TileBounds& t, const Copies<kStorage>& copies, float* landing,
+                                            int64_t d0, int thread) {
+    const bool query_dims = d0 + copies.query_column < t.dim;
+    const float* query = copies.query + d0;
+#pragma unroll
+    for (int h = 0; h < kChunksPerThread; ++h, query += copies.query_step) {
+      const bool exists = query_dims && (copies.query_rows >> h & 1u);
+      copy_16_async(&landing[(thread + h * kTileThreads) * 4], exists ? query : t.queries, exists);
+    }
+  }
+
+  // This thread's copies of the step at dimension d0, zero-filled past the rows and the
+  // dimension (a multiple of a chunk: see the top); `stage` is the rounded buffer a direct copy
+  // goes to.
+  template <KnnStorage kStorage>
+  __device__ static void issue_step(const TileBounds& t, const Copies<kStorage>& copies, Shared& s, int stage,
+                                    int64_t d0, int thread) {
+    issue_query_chunks<kStorage>(t, copies, s.landing_queries, d0, thread);
+    issue_database_chunks<kStorage>(t, copies, s.landing_database, s.database[stage], d0, thread);
     commit_copies();
   }
 
-  // This thread's landed chunks of one step, rounded into the rounded buffer `stage` (to
-  // nearest, as MmaTile rounds while it stages: MmaTraits::store4). Call after wait_copies.
+  // This thread's landed database chunks of one step (issue_database_chunks' `landing`),
+  // rounded into `rounded` (to nearest, as MmaTile rounds while it stages: MmaTraits::store4);
+  // nothing for a direct copy. Call after wait_copies. round_step's second half.
   template <KnnStorage kStorage>
-  __device__ static void round_step(Shared& s, int stage, int thread) {
+  __device__ static void round_database_chunks(const void* landing, Rounded& rounded, int thread) {
     using Element = StoredElement<kStorage>;
     using deep_tile_layout::chunk_column, deep_tile_layout::chunk_row;
-#pragma unroll
-    for (int h = 0; h < kChunksPerThread; ++h) {
-      const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = chunk_column(c, 4);
-      Traits::store4(&s.queries[stage][row][column], *reinterpret_cast<const float4*>(&s.landing_queries[c * 4]));
-    }
     if constexpr (std::is_same_v<Element, float>) {
 #pragma unroll
       for (int h = 0; h < kChunksPerThread; ++h) {
         const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = chunk_column(c, 4);
-        Traits::store4(&s.database[stage][row][column], *reinterpret_cast<const float4*>(&s.landing_database[c * 4]));
+        Traits::store4(&rounded[row][column], *reinterpret_cast<const float4*>(static_cast<const float*>(landing) + c * 4));
       }
     } else if constexpr (!kDirect<kStorage>) {
       // 16-bit rows of the other 16-bit type (or for tf32): 8 elements a chunk, widened and rounded.
 #pragma unroll
       for (int h = 0; h < kVectors * (kDepth / 8) / kTileThreads; ++h) {
         const int c = thread + h * kTileThreads, row = chunk_row(c, 8), column = chunk_column(c, 8);
-        const unsigned char* chunk = reinterpret_cast<const unsigned char*>(s.landing_database) + c * 16;
-        Traits::store4(&s.database[stage][row][column], load_four<kStorage>(chunk, 0));
-        Traits::store4(&s.database[stage][row][column + 4], load_four<kStorage>(chunk, 4));
+        const unsigned char* chunk = static_cast<const unsigned char*>(landing) + c * 16;
+        Traits::store4(&rounded[row][column], load_four<kStorage>(chunk, 0));
+        Traits::store4(&rounded[row][column + 4], load_four<kStorage>(chunk, 4));
       }
     }
+  }
+
+  // This thread's landed query chunks of one step (issue_query_chunks' `landing`), rounded into
+  // `rows` (rows of 128 queries, any length) from column `first` on. Call after wait_copies.
+  // round_step's first half; the resident-queries tile's loading of its queries.
+  template <class Rows>
+  __device__ static void round_query_chunks(const float* landing, Rows& rows, int first, int thread) {
+    using deep_tile_layout::chunk_column, deep_tile_layout::chunk_row;
+#pragma unroll
+    for (int h = 0; h < kChunksPerThread; ++h) {
+      const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = first + chunk_column(c, 4);
+      Traits::store4(&rows[row][column], *reinterpret_cast<const float4*>(&landing[c * 4]));
+    }
+  }
+
+  // This thread's landed chunks of one step, rounded into the rounded buffer `stage` (to
+  // nearest, as MmaTile rounds while it stages: MmaTraits::store4). Call after wait_copies.
+  template <KnnStorage kStorage>
+  __device__ static void round_step(Shared& s, int stage, int thread) {
+    round_query_chunks(s.landing_queries, s.queries[stage], 0, thread);
+    round_database_chunks<kStorage>(s.landing_database, s.database[stage], thread);
   }
 
   // The fragments of one mma.sync depth step (k0) of the rounded buffer `stage`, and the warp's

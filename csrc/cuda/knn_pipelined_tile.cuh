@@ -60,12 +60,27 @@ __device__ inline void copy_4_async(void* shared_destination, const void* global
                : "memory");
 }
 
+// 128 norms, rows [first, first + 128) of `source` (0 at and past `end`), into `norms` by
+// cp.async, one a thread (threads below 128); nothing for inner products, which have none. Not
+// committed. A tile's database norms (from its n0 to the split's end) and a block's query norms.
+template <Metric kMetric>
+__device__ inline void issue_norms(const float* source, int64_t first, int64_t end, float (&norms)[128], int thread) {
+  if constexpr (kMetric != Metric::kInnerProduct) {
+    if (thread < 128) {
+      const int64_t row = first + thread;
+      const bool exists = row < end;
+      copy_4_async(&norms[thread], exists ? source + row : source, exists);
+    }
+  }
+}
+
 template <KnnPrecision kPrecision>
 struct PipelinedDeepTile : DeepMmaTile<kPrecision> {
   using Deep = DeepMmaTile<kPrecision>;
   using Deep::kDepth, Deep::kQueries, Deep::kVectors, Deep::kRows, Deep::kCols;
   using Deep::kWarpQueries, Deep::kWarpVectors;
 
+  static_assert(kQueries == 128 && kVectors == 128, "issue_norms copies 128 norms");
   struct Shared : Deep::Shared {
     float query_norms[kQueries];         // the block's, for its whole split (0 past the queries)
     float database_norms[2][kVectors];   // a tile's, by tile parity (0 past the split's rows)
@@ -75,13 +90,7 @@ struct PipelinedDeepTile : DeepMmaTile<kPrecision> {
   template <Metric kMetric, KnnStorage kStorage>
   __device__ static void issue_first_step(const TileBounds& t, const float* database_norms, Shared& s, int stage,
                                           int parity, int thread) {
-    if constexpr (kMetric != Metric::kInnerProduct) {
-      if (thread < kVectors) {
-        const int64_t n = t.n0 + thread;
-        const bool exists = n < t.n_end;
-        copy_4_async(&s.database_norms[parity][thread], exists ? database_norms + n : database_norms, exists);
-      }
-    }
+    issue_norms<kMetric>(database_norms, t.n0, t.n_end, s.database_norms[parity], thread);
     const typename Deep::template Copies<kStorage> copies(t, thread);
     Deep::template issue_step<kStorage>(t, copies, s, stage, 0, thread);  // (commits the group)
   }
@@ -92,13 +101,7 @@ struct PipelinedDeepTile : DeepMmaTile<kPrecision> {
   __device__ static void issue_split_start(const TileBounds& first, const float* query_norms,
                                            const float* database_norms, Shared& s) {
     const int thread = threadIdx.x;
-    if constexpr (kMetric != Metric::kInnerProduct) {
-      if (thread < kQueries) {
-        const int64_t q = first.q0 + thread;
-        const bool exists = q < first.num_queries;
-        copy_4_async(&s.query_norms[thread], exists ? query_norms + q : query_norms, exists);
-      }
-    }
+    issue_norms<kMetric>(query_norms, first.q0, first.num_queries, s.query_norms, thread);
     issue_first_step<kMetric, kStorage>(first, database_norms, s, 0, 0, thread);
   }
 

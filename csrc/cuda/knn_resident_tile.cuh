@@ -67,75 +67,25 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
     float database_norms[2][kVectors];
   };
 
-  // The database half of DeepMmaTile::issue_step: this thread's copies of the step at d0,
-  // zero-filled past the rows and the dimension, into `stage` when they go straight to the
-  // rounded rows.
+  // This thread's copies of the database rows of the step at d0 (DeepMmaTile's, into the
+  // landing chunks or, direct, into the rounded rows `stage`), committed.
   template <KnnStorage kStorage>
   __device__ static void issue_database_step(const TileBounds& t, const Copies<kStorage>& copies, Shared& s, int stage,
                                              int64_t d0, int thread) {
-    using C = Copies<kStorage>;
-    const bool vector_dims = d0 + copies.vector_column < t.dim;
-    const typename C::Element* vector = copies.vector + d0;
-#pragma unroll
-    for (int h = 0; h < C::kDatabaseChunks; ++h, vector += copies.vector_step) {
-      const bool exists = vector_dims && (copies.vector_rows >> h & 1u);
-      const int c = thread + h * kTileThreads;
-      void* destination;
-      if constexpr (Deep::template kDirect<kStorage>) {
-        destination = &s.database[stage][deep_tile_layout::chunk_row(c, C::kPerChunk)][copies.vector_column];
-      } else {
-        destination = reinterpret_cast<unsigned char*>(s.landing) + c * 16;
-      }
-      copy_16_async(destination, exists ? vector : t.database, exists);
-    }
+    Deep::template issue_database_chunks<kStorage>(t, copies, s.landing, s.database[stage], d0, thread);
     commit_copies();
-  }
-
-  // The database half of DeepMmaTile::round_step: this thread's landed chunks of a step,
-  // rounded into the rounded rows `stage`. Call after wait_copies.
-  template <KnnStorage kStorage>
-  __device__ static void round_database_step(Shared& s, int stage, int thread) {
-    using Element = StoredElement<kStorage>;
-    using deep_tile_layout::chunk_column, deep_tile_layout::chunk_row;
-    if constexpr (std::is_same_v<Element, float>) {
-#pragma unroll
-      for (int h = 0; h < Deep::kChunksPerThread; ++h) {
-        const int c = thread + h * kTileThreads, row = chunk_row(c, 4), column = chunk_column(c, 4);
-        Traits::store4(&s.database[stage][row][column], *reinterpret_cast<const float4*>(&s.landing[c * 4]));
-      }
-    } else if constexpr (!Deep::template kDirect<kStorage>) {
-#pragma unroll
-      for (int h = 0; h < kVectors * (kDepth / 8) / kTileThreads; ++h) {
-        const int c = thread + h * kTileThreads, row = chunk_row(c, 8), column = chunk_column(c, 8);
-        const unsigned char* chunk = reinterpret_cast<const unsigned char*>(s.landing) + c * 16;
-        Traits::store4(&s.database[stage][row][column], load_four<kStorage>(chunk, 0));
-        Traits::store4(&s.database[stage][row][column + 4], load_four<kStorage>(chunk, 4));
-      }
-    }
   }
 
   // The block's queries, every step of the dimension, copied into the landing chunks and
   // rounded into the resident rows by the thread that copied them (zero past the rows and the
   // dimension), then one barrier. All threads call it, with no copies in flight; it leaves none.
   __device__ static void load_queries(const TileBounds& t, Shared& s, int thread) {
-    using deep_tile_layout::chunk_column, deep_tile_layout::chunk_row;
     const Copies<KnnStorage::kFloat32> copies(t, thread);  // (its query chunks: the same for every storage)
     for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
-      const bool query_dims = d0 + copies.query_column < t.dim;
-      const float* query = copies.query + d0;
-#pragma unroll
-      for (int h = 0; h < Deep::kChunksPerThread; ++h, query += copies.query_step) {
-        const bool exists = query_dims && (copies.query_rows >> h & 1u);
-        copy_16_async(&s.landing[(thread + h * kTileThreads) * 4], exists ? query : t.queries, exists);
-      }
+      Deep::template issue_query_chunks<KnnStorage::kFloat32>(t, copies, s.landing, d0, thread);
       commit_copies();
       wait_copies();
-#pragma unroll
-      for (int h = 0; h < Deep::kChunksPerThread; ++h) {
-        const int c = thread + h * kTileThreads, row = chunk_row(c, 4);
-        const int column = static_cast<int>(d0) + chunk_column(c, 4);
-        Traits::store4(&s.queries[row][column], *reinterpret_cast<const float4*>(&s.landing[c * 4]));
-      }
+      Deep::round_query_chunks(s.landing, s.queries, static_cast<int>(d0), thread);
     }
     __syncthreads();  // every thread's rounded queries visible; the landing chunks free again
   }
@@ -144,13 +94,7 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
   template <Metric kMetric, KnnStorage kStorage>
   __device__ static void issue_first_step(const TileBounds& t, const float* database_norms, Shared& s, int stage,
                                           int parity, int thread) {
-    if constexpr (kMetric != Metric::kInnerProduct) {
-      if (thread < kVectors) {
-        const int64_t n = t.n0 + thread;
-        const bool exists = n < t.n_end;
-        copy_4_async(&s.database_norms[parity][thread], exists ? database_norms + n : database_norms, exists);
-      }
-    }
+    issue_norms<kMetric>(database_norms, t.n0, t.n_end, s.database_norms[parity], thread);
     const Copies<kStorage> copies(t, thread);
     issue_database_step<kStorage>(t, copies, s, stage, 0, thread);  // (commits the group)
   }
@@ -163,13 +107,7 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
                                            const float* database_norms, Shared& s) {
     const int thread = threadIdx.x;
     load_queries(first, s, thread);
-    if constexpr (kMetric != Metric::kInnerProduct) {
-      if (thread < kQueries) {
-        const int64_t q = first.q0 + thread;
-        const bool exists = q < first.num_queries;
-        copy_4_async(&s.query_norms[thread], exists ? query_norms + q : query_norms, exists);
-      }
-    }
+    issue_norms<kMetric>(query_norms, first.q0, first.num_queries, s.query_norms, thread);
     issue_first_step<kMetric, kStorage>(first, database_norms, s, 0, 0, thread);
   }
 
@@ -207,7 +145,7 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
     const Copies<kStorage> copies(t, thread);
     for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
       wait_copies();
-      round_database_step<kStorage>(s, stage, thread);
+      Deep::template round_database_chunks<kStorage>(s.landing, s.database[stage], thread);
       __syncthreads();
       if (d0 + kDepth < t.dim) {
         issue_database_step<kStorage>(t, copies, s, stage ^ 1, d0 + kDepth, thread);

@@ -31,12 +31,6 @@ PAD = {"l2": np.inf, "ip": -np.inf, "cosine": -np.inf}
 DEVICE = "cuda"
 
 
-@pytest.fixture
-def gen(rng):
-    """A torch generator on the GPU seeded from the test's numpy seed (printed on failure)."""
-    return torch.Generator(device=DEVICE).manual_seed(int(rng.integers(0, 2**63)))
-
-
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 

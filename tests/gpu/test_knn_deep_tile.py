@@ -39,12 +39,6 @@ _OPTIN = getattr(torch.cuda.get_device_properties(0), "shared_memory_per_block_o
 TF32_FITS = _OPTIN >= 104 * 1024 + 4 * 1024
 
 
-@pytest.fixture
-def gen(rng):
-    """A torch generator on the GPU seeded from the test's numpy seed (printed on failure)."""
-    return torch.Generator(device=DEVICE).manual_seed(int(rng.integers(0, 2**63)))
-
-
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 

@@ -44,12 +44,6 @@ TF32_FITS = _OPTIN >= 106 * 1024 + 4 * 1024
 
 
 @pytest.fixture
-def gen(rng):
-    """A torch generator on the GPU seeded from the test's numpy seed (printed on failure)."""
-    return torch.Generator(device=DEVICE).manual_seed(int(rng.integers(0, 2**63)))
-
-
-@pytest.fixture
 def opt_in_family(monkeypatch):
     """Every search in the opt-in family's kernels (its float compare alone picks them; a
     search of several splits takes them by default, with shared thresholds)."""
@@ -75,6 +69,65 @@ def _pipelined_equals_deep(monkeypatch, searches, ran="pipelined", deep_ran="dee
         assert torch.equal(i0, i1), f"indices differ from the deep tile's ({setting})"
         assert torch.equal(d0, d1), f"distances differ from the deep tile's ({setting})"
     return results[setting]
+
+
+# The searches sized for compute-sanitizer, first in the file: pytest runs a selection in the
+# file's order, and benchmarks/gpu_run.sh's memcheck and racecheck runs have a time limit.
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
+def test_small_pipelined_tile_integer_data_is_exact(setting, storage, metric, rng, monkeypatch, opt_in_family):
+    """Small integers are exact in bf16 and their sums exact in float32, so the pipelined
+    tile's distances and indices (ties by index) must equal the CPU's float32 search bit for
+    bit: 128 queries over one split of 9 tiles (the last of 76 rows), 72 dimensions (3 steps a
+    tile: the rounded buffers alternate tile by tile), k = 16 (lists of 528 cut back every few
+    tiles while the next tile's copies are in flight), float32 rows landed and rounded, and
+    bf16 rows copied straight into the rounded tile; on the pipelined and on the resident-queries
+    tile (whose queries are loaded and rounded once, before the first tile). Sized for
+    racecheck: one setting a test."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "65536")  # one split ...
+    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # ... not the large-k plan's
+    monkeypatch.setenv(TILE, setting)
+    queries = rng.integers(-2, 3, (128, 72)).astype(np.float32)
+    database = rng.integers(-2, 3, (1100, 72)).astype(np.float32)
+    d0, i0 = latentspace.knn(queries, database, 16, metric)
+    gpu_database = torch.from_numpy(database).to(DEVICE).to(STORAGE_DTYPES[storage])
+    d, i = latentspace.knn(torch.from_numpy(queries).to(DEVICE), gpu_database, 16, metric, precision="bf16")
+    torch.cuda.synchronize()
+    assert latentspace._native._cuda_last_scan() == setting
+    assert torch.equal(i.cpu(), torch.from_numpy(i0)), "indices differ from the CPU's"
+    assert torch.equal(d.cpu(), torch.from_numpy(d0)), "distances differ from the CPU's"
+
+
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
+def test_small_pipelined_tile_falls_back_to_the_deep_tile(setting, gen, monkeypatch):
+    """Outside the opt-in family (one split a query, no opt-in set) and with cut-backs by warps
+    (whose histograms take the staging buffer) either setting runs the deep tile."""
+    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "0")
+    queries, database = _randn(gen, 140, 64), _randn(gen, 3000, 64)
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep",
+                           setting=setting)
+    monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1")
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep",
+                           setting=setting)
+
+
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
+def test_small_pipelined_tile_falls_back_where_the_deep_tile_does(setting, gen, rng, monkeypatch, opt_in_family):
+    """In the opt-in family, where neither deep tile applies (weighted l2; a float32 database
+    view one element past its allocation's start) both settings take MmaTile."""
+    queries = _randn(gen, 140, 64)
+    weights = rng.uniform(0.0, 2.0, 64).astype(np.float32)
+    database = _randn(gen, 3000, 64)
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, "weighted_l2", weights=weights,
+                                                                 precision="bf16")], "mma", "mma", setting)
+    flat = torch.empty(3000 * 64 + 1, device=DEVICE)
+    misaligned = flat[1:].view(3000, 64)
+    misaligned.copy_(database)
+    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, misaligned, 10, precision="bf16")],
+                           "mma", "mma", setting)
 
 
 # (queries, rows, dimension, k): whole tiles; a partial query tile and database tiles cut by
@@ -144,15 +197,17 @@ def test_small_pipelined_tile_cuts_lists_back_mid_split(precision, shared, gen, 
                                "resident", setting="resident")
 
 
+@pytest.mark.parametrize("setting", ["pipelined", "resident"])
 @pytest.mark.parametrize("rule", ["2", "64"])
-def test_small_pipelined_tile_over_short_and_long_splits(rule, gen, monkeypatch, opt_in_family):
+def test_small_pipelined_tile_over_short_and_long_splits(rule, setting, gen, monkeypatch, opt_in_family):
     """The split rule at 2 and 64 rows a neighbour: many splits of a tile or two (some ending
-    inside their first tile) and few of many tiles (the norm buffers alternate tile by tile)."""
+    inside their first tile: the resident tile loads its queries and issues no next tile) and
+    few of many tiles (the norm buffers alternate tile by tile)."""
     monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", rule)
     queries, database = _randn(gen, 260, 128), _randn(gen, 30_011, 128)
     for metric in METRICS:
         _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, metric,
-                                                                     precision="bf16")])
+                                                                     precision="bf16")], setting, setting=setting)
 
 
 @pytest.mark.parametrize("setting", ["pipelined", "resident"])
@@ -170,57 +225,6 @@ def test_small_pipelined_tile_half_index_equals_deep_tile(precision, setting, ge
             index.add(part)
         _pipelined_equals_deep(monkeypatch, lambda: [index.search(queries, 50, precision=precision)], setting,
                                setting=setting)
-
-
-def test_small_pipelined_tile_falls_back_to_the_deep_tile(gen, monkeypatch):
-    """Outside the opt-in family (one split a query, no opt-in set) and with cut-backs by warps
-    (whose histograms take the staging buffer) the pipelined setting runs the deep tile."""
-    monkeypatch.setenv("LATENTSPACE_CUDA_SHARED_THRESHOLDS", "0")
-    queries, database = _randn(gen, 140, 64), _randn(gen, 3000, 64)
-    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep")
-    monkeypatch.setenv("LATENTSPACE_CUDA_WARP_CUT_BACKS", "1")
-    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, precision="bf16")], "deep")
-
-
-def test_small_pipelined_tile_falls_back_where_the_deep_tile_does(gen, rng, monkeypatch, opt_in_family):
-    """In the opt-in family, where neither deep tile applies (weighted l2; a float32 database
-    view one element past its allocation's start) both settings take MmaTile."""
-    queries = _randn(gen, 140, 64)
-    weights = rng.uniform(0.0, 2.0, 64).astype(np.float32)
-    database = _randn(gen, 3000, 64)
-    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, database, 10, "weighted_l2", weights=weights,
-                                                                 precision="bf16")], "mma", "mma")
-    flat = torch.empty(3000 * 64 + 1, device=DEVICE)
-    misaligned = flat[1:].view(3000, 64)
-    misaligned.copy_(database)
-    _pipelined_equals_deep(monkeypatch, lambda: [latentspace.knn(queries, misaligned, 10, precision="bf16")],
-                           "mma", "mma")
-
-
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("storage", ["fp32", "bf16"])
-@pytest.mark.parametrize("setting", ["pipelined", "resident"])
-def test_small_pipelined_tile_integer_data_is_exact(setting, storage, metric, rng, monkeypatch, opt_in_family):
-    """Small integers are exact in bf16 and their sums exact in float32, so the pipelined
-    tile's distances and indices (ties by index) must equal the CPU's float32 search bit for
-    bit: 128 queries over one split of 9 tiles (the last of 76 rows), 72 dimensions (3 steps a
-    tile: the rounded buffers alternate tile by tile), k = 16 (lists of 528 cut back every few
-    tiles while the next tile's copies are in flight), float32 rows landed and rounded, and
-    bf16 rows copied straight into the rounded tile; on the pipelined and on the resident-queries
-    tile (whose queries are loaded and rounded once, before the first tile). Sized for
-    racecheck: one setting a test."""
-    monkeypatch.setenv("LATENTSPACE_CUDA_ROWS_PER_NEIGHBOUR", "65536")  # one split ...
-    monkeypatch.setenv("LATENTSPACE_CUDA_TREE_MERGE", "0")  # ... not the large-k plan's
-    monkeypatch.setenv(TILE, setting)
-    queries = rng.integers(-2, 3, (128, 72)).astype(np.float32)
-    database = rng.integers(-2, 3, (1100, 72)).astype(np.float32)
-    d0, i0 = latentspace.knn(queries, database, 16, metric)
-    gpu_database = torch.from_numpy(database).to(DEVICE).to(STORAGE_DTYPES[storage])
-    d, i = latentspace.knn(torch.from_numpy(queries).to(DEVICE), gpu_database, 16, metric, precision="bf16")
-    torch.cuda.synchronize()
-    assert latentspace._native._cuda_last_scan() == setting
-    assert torch.equal(i.cpu(), torch.from_numpy(i0)), "indices differ from the CPU's"
-    assert torch.equal(d.cpu(), torch.from_numpy(d0)), "distances differ from the CPU's"
 
 
 def test_small_pipelined_tile_results_are_near_the_float64_ones(gen, monkeypatch, opt_in_family):
