@@ -3,7 +3,7 @@
 Run on a GPU machine from the repository root (benchmarks/gpu_run.sh runs it in its
 "profile" stage):
   python3 benchmarks/profile_knn_cuda.py [out.json]            # every section, one process each
-  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: q1, q1sweep, copy, big, sweep, defaults, largek
+  python3 benchmarks/profile_knn_cuda.py --section sweep [out.json]   # one: tiles, q1, q1sweep, copy, big, sweep, defaults, largek
 
 Questions the benchmark's totals cannot answer:
   1. A search of Q = 10,000 against N = 1,000,000 (D = 128, float32): how much of it is the
@@ -26,6 +26,10 @@ Questions the benchmark's totals cannot answer:
      in GPU run 12: the kernels of one search under the defaults (the large-k plan, one call
      under the automatic workspace) and of torch's addmm + topk over the same rows
      (large_k_breakdown).
+  8. The tensor-core tiles' scan kernels side by side: bf16 at Q = 10,000 x 1M x 128, k = 10,
+     and at faiss #3045's shape, on the deep tile (the default), the pipelined and the
+     resident-queries tiles (opt-ins, twenty-third session) and MmaTile, with the scan each
+     search ran (tile_breakdown): the benchmark's cells time whole calls, this the kernels.
 Uses private helpers (latentspace._arrays, latentspace._cuda_search) on purpose: the steps
 timed are those FlatIndex.search runs. A section stopped (SIGINT: gpu_run.sh's limit) or
 failing midway keeps what it had measured, named under "unfinished" in the JSON; after a stop
@@ -393,11 +397,38 @@ def large_k_breakdown(report: dict) -> None:
                           rows)
 
 
+# The tensor-core tiles tile_breakdown times (LATENTSPACE_CUDA_TENSOR_TILE): the default, the
+# opt-ins waiting for a GPU run, MmaTile (the default until run 12).
+TILE_SETTINGS = ("deep", "pipelined", "resident", "mma")
+
+
+def tile_breakdown(report: dict) -> None:
+    """The kernels of one bf16 search on each tensor-core tile: Q = 10,000 x N = 1M x D = 128,
+    k = 10, and faiss #3045's 5,000 x 8,192 x 2,048, k = 32 (both several splits a query: the
+    opt-in family, where the pipelined tiles run; the resident tile only up to D = 128), and
+    the scan each ran (a tile that fell back is named)."""
+    g = torch.Generator(device=DEVICE).manual_seed(13)
+    shapes = {"bf16 big": (10_000, 1_000_000, 128, 10), "bf16 faiss3045": (5_000, 8_192, 2_048, 32)}
+    for name, (nq, n, d, k) in shapes.items():
+        x = torch.randn(n, d, generator=g, device=DEVICE)
+        q = torch.randn(nq, d, generator=g, device=DEVICE)
+        for tile in TILE_SETTINGS:
+            if tile == "resident" and d > 128:
+                continue
+            with environment(LATENTSPACE_CUDA_TENSOR_TILE=tile):
+                rows = kernel_times(lambda: latentspace.knn(q, x, k, precision="bf16"))
+                ran = _native._cuda_last_scan()
+            label = f"{name} [{tile}]"
+            report[label] = {"scan": ran, "kernels": rows}
+            print_kernels(f"{label}, the {ran} scan: CUDA kernels of one search", rows)
+
+
 # Each section runs in a process of its own, in this order: a never-run opt-in kernel that
 # faults leaves its process's CUDA context unusable, and must not take the sections after it
 # along (each section's JSON is written as it ends, so a time limit keeps the finished ones).
-# q1sweep second: the newest experiment, before the sections earlier runs have timed.
-SECTIONS = {"q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "big": big_search_breakdown,
+# tiles first: the newest experiment (the pipelined tiles), then q1sweep, before the sections
+# earlier runs have timed.
+SECTIONS = {"tiles": tile_breakdown, "q1": q1_breakdown, "q1sweep": q1_sweep, "copy": host_copy_rates, "big": big_search_breakdown,
             "sweep": plan_sweep, "defaults": defaults_check, "largek": large_k_breakdown}
 
 

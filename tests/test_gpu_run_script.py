@@ -237,10 +237,10 @@ def test_the_profile_takes_known_sections_only():
     script = str(ROOT / "benchmarks" / "profile_knn_cuda.py")
     bad = subprocess.run([sys.executable, script, "--section", "nope"], capture_output=True, text=True)
     assert bad.returncode == 1 and \
-        "--section: expected one of q1, q1sweep, copy, big, sweep, defaults, largek, got ['nope']" in bad.stderr
+        "--section: expected one of tiles, q1, q1sweep, copy, big, sweep, defaults, largek, got ['nope']" in bad.stderr
     if not __import__("latentspace").cuda_available():
         run = subprocess.run([sys.executable, script], capture_output=True, text=True)
-        assert run.returncode == 1 and run.stdout.count("exited 1") == 7
+        assert run.returncode == 1 and run.stdout.count("exited 1") == 8  # (one a section)
 
 
 def test_every_stage_is_in_the_default_list_in_the_order_it_runs():
