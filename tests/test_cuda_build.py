@@ -39,6 +39,18 @@ def test_float_thresholds_keep_every_key_the_default_takes(tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+def test_pipelined_l2_reject_keeps_every_key_the_deep_tile_takes(tmp_path):
+    """The pipelined tile's epilogue rejects an l2 score on its unclamped fused form
+    (knn_pipelined_tile.cuh, l2_score_above) where the deep tile's clamps first. Built from the
+    real header and run on the host (no GPU needed): over 2 million cases, -0, denormals, NaN
+    products, scores of 0 and norms up to the row check's FLT_MAX / 8 among them, no key that
+    the deep tile's `key < threshold` takes may be rejected."""
+    result = run_cuda_host_check("l2_reject_check", tmp_path, "2000000")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dropped wrongly 0" in result.stdout and "taken 0," not in result.stdout, result.stdout
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
 def test_deep_tile_layout_feeds_the_mma_fragments(tmp_path):
     """DeepMmaTile (csrc/cuda/knn_deep_tile.cuh, the default tensor-core tile since GPU run 12) copies
     a step in 16-byte chunks and reads its fragments with ldmatrix. Built from the real header

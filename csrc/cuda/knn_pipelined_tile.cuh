@@ -74,6 +74,14 @@ __device__ inline void issue_norms(const float* source, int64_t first, int64_t e
   }
 }
 
+// Whether an l2 score is above `bound` (a threshold's score: at least 0, or +inf), tested on
+// its unclamped form, fma(-2, dot, |q|^2 + |x|^2): offer_tile_scores' fast reject (why it is
+// exact: there). Host too: tests/cuda_host/l2_reject_check.cu checks that it rejects no key
+// that the deep tile's epilogue takes.
+__host__ __device__ inline bool l2_score_above(float dot, float query_norm, float database_norm, float bound) {
+  return fmaf(-2.0f, dot, query_norm + database_norm) > bound;
+}
+
 template <KnnPrecision kPrecision>
 struct PipelinedDeepTile : DeepMmaTile<kPrecision> {
   using Deep = DeepMmaTile<kPrecision>;
@@ -191,7 +199,7 @@ __device__ __forceinline__ void offer_tile_scores(const ScanArgs& a, ScanShared<
     for (int j = 0; j < Tile::kCols; ++j) {
       if (!(columns >> j & 1u)) continue;
       const bool rejected = kMetric == Metric::kL2
-                                ? fmaf(-2.0f, acc[i][j], query_norm + database_norms[j]) > bound
+                                ? l2_score_above(acc[i][j], query_norm, database_norms[j], bound)
                                 : score_of<kMetric>(acc[i][j], query_norm, database_norms[j]) > bound;
       if (!rejected) {  // rare once the list has filled; a NaN score takes the key's way too
         const float score = score_of<kMetric>(acc[i][j], query_norm, database_norms[j]);
