@@ -88,6 +88,7 @@ struct PipelinedDeepTile : DeepMmaTile<kPrecision> {
   using Deep::kDepth, Deep::kQueries, Deep::kVectors, Deep::kRows, Deep::kCols;
   using Deep::kWarpQueries, Deep::kWarpVectors;
 
+  static constexpr const char* kName = "pipelined";  // (_native._cuda_last_scan)
   static_assert(kQueries == 128 && kVectors == 128, "issue_norms copies 128 norms");
   struct Shared : Deep::Shared {
     float query_norms[kQueries];         // the block's, for its whole split (0 past the queries)

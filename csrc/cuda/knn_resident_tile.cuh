@@ -48,6 +48,7 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
   using Deep::kDepth, Deep::kQueries, Deep::kVectors, Deep::kRows, Deep::kCols;
   using Deep::kWarpQueries, Deep::kWarpVectors;
   static_assert(Deep::kHalf, "bf16 / fp16 only: tf32's resident queries would take 66 KiB");
+  static constexpr const char* kName = "resident";  // (_native._cuda_last_scan)
   static constexpr int kMaxDim = 128;
   static constexpr int kResidentStride = kMaxDim + 8;
   static_assert(kResidentStride * sizeof(Stored) % 16 == 0 && kResidentStride * sizeof(Stored) / 16 % 2 == 1,

@@ -152,10 +152,10 @@ void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
 }
 
 // The opt-in family's scan on the pipelined deep tile (knn_pipelined_tile.cuh), or on the
-// resident-queries tile (knn_resident_tile.cuh); name: the tile, for last_scan_launched.
+// resident-queries tile (knn_resident_tile.cuh).
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, class Tile>
-void launch_pipelined_scan(const ScanArgs& args, cudaStream_t stream, const char* name) {
-  last_scan_launched() = name;
+void launch_pipelined_scan(const ScanArgs& args, cudaStream_t stream) {
+  last_scan_launched() = Tile::kName;
   const dim3 grid(static_cast<unsigned>(ceil_div(args.num_queries, Tile::kQueries)), static_cast<unsigned>(args.splits));
   const auto kernel = pipelined_scan_kernel<kMetric, kPrecision, kStorage, Tile>;
   allow_dynamic_shared_memory(kernel, sizeof(typename Tile::Shared));
@@ -250,29 +250,35 @@ inline const char* tensor_tile_name(TensorTile tile) {
   return "deep";
 }
 
+// The pipelined kernel's launch where the setting asks for one of its tiles ("pipelined" or
+// "resident") and that applies: the resident-queries tile for bf16 / fp16 up to 128 dimensions
+// with "resident", else the pipelined deep tile. Returns false where neither is launched (the
+// caller takes the deep tile). Call only where the deep tile applies, in the opt-in family.
+template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage>
+bool launch_pipelined_where_it_applies(TensorTile tile, const ScanArgs& args, cudaStream_t stream) {
+  if ((tile != TensorTile::kPipelined && tile != TensorTile::kResident) || !pipelined_tile_applies(args)) return false;
+  if constexpr (kPrecision == KnnPrecision::kBf16 || kPrecision == KnnPrecision::kFp16) {
+    using Resident = ResidentQueriesTile<kPrecision>;
+    if (tile == TensorTile::kResident && resident_tile_applies(args) &&
+        pipelined_tile_fits<kMetric, kPrecision, kStorage, Resident>()) {
+      launch_pipelined_scan<kMetric, kPrecision, kStorage, Resident>(args, stream);
+      return true;
+    }
+  }
+  if (!pipelined_tile_fits<kMetric, kPrecision, kStorage>()) return false;
+  launch_pipelined_scan<kMetric, kPrecision, kStorage, PipelinedDeepTile<kPrecision>>(args, stream);
+  return true;
+}
+
 template <Metric kMetric, KnnPrecision kPrecision, KnnStorage kStorage, bool kAligned, bool kOptIns>
 void launch_tile_scan(const ScanArgs& args, cudaStream_t stream) {
   if constexpr (kPrecision != KnnPrecision::kFloat32) {
     const TensorTile tile = tensor_tile_setting();
     if constexpr (kAligned) {
-      const bool pipelined = tile == TensorTile::kPipelined || tile == TensorTile::kResident;
-      if ((tile == TensorTile::kDeep || pipelined) && deep_tile_applies(args, kStorage)) {
+      const bool deep = tile == TensorTile::kDeep || tile == TensorTile::kPipelined || tile == TensorTile::kResident;
+      if (deep && deep_tile_applies(args, kStorage)) {
         if constexpr (kOptIns) {
-          if (pipelined && pipelined_tile_applies(args)) {
-            if constexpr (kPrecision == KnnPrecision::kBf16 || kPrecision == KnnPrecision::kFp16) {
-              using Resident = ResidentQueriesTile<kPrecision>;
-              if (tile == TensorTile::kResident && resident_tile_applies(args) &&
-                  pipelined_tile_fits<kMetric, kPrecision, kStorage, Resident>()) {
-                launch_pipelined_scan<kMetric, kPrecision, kStorage, Resident>(args, stream, "resident");
-                return;
-              }
-            }
-            if (pipelined_tile_fits<kMetric, kPrecision, kStorage>()) {
-              launch_pipelined_scan<kMetric, kPrecision, kStorage, PipelinedDeepTile<kPrecision>>(args, stream,
-                                                                                               "pipelined");
-              return;
-            }
-          }
+          if (launch_pipelined_where_it_applies<kMetric, kPrecision, kStorage>(tile, args, stream)) return;
         }
         if (deep_tile_fits<kMetric, kPrecision, kStorage, kOptIns>()) {
           launch_tile_scan<kMetric, kPrecision, kStorage, kAligned, kOptIns, DeepMmaTile<kPrecision>>(args, stream);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import METRICS
 
 import latentspace
 
@@ -33,7 +34,6 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-METRICS = ("l2", "ip", "cosine")
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TILE = "LATENTSPACE_CUDA_TENSOR_TILE"
 # tf32's pipelined tile takes 104 KiB + 1.5 KiB of dynamic shared memory and under 4 KiB
