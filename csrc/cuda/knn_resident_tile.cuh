@@ -83,6 +83,10 @@ struct ResidentQueriesTile : DeepMmaTile<kPrecision> {
   __device__ static void load_queries(const TileBounds& t, Shared& s, int thread) {
     const Copies<KnnStorage::kFloat32> copies(t, thread);  // (its query chunks: the same for every storage)
     for (int64_t d0 = 0; d0 < t.dim; d0 += kDepth) {
+      // The last step's reads of the landing chunks done before these copies overwrite them:
+      // they are this thread's own, but the PTX memory model does not order a cp.async after
+      // the same thread's earlier shared loads (the deep tile's steps have a barrier there too).
+      if (d0 > 0) __syncthreads();
       Deep::template issue_query_chunks<KnnStorage::kFloat32>(t, copies, s.landing, d0, thread);
       commit_copies();
       wait_copies();
