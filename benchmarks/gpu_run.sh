@@ -5,7 +5,9 @@
 # then the small GPU kNN tests under compute-sanitizer, and write everything to one log
 # (sanitizer logs beside it). Usage, from the repository root:
 #   bash benchmarks/gpu_run.sh            # log in $OUT (device tool) or ./gpu_run.log
-# The device image has no internet: build without isolation, with what it ships.
+# The device image has no internet: build without isolation, with what it ships; or, off the
+# device's clock, the wheel benchmarks/gpu_prebuild.sh built on the CPU machine, carried in
+# .prebuilt/ (installed only over the sources it was built from; GPU_RUN_BUILD below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${OUT:-.}/gpu_run.log"
@@ -106,12 +108,41 @@ start=$(date +%s)
 installed_cuda_build() {
   python3 -c "import sys, latentspace; sys.exit(0 if latentspace.build_info()['cuda_compiled'] else 1)" 2>/dev/null
 }
+# GPU_RUN_BUILD: 1 (the default) installs the wheel benchmarks/gpu_prebuild.sh built on the CPU
+# machine where it fits the tree sent (GPU_RUN_PREBUILT, default .prebuilt, named in the call's
+# carry), else builds from source; "source" always builds; "wheel" installs that wheel or stops
+# (no build); 0 keeps the installed package (a second call on a warm machine; on a fresh one, as 1).
+PREBUILT="${GPU_RUN_PREBUILT:-.prebuilt}"
+# install_prebuilt_wheel: true once the prebuilt wheel is installed and has code for this GPU;
+# else false, with a line saying why (benchmarks/prebuilt_wheel.py: the same sources byte for
+# byte, the same Python, the GPU's architecture among those compiled).
+install_prebuilt_wheel() {
+  local wheel
+  wheel=$(python3 benchmarks/prebuilt_wheel.py pick "$PREBUILT" 2>&1) || { echo "$wheel"; return 1; }
+  if ! python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheel" 2>&1 | tail -3; then
+    echo "prebuilt wheel: pip could not install $wheel"
+    return 1
+  fi
+  python3 benchmarks/prebuilt_wheel.py check-installed 2>&1 || return 1
+  echo "installed the prebuilt wheel $wheel (built from these sources: $PREBUILT/BUILD_INFO.json)"
+}
+case "${GPU_RUN_BUILD:-1}" in
+  0|1|source|wheel) ;;
+  *) echo "GPU_RUN_BUILD: expected 1, 0, source or wheel, got '${GPU_RUN_BUILD}'"; echo "== done (exit 2)"; exit 2 ;;
+esac
 if [ "${GPU_RUN_BUILD:-1}" = 0 ] && installed_cuda_build; then
   # A second call on the same warm machine (the package the first call installed is kept):
   # the stages the first call's time did not reach, without building again. (A machine
   # handed back while idle comes fresh, with no build: then it builds after all.)
   echo "skipped (GPU_RUN_BUILD=0): the installed package"
+elif [ "${GPU_RUN_BUILD:-1}" != source ] && install_prebuilt_wheel; then
+  :
+elif [ "${GPU_RUN_BUILD:-1}" = wheel ]; then
+  echo "BUILD FAILED: no prebuilt wheel fits (GPU_RUN_BUILD=wheel builds nothing)"
+  echo "== done (exit 1)"
+  exit 1
 else
+  echo "building from source"
   python3 -m pip install --no-build-isolation --no-deps . 2>&1 | tail -3 || { echo "BUILD FAILED"; exit 1; }
 fi
 echo "build seconds: $(( $(date +%s) - start ))"
