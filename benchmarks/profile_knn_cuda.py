@@ -71,6 +71,21 @@ def median_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
     return 1e3 * statistics.median(times)
 
 
+def median_queue_ms(call, repeats: int = REPEATS, warmup: int = 5) -> float:
+    """The host's time to queue call()'s work on an idle GPU: the call alone is timed, the
+    wait for the device after it is not (median_ms times both)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(times)
+
+
 def calls_and_first_plan(nq: int, n: int, k: int, bound: int, dim: int = 0) -> tuple[list, dict]:
     """The native calls [(start, stop, workspace bytes)] a search of nq queries of dim
     dimensions takes under `bound` (the library's own chunking, plan_query_chunks) and the
@@ -138,6 +153,7 @@ def q1_breakdown(report: dict) -> None:
         index = latentspace.FlatIndex(128, device=DEVICE)
         index.add(x)
         backend = _cuda_search.CudaBackend(index._device)
+        backend.set_dim(128)  # (as FlatIndex.search does: the plan's split rule reads it)
         database, norms = index._gpu_buffer[:n], index._gpu_norms
         norms = None if norms is None else norms[:n]
         workspace = _cuda_chunks.DEFAULT_WORKSPACE_BYTES
@@ -152,6 +168,19 @@ def q1_breakdown(report: dict) -> None:
             "empty sync": lambda: None,
         }
         timings = {name: median_ms(call) for name, call in steps.items()}
+        # Where a search's time goes besides its kernels (run 12: the native call 0.348 ms, its
+        # scan 0.217 and finish 0.052): the native call alone, on outputs and a workspace made
+        # once, timed with its wait and without it (the host's cost of queuing its launches).
+        distances = torch.empty((1, 10), device=DEVICE)
+        indices = torch.empty((1, 10), dtype=torch.int64, device=DEVICE)
+        bytes_needed = backend.workspace_of(1, n, 10, workspace)
+        scratch = torch.empty(bytes_needed, dtype=torch.uint8, device=DEVICE)
+
+        def native_call():
+            backend.search(q, database, 10, _cuda_search.METRICS["l2"], distances, indices, scratch, norms)
+
+        timings["native call alone (+ synchronize)"] = median_ms(native_call)
+        timings["native call alone, queuing only (no wait)"] = median_queue_ms(native_call)
         report[f"q1 N={n}"] = {"host_ms": timings, "kernels": kernel_times(lambda: index.search(q, 10))}
         print(f"\n== FlatIndex Q=1 N={n} D=128 k=10: medians of {REPEATS} calls, each + synchronize")
         for name, ms in timings.items():

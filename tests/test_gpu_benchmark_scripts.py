@@ -160,6 +160,21 @@ def test_kernel_times_keep_each_kernel_s_whole_name(profile, monkeypatch):
     assert profile.kernel_times(lambda: None) == [(_scan_name(8), 1, 0.25)]
 
 
+def test_the_queuing_time_leaves_out_the_wait_for_the_device(profile, monkeypatch):
+    """median_queue_ms splits a search's host cost from its device time (q1_breakdown): with a
+    wait for the device of 20 ms and a call of 2 ms, it reads the call alone, where median_ms
+    reads both."""
+    import time
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: time.sleep(0.02))
+    call = lambda: time.sleep(0.002)  # noqa: E731
+    queued = profile.median_queue_ms(call, repeats=5, warmup=1)
+    waited = profile.median_ms(call, repeats=5, warmup=1)
+    assert 1.5 <= queued < 15 <= waited, (queued, waited)
+
+
 def test_the_q1_sweep_says_which_scan_ran_and_reads_the_rate_to_two_places(profile, monkeypatch, capsys):
     """Each setting's row says how many rows a warp read in the scan that ran (the kernel's
     kRows), and the line flags a setting whose scan was not the one asked for (the 8- and
