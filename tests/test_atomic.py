@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,66 @@ def test_a_full_disk_is_named_by_the_path_and_keeps_the_old_file(tmp_path, monke
     assert raised.value.errno == errno.ENOSPC  # still tells a full disk apart from other failures
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["i.lsidx"]
+
+
+def test_a_fifo_or_device_at_the_path_is_refused_and_left_as_it_was(tmp_path):
+    """Saving renamed a regular file over whatever was at the path: a FIFO, or /dev/null itself
+    when root saved there (an audit's probe turned this machine's /dev/null into a file)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    index = ls.FlatIndex(2)
+    index.add(np.ones((1, 2), np.float32))
+    with pytest.raises(OSError, match=f"path: {fifo} is not a regular file \\(a device, a FIFO or a socket\\)"):
+        index.save(fifo)
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    with pytest.raises(OSError, match="path: /dev/null is not a regular file"):
+        ls.save_model(ls.PCA(1).fit(np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32)),
+                      "/dev/null")
+    assert not Path("/dev/null").is_file() and Path("/dev/null").exists()
+
+
+def test_a_symbolic_link_is_followed_and_stays_a_link(tmp_path):
+    """os.replace over a link replaced the link itself with a file: the file it named was left
+    as it was and the link was gone. Now the file it names is replaced, the link kept."""
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "index.lsidx"
+    link = tmp_path / "current.lsidx"
+    link.symlink_to(real)  # dangling until the first save
+    for rows in (1, 3):
+        index = ls.FlatIndex(2)
+        index.add(np.arange(2 * rows, dtype=np.float32).reshape(rows, 2))
+        index.save(link)
+        assert link.is_symlink() and real.is_file()
+        assert ls.load_index(link).ntotal == rows == ls.load_index(real).ntotal
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["index.lsidx"]  # no temporary file
+    (tmp_path / "to_fifo").symlink_to(tmp_path / "fifo")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(OSError, match="is not a regular file"):
+        index.save(tmp_path / "to_fifo")
+    assert (tmp_path / "fifo").is_fifo()
+
+
+@pytest.mark.parametrize("path,error,message", [
+    (None, TypeError, "path: expected a str, bytes or os.PathLike \\(a file's path\\), got NoneType"),
+    ("", ValueError, "path: empty; expected a file's path"),
+    ("a\0b", ValueError, "path: 'a\\\\x00b' holds a NUL character"),
+])
+def test_what_is_no_path_is_refused_by_name_by_every_saver(tmp_path, path, error, message):
+    index = ls.FlatIndex(2)
+    index.add(np.ones((1, 2), np.float32))
+    model = ls.PCA(1).fit(np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32))
+    for save in (index.save, lambda p: ls.save_model(model, p)):
+        with pytest.raises(error, match=message):
+            save(path)
+
+
+def test_bytes_paths_save_and_load_as_str_paths_do(tmp_path):
+    """np.load and the datasets' loaders take bytes paths; index and model files refused them
+    with pathlib's "argument should be a str object", naming no argument."""
+    index = ls.FlatIndex(2)
+    index.add(np.ones((2, 2), np.float32))
+    index.save(os.fsencode(tmp_path / "i.lsidx"))
+    assert ls.load_index(os.fsencode(tmp_path / "i.lsidx")).ntotal == 2
+    model = ls.PCA(1).fit(np.random.default_rng(0).standard_normal((8, 2)).astype(np.float32))
+    ls.save_model(model, os.fsencode(tmp_path / "m.safetensors"))
+    assert type(ls.load_model(os.fsencode(tmp_path / "m.safetensors"))) is ls.PCA

@@ -24,14 +24,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from ._paths import too_long
+from ._paths import as_path, too_long
 
 try:
     import fcntl
 except ImportError:  # (Windows: no flock; see _folder_lock)
     fcntl = None
 
-__all__ = ["atomic_file_set", "atomic_path", "atomic_write", "file_set_unwritable", "fsync_folder", "unwritable"]
+__all__ = ["atomic_file_set", "atomic_path", "atomic_write", "file_set_unwritable", "fsync_folder", "unwritable",
+           "write_target"]
 
 
 def fsync_folder(folder: Path) -> None:
@@ -59,6 +60,11 @@ def unwritable(path: Path) -> tuple[type[OSError], str] | None:
     try:
         if path.is_dir():
             return IsADirectoryError, f"{path} is a folder; pass a file path"
+        if path.exists() and not path.is_file():
+            # os.replace would put a regular file in its place: a device such as /dev/null,
+            # a FIFO or a socket, which the user never meant to lose (loaders refuse them too).
+            return OSError, (f"{path} is not a regular file (a device, a FIFO or a socket), which saving would "
+                             "replace; pass a file path")
         if not path.parent.is_dir():
             return FileNotFoundError, f"cannot write {path}: folder {path.parent} does not exist"
     except OSError as error:  # a folder on the way that cannot be searched, say: in words that name the path
@@ -95,6 +101,16 @@ def _first_bytes(name: str, limit: int) -> str:
     return name[:low]
 
 
+def write_target(path: Path) -> Path:
+    """Where a save to `path` writes: the file a symbolic link names, so that the link stays a
+    link (os.replace over the link itself left the link gone and the file it named unchanged);
+    `path` itself otherwise, also where it cannot be told (a name too long: unwritable says so)."""
+    try:
+        return Path(os.path.realpath(path)) if path.is_symlink() else path
+    except OSError:
+        return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` for the block to create and fill (for writers
@@ -103,10 +119,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     removed, `path` is left as it was and the exception propagates. (Close or flush memory
     maps of it inside the block.) Raises IsADirectoryError when `path` is a folder,
     FileNotFoundError when its folder does not exist, PermissionError when the folder
-    cannot be written (each naming `path`, not the temporary file), and OSError when a part
-    of the path, or the whole, is too long for the file system (saying which, and its limit).
+    cannot be written (each naming `path`, not the temporary file), OSError when a part of
+    the path, or the whole, is too long for the file system (saying which, and its limit) or
+    when `path` is a device, a FIFO or a socket; as_path's errors for what is no path (None,
+    "", a NUL character). A symbolic link is followed: the file it names is replaced.
     """
-    path = Path(os.fspath(path))
+    path = write_target(as_path(path))
     problem = unwritable(path)
     if problem is not None:
         error, reason = problem

@@ -31,7 +31,7 @@ import numpy as np
 
 from .._arrays import DIM_BELOW, check_int, empty_vector_buffer
 from .._atomic import atomic_write
-from .._paths import stat_regular_file
+from .._paths import as_path, stat_regular_file
 
 MAGIC = b"LSPACEIX"
 FORMAT_VERSION = 1
@@ -199,7 +199,7 @@ def load_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool
 def open_index_file(path: str | os.PathLike, *, mmap: bool = False, verify: bool = True):
     """load_index_file's (header, data), and the MappedFile to check before reading a
     mapped `data` (None when the data was read into memory or is empty)."""
-    path = Path(os.fspath(path))
+    path = as_path(path)
     stat_regular_file(path, "an index file", IndexFileError)  # before open: a FIFO would block it
     with open(path, "rb") as f:
         # Everything below reads this one open file, never the path again: save() renames a

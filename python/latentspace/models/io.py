@@ -26,7 +26,7 @@ import torch
 
 from .._arrays import check_int, resolve_device
 from .._atomic import atomic_write
-from .._paths import stat_regular_file
+from .._paths import as_path, stat_regular_file
 from .autoencoder import Autoencoder
 from .base import LatentModel
 from .conv import ConvAutoencoder
@@ -58,12 +58,10 @@ def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _file_path(path: Any) -> Path:
-    """`path` as a Path; TypeError naming it for anything but a str or os.PathLike of a str
-    (os.fspath's and pathlib's own errors name no argument)."""
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(text, str):
-        raise TypeError(f"path: expected a file path (str or os.PathLike), got {type(path).__name__} {path!r}")
-    return Path(text)
+    """`path` as a Path (a str, an os.PathLike or bytes, as index files and the datasets'
+    loaders take); as_path's errors naming it otherwise (os.fspath's and pathlib's own named
+    no argument), for "" and for a NUL character."""
+    return as_path(path)
 
 
 def savable(model: Any) -> bool:
