@@ -1045,6 +1045,23 @@ def test_threads_past_the_native_limit_are_refused_by_name(capsys):
     assert f"error: argument --threads: expected an integer <= {2**31 - 1}, got '{2**31}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["demo"], ["train", "digits"], ["encode", "m.st", "x.npy"]])
+def test_threads_past_what_torch_can_start_are_refused_by_name(command, capsys):
+    """--threads 100000 reached torch.set_num_threads: its OpenMP pool could not start the
+    threads ("libgomp: Thread creation failed") and `latentspace train` segfaulted (exit 139),
+    `encode` after writing its output. Now at most 64 a processor (and at least 256)."""
+    from latentspace.cli import build_parser
+    from latentspace.cli_pipeline import most_threads, thread_count
+
+    most = most_threads()
+    assert most >= 256 and most % 64 == 0
+    assert thread_count(str(most)) == most  # (what every --threads parses with)
+    with pytest.raises(SystemExit) as caught:
+        build_parser().parse_args([*command, "--threads", "100000" if most < 100000 else str(most + 1)])
+    assert caught.value.code == 2
+    assert f"error: argument --threads: expected at most {most:,} threads (64 a processor" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option,value,message", [
     ("-k", "539", "-k: 539 neighbours need at least 540 held-out digits, there are 539"),
     ("--examples", "1798", "--examples: 1798 digits to show, but there are 1797"),

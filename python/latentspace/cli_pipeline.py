@@ -112,13 +112,34 @@ def whole_number(minimum: int, maximum: int | None = None):
 _whole_thread_count = whole_number(1, 2**31 - 1)
 
 
+# Every --threads at most this many a processor the process may run on (and at least 256 in
+# all): the commands hand the count to torch too, whose OpenMP pool failed to start 20,000
+# threads on a 2-core machine ("libgomp: Thread creation failed", then a segfault: exit 139),
+# where 4,096 started. Past a few a processor more threads only slow the work down.
+THREADS_PER_PROCESSOR = 64
+FEWEST_THREADS_ALLOWED = 256
+
+
+def most_threads() -> int:
+    """The largest --threads the commands take on this machine."""
+    try:
+        processors = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (no sched_getaffinity: macOS, Windows)
+        processors = os.cpu_count() or 1
+    return max(FEWEST_THREADS_ALLOWED, THREADS_PER_PROCESSOR * processors)
+
+
 def thread_count(text: str) -> int:
-    """Every --threads: a C int (the native count), whose stacks fit the address space a
-    `ulimit -v` leaves (set_num_threads would name its own `n` for both)."""
+    """Every --threads: a C int (the native count), at most most_threads(), whose stacks fit
+    the address space a `ulimit -v` leaves (set_num_threads would name its own `n` for both)."""
     value = _whole_thread_count(text)
     too_many = stack_room_error(value)
     if too_many is not None:
         raise argparse.ArgumentTypeError(too_many.removeprefix("n: "))  # argparse names --threads
+    most = most_threads()
+    if value > most:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {most:,} threads ({THREADS_PER_PROCESSOR} a processor this process may use), got {value:,}")
     return value
 
 
