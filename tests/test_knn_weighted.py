@@ -517,3 +517,24 @@ def test_a_row_the_kernel_decides_does_not_hide_a_later_refused_row(monkeypatch)
         _arrays.check_weighted_rows(rows, weights, "database")
     rows[5] = 1
     _arrays.check_weighted_rows(rows, weights, "database")  # only row 2 flagged: the kernel decides
+
+
+def test_weights_that_vanish_in_float32_are_refused_by_name():
+    """weights=np.full(6, 1e-46) became all 0 in float32: every distance 0 and the indices
+    0, 1, 2, nothing said. A weight of exactly 0 still drops its dimension."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 6)).astype(np.float32)
+    weights = np.ones(6)
+    weights[4] = 1e-46
+    with pytest.raises(ValueError, match=r"weights: 1e-46 at index 4 is below float32's smallest positive value"):
+        latentspace.knn(x[:2], x, 3, "weighted_l2", weights=weights)
+    index = latentspace.FlatIndex(6, "weighted_l2", weights=np.ones(6))
+    with pytest.raises(ValueError, match="weights: 1e-46 at index 4"):
+        index.weights = weights
+    weights[4] = 0.0
+    distances, _ = latentspace.knn(x[:2], x, 3, "weighted_l2", weights=weights)
+    dropped = np.delete(x, 4, axis=1).astype(np.float64)
+    expected = np.sort(((dropped[:2, None, :] - dropped[None, :, :]) ** 2).sum(-1), axis=1)[:, :3]
+    np.testing.assert_allclose(distances, expected, rtol=1e-5, atol=1e-5)
+    weights[4] = 2e-45  # the smallest float32 subnormals stay positive: taken
+    latentspace.knn(x[:2], x, 3, "weighted_l2", weights=weights)

@@ -336,13 +336,21 @@ def check_weights(weights: Any, dim: int) -> np.ndarray:
     array = _real_numpy(weights, "weights", "a 1-d array of per-dimension weights")
     if array.ndim != 1 or array.shape[0] != dim:
         raise ValueError(f"weights: expected {dim} values (one per dimension), got shape {tuple(array.shape)}")
-    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused below
-        array = np.array(array, dtype=np.float32)  # always a copy
-    bad = ~np.isfinite(array) | (array < 0)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):  # beyond float32: inf, refused below
+        weights32 = np.array(array, dtype=np.float32)  # always a copy
+    bad = ~np.isfinite(weights32) | (weights32 < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"weights: expected finite values >= 0, got {array[i]} at index {i}")
-    return array
+        raise ValueError(f"weights: expected finite values >= 0, got {weights32[i]} at index {i}")
+    # A positive weight below float32's smallest (1e-46, say) became 0: its dimension silently
+    # dropped, every distance 0 where all were so small.
+    vanished = (weights32 == 0) & (array > 0)
+    if vanished.any():
+        i = int(np.flatnonzero(vanished)[0])
+        raise ValueError(f"weights: {float(array[i])!r} at index {i} is below float32's smallest positive value "
+                         f"({np.finfo(np.float32).smallest_subnormal:.3g}) and would act as 0; pass 0 to drop "
+                         "that dimension, or scale the weights up (distances scale with them)")
+    return weights32
 
 
 def weights_for(metric: str, weights: Any, dim: int, default: np.ndarray | None = None) -> np.ndarray | None:
