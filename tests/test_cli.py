@@ -1154,6 +1154,8 @@ def test_train_names_the_data_file_for_a_nan_row(tmp_path, capsys):
 
 @pytest.mark.parametrize("options,message", [
     (["--hidden", "32,0"], "--hidden: item 2: expected an integer >= 1"),
+    (["--hidden", "8,,3"], "--hidden: item 2 is empty in '8,,3'; expected comma-separated integers"),
+    (["--hidden", "8,3,"], "--hidden: item 3 is empty in '8,3,'"),
     (["--model", "conv", "--image-shape", "0,8,8"], "--image-shape: item 1: expected an integer >= 1"),
     (["--model", "conv", "--image-shape", "1,8"], "--image-shape: expected (C, H, W)"),
 ])

@@ -54,6 +54,17 @@ def test_stratified_split():
         datasets.stratified_split(labels.astype(float))
 
 
+@pytest.mark.parametrize("fraction,empty", [(0.999, "train"), (0.001, "test")])
+def test_a_split_that_leaves_a_part_empty_is_refused(fraction, empty):
+    """0.999 of the digits' classes (about 180 rows each) rounds to all of them: the train part
+    came back empty, and 0.001 the test part, without a word."""
+    _, labels = datasets.load_digits()
+    with pytest.raises(ValueError, match=f"test_fraction: {fraction} leaves the {empty} part empty \\(1797 labels, 10"):
+        datasets.stratified_split(labels, test_fraction=fraction)
+    train, test = datasets.stratified_split(labels, test_fraction=0.01)  # 2 of each class: both parts hold rows
+    assert len(test) == 20 and len(train) == 1777
+
+
 # ---------------------------------------------------------------------------------------
 # .npy / .npz
 

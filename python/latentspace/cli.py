@@ -60,8 +60,17 @@ def _command_info(args: argparse.Namespace) -> int:
 
 
 def _int_tuple(text: str, name: str) -> tuple[int, ...]:
+    """Comma-separated integers ("" or blanks: none). An empty item between commas ("8,,3", a
+    slip) is refused: it was dropped, and the model built with one layer fewer than typed."""
+    if not text.strip():
+        return ()
+    parts = text.split(",")
+    for position, part in enumerate(parts, start=1):
+        if not part.strip():
+            raise ValueError(f"{name}: item {position} is empty in {echoed(text, quoted=True)}; expected "
+                             "comma-separated integers such as 256,128")
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(int(part) for part in parts)
     except ValueError:
         raise ValueError(f"{name}: expected comma-separated integers such as 256,128, got "
                          f"{echoed(text, quoted=True)}") from None

@@ -83,7 +83,13 @@ def stratified_split(labels: Any, test_fraction: float = 0.3, seed: int = 0) -> 
     test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
     mask = np.ones(len(y), dtype=bool)
     mask[test_rows] = False
-    return np.flatnonzero(mask), test_rows.astype(np.int64)
+    train_rows = np.flatnonzero(mask)
+    if len(y) and (not len(train_rows) or not len(test_rows)):
+        # (0.999 of classes of a few hundred rounds to all of them, 0.001 to none)
+        empty = "train" if not len(train_rows) else "test"
+        raise ValueError(f"test_fraction: {test_fraction} leaves the {empty} part empty ({len(y)} labels, "
+                         f"{len(np.unique(y))} classes; round(test_fraction * rows) held out of each class)")
+    return train_rows, test_rows.astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------
