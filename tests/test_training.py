@@ -232,6 +232,22 @@ def test_divergence_raises_after_restoring_the_best(digits, tmp_path):
     np.testing.assert_array_equal(ls.load_model(path).encode(x), model.encode(x))
 
 
+def test_divergence_before_any_epoch_puts_the_given_weights_back():
+    """Data whose squares overflow float32 made the first epoch's loss inf: the model was left
+    with NaN weights (every later encode refused it). Now the weights it was given are back."""
+    torch.manual_seed(0)
+    model = Autoencoder(6, 2, hidden=(8,))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    x = np.full((64, 6), 3e38, np.float32)
+    x[::2] *= -1
+    with pytest.raises(FloatingPointError, match="training diverged: the training loss became inf in epoch 0; no "
+                                                 "epoch finished cleanly, so the weights the model had before"):
+        ls.train(model, x, epochs=2, progress=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert np.isfinite(model.encode(np.ones((3, 6), np.float32))).all()
+
+
 def _interrupt_or_poison(model, when, action):
     """Wraps model.objective: `action(out)` on the training batches (gradients on) for which
     when(call number from 1, progress) holds."""

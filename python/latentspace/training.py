@@ -162,6 +162,10 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
     val_noise = torch.Generator(device=device)
 
     model.to(device)
+    # The weights train() was given, put back if it diverges before any epoch is kept (a NaN
+    # model left the caller with nothing usable: every encode refused it). One copy of the
+    # weights, as KeptWeights holds.
+    initial = {key: value.detach().clone() for key, value in model.state_dict().items()}
     optimizer = adamw(model, lr, weight_decay)
     use_autocast = (device.type == "cuda") if autocast is None else autocast
     objective = BatchObjective(model, data, loss, metric, device, use_autocast)
@@ -248,6 +252,8 @@ def train(model: ReconstructionModel, X: Any, *, epochs: int = 100, batch_size: 
         bar.close()
 
     _restore(model, kept, history)
+    if diverged is not None and kept.epoch is None:
+        model.load_state_dict(initial)
     history.seconds = time.perf_counter() - started
     trained = history.epochs_run * len(train_rows)
     history.samples_per_second = trained / train_seconds if train_seconds > 0 else 0.0
@@ -333,7 +339,7 @@ def _add_note(error: BaseException, note: str) -> None:
 def _restored(kept: KeptWeights, final: Callable[[int], bool]) -> str:
     """What the model holds after a divergence, for the error message."""
     if kept.epoch is None:
-        return "no epoch finished cleanly, so there were no weights to restore (the model holds the diverged ones)"
+        return "no epoch finished cleanly, so the weights the model had before training were put back"
     where = " and checkpointed" if kept.path is not None else ""
     if not final(kept.epoch):  # no epoch could be best yet
         return (f"the weights of epoch {kept.epoch}, the last finished one (the KL warm-up was not over), "
