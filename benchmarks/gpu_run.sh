@@ -118,7 +118,7 @@ PREBUILT="${GPU_RUN_PREBUILT:-.prebuilt}"
 # byte, the same Python, the GPU's architecture among those compiled).
 install_prebuilt_wheel() {
   local wheel
-  wheel=$(python3 benchmarks/prebuilt_wheel.py pick "$PREBUILT" 2>&1) || { echo "$wheel"; return 1; }
+  wheel=$(python3 benchmarks/prebuilt_wheel.py pick "$PREBUILT") || return 1  # (its reason went to the log)
   if ! python3 -m pip install -q --no-index --no-deps --force-reinstall "$wheel" 2>&1 | tail -3; then
     echo "prebuilt wheel: pip could not install $wheel"
     return 1
