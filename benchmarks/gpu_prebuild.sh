@@ -6,8 +6,8 @@
 # (benchmarks/prebuilt_wheel.py). Then the device call names the folder in `carry`:
 #   run(command="GPU_RUN_DEADLINE_SECONDS=585 bash benchmarks/gpu_run.sh", carry=[".prebuilt"])
 # and gpu_run.sh installs the wheel where its digest matches the tree sent (else it builds).
-# Usage, from anywhere: bash benchmarks/gpu_prebuild.sh   (about 5 minutes on 2 cores; an
-# unchanged tree rebuilds incrementally, in build/cp312-cp312-linux_x86_64)
+# Usage, from anywhere: bash benchmarks/gpu_prebuild.sh   (372 s on 2 cores from a clean build
+# folder; later builds are incremental, in build/cp312-cp312-linux_x86_64)
 # Settings: GPU_PREBUILD_PYTHON (a Python 3.12; default: python3.12, else pyenv's),
 # GPU_PREBUILD_VENV (its build environment; default ~/.cache/latentspace-prebuild-py312),
 # LATENTSPACE_CUDA_ARCHITECTURES (default 90).
