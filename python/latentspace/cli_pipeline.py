@@ -113,9 +113,10 @@ _whole_thread_count = whole_number(1, 2**31 - 1)
 
 
 # Every --threads at most this many a processor the process may run on (and at least 256 in
-# all): the commands hand the count to torch too, whose OpenMP pool failed to start 20,000
-# threads on a 2-core machine ("libgomp: Thread creation failed", then a segfault: exit 139),
-# where 4,096 started. Past a few a processor more threads only slow the work down.
+# all): the commands hand the count to torch too, whose OpenMP pool could not start 20,000
+# threads on a 2-core machine (the process ended: "libgomp: Thread creation failed") and with
+# 100,000 `latentspace train` segfaulted (exit 139); 4,096 started. Past a few a processor more
+# threads only slow the work down.
 THREADS_PER_PROCESSOR = 64
 FEWEST_THREADS_ALLOWED = 256
 
