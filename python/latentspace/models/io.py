@@ -57,13 +57,6 @@ def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
     return crc
 
 
-def _file_path(path: Any) -> Path:
-    """`path` as a Path (a str, an os.PathLike or bytes, as index files and the datasets'
-    loaders take); as_path's errors naming it otherwise (os.fspath's and pathlib's own named
-    no argument), for "" and for a NUL character."""
-    return as_path(path)
-
-
 def savable(model: Any) -> bool:
     """Whether save_model can write `model`: one of MODEL_CLASSES exactly (a file rebuilds its
     model by class name, so a subclass would come back as its base class)."""
@@ -83,7 +76,7 @@ def save_model(model: LatentModel, path: str | os.PathLike) -> None:
         raise TypeError(f"model: expected one of {', '.join(MODEL_CLASSES)}, got {type(model).__name__}")
     if getattr(model, "_fitted", True) is False:  # an unfitted PCA: no weights to save
         raise ValueError("model: PCA is not fitted: call fit(X) first")
-    path = _file_path(path)
+    path = as_path(path)  # (bytes taken; None, '' and NUL refused by name)
     config = model.config()
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
     from .. import _native
@@ -194,7 +187,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     'cpu', 'cuda' or 'cuda:N', or CUDA when torch sees no GPU.
     """
     device = resolve_device(device, allow_auto=False)  # before reading: a bad device fails fast
-    path = _file_path(path)
+    path = as_path(path)  # (bytes taken; None, '' and NUL refused by name)
     stat_regular_file(path, "a model file", ModelFileError)  # before opening: a FIFO would block
     # The header first, and the weights only once it is a latentspace model's of this size: a
     # large data file passed by mistake was read whole (its size in memory) only to be refused.
